@@ -1,0 +1,30 @@
+"""One error family for the user's mistakes.
+
+Anything raised as a :class:`MetaplError` is something the user can fix (a bad file, a bad option);
+the command line prints its message as one line and exits with code 2. Every other exception is a bug
+in metapl and keeps its traceback.
+"""
+
+
+class MetaplError(Exception):
+    """A mistake in the user's input: configuration, data, checkpoint or API use."""
+
+
+class ConfigError(MetaplError):
+    """An unknown or invalid option."""
+
+
+class DataError(MetaplError):
+    """A missing, truncated or malformed dataset file, or labels out of range."""
+
+
+class CheckpointError(MetaplError):
+    """A checkpoint that cannot be read or does not match the run."""
+
+
+class UnsupportedOptimizerError(MetaplError):
+    """The student's optimizer has no exact update-rule factor (Appendix B) in metapl."""
+
+
+class NonFiniteLossError(MetaplError):
+    """A loss became NaN or Inf; training stops rather than write a poisoned checkpoint."""

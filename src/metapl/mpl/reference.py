@@ -1,0 +1,56 @@
+"""The exact teacher gradient by double backward: the slow, obvious oracle for the tests.
+
+Builds the whole second-order graph: g = grad_theta L(q_Psi, theta_t) with ``create_graph=True``,
+theta_{t+1} = U(theta_t, g) through a differentiable copy of the optimizer's step, and
+grad_Psi R(theta_{t+1}). It consumes random numbers in the same order as
+:meth:`MetaPseudoLabels.step` (teacher forward, student forward on x_u, student forward on x_l), so
+with the same seed both see the same dropout masks. Nothing is modified: not the models' parameters,
+not their buffers, not the optimizer's state.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from metapl.losses import batch_mean, hard_cross_entropy, soft_cross_entropy
+from metapl.mpl.replay import buffer_copies
+from metapl.mpl.update_rules import optimizer_params, reference_update
+
+
+def double_backward_teacher_gradient(
+    teacher: nn.Module,
+    student: nn.Module,
+    student_optimizer: torch.optim.Optimizer,
+    x_labeled: Tensor,
+    y_labeled: Tensor,
+    x_unlabeled: Tensor,
+    *,
+    temperature: float = 1.0,
+    batch_dim: int = 0,
+) -> list[Tensor]:
+    """grad_Psi R(theta_{t+1}) for each teacher parameter (the MPL signal alone)."""
+
+    t_params = dict(teacher.named_parameters())
+    n_l = x_labeled.shape[batch_dim]
+    t_in = torch.cat([x_labeled, x_unlabeled], dim=batch_dim)
+    t_logits = functional_call(teacher, {**buffer_copies(teacher), **t_params}, (t_in,))
+    t_u = t_logits.narrow(batch_dim, n_l, x_unlabeled.shape[batch_dim])
+    targets = F.softmax(t_u / temperature, dim=-1)
+
+    name_of = {id(p): n for n, p in student.named_parameters()}
+    params = [p for _, p in optimizer_params(student_optimizer)]
+    names = [name_of[id(p)] for p in params]
+    theta_t = {n: p.detach().requires_grad_(True) for n, p in zip(names, params)}
+    s_u = functional_call(student, {**buffer_copies(student), **theta_t}, (x_unlabeled,))
+    loss = batch_mean(soft_cross_entropy(s_u, targets), batch_dim)
+    grads = torch.autograd.grad(loss, list(theta_t.values()), create_graph=True, allow_unused=True)
+    theta_next = reference_update(student_optimizer, list(grads))
+    s_l = functional_call(
+        student, {**buffer_copies(student), **dict(zip(names, theta_next))}, (x_labeled,)
+    )
+    risk = batch_mean(hard_cross_entropy(s_l, y_labeled), batch_dim)
+    out = torch.autograd.grad(risk, list(t_params.values()), allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(t_params.values(), out)]

@@ -1,0 +1,54 @@
+"""Making two forward passes see the same function.
+
+The JVP pass of the exact step must differentiate *the very function* the student's update pass used:
+the same dropout mask (so the random-number state is replayed) and BatchNorm with batch statistics
+(train mode) whose running statistics are updated only once per step (so extra passes work on copies
+of the buffers, or restore them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+
+class RngState:
+    """A snapshot of the CPU generator and, for a CUDA device, that device's generator."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda, self.device)
+
+
+@contextlib.contextmanager
+def replayed_rng(state: RngState) -> Iterator[None]:
+    """Run the block with the random numbers of ``state``; afterwards the stream continues from
+    where it was before the block, as if the block had drawn nothing."""
+    now = RngState(state.device)
+    state.restore()
+    try:
+        yield
+    finally:
+        now.restore()
+
+
+def buffer_copies(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the module's buffers for ``functional_call``: a pass that runs on them leaves the
+    real running statistics as they were (and never bumps the version of a tensor that an earlier
+    pass saved for its backward)."""
+    return {name: b.detach().clone() for name, b in module.named_buffers()}
+
+
+def module_device(module: nn.Module) -> torch.device:
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")

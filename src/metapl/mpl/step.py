@@ -1,0 +1,306 @@
+"""One Meta Pseudo Labels step for any teacher/student pair and their own torch optimizers.
+
+Data flow of one exact step (Section 3.1, Figure 4; the math is in DESIGN.md section 2):
+
+1. teacher forward on [x_l, x_u, extras]       -> q = softmax(teacher(x_u) / T)
+2. student forward+backward on x_u with q      -> g; factors dU/dg from the optimizer's state;
+                                                  student_optimizer.step(): theta_t -> theta_{t+1}
+3. student forward+backward on x_l at theta_{t+1} -> v = grad R(theta_{t+1})
+4. w = (dU/dg) * v; one forward-mode JVP of log p_theta(x_u) at theta_t along w -> J
+   (same dropout mask as in 2, BatchNorm batch statistics, running statistics untouched)
+5. teacher loss = supervised CE + extra + mpl_weight * (-mean_i sum_c q_ic J_ic), J held constant:
+   the gradient of the last term is exactly grad_Psi R(theta_{t+1}). One teacher backward, one step.
+
+No second-order graph is built. The first-order estimator (later versions of the paper) replaces
+3-4 by a REINFORCE-style term; see :meth:`MetaPseudoLabels._first_order_student_step`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.autograd.forward_ad as fwad
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from metapl.errors import ConfigError
+from metapl.losses import (
+    batch_mean,
+    check_labels,
+    hard_cross_entropy,
+    member_mean,
+    soft_cross_entropy,
+    upcast,
+)
+from metapl.mpl.replay import RngState, buffer_copies, module_device, replayed_rng
+from metapl.mpl.update_rules import optimizer_params, rule_for, update_factors
+
+ESTIMATORS = ("exact", "first_order")
+
+
+@dataclass
+class TeacherLogits:
+    """The teacher's logits of one step, for an extra teacher loss such as UDA's consistency."""
+
+    labeled: Tensor
+    unlabeled: Tensor
+    extra: tuple[Tensor, ...]
+    labels: Tensor
+    step: int
+
+
+TeacherLoss = Callable[[TeacherLogits], Tensor]
+
+
+class MetaPseudoLabels:
+    """The MPL update of a teacher and a student (Pham et al., Section 3; Appendix B).
+
+    ``step(x_labeled, y_labeled, x_unlabeled)`` moves the student one step of *its own optimizer*
+    on the teacher's soft targets, then the teacher one step of *its own optimizer* on its
+    supervised loss plus the exact gradient of the student's labeled loss after that step.
+
+    Args:
+        teacher, student: any ``nn.Module`` mapping inputs to logits ``[..., C]``.
+        teacher_optimizer: any ``torch.optim`` optimizer over the teacher's parameters.
+        student_optimizer: SGD, RMSprop, Adam or AdamW (their Appendix-B factors are exact);
+            any optimizer works with ``estimator="first_order"``.
+        temperature: targets are ``softmax(teacher_logits / temperature)``.
+        supervised_weight: weight of the teacher's CE on the labeled batch (Figure 4); 0 = pure MPL.
+        label_smoothing: smoothing of that supervised CE (Table 3: 0.1 on ImageNet).
+        mpl_weight: weight of the MPL signal in the teacher's loss.
+        teacher_extra_loss: ``f(TeacherLogits) -> scalar`` added to the teacher's loss (e.g. UDA);
+            its extra inputs come from ``step(..., teacher_extra_inputs=...)``.
+        estimator: ``"exact"`` (default) or ``"first_order"`` (REINFORCE with h = R_old - R_new).
+        baseline_decay: first-order only: subtract a moving average of h (decay in [0, 1)),
+            started at 0; ``None`` for no moving-average baseline.
+        autocast_dtype: e.g. ``torch.bfloat16`` to run forward passes under autocast; losses and
+            targets stay in float32.
+        batch_dim: the dimension of inputs and logits that indexes examples. Leading dimensions
+            index independent ensemble members (e.g. stacked seeds) whose losses are summed.
+        check_inputs: check labels are in range every step (one host sync on GPU).
+    """
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        student: nn.Module,
+        teacher_optimizer: torch.optim.Optimizer,
+        student_optimizer: torch.optim.Optimizer,
+        *,
+        temperature: float = 1.0,
+        supervised_weight: float = 1.0,
+        label_smoothing: float = 0.0,
+        mpl_weight: float = 1.0,
+        teacher_extra_loss: TeacherLoss | None = None,
+        estimator: str = "exact",
+        baseline_decay: float | None = None,
+        autocast_dtype: torch.dtype | None = None,
+        batch_dim: int = 0,
+        check_inputs: bool = True,
+    ):
+        if estimator not in ESTIMATORS:
+            raise ConfigError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        if not temperature > 0:
+            raise ConfigError(f"temperature must be > 0, got {temperature}")
+        if baseline_decay is not None and not 0.0 <= baseline_decay < 1.0:
+            raise ConfigError(f"baseline_decay must be in [0, 1) or None, got {baseline_decay}")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ConfigError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        if estimator == "exact":
+            rule_for(student_optimizer)  # fail now, not at the first step
+        student_ids = {id(p) for p in student.parameters()}
+        if any(id(p) not in student_ids for _, p in optimizer_params(student_optimizer)):
+            raise ConfigError("student_optimizer must optimize the student's own parameters")
+        self.teacher, self.student = teacher, student
+        self.teacher_optimizer, self.student_optimizer = teacher_optimizer, student_optimizer
+        self.temperature = temperature
+        self.supervised_weight = supervised_weight
+        self.label_smoothing = label_smoothing
+        self.mpl_weight = mpl_weight
+        self.teacher_extra_loss = teacher_extra_loss
+        self.estimator = estimator
+        self.baseline_decay = baseline_decay
+        self.autocast_dtype = autocast_dtype
+        self.batch_dim = batch_dim
+        self.check_inputs = check_inputs
+        self.step_count = 0
+        self.baseline: Tensor | None = None
+        # The student's trainable parameters, named, in the optimizer's order.
+        name_of = {id(p): n for n, p in student.named_parameters()}
+        self._student_params = [p for _, p in optimizer_params(student_optimizer)]
+        self._student_names = [name_of[id(p)] for p in self._student_params]
+
+    # ------------------------------------------------------------------ public API
+
+    def step(
+        self,
+        x_labeled: Tensor,
+        y_labeled: Tensor,
+        x_unlabeled: Tensor,
+        *,
+        teacher_extra_inputs: Sequence[Tensor] = (),
+    ) -> dict[str, Tensor]:
+        """One MPL step of both models. Returns detached scalar tensors (no host sync)."""
+        logits = self._teacher_forward(x_labeled, y_labeled, x_unlabeled, teacher_extra_inputs)
+        if self.check_inputs:
+            check_labels(y_labeled, logits.labeled.shape[-1], "y_labeled")
+        targets = F.softmax(logits.unlabeled / self.temperature, dim=-1)
+
+        if self.estimator == "exact":
+            mpl_term, metrics = self._exact_student_step(x_labeled, y_labeled, x_unlabeled, targets)
+        else:
+            mpl_term, metrics = self._first_order_student_step(
+                x_labeled, y_labeled, x_unlabeled, logits.unlabeled
+            )
+
+        bd = self.batch_dim
+        supervised = batch_mean(
+            hard_cross_entropy(logits.labeled, y_labeled, self.label_smoothing), bd
+        )
+        teacher_loss = self.supervised_weight * supervised + self.mpl_weight * mpl_term
+        if self.teacher_extra_loss is not None:
+            extra = self.teacher_extra_loss(logits)
+            teacher_loss = teacher_loss + extra
+            metrics["teacher_extra"] = extra.detach()
+        self.teacher_optimizer.zero_grad(set_to_none=True)
+        teacher_loss.backward()
+        self.teacher_optimizer.step()
+        self.step_count += 1
+
+        metrics.update(
+            teacher_loss=teacher_loss.detach(),
+            teacher_supervised=supervised.detach(),
+            teacher_mpl=mpl_term.detach(),
+        )
+        return metrics
+
+    def state_dict(self) -> dict:
+        """The step's own state (counter, first-order baseline); the models and optimizers keep
+        theirs."""
+        return {"step_count": self.step_count, "baseline": self.baseline}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_count = int(state["step_count"])
+        self.baseline = state["baseline"]
+
+    # ------------------------------------------------------------------ internals
+
+    def _autocast(self, device: torch.device):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
+
+    def _teacher_forward(
+        self, x_l: Tensor, y_l: Tensor, x_u: Tensor, extras: Sequence[Tensor]
+    ) -> TeacherLogits:
+        """One teacher forward on all its inputs at once (BatchNorm sees them together, as in the
+        paper's implementation); separate forwards only if the shapes cannot be concatenated."""
+        inputs = [x_l, x_u, *extras]
+        bd = self.batch_dim
+        with self._autocast(module_device(self.teacher)):
+            trailing = {x.shape[:bd] + x.shape[bd + 1 :] for x in inputs}
+            if len(trailing) == 1:
+                sizes = [x.shape[bd] for x in inputs]
+                outs = torch.split(self.teacher(torch.cat(inputs, dim=bd)), sizes, dim=bd)
+            else:
+                outs = [self.teacher(x) for x in inputs]
+        outs = [upcast(o) for o in outs]
+        return TeacherLogits(outs[0], outs[1], tuple(outs[2:]), y_l, self.step_count)
+
+    def _student_update(self, x_u: Tensor, targets: Tensor) -> tuple[Tensor, list[Tensor | None]]:
+        """Forward+backward of the student on (x_u, targets); leaves the gradients in .grad."""
+        with self._autocast(module_device(self.student)):
+            s_logits = self.student(x_u)
+        loss = batch_mean(soft_cross_entropy(upcast(s_logits), targets), self.batch_dim)
+        self.student_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        return loss, [p.grad for p in self._student_params]
+
+    def _labeled_loss(self, x_l: Tensor, y_l: Tensor) -> Tensor:
+        """The student's per-member labeled CE without touching its running statistics."""
+        with self._autocast(module_device(self.student)):
+            s_logits = functional_call(self.student, buffer_copies(self.student), (x_l,))
+        return member_mean(hard_cross_entropy(upcast(s_logits), y_l), self.batch_dim)
+
+    def _exact_student_step(
+        self, x_l: Tensor, y_l: Tensor, x_u: Tensor, targets: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        device = module_device(self.student)
+        params = self._student_params
+        theta_t = [p.detach().clone() for p in params]
+        update_rng = RngState(device)
+        student_loss, grads = self._student_update(x_u, targets.detach())
+        factors = update_factors(self.student_optimizer, params, grads)
+        self.student_optimizer.step()
+
+        # v = grad of R at theta_{t+1}; w = (dU/dg)^T v (diagonal).
+        labeled_after = self._labeled_loss(x_l, y_l)
+        v = torch.autograd.grad(labeled_after.sum(), params, allow_unused=True)
+        tangents = {
+            name: (f * vi).to(p.dtype)
+            for name, p, f, vi in zip(self._student_names, theta_t, factors, v)
+            if vi is not None and not (isinstance(f, float) and f == 0.0)
+        }
+
+        # J = d/de log p_{theta_t + e w}(x_u): the same function as the update pass.
+        buffers = buffer_copies(self.student)
+        with fwad.dual_level(), replayed_rng(update_rng), self._autocast(device):
+            weights = {
+                n: fwad.make_dual(p, tangents[n]) if n in tangents else p
+                for n, p in zip(self._student_names, theta_t)
+            }
+            out = functional_call(self.student, {**buffers, **weights}, (x_u,))
+            jvp = fwad.unpack_dual(F.log_softmax(upcast(out), dim=-1)).tangent
+        if jvp is None:  # nothing the student learns from x_u changes its labeled loss
+            jvp = torch.zeros_like(targets)
+        # <g(Psi), w> with J constant: its gradient in Psi is exactly grad_Psi R(theta_{t+1}).
+        mpl_term = batch_mean(-(targets * jvp.detach()).sum(dim=-1), self.batch_dim)
+        return mpl_term, {
+            "student_unlabeled": student_loss.detach(),
+            "student_labeled_after": labeled_after.detach().sum(),
+        }
+
+    def _first_order_student_step(
+        self, x_l: Tensor, y_l: Tensor, x_u: Tensor, teacher_logits_u: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """REINFORCE with the first-order reward (later versions of the paper, DESIGN.md s3).
+
+        The student learns sampled hard labels y_hat ~ q; the teacher's term is
+        advantage * CE(y_hat, teacher(x_u)) with advantage = (R_old - R_new) - baseline: labels that
+        lowered the student's labeled loss become more likely. The same labels feed both models,
+        and R_old and R_new see the same dropout mask, so h measures the update alone.
+        """
+        device = module_device(self.student)
+        probs = F.softmax(teacher_logits_u.detach() / self.temperature, dim=-1)
+        sampled = torch.distributions.Categorical(probs=probs).sample()
+        labeled_rng = RngState(device)
+        with torch.no_grad():
+            before = self._labeled_loss(x_l, y_l)
+        student_loss, _ = self._student_update(
+            x_u, F.one_hot(sampled, probs.shape[-1]).to(probs.dtype)
+        )
+        self.student_optimizer.step()
+        with torch.no_grad(), replayed_rng(labeled_rng):
+            after = self._labeled_loss(x_l, y_l)
+        reward = before - after  # old minus new: positive when the update helped
+        advantage = reward
+        if self.baseline_decay is not None:
+            if self.baseline is None:
+                self.baseline = torch.zeros_like(reward)
+            advantage = reward - self.baseline
+            self.baseline = self.baseline_decay * self.baseline + (1 - self.baseline_decay) * reward
+        ce = member_mean(
+            hard_cross_entropy(teacher_logits_u / self.temperature, sampled),
+            self.batch_dim,
+        )
+        mpl_term = (advantage.detach() * ce).sum()
+        return mpl_term, {
+            "student_unlabeled": student_loss.detach(),
+            "student_labeled_before": before.sum(),
+            "student_labeled_after": after.sum(),
+            "advantage": advantage.detach().sum(),
+        }
