@@ -1,0 +1,1 @@
+"""Experiments of the paper, each behind a `metapl` subcommand."""
