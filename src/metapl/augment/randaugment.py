@@ -1,0 +1,111 @@
+"""RandAugment with a policy drawn *per image*, as UDA and MPL use it, on whole batches.
+
+For every image and each of ``num_ops`` layers: pick an op uniformly from the op list, apply it with
+probability ``op_prob`` (UDA's policies apply each op with probability 0.5), at a magnitude drawn
+uniformly from [0, max_magnitude] with a random sign; then cut out one gray square. Batched
+libraries (kornia's RandAugment) pick one policy per batch, so all images of a batch get the same
+ops; per-image policies are what makes the augmented views of an unlabeled batch diverse.
+
+Cost: per layer the batch is sorted into one group per op (one argsort plus one bincount, whose
+counts are the only host sync), and each op runs once, on its own group only. Every image thus goes
+through exactly ``num_ops`` ops: the work is O(N * num_ops) with at most ``num_ops * len(ops)``
+kernel groups, instead of O(N * len(ops)) for computing every op on every image and selecting.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from metapl.augment import rng
+from metapl.augment.checks import check_images
+from metapl.augment.cutout import cutout
+from metapl.augment.ops import OPS, RANDAUGMENT_OPS, identity
+from metapl.errors import ConfigError
+
+
+def rand_augment(
+    images: Tensor,
+    ops: tuple[str, ...] = RANDAUGMENT_OPS,
+    num_ops: int = 2,
+    max_magnitude: float = 10.0,
+    op_prob: float = 0.5,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Apply ``num_ops`` randomly chosen ops to each image independently (no cutout).
+
+    Draw order (fixed, for reproducibility): per layer, op index, apply flag, magnitude, sign.
+    """
+    check_images(images)
+    n = images.shape[0]
+    device = images.device
+    fns = [OPS[name] for name in ops]
+    skip = len(fns)  # group index of images that skip this layer
+    out = images
+    for _ in range(num_ops):
+        choice = rng.randint(len(fns), n, device, generator)
+        applied = rng.bernoulli(op_prob, n, device, generator)
+        magnitude = rng.uniform(n, device, generator) * max_magnitude
+        sign = torch.where(rng.bernoulli(0.5, n, device, generator), -1.0, 1.0)
+        level = magnitude * sign
+        choice = torch.where(applied, choice, torch.full_like(choice, skip))
+
+        order = torch.argsort(choice, stable=True)
+        counts = torch.bincount(choice, minlength=skip + 1).tolist()
+        result = out.clone()
+        for fn, idx in zip(fns, order.split(counts)):
+            if idx.numel() == 0 or fn is identity:
+                continue
+            result[idx] = fn(out[idx], level[idx]).to(out.dtype)
+        out = result
+    return out
+
+
+class StrongAugment:
+    """``StrongAugment(num_ops=2, max_magnitude=10, cutout=16)(images, generator) -> images``.
+
+    RandAugment with per-image policies followed by cutout. ``cutout`` is a side in pixels (int) or
+    a fraction of the shorter image side (float); 0 disables it. 16 px is UDA's value for 32x32.
+    """
+
+    def __init__(
+        self,
+        num_ops: int = 2,
+        max_magnitude: float = 10.0,
+        cutout: int | float = 16,
+        op_prob: float = 0.5,
+        ops: tuple[str, ...] | list[str] = RANDAUGMENT_OPS,
+    ):
+        unknown = [name for name in ops if name not in OPS]
+        if unknown:
+            raise ConfigError(f"unknown augmentation ops {unknown}; known: {sorted(OPS)}")
+        if not ops:
+            raise ConfigError("StrongAugment needs at least one op")
+        if num_ops < 0:
+            raise ConfigError(f"num_ops must be >= 0, got {num_ops}")
+        if max_magnitude < 0:
+            raise ConfigError(f"max_magnitude must be >= 0, got {max_magnitude}")
+        if not 0.0 <= op_prob <= 1.0:
+            raise ConfigError(f"op_prob must be in [0, 1], got {op_prob}")
+        if cutout < 0:
+            raise ConfigError(f"cutout must be >= 0, got {cutout}")
+        self.num_ops = num_ops
+        self.max_magnitude = float(max_magnitude)
+        self.cutout = cutout
+        self.op_prob = op_prob
+        self.ops = tuple(ops)
+
+    @torch.no_grad()
+    def __call__(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        out = rand_augment(
+            images, self.ops, self.num_ops, self.max_magnitude, self.op_prob, generator
+        )
+        if self.cutout:
+            out = cutout(out, self.cutout, generator)
+        return out
+
+    def __repr__(self) -> str:
+        return (
+            f"StrongAugment(num_ops={self.num_ops}, max_magnitude={self.max_magnitude}, "
+            f"cutout={self.cutout}, op_prob={self.op_prob}, ops={self.ops})"
+        )

@@ -1,0 +1,262 @@
+"""Augmentation: shapes and ranges, per-op semantics (identity at magnitude 0, the expected effect at
+high magnitude, agreement with PIL on uint8 images), per-image policies and reproducibility."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from metapl.augment import OPS, RANDAUGMENT_OPS, StrongAugment, WeakAugment, cutout, rand_augment
+from metapl.augment import ops as O
+from metapl.errors import ConfigError
+
+SHAPES = [(4, 3, 32, 32), (1, 3, 32, 32), (5, 1, 8, 8), (3, 3, 20, 28)]
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def images(shape=(4, 3, 32, 32), seed=0, uint8_grid=True) -> torch.Tensor:
+    x = torch.rand(shape, generator=gen(seed))
+    return (x * 255).round() / 255 if uint8_grid else x
+
+
+def distinct(batch: torch.Tensor) -> int:
+    return len({tuple(img.flatten().tolist()) for img in batch})
+
+
+# --- both policies ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("policy", [WeakAugment(pad=2), StrongAugment(cutout=0.5)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_shape_dtype_device_and_range(policy, shape, dtype):
+    x = images(shape).to(dtype)
+    y = policy(x, gen())
+    assert y.shape == x.shape and y.dtype == dtype and y.device == x.device
+    assert y.min() >= 0 and y.max() <= 1
+
+
+@pytest.mark.parametrize("policy", [WeakAugment(), StrongAugment()])
+def test_reproducible_from_generator(policy):
+    x = images((16, 3, 32, 32))
+    assert torch.equal(policy(x, gen(7)), policy(x, gen(7)))
+    assert not torch.equal(policy(x, gen(7)), policy(x, gen(8)))
+
+
+@pytest.mark.parametrize("name", sorted(OPS))
+def test_ops_accept_channels_last(name):
+    x = images((4, 3, 16, 16))
+    level = torch.tensor([-7.0, -2.0, 3.0, 9.0])
+    y = OPS[name](x.to(memory_format=torch.channels_last), level)
+    torch.testing.assert_close(y, OPS[name](x, level))
+
+
+def test_policies_accept_channels_last():
+    x = images((8, 3, 32, 32))
+    for policy in (WeakAugment(), StrongAugment()):
+        y = policy(x.to(memory_format=torch.channels_last), gen())
+        torch.testing.assert_close(y, policy(x, gen()))
+
+
+def test_rejects_non_float_and_bad_options():
+    with pytest.raises(TypeError):
+        WeakAugment()(torch.zeros(2, 3, 8, 8, dtype=torch.uint8))
+    with pytest.raises(ConfigError, match="Rotate"):
+        StrongAugment(ops=("Rotate", "Warp"))
+    with pytest.raises(ConfigError):
+        WeakAugment(pad=-1)
+
+
+# --- weak ---------------------------------------------------------------------------------------
+
+
+def test_weak_without_pad_or_flip_is_identity():
+    x = images()
+    assert torch.equal(WeakAugment(pad=0, flip_prob=0.0)(x, gen()), x)
+
+
+def test_weak_flip_only_mirrors():
+    x = images()
+    assert torch.equal(WeakAugment(pad=0, flip_prob=1.0)(x, gen()), x.flip(3))
+
+
+@pytest.mark.parametrize("mode", ["reflect", "constant"])
+def test_weak_crop_is_a_window_of_the_padded_image(mode):
+    pad, x = 3, images((12, 1, 8, 8))
+    y = WeakAugment(pad=pad, flip_prob=0.0, padding_mode=mode)(x, gen())
+    padded = torch.nn.functional.pad(
+        x, (pad,) * 4, mode=mode, value=0.5 if mode == "constant" else None
+    )
+    windows = padded.unfold(2, 8, 1).unfold(3, 8, 1)  # [N, C, 2p+1, 2p+1, 8, 8]
+    for i in range(len(x)):
+        match = (windows[i] == y[i][:, None, None]).flatten(3).all(-1).all(0)
+        assert match.any(), f"image {i} is not a crop of its padded version"
+    assert distinct(WeakAugment(pad=pad)(x[:1].expand(64, -1, -1, -1), gen())) > 20
+
+
+# --- ops at magnitude 0 -------------------------------------------------------------------------
+
+IDENTITY_AT_ZERO = [
+    "Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY",
+    "Brightness", "Color", "Contrast", "Sharpness", "Solarize", "Posterize", "Identity",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", IDENTITY_AT_ZERO)
+@pytest.mark.parametrize("shape", [(4, 3, 32, 32), (3, 1, 8, 8), (2, 3, 20, 28)])
+def test_op_at_magnitude_zero_is_identity(name, shape):
+    x = images(shape)
+    torch.testing.assert_close(OPS[name](x, torch.zeros(len(x))), x, rtol=0, atol=1e-6)
+
+
+# --- ops at high magnitude ----------------------------------------------------------------------
+
+
+def test_rotate_by_90_degrees_is_rot90_counter_clockwise():
+    x = images((3, 3, 16, 16))
+    ccw = O.rotate(x, torch.full((3,), 30.0))  # level 30 = 3 x 30 degrees
+    assert torch.equal(ccw, torch.rot90(x, 1, dims=(2, 3)))
+    assert torch.equal(O.rotate(x, torch.full((3,), -30.0)), torch.rot90(x, -1, dims=(2, 3)))
+    pattern = torch.zeros(1, 1, 8, 8)
+    pattern[..., 0, 7] = 1.0  # top-right pixel goes to the top-left
+    assert O.rotate(pattern, torch.tensor([30.0]))[0, 0, 0, 0] == 1.0
+
+
+def test_rotate_fills_corners_with_gray():
+    y = O.rotate(torch.zeros(1, 3, 32, 32), torch.tensor([10.0]))
+    assert (y[..., 0, 0] == 0.5).all() and (y[..., 16, 16] == 0.0).all()
+
+
+def test_translate_moves_content_and_fills_gray():
+    x = images((2, 1, 32, 32))
+    y = O.translate_x(x, torch.tensor([10.0, 10.0]))  # 10 px
+    assert torch.equal(y[..., :, :22], x[..., :, 10:]) and (y[..., :, 22:] == 0.5).all()
+    y = O.translate_y(x, torch.tensor([-10.0, -10.0]))
+    assert torch.equal(y[..., 10:, :], x[..., :22, :]) and (y[..., :10, :] == 0.5).all()
+
+
+def test_shear_keeps_center_row_and_moves_the_others():
+    x = images((1, 1, 32, 32))
+    y = O.shear_x(x, torch.tensor([10.0]))
+    assert not torch.equal(y, x)
+    torch.testing.assert_close(y[..., 16, 8:24], x[..., 16, 8:24])
+
+
+def test_solarize_inverts_pixels_above_threshold():
+    x = images()
+    y = O.solarize(x, torch.full((4,), 5.0))  # threshold 128 of 256
+    high = x * 255 >= 128
+    assert torch.equal(y[high], 1 - x[high]) and torch.equal(y[~high], x[~high])
+    torch.testing.assert_close(O.solarize(x, torch.full((4,), 10.0)), 1 - x)
+
+
+def test_posterize_reduces_levels():
+    x = images()
+    y = O.posterize(x, torch.full((4,), 10.0))  # 4 bits
+    assert len(torch.unique(y)) <= 16 < len(torch.unique(x))
+    assert torch.equal((y * 255).round() % 16, torch.zeros_like(y))
+
+
+def test_equalize_flattens_a_low_contrast_histogram():
+    x = 0.4 + 0.2 * images((2, 3, 32, 32))  # values in [0.4, 0.6]
+    x = (x * 255).round() / 255
+    y = O.equalize(x, torch.zeros(2))
+    assert y.amin() <= 0.05 and y.amax() >= 0.95
+    assert y.std() > 3 * x.std()
+    # Roughly uniform, except that PIL's integer step (here floor(1004 / 255) = 3 pixels per level)
+    # saturates the top of the lookup table at 255, which piles pixels into the last bin.
+    hist = torch.histc(y[0, 0], bins=8, min=0, max=1)[:-1]
+    assert hist.max() / hist.min() < 1.6
+
+
+def test_auto_contrast_stretches_each_channel_to_unit_range():
+    x = 0.3 + 0.3 * images()
+    y = O.auto_contrast(x, torch.zeros(4))
+    assert torch.allclose(y.amin(dim=(2, 3)), torch.zeros(4, 3), atol=1e-6)
+    assert torch.allclose(y.amax(dim=(2, 3)), torch.ones(4, 3), atol=1e-6)
+    flat = torch.full((1, 3, 8, 8), 0.3)
+    assert torch.equal(O.auto_contrast(flat, torch.zeros(1)), flat)
+
+
+def test_enhancements_at_high_magnitude():
+    x = images()
+    lo = torch.full((4,), -10.0)  # factor 0.1
+    torch.testing.assert_close(O.brightness(x, lo), 0.1 * x)
+    gray = O._grayscale(x)
+    assert (O.color(x, lo) - gray).abs().max() < (x - gray).abs().max() * 0.11
+    assert O.contrast(x, lo).std() < 0.11 * x.std() + 1e-6
+    assert (O.sharpness(x, torch.full((4,), 10.0)) - x).abs().max() > 0.05
+
+
+def test_color_is_identity_for_one_channel():
+    x = images((3, 1, 8, 8))
+    assert torch.equal(O.color(x, torch.full((3,), 10.0)), x)
+
+
+def test_cutout_fills_one_square_with_gray():
+    x = torch.zeros(64, 3, 32, 32)
+    y = cutout(x, 16, gen())
+    gray = (y == 0.5).all(dim=1)  # [N, H, W]
+    sizes = gray.sum(dim=(1, 2))
+    assert (sizes >= 1).all() and (sizes <= 256).all() and (sizes == 256).any()
+    rows, cols = gray.any(dim=2), gray.any(dim=1)
+    assert (rows.sum(1) * cols.sum(1) == sizes).all()  # a (clipped) rectangle
+    assert torch.equal(cutout(x, 0, gen()), x)
+
+
+PIL_OPS = [
+    ("Equalize", lambda im, lv: __import__("PIL.ImageOps").ImageOps.equalize(im), 0.0),
+    ("AutoContrast", lambda im, lv: __import__("PIL.ImageOps").ImageOps.autocontrast(im), 0.0),
+    ("Solarize", lambda im, lv: __import__("PIL.ImageOps").ImageOps.solarize(im, 77), 7.0),
+    ("Posterize", lambda im, lv: __import__("PIL.ImageOps").ImageOps.posterize(im, 5), 7.5),
+]
+
+
+@pytest.mark.parametrize("name, pil_op, level", PIL_OPS, ids=[p[0] for p in PIL_OPS])
+def test_histogram_ops_match_pil_on_uint8_images(name, pil_op, level):
+    Image = pytest.importorskip("PIL.Image")
+    x = 0.2 + 0.5 * images((3, 3, 16, 16), uint8_grid=False)
+    x = (x * 255).round() / 255
+    expected = []
+    for img in x:
+        arr = (img.permute(1, 2, 0) * 255).round().byte().numpy()
+        out = np.asarray(pil_op(Image.fromarray(arr), level))
+        expected.append(torch.from_numpy(out.copy()).permute(2, 0, 1).float() / 255)
+    # Solarize level 7: threshold 256 * 0.3 = 76.8, so pixels >= 77 flip, as PIL's threshold 77.
+    y = OPS[name](x, torch.full((3,), level))
+    torch.testing.assert_close(y, torch.stack(expected), rtol=0, atol=1.5 / 255)
+
+
+# --- per-image RandAugment ----------------------------------------------------------------------
+
+
+def test_strong_uses_a_different_policy_per_image():
+    """One batch of 64 copies of an image gives many different results, without cutout: the ops
+    and magnitudes are drawn per image (a per-batch policy would give one or two results)."""
+    x = images((1, 3, 32, 32)).expand(64, -1, -1, -1).contiguous()
+    y = StrongAugment(cutout=0, op_prob=1.0)(x, gen())
+    assert distinct(y) > 40
+    assert distinct(StrongAugment()(x, gen())) > 56
+
+
+def test_strong_works_on_grayscale_digits():
+    x = images((64, 1, 8, 8))
+    y = StrongAugment(cutout=4)(x, gen())
+    assert y.shape == x.shape and distinct(y) > 32
+
+
+def test_every_op_runs_through_rand_augment():
+    x = images((8, 3, 12, 12))
+    for name in (*RANDAUGMENT_OPS, "Invert"):
+        y = rand_augment(x, ops=(name,), num_ops=1, op_prob=1.0, generator=gen())
+        assert y.shape == x.shape and 0 <= y.min() and y.max() <= 1, name
+
+
+def test_no_ops_is_identity():
+    x = images()
+    assert torch.equal(rand_augment(x, num_ops=0, generator=gen()), x)
+    assert torch.equal(rand_augment(x, op_prob=0.0, generator=gen()), x)
