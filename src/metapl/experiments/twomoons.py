@@ -41,7 +41,7 @@ class TwoMoonsConfig:
     momentum: float = 0.9
     student_dropout: float = 0.0
     teacher_dropout: float = 0.0
-    temperature: float = 1.0
+    temperature: float = 0.5  # best of the sweep on seeds 100-109 within the time budget
     supervised_weight: float = 1.0
     cosine_every: int = 50
     methods: tuple[str, ...] = METHODS

@@ -270,7 +270,8 @@ class MetaPseudoLabels:
         """REINFORCE with the first-order reward (later versions of the paper, DESIGN.md s3).
 
         The student learns sampled hard labels y_hat ~ q; the teacher's term is
-        advantage * CE(y_hat, teacher(x_u)) with advantage = (R_old - R_new) - baseline: labels that
+        advantage * sum_i CE(y_hat_i, teacher(x_u)_i) with advantage = (R_old - R_new) - baseline:
+        its expectation is the first-order approximation of the exact gradient. Labels that
         lowered the student's labeled loss become more likely. The same labels feed both models,
         and R_old and R_new see the same dropout mask, so h measures the update alone.
         """
@@ -293,11 +294,13 @@ class MetaPseudoLabels:
                 self.baseline = torch.zeros_like(reward)
             advantage = reward - self.baseline
             self.baseline = self.baseline_decay * self.baseline + (1 - self.baseline_decay) * reward
-        ce = member_mean(
-            hard_cross_entropy(teacher_logits_u / self.temperature, sampled),
-            self.batch_dim,
+        # REINFORCE over the batch of labels: log q(y_hat) = sum_i log q(y_hat_i | x_i), a *sum*
+        # over examples, so that the expectation matches grad R(theta_{t+1}) in size, not only in
+        # direction (a batch mean would shrink it by 1 / len(x_u)).
+        log_q_sum = hard_cross_entropy(teacher_logits_u / self.temperature, sampled).sum(
+            dim=self.batch_dim
         )
-        mpl_term = (advantage.detach() * ce).sum()
+        mpl_term = (advantage.detach() * log_q_sum).sum()
         return mpl_term, {
             "student_unlabeled": student_loss.detach(),
             "student_labeled_before": before.sum(),

@@ -1,0 +1,53 @@
+"""scikit-learn's 8x8 digits as a semi-supervised benchmark that runs on a laptop CPU.
+
+For a seed: test = ``train_test_split(X, y, test_size=497, stratify=y, random_state=seed)``;
+labeled = K per class from the rest, chosen with ``numpy.random.RandomState(seed)``; the rest is
+unlabeled. Images are uint8 ``[N, 8, 8, 1]`` (the 0..16 intensities scaled to 0..255), like every
+other reader's output.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+
+from metapl.data.splits import SSLSplit
+from metapl.errors import ConfigError
+
+TEST_SIZE = 497
+
+
+def digits_split(seed: int, labels_per_class: int) -> SSLSplit:
+    x, y = load_digits(return_X_y=True)
+    images = np.round(x * (255.0 / 16.0)).astype(np.uint8).reshape(-1, 8, 8, 1)
+    idx_rest, idx_test = train_test_split(
+        np.arange(len(y)), test_size=TEST_SIZE, stratify=y, random_state=seed
+    )
+    y_rest = y[idx_rest]
+    rng = np.random.RandomState(seed)
+    smallest = int(np.bincount(y_rest).min())
+    if not 1 <= labels_per_class < smallest:
+        raise ConfigError(
+            f"labels_per_class must be between 1 and {smallest - 1} for digits, got {labels_per_class}"
+        )
+    picked = np.concatenate(
+        [
+            rng.choice(np.flatnonzero(y_rest == c), labels_per_class, replace=False)
+            for c in range(10)
+        ]
+    )
+    labeled = idx_rest[np.sort(picked)]
+    unlabeled = np.setdiff1d(idx_rest, labeled)
+    empty = images[:0]
+    return SSLSplit(
+        x_labeled=images[labeled],
+        y_labeled=y[labeled].astype(np.int64),
+        x_unlabeled=images[unlabeled],
+        x_tune=empty,
+        y_tune=np.zeros(0, np.int64),
+        x_test=images[idx_test],
+        y_test=y[idx_test].astype(np.int64),
+        num_classes=10,
+        name=f"digits-{labels_per_class}pc-seed{seed}",
+    )

@@ -1,0 +1,51 @@
+"""What every method receives and what it offers the training engine."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+
+# The augmented views a method can ask the engine for, besides the weakly augmented labeled batch.
+VIEWS = ("labeled_strong", "unlabeled_weak", "unlabeled_strong")
+
+
+@dataclass
+class Batch:
+    """One step's data, already augmented and on the device."""
+
+    x_labeled: Tensor  # weak view (flip + pad-and-crop)
+    y_labeled: Tensor
+    x_labeled_strong: Tensor | None = None  # RandAugment + cutout
+    x_unlabeled_weak: Tensor | None = None
+    x_unlabeled_strong: Tensor | None = None
+    step: int = 0
+
+
+class Method(Protocol):
+    views: tuple[str, ...]  # which of VIEWS this method needs
+    models: dict[str, nn.Module]  # "student" (always) and "teacher" (MPL)
+    optimizers: dict[str, torch.optim.Optimizer]
+
+    def step(self, batch: Batch) -> dict[str, Tensor]: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def pick_view(batch: Batch, view: str) -> Tensor:
+    """``"labeled_weak"`` or one of :data:`VIEWS`; a clear error if the engine did not make it."""
+    tensor = batch.x_labeled if view == "labeled_weak" else getattr(batch, "x_" + view)
+    if tensor is None:
+        raise ValueError(f"this method needs the {view} view, which the batch does not have")
+    return tensor

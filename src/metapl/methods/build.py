@@ -1,0 +1,77 @@
+"""From a :class:`TrainConfig` to a method with its models and optimizers (the only place that
+knows how a config row of Table 1 maps to code)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from metapl.methods.mpl import MPLMethod
+from metapl.methods.supervised import SupervisedMethod
+from metapl.methods.uda import UDALoss, UDAMethod
+from metapl.models import create_model, param_groups_for_weight_decay
+from metapl.train.config import TrainConfig
+
+
+def _model(cfg: TrainConfig, num_classes: int, dropout: float, device: torch.device) -> nn.Module:
+    model = create_model(cfg.model, num_classes, dropout=dropout).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _sgd(model: nn.Module, lr: float, cfg: TrainConfig) -> torch.optim.SGD:
+    """Nesterov momentum (App. C.1); weight decay on conv/linear weights only."""
+    groups = param_groups_for_weight_decay(model, cfg.weight_decay)
+    return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+
+
+def autocast_dtype(cfg: TrainConfig) -> torch.dtype | None:
+    return torch.bfloat16 if cfg.precision == "bf16" else None
+
+
+def uda_loss(cfg: TrainConfig) -> UDALoss:
+    return UDALoss(cfg.uda_factor, cfg.uda_temperature, cfg.uda_threshold, cfg.uda_warmup_steps)
+
+
+def build_method(cfg: TrainConfig, num_classes: int, device: torch.device):
+    """The method of ``cfg.method``. Models are seeded by the global RNG (the engine seeds it)."""
+    amp = autocast_dtype(cfg)
+    student = _model(cfg, num_classes, cfg.student_dropout, device)
+    student_opt = _sgd(student, cfg.student_lr, cfg)
+    if cfg.method in ("supervised", "label_smoothing", "randaugment"):
+        return SupervisedMethod(
+            student,
+            student_opt,
+            label_smoothing=cfg.label_smoothing,
+            labeled_view="labeled_strong" if cfg.method == "randaugment" else "labeled_weak",
+            autocast_dtype=amp,
+        )
+    if cfg.method == "uda":
+        return UDAMethod(
+            student,
+            student_opt,
+            uda_loss(cfg),
+            label_smoothing=cfg.label_smoothing,
+            autocast_dtype=amp,
+        )
+    teacher = _model(cfg, num_classes, cfg.teacher_dropout, device)
+    views = {
+        "supervised_mpl": ("labeled_weak", "unlabeled_weak"),
+        "randaugment_mpl": ("labeled_strong", "unlabeled_strong"),
+        "uda_mpl": ("labeled_weak", "unlabeled_strong"),
+    }[cfg.method]
+    return MPLMethod(
+        teacher,
+        student,
+        _sgd(teacher, cfg.teacher_lr, cfg),
+        student_opt,
+        labeled_view=views[0],
+        unlabeled_view=views[1],
+        uda=uda_loss(cfg) if cfg.method == "uda_mpl" else None,
+        temperature=cfg.mpl_temperature,
+        label_smoothing=cfg.label_smoothing,
+        estimator=cfg.mpl_estimator,
+        autocast_dtype=amp,
+        check_inputs=False,  # labels were checked when the dataset was read
+    )

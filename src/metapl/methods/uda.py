@@ -1,0 +1,88 @@
+"""UDA (Xie et al., 2019): consistency between a weak and a strong view of unlabeled images."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from metapl.losses import batch_mean, hard_cross_entropy, upcast
+from metapl.methods.base import Batch, autocast
+
+
+@dataclass
+class UDALoss:
+    """factor(step) * mean_i mask_i * KL(sharpen(p_weak_i) || p_strong_i).
+
+    The target is the weak view's prediction at ``temperature`` (Table 3: 0.8 sharpens on CIFAR-10,
+    1.25 softens on SVHN), without gradient; ``mask`` keeps images whose weak-view confidence is at
+    least ``threshold``; the factor ramps linearly over ``warmup_steps``.
+    """
+
+    factor: float = 1.0
+    temperature: float = 0.8
+    threshold: float = 0.8
+    warmup_steps: int = 0
+
+    def weight(self, step: int) -> float:
+        if self.warmup_steps <= 0:
+            return self.factor
+        return self.factor * min(1.0, (step + 1) / self.warmup_steps)
+
+    def __call__(self, logits_weak: Tensor, logits_strong: Tensor, step: int) -> Tensor:
+        with torch.no_grad():
+            weak = upcast(logits_weak)
+            mask = (F.softmax(weak, -1).amax(-1) >= self.threshold).to(weak.dtype)
+            target = F.softmax(weak / self.temperature, -1)
+        log_p = F.log_softmax(upcast(logits_strong), -1)
+        kl = (target * (torch.log(target.clamp_min(1e-12)) - log_p)).sum(-1)
+        return self.weight(step) * batch_mean(kl * mask)
+
+
+class UDAMethod:
+    """One model: supervised CE on the labeled batch + UDA consistency, in one forward pass."""
+
+    views = ("unlabeled_weak", "unlabeled_strong")
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        uda: UDALoss,
+        *,
+        label_smoothing: float = 0.0,
+        autocast_dtype: torch.dtype | None = None,
+    ):
+        self.models = {"student": model}
+        self.optimizers = {"student": optimizer}
+        self.uda = uda
+        self.label_smoothing = label_smoothing
+        self.autocast_dtype = autocast_dtype
+
+    def step(self, batch: Batch) -> dict[str, Tensor]:
+        model, opt = self.models["student"], self.optimizers["student"]
+        parts = [batch.x_labeled, batch.x_unlabeled_weak, batch.x_unlabeled_strong]
+        with autocast(batch.x_labeled.device, self.autocast_dtype):
+            logits = model(torch.cat(parts))
+        labeled, weak, strong = torch.split(logits, [len(p) for p in parts])
+        supervised = batch_mean(
+            hard_cross_entropy(upcast(labeled), batch.y_labeled, self.label_smoothing)
+        )
+        consistency = self.uda(weak, strong, batch.step)
+        loss = supervised + consistency
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return {
+            "student_loss": loss.detach(),
+            "student_supervised": supervised.detach(),
+            "uda_consistency": consistency.detach(),
+        }
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass

@@ -1,0 +1,369 @@
+"""Checkpoints that survive a crash, RNG state capture, and the same-configuration resume check.
+
+Atomic save: the state is written to a temporary file in the checkpoint's directory, flushed and
+fsync'ed, and only then renamed onto ``path`` with ``os.replace`` (atomic on POSIX and Windows). The
+checkpoint it replaces is first hard-linked (or, where links are unsupported, copied) to
+``checkpoint.prev.pt``, itself through a temporary name and ``os.replace``. So at every instant
+``path`` is a complete checkpoint, old or new, and after the first save ``.prev.pt`` is a complete
+one too: a ``kill -9`` at any point leaves at worst a stray ``.<name>.*.tmp`` file, which the next
+save removes and loading never reads.
+
+Loading uses ``torch.load(weights_only=True)``: a checkpoint holds only tensors and plain containers
+(model, optimizer and scheduler state dicts, RNG states as uint8 tensors, a JSON-like config), so
+nothing in it needs arbitrary unpickling, and a tampered or foreign file cannot run code.
+:func:`save_checkpoint` checks that rule before writing, so breaking it fails at the first save
+(naming the offending key) instead of at resume time.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import hashlib
+import json
+import os
+import random
+import shlex
+import shutil
+import tempfile
+from collections.abc import Iterable, Mapping
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from metapl.errors import CheckpointError
+
+REQUIRED_KEYS = ("format_version", "step")
+"""Keys every checkpoint must hold; anything else is up to the engine."""
+
+FINGERPRINT_KEY = "config_fingerprint"
+"""Where the engine stores :func:`config_fingerprint` in the checkpoint for :func:`check_resumable`."""
+
+CONFIG_KEY = "config"
+"""Where the engine may store the resolved config dict; used only to explain a mismatch."""
+
+DEFAULT_IGNORE = ("steps", "checkpoint_every", "eval_every", "log_every", "device")
+"""Config keys that may change between a run and its resume (length, cadence, hardware)."""
+
+# Exactly these types unpickle under weights_only=True (checked with `type(x) in`, not isinstance,
+# because subclasses such as numpy.float64 or an IntEnum would not).
+_PLAIN_SCALARS = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)
+_PLAIN_CONTAINERS = (dict, collections.OrderedDict, list, tuple, set, torch.Size)
+
+
+def prev_path(path: Path) -> Path:
+    """Where the checkpoint before ``path`` is kept: ``checkpoint.pt`` -> ``checkpoint.prev.pt``."""
+    return Path(path).with_suffix(".prev.pt")
+
+
+def _check_plain(obj: Any, where: str) -> None:
+    if isinstance(obj, torch.Tensor) or type(obj) in _PLAIN_SCALARS:
+        return
+    if type(obj) in (dict, collections.OrderedDict):
+        for key, value in obj.items():
+            _check_plain(key, f"{where} key {key!r}")
+            _check_plain(value, f"{where}[{key!r}]")
+        return
+    if type(obj) in _PLAIN_CONTAINERS:
+        for i, value in enumerate(obj):
+            _check_plain(value, f"{where}[{i}]")
+        return
+    raise TypeError(
+        f"checkpoint state {where} is a {type(obj).__module__}.{type(obj).__qualname__}; "
+        "only tensors, numbers, strings and dict/list/tuple of them can be saved "
+        "(they load with weights_only=True)"
+    )
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Makes the rename itself durable. Directories cannot be opened this way on Windows: skip there.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _tmp_prefix(path: Path) -> str:
+    return f".{path.name}."
+
+
+def _write_tmp(directory: Path, prefix: str, write) -> Path:
+    """Create a temporary file in ``directory``, fill it with ``write(f)``, fsync; delete on error."""
+    fd, name = tempfile.mkstemp(dir=directory, prefix=prefix, suffix=".tmp")
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def _keep_previous(path: Path) -> None:
+    """Make ``prev_path(path)`` a complete copy of the current ``path`` without touching ``path``."""
+    prev = prev_path(path)
+    prefix = _tmp_prefix(prev)
+    directory = path.parent
+    fd, name = tempfile.mkstemp(dir=directory, prefix=prefix, suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        tmp.unlink()
+        try:
+            os.link(path, tmp)  # instant, no extra disk space
+        except OSError:
+            with path.open("rb") as src:
+                tmp = _write_tmp(directory, prefix, lambda dst: shutil.copyfileobj(src, dst))
+        os.replace(tmp, prev)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write ``state`` to ``path`` atomically, keeping the checkpoint it replaces as ``.prev.pt``.
+
+    Raises ``TypeError`` if ``state`` holds anything but tensors and plain containers and
+    ``ValueError`` if it lacks a key of :data:`REQUIRED_KEYS`: both are bugs in the caller.
+    """
+    path = Path(path)
+    missing = [key for key in REQUIRED_KEYS if key not in state]
+    if missing:
+        raise ValueError(f"refusing to write {path}: the state lacks {', '.join(missing)}")
+    _check_plain(state, "state")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Leftovers of a save killed midway: only this function writes files with these prefixes.
+    for prefix in (_tmp_prefix(path), _tmp_prefix(prev_path(path))):
+        for stale in path.parent.glob(f"{prefix}*.tmp"):
+            stale.unlink(missing_ok=True)
+
+    tmp = _write_tmp(path.parent, _tmp_prefix(path), lambda f: torch.save(state, f))
+    try:
+        if path.exists():
+            _keep_previous(path)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _first_line(error: BaseException, limit: int = 120) -> str:
+    text = str(error).strip().splitlines()
+    line = text[0].strip() if text else type(error).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _read(path: Path, map_location: Any) -> dict:
+    """Load and validate; raise ``ValueError`` with a short reason on any defect."""
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # torch raises RuntimeError, UnpicklingError, EOFError, ...
+        raise ValueError(_first_line(error)) from error
+    if not isinstance(state, dict):
+        raise ValueError(f"it holds a {type(state).__name__}, not a dict")
+    missing = [key for key in REQUIRED_KEYS if key not in state]
+    if missing:
+        raise ValueError(f"it lacks {', '.join(missing)}")
+    return state
+
+
+def load_checkpoint(
+    path: Path, map_location: Any = "cpu", *, format_version: int | None = None
+) -> dict:
+    """Load a checkpoint written by :func:`save_checkpoint`.
+
+    Every defect is a :class:`CheckpointError` with a one-line message naming the file: missing,
+    corrupt or truncated (then also whether ``.prev.pt`` is usable, with the ``mv`` command to put it
+    in place), missing :data:`REQUIRED_KEYS`, or (when ``format_version`` is given) another version.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} is not a file")
+    try:
+        state = _read(path, map_location)
+    except ValueError as error:
+        prev = prev_path(path)
+        if not prev.is_file():
+            hint = "there is no previous checkpoint to fall back to"
+        else:
+            try:
+                _read(prev, "cpu")
+                hint = (
+                    f"the previous checkpoint is intact; to resume from it run: "
+                    f"mv {shlex.quote(str(prev))} {shlex.quote(str(path))}"
+                )
+            except ValueError:
+                hint = f"the previous checkpoint {prev} is unreadable too"
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or not a metapl checkpoint ({error}); {hint}"
+        ) from None
+    if format_version is not None and state["format_version"] != format_version:
+        raise CheckpointError(
+            f"checkpoint {path} has format version {state['format_version']!r}; this metapl "
+            f"reads version {format_version}"
+        )
+    return state
+
+
+# ----------------------------------------------------------------------------- random states
+
+
+def capture_rng(generators: Mapping[str, torch.Generator] | None = None) -> dict:
+    """Every random state a training step can touch, as tensors and plain values.
+
+    torch's global CPU state, every CUDA device's state (when CUDA is available), Python's
+    ``random``, numpy's global ``RandomState`` (its MT19937 key as an int64 tensor, so the result
+    loads with ``weights_only=True``) and ``generators[name].get_state()`` for each named generator.
+    """
+    key, pos, has_gauss, gauss = np.random.get_state()[1:]
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+        "numpy": {
+            "key": torch.from_numpy(key.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
+        "generators": {name: g.get_state() for name, g in (generators or {}).items()},
+    }
+
+
+def restore_rng(state: dict, generators: Mapping[str, torch.Generator] | None = None) -> None:
+    """Put back the states recorded by :func:`capture_rng`.
+
+    CUDA states are restored for the devices present in both the state and this machine (resuming
+    on other hardware cannot be bit-exact anyway). Every generator in ``generators`` must have a
+    recorded state, otherwise :class:`CheckpointError`; extra recorded generators are ignored.
+    """
+    generators = generators or {}
+    recorded = state.get("generators", {})
+    absent = sorted(set(generators) - set(recorded))
+    if absent:
+        raise CheckpointError(f"the checkpoint has no random state for {', '.join(absent)}")
+    # set_state wants CPU uint8 tensors, whatever map_location the checkpoint was loaded with.
+    torch.set_rng_state(state["torch"].cpu())
+    if torch.cuda.is_available():
+        for device, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state.cpu(), device)
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    numpy_state = state["numpy"]
+    np.random.set_state(
+        (
+            "MT19937",
+            numpy_state["key"].cpu().numpy().astype(np.uint32),
+            numpy_state["pos"],
+            numpy_state["has_gauss"],
+            numpy_state["gauss"],
+        )
+    )
+    for name, generator in generators.items():
+        generator.set_state(recorded[name].cpu())
+
+
+# ----------------------------------------------------------------------------- resume check
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, Enum):
+        return obj.value
+    if isinstance(obj, set | frozenset):
+        return sorted(obj, key=repr)
+    if isinstance(obj, torch.device | torch.dtype):
+        return str(obj)
+    # Anything else has no stable text form (reprs may carry memory addresses): refuse.
+    raise TypeError(f"config value of type {type(obj).__qualname__} cannot be fingerprinted")
+
+
+def _strip(config: Any, ignore: frozenset[str]) -> Any:
+    if isinstance(config, Mapping):
+        return {k: _strip(v, ignore) for k, v in config.items() if str(k) not in ignore}
+    if isinstance(config, list | tuple):
+        return [_strip(v, ignore) for v in config]
+    return config
+
+
+def config_fingerprint(config: dict, ignore: Iterable[str] = DEFAULT_IGNORE) -> str:
+    """sha256 (hex) of ``config`` as canonical JSON, without the keys named in ``ignore``.
+
+    A name in ``ignore`` is dropped at every nesting level, so the rule holds whether the config is
+    flat or grouped (``{"train": {"steps": ...}}``). Tuples hash like lists; paths and enums by
+    their text and value.
+    """
+    stripped = _strip(config, frozenset(ignore))
+    text = json.dumps(stripped, sort_keys=True, separators=(",", ":"), default=_json_default)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _flatten(config: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(config, Mapping):
+        flat: dict[str, Any] = {}
+        for key, value in config.items():
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        return flat
+    return {prefix[:-1]: config}
+
+
+def _describe_difference(old: dict, new: dict, ignore: Iterable[str]) -> str:
+    ignore = frozenset(ignore)
+    old_flat, new_flat = _flatten(_strip(old, ignore)), _flatten(_strip(new, ignore))
+    missing = object()
+    changes = []
+    for key in sorted(old_flat.keys() | new_flat.keys()):
+        before, after = old_flat.get(key, missing), new_flat.get(key, missing)
+        if json.dumps(before, default=repr) != json.dumps(after, default=repr):
+            show = [("unset" if v is missing else repr(v)) for v in (before, after)]
+            changes.append(f"{key}: {show[0]} -> {show[1]}")
+    if len(changes) > 4:
+        changes = changes[:4] + [f"and {len(changes) - 4} more"]
+    return ", ".join(changes)
+
+
+def check_resumable(
+    ckpt: dict,
+    fingerprint: str,
+    path: Path | str,
+    *,
+    config: dict | None = None,
+    ignore: Iterable[str] = DEFAULT_IGNORE,
+) -> None:
+    """Raise :class:`CheckpointError` unless ``ckpt`` was written by a run with this configuration.
+
+    Compares ``ckpt[FINGERPRINT_KEY]`` with ``fingerprint``. When both ``config`` and
+    ``ckpt[CONFIG_KEY]`` are available, the message lists the differing options (dotted names)
+    instead of the two hashes.
+    """
+    saved = ckpt.get(FINGERPRINT_KEY)
+    if saved == fingerprint:
+        return
+    if saved is None:
+        details = "it records no configuration fingerprint"
+    else:
+        details = ""
+        with contextlib.suppress(Exception):  # a best-effort explanation must not hide the error
+            if config is not None and isinstance(ckpt.get(CONFIG_KEY), Mapping):
+                details = _describe_difference(ckpt[CONFIG_KEY], config, ignore)
+        details = details or f"fingerprint {str(saved)[:12]} != {fingerprint[:12]}"
+    raise CheckpointError(
+        f"{path} was written by a run with a different configuration ({details}); "
+        "use a new --out or the same options"
+    )

@@ -1,0 +1,179 @@
+"""The training configuration: one typed dataclass, the single source of truth.
+
+Presets (``metapl presets``) are small TOML files of overrides; ``--set key=value`` overrides them in
+turn. Unknown keys and ill-typed values are errors, and the resolved configuration is saved next to
+every run (``config.json``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from metapl.errors import ConfigError
+
+METHODS = (
+    "supervised",
+    "label_smoothing",
+    "randaugment",
+    "uda",
+    "supervised_mpl",
+    "randaugment_mpl",
+    "uda_mpl",
+)
+DATASETS = ("cifar10-4k", "svhn-1k", "imagenet-10pct", "digits")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on. Defaults follow Table 3's CIFAR-10 column."""
+
+    # -- what to train
+    dataset: str = "cifar10-4k"
+    data_dir: str | None = None
+    method: str = "uda_mpl"
+    model: str = "wrn28_2"
+    seed: int = 0
+    # Evaluate on the reserved tuning split during training (never on test for selection).
+    tuning: bool = False
+    # digits only: labeled examples per class and the split's seed (see metapl.data.digits)
+    labels_per_class: int = 5
+
+    # -- schedule (App. C.1: cosine decay to 0 after linear warm-up)
+    steps: int = 1_000_000
+    warmup_steps: int = 2_000
+    batch_size: int = 128  # labeled batch (teacher and student alike, Table 3)
+    unlabeled_ratio: int = 7  # unlabeled batch = ratio x batch_size (as in UDA)
+
+    # -- optimization (Nesterov 0.9 for both models)
+    student_lr: float = 0.3
+    teacher_lr: float = 0.125
+    momentum: float = 0.9
+    weight_decay: float = 5e-4  # not applied to BatchNorm parameters or biases
+    student_dropout: float = 0.35
+    teacher_dropout: float = 0.5
+    label_smoothing: float = 0.0
+    ema_decay: float = 0.0  # 0 = no EMA of the student
+
+    # -- UDA (Table 3) and MPL
+    uda_factor: float = 1.0
+    uda_temperature: float = 0.8
+    uda_threshold: float = 0.8  # confidence mask on the weak view; not given in the paper
+    uda_warmup_steps: int = 5_000  # linear ramp of the UDA factor; not given in the paper
+    mpl_temperature: float = 1.0  # student targets = softmax(teacher logits / T)
+    mpl_estimator: str = "exact"
+
+    # -- augmentation
+    image_size: int = 32
+    flip: bool = True
+    pad: int = 4
+    randaugment_ops: int = 2
+    randaugment_magnitude: float = 10.0
+    cutout: int = 16
+
+    # -- bookkeeping
+    eval_every: int = 5_000
+    log_every: int = 100
+    checkpoint_every: int = 5_000
+    eval_batch_size: int = 512
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "fp32"  # fp32 | bf16 (autocast on the forward passes)
+
+    # -- where the preset came from (informational)
+    preset: str | None = field(default=None)
+
+    def validate(self) -> TrainConfig:
+        if self.method not in METHODS:
+            raise ConfigError(f"method {self.method!r} is not one of {', '.join(METHODS)}")
+        if self.dataset not in DATASETS:
+            raise ConfigError(f"dataset {self.dataset!r} is not one of {', '.join(DATASETS)}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"precision must be fp32 or bf16, got {self.precision!r}")
+        if self.mpl_estimator not in ("exact", "first_order"):
+            raise ConfigError(
+                f"mpl_estimator must be exact or first_order, got {self.mpl_estimator!r}"
+            )
+        positive = (
+            "steps",
+            "batch_size",
+            "unlabeled_ratio",
+            "eval_every",
+            "log_every",
+            "checkpoint_every",
+            "eval_batch_size",
+            "image_size",
+            "labels_per_class",
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("student_dropout", "teacher_dropout", "label_smoothing", "ema_decay"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.warmup_steps < 0 or self.uda_warmup_steps < 0:
+            raise ConfigError("warm-up steps must be >= 0")
+        return self
+
+    @property
+    def uses_mpl(self) -> bool:
+        return self.method.endswith("_mpl")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Convert ``value`` (from TOML or a ``--set`` string) to the type of field ``key``."""
+    if key not in _FIELDS:
+        close = [k for k in _FIELDS if k.startswith(key[:3])]
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ConfigError(f"unknown config key {key!r}{hint}; `metapl train --help` lists them")
+    default = getattr(TrainConfig(), key)
+    kind = type(default) if default is not None else str
+    if isinstance(value, str) and kind is not str:
+        text = value.strip()
+        if kind is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ConfigError(f"{key} expects true or false, got {value!r}")
+        try:
+            return kind(float(text)) if kind is int and "e" in text.lower() else kind(text)
+        except ValueError:
+            raise ConfigError(f"{key} expects a {kind.__name__}, got {value!r}") from None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if value is not None and not isinstance(value, kind):
+        raise ConfigError(f"{key} expects a {kind.__name__}, got {value!r}")
+    return value
+
+
+def apply_overrides(cfg: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
+    """A new config with ``overrides`` applied (keys checked, values converted)."""
+    values = {k: _coerce(k, v) for k, v in overrides.items()}
+    return dataclasses.replace(cfg, **values)
+
+
+def parse_set_options(items: list[str]) -> dict[str, str]:
+    """``["a=1", "b=x"]`` -> ``{"a": "1", "b": "x"}``; malformed items are a ConfigError."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value
+    return out
+
+
+def save_config(cfg: TrainConfig, path) -> None:
+    path.write_text(json.dumps(cfg.to_dict(), indent=1, sort_keys=True))

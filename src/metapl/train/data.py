@@ -1,0 +1,105 @@
+"""Each step's batch, drawn and augmented deterministically from (seed, step).
+
+Nothing here carries state between steps: the batch of step s depends only on the seed and s. So a
+run resumed at step s sees exactly the batches an uninterrupted run would have seen, and the
+"data position" in a checkpoint is simply the step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from metapl.augment import StrongAugment, WeakAugment
+from metapl.data.arrays import to_tensor_nchw
+from metapl.data.splits import SSLSplit
+from metapl.methods.base import Batch
+from metapl.train.config import TrainConfig
+
+
+def stream_seed(*parts: int | str) -> int:
+    """A 63-bit seed from any tuple (seed, stream name, step ...), stable across runs and platforms."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+class EpochIndices:
+    """Batches of indices that walk through shuffled epochs; epoch e's order is seeded by e."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, stream: str):
+        self.n, self.batch_size, self.seed, self.stream = n, batch_size, seed, stream
+        self._epoch, self._perm = -1, None
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            gen = torch.Generator().manual_seed(stream_seed(self.seed, self.stream, epoch))
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=gen).numpy()
+        return self._perm
+
+    def at(self, step: int) -> np.ndarray:
+        positions = np.arange(step * self.batch_size, (step + 1) * self.batch_size)
+        epochs = positions // self.n
+        out = np.empty(self.batch_size, dtype=np.int64)
+        for epoch in np.unique(epochs):
+            here = epochs == epoch
+            out[here] = self._permutation(int(epoch))[positions[here] % self.n]
+        return out
+
+
+class BatchSource:
+    """Labeled and unlabeled batches with the views a method asks for, on ``device``."""
+
+    def __init__(self, split: SSLSplit, cfg: TrainConfig, views: tuple[str, ...], device):
+        self.split, self.cfg, self.views, self.device = split, cfg, set(views), device
+        self.labeled = EpochIndices(len(split.y_labeled), cfg.batch_size, cfg.seed, "labeled")
+        n_u = len(split.x_unlabeled)
+        self.unlabeled = EpochIndices(n_u, cfg.batch_size * cfg.unlabeled_ratio, cfg.seed, "unl")
+        self.weak = WeakAugment(pad=cfg.pad, flip_prob=0.5 if cfg.flip else 0.0)
+        self.strong = StrongAugment(
+            num_ops=cfg.randaugment_ops, max_magnitude=cfg.randaugment_magnitude, cutout=cfg.cutout
+        )
+
+    def _images(self, source, indices: np.ndarray) -> Tensor:
+        x = to_tensor_nchw(source[indices]).to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def batch(self, step: int) -> Batch:
+        gen = torch.Generator().manual_seed(stream_seed(self.cfg.seed, "augment", step))
+        idx = self.labeled.at(step)
+        x_l = self._images(self.split.x_labeled, idx)
+        y_l = torch.from_numpy(self.split.y_labeled[idx]).to(self.device)
+        batch = Batch(self.weak(x_l, generator=gen), y_l, step=step)
+        if "labeled_strong" in self.views:
+            batch.x_labeled_strong = self.strong(self.weak(x_l, generator=gen), generator=gen)
+        if self.views & {"unlabeled_weak", "unlabeled_strong"}:
+            x_u = self._images(self.split.x_unlabeled, self.unlabeled.at(step))
+            if "unlabeled_weak" in self.views:
+                batch.x_unlabeled_weak = self.weak(x_u, generator=gen)
+            if "unlabeled_strong" in self.views:
+                batch.x_unlabeled_strong = self.strong(self.weak(x_u, generator=gen), generator=gen)
+        return batch
+
+
+@torch.no_grad()
+def evaluate(model, images, labels: np.ndarray, cfg: TrainConfig, device, amp=None) -> float:
+    """Top-1 accuracy in eval mode (no augmentation), in batches."""
+    if len(labels) == 0:
+        return float("nan")
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    for start in range(0, len(labels), cfg.eval_batch_size):
+        idx = np.arange(start, min(start + cfg.eval_batch_size, len(labels)))
+        x = to_tensor_nchw(images[idx]).to(device)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            pred = model(x).argmax(-1)
+        correct += (pred == torch.from_numpy(labels[idx]).to(device)).sum()
+    model.train(was_training)
+    return float(correct) / len(labels)

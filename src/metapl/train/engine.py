@@ -1,0 +1,198 @@
+"""The training loop, read top to bottom: config -> data -> method -> steps -> checkpoints -> results.
+
+Resumable by construction: each step's batch, augmentation and dropout randomness are seeded by
+(seed, step), and the checkpoint holds everything else (both models, optimizers, schedules, EMA, the
+MPL step's state, RNG states). Running the same command with the same ``--out`` continues where the
+last checkpoint left off and ends with exactly the weights of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from metapl.data.splits import SSLSplit, load_split
+from metapl.errors import ConfigError
+from metapl.methods.build import autocast_dtype, build_method
+from metapl.train.checkpoint import (
+    capture_rng,
+    check_resumable,
+    config_fingerprint,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
+from metapl.train.config import TrainConfig
+from metapl.train.data import BatchSource, evaluate, stream_seed
+from metapl.train.ema import EMA
+from metapl.train.guards import check_finite, to_floats
+from metapl.train.metrics_log import MetricsLogger
+from metapl.train.schedule import make_scheduler
+
+FORMAT_VERSION = 1
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for, but PyTorch sees no CUDA device here")
+    return torch.device(name)
+
+
+def load_data(cfg: TrainConfig) -> SSLSplit:
+    """The dataset split of ``cfg`` (the tuning view when ``cfg.tuning``)."""
+    if cfg.dataset == "digits":
+        from metapl.data.digits import digits_split
+
+        split = digits_split(cfg.seed, cfg.labels_per_class)
+    else:
+        if not cfg.data_dir:
+            raise ConfigError(f"{cfg.dataset} needs --data-dir: the folder holding its files")
+        split = load_split(cfg.dataset, cfg.data_dir)
+    return split.tuning_view() if cfg.tuning else split
+
+
+def _atomic_json(path: Path, payload: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1, sort_keys=True))
+    tmp.replace(path)
+
+
+class Run:
+    """One training run's live objects, and how they go into and come out of a checkpoint."""
+
+    def __init__(self, cfg: TrainConfig, split: SSLSplit, device: torch.device):
+        self.cfg, self.split, self.device = cfg, split, device
+        torch.manual_seed(stream_seed(cfg.seed, "init"))
+        self.method = build_method(cfg, split.num_classes, device)
+        self.schedulers = {
+            name: make_scheduler(opt, cfg.steps, cfg.warmup_steps)
+            for name, opt in self.method.optimizers.items()
+        }
+        student = self.method.models["student"]
+        self.ema = EMA(student, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        self.step = 0
+
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        return self.ema.module if self.ema is not None else self.method.models["student"]
+
+    def state_dict(self, fingerprint: str) -> dict:
+        state = {
+            "format_version": FORMAT_VERSION,
+            "step": self.step,
+            "data_position": {"step": self.step},  # batches are a function of (seed, step)
+            "config": self.cfg.to_dict(),
+            "config_fingerprint": fingerprint,
+            "optimizers": {k: o.state_dict() for k, o in self.method.optimizers.items()},
+            "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
+            "method": self.method.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "rng": capture_rng(),
+        }
+        for name, model in self.method.models.items():
+            state[name] = model.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, model in self.method.models.items():
+            model.load_state_dict(state[name])
+        for name, opt in self.method.optimizers.items():
+            opt.load_state_dict(state["optimizers"][name])
+        for name, sched in self.schedulers.items():
+            sched.load_state_dict(state["schedulers"][name])
+        self.method.load_state_dict(state["method"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        restore_rng(state["rng"])
+        self.step = int(state["step"])
+
+
+def _accuracies(run: Run, amp) -> dict[str, float]:
+    """Held-out accuracy (tuning split and test) and accuracy on the labeled training data of the
+    student and, for MPL, the teacher (Figure 9)."""
+    s, cfg, dev = run.split, run.cfg, run.device
+    out = {}
+    if len(s.y_tune):
+        out["tune_accuracy"] = evaluate(run.eval_model, s.x_tune, s.y_tune, cfg, dev, amp)
+    out["test_accuracy"] = evaluate(run.eval_model, s.x_test, s.y_test, cfg, dev, amp)
+    for name, model in run.method.models.items():
+        out[f"{name}_labeled_accuracy"] = evaluate(model, s.x_labeled, s.y_labeled, cfg, dev, amp)
+    return out
+
+
+def train(cfg: TrainConfig, out_dir: Path | str, show_progress: bool = True) -> dict:
+    """Train (or resume) the run in ``out_dir``; returns the summary also written to results.json."""
+    cfg.validate()
+    out_dir = Path(out_dir)
+    device = resolve_device(cfg.device)
+    split = load_data(cfg)  # bad data fails here, before anything is written
+    fingerprint = config_fingerprint(cfg.to_dict())
+    ckpt_path = out_dir / "checkpoint.pt"
+    saved = None
+    if ckpt_path.exists():
+        saved = load_checkpoint(ckpt_path)
+        check_resumable(saved, fingerprint, ckpt_path, config=cfg.to_dict())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_json(out_dir / "config.json", cfg.to_dict())
+
+    run = Run(cfg, split, device)
+    if saved is not None:
+        run.load_state_dict(saved)
+    source = BatchSource(split, cfg, run.method.views, device)
+    amp = autocast_dtype(cfg)
+    start_time = time.perf_counter()
+    with MetricsLogger(out_dir, resume_step=run.step) as logger:
+        bar = tqdm(
+            total=cfg.steps,
+            initial=run.step,
+            disable=not show_progress,
+            unit="step",
+            desc=cfg.preset or cfg.method,
+            dynamic_ncols=True,
+        )
+        while run.step < cfg.steps:
+            torch.manual_seed(stream_seed(cfg.seed, "step", run.step))  # dropout, sampling
+            metrics = run.method.step(source.batch(run.step))
+            for sched in run.schedulers.values():
+                sched.step()
+            if run.ema is not None:
+                run.ema.update(run.method.models["student"])
+            run.step += 1
+            bar.update()
+            last = run.step == cfg.steps
+            if run.step % cfg.log_every == 0 or last:
+                check_finite(metrics, run.step)
+                values = to_floats(metrics)
+                for name, opt in run.method.optimizers.items():
+                    values[f"{name}_lr"] = opt.param_groups[0]["lr"]
+                logger.log(run.step, values)
+                bar.set_postfix({k: f"{v:.3g}" for k, v in values.items() if "loss" in k})
+            if run.step % cfg.eval_every == 0 or last:
+                logger.log(run.step, _accuracies(run, amp))
+            if run.step % cfg.checkpoint_every == 0 or last:
+                check_finite(metrics, run.step)  # never write a NaN checkpoint
+                save_checkpoint(ckpt_path, run.state_dict(fingerprint))
+        bar.close()
+        final = _accuracies(run, amp)
+    summary = {
+        "config": cfg.to_dict(),
+        "results": [
+            {
+                "method": cfg.method,
+                "seed": cfg.seed,
+                "dataset": split.name,
+                "steps": cfg.steps,
+                "accuracy": final["test_accuracy"],
+                **{k: v for k, v in final.items() if k != "test_accuracy"},
+            }
+        ],
+        "seconds_this_session": time.perf_counter() - start_time,
+    }
+    _atomic_json(out_dir / "results.json", summary)
+    return summary

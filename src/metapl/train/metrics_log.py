@@ -1,0 +1,132 @@
+"""Training metrics to ``metrics.csv`` (always) and TensorBoard (when available).
+
+The CSV is in long format, one row per value: ``step,name,value``. Metrics that appear later in a
+run (evaluation every N steps, a new loss term) then need no header change, and a row is never
+rewritten once written; pivoting is one line of pandas (``df.pivot(index="step", columns="name")``).
+Values are written with ``repr(float)``, which reads back to the same float.
+
+On resume, rows logged after the checkpoint (step > ``resume_step``) are dropped, so a run killed
+between logging and checkpointing does not record those steps twice; TensorBoard gets the same rule
+through ``purge_step``.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+HEADER = ("step", "name", "value")
+CSV_NAME = "metrics.csv"
+TB_DIR = "tb"
+
+_tb_warning_given = False
+
+
+def _summary_writer(log_dir: Path, purge_step: int | None) -> Any | None:
+    """A TensorBoard ``SummaryWriter``, or None (with one warning per process) if unavailable."""
+    global _tb_warning_given
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception as error:  # ImportError, or a broken protobuf/tensorboard install
+        if not _tb_warning_given:
+            _tb_warning_given = True
+            warnings.warn(
+                f"TensorBoard is unavailable ({error}); metrics go to {CSV_NAME} only",
+                stacklevel=3,
+            )
+        return None
+    return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+
+
+def _rows_up_to(csv_path: Path, last_step: int) -> list[tuple[int, str, str]]:
+    """The well-formed rows of an existing CSV with ``step <= last_step``.
+
+    Malformed rows are dropped too: a run killed while writing can leave a half line at the end.
+    """
+    kept = []
+    with csv_path.open(newline="") as f:
+        for row in csv.reader(f):
+            if len(row) != 3 or tuple(row) == HEADER:
+                continue
+            try:
+                step, value = int(row[0]), row[2]
+                float(value)
+            except ValueError:
+                continue
+            if step <= last_step:
+                kept.append((step, row[1], value))
+    return kept
+
+
+def _write_atomic(csv_path: Path, rows: list[tuple[int, str, str]]) -> None:
+    fd, name = tempfile.mkstemp(dir=csv_path.parent, prefix=f".{csv_path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(HEADER)
+            writer.writerows(rows)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(name, csv_path)
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
+
+
+class MetricsLogger:
+    """Append ``(step, name, value)`` rows to ``out_dir/metrics.csv`` and scalars to ``out_dir/tb``.
+
+    ``resume_step=None`` starts a fresh log (an existing CSV is replaced); an int keeps the rows up
+    to and including that step. Usable as a context manager; :meth:`close` flushes both outputs.
+    """
+
+    def __init__(
+        self, out_dir: Path, tensorboard: bool = True, resume_step: int | None = None
+    ) -> None:
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.csv_path = self.out_dir / CSV_NAME
+        kept = []
+        if resume_step is not None and self.csv_path.exists():
+            kept = _rows_up_to(self.csv_path, resume_step)
+        _write_atomic(self.csv_path, kept)
+        self._file = self.csv_path.open("a", newline="")
+        self._csv = csv.writer(self._file)
+        purge_step = None if resume_step is None else resume_step + 1
+        self._tb = _summary_writer(self.out_dir / TB_DIR, purge_step) if tensorboard else None
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        """Record ``metrics`` (name -> number) at ``step``; rows are sorted by name."""
+        if self._file.closed:
+            raise ValueError("MetricsLogger.log after close")
+        values = {name: float(value) for name, value in sorted(metrics.items())}
+        self._csv.writerows((step, name, repr(value)) for name, value in values.items())
+        # Flushed (not fsync'ed) every call: a crash loses little, and steps stay cheap.
+        self._file.flush()
+        if self._tb is not None:
+            for name, value in values.items():
+                self._tb.add_scalar(name, value, step)
+
+    def close(self) -> None:
+        """Flush and close the CSV and the TensorBoard writer; calling it twice is harmless."""
+        if not self._file.closed:
+            self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+    def __enter__(self) -> MetricsLogger:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

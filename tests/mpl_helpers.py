@@ -1,0 +1,214 @@
+"""Shared pieces of the MPL core tests: tiny models, the student optimizers under test, and an
+independent finite-difference evaluation of the teacher's MPL objective R(theta_{t+1}(Psi)).
+
+Everything here is written against torch alone, so that the tests do not check metapl against
+itself.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+# ----------------------------------------------------------------------------- optimizers
+
+OptimizerFactory = Callable[[object], torch.optim.Optimizer]
+
+# Student optimizers whose Appendix-B factor metapl claims to know. RMSprop's and Adam's eps are
+# larger than the defaults so that g / (|g| + eps) is smooth at the scale of a finite difference.
+STUDENT_OPTIMIZERS: dict[str, OptimizerFactory] = {
+    "sgd": lambda p: torch.optim.SGD(p, lr=0.3),
+    "sgd_momentum": lambda p: torch.optim.SGD(p, lr=0.2, momentum=0.9),
+    "sgd_dampening": lambda p: torch.optim.SGD(p, lr=0.2, momentum=0.8, dampening=0.3),
+    "sgd_nesterov": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True),
+    "sgd_weight_decay": lambda p: torch.optim.SGD(p, lr=0.2, momentum=0.5, weight_decay=0.05),
+    "sgd_maximize": lambda p: torch.optim.SGD(
+        p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.02, maximize=True
+    ),
+    "rmsprop": lambda p: torch.optim.RMSprop(p, lr=0.01, alpha=0.9, eps=1e-3),
+    "rmsprop_momentum": lambda p: torch.optim.RMSprop(
+        p, lr=0.01, alpha=0.9, eps=1e-3, momentum=0.9
+    ),
+    "rmsprop_centered": lambda p: torch.optim.RMSprop(
+        p, lr=0.01, alpha=0.9, eps=1e-3, centered=True
+    ),
+    "rmsprop_weight_decay": lambda p: torch.optim.RMSprop(
+        p, lr=0.01, alpha=0.9, eps=1e-3, weight_decay=0.05
+    ),
+    "rmsprop_all_maximize": lambda p: torch.optim.RMSprop(
+        p,
+        lr=0.01,
+        alpha=0.9,
+        eps=1e-3,
+        momentum=0.5,
+        centered=True,
+        weight_decay=0.05,
+        maximize=True,
+    ),
+    "adam": lambda p: torch.optim.Adam(p, lr=0.01, betas=(0.8, 0.95), eps=1e-3),
+    "adam_l2": lambda p: torch.optim.Adam(
+        p, lr=0.01, betas=(0.8, 0.95), eps=1e-3, weight_decay=0.05
+    ),
+    "adam_amsgrad": lambda p: torch.optim.Adam(
+        p, lr=0.01, betas=(0.8, 0.95), eps=1e-3, amsgrad=True
+    ),
+    "adam_decoupled": lambda p: torch.optim.Adam(
+        p, lr=0.01, betas=(0.8, 0.95), eps=1e-3, weight_decay=0.1, decoupled_weight_decay=True
+    ),
+    "adamw": lambda p: torch.optim.AdamW(p, lr=0.01, betas=(0.8, 0.95), eps=1e-3, weight_decay=0.1),
+    "adam_maximize": lambda p: torch.optim.Adam(
+        p, lr=0.01, betas=(0.8, 0.95), eps=1e-3, weight_decay=0.05, maximize=True
+    ),
+    "adamw_amsgrad_maximize": lambda p: torch.optim.AdamW(
+        p, lr=0.01, betas=(0.8, 0.95), eps=1e-3, weight_decay=0.1, amsgrad=True, maximize=True
+    ),
+    # per-group hyperparameters: the factor must come from each parameter's own group
+    "sgd_param_groups": lambda p: _two_groups(
+        torch.optim.SGD, p, {"lr": 0.3}, {"momentum": 0.9, "nesterov": True}, lr=0.1
+    ),
+    "adam_param_groups": lambda p: _two_groups(
+        torch.optim.Adam, p, {"lr": 0.03, "weight_decay": 0.05}, {}, lr=0.01, eps=1e-3
+    ),
+}
+
+
+def _two_groups(cls, params, first: dict, second: dict, **defaults) -> torch.optim.Optimizer:
+    """``cls`` over two parameter groups: the first two parameters, and the rest."""
+    params = list(params)
+    return cls([{"params": params[:2], **first}, {"params": params[2:], **second}], **defaults)
+
+
+def over_student_optimizers():
+    """pytest parametrization over :data:`STUDENT_OPTIMIZERS` (argument ``opt_name``)."""
+    return pytest.mark.parametrize("opt_name", list(STUDENT_OPTIMIZERS))
+
+
+def fresh_optimizer_like(
+    factory: OptimizerFactory, params, optimizer: torch.optim.Optimizer
+) -> torch.optim.Optimizer:
+    """A new optimizer over ``params`` with an independent copy of ``optimizer``'s state."""
+    fresh = factory(params)
+    # load_state_dict may keep the very tensors of the state dict: copy them first.
+    fresh.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    return fresh
+
+
+# ----------------------------------------------------------------------------- models
+
+N_FEATURES, N_HIDDEN, N_CLASSES = 5, 8, 3
+
+
+class MLP(nn.Module):
+    """Linear (no bias: BatchNorm follows) -> BatchNorm1d -> ReLU -> Dropout -> Linear."""
+
+    def __init__(self, d_in: int = N_FEATURES, hidden: int = N_HIDDEN, classes: int = N_CLASSES):
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, hidden, bias=False)
+        self.bn = nn.BatchNorm1d(hidden)
+        self.drop = nn.Dropout(0.3)
+        self.fc2 = nn.Linear(hidden, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.drop(F.relu(self.bn(self.fc1(x)))))
+
+
+class ConvNet(nn.Module):
+    """Conv (no bias) -> BatchNorm2d -> ReLU -> Dropout -> global mean pool -> Linear."""
+
+    def __init__(self, channels: int = 3, width: int = 4, classes: int = N_CLASSES, p: float = 0.3):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, width, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(width)
+        self.drop = nn.Dropout(p)
+        self.fc = nn.Linear(width, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.drop(F.relu(self.bn(self.conv(x))))
+        return self.fc(h.mean(dim=(2, 3)))
+
+
+def randomize_bn(module: nn.Module, generator: torch.Generator) -> None:
+    """Non-trivial BatchNorm affine parameters (the defaults 1 and 0 hide mistakes)."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            with torch.no_grad():
+                m.weight.copy_(1.0 + 0.3 * torch.randn(m.weight.shape, generator=generator))
+                m.bias.copy_(0.3 * torch.randn(m.bias.shape, generator=generator))
+
+
+def make_problem(kind: str, seed: int = 0, dtype: torch.dtype = torch.float64):
+    """(teacher, student, x_l, y_l, x_u) for ``kind`` in {"mlp", "conv"}; both models in train mode."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    if kind == "mlp":
+        teacher, student = MLP(), MLP()
+        x_l = torch.randn(6, N_FEATURES, generator=g)
+        x_u = torch.randn(8, N_FEATURES, generator=g)
+    elif kind == "conv":
+        teacher, student = ConvNet(), ConvNet()
+        x_l = torch.randn(2, 3, 6, 6, generator=g)
+        x_u = torch.randn(3, 3, 6, 6, generator=g)
+    else:
+        raise ValueError(kind)
+    randomize_bn(teacher, g)
+    randomize_bn(student, g)
+    y_l = torch.randint(0, N_CLASSES, (x_l.shape[0],), generator=g)
+    teacher, student = teacher.to(dtype).train(), student.to(dtype).train()
+    return teacher, student, x_l.to(dtype), y_l, x_u.to(dtype)
+
+
+def flat(tensors) -> Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def rel_err(a: Tensor, b: Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def cosine(a: Tensor, b: Tensor) -> float:
+    return float(F.cosine_similarity(a.reshape(1, -1), b.reshape(1, -1)).squeeze())
+
+
+def cloned_buffers(module: nn.Module) -> dict[str, Tensor]:
+    return {n: b.detach().clone() for n, b in module.named_buffers()}
+
+
+def mpl_objective(
+    teacher: nn.Module,
+    teacher_params: dict[str, Tensor],
+    student: nn.Module,
+    student_optimizer: torch.optim.Optimizer,
+    factory: OptimizerFactory,
+    x_l: Tensor,
+    y_l: Tensor,
+    x_u: Tensor,
+    *,
+    seed: int,
+    temperature: float = 1.0,
+) -> float:
+    """R(theta_{t+1}) as the teacher's parameters are set to ``teacher_params``, by brute force:
+    a copy of the student takes one REAL step of a copy of its optimizer on the teacher's soft
+    targets; then the student's CE on the labeled batch (train mode, copies of its buffers).
+    Random numbers are drawn in MetaPseudoLabels.step's order, from ``seed``."""
+    s2 = copy.deepcopy(student)
+    trainable = [p for p in s2.parameters() if p.requires_grad]
+    opt2 = fresh_optimizer_like(factory, trainable, student_optimizer)
+    with torch.no_grad():
+        torch.manual_seed(seed)
+        t_logits = functional_call(
+            teacher, {**cloned_buffers(teacher), **teacher_params}, (torch.cat([x_l, x_u]),)
+        )
+        q = F.softmax(t_logits[x_l.shape[0] :] / temperature, dim=-1)
+    opt2.zero_grad()
+    loss = -(q * F.log_softmax(s2(x_u), dim=-1)).sum(-1).mean()
+    loss.backward()
+    opt2.step()
+    with torch.no_grad():
+        out = functional_call(s2, cloned_buffers(s2), (x_l,))
+        return float(F.cross_entropy(out, y_l))

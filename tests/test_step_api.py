@@ -1,0 +1,376 @@
+"""MetaPseudoLabels as a library: precision, input checks, ensembles, extra teacher losses,
+metrics and state."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from mpl_helpers import (
+    STUDENT_OPTIMIZERS,
+    cloned_buffers,
+    cosine,
+    flat,
+    make_problem,
+)
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from metapl import MetaPseudoLabels, TeacherLogits
+from metapl.errors import ConfigError, DataError, MetaplError
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
+DT = torch.float64
+
+
+def _mpl(teacher, student, **kwargs) -> MetaPseudoLabels:
+    return MetaPseudoLabels(
+        teacher,
+        student,
+        torch.optim.SGD(teacher.parameters(), lr=0.1),
+        torch.optim.SGD(student.parameters(), lr=0.2, momentum=0.9),
+        **kwargs,
+    )
+
+
+# ----------------------------------------------------------------------------- precision
+
+
+def test_bf16_autocast_teacher_gradient_is_close_to_float64_exact():
+    teacher64, student64, x_l, y_l, x_u = make_problem("conv", seed=2)
+    for m in (teacher64, student64):
+        m.drop.p = 0.0  # dropout masks of different dtypes need not line up; the rest must
+    teacher32, student32 = copy.deepcopy(teacher64).float(), copy.deepcopy(student64).float()
+
+    conv_dtypes = []
+    student32.conv.register_forward_hook(lambda m, i, o: conv_dtypes.append(o.dtype))
+
+    grads = {}
+    for name, t, s, dtype, autocast in (
+        ("f64", teacher64, student64, DT, None),
+        ("bf16", teacher32, student32, torch.float32, torch.bfloat16),
+    ):
+        mpl = _mpl(t, s, supervised_weight=0.0, autocast_dtype=autocast, temperature=1.5)
+        metrics = mpl.step(x_l.to(dtype), y_l, x_u.to(dtype))
+        grads[name] = flat(p.grad for p in t.parameters()).double()
+        assert all(torch.isfinite(v) for v in metrics.values())
+    assert conv_dtypes and all(d == torch.bfloat16 for d in conv_dtypes)  # autocast was on
+    assert metrics["teacher_loss"].dtype == torch.float32  # losses are not in bf16
+    assert grads["f64"].norm() > 1e-4
+    assert cosine(grads["bf16"], grads["f64"]) >= 0.99
+
+
+# ----------------------------------------------------------------------------- user errors
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [torch.tensor([0, 1, 3, 2, 0, 1]), torch.tensor([0, 1, -1, 2, 0, 1]), torch.zeros(6)],
+    ids=["too_large", "negative", "float"],
+)
+def test_bad_labels_raise_data_error_before_the_student_moves(labels):
+    teacher, student, x_l, _, x_u = make_problem("mlp")
+    mpl = _mpl(teacher, student)
+    s_before = [p.detach().clone() for p in student.parameters()]
+    t_before = [p.detach().clone() for p in teacher.parameters()]
+    with pytest.raises(DataError, match="y_labeled"):
+        mpl.step(x_l, labels, x_u)
+    assert all(torch.equal(a, b) for a, b in zip(s_before, student.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(t_before, teacher.parameters()))
+    assert mpl.step_count == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"estimator": "second_order"},
+        {"estimator": "EXACT"},
+        {"temperature": 0.0},
+        {"temperature": -1.0},
+        {"temperature": math.nan},
+        {"baseline_decay": 1.0},
+        {"baseline_decay": -0.1},
+        {"label_smoothing": 1.0},
+    ],
+    ids=lambda k: "-".join(f"{a}={b}" for a, b in k.items()),
+)
+def test_bad_options_raise_config_error(kwargs):
+    teacher, student, *_ = make_problem("mlp")
+    with pytest.raises(ConfigError) as info:
+        _mpl(teacher, student, **kwargs)
+    assert isinstance(info.value, MetaplError)
+    key = next(iter(kwargs))
+    assert key in str(info.value)
+
+
+def test_student_optimizer_over_other_parameters_is_a_config_error():
+    teacher, student, *_ = make_problem("mlp")
+    with pytest.raises(ConfigError, match="student"):
+        MetaPseudoLabels(
+            teacher,
+            student,
+            torch.optim.SGD(teacher.parameters(), lr=0.1),
+            torch.optim.SGD(teacher.parameters(), lr=0.1),
+        )
+
+
+# ----------------------------------------------------------------------------- ensembles
+
+
+class StackedMLP(nn.Module):
+    """E independent 2-layer MLPs in one module: x [E, N, d] -> logits [E, N, C]."""
+
+    def __init__(self, members: int, d_in: int, hidden: int, classes: int, generator):
+        super().__init__()
+
+        def init(*shape, scale):
+            return nn.Parameter(scale * torch.randn(*shape, generator=generator, dtype=DT))
+
+        self.w1 = init(members, d_in, hidden, scale=d_in**-0.5)
+        self.b1 = init(members, 1, hidden, scale=0.1)
+        self.w2 = init(members, hidden, classes, scale=hidden**-0.5)
+        self.b2 = init(members, 1, classes, scale=0.1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.tanh(x @ self.w1 + self.b1) @ self.w2 + self.b2
+
+
+class MemberMLP(nn.Module):
+    """Member ``e`` of a StackedMLP as an ordinary model: x [N, d] -> logits [N, C]."""
+
+    def __init__(self, stacked: StackedMLP, e: int):
+        super().__init__()
+        for name, p in stacked.named_parameters():
+            setattr(self, name, nn.Parameter(p.detach()[e].clone()))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.tanh(x @ self.w1 + self.b1) @ self.w2 + self.b2
+
+
+@pytest.mark.parametrize("opt_name", ["sgd_nesterov", "rmsprop_centered", "adam_l2"])
+def test_batch_dim_1_ensemble_members_get_the_gradient_they_get_alone(opt_name):
+    E, N_L, N_U, D, H, C = 3, 5, 7, 4, 6, 3
+    g = torch.Generator().manual_seed(0)
+    teacher, student = StackedMLP(E, D, H, C, g), StackedMLP(E, D, H, C, g)
+    x_l = torch.randn(E, N_L, D, generator=g, dtype=DT)
+    y_l = torch.randint(0, C, (E, N_L), generator=g)
+    x_u = torch.randn(E, N_U, D, generator=g, dtype=DT)
+    x_e = torch.randn(E, 2, D, generator=g, dtype=DT)
+    factory = STUDENT_OPTIMIZERS[opt_name]
+
+    def extra_loss(logits: TeacherLogits) -> Tensor:  # per-member, summed over members
+        return 0.1 * logits.extra[0].pow(2).mean(dim=(-2, -1)).sum()
+
+    def build(t, s, batch_dim):
+        return MetaPseudoLabels(
+            t,
+            s,
+            torch.optim.SGD(t.parameters(), lr=0.1, momentum=0.5),
+            factory(s.parameters()),
+            temperature=1.5,
+            label_smoothing=0.1,
+            teacher_extra_loss=extra_loss,
+            batch_dim=batch_dim,
+        )
+
+    alone = [(MemberMLP(teacher, e), MemberMLP(student, e)) for e in range(E)]
+    ens = build(teacher, student, batch_dim=1)
+    singles = [build(t, s, batch_dim=0) for t, s in alone]
+    for _ in range(2):
+        ens.step(x_l, y_l, x_u, teacher_extra_inputs=(x_e,))
+        for e, (mpl, (t, s)) in enumerate(zip(singles, alone)):
+            mpl.step(x_l[e], y_l[e], x_u[e], teacher_extra_inputs=(x_e[e],))
+            for p_ens, p_one in zip(teacher.parameters(), t.parameters()):
+                assert p_one.grad.abs().max() > 1e-6
+                torch.testing.assert_close(p_ens.grad[e], p_one.grad, rtol=1e-10, atol=1e-12)
+                torch.testing.assert_close(p_ens[e], p_one, rtol=1e-10, atol=1e-12)
+            for p_ens, p_one in zip(student.parameters(), s.parameters()):
+                torch.testing.assert_close(p_ens[e], p_one, rtol=1e-10, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- extra teacher loss
+
+
+def test_teacher_extra_loss_sees_extra_logits_and_adds_its_gradient():
+    g = torch.Generator().manual_seed(1)
+    torch.manual_seed(1)
+    teacher = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).to(DT)
+    student = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).to(DT)
+    x_l, x_u = torch.randn(4, 5, generator=g, dtype=DT), torch.randn(6, 5, generator=g, dtype=DT)
+    y_l = torch.randint(0, 3, (4,), generator=g)
+    x_weak, x_strong = x_u + 0.1, x_u * 0.9  # like UDA's two views of the unlabeled batch
+
+    seen: list[TeacherLogits] = []
+
+    def consistency(logits: TeacherLogits) -> Tensor:
+        seen.append(logits)
+        weak, strong = logits.extra
+        return F.kl_div(
+            F.log_softmax(strong, -1), F.softmax(weak.detach(), -1), reduction="batchmean"
+        )
+
+    def run(extra: bool):
+        t, s = copy.deepcopy(teacher), copy.deepcopy(student)
+        mpl = _mpl(t, s, temperature=0.9, teacher_extra_loss=consistency if extra else None)
+        metrics = mpl.step(x_l, y_l, x_u, teacher_extra_inputs=(x_weak, x_strong) if extra else ())
+        return metrics, [p.grad.clone() for p in t.parameters()], mpl
+
+    m_without, g_without, _ = run(False)
+    assert not seen
+    m_with, g_with, _ = run(True)
+    assert len(seen) == 1
+    logits = seen[0]
+    with torch.no_grad():
+        for got, x in zip(
+            (logits.labeled, logits.unlabeled, *logits.extra), (x_l, x_u, x_weak, x_strong)
+        ):
+            torch.testing.assert_close(got, teacher(x), rtol=1e-12, atol=1e-14)
+    assert len(logits.extra) == 2 and torch.equal(logits.labels, y_l) and logits.step == 0
+
+    params = list(teacher.parameters())
+    value = consistency(
+        TeacherLogits(teacher(x_l), teacher(x_u), (teacher(x_weak), teacher(x_strong)), y_l, 0)
+    )
+    g_extra = torch.autograd.grad(value, params)
+    assert all(ge.abs().max() > 1e-6 for ge in g_extra)
+    torch.testing.assert_close(m_with["teacher_extra"], value.detach(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(
+        m_with["teacher_loss"], m_without["teacher_loss"] + value.detach(), rtol=1e-12, atol=0
+    )
+    for gw, go, ge in zip(g_with, g_without, g_extra):
+        torch.testing.assert_close(gw, go + ge, rtol=1e-10, atol=1e-14)
+
+
+# ----------------------------------------------------------------------------- metrics and state
+
+
+@pytest.mark.parametrize("estimator", ["exact", "first_order"])
+def test_metrics_are_detached_scalars_with_the_right_values(estimator):
+    teacher, student, x_l, y_l, x_u = make_problem("mlp", seed=9)
+    seed = 5
+    mpl = _mpl(teacher, student, estimator=estimator)
+    torch.manual_seed(seed)
+    metrics = mpl.step(x_l, y_l, x_u)
+    expected_keys = {
+        "student_unlabeled",
+        "student_labeled_after",
+        "teacher_loss",
+        "teacher_supervised",
+        "teacher_mpl",
+    }
+    if estimator == "first_order":
+        expected_keys |= {"student_labeled_before", "advantage"}
+    assert expected_keys <= metrics.keys()
+    for name, value in metrics.items():
+        assert isinstance(value, Tensor), name
+        assert value.dim() == 0, name
+        assert not value.requires_grad and value.grad_fn is None, name
+        assert torch.isfinite(value), name
+
+    if estimator == "exact":
+        # R(theta_{t+1}) on the dropout mask of the step's labeled forward: after the same seed,
+        # draw as the step does (teacher forward, student forward on x_u), then evaluate.
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            functional_call(teacher, cloned_buffers(teacher), (torch.cat([x_l, x_u]),))
+            functional_call(student, cloned_buffers(student), (x_u,))
+            out = functional_call(student, cloned_buffers(student), (x_l,))
+        torch.testing.assert_close(
+            metrics["student_labeled_after"], F.cross_entropy(out, y_l), rtol=1e-12, atol=0
+        )
+        torch.testing.assert_close(
+            metrics["teacher_loss"],
+            metrics["teacher_supervised"] + metrics["teacher_mpl"],
+            rtol=1e-12,
+            atol=0,
+        )
+
+
+def test_state_dict_round_trips_step_count_and_baseline():
+    teacher, student, x_l, y_l, x_u = make_problem("mlp", seed=10)
+
+    def build(t, s):
+        return MetaPseudoLabels(
+            t,
+            s,
+            torch.optim.SGD(t.parameters(), lr=0.1),
+            torch.optim.SGD(s.parameters(), lr=0.3),
+            estimator="first_order",
+            baseline_decay=0.5,
+        )
+
+    mpl = build(teacher, student)
+    for i in range(3):
+        torch.manual_seed(i)
+        mpl.step(x_l, y_l, x_u)
+    assert mpl.step_count == 3
+    assert mpl.baseline is not None and float(mpl.baseline) != 0.0
+
+    buffer = io.BytesIO()
+    torch.save(mpl.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer)
+
+    t2, s2 = copy.deepcopy(teacher), copy.deepcopy(student)
+    t3, s3 = copy.deepcopy(teacher), copy.deepcopy(student)
+    restored, fresh = build(t2, s2), build(t3, s3)
+    restored.load_state_dict(state)
+    assert restored.step_count == 3
+    torch.testing.assert_close(restored.baseline, mpl.baseline, rtol=0, atol=0)
+
+    results = []
+    for m in (mpl, restored, fresh):
+        torch.manual_seed(42)
+        results.append(m.step(x_l, y_l, x_u))
+    # the restored step continues exactly; a fresh one (baseline 0) does not
+    torch.testing.assert_close(results[1]["advantage"], results[0]["advantage"], rtol=0, atol=0)
+    assert not torch.equal(results[2]["advantage"], results[0]["advantage"])
+    for p, q in zip(teacher.parameters(), t2.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)
+    assert restored.step_count == 4
+
+    exact = _mpl(*make_problem("mlp")[:2])
+    exact.load_state_dict({"step_count": 7, "baseline": None})
+    assert exact.state_dict() == {"step_count": 7, "baseline": None}
+
+
+def test_teacher_logits_carry_the_step_count():
+    teacher, student, x_l, y_l, x_u = make_problem("conv", seed=1)
+    steps = []
+    mpl = _mpl(
+        teacher,
+        student,
+        teacher_extra_loss=lambda lg: steps.append(lg.step) or lg.unlabeled.sum() * 0.0,
+    )
+    mpl.load_state_dict({"step_count": 5, "baseline": None})
+    for _ in range(2):
+        mpl.step(x_l, y_l, x_u)
+    assert steps == [5, 6]
+
+
+def test_extra_inputs_of_another_shape_get_their_own_teacher_forward():
+    """Inputs that cannot be concatenated with the batch are forwarded one by one (BatchNorm
+    then normalises each on its own batch)."""
+    teacher, student, x_l, y_l, x_u = make_problem("conv", seed=1)
+    teacher.drop.p = 0.0
+    big = torch.randn(2, 3, 8, 8, dtype=DT)
+    seen: list[TeacherLogits] = []
+
+    def extra(lg: TeacherLogits) -> Tensor:
+        seen.append(lg)
+        return lg.extra[0].pow(2).mean()
+
+    with torch.no_grad():
+        expected = [
+            functional_call(teacher, cloned_buffers(teacher), (x,)) for x in (x_l, x_u, big)
+        ]
+    mpl = _mpl(teacher, student, teacher_extra_loss=extra)
+    mpl.step(x_l, y_l, x_u, teacher_extra_inputs=(big,))
+    (lg,) = seen
+    for got, want in zip((lg.labeled, lg.unlabeled, lg.extra[0]), expected):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
