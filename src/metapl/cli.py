@@ -57,6 +57,52 @@ def _cmd_twomoons(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}/results.json, twomoons.png, grad_cosine.png in {elapsed:.1f} s")
 
 
+def _train_config(args: argparse.Namespace):
+    from metapl.train.config import apply_overrides, parse_set_options
+    from metapl.train.presets import load_preset
+
+    cfg = load_preset(args.preset)
+    overrides = parse_set_options(args.set or [])
+    for key in ("data_dir", "steps", "checkpoint_every", "device", "seed"):
+        value = getattr(args, key, None)
+        if value is not None:
+            overrides[key] = value
+    return apply_overrides(cfg, overrides).validate()
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from metapl.train.engine import train
+
+    cfg = _train_config(args)
+    summary = train(cfg, Path(args.out), show_progress=not args.quiet)
+    row = summary["results"][0]
+    extra = f", tuning split {100 * row['tune_accuracy']:.2f}%" if "tune_accuracy" in row else ""
+    print(
+        f"{cfg.preset}: test accuracy {100 * row['accuracy']:.2f}%{extra} after {cfg.steps} steps"
+    )
+    print(f"wrote {args.out}/results.json, metrics.csv, tb/, config.json, checkpoint.pt")
+
+
+def _cmd_presets(args: argparse.Namespace) -> None:
+    from metapl.train.presets import describe, preset_table
+
+    for name, overrides in preset_table().items():
+        print(f"{name:<32} {describe(overrides)}")
+
+
+def _cmd_digits(args: argparse.Namespace) -> None:
+    from metapl.experiments.digits import DigitsConfig, run_digits
+
+    cfg = DigitsConfig(
+        seeds=parse_seeds(args.seeds),
+        labels_per_class=args.labels_per_class,
+        steps=args.steps,
+        device=args.device,
+        methods=tuple(args.methods.split(",")),
+    )
+    run_digits(cfg, Path(args.out), show_progress=not args.quiet)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="metapl",
@@ -83,6 +129,62 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="training steps per method")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_twomoons)
+
+    from metapl.train.config import TrainConfig
+
+    keys = ", ".join(TrainConfig.__dataclass_fields__)
+    p = sub.add_parser(
+        "train",
+        help="train one preset (Table 1 rows, digits) with resumable checkpoints",
+        description=(
+            "Train a preset. Running the same command with the same --out resumes from "
+            "DIR/checkpoint.pt. DIR receives config.json (the resolved configuration), "
+            "metrics.csv, tb/ (TensorBoard), checkpoint.pt and results.json. Model selection never "
+            "uses the test set: the reported model is the last one."
+        ),
+        epilog=f"config keys for --set: {keys}",
+    )
+    p.add_argument("--preset", required=True, help="a name from `metapl presets`, or a .toml file")
+    p.add_argument("--out", required=True, help="run folder (created; reused to resume)")
+    p.add_argument("--data-dir", help="folder with the dataset files (not needed for digits)")
+    p.add_argument("--steps", type=int, help="override the preset's number of steps")
+    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: auto")
+    p.add_argument("--seed", type=int, help="seed of the run (and of the digits split)")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override any config key (repeatable); unknown keys are errors",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("presets", help="list the presets of Table 1 / Table 3 and digits")
+    p.set_defaults(func=_cmd_presets)
+
+    p = sub.add_parser(
+        "digits",
+        help="real images on CPU: supervised, UDA, UDA+MPL and LabelSpreading on sklearn digits",
+        description=(
+            "scikit-learn's 8x8 digits: for each seed, 497 test images (stratified), K labeled per "
+            "class, the rest unlabeled. Trains supervised, UDA and UDA+MPL with the digits-* presets "
+            "and fits LabelSpreading on the same split; writes DIR/results.json, DIR/figure9.png "
+            "(training accuracy on the labeled data) and one run folder per method and seed."
+        ),
+    )
+    p.add_argument("--labels-per-class", type=int, default=5, help="K (default: 5)")
+    p.add_argument("--seeds", default="0-4", help="seeds, e.g. 0-4 (default: 0-4)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--steps", type=int, default=None, help="override the presets' steps")
+    p.add_argument(
+        "--methods",
+        default="supervised,uda,uda_mpl,label_spreading",
+        help="comma-separated subset (default: all four)",
+    )
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_digits)
     return parser
 
 

@@ -76,5 +76,5 @@ def load_preset(name: str) -> TrainConfig:
 
 
 def describe(overrides: dict[str, Any]) -> str:
-    keys = ("model", "steps", "batch_size", "student_lr", "teacher_lr")
+    keys = ("method", "model", "steps", "batch_size", "student_lr", "teacher_lr")
     return ", ".join(f"{k}={overrides[k]}" for k in keys if k in overrides)
