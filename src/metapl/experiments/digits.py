@@ -71,10 +71,14 @@ def _train_one(job: tuple[str, int, DigitsConfig, str]) -> dict:
     from metapl.train.engine import train
     from metapl.train.presets import load_preset
 
+    preset = load_preset(f"digits-{method.replace('_', '-')}")
     overrides = {"seed": seed, "labels_per_class": cfg.labels_per_class, "device": cfg.device}
     if cfg.steps is not None:
+        # A short run keeps the preset's warm-up only as far as it fits (the LR schedule needs
+        # warmup_steps <= steps).
         overrides["steps"] = cfg.steps
-    run_cfg = apply_overrides(load_preset(f"digits-{method.replace('_', '-')}"), overrides)
+        overrides["warmup_steps"] = min(preset.warmup_steps, cfg.steps)
+    run_cfg = apply_overrides(preset, overrides)
     summary = train(run_cfg, Path(out) / method / f"seed{seed}", show_progress=False)
     record = summary["results"][0]
     return {

@@ -116,6 +116,11 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.warmup_steps < 0 or self.uda_warmup_steps < 0:
             raise ConfigError("warm-up steps must be >= 0")
+        if self.warmup_steps > self.steps:
+            raise ConfigError(
+                f"warmup_steps ({self.warmup_steps}) must not exceed steps ({self.steps}); "
+                "lower it with --set warmup_steps=N"
+            )
         return self
 
     @property

@@ -29,7 +29,7 @@ from metapl.train.checkpoint import (
 from metapl.train.config import TrainConfig
 from metapl.train.data import BatchSource, evaluate, stream_seed
 from metapl.train.ema import EMA
-from metapl.train.guards import check_finite, to_floats
+from metapl.train.guards import check_finite, check_finite_weights, to_floats
 from metapl.train.metrics_log import MetricsLogger
 from metapl.train.schedule import make_scheduler
 
@@ -113,6 +113,13 @@ class Run:
         self.step = int(state["step"])
 
 
+def _weights(run: Run) -> dict[str, torch.nn.Module]:
+    models = dict(run.method.models)
+    if run.ema is not None:
+        models["ema"] = run.ema.module
+    return models
+
+
 def _accuracies(run: Run, amp) -> dict[str, float]:
     """Held-out accuracy (tuning split and test) and accuracy on the labeled training data of the
     student and, for MPL, the teacher (Figure 9)."""
@@ -138,10 +145,10 @@ def train(cfg: TrainConfig, out_dir: Path | str, show_progress: bool = True) -> 
     if ckpt_path.exists():
         saved = load_checkpoint(ckpt_path)
         check_resumable(saved, fingerprint, ckpt_path, config=cfg.to_dict())
+    run = Run(cfg, split, device)  # a bad model or schedule fails here, still before any write
     out_dir.mkdir(parents=True, exist_ok=True)
     _atomic_json(out_dir / "config.json", cfg.to_dict())
 
-    run = Run(cfg, split, device)
     if saved is not None:
         run.load_state_dict(saved)
     source = BatchSource(split, cfg, run.method.views, device)
@@ -177,6 +184,8 @@ def train(cfg: TrainConfig, out_dir: Path | str, show_progress: bool = True) -> 
                 logger.log(run.step, _accuracies(run, amp))
             if run.step % cfg.checkpoint_every == 0 or last:
                 check_finite(metrics, run.step)  # never write a NaN checkpoint
+                # A finite loss can still come with an update that overflowed the weights.
+                check_finite_weights(_weights(run), run.step)
                 save_checkpoint(ckpt_path, run.state_dict(fingerprint))
         bar.close()
         final = _accuracies(run, amp)

@@ -10,6 +10,7 @@ import math
 from collections.abc import Mapping
 
 import torch
+from torch import nn
 
 from metapl.errors import NonFiniteLossError
 
@@ -51,6 +52,29 @@ def check_finite(metrics: Mapping[str, torch.Tensor | float], step: int) -> None
                 "checkpoint. Lower the learning rate or check the inputs for NaN/Inf, then start "
                 "again (the same options would fail the same way)"
             )
+
+
+def check_finite_weights(models: Mapping[str, nn.Module], step: int) -> None:
+    """Raise :class:`NonFiniteLossError` naming the first non-finite parameter or buffer.
+
+    The loss guard alone lets through the step whose loss was finite but whose update overflowed
+    (e.g. BatchNorm running variances that reach inf while the batch statistics keep the loss
+    finite); such weights must not reach a checkpoint or a results file either.
+    """
+    for model_name, model in models.items():
+        tensors = [(k, v) for k, v in model.state_dict().items() if v.is_floating_point()]
+        if not tensors:
+            continue
+        device = tensors[0][1].device
+        flags = torch.stack([torch.isfinite(v.detach()).all().to(device) for _, v in tensors])
+        if bool(flags.all().item()):
+            continue
+        name, value = next((k, v) for k, v in tensors if not bool(torch.isfinite(v).all()))
+        raise NonFiniteLossError(
+            f"step {step}: {model_name} weight {name} {_describe(value)}; the run stopped before "
+            "writing a checkpoint. Lower the learning rate or check the inputs for NaN/Inf, then "
+            "start again (the same options would fail the same way)"
+        )
 
 
 def to_floats(metrics: Mapping[str, torch.Tensor | float]) -> dict[str, float]:

@@ -1,0 +1,351 @@
+"""The training engine on tiny data, and the methods it drives.
+
+- CIFAR-10 and SVHN presets end to end on tiny files in the official formats (tests/fake_datasets.py),
+  with a 3-channel version of the digits CNN registered here: no built-in model is both RGB and cheap
+  enough on a CPU (``digits_cnn`` has ``in_chans=1`` and config keys cannot change it; WRN-28-2 would
+  spend tens of seconds evaluating the 4,000 labeled images).
+- Resume after an interruption at a step between two checkpoints, with EMA and both MPL estimators.
+- The guard against non-finite weights reaching a checkpoint.
+- Methods: UDA's loss (KL, mask, warm-up) and what UDA+MPL feeds the teacher and the student.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from fake_datasets import write_cifar10, write_svhn
+from torch import Tensor, nn
+
+from metapl.cli import main
+from metapl.errors import NonFiniteLossError
+from metapl.methods import Batch, MPLMethod, UDALoss, UDAMethod
+from metapl.methods.build import build_method
+from metapl.models import list_models, register_model
+from metapl.models.small import DigitsCNN
+from metapl.train import engine
+from metapl.train.checkpoint import load_checkpoint
+from metapl.train.config import apply_overrides
+from metapl.train.guards import check_finite_weights
+from metapl.train.presets import load_preset
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
+
+def rgb_tiny_cnn(num_classes: int, dropout: float = 0.0) -> nn.Module:
+    """The digits CNN at width 4 on RGB input: cheap on 32x32 images."""
+    return DigitsCNN(num_classes, width=4, dropout=dropout, in_chans=3)
+
+
+if "rgb_tiny_cnn" not in list_models():
+    register_model(rgb_tiny_cnn)
+
+
+# --- 8. CIFAR-10 and SVHN presets on tiny files --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cifar_root(tmp_path_factory):
+    return write_cifar10(tmp_path_factory.mktemp("cifar"), per_batch=800, test=60)
+
+
+@pytest.fixture(scope="module")
+def svhn_root(tmp_path_factory):
+    return write_svhn(tmp_path_factory.mktemp("svhn"), train=1000, test=40)
+
+
+SMALL = ["--set", "model=rgb_tiny_cnn", "--set", "batch_size=4", "--set", "unlabeled_ratio=2"]
+SMALL += ["--set", "warmup_steps=1", "--set", "eval_batch_size=2000", "--device", "cpu"]
+
+
+def test_cifar10_uda_mpl_preset_trains_on_tiny_files(tmp_path, cifar_root, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--preset", "cifar10-4k-uda-mpl", "--data-dir", str(cifar_root)]
+    assert main([*args, "--out", str(out), "--steps", "3", "--quiet", *SMALL]) == 0
+    assert "cifar10-4k-uda-mpl: test accuracy" in capsys.readouterr().out
+    (record,) = json.loads((out / "results.json").read_text())["results"]
+    assert record["method"] == "uda_mpl" and record["dataset"] == "cifar10-4k"
+    for key in (
+        "accuracy",
+        "tune_accuracy",
+        "student_labeled_accuracy",
+        "teacher_labeled_accuracy",
+    ):
+        assert 0.0 <= record[key] <= 1.0
+    # Accuracies are fractions of the test (60), tuning (400) and labeled (4,000) images.
+    assert (record["accuracy"] * 60) == pytest.approx(round(record["accuracy"] * 60))
+    assert (record["tune_accuracy"] * 400) == pytest.approx(round(record["tune_accuracy"] * 400))
+    ckpt = load_checkpoint(out / "checkpoint.pt")
+    assert ckpt["step"] == 3 and ckpt["student"]["conv1.weight"].shape[1] == 3
+    assert ckpt["config"]["data_dir"] == str(cifar_root)
+
+
+def test_cifar10_tuning_view_tests_on_the_400_tuning_images(tmp_path, cifar_root):
+    out = tmp_path / "run"
+    args = ["train", "--preset", "cifar10-4k-supervised", "--data-dir", str(cifar_root)]
+    args += ["--out", str(out), "--steps", "2", "--quiet", "--set", "tuning=true", *SMALL]
+    assert main(args) == 0
+    (record,) = json.loads((out / "results.json").read_text())["results"]
+    assert record["dataset"] == "cifar10-4k-tune" and "tune_accuracy" not in record
+    assert (record["accuracy"] * 400) == pytest.approx(round(record["accuracy"] * 400))
+
+
+def test_svhn_randaugment_mpl_preset_trains_on_tiny_files(tmp_path, svhn_root):
+    out = tmp_path / "run"
+    args = ["train", "--preset", "svhn-1k-randaugment-mpl", "--data-dir", str(svhn_root)]
+    assert main([*args, "--out", str(out), "--steps", "2", "--quiet", *SMALL]) == 0
+    (record,) = json.loads((out / "results.json").read_text())["results"]
+    assert (record["method"], record["dataset"], record["steps"]) == (
+        "randaugment_mpl",
+        "svhn-1k",
+        2,
+    )
+    assert 0.0 <= record["accuracy"] <= 1.0 and "tune_accuracy" not in record
+    assert (record["accuracy"] * 40) == pytest.approx(round(record["accuracy"] * 40))
+
+
+# --- resume: interrupted between checkpoints, in process -----------------------------------------
+
+
+def _digits_config(**overrides):
+    base = dict(
+        steps=14,
+        warmup_steps=2,
+        batch_size=10,
+        unlabeled_ratio=2,
+        log_every=1,
+        eval_every=5,
+        checkpoint_every=4,
+        uda_threshold=0.0,
+        uda_warmup_steps=14,
+        device="cpu",
+    )
+    return apply_overrides(load_preset("digits-uda-mpl"), {**base, **overrides}).validate()
+
+
+def _rows(path):
+    with path.open(newline="") as f:
+        return list(csv.reader(f))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{"ema_decay": 0.9}, {"mpl_estimator": "first_order", "student_dropout": 0.0}],
+    ids=["exact+ema", "first_order"],
+)
+def test_resume_after_interrupt_between_checkpoints_is_exact(tmp_path, monkeypatch, overrides):
+    cfg = _digits_config(**overrides)
+    reference = engine.train(cfg, tmp_path / "ref", show_progress=False)
+
+    real_batch = engine.BatchSource.batch
+
+    def interrupted_batch(self, step):
+        if step == 10:  # logged up to step 10, last checkpoint at step 8
+            raise KeyboardInterrupt
+        return real_batch(self, step)
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(engine.BatchSource, "batch", interrupted_batch)
+    with pytest.raises(KeyboardInterrupt):
+        engine.train(cfg, out, show_progress=False)
+    monkeypatch.undo()
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 8
+    assert max(int(r[0]) for r in _rows(out / "metrics.csv")[1:]) == 10
+
+    resumed = engine.train(cfg, out, show_progress=False)
+    assert resumed["results"] == reference["results"]
+    got, want = (load_checkpoint(p / "checkpoint.pt") for p in (out, tmp_path / "ref"))
+    for part in ("student", "teacher", "ema"):
+        if want[part] is None:
+            continue
+        for key, value in want[part].items():
+            assert torch.equal(got[part][key], value), f"{part}.{key}"
+    assert got["method"] == want["method"]
+    assert _rows(out / "metrics.csv") == _rows(tmp_path / "ref" / "metrics.csv")
+
+
+# --- non-finite weights never reach a checkpoint ------------------------------------------------
+
+
+def test_finite_loss_with_overflowed_weights_stops_before_the_checkpoint(tmp_path, monkeypatch):
+    cfg = apply_overrides(_digits_config(), {"method": "supervised", "log_every": 1})
+    real_step = engine.build_method
+
+    def build(*args, **kwargs):
+        method = real_step(*args, **kwargs)
+        step = method.step
+
+        def poisoned_step(batch):
+            metrics = step(batch)  # the loss stays finite
+            if batch.step == 5:  # 0-based: the 6th step, after the checkpoint at step 4
+                method.models["student"].bn2.running_var[0] = math.inf
+            return metrics
+
+        method.step = poisoned_step
+        return method
+
+    monkeypatch.setattr(engine, "build_method", build)
+    with pytest.raises(
+        NonFiniteLossError, match=r"step 8: student weight bn2.running_var contains inf"
+    ):
+        engine.train(cfg, tmp_path / "run", show_progress=False)
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert ckpt["step"] == 4 and torch.isfinite(ckpt["student"]["bn2.running_var"]).all()
+    assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_check_finite_weights_names_model_and_tensor():
+    good, bad = nn.Linear(2, 2), nn.BatchNorm1d(3)
+    check_finite_weights({"teacher": good, "student": nn.ReLU()}, step=3)
+    with torch.no_grad():
+        bad.running_mean[1] = math.nan
+    with pytest.raises(
+        NonFiniteLossError, match=r"^step 3: student weight running_mean contains nan"
+    ):
+        check_finite_weights({"teacher": good, "student": bad}, step=3)
+
+
+# --- 11. methods -------------------------------------------------------------------------------
+
+
+def test_uda_loss_is_zero_for_identical_views_at_temperature_one():
+    logits = torch.randn(6, 10) * 3
+    loss = UDALoss(factor=1.0, temperature=1.0, threshold=0.0)(logits, logits.clone(), step=0)
+    assert loss.abs().item() < 1e-6
+    sharpened = UDALoss(factor=1.0, temperature=0.8, threshold=0.0)(logits, logits, step=0)
+    assert sharpened.item() > 1e-4  # the sharpened target differs from the strong prediction
+
+
+def test_uda_loss_masks_low_confidence_examples_and_takes_no_gradient_through_the_target():
+    confident = torch.tensor([[8.0, 0.0, 0.0]])
+    unsure = torch.tensor([[0.1, 0.0, 0.0]])
+    weak = torch.cat([confident, unsure]).requires_grad_()
+    strong = torch.randn(2, 3).requires_grad_()
+    uda = UDALoss(factor=2.0, temperature=0.8, threshold=0.8)
+    loss = uda(weak, strong, step=10)
+    target = F.softmax(confident / 0.8, -1)
+    kl = (target * (target.log() - F.log_softmax(strong[:1], -1))).sum()
+    assert loss.item() == pytest.approx(2.0 * kl.item() / 2, rel=1e-5)  # mean over both examples
+    loss.backward()
+    assert weak.grad is None or not weak.grad.any()
+    assert strong.grad[1].abs().max() == 0 and strong.grad[0].abs().max() > 0
+
+
+def test_uda_warmup_ramps_the_weight_linearly():
+    uda = UDALoss(factor=3.0, warmup_steps=4)
+    assert [uda.weight(s) for s in range(6)] == [0.75, 1.5, 2.25, 3.0, 3.0, 3.0]
+    assert UDALoss(factor=3.0, warmup_steps=0).weight(0) == 3.0
+    weak, strong = torch.randn(4, 5) * 4, torch.randn(4, 5)
+    at = [UDALoss(3.0, 0.8, 0.0, 4)(weak, strong, s) for s in (0, 1, 3, 9)]
+    assert torch.allclose(torch.stack(at), at[2] * torch.tensor([0.25, 0.5, 1.0, 1.0]))
+
+
+class Recorder(nn.Module):
+    """A linear classifier on flattened images that records every input it sees."""
+
+    def __init__(self, features: int, classes: int = 3):
+        super().__init__()
+        self.fc = nn.Linear(features, classes)
+        self.seen: list[Tensor] = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.seen.append(x.detach().clone())
+        return self.fc(x.flatten(1))
+
+
+def _views(n_l: int = 4, n_u: int = 6) -> Batch:
+    g = torch.Generator().manual_seed(0)
+    return Batch(
+        x_labeled=torch.rand(n_l, 1, 2, 2, generator=g),
+        y_labeled=torch.arange(n_l) % 3,
+        x_labeled_strong=torch.rand(n_l, 1, 2, 2, generator=g) + 10,
+        x_unlabeled_weak=torch.rand(n_u, 1, 2, 2, generator=g) + 20,
+        x_unlabeled_strong=torch.rand(n_u, 1, 2, 2, generator=g) + 30,
+        step=7,
+    )
+
+
+def test_uda_mpl_feeds_the_weak_view_to_the_teacher_and_the_strong_view_to_the_student():
+    built = build_method(_digits_config(), 3, torch.device("cpu"))  # the views the engine uses
+    torch.manual_seed(0)
+    teacher, student = Recorder(4), Recorder(4)
+    uda = built.uda
+    method = MPLMethod(
+        teacher,
+        student,
+        torch.optim.SGD(teacher.parameters(), lr=0.1),
+        torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9, nesterov=True),
+        labeled_view=built.labeled_view,
+        unlabeled_view=built.unlabeled_view,
+        uda=uda,
+    )
+    assert set(method.views) == {"unlabeled_strong", "unlabeled_weak"}
+    b = _views()
+    w_teacher = teacher.fc.weight.detach().clone(), teacher.fc.bias.detach().clone()
+    metrics = method.step(b)
+
+    # The teacher: one forward on [labeled, student's (strong) view, weak view].
+    (seen,) = teacher.seen
+    assert torch.equal(seen, torch.cat([b.x_labeled, b.x_unlabeled_strong, b.x_unlabeled_weak]))
+    # Its UDA term: the weak view's sharpened prediction is the target for the strong view.
+    logits = lambda x: F.linear(x.flatten(1), *w_teacher)  # noqa: E731
+    want = uda(logits(b.x_unlabeled_weak), logits(b.x_unlabeled_strong), 0)
+    swapped = uda(logits(b.x_unlabeled_strong), logits(b.x_unlabeled_weak), 0)
+    assert metrics["teacher_extra"].item() == pytest.approx(want.item(), rel=1e-6)
+    assert not math.isclose(want.item(), swapped.item(), rel_tol=1e-3)
+
+    # The student: trained on the strong view (update and JVP passes) and evaluated on labeled data;
+    # it never sees the weak view.
+    assert torch.equal(student.seen[0], b.x_unlabeled_strong)
+    assert any(torch.equal(x, b.x_labeled) for x in student.seen)
+    assert all(
+        torch.equal(x, b.x_unlabeled_strong) or torch.equal(x, b.x_labeled) for x in student.seen
+    )
+
+
+@pytest.mark.parametrize(
+    "method, labeled, unlabeled",
+    [
+        ("supervised_mpl", None, "x_unlabeled_weak"),
+        ("randaugment_mpl", "x_labeled_strong", "x_unlabeled_strong"),
+    ],
+)
+def test_other_mpl_rows_use_their_views(method, labeled, unlabeled):
+    cfg = apply_overrides(_digits_config(), {"method": method})
+    built = build_method(cfg, 3, torch.device("cpu"))
+    teacher, student = Recorder(4), Recorder(4)
+    mpl = MPLMethod(
+        teacher,
+        student,
+        torch.optim.SGD(teacher.parameters(), lr=0.1),
+        torch.optim.SGD(student.parameters(), lr=0.1),
+        labeled_view=built.labeled_view,
+        unlabeled_view=built.unlabeled_view,
+    )
+    b = _views()
+    mpl.step(b)
+    x_l = b.x_labeled if labeled is None else getattr(b, labeled)
+    assert torch.equal(teacher.seen[0], torch.cat([x_l, getattr(b, unlabeled)]))
+    assert torch.equal(student.seen[0], getattr(b, unlabeled))
+
+
+def test_uda_method_trains_on_labeled_weak_and_strong_in_one_pass():
+    torch.manual_seed(0)
+    model = Recorder(4)
+    uda = UDALoss(factor=1.0, temperature=0.8, threshold=0.0, warmup_steps=100)
+    w = model.fc.weight.detach().clone(), model.fc.bias.detach().clone()
+    method = UDAMethod(model, torch.optim.SGD(model.parameters(), lr=0.1), uda)
+    b = _views()
+    metrics = method.step(b)
+    (seen,) = model.seen
+    assert torch.equal(seen, torch.cat([b.x_labeled, b.x_unlabeled_weak, b.x_unlabeled_strong]))
+    logits = lambda x: F.linear(x.flatten(1), *w)  # noqa: E731
+    want = uda(logits(b.x_unlabeled_weak), logits(b.x_unlabeled_strong), b.step)
+    assert uda.weight(b.step) == pytest.approx(0.08)  # the engine's step drives the ramp
+    assert metrics["uda_consistency"].item() == pytest.approx(want.item(), rel=1e-6)
+    supervised = F.cross_entropy(logits(b.x_labeled), b.y_labeled)
+    assert metrics["student_supervised"].item() == pytest.approx(supervised.item(), rel=1e-6)

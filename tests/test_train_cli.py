@@ -1,0 +1,529 @@
+"""End-to-end: `metapl train`, `metapl presets` and `metapl digits` on tiny runs.
+
+Every run here is a few steps of the digits presets (8x8 images, a small CNN, batch 10) so the
+whole file stays well under a minute on two cores. The resume test kills a real `python -m metapl`
+process with SIGKILL and checks that rerunning the command ends with exactly the weights of an
+uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from fake_datasets import random_images, write_cifar10, write_cifar_batch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from metapl.cli import main
+from metapl.data.digits import digits_split
+from metapl.models import create_model
+from metapl.train.checkpoint import load_checkpoint
+from metapl.train.config import TrainConfig
+from metapl.train.data import evaluate
+from metapl.train.presets import load_preset
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
+
+def tiny(steps: int, log_every: int = 2, eval_every: int = 3, checkpoint_every: int = 2) -> list:
+    """CLI options for a digits run of a fraction of a second."""
+    options = {
+        "warmup_steps": 2,
+        "uda_warmup_steps": 4,
+        "uda_threshold": 0.0,  # UDA active from the first step (no confident examples yet)
+        "log_every": log_every,
+        "eval_every": eval_every,
+        "checkpoint_every": checkpoint_every,
+        "batch_size": 10,
+        "unlabeled_ratio": 2,
+    }
+    args = ["--steps", str(steps), "--device", "cpu", "--quiet"]
+    for key, value in options.items():
+        args += ["--set", f"{key}={value}"]
+    return args
+
+
+def train_cli(preset: str, out: Path, *extra: str) -> int:
+    return main(["train", "--preset", preset, "--out", str(out), *extra])
+
+
+def read_rows(path: Path) -> list[tuple[int, str, str]]:
+    with path.open(newline="") as f:
+        reader = csv.reader(f)
+        assert next(reader) == ["step", "name", "value"]
+        return [(int(step), name, value) for step, name, value in reader]
+
+
+def one_error_line(err: str) -> str:
+    assert err.count("\n") == 1 and err.endswith("\n"), err
+    return err
+
+
+def float_tensors(state: dict) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
+
+
+# --- 1. what a run folder holds ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "preset, method",
+    [("digits-uda-mpl", "uda_mpl"), ("digits-supervised", "supervised"), ("digits-uda", "uda")],
+)
+def test_train_writes_config_metrics_tensorboard_checkpoint_results(
+    tmp_path, capsys, preset, method
+):
+    out = tmp_path / "run"
+    assert train_cli(preset, out, *tiny(6), "--set", "student_lr=0.07", "--seed", "3") == 0
+    assert "test accuracy" in capsys.readouterr().out
+    mpl = method.endswith("_mpl")
+
+    config = json.loads((out / "config.json").read_text())
+    assert config["preset"] == preset and config["method"] == method
+    assert (config["steps"], config["student_lr"], config["seed"]) == (6, 0.07, 3)
+    assert (config["batch_size"], config["unlabeled_ratio"], config["device"]) == (10, 2, "cpu")
+    assert set(config) == set(TrainConfig.__dataclass_fields__)
+    assert TrainConfig(**config).validate().to_dict() == config  # the resolved config, complete
+
+    rows = read_rows(out / "metrics.csv")
+    pairs = [(step, name) for step, name, _ in rows]
+    assert len(pairs) == len(set(pairs))
+    steps_of = lambda name: sorted(s for s, n in pairs if n == name)  # noqa: E731
+    assert steps_of("student_loss" if not mpl else "teacher_loss") == [2, 4, 6]
+    assert steps_of("test_accuracy") == [3, 6] and steps_of("student_lr") == [2, 4, 6]
+    assert (steps_of("teacher_labeled_accuracy") == [3, 6]) == mpl
+    assert all(float(v) == float(v) for _, _, v in rows)  # numbers, no NaN
+
+    events = list((out / "tb").glob("events.out.tfevents.*"))
+    assert events and all(e.stat().st_size > 0 for e in events)
+    tb = EventAccumulator(str(out / "tb"))
+    tb.Reload()
+    assert [e.step for e in tb.Scalars("test_accuracy")] == [3, 6]
+
+    ckpt = load_checkpoint(out / "checkpoint.pt")
+    assert ckpt["step"] == 6 and ckpt["config"] == config
+    models = {"student", "teacher"} if mpl else {"student"}
+    assert ("teacher" in ckpt) == mpl
+    assert set(ckpt["optimizers"]) == set(ckpt["schedulers"]) == models
+    assert {"torch", "python", "numpy"} <= set(ckpt["rng"])
+    for name in models:
+        assert "conv1.weight" in ckpt[name] and "bn1.running_var" in ckpt[name]
+        assert ckpt["schedulers"][name]["last_epoch"] == 6
+        assert ckpt["optimizers"][name]["state"]  # momentum buffers are saved
+
+    results = json.loads((out / "results.json").read_text())
+    (record,) = results["results"]
+    assert (record["method"], record["seed"], record["steps"]) == (method, 3, 6)
+    assert 0.0 <= record["accuracy"] <= 1.0 and record["dataset"] == "digits-5pc-seed3"
+    assert ("teacher_labeled_accuracy" in record) == mpl
+    assert results["config"] == config
+
+    # The checkpoint holds the reported model: its test accuracy is the one in results.json.
+    model = create_model("digits_cnn", 10)
+    model.load_state_dict(ckpt["student"])
+    split = digits_split(3, 5)
+    cfg = load_preset(preset)
+    assert evaluate(model, split.x_test, split.y_test, cfg, torch.device("cpu")) == pytest.approx(
+        record["accuracy"], abs=0
+    )
+
+
+# --- 2. resume after kill -9 ends with exactly the uninterrupted weights ---------------------
+
+RESUME_STEPS = 48
+# The UDA ramp spans the run, so a resume that lost the MPL step counter would differ.
+RESUME_ARGS = tiny(RESUME_STEPS, log_every=1, eval_every=4, checkpoint_every=3)
+RESUME_ARGS += ["--set", f"uda_warmup_steps={RESUME_STEPS}"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, single_torch_thread) -> Path:
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    assert train_cli("digits-uda-mpl", out, *RESUME_ARGS) == 0
+    return out
+
+
+def _logged_step(metrics: Path) -> int:
+    """The largest step in a metrics.csv being written (0 if none yet); tolerates a half line."""
+    last = 0
+    try:
+        for line in metrics.read_text().splitlines()[1:]:
+            head = line.split(",", 1)[0]
+            if head.isdigit():
+                last = max(last, int(head))
+    except FileNotFoundError:
+        pass
+    return last
+
+
+def _run_and_kill(out: Path, ready) -> None:
+    """Start the CLI as a real process, SIGKILL it once ``ready(out)``, and wait for it."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "metapl", "train", "--preset", "digits-uda-mpl", "--out", str(out)]
+    proc = subprocess.Popen(
+        [*cmd, *RESUME_ARGS], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 120
+    try:
+        while not ready(out):
+            assert proc.poll() is None, f"the run ended before the kill: {proc.stderr.read()}"
+            assert time.monotonic() < deadline, "the run made no progress"
+            time.sleep(0.005)
+        proc.kill()
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()
+    assert proc.returncode == -9  # killed, not finished
+
+
+@pytest.mark.parametrize("when", ["first_checkpoint", "random_step"])
+def test_resume_after_sigkill_gives_exactly_the_uninterrupted_weights(
+    tmp_path, uninterrupted, when
+):
+    out = tmp_path / "run"
+    kill_at = random.randint(5, 30) if when == "random_step" else 0
+    if when == "first_checkpoint":
+        _run_and_kill(out, lambda o: (o / "checkpoint.pt").exists())
+    else:
+        _run_and_kill(out, lambda o: _logged_step(o / "metrics.csv") >= kill_at)
+    info = f"killed at logged step >= {kill_at}" if kill_at else "killed at the first checkpoint"
+    killed_at = load_checkpoint(out / "checkpoint.pt")["step"]  # complete despite the kill
+    assert 0 < killed_at < RESUME_STEPS, info
+
+    assert train_cli("digits-uda-mpl", out, *RESUME_ARGS) == 0, info
+    got, want = (load_checkpoint(p / "checkpoint.pt") for p in (out, uninterrupted))
+    assert got["step"] == want["step"] == RESUME_STEPS
+    for model in ("student", "teacher"):
+        assert got[model].keys() == want[model].keys()
+        for key, tensor in want[model].items():
+            assert torch.equal(got[model][key], tensor), f"{model}.{key} differs ({info})"
+        for param, state in want["optimizers"][model]["state"].items():
+            buf = got["optimizers"][model]["state"][param]["momentum_buffer"]
+            assert torch.equal(buf, state["momentum_buffer"]), info
+
+    rows = read_rows(out / "metrics.csv")
+    assert len({(s, n) for s, n, _ in rows}) == len(rows), f"duplicated rows ({info})"
+    assert rows == read_rows(uninterrupted / "metrics.csv"), info
+    got_results, want_results = (
+        json.loads((p / "results.json").read_text())["results"] for p in (out, uninterrupted)
+    )
+    assert got_results == want_results
+
+
+# --- 3. corrupt checkpoint, 4. other configuration ------------------------------------------
+
+
+def test_corrupt_checkpoint_is_exit_2_and_touches_nothing(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train_cli("digits-supervised", out, *tiny(4)) == 0
+    ckpt, prev = out / "checkpoint.pt", out / "checkpoint.prev.pt"
+    final = load_checkpoint(ckpt)
+    assert load_checkpoint(prev)["step"] == 2
+    data = ckpt.read_bytes()
+    ckpt.write_bytes(data[: len(data) // 2])
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    capsys.readouterr()
+
+    assert train_cli("digits-supervised", out, *tiny(4)) == 2
+    err = one_error_line(capsys.readouterr().err)
+    assert f"checkpoint {ckpt} is corrupt" in err and f"mv {prev} {ckpt}" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+    # Following the hint resumes from step 2 and ends where the first run ended.
+    os.replace(prev, ckpt)
+    assert train_cli("digits-supervised", out, *tiny(4)) == 0
+    resumed = load_checkpoint(ckpt)
+    assert resumed["step"] == 4
+    assert all(torch.equal(resumed["student"][k], v) for k, v in final["student"].items())
+
+    # Without a previous checkpoint the message says so, and offers no mv.
+    ckpt.write_bytes(b"not a checkpoint")
+    prev.unlink()
+    capsys.readouterr()
+    assert train_cli("digits-supervised", out, *tiny(4)) == 2
+    err = one_error_line(capsys.readouterr().err)
+    assert str(ckpt) in err and "no previous checkpoint" in err and "mv " not in err
+    assert ckpt.read_bytes() == b"not a checkpoint" and (out / "results.json").exists()
+
+
+def test_other_configuration_in_existing_run_folder_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train_cli("digits-uda", out, *tiny(4)) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    capsys.readouterr()
+    assert train_cli("digits-uda", out, *tiny(4), "--set", "student_lr=0.123") == 2
+    err = one_error_line(capsys.readouterr().err)
+    assert "different configuration" in err and "student_lr" in err and "0.123" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+    # Length and cadence may change: the same run continues to more steps.
+    assert train_cli("digits-uda", out, *tiny(6)) == 0
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 6
+
+
+# --- 5. bad options ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--preset", "digits-uda", "--set", "no_such_key=1"], "unknown config key 'no_such_key'"),
+        (["--preset", "digits-uda", "--set", "student_lr"], "expected key=value"),
+        (["--preset", "digits-uda", "--set", "steps=abc"], "steps expects a int"),
+        (["--preset", "digits-uda", "--set", "flip=maybe"], "flip expects true or false"),
+        (["--preset", "no-such-preset"], "unknown preset 'no-such-preset'"),
+        (["--preset", "digits-uda", "--set", "method=mpl"], "method 'mpl' is not one of"),
+        (["--preset", "digits-uda", "--set", "model=no_such_net"], "unknown model 'no_such_net'"),
+        (["--preset", "digits-uda", "--steps", "5"], "warmup_steps (100) must not exceed steps"),
+        (["--preset", "digits-uda", "--set", "student_dropout=1"], "student_dropout must be in"),
+    ],
+)
+def test_bad_options_exit_2_with_one_line_and_write_nothing(tmp_path, capsys, args, message):
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), "--quiet", *args]) == 2
+    err = one_error_line(capsys.readouterr().err)
+    assert err.startswith("metapl train: error: ") and message in err
+    assert not out.exists()
+
+
+def test_bad_preset_through_a_real_process(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "metapl", "train", "--preset", "cifar10-4k-mpl", "--out", str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert "unknown preset 'cifar10-4k-mpl'" in one_error_line(proc.stderr)
+    assert not out.exists()
+
+
+# --- 6. NaN ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "preset, lr, loss",
+    [
+        ("digits-supervised", "student_lr=1e30", "student_loss is nan"),
+        ("digits-uda-mpl", "teacher_lr=1e30", "student_labeled_after is nan"),
+    ],
+)
+def test_non_finite_loss_stops_the_run_without_a_poisoned_checkpoint(
+    tmp_path, capsys, preset, lr, loss
+):
+    out = tmp_path / "run"
+    args = tiny(10, log_every=1, checkpoint_every=1) + ["--set", "warmup_steps=0", "--set", lr]
+    assert train_cli(preset, out, *args) == 2
+    err = one_error_line(capsys.readouterr().err)
+    assert loss in err and "stopped before writing a checkpoint" in err
+    failed_at = int(err.split("error: step ", 1)[1].split(":", 1)[0])
+    assert not (out / "results.json").exists()
+    for path in (out / "checkpoint.pt", out / "checkpoint.prev.pt"):
+        if path.exists():
+            ckpt = load_checkpoint(path)
+            assert ckpt["step"] < failed_at
+            for model in ("student", "teacher"):
+                for key, value in float_tensors(ckpt.get(model, {})).items():
+                    assert torch.isfinite(value).all(), f"{path.name}: {model}.{key}"
+
+
+# --- 7. dataset errors through the CLI -------------------------------------------------------
+
+
+def _empty(root: Path) -> str:
+    root.mkdir()
+    return "cifar-10-batches-py/data_batch_1 is missing"
+
+
+def _truncated_cifar(root: Path) -> str:
+    path = root / "cifar-10-batches-py" / "data_batch_1"
+    write_cifar_batch(path, random_images(10, 0), list(range(10)))
+    path.write_bytes(path.read_bytes()[:5000])
+    return "data_batch_1 is truncated or not a CIFAR-10 batch"
+
+
+def _too_few_cifar(root: Path) -> str:
+    write_cifar10(root, per_batch=10, test=10)
+    return "has only 50 training images, but cifar10-4k needs 4000"
+
+
+def _malformed_svhn(root: Path) -> str:
+    root.mkdir()
+    (root / "train_32x32.mat").write_bytes(b"MATLAB 5.0 MAT-file" + bytes(200))
+    return "train_32x32.mat is truncated or not a MATLAB v5 file"
+
+
+def _missing_svhn(root: Path) -> str:
+    root.mkdir()
+    return "train_32x32.mat is missing"
+
+
+@pytest.mark.parametrize(
+    "preset, make",
+    [
+        ("cifar10-4k-supervised", _empty),
+        ("cifar10-4k-uda-mpl", _truncated_cifar),
+        ("cifar10-4k-uda", _too_few_cifar),
+        ("svhn-1k-supervised", _malformed_svhn),
+        ("svhn-1k-uda-mpl", _missing_svhn),
+    ],
+)
+def test_dataset_errors_exit_2_naming_the_file(tmp_path, capsys, preset, make):
+    data, out = tmp_path / "data", tmp_path / "run"
+    expected = make(data)
+    assert train_cli(preset, out, "--data-dir", str(data), "--quiet") == 2
+    err = one_error_line(capsys.readouterr().err)
+    assert expected in err and str(data) in err
+    assert not out.exists()
+
+
+def test_dataset_preset_without_data_dir(tmp_path, capsys):
+    assert train_cli("svhn-1k-uda", tmp_path / "run", "--quiet") == 2
+    assert "needs --data-dir" in one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "run").exists()
+
+
+# --- 9. presets -------------------------------------------------------------------------------
+
+TABLE1_METHODS = (
+    "supervised",
+    "label-smoothing",
+    "supervised-mpl",
+    "randaugment",
+    "randaugment-mpl",
+    "uda",
+    "uda-mpl",
+)
+TABLE3 = {  # uda-mpl presets: Table 3 of the paper
+    "cifar10-4k": dict(
+        student_lr=0.3,
+        teacher_lr=0.125,
+        student_dropout=0.35,
+        teacher_dropout=0.5,
+        uda_factor=1.0,
+        uda_temperature=0.8,
+        weight_decay=5e-4,
+        label_smoothing=0.0,
+        steps=1_000_000,
+        warmup_steps=2000,
+        batch_size=128,
+    ),
+    "svhn-1k": dict(
+        student_lr=0.15,
+        teacher_lr=0.05,
+        student_dropout=0.45,
+        teacher_dropout=0.65,
+        uda_factor=2.5,
+        uda_temperature=1.25,
+        weight_decay=5e-4,
+        label_smoothing=0.0,
+        steps=1_000_000,
+        warmup_steps=2000,
+        batch_size=128,
+    ),
+    "imagenet-10pct": dict(
+        student_lr=0.8,
+        teacher_lr=0.5,
+        student_dropout=0.1,
+        teacher_dropout=0.1,
+        uda_factor=16.0,
+        uda_temperature=0.75,
+        weight_decay=2e-4,
+        label_smoothing=0.1,
+        steps=500_000,
+        warmup_steps=1000,
+        batch_size=2048,
+    ),
+}
+
+
+def test_presets_lists_every_table1_row_and_digits(capsys):
+    assert main(["presets"]) == 0
+    names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    expected = {f"{d}-{m}" for d in TABLE3 for m in TABLE1_METHODS}
+    expected |= {"digits-supervised", "digits-uda", "digits-uda-mpl"}
+    assert sorted(names) == sorted(expected)
+    for name in names:
+        cfg = load_preset(name).validate()
+        assert cfg.preset == name and name.startswith(cfg.dataset)
+        assert cfg.method.replace("_", "-") == name[len(cfg.dataset) + 1 :]
+        assert cfg.label_smoothing > 0 or "label-smoothing" not in name
+
+
+@pytest.mark.parametrize("dataset", sorted(TABLE3))
+def test_uda_mpl_presets_have_table3_values(dataset):
+    cfg = load_preset(f"{dataset}-uda-mpl")
+    assert cfg.method == "uda_mpl" and cfg.dataset == dataset and cfg.momentum == 0.9
+    assert {key: getattr(cfg, key) for key in TABLE3[dataset]} == TABLE3[dataset]
+    assert cfg.model == ("resnet50" if dataset == "imagenet-10pct" else "wrn28_2")
+
+
+def test_preset_from_a_toml_file(tmp_path, capsys):
+    preset = tmp_path / "mine.toml"
+    preset.write_text(
+        '# a tuned digits run\ndataset = "digits"\nmodel = "digits_cnn"\nmethod = "uda"\n'
+        "image_size = 8\npad = 1\ncutout = 3\nflip = false\nwarmup_steps = 1\n"
+        "uda_warmup_steps = 1\nbatch_size = 10\nunlabeled_ratio = 2\nstudent_lr = 0.02\n"
+    )
+    out = tmp_path / "run"
+    assert train_cli(str(preset), out, "--steps", "3", "--device", "cpu", "--quiet") == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["preset"] == str(preset) and config["student_lr"] == 0.02
+    assert config["method"] == "uda" and config["steps"] == 3
+    assert json.loads((out / "results.json").read_text())["results"][0]["method"] == "uda"
+
+    capsys.readouterr()
+    bad = tmp_path / "bad.toml"
+    bad.write_text("dataset = digits\nsteps = [1,\n")
+    assert train_cli(str(bad), tmp_path / "bad_run", "--quiet") == 2
+    err = one_error_line(capsys.readouterr().err)
+    assert f"preset file {bad} is not valid TOML" in err
+    unknown = tmp_path / "unknown.toml"
+    unknown.write_text("stpes = 10\n")
+    assert train_cli(str(unknown), tmp_path / "bad_run", "--quiet") == 2
+    assert "unknown config key 'stpes'" in one_error_line(capsys.readouterr().err)
+    assert train_cli(str(tmp_path / "absent.toml"), tmp_path / "bad_run", "--quiet") == 2
+    assert "absent.toml does not exist" in one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "bad_run").exists()
+
+
+# --- 10. metapl digits ------------------------------------------------------------------------
+
+
+def test_digits_command_writes_results_and_figure9(tmp_path, capsys):
+    out = tmp_path / "digits"
+    methods = "supervised,uda_mpl,label_spreading"
+    args = ["digits", "--seeds", "0", "--steps", "4", "--out", str(out), "--methods", methods]
+    assert main([*args, "--quiet"]) == 0
+    payload = json.loads((out / "results.json").read_text())
+    records = payload["results"]
+    assert [(r["method"], r["seed"]) for r in records] == [
+        ("supervised", 0),
+        ("uda_mpl", 0),
+        ("label_spreading", 0),
+    ]
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in records)
+    assert all(r["steps"] == 4 for r in records[:2])
+    assert set(payload["summary"]) == {"supervised", "uda_mpl", "label_spreading"}
+    assert (out / "figure9.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    series = json.loads((out / "figure9.json").read_text())
+    assert set(series) == {"Supervised", "MPL teacher", "MPL student"}
+    for values in series.values():
+        assert values["steps"] == [4] and 0.0 <= values["accuracy"][0] <= 1.0
+    for method in ("supervised", "uda_mpl"):
+        assert (out / method / "seed0" / "checkpoint.pt").exists()
+    assert "label_spreading" in capsys.readouterr().out
+
+    bad = tmp_path / "bad"
+    assert main(["digits", "--seeds", "0", "--out", str(bad), "--methods", "uda,nope"]) == 2
+    assert "unknown digits method 'nope'" in one_error_line(capsys.readouterr().err)
+    assert not bad.exists()
