@@ -130,6 +130,8 @@ def _accuracies(run: Run, amp) -> dict[str, float]:
     out["test_accuracy"] = evaluate(run.eval_model, s.x_test, s.y_test, cfg, dev, amp)
     for name, model in run.method.models.items():
         out[f"{name}_labeled_accuracy"] = evaluate(model, s.x_labeled, s.y_labeled, cfg, dev, amp)
+        if name == "teacher":  # logged to understand MPL, never used to pick a model
+            out["teacher_test_accuracy"] = evaluate(model, s.x_test, s.y_test, cfg, dev, amp)
     return out
 
 
