@@ -134,8 +134,13 @@ def _rows(path):
 
 @pytest.mark.parametrize(
     "overrides",
-    [{"ema_decay": 0.9}, {"mpl_estimator": "first_order", "student_dropout": 0.0}],
-    ids=["exact+ema", "first_order"],
+    [
+        {"ema_decay": 0.9},
+        {"mpl_estimator": "first_order", "student_dropout": 0.0},
+        # 8 MPL steps then 6 fine-tuning steps: interrupted inside the fine-tuning phase
+        {"steps": 8, "uda_warmup_steps": 8, "finetune_steps": 6},
+    ],
+    ids=["exact+ema", "first_order", "finetune"],
 )
 def test_resume_after_interrupt_between_checkpoints_is_exact(tmp_path, monkeypatch, overrides):
     cfg = _digits_config(**overrides)
@@ -143,10 +148,10 @@ def test_resume_after_interrupt_between_checkpoints_is_exact(tmp_path, monkeypat
 
     real_batch = engine.BatchSource.batch
 
-    def interrupted_batch(self, step):
+    def interrupted_batch(self, step, views=None):
         if step == 10:  # logged up to step 10, last checkpoint at step 8
             raise KeyboardInterrupt
-        return real_batch(self, step)
+        return real_batch(self, step, views)
 
     out = tmp_path / "run"
     monkeypatch.setattr(engine.BatchSource, "batch", interrupted_batch)
@@ -158,6 +163,9 @@ def test_resume_after_interrupt_between_checkpoints_is_exact(tmp_path, monkeypat
 
     resumed = engine.train(cfg, out, show_progress=False)
     assert resumed["results"] == reference["results"]
+    if cfg.finetune_steps:
+        assert "accuracy_before_finetune" in resumed["results"][0]
+        assert "finetune_optimizer" in load_checkpoint(out / "checkpoint.pt")
     got, want = (load_checkpoint(p / "checkpoint.pt") for p in (out, tmp_path / "ref"))
     for part in ("student", "teacher", "ema"):
         if want[part] is None:

@@ -56,6 +56,10 @@ class TrainConfig:
     teacher_dropout: float = 0.5
     label_smoothing: float = 0.0
     ema_decay: float = 0.0  # 0 = no EMA of the student
+    # After the main steps, fine-tune the student on the labeled data alone (later versions of the
+    # paper); results.json reports the accuracy before and after. 0 = no fine-tuning.
+    finetune_steps: int = 0
+    finetune_lr: float = 0.01
 
     # -- UDA (Table 3) and MPL
     uda_factor: float = 1.0
@@ -114,6 +118,8 @@ class TrainConfig:
         for name in ("student_dropout", "teacher_dropout", "label_smoothing", "ema_decay"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.finetune_steps < 0 or self.finetune_lr <= 0:
+            raise ConfigError("finetune_steps must be >= 0 and finetune_lr > 0")
         if self.warmup_steps < 0 or self.uda_warmup_steps < 0:
             raise ConfigError("warm-up steps must be >= 0")
         if self.warmup_steps > self.steps:

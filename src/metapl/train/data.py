@@ -68,19 +68,21 @@ class BatchSource:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
-    def batch(self, step: int) -> Batch:
+    def batch(self, step: int, views: tuple[str, ...] | None = None) -> Batch:
+        """The batch of ``step`` with ``views`` (default: the views given at construction)."""
+        wanted = self.views if views is None else set(views)
         gen = torch.Generator().manual_seed(stream_seed(self.cfg.seed, "augment", step))
         idx = self.labeled.at(step)
         x_l = self._images(self.split.x_labeled, idx)
         y_l = torch.from_numpy(self.split.y_labeled[idx]).to(self.device)
         batch = Batch(self.weak(x_l, generator=gen), y_l, step=step)
-        if "labeled_strong" in self.views:
+        if "labeled_strong" in wanted:
             batch.x_labeled_strong = self.strong(self.weak(x_l, generator=gen), generator=gen)
-        if self.views & {"unlabeled_weak", "unlabeled_strong"}:
+        if wanted & {"unlabeled_weak", "unlabeled_strong"}:
             x_u = self._images(self.split.x_unlabeled, self.unlabeled.at(step))
-            if "unlabeled_weak" in self.views:
+            if "unlabeled_weak" in wanted:
                 batch.x_unlabeled_weak = self.weak(x_u, generator=gen)
-            if "unlabeled_strong" in self.views:
+            if "unlabeled_strong" in wanted:
                 batch.x_unlabeled_strong = self.strong(self.weak(x_u, generator=gen), generator=gen)
         return batch
 

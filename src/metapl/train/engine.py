@@ -18,6 +18,8 @@ from tqdm import tqdm
 from metapl.data.splits import SSLSplit, load_split
 from metapl.errors import ConfigError
 from metapl.methods.build import autocast_dtype, build_method
+from metapl.methods.supervised import SupervisedMethod
+from metapl.models import param_groups_for_weight_decay
 from metapl.train.checkpoint import (
     capture_rng,
     check_resumable,
@@ -76,7 +78,51 @@ class Run:
         }
         student = self.method.models["student"]
         self.ema = EMA(student, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        # Optional last phase: the student alone on the labeled data (its own optimizer/schedule).
+        self.finetune = self.finetune_scheduler = None
+        if cfg.finetune_steps > 0:
+            opt = torch.optim.SGD(
+                param_groups_for_weight_decay(student, cfg.weight_decay),
+                lr=cfg.finetune_lr,
+                momentum=cfg.momentum,
+                nesterov=cfg.momentum > 0,
+            )
+            self.finetune = SupervisedMethod(
+                student,
+                opt,
+                label_smoothing=cfg.label_smoothing,
+                autocast_dtype=autocast_dtype(cfg),
+            )
+            self.finetune_scheduler = make_scheduler(opt, cfg.finetune_steps, 0)
+        self.before_finetune: dict | None = None
         self.step = 0
+
+    @property
+    def total_steps(self) -> int:
+        return self.cfg.steps + self.cfg.finetune_steps
+
+    def advance(self, batch_source: BatchSource) -> dict:
+        """One step of the current phase (MPL or baseline, then fine-tuning)."""
+        torch.manual_seed(stream_seed(self.cfg.seed, "step", self.step))  # dropout, sampling
+        if self.step < self.cfg.steps:
+            metrics = self.method.step(batch_source.batch(self.step))
+            schedulers = list(self.schedulers.values())
+        else:
+            metrics = self.finetune.step(batch_source.batch(self.step, views=()))
+            metrics = {f"finetune_{k}": v for k, v in metrics.items()}
+            schedulers = [self.finetune_scheduler]
+        for sched in schedulers:
+            sched.step()
+        if self.ema is not None:
+            self.ema.update(self.method.models["student"])
+        self.step += 1
+        return metrics
+
+    def learning_rates(self) -> dict[str, float]:
+        opts = dict(self.method.optimizers)
+        if self.finetune is not None:
+            opts["finetune"] = self.finetune.optimizers["student"]
+        return {f"{name}_lr": opt.param_groups[0]["lr"] for name, opt in opts.items()}
 
     @property
     def eval_model(self) -> torch.nn.Module:
@@ -94,7 +140,11 @@ class Run:
             "method": self.method.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "rng": capture_rng(),
+            "before_finetune": self.before_finetune,
         }
+        if self.finetune is not None:
+            state["finetune_optimizer"] = self.finetune.optimizers["student"].state_dict()
+            state["finetune_scheduler"] = self.finetune_scheduler.state_dict()
         for name, model in self.method.models.items():
             state[name] = model.state_dict()
         return state
@@ -110,6 +160,10 @@ class Run:
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
         restore_rng(state["rng"])
+        if self.finetune is not None:
+            self.finetune.optimizers["student"].load_state_dict(state["finetune_optimizer"])
+            self.finetune_scheduler.load_state_dict(state["finetune_scheduler"])
+        self.before_finetune = state.get("before_finetune")
         self.step = int(state["step"])
 
 
@@ -158,32 +212,27 @@ def train(cfg: TrainConfig, out_dir: Path | str, show_progress: bool = True) -> 
     start_time = time.perf_counter()
     with MetricsLogger(out_dir, resume_step=run.step) as logger:
         bar = tqdm(
-            total=cfg.steps,
+            total=run.total_steps,
             initial=run.step,
             disable=not show_progress,
             unit="step",
             desc=cfg.preset or cfg.method,
             dynamic_ncols=True,
         )
-        while run.step < cfg.steps:
-            torch.manual_seed(stream_seed(cfg.seed, "step", run.step))  # dropout, sampling
-            metrics = run.method.step(source.batch(run.step))
-            for sched in run.schedulers.values():
-                sched.step()
-            if run.ema is not None:
-                run.ema.update(run.method.models["student"])
-            run.step += 1
+        while run.step < run.total_steps:
+            metrics = run.advance(source)
             bar.update()
-            last = run.step == cfg.steps
+            last = run.step == run.total_steps
             if run.step % cfg.log_every == 0 or last:
                 check_finite(metrics, run.step)
-                values = to_floats(metrics)
-                for name, opt in run.method.optimizers.items():
-                    values[f"{name}_lr"] = opt.param_groups[0]["lr"]
+                values = {**to_floats(metrics), **run.learning_rates()}
                 logger.log(run.step, values)
                 bar.set_postfix({k: f"{v:.3g}" for k, v in values.items() if "loss" in k})
-            if run.step % cfg.eval_every == 0 or last:
-                logger.log(run.step, _accuracies(run, amp))
+            if run.step % cfg.eval_every == 0 or last or run.step == cfg.steps:
+                accuracies = _accuracies(run, amp)
+                logger.log(run.step, accuracies)
+                if run.step == cfg.steps and run.finetune is not None:
+                    run.before_finetune = accuracies
             if run.step % cfg.checkpoint_every == 0 or last:
                 check_finite(metrics, run.step)  # never write a NaN checkpoint
                 # A finite loss can still come with an update that overflowed the weights.
@@ -191,18 +240,20 @@ def train(cfg: TrainConfig, out_dir: Path | str, show_progress: bool = True) -> 
                 save_checkpoint(ckpt_path, run.state_dict(fingerprint))
         bar.close()
         final = _accuracies(run, amp)
+    record = {
+        "method": cfg.method,
+        "seed": cfg.seed,
+        "dataset": split.name,
+        "steps": cfg.steps,
+        "finetune_steps": cfg.finetune_steps,
+        "accuracy": final["test_accuracy"],
+        **{k: v for k, v in final.items() if k != "test_accuracy"},
+    }
+    if run.before_finetune is not None:
+        record["accuracy_before_finetune"] = run.before_finetune["test_accuracy"]
     summary = {
         "config": cfg.to_dict(),
-        "results": [
-            {
-                "method": cfg.method,
-                "seed": cfg.seed,
-                "dataset": split.name,
-                "steps": cfg.steps,
-                "accuracy": final["test_accuracy"],
-                **{k: v for k, v in final.items() if k != "test_accuracy"},
-            }
-        ],
+        "results": [record],
         "seconds_this_session": time.perf_counter() - start_time,
     }
     _atomic_json(out_dir / "results.json", summary)
