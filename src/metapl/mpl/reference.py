@@ -30,15 +30,19 @@ def double_backward_teacher_gradient(
     *,
     temperature: float = 1.0,
     batch_dim: int = 0,
+    teacher_x_labeled: Tensor | None = None,
+    teacher_x_unlabeled: Tensor | None = None,
 ) -> list[Tensor]:
     """grad_Psi R(theta_{t+1}) for each teacher parameter (the MPL signal alone)."""
+    t_l = x_labeled if teacher_x_labeled is None else teacher_x_labeled
+    t_u = x_unlabeled if teacher_x_unlabeled is None else teacher_x_unlabeled
 
     t_params = dict(teacher.named_parameters())
-    n_l = x_labeled.shape[batch_dim]
-    t_in = torch.cat([x_labeled, x_unlabeled], dim=batch_dim)
+    n_l = t_l.shape[batch_dim]
+    t_in = torch.cat([t_l, t_u], dim=batch_dim)
     t_logits = functional_call(teacher, {**buffer_copies(teacher), **t_params}, (t_in,))
-    t_u = t_logits.narrow(batch_dim, n_l, x_unlabeled.shape[batch_dim])
-    targets = F.softmax(t_u / temperature, dim=-1)
+    logits_u = t_logits.narrow(batch_dim, n_l, t_u.shape[batch_dim])
+    targets = F.softmax(logits_u / temperature, dim=-1)
 
     name_of = {id(p): n for n, p in student.named_parameters()}
     params = [p for _, p in optimizer_params(student_optimizer)]

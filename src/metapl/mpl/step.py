@@ -143,9 +143,21 @@ class MetaPseudoLabels:
         x_unlabeled: Tensor,
         *,
         teacher_extra_inputs: Sequence[Tensor] = (),
+        teacher_x_labeled: Tensor | None = None,
+        teacher_x_unlabeled: Tensor | None = None,
     ) -> dict[str, Tensor]:
-        """One MPL step of both models. Returns detached scalar tensors (no host sync)."""
-        logits = self._teacher_forward(x_labeled, y_labeled, x_unlabeled, teacher_extra_inputs)
+        """One MPL step of both models. Returns detached scalar tensors (no host sync).
+
+        ``teacher_x_labeled`` / ``teacher_x_unlabeled``: what the teacher sees of the same examples,
+        when it is not the student's input (ReducedMPL: the large teacher's precomputed
+        distributions, while the student sees the images).
+        """
+        logits = self._teacher_forward(
+            x_labeled if teacher_x_labeled is None else teacher_x_labeled,
+            y_labeled,
+            x_unlabeled if teacher_x_unlabeled is None else teacher_x_unlabeled,
+            teacher_extra_inputs,
+        )
         if self.check_inputs:
             check_labels(y_labeled, logits.labeled.shape[-1], "y_labeled")
         targets = F.softmax(logits.unlabeled / self.temperature, dim=-1)
