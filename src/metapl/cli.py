@@ -103,6 +103,19 @@ def _cmd_digits(args: argparse.Namespace) -> None:
     run_digits(cfg, Path(args.out), show_progress=not args.quiet)
 
 
+def _cmd_reduced(args: argparse.Namespace) -> None:
+    from metapl.experiments.reduced import ReducedConfig, run_reduced
+
+    cfg = ReducedConfig(
+        dataset=args.dataset,
+        seeds=parse_seeds(args.seeds),
+        steps=args.steps,
+        labels_per_class=args.labels_per_class,
+        device=args.device,
+    )
+    run_reduced(cfg, Path(args.out), show_progress=not args.quiet)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="metapl",
@@ -185,6 +198,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_digits)
+
+    p = sub.add_parser(
+        "reduced",
+        help="Section 4.2 on CPU: supervised, NoisyStudent and ReducedMPL students on digits",
+        description=(
+            "Trains a large teacher on the labeled digits, then per seed: a supervised student, a "
+            "NoisyStudent and a ReducedMPL student (the reduced MLP teacher calibrates the large "
+            "teacher's precomputed distributions). Writes DIR/results.json and DIR/figure10.png. "
+            "For CIFAR-10/SVHN/ImageNet, use the *-full-* presets of `metapl train`."
+        ),
+    )
+    p.add_argument("--dataset", default="digits", help="digits (the only one that runs on CPU)")
+    p.add_argument("--seeds", default="0-4", help="seeds, e.g. 0-4 (default: 0-4)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--steps", type=int, default=None, help="override the presets' steps")
+    p.add_argument("--labels-per-class", type=int, default=None, help="default: the preset's 30")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_reduced)
     return parser
 
 

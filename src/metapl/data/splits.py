@@ -1,4 +1,5 @@
-"""The paper's semi-supervised splits (Section 4.1, Appendix C.1): CIFAR-10-4K, SVHN-1K, ImageNet-10%.
+"""The paper's splits: CIFAR-10-4K, SVHN-1K, ImageNet-10% (Section 4.1, Appendix C.1) and the full
+datasets (Section 4.2).
 
 Rules (sizes are parameters; the defaults are the paper's):
 
@@ -20,8 +21,36 @@ Rules (sizes are parameters; the defaults are the paper's):
 Table 1 does. For hyper-parameter search use :meth:`SSLSplit.tuning_view`, which trains on the rest and
 evaluates on the tuning examples.
 
+The full-dataset splits of Section 4.2 (Table 2). The paper *reserves* 4,000 CIFAR-10 images, 7,300
+SVHN images and 40 of 1,024 ImageNet shards for hyper-parameter tuning and labels the rest. Here
+``x_labeled`` is the rest **followed by** the reserved examples (so, as everywhere, the tuning examples
+are its last ``len(y_tune)`` entries and :meth:`SSLSplit.tuning_view` holds them out); final runs train
+on all of them, exactly as for the Section 4.1 splits.
+
+- ``cifar10-full``: tuning = the first ``num_tune`` (4,000) training images; labeled = training images
+  ``num_tune .. 49,999`` in file order, then the tuning ones; test = test_batch. Unlabeled = the images
+  of ``unlabeled_dir`` (:func:`metapl.data.folder.unlabeled_folder`, resized to 32) when given, else the
+  46,000 non-tuning training images. The paper's unlabeled set is 80M TinyImages, filtered to the
+  top-K (K = 50,000) per class by the pre-trained teacher; TinyImages has been withdrawn and may not be
+  redistributed, so that set cannot be reproduced. The same top-K selection
+  (:mod:`metapl.train.large_teacher`) applies to whatever folder is given.
+- ``svhn-full``: tuning = the first ``num_tune`` (7,300) images of train_32x32.mat; labeled = the other
+  65,957 in file order, then the tuning ones; test = test_32x32.mat. Unlabeled = extra_32x32.mat
+  (531,131 images; the split needs it), or the images of ``unlabeled_dir`` (resized to 32) instead when
+  given.
+- ``imagenet-full``: with the training files in (class, file name) order and ``p =
+  RandomState(seed).permutation(N)`` (seed 0, the rule of the 10% split), tuning = the first
+  ``round(N * 40 / 1024)`` positions of ``p`` (:func:`labeled_fraction_indices` with ``fraction = 40/1024``,
+  i.e. "40 shards"); labeled = the remaining positions of ``p`` in permutation order, then the tuning
+  ones; test = val. Unlabeled = the images of ``unlabeled_dir`` (a YFCC100M subset in the paper) at the
+  split's ``resolution`` and ``crop_fraction`` when given, else the non-tuning training images.
+
+The default unlabeled sets (no ``unlabeled_dir``) leave the tuning images out, so that a tuning run
+never sees its evaluation images, even unlabeled.
+
 Images are uint8 NHWC arrays for CIFAR-10 and SVHN and :class:`~metapl.data.imagenet.LazyImages`
-for ImageNet; both index as ``x[i] -> [H, W, 3]`` and ``x[indices] -> [B, H, W, 3]``.
+for ImageNet and for unlabeled image folders (:class:`metapl.data.folder.FolderImages`); both index as
+``x[i] -> [H, W, 3]`` and ``x[indices] -> [B, H, W, 3]``.
 """
 
 from __future__ import annotations
@@ -37,11 +66,13 @@ import numpy as np
 
 from metapl.data import cifar, svhn
 from metapl.data.arrays import data_error
+from metapl.data.folder import unlabeled_folder
 from metapl.data.imagenet import LazyImages, load_imagenet
 from metapl.errors import ConfigError
 
 Images = np.ndarray | LazyImages
 IMAGENET_FRACTION = 102 / 1024  # the paper's first 102 of 1,024 shards
+IMAGENET_TUNE_FRACTION = 40 / 1024  # Section 4.2: "40 data shards of ImageNet" reserved for tuning
 
 
 @dataclass(frozen=True)
@@ -94,11 +125,13 @@ def _check_sizes(name: str, num_labeled: int, num_tune: int) -> None:
         )
 
 
-def _need(name: str, source: Path, have: int, need: int, what: str) -> None:
+def _need(
+    name: str, source: Path, have: int, need: int, what: str, option: str = "num_labeled"
+) -> None:
     if have < need:
         raise data_error(
             f"{source} has only {have} {what}, but {name} needs {need}: point the data directory "
-            "at the full dataset, or pass a smaller num_labeled"
+            f"at the full dataset, or pass a smaller {option}"
         )
 
 
@@ -188,10 +221,129 @@ def imagenet_10pct(
     )
 
 
+def _check_num_tune(name: str, num_tune: int) -> None:
+    if num_tune < 0:
+        raise ConfigError(f"{name}: num_tune must be at least 0, got {num_tune}")
+
+
+def _reserve_first(n: int, num_tune: int) -> np.ndarray:
+    """Row order of a full split's labeled set: rows ``num_tune .. n-1``, then the reserved ``0 .. num_tune-1``."""
+    return np.concatenate([np.arange(num_tune, n), np.arange(num_tune)])
+
+
+def cifar10_full(
+    data_dir: Path | str, num_tune: int = 4000, unlabeled_dir: Path | str | None = None
+) -> SSLSplit:
+    """All of CIFAR-10's training images labeled, the first ``num_tune`` reserved for tuning
+    (module docstring has the rule); unlabeled from ``unlabeled_dir`` or the non-tuning images."""
+    name = "cifar10-full"
+    _check_num_tune(name, num_tune)
+    x_unlabeled = None if unlabeled_dir is None else unlabeled_folder(unlabeled_dir, 32)
+    x_train, y_train = cifar.load_cifar10(data_dir, train=True)
+    n = len(y_train)
+    _need(name, cifar.find_dir(data_dir), n, num_tune + 1, "training images", "num_tune")
+    x_test, y_test = cifar.load_cifar10(data_dir, train=False)
+    order = _reserve_first(n, num_tune)
+    x_labeled, y_labeled = x_train[order], y_train[order]
+    del x_train
+    return SSLSplit(
+        x_labeled=x_labeled,
+        y_labeled=y_labeled,
+        x_unlabeled=x_labeled[: n - num_tune] if x_unlabeled is None else x_unlabeled,
+        x_tune=x_labeled[n - num_tune :],
+        y_tune=y_labeled[n - num_tune :],
+        x_test=x_test,
+        y_test=y_test,
+        num_classes=cifar.NUM_CLASSES,
+        name=name,
+    )
+
+
+def svhn_full(
+    data_dir: Path | str, num_tune: int = 7300, unlabeled_dir: Path | str | None = None
+) -> SSLSplit:
+    """All of SVHN's train_32x32.mat labeled, the first ``num_tune`` reserved for tuning; unlabeled =
+    extra_32x32.mat (required unless ``unlabeled_dir`` is given; module docstring has the rule)."""
+    name = "svhn-full"
+    _check_num_tune(name, num_tune)
+    extra_path = Path(data_dir) / svhn.file_name("extra")
+    if unlabeled_dir is None:
+        if not extra_path.is_file():  # checked first: the other files take a while to read
+            raise data_error(
+                f"{extra_path} is missing: svhn-full needs it, its ~531,000 extra images are the "
+                "split's unlabeled data (Section 4.2); download extra_32x32.mat from "
+                "http://ufldl.stanford.edu/housenumbers/ into that folder, or pass unlabeled_dir"
+            )
+        x_unlabeled = None
+    else:
+        x_unlabeled = unlabeled_folder(unlabeled_dir, 32)
+    x_train, y_train = svhn.load_svhn(data_dir, "train")
+    n = len(y_train)
+    train_path = Path(data_dir) / svhn.file_name("train")
+    _need(name, train_path, n, num_tune + 1, "images", "num_tune")
+    x_test, y_test = svhn.load_svhn(data_dir, "test")
+    if x_unlabeled is None:
+        x_unlabeled = svhn.read_mat(extra_path)[0]
+    order = _reserve_first(n, num_tune)
+    x_labeled, y_labeled = x_train[order], y_train[order]
+    del x_train
+    return SSLSplit(
+        x_labeled=x_labeled,
+        y_labeled=y_labeled,
+        x_unlabeled=x_unlabeled,
+        x_tune=x_labeled[n - num_tune :],
+        y_tune=y_labeled[n - num_tune :],
+        x_test=x_test,
+        y_test=y_test,
+        num_classes=svhn.NUM_CLASSES,
+        name=name,
+    )
+
+
+def imagenet_full(
+    data_dir: Path | str,
+    tune_fraction: float = IMAGENET_TUNE_FRACTION,
+    resolution: int = 224,
+    crop_fraction: float = 1.0,
+    seed: int = 0,
+    unlabeled_dir: Path | str | None = None,
+) -> SSLSplit:
+    """All of ImageNet's training images labeled, a seeded ``tune_fraction`` (40/1024) reserved for
+    tuning; unlabeled from ``unlabeled_dir`` or the non-tuning images (module docstring has the rule)."""
+    name = "imagenet-full"
+    if not 0.0 <= tune_fraction < 1.0:
+        raise ConfigError(f"{name}: tune_fraction must be in [0, 1), got {tune_fraction}")
+    x_unlabeled = (
+        None
+        if unlabeled_dir is None
+        else unlabeled_folder(unlabeled_dir, resolution, crop_fraction)
+    )
+    train, val = load_imagenet(data_dir, resolution, crop_fraction)
+    n = len(train)
+    n_tune = round(n * tune_fraction)  # as labeled_fraction_indices(n, tune_fraction, seed)
+    _need(name, Path(data_dir) / "train", n, n_tune + 1, "images", "tune_fraction")
+    order = np.roll(np.random.RandomState(seed).permutation(n), -n_tune)  # rest, then tuning
+    x_labeled = train.images.subset(order)
+    return SSLSplit(
+        x_labeled=x_labeled,
+        y_labeled=train.labels[order],
+        x_unlabeled=x_labeled.subset(np.arange(n - n_tune)) if x_unlabeled is None else x_unlabeled,
+        x_tune=x_labeled.subset(np.arange(n - n_tune, n)),
+        y_tune=train.labels[order[n - n_tune :]],
+        x_test=val.images,
+        y_test=val.labels,
+        num_classes=train.num_classes,
+        name=name,
+    )
+
+
 SPLITS: dict[str, Callable[..., SSLSplit]] = {
     "cifar10-4k": cifar10_4k,
     "svhn-1k": svhn_1k,
     "imagenet-10pct": imagenet_10pct,
+    "cifar10-full": cifar10_full,
+    "svhn-full": svhn_full,
+    "imagenet-full": imagenet_full,
 }
 
 

@@ -22,6 +22,10 @@ class Batch:
     x_labeled_strong: Tensor | None = None  # RandAugment + cutout
     x_unlabeled_weak: Tensor | None = None
     x_unlabeled_strong: Tensor | None = None
+    # ReducedMPL / NoisyStudent: the large teacher's precomputed class distributions of the same
+    # labeled and unlabeled images (computed once on the clean images).
+    t_labeled: Tensor | None = None
+    t_unlabeled: Tensor | None = None
     step: int = 0
 
 

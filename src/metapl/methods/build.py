@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from metapl.methods.mpl import MPLMethod
+from metapl.methods.noisy_student import NoisyStudentMethod
 from metapl.methods.supervised import SupervisedMethod
 from metapl.methods.uda import UDALoss, UDAMethod
 from metapl.models import create_model, param_groups_for_weight_decay
@@ -20,10 +21,21 @@ def _model(cfg: TrainConfig, num_classes: int, dropout: float, device: torch.dev
     return model
 
 
-def _sgd(model: nn.Module, lr: float, cfg: TrainConfig) -> torch.optim.SGD:
-    """Nesterov momentum (App. C.1); weight decay on conv/linear weights only."""
-    groups = param_groups_for_weight_decay(model, cfg.weight_decay)
-    return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+def make_optimizer(
+    kind: str, model: nn.Module, lr: float, weight_decay: float, cfg: TrainConfig
+) -> torch.optim.Optimizer:
+    """Weight decay (L2) on conv/linear weights only, never on BatchNorm or biases.
+
+    sgd: Nesterov momentum (App. C.1). rmsprop: EfficientNet's recipe, decay 0.9, momentum 0.9,
+    eps 1e-3 (App. C.2; PyTorch adds eps outside the square root, TensorFlow inside). adam: the
+    reduced teacher's betas 0.9/0.999 and eps 1e-7 (App. C.2).
+    """
+    groups = param_groups_for_weight_decay(model, weight_decay)
+    if kind == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+    if kind == "rmsprop":
+        return torch.optim.RMSprop(groups, lr=lr, alpha=0.9, eps=1e-3, momentum=0.9)
+    return torch.optim.Adam(groups, lr=lr, betas=(0.9, 0.999), eps=1e-7)
 
 
 def autocast_dtype(cfg: TrainConfig) -> torch.dtype | None:
@@ -38,7 +50,9 @@ def build_method(cfg: TrainConfig, num_classes: int, device: torch.device):
     """The method of ``cfg.method``. Models are seeded by the global RNG (the engine seeds it)."""
     amp = autocast_dtype(cfg)
     student = _model(cfg, num_classes, cfg.student_dropout, device)
-    student_opt = _sgd(student, cfg.student_lr, cfg)
+    student_opt = make_optimizer(
+        cfg.student_optimizer, student, cfg.student_lr, cfg.weight_decay, cfg
+    )
     if cfg.method in ("supervised", "label_smoothing", "randaugment"):
         return SupervisedMethod(
             student,
@@ -55,20 +69,32 @@ def build_method(cfg: TrainConfig, num_classes: int, device: torch.device):
             label_smoothing=cfg.label_smoothing,
             autocast_dtype=amp,
         )
-    teacher = _model(cfg, num_classes, cfg.teacher_dropout, device)
+    if cfg.method == "noisy_student":
+        return NoisyStudentMethod(
+            student, student_opt, label_smoothing=cfg.label_smoothing, autocast_dtype=amp
+        )
+    if cfg.method == "reduced_mpl":
+        teacher = create_model(
+            "reduced_teacher", num_classes, dropout=cfg.teacher_dropout, hidden=cfg.teacher_hidden
+        ).to(device)
+    else:
+        teacher = _model(cfg, num_classes, cfg.teacher_dropout, device)
+    teacher_wd = cfg.weight_decay if cfg.teacher_weight_decay < 0 else cfg.teacher_weight_decay
     views = {
         "supervised_mpl": ("labeled_weak", "unlabeled_weak"),
         "randaugment_mpl": ("labeled_strong", "unlabeled_strong"),
         "uda_mpl": ("labeled_weak", "unlabeled_strong"),
+        "reduced_mpl": ("labeled_weak", "unlabeled_strong"),
     }[cfg.method]
     return MPLMethod(
         teacher,
         student,
-        _sgd(teacher, cfg.teacher_lr, cfg),
+        make_optimizer(cfg.teacher_optimizer, teacher, cfg.teacher_lr, teacher_wd, cfg),
         student_opt,
         labeled_view=views[0],
         unlabeled_view=views[1],
         uda=uda_loss(cfg) if cfg.method == "uda_mpl" else None,
+        teacher_sees_distributions=cfg.method == "reduced_mpl",
         temperature=cfg.mpl_temperature,
         label_smoothing=cfg.label_smoothing,
         estimator=cfg.mpl_estimator,

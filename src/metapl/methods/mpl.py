@@ -12,9 +12,9 @@ from metapl.mpl import MetaPseudoLabels, TeacherLogits
 
 
 class MPLMethod:
-    """Supervised+MPL (weak views), RandAugment+MPL (strong views) and UDA+MPL (teacher also gets
+    """Supervised+MPL (weak views), RandAugment+MPL (strong views), UDA+MPL (teacher also gets
     UDA on weak/strong unlabeled views; the student learns the teacher's targets on the strong
-    view)."""
+    view) and ReducedMPL (the teacher maps the large teacher's distributions; Section 3.2)."""
 
     def __init__(
         self,
@@ -26,12 +26,15 @@ class MPLMethod:
         labeled_view: str = "labeled_weak",
         unlabeled_view: str = "unlabeled_weak",
         uda: UDALoss | None = None,
+        teacher_sees_distributions: bool = False,
         **mpl_options,
     ):
         self.models = {"teacher": teacher, "student": student}
         self.optimizers = {"teacher": teacher_optimizer, "student": student_optimizer}
         self.labeled_view, self.unlabeled_view = labeled_view, unlabeled_view
         self.uda = uda
+        # ReducedMPL: the teacher reads the large teacher's distributions, not the images.
+        self.teacher_sees_distributions = teacher_sees_distributions
         views = {labeled_view, unlabeled_view} | ({"unlabeled_weak"} if uda else set())
         self.views = tuple(sorted(views - {"labeled_weak"}))
         extra = self._uda_teacher_loss if uda is not None else None
@@ -50,11 +53,18 @@ class MPLMethod:
 
     def step(self, batch: Batch) -> dict[str, Tensor]:
         extras = (batch.x_unlabeled_weak,) if self.uda is not None else ()
+        teacher_inputs = {}
+        if self.teacher_sees_distributions:
+            teacher_inputs = {
+                "teacher_x_labeled": batch.t_labeled,
+                "teacher_x_unlabeled": batch.t_unlabeled,
+            }
         return self.mpl.step(
             pick_view(batch, self.labeled_view),
             batch.y_labeled,
             pick_view(batch, self.unlabeled_view),
             teacher_extra_inputs=extras,
+            **teacher_inputs,
         )
 
     def state_dict(self) -> dict:

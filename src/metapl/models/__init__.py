@@ -5,7 +5,7 @@ paper does for both teacher and student), uses BatchNorm decay 0.99 where it has
 with ``torch.func.functional_call`` and forward-mode AD (the exact MPL step's JVP).
 """
 
-from metapl.models import resnet, small, wrn  # noqa: F401  (registers the models)
+from metapl.models import efficientnet, resnet, small, wrn  # noqa: F401  (registers the models)
 from metapl.models.param_groups import param_groups_for_weight_decay
 from metapl.models.registry import create_model, list_models, register_model
 

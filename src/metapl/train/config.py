@@ -22,8 +22,21 @@ METHODS = (
     "supervised_mpl",
     "randaugment_mpl",
     "uda_mpl",
+    "noisy_student",
+    "reduced_mpl",
 )
-DATASETS = ("cifar10-4k", "svhn-1k", "imagenet-10pct", "digits")
+# Methods that learn from a large teacher's precomputed distributions (Section 4.2, Table 2).
+LARGE_TEACHER_METHODS = ("noisy_student", "reduced_mpl")
+OPTIMIZERS = ("sgd", "rmsprop", "adam")
+DATASETS = (
+    "cifar10-4k",
+    "svhn-1k",
+    "imagenet-10pct",
+    "digits",
+    "cifar10-full",
+    "svhn-full",
+    "imagenet-full",
+)
 
 
 @dataclass
@@ -69,6 +82,20 @@ class TrainConfig:
     mpl_temperature: float = 1.0  # student targets = softmax(teacher logits / T)
     mpl_estimator: str = "exact"
 
+    # -- optimizers: "sgd" = Nesterov (Section 4.1); "rmsprop" = EfficientNet's recipe (decay 0.9,
+    #    momentum 0.9, eps 1e-3; App. C.2); "adam" = betas 0.9/0.999, eps 1e-7 (the reduced teacher)
+    student_optimizer: str = "sgd"
+    teacher_optimizer: str = "sgd"
+    teacher_weight_decay: float = -1.0  # < 0: the same as weight_decay
+
+    # -- ReducedMPL and NoisyStudent (Section 4.2): a finished run folder whose student is the
+    #    large teacher, the unlabeled images kept per class by its confidence (0 = all), and the
+    #    reduced teacher's hidden width (128 CIFAR-10/SVHN, 512 ImageNet)
+    large_teacher: str | None = None
+    unlabeled_dir: str | None = None  # full-dataset splits: a folder of unlabeled images
+    unlabeled_per_class: int = 0
+    teacher_hidden: int = 128
+
     # -- augmentation
     image_size: int = 32
     flip: bool = True
@@ -97,6 +124,14 @@ class TrainConfig:
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"precision must be fp32 or bf16, got {self.precision!r}")
+        for name in ("student_optimizer", "teacher_optimizer"):
+            if getattr(self, name) not in OPTIMIZERS:
+                raise ConfigError(f"{name} must be one of {', '.join(OPTIMIZERS)}")
+        if self.method in LARGE_TEACHER_METHODS and not self.large_teacher:
+            raise ConfigError(
+                f"method {self.method} learns from a large teacher: set large_teacher to the run "
+                "folder of a finished `metapl train` run (--set large_teacher=DIR)"
+            )
         if self.mpl_estimator not in ("exact", "first_order"):
             raise ConfigError(
                 f"mpl_estimator must be exact or first_order, got {self.mpl_estimator!r}"
@@ -132,6 +167,10 @@ class TrainConfig:
     @property
     def uses_mpl(self) -> bool:
         return self.method.endswith("_mpl")
+
+    @property
+    def uses_large_teacher(self) -> bool:
+        return self.method in LARGE_TEACHER_METHODS
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -52,8 +52,18 @@ class EpochIndices:
 class BatchSource:
     """Labeled and unlabeled batches with the views a method asks for, on ``device``."""
 
-    def __init__(self, split: SSLSplit, cfg: TrainConfig, views: tuple[str, ...], device):
+    def __init__(
+        self,
+        split: SSLSplit,
+        cfg: TrainConfig,
+        views: tuple[str, ...],
+        device,
+        teacher_probs: tuple[np.ndarray, np.ndarray] | None = None,
+    ):
+        """``teacher_probs``: the large teacher's distributions of the labeled and the unlabeled
+        images (ReducedMPL, NoisyStudent), row-aligned with ``split``."""
         self.split, self.cfg, self.views, self.device = split, cfg, set(views), device
+        self.teacher_probs = teacher_probs
         self.labeled = EpochIndices(len(split.y_labeled), cfg.batch_size, cfg.seed, "labeled")
         n_u = len(split.x_unlabeled)
         self.unlabeled = EpochIndices(n_u, cfg.batch_size * cfg.unlabeled_ratio, cfg.seed, "unl")
@@ -79,7 +89,12 @@ class BatchSource:
         if "labeled_strong" in wanted:
             batch.x_labeled_strong = self.strong(self.weak(x_l, generator=gen), generator=gen)
         if wanted & {"unlabeled_weak", "unlabeled_strong"}:
-            x_u = self._images(self.split.x_unlabeled, self.unlabeled.at(step))
+            idx_u = self.unlabeled.at(step)
+            x_u = self._images(self.split.x_unlabeled, idx_u)
+            if self.teacher_probs is not None:
+                probs_l, probs_u = self.teacher_probs
+                batch.t_labeled = torch.from_numpy(np.asarray(probs_l[idx])).to(self.device)
+                batch.t_unlabeled = torch.from_numpy(np.asarray(probs_u[idx_u])).to(self.device)
             if "unlabeled_weak" in wanted:
                 batch.x_unlabeled_weak = self.weak(x_u, generator=gen)
             if "unlabeled_strong" in wanted:

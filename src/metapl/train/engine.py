@@ -12,6 +12,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -32,6 +33,7 @@ from metapl.train.config import TrainConfig
 from metapl.train.data import BatchSource, evaluate, stream_seed
 from metapl.train.ema import EMA
 from metapl.train.guards import check_finite, check_finite_weights, to_floats
+from metapl.train.large_teacher import load_large_teacher, prepare_large_teacher_data
 from metapl.train.metrics_log import MetricsLogger
 from metapl.train.schedule import make_scheduler
 
@@ -55,7 +57,12 @@ def load_data(cfg: TrainConfig) -> SSLSplit:
     else:
         if not cfg.data_dir:
             raise ConfigError(f"{cfg.dataset} needs --data-dir: the folder holding its files")
-        split = load_split(cfg.dataset, cfg.data_dir)
+        options = {}
+        if cfg.dataset.startswith("imagenet"):
+            options["resolution"] = cfg.image_size
+        if cfg.unlabeled_dir:
+            options["unlabeled_dir"] = cfg.unlabeled_dir
+        split = load_split(cfg.dataset, cfg.data_dir, **options)
     return split.tuning_view() if cfg.tuning else split
 
 
@@ -95,6 +102,7 @@ class Run:
             )
             self.finetune_scheduler = make_scheduler(opt, cfg.finetune_steps, 0)
         self.before_finetune: dict | None = None
+        self.figure10: dict[str, list] = {}  # ReducedMPL: quarter -> teacher distributions
         self.step = 0
 
     @property
@@ -141,6 +149,7 @@ class Run:
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "rng": capture_rng(),
             "before_finetune": self.before_finetune,
+            "figure10": self.figure10,
         }
         if self.finetune is not None:
             state["finetune_optimizer"] = self.finetune.optimizers["student"].state_dict()
@@ -164,7 +173,42 @@ class Run:
             self.finetune.optimizers["student"].load_state_dict(state["finetune_optimizer"])
             self.finetune_scheduler.load_state_dict(state["finetune_scheduler"])
         self.before_finetune = state.get("before_finetune")
+        self.figure10 = state.get("figure10") or {}
         self.step = int(state["step"])
+
+
+class _Figure10:
+    """Figure 10: the reduced teacher's distribution on a few fixed unlabeled images at each
+    quarter of training, next to the large teacher's (kept in the checkpoint, so resumable)."""
+
+    IMAGES = 6
+
+    def __init__(self, run: Run, teacher_probs):
+        self.run = run
+        # evenly spaced over the selection, which is grouped by class: several classes show
+        probs_u = teacher_probs[1]
+        rows = np.linspace(0, len(probs_u) - 1, self.IMAGES).astype(int)
+        self.large = np.asarray(probs_u[rows], dtype=np.float32)
+        total = run.cfg.steps
+        self.quarters = {max(1, round(total * k / 4)): k for k in (1, 2, 3, 4)}
+
+    def maybe_record(self, step: int) -> None:
+        if step not in self.quarters or step > self.run.cfg.steps:
+            return
+        teacher = self.run.method.models["teacher"]
+        was_training = teacher.training
+        teacher.eval()
+        with torch.no_grad():
+            x = torch.from_numpy(self.large).to(self.run.device)
+            probs = torch.softmax(teacher(x) / self.run.cfg.mpl_temperature, -1)
+        teacher.train(was_training)
+        self.run.figure10[str(self.quarters[step])] = probs.cpu().tolist()
+
+    def series(self) -> dict:
+        return {
+            "large_teacher": self.large.tolist(),
+            "reduced_teacher_by_quarter": self.run.figure10,
+        }
 
 
 def _weights(run: Run) -> dict[str, torch.nn.Module]:
@@ -183,6 +227,8 @@ def _accuracies(run: Run, amp) -> dict[str, float]:
         out["tune_accuracy"] = evaluate(run.eval_model, s.x_tune, s.y_tune, cfg, dev, amp)
     out["test_accuracy"] = evaluate(run.eval_model, s.x_test, s.y_test, cfg, dev, amp)
     for name, model in run.method.models.items():
+        if name == "teacher" and cfg.method == "reduced_mpl":
+            continue  # the reduced teacher reads distributions, not images
         out[f"{name}_labeled_accuracy"] = evaluate(model, s.x_labeled, s.y_labeled, cfg, dev, amp)
         if name == "teacher":  # logged to understand MPL, never used to pick a model
             out["teacher_test_accuracy"] = evaluate(model, s.x_test, s.y_test, cfg, dev, amp)
@@ -201,13 +247,21 @@ def train(cfg: TrainConfig, out_dir: Path | str, show_progress: bool = True) -> 
     if ckpt_path.exists():
         saved = load_checkpoint(ckpt_path)
         check_resumable(saved, fingerprint, ckpt_path, config=cfg.to_dict())
+    teacher_probs = None
+    if cfg.uses_large_teacher:  # ReducedMPL / NoisyStudent: precompute, select, free the teacher
+        load_large_teacher(Path(cfg.large_teacher), split.num_classes, device)  # fail early
+        out_dir.mkdir(parents=True, exist_ok=True)
+        split, teacher_probs = prepare_large_teacher_data(
+            cfg, split, out_dir, device, show_progress
+        )
     run = Run(cfg, split, device)  # a bad model or schedule fails here, still before any write
     out_dir.mkdir(parents=True, exist_ok=True)
     _atomic_json(out_dir / "config.json", cfg.to_dict())
 
     if saved is not None:
         run.load_state_dict(saved)
-    source = BatchSource(split, cfg, run.method.views, device)
+    source = BatchSource(split, cfg, run.method.views, device, teacher_probs)
+    watched = _Figure10(run, teacher_probs) if cfg.method == "reduced_mpl" else None
     amp = autocast_dtype(cfg)
     start_time = time.perf_counter()
     with MetricsLogger(out_dir, resume_step=run.step) as logger:
@@ -228,6 +282,8 @@ def train(cfg: TrainConfig, out_dir: Path | str, show_progress: bool = True) -> 
                 values = {**to_floats(metrics), **run.learning_rates()}
                 logger.log(run.step, values)
                 bar.set_postfix({k: f"{v:.3g}" for k, v in values.items() if "loss" in k})
+            if watched is not None:
+                watched.maybe_record(run.step)
             if run.step % cfg.eval_every == 0 or last or run.step == cfg.steps:
                 accuracies = _accuracies(run, amp)
                 logger.log(run.step, accuracies)
@@ -256,5 +312,7 @@ def train(cfg: TrainConfig, out_dir: Path | str, show_progress: bool = True) -> 
         "results": [record],
         "seconds_this_session": time.perf_counter() - start_time,
     }
+    if watched is not None:
+        _atomic_json(out_dir / "figure10.json", watched.series())
     _atomic_json(out_dir / "results.json", summary)
     return summary

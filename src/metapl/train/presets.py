@@ -30,8 +30,32 @@ METHOD_PRESETS: dict[str, dict[str, Any]] = {
     "randaugment-mpl": {"method": "randaugment_mpl"},
     "uda": {"method": "uda"},
     "uda-mpl": {"method": "uda_mpl"},
+    # Table 2 (Section 4.2): the large teacher, then three students
+    "large-teacher": {"method": "supervised"},
+    "noisy-student": {"method": "noisy_student"},
+    "reduced-mpl": {"method": "reduced_mpl"},
 }
-DIGITS_METHODS = ("supervised", "uda", "uda-mpl")
+TABLE1 = (
+    "supervised",
+    "label-smoothing",
+    "supervised-mpl",
+    "randaugment",
+    "randaugment-mpl",
+    "uda",
+    "uda-mpl",
+)
+TABLE2 = ("large-teacher", "supervised", "noisy-student", "reduced-mpl")
+# Which rows each dataset file offers.
+FAMILIES = {
+    "cifar10-4k": TABLE1,
+    "svhn-1k": TABLE1,
+    "imagenet-10pct": TABLE1,
+    "digits": ("supervised", "uda", "uda-mpl"),
+    "cifar10-full": TABLE2,
+    "svhn-full": TABLE2,
+    "imagenet-full": TABLE2,
+    "digits-reduced": TABLE2,
+}
 
 
 def _dataset_files() -> dict[str, dict[str, Any]]:
@@ -44,12 +68,17 @@ def _dataset_files() -> dict[str, dict[str, Any]]:
 
 
 def preset_table() -> dict[str, dict[str, Any]]:
-    """name -> overrides, for every built-in preset."""
+    """name -> overrides, for every built-in preset.
+
+    A dataset file's ``[methods.NAME]`` tables override its top-level keys for that row only
+    (e.g. the large teacher's model, the reduced teacher's optimizer).
+    """
     table = {}
-    for dataset, base in _dataset_files().items():
-        methods = DIGITS_METHODS if dataset == "digits" else METHOD_PRESETS
-        for method in methods:
-            overrides = {**base, **METHOD_PRESETS[method]}
+    for dataset, content in _dataset_files().items():
+        per_method = content.get("methods", {})
+        base = {k: v for k, v in content.items() if k != "methods"}
+        for method in FAMILIES.get(dataset, TABLE1):
+            overrides = {**base, **METHOD_PRESETS[method], **per_method.get(method, {})}
             if method == "label-smoothing" and not overrides.get("label_smoothing"):
                 overrides["label_smoothing"] = 0.1
             table[f"{dataset}-{method}"] = overrides

@@ -1,0 +1,55 @@
+"""NoisyStudent (Xie et al., 2019b), the baseline of Table 2: the student learns the large teacher's
+distributions on unlabeled images directly, under noise (dropout, stochastic depth in the model,
+RandAugment on its input), together with the labeled data. The only difference from ReducedMPL is
+that here the targets do not adapt to the student."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from metapl.losses import batch_mean, hard_cross_entropy, soft_cross_entropy, upcast
+from metapl.methods.base import Batch, autocast
+
+
+class NoisyStudentMethod:
+    views = ("unlabeled_strong",)
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        label_smoothing: float = 0.0,
+        autocast_dtype: torch.dtype | None = None,
+    ):
+        self.models = {"student": model}
+        self.optimizers = {"student": optimizer}
+        self.label_smoothing = label_smoothing
+        self.autocast_dtype = autocast_dtype
+
+    def step(self, batch: Batch) -> dict[str, Tensor]:
+        model, opt = self.models["student"], self.optimizers["student"]
+        parts = [batch.x_labeled, batch.x_unlabeled_strong]
+        with autocast(batch.x_labeled.device, self.autocast_dtype):
+            logits = model(torch.cat(parts))
+        labeled, unlabeled = torch.split(logits, [len(p) for p in parts])
+        supervised = batch_mean(
+            hard_cross_entropy(upcast(labeled), batch.y_labeled, self.label_smoothing)
+        )
+        distill = batch_mean(soft_cross_entropy(upcast(unlabeled), batch.t_unlabeled))
+        loss = supervised + distill
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return {
+            "student_loss": loss.detach(),
+            "student_supervised": supervised.detach(),
+            "student_distill": distill.detach(),
+        }
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass

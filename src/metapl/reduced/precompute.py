@@ -1,0 +1,440 @@
+"""The large teacher's class distributions for every image, computed once and kept on disk.
+
+ReducedMPL (Figure 5) never holds the large teacher next to the student: its softmax outputs for all
+training images are written here to a float32 ``[N, C]`` ``.npy`` file that training memory-maps.
+For ImageNet that is hours of inference, so the file is built to survive interruption and to refuse
+being read against the wrong model or images:
+
+* **Sidecar.** ``out_path.with_suffix(".json")`` records the model and data fingerprints, ``N``,
+  ``C``, the temperature, ``completed_rows`` and :data:`FORMAT_VERSION`. It is always replaced
+  atomically (temporary file, fsync, ``os.replace``).
+* **Resume rule.** Rows are written chunk by chunk; after each chunk the memmap is flushed (msync)
+  *before* ``completed_rows`` is advanced, so the sidecar never claims rows that are not on disk.
+  A rerun with matching fingerprints and temperature continues at ``completed_rows``; a finished
+  file is returned without running the model. On a fresh start the sidecar (claiming 0 rows) is
+  written *before* the ``.npy`` is created, so an ``.npy`` without a sidecar is never ours and is
+  never overwritten.
+* **Exact resumes.** Batches always cover the global grid ``[i * batch_size, (i + 1) * batch_size)``
+  and chunks are rounded up to whole batches, so a resumed run feeds the model the very batches an
+  uninterrupted run would (for the same ``batch_size``), and the file is bit-identical.
+* **Staleness.** :func:`load_distributions` compares the recorded fingerprints with the given
+  model/images and names which one changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from metapl.data.arrays import data_error, describe, to_tensor_nchw
+from metapl.errors import ConfigError
+
+FORMAT_VERSION = 1
+"""Version of the ``.npy`` + sidecar layout; a file of another version is refused."""
+
+FULL_HASH_LIMIT = 512 * 2**20
+"""numpy image arrays up to this many bytes are hashed in full by :func:`fingerprint_images`."""
+
+NUM_SAMPLES = 256
+"""Rows hashed by :func:`fingerprint_images` when the images are too large (or too slow) to hash."""
+
+_SIDECAR_KEYS = (
+    "format_version",
+    "model_fingerprint",
+    "data_fingerprint",
+    "num_images",
+    "num_classes",
+    "temperature",
+    "completed_rows",
+)
+_HASH_CHUNK_BYTES = 64 * 2**20  # bounds the copy made while hashing a (memory-mapped) array
+
+
+def sidecar_path(path: Path) -> Path:
+    """The JSON sidecar of a distributions file: ``teacher.npy`` -> ``teacher.json``."""
+    return Path(path).with_suffix(".json")
+
+
+# --------------------------------------------------------------------------------------------------
+# Fingerprints
+
+
+def fingerprint_model(model: nn.Module) -> str:
+    """sha256 over the model's ``state_dict``: sorted names, shapes, dtypes and tensor bytes.
+
+    Buffers (e.g. BatchNorm running statistics) are included since eval-mode outputs depend on them.
+    Architecture choices that own no tensors (an activation function, say) are not seen; neither
+    is a wrapper that renames keys (``module.``/``_orig_mod.`` prefixes) treated as the same model.
+    """
+    digest = hashlib.sha256(b"metapl-model-v1\n")
+    for name, value in sorted(model.state_dict().items()):
+        if not isinstance(value, torch.Tensor):  # a module's extra_state: hash what it says
+            digest.update(f"{name}|{value!r}\n".encode())
+            continue
+        tensor = value.detach()
+        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}\n".encode())
+        flat = tensor.to("cpu").contiguous().reshape(-1)
+        if flat.numel():
+            # A uint8 view gives the raw bytes for every dtype, bfloat16 included (numpy lacks it).
+            digest.update(flat.view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def _sample_rows(n: int, num_samples: int) -> np.ndarray:
+    """Evenly spaced row indices, always including the first and the last."""
+    if n <= num_samples:
+        return np.arange(n, dtype=np.int64)
+    return np.unique(np.linspace(0, n - 1, num_samples).round().astype(np.int64))
+
+
+def _relative_names(paths: list) -> str:
+    # The last two components (class folder / file name): listing order and membership matter,
+    # but moving the dataset to another directory must not make the file stale.
+    return "\n".join("/".join(str(p).replace("\\", "/").rsplit("/", 2)[-2:]) for p in paths)
+
+
+def fingerprint_images(
+    images: Any, *, full_hash_limit: int = FULL_HASH_LIMIT, num_samples: int = NUM_SAMPLES
+) -> str:
+    """sha256 identifying an image collection (a uint8 NHWC numpy array or a lazy reader).
+
+    Trade-off: a numpy array of at most ``full_hash_limit`` bytes (CIFAR-10: 150 MB) is hashed in
+    full, so any changed pixel is seen. Anything larger, or a lazy reader such as
+    :class:`metapl.data.imagenet.LazyImages` (hashing ImageNet would decode 1.28M JPEGs), is
+    identified by its shape, dtype and ``num_samples`` evenly spaced rows (first and last included):
+    a different dataset, a reordering or a different resolution/crop is caught; an edit confined to
+    rows between the samples is not. A reader with a ``paths`` list also hashes every file's
+    ``class/name`` (cheap, and it catches added, removed or renamed files).
+    """
+    n = len(images)
+    digest = hashlib.sha256(b"metapl-images-v1\n")
+    if isinstance(images, np.ndarray) and images.nbytes <= full_hash_limit:
+        digest.update(f"full|{images.shape}|{images.dtype}\n".encode())
+        rows = max(1, _HASH_CHUNK_BYTES // max(1, images[:1].nbytes))
+        for start in range(0, n, rows):
+            digest.update(np.ascontiguousarray(images[start : start + rows]))
+        return digest.hexdigest()
+
+    sample = np.ascontiguousarray(images[_sample_rows(n, num_samples)])
+    shape = tuple(getattr(images, "shape", (n, *sample.shape[1:])))
+    digest.update(f"sampled|{num_samples}|{shape}|{sample.dtype}\n".encode())
+    paths = getattr(images, "paths", None)
+    if isinstance(paths, list):
+        digest.update(_relative_names(paths).encode())
+    digest.update(sample)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# Sidecar
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    """Replace ``path`` with ``obj`` as JSON so that a reader sees the old or the new file, whole."""
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _read_sidecar(path: Path) -> dict:
+    """The validated sidecar of distributions file ``path``, or a one-line DataError."""
+    side = sidecar_path(path)
+    redo = f"delete {path} and {side.name} and run precompute_distributions again"
+    if not side.is_file():
+        raise data_error(
+            f"{path} has no sidecar {side.name}: it was not written by precompute_distributions "
+            f"or the sidecar was deleted; {redo}"
+        )
+    try:
+        meta = json.loads(side.read_text())
+    except (OSError, ValueError) as exc:
+        raise data_error(f"{side} is unreadable ({describe(exc)}); {redo}") from None
+    if not isinstance(meta, dict) or any(key not in meta for key in _SIDECAR_KEYS):
+        raise data_error(f"{side} lacks the keys {', '.join(_SIDECAR_KEYS)}; {redo}")
+    if meta["format_version"] != FORMAT_VERSION:
+        raise data_error(
+            f"{side} has format version {meta['format_version']!r}, this metapl reads "
+            f"{FORMAT_VERSION}; {redo}"
+        )
+    counts = [meta[key] for key in ("num_images", "num_classes", "completed_rows")]
+    if any(type(v) is not int for v in counts) or not (
+        meta["num_images"] >= 1
+        and meta["num_classes"] >= 1
+        and 0 <= meta["completed_rows"] <= meta["num_images"]
+    ):
+        raise data_error(f"{side} has inconsistent row counts {counts}; {redo}")
+    return meta
+
+
+def _differences(recorded: dict, expected: dict) -> list[str]:
+    """What of model / data / temperature differs between a sidecar and this call."""
+    changed = []
+    if recorded["model_fingerprint"] != expected["model_fingerprint"]:
+        changed.append("model")
+    if (
+        recorded["data_fingerprint"] != expected["data_fingerprint"]
+        or recorded["num_images"] != expected["num_images"]
+    ):
+        changed.append("data")
+    if recorded["temperature"] != expected["temperature"]:
+        changed.append(f"temperature ({recorded['temperature']}, not {expected['temperature']})")
+    return changed
+
+
+# --------------------------------------------------------------------------------------------------
+# Precompute
+
+
+def _resume_point(out_path: Path, expected: dict) -> tuple[np.memmap | None, int]:
+    """The open ``.npy`` (or None: create it) and the first row still to compute."""
+    if not sidecar_path(out_path).exists():
+        if out_path.exists():
+            raise data_error(
+                f"{out_path} exists but has no sidecar {sidecar_path(out_path).name}, so it was not "
+                "written by precompute_distributions (or its sidecar was deleted); delete it or "
+                "choose another output path"
+            )
+        return None, 0
+    recorded = _read_sidecar(out_path)
+    changed = _differences(recorded, expected)
+    if changed:
+        raise data_error(
+            f"{out_path} belongs to another {' and '.join(changed)} "
+            f"({recorded['completed_rows']} of {recorded['num_images']} rows done): delete it and "
+            f"{sidecar_path(out_path).name}, or choose another output path"
+        )
+    expected["num_classes"] = recorded["num_classes"]
+    if recorded["completed_rows"] == 0:
+        return None, 0  # nothing claimed: (re)create the .npy
+    try:
+        # Checked read-only first: numpy's "r+" mode silently zero-extends a truncated file.
+        probs = np.load(out_path, mmap_mode="r")
+        shape = (recorded["num_images"], recorded["num_classes"])
+        if probs.shape != shape or probs.dtype != np.float32:
+            raise ValueError(f"shape {probs.shape} {probs.dtype}, expected {shape} float32")
+        del probs
+        probs = np.load(out_path, mmap_mode="r+")
+    except Exception as exc:  # missing, truncated, foreign: its rows are lost either way
+        warnings.warn(
+            f"{out_path} is unreadable ({describe(exc)}); starting over from row 0", stacklevel=3
+        )
+        return None, 0
+    return probs, recorded["completed_rows"]
+
+
+def _create(out_path: Path, meta: dict, num_classes: int) -> np.memmap:
+    """A fresh ``[N, C]`` float32 ``.npy``; the sidecar claiming 0 rows is written first."""
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    meta.update(num_classes=num_classes, completed_rows=0)
+    _write_json_atomic(sidecar_path(out_path), meta)
+    probs = np.lib.format.open_memmap(
+        out_path, mode="w+", dtype=np.float32, shape=(meta["num_images"], num_classes)
+    )
+    _fsync_path(out_path)  # the header, written outside the mapped region
+    return probs
+
+
+def _batch_probs(
+    model: nn.Module,
+    images: Any,
+    rows: range,
+    device: torch.device,
+    temperature: float,
+    autocast_dtype: torch.dtype | None,
+) -> np.ndarray:
+    """softmax(model(images[rows]) / temperature) as float32 numpy ``[B, C]``."""
+    x = to_tensor_nchw(images[np.arange(rows.start, rows.stop)]).to(device)
+    if device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        logits = model(x)
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or len(logits) != len(rows):
+        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ConfigError(f"the model must return logits [batch, classes]; it returned {got}")
+    # Softmax in float32 whatever the autocast dtype: the file is read as calibrated probabilities.
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if not torch.isfinite(probs).all():
+        raise data_error(
+            f"the model gave non-finite probabilities for images {rows.start}..{rows.stop - 1} "
+            "(overflow under float16 autocast? try bfloat16 or none); nothing was written for them"
+        )
+    return probs.cpu().numpy()
+
+
+def precompute_distributions(
+    model: nn.Module,
+    images: Any,
+    out_path: Path,
+    *,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+    progress: bool = True,
+    autocast_dtype: torch.dtype | None = None,
+) -> np.memmap:
+    """Write ``softmax(model(x) / temperature)`` for every image to ``out_path``; resume if partial.
+
+    ``images``: anything that indexes with an integer array into uint8 NHWC batches (a numpy array
+    or :class:`metapl.data.imagenet.LazyImages`). ``model`` must already be on ``device``; it runs
+    in eval mode under ``torch.inference_mode`` and its train/eval mode is restored afterwards.
+    ``chunk_size`` (rounded up to whole batches; default 32 batches) is how many rows are written
+    between flushes, i.e. the most work an interruption loses. See the module docstring for the
+    resume rule. Returns the finished file as a read-only memmap (via :func:`load_distributions`).
+    """
+    if batch_size < 1 or (chunk_size is not None and chunk_size < 1):
+        raise ConfigError(f"batch_size and chunk_size must be >= 1, got {batch_size}, {chunk_size}")
+    if not temperature > 0:
+        raise ConfigError(f"temperature must be > 0, got {temperature}")
+    out_path, device = Path(out_path), torch.device(device)
+    n = len(images)
+    if n == 0:
+        raise data_error(f"no images to precompute distributions for (output {out_path})")
+    chunk = -(-(chunk_size or 32 * batch_size) // batch_size) * batch_size
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "model_fingerprint": fingerprint_model(model),
+        "data_fingerprint": fingerprint_images(images),
+        "num_images": n,
+        "num_classes": None,
+        "temperature": float(temperature),
+        "completed_rows": 0,
+    }
+    probs, done = _resume_point(out_path, meta)
+    fingerprints = {k: meta[k] for k in ("model_fingerprint", "data_fingerprint")}
+    if probs is not None and done == n:
+        del probs
+        return load_distributions(out_path, **fingerprints)
+
+    was_training = model.training
+    model.eval()
+    bar = tqdm(
+        total=n,
+        initial=done,
+        disable=not progress,
+        unit="img",
+        desc=f"precompute {out_path.name}",
+        dynamic_ncols=True,
+    )
+    try:
+        with torch.inference_mode():
+            start = done
+            while start < n:
+                # Chunk and batch ends lie on global grids, whatever row a resume starts from.
+                end = min((start // chunk + 1) * chunk, n)
+                row = start
+                while row < end:
+                    rows = range(row, min((row // batch_size + 1) * batch_size, end))
+                    out = _batch_probs(model, images, rows, device, temperature, autocast_dtype)
+                    if probs is None:
+                        probs = _create(out_path, meta, out.shape[1])
+                    elif out.shape[1] != probs.shape[1]:
+                        raise ConfigError(
+                            f"the model returned {out.shape[1]} classes, {out_path} holds "
+                            f"{probs.shape[1]}"
+                        )
+                    probs[rows.start : rows.stop] = out
+                    bar.update(len(rows))
+                    row = rows.stop
+                probs.flush()  # rows on disk first, then the sidecar may claim them
+                meta["completed_rows"] = end
+                _write_json_atomic(sidecar_path(out_path), meta)
+                start = end
+    finally:
+        model.train(was_training)
+        bar.close()
+    del probs  # close the writable mapping before handing out a read-only one
+    return load_distributions(out_path, **fingerprints)
+
+
+# --------------------------------------------------------------------------------------------------
+# Load
+
+
+def load_distributions(
+    path: Path,
+    *,
+    model: nn.Module | None = None,
+    images: Any = None,
+    model_fingerprint: str | None = None,
+    data_fingerprint: str | None = None,
+) -> np.memmap:
+    """The finished distributions file as a read-only float32 ``[N, C]`` memmap.
+
+    Given ``model``/``images`` (or their precomputed fingerprints), refuses a stale file: one
+    computed by another model or for other images. Every defect is a one-line DataError naming the
+    file: missing, no or bad sidecar, stale, truncated or corrupt ``.npy``, or incomplete (an
+    interrupted precompute: run it again to finish).
+    """
+    if model is not None and model_fingerprint is not None:
+        raise ConfigError("pass model or model_fingerprint to load_distributions, not both")
+    if images is not None and data_fingerprint is not None:
+        raise ConfigError("pass images or data_fingerprint to load_distributions, not both")
+    path = Path(path)
+    if not path.is_file():
+        raise data_error(
+            f"distributions file {path} does not exist: run precompute_distributions first"
+        )
+    meta = _read_sidecar(path)
+    if model is not None:
+        model_fingerprint = fingerprint_model(model)
+    if images is not None:
+        data_fingerprint = fingerprint_images(images)
+    changed = [
+        what
+        for what, given, key in (
+            ("model", model_fingerprint, "model_fingerprint"),
+            ("data", data_fingerprint, "data_fingerprint"),
+        )
+        if given is not None and given != meta[key]
+    ]
+    if changed:
+        raise data_error(
+            f"{path} is stale: the {' and the '.join(changed)} changed since it was precomputed; "
+            f"delete it and {sidecar_path(path).name} and run precompute_distributions again"
+        )
+    shape = (meta["num_images"], meta["num_classes"])
+    try:
+        probs = np.load(path, mmap_mode="r")
+    except Exception as exc:  # numpy raises ValueError, OSError, EOFError, UnpicklingError ...
+        raise data_error(
+            f"{path} is truncated or corrupt ({describe(exc)}): delete it and "
+            f"{sidecar_path(path).name} and run precompute_distributions again"
+        ) from None
+    if probs.shape != shape or probs.dtype != np.float32:
+        raise data_error(
+            f"{path} holds {probs.dtype} {probs.shape}, its sidecar says float32 {shape}: delete it "
+            f"and {sidecar_path(path).name} and run precompute_distributions again"
+        )
+    if meta["completed_rows"] < meta["num_images"]:
+        raise data_error(
+            f"{path} is incomplete: precompute was interrupted at row {meta['completed_rows']} of "
+            f"{meta['num_images']}; run it again to finish"
+        )
+    return probs

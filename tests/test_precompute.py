@@ -1,0 +1,273 @@
+"""ReducedMPL data side: precomputed teacher distributions on disk and top-K-per-class selection."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from metapl.data.arrays import to_tensor_nchw
+from metapl.errors import ConfigError, DataError
+from metapl.reduced.precompute import (
+    fingerprint_images,
+    fingerprint_model,
+    load_distributions,
+    precompute_distributions,
+    sidecar_path,
+)
+from metapl.reduced.select import select_unlabeled, top_k_assignments, top_k_per_class
+
+N, C = 50, 5
+
+
+@pytest.fixture
+def images() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, size=(N, 8, 8, 1), dtype=np.uint8)
+
+
+@pytest.fixture
+def model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, C))
+
+
+class Interruptible(nn.Module):
+    """Wraps a model; counts forward calls and raises once ``fail_after`` calls have been made."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+        self.calls = 0
+        self.fail_after: int | None = None
+
+    def forward(self, x):
+        if self.fail_after is not None and self.calls >= self.fail_after:
+            raise RuntimeError("interrupted")
+        self.calls += 1
+        return self.inner(x)
+
+
+def _run(model, images, path, **kwargs):
+    kwargs = {"batch_size": 5, "chunk_size": 10, "progress": False, **kwargs}
+    return precompute_distributions(model, images, path, **kwargs)
+
+
+def test_precompute_writes_softmax_rows_as_npy(model, images, tmp_path):
+    path = tmp_path / "teacher.npy"
+    out = _run(model, images, path, temperature=2.0)
+    plain = np.load(path)  # a real .npy with a header, readable without metapl
+    with torch.no_grad():
+        expected = torch.softmax(model(to_tensor_nchw(images)) / 2.0, dim=-1).numpy()
+    assert plain.shape == (N, C) and plain.dtype == np.float32
+    np.testing.assert_allclose(plain, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(plain.sum(1), 1.0, atol=1e-5)
+    assert np.array_equal(out, plain) and not out.flags.writeable
+    meta = json.loads(sidecar_path(path).read_text())
+    assert meta["completed_rows"] == N and meta["num_classes"] == C and meta["temperature"] == 2.0
+    assert meta["model_fingerprint"] == fingerprint_model(model)
+    assert model.training  # mode restored
+
+
+def test_interrupted_precompute_resumes_to_the_same_file(model, images, tmp_path):
+    reference = np.array(_run(model, images, tmp_path / "whole.npy"))
+
+    wrapped = Interruptible(model)
+    wrapped.fail_after = 4  # two chunks of 10 rows = four batches of 5
+    path = tmp_path / "resumed.npy"
+    with pytest.raises(RuntimeError, match="interrupted"):
+        _run(wrapped, images, path)
+    assert json.loads(sidecar_path(path).read_text())["completed_rows"] == 20
+    with pytest.raises(DataError, match="interrupted at row 20 of 50; run it again"):
+        load_distributions(path)
+    with pytest.raises(DataError, match="belongs to another model"):
+        _run(model, images, path)  # unwrapped: other state_dict names, so another model
+
+    wrapped.fail_after, wrapped.calls = None, 0
+    # Another chunk size on resume: batches stay on the global grid, so rows are bit-identical.
+    resumed = _run(wrapped, images, path, chunk_size=15)
+    assert wrapped.calls == 6  # rows 20..49 only
+    assert np.array_equal(resumed, reference)
+
+    wrapped.calls = 0
+    again = _run(wrapped, images, path)  # finished: returned without running the model
+    assert wrapped.calls == 0 and np.array_equal(again, reference)
+
+
+def test_stale_file_names_what_changed(model, images, tmp_path):
+    path = tmp_path / "teacher.npy"
+    _run(model, images, path)
+    load_distributions(path, model=model, images=images)
+    load_distributions(
+        path,
+        model_fingerprint=fingerprint_model(model),
+        data_fingerprint=fingerprint_images(images),
+    )
+
+    other_images = images.copy()
+    other_images[7, 3, 3, 0] ^= 1
+    with pytest.raises(DataError, match=r"stale: the data changed"):
+        load_distributions(path, model=model, images=other_images)
+    with pytest.raises(DataError, match="belongs to another data"):
+        _run(model, other_images, path)
+
+    with torch.no_grad():
+        model[1].weight[0, 0] += 1.0
+    with pytest.raises(DataError, match=r"teacher\.npy is stale: the model changed"):
+        load_distributions(path, model=model, images=images)
+    with pytest.raises(DataError, match="the model and the data changed"):
+        load_distributions(path, model=model, images=other_images)
+    with pytest.raises(ConfigError):
+        load_distributions(path, model=model, model_fingerprint="x")
+
+
+def test_broken_files_are_refused(model, images, tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_distributions(tmp_path / "missing.npy")
+
+    path = tmp_path / "teacher.npy"
+    _run(model, images, path)
+    size = path.stat().st_size
+    with path.open("r+b") as f:
+        f.truncate(size - 100)
+    with pytest.raises(DataError, match="truncated or corrupt"):
+        load_distributions(path)
+    with pytest.warns(UserWarning, match="starting over"):
+        repaired = _run(model, images, path)  # a matching sidecar: the file is simply rebuilt
+    np.testing.assert_allclose(repaired.sum(1), 1.0, atol=1e-5)  # rebuilt, not zero-padded
+
+    sidecar_path(path).unlink()
+    with pytest.raises(DataError, match="no sidecar"):
+        load_distributions(path)
+    with pytest.raises(DataError, match="delete it or choose another output path"):
+        _run(model, images, path)  # never overwrites a .npy it cannot prove is its own
+
+
+def test_sampled_image_fingerprint_trade_off(images):
+    full = fingerprint_images(images)
+    sampled = fingerprint_images(images, full_hash_limit=0, num_samples=3)  # rows 0, 24, 49
+    changed = images.copy()
+    changed[10, 0, 0, 0] ^= 1  # between samples
+    assert fingerprint_images(changed) != full
+    assert fingerprint_images(changed, full_hash_limit=0, num_samples=3) == sampled
+    changed[0, 0, 0, 0] ^= 1  # the first row is always sampled
+    assert fingerprint_images(changed, full_hash_limit=0, num_samples=3) != sampled
+
+
+def test_lazy_images_precompute_and_fingerprint(tmp_path):
+    from PIL import Image
+
+    from metapl.data.imagenet import LazyImages
+
+    rng = np.random.default_rng(2)
+    paths = []
+    for i in range(6):
+        folder = tmp_path / "train" / f"n{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        paths.append(str(folder / f"{i}.png"))
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(paths[-1])
+    lazy = LazyImages(paths, resolution=8)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(192, 3))
+    out = _run(model, lazy, tmp_path / "lazy.npy", batch_size=4)
+    with torch.no_grad():
+        expected = torch.softmax(model(to_tensor_nchw(lazy[np.arange(6)])), dim=-1).numpy()
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+    load_distributions(tmp_path / "lazy.npy", images=LazyImages(paths, resolution=8))
+    with pytest.raises(DataError, match="the data changed"):
+        load_distributions(tmp_path / "lazy.npy", images=lazy.subset([1, 0, 2, 3, 4, 5]))
+
+
+# --------------------------------------------------------------------------------------------------
+# Selection
+
+# Class 0 ties images 2 and 3 at 0.5; image 2 is in the top 2 of classes 0 and 1.
+PROBS = np.array(
+    [
+        [0.7, 0.2, 0.1],
+        [0.1, 0.8, 0.1],
+        [0.5, 0.4, 0.1],
+        [0.5, 0.1, 0.4],
+        [0.2, 0.2, 0.6],
+    ],
+    dtype=np.float32,
+)
+
+
+def test_top_k_per_class_exact():
+    indices, assigned = top_k_assignments(PROBS, 2)
+    assert indices.tolist() == [0, 2, 1, 2, 4, 3]
+    assert assigned.tolist() == [0, 0, 1, 1, 2, 2]
+    assert indices.dtype == np.int64 and assigned.dtype == np.int64
+    # Several classes per block or one: same answer.
+    assert top_k_per_class(PROBS, 2, block_bytes=1).tolist() == indices.tolist()
+
+
+def test_top_k_unique_and_balance():
+    indices, assigned = top_k_assignments(PROBS, 2, unique=True)
+    assert indices.tolist() == [0, 2, 1, 4, 3]  # image 2 stays with class 0 (0.5 > 0.4)
+    assert assigned.tolist() == [0, 0, 1, 2, 2]
+    indices, assigned = top_k_assignments(PROBS, 2, unique=True, balance="duplicate")
+    assert indices.tolist() == [0, 2, 1, 1, 4, 3]
+    assert assigned.tolist() == [0, 0, 1, 1, 2, 2]
+
+
+def test_top_k_larger_than_n():
+    # Class 0 ranked: 0 (0.7), 2 and 3 (0.5, index order), 4 (0.2), 1 (0.1).
+    assert top_k_per_class(PROBS, 7)[:5].tolist() == [0, 2, 3, 4, 1]
+    assert len(top_k_per_class(PROBS, 7)) == 3 * 5
+    balanced, assigned = top_k_assignments(PROBS, 7, balance="duplicate")
+    assert balanced[:7].tolist() == [0, 2, 3, 4, 1, 0, 2]
+    assert np.bincount(assigned).tolist() == [7, 7, 7]
+
+
+def test_top_k_ties_match_a_full_sort(tmp_path):
+    rng = np.random.default_rng(1)
+    probs = (rng.integers(0, 4, size=(200, 6)) / 4).astype(np.float32)  # many ties
+    np.save(tmp_path / "p.npy", probs)
+    mapped = np.load(tmp_path / "p.npy", mmap_mode="r")
+    expected = np.concatenate([np.lexsort((np.arange(200), -probs[:, c]))[:30] for c in range(6)])
+    assert top_k_per_class(mapped, 30, block_bytes=2000).tolist() == expected.tolist()
+
+
+def test_top_k_rejects_bad_input():
+    with pytest.raises(ConfigError):
+        top_k_per_class(PROBS, 0)
+    with pytest.raises(ConfigError):
+        top_k_per_class(PROBS, 1, balance="upsample")
+    with pytest.raises(DataError):
+        top_k_per_class(PROBS[:, 0], 1)
+    bad = PROBS.copy()
+    bad[3, 1] = np.nan
+    with pytest.raises(DataError, match="row 3, class 1"):
+        top_k_per_class(bad, 1)
+
+
+class FakeLazy:
+    """Indexes like LazyImages; ``subset`` records the indices instead of copying pixels."""
+
+    def __init__(self, ids):
+        self.ids = list(ids)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, index):
+        raise AssertionError("select_unlabeled must not decode a lazy reader")
+
+    def subset(self, indices):
+        return FakeLazy(self.ids[int(i)] for i in indices)
+
+
+def test_select_unlabeled_arrays_and_lazy_readers():
+    images = np.arange(5, dtype=np.uint8).reshape(5, 1, 1, 1)
+    subset, assigned = select_unlabeled(images, PROBS, 2)
+    assert subset[:, 0, 0, 0].tolist() == [0, 2, 1, 2, 4, 3]
+    assert assigned.tolist() == [0, 0, 1, 1, 2, 2]
+
+    lazy, _ = select_unlabeled(FakeLazy("abcde"), PROBS, 2, unique=True)
+    assert lazy.ids == ["a", "c", "b", "e", "d"]
+    with pytest.raises(DataError, match="precomputed for other images"):
+        select_unlabeled(images[:4], PROBS, 2)
