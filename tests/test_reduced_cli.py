@@ -1,0 +1,139 @@
+"""End-to-end: `metapl reduced` (Section 4.2 on digits) and the large-teacher stage of the engine."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from metapl.cli import main
+from metapl.errors import ConfigError
+from metapl.train import engine
+from metapl.train.checkpoint import load_checkpoint
+from metapl.train.config import apply_overrides
+from metapl.train.presets import load_preset, preset_table
+
+TINY = ["--steps", "4"]
+
+
+@pytest.fixture(scope="module")
+def reduced_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reduced")
+    assert main(["reduced", "--seeds", "0", "--out", str(out), "--quiet", *TINY]) == 0
+    return out
+
+
+def test_reduced_writes_records_and_figure10(reduced_run):
+    payload = json.loads((reduced_run / "results.json").read_text())
+    methods = [r["method"] for r in payload["results"]]
+    assert methods == ["large_teacher", "supervised", "noisy_student", "reduced_mpl"]
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in payload["results"])
+    assert (reduced_run / "figure10.png").read_bytes()[:4] == b"\x89PNG"
+    series = json.loads((reduced_run / "reduced_mpl" / "seed0" / "figure10.json").read_text())
+    assert set(series["reduced_teacher_by_quarter"]) == {"1", "2", "3", "4"}
+    for probs in [series["large_teacher"], *series["reduced_teacher_by_quarter"].values()]:
+        assert np.allclose(np.sum(probs, axis=1), 1.0, atol=1e-5)
+
+
+def test_students_never_hold_the_large_teacher(reduced_run):
+    """The student runs' checkpoints hold the student (and the small reduced teacher), never the
+    large teacher's weights; the large teacher's outputs are on disk instead."""
+    ckpt = load_checkpoint(reduced_run / "reduced_mpl" / "seed0" / "checkpoint.pt")
+    teacher_params = sum(v.numel() for v in ckpt["teacher"].values())
+    large = load_checkpoint(reduced_run / "large_teacher" / "seed0" / "checkpoint.pt")
+    assert teacher_params < sum(v.numel() for v in large["student"].values()) / 2
+    probs = np.load(reduced_run / "reduced_mpl" / "seed0" / "large_teacher_unlabeled.npy")
+    assert probs.shape[1] == 10 and np.allclose(probs.sum(1), 1.0, atol=1e-5)
+    assert "teacher" not in load_checkpoint(
+        reduced_run / "noisy_student" / "seed0" / "checkpoint.pt"
+    )
+
+
+def test_top_k_selection_keeps_k_per_class(reduced_run):
+    cfg = load_preset("digits-reduced-reduced-mpl")
+    probs = np.load(reduced_run / "reduced_mpl" / "seed0" / "large_teacher_unlabeled.npy")
+    assert len(probs) > cfg.unlabeled_per_class * 10  # the pool is larger than what is kept
+    log = (reduced_run / "reduced_mpl" / "seed0" / "config.json").read_text()
+    assert json.loads(log)["unlabeled_per_class"] == cfg.unlabeled_per_class
+
+
+def test_stale_precompute_is_refused(reduced_run, tmp_path):
+    """Precomputed distributions from another large teacher are refused, with a clear error (the
+    run folder's config check aside: here a fresh folder holds the other teacher's files)."""
+    import shutil
+
+    from metapl.errors import DataError
+
+    other = tmp_path / "other_teacher"
+    cfg = apply_overrides(
+        load_preset("digits-reduced-large-teacher"), {"steps": 4, "warmup_steps": 4, "seed": 1}
+    )
+    engine.train(cfg, other, show_progress=False)
+    fresh = tmp_path / "student"
+    fresh.mkdir()
+    for f in (reduced_run / "reduced_mpl" / "seed0").glob("large_teacher_*"):
+        shutil.copy(f, fresh / f.name)
+    stale = apply_overrides(
+        load_preset("digits-reduced-reduced-mpl"),
+        {"steps": 4, "warmup_steps": 4, "seed": 0, "large_teacher": str(other)},
+    )
+    with pytest.raises(DataError, match="model"):
+        engine.train(stale, fresh, show_progress=False)
+    assert not (fresh / "checkpoint.pt").exists()
+
+
+def test_reduced_methods_need_a_large_teacher():
+    cfg = apply_overrides(load_preset("digits-reduced-reduced-mpl"), {"large_teacher": None})
+    with pytest.raises(ConfigError, match="large_teacher"):
+        cfg.validate()
+
+
+def test_unfinished_large_teacher_is_refused(tmp_path, capsys):
+    out = tmp_path / "student"
+    code = main(
+        [
+            "train",
+            "--preset",
+            "digits-reduced-noisy-student",
+            "--out",
+            str(out),
+            "--set",
+            f"large_teacher={tmp_path / 'missing'}",
+            "--quiet",
+        ]
+    )
+    assert code == 2
+    assert "large_teacher" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_reduced_other_datasets_point_to_presets(tmp_path, capsys):
+    assert main(["reduced", "--dataset", "cifar10", "--out", str(tmp_path / "x")]) == 2
+    assert "full-large-teacher" in capsys.readouterr().err
+
+
+def test_table2_presets_exist_with_appendix_c2_values():
+    table = preset_table()
+    for dataset in ("cifar10-full", "svhn-full", "imagenet-full"):
+        for row in ("large-teacher", "supervised", "noisy-student", "reduced-mpl"):
+            cfg = apply_overrides(load_preset(f"{dataset}-{row}"), {"large_teacher": "RUN"})
+            cfg.validate()
+        reduced = table[f"{dataset}-reduced-mpl"]
+        assert reduced["teacher_optimizer"] == "adam" and reduced["teacher_lr"] == 1e-4
+        assert reduced["teacher_weight_decay"] == 1e-4
+        assert reduced["student_optimizer"] == "rmsprop"
+        assert reduced["teacher_hidden"] == (512 if dataset == "imagenet-full" else 128)
+    assert table["cifar10-full-reduced-mpl"]["model"] == "efficientnet_b0"
+    assert table["imagenet-full-reduced-mpl"]["model"] == "efficientnet_b7"
+    assert table["cifar10-full-reduced-mpl"]["unlabeled_per_class"] == 50_000
+    assert table["svhn-full-reduced-mpl"]["unlabeled_per_class"] == 35_000
+    assert table["imagenet-full-reduced-mpl"]["unlabeled_per_class"] == 12_800
+
+
+def test_reduced_teacher_starts_as_identity():
+    from metapl.models import create_model
+
+    teacher = create_model("reduced_teacher", 10, hidden=128)
+    assert sum(isinstance(m, torch.nn.Linear) for m in teacher.modules()) == 5  # 5-layer MLP
+    p = torch.softmax(torch.randn(7, 10), -1)
+    assert torch.allclose(torch.softmax(teacher(p), -1), p, atol=1e-6)
