@@ -91,10 +91,16 @@ def _train_one(job: tuple[str, int, DigitsConfig, str]) -> dict:
 
 
 def summarize(records: list[dict]) -> dict[str, dict]:
+    """method -> mean/std/n of accuracy; a method that was fine-tuned after MPL also gets a
+    "<method>_before_finetune" row (the paper's later versions report the fine-tuned student)."""
     out = {}
     for method in dict.fromkeys(r["method"] for r in records):
-        acc = np.array([r["accuracy"] for r in records if r["method"] == method])
-        out[method] = {"mean": float(acc.mean()), "std": float(acc.std()), "n": len(acc)}
+        rows = [r for r in records if r["method"] == method]
+        for key, name in (("accuracy_before_finetune", f"{method}_before_finetune"),
+                          ("accuracy", method)):
+            acc = np.array([r[key] for r in rows if key in r])
+            if len(acc):
+                out[name] = {"mean": float(acc.mean()), "std": float(acc.std()), "n": len(acc)}
     return out
 
 
