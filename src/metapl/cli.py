@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     keys = ", ".join(TrainConfig.__dataclass_fields__)
     p = sub.add_parser(
         "train",
-        help="train one preset (Table 1 rows, digits) with resumable checkpoints",
+        help="train one preset (Table 1 and Table 2 rows, digits) with resumable checkpoints",
         description=(
             "Train a preset. Running the same command with the same --out resumes from "
             "DIR/checkpoint.pt. DIR receives config.json (the resolved configuration), "
@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("presets", help="list the presets of Table 1 / Table 3 and digits")
+    p = sub.add_parser("presets", help="list the presets: Table 1 x Table 3, Table 2, digits")
     p.set_defaults(func=_cmd_presets)
 
     p = sub.add_parser(
