@@ -523,7 +523,12 @@ def test_digits_command_writes_results_and_figure9(tmp_path, capsys):
     ]
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in records)
     assert all(r["steps"] == 4 for r in records[:2])
-    assert set(payload["summary"]) == {"supervised", "uda_mpl", "label_spreading"}
+    assert set(payload["summary"]) == {
+        "supervised",
+        "uda_mpl",
+        "uda_mpl_before_finetune",
+        "label_spreading",
+    }
     assert (out / "figure9.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     series = json.loads((out / "figure9.json").read_text())
     assert set(series) == {"Supervised", "MPL teacher", "MPL student"}

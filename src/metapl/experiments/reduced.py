@@ -120,5 +120,5 @@ def run_reduced(cfg: ReducedConfig, out: Path, show_progress: bool = True) -> di
     )
     print(f"digits ReducedMPL (Section 4.2), seeds {cfg.seeds}: test accuracy (497 images)")
     for method, s in summary.items():
-        print(f"  {method:<16} {100 * s['mean']:6.2f} +- {100 * s['std']:5.2f} %  (n={s['n']})")
+        print(f"  {method:<24} {100 * s['mean']:6.2f} +- {100 * s['std']:5.2f} %  (n={s['n']})")
     return payload
