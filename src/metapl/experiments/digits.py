@@ -8,7 +8,6 @@ nets on 8x8 images use a core better as separate processes than as intra-op thre
 
 from __future__ import annotations
 
-import json
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from metapl.errors import ConfigError
+from metapl.report import print_accuracy_table, write_json_atomic
 
 ENGINE_METHODS = ("supervised", "uda", "uda_mpl")
 METHODS = (*ENGINE_METHODS, "label_spreading")
@@ -140,14 +140,12 @@ def run_digits(cfg: DigitsConfig, out: Path, show_progress: bool = True) -> dict
     records.sort(key=lambda r: (METHODS.index(r["method"]), r["seed"]))
     summary = summarize(records)
     payload = {"config": asdict(cfg), "results": records, "summary": summary}
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(payload, indent=1))
-    tmp.replace(out / "results.json")
+    write_json_atomic(out / "results.json", payload)
     if {"supervised", "uda_mpl"} <= set(cfg.methods):
         plot_figure9(out, cfg.seeds[0], out / "figure9.png")
-    print(
-        f"digits, {cfg.labels_per_class} labels per class, seeds {cfg.seeds}: test accuracy (497 images)"
+    print_accuracy_table(
+        f"digits, {cfg.labels_per_class} labels per class, seeds {cfg.seeds}: test accuracy "
+        "(497 images)",
+        summary,
     )
-    for method, s in summary.items():
-        print(f"  {method:<24} {100 * s['mean']:6.2f} +- {100 * s['std']:5.2f} %  (n={s['n']})")
     return payload

@@ -13,13 +13,13 @@ Writes ``results.json`` (records with "method", "seed", "accuracy") and ``figure
 
 from __future__ import annotations
 
-import json
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from metapl.errors import ConfigError
 from metapl.experiments.digits import summarize
+from metapl.report import print_accuracy_table, write_json_atomic
 
 STUDENTS = ("supervised", "noisy_student", "reduced_mpl")
 
@@ -112,13 +112,11 @@ def run_reduced(cfg: ReducedConfig, out: Path, show_progress: bool = True) -> di
     records.sort(key=lambda r: (order.index(r["method"]), r["seed"]))
     summary = summarize(records)
     payload = {"config": asdict(cfg), "results": records, "summary": summary}
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(payload, indent=1))
-    tmp.replace(out / "results.json")
+    write_json_atomic(out / "results.json", payload)
     plot_figure10(
         out / "reduced_mpl" / f"seed{cfg.seeds[0]}" / "figure10.json", out / "figure10.png"
     )
-    print(f"digits ReducedMPL (Section 4.2), seeds {cfg.seeds}: test accuracy (497 images)")
-    for method, s in summary.items():
-        print(f"  {method:<24} {100 * s['mean']:6.2f} +- {100 * s['std']:5.2f} %  (n={s['n']})")
+    print_accuracy_table(
+        f"digits ReducedMPL (Section 4.2), seeds {cfg.seeds}: test accuracy (497 images)", summary
+    )
     return payload

@@ -8,7 +8,6 @@ signal (exact gradient) plus the supervised signal on the 6 labeled points. No c
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from metapl.data.twomoons import make_twomoons
 from metapl.experiments.stacked import StackedMLP
 from metapl.losses import batch_mean, hard_cross_entropy, soft_cross_entropy
 from metapl.mpl import MetaPseudoLabels
+from metapl.report import write_json_atomic
 
 METHODS = ("supervised", "pseudo_label_hard", "pseudo_label_soft", "mpl")
 
@@ -256,8 +256,6 @@ def save(result: dict, cfg: TwoMoonsConfig, out: Path) -> None:
         },
         "grad_cosine": cos,
     }
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(payload, indent=1))
-    tmp.replace(out / "results.json")
+    write_json_atomic(out / "results.json", payload)
     plot_decision_regions(result, cfg, out / "twomoons.png")
     plot_gradient_cosine(cos, out / "grad_cosine.png")

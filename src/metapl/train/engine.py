@@ -8,7 +8,6 @@ last checkpoint left off and ends with exactly the weights of an uninterrupted r
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from metapl.errors import ConfigError
 from metapl.methods.build import autocast_dtype, build_method
 from metapl.methods.supervised import SupervisedMethod
 from metapl.models import param_groups_for_weight_decay
+from metapl.report import write_json_atomic
 from metapl.train.checkpoint import (
     capture_rng,
     check_resumable,
@@ -64,12 +64,6 @@ def load_data(cfg: TrainConfig) -> SSLSplit:
             options["unlabeled_dir"] = cfg.unlabeled_dir
         split = load_split(cfg.dataset, cfg.data_dir, **options)
     return split.tuning_view() if cfg.tuning else split
-
-
-def _atomic_json(path: Path, payload: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1, sort_keys=True))
-    tmp.replace(path)
 
 
 class Run:
@@ -256,7 +250,7 @@ def train(cfg: TrainConfig, out_dir: Path | str, show_progress: bool = True) -> 
         )
     run = Run(cfg, split, device)  # a bad model or schedule fails here, still before any write
     out_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_json(out_dir / "config.json", cfg.to_dict())
+    write_json_atomic(out_dir / "config.json", cfg.to_dict())
 
     if saved is not None:
         run.load_state_dict(saved)
@@ -313,6 +307,6 @@ def train(cfg: TrainConfig, out_dir: Path | str, show_progress: bool = True) -> 
         "seconds_this_session": time.perf_counter() - start_time,
     }
     if watched is not None:
-        _atomic_json(out_dir / "figure10.json", watched.series())
-    _atomic_json(out_dir / "results.json", summary)
+        write_json_atomic(out_dir / "figure10.json", watched.series())
+    write_json_atomic(out_dir / "results.json", summary)
     return summary
