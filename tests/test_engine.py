@@ -357,3 +357,52 @@ def test_uda_method_trains_on_labeled_weak_and_strong_in_one_pass():
     assert metrics["uda_consistency"].item() == pytest.approx(want.item(), rel=1e-6)
     supervised = F.cross_entropy(logits(b.x_labeled), b.y_labeled)
     assert metrics["student_supervised"].item() == pytest.approx(supervised.item(), rel=1e-6)
+
+
+# --- Table 2 pipeline on a full split (cifar10-full), tiny files ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def cifar_full_root(tmp_path_factory):
+    # cifar10-full reserves the first 4,000 training images for tuning: 4,100 leaves 100 labeled.
+    return write_cifar10(tmp_path_factory.mktemp("cifar_full"), per_batch=820, test=40)
+
+
+def test_cifar10_full_reduced_mpl_pipeline_on_tiny_files(tmp_path, cifar_full_root):
+    import numpy as np
+
+    data = ["--data-dir", str(cifar_full_root), "--steps", "2", "--quiet", *SMALL]
+    teacher_run = tmp_path / "large"
+    assert (
+        main(["train", "--preset", "cifar10-full-large-teacher", "--out", str(teacher_run), *data])
+        == 0
+    )
+    student_run = tmp_path / "student"
+    assert (
+        main(
+            [
+                "train",
+                "--preset",
+                "cifar10-full-reduced-mpl",
+                "--out",
+                str(student_run),
+                *data,
+                "--set",
+                f"large_teacher={teacher_run}",
+                "--set",
+                "unlabeled_per_class=5",
+            ]
+        )
+        == 0
+    )
+    (record,) = json.loads((student_run / "results.json").read_text())["results"]
+    assert (record["method"], record["dataset"]) == ("reduced_mpl", "cifar10-full")
+    probs_l = np.load(student_run / "large_teacher_labeled.npy")
+    probs_u = np.load(student_run / "large_teacher_unlabeled.npy")
+    assert probs_l.shape == (4100, 10)  # labeled = 100 + the 4,000 reserved for tuning
+    assert probs_u.shape == (100, 10)  # no unlabeled folder: the non-tuning training images
+    ckpt = load_checkpoint(student_run / "checkpoint.pt")
+    assert ckpt["config"]["student_optimizer"] == "rmsprop"
+    assert "hidden.0.weight" in "".join(ckpt["teacher"])  # the reduced MLP teacher
+    series = json.loads((student_run / "figure10.json").read_text())
+    assert len(series["large_teacher"]) == 6
