@@ -1,0 +1,157 @@
+"""`metapl bench`: milliseconds and peak memory of each kind of step, on WRN-28-2 by default.
+
+Times the median of ``repeats`` runs after ``warmup`` runs (CUDA: synchronized around each run) and
+records peak memory (CUDA: ``max_memory_allocated`` per benchmark; CPU: not measured, null). The
+setup follows DESIGN.md section 6: labeled batch B, unlabeled 7B, the teacher seeing two unlabeled
+views (UDA). JSON: ``{"machine": ..., "results": [{"name", "ms", "peak_mib", ...}]}``.
+"""
+
+from __future__ import annotations
+
+import copy
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from metapl.report import write_json_atomic
+
+
+def _machine(device: torch.device) -> dict:
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_threads": torch.get_num_threads(),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _time(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> dict:
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(1000 * (time.perf_counter() - start))
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return {"ms": statistics.median(times), "ms_all": times, "peak_mib": peak}
+
+
+def run_bench(
+    device: str = "cpu",
+    batch_size: int | None = None,
+    precision: str = "fp32",
+    model: str = "wrn28_2",
+    repeats: int | None = None,
+    warmup: int = 3,
+    json_path: Path | None = None,
+    progress: Callable[[str], None] = print,
+) -> dict:
+    from metapl.mpl import double_backward_teacher_gradient
+    from metapl.train.config import TrainConfig, apply_overrides
+    from metapl.train.data import BatchSource
+    from metapl.train.engine import Run, resolve_device
+
+    dev = resolve_device(device)
+    on_gpu = dev.type == "cuda"
+    batch_size = batch_size or (128 if on_gpu else 4)
+    repeats = repeats or (20 if on_gpu else 5)
+    torch.manual_seed(0)
+    rng = np.random.RandomState(0)
+    n_l, n_u = batch_size, 7 * batch_size
+
+    def config(method: str, **extra) -> TrainConfig:
+        base = {
+            "dataset": "cifar10-4k",
+            "model": model,
+            "method": method,
+            "device": dev.type,
+            "batch_size": batch_size,
+            "precision": precision,
+            "steps": 10_000,
+            "warmup_steps": 10,
+            **extra,
+        }
+        return apply_overrides(TrainConfig(), base).validate()
+
+    # Synthetic CIFAR-shaped data: uint8 images as the readers return them.
+    from metapl.data.splits import SSLSplit
+
+    images = rng.randint(0, 256, (max(4 * n_u, 1024), 32, 32, 3), dtype=np.uint8)
+    labels = rng.randint(0, 10, len(images)).astype(np.int64)
+    split = SSLSplit(
+        images, labels, images, images[:0], labels[:0], images[:64], labels[:64], 10, "synthetic"
+    )
+
+    def method_and_batch(cfg: TrainConfig):
+        run = Run(cfg, split, dev)
+        source = BatchSource(split, cfg, run.method.views, dev)
+        return run, source, source.batch(0)
+
+    results = []
+
+    def record(name: str, fn, **meta) -> None:
+        row = {"name": name, **_time(fn, dev, warmup, repeats), **meta}
+        results.append(row)
+        peak = "-" if row["peak_mib"] is None else f"{row['peak_mib']:.0f} MiB"
+        progress(f"{name:<34} {row['ms']:9.2f} ms   peak {peak}")
+
+    # 1. the student's supervised update alone, on the unlabeled-sized batch
+    run, _, batch = method_and_batch(config("supervised", batch_size=n_u))
+    record("student_supervised_step", lambda: run.method.step(batch), images=n_u)
+    # 2. the teacher's UDA step: labeled + two unlabeled views
+    run, _, batch = method_and_batch(config("uda"))
+    record("teacher_uda_step", lambda: run.method.step(batch), images=n_l + 2 * n_u)
+    # 3-4. UDA+MPL, first-order and exact
+    run, _, batch = method_and_batch(config("uda_mpl", mpl_estimator="first_order"))
+    record("first_order_mpl_step", lambda: run.method.step(batch))
+    run, source, batch = method_and_batch(config("uda_mpl"))
+    record("exact_mpl_step", lambda: run.method.step(batch))
+    # 5. the same exact teacher gradient by double backward (the oracle), MPL term only
+    teacher, student = run.method.models["teacher"], run.method.models["student"]
+    s_opt = run.method.optimizers["student"]
+    t_copy, s_copy = copy.deepcopy(teacher), copy.deepcopy(student)
+    o_copy = type(s_opt)(s_copy.parameters(), **s_opt.defaults)
+
+    def double_backward() -> None:
+        grads = double_backward_teacher_gradient(
+            t_copy, s_copy, o_copy, batch.x_labeled, batch.y_labeled, batch.x_unlabeled_strong
+        )
+        for p, g in zip(t_copy.parameters(), grads):
+            p.grad = g
+
+    record("double_backward_mpl_teacher_gradient", double_backward)
+    # 6. a whole training step: per-image RandAugment + data loading + the exact UDA+MPL step
+    step = iter(range(1, 10**9))
+    record("train_step_exact_uda_mpl", lambda: run.method.step(source.batch(next(step))))
+
+    payload = {
+        "machine": _machine(dev),
+        "setup": {
+            "model": model,
+            "batch_labeled": n_l,
+            "batch_unlabeled": n_u,
+            "precision": precision,
+            "repeats": repeats,
+            "warmup": warmup,
+        },
+        "results": results,
+    }
+    if json_path is not None:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(Path(json_path), payload)
+    return payload

@@ -1,0 +1,48 @@
+"""`metapl bench` writes the JSON the issue asks for (a tiny model on CPU: the shape, not speed)."""
+
+import json
+
+from torch import nn
+
+from metapl.cli import main
+from metapl.models import list_models, register_model
+from metapl.models.small import DigitsCNN
+
+
+def bench_tiny_cnn(num_classes: int, dropout: float = 0.0) -> nn.Module:
+    return DigitsCNN(num_classes, width=4, dropout=dropout, in_chans=3)
+
+
+if "bench_tiny_cnn" not in list_models():
+    register_model(bench_tiny_cnn)
+
+
+def test_bench_writes_every_step_kind(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    args = [
+        "bench",
+        "--device",
+        "cpu",
+        "--batch-size",
+        "2",
+        "--repeats",
+        "2",
+        "--model",
+        "bench_tiny_cnn",
+        "--json",
+        str(out),
+    ]
+    assert main(args) == 0
+    payload = json.loads(out.read_text())
+    assert payload["machine"]["device"] == "cpu" and "torch" in payload["machine"]
+    names = [r["name"] for r in payload["results"]]
+    for part in ("supervised", "uda", "first_order", "exact", "double_backward", "train_step"):
+        assert any(part in n for n in names), part
+    assert all(r["ms"] > 0 and len(r["ms_all"]) == 2 for r in payload["results"])
+    assert payload["setup"]["batch_unlabeled"] == 14
+    assert "exact_mpl_step" in capsys.readouterr().out
+
+
+def test_bench_rejects_a_bad_batch_size(tmp_path, capsys):
+    assert main(["bench", "--device", "cpu", "--batch-size", "0"]) == 2
+    assert "--batch-size" in capsys.readouterr().err
