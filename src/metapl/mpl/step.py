@@ -82,6 +82,9 @@ class MetaPseudoLabels:
         batch_dim: the dimension of inputs and logits that indexes examples. Leading dimensions
             index independent ensemble members (e.g. stacked seeds) whose losses are summed.
         check_inputs: check labels are in range every step (one host sync on GPU).
+        grad_sync: data parallelism: an object with ``mean_(tensors)`` and ``world_size`` that
+            averages gradients across processes in place (:class:`metapl.distributed.
+            GradientAverager`); each process then passes its own shard of the batches.
     """
 
     def __init__(
@@ -101,6 +104,7 @@ class MetaPseudoLabels:
         autocast_dtype: torch.dtype | None = None,
         batch_dim: int = 0,
         check_inputs: bool = True,
+        grad_sync=None,
     ):
         if estimator not in ESTIMATORS:
             raise ConfigError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
@@ -127,6 +131,7 @@ class MetaPseudoLabels:
         self.autocast_dtype = autocast_dtype
         self.batch_dim = batch_dim
         self.check_inputs = check_inputs
+        self.grad_sync = grad_sync
         self.step_count = 0
         self.baseline: Tensor | None = None
         # The student's trainable parameters, named, in the optimizer's order.
@@ -180,6 +185,7 @@ class MetaPseudoLabels:
             metrics["teacher_extra"] = extra.detach()
         self.teacher_optimizer.zero_grad(set_to_none=True)
         teacher_loss.backward()
+        self._average([p.grad for p in self.teacher.parameters()])
         self.teacher_optimizer.step()
         self.step_count += 1
 
@@ -200,6 +206,11 @@ class MetaPseudoLabels:
         self.baseline = state["baseline"]
 
     # ------------------------------------------------------------------ internals
+
+    def _average(self, tensors) -> None:
+        """Average across data-parallel processes (no-op without ``grad_sync``)."""
+        if self.grad_sync is not None:
+            self.grad_sync.mean_([t for t in tensors if t is not None])
 
     def _autocast(self, device: torch.device):
         if self.autocast_dtype is None:
@@ -230,7 +241,9 @@ class MetaPseudoLabels:
         loss = batch_mean(soft_cross_entropy(upcast(s_logits), targets), self.batch_dim)
         self.student_optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        return loss, [p.grad for p in self._student_params]
+        grads = [p.grad for p in self._student_params]
+        self._average(grads)  # before the optimizer (and the factors) read g
+        return loss, grads
 
     def _labeled_loss(self, x_l: Tensor, y_l: Tensor) -> Tensor:
         """The student's per-member labeled CE without touching its running statistics."""
@@ -252,6 +265,7 @@ class MetaPseudoLabels:
         # v = grad of R at theta_{t+1}; w = (dU/dg)^T v (diagonal).
         labeled_after = self._labeled_loss(x_l, y_l)
         v = torch.autograd.grad(labeled_after.sum(), params, allow_unused=True)
+        self._average(v)
         tangents = {
             name: (f * vi).to(p.dtype)
             for name, p, f, vi in zip(self._student_names, theta_t, factors, v)
@@ -299,6 +313,7 @@ class MetaPseudoLabels:
         self.student_optimizer.step()
         with torch.no_grad(), replayed_rng(labeled_rng):
             after = self._labeled_loss(x_l, y_l)
+        self._average([before, after])  # R over the whole (all processes') labeled batch
         reward = before - after  # old minus new: positive when the update helped
         advantage = reward
         if self.baseline_decay is not None:
@@ -312,6 +327,8 @@ class MetaPseudoLabels:
         log_q_sum = hard_cross_entropy(teacher_logits_u / self.temperature, sampled).sum(
             dim=self.batch_dim
         )
+        if self.grad_sync is not None:  # a sum over all processes' examples, averaged back later
+            log_q_sum = log_q_sum * self.grad_sync.world_size
         mpl_term = (advantage.detach() * log_q_sum).sum()
         return mpl_term, {
             "student_unlabeled": student_loss.detach(),

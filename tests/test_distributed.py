@@ -1,0 +1,83 @@
+"""Data parallelism: one MPL step on 2 gloo processes, each with half of every batch, equals one
+single-process step on the whole batch (models without BatchNorm or dropout, float64)."""
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from metapl import MetaPseudoLabels
+from metapl.distributed import GradientAverager
+
+OPTIMIZERS = {
+    "sgd_nesterov": lambda p: torch.optim.SGD(p, lr=0.2, momentum=0.9, nesterov=True),
+    "adam": lambda p: torch.optim.Adam(p, lr=0.01),
+    "rmsprop": lambda p: torch.optim.RMSprop(p, lr=0.01, alpha=0.9, eps=1e-3, momentum=0.9),
+}
+
+
+def _problem():
+    torch.manual_seed(0)
+    make = lambda: nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 3)).double()  # noqa: E731
+    teacher, student = make(), make()
+    g = torch.Generator().manual_seed(1)
+    x_l = torch.randn(8, 4, generator=g, dtype=torch.float64)
+    y_l = torch.randint(0, 3, (8,), generator=g)
+    x_u = torch.randn(12, 4, generator=g, dtype=torch.float64)
+    return teacher, student, x_l, y_l, x_u
+
+
+def _train(opt_name: str, rank: int = 0, world: int = 1, grad_sync=None):
+    teacher, student, x_l, y_l, x_u = _problem()
+    mpl = MetaPseudoLabels(
+        teacher,
+        student,
+        torch.optim.SGD(teacher.parameters(), lr=0.1, momentum=0.9),
+        OPTIMIZERS[opt_name](student.parameters()),
+        temperature=0.8,
+        grad_sync=grad_sync,
+    )
+    for step in range(2):
+        # a different batch each step, sharded by rank
+        x_l_s, y_l_s, x_u_s = x_l.roll(step, 0), y_l.roll(step, 0), x_u.roll(3 * step, 0)
+        n_l, n_u = len(x_l) // world, len(x_u) // world
+        mpl.step(
+            x_l_s[rank * n_l : (rank + 1) * n_l],
+            y_l_s[rank * n_l : (rank + 1) * n_l],
+            x_u_s[rank * n_u : (rank + 1) * n_u],
+        )
+    return teacher, student
+
+
+def _worker(rank: int, world: int, init_file: str, out: str, opt_name: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        teacher, student = _train(opt_name, rank, world, GradientAverager())
+        if rank == 0:
+            torch.save({"teacher": teacher.state_dict(), "student": student.state_dict()}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
+def test_two_process_step_equals_one_process_step_on_the_whole_batch(tmp_path, opt_name):
+    out = tmp_path / "rank0.pt"
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(out), opt_name), nprocs=2, join=True)
+    got = torch.load(out)
+    teacher, student = _train(opt_name)
+    moved = False
+    for name, model in (("teacher", teacher), ("student", student)):
+        for key, want in model.state_dict().items():
+            torch.testing.assert_close(got[name][key], want, rtol=1e-10, atol=1e-12)
+        moved |= not torch.equal(
+            got[name]["0.weight"], _problem()[0 if name == "teacher" else 1][0].weight
+        )
+    assert moved
+
+
+def test_without_averaging_the_shards_disagree(tmp_path):
+    """The check above can fail: a shard's step alone differs from the whole batch's step."""
+    teacher, _ = _train("adam", rank=0, world=2, grad_sync=None)
+    whole, _ = _train("adam")
+    assert not torch.allclose(teacher[0].weight, whole[0].weight, rtol=1e-6)
