@@ -223,121 +223,35 @@ def _efficientnet(
     )
 
 
-@register_model
-def efficientnet_b0(
-    num_classes: int,
-    dropout: float = 0.2,
-    drop_path: float = 0.2,
-    in_chans: int = 3,
-    bn_momentum: float = BN_MOMENTUM,
-    bn_eps: float = 1e-3,
-) -> EfficientNet:
-    """EfficientNet-B0 (5.29 M parameters, 224 px): the CIFAR-10 / SVHN student of Section 4.2."""
-    return _efficientnet(
-        "efficientnet_b0", num_classes, dropout, drop_path, in_chans, bn_momentum, bn_eps
+def _register_variant(name: str):
+    """Register ``name`` (efficientnet_b0..b7) as a constructor whose default dropout is the
+    variant's own; the signature stays explicit so ``create_model`` can check keyword options."""
+    width, depth, resolution, variant_dropout = EFFICIENTNET_PARAMS[name]
+
+    def constructor(
+        num_classes: int,
+        dropout: float = variant_dropout,
+        drop_path: float = 0.2,
+        in_chans: int = 3,
+        bn_momentum: float = BN_MOMENTUM,
+        bn_eps: float = 1e-3,
+    ) -> EfficientNet:
+        return _efficientnet(name, num_classes, dropout, drop_path, in_chans, bn_momentum, bn_eps)
+
+    constructor.__name__ = constructor.__qualname__ = name
+    constructor.__doc__ = (
+        f"EfficientNet-{name[-2:].upper()} (width x{width}, depth x{depth}, native {resolution} px, "
+        f"dropout {variant_dropout}). B0 is the CIFAR-10/SVHN student of Section 4.2, B7 the "
+        "ImageNet one."
     )
+    return register_model(constructor)
 
 
-@register_model
-def efficientnet_b1(
-    num_classes: int,
-    dropout: float = 0.2,
-    drop_path: float = 0.2,
-    in_chans: int = 3,
-    bn_momentum: float = BN_MOMENTUM,
-    bn_eps: float = 1e-3,
-) -> EfficientNet:
-    """EfficientNet-B1 (7.79 M parameters, 240 px)."""
-    return _efficientnet(
-        "efficientnet_b1", num_classes, dropout, drop_path, in_chans, bn_momentum, bn_eps
-    )
-
-
-@register_model
-def efficientnet_b2(
-    num_classes: int,
-    dropout: float = 0.3,
-    drop_path: float = 0.2,
-    in_chans: int = 3,
-    bn_momentum: float = BN_MOMENTUM,
-    bn_eps: float = 1e-3,
-) -> EfficientNet:
-    """EfficientNet-B2 (9.11 M parameters, 260 px)."""
-    return _efficientnet(
-        "efficientnet_b2", num_classes, dropout, drop_path, in_chans, bn_momentum, bn_eps
-    )
-
-
-@register_model
-def efficientnet_b3(
-    num_classes: int,
-    dropout: float = 0.3,
-    drop_path: float = 0.2,
-    in_chans: int = 3,
-    bn_momentum: float = BN_MOMENTUM,
-    bn_eps: float = 1e-3,
-) -> EfficientNet:
-    """EfficientNet-B3 (12.23 M parameters, 300 px)."""
-    return _efficientnet(
-        "efficientnet_b3", num_classes, dropout, drop_path, in_chans, bn_momentum, bn_eps
-    )
-
-
-@register_model
-def efficientnet_b4(
-    num_classes: int,
-    dropout: float = 0.4,
-    drop_path: float = 0.2,
-    in_chans: int = 3,
-    bn_momentum: float = BN_MOMENTUM,
-    bn_eps: float = 1e-3,
-) -> EfficientNet:
-    """EfficientNet-B4 (19.34 M parameters, 380 px)."""
-    return _efficientnet(
-        "efficientnet_b4", num_classes, dropout, drop_path, in_chans, bn_momentum, bn_eps
-    )
-
-
-@register_model
-def efficientnet_b5(
-    num_classes: int,
-    dropout: float = 0.4,
-    drop_path: float = 0.2,
-    in_chans: int = 3,
-    bn_momentum: float = BN_MOMENTUM,
-    bn_eps: float = 1e-3,
-) -> EfficientNet:
-    """EfficientNet-B5 (30.39 M parameters, 456 px)."""
-    return _efficientnet(
-        "efficientnet_b5", num_classes, dropout, drop_path, in_chans, bn_momentum, bn_eps
-    )
-
-
-@register_model
-def efficientnet_b6(
-    num_classes: int,
-    dropout: float = 0.5,
-    drop_path: float = 0.2,
-    in_chans: int = 3,
-    bn_momentum: float = BN_MOMENTUM,
-    bn_eps: float = 1e-3,
-) -> EfficientNet:
-    """EfficientNet-B6 (43.04 M parameters, 528 px)."""
-    return _efficientnet(
-        "efficientnet_b6", num_classes, dropout, drop_path, in_chans, bn_momentum, bn_eps
-    )
-
-
-@register_model
-def efficientnet_b7(
-    num_classes: int,
-    dropout: float = 0.5,
-    drop_path: float = 0.2,
-    in_chans: int = 3,
-    bn_momentum: float = BN_MOMENTUM,
-    bn_eps: float = 1e-3,
-) -> EfficientNet:
-    """EfficientNet-B7 (66.35 M parameters, 600 px): the ImageNet student of Section 4.2."""
-    return _efficientnet(
-        "efficientnet_b7", num_classes, dropout, drop_path, in_chans, bn_momentum, bn_eps
-    )
+efficientnet_b0 = _register_variant("efficientnet_b0")
+efficientnet_b1 = _register_variant("efficientnet_b1")
+efficientnet_b2 = _register_variant("efficientnet_b2")
+efficientnet_b3 = _register_variant("efficientnet_b3")
+efficientnet_b4 = _register_variant("efficientnet_b4")
+efficientnet_b5 = _register_variant("efficientnet_b5")
+efficientnet_b6 = _register_variant("efficientnet_b6")
+efficientnet_b7 = _register_variant("efficientnet_b7")
