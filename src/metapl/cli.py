@@ -258,6 +258,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=None, help="timed runs (default: 20 CUDA, 5 CPU)")
     p.add_argument("--json", help="write the results here")
     p.set_defaults(func=_cmd_bench)
+
+    # Commands whose options live next to their code: each module has add_arguments(parser)
+    # and run(args); importing them is cheap (heavy imports happen inside run).
+    from metapl import export, predict, tune
+
+    for name, module in (("tune", tune), ("predict", predict), ("export", export)):
+        p = sub.add_parser(name, help=module.HELP, description=module.DESCRIPTION)
+        module.add_arguments(p)
+        p.set_defaults(func=module.run)
     return parser
 
 
