@@ -8,7 +8,6 @@ views (UDA). JSON: ``{"machine": ..., "results": [{"name", "ms", "peak_mib", ...
 
 from __future__ import annotations
 
-import copy
 import platform
 import statistics
 import time
@@ -61,7 +60,6 @@ def run_bench(
     json_path: Path | None = None,
     progress: Callable[[str], None] = print,
 ) -> dict:
-    from metapl.mpl import double_backward_teacher_gradient
     from metapl.train.config import TrainConfig, apply_overrides
     from metapl.train.data import BatchSource
     from metapl.train.engine import Run, resolve_device
@@ -121,20 +119,9 @@ def run_bench(
     record("first_order_mpl_step", lambda: run.method.step(batch))
     run, source, batch = method_and_batch(config("uda_mpl"))
     record("exact_mpl_step", lambda: run.method.step(batch))
-    # 5. the same exact teacher gradient by double backward (the oracle), MPL term only
-    teacher, student = run.method.models["teacher"], run.method.models["student"]
-    s_opt = run.method.optimizers["student"]
-    t_copy, s_copy = copy.deepcopy(teacher), copy.deepcopy(student)
-    o_copy = type(s_opt)(s_copy.parameters(), **s_opt.defaults)
-
-    def double_backward() -> None:
-        grads = double_backward_teacher_gradient(
-            t_copy, s_copy, o_copy, batch.x_labeled, batch.y_labeled, batch.x_unlabeled_strong
-        )
-        for p, g in zip(t_copy.parameters(), grads):
-            p.grad = g
-
-    record("double_backward_mpl_teacher_gradient", double_backward)
+    # 5. the same exact UDA+MPL step with the teacher's MPL gradient by double backward
+    db_run, _, db_batch = method_and_batch(config("uda_mpl", mpl_estimator="double_backward"))
+    record("double_backward_mpl_step", lambda: db_run.method.step(db_batch))
     # 6. a whole training step: per-image RandAugment + data loading + the exact UDA+MPL step
     step = iter(range(1, 10**9))
     record("train_step_exact_uda_mpl", lambda: run.method.step(source.batch(next(step))))

@@ -12,7 +12,10 @@ Data flow of one exact step (Section 3.1, Figure 4; the math is in DESIGN.md sec
    the gradient of the last term is exactly grad_Psi R(theta_{t+1}). One teacher backward, one step.
 
 No second-order graph is built. The first-order estimator (later versions of the paper) replaces
-3-4 by a REINFORCE-style term; see :meth:`MetaPseudoLabels._first_order_student_step`.
+3-4 by a REINFORCE-style term; see :meth:`MetaPseudoLabels._first_order_student_step`. The
+``double_backward`` estimator computes the same exact gradient the obvious, slow way (a second-order
+graph through a differentiable copy of the optimizer's step): it is the yardstick of `metapl bench`
+and an end-to-end oracle for the exact step.
 """
 
 from __future__ import annotations
@@ -37,9 +40,14 @@ from metapl.losses import (
     upcast,
 )
 from metapl.mpl.replay import RngState, buffer_copies, module_device, replayed_rng
-from metapl.mpl.update_rules import optimizer_params, rule_for, update_factors
+from metapl.mpl.update_rules import (
+    optimizer_params,
+    reference_update,
+    rule_for,
+    update_factors,
+)
 
-ESTIMATORS = ("exact", "first_order")
+ESTIMATORS = ("exact", "first_order", "double_backward")
 
 
 @dataclass
@@ -74,7 +82,9 @@ class MetaPseudoLabels:
         mpl_weight: weight of the MPL signal in the teacher's loss.
         teacher_extra_loss: ``f(TeacherLogits) -> scalar`` added to the teacher's loss (e.g. UDA);
             its extra inputs come from ``step(..., teacher_extra_inputs=...)``.
-        estimator: ``"exact"`` (default) or ``"first_order"`` (REINFORCE with h = R_old - R_new).
+        estimator: ``"exact"`` (default), ``"first_order"`` (REINFORCE with h = R_old - R_new), or
+            ``"double_backward"`` (the exact gradient by second-order autograd: same result as
+            ``"exact"``, slower and more memory; single process only).
         baseline_decay: first-order only: subtract a moving average of h (decay in [0, 1)),
             started at 0; ``None`` for no moving-average baseline.
         autocast_dtype: e.g. ``torch.bfloat16`` to run forward passes under autocast; losses and
@@ -114,8 +124,13 @@ class MetaPseudoLabels:
             raise ConfigError(f"baseline_decay must be in [0, 1) or None, got {baseline_decay}")
         if not 0.0 <= label_smoothing < 1.0:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-        if estimator == "exact":
+        if estimator in ("exact", "double_backward"):
             rule_for(student_optimizer)  # fail now, not at the first step
+        if estimator == "double_backward" and grad_sync is not None:
+            raise ConfigError(
+                "estimator='double_backward' runs in one process only (an all-reduce is not "
+                "differentiable); use estimator='exact', which gives the same gradient"
+            )
         student_ids = {id(p) for p in student.parameters()}
         if any(id(p) not in student_ids for _, p in optimizer_params(student_optimizer)):
             raise ConfigError("student_optimizer must optimize the student's own parameters")
@@ -169,6 +184,10 @@ class MetaPseudoLabels:
 
         if self.estimator == "exact":
             mpl_term, metrics = self._exact_student_step(x_labeled, y_labeled, x_unlabeled, targets)
+        elif self.estimator == "double_backward":
+            mpl_term, metrics = self._double_backward_student_step(
+                x_labeled, y_labeled, x_unlabeled, targets
+            )
         else:
             mpl_term, metrics = self._first_order_student_step(
                 x_labeled, y_labeled, x_unlabeled, logits.unlabeled
@@ -286,6 +305,41 @@ class MetaPseudoLabels:
         # <g(Psi), w> with J constant: its gradient in Psi is exactly grad_Psi R(theta_{t+1}).
         mpl_term = batch_mean(-(targets * jvp.detach()).sum(dim=-1), self.batch_dim)
         return mpl_term, {
+            "student_unlabeled": student_loss.detach(),
+            "student_labeled_after": labeled_after.detach().sum(),
+        }
+
+    def _double_backward_student_step(
+        self, x_l: Tensor, y_l: Tensor, x_u: Tensor, targets: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The exact gradient by a second-order graph (DESIGN.md section 2's oracle, as a step).
+
+        g is kept as a function of the teacher's targets (``create_graph``), theta_{t+1} = U(g)
+        through a differentiable copy of the optimizer's rule, and the MPL term is R(theta_{t+1})
+        itself: the teacher's backward then runs through the student's backward. Random numbers
+        are drawn in the same order as the exact step (update pass, then the labeled pass), so
+        both see the same dropout masks and give the same teacher update.
+        """
+        device = module_device(self.student)
+        params = self._student_params
+        # The graph must outlive optimizer.step(), which writes the parameters in place: it is
+        # built on copies of theta_t (the module's own buffers, so running statistics update once).
+        theta_t = [p.detach().clone().requires_grad_(True) for p in params]
+        with self._autocast(device):
+            s_logits = functional_call(
+                self.student, dict(zip(self._student_names, theta_t)), (x_u,)
+            )
+        student_loss = batch_mean(soft_cross_entropy(upcast(s_logits), targets), self.batch_dim)
+        grads = torch.autograd.grad(student_loss, theta_t, create_graph=True, allow_unused=True)
+        theta_next = reference_update(self.student_optimizer, grads)  # reads the state first
+        for p, g in zip(params, grads):
+            p.grad = None if g is None else g.detach()
+        self.student_optimizer.step()
+        weights = dict(zip(self._student_names, theta_next))
+        with self._autocast(device):
+            s_l = functional_call(self.student, {**buffer_copies(self.student), **weights}, (x_l,))
+        labeled_after = member_mean(hard_cross_entropy(upcast(s_l), y_l), self.batch_dim)
+        return labeled_after.sum(), {
             "student_unlabeled": student_loss.detach(),
             "student_labeled_after": labeled_after.detach().sum(),
         }

@@ -132,9 +132,10 @@ class TrainConfig:
                 f"method {self.method} learns from a large teacher: set large_teacher to the run "
                 "folder of a finished `metapl train` run (--set large_teacher=DIR)"
             )
-        if self.mpl_estimator not in ("exact", "first_order"):
+        if self.mpl_estimator not in ("exact", "first_order", "double_backward"):
             raise ConfigError(
-                f"mpl_estimator must be exact or first_order, got {self.mpl_estimator!r}"
+                "mpl_estimator must be exact, first_order or double_backward (the same exact "
+                f"gradient by second-order autograd, slower), got {self.mpl_estimator!r}"
             )
         positive = (
             "steps",
