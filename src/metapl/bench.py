@@ -3,7 +3,9 @@
 Times the median of ``repeats`` runs after ``warmup`` runs (CUDA: synchronized around each run) and
 records peak memory (CUDA: ``max_memory_allocated`` per benchmark; CPU: not measured, null). The
 setup follows DESIGN.md section 6: labeled batch B, unlabeled 7B, the teacher seeing two unlabeled
-views (UDA). JSON: ``{"machine": ..., "results": [{"name", "ms", "peak_mib", ...}]}``.
+views (UDA). JSON: ``{"machine": ..., "results": [{"name", "ms", "peak_mib", ...}], "numerics":
+{"cosine", ...}}``; "numerics" compares the exact teacher gradient under the precision policy on the
+device with a float64 CPU reference on the same weights and batch.
 """
 
 from __future__ import annotations
@@ -48,6 +50,29 @@ def _time(fn: Callable[[], object], device: torch.device, warmup: int, repeats: 
         times.append(1000 * (time.perf_counter() - start))
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     return {"ms": statistics.median(times), "ms_all": times, "peak_mib": peak}
+
+
+def _numerics(run, batch, device: torch.device, precision: str, progress) -> dict:
+    from metapl.mpl.numerics import agreement_with_float64
+
+    n_l = min(len(batch.y_labeled), 64)
+    sliced = (batch.x_labeled[:n_l], batch.y_labeled[:n_l], batch.x_unlabeled_strong[: 7 * n_l])
+    s_opt = run.method.optimizers["student"]
+    agreement = agreement_with_float64(
+        run.method.models["teacher"],
+        run.method.models["student"],
+        lambda params: type(s_opt)(params, **s_opt.defaults),
+        sliced,
+        device,
+        autocast_dtype=torch.bfloat16 if precision == "bf16" else None,
+        temperature=run.cfg.mpl_temperature,
+    )
+    agreement.update(batch_labeled=n_l, batch_unlabeled=7 * n_l, precision=precision)
+    progress(
+        f"{'exact gradient vs float64 (cosine)':<34} {agreement['cosine']:9.6f}   "
+        f"relative error {agreement['relative_error']:.2e}"
+    )
+    return agreement
 
 
 def run_bench(
@@ -122,6 +147,9 @@ def run_bench(
     # 5. the same exact UDA+MPL step with the teacher's MPL gradient by double backward
     db_run, _, db_batch = method_and_batch(config("uda_mpl", mpl_estimator="double_backward"))
     record("double_backward_mpl_step", lambda: db_run.method.step(db_batch))
+    # Numerics: the exact teacher gradient under this precision policy vs float64 on the CPU, on
+    # the same weights and the same batch (at most 64 + 448 images: the reference runs on the CPU).
+    numerics = _numerics(run, batch, dev, precision, progress)
     # 6. a whole training step: per-image RandAugment + data loading + the exact UDA+MPL step
     step = iter(range(1, 10**9))
     record("train_step_exact_uda_mpl", lambda: run.method.step(source.batch(next(step))))
@@ -137,6 +165,7 @@ def run_bench(
             "warmup": warmup,
         },
         "results": results,
+        "numerics": numerics,
     }
     if json_path is not None:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)

@@ -52,3 +52,23 @@ def module_device(module: nn.Module) -> torch.device:
     for p in module.parameters():
         return p.device
     return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def tf32_disabled(device: torch.device) -> Iterator[None]:
+    """On CUDA, run the block with TF32 off for matmuls and cuDNN convolutions (no-op elsewhere).
+
+    Why: the meta-gradient is a small second-order signal. On an H200, TF32 convolutions put it
+    14-20% (relative) away from double backward in float32, TF32 off 0.6-0.8% (DESIGN.md s2).
+    cuDNN allows TF32 by default, so the exact passes switch it off explicitly. bf16 autocast is
+    unaffected (its convolutions are bf16, not TF32).
+    """
+    if device.type != "cuda":
+        yield
+        return
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn

@@ -39,7 +39,13 @@ from metapl.losses import (
     soft_cross_entropy,
     upcast,
 )
-from metapl.mpl.replay import RngState, buffer_copies, module_device, replayed_rng
+from metapl.mpl.replay import (
+    RngState,
+    buffer_copies,
+    module_device,
+    replayed_rng,
+    tf32_disabled,
+)
 from metapl.mpl.update_rules import (
     optimizer_params,
     reference_update,
@@ -92,6 +98,9 @@ class MetaPseudoLabels:
         batch_dim: the dimension of inputs and logits that indexes examples. Leading dimensions
             index independent ensemble members (e.g. stacked seeds) whose losses are summed.
         check_inputs: check labels are in range every step (one host sync on GPU).
+        allow_tf32: let the student's passes of the exact step (g, v and the JVP) use TF32 on
+            CUDA. Off by default: TF32 costs the meta-gradient 14-20% relative error on an H200
+            (DESIGN.md s2); the teacher's own passes keep PyTorch's global setting.
         grad_sync: data parallelism: an object with ``mean_(tensors)`` and ``world_size`` that
             averages gradients across processes in place (:class:`metapl.distributed.
             GradientAverager`); each process then passes its own shard of the batches.
@@ -115,6 +124,7 @@ class MetaPseudoLabels:
         batch_dim: int = 0,
         check_inputs: bool = True,
         grad_sync=None,
+        allow_tf32: bool = False,
     ):
         if estimator not in ESTIMATORS:
             raise ConfigError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
@@ -147,6 +157,7 @@ class MetaPseudoLabels:
         self.batch_dim = batch_dim
         self.check_inputs = check_inputs
         self.grad_sync = grad_sync
+        self.allow_tf32 = allow_tf32
         self.step_count = 0
         self.baseline: Tensor | None = None
         # The student's trainable parameters, named, in the optimizer's order.
@@ -183,7 +194,10 @@ class MetaPseudoLabels:
         targets = F.softmax(logits.unlabeled / self.temperature, dim=-1)
 
         if self.estimator == "exact":
-            mpl_term, metrics = self._exact_student_step(x_labeled, y_labeled, x_unlabeled, targets)
+            with self._student_precision():
+                mpl_term, metrics = self._exact_student_step(
+                    x_labeled, y_labeled, x_unlabeled, targets
+                )
         elif self.estimator == "double_backward":
             mpl_term, metrics = self._double_backward_student_step(
                 x_labeled, y_labeled, x_unlabeled, targets
@@ -230,6 +244,11 @@ class MetaPseudoLabels:
         """Average across data-parallel processes (no-op without ``grad_sync``)."""
         if self.grad_sync is not None:
             self.grad_sync.mean_([t for t in tensors if t is not None])
+
+    def _student_precision(self):
+        if self.allow_tf32:
+            return contextlib.nullcontext()
+        return tf32_disabled(module_device(self.student))
 
     def _autocast(self, device: torch.device):
         if self.autocast_dtype is None:
