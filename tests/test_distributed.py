@@ -1,5 +1,7 @@
 """Data parallelism: one MPL step on 2 gloo processes, each with half of every batch, equals one
-single-process step on the whole batch (models without BatchNorm or dropout, float64)."""
+single-process step on the whole batch (models without BatchNorm or dropout, float64); and the
+DataParallel helpers of training runs. One spawn of 2 processes serves every test here.
+(`torchrun -m metapl train` end to end: tests/test_torchrun.py.)"""
 
 import pytest
 import torch
@@ -8,7 +10,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from metapl import MetaPseudoLabels
-from metapl.distributed import GradientAverager
+from metapl.distributed import DataParallel, GradientAverager
 
 OPTIMIZERS = {
     "sgd_nesterov": lambda p: torch.optim.SGD(p, lr=0.2, momentum=0.9, nesterov=True),
@@ -50,21 +52,46 @@ def _train(opt_name: str, rank: int = 0, world: int = 1, grad_sync=None):
     return teacher, student
 
 
-def _worker(rank: int, world: int, init_file: str, out: str, opt_name: str) -> None:
+def _data_parallel_helpers(rank: int) -> dict:
+    """What the training engine shares between ranks besides gradients (metapl.train.engine)."""
+    dp = DataParallel()
+    torch.manual_seed(rank)  # different weights on each rank, until the broadcast
+    model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    model[1].running_mean.fill_(rank + 1.0)
+    dp.broadcast_([model])
+    metrics = dp.mean_metrics({"loss": torch.tensor(float(rank)), "lr": 0.5})
+    return {
+        "rank": dp.rank,
+        "state": model.state_dict(),
+        "metrics": {k: float(v) for k, v in metrics.items()},
+        "object": dp.broadcast_object(f"from rank {rank}"),
+    }
+
+
+def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        teacher, student = _train(opt_name, rank, world, GradientAverager())
-        if rank == 0:
-            torch.save({"teacher": teacher.state_dict(), "student": student.state_dict()}, out)
+        # Every optimizer in one spawn: starting processes is the slow part of this file.
+        for opt_name in OPTIMIZERS:
+            teacher, student = _train(opt_name, rank, world, GradientAverager())
+            if rank == 0:
+                state = {"teacher": teacher.state_dict(), "student": student.state_dict()}
+                torch.save(state, f"{out_dir}/{opt_name}.pt")
+        torch.save(_data_parallel_helpers(rank), f"{out_dir}/helpers{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
+@pytest.fixture(scope="module")
+def two_process_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("two_processes")
+    mp.spawn(_worker, args=(2, str(out / "init"), str(out)), nprocs=2, join=True)
+    return out
+
+
 @pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
-def test_two_process_step_equals_one_process_step_on_the_whole_batch(tmp_path, opt_name):
-    out = tmp_path / "rank0.pt"
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(out), opt_name), nprocs=2, join=True)
-    got = torch.load(out)
+def test_two_process_step_equals_one_process_step_on_the_whole_batch(two_process_results, opt_name):
+    got = torch.load(two_process_results / f"{opt_name}.pt")
     teacher, student = _train(opt_name)
     moved = False
     for name, model in (("teacher", teacher), ("student", student)):
@@ -81,3 +108,13 @@ def test_without_averaging_the_shards_disagree(tmp_path):
     teacher, _ = _train("adam", rank=0, world=2, grad_sync=None)
     whole, _ = _train("adam")
     assert not torch.allclose(teacher[0].weight, whole[0].weight, rtol=1e-6)
+
+
+def test_data_parallel_helpers_share_rank_0s_weights_and_mean_metrics(two_process_results):
+    results = [torch.load(two_process_results / f"helpers{r}.pt") for r in (0, 1)]
+    assert [r["rank"] for r in results] == [0, 1]
+    for key, value in results[0]["state"].items():  # parameters and buffers are rank 0's
+        torch.testing.assert_close(results[1]["state"][key], value, rtol=0, atol=0)
+    assert float(results[0]["state"]["1.running_mean"][0]) == 1.0
+    assert results[0]["metrics"] == results[1]["metrics"] == {"loss": 0.5, "lr": 0.5}
+    assert results[0]["object"] == results[1]["object"] == "from rank 0"

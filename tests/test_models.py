@@ -17,6 +17,7 @@ from metapl.models import create_model, list_models, param_groups_for_weight_dec
 SMALL = {
     "wrn28_2": (10, (2, 3, 32, 32), {}),
     "digits_cnn": (10, (6, 1, 8, 8), {}),
+    "small_cnn": (5, (3, 3, 8, 8), {}),
     "mlp": (3, (5, 4), {"in_features": 4, "hidden": 16, "depth": 3}),
 }
 

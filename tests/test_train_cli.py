@@ -452,6 +452,7 @@ def test_presets_lists_every_table1_row_and_digits(capsys):
     names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
     expected = {f"{d}-{m}" for d in TABLE3 for m in TABLE1_METHODS}
     expected |= {"digits-supervised", "digits-uda", "digits-uda-mpl"}
+    expected |= {"folder-supervised", "folder-uda", "folder-uda-mpl"}  # your own images
     table2 = {
         f"{d}-{m}"
         for d in ("cifar10-full", "svhn-full", "imagenet-full", "digits-reduced")

@@ -74,12 +74,19 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from metapl.train.engine import train
 
     cfg = _train_config(args)
+    from metapl.distributed import torchrun_world
+
     summary = train(cfg, Path(args.out), show_progress=not args.quiet)
+    if torchrun_world()[0] != 0:
+        return  # under torchrun, rank 0 speaks for the run
     row = summary["results"][0]
-    extra = f", tuning split {100 * row['tune_accuracy']:.2f}%" if "tune_accuracy" in row else ""
-    print(
-        f"{cfg.preset}: test accuracy {100 * row['accuracy']:.2f}%{extra} after {cfg.steps} steps"
-    )
+    parts = []
+    if row.get("accuracy") is not None:
+        parts.append(f"test accuracy {100 * row['accuracy']:.2f}%")
+    if "tune_accuracy" in row:
+        parts.append(f"tuning split {100 * row['tune_accuracy']:.2f}%")
+    parts = parts or ["no test or tuning set to evaluate"]
+    print(f"{cfg.preset}: {', '.join(parts)} after {cfg.steps} steps")
     print(f"wrote {args.out}/results.json, metrics.csv, tb/, config.json, checkpoint.pt")
 
 

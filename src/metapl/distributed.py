@@ -10,14 +10,24 @@ BatchNorm: each process normalizes with its own shard's statistics, so with Batc
 equals single-process training only up to that difference (as with DistributedDataParallel);
 convert the models with ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` (CUDA) for exact
 batch statistics. Dropout masks come from each process's own random stream.
+
+The second half serves ``torchrun ... -m metapl train`` (:mod:`metapl.train.engine`): reading
+torchrun's environment, the process group's lifetime, and :class:`DataParallel`, what the ranks of a
+training run share besides gradients.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import os
+from collections.abc import Iterable, Sequence
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch import nn
+
+from metapl.errors import ConfigError
 
 
 class GradientAverager:
@@ -40,3 +50,125 @@ class GradientAverager:
         for t in tensors:
             t.copy_(flat[offset : offset + t.numel()].view_as(t))
             offset += t.numel()
+
+
+# ----------------------------------------------------------------------------- training runs
+# `torchrun --nproc_per_node N -m metapl train ...` (metapl.train.engine): one process per device,
+# each training on its contiguous slice of every step's batch.
+
+
+def torchrun_world() -> tuple[int, int, int]:
+    """``(rank, world_size, local_rank)`` from torchrun's environment; ``(0, 1, 0)`` without it."""
+    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+    try:
+        rank, world_size, local_rank = (int(os.environ.get(k, d)) for k, d in zip(names, "010"))
+    except ValueError:
+        found = ", ".join(f"{k}={os.environ.get(k)!r}" for k in names)
+        raise ConfigError(f"torchrun's environment holds a non-integer: {found}") from None
+    return rank, world_size, local_rank
+
+
+@contextlib.contextmanager
+def torchrun_process_group(device: torch.device):
+    """Join torchrun's process group for the duration of the block (nccl on CUDA, gloo on CPU) and
+    destroy it on the way out, errors included. Nothing to do in a single process, or when the
+    caller has already set up a group (it is theirs to destroy)."""
+    if torchrun_world()[1] == 1 or (dist.is_available() and dist.is_initialized()):
+        yield
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # before NCCL picks a device for its communicators
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")  # env:// from torchrun
+    try:
+        yield
+        # Leave together: a rank tearing down its connections while a peer still talks to it can
+        # abort the process at exit (seen with gloo). Not on errors: the peers may never get here.
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+class DataParallel:
+    """This process's place in data-parallel training; rank 0 of 1 when no process group is up, so
+    that single-process runs go through the same calls and they do nothing.
+
+    What is shared between ranks (see the README's "Multi-GPU with torchrun"):
+
+    * gradients: every optimizer step reads the mean over ranks (``grad_sync``);
+    * logged metrics: the mean over ranks (:meth:`mean_metrics`), so each batch-mean loss is the
+      loss of the whole global batch and every rank takes the same NaN/Inf decision;
+    * parameters and buffers: broadcast from rank 0 at the start (:meth:`broadcast_`); BatchNorm
+      running statistics stay rank-local between checkpoints and are broadcast from rank 0 at each
+      checkpoint (:meth:`broadcast_buffers_`), so every rank then holds the state rank 0 saved.
+    """
+
+    def __init__(self) -> None:
+        up = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if up else 0
+        self.world_size = dist.get_world_size() if up else 1
+        self.enabled = self.world_size > 1
+        self.grad_sync = GradientAverager() if self.enabled else None
+        self._wait_group = None
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the only one that writes files, evaluates and shows progress."""
+        return self.rank == 0
+
+    def mean_metrics(self, metrics: dict) -> dict:
+        """Scalar metrics (tensors or numbers) averaged over ranks, as float64 tensors."""
+        if not self.enabled or not metrics:
+            return metrics
+        names = sorted(metrics)  # the same order on every rank
+        device = next(
+            (v.device for v in metrics.values() if isinstance(v, torch.Tensor)), self._device()
+        )
+        flat = torch.stack(
+            [
+                torch.as_tensor(metrics[n], dtype=torch.float64, device=device).reshape(())
+                for n in names
+            ]
+        )
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat.div_(self.world_size)
+        return dict(zip(names, flat.unbind()))
+
+    @torch.no_grad()
+    def broadcast_(self, modules: Iterable[nn.Module]) -> None:
+        """Copy rank 0's parameters and buffers into every rank's modules."""
+        for module in modules:
+            for t in (*module.parameters(), *module.buffers()):
+                self._broadcast(t)
+
+    @torch.no_grad()
+    def broadcast_buffers_(self, modules: Iterable[nn.Module]) -> None:
+        """Copy rank 0's buffers (BatchNorm running statistics) into every rank's modules."""
+        for module in modules:
+            for t in module.buffers():
+                self._broadcast(t)
+
+    def broadcast_object(self, obj):
+        """Rank 0's ``obj`` (any picklable value) on every rank."""
+        if not self.enabled:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def wait_for_main(self) -> None:
+        """A barrier without the default group's timeout (10-30 min), for rank 0's long one-off
+        work such as precomputing the large teacher's distributions."""
+        if not self.enabled:
+            return
+        if self._wait_group is None:
+            self._wait_group = dist.new_group(backend="gloo", timeout=timedelta(days=7))
+        dist.barrier(group=self._wait_group)
+
+    def _broadcast(self, tensor: torch.Tensor) -> None:
+        if self.enabled:
+            dist.broadcast(tensor.detach(), src=0)
+
+    def _device(self) -> torch.device:
+        if dist.get_backend() == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")

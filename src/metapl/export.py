@@ -1,18 +1,183 @@
-"""`metapl export`: save a trained run's student as TorchScript or ONNX (placeholder, being written)."""
+"""`metapl export`: save a trained run's model as TorchScript or ONNX, ready to use without metapl.
+
+What is exported is :class:`metapl.train.run_model.Classifier` around the run's reported model (its
+EMA if it kept one, else the student), in eval mode: uint8 pixels in, class probabilities out. The
+preprocessing (scaling to ``[0, 1]``, NHWC to NCHW) and the softmax travel inside the file, because
+a user who has to re-implement them gets them subtly wrong; `metapl predict` runs the same module,
+so both agree on the same pixels. Only resizing stays outside: the file takes images already at the
+run's resolution (``metapl predict`` resizes and centre-crops for you).
+
+- Input ``images``: uint8 ``[N, R, R, C]``, values 0..255; R and C as ``metapl export`` prints
+  (digits runs: 8x8 grayscale, C = 1; others RGB, C = 3). N is free.
+- Output ``probabilities``: float32 ``[N, num_classes]``, rows summing to 1.
+
+TorchScript files carry ``metapl.json`` (input, classes, run) as an extra file; ONNX files carry
+the same keys as metadata properties. The file is written to a temporary name beside the target and
+renamed onto it (``os.replace``), so a crash or an error never leaves half a model behind.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
 
-HELP = "save a trained run's student as TorchScript or ONNX"
-DESCRIPTION = HELP
+HELP = "save a trained run's model (EMA or student) as TorchScript or ONNX"
+DESCRIPTION = (
+    "Export the model a `metapl train` run reports (its EMA if it kept one, else its student) with "
+    "its preprocessing and softmax: the file takes uint8 images [N, R, R, C] (0..255, at the run's "
+    "resolution; C=1 for digits, else RGB) and returns float32 class probabilities [N, classes]. "
+    "TorchScript: torch.jit.load(FILE). ONNX needs `pip install onnx onnxscript`."
+)
+FORMATS = {"torchscript": "model.torchscript.pt", "onnx": "model.onnx"}
+ONNX_PACKAGES = ("onnx", "onnxscript")  # what torch.onnx.export needs beyond torch
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `metapl export`."""
+    parser.add_argument("--run", required=True, help="the --out folder of a `metapl train` run")
+    parser.add_argument("--format", required=True, help="torchscript or onnx")
+    parser.add_argument(
+        "--output",
+        help="file to write (default: RUN/model.torchscript.pt or RUN/model.onnx)",
+    )
+    parser.add_argument(
+        "--allow-unfinished",
+        action="store_true",
+        help="export the last checkpoint of a run that has not reached its last step",
+    )
+
+
+def _missing_onnx_packages() -> list[str]:
+    import importlib.util
+
+    return [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]
+
+
+def write_atomic(path: Path, write) -> None:
+    """``write(tmp_path)`` to a temporary file beside ``path``, fsync it, rename it onto ``path``."""
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        with tmp.open("rb+") as f:
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the model from other users
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _trace(classifier, example):
+    """TorchScript by tracing: the models are plain tensor code, and tracing needs no annotations.
+    Checked on a batch of another size, so a shape frozen into the trace cannot pass silently."""
+    import torch
+
+    with torch.no_grad():
+        traced = torch.jit.trace(classifier, example, check_trace=False)
+        shape = (example.shape[0] + 1, *example.shape[1:])
+        gen = torch.Generator().manual_seed(0)  # leaves the global random state alone
+        other = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
+        if not torch.allclose(traced(other), classifier(other), rtol=1e-4, atol=1e-6):
+            raise RuntimeError("the traced model differs from the model on another batch size")
+    return traced
+
+
+def _save_torchscript(classifier, example, info: dict, path: Path) -> None:
+    import json
+    import warnings
+
+    import torch
+
+    extra = {"metapl.json": json.dumps(info, indent=1)}
+    with warnings.catch_warnings():
+        # TorchScript is deprecated upstream (torch 2.13 warns on every call) but still what
+        # torch.jit.load and libtorch (C++) read; the warning is not the user's to act on.
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.", category=DeprecationWarning)
+        traced = _trace(classifier, example)
+        write_atomic(path, lambda tmp: torch.jit.save(traced, str(tmp), _extra_files=extra))
+
+
+def _save_onnx(classifier, example, info: dict, path: Path) -> None:
+    import json
+    import logging
+    import warnings
+
+    import torch
+
+    quiet = logging.getLogger("torch.onnx")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # it logs a warning per torchvision op it cannot register
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch-internal deprecations
+            warnings.simplefilter("ignore", DeprecationWarning)
+            program = torch.onnx.export(
+                classifier,
+                (example,),
+                input_names=["images"],
+                output_names=["probabilities"],
+                dynamic_shapes=({0: torch.export.Dim("batch")},),
+                verbose=False,
+            )
+    finally:
+        quiet.setLevel(level)
+    program.model.metadata_props.update(
+        {k: v if isinstance(v, str) else json.dumps(v) for k, v in info.items()}
+    )
+    # One self-contained file (our models are far below ONNX's 2 GB limit): a side file of weights
+    # would be named after the temporary file.
+    write_atomic(path, lambda tmp: program.save(str(tmp), external_data=False))
 
 
 def run(args: argparse.Namespace) -> None:
-    from metapl.errors import ConfigError
+    import torch
 
-    raise ConfigError("metapl export is not implemented yet")
+    from metapl.errors import ConfigError
+    from metapl.train.run_model import Classifier, class_names, load_run_model
+
+    if args.format not in FORMATS:
+        raise ConfigError(f"--format {args.format!r}: expected one of {', '.join(FORMATS)}")
+    output = Path(args.output) if args.output else Path(args.run) / FORMATS[args.format]
+    if output.is_dir():
+        raise ConfigError(f"--output {output} is a folder; give a file name")
+    if args.output and not output.resolve().parent.is_dir():
+        raise ConfigError(f"--output {output}: folder {output.parent} does not exist")
+    if args.format == "onnx" and (missing := _missing_onnx_packages()):
+        raise ConfigError(
+            f"ONNX export needs {' and '.join(missing)}: pip install 'metapl[onnx]' "
+            "(or pip install onnx onnxscript)"
+        )
+    loaded = load_run_model(
+        args.run,
+        "cpu",  # a CPU export loads anywhere; move it with .to() or map_location after loading
+        allow_unfinished=args.allow_unfinished,
+        unfinished_hint=", or pass --allow-unfinished to export its last checkpoint",
+    )
+    spec = loaded.spec
+    classifier = Classifier(loaded.model).eval()
+    example = torch.zeros((2, spec.resolution, spec.resolution, spec.channels), dtype=torch.uint8)
+    info = {
+        "input": f"images: {spec.describe()}",
+        "output": f"probabilities: float32 [N, {loaded.num_classes}] (softmax)",
+        "classes": class_names(args.run, loaded.num_classes),
+        "model": loaded.describe(),
+        "finished": loaded.finished,
+    }
+    save = _save_torchscript if args.format == "torchscript" else _save_onnx
+    save(classifier, example, info, output)
+    if not loaded.finished:
+        print(
+            f"metapl export: warning: {args.run} is unfinished (step {loaded.step} of "
+            f"{loaded.total_steps}); exported its last checkpoint",
+            file=sys.stderr,
+        )
+    print(f"wrote {output} ({args.format}): {loaded.describe()}")
+    print(f"  input  {info['input']}")
+    print(f"  output {info['output']}")

@@ -1,18 +1,159 @@
-"""`metapl predict`: class and probability per image with a trained run's student (placeholder, being written)."""
+"""`metapl predict`: the class and its probability for each image, with a trained run's model.
+
+The model is the one the run reports (its EMA if it kept one, else the student), loaded by
+:func:`metapl.train.run_model.load_run_model`, the same loader ReducedMPL uses for its large teacher.
+Each image file is decoded as the run's data was (:func:`metapl.data.imagenet.decode_image`: shorter
+side resized to the run's resolution, centre crop; grayscale for digits runs) and turned into model
+input by :func:`metapl.train.data.model_input`, the function training and evaluation use. So the
+probabilities are the ones the run's evaluation would compute, and the ones the model exported by
+`metapl export` returns for the same pixels.
+
+Output: one tab-separated line per image, ``path<TAB>class<TAB>probability`` followed by the next
+``--top K - 1`` classes and probabilities, most likely first; ``--json FILE`` writes the same with
+full precision. Images are read in batches, so a folder of any size fits in memory.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
-HELP = "class and probability per image with a trained run's student"
-DESCRIPTION = HELP
+HELP = "class and probability per image with a trained run's model (EMA or student)"
+DESCRIPTION = (
+    "Classify image files with the model a `metapl train` run reports (its EMA if it kept one, "
+    "else its student). Each image is resized and centre-cropped to the run's resolution "
+    "(grayscale 8x8 for digits) and scaled to [0, 1] exactly as the run's evaluation did. A "
+    "folder argument means every PNG/JPEG under it, sorted. Prints one tab-separated line per "
+    "image: path, then --top K pairs of class and probability, most likely first. Class names come "
+    "from RUN/classes.json when the run has one, else class indices."
+)
+BATCH = 64  # images decoded and classified at once
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `metapl predict`."""
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
+    parser.add_argument("--run", required=True, help="the --out folder of a `metapl train` run")
+    parser.add_argument("--top", type=int, default=1, help="classes shown per image (default: 1)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--json", metavar="FILE", help="also write the predictions here")
+    parser.add_argument(
+        "--allow-unfinished",
+        action="store_true",
+        help="use the last checkpoint of a run that has not reached its last step",
+    )
+
+
+def image_paths(arguments: list[str]) -> list[str]:
+    """Files as given; folders expanded to their PNG/JPEG files (any depth, sorted)."""
+    from metapl.data.folder import list_images
+    from metapl.errors import DataError
+
+    paths: list[str] = []
+    for argument in arguments:
+        path = Path(argument)
+        if path.is_dir():
+            found = list_images(path)
+            if not found:
+                raise DataError(
+                    f"folder {path} has no images (.png, .jpg or .jpeg files, at any depth; "
+                    "names starting with '.' are skipped)"
+                )
+            paths += [str(path / name) for name in found]
+        elif path.is_file():
+            paths.append(str(path))
+        else:
+            raise DataError(f"image {path} does not exist")
+    return paths
+
+
+def read_images(paths: list[str], spec):
+    """uint8 ``[N, R, R, C]`` pixels of ``paths`` as the run's data was decoded; DataError naming
+    an unreadable file."""
+    import numpy as np
+    from PIL import Image
+
+    from metapl.data.arrays import describe
+    from metapl.data.imagenet import decode_image
+    from metapl.errors import DataError
+
+    out = np.empty((len(paths), spec.resolution, spec.resolution, spec.channels), np.uint8)
+    for i, path in enumerate(paths):
+        try:
+            rgb = decode_image(path, spec.resolution)
+        except DataError as exc:
+            cause = exc.__context__  # decode_image raises "from None", keeping PIL's error here
+            detail = describe(cause) if cause is not None else "unreadable"
+            raise DataError(
+                f"{path} is not a readable image ({detail}); expected a PNG or JPEG file"
+            ) from None
+        if spec.channels == 1:  # PIL's luma: exact on gray RGB, so grayscale files round-trip
+            rgb = np.asarray(Image.fromarray(rgb).convert("L"))[..., None]
+        out[i] = rgb
+    return out
+
+
+def _check_output(path: str | None, option: str) -> None:
+    from metapl.errors import ConfigError
+
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise ConfigError(f"{option} {target} is a folder; give a file name")
+    if not target.resolve().parent.is_dir():
+        raise ConfigError(f"{option} {target}: folder {target.parent} does not exist")
 
 
 def run(args: argparse.Namespace) -> None:
-    from metapl.errors import ConfigError
+    import torch
 
-    raise ConfigError("metapl predict is not implemented yet")
+    from metapl.errors import ConfigError
+    from metapl.report import write_json_atomic
+    from metapl.train.data import model_input
+    from metapl.train.engine import resolve_device
+    from metapl.train.run_model import Classifier, class_names, load_run_model
+
+    if args.top < 1:
+        raise ConfigError(f"--top must be >= 1, got {args.top}")
+    _check_output(args.json, "--json")
+    paths = image_paths(args.images)  # cheap checks first: a missing file fails before the model
+    device = resolve_device(args.device)
+    loaded = load_run_model(
+        args.run,
+        device,
+        allow_unfinished=args.allow_unfinished,
+        unfinished_hint=", or pass --allow-unfinished to use its last checkpoint",
+    )
+    if not loaded.finished:
+        print(
+            f"metapl predict: warning: {args.run} is unfinished (step {loaded.step} of "
+            f"{loaded.total_steps}); using its last checkpoint",
+            file=sys.stderr,
+        )
+    names = class_names(args.run, loaded.num_classes)
+    classifier = Classifier(loaded.model)
+    top = min(args.top, loaded.num_classes)
+    records = []
+    for start in range(0, len(paths), BATCH):
+        batch = paths[start : start + BATCH]
+        pixels = read_images(batch, loaded.spec)
+        with torch.no_grad():
+            probs = classifier.probabilities(model_input(pixels, device)).cpu()
+        values, indices = probs.topk(top, dim=-1)
+        for path, p, k in zip(batch, values.tolist(), indices.tolist()):
+            cells = [f"{names[c]}\t{q:.4f}" for c, q in zip(k, p)]
+            print("\t".join([path, *cells]))
+            top_k = [{"class": names[c], "index": c, "probability": q} for c, q in zip(k, p)]
+            records.append({"image": path, "top": top_k})
+    if args.json:
+        payload = {
+            "run": str(args.run),
+            "model": loaded.weights,
+            "step": loaded.step,
+            "finished": loaded.finished,
+            "input": loaded.spec.describe(),
+            "predictions": records,
+        }
+        write_json_atomic(Path(args.json), payload)

@@ -1,18 +1,85 @@
-"""`metapl tune`: hyper-parameter search on the tuning split (Appendix C.1), with Optuna (placeholder, being written)."""
+"""`metapl tune`: hyper-parameter search on the tuning split (Appendix C.1), with Optuna.
+
+The options live here, next to the command; the work is in :mod:`metapl.tuning`.
+"""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 HELP = "hyper-parameter search on the tuning split (Appendix C.1), with Optuna"
-DESCRIPTION = HELP
+DESCRIPTION = (
+    "Incremental tuning as in Appendix C.1. Stage student tunes the supervised student (student "
+    "lr, weight decay, dropout, label smoothing); stage teacher tunes the teacher of the preset's "
+    "MPL method (teacher lr and dropout, MPL temperature, UDA factor and temperature) with the "
+    "student's values fixed to stage student's best. Each trial trains with tuning=true (labeled "
+    "minus the tuning split, scored on the tuning split; never the test set) in "
+    "OUT/trials/<study>/<number>/; a median pruner stops trials that trail. Several processes or "
+    "machines share a study through --storage. OUT/best.toml is the best configuration as a "
+    "preset: metapl train --preset OUT/best.toml."
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `metapl tune`."""
+    parser.add_argument("--preset", required=True, help="a name from `metapl presets`, or a .toml")
+    parser.add_argument(
+        "--trials", type=int, required=True, help="trials this process runs, per stage"
+    )
+    parser.add_argument(
+        "--storage",
+        required=True,
+        help="sqlite:///PATH.db (processes on one machine) or "
+        "postgresql://USER:PASSWORD@HOST/DB (several machines)",
+    )
+    parser.add_argument("--out", required=True, help="folder for trials/ and best.toml")
+    parser.add_argument(
+        "--study", help="study name; stages add -student / -teacher (default: the preset's name)"
+    )
+    parser.add_argument(
+        "--stage",
+        choices=("student", "teacher", "both"),
+        default="both",
+        help="student (supervised), teacher (MPL, student fixed), or both in turn (default)",
+    )
+    parser.add_argument("--data-dir", help="folder with the dataset files (not needed for digits)")
+    parser.add_argument("--steps", type=int, help="training steps of every trial (a short budget)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: auto")
+    parser.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="a config key for every trial, kept in best.toml and not searched (repeatable); "
+        "digits needs --set tune_per_class=N",
+    )
+    parser.add_argument("--no-prune", action="store_true", help="run every trial to the end")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def run(args: argparse.Namespace) -> None:
     from metapl.errors import ConfigError
+    from metapl.train.config import parse_set_options
+    from metapl.tuning import TuneOptions, tune
 
-    raise ConfigError("metapl tune is not implemented yet")
+    if args.steps is not None and args.steps < 1:
+        raise ConfigError(f"--steps must be >= 1, got {args.steps}")
+    runtime = {
+        key: getattr(args, key)
+        for key in ("steps", "device", "data_dir")
+        if getattr(args, key) is not None
+    }
+    opts = TuneOptions(
+        preset=args.preset,
+        trials=args.trials,
+        storage=args.storage,
+        out=Path(args.out),
+        study=args.study,
+        stage=args.stage,
+        overrides=parse_set_options(args.set or []),
+        runtime=runtime,
+        prune=not args.no_prune,
+        show_progress=not args.quiet,
+    )
+    path = tune(opts)
+    print(f"wrote {path}: metapl train --preset {path} --out RUN")

@@ -40,7 +40,8 @@ class FolderImages(LazyImages):
     """:class:`~metapl.data.imagenet.LazyImages` over an unlabeled folder; ``root`` is that folder.
 
     Indexes like a uint8 NHWC array, exactly as its base class; only the message for an unreadable
-    file differs (it names the unlabeled folder instead of the ImageNet layout).
+    file differs: it names ``where`` the file came from (by default the unlabeled folder) instead of
+    the ImageNet layout. Your own labeled/test folders use it too (:mod:`metapl.data.own`).
     """
 
     def __init__(
@@ -49,9 +50,12 @@ class FolderImages(LazyImages):
         resolution: int,
         crop_fraction: float = 1.0,
         root: Path | str = ".",
+        where: str | None = None,
     ):
         super().__init__(paths, resolution, crop_fraction)
         self.root = Path(root)
+        # what the error for an unreadable file calls the folder it came from
+        self.where = where or f"the unlabeled image folder {self.root}"
 
     def __getitem__(self, index: int | slice | Sequence[int] | np.ndarray) -> np.ndarray:
         if not isinstance(index, (int, np.integer)):
@@ -63,14 +67,18 @@ class FolderImages(LazyImages):
             cause = exc.__context__  # decode_image raises "from None"; the PIL error is kept here
             detail = describe(cause) if cause is not None else str(exc)
             raise data_error(
-                f"{path} is not a readable image ({detail}): expected {_ACCEPTED} in the "
-                f"unlabeled image folder {self.root}; re-export the file or delete it"
+                f"{path} is not a readable image ({detail}): expected {_ACCEPTED} in "
+                f"{self.where}; re-save the file as PNG or JPEG, or delete it"
             ) from None
 
     def subset(self, indices: Sequence[int] | np.ndarray) -> FolderImages:
         """The images at ``indices``, in that order (no decoding)."""
         return FolderImages(
-            [self.paths[int(i)] for i in indices], self.resolution, self.crop_fraction, self.root
+            [self.paths[int(i)] for i in indices],
+            self.resolution,
+            self.crop_fraction,
+            self.root,
+            self.where,
         )
 
 

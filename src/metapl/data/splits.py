@@ -51,6 +51,11 @@ never sees its evaluation images, even unlabeled.
 Images are uint8 NHWC arrays for CIFAR-10 and SVHN and :class:`~metapl.data.imagenet.LazyImages`
 for ImageNet and for unlabeled image folders (:class:`metapl.data.folder.FolderImages`); both index as
 ``x[i] -> [H, W, 3]`` and ``x[indices] -> [B, H, W, 3]``.
+
+Your own data (not in the paper): ``folder`` (class folders of PNG/JPEG files, or a ``.npz``) and
+``npz`` (a ``.npz`` of arrays); :mod:`metapl.data.own` and :mod:`metapl.data.own_npz` have the rules.
+Their tuning split is the last ``max(1, n // 10)`` labeled images of each class with ``n >= 2``, and
+their splits carry ``class_names`` (the other splits leave it ``None``).
 """
 
 from __future__ import annotations
@@ -68,6 +73,7 @@ from metapl.data import cifar, svhn
 from metapl.data.arrays import data_error
 from metapl.data.folder import unlabeled_folder
 from metapl.data.imagenet import LazyImages, load_imagenet
+from metapl.data.own import folder_split, npz_split
 from metapl.errors import ConfigError
 
 Images = np.ndarray | LazyImages
@@ -91,6 +97,8 @@ class SSLSplit:
     y_test: np.ndarray
     num_classes: int
     name: str
+    # Label i's name, where the data names its classes (your own data: the sorted folder names).
+    class_names: tuple[str, ...] | None = None
 
     def tuning_view(self) -> SSLSplit:
         """The split for hyper-parameter search: labeled minus tuning examples, tested on those."""
@@ -344,6 +352,8 @@ SPLITS: dict[str, Callable[..., SSLSplit]] = {
     "cifar10-full": cifar10_full,
     "svhn-full": svhn_full,
     "imagenet-full": imagenet_full,
+    "folder": folder_split,
+    "npz": npz_split,
 }
 
 

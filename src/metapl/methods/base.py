@@ -53,3 +53,11 @@ def pick_view(batch: Batch, view: str) -> Tensor:
     if tensor is None:
         raise ValueError(f"this method needs the {view} view, which the batch does not have")
     return tensor
+
+
+def average_gradients(grad_sync, model: nn.Module) -> None:
+    """Data parallelism: replace every gradient of ``model`` by its mean over the processes
+    (:class:`metapl.distributed.GradientAverager`), between backward and the optimizer's step;
+    no-op when ``grad_sync`` is None (one process)."""
+    if grad_sync is not None:
+        grad_sync.mean_([p.grad for p in model.parameters() if p.grad is not None])

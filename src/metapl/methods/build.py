@@ -46,8 +46,11 @@ def uda_loss(cfg: TrainConfig) -> UDALoss:
     return UDALoss(cfg.uda_factor, cfg.uda_temperature, cfg.uda_threshold, cfg.uda_warmup_steps)
 
 
-def build_method(cfg: TrainConfig, num_classes: int, device: torch.device):
-    """The method of ``cfg.method``. Models are seeded by the global RNG (the engine seeds it)."""
+def build_method(cfg: TrainConfig, num_classes: int, device: torch.device, grad_sync=None):
+    """The method of ``cfg.method``. Models are seeded by the global RNG (the engine seeds it).
+
+    ``grad_sync`` (data parallelism, :class:`metapl.distributed.GradientAverager`): every optimizer
+    step of the method then reads gradients averaged across processes."""
     amp = autocast_dtype(cfg)
     student = _model(cfg, num_classes, cfg.student_dropout, device)
     student_opt = make_optimizer(
@@ -60,6 +63,7 @@ def build_method(cfg: TrainConfig, num_classes: int, device: torch.device):
             label_smoothing=cfg.label_smoothing,
             labeled_view="labeled_strong" if cfg.method == "randaugment" else "labeled_weak",
             autocast_dtype=amp,
+            grad_sync=grad_sync,
         )
     if cfg.method == "uda":
         return UDAMethod(
@@ -68,10 +72,15 @@ def build_method(cfg: TrainConfig, num_classes: int, device: torch.device):
             uda_loss(cfg),
             label_smoothing=cfg.label_smoothing,
             autocast_dtype=amp,
+            grad_sync=grad_sync,
         )
     if cfg.method == "noisy_student":
         return NoisyStudentMethod(
-            student, student_opt, label_smoothing=cfg.label_smoothing, autocast_dtype=amp
+            student,
+            student_opt,
+            label_smoothing=cfg.label_smoothing,
+            autocast_dtype=amp,
+            grad_sync=grad_sync,
         )
     if cfg.method == "reduced_mpl":
         teacher = create_model(
@@ -100,4 +109,5 @@ def build_method(cfg: TrainConfig, num_classes: int, device: torch.device):
         estimator=cfg.mpl_estimator,
         autocast_dtype=amp,
         check_inputs=False,  # labels were checked when the dataset was read
+        grad_sync=grad_sync,  # g, v and the teacher's gradient (metapl.distributed)
     )

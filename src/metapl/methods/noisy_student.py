@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from metapl.losses import batch_mean, hard_cross_entropy, soft_cross_entropy, upcast
-from metapl.methods.base import Batch, autocast
+from metapl.methods.base import Batch, autocast, average_gradients
 
 
 class NoisyStudentMethod:
@@ -22,11 +22,13 @@ class NoisyStudentMethod:
         *,
         label_smoothing: float = 0.0,
         autocast_dtype: torch.dtype | None = None,
+        grad_sync=None,
     ):
         self.models = {"student": model}
         self.optimizers = {"student": optimizer}
         self.label_smoothing = label_smoothing
         self.autocast_dtype = autocast_dtype
+        self.grad_sync = grad_sync  # data parallelism: averages gradients across processes
 
     def step(self, batch: Batch) -> dict[str, Tensor]:
         model, opt = self.models["student"], self.optimizers["student"]
@@ -41,6 +43,7 @@ class NoisyStudentMethod:
         loss = supervised + distill
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        average_gradients(self.grad_sync, model)
         opt.step()
         return {
             "student_loss": loss.detach(),

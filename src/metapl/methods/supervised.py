@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from metapl.losses import batch_mean, hard_cross_entropy, upcast
-from metapl.methods.base import Batch, autocast, pick_view
+from metapl.methods.base import Batch, autocast, average_gradients, pick_view
 
 
 class SupervisedMethod:
@@ -20,6 +20,7 @@ class SupervisedMethod:
         label_smoothing: float = 0.0,
         labeled_view: str = "labeled_weak",
         autocast_dtype: torch.dtype | None = None,
+        grad_sync=None,
     ):
         self.models = {"student": model}
         self.optimizers = {"student": optimizer}
@@ -27,6 +28,7 @@ class SupervisedMethod:
         self.labeled_view = labeled_view
         self.views = () if labeled_view == "labeled_weak" else (labeled_view,)
         self.autocast_dtype = autocast_dtype
+        self.grad_sync = grad_sync  # data parallelism: averages gradients across processes
 
     def step(self, batch: Batch) -> dict[str, Tensor]:
         model, opt = self.models["student"], self.optimizers["student"]
@@ -36,6 +38,7 @@ class SupervisedMethod:
         loss = batch_mean(hard_cross_entropy(upcast(logits), batch.y_labeled, self.label_smoothing))
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        average_gradients(self.grad_sync, model)
         opt.step()
         return {"student_loss": loss.detach()}
 

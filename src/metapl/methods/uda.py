@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metapl.losses import batch_mean, hard_cross_entropy, upcast
-from metapl.methods.base import Batch, autocast
+from metapl.methods.base import Batch, autocast, average_gradients
 
 
 @dataclass
@@ -54,12 +54,14 @@ class UDAMethod:
         *,
         label_smoothing: float = 0.0,
         autocast_dtype: torch.dtype | None = None,
+        grad_sync=None,
     ):
         self.models = {"student": model}
         self.optimizers = {"student": optimizer}
         self.uda = uda
         self.label_smoothing = label_smoothing
         self.autocast_dtype = autocast_dtype
+        self.grad_sync = grad_sync  # data parallelism: averages gradients across processes
 
     def step(self, batch: Batch) -> dict[str, Tensor]:
         model, opt = self.models["student"], self.optimizers["student"]
@@ -74,6 +76,7 @@ class UDAMethod:
         loss = supervised + consistency
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        average_gradients(self.grad_sync, model)
         opt.step()
         return {
             "student_loss": loss.detach(),

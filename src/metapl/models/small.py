@@ -135,3 +135,10 @@ def reduced_teacher(
 def digits_cnn_large(num_classes: int, dropout: float = 0.0, in_chans: int = 1) -> DigitsCNN:
     """A 3x wider digits CNN: the "large teacher" of the digits ReducedMPL demo."""
     return DigitsCNN(num_classes, width=48, dropout=dropout, in_chans=in_chans)
+
+
+@register_model
+def small_cnn(num_classes: int, dropout: float = 0.0, in_chans: int = 3) -> DigitsCNN:
+    """The digits CNN for RGB images of any size (width 32, about 95 k parameters): the CPU-sized
+    model for your own image folders (`--set model=small_cnn`); WRN-28-2 wants a GPU."""
+    return DigitsCNN(num_classes, width=32, dropout=dropout, in_chans=in_chans)

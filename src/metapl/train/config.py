@@ -36,6 +36,8 @@ DATASETS = (
     "cifar10-full",
     "svhn-full",
     "imagenet-full",
+    "folder",  # your own images (metapl.data.own): class folders, or a .npz
+    "npz",  # your own images as arrays (metapl.data.own_npz)
 )
 
 
@@ -53,6 +55,9 @@ class TrainConfig:
     tuning: bool = False
     # digits only: labeled examples per class and the split's seed (see metapl.data.digits)
     labels_per_class: int = 5
+    # digits only: T more labeled images per class reserved as the tuning split (0 = none; see
+    # metapl.data.digits). `metapl tune` needs a tuning split: --set tune_per_class=T on digits.
+    tune_per_class: int = 0
 
     # -- schedule (App. C.1: cosine decay to 0 after linear warm-up)
     steps: int = 1_000_000
@@ -111,6 +116,9 @@ class TrainConfig:
     eval_batch_size: int = 512
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "fp32"  # fp32 | bf16 (autocast on the forward passes)
+    # torchrun (data parallel): BatchNorm with the statistics of the whole global batch instead of
+    # each process's shard (torch.nn.SyncBatchNorm; CUDA only, and no effect in one process)
+    sync_batchnorm: bool = False
 
     # -- where the preset came from (informational)
     preset: str | None = field(default=None)
@@ -137,6 +145,13 @@ class TrainConfig:
                 "mpl_estimator must be exact, first_order or double_backward (the same exact "
                 f"gradient by second-order autograd, slower), got {self.mpl_estimator!r}"
             )
+        if self.sync_batchnorm and self.uses_mpl and self.mpl_estimator != "first_order":
+            # SyncBatchNorm has no forward-mode derivative (the exact step's JVP pass), and the
+            # exact gradient would need the other processes' tangents of the batch statistics.
+            raise ConfigError(
+                f"sync_batchnorm works with {self.method} only with --set "
+                "mpl_estimator=first_order; the exact teacher gradient needs per-process BatchNorm"
+            )
         positive = (
             "steps",
             "batch_size",
@@ -154,6 +169,8 @@ class TrainConfig:
         for name in ("student_dropout", "teacher_dropout", "label_smoothing", "ema_decay"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.tune_per_class < 0 or (self.tune_per_class and self.dataset != "digits"):
+            raise ConfigError("tune_per_class must be >= 0, and only digits reads it")
         if self.finetune_steps < 0 or self.finetune_lr <= 0:
             raise ConfigError("finetune_steps must be >= 0 and finetune_lr > 0")
         if self.warmup_steps < 0 or self.uda_warmup_steps < 0:

@@ -7,6 +7,7 @@ run resumed at step s sees exactly the batches an uninterrupted run would have s
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 
 import numpy as np
@@ -24,6 +25,20 @@ def stream_seed(*parts: int | str) -> int:
     """A 63-bit seed from any tuple (seed, stream name, step ...), stable across runs and platforms."""
     digest = hashlib.sha256(repr(parts).encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
+
+
+def model_input(images: np.ndarray, device: torch.device) -> Tensor:
+    """uint8 ``[N, H, W, C]`` images -> the float32 ``[N, C, H, W]`` batch in ``[0, 1]`` a model takes,
+    on ``device`` (channels_last on CUDA, the models' memory format there).
+
+    The one preprocessing of training, evaluation and ``metapl predict``: pixels are scaled to
+    ``[0, 1]`` by :func:`~metapl.data.arrays.to_tensor_nchw` and nothing else (no mean/std
+    normalization), so predictions on image files match the run's reported accuracy.
+    """
+    x = to_tensor_nchw(images).to(device, non_blocking=True)
+    if device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
 
 
 class EpochIndices:
@@ -59,11 +74,22 @@ class BatchSource:
         views: tuple[str, ...],
         device,
         teacher_probs: tuple[np.ndarray, np.ndarray] | None = None,
+        shard: tuple[int, int] = (0, 1),
     ):
         """``teacher_probs``: the large teacher's distributions of the labeled and the unlabeled
-        images (ReducedMPL, NoisyStudent), row-aligned with ``split``."""
+        images (ReducedMPL, NoisyStudent), row-aligned with ``split``.
+
+        ``shard=(rank, world_size)`` (data parallelism): every tensor of the batch is rank's
+        contiguous slice of the global batch (``cfg.batch_size`` labeled, ``batch_size *
+        unlabeled_ratio`` unlabeled; batch_size divisible by world_size). The global batch is drawn
+        and augmented exactly as in one process and then sliced, so the ranks' slices concatenate
+        to the single-process batch. The price: each rank loads and augments the whole global
+        batch (cheap for 32x32 images on a GPU, W times the JPEG decoding on ImageNet)."""
         self.split, self.cfg, self.views, self.device = split, cfg, set(views), device
         self.teacher_probs = teacher_probs
+        self.rank, self.world_size = shard
+        if cfg.batch_size % self.world_size:
+            raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {self.world_size}")
         self.labeled = EpochIndices(len(split.y_labeled), cfg.batch_size, cfg.seed, "labeled")
         n_u = len(split.x_unlabeled)
         self.unlabeled = EpochIndices(n_u, cfg.batch_size * cfg.unlabeled_ratio, cfg.seed, "unl")
@@ -73,10 +99,7 @@ class BatchSource:
         )
 
     def _images(self, source, indices: np.ndarray) -> Tensor:
-        x = to_tensor_nchw(source[indices]).to(self.device, non_blocking=True)
-        if self.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
+        return model_input(source[indices], self.device)
 
     def batch(self, step: int, views: tuple[str, ...] | None = None) -> Batch:
         """The batch of ``step`` with ``views`` (default: the views given at construction)."""
@@ -99,6 +122,17 @@ class BatchSource:
                 batch.x_unlabeled_weak = self.weak(x_u, generator=gen)
             if "unlabeled_strong" in wanted:
                 batch.x_unlabeled_strong = self.strong(self.weak(x_u, generator=gen), generator=gen)
+        return self._slice(batch)
+
+    def _slice(self, batch: Batch) -> Batch:
+        """This rank's contiguous rows of every tensor (labeled and unlabeled alike)."""
+        if self.world_size == 1:
+            return batch
+        for f in dataclasses.fields(batch):
+            value = getattr(batch, f.name)
+            if isinstance(value, Tensor):
+                n = len(value) // self.world_size
+                setattr(batch, f.name, value[self.rank * n : (self.rank + 1) * n])
         return batch
 
 
@@ -112,9 +146,7 @@ def evaluate(model, images, labels: np.ndarray, cfg: TrainConfig, device, amp=No
     correct = torch.zeros((), dtype=torch.long, device=device)
     for start in range(0, len(labels), cfg.eval_batch_size):
         idx = np.arange(start, min(start + cfg.eval_batch_size, len(labels)))
-        x = to_tensor_nchw(images[idx]).to(device)
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = model_input(images[idx], device)
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             pred = model(x).argmax(-1)
         correct += (pred == torch.from_numpy(labels[idx]).to(device)).sum()

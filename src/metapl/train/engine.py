@@ -4,10 +4,15 @@ Resumable by construction: each step's batch, augmentation and dropout randomnes
 (seed, step), and the checkpoint holds everything else (both models, optimizers, schedules, EMA, the
 MPL step's state, RNG states). Running the same command with the same ``--out`` continues where the
 last checkpoint left off and ends with exactly the weights of an uninterrupted run.
+
+Data parallel under ``torchrun --nproc_per_node N -m metapl train ...``: each process trains on its
+contiguous slice of every step's global batch, every optimizer step reads gradients averaged over
+the processes, and rank 0 alone evaluates and writes files (see :class:`DataParallel`).
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 
@@ -16,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from metapl.data.splits import SSLSplit, load_split
+from metapl.distributed import DataParallel, torchrun_process_group, torchrun_world
 from metapl.errors import ConfigError
 from metapl.methods.build import autocast_dtype, build_method
 from metapl.methods.supervised import SupervisedMethod
@@ -42,9 +48,12 @@ FORMAT_VERSION = 1
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for, but PyTorch sees no CUDA device here")
+    _, world_size, local_rank = torchrun_world()
+    if name == "cuda" and world_size > 1:
+        return torch.device("cuda", local_rank)  # torchrun: one GPU per process
     return torch.device(name)
 
 
@@ -53,12 +62,12 @@ def load_data(cfg: TrainConfig) -> SSLSplit:
     if cfg.dataset == "digits":
         from metapl.data.digits import digits_split
 
-        split = digits_split(cfg.seed, cfg.labels_per_class)
+        split = digits_split(cfg.seed, cfg.labels_per_class, cfg.tune_per_class)
     else:
         if not cfg.data_dir:
             raise ConfigError(f"{cfg.dataset} needs --data-dir: the folder holding its files")
         options = {}
-        if cfg.dataset.startswith("imagenet"):
+        if cfg.dataset.startswith("imagenet") or cfg.dataset in ("folder", "npz"):
             options["resolution"] = cfg.image_size
         if cfg.unlabeled_dir:
             options["unlabeled_dir"] = cfg.unlabeled_dir
@@ -69,10 +78,24 @@ def load_data(cfg: TrainConfig) -> SSLSplit:
 class Run:
     """One training run's live objects, and how they go into and come out of a checkpoint."""
 
-    def __init__(self, cfg: TrainConfig, split: SSLSplit, device: torch.device):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        split: SSLSplit,
+        device: torch.device,
+        dp: DataParallel | None = None,
+    ):
         self.cfg, self.split, self.device = cfg, split, device
-        torch.manual_seed(stream_seed(cfg.seed, "init"))
-        self.method = build_method(cfg, split.num_classes, device)
+        # Data parallelism: every optimizer step below reads gradients averaged over the processes.
+        self.dp = dp if dp is not None else DataParallel()
+        torch.manual_seed(stream_seed(cfg.seed, "init"))  # the same models on every rank
+        self.method = build_method(cfg, split.num_classes, device, grad_sync=self.dp.grad_sync)
+        if cfg.sync_batchnorm and self.dp.enabled:
+            for model in self.method.models.values():
+                # In place: BatchNorm children are swapped, their parameters and buffers kept (the
+                # optimizers hold them); a model's root is never a BatchNorm.
+                converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+                assert converted is model
         self.schedulers = {
             name: make_scheduler(opt, cfg.steps, cfg.warmup_steps)
             for name, opt in self.method.optimizers.items()
@@ -93,6 +116,7 @@ class Run:
                 opt,
                 label_smoothing=cfg.label_smoothing,
                 autocast_dtype=autocast_dtype(cfg),
+                grad_sync=self.dp.grad_sync,
             )
             self.finetune_scheduler = make_scheduler(opt, cfg.finetune_steps, 0)
         self.before_finetune: dict | None = None
@@ -105,7 +129,10 @@ class Run:
 
     def advance(self, batch_source: BatchSource) -> dict:
         """One step of the current phase (MPL or baseline, then fine-tuning)."""
-        torch.manual_seed(stream_seed(self.cfg.seed, "step", self.step))  # dropout, sampling
+        # Dropout and sampling; with several processes each draws its own (independent masks for
+        # the slices, as under DistributedDataParallel).
+        rank = ("rank", self.dp.rank) if self.dp.enabled else ()
+        torch.manual_seed(stream_seed(self.cfg.seed, "step", self.step, *rank))
         if self.step < self.cfg.steps:
             metrics = self.method.step(batch_source.batch(self.step))
             schedulers = list(self.schedulers.values())
@@ -219,20 +246,67 @@ def _accuracies(run: Run, amp) -> dict[str, float]:
     out = {}
     if len(s.y_tune):
         out["tune_accuracy"] = evaluate(run.eval_model, s.x_tune, s.y_tune, cfg, dev, amp)
-    out["test_accuracy"] = evaluate(run.eval_model, s.x_test, s.y_test, cfg, dev, amp)
+    if len(s.y_test):  # your own data may come without a test set: then no test accuracy
+        out["test_accuracy"] = evaluate(run.eval_model, s.x_test, s.y_test, cfg, dev, amp)
     for name, model in run.method.models.items():
         if name == "teacher" and cfg.method == "reduced_mpl":
             continue  # the reduced teacher reads distributions, not images
         out[f"{name}_labeled_accuracy"] = evaluate(model, s.x_labeled, s.y_labeled, cfg, dev, amp)
-        if name == "teacher":  # logged to understand MPL, never used to pick a model
+        if name == "teacher" and len(s.y_test):  # to understand MPL, never to pick a model
             out["teacher_test_accuracy"] = evaluate(model, s.x_test, s.y_test, cfg, dev, amp)
     return out
 
 
-def train(cfg: TrainConfig, out_dir: Path | str, show_progress: bool = True) -> dict:
-    """Train (or resume) the run in ``out_dir``; returns the summary also written to results.json."""
+def _check_data_parallel(cfg: TrainConfig, device: torch.device, world_size: int) -> None:
+    """Mistakes in a torchrun launch, raised on every rank before any process waits on another."""
+    if cfg.batch_size % world_size:
+        raise ConfigError(
+            f"batch_size {cfg.batch_size} is not divisible by the {world_size} processes, which "
+            "each train on an equal slice of every batch; choose another --set batch_size=N"
+        )
+    if cfg.sync_batchnorm and device.type != "cuda":
+        raise ConfigError(
+            "sync_batchnorm needs CUDA (torch.nn.SyncBatchNorm); on CPU each process normalizes "
+            "with the statistics of its own slice of the batch: drop sync_batchnorm=true"
+        )
+
+
+class _NoMetrics:
+    """The metrics log of ranks other than 0, which write nothing."""
+
+    def __enter__(self) -> _NoMetrics:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def log(self, step: int, metrics: dict) -> None:
+        pass
+
+
+def _data_parallel(train_fn):
+    """Under torchrun (WORLD_SIZE > 1) run ``train_fn`` in torchrun's process group (nccl on CUDA,
+    gloo on CPU), destroyed on the way out, errors included."""
+
+    @functools.wraps(train_fn)
+    def wrapper(cfg: TrainConfig, *args, **kwargs):
+        device = resolve_device(cfg.validate().device)
+        _check_data_parallel(cfg, device, torchrun_world()[1])
+        with torchrun_process_group(device):
+            return train_fn(cfg, *args, **kwargs)
+
+    return wrapper
+
+
+@_data_parallel
+def train(cfg: TrainConfig, out_dir: Path | str, show_progress: bool = True, on_eval=None) -> dict:
+    """Train (or resume) the run in ``out_dir``; returns the summary also written to results.json.
+
+    ``on_eval(step, accuracies)``, if given, sees each evaluation; an exception it raises stops the
+    run (``metapl tune`` reports to its pruner this way)."""
     cfg.validate()
     out_dir = Path(out_dir)
+    dp = DataParallel()  # this process's share under torchrun; rank 0 of 1 otherwise
     device = resolve_device(cfg.device)
     split = load_data(cfg)  # bad data fails here, before anything is written
     fingerprint = config_fingerprint(cfg.to_dict())
@@ -244,25 +318,34 @@ def train(cfg: TrainConfig, out_dir: Path | str, show_progress: bool = True) -> 
     teacher_probs = None
     if cfg.uses_large_teacher:  # ReducedMPL / NoisyStudent: precompute, select, free the teacher
         load_large_teacher(Path(cfg.large_teacher), split.num_classes, device)  # fail early
+        if dp.is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            prepared = prepare_large_teacher_data(cfg, split, out_dir, device, show_progress)
+        dp.wait_for_main()  # rank 0 wrote the files; the others read them, finished (no writes)
+        if not dp.is_main:
+            prepared = prepare_large_teacher_data(cfg, split, out_dir, device, False)
+        split, teacher_probs = prepared
+    run = Run(cfg, split, device, dp)  # a bad model or schedule fails here, before any write
+    if dp.is_main:  # here and below: the other ranks write nothing
         out_dir.mkdir(parents=True, exist_ok=True)
-        split, teacher_probs = prepare_large_teacher_data(
-            cfg, split, out_dir, device, show_progress
-        )
-    run = Run(cfg, split, device)  # a bad model or schedule fails here, still before any write
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out_dir / "config.json", cfg.to_dict())
+        write_json_atomic(out_dir / "config.json", cfg.to_dict())
+    if split.class_names is not None and dp.is_main:  # label i's name, for `metapl predict`
+        write_json_atomic(out_dir / "classes.json", list(split.class_names))
 
     if saved is not None:
-        run.load_state_dict(saved)
-    source = BatchSource(split, cfg, run.method.views, device, teacher_probs)
-    watched = _Figure10(run, teacher_probs) if cfg.method == "reduced_mpl" else None
+        run.load_state_dict(saved)  # every rank reads the same checkpoint
+    dp.broadcast_(_weights(run).values())  # and, to be safe, starts from rank 0's weights
+    source = BatchSource(
+        split, cfg, run.method.views, device, teacher_probs, shard=(dp.rank, dp.world_size)
+    )
+    watched = _Figure10(run, teacher_probs) if cfg.method == "reduced_mpl" and dp.is_main else None
     amp = autocast_dtype(cfg)
     start_time = time.perf_counter()
-    with MetricsLogger(out_dir, resume_step=run.step) as logger:
+    with MetricsLogger(out_dir, resume_step=run.step) if dp.is_main else _NoMetrics() as logger:
         bar = tqdm(
             total=run.total_steps,
             initial=run.step,
-            disable=not show_progress,
+            disable=not show_progress or not dp.is_main,
             unit="step",
             desc=cfg.preset or cfg.method,
             dynamic_ncols=True,
@@ -271,6 +354,10 @@ def train(cfg: TrainConfig, out_dir: Path | str, show_progress: bool = True) -> 
             metrics = run.advance(source)
             bar.update()
             last = run.step == run.total_steps
+            if run.step % cfg.log_every == 0 or run.step % cfg.checkpoint_every == 0 or last:
+                # The mean over ranks: each loss is the whole global batch's (a batch mean of equal
+                # slices), and every rank takes the same NaN/Inf decision below.
+                metrics = dp.mean_metrics(metrics)
             if run.step % cfg.log_every == 0 or last:
                 check_finite(metrics, run.step)
                 values = {**to_floats(metrics), **run.learning_rates()}
@@ -278,29 +365,38 @@ def train(cfg: TrainConfig, out_dir: Path | str, show_progress: bool = True) -> 
                 bar.set_postfix({k: f"{v:.3g}" for k, v in values.items() if "loss" in k})
             if watched is not None:
                 watched.maybe_record(run.step)
-            if run.step % cfg.eval_every == 0 or last or run.step == cfg.steps:
+            # Rank 0 evaluates; the others wait for it in the next step's first all-reduce.
+            if dp.is_main and (run.step % cfg.eval_every == 0 or last or run.step == cfg.steps):
                 accuracies = _accuracies(run, amp)
                 logger.log(run.step, accuracies)
+                if on_eval is not None:
+                    on_eval(run.step, accuracies)
                 if run.step == cfg.steps and run.finetune is not None:
                     run.before_finetune = accuracies
             if run.step % cfg.checkpoint_every == 0 or last:
                 check_finite(metrics, run.step)  # never write a NaN checkpoint
+                # BatchNorm running statistics are rank-local: every rank takes rank 0's, so each
+                # holds exactly the state saved (and a resumed run continues from it).
+                dp.broadcast_buffers_(_weights(run).values())
                 # A finite loss can still come with an update that overflowed the weights.
                 check_finite_weights(_weights(run), run.step)
-                save_checkpoint(ckpt_path, run.state_dict(fingerprint))
+                if dp.is_main:
+                    save_checkpoint(ckpt_path, run.state_dict(fingerprint))
         bar.close()
-        final = _accuracies(run, amp)
+        final = _accuracies(run, amp) if dp.is_main else None
+    # Every rank returns rank 0's summary.
+    final, run.before_finetune = dp.broadcast_object((final, run.before_finetune))
     record = {
         "method": cfg.method,
         "seed": cfg.seed,
         "dataset": split.name,
         "steps": cfg.steps,
         "finetune_steps": cfg.finetune_steps,
-        "accuracy": final["test_accuracy"],
+        "accuracy": final.get("test_accuracy"),  # None without a test set
         **{k: v for k, v in final.items() if k != "test_accuracy"},
     }
     if run.before_finetune is not None:
-        record["accuracy_before_finetune"] = run.before_finetune["test_accuracy"]
+        record["accuracy_before_finetune"] = run.before_finetune.get("test_accuracy")
     summary = {
         "config": cfg.to_dict(),
         "results": [record],
@@ -308,5 +404,6 @@ def train(cfg: TrainConfig, out_dir: Path | str, show_progress: bool = True) -> 
     }
     if watched is not None:
         write_json_atomic(out_dir / "figure10.json", watched.series())
-    write_json_atomic(out_dir / "results.json", summary)
+    if dp.is_main:
+        write_json_atomic(out_dir / "results.json", summary)
     return summary

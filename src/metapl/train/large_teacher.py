@@ -13,39 +13,24 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from metapl.data.splits import SSLSplit
-from metapl.errors import CheckpointError, ConfigError
-from metapl.models import create_model
 from metapl.reduced.precompute import precompute_distributions
 from metapl.reduced.select import top_k_per_class
-from metapl.train.checkpoint import load_checkpoint
-from metapl.train.config import TrainConfig, apply_overrides
+from metapl.train.config import TrainConfig
+from metapl.train.run_model import load_run_model
 
 
 def load_large_teacher(run_dir: Path, num_classes: int, device: torch.device) -> torch.nn.Module:
-    """The trained model of a ``metapl train`` run: its EMA if it kept one, else its student."""
-    config_path, ckpt_path = run_dir / "config.json", run_dir / "checkpoint.pt"
-    if not config_path.is_file() or not ckpt_path.is_file():
-        raise ConfigError(
-            f"large_teacher={run_dir} is not a finished `metapl train` run folder "
-            "(it needs config.json and checkpoint.pt); train the large teacher first"
-        )
-    cfg = apply_overrides(TrainConfig(), json.loads(config_path.read_text()))
-    state = load_checkpoint(ckpt_path)
-    if state["step"] < cfg.steps + cfg.finetune_steps:
-        raise CheckpointError(
-            f"the large teacher's run {run_dir} stopped at step {state['step']} of "
-            f"{cfg.steps + cfg.finetune_steps}; finish it (run its command again) first"
-        )
-    model = create_model(cfg.model, num_classes, dropout=cfg.student_dropout)
-    model.load_state_dict(state["ema"] if state.get("ema") else state["student"])
-    return model.to(device).eval()
+    """The trained model of a finished ``metapl train`` run (its EMA if it kept one, else its
+    student), checked to predict ``num_classes`` classes; see :func:`load_run_model`."""
+    return load_run_model(
+        run_dir, device, num_classes=num_classes, name=f"large_teacher={run_dir}"
+    ).model
 
 
 def prepare_large_teacher_data(

@@ -55,6 +55,7 @@ FAMILIES = {
     "svhn-full": TABLE2,
     "imagenet-full": TABLE2,
     "digits-reduced": TABLE2,
+    "folder": ("supervised", "uda", "uda-mpl"),  # your own images: UDA+MPL and its two baselines
 }
 
 

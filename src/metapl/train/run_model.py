@@ -1,0 +1,207 @@
+"""The trained model of a `metapl train` run folder, and the images it expects.
+
+One loader for every consumer of a finished run: ReducedMPL's large teacher, `metapl predict` and
+`metapl export`. They must agree on which weights a run "is" (its EMA if it kept one, else its
+student: the model whose test accuracy ``results.json`` reports), on when a run is finished, and on
+the input the model takes, so all three go through :func:`load_run_model` and :func:`input_spec`.
+
+Preprocessing itself is not repeated here: arrays become model input through
+:func:`metapl.train.data.model_input` (training, evaluation, predict), and :func:`pixels_to_input` is
+its tensor-only twin for exported models, which cannot call numpy. The tests pin the two equal.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from metapl.errors import CheckpointError, ConfigError, DataError, MetaplError
+from metapl.models import create_model
+from metapl.train.checkpoint import load_checkpoint
+from metapl.train.config import TrainConfig, apply_overrides
+
+CLASSES_FILE = "classes.json"
+"""Optional: the run's class names, a JSON list indexed by class (written for image-folder runs)."""
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What the model was evaluated on: uint8 ``[N, resolution, resolution, channels]`` pixels."""
+
+    resolution: int
+    channels: int  # 1: grayscale (digits), 3: RGB
+
+    def describe(self) -> str:
+        kind = "grayscale" if self.channels == 1 else "RGB"
+        return f"uint8 [N, {self.resolution}, {self.resolution}, {self.channels}] ({kind}, 0..255)"
+
+
+def input_spec(cfg: TrainConfig) -> InputSpec:
+    """The resolution and channels of the images a run of ``cfg`` trained and evaluated on.
+
+    This mirrors what the readers deliver (see :func:`metapl.train.engine.load_data`): digits are
+    8x8 grayscale whatever ``image_size`` says, CIFAR-10 and SVHN 32x32 RGB arrays; ImageNet and
+    your own data (``folder``, ``npz``) are RGB decoded or fitted at ``image_size``. A new reader
+    that breaks these rules must add its own here.
+    """
+    if cfg.dataset == "digits":
+        return InputSpec(8, 1)
+    if cfg.dataset.startswith(("cifar10", "svhn")):
+        return InputSpec(32, 3)
+    return InputSpec(cfg.image_size, 3)  # imagenet-*, folder, npz
+
+
+def pixels_to_input(pixels: Tensor) -> Tensor:
+    """uint8 ``[N, H, W, C]`` tensor -> float32 ``[N, C, H, W]`` in ``[0, 1]``.
+
+    The tensor form of :func:`metapl.data.arrays.to_tensor_nchw` (no mean/std normalization: the
+    models learn from raw ``[0, 1]`` pixels), traceable into TorchScript and ONNX.
+    """
+    return pixels.permute(0, 3, 1, 2).float() / 255.0
+
+
+class Classifier(nn.Module):
+    """A trained model as users call it: uint8 images in, class probabilities out.
+
+    ``forward(pixels)`` takes uint8 ``[N, H, W, C]`` (see :class:`InputSpec`) and returns float32
+    ``[N, num_classes]`` softmax probabilities. ``probabilities(x)`` skips the pixel conversion, for
+    callers that already hold the model input (``metapl predict`` builds it with the training code).
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def probabilities(self, x: Tensor) -> Tensor:
+        return torch.softmax(self.model(x).float(), dim=-1)
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        return self.probabilities(pixels_to_input(pixels))
+
+
+@dataclass
+class RunModel:
+    """A run's reported model (eval mode) with what callers need to use it."""
+
+    model: nn.Module
+    config: TrainConfig
+    num_classes: int
+    weights: str  # "ema" or "student"
+    step: int
+    total_steps: int
+    run_dir: Path
+
+    @property
+    def finished(self) -> bool:
+        return self.step >= self.total_steps
+
+    @property
+    def spec(self) -> InputSpec:
+        return input_spec(self.config)
+
+    def describe(self) -> str:
+        which = "the EMA of the student" if self.weights == "ema" else "the student"
+        return f"{which} of {self.run_dir} ({self.config.model}, step {self.step})"
+
+
+def _num_classes(model_name: str, weights: dict, name: str) -> int:
+    """The class count the checkpoint's classifier was built for.
+
+    The model is built twice, for 1 and 2 classes, on the meta device (no memory, no init cost);
+    the tensors whose shapes differ are the classifier's, and their size in the checkpoint is the
+    answer. So runs on any number of classes (image folders, small ImageNet subsets) load without
+    knowing their dataset.
+    """
+    with torch.device("meta"):
+        one, two = (create_model(model_name, n).state_dict() for n in (1, 2))
+    counts = set()
+    for key, tensor in one.items():
+        if tensor.shape == two[key].shape:
+            continue
+        if key not in weights:
+            raise CheckpointError(f"{name}: its checkpoint lacks {key} of model {model_name}")
+        dim = next(d for d, (a, b) in enumerate(zip(tensor.shape, two[key].shape)) if a != b)
+        counts.add(int(weights[key].shape[dim]))
+    if len(counts) != 1:
+        raise CheckpointError(f"{name}: its checkpoint does not fit model {model_name}")
+    return counts.pop()
+
+
+def _read_config(path: Path, name: str) -> TrainConfig:
+    try:
+        return apply_overrides(TrainConfig(), json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError, MetaplError) as exc:
+        raise ConfigError(f"{name}: {path} is not a readable metapl config ({exc})") from None
+
+
+def load_run_model(
+    run_dir: Path | str,
+    device: torch.device | str = "cpu",
+    *,
+    num_classes: int | None = None,
+    allow_unfinished: bool = False,
+    name: str | None = None,
+    unfinished_hint: str = "",
+) -> RunModel:
+    """The reported model of the run in ``run_dir``: its EMA if it kept one, else its student.
+
+    ``name`` is how error messages refer to the run (default: ``run folder DIR``). A run is finished
+    when its checkpoint reached ``steps + finetune_steps`` of its ``config.json``; an unfinished run
+    is a :class:`CheckpointError` (ending with ``unfinished_hint``) unless ``allow_unfinished``.
+    With ``num_classes``, a checkpoint for another class count is a :class:`CheckpointError`.
+    """
+    run_dir = Path(run_dir)
+    name = name or f"run folder {run_dir}"
+    config_path, ckpt_path = run_dir / "config.json", run_dir / "checkpoint.pt"
+    if not config_path.is_file() or not ckpt_path.is_file():
+        what = "does not exist" if not run_dir.exists() else "is not a `metapl train` run folder"
+        raise ConfigError(
+            f"{name} {what} (a run folder holds config.json and checkpoint.pt): give the --out "
+            "folder of a `metapl train` run, trained first"
+        )
+    cfg = _read_config(config_path, name)
+    state = load_checkpoint(ckpt_path)
+    step, total = int(state["step"]), cfg.steps + cfg.finetune_steps
+    if step < total and not allow_unfinished:
+        raise CheckpointError(
+            f"{name} stopped at step {step} of {total}; finish it first (run its `metapl train` "
+            f"command again){unfinished_hint}"
+        )
+    weights_name = "ema" if state.get("ema") else "student"
+    weights = state.get(weights_name)
+    if not isinstance(weights, dict):
+        raise CheckpointError(f"{name}: its checkpoint {ckpt_path} holds no student weights")
+    found = _num_classes(cfg.model, weights, name)
+    if num_classes is not None and found != num_classes:
+        raise CheckpointError(
+            f"{name} predicts {found} classes, but this data has {num_classes}: "
+            "it was trained on another dataset"
+        )
+    model = create_model(cfg.model, found, dropout=cfg.student_dropout)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        detail = str(exc).strip().splitlines()[0]
+        raise CheckpointError(f"{name}: {ckpt_path} does not fit {cfg.model} ({detail})") from None
+    model = model.to(device).eval().requires_grad_(False)
+    return RunModel(model, cfg, found, weights_name, step, total, run_dir)
+
+
+def class_names(run_dir: Path | str, num_classes: int) -> list[str]:
+    """The names in ``run_dir/classes.json`` when it exists, else ``"0" .. "num_classes - 1"``."""
+    path = Path(run_dir) / CLASSES_FILE
+    if not path.exists():
+        return [str(i) for i in range(num_classes)]
+    try:
+        names = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path} is not readable JSON ({exc})") from None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise DataError(f"{path} must hold a JSON list of class names (strings)")
+    if len(names) != num_classes:
+        raise DataError(f"{path} names {len(names)} classes, but the model has {num_classes}")
+    return names

@@ -1,0 +1,228 @@
+"""The tuning run: stage 1 (student), stage 2 (teacher), then ``OUT/best.toml``.
+
+Each trial is an ordinary ``metapl train`` run folder, ``OUT/trials/<study>/<number>/``, trained
+with ``tuning=true``: on the labeled data minus the tuning split, evaluated on the tuning split. The
+test set never enters a trial (:meth:`SSLSplit.tuning_view` puts the tuning examples where the
+engine evaluates). Its score is the last model's tuning accuracy, as a final run reports the last
+model. Each evaluation on the way is reported to a median pruner through ``train``'s ``on_eval``
+hook, so a trial that trails the earlier ones at the same step stops early.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import shutil
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from metapl.errors import ConfigError, NonFiniteLossError
+from metapl.train.config import TrainConfig, apply_overrides
+from metapl.train.presets import load_preset
+from metapl.tuning import bestfile, space, studies
+from metapl.tuning.storage import import_optuna, open_storage
+
+STARTUP_TRIALS = 5  # the pruner and TPE's model both start after this many trials
+
+
+@dataclass
+class TuneOptions:
+    preset: str
+    trials: int
+    storage: str
+    out: Path
+    study: str | None = None
+    stage: str = "both"  # student | teacher | both
+    # --set: every trial, and best.toml
+    overrides: dict[str, Any] = field(default_factory=dict)
+    # --steps / --device / --data-dir: the trials only
+    runtime: dict[str, Any] = field(default_factory=dict)
+    prune: bool = True
+    show_progress: bool = True
+
+
+def check_tuning_split(cfg: TrainConfig) -> None:
+    """Fail before any trial when the dataset has no tuning split, saying what to do instead."""
+    if cfg.dataset == "digits" and cfg.tune_per_class == 0:
+        raise ConfigError(
+            "digits has no tuning split by default: reserve one with --set tune_per_class=N "
+            "(N more labeled images per class, e.g. 5)"
+        )
+    if cfg.dataset == "svhn-1k":
+        raise ConfigError(
+            "svhn-1k has no tuning split (the paper tunes on CIFAR-10 and reuses its values, "
+            "App. C.1): tune a cifar10-4k preset instead"
+        )
+
+
+def study_name(opts: TuneOptions) -> str:
+    name = opts.study or Path(opts.preset).stem
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise ConfigError(f"--study {name!r}: use letters, digits, '.', '_' and '-'")
+    return name
+
+
+def _short(values: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+
+
+class Stage:
+    """One stage's study and objective."""
+
+    def __init__(self, tuner: Tuner, stage: str):
+        self.tuner, self.stage = tuner, stage
+        self.name = f"{tuner.name}-{stage}"
+        # teacher stage: stage 1's result, as the study records it
+        self.student: dict[str, Any] = {}
+        self.base = space.stage_base(tuner.trial_base, stage, {})
+        self.searched = [r.key for r in space.searched(stage, self.base, tuner.fixed)]
+        if not self.searched:
+            raise ConfigError(f"stage {stage}: --set fixes every searched key; nothing to tune")
+
+    @property
+    def student_values(self) -> dict[str, Any]:
+        return self.student.get("student_values", {})
+
+    def _adopt(self, student: dict[str, Any]) -> None:
+        self.student = {k: v for k, v in student.items() if k.startswith("student_")}
+        self.base = space.stage_base(self.tuner.trial_base, self.stage, self.student_values)
+
+    def attrs(self) -> dict[str, Any]:
+        """The records of a new study; only its creator calls this (and, in stage 2, looks up
+        stage 1's best trial, waiting for stage 1's running trials first)."""
+        if self.stage == "teacher":
+            t = self.tuner
+            self._adopt(studies.student_result(t.optuna, t.storage, f"{t.name}-student"))
+        config = studies.comparable(self.base.to_dict())
+        return {"config": config, "searched": self.searched, **self.student}
+
+    def objective(self, trial) -> float:
+        optuna, opts = self.tuner.optuna, self.tuner.opts
+        values = space.sample(trial, self.stage, self.base, self.tuner.fixed)
+        cfg = space.trial_config(self.tuner.trial_base, self.stage, self.student_values, values)
+        run_dir = opts.out / "trials" / self.name / str(trial.number)
+        if run_dir.exists():  # numbers never repeat within a storage: left by an earlier one
+            shutil.rmtree(run_dir)
+        # where to find the run folder when several machines share the study
+        trial.set_user_attr("run_dir", str(run_dir.resolve()))
+        trial.set_user_attr("host", socket.gethostname())
+
+        def on_eval(step: int, accuracies: dict[str, float]) -> None:
+            accuracy = accuracies["test_accuracy"]  # the tuning split, in a tuning run
+            trial.report(accuracy, step)
+            if trial.should_prune():
+                print(
+                    f"{self.name} trial {trial.number}: pruned at step {step} "
+                    f"(tuning accuracy {100 * accuracy:.2f}%)",
+                    flush=True,
+                )
+                raise optuna.TrialPruned()
+
+        try:
+            summary = self.tuner.train(cfg, run_dir, opts.show_progress, on_eval=on_eval)
+        except NonFiniteLossError as err:  # a diverging setting is a bad one, not a crash
+            trial.set_user_attr("diverged", str(err))
+            print(f"{self.name} trial {trial.number}: diverged ({_short(values)})", flush=True)
+            return 0.0
+        record = summary["results"][0]
+        if not record["dataset"].endswith("-tune"):
+            raise RuntimeError(f"trial {trial.number} did not run on the tuning split")
+        accuracy = record["accuracy"]
+        print(
+            f"{self.name} trial {trial.number}: tuning accuracy {100 * accuracy:.2f}% "
+            f"({_short(values)})",
+            flush=True,
+        )
+        return accuracy
+
+    def run(self):
+        optuna = self.tuner.optuna
+        sampler = optuna.samplers.TPESampler(n_startup_trials=STARTUP_TRIALS, constant_liar=True)
+        if self.tuner.opts.prune:
+            warmup = max(1, self.base.steps // 4)
+            pruner = optuna.pruners.MedianPruner(
+                n_startup_trials=STARTUP_TRIALS, n_warmup_steps=warmup
+            )
+        else:
+            pruner = optuna.pruners.NopPruner()
+        study = studies.join_study(
+            optuna, self.tuner.storage, self.name, self.attrs, sampler, pruner
+        )
+        if self.stage == "teacher":  # the creator's student values, whoever created the study
+            self._adopt(study.user_attrs)
+        studies.check_same_config(study, self.base.to_dict(), self.searched)
+        study.optimize(self.objective, n_trials=self.tuner.opts.trials)
+        return study
+
+
+class Tuner:
+    """Resolves the options once (every mistake fails here, before any trial), then runs the
+    stages and writes best.toml."""
+
+    def __init__(self, opts: TuneOptions):
+        from metapl.train.engine import train
+
+        self.opts, self.train = opts, train
+        if opts.trials < 1:
+            raise ConfigError(f"--trials must be >= 1, got {opts.trials}")
+        if opts.stage not in ("student", "teacher", "both"):
+            raise ConfigError(f"--stage must be student, teacher or both, got {opts.stage!r}")
+        self.name = study_name(opts)
+        # best.toml's base: the preset and --set, without the trials' runtime options
+        self.final_base = apply_overrides(load_preset(opts.preset), opts.overrides)
+        self.trial_base = apply_overrides(self.final_base, opts.runtime).validate()
+        self.fixed = set(opts.overrides)
+        check_tuning_split(self.trial_base)
+        self.stages = ["student", "teacher"] if opts.stage == "both" else [opts.stage]
+        for stage in self.stages:  # a non-MPL preset for stage teacher fails here
+            space.trial_config(self.trial_base, stage, {}, {})
+        self.optuna = import_optuna()
+        self.storage = open_storage(opts.storage)
+
+    def run(self) -> Path:
+        done = {stage: Stage(self, stage).run() for stage in self.stages}
+        return self.write_best(done)
+
+    def write_best(self, done: dict) -> Path:
+        """best.toml from the last stage run: stage 2's best trial plus the student values its
+        study fixed, or stage 1's best trial alone."""
+        stage = "teacher" if "teacher" in done else "student"
+        last = done[stage]
+        picks = []  # (stage, study, trial, accuracy, values)
+        if stage == "teacher":
+            a = last.user_attrs
+            keys = ("student_study", "student_trial", "student_accuracy", "student_values")
+            picks.append(("student", *(a[k] for k in keys)))
+        best = studies.best_trial(last)
+        picks.append((stage, last.study_name, best.number, best.value, best.params))
+        finished = sum(t.state.is_finished() for t in last.get_trials(deepcopy=False))
+        header = [
+            f"metapl tune: the best configuration found for preset {self.opts.preset}",
+            "(Appendix C.1, incremental: the student's values first, then the teacher's)",
+        ]
+        values: dict[str, Any] = {}
+        tuned: dict[str, str] = {}
+        for stage, name, number, accuracy, params in picks:
+            header.append(
+                f"stage {stage}: study {name}, trial {number}, tuning accuracy {100 * accuracy:.2f}%"
+            )
+            for key, value in params.items():
+                values[key], tuned[key] = value, f"stage {stage}: {name} trial {number}"
+        header += [
+            f"({finished} trials of {last.study_name} finished when this was written)",
+            f"trials ran {self.trial_base.steps} steps on the tuning split; this file keeps the "
+            f"preset's {self.final_base.steps} steps and trains on all labeled data",
+            f"trial run folders: {self.opts.out / 'trials'}",
+            f"train it: metapl train --preset {self.opts.out / 'best.toml'} --out RUN",
+        ]
+        cfg = dataclasses.replace(self.final_base, **values).validate()
+        path = self.opts.out / "best.toml"
+        bestfile.write_atomic(path, bestfile.render(cfg, header, tuned))
+        return path
+
+
+def tune(opts: TuneOptions) -> Path:
+    """Run ``opts``; returns the path of best.toml."""
+    return Tuner(opts).run()

@@ -1,0 +1,126 @@
+"""Opening the study storage that several processes (or machines) share.
+
+- **SQLite** (``sqlite:///PATH.db``): processes on one machine. SQLite allows one writer at a time;
+  a process that finds the file locked waits up to ``SQLITE_TIMEOUT_S`` instead of Python's default
+  5 s, so busy workers queue up rather than fail with "database is locked". Write-ahead logging
+  keeps each write short (see :func:`_sqlite_pragmas`). Creating the tables of a new file is
+  serialized with an advisory lock on ``PATH.db.lock``: two processes starting together would
+  otherwise both try to create them. Not for network file systems, whose locking SQLite cannot
+  trust.
+- **PostgreSQL** (``postgresql://USER:PASSWORD@HOST/DB`` with the driver ``psycopg[binary]``, or
+  ``postgresql+psycopg2://`` with ``psycopg2-binary``): machines that all reach one server. A first
+  start that races on table creation is retried.
+
+Heartbeats (every ``HEARTBEAT_S``) let a trial whose process died (``kill -9``, a lost machine) be
+marked failed after ``GRACE_S`` instead of staying "running" forever; that matters because stage 2
+waits for stage 1's running trials before fixing the student's values.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from pathlib import Path
+
+from metapl.errors import ConfigError
+
+SQLITE_TIMEOUT_S = 120
+HEARTBEAT_S = 30
+GRACE_S = 120
+URL_HINT = (
+    "use sqlite:///PATH.db on one machine, or postgresql://USER:PASSWORD@HOST/DB across machines"
+)
+
+
+def import_optuna():
+    """Optuna, or a one-line ConfigError saying how to install it."""
+    try:
+        import optuna
+    except ImportError:
+        raise ConfigError("metapl tune needs Optuna: pip install optuna") from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # metapl prints one line per trial
+    # heartbeats and fail_stale_trials are marked experimental; metapl relies on them knowingly
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    return optuna
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    """An exclusive advisory lock while the block runs (POSIX; elsewhere the retry covers it)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _sqlite_pragmas(connection, _record) -> None:
+    """Write-ahead logging: readers never block the writer, so the write lock is held briefly; with
+    ``synchronous=NORMAL`` a commit needs no fsync (an OS crash or power loss may lose the last
+    commits, but never corrupts the file; a killed process loses nothing)."""
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+def open_storage(url: str):
+    """An Optuna ``RDBStorage`` for ``url``; every problem with the URL is a one-line ConfigError."""
+    optuna = import_optuna()
+    import sqlalchemy.event
+    import sqlalchemy.exc
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+    except (sqlalchemy.exc.ArgumentError, ValueError):
+        raise ConfigError(f"--storage {url!r} is not a database URL: {URL_HINT}") from None
+    shown = parsed.render_as_string(hide_password=True)
+    engine_kwargs: dict = {}
+    lock = contextlib.nullcontext  # a factory: each attempt enters a fresh one
+    sqlite = parsed.get_backend_name() == "sqlite"
+    if sqlite:
+        database = parsed.database or ""
+        if database in ("", ":memory:"):
+            raise ConfigError(
+                f"--storage {shown}: an in-memory database is not shared between processes; "
+                "give a file, e.g. sqlite:///tune.db"
+            )
+        if not Path(database).parent.is_dir():
+            raise ConfigError(f"--storage {shown}: folder {Path(database).parent} does not exist")
+        engine_kwargs["connect_args"] = {"timeout": SQLITE_TIMEOUT_S}
+        lock = lambda: _file_lock(Path(database + ".lock"))  # noqa: E731
+    for attempt in range(3):
+        try:
+            with lock():
+                storage = optuna.storages.RDBStorage(
+                    url,
+                    engine_kwargs=engine_kwargs,
+                    heartbeat_interval=HEARTBEAT_S,
+                    grace_period=GRACE_S,
+                )
+                if sqlite:
+                    sqlalchemy.event.listen(storage.engine, "connect", _sqlite_pragmas)
+                    storage.engine.dispose()  # connections made before the listener go
+                return storage
+        except ImportError as err:
+            raise ConfigError(
+                f"--storage {shown}: the database driver is not installed ({err.__cause__ or err}); "
+                "for postgresql:// URLs: pip install 'psycopg[binary]' (or psycopg2-binary with "
+                "postgresql+psycopg2://)"
+            ) from None
+        except sqlalchemy.exc.SQLAlchemyError as err:
+            racing = "already exists" in str(err) or "duplicate" in str(err).lower()
+            if racing and attempt < 2:  # another process is creating the tables right now
+                time.sleep(1.0 + attempt)
+                continue
+            reason = str(getattr(err, "orig", None) or err).splitlines()[0]
+            raise ConfigError(f"--storage {shown}: cannot open the database ({reason})") from None
+    raise AssertionError("unreachable")

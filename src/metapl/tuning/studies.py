@@ -1,0 +1,132 @@
+"""Joining a study that other processes share, and handing stage 1's result to stage 2.
+
+Exactly one process creates a study (Optuna's ``create_study`` is atomic in the database), and it
+records in the study's user attributes what the study is: the trial config every process must use
+and, for a teacher study, the student's values it fixed. Every other process adopts those records,
+so all trials of one study share one student, and a process started with other options (another
+``--steps``, another ``--set``) is refused instead of silently mixing incomparable trials.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from metapl.errors import ConfigError
+from metapl.train.config import TrainConfig
+
+POLL_S = 1.0
+ATTRS_WAIT_S = 60.0
+# Options that may differ between the machines of one study: they do not change what a trial means.
+MACHINE_KEYS = ("device", "data_dir", "preset", "unlabeled_dir", "large_teacher")
+
+
+def comparable(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in sorted(config.items()) if k not in MACHINE_KEYS}
+
+
+def join_study(optuna, storage, name: str, make_attrs: Callable[[], dict], sampler, pruner):
+    """Load study ``name``, or create it with the user attributes ``make_attrs()`` (only called
+    when this process may be the creator). Returns the study once its attributes are visible."""
+    try:
+        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
+    except KeyError:
+        attrs = make_attrs()
+        try:
+            study = optuna.create_study(
+                study_name=name,
+                storage=storage,
+                direction="maximize",
+                sampler=sampler,
+                pruner=pruner,
+            )
+        except optuna.exceptions.DuplicatedStudyError:  # another process created it just now
+            study = optuna.load_study(
+                study_name=name, storage=storage, sampler=sampler, pruner=pruner
+            )
+        else:
+            for key, value in sorted(attrs.items(), key=lambda kv: kv[0] == "config"):
+                study.set_user_attr(key, value)  # "config" last: the others wait for it
+            return study
+    deadline = time.monotonic() + ATTRS_WAIT_S
+    while "config" not in study.user_attrs:  # its creator is writing them
+        if time.monotonic() > deadline:
+            raise ConfigError(
+                f"study {name} has no metapl records (created by something else, or its creator "
+                "died at once): use another --study name"
+            )
+        time.sleep(POLL_S / 4)
+    return study
+
+
+def check_same_config(study, config: dict[str, Any], searched: list[str]) -> None:
+    """Refuse to add trials of another configuration or search space to ``study``."""
+    have, want = study.user_attrs["config"], comparable(config)
+    default = TrainConfig().to_dict()  # a key added to metapl since the study began: its default
+    differ = sorted(
+        k
+        for k in set(have) | set(want)
+        if have.get(k, default.get(k)) != want.get(k, default.get(k))
+    )
+    if study.user_attrs.get("searched") != searched:
+        differ.append("the searched keys (--set fixes a key)")
+    if differ:
+        raise ConfigError(
+            f"study {study.study_name} was created with other settings ({', '.join(differ)}): give "
+            "every process the same --preset, --steps and --set, or use another --study name"
+        )
+
+
+def wait_for_running(optuna, study) -> None:
+    """Wait until no trial of ``study`` runs (other processes still in stage 1). Trials of dead
+    processes stop counting after the heartbeat grace period."""
+    told = False
+    while True:
+        optuna.storages.fail_stale_trials(study)
+        running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        if not running:
+            return
+        if not told:
+            print(
+                f"waiting for {len(running)} running trial(s) of {study.study_name} "
+                "before fixing the student's values",
+                flush=True,
+            )
+            told = True
+        time.sleep(POLL_S)
+
+
+def student_result(optuna, storage, name: str) -> dict[str, Any]:
+    """Stage 1's best trial: the student values that stage 2 fixes, and where they came from."""
+    try:
+        study = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        raise ConfigError(
+            f"stage teacher fixes the student's values to the best trial of study {name}, which "
+            "this storage does not have: run --stage student first, or --stage both"
+        ) from None
+    wait_for_running(optuna, study)
+    best = best_trial(study)
+    return {
+        "student_values": dict(best.params),
+        "student_trial": best.number,
+        "student_accuracy": best.value,
+        "student_study": name,
+    }
+
+
+def best_trial(study):
+    """The best complete trial; a ConfigError when none finished, or when the best diverged (a
+    diverged trial scores 0, so then they all did)."""
+    try:
+        best = study.best_trial
+    except ValueError:
+        best = None
+    if best is None:
+        what = "no trial finished (all were pruned or failed)"
+    elif "diverged" in best.user_attrs:
+        what = "every finished trial diverged"
+    else:
+        return best
+    raise ConfigError(f"study {study.study_name}: {what}; run more trials")

@@ -1,0 +1,422 @@
+"""Your own data: the ``folder`` and ``npz`` datasets (metapl.data.own, metapl.data.own_npz).
+
+A tiny folder dataset (PNG and JPEG files of several sizes and PIL modes, nested unlabeled folders,
+hidden and non-image files) and a tiny .npz are read and checked pixel for pixel against
+``decode_image``; every user mistake is a one-line DataError naming the path; and ``metapl train
+--preset folder-uda-mpl`` runs end to end (WRN-28-2 at 8x8, two steps) with and without a test set.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from metapl.cli import main
+from metapl.data.folder import FolderImages
+from metapl.data.imagenet import decode_image
+from metapl.data.own import folder_split, npz_split, tuning_mask
+from metapl.data.own_npz import fit
+from metapl.data.splits import load_split
+from metapl.errors import DataError
+from metapl.train.presets import load_preset, preset_table
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
+SIZE = 8
+# class -> number of labeled images; tuning = last max(1, n // 10) of n >= 2, none of n == 1
+COUNTS = {"bird": 1, "cat": 20, "dog": 3}
+MODES = ("RGB", "L", "RGBA", "P", "CMYK")
+
+
+def picture(seed: int, mode: str, size: tuple[int, int]) -> Image.Image:
+    rgb = np.random.RandomState(seed).randint(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    return Image.fromarray(rgb).convert(mode)
+
+
+def save(path: Path, seed: int) -> None:
+    """A PNG or JPEG (by suffix) of a varying size and mode."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mode = MODES[seed % len(MODES)]
+    if path.suffix.lower() == ".png" and mode == "CMYK":
+        mode = "RGB"
+    if path.suffix.lower() != ".png" and mode in ("RGBA", "P"):
+        mode = "L"
+    picture(seed, mode, (9 + seed % 7, 8 + 3 * (seed % 4))).save(path)
+
+
+def labeled_names(n: int) -> list[str]:
+    """File names whose string order differs from their numeric order (img10 < img2)."""
+    return [f"img{i}.{'png' if i % 2 else 'JPG'}" for i in range(n)]
+
+
+def make_folder(root: Path, test: bool = True) -> Path:
+    seed = 0
+    for name, n in COUNTS.items():
+        for file in labeled_names(n):
+            seed += 1
+            save(root / "labeled" / name / file, seed)
+    (root / "labeled" / "cat" / "notes.txt").write_text("not an image")
+    save(root / "labeled" / ".hidden" / "x.png", 99)  # hidden folders are no class
+    for i, rel in enumerate(["b/deep/u1.png", "a/u2.jpeg", "u3.PNG", "a/u0.jpg", ".u4.png"]):
+        save(root / "unlabeled" / rel, 200 + i)
+    if test:
+        save(root / "test" / "cat" / "t1.png", 300)
+        save(root / "test" / "dog" / "t0.jpg", 301)
+    return root
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return make_folder(tmp_path_factory.mktemp("own") / "data")
+
+
+def expected_labeled_files(root: Path) -> list[str]:
+    """x_labeled's files: every class's non-tuning files, then every class's tuning files."""
+    rest, tune = [], []
+    for name, n in COUNTS.items():
+        files = sorted(labeled_names(n))
+        take = max(1, n // 10) if n >= 2 else 0
+        rest += [str(root / "labeled" / name / f) for f in files[: n - take]]
+        tune += [str(root / "labeled" / name / f) for f in files[n - take :]]
+    return rest + tune
+
+
+# --- the folder reader --------------------------------------------------------------------------
+
+
+def test_folder_split_reads_classes_labels_pixels_and_tuning(folder):
+    split = folder_split(folder, SIZE)
+    assert split.name == "folder" and split.class_names == ("bird", "cat", "dog")
+    assert split.num_classes == 3
+    assert split.x_labeled.shape == (24, SIZE, SIZE, 3) and split.x_labeled.dtype == np.uint8
+    assert split.x_unlabeled.shape == (4, SIZE, SIZE, 3)  # hidden .u4.png skipped, nested kept
+    assert split.x_test.shape == (2, SIZE, SIZE, 3) and split.y_test.tolist() == [1, 2]
+    files = expected_labeled_files(folder)
+    labels = [("bird", "cat", "dog").index(Path(f).parent.name) for f in files]
+    assert split.y_labeled.tolist() == labels
+    # tuning: the last 2 of cat's 20, the last of dog's 3, none of bird's single image
+    assert split.y_tune.tolist() == [1, 1, 2]
+    assert np.array_equal(split.x_tune, split.x_labeled[-3:])
+    for row, file in enumerate(files):
+        assert np.array_equal(split.x_labeled[row], decode_image(file, SIZE)), file
+    unlabeled = ["a/u0.jpg", "a/u2.jpeg", "b/deep/u1.png", "u3.PNG"]  # sorted relative paths
+    for row, rel in enumerate(unlabeled):
+        assert np.array_equal(
+            split.x_unlabeled[row], decode_image(folder / "unlabeled" / rel, SIZE)
+        )
+
+    view = split.tuning_view()
+    assert len(view.y_labeled) == 21 and view.y_test.tolist() == [1, 1, 2]
+
+
+def test_lazy_decoding_gives_the_same_split_with_file_order(folder):
+    eager = folder_split(folder, SIZE)
+    lazy = folder_split(folder, SIZE, max_eager_bytes=0)
+    for name in ("x_labeled", "x_unlabeled", "x_test", "x_tune"):
+        images = getattr(lazy, name)
+        assert isinstance(images, FolderImages)  # lazily decoded
+        assert np.array_equal(images[np.arange(len(images))], getattr(eager, name)), name
+    assert lazy.x_labeled.paths == expected_labeled_files(folder)
+    assert np.array_equal(lazy.y_labeled, eager.y_labeled)
+    # a budget for the labeled and test sets only leaves the unlabeled set lazy
+    mixed = folder_split(folder, SIZE, max_eager_bytes=26 * SIZE * SIZE * 3)
+    assert isinstance(mixed.x_labeled, np.ndarray) and isinstance(mixed.x_test, np.ndarray)
+    assert isinstance(mixed.x_unlabeled, FolderImages)
+
+
+def test_tuning_mask_rule():
+    labels = np.array([0] * 25 + [1] * 9 + [2] + [3] * 2)
+    mask = tuning_mask(labels)
+    assert mask.tolist() == [False] * 23 + [True] * 2 + [False] * 8 + [True, False, False, True]
+
+
+def test_registered_and_without_test_folder(tmp_path):
+    root = make_folder(tmp_path / "data", test=False)
+    split = load_split("folder", root, resolution=SIZE)
+    assert split.x_test.shape == (0, SIZE, SIZE, 3) and split.y_test.shape == (0,)
+    assert split.y_test.dtype == np.int64
+    assert "folder-uda-mpl" in preset_table()
+    cfg = load_preset("folder-uda-mpl").validate()
+    assert (cfg.dataset, cfg.method, cfg.model, cfg.image_size) == (
+        "folder",
+        "uda_mpl",
+        "wrn28_2",
+        32,
+    )
+
+
+# --- the npz reader -----------------------------------------------------------------------------
+
+
+def arrays(rng: np.random.RandomState) -> dict[str, np.ndarray]:
+    return {
+        "x_labeled": rng.randint(0, 256, (6, 10, 14), dtype=np.uint8),  # grayscale NHW
+        "y_labeled": np.array([0, 1, 2, 0, 1, 2], dtype=np.int32),
+        "x_unlabeled": rng.randint(0, 256, (5, SIZE, SIZE, 3), dtype=np.uint8),
+        "x_test": rng.randint(0, 256, (2, 16, 9, 1), dtype=np.uint8),
+        "y_test": np.array([2, 0]),
+        "class_names": np.array(["ant", "bee", "cow"]),
+    }
+
+
+def test_npz_split_checks_resizes_and_names(tmp_path):
+    data = arrays(np.random.RandomState(0))
+    path = tmp_path / "mine.npz"
+    np.savez(path, **data)
+    split = npz_split(path, SIZE)
+    assert split.name == "npz" and split.class_names == ("ant", "bee", "cow")
+    assert split.x_labeled.shape == (6, SIZE, SIZE, 3) and split.x_unlabeled.shape == (
+        5,
+        SIZE,
+        SIZE,
+        3,
+    )
+    assert split.y_labeled.dtype == np.int64 and split.y_labeled.tolist() == [0, 1, 2, 0, 1, 2]
+    assert split.y_tune.tolist() == [0, 1, 2]  # one of each class's two, the later one
+    assert np.array_equal(split.x_unlabeled, data["x_unlabeled"])  # already SIZE: untouched
+    # resized exactly as a PNG of the same pixels is by the folder reader
+    for got, gray in zip(split.x_test, data["x_test"][..., 0]):
+        Image.fromarray(gray).save(tmp_path / "same.png")
+        assert np.array_equal(got, decode_image(tmp_path / "same.png", SIZE))
+    rgb = np.random.RandomState(1).randint(0, 256, (21, 13, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    assert np.array_equal(fit(Image.fromarray(rgb), 7), decode_image(tmp_path / "rgb.png", 7))
+
+    # without class_names the classes are "0".."K-1"; folder reads DIR/data.npz or the file
+    del data["class_names"], data["x_test"], data["y_test"]
+    np.savez(tmp_path / "data.npz", **data)
+    for source in (tmp_path, tmp_path / "data.npz"):
+        split = folder_split(source, SIZE)
+        assert split.class_names == ("0", "1", "2") and split.name == "npz"
+        assert len(split.y_test) == 0 and split.x_test.shape == (0, SIZE, SIZE, 3)
+
+
+# --- errors -------------------------------------------------------------------------------------
+
+
+def one_line(exc: pytest.ExceptionInfo) -> str:
+    message = str(exc.value)
+    assert "\n" not in message
+    return message
+
+
+def _missing_dir(root: Path) -> tuple[Path, str]:
+    return root / "nowhere", "is missing"
+
+
+def _no_labeled(root: Path) -> tuple[Path, str]:
+    (root / "unlabeled").mkdir(parents=True)
+    return root / "labeled", "labeled is missing"
+
+
+def _empty_class(root: Path) -> tuple[Path, str]:
+    make_folder(root)
+    (root / "labeled" / "emu").mkdir()
+    (root / "labeled" / "emu" / "readme.txt").write_text("x")
+    return root / "labeled" / "emu", "is an empty class folder"
+
+
+def _one_class(root: Path) -> tuple[Path, str]:
+    save(root / "labeled" / "cat" / "a.png", 1)
+    save(root / "unlabeled" / "b.png", 2)
+    return root / "labeled", "has only one class folder ('cat')"
+
+
+def _loose_images(root: Path) -> tuple[Path, str]:
+    save(root / "labeled" / "a.png", 1)
+    save(root / "unlabeled" / "b.png", 2)
+    return root / "labeled" / "a.png", "has no class: move it into labeled/<class>/"
+
+
+def _loose_test_image(root: Path) -> tuple[Path, str]:
+    make_folder(root)
+    save(root / "test" / "z.jpg", 7)
+    return root / "test" / "z.jpg", "has no class: move it into test/<class>/"
+
+
+def _no_unlabeled(root: Path) -> tuple[Path, str]:
+    make_folder(root)
+    for f in (root / "unlabeled").rglob("*"):
+        if f.is_file():
+            f.unlink()
+    return root / "unlabeled", "has no images"
+
+
+def _no_unlabeled_folder(root: Path) -> tuple[Path, str]:
+    save(root / "labeled" / "cat" / "a.png", 1)
+    save(root / "labeled" / "dog" / "a.png", 2)
+    return root / "unlabeled", "unlabeled is missing"
+
+
+def _unreadable(root: Path) -> tuple[Path, str]:
+    make_folder(root)
+    bad = root / "labeled" / "dog" / "img1.png"
+    bad.write_bytes(bad.read_bytes()[:40])  # truncated
+    return bad, "is not a readable image"
+
+
+def _unknown_test_class(root: Path) -> tuple[Path, str]:
+    make_folder(root)
+    save(root / "test" / "eel" / "x.png", 5)
+    return root / "test" / "eel", "labeled/ does not have"
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        _missing_dir,
+        _no_labeled,
+        _empty_class,
+        _one_class,
+        _loose_images,
+        _loose_test_image,
+        _no_unlabeled,
+        _no_unlabeled_folder,
+        _unreadable,
+        _unknown_test_class,
+    ],
+)
+def test_folder_errors_are_one_line_naming_the_path(tmp_path, make):
+    root = tmp_path / "data"
+    path, phrase = make(root)
+    with pytest.raises(DataError) as exc:
+        folder_split(path if make is _missing_dir else root, SIZE)
+    message = one_line(exc)
+    assert str(path) in message and phrase in message
+
+
+def test_unreadable_image_in_a_lazy_set_fails_when_read_naming_it(tmp_path):
+    root = make_folder(tmp_path / "data")
+    bad = root / "unlabeled" / "u3.PNG"
+    bad.write_bytes(b"not a png at all")
+    split = folder_split(root, SIZE, max_eager_bytes=0)  # listing does not decode
+    assert split.x_unlabeled[0].shape == (SIZE, SIZE, 3)
+    with pytest.raises(DataError) as exc:
+        split.x_unlabeled[np.arange(4)]
+    message = one_line(exc)
+    assert str(bad) in message and f"the unlabeled folder {root / 'unlabeled'}" in message
+
+
+def _edit(**changes):
+    def make(data: dict) -> None:
+        for key, value in changes.items():
+            if value is None:
+                del data[key]
+            else:
+                data[key] = value
+
+    return make
+
+
+@pytest.mark.parametrize(
+    "make, phrase",
+    [
+        (_edit(x_unlabeled=None), "misses key 'x_unlabeled'"),
+        (_edit(y_labeled=None), "misses key 'y_labeled'"),
+        (_edit(y_tests=np.array([0])), "unexpected key 'y_tests'"),
+        (_edit(y_test=None), "only one of x_test and y_test"),
+        (_edit(y_labeled=np.array([0, 1, 2, 0, 1, -1])), "y_labeled[5] is -1, outside 0..2"),
+        (_edit(y_labeled=np.array([0, 1, 3, 0, 1, 2])), "y_labeled[2] is 3, outside 0..2"),
+        (_edit(y_test=np.array([3, 0])), "y_test[0] is 3, outside 0..2"),
+        (_edit(y_labeled=np.zeros((6, 1), int)), "y_labeled has shape (6, 1)"),
+        (_edit(y_labeled=np.array([0, 1, 2])), "expected integer labels of shape (6,)"),
+        (_edit(y_labeled=np.array([0.0, 1, 2, 0, 1, 2])), "dtype float64"),
+        (_edit(y_labeled=np.array([0, 1, 0, 0, 1, 0])), "class 2 has no labeled image"),
+        (_edit(class_names=None, y_labeled=np.zeros(6, int)), "there is one class"),
+        (_edit(class_names=np.array(["a", "a", "b"])), "expected distinct strings"),
+        (_edit(x_labeled=np.zeros((6, 8, 8, 3), np.float32)), "x_labeled has dtype float32"),
+        (_edit(x_unlabeled=np.zeros((5, 8, 8, 2), np.uint8)), "x_unlabeled has shape (5, 8, 8, 2)"),
+        (_edit(x_unlabeled=np.zeros((0, 8, 8, 3), np.uint8)), "with N >= 1"),
+    ],
+)
+def test_npz_errors_are_one_line_naming_the_file(tmp_path, make, phrase):
+    data = arrays(np.random.RandomState(0))
+    make(data)
+    path = tmp_path / "data.npz"
+    np.savez(path, **data)
+    with pytest.raises(DataError) as exc:
+        npz_split(tmp_path, SIZE)
+    message = one_line(exc)
+    assert str(path) in message and phrase in message
+
+
+@pytest.mark.parametrize("kind", ["garbage", "truncated", "npy", "pickled", "absent", "no_file"])
+def test_malformed_npz_is_one_line_naming_the_file(tmp_path, kind):
+    path = tmp_path / "data.npz"
+    if kind == "garbage":
+        path.write_bytes(b"hello, not a zip")
+    elif kind == "truncated":
+        np.savez(path, **arrays(np.random.RandomState(0)))
+        path.write_bytes(path.read_bytes()[:300])
+    elif kind == "npy":
+        np.save(tmp_path / "x.npy", np.zeros(3))
+        (tmp_path / "x.npy").rename(path)
+    elif kind == "pickled":
+        data = arrays(np.random.RandomState(0))
+        data["class_names"] = np.array(["a", None, "c"], dtype=object)
+        np.savez(path, **data)
+    source = tmp_path / "absent.npz" if kind == "absent" else tmp_path
+    with pytest.raises(DataError) as exc:
+        npz_split(source, SIZE)
+    message = one_line(exc)
+    if kind in ("absent", "no_file"):
+        assert "is missing" in message
+    elif kind == "garbage":
+        assert f"{path} is not a .npz file (not a zip archive" in message
+    else:
+        assert f"{path} is not a readable .npz" in message
+
+
+# --- end to end ---------------------------------------------------------------------------------
+
+TINY = {
+    "image_size": SIZE,
+    "pad": 1,
+    "cutout": 4,
+    "batch_size": 4,
+    "unlabeled_ratio": 1,
+    "warmup_steps": 1,
+    "uda_warmup_steps": 1,
+    "uda_threshold": 0.0,
+    "eval_every": 2,
+    "log_every": 1,
+    "checkpoint_every": 2,
+}
+
+
+def train_cli(data: Path, out: Path, *extra: str) -> int:
+    args = ["train", "--preset", "folder-uda-mpl", "--data-dir", str(data), "--out", str(out)]
+    args += ["--steps", "2", "--device", "cpu", "--quiet", *extra]
+    for key, value in TINY.items():
+        args += ["--set", f"{key}={value}"]
+    return main(args)
+
+
+def test_cli_trains_folder_uda_mpl_and_writes_class_names(folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train_cli(folder, out) == 0
+    assert "folder-uda-mpl: test accuracy" in capsys.readouterr().out
+    assert json.loads((out / "classes.json").read_text()) == ["bird", "cat", "dog"]
+    (record,) = json.loads((out / "results.json").read_text())["results"]
+    assert record["dataset"] == "folder" and record["method"] == "uda_mpl"
+    assert record["accuracy"] in (0.0, 0.5, 1.0)  # two test images
+    assert 0.0 <= record["tune_accuracy"] <= 1.0 and "teacher_test_accuracy" in record
+
+
+def test_cli_without_a_test_set_reports_no_test_accuracy(tmp_path, capsys):
+    data = arrays(np.random.RandomState(0))
+    del data["x_test"], data["y_test"]
+    np.savez(tmp_path / "mine.npz", **data)
+    out = tmp_path / "run"
+    assert train_cli(tmp_path / "mine.npz", out, "--set", "dataset=npz") == 0
+    assert "test accuracy" not in capsys.readouterr().out
+    (record,) = json.loads((out / "results.json").read_text())["results"]
+    assert record["dataset"] == "npz" and record["accuracy"] is None
+    assert "teacher_test_accuracy" not in record and 0.0 <= record["tune_accuracy"] <= 1.0
+    assert json.loads((out / "classes.json").read_text()) == ["ant", "bee", "cow"]
+    logged = (out / "metrics.csv").read_text()
+    assert "tune_accuracy" in logged and "test_accuracy" not in logged

@@ -1,0 +1,300 @@
+"""`metapl predict` and `metapl export` on a tiny digits run trained through the command line.
+
+What must hold: the model is the run's reported one (here its EMA); image files become exactly the
+pixels the run evaluated on, so predict's probabilities are the model's own outputs on the same
+arrays; the exported file (preprocessing and softmax inside) returns the same numbers; and every
+user mistake is one line on stderr with exit code 2, with nothing half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from metapl import export as export_command
+from metapl.cli import main
+from metapl.data.arrays import to_tensor_nchw
+from metapl.data.digits import digits_split
+from metapl.errors import CheckpointError
+from metapl.predict import read_images
+from metapl.train.checkpoint import load_checkpoint
+from metapl.train.config import TrainConfig
+from metapl.train.data import evaluate, model_input
+from metapl.train.large_teacher import load_large_teacher
+from metapl.train.run_model import load_run_model, pixels_to_input
+
+pytestmark = [
+    pytest.mark.usefixtures("single_torch_thread"),
+    pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning"),
+]
+
+SEED = 2
+TINY = {
+    "warmup_steps": 2,
+    "batch_size": 10,
+    "log_every": 2,
+    "eval_every": 4,
+    "checkpoint_every": 4,
+    "ema_decay": 0.5,  # the reported model is the EMA: predict and export must pick it
+    "student_lr": 0.1,
+}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, single_torch_thread) -> Path:
+    out = tmp_path_factory.mktemp("predict") / "run"
+    args = ["train", "--preset", "digits-supervised", "--out", str(out), "--steps", "8"]
+    args += ["--device", "cpu", "--seed", str(SEED), "--quiet"]
+    for key, value in TINY.items():
+        args += ["--set", f"{key}={value}"]
+    assert main(args) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def digits() -> np.ndarray:
+    return digits_split(SEED, 5).x_test[:7]  # uint8 [7, 8, 8, 1], as the run evaluated them
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory, digits) -> Path:
+    folder = tmp_path_factory.mktemp("images")
+    for i, image in enumerate(digits[:5]):
+        Image.fromarray(image[..., 0], "L").save(folder / f"d{i}.png")
+    return folder
+
+
+def reference(run: Path, pixels: np.ndarray) -> np.ndarray:
+    """The run's reported model on ``pixels`` through the training code's preprocessing."""
+    model = load_run_model(run).model
+    with torch.no_grad():
+        return torch.softmax(model(to_tensor_nchw(pixels)), -1).numpy()
+
+
+def predict(capsys, run: Path, *args: str) -> list[list[str]]:
+    assert main(["predict", "--run", str(run), "--device", "cpu", *args]) == 0
+    return [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+
+
+def fails(capsys, *argv: str) -> str:
+    assert main(list(argv)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"metapl {argv[0]}: error: "), err
+    return err
+
+
+def copy_run(run: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "copy"
+    shutil.copytree(run, out)
+    return out
+
+
+# --- the model and its input -------------------------------------------------------------------
+
+
+def test_the_loaded_model_is_the_reported_one(run_dir):
+    loaded = load_run_model(run_dir)
+    assert (loaded.weights, loaded.step, loaded.finished, loaded.num_classes) == (
+        "ema",
+        8,
+        True,
+        10,
+    )
+    ema = load_checkpoint(run_dir / "checkpoint.pt")["ema"]
+    assert all(torch.equal(v, ema[k]) for k, v in loaded.model.state_dict().items())
+    (record,) = json.loads((run_dir / "results.json").read_text())["results"]
+    split = digits_split(SEED, 5)
+    cfg = TrainConfig(eval_batch_size=512)
+    accuracy = evaluate(loaded.model, split.x_test, split.y_test, cfg, torch.device("cpu"))
+    assert accuracy == record["accuracy"]
+    assert (loaded.spec.resolution, loaded.spec.channels) == (8, 1)
+
+
+def test_files_decode_to_the_evaluated_pixels(image_dir, digits, run_dir):
+    paths = [str(image_dir / f"d{i}.png") for i in range(5)]
+    assert np.array_equal(read_images(paths, load_run_model(run_dir).spec), digits[:5])
+    # The exported model's tensor preprocessing is the training code's, bit for bit.
+    expected = model_input(digits, torch.device("cpu"))
+    assert torch.equal(pixels_to_input(torch.from_numpy(digits)), expected)
+    assert torch.equal(expected, to_tensor_nchw(digits))
+
+
+def test_large_teacher_uses_the_same_loader(run_dir):
+    model = load_large_teacher(run_dir, 10, torch.device("cpu"))
+    assert not model.training
+    with pytest.raises(CheckpointError, match="predicts 10 classes"):
+        load_large_teacher(run_dir, 3, torch.device("cpu"))
+
+
+# --- predict -----------------------------------------------------------------------------------
+
+
+def test_predict_prints_the_models_probabilities(capsys, run_dir, image_dir, digits, tmp_path):
+    paths = [str(image_dir / f"d{i}.png") for i in range(5)]
+    json_path = tmp_path / "predictions.json"
+    rows = predict(capsys, run_dir, *paths, "--top", "10", "--json", str(json_path))
+    expected = reference(run_dir, digits[:5])
+    assert [row[0] for row in rows] == paths
+    for row, probs in zip(rows, expected):
+        classes = [int(c) for c in row[1::2]]
+        printed = np.array([float(p) for p in row[2::2]])
+        assert classes[0] == probs.argmax() and sorted(classes) == list(range(10))
+        assert np.allclose(printed, probs[classes], atol=5e-5, rtol=0)
+        assert np.all(np.diff(printed) <= 0) and printed.sum() == pytest.approx(1, abs=1e-3)
+    saved = json.loads(json_path.read_text())
+    assert (saved["model"], saved["step"], saved["finished"]) == ("ema", 8, True)
+    for record, probs in zip(saved["predictions"], expected):
+        top = record["top"]
+        got = np.array([t["probability"] for t in top])
+        assert np.allclose(got, probs[[t["index"] for t in top]], atol=1e-6, rtol=0)
+        assert np.all((0 <= got) & (got <= 1)) and got.sum() == pytest.approx(1, abs=1e-5)
+        assert [t["class"] for t in top] == [str(t["index"]) for t in top]
+
+
+def test_predict_on_a_folder(capsys, run_dir, image_dir, digits, tmp_path):
+    folder = tmp_path / "mixed"
+    shutil.copytree(image_dir, folder)
+    (folder / "sub").mkdir()
+    gray = Image.fromarray(digits[5][..., 0], "L")
+    gray.convert("RGB").save(folder / "sub" / "rgb.png")  # RGB files become the same grayscale
+    gray.resize((24, 24), Image.Resampling.NEAREST).save(folder / "sub" / "big.JPG")
+    (folder / "notes.txt").write_text("not an image")
+    (folder / ".hidden.png").write_bytes(b"skipped")
+    rows = predict(capsys, run_dir, str(folder))
+    names = ["d0.png", "d1.png", "d2.png", "d3.png", "d4.png", "sub/big.JPG", "sub/rgb.png"]
+    assert [row[0] for row in rows] == [str(folder / n) for n in names]
+    assert all(len(row) == 3 for row in rows)  # path, class, probability
+    expected = reference(run_dir, digits[[0, 1, 2, 3, 4, 5]])
+    assert [int(row[1]) for row in rows[:5]] == list(expected[:5].argmax(-1))
+    assert int(rows[6][1]) == expected[5].argmax()
+    assert float(rows[6][2]) == pytest.approx(expected[5].max(), abs=5e-5)
+
+
+def test_class_names_from_classes_json(capsys, run_dir, image_dir, tmp_path):
+    run = copy_run(run_dir, tmp_path)
+    names = [f"digit {i}" for i in range(10)]
+    (run / "classes.json").write_text(json.dumps(names))
+    rows = predict(capsys, run, str(image_dir / "d0.png"), "--top", "2")
+    assert rows[0][1] in names and rows[0][3] in names
+    (run / "classes.json").write_text(json.dumps(names[:3]))
+    err = fails(capsys, "predict", "--run", str(run), str(image_dir))
+    assert "classes.json names 3 classes" in err
+
+
+# --- export ------------------------------------------------------------------------------------
+
+
+def test_torchscript_export_matches_the_model(capsys, run_dir, digits, tmp_path):
+    out = tmp_path / "digits.pt"
+    assert (
+        main(["export", "--run", str(run_dir), "--format", "torchscript", "--output", str(out)])
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "uint8 [N, 8, 8, 1]" in printed and "[N, 10]" in printed
+    extra = {"metapl.json": ""}
+    loaded = torch.jit.load(str(out), _extra_files=extra)
+    info = json.loads(extra["metapl.json"])
+    assert info["classes"] == [str(i) for i in range(10)] and "EMA" in info["model"]
+    for batch in (digits[:1], digits):
+        with torch.no_grad():
+            got = loaded(torch.from_numpy(batch)).numpy()
+        assert got.dtype == np.float32 and got.shape == (len(batch), 10)
+        assert np.allclose(got, reference(run_dir, batch), rtol=1e-5, atol=1e-7)
+    assert list(tmp_path.iterdir()) == [out]  # no temporary file left
+
+
+def test_onnx_export_matches_the_model(capsys, run_dir, digits, tmp_path):
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    out = tmp_path / "digits.onnx"
+    assert main(["export", "--run", str(run_dir), "--format", "onnx", "--output", str(out)]) == 0
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    meta = session.get_modelmeta().custom_metadata_map
+    assert json.loads(meta["classes"]) == [str(i) for i in range(10)]
+    for batch in (digits[:1], digits):
+        (got,) = session.run(["probabilities"], {"images": batch})
+        assert np.allclose(got, reference(run_dir, batch), rtol=1e-5, atol=1e-6)
+    assert list(tmp_path.iterdir()) == [out]
+
+
+def test_onnx_without_its_packages_is_one_line(capsys, run_dir, monkeypatch, tmp_path):
+    monkeypatch.setattr(export_command, "ONNX_PACKAGES", ("onnx", "metapl_not_installed"))
+    out = tmp_path / "m.onnx"
+    err = fails(capsys, "export", "--run", str(run_dir), "--format", "onnx", "--output", str(out))
+    assert "metapl_not_installed" in err and "pip install" in err
+    assert not out.exists()
+
+
+def test_a_failed_export_leaves_the_old_file(capsys, run_dir, monkeypatch, tmp_path):
+    out = tmp_path / "model.pt"
+    out.write_bytes(b"previous export")
+
+    def broken_save(module, path, **kwargs):
+        Path(path).write_bytes(b"half a model")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch.jit, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        main(["export", "--run", str(run_dir), "--format", "torchscript", "--output", str(out)])
+    assert out.read_bytes() == b"previous export" and list(tmp_path.iterdir()) == [out]
+
+
+# --- mistakes: one line, exit code 2 -----------------------------------------------------------
+
+
+def test_unfinished_run_is_refused_unless_allowed(capsys, run_dir, image_dir, tmp_path):
+    run = copy_run(run_dir, tmp_path)
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "steps": 100}))  # as if killed at 8
+    err = fails(capsys, "predict", "--run", str(run), str(image_dir))
+    assert "stopped at step 8 of 100" in err and "--allow-unfinished" in err
+    err = fails(capsys, "export", "--run", str(run), "--format", "torchscript")
+    assert "stopped at step 8 of 100" in err and not (run / "model.torchscript.pt").exists()
+    assert main(["predict", "--run", str(run), str(image_dir), "--allow-unfinished"]) == 0
+    captured = capsys.readouterr()
+    assert len(captured.out.splitlines()) == 5 and "unfinished (step 8 of 100)" in captured.err
+
+
+def test_corrupt_checkpoint(capsys, run_dir, image_dir, tmp_path):
+    run = copy_run(run_dir, tmp_path)
+    (run / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    assert "corrupt" in fails(capsys, "predict", "--run", str(run), str(image_dir))
+    assert "corrupt" in fails(capsys, "export", "--run", str(run), "--format", "torchscript")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["predict", "--run", "{tmp}/nowhere", "{images}"], "does not exist"),
+        (["predict", "--run", "{tmp}", "{images}"], "is not a `metapl train` run folder"),
+        (["export", "--run", "{tmp}/nowhere", "--format", "torchscript"], "does not exist"),
+        (["predict", "--run", "{run}", "{tmp}/missing.png"], "missing.png does not exist"),
+        (["predict", "--run", "{run}", "{tmp}/empty"], "has no images"),
+        (["predict", "--run", "{run}", "{tmp}/bad.png"], "bad.png is not a readable image"),
+        (["predict", "--run", "{run}", "{images}", "--top", "0"], "--top must be >= 1"),
+        (["predict", "--run", "{run}", "{images}", "--json", "{tmp}/no/p.json"], "does not exist"),
+        (["export", "--run", "{run}", "--format", "savedmodel"], "expected one of torchscript"),
+        (
+            ["export", "--run", "{run}", "--format", "torchscript", "--output", "{tmp}/no/m.pt"],
+            "folder",
+        ),
+        (["export", "--run", "{run}", "--format", "torchscript", "--output", "{tmp}"], "folder"),
+    ],
+)
+def test_mistakes_are_one_line(capsys, run_dir, image_dir, tmp_path, argv, message):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.txt").write_text("no images here")
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG truncated")
+    values = {"tmp": str(tmp_path), "run": str(run_dir), "images": str(image_dir)}
+    before = sorted(p.name for p in run_dir.iterdir())
+    err = fails(capsys, *(a.format(**values) for a in argv))
+    assert message in err
+    assert sorted(p.name for p in run_dir.iterdir()) == before  # nothing written into the run
+    assert not (tmp_path / "no").exists()

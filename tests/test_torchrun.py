@@ -1,0 +1,246 @@
+"""`torchrun --nproc_per_node 2 -m metapl train` (gloo, CPU) equals `metapl train` in one process.
+
+The model is a float64 MLP on the flattened 8x8 digits, registered by this file, without BatchNorm
+or dropout: with those, 2 processes and 1 differ by design (per-process batch statistics and masks).
+The torchrun workers get the model, and a record of what each rank writes and trains on, through a
+``sitecustomize`` module put on their PYTHONPATH, so the command under test stays exactly
+``python -m torch.distributed.run ... -m metapl train``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from metapl.cli import main
+from metapl.models.registry import list_models, register_model
+from metapl.train.checkpoint import load_checkpoint
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
+MODEL = "flat_mlp_float64"
+REPORT_ENV = "METAPL_TORCHRUN_TEST_REPORT"  # folder for the workers' reports
+OUT_ENV = "METAPL_TORCHRUN_TEST_OUT"  # the run folder whose writes are recorded
+
+
+def register_test_model() -> None:
+    """An MLP on flattened images computing in float64, so 2 vs 1 process compare tightly."""
+    if MODEL in list_models():
+        return
+
+    def flat_mlp_float64(num_classes: int, dropout: float = 0.0) -> nn.Module:
+        assert dropout == 0.0, "the equality needs no dropout"
+        net = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, num_classes))
+        net.double()
+        return nn.Sequential(_ToFloat64(), net)
+
+    register_model(flat_mlp_float64)
+
+
+class _ToFloat64(nn.Module):
+    def forward(self, x):
+        return x.double()
+
+
+def worker_setup() -> None:
+    """Run by each torchrun worker at startup (see the module docstring): register the model and
+    record every write under the run folder and the size of every batch this rank trains on."""
+    register_test_model()
+    from metapl.train import data
+
+    rank = int(os.environ["RANK"])
+    out = os.path.abspath(os.environ[OUT_ENV])
+    report = {"writes": [], "batches": []}
+    write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+    path_events = ("os.mkdir", "os.rename", "os.link", "os.remove", "os.rmdir", "os.truncate")
+
+    def audit(event, args):
+        if event == "open":
+            path, mode, flags = args
+            if mode is None:
+                writing = bool(flags & write_flags)
+            else:
+                writing = any(c in mode for c in "wax+")
+            paths = [path] if writing else []
+        elif event in path_events:
+            paths = list(args[:2]) if event in ("os.rename", "os.link") else [args[0]]
+        else:
+            return
+        for p in paths:
+            if isinstance(p, str | bytes | os.PathLike):
+                p = os.path.abspath(os.fsdecode(p))
+                if p == out or p.startswith(out + os.sep):
+                    report["writes"].append(f"{event} {p}")
+
+    sys.addaudithook(audit)
+
+    original_batch = data.BatchSource.batch
+
+    def batch(self, step, views=None):
+        b = original_batch(self, step, views)
+        unlabeled = b.x_unlabeled_strong if b.x_unlabeled_strong is not None else b.x_labeled[:0]
+        report["batches"].append([step, len(b.x_labeled), len(b.y_labeled), len(unlabeled)])
+        return b
+
+    data.BatchSource.batch = batch
+
+    def dump():
+        text = json.dumps(report)  # before the hook could see this file: it is not under `out`
+        Path(os.environ[REPORT_ENV], f"rank{rank}.json").write_text(text)
+
+    atexit.register(dump)
+
+
+SITECUSTOMIZE = """import os
+if "RANK" in os.environ and os.environ.get("{env}"):  # torchrun's workers, not its launcher
+    import test_torchrun
+    test_torchrun.worker_setup()
+"""
+
+
+def options(steps: int, *extra: str) -> list[str]:
+    """A few steps of a tiny float64 MLP on digits: labeled batch 10, unlabeled 20."""
+    settings = {
+        "model": MODEL,
+        "student_dropout": 0,
+        "teacher_dropout": 0,
+        "batch_size": 10,
+        "unlabeled_ratio": 2,
+        "warmup_steps": 1,
+        "uda_warmup_steps": 2,
+        "uda_threshold": 0.0,  # UDA active from the start (no confident predictions yet)
+        "finetune_steps": 0,
+        "log_every": 1,
+        "eval_every": 2,
+        "checkpoint_every": 2,
+        "eval_batch_size": 256,
+    }
+    args = ["--steps", str(steps), "--device", "cpu", "--quiet"]
+    for key, value in settings.items():
+        args += ["--set", f"{key}={value}"]
+    return args + list(extra)
+
+
+def torchrun(tmp_path: Path, preset: str, out: Path, args: list[str]) -> dict[int, dict]:
+    """Run the command on 2 gloo processes; returns each rank's report."""
+    site, report = tmp_path / "site", tmp_path / "report"
+    site.mkdir(exist_ok=True)
+    report.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(SITECUSTOMIZE.format(env=REPORT_ENV))
+    tests = Path(__file__).resolve().parent
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(site), str(tests), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+        REPORT_ENV: str(report),
+        OUT_ENV: str(out),
+    }
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    command += ["--standalone", "-m", "metapl", "train", "--preset", preset, "--out", str(out)]
+    done = subprocess.run(command + args, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return {r: json.loads((report / f"rank{r}.json").read_text()) for r in (0, 1)}
+
+
+def read_metrics(path: Path) -> dict[tuple[int, str], float]:
+    with path.open(newline="") as f:
+        return {(int(s), n): float(v) for s, n, v in list(csv.reader(f))[1:]}
+
+
+@pytest.mark.parametrize(
+    "preset, extra",
+    [
+        # UDA+MPL (exact teacher gradient), then one fine-tuning step of the student
+        ("digits-uda-mpl", ["--set", "finetune_steps=1"]),
+        ("digits-supervised", []),
+    ],
+)
+def test_two_processes_train_like_one_on_the_whole_batch(tmp_path, preset, extra):
+    register_test_model()
+    steps = 3 if not extra else 2
+    args = options(steps, *extra)
+    two, one = tmp_path / "two", tmp_path / "one"
+    reports = torchrun(tmp_path, preset, two, args)
+    assert main(["train", "--preset", preset, "--out", str(one), *args]) == 0
+
+    # The 2-process run's final weights are the 1-process run's (float64; rounding differs only
+    # in the order of the sums).
+    got, want = load_checkpoint(two / "checkpoint.pt"), load_checkpoint(one / "checkpoint.pt")
+    assert got["step"] == want["step"] == 3
+    models = ("student", "teacher") if preset.endswith("mpl") else ("student",)
+    for name in models:
+        assert got[name].keys() == want[name].keys()
+        for key, value in want[name].items():
+            assert value.dtype == torch.float64
+            torch.testing.assert_close(got[name][key], value, rtol=1e-10, atol=1e-12)
+        # and the model did learn: its optimizer took steps with non-zero gradients
+        momenta = [s["momentum_buffer"] for s in got["optimizers"][name]["state"].values()]
+        assert momenta and all(m.abs().sum() > 0 for m in momenta)
+    # Logged values are means over the ranks: the losses of the whole batch, as in one process.
+    metrics_two, metrics_one = read_metrics(two / "metrics.csv"), read_metrics(one / "metrics.csv")
+    assert metrics_two.keys() == metrics_one.keys()
+    for key, value in metrics_one.items():
+        assert metrics_two[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+
+    # Each rank trained on half of every batch: 5 of the 10 labeled, 10 of the 20 unlabeled images.
+    unlabeled = 10 if preset.endswith("mpl") else 0
+    for rank in (0, 1):
+        expected = [[s, 5, 5, unlabeled if s < steps else 0] for s in range(3)]
+        assert reports[rank]["batches"] == expected
+    # Rank 0 wrote the run folder; rank 1 wrote nothing in it.
+    assert reports[1]["writes"] == []
+    written = " ".join(reports[0]["writes"])
+    for name in ("config.json", "metrics.csv", "checkpoint.pt", "results.json", "tb"):
+        assert name in written
+    assert json.loads((two / "results.json").read_text())["results"][0]["steps"] == steps
+
+
+def test_batch_size_must_divide_among_the_processes(tmp_path, monkeypatch, capsys):
+    """What each torchrun rank does before joining the group: one error line, nothing written."""
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    out = tmp_path / "run"
+    assert main(["train", "--preset", "digits-supervised", "--out", str(out), *options(1)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "batch_size 10 is not divisible by the 4 processes" in err
+    assert not out.exists()
+
+
+def test_sync_batchnorm_needs_cuda_and_the_first_order_estimator(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["--steps", "1", "--device", "cpu", "--set", "warmup_steps=0"]
+    args += ["--set", "sync_batchnorm=true"]
+    assert main(["train", "--preset", "digits-supervised", "--out", str(out), *args]) == 2
+    assert "sync_batchnorm needs CUDA" in capsys.readouterr().err
+    assert main(["train", "--preset", "digits-uda-mpl", "--out", str(out), *args]) == 2
+    assert "mpl_estimator=first_order" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_batch_source_shards_concatenate_to_the_single_process_batch():
+    from metapl.data.digits import digits_split
+    from metapl.train.config import apply_overrides
+    from metapl.train.data import BatchSource
+    from metapl.train.presets import load_preset
+
+    cfg = apply_overrides(load_preset("digits-uda-mpl"), {"batch_size": 6, "unlabeled_ratio": 3})
+    split = digits_split(0, 5)
+    views = ("labeled_strong", "unlabeled_weak", "unlabeled_strong")
+    whole = BatchSource(split, cfg, views, torch.device("cpu")).batch(4)
+    shards = [
+        BatchSource(split, cfg, views, torch.device("cpu"), shard=(r, 3)).batch(4) for r in range(3)
+    ]
+    for field in ("x_labeled", "y_labeled", "x_labeled_strong", "x_unlabeled_strong"):
+        parts = [getattr(s, field) for s in shards]
+        assert len(parts[0]) == len(getattr(whole, field)) // 3
+        assert torch.equal(torch.cat(parts), getattr(whole, field)), field
