@@ -1,4 +1,4 @@
-"""Milliseconds per MPL step on CPU: exact (JVP) vs first-order vs double backward.
+"""Milliseconds per MPL step on CPU: exact (JVP) vs first-order vs double backward (whole steps).
 
 The model is a small conv net with BatchNorm and dropout on 3x16x16 inputs (labeled batch 32,
 unlabeled batch 96) so the comparison runs in a minute on 2 cores. Median of --repeats after warm-up:
@@ -68,7 +68,7 @@ def main() -> None:
         sgd = lambda m: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, nesterov=True)  # noqa: E731
         return MetaPseudoLabels(t, s, sgd(t), sgd(s), estimator=estimator)
 
-    exact, first = make("exact"), make("first_order")
+    exact, first, double = make("exact"), make("first_order"), make("double_backward")
     student = small_convnet()
     opt = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9, nesterov=True)
 
@@ -88,6 +88,7 @@ def main() -> None:
         ("student_supervised_step", supervised_step),
         ("first_order_mpl_step", lambda: first.step(x_l, y_l, x_u)),
         ("exact_mpl_step", lambda: exact.step(x_l, y_l, x_u)),
+        ("double_backward_mpl_step", lambda: double.step(x_l, y_l, x_u)),
         ("double_backward_teacher_gradient_only", double_backward_step),
     ]:
         ms = timed(fn, args.repeats)

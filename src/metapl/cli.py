@@ -83,9 +83,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
     parts = []
     if row.get("accuracy") is not None:
         parts.append(f"test accuracy {100 * row['accuracy']:.2f}%")
-    if "tune_accuracy" in row:
-        parts.append(f"tuning split {100 * row['tune_accuracy']:.2f}%")
-    parts = parts or ["no test or tuning set to evaluate"]
+    parts = parts or ["no test set to evaluate (see results.json)"]
     print(f"{cfg.preset}: {', '.join(parts)} after {cfg.steps} steps")
     print(f"wrote {args.out}/results.json, metrics.csv, tb/, config.json, checkpoint.pt")
 
