@@ -61,3 +61,21 @@ def average_gradients(grad_sync, model: nn.Module) -> None:
     no-op when ``grad_sync`` is None (one process)."""
     if grad_sync is not None:
         grad_sync.mean_([p.grad for p in model.parameters() if p.grad is not None])
+
+
+def optimize(loss: Tensor, model: nn.Module, optimizer: torch.optim.Optimizer, grad_sync) -> None:
+    """One optimizer step of ``model`` on ``loss``, with gradients averaged over the processes."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    average_gradients(grad_sync, model)
+    optimizer.step()
+
+
+class StatelessStep:
+    """For methods whose step keeps no state of its own (models and optimizers keep theirs)."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass

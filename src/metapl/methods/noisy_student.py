@@ -9,10 +9,10 @@ import torch
 from torch import Tensor, nn
 
 from metapl.losses import batch_mean, hard_cross_entropy, soft_cross_entropy, upcast
-from metapl.methods.base import Batch, autocast, average_gradients
+from metapl.methods.base import Batch, StatelessStep, autocast, optimize
 
 
-class NoisyStudentMethod:
+class NoisyStudentMethod(StatelessStep):
     views = ("unlabeled_strong",)
 
     def __init__(
@@ -41,18 +41,9 @@ class NoisyStudentMethod:
         )
         distill = batch_mean(soft_cross_entropy(upcast(unlabeled), batch.t_unlabeled))
         loss = supervised + distill
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        average_gradients(self.grad_sync, model)
-        opt.step()
+        optimize(loss, model, opt, self.grad_sync)
         return {
             "student_loss": loss.detach(),
             "student_supervised": supervised.detach(),
             "student_distill": distill.detach(),
         }
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass

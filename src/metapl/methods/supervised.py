@@ -6,10 +6,10 @@ import torch
 from torch import Tensor, nn
 
 from metapl.losses import batch_mean, hard_cross_entropy, upcast
-from metapl.methods.base import Batch, autocast, average_gradients, pick_view
+from metapl.methods.base import Batch, StatelessStep, autocast, optimize, pick_view
 
 
-class SupervisedMethod:
+class SupervisedMethod(StatelessStep):
     """CE on the labeled batch; ``labeled_view="labeled_strong"`` makes it the RandAugment row."""
 
     def __init__(
@@ -36,14 +36,5 @@ class SupervisedMethod:
         with autocast(x.device, self.autocast_dtype):
             logits = model(x)
         loss = batch_mean(hard_cross_entropy(upcast(logits), batch.y_labeled, self.label_smoothing))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        average_gradients(self.grad_sync, model)
-        opt.step()
+        optimize(loss, model, opt, self.grad_sync)
         return {"student_loss": loss.detach()}
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metapl.losses import batch_mean, hard_cross_entropy, upcast
-from metapl.methods.base import Batch, autocast, average_gradients
+from metapl.methods.base import Batch, StatelessStep, autocast, optimize
 
 
 @dataclass
@@ -41,7 +41,7 @@ class UDALoss:
         return self.weight(step) * batch_mean(kl * mask)
 
 
-class UDAMethod:
+class UDAMethod(StatelessStep):
     """One model: supervised CE on the labeled batch + UDA consistency, in one forward pass."""
 
     views = ("unlabeled_weak", "unlabeled_strong")
@@ -74,18 +74,9 @@ class UDAMethod:
         )
         consistency = self.uda(weak, strong, batch.step)
         loss = supervised + consistency
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        average_gradients(self.grad_sync, model)
-        opt.step()
+        optimize(loss, model, opt, self.grad_sync)
         return {
             "student_loss": loss.detach(),
             "student_supervised": supervised.detach(),
             "uda_consistency": consistency.detach(),
         }
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
