@@ -138,6 +138,15 @@ def _cmd_bench(args: argparse.Namespace) -> None:
         print(f"wrote {args.json}")
 
 
+def _add_experiment_options(p: argparse.ArgumentParser) -> None:
+    """The options every multi-seed CPU experiment (digits, reduced) shares."""
+    p.add_argument("--seeds", default="0-4", help="seeds, e.g. 0-4 (default: 0-4)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--steps", type=int, default=None, help="override the presets' steps")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="metapl",
@@ -209,16 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("--labels-per-class", type=int, default=5, help="K (default: 5)")
-    p.add_argument("--seeds", default="0-4", help="seeds, e.g. 0-4 (default: 0-4)")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--steps", type=int, default=None, help="override the presets' steps")
     p.add_argument(
         "--methods",
         default="supervised,uda,uda_mpl,label_spreading",
         help="comma-separated subset (default: all four)",
     )
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_experiment_options(p)
     p.set_defaults(func=_cmd_digits)
 
     p = sub.add_parser(
@@ -232,12 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("--dataset", default="digits", help="digits (the only one that runs on CPU)")
-    p.add_argument("--seeds", default="0-4", help="seeds, e.g. 0-4 (default: 0-4)")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--steps", type=int, default=None, help="override the presets' steps")
     p.add_argument("--labels-per-class", type=int, default=None, help="default: the preset's 30")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_experiment_options(p)
     p.set_defaults(func=_cmd_reduced)
 
     p = sub.add_parser(
@@ -245,8 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="time and measure each kind of step (supervised, UDA, first-order, exact, ...)",
         description=(
             "Median milliseconds (after warm-up) and peak GPU memory of: the student's supervised "
-            "step, the teacher's UDA step, the first-order and the exact UDA+MPL steps, the exact "
-            "teacher gradient by double backward, and a whole training step with per-image "
+            "step, the teacher's UDA step, the first-order and the exact UDA+MPL steps, the same "
+            "exact step by double backward, and a whole training step with per-image "
             "RandAugment and data loading. Synthetic CIFAR-shaped data; labeled batch B, "
             "unlabeled 7B."
         ),
