@@ -8,6 +8,7 @@ itself.
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable
 
 import pytest
@@ -101,6 +102,10 @@ def fresh_optimizer_like(
 
 # ----------------------------------------------------------------------------- models
 
+# Where make_problem puts models and data: the CPU by default; METAPL_TEST_DEVICE=cuda runs the
+# oracle tests (test_exact_gradient.py, test_double_backward_step.py) on a GPU, in float64.
+TEST_DEVICE = torch.device(os.environ.get("METAPL_TEST_DEVICE", "cpu"))
+
 N_FEATURES, N_HIDDEN, N_CLASSES = 5, 8, 3
 
 
@@ -159,8 +164,9 @@ def make_problem(kind: str, seed: int = 0, dtype: torch.dtype = torch.float64):
     randomize_bn(teacher, g)
     randomize_bn(student, g)
     y_l = torch.randint(0, N_CLASSES, (x_l.shape[0],), generator=g)
-    teacher, student = teacher.to(dtype).train(), student.to(dtype).train()
-    return teacher, student, x_l.to(dtype), y_l, x_u.to(dtype)
+    dev = TEST_DEVICE
+    teacher, student = teacher.to(dev, dtype).train(), student.to(dev, dtype).train()
+    return teacher, student, x_l.to(dev, dtype), y_l.to(dev), x_u.to(dev, dtype)
 
 
 def flat(tensors) -> Tensor:
@@ -168,6 +174,7 @@ def flat(tensors) -> Tensor:
 
 
 def rel_err(a: Tensor, b: Tensor) -> float:
+    a, b = a.cpu(), b.cpu()  # finite differences are collected on the CPU
     return float((a - b).norm() / b.norm())
 
 

@@ -41,7 +41,7 @@ N_DIRECTIONS = 3
 
 def _fresh_unlabeled(x_u: torch.Tensor, step: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(500 + step)
-    return torch.randn(x_u.shape, generator=g, dtype=x_u.dtype)
+    return torch.randn(x_u.shape, generator=g, dtype=x_u.dtype).to(x_u.device)
 
 
 @over_student_optimizers()
@@ -107,7 +107,10 @@ def _check_two_steps(teacher, student, s_opt, factory, x_l, y_l, x_u, temperatur
             )  # fmt: skip
 
         directions = [
-            {n: torch.randn(p.shape, generator=gen, dtype=p.dtype) for n, p in t_params.items()}
+            {
+                n: torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device)
+                for n, p in t_params.items()
+            }
             for _ in range(N_DIRECTIONS)
         ]
         fd = torch.tensor(
@@ -145,8 +148,8 @@ def test_batchnorm_running_statistics_are_updated_exactly_once(kind):
     teacher, student, x_l, y_l, x_u = make_problem(kind, seed=5)
     # put non-default running statistics in, so that "updated once" differs from "reset"
     with torch.no_grad():
-        student(torch.randn(x_u.shape, dtype=x_u.dtype))
-        teacher(torch.randn(x_u.shape, dtype=x_u.dtype))
+        student(torch.randn(x_u.shape, dtype=x_u.dtype, device=x_u.device))
+        teacher(torch.randn(x_u.shape, dtype=x_u.dtype, device=x_u.device))
     s_opt = torch.optim.Adam(student.parameters(), lr=0.01)
     t_opt = torch.optim.SGD(teacher.parameters(), lr=0.05)
     mpl = MetaPseudoLabels(teacher, student, t_opt, s_opt, temperature=1.5)

@@ -545,3 +545,37 @@ def test_digits_command_writes_results_and_figure9(tmp_path, capsys):
     assert main(["digits", "--seeds", "0", "--out", str(bad), "--methods", "uda,nope"]) == 2
     assert "unknown digits method 'nope'" in one_error_line(capsys.readouterr().err)
     assert not bad.exists()
+
+
+def test_digits_set_overrides_every_method_or_one(tmp_path, capsys):
+    out = tmp_path / "digits"
+    args = ["digits", "--seeds", "3", "--steps", "3", "--out", str(out), "--quiet"]
+    args += ["--methods", "supervised,uda_mpl", "--set", "eval_every=2"]
+    args += ["--set", "uda_mpl:teacher_lr=0.0123", "--set", "uda_mpl:steps=2"]
+    assert main([*args, "--set", "uda_mpl:warmup_steps=2"]) == 0
+    payload = json.loads((out / "results.json").read_text())
+    assert payload["config"]["overrides"] == {
+        "*": {"eval_every": "2"},
+        "uda_mpl": {"teacher_lr": "0.0123", "steps": "2", "warmup_steps": "2"},
+    }
+    configs = {
+        m: json.loads((out / m / "seed3" / "config.json").read_text())
+        for m in ("supervised", "uda_mpl")
+    }
+    assert configs["supervised"]["eval_every"] == configs["uda_mpl"]["eval_every"] == 2
+    assert configs["uda_mpl"]["teacher_lr"] == 0.0123 and configs["uda_mpl"]["steps"] == 2
+    assert configs["supervised"]["teacher_lr"] != 0.0123 and configs["supervised"]["steps"] == 3
+    # the MPL teacher's own test accuracy is recorded beside the student's (never used to choose)
+    record = next(r for r in payload["results"] if r["method"] == "uda_mpl")
+    assert 0.0 <= record["teacher_accuracy"] <= 1.0
+
+    for bad_set, message in [
+        ("stpes=3", "unknown config key 'stpes'"),
+        ("uda:steps", "expected key=value or METHOD:key=value"),
+        ("label_spreading:steps=3", "'label_spreading' is not a trained digits method"),
+        ("uda:steps=many", "steps expects a int"),
+    ]:
+        bad = tmp_path / "bad"
+        assert main(["digits", "--seeds", "0", "--out", str(bad), "--set", bad_set]) == 2
+        assert message in one_error_line(capsys.readouterr().err)
+        assert not bad.exists()

@@ -52,6 +52,18 @@ def _time(fn: Callable[[], object], device: torch.device, warmup: int, repeats: 
     return {"ms": statistics.median(times), "ms_all": times, "peak_mib": peak}
 
 
+def synthetic_cifar_split(n: int, rng: np.random.RandomState):
+    """CIFAR-shaped random data (uint8 NHWC images, as the readers return them): ``n`` labeled
+    images that are also the unlabeled set, and 64 test images. For timing, not for accuracy."""
+    from metapl.data.splits import SSLSplit
+
+    images = rng.randint(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+    labels = rng.randint(0, 10, n).astype(np.int64)
+    return SSLSplit(
+        images, labels, images, images[:0], labels[:0], images[:64], labels[:64], 10, "synthetic"
+    )
+
+
 def _numerics(run, batch, device: torch.device, precision: str, progress) -> dict:
     from metapl.mpl.numerics import agreement_with_float64
 
@@ -111,14 +123,7 @@ def run_bench(
         }
         return apply_overrides(TrainConfig(), base).validate()
 
-    # Synthetic CIFAR-shaped data: uint8 images as the readers return them.
-    from metapl.data.splits import SSLSplit
-
-    images = rng.randint(0, 256, (max(4 * n_u, 1024), 32, 32, 3), dtype=np.uint8)
-    labels = rng.randint(0, 10, len(images)).astype(np.int64)
-    split = SSLSplit(
-        images, labels, images, images[:0], labels[:0], images[:64], labels[:64], 10, "synthetic"
-    )
+    split = synthetic_cifar_split(max(4 * n_u, 1024), rng)
 
     def method_and_batch(cfg: TrainConfig):
         run = Run(cfg, split, dev)

@@ -96,7 +96,7 @@ def _cmd_presets(args: argparse.Namespace) -> None:
 
 
 def _cmd_digits(args: argparse.Namespace) -> None:
-    from metapl.experiments.digits import DigitsConfig, run_digits
+    from metapl.experiments.digits import DigitsConfig, parse_method_overrides, run_digits
 
     cfg = DigitsConfig(
         seeds=parse_seeds(args.seeds),
@@ -104,6 +104,7 @@ def _cmd_digits(args: argparse.Namespace) -> None:
         steps=args.steps,
         device=args.device,
         methods=tuple(args.methods.split(",")),
+        overrides=parse_method_overrides(args.set or []),
     )
     run_digits(cfg, Path(args.out), show_progress=not args.quiet)
 
@@ -222,6 +223,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--methods",
         default="supervised,uda,uda_mpl,label_spreading",
         help="comma-separated subset (default: all four)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="[METHOD:]KEY=VALUE",
+        help=(
+            "override a preset key for every trained method, or for one with a METHOD: prefix "
+            "(e.g. --set uda_mpl:teacher_lr=0.1); the keys of `metapl train --set`; repeatable"
+        ),
     )
     _add_experiment_options(p)
     p.set_defaults(func=_cmd_digits)

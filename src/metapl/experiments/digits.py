@@ -30,6 +30,9 @@ class DigitsConfig:
     device: str = "cpu"
     methods: tuple[str, ...] = METHODS
     workers: int = 0  # 0: one per CPU core
+    # Config overrides per engine method ("*" = every engine method), e.g. from
+    # `--set uda_mpl:teacher_lr=0.1`; the preset keys of `metapl train --set`.
+    overrides: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def validate(self) -> DigitsConfig:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -41,7 +44,55 @@ class DigitsConfig:
             raise ConfigError(
                 f"--labels-per-class must be between 1 and 100, got {self.labels_per_class}"
             )
+        for target in self.overrides:
+            if target != "*" and target not in ENGINE_METHODS:
+                raise ConfigError(
+                    f"--set {target}:...: {target!r} is not a trained digits method; "
+                    f"choose from {', '.join(ENGINE_METHODS)}"
+                )
+        # Resolve every engine method's config now, so that an unknown key or a bad value stops
+        # the command before any worker starts.
+        for method in self.methods:
+            if method in ENGINE_METHODS:
+                _method_config(method, 0, self)
         return self
+
+
+def parse_method_overrides(items: list[str]) -> dict[str, dict[str, str]]:
+    """``["steps=3000", "uda_mpl:teacher_lr=0.1"]`` -> ``{"*": {"steps": "3000"},
+    "uda_mpl": {"teacher_lr": "0.1"}}``."""
+    from metapl.train.config import parse_set_options
+
+    out: dict[str, dict[str, str]] = {}
+    for item in items:
+        head, sep, _ = item.partition("=")
+        target, colon, key = head.rpartition(":")
+        if not sep or (colon and not target):
+            raise ConfigError(f"--set {item!r}: expected key=value or METHOD:key=value")
+        value = item.split("=", 1)[1]
+        out.setdefault(target or "*", {}).update(parse_set_options([f"{key}={value}"]))
+    return out
+
+
+def _method_config(method: str, seed: int, cfg: DigitsConfig):
+    """The training config of one (method, seed) run: the digits-* preset, the split, then the
+    user's --set overrides (every method's first, then this method's)."""
+    from metapl.train.config import apply_overrides
+    from metapl.train.presets import load_preset
+
+    preset = load_preset(f"digits-{method.replace('_', '-')}")
+    overrides: dict = {"seed": seed, "labels_per_class": cfg.labels_per_class, "device": cfg.device}
+    if cfg.steps is not None:
+        # A short run keeps the preset's warm-up only as far as it fits (the LR schedule needs
+        # warmup_steps <= steps).
+        overrides["steps"] = cfg.steps
+        overrides["warmup_steps"] = min(preset.warmup_steps, cfg.steps)
+        # ... and fine-tunes for the preset's share of the run (300 of 1,500 steps = 1/5).
+        if preset.finetune_steps:
+            overrides["finetune_steps"] = max(1, cfg.steps // 5)
+    overrides.update(cfg.overrides.get("*", {}))
+    overrides.update(cfg.overrides.get(method, {}))
+    return apply_overrides(preset, overrides).validate()
 
 
 def label_spreading_accuracy(seed: int, labels_per_class: int) -> float:
@@ -67,21 +118,9 @@ def _train_one(job: tuple[str, int, DigitsConfig, str]) -> dict:
     if method == "label_spreading":
         acc = label_spreading_accuracy(seed, cfg.labels_per_class)
         return {"method": method, "seed": seed, "accuracy": acc}
-    from metapl.train.config import apply_overrides
     from metapl.train.engine import train
-    from metapl.train.presets import load_preset
 
-    preset = load_preset(f"digits-{method.replace('_', '-')}")
-    overrides = {"seed": seed, "labels_per_class": cfg.labels_per_class, "device": cfg.device}
-    if cfg.steps is not None:
-        # A short run keeps the preset's warm-up only as far as it fits (the LR schedule needs
-        # warmup_steps <= steps).
-        overrides["steps"] = cfg.steps
-        overrides["warmup_steps"] = min(preset.warmup_steps, cfg.steps)
-        # ... and fine-tunes for the preset's share of the run (300 of 1,500 steps = 1/5).
-        if preset.finetune_steps:
-            overrides["finetune_steps"] = max(1, cfg.steps // 5)
-    run_cfg = apply_overrides(preset, overrides)
+    run_cfg = _method_config(method, seed, cfg)
     summary = train(run_cfg, Path(out) / method / f"seed{seed}", show_progress=False)
     record = summary["results"][0]
     out = {
@@ -91,6 +130,8 @@ def _train_one(job: tuple[str, int, DigitsConfig, str]) -> dict:
         "labels_per_class": cfg.labels_per_class,
         "steps": record["steps"],
     }
+    if "teacher_test_accuracy" in record:  # to understand MPL; the student is what is reported
+        out["teacher_accuracy"] = record["teacher_test_accuracy"]
     if "accuracy_before_finetune" in record:  # MPL's student, fine-tuned on the labeled data
         out["accuracy_before_finetune"] = record["accuracy_before_finetune"]
         out["finetune_steps"] = record["finetune_steps"]

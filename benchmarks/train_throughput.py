@@ -1,0 +1,94 @@
+"""Steps per second and peak memory of real training steps (issue 3, item 10).
+
+Runs the engine's own step (``Run.advance``: per-image RandAugment and batch assembly on the
+device, the method's step, the LR schedules, EMA) for a preset at its Table 3 batch sizes, on
+CIFAR-shaped random images, so that no dataset files are needed. Timed: the steps after
+``--warmup``, with one synchronization at the end (no host sync inside the loop). On the H200:
+
+    python benchmarks/train_throughput.py --device cuda --precision bf16 --steps 300 \\
+        --json benchmarks/results/train_throughput_h200_bf16.json
+
+On a CPU, a smoke run: ``--device cpu --steps 3 --warmup 1 --set batch_size=4``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from machine import describe  # noqa: E402
+
+from metapl.bench import synthetic_cifar_split  # noqa: E402
+from metapl.report import write_json_atomic  # noqa: E402
+from metapl.train.config import apply_overrides, parse_set_options  # noqa: E402
+from metapl.train.data import BatchSource  # noqa: E402
+from metapl.train.engine import Run, resolve_device  # noqa: E402
+from metapl.train.presets import load_preset  # noqa: E402
+
+
+def measure(preset: str, device: str, precision: str, steps: int, warmup: int, sets: list[str]):
+    dev = resolve_device(device)
+    overrides = {"device": dev.type, "precision": precision, **parse_set_options(sets)}
+    cfg = apply_overrides(load_preset(preset), overrides).validate()
+    torch.manual_seed(0)
+    n_unlabeled = cfg.batch_size * cfg.unlabeled_ratio
+    split = synthetic_cifar_split(max(4 * n_unlabeled, 1024), np.random.RandomState(0))
+    run = Run(cfg, split, dev)
+    source = BatchSource(split, cfg, run.method.views, dev)
+    for _ in range(warmup):
+        run.advance(source)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+    start = time.perf_counter()
+    for _ in range(steps):
+        metrics = run.advance(source)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    seconds = time.perf_counter() - start
+    losses = {k: float(v) for k, v in metrics.items() if "loss" in k and torch.is_tensor(v)}
+    return {
+        "preset": preset,
+        "method": cfg.method,
+        "model": cfg.model,
+        "estimator": cfg.mpl_estimator,
+        "precision": precision,
+        "batch_labeled": cfg.batch_size,
+        "batch_unlabeled": n_unlabeled,
+        "steps_timed": steps,
+        "warmup_steps": warmup,
+        "seconds": seconds,
+        "steps_per_s": steps / seconds,
+        "ms_per_step": 1000 * seconds / steps,
+        "peak_mib": torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None,
+        "final_losses": losses,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--preset", default="cifar10-4k-uda-mpl")
+    p.add_argument("--device", default="cuda", choices=("cpu", "cuda", "auto"))
+    p.add_argument("--precision", default="bf16", choices=("fp32", "bf16"))
+    p.add_argument("--steps", type=int, default=300, help="timed steps (default 300)")
+    p.add_argument("--warmup", type=int, default=20, help="untimed steps first (default 20)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--json", type=Path, help="write {machine, results: [...]} here")
+    args = p.parse_args()
+    row = measure(args.preset, args.device, args.precision, args.steps, args.warmup, args.set)
+    print(json.dumps(row, indent=1))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(args.json, {"machine": describe(), "results": [row]})
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
