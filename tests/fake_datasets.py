@@ -1,9 +1,10 @@
-"""Tiny CIFAR-10 and SVHN files in the official formats, for end-to-end runs of the engine.
+"""Tiny CIFAR-10, SVHN and ImageNet files in the official formats, for end-to-end runs of the engine.
 
 CIFAR-10: Python 2 pickles (byte-string keys, numpy's ``_reconstruct`` under
 ``numpy.core.multiarray``) of ``{b"data": uint8 [n, 3072] (R, G, B planes), b"labels": [n ints]}`` in
 ``<root>/cifar-10-batches-py/data_batch_1..5`` and ``test_batch``. SVHN: MATLAB v5 files with ``X``
-uint8 ``[32, 32, 3, n]`` and ``y`` ``[n, 1]`` in 1..10 (10 stands for the digit 0).
+uint8 ``[32, 32, 3, n]`` and ``y`` ``[n, 1]`` in 1..10 (10 stands for the digit 0). ImageNet: class
+folders of JPEGs, ``<root>/train/<wnid>/*.JPEG`` and ``<root>/val/<wnid>/*.JPEG``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import scipy.io
+from PIL import Image
 
 CIFAR_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 
@@ -82,4 +84,20 @@ def write_svhn(root: Path, train: int = 1000, test: int = 50) -> Path:
     """``root/{train,test}_32x32.mat``; the svhn-1k split needs ``train >= 1000``. Returns ``root``."""
     write_svhn_mat(root / "train_32x32.mat", train, seed=0)
     write_svhn_mat(root / "test_32x32.mat", test, seed=1)
+    return root
+
+
+def write_imagenet(
+    root: Path, train: dict[str, int], val: dict[str, int], size: tuple[int, int] = (6, 4)
+) -> Path:
+    """``root/{train,val}/<wnid>/<wnid>_<i>.JPEG`` with ``train[wnid]`` and ``val[wnid]`` tiny JPEGs per
+    class (val's classes must be among train's), flat colours. Returns ``root``."""
+    for split, counts in (("train", train), ("val", val)):
+        classes = sorted(counts)
+        for wnid, count in counts.items():
+            folder = root / split / wnid
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                color = (classes.index(wnid) * 20 % 256, i % 256, 9)
+                Image.new("RGB", size, color).save(folder / f"{wnid}_{i:04d}.JPEG", format="JPEG")
     return root

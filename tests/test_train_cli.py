@@ -453,12 +453,17 @@ def test_presets_lists_every_table1_row_and_digits(capsys):
     expected = {f"{d}-{m}" for d in TABLE3 for m in TABLE1_METHODS}
     expected |= {"digits-supervised", "digits-uda", "digits-uda-mpl"}
     expected |= {"folder-supervised", "folder-uda", "folder-uda-mpl"}  # your own images
+    figure7 = {  # ImageNet at 20/40/80% of the labels
+        f"imagenet-{pct}pct-{m}"
+        for pct in (20, 40, 80)
+        for m in ("supervised", "randaugment", "uda-mpl")
+    }
     table2 = {
         f"{d}-{m}"
         for d in ("cifar10-full", "svhn-full", "imagenet-full", "digits-reduced")
         for m in ("large-teacher", "supervised", "noisy-student", "reduced-mpl")
     }
-    assert sorted(names) == sorted(expected | table2)
+    assert sorted(names) == sorted(expected | table2 | figure7)
     for name in names:
         cfg = load_preset(name)
         if cfg.method in ("noisy_student", "reduced_mpl"):
@@ -466,7 +471,7 @@ def test_presets_lists_every_table1_row_and_digits(capsys):
             cfg = apply_overrides(cfg, {"large_teacher": "RUN_DIR"})
         cfg = cfg.validate()
         assert cfg.preset == name and name.startswith(cfg.dataset)
-        if name in expected:
+        if name in expected | figure7:
             assert cfg.method.replace("_", "-") == name[len(cfg.dataset) + 1 :]
         assert cfg.label_smoothing > 0 or "label-smoothing" not in name
 

@@ -1,5 +1,5 @@
-"""The paper's splits: CIFAR-10-4K, SVHN-1K, ImageNet-10% (Section 4.1, Appendix C.1) and the full
-datasets (Section 4.2).
+"""The paper's splits: CIFAR-10-4K, SVHN-1K, ImageNet-10% (Section 4.1, Appendix C.1), ImageNet with
+20%, 40% and 80% of the labels (Figure 7) and the full datasets (Section 4.2).
 
 Rules (sizes are parameters; the defaults are the paper's):
 
@@ -16,6 +16,12 @@ Rules (sizes are parameters; the defaults are the paper's):
   the shards this is a random ~10% with slightly unequal classes. Tuning = the last
   ``min(12,800, n_labeled // 10)`` of them (the paper's "about 12,800", 10% of the labeled set as on
   CIFAR-10, so it scales down on small copies); unlabeled = all training images; test = val.
+- ``imagenet-20pct``, ``imagenet-40pct``, ``imagenet-80pct`` (Figure 7): the same rule with the first
+  205, 410 and 819 of 1,024 shards (``round(1024 * p)``; :data:`IMAGENET_LABELED_SHARDS`), i.e.
+  ``round(N * shards / 1024)`` positions of the *same* seed-0 permutation. Each labeled set is a
+  prefix of that permutation, so they are nested: 10% ⊂ 20% ⊂ 40% ⊂ 80% (the same seed and files).
+  The tuning sets are not nested: each is the last ``min(12,800, n_labeled // 10)`` of its own
+  labeled set.
 
 ``x_labeled`` always *includes* the tuning examples: final runs train on all of them, as the paper's
 Table 1 does. For hyper-parameter search use :meth:`SSLSplit.tuning_view`, which trains on the rest and
@@ -77,7 +83,15 @@ from metapl.data.own import folder_split, npz_split
 from metapl.errors import ConfigError
 
 Images = np.ndarray | LazyImages
-IMAGENET_FRACTION = 102 / 1024  # the paper's first 102 of 1,024 shards
+IMAGENET_SHARDS = 1024
+IMAGENET_FRACTION = 102 / IMAGENET_SHARDS  # the paper's first 102 of 1,024 shards
+# Labeled shards of the ImageNet label-fraction splits: Section 4.1's 10% and Figure 7's 20/40/80%.
+IMAGENET_LABELED_SHARDS = {
+    "imagenet-10pct": 102,
+    "imagenet-20pct": 205,
+    "imagenet-40pct": 410,
+    "imagenet-80pct": 819,
+}
 IMAGENET_TUNE_FRACTION = 40 / 1024  # Section 4.2: "40 data shards of ImageNet" reserved for tuning
 
 
@@ -195,26 +209,21 @@ def labeled_fraction_indices(
     return np.random.RandomState(seed).permutation(n)[: round(n * fraction)]
 
 
-def imagenet_10pct(
+def _imagenet_labeled(
+    name: str,
     data_dir: Path | str,
-    fraction: float = IMAGENET_FRACTION,
-    num_tune: int = 12800,
-    resolution: int = 224,
-    crop_fraction: float = 1.0,
-    seed: int = 0,
+    fraction: float,
+    num_tune: int,
+    resolution: int,
+    crop_fraction: float,
+    seed: int,
 ) -> SSLSplit:
-    """ImageNet with a seeded ~10% of the training images labeled (module docstring has the rule)."""
+    """ImageNet with the seeded ``fraction`` of the training images labeled (module docstring)."""
     train, val = load_imagenet(data_dir, resolution, crop_fraction)
     labeled = labeled_fraction_indices(len(train), fraction, seed)
-    _need(
-        "imagenet-10pct",
-        Path(data_dir) / "train",
-        len(labeled),
-        1,
-        "labeled images in the fraction",
-    )
+    _need(name, Path(data_dir) / "train", len(labeled), 1, "labeled images in the fraction")
     n_tune = min(num_tune, len(labeled) // 10)
-    _check_sizes("imagenet-10pct", len(labeled), n_tune)
+    _check_sizes(name, len(labeled), n_tune)
     tune = labeled[len(labeled) - n_tune :]
     return SSLSplit(
         x_labeled=train.images.subset(labeled),
@@ -225,8 +234,44 @@ def imagenet_10pct(
         x_test=val.images,
         y_test=val.labels,
         num_classes=train.num_classes,
-        name="imagenet-10pct",
+        name=name,
     )
+
+
+def _imagenet_fraction_split(name: str, shards: int) -> Callable[..., SSLSplit]:
+    """The loader of ``name``: :func:`_imagenet_labeled` with ``shards / 1024`` as the default fraction.
+
+    One closure per split rather than a ``shards`` option, so that each split keeps the options of the
+    original ``imagenet-10pct`` loader (:func:`load_split` reads them from the signature).
+    """
+
+    def loader(
+        data_dir: Path | str,
+        fraction: float = shards / IMAGENET_SHARDS,
+        num_tune: int = 12800,
+        resolution: int = 224,
+        crop_fraction: float = 1.0,
+        seed: int = 0,
+    ) -> SSLSplit:
+        return _imagenet_labeled(
+            name, data_dir, fraction, num_tune, resolution, crop_fraction, seed
+        )
+
+    loader.__name__ = loader.__qualname__ = name.replace("-", "_")
+    loader.__doc__ = (
+        f"ImageNet with a seeded {shards}/{IMAGENET_SHARDS} of the training images labeled "
+        "(module docstring has the rule)."
+    )
+    return loader
+
+
+IMAGENET_FRACTION_SPLITS = {
+    name: _imagenet_fraction_split(name, shards) for name, shards in IMAGENET_LABELED_SHARDS.items()
+}
+imagenet_10pct = IMAGENET_FRACTION_SPLITS["imagenet-10pct"]
+imagenet_20pct = IMAGENET_FRACTION_SPLITS["imagenet-20pct"]
+imagenet_40pct = IMAGENET_FRACTION_SPLITS["imagenet-40pct"]
+imagenet_80pct = IMAGENET_FRACTION_SPLITS["imagenet-80pct"]
 
 
 def _check_num_tune(name: str, num_tune: int) -> None:
@@ -348,7 +393,7 @@ def imagenet_full(
 SPLITS: dict[str, Callable[..., SSLSplit]] = {
     "cifar10-4k": cifar10_4k,
     "svhn-1k": svhn_1k,
-    "imagenet-10pct": imagenet_10pct,
+    **IMAGENET_FRACTION_SPLITS,
     "cifar10-full": cifar10_full,
     "svhn-full": svhn_full,
     "imagenet-full": imagenet_full,

@@ -32,6 +32,9 @@ DATASETS = (
     "cifar10-4k",
     "svhn-1k",
     "imagenet-10pct",
+    "imagenet-20pct",  # Figure 7 (metapl.data.splits.IMAGENET_LABELED_SHARDS)
+    "imagenet-40pct",
+    "imagenet-80pct",
     "digits",
     "cifar10-full",
     "svhn-full",
