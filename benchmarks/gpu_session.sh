@@ -11,31 +11,47 @@
 #   2. issue 5: `metapl bench` in bf16 and fp32 (WRN-28-2, labeled 128 / unlabeled 896), with the
 #      numerics check against a float64 CPU reference
 #   3. issue 3 item 10: 300 real UDA+MPL training steps at Table 3's batch sizes (steps/s, memory)
-#   4. issue 5 item 4: torchrun with NCCL, one process (the only GPU), a few steps of training
+#   4. issue 5 item 4: torchrun on the GPU, one process, 20 digits UDA+MPL steps (with one process
+#      no process group forms: NCCL itself needs a machine with 2 or more GPUs)
+#
+# SMOKE=1 checks the script itself on a CPU in a few minutes (tiny batches, few steps);
+# its numbers mean nothing.
 set -uo pipefail
 results=${1:-${OUT:-benchmarks/results/gpu}}
 mkdir -p "$results"
+dev=cuda bench_size=() train_size=() steps=300 gpu=h200
+if [ "${SMOKE:-0}" = 1 ]; then
+  dev=cpu bench_size=(--batch-size 2 --repeats 2 --model small_cnn) steps=2 gpu=smoke
+  train_size=(--set batch_size=2 --set model=small_cnn)
+fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 status=0
-step() {  # NAME COMMAND...: run, log to $results/NAME.log, remember a failure, go on
+# At most 8 files come back from a device call: one log (session.log) and the JSON results.
+step() {  # NAME COMMAND...: run, append to session.log, remember a failure, go on
   local name=$1; shift
-  echo "== $name: $*"
+  echo "== $name: $*" | tee -a "$results/session.log"
   local t0=$SECONDS
-  "$@" 2>&1 | tee "$results/$name.log" || status=1
-  echo "== $name: $((SECONDS - t0)) s"
+  "$@" 2>&1 | tee -a "$results/session.log" || status=1
+  echo "== $name: $((SECONDS - t0)) s" | tee -a "$results/session.log"
 }
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$results/gpu.txt"
-python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'
+if [ "$dev" = cuda ]; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$results/session.log"
+fi
+python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)' |
+  tee -a "$results/session.log"
 
-step oracle_cuda env METAPL_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider \
+step oracle env METAPL_TEST_DEVICE=$dev python3 -m pytest -q -p no:cacheprovider \
   tests/test_exact_gradient.py tests/test_double_backward_step.py
-step bench_bf16 python3 -m metapl bench --device cuda --precision bf16 \
-  --json "$results/bench_h200_bf16.json"
-step bench_fp32 python3 -m metapl bench --device cuda --precision fp32 \
-  --json "$results/bench_h200_fp32.json"
-step train_throughput python3 benchmarks/train_throughput.py --device cuda --precision bf16 \
-  --steps 300 --json "$results/train_throughput_h200_bf16.json"
-step torchrun_nccl python3 -m torch.distributed.run --nproc_per_node 1 -m metapl train \
-  --preset digits-uda-mpl --device cuda --steps 20 --set eval_every=10 --out /tmp/torchrun_nccl --quiet
+for precision in bf16 fp32; do
+  step "bench_$precision" python3 -m metapl bench --device $dev --precision $precision \
+    "${bench_size[@]}" --json "$results/bench_${gpu}_$precision.json"
+done
+step train_throughput python3 benchmarks/train_throughput.py --device $dev --precision bf16 \
+  --steps $steps --warmup $((steps < 20 ? 1 : 20)) --json "$results/train_throughput_${gpu}_bf16.json" \
+  "${train_size[@]}"
+step torchrun python3 -m torch.distributed.run --nproc_per_node 1 -m metapl train \
+  --preset digits-uda-mpl --device $dev --steps 20 --set warmup_steps=5 --set eval_every=10 \
+  --out /tmp/metapl_torchrun_run \
+  --quiet
 exit $status

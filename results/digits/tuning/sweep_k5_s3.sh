@@ -28,3 +28,8 @@ run dropout_paper   uda_mpl --set student_dropout=0.35 --set teacher_dropout=0.5
 run mplT07          uda_mpl --set mpl_temperature=0.7
 run ema099          uda_mpl --set ema_decay=0.99
 run uda_steps3000   uda --set steps=3000
+# Round 2: the knobs that apply to both methods alike (steps, EMA of the student), so that UDA gets
+# the same tuning budget as UDA+MPL; each method then takes its best on these seeds.
+run uda_ema099          uda --set ema_decay=0.99
+run steps3000_ema099    uda_mpl --set steps=3000 --set uda_mpl:finetune_steps=600 --set ema_decay=0.99
+run uda_steps3000_ema   uda --set steps=3000 --set ema_decay=0.99
