@@ -46,11 +46,15 @@ def _fresh_unlabeled(x_u: torch.Tensor, step: int) -> torch.Tensor:
 
 @over_student_optimizers()
 @pytest.mark.parametrize("kind, temperature", [("mlp", 0.7), ("conv", 1.0)], ids=["mlp", "conv"])
-def test_exact_gradient_equals_double_backward_and_finite_differences(opt_name, kind, temperature):
+@pytest.mark.parametrize("jvp", ["forward_ad", "tape"])
+def test_exact_gradient_equals_double_backward_and_finite_differences(
+    opt_name, kind, temperature, jvp
+):
+    """Both ways of computing J (a forward-AD pass; the tangent tape of the update pass)."""
     factory = STUDENT_OPTIMIZERS[opt_name]
     teacher, student, x_l, y_l, x_u = make_problem(kind, seed=3)
     s_opt = factory(student.parameters())
-    assert _check_two_steps(teacher, student, s_opt, factory, x_l, y_l, x_u, temperature) == 0
+    assert _check_two_steps(teacher, student, s_opt, factory, x_l, y_l, x_u, temperature, jvp) == 0
 
 
 @pytest.mark.parametrize("opt_name", ["sgd_momentum", "rmsprop_centered", "adam"])
@@ -77,12 +81,14 @@ def test_exact_gradient_with_exactly_zero_student_gradients(opt_name):
     assert oracle_nans >= 1  # the scenario really has exact zeros
 
 
-def _check_two_steps(teacher, student, s_opt, factory, x_l, y_l, x_u, temperature) -> int:
+def _check_two_steps(
+    teacher, student, s_opt, factory, x_l, y_l, x_u, temperature, jvp="forward_ad"
+) -> int:
     """Two MPL steps; before each, the oracle and finite differences at the same point.
     Returns how many times the oracle was not finite (then only finite differences judge)."""
     t_opt = torch.optim.SGD(teacher.parameters(), lr=0.05, momentum=0.5)
     mpl = MetaPseudoLabels(
-        teacher, student, t_opt, s_opt, temperature=temperature, supervised_weight=0.0
+        teacher, student, t_opt, s_opt, temperature=temperature, supervised_weight=0.0, jvp=jvp
     )
     gen = torch.Generator().manual_seed(11)
     oracle_nans = 0
@@ -140,6 +146,7 @@ def _check_two_steps(teacher, student, s_opt, factory, x_l, y_l, x_u, temperatur
         # supervised_weight = 0: the teacher's loss is the MPL term alone
         assert torch.equal(metrics["teacher_loss"], metrics["teacher_mpl"])
     assert mpl.step_count == 2
+    assert mpl.last_jvp_path == jvp
     return oracle_nans
 
 

@@ -33,3 +33,9 @@ run uda_steps3000   uda --set steps=3000
 run uda_ema099          uda --set ema_decay=0.99
 run steps3000_ema099    uda_mpl --set steps=3000 --set uda_mpl:finetune_steps=600 --set ema_decay=0.99
 run uda_steps3000_ema   uda --set steps=3000 --set ema_decay=0.99
+# Round 3: the weight of UDA against the MPL signal in the teacher's loss (Table 3's "UDA factor":
+# 1 on CIFAR-10, 2.5 on SVHN, 16 on ImageNet). The UDA+MPL teacher ends below the UDA model on 3
+# of the 5 tuning seeds, so the MPL term may be too strong relative to UDA here.
+run uf25                uda_mpl --set uda_factor=2.5
+run uf6                 uda_mpl --set uda_factor=6
+run uda_uf25            uda --set uda_factor=2.5

@@ -107,6 +107,7 @@ def build_method(cfg: TrainConfig, num_classes: int, device: torch.device, grad_
         temperature=cfg.mpl_temperature,
         label_smoothing=cfg.label_smoothing,
         estimator=cfg.mpl_estimator,
+        jvp=cfg.mpl_jvp,
         autocast_dtype=amp,
         check_inputs=False,  # labels were checked when the dataset was read
         grad_sync=grad_sync,  # g, v and the teacher's gradient (metapl.distributed)

@@ -2,12 +2,15 @@
 
 from metapl.mpl.reference import double_backward_teacher_gradient
 from metapl.mpl.step import ESTIMATORS, MetaPseudoLabels, TeacherLogits
+from metapl.mpl.tangent import JVP_MODES, TangentTape
 from metapl.mpl.update_rules import SUPPORTED_OPTIMIZERS, reference_update, update_factors
 
 __all__ = [
     "ESTIMATORS",
+    "JVP_MODES",
     "MetaPseudoLabels",
     "SUPPORTED_OPTIMIZERS",
+    "TangentTape",
     "TeacherLogits",
     "double_backward_teacher_gradient",
     "reference_update",

@@ -7,7 +7,11 @@ Data flow of one exact step (Section 3.1, Figure 4; the math is in DESIGN.md sec
                                                   student_optimizer.step(): theta_t -> theta_{t+1}
 3. student forward+backward on x_l at theta_{t+1} -> v = grad R(theta_{t+1})
 4. w = (dU/dg) * v; one forward-mode JVP of log p_theta(x_u) at theta_t along w -> J
-   (same dropout mask as in 2, BatchNorm batch statistics, running statistics untouched)
+   (same dropout mask as in 2, BatchNorm batch statistics, running statistics untouched).
+   By default J comes from forward-mode AD (``torch.autograd.forward_ad``), which recomputes the
+   primal forward. With ``jvp="auto"`` (what ``metapl train`` uses) step 2 runs the student as a
+   traced graph that keeps the primal values, and J is a tangent-only pass over them
+   (:mod:`metapl.mpl.tangent`); models it cannot serve use forward-mode AD.
 5. teacher loss = supervised CE + extra + mpl_weight * (-mean_i sum_c q_ic J_ic), J held constant:
    the gradient of the last term is exactly grad_Psi R(theta_{t+1}). One teacher backward, one step.
 
@@ -21,6 +25,7 @@ and an end-to-end oracle for the exact step.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -46,6 +51,14 @@ from metapl.mpl.replay import (
     replayed_rng,
     tf32_disabled,
 )
+from metapl.mpl.tangent import (
+    JVP_MODES,
+    TangentTape,
+    TapeRecord,
+    TapeUnsupportedError,
+    module_signature,
+    relative_error,
+)
 from metapl.mpl.update_rules import (
     optimizer_params,
     reference_update,
@@ -54,6 +67,21 @@ from metapl.mpl.update_rules import (
 )
 
 ESTIMATORS = ("exact", "first_order", "double_backward")
+_MAX_TAPES = 8  # traced students kept per step object (one per set of modes/attributes seen)
+
+
+def _tolerance(dtype: torch.dtype, tf32: bool) -> float:
+    """How far the tape's first record and J may be from the module's forward and forward AD
+    (relative, in norm) before the step stops trusting the traced graph. Both compute the same
+    function in another order. Measured on CPU (WRN-28-2, EfficientNet-B0, digits CNN): the logits
+    agree bit for bit; J agrees to ~1e-15 in float64, ~1e-6 in float32, and only to 0.6-3.3e-2
+    under bf16 autocast, where each is 6-120% away from float64 J anyway. A graph that computes
+    something else is off by O(1), which the loose low-precision bar still catches."""
+    if dtype == torch.float64:
+        return 1e-8
+    if dtype == torch.float32 and not tf32:
+        return 1e-3
+    return 0.25
 
 
 @dataclass
@@ -104,6 +132,21 @@ class MetaPseudoLabels:
         grad_sync: data parallelism: an object with ``mean_(tensors)`` and ``world_size`` that
             averages gradients across processes in place (:class:`metapl.distributed.
             GradientAverager`); each process then passes its own shard of the batches.
+        jvp: how the exact step computes J, the student's JVP on x_u (same value either way):
+            ``"tape"`` runs the student's update pass as a ``torch.fx`` graph that keeps its
+            activations, then propagates tangents only (no second primal forward:
+            :mod:`metapl.mpl.tangent`); ``"forward_ad"`` recomputes the forward with dual tensors;
+            ``"auto"`` uses the tape when the student can (fx traces it; no in-place ops, hooks,
+            or random ops other than dropout and tangent-free sources such as stochastic depth's
+            ``torch.rand``) and forward AD otherwise. ``"tape"`` raises a :class:`ConfigError`
+            for a student that cannot use it. The first step of each traced graph is checked
+            against the module and forward AD; ``"auto"`` falls back (with a warning) on a
+            difference. ``last_jvp_path`` says which path the last step took,
+            ``jvp_fallback_reason`` why it was not the tape. The default is ``"forward_ad"``:
+            fx tracing runs the student's ``forward`` once on proxies, so Python side effects in
+            a user's ``forward`` (appending to a list, counters) would see proxies, and the traced
+            graph would skip them. The engine opts in with ``"auto"`` for the registry's models
+            (config key ``mpl_jvp``).
     """
 
     def __init__(
@@ -125,9 +168,12 @@ class MetaPseudoLabels:
         check_inputs: bool = True,
         grad_sync=None,
         allow_tf32: bool = False,
+        jvp: str = "forward_ad",
     ):
         if estimator not in ESTIMATORS:
             raise ConfigError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        if jvp not in JVP_MODES:
+            raise ConfigError(f"jvp must be one of {JVP_MODES}, got {jvp!r}")
         if not temperature > 0:
             raise ConfigError(f"temperature must be > 0, got {temperature}")
         if baseline_decay is not None and not 0.0 <= baseline_decay < 1.0:
@@ -164,6 +210,13 @@ class MetaPseudoLabels:
         name_of = {id(p): n for n, p in student.named_parameters()}
         self._student_params = [p for _, p in optimizer_params(student_optimizer)]
         self._student_names = [name_of[id(p)] for p in self._student_params]
+        self.jvp = jvp
+        # Traced students by module_signature (modes, modules, parameters), or why not.
+        self._tapes: dict[tuple, TangentTape | str] = {}
+        self.last_jvp_path: str | None = None  # "tape" or "forward_ad", after an exact step
+        self.jvp_fallback_reason: str | None = None
+        if estimator == "exact" and jvp == "tape":
+            self._tape()  # a student that cannot use the tape fails now, not at the first step
 
     # ------------------------------------------------------------------ public API
 
@@ -245,6 +298,9 @@ class MetaPseudoLabels:
         if self.grad_sync is not None:
             self.grad_sync.mean_([t for t in tensors if t is not None])
 
+    def _tf32_on(self) -> bool:
+        return self.allow_tf32 and module_device(self.student).type == "cuda"
+
     def _student_precision(self):
         if self.allow_tf32:
             return contextlib.nullcontext()
@@ -272,16 +328,24 @@ class MetaPseudoLabels:
         outs = [upcast(o) for o in outs]
         return TeacherLogits(outs[0], outs[1], tuple(outs[2:]), y_l, self.step_count)
 
-    def _student_update(self, x_u: Tensor, targets: Tensor) -> tuple[Tensor, list[Tensor | None]]:
-        """Forward+backward of the student on (x_u, targets); leaves the gradients in .grad."""
+    def _student_update(
+        self, x_u: Tensor, targets: Tensor, tape: TangentTape | None = None
+    ) -> tuple[Tensor, list[Tensor | None], Tensor | TapeRecord]:
+        """Forward+backward of the student on (x_u, targets); leaves the gradients in .grad.
+        Returns the loss, the gradients and the logits, or with a ``tape`` its record of the pass
+        (the same computation, keeping what the tangent pass needs)."""
         with self._autocast(module_device(self.student)):
-            s_logits = self.student(x_u)
+            if tape is None:
+                out = s_logits = self.student(x_u)
+            else:
+                out = tape.record(x_u)
+                s_logits = out.logits
         loss = batch_mean(soft_cross_entropy(upcast(s_logits), targets), self.batch_dim)
         self.student_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grads = [p.grad for p in self._student_params]
         self._average(grads)  # before the optimizer (and the factors) read g
-        return loss, grads
+        return loss, grads, out
 
     def _labeled_loss(self, x_l: Tensor, y_l: Tensor) -> Tensor:
         """The student's per-member labeled CE without touching its running statistics."""
@@ -296,7 +360,15 @@ class MetaPseudoLabels:
         params = self._student_params
         theta_t = [p.detach().clone() for p in params]
         update_rng = RngState(device)
-        student_loss, grads = self._student_update(x_u, targets.detach())
+        tape = self._tape()
+        record = None
+        if tape is None or not tape.checked:
+            student_loss, grads, s_logits = self._student_update(x_u, targets.detach())
+            if tape is not None:  # first use of this graph: also record it, and compare
+                record = self._first_record(tape, x_u, s_logits, update_rng)
+                tape = None if record is None else tape
+        else:
+            student_loss, grads, record = self._student_update(x_u, targets.detach(), tape)
         factors = update_factors(self.student_optimizer, params, grads)
         self.student_optimizer.step()
 
@@ -311,14 +383,11 @@ class MetaPseudoLabels:
         }
 
         # J = d/de log p_{theta_t + e w}(x_u): the same function as the update pass.
-        buffers = buffer_copies(self.student)
-        with fwad.dual_level(), replayed_rng(update_rng), self._autocast(device):
-            weights = {
-                n: fwad.make_dual(p, tangents[n]) if n in tangents else p
-                for n, p in zip(self._student_names, theta_t)
-            }
-            out = functional_call(self.student, {**buffers, **weights}, (x_u,))
-            jvp = fwad.unpack_dual(F.log_softmax(upcast(out), dim=-1)).tangent
+        self.last_jvp_path = "forward_ad"
+        if tape is not None:
+            jvp = self._tape_jvp(tape, record, theta_t, tangents, x_u, update_rng)
+        else:
+            jvp = self._forward_ad_jvp(theta_t, tangents, x_u, update_rng)
         if jvp is None:  # nothing the student learns from x_u changes its labeled loss
             jvp = torch.zeros_like(targets)
         # <g(Psi), w> with J constant: its gradient in Psi is exactly grad_Psi R(theta_{t+1}).
@@ -327,6 +396,121 @@ class MetaPseudoLabels:
             "student_unlabeled": student_loss.detach(),
             "student_labeled_after": labeled_after.detach().sum(),
         }
+
+    def _forward_ad_jvp(
+        self, theta_t: list[Tensor], tangents: dict[str, Tensor], x_u: Tensor, rng: RngState
+    ) -> Tensor | None:
+        """J by forward-mode AD: the student's forward again, on dual tensors, with the update
+        pass's random numbers replayed and copies of its buffers."""
+        device = module_device(self.student)
+        buffers = buffer_copies(self.student)
+        with fwad.dual_level(), replayed_rng(rng), self._autocast(device):
+            weights = {
+                n: fwad.make_dual(p, tangents[n]) if n in tangents else p
+                for n, p in zip(self._student_names, theta_t)
+            }
+            out = functional_call(self.student, {**buffers, **weights}, (x_u,))
+            return fwad.unpack_dual(F.log_softmax(upcast(out), dim=-1)).tangent
+
+    # ------------------------------------------------------------------ the tangent tape
+
+    def _tape(self) -> TangentTape | None:
+        """The traced student for its current modes, or None (forward AD) when it has none."""
+        if self.estimator != "exact" or self.jvp == "forward_ad":
+            return None
+        key, why = module_signature(self.student)
+        if why is None:
+            entry = self._tapes.get(key)
+            if entry is None:
+                try:
+                    entry = TangentTape(self.student, self._student_params)
+                except TapeUnsupportedError as e:
+                    entry = str(e)
+                if len(self._tapes) >= _MAX_TAPES:  # a key that changes every step: keep a few
+                    self._tapes.pop(next(iter(self._tapes)))
+                self._tapes[key] = entry
+            if isinstance(entry, TangentTape):
+                self.jvp_fallback_reason = None
+                return entry
+            why = entry
+        return self._no_tape(why)
+
+    def _no_tape(self, why: str, tape: TangentTape | None = None) -> None:
+        """Forward AD from now on for this traced graph (``jvp="tape"``: a ConfigError)."""
+        if tape is not None:
+            self._tapes[tape.key] = why
+        self.jvp_fallback_reason = why
+        if self.jvp == "tape":
+            raise ConfigError(
+                f"jvp='tape': the student cannot use the tangent tape: {why}; "
+                "use jvp='auto' (falls back to forward-mode AD) or jvp='forward_ad'"
+            )
+        if tape is not None:  # a surprise after tracing succeeded: say so once
+            warnings.warn(f"metapl: the exact step uses forward-mode AD: {why}", stacklevel=4)
+        return None
+
+    def _first_record(
+        self, tape: TangentTape, x_u: Tensor, s_logits: Tensor, rng: RngState
+    ) -> TapeRecord | None:
+        """The first use of a traced graph: the module itself has just run the update pass; run the
+        graph on the same random numbers (no grad, copies of the buffers) and compare, so that a
+        graph that computes something else (Python state fx baked in) never trains the student."""
+        try:
+            with replayed_rng(rng), torch.no_grad(), self._autocast(module_device(self.student)):
+                record = tape.record(x_u, buffers=tape.buffer_copies())
+        except Exception as e:  # noqa: BLE001  (any failure means: not this graph)
+            return self._no_tape(f"the traced student fails ({type(e).__name__}: {e})", tape)
+        err = relative_error(record.logits, s_logits)
+        if not err <= _tolerance(s_logits.dtype, self._tf32_on()):
+            return self._no_tape(
+                f"the traced student's logits differ from the module's (relative error {err:.2e})",
+                tape,
+            )
+        return record
+
+    def _tape_jvp(
+        self,
+        tape: TangentTape,
+        record: TapeRecord,
+        theta_t: list[Tensor],
+        tangents: dict[str, Tensor],
+        x_u: Tensor,
+        rng: RngState,
+    ) -> Tensor | None:
+        """J from the record: tangents only; forward AD (from now on) if that fails. Sets
+        ``last_jvp_path``. The first J of a graph is also computed by forward AD and compared."""
+        device = module_device(self.student)
+        params = self._student_params
+        theta = {id(p): th for p, th in zip(params, theta_t)}
+        tw = {id(p): tangents[n] for p, n in zip(params, self._student_names) if n in tangents}
+        try:
+            with torch.no_grad(), self._autocast(device):
+                d_logits = tape.tangent(record, theta, tw, release=True)
+                jvp = None
+                if d_logits is not None:  # d log_softmax(z) from dz, as forward AD does it
+                    with fwad.dual_level():
+                        dual = fwad.make_dual(record.logits.detach(), d_logits)
+                        log_p = F.log_softmax(upcast(dual), dim=-1)
+                        jvp = fwad.unpack_dual(log_p).tangent
+        except TapeUnsupportedError as e:  # a generic op drew random numbers
+            self._no_tape(str(e), tape)
+            return self._forward_ad_jvp(theta_t, tangents, x_u, rng)
+        except Exception as e:  # noqa: BLE001
+            if tape.checked:
+                raise
+            self._no_tape(f"the tangent pass fails ({type(e).__name__}: {e})", tape)
+            return self._forward_ad_jvp(theta_t, tangents, x_u, rng)
+        if not tape.checked:  # first use: the same J as forward AD, or not this graph
+            ref = self._forward_ad_jvp(theta_t, tangents, x_u, rng)
+            zero = torch.zeros(())
+            err = relative_error(zero if jvp is None else jvp, zero if ref is None else ref)
+            if not err <= _tolerance(record.logits.dtype, self._tf32_on()):
+                reason = f"the tangent pass differs from forward-mode AD (relative error {err:.2e})"
+                self._no_tape(reason, tape)
+                return ref
+            tape.checked = True
+        self.last_jvp_path = "tape"
+        return jvp
 
     def _double_backward_student_step(
         self, x_l: Tensor, y_l: Tensor, x_u: Tensor, targets: Tensor
@@ -380,7 +564,7 @@ class MetaPseudoLabels:
         labeled_rng = RngState(device)
         with torch.no_grad():
             before = self._labeled_loss(x_l, y_l)
-        student_loss, _ = self._student_update(
+        student_loss, _, _ = self._student_update(
             x_u, F.one_hot(sampled, probs.shape[-1]).to(probs.dtype)
         )
         self.student_optimizer.step()

@@ -89,6 +89,10 @@ class TrainConfig:
     uda_warmup_steps: int = 5_000  # linear ramp of the UDA factor; not given in the paper
     mpl_temperature: float = 1.0  # student targets = softmax(teacher logits / T)
     mpl_estimator: str = "exact"
+    # how the exact step gets the student's JVP (metapl.mpl.step): "auto" = from the update pass's
+    # saved activations when the model allows (tangent tape), else forward-mode AD; "tape";
+    # "forward_ad" (recomputes the forward). The same J either way.
+    mpl_jvp: str = "auto"
 
     # -- optimizers: "sgd" = Nesterov (Section 4.1); "rmsprop" = EfficientNet's recipe (decay 0.9,
     #    momentum 0.9, eps 1e-3; App. C.2); "adam" = betas 0.9/0.999, eps 1e-7 (the reduced teacher)
@@ -143,6 +147,8 @@ class TrainConfig:
                 f"method {self.method} learns from a large teacher: set large_teacher to the run "
                 "folder of a finished `metapl train` run (--set large_teacher=DIR)"
             )
+        if self.mpl_jvp not in ("auto", "tape", "forward_ad"):
+            raise ConfigError(f"mpl_jvp must be auto, tape or forward_ad, got {self.mpl_jvp!r}")
         if self.mpl_estimator not in ("exact", "first_order", "double_backward"):
             raise ConfigError(
                 "mpl_estimator must be exact, first_order or double_backward (the same exact "

@@ -1,0 +1,1158 @@
+"""The student's JVP from the update pass's activations: the *tangent tape* (issue 5, lever 1).
+
+The exact step needs J = d/de log p_{theta_t + e w}(x_u), the student's forward-mode derivative on
+x_u at theta_t along w, for *the very function* of the update pass (same dropout masks, BatchNorm
+with batch statistics). Plain forward-mode AD (``torch.autograd.forward_ad``) recomputes the whole
+primal forward beside the tangent. The primal values are not new, though: the update pass computed
+them a moment earlier, and autograd kept most of them for its backward anyway. So:
+
+1. **Record** (the update pass itself): the student, traced once with ``torch.fx``, runs as generated
+   code that returns the logits *and* the primal values the tangent rules will need (conv and linear
+   inputs, BatchNorm inputs, activation inputs or outputs, dropout masks). Autograd sees the same
+   operations as ``student(x)``: ``loss.backward()`` fills the student's ``.grad`` and each BatchNorm
+   updates its running statistics once, in the module's own mode.
+2. **Tangent** (after the optimizer step): only tangents flow through the graph, in topological
+   order, with hand-written rules for the common operations (conv, linear, BatchNorm, ReLU family,
+   SiLU, sigmoid, GELU, + - * /, matmul, reductions, reshapes, pooling, cat, dropout) that read the
+   saved primals and theta_t (the clones the step keeps: the optimizer has already moved the
+   parameters in place). A conv costs two convolutions (dx with W, x with dW) instead of forward
+   AD's three; BatchNorm is two of its own fused kernels. Any other operation is differentiated
+   on its own by forward AD from its saved inputs (exact; it recomputes only that node's primal).
+
+Why a transformed graph rather than an ``fx.Interpreter``: the record pass is the student's training
+forward, run every step, so it should cost what ``student(x)`` costs; generated code has no
+per-node interpreter overhead. Why dropout masks are recorded instead of replaying the RNG: the
+record pass draws each mask as ``dropout(ones_like(x))`` (the same shape, dtype and device as
+``dropout(x)``, so the same random numbers) and multiplies; the tangent pass then draws nothing, so
+it may visit operations in any order. Other random sources (``torch.rand`` for stochastic depth,
+...) have no tangent: their values are saved like any other primal.
+
+What cannot use the tape (the step falls back to forward AD, or ``jvp="tape"`` is a ConfigError):
+models fx cannot trace (data-dependent Python control flow), in-place operations (``inplace=True``,
+``x.add_()``, ``out=``, item assignment: the saved primals must stay what the update pass saw),
+random operations other than dropout and tangent-free sources, modules with hooks or
+parametrizations (fx does not run hooks of inner modules). Python-side state that fx bakes into the
+graph at trace time (``self.training`` of inner modules, ...) is handled by keying the tape on the
+modules' modes (:func:`module_signature`); the step also compares the first record and the first
+tangent of each tape against the module itself and forward AD, and falls back on any difference.
+fx records ``x += y`` as an out-of-place add: equal to the module unless another reference to x's
+old value is read later (then the first-use comparison sees the difference).
+
+Memory: the saved primals are mostly the tensors autograd keeps for the update pass's backward;
+they now live on until the tangent pass (through the labeled pass that computes v), and the
+tangent pass frees each one after its last reader.
+"""
+
+from __future__ import annotations
+
+import inspect
+import operator
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.autograd.forward_ad as fwad
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from metapl.mpl.replay import RngState
+
+JVP_MODES = ("auto", "tape", "forward_ad")
+
+_aten = torch.ops.aten
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+class TapeUnsupportedError(Exception):
+    """The student cannot use the tangent tape; the message says why."""
+
+
+# ----------------------------------------------------------------------------- op tables
+
+# In-place operators that fx may record as functions (item assignment, augmented operators on
+# values fx could not rewrite).
+_INPLACE_FUNCTIONS = {
+    operator.setitem, operator.delitem, operator.iadd, operator.isub, operator.imul,
+    operator.itruediv, operator.ifloordiv, operator.imod, operator.ipow, operator.imatmul,
+    operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift,
+}  # fmt: skip
+
+# Random operations whose output has no tangent: their values are recorded like any primal.
+_RANDOM_SOURCES = {
+    torch.rand, torch.randn, torch.randint, torch.rand_like, torch.randn_like,
+    torch.randint_like, torch.randperm, torch.bernoulli, torch.multinomial,
+}  # fmt: skip
+_RANDOM_SOURCE_METHODS = {"bernoulli", "multinomial"}
+# Random operations with a tangent other than dropout: no rule records them.
+_RANDOM_OTHER = {
+    torch.normal, torch.poisson, F.alpha_dropout, F.feature_alpha_dropout, F.rrelu,
+    torch.rrelu, torch.alpha_dropout, torch.feature_alpha_dropout, torch.feature_dropout,
+}  # fmt: skip
+_RANDOM_MODULES = (nn.AlphaDropout, nn.FeatureAlphaDropout, nn.RReLU)
+
+# Dropout: the record pass keeps the mask (see _dropout_pair).
+_DROPOUT_FUNCTIONS = {
+    F.dropout: "dropout",
+    F.dropout1d: "dropout1d",
+    F.dropout2d: "dropout2d",
+    F.dropout3d: "dropout3d",
+    torch.dropout: "dropout",
+}
+_DROPOUT_BY_KIND = {
+    "dropout": F.dropout,
+    "dropout1d": F.dropout1d,
+    "dropout2d": F.dropout2d,
+    "dropout3d": F.dropout3d,
+}
+_DROPOUT_MODULES = {
+    nn.Dropout: "dropout",
+    nn.Dropout1d: "dropout1d",
+    nn.Dropout2d: "dropout2d",
+    nn.Dropout3d: "dropout3d",
+}
+
+# Outputs without a tangent: tensor metadata, comparisons, detached values, constants shaped like x.
+_NO_TANGENT_FUNCTIONS = {
+    operator.lt, operator.le, operator.gt, operator.ge, operator.eq, operator.ne,
+    torch.lt, torch.le, torch.gt, torch.ge, torch.eq, torch.ne, torch.argmax, torch.argmin,
+    torch.argsort, torch.detach, torch.zeros_like, torch.ones_like, torch.empty_like,
+    torch.full_like, torch.numel, torch.is_floating_point,
+}  # fmt: skip
+_NO_TANGENT_METHODS = {
+    "size", "dim", "numel", "nelement", "stride", "element_size", "get_device", "type",
+    "is_floating_point", "is_contiguous", "detach", "lt", "le", "gt", "ge", "eq", "ne",
+    "argmax", "argmin", "argsort", "new_zeros", "new_ones", "new_empty", "new_full", "tolist",
+    "item",
+}  # fmt: skip
+_NO_TANGENT_ATTRS = {
+    "shape",
+    "dtype",
+    "device",
+    "ndim",
+    "is_cuda",
+    "layout",
+    "requires_grad",
+    "data",
+    "grad",
+}
+
+# Operations linear in their first argument alone: tangent = the same call with dx in its place.
+_LINEAR_FUNCTIONS = {
+    torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.t, torch.squeeze,
+    torch.unsqueeze, torch.mean, torch.sum, torch.chunk, torch.split, torch.unbind,
+    torch.narrow, torch.select, torch.roll, torch.flip, torch.movedim, torch.clone, torch.tile,
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.avg_pool1d,
+    F.avg_pool2d, F.avg_pool3d, F.interpolate, F.pixel_shuffle, F.pixel_unshuffle,
+    operator.getitem,
+}  # fmt: skip
+_LINEAR_METHODS = {
+    "view", "reshape", "flatten", "unflatten", "permute", "transpose", "t", "squeeze",
+    "unsqueeze", "contiguous", "expand", "expand_as", "view_as", "reshape_as", "mean", "sum",
+    "clone", "to", "float", "double", "half", "bfloat16", "chunk", "split", "unbind", "narrow",
+    "select", "repeat", "roll", "flip", "movedim", "moveaxis", "swapaxes", "tile",
+}  # fmt: skip
+_LINEAR_MODULES = (
+    nn.Flatten, nn.Unflatten, nn.Identity, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.Upsample,
+    nn.PixelShuffle, nn.PixelUnshuffle,
+)  # fmt: skip
+
+_CONV_FUNCTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
+_CONV_BY_DIM = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_MODULES = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
+_BN_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+_ADD_FUNCTIONS = {operator.add: 1, torch.add: 1, operator.sub: -1, torch.sub: -1}
+_ADD_METHODS = {"add": 1, "sub": -1}
+_MUL_FUNCTIONS = {operator.mul, torch.mul, torch.multiply}
+_DIV_FUNCTIONS = {operator.truediv, torch.div, torch.true_divide, torch.divide}
+_DIV_METHODS = {"div", "true_divide", "divide"}
+_NEG_FUNCTIONS = {operator.neg, torch.neg}
+_MATMUL_FUNCTIONS = {operator.matmul: torch.matmul, torch.matmul: torch.matmul}
+_MATMUL_FUNCTIONS.update({torch.mm: torch.mm, torch.bmm: torch.bmm})
+_MATMUL_METHODS = {"matmul": torch.matmul, "mm": torch.mm, "bmm": torch.bmm}
+_CAT_FUNCTIONS = {torch.cat: torch.cat, torch.concat: torch.cat, torch.stack: torch.stack}
+
+
+# Argument stubs: fx keeps calls as written (positional or keyword); binding them against these
+# stubs gives every rule its arguments by name. Builtins (torch.conv2d, ...) have no signature.
+def _sig_conv(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1): ...
+def _sig_linear(input, weight, bias=None): ...
+def _sig_bn(input, running_mean, running_var, weight=None, bias=None, training=False,
+            momentum=0.1, eps=1e-5): ...  # fmt: skip
+def _sig_act(input, inplace=False): ...
+def _sig_leaky(input, negative_slope=0.01, inplace=False): ...
+def _sig_gelu(input, approximate="none"): ...
+def _sig_unary(input): ...
+def _sig_binary(input, other, *, alpha=1): ...
+def _sig_div(input, other, *, rounding_mode=None): ...
+def _sig_cat(tensors, dim=0): ...
+def _sig_dropout(input, p=0.5, training=True, inplace=False): ...
+def _sig_torch_dropout(input, p, train): ...
+
+
+def _bind(stub: Callable, node: fx.Node) -> dict | None:
+    try:
+        bound = inspect.signature(stub).bind(*node.args, **node.kwargs)
+    except TypeError:
+        return None
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+# ----------------------------------------------------------------------------- record helpers
+
+
+def _dropout_pair(x: Tensor, p: float, training: bool, kind: str) -> tuple[Tensor, Tensor | None]:
+    """``(dropout(x), mask)`` with ``dropout(x) == x * mask``, drawing exactly the random numbers
+    ``dropout(x)`` draws: the mask is ``dropout(ones_like(x))`` (same shape, dtype, device and
+    memory format, hence the same draw), and ``x * mask`` is what the CPU kernel computes. ``mask``
+    is None where dropout is the identity and draws nothing (eval mode, p = 0)."""
+    if not training or p == 0.0:
+        return x, None
+    fn = _DROPOUT_BY_KIND[kind]
+    ones = _ones_with_layout(x)
+    if kind == "dropout" and x.is_cuda and x.dtype in _LOW_PRECISION and 0.0 < p < 1.0:
+        # CUDA's fused kernel scales in float32 and rounds once: keep the mask in float32 so
+        # that the output is bit-identical to F.dropout(x) (a bf16 mask would round the scale).
+        keep = fn(ones, p, True) != 0
+        keep_p = float(torch.tensor(1.0 - p, dtype=torch.float32))  # the kernel's float p
+        mask = keep.to(torch.float32) * (1.0 / keep_p)
+        return (x.float() * mask).to(x.dtype), mask
+    mask = fn(ones, p, True)
+    return x * mask, mask
+
+
+def _ones_with_layout(x: Tensor) -> Tensor:
+    """Ones with ``x``'s shape, strides and alignment. CUDA's dropout kernel chooses its
+    vectorization (hence which random number lands on which element) from contiguity and pointer
+    alignment; a fresh ``ones_like`` has x's layout only when x is dense and starts its storage
+    (the common case: a layer's output). The CPU kernels draw into ``empty_like(x)`` either way."""
+    dense = x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
+    if not x.is_cuda or (dense and x.storage_offset() == 0):
+        return torch.ones_like(x)
+    size = x.untyped_storage().nbytes() // x.element_size()
+    ones = torch.ones(size, dtype=x.dtype, device=x.device)
+    return ones.as_strided(x.shape, x.stride(), x.storage_offset())
+
+
+def _record_dropout_module(x: Tensor, module: nn.Module) -> tuple[Tensor, Tensor | None]:
+    """:func:`_dropout_pair` with the module's own ``p`` and mode, read at run time."""
+    return _dropout_pair(x, module.p, module.training, _DROPOUT_MODULES[type(module)])
+
+
+def _meta(value) -> tuple[torch.Size, torch.dtype] | None:
+    """Shape and dtype of a tensor output: the tangent pass matches each tangent to them
+    (broadcasting when only the broadcast operand has a tangent; autocast's dtypes)."""
+    return (value.shape, value.dtype) if isinstance(value, Tensor) else None
+
+
+# ----------------------------------------------------------------------------- tangent helpers
+
+
+# Elementwise activations (dx, input, output) -> tangent: the backward kernels, applied to dx.
+def _relu_t(dx, xv, yv):
+    return _aten.threshold_backward(dx, yv, 0)
+
+
+def _silu_t(dx, xv, yv):
+    return _aten.silu_backward(dx, xv)
+
+
+def _sigmoid_t(dx, xv, yv):
+    return _aten.sigmoid_backward(dx, yv)
+
+
+def _gelu_t(approximate: str):
+    def gelu_t(dx, xv, yv):
+        return _aten.gelu_backward(dx, xv, approximate=approximate)
+
+    return gelu_t
+
+
+def _late(arg) -> Callable[[dict], object]:
+    """A getter for an argument's primal value: constants are captured, nodes read from ``val``."""
+    nodes = _nodes_in(arg)
+    if not nodes:
+        return lambda val: arg
+    if isinstance(arg, fx.Node):
+        return lambda val: val[arg]
+    return lambda val: fx.node.map_arg(arg, val.__getitem__)
+
+
+def _nodes_in(arg) -> list[fx.Node]:
+    found: list[fx.Node] = []
+    fx.node.map_arg(arg, found.append)
+    return found
+
+
+def _tan(tan: dict, arg):
+    return tan.get(arg) if isinstance(arg, fx.Node) else None
+
+
+def _plus(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a + b
+
+
+def _make_dual(primal, tangent):
+    if tangent is None:
+        return primal
+    if isinstance(primal, Tensor):
+        return fwad.make_dual(primal, tangent)
+    if isinstance(primal, (tuple, list)):
+        return type(primal)(_make_dual(p, t) for p, t in zip(primal, tangent))
+    return primal
+
+
+def _unpack_tangent(out):
+    if isinstance(out, Tensor):
+        return fwad.unpack_dual(out).tangent
+    if isinstance(out, (tuple, list)):
+        tangents = tuple(_unpack_tangent(o) for o in out)
+        return None if all(t is None for t in tangents) else tangents
+    return None
+
+
+def _affine_tangent(fn, x, dx, w, dw, db, args, bias_shape):
+    """Tangent of ``fn(x, W, b, *args)`` (conv, linear): ``fn(dx, W) + fn(x, dW) + db``, with the
+    bias tangent folded into the first call. ``x`` and ``w`` are getters (called only if needed)."""
+    out = None
+    if dx is not None:
+        out, db = fn(dx, w(), db, *args), None
+    if dw is not None:
+        out, db = _plus(out, fn(x(), dw, db, *args)), None
+    if db is not None:
+        out = db.reshape(bias_shape)
+    return out
+
+
+def _bn_tangent(x, dx, gamma, dgamma, dbeta, batch_stats, running_mean, running_var, eps):
+    """Tangent of BatchNorm. With batch statistics, xhat = (x - mu) * rstd over every dimension
+    but 1: dy = gamma * rstd * (dx - mean(dx) - xhat * mean(dx * xhat)) + dgamma * xhat + dbeta;
+    with running statistics it is the affine map's, dy = gamma * rstd * dx + dgamma * xhat + dbeta.
+
+    Both halves are BatchNorm's own fused kernels: ``native_batch_norm(x, dgamma, dbeta)`` is
+    dgamma * xhat + dbeta and returns mu and rstd (one pass over x, where a ``var_mean`` over NCHW
+    was 3x slower on CPU), and the dx half is BatchNorm's *backward* applied to dx (the train-mode
+    Jacobian in x is symmetric). Low-precision inputs are handled in float32, as BatchNorm does."""
+    if dx is None and dgamma is None and dbeta is None:
+        return None
+    shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
+    xf = x.float() if x.dtype in _LOW_PRECISION else x
+
+    def f(t):
+        return None if t is None else t.to(xf.dtype)
+
+    rm, rv = (None, None) if batch_stats else (f(running_mean), f(running_var))
+    if dgamma is not None or batch_stats:
+        affine, mean, rstd = _aten.native_batch_norm(
+            xf, f(dgamma), f(dbeta), rm, rv, batch_stats, 0.0, eps
+        )
+        out = affine if dgamma is not None else None
+    else:  # running statistics, no dgamma: no pass over x is needed
+        out, mean, rstd = None, None, None
+    if dgamma is None and dbeta is not None:
+        out = f(dbeta).reshape(shape)
+    if dx is not None:
+        mask = [True, False, False]
+        d_in = _aten.native_batch_norm_backward(
+            dx.to(xf.dtype), xf, f(gamma), rm, rv, mean, rstd, batch_stats, eps, mask
+        )[0]
+        out = _plus(out, d_in)
+    return out
+
+
+# ----------------------------------------------------------------------------- the tape
+
+
+@dataclass
+class TapeRecord:
+    """What the record pass kept for the tangent pass: the logits, the saved primals (in the
+    tape's order) and the shape/dtype of every output that can carry a tangent."""
+
+    logits: Tensor
+    saved: tuple
+    metas: tuple
+
+
+@dataclass
+class _Step:
+    node: fx.Node
+    rule: Callable  # (val, tan, theta, tw) -> tangent
+    meta: int | None  # index into TapeRecord.metas
+    free: tuple  # keys whose primal/tangent is not needed after this step
+    generic: bool
+
+
+Rule = Callable[[dict, dict, dict, dict], object]
+
+
+_SCALARS = (bool, int, float, str, type(None))
+
+
+def module_signature(module: nn.Module) -> tuple[tuple | None, str | None]:
+    """``(key, None)``: what a traced graph of ``module`` depends on beyond its parameters' values,
+    or ``(None, why)`` when the module cannot use a tape at all right now (hooks: fx runs no hook
+    of an inner module).
+
+    fx bakes the Python values a forward reads into the graph: each module's train/eval mode where
+    code branches on it, and plain attributes (a stochastic-depth rate, a slope, a ``p`` passed to
+    ``F.dropout``). The key holds them, with the modules and parameters themselves, so that a
+    schedule changing one gets a new graph instead of a stale one (about 1 ms per step for
+    EfficientNet-B0's 300 modules, on a CPU)."""
+    key = []
+    for m in module.modules():
+        for hooks in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks"):
+            if getattr(m, hooks, None):
+                return None, f"{type(m).__name__} has {hooks.strip('_').replace('_', ' ')}"
+        if getattr(m, "_backward_pre_hooks", None):
+            return None, f"{type(m).__name__} has backward pre hooks"
+        scalars = tuple(
+            (k, v) for k, v in m.__dict__.items() if k[0] != "_" and isinstance(v, _SCALARS)
+        )
+        key.append((id(m), scalars))
+    key.append(tuple(id(p) for p in module.parameters()))
+    return tuple(key), None
+
+
+class TangentTape:
+    """The student traced once: :meth:`record` runs its forward keeping the primals the tangent
+    rules need, :meth:`tangent` propagates a parameter tangent through the recorded pass.
+
+    Args:
+        module: the student (any ``nn.Module`` ``x -> logits`` that ``torch.fx`` can trace).
+        trainable: the parameters that may carry a tangent (the student optimizer's).
+
+    Raises :class:`TapeUnsupportedError` (with the reason) for models it cannot serve.
+    """
+
+    def __init__(self, module: nn.Module, trainable: Iterable[nn.Parameter]):
+        from torch.nn.utils import parametrize
+
+        for m in module.modules():
+            if parametrize.is_parametrized(m):
+                raise TapeUnsupportedError(f"{type(m).__name__} has parametrizations")
+        key, why = module_signature(module)
+        if why is not None:
+            raise TapeUnsupportedError(why)
+        self.key = key
+        try:
+            gm = fx.symbolic_trace(module)
+        except Exception as e:  # any failure to trace means: use forward AD
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise TapeUnsupportedError(
+                f"torch.fx cannot trace it ({type(e).__name__}: {first[:200]})"
+            ) from None
+        self._trainable = list(trainable)
+        self._trainable_ids = trainable_ids = {id(p) for p in self._trainable}
+        self._modules = dict(gm.named_modules())
+        nodes = list(gm.graph.nodes)
+        outputs = [n for n in nodes if n.op == "output"]
+        if len(outputs) != 1 or not isinstance(outputs[0].args[0], fx.Node):
+            raise TapeUnsupportedError("its forward must return one tensor (the logits)")
+        self._out = outputs[0].args[0]
+
+        for node in nodes:
+            self._check_supported(node)
+
+        # Which nodes carry a tangent: those downstream of a trainable parameter.
+        active: set[fx.Node] = set()
+        tainted: set[fx.Node] = set()  # may alias a trainable parameter (see record)
+        attr_params: list[tuple[fx.Node, Tensor]] = []
+        for node in nodes:
+            if node.op == "get_attr":
+                obj = self._fetch(gm, node.target)
+                if isinstance(obj, Tensor) and id(obj) in trainable_ids:
+                    active.add(node)
+                    tainted.add(node)
+                    attr_params.append((node, obj))
+                continue
+            if node.op not in ("call_function", "call_method", "call_module"):
+                continue
+            if any(n in tainted for n in node.all_input_nodes):
+                tainted.add(node)
+            if self._has_no_tangent(node):
+                continue
+            if any(n in active for n in node.all_input_nodes):
+                active.add(node)
+            elif node.op == "call_module" and any(
+                id(p) in trainable_ids for p in self._modules[node.target].parameters()
+            ):
+                active.add(node)
+        self._active = active
+
+        # One rule per active node, and the primals each needs.
+        steps: list[tuple[fx.Node, Rule, list, bool]] = []
+        self.generic_ops: list[str] = []
+        self._dropouts: dict[fx.Node, tuple] = {}
+        for node in nodes:
+            if node not in active or node.op == "get_attr":
+                continue
+            rule, needs, generic = self._rule(node)
+            if generic:
+                self.generic_ops.append(_describe(node, self._modules))
+            steps.append((node, rule, needs, generic))
+
+        needed: dict = {}  # ordered set of primal keys the rules read
+        for _, _, needs, _ in steps:
+            for k in needs:
+                needed[k] = None
+        attr_nodes = {n for n in nodes if n.op == "get_attr"}
+        self._attr_params = attr_params
+        self._attr_values = [
+            (k, self._fetcher(gm, k.target)) for k in needed if k in attr_nodes and k not in active
+        ]
+        self._saved_keys = [k for k in needed if k not in attr_nodes]
+        self._check_keys = [i for i, k in enumerate(self._saved_keys) if k in tainted]
+
+        # Free primals and tangents after their last reader (peak memory as forward AD's).
+        last_use: dict = {}
+        for i, (node, _, needs, _) in enumerate(steps):
+            for k in needs:
+                last_use[k] = i
+            for n in node.all_input_nodes:
+                last_use[n] = i
+        frees: list[list] = [[] for _ in steps]
+        for k, i in last_use.items():
+            if k is not self._out:
+                frees[i].append(k)
+
+        meta_nodes = [node for node, _, _, _ in steps]
+        meta_index = {n: i for i, n in enumerate(meta_nodes)}
+        self._steps = [
+            _Step(node, rule, meta_index[node], tuple(frees[i]), generic)
+            for i, (node, rule, _, generic) in enumerate(steps)
+        ]
+        self._has_generic = any(s.generic for s in self._steps)
+        self._gm = self._record_module(gm, nodes, meta_nodes)
+        self.checked = False  # set by the step once a record and a tangent matched the module's
+        self.num_nodes = len(nodes)
+
+    # ------------------------------------------------------------------ building
+
+    @staticmethod
+    def _fetch(root: nn.Module, target: str):
+        obj = root
+        for part in target.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    def _fetcher(self, root: nn.Module, target: str) -> Callable[[], object]:
+        def fetch():
+            value = self._fetch(root, target)
+            return value.detach() if isinstance(value, Tensor) else value
+
+        return fetch
+
+    def _check_supported(self, node: fx.Node) -> None:
+        what = _describe(node, self._modules)
+        if node.op == "call_module":
+            m = self._modules[node.target]
+            if getattr(m, "inplace", False):
+                raise TapeUnsupportedError(f"{what} works in place (inplace=True)")
+            if isinstance(m, _RANDOM_MODULES):
+                raise TapeUnsupportedError(f"{what} is random and not dropout")
+            return
+        if node.op not in ("call_function", "call_method"):
+            return
+        name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+        if node.target in _INPLACE_FUNCTIONS or node.kwargs.get("inplace") is True:
+            raise TapeUnsupportedError(f"{what} works in place")
+        if isinstance(name, str) and name.endswith("_") and not name.endswith("__"):
+            raise TapeUnsupportedError(f"{what} works in place")
+        if "out" in node.kwargs:
+            raise TapeUnsupportedError(f"{what} writes into out=")
+        if node.op == "call_function":
+            if node.target in _RANDOM_OTHER:
+                raise TapeUnsupportedError(f"{what} is random and not dropout")
+            if node.target in _DROPOUT_FUNCTIONS:
+                stub = _sig_torch_dropout if node.target is torch.dropout else _sig_dropout
+                args = _bind(stub, node)
+                if args is None or args.get("inplace") is True:
+                    raise TapeUnsupportedError(f"{what} works in place")
+            elif inspect.isfunction(node.target):  # F.relu(x, True) and the like
+                try:
+                    bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
+                except (TypeError, ValueError):
+                    return
+                if bound.arguments.get("inplace") is True:
+                    raise TapeUnsupportedError(f"{what} works in place")
+
+    def _has_no_tangent(self, node: fx.Node) -> bool:
+        if node.op == "call_function":
+            t = node.target
+            if t in _RANDOM_SOURCES or t in _NO_TANGENT_FUNCTIONS:
+                return True
+            if t is getattr and len(node.args) == 2 and node.args[1] in _NO_TANGENT_ATTRS:
+                return True
+            return False
+        if node.op == "call_method":
+            return node.target in _NO_TANGENT_METHODS or node.target in _RANDOM_SOURCE_METHODS
+        return False
+
+    def _rule(self, node: fx.Node) -> tuple[Rule, list, bool]:
+        """(rule, primal keys it reads, whether it is the generic forward-AD rule)."""
+        made = None
+        if node.op == "call_module":
+            made = self._module_rule(node, self._modules[node.target])
+        elif node.op == "call_function":
+            made = self._function_rule(node)
+        elif node.op == "call_method":
+            made = self._method_rule(node)
+        if made is not None:
+            return (*made, False)
+        return self._generic_rule(node), [n for n in node.all_input_nodes if n is not None], True
+
+    def _module_rule(self, node: fx.Node, m: nn.Module):
+        if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
+            return None
+        x = node.args[0]
+        kind = type(m)
+        x_active = x in self._active
+        if kind in _DROPOUT_MODULES:
+            return self._dropout_rule(node, x)
+        if kind in _CONV_MODULES and m.padding_mode == "zeros":
+            nd = _CONV_MODULES[kind]
+            fn = _CONV_BY_DIM[nd]
+            args = (m.stride, m.padding, m.dilation, m.groups)
+            return self._param_affine_rule(node, m, x, fn, args, (-1,) + (1,) * nd)
+        if kind is nn.Linear:
+            return self._param_affine_rule(node, m, x, F.linear, (), (-1,))
+        if kind in _BN_MODULES:
+            w, b = m.weight, m.bias
+
+            def bn_rule(val, tan, theta, tw):
+                batch_stats = m.training or (m.running_mean is None and m.running_var is None)
+                gamma = None if w is None else theta.get(id(w), w)
+                return _bn_tangent(
+                    val[x], tan.get(x), gamma,
+                    None if w is None else tw.get(id(w)),
+                    None if b is None else tw.get(id(b)),
+                    batch_stats, m.running_mean, m.running_var, m.eps,
+                )  # fmt: skip
+
+            return bn_rule, [x]
+        if not x_active:
+            return None
+        if kind is nn.ReLU:
+            return self._unary_rule(node, x, _relu_t, y=True)
+        if kind is nn.LeakyReLU:
+            return self._leaky(node, x, m.negative_slope)
+        if kind is nn.SiLU:
+            return self._unary_rule(node, x, _silu_t, x=True)
+        if kind is nn.Sigmoid:
+            return self._unary_rule(node, x, _sigmoid_t, y=True)
+        if kind is nn.GELU:
+            return self._unary_rule(node, x, _gelu_t(m.approximate), x=True)
+        if isinstance(m, _LINEAR_MODULES) and not any(True for _ in m.parameters()):
+
+            def linear_module_rule(val, tan, theta, tw):
+                dx = tan.get(x)
+                return None if dx is None else m(dx)
+
+            return linear_module_rule, []
+        return None
+
+    def _param_affine_rule(self, node, m, x, fn, args, bias_shape):
+        w, b = m.weight, m.bias
+
+        def rule(val, tan, theta, tw):
+            return _affine_tangent(
+                fn, lambda: val[x], tan.get(x), lambda: theta.get(id(w), w),
+                tw.get(id(w)), None if b is None else tw.get(id(b)), args, bias_shape,
+            )  # fmt: skip
+
+        return rule, ([x] if id(w) in self._trainable_ids else [])
+
+    def _function_rule(self, node: fx.Node):
+        t = node.target
+        if t in _DROPOUT_FUNCTIONS:
+            stub = _sig_torch_dropout if t is torch.dropout else _sig_dropout
+            a = _bind(stub, node)
+            if a is None or not isinstance(a["input"], fx.Node):
+                return None
+            return self._dropout_rule(node, a["input"])
+        if t in _CONV_FUNCTIONS:
+            a = _bind(_sig_conv, node)
+            if a is None:
+                return None
+            rest = [a[k] for k in ("stride", "padding", "dilation", "groups")]
+            nd = _CONV_FUNCTIONS[t]
+            return self._functional_affine_rule(a, t, rest, (-1,) + (1,) * nd)
+        if t is F.linear:
+            a = _bind(_sig_linear, node)
+            return None if a is None else self._functional_affine_rule(a, F.linear, [], (-1,))
+        if t is F.batch_norm:
+            a = _bind(_sig_bn, node)
+            if a is None or not isinstance(a["input"], fx.Node):
+                return None
+            return self._functional_bn_rule(a)
+        if t in (F.relu, torch.relu):
+            a = _bind(_sig_act if t is F.relu else _sig_unary, node)
+            return self._unary_bound(node, a, _relu_t, y=True)
+        if t is F.leaky_relu:
+            a = _bind(_sig_leaky, node)
+            if a is None or not isinstance(a["input"], fx.Node) or _nodes_in(a["negative_slope"]):
+                return None
+            return self._leaky(node, a["input"], a["negative_slope"])
+        if t is F.silu:
+            return self._unary_bound(node, _bind(_sig_act, node), _silu_t, x=True)
+        if t in (torch.sigmoid, F.sigmoid):
+            return self._unary_bound(node, _bind(_sig_unary, node), _sigmoid_t, y=True)
+        if t is F.gelu:
+            a = _bind(_sig_gelu, node)
+            if a is None or _nodes_in(a["approximate"]):
+                return None
+            return self._unary_bound(node, a, _gelu_t(a["approximate"]), x=True)
+        if t in _ADD_FUNCTIONS:
+            a = _bind(_sig_binary, node)
+            return None if a is None else self._add_rule(a, _ADD_FUNCTIONS[t])
+        if t in _MUL_FUNCTIONS:
+            a = _bind(_sig_binary, node)
+            return None if a is None or a["alpha"] != 1 else self._mul_rule(a)
+        if t in _DIV_FUNCTIONS:
+            a = _bind(_sig_div, node)
+            return None if a is None or a["rounding_mode"] is not None else self._div_rule(a)
+        if t in _NEG_FUNCTIONS:
+            a = _bind(_sig_unary, node)
+            return None if a is None else self._neg_rule(a)
+        if t in _MATMUL_FUNCTIONS:
+            a = _bind(_sig_binary, node)
+            return None if a is None or a["alpha"] != 1 else self._mul_rule(a, _MATMUL_FUNCTIONS[t])
+        if t in _CAT_FUNCTIONS:
+            a = _bind(_sig_cat, node)
+            if a is None or not isinstance(a["tensors"], (list, tuple)):
+                return None
+            return self._cat_rule(a, _CAT_FUNCTIONS[t])
+        if t is F.pad:
+            return self._linear_rule(
+                node, lambda dx, rest, kw: F.pad(dx, *rest[:2], **_no_value(kw))
+            )
+        if t in _LINEAR_FUNCTIONS:
+            return self._linear_rule(node, lambda dx, rest, kw: t(dx, *rest, **kw))
+        return None
+
+    def _method_rule(self, node: fx.Node):
+        name = node.target
+        if name == "relu":
+            return self._unary_bound(node, _bind(_sig_unary, node), _relu_t, y=True)
+        if name == "sigmoid":
+            return self._unary_bound(node, _bind(_sig_unary, node), _sigmoid_t, y=True)
+        if name in _ADD_METHODS:
+            a = _bind(_sig_binary, node)
+            return None if a is None else self._add_rule(a, _ADD_METHODS[name])
+        if name == "mul":
+            a = _bind(_sig_binary, node)
+            return None if a is None or a["alpha"] != 1 else self._mul_rule(a)
+        if name in _DIV_METHODS:
+            a = _bind(_sig_div, node)
+            return None if a is None or a["rounding_mode"] is not None else self._div_rule(a)
+        if name == "neg":
+            a = _bind(_sig_unary, node)
+            return None if a is None else self._neg_rule(a)
+        if name in _MATMUL_METHODS:
+            a = _bind(_sig_binary, node)
+            return (
+                None if a is None or a["alpha"] != 1 else self._mul_rule(a, _MATMUL_METHODS[name])
+            )
+        if name in _LINEAR_METHODS:
+            return self._linear_rule(node, lambda dx, rest, kw: getattr(dx, name)(*rest, **kw))
+        return None
+
+    # ------------------------------------------------------------------ rules
+
+    def _dropout_rule(self, node: fx.Node, x: fx.Node):
+        if x not in self._active:
+            return None  # keep the plain call: nothing to record
+        self._dropouts[node] = (x,)
+        key = ("mask", node)
+
+        def dropout_rule(val, tan, theta, tw):
+            dx, mask = tan.get(x), val[key]
+            if dx is None or mask is None:
+                return dx
+            if mask.dtype != dx.dtype:
+                return (dx.to(mask.dtype) * mask).to(dx.dtype)
+            return dx * mask
+
+        return dropout_rule, [key]
+
+    def _functional_affine_rule(self, a: dict, fn, rest: list, bias_shape):
+        x, w, b = a["input"], a["weight"], a["bias"]
+        if _nodes_in(rest) or not isinstance(w, fx.Node):
+            return None
+        needs = []
+        if x in self._active or b in self._active:
+            needs.append(w)
+        if w in self._active and isinstance(x, fx.Node):
+            needs.append(x)
+        x_get, w_get = _late(x), _late(w)
+
+        def rule(val, tan, theta, tw):
+            return _affine_tangent(
+                fn, lambda: x_get(val), _tan(tan, x), lambda: w_get(val), _tan(tan, w),
+                _tan(tan, b), rest, bias_shape,
+            )  # fmt: skip
+
+        return rule, needs
+
+    def _functional_bn_rule(self, a: dict):
+        x, w, b = a["input"], a["weight"], a["bias"]
+        rm, rv, training, eps = a["running_mean"], a["running_var"], a["training"], a["eps"]
+        if _nodes_in([training, eps]):
+            return None
+        needs = [x] + [k for k in (w, rm, rv) if isinstance(k, fx.Node)]
+        getters = [_late(k) for k in (w, rm, rv)]
+        batch_stats = bool(training) or (rm is None and rv is None)
+
+        def rule(val, tan, theta, tw):
+            gamma, mean, var = (g(val) for g in getters)
+            return _bn_tangent(
+                val[x], tan.get(x), gamma, _tan(tan, w), _tan(tan, b), batch_stats, mean, var, eps
+            )
+
+        return rule, needs
+
+    def _unary_bound(self, node, a: dict | None, fn, *, x: bool = False, y: bool = False):
+        if a is None or a.get("inplace") is True or not isinstance(a["input"], fx.Node):
+            return None
+        return self._unary_rule(node, a["input"], fn, x=x, y=y)
+
+    def _unary_rule(self, node, x_node: fx.Node, fn, *, x: bool = False, y: bool = False):
+        """Elementwise activation: its tangent is its backward's formula applied to dx (the
+        Jacobian is diagonal), reading the input (``x``) or the output (``y``: cheaper to keep,
+        the next layer keeps it anyway)."""
+
+        def rule(val, tan, theta, tw):
+            dx = tan.get(x_node)
+            if dx is None:
+                return None
+            return fn(dx, val[x_node] if x else None, val[node] if y else None)
+
+        return rule, ([x_node] if x else []) + ([node] if y else [])
+
+    def _leaky(self, node: fx.Node, x: fx.Node, slope: float):
+        if slope > 0:  # the output has the input's sign: read it (the next conv keeps it anyway)
+            return self._unary_rule(
+                node, x, lambda dx, xv, yv: _aten.leaky_relu_backward(dx, yv, slope, True), y=True
+            )
+        return self._unary_rule(
+            node, x, lambda dx, xv, yv: _aten.leaky_relu_backward(dx, xv, slope, False), x=True
+        )
+
+    def _add_rule(self, a: dict, sign: int):
+        x, other, alpha = a["input"], a["other"], a["alpha"]
+        if _nodes_in(alpha):
+            return None
+        factor = sign * alpha
+
+        def add_rule(val, tan, theta, tw):
+            dx, do = _tan(tan, x), _tan(tan, other)
+            if do is None:
+                return dx
+            if factor == 1:
+                return do if dx is None else dx + do
+            if dx is None:
+                return do * factor
+            return torch.add(dx, do, alpha=factor)
+
+        return add_rule, []
+
+    def _mul_rule(self, a: dict, fn=operator.mul):
+        x, other = a["input"], a["other"]
+        needs = []
+        if x in self._active and isinstance(other, fx.Node):
+            needs.append(other)
+        if other in self._active and isinstance(x, fx.Node):
+            needs.append(x)
+        x_get, o_get = _late(x), _late(other)
+
+        def mul_rule(val, tan, theta, tw):
+            dx, do = _tan(tan, x), _tan(tan, other)
+            out = None if dx is None else fn(dx, o_get(val))
+            if do is not None:
+                out = _plus(out, fn(x_get(val), do))
+            return out
+
+        return mul_rule, needs
+
+    def _div_rule(self, a: dict):
+        x, other = a["input"], a["other"]
+        needs = [n for n in (other,) if isinstance(n, fx.Node)]
+        if other in self._active and isinstance(x, fx.Node):
+            needs.append(x)
+        x_get, o_get = _late(x), _late(other)
+
+        def div_rule(val, tan, theta, tw):
+            dx, do = _tan(tan, x), _tan(tan, other)
+            if dx is None and do is None:
+                return None
+            o = o_get(val)
+            out = None if dx is None else dx / o
+            if do is not None:  # d(x / o) = -(x / o) * do / o
+                out = _plus(out, -(x_get(val) / o) * do / o)
+            return out
+
+        return div_rule, needs
+
+    def _neg_rule(self, a: dict):
+        x = a["input"]
+
+        def neg_rule(val, tan, theta, tw):
+            dx = _tan(tan, x)
+            return None if dx is None else -dx
+
+        return neg_rule, []
+
+    def _cat_rule(self, a: dict, fn):
+        parts, dim = a["tensors"], a["dim"]
+        if _nodes_in(dim) or not all(isinstance(p, fx.Node) for p in parts):
+            return None
+        needs = [p for p in parts if p not in self._active]
+
+        def cat_rule(val, tan, theta, tw):
+            ts = [tan.get(p) for p in parts]
+            if all(t is None for t in ts):
+                return None
+            ts = [torch.zeros_like(val[p]) if t is None else t for p, t in zip(parts, ts)]
+            return fn(ts, dim)
+
+        return cat_rule, needs
+
+    def _linear_rule(self, node: fx.Node, apply):
+        """Operations linear in their first argument (reshapes, reductions, pooling, indexing):
+        the same call with the tangent in its place; the other arguments are primals."""
+        if not node.args or not isinstance(node.args[0], fx.Node):
+            return None
+        x, rest, kwargs = node.args[0], node.args[1:], node.kwargs
+        others = _nodes_in([rest, kwargs])
+        if any(n in self._active for n in others):
+            return None
+        rest_get, kw_get = _late(tuple(rest)), _late(dict(kwargs))
+
+        def linear_rule(val, tan, theta, tw):
+            dx = tan.get(x)
+            if dx is None:
+                return None
+            return apply(dx, rest_get(val), kw_get(val))
+
+        return linear_rule, others
+
+    def _generic_rule(self, node: fx.Node) -> Rule:
+        """Forward AD of this one operation from its saved inputs: exact for any differentiable op,
+        at the price of recomputing its primal."""
+        op, target = node.op, node.target
+        module = self._modules[target] if op == "call_module" else None
+        params = list(module.named_parameters()) if module is not None else []
+        has_buffers = module is not None and any(True for _ in module.buffers())
+
+        def generic_rule(val, tan, theta, tw):
+            param_tangents = [tw.get(id(p)) for _, p in params]
+            if all(n not in tan for n in node.all_input_nodes) and all(
+                t is None for t in param_tangents
+            ):
+                return None
+
+            def dual(n):
+                return _make_dual(val[n], tan.get(n))
+
+            args = fx.node.map_arg(node.args, dual)
+            kwargs = fx.node.map_arg(node.kwargs, dual)
+            if op == "call_function":
+                out = target(*args, **kwargs)
+            elif op == "call_method":
+                out = getattr(args[0], target)(*args[1:], **kwargs)
+            else:
+                state = {}
+                if has_buffers:  # copies: a module in train mode may update them
+                    state.update({n: b.detach().clone() for n, b in module.named_buffers()})
+                for (name, p), t in zip(params, param_tangents):
+                    state[name] = _make_dual(theta.get(id(p), p.detach()), t)
+                out = functional_call(module, state, tuple(args), dict(kwargs))
+            return _unpack_tangent(out)
+
+        return generic_rule
+
+    # ------------------------------------------------------------------ the record module
+
+    def _record_module(self, gm: fx.GraphModule, nodes, meta_nodes) -> fx.GraphModule:
+        """A copy of the traced graph that returns ``(logits, saved primals, metas)``: dropout
+        nodes on the tangent's path become (output, mask) pairs; a shape/dtype probe follows each
+        node that can carry a tangent (right after it, so no value outlives its last reader)."""
+        graph = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
+        aux: dict = {}
+        meta_of: dict[fx.Node, fx.Node] = {}
+        wanted_meta = set(meta_nodes)
+        for node in nodes:
+            if node.op == "output":
+                continue
+            if node in self._dropouts:
+                (x,) = self._dropouts[node]
+                if node.op == "call_module":
+                    module = graph.get_attr(node.target)
+                    pair = graph.call_function(_record_dropout_module, (env[x], module))
+                else:
+                    stub = _sig_torch_dropout if node.target is torch.dropout else _sig_dropout
+                    a = _bind(stub, node)
+                    p = fx.node.map_arg(a["p"], env.__getitem__)
+                    training = fx.node.map_arg(a.get("training", a.get("train")), env.__getitem__)
+                    kind = _DROPOUT_FUNCTIONS[node.target]
+                    pair = graph.call_function(_dropout_pair, (env[x], p, training, kind))
+                env[node] = graph.call_function(operator.getitem, (pair, 0))
+                aux[("mask", node)] = graph.call_function(operator.getitem, (pair, 1))
+            else:
+                env[node] = graph.node_copy(node, env.__getitem__)
+            if node in wanted_meta:
+                meta_of[node] = graph.call_function(_meta, (env[node],))
+        saved = tuple(aux[k] if isinstance(k, tuple) else env[k] for k in self._saved_keys)
+        metas = tuple(meta_of[n] for n in meta_nodes)
+        graph.output((env[self._out], saved, metas))
+        return fx.GraphModule(gm, graph)
+
+    # ------------------------------------------------------------------ running
+
+    def record(self, x: Tensor, *, buffers: dict[str, Tensor] | None = None) -> TapeRecord:
+        """The student's forward on ``x`` (autograd as usual), keeping what :meth:`tangent` needs.
+        ``buffers``: run on these instead of the modules' own (a side pass that must not touch the
+        running statistics)."""
+        if buffers is None:
+            logits, saved, metas = self._gm(x)
+        else:
+            logits, saved, metas = functional_call(self._gm, buffers, (x,))
+        if self._check_keys:
+            # A saved value that shares memory with a trainable parameter (a view of a weight)
+            # would change under optimizer.step(): keep a copy of what this pass saw.
+            ptrs = {p.untyped_storage().data_ptr() for p in self._trainable}
+            saved = list(saved)
+            for i in self._check_keys:
+                v = saved[i]
+                if isinstance(v, Tensor) and v.untyped_storage().data_ptr() in ptrs:
+                    saved[i] = v.detach().clone()
+            saved = tuple(saved)
+        return TapeRecord(logits, saved, metas)
+
+    def buffer_copies(self) -> dict[str, Tensor]:
+        """Copies of the buffers the traced graph uses (for :meth:`record`'s ``buffers``)."""
+        return {n: b.detach().clone() for n, b in self._gm.named_buffers()}
+
+    def tangent(
+        self,
+        record: TapeRecord,
+        theta: dict[int, Tensor],
+        tangents: dict[int, Tensor],
+        *,
+        release: bool = False,
+    ) -> Tensor | None:
+        """d logits along the parameter tangent, at the recorded pass.
+
+        ``theta`` and ``tangents`` map ``id(parameter)`` to the parameter's value at the record
+        (theta_t) and to its tangent; a parameter without a tangent contributes nothing, one not in
+        ``theta`` is read as it is now. Run it under ``torch.no_grad()`` (J is a constant) and the
+        record pass's autocast. ``release``: take the saved primals out of ``record`` so that each
+        is freed after its last reader (the record cannot be used again). Returns None when the
+        logits do not depend on the tangent."""
+        val = dict(zip(self._saved_keys, record.saved))
+        if release:
+            record.saved = ()
+        tan: dict = {}
+        for node, p in self._attr_params:
+            val[node] = theta.get(id(p), p.detach())
+            t = tangents.get(id(p))
+            if t is not None:
+                tan[node] = t
+        for node, fetch in self._attr_values:
+            val[node] = fetch()
+        metas = record.metas
+        rng = RngState(_device_of(record.logits)) if self._has_generic else None
+        with fwad.dual_level() if self._has_generic else _nullcontext():
+            for step in self._steps:
+                t = step.rule(val, tan, theta, tangents)
+                if isinstance(t, Tensor):
+                    meta = metas[step.meta]
+                    if meta is not None:
+                        shape, dtype = meta
+                        if t.dtype != dtype:
+                            t = t.to(dtype)
+                        if t.shape != shape:
+                            t = t.expand(shape)
+                if t is not None:
+                    tan[step.node] = t
+                for k in step.free:
+                    val.pop(k, None)
+                    tan.pop(k, None)
+        if rng is not None and not _same_rng(rng, RngState(rng.device)):
+            rng.restore()  # as if the pass had drawn nothing
+            raise TapeUnsupportedError(
+                "an operation without a tangent rule draws random numbers: "
+                + ", ".join(self.generic_ops)
+            )
+        return tan.get(self._out)
+
+    def describe(self) -> dict:
+        """What the tape does: nodes, hand-written rules, generic (forward-AD) nodes."""
+        generic = sum(s.generic for s in self._steps)
+        return {
+            "nodes": self.num_nodes,
+            "tangent_nodes": len(self._steps),
+            "rules": len(self._steps) - generic,
+            "generic": generic,
+            "generic_ops": list(self.generic_ops),
+            "saved": len(self._saved_keys),
+        }
+
+
+def _nullcontext():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def _no_value(kwargs: dict) -> dict:
+    return {k: v for k, v in kwargs.items() if k != "value"}
+
+
+def _device_of(t: Tensor) -> torch.device:
+    return t.device
+
+
+def _same_rng(a: RngState, b: RngState) -> bool:
+    if not torch.equal(a.cpu, b.cpu):
+        return False
+    return a.cuda is None or torch.equal(a.cuda, b.cuda)
+
+
+def _describe(node: fx.Node, modules: dict) -> str:
+    if node.op == "call_module":
+        return f"{node.target} ({type(modules[node.target]).__name__})"
+    if node.op == "call_method":
+        return f".{node.target}()"
+    if node.op == "call_function":
+        return f"{getattr(node.target, '__name__', node.target)}()"
+    return f"{node.op} {node.target}"
+
+
+def relative_error(a: Tensor, b: Tensor) -> float:
+    """||a - b|| / ||b|| in float64 (0 when both are 0)."""
+    a, b = a.detach().double(), b.detach().double()
+    den = float(b.norm())
+    num = float((a - b).norm())
+    if den == 0.0:
+        return 0.0 if num == 0.0 else float("inf")
+    return num / den
+
+
+__all__: Sequence[str] = (
+    "JVP_MODES",
+    "TangentTape",
+    "TapeRecord",
+    "TapeUnsupportedError",
+    "module_signature",
+    "relative_error",
+)

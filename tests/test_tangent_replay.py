@@ -1,0 +1,574 @@
+"""The tangent tape (``jvp="tape"``): the exact step's JVP from the update pass's activations.
+
+The tape replaces "forward AD of the student again" by "record the update pass, then propagate
+tangents only". These tests hold it to the forward-AD JVP written here against torch alone
+(``functional_call`` on dual tensors, the RNG replayed), in float64:
+
+- every registry model that runs on a CPU: the record pass is the native forward/backward (same
+  logits, parameter gradients and BatchNorm buffers), and J is forward AD's J at theta_t even
+  after the live parameters have moved;
+- whole MPL steps with ``jvp="tape"`` and ``jvp="forward_ad"`` leave the same models, optimizer
+  states and buffers;
+- students the tape cannot serve (untraceable, in-place, other random ops, hooks, a graph fx got
+  wrong) fall back to forward AD under ``"auto"`` and are a ConfigError under ``"tape"``;
+- operations without a hand-written rule go through the per-node forward-AD rule, exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwad
+import torch.nn.functional as F
+from mpl_helpers import cloned_buffers, randomize_bn, rel_err
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from metapl import MetaPseudoLabels
+from metapl.errors import ConfigError
+from metapl.models import create_model
+from metapl.mpl.tangent import TangentTape, TapeUnsupportedError, _ones_with_layout
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
+DT = torch.float64
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def forward_ad_jvp(model: nn.Module, theta: dict[str, Tensor], w: dict[str, Tensor], x, seed):
+    """d logits along w at theta by forward AD, with the RNG seeded as for the recorded pass."""
+    torch.manual_seed(seed)
+    with fwad.dual_level():
+        weights = {n: fwad.make_dual(theta[n], w[n]) for n in theta}
+        out = functional_call(model, {**cloned_buffers(model), **weights}, (x,))
+        return fwad.unpack_dual(out).tangent
+
+
+def tape_vs_native(model: nn.Module, x: Tensor, seed: int = 7):
+    """Record ``model`` on ``x``, backward a random linear loss; do the same natively on a copy
+    with the same seed. Then move the live parameters (as optimizer.step() would) and compute the
+    tape's J at the recorded theta and forward AD's J there. Returns what the tests compare."""
+    native = copy.deepcopy(model)
+    params = dict(model.named_parameters())
+    tape = TangentTape(model, params.values())
+
+    torch.manual_seed(seed)
+    record = tape.record(x)
+    c = torch.randn(record.logits.shape, dtype=DT, generator=torch.Generator().manual_seed(3))
+    (record.logits * c).sum().backward()
+    torch.manual_seed(seed)
+    logits = native(x)
+    (logits * c).sum().backward()
+
+    theta = {n: p.detach().clone() for n, p in params.items()}
+    g = torch.Generator().manual_seed(5)
+    w = {n: torch.randn(p.shape, generator=g, dtype=DT) for n, p in params.items()}
+    with torch.no_grad():  # the optimizer step: the tape must read theta_t, not these
+        for p in params.values():
+            p.add_(torch.randn(p.shape, generator=g, dtype=DT))
+        j_tape = tape.tangent(
+            record,
+            {id(p): theta[n] for n, p in params.items()},
+            {id(p): w[n] for n, p in params.items()},
+        )
+    j_ref = forward_ad_jvp(native, theta, w, x, seed)
+    return tape, record, logits, native, j_tape, j_ref
+
+
+def with_random_bn(model: nn.Module, seed: int = 1) -> nn.Module:
+    randomize_bn(model, torch.Generator().manual_seed(seed))
+    return model
+
+
+# ----------------------------------------------------------------------------- registry models
+
+REGISTRY_CASES = {
+    # name: (constructor options, input shape, how many nodes use the generic rule)
+    "mlp": ({"dropout": 0.3, "in_features": 5}, (8, 5), 0),
+    "digits_cnn": ({"dropout": 0.3}, (6, 1, 8, 8), 0),
+    "digits_cnn_large": ({"dropout": 0.3}, (4, 1, 8, 8), 0),
+    "small_cnn": ({"dropout": 0.3}, (4, 3, 8, 8), 0),
+    "wrn28_2": ({"dropout": 0.3}, (3, 3, 32, 32), 0),
+    "efficientnet_b0": ({"dropout": 0.3, "drop_path": 0.5}, (3, 3, 32, 32), 0),
+    "resnet50": ({"dropout": 0.3}, (2, 3, 32, 32), 1),  # the stem's max pool
+}
+
+
+@pytest.mark.parametrize("name", list(REGISTRY_CASES))
+def test_record_is_the_native_pass_and_tape_jvp_is_forward_ad(name):
+    options, shape, n_generic = REGISTRY_CASES[name]
+    torch.manual_seed(0)
+    model = with_random_bn(create_model(name, 10, **options)).to(DT).train()
+    x = torch.randn(shape, dtype=DT, generator=torch.Generator().manual_seed(2))
+    tape, record, logits, native, j_tape, j_ref = tape_vs_native(model, x)
+
+    # the update pass: the native forward/backward, bit for bit on the CPU
+    assert rel_err(record.logits.detach(), logits.detach()) <= 1e-12
+    for (n, p), q in zip(model.named_parameters(), native.parameters()):
+        assert q.grad is not None and q.grad.abs().max() > 0, n
+        assert rel_err(p.grad, q.grad) <= 1e-12, n
+    bufs, ref_bufs = dict(model.named_buffers()), dict(native.named_buffers())
+    for n, b in bufs.items():  # running statistics updated once, as natively
+        assert torch.equal(b, ref_bufs[n]), n
+    # dropout really dropped (the mask matters), and the tape used its own rules
+    masks = _masks(tape, record)
+    assert masks and all((m == 0).any() and (m != 0).any() for m in masks)
+    info = tape.describe()
+    assert info["generic"] == n_generic, info
+    # the JVP
+    assert j_ref.norm() > 1e-6
+    assert rel_err(j_tape, j_ref) <= 1e-10, rel_err(j_tape, j_ref)
+
+
+def _masks(tape: TangentTape, record) -> list[Tensor]:
+    """The dropout masks the record pass kept."""
+    return [v for k, v in zip(tape._saved_keys, record.saved) if isinstance(k, tuple)]
+
+
+def test_stochastic_depth_is_recorded_not_redrawn():
+    """EfficientNet's drop path draws with torch.rand: a tangent-free random source whose value
+    the tape keeps; the tangent pass draws nothing."""
+    torch.manual_seed(0)
+    model = create_model("efficientnet_b0", 10, dropout=0.0, drop_path=0.9).to(DT).train()
+    x = torch.randn(4, 3, 32, 32, dtype=DT, generator=torch.Generator().manual_seed(2))
+    tape, record, logits, native, j_tape, j_ref = tape_vs_native(model, x)
+    before = torch.get_rng_state()
+    params = dict(model.named_parameters())
+    w = {id(p): torch.ones_like(p) for p in params.values()}
+    with torch.no_grad():
+        kept = tape.tangent(record, {}, w)
+        released = tape.tangent(record, {}, w, release=True)  # frees primals as it goes
+    assert torch.equal(before, torch.get_rng_state())
+    assert rel_err(j_tape, j_ref) <= 1e-10
+    assert torch.equal(kept, released) and record.saved == ()
+
+
+# ----------------------------------------------------------------------------- whole steps
+
+
+class RichNet(nn.Module):
+    """Conv -> BN -> leaky ReLU -> [conv -> BN -> SiLU] * sigmoid gate + shortcut conv (with a
+    bias: not before a BatchNorm, where its gradient is exactly 0) -> dropout -> mean pool ->
+    linear: most hand-written rules in one small net."""
+
+    def __init__(self, width: int = 6, classes: int = 3, p: float = 0.3):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride=2, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.gate = nn.Linear(width, width)
+        self.shortcut = nn.Conv2d(width, width, 1, stride=2)
+        self.drop = nn.Dropout(p)
+        self.fc = nn.Linear(width, classes)
+        self.slope = 0.2  # a plain attribute: fx bakes its value into the graph
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.leaky_relu(self.bn1(self.conv1(x)), self.slope)
+        y = F.silu(self.bn2(self.conv2(h)))
+        gate = torch.sigmoid(self.gate(y.mean(dim=(2, 3)))).view(y.shape[0], -1, 1, 1)
+        y = y * gate + self.shortcut(h)
+        return self.fc(self.drop(y).mean(dim=(2, 3)))
+
+
+def _problem(model_fn, seed: int = 0, n_l: int = 4, n_u: int = 6, size: int = 8):
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    teacher, student = model_fn().to(DT), model_fn().to(DT)
+    randomize_bn(teacher, g)
+    randomize_bn(student, g)
+    x_l = torch.randn(n_l, 3, size, size, generator=g, dtype=DT)
+    y_l = torch.randint(0, 3, (n_l,), generator=g)
+    x_u = torch.randn(n_u, 3, size, size, generator=g, dtype=DT)
+    return teacher.train(), student.train(), x_l, y_l, x_u
+
+
+STUDENT_OPTS = {
+    "sgd_nesterov": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True),
+    "adamw": lambda p: torch.optim.AdamW(p, lr=0.01, betas=(0.8, 0.95), eps=1e-3, weight_decay=0.1),
+}
+
+
+def _run_steps(model_fn, opt_name: str, jvp: str, steps: int = 3, **kwargs):
+    teacher, student, x_l, y_l, x_u = _problem(model_fn)
+    t_opt = torch.optim.SGD(teacher.parameters(), lr=0.05, momentum=0.5)
+    s_opt = STUDENT_OPTS[opt_name](student.parameters())
+    mpl = MetaPseudoLabels(teacher, student, t_opt, s_opt, temperature=1.3, jvp=jvp, **kwargs)
+    metrics, paths = [], []
+    for step in range(steps):
+        torch.manual_seed(100 + step)
+        x = x_u + 0.1 * step
+        metrics.append(mpl.step(x_l, y_l, x))
+        paths.append(mpl.last_jvp_path)
+    return mpl, metrics, paths
+
+
+def _close(a: Tensor, b: Tensor, tol: float) -> bool:
+    """||a - b|| <= tol ||b|| (two zero tensors are close; tol = 0 means equal)."""
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm()) <= tol * float(b.norm())
+
+
+def _assert_same_state(a: MetaPseudoLabels, b: MetaPseudoLabels, tol: float = 1e-10):
+    for model_a, model_b in ((a.teacher, b.teacher), (a.student, b.student)):
+        for (n, p), q in zip(model_a.named_parameters(), model_b.parameters()):
+            assert _close(p, q, tol), n
+            assert (p.grad is None) == (q.grad is None), n
+            if p.grad is not None:
+                assert _close(p.grad, q.grad, tol), n
+        for (n, buf), ref in zip(model_a.named_buffers(), model_b.buffers()):
+            assert _close(buf, ref, tol), n
+    for opt_a, opt_b in (
+        (a.teacher_optimizer, b.teacher_optimizer),
+        (a.student_optimizer, b.student_optimizer),
+    ):
+        sa, sb = opt_a.state_dict()["state"], opt_b.state_dict()["state"]
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            for name, v in sa[k].items():
+                if isinstance(v, Tensor) and v.is_floating_point() and v.dim():
+                    assert _close(v, sb[k][name], tol), (k, name)
+
+
+@pytest.mark.parametrize("opt_name", list(STUDENT_OPTS))
+def test_whole_steps_with_the_tape_equal_forward_ad_steps(opt_name):
+    tape, m_tape, paths = _run_steps(RichNet, opt_name, "tape")
+    ref, m_ref, ref_paths = _run_steps(RichNet, opt_name, "forward_ad")
+    assert paths == ["tape"] * 3 and ref_paths == ["forward_ad"] * 3
+    _assert_same_state(tape, ref)
+    for a, b in zip(m_tape, m_ref):
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-10, atol=1e-12)
+    # the MPL signal is really there (not two zeros agreeing)
+    assert max(abs(float(m["teacher_mpl"])) for m in m_ref) > 1e-6
+    # after the first (checked) step the module's own forward no longer runs in the step
+    assert all(t.checked for t in tape._tapes.values())
+
+
+def test_switching_modes_builds_a_graph_per_mode_and_eval_batchnorm_is_exact():
+    """BatchNorm in eval mode (running statistics, the affine rule) and dropout in train mode;
+    then back to train: each set of modes has its own traced graph."""
+
+    def run(jvp):
+        teacher, student, x_l, y_l, x_u = _problem(RichNet)
+        s_opt = STUDENT_OPTS["sgd_nesterov"](student.parameters())
+        t_opt = torch.optim.SGD(teacher.parameters(), lr=0.05)
+        mpl = MetaPseudoLabels(teacher, student, t_opt, s_opt, jvp=jvp)
+        with torch.no_grad():  # non-trivial running statistics
+            student(x_u * 2 + 0.5)
+        for step, bn_eval in enumerate([False, True, True, False]):
+            for m in (student.bn1, student.bn2):
+                m.train(not bn_eval)
+            torch.manual_seed(step)
+            mpl.step(x_l, y_l, x_u + 0.1 * step)
+            assert mpl.last_jvp_path == ("forward_ad" if jvp == "forward_ad" else "tape")
+        return mpl
+
+    tape, ref = run("tape"), run("forward_ad")
+    assert len(tape._tapes) == 2
+    _assert_same_state(tape, ref)
+
+
+def test_a_changed_python_attribute_gets_a_new_graph():
+    """A schedule that changes a value the forward reads (here the leaky slope) must not train
+    on a graph that still has the old value baked in."""
+
+    def run(jvp):
+        teacher, student, x_l, y_l, x_u = _problem(RichNet)
+        mpl = MetaPseudoLabels(
+            teacher,
+            student,
+            torch.optim.SGD(teacher.parameters(), lr=0.05),
+            STUDENT_OPTS["adamw"](student.parameters()),
+            jvp=jvp,
+        )
+        for step, slope in enumerate([0.2, 0.2, 0.05, 0.05]):
+            student.slope = slope
+            torch.manual_seed(step)
+            mpl.step(x_l, y_l, x_u + 0.1 * step)
+        return mpl
+
+    tape, ref = run("tape"), run("forward_ad")
+    assert len(tape._tapes) == 2
+    _assert_same_state(tape, ref)
+
+
+def test_bf16_autocast_step_uses_the_tape_and_agrees_with_forward_ad():
+    def run(jvp):
+        teacher, student, x_l, y_l, x_u = _problem(RichNet)
+        teacher, student = teacher.float(), student.float()
+        mpl = MetaPseudoLabels(
+            teacher,
+            student,
+            torch.optim.SGD(teacher.parameters(), lr=0.0),
+            STUDENT_OPTS["sgd_nesterov"](student.parameters()),
+            supervised_weight=0.0,
+            autocast_dtype=torch.bfloat16,
+            jvp=jvp,
+        )
+        torch.manual_seed(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)  # no fallback warning
+            mpl.step(x_l.float(), y_l, x_u.float())
+        assert mpl.last_jvp_path == ("tape" if jvp == "tape" else "forward_ad")
+        return torch.cat([p.grad.reshape(-1) for p in teacher.parameters()]).double()
+
+    a, b = run("tape"), run("forward_ad")
+    assert b.norm() > 1e-6
+    assert F.cosine_similarity(a, b, dim=0) > 0.99
+
+
+# ----------------------------------------------------------------------------- fallbacks
+
+
+class Branchy(RichNet):
+    """Data-dependent Python control flow: fx cannot trace it."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.relu(self.bn1(self.conv1(x)))
+        if h.mean() > 0.0:
+            h = h * 1.5
+        return self.fc(self.drop(h).mean(dim=(2, 3)))
+
+
+class InPlace(RichNet):
+    """An in-place activation: the saved primals would not be what the update pass saw."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        return self.fc(self.drop(h).mean(dim=(2, 3)))
+
+
+class InPlaceMethod(RichNet):
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.bn1(self.conv1(x)).mul_(2.0)
+        return self.fc(self.drop(F.relu(h)).mean(dim=(2, 3)))
+
+
+class OtherRandom(RichNet):
+    """A random op with a tangent that is not dropout (randomized leaky ReLU)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.rrelu(self.bn1(self.conv1(x)), training=True)
+        return self.fc(self.drop(h).mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize(
+    "model_fn, why",
+    [
+        (Branchy, "trace"),
+        (InPlace, "in place"),
+        (InPlaceMethod, "in place"),
+        (OtherRandom, "random"),
+    ],
+    ids=["untraceable", "inplace_kwarg", "inplace_method", "rrelu"],
+)
+def test_students_the_tape_cannot_serve_fall_back_or_raise(model_fn, why):
+    auto, m_auto, paths = _run_steps(model_fn, "sgd_nesterov", "auto", steps=2)
+    ref, m_ref, _ = _run_steps(model_fn, "sgd_nesterov", "forward_ad", steps=2)
+    assert paths == ["forward_ad"] * 2
+    assert why in auto.jvp_fallback_reason
+    _assert_same_state(auto, ref, tol=0.0)  # the very same computation
+    teacher, student, *_ = _problem(model_fn)
+    with pytest.raises(ConfigError, match="jvp='tape'.*" + why):
+        MetaPseudoLabels(
+            teacher,
+            student,
+            torch.optim.SGD(teacher.parameters(), lr=0.1),
+            torch.optim.SGD(student.parameters(), lr=0.1),
+            jvp="tape",
+        )
+
+
+class Mistraced(RichNet):
+    """fx traces proxies, not tensors: the isinstance branch silently disappears from the graph.
+    Only the first-use comparison with the module can tell."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.relu(self.bn1(self.conv1(x)))
+        if isinstance(h, Tensor):
+            h = h * 2.0
+        return self.fc(self.drop(h).mean(dim=(2, 3)))
+
+
+def test_a_graph_that_computes_something_else_is_caught_at_its_first_step():
+    with pytest.warns(UserWarning, match="logits differ"):
+        auto, _, paths = _run_steps(Mistraced, "adamw", "auto", steps=2)
+    ref, _, _ = _run_steps(Mistraced, "adamw", "forward_ad", steps=2)
+    assert paths == ["forward_ad"] * 2
+    _assert_same_state(auto, ref, tol=0.0)
+    with pytest.raises(ConfigError, match="logits differ"):
+        _run_steps(Mistraced, "adamw", "tape", steps=1)
+
+
+class RandomInsideGeneric(nn.Module):
+    """Attention dropout inside an op without a tangent rule: its forward-AD rule would redraw."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(3, 8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.proj(x.mean(dim=(2, 3))).unsqueeze(0)
+        h = F.scaled_dot_product_attention(h, h, h, dropout_p=0.5)
+        return self.fc(h.squeeze(0))
+
+
+def test_a_generic_op_that_draws_random_numbers_is_refused():
+    with pytest.warns(UserWarning, match="draws random numbers"):
+        auto, _, paths = _run_steps(RandomInsideGeneric, "sgd_nesterov", "auto", steps=2)
+    ref, _, _ = _run_steps(RandomInsideGeneric, "sgd_nesterov", "forward_ad", steps=2)
+    assert paths == ["forward_ad"] * 2
+    _assert_same_state(auto, ref, tol=1e-12)
+    with pytest.raises(ConfigError, match="draws random numbers"):
+        _run_steps(RandomInsideGeneric, "sgd_nesterov", "tape", steps=1)
+
+
+def test_hooks_mean_forward_ad_until_they_are_removed():
+    teacher, student, x_l, y_l, x_u = _problem(RichNet)
+    mpl = MetaPseudoLabels(
+        teacher,
+        student,
+        torch.optim.SGD(teacher.parameters(), lr=0.1),
+        torch.optim.SGD(student.parameters(), lr=0.1),
+        jvp="auto",
+    )
+    handle = student.bn1.register_forward_hook(lambda m, i, o: None)
+    mpl.step(x_l, y_l, x_u)
+    assert mpl.last_jvp_path == "forward_ad" and "hooks" in mpl.jvp_fallback_reason
+    handle.remove()
+    mpl.step(x_l, y_l, x_u)
+    assert mpl.last_jvp_path == "tape" and mpl.jvp_fallback_reason is None
+
+
+def test_the_library_default_is_forward_ad():
+    """fx tracing would run a user's forward on proxies (side effects included): opt-in only."""
+    teacher, student, x_l, y_l, x_u = _problem(RichNet)
+    mpl = MetaPseudoLabels(
+        teacher,
+        student,
+        torch.optim.SGD(teacher.parameters(), lr=0.1),
+        torch.optim.SGD(student.parameters(), lr=0.1),
+    )
+    mpl.step(x_l, y_l, x_u)
+    assert mpl.jvp == "forward_ad" and mpl.last_jvp_path == "forward_ad"
+
+
+def test_bad_jvp_option_is_a_config_error():
+    teacher, student, *_ = _problem(RichNet)
+    with pytest.raises(ConfigError, match="jvp must be one of"):
+        MetaPseudoLabels(
+            teacher,
+            student,
+            torch.optim.SGD(teacher.parameters(), lr=0.1),
+            torch.optim.SGD(student.parameters(), lr=0.1),
+            jvp="reverse",
+        )
+
+
+# ----------------------------------------------------------------------------- generic rule
+
+
+class Unruled(nn.Module):
+    """Operations without a hand-written rule (tanh, max pool, layer norm, a weight view used
+    twice): each is differentiated alone by forward AD from its saved inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.norm = nn.LayerNorm(6)
+        self.w = nn.Parameter(torch.randn(6, 4) / 3)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.pool(self.conv(x)))
+        h = F.max_pool2d(h, 4).flatten(1)
+        h = self.norm(h)
+        wt = self.w.t().t()  # a view of a parameter that the matmul rule needs as a primal
+        h = h @ wt  # (N, 6) @ (6, 4)
+        return self.fc(F.dropout(h, 0.2, True))
+
+
+def test_operations_without_a_rule_use_the_generic_rule_exactly():
+    torch.manual_seed(0)
+    model = Unruled().to(DT).train()
+    x = torch.randn(5, 3, 8, 8, dtype=DT, generator=torch.Generator().manual_seed(2))
+    params = dict(model.named_parameters())
+    tape = TangentTape(model, params.values())
+    generic = tape.describe()["generic_ops"]
+    assert any("tanh" in g for g in generic) and any("MaxPool2d" in g for g in generic)
+    assert any("max_pool2d" in g for g in generic) and any("LayerNorm" in g for g in generic)
+    _, record, logits, native, j_tape, j_ref = tape_vs_native(model, x)
+    assert rel_err(record.logits.detach(), logits.detach()) <= 1e-12
+    assert j_ref.norm() > 1e-6
+    assert rel_err(j_tape, j_ref) <= 1e-10
+
+
+def test_whole_steps_through_generic_rules_equal_forward_ad():
+    def unruled_rgb():
+        return Unruled()
+
+    tape, _, paths = _run_steps(unruled_rgb, "adamw", "tape")
+    ref, _, _ = _run_steps(unruled_rgb, "adamw", "forward_ad")
+    assert paths == ["tape"] * 3
+    _assert_same_state(tape, ref)
+
+
+def test_a_saved_view_of_a_weight_keeps_the_recorded_values():
+    """``wt`` above is a view of a parameter: after optimizer.step() moved the parameter in place
+    the tape must still use theta_t (it copies such views at record time)."""
+    torch.manual_seed(0)
+    model = Unruled().to(DT).train()
+    x = torch.randn(5, 3, 8, 8, dtype=DT)
+    tape = TangentTape(model, model.parameters())
+    record = tape.record(x)
+    views = [v for v in record.saved if isinstance(v, Tensor) and v.shape == (6, 4)]
+    assert views and all(
+        v.untyped_storage().data_ptr() != model.w.untyped_storage().data_ptr() for v in views
+    )
+
+
+def test_untraceable_models_raise_the_tape_error_directly():
+    with pytest.raises(TapeUnsupportedError, match="fx cannot trace"):
+        TangentTape(Branchy().to(DT), Branchy().parameters())
+
+
+def test_ones_for_dropout_masks_have_the_input_layout():
+    x = torch.randn(4, 6, 5, 5).to(memory_format=torch.channels_last)
+    for t in (x, x[:, 1:], x.permute(1, 0, 2, 3)):
+        ones = _ones_with_layout(t)
+        assert torch.equal(ones, torch.ones_like(t))
+        assert ones.shape == t.shape
+    # a CPU dropout of the ones draws exactly what a dropout of x draws
+    torch.manual_seed(3)
+    a = F.dropout(x[:, 1:], 0.4, True)
+    torch.manual_seed(3)
+    mask = F.dropout(_ones_with_layout(x[:, 1:]), 0.4, True)
+    assert torch.equal(a, x[:, 1:] * mask)
+
+
+def test_training_runs_use_the_tape_and_check_the_option():
+    """The engine opts in (config key mpl_jvp, default "auto"): a registry student uses the tape."""
+    from metapl.train.config import apply_overrides
+    from metapl.train.data import BatchSource
+    from metapl.train.engine import Run, load_data
+    from metapl.train.presets import load_preset
+
+    cfg = apply_overrides(
+        load_preset("digits-uda-mpl"), {"steps": 2, "warmup_steps": 1, "device": "cpu"}
+    ).validate()
+    assert cfg.mpl_jvp == "auto"
+    split = load_data(cfg)
+    run = Run(cfg, split, torch.device("cpu"))
+    run.advance(BatchSource(split, cfg, run.method.views, torch.device("cpu")))
+    assert run.method.mpl.last_jvp_path == "tape"
+    with pytest.raises(ConfigError, match="mpl_jvp must be auto, tape or forward_ad"):
+        apply_overrides(cfg, {"mpl_jvp": "reverse"}).validate()
