@@ -39,3 +39,4 @@ run uda_steps3000_ema   uda --set steps=3000 --set ema_decay=0.99
 run uf25                uda_mpl --set uda_factor=2.5
 run uf6                 uda_mpl --set uda_factor=6
 run uda_uf25            uda --set uda_factor=2.5
+run uda_uf6             uda --set uda_factor=6
