@@ -431,15 +431,19 @@ def test_a_generic_op_that_draws_random_numbers_is_refused():
         _run_steps(RandomInsideGeneric, "sgd_nesterov", "tape", steps=1)
 
 
-def test_hooks_mean_forward_ad_until_they_are_removed():
-    teacher, student, x_l, y_l, x_u = _problem(RichNet)
-    mpl = MetaPseudoLabels(
+def _sgd_mpl(teacher, student, **options) -> MetaPseudoLabels:
+    return MetaPseudoLabels(
         teacher,
         student,
         torch.optim.SGD(teacher.parameters(), lr=0.1),
         torch.optim.SGD(student.parameters(), lr=0.1),
-        jvp="auto",
+        **options,
     )
+
+
+def test_hooks_mean_forward_ad_until_they_are_removed():
+    teacher, student, x_l, y_l, x_u = _problem(RichNet)
+    mpl = _sgd_mpl(teacher, student, jvp="auto")
     handle = student.bn1.register_forward_hook(lambda m, i, o: None)
     mpl.step(x_l, y_l, x_u)
     assert mpl.last_jvp_path == "forward_ad" and "hooks" in mpl.jvp_fallback_reason
@@ -451,12 +455,7 @@ def test_hooks_mean_forward_ad_until_they_are_removed():
 def test_the_library_default_is_forward_ad():
     """fx tracing would run a user's forward on proxies (side effects included): opt-in only."""
     teacher, student, x_l, y_l, x_u = _problem(RichNet)
-    mpl = MetaPseudoLabels(
-        teacher,
-        student,
-        torch.optim.SGD(teacher.parameters(), lr=0.1),
-        torch.optim.SGD(student.parameters(), lr=0.1),
-    )
+    mpl = _sgd_mpl(teacher, student)
     mpl.step(x_l, y_l, x_u)
     assert mpl.jvp == "forward_ad" and mpl.last_jvp_path == "forward_ad"
 
@@ -464,13 +463,7 @@ def test_the_library_default_is_forward_ad():
 def test_bad_jvp_option_is_a_config_error():
     teacher, student, *_ = _problem(RichNet)
     with pytest.raises(ConfigError, match="jvp must be one of"):
-        MetaPseudoLabels(
-            teacher,
-            student,
-            torch.optim.SGD(teacher.parameters(), lr=0.1),
-            torch.optim.SGD(student.parameters(), lr=0.1),
-            jvp="reverse",
-        )
+        _sgd_mpl(teacher, student, jvp="reverse")
 
 
 # ----------------------------------------------------------------------------- generic rule
