@@ -50,6 +50,7 @@ done
 step train_throughput python3 benchmarks/train_throughput.py --device $dev --precision bf16 \
   --steps $steps --warmup $((steps < 20 ? 1 : 20)) --json "$results/train_throughput_${gpu}_bf16.json" \
   "${train_size[@]}"
+rm -rf /tmp/metapl_torchrun_run  # a fresh run, not a resumed one
 step torchrun python3 -m torch.distributed.run --nproc_per_node 1 -m metapl train \
   --preset digits-uda-mpl --device $dev --steps 20 --set warmup_steps=5 --set eval_every=10 \
   --out /tmp/metapl_torchrun_run \
