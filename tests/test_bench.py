@@ -40,6 +40,8 @@ def test_bench_writes_every_step_kind(tmp_path, capsys):
         assert any(part in n for n in names), part
     assert all(r["ms"] > 0 and len(r["ms_all"]) == 2 for r in payload["results"])
     assert payload["setup"]["batch_unlabeled"] == 14
+    jvp = {r["name"]: r.get("jvp") for r in payload["results"]}
+    assert jvp["exact_mpl_step"] == "tape" and jvp["exact_mpl_step_forward_ad"] == "forward_ad"
     assert "exact_mpl_step" in capsys.readouterr().out
 
 

@@ -149,6 +149,10 @@ def run_bench(
     record("first_order_mpl_step", lambda: run.method.step(batch))
     run, source, batch = method_and_batch(config("uda_mpl"))
     record("exact_mpl_step", lambda: run.method.step(batch))
+    results[-1]["jvp"] = run.method.mpl.last_jvp_path  # "tape" unless the student cannot
+    # the same step with J by forward-mode AD (a second student forward): what the tape saves
+    fad_run, _, fad_batch = method_and_batch(config("uda_mpl", mpl_jvp="forward_ad"))
+    record("exact_mpl_step_forward_ad", lambda: fad_run.method.step(fad_batch), jvp="forward_ad")
     # 5. the same exact UDA+MPL step with the teacher's MPL gradient by double backward
     db_run, _, db_batch = method_and_batch(config("uda_mpl", mpl_estimator="double_backward"))
     record("double_backward_mpl_step", lambda: db_run.method.step(db_batch))
