@@ -406,3 +406,59 @@ def test_cifar10_full_reduced_mpl_pipeline_on_tiny_files(tmp_path, cifar_full_ro
     assert "hidden.0.weight" in "".join(ckpt["teacher"])  # the reduced MLP teacher
     series = json.loads((student_run / "figure10.json").read_text())
     assert len(series["large_teacher"]) == 6
+
+
+# --- memory_format: channels_last on the CPU is the same training, in another layout ------------
+
+
+def _two_uda_mpl_steps(memory_format: str):
+    import numpy as np
+
+    from metapl.bench import synthetic_cifar_split
+    from metapl.train.config import TrainConfig
+    from metapl.train.data import BatchSource
+
+    settings = dict(dataset="cifar10-4k", model="rgb_tiny_cnn", method="uda_mpl", device="cpu")
+    settings.update(batch_size=4, unlabeled_ratio=2, steps=10, warmup_steps=1, uda_threshold=0.0)
+    cfg = apply_overrides(TrainConfig(), {**settings, "memory_format": memory_format}).validate()
+    split = synthetic_cifar_split(64, np.random.RandomState(0))
+    run = engine.Run(cfg, split, torch.device("cpu"))
+    source = BatchSource(split, cfg, run.method.views, torch.device("cpu"))
+    batches = [source.batch(step) for step in range(2)]
+    for batch in batches:
+        run.method.step(batch)
+    return run.method, batches
+
+
+def test_channels_last_on_cpu_trains_the_same_models_as_contiguous():
+    plain, plain_batches = _two_uda_mpl_steps("auto")  # auto = contiguous on the CPU
+    cl, cl_batches = _two_uda_mpl_steps("channels_last")
+    conv = next(m for m in cl.models["student"].modules() if isinstance(m, nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not conv.weight.is_contiguous()
+    # Every image view in the models' layout: the same pixels in another order.
+    for view in ("x_labeled", "x_unlabeled_weak", "x_unlabeled_strong"):
+        x = getattr(cl_batches[0], view)
+        assert x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        assert getattr(plain_batches[0], view).is_contiguous()
+    for view in ("x_labeled", "x_unlabeled_weak", "x_unlabeled_strong"):
+        assert torch.equal(getattr(cl_batches[1], view), getattr(plain_batches[1], view))
+    # J still comes from the tangent tape: its first step was checked against forward AD on the
+    # channels_last tensors (a wrong rule falls back, and "tape" would not show here).
+    assert cl.mpl.last_jvp_path == plain.mpl.last_jvp_path == "tape"
+    # Both models end where the contiguous run ends, up to float32 summation order: the teacher
+    # to ~1e-4 (its MPL gradient is a difference of float32 passes: 1e-2 from float64 on
+    # WRN-28-2, `metapl bench`'s numerics check), the student to ~2e-5 (step 2's targets come
+    # from that teacher).
+    for name, tol in (("student", 1e-4), ("teacher", 1e-3)):
+        for (key, a), b in zip(
+            plain.models[name].state_dict().items(), cl.models[name].state_dict().values()
+        ):
+            torch.testing.assert_close(b, a, rtol=tol, atol=tol, msg=f"{name}.{key}")
+
+
+def test_memory_format_must_be_known():
+    from metapl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="memory_format must be auto, channels_last or contig"):
+        _digits_config(memory_format="nhwc")

@@ -131,6 +131,7 @@ def _cmd_bench(args: argparse.Namespace) -> None:
         device=args.device,
         batch_size=args.batch_size,
         precision=args.precision,
+        memory_format=args.memory_format,
         model=args.model,
         repeats=args.repeats,
         json_path=args.json,
@@ -270,6 +271,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="labeled batch B (default: 128 on CUDA, 4 on CPU)",
     )
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument(
+        "--memory-format",
+        choices=("auto", "channels_last", "contiguous"),
+        default="auto",
+        help="layout of models and batches (default auto: channels_last on CUDA, contiguous on CPU)",
+    )
     p.add_argument("--model", default="wrn28_2", help="a registry name (default: wrn28_2)")
     p.add_argument("--repeats", type=int, default=None, help="timed runs (default: 20 CUDA, 5 CPU)")
     p.add_argument("--json", help="write the results here")

@@ -16,7 +16,7 @@ from metapl.train.config import TrainConfig
 
 def _model(cfg: TrainConfig, num_classes: int, dropout: float, device: torch.device) -> nn.Module:
     model = create_model(cfg.model, num_classes, dropout=dropout).to(device)
-    if device.type == "cuda":
+    if cfg.channels_last(device):
         model = model.to(memory_format=torch.channels_last)
     return model
 

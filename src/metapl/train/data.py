@@ -27,16 +27,19 @@ def stream_seed(*parts: int | str) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def model_input(images: np.ndarray, device: torch.device) -> Tensor:
+def model_input(
+    images: np.ndarray, device: torch.device, channels_last: bool | None = None
+) -> Tensor:
     """uint8 ``[N, H, W, C]`` images -> the float32 ``[N, C, H, W]`` batch in ``[0, 1]`` a model takes,
-    on ``device`` (channels_last on CUDA, the models' memory format there).
+    on ``device``, in the models' memory format (``channels_last``; default: on CUDA only, as
+    ``memory_format="auto"`` builds them).
 
     The one preprocessing of training, evaluation and ``metapl predict``: pixels are scaled to
     ``[0, 1]`` by :func:`~metapl.data.arrays.to_tensor_nchw` and nothing else (no mean/std
     normalization), so predictions on image files match the run's reported accuracy.
     """
     x = to_tensor_nchw(images).to(device, non_blocking=True)
-    if device.type == "cuda":
+    if device.type == "cuda" if channels_last is None else channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return x
 
@@ -99,7 +102,9 @@ class BatchSource:
         )
 
     def _images(self, source, indices: np.ndarray) -> Tensor:
-        return model_input(source[indices], self.device)
+        # Contiguous for augmentation (its ops return contiguous images whatever they get); the
+        # finished views are put in the models' layout by _to_model_layout.
+        return model_input(source[indices], self.device, channels_last=False)
 
     def batch(self, step: int, views: tuple[str, ...] | None = None) -> Batch:
         """The batch of ``step`` with ``views`` (default: the views given at construction)."""
@@ -122,7 +127,17 @@ class BatchSource:
                 batch.x_unlabeled_weak = self.weak(x_u, generator=gen)
             if "unlabeled_strong" in wanted:
                 batch.x_unlabeled_strong = self.strong(self.weak(x_u, generator=gen), generator=gen)
-        return self._slice(batch)
+        return self._slice(self._to_model_layout(batch))
+
+    def _to_model_layout(self, batch: Batch) -> Batch:
+        """Image views in the models' memory format (channels_last on CUDA by default), so the
+        first convolution does not convert them."""
+        if self.cfg.channels_last(self.device):
+            for f in dataclasses.fields(batch):
+                value = getattr(batch, f.name)
+                if isinstance(value, Tensor) and value.dim() == 4:
+                    setattr(batch, f.name, value.contiguous(memory_format=torch.channels_last))
+        return batch
 
     def _slice(self, batch: Batch) -> Batch:
         """This rank's contiguous rows of every tensor (labeled and unlabeled alike)."""
@@ -146,7 +161,7 @@ def evaluate(model, images, labels: np.ndarray, cfg: TrainConfig, device, amp=No
     correct = torch.zeros((), dtype=torch.long, device=device)
     for start in range(0, len(labels), cfg.eval_batch_size):
         idx = np.arange(start, min(start + cfg.eval_batch_size, len(labels)))
-        x = model_input(images[idx], device)
+        x = model_input(images[idx], device, cfg.channels_last(device))
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             pred = model(x).argmax(-1)
         correct += (pred == torch.from_numpy(labels[idx]).to(device)).sum()

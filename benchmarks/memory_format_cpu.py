@@ -1,0 +1,85 @@
+"""Milliseconds on CPU of one forward+backward per registry model, contiguous vs channels_last.
+
+What the config key ``memory_format`` chooses between (``auto`` = channels_last on CUDA only). Each
+model in train mode on a batch the size it sees in this project's CPU runs; the two layouts are
+timed interleaved, round by round (on a shared machine a load change then hits both alike). Median
+of --repeats after warm-up:
+python benchmarks/memory_format_cpu.py --json benchmarks/results/memory_format_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from jvp_cpu import timed  # noqa: E402
+from machine import describe  # noqa: E402
+
+from metapl.models import create_model  # noqa: E402
+from metapl.report import write_json_atomic  # noqa: E402
+
+# (model, images per batch, channels, side): WRN-28-2 at `metapl bench`'s CPU unlabeled batch,
+# the digits CNNs at the digits presets' teacher batch (50 + 2 x 200), the rest small.
+CASES = [
+    ("wrn28_2", 28, 3, 32),
+    ("small_cnn", 128, 3, 32),
+    ("digits_cnn", 450, 1, 8),
+    ("resnet50", 8, 3, 64),
+    ("efficientnet_b0", 8, 3, 64),
+]
+
+
+def fwd_bwd(model: torch.nn.Module, x: torch.Tensor):
+    def run():
+        model.zero_grad(set_to_none=True)
+        model(x).logsumexp(-1).sum().backward()
+
+    return run
+
+
+def rows(repeats: int, warmup: int) -> list[dict]:
+    out = []
+    for name, n, chans, side in CASES:
+        torch.manual_seed(0)
+        plain = create_model(name, 10).train()
+        cl = create_model(name, 10).train().to(memory_format=torch.channels_last)
+        cl.load_state_dict(plain.state_dict())
+        x = torch.rand(n, chans, side, side)
+        fns = {
+            "contiguous": fwd_bwd(plain, x),
+            "channels_last": fwd_bwd(cl, x.contiguous(memory_format=torch.channels_last)),
+        }
+        ms = {k: statistics.median(v) for k, v in timed(fns, repeats, warmup)}
+        row = {"model": name, "images": n, "input": [chans, side, side], **ms}
+        row["channels_last_over_contiguous"] = ms["channels_last"] / ms["contiguous"]
+        print(
+            f"{name:<16} {n:4d} images  contiguous {ms['contiguous']:8.1f} ms  "
+            f"channels_last {ms['channels_last']:8.1f} ms  ({row['channels_last_over_contiguous']:.2f}x)"
+        )
+        out.append(row)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--repeats", type=int, default=9)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--json", type=Path)
+    args = p.parse_args()
+    payload = {
+        "machine": describe(),
+        "setup": {"repeats": args.repeats, "warmup": args.warmup, "pass": "forward+backward"},
+        "results": rows(args.repeats, args.warmup),
+    }
+    if args.json:
+        write_json_atomic(args.json, payload)
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
