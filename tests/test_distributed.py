@@ -78,6 +78,10 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
                 state = {"teacher": teacher.state_dict(), "student": student.state_dict()}
                 torch.save(state, f"{out_dir}/{opt_name}.pt")
         torch.save(_data_parallel_helpers(rank), f"{out_dir}/helpers{rank}.pt")
+        # Leave together, as metapl.distributed.torchrun_process_group does: a rank tearing down its gloo
+        # connections while the peer still reads from them aborts the peer ("terminate called
+        # without an active exception", SIGABRT; 2 of 3 full-suite runs in session 4).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

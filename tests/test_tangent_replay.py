@@ -30,7 +30,8 @@ from torch.func import functional_call
 from metapl import MetaPseudoLabels
 from metapl.errors import ConfigError
 from metapl.models import create_model
-from metapl.mpl.tangent import TangentTape, TapeUnsupportedError, _ones_with_layout
+from metapl.mpl.tangent import TangentTape, TapeUnsupportedError
+from metapl.mpl.tangent_ops import ones_with_layout
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -537,14 +538,14 @@ def test_untraceable_models_raise_the_tape_error_directly():
 def test_ones_for_dropout_masks_have_the_input_layout():
     x = torch.randn(4, 6, 5, 5).to(memory_format=torch.channels_last)
     for t in (x, x[:, 1:], x.permute(1, 0, 2, 3)):
-        ones = _ones_with_layout(t)
+        ones = ones_with_layout(t)
         assert torch.equal(ones, torch.ones_like(t))
         assert ones.shape == t.shape
     # a CPU dropout of the ones draws exactly what a dropout of x draws
     torch.manual_seed(3)
     a = F.dropout(x[:, 1:], 0.4, True)
     torch.manual_seed(3)
-    mask = F.dropout(_ones_with_layout(x[:, 1:]), 0.4, True)
+    mask = F.dropout(ones_with_layout(x[:, 1:]), 0.4, True)
     assert torch.equal(a, x[:, 1:] * mask)
 
 

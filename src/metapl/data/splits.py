@@ -400,6 +400,9 @@ SPLITS: dict[str, Callable[..., SSLSplit]] = {
     "folder": folder_split,
     "npz": npz_split,
 }
+# Every config `dataset`: the splits read from a folder, and scikit-learn's digits, which ships with
+# scikit-learn and is split per seed (metapl.data.digits).
+DATASETS = (*SPLITS, "digits")
 
 
 def load_split(name: str, data_dir: Path | str, **options: Any) -> SSLSplit:

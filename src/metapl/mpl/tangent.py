@@ -57,315 +57,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from metapl.mpl import tangent_ops as ops
 from metapl.mpl.replay import RngState
 
 JVP_MODES = ("auto", "tape", "forward_ad")
 
-_aten = torch.ops.aten
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
-
 
 class TapeUnsupportedError(Exception):
     """The student cannot use the tangent tape; the message says why."""
-
-
-# ----------------------------------------------------------------------------- op tables
-
-# In-place operators that fx may record as functions (item assignment, augmented operators on
-# values fx could not rewrite).
-_INPLACE_FUNCTIONS = {
-    operator.setitem, operator.delitem, operator.iadd, operator.isub, operator.imul,
-    operator.itruediv, operator.ifloordiv, operator.imod, operator.ipow, operator.imatmul,
-    operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift,
-}  # fmt: skip
-
-# Random operations whose output has no tangent: their values are recorded like any primal.
-_RANDOM_SOURCES = {
-    torch.rand, torch.randn, torch.randint, torch.rand_like, torch.randn_like,
-    torch.randint_like, torch.randperm, torch.bernoulli, torch.multinomial,
-}  # fmt: skip
-_RANDOM_SOURCE_METHODS = {"bernoulli", "multinomial"}
-# Random operations with a tangent other than dropout: no rule records them.
-_RANDOM_OTHER = {
-    torch.normal, torch.poisson, F.alpha_dropout, F.feature_alpha_dropout, F.rrelu,
-    torch.rrelu, torch.alpha_dropout, torch.feature_alpha_dropout, torch.feature_dropout,
-}  # fmt: skip
-_RANDOM_MODULES = (nn.AlphaDropout, nn.FeatureAlphaDropout, nn.RReLU)
-
-# Dropout: the record pass keeps the mask (see _dropout_pair).
-_DROPOUT_FUNCTIONS = {
-    F.dropout: "dropout",
-    F.dropout1d: "dropout1d",
-    F.dropout2d: "dropout2d",
-    F.dropout3d: "dropout3d",
-    torch.dropout: "dropout",
-}
-_DROPOUT_BY_KIND = {
-    "dropout": F.dropout,
-    "dropout1d": F.dropout1d,
-    "dropout2d": F.dropout2d,
-    "dropout3d": F.dropout3d,
-}
-_DROPOUT_MODULES = {
-    nn.Dropout: "dropout",
-    nn.Dropout1d: "dropout1d",
-    nn.Dropout2d: "dropout2d",
-    nn.Dropout3d: "dropout3d",
-}
-
-# Outputs without a tangent: tensor metadata, comparisons, detached values, constants shaped like x.
-_NO_TANGENT_FUNCTIONS = {
-    operator.lt, operator.le, operator.gt, operator.ge, operator.eq, operator.ne,
-    torch.lt, torch.le, torch.gt, torch.ge, torch.eq, torch.ne, torch.argmax, torch.argmin,
-    torch.argsort, torch.detach, torch.zeros_like, torch.ones_like, torch.empty_like,
-    torch.full_like, torch.numel, torch.is_floating_point,
-}  # fmt: skip
-_NO_TANGENT_METHODS = {
-    "size", "dim", "numel", "nelement", "stride", "element_size", "get_device", "type",
-    "is_floating_point", "is_contiguous", "detach", "lt", "le", "gt", "ge", "eq", "ne",
-    "argmax", "argmin", "argsort", "new_zeros", "new_ones", "new_empty", "new_full", "tolist",
-    "item",
-}  # fmt: skip
-_NO_TANGENT_ATTRS = {
-    "shape",
-    "dtype",
-    "device",
-    "ndim",
-    "is_cuda",
-    "layout",
-    "requires_grad",
-    "data",
-    "grad",
-}
-
-# Operations linear in their first argument alone: tangent = the same call with dx in its place.
-_LINEAR_FUNCTIONS = {
-    torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.t, torch.squeeze,
-    torch.unsqueeze, torch.mean, torch.sum, torch.chunk, torch.split, torch.unbind,
-    torch.narrow, torch.select, torch.roll, torch.flip, torch.movedim, torch.clone, torch.tile,
-    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.avg_pool1d,
-    F.avg_pool2d, F.avg_pool3d, F.interpolate, F.pixel_shuffle, F.pixel_unshuffle,
-    operator.getitem,
-}  # fmt: skip
-_LINEAR_METHODS = {
-    "view", "reshape", "flatten", "unflatten", "permute", "transpose", "t", "squeeze",
-    "unsqueeze", "contiguous", "expand", "expand_as", "view_as", "reshape_as", "mean", "sum",
-    "clone", "to", "float", "double", "half", "bfloat16", "chunk", "split", "unbind", "narrow",
-    "select", "repeat", "roll", "flip", "movedim", "moveaxis", "swapaxes", "tile",
-}  # fmt: skip
-_LINEAR_MODULES = (
-    nn.Flatten, nn.Unflatten, nn.Identity, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
-    nn.AdaptiveAvgPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.Upsample,
-    nn.PixelShuffle, nn.PixelUnshuffle,
-)  # fmt: skip
-
-_CONV_FUNCTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
-_CONV_BY_DIM = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-_CONV_MODULES = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
-_BN_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-
-_ADD_FUNCTIONS = {operator.add: 1, torch.add: 1, operator.sub: -1, torch.sub: -1}
-_ADD_METHODS = {"add": 1, "sub": -1}
-_MUL_FUNCTIONS = {operator.mul, torch.mul, torch.multiply}
-_DIV_FUNCTIONS = {operator.truediv, torch.div, torch.true_divide, torch.divide}
-_DIV_METHODS = {"div", "true_divide", "divide"}
-_NEG_FUNCTIONS = {operator.neg, torch.neg}
-_MATMUL_FUNCTIONS = {operator.matmul: torch.matmul, torch.matmul: torch.matmul}
-_MATMUL_FUNCTIONS.update({torch.mm: torch.mm, torch.bmm: torch.bmm})
-_MATMUL_METHODS = {"matmul": torch.matmul, "mm": torch.mm, "bmm": torch.bmm}
-_CAT_FUNCTIONS = {torch.cat: torch.cat, torch.concat: torch.cat, torch.stack: torch.stack}
-
-
-# Argument stubs: fx keeps calls as written (positional or keyword); binding them against these
-# stubs gives every rule its arguments by name. Builtins (torch.conv2d, ...) have no signature.
-def _sig_conv(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1): ...
-def _sig_linear(input, weight, bias=None): ...
-def _sig_bn(input, running_mean, running_var, weight=None, bias=None, training=False,
-            momentum=0.1, eps=1e-5): ...  # fmt: skip
-def _sig_act(input, inplace=False): ...
-def _sig_leaky(input, negative_slope=0.01, inplace=False): ...
-def _sig_gelu(input, approximate="none"): ...
-def _sig_unary(input): ...
-def _sig_binary(input, other, *, alpha=1): ...
-def _sig_div(input, other, *, rounding_mode=None): ...
-def _sig_cat(tensors, dim=0): ...
-def _sig_dropout(input, p=0.5, training=True, inplace=False): ...
-def _sig_torch_dropout(input, p, train): ...
-
-
-def _bind(stub: Callable, node: fx.Node) -> dict | None:
-    try:
-        bound = inspect.signature(stub).bind(*node.args, **node.kwargs)
-    except TypeError:
-        return None
-    bound.apply_defaults()
-    return dict(bound.arguments)
-
-
-# ----------------------------------------------------------------------------- record helpers
-
-
-def _dropout_pair(x: Tensor, p: float, training: bool, kind: str) -> tuple[Tensor, Tensor | None]:
-    """``(dropout(x), mask)`` with ``dropout(x) == x * mask``, drawing exactly the random numbers
-    ``dropout(x)`` draws: the mask is ``dropout(ones_like(x))`` (same shape, dtype, device and
-    memory format, hence the same draw), and ``x * mask`` is what the CPU kernel computes. ``mask``
-    is None where dropout is the identity and draws nothing (eval mode, p = 0)."""
-    if not training or p == 0.0:
-        return x, None
-    fn = _DROPOUT_BY_KIND[kind]
-    ones = _ones_with_layout(x)
-    if kind == "dropout" and x.is_cuda and x.dtype in _LOW_PRECISION and 0.0 < p < 1.0:
-        # CUDA's fused kernel scales in float32 and rounds once: keep the mask in float32 so
-        # that the output is bit-identical to F.dropout(x) (a bf16 mask would round the scale).
-        keep = fn(ones, p, True) != 0
-        keep_p = float(torch.tensor(1.0 - p, dtype=torch.float32))  # the kernel's float p
-        mask = keep.to(torch.float32) * (1.0 / keep_p)
-        return (x.float() * mask).to(x.dtype), mask
-    mask = fn(ones, p, True)
-    return x * mask, mask
-
-
-def _ones_with_layout(x: Tensor) -> Tensor:
-    """Ones with ``x``'s shape, strides and alignment. CUDA's dropout kernel chooses its
-    vectorization (hence which random number lands on which element) from contiguity and pointer
-    alignment; a fresh ``ones_like`` has x's layout only when x is dense and starts its storage
-    (the common case: a layer's output). The CPU kernels draw into ``empty_like(x)`` either way."""
-    dense = x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
-    if not x.is_cuda or (dense and x.storage_offset() == 0):
-        return torch.ones_like(x)
-    size = x.untyped_storage().nbytes() // x.element_size()
-    ones = torch.ones(size, dtype=x.dtype, device=x.device)
-    return ones.as_strided(x.shape, x.stride(), x.storage_offset())
-
-
-def _record_dropout_module(x: Tensor, module: nn.Module) -> tuple[Tensor, Tensor | None]:
-    """:func:`_dropout_pair` with the module's own ``p`` and mode, read at run time."""
-    return _dropout_pair(x, module.p, module.training, _DROPOUT_MODULES[type(module)])
-
-
-def _meta(value) -> tuple[torch.Size, torch.dtype] | None:
-    """Shape and dtype of a tensor output: the tangent pass matches each tangent to them
-    (broadcasting when only the broadcast operand has a tangent; autocast's dtypes)."""
-    return (value.shape, value.dtype) if isinstance(value, Tensor) else None
-
-
-# ----------------------------------------------------------------------------- tangent helpers
-
-
-# Elementwise activations (dx, input, output) -> tangent: the backward kernels, applied to dx.
-def _relu_t(dx, xv, yv):
-    return _aten.threshold_backward(dx, yv, 0)
-
-
-def _silu_t(dx, xv, yv):
-    return _aten.silu_backward(dx, xv)
-
-
-def _sigmoid_t(dx, xv, yv):
-    return _aten.sigmoid_backward(dx, yv)
-
-
-def _gelu_t(approximate: str):
-    def gelu_t(dx, xv, yv):
-        return _aten.gelu_backward(dx, xv, approximate=approximate)
-
-    return gelu_t
-
-
-def _late(arg) -> Callable[[dict], object]:
-    """A getter for an argument's primal value: constants are captured, nodes read from ``val``."""
-    nodes = _nodes_in(arg)
-    if not nodes:
-        return lambda val: arg
-    if isinstance(arg, fx.Node):
-        return lambda val: val[arg]
-    return lambda val: fx.node.map_arg(arg, val.__getitem__)
-
-
-def _nodes_in(arg) -> list[fx.Node]:
-    found: list[fx.Node] = []
-    fx.node.map_arg(arg, found.append)
-    return found
-
-
-def _tan(tan: dict, arg):
-    return tan.get(arg) if isinstance(arg, fx.Node) else None
-
-
-def _plus(a: Tensor | None, b: Tensor | None) -> Tensor | None:
-    if a is None:
-        return b
-    if b is None:
-        return a
-    return a + b
-
-
-def _make_dual(primal, tangent):
-    if tangent is None:
-        return primal
-    if isinstance(primal, Tensor):
-        return fwad.make_dual(primal, tangent)
-    if isinstance(primal, (tuple, list)):
-        return type(primal)(_make_dual(p, t) for p, t in zip(primal, tangent))
-    return primal
-
-
-def _unpack_tangent(out):
-    if isinstance(out, Tensor):
-        return fwad.unpack_dual(out).tangent
-    if isinstance(out, (tuple, list)):
-        tangents = tuple(_unpack_tangent(o) for o in out)
-        return None if all(t is None for t in tangents) else tangents
-    return None
-
-
-def _affine_tangent(fn, x, dx, w, dw, db, args, bias_shape):
-    """Tangent of ``fn(x, W, b, *args)`` (conv, linear): ``fn(dx, W) + fn(x, dW) + db``, with the
-    bias tangent folded into the first call. ``x`` and ``w`` are getters (called only if needed)."""
-    out = None
-    if dx is not None:
-        out, db = fn(dx, w(), db, *args), None
-    if dw is not None:
-        out, db = _plus(out, fn(x(), dw, db, *args)), None
-    if db is not None:
-        out = db.reshape(bias_shape)
-    return out
-
-
-def _bn_tangent(x, dx, gamma, dgamma, dbeta, batch_stats, running_mean, running_var, eps):
-    """Tangent of BatchNorm. With batch statistics, xhat = (x - mu) * rstd over every dimension
-    but 1: dy = gamma * rstd * (dx - mean(dx) - xhat * mean(dx * xhat)) + dgamma * xhat + dbeta;
-    with running statistics it is the affine map's, dy = gamma * rstd * dx + dgamma * xhat + dbeta.
-
-    Both halves are BatchNorm's own fused kernels: ``native_batch_norm(x, dgamma, dbeta)`` is
-    dgamma * xhat + dbeta and returns mu and rstd (one pass over x, where a ``var_mean`` over NCHW
-    was 3x slower on CPU), and the dx half is BatchNorm's *backward* applied to dx (the train-mode
-    Jacobian in x is symmetric). Low-precision inputs are handled in float32, as BatchNorm does."""
-    if dx is None and dgamma is None and dbeta is None:
-        return None
-    shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
-    xf = x.float() if x.dtype in _LOW_PRECISION else x
-
-    def f(t):
-        return None if t is None else t.to(xf.dtype)
-
-    rm, rv = (None, None) if batch_stats else (f(running_mean), f(running_var))
-    if dgamma is not None or batch_stats:
-        affine, mean, rstd = _aten.native_batch_norm(
-            xf, f(dgamma), f(dbeta), rm, rv, batch_stats, 0.0, eps
-        )
-        out = affine if dgamma is not None else None
-    else:  # running statistics, no dgamma: no pass over x is needed
-        out, mean, rstd = None, None, None
-    if dgamma is None and dbeta is not None:
-        out = f(dbeta).reshape(shape)
-    if dx is not None:
-        mask = [True, False, False]
-        d_in = _aten.native_batch_norm_backward(
-            dx.to(xf.dtype), xf, f(gamma), rm, rv, mean, rstd, batch_stats, eps, mask
-        )[0]
-        out = _plus(out, d_in)
-    return out
 
 
 # ----------------------------------------------------------------------------- the tape
@@ -556,24 +255,24 @@ class TangentTape:
             m = self._modules[node.target]
             if getattr(m, "inplace", False):
                 raise TapeUnsupportedError(f"{what} works in place (inplace=True)")
-            if isinstance(m, _RANDOM_MODULES):
+            if isinstance(m, ops.RANDOM_MODULES):
                 raise TapeUnsupportedError(f"{what} is random and not dropout")
             return
         if node.op not in ("call_function", "call_method"):
             return
         name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
-        if node.target in _INPLACE_FUNCTIONS or node.kwargs.get("inplace") is True:
+        if node.target in ops.INPLACE_FUNCTIONS or node.kwargs.get("inplace") is True:
             raise TapeUnsupportedError(f"{what} works in place")
         if isinstance(name, str) and name.endswith("_") and not name.endswith("__"):
             raise TapeUnsupportedError(f"{what} works in place")
         if "out" in node.kwargs:
             raise TapeUnsupportedError(f"{what} writes into out=")
         if node.op == "call_function":
-            if node.target in _RANDOM_OTHER:
+            if node.target in ops.RANDOM_OTHER:
                 raise TapeUnsupportedError(f"{what} is random and not dropout")
-            if node.target in _DROPOUT_FUNCTIONS:
-                stub = _sig_torch_dropout if node.target is torch.dropout else _sig_dropout
-                args = _bind(stub, node)
+            if node.target in ops.DROPOUT_FUNCTIONS:
+                stub = ops.sig_torch_dropout if node.target is torch.dropout else ops.sig_dropout
+                args = ops.bind(stub, node)
                 if args is None or args.get("inplace") is True:
                     raise TapeUnsupportedError(f"{what} works in place")
             elif inspect.isfunction(node.target):  # F.relu(x, True) and the like
@@ -587,13 +286,13 @@ class TangentTape:
     def _has_no_tangent(self, node: fx.Node) -> bool:
         if node.op == "call_function":
             t = node.target
-            if t in _RANDOM_SOURCES or t in _NO_TANGENT_FUNCTIONS:
+            if t in ops.RANDOM_SOURCES or t in ops.NO_TANGENT_FUNCTIONS:
                 return True
-            if t is getattr and len(node.args) == 2 and node.args[1] in _NO_TANGENT_ATTRS:
+            if t is getattr and len(node.args) == 2 and node.args[1] in ops.NO_TANGENT_ATTRS:
                 return True
             return False
         if node.op == "call_method":
-            return node.target in _NO_TANGENT_METHODS or node.target in _RANDOM_SOURCE_METHODS
+            return node.target in ops.NO_TANGENT_METHODS or node.target in ops.RANDOM_SOURCE_METHODS
         return False
 
     def _rule(self, node: fx.Node) -> tuple[Rule, list, bool]:
@@ -615,22 +314,22 @@ class TangentTape:
         x = node.args[0]
         kind = type(m)
         x_active = x in self._active
-        if kind in _DROPOUT_MODULES:
+        if kind in ops.DROPOUT_MODULES:
             return self._dropout_rule(node, x)
-        if kind in _CONV_MODULES and m.padding_mode == "zeros":
-            nd = _CONV_MODULES[kind]
-            fn = _CONV_BY_DIM[nd]
+        if kind in ops.CONV_MODULES and m.padding_mode == "zeros":
+            nd = ops.CONV_MODULES[kind]
+            fn = ops.CONV_BY_DIM[nd]
             args = (m.stride, m.padding, m.dilation, m.groups)
             return self._param_affine_rule(node, m, x, fn, args, (-1,) + (1,) * nd)
         if kind is nn.Linear:
             return self._param_affine_rule(node, m, x, F.linear, (), (-1,))
-        if kind in _BN_MODULES:
+        if kind in ops.BN_MODULES:
             w, b = m.weight, m.bias
 
             def bn_rule(val, tan, theta, tw):
                 batch_stats = m.training or (m.running_mean is None and m.running_var is None)
                 gamma = None if w is None else theta.get(id(w), w)
-                return _bn_tangent(
+                return ops.bn_tangent(
                     val[x], tan.get(x), gamma,
                     None if w is None else tw.get(id(w)),
                     None if b is None else tw.get(id(b)),
@@ -641,16 +340,16 @@ class TangentTape:
         if not x_active:
             return None
         if kind is nn.ReLU:
-            return self._unary_rule(node, x, _relu_t, y=True)
+            return self._unary_rule(node, x, ops.relu_t, y=True)
         if kind is nn.LeakyReLU:
             return self._leaky(node, x, m.negative_slope)
         if kind is nn.SiLU:
-            return self._unary_rule(node, x, _silu_t, x=True)
+            return self._unary_rule(node, x, ops.silu_t, x=True)
         if kind is nn.Sigmoid:
-            return self._unary_rule(node, x, _sigmoid_t, y=True)
+            return self._unary_rule(node, x, ops.sigmoid_t, y=True)
         if kind is nn.GELU:
-            return self._unary_rule(node, x, _gelu_t(m.approximate), x=True)
-        if isinstance(m, _LINEAR_MODULES) and not any(True for _ in m.parameters()):
+            return self._unary_rule(node, x, ops.gelu_t(m.approximate), x=True)
+        if isinstance(m, ops.LINEAR_MODULES) and not any(True for _ in m.parameters()):
 
             def linear_module_rule(val, tan, theta, tw):
                 dx = tan.get(x)
@@ -663,7 +362,7 @@ class TangentTape:
         w, b = m.weight, m.bias
 
         def rule(val, tan, theta, tw):
-            return _affine_tangent(
+            return ops.affine_tangent(
                 fn, lambda: val[x], tan.get(x), lambda: theta.get(id(w), w),
                 tw.get(id(w)), None if b is None else tw.get(id(b)), args, bias_shape,
             )  # fmt: skip
@@ -672,96 +371,104 @@ class TangentTape:
 
     def _function_rule(self, node: fx.Node):
         t = node.target
-        if t in _DROPOUT_FUNCTIONS:
-            stub = _sig_torch_dropout if t is torch.dropout else _sig_dropout
-            a = _bind(stub, node)
+        if t in ops.DROPOUT_FUNCTIONS:
+            stub = ops.sig_torch_dropout if t is torch.dropout else ops.sig_dropout
+            a = ops.bind(stub, node)
             if a is None or not isinstance(a["input"], fx.Node):
                 return None
             return self._dropout_rule(node, a["input"])
-        if t in _CONV_FUNCTIONS:
-            a = _bind(_sig_conv, node)
+        if t in ops.CONV_FUNCTIONS:
+            a = ops.bind(ops.sig_conv, node)
             if a is None:
                 return None
             rest = [a[k] for k in ("stride", "padding", "dilation", "groups")]
-            nd = _CONV_FUNCTIONS[t]
+            nd = ops.CONV_FUNCTIONS[t]
             return self._functional_affine_rule(a, t, rest, (-1,) + (1,) * nd)
         if t is F.linear:
-            a = _bind(_sig_linear, node)
+            a = ops.bind(ops.sig_linear, node)
             return None if a is None else self._functional_affine_rule(a, F.linear, [], (-1,))
         if t is F.batch_norm:
-            a = _bind(_sig_bn, node)
+            a = ops.bind(ops.sig_bn, node)
             if a is None or not isinstance(a["input"], fx.Node):
                 return None
             return self._functional_bn_rule(a)
         if t in (F.relu, torch.relu):
-            a = _bind(_sig_act if t is F.relu else _sig_unary, node)
-            return self._unary_bound(node, a, _relu_t, y=True)
+            a = ops.bind(ops.sig_act if t is F.relu else ops.sig_unary, node)
+            return self._unary_bound(node, a, ops.relu_t, y=True)
         if t is F.leaky_relu:
-            a = _bind(_sig_leaky, node)
-            if a is None or not isinstance(a["input"], fx.Node) or _nodes_in(a["negative_slope"]):
+            a = ops.bind(ops.sig_leaky, node)
+            if (
+                a is None
+                or not isinstance(a["input"], fx.Node)
+                or ops.nodes_in(a["negative_slope"])
+            ):
                 return None
             return self._leaky(node, a["input"], a["negative_slope"])
         if t is F.silu:
-            return self._unary_bound(node, _bind(_sig_act, node), _silu_t, x=True)
+            return self._unary_bound(node, ops.bind(ops.sig_act, node), ops.silu_t, x=True)
         if t in (torch.sigmoid, F.sigmoid):
-            return self._unary_bound(node, _bind(_sig_unary, node), _sigmoid_t, y=True)
+            return self._unary_bound(node, ops.bind(ops.sig_unary, node), ops.sigmoid_t, y=True)
         if t is F.gelu:
-            a = _bind(_sig_gelu, node)
-            if a is None or _nodes_in(a["approximate"]):
+            a = ops.bind(ops.sig_gelu, node)
+            if a is None or ops.nodes_in(a["approximate"]):
                 return None
-            return self._unary_bound(node, a, _gelu_t(a["approximate"]), x=True)
-        if t in _ADD_FUNCTIONS:
-            a = _bind(_sig_binary, node)
-            return None if a is None else self._add_rule(a, _ADD_FUNCTIONS[t])
-        if t in _MUL_FUNCTIONS:
-            a = _bind(_sig_binary, node)
+            return self._unary_bound(node, a, ops.gelu_t(a["approximate"]), x=True)
+        if t in ops.ADD_FUNCTIONS:
+            a = ops.bind(ops.sig_binary, node)
+            return None if a is None else self._add_rule(a, ops.ADD_FUNCTIONS[t])
+        if t in ops.MUL_FUNCTIONS:
+            a = ops.bind(ops.sig_binary, node)
             return None if a is None or a["alpha"] != 1 else self._mul_rule(a)
-        if t in _DIV_FUNCTIONS:
-            a = _bind(_sig_div, node)
+        if t in ops.DIV_FUNCTIONS:
+            a = ops.bind(ops.sig_div, node)
             return None if a is None or a["rounding_mode"] is not None else self._div_rule(a)
-        if t in _NEG_FUNCTIONS:
-            a = _bind(_sig_unary, node)
+        if t in ops.NEG_FUNCTIONS:
+            a = ops.bind(ops.sig_unary, node)
             return None if a is None else self._neg_rule(a)
-        if t in _MATMUL_FUNCTIONS:
-            a = _bind(_sig_binary, node)
-            return None if a is None or a["alpha"] != 1 else self._mul_rule(a, _MATMUL_FUNCTIONS[t])
-        if t in _CAT_FUNCTIONS:
-            a = _bind(_sig_cat, node)
+        if t in ops.MATMUL_FUNCTIONS:
+            a = ops.bind(ops.sig_binary, node)
+            return (
+                None if a is None or a["alpha"] != 1 else self._mul_rule(a, ops.MATMUL_FUNCTIONS[t])
+            )
+        if t in ops.CAT_FUNCTIONS:
+            a = ops.bind(ops.sig_cat, node)
             if a is None or not isinstance(a["tensors"], (list, tuple)):
                 return None
-            return self._cat_rule(a, _CAT_FUNCTIONS[t])
+            return self._cat_rule(a, ops.CAT_FUNCTIONS[t])
         if t is F.pad:
             return self._linear_rule(
                 node, lambda dx, rest, kw: F.pad(dx, *rest[:2], **_no_value(kw))
             )
-        if t in _LINEAR_FUNCTIONS:
+        if t in ops.LINEAR_FUNCTIONS:
             return self._linear_rule(node, lambda dx, rest, kw: t(dx, *rest, **kw))
         return None
 
     def _method_rule(self, node: fx.Node):
         name = node.target
         if name == "relu":
-            return self._unary_bound(node, _bind(_sig_unary, node), _relu_t, y=True)
+            return self._unary_bound(node, ops.bind(ops.sig_unary, node), ops.relu_t, y=True)
         if name == "sigmoid":
-            return self._unary_bound(node, _bind(_sig_unary, node), _sigmoid_t, y=True)
-        if name in _ADD_METHODS:
-            a = _bind(_sig_binary, node)
-            return None if a is None else self._add_rule(a, _ADD_METHODS[name])
+            return self._unary_bound(node, ops.bind(ops.sig_unary, node), ops.sigmoid_t, y=True)
+        if name in ops.ADD_METHODS:
+            a = ops.bind(ops.sig_binary, node)
+            return None if a is None else self._add_rule(a, ops.ADD_METHODS[name])
         if name == "mul":
-            a = _bind(_sig_binary, node)
+            a = ops.bind(ops.sig_binary, node)
             return None if a is None or a["alpha"] != 1 else self._mul_rule(a)
-        if name in _DIV_METHODS:
-            a = _bind(_sig_div, node)
+        if name in ops.DIV_METHODS:
+            a = ops.bind(ops.sig_div, node)
             return None if a is None or a["rounding_mode"] is not None else self._div_rule(a)
         if name == "neg":
-            a = _bind(_sig_unary, node)
+            a = ops.bind(ops.sig_unary, node)
             return None if a is None else self._neg_rule(a)
-        if name in _MATMUL_METHODS:
-            a = _bind(_sig_binary, node)
+        if name in ops.MATMUL_METHODS:
+            a = ops.bind(ops.sig_binary, node)
             return (
-                None if a is None or a["alpha"] != 1 else self._mul_rule(a, _MATMUL_METHODS[name])
+                None
+                if a is None or a["alpha"] != 1
+                else self._mul_rule(a, ops.MATMUL_METHODS[name])
             )
-        if name in _LINEAR_METHODS:
+        if name in ops.LINEAR_METHODS:
             return self._linear_rule(node, lambda dx, rest, kw: getattr(dx, name)(*rest, **kw))
         return None
 
@@ -785,19 +492,19 @@ class TangentTape:
 
     def _functional_affine_rule(self, a: dict, fn, rest: list, bias_shape):
         x, w, b = a["input"], a["weight"], a["bias"]
-        if _nodes_in(rest) or not isinstance(w, fx.Node):
+        if ops.nodes_in(rest) or not isinstance(w, fx.Node):
             return None
         needs = []
         if x in self._active or b in self._active:
             needs.append(w)
         if w in self._active and isinstance(x, fx.Node):
             needs.append(x)
-        x_get, w_get = _late(x), _late(w)
+        x_get, w_get = ops.late(x), ops.late(w)
 
         def rule(val, tan, theta, tw):
-            return _affine_tangent(
-                fn, lambda: x_get(val), _tan(tan, x), lambda: w_get(val), _tan(tan, w),
-                _tan(tan, b), rest, bias_shape,
+            return ops.affine_tangent(
+                fn, lambda: x_get(val), ops.tan(tan, x), lambda: w_get(val), ops.tan(tan, w),
+                ops.tan(tan, b), rest, bias_shape,
             )  # fmt: skip
 
         return rule, needs
@@ -805,16 +512,24 @@ class TangentTape:
     def _functional_bn_rule(self, a: dict):
         x, w, b = a["input"], a["weight"], a["bias"]
         rm, rv, training, eps = a["running_mean"], a["running_var"], a["training"], a["eps"]
-        if _nodes_in([training, eps]):
+        if ops.nodes_in([training, eps]):
             return None
         needs = [x] + [k for k in (w, rm, rv) if isinstance(k, fx.Node)]
-        getters = [_late(k) for k in (w, rm, rv)]
+        getters = [ops.late(k) for k in (w, rm, rv)]
         batch_stats = bool(training) or (rm is None and rv is None)
 
         def rule(val, tan, theta, tw):
             gamma, mean, var = (g(val) for g in getters)
-            return _bn_tangent(
-                val[x], tan.get(x), gamma, _tan(tan, w), _tan(tan, b), batch_stats, mean, var, eps
+            return ops.bn_tangent(
+                val[x],
+                tan.get(x),
+                gamma,
+                ops.tan(tan, w),
+                ops.tan(tan, b),
+                batch_stats,
+                mean,
+                var,
+                eps,
             )
 
         return rule, needs
@@ -840,20 +555,23 @@ class TangentTape:
     def _leaky(self, node: fx.Node, x: fx.Node, slope: float):
         if slope > 0:  # the output has the input's sign: read it (the next conv keeps it anyway)
             return self._unary_rule(
-                node, x, lambda dx, xv, yv: _aten.leaky_relu_backward(dx, yv, slope, True), y=True
+                node,
+                x,
+                lambda dx, xv, yv: ops.aten.leaky_relu_backward(dx, yv, slope, True),
+                y=True,
             )
         return self._unary_rule(
-            node, x, lambda dx, xv, yv: _aten.leaky_relu_backward(dx, xv, slope, False), x=True
+            node, x, lambda dx, xv, yv: ops.aten.leaky_relu_backward(dx, xv, slope, False), x=True
         )
 
     def _add_rule(self, a: dict, sign: int):
         x, other, alpha = a["input"], a["other"], a["alpha"]
-        if _nodes_in(alpha):
+        if ops.nodes_in(alpha):
             return None
         factor = sign * alpha
 
         def add_rule(val, tan, theta, tw):
-            dx, do = _tan(tan, x), _tan(tan, other)
+            dx, do = ops.tan(tan, x), ops.tan(tan, other)
             if do is None:
                 return dx
             if factor == 1:
@@ -871,13 +589,13 @@ class TangentTape:
             needs.append(other)
         if other in self._active and isinstance(x, fx.Node):
             needs.append(x)
-        x_get, o_get = _late(x), _late(other)
+        x_get, o_get = ops.late(x), ops.late(other)
 
         def mul_rule(val, tan, theta, tw):
-            dx, do = _tan(tan, x), _tan(tan, other)
+            dx, do = ops.tan(tan, x), ops.tan(tan, other)
             out = None if dx is None else fn(dx, o_get(val))
             if do is not None:
-                out = _plus(out, fn(x_get(val), do))
+                out = ops.plus(out, fn(x_get(val), do))
             return out
 
         return mul_rule, needs
@@ -887,16 +605,16 @@ class TangentTape:
         needs = [n for n in (other,) if isinstance(n, fx.Node)]
         if other in self._active and isinstance(x, fx.Node):
             needs.append(x)
-        x_get, o_get = _late(x), _late(other)
+        x_get, o_get = ops.late(x), ops.late(other)
 
         def div_rule(val, tan, theta, tw):
-            dx, do = _tan(tan, x), _tan(tan, other)
+            dx, do = ops.tan(tan, x), ops.tan(tan, other)
             if dx is None and do is None:
                 return None
             o = o_get(val)
             out = None if dx is None else dx / o
             if do is not None:  # d(x / o) = -(x / o) * do / o
-                out = _plus(out, -(x_get(val) / o) * do / o)
+                out = ops.plus(out, -(x_get(val) / o) * do / o)
             return out
 
         return div_rule, needs
@@ -905,14 +623,14 @@ class TangentTape:
         x = a["input"]
 
         def neg_rule(val, tan, theta, tw):
-            dx = _tan(tan, x)
+            dx = ops.tan(tan, x)
             return None if dx is None else -dx
 
         return neg_rule, []
 
     def _cat_rule(self, a: dict, fn):
         parts, dim = a["tensors"], a["dim"]
-        if _nodes_in(dim) or not all(isinstance(p, fx.Node) for p in parts):
+        if ops.nodes_in(dim) or not all(isinstance(p, fx.Node) for p in parts):
             return None
         needs = [p for p in parts if p not in self._active]
 
@@ -931,10 +649,10 @@ class TangentTape:
         if not node.args or not isinstance(node.args[0], fx.Node):
             return None
         x, rest, kwargs = node.args[0], node.args[1:], node.kwargs
-        others = _nodes_in([rest, kwargs])
+        others = ops.nodes_in([rest, kwargs])
         if any(n in self._active for n in others):
             return None
-        rest_get, kw_get = _late(tuple(rest)), _late(dict(kwargs))
+        rest_get, kw_get = ops.late(tuple(rest)), ops.late(dict(kwargs))
 
         def linear_rule(val, tan, theta, tw):
             dx = tan.get(x)
@@ -960,7 +678,7 @@ class TangentTape:
                 return None
 
             def dual(n):
-                return _make_dual(val[n], tan.get(n))
+                return ops.make_dual(val[n], tan.get(n))
 
             args = fx.node.map_arg(node.args, dual)
             kwargs = fx.node.map_arg(node.kwargs, dual)
@@ -973,9 +691,9 @@ class TangentTape:
                 if has_buffers:  # copies: a module in train mode may update them
                     state.update({n: b.detach().clone() for n, b in module.named_buffers()})
                 for (name, p), t in zip(params, param_tangents):
-                    state[name] = _make_dual(theta.get(id(p), p.detach()), t)
+                    state[name] = ops.make_dual(theta.get(id(p), p.detach()), t)
                 out = functional_call(module, state, tuple(args), dict(kwargs))
-            return _unpack_tangent(out)
+            return ops.unpack_tangent(out)
 
         return generic_rule
 
@@ -997,20 +715,22 @@ class TangentTape:
                 (x,) = self._dropouts[node]
                 if node.op == "call_module":
                     module = graph.get_attr(node.target)
-                    pair = graph.call_function(_record_dropout_module, (env[x], module))
+                    pair = graph.call_function(ops.record_dropout_module, (env[x], module))
                 else:
-                    stub = _sig_torch_dropout if node.target is torch.dropout else _sig_dropout
-                    a = _bind(stub, node)
+                    stub = (
+                        ops.sig_torch_dropout if node.target is torch.dropout else ops.sig_dropout
+                    )
+                    a = ops.bind(stub, node)
                     p = fx.node.map_arg(a["p"], env.__getitem__)
                     training = fx.node.map_arg(a.get("training", a.get("train")), env.__getitem__)
-                    kind = _DROPOUT_FUNCTIONS[node.target]
-                    pair = graph.call_function(_dropout_pair, (env[x], p, training, kind))
+                    kind = ops.DROPOUT_FUNCTIONS[node.target]
+                    pair = graph.call_function(ops.dropout_pair, (env[x], p, training, kind))
                 env[node] = graph.call_function(operator.getitem, (pair, 0))
                 aux[("mask", node)] = graph.call_function(operator.getitem, (pair, 1))
             else:
                 env[node] = graph.node_copy(node, env.__getitem__)
             if node in wanted_meta:
-                meta_of[node] = graph.call_function(_meta, (env[node],))
+                meta_of[node] = graph.call_function(ops.meta, (env[node],))
         saved = tuple(aux[k] if isinstance(k, tuple) else env[k] for k in self._saved_keys)
         metas = tuple(meta_of[n] for n in meta_nodes)
         graph.output((env[self._out], saved, metas))

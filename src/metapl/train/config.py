@@ -31,20 +31,6 @@ METHODS = (
 # Methods that learn from a large teacher's precomputed distributions (Section 4.2, Table 2).
 LARGE_TEACHER_METHODS = ("noisy_student", "reduced_mpl")
 OPTIMIZERS = ("sgd", "rmsprop", "adam")
-DATASETS = (
-    "cifar10-4k",
-    "svhn-1k",
-    "imagenet-10pct",
-    "imagenet-20pct",  # Figure 7 (metapl.data.splits.IMAGENET_LABELED_SHARDS)
-    "imagenet-40pct",
-    "imagenet-80pct",
-    "digits",
-    "cifar10-full",
-    "svhn-full",
-    "imagenet-full",
-    "folder",  # your own images (metapl.data.own): class folders, or a .npz
-    "npz",  # your own images as arrays (metapl.data.own_npz)
-)
 
 
 @dataclass
@@ -140,6 +126,8 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         if self.method not in METHODS:
             raise ConfigError(f"method {self.method!r} is not one of {', '.join(METHODS)}")
+        from metapl.data.splits import DATASETS
+
         if self.dataset not in DATASETS:
             raise ConfigError(f"dataset {self.dataset!r} is not one of {', '.join(DATASETS)}")
         if self.device not in ("auto", "cpu", "cuda"):

@@ -1,0 +1,322 @@
+"""What the tangent tape (:mod:`metapl.mpl.tangent`) knows about operations: which ones it records
+and how (op tables), their arguments by name (signature stubs), and the tangent rules that need more
+than one line (conv and linear, BatchNorm, activations, dropout masks).
+
+A rule reads the primals the record pass saved and the tangents of its inputs and returns the tangent
+of its output; forward-mode AD (``torch.autograd.forward_ad``) is the reference every rule is tested
+against (tests/test_tangent_replay.py).
+"""
+
+from __future__ import annotations
+
+import inspect
+import operator
+from collections.abc import Callable
+
+import torch
+import torch.autograd.forward_ad as fwad
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+aten = torch.ops.aten
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------- op tables
+
+# In-place operators that fx may record as functions (item assignment, augmented operators on
+# values fx could not rewrite).
+INPLACE_FUNCTIONS = {
+    operator.setitem, operator.delitem, operator.iadd, operator.isub, operator.imul,
+    operator.itruediv, operator.ifloordiv, operator.imod, operator.ipow, operator.imatmul,
+    operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift,
+}  # fmt: skip
+
+# Random operations whose output has no tangent: their values are recorded like any primal.
+RANDOM_SOURCES = {
+    torch.rand, torch.randn, torch.randint, torch.rand_like, torch.randn_like,
+    torch.randint_like, torch.randperm, torch.bernoulli, torch.multinomial,
+}  # fmt: skip
+RANDOM_SOURCE_METHODS = {"bernoulli", "multinomial"}
+# Random operations with a tangent other than dropout: no rule records them.
+RANDOM_OTHER = {
+    torch.normal, torch.poisson, F.alpha_dropout, F.feature_alpha_dropout, F.rrelu,
+    torch.rrelu, torch.alpha_dropout, torch.feature_alpha_dropout, torch.feature_dropout,
+}  # fmt: skip
+RANDOM_MODULES = (nn.AlphaDropout, nn.FeatureAlphaDropout, nn.RReLU)
+
+# Dropout: the record pass keeps the mask (see dropout_pair).
+DROPOUT_FUNCTIONS = {
+    F.dropout: "dropout",
+    F.dropout1d: "dropout1d",
+    F.dropout2d: "dropout2d",
+    F.dropout3d: "dropout3d",
+    torch.dropout: "dropout",
+}
+DROPOUT_BY_KIND = {
+    "dropout": F.dropout,
+    "dropout1d": F.dropout1d,
+    "dropout2d": F.dropout2d,
+    "dropout3d": F.dropout3d,
+}
+DROPOUT_MODULES = {
+    nn.Dropout: "dropout",
+    nn.Dropout1d: "dropout1d",
+    nn.Dropout2d: "dropout2d",
+    nn.Dropout3d: "dropout3d",
+}
+
+# Outputs without a tangent: tensor metadata, comparisons, detached values, constants shaped like x.
+NO_TANGENT_FUNCTIONS = {
+    operator.lt, operator.le, operator.gt, operator.ge, operator.eq, operator.ne,
+    torch.lt, torch.le, torch.gt, torch.ge, torch.eq, torch.ne, torch.argmax, torch.argmin,
+    torch.argsort, torch.detach, torch.zeros_like, torch.ones_like, torch.empty_like,
+    torch.full_like, torch.numel, torch.is_floating_point,
+}  # fmt: skip
+NO_TANGENT_METHODS = {
+    "size", "dim", "numel", "nelement", "stride", "element_size", "get_device", "type",
+    "is_floating_point", "is_contiguous", "detach", "lt", "le", "gt", "ge", "eq", "ne",
+    "argmax", "argmin", "argsort", "new_zeros", "new_ones", "new_empty", "new_full", "tolist",
+    "item",
+}  # fmt: skip
+NO_TANGENT_ATTRS = {
+    "shape",
+    "dtype",
+    "device",
+    "ndim",
+    "is_cuda",
+    "layout",
+    "requires_grad",
+    "data",
+    "grad",
+}
+
+# Operations linear in their first argument alone: tangent = the same call with dx in its place.
+LINEAR_FUNCTIONS = {
+    torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.t, torch.squeeze,
+    torch.unsqueeze, torch.mean, torch.sum, torch.chunk, torch.split, torch.unbind,
+    torch.narrow, torch.select, torch.roll, torch.flip, torch.movedim, torch.clone, torch.tile,
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.avg_pool1d,
+    F.avg_pool2d, F.avg_pool3d, F.interpolate, F.pixel_shuffle, F.pixel_unshuffle,
+    operator.getitem,
+}  # fmt: skip
+LINEAR_METHODS = {
+    "view", "reshape", "flatten", "unflatten", "permute", "transpose", "t", "squeeze",
+    "unsqueeze", "contiguous", "expand", "expand_as", "view_as", "reshape_as", "mean", "sum",
+    "clone", "to", "float", "double", "half", "bfloat16", "chunk", "split", "unbind", "narrow",
+    "select", "repeat", "roll", "flip", "movedim", "moveaxis", "swapaxes", "tile",
+}  # fmt: skip
+LINEAR_MODULES = (
+    nn.Flatten, nn.Unflatten, nn.Identity, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.Upsample,
+    nn.PixelShuffle, nn.PixelUnshuffle,
+)  # fmt: skip
+
+CONV_FUNCTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
+CONV_BY_DIM = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+CONV_MODULES = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
+BN_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+ADD_FUNCTIONS = {operator.add: 1, torch.add: 1, operator.sub: -1, torch.sub: -1}
+ADD_METHODS = {"add": 1, "sub": -1}
+MUL_FUNCTIONS = {operator.mul, torch.mul, torch.multiply}
+DIV_FUNCTIONS = {operator.truediv, torch.div, torch.true_divide, torch.divide}
+DIV_METHODS = {"div", "true_divide", "divide"}
+NEG_FUNCTIONS = {operator.neg, torch.neg}
+MATMUL_FUNCTIONS = {operator.matmul: torch.matmul, torch.matmul: torch.matmul}
+MATMUL_FUNCTIONS.update({torch.mm: torch.mm, torch.bmm: torch.bmm})
+MATMUL_METHODS = {"matmul": torch.matmul, "mm": torch.mm, "bmm": torch.bmm}
+CAT_FUNCTIONS = {torch.cat: torch.cat, torch.concat: torch.cat, torch.stack: torch.stack}
+
+
+# Argument stubs: fx keeps calls as written (positional or keyword); binding them against these
+# stubs gives every rule its arguments by name. Builtins (torch.conv2d, ...) have no signature.
+def sig_conv(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1): ...
+def sig_linear(input, weight, bias=None): ...
+def sig_bn(input, running_mean, running_var, weight=None, bias=None, training=False,
+            momentum=0.1, eps=1e-5): ...  # fmt: skip
+def sig_act(input, inplace=False): ...
+def sig_leaky(input, negative_slope=0.01, inplace=False): ...
+def sig_gelu(input, approximate="none"): ...
+def sig_unary(input): ...
+def sig_binary(input, other, *, alpha=1): ...
+def sig_div(input, other, *, rounding_mode=None): ...
+def sig_cat(tensors, dim=0): ...
+def sig_dropout(input, p=0.5, training=True, inplace=False): ...
+def sig_torch_dropout(input, p, train): ...
+
+
+def bind(stub: Callable, node: fx.Node) -> dict | None:
+    try:
+        bound = inspect.signature(stub).bind(*node.args, **node.kwargs)
+    except TypeError:
+        return None
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+# ----------------------------------------------------------------------------- record helpers
+
+
+def dropout_pair(x: Tensor, p: float, training: bool, kind: str) -> tuple[Tensor, Tensor | None]:
+    """``(dropout(x), mask)`` with ``dropout(x) == x * mask``, drawing exactly the random numbers
+    ``dropout(x)`` draws: the mask is ``dropout(ones_like(x))`` (same shape, dtype, device and
+    memory format, hence the same draw), and ``x * mask`` is what the CPU kernel computes. ``mask``
+    is None where dropout is the identity and draws nothing (eval mode, p = 0)."""
+    if not training or p == 0.0:
+        return x, None
+    fn = DROPOUT_BY_KIND[kind]
+    ones = ones_with_layout(x)
+    if kind == "dropout" and x.is_cuda and x.dtype in LOW_PRECISION and 0.0 < p < 1.0:
+        # CUDA's fused kernel scales in float32 and rounds once: keep the mask in float32 so
+        # that the output is bit-identical to F.dropout(x) (a bf16 mask would round the scale).
+        keep = fn(ones, p, True) != 0
+        keep_p = float(torch.tensor(1.0 - p, dtype=torch.float32))  # the kernel's float p
+        mask = keep.to(torch.float32) * (1.0 / keep_p)
+        return (x.float() * mask).to(x.dtype), mask
+    mask = fn(ones, p, True)
+    return x * mask, mask
+
+
+def ones_with_layout(x: Tensor) -> Tensor:
+    """Ones with ``x``'s shape, strides and alignment. CUDA's dropout kernel chooses its
+    vectorization (hence which random number lands on which element) from contiguity and pointer
+    alignment; a fresh ``ones_like`` has x's layout only when x is dense and starts its storage
+    (the common case: a layer's output). The CPU kernels draw into ``empty_like(x)`` either way."""
+    dense = x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
+    if not x.is_cuda or (dense and x.storage_offset() == 0):
+        return torch.ones_like(x)
+    size = x.untyped_storage().nbytes() // x.element_size()
+    ones = torch.ones(size, dtype=x.dtype, device=x.device)
+    return ones.as_strided(x.shape, x.stride(), x.storage_offset())
+
+
+def record_dropout_module(x: Tensor, module: nn.Module) -> tuple[Tensor, Tensor | None]:
+    """:func:`dropout_pair` with the module's own ``p`` and mode, read at run time."""
+    return dropout_pair(x, module.p, module.training, DROPOUT_MODULES[type(module)])
+
+
+def meta(value) -> tuple[torch.Size, torch.dtype] | None:
+    """Shape and dtype of a tensor output: the tangent pass matches each tangent to them
+    (broadcasting when only the broadcast operand has a tangent; autocast's dtypes)."""
+    return (value.shape, value.dtype) if isinstance(value, Tensor) else None
+
+
+# ----------------------------------------------------------------------------- tangent helpers
+
+
+# Elementwise activations (dx, input, output) -> tangent: the backward kernels, applied to dx.
+def relu_t(dx, xv, yv):
+    return aten.threshold_backward(dx, yv, 0)
+
+
+def silu_t(dx, xv, yv):
+    return aten.silu_backward(dx, xv)
+
+
+def sigmoid_t(dx, xv, yv):
+    return aten.sigmoid_backward(dx, yv)
+
+
+def gelu_t(approximate: str):
+    def gelu_t(dx, xv, yv):
+        return aten.gelu_backward(dx, xv, approximate=approximate)
+
+    return gelu_t
+
+
+def late(arg) -> Callable[[dict], object]:
+    """A getter for an argument's primal value: constants are captured, nodes read from ``val``."""
+    nodes = nodes_in(arg)
+    if not nodes:
+        return lambda val: arg
+    if isinstance(arg, fx.Node):
+        return lambda val: val[arg]
+    return lambda val: fx.node.map_arg(arg, val.__getitem__)
+
+
+def nodes_in(arg) -> list[fx.Node]:
+    found: list[fx.Node] = []
+    fx.node.map_arg(arg, found.append)
+    return found
+
+
+def tan(tan: dict, arg):
+    return tan.get(arg) if isinstance(arg, fx.Node) else None
+
+
+def plus(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a + b
+
+
+def make_dual(primal, tangent):
+    if tangent is None:
+        return primal
+    if isinstance(primal, Tensor):
+        return fwad.make_dual(primal, tangent)
+    if isinstance(primal, (tuple, list)):
+        return type(primal)(make_dual(p, t) for p, t in zip(primal, tangent))
+    return primal
+
+
+def unpack_tangent(out):
+    if isinstance(out, Tensor):
+        return fwad.unpack_dual(out).tangent
+    if isinstance(out, (tuple, list)):
+        tangents = tuple(unpack_tangent(o) for o in out)
+        return None if all(t is None for t in tangents) else tangents
+    return None
+
+
+def affine_tangent(fn, x, dx, w, dw, db, args, bias_shape):
+    """Tangent of ``fn(x, W, b, *args)`` (conv, linear): ``fn(dx, W) + fn(x, dW) + db``, with the
+    bias tangent folded into the first call. ``x`` and ``w`` are getters (called only if needed)."""
+    out = None
+    if dx is not None:
+        out, db = fn(dx, w(), db, *args), None
+    if dw is not None:
+        out, db = plus(out, fn(x(), dw, db, *args)), None
+    if db is not None:
+        out = db.reshape(bias_shape)
+    return out
+
+
+def bn_tangent(x, dx, gamma, dgamma, dbeta, batch_stats, running_mean, running_var, eps):
+    """Tangent of BatchNorm. With batch statistics, xhat = (x - mu) * rstd over every dimension
+    but 1: dy = gamma * rstd * (dx - mean(dx) - xhat * mean(dx * xhat)) + dgamma * xhat + dbeta;
+    with running statistics it is the affine map's, dy = gamma * rstd * dx + dgamma * xhat + dbeta.
+
+    Both halves are BatchNorm's own fused kernels: ``native_batch_norm(x, dgamma, dbeta)`` is
+    dgamma * xhat + dbeta and returns mu and rstd (one pass over x, where a ``var_mean`` over NCHW
+    was 3x slower on CPU), and the dx half is BatchNorm's *backward* applied to dx (the train-mode
+    Jacobian in x is symmetric). Low-precision inputs are handled in float32, as BatchNorm does."""
+    if dx is None and dgamma is None and dbeta is None:
+        return None
+    shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
+    xf = x.float() if x.dtype in LOW_PRECISION else x
+
+    def f(t):
+        return None if t is None else t.to(xf.dtype)
+
+    rm, rv = (None, None) if batch_stats else (f(running_mean), f(running_var))
+    if dgamma is not None or batch_stats:
+        affine, mean, rstd = aten.native_batch_norm(
+            xf, f(dgamma), f(dbeta), rm, rv, batch_stats, 0.0, eps
+        )
+        out = affine if dgamma is not None else None
+    else:  # running statistics, no dgamma: no pass over x is needed
+        out, mean, rstd = None, None, None
+    if dgamma is None and dbeta is not None:
+        out = f(dbeta).reshape(shape)
+    if dx is not None:
+        mask = [True, False, False]
+        d_in = aten.native_batch_norm_backward(
+            dx.to(xf.dtype), xf, f(gamma), rm, rv, mean, rstd, batch_stats, eps, mask
+        )[0]
+        out = plus(out, d_in)
+    return out
