@@ -69,6 +69,23 @@ STUDENT_OPTIMIZERS: dict[str, OptimizerFactory] = {
     "adamw_amsgrad_maximize": lambda p: torch.optim.AdamW(
         p, lr=0.01, betas=(0.8, 0.95), eps=1e-3, weight_decay=0.1, amsgrad=True, maximize=True
     ),
+    # PyTorch's other implementations of the same steps (the GPU levers of issue 5): the factors
+    # are properties of the update rule, so they must hold for the foreach and fused kernels too.
+    "sgd_nesterov_foreach": lambda p: torch.optim.SGD(
+        p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.02, foreach=True
+    ),
+    "sgd_nesterov_fused": lambda p: torch.optim.SGD(
+        p, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.02, fused=True
+    ),
+    "rmsprop_momentum_foreach": lambda p: torch.optim.RMSprop(
+        p, lr=0.01, alpha=0.9, eps=1e-3, momentum=0.9, foreach=True
+    ),
+    "adam_fused": lambda p: torch.optim.Adam(
+        p, lr=0.01, betas=(0.8, 0.95), eps=1e-3, weight_decay=0.05, fused=True
+    ),
+    "adamw_amsgrad_fused": lambda p: torch.optim.AdamW(
+        p, lr=0.01, betas=(0.8, 0.95), eps=1e-3, weight_decay=0.1, amsgrad=True, fused=True
+    ),
     # per-group hyperparameters: the factor must come from each parameter's own group
     "sgd_param_groups": lambda p: _two_groups(
         torch.optim.SGD, p, {"lr": 0.3}, {"momentum": 0.9, "nesterov": True}, lr=0.1
