@@ -27,6 +27,7 @@ from metapl.data.digits import digits_split
 from metapl.models import create_model
 from metapl.train.checkpoint import load_checkpoint
 from metapl.train.config import TrainConfig, apply_overrides
+from metapl.train.curves import read_metrics
 from metapl.train.data import evaluate
 from metapl.train.presets import load_preset
 
@@ -126,6 +127,12 @@ def test_train_writes_config_metrics_tensorboard_checkpoint_results(
     assert 0.0 <= record["accuracy"] <= 1.0 and record["dataset"] == "digits-5pc-seed3"
     assert ("teacher_labeled_accuracy" in record) == mpl
     assert results["config"] == config
+
+    # curves.png: a PNG of the logged series, written atomically (no temporary file left)
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(out.glob(".curves.png.*"))
+    series = read_metrics(out)
+    assert series["test_accuracy"][0] == [3, 6] and set(series) == {n for _, n, _ in rows}
 
     # The checkpoint holds the reported model: its test accuracy is the one in results.json.
     model = create_model("digits_cnn", 10)

@@ -85,7 +85,9 @@ def _cmd_train(args: argparse.Namespace) -> None:
         parts.append(f"test accuracy {100 * row['accuracy']:.2f}%")
     parts = parts or ["no test set to evaluate (see results.json)"]
     print(f"{cfg.preset}: {', '.join(parts)} after {cfg.steps} steps")
-    print(f"wrote {args.out}/results.json, metrics.csv, tb/, config.json, checkpoint.pt")
+    print(
+        f"wrote {args.out}/results.json, curves.png, metrics.csv, tb/, config.json, checkpoint.pt"
+    )
 
 
 def _cmd_presets(args: argparse.Namespace) -> None:
@@ -185,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Train a preset. Running the same command with the same --out resumes from "
             "DIR/checkpoint.pt. DIR receives config.json (the resolved configuration), "
-            "metrics.csv, tb/ (TensorBoard), checkpoint.pt and results.json. Model selection never "
+            "metrics.csv, tb/ (TensorBoard), checkpoint.pt, results.json and curves.png (losses, "
+            "accuracies and learning rates over steps). Model selection never "
             "uses the test set: the reported model is the last one."
         ),
         epilog=f"config keys for --set: {keys}",

@@ -3,7 +3,6 @@ teacher and student (Section 5.2: "MPL is not label correction")."""
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from metapl.train.metrics_log import CSV_NAME  # noqa: E402
+from metapl.train.curves import read_metrics  # noqa: E402
 
 SERIES = (
     ("supervised", "student_labeled_accuracy", "Supervised"),
@@ -21,23 +20,12 @@ SERIES = (
 )
 
 
-def read_series(run_dir: Path, name: str) -> tuple[list[int], list[float]]:
-    """(steps, values) of one metric from a run's metrics.csv (long format: step,name,value)."""
-    steps, values = [], []
-    with open(run_dir / CSV_NAME, newline="") as f:
-        for row in csv.DictReader(f):
-            if row["name"] == name:
-                steps.append(int(row["step"]))
-                values.append(float(row["value"]))
-    return steps, values
-
-
 def plot_figure9(out: Path, seed: int, path: Path) -> dict:
     """Plot the three series of one seed's runs under ``out``; also write them as JSON."""
     series = {}
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for method, metric, label in SERIES:
-        steps, values = read_series(out / method / f"seed{seed}", metric)
+        steps, values = read_metrics(out / method / f"seed{seed}").get(metric, ([], []))
         series[label] = {"steps": steps, "accuracy": values}
         ax.plot(steps, [100 * v for v in values], label=label, marker=".")
     ax.set_xlabel("training step")

@@ -406,4 +406,7 @@ def train(cfg: TrainConfig, out_dir: Path | str, show_progress: bool = True, on_
         write_json_atomic(out_dir / "figure10.json", watched.series())
     if dp.is_main:
         write_json_atomic(out_dir / "results.json", summary)
+        from metapl.train.curves import plot_curves  # matplotlib: only once a run is done
+
+        plot_curves(out_dir, f"{cfg.preset or cfg.method} (seed {cfg.seed})")
     return summary
