@@ -1,9 +1,13 @@
-"""Milliseconds on CPU of one forward+backward per registry model, contiguous vs channels_last.
+"""Milliseconds on CPU, contiguous vs channels_last: what the config key ``memory_format`` chooses.
 
-What the config key ``memory_format`` chooses between (``auto`` = channels_last on CUDA only). Each
-model in train mode on a batch the size it sees in this project's CPU runs; the two layouts are
-timed interleaved, round by round (on a shared machine a load change then hits both alike). Median
-of --repeats after warm-up:
+1. One forward+backward per registry model, in train mode, on a batch the size it sees in this
+   project's CPU runs.
+2. Whole UDA+MPL steps of WRN-28-2 (`metapl bench`'s CPU setup: labeled 4, unlabeled 28, the
+   teacher seeing 60 images): exact (tangent tape), by double backward, and first-order.
+
+Within each part every variant is timed interleaved, round by round (on a shared machine a load
+change then hits all alike; separate runs of `metapl bench` drift by up to 10%). Median of
+--repeats after warm-up:
 python benchmarks/memory_format_cpu.py --json benchmarks/results/memory_format_cpu.json
 """
 
@@ -65,6 +69,45 @@ def rows(repeats: int, warmup: int) -> list[dict]:
     return out
 
 
+def step_rows(repeats: int, warmup: int) -> list[dict]:
+    import numpy as np
+
+    from metapl.bench import synthetic_cifar_split
+    from metapl.train.config import TrainConfig, apply_overrides
+    from metapl.train.data import BatchSource
+    from metapl.train.engine import Run
+
+    split = synthetic_cifar_split(1024, np.random.RandomState(0))
+    device = torch.device("cpu")
+    fns = {}
+    for estimator in ("exact", "double_backward", "first_order"):
+        for layout in ("contiguous", "channels_last"):
+            settings = dict(dataset="cifar10-4k", model="wrn28_2", method="uda_mpl", device="cpu")
+            settings.update(batch_size=4, steps=10_000, warmup_steps=10)
+            settings.update(mpl_estimator=estimator, memory_format=layout)
+            cfg = apply_overrides(TrainConfig(), settings).validate()
+            run = Run(cfg, split, device)
+            batch = BatchSource(split, cfg, run.method.views, device).batch(0)
+            fns[f"{estimator}_mpl_step/{layout}"] = lambda run=run, batch=batch: run.method.step(
+                batch
+            )
+    ms = {k: statistics.median(v) for k, v in timed(fns, repeats, warmup)}
+    out = []
+    for estimator in ("exact", "double_backward", "first_order"):
+        plain, cl = (
+            ms[f"{estimator}_mpl_step/contiguous"],
+            ms[f"{estimator}_mpl_step/channels_last"],
+        )
+        row = {"step": f"{estimator}_mpl_step", "contiguous": plain, "channels_last": cl}
+        row["channels_last_over_contiguous"] = cl / plain
+        print(
+            f"{row['step']:<26} contiguous {plain:8.1f} ms  channels_last {cl:8.1f} ms  "
+            f"({cl / plain:.2f}x)"
+        )
+        out.append(row)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--repeats", type=int, default=9)
@@ -75,6 +118,7 @@ def main() -> None:
         "machine": describe(),
         "setup": {"repeats": args.repeats, "warmup": args.warmup, "pass": "forward+backward"},
         "results": rows(args.repeats, args.warmup),
+        "wrn28_2_uda_mpl_steps": step_rows(args.repeats, args.warmup),
     }
     if args.json:
         write_json_atomic(args.json, payload)
