@@ -25,7 +25,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from metapl.cli import main
 from metapl.data.digits import digits_split
 from metapl.models import create_model
-from metapl.train.checkpoint import load_checkpoint
+from metapl.train.checkpoint import config_fingerprint, load_checkpoint, save_checkpoint
 from metapl.train.config import TrainConfig, apply_overrides
 from metapl.train.curves import read_metrics
 from metapl.train.data import evaluate
@@ -275,6 +275,33 @@ def test_other_configuration_in_existing_run_folder_is_refused(tmp_path, capsys)
 
     # Length and cadence may change: the same run continues to more steps.
     assert train_cli("digits-uda", out, *tiny(6)) == 0
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 6
+
+
+def _as_written_before_memory_format_existed(ckpt_path: Path) -> None:
+    ckpt = load_checkpoint(ckpt_path)
+    del ckpt["config"]["memory_format"]
+    ckpt["config_fingerprint"] = config_fingerprint(ckpt["config"])
+    save_checkpoint(ckpt_path, ckpt)
+
+
+def test_a_run_folder_from_before_a_new_option_resumes_at_its_default(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train_cli("digits-uda", out, *tiny(4)) == 0
+    _as_written_before_memory_format_existed(out / "checkpoint.pt")
+    # The option's default keeps the old behaviour: the run continues from step 4.
+    assert train_cli("digits-uda", out, *tiny(6)) == 0
+    ckpt = load_checkpoint(out / "checkpoint.pt")
+    assert ckpt["step"] == 6 and ckpt["config"]["memory_format"] == "auto"
+    assert [s for s, n, _ in read_rows(out / "metrics.csv") if n == "student_loss"] == [2, 4, 6]
+
+    # Another value of the new option is another configuration.
+    _as_written_before_memory_format_existed(out / "checkpoint.pt")
+    capsys.readouterr()
+    args = ("--set", "memory_format=channels_last")
+    assert train_cli("digits-uda", out, *tiny(8), *args) == 2
+    err = one_error_line(capsys.readouterr().err)
+    assert "different configuration" in err and "memory_format" in err
     assert load_checkpoint(out / "checkpoint.pt")["step"] == 6
 
 

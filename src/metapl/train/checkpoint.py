@@ -345,16 +345,28 @@ def check_resumable(
     *,
     config: dict | None = None,
     ignore: Iterable[str] = DEFAULT_IGNORE,
+    defaults: Mapping | None = None,
 ) -> None:
     """Raise :class:`CheckpointError` unless ``ckpt`` was written by a run with this configuration.
 
     Compares ``ckpt[FINGERPRINT_KEY]`` with ``fingerprint``. When both ``config`` and
     ``ckpt[CONFIG_KEY]`` are available, the message lists the differing options (dotted names)
     instead of the two hashes.
+
+    ``defaults``: top-level options a checkpoint's config may lack because a later version added
+    them, with the value that keeps the old behaviour. A checkpoint that lacks such an option
+    resumes if the run sets it to that value (a run folder survives an upgrade of metapl).
     """
     saved = ckpt.get(FINGERPRINT_KEY)
     if saved == fingerprint:
         return
+    old_config = ckpt.get(CONFIG_KEY)
+    if defaults and isinstance(old_config, Mapping):
+        added = {k: v for k, v in defaults.items() if k not in old_config}
+        if added:
+            ckpt = {**ckpt, CONFIG_KEY: {**added, **old_config}}
+            if config_fingerprint(ckpt[CONFIG_KEY], ignore) == fingerprint:
+                return
     if saved is None:
         details = "it records no configuration fingerprint"
     else:

@@ -314,7 +314,9 @@ def train(cfg: TrainConfig, out_dir: Path | str, show_progress: bool = True, on_
     saved = None
     if ckpt_path.exists():
         saved = load_checkpoint(ckpt_path)
-        check_resumable(saved, fingerprint, ckpt_path, config=cfg.to_dict())
+        # Options added since the checkpoint was written count as their defaults (the old behaviour).
+        defaults = TrainConfig().to_dict()
+        check_resumable(saved, fingerprint, ckpt_path, config=cfg.to_dict(), defaults=defaults)
     teacher_probs = None
     if cfg.uses_large_teacher:  # ReducedMPL / NoisyStudent: precompute, select, free the teacher
         load_large_teacher(Path(cfg.large_teacher), split.num_classes, device)  # fail early
