@@ -457,6 +457,15 @@ def test_channels_last_on_cpu_trains_the_same_models_as_contiguous():
             torch.testing.assert_close(b, a, rtol=tol, atol=tol, msg=f"{name}.{key}")
 
 
+def test_mpl_weight_reaches_the_step_and_must_be_non_negative():
+    from metapl.errors import ConfigError
+
+    method = build_method(_digits_config(mpl_weight=2.5), 10, torch.device("cpu"))
+    assert method.mpl.mpl_weight == 2.5
+    with pytest.raises(ConfigError, match="mpl_weight must be >= 0"):
+        _digits_config(mpl_weight=-1.0)
+
+
 def test_memory_format_must_be_known():
     from metapl.errors import ConfigError
 

@@ -105,6 +105,7 @@ def build_method(cfg: TrainConfig, num_classes: int, device: torch.device, grad_
         uda=uda_loss(cfg) if cfg.method == "uda_mpl" else None,
         teacher_sees_distributions=cfg.method == "reduced_mpl",
         temperature=cfg.mpl_temperature,
+        mpl_weight=cfg.mpl_weight,
         label_smoothing=cfg.label_smoothing,
         estimator=cfg.mpl_estimator,
         jvp=cfg.mpl_jvp,

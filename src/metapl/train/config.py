@@ -77,6 +77,8 @@ class TrainConfig:
     uda_threshold: float = 0.8  # confidence mask on the weak view; not given in the paper
     uda_warmup_steps: int = 5_000  # linear ramp of the UDA factor; not given in the paper
     mpl_temperature: float = 1.0  # student targets = softmax(teacher logits / T)
+    # weight of the MPL signal in the teacher's loss (the paper's 1; the UDA factor weights UDA)
+    mpl_weight: float = 1.0
     mpl_estimator: str = "exact"
     # how the exact step gets the student's JVP (metapl.mpl.step): "auto" = from the update pass's
     # saved activations when the model allows (tangent tape), else forward-mode AD; "tape";
@@ -142,6 +144,8 @@ class TrainConfig:
                 f"method {self.method} learns from a large teacher: set large_teacher to the run "
                 "folder of a finished `metapl train` run (--set large_teacher=DIR)"
             )
+        if not self.mpl_weight >= 0:
+            raise ConfigError(f"mpl_weight must be >= 0, got {self.mpl_weight}")
         if self.memory_format not in ("auto", "channels_last", "contiguous"):
             raise ConfigError(
                 "memory_format must be auto, channels_last or contiguous, "
