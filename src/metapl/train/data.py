@@ -39,7 +39,9 @@ def model_input(
     normalization), so predictions on image files match the run's reported accuracy.
     """
     x = to_tensor_nchw(images).to(device, non_blocking=True)
-    if device.type == "cuda" if channels_last is None else channels_last:
+    if channels_last is None:
+        channels_last = device.type == "cuda"
+    if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return x
 
