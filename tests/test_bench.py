@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from torch import nn
 
 from metapl.cli import main
@@ -17,7 +18,8 @@ if "bench_tiny_cnn" not in list_models():
     register_model(bench_tiny_cnn)
 
 
-def test_bench_writes_every_step_kind(tmp_path, capsys):
+@pytest.mark.parametrize("layout, channels_last", [("auto", False), ("channels_last", True)])
+def test_bench_writes_every_step_kind(tmp_path, capsys, layout, channels_last):
     out = tmp_path / "bench.json"
     args = [
         "bench",
@@ -31,6 +33,8 @@ def test_bench_writes_every_step_kind(tmp_path, capsys):
         "bench_tiny_cnn",
         "--json",
         str(out),
+        "--memory-format",
+        layout,
     ]
     assert main(args) == 0
     payload = json.loads(out.read_text())
@@ -40,6 +44,10 @@ def test_bench_writes_every_step_kind(tmp_path, capsys):
         assert any(part in n for n in names), part
     assert all(r["ms"] > 0 and len(r["ms_all"]) == 2 for r in payload["results"])
     assert payload["setup"]["batch_unlabeled"] == 14
+    assert (payload["setup"]["memory_format"], payload["setup"]["channels_last"]) == (
+        layout,
+        channels_last,
+    )
     jvp = {r["name"]: r.get("jvp") for r in payload["results"]}
     assert jvp["exact_mpl_step"] == "tape" and jvp["exact_mpl_step_forward_ad"] == "forward_ad"
     assert "exact_mpl_step" in capsys.readouterr().out
