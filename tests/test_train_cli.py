@@ -342,6 +342,17 @@ def test_bad_preset_through_a_real_process(tmp_path):
     assert not out.exists()
 
 
+def test_output_into_a_closed_pipe_stops_quietly():
+    """`metapl presets | head -1`: the reader leaves early; no traceback, the status of SIGPIPE."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "metapl", "presets"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    proc.stdout.close()  # before the listing is written
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141
+    assert err == ""
+
+
 # --- 6. NaN ---------------------------------------------------------------------------------
 
 

@@ -93,7 +93,7 @@ def run_bench(
     precision: str = "fp32",
     memory_format: str = "auto",
     model: str = "wrn28_2",
-    repeats: int | None = None,
+    repeats: int = 20,
     warmup: int = 3,
     json_path: Path | None = None,
     progress: Callable[[str], None] = print,
@@ -105,7 +105,6 @@ def run_bench(
     dev = resolve_device(device)
     on_gpu = dev.type == "cuda"
     batch_size = batch_size or (128 if on_gpu else 4)
-    repeats = repeats or (20 if on_gpu else 5)
     torch.manual_seed(0)
     rng = np.random.RandomState(0)
     n_l, n_u = batch_size, 7 * batch_size
