@@ -7,8 +7,10 @@ toward class 1 at x_i iff s_i = -v . grad_theta [log p_1(x_i) - log p_0(x_i)] > 
 tangent kernel between x_i and the labeled points, weighted by their residuals. We take v at theta
 itself (the small-learning-rate limit) and compute s for all unlabeled points with one JVP.
 
-Students: the MLP of `metapl twomoons` (2-64-64-2, ReLU), trained on the 6 labeled points with
-SGD + Nesterov 0.9, lr 0.05, as the supervised baseline; s is measured at several steps. We report,
+Students: the MLP of `metapl twomoons` (2-64-64-2, ReLU), trained with SGD + Nesterov 0.9, lr 0.05
+either on the 6 labeled points (the supervised baseline) or by MPL itself (metapl's exact step, a
+teacher of the same shape, targets at temperature 0.5, unlabeled batch 256: the `metapl twomoons`
+setting); s is measured at several steps of each student's own training. We report,
 over the unlabeled points, how often sign(s) names (a) the true class, (b) the class of the
 nearest labeled point (Euclidean), (c) the student's own prediction; and (a) on the points where
 the true class and the nearest labeled point disagree (where following the moons matters).
@@ -28,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, jvp
 
+from metapl import MetaPseudoLabels
 from metapl.data.twomoons import make_twomoons
 
 CHECKPOINTS = (0, 20, 100, 500, 2000)
@@ -55,7 +58,7 @@ def signal(model: nn.Module, x_l, y_l, x_u) -> torch.Tensor:
     return s
 
 
-def one_seed(seed: int, noise: float) -> list[dict]:
+def one_seed(seed: int, noise: float, student_kind: str) -> list[dict]:
     data = make_twomoons(seed, noise)
     x = torch.from_numpy(data.x)
     y = torch.from_numpy(data.y)
@@ -65,7 +68,12 @@ def one_seed(seed: int, noise: float) -> list[dict]:
     differ = nearest != y_u
     torch.manual_seed(seed)
     model = mlp()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    sgd = lambda m: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, nesterov=True)  # noqa: E731
+    opt = sgd(model)
+    if student_kind == "mpl":
+        teacher = mlp()
+        mpl = MetaPseudoLabels(teacher, model, sgd(teacher), opt, temperature=0.5)
+        gen = torch.Generator().manual_seed(seed)
     rows = []
     for step in range(max(CHECKPOINTS) + 1):
         if step in CHECKPOINTS:
@@ -75,19 +83,24 @@ def one_seed(seed: int, noise: float) -> list[dict]:
                 pred = model(x_u).argmax(-1)
             rows.append(
                 {
+                    "student": student_kind,
                     "seed": seed,
                     "step": step,
                     "true": float((toward == y_u).float().mean()),
                     "nearest_labeled": float((toward == nearest).float().mean()),
-                    "student": float((toward == pred).float().mean()),
+                    "student_prediction": float((toward == pred).float().mean()),
                     "true_where_nearest_is_wrong": float((toward == y_u)[differ].float().mean()),
                     "points_where_nearest_is_wrong": int(differ.sum()),
                     "student_accuracy": float((pred == y_u).float().mean()),
                 }
             )
-        opt.zero_grad()
-        F.cross_entropy(model(x_l), y_l).backward()
-        opt.step()
+        if student_kind == "mpl":
+            batch = x_u[torch.randint(len(x_u), (256,), generator=gen)]
+            mpl.step(x_l, y_l, batch)
+        else:
+            opt.zero_grad()
+            F.cross_entropy(model(x_l), y_l).backward()
+            opt.step()
     return rows
 
 
@@ -98,21 +111,31 @@ def main() -> None:
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     a, b = (int(v) for v in args.seeds.split("-"))
-    rows = [r for seed in range(a, b + 1) for r in one_seed(seed, args.noise)]
-    keys = ["true", "nearest_labeled", "student", "true_where_nearest_is_wrong", "student_accuracy"]
-    summary = []
-    print(f"{'step':>5} " + " ".join(f"{k:>28}" for k in keys))
-    for step in CHECKPOINTS:
-        here = [r for r in rows if r["step"] == step]
-        stats = {
-            k: (float(np.mean([r[k] for r in here])), float(np.std([r[k] for r in here])))
-            for k in keys
-        }
-        summary.append({"step": step, **{k: {"mean": m, "std": s} for k, (m, s) in stats.items()}})
-        print(
-            f"{step:5d} "
-            + " ".join(f"{100 * m:20.1f} +- {100 * s:4.1f}" for m, s in stats.values())
-        )
+    keys = ["true", "nearest_labeled", "student_prediction", "true_where_nearest_is_wrong"]
+    keys.append("student_accuracy")
+    rows, summary = [], []
+    for kind in ("supervised", "mpl"):
+        here_rows = [r for seed in range(a, b + 1) for r in one_seed(seed, args.noise, kind)]
+        rows += here_rows
+        print(f"student trained by {kind}")
+        print(f"{'step':>5} " + " ".join(f"{k:>28}" for k in keys))
+        for step in CHECKPOINTS:
+            here = [r for r in here_rows if r["step"] == step]
+            stats = {
+                k: (float(np.mean([r[k] for r in here])), float(np.std([r[k] for r in here])))
+                for k in keys
+            }
+            summary.append(
+                {
+                    "student": kind,
+                    "step": step,
+                    **{k: {"mean": m, "std": s} for k, (m, s) in stats.items()},
+                }
+            )
+            print(
+                f"{step:5d} "
+                + " ".join(f"{100 * m:20.1f} +- {100 * s:4.1f}" for m, s in stats.values())
+            )
     if args.json:
         args.json.write_text(
             json.dumps(
