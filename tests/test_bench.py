@@ -50,7 +50,16 @@ def test_bench_writes_every_step_kind(tmp_path, capsys, layout, channels_last):
     )
     jvp = {r["name"]: r.get("jvp") for r in payload["results"]}
     assert jvp["exact_mpl_step"] == "tape" and jvp["exact_mpl_step_forward_ad"] == "forward_ad"
-    assert "exact_mpl_step" in capsys.readouterr().out
+    ms = {r["name"]: r["ms"] for r in payload["results"]}
+    ratios = payload["ratios"]
+    assert (
+        ratios["exact_over_double_backward"]
+        == ms["exact_mpl_step"] / ms["double_backward_mpl_step"]
+    )
+    assert ratios["exact_over_first_order"] == ms["exact_mpl_step"] / ms["first_order_mpl_step"]
+    assert "exact_over_first_order_peak_memory" not in ratios  # no peak memory on a CPU
+    printed = capsys.readouterr().out
+    assert "exact_mpl_step" in printed and "exact_over_double_backward" in printed
 
 
 def test_bench_rejects_a_bad_batch_size(tmp_path, capsys):

@@ -87,6 +87,22 @@ def _numerics(run, batch, device: torch.device, precision: str, progress) -> dic
     return agreement
 
 
+def _ratios(results: list[dict]) -> dict[str, float]:
+    """The time ratios issue 5's goals are stated in (exact vs first-order and vs double backward;
+    peak memory of exact vs first-order where it is measured)."""
+    row = {r["name"]: r for r in results}
+    ms = {name: r["ms"] for name, r in row.items()}
+    out = {
+        "exact_over_first_order": ms["exact_mpl_step"] / ms["first_order_mpl_step"],
+        "exact_over_double_backward": ms["exact_mpl_step"] / ms["double_backward_mpl_step"],
+        "forward_ad_over_tape": ms["exact_mpl_step_forward_ad"] / ms["exact_mpl_step"],
+    }
+    peaks = row["exact_mpl_step"]["peak_mib"], row["first_order_mpl_step"]["peak_mib"]
+    if None not in peaks:
+        out["exact_over_first_order_peak_memory"] = peaks[0] / peaks[1]
+    return out
+
+
 def run_bench(
     device: str = "cpu",
     batch_size: int | None = None,
@@ -164,6 +180,8 @@ def run_bench(
     step = iter(range(1, 10**9))
     record("train_step_exact_uda_mpl", lambda: run.method.step(source.batch(next(step))))
 
+    ratios = _ratios(results)
+    progress("  ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
     payload = {
         "machine": _machine(dev),
         "setup": {
@@ -177,6 +195,7 @@ def run_bench(
             "warmup": warmup,
         },
         "results": results,
+        "ratios": ratios,
         "numerics": numerics,
     }
     if json_path is not None:
