@@ -11,6 +11,7 @@
 #   2. issue 5: `metapl bench` in bf16 and fp32 (WRN-28-2, labeled 128 / unlabeled 896), with the
 #      numerics check against a float64 CPU reference
 #   3. issue 3 item 10: 300 real UDA+MPL training steps at Table 3's batch sizes (steps/s, memory)
+#   then benchmarks/goals.py: issue 5's bars against the bench files, met or not
 #   4. issue 5 item 4: torchrun on the GPU, one process, 20 digits UDA+MPL steps (with one process
 #      no process group forms: NCCL itself needs a machine with 2 or more GPUs)
 #
@@ -50,6 +51,7 @@ done
 step train_throughput python3 benchmarks/train_throughput.py --device $dev --precision bf16 \
   --steps $steps --warmup $((steps < 20 ? 1 : 20)) --json "$results/train_throughput_${gpu}_bf16.json" \
   "${train_size[@]}"
+step goals python3 benchmarks/goals.py "$results"  # issue 5's bars, met or not, into session.log
 rm -rf /tmp/metapl_torchrun_run  # a fresh run, not a resumed one
 step torchrun python3 -m torch.distributed.run --nproc_per_node 1 -m metapl train \
   --preset digits-uda-mpl --device $dev --steps 20 --set warmup_steps=5 --set eval_every=10 \

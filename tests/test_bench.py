@@ -65,3 +65,52 @@ def test_bench_writes_every_step_kind(tmp_path, capsys, layout, channels_last):
 def test_bench_rejects_a_bad_batch_size(tmp_path, capsys):
     assert main(["bench", "--device", "cpu", "--batch-size", "0"]) == 2
     assert "--batch-size" in capsys.readouterr().err
+
+
+def _load_goals():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "benchmarks" / "goals.py"
+    spec = importlib.util.spec_from_file_location("bench_goals", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _gpu_payload(exact=50.0, first=45.0, double=300.0, train=55.0, peaks=(7000.0, 7500.0)):
+    rows = {
+        "first_order_mpl_step": (first, peaks[1]),
+        "exact_mpl_step": (exact, peaks[0]),
+        "double_backward_mpl_step": (double, 10_000.0),
+        "train_step_exact_uda_mpl": (train, 8000.0),
+    }
+    return {
+        "machine": {"device": "cuda", "gpu": "H200"},
+        "setup": {"precision": "bf16"},
+        "results": [{"name": n, "ms": ms, "peak_mib": peak} for n, (ms, peak) in rows.items()],
+        "numerics": {"cosine": 0.995},
+    }
+
+
+def test_goals_state_issue_5s_bars():
+    goals = _load_goals().goals
+    met = {goal: ok for goal, _, _, ok in goals(_gpu_payload(), on_gpu=True)}
+    assert len(met) == 7 and all(met.values())
+    # each bar on its own: 1.2x first-order, 55 ms, 4x double backward, 60 ms, peak memory, cosine
+    slow = {goal: ok for goal, _, _, ok in goals(_gpu_payload(exact=56.0), on_gpu=True)}
+    assert not slow["exact / first-order"] and not slow["exact step"]
+    assert slow["exact / double backward"]
+    heavy = _gpu_payload(peaks=(7600.0, 7500.0))
+    assert [ok for g, _, _, ok in goals(heavy, True) if g.startswith("peak")] == [False]
+    late = {g: ok for g, _, _, ok in goals(_gpu_payload(train=61.0), True)}
+    assert not late["whole training step"] and not late["throughput vs the public peer"]
+    # on a CPU: exact <= 2x first-order and <= 0.5x double backward, no ms or memory bars
+    cpu = _gpu_payload(exact=900.0, first=700.0, double=1700.0, train=950.0)
+    cpu["machine"] = {"device": "cpu"}
+    rows = {g: ok for g, _, _, ok in goals(cpu, on_gpu=False)}
+    assert rows == {
+        "exact / first-order": True,
+        "exact / double backward": False,
+        "teacher gradient vs float64 (cosine)": True,
+    }
