@@ -24,6 +24,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from metapl.cli import main
 from metapl.data.digits import digits_split
+from metapl.experiments.digits import paired_differences
 from metapl.models import create_model
 from metapl.train.checkpoint import config_fingerprint, load_checkpoint, save_checkpoint
 from metapl.train.config import TrainConfig, apply_overrides
@@ -581,6 +582,7 @@ def test_digits_command_writes_results_and_figure9(tmp_path, capsys):
         "uda_mpl_before_finetune",
         "label_spreading",
     }
+    assert payload["paired"] == {}  # one seed: no paired difference to report
     assert (out / "figure9.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     series = json.loads((out / "figure9.json").read_text())
     assert set(series) == {"Supervised", "MPL teacher", "MPL student"}
@@ -595,6 +597,24 @@ def test_digits_command_writes_results_and_figure9(tmp_path, capsys):
     assert main(["digits", "--seeds", "0", "--out", str(bad), "--methods", "uda,nope"]) == 2
     assert "unknown digits method 'nope'" in one_error_line(capsys.readouterr().err)
     assert not bad.exists()
+
+
+def test_digits_paired_differences_are_seed_by_seed():
+    acc = {"uda_mpl": [0.97, 0.98, 0.96], "uda": [0.96, 0.98, 0.97], "supervised": [0.9, 0.8, 0.7]}
+    records = [
+        {"method": m, "seed": s, "accuracy": a}
+        for m, accs in acc.items()
+        for s, a in enumerate(accs)
+    ]
+    records.append({"method": "label_spreading", "seed": 0, "accuracy": 0.93})  # one seed only
+    paired = paired_differences(records)
+    assert set(paired) == {"uda_mpl - uda", "uda_mpl - supervised"}
+    p = paired["uda_mpl - uda"]
+    assert p["n"] == 3 and p["wins_ties_losses"] == [1, 1, 1]
+    assert p["mean"] == pytest.approx(0.0, abs=1e-12)
+    # differences +0.01, 0, -0.01: sample std 0.01, standard error 0.01 / sqrt(3)
+    assert p["standard_error"] == pytest.approx(0.01 / 3**0.5)
+    assert paired["uda_mpl - supervised"]["mean"] == pytest.approx((0.07 + 0.18 + 0.26) / 3)
 
 
 def test_digits_set_overrides_every_method_or_one(tmp_path, capsys):
