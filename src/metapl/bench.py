@@ -1,7 +1,8 @@
 """`metapl bench`: milliseconds and peak memory of each kind of step, on WRN-28-2 by default.
 
-Times the median of ``repeats`` runs after ``warmup`` runs (CUDA: synchronized around each run) and
-records peak memory (CUDA: ``max_memory_allocated`` per benchmark; CPU: not measured, null). The
+Times the median of ``repeats`` runs after ``warmup`` runs (CUDA: synchronized around each run, one
+kind after another, and records peak memory with ``max_memory_allocated`` per kind; CPU: the kinds
+in interleaved rounds, so that load changes on a shared machine hit all alike; no peak memory). The
 setup follows DESIGN.md section 6: labeled batch B, unlabeled 7B, the teacher seeing two unlabeled
 views (UDA). JSON: ``{"machine": ..., "results": [{"name", "ms", "peak_mib", ...}], "numerics":
 {"cosine", ...}}``; "numerics" compares the exact teacher gradient under the precision policy on the
@@ -50,6 +51,23 @@ def _time(fn: Callable[[], object], device: torch.device, warmup: int, repeats: 
         times.append(1000 * (time.perf_counter() - start))
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     return {"ms": statistics.median(times), "ms_all": times, "peak_mib": peak}
+
+
+def _time_interleaved(fns: list[Callable[[], object]], warmup: int, repeats: int) -> list[dict]:
+    """CPU: every function once per round, round after round, so that a change in the machine's
+    load (other processes, frequency) hits all of them alike and their ratios stay fair; timed
+    one after another, separate runs of the same command drift by up to 10% on a shared machine.
+    No peak memory on a CPU."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, out in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            out.append(1000 * (time.perf_counter() - start))
+    return [{"ms": statistics.median(t), "ms_all": t, "peak_mib": None} for t in times]
 
 
 def synthetic_cifar_split(n: int, rng: np.random.RandomState):
@@ -147,38 +165,48 @@ def run_bench(
         source = BatchSource(split, cfg, run.method.views, dev)
         return run, source, source.batch(0)
 
-    results = []
+    # GPU: each kind is timed as soon as it is built, alone in memory but for the exact run (peak
+    # memory is per kind); CPU: all are built first and timed in interleaved rounds.
+    benches: list[tuple[str, Callable[[], object] | dict, dict]] = []
 
-    def record(name: str, fn, **meta) -> None:
-        row = {"name": name, **_time(fn, dev, warmup, repeats), **meta}
-        results.append(row)
-        peak = "-" if row["peak_mib"] is None else f"{row['peak_mib']:.0f} MiB"
-        progress(f"{name:<34} {row['ms']:9.2f} ms   peak {peak}")
+    def add(name: str, fn: Callable[[], object], meta: dict) -> None:
+        benches.append((name, _time(fn, dev, warmup, repeats) if on_gpu else fn, meta))
+
+    def bench(name: str, cfg: TrainConfig, **meta) -> tuple:
+        run, source, batch = method_and_batch(cfg)
+        add(name, lambda: run.method.step(batch), meta)
+        return run, source, batch
 
     # 1. the student's supervised update alone, on the unlabeled-sized batch
-    run, _, batch = method_and_batch(config("supervised", batch_size=n_u))
-    record("student_supervised_step", lambda: run.method.step(batch), images=n_u)
+    bench("student_supervised_step", config("supervised", batch_size=n_u), images=n_u)
     # 2. the teacher's UDA step: labeled + two unlabeled views
-    run, _, batch = method_and_batch(config("uda"))
-    record("teacher_uda_step", lambda: run.method.step(batch), images=n_l + 2 * n_u)
+    bench("teacher_uda_step", config("uda"), images=n_l + 2 * n_u)
     # 3-4. UDA+MPL, first-order and exact
-    run, _, batch = method_and_batch(config("uda_mpl", mpl_estimator="first_order"))
-    record("first_order_mpl_step", lambda: run.method.step(batch))
-    run, source, batch = method_and_batch(config("uda_mpl"))
-    record("exact_mpl_step", lambda: run.method.step(batch))
-    results[-1]["jvp"] = run.method.mpl.last_jvp_path  # "tape" unless the student cannot
+    bench("first_order_mpl_step", config("uda_mpl", mpl_estimator="first_order"))
+    exact_run, source, exact_batch = bench("exact_mpl_step", config("uda_mpl"))
     # the same step with J by forward-mode AD (a second student forward): what the tape saves
-    fad_run, _, fad_batch = method_and_batch(config("uda_mpl", mpl_jvp="forward_ad"))
-    record("exact_mpl_step_forward_ad", lambda: fad_run.method.step(fad_batch), jvp="forward_ad")
+    bench("exact_mpl_step_forward_ad", config("uda_mpl", mpl_jvp="forward_ad"), jvp="forward_ad")
     # 5. the same exact UDA+MPL step with the teacher's MPL gradient by double backward
-    db_run, _, db_batch = method_and_batch(config("uda_mpl", mpl_estimator="double_backward"))
-    record("double_backward_mpl_step", lambda: db_run.method.step(db_batch))
-    # Numerics: the exact teacher gradient under this precision policy vs float64 on the CPU, on
-    # the same weights and the same batch (at most 64 + 448 images: the reference runs on the CPU).
-    numerics = _numerics(run, batch, dev, precision, progress)
+    bench("double_backward_mpl_step", config("uda_mpl", mpl_estimator="double_backward"))
     # 6. a whole training step: per-image RandAugment + data loading + the exact UDA+MPL step
     step = iter(range(1, 10**9))
-    record("train_step_exact_uda_mpl", lambda: run.method.step(source.batch(next(step))))
+    add("train_step_exact_uda_mpl", lambda: exact_run.method.step(source.batch(next(step))), {})
+
+    if on_gpu:
+        timings = [timing for _, timing, _ in benches]
+    else:
+        progress(f"timing {len(benches)} kinds of step in {warmup} + {repeats} interleaved rounds")
+        timings = _time_interleaved([fn for _, fn, _ in benches], warmup, repeats)
+    results = []
+    for (name, _, meta), timing in zip(benches, timings):
+        results.append({"name": name, **timing, **meta})
+        peak = "-" if timing["peak_mib"] is None else f"{timing['peak_mib']:.0f} MiB"
+        progress(f"{name:<34} {timing['ms']:9.2f} ms   peak {peak}")
+    row = next(r for r in results if r["name"] == "exact_mpl_step")
+    row["jvp"] = exact_run.method.mpl.last_jvp_path  # "tape" unless the student cannot
+    # Numerics: the exact teacher gradient under this precision policy vs float64 on the CPU, on
+    # the same weights and the same batch (at most 64 + 448 images: the reference runs on the CPU).
+    numerics = _numerics(exact_run, exact_batch, dev, precision, progress)
 
     ratios = _ratios(results)
     progress("  ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
@@ -193,6 +221,7 @@ def run_bench(
             "channels_last": config("supervised").channels_last(dev),
             "repeats": repeats,
             "warmup": warmup,
+            "timing": "one kind after another" if on_gpu else "interleaved rounds",
         },
         "results": results,
         "ratios": ratios,
