@@ -497,7 +497,7 @@ def test_presets_lists_every_table1_row_and_digits(capsys):
     assert main(["presets"]) == 0
     names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
     expected = {f"{d}-{m}" for d in TABLE3 for m in TABLE1_METHODS}
-    expected |= {"digits-supervised", "digits-uda", "digits-uda-mpl"}
+    expected |= {f"digits-{m}" for m in TABLE1_METHODS}  # Table 1 on real images, on a CPU
     expected |= {"folder-supervised", "folder-uda", "folder-uda-mpl"}  # your own images
     figure7 = {  # ImageNet at 20/40/80% of the labels
         f"imagenet-{pct}pct-{m}"
@@ -615,6 +615,58 @@ def test_digits_paired_differences_are_seed_by_seed():
     # differences +0.01, 0, -0.01: sample std 0.01, standard error 0.01 / sqrt(3)
     assert p["standard_error"] == pytest.approx(0.01 / 3**0.5)
     assert paired["uda_mpl - supervised"]["mean"] == pytest.approx((0.07 + 0.18 + 0.26) / 3)
+
+
+def test_digits_pairs_each_mpl_row_with_its_own_baseline():
+    acc = {
+        "supervised_mpl": [0.93, 0.91],
+        "supervised": [0.90, 0.92],
+        "randaugment_mpl": [0.95, 0.96],
+        "randaugment": [0.94, 0.93],
+        "uda_mpl": [0.97, 0.98],
+    }
+    records = [
+        {"method": m, "seed": s, "accuracy": a}
+        for m, accs in acc.items()
+        for s, a in enumerate(accs)
+    ]
+    paired = paired_differences(records)
+    assert set(paired) == {
+        "supervised_mpl - supervised",
+        "randaugment_mpl - randaugment",
+        "uda_mpl - supervised",
+        "uda_mpl - supervised_mpl",
+        "uda_mpl - randaugment",
+        "uda_mpl - randaugment_mpl",
+    }
+    assert paired["supervised_mpl - supervised"]["mean"] == pytest.approx((0.03 - 0.01) / 2)
+    assert paired["supervised_mpl - supervised"]["wins_ties_losses"] == [1, 0, 1]
+    assert paired["randaugment_mpl - randaugment"]["mean"] == pytest.approx((0.01 + 0.03) / 2)
+
+
+def test_digits_runs_the_other_table1_rows(tmp_path, capsys):
+    out = tmp_path / "digits"
+    methods = "label_smoothing,supervised_mpl,randaugment,randaugment_mpl"
+    args = ["digits", "--seeds", "0-1", "--steps", "3", "--out", str(out), "--quiet"]
+    assert main([*args, "--methods", methods]) == 0
+    payload = json.loads((out / "results.json").read_text())
+    assert [(r["method"], r["seed"]) for r in payload["results"]] == [
+        (m, s) for m in methods.split(",") for s in (0, 1)
+    ]
+    configs = {
+        m: json.loads((out / m / "seed1" / "config.json").read_text()) for m in methods.split(",")
+    }
+    assert {m: c["method"] for m, c in configs.items()} == {m: m for m in methods.split(",")}
+    assert configs["label_smoothing"]["label_smoothing"] == 0.1
+    # the +MPL rows fine-tune their student as UDA+MPL does (a fifth of the run)
+    assert configs["supervised_mpl"]["finetune_steps"] == 1
+    assert configs["randaugment"]["finetune_steps"] == 0
+    # supervised_mpl's baseline did not run: only RandAugment's pair is there
+    assert set(payload["paired"]) == {"randaugment_mpl - randaugment"}
+    printed = capsys.readouterr().out
+    assert (
+        "randaugment_mpl - randaugment" in printed and "supervised_mpl_before_finetune" in printed
+    )
 
 
 def test_digits_set_overrides_every_method_or_one(tmp_path, capsys):

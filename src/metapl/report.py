@@ -17,5 +17,6 @@ def write_json_atomic(path: Path, payload: dict) -> None:
 def print_accuracy_table(title: str, summary: dict[str, dict]) -> None:
     """``summary``: name -> {"mean", "std", "n"} with accuracies in [0, 1]."""
     print(title)
+    width = max((len(name) for name in summary), default=0)
     for name, s in summary.items():
-        print(f"  {name:<24} {100 * s['mean']:6.2f} +- {100 * s['std']:5.2f} %  (n={s['n']})")
+        print(f"  {name:<{width}}  {100 * s['mean']:6.2f} +- {100 * s['std']:5.2f} %  (n={s['n']})")

@@ -60,7 +60,7 @@ FAMILIES = {
     "svhn-1k": TABLE1,
     "imagenet-10pct": TABLE1,
     **dict.fromkeys(FIGURE7_SPLITS, FIGURE7),
-    "digits": ("supervised", "uda", "uda-mpl"),
+    "digits": TABLE1,
     "cifar10-full": TABLE2,
     "svhn-full": TABLE2,
     "imagenet-full": TABLE2,
