@@ -43,7 +43,21 @@ def register_test_model() -> None:
         net.double()
         return nn.Sequential(_ToFloat64(), net)
 
+    def flat_bn_mlp_float64(num_classes: int, dropout: float = 0.0) -> nn.Module:
+        """With BatchNorm: equal to one process only with ``sync_batchnorm=true``."""
+        assert dropout == 0.0, "the equality needs no dropout"
+        net = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(64, 16),
+            nn.BatchNorm1d(16),
+            nn.Tanh(),
+            nn.Linear(16, num_classes),
+        )
+        net.double()
+        return nn.Sequential(_ToFloat64(), net)
+
     register_model(flat_mlp_float64)
+    register_model(flat_bn_mlp_float64)
 
 
 class _ToFloat64(nn.Module):
@@ -156,17 +170,23 @@ def read_metrics(path: Path) -> dict[tuple[int, str], float]:
         return {(int(s), n): float(v) for s, n, v in list(csv.reader(f))[1:]}
 
 
+SYNC_BN = ["--set", "model=flat_bn_mlp_float64", "--set", "sync_batchnorm=true"]
+
+
 @pytest.mark.parametrize(
-    "preset, extra",
+    "preset, steps, extra",
     [
         # UDA+MPL (exact teacher gradient), then one fine-tuning step of the student
-        ("digits-uda-mpl", ["--set", "finetune_steps=1"]),
-        ("digits-supervised", []),
+        ("digits-uda-mpl", 2, ["--set", "finetune_steps=1"]),
+        ("digits-supervised", 3, []),
+        # both models with BatchNorm over the global batch (metapl.sync_batchnorm); the single
+        # process has plain BatchNorm (sync_batchnorm does nothing there)
+        ("digits-uda-mpl", 2, ["--set", "finetune_steps=1", *SYNC_BN]),
     ],
+    ids=["uda-mpl", "supervised", "uda-mpl-sync-batchnorm"],
 )
-def test_two_processes_train_like_one_on_the_whole_batch(tmp_path, preset, extra):
+def test_two_processes_train_like_one_on_the_whole_batch(tmp_path, preset, steps, extra):
     register_test_model()
-    steps = 3 if not extra else 2
     args = options(steps, *extra)
     two, one = tmp_path / "two", tmp_path / "one"
     reports = torchrun(tmp_path, preset, two, args)
@@ -180,8 +200,13 @@ def test_two_processes_train_like_one_on_the_whole_batch(tmp_path, preset, extra
     for name in models:
         assert got[name].keys() == want[name].keys()
         for key, value in want[name].items():
+            if key.endswith("num_batches_tracked"):
+                assert torch.equal(got[name][key], value)
+                continue
             assert value.dtype == torch.float64
             torch.testing.assert_close(got[name][key], value, rtol=1e-10, atol=1e-12)
+        if "sync_batchnorm=true" in extra:  # BatchNorm was there, and learned
+            assert any("running_var" in k for k in want[name])
         # and the model did learn: its optimizer took steps with non-zero gradients
         momenta = [s["momentum_buffer"] for s in got["optimizers"][name]["state"].values()]
         assert momenta and all(m.abs().sum() > 0 for m in momenta)
@@ -216,15 +241,18 @@ def test_batch_size_must_divide_among_the_processes(tmp_path, monkeypatch, capsy
     assert not out.exists()
 
 
-def test_sync_batchnorm_needs_cuda_and_the_first_order_estimator(tmp_path, capsys):
-    out = tmp_path / "run"
-    args = ["--steps", "1", "--device", "cpu", "--set", "warmup_steps=0"]
-    args += ["--set", "sync_batchnorm=true"]
-    assert main(["train", "--preset", "digits-supervised", "--out", str(out), *args]) == 2
-    assert "sync_batchnorm needs CUDA" in capsys.readouterr().err
-    assert main(["train", "--preset", "digits-uda-mpl", "--out", str(out), *args]) == 2
-    assert "mpl_estimator=first_order" in capsys.readouterr().err
-    assert not out.exists()
+def test_sync_batchnorm_in_one_process_changes_nothing(tmp_path):
+    """In one process sync_batchnorm=true is accepted on CPU, with the exact MPL step, and trains
+    exactly as without it."""
+    register_test_model()
+    runs = {}
+    for flag in ("false", "true"):
+        out = tmp_path / flag
+        args = options(1, "--set", "model=flat_bn_mlp_float64", "--set", f"sync_batchnorm={flag}")
+        assert main(["train", "--preset", "digits-uda-mpl", "--out", str(out), *args]) == 0
+        runs[flag] = load_checkpoint(out / "checkpoint.pt")["student"]
+    for key, value in runs["false"].items():
+        assert torch.equal(runs["true"][key], value), key
 
 
 def test_batch_source_shards_concatenate_to_the_single_process_batch():

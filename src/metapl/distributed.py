@@ -8,8 +8,9 @@ the MPL term). Pass ``GradientAverager()`` as ``MetaPseudoLabels(..., grad_sync=
 
 BatchNorm: each process normalizes with its own shard's statistics, so with BatchNorm the result
 equals single-process training only up to that difference (as with DistributedDataParallel);
-convert the models with ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` (CUDA) for exact
-batch statistics. Dropout masks come from each process's own random stream.
+convert the models with :func:`metapl.sync_batchnorm.convert_global_batchnorm` (any backend,
+exact MPL included) for the global batch's statistics. Dropout masks come from each process's own
+random stream.
 
 The second half serves ``torchrun ... -m metapl train`` (:mod:`metapl.train.engine`): reading
 torchrun's environment, the process group's lifetime, and :class:`DataParallel`, what the ranks of a

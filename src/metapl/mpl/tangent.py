@@ -59,6 +59,7 @@ from torch.func import functional_call
 
 from metapl.mpl import tangent_ops as ops
 from metapl.mpl.replay import RngState
+from metapl.sync_batchnorm import GlobalBatchNorm
 
 JVP_MODES = ("auto", "tape", "forward_ad")
 
@@ -93,6 +94,14 @@ Rule = Callable[[dict, dict, dict, dict], object]
 
 
 _SCALARS = (bool, int, float, str, type(None))
+
+
+class _Tracer(fx.Tracer):
+    """fx's tracer, keeping :class:`GlobalBatchNorm` whole: its collectives cannot run on proxies,
+    and as one node it gets the generic rule (forward AD of the layer, collectives included)."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, GlobalBatchNorm) or super().is_leaf_module(m, qualname)
 
 
 def module_signature(module: nn.Module) -> tuple[tuple | None, str | None]:
@@ -142,7 +151,7 @@ class TangentTape:
             raise TapeUnsupportedError(why)
         self.key = key
         try:
-            gm = fx.symbolic_trace(module)
+            gm = fx.GraphModule(module, _Tracer().trace(module))
         except Exception as e:  # any failure to trace means: use forward AD
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             raise TapeUnsupportedError(

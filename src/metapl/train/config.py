@@ -119,7 +119,8 @@ class TrainConfig:
     # WRN-28-2's exact UDA+MPL step 10-16% faster, ResNet-50 no faster (README, CPU step timings)
     memory_format: str = "auto"
     # torchrun (data parallel): BatchNorm with the statistics of the whole global batch instead of
-    # each process's shard (torch.nn.SyncBatchNorm; CUDA only, and no effect in one process)
+    # each process's shard (metapl.sync_batchnorm: any device, exact MPL included; no effect in one
+    # process)
     sync_batchnorm: bool = False
 
     # -- where the preset came from (informational)
@@ -157,13 +158,6 @@ class TrainConfig:
             raise ConfigError(
                 "mpl_estimator must be exact, first_order or double_backward (the same exact "
                 f"gradient by second-order autograd, slower), got {self.mpl_estimator!r}"
-            )
-        if self.sync_batchnorm and self.uses_mpl and self.mpl_estimator != "first_order":
-            # SyncBatchNorm has no forward-mode derivative (the exact step's JVP pass), and the
-            # exact gradient would need the other processes' tangents of the batch statistics.
-            raise ConfigError(
-                f"sync_batchnorm works with {self.method} only with --set "
-                "mpl_estimator=first_order; the exact teacher gradient needs per-process BatchNorm"
             )
         positive = (
             "steps",

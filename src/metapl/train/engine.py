@@ -27,6 +27,7 @@ from metapl.methods.build import autocast_dtype, build_method
 from metapl.methods.supervised import SupervisedMethod
 from metapl.models import param_groups_for_weight_decay
 from metapl.report import write_json_atomic
+from metapl.sync_batchnorm import convert_global_batchnorm
 from metapl.train.checkpoint import (
     capture_rng,
     check_resumable,
@@ -94,8 +95,7 @@ class Run:
             for model in self.method.models.values():
                 # In place: BatchNorm children are swapped, their parameters and buffers kept (the
                 # optimizers hold them); a model's root is never a BatchNorm.
-                converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-                assert converted is model
+                convert_global_batchnorm(model)
         self.schedulers = {
             name: make_scheduler(opt, cfg.steps, cfg.warmup_steps)
             for name, opt in self.method.optimizers.items()
@@ -257,17 +257,12 @@ def _accuracies(run: Run, amp) -> dict[str, float]:
     return out
 
 
-def _check_data_parallel(cfg: TrainConfig, device: torch.device, world_size: int) -> None:
+def _check_data_parallel(cfg: TrainConfig, world_size: int) -> None:
     """Mistakes in a torchrun launch, raised on every rank before any process waits on another."""
     if cfg.batch_size % world_size:
         raise ConfigError(
             f"batch_size {cfg.batch_size} is not divisible by the {world_size} processes, which "
             "each train on an equal slice of every batch; choose another --set batch_size=N"
-        )
-    if cfg.sync_batchnorm and device.type != "cuda":
-        raise ConfigError(
-            "sync_batchnorm needs CUDA (torch.nn.SyncBatchNorm); on CPU each process normalizes "
-            "with the statistics of its own slice of the batch: drop sync_batchnorm=true"
         )
 
 
@@ -291,7 +286,7 @@ def _data_parallel(train_fn):
     @functools.wraps(train_fn)
     def wrapper(cfg: TrainConfig, *args, **kwargs):
         device = resolve_device(cfg.validate().device)
-        _check_data_parallel(cfg, device, torchrun_world()[1])
+        _check_data_parallel(cfg, torchrun_world()[1])
         with torchrun_process_group(device):
             return train_fn(cfg, *args, **kwargs)
 
