@@ -19,10 +19,10 @@ renamed onto it (``os.replace``), so a crash or an error never leaves half a mod
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
+
+from metapl.atomic import replace_atomically
 
 HELP = "save a trained run's model (EMA or student) as TorchScript or ONNX"
 DESCRIPTION = (
@@ -56,24 +56,6 @@ def _missing_onnx_packages() -> list[str]:
     return [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]
 
 
-def write_atomic(path: Path, write) -> None:
-    """``write(tmp_path)`` to a temporary file beside ``path``, fsync it, rename it onto ``path``."""
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        write(tmp)
-        with tmp.open("rb+") as f:
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the model from other users
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _trace(classifier, example):
     """TorchScript by tracing: the models are plain tensor code, and tracing needs no annotations.
     Checked on a batch of another size, so a shape frozen into the trace cannot pass silently."""
@@ -101,7 +83,7 @@ def _save_torchscript(classifier, example, info: dict, path: Path) -> None:
         # torch.jit.load and libtorch (C++) read; the warning is not the user's to act on.
         warnings.filterwarnings("ignore", message=r"`torch\.jit\.", category=DeprecationWarning)
         traced = _trace(classifier, example)
-        write_atomic(path, lambda tmp: torch.jit.save(traced, str(tmp), _extra_files=extra))
+        replace_atomically(path, lambda tmp: torch.jit.save(traced, str(tmp), _extra_files=extra))
 
 
 def _save_onnx(classifier, example, info: dict, path: Path) -> None:
@@ -133,7 +115,7 @@ def _save_onnx(classifier, example, info: dict, path: Path) -> None:
     )
     # One self-contained file (our models are far below ONNX's 2 GB limit): a side file of weights
     # would be named after the temporary file.
-    write_atomic(path, lambda tmp: program.save(str(tmp), external_data=False))
+    replace_atomically(path, lambda tmp: program.save(str(tmp), external_data=False))
 
 
 def run(args: argparse.Namespace) -> None:

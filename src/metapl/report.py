@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from metapl.atomic import write_json_atomically
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:
-    """Write to a temporary file beside ``path``, then rename it: a reader (or a crash) never sees
-    half a file, and an earlier result survives until the new one is complete."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1, sort_keys=True))
-    tmp.replace(path)
+    """``payload`` as JSON with sorted keys, whole or not at all (:mod:`metapl.atomic`): a reader
+    (or a crash) never sees half a file, and an earlier result survives until the new one is
+    complete."""
+    write_json_atomically(Path(path), payload, sort_keys=True)
 
 
 def print_accuracy_table(title: str, summary: dict[str, dict]) -> None:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from metapl.atomic import write_json_atomically
 from metapl.data.arrays import data_error, describe, to_tensor_nchw
 from metapl.errors import ConfigError
 
@@ -147,21 +147,6 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    """Replace ``path`` with ``obj`` as JSON so that a reader sees the old or the new file, whole."""
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    tmp = Path(name)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _read_sidecar(path: Path) -> dict:
     """The validated sidecar of distributions file ``path``, or a one-line DataError."""
     side = sidecar_path(path)
@@ -252,7 +237,7 @@ def _create(out_path: Path, meta: dict, num_classes: int) -> np.memmap:
     """A fresh ``[N, C]`` float32 ``.npy``; the sidecar claiming 0 rows is written first."""
     out_path.parent.mkdir(parents=True, exist_ok=True)
     meta.update(num_classes=num_classes, completed_rows=0)
-    _write_json_atomic(sidecar_path(out_path), meta)
+    write_json_atomically(sidecar_path(out_path), meta)
     probs = np.lib.format.open_memmap(
         out_path, mode="w+", dtype=np.float32, shape=(meta["num_images"], num_classes)
     )
@@ -364,7 +349,7 @@ def precompute_distributions(
                     row = rows.stop
                 probs.flush()  # rows on disk first, then the sidecar may claim them
                 meta["completed_rows"] = end
-                _write_json_atomic(sidecar_path(out_path), meta)
+                write_json_atomically(sidecar_path(out_path), meta)
                 start = end
     finally:
         model.train(was_training)

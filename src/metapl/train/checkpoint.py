@@ -25,7 +25,6 @@ import os
 import random
 import shlex
 import shutil
-import tempfile
 from collections.abc import Iterable, Mapping
 from enum import Enum
 from pathlib import Path
@@ -34,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from metapl.atomic import temp_file_beside, temp_prefix
 from metapl.errors import CheckpointError
 
 REQUIRED_KEYS = ("format_version", "step")
@@ -92,40 +92,19 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _tmp_prefix(path: Path) -> str:
-    return f".{path.name}."
-
-
-def _write_tmp(directory: Path, prefix: str, write) -> Path:
-    """Create a temporary file in ``directory``, fill it with ``write(f)``, fsync; delete on error."""
-    fd, name = tempfile.mkstemp(dir=directory, prefix=prefix, suffix=".tmp")
-    tmp = Path(name)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return tmp
-
-
 def _keep_previous(path: Path) -> None:
     """Make ``prev_path(path)`` a complete copy of the current ``path`` without touching ``path``."""
     prev = prev_path(path)
-    prefix = _tmp_prefix(prev)
-    directory = path.parent
-    fd, name = tempfile.mkstemp(dir=directory, prefix=prefix, suffix=".tmp")
-    os.close(fd)
-    tmp = Path(name)
-    try:
+
+    def link(tmp: Path) -> None:  # instant, and no extra disk space
         tmp.unlink()
-        try:
-            os.link(path, tmp)  # instant, no extra disk space
-        except OSError:
-            with path.open("rb") as src:
-                tmp = _write_tmp(directory, prefix, lambda dst: shutil.copyfileobj(src, dst))
+        os.link(path, tmp)
+
+    try:
+        tmp = temp_file_beside(prev, link)  # a temporary name, then a rename
+    except OSError:  # a file system without hard links: a copy
+        tmp = temp_file_beside(prev, lambda t: shutil.copyfile(path, t))
+    try:
         os.replace(tmp, prev)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -145,11 +124,11 @@ def save_checkpoint(path: Path, state: dict) -> None:
     _check_plain(state, "state")
     path.parent.mkdir(parents=True, exist_ok=True)
     # Leftovers of a save killed midway: only this function writes files with these prefixes.
-    for prefix in (_tmp_prefix(path), _tmp_prefix(prev_path(path))):
+    for prefix in (temp_prefix(path), temp_prefix(prev_path(path))):
         for stale in path.parent.glob(f"{prefix}*.tmp"):
             stale.unlink(missing_ok=True)
 
-    tmp = _write_tmp(path.parent, _tmp_prefix(path), lambda f: torch.save(state, f))
+    tmp = temp_file_beside(path, lambda t: torch.save(state, t))
     try:
         if path.exists():
             _keep_previous(path)

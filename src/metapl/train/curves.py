@@ -9,8 +9,6 @@ of every ``metapl train`` run (TensorBoard's ``tb/`` has the same series, live).
 from __future__ import annotations
 
 import csv
-import os
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -18,6 +16,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from metapl.atomic import replace_atomically  # noqa: E402
 from metapl.train.metrics_log import CSV_NAME  # noqa: E402
 
 PNG_NAME = "curves.png"
@@ -62,14 +61,8 @@ def plot_curves(run_dir: Path, title: str) -> Path:
     axes[-1].set_xlabel("training step")
     fig.tight_layout()
     path = run_dir / PNG_NAME
-    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=f".{PNG_NAME}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=100)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        replace_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     finally:
         plt.close(fig)
     return path

@@ -13,12 +13,12 @@ through ``purge_step``.
 from __future__ import annotations
 
 import csv
-import os
-import tempfile
 import warnings
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+
+from metapl.atomic import replace_atomically
 
 HEADER = ("step", "name", "value")
 CSV_NAME = "metrics.csv"
@@ -64,18 +64,13 @@ def _rows_up_to(csv_path: Path, last_step: int) -> list[tuple[int, str, str]]:
 
 
 def _write_atomic(csv_path: Path, rows: list[tuple[int, str, str]]) -> None:
-    fd, name = tempfile.mkstemp(dir=csv_path.parent, prefix=f".{csv_path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
+    def fill(tmp: Path) -> None:
+        with tmp.open("w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(HEADER)
             writer.writerows(rows)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(name, csv_path)
-    except BaseException:
-        Path(name).unlink(missing_ok=True)
-        raise
+
+    replace_atomically(csv_path, fill)
 
 
 class MetricsLogger:

@@ -1,0 +1,74 @@
+"""Files that appear whole or not at all.
+
+Every result file metapl writes (checkpoints, metrics, plots, JSON summaries, exported models) is
+written to a temporary file beside its destination, flushed to disk, and renamed onto it with
+``os.replace`` (atomic on POSIX and Windows): a reader, or a crash at any instant, sees the old file
+or the new one, never half of one, and an earlier result survives until its successor is complete.
+Temporary names are ``.<name>.<random>.tmp`` in the same folder (a rename across file systems would
+not be atomic). The file gets the permissions of a plain ``open(path, "w")`` (``0666`` less the
+umask), not the ``0600`` of ``tempfile.mkstemp``, so a run folder reads the same for everyone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+
+def temp_prefix(path: Path) -> str:
+    """The prefix of ``path``'s temporary files (a killed writer's leftovers can be found by it)."""
+    return f".{path.name}."
+
+
+def _default_mode() -> int:
+    umask = os.umask(0)  # the only portable way to read it
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def temp_file_beside(path: Path, fill: Callable[[Path], None]) -> Path:
+    """A temporary file in ``path``'s folder, filled by ``fill(tmp)``, on disk, with ordinary
+    permissions; deleted if ``fill`` (or anything here) fails. The caller renames it."""
+    path = Path(path)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path), suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        fill(tmp)
+        _fsync_file(tmp)
+        os.chmod(tmp, _default_mode())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def replace_atomically(path: Path, fill: Callable[[Path], None]) -> None:
+    """Write ``path`` through ``fill(tmp)`` on a temporary file, then rename it onto ``path``."""
+    tmp = temp_file_beside(path, fill)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    replace_atomically(path, lambda tmp: tmp.write_text(text))
+
+
+def write_json_atomically(path: Path, obj, **dumps_options) -> None:
+    """``obj`` as JSON (``indent=1`` unless told otherwise), whole or not at all."""
+    dumps_options.setdefault("indent", 1)
+    write_text_atomically(path, json.dumps(obj, **dumps_options))

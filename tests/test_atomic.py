@@ -1,0 +1,61 @@
+"""metapl.atomic: a file appears whole or not at all, with the permissions of a plain open()."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+
+from metapl.atomic import replace_atomically, write_json_atomically
+from metapl.report import write_json_atomic
+from metapl.train.checkpoint import save_checkpoint
+from metapl.train.curves import plot_curves
+from metapl.train.metrics_log import MetricsLogger
+
+
+@pytest.fixture
+def umask_027():
+    old = os.umask(0o027)
+    yield 0o640
+    os.umask(old)
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_nothing(tmp_path):
+    path = tmp_path / "r.json"
+    write_json_atomically(path, {"a": 1})
+
+    def half(tmp: Path) -> None:
+        tmp.write_text('{"a": ')
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        replace_atomically(path, half)
+    assert path.read_text() == '{\n "a": 1\n}'
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_every_run_file_gets_the_mode_of_a_plain_open(tmp_path, umask_027):
+    """mkstemp makes 0600 files: checkpoints, metrics and plots used to be unreadable to others
+    while config.json and results.json were not."""
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    assert mode(plain) == umask_027
+    state = {"format_version": 1, "step": 1, "student": {"w": torch.zeros(2)}, "config": {}}
+    save_checkpoint(tmp_path / "checkpoint.pt", state)
+    save_checkpoint(tmp_path / "checkpoint.pt", {**state, "step": 2})  # and .prev.pt
+    with MetricsLogger(tmp_path) as log:
+        log.log(1, {"loss": 0.5})
+    with MetricsLogger(tmp_path, resume_step=1) as log:  # the resume rewrite of metrics.csv
+        log.log(2, {"loss": 0.4})
+    plot_curves(tmp_path, "t")
+    write_json_atomic(tmp_path / "results.json", {"a": 1})
+    names = ["checkpoint.pt", "checkpoint.prev.pt", "metrics.csv", "curves.png", "results.json"]
+    for name in names:
+        assert mode(tmp_path / name) == umask_027, name
