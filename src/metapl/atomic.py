@@ -29,7 +29,8 @@ def _default_mode() -> int:
     return 0o666 & ~umask
 
 
-def _fsync_file(path: Path) -> None:
+def fsync_file(path: Path) -> None:
+    """Flush ``path``'s data to disk (written through another handle, or a memory map)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -46,7 +47,7 @@ def temp_file_beside(path: Path, fill: Callable[[Path], None]) -> Path:
     tmp = Path(name)
     try:
         fill(tmp)
-        _fsync_file(tmp)
+        fsync_file(tmp)
         os.chmod(tmp, _default_mode())
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -56,7 +57,11 @@ def temp_file_beside(path: Path, fill: Callable[[Path], None]) -> Path:
 
 def replace_atomically(path: Path, fill: Callable[[Path], None]) -> None:
     """Write ``path`` through ``fill(tmp)`` on a temporary file, then rename it onto ``path``."""
-    tmp = temp_file_beside(path, fill)
+    move_into_place(temp_file_beside(path, fill), path)
+
+
+def move_into_place(tmp: Path, path: Path) -> None:
+    """Rename the finished temporary file ``tmp`` onto ``path``; delete it if that fails."""
     try:
         os.replace(tmp, path)
     except BaseException:

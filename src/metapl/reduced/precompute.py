@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from metapl.atomic import write_json_atomically
+from metapl.atomic import fsync_file, write_json_atomically
 from metapl.data.arrays import data_error, describe, to_tensor_nchw
 from metapl.errors import ConfigError
 
@@ -139,14 +138,6 @@ def fingerprint_images(
 # Sidecar
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _read_sidecar(path: Path) -> dict:
     """The validated sidecar of distributions file ``path``, or a one-line DataError."""
     side = sidecar_path(path)
@@ -241,7 +232,7 @@ def _create(out_path: Path, meta: dict, num_classes: int) -> np.memmap:
     probs = np.lib.format.open_memmap(
         out_path, mode="w+", dtype=np.float32, shape=(meta["num_images"], num_classes)
     )
-    _fsync_path(out_path)  # the header, written outside the mapped region
+    fsync_file(out_path)  # the header, written outside the mapped region
     return probs
 
 

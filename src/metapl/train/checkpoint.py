@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from metapl.atomic import temp_file_beside, temp_prefix
+from metapl.atomic import move_into_place, temp_file_beside, temp_prefix
 from metapl.errors import CheckpointError
 
 REQUIRED_KEYS = ("format_version", "step")
@@ -104,11 +104,7 @@ def _keep_previous(path: Path) -> None:
         tmp = temp_file_beside(prev, link)  # a temporary name, then a rename
     except OSError:  # a file system without hard links: a copy
         tmp = temp_file_beside(prev, lambda t: shutil.copyfile(path, t))
-    try:
-        os.replace(tmp, prev)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    move_into_place(tmp, prev)
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -132,10 +128,10 @@ def save_checkpoint(path: Path, state: dict) -> None:
     try:
         if path.exists():
             _keep_previous(path)
-        os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    move_into_place(tmp, path)
     _fsync_dir(path.parent)
 
 
