@@ -261,6 +261,7 @@ def test_corrupt_checkpoint_is_exit_2_and_touches_nothing(tmp_path, capsys):
     assert train_cli("digits-supervised", out, *tiny(4)) == 2
     err = one_error_line(capsys.readouterr().err)
     assert str(ckpt) in err and "no previous checkpoint" in err and "mv " not in err
+    assert "delete it to start this run over" in err
     assert ckpt.read_bytes() == b"not a checkpoint" and (out / "results.json").exists()
 
 
@@ -329,6 +330,38 @@ def test_bad_options_exit_2_with_one_line_and_write_nothing(tmp_path, capsys, ar
     err = one_error_line(capsys.readouterr().err)
     assert err.startswith("metapl train: error: ") and message in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["train", "--preset", "digits-uda"],
+        ["twomoons", "--seeds", "0"],
+        ["digits", "--seeds", "0"],
+        ["reduced", "--seeds", "0"],
+        ["tune", "--preset", "digits-uda", "--trials", "1", "--storage", "STORAGE"],
+    ],
+    ids=lambda c: c[0],
+)
+def test_out_in_place_of_a_file_is_exit_2_before_any_work(tmp_path, capsys, command):
+    """Used to be a traceback after the work (twomoons trained every method first)."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me")
+    command = [str(tmp_path / "s.db") if c == "STORAGE" else c for c in command]
+    for out, where in ((a_file, "is a file"), (a_file / "run", f"is inside {a_file}")):
+        assert main([*command, "--out", str(out), "--quiet"]) == 2
+        err = one_error_line(capsys.readouterr().err)
+        assert f"--out {out} {where}" in err and "choose another --out" in err
+    assert a_file.read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+def test_data_dir_that_is_a_file(tmp_path, capsys):
+    a_file = tmp_path / "cifar.tar.gz"
+    a_file.write_bytes(b"not a folder")
+    assert train_cli("cifar10-4k-uda", tmp_path / "run", "--data-dir", str(a_file)) == 2
+    assert f"--data-dir {a_file} is a file" in one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "run").exists()
 
 
 def test_bad_preset_through_a_real_process(tmp_path):

@@ -10,9 +10,9 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
 
 from metapl.errors import ConfigError, MetaplError
+from metapl.report import output_folder
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -43,12 +43,13 @@ def _cmd_twomoons(args: argparse.Namespace) -> None:
         raise ConfigError("--steps must be >= 1")
     if not 0.0 <= args.noise <= 1.0:
         raise ConfigError(f"--noise must be in [0, 1], got {args.noise}")
+    out = output_folder(args.out)
     cfg = TwoMoonsConfig(seeds=parse_seeds(args.seeds), noise=args.noise)
     if args.steps is not None:
         cfg.steps = args.steps
     start = time.perf_counter()
     result = run(cfg, show_progress=not args.quiet)
-    save(result, cfg, Path(args.out))
+    save(result, cfg, out)
     elapsed = time.perf_counter() - start
     print(
         f"TwoMoons, noise {cfg.noise}, {len(cfg.seeds)} seeds ({args.seeds}), accuracy on all 2,000 points:"
@@ -77,7 +78,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
     cfg = _train_config(args)
     from metapl.distributed import torchrun_world
 
-    summary = train(cfg, Path(args.out), show_progress=not args.quiet)
+    summary = train(cfg, output_folder(args.out), show_progress=not args.quiet)
     if torchrun_world()[0] != 0:
         return  # under torchrun, rank 0 speaks for the run
     row = summary["results"][0]
@@ -109,7 +110,7 @@ def _cmd_digits(args: argparse.Namespace) -> None:
         methods=tuple(args.methods.split(",")),
         overrides=parse_method_overrides(args.set or []),
     )
-    run_digits(cfg, Path(args.out), show_progress=not args.quiet)
+    run_digits(cfg, output_folder(args.out), show_progress=not args.quiet)
 
 
 def _cmd_reduced(args: argparse.Namespace) -> None:
@@ -122,7 +123,7 @@ def _cmd_reduced(args: argparse.Namespace) -> None:
         labels_per_class=args.labels_per_class,
         device=args.device,
     )
-    run_reduced(cfg, Path(args.out), show_progress=not args.quiet)
+    run_reduced(cfg, output_folder(args.out), show_progress=not args.quiet)
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:

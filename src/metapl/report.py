@@ -2,9 +2,27 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from metapl.atomic import write_json_atomically
+from metapl.errors import ConfigError
+
+
+def output_folder(path: Path | str, option: str = "--out") -> Path:
+    """``path`` as a folder a command can create or reuse, checked before any work starts (a file
+    in its place would otherwise surface as a traceback when the first result is written, after
+    the work is done)."""
+    path = Path(path)
+    for existing in (path, *path.parents):
+        if existing.exists():
+            break
+    if not existing.is_dir():
+        where = "is a file" if existing == path else f"is inside {existing}, which is a file"
+        raise ConfigError(f"{option} {path} {where}, not a folder; choose another {option}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option} {path}: {existing} is not writable; choose another {option}")
+    return path
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:

@@ -6,7 +6,6 @@ The options live here, next to the command; the work is in :mod:`metapl.tuning`.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 HELP = "hyper-parameter search on the tuning split (Appendix C.1), with Optuna"
 DESCRIPTION = (
@@ -59,6 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from metapl.errors import ConfigError
+    from metapl.report import output_folder
     from metapl.train.config import parse_set_options
     from metapl.tuning import TuneOptions, tune
 
@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> None:
         preset=args.preset,
         trials=args.trials,
         storage=args.storage,
-        out=Path(args.out),
+        out=output_folder(args.out),
         study=args.study,
         stage=args.stage,
         overrides=parse_set_options(args.set or []),

@@ -174,7 +174,10 @@ def load_checkpoint(
     except ValueError as error:
         prev = prev_path(path)
         if not prev.is_file():
-            hint = "there is no previous checkpoint to fall back to"
+            hint = (
+                "there is no previous checkpoint to fall back to: delete it to start this run "
+                "over, or train into another folder"
+            )
         else:
             try:
                 _read(prev, "cpu")
@@ -183,7 +186,10 @@ def load_checkpoint(
                     f"mv {shlex.quote(str(prev))} {shlex.quote(str(path))}"
                 )
             except ValueError:
-                hint = f"the previous checkpoint {prev} is unreadable too"
+                hint = (
+                    f"the previous checkpoint {prev} is unreadable too: delete both to start this "
+                    "run over, or train into another folder"
+                )
         raise CheckpointError(
             f"checkpoint {path} is corrupt or not a metapl checkpoint ({error}); {hint}"
         ) from None
