@@ -320,7 +320,11 @@ def test_a_run_folder_from_before_a_new_option_resumes_at_its_default(tmp_path, 
         (["--preset", "no-such-preset"], "unknown preset 'no-such-preset'"),
         (["--preset", "digits-uda", "--set", "method=mpl"], "method 'mpl' is not one of"),
         (["--preset", "digits-uda", "--set", "model=no_such_net"], "unknown model 'no_such_net'"),
-        (["--preset", "digits-uda", "--steps", "5"], "warmup_steps (100) must not exceed steps"),
+        (
+            ["--preset", "digits-uda", "--set", "steps=5"],
+            "warmup_steps (100) must not exceed steps",
+        ),
+        (["--preset", "digits-uda", "--steps", "5", "--set", "warmup_steps=6"], "(6) must not"),
         (["--preset", "digits-uda", "--set", "student_dropout=1"], "student_dropout must be in"),
     ],
 )
@@ -362,6 +366,17 @@ def test_data_dir_that_is_a_file(tmp_path, capsys):
     assert train_cli("cifar10-4k-uda", tmp_path / "run", "--data-dir", str(a_file)) == 2
     assert f"--data-dir {a_file} is a file" in one_error_line(capsys.readouterr().err)
     assert not (tmp_path / "run").exists()
+
+
+def test_short_steps_cut_the_presets_warmup_with_a_note(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train_cli("digits-supervised", out, "--steps", "3", "--device", "cpu", "--quiet") == 0
+    err = capsys.readouterr().err
+    assert "warmup_steps lowered from 100 to 3 to fit --steps 3" in err
+    config = json.loads((out / "config.json").read_text())
+    assert config["steps"] == 3 and config["warmup_steps"] == 3
+    # The same command resumes the finished run (the same resolved configuration).
+    assert train_cli("digits-supervised", out, "--steps", "3", "--device", "cpu", "--quiet") == 0
 
 
 def test_bad_preset_through_a_real_process(tmp_path):

@@ -69,6 +69,16 @@ def _train_config(args: argparse.Namespace):
         value = getattr(args, key, None)
         if value is not None:
             overrides[key] = value
+    warmup = overrides.get("warmup_steps", cfg.warmup_steps)
+    if args.steps is not None and "warmup_steps" not in overrides and warmup > args.steps > 0:
+        # --steps shortens a preset for a quick run: its LR warm-up is cut to fit, as `metapl
+        # digits --steps` does (an explicit --set warmup_steps=N is the user's and still checked).
+        overrides["warmup_steps"] = args.steps
+        print(
+            f"metapl train: note: warmup_steps lowered from {warmup} to {args.steps} to fit "
+            f"--steps {args.steps}",
+            file=sys.stderr,
+        )
     return apply_overrides(cfg, overrides).validate()
 
 
@@ -200,7 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", required=True, help="a name from `metapl presets`, or a .toml file")
     p.add_argument("--out", required=True, help="run folder (created; reused to resume)")
     p.add_argument("--data-dir", help="folder with the dataset files (not needed for digits)")
-    p.add_argument("--steps", type=int, help="override the preset's number of steps")
+    p.add_argument(
+        "--steps",
+        type=int,
+        help="override the preset's number of steps (a warm-up longer than that is cut to fit)",
+    )
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: auto")
     p.add_argument("--seed", type=int, help="seed of the run (and of the digits split)")
