@@ -15,7 +15,8 @@
 #   0. preflight: `metapl bench` on a small conv net in bf16 on CUDA (all kinds of step, tape included)
 #   1. issue 5: `metapl bench` in bf16 (WRN-28-2, labeled 128 / unlabeled 896), with the numerics
 #      check against a float64 CPU reference: the headline goals
-#   2. issue 2: the exact-gradient oracle tests in float64 on CUDA (METAPL_TEST_DEVICE=cuda)
+#   2. issue 2: the exact-gradient oracle tests in float64 on CUDA (METAPL_TEST_DEVICE=cuda), and
+#      GlobalBatchNorm (sync_batchnorm) on CUDA tensors: 2 gloo processes sharing the one GPU
 #   3. issue 3 item 10: 300 real UDA+MPL training steps at Table 3's batch sizes (steps/s, memory)
 #   4. issue 5: `metapl bench` in fp32 (TF32 policy, numerics)
 #   5. benchmarks/goals.py: issue 5's bars against the bench files, met or not
@@ -56,8 +57,8 @@ step preflight 40 python3 -m metapl bench --device $dev --precision bf16 --model
   --batch-size 8 --repeats 2 --json /tmp/metapl_preflight.json
 step bench_bf16 120 python3 -m metapl bench --device $dev --precision bf16 \
   "${bench_size[@]}" --json "$results/bench_${gpu}_bf16.json"
-step oracle 90 env METAPL_TEST_DEVICE=$dev python3 -m pytest -q -p no:cacheprovider \
-  tests/test_exact_gradient.py tests/test_double_backward_step.py
+step oracle 100 env METAPL_TEST_DEVICE=$dev python3 -m pytest -q -p no:cacheprovider \
+  tests/test_exact_gradient.py tests/test_double_backward_step.py tests/test_sync_batchnorm.py
 step train_throughput 90 python3 benchmarks/train_throughput.py --device $dev --precision bf16 \
   --steps $steps --warmup $((steps < 20 ? 1 : 20)) --json "$results/train_throughput_${gpu}_bf16.json" \
   "${train_size[@]}"
@@ -65,7 +66,7 @@ step bench_fp32 90 python3 -m metapl bench --device $dev --precision fp32 \
   "${bench_size[@]}" --json "$results/bench_${gpu}_fp32.json"
 step goals 10 python3 benchmarks/goals.py "$results"  # issue 5's bars, met or not, into session.log
 rm -rf /tmp/metapl_torchrun_run  # a fresh run, not a resumed one
-step torchrun 40 python3 -m torch.distributed.run --nproc_per_node 1 -m metapl train \
+step torchrun 30 python3 -m torch.distributed.run --nproc_per_node 1 -m metapl train \
   --preset digits-uda-mpl --device $dev --steps 20 --set warmup_steps=5 --set eval_every=10 \
   --out /tmp/metapl_torchrun_run \
   --quiet

@@ -16,6 +16,7 @@ import torch
 import torch.autograd.forward_ad as fwad
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from mpl_helpers import TEST_DEVICE
 from torch import nn
 from torch.func import functional_call
 
@@ -26,12 +27,13 @@ from metapl.sync_batchnorm import GlobalBatchNorm, convert_global_batchnorm
 
 WORLD = 2
 SHARD = 3  # examples per process
+CPU = torch.device("cpu")
 
 
-def data() -> dict[str, torch.Tensor]:
+def data(device: torch.device = CPU) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     n = WORLD * SHARD
-    return {
+    made = {
         # a large mean, so that a one-pass variance would lose digits
         "x": 3.0 + torch.randn(n, 4, 5, 5, generator=g, dtype=torch.float64),
         "dx": torch.randn(n, 4, 5, 5, generator=g, dtype=torch.float64),
@@ -41,29 +43,31 @@ def data() -> dict[str, torch.Tensor]:
         "y_l": torch.randint(0, 3, (2, n), generator=g),
         "x_u": torch.randn(2, 2 * n, 1, 5, 5, generator=g, dtype=torch.float64),
     }
+    return {k: v.to(device) for k, v in made.items()}
 
 
-def bn(cls=nn.BatchNorm2d) -> nn.Module:
-    m = cls(4, momentum=0.3).double()
+def bn(cls=nn.BatchNorm2d, device: torch.device = CPU) -> nn.Module:
+    m = cls(4, momentum=0.3).double().to(device)
     with torch.no_grad():
         m.weight.copy_(torch.linspace(0.5, 2.0, 4, dtype=torch.float64))
         m.bias.copy_(torch.linspace(-1.0, 1.0, 4, dtype=torch.float64))
     return m
 
 
-def net(seed: int) -> nn.Module:
+def net(seed: int, device: torch.device = CPU) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(
+    model = nn.Sequential(
         nn.Conv2d(1, 4, 3, padding=1),
         nn.BatchNorm2d(4),
         nn.ReLU(),
         nn.Flatten(),
         nn.Linear(4 * 5 * 5, 3),
     ).double()
+    return model.to(device)
 
 
-def mpl_pair(global_bn: bool, world: int):
-    teacher, student = net(1), net(2)
+def mpl_pair(global_bn: bool, world: int, device: torch.device):
+    teacher, student = net(1, device), net(2, device)
     if global_bn:
         convert_global_batchnorm(teacher)
         convert_global_batchnorm(student)
@@ -102,9 +106,11 @@ def layer_results(m: nn.Module, x, dx, dgamma, cotangent) -> dict[str, torch.Ten
     }
 
 
-def mpl_results(world: int, rank: int, global_bn: bool) -> dict[str, torch.Tensor]:
-    d = data()
-    teacher, student, mpl = mpl_pair(global_bn, world)
+def mpl_results(
+    world: int, rank: int, global_bn: bool, device: torch.device = CPU
+) -> dict[str, torch.Tensor]:
+    d = data(device)
+    teacher, student, mpl = mpl_pair(global_bn, world, device)
     n_l, n_u = d["x_l"].shape[1] // world, d["x_u"].shape[1] // world
     for step in range(2):
         mpl.step(
@@ -112,8 +118,8 @@ def mpl_results(world: int, rank: int, global_bn: bool) -> dict[str, torch.Tenso
             d["y_l"][step, rank * n_l : (rank + 1) * n_l],
             d["x_u"][step, rank * n_u : (rank + 1) * n_u],
         )
-    out = {f"teacher.{k}": v.clone() for k, v in teacher.state_dict().items()}
-    out.update({f"student.{k}": v.clone() for k, v in student.state_dict().items()})
+    out = {f"teacher.{k}": v.cpu() for k, v in teacher.state_dict().items()}
+    out.update({f"student.{k}": v.cpu() for k, v in student.state_dict().items()})
     out["jvp_path_is_tape"] = torch.tensor(mpl.last_jvp_path == "tape")
     return out
 
@@ -128,15 +134,16 @@ def _worker(rank: int, store: str, out: str) -> None:
         timeout=timedelta(seconds=60),
     )
     try:
-        d = data()
+        d = data(TEST_DEVICE)  # gloo all-reduces CUDA tensors too (METAPL_TEST_DEVICE=cuda)
         part = slice(rank * SHARD, (rank + 1) * SHARD)
-        m = bn(GlobalBatchNorm)
+        m = bn(GlobalBatchNorm, TEST_DEVICE)
         results = layer_results(m, d["x"][part], d["dx"][part], d["dgamma"], d["cotangent"][part])
         # Eval mode uses the running statistics and no collective: rank 0 alone runs it.
         m.eval()
         if rank == 0:
             results["eval_y"] = m(d["x"]).detach()
-        results.update(mpl_results(WORLD, rank, global_bn=True))
+        results = {k: v.cpu() for k, v in results.items()}
+        results.update(mpl_results(WORLD, rank, global_bn=True, device=TEST_DEVICE))
         dist.barrier()
     finally:
         dist.destroy_process_group()
