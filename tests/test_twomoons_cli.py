@@ -27,7 +27,13 @@ def test_twomoons_writes_results_and_figures(tmp_path, capsys):
     assert set(cos) == {"supervised", "mpl"} and len(cos["mpl"]["per_seed"]) == 2
     for png in ("twomoons.png", "grad_cosine.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
-    assert "mpl" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    # MPL minus each baseline, seed by seed, with the numbers of the records
+    acc = {(r["method"], r["seed"]): r["accuracy"] for r in records}
+    diff = sum(acc["mpl", s] - acc["supervised", s] for s in (0, 1)) / 2
+    line = next(row for row in printed.splitlines() if "mpl - supervised" in row)
+    assert f"{100 * diff:+.2f} points paired" in line
+    assert "mpl - pseudo_label_soft" in printed and "over 2 seeds" in printed
 
 
 @pytest.mark.parametrize("seeds", ["9-3", "x", "1,1"])

@@ -12,7 +12,7 @@ import sys
 import time
 
 from metapl.errors import ConfigError, MetaplError
-from metapl.report import output_folder
+from metapl.report import output_folder, paired_differences, print_paired_differences
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -56,6 +56,8 @@ def _cmd_twomoons(args: argparse.Namespace) -> None:
     )
     for method, (mean, std, n) in summarize(result["records"]).items():
         print(f"  {method:<18} {100 * mean:6.2f} +- {100 * std:5.2f} %  (n={n})")
+    baselines = ("supervised", "pseudo_label_hard", "pseudo_label_soft")
+    print_paired_differences(paired_differences(result["records"], [("mpl", b) for b in baselines]))
     print(f"wrote {args.out}/results.json, twomoons.png, grad_cosine.png in {elapsed:.1f} s")
 
 

@@ -38,3 +38,37 @@ def print_accuracy_table(title: str, summary: dict[str, dict]) -> None:
     width = max((len(name) for name in summary), default=0)
     for name, s in summary.items():
         print(f"  {name:<{width}}  {100 * s['mean']:6.2f} +- {100 * s['std']:5.2f} %  (n={s['n']})")
+
+
+def paired_differences(records: list[dict], pairs: list[tuple[str, str]]) -> dict[str, dict]:
+    """For each ``(method, other)``: ``method``'s accuracy minus ``other``'s, seed by seed (the same
+    data for both), as mean, standard error and wins/ties/losses. With a handful of seeds the
+    spread over seeds is larger than the differences between methods; the paired difference is
+    what says whether one is above. Pairs with fewer than 2 common seeds are left out."""
+    import numpy as np
+
+    acc = {(r["method"], r["seed"]): r["accuracy"] for r in records}
+    out = {}
+    for method, other in pairs:
+        seeds = [s for (m, s) in acc if m == method and (other, s) in acc]
+        if len(seeds) < 2:
+            continue
+        d = np.array([acc[method, s] - acc[other, s] for s in seeds])
+        out[f"{method} - {other}"] = {
+            "mean": float(d.mean()),
+            "standard_error": float(d.std(ddof=1) / np.sqrt(len(d))),
+            "wins_ties_losses": [int((d > 0).sum()), int((d == 0).sum()), int((d < 0).sum())],
+            "n": len(d),
+        }
+    return out
+
+
+def print_paired_differences(paired: dict[str, dict]) -> None:
+    width = max((len(name) for name in paired), default=0)
+    for name, p in paired.items():
+        wins, ties, losses = p["wins_ties_losses"]
+        print(
+            f"  {name:<{width}}  {100 * p['mean']:+6.2f} points paired "
+            f"(s.e. {100 * p['standard_error']:.2f}; "
+            f"{wins} wins, {ties} ties, {losses} losses over {p['n']} seeds)"
+        )

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from metapl import report
 from metapl.errors import ConfigError
 from metapl.report import print_accuracy_table, write_json_atomic
 
@@ -169,25 +170,10 @@ def summarize(records: list[dict]) -> dict[str, dict]:
 
 def paired_differences(records: list[dict]) -> dict[str, dict]:
     """Each "+MPL" row minus its own baseline, and UDA+MPL minus every other method, seed by seed
-    (the same split for both): mean, standard error and wins/ties/losses. With a handful of seeds
-    the spread over seeds is larger than the differences between methods; the paired difference
-    is what says whether one is above."""
-    acc = {(r["method"], r["seed"]): r["accuracy"] for r in records}
+    (:func:`metapl.report.paired_differences`)."""
     pairs = list(MPL_PAIRS.items())
     pairs += [("uda_mpl", m) for m in METHODS if m not in ("uda_mpl", MPL_PAIRS["uda_mpl"])]
-    out = {}
-    for method, other in pairs:
-        seeds = [s for (m, s) in acc if m == method and (other, s) in acc]
-        if len(seeds) < 2:
-            continue
-        d = np.array([acc[method, s] - acc[other, s] for s in seeds])
-        out[f"{method} - {other}"] = {
-            "mean": float(d.mean()),
-            "standard_error": float(d.std(ddof=1) / np.sqrt(len(d))),
-            "wins_ties_losses": [int((d > 0).sum()), int((d == 0).sum()), int((d < 0).sum())],
-            "n": len(d),
-        }
-    return out
+    return report.paired_differences(records, pairs)
 
 
 def run_digits(cfg: DigitsConfig, out: Path, show_progress: bool = True) -> dict:
@@ -226,11 +212,5 @@ def run_digits(cfg: DigitsConfig, out: Path, show_progress: bool = True) -> dict
         "(497 images)",
         summary,
     )
-    width = max((len(name) for name in paired), default=0)
-    for name, p in paired.items():
-        wins, ties, losses = p["wins_ties_losses"]
-        print(
-            f"  {name:<{width}}  {100 * p['mean']:+6.2f} points paired (s.e. {100 * p['standard_error']:.2f}; "
-            f"{wins} wins, {ties} ties, {losses} losses over {p['n']} seeds)"
-        )
+    report.print_paired_differences(paired)
     return payload
