@@ -53,16 +53,16 @@ fi
 python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)' |
   tee -a "$results/session.log"
 
-step preflight 40 python3 -m metapl bench --device $dev --precision bf16 --model small_cnn \
+step preflight 40 python3 -m metapl bench --quiet --device $dev --precision bf16 --model small_cnn \
   --batch-size 8 --repeats 2 --json /tmp/metapl_preflight.json
-step bench_bf16 120 python3 -m metapl bench --device $dev --precision bf16 \
+step bench_bf16 120 python3 -m metapl bench --quiet --device $dev --precision bf16 \
   "${bench_size[@]}" --json "$results/bench_${gpu}_bf16.json"
 step oracle 100 env METAPL_TEST_DEVICE=$dev python3 -m pytest -q -p no:cacheprovider \
   tests/test_exact_gradient.py tests/test_double_backward_step.py tests/test_sync_batchnorm.py
 step train_throughput 90 python3 benchmarks/train_throughput.py --device $dev --precision bf16 \
   --steps $steps --warmup $((steps < 20 ? 1 : 20)) --json "$results/train_throughput_${gpu}_bf16.json" \
   "${train_size[@]}"
-step bench_fp32 90 python3 -m metapl bench --device $dev --precision fp32 \
+step bench_fp32 90 python3 -m metapl bench --quiet --device $dev --precision fp32 \
   "${bench_size[@]}" --json "$results/bench_${gpu}_fp32.json"
 step goals 10 python3 benchmarks/goals.py "$results"  # issue 5's bars, met or not, into session.log
 rm -rf /tmp/metapl_torchrun_run  # a fresh run, not a resumed one

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from metapl.report import write_json_atomic
 
@@ -53,7 +54,9 @@ def _time(fn: Callable[[], object], device: torch.device, warmup: int, repeats: 
     return {"ms": statistics.median(times), "ms_all": times, "peak_mib": peak}
 
 
-def _time_interleaved(fns: list[Callable[[], object]], warmup: int, repeats: int) -> list[dict]:
+def _time_interleaved(
+    fns: list[Callable[[], object]], warmup: int, repeats: int, bar: tqdm
+) -> list[dict]:
     """CPU: every function once per round, round after round, so that a change in the machine's
     load (other processes, frequency) hits all of them alike and their ratios stay fair; timed
     one after another, separate runs of the same command drift by up to 10% on a shared machine.
@@ -61,12 +64,14 @@ def _time_interleaved(fns: list[Callable[[], object]], warmup: int, repeats: int
     for _ in range(warmup):
         for fn in fns:
             fn()
+        bar.update()
     times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
         for fn, out in zip(fns, times):
             start = time.perf_counter()
             fn()
             out.append(1000 * (time.perf_counter() - start))
+        bar.update()
     return [{"ms": statistics.median(t), "ms_all": t, "peak_mib": None} for t in times]
 
 
@@ -131,6 +136,7 @@ def run_bench(
     warmup: int = 3,
     json_path: Path | None = None,
     progress: Callable[[str], None] = print,
+    show_progress: bool = True,
 ) -> dict:
     from metapl.train.config import TrainConfig, apply_overrides
     from metapl.train.data import BatchSource
@@ -168,9 +174,21 @@ def run_bench(
     # GPU: each kind is timed as soon as it is built, alone in memory but for the exact run (peak
     # memory is per kind); CPU: all are built first and timed in interleaved rounds.
     benches: list[tuple[str, Callable[[], object] | dict, dict]] = []
+    kinds = 7
+    bar = tqdm(
+        total=kinds if on_gpu else warmup + repeats,
+        unit="kind" if on_gpu else "round",
+        desc="metapl bench",
+        disable=not show_progress,
+        dynamic_ncols=True,
+    )
 
     def add(name: str, fn: Callable[[], object], meta: dict) -> None:
-        benches.append((name, _time(fn, dev, warmup, repeats) if on_gpu else fn, meta))
+        if on_gpu:
+            benches.append((name, _time(fn, dev, warmup, repeats), meta))
+            bar.update()
+        else:
+            benches.append((name, fn, meta))
 
     def bench(name: str, cfg: TrainConfig, **meta) -> tuple:
         run, source, batch = method_and_batch(cfg)
@@ -192,11 +210,13 @@ def run_bench(
     step = iter(range(1, 10**9))
     add("train_step_exact_uda_mpl", lambda: exact_run.method.step(source.batch(next(step))), {})
 
+    assert len(benches) == kinds, "update `kinds` (the progress bar's length)"
     if on_gpu:
         timings = [timing for _, timing, _ in benches]
     else:
-        progress(f"timing {len(benches)} kinds of step in {warmup} + {repeats} interleaved rounds")
-        timings = _time_interleaved([fn for _, fn, _ in benches], warmup, repeats)
+        bar.set_postfix_str(f"{len(benches)} kinds of step per round")
+        timings = _time_interleaved([fn for _, fn, _ in benches], warmup, repeats, bar)
+    bar.close()
     results = []
     for (name, _, meta), timing in zip(benches, timings):
         results.append({"name": name, **timing, **meta})

@@ -153,6 +153,7 @@ def _cmd_bench(args: argparse.Namespace) -> None:
         model=args.model,
         repeats=args.repeats,
         json_path=args.json,
+        show_progress=not args.quiet,
     )
     if args.json:
         print(f"wrote {args.json}")
@@ -315,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="timed runs, the median reported (default: 20; WRN-28-2 on 2 CPU cores: ~3 min)",
     )
     p.add_argument("--json", help="write the results here")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_bench)
 
     # Commands whose options live next to their code: each module has add_arguments(parser)
