@@ -117,6 +117,11 @@ def test_10pct_unchanged(root: Path, train_paths: list[str]) -> None:
     other = np.random.RandomState(3).permutation(N)[: round(N * 0.5)]
     assert seeded.x_labeled.paths == [train_paths[i] for i in other]
     assert seeded.x_tune.paths == seeded.x_labeled.paths[-7:]
+    # The tuning view's unlabeled images are the training images less its evaluation images.
+    view = seeded.tuning_view()
+    assert view.x_test.paths == seeded.x_tune.paths
+    assert sorted(view.x_unlabeled.paths) == sorted(set(train_paths) - set(seeded.x_tune.paths))
+    assert len(split.x_unlabeled.paths) == N  # final runs: all training images, as in the paper
 
 
 def test_new_splits_take_the_10pct_options(root: Path) -> None:

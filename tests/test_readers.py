@@ -57,7 +57,9 @@ def _cifar_images(start: int, n: int) -> np.ndarray:
     return rng.randint(0, 256, size=(n, 32, 32, 3)).astype(np.uint8)
 
 
-def write_cifar_batch(path: Path, images: np.ndarray, labels: list[int], py2: bool = True) -> None:
+def write_cifar_batch(
+    path: Path, images: np.ndarray, labels: list[int], py2: bool = True, protocol: int = 2
+) -> None:
     rows = images.transpose(0, 3, 1, 2).reshape(len(images), 3072)  # R, G, B planes, row-major
     batch = {
         b"batch_label": b"training batch",
@@ -68,7 +70,7 @@ def write_cifar_batch(path: Path, images: np.ndarray, labels: list[int], py2: bo
     if py2:
         _py2_pickle(batch, path)
     else:
-        path.write_bytes(pickle.dumps(batch, protocol=2))
+        path.write_bytes(pickle.dumps(batch, protocol=protocol))  # a Python 3 re-pickle
 
 
 @pytest.fixture
@@ -78,7 +80,13 @@ def cifar_dir(tmp_path: Path) -> Path:
     for b, name in enumerate((*cifar.TRAIN_FILES, cifar.TEST_FILE)):
         start = b * PER_BATCH
         labels = [(start + i) % 10 for i in range(PER_BATCH)]
-        write_cifar_batch(folder / name, _cifar_images(start, PER_BATCH), labels, py2=b % 2 == 0)
+        write_cifar_batch(
+            folder / name,
+            _cifar_images(start, PER_BATCH),
+            labels,
+            py2=b % 2 == 0,
+            protocol=5 if b == 1 else 2,
+        )
     return tmp_path
 
 
@@ -274,6 +282,13 @@ def test_svhn_malformed_file(tmp_path: Path, contents: dict) -> None:
     raises_naming("test_32x32.mat", svhn.load_svhn, tmp_path, "test")
 
 
+def test_svhn_wrong_variables_are_named(tmp_path: Path) -> None:
+    contents = {"images": np.zeros((32, 32, 3, 2), np.uint8), "y": np.ones((2, 1), np.uint8)}
+    scipy.io.savemat(tmp_path / "test_32x32.mat", contents)
+    message = raises_naming("test_32x32.mat", svhn.load_svhn, tmp_path, "test")
+    assert "has variables ['images', 'y'], not 'X' and 'y'" in message
+
+
 @pytest.mark.parametrize("bad_label", [0, 11])
 def test_svhn_label_out_of_range(tmp_path: Path, bad_label: int) -> None:
     y = np.array([[1], [bad_label]], np.uint8)
@@ -373,6 +388,9 @@ def test_cifar_split_first_n_and_last_tune(
         np.testing.assert_array_equal(view.x_labeled, x_train[: num_labeled - num_tune])
         np.testing.assert_array_equal(view.x_test, split.x_tune)
         assert len(view.y_tune) == 0 and view.name == "cifar10-4k-tune"
+        # and a tuning run does not see its evaluation images among the unlabeled ones either
+        rest = np.r_[0 : num_labeled - num_tune, num_labeled : len(x_train)]
+        np.testing.assert_array_equal(view.x_unlabeled, x_train[rest])
 
 
 def test_cifar_split_paper_sizes_need_the_full_dataset(cifar_dir: Path) -> None:

@@ -47,7 +47,17 @@ _ROW = 3 * 32 * 32
 # numpy's array-rebuilding function, whatever module it lives in for this numpy version; the real
 # files name it numpy.core.multiarray._reconstruct (numpy 1.x, Python 2).
 _RECONSTRUCT = np.ndarray.__reduce__(np.zeros(0))[0]
+
+
+def _from_buffer(buffer, dtype, shape, order):
+    """What numpy's protocol-5 pickles (``numpy.save``-free re-pickles under Python 3.8+) rebuild
+    an array with; written out here so that only this, not numpy's private function, is allowed."""
+    return np.frombuffer(buffer, dtype=dtype).reshape(shape, order=order)
+
+
 _ALLOWED = {
+    ("numpy.core.numeric", "_frombuffer"): _from_buffer,
+    ("numpy._core.numeric", "_frombuffer"): _from_buffer,
     ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
     ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
     ("numpy", "ndarray"): np.ndarray,

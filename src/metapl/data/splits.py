@@ -5,7 +5,8 @@ Rules (sizes are parameters; the defaults are the paper's):
 
 - ``cifar10-4k``: labeled = the first 4,000 training images (data_batch_1 .. 5 in file order);
   tuning = the **last 400 of those 4,000** (indices 3,600 .. 3,999); unlabeled = all 50,000 training
-  images (the labeled ones included, as in the paper's codebase); test = test_batch.
+  images (the labeled ones included, as in the paper's codebase), less the tuning ones in
+  :meth:`SSLSplit.tuning_view`; test = test_batch.
 - ``svhn-1k``: labeled = the first 1,000 of train_32x32.mat; no tuning split (the paper tunes on
   CIFAR-10 and reuses the values); unlabeled = all of train_32x32.mat (plus extra_32x32.mat with
   ``include_extra=True``); test = test_32x32.mat.
@@ -15,7 +16,8 @@ Rules (sizes are parameters; the defaults are the paper's):
   ``round(N * 102 / 1024)`` positions (:func:`labeled_fraction_indices`), in permutation order. Like
   the shards this is a random ~10% with slightly unequal classes. Tuning = the last
   ``min(12,800, n_labeled // 10)`` of them (the paper's "about 12,800", 10% of the labeled set as on
-  CIFAR-10, so it scales down on small copies); unlabeled = all training images; test = val.
+  CIFAR-10, so it scales down on small copies); unlabeled = all training images (less the tuning
+  ones in :meth:`SSLSplit.tuning_view`); test = val.
 - ``imagenet-20pct``, ``imagenet-40pct``, ``imagenet-80pct`` (Figure 7): the same rule with the first
   205, 410 and 819 of 1,024 shards (``round(1024 * p)``; :data:`IMAGENET_LABELED_SHARDS`), i.e.
   ``round(N * shards / 1024)`` positions of the *same* seed-0 permutation. Each labeled set is a
@@ -52,7 +54,8 @@ on all of them, exactly as for the Section 4.1 splits.
   split's ``resolution`` and ``crop_fraction`` when given, else the non-tuning training images.
 
 The default unlabeled sets (no ``unlabeled_dir``) leave the tuning images out, so that a tuning run
-never sees its evaluation images, even unlabeled.
+never sees its evaluation images, even unlabeled. (For the Section 4.1 splits above the final runs'
+unlabeled set holds them, and :meth:`SSLSplit.tuning_view` takes them out.)
 
 Images are uint8 NHWC arrays for CIFAR-10 and SVHN and :class:`~metapl.data.imagenet.LazyImages`
 for ImageNet and for unlabeled image folders (:class:`metapl.data.folder.FolderImages`); both index as
@@ -113,18 +116,29 @@ class SSLSplit:
     name: str
     # Label i's name, where the data names its classes (your own data: the sorted folder names).
     class_names: tuple[str, ...] | None = None
+    # Where the tuning images sit in x_unlabeled, when the unlabeled set holds them (cifar10-4k and
+    # ImageNet-%: unlabeled = all training images, as in the paper). tuning_view drops them.
+    tune_in_unlabeled: np.ndarray | None = None
 
     def tuning_view(self) -> SSLSplit:
-        """The split for hyper-parameter search: labeled minus tuning examples, tested on those."""
+        """The split for hyper-parameter search: labeled minus tuning examples, tested on those,
+        and unlabeled minus them too, so a tuning run never sees its evaluation images."""
         if len(self.y_tune) == 0:
             raise ConfigError(
                 f"{self.name} has no tuning split (the paper reuses CIFAR-10's values)"
             )
         keep = np.arange(len(self.y_labeled) - len(self.y_tune))
+        x_unlabeled = self.x_unlabeled
+        if self.tune_in_unlabeled is not None:
+            rest = np.ones(len(x_unlabeled), dtype=bool)
+            rest[self.tune_in_unlabeled] = False
+            x_unlabeled = _take(x_unlabeled, np.flatnonzero(rest))
         return dataclasses.replace(
             self,
             x_labeled=_take(self.x_labeled, keep),
             y_labeled=self.y_labeled[keep],
+            x_unlabeled=x_unlabeled,
+            tune_in_unlabeled=None,
             x_tune=_take(self.x_tune, np.arange(0)),
             y_tune=self.y_tune[:0],
             x_test=self.x_tune,
@@ -174,6 +188,7 @@ def cifar10_4k(data_dir: Path | str, num_labeled: int = 4000, num_tune: int = 40
         y_test=y_test,
         num_classes=cifar.NUM_CLASSES,
         name="cifar10-4k",
+        tune_in_unlabeled=np.arange(num_labeled - num_tune, num_labeled),
     )
 
 
@@ -235,6 +250,7 @@ def _imagenet_labeled(
         y_test=val.labels,
         num_classes=train.num_classes,
         name=name,
+        tune_in_unlabeled=tune,
     )
 
 

@@ -47,7 +47,10 @@ def read_mat(path: Path | str) -> tuple[np.ndarray, np.ndarray]:
             f"{path} is truncated or not a MATLAB v5 file ({describe(exc)}): {what}; re-download it"
         ) from None
     if "X" not in mat or "y" not in mat:
-        keys = sorted(k for k in mat if not k.startswith("__"))
+        try:  # loadmat kept only X and y: list what the file holds
+            keys = sorted(name for name, _, _ in scipy.io.whosmat(path))
+        except Exception:  # noqa: BLE001  (it was just read: this should not fail)
+            keys = sorted(k for k in mat if not k.startswith("__"))
         raise data_error(f"{path} has variables {keys}, not 'X' and 'y': {what}")
     x, y = mat["X"], mat["y"]
     if x.dtype != np.uint8 or x.ndim != 4 or x.shape[:3] != (32, 32, 3):

@@ -61,6 +61,6 @@ def prepare_large_teacher_data(
         keep = top_k_per_class(probs_u, cfg.unlabeled_per_class)
         x_u = split.x_unlabeled
         x_u = x_u.subset(keep) if hasattr(x_u, "subset") else x_u[keep]
-        split = dataclasses.replace(split, x_unlabeled=x_u)
+        split = dataclasses.replace(split, x_unlabeled=x_u, tune_in_unlabeled=None)
         probs_u = probs_u[keep]
     return split, (probs_l, probs_u)
