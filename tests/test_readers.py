@@ -354,6 +354,14 @@ def test_imagenet_missing_split(imagenet_dir: Path) -> None:
     (imagenet_dir / "val" / "ILSVRC2012_val_00000001.JPEG").write_bytes(b"")
     assert "valprep" in raises_naming("val", imagenet.load_imagenet, imagenet_dir)
     raises_naming("train", imagenet.load_imagenet, imagenet_dir / "nowhere")
+    # ILSVRC2012_img_train.tar extracted once: one tar per class, not yet unpacked
+    train = imagenet_dir / "train"
+    for d in sorted(train.iterdir()):
+        for f in d.iterdir():
+            f.unlink()
+        d.rmdir()
+        (train / f"{d.name}.tar").write_bytes(b"")
+    assert "extract each" in raises_naming("train", imagenet.load_imagenet, imagenet_dir)
 
 
 def test_imagenet_val_class_not_in_train(imagenet_dir: Path) -> None:

@@ -110,12 +110,12 @@ def list_classes(split_dir: Path) -> list[str]:
         e.name for e in _entries(split_dir) if e.is_dir() and not e.name.startswith(".")
     )
     if not classes:
-        loose = any(_is_image(e.name) for e in _entries(split_dir))
-        hint = (
-            " (it holds images directly: sort them into class folders, e.g. with valprep.sh)"
-            if loose
-            else ""
-        )
+        names = [e.name for e in _entries(split_dir)]
+        hint = ""
+        if any(_is_image(n) for n in names):
+            hint = " (it holds images directly: sort them into class folders, e.g. with valprep.sh)"
+        elif any(n.endswith(".tar") for n in names):
+            hint = " (it holds .tar files: extract each into a folder of its name, without .tar)"
         raise data_error(f"{split_dir} has no class folders{hint}: expected {_EXPECTED}")
     return classes
 
