@@ -74,14 +74,13 @@ def test_teacher_inputs_are_what_the_teacher_sees():
             seen.append(x.shape)
             return self.fc(x)
 
-    student = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    teacher, student = Spy(), nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
     mpl = MetaPseudoLabels(
-        Spy(),
+        teacher,
         student,
-        torch.optim.SGD(Spy().parameters(), lr=0.1),
+        torch.optim.SGD(teacher.parameters(), lr=0.1),
         torch.optim.SGD(student.parameters(), lr=0.1),
     )
-    mpl.teacher_optimizer = torch.optim.SGD(mpl.teacher.parameters(), lr=0.1)
     x_l, x_u = torch.randn(2, 3, 2, 2), torch.randn(4, 3, 2, 2)
     mpl.step(
         x_l,

@@ -11,7 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from mpl_helpers import (
+    MLP,
+    N_CLASSES,
+    N_FEATURES,
     STUDENT_OPTIMIZERS,
+    TEST_DEVICE,
     cloned_buffers,
     cosine,
     flat,
@@ -108,15 +112,103 @@ def test_bad_options_raise_config_error(kwargs):
     assert key in str(info.value)
 
 
-def test_student_optimizer_over_other_parameters_is_a_config_error():
+def _unchanged(models, before) -> bool:
+    now = [p for m in models for p in m.parameters()]
+    return all(torch.equal(a, b) for a, b in zip(before, now))
+
+
+def _bad_batches():
+    g = torch.Generator().manual_seed(1)
+    x_l, x_u = torch.randn(6, N_FEATURES, generator=g), torch.randn(8, N_FEATURES, generator=g)
+    y_l = torch.randint(0, N_CLASSES, (6,), generator=g)
+    nan_u = x_u.clone()
+    nan_u[3, 1] = math.nan
+    return {
+        "one label too few": ((x_l, y_l[:5], x_u), "disagree"),  # used to drop an example silently
+        "one label too many": ((x_l[:5], y_l, x_u), "disagree"),
+        "one-hot labels": ((x_l, F.one_hot(y_l, N_CLASSES), x_u), "disagree"),
+        "no unlabeled examples": ((x_l, y_l, x_u[:0]), "x_unlabeled has no examples"),
+        "no labeled examples": ((x_l[:0], y_l[:0], x_u), "x_labeled has no examples"),
+        "NaN in x_unlabeled": ((x_l, y_l, nan_u), "x_unlabeled holds NaN or Inf"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_batches()))
+def test_bad_batches_raise_data_error_before_anything_moves(case):
+    """Each used to pass silently (a dropped example, NaN losses, NaN weights) or as a raw
+    PyTorch error."""
+    (x_l, y_l, x_u), message = _bad_batches()[case]
     teacher, student, *_ = make_problem("mlp")
-    with pytest.raises(ConfigError, match="student"):
+    mpl = _mpl(teacher, student)
+    dev = TEST_DEVICE
+    before = [p.detach().clone() for m in (teacher, student) for p in m.parameters()]
+    with pytest.raises(DataError, match=message):
+        mpl.step(x_l.to(dev, DT), y_l.to(dev), x_u.to(dev, DT))
+    assert _unchanged((teacher, student), before) and mpl.step_count == 0
+
+
+class _DictOut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(N_FEATURES, N_CLASSES)
+
+    def forward(self, x):
+        return {"logits": self.fc(x)}
+
+
+@pytest.mark.parametrize("who", ["teacher", "student"])
+def test_models_must_return_logits_of_the_same_classes(who):
+    teacher, student, x_l, y_l, x_u = make_problem("mlp")
+    other = _DictOut().to(TEST_DEVICE, DT)
+    pair = (other, student) if who == "teacher" else (teacher, other)
+    with pytest.raises(ConfigError, match=f"the {who} must return a tensor of logits"):
+        _mpl(*pair).step(x_l, y_l, x_u)
+    fewer = MLP(classes=N_CLASSES - 1).to(TEST_DEVICE, DT)
+    with pytest.raises(ConfigError, match="both must predict the same classes"):
+        _mpl(teacher, fewer).step(x_l, y_l, x_u)
+
+
+def test_optimizers_and_models_that_cannot_be_an_mpl_pair():
+    teacher, student, *_ = make_problem("mlp")
+    with pytest.raises(ConfigError, match="two modules"):
+        _mpl(student, student)
+    for name, params in (("teacher", student.parameters()), ("student", teacher.parameters())):
+        optimizers = {name: torch.optim.SGD(params, lr=0.1)}
+        for model, other in (("teacher", teacher), ("student", student)):
+            optimizers.setdefault(model, torch.optim.SGD(other.parameters(), lr=0.1))
+        with pytest.raises(ConfigError, match=f"{name}_optimizer must optimize the {name}'s"):
+            MetaPseudoLabels(teacher, student, optimizers["teacher"], optimizers["student"])
+    with pytest.raises(ConfigError, match="needs a closure"):
         MetaPseudoLabels(
             teacher,
             student,
             torch.optim.SGD(teacher.parameters(), lr=0.1),
-            torch.optim.SGD(teacher.parameters(), lr=0.1),
+            torch.optim.LBFGS(student.parameters()),
+            estimator="first_order",
         )
+
+
+@pytest.mark.parametrize("jvp", ["forward_ad", "auto"])
+def test_a_param_group_added_after_construction_is_part_of_the_exact_step(jvp):
+    """The step follows its student optimizer's parameters. Oracle: the same history, with the
+    step object built anew after ``add_param_group``. (The group used to be left out of w: the
+    teacher's gradient was 12% off, silently.)"""
+    grads = []
+    for rebuild in (False, True):
+        teacher, student, x_l, y_l, x_u = make_problem("mlp")
+        first = list(student.fc1.parameters()) + list(student.bn.parameters())
+        student_opt = torch.optim.SGD(first, lr=0.3, momentum=0.9)
+        teacher_opt = torch.optim.SGD(teacher.parameters(), lr=0.1)
+        mpl = MetaPseudoLabels(teacher, student, teacher_opt, student_opt, jvp=jvp)
+        torch.manual_seed(4)
+        mpl.step(x_l, y_l, x_u)  # fc2 not trained yet (and, with "auto", a tape is traced)
+        student_opt.add_param_group({"params": list(student.fc2.parameters())})
+        if rebuild:
+            mpl = MetaPseudoLabels(teacher, student, teacher_opt, student_opt, jvp=jvp)
+        torch.manual_seed(5)
+        mpl.step(x_l, y_l, x_u)
+        grads.append(flat([p.grad for p in teacher.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-14)
 
 
 # ----------------------------------------------------------------------------- ensembles

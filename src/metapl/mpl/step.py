@@ -25,6 +25,7 @@ and an end-to-end oracle for the exact step.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,10 +36,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from metapl.errors import ConfigError
+from metapl.errors import ConfigError, DataError
 from metapl.losses import (
     batch_mean,
-    check_labels,
     hard_cross_entropy,
     member_mean,
     soft_cross_entropy,
@@ -84,6 +84,29 @@ def _tolerance(dtype: torch.dtype, tf32: bool) -> float:
     return 0.25
 
 
+def _needs_closure(optimizer: torch.optim.Optimizer) -> bool:
+    """LBFGS and the like: ``step(closure)`` re-evaluates the loss, which one MPL step cannot."""
+    closure = inspect.signature(optimizer.step).parameters.get("closure")
+    return closure is not None and closure.default is inspect.Parameter.empty
+
+
+def _logits(out, who: str) -> Tensor:
+    if not isinstance(out, Tensor):
+        raise ConfigError(
+            f"the {who} must return a tensor of logits [..., num_classes], got a "
+            f"{type(out).__name__}; wrap it (e.g. lambda x: model(x)['logits']) in an nn.Module"
+        )
+    return out
+
+
+def _same_classes(student_logits: Tensor, targets: Tensor) -> None:
+    if student_logits.shape[-1] != targets.shape[-1]:
+        raise ConfigError(
+            f"the teacher has {targets.shape[-1]} classes and the student "
+            f"{student_logits.shape[-1]}: both must predict the same classes"
+        )
+
+
 @dataclass
 class TeacherLogits:
     """The teacher's logits of one step, for an extra teacher loss such as UDA's consistency."""
@@ -109,7 +132,7 @@ class MetaPseudoLabels:
         teacher, student: any ``nn.Module`` mapping inputs to logits ``[..., C]``.
         teacher_optimizer: any ``torch.optim`` optimizer over the teacher's parameters.
         student_optimizer: SGD, RMSprop, Adam or AdamW (their Appendix-B factors are exact);
-            any optimizer works with ``estimator="first_order"``.
+            any optimizer whose ``step()`` needs no closure works with ``estimator="first_order"``.
         temperature: targets are ``softmax(teacher_logits / temperature)``.
         supervised_weight: weight of the teacher's CE on the labeled batch (Figure 4); 0 = pure MPL.
         label_smoothing: smoothing of that supervised CE (Table 3: 0.1 on ImageNet).
@@ -187,9 +210,20 @@ class MetaPseudoLabels:
                 "estimator='double_backward' runs in one process only (an all-reduce is not "
                 "differentiable); use estimator='exact', which gives the same gradient"
             )
-        student_ids = {id(p) for p in student.parameters()}
-        if any(id(p) not in student_ids for _, p in optimizer_params(student_optimizer)):
-            raise ConfigError("student_optimizer must optimize the student's own parameters")
+        if teacher is student:
+            raise ConfigError("teacher and student must be two modules (two sets of weights)")
+        for name, model, optimizer in (
+            ("student", student, student_optimizer),
+            ("teacher", teacher, teacher_optimizer),
+        ):
+            own = {id(p) for p in model.parameters()}
+            if any(id(p) not in own for _, p in optimizer_params(optimizer)):
+                raise ConfigError(f"{name}_optimizer must optimize the {name}'s own parameters")
+        if estimator == "first_order" and _needs_closure(student_optimizer):
+            raise ConfigError(
+                f"{type(student_optimizer).__name__}.step() needs a closure (it re-evaluates the "
+                "loss); MPL takes one plain step of the student's optimizer: use SGD, Adam, ..."
+            )
         self.teacher, self.student = teacher, student
         self.teacher_optimizer, self.student_optimizer = teacher_optimizer, student_optimizer
         self.temperature = temperature
@@ -206,13 +240,11 @@ class MetaPseudoLabels:
         self.allow_tf32 = allow_tf32
         self.step_count = 0
         self.baseline: Tensor | None = None
-        # The student's trainable parameters, named, in the optimizer's order.
-        name_of = {id(p): n for n, p in student.named_parameters()}
-        self._student_params = [p for _, p in optimizer_params(student_optimizer)]
-        self._student_names = [name_of[id(p)] for p in self._student_params]
         self.jvp = jvp
         # Traced students by module_signature (modes, modules, parameters), or why not.
         self._tapes: dict[tuple, TangentTape | str] = {}
+        self._student_params: list[Tensor] = []
+        self._follow_student_optimizer()
         self.last_jvp_path: str | None = None  # "tape" or "forward_ad", after an exact step
         self.jvp_fallback_reason: str | None = None
         if estimator == "exact" and jvp == "tape":
@@ -236,6 +268,8 @@ class MetaPseudoLabels:
         when it is not the student's input (ReducedMPL: the large teacher's precomputed
         distributions, while the student sees the images).
         """
+        self._follow_student_optimizer()
+        self._check_shapes(x_labeled, y_labeled, x_unlabeled)
         logits = self._teacher_forward(
             x_labeled if teacher_x_labeled is None else teacher_x_labeled,
             y_labeled,
@@ -243,7 +277,7 @@ class MetaPseudoLabels:
             teacher_extra_inputs,
         )
         if self.check_inputs:
-            check_labels(y_labeled, logits.labeled.shape[-1], "y_labeled")
+            self._check_values(x_labeled, y_labeled, x_unlabeled, logits.labeled.shape[-1])
         targets = F.softmax(logits.unlabeled / self.temperature, dim=-1)
 
         if self.estimator == "exact":
@@ -293,6 +327,51 @@ class MetaPseudoLabels:
 
     # ------------------------------------------------------------------ internals
 
+    def _follow_student_optimizer(self) -> None:
+        """The student's trainable parameters, named, in its optimizer's order: read again when
+        the optimizer's parameters change (``add_param_group`` after construction), since w and
+        the Appendix-B factors must cover exactly what the optimizer updates."""
+        params = [p for _, p in optimizer_params(self.student_optimizer)]
+        if [id(p) for p in params] == [id(p) for p in self._student_params]:
+            return
+        name_of = {id(p): n for n, p in self.student.named_parameters()}
+        if any(id(p) not in name_of for p in params):
+            raise ConfigError("student_optimizer must optimize the student's own parameters")
+        self._student_params = params
+        self._student_names = [name_of[id(p)] for p in params]
+        self._tapes.clear()  # traced with the old set of trainable parameters
+
+    def _check_shapes(self, x_l: Tensor, y_l: Tensor, x_u: Tensor) -> None:
+        """Shape mistakes that would otherwise pass silently (no host sync)."""
+        bd = self.batch_dim
+        if y_l.dim() != bd + 1 or tuple(x_l.shape[: bd + 1]) != tuple(y_l.shape):
+            raise DataError(
+                f"x_labeled {tuple(x_l.shape)} and y_labeled {tuple(y_l.shape)} disagree: "
+                f"y_labeled must hold one class index per example (shape x_labeled.shape[:{bd + 1}])"
+            )
+        for what, x in (("x_labeled", x_l), ("x_unlabeled", x_u)):
+            if x.dim() <= bd or x.shape[bd] == 0:
+                raise DataError(f"{what} has no examples (shape {tuple(x.shape)})")
+
+    def _check_values(self, x_l: Tensor, y_l: Tensor, x_u: Tensor, num_classes: int) -> None:
+        """Labels in range and finite inputs, with one host sync for all of it."""
+        if y_l.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise DataError(f"y_labeled must be integer class indices, got dtype {y_l.dtype}")
+        found = [y_l.min().long(), y_l.max().long()]
+        inputs = [
+            (n, x) for n, x in (("x_labeled", x_l), ("x_unlabeled", x_u)) if x.is_floating_point()
+        ]
+        found += [torch.isfinite(x).all().long() for _, x in inputs]
+        low, high, *finite = torch.stack([t.to(y_l.device) for t in found]).tolist()
+        if low < 0 or high >= num_classes:
+            raise DataError(
+                f"y_labeled out of range: found {low}..{high}, the model has {num_classes} classes "
+                f"(expected 0..{num_classes - 1})"
+            )
+        for (what, _), ok in zip(inputs, finite):
+            if not ok:
+                raise DataError(f"{what} holds NaN or Inf values")
+
     def _average(self, tensors) -> None:
         """Average across data-parallel processes (no-op without ``grad_sync``)."""
         if self.grad_sync is not None:
@@ -322,10 +401,11 @@ class MetaPseudoLabels:
             trailing = {x.shape[:bd] + x.shape[bd + 1 :] for x in inputs}
             if len(trailing) == 1:
                 sizes = [x.shape[bd] for x in inputs]
-                outs = torch.split(self.teacher(torch.cat(inputs, dim=bd)), sizes, dim=bd)
+                joint = _logits(self.teacher(torch.cat(inputs, dim=bd)), "teacher")
+                outs = torch.split(joint, sizes, dim=bd)
             else:
                 outs = [self.teacher(x) for x in inputs]
-        outs = [upcast(o) for o in outs]
+        outs = [upcast(_logits(o, "teacher")) for o in outs]
         return TeacherLogits(outs[0], outs[1], tuple(outs[2:]), y_l, self.step_count)
 
     def _student_update(
@@ -340,6 +420,7 @@ class MetaPseudoLabels:
             else:
                 out = tape.record(x_u)
                 s_logits = out.logits
+        _same_classes(_logits(s_logits, "student"), targets)
         loss = batch_mean(soft_cross_entropy(upcast(s_logits), targets), self.batch_dim)
         self.student_optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -532,6 +613,7 @@ class MetaPseudoLabels:
             s_logits = functional_call(
                 self.student, dict(zip(self._student_names, theta_t)), (x_u,)
             )
+        _same_classes(_logits(s_logits, "student"), targets)
         student_loss = batch_mean(soft_cross_entropy(upcast(s_logits), targets), self.batch_dim)
         grads = torch.autograd.grad(student_loss, theta_t, create_graph=True, allow_unused=True)
         theta_next = reference_update(self.student_optimizer, grads)  # reads the state first
