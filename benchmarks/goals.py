@@ -3,7 +3,7 @@
 Reads a folder (e.g. what `bash benchmarks/gpu_session.sh` left in $OUT) and prints one markdown
 row per goal: the measured value, the bar, met or not. Nothing is judged by eye or by memory:
 python benchmarks/goals.py FILE_OR_DIR ...   (e.g. benchmarks/results, or $OUT after gpu_session.sh)
-The GPU bars are DESIGN.md section 6's (H200, WRN-28-2, labeled 128 / unlabeled 896, bf16); the
+The GPU bars are docs/design.md §3's (H200, WRN-28-2, labeled 128 / unlabeled 896, bf16); the
 public peer's ~150 ms per step is its own loop, measured there, not here.
 """
 
@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-PEER_MS = 150.0  # the public PyTorch peer, its own loop on an H200 (DESIGN.md section 6)
+PEER_MS = 150.0  # the public PyTorch peer, its own loop on an H200 (docs/design.md §3)
 
 
 def _rows(bench: dict) -> dict[str, dict]:

@@ -237,7 +237,7 @@ def test_trials_evaluate_on_the_tuning_split_only(tmp_path, monkeypatch):
     monkeypatch.setattr(engine, "evaluate", spy_evaluate)
     opts = options(tmp_path, trials=1)
     Tuner(opts).run()
-    (split,) = splits
+    first_check, split = splits  # read once before any trial (to fail early), then by the trial
     assert len(split.y_tune) == 30 and evaluated
     assert any(x is split.x_tune for x in evaluated)
     assert not any(x is split.x_test for x in evaluated)
@@ -287,6 +287,11 @@ def test_pruned_trial_stops_at_the_evaluation_that_pruned_it(tmp_path, monkeypat
         (["--preset", "svhn-1k-uda-mpl", "--set", "tune_per_class=0"], "svhn-1k has no tuning"),
         (["--preset", "digits-uda", "--stage", "both"], "use an *-mpl preset, or --stage student"),
         (["--stage", "teacher"], "run --stage student first, or --stage both"),
+        # the dataset is read before any trial (Optuna logged it with a traceback inside trial 0)
+        (
+            ["--preset", "cifar10-4k-uda", "--data-dir", "nowhere", "--set", "tune_per_class=0"],
+            "data_batch_1 is missing",
+        ),
     ],
 )
 def test_errors_are_one_line(tmp_path, capsys, extra, message):

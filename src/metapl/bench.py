@@ -3,7 +3,7 @@
 Times the median of ``repeats`` runs after ``warmup`` runs (CUDA: synchronized around each run, one
 kind after another, and records peak memory with ``max_memory_allocated`` per kind; CPU: the kinds
 in interleaved rounds, so that load changes on a shared machine hit all alike; no peak memory). The
-setup follows DESIGN.md section 6: labeled batch B, unlabeled 7B, the teacher seeing two unlabeled
+setup follows docs/design.md §3: labeled batch B, unlabeled 7B, the teacher seeing two unlabeled
 views (UDA). JSON: ``{"machine": ..., "results": [{"name", "ms", "peak_mib", ...}], "numerics":
 {"cosine", ...}}``; "numerics" compares the exact teacher gradient under the precision policy on the
 device with a float64 CPU reference on the same weights and batch.

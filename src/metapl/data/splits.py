@@ -433,7 +433,8 @@ def load_split(name: str, data_dir: Path | str, **options: Any) -> SSLSplit:
             f"split {name!r} has no option {unknown[0]!r}; it takes {', '.join(accepted)}"
         )
     folder = Path(data_dir)
-    if name != "npz" and folder.exists() and not folder.is_dir():  # npz also takes the file
+    # Your own data (folder, npz) may also be one .npz file; its reader says what it expects.
+    if name not in ("folder", "npz") and folder.exists() and not folder.is_dir():
         raise data_error(
             f"--data-dir {folder} is a file; it takes the folder that holds the dataset's files"
         )

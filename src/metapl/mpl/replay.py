@@ -59,7 +59,7 @@ def tf32_disabled(device: torch.device) -> Iterator[None]:
     """On CUDA, run the block with TF32 off for matmuls and cuDNN convolutions (no-op elsewhere).
 
     Why: the meta-gradient is a small second-order signal. On an H200, TF32 convolutions put it
-    14-20% (relative) away from double backward in float32, TF32 off 0.6-0.8% (DESIGN.md s2).
+    14-20% (relative) away from double backward in float32, TF32 off 0.6-0.8% (docs/design.md §1).
     cuDNN allows TF32 by default, so the exact passes switch it off explicitly. bf16 autocast is
     unaffected (its convolutions are bf16, not TF32).
     """

@@ -1,6 +1,6 @@
 """One Meta Pseudo Labels step for any teacher/student pair and their own torch optimizers.
 
-Data flow of one exact step (Section 3.1, Figure 4; the math is in DESIGN.md section 2):
+Data flow of one exact step (Section 3.1, Figure 4; the math is in docs/design.md §1):
 
 1. teacher forward on [x_l, x_u, extras]       -> q = softmax(teacher(x_u) / T)
 2. student forward+backward on x_u with q      -> g; factors dU/dg from the optimizer's state;
@@ -151,7 +151,7 @@ class MetaPseudoLabels:
         check_inputs: check labels are in range every step (one host sync on GPU).
         allow_tf32: let the student's passes of the exact step (g, v and the JVP) use TF32 on
             CUDA. Off by default: TF32 costs the meta-gradient 14-20% relative error on an H200
-            (DESIGN.md s2); the teacher's own passes keep PyTorch's global setting.
+            (docs/design.md §1); the teacher's own passes keep PyTorch's global setting.
         grad_sync: data parallelism: an object with ``mean_(tensors)`` and ``world_size`` that
             averages gradients across processes in place (:class:`metapl.distributed.
             GradientAverager`); each process then passes its own shard of the batches.
@@ -596,7 +596,7 @@ class MetaPseudoLabels:
     def _double_backward_student_step(
         self, x_l: Tensor, y_l: Tensor, x_u: Tensor, targets: Tensor
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """The exact gradient by a second-order graph (DESIGN.md section 2's oracle, as a step).
+        """The exact gradient by a second-order graph (docs/design.md §1's oracle, as a step).
 
         g is kept as a function of the teacher's targets (``create_graph``), theta_{t+1} = U(g)
         through a differentiable copy of the optimizer's rule, and the MPL term is R(theta_{t+1})
@@ -632,7 +632,7 @@ class MetaPseudoLabels:
     def _first_order_student_step(
         self, x_l: Tensor, y_l: Tensor, x_u: Tensor, teacher_logits_u: Tensor
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """REINFORCE with the first-order reward (later versions of the paper, DESIGN.md s3).
+        """REINFORCE with the first-order reward (later versions of the paper, docs/design.md §2).
 
         The student learns sampled hard labels y_hat ~ q; the teacher's term is
         advantage * sum_i CE(y_hat_i, teacher(x_u)_i) with advantage = (R_old - R_new) - baseline:

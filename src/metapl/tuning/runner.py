@@ -162,7 +162,7 @@ class Tuner:
     stages and writes best.toml."""
 
     def __init__(self, opts: TuneOptions):
-        from metapl.train.engine import train
+        from metapl.train.engine import load_data, train
 
         self.opts, self.train = opts, train
         if opts.trials < 1:
@@ -175,6 +175,9 @@ class Tuner:
         self.trial_base = apply_overrides(self.final_base, opts.runtime).validate()
         self.fixed = set(opts.overrides)
         check_tuning_split(self.trial_base)
+        # A missing or malformed dataset fails here, as one line, not inside a trial (where
+        # Optuna would log it with a traceback and keep a failed trial in the study).
+        load_data(dataclasses.replace(self.trial_base, tuning=True))
         self.stages = ["student", "teacher"] if opts.stage == "both" else [opts.stage]
         for stage in self.stages:  # a non-MPL preset for stage teacher fails here
             space.trial_config(self.trial_base, stage, {}, {})
