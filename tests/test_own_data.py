@@ -407,6 +407,13 @@ def test_cli_trains_folder_uda_mpl_and_writes_class_names(folder, tmp_path, caps
     assert 0.0 <= record["tune_accuracy"] <= 1.0 and "teacher_test_accuracy" in record
 
 
+def test_folder_preset_reads_a_npz_file_given_as_data_dir(tmp_path, capsys):
+    """As docs/own-data.md says (a --data-dir check for files once refused it)."""
+    np.savez(tmp_path / "mine.npz", **arrays(np.random.RandomState(0)))
+    assert train_cli(tmp_path / "mine.npz", tmp_path / "run") == 0
+    assert "folder-uda-mpl: test accuracy" in capsys.readouterr().out
+
+
 def test_cli_without_a_test_set_reports_no_test_accuracy(tmp_path, capsys):
     data = arrays(np.random.RandomState(0))
     del data["x_test"], data["y_test"]
