@@ -356,3 +356,17 @@ def test_two_processes_share_one_sqlite_study(tmp_path):
     assert sum("t-student trial" in text for text in outputs for text in text.splitlines()) == 2
     best = load_preset(str(out / "best.toml"))
     assert best.method == "uda_mpl" and best.student_lr == fixed["student_lr"]
+
+
+def test_tune_steps_below_the_warmup_cut_it_like_train(tmp_path, capsys):
+    """`metapl tune --steps N` (N below the preset's 100 warm-up steps, none set): the trials'
+    warm-up is cut to N with a note, as `metapl train --steps` does; best.toml keeps the preset's."""
+    args = ["tune", "--preset", "digits-uda", "--stage", "student", "--trials", "1"]
+    args += ["--storage", f"sqlite:///{tmp_path / 's.db'}", "--out", str(tmp_path / "out")]
+    args += ["--steps", "4", "--device", "cpu", "--quiet", "--set", "tune_per_class=2"]
+    args += ["--set", "eval_every=2", "--set", "batch_size=10"]
+    assert main(args) == 0
+    assert "warmup_steps lowered from 100 to 4 to fit --steps 4" in capsys.readouterr().err
+    (trial,) = (tmp_path / "out" / "trials" / "digits-uda-student").iterdir()
+    assert json.loads((trial / "config.json").read_text())["warmup_steps"] == 4
+    assert "warmup_steps = 100" in (tmp_path / "out" / "best.toml").read_text()

@@ -62,7 +62,7 @@ def _cmd_twomoons(args: argparse.Namespace) -> None:
 
 
 def _train_config(args: argparse.Namespace):
-    from metapl.train.config import apply_overrides, parse_set_options
+    from metapl.train.config import apply_overrides, parse_set_options, warmup_cut_to
     from metapl.train.presets import load_preset
 
     cfg = load_preset(args.preset)
@@ -71,16 +71,7 @@ def _train_config(args: argparse.Namespace):
         value = getattr(args, key, None)
         if value is not None:
             overrides[key] = value
-    warmup = overrides.get("warmup_steps", cfg.warmup_steps)
-    if args.steps is not None and "warmup_steps" not in overrides and warmup > args.steps > 0:
-        # --steps shortens a preset for a quick run: its LR warm-up is cut to fit, as `metapl
-        # digits --steps` does (an explicit --set warmup_steps=N is the user's and still checked).
-        overrides["warmup_steps"] = args.steps
-        print(
-            f"metapl train: note: warmup_steps lowered from {warmup} to {args.steps} to fit "
-            f"--steps {args.steps}",
-            file=sys.stderr,
-        )
+    overrides.update(warmup_cut_to(args.steps, cfg, overrides, "train"))
     return apply_overrides(cfg, overrides).validate()
 
 

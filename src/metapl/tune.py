@@ -59,7 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     from metapl.errors import ConfigError
     from metapl.report import output_folder
-    from metapl.train.config import parse_set_options
+    from metapl.train.config import parse_set_options, warmup_cut_to
+    from metapl.train.presets import load_preset
     from metapl.tuning import TuneOptions, tune
 
     if args.steps is not None and args.steps < 1:
@@ -69,6 +70,8 @@ def run(args: argparse.Namespace) -> None:
         for key in ("steps", "device", "data_dir")
         if getattr(args, key) is not None
     }
+    overrides = parse_set_options(args.set or [])
+    runtime.update(warmup_cut_to(args.steps, load_preset(args.preset), overrides, "tune"))
     opts = TuneOptions(
         preset=args.preset,
         trials=args.trials,
@@ -76,7 +79,7 @@ def run(args: argparse.Namespace) -> None:
         out=output_folder(args.out),
         study=args.study,
         stage=args.stage,
-        overrides=parse_set_options(args.set or []),
+        overrides=overrides,
         runtime=runtime,
         prune=not args.no_prune,
         show_progress=not args.quiet,

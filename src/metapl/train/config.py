@@ -258,3 +258,21 @@ def parse_set_options(items: list[str]) -> dict[str, str]:
 
 def save_config(cfg: TrainConfig, path) -> None:
     path.write_text(json.dumps(cfg.to_dict(), indent=1, sort_keys=True))
+
+
+def warmup_cut_to(steps: int | None, preset: TrainConfig, overrides: dict, command: str) -> dict:
+    """``{"warmup_steps": steps}`` when ``--steps`` shortens a run below the preset's LR warm-up
+    (with a note on stderr), else ``{}``. A quick run of a preset should not need a second option;
+    an explicit ``--set warmup_steps=N`` is the user's, and is still checked against the steps."""
+    import sys
+
+    if steps is None or steps < 1 or "warmup_steps" in overrides:
+        return {}
+    warmup = apply_overrides(preset, overrides).warmup_steps
+    if warmup <= steps:
+        return {}
+    print(
+        f"metapl {command}: note: warmup_steps lowered from {warmup} to {steps} to fit --steps {steps}",
+        file=sys.stderr,
+    )
+    return {"warmup_steps": steps}
