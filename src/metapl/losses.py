@@ -42,16 +42,3 @@ def batch_mean(per_example: Tensor, batch_dim: int = 0) -> Tensor:
 def member_mean(per_example: Tensor, batch_dim: int = 0) -> Tensor:
     """Mean over the examples for each ensemble member (a scalar when there is no ensemble)."""
     return per_example.mean(dim=batch_dim)
-
-
-def check_labels(labels: Tensor, num_classes: int, what: str = "labels") -> None:
-    """Raise a clear error for labels outside [0, num_classes)."""
-    from metapl.errors import DataError
-
-    if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-        raise DataError(f"{what} must be integer class indices, got dtype {labels.dtype}")
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-        raise DataError(
-            f"{what} out of range: found {int(labels.min())}..{int(labels.max())}, "
-            f"the model has {num_classes} classes (expected 0..{num_classes - 1})"
-        )

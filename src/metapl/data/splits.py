@@ -416,6 +416,9 @@ SPLITS: dict[str, Callable[..., SSLSplit]] = {
     "folder": folder_split,
     "npz": npz_split,
 }
+# Splits whose data_dir may also be a single file (a .npz of your own data); their readers say
+# what they expect. The others read a folder, and a file in its place is refused up front.
+READS_A_FILE = frozenset({"folder", "npz"})
 # Every config `dataset`: the splits read from a folder, and scikit-learn's digits, which ships with
 # scikit-learn and is split per seed (metapl.data.digits).
 DATASETS = (*SPLITS, "digits")
@@ -433,8 +436,7 @@ def load_split(name: str, data_dir: Path | str, **options: Any) -> SSLSplit:
             f"split {name!r} has no option {unknown[0]!r}; it takes {', '.join(accepted)}"
         )
     folder = Path(data_dir)
-    # Your own data (folder, npz) may also be one .npz file; its reader says what it expects.
-    if name not in ("folder", "npz") and folder.exists() and not folder.is_dir():
+    if name not in READS_A_FILE and folder.exists() and not folder.is_dir():
         raise data_error(
             f"--data-dir {folder} is a file; it takes the folder that holds the dataset's files"
         )

@@ -90,6 +90,12 @@ def _needs_closure(optimizer: torch.optim.Optimizer) -> bool:
     return closure is not None and closure.default is inspect.Parameter.empty
 
 
+def _check_owned(name: str, model: nn.Module, params: list[Tensor]) -> None:
+    own = {id(p) for p in model.parameters()}
+    if any(id(p) not in own for p in params):
+        raise ConfigError(f"{name}_optimizer must optimize the {name}'s own parameters")
+
+
 def _logits(out, who: str) -> Tensor:
     if not isinstance(out, Tensor):
         raise ConfigError(
@@ -216,9 +222,7 @@ class MetaPseudoLabels:
             ("student", student, student_optimizer),
             ("teacher", teacher, teacher_optimizer),
         ):
-            own = {id(p) for p in model.parameters()}
-            if any(id(p) not in own for _, p in optimizer_params(optimizer)):
-                raise ConfigError(f"{name}_optimizer must optimize the {name}'s own parameters")
+            _check_owned(name, model, [p for _, p in optimizer_params(optimizer)])
         if estimator == "first_order" and _needs_closure(student_optimizer):
             raise ConfigError(
                 f"{type(student_optimizer).__name__}.step() needs a closure (it re-evaluates the "
@@ -334,9 +338,8 @@ class MetaPseudoLabels:
         params = [p for _, p in optimizer_params(self.student_optimizer)]
         if [id(p) for p in params] == [id(p) for p in self._student_params]:
             return
+        _check_owned("student", self.student, params)
         name_of = {id(p): n for n, p in self.student.named_parameters()}
-        if any(id(p) not in name_of for p in params):
-            raise ConfigError("student_optimizer must optimize the student's own parameters")
         self._student_params = params
         self._student_names = [name_of[id(p)] for p in params]
         self._tapes.clear()  # traced with the old set of trainable parameters
@@ -404,8 +407,8 @@ class MetaPseudoLabels:
                 joint = _logits(self.teacher(torch.cat(inputs, dim=bd)), "teacher")
                 outs = torch.split(joint, sizes, dim=bd)
             else:
-                outs = [self.teacher(x) for x in inputs]
-        outs = [upcast(_logits(o, "teacher")) for o in outs]
+                outs = [_logits(self.teacher(x), "teacher") for x in inputs]
+        outs = [upcast(o) for o in outs]
         return TeacherLogits(outs[0], outs[1], tuple(outs[2:]), y_l, self.step_count)
 
     def _student_update(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -264,8 +265,6 @@ def warmup_cut_to(steps: int | None, preset: TrainConfig, overrides: dict, comma
     """``{"warmup_steps": steps}`` when ``--steps`` shortens a run below the preset's LR warm-up
     (with a note on stderr), else ``{}``. A quick run of a preset should not need a second option;
     an explicit ``--set warmup_steps=N`` is the user's, and is still checked against the steps."""
-    import sys
-
     if steps is None or steps < 1 or "warmup_steps" in overrides:
         return {}
     warmup = apply_overrides(preset, overrides).warmup_steps
