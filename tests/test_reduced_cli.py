@@ -112,6 +112,58 @@ def test_reduced_other_datasets_point_to_presets(tmp_path, capsys):
     assert "full-large-teacher" in capsys.readouterr().err
 
 
+def test_reduced_set_reaches_only_its_stage(tmp_path):
+    """`--set STAGE:key=value` changes that stage's run config and no other; `--set key=value`
+    changes every stage's; the large teacher folder is the run's own."""
+    from metapl.experiments.digits import parse_method_overrides
+    from metapl.experiments.reduced import ReducedConfig, _stage_config
+
+    cfg = ReducedConfig(
+        seeds=[3],
+        overrides=parse_method_overrides(["reduced_mpl:teacher_lr=0.01", "eval_every=7"]),
+    ).validate()
+    reduced = _stage_config("reduced_mpl", 3, cfg, tmp_path)
+    noisy = _stage_config("noisy_student", 3, cfg, tmp_path)
+    large = _stage_config("large_teacher", 3, cfg, tmp_path)
+    preset_lr = load_preset("digits-reduced-reduced-mpl").teacher_lr
+    assert (reduced.teacher_lr, noisy.teacher_lr, preset_lr) == (0.01, noisy.teacher_lr, 1e-4)
+    assert noisy.teacher_lr != 0.01 and large.teacher_lr != 0.01
+    assert reduced.eval_every == noisy.eval_every == large.eval_every == 7
+    assert reduced.seed == 3 and reduced.large_teacher == str(tmp_path / "large_teacher" / "seed3")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--set", "uda:teacher_lr=1"], "not a stage"),
+        (["--set", "reduced_mpl:no_such_key=1"], "unknown config key"),
+        (["--set", "reduced_mpl:teacher_lr=fast"], "teacher_lr"),
+        (["--methods", "uda_mpl"], "unknown student"),
+        (["--methods", ","], "at least one"),
+    ],
+)
+def test_reduced_bad_options_stop_before_any_work(tmp_path, capsys, argv, message):
+    out = tmp_path / "run"
+    assert main(["reduced", "--seeds", "0", "--out", str(out), "--quiet", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_reduced_methods_trains_only_the_named_students(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["reduced", "--seeds", "0-1", "--out", str(out), "--quiet", "--steps", "2"]
+    assert main([*argv, "--methods", "noisy_student,reduced_mpl"]) == 0
+    payload = json.loads((out / "results.json").read_text())
+    methods = sorted({r["method"] for r in payload["results"]})
+    assert methods == ["large_teacher", "noisy_student", "reduced_mpl"]
+    assert not (out / "supervised").exists()
+    # Table 2's comparison is printed and saved seed by seed, where both sides ran.
+    assert list(payload["paired"]) == ["reduced_mpl - noisy_student"]
+    assert payload["paired"]["reduced_mpl - noisy_student"]["n"] == 2
+    assert "reduced_mpl - noisy_student" in capsys.readouterr().out
+
+
 def test_table2_presets_exist_with_appendix_c2_values():
     table = preset_table()
     for dataset in ("cifar10-full", "svhn-full", "imagenet-full"):

@@ -117,6 +117,7 @@ def _cmd_digits(args: argparse.Namespace) -> None:
 
 
 def _cmd_reduced(args: argparse.Namespace) -> None:
+    from metapl.experiments.digits import parse_method_overrides
     from metapl.experiments.reduced import ReducedConfig, run_reduced
 
     cfg = ReducedConfig(
@@ -125,6 +126,8 @@ def _cmd_reduced(args: argparse.Namespace) -> None:
         steps=args.steps,
         labels_per_class=args.labels_per_class,
         device=args.device,
+        students=tuple(m for m in args.methods.split(",") if m),
+        overrides=parse_method_overrides(args.set or []),
     )
     run_reduced(cfg, output_folder(args.out), show_progress=not args.quiet)
 
@@ -271,6 +274,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dataset", default="digits", help="digits (the only one that runs on CPU)")
     p.add_argument("--labels-per-class", type=int, default=None, help="default: the preset's 30")
+    p.add_argument(
+        "--methods",
+        default="supervised,noisy_student,reduced_mpl",
+        help=(
+            "comma-separated students to train, from supervised, noisy_student, reduced_mpl "
+            "(default: all three; the large teachers always train)"
+        ),
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="[STAGE:]KEY=VALUE",
+        help=(
+            "override a preset key for every stage, or for one with a STAGE: prefix from "
+            "large_teacher, supervised, noisy_student, reduced_mpl (e.g. --set "
+            "reduced_mpl:teacher_lr=0.001); the keys of `metapl train --set`; repeatable"
+        ),
+    )
     _add_experiment_options(p)
     p.set_defaults(func=_cmd_reduced)
 

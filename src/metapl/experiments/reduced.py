@@ -19,9 +19,15 @@ from pathlib import Path
 
 from metapl.errors import ConfigError
 from metapl.experiments.digits import summarize
-from metapl.report import print_accuracy_table, write_json_atomic
+from metapl.report import (
+    paired_differences,
+    print_accuracy_table,
+    print_paired_differences,
+    write_json_atomic,
+)
 
 STUDENTS = ("supervised", "noisy_student", "reduced_mpl")
+STAGES = ("large_teacher", *STUDENTS)
 
 
 @dataclass
@@ -32,6 +38,11 @@ class ReducedConfig:
     labels_per_class: int | None = None
     device: str = "cpu"
     workers: int = 0
+    # Which students to train (the large teachers always train: every student needs one).
+    students: tuple[str, ...] = STUDENTS
+    # Config overrides per stage ("*" = every stage), e.g. from `--set
+    # reduced_mpl:teacher_lr=0.001`; the preset keys of `metapl train --set`.
+    overrides: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def validate(self) -> ReducedConfig:
         if self.dataset != "digits":
@@ -41,17 +52,44 @@ class ReducedConfig:
                 "then the -supervised/-noisy-student/-reduced-mpl presets with "
                 "--set large_teacher=RUN_DIR"
             )
+        unknown = [m for m in self.students if m not in STUDENTS]
+        if unknown or not self.students:
+            raise ConfigError(
+                f"--methods: unknown student {unknown[0]!r}; choose from {', '.join(STUDENTS)}"
+                if unknown
+                else f"--methods: name at least one of {', '.join(STUDENTS)}"
+            )
+        for target in self.overrides:
+            if target != "*" and target not in STAGES:
+                raise ConfigError(
+                    f"--set {target}:...: {target!r} is not a stage of `metapl reduced`; "
+                    f"choose from {', '.join(STAGES)}"
+                )
+        # Resolve every stage's config now, so that an unknown key or a bad value stops the
+        # command before any worker starts.
+        for method in ("large_teacher", *self.students):
+            _stage_config(method, 0, self, Path("."))
         return self
 
 
-def _overrides(cfg: ReducedConfig, seed: int) -> dict:
-    out = {"seed": seed, "device": cfg.device}
+def _stage_config(method: str, seed: int, cfg: ReducedConfig, out: Path):
+    """One (stage, seed) run's training config: the digits-reduced-* preset, the seed and the
+    command's options, then the user's --set overrides (every stage's first, then this one's)."""
+    from metapl.train.config import apply_overrides
+    from metapl.train.presets import load_preset
+
+    overrides: dict = {"seed": seed, "device": cfg.device}
     if cfg.steps is not None:
-        out["steps"] = cfg.steps
-        out["warmup_steps"] = min(100, cfg.steps)
+        overrides["steps"] = cfg.steps
+        overrides["warmup_steps"] = min(100, cfg.steps)
     if cfg.labels_per_class is not None:
-        out["labels_per_class"] = cfg.labels_per_class
-    return out
+        overrides["labels_per_class"] = cfg.labels_per_class
+    if method != "large_teacher":
+        overrides["large_teacher"] = str(out / "large_teacher" / f"seed{seed}")
+    overrides.update(cfg.overrides.get("*", {}))
+    overrides.update(cfg.overrides.get(method, {}))
+    preset = load_preset(f"digits-reduced-{method.replace('_', '-')}")
+    return apply_overrides(preset, overrides).validate()
 
 
 def _run(job: tuple[str, int, ReducedConfig, str]) -> dict:
@@ -59,15 +97,9 @@ def _run(job: tuple[str, int, ReducedConfig, str]) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from metapl.train.config import apply_overrides
     from metapl.train.engine import train
-    from metapl.train.presets import load_preset
 
-    overrides = _overrides(cfg, seed)
-    if method != "large_teacher":
-        overrides["large_teacher"] = str(Path(out) / "large_teacher" / f"seed{seed}")
-    preset = f"digits-reduced-{method.replace('_', '-')}"
-    run_cfg = apply_overrides(load_preset(preset), overrides)
+    run_cfg = _stage_config(method, seed, cfg, Path(out))
     summary = train(run_cfg, Path(out) / method / f"seed{seed}", show_progress=False)
     record = summary["results"][0]
     return {
@@ -87,7 +119,7 @@ def run_reduced(cfg: ReducedConfig, out: Path, show_progress: bool = True) -> di
 
     cfg.validate()
     out.mkdir(parents=True, exist_ok=True)
-    workers = min(cfg.workers or os.cpu_count() or 1, len(cfg.seeds) * len(STUDENTS))
+    workers = min(cfg.workers or os.cpu_count() or 1, len(cfg.seeds) * len(cfg.students))
     records = []
     with ProcessPoolExecutor(max_workers=workers) as pool:
         stage = [("large_teacher", s, cfg, str(out)) for s in cfg.seeds]
@@ -99,7 +131,7 @@ def run_reduced(cfg: ReducedConfig, out: Path, show_progress: bool = True) -> di
             unit="run",
         ):
             records.append(record)
-        jobs = [(m, s, cfg, str(out)) for m in reversed(STUDENTS) for s in cfg.seeds]
+        jobs = [(m, s, cfg, str(out)) for m in reversed(cfg.students) for s in cfg.seeds]
         for record in tqdm(
             pool.map(_run, jobs),
             total=len(jobs),
@@ -108,15 +140,21 @@ def run_reduced(cfg: ReducedConfig, out: Path, show_progress: bool = True) -> di
             unit="run",
         ):
             records.append(record)
-    order = ("large_teacher", *STUDENTS)
-    records.sort(key=lambda r: (order.index(r["method"]), r["seed"]))
+    records.sort(key=lambda r: (STAGES.index(r["method"]), r["seed"]))
     summary = summarize(records)
-    payload = {"config": asdict(cfg), "results": records, "summary": summary}
-    write_json_atomic(out / "results.json", payload)
-    plot_figure10(
-        out / "reduced_mpl" / f"seed{cfg.seeds[0]}" / "figure10.json", out / "figure10.png"
+    # Table 2's question, seed by seed: is ReducedMPL above NoisyStudent (its only difference is
+    # a teacher that adapts) and above the supervised student?
+    paired = paired_differences(
+        records, [("reduced_mpl", "noisy_student"), ("reduced_mpl", "supervised")]
     )
+    payload = {"config": asdict(cfg), "results": records, "summary": summary, "paired": paired}
+    write_json_atomic(out / "results.json", payload)
+    if "reduced_mpl" in cfg.students:
+        plot_figure10(
+            out / "reduced_mpl" / f"seed{cfg.seeds[0]}" / "figure10.json", out / "figure10.png"
+        )
     print_accuracy_table(
         f"digits ReducedMPL (Section 4.2), seeds {cfg.seeds}: test accuracy (497 images)", summary
     )
+    print_paired_differences(paired)
     return payload
