@@ -215,11 +215,13 @@ def mpl_objective(
     *,
     seed: int,
     temperature: float = 1.0,
+    student_labeled_weight: float = 0.0,
 ) -> float:
     """R(theta_{t+1}) as the teacher's parameters are set to ``teacher_params``, by brute force:
     a copy of the student takes one REAL step of a copy of its optimizer on the teacher's soft
-    targets; then the student's CE on the labeled batch (train mode, copies of its buffers).
-    Random numbers are drawn in MetaPseudoLabels.step's order, from ``seed``."""
+    targets (plus ``student_labeled_weight`` times its CE on the labeled batch); then the
+    student's CE on the labeled batch (train mode, copies of its buffers). Random numbers are
+    drawn in MetaPseudoLabels.step's order, from ``seed``."""
     s2 = copy.deepcopy(student)
     trainable = [p for p in s2.parameters() if p.requires_grad]
     opt2 = fresh_optimizer_like(factory, trainable, student_optimizer)
@@ -231,6 +233,9 @@ def mpl_objective(
         q = F.softmax(t_logits[x_l.shape[0] :] / temperature, dim=-1)
     opt2.zero_grad()
     loss = -(q * F.log_softmax(s2(x_u), dim=-1)).sum(-1).mean()
+    if student_labeled_weight:
+        labeled = F.cross_entropy(functional_call(s2, cloned_buffers(s2), (x_l,)), y_l)
+        loss = loss + student_labeled_weight * labeled
     loss.backward()
     opt2.step()
     with torch.no_grad():

@@ -22,7 +22,7 @@ def flat(tensors) -> torch.Tensor:
     return torch.cat([t.detach().reshape(-1) for t in tensors])
 
 
-def _run(estimator: str, opt_name: str, kind: str, steps: int = 3):
+def _run(estimator: str, opt_name: str, kind: str, steps: int = 3, labeled: float = 0.0):
     teacher, student, x_l, y_l, x_u = make_problem(kind, seed=5)
     mpl = MetaPseudoLabels(
         teacher,
@@ -32,6 +32,7 @@ def _run(estimator: str, opt_name: str, kind: str, steps: int = 3):
         temperature=0.8,
         label_smoothing=0.1,
         estimator=estimator,
+        student_labeled_weight=labeled,
     )
     torch.manual_seed(11)
     metrics = [mpl.step(x_l, y_l, x_u + 0.1 * s) for s in range(steps)]
@@ -40,15 +41,18 @@ def _run(estimator: str, opt_name: str, kind: str, steps: int = 3):
 
 @pytest.mark.parametrize("opt_name", ["sgd_nesterov", "rmsprop_momentum", "adamw"])
 @pytest.mark.parametrize("kind", ["mlp", "conv"])
-def test_double_backward_step_equals_exact_step(opt_name, kind):
-    t_exact, s_exact, m_exact = _run("exact", opt_name, kind)
-    t_db, s_db, m_db = _run("double_backward", opt_name, kind)
+@pytest.mark.parametrize("labeled", [0.0, 0.5], ids=["paper", "student_labeled"])
+def test_double_backward_step_equals_exact_step(opt_name, kind, labeled):
+    """Also with the student's own labeled loss (``student_labeled_weight``)."""
+    t_exact, s_exact, m_exact = _run("exact", opt_name, kind, labeled=labeled)
+    t_db, s_db, m_db = _run("double_backward", opt_name, kind, labeled=labeled)
     assert rel_err(flat(t_exact.parameters()), flat(t_db.parameters())) < 1e-10
     assert rel_err(flat(s_exact.parameters()), flat(s_db.parameters())) < 1e-10
     assert rel_err(flat(t_exact.buffers()), flat(t_db.buffers())) < 1e-10
     assert rel_err(flat(s_exact.buffers()), flat(s_db.buffers())) < 1e-10
     for a, b in zip(m_exact, m_db):
         assert torch.allclose(a["student_labeled_after"], b["student_labeled_after"], rtol=1e-10)
+        assert ("student_labeled" in a) == ("student_labeled" in b) == (labeled > 0)
 
 
 def test_double_backward_step_moves_the_teacher_differently_without_the_mpl_term():

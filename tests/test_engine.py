@@ -473,6 +473,12 @@ def test_mpl_weight_reaches_the_step_and_must_be_non_negative():
         _digits_config(mpl_weight=-1.0)
 
 
+def test_student_labeled_weight_reaches_the_step():
+    method = build_method(_digits_config(student_labeled_weight=0.5), 10, torch.device("cpu"))
+    assert method.mpl.student_labeled_weight == 0.5
+    assert build_method(_digits_config(), 10, torch.device("cpu")).mpl.student_labeled_weight == 0
+
+
 def test_memory_format_must_be_known():
     from metapl.errors import ConfigError
 

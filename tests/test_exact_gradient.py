@@ -57,6 +57,22 @@ def test_exact_gradient_equals_double_backward_and_finite_differences(
     assert _check_two_steps(teacher, student, s_opt, factory, x_l, y_l, x_u, temperature, jvp) == 0
 
 
+@pytest.mark.parametrize(
+    "opt_name", ["sgd", "sgd_nesterov_foreach", "rmsprop_momentum", "adam", "adamw_amsgrad_maximize"]
+)
+@pytest.mark.parametrize("kind", ["mlp", "conv"])
+@pytest.mark.parametrize("jvp", ["forward_ad", "tape"])
+def test_exact_gradient_with_the_students_own_labeled_loss(opt_name, kind, jvp):
+    """student_labeled_weight > 0: the student also learns the labels (NoisyStudent's student
+    does). theta_{t+1} and the Appendix-B factors then come from the sum of both losses' gradients,
+    J from the x_u pass alone; all three computations must still agree."""
+    factory = STUDENT_OPTIMIZERS[opt_name]
+    teacher, student, x_l, y_l, x_u = make_problem(kind, seed=3)
+    s_opt = factory(student.parameters())
+    args = (teacher, student, s_opt, factory, x_l, y_l, x_u, 0.8, jvp)
+    assert _check_two_steps(*args, labeled=0.6) == 0
+
+
 @pytest.mark.parametrize("opt_name", ["sgd_momentum", "rmsprop_centered", "adam"])
 def test_exact_gradient_with_a_frozen_student_layer(opt_name):
     """Parameters outside the student's optimizer stay fixed and are not differentiated."""
@@ -82,13 +98,21 @@ def test_exact_gradient_with_exactly_zero_student_gradients(opt_name):
 
 
 def _check_two_steps(
-    teacher, student, s_opt, factory, x_l, y_l, x_u, temperature, jvp="forward_ad"
+    teacher, student, s_opt, factory, x_l, y_l, x_u, temperature, jvp="forward_ad", labeled=0.0
 ) -> int:
     """Two MPL steps; before each, the oracle and finite differences at the same point.
+    ``labeled``: the student's own labeled-CE weight (``student_labeled_weight``).
     Returns how many times the oracle was not finite (then only finite differences judge)."""
     t_opt = torch.optim.SGD(teacher.parameters(), lr=0.05, momentum=0.5)
     mpl = MetaPseudoLabels(
-        teacher, student, t_opt, s_opt, temperature=temperature, supervised_weight=0.0, jvp=jvp
+        teacher,
+        student,
+        t_opt,
+        s_opt,
+        temperature=temperature,
+        supervised_weight=0.0,
+        jvp=jvp,
+        student_labeled_weight=labeled,
     )
     gen = torch.Generator().manual_seed(11)
     oracle_nans = 0
@@ -99,7 +123,14 @@ def _check_two_steps(
         torch.manual_seed(seed)
         oracle = flat(
             double_backward_teacher_gradient(
-                teacher, student, s_opt, x_l, y_l, x_u, temperature=temperature
+                teacher,
+                student,
+                s_opt,
+                x_l,
+                y_l,
+                x_u,
+                temperature=temperature,
+                student_labeled_weight=labeled,
             )
         )
 
@@ -109,7 +140,7 @@ def _check_two_steps(
             params = {n: p + shift[n] for n, p in t_params.items()}
             return mpl_objective(
                 teacher, params, student, s_opt, factory, x_l, y_l, x_u,
-                seed=seed, temperature=temperature,
+                seed=seed, temperature=temperature, student_labeled_weight=labeled,
             )  # fmt: skip
 
         directions = [
@@ -145,6 +176,7 @@ def _check_two_steps(
         assert rel_err(analytic, fd) <= 1e-6, (step, analytic, fd)
         # supervised_weight = 0: the teacher's loss is the MPL term alone
         assert torch.equal(metrics["teacher_loss"], metrics["teacher_mpl"])
+        assert ("student_labeled" in metrics) == (labeled > 0)
     assert mpl.step_count == 2
     assert mpl.last_jvp_path == jvp
     return oracle_nans

@@ -100,6 +100,7 @@ def test_bad_labels_raise_data_error_before_the_student_moves(labels):
         {"baseline_decay": 1.0},
         {"baseline_decay": -0.1},
         {"label_smoothing": 1.0},
+        {"student_labeled_weight": -0.5},
     ],
     ids=lambda k: "-".join(f"{a}={b}" for a, b in k.items()),
 )
@@ -381,6 +382,30 @@ def test_metrics_are_detached_scalars_with_the_right_values(estimator):
             rtol=1e-12,
             atol=0,
         )
+
+
+def test_student_labeled_weight_adds_the_labels_to_the_students_own_step():
+    """With ``student_labeled_weight=w`` the student moves exactly as its optimizer moves it on
+    CE(targets, student(x_u)) + w * CE(y_l, student(x_l)), the labeled pass drawn after the x_u
+    pass (a hand-made copy of the step, same seed; metric = the labeled CE before the step)."""
+    teacher, student, x_l, y_l, x_u = make_problem("mlp", seed=9)
+    ref = copy.deepcopy(student)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.2, momentum=0.9)
+    mpl = _mpl(teacher, student, student_labeled_weight=0.7, temperature=0.5)
+    torch.manual_seed(4)
+    with torch.no_grad():
+        logits = functional_call(teacher, cloned_buffers(teacher), (torch.cat([x_l, x_u]),))
+        targets = F.softmax(logits[len(x_l) :] / 0.5, dim=-1)
+    unlabeled = -(targets * F.log_softmax(ref(x_u), dim=-1)).sum(-1).mean()
+    labeled = F.cross_entropy(functional_call(ref, cloned_buffers(ref), (x_l,)), y_l)
+    (unlabeled + 0.7 * labeled).backward()
+    ref_opt.step()
+    torch.manual_seed(4)
+    metrics = mpl.step(x_l, y_l, x_u)
+    for mine, theirs in zip(student.parameters(), ref.parameters()):
+        torch.testing.assert_close(mine, theirs, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(metrics["student_labeled"], labeled.detach(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(metrics["student_unlabeled"], unlabeled.detach(), rtol=1e-12, atol=0)
 
 
 def test_state_dict_round_trips_step_count_and_baseline():

@@ -326,6 +326,14 @@ def test_a_run_folder_from_before_a_new_option_resumes_at_its_default(tmp_path, 
         ),
         (["--preset", "digits-uda", "--steps", "5", "--set", "warmup_steps=6"], "(6) must not"),
         (["--preset", "digits-uda", "--set", "student_dropout=1"], "student_dropout must be in"),
+        (
+            ["--preset", "digits-uda", "--set", "student_labeled_weight=1"],
+            "applies to the +MPL methods only",
+        ),
+        (
+            ["--preset", "digits-uda-mpl", "--set", "student_labeled_weight=-1"],
+            "student_labeled_weight must be >= 0",
+        ),
     ],
 )
 def test_bad_options_exit_2_with_one_line_and_write_nothing(tmp_path, capsys, args, message):

@@ -106,6 +106,7 @@ def build_method(cfg: TrainConfig, num_classes: int, device: torch.device, grad_
         teacher_sees_distributions=cfg.method == "reduced_mpl",
         temperature=cfg.mpl_temperature,
         mpl_weight=cfg.mpl_weight,
+        student_labeled_weight=cfg.student_labeled_weight,
         label_smoothing=cfg.label_smoothing,
         estimator=cfg.mpl_estimator,
         jvp=cfg.mpl_jvp,

@@ -3,7 +3,8 @@
 Builds the whole second-order graph: g = grad_theta L(q_Psi, theta_t) with ``create_graph=True``,
 theta_{t+1} = U(theta_t, g) through a differentiable copy of the optimizer's step, and
 grad_Psi R(theta_{t+1}). It consumes random numbers in the same order as
-:meth:`MetaPseudoLabels.step` (teacher forward, student forward on x_u, student forward on x_l), so
+:meth:`MetaPseudoLabels.step` (teacher forward, student forward on x_u, with a
+``student_labeled_weight`` the student's labeled pass at theta_t, student forward on x_l), so
 with the same seed both see the same dropout masks. Nothing is modified: not the models' parameters,
 not their buffers, not the optimizer's state.
 """
@@ -32,6 +33,7 @@ def double_backward_teacher_gradient(
     batch_dim: int = 0,
     teacher_x_labeled: Tensor | None = None,
     teacher_x_unlabeled: Tensor | None = None,
+    student_labeled_weight: float = 0.0,
 ) -> list[Tensor]:
     """grad_Psi R(theta_{t+1}) for each teacher parameter (the MPL signal alone)."""
     t_l = x_labeled if teacher_x_labeled is None else teacher_x_labeled
@@ -50,6 +52,11 @@ def double_backward_teacher_gradient(
     theta_t = {n: p.detach().requires_grad_(True) for n, p in zip(names, params)}
     s_u = functional_call(student, {**buffer_copies(student), **theta_t}, (x_unlabeled,))
     loss = batch_mean(soft_cross_entropy(s_u, targets), batch_dim)
+    if student_labeled_weight > 0:
+        s_l0 = functional_call(student, {**buffer_copies(student), **theta_t}, (x_labeled,))
+        loss = loss + student_labeled_weight * batch_mean(
+            hard_cross_entropy(s_l0, y_labeled), batch_dim
+        )
     grads = torch.autograd.grad(loss, list(theta_t.values()), create_graph=True, allow_unused=True)
     theta_next = reference_update(student_optimizer, list(grads))
     s_l = functional_call(

@@ -143,6 +143,12 @@ class MetaPseudoLabels:
         supervised_weight: weight of the teacher's CE on the labeled batch (Figure 4); 0 = pure MPL.
         label_smoothing: smoothing of that supervised CE (Table 3: 0.1 on ImageNet).
         mpl_weight: weight of the MPL signal in the teacher's loss.
+        student_labeled_weight: weight of a CE on the labeled batch in the *student's* own loss,
+            next to the teacher's targets on x_u (as NoisyStudent's student learns both). 0, the
+            default, is the paper's MPL: the labeled batch is the student's validation data and
+            reaches it only through the teacher. The labeled term does not depend on the
+            teacher, so it changes theta_{t+1} (and the Appendix-B factors) but not J; the exact
+            gradient stays exact (tested against double backward and finite differences).
         teacher_extra_loss: ``f(TeacherLogits) -> scalar`` added to the teacher's loss (e.g. UDA);
             its extra inputs come from ``step(..., teacher_extra_inputs=...)``.
         estimator: ``"exact"`` (default), ``"first_order"`` (REINFORCE with h = R_old - R_new), or
@@ -189,6 +195,7 @@ class MetaPseudoLabels:
         supervised_weight: float = 1.0,
         label_smoothing: float = 0.0,
         mpl_weight: float = 1.0,
+        student_labeled_weight: float = 0.0,
         teacher_extra_loss: TeacherLoss | None = None,
         estimator: str = "exact",
         baseline_decay: float | None = None,
@@ -207,6 +214,8 @@ class MetaPseudoLabels:
             raise ConfigError(f"temperature must be > 0, got {temperature}")
         if baseline_decay is not None and not 0.0 <= baseline_decay < 1.0:
             raise ConfigError(f"baseline_decay must be in [0, 1) or None, got {baseline_decay}")
+        if not student_labeled_weight >= 0.0:
+            raise ConfigError(f"student_labeled_weight must be >= 0, got {student_labeled_weight}")
         if not 0.0 <= label_smoothing < 1.0:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         if estimator in ("exact", "double_backward"):
@@ -234,6 +243,7 @@ class MetaPseudoLabels:
         self.supervised_weight = supervised_weight
         self.label_smoothing = label_smoothing
         self.mpl_weight = mpl_weight
+        self.student_labeled_weight = student_labeled_weight
         self.teacher_extra_loss = teacher_extra_loss
         self.estimator = estimator
         self.baseline_decay = baseline_decay
@@ -412,11 +422,16 @@ class MetaPseudoLabels:
         return TeacherLogits(outs[0], outs[1], tuple(outs[2:]), y_l, self.step_count)
 
     def _student_update(
-        self, x_u: Tensor, targets: Tensor, tape: TangentTape | None = None
-    ) -> tuple[Tensor, list[Tensor | None], Tensor | TapeRecord]:
-        """Forward+backward of the student on (x_u, targets); leaves the gradients in .grad.
-        Returns the loss, the gradients and the logits, or with a ``tape`` its record of the pass
-        (the same computation, keeping what the tangent pass needs)."""
+        self,
+        x_u: Tensor,
+        targets: Tensor,
+        labeled: tuple[Tensor, Tensor],
+        tape: TangentTape | None = None,
+    ) -> tuple[dict[str, Tensor], list[Tensor | None], Tensor | TapeRecord]:
+        """Forward+backward of the student on (x_u, targets), plus its labeled CE on ``labeled``
+        when ``student_labeled_weight`` > 0; leaves the gradients in .grad. Returns the losses
+        (metrics), the gradients and the x_u logits, or with a ``tape`` its record of the x_u
+        pass (the same computation, keeping what the tangent pass needs)."""
         with self._autocast(module_device(self.student)):
             if tape is None:
                 out = s_logits = self.student(x_u)
@@ -424,12 +439,19 @@ class MetaPseudoLabels:
                 out = tape.record(x_u)
                 s_logits = out.logits
         _same_classes(_logits(s_logits, "student"), targets)
-        loss = batch_mean(soft_cross_entropy(upcast(s_logits), targets), self.batch_dim)
+        unlabeled = batch_mean(soft_cross_entropy(upcast(s_logits), targets), self.batch_dim)
+        loss, losses = unlabeled, {"student_unlabeled": unlabeled.detach()}
+        if self.student_labeled_weight > 0:
+            # A pass of its own, after the x_u pass (whose random numbers J replays), with its own
+            # batch statistics; the x_u pass alone updates the running statistics.
+            labeled_loss = self._labeled_loss(*labeled).sum()
+            loss = loss + self.student_labeled_weight * labeled_loss
+            losses["student_labeled"] = labeled_loss.detach()
         self.student_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grads = [p.grad for p in self._student_params]
         self._average(grads)  # before the optimizer (and the factors) read g
-        return loss, grads, out
+        return losses, grads, out
 
     def _labeled_loss(self, x_l: Tensor, y_l: Tensor) -> Tensor:
         """The student's per-member labeled CE without touching its running statistics."""
@@ -447,12 +469,12 @@ class MetaPseudoLabels:
         tape = self._tape()
         record = None
         if tape is None or not tape.checked:
-            student_loss, grads, s_logits = self._student_update(x_u, targets.detach())
+            losses, grads, s_logits = self._student_update(x_u, targets.detach(), (x_l, y_l))
             if tape is not None:  # first use of this graph: also record it, and compare
                 record = self._first_record(tape, x_u, s_logits, update_rng)
                 tape = None if record is None else tape
         else:
-            student_loss, grads, record = self._student_update(x_u, targets.detach(), tape)
+            losses, grads, record = self._student_update(x_u, targets.detach(), (x_l, y_l), tape)
         factors = update_factors(self.student_optimizer, params, grads)
         self.student_optimizer.step()
 
@@ -476,10 +498,7 @@ class MetaPseudoLabels:
             jvp = torch.zeros_like(targets)
         # <g(Psi), w> with J constant: its gradient in Psi is exactly grad_Psi R(theta_{t+1}).
         mpl_term = batch_mean(-(targets * jvp.detach()).sum(dim=-1), self.batch_dim)
-        return mpl_term, {
-            "student_unlabeled": student_loss.detach(),
-            "student_labeled_after": labeled_after.detach().sum(),
-        }
+        return mpl_term, {**losses, "student_labeled_after": labeled_after.detach().sum()}
 
     def _forward_ad_jvp(
         self, theta_t: list[Tensor], tangents: dict[str, Tensor], x_u: Tensor, rng: RngState
@@ -617,7 +636,18 @@ class MetaPseudoLabels:
                 self.student, dict(zip(self._student_names, theta_t)), (x_u,)
             )
         _same_classes(_logits(s_logits, "student"), targets)
-        student_loss = batch_mean(soft_cross_entropy(upcast(s_logits), targets), self.batch_dim)
+        unlabeled = batch_mean(soft_cross_entropy(upcast(s_logits), targets), self.batch_dim)
+        student_loss, losses = unlabeled, {"student_unlabeled": unlabeled.detach()}
+        if self.student_labeled_weight > 0:  # as _student_update: own pass, buffers untouched
+            with self._autocast(device):
+                s_l = functional_call(
+                    self.student,
+                    {**buffer_copies(self.student), **dict(zip(self._student_names, theta_t))},
+                    (x_l,),
+                )
+            labeled_loss = batch_mean(hard_cross_entropy(upcast(s_l), y_l), self.batch_dim)
+            student_loss = student_loss + self.student_labeled_weight * labeled_loss
+            losses["student_labeled"] = labeled_loss.detach()
         grads = torch.autograd.grad(student_loss, theta_t, create_graph=True, allow_unused=True)
         theta_next = reference_update(self.student_optimizer, grads)  # reads the state first
         for p, g in zip(params, grads):
@@ -628,7 +658,7 @@ class MetaPseudoLabels:
             s_l = functional_call(self.student, {**buffer_copies(self.student), **weights}, (x_l,))
         labeled_after = member_mean(hard_cross_entropy(upcast(s_l), y_l), self.batch_dim)
         return labeled_after.sum(), {
-            "student_unlabeled": student_loss.detach(),
+            **losses,
             "student_labeled_after": labeled_after.detach().sum(),
         }
 
@@ -649,8 +679,8 @@ class MetaPseudoLabels:
         labeled_rng = RngState(device)
         with torch.no_grad():
             before = self._labeled_loss(x_l, y_l)
-        student_loss, _, _ = self._student_update(
-            x_u, F.one_hot(sampled, probs.shape[-1]).to(probs.dtype)
+        losses, _, _ = self._student_update(
+            x_u, F.one_hot(sampled, probs.shape[-1]).to(probs.dtype), (x_l, y_l)
         )
         self.student_optimizer.step()
         with torch.no_grad(), replayed_rng(labeled_rng):
@@ -673,7 +703,7 @@ class MetaPseudoLabels:
             log_q_sum = log_q_sum * self.grad_sync.world_size
         mpl_term = (advantage.detach() * log_q_sum).sum()
         return mpl_term, {
-            "student_unlabeled": student_loss.detach(),
+            **losses,
             "student_labeled_before": before.sum(),
             "student_labeled_after": after.sum(),
             "advantage": advantage.detach().sum(),

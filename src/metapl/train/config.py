@@ -80,6 +80,10 @@ class TrainConfig:
     mpl_temperature: float = 1.0  # student targets = softmax(teacher logits / T)
     # weight of the MPL signal in the teacher's loss (the paper's 1; the UDA factor weights UDA)
     mpl_weight: float = 1.0
+    # +MPL rows: weight of a CE on the labeled batch in the student's own loss (NoisyStudent's
+    # student learns the labels too); 0 = the paper's MPL, where labels reach the student only
+    # through the teacher's MPL signal (and fine-tuning, finetune_steps)
+    student_labeled_weight: float = 0.0
     mpl_estimator: str = "exact"
     # how the exact step gets the student's JVP (metapl.mpl.step): "auto" = from the update pass's
     # saved activations when the model allows (tangent tape), else forward-mode AD; "tape";
@@ -146,8 +150,15 @@ class TrainConfig:
                 f"method {self.method} learns from a large teacher: set large_teacher to the run "
                 "folder of a finished `metapl train` run (--set large_teacher=DIR)"
             )
-        if not self.mpl_weight >= 0:
-            raise ConfigError(f"mpl_weight must be >= 0, got {self.mpl_weight}")
+        for name in ("mpl_weight", "student_labeled_weight"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.student_labeled_weight > 0 and not self.method.endswith("_mpl"):
+            raise ConfigError(
+                "student_labeled_weight applies to the +MPL methods only (supervised_mpl, "
+                f"randaugment_mpl, uda_mpl, reduced_mpl); method {self.method} does not use it: "
+                "leave it at 0"
+            )
         if self.memory_format not in ("auto", "channels_last", "contiguous"):
             raise ConfigError(
                 "memory_format must be auto, channels_last or contiguous, "
