@@ -58,7 +58,8 @@ def test_exact_gradient_equals_double_backward_and_finite_differences(
 
 
 @pytest.mark.parametrize(
-    "opt_name", ["sgd", "sgd_nesterov_foreach", "rmsprop_momentum", "adam", "adamw_amsgrad_maximize"]
+    "opt_name",
+    ["sgd", "sgd_nesterov_foreach", "rmsprop_momentum", "adam", "adamw_amsgrad_maximize"],
 )
 @pytest.mark.parametrize("kind", ["mlp", "conv"])
 @pytest.mark.parametrize("jvp", ["forward_ad", "tape"])
