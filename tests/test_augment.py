@@ -260,3 +260,155 @@ def test_no_ops_is_identity():
     x = images()
     assert torch.equal(rand_augment(x, num_ops=0, generator=gen()), x)
     assert torch.equal(rand_augment(x, op_prob=0.0, generator=gen()), x)
+
+
+# --- ops against their definitions and PIL (mutation audit) -------------------------------------
+
+
+def _pil_apply(x: torch.Tensor, fn) -> torch.Tensor:
+    Image = pytest.importorskip("PIL.Image")
+    out = []
+    for img in x:
+        arr = (img.permute(1, 2, 0) * 255).round().byte().numpy()
+        res = np.asarray(fn(Image.fromarray(arr)))
+        out.append(torch.from_numpy(res.copy()).permute(2, 0, 1).float() / 255)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("name", ["Color", "Contrast", "Brightness", "Sharpness"])
+@pytest.mark.parametrize("level", [7.0, -7.0])
+def test_enhancements_match_pil_image_enhance(name, level):
+    """Color/Contrast/Brightness/Sharpness are PIL's ImageEnhance at factor 1 + 0.9 * level / 10:
+    this pins the luma weights (R, G, B = .299, .587, .114), Contrast's single gray mean, and
+    PIL's SMOOTH kernel with unsmoothed borders. Channels are given different ranges so an RGB/BGR
+    swap or a per-channel mean would show. (PIL rounds its intermediates: ~1.3 levels apart.)"""
+    ImageEnhance = pytest.importorskip("PIL.ImageEnhance")
+    x = torch.rand(3, 3, 16, 16, generator=gen(0))
+    x[:, 0] *= 0.3
+    x[:, 2] = 0.6 + 0.4 * x[:, 2]
+    x = (x * 255).round() / 255
+    factor = 1 + 0.9 * level / 10
+    expected = _pil_apply(x, lambda im: getattr(ImageEnhance, name)(im).enhance(factor))
+    y = OPS[name](x, torch.full((3,), level))
+    torch.testing.assert_close(y, expected, rtol=0, atol=2 / 255)
+
+
+def test_equalize_matches_pil_exactly():
+    """Equalize works on the uint8 grid with PIL's integer lookup table (including its rounding
+    offset step // 2), so it agrees with ImageOps.equalize to the last level."""
+    ImageOps = pytest.importorskip("PIL.ImageOps")
+    x = 0.2 + 0.5 * images((2, 3, 64, 64), uint8_grid=False)  # 4096 px: PIL's step is 16
+    x = (x * 255).round() / 255
+    y = O.equalize(x, torch.zeros(2))
+    torch.testing.assert_close(y, _pil_apply(x, ImageOps.equalize), rtol=0, atol=1e-6)
+
+
+def test_shear_displacement_is_point_three_times_the_distance_from_the_center():
+    """Level 10: output (x, y) reads input (x + 0.3 * y, y) for ShearX and (x, y + 0.3 * x) for
+    ShearY, with x, y measured from the image center (pixel centers at index + 0.5)."""
+    h = w = 32
+    idx = torch.arange(w, dtype=torch.float32)
+    s = 0.3
+    cols = (idx / (w - 1)).expand(1, 1, h, w).contiguous()  # pixel value encodes its column
+    y = O.shear_x(cols, torch.tensor([10.0]))[0, 0]
+    expected = idx[None, :] + s * (idx[:, None] + 0.5 - h / 2)  # [row, col] -> source column
+    inside = (expected >= 0) & (expected <= w - 1)
+    decoded = (y * (w - 1)).round()
+    assert ((decoded - expected).abs()[inside] <= 0.5 + 1e-4).all()
+
+    rows = (idx / (h - 1))[:, None].expand(1, 1, h, w).contiguous()  # value encodes its row
+    y = O.shear_y(rows, torch.tensor([-10.0]))[0, 0]
+    expected = idx[:, None] - s * (idx[None, :] + 0.5 - w / 2)  # [row, col] -> source row
+    inside = (expected >= 0) & (expected <= h - 1)
+    decoded = (y * (h - 1)).round()
+    assert ((decoded - expected).abs()[inside] <= 0.5 + 1e-4).all()
+
+
+def test_geometric_ops_on_non_square_images():
+    """Translate uses the image's own height/width, and rotation is rigid in pixel units on a
+    non-square image: the central square of a 90-degree rotation is rot90 of the input's."""
+    x = images((2, 1, 16, 32))
+    y = O.translate_y(x, torch.tensor([10.0, 10.0]))  # 10/32 of the height 16 = 5 px
+    assert torch.equal(y[..., :11, :], x[..., 5:, :]) and (y[..., 11:, :] == 0.5).all()
+    y = O.translate_x(x, torch.tensor([-10.0, -10.0]))  # 10/32 of the width 32 = 10 px
+    assert torch.equal(y[..., :, 10:], x[..., :, :22]) and (y[..., :, :10] == 0.5).all()
+
+    x = images((2, 3, 16, 24))
+    r = O.rotate(x, torch.full((2,), 30.0))  # 90 degrees counter-clockwise
+    assert torch.equal(r[..., :, 4:20], torch.rot90(x[..., :, 4:20], 1, dims=(2, 3)))
+    assert (r[..., :, :4] == 0.5).all() and (r[..., :, 20:] == 0.5).all()
+
+
+# --- per-image RandAugment draws (mutation audit) -----------------------------------------------
+
+
+def test_rand_augment_levels_are_uniform_signed_up_to_max_magnitude():
+    """Each applied op gets a level uniform in [-max, max] (magnitude U[0, max], random sign).
+    Brightness on a 0.5-gray image reveals it: out = 0.5 * (1 + 0.9 * level / 10)."""
+    x = torch.full((4000, 1, 2, 2), 0.5)
+    y = rand_augment(x, ops=("Brightness",), num_ops=1, op_prob=1.0, generator=gen())
+    level = (y[:, 0, 0, 0] / 0.5 - 1) * 10 / 0.9
+    assert level.abs().max() <= 10 + 1e-4 and level.abs().max() > 9.5
+    assert 0.45 < (level < 0).float().mean() < 0.55  # both signs
+    assert abs(level.abs().mean().item() - 5.0) < 0.3  # |level| ~ U[0, 10]
+    y = StrongAugment(num_ops=1, max_magnitude=4, cutout=0, op_prob=1.0, ops=("Brightness",))(
+        x, gen()
+    )
+    level = (y[:, 0, 0, 0] / 0.5 - 1) * 10 / 0.9
+    assert level.abs().max() <= 4 + 1e-4 and level.abs().max() > 3.8
+
+
+def test_rand_augment_draws_every_op_of_the_list():
+    """The op is uniform over the whole list: with (Identity, Invert) about half of the images
+    are inverted (not none: the last op of the list must be reachable)."""
+    x = images((2000, 1, 2, 2))
+    y = rand_augment(x, ops=("Identity", "Invert"), num_ops=1, op_prob=1.0, generator=gen())
+    inverted = (y == 1 - x).flatten(1).all(1).float().mean()
+    kept = (y == x).flatten(1).all(1).float().mean()
+    assert 0.45 < inverted < 0.55 and 0.45 < kept < 0.55
+
+
+@pytest.mark.parametrize("num_ops, inverted", [(1, True), (2, False), (3, True)])
+def test_rand_augment_layers_compose(num_ops, inverted):
+    """Each layer acts on the previous layer's output, ``num_ops`` times: Invert twice is the
+    identity, three times is Invert."""
+    x = images((8, 3, 4, 4))
+    y = rand_augment(x, ops=("Invert",), num_ops=num_ops, op_prob=1.0, generator=gen())
+    torch.testing.assert_close(y, 1 - x if inverted else x, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"op_prob": 1.5}, {"op_prob": -0.1}, {"cutout": -1}, {"max_magnitude": -1.0},
+     {"num_ops": -1}, {"ops": ()}],
+    ids=["op_prob_high", "op_prob_low", "cutout", "max_magnitude", "num_ops", "no_ops"],
+)  # fmt: skip
+def test_strong_rejects_bad_options(kwargs):
+    with pytest.raises(ConfigError):
+        StrongAugment(**kwargs)
+
+
+# --- cutout placement (mutation audit) ----------------------------------------------------------
+
+
+def test_cutout_size_in_pixels_or_fraction_of_the_shorter_side():
+    from metapl.augment.cutout import cutout_size
+
+    assert cutout_size(16, 32, 32) == 16
+    assert cutout_size(0.5, 20, 28) == 10  # the shorter side
+    assert cutout_size(0.3, 32, 32) == 10  # 9.6 rounds to 10
+    y = cutout(torch.zeros(200, 1, 20, 28), 0.5, gen())
+    assert (y == 0.5).sum(dim=(1, 2, 3)).max() == 100
+
+
+def test_cutout_center_is_uniform_over_the_whole_image():
+    """The square's center is uniform over all pixels, so squares are clipped at all four
+    borders alike: on a 32 x 40 image with side 16, the square reaches the top row iff
+    cy <= 8 (9/32), the bottom row iff cy >= 24 (8/32), the left column iff cx <= 8 (9/40), the
+    right one iff cx >= 32 (8/40)."""
+    n = 4000
+    gray = cutout(torch.zeros(n, 1, 32, 40), 16, gen())[:, 0] == 0.5
+    top, bottom = gray[:, 0, :].any(1).float().mean(), gray[:, -1, :].any(1).float().mean()
+    left, right = gray[:, :, 0].any(1).float().mean(), gray[:, :, -1].any(1).float().mean()
+    assert abs(top - 9 / 32) < 0.04 and abs(bottom - 8 / 32) < 0.04
+    assert abs(left - 9 / 40) < 0.04 and abs(right - 8 / 40) < 0.04

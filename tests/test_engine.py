@@ -252,6 +252,32 @@ def test_uda_warmup_ramps_the_weight_linearly():
     assert torch.allclose(torch.stack(at), at[2] * torch.tensor([0.25, 0.5, 1.0, 1.0]))
 
 
+
+def test_uda_mask_reads_the_unsharpened_confidence():
+    """The confidence mask uses the weak view's plain softmax, not the sharpened target: at T = 0.5 a
+    0.75-confident example sharpens to 0.9 but must still be dropped by a 0.8 threshold."""
+    weak = torch.log(torch.tensor([[3.0, 1.0], [9.0, 1.0]], dtype=torch.float64))  # p = .75, .9
+    strong = torch.tensor([[0.3, -0.2], [-0.5, 0.4]], dtype=torch.float64)
+    loss = UDALoss(factor=1.0, temperature=0.5, threshold=0.8)(weak, strong, step=0)
+    # Oracle for the kept row: sharpen(p)_c = p_c^(1/T) / sum p^(1/T) = [81, 1] / 82.
+    q = torch.tensor([81.0, 1.0], dtype=torch.float64) / 82.0
+    log_p = strong[1] - torch.logsumexp(strong[1], 0)
+    kl = (q * (q.log() - log_p)).sum()
+    assert loss.item() == pytest.approx(kl.item() / 2, rel=1e-12)  # mean over both examples
+
+
+def test_uda_loss_is_finite_when_the_sharpened_target_underflows_to_zero():
+    """A very confident weak view (logit gap 100 at T = 0.8 in float32) gives target entries that
+    are exactly 0; 0 * log 0 must count as 0, not NaN, and the KL is then -log p_strong(argmax)."""
+    weak = torch.tensor([[0.0, 100.0, 0.0]])
+    assert (F.softmax(weak / 0.8, -1) == 0).any()  # the case this test is about
+    strong = torch.tensor([[0.5, 1.0, -1.0]], requires_grad=True)
+    loss = UDALoss(factor=1.0, temperature=0.8, threshold=0.5)(weak, strong, step=0)
+    want = -F.log_softmax(strong.detach(), -1)[0, 1]
+    assert torch.isfinite(loss) and loss.item() == pytest.approx(want.item(), rel=1e-6)
+    loss.backward()
+    assert torch.isfinite(strong.grad).all()
+
 class Recorder(nn.Module):
     """A linear classifier on flattened images that records every input it sees."""
 
@@ -365,6 +391,22 @@ def test_uda_method_trains_on_labeled_weak_and_strong_in_one_pass():
     supervised = F.cross_entropy(logits(b.x_labeled), b.y_labeled)
     assert metrics["student_supervised"].item() == pytest.approx(supervised.item(), rel=1e-6)
 
+
+
+def test_uda_method_applies_label_smoothing_to_its_supervised_term():
+    """``label_smoothing`` (a config key for every method) reaches UDA's supervised CE."""
+    torch.manual_seed(0)
+    model = Recorder(4)
+    w = model.fc.weight.detach().clone(), model.fc.bias.detach().clone()
+    uda = UDALoss(factor=1.0, temperature=0.8, threshold=0.0)
+    method = UDAMethod(model, torch.optim.SGD(model.parameters(), lr=0.1), uda, label_smoothing=0.3)
+    b = _views()
+    metrics = method.step(b)
+    logits = F.linear(b.x_labeled.flatten(1), *w)
+    smoothed = F.cross_entropy(logits, b.y_labeled, label_smoothing=0.3)
+    plain = F.cross_entropy(logits, b.y_labeled)
+    assert metrics["student_supervised"].item() == pytest.approx(smoothed.item(), rel=1e-6)
+    assert not math.isclose(smoothed.item(), plain.item(), rel_tol=1e-3)
 
 # --- Table 2 pipeline on a full split (cifar10-full), tiny files ---------------------------------
 

@@ -245,6 +245,36 @@ def test_top_k_rejects_bad_input():
         top_k_per_class(bad, 1)
 
 
+
+def test_top_k_ties_go_to_the_lower_index_on_large_columns():
+    """The rank order is (-probability, index) also when thousands of images tie (an unstable
+    sort keeps small inputs in order by luck, large ones not)."""
+    rng = np.random.default_rng(1)
+    probs = (rng.integers(0, 4, size=(5000, 2)) / 4).astype(np.float32)
+    expected = np.concatenate([np.lexsort((np.arange(5000), -probs[:, c]))[:3000] for c in (0, 1)])
+    assert top_k_per_class(probs, 3000).tolist() == expected.tolist()
+
+
+def test_unique_ties_between_classes_go_to_the_lower_class():
+    """An image selected by two classes with the same probability is kept once, for the lower
+    class index (module docstring)."""
+    probs = np.array([[0.45, 0.45, 0.1], [0.1, 0.2, 0.7], [0.3, 0.3, 0.4]], dtype=np.float32)
+    indices, assigned = top_k_assignments(probs, 1, unique=True)
+    assert indices.tolist() == [0, 1] and assigned.tolist() == [0, 2]
+
+
+def test_duplicate_balance_leaves_a_class_without_images_empty():
+    """unique=True can leave a class with no image; balance="duplicate" cannot fill it from
+    nothing, so it stays empty (no made-up image 0)."""
+    probs = np.array([[0.8, 0.2], [0.7, 0.3]], dtype=np.float32)  # top-1: image 0, image 1
+    indices, assigned = top_k_assignments(probs, 1, unique=True, balance="duplicate")
+    assert indices.tolist() == [0, 1] and assigned.tolist() == [0, 1]  # no conflict, both kept
+    probs = np.array([[0.9, 0.6], [0.1, 0.4]], dtype=np.float32)  # both classes pick image 0
+    indices, assigned = top_k_assignments(probs, 1, unique=True, balance="duplicate")
+    assert indices.tolist() == [0] and assigned.tolist() == [0]
+    indices, assigned = top_k_assignments(probs, 3, unique=True, balance="duplicate")
+    assert indices.tolist() == [0, 0, 0, 1, 1, 1]  # short classes are repeated cyclically
+
 class FakeLazy:
     """Indexes like LazyImages; ``subset`` records the indices instead of copying pixels."""
 

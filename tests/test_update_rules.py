@@ -173,6 +173,16 @@ def test_missing_gradient_has_zero_factor():
     assert factors[0] == 0.0
 
 
+
+def test_parameter_outside_the_optimizer_has_zero_factor():
+    """update_factors is public: a parameter the optimizer does not hold is never moved by its
+    step, so its factor is 0 (not an error), while the others keep theirs (-lr for plain SGD)."""
+    params = _leaf_params()
+    grads = _gradients(0)
+    factors = update_factors(torch.optim.SGD(params[:2], lr=0.1), params, grads)
+    assert factors[0] == -0.1 and factors[1] == -0.1
+    assert factors[2] == 0.0
+
 # ----------------------------------------------------------------------------- unsupported
 
 
@@ -213,3 +223,16 @@ def test_unsupported_student_optimizer_is_refused_for_exact_but_fine_for_first_o
     assert torch.isfinite(metrics["teacher_loss"])
     assert any(not torch.equal(b, p) for b, p in zip(before, student.parameters()))
     assert all(p.grad is not None for p in teacher.parameters())
+
+
+
+@pytest.mark.parametrize("opt_cls", [torch.optim.SGD, torch.optim.Adam])
+def test_complex_student_parameters_are_refused(opt_cls):
+    """Complex parameters have no real diagonal dU/dg; both entry points refuse them."""
+    real = torch.zeros(2, requires_grad=True)
+    cplx = torch.zeros(2, dtype=torch.complex64, requires_grad=True)
+    opt = opt_cls([real, cplx], lr=0.1)
+    with pytest.raises(UnsupportedOptimizerError, match="complex"):
+        update_factors(opt, [real, cplx], [torch.ones(2), torch.ones(2, dtype=torch.complex64)])
+    with pytest.raises(UnsupportedOptimizerError, match="complex"):
+        reference_update(opt, [None, None])

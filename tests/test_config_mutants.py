@@ -1,0 +1,91 @@
+"""TrainConfig.validate, value coercion of presets and --set, and the --steps warm-up cut: each
+rule on its own (the CLI tests reach only a few of them through whole commands)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from metapl.errors import ConfigError
+from metapl.train.config import (
+    TrainConfig,
+    apply_overrides,
+    parse_set_options,
+    warmup_cut_to,
+)
+
+
+def _cfg(**overrides) -> TrainConfig:
+    return apply_overrides(TrainConfig(), {"steps": 100, "warmup_steps": 10, **overrides})
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"student_dropout": -0.1}, "student_dropout must be in [0, 1)"),
+        ({"ema_decay": 1.0}, "ema_decay must be in [0, 1)"),
+        ({"batch_size": 0}, "batch_size must be >= 1"),
+        ({"unlabeled_ratio": 0}, "unlabeled_ratio must be >= 1"),
+        ({"warmup_steps": -1}, "warm-up steps must be >= 0"),
+        ({"uda_warmup_steps": -1}, "warm-up steps must be >= 0"),
+        ({"finetune_lr": 0.0}, "finetune_lr > 0"),
+        ({"finetune_steps": -1}, "finetune_steps must be >= 0"),
+        ({"tune_per_class": 2}, "only digits reads it"),  # the default dataset is cifar10-4k
+        ({"mpl_estimator": "second_order"}, "mpl_estimator must be exact"),
+        ({"student_optimizer": "adagrad"}, "student_optimizer must be one of"),
+        ({"teacher_optimizer": "lamb"}, "teacher_optimizer must be one of"),
+        ({"method": "reduced_mpl"}, "learns from a large teacher"),
+        ({"device": "tpu"}, "device must be auto, cpu or cuda"),
+        ({"precision": "fp16"}, "precision must be fp32 or bf16"),
+        ({"dataset": "mnist"}, "dataset 'mnist' is not one of"),
+        ({"mpl_weight": math.nan}, "mpl_weight must be >= 0"),
+        ({"warmup_steps": 101}, "must not exceed steps"),
+    ],
+)
+def test_validate_rejects(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        _cfg(**overrides).validate()
+    assert message in str(info.value)
+
+
+def test_validate_accepts_the_boundaries():
+    _cfg(warmup_steps=100, student_dropout=0.0, finetune_steps=0).validate()
+    _cfg(dataset="digits", tune_per_class=2).validate()
+    _cfg(method="reduced_mpl", large_teacher="runs/big").validate()
+
+
+def test_values_are_coerced_to_the_field_types():
+    cfg = apply_overrides(TrainConfig(), {"steps": "1e3", "student_lr": 1, "batch_size": 64.0})
+    assert cfg.steps == 1000 and type(cfg.steps) is int
+    assert cfg.student_lr == 1.0 and type(cfg.student_lr) is float
+    assert cfg.batch_size == 64 and type(cfg.batch_size) is int
+    for text, value in [("yes", True), ("on", True), ("1", True), ("off", False), ("no", False)]:
+        assert apply_overrides(TrainConfig(), {"flip": text}).flip is value
+    for bad in ({"batch_size": 64.5}, {"student_lr": True}, {"flip": "maybe"}):
+        with pytest.raises(ConfigError):
+            apply_overrides(TrainConfig(), bad)
+
+
+def test_set_options_split_at_the_first_equals_sign():
+    assert parse_set_options([" data_dir =/a=b", "steps=5"]) == {"data_dir": "/a=b", "steps": "5"}
+    with pytest.raises(ConfigError, match="expected key=value"):
+        parse_set_options(["steps"])
+
+
+def test_steps_cut_the_warmup_only_when_shorter(capsys):
+    preset = _cfg(warmup_steps=50)
+    assert warmup_cut_to(50, preset, {}, "train") == {}
+    assert capsys.readouterr().err == ""
+    assert warmup_cut_to(20, preset, {}, "train") == {"warmup_steps": 20}
+    assert "lowered from 50 to 20" in capsys.readouterr().err
+    assert warmup_cut_to(20, preset, {"warmup_steps": "30"}, "train") == {}  # the user's own
+
+
+def test_memory_format_auto_is_channels_last_on_cuda_only():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not TrainConfig(memory_format="auto").channels_last(cpu)
+    assert TrainConfig(memory_format="auto").channels_last(cuda)
+    assert TrainConfig(memory_format="channels_last").channels_last(cpu)
+    assert not TrainConfig(memory_format="contiguous").channels_last(cuda)
