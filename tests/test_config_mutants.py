@@ -41,6 +41,15 @@ def _cfg(**overrides) -> TrainConfig:
         ({"precision": "fp16"}, "precision must be fp32 or bf16"),
         ({"dataset": "mnist"}, "dataset 'mnist' is not one of"),
         ({"mpl_weight": math.nan}, "mpl_weight must be >= 0"),
+        # a negative temperature inverts the targets silently; 0 gives NaN losses later
+        ({"uda_temperature": -0.8}, "uda_temperature must be > 0"),
+        ({"mpl_temperature": 0.0}, "mpl_temperature must be > 0"),
+        ({"student_lr": 0.0}, "student_lr must be > 0"),
+        ({"teacher_lr": math.nan}, "teacher_lr must be > 0"),
+        ({"uda_factor": -1.0}, "uda_factor must be >= 0"),
+        ({"weight_decay": -1e-4}, "weight_decay must be >= 0"),
+        ({"uda_threshold": 1.5}, "uda_threshold must be in [0, 1]"),  # would mask everything
+        ({"uda_threshold": -0.1}, "uda_threshold must be in [0, 1]"),
         ({"warmup_steps": 101}, "must not exceed steps"),
     ],
 )
@@ -54,6 +63,8 @@ def test_validate_accepts_the_boundaries():
     _cfg(warmup_steps=100, student_dropout=0.0, finetune_steps=0).validate()
     _cfg(dataset="digits", tune_per_class=2).validate()
     _cfg(method="reduced_mpl", large_teacher="runs/big").validate()
+    _cfg(uda_threshold=0.0, uda_factor=0.0, weight_decay=0.0).validate()
+    _cfg(uda_threshold=1.0, method="uda_mpl", student_labeled_weight=1.0).validate()
 
 
 def test_values_are_coerced_to_the_field_types():

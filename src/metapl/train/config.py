@@ -150,10 +150,17 @@ class TrainConfig:
                 f"method {self.method} learns from a large teacher: set large_teacher to the run "
                 "folder of a finished `metapl train` run (--set large_teacher=DIR)"
             )
-        for name in ("mpl_weight", "student_labeled_weight"):
+        # "not x > 0" rather than "x <= 0", so that NaN is refused too. A temperature of 0 would
+        # give NaN targets later, a negative one would invert them silently.
+        for name in ("student_lr", "teacher_lr", "mpl_temperature", "uda_temperature"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("mpl_weight", "student_labeled_weight", "uda_factor", "weight_decay"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.student_labeled_weight > 0 and not self.method.endswith("_mpl"):
+        if not 0.0 <= self.uda_threshold <= 1.0:  # above 1 would mask every example silently
+            raise ConfigError(f"uda_threshold must be in [0, 1], got {self.uda_threshold}")
+        if self.student_labeled_weight > 0 and not self.uses_mpl:
             raise ConfigError(
                 "student_labeled_weight applies to the +MPL methods only (supervised_mpl, "
                 f"randaugment_mpl, uda_mpl, reduced_mpl); method {self.method} does not use it: "
