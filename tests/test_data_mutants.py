@@ -99,7 +99,9 @@ def test_flip_setting_reaches_the_weak_and_strong_views():
         return sum(torch.equal(v, mirror) for v in batch) / len(batch)
 
     plain = BatchSource(split, _cfg(batch_size=30, flip=False), views, CPU).batch(0)
-    assert mirrored_fraction(plain.x_labeled) == 0 and mirrored_fraction(plain.x_unlabeled_weak) == 0
+    assert (
+        mirrored_fraction(plain.x_labeled) == 0 and mirrored_fraction(plain.x_unlabeled_weak) == 0
+    )
     cfg = _cfg(batch_size=30, flip=True, randaugment_ops=0)
     flipped = BatchSource(split, cfg, views, CPU).batch(0)
     for view in (flipped.x_labeled, flipped.x_unlabeled_weak, flipped.x_unlabeled_strong):

@@ -252,7 +252,6 @@ def test_uda_warmup_ramps_the_weight_linearly():
     assert torch.allclose(torch.stack(at), at[2] * torch.tensor([0.25, 0.5, 1.0, 1.0]))
 
 
-
 def test_uda_mask_reads_the_unsharpened_confidence():
     """The confidence mask uses the weak view's plain softmax, not the sharpened target: at T = 0.5 a
     0.75-confident example sharpens to 0.9 but must still be dropped by a 0.8 threshold."""
@@ -277,6 +276,7 @@ def test_uda_loss_is_finite_when_the_sharpened_target_underflows_to_zero():
     assert torch.isfinite(loss) and loss.item() == pytest.approx(want.item(), rel=1e-6)
     loss.backward()
     assert torch.isfinite(strong.grad).all()
+
 
 class Recorder(nn.Module):
     """A linear classifier on flattened images that records every input it sees."""
@@ -392,7 +392,6 @@ def test_uda_method_trains_on_labeled_weak_and_strong_in_one_pass():
     assert metrics["student_supervised"].item() == pytest.approx(supervised.item(), rel=1e-6)
 
 
-
 def test_uda_method_applies_label_smoothing_to_its_supervised_term():
     """``label_smoothing`` (a config key for every method) reaches UDA's supervised CE."""
     torch.manual_seed(0)
@@ -407,6 +406,7 @@ def test_uda_method_applies_label_smoothing_to_its_supervised_term():
     plain = F.cross_entropy(logits, b.y_labeled)
     assert metrics["student_supervised"].item() == pytest.approx(smoothed.item(), rel=1e-6)
     assert not math.isclose(smoothed.item(), plain.item(), rel_tol=1e-3)
+
 
 # --- Table 2 pipeline on a full split (cifar10-full), tiny files ---------------------------------
 

@@ -245,7 +245,6 @@ def test_top_k_rejects_bad_input():
         top_k_per_class(bad, 1)
 
 
-
 def test_top_k_ties_go_to_the_lower_index_on_large_columns():
     """The rank order is (-probability, index) also when thousands of images tie (an unstable
     sort keeps small inputs in order by luck, large ones not)."""
@@ -274,6 +273,7 @@ def test_duplicate_balance_leaves_a_class_without_images_empty():
     assert indices.tolist() == [0] and assigned.tolist() == [0]
     indices, assigned = top_k_assignments(probs, 3, unique=True, balance="duplicate")
     assert indices.tolist() == [0, 0, 0, 1, 1, 1]  # short classes are repeated cyclically
+
 
 class FakeLazy:
     """Indexes like LazyImages; ``subset`` records the indices instead of copying pixels."""

@@ -173,7 +173,6 @@ def test_missing_gradient_has_zero_factor():
     assert factors[0] == 0.0
 
 
-
 def test_parameter_outside_the_optimizer_has_zero_factor():
     """update_factors is public: a parameter the optimizer does not hold is never moved by its
     step, so its factor is 0 (not an error), while the others keep theirs (-lr for plain SGD)."""
@@ -182,6 +181,7 @@ def test_parameter_outside_the_optimizer_has_zero_factor():
     factors = update_factors(torch.optim.SGD(params[:2], lr=0.1), params, grads)
     assert factors[0] == -0.1 and factors[1] == -0.1
     assert factors[2] == 0.0
+
 
 # ----------------------------------------------------------------------------- unsupported
 
@@ -223,7 +223,6 @@ def test_unsupported_student_optimizer_is_refused_for_exact_but_fine_for_first_o
     assert torch.isfinite(metrics["teacher_loss"])
     assert any(not torch.equal(b, p) for b, p in zip(before, student.parameters()))
     assert all(p.grad is not None for p in teacher.parameters())
-
 
 
 @pytest.mark.parametrize("opt_cls", [torch.optim.SGD, torch.optim.Adam])
