@@ -78,17 +78,19 @@ def _stage_config(method: str, seed: int, cfg: ReducedConfig, out: Path):
     from metapl.train.config import apply_overrides
     from metapl.train.presets import load_preset
 
+    preset = load_preset(f"digits-reduced-{method.replace('_', '-')}")
     overrides: dict = {"seed": seed, "device": cfg.device}
     if cfg.steps is not None:
         overrides["steps"] = cfg.steps
-        overrides["warmup_steps"] = min(100, cfg.steps)
+        overrides["warmup_steps"] = min(preset.warmup_steps, cfg.steps)
+        if preset.finetune_steps:  # the preset's share of the run (300 of 1,500 steps = 1/5)
+            overrides["finetune_steps"] = max(1, cfg.steps // 5)
     if cfg.labels_per_class is not None:
         overrides["labels_per_class"] = cfg.labels_per_class
     if method != "large_teacher":
         overrides["large_teacher"] = str(out / "large_teacher" / f"seed{seed}")
     overrides.update(cfg.overrides.get("*", {}))
     overrides.update(cfg.overrides.get(method, {}))
-    preset = load_preset(f"digits-reduced-{method.replace('_', '-')}")
     return apply_overrides(preset, overrides).validate()
 
 
