@@ -150,6 +150,17 @@ def test_reduced_bad_options_stop_before_any_work(tmp_path, capsys, argv, messag
     assert not out.exists()
 
 
+def test_method_lists_drop_spaces_empty_items_and_repeats():
+    """A name given twice would train the same run folder twice at the same time."""
+    from metapl.cli import parse_names
+
+    assert parse_names(" reduced_mpl, noisy_student,,reduced_mpl ") == (
+        "reduced_mpl",
+        "noisy_student",
+    )
+    assert parse_names(" , ") == ()
+
+
 def test_reduced_methods_trains_only_the_named_students(tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["reduced", "--seeds", "0-1", "--out", str(out), "--quiet", "--steps", "2"]

@@ -36,6 +36,12 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
+def parse_names(text: str) -> tuple[str, ...]:
+    """'uda, uda_mpl,,uda' -> ('uda', 'uda_mpl'): spaces and empty items dropped, each name once
+    (a name given twice would train the same run folder twice at the same time)."""
+    return tuple(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
+
+
 def _cmd_twomoons(args: argparse.Namespace) -> None:
     from metapl.experiments.twomoons import TwoMoonsConfig, run, save, summarize
 
@@ -110,7 +116,7 @@ def _cmd_digits(args: argparse.Namespace) -> None:
         labels_per_class=args.labels_per_class,
         steps=args.steps,
         device=args.device,
-        methods=tuple(args.methods.split(",")),
+        methods=parse_names(args.methods),
         overrides=parse_method_overrides(args.set or []),
     )
     run_digits(cfg, output_folder(args.out), show_progress=not args.quiet)
@@ -126,7 +132,7 @@ def _cmd_reduced(args: argparse.Namespace) -> None:
         steps=args.steps,
         labels_per_class=args.labels_per_class,
         device=args.device,
-        students=tuple(m for m in args.methods.split(",") if m),
+        students=parse_names(args.methods),
         overrides=parse_method_overrides(args.set or []),
     )
     run_reduced(cfg, output_folder(args.out), show_progress=not args.quiet)

@@ -49,6 +49,8 @@ class DigitsConfig:
     overrides: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def validate(self) -> DigitsConfig:
+        if not self.methods:
+            raise ConfigError(f"--methods: name at least one of {', '.join(METHODS)}")
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise ConfigError(
