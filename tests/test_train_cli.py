@@ -652,6 +652,9 @@ def test_digits_command_writes_results_and_figure9(tmp_path, capsys):
     bad = tmp_path / "bad"
     assert main(["digits", "--seeds", "0", "--out", str(bad), "--methods", "uda,nope"]) == 2
     assert "unknown digits method 'nope'" in one_error_line(capsys.readouterr().err)
+    assert main(["digits", "--seeds", "0", "--out", str(bad), "--methods", " , "]) == 2
+    assert "name at least one" in one_error_line(capsys.readouterr().err)
+    assert not bad.exists()
     assert not bad.exists()
 
 
