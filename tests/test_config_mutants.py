@@ -31,6 +31,7 @@ def _cfg(**overrides) -> TrainConfig:
         ({"warmup_steps": -1}, "warm-up steps must be >= 0"),
         ({"uda_warmup_steps": -1}, "warm-up steps must be >= 0"),
         ({"finetune_lr": 0.0}, "finetune_lr > 0"),
+        ({"finetune_lr": math.nan}, "finetune_lr > 0"),
         ({"finetune_steps": -1}, "finetune_steps must be >= 0"),
         ({"tune_per_class": 2}, "only digits reads it"),  # the default dataset is cifar10-4k
         ({"mpl_estimator": "second_order"}, "mpl_estimator must be exact"),

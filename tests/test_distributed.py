@@ -16,6 +16,8 @@ OPTIMIZERS = {
     "sgd_nesterov": lambda p: torch.optim.SGD(p, lr=0.2, momentum=0.9, nesterov=True),
     "adam": lambda p: torch.optim.Adam(p, lr=0.01),
     "rmsprop": lambda p: torch.optim.RMSprop(p, lr=0.01, alpha=0.9, eps=1e-3, momentum=0.9),
+    # the student also learns the labels (student_labeled_weight): its g averages both terms
+    "adam_student_labeled": lambda p: torch.optim.Adam(p, lr=0.01),
 }
 
 
@@ -39,6 +41,7 @@ def _train(opt_name: str, rank: int = 0, world: int = 1, grad_sync=None):
         OPTIMIZERS[opt_name](student.parameters()),
         temperature=0.8,
         grad_sync=grad_sync,
+        student_labeled_weight=0.7 if opt_name.endswith("_student_labeled") else 0.0,
     )
     for step in range(2):
         # a different batch each step, sharded by rank

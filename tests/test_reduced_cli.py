@@ -140,6 +140,8 @@ def test_reduced_set_reaches_only_its_stage(tmp_path):
         (["--set", "reduced_mpl:teacher_lr=fast"], "teacher_lr"),
         (["--methods", "uda_mpl"], "unknown student"),
         (["--methods", ","], "at least one"),
+        (["--methods", "reduced_mpl", "--set", "noisy_student:steps=3"], "does not train here"),
+        (["--set", "student_labeled_weight=1"], "stage large_teacher: student_labeled_weight"),
     ],
 )
 def test_reduced_bad_options_stop_before_any_work(tmp_path, capsys, argv, message):

@@ -246,7 +246,8 @@ class MemberMLP(nn.Module):
 
 
 @pytest.mark.parametrize("opt_name", ["sgd_nesterov", "rmsprop_centered", "adam_l2"])
-def test_batch_dim_1_ensemble_members_get_the_gradient_they_get_alone(opt_name):
+@pytest.mark.parametrize("labeled", [0.0, 0.7], ids=["paper", "student_labeled"])
+def test_batch_dim_1_ensemble_members_get_the_gradient_they_get_alone(opt_name, labeled):
     E, N_L, N_U, D, H, C = 3, 5, 7, 4, 6, 3
     g = torch.Generator().manual_seed(0)
     teacher, student = StackedMLP(E, D, H, C, g), StackedMLP(E, D, H, C, g)
@@ -269,6 +270,7 @@ def test_batch_dim_1_ensemble_members_get_the_gradient_they_get_alone(opt_name):
             label_smoothing=0.1,
             teacher_extra_loss=extra_loss,
             batch_dim=batch_dim,
+            student_labeled_weight=labeled,
         )
 
     alone = [(MemberMLP(teacher, e), MemberMLP(student, e)) for e in range(E)]

@@ -163,7 +163,15 @@ def _add_experiment_options(p: argparse.ArgumentParser) -> None:
     """The options every multi-seed CPU experiment (digits, reduced) shares."""
     p.add_argument("--seeds", default="0-4", help="seeds, e.g. 0-4 (default: 0-4)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--steps", type=int, default=None, help="override the presets' steps")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help=(
+            "override the presets' steps; warm-up and fine-tuning shrink with them (fine-tuning "
+            "keeps its share, e.g. 300 of 1,500 steps); --set steps=N changes steps alone"
+        ),
+    )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 

@@ -59,16 +59,25 @@ class ReducedConfig:
                 if unknown
                 else f"--methods: name at least one of {', '.join(STUDENTS)}"
             )
+        stages = ("large_teacher", *self.students)
         for target in self.overrides:
             if target != "*" and target not in STAGES:
                 raise ConfigError(
                     f"--set {target}:...: {target!r} is not a stage of `metapl reduced`; "
                     f"choose from {', '.join(STAGES)}"
                 )
+            if target != "*" and target not in stages:  # would be ignored without a word
+                raise ConfigError(
+                    f"--set {target}:...: stage {target} does not train here (--methods "
+                    f"{','.join(self.students)})"
+                )
         # Resolve every stage's config now, so that an unknown key or a bad value stops the
-        # command before any worker starts.
-        for method in ("large_teacher", *self.students):
-            _stage_config(method, 0, self, Path("."))
+        # command before any worker starts; the error names the stage.
+        for method in stages:
+            try:
+                _stage_config(method, 0, self, Path("."))
+            except ConfigError as err:
+                raise ConfigError(f"stage {method}: {err}") from None
         return self
 
 
@@ -84,7 +93,7 @@ def _stage_config(method: str, seed: int, cfg: ReducedConfig, out: Path):
         overrides["steps"] = cfg.steps
         overrides["warmup_steps"] = min(preset.warmup_steps, cfg.steps)
         if preset.finetune_steps:  # the preset's share of the run (300 of 1,500 steps = 1/5)
-            overrides["finetune_steps"] = max(1, cfg.steps // 5)
+            overrides["finetune_steps"] = max(1, preset.finetune_steps * cfg.steps // preset.steps)
     if cfg.labels_per_class is not None:
         overrides["labels_per_class"] = cfg.labels_per_class
     if method != "large_teacher":
@@ -137,7 +146,8 @@ def run_reduced(cfg: ReducedConfig, out: Path, show_progress: bool = True) -> di
             unit="run",
         ):
             records.append(record)
-        jobs = [(m, s, cfg, str(out)) for m in reversed(cfg.students) for s in cfg.seeds]
+        slowest_first = [m for m in reversed(STUDENTS) if m in cfg.students]
+        jobs = [(m, s, cfg, str(out)) for m in slowest_first for s in cfg.seeds]
         for record in tqdm(
             pool.map(_run, jobs),
             total=len(jobs),

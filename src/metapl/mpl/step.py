@@ -148,7 +148,9 @@ class MetaPseudoLabels:
             default, is the paper's MPL: the labeled batch is the student's validation data and
             reaches it only through the teacher. The labeled term does not depend on the
             teacher, so it changes theta_{t+1} (and the Appendix-B factors) but not J; the exact
-            gradient stays exact (tested against double backward and finite differences).
+            gradient stays exact (tested against double backward and finite differences). With
+            ``estimator="first_order"`` the reward R_old - R_new then also holds the labeled
+            term's own (label-independent) drop: no bias, more variance; use ``baseline_decay``.
         teacher_extra_loss: ``f(TeacherLogits) -> scalar`` added to the teacher's loss (e.g. UDA);
             its extra inputs come from ``step(..., teacher_extra_inputs=...)``.
         estimator: ``"exact"`` (default), ``"first_order"`` (REINFORCE with h = R_old - R_new), or

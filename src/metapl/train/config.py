@@ -197,7 +197,7 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.tune_per_class < 0 or (self.tune_per_class and self.dataset != "digits"):
             raise ConfigError("tune_per_class must be >= 0, and only digits reads it")
-        if self.finetune_steps < 0 or self.finetune_lr <= 0:
+        if self.finetune_steps < 0 or not self.finetune_lr > 0:
             raise ConfigError("finetune_steps must be >= 0 and finetune_lr > 0")
         if self.warmup_steps < 0 or self.uda_warmup_steps < 0:
             raise ConfigError("warm-up steps must be >= 0")
