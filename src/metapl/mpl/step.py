@@ -455,10 +455,14 @@ class MetaPseudoLabels:
         self._average(grads)  # before the optimizer (and the factors) read g
         return losses, grads, out
 
-    def _labeled_loss(self, x_l: Tensor, y_l: Tensor) -> Tensor:
-        """The student's per-member labeled CE without touching its running statistics."""
+    def _labeled_loss(
+        self, x_l: Tensor, y_l: Tensor, weights: dict[str, Tensor] | None = None
+    ) -> Tensor:
+        """The student's per-member labeled CE without touching its running statistics, with its
+        own parameters or ``weights`` (name -> tensor) in their place."""
         with self._autocast(module_device(self.student)):
-            s_logits = functional_call(self.student, buffer_copies(self.student), (x_l,))
+            state = {**buffer_copies(self.student), **(weights or {})}
+            s_logits = functional_call(self.student, state, (x_l,))
         return member_mean(hard_cross_entropy(upcast(s_logits), y_l), self.batch_dim)
 
     def _exact_student_step(
@@ -641,13 +645,8 @@ class MetaPseudoLabels:
         unlabeled = batch_mean(soft_cross_entropy(upcast(s_logits), targets), self.batch_dim)
         student_loss, losses = unlabeled, {"student_unlabeled": unlabeled.detach()}
         if self.student_labeled_weight > 0:  # as _student_update: own pass, buffers untouched
-            with self._autocast(device):
-                s_l = functional_call(
-                    self.student,
-                    {**buffer_copies(self.student), **dict(zip(self._student_names, theta_t))},
-                    (x_l,),
-                )
-            labeled_loss = batch_mean(hard_cross_entropy(upcast(s_l), y_l), self.batch_dim)
+            theta = dict(zip(self._student_names, theta_t))
+            labeled_loss = self._labeled_loss(x_l, y_l, theta).sum()
             student_loss = student_loss + self.student_labeled_weight * labeled_loss
             losses["student_labeled"] = labeled_loss.detach()
         grads = torch.autograd.grad(student_loss, theta_t, create_graph=True, allow_unused=True)
@@ -655,10 +654,7 @@ class MetaPseudoLabels:
         for p, g in zip(params, grads):
             p.grad = None if g is None else g.detach()
         self.student_optimizer.step()
-        weights = dict(zip(self._student_names, theta_next))
-        with self._autocast(device):
-            s_l = functional_call(self.student, {**buffer_copies(self.student), **weights}, (x_l,))
-        labeled_after = member_mean(hard_cross_entropy(upcast(s_l), y_l), self.batch_dim)
+        labeled_after = self._labeled_loss(x_l, y_l, dict(zip(self._student_names, theta_next)))
         return labeled_after.sum(), {
             **losses,
             "student_labeled_after": labeled_after.detach().sum(),
