@@ -176,6 +176,21 @@ def test_predict_on_a_folder(capsys, run_dir, image_dir, digits, tmp_path):
     assert float(rows[6][2]) == pytest.approx(expected[5].max(), abs=5e-5)
 
 
+def test_progress_bar_leaves_the_printed_lines_whole(capsys, monkeypatch, run_dir, image_dir):
+    """Many batches with the bar on (as on a terminal): stdout holds exactly the lines, in order,
+    and the bar with its count goes to stderr."""
+    import metapl.predict
+
+    monkeypatch.setattr(metapl.predict, "BATCH", 2)
+    monkeypatch.setattr(metapl.predict, "_bar_disabled", lambda n: False)
+    paths = [str(image_dir / f"d{i}.png") for i in range(5)]
+    assert main(["predict", "--run", str(run_dir), "--device", "cpu", *paths]) == 0
+    captured = capsys.readouterr()
+    rows = [line.split("\t") for line in captured.out.splitlines()]
+    assert [row[0] for row in rows] == paths and all(len(row) == 3 for row in rows)
+    assert "metapl predict" in captured.err and "5/5" in captured.err
+
+
 def test_class_names_from_classes_json(capsys, run_dir, image_dir, tmp_path):
     run = copy_run(run_dir, tmp_path)
     names = [f"digit {i}" for i in range(10)]

@@ -31,6 +31,11 @@ DESCRIPTION = (
 BATCH = 64  # images decoded and classified at once
 
 
+def _bar_disabled(n_images: int) -> bool | None:
+    """tqdm's ``disable``: None shows the bar only on a terminal; one batch needs no bar."""
+    return None if n_images > BATCH else True
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `metapl predict`."""
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
@@ -108,6 +113,7 @@ def _check_output(path: str | None, option: str) -> None:
 
 def run(args: argparse.Namespace) -> None:
     import torch
+    from tqdm import tqdm
 
     from metapl.errors import ConfigError
     from metapl.report import write_json_atomic
@@ -136,17 +142,30 @@ def run(args: argparse.Namespace) -> None:
     classifier = Classifier(loaded.model)
     top = min(args.top, loaded.num_classes)
     records = []
+    # A bar with ETA on stderr when it is a terminal and there is more than one batch; the lines
+    # go through bar.write, which prints them above the bar (to stdout, a pipe or a terminal).
+    bar = tqdm(
+        total=len(paths),
+        unit="image",
+        desc="metapl predict",
+        disable=_bar_disabled(len(paths)),
+        dynamic_ncols=True,
+    )
     for start in range(0, len(paths), BATCH):
         batch = paths[start : start + BATCH]
         pixels = read_images(batch, loaded.spec)
         with torch.no_grad():
             probs = classifier.probabilities(model_input(pixels, device)).cpu()
         values, indices = probs.topk(top, dim=-1)
+        lines = []
         for path, p, k in zip(batch, values.tolist(), indices.tolist()):
             cells = [f"{names[c]}\t{q:.4f}" for c, q in zip(k, p)]
-            print("\t".join([path, *cells]))
+            lines.append("\t".join([path, *cells]))
             top_k = [{"class": names[c], "index": c, "probability": q} for c, q in zip(k, p)]
             records.append({"image": path, "top": top_k})
+        bar.write("\n".join(lines), file=sys.stdout)
+        bar.update(len(batch))
+    bar.close()
     if args.json:
         payload = {
             "run": str(args.run),

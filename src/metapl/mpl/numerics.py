@@ -1,8 +1,9 @@
 """How close the exact teacher gradient under a precision policy is to a float64 CPU reference.
 
-The precision policy of the exact step (README "Precision"): forward passes may run under bf16
-autocast; losses, targets, the Appendix-B factors and the tangent w stay float32; on CUDA the
-student's exact passes run with TF32 off (:func:`metapl.mpl.replay.tf32_disabled`). This module
+The precision policy of the exact step (README "Precision", under "The library step"): forward
+passes may run under bf16 autocast; losses, targets, the Appendix-B factors and the tangent w stay
+float32; on CUDA the student's exact passes run with TF32 off
+(:func:`metapl.mpl.replay.tf32_disabled`). This module
 measures what that policy costs: the same weights and batch go through one MPL step twice, once
 under the policy on ``device`` and once in float64 on the CPU, and the teacher's MPL gradients are
 compared. `metapl bench` records it on the GPU; a test asserts it on the CPU.

@@ -121,7 +121,7 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast on the forward passes)
     # memory layout of image models and batches: "auto" = channels_last on CUDA (2-3x with bf16 on
     # an H200, docs/design.md §3) and contiguous on CPU; "channels_last" on a 2-core CPU measured
-    # WRN-28-2's exact UDA+MPL step 10-16% faster, ResNet-50 no faster (README, CPU step timings)
+    # WRN-28-2's exact UDA+MPL step 10-16% faster, ResNet-50 no faster (docs/results.md, CPU step timings)
     memory_format: str = "auto"
     # torchrun (data parallel): BatchNorm with the statistics of the whole global batch instead of
     # each process's shard (metapl.sync_batchnorm: any device, exact MPL included; no effect in one

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Session 8, tuning seeds 100-104 only: the two directions session 7 left untried, each from
+# today's digits-reduced preset (the ReducedMPL student learns the labels, both students fine-tune
+# 300 steps) and applied to both students alike, NoisyStudent and ReducedMPL run together:
+#   preset     the preset itself (a reference run with today's code)
+#   steps3000  twice the students' steps (1,500 -> 3,000; the large teacher unchanged)
+#   pool160    an unlabeled pool the large teacher is less sure of: the top 160 per class by its
+#              confidence instead of 80 (digits has about 100 unlabeled images per class, so this
+#              keeps nearly all of them, the ones it is least sure of included)
+# Usage: bash results/reduced/tuning/sweep_s8.sh OUTROOT
+set -uo pipefail
+root=${1:?output folder}
+mkdir -p "$root"
+source "$(dirname "$0")/sweep_common.sh"
+SESSION5_PRESET=()  # unlike sessions 5-7's sweeps, these start from today's preset
+both=noisy_student,reduced_mpl
+sweep preset $both
+sweep steps3000 $both --set noisy_student:steps=3000 --set reduced_mpl:steps=3000
+sweep pool160 $both --set noisy_student:unlabeled_per_class=160 \
+  --set reduced_mpl:unlabeled_per_class=160
