@@ -5,7 +5,9 @@ from __future__ import annotations
 import csv
 import math
 import random
+import shlex
 import warnings
+from enum import Enum
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +54,38 @@ def test_warmup_cosine_without_warmup_and_bad_lengths():
         warmup_cosine(0, 10, 11)
     with pytest.raises(ConfigError):
         warmup_cosine(0, 0, 0)
+
+
+def test_warmup_as_long_as_the_run_then_zero():
+    """``warmup_steps == total_steps`` is allowed: a pure linear ramp whose last step reaches 1,
+    then 0 from ``total_steps`` on (never the cosine's 0 / 0)."""
+    assert [warmup_cosine(s, 4, 4) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 0.0, 0.0]
+    # one step, no warm-up: the only step runs at the full rate
+    assert [warmup_cosine(s, 1, 0) for s in range(3)] == [1.0, 0.0, 0.0]
+
+
+def test_negative_warmup_is_refused():
+    """A negative warm-up would skip the ramp and start the cosine past its top."""
+    with pytest.raises(ConfigError, match="warmup steps must be between 0"):
+        warmup_cosine(0, 10, -1)
+    with pytest.raises(ConfigError, match="warmup steps must be between 0"):
+        make_scheduler(_sgd(), 10, -1)
+
+
+def test_resume_with_more_steps_keeps_the_counter_and_takes_the_new_length():
+    """The scheduler's state holds only the counter: loaded into a scheduler for a longer run,
+    the next LR follows the longer schedule from the saved step."""
+    opt = _sgd()
+    sched = make_scheduler(opt, 10, 2)
+    _run(opt, sched, 6)
+    state = sched.state_dict()
+    opt2 = _sgd()
+    sched2 = make_scheduler(opt2, 30, 2)
+    sched2.load_state_dict(state)
+    opt2.step()
+    sched2.step()  # the step after the saved one: 0-based optimizer step 6 -> LR of step 7
+    assert sched2.last_epoch == 7
+    assert opt2.param_groups[0]["lr"] == pytest.approx(0.5 * warmup_cosine(7, 30, 2))
 
 
 def _sgd(lr: float = 0.5) -> torch.optim.Optimizer:
@@ -145,6 +179,56 @@ def test_ema_state_dict_round_trip_and_structure_check():
         ema.update(nn.Linear(3, 2))
     with pytest.raises(ValueError):
         EMA(model, 1.5)
+
+
+def test_ema_decay_bounds_are_inclusive():
+    """Decay 0 copies the model at every update, decay 1 keeps the weights it started from;
+    anything outside [0, 1] (a negative decay extrapolates past the model) is refused."""
+    torch.manual_seed(0)
+    model = _Tiny()
+    start = model.linear.weight.detach().clone()
+    copy_ema, frozen_ema = EMA(model, 0.0), EMA(model, 1.0)
+    with torch.no_grad():
+        model.linear.weight.add_(1.0)
+    copy_ema.update(model)
+    frozen_ema.update(model)
+    assert torch.equal(copy_ema.module.linear.weight, model.linear.weight)
+    assert torch.equal(frozen_ema.module.linear.weight, start)
+    for bad in (-0.1, 1.0 + 1e-9):
+        with pytest.raises(ValueError, match="EMA decay must be in"):
+            EMA(model, bad)
+
+
+class _Swapped(nn.Module):
+    """``_Tiny``'s names and shapes, registered in the other order (bn first)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(2)
+        self.linear = nn.Linear(3, 2)
+
+
+class _Renamed(nn.Module):
+    """``_Tiny``'s parameter count and shapes under other names."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.norm = nn.BatchNorm1d(2)
+
+
+def test_ema_matches_parameters_by_name_not_position():
+    """Same names in another order still average each weight with its namesake; same count
+    under other names is refused rather than averaged by position."""
+    torch.manual_seed(0)
+    ema = EMA(_Tiny(), 0.5)
+    start = {k: v.clone() for k, v in ema.module.named_parameters()}
+    other = _Swapped()
+    ema.update(other)
+    for name, p in other.named_parameters():
+        torch.testing.assert_close(ema.module.get_parameter(name), 0.5 * (start[name] + p))
+    with pytest.raises(ValueError, match="parameters differ"):
+        ema.update(_Renamed())
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -324,6 +408,108 @@ def test_check_resumable():
         check_resumable(ckpt, config_fingerprint(new), "out/checkpoint.pt")
     with pytest.raises(CheckpointError, match="no configuration fingerprint"):
         check_resumable({}, fp, "out/checkpoint.pt")
+
+
+def test_save_removes_stale_temporaries_of_both_files(tmp_path: Path):
+    """A save killed while writing ``.prev.pt`` leaves ``.checkpoint.prev.pt.*.tmp``: the next
+    save removes those too, not only the checkpoint's own."""
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, _state(1))
+    (tmp_path / ".checkpoint.pt.x1.tmp").write_bytes(b"half")
+    (tmp_path / ".checkpoint.prev.pt.x2.tmp").write_bytes(b"half")
+    (tmp_path / ".other.pt.x3.tmp").write_bytes(b"not ours")
+    save_checkpoint(path, _state(2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".other.pt.x3.tmp",
+        "checkpoint.prev.pt",
+        "checkpoint.pt",
+    ]
+
+
+def test_a_folder_in_place_of_the_checkpoint(tmp_path: Path):
+    """A folder named like the checkpoint is reported as such, not as a corrupt checkpoint."""
+    (tmp_path / "checkpoint.pt").mkdir()
+    with pytest.raises(CheckpointError, match="is not a file") as info:
+        load_checkpoint(tmp_path / "checkpoint.pt")
+    assert "corrupt" not in str(info.value)
+
+
+def test_corrupt_checkpoint_mv_hint_is_quoted_for_the_shell(tmp_path: Path):
+    """The suggested ``mv`` command works as pasted when the run folder has a space in it."""
+    path = tmp_path / "my run" / "checkpoint.pt"
+    save_checkpoint(path, _state(1))
+    save_checkpoint(path, _state(2))
+    path.write_bytes(b"junk")
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    command = str(info.value).split("to resume from it run: ")[1]
+    assert shlex.split(command) == ["mv", str(prev_path(path)), str(path)]
+
+
+def test_load_checkpoint_honours_map_location(tmp_path: Path):
+    """Tensors land where ``map_location`` says (the engine maps a GPU run's checkpoint to CPU)."""
+    save_checkpoint(tmp_path / "c.pt", _state(1))
+    state = load_checkpoint(tmp_path / "c.pt", map_location="meta")
+    assert state["student"]["w"].is_meta
+
+
+@pytest.mark.parametrize(
+    "bad, where",
+    [
+        ({"config": {"dims": [1, Path("x")]}}, r"\['config'\]\['dims'\]\[1\]"),
+        ({"config": (np.int64(3),)}, r"\['config'\]\[0\]"),
+        ({"config": {Path("k"): 1}}, r"\['config'\] key \w*Path\('k'\)"),
+    ],
+    ids=["in-a-list", "in-a-tuple", "a-key"],
+)
+def test_checkpoint_save_rejects_unplain_values_at_any_depth(tmp_path: Path, bad, where):
+    """Lists, tuples and dict keys are checked too: anything that would not load with
+    weights_only=True fails at the save, naming where it is, and nothing is written."""
+    with pytest.raises(TypeError, match=where):
+        save_checkpoint(tmp_path / "c.pt", {**_state(1), **bad})
+    assert not (tmp_path / "c.pt").exists()
+
+
+class _Color(Enum):
+    RED = "red"
+
+
+def test_config_fingerprint_enums_by_value_and_unknown_types_refused():
+    """Enums hash as their value; a value with no stable text form (a repr may hold a memory
+    address, different in every process) is an error, not a fingerprint that never matches."""
+    assert config_fingerprint({"c": _Color.RED}) == config_fingerprint({"c": "red"})
+    with pytest.raises(TypeError, match="cannot be fingerprinted"):
+        config_fingerprint({"f": object()})
+
+
+def test_check_resumable_fills_only_options_the_checkpoint_lacks():
+    """``defaults`` stand in for options added after the checkpoint was written; the resume goes
+    on only if the run uses exactly those defaults, and a saved option is never overridden."""
+    old = {"lr": 0.05}
+    ckpt = {"config_fingerprint": config_fingerprint(old), "config": old}
+    defaults = {"lr": 0.1, "memory_format": "auto"}
+    same = {"lr": 0.05, "memory_format": "auto"}
+    check_resumable(ckpt, config_fingerprint(same), "c.pt", config=same, defaults=defaults)
+    other = {"lr": 0.05, "memory_format": "channels_last"}
+    with pytest.raises(CheckpointError, match="memory_format: 'auto' -> 'channels_last'"):
+        check_resumable(ckpt, config_fingerprint(other), "c.pt", config=other, defaults=defaults)
+    at_default_lr = {"lr": 0.1, "memory_format": "auto"}
+    with pytest.raises(CheckpointError, match="lr: 0.05 -> 0.1"):
+        check_resumable(
+            ckpt, config_fingerprint(at_default_lr), "c.pt", config=at_default_lr, defaults=defaults
+        )
+
+
+def test_check_resumable_lists_at_most_four_differences():
+    """A long list of changed options is cut to four, with a count of the rest."""
+    old = {f"o{i}": i for i in range(6)}
+    new = {f"o{i}": i + 10 for i in range(6)}
+    ckpt = {"config_fingerprint": config_fingerprint(old), "config": old}
+    with pytest.raises(CheckpointError) as info:
+        check_resumable(ckpt, config_fingerprint(new), "c.pt", config=new)
+    message = str(info.value)
+    assert "o0: 0 -> 10, o1: 1 -> 11, o2: 2 -> 12, o3: 3 -> 13, and 2 more" in message
+    assert "o4" not in message
 
 
 # ----------------------------------------------------------------------------- metrics log

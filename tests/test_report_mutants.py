@@ -1,0 +1,110 @@
+"""metapl.report on its own: the paired differences, the printed tables and the results files
+(the CLI tests see them only through whole runs, with symmetric or single-seed numbers)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from metapl.errors import ConfigError
+from metapl.report import (
+    output_folder,
+    paired_differences,
+    print_accuracy_table,
+    print_paired_differences,
+    write_json_atomic,
+)
+
+
+def records_of(acc: dict[str, dict[int, float]]) -> list[dict]:
+    return [
+        {"method": m, "seed": s, "accuracy": a}
+        for m, by_seed in acc.items()
+        for s, a in by_seed.items()
+    ]
+
+
+def test_paired_wins_are_the_seeds_where_the_method_is_above():
+    """Asymmetric counts: ``method`` above ``other`` on two seeds, below on one. Wins and losses
+    swapped would read as the opposite conclusion; the counts are plain ints, so the result can
+    go into results.json."""
+    records = records_of(
+        {"mpl": {0: 0.90, 1: 0.80, 2: 0.70}, "supervised": {0: 0.85, 1: 0.70, 2: 0.75}}
+    )
+    p = paired_differences(records, [("mpl", "supervised")])["mpl - supervised"]
+    assert p["wins_ties_losses"] == [2, 0, 1]
+    assert p["mean"] == pytest.approx((0.05 + 0.10 - 0.05) / 3)
+    assert all(type(x) is int for x in p["wins_ties_losses"]) and type(p["n"]) is int
+    json.dumps(p)  # numpy integers would not serialise
+
+
+def test_paired_differences_use_only_the_common_seeds():
+    """Seeds run by only one side of a pair are not compared (seed 0 and 3 here)."""
+    records = records_of({"a": {0: 0.5, 1: 0.6, 2: 0.7}, "b": {1: 0.5, 2: 0.8, 3: 0.1}})
+    p = paired_differences(records, [("a", "b")])["a - b"]
+    assert p["n"] == 2 and p["wins_ties_losses"] == [1, 0, 1]
+    assert p["mean"] == pytest.approx(0.0, abs=1e-12)
+    # differences +0.1, -0.1: sample std 0.1 * sqrt(2), standard error 0.1
+    assert p["standard_error"] == pytest.approx(0.1)
+
+
+def test_print_paired_differences_in_points_with_the_counts_in_order(capsys):
+    """The printed line carries the numbers of the dict, in percentage points, with wins, ties
+    and losses each in its place."""
+    paired = {
+        "mpl - supervised": {
+            "mean": 0.0125,
+            "standard_error": 0.005,
+            "wins_ties_losses": [3, 1, 0],
+            "n": 4,
+        }
+    }
+    print_paired_differences(paired)
+    line = capsys.readouterr().out.strip()
+    assert line == (
+        "mpl - supervised   +1.25 points paired (s.e. 0.50; 3 wins, 1 ties, 0 losses over 4 seeds)"
+    )
+
+
+def test_print_accuracy_table_in_percent_with_each_rows_n(capsys):
+    """Mean and spread both in percent, and each row's own number of runs."""
+    print_accuracy_table(
+        "title",
+        {
+            "mpl": {"mean": 0.9512, "std": 0.0123, "n": 3},
+            "supervised": {"mean": 0.5, "std": 0.0, "n": 1},
+        },
+    )
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "title"
+    assert lines[1] == "  mpl          95.12 +-  1.23 %  (n=3)"
+    assert lines[2] == "  supervised   50.00 +-  0.00 %  (n=1)"
+
+
+def test_write_json_atomic_sorts_keys(tmp_path):
+    """results.json keys are sorted, so two runs' files diff cleanly whatever the insertion order."""
+    path = tmp_path / "results.json"
+    write_json_atomic(path, {"b": 1, "a": {"d": 2, "c": 3}})
+    text = path.read_text()
+    assert text.index('"a"') < text.index('"b"') and text.index('"c"') < text.index('"d"')
+    assert json.loads(text) == {"a": {"c": 3, "d": 2}, "b": 1}
+
+
+def test_output_folder_refuses_a_folder_it_cannot_write(tmp_path, monkeypatch):
+    """The nearest existing folder must be writable (checked with os.access: chmod alone would
+    not show it to root); the folder itself is not created here."""
+    denied = []
+
+    def access(path, mode):
+        denied.append((os.fspath(path), mode))
+        return False
+
+    monkeypatch.setattr(os, "access", access)
+    target = tmp_path / "new" / "run"
+    with pytest.raises(ConfigError, match=f"{tmp_path} is not writable; choose another --res"):
+        output_folder(target, option="--res")
+    assert denied == [(os.fspath(tmp_path), os.W_OK | os.X_OK)]
+    monkeypatch.undo()
+    assert output_folder(target) == target and not (tmp_path / "new").exists()
