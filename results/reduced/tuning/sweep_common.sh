@@ -1,9 +1,11 @@
 # Shared by the session-7 ReducedMPL sweeps (sourced; sets `sweep`). Every run starts from the
-# session-5 preset (no labels for the ReducedMPL student, no fine-tuning), which the digits preset
-# replaced with the setting these sweeps chose; each sweep's own --set come after and win.
+# session-5 preset (no labels for the ReducedMPL student, no fine-tuning, a pool of 80 per class),
+# which the digits preset replaced with the settings these sweeps (and session 8's) chose; each
+# sweep's own --set come after and win.
 # Usage inside a sweep script:  root=OUTROOT; source sweep_common.sh; sweep NAME METHODS [--set ...]
 SESSION5_PRESET=(--set reduced_mpl:student_labeled_weight=0 --set reduced_mpl:finetune_steps=0
-  --set noisy_student:finetune_steps=0)
+  --set noisy_student:finetune_steps=0
+  --set reduced_mpl:unlabeled_per_class=80 --set noisy_student:unlabeled_per_class=80)
 sweep() {  # NAME METHODS [--set ...]: one `metapl reduced` on the tuning seeds, a summary line
   local name=$1 methods=$2; shift 2
   local base=()  # only the stages that train: metapl reduced refuses --set for the others
