@@ -10,7 +10,13 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from metapl import MetaPseudoLabels
-from metapl.distributed import DataParallel, GradientAverager
+from metapl.distributed import (
+    DataParallel,
+    GradientAverager,
+    torchrun_process_group,
+    torchrun_world,
+)
+from metapl.errors import ConfigError
 
 OPTIMIZERS = {
     "sgd_nesterov": lambda p: torch.optim.SGD(p, lr=0.2, momentum=0.9, nesterov=True),
@@ -63,11 +69,27 @@ def _data_parallel_helpers(rank: int) -> dict:
     model[1].running_mean.fill_(rank + 1.0)
     dp.broadcast_([model])
     metrics = dp.mean_metrics({"loss": torch.tensor(float(rank)), "lr": 0.5})
+    # the engine's checkpoint-time sync: buffers (running statistics) only, parameters stay
+    bn = nn.BatchNorm1d(2)
+    with torch.no_grad():
+        bn.weight.fill_(rank + 1.0)
+    bn.running_mean.fill_(rank + 1.0)
+    dp.broadcast_buffers_([bn])
+    # metrics built in a different order on each rank are still averaged name by name
+    names = ["a", "b"] if rank == 0 else ["b", "a"]
+    values = {"a": 2.0 * rank, "b": 10.0 + 2.0 * rank}
+    shuffled = dp.mean_metrics({n: torch.tensor(values[n]) for n in names})
+    # a parameter without a gradient (None) is skipped, the others still averaged in place
+    grads = [torch.full((2,), float(rank)), None, torch.full((3,), 10.0 * rank)]
+    GradientAverager().mean_(grads)
     return {
         "rank": dp.rank,
         "state": model.state_dict(),
         "metrics": {k: float(v) for k, v in metrics.items()},
         "object": dp.broadcast_object(f"from rank {rank}"),
+        "bn": bn.state_dict(),
+        "shuffled": {k: float(v) for k, v in shuffled.items()},
+        "grads": [None if g is None else g.tolist() for g in grads],
     }
 
 
@@ -125,3 +147,47 @@ def test_data_parallel_helpers_share_rank_0s_weights_and_mean_metrics(two_proces
     assert float(results[0]["state"]["1.running_mean"][0]) == 1.0
     assert results[0]["metrics"] == results[1]["metrics"] == {"loss": 0.5, "lr": 0.5}
     assert results[0]["object"] == results[1]["object"] == "from rank 0"
+
+
+def test_data_parallel_syncs_buffers_only_pairs_metrics_by_name_and_skips_none_grads(
+    two_process_results,
+):
+    """broadcast_buffers_ copies rank 0's running statistics but leaves each rank's parameters;
+    mean_metrics pairs values by name whatever order each rank built its dict in; mean_ skips the
+    None gradient of a parameter that got none and averages the rest."""
+    results = [torch.load(two_process_results / f"helpers{r}.pt") for r in (0, 1)]
+    for rank, r in enumerate(results):
+        assert r["bn"]["running_mean"].tolist() == [1.0, 1.0]  # rank 0's buffer
+        assert r["bn"]["weight"].tolist() == [rank + 1.0] * 2  # its own parameter
+        assert r["shuffled"] == {"a": 1.0, "b": 11.0}
+        assert r["grads"] == [[0.5, 0.5], None, [5.0, 5.0, 5.0]]
+
+
+def test_torchrun_world_reads_the_environment(monkeypatch):
+    """Without torchrun's variables a run is rank 0 of 1 on local device 0; with them, their values;
+    a non-integer is a one-line ConfigError naming the variables."""
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert torchrun_world() == (0, 1, 0)
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert torchrun_world() == (3, 4, 1)
+    monkeypatch.setenv("LOCAL_RANK", "gpu1")
+    with pytest.raises(ConfigError, match="LOCAL_RANK='gpu1'"):
+        torchrun_world()
+
+
+def test_torchrun_process_group_leaves_a_callers_group_alone(tmp_path, monkeypatch):
+    """When the caller has already set up a process group, torchrun_process_group neither joins
+    another (that would fail) nor destroys the caller's on the way out."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    store = f"file://{tmp_path / 'init'}"
+    dist.init_process_group("gloo", init_method=store, rank=0, world_size=1)
+    try:
+        with torchrun_process_group(torch.device("cpu")):
+            assert dist.is_initialized()
+        assert dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
