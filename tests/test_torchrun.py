@@ -13,6 +13,7 @@ import atexit
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -160,7 +161,21 @@ def torchrun(tmp_path: Path, preset: str, out: Path, args: list[str]) -> dict[in
     }
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     command += ["--standalone", "-m", "metapl", "train", "--preset", preset, "--out", str(out)]
-    done = subprocess.run(command + args, env=env, capture_output=True, text=True, timeout=120)
+    for attempt in (1, 2):
+        done = subprocess.run(command + args, env=env, capture_output=True, text=True, timeout=120)
+        # Rarely (once in the suite's many runs so far) a gloo process aborts in C++ at exit, after
+        # the run has finished and written everything ("terminate called without an active
+        # exception": gloo's teardown, see docs/multi-gpu.md). That is not what this test checks,
+        # so it runs once more from scratch; any other failure, or a second one, fails the test.
+        teardown_abort = (
+            "terminate called without an active exception" in done.stderr
+            and (out / "results.json").exists()
+        )
+        if done.returncode == 0 or attempt == 2 or not teardown_abort:
+            break
+        shutil.rmtree(out)
+        shutil.rmtree(report)
+        report.mkdir()
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return {r: json.loads((report / f"rank{r}.json").read_text()) for r in (0, 1)}
 
