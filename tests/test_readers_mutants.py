@@ -11,19 +11,10 @@ import numpy as np
 import pytest
 import scipy.io
 from fake_datasets import random_images, write_cifar_batch
+from test_readers import raises_naming
 
 from metapl.data import cifar, splits, svhn
-from metapl.errors import ConfigError, DataError
-
-
-def _raises_naming(path_part: str, fn, *args, **kwargs) -> str:
-    """Calls fn, expects a one-line DataError that names ``path_part``; returns the message."""
-    with pytest.raises(DataError) as info:
-        fn(*args, **kwargs)
-    message = str(info.value)
-    assert "\n" not in message
-    assert path_part in message, message
-    return message
+from metapl.errors import ConfigError
 
 
 def _rows(images: np.ndarray) -> np.ndarray:
@@ -42,7 +33,7 @@ def test_cifar_folder_itself_missing_first_batch_names_the_right_path(tmp_path: 
     for name in cifar.TRAIN_FILES[1:]:
         write_cifar_batch(folder / name, random_images(2, 0), np.array([0, 1]))
     assert cifar.find_dir(folder) == folder
-    message = _raises_naming(str(folder / "data_batch_1"), cifar.load_cifar10, folder)
+    message = raises_naming(str(folder / "data_batch_1"), cifar.load_cifar10, folder)
     assert "cifar-10-batches-py/cifar-10-batches-py" not in message
 
 
@@ -52,7 +43,7 @@ def test_cifar_more_labels_than_images_is_refused(tmp_path: Path) -> None:
     path.parent.mkdir()
     batch = {b"data": _rows(random_images(2, 0)).copy(), b"labels": [0, 1, 2]}
     path.write_bytes(pickle.dumps(batch, protocol=2))
-    message = _raises_naming("test_batch", cifar.load_cifar10, tmp_path, train=False)
+    message = raises_naming("test_batch", cifar.load_cifar10, tmp_path, train=False)
     assert "3 labels for 2 images" in message
 
 
@@ -91,7 +82,7 @@ def test_cifar_data_of_wrong_rank_is_a_data_error(tmp_path: Path, data: np.ndarr
     path = tmp_path / cifar.FOLDER / cifar.TEST_FILE
     path.parent.mkdir()
     path.write_bytes(pickle.dumps({b"data": data, b"labels": [0, 1]}, protocol=2))
-    message = _raises_naming("test_batch", cifar.load_cifar10, tmp_path, train=False)
+    message = raises_naming("test_batch", cifar.load_cifar10, tmp_path, train=False)
     assert "has 'data' of shape" in message
 
 
@@ -103,7 +94,7 @@ def test_svhn_y_with_extra_columns_is_refused(tmp_path: Path) -> None:
     labels, and must not be flattened into 2N labels for N images."""
     contents = {"X": np.zeros((32, 32, 3, 2), np.uint8), "y": np.ones((2, 2), np.uint8)}
     scipy.io.savemat(tmp_path / "train_32x32.mat", contents)
-    message = _raises_naming("train_32x32.mat", svhn.load_svhn, tmp_path)
+    message = raises_naming("train_32x32.mat", svhn.load_svhn, tmp_path)
     assert "'y' of shape (2, 2)" in message
 
 
@@ -111,7 +102,7 @@ def test_svhn_images_must_be_32x32(tmp_path: Path) -> None:
     """The cropped digits are 32x32: an X of [64, 64, 3, N] is not format 2 and is refused."""
     contents = {"X": np.zeros((64, 64, 3, 2), np.uint8), "y": np.ones((2, 1), np.uint8)}
     scipy.io.savemat(tmp_path / "train_32x32.mat", contents)
-    message = _raises_naming("train_32x32.mat", svhn.load_svhn, tmp_path)
+    message = raises_naming("train_32x32.mat", svhn.load_svhn, tmp_path)
     assert "'X' of shape (64, 64, 3, 2)" in message
 
 
