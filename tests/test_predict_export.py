@@ -313,3 +313,96 @@ def test_mistakes_are_one_line(capsys, run_dir, image_dir, tmp_path, argv, messa
     assert message in err
     assert sorted(p.name for p in run_dir.iterdir()) == before  # nothing written into the run
     assert not (tmp_path / "no").exists()
+
+
+# --- the audit's additions: what a wrong change left passing above ------------------------------
+
+
+def test_a_run_one_step_short_is_unfinished(capsys, run_dir, image_dir, tmp_path):
+    run = copy_run(run_dir, tmp_path)
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "steps": 9}))
+    assert "stopped at step 8 of 9" in fails(capsys, "predict", "--run", str(run), str(image_dir))
+
+
+def test_predict_json_of_an_unfinished_run_and_top_above_the_class_count(
+    capsys, run_dir, image_dir, tmp_path
+):
+    """--top 20 of 10 classes shows the 10; the JSON says the input the model takes and that the
+    run is unfinished."""
+    run = copy_run(run_dir, tmp_path)
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "steps": 100}))
+    out = tmp_path / "p.json"
+    args = [str(image_dir / "d0.png"), "--top", "20", "--json", str(out), "--allow-unfinished"]
+    (row,) = predict(capsys, run, *args)
+    assert len(row) == 1 + 2 * 10 and sorted(int(c) for c in row[1::2]) == list(range(10))
+    saved = json.loads(out.read_text())
+    assert (saved["finished"], saved["step"]) == (False, 8)
+    assert saved["input"] == "uint8 [N, 8, 8, 1] (grayscale, 0..255)"
+    assert len(saved["predictions"][0]["top"]) == 10
+
+
+def test_predict_json_into_a_folder_is_one_line(capsys, run_dir, image_dir, tmp_path):
+    err = fails(capsys, "predict", "--run", str(run_dir), str(image_dir), "--json", str(tmp_path))
+    assert f"--json {tmp_path} is a folder; give a file name" in err
+
+
+def test_export_by_default_beside_the_run_with_its_class_names_and_state(capsys, run_dir, tmp_path):
+    """Without --output the file is RUN/model.torchscript.pt; its metadata carries the names of
+    classes.json and says the run is unfinished, which a warning on stderr repeats."""
+    run = copy_run(run_dir, tmp_path)
+    names = [f"digit {i}" for i in range(10)]
+    (run / "classes.json").write_text(json.dumps(names))
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "steps": 100}))
+    argv = ["export", "--run", str(run), "--format", "torchscript", "--allow-unfinished"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "unfinished (step 8 of 100); exported its last checkpoint" in captured.err
+    assert f"wrote {run / 'model.torchscript.pt'} (torchscript)" in captured.out
+    extra = {"metapl.json": ""}
+    torch.jit.load(str(run / "model.torchscript.pt"), _extra_files=extra)
+    info = json.loads(extra["metapl.json"])
+    assert info["classes"] == names and info["finished"] is False
+    assert info["input"] == "images: uint8 [N, 8, 8, 1] (grayscale, 0..255)"
+    assert info["output"] == "probabilities: float32 [N, 10] (softmax)"
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ({"config.json": "not json"}, "config.json is not a readable metapl config"),
+        ({"config.json": '{"steps": "many"}'}, "config.json is not a readable metapl config"),
+        ({"classes.json": "[0, 1, 2, 3, 4, 5, 6, 7, 8, 9]"}, "must hold a JSON list of class"),
+        (
+            {"classes.json": json.dumps(list("abcdefghijk"))},
+            "names 11 classes, but the model has 10",
+        ),
+        ({"model": "digits_cnn_large"}, "checkpoint.pt does not fit digits_cnn_large"),
+    ],
+)
+def test_a_damaged_run_folder_is_one_line(capsys, run_dir, image_dir, tmp_path, damage, message):
+    run = copy_run(run_dir, tmp_path)
+    if "model" in damage:  # the config names another architecture than the checkpoint holds
+        config = json.loads((run / "config.json").read_text())
+        (run / "config.json").write_text(json.dumps({**config, "model": damage["model"]}))
+    else:
+        for name, text in damage.items():
+            (run / name).write_text(text)
+    assert message in fails(capsys, "predict", "--run", str(run), str(image_dir))
+
+
+def test_input_spec_follows_the_readers_not_image_size():
+    """CIFAR-10 and SVHN arrays are 32x32 RGB and digits 8x8 grayscale whatever image_size says;
+    image folders are fitted at image_size."""
+    from metapl.train.config import apply_overrides
+    from metapl.train.run_model import InputSpec, input_spec
+
+    def spec(dataset, **extra):
+        return input_spec(apply_overrides(TrainConfig(), {"dataset": dataset, **extra}))
+
+    for dataset in ("cifar10-4k", "cifar10-full", "svhn-1k", "svhn-full"):
+        assert spec(dataset, image_size=64) == InputSpec(32, 3)
+    assert spec("digits", image_size=64) == InputSpec(8, 1)
+    assert spec("folder", image_size=48) == InputSpec(48, 3)

@@ -1,0 +1,252 @@
+"""`metapl tune` where a wrong change still passed test_tune.py: the search ranges, keys fixed with
+--set, the study name, stale trial folders, the tuning-split guard, pruning on and off, what a
+study may differ in between machines, best.toml's header and values, and the command's options.
+
+Trials run with test_tune's fake ``train`` (no training), so the whole file takes seconds.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from types import SimpleNamespace
+
+import optuna
+import pytest
+from test_tune import TINY, RecordingTrial, fake_train, options
+
+import metapl.tuning
+from metapl.cli import main
+from metapl.errors import ConfigError
+from metapl.train.config import TrainConfig, apply_overrides
+from metapl.train.presets import load_preset
+from metapl.tuning import bestfile, space, studies
+from metapl.tuning.runner import Tuner
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+# Appendix C.1's ranges: learning rates a decade either side of the preset's, the others absolute.
+STUDENT_RANGES = {
+    "student_lr": ("x", 0.1, 10.0, True),
+    "weight_decay": ("", 1e-5, 1e-2, True),
+    "student_dropout": ("", 0.0, 0.7, False),
+    "label_smoothing": ("", 0.0, 0.2, False),
+}
+TEACHER_RANGES = {
+    "teacher_lr": ("x", 0.1, 10.0, True),
+    "teacher_dropout": ("", 0.0, 0.7, False),
+    "mpl_temperature": ("", 0.5, 2.0, True),
+    "uda_factor": ("", 0.25, 16.0, True),
+    "uda_temperature": ("", 0.5, 1.5, False),
+}
+# Table 3's three columns (CIFAR-10, SVHN, ImageNet): every value lies inside its range.
+TABLE3 = {
+    "weight_decay": (5e-4, 5e-4, 2e-4),
+    "student_dropout": (0.35, 0.45, 0.1),
+    "label_smoothing": (0.0, 0.0, 0.1),
+    "teacher_dropout": (0.5, 0.65, 0.1),
+    "uda_factor": (1.0, 2.5, 16.0),
+    "uda_temperature": (0.8, 1.25, 0.75),
+}
+
+
+@pytest.mark.parametrize(
+    "stage, ranges", [("student", STUDENT_RANGES), ("teacher", TEACHER_RANGES)]
+)
+def test_each_stage_searches_appendix_c1s_ranges(stage, ranges):
+    base = load_preset("digits-uda-mpl")
+    cfg = space.stage_base(base, stage, {})
+    trial = RecordingTrial()
+    space.sample(trial, stage, cfg, fixed=set())
+    want = {}
+    for key, (relative, low, high, log) in ranges.items():
+        anchor = getattr(base, key) if relative else 1.0
+        want[key] = (pytest.approx(low * anchor), pytest.approx(high * anchor), log)
+    assert trial.asked == want
+    for key, values in TABLE3.items():
+        if key in ranges:
+            assert all(ranges[key][1] <= v <= ranges[key][2] for v in values), key
+
+
+def test_a_learning_rate_of_zero_cannot_anchor_a_search():
+    cfg = apply_overrides(load_preset("digits-uda-mpl"), {"student_lr": 0.0})
+    with pytest.raises(ConfigError, match="student_lr must be > 0 to search around it, got 0.0"):
+        space.sample(RecordingTrial(), "student", cfg, fixed=set())
+
+
+# --- the stages with a fake train ------------------------------------------------------------
+
+
+def test_a_key_fixed_with_set_is_never_searched_and_stays_in_best_toml(tmp_path):
+    calls = []
+    tuner = Tuner(options(tmp_path, trials=2, overrides={**TINY, "student_lr": "0.05"}))
+    tuner.train = fake_train(calls)
+    path = tuner.run()
+    assert [c.student_lr for c in calls] == [0.05, 0.05]
+    study = optuna.load_study(study_name="t-student", storage=tuner.opts.storage)
+    assert all("student_lr" not in t.params for t in study.trials)
+    assert load_preset(str(path)).student_lr == 0.05
+    every = {k: "0" for k in STUDENT_RANGES} | {"student_lr": "0.1"}
+    with pytest.raises(ConfigError, match="stage student: --set fixes every searched key"):
+        Tuner(options(tmp_path, overrides={**TINY, **every})).run()
+
+
+@pytest.mark.parametrize("name", ["a/b", "-lead", "sp ace", ""])
+def test_a_study_name_is_letters_digits_dots_underscores_dashes(tmp_path, name):
+    with pytest.raises(ConfigError, match="use letters, digits"):
+        Tuner(options(tmp_path, study=name or "!"))
+
+
+def test_a_trial_starts_in_an_empty_folder(tmp_path):
+    """A folder left under the trial's number (another storage used OUT before) is removed."""
+    stale = tmp_path / "out" / "trials" / "t-student" / "0"
+    stale.mkdir(parents=True)
+    (stale / "checkpoint.pt").write_text("someone else's run")
+    seen = []
+    tuner = Tuner(options(tmp_path))
+    train = fake_train([])
+
+    def spy(cfg, out_dir, *args, **kwargs):
+        seen.append(sorted(p.name for p in out_dir.iterdir()) if out_dir.exists() else [])
+        return train(cfg, out_dir, *args, **kwargs)
+
+    tuner.train = spy
+    tuner.run()
+    assert seen == [[]]
+
+
+def test_a_trial_that_did_not_run_on_the_tuning_split_is_an_error(tmp_path):
+    tuner = Tuner(options(tmp_path))
+
+    def on_the_test_set(cfg, out_dir, show_progress=True, on_eval=None):
+        return {"results": [{"accuracy": 0.9, "dataset": "digits-5pc-3tune-seed0"}]}
+
+    tuner.train = on_the_test_set
+    with pytest.raises(RuntimeError, match="trial 0 did not run on the tuning split"):
+        tuner.run()
+
+
+def test_pruning_starts_after_a_quarter_of_the_steps_and_no_prune_turns_it_off(
+    tmp_path, monkeypatch
+):
+    made = []
+
+    def median(**kwargs):
+        made.append(kwargs)
+        return optuna.pruners.NopPruner()
+
+    monkeypatch.setattr(optuna.pruners, "MedianPruner", median)
+    for prune in (True, False):
+        tuner = Tuner(options(tmp_path, prune=prune, runtime={"steps": 12, "device": "cpu"}))
+        tuner.train = fake_train([])
+        tuner.run()
+    assert made == [{"n_startup_trials": 5, "n_warmup_steps": 3}]  # only with pruning on
+
+
+def test_processes_on_other_devices_share_a_study(tmp_path):
+    """The device is a machine's, not the trial's: it may differ between the processes."""
+    for device in ("cpu", "auto"):
+        tuner = Tuner(options(tmp_path, runtime={"steps": 6, "device": device}))
+        tuner.train = fake_train([])
+        tuner.run()
+    study = optuna.load_study(study_name="t-student", storage=options(tmp_path).storage)
+    assert len(study.trials) == 2
+
+
+def test_a_key_added_since_the_study_began_counts_as_its_default():
+    config = TrainConfig().to_dict()
+    older = {k: v for k, v in studies.comparable(config).items() if k != "memory_format"}
+    study = SimpleNamespace(
+        study_name="s", user_attrs={"config": older, "searched": ["student_lr"]}
+    )
+    studies.check_same_config(study, config, ["student_lr"])
+    with pytest.raises(ConfigError, match=r"other settings \(memory_format\)"):
+        studies.check_same_config(
+            study, {**config, "memory_format": "channels_last"}, ["student_lr"]
+        )
+    with pytest.raises(ConfigError, match=r"other settings \(the searched keys"):
+        studies.check_same_config(study, config, ["student_lr", "weight_decay"])
+
+
+def test_a_new_studys_config_is_recorded_last():
+    """Joining processes wait for "config": every other record must be there before it."""
+    order = []
+
+    class Study:
+        def set_user_attr(self, key, value):
+            order.append(key)
+
+    def load_study(**kwargs):
+        raise KeyError(kwargs["study_name"])
+
+    fake = SimpleNamespace(
+        load_study=load_study,
+        create_study=lambda **kwargs: Study(),
+        exceptions=optuna.exceptions,
+    )
+    attrs = {"config": {}, "searched": [], "student_values": {}, "student_trial": 0}
+    studies.join_study(fake, None, "s", lambda: attrs, None, None)
+    assert order[-1] == "config" and sorted(order) == sorted(attrs)
+
+
+def test_best_toml_header_names_each_stages_best_trial_and_accuracy(tmp_path):
+    tuner = Tuner(options(tmp_path, stage="both", trials=2))
+    tuner.train = fake_train([])
+    text = tuner.run().read_text()
+    storage = tuner.opts.storage
+    for stage in ("student", "teacher"):
+        best = optuna.load_study(study_name=f"t-{stage}", storage=storage).best_trial
+        line = f"# stage {stage}: study t-{stage}, trial {best.number}, tuning accuracy "
+        assert f"{line}{100 * best.value:.2f}%\n" in text
+    assert "# (2 trials of t-teacher finished when this was written)\n" in text
+
+
+def test_an_in_memory_database_is_refused(tmp_path):
+    for url in ("sqlite://", "sqlite:///:memory:"):
+        with pytest.raises(ConfigError, match="in-memory database is not shared between"):
+            Tuner(options(tmp_path, storage=url))
+
+
+@pytest.mark.parametrize(
+    "value", [math.inf, -math.inf, 0.1, 1e-05, 1.2345678901234567e-05, [1, 2.5], ("a", True)]
+)
+def test_toml_values_read_back_as_themselves(value):
+    read = tomllib.loads(f"x = {bestfile.toml_value(value)}")["x"]
+    assert read == (list(value) if isinstance(value, tuple) else value)
+    nan = tomllib.loads(f"x = {bestfile.toml_value(math.nan)}")["x"]
+    assert math.isnan(nan)
+
+
+# --- `metapl tune`'s options -------------------------------------------------------------------
+
+
+def test_tune_options_reach_the_tuner(tmp_path, monkeypatch, capsys):
+    got = []
+    monkeypatch.setattr(metapl.tuning, "tune", lambda opts: got.append(opts) or tmp_path / "b")
+    base = ["tune", "--preset", "digits-uda-mpl", "--trials", "2", "--out", str(tmp_path / "o")]
+    base += ["--storage", "sqlite:///s.db", "--set", "batch_size=10"]
+    extra = ["--study", "s", "--stage", "teacher", "--data-dir", "d", "--steps", "6"]
+    extra += ["--device", "cpu", "--no-prune", "--quiet"]
+    assert main([*base, *extra]) == 0 and main(base) == 0
+    given, defaults = got
+    assert (given.study, given.stage, given.prune, given.show_progress) == (
+        "s",
+        "teacher",
+        False,
+        False,
+    )
+    assert given.runtime == {"steps": 6, "device": "cpu", "data_dir": "d", "warmup_steps": 6}
+    assert given.overrides == {"batch_size": "10"} and given.trials == 2
+    assert (defaults.study, defaults.stage, defaults.prune, defaults.show_progress) == (
+        None,
+        "both",
+        True,
+        True,
+    )
+    assert defaults.runtime == {}
+    assert f"wrote {tmp_path / 'b'}: metapl train --preset" in capsys.readouterr().out
+    assert main([*base, "--steps", "0"]) == 2
+    assert "--steps must be >= 1, got 0" in capsys.readouterr().err
