@@ -5,6 +5,8 @@ import json
 import pytest
 from torch import nn
 
+from metapl import bench
+from metapl.bench import BF16_CPU_FLAGS, cpu_description
 from metapl.cli import main
 from metapl.models import list_models, register_model
 from metapl.models.small import DigitsCNN
@@ -38,7 +40,9 @@ def test_bench_writes_every_step_kind(tmp_path, capsys, layout, channels_last):
     ]
     assert main(args) == 0
     payload = json.loads(out.read_text())
-    assert payload["machine"]["device"] == "cpu" and "torch" in payload["machine"]
+    machine = payload["machine"]
+    assert machine["device"] == "cpu" and "torch" in machine
+    assert machine["cpu"] and set(machine["cpu_bf16_flags"]) <= set(BF16_CPU_FLAGS)
     names = [r["name"] for r in payload["results"]]
     for part in ("supervised", "uda", "first_order", "exact", "double_backward", "train_step"):
         assert any(part in n for n in names), part
@@ -114,3 +118,26 @@ def test_goals_state_issue_5s_bars():
         "exact / double backward": False,
         "teacher gradient vs float64 (cosine)": True,
     }
+
+
+def test_the_machine_names_its_cpu_and_its_bf16_instructions(monkeypatch, tmp_path):
+    """A CPU bf16 timing depends on the CPU's bf16 instructions: the JSON names the model and which
+    of them it has, in BF16_CPU_FLAGS' order, read from the first core's entry."""
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(
+        "processor\t: 0\nmodel name\t: Test CPU 9000\nflags\t\t: fpu amx_tile sse avx512_bf16\n\n"
+        "processor\t: 1\nmodel name\t: Test CPU 9000\nflags\t\t: fpu amx_bf16\n"
+    )
+    real_open = open
+    monkeypatch.setattr(bench, "open", lambda path, *a: real_open(cpuinfo, *a), raising=False)
+    assert cpu_description() == {
+        "cpu": "Test CPU 9000",
+        "cpu_bf16_flags": ["avx512_bf16", "amx_tile"],
+    }
+
+    def no_cpuinfo(path, *a):
+        raise FileNotFoundError(path)
+
+    monkeypatch.setattr(bench, "open", no_cpuinfo, raising=False)
+    monkeypatch.setattr(bench.platform, "processor", lambda: "arm")
+    assert cpu_description() == {"cpu": "arm", "cpu_bf16_flags": []}

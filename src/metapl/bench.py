@@ -23,12 +23,35 @@ from tqdm import tqdm
 
 from metapl.report import write_json_atomic
 
+# CPU instructions for bf16 arithmetic: bf16's speed on a CPU depends on them, so a CPU bf16 result
+# says little about another CPU unless the JSON names which of these the measuring one had.
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def cpu_description() -> dict:
+    """The CPU's model name and which of BF16_CPU_FLAGS it has (Linux's /proc/cpuinfo; elsewhere
+    the model from ``platform`` and no flags)."""
+    model, flags = platform.processor() or "unknown", set()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break  # every core lists the same flags; the model name comes first
+    except OSError:
+        pass
+    return {"cpu": model, "cpu_bf16_flags": [f for f in BF16_CPU_FLAGS if f in flags]}
+
 
 def _machine(device: torch.device) -> dict:
     info = {
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
+        **cpu_description(),
         "cpu_threads": torch.get_num_threads(),
         "device": str(device),
     }
