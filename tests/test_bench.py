@@ -47,7 +47,7 @@ def test_bench_writes_every_step_kind(tmp_path, capsys, layout, channels_last):
     for part in ("supervised", "uda", "first_order", "exact", "double_backward", "train_step"):
         assert any(part in n for n in names), part
     assert all(r["ms"] > 0 and len(r["ms_all"]) == 2 for r in payload["results"])
-    assert payload["setup"]["batch_unlabeled"] == 14
+    assert (payload["setup"]["batch_labeled"], payload["setup"]["batch_unlabeled"]) == (2, 14)
     assert (payload["setup"]["memory_format"], payload["setup"]["channels_last"]) == (
         layout,
         channels_last,

@@ -6,11 +6,16 @@ warm-up runs counted on the bar but never timed, the ratios the goals are stated
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
+import torch
 
 from metapl import bench, cli
 from metapl.cli import main
 from metapl.errors import ConfigError
+from metapl.mpl import numerics
+from metapl.train import engine
 
 
 def test_seed_lists_and_ranges():
@@ -128,3 +133,49 @@ def test_ratios_are_exact_over_the_others_and_forward_ad_over_the_tape():
         "forward_ad_over_tape": 1.5,
         "exact_over_first_order_peak_memory": 0.875,
     }
+
+
+def test_cpu_bench_defaults_to_a_small_batch_and_its_bar_counts_every_round(monkeypatch):
+    """On a CPU: 4 labeled images a batch unless told (128 is the GPU's), and the bar's length is
+    the warm-up and the timed rounds, which _time_interleaved moves it by."""
+
+    class Built(Exception):
+        pass
+
+    bars, configs = [], []
+    monkeypatch.setattr(bench, "tqdm", lambda **kwargs: bars.append(kwargs) or Bar())
+
+    def first_run(cfg, *args):
+        configs.append(cfg)
+        raise Built
+
+    monkeypatch.setattr(engine, "Run", first_run)
+    with pytest.raises(Built):
+        bench.run_bench(device="cpu", repeats=3, warmup=2, show_progress=False)
+    assert [b["total"] for b in bars] == [5]
+    assert configs[0].batch_size == 4 * 7  # the first kind steps on the unlabeled-sized batch
+
+
+def test_bench_numerics_compare_at_most_64_labeled_and_448_unlabeled_images(monkeypatch):
+    """The float64 reference runs on the CPU: a GPU-sized batch is cut to 64 + 7 * 64 images."""
+    seen = []
+
+    def agreement(teacher, student, make_optimizer, batch, *args, **kwargs):
+        seen.append([len(part) for part in batch])
+        return {"cosine": 1.0, "relative_error": 0.0}
+
+    monkeypatch.setattr(numerics, "agreement_with_float64", agreement)
+    student = torch.nn.Linear(1, 2)
+    method = SimpleNamespace(
+        models={"teacher": student, "student": student},
+        optimizers={"student": torch.optim.SGD(student.parameters(), lr=0.1)},
+    )
+    run = SimpleNamespace(method=method, cfg=SimpleNamespace(mpl_temperature=1.0))
+    batch = SimpleNamespace(
+        x_labeled=torch.zeros(100, 1),
+        y_labeled=torch.zeros(100),
+        x_unlabeled_strong=torch.zeros(700, 1),
+    )
+    out = bench._numerics(run, batch, torch.device("cpu"), "fp32", lambda text: None)
+    assert seen == [[64, 64, 448]]
+    assert (out["batch_labeled"], out["batch_unlabeled"]) == (64, 448)

@@ -17,7 +17,7 @@ import torch
 from test_engine import _digits_config
 from test_train_cli import read_rows
 
-from metapl.errors import NonFiniteLossError
+from metapl.errors import ConfigError, NonFiniteLossError
 from metapl.train import engine
 from metapl.train.checkpoint import load_checkpoint
 from metapl.train.config import apply_overrides
@@ -310,3 +310,30 @@ def test_large_teacher_data_keeps_the_top_k_per_class_with_their_own_rows(tmp_pa
     for c in range(10):  # class c's K rows: its K most confident images of the whole pool
         top = np.sort(pool[:, c])[::-1][:k]
         np.testing.assert_allclose(np.sort(probs_u[c * k : (c + 1) * k, c])[::-1], top, rtol=1e-5)
+
+
+def test_cuda_asked_for_without_a_cuda_device_is_one_config_error(monkeypatch):
+    """--device cuda on a machine without CUDA stops at once; auto falls back to the CPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="--device cuda was asked for, but PyTorch sees no CUDA"):
+        engine.resolve_device("cuda")
+    assert engine.resolve_device("auto") == torch.device("cpu")
+
+
+def test_a_non_finite_ema_stops_before_the_checkpoint(tmp_path, monkeypatch):
+    """The EMA (the reported model) is checked like the trained models: an overflow in it alone
+    stops the run before its weights reach a checkpoint."""
+    from metapl.train.ema import EMA
+
+    real = EMA.update
+
+    def overflowing(self, model):
+        real(self, model)
+        with torch.no_grad():
+            next(self.module.parameters()).fill_(float("inf"))
+
+    monkeypatch.setattr(EMA, "update", overflowing)
+    cfg = apply_overrides(_config(), {"method": "supervised", "finetune_steps": 0})
+    with pytest.raises(NonFiniteLossError, match="^step 2: ema weight .* contains inf"):
+        engine.train(cfg, tmp_path / "run", show_progress=False)
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()

@@ -67,6 +67,7 @@ def test_curves_put_each_series_in_its_panel_with_accuracy_in_percent(
         log.log(1, {"teacher_loss": 2.0, "student_lr": 0.1})
         log.log(2, {"teacher_loss": 1.0, "student_lr": 0.05, "test_accuracy": 0.25})
         log.log(4, {"teacher_loss": 0.5, "student_lr": 0.0, "test_accuracy": 0.5})
+        log.log(4, {"tune_accuracy": 0.75})  # any *accuracy, not only the test set's
     figures = []
     real_close = plt.close
     monkeypatch.setattr(curves.plt, "close", figures.append)  # keep the figure to inspect it
@@ -88,6 +89,6 @@ def test_curves_put_each_series_in_its_panel_with_accuracy_in_percent(
             real_close(fig)
     assert plotted == [
         {"teacher_loss": ([1, 2, 4], [2.0, 1.0, 0.5])},
-        {"test_accuracy": ([2, 4], [25.0, 50.0])},
+        {"test_accuracy": ([2, 4], [25.0, 50.0]), "tune_accuracy": ([4], [75.0])},
         {"student_lr": ([1, 2, 4], [0.1, 0.05, 0.0])},
     ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -406,3 +407,46 @@ def test_input_spec_follows_the_readers_not_image_size():
         assert spec(dataset, image_size=64) == InputSpec(32, 3)
     assert spec("digits", image_size=64) == InputSpec(8, 1)
     assert spec("folder", image_size=48) == InputSpec(48, 3)
+
+
+def test_predict_keeps_the_order_the_files_were_given_in(capsys, run_dir, image_dir, digits):
+    """Files named on the command line are predicted in that order, not sorted."""
+    order = [3, 0, 4, 1]
+    rows = predict(capsys, run_dir, *(str(image_dir / f"d{i}.png") for i in order))
+    assert [row[0] for row in rows] == [str(image_dir / f"d{i}.png") for i in order]
+    assert [int(row[1]) for row in rows] == list(reference(run_dir, digits[order]).argmax(-1))
+
+
+class _BatchSizeFrozen(torch.nn.Module):
+    """Reads the batch size as a Python number: tracing freezes it to the example's."""
+
+    def forward(self, images):
+        return images.float().mean(dim=(1, 2, 3)) * len(images)
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::DeprecationWarning")
+def test_a_trace_frozen_to_the_examples_batch_size_is_refused():
+    """The export checks its trace on a batch of another size than the example's."""
+    example = torch.zeros((2, 8, 8, 1), dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match="differs from the model on another batch size"):
+        export_command._trace(_BatchSizeFrozen(), example)
+
+
+def test_onnx_metadata_values_are_json_where_not_text(capsys, run_dir, monkeypatch, tmp_path):
+    """ONNX metadata holds strings only: the class list and the finished flag are stored as JSON
+    (as test_onnx_export_matches_the_model reads them), the text fields as they are. Runs
+    without the ONNX packages: torch.onnx.export is replaced by a program that records."""
+    props = {}
+
+    def fake_export(*args, **kwargs):
+        save = lambda path, external_data: Path(path).write_bytes(b"onnx")  # noqa: E731
+        return SimpleNamespace(model=SimpleNamespace(metadata_props=props), save=save)
+
+    monkeypatch.setattr(export_command, "ONNX_PACKAGES", ())
+    monkeypatch.setattr(torch.onnx, "export", fake_export)
+    out = tmp_path / "m.onnx"
+    assert main(["export", "--run", str(run_dir), "--format", "onnx", "--output", str(out)]) == 0
+    assert json.loads(props["classes"]) == [str(i) for i in range(10)]
+    assert json.loads(props["finished"]) is True
+    assert props["output"] == "probabilities: float32 [N, 10] (softmax)"
+    assert out.read_bytes() == b"onnx"

@@ -250,3 +250,47 @@ def test_tune_options_reach_the_tuner(tmp_path, monkeypatch, capsys):
     assert f"wrote {tmp_path / 'b'}: metapl train --preset" in capsys.readouterr().out
     assert main([*base, "--steps", "0"]) == 2
     assert "--steps must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_a_process_joining_a_teacher_study_takes_its_creators_student_values(tmp_path):
+    """Stage 2 fixes the student's values the study recorded, not ones of the joining process."""
+    first = Tuner(options(tmp_path, stage="both"))
+    first.train = fake_train([])
+    first.run()
+    calls = []
+    joining = Tuner(options(tmp_path, stage="teacher"))
+    joining.train = fake_train(calls)
+    joining.run()
+    teacher = optuna.load_study(study_name="t-teacher", storage=joining.opts.storage)
+    (cfg,) = calls
+    assert all(getattr(cfg, k) == v for k, v in teacher.user_attrs["student_values"].items())
+    assert len(teacher.trials) == 2
+
+
+def test_an_unknown_stage_is_refused_before_any_trial(tmp_path):
+    with pytest.raises(ConfigError, match="--stage must be student, teacher or both, got 'all'"):
+        Tuner(options(tmp_path, stage="all"))
+
+
+def test_opening_a_storage_while_another_process_creates_its_tables_is_retried(
+    tmp_path, monkeypatch
+):
+    """A first start racing on table creation ("already exists") waits and tries again."""
+    import sqlalchemy.exc
+
+    from metapl.tuning import storage
+
+    real, calls, naps = optuna.storages.RDBStorage, [], []
+
+    def racing(*args, **kwargs):
+        calls.append(args)
+        if len(calls) < 3:
+            raise sqlalchemy.exc.OperationalError(
+                "CREATE TABLE", {}, "table studies already exists"
+            )
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", racing)
+    monkeypatch.setattr(storage.time, "sleep", naps.append)
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    assert isinstance(storage.open_storage(url), real) and naps == [1.0, 2.0]

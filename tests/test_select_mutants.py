@@ -1,0 +1,37 @@
+"""Top-K selection (metapl.reduced.select) where a wrong change still passed test_precompute.py:
+the degenerate shapes, the input checks, and which entry a non-finite error names."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_precompute import PROBS
+
+from metapl.errors import ConfigError, DataError
+from metapl.reduced.select import select_unlabeled, top_k_assignments
+
+
+def test_no_classes_selects_nothing():
+    indices, assigned = top_k_assignments(np.zeros((4, 0), np.float32), 2)
+    assert indices.tolist() == [] and assigned.tolist() == []
+
+
+@pytest.mark.parametrize("k", [True, 1.0, "2"])
+def test_k_must_be_a_true_integer(k):
+    with pytest.raises(ConfigError, match="must be an integer >= 1"):
+        top_k_assignments(PROBS, k)
+
+
+def test_more_images_than_probability_rows_is_refused():
+    images = np.arange(6, dtype=np.uint8).reshape(6, 1, 1, 1)
+    with pytest.raises(DataError, match="5 rows but there are 6 images"):
+        select_unlabeled(images, PROBS, 2)
+
+
+def test_a_non_finite_probability_names_its_first_row_and_its_own_class():
+    """One class per block (block_bytes=1): the class named is the column's, not its place in
+    the block; of two bad rows, the first."""
+    bad = PROBS.copy()
+    bad[1, 2], bad[3, 2] = np.nan, np.inf
+    with pytest.raises(DataError, match=r"not finite \(row 1, class 2\)"):
+        top_k_assignments(bad, 1, block_bytes=1)
