@@ -27,6 +27,7 @@ from test_tangent_replay import (
     _assert_same_state,
     _problem,
     _run_steps,
+    _sgd_mpl,
     forward_ad_jvp,
     tape_vs_native,
 )
@@ -149,23 +150,12 @@ class SlightlyMistraced(RichNet):
         return self.fc(self.drop(h).mean(dim=(2, 3)))
 
 
-def _sgd_mpl(teacher: nn.Module, student: nn.Module) -> MetaPseudoLabels:
-    """Plain SGD for both, and the tape wherever the first-use check trusts it."""
-    return MetaPseudoLabels(
-        teacher,
-        student,
-        torch.optim.SGD(teacher.parameters(), lr=0.05),
-        torch.optim.SGD(student.parameters(), lr=0.1),
-        jvp="auto",
-    )
-
-
 def test_a_float32_graph_two_percent_off_is_not_trusted():
     """The first-use check's float32 bar (no TF32) is tight: a graph 2% off falls back to forward
     AD, rather than passing a bar meant for bf16."""
     teacher, student, x_l, y_l, x_u = _problem(SlightlyMistraced)
     teacher, student = teacher.float(), student.float()
-    mpl = _sgd_mpl(teacher, student)
+    mpl = _sgd_mpl(teacher, student, jvp="auto")
     torch.manual_seed(0)
     with pytest.warns(UserWarning, match="logits differ"):
         mpl.step(x_l.float(), y_l, x_u.float())
@@ -210,7 +200,7 @@ def test_a_students_hooks_run_in_the_step(kind):
     teacher, student, x_l, y_l, x_u = _problem(RichNet)
     calls = []
     HOOKS[kind](student.bn1, lambda: calls.append(1))
-    mpl = _sgd_mpl(teacher, student)
+    mpl = _sgd_mpl(teacher, student, jvp="auto")
     for _ in range(2):
         calls.clear()
         mpl.step(x_l, y_l, x_u)
