@@ -11,6 +11,7 @@ device with a float64 CPU reference on the same weights and batch.
 
 from __future__ import annotations
 
+import os
 import platform
 import statistics
 import time
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from metapl.errors import ConfigError
 from metapl.report import write_json_atomic
 
 # CPU instructions for bf16 arithmetic: bf16's speed on a CPU depends on them, so a CPU bf16 result
@@ -149,6 +151,19 @@ def _ratios(results: list[dict]) -> dict[str, float]:
     return out
 
 
+def _check_json_path(path: Path) -> None:
+    """``--json``: a file name whose folder exists or can be created (missing folders are made)."""
+    if path.is_dir():
+        raise ConfigError(f"--json {path} is a folder; give a file name")
+    for existing in path.parents:
+        if existing.exists():
+            if not existing.is_dir():
+                raise ConfigError(f"--json {path}: {existing} is a file, not a folder")
+            if not os.access(existing, os.W_OK | os.X_OK):
+                raise ConfigError(f"--json {path}: {existing} is not writable")
+            return
+
+
 def run_bench(
     device: str = "cpu",
     batch_size: int | None = None,
@@ -163,8 +178,10 @@ def run_bench(
 ) -> dict:
     from metapl.train.config import TrainConfig, apply_overrides
     from metapl.train.data import BatchSource
-    from metapl.train.engine import Run, resolve_device
+    from metapl.train.engine import Run, check_models_fit, resolve_device
 
+    if json_path is not None:  # checked now, not after minutes of timing
+        _check_json_path(Path(json_path))
     dev = resolve_device(device)
     on_gpu = dev.type == "cuda"
     batch_size = batch_size or (128 if on_gpu else 4)
@@ -191,6 +208,7 @@ def run_bench(
 
     def method_and_batch(cfg: TrainConfig):
         run = Run(cfg, split, dev)
+        check_models_fit(run, option="--model NAME (an image model: 3 channels, 32x32)")
         source = BatchSource(split, cfg, run.method.views, dev)
         return run, source, source.batch(0)
 

@@ -270,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="[METHOD:]KEY=VALUE",
         help=(
             "override a preset key for every trained method, or for one with a METHOD: prefix "
-            "(e.g. --set uda_mpl:teacher_lr=0.1); the keys of `metapl train --set`; repeatable"
+            "(e.g. --set uda_mpl:teacher_lr=0.1); the keys of `metapl train --set` but seed and "
+            "labels_per_class (--seeds, --labels-per-class); repeatable"
         ),
     )
     _add_experiment_options(p)
@@ -303,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
         help=(
             "override a preset key for every stage, or for one with a STAGE: prefix from "
             "large_teacher, supervised, noisy_student, reduced_mpl (e.g. --set "
-            "reduced_mpl:teacher_lr=0.001); the keys of `metapl train --set`; repeatable"
+            "reduced_mpl:teacher_lr=0.001); the keys of `metapl train --set` but seed (--seeds); "
+            "repeatable"
         ),
     )
     _add_experiment_options(p)

@@ -130,6 +130,8 @@ def run(args: argparse.Namespace) -> None:
     if output.is_dir():
         raise ConfigError(f"--output {output} is a folder; give a file name")
     if args.output and not output.resolve().parent.is_dir():
+        if output.resolve().parent.exists():
+            raise ConfigError(f"--output {output}: {output.parent} is a file, not a folder")
         raise ConfigError(f"--output {output}: folder {output.parent} does not exist")
     if args.format == "onnx" and (missing := _missing_onnx_packages()):
         raise ConfigError(

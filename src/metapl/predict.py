@@ -108,6 +108,8 @@ def _check_output(path: str | None, option: str) -> None:
     if target.is_dir():
         raise ConfigError(f"{option} {target} is a folder; give a file name")
     if not target.resolve().parent.is_dir():
+        if target.resolve().parent.exists():
+            raise ConfigError(f"{option} {target}: {target.parent} is a file, not a folder")
         raise ConfigError(f"{option} {target}: folder {target.parent} does not exist")
 
 

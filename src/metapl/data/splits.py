@@ -165,9 +165,12 @@ def _need(
     name: str, source: Path, have: int, need: int, what: str, option: str = "num_labeled"
 ) -> None:
     if have < need:
+        # `metapl train` has no option for the split's sizes (they are the paper's): the advice
+        # on `option` is for a caller of the split function.
         raise data_error(
             f"{source} has only {have} {what}, but {name} needs {need}: point the data directory "
-            f"at the full dataset, or pass a smaller {option}"
+            f"at the full dataset (calling metapl.data.splits yourself, you can pass a smaller "
+            f"{option})"
         )
 
 

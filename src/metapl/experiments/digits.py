@@ -60,18 +60,35 @@ class DigitsConfig:
             raise ConfigError(
                 f"--labels-per-class must be between 1 and 100, got {self.labels_per_class}"
             )
-        for target in self.overrides:
+        for target, keys in self.overrides.items():
             if target != "*" and target not in ENGINE_METHODS:
                 raise ConfigError(
                     f"--set {target}:...: {target!r} is not a trained digits method; "
                     f"choose from {', '.join(ENGINE_METHODS)}"
                 )
+            check_command_keys(keys, COMMAND_KEYS)
         # Resolve every engine method's config now, so that an unknown key or a bad value stops
         # the command before any worker starts.
         for method in self.methods:
             if method in ENGINE_METHODS:
                 _method_config(method, 0, self)
         return self
+
+
+# Keys that a command's own options set for every run: a --set would change the trained runs but
+# not what the command reports them as (run folders, seed-by-seed pairs, LabelSpreading's split).
+COMMAND_KEYS = {"seed": "--seeds", "labels_per_class": "--labels-per-class"}
+
+
+def check_command_keys(keys, command_keys: dict[str, str]) -> None:
+    """A ConfigError for a ``--set`` of a key that the command's own option ``command_keys[key]``
+    sets."""
+    for key in keys:
+        if key.strip() in command_keys:
+            option = command_keys[key.strip()]
+            raise ConfigError(
+                f"--set {key.strip()}=...: {option} sets {key.strip()} for every run; use {option}"
+            )
 
 
 def parse_method_overrides(items: list[str]) -> dict[str, dict[str, str]]:

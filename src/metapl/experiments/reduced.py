@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from metapl.errors import ConfigError
-from metapl.experiments.digits import summarize
+from metapl.experiments.digits import check_command_keys, summarize
 from metapl.report import (
     paired_differences,
     print_accuracy_table,
@@ -60,7 +60,8 @@ class ReducedConfig:
                 else f"--methods: name at least one of {', '.join(STUDENTS)}"
             )
         stages = ("large_teacher", *self.students)
-        for target in self.overrides:
+        for target, keys in self.overrides.items():
+            check_command_keys(keys, {"seed": "--seeds"})
             if target != "*" and target not in STAGES:
                 raise ConfigError(
                     f"--set {target}:...: {target!r} is not a stage of `metapl reduced`; "

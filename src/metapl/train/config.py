@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -195,6 +196,19 @@ class TrainConfig:
         for name in ("student_dropout", "teacher_dropout", "label_smoothing", "ema_decay"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.seed < 0:  # numpy and scikit-learn take seeds in 0..2**32-1
+            raise ConfigError(f"seed must be >= 0, got {self.seed}")
+        for name in ("pad", "cutout", "randaugment_ops", "unlabeled_per_class"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.randaugment_magnitude >= 0:
+            raise ConfigError(
+                f"randaugment_magnitude must be >= 0, got {self.randaugment_magnitude}"
+            )
+        if self.teacher_hidden < 1:
+            raise ConfigError(f"teacher_hidden must be >= 1, got {self.teacher_hidden}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
         if self.tune_per_class < 0 or (self.tune_per_class and self.dataset != "digits"):
             raise ConfigError("tune_per_class must be >= 0, and only digits reads it")
         if self.finetune_steps < 0 or not self.finetune_lr > 0:
@@ -206,6 +220,12 @@ class TrainConfig:
                 f"warmup_steps ({self.warmup_steps}) must not exceed steps ({self.steps}); "
                 "lower it with --set warmup_steps=N"
             )
+        # Last, so that the checks above name their own rule for NaN; an Inf passes most of them
+        # and would otherwise surface as a NaN loss at the first step.
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{f.name} must be a finite number, got {value}")
         return self
 
     @property

@@ -17,6 +17,7 @@ from torch import Tensor
 from metapl.augment import StrongAugment, WeakAugment
 from metapl.data.arrays import to_tensor_nchw
 from metapl.data.splits import SSLSplit
+from metapl.errors import ConfigError
 from metapl.methods.base import Batch
 from metapl.train.config import TrainConfig
 
@@ -98,6 +99,13 @@ class BatchSource:
         self.labeled = EpochIndices(len(split.y_labeled), cfg.batch_size, cfg.seed, "labeled")
         n_u = len(split.x_unlabeled)
         self.unlabeled = EpochIndices(n_u, cfg.batch_size * cfg.unlabeled_ratio, cfg.seed, "unl")
+        # Reflect padding needs pad < the image's sides: say so now, not at the first batch.
+        smallest = min(min(x.shape[1:3]) for x in (split.x_labeled, split.x_unlabeled))
+        if cfg.pad >= smallest:
+            raise ConfigError(
+                f"pad {cfg.pad} is too large for this dataset's {smallest}-pixel images (reflect "
+                f"padding needs pad < {smallest}); lower it with --set pad=N"
+            )
         self.weak = WeakAugment(pad=cfg.pad, flip_prob=0.5 if cfg.flip else 0.0)
         self.strong = StrongAugment(
             num_ops=cfg.randaugment_ops, max_magnitude=cfg.randaugment_magnitude, cutout=cfg.cutout

@@ -13,6 +13,7 @@ the processes, and rank 0 alone evaluates and writes files (see :class:`DataPara
 from __future__ import annotations
 
 import functools
+import shlex
 import time
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from tqdm import tqdm
 
 from metapl.data.splits import SSLSplit, load_split
 from metapl.distributed import DataParallel, torchrun_process_group, torchrun_world
-from metapl.errors import ConfigError
+from metapl.errors import CheckpointError, ConfigError
 from metapl.methods.build import autocast_dtype, build_method
 from metapl.methods.supervised import SupervisedMethod
 from metapl.models import param_groups_for_weight_decay
@@ -33,11 +34,12 @@ from metapl.train.checkpoint import (
     check_resumable,
     config_fingerprint,
     load_checkpoint,
+    prev_path,
     restore_rng,
     save_checkpoint,
 )
 from metapl.train.config import TrainConfig
-from metapl.train.data import BatchSource, evaluate, stream_seed
+from metapl.train.data import BatchSource, evaluate, model_input, stream_seed
 from metapl.train.ema import EMA
 from metapl.train.guards import check_finite, check_finite_weights, to_floats
 from metapl.train.large_teacher import load_large_teacher, prepare_large_teacher_data
@@ -279,6 +281,63 @@ class _NoMetrics:
         pass
 
 
+def _summary(exc: Exception) -> str:
+    """An exception's message on one line: its first line, and the next one too when the first
+    only announces it (load_state_dict's "Error(s) in loading state_dict for X:")."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    return " ".join(lines[:2]) if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+
+
+def check_models_fit(run: Run, option: str = "--set model=NAME") -> None:
+    """One forward pass of each model that sees images, on two labeled images, in eval mode and
+    without gradients (no randomness drawn, no BatchNorm statistics moved). A model that cannot take
+    this dataset's images (another channel count, too small an image, a model that is not for
+    images) is a :class:`ConfigError` here, before anything is written, instead of a traceback at
+    the first step. ``option``: how the user chooses the model, for the message."""
+    cfg, split = run.cfg, run.split
+    images = np.asarray(split.x_labeled[:2])
+    x = model_input(images, run.device, channels_last=cfg.channels_last(run.device))
+    for name, model in run.method.models.items():
+        if name == "teacher" and cfg.method == "reduced_mpl":
+            continue  # the reduced teacher reads the large teacher's distributions, not images
+        was_training = model.training
+        try:
+            with torch.no_grad():
+                model.eval()(x)
+        except (RuntimeError, ValueError, TypeError) as exc:
+            detail = _summary(exc)
+            _, h, w, c = images.shape
+            raise ConfigError(
+                f"model {cfg.model} cannot take this data's images ({c} channel"
+                f"{'s' if c != 1 else ''}, {h}x{w}): {detail}; choose a model for them with "
+                f"{option}"
+            ) from None
+        finally:
+            model.train(was_training)
+
+
+def _load_run_state(run: Run, saved: dict, ckpt_path: Path) -> None:
+    """``run.load_state_dict(saved)``; a checkpoint whose contents do not fit the run (it passed the
+    configuration check, so it was damaged or written by another version) is a CheckpointError."""
+    try:
+        run.load_state_dict(saved)
+    except (KeyError, IndexError, RuntimeError, TypeError, ValueError) as exc:
+        detail = f"it lacks {exc}" if isinstance(exc, KeyError) else _summary(exc)
+        prev = prev_path(ckpt_path)
+        hint = (
+            f"to resume from the previous checkpoint instead run: mv {shlex.quote(str(prev))} "
+            f"{shlex.quote(str(ckpt_path))}; or delete both to start this run over"
+            if prev.is_file()
+            else "delete it to start this run over, or train into another folder"
+        )
+        raise CheckpointError(
+            f"checkpoint {ckpt_path} does not fit this run's models and optimizers ({detail}); "
+            f"{hint}"
+        ) from None
+
+
 def _data_parallel(train_fn):
     """Under torchrun (WORLD_SIZE > 1) run ``train_fn`` in torchrun's process group (nccl on CUDA,
     gloo on CPU), destroyed on the way out, errors included."""
@@ -323,18 +382,18 @@ def train(cfg: TrainConfig, out_dir: Path | str, show_progress: bool = True, on_
             prepared = prepare_large_teacher_data(cfg, split, out_dir, device, False)
         split, teacher_probs = prepared
     run = Run(cfg, split, device, dp)  # a bad model or schedule fails here, before any write
+    check_models_fit(run)  # and so does a model that cannot take this data's images
+    if saved is not None:  # every rank reads the same checkpoint; one that does not fit fails here
+        _load_run_state(run, saved, ckpt_path)
+    source = BatchSource(  # bad augmentation options fail here, before any write too
+        split, cfg, run.method.views, device, teacher_probs, shard=(dp.rank, dp.world_size)
+    )
     if dp.is_main:  # here and below: the other ranks write nothing
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out_dir / "config.json", cfg.to_dict())
     if split.class_names is not None and dp.is_main:  # label i's name, for `metapl predict`
         write_json_atomic(out_dir / "classes.json", list(split.class_names))
-
-    if saved is not None:
-        run.load_state_dict(saved)  # every rank reads the same checkpoint
     dp.broadcast_(_weights(run).values())  # and, to be safe, starts from rank 0's weights
-    source = BatchSource(
-        split, cfg, run.method.views, device, teacher_probs, shard=(dp.rank, dp.world_size)
-    )
     watched = _Figure10(run, teacher_probs) if cfg.method == "reduced_mpl" and dp.is_main else None
     amp = autocast_dtype(cfg)
     start_time = time.perf_counter()

@@ -1,0 +1,184 @@
+"""Bad input found by an adversarial pass over every subcommand: each is one line on stderr, exit
+code 2, and nothing written or changed.
+
+Each of these used to be a traceback after files were written (a pad too large for the images, a
+negative momentum or seed, a model that cannot take the dataset's images, a checkpoint whose
+contents do not fit the run), a silent acceptance (a negative ``unlabeled_per_class``, a zero-width
+reduced teacher, an infinite weight, ``metapl digits --set seed=5``, which trained every seed as
+seed 5 and reported it as seeds 0-4), or a traceback after the whole benchmark had run (``metapl
+bench --json`` naming a folder).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from fake_datasets import write_svhn
+from test_train_cli import one_error_line, tiny, train_cli
+
+from metapl.cli import main
+from metapl.train.checkpoint import load_checkpoint, save_checkpoint
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
+
+def files(folder) -> dict:
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--set", "pad=8"], "pad 8 is too large for this dataset's 8-pixel images"),
+        (["--set", "pad=-1"], "pad must be >= 0, got -1"),
+        (["--set", "cutout=-1"], "cutout must be >= 0, got -1"),
+        (["--set", "randaugment_ops=-1"], "randaugment_ops must be >= 0, got -1"),
+        (["--set", "randaugment_magnitude=-5"], "randaugment_magnitude must be >= 0"),
+        (["--set", "momentum=-1"], "momentum must be in [0, 1), got -1.0"),
+        (["--set", "momentum=1.5"], "momentum must be in [0, 1), got 1.5"),
+        (["--set", "unlabeled_per_class=-1"], "unlabeled_per_class must be >= 0, got -1"),
+        (["--set", "teacher_hidden=0"], "teacher_hidden must be >= 1, got 0"),
+        (["--set", "mpl_weight=inf"], "mpl_weight must be a finite number, got inf"),
+        (["--set", "student_lr=inf"], "student_lr must be a finite number, got inf"),
+        (["--seed", "-1"], "seed must be >= 0, got -1"),
+        (["--set", "model=mlp"], "model mlp cannot take this data's images (1 channel, 8x8)"),
+        (["--set", "model=small_cnn"], "model small_cnn cannot take this data's images"),
+    ],
+)
+def test_bad_training_options_exit_2_before_anything_is_written(tmp_path, capsys, args, message):
+    out = tmp_path / "run"
+    assert (
+        main(["train", "--preset", "digits-randaugment-mpl", "--out", str(out), "--quiet", *args])
+        == 2
+    )
+    err = one_error_line(capsys.readouterr().err)
+    assert err.startswith("metapl train: error: ") and message in err, err
+    assert not out.exists()
+
+
+def test_a_model_error_names_how_to_choose_another(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--preset", "digits-uda", "--out", str(out), "--set", "model=mlp"]) == 2
+    err = one_error_line(capsys.readouterr().err)
+    assert "choose a model for them with --set model=NAME" in err
+    assert not out.exists()
+
+
+def test_a_checkpoint_that_does_not_fit_the_run_is_exit_2_and_changes_nothing(tmp_path, capsys):
+    """It passes the configuration check (same fingerprint) but its weights have another shape:
+    a damaged file, or one written by another version. config.json used to be rewritten first, so
+    a finished run then looked unfinished to `metapl predict`."""
+    out = tmp_path / "run"
+    assert train_cli("digits-supervised", out, *tiny(4)) == 0
+    ckpt, prev = out / "checkpoint.pt", out / "checkpoint.prev.pt"
+    state = load_checkpoint(ckpt)
+    name = next(iter(state["student"]))
+    state["student"][name] = torch.zeros(3, 3)
+    save_checkpoint(ckpt, state)
+    before = files(out)
+    capsys.readouterr()
+
+    # A longer run of the same configuration: config.json would change if anything were written.
+    assert train_cli("digits-supervised", out, *tiny(6)) == 2
+    err = one_error_line(capsys.readouterr().err)
+    assert f"checkpoint {ckpt} does not fit this run" in err and f"size mismatch for {name}" in err
+    assert f"mv {prev} {ckpt}" in err
+    assert files(out) == before
+
+    # Without a previous checkpoint the message offers no mv.
+    prev.unlink()
+    before = files(out)
+    assert train_cli("digits-supervised", out, *tiny(6)) == 2
+    err = one_error_line(capsys.readouterr().err)
+    assert "delete it to start this run over" in err and "mv " not in err
+    assert files(out) == before
+
+
+def test_a_checkpoint_without_optimizer_state_is_exit_2(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train_cli("digits-supervised", out, *tiny(2)) == 0
+    ckpt = out / "checkpoint.pt"
+    state = load_checkpoint(ckpt)
+    del state["optimizers"]
+    save_checkpoint(ckpt, state)
+    before = files(out)
+    capsys.readouterr()
+    assert train_cli("digits-supervised", out, *tiny(4)) == 2
+    err = one_error_line(capsys.readouterr().err)
+    assert "does not fit this run" in err and "it lacks 'optimizers'" in err
+    assert files(out) == before
+
+
+@pytest.mark.parametrize(
+    "command, message",
+    [
+        (["digits", "--set", "seed=5"], "--set seed=...: --seeds sets seed for every run"),
+        (["digits", "--set", "uda:seed=5"], "use --seeds"),
+        (
+            ["digits", "--set", "uda:labels_per_class=7"],
+            "--labels-per-class sets labels_per_class for every run",
+        ),
+        (["reduced", "--set", "large_teacher:seed=3"], "--seeds sets seed for every run"),
+    ],
+)
+def test_experiments_refuse_a_set_of_what_their_own_options_set(tmp_path, capsys, command, message):
+    """`metapl digits --seeds 0-4 --set seed=5` trained every run as seed 5 and reported them as
+    seeds 0-4, with LabelSpreading on another split."""
+    out = tmp_path / "out"
+    assert main([*command, "--seeds", "0", "--steps", "2", "--out", str(out), "--quiet"]) == 2
+    err = one_error_line(capsys.readouterr().err)
+    assert message in err
+    assert not out.exists()
+
+
+def test_bench_checks_json_and_model_before_timing(tmp_path, capsys):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me")
+    quick = ["bench", "--device", "cpu", "--batch-size", "1", "--repeats", "1", "--quiet"]
+    cases = [
+        (["--json", str(folder)], f"--json {folder} is a folder; give a file name"),
+        (["--json", str(a_file / "b.json")], f"{a_file} is a file, not a folder"),
+        (["--model", "mlp"], "model mlp cannot take this data's images (3 channels, 32x32)"),
+    ]
+    for args, message in cases:
+        assert main([*quick, "--model", "small_cnn", *args]) == 2
+        err = one_error_line(capsys.readouterr().err)
+        assert err.startswith("metapl bench: error: ") and message in err, err
+        assert "--model NAME" in err or "--json" in args
+    assert a_file.read_text() == "keep me" and not any(folder.iterdir())
+
+
+@pytest.mark.parametrize("command", ["predict", "export"])
+def test_an_output_inside_a_file_says_so(tmp_path, capsys, command):
+    run = tmp_path / "run"
+    assert train_cli("digits-supervised", run, *tiny(2)) == 0
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me")
+    target = a_file / "x"
+    if command == "predict":
+        image = tmp_path / "img.png"
+        from PIL import Image
+
+        Image.new("L", (8, 8)).save(image)
+        args = ["predict", "--run", str(run), "--json", str(target), str(image)]
+    else:
+        args = ["export", "--run", str(run), "--format", "torchscript", "--output", str(target)]
+    capsys.readouterr()
+    assert main(args) == 2
+    err = one_error_line(capsys.readouterr().err)
+    assert f"{target}: {a_file} is a file, not a folder" in err, err
+    assert a_file.read_text() == "keep me"
+
+
+def test_too_small_a_dataset_gives_advice_the_command_line_can_follow(tmp_path, capsys):
+    """The split sizes are the paper's; `metapl train` has no num_labeled option to lower."""
+    write_svhn(tmp_path / "svhn", train=500, test=10)
+    out = tmp_path / "run"
+    args = ["--data-dir", str(tmp_path / "svhn"), "--set", "warmup_steps=0", "--quiet"]
+    assert train_cli("svhn-1k-supervised", out, *args) == 2
+    err = one_error_line(capsys.readouterr().err)
+    assert "has only 500 images, but svhn-1k needs 1000" in err
+    assert "calling metapl.data.splits yourself" in err
+    assert not out.exists()
