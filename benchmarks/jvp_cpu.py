@@ -13,7 +13,6 @@ python benchmarks/jvp_cpu.py --json /tmp/jvp_cpu.json
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -29,6 +28,7 @@ from machine import describe  # noqa: E402
 from step_cpu import small_convnet  # noqa: E402
 
 from metapl import MetaPseudoLabels  # noqa: E402
+from metapl.atomic import write_json_atomically  # noqa: E402
 from metapl.models import create_model  # noqa: E402
 from metapl.mpl.replay import RngState, buffer_copies, replayed_rng  # noqa: E402
 from metapl.mpl.tangent import TangentTape  # noqa: E402
@@ -164,7 +164,7 @@ def main() -> None:
         "results": rows,
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=1))
+    write_json_atomically(Path(args.json), result)
 
 
 if __name__ == "__main__":

@@ -89,6 +89,8 @@ def main() -> None:
         return
     from machine import describe
 
+    from metapl.atomic import write_json_atomically
+
     rows = []
     for config in CONFIGS:
         out = subprocess.run(
@@ -119,9 +121,8 @@ def main() -> None:
     )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(
-            json.dumps({"machine": describe(), "device": args.device, "results": rows}, indent=1)
-        )
+        payload = {"machine": describe(), "device": args.device, "results": rows}
+        write_json_atomically(Path(args.json), payload)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 import time
@@ -22,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from machine import describe  # noqa: E402
 
 from metapl import MetaPseudoLabels  # noqa: E402
+from metapl.atomic import write_json_atomically  # noqa: E402
 from metapl.mpl import double_backward_teacher_gradient  # noqa: E402
 
 
@@ -100,7 +100,7 @@ def main() -> None:
         "results": rows,
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=1))
+    write_json_atomically(Path(args.json), result)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ description: python benchmarks/twomoons_speed.py --json benchmarks/results/twomo
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -17,6 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from machine import describe  # noqa: E402
+
+from metapl.atomic import write_json_atomically  # noqa: E402
 
 
 def main() -> None:
@@ -54,7 +55,7 @@ def main() -> None:
         ],
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=1))
+    write_json_atomically(Path(args.json), result)
     print(
         f"metapl twomoons --seeds {args.seeds}: median {statistics.median(times):.1f} s "
         f"over {len(times)} runs ({', '.join(f'{t:.1f}' for t in times)})"

@@ -12,6 +12,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from metapl.atomic import replace_atomically  # noqa: E402
+
 
 def plot_figure10(series_path: Path, path: Path) -> None:
     series = json.loads(Path(series_path).read_text())
@@ -35,5 +37,7 @@ def plot_figure10(series_path: Path, path: Path) -> None:
                 ax.set_title(title, fontsize=8)
     fig.suptitle("Target distributions: large teacher vs ReducedMPL's teacher over training")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:  # whole or not at all: an earlier figure survives a crash (metapl.atomic)
+        replace_atomically(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    finally:
+        plt.close(fig)

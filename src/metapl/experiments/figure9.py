@@ -3,7 +3,6 @@ teacher and student (Section 5.2: "MPL is not label correction")."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib
@@ -11,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from metapl.atomic import replace_atomically, write_json_atomically  # noqa: E402
 from metapl.train.curves import read_metrics  # noqa: E402
 
 SERIES = (
@@ -21,7 +21,8 @@ SERIES = (
 
 
 def plot_figure9(out: Path, seed: int, path: Path) -> dict:
-    """Plot the three series of one seed's runs under ``out``; also write them as JSON."""
+    """Plot the three series of one seed's runs under ``out``; also write them as JSON (both files
+    whole or not at all)."""
     series = {}
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for method, metric, label in SERIES:
@@ -33,7 +34,9 @@ def plot_figure9(out: Path, seed: int, path: Path) -> dict:
     ax.set_title(f"Figure 9 on digits (seed {seed})")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    path.with_suffix(".json").write_text(json.dumps(series, indent=1))
+    try:  # whole files or none: an earlier figure survives a crash (metapl.atomic)
+        replace_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    finally:
+        plt.close(fig)
+    write_json_atomically(path.with_suffix(".json"), series)
     return series

@@ -11,8 +11,18 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from metapl.atomic import replace_atomically  # noqa: E402
+
 PANELS = (("supervised", "Supervised"), ("pseudo_label_hard", "Pseudo label"), ("mpl", "MPL"))
 COLORS = ("#d62728", "#2ca02c")
+
+
+def _save(fig, path: Path) -> None:
+    """``fig`` as a PNG, whole or not at all (an earlier plot survives a crash), then closed."""
+    try:
+        replace_atomically(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    finally:
+        plt.close(fig)
 
 
 @torch.no_grad()
@@ -45,8 +55,7 @@ def plot_decision_regions(result: dict, cfg, path: Path, member: int = 0) -> Non
         ax.set_yticks([])
     fig.suptitle(f"TwoMoons, seed {cfg.seeds[member]}, 3 + 3 labeled, noise {cfg.noise}")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_gradient_cosine(cosines: dict, path: Path) -> None:
@@ -64,5 +73,4 @@ def plot_gradient_cosine(cosines: dict, path: Path) -> None:
     ax.set_title("Student gradient alignment on TwoMoons")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)

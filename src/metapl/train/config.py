@@ -12,8 +12,10 @@ import json
 import math
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from metapl.atomic import write_text_atomically
 from metapl.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -296,7 +298,7 @@ def parse_set_options(items: list[str]) -> dict[str, str]:
 
 
 def save_config(cfg: TrainConfig, path) -> None:
-    path.write_text(json.dumps(cfg.to_dict(), indent=1, sort_keys=True))
+    write_text_atomically(Path(path), json.dumps(cfg.to_dict(), indent=1, sort_keys=True))
 
 
 def warmup_cut_to(steps: int | None, preset: TrainConfig, overrides: dict, command: str) -> dict:

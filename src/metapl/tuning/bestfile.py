@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
+from metapl.atomic import write_text_atomically
 from metapl.train.config import TrainConfig
 
 LEFT_OUT = ("preset", "tuning", "device", "data_dir")
@@ -52,6 +52,4 @@ def render(cfg: TrainConfig, header: list[str], tuned: dict[str, str]) -> str:
 def write_atomic(path: Path, text: str) -> None:
     """Write beside ``path`` and rename: processes sharing OUT never read half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    write_text_atomically(path, text)  # flushed to disk, and no stray temporary file on errors
