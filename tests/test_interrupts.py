@@ -4,7 +4,12 @@ a result is written leaves the earlier result whole (figures, best.toml, benchma
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import matplotlib.figure
@@ -91,3 +96,43 @@ def test_result_files_are_written_through_metapl_atomic():
             if direct or plot:
                 offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
     assert offenders == []
+
+
+def test_ctrl_c_ends_metapl_digits_and_its_workers_at_once(tmp_path):
+    """SIGINT to the command (Ctrl-C, or `kill -INT` of the main process alone): the running runs
+    stop now, without waiting for them to finish, and the command exits with one line. Before, the
+    command waited for every running run to finish, or (signalled with its workers) could wait
+    forever on workers that waited for work."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "metapl", "digits", "--seeds", "0-1", "--methods", "supervised"]
+    cmd += ["--steps", "100000", "--set", "eval_every=100000", "--out", str(out), "--quiet"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        start_new_session=True,  # its own process group, ended below whatever happens
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        started = [out / "supervised" / f"seed{s}" / "config.json" for s in (0, 1)]
+        deadline = time.monotonic() + 120
+        while not all(p.exists() for p in started):  # both runs are training
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "the runs did not start"
+            time.sleep(0.1)
+        workers = subprocess.run(
+            ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True
+        ).stdout.split()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130
+    assert err.decode() == "metapl digits: interrupted\n"
+    time.sleep(0.5)
+    assert [w for w in workers if Path(f"/proc/{w}").exists()] == []
+    assert not (out / "results.json").exists()

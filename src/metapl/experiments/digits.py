@@ -9,7 +9,6 @@ nets on 8x8 images use a core better as separate processes than as intra-op thre
 from __future__ import annotations
 
 import os
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import numpy as np
 
 from metapl import report
 from metapl.errors import ConfigError
+from metapl.experiments.workers import worker_pool
 from metapl.report import print_accuracy_table, write_json_atomic
 
 # Table 1's rows, each through the engine with its digits-* preset; every "+MPL" row next to the
@@ -210,7 +210,7 @@ def run_digits(cfg: DigitsConfig, out: Path, show_progress: bool = True) -> dict
     )
     workers = cfg.workers or os.cpu_count() or 1
     records = []
-    with ProcessPoolExecutor(max_workers=min(workers, len(jobs))) as pool:
+    with worker_pool(min(workers, len(jobs))) as pool:
         for record in tqdm(
             pool.map(_train_one, jobs),
             total=len(jobs),

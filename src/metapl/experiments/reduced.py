@@ -13,12 +13,12 @@ Writes ``results.json`` (records with "method", "seed", "accuracy") and ``figure
 
 from __future__ import annotations
 
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from metapl.errors import ConfigError
 from metapl.experiments.digits import check_command_keys, summarize
+from metapl.experiments.workers import worker_pool
 from metapl.report import (
     paired_differences,
     print_accuracy_table,
@@ -137,7 +137,7 @@ def run_reduced(cfg: ReducedConfig, out: Path, show_progress: bool = True) -> di
     out.mkdir(parents=True, exist_ok=True)
     workers = min(cfg.workers or os.cpu_count() or 1, len(cfg.seeds) * len(cfg.students))
     records = []
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    with worker_pool(workers) as pool:
         stage = [("large_teacher", s, cfg, str(out)) for s in cfg.seeds]
         for record in tqdm(
             pool.map(_run, stage),
