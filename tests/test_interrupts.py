@@ -4,6 +4,7 @@ a result is written leaves the earlier result whole (figures, best.toml, benchma
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
@@ -13,8 +14,11 @@ import time
 from pathlib import Path
 
 import matplotlib.figure
+import optuna
 import pytest
 
+import metapl.train.engine as engine
+from metapl.cli import main
 from metapl.experiments.figure9 import plot_figure9
 from metapl.experiments.figure10 import plot_figure10
 from metapl.experiments.twomoons_plots import plot_gradient_cosine
@@ -96,6 +100,32 @@ def test_result_files_are_written_through_metapl_atomic():
             if direct or plot:
                 offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
     assert offenders == []
+
+
+def test_ctrl_c_in_tune_is_one_line_and_fails_the_trial(tmp_path, monkeypatch, capfd):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "train", interrupted)
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    args = ["tune", "--preset", "digits-uda-mpl", "--trials", "1", "--storage", storage]
+    args += ["--out", str(tmp_path / "out"), "--steps", "6", "--device", "cpu", "--quiet"]
+    args += ["--study", "t", "--stage", "student", "--set", "tune_per_class=3"]
+    args += ["--set", "warmup_steps=2"]
+    logged = []
+    handler = logging.Handler()
+    handler.emit = logged.append  # what Optuna prints, whatever stream its own handler holds
+    optuna_logger = logging.getLogger("optuna")
+    optuna_logger.addHandler(handler)
+    try:
+        assert main(args) == 130
+    finally:
+        optuna_logger.removeHandler(handler)
+    out, err = capfd.readouterr()
+    assert err == "metapl tune: interrupted\n"
+    assert [r.getMessage() for r in logged] == []  # no "Trial 0 failed ..." and its traceback
+    trials = optuna.load_study(study_name="t-student", storage=storage).trials
+    assert [t.state for t in trials] == [optuna.trial.TrialState.FAIL]
 
 
 def test_ctrl_c_ends_metapl_digits_and_its_workers_at_once(tmp_path):

@@ -126,6 +126,11 @@ class Stage:
             trial.set_user_attr("diverged", str(err))
             print(f"{self.name} trial {trial.number}: diverged ({_short(values)})", flush=True)
             return 0.0
+        except KeyboardInterrupt:
+            # Ctrl-C: Optuna records the trial as failed and logs it with a traceback; the command
+            # line says "interrupted" in one line instead.
+            optuna.logging.set_verbosity(optuna.logging.ERROR)
+            raise
         record = summary["results"][0]
         if not record["dataset"].endswith("-tune"):
             raise RuntimeError(f"trial {trial.number} did not run on the tuning split")
