@@ -17,7 +17,6 @@ python benchmarks/exactness_cpu.py --json benchmarks/results/exactness_cpu.json
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from machine import describe  # noqa: E402
 from mpl_helpers import STUDENT_OPTIMIZERS, flat, make_problem, mpl_objective, rel_err  # noqa: E402
 
 from metapl import MetaPseudoLabels  # noqa: E402
+from metapl.atomic import write_json_atomically  # noqa: E402
 from metapl.mpl import double_backward_teacher_gradient  # noqa: E402
 
 FD_EPS = 1e-6
@@ -123,7 +123,7 @@ def main() -> None:
     print(f"double backward not finite (a student gradient is exactly 0): {len(results) - len(db)}")
     out = {"machine": describe(), "dtype": "float64", "summary": summary, "results": results}
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(out, indent=1) + "\n")
+    write_json_atomically(args.json, out)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ python benchmarks/precision_cpu.py --json benchmarks/results/precision_cpu.json
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from machine import describe  # noqa: E402
 
+from metapl.atomic import write_json_atomically  # noqa: E402
 from metapl.models import create_model  # noqa: E402
 from metapl.mpl.numerics import agreement_with_float64  # noqa: E402
 
@@ -74,7 +74,7 @@ def main() -> None:
             }
     out = {"machine": describe(), "summary": summary, "results": results}
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(out, indent=1) + "\n")
+    write_json_atomically(args.json, out)
 
 
 if __name__ == "__main__":
