@@ -128,12 +128,9 @@ def test_ctrl_c_in_tune_is_one_line_and_fails_the_trial(tmp_path, monkeypatch, c
     assert [t.state for t in trials] == [optuna.trial.TrialState.FAIL]
 
 
-def test_ctrl_c_ends_metapl_digits_and_its_workers_at_once(tmp_path):
-    """SIGINT to the command (Ctrl-C, or `kill -INT` of the main process alone): the running runs
-    stop now, without waiting for them to finish, and the command exits with one line. Before, the
-    command waited for every running run to finish, or (signalled with its workers) could wait
-    forever on workers that waited for work."""
-    out = tmp_path / "out"
+def _digits_with_two_running_workers(out: Path) -> tuple[subprocess.Popen, list[str]]:
+    """`metapl digits` in its own process group, returned once both of its runs are training,
+    with its worker processes' ids."""
     cmd = [sys.executable, "-m", "metapl", "digits", "--seeds", "0-1", "--methods", "supervised"]
     cmd += ["--steps", "100000", "--set", "eval_every=100000", "--out", str(out), "--quiet"]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
@@ -142,19 +139,38 @@ def test_ctrl_c_ends_metapl_digits_and_its_workers_at_once(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=env,
-        start_new_session=True,  # its own process group, ended below whatever happens
+        start_new_session=True,  # its own process group, ended by the caller whatever happens
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
+    started = [out / "supervised" / f"seed{s}" / "config.json" for s in (0, 1)]
+    deadline = time.monotonic() + 120
+    while not all(p.exists() for p in started):  # both runs are training
+        if proc.poll() is not None or time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise AssertionError("the runs did not start: " + proc.stderr.read().decode())
+        time.sleep(0.1)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
+    return proc, workers.stdout.split()
+
+
+def _running(pid: str) -> bool:
+    """Alive and not a zombie (an orphan's zombie may wait for a reaper that never comes)."""
     try:
-        started = [out / "supervised" / f"seed{s}" / "config.json" for s in (0, 1)]
-        deadline = time.monotonic() + 120
-        while not all(p.exists() for p in started):  # both runs are training
-            assert proc.poll() is None, proc.stderr.read().decode()
-            assert time.monotonic() < deadline, "the runs did not start"
-            time.sleep(0.1)
-        workers = subprocess.run(
-            ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True
-        ).stdout.split()
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
+
+
+def test_ctrl_c_ends_metapl_digits_and_its_workers_at_once(tmp_path):
+    """SIGINT to the command (Ctrl-C, or `kill -INT` of the main process alone): the running runs
+    stop now, without waiting for them to finish, and the command exits with one line. Before, the
+    command waited for every running run to finish, or (signalled with its workers) could wait
+    forever on workers that waited for work."""
+    out = tmp_path / "out"
+    proc, workers = _digits_with_two_running_workers(out)
+    try:
+        assert len(workers) == 2
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
     finally:
@@ -164,5 +180,21 @@ def test_ctrl_c_ends_metapl_digits_and_its_workers_at_once(tmp_path):
     assert proc.returncode == 130
     assert err.decode() == "metapl digits: interrupted\n"
     time.sleep(0.5)
-    assert [w for w in workers if Path(f"/proc/{w}").exists()] == []
+    assert [w for w in workers if _running(w)] == []
     assert not (out / "results.json").exists()
+
+
+def test_workers_of_a_killed_metapl_digits_exit_too(tmp_path):
+    """`kill -9` of the main process alone (or the OOM killer): its workers must not train on
+    unseen, writing into the run folders that a rerun of the command then uses too."""
+    proc, workers = _digits_with_two_running_workers(tmp_path / "out")
+    try:
+        assert len(workers) == 2
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 15
+        while any(_running(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert [w for w in workers if _running(w)] == []
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the workers too, should they still run

@@ -11,20 +11,35 @@ from its last checkpoint, and every file is written whole or not at all (:mod:`m
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 
+ORPHAN_CHECK_SECONDS = 1.0
 
-def _ignore_sigint() -> None:
+
+def _exit_when_orphaned(parent: int) -> None:
+    """A dead parent's children are adopted by another process: the parent id changes."""
+    while os.getppid() == parent:
+        time.sleep(ORPHAN_CHECK_SECONDS)
+    os._exit(1)  # no cleanup to do: every file is written whole or not at all
+
+
+def _start_worker() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # the parent as seen from here (the main process, or a fork server), read once at start
+    threading.Thread(target=_exit_when_orphaned, args=(os.getppid(),), daemon=True).start()
 
 
 @contextlib.contextmanager
 def worker_pool(max_workers: int) -> Iterator[ProcessPoolExecutor]:
-    """A process pool whose workers ignore Ctrl-C; a KeyboardInterrupt in the block cancels the
-    queued runs and terminates the running ones, then propagates."""
-    pool = ProcessPoolExecutor(max_workers=max_workers, initializer=_ignore_sigint)
+    """A process pool whose workers ignore Ctrl-C and exit when the main process dies; a
+    KeyboardInterrupt in the block cancels the queued runs and terminates the running ones, then
+    propagates."""
+    pool = ProcessPoolExecutor(max_workers=max_workers, initializer=_start_worker)
     try:
         yield pool
     except KeyboardInterrupt:
