@@ -11,6 +11,8 @@ bench --json`` naming a folder).
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from fake_datasets import write_svhn
@@ -182,3 +184,30 @@ def test_too_small_a_dataset_gives_advice_the_command_line_can_follow(tmp_path, 
     assert "has only 500 images, but svhn-1k needs 1000" in err
     assert "calling metapl.data.splits yourself" in err
     assert not out.exists()
+
+
+COMMANDS = {  # each writes results.json into --out; the runs are a few steps long
+    "train": ["train", "--preset", "digits-supervised", *tiny(2)],
+    "twomoons": ["twomoons", "--seeds", "0", "--steps", "2"],
+    "digits": ["digits", "--seeds", "0", "--methods", "supervised", "--steps", "2"],
+    "reduced": ["reduced", "--seeds", "0", "--methods", "supervised", "--steps", "2"],
+}
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_folder_holding_another_commands_results_is_refused(tmp_path, capsys, command):
+    """`metapl twomoons --out RUN` into a `metapl train` run would overwrite its results.json."""
+    other = "reduced" if command == "train" else "train"
+    (tmp_path / "results.json").write_text(f'{{"command": "{other}", "results": []}}')
+    before = files(tmp_path)
+    assert main([*COMMANDS[command], "--out", str(tmp_path), "--quiet"]) == 2
+    err = one_error_line(capsys.readouterr().err)
+    assert f"holds the results of `metapl {other}`" in err and "choose another --out" in err
+    assert files(tmp_path) == before
+
+
+@pytest.mark.parametrize("command", ["train", "twomoons"])
+def test_results_name_the_command_that_wrote_them_and_a_rerun_may_overwrite(tmp_path, command):
+    for _ in range(2):  # the second run finds its own command's results: not refused
+        assert main([*COMMANDS[command], "--out", str(tmp_path), "--quiet"]) == 0
+        assert json.loads((tmp_path / "results.json").read_text())["command"] == command

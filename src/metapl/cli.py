@@ -49,7 +49,7 @@ def _cmd_twomoons(args: argparse.Namespace) -> None:
         raise ConfigError("--steps must be >= 1")
     if not 0.0 <= args.noise <= 1.0:
         raise ConfigError(f"--noise must be in [0, 1], got {args.noise}")
-    out = output_folder(args.out)
+    out = output_folder(args.out, command="twomoons")
     cfg = TwoMoonsConfig(seeds=parse_seeds(args.seeds), noise=args.noise)
     if args.steps is not None:
         cfg.steps = args.steps
@@ -87,7 +87,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
     cfg = _train_config(args)
     from metapl.distributed import torchrun_world
 
-    summary = train(cfg, output_folder(args.out), show_progress=not args.quiet)
+    summary = train(cfg, output_folder(args.out, command="train"), show_progress=not args.quiet)
     if torchrun_world()[0] != 0:
         return  # under torchrun, rank 0 speaks for the run
     row = summary["results"][0]
@@ -119,7 +119,7 @@ def _cmd_digits(args: argparse.Namespace) -> None:
         methods=parse_names(args.methods),
         overrides=parse_method_overrides(args.set or []),
     )
-    run_digits(cfg, output_folder(args.out), show_progress=not args.quiet)
+    run_digits(cfg, output_folder(args.out, command="digits"), show_progress=not args.quiet)
 
 
 def _cmd_reduced(args: argparse.Namespace) -> None:
@@ -135,7 +135,7 @@ def _cmd_reduced(args: argparse.Namespace) -> None:
         students=parse_names(args.methods),
         overrides=parse_method_overrides(args.set or []),
     )
-    run_reduced(cfg, output_folder(args.out), show_progress=not args.quiet)
+    run_reduced(cfg, output_folder(args.out, command="reduced"), show_progress=not args.quiet)
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:

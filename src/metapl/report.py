@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -9,10 +10,11 @@ from metapl.atomic import write_json_atomically
 from metapl.errors import ConfigError
 
 
-def output_folder(path: Path | str, option: str = "--out") -> Path:
+def output_folder(path: Path | str, option: str = "--out", command: str | None = None) -> Path:
     """``path`` as a folder a command can create or reuse, checked before any work starts (a file
     in its place would otherwise surface as a traceback when the first result is written, after
-    the work is done)."""
+    the work is done). With ``command``: a folder holding another command's results is refused,
+    since this command would overwrite its results.json."""
     path = Path(path)
     for existing in (path, *path.parents):
         if existing.exists():
@@ -22,7 +24,24 @@ def output_folder(path: Path | str, option: str = "--out") -> Path:
         raise ConfigError(f"{option} {path} {where}, not a folder; choose another {option}")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"{option} {path}: {existing} is not writable; choose another {option}")
+    owner = results_owner(path / "results.json")
+    if command is not None and owner is not None and owner != command:
+        raise ConfigError(
+            f"{option} {path} holds the results of `metapl {owner}`, which `metapl {command}` "
+            f"would overwrite; choose another {option}"
+        )
     return path
+
+
+def results_owner(path: Path) -> str | None:
+    """The command that wrote the results file ``path`` (its ``"command"``), or None: no file, a
+    file from before metapl recorded it, or one that is not metapl's JSON."""
+    try:
+        payload = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    owner = payload.get("command") if isinstance(payload, dict) else None
+    return owner if isinstance(owner, str) else None
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:

@@ -222,7 +222,13 @@ def run_digits(cfg: DigitsConfig, out: Path, show_progress: bool = True) -> dict
     records.sort(key=lambda r: (METHODS.index(r["method"]), r["seed"]))
     summary = summarize(records)
     paired = paired_differences(records)
-    payload = {"config": asdict(cfg), "results": records, "summary": summary, "paired": paired}
+    payload = {
+        "command": "digits",
+        "config": asdict(cfg),
+        "results": records,
+        "summary": summary,
+        "paired": paired,
+    }
     write_json_atomic(out / "results.json", payload)
     if {"supervised", "uda_mpl"} <= set(cfg.methods):
         plot_figure9(out, cfg.seeds[0], out / "figure9.png")

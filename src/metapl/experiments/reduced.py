@@ -164,7 +164,13 @@ def run_reduced(cfg: ReducedConfig, out: Path, show_progress: bool = True) -> di
     paired = paired_differences(
         records, [("reduced_mpl", "noisy_student"), ("reduced_mpl", "supervised")]
     )
-    payload = {"config": asdict(cfg), "results": records, "summary": summary, "paired": paired}
+    payload = {
+        "command": "reduced",
+        "config": asdict(cfg),
+        "results": records,
+        "summary": summary,
+        "paired": paired,
+    }
     write_json_atomic(out / "results.json", payload)
     if "reduced_mpl" in cfg.students:
         plot_figure10(

@@ -249,6 +249,7 @@ def save(result: dict, cfg: TwoMoonsConfig, out: Path) -> None:
         for m, c in result["cosines"].items()
     }
     payload = {
+        "command": "twomoons",
         "config": asdict(cfg),
         "results": result["records"],
         "summary": {

@@ -454,6 +454,7 @@ def train(cfg: TrainConfig, out_dir: Path | str, show_progress: bool = True, on_
     if run.before_finetune is not None:
         record["accuracy_before_finetune"] = run.before_finetune.get("test_accuracy")
     summary = {
+        "command": "train",  # `metapl train` (and each run of digits, reduced, tune) wrote this
         "config": cfg.to_dict(),
         "results": [record],
         "seconds_this_session": time.perf_counter() - start_time,
