@@ -198,3 +198,31 @@ def test_workers_of_a_killed_metapl_digits_exit_too(tmp_path):
         assert [w for w in workers if _running(w)] == []
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the workers too, should they still run
+
+
+def test_the_command_line_starts_without_torch_and_the_library_still_has_it():
+    """Importing torch takes seconds: while it loads, a Ctrl-C was a traceback (it happened in
+    `import metapl`, before main's handler), and `metapl --help` waited for it."""
+    code = (
+        "import sys, metapl.cli; assert 'torch' not in sys.modules, 'torch at start';"
+        "import metapl; from metapl import *; assert MetaPseudoLabels is metapl.MetaPseudoLabels;"
+        "assert 'torch' in sys.modules and TeacherLogits.__module__ == 'metapl.mpl.step'"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    with pytest.raises(AttributeError, match="has no attribute 'nope'"):
+        import metapl
+
+        metapl.nope  # noqa: B018
+
+
+def test_ctrl_c_while_the_options_are_read_is_one_line(monkeypatch, capsys):
+    import metapl.cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(metapl.cli, "build_parser", interrupted)
+    assert main(["presets"]) == 130
+    assert capsys.readouterr().err == "metapl: interrupted\n"

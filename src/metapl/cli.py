@@ -359,7 +359,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except KeyboardInterrupt:
+        print("metapl: interrupted", file=sys.stderr)
+        return 130
     try:
         args.func(args)
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
