@@ -26,7 +26,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(ROOT / "tests"))
 from machine import describe  # noqa: E402
-from mpl_helpers import STUDENT_OPTIMIZERS, flat, make_problem, mpl_objective, rel_err  # noqa: E402
+from mpl_helpers import (  # noqa: E402
+    STUDENT_OPTIMIZERS,
+    central_differences,
+    flat,
+    make_problem,
+    mpl_objective,
+    rel_err,
+)
 
 from metapl import MetaPseudoLabels  # noqa: E402
 from metapl.atomic import write_json_atomically  # noqa: E402
@@ -72,17 +79,7 @@ def two_steps(opt_name: str, kind: str, jvp: str) -> list[dict]:
             {n: torch.randn(p.shape, generator=gen, dtype=p.dtype) for n, p in t_params.items()}
             for _ in range(3)
         ]
-        fd = torch.tensor(
-            [
-                (
-                    objective({n: FD_EPS * v for n, v in d.items()})
-                    - objective({n: -FD_EPS * v for n, v in d.items()})
-                )
-                / (2 * FD_EPS)
-                for d in directions
-            ],
-            dtype=torch.float64,
-        )
+        fd = central_differences(objective, directions, FD_EPS)
         torch.manual_seed(seed)
         mpl.step(x_l, y_l, x_u)
         exact = flat(p.grad for p in teacher.parameters())

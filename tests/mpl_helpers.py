@@ -195,6 +195,22 @@ def rel_err(a: Tensor, b: Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
+def central_differences(objective, directions: list[dict[str, Tensor]], eps: float) -> Tensor:
+    """(objective(+eps d) - objective(-eps d)) / 2 eps for each direction d: the derivative of a
+    float-valued objective of a shift (name -> tensor) along each d, in float64."""
+    return torch.tensor(
+        [
+            (
+                objective({n: eps * v for n, v in d.items()})
+                - objective({n: -eps * v for n, v in d.items()})
+            )
+            / (2 * eps)
+            for d in directions
+        ],
+        dtype=torch.float64,
+    )
+
+
 def cosine(a: Tensor, b: Tensor) -> float:
     return float(F.cosine_similarity(a.reshape(1, -1), b.reshape(1, -1)).squeeze())
 

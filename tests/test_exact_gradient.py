@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from mpl_helpers import (
     STUDENT_OPTIMIZERS,
+    central_differences,
     cloned_buffers,
     flat,
     make_problem,
@@ -151,17 +152,7 @@ def _check_two_steps(
             }
             for _ in range(N_DIRECTIONS)
         ]
-        fd = torch.tensor(
-            [
-                (
-                    R({n: FD_EPS * v for n, v in d.items()})
-                    - R({n: -FD_EPS * v for n, v in d.items()})
-                )
-                / (2 * FD_EPS)
-                for d in directions
-            ],
-            dtype=torch.float64,
-        )
+        fd = central_differences(R, directions, FD_EPS)
 
         torch.manual_seed(seed)
         metrics = mpl.step(x_l, y_l, x_u)
