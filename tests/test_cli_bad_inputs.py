@@ -211,3 +211,21 @@ def test_results_name_the_command_that_wrote_them_and_a_rerun_may_overwrite(tmp_
     for _ in range(2):  # the second run finds its own command's results: not refused
         assert main([*COMMANDS[command], "--out", str(tmp_path), "--quiet"]) == 0
         assert json.loads((tmp_path / "results.json").read_text())["command"] == command
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        ("=3", "a config key is empty: write --set key=value"),  # was every key as "did you mean"
+        ("ab=1", "unknown config key 'ab'; `metapl train --help` lists them"),
+        ("student_lr=abc", "student_lr expects a number, got 'abc'"),  # was "expects a float"
+        ("flip=maybe", "flip expects true or false, got 'maybe'"),
+    ],
+)
+def test_set_mistakes_read_well(tmp_path, capsys, option, message):
+    assert (
+        main(["train", "--preset", "digits-uda", "--out", str(tmp_path / "r"), "--set", option])
+        == 2
+    )
+    assert one_error_line(capsys.readouterr().err).endswith(f"error: {message}\n")
+    assert not (tmp_path / "r").exists()

@@ -315,7 +315,7 @@ def test_a_run_folder_from_before_a_new_option_resumes_at_its_default(tmp_path, 
     [
         (["--preset", "digits-uda", "--set", "no_such_key=1"], "unknown config key 'no_such_key'"),
         (["--preset", "digits-uda", "--set", "student_lr"], "expected key=value"),
-        (["--preset", "digits-uda", "--set", "steps=abc"], "steps expects a int"),
+        (["--preset", "digits-uda", "--set", "steps=abc"], "steps expects an integer"),
         (["--preset", "digits-uda", "--set", "flip=maybe"], "flip expects true or false"),
         (["--preset", "no-such-preset"], "unknown preset 'no-such-preset'"),
         (["--preset", "digits-uda", "--set", "method=mpl"], "method 'mpl' is not one of"),
@@ -754,7 +754,7 @@ def test_digits_set_overrides_every_method_or_one(tmp_path, capsys):
         ("stpes=3", "unknown config key 'stpes'"),
         ("uda:steps", "expected key=value or METHOD:key=value"),
         ("label_spreading:steps=3", "'label_spreading' is not a trained digits method"),
-        ("uda:steps=many", "steps expects a int"),
+        ("uda:steps=many", "steps expects an integer"),
     ]:
         bad = tmp_path / "bad"
         assert main(["digits", "--seeds", "0", "--out", str(bad), "--set", bad_set]) == 2

@@ -251,10 +251,18 @@ class TrainConfig:
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
+def _kind_name(kind: type) -> str:
+    """How an error message names a config value's type."""
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+    return names.get(kind, f"a {kind.__name__}")
+
+
 def _coerce(key: str, value: Any) -> Any:
     """Convert ``value`` (from TOML or a ``--set`` string) to the type of field ``key``."""
+    if not key:
+        raise ConfigError("a config key is empty: write --set key=value")
     if key not in _FIELDS:
-        close = [k for k in _FIELDS if k.startswith(key[:3])]
+        close = [k for k in _FIELDS if len(key) >= 3 and k.startswith(key[:3])]
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise ConfigError(f"unknown config key {key!r}{hint}; `metapl train --help` lists them")
     default = getattr(TrainConfig(), key)
@@ -270,13 +278,13 @@ def _coerce(key: str, value: Any) -> Any:
         try:
             return kind(float(text)) if kind is int and "e" in text.lower() else kind(text)
         except ValueError:
-            raise ConfigError(f"{key} expects a {kind.__name__}, got {value!r}") from None
+            raise ConfigError(f"{key} expects {_kind_name(kind)}, got {value!r}") from None
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if kind is int and isinstance(value, float) and value.is_integer():
         return int(value)
     if value is not None and not isinstance(value, kind):
-        raise ConfigError(f"{key} expects a {kind.__name__}, got {value!r}")
+        raise ConfigError(f"{key} expects {_kind_name(kind)}, got {value!r}")
     return value
 
 
