@@ -399,7 +399,9 @@ def train_cli(data: Path, out: Path, *extra: str) -> int:
 def test_cli_trains_folder_uda_mpl_and_writes_class_names(folder, tmp_path, capsys):
     out = tmp_path / "run"
     assert train_cli(folder, out) == 0
-    assert "folder-uda-mpl: test accuracy" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "folder-uda-mpl: test accuracy" in printed
+    assert "checkpoint.pt, classes.json\n" in printed  # the "wrote ..." line names it too
     assert json.loads((out / "classes.json").read_text()) == ["bird", "cat", "dog"]
     (record,) = json.loads((out / "results.json").read_text())["results"]
     assert record["dataset"] == "folder" and record["method"] == "uda_mpl"

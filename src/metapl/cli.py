@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
 from metapl.errors import ConfigError, MetaplError
 from metapl.report import output_folder, paired_differences, print_paired_differences
@@ -96,9 +97,10 @@ def _cmd_train(args: argparse.Namespace) -> None:
         parts.append(f"test accuracy {100 * row['accuracy']:.2f}%")
     parts = parts or ["no test set to evaluate (see results.json)"]
     print(f"{cfg.preset}: {', '.join(parts)} after {cfg.steps} steps")
-    print(
-        f"wrote {args.out}/results.json, curves.png, metrics.csv, tb/, config.json, checkpoint.pt"
-    )
+    written = "results.json, curves.png, metrics.csv, tb/, config.json, checkpoint.pt"
+    if (Path(args.out) / "classes.json").is_file():  # a dataset with class names (own data)
+        written += ", classes.json"
+    print(f"wrote {args.out}/{written}")
 
 
 def _cmd_presets(args: argparse.Namespace) -> None:
