@@ -195,11 +195,20 @@ HOOKS = {
 
 @pytest.mark.parametrize("kind", list(HOOKS))
 def test_a_students_hooks_run_in_the_step(kind):
-    """fx runs no hook of an inner module: with any kind of hook the step keeps the module's own
-    forward (and backward), so the hook runs, and J comes from forward AD."""
+    """fx runs no hook of an inner module: with a forward hook the step keeps the module's own
+    forward, so the hook runs, and J comes from forward AD. A backward hook can change the
+    student's gradient where the exact gradient cannot see it: a ConfigError (test_step_usage.py);
+    the first-order estimator runs it."""
     teacher, student, x_l, y_l, x_u = _problem(RichNet)
     calls = []
     HOOKS[kind](student.bn1, lambda: calls.append(1))
+    if "backward" in kind:
+        with pytest.raises(ConfigError, match="backward hook"):
+            _sgd_mpl(teacher, student, jvp="auto")
+        mpl = _sgd_mpl(teacher, student, estimator="first_order")
+        mpl.step(x_l, y_l, x_u)
+        assert calls, kind
+        return
     mpl = _sgd_mpl(teacher, student, jvp="auto")
     for _ in range(2):
         calls.clear()

@@ -36,6 +36,7 @@ def double_backward_teacher_gradient(
     student_labeled_weight: float = 0.0,
 ) -> list[Tensor]:
     """grad_Psi R(theta_{t+1}) for each teacher parameter (the MPL signal alone)."""
+    y_labeled = y_labeled.long()  # class indices of any integer dtype, as the step takes them
     t_l = x_labeled if teacher_x_labeled is None else teacher_x_labeled
     t_u = x_unlabeled if teacher_x_unlabeled is None else teacher_x_unlabeled
 
@@ -49,19 +50,28 @@ def double_backward_teacher_gradient(
     name_of = {id(p): n for n, p in student.named_parameters()}
     params = [p for _, p in optimizer_params(student_optimizer)]
     names = [name_of[id(p)] for p in params]
-    theta_t = {n: p.detach().requires_grad_(True) for n, p in zip(names, params)}
-    s_u = functional_call(student, {**buffer_copies(student), **theta_t}, (x_unlabeled,))
+    # A frozen parameter (requires_grad off, still in the optimizer) gets no gradient, so the real
+    # optimizer leaves it where it is.
+    theta_t = {n: p.detach().requires_grad_(p.requires_grad) for n, p in zip(names, params)}
+    # The later passes see the buffers as the update pass on x_u left them, as in the step (a
+    # forward that updates a buffer it reads, e.g. a step counter, sees it one step further).
+    buffers = buffer_copies(student)
+    s_u = functional_call(student, {**buffers, **theta_t}, (x_unlabeled,))
+
+    def after_update() -> dict[str, Tensor]:
+        return {n: b.detach().clone() for n, b in buffers.items()}
+
     loss = batch_mean(soft_cross_entropy(s_u, targets), batch_dim)
     if student_labeled_weight > 0:
-        s_l0 = functional_call(student, {**buffer_copies(student), **theta_t}, (x_labeled,))
+        s_l0 = functional_call(student, {**after_update(), **theta_t}, (x_labeled,))
         loss = loss + student_labeled_weight * batch_mean(
             hard_cross_entropy(s_l0, y_labeled), batch_dim
         )
-    grads = torch.autograd.grad(loss, list(theta_t.values()), create_graph=True, allow_unused=True)
-    theta_next = reference_update(student_optimizer, list(grads))
-    s_l = functional_call(
-        student, {**buffer_copies(student), **dict(zip(names, theta_next))}, (x_labeled,)
-    )
+    trainable = [p for p in theta_t.values() if p.requires_grad]
+    found = iter(torch.autograd.grad(loss, trainable, create_graph=True, allow_unused=True))
+    grads = [next(found) if p.requires_grad else None for p in theta_t.values()]
+    theta_next = reference_update(student_optimizer, grads)
+    s_l = functional_call(student, {**after_update(), **dict(zip(names, theta_next))}, (x_labeled,))
     risk = batch_mean(hard_cross_entropy(s_l, y_labeled), batch_dim)
     out = torch.autograd.grad(risk, list(t_params.values()), allow_unused=True)
     return [torch.zeros_like(p) if g is None else g for p, g in zip(t_params.values(), out)]

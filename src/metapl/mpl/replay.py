@@ -48,6 +48,14 @@ def buffer_copies(module: nn.Module) -> dict[str, torch.Tensor]:
     return {name: b.detach().clone() for name, b in module.named_buffers()}
 
 
+def restore_buffers(module: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    """Write :func:`buffer_copies` back into the module's buffers (in place)."""
+    with torch.no_grad():
+        for name, b in module.named_buffers():
+            if name in saved and b.shape == saved[name].shape:
+                b.copy_(saved[name])
+
+
 def module_device(module: nn.Module) -> torch.device:
     for p in module.parameters():
         return p.device

@@ -49,6 +49,7 @@ from metapl.mpl.replay import (
     buffer_copies,
     module_device,
     replayed_rng,
+    restore_buffers,
     tf32_disabled,
 )
 from metapl.mpl.tangent import (
@@ -94,6 +95,35 @@ def _check_owned(name: str, model: nn.Module, params: list[Tensor]) -> None:
     own = {id(p) for p in model.parameters()}
     if any(id(p) not in own for p in params):
         raise ConfigError(f"{name}_optimizer must optimize the {name}'s own parameters")
+
+
+def _update_hooks(model: nn.Module, optimizer: torch.optim.Optimizer, params) -> str | None:
+    """A hook that can change the student's update behind the Appendix-B rule, or None.
+
+    The exact gradient differentiates g -> U(g) for the gradient autograd computes and the update
+    rule of the optimizer's class. A hook on a parameter's gradient, a module backward hook or an
+    optimizer step hook (gradient clipping, a max-norm projection, per-class reweighting) changes
+    g or U where neither the factors nor J can see it: the teacher's gradient was 5-46% off,
+    silently. Global optimizer *post* hooks are not checked: ``import torch.profiler`` installs one.
+    """
+    for p in params:
+        if getattr(p, "_backward_hooks", None):
+            return "a gradient hook on one of its parameters (Tensor.register_hook)"
+        if getattr(p, "_post_accumulate_grad_hooks", None):
+            return "a post-accumulate-grad hook on one of its parameters"
+    for name, m in model.named_modules():
+        if getattr(m, "_backward_hooks", None) or getattr(m, "_backward_pre_hooks", None):
+            return f"a backward hook on its module {name or type(m).__name__!r}"
+    from torch.nn.modules import module as nn_module
+    from torch.optim import optimizer as optim_module
+
+    if nn_module._global_backward_hooks or nn_module._global_backward_pre_hooks:
+        return "a global module backward hook (register_module_full_backward_hook)"
+    if optimizer._optimizer_step_pre_hooks or optimizer._optimizer_step_post_hooks:
+        return "a step hook on its optimizer (register_step_pre_hook / register_step_post_hook)"
+    if optim_module._global_optimizer_pre_hooks:
+        return "a global optimizer step pre-hook (register_optimizer_step_pre_hook)"
+    return None
 
 
 def _logits(out, who: str) -> Tensor:
@@ -261,6 +291,7 @@ class MetaPseudoLabels:
         self._tapes: dict[tuple, TangentTape | str] = {}
         self._student_params: list[Tensor] = []
         self._follow_student_optimizer()
+        self._check_student_update()  # fail now, not at the first step
         self.last_jvp_path: str | None = None  # "tape" or "forward_ad", after an exact step
         self.jvp_fallback_reason: str | None = None
         if estimator == "exact" and jvp == "tape":
@@ -283,9 +314,39 @@ class MetaPseudoLabels:
         ``teacher_x_labeled`` / ``teacher_x_unlabeled``: what the teacher sees of the same examples,
         when it is not the student's input (ReducedMPL: the large teacher's precomputed
         distributions, while the student sees the images).
+
+        Runs with gradients on, also inside ``torch.no_grad()`` (a training step needs them).
         """
+        if torch.is_inference_mode_enabled():
+            raise ConfigError(
+                "MetaPseudoLabels.step() trains both models and needs autograd: call it outside "
+                "torch.inference_mode()"
+            )
+        with torch.enable_grad():
+            return self._step(
+                x_labeled,
+                y_labeled,
+                x_unlabeled,
+                teacher_extra_inputs,
+                teacher_x_labeled,
+                teacher_x_unlabeled,
+            )
+
+    def _step(
+        self,
+        x_labeled: Tensor,
+        y_labeled: Tensor,
+        x_unlabeled: Tensor,
+        teacher_extra_inputs: Sequence[Tensor],
+        teacher_x_labeled: Tensor | None,
+        teacher_x_unlabeled: Tensor | None,
+    ) -> dict[str, Tensor]:
         self._follow_student_optimizer()
+        self._check_student_update()
         self._check_shapes(x_labeled, y_labeled, x_unlabeled)
+        # Class indices as int64: what gather and cross-entropy index with (int16 and uint8
+        # labels passed the checks, then failed inside the loss after the student had moved).
+        y_labeled = y_labeled.long()
         logits = self._teacher_forward(
             x_labeled if teacher_x_labeled is None else teacher_x_labeled,
             y_labeled,
@@ -295,6 +356,17 @@ class MetaPseudoLabels:
         if self.check_inputs:
             self._check_values(x_labeled, y_labeled, x_unlabeled, logits.labeled.shape[-1])
         targets = F.softmax(logits.unlabeled / self.temperature, dim=-1)
+        # The extra loss depends on the teacher's logits alone: computed (and checked) before the
+        # student moves, so that a loss of the wrong kind fails with the models as they were.
+        extra = None
+        if self.teacher_extra_loss is not None:
+            extra = self.teacher_extra_loss(logits)
+            if not isinstance(extra, Tensor) or extra.dim() != 0:
+                shape = tuple(extra.shape) if isinstance(extra, Tensor) else type(extra).__name__
+                raise ConfigError(
+                    f"teacher_extra_loss must return a scalar (0-d) tensor, got {shape}: "
+                    "reduce it (e.g. .mean()) in the loss"
+                )
 
         if self.estimator == "exact":
             with self._student_precision():
@@ -315,8 +387,7 @@ class MetaPseudoLabels:
             hard_cross_entropy(logits.labeled, y_labeled, self.label_smoothing), bd
         )
         teacher_loss = self.supervised_weight * supervised + self.mpl_weight * mpl_term
-        if self.teacher_extra_loss is not None:
-            extra = self.teacher_extra_loss(logits)
+        if extra is not None:
             teacher_loss = teacher_loss + extra
             metrics["teacher_extra"] = extra.detach()
         self.teacher_optimizer.zero_grad(set_to_none=True)
@@ -356,8 +427,26 @@ class MetaPseudoLabels:
         self._student_names = [name_of[id(p)] for p in params]
         self._tapes.clear()  # traced with the old set of trainable parameters
 
+    def _check_student_update(self) -> None:
+        """What the student's update must be for the step to be what it claims (every step:
+        ``requires_grad`` and hooks can change after construction)."""
+        if not any(p.requires_grad for p in self._student_params):
+            raise ConfigError(
+                "none of the parameters in student_optimizer requires grad: the student has "
+                "nothing to learn"
+            )
+        if self.estimator != "first_order":
+            hook = _update_hooks(self.student, self.student_optimizer, self._student_params)
+            if hook is not None:
+                raise ConfigError(
+                    f"the student has {hook}: it changes the student's update where the exact "
+                    "teacher gradient cannot see it; remove it, or use estimator='first_order'"
+                )
+
     def _check_shapes(self, x_l: Tensor, y_l: Tensor, x_u: Tensor) -> None:
-        """Shape mistakes that would otherwise pass silently (no host sync)."""
+        """Shape and dtype mistakes that would otherwise pass silently (no host sync)."""
+        if y_l.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise DataError(f"y_labeled must be integer class indices, got dtype {y_l.dtype}")
         bd = self.batch_dim
         if y_l.dim() != bd + 1 or tuple(x_l.shape[: bd + 1]) != tuple(y_l.shape):
             raise DataError(
@@ -370,8 +459,6 @@ class MetaPseudoLabels:
 
     def _check_values(self, x_l: Tensor, y_l: Tensor, x_u: Tensor, num_classes: int) -> None:
         """Labels in range and finite inputs, with one host sync for all of it."""
-        if y_l.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-            raise DataError(f"y_labeled must be integer class indices, got dtype {y_l.dtype}")
         found = [y_l.min().long(), y_l.max().long()]
         inputs = [
             (n, x) for n, x in (("x_labeled", x_l), ("x_unlabeled", x_u)) if x.is_floating_point()
@@ -471,8 +558,12 @@ class MetaPseudoLabels:
         device = module_device(self.student)
         params = self._student_params
         theta_t = [p.detach().clone() for p in params]
+        # The buffers as the update pass finds them: J must differentiate that pass's function,
+        # and a buffer the forward both updates and reads (a step counter, an EMA a layer
+        # normalizes with) is one step further after it (the teacher's gradient was 8-20% off).
         update_rng = RngState(device)
-        tape = self._tape()
+        tape = self._tape()  # (tracing a new graph runs the forward: before the copies)
+        buffers = buffer_copies(self.student)
         record = None
         if tape is None or not tape.checked:
             losses, grads, s_logits = self._student_update(x_u, targets.detach(), (x_l, y_l))
@@ -486,7 +577,7 @@ class MetaPseudoLabels:
 
         # v = grad of R at theta_{t+1}; w = (dU/dg)^T v (diagonal).
         labeled_after = self._labeled_loss(x_l, y_l)
-        v = torch.autograd.grad(labeled_after.sum(), params, allow_unused=True)
+        v = self._grad_of_trainable(labeled_after.sum(), params)
         self._average(v)
         tangents = {
             name: (f * vi).to(p.dtype)
@@ -497,22 +588,41 @@ class MetaPseudoLabels:
         # J = d/de log p_{theta_t + e w}(x_u): the same function as the update pass.
         self.last_jvp_path = "forward_ad"
         if tape is not None:
-            jvp = self._tape_jvp(tape, record, theta_t, tangents, x_u, update_rng)
+            jvp = self._tape_jvp(tape, record, theta_t, tangents, x_u, update_rng, buffers)
         else:
-            jvp = self._forward_ad_jvp(theta_t, tangents, x_u, update_rng)
+            jvp = self._forward_ad_jvp(theta_t, tangents, x_u, update_rng, buffers)
         if jvp is None:  # nothing the student learns from x_u changes its labeled loss
             jvp = torch.zeros_like(targets)
         # <g(Psi), w> with J constant: its gradient in Psi is exactly grad_Psi R(theta_{t+1}).
         mpl_term = batch_mean(-(targets * jvp.detach()).sum(dim=-1), self.batch_dim)
         return mpl_term, {**losses, "student_labeled_after": labeled_after.detach().sum()}
 
+    @staticmethod
+    def _grad_of_trainable(
+        loss: Tensor, params: list[Tensor], create_graph: bool = False
+    ) -> list[Tensor | None]:
+        """d loss / d p for the parameters that require grad, None for the others: a parameter
+        frozen after construction (still in the optimizer) gets no gradient, so the optimizer does
+        not move it and its factor is 0 (autograd.grad used to fail on it, after the student's
+        step)."""
+        trainable = [p for p in params if p.requires_grad]
+        found = iter(
+            torch.autograd.grad(loss, trainable, create_graph=create_graph, allow_unused=True)
+        )
+        return [next(found) if p.requires_grad else None for p in params]
+
     def _forward_ad_jvp(
-        self, theta_t: list[Tensor], tangents: dict[str, Tensor], x_u: Tensor, rng: RngState
+        self,
+        theta_t: list[Tensor],
+        tangents: dict[str, Tensor],
+        x_u: Tensor,
+        rng: RngState,
+        buffers: dict[str, Tensor],
     ) -> Tensor | None:
         """J by forward-mode AD: the student's forward again, on dual tensors, with the update
-        pass's random numbers replayed and copies of its buffers."""
+        pass's random numbers replayed and copies of the buffers it started from."""
         device = module_device(self.student)
-        buffers = buffer_copies(self.student)
+        buffers = {n: b.clone() for n, b in buffers.items()}  # this pass may update them
         with fwad.dual_level(), replayed_rng(rng), self._autocast(device):
             weights = {
                 n: fwad.make_dual(p, tangents[n]) if n in tangents else p
@@ -531,10 +641,24 @@ class MetaPseudoLabels:
         if why is None:
             entry = self._tapes.get(key)
             if entry is None:
+                # fx runs the forward on proxies, but a buffer it reads by attribute is a real
+                # tensor: a forward that updates one (a step counter) updates it while tracing,
+                # and the graph holds the value it had then, never updated again (the student
+                # trained on a stale copy of its forward, the teacher's gradient 15% off).
+                saved = buffer_copies(self.student)
                 try:
                     entry = TangentTape(self.student, self._student_params)
                 except TapeUnsupportedError as e:
                     entry = str(e)
+                finally:
+                    changed = [
+                        n
+                        for n, b in self.student.named_buffers()
+                        if n in saved and not torch.equal(b, saved[n])
+                    ]
+                    restore_buffers(self.student, saved)
+                if changed:
+                    entry = f"its forward updates the buffer {changed[0]!r} outside fx's graph"
                 if len(self._tapes) >= _MAX_TAPES:  # a key that changes every step: keep a few
                     self._tapes.pop(next(iter(self._tapes)))
                 self._tapes[key] = entry
@@ -585,6 +709,7 @@ class MetaPseudoLabels:
         tangents: dict[str, Tensor],
         x_u: Tensor,
         rng: RngState,
+        buffers: dict[str, Tensor],
     ) -> Tensor | None:
         """J from the record: tangents only; forward AD (from now on) if that fails. Sets
         ``last_jvp_path``. The first J of a graph is also computed by forward AD and compared."""
@@ -603,14 +728,14 @@ class MetaPseudoLabels:
                         jvp = fwad.unpack_dual(log_p).tangent
         except TapeUnsupportedError as e:  # a generic op drew random numbers
             self._no_tape(str(e), tape)
-            return self._forward_ad_jvp(theta_t, tangents, x_u, rng)
+            return self._forward_ad_jvp(theta_t, tangents, x_u, rng, buffers)
         except Exception as e:  # noqa: BLE001
             if tape.checked:
                 raise
             self._no_tape(f"the tangent pass fails ({type(e).__name__}: {e})", tape)
-            return self._forward_ad_jvp(theta_t, tangents, x_u, rng)
+            return self._forward_ad_jvp(theta_t, tangents, x_u, rng, buffers)
         if not tape.checked:  # first use: the same J as forward AD, or not this graph
-            ref = self._forward_ad_jvp(theta_t, tangents, x_u, rng)
+            ref = self._forward_ad_jvp(theta_t, tangents, x_u, rng, buffers)
             zero = torch.zeros(())
             err = relative_error(zero if jvp is None else jvp, zero if ref is None else ref)
             if not err <= _tolerance(record.logits.dtype, self._tf32_on()):
@@ -636,7 +761,9 @@ class MetaPseudoLabels:
         params = self._student_params
         # The graph must outlive optimizer.step(), which writes the parameters in place: it is
         # built on copies of theta_t (the module's own buffers, so running statistics update once).
-        theta_t = [p.detach().clone().requires_grad_(True) for p in params]
+        # A frozen parameter (requires_grad off, still in the optimizer) stays a constant: the
+        # real step does not move it (it moved in this graph: 2% off the real teacher gradient).
+        theta_t = [p.detach().clone().requires_grad_(p.requires_grad) for p in params]
         with self._autocast(device):
             s_logits = functional_call(
                 self.student, dict(zip(self._student_names, theta_t)), (x_u,)
@@ -649,7 +776,7 @@ class MetaPseudoLabels:
             labeled_loss = self._labeled_loss(x_l, y_l, theta).sum()
             student_loss = student_loss + self.student_labeled_weight * labeled_loss
             losses["student_labeled"] = labeled_loss.detach()
-        grads = torch.autograd.grad(student_loss, theta_t, create_graph=True, allow_unused=True)
+        grads = self._grad_of_trainable(student_loss, theta_t, create_graph=True)
         theta_next = reference_update(self.student_optimizer, grads)  # reads the state first
         for p, g in zip(params, grads):
             p.grad = None if g is None else g.detach()

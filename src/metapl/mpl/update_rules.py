@@ -32,6 +32,14 @@ def optimizer_params(optimizer: torch.optim.Optimizer) -> Iterator[tuple[dict, T
             yield group, p
 
 
+def _sqrt(x: Tensor) -> Tensor:
+    """sqrt with derivative 0 at 0, the convention of the factors (where a second moment is 0 the
+    gradient is 0 too). Plain sqrt's infinite derivative there made the double-backward step and
+    oracle NaN as soon as one gradient element was exactly 0 (a dead ReLU unit)."""
+    positive = x > 0
+    return torch.where(positive, torch.where(positive, x, 1.0).sqrt(), 0.0)
+
+
 def _signed(group: dict, grad: Tensor) -> tuple[Tensor, float]:
     """``maximize`` flips the gradient the rule sees, and so the sign of dU/dg."""
     if group.get("maximize", False):
@@ -108,9 +116,9 @@ class RMSpropRule:
         if group["centered"]:
             grad_avg = state.get("grad_avg", torch.zeros_like(param))
             grad_avg = grad_avg + (1.0 - alpha) * (grad - grad_avg)
-            avg = (square_avg - grad_avg * grad_avg).sqrt() + eps
+            avg = _sqrt(square_avg - grad_avg * grad_avg) + eps
         else:
-            avg = square_avg.sqrt() + eps
+            avg = _sqrt(square_avg) + eps
         if group["momentum"] > 0:
             buf = state.get("momentum_buffer", torch.zeros_like(param))
             return param - lr * (group["momentum"] * buf + grad / avg)
@@ -163,7 +171,7 @@ class AdamRule:
             second = torch.maximum(state.get("max_exp_avg_sq", torch.zeros_like(param)), second)
         bc1 = 1.0 - beta1**step
         bc2_sqrt = (1.0 - beta2**step) ** 0.5
-        denom = second.sqrt() / bc2_sqrt + group["eps"]
+        denom = _sqrt(second) / bc2_sqrt + group["eps"]
         return param - (lr / bc1) * exp_avg / denom
 
 
