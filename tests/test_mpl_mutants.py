@@ -200,11 +200,22 @@ def test_a_students_hooks_run_in_the_step(kind):
     student's gradient where the exact gradient cannot see it: a ConfigError (test_step_usage.py);
     the first-order estimator runs it."""
     teacher, student, x_l, y_l, x_u = _problem(RichNet)
+    unhooked_teacher, unhooked_student = copy.deepcopy(teacher), copy.deepcopy(student)
     calls = []
     HOOKS[kind](student.bn1, lambda: calls.append(1))
     if "backward" in kind:
-        with pytest.raises(ConfigError, match="backward hook"):
+        with pytest.raises(ConfigError, match="backward hook.*allow_student_hooks=True"):
             _sgd_mpl(teacher, student, jvp="auto")
+        # a hook that only observes, vouched for: it runs, and the gradient is the unhooked one
+        mpl = _sgd_mpl(teacher, student, jvp="auto", allow_student_hooks=True)
+        torch.manual_seed(0)
+        mpl.step(x_l, y_l, x_u)
+        assert calls, kind
+        torch.manual_seed(0)
+        _sgd_mpl(unhooked_teacher, unhooked_student).step(x_l, y_l, x_u)
+        for p, q in zip(teacher.parameters(), unhooked_teacher.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-14)
+        calls.clear()
         mpl = _sgd_mpl(teacher, student, estimator="first_order")
         mpl.step(x_l, y_l, x_u)
         assert calls, kind
