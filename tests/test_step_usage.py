@@ -339,3 +339,20 @@ def test_exactly_zero_gradient_elements_do_not_poison_the_double_backward_step(m
     oracle = flat(double_backward_teacher_gradient(*oracle_models, x_l, y_l, x_u))
     assert torch.isfinite(oracle).all() and torch.isfinite(grads[1]).all()
     assert rel_err(grads[1], grads[0]) < 1e-10 and rel_err(oracle, grads[0]) < 1e-10
+
+
+def test_an_op_without_forward_ad_names_the_estimators_that_work():
+    """spectral_norm normalizes with an out= division, which forward AD cannot go through: a
+    ConfigError that says what to use, instead of autograd's NotImplementedError."""
+    torch.manual_seed(0)
+
+    def student():
+        layer = nn.utils.parametrizations.spectral_norm(nn.Linear(4, 8))
+        return nn.Sequential(layer, nn.ReLU(), nn.Linear(8, 3))
+
+    teacher = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    x_l, y_l, x_u = torch.randn(5, 4), torch.randint(0, 3, (5,)), torch.randn(7, 4)
+    with pytest.raises(ConfigError, match="without forward-mode AD.*estimator='double_backward'"):
+        _mpl(teacher, student()).step(x_l, y_l, x_u)
+    _mpl(teacher, student(), estimator="double_backward").step(x_l, y_l, x_u)
+    assert all(torch.isfinite(p.grad).all() for p in teacher.parameters())

@@ -636,7 +636,19 @@ class MetaPseudoLabels:
                 n: fwad.make_dual(p, tangents[n]) if n in tangents else p
                 for n, p in zip(self._student_names, theta_t)
             }
-            out = functional_call(self.student, {**buffers, **weights}, (x_u,))
+            try:
+                out = functional_call(self.student, {**buffers, **weights}, (x_u,))
+            except NotImplementedError as e:
+                if "forward AD" not in str(e):
+                    raise
+                # An op PyTorch cannot push a tangent through (spectral_norm's normalize, ops
+                # with out=): say what still works, instead of autograd's internals.
+                raise ConfigError(
+                    "the student's forward uses an operation without forward-mode AD "
+                    f"({str(e).splitlines()[0]}); the exact step cannot compute J with it: use "
+                    "estimator='double_backward' (the same gradient, slower) or 'first_order'. "
+                    "This step has moved the student, not the teacher"
+                ) from None
             return fwad.unpack_dual(F.log_softmax(upcast(out), dim=-1)).tangent
 
     # ------------------------------------------------------------------ the tangent tape
