@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -356,3 +357,49 @@ def test_an_op_without_forward_ad_names_the_estimators_that_work():
         _mpl(teacher, student()).step(x_l, y_l, x_u)
     _mpl(teacher, student(), estimator="double_backward").step(x_l, y_l, x_u)
     assert all(torch.isfinite(p.grad).all() for p in teacher.parameters())
+
+
+class _OwnGeneratorDropout(nn.Module):
+    """Dropout drawing from its own torch.Generator, which the step cannot replay."""
+
+    def __init__(self):
+        super().__init__()
+        self.generator = torch.Generator().manual_seed(5)
+
+    def forward(self, x):
+        mask = torch.rand(x.shape, generator=self.generator, dtype=x.dtype) > 0.5
+        return x * mask * 2
+
+
+class _NumpyDropout(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.random = np.random.RandomState(5)
+
+    def forward(self, x):
+        return x * torch.from_numpy(self.random.rand(*x.shape) > 0.5).to(x.dtype) * 2
+
+
+@pytest.mark.parametrize("dropout", [_OwnGeneratorDropout, _NumpyDropout])
+def test_random_numbers_the_step_cannot_replay_are_a_config_error(dropout):
+    """J would come from another dropout mask than the update pass's (the teacher's gradient was
+    20-26% off the double-backward oracle, silently); double backward needs no replay."""
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3)).to(DT)
+    student = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), dropout(), nn.Linear(16, 3)).to(DT)
+    x_l, y_l, x_u = (
+        torch.randn(6, 4, dtype=DT),
+        torch.randint(0, 3, (6,)),
+        torch.randn(9, 4, dtype=DT),
+    )
+    before = [p.detach().clone() for p in student.parameters()]
+    with pytest.raises(ConfigError, match="other outputs for the same input.*double_backward"):
+        _mpl(teacher, copy.deepcopy(student)).step(x_l, y_l, x_u)
+    oracle_student = copy.deepcopy(student)
+    optimizer = torch.optim.SGD(oracle_student.parameters(), lr=0.2, momentum=0.9)
+    oracle = flat(
+        double_backward_teacher_gradient(teacher, oracle_student, optimizer, x_l, y_l, x_u)
+    )
+    _mpl(teacher, student, estimator="double_backward").step(x_l, y_l, x_u)
+    assert rel_err(flat(p.grad for p in teacher.parameters()), oracle) < 1e-12
+    assert not all(torch.equal(a, b) for a, b in zip(before, student.parameters()))

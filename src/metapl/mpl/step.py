@@ -291,6 +291,7 @@ class MetaPseudoLabels:
         self.grad_sync = grad_sync
         self.allow_tf32 = allow_tf32
         self.step_count = 0
+        self._replay_checked = False  # see _check_replayable
         self.baseline: Tensor | None = None
         self.jvp = jvp
         self.allow_student_hooks = allow_student_hooks
@@ -565,6 +566,9 @@ class MetaPseudoLabels:
     ) -> tuple[Tensor, dict[str, Tensor]]:
         device = module_device(self.student)
         params = self._student_params
+        if not self._replay_checked:
+            self._check_replayable(x_u)
+            self._replay_checked = True
         theta_t = [p.detach().clone() for p in params]
         # The buffers as the update pass finds them: J must differentiate that pass's function,
         # and a buffer the forward both updates and reads (a step counter, an EMA a layer
@@ -604,6 +608,33 @@ class MetaPseudoLabels:
         # <g(Psi), w> with J constant: its gradient in Psi is exactly grad_Psi R(theta_{t+1}).
         mpl_term = batch_mean(-(targets * jvp.detach()).sum(dim=-1), self.batch_dim)
         return mpl_term, {**losses, "student_labeled_after": labeled_after.detach().sum()}
+
+    def _check_replayable(self, x_u: Tensor) -> None:
+        """Once, before the first exact step: J is computed by running the student's forward again
+        (or from the update pass's record, checked against that) with torch's global random
+        numbers replayed and copies of the buffers. A forward that draws from elsewhere (its own
+        torch.Generator, numpy, Python's random) or reads state it changes outside its buffers
+        makes that a different function, and the teacher's gradient wrong (20-26% in the tests'
+        examples), silently. Two forwards with the same replayed random numbers must agree; they
+        draw nothing from the global stream, so training is the same as without the check."""
+        device = module_device(self.student)
+        rng = RngState(device)
+        outs = []
+        with torch.no_grad(), self._autocast(device):
+            for _ in range(2):
+                with replayed_rng(rng):
+                    out = functional_call(self.student, buffer_copies(self.student), (x_u,))
+                outs.append(upcast(_logits(out, "student")))
+        err = relative_error(outs[1], outs[0])
+        # not bit for bit: cuDNN may pick other kernels; another mask is off by O(0.1-1)
+        if not err <= (0.05 if self.autocast_dtype is not None else 1e-3):
+            raise ConfigError(
+                "the student's forward gives other outputs for the same input and the same torch "
+                f"random numbers (relative difference {err:.2g}): it draws random numbers "
+                "elsewhere (its own torch.Generator, numpy, Python's random) or changes state it "
+                "reads; the exact step replays torch's global generator only. Draw from torch's "
+                "global generator, or use estimator='double_backward' or 'first_order'"
+            )
 
     @staticmethod
     def _grad_of_trainable(
