@@ -677,7 +677,8 @@ class MetaPseudoLabels:
                 raise ConfigError(
                     "the student's forward uses an operation without forward-mode AD "
                     f"({str(e).splitlines()[0]}); the exact step cannot compute J with it: use "
-                    "estimator='double_backward' (the same gradient, slower) or 'first_order'. "
+                    "estimator='double_backward' (the same gradient, slower) or 'first_order' "
+                    "(a torch.compile'd student runs such ops: pass the module uncompiled). "
                     "This step has moved the student, not the teacher"
                 ) from None
             return fwad.unpack_dual(F.log_softmax(upcast(out), dim=-1)).tangent
