@@ -52,6 +52,7 @@ from metapl.mpl.replay import (
     restore_buffers,
     tf32_disabled,
 )
+from metapl.mpl.student_checks import check_replayable, update_hook
 from metapl.mpl.tangent import (
     JVP_MODES,
     TangentTape,
@@ -95,35 +96,6 @@ def _check_owned(name: str, model: nn.Module, params: list[Tensor]) -> None:
     own = {id(p) for p in model.parameters()}
     if any(id(p) not in own for p in params):
         raise ConfigError(f"{name}_optimizer must optimize the {name}'s own parameters")
-
-
-def _update_hooks(model: nn.Module, optimizer: torch.optim.Optimizer, params) -> str | None:
-    """A hook that can change the student's update behind the Appendix-B rule, or None.
-
-    The exact gradient differentiates g -> U(g) for the gradient autograd computes and the update
-    rule of the optimizer's class. A hook on a parameter's gradient, a module backward hook or an
-    optimizer step hook (gradient clipping, a max-norm projection, per-class reweighting) changes
-    g or U where neither the factors nor J can see it: the teacher's gradient was 5-46% off,
-    silently. Global optimizer *post* hooks are not checked: ``import torch.profiler`` installs one.
-    """
-    for p in params:
-        if getattr(p, "_backward_hooks", None):
-            return "a gradient hook on one of its parameters (Tensor.register_hook)"
-        if getattr(p, "_post_accumulate_grad_hooks", None):
-            return "a post-accumulate-grad hook on one of its parameters"
-    for name, m in model.named_modules():
-        if getattr(m, "_backward_hooks", None) or getattr(m, "_backward_pre_hooks", None):
-            return f"a backward hook on its module {name or type(m).__name__!r}"
-    from torch.nn.modules import module as nn_module
-    from torch.optim import optimizer as optim_module
-
-    if nn_module._global_backward_hooks or nn_module._global_backward_pre_hooks:
-        return "a global module backward hook (register_module_full_backward_hook)"
-    if optimizer._optimizer_step_pre_hooks or optimizer._optimizer_step_post_hooks:
-        return "a step hook on its optimizer (register_step_pre_hook / register_step_post_hook)"
-    if optim_module._global_optimizer_pre_hooks:
-        return "a global optimizer step pre-hook (register_optimizer_step_pre_hook)"
-    return None
 
 
 def _logits(out, who: str) -> Tensor:
@@ -291,7 +263,7 @@ class MetaPseudoLabels:
         self.grad_sync = grad_sync
         self.allow_tf32 = allow_tf32
         self.step_count = 0
-        self._replay_checked = False  # see _check_replayable
+        self._replay_checked = False  # see metapl.mpl.student_checks.check_replayable
         self.baseline: Tensor | None = None
         self.jvp = jvp
         self.allow_student_hooks = allow_student_hooks
@@ -444,7 +416,7 @@ class MetaPseudoLabels:
                 "nothing to learn"
             )
         if self.estimator != "first_order" and not self.allow_student_hooks:
-            hook = _update_hooks(self.student, self.student_optimizer, self._student_params)
+            hook = update_hook(self.student, self.student_optimizer, self._student_params)
             if hook is not None:
                 raise ConfigError(
                     f"the student has {hook}: it changes the student's update where the exact "
@@ -567,7 +539,7 @@ class MetaPseudoLabels:
         device = module_device(self.student)
         params = self._student_params
         if not self._replay_checked:
-            self._check_replayable(x_u)
+            check_replayable(self.student, x_u, self._autocast(device), self.autocast_dtype)
             self._replay_checked = True
         theta_t = [p.detach().clone() for p in params]
         # The buffers as the update pass finds them: J must differentiate that pass's function,
@@ -608,33 +580,6 @@ class MetaPseudoLabels:
         # <g(Psi), w> with J constant: its gradient in Psi is exactly grad_Psi R(theta_{t+1}).
         mpl_term = batch_mean(-(targets * jvp.detach()).sum(dim=-1), self.batch_dim)
         return mpl_term, {**losses, "student_labeled_after": labeled_after.detach().sum()}
-
-    def _check_replayable(self, x_u: Tensor) -> None:
-        """Once, before the first exact step: J is computed by running the student's forward again
-        (or from the update pass's record, checked against that) with torch's global random
-        numbers replayed and copies of the buffers. A forward that draws from elsewhere (its own
-        torch.Generator, numpy, Python's random) or reads state it changes outside its buffers
-        makes that a different function, and the teacher's gradient wrong (20-26% in the tests'
-        examples), silently. Two forwards with the same replayed random numbers must agree; they
-        draw nothing from the global stream, so training is the same as without the check."""
-        device = module_device(self.student)
-        rng = RngState(device)
-        outs = []
-        with torch.no_grad(), self._autocast(device):
-            for _ in range(2):
-                with replayed_rng(rng):
-                    out = functional_call(self.student, buffer_copies(self.student), (x_u,))
-                outs.append(upcast(_logits(out, "student")))
-        err = relative_error(outs[1], outs[0])
-        # not bit for bit: cuDNN may pick other kernels; another mask is off by O(0.1-1)
-        if not err <= (0.05 if self.autocast_dtype is not None else 1e-3):
-            raise ConfigError(
-                "the student's forward gives other outputs for the same input and the same torch "
-                f"random numbers (relative difference {err:.2g}): it draws random numbers "
-                "elsewhere (its own torch.Generator, numpy, Python's random) or changes state it "
-                "reads; the exact step replays torch's global generator only. Draw from torch's "
-                "global generator, or use estimator='double_backward' or 'first_order'"
-            )
 
     @staticmethod
     def _grad_of_trainable(

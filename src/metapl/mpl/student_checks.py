@@ -1,0 +1,85 @@
+"""What a student must be for the exact step's teacher gradient to be the real one.
+
+The exact step differentiates the student's update g -> U(g) by the rule of the optimizer's class
+(Appendix B), and computes J by running the student's forward again with torch's global random
+numbers replayed. Two kinds of student break that silently, so the step refuses them:
+
+- hooks that change the update where neither the factors nor J can see them (:func:`update_hook`);
+- a forward that draws random numbers the step cannot replay (:func:`check_replayable`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from metapl.errors import ConfigError
+from metapl.losses import upcast
+from metapl.mpl.replay import RngState, buffer_copies, module_device, replayed_rng
+from metapl.mpl.tangent import relative_error
+
+
+def update_hook(model: nn.Module, optimizer: torch.optim.Optimizer, params) -> str | None:
+    """A hook that can change the student's update behind the Appendix-B rule, or None.
+
+    A hook on a parameter's gradient, a module backward hook or an optimizer step hook (gradient
+    clipping, a max-norm projection, per-class reweighting) changes g or U where neither the
+    factors nor J can see it: the teacher's gradient was 5-46% off, silently. Global optimizer
+    *post* hooks are not checked: ``import torch.profiler`` installs one.
+    """
+    for p in params:
+        if getattr(p, "_backward_hooks", None):
+            return "a gradient hook on one of its parameters (Tensor.register_hook)"
+        if getattr(p, "_post_accumulate_grad_hooks", None):
+            return "a post-accumulate-grad hook on one of its parameters"
+    for name, m in model.named_modules():
+        if getattr(m, "_backward_hooks", None) or getattr(m, "_backward_pre_hooks", None):
+            return f"a backward hook on its module {name or type(m).__name__!r}"
+    from torch.nn.modules import module as nn_module
+    from torch.optim import optimizer as optim_module
+
+    if nn_module._global_backward_hooks or nn_module._global_backward_pre_hooks:
+        return "a global module backward hook (register_module_full_backward_hook)"
+    if optimizer._optimizer_step_pre_hooks or optimizer._optimizer_step_post_hooks:
+        return "a step hook on its optimizer (register_step_pre_hook / register_step_post_hook)"
+    if optim_module._global_optimizer_pre_hooks:
+        return "a global optimizer step pre-hook (register_optimizer_step_pre_hook)"
+    return None
+
+
+def check_replayable(
+    student: nn.Module,
+    x_u: Tensor,
+    autocast: contextlib.AbstractContextManager,
+    autocast_dtype: torch.dtype | None,
+) -> None:
+    """Before the first exact step: two forwards of ``student`` on ``x_u`` with the same replayed
+    torch random numbers (and copies of its buffers) must agree, else a :class:`ConfigError`.
+
+    A forward that draws from elsewhere (its own torch.Generator, numpy, Python's random) or reads
+    state it changes outside its buffers is another function in the JVP pass than in the update
+    pass, and the teacher's gradient wrong (20-26% in the tests' examples), silently. The two
+    forwards draw nothing from the global stream, so training is the same as without the check.
+    """
+    rng = RngState(module_device(student))
+    outs = []
+    with torch.no_grad(), autocast:
+        for _ in range(2):
+            with replayed_rng(rng):
+                out = functional_call(student, buffer_copies(student), (x_u,))
+            if not isinstance(out, Tensor):
+                return  # not logits: the step's own check says so
+            outs.append(upcast(out))
+    err = relative_error(outs[1], outs[0])
+    # not bit for bit: cuDNN may pick other kernels; another dropout mask is off by O(0.1-1)
+    if not err <= (0.05 if autocast_dtype is not None else 1e-3):
+        raise ConfigError(
+            "the student's forward gives other outputs for the same input and the same torch "
+            f"random numbers (relative difference {err:.2g}): it draws random numbers elsewhere "
+            "(its own torch.Generator, numpy, Python's random) or changes state it reads; the "
+            "exact step replays torch's global generator only. Draw from torch's global "
+            "generator, or use estimator='double_backward' or 'first_order'"
+        )
