@@ -566,3 +566,38 @@ def test_training_runs_use_the_tape_and_check_the_option():
     assert run.method.mpl.last_jvp_path == "tape"
     with pytest.raises(ConfigError, match="mpl_jvp must be auto, tape or forward_ad"):
         apply_overrides(cfg, {"mpl_jvp": "reverse"}).validate()
+
+
+@pytest.mark.parametrize("affine", [True, False], ids=["frozen_gamma", "no_affine"])
+def test_eval_batchnorm_tangent_without_dgamma_passes_defined_saved_statistics(affine, monkeypatch):
+    """BatchNorm with running statistics and no gamma tangent (frozen or no affine weight): the
+    dx half calls native_batch_norm_backward without a forward pass. CUDA's kernel asserts that
+    the saved mean and invstd are *defined* (empty in eval mode, as native_batch_norm returns
+    them); None there was an internal assert on a GPU only. The tangent must be forward AD's."""
+    from metapl.mpl import tangent_ops
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, 5, 5, generator=g, dtype=torch.float64)
+    dx = torch.randn(4, 3, 5, 5, generator=g, dtype=torch.float64)
+    mean = torch.randn(3, generator=g, dtype=torch.float64)
+    var = torch.rand(3, generator=g, dtype=torch.float64) + 0.5
+    gamma = torch.randn(3, generator=g, dtype=torch.float64) if affine else None
+    seen = []
+    backward = torch.ops.aten.native_batch_norm_backward
+
+    class Aten:
+        def __getattr__(self, name):
+            return getattr(torch.ops.aten, name)
+
+        @staticmethod
+        def native_batch_norm_backward(*args):
+            seen.append(args[5:7])
+            return backward(*args)
+
+    monkeypatch.setattr(tangent_ops, "aten", Aten())
+    got = tangent_ops.bn_tangent(x, dx, gamma, None, None, False, mean, var, 1e-5)
+    assert seen and all(s is not None for s in seen[0])
+    with fwad.dual_level():
+        out = F.batch_norm(fwad.make_dual(x, dx), mean, var, gamma, None, False, 0.0, 1e-5)
+        want = fwad.unpack_dual(out).tangent
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)

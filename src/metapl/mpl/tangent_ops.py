@@ -310,7 +310,9 @@ def bn_tangent(x, dx, gamma, dgamma, dbeta, batch_stats, running_mean, running_v
         )
         out = affine if dgamma is not None else None
     else:  # running statistics, no dgamma: no pass over x is needed
-        out, mean, rstd = None, None, None
+        # Empty (not None) saved statistics, as native_batch_norm returns in eval mode: CUDA's
+        # backward asserts they are defined (and reads the running statistics when empty).
+        out, mean, rstd = None, xf.new_empty(0), xf.new_empty(0)
     if dgamma is None and dbeta is not None:
         out = f(dbeta).reshape(shape)
     if dx is not None:
