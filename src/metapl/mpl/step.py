@@ -797,7 +797,8 @@ class MetaPseudoLabels:
         """
         device = module_device(self.student)
         probs = F.softmax(teacher_logits_u.detach() / self.temperature, dim=-1)
-        sampled = torch.distributions.Categorical(probs=probs).sample()
+        # validate_args=False: the check of probs is a host sync every step (softmax is valid)
+        sampled = torch.distributions.Categorical(probs=probs, validate_args=False).sample()
         labeled_rng = RngState(device)
         with torch.no_grad():
             before = self._labeled_loss(x_l, y_l)
