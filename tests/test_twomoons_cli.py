@@ -87,3 +87,20 @@ def test_seed_batching_matches_single_seed_run():
     d = make_twomoons(5)
     assert torch.equal(res["data"].x[0], torch.from_numpy(d.x))
     assert torch.equal(res["data"].x_labeled[0], torch.from_numpy(d.x[d.labeled]))
+
+
+def test_a_decision_region_panel_evaluates_one_member_only():
+    """The panels show one seed: evaluating the whole stack on the 60,000-point grid to read one
+    member cost about 30 MB per seed (13 GB for --seeds 0-399). The member's own weights give the
+    same probabilities."""
+    from metapl.experiments.twomoons_plots import _member_probs
+
+    model = StackedMLP(5, 2, 2, hidden=8, depth=2, generator=torch.Generator().manual_seed(0))
+    grid = np.random.RandomState(0).randn(50, 2)
+    seen = []
+    model.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+    got = _member_probs(model, 3, grid)
+    assert seen == [1]
+    with torch.no_grad():
+        full = torch.softmax(model(torch.from_numpy(grid).float()[None].expand(5, -1, -1)), -1)
+    np.testing.assert_allclose(got, full[3, :, 1].numpy(), rtol=1e-6, atol=1e-7)

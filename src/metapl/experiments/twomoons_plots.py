@@ -10,6 +10,7 @@ matplotlib.use("Agg")  # headless: files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from torch.func import functional_call  # noqa: E402
 
 from metapl.atomic import replace_atomically  # noqa: E402
 
@@ -27,10 +28,12 @@ def _save(fig, path: Path) -> None:
 
 @torch.no_grad()
 def _member_probs(model, member: int, grid: np.ndarray) -> np.ndarray:
-    """P(class 1) of one member of a stacked model on grid points."""
+    """P(class 1) of one member of a stacked model on grid points: that member's weights alone (the
+    whole stack on the 60,000-point grid took about 30 MB per seed: 13 GB for 400 seeds)."""
     model.eval()
-    x = torch.from_numpy(grid).float()[None].expand(model.members, -1, -1)
-    return torch.softmax(model(x), -1)[member, :, 1].numpy()
+    weights = {name: p[member : member + 1] for name, p in model.named_parameters()}
+    x = torch.from_numpy(grid).float()[None]
+    return torch.softmax(functional_call(model, weights, (x,)), -1)[0, :, 1].numpy()
 
 
 def plot_decision_regions(result: dict, cfg, path: Path, member: int = 0) -> None:
