@@ -604,9 +604,9 @@ class MetaPseudoLabels:
         buffers: dict[str, Tensor],
     ) -> Tensor | None:
         """J by forward-mode AD: the student's forward again, on dual tensors, with the update
-        pass's random numbers replayed and copies of the buffers it started from."""
+        pass's random numbers replayed and ``buffers``, the step's copies of the buffers the update
+        pass started from. This pass may update them: every path of a step runs it at most once."""
         device = module_device(self.student)
-        buffers = {n: b.clone() for n, b in buffers.items()}  # this pass may update them
         with fwad.dual_level(), replayed_rng(rng), self._autocast(device):
             weights = {
                 n: fwad.make_dual(p, tangents[n]) if n in tangents else p
