@@ -101,6 +101,8 @@ def test_bad_labels_raise_data_error_before_the_student_moves(labels):
         {"baseline_decay": -0.1},
         {"label_smoothing": 1.0},
         {"student_labeled_weight": -0.5},
+        {"autocast_dtype": "bf16"},  # a string: torch's TypeError came from inside the step
+        {"autocast_dtype": torch.float32},  # CPU autocast warned and ran in float32
     ],
     ids=lambda k: "-".join(f"{a}={b}" for a, b in k.items()),
 )

@@ -104,3 +104,37 @@ def test_a_decision_region_panel_evaluates_one_member_only():
     with torch.no_grad():
         full = torch.softmax(model(torch.from_numpy(grid).float()[None].expand(5, -1, -1)), -1)
     np.testing.assert_allclose(got, full[3, :, 1].numpy(), rtol=1e-6, atol=1e-7)
+
+
+def test_first_order_estimator_trains_mpl_with_sampled_labels(tmp_path, capsys):
+    """--estimator first_order reaches MPL's step (another student than the exact one's, from the
+    same seeds and data) and is recorded; the baselines do not depend on it."""
+    runs = {}
+    for estimator in ("exact", "first_order"):
+        out = tmp_path / estimator
+        argv = ["twomoons", "--seeds", "0-1", "--steps", "40", "--out", str(out), "--quiet"]
+        assert main([*argv, "--estimator", estimator]) == 0
+        payload = json.loads((out / "results.json").read_text())
+        assert payload["config"]["estimator"] == estimator
+        runs[estimator] = {(r["method"], r["seed"]): r["accuracy"] for r in payload["results"]}
+        assert f"teacher gradient {estimator.replace('_', '-')}" in capsys.readouterr().out
+    exact, first_order = runs["exact"], runs["first_order"]
+    assert all(exact[k] == first_order[k] for k in exact if k[0] != "mpl")
+    assert any(exact["mpl", s] != first_order["mpl", s] for s in (0, 1))
+
+
+def test_first_order_estimator_samples_hard_labels_with_a_baseline(monkeypatch):
+    """The config reaches MetaPseudoLabels: first-order with the baseline, exact without one."""
+    import metapl.experiments.twomoons as tm
+
+    seen = []
+    real = tm.MetaPseudoLabels
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["estimator"], kwargs["baseline_decay"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tm, "MetaPseudoLabels", spy)
+    for estimator in ("exact", "first_order"):
+        run(TwoMoonsConfig(seeds=[0], steps=2, methods=("supervised", "mpl"), estimator=estimator))
+    assert seen == [("exact", None), ("first_order", 0.99)]

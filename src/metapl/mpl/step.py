@@ -226,6 +226,10 @@ class MetaPseudoLabels:
             raise ConfigError(f"baseline_decay must be in [0, 1) or None, got {baseline_decay}")
         if not student_labeled_weight >= 0.0:
             raise ConfigError(f"student_labeled_weight must be >= 0, got {student_labeled_weight}")
+        if autocast_dtype not in (None, torch.bfloat16, torch.float16):
+            raise ConfigError(
+                f"autocast_dtype must be None, torch.bfloat16 or torch.float16, got {autocast_dtype!r}"
+            )
         if not 0.0 <= label_smoothing < 1.0:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         if estimator in ("exact", "double_backward"):
