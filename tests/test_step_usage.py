@@ -403,3 +403,47 @@ def test_random_numbers_the_step_cannot_replay_are_a_config_error(dropout):
     _mpl(teacher, student, estimator="double_backward").step(x_l, y_l, x_u)
     assert rel_err(flat(p.grad for p in teacher.parameters()), oracle) < 1e-12
     assert not all(torch.equal(a, b) for a, b in zip(before, student.parameters()))
+
+
+@pytest.mark.parametrize("estimator", ["exact", "double_backward", "first_order"])
+def test_a_labeled_batch_of_one_the_students_batchnorm_refuses_fails_before_anything_moves(
+    estimator,
+):
+    """BatchNorm1d in training mode cannot take one example. The student met the labeled batch
+    only after its step: torch's ValueError came with the student moved and the teacher not."""
+    _, student, x_l, y_l, x_u = make_problem("mlp")
+    teacher = nn.Sequential(nn.Linear(x_u.shape[1], 8), nn.Tanh(), nn.Linear(8, 3)).to(DT)
+    mpl = _mpl(teacher, student, estimator=estimator)
+    state = {n: t.clone() for m in (teacher, student) for n, t in m.state_dict().items()}
+    rng = torch.get_rng_state()
+    with pytest.raises(ConfigError, match="labeled batch of one example"):
+        mpl.step(x_l[:1], y_l[:1], x_u)
+    now = {n: t for m in (teacher, student) for n, t in m.state_dict().items()}
+    assert all(torch.equal(state[n], now[n]) for n in state)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+@pytest.mark.parametrize("estimator", ["exact", "first_order"])
+def test_a_labeled_batch_of_one_the_student_can_take_gives_the_unchecked_step(
+    estimator, monkeypatch
+):
+    """BatchNorm2d takes one image of several pixels: the check's trial forward (dropout draws
+    included) leaves the step's random numbers, gradient and running statistics as they were."""
+    results = []
+    for check in (True, False):
+        teacher, student, x_l, y_l, x_u = make_problem("conv", seed=3)
+        if not check:
+            monkeypatch.setattr(MetaPseudoLabels, "_check_labeled_batch_of_one", lambda *a: None)
+        mpl = _mpl(teacher, student, estimator=estimator)
+        torch.manual_seed(7)
+        mpl.step(x_l[:1], y_l[:1], x_u)
+        results.append(
+            (
+                flat([p.grad for p in teacher.parameters()]),
+                flat(student.state_dict().values()),
+                torch.get_rng_state(),
+            )
+        )
+    for checked, unchecked in zip(*results):
+        assert torch.equal(checked, unchecked)

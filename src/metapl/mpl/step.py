@@ -339,6 +339,7 @@ class MetaPseudoLabels:
         )
         if self.check_inputs:
             self._check_values(x_labeled, y_labeled, x_unlabeled, logits.labeled.shape[-1])
+        self._check_labeled_batch_of_one(x_labeled, y_labeled)
         targets = F.softmax(logits.unlabeled / self.temperature, dim=-1)
         # The extra loss depends on the teacher's logits alone: computed (and checked) before the
         # student moves, so that a loss of the wrong kind fails with the models as they were.
@@ -441,6 +442,22 @@ class MetaPseudoLabels:
         for what, x in (("x_labeled", x_l), ("x_unlabeled", x_u)):
             if x.dim() <= bd or x.shape[bd] == 0:
                 raise DataError(f"{what} has no examples (shape {tuple(x.shape)})")
+
+    def _check_labeled_batch_of_one(self, x_l: Tensor, y_l: Tensor) -> None:
+        """The student meets x_l only after it has moved. A batch of one example that it cannot
+        take in training mode (BatchNorm needs more than one value per channel) would fail there,
+        with the student moved and the teacher not. So such a batch is tried once now, on copies
+        of the buffers and with the random numbers given back: the step itself is unchanged."""
+        if x_l.shape[self.batch_dim] != 1 or not self.student.training:
+            return
+        with torch.no_grad(), replayed_rng(RngState(module_device(self.student))):
+            try:
+                self._labeled_loss(x_l, y_l)
+            except ValueError as err:
+                raise ConfigError(
+                    f"the student cannot take a labeled batch of one example in training mode "
+                    f"({err}); use at least 2 labeled examples per step"
+                ) from err
 
     def _check_values(self, x_l: Tensor, y_l: Tensor, x_u: Tensor, num_classes: int) -> None:
         """Labels in range and finite inputs, with one host sync for all of it."""
