@@ -38,9 +38,10 @@ def fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def temp_file_beside(path: Path, fill: Callable[[Path], None]) -> Path:
+def temp_file_beside(path: Path, fill: Callable[[Path], object]) -> Path:
     """A temporary file in ``path``'s folder, filled by ``fill(tmp)``, on disk, with ordinary
-    permissions; deleted if ``fill`` (or anything here) fails. The caller renames it."""
+    permissions; deleted if ``fill`` (or anything here) fails; what ``fill`` returns is ignored.
+    The caller renames it."""
     path = Path(path)
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path), suffix=".tmp")
     os.close(fd)
@@ -55,7 +56,7 @@ def temp_file_beside(path: Path, fill: Callable[[Path], None]) -> Path:
     return tmp
 
 
-def replace_atomically(path: Path, fill: Callable[[Path], None]) -> None:
+def replace_atomically(path: Path, fill: Callable[[Path], object]) -> None:
     """Write ``path`` through ``fill(tmp)`` on a temporary file, then rename it onto ``path``."""
     move_into_place(temp_file_beside(path, fill), path)
 
