@@ -113,6 +113,8 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         if factor is None:  # momentum=None without a counter: nothing to average with
             factor = 0.0
         unbiased = var * (total / (total - 1))
+        # called only when track_running_stats, for which BatchNorm registers both buffers
+        assert self.running_mean is not None and self.running_var is not None
         self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
         self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
 

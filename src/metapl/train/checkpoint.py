@@ -211,7 +211,9 @@ def capture_rng(generators: Mapping[str, torch.Generator] | None = None) -> dict
     ``random``, numpy's global ``RandomState`` (its MT19937 key as an int64 tensor, so the result
     loads with ``weights_only=True``) and ``generators[name].get_state()`` for each named generator.
     """
-    key, pos, has_gauss, gauss = np.random.get_state()[1:]
+    # numpy's stub picks its legacy=False overload (a dict) for a call without arguments; the
+    # default is legacy=True: the tuple (name, key, pos, has_gauss, gauss)
+    key, pos, has_gauss, gauss = np.random.get_state()[1:]  # type: ignore[index]
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],

@@ -82,16 +82,16 @@ def to_floats(metrics: Mapping[str, torch.Tensor | float]) -> dict[str, float]:
 
     Tensors are stacked per (device, dtype), normally a single group, and read with one ``.tolist()``.
     """
-    groups: dict[tuple[torch.device, torch.dtype], list[str]] = {}
+    groups: dict[tuple[torch.device, torch.dtype], dict[str, torch.Tensor]] = {}
     for name, value in metrics.items():
         if isinstance(value, torch.Tensor):
             if value.numel() != 1:
                 raise ValueError(f"metric {name} has shape {tuple(value.shape)}, not a scalar")
-            groups.setdefault((value.device, value.dtype), []).append(name)
+            groups.setdefault((value.device, value.dtype), {})[name] = value
     converted: dict[str, float] = {}
-    for names in groups.values():
-        stacked = torch.stack([metrics[n].detach().reshape(()) for n in names])
-        converted.update(zip(names, (float(v) for v in stacked.tolist())))
+    for group in groups.values():
+        stacked = torch.stack([t.detach().reshape(()) for t in group.values()])
+        converted.update(zip(group, (float(v) for v in stacked.tolist())))
     return {
         name: converted[name] if name in converted else float(value)
         for name, value in metrics.items()
