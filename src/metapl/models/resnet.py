@@ -65,7 +65,7 @@ class ResNet(nn.Module):
             nn.ReLU(),
             nn.MaxPool2d(3, stride=2, padding=1),
         )
-        stages: list[nn.Module] = []
+        stages: list[Bottleneck] = []
         c_in = 64
         for i, n_blocks in enumerate(layers):
             width = 64 * 2**i
@@ -80,7 +80,7 @@ class ResNet(nn.Module):
         init_conv_net(self)
         if zero_init_residual:
             # Each block starts as the identity (Goyal et al., 2017): helps very large batches.
-            for m in self.blocks:
+            for m in stages:
                 nn.init.zeros_(m.bn3.weight)
 
     def forward(self, x: Tensor) -> Tensor:

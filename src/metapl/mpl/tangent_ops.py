@@ -124,6 +124,7 @@ MUL_FUNCTIONS = {operator.mul, torch.mul, torch.multiply}
 DIV_FUNCTIONS = {operator.truediv, torch.div, torch.true_divide, torch.divide}
 DIV_METHODS = {"div", "true_divide", "divide"}
 NEG_FUNCTIONS = {operator.neg, torch.neg}
+MATMUL_FUNCTIONS: dict[Callable, Callable[..., Tensor]]
 MATMUL_FUNCTIONS = {operator.matmul: torch.matmul, torch.matmul: torch.matmul}
 MATMUL_FUNCTIONS.update({torch.mm: torch.mm, torch.bmm: torch.bmm})
 MATMUL_METHODS = {"matmul": torch.matmul, "mm": torch.mm, "bmm": torch.bmm}
@@ -192,7 +193,9 @@ def ones_with_layout(x: Tensor) -> Tensor:
     return ones.as_strided(x.shape, x.stride(), x.storage_offset())
 
 
-def record_dropout_module(x: Tensor, module: nn.Module) -> tuple[Tensor, Tensor | None]:
+def record_dropout_module(
+    x: Tensor, module: nn.modules.dropout._DropoutNd
+) -> tuple[Tensor, Tensor | None]:
     """:func:`dropout_pair` with the module's own ``p`` and mode, read at run time."""
     return dropout_pair(x, module.p, module.training, DROPOUT_MODULES[type(module)])
 
