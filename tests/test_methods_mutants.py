@@ -145,6 +145,49 @@ def test_a_missing_view_is_a_clear_error():
         method.step(b)
 
 
+def _uda_method():
+    model = _model()
+    return UDAMethod(model, torch.optim.SGD(model.parameters(), lr=LR), UDALoss())
+
+
+def _noisy_student():
+    model = _model()
+    return NoisyStudentMethod(model, torch.optim.SGD(model.parameters(), lr=LR))
+
+
+def _uda_mpl():
+    teacher, student = _model(), _model()
+    return MPLMethod(
+        teacher,
+        student,
+        torch.optim.SGD(teacher.parameters(), lr=LR),
+        torch.optim.SGD(student.parameters(), lr=LR),
+        unlabeled_view="unlabeled_strong",
+        uda=UDALoss(),
+    )
+
+
+@pytest.mark.parametrize(
+    "make, missing, match",
+    [
+        (_uda_method, "x_unlabeled_weak", "unlabeled_weak view"),
+        (_uda_method, "x_unlabeled_strong", "unlabeled_strong view"),
+        (_noisy_student, "x_unlabeled_strong", "unlabeled_strong view"),
+        (_noisy_student, "t_unlabeled", "t_unlabeled"),
+        (_uda_mpl, "x_unlabeled_weak", "unlabeled_weak view"),
+    ],
+)
+def test_every_method_names_what_its_batch_lacks(make, missing, match):
+    """UDA, NoisyStudent and UDA+MPL name a missing view (or the large teacher's distributions)
+    as SupervisedMethod does, not a TypeError from inside torch.cat or a loss."""
+    method = make()
+    b = _views(dtype=torch.float64)
+    b.t_unlabeled = F.softmax(torch.randn(6, 3, dtype=torch.float64), -1)
+    setattr(b, missing, None)
+    with pytest.raises(ValueError, match=match):
+        method.step(b)
+
+
 # --- build_method: from a config row to a method -------------------------------------------------
 
 

@@ -52,7 +52,7 @@ class MPLMethod:
         return self.uda(logits.extra[0], logits.unlabeled, logits.step)
 
     def step(self, batch: Batch) -> dict[str, Tensor]:
-        extras = (batch.x_unlabeled_weak,) if self.uda is not None else ()
+        extras = (pick_view(batch, "unlabeled_weak"),) if self.uda is not None else ()
         teacher_inputs = {}
         if self.teacher_sees_distributions:
             teacher_inputs = {

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from metapl.losses import batch_mean, hard_cross_entropy, soft_cross_entropy, upcast
-from metapl.methods.base import Batch, StatelessStep, autocast, optimize
+from metapl.methods.base import Batch, StatelessStep, autocast, optimize, pick_view
 
 
 class NoisyStudentMethod(StatelessStep):
@@ -32,14 +32,20 @@ class NoisyStudentMethod(StatelessStep):
 
     def step(self, batch: Batch) -> dict[str, Tensor]:
         model, opt = self.models["student"], self.optimizers["student"]
-        parts = [batch.x_labeled, batch.x_unlabeled_strong]
+        parts = [batch.x_labeled, pick_view(batch, "unlabeled_strong")]
+        targets = batch.t_unlabeled
+        if targets is None:
+            raise ValueError(
+                "NoisyStudent needs the large teacher's distributions of the unlabeled images "
+                "(t_unlabeled), which the batch does not have"
+            )
         with autocast(batch.x_labeled.device, self.autocast_dtype):
             logits = model(torch.cat(parts))
         labeled, unlabeled = torch.split(logits, [len(p) for p in parts])
         supervised = batch_mean(
             hard_cross_entropy(upcast(labeled), batch.y_labeled, self.label_smoothing)
         )
-        distill = batch_mean(soft_cross_entropy(upcast(unlabeled), batch.t_unlabeled))
+        distill = batch_mean(soft_cross_entropy(upcast(unlabeled), targets))
         loss = supervised + distill
         optimize(loss, model, opt, self.grad_sync)
         return {

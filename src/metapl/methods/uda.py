@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metapl.losses import batch_mean, hard_cross_entropy, upcast
-from metapl.methods.base import Batch, StatelessStep, autocast, optimize
+from metapl.methods.base import Batch, StatelessStep, autocast, optimize, pick_view
 
 
 @dataclass
@@ -65,7 +65,11 @@ class UDAMethod(StatelessStep):
 
     def step(self, batch: Batch) -> dict[str, Tensor]:
         model, opt = self.models["student"], self.optimizers["student"]
-        parts = [batch.x_labeled, batch.x_unlabeled_weak, batch.x_unlabeled_strong]
+        parts = [
+            batch.x_labeled,
+            pick_view(batch, "unlabeled_weak"),
+            pick_view(batch, "unlabeled_strong"),
+        ]
         with autocast(batch.x_labeled.device, self.autocast_dtype):
             logits = model(torch.cat(parts))
         labeled, weak, strong = torch.split(logits, [len(p) for p in parts])
