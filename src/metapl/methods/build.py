@@ -17,7 +17,8 @@ from metapl.train.config import TrainConfig
 def _model(cfg: TrainConfig, num_classes: int, dropout: float, device: torch.device) -> nn.Module:
     model = create_model(cfg.model, num_classes, dropout=dropout).to(device)
     if cfg.channels_last(device):
-        model = model.to(memory_format=torch.channels_last)
+        # Module.to takes memory_format; torch's stub overloads of it do not
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     return model
 
 

@@ -49,6 +49,7 @@ class MPLMethod:
 
     def _uda_teacher_loss(self, logits: TeacherLogits) -> Tensor:
         # extra[0] is the weak view; the unlabeled (student's) view is the strong one.
+        assert self.uda is not None  # the step's extra loss only when there is a UDA term
         return self.uda(logits.extra[0], logits.unlabeled, logits.step)
 
     def step(self, batch: Batch) -> dict[str, Tensor]:
