@@ -85,7 +85,8 @@ def fingerprint_model(model: nn.Module) -> str:
         flat = tensor.to("cpu").contiguous().reshape(-1)
         if flat.numel():
             # A uint8 view gives the raw bytes for every dtype, bfloat16 included (numpy lacks it).
-            digest.update(flat.view(torch.uint8).numpy())
+            # numpy's stub makes ndarray a Buffer only on Python >= 3.12
+            digest.update(flat.view(torch.uint8).numpy())  # type: ignore[arg-type]
     return digest.hexdigest()
 
 
@@ -121,7 +122,9 @@ def fingerprint_images(
         digest.update(f"full|{images.shape}|{images.dtype}\n".encode())
         rows = max(1, _HASH_CHUNK_BYTES // max(1, images[:1].nbytes))
         for start in range(0, n, rows):
-            digest.update(np.ascontiguousarray(images[start : start + rows]))
+            block = np.ascontiguousarray(images[start : start + rows])
+            # numpy's stub makes ndarray a Buffer only on Python >= 3.12
+            digest.update(block)  # type: ignore[arg-type]
         return digest.hexdigest()
 
     sample = np.ascontiguousarray(images[_sample_rows(n, num_samples)])
@@ -130,7 +133,8 @@ def fingerprint_images(
     paths = getattr(images, "paths", None)
     if isinstance(paths, list):
         digest.update(_relative_names(paths).encode())
-    digest.update(sample)
+    # numpy's stub makes ndarray a Buffer only on Python >= 3.12
+    digest.update(sample)  # type: ignore[arg-type]
     return digest.hexdigest()
 
 
@@ -293,7 +297,7 @@ def precompute_distributions(
     if n == 0:
         raise data_error(f"no images to precompute distributions for (output {out_path})")
     chunk = -(-(chunk_size or 32 * batch_size) // batch_size) * batch_size
-    meta = {
+    meta: dict[str, Any] = {  # the sidecar's JSON
         "format_version": FORMAT_VERSION,
         "model_fingerprint": fingerprint_model(model),
         "data_fingerprint": fingerprint_images(images),
@@ -338,6 +342,7 @@ def precompute_distributions(
                     probs[rows.start : rows.stop] = out
                     bar.update(len(rows))
                     row = rows.stop
+                assert probs is not None  # the chunk's first batch created it, if resuming did not
                 probs.flush()  # rows on disk first, then the sidecar may claim them
                 meta["completed_rows"] = end
                 write_json_atomically(sidecar_path(out_path), meta)

@@ -88,8 +88,8 @@ def _keep_best_class(indices: np.ndarray, scores: np.ndarray) -> list[np.ndarray
     first[1:] = flat[order[1:]] != flat[order[:-1]]
     keep = np.zeros(len(order), dtype=bool)
     keep[order[first]] = True
-    keep = keep.reshape(num_classes, take)
-    return [indices[c][keep[c]] for c in range(num_classes)]
+    keep_by_class = keep.reshape(num_classes, take)
+    return [indices[c][keep_by_class[c]] for c in range(num_classes)]
 
 
 def top_k_assignments(
