@@ -49,6 +49,7 @@ import inspect
 import operator
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.autograd.forward_ad as fwad
@@ -85,7 +86,7 @@ class TapeRecord:
 class _Step:
     node: fx.Node
     rule: Callable  # (val, tan, theta, tw) -> tangent
-    meta: int | None  # index into TapeRecord.metas
+    meta: int  # index into TapeRecord.metas
     free: tuple  # keys whose primal/tangent is not needed after this step
     generic: bool
 
@@ -114,7 +115,7 @@ def module_signature(module: nn.Module) -> tuple[tuple | None, str | None]:
     ``F.dropout``). The key holds them, with the modules and parameters themselves, so that a
     schedule changing one gets a new graph instead of a stale one (about 1 ms per step for
     EfficientNet-B0's 300 modules, on a CPU)."""
-    key = []
+    key: list[tuple] = []
     for m in module.modules():
         for hooks in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks"):
             if getattr(m, hooks, None):
@@ -351,13 +352,13 @@ class TangentTape:
         if kind is nn.ReLU:
             return self._unary_rule(node, x, ops.relu_t, y=True)
         if kind is nn.LeakyReLU:
-            return self._leaky(node, x, m.negative_slope)
+            return self._leaky(node, x, cast(nn.LeakyReLU, m).negative_slope)
         if kind is nn.SiLU:
             return self._unary_rule(node, x, ops.silu_t, x=True)
         if kind is nn.Sigmoid:
             return self._unary_rule(node, x, ops.sigmoid_t, y=True)
         if kind is nn.GELU:
-            return self._unary_rule(node, x, ops.gelu_t(m.approximate), x=True)
+            return self._unary_rule(node, x, ops.gelu_t(cast(nn.GELU, m).approximate), x=True)
         if isinstance(m, ops.LINEAR_MODULES) and not any(True for _ in m.parameters()):
 
             def linear_module_rule(val, tan, theta, tw):
@@ -730,6 +731,7 @@ class TangentTape:
                         ops.sig_torch_dropout if node.target is torch.dropout else ops.sig_dropout
                     )
                     a = ops.bind(stub, node)
+                    assert a is not None  # _function_rule bound it before adding it to _dropouts
                     p = fx.node.map_arg(a["p"], env.__getitem__)
                     training = fx.node.map_arg(a.get("training", a.get("train")), env.__getitem__)
                     kind = ops.DROPOUT_FUNCTIONS[node.target]
@@ -854,7 +856,10 @@ def _device_of(t: Tensor) -> torch.device:
 def _same_rng(a: RngState, b: RngState) -> bool:
     if not torch.equal(a.cpu, b.cpu):
         return False
-    return a.cuda is None or torch.equal(a.cuda, b.cuda)
+    if a.cuda is None:
+        return True
+    assert b.cuda is not None  # both snapshots are of one device
+    return torch.equal(a.cuda, b.cuda)
 
 
 def _describe(node: fx.Node, modules: dict) -> str:
