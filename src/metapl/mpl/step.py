@@ -29,6 +29,7 @@ import inspect
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import overload
 
 import torch
 import torch.autograd.forward_ad as fwad
@@ -500,6 +501,7 @@ class MetaPseudoLabels:
         """One teacher forward on all its inputs at once (BatchNorm sees them together, as in the
         paper's implementation); separate forwards only if the shapes cannot be concatenated."""
         inputs = [x_l, x_u, *extras]
+        outs: Sequence[Tensor]
         bd = self.batch_dim
         with self._autocast(module_device(self.teacher)):
             trailing = {x.shape[:bd] + x.shape[bd + 1 :] for x in inputs}
@@ -511,6 +513,16 @@ class MetaPseudoLabels:
                 outs = [_logits(self.teacher(x), "teacher") for x in inputs]
         outs = [upcast(o) for o in outs]
         return TeacherLogits(outs[0], outs[1], tuple(outs[2:]), y_l, self.step_count)
+
+    @overload
+    def _student_update(
+        self, x_u: Tensor, targets: Tensor, labeled: tuple[Tensor, Tensor], tape: None = None
+    ) -> tuple[dict[str, Tensor], list[Tensor | None], Tensor]: ...
+
+    @overload
+    def _student_update(
+        self, x_u: Tensor, targets: Tensor, labeled: tuple[Tensor, Tensor], tape: TangentTape
+    ) -> tuple[dict[str, Tensor], list[Tensor | None], TapeRecord]: ...
 
     def _student_update(
         self,
@@ -593,6 +605,7 @@ class MetaPseudoLabels:
         # J = d/de log p_{theta_t + e w}(x_u): the same function as the update pass.
         self.last_jvp_path = "forward_ad"
         if tape is not None:
+            assert record is not None  # the tape is kept only with its record of the x_u pass
             jvp = self._tape_jvp(tape, record, theta_t, tangents, x_u, update_rng, buffers)
         else:
             jvp = self._forward_ad_jvp(theta_t, tangents, x_u, update_rng, buffers)
@@ -657,6 +670,7 @@ class MetaPseudoLabels:
             return None
         key, why = module_signature(self.student)
         if why is None:
+            assert key is not None  # module_signature gives a key or a reason
             entry = self._tapes.get(key)
             if entry is None:
                 # fx runs the forward on proxies, but a buffer it reads by attribute is a real
@@ -684,7 +698,8 @@ class MetaPseudoLabels:
                 self.jvp_fallback_reason = None
                 return entry
             why = entry
-        return self._no_tape(why)
+        self._no_tape(why)
+        return None
 
     def _no_tape(self, why: str, tape: TangentTape | None = None) -> None:
         """Forward AD from now on for this traced graph (``jvp="tape"``: a ConfigError)."""
@@ -698,7 +713,6 @@ class MetaPseudoLabels:
             )
         if tape is not None:  # a surprise after tracing succeeded: say so once
             warnings.warn(f"metapl: the exact step uses forward-mode AD: {why}", stacklevel=4)
-        return None
 
     def _first_record(
         self, tape: TangentTape, x_u: Tensor, s_logits: Tensor, rng: RngState
@@ -710,13 +724,15 @@ class MetaPseudoLabels:
             with replayed_rng(rng), torch.no_grad(), self._autocast(module_device(self.student)):
                 record = tape.record(x_u, buffers=tape.buffer_copies())
         except Exception as e:  # noqa: BLE001  (any failure means: not this graph)
-            return self._no_tape(f"the traced student fails ({type(e).__name__}: {e})", tape)
+            self._no_tape(f"the traced student fails ({type(e).__name__}: {e})", tape)
+            return None
         err = relative_error(record.logits, s_logits)
         if not err <= _tolerance(s_logits.dtype, self._tf32_on()):
-            return self._no_tape(
+            self._no_tape(
                 f"the traced student's logits differ from the module's (relative error {err:.2e})",
                 tape,
             )
+            return None
         return record
 
     def _tape_jvp(

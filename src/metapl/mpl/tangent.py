@@ -141,7 +141,7 @@ class TangentTape:
     Raises :class:`TapeUnsupportedError` (with the reason) for models it cannot serve.
     """
 
-    def __init__(self, module: nn.Module, trainable: Iterable[nn.Parameter]):
+    def __init__(self, module: nn.Module, trainable: Iterable[Tensor]):
         from torch.nn.utils import parametrize
 
         for m in module.modules():
@@ -150,6 +150,7 @@ class TangentTape:
         key, why = module_signature(module)
         if why is not None:
             raise TapeUnsupportedError(why)
+        assert key is not None  # module_signature gives a key or a reason
         self.key = key
         try:
             gm = fx.GraphModule(module, _Tracer().trace(module))
