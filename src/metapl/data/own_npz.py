@@ -28,6 +28,7 @@ label out of range are each a one-line :class:`~metapl.errors.DataError` naming 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal, overload
 
 import numpy as np
 from PIL import Image
@@ -37,6 +38,14 @@ from metapl.data.arrays import data_error, describe
 REQUIRED = ("x_labeled", "y_labeled", "x_unlabeled")
 OPTIONAL = ("x_test", "y_test", "class_names")
 _HOW = "write it with numpy.savez(path, x_labeled=..., y_labeled=..., x_unlabeled=...)"
+
+
+@overload
+def resolve_npz(path: Path, strict: Literal[True]) -> Path: ...
+
+
+@overload
+def resolve_npz(path: Path, strict: bool) -> Path | None: ...
 
 
 def resolve_npz(path: Path, strict: bool) -> Path | None:

@@ -339,6 +339,7 @@ def svhn_full(
     name = "svhn-full"
     _check_num_tune(name, num_tune)
     extra_path = Path(data_dir) / svhn.file_name("extra")
+    x_unlabeled: Images | None
     if unlabeled_dir is None:
         if not extra_path.is_file():  # checked first: the other files take a while to read
             raise data_error(

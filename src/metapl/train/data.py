@@ -52,12 +52,14 @@ class EpochIndices:
 
     def __init__(self, n: int, batch_size: int, seed: int, stream: str):
         self.n, self.batch_size, self.seed, self.stream = n, batch_size, seed, stream
-        self._epoch, self._perm = -1, None
+        self._epoch = -1
+        self._perm: np.ndarray | None = None
 
     def _permutation(self, epoch: int) -> np.ndarray:
         if epoch != self._epoch:
             gen = torch.Generator().manual_seed(stream_seed(self.seed, self.stream, epoch))
             self._epoch, self._perm = epoch, torch.randperm(self.n, generator=gen).numpy()
+        assert self._perm is not None  # steps, hence epochs, count from 0: never the initial -1
         return self._perm
 
     def at(self, step: int) -> np.ndarray:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 from metapl.errors import ConfigError
@@ -84,7 +85,8 @@ def open_storage(url: str):
         raise ConfigError(f"--storage {url!r} is not a database URL: {URL_HINT}") from None
     shown = parsed.render_as_string(hide_password=True)
     engine_kwargs: dict = {}
-    lock = contextlib.nullcontext  # a factory: each attempt enters a fresh one
+    # a factory: each attempt enters a fresh one
+    lock: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     sqlite = parsed.get_backend_name() == "sqlite"
     if sqlite:
         database = parsed.database or ""
