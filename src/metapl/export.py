@@ -110,6 +110,7 @@ def _save_onnx(classifier, example, info: dict, path: Path) -> None:
             )
     finally:
         quiet.setLevel(level)
+    assert program is not None  # dynamo=True, export's default, returns the program
     program.model.metadata_props.update(
         {k: v if isinstance(v, str) else json.dumps(v) for k, v in info.items()}
     )

@@ -44,7 +44,7 @@ def results_owner(path: Path) -> str | None:
     return owner if isinstance(owner, str) else None
 
 
-def write_json_atomic(path: Path, payload: dict) -> None:
+def write_json_atomic(path: Path, payload: dict | list) -> None:
     """``payload`` as JSON with sorted keys, whole or not at all (:mod:`metapl.atomic`): a reader
     (or a crash) never sees half a file, and an earlier result survives until the new one is
     complete."""

@@ -69,7 +69,7 @@ def load_data(cfg: TrainConfig) -> SSLSplit:
     else:
         if not cfg.data_dir:
             raise ConfigError(f"{cfg.dataset} needs --data-dir: the folder holding its files")
-        options = {}
+        options: dict[str, int | str] = {}
         if cfg.dataset.startswith("imagenet") or cfg.dataset in ("folder", "npz"):
             options["resolution"] = cfg.image_size
         if cfg.unlabeled_dir:
@@ -139,6 +139,8 @@ class Run:
             metrics = self.method.step(batch_source.batch(self.step))
             schedulers = list(self.schedulers.values())
         else:
+            # steps past cfg.steps exist only when finetune_steps > 0, which made both
+            assert self.finetune is not None and self.finetune_scheduler is not None
             metrics = self.finetune.step(batch_source.batch(self.step, views=()))
             metrics = {f"finetune_{k}": v for k, v in metrics.items()}
             schedulers = [self.finetune_scheduler]
@@ -175,6 +177,7 @@ class Run:
             "figure10": self.figure10,
         }
         if self.finetune is not None:
+            assert self.finetune_scheduler is not None  # made together with self.finetune
             state["finetune_optimizer"] = self.finetune.optimizers["student"].state_dict()
             state["finetune_scheduler"] = self.finetune_scheduler.state_dict()
         for name, model in self.method.models.items():
@@ -193,6 +196,7 @@ class Run:
             self.ema.load_state_dict(state["ema"])
         restore_rng(state["rng"])
         if self.finetune is not None:
+            assert self.finetune_scheduler is not None  # made together with self.finetune
             self.finetune.optimizers["student"].load_state_dict(state["finetune_optimizer"])
             self.finetune_scheduler.load_state_dict(state["finetune_scheduler"])
         self.before_finetune = state.get("before_finetune")
@@ -373,6 +377,7 @@ def train(cfg: TrainConfig, out_dir: Path | str, show_progress: bool = True, on_
         check_resumable(saved, fingerprint, ckpt_path, config=cfg.to_dict(), defaults=defaults)
     teacher_probs = None
     if cfg.uses_large_teacher:  # ReducedMPL / NoisyStudent: precompute, select, free the teacher
+        assert cfg.large_teacher  # validate() refuses a large-teacher method without one
         load_large_teacher(Path(cfg.large_teacher), split.num_classes, device)  # fail early
         if dp.is_main:
             out_dir.mkdir(parents=True, exist_ok=True)

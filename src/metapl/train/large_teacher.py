@@ -38,6 +38,7 @@ def prepare_large_teacher_data(
 ) -> tuple[SSLSplit, tuple[np.ndarray, np.ndarray]]:
     """The split with the selected unlabeled images, and the large teacher's distributions of the
     labeled and of the selected unlabeled images (row-aligned)."""
+    assert cfg.large_teacher  # validate() refuses a large-teacher method without one
     teacher = load_large_teacher(Path(cfg.large_teacher), split.num_classes, device)
     probs = []
     for name, images in (("labeled", split.x_labeled), ("unlabeled", split.x_unlabeled)):
