@@ -17,6 +17,7 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -118,7 +119,7 @@ def _numerics(run, batch, device: torch.device, precision: str, progress) -> dic
     n_l = min(len(batch.y_labeled), 64)
     sliced = (batch.x_labeled[:n_l], batch.y_labeled[:n_l], batch.x_unlabeled_strong[: 7 * n_l])
     s_opt = run.method.optimizers["student"]
-    agreement = agreement_with_float64(
+    agreement: dict[str, Any] = agreement_with_float64(  # plus the batch and precision below
         run.method.models["teacher"],
         run.method.models["student"],
         lambda params: type(s_opt)(params, **s_opt.defaults),
@@ -252,11 +253,13 @@ def run_bench(
     add("train_step_exact_uda_mpl", lambda: exact_run.method.step(source.batch(next(step))), {})
 
     assert len(benches) == kinds, "update `kinds` (the progress bar's length)"
+    # add() stored each kind's timing on the GPU, the function to time on the CPU
     if on_gpu:
-        timings = [timing for _, timing, _ in benches]
+        timings = cast(list[dict], [timing for _, timing, _ in benches])
     else:
         bar.set_postfix_str(f"{len(benches)} kinds of step per round")
-        timings = _time_interleaved([fn for _, fn, _ in benches], warmup, repeats, bar)
+        fns = cast(list[Callable[[], object]], [fn for _, fn, _ in benches])
+        timings = _time_interleaved(fns, warmup, repeats, bar)
     bar.close()
     results = []
     for (name, _, meta), timing in zip(benches, timings):
