@@ -156,7 +156,7 @@ def _train_one(job: tuple[str, int, DigitsConfig, str]) -> dict:
     run_cfg = _method_config(method, seed, cfg)
     summary = train(run_cfg, Path(out) / method / f"seed{seed}", show_progress=False)
     record = summary["results"][0]
-    out = {
+    result = {
         "method": method,
         "seed": seed,
         "accuracy": record["accuracy"],
@@ -164,11 +164,11 @@ def _train_one(job: tuple[str, int, DigitsConfig, str]) -> dict:
         "steps": record["steps"],
     }
     if "teacher_test_accuracy" in record:  # to understand MPL; the student is what is reported
-        out["teacher_accuracy"] = record["teacher_test_accuracy"]
+        result["teacher_accuracy"] = record["teacher_test_accuracy"]
     if "accuracy_before_finetune" in record:  # MPL's student, fine-tuned on the labeled data
-        out["accuracy_before_finetune"] = record["accuracy_before_finetune"]
-        out["finetune_steps"] = record["finetune_steps"]
-    return out
+        result["accuracy_before_finetune"] = record["accuracy_before_finetune"]
+        result["finetune_steps"] = record["finetune_steps"]
+    return result
 
 
 def summarize(records: list[dict]) -> dict[str, dict]:

@@ -114,16 +114,16 @@ def _run(job: tuple[str, int, ReducedConfig, str]) -> dict:
     run_cfg = _stage_config(method, seed, cfg, Path(out))
     summary = train(run_cfg, Path(out) / method / f"seed{seed}", show_progress=False)
     record = summary["results"][0]
-    out = {
+    result = {
         "method": method,
         "seed": seed,
         "accuracy": record["accuracy"],
         "steps": record["steps"],
     }
     if "accuracy_before_finetune" in record:  # --set STAGE:finetune_steps=N
-        out["accuracy_before_finetune"] = record["accuracy_before_finetune"]
-        out["finetune_steps"] = record["finetune_steps"]
-    return out
+        result["accuracy_before_finetune"] = record["accuracy_before_finetune"]
+        result["finetune_steps"] = record["finetune_steps"]
+    return result
 
 
 def run_reduced(cfg: ReducedConfig, out: Path, show_progress: bool = True) -> dict:
