@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
 import re
 import signal
@@ -226,3 +227,23 @@ def test_ctrl_c_while_the_options_are_read_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(metapl.cli, "build_parser", interrupted)
     assert main(["presets"]) == 130
     assert capsys.readouterr().err == "metapl: interrupted\n"
+
+
+def _parent_pid() -> int:
+    return os.getppid()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="workers are forked on Linux only")
+def test_workers_are_the_main_processs_children_whatever_pythons_default_start_method():
+    """Python 3.14 made a fork server Linux's default (simulated here): the workers were then the
+    server's children, and the server outlives a killed main process, so the workers went on
+    training (the test above, run on 3.14)."""
+    from metapl.experiments.workers import worker_pool
+
+    before = multiprocessing.get_start_method(allow_none=True)
+    multiprocessing.set_start_method("forkserver", force=True)
+    try:
+        with worker_pool(1) as pool:
+            assert pool.submit(_parent_pid).result(timeout=60) == os.getpid()
+    finally:
+        multiprocessing.set_start_method(before, force=True)

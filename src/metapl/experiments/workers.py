@@ -11,8 +11,10 @@ from its last checkpoint, and every file is written whole or not at all (:mod:`m
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -30,8 +32,17 @@ def _exit_when_orphaned(parent: int) -> None:
 
 def _start_worker() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # the parent as seen from here (the main process, or a fork server), read once at start
+    # the main process (see _worker_context), read once at start
     threading.Thread(target=_exit_when_orphaned, args=(os.getppid(),), daemon=True).start()
+
+
+def _worker_context() -> multiprocessing.context.BaseContext | None:
+    """Workers forked from the main process on Linux, whatever Python's default. Python 3.14
+    made a fork server Linux's default: workers would then be the server's children, and the
+    server outlives a killed main process, so the workers would not notice its death and would go
+    on training into the folders a rerun uses. Elsewhere, the platform's default (spawn), whose
+    workers are the main process's children too."""
+    return multiprocessing.get_context("fork") if sys.platform == "linux" else None
 
 
 @contextlib.contextmanager
@@ -39,7 +50,9 @@ def worker_pool(max_workers: int) -> Iterator[ProcessPoolExecutor]:
     """A process pool whose workers ignore Ctrl-C and exit when the main process dies; a
     KeyboardInterrupt in the block cancels the queued runs and terminates the running ones, then
     propagates."""
-    pool = ProcessPoolExecutor(max_workers=max_workers, initializer=_start_worker)
+    pool = ProcessPoolExecutor(
+        max_workers=max_workers, mp_context=_worker_context(), initializer=_start_worker
+    )
     try:
         yield pool
     except KeyboardInterrupt:
