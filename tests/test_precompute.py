@@ -18,7 +18,7 @@ from metapl.reduced.precompute import (
     precompute_distributions,
     sidecar_path,
 )
-from metapl.reduced.select import select_unlabeled, top_k_assignments, top_k_per_class
+from metapl.reduced.select import top_k_assignments, top_k_per_class
 
 N, C = 50, 5
 
@@ -276,34 +276,6 @@ def test_duplicate_balance_leaves_a_class_without_images_empty():
     assert indices.tolist() == [0] and assigned.tolist() == [0]
     indices, assigned = top_k_assignments(probs, 3, unique=True, balance="duplicate")
     assert indices.tolist() == [0, 0, 0, 1, 1, 1]  # short classes are repeated cyclically
-
-
-class FakeLazy:
-    """Indexes like LazyImages; ``subset`` records the indices instead of copying pixels."""
-
-    def __init__(self, ids):
-        self.ids = list(ids)
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, index):
-        raise AssertionError("select_unlabeled must not decode a lazy reader")
-
-    def subset(self, indices):
-        return FakeLazy(self.ids[int(i)] for i in indices)
-
-
-def test_select_unlabeled_arrays_and_lazy_readers():
-    images = np.arange(5, dtype=np.uint8).reshape(5, 1, 1, 1)
-    subset, assigned = select_unlabeled(images, PROBS, 2)
-    assert subset[:, 0, 0, 0].tolist() == [0, 2, 1, 2, 4, 3]
-    assert assigned.tolist() == [0, 0, 1, 1, 2, 2]
-
-    lazy, _ = select_unlabeled(FakeLazy("abcde"), PROBS, 2, unique=True)
-    assert lazy.ids == ["a", "c", "b", "e", "d"]
-    with pytest.raises(DataError, match="precomputed for other images"):
-        select_unlabeled(images[:4], PROBS, 2)
 
 
 # --- the checks a mutation audit found missing: temperature on resume, sidecar validation, chunk

@@ -8,7 +8,7 @@ import pytest
 from test_precompute import PROBS
 
 from metapl.errors import ConfigError, DataError
-from metapl.reduced.select import select_unlabeled, top_k_assignments
+from metapl.reduced.select import top_k_assignments
 
 
 def test_no_classes_selects_nothing():
@@ -20,12 +20,6 @@ def test_no_classes_selects_nothing():
 def test_k_must_be_a_true_integer(k):
     with pytest.raises(ConfigError, match="must be an integer >= 1"):
         top_k_assignments(PROBS, k)
-
-
-def test_more_images_than_probability_rows_is_refused():
-    images = np.arange(6, dtype=np.uint8).reshape(6, 1, 1, 1)
-    with pytest.raises(DataError, match="5 rows but there are 6 images"):
-        select_unlabeled(images, PROBS, 2)
 
 
 def test_a_non_finite_probability_names_its_first_row_and_its_own_class():

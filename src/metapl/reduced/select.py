@@ -27,7 +27,7 @@ of the block is then ranked with ``np.partition`` in O(N).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 
@@ -137,28 +137,3 @@ def top_k_per_class(
 ) -> np.ndarray:
     """The int64 image indices of :func:`top_k_assignments`, grouped by class."""
     return top_k_assignments(probs, k, unique=unique, balance=balance, block_bytes=block_bytes)[0]
-
-
-def select_unlabeled(
-    images: Any,
-    probs: np.ndarray,
-    k: int,
-    *,
-    unique: bool = False,
-    balance: Balance = "none",
-) -> tuple[Any, np.ndarray]:
-    """``(selected images, assigned_class)`` for the top-``k`` per class of ``probs``.
-
-    ``images`` is the collection ``probs`` was computed for: a numpy array is indexed (a copy in
-    memory), a lazy reader with ``subset`` (:class:`metapl.data.imagenet.LazyImages`) is subset
-    without decoding. Use :func:`top_k_assignments` when the indices are needed too (e.g. to gather
-    the matching rows of ``probs`` for the student).
-    """
-    if len(images) != len(probs):
-        raise data_error(
-            f"the class probabilities have {len(probs)} rows but there are {len(images)} images: "
-            "they were precomputed for other images"
-        )
-    indices, assigned = top_k_assignments(probs, k, unique=unique, balance=balance)
-    subset = getattr(images, "subset", None)
-    return (subset(indices) if callable(subset) else images[indices]), assigned
