@@ -8,14 +8,11 @@ every run (``config.json``).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from metapl.atomic import write_text_atomically
 from metapl.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -303,10 +300,6 @@ def parse_set_options(items: list[str]) -> dict[str, str]:
         key, value = item.split("=", 1)
         out[key.strip()] = value
     return out
-
-
-def save_config(cfg: TrainConfig, path) -> None:
-    write_text_atomically(Path(path), json.dumps(cfg.to_dict(), indent=1, sort_keys=True))
 
 
 def warmup_cut_to(steps: int | None, preset: TrainConfig, overrides: dict, command: str) -> dict:
