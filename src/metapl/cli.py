@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="metapl",
         description=(
             "Meta Pseudo Labels (Pham et al.) with the exact teacher gradient. "
-            "Every subcommand writes results.json and plots into --out."
+            "The training and experiment subcommands write results.json and plots into --out."
         ),
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
