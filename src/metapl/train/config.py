@@ -46,7 +46,7 @@ class TrainConfig:
     seed: int = 0
     # Evaluate on the reserved tuning split during training (never on test for selection).
     tuning: bool = False
-    # digits only: labeled examples per class and the split's seed (see metapl.data.digits)
+    # digits only: labeled examples per class (the split's seed is `seed`; see metapl.data.digits)
     labels_per_class: int = 5
     # digits only: T more labeled images per class reserved as the tuning split (0 = none; see
     # metapl.data.digits). `metapl tune` needs a tuning split: --set tune_per_class=T on digits.
