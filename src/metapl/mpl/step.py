@@ -165,7 +165,8 @@ class MetaPseudoLabels:
             targets stay in float32.
         batch_dim: the dimension of inputs and logits that indexes examples. Leading dimensions
             index independent ensemble members (e.g. stacked seeds) whose losses are summed.
-        check_inputs: check labels are in range every step (one host sync on GPU).
+        check_inputs: check every step that labels are in range and floating-point inputs are
+            finite (one host sync on GPU).
         allow_tf32: let the student's passes of the exact step (g, v and the JVP) use TF32 on
             CUDA. Off by default: TF32 costs the meta-gradient 14-20% relative error on an H200
             (docs/design.md §1); the teacher's own passes keep PyTorch's global setting.
@@ -294,7 +295,8 @@ class MetaPseudoLabels:
         teacher_x_labeled: Tensor | None = None,
         teacher_x_unlabeled: Tensor | None = None,
     ) -> dict[str, Tensor]:
-        """One MPL step of both models. Returns detached scalar tensors (no host sync).
+        """One MPL step of both models. Returns detached scalar tensors, not floats (no host sync
+        to make them; the step itself syncs only for ``check_inputs`` and its first-use checks).
 
         ``teacher_x_labeled`` / ``teacher_x_unlabeled``: what the teacher sees of the same examples,
         when it is not the student's input (ReducedMPL: the large teacher's precomputed
