@@ -8,7 +8,7 @@ ops; per-image policies are what makes the augmented views of an unlabeled batch
 
 Cost: per layer the batch is sorted into one group per op (one argsort plus one bincount, whose
 counts are the only host sync), and each op runs once, on its own group only. Every image thus goes
-through exactly ``num_ops`` ops: the work is O(N * num_ops) with at most ``num_ops * len(ops)``
+through at most ``num_ops`` ops (each applied with probability ``op_prob``): the work is O(N * num_ops) with at most ``num_ops * len(ops)``
 kernel groups, instead of O(N * len(ops)) for computing every op on every image and selecting.
 """
 
