@@ -1,7 +1,7 @@
 """Small models for the CPU-sized experiments: a CNN for 8x8 digits and an MLP.
 
 ``digits_cnn`` is sized for scikit-learn's 8x8 grayscale digits: three 3x3 conv-BN-ReLU layers
-(the second with stride 2: 8x8 -> 4x4), global average pooling, dropout, linear; about 93 k
+(the second with stride 2: 8x8 -> 4x4), global average pooling, dropout, linear; about 24 k
 parameters at the default width, a few ms per batch of 256 on a CPU. ``mlp`` maps the last axis
 (2-D toy points, or the probability vectors of the calibration teacher of Section 4.2: "a 5-layered
 MLP with ReLU") through ``depth`` hidden ReLU layers to logits.
