@@ -1,5 +1,6 @@
 """The "+MPL" rows of Table 1: the baseline's algorithm trains the teacher, plus the MPL signal;
-the student learns only the teacher's soft targets on unlabeled images."""
+the student learns the teacher's soft targets on unlabeled images (and, only with
+``student_labeled_weight`` > 0, a CE on the labeled batch)."""
 
 from __future__ import annotations
 
