@@ -231,6 +231,27 @@ def test_resume_after_sigkill_gives_exactly_the_uninterrupted_weights(
 # --- 3. corrupt checkpoint, 4. other configuration ------------------------------------------
 
 
+def test_a_checkpoint_of_another_format_version_is_refused_by_train_and_predict(tmp_path, capsys):
+    """The engine wrote format_version but nothing read it: a checkpoint of another layout (a
+    newer metapl's) was resumed, or predicted with, as if it were this one's."""
+    from metapl.errors import CheckpointError
+    from metapl.train.run_model import load_run_model
+
+    out = tmp_path / "run"
+    assert train_cli("digits-supervised", out, *tiny(4)) == 0
+    ckpt = out / "checkpoint.pt"
+    state = load_checkpoint(ckpt)
+    save_checkpoint(ckpt, {**state, "format_version": 2})
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    capsys.readouterr()
+    assert train_cli("digits-supervised", out, *tiny(6)) == 2
+    err = one_error_line(capsys.readouterr().err)
+    assert f"checkpoint {ckpt} has format version 2; this metapl reads version 1" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    with pytest.raises(CheckpointError, match="format version 2"):
+        load_run_model(out)
+
+
 def test_corrupt_checkpoint_is_exit_2_and_touches_nothing(tmp_path, capsys):
     out = tmp_path / "run"
     assert train_cli("digits-supervised", out, *tiny(4)) == 0

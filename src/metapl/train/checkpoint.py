@@ -37,6 +37,9 @@ from metapl.atomic import move_into_place, temp_file_beside, temp_prefix
 from metapl.errors import CheckpointError
 
 REQUIRED_KEYS = ("format_version", "step")
+# The layout of a training run's checkpoint.pt (the engine writes it; train, predict and export
+# read it). Bump it when the layout changes in a way an older reader would misread.
+FORMAT_VERSION = 1
 """Keys every checkpoint must hold; anything else is up to the engine."""
 
 FINGERPRINT_KEY = "config_fingerprint"
@@ -196,7 +199,8 @@ def load_checkpoint(
     if format_version is not None and state["format_version"] != format_version:
         raise CheckpointError(
             f"checkpoint {path} has format version {state['format_version']!r}; this metapl "
-            f"reads version {format_version}"
+            f"reads version {format_version}: use the metapl that wrote it, or train into "
+            "another folder"
         )
     return state
 

@@ -30,6 +30,7 @@ from metapl.models import param_groups_for_weight_decay
 from metapl.report import write_json_atomic
 from metapl.sync_batchnorm import convert_global_batchnorm
 from metapl.train.checkpoint import (
+    FORMAT_VERSION,
     capture_rng,
     check_resumable,
     config_fingerprint,
@@ -45,8 +46,6 @@ from metapl.train.guards import check_finite, check_finite_weights, to_floats
 from metapl.train.large_teacher import load_large_teacher, prepare_large_teacher_data
 from metapl.train.metrics_log import MetricsLogger
 from metapl.train.schedule import make_scheduler
-
-FORMAT_VERSION = 1
 
 
 def resolve_device(name: str) -> torch.device:
@@ -371,7 +370,7 @@ def train(cfg: TrainConfig, out_dir: Path | str, show_progress: bool = True, on_
     ckpt_path = out_dir / "checkpoint.pt"
     saved = None
     if ckpt_path.exists():
-        saved = load_checkpoint(ckpt_path)
+        saved = load_checkpoint(ckpt_path, format_version=FORMAT_VERSION)
         # Options added since the checkpoint was written count as their defaults (the old behaviour).
         defaults = TrainConfig().to_dict()
         check_resumable(saved, fingerprint, ckpt_path, config=cfg.to_dict(), defaults=defaults)

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from metapl.errors import CheckpointError, ConfigError, DataError, MetaplError
 from metapl.models import create_model
-from metapl.train.checkpoint import load_checkpoint
+from metapl.train.checkpoint import FORMAT_VERSION, load_checkpoint
 from metapl.train.config import TrainConfig, apply_overrides
 
 CLASSES_FILE = "classes.json"
@@ -164,7 +164,7 @@ def load_run_model(
             "folder of a `metapl train` run, trained first"
         )
     cfg = _read_config(config_path, name)
-    state = load_checkpoint(ckpt_path)
+    state = load_checkpoint(ckpt_path, format_version=FORMAT_VERSION)
     step, total = int(state["step"]), cfg.steps + cfg.finetune_steps
     if step < total and not allow_unfinished:
         raise CheckpointError(
