@@ -1,8 +1,8 @@
 """The image convention shared by every reader, and the checks they all make.
 
-Convention: images are ``uint8`` numpy arrays in **NHWC** order, ``[N, H, W, 3]`` RGB, one array per
-split (CIFAR-10, SVHN) or a lazy view with the same indexing (ImageNet,
-:class:`metapl.data.imagenet.LazyImages`). NHWC is what PIL decodes and what the files hold once
+Convention: images are ``uint8`` numpy arrays in **NHWC** order, ``[N, H, W, 3]`` RGB (digits: one
+gray channel, ``[N, 8, 8, 1]``), one array per split (CIFAR-10, SVHN) or a lazy view with the same
+indexing (ImageNet, :class:`metapl.data.imagenet.LazyImages`). NHWC is what PIL decodes and what the files hold once
 un-planed, and uint8 keeps CIFAR-10 + SVHN-extra in memory at a quarter of float32. Labels are
 ``int64`` numpy arrays ``[N]`` in ``0 .. num_classes - 1``.
 
@@ -40,7 +40,8 @@ def to_tensor_nchw(images: np.ndarray) -> torch.Tensor:
         array = array[None]
     if array.ndim != 4:
         raise ValueError(f"to_tensor_nchw expects [N, H, W, C] images, got shape {array.shape}")
-    # permute is a view; the float conversion makes the one contiguous copy.
+    # permute is a view; the float conversion makes the one copy, dense but in the permuted
+    # (channels_last) strides.
     return torch.from_numpy(np.ascontiguousarray(array)).permute(0, 3, 1, 2).float().div_(255.0)
 
 

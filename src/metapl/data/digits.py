@@ -9,8 +9,9 @@ from the unlabeled pool (same generator, after the K) and appends them as the la
 of the labeled set, which is :class:`SSLSplit`'s contract for tuning examples. A tuning run
 (``tuning=true``) then trains on the K per class and evaluates on the T; a final run trains on all
 K + T, as the paper's CIFAR-10 runs train on all 4,000 labels including the 400 tuning ones. The K
-labeled images are the same with or without T, and the tuning images are never unlabeled data. Images are uint8 ``[N, 8, 8, 1]`` (the 0..16 intensities scaled to 0..255), like every
-other reader's output.
+labeled images are the same with or without T, and the tuning images are never unlabeled data.
+Images are uint8 NHWC like every other reader's output, but with one gray channel: ``[N, 8, 8, 1]``
+(the 0..16 intensities scaled to 0..255).
 """
 
 from __future__ import annotations
