@@ -3,8 +3,9 @@
 The file is flat ``key = value`` lines (the format of :func:`metapl.train.presets.load_preset`),
 written here rather than with a TOML library because that is all it needs. It lists every config
 key, not only the tuned ones, so that it means the same thing if a default changes later. It leaves
-out what belongs to a machine or to the tuning runs: the device, data folders, the shortened trial
-budget (``--steps``) and ``tuning`` itself.
+out what belongs to a machine or to the tuning runs: the device, the data folder (``--data-dir``),
+the shortened trial budget (``--steps``) and ``tuning`` itself; a folder given with ``--set`` (e.g.
+``unlabeled_dir``) is kept, as every ``--set`` is.
 """
 
 from __future__ import annotations
