@@ -1,7 +1,9 @@
-"""Stop on NaN/Inf losses before they reach a checkpoint, and turn metric tensors into floats.
+"""Stop on NaN/Inf losses and weights before they reach a checkpoint, and turn metric tensors into
+floats.
 
-Both functions cost one host-device synchronisation for the whole metrics dict instead of one per
-``.item()``: on a GPU each sync stalls the pipeline, and a step logs a dozen values.
+:func:`check_finite` and :func:`to_floats` cost one host-device synchronisation for the whole
+metrics dict instead of one per ``.item()`` (:func:`check_finite_weights` one per model): on a GPU
+each sync stalls the pipeline, and a step logs a dozen values.
 """
 
 from __future__ import annotations

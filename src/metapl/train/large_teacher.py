@@ -1,6 +1,7 @@
 """ReducedMPL's first stages (Figure 5), run before the student exists.
 
-1. Load the large teacher: the student of a finished ``metapl train`` run folder.
+1. Load the large teacher: the model a finished ``metapl train`` run folder reports (its EMA if it
+   kept one, else its student).
 2. Precompute its class distributions for the labeled and unlabeled images, to memory-mapped files
    in the run folder (resumable, stamped with fingerprints of the model and the data).
 3. Keep the top-K unlabeled images per class by its confidence.
