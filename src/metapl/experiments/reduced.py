@@ -3,10 +3,11 @@
 Per seed, through the same engine and presets as the full datasets (``digits-reduced-*``):
 
 1. the large teacher (a 3x wider CNN with RandAugment) trains on the labeled digits;
-2. each student run precomputes the large teacher's distributions, keeps the top-K unlabeled
-   images per class, drops the large teacher, and trains: supervised (labeled only), NoisyStudent
-   (labeled + the large teacher's distributions under noise), ReducedMPL (the reduced MLP teacher
-   calibrates those distributions by MPL + the supervised signal).
+2. the students train: supervised (labeled only, no large teacher), NoisyStudent (labeled + the
+   large teacher's distributions under noise), ReducedMPL (the reduced MLP teacher calibrates those
+   distributions by MPL + the supervised signal). The NoisyStudent and ReducedMPL runs each first
+   precompute the large teacher's distributions, keep the top-K unlabeled images per class and
+   drop the large teacher.
 
 Writes ``results.json`` (records with "method", "seed", "accuracy") and ``figure10.png``.
 """
