@@ -1,9 +1,12 @@
 """Files that appear whole or not at all.
 
-Every result file metapl writes (checkpoints, metrics, plots, JSON summaries, exported models) is
-written to a temporary file beside its destination, flushed to disk, and renamed onto it with
-``os.replace`` (atomic on POSIX and Windows): a reader, or a crash at any instant, sees the old file
-or the new one, never half of one, and an earlier result survives until its successor is complete.
+Every result file metapl writes whole (checkpoints, plots, JSON summaries, exported models, and
+``metrics.csv`` when a run starts or resumes) is written to a temporary file beside its destination,
+flushed to disk, and renamed onto it with ``os.replace`` (atomic on POSIX and Windows): a reader, or
+a crash at any instant, sees the old file or the new one, never half of one, and an earlier result
+survives until its successor is complete. ``metrics.csv`` then grows by appended rows (a half last
+row is dropped on resume: :mod:`metapl.train.metrics_log`), and a precomputed distributions ``.npy``
+is filled in place under its own resume rule (:mod:`metapl.reduced.precompute`).
 Temporary names are ``.<name>.<random>.tmp`` in the same folder (a rename across file systems would
 not be atomic). The file gets the permissions of a plain ``open(path, "w")`` (``0666`` less the
 umask), not the ``0600`` of ``tempfile.mkstemp``, so a run folder reads the same for everyone.

@@ -11,8 +11,8 @@ run's resolution (``metapl predict`` resizes and centre-crops for you).
   (digits runs: 8x8 grayscale, C = 1; others RGB, C = 3). N is free.
 - Output ``probabilities``: float32 ``[N, num_classes]``, rows summing to 1.
 
-TorchScript files carry ``metapl.json`` (input, classes, run) as an extra file; ONNX files carry
-the same keys as metadata properties. The file is written to a temporary name beside the target and
+TorchScript files carry ``metapl.json`` (input, output, classes, model, finished) as an extra file;
+ONNX files carry the same keys as metadata properties. The file is written to a temporary name beside the target and
 renamed onto it (``os.replace``), so a crash or an error never leaves half a model behind.
 """
 
