@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from metapl.models import create_model
-from metapl.mpl.numerics import agreement_with_float64
+from metapl.mpl.numerics import agreement_with_float64, mpl_teacher_gradient
 from metapl.mpl.replay import tf32_disabled
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -75,3 +76,35 @@ def test_tf32_is_off_inside_the_exact_passes_and_restored_after():
             assert torch.backends.cudnn.allow_tf32  # nothing to do on the CPU
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
+def test_every_random_mask_is_off_in_both_copies_stochastic_depth_included():
+    """The comparison is of precision alone: the two copies draw from different generators (CPU
+    and CUDA) or from one generator at different states, so any random mask left on would be
+    compared too. EfficientNet's stochastic depth (the residual branch dropped per example) and
+    Dropout2d are masks like Dropout's: two float64 runs on the same CPU must agree exactly."""
+    from metapl.models.efficientnet import EfficientNet
+
+    torch.manual_seed(0)
+
+    def model(head_dropout: nn.Module) -> nn.Module:
+        net = EfficientNet(10, width=0.25, depth=0.5, dropout=0.0, drop_path=0.5)
+        net.dropout = head_dropout
+        return net
+
+    teacher, student = (
+        model(nn.Dropout(0.3)),
+        model(nn.Sequential(nn.Unflatten(1, (-1, 1, 1)), nn.Dropout2d(0.3), nn.Flatten())),
+    )
+    g = torch.Generator().manual_seed(1)
+    x_l, x_u = torch.rand(4, 3, 32, 32, generator=g), torch.rand(8, 3, 32, 32, generator=g)
+    batch = (x_l, torch.tensor([3, 7, 1, 2]), x_u)
+    cpu, f64 = torch.device("cpu"), torch.float64
+    a = mpl_teacher_gradient(teacher, student, _nesterov, batch, cpu, f64)
+    b = mpl_teacher_gradient(teacher, student, _nesterov, batch, cpu, f64)
+    assert a.norm() > 0
+    assert torch.equal(a, b)
+    # the originals keep their masks
+    rates = [m.drop_path_rate for m in teacher.modules() if hasattr(m, "drop_path_rate")]
+    assert max(rates) > 0
+    assert student.dropout[1].p == 0.3

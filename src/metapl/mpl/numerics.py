@@ -8,8 +8,9 @@ measures what that policy costs: the same weights and batch go through one MPL s
 under the policy on ``device`` and once in float64 on the CPU, and the teacher's MPL gradients are
 compared. `metapl bench` records it on the GPU; a test asserts it on the CPU.
 
-Dropout is switched off in both copies, because the CPU and CUDA generators (and different dtypes)
-draw different masks; BatchNorm stays in train mode with batch statistics, as in training.
+Dropout is switched off in both copies (every ``nn.Dropout*`` module, and the stochastic depth of
+EfficientNet's blocks), because the CPU and CUDA generators (and different dtypes) draw different
+masks; BatchNorm stays in train mode with batch statistics, as in training.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from metapl.models.efficientnet import MBConv
 from metapl.mpl.step import MetaPseudoLabels
 
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
@@ -28,8 +30,10 @@ OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 def _copy_without_dropout(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
     clone = copy.deepcopy(model).to(device=device, dtype=dtype)
     for module in clone.modules():
-        if isinstance(module, nn.Dropout):
+        if isinstance(module, nn.modules.dropout._DropoutNd):
             module.p = 0.0
+        if isinstance(module, MBConv):
+            module.drop_path_rate = 0.0  # stochastic depth
     return clone.train()
 
 
