@@ -1,7 +1,8 @@
 """Figure 1 and Figure 8 on TwoMoons: supervised, pseudo label (hard, soft) and MPL.
 
 Every method trains all seeds at once (one :class:`StackedMLP` member per seed) so that
-``metapl twomoons --seeds 0-9`` takes seconds on a laptop CPU. MPL here is Section 3's method alone:
+``metapl twomoons --seeds 0-9`` takes about half a minute on 2 CPU cores (25-37 s, docs/results.md,
+CPU step timings). MPL here is Section 3's method alone:
 the student learns only the teacher's soft targets on the unlabeled points; the teacher gets the MPL
 signal (exact gradient) plus the supervised signal on the 6 labeled points. No consistency loss.
 """
