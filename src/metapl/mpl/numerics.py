@@ -6,7 +6,7 @@ float32; on CUDA the student's exact passes run with TF32 off
 (:func:`metapl.mpl.replay.tf32_disabled`). This module
 measures what that policy costs: the same weights and batch go through one MPL step twice, once
 under the policy on ``device`` and once in float64 on the CPU, and the teacher's MPL gradients are
-compared. `metapl bench` records it on the GPU; a test asserts it on the CPU.
+compared. `metapl bench` records it on whatever device it runs on; a test asserts it on the CPU.
 
 Dropout is switched off in both copies (every ``nn.Dropout*`` module, and the stochastic depth of
 EfficientNet's blocks), because the CPU and CUDA generators (and different dtypes) draw different
