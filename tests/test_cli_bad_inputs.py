@@ -15,6 +15,7 @@ import json
 
 import pytest
 import torch
+from cli_helpers import for_preset
 from fake_datasets import write_svhn
 from test_train_cli import one_error_line, tiny, train_cli
 
@@ -187,7 +188,7 @@ def test_too_small_a_dataset_gives_advice_the_command_line_can_follow(tmp_path, 
 
 
 COMMANDS = {  # each writes results.json into --out; the runs are a few steps long
-    "train": ["train", "--preset", "digits-supervised", *tiny(2)],
+    "train": ["train", "--preset", "digits-supervised", *for_preset("digits-supervised", tiny(2))],
     "twomoons": ["twomoons", "--seeds", "0", "--steps", "2"],
     "digits": ["digits", "--seeds", "0", "--methods", "supervised", "--steps", "2"],
     "reduced": ["reduced", "--seeds", "0", "--methods", "supervised", "--steps", "2"],

@@ -52,7 +52,15 @@ def test_ctrl_c_is_exit_130_with_one_line(monkeypatch, capsys):
 
 
 def test_train_options_reach_the_config(tmp_path):
-    argv = ["train", "--preset", "digits-uda", "--out", str(tmp_path), "--checkpoint-every", "7"]
+    argv = [
+        "train",
+        "--preset",
+        "cifar10-4k-uda",
+        "--out",
+        str(tmp_path),
+        "--checkpoint-every",
+        "7",
+    ]
     argv += ["--seed", "4", "--device", "cpu", "--data-dir", "d", "--steps", "300"]
     cfg = cli._train_config(cli.build_parser().parse_args(argv))
     assert (cfg.checkpoint_every, cfg.seed, cfg.device, cfg.data_dir, cfg.steps) == (

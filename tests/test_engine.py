@@ -18,6 +18,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from cli_helpers import for_preset
 from fake_datasets import write_cifar10, write_svhn
 from torch import Tensor, nn
 
@@ -87,7 +88,8 @@ def test_cifar10_uda_mpl_preset_trains_on_tiny_files(tmp_path, cifar_root, capsy
 def test_cifar10_tuning_view_tests_on_the_400_tuning_images(tmp_path, cifar_root):
     out = tmp_path / "run"
     args = ["train", "--preset", "cifar10-4k-supervised", "--data-dir", str(cifar_root)]
-    args += ["--out", str(out), "--steps", "2", "--quiet", "--set", "tuning=true", *SMALL]
+    args += ["--out", str(out), "--steps", "2", "--quiet", "--set", "tuning=true"]
+    args += for_preset("cifar10-4k-supervised", SMALL)
     assert main(args) == 0
     (record,) = json.loads((out / "results.json").read_text())["results"]
     assert record["dataset"] == "cifar10-4k-tune" and "tune_accuracy" not in record
@@ -423,7 +425,16 @@ def test_cifar10_full_reduced_mpl_pipeline_on_tiny_files(tmp_path, cifar_full_ro
     data = ["--data-dir", str(cifar_full_root), "--steps", "2", "--quiet", *SMALL]
     teacher_run = tmp_path / "large"
     assert (
-        main(["train", "--preset", "cifar10-full-large-teacher", "--out", str(teacher_run), *data])
+        main(
+            [
+                "train",
+                "--preset",
+                "cifar10-full-large-teacher",
+                "--out",
+                str(teacher_run),
+                *for_preset("cifar10-full-large-teacher", data),
+            ]
+        )
         == 0
     )
     student_run = tmp_path / "student"

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import for_preset
 from torch import nn
 
 from metapl.cli import main
@@ -202,7 +203,7 @@ SYNC_BN = ["--set", "model=flat_bn_mlp_float64", "--set", "sync_batchnorm=true"]
 )
 def test_two_processes_train_like_one_on_the_whole_batch(tmp_path, preset, steps, extra):
     register_test_model()
-    args = options(steps, *extra)
+    args = for_preset(preset, options(steps, *extra))
     two, one = tmp_path / "two", tmp_path / "one"
     reports = torchrun(tmp_path, preset, two, args)
     assert main(["train", "--preset", preset, "--out", str(one), *args]) == 0
@@ -250,7 +251,8 @@ def test_batch_size_must_divide_among_the_processes(tmp_path, monkeypatch, capsy
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("LOCAL_RANK", "0")
     out = tmp_path / "run"
-    assert main(["train", "--preset", "digits-supervised", "--out", str(out), *options(1)]) == 2
+    args = for_preset("digits-supervised", options(1))
+    assert main(["train", "--preset", "digits-supervised", "--out", str(out), *args]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "batch_size 10 is not divisible by the 4 processes" in err
     assert not out.exists()

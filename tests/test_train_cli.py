@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import for_preset
 from fake_datasets import random_images, write_cifar10, write_cifar_batch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -55,7 +56,7 @@ def tiny(steps: int, log_every: int = 2, eval_every: int = 3, checkpoint_every: 
 
 
 def train_cli(preset: str, out: Path, *extra: str) -> int:
-    return main(["train", "--preset", preset, "--out", str(out), *extra])
+    return main(["train", "--preset", preset, "--out", str(out), *for_preset(preset, extra)])
 
 
 def read_rows(path: Path) -> list[tuple[int, str, str]]:
@@ -92,7 +93,8 @@ def test_train_writes_config_metrics_tensorboard_checkpoint_results(
     config = json.loads((out / "config.json").read_text())
     assert config["preset"] == preset and config["method"] == method
     assert (config["steps"], config["student_lr"], config["seed"]) == (6, 0.07, 3)
-    assert (config["batch_size"], config["unlabeled_ratio"], config["device"]) == (10, 2, "cpu")
+    assert (config["batch_size"], config["device"]) == (10, "cpu")
+    assert (config["unlabeled_ratio"] == 2) == (method != "supervised")  # no unlabeled batch there
     assert set(config) == set(TrainConfig.__dataclass_fields__)
     assert TrainConfig(**config).validate().to_dict() == config  # the resolved config, complete
 

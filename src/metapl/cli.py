@@ -79,8 +79,9 @@ def _train_config(args: argparse.Namespace):
         value = getattr(args, key, None)
         if value is not None:
             overrides[key] = value
+    explicit = [*overrides]  # --set keys and options: each must matter to this run
     overrides.update(warmup_cut_to(args.steps, cfg, overrides, "train"))
-    return apply_overrides(cfg, overrides).validate()
+    return apply_overrides(cfg, overrides).validate().check_keys_apply(explicit)
 
 
 def _cmd_train(args: argparse.Namespace) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +33,57 @@ METHODS = (
 # Methods that learn from a large teacher's precomputed distributions (Section 4.2, Table 2).
 LARGE_TEACHER_METHODS = ("noisy_student", "reduced_mpl")
 OPTIMIZERS = ("sgd", "rmsprop", "adam")
+_DEFAULT_LABELS_PER_CLASS = 5
+MPL_METHODS = tuple(m for m in METHODS if m.endswith("_mpl"))
+UDA_METHODS = ("uda", "uda_mpl")
+# Methods that draw an unlabeled batch, and those that draw a strong (RandAugment + cutout) view.
+UNLABELED_METHODS = tuple(
+    m for m in METHODS if m not in ("supervised", "label_smoothing", "randaugment")
+)
+STRONG_VIEW_METHODS = (
+    "randaugment",
+    "uda",
+    "randaugment_mpl",
+    "uda_mpl",
+    "noisy_student",
+    "reduced_mpl",
+)
+# Keys that only some methods read: key -> (those methods, how the message names them). Setting one
+# explicitly (--set) for another method is an error (TrainConfig.check_keys_apply), since the run
+# would ignore it without a word. Presets set some of them for every row of a dataset (Table 3's
+# column), so this is checked on the keys a user sets, not on the resolved values.
+METHOD_KEYS: dict[str, tuple[tuple[str, ...], str]] = {
+    **dict.fromkeys(
+        (
+            "teacher_lr",
+            "teacher_dropout",
+            "teacher_optimizer",
+            "teacher_weight_decay",
+            "mpl_temperature",
+            "mpl_weight",
+            "mpl_estimator",
+            "mpl_jvp",
+            "student_labeled_weight",
+        ),
+        (MPL_METHODS, "the +MPL methods"),
+    ),
+    "teacher_hidden": (("reduced_mpl",), "the reduced teacher"),
+    **dict.fromkeys(
+        ("uda_factor", "uda_temperature", "uda_threshold", "uda_warmup_steps"),
+        (UDA_METHODS, "the UDA methods"),
+    ),
+    "unlabeled_ratio": (UNLABELED_METHODS, "the methods with unlabeled data"),
+    **dict.fromkeys(
+        ("randaugment_ops", "randaugment_magnitude", "cutout"),
+        (STRONG_VIEW_METHODS, "the methods with a strong (RandAugment) view"),
+    ),
+    **dict.fromkeys(
+        ("large_teacher", "unlabeled_per_class"),
+        (LARGE_TEACHER_METHODS, "the large-teacher methods"),
+    ),
+}
+# Datasets whose images come at a fixed size (image_size is read by the others only).
+FIXED_SIZE_PREFIXES = ("digits", "cifar10", "svhn")
 
 
 @dataclass
@@ -47,7 +99,7 @@ class TrainConfig:
     # Evaluate on the reserved tuning split during training (never on test for selection).
     tuning: bool = False
     # digits only: labeled examples per class (the split's seed is `seed`; see metapl.data.digits)
-    labels_per_class: int = 5
+    labels_per_class: int = _DEFAULT_LABELS_PER_CLASS
     # digits only: T more labeled images per class reserved as the tuning split (0 = none; see
     # metapl.data.digits). `metapl tune` needs a tuning split: --set tune_per_class=T on digits.
     tune_per_class: int = 0
@@ -210,6 +262,11 @@ class TrainConfig:
             raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
         if self.tune_per_class < 0 or (self.tune_per_class and self.dataset != "digits"):
             raise ConfigError("tune_per_class must be >= 0, and only digits reads it")
+        if self.labels_per_class != _DEFAULT_LABELS_PER_CLASS and self.dataset != "digits":
+            raise ConfigError(
+                f"labels_per_class applies to dataset digits only; {self.dataset} does not use "
+                "it (its split fixes the labeled set): do not set it"
+            )
         if self.finetune_steps < 0 or not self.finetune_lr > 0:
             raise ConfigError("finetune_steps must be >= 0 and finetune_lr > 0")
         if self.warmup_steps < 0 or self.uda_warmup_steps < 0:
@@ -226,6 +283,58 @@ class TrainConfig:
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"{f.name} must be a finite number, got {value}")
         return self
+
+    def ignored_key(self, key: str) -> str | None:
+        """Why this run would not read config key ``key`` (a one-line error), or None if it does."""
+        if key in METHOD_KEYS:
+            methods, who = METHOD_KEYS[key]
+            if self.method not in methods:
+                return (
+                    f"{key} applies to {who} only ({', '.join(methods)}); method {self.method} "
+                    "does not use it: do not set it"
+                )
+        if key == "mpl_jvp" and self.uses_mpl and self.mpl_estimator != "exact":
+            return (
+                f"mpl_jvp applies to mpl_estimator=exact only; mpl_estimator "
+                f"{self.mpl_estimator} does not use it: do not set it"
+            )
+        if key == "finetune_lr" and self.finetune_steps == 0:
+            return "finetune_lr applies only with finetune_steps > 0: set finetune_steps too"
+        if key == "momentum" and not self.sgd_optimizers:
+            return (
+                "momentum applies to the sgd optimizers only (student_optimizer, the +MPL "
+                "methods' teacher_optimizer, fine-tuning); this run has none: do not set it"
+            )
+        if key == "labels_per_class" and self.dataset != "digits":
+            return (
+                f"labels_per_class applies to dataset digits only; {self.dataset} does not use it"
+            )
+        if key in ("data_dir", "unlabeled_dir") and self.dataset == "digits":
+            return f"{key} does not apply to dataset digits (scikit-learn ships it): do not set it"
+        if key == "image_size" and self.dataset.startswith(FIXED_SIZE_PREFIXES):
+            return (
+                f"image_size applies to imagenet-*, folder and npz only; {self.dataset}'s images "
+                "have a fixed size: do not set it"
+            )
+        return None
+
+    def check_keys_apply(self, keys: Iterable[str]) -> TrainConfig:
+        """Refuse config keys set explicitly (``--set``) that this run would ignore."""
+        for key in keys:
+            why = self.ignored_key(key)
+            if why is not None:
+                raise ConfigError(why)
+        return self
+
+    @property
+    def sgd_optimizers(self) -> list[str]:
+        """The optimizers of this run that are SGD (the ones that read ``momentum``)."""
+        out = ["student"] if self.student_optimizer == "sgd" else []
+        if self.uses_mpl and self.teacher_optimizer == "sgd":
+            out.append("teacher")
+        if self.finetune_steps > 0:
+            out.append("finetune")
+        return out
 
     @property
     def uses_mpl(self) -> bool:
