@@ -13,6 +13,8 @@ import pytest
 
 from metapl.cli import main
 from metapl.errors import ConfigError
+from metapl.experiments.digits import DigitsConfig
+from metapl.experiments.reduced import ReducedConfig
 from metapl.train.config import METHODS, TrainConfig, apply_overrides
 from metapl.train.presets import load_preset, preset_table
 
@@ -129,3 +131,22 @@ def test_labels_per_class_on_another_dataset_is_refused():
     cfg = apply_overrides(load_preset("cifar10-4k-uda-mpl"), {"labels_per_class": 40})
     with pytest.raises(ConfigError, match="labels_per_class applies to dataset digits only"):
         cfg.validate()
+
+
+def test_digits_command_refuses_a_key_for_a_method_that_ignores_it():
+    with pytest.raises(ConfigError, match="teacher_lr applies to the \\+MPL methods"):
+        DigitsConfig(overrides={"uda": {"teacher_lr": "0.1"}}).validate()
+    # for every method: an error only when none of the trained methods reads it
+    with pytest.raises(ConfigError, match="--set teacher_lr: teacher_lr applies"):
+        DigitsConfig(
+            methods=("supervised", "uda"), overrides={"*": {"teacher_lr": "0.1"}}
+        ).validate()
+    DigitsConfig(overrides={"*": {"teacher_lr": "0.1"}}).validate()  # uda_mpl reads it
+
+
+def test_reduced_command_refuses_a_key_for_a_stage_that_ignores_it():
+    with pytest.raises(ConfigError, match="stage supervised: teacher_hidden applies to"):
+        ReducedConfig(overrides={"supervised": {"teacher_hidden": "64"}}).validate()
+    with pytest.raises(ConfigError, match="--set uda_factor: uda_factor applies"):
+        ReducedConfig(overrides={"*": {"uda_factor": "2"}}).validate()
+    ReducedConfig(overrides={"*": {"teacher_hidden": "64"}}).validate()  # reduced_mpl reads it

@@ -287,6 +287,11 @@ def test_pruned_trial_stops_at_the_evaluation_that_pruned_it(tmp_path, monkeypat
         (["--preset", "svhn-1k-uda-mpl", "--set", "tune_per_class=0"], "svhn-1k has no tuning"),
         (["--preset", "digits-uda", "--stage", "both"], "use an *-mpl preset, or --stage student"),
         (["--stage", "teacher"], "run --stage student first, or --stage both"),
+        # a fixed key the preset's method does not read would be ignored by every trial
+        (
+            ["--preset", "digits-uda", "--stage", "student", "--set", "teacher_lr=0.1"],
+            "teacher_lr applies to the +MPL methods only",
+        ),
         # the dataset is read before any trial (Optuna logged it with a traceback inside trial 0)
         (
             ["--preset", "cifar10-4k-uda", "--data-dir", "nowhere", "--set", "tune_per_class=0"],

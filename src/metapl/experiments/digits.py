@@ -69,9 +69,17 @@ class DigitsConfig:
             check_command_keys(keys, COMMAND_KEYS)
         # Resolve every engine method's config now, so that an unknown key or a bad value stops
         # the command before any worker starts.
-        for method in self.methods:
-            if method in ENGINE_METHODS:
-                _method_config(method, 0, self)
+        configs = {m: _method_config(m, 0, self) for m in self.methods if m in ENGINE_METHODS}
+        # A key for one method that it does not read, or for every method that none of them
+        # reads, would be ignored without a word.
+        for target, keys in self.overrides.items():
+            if target in configs:
+                configs[target].check_keys_apply(keys)
+            elif target == "*" and configs:
+                for key in keys:
+                    reasons = [c.ignored_key(key) for c in configs.values()]
+                    if all(reasons):
+                        raise ConfigError(f"--set {key}: {reasons[0]}")
         return self
 
 

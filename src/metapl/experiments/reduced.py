@@ -75,11 +75,18 @@ class ReducedConfig:
                 )
         # Resolve every stage's config now, so that an unknown key or a bad value stops the
         # command before any worker starts; the error names the stage.
+        configs = {}
         for method in stages:
             try:
-                _stage_config(method, 0, self, Path("."))
+                configs[method] = _stage_config(method, 0, self, Path("."))
+                configs[method].check_keys_apply(self.overrides.get(method, {}))
             except ConfigError as err:
                 raise ConfigError(f"stage {method}: {err}") from None
+        # A key for every stage that none of them reads would be ignored without a word.
+        for key in self.overrides.get("*", {}):
+            reasons = [c.ignored_key(key) for c in configs.values()]
+            if all(reasons):
+                raise ConfigError(f"--set {key}: {reasons[0]}")
         return self
 
 

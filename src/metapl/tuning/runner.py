@@ -178,6 +178,7 @@ class Tuner:
         # best.toml's base: the preset and --set, without the trials' runtime options
         self.final_base = apply_overrides(load_preset(opts.preset), opts.overrides)
         self.trial_base = apply_overrides(self.final_base, opts.runtime).validate()
+        self.final_base.check_keys_apply(opts.overrides)  # a --set the preset's method ignores
         self.fixed = set(opts.overrides)
         check_tuning_split(self.trial_base)
         # A missing or malformed dataset fails here, as one line, not inside a trial (where
