@@ -353,8 +353,16 @@ def test_an_op_without_forward_ad_names_the_estimators_that_work():
 
     teacher = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
     x_l, y_l, x_u = torch.randn(5, 4), torch.randint(0, 3, (5,)), torch.randn(7, 4)
-    with pytest.raises(ConfigError, match="without forward-mode AD.*estimator='double_backward'"):
-        _mpl(teacher, student()).step(x_l, y_l, x_u)
+    for jvp in ("forward_ad", "auto"):
+        refused = student()
+        before = copy.deepcopy(refused.state_dict())
+        with pytest.raises(
+            ConfigError, match="without forward-mode AD.*estimator='double_backward'"
+        ):
+            _mpl(teacher, refused, jvp=jvp).step(x_l, y_l, x_u)
+        # found before the first step: the student did not move (it did, before)
+        assert all(torch.equal(before[k], v) for k, v in refused.state_dict().items())
+        assert all(p.grad is None for p in teacher.parameters())
     _mpl(teacher, student(), estimator="double_backward").step(x_l, y_l, x_u)
     assert all(torch.isfinite(p.grad).all() for p in teacher.parameters())
 
@@ -444,6 +452,30 @@ def test_a_labeled_batch_of_one_the_student_can_take_gives_the_unchecked_step(
                 flat(student.state_dict().values()),
                 torch.get_rng_state(),
             )
+        )
+    for checked, unchecked in zip(*results):
+        assert torch.equal(checked, unchecked)
+
+
+@pytest.mark.parametrize("jvp", ["forward_ad", "auto"])
+def test_the_first_steps_checks_leave_training_as_it_was(jvp, monkeypatch):
+    """The checks before the first exact step (replay, forward AD) draw no random numbers and
+    touch no buffer: three steps give the same teacher, student and random stream without them."""
+    import metapl.mpl.step as step_module
+
+    results = []
+    for check in (True, False):
+        if not check:
+            monkeypatch.setattr(step_module, "check_forward_ad", lambda *a: None)
+            monkeypatch.setattr(step_module, "check_replayable", lambda *a: None)
+        teacher, student, x_l, y_l, x_u = make_problem("conv", seed=4)
+        mpl = _mpl(teacher, student, jvp=jvp)
+        torch.manual_seed(9)
+        for _ in range(3):
+            mpl.step(x_l, y_l, x_u)
+        results.append(
+            (flat(teacher.state_dict().values()), flat(student.state_dict().values()))
+            + (torch.get_rng_state(),)
         )
     for checked, unchecked in zip(*results):
         assert torch.equal(checked, unchecked)

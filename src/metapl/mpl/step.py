@@ -53,7 +53,12 @@ from metapl.mpl.replay import (
     restore_buffers,
     tf32_disabled,
 )
-from metapl.mpl.student_checks import check_replayable, update_hook
+from metapl.mpl.student_checks import (
+    check_forward_ad,
+    check_replayable,
+    forward_ad_error,
+    update_hook,
+)
 from metapl.mpl.tangent import (
     JVP_MODES,
     TangentTape,
@@ -575,6 +580,7 @@ class MetaPseudoLabels:
         params = self._student_params
         if not self._replay_checked:
             check_replayable(self.student, x_u, self._autocast(device), self.autocast_dtype)
+            check_forward_ad(self.student, x_u, self._autocast(device))
             self._replay_checked = True
         theta_t = [p.detach().clone() for p in params]
         # The buffers as the update pass finds them: J must differentiate that pass's function,
@@ -651,16 +657,14 @@ class MetaPseudoLabels:
             try:
                 out = functional_call(self.student, {**buffers, **weights}, (x_u,))
             except NotImplementedError as e:
-                if "forward AD" not in str(e):
-                    raise
                 # An op PyTorch cannot push a tangent through (spectral_norm's normalize, ops
-                # with out=): say what still works, instead of autograd's internals.
+                # with out=): check_forward_ad finds it before the first step; one that only a
+                # later step's forward takes ends here.
+                error = forward_ad_error(e)
+                if error is None:
+                    raise
                 raise ConfigError(
-                    "the student's forward uses an operation without forward-mode AD "
-                    f"({str(e).splitlines()[0]}); the exact step cannot compute J with it: use "
-                    "estimator='double_backward' (the same gradient, slower) or 'first_order' "
-                    "(a torch.compile'd student runs such ops: pass the module uncompiled). "
-                    "This step has moved the student, not the teacher"
+                    f"{error} This step has moved the student, not the teacher"
                 ) from None
             return fwad.unpack_dual(F.log_softmax(upcast(out), dim=-1)).tangent
 

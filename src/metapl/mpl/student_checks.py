@@ -6,6 +6,9 @@ numbers replayed. Two kinds of student break that silently, so the step refuses 
 
 - hooks that change the update where neither the factors nor J can see them (:func:`update_hook`);
 - a forward that draws random numbers the step cannot replay (:func:`check_replayable`).
+
+And one kind fails loudly, but only after the student has moved: a forward with an operation that
+forward-mode AD cannot push a tangent through (:func:`check_forward_ad` finds it first).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.autograd.forward_ad as fwad
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -83,3 +87,52 @@ def check_replayable(
             "exact step replays torch's global generator only. Draw from torch's global "
             "generator, or use estimator='double_backward' or 'first_order'"
         )
+
+
+FORWARD_AD_HELP = (
+    "the exact step cannot compute J with it: use estimator='double_backward' (the same "
+    "gradient, slower) or 'first_order' (a torch.compile'd student runs such ops: pass the module "
+    "uncompiled)"
+)
+
+
+def forward_ad_error(err: NotImplementedError) -> ConfigError | None:
+    """The ConfigError for torch's "no forward AD for this op" error, or None for another one."""
+    if "forward AD" not in str(err):
+        return None
+    return ConfigError(
+        "the student's forward uses an operation without forward-mode AD "
+        f"({str(err).splitlines()[0]}); {FORWARD_AD_HELP}"
+    )
+
+
+def check_forward_ad(
+    student: nn.Module, x_u: Tensor, autocast: contextlib.AbstractContextManager
+) -> None:
+    """Before the first exact step: one forward of ``student`` on dual parameters (zero
+    tangents), else a :class:`ConfigError` for an op without forward-mode AD (spectral_norm's
+    normalize, embedding_bag, ops of a torch.compile'd module).
+
+    Every path of the exact step computes its first J by forward AD (the tangent tape's first J
+    is checked against it), after the student's optimizer has stepped: the error came with the
+    student moved and the teacher not. Like :func:`check_replayable`, the pass runs on copies of
+    the buffers and gives back the random numbers it draws, so training is unchanged.
+    """
+    with (
+        torch.no_grad(),
+        fwad.dual_level(),
+        replayed_rng(RngState(module_device(student))),
+        autocast,
+    ):
+        weights = {
+            name: fwad.make_dual(p.detach(), torch.zeros_like(p))
+            for name, p in student.named_parameters()
+            if p.requires_grad
+        }
+        try:
+            functional_call(student, {**buffer_copies(student), **weights}, (x_u,))
+        except NotImplementedError as e:
+            error = forward_ad_error(e)
+            if error is None:
+                raise
+            raise error from None
