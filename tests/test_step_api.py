@@ -150,6 +150,18 @@ def test_bad_batches_raise_data_error_before_anything_moves(case):
     assert _unchanged((teacher, student), before) and mpl.step_count == 0
 
 
+@pytest.mark.parametrize("where", [0, 1, 2])
+def test_a_batch_that_is_not_a_tensor_is_a_data_error(where):
+    """A dict of inputs (token ids and a mask) or a list of labels was an AttributeError from
+    inside the step."""
+    teacher, student, x_l, y_l, x_u = make_problem("mlp")
+    batch: list = [x_l, y_l, x_u]
+    batch[where] = {"ids": batch[where]} if where != 1 else batch[where].tolist()
+    name = ("x_labeled", "y_labeled", "x_unlabeled")[where]
+    with pytest.raises(DataError, match=f"{name} must be a tensor, got (dict|list)"):
+        _mpl(teacher, student).step(*batch)
+
+
 class _DictOut(nn.Module):
     def __init__(self):
         super().__init__()

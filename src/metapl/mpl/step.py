@@ -439,6 +439,13 @@ class MetaPseudoLabels:
 
     def _check_shapes(self, x_l: Tensor, y_l: Tensor, x_u: Tensor) -> None:
         """Shape and dtype mistakes that would otherwise pass silently (no host sync)."""
+        for what, x in (("x_labeled", x_l), ("y_labeled", y_l), ("x_unlabeled", x_u)):
+            if not isinstance(x, Tensor):
+                raise DataError(
+                    f"{what} must be a tensor, got {type(x).__name__}: the step passes one tensor "
+                    "per batch to the models (for a model of several inputs, e.g. token ids and a "
+                    "mask, stack them into one tensor and split it in the model's forward)"
+                )
         if y_l.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
             raise DataError(f"y_labeled must be integer class indices, got dtype {y_l.dtype}")
         bd = self.batch_dim
