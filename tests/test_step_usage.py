@@ -479,3 +479,128 @@ def test_the_first_steps_checks_leave_training_as_it_was(jvp, monkeypatch):
         )
     for checked, unchecked in zip(*results):
         assert torch.equal(checked, unchecked)
+
+
+# ----------------------------------------------------------------------------- shapes and sharing
+
+
+class _Squeezed(nn.Module):
+    """A model whose logits are not [batch, C]: ``[batch]`` or ``[batch, C, 1]``."""
+
+    def __init__(self, model: nn.Module, how: str):
+        super().__init__()
+        self.model, self.how = model, how
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.model(x)
+        return out[:, 0] if self.how == "batch" else out.unsqueeze(-1)
+
+
+def _student_state(student: nn.Module) -> Tensor:
+    return flat([*student.parameters(), *student.buffers()]).clone()
+
+
+@pytest.mark.parametrize("how", ["batch", "trailing_one"])
+@pytest.mark.parametrize("who", ["teacher", "student"])
+def test_logits_that_are_not_one_row_per_example_fail_before_the_student_moves(how, who):
+    """Logits [batch] (a squeezed binary output) or [batch, C, 1]: the softmax ran over the wrong
+    dimension, the student moved on that, then the teacher's supervised loss failed in gather
+    (a raw RuntimeError after the student's step)."""
+    teacher, student, x_l, y_l, x_u = make_problem("mlp", seed=4)
+    if who == "teacher":
+        teacher = _Squeezed(teacher, how)
+    student = _Squeezed(student, how) if who == "student" else student
+    mpl = _mpl(teacher, student)
+    before = flat(student.parameters()).clone()
+    with pytest.raises(ConfigError, match="one row of class logits per example|same classes"):
+        mpl.step(x_l, y_l, x_u)
+    assert torch.equal(flat(student.parameters()), before)
+    assert not mpl.student_optimizer.state
+
+
+@pytest.mark.parametrize("which", ["teacher_x_labeled", "teacher_x_unlabeled"])
+def test_a_teacher_view_of_another_batch_size_is_a_data_error_before_anything_moves(which):
+    """teacher_x_labeled / teacher_x_unlabeled with more or fewer examples than the student's
+    batch: the labeled one failed in the teacher's CE after the student had moved, the unlabeled one
+    inside the student's loss; both are a DataError before any forward now."""
+    from metapl.errors import DataError
+
+    teacher, student, x_l, y_l, x_u = make_problem("mlp", seed=5)
+    mpl = _mpl(teacher, student)
+    before = _student_state(student), flat([*teacher.parameters(), *teacher.buffers()]).clone()
+    x = {"teacher_x_labeled": x_l, "teacher_x_unlabeled": x_u}[which]
+    with pytest.raises(DataError, match=which):
+        mpl.step(x_l, y_l, x_u, **{which: x[:-1]})
+    assert torch.equal(_student_state(student), before[0])
+    assert torch.equal(flat([*teacher.parameters(), *teacher.buffers()]), before[1])
+    mpl.step(x_l, y_l, x_u, **{which: x.clone()})  # the same examples: fine
+
+
+@pytest.mark.parametrize("trained_by", ["student", "teacher", "both"])
+def test_a_parameter_the_teacher_and_student_share_and_train_is_a_config_error(trained_by):
+    """A layer shared by both models: the student's optimizer moved the teacher's weight in place
+    (its backward then failed), or the teacher's update moved the student's function where no
+    estimator sees it (the double-backward step was 20x off the real objective)."""
+    teacher, student, *_ = make_problem("mlp", seed=6)
+    student.fc2 = teacher.fc2
+    shared = {id(p) for p in teacher.fc2.parameters()}
+    teacher_own = [p for p in teacher.parameters() if id(p) not in shared]
+    student_own = [p for p in student.parameters() if id(p) not in shared]
+    t_params = teacher_own if trained_by == "student" else list(teacher.parameters())
+    s_params = student_own if trained_by == "teacher" else list(student.parameters())
+    with pytest.raises(ConfigError, match="share the parameter 'fc2.weight'"):
+        MetaPseudoLabels(
+            teacher, student, torch.optim.SGD(t_params, lr=0.1), torch.optim.SGD(s_params, lr=0.1)
+        )
+
+
+def test_a_frozen_parameter_the_models_share_is_allowed():
+    """Shared and in neither optimizer: a constant for both models, nothing to refuse."""
+    teacher, student, x_l, y_l, x_u = make_problem("mlp", seed=6)
+    teacher.fc1.weight.requires_grad_(False)
+    student.fc1.weight = teacher.fc1.weight
+    trainable = [p for p in student.parameters() if p.requires_grad]
+    mpl = MetaPseudoLabels(
+        teacher,
+        student,
+        torch.optim.SGD([p for p in teacher.parameters() if p.requires_grad], lr=0.1),
+        torch.optim.SGD(trainable, lr=0.2, momentum=0.9),
+    )
+    mpl.step(x_l, y_l, x_u)
+
+
+class _Tokens(nn.Module):
+    def __init__(self, sparse: bool = False):
+        super().__init__()
+        self.emb = nn.Embedding(20, 6, sparse=sparse)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.fc(torch.tanh(self.emb(ids)).mean(1))
+
+
+def test_a_student_with_sparse_gradients_fails_before_it_moves():
+    """nn.Embedding(sparse=True): forward AD cannot take the sparse w, and the step failed in
+    make_dual after the student's optimizer had stepped. Refused at construction, and at the step
+    when switched on later (or when a functional F.embedding(sparse=True) makes one)."""
+    torch.manual_seed(0)
+    teacher, student = _Tokens().to(DT), _Tokens(sparse=True).to(DT)
+    with pytest.raises(ConfigError, match="sparse"):
+        _mpl(teacher, student, torch.optim.SGD(student.parameters(), lr=0.2))
+    student.emb.sparse = False
+    mpl = _mpl(teacher, student, torch.optim.SGD(student.parameters(), lr=0.2))
+    g = torch.Generator().manual_seed(1)
+    x_l, x_u = torch.randint(0, 20, (6, 7), generator=g), torch.randint(0, 20, (8, 7), generator=g)
+    y_l = torch.randint(0, 3, (6,), generator=g)
+    mpl.step(x_l, y_l, x_u)
+    student.emb.sparse = True
+    before = flat(student.parameters()).clone()
+    with pytest.raises(ConfigError, match="sparse"):
+        mpl.step(x_l, y_l, x_u)
+    assert torch.equal(flat(student.parameters()), before)
+    student.emb.sparse = False
+    functional = _mpl(teacher, student, torch.optim.SGD(student.parameters(), lr=0.2))
+    student.emb.forward = lambda ids: F.embedding(ids, student.emb.weight, sparse=True)
+    with pytest.raises(ConfigError, match="sparse gradient"):
+        functional.step(x_l, y_l, x_u)
+    assert torch.equal(flat(student.parameters()), before)

@@ -98,6 +98,12 @@ def _needs_closure(optimizer: torch.optim.Optimizer) -> bool:
     return closure is not None and closure.default is inspect.Parameter.empty
 
 
+_SPARSE = (
+    "the student's gradients are sparse ({}): the exact teacher gradient needs dense ones; use "
+    "sparse=False or estimator='first_order'"
+)
+
+
 def _check_owned(name: str, model: nn.Module, params: list[Tensor]) -> None:
     own = {id(p) for p in model.parameters()}
     if any(id(p) not in own for p in params):
@@ -118,6 +124,11 @@ def _same_classes(student_logits: Tensor, targets: Tensor) -> None:
         raise ConfigError(
             f"the teacher has {targets.shape[-1]} classes and the student "
             f"{student_logits.shape[-1]}: both must predict the same classes"
+        )
+    if student_logits.shape != targets.shape:  # [batch] against [batch, C] broadcast, then failed
+        raise ConfigError(
+            f"the student's logits on x_unlabeled have shape {tuple(student_logits.shape)}, the "
+            f"teacher's {tuple(targets.shape)}: both must give one row of class logits per example"
         )
 
 
@@ -248,6 +259,22 @@ class MetaPseudoLabels:
             )
         if teacher is student:
             raise ConfigError("teacher and student must be two modules (two sets of weights)")
+        shared = {id(p) for p in teacher.parameters()} & {id(p) for p in student.parameters()}
+        trained = {
+            id(p)
+            for opt in (teacher_optimizer, student_optimizer)
+            for _, p in optimizer_params(opt)
+        }
+        if shared & trained:
+            # The student's optimizer would move the teacher's weight, or the teacher's would move
+            # the student's function: the step's gradient sees neither (the double-backward step was
+            # 20x off the real objective, the teacher's backward failed after the student moved).
+            name = next(n for n, p in student.named_parameters() if id(p) in shared & trained)
+            raise ConfigError(
+                f"the teacher and the student share the parameter {name!r}, which an optimizer "
+                "trains: MPL needs two sets of weights; give each model its own copy (a frozen "
+                "shared parameter that neither optimizer holds is fine)"
+            )
         for name, model, optimizer in (
             ("student", student, student_optimizer),
             ("teacher", teacher, teacher_optimizer),
@@ -336,6 +363,11 @@ class MetaPseudoLabels:
         self._follow_student_optimizer()
         self._check_student_update()
         self._check_shapes(x_labeled, y_labeled, x_unlabeled)
+        for what, teacher_x, x in (
+            ("teacher_x_labeled", teacher_x_labeled, x_labeled),
+            ("teacher_x_unlabeled", teacher_x_unlabeled, x_unlabeled),
+        ):
+            self._check_teacher_input(what, teacher_x, x)
         # Class indices as int64: what gather and cross-entropy index with (int16 and uint8
         # labels passed the checks, then failed inside the loss after the student had moved).
         y_labeled = y_labeled.long()
@@ -345,6 +377,7 @@ class MetaPseudoLabels:
             x_unlabeled if teacher_x_unlabeled is None else teacher_x_unlabeled,
             teacher_extra_inputs,
         )
+        self._check_logits(logits, y_labeled, x_unlabeled)
         if self.check_inputs:
             self._check_values(x_labeled, y_labeled, x_unlabeled, logits.labeled.shape[-1])
         self._check_labeled_batch_of_one(x_labeled, y_labeled)
@@ -428,6 +461,17 @@ class MetaPseudoLabels:
                 "none of the parameters in student_optimizer requires grad: the student has "
                 "nothing to learn"
             )
+        if self.estimator != "first_order":
+            sparse = next(
+                (
+                    n
+                    for n, m in self.student.named_modules()
+                    if isinstance(m, nn.Embedding | nn.EmbeddingBag) and m.sparse
+                ),
+                None,
+            )
+            if sparse is not None:
+                raise ConfigError(_SPARSE.format(f"its module {sparse!r} has sparse=True"))
         if self.estimator != "first_order" and not self.allow_student_hooks:
             hook = update_hook(self.student, self.student_optimizer, self._student_params)
             if hook is not None:
@@ -457,6 +501,38 @@ class MetaPseudoLabels:
         for what, x in (("x_labeled", x_l), ("x_unlabeled", x_u)):
             if x.dim() <= bd or x.shape[bd] == 0:
                 raise DataError(f"{what} has no examples (shape {tuple(x.shape)})")
+
+    def _check_teacher_input(self, what: str, teacher_x: Tensor | None, x: Tensor) -> None:
+        """The teacher's view of a batch holds the same examples as the student's: its logits pair
+        with y_labeled and the student's logits example by example (a batch of another size failed
+        inside a loss, for teacher_x_labeled after the student had moved)."""
+        if teacher_x is None:
+            return
+        if not isinstance(teacher_x, Tensor):
+            raise DataError(f"{what} must be a tensor, got {type(teacher_x).__name__}")
+        n = self.batch_dim + 1
+        if teacher_x.dim() < n or tuple(teacher_x.shape[:n]) != tuple(x.shape[:n]):
+            student_what = what.removeprefix("teacher_")
+            raise DataError(
+                f"{what} {tuple(teacher_x.shape)} and {student_what} {tuple(x.shape)} disagree: "
+                f"the teacher's view must hold the same examples (shape[:{n}] equal)"
+            )
+
+    def _check_logits(self, logits: TeacherLogits, y_l: Tensor, x_u: Tensor) -> None:
+        """Logits [..., batch, C], one row per example: a model that returns [batch] (a
+        squeezed binary output) or [batch, C, 1] would have the softmax taken over the wrong
+        dimension; the student's update ran on that and the step failed after it."""
+        n = self.batch_dim + 1
+        for what, out, x in (
+            ("labeled", logits.labeled, y_l),
+            ("unlabeled", logits.unlabeled, x_u),
+        ):
+            if out.dim() != n + 1 or tuple(out.shape[:n]) != tuple(x.shape[:n]):
+                raise ConfigError(
+                    f"the teacher's logits on the {what} batch have shape {tuple(out.shape)}; "
+                    f"expected {tuple(x.shape[:n])} + (num_classes,): one row of class logits per "
+                    "example, classes in the last dimension"
+                )
 
     def _check_labeled_batch_of_one(self, x_l: Tensor, y_l: Tensor) -> None:
         """The student meets x_l only after it has moved. A batch of one example that it cannot
@@ -604,6 +680,8 @@ class MetaPseudoLabels:
                 tape = None if record is None else tape
         else:
             losses, grads, record = self._student_update(x_u, targets.detach(), (x_l, y_l), tape)
+        if any(g is not None and g.layout != torch.strided for g in grads):
+            raise ConfigError(_SPARSE.format("a sparse gradient from the update pass"))
         factors = update_factors(self.student_optimizer, params, grads)
         self.student_optimizer.step()
 
