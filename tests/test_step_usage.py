@@ -554,6 +554,23 @@ def test_a_parameter_the_teacher_and_student_share_and_train_is_a_config_error(t
         )
 
 
+def test_a_shared_parameter_added_to_the_students_optimizer_later_is_refused_before_it_moves():
+    """add_param_group after construction is followed; a parameter the teacher shares came in
+    unchecked that way."""
+    teacher, student, x_l, y_l, x_u = make_problem("mlp", seed=6)
+    student.fc2 = teacher.fc2
+    shared = {id(p) for p in teacher.fc2.parameters()}
+    student_own = [p for p in student.parameters() if id(p) not in shared]
+    teacher_own = [p for p in teacher.parameters() if id(p) not in shared]
+    s_opt = torch.optim.SGD(student_own, lr=0.1)
+    mpl = MetaPseudoLabels(teacher, student, torch.optim.SGD(teacher_own, lr=0.1), s_opt)
+    s_opt.add_param_group({"params": list(teacher.fc2.parameters())})
+    before = flat(student.parameters()).clone()
+    with pytest.raises(ConfigError, match="share the parameter 'fc2.weight'"):
+        mpl.step(x_l, y_l, x_u)
+    assert torch.equal(flat(student.parameters()), before)
+
+
 def test_a_frozen_parameter_the_models_share_is_allowed():
     """Shared and in neither optimizer: a constant for both models, nothing to refuse."""
     teacher, student, x_l, y_l, x_u = make_problem("mlp", seed=6)

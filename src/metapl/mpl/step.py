@@ -104,6 +104,24 @@ _SPARSE = (
 )
 
 
+def _check_unshared(
+    teacher: nn.Module, student: nn.Module, optimizers: Sequence[torch.optim.Optimizer]
+) -> None:
+    """No parameter of both models may be trained by an optimizer. The student's optimizer would
+    move the teacher's weight, or the teacher's would move the student's function: the step's
+    gradient sees neither (the double-backward step was 20x off the real objective, the
+    teacher's backward failed after the student moved)."""
+    shared = {id(p) for p in teacher.parameters()} & {id(p) for p in student.parameters()}
+    trained = {id(p) for opt in optimizers for _, p in optimizer_params(opt)}
+    if shared & trained:
+        name = next(n for n, p in student.named_parameters() if id(p) in shared & trained)
+        raise ConfigError(
+            f"the teacher and the student share the parameter {name!r}, which an optimizer "
+            "trains: MPL needs two sets of weights; give each model its own copy (a frozen "
+            "shared parameter that neither optimizer holds is fine)"
+        )
+
+
 def _check_owned(name: str, model: nn.Module, params: list[Tensor]) -> None:
     own = {id(p) for p in model.parameters()}
     if any(id(p) not in own for p in params):
@@ -259,22 +277,7 @@ class MetaPseudoLabels:
             )
         if teacher is student:
             raise ConfigError("teacher and student must be two modules (two sets of weights)")
-        shared = {id(p) for p in teacher.parameters()} & {id(p) for p in student.parameters()}
-        trained = {
-            id(p)
-            for opt in (teacher_optimizer, student_optimizer)
-            for _, p in optimizer_params(opt)
-        }
-        if shared & trained:
-            # The student's optimizer would move the teacher's weight, or the teacher's would move
-            # the student's function: the step's gradient sees neither (the double-backward step was
-            # 20x off the real objective, the teacher's backward failed after the student moved).
-            name = next(n for n, p in student.named_parameters() if id(p) in shared & trained)
-            raise ConfigError(
-                f"the teacher and the student share the parameter {name!r}, which an optimizer "
-                "trains: MPL needs two sets of weights; give each model its own copy (a frozen "
-                "shared parameter that neither optimizer holds is fine)"
-            )
+        _check_unshared(teacher, student, (teacher_optimizer, student_optimizer))
         for name, model, optimizer in (
             ("student", student, student_optimizer),
             ("teacher", teacher, teacher_optimizer),
@@ -448,6 +451,9 @@ class MetaPseudoLabels:
         if [id(p) for p in params] == [id(p) for p in self._student_params]:
             return
         _check_owned("student", self.student, params)
+        _check_unshared(
+            self.teacher, self.student, (self.teacher_optimizer, self.student_optimizer)
+        )
         name_of = {id(p): n for n, p in self.student.named_parameters()}
         self._student_params = params
         self._student_names = [name_of[id(p)] for p in params]

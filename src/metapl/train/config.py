@@ -120,7 +120,9 @@ class TrainConfig:
     label_smoothing: float = 0.0
     ema_decay: float = 0.0  # 0 = no EMA of the student
     # After the main steps, fine-tune the student on the labeled data alone (later versions of the
-    # paper); results.json reports the accuracy before and after. 0 = no fine-tuning.
+    # paper); results.json reports the accuracy before and after. 0 = no fine-tuning. Fine-tuning
+    # uses SGD (Nesterov with `momentum`, `weight_decay`, `label_smoothing`) whatever
+    # student_optimizer is, with a cosine decay from finetune_lr and no warm-up.
     finetune_steps: int = 0
     finetune_lr: float = 0.01
 
