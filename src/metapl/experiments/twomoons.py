@@ -22,6 +22,7 @@ from metapl.data.twomoons import make_twomoons
 from metapl.experiments.stacked import StackedMLP
 from metapl.losses import batch_mean, hard_cross_entropy, soft_cross_entropy
 from metapl.mpl import MetaPseudoLabels
+from metapl.progress import progress_bar
 from metapl.report import write_json_atomic
 
 METHODS = ("supervised", "pseudo_label_hard", "pseudo_label_soft", "mpl")
@@ -207,13 +208,11 @@ def accuracy(model: StackedMLP, x: Tensor, y: Tensor) -> Tensor:
 
 def run(cfg: TwoMoonsConfig, show_progress: bool = False) -> dict:
     """Train every method on every seed; return records, cosine series and the trained models."""
-    from tqdm import tqdm
-
     torch.manual_seed(min(cfg.seeds))
     gen = torch.Generator().manual_seed(min(cfg.seeds))
     data = stack_data(cfg.seeds, cfg.noise)
     models, cosines = {}, {}
-    bar = tqdm(
+    bar = progress_bar(
         total=cfg.steps * len(cfg.methods), disable=not show_progress, unit="step", desc="twomoons"
     )
     tick = lambda: bar.update()  # noqa: E731

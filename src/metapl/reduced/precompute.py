@@ -32,11 +32,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from metapl.atomic import fsync_file, write_json_atomically
 from metapl.data.arrays import data_error, describe, to_tensor_nchw
 from metapl.errors import ConfigError
+from metapl.progress import progress_bar
 
 FORMAT_VERSION = 1
 """Version of the ``.npy`` + sidecar layout; a file of another version is refused."""
@@ -314,7 +314,7 @@ def precompute_distributions(
 
     was_training = model.training
     model.eval()
-    bar = tqdm(
+    bar = progress_bar(
         total=n,
         initial=done,
         disable=not progress,

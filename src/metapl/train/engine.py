@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from metapl.data.splits import SSLSplit, load_split
 from metapl.distributed import DataParallel, torchrun_process_group, torchrun_world
@@ -27,6 +26,7 @@ from metapl.errors import CheckpointError, ConfigError
 from metapl.methods.build import autocast_dtype, build_method
 from metapl.methods.supervised import SupervisedMethod
 from metapl.models import param_groups_for_weight_decay
+from metapl.progress import progress_bar
 from metapl.report import write_json_atomic
 from metapl.sync_batchnorm import convert_global_batchnorm
 from metapl.train.checkpoint import (
@@ -402,7 +402,7 @@ def train(cfg: TrainConfig, out_dir: Path | str, show_progress: bool = True, on_
     amp = autocast_dtype(cfg)
     start_time = time.perf_counter()
     with MetricsLogger(out_dir, resume_step=run.step) if dp.is_main else _NoMetrics() as logger:
-        bar = tqdm(
+        bar = progress_bar(
             total=run.total_steps,
             initial=run.step,
             disable=not show_progress or not dp.is_main,
@@ -422,7 +422,9 @@ def train(cfg: TrainConfig, out_dir: Path | str, show_progress: bool = True, on_
                 check_finite(metrics, run.step)
                 values = {**to_floats(metrics), **run.learning_rates()}
                 logger.log(run.step, values)
-                bar.set_postfix({k: f"{v:.3g}" for k, v in values.items() if "loss" in k})
+                # refresh=False: shown at the next redraw (a log file gets one every 30 s)
+                losses = {k: f"{v:.3g}" for k, v in values.items() if "loss" in k}
+                bar.set_postfix(losses, refresh=False)
             if watched is not None:
                 watched.maybe_record(run.step)
             # Rank 0 evaluates; the others wait for it in the next step's first all-reduce.
