@@ -6,7 +6,8 @@
    teacher seeing 60 images): exact (tangent tape), by double backward, and first-order.
 
 Within each part every variant is timed interleaved, round by round (on a shared machine a load
-change then hits all alike; separate runs of `metapl bench` drift by up to 10%). Median of
+change then hits all alike; separate runs of `metapl bench` drift by 10% and more, up to 19%
+between sessions in benchmarks/results/bench_cpu_*.json). Median of
 --repeats after warm-up:
 python benchmarks/memory_format_cpu.py --json benchmarks/results/memory_format_cpu.json
 """
