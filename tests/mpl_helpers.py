@@ -219,41 +219,108 @@ def cloned_buffers(module: nn.Module) -> dict[str, Tensor]:
     return {n: b.detach().clone() for n, b in module.named_buffers()}
 
 
+# Inputs as MetaPseudoLabels.step takes them: a tensor, a tuple or list of tensors, a dict of
+# tensors (examples along dimension 0 here).
+Inputs = Tensor | tuple | list | dict
+
+
+def run_on(model: nn.Module, x: Inputs, state: dict[str, Tensor] | None = None) -> Tensor:
+    """``model(x)``, ``model(*x)`` or ``model(**x)``; with ``state`` (name -> tensor) in place of
+    the model's own parameters and buffers."""
+    if isinstance(x, Tensor):
+        args, kwargs = (x,), {}
+    elif isinstance(x, dict):
+        args, kwargs = (), x
+    else:
+        args, kwargs = tuple(x), {}
+    if state is None:
+        return model(*args, **kwargs)
+    return functional_call(model, state, args, kwargs)
+
+
+def _leaves(x: Inputs) -> list[Tensor]:
+    if isinstance(x, Tensor):
+        return [x]
+    return list(x.values()) if isinstance(x, dict) else list(x)
+
+
+def teacher_targets(
+    teacher: nn.Module, state: dict[str, Tensor], x_l: Inputs, x_u: Inputs, temperature: float
+) -> Tensor:
+    """softmax(teacher(x_u) / T) as the step computes it: one forward on x_l and x_u
+    concatenated tensor by tensor when their shapes agree but for the examples, else one each."""
+    n_l = _leaves(x_l)[0].shape[0]
+    pairs = list(zip(_leaves(x_l), _leaves(x_u)))
+    if all(a.shape[1:] == b.shape[1:] for a, b in pairs):
+        cat = [torch.cat([a, b]) for a, b in pairs]
+        if isinstance(x_l, Tensor):
+            joint: Inputs = cat[0]
+        elif isinstance(x_l, dict):
+            joint = dict(zip(x_l, cat))
+        else:
+            joint = cat
+        logits_u = run_on(teacher, joint, state)[n_l:]
+    else:
+        run_on(teacher, x_l, state)  # draws its dropout mask first, as the step's forward does
+        logits_u = run_on(teacher, x_u, state)
+    return F.softmax(logits_u / temperature, dim=-1)
+
+
+def student_after_real_step(
+    teacher: nn.Module,
+    teacher_params: dict[str, Tensor],
+    student: nn.Module,
+    student_optimizer: torch.optim.Optimizer,
+    factory: OptimizerFactory,
+    x_l: Inputs,
+    y_l: Tensor,
+    x_u: Inputs,
+    *,
+    seed: int,
+    temperature: float = 1.0,
+    student_labeled_weight: float = 0.0,
+) -> nn.Module:
+    """A copy of the student after one REAL step of a copy of its optimizer on the teacher's soft
+    targets (the teacher's parameters set to ``teacher_params``), plus ``student_labeled_weight``
+    times its CE on the labeled batch. Random numbers are drawn in MetaPseudoLabels.step's order,
+    from ``seed``."""
+    s2 = copy.deepcopy(student)
+    trainable = [p for p in s2.parameters() if p.requires_grad]
+    opt2 = fresh_optimizer_like(factory, trainable, student_optimizer)
+    with torch.no_grad():
+        torch.manual_seed(seed)
+        state = {**cloned_buffers(teacher), **teacher_params}
+        q = teacher_targets(teacher, state, x_l, x_u, temperature)
+    opt2.zero_grad()
+    loss = -(q * F.log_softmax(run_on(s2, x_u), dim=-1)).sum(-1).mean()
+    if student_labeled_weight:
+        labeled = F.cross_entropy(run_on(s2, x_l, cloned_buffers(s2)), y_l)
+        loss = loss + student_labeled_weight * labeled
+    loss.backward()
+    opt2.step()
+    return s2
+
+
 def mpl_objective(
     teacher: nn.Module,
     teacher_params: dict[str, Tensor],
     student: nn.Module,
     student_optimizer: torch.optim.Optimizer,
     factory: OptimizerFactory,
-    x_l: Tensor,
+    x_l: Inputs,
     y_l: Tensor,
-    x_u: Tensor,
+    x_u: Inputs,
     *,
     seed: int,
     temperature: float = 1.0,
     student_labeled_weight: float = 0.0,
 ) -> float:
     """R(theta_{t+1}) as the teacher's parameters are set to ``teacher_params``, by brute force:
-    a copy of the student takes one REAL step of a copy of its optimizer on the teacher's soft
-    targets (plus ``student_labeled_weight`` times its CE on the labeled batch); then the
-    student's CE on the labeled batch (train mode, copies of its buffers). Random numbers are
-    drawn in MetaPseudoLabels.step's order, from ``seed``."""
-    s2 = copy.deepcopy(student)
-    trainable = [p for p in s2.parameters() if p.requires_grad]
-    opt2 = fresh_optimizer_like(factory, trainable, student_optimizer)
+    the student's CE on the labeled batch (train mode, copies of its buffers) after
+    :func:`student_after_real_step`."""
+    s2 = student_after_real_step(
+        teacher, teacher_params, student, student_optimizer, factory, x_l, y_l, x_u,
+        seed=seed, temperature=temperature, student_labeled_weight=student_labeled_weight,
+    )  # fmt: skip
     with torch.no_grad():
-        torch.manual_seed(seed)
-        t_logits = functional_call(
-            teacher, {**cloned_buffers(teacher), **teacher_params}, (torch.cat([x_l, x_u]),)
-        )
-        q = F.softmax(t_logits[x_l.shape[0] :] / temperature, dim=-1)
-    opt2.zero_grad()
-    loss = -(q * F.log_softmax(s2(x_u), dim=-1)).sum(-1).mean()
-    if student_labeled_weight:
-        labeled = F.cross_entropy(functional_call(s2, cloned_buffers(s2), (x_l,)), y_l)
-        loss = loss + student_labeled_weight * labeled
-    loss.backward()
-    opt2.step()
-    with torch.no_grad():
-        out = functional_call(s2, cloned_buffers(s2), (x_l,))
-        return float(F.cross_entropy(out, y_l))
+        return float(F.cross_entropy(run_on(s2, x_l, cloned_buffers(s2)), y_l))

@@ -150,16 +150,26 @@ def test_bad_batches_raise_data_error_before_anything_moves(case):
     assert _unchanged((teacher, student), before) and mpl.step_count == 0
 
 
-@pytest.mark.parametrize("where", [0, 1, 2])
-def test_a_batch_that_is_not_a_tensor_is_a_data_error(where):
-    """A dict of inputs (token ids and a mask) or a list of labels was an AttributeError from
-    inside the step."""
+@pytest.mark.parametrize(
+    "where, bad",
+    [(0, "x_l.npy"), (2, None), (2, {1, 2}), (1, "list")],
+    ids=["str", "None", "set", "labels as a list"],
+)
+def test_a_batch_of_an_unsupported_type_is_a_data_error(where, bad):
+    """Inputs may be tensors, tuples, lists and dicts of tensors (test_multi_input.py); anything
+    else was an AttributeError from inside the step. Labels must be a tensor."""
     teacher, student, x_l, y_l, x_u = make_problem("mlp")
     batch: list = [x_l, y_l, x_u]
-    batch[where] = {"ids": batch[where]} if where != 1 else batch[where].tolist()
+    batch[where] = y_l.tolist() if bad == "list" else bad
     name = ("x_labeled", "y_labeled", "x_unlabeled")[where]
-    with pytest.raises(DataError, match=f"{name} must be a tensor, got (dict|list)"):
+    kinds = "a tensor, a tuple or list of tensors, or a dict of str -> tensor"
+    expected = "a tensor" if where == 1 else kinds
+    before = [p.detach().clone() for m in (teacher, student) for p in m.parameters()]
+    with pytest.raises(
+        DataError, match=f"^{name} must be {expected}, got {type(batch[where]).__name__}$"
+    ):
         _mpl(teacher, student).step(*batch)
+    assert _unchanged((teacher, student), before)
 
 
 class _DictOut(nn.Module):

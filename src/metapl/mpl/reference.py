@@ -5,8 +5,10 @@ theta_{t+1} = U(theta_t, g) through a differentiable copy of the optimizer's ste
 grad_Psi R(theta_{t+1}). It consumes random numbers in the same order as
 :meth:`MetaPseudoLabels.step` (teacher forward, student forward on x_u, with a
 ``student_labeled_weight`` the student's labeled pass at theta_t, student forward on x_l), so
-with the same seed both see the same dropout masks. Nothing is modified: not the models' parameters,
-not their buffers, not the optimizer's state.
+with the same seed both see the same dropout masks. Inputs may be what the step takes (a tensor,
+a tuple or list of tensors, a dict; :mod:`metapl.mpl.inputs`), and the teacher sees them the same
+way: one forward on their concatenation when they line up, else one each. Nothing is modified: not
+the models' parameters, not their buffers, not the optimizer's state.
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from metapl.losses import batch_mean, hard_cross_entropy, soft_cross_entropy
+from metapl.mpl.inputs import Input, ModelInput, joint_forward, model_input
 from metapl.mpl.replay import buffer_copies
 from metapl.mpl.update_rules import optimizer_params, reference_update
 
@@ -25,26 +27,30 @@ def double_backward_teacher_gradient(
     teacher: nn.Module,
     student: nn.Module,
     student_optimizer: torch.optim.Optimizer,
-    x_labeled: Tensor,
+    x_labeled: Input,
     y_labeled: Tensor,
-    x_unlabeled: Tensor,
+    x_unlabeled: Input,
     *,
     temperature: float = 1.0,
     batch_dim: int = 0,
-    teacher_x_labeled: Tensor | None = None,
-    teacher_x_unlabeled: Tensor | None = None,
+    teacher_x_labeled: Input | None = None,
+    teacher_x_unlabeled: Input | None = None,
     student_labeled_weight: float = 0.0,
 ) -> list[Tensor]:
     """grad_Psi R(theta_{t+1}) for each teacher parameter (the MPL signal alone)."""
     y_labeled = y_labeled.long()  # class indices of any integer dtype, as the step takes them
-    t_l = x_labeled if teacher_x_labeled is None else teacher_x_labeled
-    t_u = x_unlabeled if teacher_x_unlabeled is None else teacher_x_unlabeled
+    x_l = model_input("x_labeled", x_labeled, batch_dim)
+    x_u = model_input("x_unlabeled", x_unlabeled, batch_dim)
+    t_l = x_l
+    if teacher_x_labeled is not None:
+        t_l = model_input("teacher_x_labeled", teacher_x_labeled, batch_dim)
+    t_u = x_u
+    if teacher_x_unlabeled is not None:
+        t_u = model_input("teacher_x_unlabeled", teacher_x_unlabeled, batch_dim)
 
     t_params = dict(teacher.named_parameters())
-    n_l = t_l.shape[batch_dim]
-    t_in = torch.cat([t_l, t_u], dim=batch_dim)
-    t_logits = functional_call(teacher, {**buffer_copies(teacher), **t_params}, (t_in,))
-    logits_u = t_logits.narrow(batch_dim, n_l, t_u.shape[batch_dim])
+    t_state = {**buffer_copies(teacher), **t_params}
+    _, logits_u = joint_forward(lambda x: _run(teacher, t_state, x), [t_l, t_u], batch_dim)
     targets = F.softmax(logits_u / temperature, dim=-1)
 
     name_of = {id(p): n for n, p in student.named_parameters()}
@@ -56,14 +62,14 @@ def double_backward_teacher_gradient(
     # The later passes see the buffers as the update pass on x_u left them, as in the step (a
     # forward that updates a buffer it reads, e.g. a step counter, sees it one step further).
     buffers = buffer_copies(student)
-    s_u = functional_call(student, {**buffers, **theta_t}, (x_unlabeled,))
+    s_u = _run(student, {**buffers, **theta_t}, x_u)
 
     def after_update() -> dict[str, Tensor]:
         return {n: b.detach().clone() for n, b in buffers.items()}
 
     loss = batch_mean(soft_cross_entropy(s_u, targets), batch_dim)
     if student_labeled_weight > 0:
-        s_l0 = functional_call(student, {**after_update(), **theta_t}, (x_labeled,))
+        s_l0 = _run(student, {**after_update(), **theta_t}, x_l)
         loss = loss + student_labeled_weight * batch_mean(
             hard_cross_entropy(s_l0, y_labeled), batch_dim
         )
@@ -71,7 +77,13 @@ def double_backward_teacher_gradient(
     found = iter(torch.autograd.grad(loss, trainable, create_graph=True, allow_unused=True))
     grads = [next(found) if p.requires_grad else None for p in theta_t.values()]
     theta_next = reference_update(student_optimizer, grads)
-    s_l = functional_call(student, {**after_update(), **dict(zip(names, theta_next))}, (x_labeled,))
+    s_l = _run(student, {**after_update(), **dict(zip(names, theta_next))}, x_l)
     risk = batch_mean(hard_cross_entropy(s_l, y_labeled), batch_dim)
     out = torch.autograd.grad(risk, list(t_params.values()), allow_unused=True)
     return [torch.zeros_like(p) if g is None else g for p, g in zip(t_params.values(), out)]
+
+
+def _run(module: nn.Module, state: dict[str, Tensor], x: ModelInput) -> Tensor:
+    out = x.functional_call(module, state)
+    assert isinstance(out, Tensor), "the oracle takes models that return a tensor of logits"
+    return out

@@ -35,7 +35,6 @@ import torch
 import torch.autograd.forward_ad as fwad
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from metapl.errors import ConfigError, DataError
 from metapl.losses import (
@@ -45,6 +44,7 @@ from metapl.losses import (
     soft_cross_entropy,
     upcast,
 )
+from metapl.mpl.inputs import Input, ModelInput, joint_forward, model_input
 from metapl.mpl.replay import (
     RngState,
     buffer_copies,
@@ -172,7 +172,8 @@ class MetaPseudoLabels:
     supervised loss plus the exact gradient of the student's labeled loss after that step.
 
     Args:
-        teacher, student: any ``nn.Module`` mapping inputs to logits ``[..., C]``.
+        teacher, student: any ``nn.Module`` mapping inputs to logits ``[..., C]``; an input may be
+            several tensors (see :meth:`step`).
         teacher_optimizer: any ``torch.optim`` optimizer over the teacher's parameters.
         student_optimizer: SGD, RMSprop, Adam or AdamW (their Appendix-B factors are exact);
             any optimizer whose ``step()`` needs no closure works with ``estimator="first_order"``.
@@ -197,8 +198,9 @@ class MetaPseudoLabels:
             started at 0; ``None`` for no moving-average baseline.
         autocast_dtype: e.g. ``torch.bfloat16`` to run forward passes under autocast; losses and
             targets stay in float32.
-        batch_dim: the dimension of inputs and logits that indexes examples. Leading dimensions
-            index independent ensemble members (e.g. stacked seeds) whose losses are summed.
+        batch_dim: the dimension of every input tensor and of the logits that indexes examples.
+            Leading dimensions index independent ensemble members (e.g. stacked seeds) whose
+            losses are summed.
         check_inputs: check every step that labels are in range and floating-point inputs are
             finite (one host sync on GPU).
         allow_tf32: let the student's passes of the exact step (g, v and the JVP) use TF32 on
@@ -322,16 +324,21 @@ class MetaPseudoLabels:
 
     def step(
         self,
-        x_labeled: Tensor,
+        x_labeled: Input,
         y_labeled: Tensor,
-        x_unlabeled: Tensor,
+        x_unlabeled: Input,
         *,
-        teacher_extra_inputs: Sequence[Tensor] = (),
-        teacher_x_labeled: Tensor | None = None,
-        teacher_x_unlabeled: Tensor | None = None,
+        teacher_extra_inputs: Sequence[Input] = (),
+        teacher_x_labeled: Input | None = None,
+        teacher_x_unlabeled: Input | None = None,
     ) -> dict[str, Tensor]:
         """One MPL step of both models. Returns detached scalar tensors, not floats (no host sync
         to make them; the step itself syncs only for ``check_inputs`` and its first-use checks).
+
+        Each input is a tensor (the model is called as ``model(x)``), a tuple or list of tensors
+        (``model(*x)``: token ids and an attention mask, say) or a dict of str -> tensor
+        (``model(**x)``); every tensor in it holds the batch's examples along ``batch_dim``
+        (:mod:`metapl.mpl.inputs`).
 
         ``teacher_x_labeled`` / ``teacher_x_unlabeled``: what the teacher sees of the same examples,
         when it is not the student's input (ReducedMPL: the large teacher's precomputed
@@ -356,34 +363,33 @@ class MetaPseudoLabels:
 
     def _step(
         self,
-        x_labeled: Tensor,
+        x_labeled: Input,
         y_labeled: Tensor,
-        x_unlabeled: Tensor,
-        teacher_extra_inputs: Sequence[Tensor],
-        teacher_x_labeled: Tensor | None,
-        teacher_x_unlabeled: Tensor | None,
+        x_unlabeled: Input,
+        teacher_extra_inputs: Sequence[Input],
+        teacher_x_labeled: Input | None,
+        teacher_x_unlabeled: Input | None,
     ) -> dict[str, Tensor]:
         self._follow_student_optimizer()
         self._check_student_update()
-        self._check_shapes(x_labeled, y_labeled, x_unlabeled)
-        for what, teacher_x, x in (
-            ("teacher_x_labeled", teacher_x_labeled, x_labeled),
-            ("teacher_x_unlabeled", teacher_x_unlabeled, x_unlabeled),
-        ):
-            self._check_teacher_input(what, teacher_x, x)
+        bd = self.batch_dim
+        x_l = model_input("x_labeled", x_labeled, bd)
+        x_u = model_input("x_unlabeled", x_unlabeled, bd)
+        self._check_shapes(x_l, y_labeled, x_u)
+        t_l = self._teacher_input("teacher_x_labeled", teacher_x_labeled, x_l)
+        t_u = self._teacher_input("teacher_x_unlabeled", teacher_x_unlabeled, x_u)
+        extras = [
+            model_input(f"teacher_extra_inputs[{i}]", x, bd)
+            for i, x in enumerate(teacher_extra_inputs)
+        ]
         # Class indices as int64: what gather and cross-entropy index with (int16 and uint8
         # labels passed the checks, then failed inside the loss after the student had moved).
-        y_labeled = y_labeled.long()
-        logits = self._teacher_forward(
-            x_labeled if teacher_x_labeled is None else teacher_x_labeled,
-            y_labeled,
-            x_unlabeled if teacher_x_unlabeled is None else teacher_x_unlabeled,
-            teacher_extra_inputs,
-        )
-        self._check_logits(logits, y_labeled, x_unlabeled)
+        y_l = y_labeled.long()
+        logits = self._teacher_forward(t_l, y_l, t_u, extras)
+        self._check_logits(logits, y_l, x_u)
         if self.check_inputs:
-            self._check_values(x_labeled, y_labeled, x_unlabeled, logits.labeled.shape[-1])
-        self._check_labeled_batch_of_one(x_labeled, y_labeled)
+            self._check_values(x_l, y_l, x_u, logits.labeled.shape[-1])
+        self._check_labeled_batch_of_one(x_l, y_l)
         targets = F.softmax(logits.unlabeled / self.temperature, dim=-1)
         # The extra loss depends on the teacher's logits alone: computed (and checked) before the
         # student moves, so that a loss of the wrong kind fails with the models as they were.
@@ -399,22 +405,13 @@ class MetaPseudoLabels:
 
         if self.estimator == "exact":
             with self._student_precision():
-                mpl_term, metrics = self._exact_student_step(
-                    x_labeled, y_labeled, x_unlabeled, targets
-                )
+                mpl_term, metrics = self._exact_student_step(x_l, y_l, x_u, targets)
         elif self.estimator == "double_backward":
-            mpl_term, metrics = self._double_backward_student_step(
-                x_labeled, y_labeled, x_unlabeled, targets
-            )
+            mpl_term, metrics = self._double_backward_student_step(x_l, y_l, x_u, targets)
         else:
-            mpl_term, metrics = self._first_order_student_step(
-                x_labeled, y_labeled, x_unlabeled, logits.unlabeled
-            )
+            mpl_term, metrics = self._first_order_student_step(x_l, y_l, x_u, logits.unlabeled)
 
-        bd = self.batch_dim
-        supervised = batch_mean(
-            hard_cross_entropy(logits.labeled, y_labeled, self.label_smoothing), bd
-        )
+        supervised = batch_mean(hard_cross_entropy(logits.labeled, y_l, self.label_smoothing), bd)
         teacher_loss = self.supervised_weight * supervised + self.mpl_weight * mpl_term
         if extra is not None:
             teacher_loss = teacher_loss + extra
@@ -487,65 +484,62 @@ class MetaPseudoLabels:
                     "pass allow_student_hooks=True if it only observes (gradient logging)"
                 )
 
-    def _check_shapes(self, x_l: Tensor, y_l: Tensor, x_u: Tensor) -> None:
+    def _check_shapes(self, x_l: ModelInput, y_l: Tensor, x_u: ModelInput) -> None:
         """Shape and dtype mistakes that would otherwise pass silently (no host sync)."""
-        for what, x in (("x_labeled", x_l), ("y_labeled", y_l), ("x_unlabeled", x_u)):
-            if not isinstance(x, Tensor):
-                raise DataError(
-                    f"{what} must be a tensor, got {type(x).__name__}: the step passes one tensor "
-                    "per batch to the models (for a model of several inputs, e.g. token ids and a "
-                    "mask, stack them into one tensor and split it in the model's forward)"
-                )
+        if not isinstance(y_l, Tensor):
+            raise DataError(f"y_labeled must be a tensor, got {type(y_l).__name__}")
         if y_l.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
             raise DataError(f"y_labeled must be integer class indices, got dtype {y_l.dtype}")
         bd = self.batch_dim
-        if y_l.dim() != bd + 1 or tuple(x_l.shape[: bd + 1]) != tuple(y_l.shape):
+        if x_l.batch_shape != tuple(y_l.shape):
             raise DataError(
-                f"x_labeled {tuple(x_l.shape)} and y_labeled {tuple(y_l.shape)} disagree: "
-                f"y_labeled must hold one class index per example (shape x_labeled.shape[:{bd + 1}])"
+                f"x_labeled's examples {x_l.batch_shape} and y_labeled {tuple(y_l.shape)} "
+                "disagree: y_labeled must hold one class index per example (shape "
+                f"x_labeled.shape[:{bd + 1}])"
             )
         for what, x in (("x_labeled", x_l), ("x_unlabeled", x_u)):
-            if x.dim() <= bd or x.shape[bd] == 0:
-                raise DataError(f"{what} has no examples (shape {tuple(x.shape)})")
+            if x.size == 0:
+                raise DataError(f"{what} has no examples (shape[:{bd + 1}] {x.batch_shape})")
 
-    def _check_teacher_input(self, what: str, teacher_x: Tensor | None, x: Tensor) -> None:
-        """The teacher's view of a batch holds the same examples as the student's: its logits pair
-        with y_labeled and the student's logits example by example (a batch of another size failed
-        inside a loss, for teacher_x_labeled after the student had moved)."""
+    def _teacher_input(self, what: str, teacher_x: Input | None, x: ModelInput) -> ModelInput:
+        """What the teacher sees of the batch ``x``: ``teacher_x``, or ``x`` itself when None.
+        It must hold the same examples as the student's: its logits pair with y_labeled and the
+        student's logits example by example (a batch of another size failed inside a loss, for
+        teacher_x_labeled after the student had moved)."""
         if teacher_x is None:
-            return
-        if not isinstance(teacher_x, Tensor):
-            raise DataError(f"{what} must be a tensor, got {type(teacher_x).__name__}")
-        n = self.batch_dim + 1
-        if teacher_x.dim() < n or tuple(teacher_x.shape[:n]) != tuple(x.shape[:n]):
+            return x
+        view = model_input(what, teacher_x, self.batch_dim)
+        if view.batch_shape != x.batch_shape:
+            n = self.batch_dim + 1
             student_what = what.removeprefix("teacher_")
             raise DataError(
-                f"{what} {tuple(teacher_x.shape)} and {student_what} {tuple(x.shape)} disagree: "
-                f"the teacher's view must hold the same examples (shape[:{n}] equal)"
+                f"{what}'s examples {view.batch_shape} and {student_what}'s {x.batch_shape} "
+                f"disagree: the teacher's view must hold the same examples (shape[:{n}] equal)"
             )
+        return view
 
-    def _check_logits(self, logits: TeacherLogits, y_l: Tensor, x_u: Tensor) -> None:
+    def _check_logits(self, logits: TeacherLogits, y_l: Tensor, x_u: ModelInput) -> None:
         """Logits [..., batch, C], one row per example: a model that returns [batch] (a
         squeezed binary output) or [batch, C, 1] would have the softmax taken over the wrong
         dimension; the student's update ran on that and the step failed after it."""
         n = self.batch_dim + 1
-        for what, out, x in (
-            ("labeled", logits.labeled, y_l),
-            ("unlabeled", logits.unlabeled, x_u),
+        for what, out, examples in (
+            ("labeled", logits.labeled, tuple(y_l.shape)),
+            ("unlabeled", logits.unlabeled, x_u.batch_shape),
         ):
-            if out.dim() != n + 1 or tuple(out.shape[:n]) != tuple(x.shape[:n]):
+            if out.dim() != n + 1 or tuple(out.shape[:n]) != examples:
                 raise ConfigError(
                     f"the teacher's logits on the {what} batch have shape {tuple(out.shape)}; "
-                    f"expected {tuple(x.shape[:n])} + (num_classes,): one row of class logits per "
+                    f"expected {examples} + (num_classes,): one row of class logits per "
                     "example, classes in the last dimension"
                 )
 
-    def _check_labeled_batch_of_one(self, x_l: Tensor, y_l: Tensor) -> None:
+    def _check_labeled_batch_of_one(self, x_l: ModelInput, y_l: Tensor) -> None:
         """The student meets x_l only after it has moved. A batch of one example that it cannot
         take in training mode (BatchNorm needs more than one value per channel) would fail there,
         with the student moved and the teacher not. So such a batch is tried once now, on copies
         of the buffers and with the random numbers given back: the step itself is unchanged."""
-        if x_l.shape[self.batch_dim] != 1 or not self.student.training:
+        if x_l.size != 1 or not self.student.training:
             return
         with torch.no_grad(), replayed_rng(RngState(module_device(self.student))):
             try:
@@ -556,11 +550,17 @@ class MetaPseudoLabels:
                     f"({err}); use at least 2 labeled examples per step"
                 ) from err
 
-    def _check_values(self, x_l: Tensor, y_l: Tensor, x_u: Tensor, num_classes: int) -> None:
-        """Labels in range and finite inputs, with one host sync for all of it."""
+    def _check_values(
+        self, x_l: ModelInput, y_l: Tensor, x_u: ModelInput, num_classes: int
+    ) -> None:
+        """Labels in range and finite inputs, with one host sync for all of it. Only floating
+        leaves can hold NaN or Inf (token ids are integers)."""
         found = [y_l.min().long(), y_l.max().long()]
         inputs = [
-            (n, x) for n, x in (("x_labeled", x_l), ("x_unlabeled", x_u)) if x.is_floating_point()
+            (name, leaf)
+            for x in (x_l, x_u)
+            for name, leaf in zip(x.names, x.leaves)
+            if leaf.is_floating_point()
         ]
         found += [torch.isfinite(x).all().long() for _, x in inputs]
         low, high, *finite = torch.stack([t.to(y_l.device) for t in found]).tolist()
@@ -592,39 +592,42 @@ class MetaPseudoLabels:
         return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
 
     def _teacher_forward(
-        self, x_l: Tensor, y_l: Tensor, x_u: Tensor, extras: Sequence[Tensor]
+        self, x_l: ModelInput, y_l: Tensor, x_u: ModelInput, extras: Sequence[ModelInput]
     ) -> TeacherLogits:
         """One teacher forward on all its inputs at once (BatchNorm sees them together, as in the
         paper's implementation); separate forwards only if the shapes cannot be concatenated."""
-        inputs = [x_l, x_u, *extras]
-        outs: Sequence[Tensor]
-        bd = self.batch_dim
         with self._autocast(module_device(self.teacher)):
-            trailing = {x.shape[:bd] + x.shape[bd + 1 :] for x in inputs}
-            if len(trailing) == 1:
-                sizes = [x.shape[bd] for x in inputs]
-                joint = _logits(self.teacher(torch.cat(inputs, dim=bd)), "teacher")
-                outs = torch.split(joint, sizes, dim=bd)
-            else:
-                outs = [_logits(self.teacher(x), "teacher") for x in inputs]
+            outs = joint_forward(
+                lambda x: _logits(x.call(self.teacher), "teacher"),
+                [x_l, x_u, *extras],
+                self.batch_dim,
+            )
         outs = [upcast(o) for o in outs]
         return TeacherLogits(outs[0], outs[1], tuple(outs[2:]), y_l, self.step_count)
 
     @overload
     def _student_update(
-        self, x_u: Tensor, targets: Tensor, labeled: tuple[Tensor, Tensor], tape: None = None
+        self,
+        x_u: ModelInput,
+        targets: Tensor,
+        labeled: tuple[ModelInput, Tensor],
+        tape: None = None,
     ) -> tuple[dict[str, Tensor], list[Tensor | None], Tensor]: ...
 
     @overload
     def _student_update(
-        self, x_u: Tensor, targets: Tensor, labeled: tuple[Tensor, Tensor], tape: TangentTape
+        self,
+        x_u: ModelInput,
+        targets: Tensor,
+        labeled: tuple[ModelInput, Tensor],
+        tape: TangentTape,
     ) -> tuple[dict[str, Tensor], list[Tensor | None], TapeRecord]: ...
 
     def _student_update(
         self,
-        x_u: Tensor,
+        x_u: ModelInput,
         targets: Tensor,
-        labeled: tuple[Tensor, Tensor],
+        labeled: tuple[ModelInput, Tensor],
         tape: TangentTape | None = None,
     ) -> tuple[dict[str, Tensor], list[Tensor | None], Tensor | TapeRecord]:
         """Forward+backward of the student on (x_u, targets), plus its labeled CE on ``labeled``
@@ -632,12 +635,13 @@ class MetaPseudoLabels:
         (metrics), the gradients and the x_u logits, or with a ``tape`` its record of the x_u
         pass (the same computation, keeping what the tangent pass needs)."""
         with self._autocast(module_device(self.student)):
+            out: Tensor | TapeRecord
             if tape is None:
-                out = s_logits = self.student(x_u)
+                out = s_logits = _logits(x_u.call(self.student), "student")
             else:
-                out = tape.record(x_u)
+                out = tape.record(x_u.args, x_u.kwargs)
                 s_logits = out.logits
-        _same_classes(_logits(s_logits, "student"), targets)
+        _same_classes(s_logits, targets)
         unlabeled = batch_mean(soft_cross_entropy(upcast(s_logits), targets), self.batch_dim)
         loss, losses = unlabeled, {"student_unlabeled": unlabeled.detach()}
         if self.student_labeled_weight > 0:
@@ -653,17 +657,17 @@ class MetaPseudoLabels:
         return losses, grads, out
 
     def _labeled_loss(
-        self, x_l: Tensor, y_l: Tensor, weights: dict[str, Tensor] | None = None
+        self, x_l: ModelInput, y_l: Tensor, weights: dict[str, Tensor] | None = None
     ) -> Tensor:
         """The student's per-member labeled CE without touching its running statistics, with its
         own parameters or ``weights`` (name -> tensor) in their place."""
         with self._autocast(module_device(self.student)):
             state = {**buffer_copies(self.student), **(weights or {})}
-            s_logits = functional_call(self.student, state, (x_l,))
+            s_logits = _logits(x_l.functional_call(self.student, state), "student")
         return member_mean(hard_cross_entropy(upcast(s_logits), y_l), self.batch_dim)
 
     def _exact_student_step(
-        self, x_l: Tensor, y_l: Tensor, x_u: Tensor, targets: Tensor
+        self, x_l: ModelInput, y_l: Tensor, x_u: ModelInput, targets: Tensor
     ) -> tuple[Tensor, dict[str, Tensor]]:
         device = module_device(self.student)
         params = self._student_params
@@ -679,9 +683,9 @@ class MetaPseudoLabels:
         tape = self._tape()  # (tracing a new graph runs the forward: before the copies)
         buffers = buffer_copies(self.student)
         record = None
-        if tape is None or not tape.checked:
+        if tape is None or x_u.structure not in tape.checked:
             losses, grads, s_logits = self._student_update(x_u, targets.detach(), (x_l, y_l))
-            if tape is not None:  # first use of this graph: also record it, and compare
+            if tape is not None:  # first use of this graph with x_u's structure: record, compare
                 record = self._first_record(tape, x_u, s_logits, update_rng)
                 tape = None if record is None else tape
         else:
@@ -732,7 +736,7 @@ class MetaPseudoLabels:
         self,
         theta_t: list[Tensor],
         tangents: dict[str, Tensor],
-        x_u: Tensor,
+        x_u: ModelInput,
         rng: RngState,
         buffers: dict[str, Tensor],
     ) -> Tensor | None:
@@ -746,7 +750,7 @@ class MetaPseudoLabels:
                 for n, p in zip(self._student_names, theta_t)
             }
             try:
-                out = functional_call(self.student, {**buffers, **weights}, (x_u,))
+                out = x_u.functional_call(self.student, {**buffers, **weights})
             except NotImplementedError as e:
                 # An op PyTorch cannot push a tangent through (spectral_norm's normalize, ops
                 # with out=): check_forward_ad finds it before the first step; one that only a
@@ -757,7 +761,8 @@ class MetaPseudoLabels:
                 raise ConfigError(
                     f"{error} This step has moved the student, not the teacher"
                 ) from None
-            return fwad.unpack_dual(F.log_softmax(upcast(out), dim=-1)).tangent
+            log_p = F.log_softmax(upcast(_logits(out, "student")), dim=-1)
+            return fwad.unpack_dual(log_p).tangent
 
     # ------------------------------------------------------------------ the tangent tape
 
@@ -812,14 +817,14 @@ class MetaPseudoLabels:
             warnings.warn(f"metapl: the exact step uses forward-mode AD: {why}", stacklevel=4)
 
     def _first_record(
-        self, tape: TangentTape, x_u: Tensor, s_logits: Tensor, rng: RngState
+        self, tape: TangentTape, x_u: ModelInput, s_logits: Tensor, rng: RngState
     ) -> TapeRecord | None:
         """The first use of a traced graph: the module itself has just run the update pass; run the
         graph on the same random numbers (no grad, copies of the buffers) and compare, so that a
         graph that computes something else (Python state fx baked in) never trains the student."""
         try:
             with replayed_rng(rng), torch.no_grad(), self._autocast(module_device(self.student)):
-                record = tape.record(x_u, buffers=tape.buffer_copies())
+                record = tape.record(x_u.args, x_u.kwargs, buffers=tape.buffer_copies())
         except Exception as e:  # noqa: BLE001  (any failure means: not this graph)
             self._no_tape(f"the traced student fails ({type(e).__name__}: {e})", tape)
             return None
@@ -838,12 +843,13 @@ class MetaPseudoLabels:
         record: TapeRecord,
         theta_t: list[Tensor],
         tangents: dict[str, Tensor],
-        x_u: Tensor,
+        x_u: ModelInput,
         rng: RngState,
         buffers: dict[str, Tensor],
     ) -> Tensor | None:
         """J from the record: tangents only; forward AD (from now on) if that fails. Sets
-        ``last_jvp_path``. The first J of a graph is also computed by forward AD and compared."""
+        ``last_jvp_path``. The first J of a graph for each input structure is also computed by
+        forward AD and compared."""
         device = module_device(self.student)
         params = self._student_params
         theta = {id(p): th for p, th in zip(params, theta_t)}
@@ -861,11 +867,11 @@ class MetaPseudoLabels:
             self._no_tape(str(e), tape)
             return self._forward_ad_jvp(theta_t, tangents, x_u, rng, buffers)
         except Exception as e:  # noqa: BLE001
-            if tape.checked:
+            if x_u.structure in tape.checked:
                 raise
             self._no_tape(f"the tangent pass fails ({type(e).__name__}: {e})", tape)
             return self._forward_ad_jvp(theta_t, tangents, x_u, rng, buffers)
-        if not tape.checked:  # first use: the same J as forward AD, or not this graph
+        if x_u.structure not in tape.checked:  # first use: J as forward AD's, or not this graph
             ref = self._forward_ad_jvp(theta_t, tangents, x_u, rng, buffers)
             zero = torch.zeros(())
             err = relative_error(zero if jvp is None else jvp, zero if ref is None else ref)
@@ -873,12 +879,12 @@ class MetaPseudoLabels:
                 reason = f"the tangent pass differs from forward-mode AD (relative error {err:.2e})"
                 self._no_tape(reason, tape)
                 return ref
-            tape.checked = True
+            tape.checked.add(x_u.structure)
         self.last_jvp_path = "tape"
         return jvp
 
     def _double_backward_student_step(
-        self, x_l: Tensor, y_l: Tensor, x_u: Tensor, targets: Tensor
+        self, x_l: ModelInput, y_l: Tensor, x_u: ModelInput, targets: Tensor
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """The exact gradient by a second-order graph (docs/design.md §1's oracle, as a step).
 
@@ -896,10 +902,11 @@ class MetaPseudoLabels:
         # real step does not move it (it moved in this graph: 2% off the real teacher gradient).
         theta_t = [p.detach().clone().requires_grad_(p.requires_grad) for p in params]
         with self._autocast(device):
-            s_logits = functional_call(
-                self.student, dict(zip(self._student_names, theta_t)), (x_u,)
+            s_logits = _logits(
+                x_u.functional_call(self.student, dict(zip(self._student_names, theta_t))),
+                "student",
             )
-        _same_classes(_logits(s_logits, "student"), targets)
+        _same_classes(s_logits, targets)
         unlabeled = batch_mean(soft_cross_entropy(upcast(s_logits), targets), self.batch_dim)
         student_loss, losses = unlabeled, {"student_unlabeled": unlabeled.detach()}
         if self.student_labeled_weight > 0:  # as _student_update: own pass, buffers untouched
@@ -919,7 +926,7 @@ class MetaPseudoLabels:
         }
 
     def _first_order_student_step(
-        self, x_l: Tensor, y_l: Tensor, x_u: Tensor, teacher_logits_u: Tensor
+        self, x_l: ModelInput, y_l: Tensor, x_u: ModelInput, teacher_logits_u: Tensor
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """REINFORCE with the first-order reward (later versions of the paper, docs/design.md §2).
 

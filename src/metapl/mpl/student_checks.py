@@ -18,10 +18,10 @@ import contextlib
 import torch
 import torch.autograd.forward_ad as fwad
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from metapl.errors import ConfigError
 from metapl.losses import upcast
+from metapl.mpl.inputs import ModelInput
 from metapl.mpl.replay import RngState, buffer_copies, module_device, replayed_rng
 from metapl.mpl.tangent import relative_error
 
@@ -56,7 +56,7 @@ def update_hook(model: nn.Module, optimizer: torch.optim.Optimizer, params) -> s
 
 def check_replayable(
     student: nn.Module,
-    x_u: Tensor,
+    x_u: ModelInput,
     autocast: contextlib.AbstractContextManager,
     autocast_dtype: torch.dtype | None,
 ) -> None:
@@ -73,7 +73,7 @@ def check_replayable(
     with torch.no_grad(), autocast:
         for _ in range(2):
             with replayed_rng(rng):
-                out = functional_call(student, buffer_copies(student), (x_u,))
+                out = x_u.functional_call(student, buffer_copies(student))
             if not isinstance(out, Tensor):
                 return  # not logits: the step's own check says so
             outs.append(upcast(out))
@@ -107,7 +107,7 @@ def forward_ad_error(err: NotImplementedError) -> ConfigError | None:
 
 
 def check_forward_ad(
-    student: nn.Module, x_u: Tensor, autocast: contextlib.AbstractContextManager
+    student: nn.Module, x_u: ModelInput, autocast: contextlib.AbstractContextManager
 ) -> None:
     """Before the first exact step: one forward of ``student`` on dual parameters (zero
     tangents), else a :class:`ConfigError` for an op without forward-mode AD (spectral_norm's
@@ -130,7 +130,7 @@ def check_forward_ad(
             if p.requires_grad
         }
         try:
-            functional_call(student, {**buffer_copies(student), **weights}, (x_u,))
+            x_u.functional_call(student, {**buffer_copies(student), **weights})
         except NotImplementedError as e:
             error = forward_ad_error(e)
             if error is None:

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import inspect
 import operator
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -135,7 +135,8 @@ class TangentTape:
     rules need, :meth:`tangent` propagates a parameter tangent through the recorded pass.
 
     Args:
-        module: the student (any ``nn.Module`` ``x -> logits`` that ``torch.fx`` can trace).
+        module: the student (any ``nn.Module`` ``inputs -> logits`` that ``torch.fx`` can trace;
+            each argument of its forward becomes a placeholder of the graph).
         trainable: the parameters that may carry a tangent (the student optimizer's).
 
     Raises :class:`TapeUnsupportedError` (with the reason) for models it cannot serve.
@@ -241,7 +242,10 @@ class TangentTape:
         ]
         self._has_generic = any(s.generic for s in self._steps)
         self._gm = self._record_module(gm, nodes, meta_nodes)
-        self.checked = False  # set by the step once a record and a tangent matched the module's
+        # The call structures (ModelInput.structure) for which the step has seen a record and a
+        # tangent match the module's: fx traced every argument of the forward as a proxy, also one
+        # that a call leaves at its default, so each way of calling the graph is checked once.
+        self.checked: set[Hashable] = set()
         self.num_nodes = len(nodes)
 
     # ------------------------------------------------------------------ building
@@ -750,14 +754,23 @@ class TangentTape:
 
     # ------------------------------------------------------------------ running
 
-    def record(self, x: Tensor, *, buffers: dict[str, Tensor] | None = None) -> TapeRecord:
-        """The student's forward on ``x`` (autograd as usual), keeping what :meth:`tangent` needs.
-        ``buffers``: run on these instead of the modules' own (a side pass that must not touch the
-        running statistics)."""
+    def record(
+        self,
+        args: Tensor | tuple,
+        kwargs: dict[str, Tensor] | None = None,
+        *,
+        buffers: dict[str, Tensor] | None = None,
+    ) -> TapeRecord:
+        """The student's forward (autograd as usual) on ``args`` (one tensor or a tuple of
+        positional arguments) and ``kwargs``, keeping what :meth:`tangent` needs. ``buffers``: run
+        on these instead of the modules' own (a side pass that must not touch the running
+        statistics)."""
+        args = args if isinstance(args, tuple) else (args,)
+        kwargs = kwargs or {}
         if buffers is None:
-            logits, saved, metas = self._gm(x)
+            logits, saved, metas = self._gm(*args, **kwargs)
         else:
-            logits, saved, metas = functional_call(self._gm, buffers, (x,))
+            logits, saved, metas = functional_call(self._gm, buffers, args, kwargs)
         if self._check_keys:
             # A saved value that shares memory with a trainable parameter (a view of a weight)
             # would change under optimizer.step(): keep a copy of what this pass saw.

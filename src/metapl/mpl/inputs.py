@@ -1,0 +1,136 @@
+"""Batches that are not one tensor: token ids and an attention mask, say.
+
+The step hands each batch to the models as the caller gave it: a tensor ``x`` as ``model(x)``, a
+tuple or list of tensors as ``model(*x)``, a dict of str -> tensor as ``model(**x)``. Every tensor
+(a *leaf*) holds the same examples along ``batch_dim``. The step differentiates the models'
+parameters, never their inputs, so integer leaves (token ids) need nothing special: no tangent
+reaches them in any pass.
+
+One level only: a leaf that is itself a container (a tuple inside a dict) is a
+:class:`~metapl.errors.DataError`. It would reach the model as one argument whose tensors the step
+could neither check nor concatenate; flattening it into the tuple or dict costs the caller one line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from metapl.errors import DataError
+
+Input = Tensor | Sequence[Tensor] | Mapping[str, Tensor]
+
+_KINDS = "a tensor, a tuple or list of tensors, or a dict of str -> tensor"
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    """One batch as a model takes it: ``model(*args, **kwargs)``, checked once by
+    :func:`model_input`. ``names`` label the leaves (``args`` then ``kwargs``) in messages;
+    ``batch_shape`` is every leaf's ``shape[:batch_dim + 1]``, the number of examples last."""
+
+    args: tuple[Tensor, ...]
+    kwargs: dict[str, Tensor]
+    names: tuple[str, ...]
+    batch_shape: tuple[int, ...]
+
+    @property
+    def size(self) -> int:
+        """The number of examples (per ensemble member, with ``batch_dim`` > 0)."""
+        return self.batch_shape[-1]
+
+    @property
+    def leaves(self) -> tuple[Tensor, ...]:
+        return (*self.args, *self.kwargs.values())
+
+    @property
+    def structure(self) -> tuple[int, tuple[str, ...]]:
+        """How the model is called, whatever the values: a traced graph is checked per call
+        structure, since fx traced every argument of the forward, also one left at its default."""
+        return len(self.args), tuple(self.kwargs)
+
+    def call(self, model: Callable) -> object:
+        return model(*self.args, **self.kwargs)
+
+    def functional_call(self, module: nn.Module, state: dict[str, Tensor]) -> object:
+        """``module`` run with ``state`` (parameter and buffer name -> tensor) in place of its own."""
+        return functional_call(module, state, self.args, self.kwargs)
+
+    def with_leaves(self, leaves: Sequence[Tensor], batch_shape: tuple[int, ...]) -> ModelInput:
+        """The same call structure holding ``leaves`` (in :attr:`leaves` order)."""
+        n = len(self.args)
+        return ModelInput(
+            tuple(leaves[:n]), dict(zip(self.kwargs, leaves[n:])), self.names, batch_shape
+        )
+
+
+def model_input(name: str, x: object, batch_dim: int) -> ModelInput:
+    """``x`` (a tensor, a tuple or list of tensors, a dict of str -> tensor) as a
+    :class:`ModelInput`, or a :class:`DataError` naming the part of ``x`` that is wrong."""
+    args: tuple = ()
+    kwargs: dict = {}
+    names: tuple[str, ...]
+    if isinstance(x, Tensor):
+        args, names = (x,), (name,)
+    elif isinstance(x, tuple | list):
+        args, names = tuple(x), tuple(f"{name}[{i}]" for i in range(len(x)))
+    elif isinstance(x, Mapping):
+        bad = next((k for k in x if not isinstance(k, str)), None)
+        if bad is not None:
+            raise DataError(f"{name} has the key {bad!r}: a dict input needs str keys (model(**x))")
+        kwargs = dict(sorted(x.items()))  # keyword order is no part of the call: one structure
+        names = tuple(f"{name}[{k!r}]" for k in kwargs)
+    else:
+        raise DataError(f"{name} must be {_KINDS}, got {type(x).__name__}")
+    if not names:
+        raise DataError(f"{name} holds no tensors: the model needs at least one input")
+    leaves = (*args, *kwargs.values())
+    for leaf_name, leaf in zip(names, leaves):
+        if isinstance(leaf, tuple | list | Mapping):
+            raise DataError(
+                f"{leaf_name} is a {type(leaf).__name__}: nested containers are not supported; "
+                f"flatten {name} into one tuple or dict of tensors"
+            )
+        if not isinstance(leaf, Tensor):
+            raise DataError(f"{leaf_name} must be a tensor, got {type(leaf).__name__}")
+    n = batch_dim + 1
+    for leaf_name, leaf in zip(names, leaves):
+        if leaf.dim() < n:
+            raise DataError(f"{leaf_name} has no examples (shape {tuple(leaf.shape)})")
+    batch_shape = tuple(leaves[0].shape[:n])
+    for leaf_name, leaf in zip(names[1:], leaves[1:]):
+        if tuple(leaf.shape[:n]) != batch_shape:
+            raise DataError(
+                f"{leaf_name} has shape[:{n}] {tuple(leaf.shape[:n])}, {names[0]} {batch_shape}: "
+                f"every tensor of {name} must hold the same examples along batch_dim {batch_dim}"
+            )
+    return ModelInput(args, kwargs, names, batch_shape)
+
+
+def concatenated(inputs: Sequence[ModelInput], batch_dim: int) -> ModelInput | None:
+    """The inputs as one batch, leaf by leaf along ``batch_dim``, or None when they do not line up
+    (another call structure, or a leaf whose shape differs elsewhere than along ``batch_dim``)."""
+    first = inputs[0]
+    if any(x.structure != first.structure for x in inputs):
+        return None
+    columns = list(zip(*(x.leaves for x in inputs)))
+    for column in columns:
+        if len({t.shape[:batch_dim] + t.shape[batch_dim + 1 :] for t in column}) != 1:
+            return None
+    batch_shape = (*first.batch_shape[:-1], sum(x.size for x in inputs))
+    return first.with_leaves([torch.cat(c, dim=batch_dim) for c in columns], batch_shape)
+
+
+def joint_forward(
+    forward: Callable[[ModelInput], Tensor], inputs: Sequence[ModelInput], batch_dim: int
+) -> list[Tensor]:
+    """``forward`` on each input: one call on their concatenation when they line up (BatchNorm then
+    sees all of them together, as in the paper's implementation), else one call each."""
+    joint = concatenated(inputs, batch_dim)
+    if joint is None:
+        return [forward(x) for x in inputs]
+    return list(torch.split(forward(joint), [x.size for x in inputs], dim=batch_dim))
