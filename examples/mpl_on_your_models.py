@@ -6,6 +6,10 @@ return logits works the same way, with your own ``torch.optim`` optimizers (SGD,
 AdamW for the student: the exact teacher gradient needs their update rule). For comparison, the same
 student network is also trained on the labeled images alone.
 
+Models of several inputs work too: pass each batch as a tuple of tensors (the step calls
+``model(*x)``: token ids and an attention mask, say) or a dict (``model(**x)``), every tensor
+holding the same examples along the first dimension; nothing else changes.
+
 ``--consistency`` adds an extra teacher loss through ``teacher_extra_loss``: the teacher's
 prediction on a noisy view of each unlabeled image is pulled towards its prediction on the clean
 image (UDA's shape; metapl's own UDA is :class:`metapl.methods.uda.UDALoss`).
