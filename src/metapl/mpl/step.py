@@ -55,6 +55,7 @@ from metapl.mpl.replay import (
 )
 from metapl.mpl.student_checks import (
     check_forward_ad,
+    check_input_dtypes,
     check_replayable,
     forward_ad_error,
     update_hook,
@@ -68,6 +69,7 @@ from metapl.mpl.tangent import (
     relative_error,
 )
 from metapl.mpl.update_rules import (
+    check_optimizer,
     optimizer_params,
     reference_update,
     rule_for,
@@ -290,6 +292,11 @@ class MetaPseudoLabels:
                 f"{type(student_optimizer).__name__}.step() needs a closure (it re-evaluates the "
                 "loss); MPL takes one plain step of the student's optimizer: use SGD, Adam, ..."
             )
+        if _needs_closure(teacher_optimizer):  # its step() failed after the student's
+            raise ConfigError(
+                f"teacher_optimizer: {type(teacher_optimizer).__name__}.step() needs a closure (it "
+                "re-evaluates the loss); MPL takes one plain step of the teacher's optimizer"
+            )
         self.teacher, self.student = teacher, student
         self.teacher_optimizer, self.student_optimizer = teacher_optimizer, student_optimizer
         self.temperature = temperature
@@ -315,6 +322,9 @@ class MetaPseudoLabels:
         self._student_params: list[Tensor] = []
         self._follow_student_optimizer()
         self._check_student_update()  # fail now, not at the first step
+        self._optimizers_checked: dict[str, object] = {}  # see _check_optimizers
+        self._inputs_taken: set = set()  # see metapl.mpl.student_checks.check_input_dtypes
+        self._check_optimizers()
         self.last_jvp_path: str | None = None  # "tape" or "forward_ad", after an exact step
         self.jvp_fallback_reason: str | None = None
         if estimator == "exact" and jvp == "tape":
@@ -375,6 +385,7 @@ class MetaPseudoLabels:
         bd = self.batch_dim
         x_l = model_input("x_labeled", x_labeled, bd)
         x_u = model_input("x_unlabeled", x_unlabeled, bd)
+        self._check_optimizers()
         self._check_shapes(x_l, y_labeled, x_u)
         t_l = self._teacher_input("teacher_x_labeled", teacher_x_labeled, x_l)
         t_u = self._teacher_input("teacher_x_unlabeled", teacher_x_unlabeled, x_u)
@@ -382,6 +393,13 @@ class MetaPseudoLabels:
             model_input(f"teacher_extra_inputs[{i}]", x, bd)
             for i, x in enumerate(teacher_extra_inputs)
         ]
+        check_input_dtypes(
+            self.student,
+            (("x_labeled", x_l), ("x_unlabeled", x_u)),
+            y_labeled,
+            lambda: self._autocast(module_device(self.student)),
+            self._inputs_taken,
+        )
         # Class indices as int64: what gather and cross-entropy index with (int16 and uint8
         # labels passed the checks, then failed inside the loss after the student had moved).
         y_l = y_labeled.long()
@@ -483,6 +501,17 @@ class MetaPseudoLabels:
                     "teacher gradient cannot see it; remove it, use estimator='first_order', or "
                     "pass allow_student_hooks=True if it only observes (gradient logging)"
                 )
+
+    def _check_optimizers(self) -> None:
+        """What would make either optimizer's step() fail in the middle of a step (the teacher's
+        after the student's): metapl.mpl.update_rules.check_optimizer; its per-parameter part runs
+        again only when the optimizer's state or flags change."""
+        for who, model, optimizer in (
+            ("student", self.student, self.student_optimizer),
+            ("teacher", self.teacher, self.teacher_optimizer),
+        ):
+            checked = self._optimizers_checked.get(who)
+            self._optimizers_checked[who] = check_optimizer(who, optimizer, model, checked)
 
     def _check_shapes(self, x_l: ModelInput, y_l: Tensor, x_u: ModelInput) -> None:
         """Shape and dtype mistakes that would otherwise pass silently (no host sync)."""

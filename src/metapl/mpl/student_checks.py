@@ -7,19 +7,21 @@ numbers replayed. Two kinds of student break that silently, so the step refuses 
 - hooks that change the update where neither the factors nor J can see them (:func:`update_hook`);
 - a forward that draws random numbers the step cannot replay (:func:`check_replayable`).
 
-And one kind fails loudly, but only after the student has moved: a forward with an operation that
-forward-mode AD cannot push a tangent through (:func:`check_forward_ad` finds it first).
+And two kinds fail loudly, but only after the student has moved: a forward with an operation that
+forward-mode AD cannot push a tangent through (:func:`check_forward_ad` finds it first), and a
+batch of a dtype or device the student cannot take (:func:`check_input_dtypes`).
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.autograd.forward_ad as fwad
 from torch import Tensor, nn
 
-from metapl.errors import ConfigError
+from metapl.errors import ConfigError, DataError
 from metapl.losses import upcast
 from metapl.mpl.inputs import ModelInput
 from metapl.mpl.replay import RngState, buffer_copies, module_device, replayed_rng
@@ -102,7 +104,7 @@ def forward_ad_error(err: NotImplementedError) -> ConfigError | None:
         return None
     return ConfigError(
         "the student's forward uses an operation without forward-mode AD "
-        f"({str(err).splitlines()[0]}); {FORWARD_AD_HELP}"
+        f"({(str(err).splitlines() or [type(err).__name__])[0]}); {FORWARD_AD_HELP}"
     )
 
 
@@ -136,3 +138,54 @@ def check_forward_ad(
             if error is None:
                 raise
             raise error from None
+
+
+def check_input_dtypes(
+    student: nn.Module,
+    inputs: Sequence[tuple[str, ModelInput]],
+    labels: Tensor,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+    passed: set,
+) -> None:
+    """Before the teacher's forward: a DataError for a batch of a dtype or device that the
+    student cannot take (a float32 ``x_labeled`` for a float64 student, float16 on a CPU).
+
+    The student met ``x_unlabeled`` after the teacher's forward, and ``x_labeled`` only after its
+    own step (the teacher's ``cat`` promotes a float32 x_l next to a float64 x_u): torch's "expected
+    m1 and m2 to have the same dtype" came with the student moved. A tensor of the dtype and
+    device of the student's first floating parameter costs nothing; another one (bf16 under
+    autocast, a student that casts its input itself) is tried once, by a forward on copies of the
+    buffers with the random numbers given back, and remembered in ``passed``. ``labels`` must be
+    on the student's kind of device (its cross-entropy on the labeled batch comes after its step).
+    """
+    param = next((p for p in student.parameters() if p.is_floating_point()), None)
+    if param is None:
+        return
+    # Met first by the student's labeled loss, after its step. (Only the device type: a student
+    # split over two GPUs has its logits on another device than its first parameter.)
+    if labels.device.type != param.device.type:
+        raise DataError(
+            f"y_labeled is on {labels.device} and the student on {param.device}: move the labels "
+            "to the student's device"
+        )
+    for what, x in inputs:
+        leaves = x.leaves
+        new = {
+            (what, t.dtype, t.device, param.dtype, param.device)
+            for t in leaves
+            if t.device != param.device or (t.is_floating_point() and t.dtype != param.dtype)
+        } - passed
+        if not new:
+            continue
+        try:
+            with torch.no_grad(), replayed_rng(RngState(module_device(student))), autocast():
+                x.functional_call(student, buffer_copies(student))
+        except (RuntimeError, TypeError) as err:
+            _, dtype, device, *_ = min(new, key=str)
+            reason = (str(err).splitlines() or [type(err).__name__])[0]
+            raise DataError(
+                f"the student cannot take {what} of dtype {dtype} on {device} (its parameters "
+                f"are {param.dtype} on {param.device}): {reason}; cast the batch to the "
+                "student's dtype and device"
+            ) from None
+        passed |= new

@@ -11,6 +11,9 @@ first-step special cases (SGD's momentum buffer starts as the gradient itself; R
 moments start at zero), L2 weight decay inside the gradient, AdamW's decoupled decay, Nesterov,
 dampening, centered RMSprop, AMSGrad and ``maximize``. An optimizer we do not know is an error: a
 silently wrong factor would give a silently wrong teacher.
+
+:func:`check_optimizer` finds, before a step, what would make either model's ``optimizer.step()``
+raise in the middle of it (``capturable`` on the CPU, ``differentiable``, a state that does not fit).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor
 
-from metapl.errors import UnsupportedOptimizerError
+from metapl.errors import ConfigError, UnsupportedOptimizerError
 
 Factor = Tensor | float
 
@@ -238,3 +241,172 @@ def reference_update(
         }
         new_params.append(rule.reference_step(group, state, p.detach(), g))
     return new_params
+
+
+# ------------------------------------------------------------------ what optimizer.step() refuses
+#
+# Each of these made torch raise inside an MPL step: the student's optimizer.step() after its
+# forward and backward (its state initialised, its running statistics moved), the teacher's after
+# the student had stepped. The step checks them first (ConfigError), with the models as they were.
+
+# The state torch's step() reads for each parameter that has state (torch/optim/{rmsprop,adam}.py
+# ``_init_group``): a key missing was a KeyError there. SGD reads its momentum buffer with get().
+_STATE_KEYS = {
+    torch.optim.RMSprop: lambda g: (
+        ("step", "square_avg")
+        + (("momentum_buffer",) if g["momentum"] > 0 else ())
+        + (("grad_avg",) if g["centered"] else ())
+    ),
+    torch.optim.Adam: lambda g: (
+        ("step", "exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if g["amsgrad"] else ())
+    ),
+}
+_STATE_KEYS[torch.optim.AdamW] = _STATE_KEYS[torch.optim.Adam]
+_KNOWN_STATE = (torch.optim.SGD, *_STATE_KEYS)
+# Optimizers whose step() raises on a sparse gradient ("Adam does not support sparse gradients").
+_DENSE_ONLY = (torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop)
+# The flags of a param group that change which state its step() reads, or where it may live.
+_STATE_FLAGS = ("capturable", "amsgrad", "momentum", "centered")
+
+
+def _dtype_must_match(cls: type, group: dict) -> bool:
+    """Whether step() fails on a state tensor of another dtype than its parameter's (a model cast
+    after its optimizer's first step): lerp_ (Adam, centered RMSprop) and the fused kernels
+    refuse one; SGD's and plain RMSprop's in-place updates take it (load_state_dict casts)."""
+    if group.get("fused"):
+        return True
+    if cls is torch.optim.RMSprop:
+        return bool(group["centered"])
+    return cls in (torch.optim.Adam, torch.optim.AdamW)
+
+
+def _capturable_devices() -> list[str]:
+    try:
+        from torch.optim.optimizer import _get_capturable_supported_devices
+
+        return list(_get_capturable_supported_devices())
+    except ImportError:  # a torch without the helper: the devices of torch 2.13
+        return ["cuda", "xpu", "hpu"]
+
+
+def check_optimizer(
+    who: str, optimizer: torch.optim.Optimizer, model: torch.nn.Module, checked: object = None
+) -> object:
+    """Refuse (ConfigError) an optimizer whose ``step()`` would fail inside an MPL step; ``who``
+    is "student" or "teacher", ``model`` the module it trains.
+
+    Returns a signature of the optimizer's state and groups: pass it back as ``checked`` and the
+    per-parameter checks (state, devices) run again only when it changes (a ``load_state_dict``
+    replaces the state, a flag switched on, parameters added, cast or moved). What can change
+    between any two steps (``differentiable``, ``requires_grad``) is checked every call: no host
+    sync, a few microseconds.
+    """
+    if optimizer.defaults.get("differentiable", False):
+        # step() runs with autograd on, and its in-place update of a leaf fails
+        raise ConfigError(
+            f"{who}_optimizer has differentiable=True: its step() then fails on the {who}'s "
+            "parameters (an in-place update of a leaf that requires grad), and MPL does not "
+            f"differentiate through it: construct the {type(optimizer).__name__} with "
+            "differentiable=False"
+        )
+    if not any(p.requires_grad for _, p in optimizer_params(optimizer)):
+        raise ConfigError(
+            f"none of the parameters in {who}_optimizer requires grad: the {who} has nothing "
+            "to learn"
+        )
+    signature = (
+        id(optimizer.state),
+        len(optimizer.state),
+        tuple(
+            (len(g["params"]), *(bool(g.get(k)) for k in _STATE_FLAGS))
+            + ((g["params"][0].device, g["params"][0].dtype) if g["params"] else ())
+            for g in optimizer.param_groups
+        ),
+    )
+    if signature != checked:
+        _check_groups(who, optimizer)
+        _check_parameters(who, optimizer, model)
+    return signature
+
+
+def _check_groups(who: str, optimizer: torch.optim.Optimizer) -> None:
+    """Every group holds every hyperparameter of the optimizer's class (add_param_group fills them
+    in): a group without one took another class's from load_state_dict, and step() or the
+    Appendix-B factor raised a KeyError."""
+    name = type(optimizer).__name__
+    for i, group in enumerate(optimizer.param_groups):
+        missing = [k for k in optimizer.defaults if k not in group]
+        if missing:
+            raise ConfigError(
+                f"{who}_optimizer's param group {i} has no {', '.join(map(repr, missing))}, which "
+                f"{name}.step() reads: its state_dict was saved by another optimizer class; load "
+                f"a state_dict saved by {name}"
+            )
+
+
+def _check_parameters(who: str, optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> None:
+    cls = type(optimizer)
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    devices = _capturable_devices()
+    for group, p in optimizer_params(optimizer):
+        name = name_of.get(id(p), "?")
+        if group.get("capturable", False) and p.device.type not in devices:
+            raise ConfigError(
+                f"{who}_optimizer has capturable=True, which torch supports for parameters on "
+                f"{', '.join(devices)}, and its parameter {name!r} is on {p.device.type}: "
+                "construct it with capturable=False"
+            )
+        state = optimizer.state.get(p)
+        if not state or cls not in _KNOWN_STATE:
+            continue
+        what = f"{who}_optimizer's state of {name!r}"
+        needed = _STATE_KEYS[cls](group) if cls in _STATE_KEYS else ()
+        lacking = [k for k in needed if k not in state]
+        if lacking:
+            raise ConfigError(
+                f"{what} lacks {', '.join(map(repr, lacking))}, which {cls.__name__}.step() reads "
+                f"with its options (it has {', '.join(map(repr, state)) or 'nothing'}): a state "
+                "saved with other options or by another optimizer class; load a matching "
+                "state_dict, or switch amsgrad / momentum / centered on before the first step"
+            )
+        strict = _dtype_must_match(cls, group)
+        for key, value in state.items():
+            if key == "step" or not isinstance(value, Tensor):
+                continue
+            dtype = p.dtype if strict else value.dtype
+            if (value.shape, value.dtype, value.device) != (p.shape, dtype, p.device):
+                raise ConfigError(
+                    f"{what} has {key!r} of shape {tuple(value.shape)}, {value.dtype} on "
+                    f"{value.device}; the parameter is {tuple(p.shape)}, {p.dtype} on {p.device}: "
+                    "a state saved for other parameters (another model, another order); load "
+                    "the state_dict of an optimizer over these parameters in this order"
+                )
+    if cls is torch.optim.SparseAdam:
+        sparse_weights = {
+            id(m.weight)
+            for m in model.modules()
+            if isinstance(m, torch.nn.Embedding | torch.nn.EmbeddingBag) and m.sparse
+        }
+        dense = next(
+            (p for _, p in optimizer_params(optimizer) if id(p) not in sparse_weights), None
+        )
+        if dense is not None:
+            raise ConfigError(
+                f"{who}_optimizer is a SparseAdam, which takes sparse gradients only, and the "
+                f"{who}'s parameter {name_of.get(id(dense), '?')!r} gets a dense one: give "
+                "SparseAdam only the weights of embeddings with sparse=True, or use Adam"
+            )
+    if isinstance(optimizer, _DENSE_ONLY):
+        sparse = next(
+            (
+                n
+                for n, m in model.named_modules()
+                if isinstance(m, torch.nn.Embedding | torch.nn.EmbeddingBag) and m.sparse
+            ),
+            None,
+        )
+        if sparse is not None:
+            raise ConfigError(
+                f"the {who}'s module {sparse!r} has sparse=True, and {cls.__name__} does not "
+                f"take sparse gradients: use sparse=False, or SGD / Adagrad for the {who}"
+            )

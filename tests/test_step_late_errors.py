@@ -1,0 +1,503 @@
+"""Mistakes that torch itself reports, but only in the middle of an MPL step: after the teacher's
+forward updated its running statistics, after the student's forward and backward, or after the
+student's optimizer had initialised its state or moved the student. Each is now a one-line
+ConfigError / DataError before anything moves: both models' state_dicts (parameters and buffers),
+both optimizers' state_dicts and torch's random stream are as they were.
+
+What each did before is in the test's docstring; a configuration that works (a student that casts
+its input itself, bf16 input under autocast, a learning rate given as a tensor) must keep working.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from mpl_helpers import MLP, TEST_DEVICE, flat, make_problem, rel_err
+from torch import Tensor, nn
+
+from metapl import MetaPseudoLabels
+from metapl.errors import ConfigError, DataError
+from metapl.mpl import double_backward_teacher_gradient
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
+DT = torch.float64
+ESTIMATORS = ["exact", "double_backward", "first_order"]
+O = torch.optim
+
+
+def _mpl(teacher, student, s_opt=None, t_opt=None, **kwargs) -> MetaPseudoLabels:
+    s_opt = s_opt or (lambda p: O.SGD(p, lr=0.2, momentum=0.9))
+    t_opt = t_opt or (lambda p: O.SGD(p, lr=0.1))
+    return MetaPseudoLabels(
+        teacher, student, t_opt(teacher.parameters()), s_opt(student.parameters()), **kwargs
+    )
+
+
+def _everything(mpl: MetaPseudoLabels):
+    return copy.deepcopy(
+        (
+            mpl.teacher.state_dict(),
+            mpl.student.state_dict(),
+            mpl.teacher_optimizer.state_dict(),
+            mpl.student_optimizer.state_dict(),
+            [p.grad for p in mpl.teacher.parameters()],
+            mpl.step_count,
+            torch.get_rng_state(),
+        )
+    )
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, Tensor):
+        return isinstance(b, Tensor) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def _refused_before_anything_moves(mpl, batch, error, match, **kwargs) -> str:
+    before = _everything(mpl)
+    with pytest.raises(error, match=match) as info:
+        mpl.step(*batch, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message
+    assert _same(before, _everything(mpl)), "the refused step changed the models or optimizers"
+    return message
+
+
+def _warm(mpl, batch, steps: int = 1) -> None:
+    for _ in range(steps):
+        mpl.step(*batch)
+
+
+# ----------------------------------------------------------------------------- input dtypes
+
+
+def _f32(x: Tensor) -> Tensor:
+    return x.float()
+
+
+# (student's x_l, x_u) dtype changes, with float64 models: each failed inside a student forward
+_DTYPE_CASES = {
+    # the teacher took cat([x_l, x_u]) in float64; the student took x_u, stepped, then failed on
+    # x_l ("expected m1 and m2 to have the same dtype") with its weights and Adam state moved
+    "x_labeled float32": ((_f32, None), "x_labeled"),
+    # the teacher's forward ran (its running statistics moved), then the student's failed
+    "x_unlabeled float32": ((None, _f32), "x_unlabeled"),
+    "both float16": ((lambda x: x.half(), lambda x: x.half()), "x_labeled"),
+}
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("case", list(_DTYPE_CASES))
+def test_an_input_dtype_the_student_cannot_take_is_a_data_error_before_anything_moves(
+    case, estimator
+):
+    (cast_l, cast_u), what = _DTYPE_CASES[case]
+    teacher, student, x_l, y_l, x_u = make_problem("mlp")
+    x_l = cast_l(x_l) if cast_l else x_l
+    x_u = cast_u(x_u) if cast_u else x_u
+    mpl = _mpl(teacher, student, lambda p: O.Adam(p, lr=0.01), estimator=estimator)
+    message = _refused_before_anything_moves(
+        mpl, (x_l, y_l, x_u), DataError, f"the student cannot take {what} of dtype"
+    )
+    assert "torch.float64" in message  # the student's own dtype, to cast the batch to
+
+
+def test_the_students_input_dtype_is_checked_when_the_teacher_sees_its_own_view():
+    """ReducedMPL's teacher sees teacher_x_labeled / teacher_x_unlabeled, the student x_l and x_u:
+    a float32 x_l for a float64 student failed after the student's step."""
+    teacher, student, x_l, y_l, x_u = make_problem("mlp")
+    mpl = _mpl(teacher, student)
+    _warm(mpl, (x_l, y_l, x_u))
+    _refused_before_anything_moves(
+        mpl,
+        (x_l.float(), y_l, x_u),
+        DataError,
+        "the student cannot take x_labeled of dtype torch.float32",
+        teacher_x_labeled=x_l,
+        teacher_x_unlabeled=x_u,
+    )
+
+
+class _Casting(nn.Module):
+    """A student that casts its input to its own dtype: any floating input works."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x.to(self.model.fc1.weight.dtype))
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_an_input_of_another_dtype_that_the_student_takes_gives_the_same_step(estimator):
+    """The trial forward that decides (once per dtype) is invisible: the same teacher and student
+    as with the input cast by the caller, bit for bit, step after step."""
+    results = []
+    for cast_by_caller in (True, False):
+        teacher, student, x_l, y_l, x_u = make_problem("mlp", seed=2)
+        x_l32, x_u32 = x_l.float(), x_u.float()
+        mpl = _mpl(_Casting(teacher), _Casting(student), estimator=estimator)
+        torch.manual_seed(5)
+        for _ in range(2):
+            if cast_by_caller:
+                mpl.step(x_l32.double(), y_l, x_u32.double())
+            else:
+                mpl.step(x_l32, y_l, x_u32)
+        results.append(
+            (flat(teacher.state_dict().values()), flat(student.state_dict().values()))
+            + (torch.get_rng_state(),)
+        )
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_bf16_input_under_bf16_autocast_is_not_refused():
+    """Autocast runs a float32 student on bf16 input: the dtype differs from the parameters', and
+    the step takes it."""
+    teacher, student, x_l, y_l, x_u = make_problem("mlp", dtype=torch.float32)
+    mpl = _mpl(teacher, student, autocast_dtype=torch.bfloat16)
+    metrics = mpl.step(x_l.bfloat16(), y_l, x_u.bfloat16())
+    assert torch.isfinite(metrics["teacher_loss"])
+    plain = _mpl(*make_problem("mlp", dtype=torch.float32)[:2])
+    with pytest.raises(DataError, match="x_labeled of dtype torch.bfloat16"):
+        plain.step(x_l.bfloat16(), y_l, x_u.bfloat16())
+
+
+# ----------------------------------------------------------------------------- optimizer flags
+
+
+_CAPTURABLE = {
+    "Adam": lambda p: O.Adam(p, lr=0.01, capturable=True),
+    "AdamW": lambda p: O.AdamW(p, lr=0.01, capturable=True),
+    "RMSprop": lambda p: O.RMSprop(p, lr=0.01, capturable=True),
+    "Adam foreach": lambda p: O.Adam(p, lr=0.01, capturable=True, foreach=True),
+}
+
+
+@pytest.mark.skipif(TEST_DEVICE.type != "cpu", reason="capturable is refused on the CPU")
+@pytest.mark.parametrize("who", ["student", "teacher"])
+@pytest.mark.parametrize("opt", list(_CAPTURABLE))
+def test_capturable_on_cpu_parameters_is_a_config_error(opt, who):
+    """torch asserts "If capturable=True, params and state_steps must be on supported devices"
+    inside optimizer.step(): for the student after its forward and backward, with its Adam state
+    initialised; for the teacher at the very end, with the student moved."""
+    teacher, student, x_l, y_l, x_u = make_problem("mlp")
+    factory = _CAPTURABLE[opt]
+    kwargs = {"s_opt": factory} if who == "student" else {"t_opt": factory}
+    with pytest.raises(ConfigError, match=f"{who}_optimizer has capturable=True.*cpu"):
+        _mpl(teacher, student, **kwargs)
+    # switched on after construction: refused at the step
+    mpl = _mpl(teacher, student, **{k: lambda p: O.Adam(p, lr=0.01) for k in kwargs})
+    _warm(mpl, (x_l, y_l, x_u))
+    optimizer = mpl.student_optimizer if who == "student" else mpl.teacher_optimizer
+    optimizer.param_groups[0]["capturable"] = True
+    _refused_before_anything_moves(
+        mpl, (x_l, y_l, x_u), ConfigError, f"{who}_optimizer has capturable=True"
+    )
+
+
+@pytest.mark.parametrize("who", ["student", "teacher"])
+@pytest.mark.parametrize("cls", [O.SGD, O.RMSprop, O.Adam, O.AdamW, O.Adagrad])
+def test_a_differentiable_optimizer_is_a_config_error(cls, who):
+    """differentiable=True runs optimizer.step() with autograd on, and its in-place update of a
+    module's parameter fails ("a leaf Variable that requires grad is being used in an in-place
+    operation"): for the student after its forward and backward, for the teacher after the
+    student's step. MPL differentiates the student's update itself."""
+    teacher, student, x_l, y_l, x_u = make_problem("mlp")
+    factory = lambda p: cls(p, lr=0.01, differentiable=True)  # noqa: E731
+    kwargs = {"s_opt": factory} if who == "student" else {"t_opt": factory}
+    if who == "student" and cls is O.Adagrad:
+        kwargs["estimator"] = "first_order"
+    with pytest.raises(ConfigError, match=f"{who}_optimizer has differentiable=True"):
+        _mpl(teacher, student, **kwargs)
+    mpl = _mpl(teacher, student)
+    _warm(mpl, (x_l, y_l, x_u))
+    optimizer = mpl.student_optimizer if who == "student" else mpl.teacher_optimizer
+    optimizer.defaults["differentiable"] = True
+    _refused_before_anything_moves(
+        mpl, (x_l, y_l, x_u), ConfigError, f"{who}_optimizer has differentiable=True"
+    )
+
+
+# ----------------------------------------------------------------------------- optimizer state
+
+
+def _state_dict_of(factory, model: nn.Module) -> dict:
+    """The state_dict of ``factory``'s optimizer over a copy of ``model`` after one step."""
+    copied = copy.deepcopy(model)
+    opt = factory(copied.parameters())
+    for p in copied.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    return copy.deepcopy(opt.state_dict())
+
+
+_ADAM = lambda p: O.Adam(p, lr=0.01)  # noqa: E731
+_SGD_M = lambda p: O.SGD(p, lr=0.1, momentum=0.9)  # noqa: E731
+_RMS = lambda p: O.RMSprop(p, lr=0.01)  # noqa: E731
+_RMS_M = lambda p: O.RMSprop(p, lr=0.01, momentum=0.9)  # noqa: E731
+
+# (optimizer, state_dict loaded from, what the message names): torch's KeyError came from
+# optimizer.step() (the teacher's: after the student's step) or from the Appendix-B factor
+_FOREIGN = {
+    "RMSprop state into Adam": (_ADAM, _RMS, "'betas'"),
+    "Adam state into RMSprop": (_RMS, _ADAM, "'alpha'"),
+    "Adam state into SGD": (_SGD_M, _ADAM, "'momentum'"),
+    "RMSprop(momentum) state into SGD": (_SGD_M, _RMS_M, "'dampening'"),
+}
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("who", ["student", "teacher"])
+@pytest.mark.parametrize("case", list(_FOREIGN))
+def test_a_state_dict_of_another_optimizer_class_is_a_config_error(case, who, estimator):
+    factory, source, key = _FOREIGN[case]
+    teacher, student, x_l, y_l, x_u = make_problem("mlp")
+    kwargs = {"s_opt": factory} if who == "student" else {"t_opt": factory}
+    mpl = _mpl(teacher, student, estimator=estimator, **kwargs)
+    optimizer = mpl.student_optimizer if who == "student" else mpl.teacher_optimizer
+    model = student if who == "student" else teacher
+    optimizer.load_state_dict(_state_dict_of(source, model))
+    message = _refused_before_anything_moves(
+        mpl, (x_l, y_l, x_u), ConfigError, f"{who}_optimizer's param group 0 has no {key}"
+    )
+    assert type(optimizer).__name__ in message
+
+
+def _swap_first_two_states(opt) -> None:
+    """An Adam state_dict saved over the parameters in another order: shapes that do not fit."""
+    sd = opt.state_dict()
+    sd["state"][0], sd["state"][1] = sd["state"][1], sd["state"][0]
+    opt.load_state_dict(sd)
+
+
+def _amsgrad_on(opt) -> None:
+    opt.param_groups[0]["amsgrad"] = True
+
+
+def _momentum_on(opt) -> None:
+    opt.param_groups[0]["momentum"] = 0.9
+
+
+def _centered_on(opt) -> None:
+    opt.param_groups[0]["centered"] = True
+
+
+def _state_to_float32(opt) -> None:
+    for state in opt.state.values():
+        for k, v in state.items():
+            if k != "step":
+                state[k] = v.float()
+
+
+# (optimizer, how its state stops fitting, what the message names). Before: torch's KeyError or
+# shape error in optimizer.step(), after the student's forward and backward.
+_MISFIT = {
+    "Adam, amsgrad switched on": (_ADAM, _amsgrad_on, "lacks 'max_exp_avg_sq'"),
+    "RMSprop, momentum switched on": (_RMS, _momentum_on, "lacks 'momentum_buffer'"),
+    "RMSprop, centered switched on": (_RMS, _centered_on, "lacks 'grad_avg'"),
+    "Adam, states of other parameters": (_ADAM, _swap_first_two_states, "'exp_avg' of shape"),
+    "SGD, states of other parameters": (_SGD_M, _swap_first_two_states, "'momentum_buffer' of"),
+    "Adam, float32 state": (_ADAM, _state_to_float32, "torch.float32"),
+}
+
+
+@pytest.mark.parametrize("who", ["student", "teacher"])
+@pytest.mark.parametrize("case", list(_MISFIT))
+def test_optimizer_state_that_does_not_fit_its_parameters_is_a_config_error(case, who):
+    factory, spoil, match = _MISFIT[case]
+    teacher, student, x_l, y_l, x_u = make_problem("mlp")
+    kwargs = {"s_opt": factory} if who == "student" else {"t_opt": factory}
+    mpl = _mpl(teacher, student, **kwargs)
+    _warm(mpl, (x_l, y_l, x_u))
+    spoil(mpl.student_optimizer if who == "student" else mpl.teacher_optimizer)
+    message = _refused_before_anything_moves(mpl, (x_l, y_l, x_u), ConfigError, match)
+    assert message.startswith(f"{who}_optimizer's state")
+
+
+def test_the_state_is_checked_again_only_when_it_may_have_changed(monkeypatch):
+    """The per-parameter check runs when the state may have changed (its first step fills it, a
+    load_state_dict replaces it, a flag is switched), not every step; a good state_dict loaded
+    mid-run trains on, a bad one is refused at the next step."""
+    import metapl.mpl.update_rules as update_rules
+
+    calls = []
+    check = update_rules._check_parameters
+    monkeypatch.setattr(
+        update_rules, "_check_parameters", lambda who, *a: calls.append(who) or check(who, *a)
+    )
+    teacher, student, x_l, y_l, x_u = make_problem("mlp")
+    mpl = _mpl(teacher, student, _ADAM)
+    assert calls == ["student", "teacher"]
+    _warm(mpl, (x_l, y_l, x_u), steps=3)  # the first step filled Adam's state (SGD has none)
+    assert calls == ["student", "teacher", "student"]
+    mpl.student_optimizer.load_state_dict(copy.deepcopy(mpl.student_optimizer.state_dict()))
+    _warm(mpl, (x_l, y_l, x_u), steps=2)
+    assert calls == ["student", "teacher", "student", "student"]
+    mpl.student_optimizer.param_groups[0]["amsgrad"] = True
+    with pytest.raises(ConfigError, match="lacks 'max_exp_avg_sq'"):
+        mpl.step(x_l, y_l, x_u)
+    mpl.student_optimizer.param_groups[0]["amsgrad"] = False
+    mpl.student_optimizer.load_state_dict(_state_dict_of(_RMS, student))
+    with pytest.raises(ConfigError, match="has no 'betas'"):
+        mpl.step(x_l, y_l, x_u)
+
+
+# ----------------------------------------------------------------------------- the teacher
+
+
+def test_a_teacher_optimizer_that_needs_a_closure_is_a_config_error():
+    """LBFGS.step() needs a closure: "missing 1 required positional argument" came at the
+    teacher's step, after the student's."""
+    teacher, student, *_ = make_problem("mlp")
+    with pytest.raises(ConfigError, match="teacher_optimizer.*needs a closure"):
+        _mpl(teacher, student, t_opt=lambda p: O.LBFGS(p))
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_a_teacher_with_nothing_to_learn_is_a_config_error(estimator):
+    """Every teacher parameter frozen: the teacher's backward failed ("element 0 of tensors does
+    not require grad") after the student's step (double backward stepped nothing, silently)."""
+    teacher, student, x_l, y_l, x_u = make_problem("mlp")
+    frozen = copy.deepcopy(teacher).requires_grad_(False)
+    with pytest.raises(ConfigError, match="teacher_optimizer requires grad"):
+        _mpl(frozen, student, estimator=estimator)
+    mpl = _mpl(teacher, student, estimator=estimator)
+    _warm(mpl, (x_l, y_l, x_u))
+    teacher.requires_grad_(False)
+    _refused_before_anything_moves(
+        mpl, (x_l, y_l, x_u), ConfigError, "none of the parameters in teacher_optimizer"
+    )
+
+
+class _Tokens(nn.Module):
+    def __init__(self, sparse: bool = False):
+        super().__init__()
+        self.emb = nn.Embedding(20, 6, sparse=sparse)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.fc(torch.tanh(self.emb(ids)).mean(1))
+
+
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks:UserWarning")
+@pytest.mark.parametrize("cls", [O.Adam, O.AdamW, O.RMSprop])
+def test_a_sparse_teacher_with_an_optimizer_of_dense_gradients_is_a_config_error(cls):
+    """ "Adam does not support sparse gradients" came at the teacher's step, after the student's.
+    SGD and Adagrad take sparse gradients."""
+    torch.manual_seed(0)
+    teacher, student = _Tokens(sparse=True).to(DT), _Tokens().to(DT)
+    with pytest.raises(ConfigError, match=f"teacher's module 'emb'.*{cls.__name__}"):
+        _mpl(teacher, student, t_opt=lambda p: cls(p, lr=0.01))
+    g = torch.Generator().manual_seed(1)
+    x_l, x_u = torch.randint(0, 20, (6, 7), generator=g), torch.randint(0, 20, (8, 7), generator=g)
+    y_l = torch.randint(0, 3, (6,), generator=g)
+    for ok in (O.SGD, O.Adagrad):
+        _mpl(teacher, student, t_opt=lambda p, ok=ok: ok(p, lr=0.01)).step(x_l, y_l, x_u)
+
+
+def test_a_sparse_adam_over_parameters_of_dense_gradients_is_a_config_error():
+    """ "SparseAdam does not support dense gradients" came at the teacher's step, after the
+    student's; over the sparse embedding's weight alone it steps."""
+    torch.manual_seed(0)
+    teacher, student = _Tokens(sparse=True).to(DT), _Tokens().to(DT)
+    with pytest.raises(ConfigError, match="SparseAdam.*'fc.weight' gets a dense one"):
+        _mpl(teacher, student, t_opt=lambda p: O.SparseAdam(p, lr=0.01))
+    teacher.fc.requires_grad_(False)
+    mpl = MetaPseudoLabels(
+        teacher,
+        student,
+        O.SparseAdam([teacher.emb.weight], lr=0.01),
+        O.SGD(student.parameters(), lr=0.1),
+    )
+    g = torch.Generator().manual_seed(1)
+    x_l, x_u = torch.randint(0, 20, (6, 7), generator=g), torch.randint(0, 20, (8, 7), generator=g)
+    before = teacher.emb.weight.detach().clone()
+    mpl.step(x_l, torch.randint(0, 3, (6,), generator=g), x_u)
+    assert not torch.equal(before, teacher.emb.weight)
+
+
+# ----------------------------------------------------------------------------- what works
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_learning_rate_and_betas_given_as_tensors_give_the_exact_gradient(dtype):
+    """torch accepts lr (and Adam's betas) as tensors; the factors read them as numbers. torch's
+    step does its arithmetic on them (lr / bias correction) in the tensor's dtype: float32
+    hyperparameters put the real float64 step 1e-8 (relative) off the float64 rule, so only
+    float64 ones are held to the double-backward oracle's 1e-10."""
+    teacher, student, x_l, y_l, x_u = make_problem("mlp", seed=1)
+    for factory in (
+        lambda p: O.SGD(p, lr=torch.tensor(0.2, dtype=dtype), momentum=0.9, nesterov=True),
+        lambda p: O.Adam(
+            p,
+            lr=torch.tensor(0.01, dtype=dtype),
+            betas=(torch.tensor(0.8, dtype=dtype), torch.tensor(0.95, dtype=dtype)),
+            eps=1e-3,
+        ),
+    ):
+        t, s = copy.deepcopy(teacher), copy.deepcopy(student)
+        mpl = _mpl(t, s, factory, supervised_weight=0.0)
+        _warm(mpl, (x_l, y_l, x_u))  # a state to differentiate through
+        t.zero_grad()
+        torch.manual_seed(3)
+        oracle = flat(double_backward_teacher_gradient(t, s, mpl.student_optimizer, x_l, y_l, x_u))
+        torch.manual_seed(3)
+        mpl.step(x_l, y_l, x_u)
+        error = rel_err(flat(p.grad for p in t.parameters()), oracle)
+        assert error < (1e-10 if dtype == torch.float64 else 1e-6)
+
+
+def test_a_student_of_other_dtype_than_the_teacher_with_each_its_own_inputs():
+    """A float32 student of a float64 teacher (its own teacher_x_* views) runs: no refusal."""
+    teacher, _, x_l, y_l, x_u = make_problem("mlp")
+    student = MLP().float().train()
+    mpl = _mpl(teacher, student)
+    for _ in range(2):
+        mpl.step(x_l.float(), y_l, x_u.float(), teacher_x_labeled=x_l, teacher_x_unlabeled=x_u)
+    assert torch.isfinite(flat(student.parameters())).all()
+
+
+# ----------------------------------------------------------------------------- on a GPU
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@cuda
+@pytest.mark.parametrize("factory", [_CAPTURABLE["Adam"], _CAPTURABLE["RMSprop"]])
+def test_capturable_on_cuda_gives_the_exact_gradient(factory):
+    """Where torch supports capturable=True the rule is the same (the step count lives on the
+    GPU; the factor reads it)."""
+    teacher, student, x_l, y_l, x_u = (t.cuda() for t in make_problem("mlp", seed=1))
+    mpl = _mpl(teacher, student, factory, supervised_weight=0.0)
+    _warm(mpl, (x_l, y_l, x_u))
+    teacher.zero_grad()
+    torch.manual_seed(3)
+    oracle = flat(
+        double_backward_teacher_gradient(teacher, student, mpl.student_optimizer, x_l, y_l, x_u)
+    )
+    torch.manual_seed(3)
+    mpl.step(x_l, y_l, x_u)
+    assert rel_err(flat(p.grad for p in teacher.parameters()), oracle) < 1e-10
+
+
+@cuda
+@pytest.mark.parametrize("which", ["y_labeled", "x_labeled", "x_unlabeled"])
+def test_a_batch_on_another_device_than_the_student_is_a_data_error(which):
+    """Labels or inputs on the CPU for a student on a GPU: the student's labeled loss (or its
+    forward) failed after its step ("Expected all tensors to be on the same device")."""
+    teacher, student, x_l, y_l, x_u = (t.cuda() for t in make_problem("mlp"))
+    mpl = _mpl(teacher, student)
+    _warm(mpl, (x_l, y_l, x_u))
+    batch = {"x_labeled": x_l, "y_labeled": y_l, "x_unlabeled": x_u}
+    batch[which] = batch[which].cpu()
+    match = "y_labeled is on cpu" if which == "y_labeled" else f"cannot take {which} .* on cpu"
+    _refused_before_anything_moves(mpl, tuple(batch.values()), DataError, match)
