@@ -16,7 +16,6 @@ from mpl_helpers import (
     STUDENT_OPTIMIZERS,
     fresh_optimizer_like,
     make_problem,
-    over_student_optimizers,
     rel_err,
 )
 
@@ -53,9 +52,53 @@ def _real_step(optimizer, params, grads) -> None:
     optimizer.step()
 
 
-@over_student_optimizers()
+def _edited(cls, edit: dict, **kwargs):
+    """``cls(params, **kwargs)`` with ``edit`` written into its groups after construction, past
+    the checks of torch's constructor (which refuses Nesterov with dampening, a negative decay)."""
+
+    def factory(params):
+        opt = cls(params, **kwargs)
+        for group in opt.param_groups:
+            group.update(edit)
+        return opt
+
+    return factory
+
+
+def _t(x: float) -> torch.Tensor:
+    return torch.tensor(x, dtype=DT)
+
+
+# Optimizers the rule handles although nobody constructs them so: hyperparameters edited in the
+# groups (what a scheduler or a user's code may do), and given as tensors.
+ODD_OPTIMIZERS = {
+    "sgd_nesterov_dampening_edited": _edited(
+        torch.optim.SGD, {"dampening": 0.3}, lr=0.1, momentum=0.9, nesterov=True
+    ),
+    "sgd_negative_weight_decay_edited": _edited(
+        torch.optim.SGD, {"weight_decay": -0.05}, lr=0.2, momentum=0.5
+    ),
+    "rmsprop_negative_weight_decay_edited": _edited(
+        torch.optim.RMSprop, {"weight_decay": -0.05}, lr=0.01, alpha=0.9, eps=1e-3, centered=True
+    ),
+    "adam_negative_weight_decay_edited": _edited(
+        torch.optim.Adam, {"weight_decay": -0.05}, lr=0.01, betas=(0.8, 0.95), eps=1e-3
+    ),
+    "sgd_tensor_lr": lambda p: torch.optim.SGD(p, lr=_t(0.2), momentum=0.9, nesterov=True),
+    "adam_tensor_lr_betas": lambda p: torch.optim.Adam(
+        p, lr=_t(0.01), betas=(_t(0.8), _t(0.95)), eps=1e-3, amsgrad=True
+    ),
+    "adamw_tensor_lr_fused": lambda p: torch.optim.AdamW(
+        p, lr=_t(0.01), betas=(0.8, 0.95), eps=1e-3, weight_decay=0.1, fused=True
+    ),
+}
+ALL_OPTIMIZERS = {**STUDENT_OPTIMIZERS, **ODD_OPTIMIZERS}
+over_all_optimizers = pytest.mark.parametrize("opt_name", list(ALL_OPTIMIZERS))
+
+
+@over_all_optimizers
 def test_reference_update_matches_optimizer_step(opt_name):
-    factory = STUDENT_OPTIMIZERS[opt_name]
+    factory = ALL_OPTIMIZERS[opt_name]
     params = _leaf_params()
     opt = factory(params)
     for step in range(N_STEPS):
@@ -88,11 +131,11 @@ def _tensor_state(opt) -> dict:
     }
 
 
-@over_student_optimizers()
+@over_all_optimizers
 def test_reference_update_is_differentiable_in_the_gradient(opt_name):
     """The double-backward oracle relies on autograd seeing theta_{t+1} as a function of g."""
     params = _leaf_params()
-    opt = STUDENT_OPTIMIZERS[opt_name](params)
+    opt = ALL_OPTIMIZERS[opt_name](params)
     _real_step(opt, params, _gradients(0))  # non-trivial state
     grads = [g.requires_grad_(True) for g in _gradients(1)]
     new = reference_update(opt, grads)
@@ -104,9 +147,9 @@ def test_reference_update_is_differentiable_in_the_gradient(opt_name):
         )
 
 
-@over_student_optimizers()
+@over_all_optimizers
 def test_update_factors_match_finite_differences_of_optimizer_step(opt_name):
-    factory = STUDENT_OPTIMIZERS[opt_name]
+    factory = ALL_OPTIMIZERS[opt_name]
     params = _leaf_params()
     opt = factory(params)
     eps = 1e-6
