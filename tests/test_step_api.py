@@ -150,6 +150,56 @@ def test_bad_batches_raise_data_error_before_anything_moves(case):
     assert _unchanged((teacher, student), before) and mpl.step_count == 0
 
 
+def _bad_values():
+    """(step keyword arguments to change, message) for values only a host sync can see."""
+    _, _, x_l, y_l, x_u = make_problem("mlp")
+    nan_u, inf_l = x_u.clone(), x_l.clone()
+    nan_u[3, 1], inf_l[0, 0] = math.nan, math.inf
+    too_high, negative = y_l.clone(), y_l.clone()
+    too_high[2], negative[4] = N_CLASSES, -1
+    return {
+        "label = num_classes": (
+            {"y_labeled": too_high},
+            rf"^y_labeled out of range: found \d+\.\.{N_CLASSES}, the model has {N_CLASSES} classes",
+        ),
+        "negative label": ({"y_labeled": negative}, r"^y_labeled out of range: found -1\.\."),
+        "Inf in x_labeled": ({"x_labeled": inf_l}, "^x_labeled holds NaN or Inf values$"),
+        "NaN in x_unlabeled": ({"x_unlabeled": nan_u}, "^x_unlabeled holds NaN or Inf values$"),
+        "NaN in the teacher's view": (
+            {"teacher_x_unlabeled": nan_u},
+            "^teacher_x_unlabeled holds NaN or Inf values$",
+        ),
+        "NaN in an extra teacher input": (
+            {"teacher_extra_inputs": (x_u, nan_u)},
+            r"^teacher_extra_inputs\[1\] holds NaN or Inf values$",
+        ),
+    }
+
+
+@pytest.mark.parametrize("steps_before", [0, 1], ids=["first step", "after a step"])
+@pytest.mark.parametrize("case", list(_bad_values()))
+def test_bad_values_leave_models_and_random_stream_as_they_were(case, steps_before):
+    """The value checks (one host sync) used to come after the teacher's forward: a NaN in a batch
+    was reported with the teacher's BatchNorm running statistics already NaN. Every batch the
+    teacher sees is checked before it, and the label range once the teacher's logits give the
+    classes, with its buffers and the random numbers put back."""
+    changes, message = _bad_values()[case]
+    teacher, student, x_l, y_l, x_u = make_problem("mlp")
+    mpl = _mpl(teacher, student)
+    for _ in range(steps_before):
+        mpl.step(x_l, y_l, x_u)
+    state = [copy.deepcopy(m.state_dict()) for m in (teacher, student)]
+    rng = torch.get_rng_state()
+    batch = {"x_labeled": x_l, "y_labeled": y_l, "x_unlabeled": x_u, **changes}
+    with pytest.raises(DataError, match=message):
+        mpl.step(**batch)
+    for model, before in zip((teacher, student), state):
+        for name, value in model.state_dict().items():
+            assert torch.equal(value, before[name]), name
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert mpl.step_count == steps_before
+
+
 @pytest.mark.parametrize(
     "where, bad",
     [(0, "x_l.npy"), (2, None), (2, {1, 2}), (1, "list")],

@@ -313,6 +313,7 @@ class MetaPseudoLabels:
         self.grad_sync = grad_sync
         self.allow_tf32 = allow_tf32
         self.step_count = 0
+        self._num_classes: int | None = None  # of the teacher's logits, at the last step
         self._replay_checked = False  # see metapl.mpl.student_checks.check_replayable
         self.baseline: Tensor | None = None
         self.jvp = jvp
@@ -403,10 +404,19 @@ class MetaPseudoLabels:
         # Class indices as int64: what gather and cross-entropy index with (int16 and uint8
         # labels passed the checks, then failed inside the loss after the student had moved).
         y_l = y_labeled.long()
+        # Before the teacher's forward: a NaN in a batch would reach its BatchNorm statistics.
+        label_range, before = None, None
+        if self.check_inputs:
+            label_range = self._check_values(y_l, (x_l, x_u, t_l, t_u, *extras))
+            # Whether the highest label fits is known only from the teacher's logits. Its buffers
+            # and the random stream are saved when that could fail (first step, or a label beyond
+            # the classes of the last step), so that the error leaves them as they were.
+            if self._num_classes is None or label_range[1] >= self._num_classes:
+                before = buffer_copies(self.teacher), RngState(module_device(self.teacher))
         logits = self._teacher_forward(t_l, y_l, t_u, extras)
         self._check_logits(logits, y_l, x_u)
-        if self.check_inputs:
-            self._check_values(x_l, y_l, x_u, logits.labeled.shape[-1])
+        if label_range is not None:
+            self._check_label_range(*label_range, logits.labeled.shape[-1], before)
         self._check_labeled_batch_of_one(x_l, y_l)
         targets = F.softmax(logits.unlabeled / self.temperature, dim=-1)
         # The extra loss depends on the teacher's logits alone: computed (and checked) before the
@@ -579,28 +589,42 @@ class MetaPseudoLabels:
                     f"({err}); use at least 2 labeled examples per step"
                 ) from err
 
-    def _check_values(
-        self, x_l: ModelInput, y_l: Tensor, x_u: ModelInput, num_classes: int
-    ) -> None:
-        """Labels in range and finite inputs, with one host sync for all of it. Only floating
-        leaves can hold NaN or Inf (token ids are integers)."""
-        found = [y_l.min().long(), y_l.max().long()]
-        inputs = [
+    def _check_values(self, y_l: Tensor, batches: Sequence[ModelInput]) -> tuple[int, int]:
+        """Finite inputs and non-negative labels, with one host sync for all of it, before the
+        teacher's forward (which would put a NaN into its BatchNorm statistics). Only floating
+        tensors can hold NaN or Inf (token ids are integers); a batch given twice (the teacher's
+        view is the student's batch when not given) is checked once. Returns the labels' range, for
+        :func:`_check_label_range` once the teacher's logits tell the number of classes."""
+        unique = list({id(x): x for x in batches}.values())
+        floating = [
             (name, leaf)
-            for x in (x_l, x_u)
+            for x in unique
             for name, leaf in zip(x.names, x.leaves)
             if leaf.is_floating_point()
         ]
-        found += [torch.isfinite(x).all().long() for _, x in inputs]
+        found = [y_l.min(), y_l.max(), *(torch.isfinite(t).all().long() for _, t in floating)]
         low, high, *finite = torch.stack([t.to(y_l.device) for t in found]).tolist()
-        if low < 0 or high >= num_classes:
+        for (what, _), ok in zip(floating, finite):
+            if not ok:
+                raise DataError(f"{what} holds NaN or Inf values")
+        if low < 0:
+            raise DataError(
+                f"y_labeled out of range: found {low}..{high}, class indices start at 0"
+            )
+        return low, high
+
+    def _check_label_range(
+        self, low: int, high: int, num_classes: int, before: tuple[dict, RngState] | None
+    ) -> None:
+        if high >= num_classes:
+            if before is not None:
+                restore_buffers(self.teacher, before[0])
+                before[1].restore()
             raise DataError(
                 f"y_labeled out of range: found {low}..{high}, the model has {num_classes} classes "
                 f"(expected 0..{num_classes - 1})"
             )
-        for (what, _), ok in zip(inputs, finite):
-            if not ok:
-                raise DataError(f"{what} holds NaN or Inf values")
+        self._num_classes = num_classes
 
     def _average(self, tensors) -> None:
         """Average across data-parallel processes (no-op without ``grad_sync``)."""
