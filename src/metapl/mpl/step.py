@@ -20,23 +20,26 @@ No second-order graph is built. The first-order estimator (later versions of the
 ``double_backward`` estimator computes the same exact gradient the obvious, slow way (a second-order
 graph through a differentiable copy of the optimizer's step): it is the yardstick of `metapl bench`
 and an end-to-end oracle for the exact step.
+
+``MetaPseudoLabels._step`` runs a step top to bottom: the checks that must pass before anything
+moves (setup_checks.py at construction; batch_checks.py, student_checks.py and update_rules.py
+every step), the teacher's forward, one estimator's student step (which steps the student's
+optimizer), then the teacher's loss, backward and optimizer step. J's two paths, forward AD and the
+tangent tape, are :class:`metapl.mpl.jvp.JvpPaths`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import overload
 
 import torch
-import torch.autograd.forward_ad as fwad
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metapl.errors import ConfigError, DataError
+from metapl.errors import ConfigError
 from metapl.losses import (
     batch_mean,
     hard_cross_entropy,
@@ -44,112 +47,35 @@ from metapl.losses import (
     soft_cross_entropy,
     upcast,
 )
-from metapl.mpl.inputs import Input, ModelInput, joint_forward, model_input
-from metapl.mpl.replay import (
-    RngState,
-    buffer_copies,
-    module_device,
-    replayed_rng,
-    restore_buffers,
-    tf32_disabled,
+from metapl.mpl.batch_checks import (
+    as_logits,
+    check_label_range,
+    check_same_classes,
+    check_shapes,
+    check_teacher_logits,
+    check_values,
+    teacher_view,
 )
+from metapl.mpl.inputs import Input, ModelInput, joint_forward, model_input
+from metapl.mpl.jvp import JvpPaths, UpdatePass
+from metapl.mpl.replay import RngState, buffer_copies, module_device, replayed_rng, tf32_disabled
+from metapl.mpl.setup_checks import check_models_and_optimizers, check_owned, check_unshared
 from metapl.mpl.student_checks import (
+    SPARSE_GRADIENTS,
     check_forward_ad,
     check_input_dtypes,
     check_replayable,
-    forward_ad_error,
-    update_hook,
+    check_student_update,
 )
-from metapl.mpl.tangent import (
-    JVP_MODES,
-    TangentTape,
-    TapeRecord,
-    TapeUnsupportedError,
-    module_signature,
-    relative_error,
-)
+from metapl.mpl.tangent import JVP_MODES, TangentTape, TapeRecord
 from metapl.mpl.update_rules import (
     check_optimizer,
     optimizer_params,
     reference_update,
-    rule_for,
     update_factors,
 )
 
 ESTIMATORS = ("exact", "first_order", "double_backward")
-_MAX_TAPES = 8  # traced students kept per step object (one per set of modes/attributes seen)
-
-
-def _tolerance(dtype: torch.dtype, tf32: bool) -> float:
-    """How far the tape's first record and J may be from the module's forward and forward AD
-    (relative, in norm) before the step stops trusting the traced graph. Both compute the same
-    function in another order. Measured on CPU (WRN-28-2, EfficientNet-B0, digits CNN): the logits
-    agree bit for bit; J agrees to ~1e-15 in float64, ~1e-6 in float32, and only to 0.6-3.3e-2
-    under bf16 autocast, where each is 6-120% away from float64 J anyway. A graph that computes
-    something else is off by O(1), which the loose low-precision bar still catches."""
-    if dtype == torch.float64:
-        return 1e-8
-    if dtype == torch.float32 and not tf32:
-        return 1e-3
-    return 0.25
-
-
-def _needs_closure(optimizer: torch.optim.Optimizer) -> bool:
-    """LBFGS and the like: ``step(closure)`` re-evaluates the loss, which one MPL step cannot."""
-    closure = inspect.signature(optimizer.step).parameters.get("closure")
-    return closure is not None and closure.default is inspect.Parameter.empty
-
-
-_SPARSE = (
-    "the student's gradients are sparse ({}): the exact teacher gradient needs dense ones; use "
-    "sparse=False or estimator='first_order'"
-)
-
-
-def _check_unshared(
-    teacher: nn.Module, student: nn.Module, optimizers: Sequence[torch.optim.Optimizer]
-) -> None:
-    """No parameter of both models may be trained by an optimizer. The student's optimizer would
-    move the teacher's weight, or the teacher's would move the student's function: the step's
-    gradient sees neither (the double-backward step was 20x off the real objective, the
-    teacher's backward failed after the student moved)."""
-    shared = {id(p) for p in teacher.parameters()} & {id(p) for p in student.parameters()}
-    trained = {id(p) for opt in optimizers for _, p in optimizer_params(opt)}
-    if shared & trained:
-        name = next(n for n, p in student.named_parameters() if id(p) in shared & trained)
-        raise ConfigError(
-            f"the teacher and the student share the parameter {name!r}, which an optimizer "
-            "trains: MPL needs two sets of weights; give each model its own copy (a frozen "
-            "shared parameter that neither optimizer holds is fine)"
-        )
-
-
-def _check_owned(name: str, model: nn.Module, params: list[Tensor]) -> None:
-    own = {id(p) for p in model.parameters()}
-    if any(id(p) not in own for p in params):
-        raise ConfigError(f"{name}_optimizer must optimize the {name}'s own parameters")
-
-
-def _logits(out, who: str) -> Tensor:
-    if not isinstance(out, Tensor):
-        raise ConfigError(
-            f"the {who} must return a tensor of logits [..., num_classes], got a "
-            f"{type(out).__name__}; wrap it (e.g. lambda x: model(x)['logits']) in an nn.Module"
-        )
-    return out
-
-
-def _same_classes(student_logits: Tensor, targets: Tensor) -> None:
-    if student_logits.shape[-1] != targets.shape[-1]:
-        raise ConfigError(
-            f"the teacher has {targets.shape[-1]} classes and the student "
-            f"{student_logits.shape[-1]}: both must predict the same classes"
-        )
-    if student_logits.shape != targets.shape:  # [batch] against [batch, C] broadcast, then failed
-        raise ConfigError(
-            f"the student's logits on x_unlabeled have shape {tuple(student_logits.shape)}, the "
-            f"teacher's {tuple(targets.shape)}: both must give one row of class logits per example"
-        )
 
 
 @dataclass
@@ -272,31 +198,9 @@ class MetaPseudoLabels:
             )
         if not 0.0 <= label_smoothing < 1.0:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-        if estimator in ("exact", "double_backward"):
-            rule_for(student_optimizer)  # fail now, not at the first step
-        if estimator == "double_backward" and grad_sync is not None:
-            raise ConfigError(
-                "estimator='double_backward' runs in one process only (an all-reduce is not "
-                "differentiable); use estimator='exact', which gives the same gradient"
-            )
-        if teacher is student:
-            raise ConfigError("teacher and student must be two modules (two sets of weights)")
-        _check_unshared(teacher, student, (teacher_optimizer, student_optimizer))
-        for name, model, optimizer in (
-            ("student", student, student_optimizer),
-            ("teacher", teacher, teacher_optimizer),
-        ):
-            _check_owned(name, model, [p for _, p in optimizer_params(optimizer)])
-        if estimator == "first_order" and _needs_closure(student_optimizer):
-            raise ConfigError(
-                f"{type(student_optimizer).__name__}.step() needs a closure (it re-evaluates the "
-                "loss); MPL takes one plain step of the student's optimizer: use SGD, Adam, ..."
-            )
-        if _needs_closure(teacher_optimizer):  # its step() failed after the student's
-            raise ConfigError(
-                f"teacher_optimizer: {type(teacher_optimizer).__name__}.step() needs a closure (it "
-                "re-evaluates the loss); MPL takes one plain step of the teacher's optimizer"
-            )
+        check_models_and_optimizers(
+            teacher, student, teacher_optimizer, student_optimizer, estimator, grad_sync
+        )
         self.teacher, self.student = teacher, student
         self.teacher_optimizer, self.student_optimizer = teacher_optimizer, student_optimizer
         self.temperature = temperature
@@ -316,20 +220,17 @@ class MetaPseudoLabels:
         self._num_classes: int | None = None  # of the teacher's logits, at the last step
         self._replay_checked = False  # see metapl.mpl.student_checks.check_replayable
         self.baseline: Tensor | None = None
-        self.jvp = jvp
         self.allow_student_hooks = allow_student_hooks
-        # Traced students by module_signature (modes, modules, parameters), or why not.
-        self._tapes: dict[tuple, TangentTape | str] = {}
+        # How the exact step gets J (jvp), with the traced students and last_jvp_path: jvp.py
+        self._jvp_paths = JvpPaths(student, jvp)
         self._student_params: list[Tensor] = []
         self._follow_student_optimizer()
         self._check_student_update()  # fail now, not at the first step
         self._optimizers_checked: dict[str, object] = {}  # see _check_optimizers
         self._inputs_taken: set = set()  # see metapl.mpl.student_checks.check_input_dtypes
         self._check_optimizers()
-        self.last_jvp_path: str | None = None  # "tape" or "forward_ad", after an exact step
-        self.jvp_fallback_reason: str | None = None
         if estimator == "exact" and jvp == "tape":
-            self._tape()  # a student that cannot use the tape fails now, not at the first step
+            self._jvp_paths.tape()  # a student that cannot use the tape fails now, not at the first step
 
     # ------------------------------------------------------------------ public API
 
@@ -387,9 +288,9 @@ class MetaPseudoLabels:
         x_l = model_input("x_labeled", x_labeled, bd)
         x_u = model_input("x_unlabeled", x_unlabeled, bd)
         self._check_optimizers()
-        self._check_shapes(x_l, y_labeled, x_u)
-        t_l = self._teacher_input("teacher_x_labeled", teacher_x_labeled, x_l)
-        t_u = self._teacher_input("teacher_x_unlabeled", teacher_x_unlabeled, x_u)
+        check_shapes(x_l, y_labeled, x_u, bd)
+        t_l = teacher_view("teacher_x_labeled", teacher_x_labeled, x_l, bd)
+        t_u = teacher_view("teacher_x_unlabeled", teacher_x_unlabeled, x_u, bd)
         extras = [
             model_input(f"teacher_extra_inputs[{i}]", x, bd)
             for i, x in enumerate(teacher_extra_inputs)
@@ -407,16 +308,18 @@ class MetaPseudoLabels:
         # Before the teacher's forward: a NaN in a batch would reach its BatchNorm statistics.
         label_range, before = None, None
         if self.check_inputs:
-            label_range = self._check_values(y_l, (x_l, x_u, t_l, t_u, *extras))
+            label_range = check_values(y_l, (x_l, x_u, t_l, t_u, *extras))
             # Whether the highest label fits is known only from the teacher's logits. Its buffers
             # and the random stream are saved when that could fail (first step, or a label beyond
             # the classes of the last step), so that the error leaves them as they were.
             if self._num_classes is None or label_range[1] >= self._num_classes:
                 before = buffer_copies(self.teacher), RngState(module_device(self.teacher))
         logits = self._teacher_forward(t_l, y_l, t_u, extras)
-        self._check_logits(logits, y_l, x_u)
+        check_teacher_logits(logits.labeled, logits.unlabeled, y_l, x_u, bd)
         if label_range is not None:
-            self._check_label_range(*label_range, logits.labeled.shape[-1], before)
+            num_classes = logits.labeled.shape[-1]
+            check_label_range(*label_range, num_classes, self.teacher, before)
+            self._num_classes = num_classes
         self._check_labeled_batch_of_one(x_l, y_l)
         targets = F.softmax(logits.unlabeled / self.temperature, dim=-1)
         # The extra loss depends on the teacher's logits alone: computed (and checked) before the
@@ -466,7 +369,31 @@ class MetaPseudoLabels:
         self.step_count = int(state["step_count"])
         self.baseline = state["baseline"]
 
-    # ------------------------------------------------------------------ internals
+    @property
+    def jvp(self) -> str:
+        """The ``jvp`` option: how the exact step computes J (held by :mod:`metapl.mpl.jvp`)."""
+        return self._jvp_paths.mode
+
+    @jvp.setter
+    def jvp(self, mode: str) -> None:
+        self._jvp_paths.mode = mode
+
+    @property
+    def last_jvp_path(self) -> str | None:
+        """``"tape"`` or ``"forward_ad"``: how the last exact step computed J (None before)."""
+        return self._jvp_paths.last_path
+
+    @property
+    def jvp_fallback_reason(self) -> str | None:
+        """Why J did not come from the tangent tape (None when it did, or was not asked to)."""
+        return self._jvp_paths.fallback_reason
+
+    @property
+    def _tapes(self) -> dict[tuple, TangentTape | str]:
+        """The traced students by module signature, or why not (read by tests)."""
+        return self._jvp_paths.tapes
+
+    # ------------------------------------------------------------------ before anything moves
 
     def _follow_student_optimizer(self) -> None:
         """The student's trainable parameters, named, in its optimizer's order: read again when
@@ -475,42 +402,24 @@ class MetaPseudoLabels:
         params = [p for _, p in optimizer_params(self.student_optimizer)]
         if [id(p) for p in params] == [id(p) for p in self._student_params]:
             return
-        _check_owned("student", self.student, params)
-        _check_unshared(
-            self.teacher, self.student, (self.teacher_optimizer, self.student_optimizer)
-        )
+        check_owned("student", self.student, params)
+        check_unshared(self.teacher, self.student, (self.teacher_optimizer, self.student_optimizer))
         name_of = {id(p): n for n, p in self.student.named_parameters()}
         self._student_params = params
         self._student_names = [name_of[id(p)] for p in params]
-        self._tapes.clear()  # traced with the old set of trainable parameters
+        self._jvp_paths.set_trainable(params, self._student_names)  # drops the traced graphs
 
     def _check_student_update(self) -> None:
         """What the student's update must be for the step to be what it claims (every step:
-        ``requires_grad`` and hooks can change after construction)."""
-        if not any(p.requires_grad for p in self._student_params):
-            raise ConfigError(
-                "none of the parameters in student_optimizer requires grad: the student has "
-                "nothing to learn"
-            )
-        if self.estimator != "first_order":
-            sparse = next(
-                (
-                    n
-                    for n, m in self.student.named_modules()
-                    if isinstance(m, nn.Embedding | nn.EmbeddingBag) and m.sparse
-                ),
-                None,
-            )
-            if sparse is not None:
-                raise ConfigError(_SPARSE.format(f"its module {sparse!r} has sparse=True"))
-        if self.estimator != "first_order" and not self.allow_student_hooks:
-            hook = update_hook(self.student, self.student_optimizer, self._student_params)
-            if hook is not None:
-                raise ConfigError(
-                    f"the student has {hook}: it changes the student's update where the exact "
-                    "teacher gradient cannot see it; remove it, use estimator='first_order', or "
-                    "pass allow_student_hooks=True if it only observes (gradient logging)"
-                )
+        ``requires_grad`` and hooks can change after construction):
+        metapl.mpl.student_checks.check_student_update."""
+        check_student_update(
+            self.student,
+            self.student_optimizer,
+            self._student_params,
+            self.estimator,
+            self.allow_student_hooks,
+        )
 
     def _check_optimizers(self) -> None:
         """What would make either optimizer's step() fail in the middle of a step (the teacher's
@@ -522,56 +431,6 @@ class MetaPseudoLabels:
         ):
             checked = self._optimizers_checked.get(who)
             self._optimizers_checked[who] = check_optimizer(who, optimizer, model, checked)
-
-    def _check_shapes(self, x_l: ModelInput, y_l: Tensor, x_u: ModelInput) -> None:
-        """Shape and dtype mistakes that would otherwise pass silently (no host sync)."""
-        if not isinstance(y_l, Tensor):
-            raise DataError(f"y_labeled must be a tensor, got {type(y_l).__name__}")
-        if y_l.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-            raise DataError(f"y_labeled must be integer class indices, got dtype {y_l.dtype}")
-        bd = self.batch_dim
-        if x_l.batch_shape != tuple(y_l.shape):
-            raise DataError(
-                f"x_labeled's examples {x_l.batch_shape} and y_labeled {tuple(y_l.shape)} "
-                "disagree: y_labeled must hold one class index per example (shape "
-                f"x_labeled.shape[:{bd + 1}])"
-            )
-        for what, x in (("x_labeled", x_l), ("x_unlabeled", x_u)):
-            if x.size == 0:
-                raise DataError(f"{what} has no examples (shape[:{bd + 1}] {x.batch_shape})")
-
-    def _teacher_input(self, what: str, teacher_x: Input | None, x: ModelInput) -> ModelInput:
-        """What the teacher sees of the batch ``x``: ``teacher_x``, or ``x`` itself when None.
-        It must hold the same examples as the student's: its logits pair with y_labeled and the
-        student's logits example by example (a batch of another size failed inside a loss, for
-        teacher_x_labeled after the student had moved)."""
-        if teacher_x is None:
-            return x
-        view = model_input(what, teacher_x, self.batch_dim)
-        if view.batch_shape != x.batch_shape:
-            n = self.batch_dim + 1
-            student_what = what.removeprefix("teacher_")
-            raise DataError(
-                f"{what}'s examples {view.batch_shape} and {student_what}'s {x.batch_shape} "
-                f"disagree: the teacher's view must hold the same examples (shape[:{n}] equal)"
-            )
-        return view
-
-    def _check_logits(self, logits: TeacherLogits, y_l: Tensor, x_u: ModelInput) -> None:
-        """Logits [..., batch, C], one row per example: a model that returns [batch] (a
-        squeezed binary output) or [batch, C, 1] would have the softmax taken over the wrong
-        dimension; the student's update ran on that and the step failed after it."""
-        n = self.batch_dim + 1
-        for what, out, examples in (
-            ("labeled", logits.labeled, tuple(y_l.shape)),
-            ("unlabeled", logits.unlabeled, x_u.batch_shape),
-        ):
-            if out.dim() != n + 1 or tuple(out.shape[:n]) != examples:
-                raise ConfigError(
-                    f"the teacher's logits on the {what} batch have shape {tuple(out.shape)}; "
-                    f"expected {examples} + (num_classes,): one row of class logits per "
-                    "example, classes in the last dimension"
-                )
 
     def _check_labeled_batch_of_one(self, x_l: ModelInput, y_l: Tensor) -> None:
         """The student meets x_l only after it has moved. A batch of one example that it cannot
@@ -589,42 +448,7 @@ class MetaPseudoLabels:
                     f"({err}); use at least 2 labeled examples per step"
                 ) from err
 
-    def _check_values(self, y_l: Tensor, batches: Sequence[ModelInput]) -> tuple[int, int]:
-        """Finite inputs and non-negative labels, with one host sync for all of it, before the
-        teacher's forward (which would put a NaN into its BatchNorm statistics). Only floating
-        tensors can hold NaN or Inf (token ids are integers); a batch given twice (the teacher's
-        view is the student's batch when not given) is checked once. Returns the labels' range, for
-        :func:`_check_label_range` once the teacher's logits tell the number of classes."""
-        unique = list({id(x): x for x in batches}.values())
-        floating = [
-            (name, leaf)
-            for x in unique
-            for name, leaf in zip(x.names, x.leaves)
-            if leaf.is_floating_point()
-        ]
-        found = [y_l.min(), y_l.max(), *(torch.isfinite(t).all().long() for _, t in floating)]
-        low, high, *finite = torch.stack([t.to(y_l.device) for t in found]).tolist()
-        for (what, _), ok in zip(floating, finite):
-            if not ok:
-                raise DataError(f"{what} holds NaN or Inf values")
-        if low < 0:
-            raise DataError(
-                f"y_labeled out of range: found {low}..{high}, class indices start at 0"
-            )
-        return low, high
-
-    def _check_label_range(
-        self, low: int, high: int, num_classes: int, before: tuple[dict, RngState] | None
-    ) -> None:
-        if high >= num_classes:
-            if before is not None:
-                restore_buffers(self.teacher, before[0])
-                before[1].restore()
-            raise DataError(
-                f"y_labeled out of range: found {low}..{high}, the model has {num_classes} classes "
-                f"(expected 0..{num_classes - 1})"
-            )
-        self._num_classes = num_classes
+    # ------------------------------------------------------------------ processes and precision
 
     def _average(self, tensors) -> None:
         """Average across data-parallel processes (no-op without ``grad_sync``)."""
@@ -644,6 +468,8 @@ class MetaPseudoLabels:
             return contextlib.nullcontext()
         return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
 
+    # ------------------------------------------------------------------ the models' passes
+
     def _teacher_forward(
         self, x_l: ModelInput, y_l: Tensor, x_u: ModelInput, extras: Sequence[ModelInput]
     ) -> TeacherLogits:
@@ -651,7 +477,7 @@ class MetaPseudoLabels:
         paper's implementation); separate forwards only if the shapes cannot be concatenated."""
         with self._autocast(module_device(self.teacher)):
             outs = joint_forward(
-                lambda x: _logits(x.call(self.teacher), "teacher"),
+                lambda x: as_logits(x.call(self.teacher), "teacher"),
                 [x_l, x_u, *extras],
                 self.batch_dim,
             )
@@ -690,11 +516,11 @@ class MetaPseudoLabels:
         with self._autocast(module_device(self.student)):
             out: Tensor | TapeRecord
             if tape is None:
-                out = s_logits = _logits(x_u.call(self.student), "student")
+                out = s_logits = as_logits(x_u.call(self.student), "student")
             else:
                 out = tape.record(x_u.args, x_u.kwargs)
                 s_logits = out.logits
-        _same_classes(s_logits, targets)
+        check_same_classes(s_logits, targets)
         unlabeled = batch_mean(soft_cross_entropy(upcast(s_logits), targets), self.batch_dim)
         loss, losses = unlabeled, {"student_unlabeled": unlabeled.detach()}
         if self.student_labeled_weight > 0:
@@ -716,8 +542,10 @@ class MetaPseudoLabels:
         own parameters or ``weights`` (name -> tensor) in their place."""
         with self._autocast(module_device(self.student)):
             state = {**buffer_copies(self.student), **(weights or {})}
-            s_logits = _logits(x_l.functional_call(self.student, state), "student")
+            s_logits = as_logits(x_l.functional_call(self.student, state), "student")
         return member_mean(hard_cross_entropy(upcast(s_logits), y_l), self.batch_dim)
+
+    # ------------------------------------------------------------------ the estimators
 
     def _exact_student_step(
         self, x_l: ModelInput, y_l: Tensor, x_u: ModelInput, targets: Tensor
@@ -729,22 +557,29 @@ class MetaPseudoLabels:
             check_forward_ad(self.student, x_u, self._autocast(device))
             self._replay_checked = True
         theta_t = [p.detach().clone() for p in params]
-        # The buffers as the update pass finds them: J must differentiate that pass's function,
-        # and a buffer the forward both updates and reads (a step counter, an EMA a layer
-        # normalizes with) is one step further after it (the teacher's gradient was 8-20% off).
         update_rng = RngState(device)
-        tape = self._tape()  # (tracing a new graph runs the forward: before the copies)
-        buffers = buffer_copies(self.student)
+        tape = self._jvp_paths.tape()  # (tracing a new graph runs the forward: before the copies)
+        # What J must replay of the update pass, with the buffers as the pass finds them: J must
+        # differentiate that pass's function, and a buffer the forward both updates and reads (a
+        # step counter, an EMA a layer normalizes with) is one step further after it (the
+        # teacher's gradient was 8-20% off).
+        update = UpdatePass(
+            x_u,
+            update_rng,
+            buffer_copies(self.student),
+            lambda: self._autocast(device),
+            self._tf32_on(),
+        )
         record = None
         if tape is None or x_u.structure not in tape.checked:
             losses, grads, s_logits = self._student_update(x_u, targets.detach(), (x_l, y_l))
             if tape is not None:  # first use of this graph with x_u's structure: record, compare
-                record = self._first_record(tape, x_u, s_logits, update_rng)
+                record = self._jvp_paths.first_record(tape, s_logits, update)
                 tape = None if record is None else tape
         else:
             losses, grads, record = self._student_update(x_u, targets.detach(), (x_l, y_l), tape)
         if any(g is not None and g.layout != torch.strided for g in grads):
-            raise ConfigError(_SPARSE.format("a sparse gradient from the update pass"))
+            raise ConfigError(SPARSE_GRADIENTS.format("a sparse gradient from the update pass"))
         factors = update_factors(self.student_optimizer, params, grads)
         self.student_optimizer.step()
 
@@ -759,12 +594,11 @@ class MetaPseudoLabels:
         }
 
         # J = d/de log p_{theta_t + e w}(x_u): the same function as the update pass.
-        self.last_jvp_path = "forward_ad"
         if tape is not None:
             assert record is not None  # the tape is kept only with its record of the x_u pass
-            jvp = self._tape_jvp(tape, record, theta_t, tangents, x_u, update_rng, buffers)
+            jvp = self._jvp_paths.from_tape(tape, record, theta_t, tangents, update)
         else:
-            jvp = self._forward_ad_jvp(theta_t, tangents, x_u, update_rng, buffers)
+            jvp = self._jvp_paths.forward_ad(theta_t, tangents, update)
         if jvp is None:  # nothing the student learns from x_u changes its labeled loss
             jvp = torch.zeros_like(targets)
         # <g(Psi), w> with J constant: its gradient in Psi is exactly grad_Psi R(theta_{t+1}).
@@ -785,157 +619,6 @@ class MetaPseudoLabels:
         )
         return [next(found) if p.requires_grad else None for p in params]
 
-    def _forward_ad_jvp(
-        self,
-        theta_t: list[Tensor],
-        tangents: dict[str, Tensor],
-        x_u: ModelInput,
-        rng: RngState,
-        buffers: dict[str, Tensor],
-    ) -> Tensor | None:
-        """J by forward-mode AD: the student's forward again, on dual tensors, with the update
-        pass's random numbers replayed and ``buffers``, the step's copies of the buffers the update
-        pass started from. This pass may update them: every path of a step runs it at most once."""
-        device = module_device(self.student)
-        with fwad.dual_level(), replayed_rng(rng), self._autocast(device):
-            weights = {
-                n: fwad.make_dual(p, tangents[n]) if n in tangents else p
-                for n, p in zip(self._student_names, theta_t)
-            }
-            try:
-                out = x_u.functional_call(self.student, {**buffers, **weights})
-            except NotImplementedError as e:
-                # An op PyTorch cannot push a tangent through (spectral_norm's normalize, ops
-                # with out=): check_forward_ad finds it before the first step; one that only a
-                # later step's forward takes ends here.
-                error = forward_ad_error(e)
-                if error is None:
-                    raise
-                raise ConfigError(
-                    f"{error} This step has moved the student, not the teacher"
-                ) from None
-            log_p = F.log_softmax(upcast(_logits(out, "student")), dim=-1)
-            return fwad.unpack_dual(log_p).tangent
-
-    # ------------------------------------------------------------------ the tangent tape
-
-    def _tape(self) -> TangentTape | None:
-        """The traced student for its current modes, or None (forward AD) when it has none."""
-        if self.estimator != "exact" or self.jvp == "forward_ad":
-            return None
-        key, why = module_signature(self.student)
-        if why is None:
-            assert key is not None  # module_signature gives a key or a reason
-            entry = self._tapes.get(key)
-            if entry is None:
-                # fx runs the forward on proxies, but a buffer it reads by attribute is a real
-                # tensor: a forward that updates one (a step counter) updates it while tracing,
-                # and the graph holds the value it had then, never updated again (the student
-                # trained on a stale copy of its forward, the teacher's gradient 15% off).
-                saved = buffer_copies(self.student)
-                try:
-                    entry = TangentTape(self.student, self._student_params)
-                except TapeUnsupportedError as e:
-                    entry = str(e)
-                finally:
-                    changed = [
-                        n
-                        for n, b in self.student.named_buffers()
-                        if n in saved and not torch.equal(b, saved[n])
-                    ]
-                    restore_buffers(self.student, saved)
-                if changed:
-                    entry = f"its forward updates the buffer {changed[0]!r} outside fx's graph"
-                if len(self._tapes) >= _MAX_TAPES:  # a key that changes every step: keep a few
-                    self._tapes.pop(next(iter(self._tapes)))
-                self._tapes[key] = entry
-            if isinstance(entry, TangentTape):
-                self.jvp_fallback_reason = None
-                return entry
-            why = entry
-        self._no_tape(why)
-        return None
-
-    def _no_tape(self, why: str, tape: TangentTape | None = None) -> None:
-        """Forward AD from now on for this traced graph (``jvp="tape"``: a ConfigError)."""
-        if tape is not None:
-            self._tapes[tape.key] = why
-        self.jvp_fallback_reason = why
-        if self.jvp == "tape":
-            raise ConfigError(
-                f"jvp='tape': the student cannot use the tangent tape: {why}; "
-                "use jvp='auto' (falls back to forward-mode AD) or jvp='forward_ad'"
-            )
-        if tape is not None:  # a surprise after tracing succeeded: say so once
-            warnings.warn(f"metapl: the exact step uses forward-mode AD: {why}", stacklevel=4)
-
-    def _first_record(
-        self, tape: TangentTape, x_u: ModelInput, s_logits: Tensor, rng: RngState
-    ) -> TapeRecord | None:
-        """The first use of a traced graph: the module itself has just run the update pass; run the
-        graph on the same random numbers (no grad, copies of the buffers) and compare, so that a
-        graph that computes something else (Python state fx baked in) never trains the student."""
-        try:
-            with replayed_rng(rng), torch.no_grad(), self._autocast(module_device(self.student)):
-                record = tape.record(x_u.args, x_u.kwargs, buffers=tape.buffer_copies())
-        except Exception as e:  # noqa: BLE001  (any failure means: not this graph)
-            self._no_tape(f"the traced student fails ({type(e).__name__}: {e})", tape)
-            return None
-        err = relative_error(record.logits, s_logits)
-        if not err <= _tolerance(s_logits.dtype, self._tf32_on()):
-            self._no_tape(
-                f"the traced student's logits differ from the module's (relative error {err:.2e})",
-                tape,
-            )
-            return None
-        return record
-
-    def _tape_jvp(
-        self,
-        tape: TangentTape,
-        record: TapeRecord,
-        theta_t: list[Tensor],
-        tangents: dict[str, Tensor],
-        x_u: ModelInput,
-        rng: RngState,
-        buffers: dict[str, Tensor],
-    ) -> Tensor | None:
-        """J from the record: tangents only; forward AD (from now on) if that fails. Sets
-        ``last_jvp_path``. The first J of a graph for each input structure is also computed by
-        forward AD and compared."""
-        device = module_device(self.student)
-        params = self._student_params
-        theta = {id(p): th for p, th in zip(params, theta_t)}
-        tw = {id(p): tangents[n] for p, n in zip(params, self._student_names) if n in tangents}
-        try:
-            with torch.no_grad(), self._autocast(device):
-                d_logits = tape.tangent(record, theta, tw, release=True)
-                jvp = None
-                if d_logits is not None:  # d log_softmax(z) from dz, as forward AD does it
-                    with fwad.dual_level():
-                        dual = fwad.make_dual(record.logits.detach(), d_logits)
-                        log_p = F.log_softmax(upcast(dual), dim=-1)
-                        jvp = fwad.unpack_dual(log_p).tangent
-        except TapeUnsupportedError as e:  # a generic op drew random numbers
-            self._no_tape(str(e), tape)
-            return self._forward_ad_jvp(theta_t, tangents, x_u, rng, buffers)
-        except Exception as e:  # noqa: BLE001
-            if x_u.structure in tape.checked:
-                raise
-            self._no_tape(f"the tangent pass fails ({type(e).__name__}: {e})", tape)
-            return self._forward_ad_jvp(theta_t, tangents, x_u, rng, buffers)
-        if x_u.structure not in tape.checked:  # first use: J as forward AD's, or not this graph
-            ref = self._forward_ad_jvp(theta_t, tangents, x_u, rng, buffers)
-            zero = torch.zeros(())
-            err = relative_error(zero if jvp is None else jvp, zero if ref is None else ref)
-            if not err <= _tolerance(record.logits.dtype, self._tf32_on()):
-                reason = f"the tangent pass differs from forward-mode AD (relative error {err:.2e})"
-                self._no_tape(reason, tape)
-                return ref
-            tape.checked.add(x_u.structure)
-        self.last_jvp_path = "tape"
-        return jvp
-
     def _double_backward_student_step(
         self, x_l: ModelInput, y_l: Tensor, x_u: ModelInput, targets: Tensor
     ) -> tuple[Tensor, dict[str, Tensor]]:
@@ -955,11 +638,11 @@ class MetaPseudoLabels:
         # real step does not move it (it moved in this graph: 2% off the real teacher gradient).
         theta_t = [p.detach().clone().requires_grad_(p.requires_grad) for p in params]
         with self._autocast(device):
-            s_logits = _logits(
+            s_logits = as_logits(
                 x_u.functional_call(self.student, dict(zip(self._student_names, theta_t))),
                 "student",
             )
-        _same_classes(s_logits, targets)
+        check_same_classes(s_logits, targets)
         unlabeled = batch_mean(soft_cross_entropy(upcast(s_logits), targets), self.batch_dim)
         student_loss, losses = unlabeled, {"student_unlabeled": unlabeled.detach()}
         if self.student_labeled_weight > 0:  # as _student_update: own pass, buffers untouched

@@ -10,6 +10,9 @@ numbers replayed. Two kinds of student break that silently, so the step refuses 
 And two kinds fail loudly, but only after the student has moved: a forward with an operation that
 forward-mode AD cannot push a tangent through (:func:`check_forward_ad` finds it first), and a
 batch of a dtype or device the student cannot take (:func:`check_input_dtypes`).
+
+:func:`check_student_update` refuses such hooks every step, with a student that has nothing to
+learn and one whose gradients are sparse (the factors and J need dense ones).
 """
 
 from __future__ import annotations
@@ -54,6 +57,48 @@ def update_hook(model: nn.Module, optimizer: torch.optim.Optimizer, params) -> s
     if optim_module._global_optimizer_pre_hooks:
         return "a global optimizer step pre-hook (register_optimizer_step_pre_hook)"
     return None
+
+
+SPARSE_GRADIENTS = (
+    "the student's gradients are sparse ({}): the exact teacher gradient needs dense ones; use "
+    "sparse=False or estimator='first_order'"
+)
+
+
+def check_student_update(
+    student: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    params: list[Tensor],
+    estimator: str,
+    allow_hooks: bool,
+) -> None:
+    """What the student's update must be for the step to be what it claims: something to learn
+    in ``params`` (what ``optimizer`` updates); for the exact estimators, dense gradients and,
+    unless ``allow_hooks``, no hook that changes the update (:func:`update_hook`)."""
+    if not any(p.requires_grad for p in params):
+        raise ConfigError(
+            "none of the parameters in student_optimizer requires grad: the student has "
+            "nothing to learn"
+        )
+    if estimator != "first_order":
+        sparse = next(
+            (
+                n
+                for n, m in student.named_modules()
+                if isinstance(m, nn.Embedding | nn.EmbeddingBag) and m.sparse
+            ),
+            None,
+        )
+        if sparse is not None:
+            raise ConfigError(SPARSE_GRADIENTS.format(f"its module {sparse!r} has sparse=True"))
+    if estimator != "first_order" and not allow_hooks:
+        hook = update_hook(student, optimizer, params)
+        if hook is not None:
+            raise ConfigError(
+                f"the student has {hook}: it changes the student's update where the exact "
+                "teacher gradient cannot see it; remove it, use estimator='first_order', or "
+                "pass allow_student_hooks=True if it only observes (gradient logging)"
+            )
 
 
 def check_replayable(

@@ -1,0 +1,145 @@
+"""The per-step checks of a step's batches and of the logits the models give on them.
+
+Each mistake here used to pass silently or fail only after the student had moved (the teacher's
+update then never came). So :meth:`metapl.mpl.MetaPseudoLabels.step` runs them before anything
+moves, in this order: the shapes of the labels and batches (:func:`check_shapes`), the teacher's
+views of the batches (:func:`teacher_view`), the values, with one host sync for all of them
+(:func:`check_values`), and once the teacher's forward has run, its logits
+(:func:`check_teacher_logits`) and the labels' range against its classes
+(:func:`check_label_range`). :func:`as_logits` and :func:`check_same_classes` check what either
+model returns wherever it is called.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from metapl.errors import ConfigError, DataError
+from metapl.mpl.inputs import Input, ModelInput, model_input
+from metapl.mpl.replay import RngState, restore_buffers
+
+
+def as_logits(out, who: str) -> Tensor:
+    """``out``, a model's output, if it is a tensor (of logits); else a ConfigError."""
+    if not isinstance(out, Tensor):
+        raise ConfigError(
+            f"the {who} must return a tensor of logits [..., num_classes], got a "
+            f"{type(out).__name__}; wrap it (e.g. lambda x: model(x)['logits']) in an nn.Module"
+        )
+    return out
+
+
+def check_same_classes(student_logits: Tensor, targets: Tensor) -> None:
+    """The student's logits on x_u pair with the teacher's targets, row by row and class by
+    class."""
+    if student_logits.shape[-1] != targets.shape[-1]:
+        raise ConfigError(
+            f"the teacher has {targets.shape[-1]} classes and the student "
+            f"{student_logits.shape[-1]}: both must predict the same classes"
+        )
+    if student_logits.shape != targets.shape:  # [batch] against [batch, C] broadcast, then failed
+        raise ConfigError(
+            f"the student's logits on x_unlabeled have shape {tuple(student_logits.shape)}, the "
+            f"teacher's {tuple(targets.shape)}: both must give one row of class logits per example"
+        )
+
+
+def check_shapes(x_l: ModelInput, y_l: Tensor, x_u: ModelInput, batch_dim: int) -> None:
+    """Shape and dtype mistakes that would otherwise pass silently (no host sync)."""
+    if not isinstance(y_l, Tensor):
+        raise DataError(f"y_labeled must be a tensor, got {type(y_l).__name__}")
+    if y_l.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise DataError(f"y_labeled must be integer class indices, got dtype {y_l.dtype}")
+    bd = batch_dim
+    if x_l.batch_shape != tuple(y_l.shape):
+        raise DataError(
+            f"x_labeled's examples {x_l.batch_shape} and y_labeled {tuple(y_l.shape)} "
+            "disagree: y_labeled must hold one class index per example (shape "
+            f"x_labeled.shape[:{bd + 1}])"
+        )
+    for what, x in (("x_labeled", x_l), ("x_unlabeled", x_u)):
+        if x.size == 0:
+            raise DataError(f"{what} has no examples (shape[:{bd + 1}] {x.batch_shape})")
+
+
+def teacher_view(what: str, teacher_x: Input | None, x: ModelInput, batch_dim: int) -> ModelInput:
+    """What the teacher sees of the batch ``x``: ``teacher_x``, or ``x`` itself when None.
+    It must hold the same examples as the student's: its logits pair with y_labeled and the
+    student's logits example by example (a batch of another size failed inside a loss, for
+    teacher_x_labeled after the student had moved)."""
+    if teacher_x is None:
+        return x
+    view = model_input(what, teacher_x, batch_dim)
+    if view.batch_shape != x.batch_shape:
+        n = batch_dim + 1
+        student_what = what.removeprefix("teacher_")
+        raise DataError(
+            f"{what}'s examples {view.batch_shape} and {student_what}'s {x.batch_shape} "
+            f"disagree: the teacher's view must hold the same examples (shape[:{n}] equal)"
+        )
+    return view
+
+
+def check_values(y_l: Tensor, batches: Sequence[ModelInput]) -> tuple[int, int]:
+    """Finite inputs and non-negative labels, with one host sync for all of it, before the
+    teacher's forward (which would put a NaN into its BatchNorm statistics). Only floating
+    tensors can hold NaN or Inf (token ids are integers); a batch given twice (the teacher's
+    view is the student's batch when not given) is checked once. Returns the labels' range, for
+    :func:`check_label_range` once the teacher's logits tell the number of classes."""
+    unique = list({id(x): x for x in batches}.values())
+    floating = [
+        (name, leaf)
+        for x in unique
+        for name, leaf in zip(x.names, x.leaves)
+        if leaf.is_floating_point()
+    ]
+    found = [y_l.min(), y_l.max(), *(torch.isfinite(t).all().long() for _, t in floating)]
+    low, high, *finite = torch.stack([t.to(y_l.device) for t in found]).tolist()
+    for (what, _), ok in zip(floating, finite):
+        if not ok:
+            raise DataError(f"{what} holds NaN or Inf values")
+    if low < 0:
+        raise DataError(f"y_labeled out of range: found {low}..{high}, class indices start at 0")
+    return low, high
+
+
+def check_teacher_logits(
+    labeled: Tensor, unlabeled: Tensor, y_l: Tensor, x_u: ModelInput, batch_dim: int
+) -> None:
+    """Logits [..., batch, C], one row per example: a model that returns [batch] (a
+    squeezed binary output) or [batch, C, 1] would have the softmax taken over the wrong
+    dimension; the student's update ran on that and the step failed after it."""
+    n = batch_dim + 1
+    for what, out, examples in (
+        ("labeled", labeled, tuple(y_l.shape)),
+        ("unlabeled", unlabeled, x_u.batch_shape),
+    ):
+        if out.dim() != n + 1 or tuple(out.shape[:n]) != examples:
+            raise ConfigError(
+                f"the teacher's logits on the {what} batch have shape {tuple(out.shape)}; "
+                f"expected {examples} + (num_classes,): one row of class logits per "
+                "example, classes in the last dimension"
+            )
+
+
+def check_label_range(
+    low: int,
+    high: int,
+    num_classes: int,
+    teacher: nn.Module,
+    before: tuple[dict, RngState] | None,
+) -> None:
+    """The labels' range from :func:`check_values` against the teacher's classes. The teacher's
+    forward has run by then: ``before`` (its buffers and the random stream, saved when a label
+    could be out of range) is put back before the error, so that the teacher is as it was."""
+    if high >= num_classes:
+        if before is not None:
+            restore_buffers(teacher, before[0])
+            before[1].restore()
+        raise DataError(
+            f"y_labeled out of range: found {low}..{high}, the model has {num_classes} classes "
+            f"(expected 0..{num_classes - 1})"
+        )

@@ -1,0 +1,246 @@
+"""J, the student's JVP on x_u, for the exact step: by forward-mode AD or from the tangent tape.
+
+J = d/de log p_{theta_t + e w}(x_u) must differentiate the very function of the student's update
+pass (:class:`UpdatePass`: its input, its random numbers, its buffers as it found them, its
+precision). Two paths give the same value:
+
+- forward-mode AD (``torch.autograd.forward_ad``): the student's forward again, on dual tensors;
+- the tangent tape (:mod:`metapl.mpl.tangent`): the update pass runs as a traced graph that keeps
+  its activations, and J is a tangent-only pass over them.
+
+:class:`JvpPaths` keeps one step object's traced graphs (one per :func:`module_signature`: modes,
+modules, attributes) and decides when to trust one: its first record is compared with the module's
+own logits, its first J (for each input structure) with forward AD's. A graph that fails or differs
+is given up for forward AD (``jvp="auto"``, with a warning once) or is a ConfigError
+(``jvp="tape"``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.autograd.forward_ad as fwad
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from metapl.errors import ConfigError
+from metapl.losses import upcast
+from metapl.mpl.batch_checks import as_logits
+from metapl.mpl.inputs import ModelInput
+from metapl.mpl.replay import RngState, buffer_copies, replayed_rng, restore_buffers
+from metapl.mpl.student_checks import forward_ad_error
+from metapl.mpl.tangent import (
+    TangentTape,
+    TapeRecord,
+    TapeUnsupportedError,
+    module_signature,
+    relative_error,
+)
+
+MAX_TAPES = 8  # traced students kept per step object (one per set of modes/attributes seen)
+
+
+def tolerance(dtype: torch.dtype, tf32: bool) -> float:
+    """How far the tape's first record and J may be from the module's forward and forward AD
+    (relative, in norm) before the step stops trusting the traced graph. Both compute the same
+    function in another order. Measured on CPU (WRN-28-2, EfficientNet-B0, digits CNN): the logits
+    agree bit for bit; J agrees to ~1e-15 in float64, ~1e-6 in float32, and only to 0.6-3.3e-2
+    under bf16 autocast, where each is 6-120% away from float64 J anyway. A graph that computes
+    something else is off by O(1), which the loose low-precision bar still catches."""
+    if dtype == torch.float64:
+        return 1e-8
+    if dtype == torch.float32 and not tf32:
+        return 1e-3
+    return 0.25
+
+
+@dataclass
+class UpdatePass:
+    """The student's update pass on x_u, as J must replay it: its input, the random numbers it
+    drew, the buffers as it found them (a buffer the forward both updates and reads is one step
+    further after it), its autocast (a fresh context each call) and whether TF32 was on."""
+
+    x_u: ModelInput
+    rng: RngState
+    buffers: dict[str, Tensor]
+    autocast: Callable[[], contextlib.AbstractContextManager]
+    tf32: bool
+
+
+class JvpPaths:
+    """The exact step's ways to J for one student: ``mode`` is the step's ``jvp`` option.
+
+    Holds the student's trainable parameters and their names (:meth:`set_trainable`, in its
+    optimizer's order), the traced graphs, and, for the step's API, ``last_path`` ("tape" or
+    "forward_ad", after an exact step) and ``fallback_reason`` (why J did not come from the tape).
+    """
+
+    def __init__(self, student: nn.Module, mode: str):
+        self.student = student
+        self.mode = mode
+        self.params: list[Tensor] = []
+        self.names: list[str] = []
+        # Traced students by module_signature (modes, modules, parameters), or why not.
+        self.tapes: dict[tuple, TangentTape | str] = {}
+        self.last_path: str | None = None
+        self.fallback_reason: str | None = None
+
+    def set_trainable(self, params: list[Tensor], names: list[str]) -> None:
+        """The parameters the student's optimizer updates, named, in its order."""
+        self.params, self.names = params, names
+        self.tapes.clear()  # traced with the old set of trainable parameters
+
+    def tape(self) -> TangentTape | None:
+        """The traced student for its current modes, or None (forward AD) when it has none."""
+        if self.mode == "forward_ad":
+            return None
+        key, why = module_signature(self.student)
+        if why is None:
+            assert key is not None  # module_signature gives a key or a reason
+            entry = self.tapes.get(key)
+            if entry is None:
+                entry = self._trace()
+                if len(self.tapes) >= MAX_TAPES:  # a key that changes every step: keep a few
+                    self.tapes.pop(next(iter(self.tapes)))
+                self.tapes[key] = entry
+            if isinstance(entry, TangentTape):
+                self.fallback_reason = None
+                return entry
+            why = entry
+        self._give_up(why)
+        return None
+
+    def _trace(self) -> TangentTape | str:
+        """A new traced student, or why it cannot have one."""
+        # fx runs the forward on proxies, but a buffer it reads by attribute is a real
+        # tensor: a forward that updates one (a step counter) updates it while tracing,
+        # and the graph holds the value it had then, never updated again (the student
+        # trained on a stale copy of its forward, the teacher's gradient 15% off).
+        saved = buffer_copies(self.student)
+        entry: TangentTape | str
+        try:
+            entry = TangentTape(self.student, self.params)
+        except TapeUnsupportedError as e:
+            entry = str(e)
+        finally:
+            changed = [
+                n
+                for n, b in self.student.named_buffers()
+                if n in saved and not torch.equal(b, saved[n])
+            ]
+            restore_buffers(self.student, saved)
+        if changed:
+            entry = f"its forward updates the buffer {changed[0]!r} outside fx's graph"
+        return entry
+
+    def _give_up(self, why: str, tape: TangentTape | None = None) -> None:
+        """Forward AD from now on for this traced graph (``jvp="tape"``: a ConfigError)."""
+        if tape is not None:
+            self.tapes[tape.key] = why
+        self.fallback_reason = why
+        if self.mode == "tape":
+            raise ConfigError(
+                f"jvp='tape': the student cannot use the tangent tape: {why}; "
+                "use jvp='auto' (falls back to forward-mode AD) or jvp='forward_ad'"
+            )
+        if tape is not None:  # a surprise after tracing succeeded: say so once
+            # stacklevel 4: past first_record or from_tape and the exact step, to its caller
+            warnings.warn(f"metapl: the exact step uses forward-mode AD: {why}", stacklevel=4)
+
+    def first_record(
+        self, tape: TangentTape, s_logits: Tensor, update: UpdatePass
+    ) -> TapeRecord | None:
+        """The first use of a traced graph: the module itself has just run the update pass; run the
+        graph on the same random numbers (no grad, copies of the buffers) and compare, so that a
+        graph that computes something else (Python state fx baked in) never trains the student."""
+        x_u = update.x_u
+        try:
+            with replayed_rng(update.rng), torch.no_grad(), update.autocast():
+                record = tape.record(x_u.args, x_u.kwargs, buffers=tape.buffer_copies())
+        except Exception as e:  # noqa: BLE001  (any failure means: not this graph)
+            self._give_up(f"the traced student fails ({type(e).__name__}: {e})", tape)
+            return None
+        err = relative_error(record.logits, s_logits)
+        if not err <= tolerance(s_logits.dtype, update.tf32):
+            self._give_up(
+                f"the traced student's logits differ from the module's (relative error {err:.2e})",
+                tape,
+            )
+            return None
+        return record
+
+    def forward_ad(
+        self, theta_t: list[Tensor], tangents: dict[str, Tensor], update: UpdatePass
+    ) -> Tensor | None:
+        """J by forward-mode AD: the student's forward again, on dual tensors, with the update
+        pass's random numbers replayed and its ``buffers``, the step's copies of the buffers the
+        update pass started from. This pass may update them: every path of a step runs it at most
+        once. Sets ``last_path``."""
+        self.last_path = "forward_ad"
+        with fwad.dual_level(), replayed_rng(update.rng), update.autocast():
+            weights = {
+                n: fwad.make_dual(p, tangents[n]) if n in tangents else p
+                for n, p in zip(self.names, theta_t)
+            }
+            try:
+                out = update.x_u.functional_call(self.student, {**update.buffers, **weights})
+            except NotImplementedError as e:
+                # An op PyTorch cannot push a tangent through (spectral_norm's normalize, ops
+                # with out=): check_forward_ad finds it before the first step; one that only a
+                # later step's forward takes ends here.
+                error = forward_ad_error(e)
+                if error is None:
+                    raise
+                raise ConfigError(
+                    f"{error} This step has moved the student, not the teacher"
+                ) from None
+            log_p = F.log_softmax(upcast(as_logits(out, "student")), dim=-1)
+            return fwad.unpack_dual(log_p).tangent
+
+    def from_tape(
+        self,
+        tape: TangentTape,
+        record: TapeRecord,
+        theta_t: list[Tensor],
+        tangents: dict[str, Tensor],
+        update: UpdatePass,
+    ) -> Tensor | None:
+        """J from the record: tangents only; forward AD (from now on) if that fails. Sets
+        ``last_path``. The first J of a graph for each input structure is also computed by
+        forward AD and compared."""
+        self.last_path = "forward_ad"  # until the tape has given J
+        structure = update.x_u.structure
+        theta = {id(p): th for p, th in zip(self.params, theta_t)}
+        tw = {id(p): tangents[n] for p, n in zip(self.params, self.names) if n in tangents}
+        try:
+            with torch.no_grad(), update.autocast():
+                d_logits = tape.tangent(record, theta, tw, release=True)
+                jvp = None
+                if d_logits is not None:  # d log_softmax(z) from dz, as forward AD does it
+                    with fwad.dual_level():
+                        dual = fwad.make_dual(record.logits.detach(), d_logits)
+                        log_p = F.log_softmax(upcast(dual), dim=-1)
+                        jvp = fwad.unpack_dual(log_p).tangent
+        except TapeUnsupportedError as e:  # a generic op drew random numbers
+            self._give_up(str(e), tape)
+            return self.forward_ad(theta_t, tangents, update)
+        except Exception as e:  # noqa: BLE001
+            if structure in tape.checked:
+                raise
+            self._give_up(f"the tangent pass fails ({type(e).__name__}: {e})", tape)
+            return self.forward_ad(theta_t, tangents, update)
+        if structure not in tape.checked:  # first use: J as forward AD's, or not this graph
+            ref = self.forward_ad(theta_t, tangents, update)
+            zero = torch.zeros(())
+            err = relative_error(zero if jvp is None else jvp, zero if ref is None else ref)
+            if not err <= tolerance(record.logits.dtype, update.tf32):
+                reason = f"the tangent pass differs from forward-mode AD (relative error {err:.2e})"
+                self._give_up(reason, tape)
+                return ref
+            tape.checked.add(structure)
+        self.last_path = "tape"
+        return jvp

@@ -1,0 +1,88 @@
+"""What the teacher, the student and their two optimizers must be to make MPL steps.
+
+:func:`check_models_and_optimizers` runs when :class:`metapl.mpl.MetaPseudoLabels` is built: an
+update rule the exact estimators know, two sets of weights, each optimizer over its own model's
+parameters, a ``step()`` without a closure. The parameter checks (:func:`check_owned`,
+:func:`check_unshared`) run again when the student's optimizer gains parameters
+(``add_param_group``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from metapl.errors import ConfigError
+from metapl.mpl.update_rules import optimizer_params, rule_for
+
+
+def check_models_and_optimizers(
+    teacher: nn.Module,
+    student: nn.Module,
+    teacher_optimizer: torch.optim.Optimizer,
+    student_optimizer: torch.optim.Optimizer,
+    estimator: str,
+    grad_sync: object,
+) -> None:
+    """At construction, in this order: a student optimizer whose update rule the exact estimators
+    know, one process for double backward, two models with their own trained parameters, each
+    optimizer over its own model, and plain ``step()`` calls."""
+    if estimator in ("exact", "double_backward"):
+        rule_for(student_optimizer)  # fail now, not at the first step
+    if estimator == "double_backward" and grad_sync is not None:
+        raise ConfigError(
+            "estimator='double_backward' runs in one process only (an all-reduce is not "
+            "differentiable); use estimator='exact', which gives the same gradient"
+        )
+    if teacher is student:
+        raise ConfigError("teacher and student must be two modules (two sets of weights)")
+    check_unshared(teacher, student, (teacher_optimizer, student_optimizer))
+    for name, model, optimizer in (
+        ("student", student, student_optimizer),
+        ("teacher", teacher, teacher_optimizer),
+    ):
+        check_owned(name, model, [p for _, p in optimizer_params(optimizer)])
+    if estimator == "first_order" and needs_closure(student_optimizer):
+        raise ConfigError(
+            f"{type(student_optimizer).__name__}.step() needs a closure (it re-evaluates the "
+            "loss); MPL takes one plain step of the student's optimizer: use SGD, Adam, ..."
+        )
+    if needs_closure(teacher_optimizer):  # its step() failed after the student's
+        raise ConfigError(
+            f"teacher_optimizer: {type(teacher_optimizer).__name__}.step() needs a closure (it "
+            "re-evaluates the loss); MPL takes one plain step of the teacher's optimizer"
+        )
+
+
+def needs_closure(optimizer: torch.optim.Optimizer) -> bool:
+    """LBFGS and the like: ``step(closure)`` re-evaluates the loss, which one MPL step cannot."""
+    closure = inspect.signature(optimizer.step).parameters.get("closure")
+    return closure is not None and closure.default is inspect.Parameter.empty
+
+
+def check_unshared(
+    teacher: nn.Module, student: nn.Module, optimizers: Sequence[torch.optim.Optimizer]
+) -> None:
+    """No parameter of both models may be trained by an optimizer. The student's optimizer would
+    move the teacher's weight, or the teacher's would move the student's function: the step's
+    gradient sees neither (the double-backward step was 20x off the real objective, the
+    teacher's backward failed after the student moved)."""
+    shared = {id(p) for p in teacher.parameters()} & {id(p) for p in student.parameters()}
+    trained = {id(p) for opt in optimizers for _, p in optimizer_params(opt)}
+    if shared & trained:
+        name = next(n for n, p in student.named_parameters() if id(p) in shared & trained)
+        raise ConfigError(
+            f"the teacher and the student share the parameter {name!r}, which an optimizer "
+            "trains: MPL needs two sets of weights; give each model its own copy (a frozen "
+            "shared parameter that neither optimizer holds is fine)"
+        )
+
+
+def check_owned(name: str, model: nn.Module, params: list[Tensor]) -> None:
+    """``params``, what ``{name}_optimizer`` updates, belong to ``model``."""
+    own = {id(p) for p in model.parameters()}
+    if any(id(p) not in own for p in params):
+        raise ConfigError(f"{name}_optimizer must optimize the {name}'s own parameters")
