@@ -5,6 +5,12 @@ before fine-tuning.
     metapl digits --labels-per-class 50 --seeds 0-4 --methods supervised,uda_mpl \\
         --out results/digits/k50_figure9
     python results/digits/k50_figure9/labeled_accuracy.py results/digits/k50_figure9
+
+The tuning seed that K=50 was chosen on, rerun (tuning_seed100/ keeps the run's results.json,
+figure9.json, figure9.png, the printed summary as run.log, and labeled_accuracy.json):
+
+    metapl digits --labels-per-class 50 --seeds 100 --methods supervised,uda_mpl --out OUT
+    python results/digits/k50_figure9/labeled_accuracy.py OUT
 """
 
 import csv
