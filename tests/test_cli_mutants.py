@@ -151,7 +151,7 @@ def test_cpu_bench_defaults_to_a_small_batch_and_its_bar_counts_every_round(monk
         pass
 
     bars, configs = [], []
-    monkeypatch.setattr(bench, "tqdm", lambda **kwargs: bars.append(kwargs) or Bar())
+    monkeypatch.setattr(bench, "progress_bar", lambda **kwargs: bars.append(kwargs) or Bar())
 
     def first_run(cfg, *args):
         configs.append(cfg)

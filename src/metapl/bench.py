@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from metapl.errors import ConfigError
+from metapl.progress import progress_bar
 from metapl.report import write_json_atomic
 
 # CPU instructions for bf16 arithmetic: bf16's speed on a CPU depends on them, so a CPU bf16 result
@@ -217,7 +218,7 @@ def run_bench(
     # memory is per kind); CPU: all are built first and timed in interleaved rounds.
     benches: list[tuple[str, Callable[[], object] | dict, dict]] = []
     kinds = 7
-    bar = tqdm(
+    bar = progress_bar(
         total=kinds if on_gpu else warmup + repeats,
         unit="kind" if on_gpu else "round",
         desc="metapl bench",

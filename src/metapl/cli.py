@@ -13,7 +13,13 @@ import time
 from pathlib import Path
 
 from metapl.errors import ConfigError, MetaplError
-from metapl.report import output_folder, paired_differences, print_paired_differences
+from metapl.progress import close_bars
+from metapl.report import (
+    output_folder,
+    paired_differences,
+    print_paired_differences,
+    release_output_folders,
+)
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -381,9 +387,11 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
     except MetaplError as err:
+        close_bars()
         print(f"metapl {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        close_bars()
         print(f"metapl {args.command}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
@@ -391,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
         # stdout at devnull so that Python's own flush at exit does not raise again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by the signal
+    finally:
+        release_output_folders()
     return 0
 
 

@@ -115,9 +115,9 @@ def _check_output(path: str | None, option: str) -> None:
 
 def run(args: argparse.Namespace) -> None:
     import torch
-    from tqdm import tqdm
 
     from metapl.errors import ConfigError
+    from metapl.progress import progress_bar
     from metapl.report import write_json_atomic
     from metapl.train.data import model_input
     from metapl.train.engine import resolve_device
@@ -146,7 +146,7 @@ def run(args: argparse.Namespace) -> None:
     records = []
     # A bar with ETA on stderr when it is a terminal and there is more than one batch; the lines
     # go through bar.write, which prints them above the bar (to stdout, a pipe or a terminal).
-    bar = tqdm(
+    bar = progress_bar(
         total=len(paths),
         unit="image",
         desc="metapl predict",

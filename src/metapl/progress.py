@@ -8,9 +8,12 @@ progress in its log. There, a bar is redrawn every :data:`LOG_INTERVAL_S` second
 from __future__ import annotations
 
 import sys
+import weakref
 from typing import Any
 
 LOG_INTERVAL_S = 30.0
+
+_bars: weakref.WeakSet = weakref.WeakSet()  # every bar progress_bar made (see close_bars)
 
 
 def _is_terminal(stream: Any) -> bool:
@@ -27,4 +30,15 @@ def progress_bar(**kwargs: Any):
 
     if "mininterval" not in kwargs and not _is_terminal(kwargs.get("file") or sys.stderr):
         kwargs["mininterval"] = LOG_INTERVAL_S
-    return tqdm(**kwargs)
+    bar = tqdm(**kwargs)
+    _bars.add(bar)
+    return bar
+
+
+def close_bars() -> None:
+    """Close the bars a failed or interrupted command left open, before it prints its error line.
+    An open bar is closed (and drawn once more) only when it is garbage-collected, after the
+    message: the error was glued to the bar's line and the bar came last. Closing a closed bar
+    does nothing."""
+    for bar in list(_bars):
+        bar.close()

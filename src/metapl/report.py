@@ -30,7 +30,56 @@ def output_folder(path: Path | str, option: str = "--out", command: str | None =
             f"{option} {path} holds the results of `metapl {owner}`, which `metapl {command}` "
             f"would overwrite; choose another {option}"
         )
+    if command is not None:
+        _claim(path, option)
     return path
+
+
+# The folders this process claimed: (locked descriptor, the folders mkdir created for it, deepest
+# first). release_output_folders() gives them back when the command ends.
+_claimed: list[tuple[int, list[Path]]] = []
+
+
+def _claim(path: Path, option: str) -> None:
+    """Hold ``path`` for this command until it ends. Two commands writing one folder at once would
+    both run to the end, into one metrics.csv and two TensorBoard files, each results.json replacing
+    the other's; the second is refused instead, before any work. The lock is an advisory ``flock``
+    on the folder itself: no lock file to leave behind, and the kernel drops it when the process
+    dies (``kill -9`` too). Under torchrun only rank 0 writes, so only rank 0 holds it."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no lock
+        return
+    from metapl.distributed import torchrun_world
+
+    if torchrun_world()[0] != 0:
+        return
+    created = [p for p in (path, *path.parents) if not p.exists()]
+    path.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(
+            f"{option} {path} is in use by another metapl command that is still running; wait for "
+            f"it to end or choose another {option}"
+        ) from None
+    _claimed.append((fd, created))
+
+
+def release_output_folders() -> None:
+    """Unlock the folders this process claimed. One it created that is still empty (the command
+    failed before writing) is removed, with its empty parents, so a mistake leaves nothing behind;
+    removed before unlocking, so no other command can have claimed it in between."""
+    while _claimed:
+        fd, created = _claimed.pop()
+        for folder in created:
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (or gone): keep it and its parents
+                break
+        os.close(fd)
 
 
 def results_owner(path: Path) -> str | None:

@@ -204,9 +204,8 @@ def paired_differences(records: list[dict]) -> dict[str, dict]:
 
 
 def run_digits(cfg: DigitsConfig, out: Path, show_progress: bool = True) -> dict:
-    from tqdm import tqdm
-
     from metapl.experiments.figure9 import plot_figure9
+    from metapl.progress import progress_bar
 
     cfg.validate()
     out.mkdir(parents=True, exist_ok=True)
@@ -219,8 +218,8 @@ def run_digits(cfg: DigitsConfig, out: Path, show_progress: bool = True) -> dict
     workers = cfg.workers or os.cpu_count() or 1
     records = []
     with worker_pool(min(workers, len(jobs))) as pool:
-        for record in tqdm(
-            pool.map(_train_one, jobs),
+        for record in progress_bar(
+            iterable=pool.map(_train_one, jobs),
             total=len(jobs),
             disable=not show_progress,
             desc="digits runs",

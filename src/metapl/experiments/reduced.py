@@ -137,9 +137,8 @@ def _run(job: tuple[str, int, ReducedConfig, str]) -> dict:
 def run_reduced(cfg: ReducedConfig, out: Path, show_progress: bool = True) -> dict:
     import os
 
-    from tqdm import tqdm
-
     from metapl.experiments.figure10 import plot_figure10
+    from metapl.progress import progress_bar
 
     cfg.validate()
     out.mkdir(parents=True, exist_ok=True)
@@ -147,8 +146,8 @@ def run_reduced(cfg: ReducedConfig, out: Path, show_progress: bool = True) -> di
     records = []
     with worker_pool(workers) as pool:
         stage = [("large_teacher", s, cfg, str(out)) for s in cfg.seeds]
-        for record in tqdm(
-            pool.map(_run, stage),
+        for record in progress_bar(
+            iterable=pool.map(_run, stage),
             total=len(stage),
             disable=not show_progress,
             desc="large teachers",
@@ -157,8 +156,8 @@ def run_reduced(cfg: ReducedConfig, out: Path, show_progress: bool = True) -> di
             records.append(record)
         slowest_first = [m for m in reversed(STUDENTS) if m in cfg.students]
         jobs = [(m, s, cfg, str(out)) for m in slowest_first for s in cfg.seeds]
-        for record in tqdm(
-            pool.map(_run, jobs),
+        for record in progress_bar(
+            iterable=pool.map(_run, jobs),
             total=len(jobs),
             disable=not show_progress,
             desc="students",
