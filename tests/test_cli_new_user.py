@@ -1,13 +1,18 @@
 """Friction found by following the README and docs/*.md as a new user, in a fresh venv.
 
 Each test failed before its fix: two commands into one --out at once both ran to the end; an error
-was glued to the progress bar's line and the bar was redrawn after it.
+was glued to the progress bar's line and the bar was redrawn after it; a mistyped option printed
+argparse's usage block and the top-level parser's message without the command's name; `--seeds 5-1`
+was "expected a range like 0-9"; the help of several commands had no example and hid defaults
+(`metapl digits --device` is cpu, not train's auto).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -17,11 +22,20 @@ from pathlib import Path
 import pytest
 from test_train_cli import one_error_line, train_cli
 
-from metapl.cli import main
+from metapl.cli import EXAMPLES, build_parser, main, parse_seeds
+from metapl.errors import ConfigError
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 ROOT = Path(__file__).parent.parent
+
+
+def _error(argv: list[str], capsys) -> str:
+    """The one stderr line of a command line that argparse refuses (exit code 2)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    return one_error_line(capsys.readouterr().err)
 
 
 # --- two commands into one --out -------------------------------------------------------------
@@ -86,3 +100,88 @@ def test_an_error_during_a_run_is_the_last_line_and_not_glued_to_the_bar(tmp_pat
     assert re.match(r"metapl train: error: step \d+: student_loss is nan", lines[-1]), lines[-1]
     assert sum("error:" in line for line in lines) == 1
     assert err.endswith("\n" + lines[-1] + "\n")
+
+
+# --- mistakes in the options -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (
+            ["twomoons", "--out", "x", "--stesp", "5"],
+            "metapl twomoons: error: unrecognized arguments: --stesp 5 (did you mean --steps?)",
+        ),
+        (
+            ["train", "--preset", "digits-uda", "--out", "x", "--data_dir", "D"],
+            "metapl train: error: unrecognized arguments: --data_dir D (did you mean --data-dir?)",
+        ),
+        (
+            ["train", "--preset", "digits-uda", "--out", "x", "--device", "gpu"],
+            "metapl train: error: argument --device: invalid choice: 'gpu'",
+        ),
+        (["twomons", "--out", "x"], "metapl: error: argument COMMAND: invalid choice: 'twomons'"),
+    ],
+)
+def test_a_mistyped_option_is_one_line_naming_the_command(tmp_path, capsys, argv, expected):
+    """It was argparse's usage block, then the message; for an option unknown to a command, the
+    usage and the message of `metapl` itself, which did not say whose option it was."""
+    err = _error(argv, capsys)
+    assert err.startswith(expected), err
+    prog = expected.split(": error:")[0]
+    assert err.endswith(f"; see `{prog} --help`\n")
+
+
+def test_seeds_counting_down_say_so():
+    with pytest.raises(ConfigError, match="the range 5-1 counts down; write it 1-5"):
+        parse_seeds("5-1")
+    with pytest.raises(ConfigError, match="the range 9-3 counts down"):
+        parse_seeds("0,9-3")
+
+
+@pytest.mark.parametrize(
+    "set_option, hint",
+    [
+        ("tacher_lr=0.1", "(did you mean teacher_lr,"),  # a typo in the first letters
+        ("studnet_lr=0.1", "(did you mean student_lr,"),
+    ],
+)
+def test_a_mistyped_key_or_preset_names_the_closest(tmp_path, capsys, set_option, hint):
+    assert train_cli("digits-uda-mpl", tmp_path / "r", "--set", set_option, "--quiet") == 2
+    assert hint in one_error_line(capsys.readouterr().err)
+    assert train_cli("digits-uda-mlp", tmp_path / "r", "--quiet") == 2
+    err = one_error_line(capsys.readouterr().err)
+    assert "unknown preset 'digits-uda-mlp' (did you mean digits-uda-mpl?)" in err
+
+
+# --- --help ----------------------------------------------------------------------------------
+
+
+def _commands() -> dict[str, argparse.ArgumentParser]:
+    (sub,) = (a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(sub.choices)
+
+
+@pytest.mark.parametrize("name", sorted(_commands()))
+def test_every_command_explains_itself_with_its_defaults_and_an_example(name):
+    parser = _commands()[name]
+    text = parser.format_help()
+    assert parser.description, f"`metapl {name} --help` says nothing about what it does"
+    # the example, whole, after "example:", and it parses
+    example = EXAMPLES[name].replace("\\\n", " ")
+    assert "example:\n  " + EXAMPLES[name].split("\n")[0] in text
+    for line in example.split("\n"):
+        parser.parse_args(shlex.split(line)[2:])
+    for action in parser._actions:
+        shown = action.default not in (None, False, argparse.SUPPRESS)
+        if shown and action.option_strings:
+            assert "default" in (action.help or ""), f"metapl {name} {action.option_strings}"
+
+
+def test_the_help_says_what_defaults_the_code_has():
+    from metapl.experiments.twomoons import TwoMoonsConfig
+
+    twomoons = _commands()["twomoons"].format_help()
+    assert f"(default: {TwoMoonsConfig().steps})" in " ".join(twomoons.split())
+    digits = " ".join(_commands()["digits"].format_help().split())
+    assert "default: cpu" in digits

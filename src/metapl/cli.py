@@ -11,8 +11,9 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
-from metapl.errors import ConfigError, MetaplError
+from metapl.errors import ConfigError, MetaplError, did_you_mean
 from metapl.progress import close_bars
 from metapl.report import (
     output_folder,
@@ -30,7 +31,9 @@ def parse_seeds(text: str) -> list[int]:
             if "-" in part:
                 lo, hi = (int(v) for v in part.split("-", 1))
                 if hi < lo:
-                    raise ValueError(part)
+                    raise ConfigError(
+                        f"--seeds {text!r}: the range {part} counts down; write it {hi}-{lo}"
+                    )
                 seeds.extend(range(lo, hi + 1))
             else:
                 seeds.append(int(part))
@@ -47,6 +50,25 @@ def parse_names(text: str) -> tuple[str, ...]:
     """'uda, uda_mpl,,uda' -> ('uda', 'uda_mpl'): spaces and empty items dropped, each name once
     (a name given twice would train the same run folder twice at the same time)."""
     return tuple(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser with metapl's one-line errors (README: a mistake in the input prints one
+    line): argparse put its usage block above the message, and the top-level parser reported an
+    option unknown to a subcommand, without the subcommand's name (see :func:`parse`)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
+class _Formatter(argparse.HelpFormatter):
+    """argparse's help text, but a paragraph of the description or epilog that starts with
+    "example" keeps its lines: a command line stays whole, not reflowed into the prose."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        fill = super()._fill_text  # zero-argument super() does not work in the generator below
+        parts = text.split("\n\n")
+        return "\n\n".join(p if p.startswith("example") else fill(p, width, indent) for p in parts)
 
 
 def _cmd_twomoons(args: argparse.Namespace) -> None:
@@ -182,17 +204,44 @@ def _add_experiment_options(p: argparse.ArgumentParser) -> None:
             "keeps its share, e.g. 300 of 1,500 steps); --set steps=N changes steps alone"
         ),
     )
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu")
+    p.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="cpu",
+        help="default: cpu (train, tune, bench and predict default to auto)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+# One example per command, shown at the end of its --help (tests/test_cli_new_user.py parses each).
+EXAMPLES = {
+    "twomoons": "metapl twomoons --seeds 0-9 --out runs/twomoons",
+    "train": (
+        "metapl train --preset digits-uda-mpl --out runs/digits\n"
+        "  metapl train --preset cifar10-4k-uda-mpl --data-dir D --out RUN --set precision=bf16"
+    ),
+    "presets": "metapl presets",
+    "digits": "metapl digits --labels-per-class 5 --seeds 0-4 --out runs/digits_k5",
+    "reduced": "metapl reduced --dataset digits --seeds 0-4 --out runs/reduced",
+    "bench": "metapl bench --device cpu --json bench_cpu.json",
+    "tune": (
+        "metapl tune --preset digits-uda-mpl --set tune_per_class=5 --steps 300 --trials 16 \\\n"
+        "      --storage sqlite:///runs/tune/digits.db --out runs/tune/digits"
+    ),
+    "predict": "metapl predict --run runs/digits --top 3 my_images/",
+    "export": "metapl export --run runs/digits --format onnx",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="metapl",
         description=(
             "Meta Pseudo Labels (Pham et al.) with the exact teacher gradient. "
             "The training and experiment subcommands write results.json and plots into --out."
         ),
+        epilog="`metapl COMMAND --help` explains a command: its options, defaults and an example.",
+        formatter_class=_Formatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -209,7 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="0-9", help="seeds, e.g. 0-9 or 0,3,7 (default: 0-9)")
     p.add_argument("--out", required=True, help="output folder (created if missing)")
     p.add_argument("--noise", type=float, default=0.1, help="make_moons noise (default: 0.1)")
-    p.add_argument("--steps", type=int, default=None, help="training steps per method")
+    p.add_argument(
+        "--steps", type=int, default=None, help="training steps per method (default: 2000)"
+    )
     p.add_argument(
         "--estimator",
         choices=("exact", "first_order"),
@@ -245,9 +296,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="override the preset's number of steps (a warm-up longer than that is cut to fit)",
     )
-    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
+    p.add_argument(
+        "--checkpoint-every", type=int, help="steps between checkpoints (default: the preset's)"
+    )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: auto")
-    p.add_argument("--seed", type=int, help="seed of the run (and of the digits split)")
+    p.add_argument(
+        "--seed", type=int, help="seed of the run (and of the digits split; default: the preset's)"
+    )
     p.add_argument(
         "--set",
         action="append",
@@ -257,7 +312,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("presets", help="list the presets: Table 1 x Table 3, Table 2, digits")
+    p = sub.add_parser(
+        "presets",
+        help="list the presets: Table 1 x Table 3, Table 2, digits, your own images",
+        description=(
+            "Lists every preset `metapl train --preset` and `metapl tune --preset` take, with its "
+            "method, model, steps, batch size and learning rates: Table 1's rows x Table 3's "
+            "columns (cifar10-4k, svhn-1k, imagenet-10pct, and imagenet-{20,40,80}pct for Figure "
+            "7), Table 2's (*-full-*), digits and your own images (folder-*)."
+        ),
+    )
     p.set_defaults(func=_cmd_presets)
 
     from metapl.experiments.digits import DEFAULT_METHODS, METHODS
@@ -306,7 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
             "For CIFAR-10/SVHN/ImageNet, use the *-full-* presets of `metapl train`."
         ),
     )
-    p.add_argument("--dataset", default="digits", help="digits (the only one that runs on CPU)")
+    p.add_argument(
+        "--dataset", default="digits", help="default: digits (the only one that runs on CPU)"
+    )
     p.add_argument("--labels-per-class", type=int, default=None, help="default: the preset's 30")
     p.add_argument(
         "--methods",
@@ -341,14 +407,16 @@ def build_parser() -> argparse.ArgumentParser:
             "unlabeled 7B."
         ),
     )
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: auto"
+    )
     p.add_argument(
         "--batch-size",
         type=int,
         default=None,
         help="labeled batch B (default: 128 on CUDA, 4 on CPU)",
     )
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="default: fp32")
     p.add_argument(
         "--memory-format",
         choices=("auto", "channels_last", "contiguous"),
@@ -374,12 +442,27 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=module.HELP, description=module.DESCRIPTION)
         module.add_arguments(p)
         p.set_defaults(func=module.run)
+    for name, p in sub.choices.items():
+        p.formatter_class = _Formatter
+        p.epilog = "\n\n".join(filter(None, [p.epilog, f"example:\n  {EXAMPLES[name]}"]))
+        p.set_defaults(parser=p)  # for parse(): an unknown option is reported by its command
     return parser
+
+
+def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, but an option that the command does not know is reported by
+    that command's parser, with the closest option it has."""
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        known = args.parser._option_string_actions  # argparse has no public list of them
+        hints = [did_you_mean(u.split("=", 1)[0], known) for u in unknown if u.startswith("-")]
+        args.parser.error(f"unrecognized arguments: {' '.join(unknown)}{''.join(hints)}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        args = parse(build_parser(), argv)
     except KeyboardInterrupt:
         print("metapl: interrupted", file=sys.stderr)
         return 130

@@ -5,6 +5,18 @@ the command line prints its message as one line and exits with code 2. Every oth
 in metapl and keeps its traceback.
 """
 
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+def did_you_mean(word: str, choices: Iterable[str], n: int = 1) -> str:
+    """' (did you mean X?)' naming the (up to ``n``) choices closest to a mistyped ``word`` in
+    spelling, or '' when none is close."""
+    close = difflib.get_close_matches(word, list(choices), n=n)
+    return f" (did you mean {', '.join(close)}?)" if close else ""
+
 
 class MetaplError(Exception):
     """A mistake in the user's input: configuration, data, checkpoint or API use."""

@@ -41,7 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
     parser.add_argument("--run", required=True, help="the --out folder of a `metapl train` run")
     parser.add_argument("--top", type=int, default=1, help="classes shown per image (default: 1)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: auto"
+    )
     parser.add_argument("--json", metavar="FILE", help="also write the predictions here")
     parser.add_argument(
         "--allow-unfinished",

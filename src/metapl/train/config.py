@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from metapl.errors import ConfigError
+from metapl.errors import ConfigError, did_you_mean
 
 if TYPE_CHECKING:
     import torch
@@ -370,8 +370,8 @@ def _coerce(key: str, value: Any) -> Any:
     if not key:
         raise ConfigError("a config key is empty: write --set key=value")
     if key not in _FIELDS:
-        close = [k for k in _FIELDS if len(key) >= 3 and k.startswith(key[:3])]
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        # the closest keys by spelling (a prefix match missed a typo in the first letters)
+        hint = did_you_mean(key, _FIELDS, n=3)
         raise ConfigError(f"unknown config key {key!r}{hint}; `metapl train --help` lists them")
     default = getattr(TrainConfig(), key)
     kind = type(default) if default is not None else str

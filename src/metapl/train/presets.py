@@ -13,7 +13,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from metapl.errors import ConfigError
+from metapl.errors import ConfigError, did_you_mean
 from metapl.train.config import TrainConfig, apply_overrides
 
 if sys.version_info >= (3, 11):
@@ -112,7 +112,8 @@ def load_preset(name: str) -> TrainConfig:
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
             raise ConfigError(f"preset file {name} is not valid TOML: {err}") from None
     else:
-        raise ConfigError(f"unknown preset {name!r}; `metapl presets` lists them")
+        hint = did_you_mean(name, table)
+        raise ConfigError(f"unknown preset {name!r}{hint}; `metapl presets` lists them")
     cfg = apply_overrides(TrainConfig(), overrides)
     return apply_overrides(cfg, {"preset": name})
 
