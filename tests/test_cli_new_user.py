@@ -4,7 +4,9 @@ Each test failed before its fix: two commands into one --out at once both ran to
 was glued to the progress bar's line and the bar was redrawn after it; a mistyped option printed
 argparse's usage block and the top-level parser's message without the command's name; `--seeds 5-1`
 was "expected a range like 0-9"; the help of several commands had no example and hid defaults
-(`metapl digits --device` is cpu, not train's auto).
+(`metapl digits --device` is cpu, not train's auto); `metapl train --steps 10` on a preset that
+fine-tunes ran 310 steps and said "after 10 steps"; the `metapl tune` hint to train best.toml
+left out the --data-dir the dataset needs.
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ import time
 from pathlib import Path
 
 import pytest
-from test_train_cli import one_error_line, train_cli
+from test_train_cli import one_error_line, tiny, train_cli
 
 from metapl.cli import EXAMPLES, build_parser, main, parse_seeds
 from metapl.errors import ConfigError
+from metapl.tuning.runner import Tuner
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -185,3 +188,38 @@ def test_the_help_says_what_defaults_the_code_has():
     assert f"(default: {TwoMoonsConfig().steps})" in " ".join(twomoons.split())
     digits = " ".join(_commands()["digits"].format_help().split())
     assert "default: cpu" in digits
+
+
+# --- what a short run says it did --------------------------------------------------------------
+
+
+def test_train_says_when_fine_tuning_steps_followed_the_steps_asked_for(tmp_path, capsys):
+    """`--steps 10` on digits-uda-mpl ran 310 steps (its 300 fine-tuning steps) and said
+    "after 10 steps"."""
+    args = [*tiny(2), "--set", "finetune_steps=3"]
+    assert train_cli("digits-uda-mpl", tmp_path / "run", *args) == 0
+    assert "after 2 steps and 3 fine-tuning steps\n" in capsys.readouterr().out
+    assert train_cli("digits-uda-mpl", tmp_path / "run0", *tiny(2)) == 0
+    assert capsys.readouterr().out.split("\n")[0].endswith("after 2 steps")
+
+
+def test_the_tune_hint_to_train_best_toml_keeps_the_data_dir(tmp_path, capsys, monkeypatch):
+    """`metapl tune --preset cifar10-4k-uda-mpl --data-dir D` printed `metapl train --preset
+    OUT/best.toml --out RUN`, which stops with "needs --data-dir"."""
+    import metapl.tuning
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(metapl.tuning, "tune", lambda opts: opts.out / "best.toml")
+    args = ["tune", "--preset", "cifar10-4k-uda-mpl", "--trials", "1", "--out", str(out)]
+    args += ["--storage", f"sqlite:///{tmp_path / 's.db'}", "--data-dir", "/data/cifar"]
+    assert main(args) == 0
+    expected = f"metapl train --preset {out / 'best.toml'} --data-dir /data/cifar --out RUN"
+    assert capsys.readouterr().out == f"wrote {out / 'best.toml'}: {expected}\n"
+
+    # best.toml's own comment says the same (digits needs no --data-dir, and gets none)
+    from test_tune import fake_train, options
+
+    tuner = Tuner(options(tmp_path))
+    tuner.train = fake_train([])
+    path = tuner.run()
+    assert f"# train it: metapl train --preset {path} --out RUN\n" in path.read_text()

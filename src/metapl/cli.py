@@ -126,7 +126,9 @@ def _cmd_train(args: argparse.Namespace) -> None:
     if row.get("accuracy") is not None:
         parts.append(f"test accuracy {100 * row['accuracy']:.2f}%")
     parts = parts or ["no test set to evaluate (see results.json)"]
-    print(f"{cfg.preset}: {', '.join(parts)} after {cfg.steps} steps")
+    # `--steps 10` on a preset that fine-tunes ran 10 + finetune_steps steps: say so
+    finetune = f" and {cfg.finetune_steps} fine-tuning steps" if cfg.finetune_steps else ""
+    print(f"{cfg.preset}: {', '.join(parts)} after {cfg.steps} steps{finetune}")
     written = "results.json, curves.png, metrics.csv, tb/, config.json, checkpoint.pt"
     if (Path(args.out) / "classes.json").is_file():  # a dataset with class names (own data)
         written += ", classes.json"
@@ -294,7 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--steps",
         type=int,
-        help="override the preset's number of steps (a warm-up longer than that is cut to fit)",
+        help=(
+            "override the preset's number of steps (a warm-up longer than that is cut to fit); "
+            "a preset's fine-tuning steps (finetune_steps) still follow: --set finetune_steps=0 "
+            "skips them"
+        ),
     )
     p.add_argument(
         "--checkpoint-every", type=int, help="steps between checkpoints (default: the preset's)"

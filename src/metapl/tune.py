@@ -62,6 +62,7 @@ def run(args: argparse.Namespace) -> None:
     from metapl.train.config import parse_set_options, warmup_cut_to
     from metapl.train.presets import load_preset
     from metapl.tuning import TuneOptions, tune
+    from metapl.tuning.runner import train_command
 
     if args.steps is not None and args.steps < 1:
         raise ConfigError(f"--steps must be >= 1, got {args.steps}")
@@ -85,4 +86,4 @@ def run(args: argparse.Namespace) -> None:
         show_progress=not args.quiet,
     )
     path = tune(opts)
-    print(f"wrote {path}: metapl train --preset {path} --out RUN")
+    print(f"wrote {path}: {train_command(opts)}")

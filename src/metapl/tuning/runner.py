@@ -43,6 +43,14 @@ class TuneOptions:
     show_progress: bool = True
 
 
+def train_command(opts: TuneOptions) -> str:
+    """The command that trains ``OUT/best.toml``, with the trials' ``--data-dir``: best.toml leaves
+    it out (another machine's data may be elsewhere), and without it the hint failed."""
+    data_dir = opts.runtime.get("data_dir")
+    data = f" --data-dir {data_dir}" if data_dir is not None else ""
+    return f"metapl train --preset {opts.out / 'best.toml'}{data} --out RUN"
+
+
 def check_tuning_split(cfg: TrainConfig) -> None:
     """Fail before any trial when the dataset has no tuning split, saying what to do instead."""
     if cfg.dataset == "digits" and cfg.tune_per_class == 0:
@@ -224,7 +232,7 @@ class Tuner:
             f"trials ran {self.trial_base.steps} steps on the tuning split; this file keeps the "
             f"preset's {self.final_base.steps} steps and trains on all labeled data",
             f"trial run folders: {self.opts.out / 'trials'}",
-            f"train it: metapl train --preset {self.opts.out / 'best.toml'} --out RUN",
+            f"train it: {train_command(self.opts)}",
         ]
         cfg = dataclasses.replace(self.final_base, **values).validate()
         path = self.opts.out / "best.toml"
