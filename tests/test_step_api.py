@@ -567,3 +567,27 @@ def test_extra_inputs_of_another_shape_get_their_own_teacher_forward():
     (lg,) = seen
     for got, want in zip((lg.labeled, lg.unlabeled, lg.extra[0]), expected):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
+def test_the_readme_names_each_options_default_as_the_constructor_has_it():
+    """A new user writing a step from the README alone had to guess the defaults of temperature,
+    the weights, the estimator and most other options: the table named four of them."""
+    import ast
+    import inspect
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    table = readme.split("Options (keyword arguments, with their defaults):\n\n", 1)[1]
+    named = {}
+    for row in table.split("\n\n", 1)[0].splitlines()[2:]:
+        option, meaning = (cell.strip() for cell in row.strip("| ").split(" | ", 1))
+        name = re.match(r"`(\w+)", option).group(1)
+        found = re.match(r"default `?([^`:;( ]+)`?", meaning) or re.search(
+            r"`([^`]+)` \(default\)", meaning
+        )
+        if found:
+            named[name] = ast.literal_eval(found.group(1))
+    signature = inspect.signature(MetaPseudoLabels.__init__).parameters
+    defaults = {k: p.default for k, p in signature.items() if p.kind is p.KEYWORD_ONLY}
+    assert named == defaults
