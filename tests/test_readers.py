@@ -463,3 +463,12 @@ def test_imagenet_split_deterministic(imagenet_dir: Path, fraction: float, num_t
     if n_tune:
         view = a.tuning_view()
         assert view.x_test.paths == a.x_tune.paths and len(view.x_labeled) == len(chosen) - n_tune
+
+
+@pytest.mark.parametrize("split", ["cifar10-4k", "svhn-1k", "imagenet-10pct", "folder", "npz"])
+def test_a_data_dir_that_does_not_exist_is_named_as_such(tmp_path: Path, split: str) -> None:
+    """A mistyped --data-dir was reported as its first file missing ("data_batch_1 is missing"),
+    which sends the user looking for a file rather than at the path they typed."""
+    nowhere = tmp_path / "cifar10"
+    with pytest.raises(DataError, match=f"^--data-dir {nowhere} does not exist; pass the folder"):
+        splits.load_split(split, nowhere)

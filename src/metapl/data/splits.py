@@ -440,7 +440,12 @@ def load_split(name: str, data_dir: Path | str, **options: Any) -> SSLSplit:
             f"split {name!r} has no option {unknown[0]!r}; it takes {', '.join(accepted)}"
         )
     folder = Path(data_dir)
-    if name not in READS_A_FILE and folder.exists() and not folder.is_dir():
+    # Said of the folder itself: a mistyped path was reported as its first file missing.
+    if not folder.exists():
+        raise data_error(
+            f"--data-dir {folder} does not exist; pass the folder that holds the dataset's files"
+        )
+    if name not in READS_A_FILE and not folder.is_dir():
         raise data_error(
             f"--data-dir {folder} is a file; it takes the folder that holds the dataset's files"
         )
