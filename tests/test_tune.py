@@ -183,6 +183,12 @@ def test_stage_both_fixes_stage_one_best_in_every_teacher_trial(tmp_path):
     assert cfg.student_lr == best.params["student_lr"]
     assert cfg.teacher_lr == teacher.best_trial.params["teacher_lr"]
     assert cfg.tune_per_class == 3 and cfg.batch_size == 10  # --set values stay
+    # ...so the final run trains on K + T labels per class, and best.toml says so (the hint alone
+    # gave a run at another label budget than the one tuned for).
+    assert (
+        "# digits: it trains on 5 + 3 = 8 labels per class (tune_per_class=3); add --set "
+        "tune_per_class=0 to train on the 5 alone\n"
+    ) in path.read_text()
 
 
 def test_diverged_trial_scores_zero(tmp_path):
@@ -295,7 +301,7 @@ def test_pruned_trial_stops_at_the_evaluation_that_pruned_it(tmp_path, monkeypat
         # the dataset is read before any trial (Optuna logged it with a traceback inside trial 0)
         (
             ["--preset", "cifar10-4k-uda", "--data-dir", "nowhere", "--set", "tune_per_class=0"],
-            "data_batch_1 is missing",
+            "--data-dir nowhere does not exist",
         ),
     ],
 )

@@ -59,10 +59,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     from metapl.errors import ConfigError
     from metapl.report import output_folder
-    from metapl.train.config import parse_set_options, warmup_cut_to
+    from metapl.train.config import apply_overrides, parse_set_options, warmup_cut_to
     from metapl.train.presets import load_preset
     from metapl.tuning import TuneOptions, tune
-    from metapl.tuning.runner import train_command
+    from metapl.tuning.runner import label_budget_note, train_command
 
     if args.steps is not None and args.steps < 1:
         raise ConfigError(f"--steps must be >= 1, got {args.steps}")
@@ -87,3 +87,7 @@ def run(args: argparse.Namespace) -> None:
     )
     path = tune(opts)
     print(f"wrote {path}: {train_command(opts)}")
+    # The label budget is the preset's and --set's: no trial tunes it.
+    note = label_budget_note(apply_overrides(load_preset(args.preset), overrides))
+    if note is not None:
+        print(note)

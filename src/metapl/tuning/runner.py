@@ -51,6 +51,19 @@ def train_command(opts: TuneOptions) -> str:
     return f"metapl train --preset {opts.out / 'best.toml'}{data} --out RUN"
 
 
+def label_budget_note(cfg: TrainConfig) -> str | None:
+    """On digits, best.toml keeps ``tune_per_class``, so its run trains on the K labels per class
+    and the T tuning ones (as the paper's CIFAR-10 runs train on the 400 tuning labels too). Said
+    next to the command, since a comparison at the budget K would otherwise silently get K + T."""
+    if cfg.dataset != "digits" or not cfg.tune_per_class:
+        return None
+    k, t = cfg.labels_per_class, cfg.tune_per_class
+    return (
+        f"digits: it trains on {k} + {t} = {k + t} labels per class (tune_per_class={t}); "
+        f"add --set tune_per_class=0 to train on the {k} alone"
+    )
+
+
 def check_tuning_split(cfg: TrainConfig) -> None:
     """Fail before any trial when the dataset has no tuning split, saying what to do instead."""
     if cfg.dataset == "digits" and cfg.tune_per_class == 0:
@@ -234,6 +247,9 @@ class Tuner:
             f"trial run folders: {self.opts.out / 'trials'}",
             f"train it: {train_command(self.opts)}",
         ]
+        note = label_budget_note(self.final_base)
+        if note is not None:
+            header.append(note)
         cfg = dataclasses.replace(self.final_base, **values).validate()
         path = self.opts.out / "best.toml"
         bestfile.write_atomic(path, bestfile.render(cfg, header, tuned))
