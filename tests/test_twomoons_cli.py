@@ -36,6 +36,21 @@ def test_twomoons_writes_results_and_figures(tmp_path, capsys):
     assert "mpl - pseudo_label_soft" in printed and "over 2 seeds" in printed
 
 
+def test_a_rerun_replaces_only_results_of_the_same_configuration(tmp_path, capsys):
+    """A rerun into the same --out with other seeds silently replaced the earlier results."""
+    out = tmp_path / "tm"
+    args = ["twomoons", "--steps", "5", "--out", str(out), "--quiet"]
+    assert main([*args, "--seeds", "0-1"]) == 0
+    earlier = (out / "results.json").read_text()
+    assert main([*args, "--seeds", "0-1"]) == 0  # the same command again: the same results
+    assert (out / "results.json").read_text() == earlier
+    capsys.readouterr()
+    assert main([*args, "--seeds", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "another configuration (seeds=[0, 1])" in err, err
+    assert (out / "results.json").read_text() == earlier
+
+
 @pytest.mark.parametrize("seeds", ["9-3", "x", "1,1"])
 def test_bad_seeds_exit_2_with_one_line(tmp_path, seeds):
     proc = subprocess.run(

@@ -72,7 +72,13 @@ class _Formatter(argparse.HelpFormatter):
 
 
 def _cmd_twomoons(args: argparse.Namespace) -> None:
-    from metapl.experiments.twomoons import TwoMoonsConfig, run, save, summarize
+    from metapl.experiments.twomoons import (
+        TwoMoonsConfig,
+        check_replaceable,
+        run,
+        save,
+        summarize,
+    )
 
     if args.steps is not None and args.steps < 1:
         raise ConfigError("--steps must be >= 1")
@@ -82,6 +88,7 @@ def _cmd_twomoons(args: argparse.Namespace) -> None:
     cfg = TwoMoonsConfig(seeds=parse_seeds(args.seeds), noise=args.noise, estimator=args.estimator)
     if args.steps is not None:
         cfg.steps = args.steps
+    check_replaceable(out, cfg)
     start = time.perf_counter()
     result = run(cfg, show_progress=not args.quiet)
     save(result, cfg, out)
