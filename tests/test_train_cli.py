@@ -574,7 +574,11 @@ TABLE3 = {  # uda-mpl presets: Table 3 of the paper
 
 def test_presets_lists_every_table1_row_and_digits(capsys):
     assert main(["presets"]) == 0
-    names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    lines = capsys.readouterr().out.splitlines()
+    names = [line.split()[0] for line in lines]
+    # the teacher's learning rate only where there is a teacher (`--set` refuses it elsewhere)
+    for line in lines:
+        assert ("teacher_lr=" in line) == any(m in line for m in ("_mpl,", "reduced_mpl")), line
     expected = {f"{d}-{m}" for d in TABLE3 for m in TABLE1_METHODS}
     expected |= {f"digits-{m}" for m in TABLE1_METHODS}  # Table 1 on real images, on a CPU
     expected |= {"folder-supervised", "folder-uda", "folder-uda-mpl"}  # your own images

@@ -119,5 +119,10 @@ def load_preset(name: str) -> TrainConfig:
 
 
 def describe(overrides: dict[str, Any]) -> str:
+    """A preset's main keys for `metapl presets`. A key its method does not read is left out: a
+    dataset's preset files share Table 3's column (teacher_lr in a supervised preset), and
+    `--set` refuses such a key, so listing it would suggest a knob that is not there."""
+    cfg = apply_overrides(TrainConfig(), overrides)
     keys = ("method", "model", "steps", "batch_size", "student_lr", "teacher_lr")
-    return ", ".join(f"{k}={overrides[k]}" for k in keys if k in overrides)
+    shown = [k for k in keys if k in overrides and cfg.ignored_key(k) is None]
+    return ", ".join(f"{k}={overrides[k]}" for k in shown)
