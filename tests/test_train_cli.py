@@ -408,6 +408,14 @@ def test_short_steps_cut_the_presets_warmup_with_a_note(tmp_path, capsys):
     assert config["steps"] == 3 and config["warmup_steps"] == 3
     # The same command resumes the finished run (the same resolved configuration).
     assert train_cli("digits-supervised", out, "--steps", "3", "--device", "cpu", "--quiet") == 0
+    # A longer --steps extends it with the warm-up it had: a new cut (to 5) was refused as
+    # "a different configuration (warmup_steps: 3 -> 5)".
+    capsys.readouterr()
+    assert train_cli("digits-supervised", out, "--steps", "5", "--device", "cpu", "--quiet") == 0
+    assert "warmup_steps 3, as in the run being resumed" in capsys.readouterr().err
+    config = json.loads((out / "config.json").read_text())
+    assert config["steps"] == 5 and config["warmup_steps"] == 3
+    assert max(step for step, *_ in read_rows(out / "metrics.csv")) == 5
 
 
 def test_bad_preset_through_a_real_process(tmp_path):

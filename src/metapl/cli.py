@@ -7,6 +7,7 @@ other exception is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -104,6 +105,15 @@ def _cmd_twomoons(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}/results.json, twomoons.png, grad_cosine.png in {elapsed:.1f} s")
 
 
+def _saved_config(out: Path) -> dict:
+    """The configuration of the run in ``out`` (its config.json), or {} when there is none."""
+    try:
+        saved = json.loads((out / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return saved if isinstance(saved, dict) else {}
+
+
 def _train_config(args: argparse.Namespace):
     from metapl.train.config import apply_overrides, parse_set_options, warmup_cut_to
     from metapl.train.presets import load_preset
@@ -115,7 +125,9 @@ def _train_config(args: argparse.Namespace):
         if value is not None:
             overrides[key] = value
     explicit = [*overrides]  # --set keys and options: each must matter to this run
-    overrides.update(warmup_cut_to(args.steps, cfg, overrides, "train"))
+    earlier = _saved_config(Path(args.out)).get("warmup_steps")
+    earlier_warmup = earlier if isinstance(earlier, int) else None
+    overrides.update(warmup_cut_to(args.steps, cfg, overrides, "train", earlier_warmup))
     return apply_overrides(cfg, overrides).validate().check_keys_apply(explicit)
 
 

@@ -413,13 +413,30 @@ def parse_set_options(items: list[str]) -> dict[str, str]:
     return out
 
 
-def warmup_cut_to(steps: int | None, preset: TrainConfig, overrides: dict, command: str) -> dict:
+def warmup_cut_to(
+    steps: int | None,
+    preset: TrainConfig,
+    overrides: dict,
+    command: str,
+    earlier_warmup: int | None = None,
+) -> dict:
     """``{"warmup_steps": steps}`` when ``--steps`` shortens a run below the preset's LR warm-up
     (with a note on stderr), else ``{}``. A quick run of a preset should not need a second option;
-    an explicit ``--set warmup_steps=N`` is the user's, and is still checked against the steps."""
+    an explicit ``--set warmup_steps=N`` is the user's, and is still checked against the steps.
+
+    ``earlier_warmup``: the warm-up of the run being resumed. One that was lowered to fit its
+    ``--steps`` is kept when a longer ``--steps`` extends that run: a new cut (or none) would be
+    another configuration, refused as such, with a message naming warmup_steps, not --steps."""
     if steps is None or steps < 1 or "warmup_steps" in overrides:
         return {}
     warmup = apply_overrides(preset, overrides).warmup_steps
+    if earlier_warmup is not None and earlier_warmup < warmup and earlier_warmup <= steps:
+        print(
+            f"metapl {command}: note: warmup_steps {earlier_warmup}, as in the run being resumed "
+            f"(lowered from {warmup} to fit its --steps)",
+            file=sys.stderr,
+        )
+        return {"warmup_steps": earlier_warmup}
     if warmup <= steps:
         return {}
     print(
