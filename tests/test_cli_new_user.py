@@ -223,3 +223,15 @@ def test_the_tune_hint_to_train_best_toml_keeps_the_data_dir(tmp_path, capsys, m
     tuner.train = fake_train([])
     path = tuner.run()
     assert f"# train it: metapl train --preset {path} --out RUN\n" in path.read_text()
+
+
+@pytest.mark.parametrize("command", ["digits", "reduced"])
+def test_digits_and_reduced_say_what_they_wrote(tmp_path, capsys, command):
+    """train and twomoons end with a "wrote ..." line; digits and reduced printed none, so where
+    the per-run folders are was left to guess."""
+    out = tmp_path / command
+    args = [command, "--seeds", "0", "--methods", "supervised", "--steps", "2", "--quiet"]
+    assert main([*args, "--out", str(out)]) == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last == f"wrote {out}/results.json; each run's folder in {out}/METHOD/seedN"
+    assert (out / "supervised" / "seed0" / "results.json").exists()

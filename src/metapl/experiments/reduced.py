@@ -187,4 +187,6 @@ def run_reduced(cfg: ReducedConfig, out: Path, show_progress: bool = True) -> di
         f"digits ReducedMPL (Section 4.2), seeds {cfg.seeds}: test accuracy (497 images)", summary
     )
     print_paired_differences(paired)
+    figure = ", figure10.png" if "reduced_mpl" in cfg.students else ""
+    print(f"wrote {out}/results.json{figure}; each run's folder in {out}/METHOD/seedN")
     return payload

@@ -14,7 +14,11 @@ from torch.func import functional_call  # noqa: E402
 
 from metapl.atomic import replace_atomically  # noqa: E402
 
-PANELS = (("supervised", "Supervised"), ("pseudo_label_hard", "Pseudo label"), ("mpl", "MPL"))
+PANELS = (
+    ("supervised", "Supervised"),
+    ("pseudo_label_hard", "Pseudo label (hard)"),
+    ("mpl", "MPL"),
+)
 COLORS = ("#d62728", "#2ca02c")
 
 
