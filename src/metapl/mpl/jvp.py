@@ -31,7 +31,13 @@ from metapl.errors import ConfigError
 from metapl.losses import upcast
 from metapl.mpl.batch_checks import as_logits
 from metapl.mpl.inputs import ModelInput
-from metapl.mpl.replay import RngState, buffer_copies, replayed_rng, restore_buffers
+from metapl.mpl.replay import (
+    RngState,
+    buffer_copies,
+    module_device,
+    replayed_rng,
+    restore_buffers,
+)
 from metapl.mpl.student_checks import forward_ad_error
 from metapl.mpl.tangent import (
     TangentTape,
@@ -120,10 +126,15 @@ class JvpPaths:
         # tensor: a forward that updates one (a step counter) updates it while tracing,
         # and the graph holds the value it had then, never updated again (the student
         # trained on a stale copy of its forward, the teacher's gradient 15% off).
+        # Likewise a call that takes no proxy (noise of a fixed shape, torch.randn(6)) runs for
+        # real and draws from the global stream: between the step's snapshot of the stream and
+        # the update pass, so that J replayed other random numbers than the pass drew (the
+        # teacher's gradient 4-32% off at a graph's first step). The trace gives them back.
         saved = buffer_copies(self.student)
         entry: TangentTape | str
         try:
-            entry = TangentTape(self.student, self.params)
+            with replayed_rng(RngState(module_device(self.student))):
+                entry = TangentTape(self.student, self.params)
         except TapeUnsupportedError as e:
             entry = str(e)
         finally:
