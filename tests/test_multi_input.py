@@ -303,6 +303,45 @@ def test_batch_dim_1_ensemble_of_two_input_models_with_an_extra_teacher_input():
                 torch.testing.assert_close(p_ens[e], p_one, rtol=1e-10, atol=1e-12)
 
 
+class OneTokenEach(nn.Module):
+    """One token id and one weight per example: leaves of shape [N], whose only dimension holds
+    the examples."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, DIM)
+        self.fc = nn.Linear(DIM, N_CLASSES)
+
+    def forward(self, ids: Tensor, weight: Tensor) -> Tensor:
+        return self.fc(torch.tanh(self.emb(ids) * weight.unsqueeze(-1)))
+
+
+def test_leaves_of_one_dimension_hold_one_value_per_example():
+    """A leaf needs batch_dim + 1 dimensions, not more: [N] token ids and [N] weights are a
+    batch of N examples (and the teacher concatenates them)."""
+    g = torch.Generator().manual_seed(13)
+    torch.manual_seed(13)
+    teacher, student = (OneTokenEach().to(TEST_DEVICE, DT) for _ in range(2))
+
+    def batch(n: int) -> tuple[Tensor, Tensor]:
+        ids, weight = torch.randint(0, VOCAB, (n,), generator=g), torch.rand(n, generator=g)
+        return ids.to(TEST_DEVICE), (0.5 + weight).to(TEST_DEVICE, DT)
+
+    x_l, x_u = batch(N_L), batch(N_U)
+    y_l = torch.randint(0, N_CLASSES, (N_L,), generator=g).to(TEST_DEVICE)
+    s_opt = torch.optim.Adam(student.parameters(), lr=0.01, eps=1e-3)
+    torch.manual_seed(3)
+    oracle = double_backward_teacher_gradient(teacher, student, s_opt, x_l, y_l, x_u)
+    mpl = MetaPseudoLabels(
+        teacher, student, torch.optim.SGD(teacher.parameters(), lr=0.1), s_opt, supervised_weight=0
+    )
+    torch.manual_seed(3)
+    mpl.step(x_l, y_l, x_u)
+    exact = flat(p.grad for p in teacher.parameters())
+    assert exact.norm() > 1e-6
+    assert rel_err(exact, flat(oracle)) <= 1e-10
+
+
 # ----------------------------------------------------------------------------- the teacher's forward
 
 
@@ -370,6 +409,48 @@ def test_the_tape_is_checked_for_each_way_of_calling_the_student():
     strict = MetaPseudoLabels(t2, s2, t2_opt, s2_opt, jvp="tape")
     with pytest.raises(ConfigError, match="jvp='tape': the student cannot use the tangent tape"):
         strict.step(ids_only[0], y_l, ids_only[1])
+
+
+class TwoOptional(TokenClassifier):
+    """Two optional keyword inputs that weigh the positions: ``mask`` (default 1) and ``weight``
+    (default None: not applied). fx traces ``isinstance(weight, Tensor)`` as False (a proxy is no
+    tensor), so the traced graph never applies ``weight``: the module's function for a call
+    without it, another one for a call with it."""
+
+    def forward(self, ids: Tensor, mask: Tensor | float = 1.0, weight: Tensor | None = None):
+        kept = mask * torch.ones(ids.shape, dtype=self.emb.weight.dtype, device=ids.device)
+        if isinstance(weight, Tensor):
+            kept = kept * weight
+        return super().forward(ids, kept)
+
+
+def test_the_tape_is_checked_for_each_set_of_keyword_names():
+    """A dict's call structure is its keys, not their number: {ids, weight} after {ids, mask}
+    is another call, checked on its own first use. The graph ignores ``weight``: that call falls
+    back to forward AD with the reason, and the gradient stays exact (trusted as the checked
+    {ids, mask}, the student trained on the graph's function)."""
+    teacher, student, x_l, y_l, x_u, _ = _problem(12, model=TwoOptional)
+    s_opt = torch.optim.SGD(student.parameters(), lr=0.2, momentum=0.9)
+    t_opt = torch.optim.SGD(teacher.parameters(), lr=0.05)
+    mpl = MetaPseudoLabels(teacher, student, t_opt, s_opt, supervised_weight=0.0, jvp="auto")
+    masked = [{"ids": ids, "mask": mask} for ids, mask in (x_l, x_u)]
+    mpl.step(masked[0], y_l, masked[1])
+    assert mpl.last_jvp_path == "tape", mpl.jvp_fallback_reason
+    (tape,) = mpl._tapes.values()
+    assert isinstance(tape, TangentTape) and len(tape.checked) == 1
+
+    weighted = [{"ids": ids, "weight": 0.5 + mask} for ids, mask in (x_l, x_u)]
+    torch.manual_seed(3)
+    oracle = double_backward_teacher_gradient(
+        teacher, student, s_opt, weighted[0], y_l, weighted[1]
+    )
+    torch.manual_seed(3)
+    with pytest.warns(UserWarning, match="logits differ"):
+        mpl.step(weighted[0], y_l, weighted[1])
+    assert mpl.last_jvp_path == "forward_ad"
+    exact = flat(p.grad for p in teacher.parameters())
+    assert exact.norm() > 1e-6
+    assert rel_err(exact, flat(oracle)) <= 1e-10
 
 
 # ----------------------------------------------------------------------------- checks
