@@ -169,6 +169,10 @@ def _bad_values():
             {"teacher_x_unlabeled": nan_u},
             "^teacher_x_unlabeled holds NaN or Inf values$",
         ),
+        "Inf in the teacher's labeled view": (
+            {"teacher_x_labeled": inf_l},
+            "^teacher_x_labeled holds NaN or Inf values$",
+        ),
         "NaN in an extra teacher input": (
             {"teacher_extra_inputs": (x_u, nan_u)},
             r"^teacher_extra_inputs\[1\] holds NaN or Inf values$",
@@ -198,6 +202,30 @@ def test_bad_values_leave_models_and_random_stream_as_they_were(case, steps_befo
             assert torch.equal(value, before[name]), name
     assert torch.equal(torch.get_rng_state(), rng)
     assert mpl.step_count == steps_before
+
+
+def test_the_teachers_buffers_are_saved_only_when_a_label_may_be_out_of_range(monkeypatch):
+    """Whether the highest label fits is known from the teacher's logits only, so its buffers and
+    the random state are saved for check_label_range before its forward: on the first step, and
+    when a label reaches the last step's number of classes. Not on every step (on a GPU, saving
+    the random state is a host sync)."""
+    import metapl.mpl.step as step_module
+
+    copied: list[nn.Module] = []
+    copies = step_module.buffer_copies
+    monkeypatch.setattr(step_module, "buffer_copies", lambda m: copied.append(m) or copies(m))
+    teacher, student, x_l, y_l, x_u = make_problem("mlp")
+    too_high = y_l.clone()
+    too_high[0] = N_CLASSES
+    mpl = _mpl(teacher, student)
+    saves = []
+    for labels in (y_l, y_l, too_high, y_l):
+        try:
+            mpl.step(x_l, labels, x_u)
+        except DataError:
+            assert labels is too_high
+        saves.append(sum(m is teacher for m in copied))
+    assert saves == [1, 1, 2, 2]
 
 
 @pytest.mark.parametrize(
@@ -251,6 +279,15 @@ def test_optimizers_and_models_that_cannot_be_an_mpl_pair():
         optimizers = {name: torch.optim.SGD(params, lr=0.1)}
         for model, other in (("teacher", teacher), ("student", student)):
             optimizers.setdefault(model, torch.optim.SGD(other.parameters(), lr=0.1))
+        with pytest.raises(ConfigError, match=f"{name}_optimizer must optimize the {name}'s"):
+            MetaPseudoLabels(teacher, student, optimizers["teacher"], optimizers["student"])
+    stranger = nn.Linear(2, 2).to(TEST_DEVICE, DT)  # one parameter of a third module, among its own
+    for name in ("teacher", "student"):
+        optimizers = {
+            model: torch.optim.SGD(m.parameters(), lr=0.1)
+            for model, m in (("teacher", teacher), ("student", student))
+        }
+        optimizers[name].add_param_group({"params": [stranger.weight]})
         with pytest.raises(ConfigError, match=f"{name}_optimizer must optimize the {name}'s"):
             MetaPseudoLabels(teacher, student, optimizers["teacher"], optimizers["student"])
     with pytest.raises(ConfigError, match="needs a closure"):

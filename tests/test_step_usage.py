@@ -518,6 +518,45 @@ def test_logits_that_are_not_one_row_per_example_fail_before_the_student_moves(h
     assert not mpl.student_optimizer.state
 
 
+def test_one_logit_per_example_is_refused_also_when_the_batch_has_as_many_examples_as_classes():
+    """A student's logits [batch] against the teacher's [batch, C]: with 3 unlabeled examples of 3
+    classes the class counts agree, and the soft cross-entropy broadcast [3] against [3, 3] and
+    stepped the student on that, silently."""
+    teacher, student, x_l, y_l, x_u = make_problem("mlp", seed=4)
+    mpl = _mpl(teacher, _Squeezed(student, "batch"))
+    before = flat(student.parameters()).clone()
+    with pytest.raises(ConfigError, match=r"the student's logits on x_unlabeled have shape \(3,\)"):
+        mpl.step(x_l, y_l, x_u[:3])
+    assert torch.equal(flat(student.parameters()), before)
+    assert not mpl.student_optimizer.state
+
+
+class _Pooled(nn.Module):
+    """A teacher that averages its logits over the batch: [1, C] whatever the batch."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x).mean(dim=0, keepdim=True)
+
+
+def test_teacher_logits_for_another_number_of_examples_fail_before_the_student_runs():
+    """Images of two sizes: one teacher forward per batch, whose [1, C] logits are not one row per
+    example. The student's forward ran on the targets (its running statistics moved) before its
+    loss failed; now nothing of the student runs."""
+    teacher, student, x_l, y_l, _ = make_problem("conv", seed=5)
+    x_u = torch.randn(3, 3, 7, 7, dtype=DT, generator=torch.Generator().manual_seed(1))
+    mpl = _mpl(_Pooled(teacher), student)
+    before = _student_state(student)
+    with pytest.raises(
+        ConfigError, match=r"^the teacher's logits on the labeled batch have shape \(1, 3\)"
+    ):
+        mpl.step(x_l, y_l, x_u.to(x_l.device))
+    assert torch.equal(_student_state(student), before)
+
+
 @pytest.mark.parametrize("which", ["teacher_x_labeled", "teacher_x_unlabeled"])
 def test_a_teacher_view_of_another_batch_size_is_a_data_error_before_anything_moves(which):
     """teacher_x_labeled / teacher_x_unlabeled with more or fewer examples than the student's
@@ -620,4 +659,40 @@ def test_a_student_with_sparse_gradients_fails_before_it_moves():
     student.emb.forward = lambda ids: F.embedding(ids, student.emb.weight, sparse=True)
     with pytest.raises(ConfigError, match="sparse gradient"):
         functional.step(x_l, y_l, x_u)
+    assert torch.equal(flat(student.parameters()), before)
+
+
+class _Bags(nn.Module):
+    def __init__(self, sparse: bool = False):
+        super().__init__()
+        self.emb = nn.EmbeddingBag(20, 6, sparse=sparse)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.fc(torch.tanh(self.emb(ids)))
+
+
+def test_a_student_with_a_sparse_embedding_bag_fails_before_it_moves():
+    """nn.EmbeddingBag(sparse=True) as well as nn.Embedding: double backward failed after the
+    student's optimizer had stepped ("the derivative for '_embedding_bag_backward' is not
+    implemented"). Refused at construction, and at the step when switched on later. (Neither
+    exact estimator runs a dense EmbeddingBag either: forward AD has no rule for embedding_bag,
+    autograd no second derivative; the first-order estimator does.)"""
+    torch.manual_seed(0)
+    teacher, student = _Bags().to(DT), _Bags(sparse=True).to(DT)
+    for estimator in ("exact", "double_backward"):
+        with pytest.raises(ConfigError, match="its module 'emb' has sparse=True"):
+            _mpl(
+                teacher, student, torch.optim.SGD(student.parameters(), lr=0.2), estimator=estimator
+            )
+    student.emb.sparse = False
+    mpl = _mpl(
+        teacher, student, torch.optim.SGD(student.parameters(), lr=0.2), estimator="double_backward"
+    )
+    g = torch.Generator().manual_seed(1)
+    x_l, x_u = torch.randint(0, 20, (6, 7), generator=g), torch.randint(0, 20, (8, 7), generator=g)
+    student.emb.sparse = True
+    before = flat(student.parameters()).clone()
+    with pytest.raises(ConfigError, match="its module 'emb' has sparse=True"):
+        mpl.step(x_l, torch.randint(0, 3, (6,), generator=g), x_u)
     assert torch.equal(flat(student.parameters()), before)

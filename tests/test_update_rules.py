@@ -245,6 +245,10 @@ class _MySGD(torch.optim.SGD):
 def test_unsupported_student_optimizer_is_refused_for_exact_but_fine_for_first_order(factory, name):
     teacher, student, x_l, y_l, x_u = make_problem("mlp")
     t_opt = torch.optim.SGD(teacher.parameters(), lr=0.1)
+    with pytest.raises(UnsupportedOptimizerError, match=name):  # at construction, not mid-step
+        MetaPseudoLabels(
+            teacher, student, t_opt, factory(student.parameters()), estimator="double_backward"
+        )
     with pytest.raises(UnsupportedOptimizerError) as info:
         MetaPseudoLabels(teacher, student, t_opt, factory(student.parameters()))
     message = str(info.value)
