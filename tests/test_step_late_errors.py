@@ -159,6 +159,30 @@ def test_an_input_of_another_dtype_that_the_student_takes_gives_the_same_step(es
         assert torch.equal(a, b)
 
 
+def test_an_input_of_another_dtype_is_tried_once():
+    """The trial forward runs the first time a dtype comes (for x_labeled and x_unlabeled each),
+    then is remembered: later steps run the student as often as with the input cast by the
+    caller."""
+    forwards = []
+    for cast_by_caller in (True, False):
+        teacher, student, x_l, y_l, x_u = make_problem("mlp", seed=2)
+        calls: list[int] = []
+        student.register_forward_pre_hook(lambda m, args, calls=calls: calls.append(1))
+        mpl = _mpl(_Casting(teacher), _Casting(student))
+        per_step = []
+        for _ in range(3):
+            if cast_by_caller:
+                mpl.step(x_l, y_l, x_u)
+            else:
+                mpl.step(x_l.float(), y_l, x_u.float())
+            per_step.append(len(calls))
+            calls.clear()
+        forwards.append(per_step)
+    cast, uncast = forwards
+    assert uncast[0] == cast[0] + 2  # one trial forward for each batch
+    assert uncast[1:] == cast[1:]
+
+
 def test_bf16_input_under_bf16_autocast_is_not_refused():
     """Autocast runs a float32 student on bf16 input: the dtype differs from the parameters', and
     the step takes it."""
@@ -194,9 +218,10 @@ def test_capturable_on_cpu_parameters_is_a_config_error(opt, who):
     kwargs = {"s_opt": factory} if who == "student" else {"t_opt": factory}
     with pytest.raises(ConfigError, match=f"{who}_optimizer has capturable=True.*cpu"):
         _mpl(teacher, student, **kwargs)
-    # switched on after construction: refused at the step
+    # switched on after construction: refused at the step (two steps first: Adam's state has
+    # settled, the flag is the only change)
     mpl = _mpl(teacher, student, **{k: lambda p: O.Adam(p, lr=0.01) for k in kwargs})
-    _warm(mpl, (x_l, y_l, x_u))
+    _warm(mpl, (x_l, y_l, x_u), steps=2)
     optimizer = mpl.student_optimizer if who == "student" else mpl.teacher_optimizer
     optimizer.param_groups[0]["capturable"] = True
     _refused_before_anything_moves(
@@ -321,6 +346,60 @@ def test_optimizer_state_that_does_not_fit_its_parameters_is_a_config_error(case
     spoil(mpl.student_optimizer if who == "student" else mpl.teacher_optimizer)
     message = _refused_before_anything_moves(mpl, (x_l, y_l, x_u), ConfigError, match)
     assert message.startswith(f"{who}_optimizer's state")
+
+
+@pytest.mark.parametrize("who", ["student", "teacher"])
+@pytest.mark.parametrize("case", [c for c in _MISFIT if "switched on" in c])
+def test_a_flag_switched_on_after_the_state_has_settled_is_seen(case, who):
+    """The per-parameter check runs again when the state may have changed: after two steps the
+    state's size no longer changes, and the flag alone must bring the check back."""
+    factory, spoil, match = _MISFIT[case]
+    teacher, student, x_l, y_l, x_u = make_problem("mlp")
+    kwargs = {"s_opt": factory} if who == "student" else {"t_opt": factory}
+    mpl = _mpl(teacher, student, **kwargs)
+    _warm(mpl, (x_l, y_l, x_u), steps=2)
+    spoil(mpl.student_optimizer if who == "student" else mpl.teacher_optimizer)
+    _refused_before_anything_moves(mpl, (x_l, y_l, x_u), ConfigError, match)
+
+
+# (the student's optimizer, whether its step() takes a state of another dtype than the parameter)
+_CAST = {
+    "SGD": (_SGD_M, True),
+    "SGD foreach": (lambda p: O.SGD(p, lr=0.1, momentum=0.9, foreach=True), True),
+    "SGD fused": (lambda p: O.SGD(p, lr=0.1, momentum=0.9, fused=True), False),
+    "RMSprop": (_RMS, True),
+    "RMSprop momentum": (_RMS_M, True),
+    "RMSprop centered": (lambda p: O.RMSprop(p, lr=0.01, centered=True), False),
+    "Adam": (_ADAM, False),
+    "Adam fused": (lambda p: O.Adam(p, lr=0.01, fused=True), False),
+}
+
+
+@pytest.mark.parametrize("case", list(_CAST))
+def test_a_student_cast_after_its_optimizers_first_steps(case):
+    """``student.float()`` after two steps leaves its optimizer's state in float64, the state
+    itself untouched (only the parameters' dtype says it changed). SGD's and plain RMSprop's
+    step() take such a state and train on; the fused kernels and lerp_ (Adam, centered RMSprop)
+    raised in the middle of the student's step ("expected scalar type Float but found Double",
+    "expected dtype double for `end`"): refused before anything moves."""
+    factory, takes_it = _CAST[case]
+    teacher, student, x_l, y_l, x_u = make_problem("mlp")
+    mpl = _mpl(teacher, student, factory)
+    _warm(mpl, (x_l, y_l, x_u), steps=2)
+    student.float()
+    batch = (x_l.float(), y_l, x_u.float())
+    views = {"teacher_x_labeled": x_l, "teacher_x_unlabeled": x_u}  # the teacher stays float64
+    if takes_it:
+        before = flat(student.parameters()).clone()
+        for _ in range(2):
+            mpl.step(*batch, **views)
+        assert not torch.equal(flat(student.parameters()), before)
+        assert torch.isfinite(flat(student.parameters())).all()
+        return
+    message = _refused_before_anything_moves(
+        mpl, batch, ConfigError, "student_optimizer's state of 'fc1.weight'", **views
+    )
+    assert "torch.float64" in message and "torch.float32" in message
 
 
 def test_the_state_is_checked_again_only_when_it_may_have_changed(monkeypatch):
@@ -454,6 +533,19 @@ def test_a_learning_rate_and_betas_given_as_tensors_give_the_exact_gradient(dtyp
         mpl.step(x_l, y_l, x_u)
         error = rel_err(flat(p.grad for p in t.parameters()), oracle)
         assert error < (1e-10 if dtype == torch.float64 else 1e-6)
+
+
+def test_an_optimizer_whose_state_is_not_shaped_like_its_parameters_trains():
+    """The state checks read the optimizers they know (SGD, RMSprop, Adam, AdamW). Another
+    class's state need not be shaped like its parameters: Adafactor keeps a row and a column
+    factor per matrix; its steps run."""
+    teacher, student, x_l, y_l, x_u = make_problem("mlp")
+    mpl = _mpl(teacher, student, t_opt=lambda p: O.Adafactor(p, lr=0.01))
+    before = flat(teacher.parameters()).clone()
+    _warm(mpl, (x_l, y_l, x_u), steps=3)
+    state = mpl.teacher_optimizer.state[teacher.fc1.weight]
+    assert any(isinstance(v, Tensor) and v.dim() and v.shape != (8, 5) for v in state.values())
+    assert not torch.equal(flat(teacher.parameters()), before)
 
 
 def test_a_student_of_other_dtype_than_the_teacher_with_each_its_own_inputs():
