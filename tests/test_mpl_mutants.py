@@ -5,10 +5,11 @@ oracle in float64 (double backward, forward AD, a hand-made copy of the step, ha
   by a tensor with a tangent, ``cat`` with a constant part, tanh-GELU, a negative leaky slope,
   functional conv/linear/BatchNorm, eval-mode functional BatchNorm) and for a student that trains
   a layer's bias but not its weight (the bias-only tangent must be broadcast to the output);
-- the first-use checks of a traced graph: logits 2% off in float32 are not trusted; a graph with
-  the module's logits but another derivative trains on forward AD's J from its first step;
-  tracing draws none of the step's random numbers (a draw fx made while tracing put J on other
-  numbers than the update pass's);
+- the first-use checks of a traced graph: logits 2% off in float32 (1e-5 in float64) are not
+  trusted; a graph with the module's logits but another derivative trains on forward AD's J from
+  its first step; a graph that passed them and fails later raises; tracing draws none of the
+  step's random numbers (a draw fx made while tracing put J on other numbers than the update
+  pass's);
 - students with forward-pre, backward or backward-pre hooks keep their own forward (hooks run);
 - :mod:`metapl.mpl.numerics`: its gradient is the exact MPL gradient at the given temperature, and
   the agreement metrics are what they say;
@@ -164,6 +165,21 @@ def test_a_float32_graph_two_percent_off_is_not_trusted():
     assert mpl.last_jvp_path == "forward_ad"
 
 
+class BarelyMistraced(SlightlyMistraced):
+    factor = 1.0 + 1e-5
+
+
+def test_a_float64_graph_one_in_100000_off_is_not_trusted():
+    """In float64 the graph and the module agree bit for bit: the bar is 1e-8, not float32's
+    1e-3, which a graph 1e-5 off would pass."""
+    teacher, student, x_l, y_l, x_u = _problem(BarelyMistraced)
+    mpl = _sgd_mpl(teacher, student, jvp="auto")
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="logits differ"):
+        mpl.step(x_l, y_l, x_u)
+    assert mpl.last_jvp_path == "forward_ad"
+
+
 class FixedShapeNoise(RichNet):
     """Noise of a fixed shape, one value per input channel: ``torch.randn(3, 1, 1)`` takes no
     proxy, so fx runs it while tracing (a real draw from the global stream) and bakes the value
@@ -225,6 +241,25 @@ def test_a_graph_with_another_derivative_trains_on_forward_ad_from_its_first_ste
     _assert_same_state(auto, ref, tol=0.0)  # the first step too: J is forward AD's, not the tape's
     with pytest.raises(ConfigError, match="tangent pass differs"):
         _run_steps(TangentMistraced, "adamw", "tape", steps=1)
+
+
+def test_a_checked_graph_whose_tangent_pass_fails_later_raises(monkeypatch):
+    """On a graph's first use any failure of the tangent pass means: not this graph (forward AD
+    from then on). A graph that passed its check and fails at a later step (out of memory, say)
+    raises: a silent switch to forward AD for the rest of the run would hide the error."""
+    teacher, student, x_l, y_l, x_u = _problem(RichNet)
+    mpl = _sgd_mpl(teacher, student, jvp="auto")
+    mpl.step(x_l, y_l, x_u)
+    assert mpl.last_jvp_path == "tape"
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("out of memory (simulated)")
+
+    monkeypatch.setattr(TangentTape, "tangent", fail)
+    with pytest.raises(RuntimeError, match="simulated"):
+        mpl.step(x_l, y_l, x_u)
+    assert [type(t) for t in mpl._tapes.values()] == [TangentTape]
+    assert mpl.jvp_fallback_reason is None
 
 
 HOOKS = {

@@ -30,6 +30,7 @@ from torch.func import functional_call
 from metapl import MetaPseudoLabels
 from metapl.errors import ConfigError
 from metapl.models import create_model
+from metapl.mpl.jvp import MAX_TAPES
 from metapl.mpl.tangent import TangentTape, TapeUnsupportedError
 from metapl.mpl.tangent_ops import ones_with_layout
 
@@ -300,6 +301,26 @@ def test_a_changed_python_attribute_gets_a_new_graph():
     _assert_same_state(tape, ref)
 
 
+def test_a_key_that_changes_every_step_keeps_the_last_graphs_only():
+    """A schedule that changes a value the forward reads at every step traces a new graph each
+    step: the step keeps the MAX_TAPES newest (each holds its own GraphModule), not all of them."""
+    teacher, student, x_l, y_l, x_u = _problem(RichNet)
+    mpl = MetaPseudoLabels(
+        teacher,
+        student,
+        torch.optim.SGD(teacher.parameters(), lr=0.05),
+        torch.optim.SGD(student.parameters(), lr=0.1),
+        jvp="tape",
+    )
+    slopes = [0.01 * (i + 1) for i in range(MAX_TAPES + 2)]
+    for slope in slopes:
+        student.slope = slope
+        mpl.step(x_l, y_l, x_u)
+        assert mpl.last_jvp_path == "tape"
+    kept = [dict(key[0][1])["slope"] for key in mpl._tapes]  # key[0]: the root module's values
+    assert kept == slopes[-MAX_TAPES:]
+
+
 def test_bf16_autocast_step_uses_the_tape_and_agrees_with_forward_ad():
     def run(jvp):
         teacher, student, x_l, y_l, x_u = _problem(RichNet)
@@ -399,10 +420,15 @@ class Mistraced(RichNet):
 
 
 def test_a_graph_that_computes_something_else_is_caught_at_its_first_step():
-    with pytest.warns(UserWarning, match="logits differ"):
+    with pytest.warns(UserWarning, match="logits differ") as warned:
         auto, _, paths = _run_steps(Mistraced, "adamw", "auto", steps=2)
     ref, _, _ = _run_steps(Mistraced, "adamw", "forward_ad", steps=2)
     assert paths == ["forward_ad"] * 2
+    # given up for good: the second step neither records on the graph again nor warns again
+    assert [str(w.message) for w in warned if "metapl" in str(w.message)] == [
+        f"metapl: the exact step uses forward-mode AD: {auto.jvp_fallback_reason}"
+    ]
+    assert list(auto._tapes.values()) == [auto.jvp_fallback_reason]
     _assert_same_state(auto, ref, tol=0.0)
     with pytest.raises(ConfigError, match="logits differ"):
         _run_steps(Mistraced, "adamw", "tape", steps=1)
