@@ -54,10 +54,12 @@ def test_a_second_command_into_a_running_commands_out_is_refused_before_any_work
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, env=env, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
-        while not (out / "metrics.csv").exists():  # it is training
+        # it is training, with its files made (the running process keeps writing them, so what
+        # is compared below is what a second command would add or replace)
+        while not ((out / "metrics.csv").exists() and list(out.glob("tb/events.*"))):
             assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
             time.sleep(0.1)
-        before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+        events, config = list(out.glob("tb/events.*")), (out / "config.json").read_bytes()
         for command in (
             ["train", "--preset", "digits-supervised", "--steps", "200"],
             ["twomoons", "--seeds", "0", "--steps", "2"],
@@ -65,7 +67,8 @@ def test_a_second_command_into_a_running_commands_out_is_refused_before_any_work
             assert main([*command, "--out", str(out), "--quiet"]) == 2
             err = one_error_line(capsys.readouterr().err)
             assert f"--out {out} is in use by another metapl command that is still running" in err
-        assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+        assert list(out.glob("tb/events.*")) == events  # no second TensorBoard file
+        assert (out / "config.json").read_bytes() == config and not (out / "results.json").exists()
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
