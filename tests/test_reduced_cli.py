@@ -87,6 +87,17 @@ def test_stale_precompute_is_refused(reduced_run, tmp_path):
     assert not (fresh / "checkpoint.pt").exists()
 
 
+def test_a_reduced_rerun_with_other_seeds_is_refused(reduced_run, capsys):
+    """A rerun into the same --out with other seeds silently replaced the earlier results.json."""
+    earlier = (reduced_run / "results.json").read_text()
+    assert main(["reduced", "--seeds", "1", "--out", str(reduced_run), "--quiet", *TINY]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds reduced results of another configuration" in err, err
+    assert "seeds=[0]" in err and "choose another --out" in err
+    assert (reduced_run / "results.json").read_text() == earlier
+    assert not (reduced_run / "large_teacher" / "seed1").exists()  # refused before any work
+
+
 def test_reduced_methods_need_a_large_teacher():
     cfg = apply_overrides(load_preset("digits-reduced-reduced-mpl"), {"large_teacher": None})
     with pytest.raises(ConfigError, match="large_teacher"):

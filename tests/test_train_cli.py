@@ -693,6 +693,27 @@ def test_digits_command_writes_results_and_figure9(tmp_path, capsys):
     assert not bad.exists()
 
 
+def test_a_digits_rerun_replaces_only_results_of_the_same_configuration(tmp_path, capsys):
+    """A rerun into the same --out with other seeds silently replaced the earlier results.json."""
+    out = tmp_path / "digits"
+    args = ["digits", "--steps", "2", "--methods", "supervised,label_spreading"]
+    args += ["--out", str(out), "--quiet"]
+    assert main([*args, "--seeds", "0"]) == 0
+    earlier = json.loads((out / "results.json").read_text())
+    # the same command again reuses the finished runs: the same results
+    assert main([*args, "--seeds", "0"]) == 0
+    assert json.loads((out / "results.json").read_text())["results"] == earlier["results"]
+    capsys.readouterr()
+    assert main([*args, "--seeds", "1"]) == 2
+    err = one_error_line(capsys.readouterr().err)
+    assert "holds digits results of another configuration (seeds=[0])" in err
+    assert "choose another --out" in err
+    assert json.loads((out / "results.json").read_text()) == earlier
+    assert not (out / "supervised" / "seed1").exists()  # refused before any work
+    assert main([*args, "--seeds", "0", "--set", "eval_every=1"]) == 2
+    assert "another configuration (overrides={})" in one_error_line(capsys.readouterr().err)
+
+
 def test_digits_paired_differences_are_seed_by_seed():
     acc = {"uda_mpl": [0.97, 0.98, 0.96], "uda": [0.96, 0.98, 0.97], "supervised": [0.9, 0.8, 0.7]}
     records = [

@@ -17,6 +17,7 @@ from typing import NoReturn
 from metapl.errors import ConfigError, MetaplError, did_you_mean
 from metapl.progress import close_bars
 from metapl.report import (
+    check_replaceable,
     output_folder,
     paired_differences,
     print_paired_differences,
@@ -73,13 +74,9 @@ class _Formatter(argparse.HelpFormatter):
 
 
 def _cmd_twomoons(args: argparse.Namespace) -> None:
-    from metapl.experiments.twomoons import (
-        TwoMoonsConfig,
-        check_replaceable,
-        run,
-        save,
-        summarize,
-    )
+    from dataclasses import asdict
+
+    from metapl.experiments.twomoons import TwoMoonsConfig, run, save, summarize
 
     if args.steps is not None and args.steps < 1:
         raise ConfigError("--steps must be >= 1")
@@ -89,7 +86,7 @@ def _cmd_twomoons(args: argparse.Namespace) -> None:
     cfg = TwoMoonsConfig(seeds=parse_seeds(args.seeds), noise=args.noise, estimator=args.estimator)
     if args.steps is not None:
         cfg.steps = args.steps
-    check_replaceable(out, cfg)
+    check_replaceable(out, "TwoMoons", asdict(cfg))
     start = time.perf_counter()
     result = run(cfg, show_progress=not args.quiet)
     save(result, cfg, out)

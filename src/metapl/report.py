@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 from metapl.atomic import write_json_atomically
@@ -91,6 +92,30 @@ def results_owner(path: Path) -> str | None:
         return None
     owner = payload.get("command") if isinstance(payload, dict) else None
     return owner if isinstance(owner, str) else None
+
+
+def check_replaceable(out: Path, name: str, config: dict, ignore: Iterable[str] = ()) -> None:
+    """A run into ``out`` replaces its results.json: refused when that holds the results of another
+    configuration of this command (other seeds, steps, methods...), which it would lose. The same
+    configuration again (a rerun, or one resumed after an interruption) may replace them: it
+    reproduces them. ``name`` says whose results they are in the message; keys in ``ignore`` do
+    not change the results (the number of worker processes, say)."""
+    path = out / "results.json"
+    try:
+        earlier = json.loads(path.read_text()).get("config")
+    except (OSError, ValueError, AttributeError):
+        return  # none yet, or not a results file of ours (output_folder judged its owner)
+    if not isinstance(earlier, dict):
+        return
+    now = json.loads(json.dumps(config))  # as saved: tuples are lists
+    changed = sorted(k for k in now if k not in ignore and earlier.get(k) != now[k])
+    if not changed:
+        return
+    shown = ", ".join(f"{k}={earlier.get(k)}" for k in changed)
+    raise ConfigError(
+        f"--out {out} holds {name} results of another configuration ({shown}), which this run "
+        "would replace; choose another --out, or delete its results.json to replace them"
+    )
 
 
 def write_json_atomic(path: Path, payload: dict | list) -> None:

@@ -208,6 +208,8 @@ def run_digits(cfg: DigitsConfig, out: Path, show_progress: bool = True) -> dict
     from metapl.progress import progress_bar
 
     cfg.validate()
+    # A rerun with other seeds (or steps, methods...) would replace the earlier results.json.
+    report.check_replaceable(out, "digits", asdict(cfg), ignore=("workers",))
     out.mkdir(parents=True, exist_ok=True)
     # Slowest first, so the workers finish together.
     order = ("uda_mpl", "randaugment_mpl", "supervised_mpl", "uda", "randaugment")

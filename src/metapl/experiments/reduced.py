@@ -21,6 +21,7 @@ from metapl.errors import ConfigError
 from metapl.experiments.digits import check_command_keys, summarize
 from metapl.experiments.workers import worker_pool
 from metapl.report import (
+    check_replaceable,
     paired_differences,
     print_accuracy_table,
     print_paired_differences,
@@ -141,6 +142,8 @@ def run_reduced(cfg: ReducedConfig, out: Path, show_progress: bool = True) -> di
     from metapl.progress import progress_bar
 
     cfg.validate()
+    # A rerun with other seeds (or steps, students...) would replace the earlier results.json.
+    check_replaceable(out, "reduced", asdict(cfg), ignore=("workers",))
     out.mkdir(parents=True, exist_ok=True)
     workers = min(cfg.workers or os.cpu_count() or 1, len(cfg.seeds) * len(cfg.students))
     records = []

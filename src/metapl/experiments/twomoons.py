@@ -9,7 +9,6 @@ signal (exact gradient) plus the supervised signal on the 6 labeled points. No c
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,7 +19,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from metapl.data.twomoons import make_twomoons
-from metapl.errors import ConfigError
 from metapl.experiments.stacked import StackedMLP
 from metapl.losses import batch_mean, hard_cross_entropy, soft_cross_entropy
 from metapl.mpl import MetaPseudoLabels
@@ -246,25 +244,6 @@ def summarize(records: list[dict]) -> dict[str, tuple[float, float, int]]:
         acc = np.array([r["accuracy"] for r in records if r["method"] == method])
         out[method] = (float(acc.mean()), float(acc.std()), len(acc))
     return out
-
-
-def check_replaceable(out: Path, cfg: TwoMoonsConfig) -> None:
-    """A rerun into ``out`` replaces its results.json: refused when that holds another
-    configuration's results (other seeds, noise, estimator or steps), which it would lose."""
-    path = out / "results.json"
-    try:
-        earlier = json.loads(path.read_text()).get("config")
-    except (OSError, ValueError, AttributeError):
-        return  # none yet, or not a results file of ours (output_folder judged its owner)
-    now = json.loads(json.dumps(asdict(cfg)))  # as saved: tuples are lists
-    if earlier is None or earlier == now:
-        return
-    changed = sorted(k for k in now if earlier.get(k) != now[k])
-    shown = ", ".join(f"{k}={earlier.get(k)}" for k in changed)
-    raise ConfigError(
-        f"--out {out} holds TwoMoons results of another configuration ({shown}), which this run "
-        "would replace; choose another --out, or delete its results.json to replace them"
-    )
 
 
 def save(result: dict, cfg: TwoMoonsConfig, out: Path) -> None:
