@@ -12,7 +12,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from metapl.errors import ConfigError, MetaplError, did_you_mean
 from metapl.progress import close_bars
@@ -158,33 +158,32 @@ def _cmd_presets(args: argparse.Namespace) -> None:
         print(f"{name:<32} {describe(overrides)}")
 
 
-def _cmd_digits(args: argparse.Namespace) -> None:
-    from metapl.experiments.digits import DigitsConfig, parse_method_overrides, run_digits
+def _experiment_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options `metapl digits` and `metapl reduced` share (:func:`_add_experiment_options`,
+    --labels-per-class and --set) as fields of their configs."""
+    from metapl.experiments.digits import parse_method_overrides
 
-    cfg = DigitsConfig(
-        seeds=parse_seeds(args.seeds),
-        labels_per_class=args.labels_per_class,
-        steps=args.steps,
-        device=args.device,
-        methods=parse_names(args.methods),
-        overrides=parse_method_overrides(args.set or []),
-    )
+    return {
+        "seeds": parse_seeds(args.seeds),
+        "labels_per_class": args.labels_per_class,
+        "steps": args.steps,
+        "device": args.device,
+        "overrides": parse_method_overrides(args.set or []),
+    }
+
+
+def _cmd_digits(args: argparse.Namespace) -> None:
+    from metapl.experiments.digits import DigitsConfig, run_digits
+
+    cfg = DigitsConfig(methods=parse_names(args.methods), **_experiment_options(args))
     run_digits(cfg, output_folder(args.out, command="digits"), show_progress=not args.quiet)
 
 
 def _cmd_reduced(args: argparse.Namespace) -> None:
-    from metapl.experiments.digits import parse_method_overrides
     from metapl.experiments.reduced import ReducedConfig, run_reduced
 
-    cfg = ReducedConfig(
-        dataset=args.dataset,
-        seeds=parse_seeds(args.seeds),
-        steps=args.steps,
-        labels_per_class=args.labels_per_class,
-        device=args.device,
-        students=parse_names(args.methods),
-        overrides=parse_method_overrides(args.set or []),
-    )
+    students = parse_names(args.methods)
+    cfg = ReducedConfig(dataset=args.dataset, students=students, **_experiment_options(args))
     run_reduced(cfg, output_folder(args.out, command="reduced"), show_progress=not args.quiet)
 
 

@@ -303,6 +303,34 @@ def _reserve_first(n: int, num_tune: int) -> np.ndarray:
     return np.concatenate([np.arange(num_tune, n), np.arange(num_tune)])
 
 
+def _full_split(
+    name: str,
+    train: tuple[np.ndarray, np.ndarray],
+    test: tuple[np.ndarray, np.ndarray],
+    num_tune: int,
+    x_unlabeled: Images | None,
+    num_classes: int,
+) -> SSLSplit:
+    """A full split of the images and labels ``train``: all labeled, the first ``num_tune``
+    reserved for tuning (:func:`_reserve_first`); unlabeled = ``x_unlabeled``, or the non-tuning
+    images when None."""
+    x_train, y_train = train
+    n = len(y_train)
+    order = _reserve_first(n, num_tune)
+    x_labeled, y_labeled = x_train[order], y_train[order]
+    return SSLSplit(
+        x_labeled=x_labeled,
+        y_labeled=y_labeled,
+        x_unlabeled=x_labeled[: n - num_tune] if x_unlabeled is None else x_unlabeled,
+        x_tune=x_labeled[n - num_tune :],
+        y_tune=y_labeled[n - num_tune :],
+        x_test=test[0],
+        y_test=test[1],
+        num_classes=num_classes,
+        name=name,
+    )
+
+
 def cifar10_full(
     data_dir: Path | str, num_tune: int = 4000, unlabeled_dir: Path | str | None = None
 ) -> SSLSplit:
@@ -311,24 +339,11 @@ def cifar10_full(
     name = "cifar10-full"
     _check_num_tune(name, num_tune)
     x_unlabeled = None if unlabeled_dir is None else unlabeled_folder(unlabeled_dir, 32)
-    x_train, y_train = cifar.load_cifar10(data_dir, train=True)
-    n = len(y_train)
+    train = cifar.load_cifar10(data_dir, train=True)
+    n = len(train[1])
     _need(name, cifar.find_dir(data_dir), n, num_tune + 1, "training images", "num_tune")
-    x_test, y_test = cifar.load_cifar10(data_dir, train=False)
-    order = _reserve_first(n, num_tune)
-    x_labeled, y_labeled = x_train[order], y_train[order]
-    del x_train
-    return SSLSplit(
-        x_labeled=x_labeled,
-        y_labeled=y_labeled,
-        x_unlabeled=x_labeled[: n - num_tune] if x_unlabeled is None else x_unlabeled,
-        x_tune=x_labeled[n - num_tune :],
-        y_tune=y_labeled[n - num_tune :],
-        x_test=x_test,
-        y_test=y_test,
-        num_classes=cifar.NUM_CLASSES,
-        name=name,
-    )
+    test = cifar.load_cifar10(data_dir, train=False)
+    return _full_split(name, train, test, num_tune, x_unlabeled, cifar.NUM_CLASSES)
 
 
 def svhn_full(
@@ -350,27 +365,13 @@ def svhn_full(
         x_unlabeled = None
     else:
         x_unlabeled = unlabeled_folder(unlabeled_dir, 32)
-    x_train, y_train = svhn.load_svhn(data_dir, "train")
-    n = len(y_train)
-    train_path = Path(data_dir) / svhn.file_name("train")
-    _need(name, train_path, n, num_tune + 1, "images", "num_tune")
-    x_test, y_test = svhn.load_svhn(data_dir, "test")
+    train = svhn.load_svhn(data_dir, "train")
+    n = len(train[1])
+    _need(name, Path(data_dir) / svhn.file_name("train"), n, num_tune + 1, "images", "num_tune")
+    test = svhn.load_svhn(data_dir, "test")
     if x_unlabeled is None:
         x_unlabeled = svhn.read_mat(extra_path)[0]
-    order = _reserve_first(n, num_tune)
-    x_labeled, y_labeled = x_train[order], y_train[order]
-    del x_train
-    return SSLSplit(
-        x_labeled=x_labeled,
-        y_labeled=y_labeled,
-        x_unlabeled=x_unlabeled,
-        x_tune=x_labeled[n - num_tune :],
-        y_tune=y_labeled[n - num_tune :],
-        x_test=x_test,
-        y_test=y_test,
-        num_classes=svhn.NUM_CLASSES,
-        name=name,
-    )
+    return _full_split(name, train, test, num_tune, x_unlabeled, svhn.NUM_CLASSES)
 
 
 def imagenet_full(

@@ -16,7 +16,7 @@ import numpy as np
 
 from metapl import report
 from metapl.errors import ConfigError
-from metapl.experiments.workers import worker_pool
+from metapl.experiments.workers import map_runs, run_record, worker_pool
 from metapl.report import print_accuracy_table, write_json_atomic
 
 # Table 1's rows, each through the engine with its digits-* preset; every "+MPL" row next to the
@@ -164,18 +164,10 @@ def _train_one(job: tuple[str, int, DigitsConfig, str]) -> dict:
     run_cfg = _method_config(method, seed, cfg)
     summary = train(run_cfg, Path(out) / method / f"seed{seed}", show_progress=False)
     record = summary["results"][0]
-    result = {
-        "method": method,
-        "seed": seed,
-        "accuracy": record["accuracy"],
-        "labels_per_class": cfg.labels_per_class,
-        "steps": record["steps"],
-    }
+    result = run_record(record, method, seed)
+    result["labels_per_class"] = cfg.labels_per_class
     if "teacher_test_accuracy" in record:  # to understand MPL; the student is what is reported
         result["teacher_accuracy"] = record["teacher_test_accuracy"]
-    if "accuracy_before_finetune" in record:  # MPL's student, fine-tuned on the labeled data
-        result["accuracy_before_finetune"] = record["accuracy_before_finetune"]
-        result["finetune_steps"] = record["finetune_steps"]
     return result
 
 
@@ -205,7 +197,6 @@ def paired_differences(records: list[dict]) -> dict[str, dict]:
 
 def run_digits(cfg: DigitsConfig, out: Path, show_progress: bool = True) -> dict:
     from metapl.experiments.figure9 import plot_figure9
-    from metapl.progress import progress_bar
 
     cfg.validate()
     # A rerun with other seeds (or steps, methods...) would replace the earlier results.json.
@@ -218,16 +209,8 @@ def run_digits(cfg: DigitsConfig, out: Path, show_progress: bool = True) -> dict
         key=lambda j: (order.index(j[0]) if j[0] in order else len(order), j[1]),
     )
     workers = cfg.workers or os.cpu_count() or 1
-    records = []
     with worker_pool(min(workers, len(jobs))) as pool:
-        for record in progress_bar(
-            iterable=pool.map(_train_one, jobs),
-            total=len(jobs),
-            disable=not show_progress,
-            desc="digits runs",
-            unit="run",
-        ):
-            records.append(record)
+        records = map_runs(pool, _train_one, jobs, "digits runs", show_progress)
     records.sort(key=lambda r: (METHODS.index(r["method"]), r["seed"]))
     summary = summarize(records)
     paired = paired_differences(records)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from metapl.errors import ConfigError
 from metapl.experiments.digits import check_command_keys, summarize
-from metapl.experiments.workers import worker_pool
+from metapl.experiments.workers import map_runs, run_record, worker_pool
 from metapl.report import (
     check_replaceable,
     paired_differences,
@@ -122,51 +122,25 @@ def _run(job: tuple[str, int, ReducedConfig, str]) -> dict:
 
     run_cfg = _stage_config(method, seed, cfg, Path(out))
     summary = train(run_cfg, Path(out) / method / f"seed{seed}", show_progress=False)
-    record = summary["results"][0]
-    result = {
-        "method": method,
-        "seed": seed,
-        "accuracy": record["accuracy"],
-        "steps": record["steps"],
-    }
-    if "accuracy_before_finetune" in record:  # --set STAGE:finetune_steps=N
-        result["accuracy_before_finetune"] = record["accuracy_before_finetune"]
-        result["finetune_steps"] = record["finetune_steps"]
-    return result
+    return run_record(summary["results"][0], method, seed)
 
 
 def run_reduced(cfg: ReducedConfig, out: Path, show_progress: bool = True) -> dict:
     import os
 
     from metapl.experiments.figure10 import plot_figure10
-    from metapl.progress import progress_bar
 
     cfg.validate()
     # A rerun with other seeds (or steps, students...) would replace the earlier results.json.
     check_replaceable(out, "reduced", asdict(cfg), ignore=("workers",))
     out.mkdir(parents=True, exist_ok=True)
     workers = min(cfg.workers or os.cpu_count() or 1, len(cfg.seeds) * len(cfg.students))
-    records = []
     with worker_pool(workers) as pool:
         stage = [("large_teacher", s, cfg, str(out)) for s in cfg.seeds]
-        for record in progress_bar(
-            iterable=pool.map(_run, stage),
-            total=len(stage),
-            disable=not show_progress,
-            desc="large teachers",
-            unit="run",
-        ):
-            records.append(record)
+        records = map_runs(pool, _run, stage, "large teachers", show_progress)
         slowest_first = [m for m in reversed(STUDENTS) if m in cfg.students]
         jobs = [(m, s, cfg, str(out)) for m in slowest_first for s in cfg.seeds]
-        for record in progress_bar(
-            iterable=pool.map(_run, jobs),
-            total=len(jobs),
-            disable=not show_progress,
-            desc="students",
-            unit="run",
-        ):
-            records.append(record)
+        records += map_runs(pool, _run, jobs, "students", show_progress)
     records.sort(key=lambda r: (STAGES.index(r["method"]), r["seed"]))
     summary = summarize(records)
     # Table 2's question, seed by seed: is ReducedMPL above NoisyStudent (its only difference is

@@ -1,4 +1,5 @@
-"""The worker processes of the multi-seed experiments (`metapl digits`, `metapl reduced`).
+"""The worker processes of the multi-seed experiments (`metapl digits`, `metapl reduced`), and
+what the two share about their runs: the progress of the pool, each run's results record.
 
 Ctrl-C in a terminal sends SIGINT to every process of the command. Left to themselves, workers
 would each raise KeyboardInterrupt wherever they are, sometimes inside the executor's own queue
@@ -17,8 +18,9 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from typing import Any
 
 ORPHAN_CHECK_SECONDS = 1.0
 
@@ -64,3 +66,40 @@ def worker_pool(max_workers: int) -> Iterator[ProcessPoolExecutor]:
         raise
     finally:
         pool.shutdown(wait=True)
+
+
+def map_runs(
+    pool: ProcessPoolExecutor,
+    run: Callable[[Any], dict],
+    jobs: Sequence,
+    desc: str,
+    show_progress: bool,
+) -> list[dict]:
+    """``run`` over ``jobs`` in the workers of ``pool``, with a progress bar counting the finished
+    runs; their records, in the order of ``jobs``."""
+    from metapl.progress import progress_bar
+
+    bar = progress_bar(
+        iterable=pool.map(run, jobs),
+        total=len(jobs),
+        disable=not show_progress,
+        desc=desc,
+        unit="run",
+    )
+    return list(bar)
+
+
+def run_record(record: dict, method: str, seed: int) -> dict:
+    """The results record of one (method, seed) run from the engine's (its results.json row): the
+    student's test accuracy and steps, and the accuracy before fine-tuning for a run fine-tuned
+    after MPL (the paper's later versions report the fine-tuned student)."""
+    result = {
+        "method": method,
+        "seed": seed,
+        "accuracy": record["accuracy"],
+        "steps": record["steps"],
+    }
+    if "accuracy_before_finetune" in record:
+        result["accuracy_before_finetune"] = record["accuracy_before_finetune"]
+        result["finetune_steps"] = record["finetune_steps"]
+    return result
