@@ -8,6 +8,7 @@ itself.
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 from collections.abc import Callable
 
@@ -301,26 +302,12 @@ def student_after_real_step(
     return s2
 
 
-def mpl_objective(
-    teacher: nn.Module,
-    teacher_params: dict[str, Tensor],
-    student: nn.Module,
-    student_optimizer: torch.optim.Optimizer,
-    factory: OptimizerFactory,
-    x_l: Inputs,
-    y_l: Tensor,
-    x_u: Inputs,
-    *,
-    seed: int,
-    temperature: float = 1.0,
-    student_labeled_weight: float = 0.0,
-) -> float:
+def mpl_objective(*args, **kwargs) -> float:
     """R(theta_{t+1}) as the teacher's parameters are set to ``teacher_params``, by brute force:
     the student's CE on the labeled batch (train mode, copies of its buffers) after
-    :func:`student_after_real_step`."""
-    s2 = student_after_real_step(
-        teacher, teacher_params, student, student_optimizer, factory, x_l, y_l, x_u,
-        seed=seed, temperature=temperature, student_labeled_weight=student_labeled_weight,
-    )  # fmt: skip
+    :func:`student_after_real_step`, which takes the same arguments."""
+    given = inspect.signature(student_after_real_step).bind(*args, **kwargs).arguments
+    s2 = student_after_real_step(*args, **kwargs)
+    x_l, y_l = given["x_l"], given["y_l"]
     with torch.no_grad():
         return float(F.cross_entropy(run_on(s2, x_l, cloned_buffers(s2)), y_l))

@@ -100,6 +100,19 @@ def _problem(seed: int, kind: str = "tuple", lengths=(5, 5), model=TokenClassifi
     return teacher, student, x_l, y_l, x_u, new_unlabeled
 
 
+def _sgd_mpl(teacher: nn.Module, student: nn.Module, **options) -> MetaPseudoLabels:
+    """A step with plain SGD (lr 0.1) for both models: for the tests of what the step accepts."""
+    t_opt, s_opt = (torch.optim.SGD(m.parameters(), lr=0.1) for m in (teacher, student))
+    return MetaPseudoLabels(teacher, student, t_opt, s_opt, **options)
+
+
+def _assert_teacher_gradient_is(teacher: nn.Module, oracle) -> None:
+    """The teacher's gradient is not trivially zero and is ``oracle``'s, up to a relative 1e-10."""
+    exact = flat(p.grad for p in teacher.parameters())
+    assert exact.norm() > 1e-6
+    assert rel_err(exact, flat(oracle)) <= 1e-10
+
+
 # ----------------------------------------------------------------------------- exact gradient
 
 
@@ -186,9 +199,7 @@ def test_the_teacher_sees_another_kind_of_input_than_the_student():
     )
     torch.manual_seed(7)
     mpl.step(x_l, y_l, x_u, teacher_x_labeled=t_l, teacher_x_unlabeled=t_u)
-    exact = flat(p.grad for p in teacher.parameters())
-    assert exact.norm() > 1e-6
-    assert rel_err(exact, flat(oracle)) <= 1e-10
+    _assert_teacher_gradient_is(teacher, oracle)
 
 
 # ----------------------------------------------------------------------------- other paths
@@ -337,9 +348,7 @@ def test_leaves_of_one_dimension_hold_one_value_per_example():
     )
     torch.manual_seed(3)
     mpl.step(x_l, y_l, x_u)
-    exact = flat(p.grad for p in teacher.parameters())
-    assert exact.norm() > 1e-6
-    assert rel_err(exact, flat(oracle)) <= 1e-10
+    _assert_teacher_gradient_is(teacher, oracle)
 
 
 # ----------------------------------------------------------------------------- the teacher's forward
@@ -360,11 +369,9 @@ def test_the_teacher_runs_one_forward_when_the_inputs_line_up(lengths, extra, ca
     teacher.register_forward_pre_hook(
         lambda m, args, kwargs: seen.append(len((*args, *kwargs.values())[0])), with_kwargs=True
     )
-    mpl = MetaPseudoLabels(
+    mpl = _sgd_mpl(
         teacher,
         student,
-        torch.optim.SGD(teacher.parameters(), lr=0.1),
-        torch.optim.SGD(student.parameters(), lr=0.1),
         teacher_extra_loss=(lambda logits: logits.extra[0].sum() * 0) if extras else None,
     )
     mpl.step(x_l, y_l, x_u, teacher_extra_inputs=extras)
@@ -374,15 +381,35 @@ def test_the_teacher_runs_one_forward_when_the_inputs_line_up(lengths, extra, ca
 # ----------------------------------------------------------------------------- the tangent tape
 
 
+def _auto_mpl(teacher: nn.Module, student: nn.Module) -> MetaPseudoLabels:
+    """jvp="auto" (the tape where it holds, forward AD where not), a momentum SGD student and no
+    supervised term: the step of the tape's checks."""
+    s_opt = torch.optim.SGD(student.parameters(), lr=0.2, momentum=0.9)
+    t_opt = torch.optim.SGD(teacher.parameters(), lr=0.05)
+    return MetaPseudoLabels(teacher, student, t_opt, s_opt, supervised_weight=0.0, jvp="auto")
+
+
+def _falls_back_to_forward_ad_exactly(mpl: MetaPseudoLabels, x_l, y_l: Tensor, x_u, warning: str):
+    """A step of ``mpl`` on this batch warns ``warning`` and computes J by forward AD, and the
+    teacher's gradient is double backward's from the same weights and seed."""
+    torch.manual_seed(3)
+    oracle = double_backward_teacher_gradient(
+        mpl.teacher, mpl.student, mpl.student_optimizer, x_l, y_l, x_u
+    )
+    torch.manual_seed(3)
+    with pytest.warns(UserWarning, match=warning):
+        mpl.step(x_l, y_l, x_u)
+    assert mpl.last_jvp_path == "forward_ad"
+    _assert_teacher_gradient_is(mpl.teacher, oracle)
+
+
 def test_the_tape_is_checked_for_each_way_of_calling_the_student():
     """fx traces every argument of the forward, also one a call leaves at its default. A tuple
     and then a dict of the same tensors run the same graph (each checked once); leaving the mask
     out runs the traced graph without the value it multiplies by: that call structure falls back
     to forward AD (``jvp="auto"``), with the reason, and the gradient stays exact."""
     teacher, student, x_l, y_l, x_u, _ = _problem(8, model=OptionalMask)
-    s_opt = torch.optim.SGD(student.parameters(), lr=0.2, momentum=0.9)
-    t_opt = torch.optim.SGD(teacher.parameters(), lr=0.05)
-    mpl = MetaPseudoLabels(teacher, student, t_opt, s_opt, supervised_weight=0.0, jvp="auto")
+    mpl = _auto_mpl(teacher, student)
     as_dict = [{"ids": ids, "mask": mask} for ids, mask in (x_l, x_u)]
     for batches in ((x_l, x_u), as_dict):
         mpl.step(batches[0], y_l, batches[1])
@@ -391,22 +418,13 @@ def test_the_tape_is_checked_for_each_way_of_calling_the_student():
     assert isinstance(tape, TangentTape) and len(tape.checked) == 2
 
     ids_only = [(ids,) for ids, _ in (x_l, x_u)]
-    torch.manual_seed(3)
-    oracle = double_backward_teacher_gradient(
-        teacher, student, s_opt, ids_only[0], y_l, ids_only[1]
+    _falls_back_to_forward_ad_exactly(
+        mpl, ids_only[0], y_l, ids_only[1], "the traced student fails"
     )
-    torch.manual_seed(3)
-    with pytest.warns(UserWarning, match="the traced student fails"):
-        mpl.step(ids_only[0], y_l, ids_only[1])
-    assert mpl.last_jvp_path == "forward_ad"
     assert "the traced student fails" in str(mpl.jvp_fallback_reason)
-    exact = flat(p.grad for p in teacher.parameters())
-    assert exact.norm() > 1e-6
-    assert rel_err(exact, flat(oracle)) <= 1e-10
 
     t2, s2 = _problem(8, model=OptionalMask)[:2]
-    t2_opt, s2_opt = (torch.optim.SGD(m.parameters(), lr=0.1) for m in (t2, s2))
-    strict = MetaPseudoLabels(t2, s2, t2_opt, s2_opt, jvp="tape")
+    strict = _sgd_mpl(t2, s2, jvp="tape")
     with pytest.raises(ConfigError, match="jvp='tape': the student cannot use the tangent tape"):
         strict.step(ids_only[0], y_l, ids_only[1])
 
@@ -430,9 +448,7 @@ def test_the_tape_is_checked_for_each_set_of_keyword_names():
     back to forward AD with the reason, and the gradient stays exact (trusted as the checked
     {ids, mask}, the student trained on the graph's function)."""
     teacher, student, x_l, y_l, x_u, _ = _problem(12, model=TwoOptional)
-    s_opt = torch.optim.SGD(student.parameters(), lr=0.2, momentum=0.9)
-    t_opt = torch.optim.SGD(teacher.parameters(), lr=0.05)
-    mpl = MetaPseudoLabels(teacher, student, t_opt, s_opt, supervised_weight=0.0, jvp="auto")
+    mpl = _auto_mpl(teacher, student)
     masked = [{"ids": ids, "mask": mask} for ids, mask in (x_l, x_u)]
     mpl.step(masked[0], y_l, masked[1])
     assert mpl.last_jvp_path == "tape", mpl.jvp_fallback_reason
@@ -440,17 +456,7 @@ def test_the_tape_is_checked_for_each_set_of_keyword_names():
     assert isinstance(tape, TangentTape) and len(tape.checked) == 1
 
     weighted = [{"ids": ids, "weight": 0.5 + mask} for ids, mask in (x_l, x_u)]
-    torch.manual_seed(3)
-    oracle = double_backward_teacher_gradient(
-        teacher, student, s_opt, weighted[0], y_l, weighted[1]
-    )
-    torch.manual_seed(3)
-    with pytest.warns(UserWarning, match="logits differ"):
-        mpl.step(weighted[0], y_l, weighted[1])
-    assert mpl.last_jvp_path == "forward_ad"
-    exact = flat(p.grad for p in teacher.parameters())
-    assert exact.norm() > 1e-6
-    assert rel_err(exact, flat(oracle)) <= 1e-10
+    _falls_back_to_forward_ad_exactly(mpl, weighted[0], y_l, weighted[1], "logits differ")
 
 
 # ----------------------------------------------------------------------------- checks
@@ -495,12 +501,7 @@ def test_bad_inputs_are_a_data_error_before_anything_moves(case):
     x_u, message = _bad_unlabeled()[case]
     teacher, student, x_l, y_l, _, _ = _problem(9)
     before = flat([*teacher.parameters(), *student.parameters()]).detach().clone()
-    mpl = MetaPseudoLabels(
-        teacher,
-        student,
-        torch.optim.SGD(teacher.parameters(), lr=0.1),
-        torch.optim.SGD(student.parameters(), lr=0.1),
-    )
+    mpl = _sgd_mpl(teacher, student)
     with pytest.raises(DataError, match=message):
         mpl.step(x_l, y_l, x_u)
     assert torch.equal(flat([*teacher.parameters(), *student.parameters()]), before)
@@ -510,12 +511,7 @@ def test_bad_inputs_are_a_data_error_before_anything_moves(case):
 def test_integer_leaves_are_not_checked_for_finite_values():
     """Only floating leaves can hold NaN: token ids pass, and check_inputs stays one host sync."""
     teacher, student, x_l, y_l, x_u, _ = _problem(9, kind="dict")
-    mpl = MetaPseudoLabels(
-        teacher,
-        student,
-        torch.optim.SGD(teacher.parameters(), lr=0.1),
-        torch.optim.SGD(student.parameters(), lr=0.1),
-    )
+    mpl = _sgd_mpl(teacher, student)
     checked: list[Tensor] = []
     original = torch.isfinite
     try:
@@ -530,12 +526,7 @@ def test_integer_leaves_are_not_checked_for_finite_values():
 @pytest.mark.parametrize("which", ["teacher_x_labeled", "teacher_x_unlabeled"])
 def test_a_teacher_view_of_other_examples_is_a_data_error(which):
     teacher, student, x_l, y_l, x_u, _ = _problem(10)
-    mpl = MetaPseudoLabels(
-        teacher,
-        student,
-        torch.optim.SGD(teacher.parameters(), lr=0.1),
-        torch.optim.SGD(student.parameters(), lr=0.1),
-    )
+    mpl = _sgd_mpl(teacher, student)
     ids, mask = x_l if which == "teacher_x_labeled" else x_u
     n = len(ids)
     with pytest.raises(
@@ -548,12 +539,7 @@ def test_a_teacher_view_of_other_examples_is_a_data_error(which):
 
 def test_labels_for_another_number_of_examples_are_a_data_error():
     teacher, student, x_l, y_l, x_u, _ = _problem(10)
-    mpl = MetaPseudoLabels(
-        teacher,
-        student,
-        torch.optim.SGD(teacher.parameters(), lr=0.1),
-        torch.optim.SGD(student.parameters(), lr=0.1),
-    )
+    mpl = _sgd_mpl(teacher, student)
     with pytest.raises(DataError, match=r"x_labeled's examples \(6,\) and y_labeled \(5,\)"):
         mpl.step(x_l, y_l[:5], x_u)
 
@@ -562,12 +548,7 @@ def test_a_labeled_batch_of_one_the_student_cannot_take_is_refused_before_it_mov
     """BatchNorm1d needs two examples in training mode: found by a trial forward on the pair."""
     teacher, student, x_l, y_l, x_u, _ = _problem(11, kind="dict")
     before = flat(student.state_dict().values()).clone()
-    mpl = MetaPseudoLabels(
-        teacher,
-        student,
-        torch.optim.SGD(teacher.parameters(), lr=0.1),
-        torch.optim.SGD(student.parameters(), lr=0.1),
-    )
+    mpl = _sgd_mpl(teacher, student)
     one = {k: v[:1] for k, v in x_l.items()}
     with pytest.raises(ConfigError, match="cannot take a labeled batch of one example"):
         mpl.step(one, y_l[:1], x_u)
