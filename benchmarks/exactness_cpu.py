@@ -16,7 +16,6 @@ python benchmarks/exactness_cpu.py --json benchmarks/results/exactness_cpu.json
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(ROOT / "tests"))
-from machine import describe  # noqa: E402
+from machine import parser_with_json, save, spread  # noqa: E402
 from mpl_helpers import (  # noqa: E402
     STUDENT_OPTIMIZERS,
     central_differences,
@@ -36,7 +35,6 @@ from mpl_helpers import (  # noqa: E402
 )
 
 from metapl import MetaPseudoLabels  # noqa: E402
-from metapl.atomic import write_json_atomically  # noqa: E402
 from metapl.mpl import double_backward_teacher_gradient  # noqa: E402
 
 FD_EPS = 1e-6
@@ -97,9 +95,7 @@ def two_steps(opt_name: str, kind: str, jvp: str) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--json", type=Path, required=True, help="where to write the results")
-    args = parser.parse_args()
+    args = parser_with_json(__doc__).parse_args()
     torch.set_num_threads(1)  # the tests' setting: one thread sums in a fixed order
     results = []
     for opt_name in STUDENT_OPTIMIZERS:
@@ -110,17 +106,15 @@ def main() -> None:
     db = [r["vs_double_backward"] for r in results if r["vs_double_backward"] is not None]
     fd = [r["vs_finite_differences"] for r in results]
     summary = {
-        "vs_double_backward": {"min": min(db), "max": max(db), "n": len(db)},
-        "vs_finite_differences": {"min": min(fd), "max": max(fd), "n": len(fd)},
+        "vs_double_backward": spread(db),
+        "vs_finite_differences": spread(fd),
         "oracle_not_finite": len(results) - len(db),
     }
     for name, s in summary.items():
         if isinstance(s, dict):
             print(f"{name}: {s['min']:.1e} .. {s['max']:.1e} over {s['n']} comparisons")
     print(f"double backward not finite (a student gradient is exactly 0): {len(results) - len(db)}")
-    out = {"machine": describe(), "dtype": "float64", "summary": summary, "results": results}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomically(args.json, out)
+    save(args.json, {"dtype": "float64", "summary": summary, "results": results})
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ python benchmarks/jvp_cpu.py --json /tmp/jvp_cpu.json
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -24,11 +23,10 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import describe  # noqa: E402
+from machine import parser_with_json, save  # noqa: E402
 from step_cpu import small_convnet  # noqa: E402
 
 from metapl import MetaPseudoLabels  # noqa: E402
-from metapl.atomic import write_json_atomically  # noqa: E402
 from metapl.models import create_model  # noqa: E402
 from metapl.mpl.replay import RngState, buffer_copies, replayed_rng  # noqa: E402
 from metapl.mpl.tangent import TangentTape  # noqa: E402
@@ -127,12 +125,11 @@ def step_rows(name: str, repeats: int, warmup: int) -> list[tuple[str, list[floa
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser_with_json(__doc__)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--models", nargs="+", default=["wrn28_2", "small_convnet"])
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    ap.add_argument("--json", required=True)
     args = ap.parse_args()
     if args.repeats < 5:
         ap.error("--repeats must be >= 5 (the median of fewer is noise)")
@@ -155,7 +152,6 @@ def main() -> None:
             flush=True,
         )
     result = {
-        "machine": describe(),
         "setup": (
             "fp32, train mode, dropout 0.3; wrn28_2: unlabeled 28 x 3x32x32 (labeled 4); "
             "small_convnet (step_cpu.py): unlabeled 96 x 3x16x16 (labeled 32); "
@@ -163,8 +159,7 @@ def main() -> None:
         ),
         "results": rows,
     }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomically(Path(args.json), result)
+    save(args.json, result)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,17 @@
-"""Who measured: the machine description saved with every benchmark result."""
+"""Who measured, and where it is saved: the machine description saved with every benchmark result,
+and the command line and JSON writing the result-writing scripts share."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import subprocess
+from pathlib import Path
 
 import torch
 
+from metapl.atomic import write_json_atomically
 from metapl.bench import cpu_description
 
 
@@ -29,3 +33,25 @@ def describe() -> dict:
     except (OSError, subprocess.CalledProcessError):
         info["git_commit"] = None
     return info
+
+
+def parser_with_json(doc: str) -> argparse.ArgumentParser:
+    """A command line described by the first paragraph of ``doc`` (a script's docstring), with the
+    required ``--json PATH``: where to write the results."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--json", type=Path, required=True, help="where to write the results")
+    return parser
+
+
+def save(path: Path | str, payload: dict, **dumps_options) -> None:
+    """``{"machine": describe(), **payload}`` as JSON at ``path`` (its folder made first), whole or
+    not at all (`metapl.atomic`); ``dumps_options`` go to ``json.dumps`` (``indent=1`` unless
+    told otherwise)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomically(path, {"machine": describe(), **payload}, **dumps_options)
+
+
+def spread(values: list[float]) -> dict:
+    """The smallest and largest of ``values`` and how many there are: a summary of differences."""
+    return {"min": min(values), "max": max(values), "n": len(values)}

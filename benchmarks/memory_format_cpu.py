@@ -23,10 +23,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from jvp_cpu import timed  # noqa: E402
-from machine import describe  # noqa: E402
+from machine import save  # noqa: E402
 
 from metapl.models import create_model  # noqa: E402
-from metapl.report import write_json_atomic  # noqa: E402
 
 # (model, images per batch, channels, side): WRN-28-2 at `metapl bench`'s CPU unlabeled batch,
 # the digits CNNs at the digits presets' teacher batch (50 + 2 x 200), the rest small.
@@ -116,13 +115,12 @@ def main() -> None:
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     payload = {
-        "machine": describe(),
         "setup": {"repeats": args.repeats, "warmup": args.warmup, "pass": "forward+backward"},
         "results": rows(args.repeats, args.warmup),
         "wrn28_2_uda_mpl_steps": step_rows(args.repeats, args.warmup),
     }
     if args.json:
-        write_json_atomic(args.json, payload)
+        save(args.json, payload, sort_keys=True)
         print(f"wrote {args.json}")
 
 

@@ -15,14 +15,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import describe  # noqa: E402
+from machine import parser_with_json, save  # noqa: E402
 
-from metapl.atomic import write_json_atomically  # noqa: E402
 from metapl.models import create_model  # noqa: E402
 from metapl.mpl.numerics import agreement_with_float64  # noqa: E402
 
@@ -44,25 +44,35 @@ def problem(n_labeled: int, seed: int):
     return teacher, student, (x_l, y_l, x_u)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--json", type=Path, required=True, help="where to write the results")
+def precision_parser(doc: str) -> argparse.ArgumentParser:
+    """The command line of the precision benchmarks: ``--json``, ``--labeled``, ``--seeds``."""
+    parser = parser_with_json(doc)
     parser.add_argument("--labeled", default="2,4,8,16", help="labeled batch sizes (unlabeled: 7x)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per batch size")
-    args = parser.parse_args()
-    cpu = torch.device("cpu")
-    results = []
+    return parser
+
+
+def problems(args: argparse.Namespace) -> Iterator[tuple]:
+    """``(n, seed, teacher, student, batch)``: the :func:`problem` of each labeled batch size n of
+    ``--labeled`` and each seed of ``--seeds``, in that order."""
     for n in (int(v) for v in args.labeled.split(",")):
         for seed in range(args.seeds):
-            teacher, student, batch = problem(n, seed)
-            for policy, autocast_dtype in POLICIES.items():
-                agreement = agreement_with_float64(
-                    teacher, student, nesterov, batch, cpu, autocast_dtype=autocast_dtype
-                )
-                results.append(
-                    {"policy": policy, "labeled": n, "unlabeled": 7 * n, "seed": seed, **agreement}
-                )
-                print(f"{policy} {n}+{7 * n} seed {seed}: cosine {agreement['cosine']:.5f}")
+            yield n, seed, *problem(n, seed)
+
+
+def main() -> None:
+    args = precision_parser(__doc__).parse_args()
+    cpu = torch.device("cpu")
+    results = []
+    for n, seed, teacher, student, batch in problems(args):
+        for policy, autocast_dtype in POLICIES.items():
+            agreement = agreement_with_float64(
+                teacher, student, nesterov, batch, cpu, autocast_dtype=autocast_dtype
+            )
+            results.append(
+                {"policy": policy, "labeled": n, "unlabeled": 7 * n, "seed": seed, **agreement}
+            )
+            print(f"{policy} {n}+{7 * n} seed {seed}: cosine {agreement['cosine']:.5f}")
     summary = {}
     for policy in POLICIES:
         for n in sorted({r["labeled"] for r in results}):
@@ -72,9 +82,7 @@ def main() -> None:
                 "min_cosine": min(cosines),
                 "max_cosine": max(cosines),
             }
-    out = {"machine": describe(), "summary": summary, "results": results}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomically(args.json, out)
+    save(args.json, {"summary": summary, "results": results})
 
 
 if __name__ == "__main__":

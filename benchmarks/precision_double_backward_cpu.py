@@ -21,7 +21,6 @@ python benchmarks/precision_double_backward_cpu.py --json \\
 
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 import sys
@@ -31,10 +30,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import describe  # noqa: E402
-from precision_cpu import nesterov, problem  # noqa: E402
+from machine import save  # noqa: E402
+from precision_cpu import nesterov, precision_parser, problems  # noqa: E402
 
-from metapl.atomic import write_json_atomically  # noqa: E402
 from metapl.mpl import double_backward_teacher_gradient  # noqa: E402
 from metapl.mpl.numerics import mpl_teacher_gradient  # noqa: E402
 
@@ -64,35 +62,29 @@ def against(g: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--json", type=Path, required=True, help="where to write the results")
-    parser.add_argument("--labeled", default="2,4,8,16", help="labeled batch sizes (unlabeled: 7x)")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per batch size")
-    args = parser.parse_args()
+    args = precision_parser(__doc__).parse_args()
     cpu = torch.device("cpu")
     results = []
-    for n in (int(v) for v in args.labeled.split(",")):
-        for seed in range(args.seeds):
-            teacher, student, batch = problem(n, seed)
-            reference = mpl_teacher_gradient(teacher, student, nesterov, batch, cpu, torch.float64)
-            exact = mpl_teacher_gradient(teacher, student, nesterov, batch, cpu, torch.float32)
-            double = double_backward_fp32(teacher, student, batch)
-            row = {
-                "labeled": n,
-                "unlabeled": 7 * n,
-                "seed": seed,
-                "exact_fp32": against(exact, reference),
-                "double_backward_fp32": against(double, reference),
-                "double_backward_vs_exact_fp32": against(double, exact),
-                "reference_norm": float(reference.norm()),
-            }
-            results.append(row)
-            print(
-                f"{n}+{7 * n} seed {seed}: relative error from float64: exact fp32 "
-                f"{row['exact_fp32']['relative_error']:.4f}, double backward fp32 "
-                f"{row['double_backward_fp32']['relative_error']:.4f}",
-                flush=True,
-            )
+    for n, seed, teacher, student, batch in problems(args):
+        reference = mpl_teacher_gradient(teacher, student, nesterov, batch, cpu, torch.float64)
+        exact = mpl_teacher_gradient(teacher, student, nesterov, batch, cpu, torch.float32)
+        double = double_backward_fp32(teacher, student, batch)
+        row = {
+            "labeled": n,
+            "unlabeled": 7 * n,
+            "seed": seed,
+            "exact_fp32": against(exact, reference),
+            "double_backward_fp32": against(double, reference),
+            "double_backward_vs_exact_fp32": against(double, exact),
+            "reference_norm": float(reference.norm()),
+        }
+        results.append(row)
+        print(
+            f"{n}+{7 * n} seed {seed}: relative error from float64: exact fp32 "
+            f"{row['exact_fp32']['relative_error']:.4f}, double backward fp32 "
+            f"{row['double_backward_fp32']['relative_error']:.4f}",
+            flush=True,
+        )
     summary = {}
     for n in sorted({r["labeled"] for r in results}):
         rows = [r for r in results if r["labeled"] == n]
@@ -103,9 +95,7 @@ def main() -> None:
             }
             for way in ("exact_fp32", "double_backward_fp32")
         }
-    out = {"machine": describe(), "summary": summary, "results": results}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomically(args.json, out)
+    save(args.json, {"summary": summary, "results": results})
 
 
 if __name__ == "__main__":

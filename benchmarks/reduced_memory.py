@@ -87,9 +87,7 @@ def main() -> None:
     if args.one:  # child process: one configuration
         print(json.dumps(measure(args.one, args.device, args.batch, args.steps)))
         return
-    from machine import describe
-
-    from metapl.atomic import write_json_atomically
+    from machine import save
 
     rows = []
     for config in CONFIGS:
@@ -120,9 +118,7 @@ def main() -> None:
         f"full MPL / supervised = {rows[2]['ratio_to_supervised']:.3f}"
     )
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        payload = {"machine": describe(), "device": args.device, "results": rows}
-        write_json_atomically(Path(args.json), payload)
+        save(args.json, {"device": args.device, "results": rows})
 
 
 if __name__ == "__main__":

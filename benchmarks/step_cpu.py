@@ -7,7 +7,6 @@ python benchmarks/step_cpu.py --json benchmarks/results/step_cpu.json
 
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 import sys
@@ -18,10 +17,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import describe  # noqa: E402
+from machine import parser_with_json, save  # noqa: E402
 
 from metapl import MetaPseudoLabels  # noqa: E402
-from metapl.atomic import write_json_atomically  # noqa: E402
 from metapl.mpl import double_backward_teacher_gradient  # noqa: E402
 
 
@@ -55,9 +53,8 @@ def timed(fn, repeats: int, warmup: int = 3) -> list[float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser_with_json(__doc__)
     ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--json", required=True)
     args = ap.parse_args()
     torch.manual_seed(0)
     x_l, y_l = torch.randn(32, 3, 16, 16), torch.randint(0, 10, (32,))
@@ -94,13 +91,10 @@ def main() -> None:
         ms = timed(fn, args.repeats)
         rows.append({"name": name, "ms": statistics.median(ms), "ms_all": ms})
         print(f"{name:<40} {statistics.median(ms):8.2f} ms")
-    result = {
-        "machine": describe(),
-        "setup": "small convnet, 3x16x16, labeled 32, unlabeled 96, fp32",
-        "results": rows,
-    }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomically(Path(args.json), result)
+    save(
+        args.json,
+        {"setup": "small convnet, 3x16x16, labeled 32, unlabeled 96, fp32", "results": rows},
+    )
 
 
 if __name__ == "__main__":

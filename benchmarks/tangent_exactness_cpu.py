@@ -13,7 +13,6 @@ python benchmarks/tangent_exactness_cpu.py --json benchmarks/results/tangent_exa
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -22,18 +21,15 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(ROOT / "tests"))
-from machine import describe  # noqa: E402
+from machine import parser_with_json, save, spread  # noqa: E402
 from mpl_helpers import rel_err  # noqa: E402
 from test_tangent_replay import DT, REGISTRY_CASES, tape_vs_native, with_random_bn  # noqa: E402
 
-from metapl.atomic import write_json_atomically  # noqa: E402
 from metapl.models import create_model  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--json", type=Path, required=True, help="where to write the results")
-    args = parser.parse_args()
+    args = parser_with_json(__doc__).parse_args()
     torch.set_num_threads(1)  # the tests' setting: one thread sums in a fixed order
     results = []
     for name, (options, shape, _) in REGISTRY_CASES.items():
@@ -53,11 +49,9 @@ def main() -> None:
         results.append(row)
         print(f"{name:16s} relative {row['relative_difference']:.1e}", flush=True)
     rel = [r["relative_difference"] for r in results]
-    summary = {"min": min(rel), "max": max(rel), "n": len(rel)}
+    summary = spread(rel)
     print(f"relative difference: {summary['min']:.1e} .. {summary['max']:.1e} over {len(rel)}")
-    out = {"machine": describe(), "dtype": "float64", "summary": summary, "results": results}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomically(args.json, out)
+    save(args.json, {"dtype": "float64", "summary": summary, "results": results})
 
 
 if __name__ == "__main__":

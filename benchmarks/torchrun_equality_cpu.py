@@ -15,7 +15,6 @@ python benchmarks/torchrun_equality_cpu.py --json benchmarks/results/torchrun_eq
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from pathlib import Path
@@ -26,10 +25,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(ROOT / "tests"))
 from cli_helpers import for_preset  # noqa: E402
-from machine import describe  # noqa: E402
+from machine import parser_with_json, save  # noqa: E402
 from test_torchrun import SYNC_BN, options, read_metrics, register_test_model, torchrun  # noqa: E402
 
-from metapl.atomic import write_json_atomically  # noqa: E402
 from metapl.cli import main as metapl  # noqa: E402
 from metapl.train.checkpoint import load_checkpoint  # noqa: E402
 
@@ -85,18 +83,14 @@ def compare(name: str, preset: str, steps: int, extra: list[str], tmp: Path) -> 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--json", type=Path, required=True, help="where to write the results")
-    args = parser.parse_args()
+    args = parser_with_json(__doc__).parse_args()
     torch.set_num_threads(1)  # the tests' setting (the workers get OMP_NUM_THREADS=1)
     register_test_model()
     results = []
     for name, (preset, steps, extra) in CASES.items():
         with tempfile.TemporaryDirectory() as tmp:
             results.append(compare(name, preset, steps, extra, Path(tmp)))
-    out = {"machine": describe(), "dtype": "float64", "results": results}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomically(args.json, out)
+    save(args.json, {"dtype": "float64", "results": results})
 
 
 if __name__ == "__main__":

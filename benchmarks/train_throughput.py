@@ -23,10 +23,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import describe  # noqa: E402
+from machine import save  # noqa: E402
 
 from metapl.bench import synthetic_cifar_split  # noqa: E402
-from metapl.report import write_json_atomic  # noqa: E402
 from metapl.train.config import apply_overrides, parse_set_options  # noqa: E402
 from metapl.train.data import BatchSource  # noqa: E402
 from metapl.train.engine import Run, resolve_device  # noqa: E402
@@ -85,8 +84,7 @@ def main() -> None:
     row = measure(args.preset, args.device, args.precision, args.steps, args.warmup, args.set)
     print(json.dumps(row, indent=1))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(args.json, {"machine": describe(), "results": [row]})
+        save(args.json, {"results": [row]}, sort_keys=True)
         print(f"wrote {args.json}")
 
 

@@ -6,7 +6,6 @@ description: python benchmarks/twomoons_speed.py --json benchmarks/results/twomo
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import subprocess
 import sys
@@ -15,16 +14,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import describe  # noqa: E402
-
-from metapl.atomic import write_json_atomically  # noqa: E402
+from machine import parser_with_json, save  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser_with_json(__doc__)
     ap.add_argument("--seeds", default="0-9")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--json", required=True, help="where to write the result")
     args = ap.parse_args()
     times = []
     for _ in range(args.repeats):
@@ -44,7 +40,6 @@ def main() -> None:
             subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
             times.append(time.perf_counter() - start)
     result = {
-        "machine": describe(),
         "results": [
             {
                 "name": f"twomoons_seeds_{args.seeds}_all_methods",
@@ -54,8 +49,7 @@ def main() -> None:
             }
         ],
     }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomically(Path(args.json), result)
+    save(args.json, result)
     print(
         f"metapl twomoons --seeds {args.seeds}: median {statistics.median(times):.1f} s "
         f"over {len(times)} runs ({', '.join(f'{t:.1f}' for t in times)})"
