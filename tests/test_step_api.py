@@ -204,28 +204,41 @@ def test_bad_values_leave_models_and_random_stream_as_they_were(case, steps_befo
     assert mpl.step_count == steps_before
 
 
-def test_the_teachers_buffers_are_saved_only_when_a_label_may_be_out_of_range(monkeypatch):
-    """Whether the highest label fits is known from the teacher's logits only, so its buffers and
-    the random state are saved for check_label_range before its forward: on the first step, and
-    when a label reaches the last step's number of classes. Not on every step (on a GPU, saving
-    the random state is a host sync)."""
+def test_the_models_buffers_are_saved_only_when_a_step_may_be_refused_after_their_forwards(
+    monkeypatch,
+):
+    """Whether the highest label fits is known from the teacher's logits only, and whether each
+    model gives one row per example from its logits only, so the models' buffers and the random
+    state are saved (RestorePoint) before their forwards: on the first step, when a label reaches
+    the last step's number of classes, and for a batch size no step has passed with yet. Not on
+    every step (on a GPU, saving the random state is a host sync)."""
     import metapl.mpl.step as step_module
 
-    copied: list[nn.Module] = []
-    copies = step_module.buffer_copies
-    monkeypatch.setattr(step_module, "buffer_copies", lambda m: copied.append(m) or copies(m))
+    saved: list[object] = []
+    restore_point = step_module.RestorePoint
+    monkeypatch.setattr(
+        step_module, "RestorePoint", lambda models: saved.append(1) or restore_point(models)
+    )
     teacher, student, x_l, y_l, x_u = make_problem("mlp")
     too_high = y_l.clone()
     too_high[0] = N_CLASSES
     mpl = _mpl(teacher, student)
     saves = []
-    for labels in (y_l, y_l, too_high, y_l):
+    for labels, unlabeled in (
+        (y_l, x_u),
+        (y_l, x_u),
+        (too_high, x_u),
+        (y_l, x_u),
+        (y_l, x_u[:5]),
+        (y_l, x_u[:5]),
+        (y_l, x_u),
+    ):
         try:
-            mpl.step(x_l, labels, x_u)
+            mpl.step(x_l, labels, unlabeled)
         except DataError:
             assert labels is too_high
-        saves.append(sum(m is teacher for m in copied))
-    assert saves == [1, 1, 2, 2]
+        saves.append(len(saved))
+    assert saves == [1, 1, 2, 2, 3, 3, 3]
 
 
 @pytest.mark.parametrize(

@@ -504,6 +504,71 @@ def test_a_sparse_adam_over_parameters_of_dense_gradients_is_a_config_error():
     assert not torch.equal(before, teacher.emb.weight)
 
 
+# ----------------------------------------------------------------------------- the logits
+
+
+class _Rows(nn.Module):
+    """A model whose logits are one row per example only for batches of ``right`` examples (any
+    batch when None); otherwise ``how``: "twice" ([2 * batch, C]) or "classes" (the first row, [C])."""
+
+    def __init__(self, model: nn.Module, how: str, right: int | None = None):
+        super().__init__()
+        self.model, self.how, self.right = model, how, right
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.model(x)
+        if len(x) == self.right:
+            return out
+        return torch.cat([out, out]) if self.how == "twice" else out[0]
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("how, shape", [("twice", "(28, 3)"), ("classes", "(3,)")])
+def test_teacher_logits_not_one_row_per_example_in_the_joint_forward(how, shape, estimator):
+    """The labeled and unlabeled batches run through the teacher as one forward, whose output is
+    split back: torch's raw "split_with_sizes expects split_sizes to sum exactly to 28" came with
+    the teacher's running statistics moved."""
+    teacher, student, x_l, y_l, x_u = make_problem("mlp")
+    mpl = _mpl(_Rows(teacher, how), student, estimator=estimator)
+    message = _refused_before_anything_moves(
+        mpl, (x_l, y_l, x_u), ConfigError, "^the teacher's logits on the labeled and unlabeled"
+    )
+    assert f"have shape {shape}; expected (14,) + (num_classes,)" in message
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_teacher_logits_not_one_row_per_example_in_separate_forwards(estimator):
+    """Batches that cannot be concatenated (images of two sizes) get a forward each: each forward's
+    logits are checked, and the teacher's running statistics are given back."""
+    teacher, student, x_l, y_l, _ = make_problem("conv")
+    x_u = torch.randn(3, 3, 7, 7, dtype=DT, generator=torch.Generator().manual_seed(1))
+    mpl = _mpl(_Rows(teacher, "twice"), student, estimator=estimator)
+    _refused_before_anything_moves(
+        mpl,
+        (x_l, y_l, x_u),
+        ConfigError,
+        r"^the teacher's logits on the labeled batch have shape \(4, 3\); expected \(2,\)",
+    )
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("who", ["teacher", "student"])
+def test_logits_wrong_only_for_a_new_batch_size_are_refused_with_everything_given_back(
+    who, estimator
+):
+    """Steps with batches of 6 + 8 examples go well; a last batch of another size gets logits of
+    the wrong shape. What the forwards moved (both models' running statistics, the random
+    stream) is saved again for batch sizes no step has passed with, and given back."""
+    teacher, student, x_l, y_l, x_u = make_problem("mlp")
+    models = {"teacher": teacher, "student": student}
+    models[who] = _Rows(models[who], "twice", right=len(x_l) + len(x_u) if who == "teacher" else 8)
+    mpl = _mpl(models["teacher"], models["student"], estimator=estimator)
+    _warm(mpl, (x_l, y_l, x_u), steps=2)
+    match = "the teacher's logits on the labeled" if who == "teacher" else "the student's logits"
+    _refused_before_anything_moves(mpl, (x_l, y_l, x_u[:5]), ConfigError, match)
+    _warm(mpl, (x_l, y_l, x_u))  # and the batches it takes still train
+
+
 # ----------------------------------------------------------------------------- what works
 
 

@@ -4,10 +4,10 @@ Each mistake here used to pass silently or fail only after the student had moved
 update then never came). So :meth:`metapl.mpl.MetaPseudoLabels.step` runs them before anything
 moves, in this order: the shapes of the labels and batches (:func:`check_shapes`), the teacher's
 views of the batches (:func:`teacher_view`), the values, with one host sync for all of them
-(:func:`check_values`), and once the teacher's forward has run, its logits
-(:func:`check_teacher_logits`) and the labels' range against its classes
-(:func:`check_label_range`). :func:`as_logits` and :func:`check_same_classes` check what either
-model returns wherever it is called.
+(:func:`check_values`), and once the teacher's forward has run, its logits (:func:`check_rows`)
+and the labels' range against its classes (:func:`check_label_range`). :func:`as_logits`,
+:func:`check_rows` and :func:`check_same_classes` check what either model returns wherever it is
+called.
 """
 
 from __future__ import annotations
@@ -15,11 +15,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from metapl.errors import ConfigError, DataError
 from metapl.mpl.inputs import Input, ModelInput, model_input
-from metapl.mpl.replay import RngState, restore_buffers
 
 
 def as_logits(out, who: str) -> Tensor:
@@ -106,39 +105,27 @@ def check_values(y_l: Tensor, batches: Sequence[ModelInput]) -> tuple[int, int]:
     return low, high
 
 
-def check_teacher_logits(
-    labeled: Tensor, unlabeled: Tensor, y_l: Tensor, x_u: ModelInput, batch_dim: int
-) -> None:
-    """Logits [..., batch, C], one row per example: a model that returns [batch] (a
-    squeezed binary output) or [batch, C, 1] would have the softmax taken over the wrong
-    dimension; the student's update ran on that and the step failed after it."""
+def check_rows(logits: Tensor, x: ModelInput, who: str, what: str, batch_dim: int) -> Tensor:
+    """``logits``, the ``who``'s output on ``x``, if it holds one row of class logits per example
+    of ``x`` ([..., batch, C]); else a ConfigError naming the expected and the actual shape. A
+    model that returns [batch] (a squeezed binary output), [batch, C, 1], [C] or two rows per
+    example would have the softmax taken over the wrong dimension, or its joint output split
+    wrongly (torch's raw ``split`` error, with the teacher's running statistics moved)."""
     n = batch_dim + 1
-    for what, out, examples in (
-        ("labeled", labeled, tuple(y_l.shape)),
-        ("unlabeled", unlabeled, x_u.batch_shape),
-    ):
-        if out.dim() != n + 1 or tuple(out.shape[:n]) != examples:
-            raise ConfigError(
-                f"the teacher's logits on the {what} batch have shape {tuple(out.shape)}; "
-                f"expected {examples} + (num_classes,): one row of class logits per "
-                "example, classes in the last dimension"
-            )
+    if logits.dim() != n + 1 or tuple(logits.shape[:n]) != x.batch_shape:
+        raise ConfigError(
+            f"the {who}'s logits on {what} have shape {tuple(logits.shape)}; expected "
+            f"{x.batch_shape} + (num_classes,): one row of class logits per example, classes in "
+            "the last dimension"
+        )
+    return logits
 
 
-def check_label_range(
-    low: int,
-    high: int,
-    num_classes: int,
-    teacher: nn.Module,
-    before: tuple[dict, RngState] | None,
-) -> None:
-    """The labels' range from :func:`check_values` against the teacher's classes. The teacher's
-    forward has run by then: ``before`` (its buffers and the random stream, saved when a label
-    could be out of range) is put back before the error, so that the teacher is as it was."""
+def check_label_range(low: int, high: int, num_classes: int) -> None:
+    """The labels' range from :func:`check_values` against the teacher's classes (known once its
+    forward has run: the step gives back what that forward moved, see
+    :class:`metapl.mpl.replay.RestorePoint`)."""
     if high >= num_classes:
-        if before is not None:
-            restore_buffers(teacher, before[0])
-            before[1].restore()
         raise DataError(
             f"y_labeled out of range: found {low}..{high}, the model has {num_classes} classes "
             f"(expected 0..{num_classes - 1})"

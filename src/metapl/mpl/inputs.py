@@ -126,11 +126,18 @@ def concatenated(inputs: Sequence[ModelInput], batch_dim: int) -> ModelInput | N
 
 
 def joint_forward(
-    forward: Callable[[ModelInput], Tensor], inputs: Sequence[ModelInput], batch_dim: int
+    forward: Callable[[ModelInput, str], Tensor],
+    inputs: Sequence[tuple[str, ModelInput]],
+    batch_dim: int,
 ) -> list[Tensor]:
-    """``forward`` on each input: one call on their concatenation when they line up (BatchNorm then
-    sees all of them together, as in the paper's implementation), else one call each."""
-    joint = concatenated(inputs, batch_dim)
+    """``forward(x, what)`` on each named input: one call on their concatenation when they line up
+    (BatchNorm then sees all of them together, as in the paper's implementation), else one call
+    each. ``what`` names what ``forward`` runs on, for its messages ("the labeled batch"). The
+    joint output must hold one row per example (``forward`` checks it) to be split."""
+    joint = concatenated([x for _, x in inputs], batch_dim)
     if joint is None:
-        return [forward(x) for x in inputs]
-    return list(torch.split(forward(joint), [x.size for x in inputs], dim=batch_dim))
+        return [forward(x, f"the {name} batch") for name, x in inputs]
+    names = [name for name, _ in inputs]
+    what = f"the {', '.join(names[:-1])} and {names[-1]} batches (one forward on all of them)"
+    out = forward(joint, what)
+    return list(torch.split(out, [x.size for _, x in inputs], dim=batch_dim))

@@ -50,7 +50,9 @@ def double_backward_teacher_gradient(
 
     t_params = dict(teacher.named_parameters())
     t_state = {**buffer_copies(teacher), **t_params}
-    _, logits_u = joint_forward(lambda x: _run(teacher, t_state, x), [t_l, t_u], batch_dim)
+    _, logits_u = joint_forward(
+        lambda x, _: _run(teacher, t_state, x), [("labeled", t_l), ("unlabeled", t_u)], batch_dim
+    )
     targets = F.softmax(logits_u / temperature, dim=-1)
 
     name_of = {id(p): n for n, p in student.named_parameters()}

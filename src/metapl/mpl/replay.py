@@ -9,7 +9,7 @@ of the buffers, or restore them).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -54,6 +54,23 @@ def restore_buffers(module: nn.Module, saved: dict[str, torch.Tensor]) -> None:
         for name, b in module.named_buffers():
             if name in saved and b.shape == saved[name].shape:
                 b.copy_(saved[name])
+
+
+class RestorePoint:
+    """What a step's forwards move before any parameter does: the modules' buffers (BatchNorm's
+    running statistics) and the random stream (dropout masks) of their devices. Saved before a
+    forward whose output may turn out wrong, given back with the error (:meth:`restore`), so that
+    the refused step leaves the models as they were."""
+
+    def __init__(self, modules: Sequence[nn.Module]):
+        self.buffers = [(m, buffer_copies(m)) for m in modules]
+        self.rng = [RngState(d) for d in dict.fromkeys(module_device(m) for m in modules)]
+
+    def restore(self) -> None:
+        for module, saved in self.buffers:
+            restore_buffers(module, saved)
+        for state in self.rng:
+            state.restore()
 
 
 def module_device(module: nn.Module) -> torch.device:

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metapl.errors import ConfigError
+from metapl.errors import ConfigError, MetaplError
 from metapl.losses import (
     batch_mean,
     hard_cross_entropy,
@@ -50,15 +50,22 @@ from metapl.losses import (
 from metapl.mpl.batch_checks import (
     as_logits,
     check_label_range,
+    check_rows,
     check_same_classes,
     check_shapes,
-    check_teacher_logits,
     check_values,
     teacher_view,
 )
 from metapl.mpl.inputs import Input, ModelInput, joint_forward, model_input
 from metapl.mpl.jvp import JvpPaths, UpdatePass
-from metapl.mpl.replay import RngState, buffer_copies, module_device, replayed_rng, tf32_disabled
+from metapl.mpl.replay import (
+    RestorePoint,
+    RngState,
+    buffer_copies,
+    module_device,
+    replayed_rng,
+    tf32_disabled,
+)
 from metapl.mpl.setup_checks import check_models_and_optimizers, check_owned, check_unshared
 from metapl.mpl.student_checks import (
     SPARSE_GRADIENTS,
@@ -218,6 +225,8 @@ class MetaPseudoLabels:
         self.allow_tf32 = allow_tf32
         self.step_count = 0
         self._num_classes: int | None = None  # of the teacher's logits, at the last step
+        self._shapes_checked: set[tuple] = set()  # see _restore_point
+        self._restore: RestorePoint | None = None  # this step's, see _restore_point
         self._replay_checked = False  # see metapl.mpl.student_checks.check_replayable
         self.baseline: Tensor | None = None
         self.allow_student_hooks = allow_student_hooks
@@ -306,20 +315,15 @@ class MetaPseudoLabels:
         # labels passed the checks, then failed inside the loss after the student had moved).
         y_l = y_labeled.long()
         # Before the teacher's forward: a NaN in a batch would reach its BatchNorm statistics.
-        label_range, before = None, None
+        label_range = None
         if self.check_inputs:
             label_range = check_values(y_l, (x_l, x_u, t_l, t_u, *extras))
-            # Whether the highest label fits is known only from the teacher's logits. Its buffers
-            # and the random stream are saved when that could fail (first step, or a label beyond
-            # the classes of the last step), so that the error leaves them as they were.
-            if self._num_classes is None or label_range[1] >= self._num_classes:
-                before = buffer_copies(self.teacher), RngState(module_device(self.teacher))
-        logits = self._teacher_forward(t_l, y_l, t_u, extras)
-        check_teacher_logits(logits.labeled, logits.unlabeled, y_l, x_u, bd)
-        if label_range is not None:
-            num_classes = logits.labeled.shape[-1]
-            check_label_range(*label_range, num_classes, self.teacher, before)
-            self._num_classes = num_classes
+        shapes = self._restore_point(label_range, (t_l, t_u, *extras, x_u))
+        with self._undone_on_error():
+            logits = self._teacher_forward(t_l, y_l, t_u, extras)
+            if label_range is not None:
+                check_label_range(*label_range, logits.labeled.shape[-1])
+                self._num_classes = logits.labeled.shape[-1]
         self._check_labeled_batch_of_one(x_l, y_l)
         targets = F.softmax(logits.unlabeled / self.temperature, dim=-1)
         # The extra loss depends on the teacher's logits alone: computed (and checked) before the
@@ -352,6 +356,7 @@ class MetaPseudoLabels:
         self._average([p.grad for p in self.teacher.parameters()])
         self.teacher_optimizer.step()
         self.step_count += 1
+        self._shapes_checked.add(shapes)
 
         metrics.update(
             teacher_loss=teacher_loss.detach(),
@@ -432,6 +437,47 @@ class MetaPseudoLabels:
             checked = self._optimizers_checked.get(who)
             self._optimizers_checked[who] = check_optimizer(who, optimizer, model, checked)
 
+    def _restore_point(
+        self, label_range: tuple[int, int] | None, inputs: Sequence[ModelInput]
+    ) -> tuple:
+        """Save what the models' forwards move (this step's :class:`RestorePoint`) when their
+        outputs may turn out wrong; returns the step's input shapes, to remember once it passed.
+
+        Whether the highest label fits is known only from the teacher's logits, and whether each
+        model gives one row of logits per example only from its outputs (a teacher that returns
+        [2 * batch, C], or squeezes a batch of one to [C]): by then their BatchNorm statistics and
+        the random stream have moved. They are saved when such an error can come: on the first
+        step, for batches of sizes no step has passed with yet (a last, smaller batch), and for a
+        label beyond the classes of the last step. Not every step: on a GPU, saving the random
+        state is a host sync. (Batch sizes, not whole shapes: a model's rows per example do not
+        depend on a sequence's length, and variable lengths would save every step.)
+        """
+        shapes = tuple((x.structure, x.batch_shape) for x in inputs)
+        labels_may_not_fit = label_range is not None and (
+            self._num_classes is None or label_range[1] >= self._num_classes
+        )
+        self._restore = None
+        if labels_may_not_fit or shapes not in self._shapes_checked:
+            self._restore = RestorePoint((self.teacher, self.student))
+        return shapes
+
+    @contextlib.contextmanager
+    def _undone_on_error(self):
+        """Give back this step's :class:`RestorePoint` (if it has one) on a refusal from the
+        block: the block must run before any parameter or optimizer state moves."""
+        try:
+            yield
+        except MetaplError:
+            if self._restore is not None:
+                self._restore.restore()
+            raise
+
+    def _check_student_logits(self, s_logits: Tensor, targets: Tensor) -> None:
+        """The student's logits on x_u against the teacher's targets, right after its forward
+        (before its backward and optimizer step): with what both forwards moved given back."""
+        with self._undone_on_error():
+            check_same_classes(s_logits, targets)
+
     def _check_labeled_batch_of_one(self, x_l: ModelInput, y_l: Tensor) -> None:
         """The student meets x_l only after it has moved. A batch of one example that it cannot
         take in training mode (BatchNorm needs more than one value per channel) would fail there,
@@ -475,12 +521,16 @@ class MetaPseudoLabels:
     ) -> TeacherLogits:
         """One teacher forward on all its inputs at once (BatchNorm sees them together, as in the
         paper's implementation); separate forwards only if the shapes cannot be concatenated."""
-        with self._autocast(module_device(self.teacher)):
-            outs = joint_forward(
-                lambda x: as_logits(x.call(self.teacher), "teacher"),
-                [x_l, x_u, *extras],
-                self.batch_dim,
+
+        def forward(x: ModelInput, what: str) -> Tensor:
+            return check_rows(
+                as_logits(x.call(self.teacher), "teacher"), x, "teacher", what, self.batch_dim
             )
+
+        named = [("labeled", x_l), ("unlabeled", x_u)]
+        named += [(f"teacher_extra_inputs[{i}]", x) for i, x in enumerate(extras)]
+        with self._autocast(module_device(self.teacher)):
+            outs = joint_forward(forward, named, self.batch_dim)
         outs = [upcast(o) for o in outs]
         return TeacherLogits(outs[0], outs[1], tuple(outs[2:]), y_l, self.step_count)
 
@@ -520,7 +570,7 @@ class MetaPseudoLabels:
             else:
                 out = tape.record(x_u.args, x_u.kwargs)
                 s_logits = out.logits
-        check_same_classes(s_logits, targets)
+        self._check_student_logits(s_logits, targets)
         unlabeled = batch_mean(soft_cross_entropy(upcast(s_logits), targets), self.batch_dim)
         loss, losses = unlabeled, {"student_unlabeled": unlabeled.detach()}
         if self.student_labeled_weight > 0:
@@ -642,7 +692,7 @@ class MetaPseudoLabels:
                 x_u.functional_call(self.student, dict(zip(self._student_names, theta_t))),
                 "student",
             )
-        check_same_classes(s_logits, targets)
+        self._check_student_logits(s_logits, targets)
         unlabeled = batch_mean(soft_cross_entropy(upcast(s_logits), targets), self.batch_dim)
         student_loss, losses = unlabeled, {"student_unlabeled": unlabeled.detach()}
         if self.student_labeled_weight > 0:  # as _student_update: own pass, buffers untouched
