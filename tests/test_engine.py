@@ -342,8 +342,10 @@ def test_uda_mpl_feeds_the_weak_view_to_the_teacher_and_the_strong_view_to_the_s
     assert not math.isclose(want.item(), swapped.item(), rel_tol=1e-3)
 
     # The student: trained on the strong view (update and JVP passes) and evaluated on labeled data;
-    # it never sees the weak view.
-    assert torch.equal(student.seen[0], b.x_unlabeled_strong)
+    # it never sees the weak view. (Its first forward is the exact step's trial of a labeled batch
+    # of a new size: metapl.mpl.student_checks.check_student_takes.)
+    assert torch.equal(student.seen[0], b.x_labeled)
+    assert torch.equal(student.seen[1], b.x_unlabeled_strong)
     assert any(torch.equal(x, b.x_labeled) for x in student.seen)
     assert all(
         torch.equal(x, b.x_unlabeled_strong) or torch.equal(x, b.x_labeled) for x in student.seen
@@ -373,7 +375,9 @@ def test_other_mpl_rows_use_their_views(method, labeled, unlabeled):
     mpl.step(b)
     x_l = b.x_labeled if labeled is None else getattr(b, labeled)
     assert torch.equal(teacher.seen[0], torch.cat([x_l, getattr(b, unlabeled)]))
-    assert torch.equal(student.seen[0], getattr(b, unlabeled))
+    # (after the exact step's trial of the labeled batch: its first of this size)
+    assert torch.equal(student.seen[0], x_l)
+    assert torch.equal(student.seen[1], getattr(b, unlabeled))
 
 
 def test_uda_method_trains_on_labeled_weak_and_strong_in_one_pass():

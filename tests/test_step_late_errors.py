@@ -160,9 +160,10 @@ def test_an_input_of_another_dtype_that_the_student_takes_gives_the_same_step(es
 
 
 def test_an_input_of_another_dtype_is_tried_once():
-    """The trial forward runs the first time a dtype comes (for x_labeled and x_unlabeled each),
-    then is remembered: later steps run the student as often as with the input cast by the
-    caller."""
+    """The trial forward runs the first time a dtype comes (for x_labeled and x_unlabeled each;
+    with a new number of examples of x_labeled, which the exact step tries anyway, one trial for
+    both), then is remembered: later steps run the student as often as with the input cast by
+    the caller."""
     forwards = []
     for cast_by_caller in (True, False):
         teacher, student, x_l, y_l, x_u = make_problem("mlp", seed=2)
@@ -179,7 +180,9 @@ def test_an_input_of_another_dtype_is_tried_once():
             calls.clear()
         forwards.append(per_step)
     cast, uncast = forwards
-    assert uncast[0] == cast[0] + 2  # one trial forward for each batch
+    # x_unlabeled's trial; the exact step tries x_labeled's first size anyway, and its dtype
+    # with it
+    assert uncast[0] == cast[0] + 1
     assert uncast[1:] == cast[1:]
 
 
@@ -193,6 +196,51 @@ def test_bf16_input_under_bf16_autocast_is_not_refused():
     plain = _mpl(*make_problem("mlp", dtype=torch.float32)[:2])
     with pytest.raises(DataError, match="x_labeled of dtype torch.bfloat16"):
         plain.step(x_l.bfloat16(), y_l, x_u.bfloat16())
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_a_labeled_batch_of_one_of_another_dtype_is_refused_as_a_batch_of_one(estimator):
+    """A student that casts its input, given one float32 labeled example: the dtype's trial
+    forward met BatchNorm's "Expected more than 1 value per channel when training" and let its
+    raw ValueError out."""
+    teacher, student, x_l, y_l, x_u = make_problem("mlp")
+    mpl = _mpl(teacher, _Casting(student), estimator=estimator)
+    _refused_before_anything_moves(
+        mpl,
+        (x_l[:1].float(), y_l[:1], x_u),
+        ConfigError,
+        "^the student cannot take a labeled batch of one example in training mode .*use at "
+        "least 2 labeled examples",
+    )
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_an_unlabeled_batch_of_one_the_students_batchnorm_refuses(estimator):
+    """The student met x_u after the teacher's forward: BatchNorm's raw ValueError came with the
+    teacher's running statistics moved."""
+    teacher, student, x_l, y_l, x_u = make_problem("mlp")
+    _refused_before_anything_moves(
+        _mpl(teacher, student, estimator=estimator),
+        (x_l, y_l, x_u[:1]),
+        ConfigError,
+        "^the student cannot take an unlabeled batch of one example in training mode",
+    )
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_a_student_that_squeezes_a_labeled_batch_of_one(estimator):
+    """Logits [C] for one example (a student that calls ``squeeze()``): the labeled loss took
+    them after the student's step."""
+    teacher, _, x_l, y_l, x_u = make_problem("mlp")
+    torch.manual_seed(1)
+    student = nn.Sequential(nn.Linear(x_l.shape[1], 8), nn.Tanh(), nn.Linear(8, 3)).to(DT)
+    mpl = _mpl(teacher, _Rows(student, "classes", right=(len(x_u),)), estimator=estimator)
+    _refused_before_anything_moves(
+        mpl,
+        (x_l[:1], y_l[:1], x_u),
+        ConfigError,
+        r"^the student's logits on x_labeled have shape \(3,\); expected \(1,\)",
+    )
 
 
 # ----------------------------------------------------------------------------- optimizer flags
@@ -508,16 +556,16 @@ def test_a_sparse_adam_over_parameters_of_dense_gradients_is_a_config_error():
 
 
 class _Rows(nn.Module):
-    """A model whose logits are one row per example only for batches of ``right`` examples (any
-    batch when None); otherwise ``how``: "twice" ([2 * batch, C]) or "classes" (the first row, [C])."""
+    """A model whose logits are one row per example only for batches of ``right`` sizes;
+    otherwise ``how``: "twice" ([2 * batch, C]) or "classes" (the first row, [C])."""
 
-    def __init__(self, model: nn.Module, how: str, right: int | None = None):
+    def __init__(self, model: nn.Module, how: str, right: tuple[int, ...] = ()):
         super().__init__()
         self.model, self.how, self.right = model, how, right
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.model(x)
-        if len(x) == self.right:
+        if len(x) in self.right:
             return out
         return torch.cat([out, out]) if self.how == "twice" else out[0]
 
@@ -561,12 +609,28 @@ def test_logits_wrong_only_for_a_new_batch_size_are_refused_with_everything_give
     stream) is saved again for batch sizes no step has passed with, and given back."""
     teacher, student, x_l, y_l, x_u = make_problem("mlp")
     models = {"teacher": teacher, "student": student}
-    models[who] = _Rows(models[who], "twice", right=len(x_l) + len(x_u) if who == "teacher" else 8)
+    right = (len(x_l) + len(x_u),) if who == "teacher" else (len(x_l), len(x_u))
+    models[who] = _Rows(models[who], "twice", right)
     mpl = _mpl(models["teacher"], models["student"], estimator=estimator)
     _warm(mpl, (x_l, y_l, x_u), steps=2)
     match = "the teacher's logits on the labeled" if who == "teacher" else "the student's logits"
     _refused_before_anything_moves(mpl, (x_l, y_l, x_u[:5]), ConfigError, match)
     _warm(mpl, (x_l, y_l, x_u))  # and the batches it takes still train
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_student_logits_not_one_row_per_example_on_the_labeled_batch(estimator):
+    """The exact step meets x_l only after the student's step: its logits [12, C] for 6 examples
+    were cut to the labels' 6 rows by gather, silently (in every estimator). The exact step tries
+    each new size of x_l first; the others check the labeled pass they run before the step."""
+    teacher, student, x_l, y_l, x_u = make_problem("mlp")
+    mpl = _mpl(teacher, _Rows(student, "twice", right=(len(x_u),)), estimator=estimator)
+    _refused_before_anything_moves(
+        mpl,
+        (x_l, y_l, x_u),
+        ConfigError,
+        r"^the student's logits on x_labeled have shape \(12, 3\); expected \(6,\)",
+    )
 
 
 # ----------------------------------------------------------------------------- what works

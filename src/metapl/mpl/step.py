@@ -70,8 +70,8 @@ from metapl.mpl.setup_checks import check_models_and_optimizers, check_owned, ch
 from metapl.mpl.student_checks import (
     SPARSE_GRADIENTS,
     check_forward_ad,
-    check_input_dtypes,
     check_replayable,
+    check_student_takes,
     check_student_update,
 )
 from metapl.mpl.tangent import JVP_MODES, TangentTape, TapeRecord
@@ -236,7 +236,7 @@ class MetaPseudoLabels:
         self._follow_student_optimizer()
         self._check_student_update()  # fail now, not at the first step
         self._optimizers_checked: dict[str, object] = {}  # see _check_optimizers
-        self._inputs_taken: set = set()  # see metapl.mpl.student_checks.check_input_dtypes
+        self._inputs_taken: set = set()  # see metapl.mpl.student_checks.check_student_takes
         self._check_optimizers()
         if estimator == "exact" and jvp == "tape":
             self._jvp_paths.tape()  # a student that cannot use the tape fails now, not at the first step
@@ -304,12 +304,16 @@ class MetaPseudoLabels:
             model_input(f"teacher_extra_inputs[{i}]", x, bd)
             for i, x in enumerate(teacher_extra_inputs)
         ]
-        check_input_dtypes(
+        # Every new size of x_l is tried for the exact step, which meets x_l only after the
+        # student's step (the others before it: first_order's R_old, double_backward's
+        # differentiable theta_{t+1}); the trial is invisible to the replayable student it needs.
+        check_student_takes(
             self.student,
-            (("x_labeled", x_l), ("x_unlabeled", x_u)),
+            (("x_labeled", x_l, self.estimator == "exact"), ("x_unlabeled", x_u, False)),
             y_labeled,
             lambda: self._autocast(module_device(self.student)),
             self._inputs_taken,
+            bd,
         )
         # Class indices as int64: what gather and cross-entropy index with (int16 and uint8
         # labels passed the checks, then failed inside the loss after the student had moved).
@@ -324,7 +328,6 @@ class MetaPseudoLabels:
             if label_range is not None:
                 check_label_range(*label_range, logits.labeled.shape[-1])
                 self._num_classes = logits.labeled.shape[-1]
-        self._check_labeled_batch_of_one(x_l, y_l)
         targets = F.softmax(logits.unlabeled / self.temperature, dim=-1)
         # The extra loss depends on the teacher's logits alone: computed (and checked) before the
         # student moves, so that a loss of the wrong kind fails with the models as they were.
@@ -478,22 +481,6 @@ class MetaPseudoLabels:
         with self._undone_on_error():
             check_same_classes(s_logits, targets)
 
-    def _check_labeled_batch_of_one(self, x_l: ModelInput, y_l: Tensor) -> None:
-        """The student meets x_l only after it has moved. A batch of one example that it cannot
-        take in training mode (BatchNorm needs more than one value per channel) would fail there,
-        with the student moved and the teacher not. So such a batch is tried once now, on copies
-        of the buffers and with the random numbers given back: the step itself is unchanged."""
-        if x_l.size != 1 or not self.student.training:
-            return
-        with torch.no_grad(), replayed_rng(RngState(module_device(self.student))):
-            try:
-                self._labeled_loss(x_l, y_l)
-            except ValueError as err:
-                raise ConfigError(
-                    f"the student cannot take a labeled batch of one example in training mode "
-                    f"({err}); use at least 2 labeled examples per step"
-                ) from err
-
     # ------------------------------------------------------------------ processes and precision
 
     def _average(self, tensors) -> None:
@@ -593,6 +580,7 @@ class MetaPseudoLabels:
         with self._autocast(module_device(self.student)):
             state = {**buffer_copies(self.student), **(weights or {})}
             s_logits = as_logits(x_l.functional_call(self.student, state), "student")
+        check_rows(s_logits, x_l, "student", "x_labeled", self.batch_dim)
         return member_mean(hard_cross_entropy(upcast(s_logits), y_l), self.batch_dim)
 
     # ------------------------------------------------------------------ the estimators
@@ -702,10 +690,14 @@ class MetaPseudoLabels:
             losses["student_labeled"] = labeled_loss.detach()
         grads = self._grad_of_trainable(student_loss, theta_t, create_graph=True)
         theta_next = reference_update(self.student_optimizer, grads)  # reads the state first
+        # R(theta_{t+1}) before the real step (which draws no random numbers): what the labeled
+        # pass refuses comes with what the forwards moved given back.
+        with self._undone_on_error():
+            theta = dict(zip(self._student_names, theta_next))
+            labeled_after = self._labeled_loss(x_l, y_l, theta)
         for p, g in zip(params, grads):
             p.grad = None if g is None else g.detach()
         self.student_optimizer.step()
-        labeled_after = self._labeled_loss(x_l, y_l, dict(zip(self._student_names, theta_next)))
         return labeled_after.sum(), {
             **losses,
             "student_labeled_after": labeled_after.detach().sum(),
@@ -727,7 +719,7 @@ class MetaPseudoLabels:
         # validate_args=False: the check of probs is a host sync every step (softmax is valid)
         sampled = torch.distributions.Categorical(probs=probs, validate_args=False).sample()
         labeled_rng = RngState(device)
-        with torch.no_grad():
+        with torch.no_grad(), self._undone_on_error():
             before = self._labeled_loss(x_l, y_l)
         losses, _, _ = self._student_update(
             x_u, F.one_hot(sampled, probs.shape[-1]).to(probs.dtype), (x_l, y_l)

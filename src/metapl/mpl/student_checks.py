@@ -7,9 +7,10 @@ numbers replayed. Two kinds of student break that silently, so the step refuses 
 - hooks that change the update where neither the factors nor J can see them (:func:`update_hook`);
 - a forward that draws random numbers the step cannot replay (:func:`check_replayable`).
 
-And two kinds fail loudly, but only after the student has moved: a forward with an operation that
+And some fail loudly, but only after the student has moved: a forward with an operation that
 forward-mode AD cannot push a tangent through (:func:`check_forward_ad` finds it first), and a
-batch of a dtype or device the student cannot take (:func:`check_input_dtypes`).
+batch the student cannot take (of a dtype or device, of one example under BatchNorm) or on which
+its logits are not one row per example (:func:`check_student_takes`).
 
 :func:`check_student_update` refuses such hooks every step, with a student that has nothing to
 learn and one whose gradients are sparse (the factors and J need dense ones).
@@ -26,6 +27,7 @@ from torch import Tensor, nn
 
 from metapl.errors import ConfigError, DataError
 from metapl.losses import upcast
+from metapl.mpl.batch_checks import as_logits, check_rows
 from metapl.mpl.inputs import ModelInput
 from metapl.mpl.replay import RngState, buffer_copies, module_device, replayed_rng
 from metapl.mpl.tangent import relative_error
@@ -185,23 +187,32 @@ def check_forward_ad(
             raise error from None
 
 
-def check_input_dtypes(
+def check_student_takes(
     student: nn.Module,
-    inputs: Sequence[tuple[str, ModelInput]],
+    inputs: Sequence[tuple[str, ModelInput, bool]],
     labels: Tensor,
     autocast: Callable[[], contextlib.AbstractContextManager],
     passed: set,
+    batch_dim: int,
 ) -> None:
-    """Before the teacher's forward: a DataError for a batch of a dtype or device that the
-    student cannot take (a float32 ``x_labeled`` for a float64 student, float16 on a CPU).
+    """Before the teacher's forward: the student can take each batch, and gives one row of logits
+    per example on it; else a DataError (dtype, device) or a ConfigError (a batch of one in
+    training mode, logits of another shape).
 
     The student met ``x_unlabeled`` after the teacher's forward, and ``x_labeled`` only after its
-    own step (the teacher's ``cat`` promotes a float32 x_l next to a float64 x_u): torch's "expected
-    m1 and m2 to have the same dtype" came with the student moved. A tensor of the dtype and
-    device of the student's first floating parameter costs nothing; another one (bf16 under
-    autocast, a student that casts its input itself) is tried once, by a forward on copies of the
-    buffers with the random numbers given back, and remembered in ``passed``. ``labels`` must be
-    on the student's kind of device (its cross-entropy on the labeled batch comes after its step).
+    own step (in the exact step): torch's "expected m1 and m2 to have the same dtype" (a float32
+    ``x_labeled`` for a float64 student: the teacher's ``cat`` promotes it next to a float64 x_u),
+    BatchNorm's "Expected more than 1 value per channel when training", or logits [2 * batch, C]
+    silently cut to the labels' rows came with the student moved. So a batch is tried first, by a
+    forward on copies of the buffers with torch's random numbers given back, when it is new in a
+    way that may fail: of another dtype or device than the student's first floating parameter
+    (one of those costs nothing: bf16 under autocast, a student that casts its input itself), of
+    one example in training mode, or, for the inputs ``(what, x, every_size)`` with
+    ``every_size``, of a number of examples not tried yet. What passed is remembered in
+    ``passed``. (Not every new size of every batch: a student that draws random numbers of its
+    own, which the double-backward and first-order steps take, would see its stream move.)
+    ``labels`` must be on the student's kind of device (its cross-entropy on the labeled batch
+    comes after its step).
     """
     param = next((p for p in student.parameters() if p.is_floating_point()), None)
     if param is None:
@@ -213,24 +224,40 @@ def check_input_dtypes(
             f"y_labeled is on {labels.device} and the student on {param.device}: move the labels "
             "to the student's device"
         )
-    for what, x in inputs:
-        leaves = x.leaves
-        new = {
+    for what, x, every_size in inputs:
+        dtypes = {
             (what, t.dtype, t.device, param.dtype, param.device)
-            for t in leaves
+            for t in x.leaves
             if t.device != param.device or (t.is_floating_point() and t.dtype != param.dtype)
-        } - passed
+        }
+        size = (what, x.batch_shape, student.training)
+        new = (dtypes | ({size} if every_size or x.size == 1 else set())) - passed
         if not new:
             continue
         try:
             with torch.no_grad(), replayed_rng(RngState(module_device(student))), autocast():
-                x.functional_call(student, buffer_copies(student))
+                out = x.functional_call(student, buffer_copies(student))
         except (RuntimeError, TypeError) as err:
-            _, dtype, device, *_ = min(new, key=str)
-            reason = (str(err).splitlines() or [type(err).__name__])[0]
+            if not dtypes & new:
+                raise
+            _, dtype, device, *_ = min(dtypes & new, key=str)
             raise DataError(
                 f"the student cannot take {what} of dtype {dtype} on {device} (its parameters "
-                f"are {param.dtype} on {param.device}): {reason}; cast the batch to the "
+                f"are {param.dtype} on {param.device}): {_first_line(err)}; cast the batch to the "
                 "student's dtype and device"
             ) from None
+        except ValueError as err:
+            if x.size != 1 or not student.training:
+                raise
+            kind = what.removeprefix("x_")
+            raise ConfigError(
+                f"the student cannot take a{'n' if kind[0] == 'u' else ''} {kind} batch of one "
+                f"example in training mode ({_first_line(err)}); use at least 2 {kind} examples "
+                "per step"
+            ) from None
+        check_rows(as_logits(out, "student"), x, "student", what, batch_dim)
         passed |= new
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).splitlines() or [type(err).__name__])[0]
