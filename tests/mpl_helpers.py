@@ -187,6 +187,13 @@ def make_problem(kind: str, seed: int = 0, dtype: torch.dtype = torch.float64):
     return teacher, student, x_l.to(dev, dtype), y_l.to(dev), x_u.to(dev, dtype)
 
 
+def token_batches() -> tuple[Tensor, Tensor, Tensor]:
+    """(x_l, y_l, x_u): 6 and 8 sequences of 7 token ids below 20, 3 classes."""
+    g = torch.Generator().manual_seed(1)
+    x_l, x_u = torch.randint(0, 20, (6, 7), generator=g), torch.randint(0, 20, (8, 7), generator=g)
+    return x_l, torch.randint(0, 3, (6,), generator=g), x_u
+
+
 def flat(tensors) -> Tensor:
     return torch.cat([t.reshape(-1) for t in tensors])
 

@@ -14,7 +14,7 @@ import copy
 
 import pytest
 import torch
-from mpl_helpers import MLP, TEST_DEVICE, flat, make_problem, rel_err
+from mpl_helpers import MLP, TEST_DEVICE, flat, make_problem, rel_err, token_batches
 from torch import Tensor, nn
 
 from metapl import MetaPseudoLabels
@@ -529,6 +529,38 @@ def test_a_sparse_teacher_with_an_optimizer_of_dense_gradients_is_a_config_error
     y_l = torch.randint(0, 3, (6,), generator=g)
     for ok in (O.SGD, O.Adagrad):
         _mpl(teacher, student, t_opt=lambda p, ok=ok: ok(p, lr=0.01)).step(x_l, y_l, x_u)
+
+
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks:UserWarning")
+@pytest.mark.parametrize("who", ["student", "teacher"])
+@pytest.mark.parametrize("cls", [O.SGD, O.Adagrad])
+def test_weight_decay_on_a_sparse_embedding_is_a_config_error(cls, who):
+    """SGD's step() raised "add(sparse, dense) is not supported", Adagrad's "weight_decay option
+    is not compatible with sparse gradients": the student's after its backward (double backward's
+    copy of SGD's step failed the same way), the teacher's after the student's step. A group of
+    its own without decay for the embedding trains."""
+    torch.manual_seed(0)
+    sparse, dense = _Tokens(sparse=True).to(DT), _Tokens().to(DT)
+    teacher, student = (dense, sparse) if who == "student" else (sparse, dense)
+    estimator = "double_backward" if who == "student" and cls is O.SGD else "first_order"
+
+    def decayed(emb_decay: float):
+        """``cls`` over the sparse model (the ``who``): weight decay 0.1, ``emb_decay`` for the
+        embedding's weight."""
+        emb = sparse.emb.weight
+        rest = [p for p in sparse.parameters() if p is not emb]
+        return lambda _: cls(
+            [{"params": [emb], "weight_decay": emb_decay}, {"params": rest}],
+            lr=0.01,
+            weight_decay=0.1,
+        )
+
+    kwarg = "s_opt" if who == "student" else "t_opt"
+    with pytest.raises(
+        ConfigError, match=f"^the {who}'s module 'emb' has sparse=True, and {cls.__name__}'s"
+    ):
+        _mpl(teacher, student, estimator=estimator, **{kwarg: decayed(0.1)})
+    _mpl(teacher, student, estimator=estimator, **{kwarg: decayed(0.0)}).step(*token_batches())
 
 
 def test_a_sparse_adam_over_parameters_of_dense_gradients_is_a_config_error():

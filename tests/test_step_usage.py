@@ -20,6 +20,7 @@ from mpl_helpers import (
     flat,
     make_problem,
     rel_err,
+    token_batches,
 )
 from torch import Tensor, nn
 from torch.func import functional_call
@@ -675,27 +676,63 @@ class _Bags(nn.Module):
         return self.fc(torch.tanh(self.emb(ids)))
 
 
-def test_a_student_with_a_sparse_embedding_bag_fails_before_it_moves():
-    """nn.EmbeddingBag(sparse=True) as well as nn.Embedding: double backward failed after the
-    student's optimizer had stepped ("the derivative for '_embedding_bag_backward' is not
-    implemented"). Refused at construction, and at the step when switched on later. (Neither
-    exact estimator runs a dense EmbeddingBag either: forward AD has no rule for embedding_bag,
-    autograd no second derivative; the first-order estimator does.)"""
+def _models_and_rng(*models: nn.Module) -> list[Tensor]:
+    return [*(t.clone() for m in models for t in m.state_dict().values()), torch.get_rng_state()]
+
+
+@pytest.mark.parametrize("estimator", ["exact", "double_backward"])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_a_student_with_an_embedding_bag_is_refused_by_the_exact_estimators(estimator, sparse):
+    """torch has neither forward AD for embedding_bag nor its second derivative: double backward
+    with a dense nn.EmbeddingBag failed after the student's optimizer had stepped ("the
+    derivative for '_embedding_bag_backward' is not implemented"), and the exact step's message
+    pointed to double_backward. Refused at construction, and at the step when one comes in
+    later; the first-order estimator runs it."""
     torch.manual_seed(0)
-    teacher, student = _Bags().to(DT), _Bags(sparse=True).to(DT)
-    for estimator in ("exact", "double_backward"):
-        with pytest.raises(ConfigError, match="its module 'emb' has sparse=True"):
-            _mpl(
-                teacher, student, torch.optim.SGD(student.parameters(), lr=0.2), estimator=estimator
-            )
-    student.emb.sparse = False
-    mpl = _mpl(
-        teacher, student, torch.optim.SGD(student.parameters(), lr=0.2), estimator="double_backward"
+    teacher, student = _Bags().to(DT), _Bags(sparse=sparse).to(DT)
+    message = (
+        r"^the student's module 'emb' is an nn.EmbeddingBag: .* with nn.Embedding .* or use "
+        r"estimator='first_order'$"
     )
-    g = torch.Generator().manual_seed(1)
-    x_l, x_u = torch.randint(0, 20, (6, 7), generator=g), torch.randint(0, 20, (8, 7), generator=g)
-    student.emb.sparse = True
-    before = flat(student.parameters()).clone()
+    with pytest.raises(ConfigError, match=message):
+        _mpl(teacher, student, torch.optim.SGD(student.parameters(), lr=0.2), estimator=estimator)
+    x_l, y_l, x_u = token_batches()
+    tokens = _Tokens().to(DT)
+    mpl = _mpl(teacher, tokens, torch.optim.SGD(tokens.parameters(), lr=0.2), estimator=estimator)
+    tokens.emb = student.emb  # an EmbeddingBag put in after construction
+    before = _models_and_rng(teacher, tokens)
+    with pytest.raises(ConfigError, match=message):
+        mpl.step(x_l, y_l, x_u)
+    assert all(torch.equal(a, b) for a, b in zip(before, _models_and_rng(teacher, tokens)))
+    assert all(p.grad is None for p in teacher.parameters())
+    if not sparse:
+        s_opt = torch.optim.SGD(student.parameters(), lr=0.2)
+        _mpl(teacher, student, s_opt, estimator="first_order").step(x_l, y_l, x_u)
+
+
+@pytest.mark.parametrize("momentum, nesterov", [(0.0, False), (0.9, False), (0.9, True)])
+def test_double_backward_takes_a_sparse_embedding_exactly(momentum, nesterov):
+    """nn.Embedding(sparse=True) was refused by both exact estimators. Double backward
+    differentiates through its sparse gradient: the teacher's gradient equals the exact (JVP)
+    step's with the same embedding dense, and central finite differences of R(theta_{t+1})
+    through the real (sparse) SGD step, in float64, step after step. The JVP estimator still
+    refuses it (forward AD takes no sparse tangent)."""
+    torch.manual_seed(0)
+    teacher, student = _Tokens().to(DT), _Tokens(sparse=True).to(DT)
+    dense = copy.deepcopy(student)
+    dense.emb.sparse = False
+
+    def sgd(model: nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.SGD(model.parameters(), lr=0.3, momentum=momentum, nesterov=nesterov)
+
     with pytest.raises(ConfigError, match="its module 'emb' has sparse=True"):
-        mpl.step(x_l, torch.randint(0, 3, (6,), generator=g), x_u)
-    assert torch.equal(flat(student.parameters()), before)
+        _mpl(teacher, student, sgd(student))
+    sparse_mpl = _mpl(copy.deepcopy(teacher), student, sgd(student), estimator="double_backward")
+    dense_mpl = _mpl(copy.deepcopy(teacher), dense, sgd(dense))
+    x_l, y_l, x_u = token_batches()
+    for step in range(3):
+        assert _check_step_against_the_real_step(sparse_mpl, x_l, y_l, x_u, seed=step) < 1e-7
+        dense_mpl.step(x_l, y_l, x_u)
+        got, exact = (flat(p.grad for p in m.teacher.parameters()) for m in (sparse_mpl, dense_mpl))
+        assert rel_err(got, exact) < 1e-10
+    assert student.emb.weight.grad.is_sparse

@@ -13,7 +13,7 @@ batch the student cannot take (of a dtype or device, of one example under BatchN
 its logits are not one row per example (:func:`check_student_takes`).
 
 :func:`check_student_update` refuses such hooks every step, with a student that has nothing to
-learn and one whose gradients are sparse (the factors and J need dense ones).
+learn and one whose embeddings an exact estimator cannot differentiate (:func:`embedding_problem`).
 """
 
 from __future__ import annotations
@@ -67,6 +67,35 @@ SPARSE_GRADIENTS = (
 )
 
 
+EMBEDDING_BAG = (
+    "the student's module {!r} is an nn.EmbeddingBag: torch has neither forward-mode AD for "
+    "embedding_bag (the exact estimator's J) nor its second derivative (double_backward's "
+    "graph), so no exact teacher gradient goes through it; compute the bags with nn.Embedding "
+    "and a sum / mean / max over their positions (the same function, which both exact "
+    "estimators run), or use estimator='first_order'"
+)
+
+
+def embedding_problem(student: nn.Module, estimator: str) -> str | None:
+    """Why the exact ``estimator`` cannot differentiate the student's embeddings, or None.
+
+    An nn.EmbeddingBag stops both exact estimators (double backward failed after the student's
+    step: "the derivative for '_embedding_bag_backward' is not implemented"). A sparse
+    nn.Embedding stops the exact (JVP) estimator only: forward AD cannot take the sparse tangent
+    w (make_dual failed after the student's step). Double backward is exact with one: its sparse
+    gradient's graph is differentiable, and its teacher gradient equals the JVP estimator's with
+    a dense embedding and central finite differences of the real step (1e-10, float64;
+    tests/test_step_usage.py); the optimizers that take sparse gradients (SGD) are checked by
+    metapl.mpl.update_rules.check_optimizer.
+    """
+    for name, m in student.named_modules():
+        if isinstance(m, nn.EmbeddingBag):
+            return EMBEDDING_BAG.format(name)
+        if isinstance(m, nn.Embedding) and m.sparse and estimator == "exact":
+            return SPARSE_GRADIENTS.format(f"its module {name!r} has sparse=True")
+    return None
+
+
 def check_student_update(
     student: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -75,24 +104,18 @@ def check_student_update(
     allow_hooks: bool,
 ) -> None:
     """What the student's update must be for the step to be what it claims: something to learn
-    in ``params`` (what ``optimizer`` updates); for the exact estimators, dense gradients and,
-    unless ``allow_hooks``, no hook that changes the update (:func:`update_hook`)."""
+    in ``params`` (what ``optimizer`` updates); for the exact estimators, embeddings they can
+    differentiate (:func:`embedding_problem`) and, unless ``allow_hooks``, no hook that changes
+    the update (:func:`update_hook`)."""
     if not any(p.requires_grad for p in params):
         raise ConfigError(
             "none of the parameters in student_optimizer requires grad: the student has "
             "nothing to learn"
         )
     if estimator != "first_order":
-        sparse = next(
-            (
-                n
-                for n, m in student.named_modules()
-                if isinstance(m, nn.Embedding | nn.EmbeddingBag) and m.sparse
-            ),
-            None,
-        )
-        if sparse is not None:
-            raise ConfigError(SPARSE_GRADIENTS.format(f"its module {sparse!r} has sparse=True"))
+        problem = embedding_problem(student, estimator)
+        if problem is not None:
+            raise ConfigError(problem)
     if estimator != "first_order" and not allow_hooks:
         hook = update_hook(student, optimizer, params)
         if hook is not None:

@@ -381,32 +381,56 @@ def _check_parameters(who: str, optimizer: torch.optim.Optimizer, model: torch.n
                     "a state saved for other parameters (another model, another order); load "
                     "the state_dict of an optimizer over these parameters in this order"
                 )
+    _check_sparse_gradients(who, optimizer, model, name_of)
+
+
+def _sparse_embeddings(model: torch.nn.Module) -> dict[int, str]:
+    """id(weight) -> module name of the embeddings with sparse=True (sparse gradients)."""
+    return {
+        id(m.weight): name
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Embedding | torch.nn.EmbeddingBag) and m.sparse
+    }
+
+
+def _check_sparse_gradients(
+    who: str, optimizer: torch.optim.Optimizer, model: torch.nn.Module, name_of: dict[int, str]
+) -> None:
+    """What ``optimizer.step()`` refuses of sparse gradients (embeddings with sparse=True), and of
+    dense ones (SparseAdam)."""
+    cls = type(optimizer)
+    sparse = _sparse_embeddings(model)
     if cls is torch.optim.SparseAdam:
-        sparse_weights = {
-            id(m.weight)
-            for m in model.modules()
-            if isinstance(m, torch.nn.Embedding | torch.nn.EmbeddingBag) and m.sparse
-        }
-        dense = next(
-            (p for _, p in optimizer_params(optimizer) if id(p) not in sparse_weights), None
-        )
+        dense = next((p for _, p in optimizer_params(optimizer) if id(p) not in sparse), None)
         if dense is not None:
             raise ConfigError(
                 f"{who}_optimizer is a SparseAdam, which takes sparse gradients only, and the "
                 f"{who}'s parameter {name_of.get(id(dense), '?')!r} gets a dense one: give "
                 "SparseAdam only the weights of embeddings with sparse=True, or use Adam"
             )
-    if isinstance(optimizer, _DENSE_ONLY):
-        sparse = next(
-            (
-                n
-                for n, m in model.named_modules()
-                if isinstance(m, torch.nn.Embedding | torch.nn.EmbeddingBag) and m.sparse
-            ),
-            None,
+    if sparse and isinstance(optimizer, _DENSE_ONLY):
+        raise ConfigError(
+            f"the {who}'s module {next(iter(sparse.values()))!r} has sparse=True, and "
+            f"{cls.__name__} does not take sparse gradients: use sparse=False, or SGD / Adagrad "
+            f"for the {who}"
         )
-        if sparse is not None:
-            raise ConfigError(
-                f"the {who}'s module {sparse!r} has sparse=True, and {cls.__name__} does not "
-                f"take sparse gradients: use sparse=False, or SGD / Adagrad for the {who}"
-            )
+    # Weight decay adds the (dense) parameter to the sparse gradient: SGD's step() raised
+    # "add(sparse, dense) is not supported", Adagrad's "weight_decay option is not compatible with
+    # sparse gradients" (the student's after its backward, the teacher's after the student's
+    # step), as did double_backward's differentiable copy of SGD's step.
+    if cls not in (torch.optim.SGD, torch.optim.Adagrad):
+        return
+    decayed = next(
+        (
+            sparse[id(p)]
+            for g, p in optimizer_params(optimizer)
+            if id(p) in sparse and g["weight_decay"]
+        ),
+        None,
+    )
+    if decayed is not None:
+        raise ConfigError(
+            f"the {who}'s module {decayed!r} has sparse=True, and {cls.__name__}'s weight_decay "
+            "does not take sparse gradients: give its weight a param group with weight_decay=0, "
+            "or use sparse=False"
+        )
