@@ -371,6 +371,28 @@ def _state_to_float32(opt) -> None:
                 state[k] = v.float()
 
 
+def _first_state(opt) -> dict:
+    return opt.state[opt.param_groups[0]["params"][0]]
+
+
+def _exp_avg_of_one_value(opt) -> None:
+    _first_state(opt)["exp_avg"] = torch.zeros(1, dtype=DT)
+
+
+def _max_exp_avg_sq_deleted(opt) -> None:
+    del _first_state(opt)["max_exp_avg_sq"]
+
+
+def _momentum_buffer_of_a_row(opt) -> None:
+    state = _first_state(opt)
+    state["momentum_buffer"] = state["momentum_buffer"][:1].clone()
+
+
+def _state_dict_without_square_avg(opt) -> None:
+    p = opt.param_groups[0]["params"][0]
+    opt.state[p] = {"step": opt.state[p]["step"]}
+
+
 # (optimizer, how its state stops fitting, what the message names). Before: torch's KeyError or
 # shape error in optimizer.step(), after the student's forward and backward.
 _MISFIT = {
@@ -380,17 +402,34 @@ _MISFIT = {
     "Adam, states of other parameters": (_ADAM, _swap_first_two_states, "'exp_avg' of shape"),
     "SGD, states of other parameters": (_SGD_M, _swap_first_two_states, "'momentum_buffer' of"),
     "Adam, float32 state": (_ADAM, _state_to_float32, "torch.float32"),
+    # Changed in place: the optimizer's state object, its size and its groups stay the same, so
+    # the state was not checked again, and torch's step() failed in the middle of the MPL step (a
+    # shape error in Adam's lerp_, a KeyError, a broadcast error in SGD's momentum update).
+    "Adam, a state tensor replaced": (_ADAM, _exp_avg_of_one_value, r"'exp_avg' of shape \(1,\)"),
+    "Adam amsgrad, a key deleted": (
+        lambda p: O.Adam(p, lr=0.01, amsgrad=True),
+        _max_exp_avg_sq_deleted,
+        "lacks 'max_exp_avg_sq'",
+    ),
+    "SGD, a momentum buffer replaced": (_SGD_M, _momentum_buffer_of_a_row, "'momentum_buffer'"),
+    "RMSprop, a parameter's state replaced": (
+        _RMS,
+        _state_dict_without_square_avg,
+        "lacks 'square_avg'",
+    ),
 }
 
 
 @pytest.mark.parametrize("who", ["student", "teacher"])
 @pytest.mark.parametrize("case", list(_MISFIT))
 def test_optimizer_state_that_does_not_fit_its_parameters_is_a_config_error(case, who):
+    """Two steps first: the state has settled (its size no longer changes), and the change alone
+    must bring the check back."""
     factory, spoil, match = _MISFIT[case]
     teacher, student, x_l, y_l, x_u = make_problem("mlp")
     kwargs = {"s_opt": factory} if who == "student" else {"t_opt": factory}
     mpl = _mpl(teacher, student, **kwargs)
-    _warm(mpl, (x_l, y_l, x_u))
+    _warm(mpl, (x_l, y_l, x_u), steps=2)
     spoil(mpl.student_optimizer if who == "student" else mpl.teacher_optimizer)
     message = _refused_before_anything_moves(mpl, (x_l, y_l, x_u), ConfigError, match)
     assert message.startswith(f"{who}_optimizer's state")

@@ -18,7 +18,9 @@ raise in the middle of it (``capturable`` on the CPU, ``differentiable``, a stat
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterator, Sequence
+from itertools import chain
 
 import torch
 from torch import Tensor
@@ -297,9 +299,10 @@ def check_optimizer(
 
     Returns a signature of the optimizer's state and groups: pass it back as ``checked`` and the
     per-parameter checks (state, devices) run again only when it changes (a ``load_state_dict``
-    replaces the state, a flag switched on, parameters added, cast or moved). What can change
-    between any two steps (``differentiable``, ``requires_grad``) is checked every call: no host
-    sync, a few microseconds.
+    replaces the state, a flag switched on, parameters added, cast or moved, a state tensor put
+    in or deleted by hand: :func:`_state_objects`). What can change between any two steps
+    (``differentiable``, ``requires_grad``) is checked every call: no host sync, some tens of
+    microseconds for hundreds of parameters.
     """
     if optimizer.defaults.get("differentiable", False):
         # step() runs with autograd on, and its in-place update of a leaf fails
@@ -323,10 +326,27 @@ def check_optimizer(
             for g in optimizer.param_groups
         ),
     )
-    if signature != checked:
+    objects = _state_objects(optimizer)
+    if not (isinstance(checked, tuple) and checked[0] == signature and _same(checked[1], objects)):
         _check_groups(who, optimizer)
         _check_parameters(who, optimizer, model)
-    return signature
+    return signature, objects
+
+
+def _state_objects(optimizer: torch.optim.Optimizer) -> list[object]:
+    """The values of every per-parameter state (for the classes whose state is checked), to be
+    compared by identity: torch's steps update them in place (SGD's momentum buffer, Adam's and
+    RMSprop's moments and step count), so another object means the state was changed by hand
+    between two steps: ``optimizer.state[p]["exp_avg"] = ...``, a key deleted or added, a state
+    dict replaced (len(optimizer.state) unchanged). Such a state was not checked again, and its
+    step() failed in the middle of the MPL step. One pass over references, no tensor read."""
+    if type(optimizer) not in _KNOWN_STATE:
+        return []
+    return list(chain.from_iterable(map(dict.values, optimizer.state.values())))
+
+
+def _same(checked: list[object], objects: list[object]) -> bool:
+    return len(checked) == len(objects) and all(map(operator.is_, checked, objects))
 
 
 def _check_groups(who: str, optimizer: torch.optim.Optimizer) -> None:
@@ -378,8 +398,9 @@ def _check_parameters(who: str, optimizer: torch.optim.Optimizer, model: torch.n
                 raise ConfigError(
                     f"{what} has {key!r} of shape {tuple(value.shape)}, {value.dtype} on "
                     f"{value.device}; the parameter is {tuple(p.shape)}, {p.dtype} on {p.device}: "
-                    "a state saved for other parameters (another model, another order); load "
-                    "the state_dict of an optimizer over these parameters in this order"
+                    "a state saved for other parameters (another model, another order) or set "
+                    "by hand; load the state_dict of an optimizer over these parameters in this "
+                    "order"
                 )
     _check_sparse_gradients(who, optimizer, model, name_of)
 
