@@ -748,6 +748,33 @@ def test_an_optimizer_whose_state_is_not_shaped_like_its_parameters_trains():
     assert not torch.equal(flat(teacher.parameters()), before)
 
 
+class _MySGD(O.SGD):
+    """A user's subclass: metapl does not know what its step() keeps."""
+
+
+@pytest.mark.parametrize(
+    "factory",
+    [lambda p: O.Adagrad(p, lr=0.01), lambda p: _MySGD(p, lr=0.1, momentum=0.9)],
+    ids=["Adagrad", "SGD subclass"],
+)
+def test_a_teacher_optimizer_metapl_does_not_know_trains_and_gets_the_checks_of_every_class(
+    factory,
+):
+    """The teacher's optimizer only consumes the gradient the step leaves, so any class works
+    (update_rules._KNOWN_STATE says why its state is not checked). What holds for every class is
+    still checked: a state_dict of another class (Adam's into it) is refused before anything
+    moves, by the param groups' hyperparameters."""
+    teacher, student, x_l, y_l, x_u = make_problem("mlp")
+    mpl = _mpl(teacher, student, t_opt=factory)
+    before = flat(teacher.parameters()).clone()
+    _warm(mpl, (x_l, y_l, x_u), steps=2)
+    assert not torch.equal(flat(teacher.parameters()), before)
+    mpl.teacher_optimizer.load_state_dict(_state_dict_of(_ADAM, teacher))
+    _refused_before_anything_moves(
+        mpl, (x_l, y_l, x_u), ConfigError, "^teacher_optimizer's param group 0 has no"
+    )
+
+
 def test_a_student_of_other_dtype_than_the_teacher_with_each_its_own_inputs():
     """A float32 student of a float64 teacher (its own teacher_x_* views) runs: no refusal."""
     teacher, _, x_l, y_l, x_u = make_problem("mlp")

@@ -264,6 +264,15 @@ _STATE_KEYS = {
     ),
 }
 _STATE_KEYS[torch.optim.AdamW] = _STATE_KEYS[torch.optim.Adam]
+# The classes whose per-parameter state is checked (exact types: a subclass may keep another).
+# Any other optimizer -- a teacher's Adagrad, Adafactor or NAdam, a user's subclass -- gets the
+# checks that hold for every class (differentiable, capturable, requires_grad, a closure, the
+# param groups' hyperparameters, sparse gradients) but none of its state. That is deliberate: the
+# teacher's optimizer only consumes the .grad the step leaves (the exact gradient does not depend
+# on its rule, unlike the student's), and metapl cannot know another class's state layout
+# (Adafactor's factored moments, NAdam's scalar mu_product), so a generic shape check would refuse
+# valid states. A state of its own that does not fit fails in torch's step() with torch's message.
+# (An unknown *student* optimizer is refused for the exact estimators: rule_for.)
 _KNOWN_STATE = (torch.optim.SGD, *_STATE_KEYS)
 # Optimizers whose step() raises on a sparse gradient ("Adam does not support sparse gradients").
 _DENSE_ONLY = (torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop)
