@@ -704,6 +704,55 @@ def test_student_logits_not_one_row_per_example_on_the_labeled_batch(estimator):
     )
 
 
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_student_logits_not_one_row_per_example_in_the_labeled_pass_before_its_step(estimator):
+    """With student_labeled_weight > 0 the student's update has a labeled pass of its own, after
+    its forward on x_u: double backward's refusal there came with both models' running statistics
+    and the random stream moved."""
+    teacher, student, x_l, y_l, x_u = make_problem("mlp")
+    student = _Rows(student, "twice", right=(len(x_u),))
+    mpl = _mpl(teacher, student, estimator=estimator, student_labeled_weight=0.5)
+    _refused_before_anything_moves(
+        mpl, (x_l, y_l, x_u), ConfigError, r"^the student's logits on x_labeled have shape"
+    )
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_a_teacher_extra_loss_that_is_not_a_scalar_is_refused_with_everything_given_back(
+    estimator,
+):
+    """The extra loss is checked before the student moves, but after the teacher's forward: the
+    refusal came with the teacher's running statistics and the random stream moved."""
+    teacher, student, x_l, y_l, x_u = make_problem("mlp")
+    mpl = _mpl(
+        teacher, student, estimator=estimator, teacher_extra_loss=lambda lg: lg.unlabeled.sum(-1)
+    )
+    _refused_before_anything_moves(
+        mpl, (x_l, y_l, x_u), ConfigError, "^teacher_extra_loss must return a scalar"
+    )
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_the_student_is_tried_only_on_batches_it_has_not_taken(estimator):
+    """The trial forward of check_student_takes is not a cost of every step: with batches of a
+    fixed size and dtype the student runs as often in every step after the first. The exact step
+    tries each new number of labeled examples once (then remembers it); a new number of
+    unlabeled ones is not tried (its logits are checked right after the student's forward)."""
+    teacher, student, x_l, y_l, x_u = make_problem("mlp")
+    calls: list[int] = []
+    student.register_forward_pre_hook(lambda m, args: calls.append(1))
+    mpl = _mpl(teacher, student, estimator=estimator)
+    per_step = []
+    for n_l, n_u in [(6, 8), (6, 8), (6, 8), (5, 8), (5, 8), (6, 8), (6, 7), (6, 7)]:
+        calls.clear()
+        mpl.step(x_l[:n_l], y_l[:n_l], x_u[:n_u])
+        per_step.append(len(calls))
+    steady = per_step[1]
+    tried = 1 if estimator == "exact" else 0
+    assert per_step[1:] == [steady, steady, steady + tried, steady, steady, steady, steady]
+    assert per_step[0] >= steady + tried  # the first step's trial (and first-use checks)
+
+
 # ----------------------------------------------------------------------------- what works
 
 

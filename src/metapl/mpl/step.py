@@ -328,18 +328,11 @@ class MetaPseudoLabels:
             if label_range is not None:
                 check_label_range(*label_range, logits.labeled.shape[-1])
                 self._num_classes = logits.labeled.shape[-1]
+            # The extra loss depends on the teacher's logits alone: computed (and checked) before
+            # the student moves, so that a loss of the wrong kind fails with the models as they
+            # were (the teacher's forward given back).
+            extra = self._teacher_extra(logits)
         targets = F.softmax(logits.unlabeled / self.temperature, dim=-1)
-        # The extra loss depends on the teacher's logits alone: computed (and checked) before the
-        # student moves, so that a loss of the wrong kind fails with the models as they were.
-        extra = None
-        if self.teacher_extra_loss is not None:
-            extra = self.teacher_extra_loss(logits)
-            if not isinstance(extra, Tensor) or extra.dim() != 0:
-                shape = tuple(extra.shape) if isinstance(extra, Tensor) else type(extra).__name__
-                raise ConfigError(
-                    f"teacher_extra_loss must return a scalar (0-d) tensor, got {shape}: "
-                    "reduce it (e.g. .mean()) in the loss"
-                )
 
         if self.estimator == "exact":
             with self._student_precision():
@@ -475,11 +468,18 @@ class MetaPseudoLabels:
                 self._restore.restore()
             raise
 
-    def _check_student_logits(self, s_logits: Tensor, targets: Tensor) -> None:
-        """The student's logits on x_u against the teacher's targets, right after its forward
-        (before its backward and optimizer step): with what both forwards moved given back."""
-        with self._undone_on_error():
-            check_same_classes(s_logits, targets)
+    def _teacher_extra(self, logits: TeacherLogits) -> Tensor | None:
+        """``teacher_extra_loss`` on the teacher's logits, if it is a scalar; else a ConfigError."""
+        if self.teacher_extra_loss is None:
+            return None
+        extra = self.teacher_extra_loss(logits)
+        if not isinstance(extra, Tensor) or extra.dim() != 0:
+            shape = tuple(extra.shape) if isinstance(extra, Tensor) else type(extra).__name__
+            raise ConfigError(
+                f"teacher_extra_loss must return a scalar (0-d) tensor, got {shape}: "
+                "reduce it (e.g. .mean()) in the loss"
+            )
+        return extra
 
     # ------------------------------------------------------------------ processes and precision
 
@@ -557,15 +557,18 @@ class MetaPseudoLabels:
             else:
                 out = tape.record(x_u.args, x_u.kwargs)
                 s_logits = out.logits
-        self._check_student_logits(s_logits, targets)
-        unlabeled = batch_mean(soft_cross_entropy(upcast(s_logits), targets), self.batch_dim)
-        loss, losses = unlabeled, {"student_unlabeled": unlabeled.detach()}
-        if self.student_labeled_weight > 0:
-            # A pass of its own, after the x_u pass (whose random numbers J replays), with its own
-            # batch statistics; the x_u pass alone updates the running statistics.
-            labeled_loss = self._labeled_loss(*labeled).sum()
-            loss = loss + self.student_labeled_weight * labeled_loss
-            losses["student_labeled"] = labeled_loss.detach()
+        # What the logits' checks refuse here, before the backward, comes with what the forwards
+        # moved given back.
+        with self._undone_on_error():
+            check_same_classes(s_logits, targets)
+            unlabeled = batch_mean(soft_cross_entropy(upcast(s_logits), targets), self.batch_dim)
+            loss, losses = unlabeled, {"student_unlabeled": unlabeled.detach()}
+            if self.student_labeled_weight > 0:
+                # A pass of its own, after the x_u pass (whose random numbers J replays), with its
+                # own batch statistics; the x_u pass alone updates the running statistics.
+                labeled_loss = self._labeled_loss(*labeled).sum()
+                loss = loss + self.student_labeled_weight * labeled_loss
+                losses["student_labeled"] = labeled_loss.detach()
         self.student_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grads = [p.grad for p in self._student_params]
@@ -680,19 +683,20 @@ class MetaPseudoLabels:
                 x_u.functional_call(self.student, dict(zip(self._student_names, theta_t))),
                 "student",
             )
-        self._check_student_logits(s_logits, targets)
-        unlabeled = batch_mean(soft_cross_entropy(upcast(s_logits), targets), self.batch_dim)
-        student_loss, losses = unlabeled, {"student_unlabeled": unlabeled.detach()}
-        if self.student_labeled_weight > 0:  # as _student_update: own pass, buffers untouched
-            theta = dict(zip(self._student_names, theta_t))
-            labeled_loss = self._labeled_loss(x_l, y_l, theta).sum()
-            student_loss = student_loss + self.student_labeled_weight * labeled_loss
-            losses["student_labeled"] = labeled_loss.detach()
-        grads = self._grad_of_trainable(student_loss, theta_t, create_graph=True)
-        theta_next = reference_update(self.student_optimizer, grads)  # reads the state first
-        # R(theta_{t+1}) before the real step (which draws no random numbers): what the labeled
-        # pass refuses comes with what the forwards moved given back.
+        # Nothing moves but the forwards' buffers and random numbers until the real step below:
+        # what the logits' checks refuse (on x_u, on x_l) comes with those given back. Hence
+        # R(theta_{t+1}) before the real step (which draws no random numbers).
         with self._undone_on_error():
+            check_same_classes(s_logits, targets)
+            unlabeled = batch_mean(soft_cross_entropy(upcast(s_logits), targets), self.batch_dim)
+            student_loss, losses = unlabeled, {"student_unlabeled": unlabeled.detach()}
+            if self.student_labeled_weight > 0:  # as _student_update: own pass, buffers untouched
+                theta = dict(zip(self._student_names, theta_t))
+                labeled_loss = self._labeled_loss(x_l, y_l, theta).sum()
+                student_loss = student_loss + self.student_labeled_weight * labeled_loss
+                losses["student_labeled"] = labeled_loss.detach()
+            grads = self._grad_of_trainable(student_loss, theta_t, create_graph=True)
+            theta_next = reference_update(self.student_optimizer, grads)  # reads the state first
             theta = dict(zip(self._student_names, theta_next))
             labeled_after = self._labeled_loss(x_l, y_l, theta)
         for p, g in zip(params, grads):
