@@ -23,14 +23,14 @@ import pytest
 import torch
 import torch.autograd.forward_ad as fwad
 import torch.nn.functional as F
-from mpl_helpers import cloned_buffers, randomize_bn, rel_err
+from mpl_helpers import cloned_buffers, make_problem, randomize_bn, rel_err
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from metapl import MetaPseudoLabels
 from metapl.errors import ConfigError
 from metapl.models import create_model
-from metapl.mpl.jvp import MAX_TAPES
+from metapl.mpl.jvp import MAX_TAPES, tolerance
 from metapl.mpl.tangent import TangentTape, TapeUnsupportedError
 from metapl.mpl.tangent_ops import ones_with_layout
 
@@ -477,6 +477,53 @@ def test_hooks_mean_forward_ad_until_they_are_removed():
     handle.remove()
     mpl.step(x_l, y_l, x_u)
     assert mpl.last_jvp_path == "tape" and mpl.jvp_fallback_reason is None
+
+
+@pytest.mark.parametrize(
+    "dtype, strict, with_tf32",
+    [
+        (torch.float64, 1e-8, 1e-8),
+        (torch.float32, 1e-3, 0.25),
+        (torch.bfloat16, 0.25, 0.25),
+        (torch.float16, 0.25, 0.25),
+    ],
+)
+def test_the_tape_checks_tolerance_by_dtype_and_tf32(dtype, strict, with_tf32):
+    """How far the tape's first record and J may be from the module and forward AD: float64 and
+    float32 tight, float32 with TF32 as loose as bf16 (TF32 matmuls round to a 10-bit mantissa,
+    like bf16's 8 bits: a correct graph then differs by far more than 1e-3)."""
+    assert tolerance(dtype, tf32=False) == strict
+    assert tolerance(dtype, tf32=True) == with_tf32
+
+
+@pytest.mark.parametrize("where", ["logits", "J"])
+def test_the_tape_check_judges_a_float32_student_by_the_updates_tf32_flag(monkeypatch, where):
+    """TF32 runs only on CUDA, so the step's TF32 flag is set by hand (``_tf32_on``) and the
+    tape's error made up: one between the float32 and the TF32 tolerance, at the first record's
+    logits or at J. With TF32 off the graph is given up (forward AD, with the reason); with TF32
+    on the same error is trusted and J comes from the tape. Fails if the call site did not pass
+    the update pass's flag, or if TF32 had float32's tolerance."""
+    import metapl.mpl.jvp as jvp_module
+
+    err = 1e-2
+    assert tolerance(torch.float32, tf32=False) < err <= tolerance(torch.float32, tf32=True)
+    for tf32 in (False, True):
+        teacher, student, x_l, y_l, x_u = make_problem("mlp", dtype=torch.float32)
+        mpl = _sgd_mpl(teacher, student, jvp="auto")
+        monkeypatch.setattr(MetaPseudoLabels, "_tf32_on", lambda self, on=tf32: on)
+        # relative_error in jvp.py is called twice at a graph's first step: the first record's
+        # logits against the module's, then J against forward AD's
+        errors = iter([err, 0.0] if where == "logits" else [0.0, err])
+        monkeypatch.setattr(jvp_module, "relative_error", lambda a, b, errors=errors: next(errors))
+        if tf32:
+            mpl.step(x_l, y_l, x_u)
+            assert mpl.last_jvp_path == "tape" and mpl.jvp_fallback_reason is None
+            continue
+        with pytest.warns(UserWarning, match="uses forward-mode AD"):
+            mpl.step(x_l, y_l, x_u)
+        assert mpl.last_jvp_path == "forward_ad"
+        what = "logits differ" if where == "logits" else "tangent pass differs"
+        assert what in mpl.jvp_fallback_reason and f"{err:.2e}" in mpl.jvp_fallback_reason
 
 
 def test_the_library_default_is_forward_ad():
