@@ -243,6 +243,61 @@ def test_a_student_that_squeezes_a_labeled_batch_of_one(estimator):
     )
 
 
+def test_a_labeled_batch_of_one_taken_in_eval_mode_is_tried_again_in_training_mode():
+    """What the trial forward passed is remembered with the student's mode: a batch of one that
+    the student took in eval mode (BatchNorm then uses its running statistics) is tried again in
+    training mode, where BatchNorm refuses it (after the exact step's student step)."""
+    teacher, student, x_l, y_l, x_u = make_problem("mlp")
+    mpl = _mpl(teacher, student)
+    student.eval()
+    mpl.step(x_l[:1], y_l[:1], x_u)
+    student.train()
+    _refused_before_anything_moves(
+        mpl, (x_l[:1], y_l[:1], x_u), ConfigError, "labeled batch of one example in training mode"
+    )
+
+
+class _FailsOn(nn.Module):
+    """A model that raises ``error`` of its own on batches of sizes other than ``sizes``."""
+
+    def __init__(self, model: nn.Module, error: type[Exception], sizes: tuple[int, ...]):
+        super().__init__()
+        self.model, self.error, self.sizes = model, error, sizes
+
+    def forward(self, x: Tensor) -> Tensor:
+        if len(x) not in self.sizes:
+            raise self.error("the student's own error")
+        return self.model(x)
+
+
+@pytest.mark.parametrize("error", [RuntimeError, ValueError])
+def test_the_students_own_error_on_a_new_labeled_size_comes_as_it_is(error):
+    """The exact step tries each new number of labeled examples first: an error of the student's
+    own there (neither a dtype's nor BatchNorm's batch of one) is let out as it is, not named a
+    dtype or batch-of-one problem, before anything moves."""
+    teacher, student, x_l, y_l, x_u = make_problem("mlp")
+    mpl = _mpl(teacher, _FailsOn(student, error, (len(x_l), len(x_u))))
+    _warm(mpl, (x_l, y_l, x_u))
+    _refused_before_anything_moves(mpl, (x_l[:5], y_l[:5], x_u), error, "^the student's own error$")
+
+
+def test_a_refusal_never_puts_back_an_earlier_steps_state():
+    """A step's RestorePoint is its own: a later step whose batches have passed before saves
+    none, and its refusal (here the extra loss's, after the teacher's forward) must not put back
+    the buffers and random stream saved at an earlier step (undoing steps of running
+    statistics, and replaying their dropout masks)."""
+    teacher, student, x_l, y_l, x_u = make_problem("mlp")
+    losses = [lambda lg: lg.unlabeled.mean()]
+    mpl = _mpl(teacher, student, teacher_extra_loss=lambda lg: losses[-1](lg))
+    first = copy.deepcopy(teacher.bn.running_mean), torch.get_rng_state()
+    _warm(mpl, (x_l, y_l, x_u), steps=2)
+    losses.append(lambda lg: lg.unlabeled.sum(-1))
+    with pytest.raises(ConfigError, match="teacher_extra_loss must return a scalar"):
+        mpl.step(x_l, y_l, x_u)
+    assert not torch.equal(teacher.bn.running_mean, first[0])
+    assert not torch.equal(torch.get_rng_state(), first[1])
+
+
 # ----------------------------------------------------------------------------- optimizer flags
 
 
@@ -383,6 +438,11 @@ def _max_exp_avg_sq_deleted(opt) -> None:
     del _first_state(opt)["max_exp_avg_sq"]
 
 
+def _last_max_exp_avg_sq_deleted(opt) -> None:
+    """The last key of the last parameter's state: every state value before it is the same."""
+    del opt.state[opt.param_groups[-1]["params"][-1]]["max_exp_avg_sq"]
+
+
 def _momentum_buffer_of_a_row(opt) -> None:
     state = _first_state(opt)
     state["momentum_buffer"] = state["momentum_buffer"][:1].clone()
@@ -409,6 +469,11 @@ _MISFIT = {
     "Adam amsgrad, a key deleted": (
         lambda p: O.Adam(p, lr=0.01, amsgrad=True),
         _max_exp_avg_sq_deleted,
+        "lacks 'max_exp_avg_sq'",
+    ),
+    "Adam amsgrad, the last key deleted": (
+        lambda p: O.Adam(p, lr=0.01, amsgrad=True),
+        _last_max_exp_avg_sq_deleted,
         "lacks 'max_exp_avg_sq'",
     ),
     "SGD, a momentum buffer replaced": (_SGD_M, _momentum_buffer_of_a_row, "'momentum_buffer'"),
