@@ -307,6 +307,8 @@ class TangentTape:
                 return True
             return False
         if node.op == "call_method":
+            if node.target == "type" and len(node.args) == 1 and not node.kwargs:
+                return True  # x.type() is the type's name; x.type(dtype) converts, as x.to(dtype)
             return node.target in ops.NO_TANGENT_METHODS or node.target in ops.RANDOM_SOURCE_METHODS
         return False
 

@@ -75,7 +75,7 @@ NO_TANGENT_FUNCTIONS = {
     torch.full_like, torch.numel, torch.is_floating_point,
 }  # fmt: skip
 NO_TANGENT_METHODS = {
-    "size", "dim", "numel", "nelement", "stride", "element_size", "get_device", "type",
+    "size", "dim", "numel", "nelement", "stride", "element_size", "get_device",
     "is_floating_point", "is_contiguous", "detach", "lt", "le", "gt", "ge", "eq", "ne",
     "argmax", "argmin", "argsort", "new_zeros", "new_ones", "new_empty", "new_full", "tolist",
     "item",
@@ -104,8 +104,8 @@ LINEAR_FUNCTIONS = {
 LINEAR_METHODS = {
     "view", "reshape", "flatten", "unflatten", "permute", "transpose", "t", "squeeze",
     "unsqueeze", "contiguous", "expand", "expand_as", "view_as", "reshape_as", "mean", "sum",
-    "clone", "to", "float", "double", "half", "bfloat16", "chunk", "split", "unbind", "narrow",
-    "select", "repeat", "roll", "flip", "movedim", "moveaxis", "swapaxes", "tile",
+    "clone", "to", "type", "float", "double", "half", "bfloat16", "chunk", "split", "unbind",
+    "narrow", "select", "repeat", "roll", "flip", "movedim", "moveaxis", "swapaxes", "tile",
 }  # fmt: skip
 LINEAR_MODULES = (
     nn.Flatten, nn.Unflatten, nn.Identity, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
