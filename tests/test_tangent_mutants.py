@@ -1,8 +1,16 @@
 """The tangent tape where hand-made mutants survived the rest of the suite, each held to forward AD
 (``torch.autograd.forward_ad`` on the module itself) in float64:
 
+- rules for options no other test's student uses: exact (erf) GELU as a module and a function, a
+  dilated conv, a conv with reflect padding (not the zero padding the conv rule assumes), ``F.pad``
+  in reflect mode and with a non-zero fill value (the tangent of a constant fill is 0), a constant
+  minus a tangent, BatchNorm without running statistics in eval mode (batch statistics), and a
+  tensor attribute with a tangent (``.mT``);
 - a conversion by ``x.type(dtype)`` (a bug: the tape treated every ``.type`` call as ``x.type()``,
-  the type's name, and dropped the tangent).
+  the type's name, and dropped the tangent);
+- logits that their own rule reads (a final sigmoid): the tangent pass must not free them;
+- the first-use checks of a traced graph: a NaN error (logits or J) is no agreement, and a graph
+  whose logits have no tangent at all while the module's do is not trusted.
 """
 
 from __future__ import annotations
@@ -10,13 +18,48 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from mpl_helpers import rel_err
-from test_tangent_replay import tape_vs_native
+from mpl_helpers import make_problem, rel_err
+from test_tangent_replay import RichNet, _assert_same_state, _run_steps, _sgd_mpl, tape_vs_native
 from torch import Tensor, nn
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 DT = torch.float64
+
+
+class ExtraOps(nn.Module):
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.conv_reflect = nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect")
+        self.conv_dilated = nn.Conv2d(4, 4, 3, padding=2, dilation=2)
+        self.bn = nn.BatchNorm2d(4, track_running_stats=False)  # batch statistics in eval mode
+        self.gelu = nn.GELU()
+        self.w = nn.Parameter(torch.randn(4, 4, generator=g) / 2)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.gelu(self.conv_reflect(x))
+        h = F.pad(h, (1, 1, 1, 1), "reflect")
+        h = self.bn(self.conv_dilated(h))
+        h = 1.0 - F.gelu(h)
+        h = F.pad(h, (1, 0, 0, 1), value=0.7)
+        return self.fc(h.mean(dim=(2, 3)) @ self.w.mT)
+
+
+def test_rules_for_less_common_options_are_forward_ad():
+    torch.manual_seed(0)
+    model = ExtraOps().to(DT).train()
+    model.bn.eval()  # still batch statistics: it has no running ones
+    x = torch.randn(5, 3, 6, 6, dtype=DT, generator=torch.Generator().manual_seed(2))
+    tape, record, logits, _, j_tape, j_ref = tape_vs_native(model, x)
+    generic = tape.describe()["generic_ops"]
+    # the reflect-padded conv and the attribute go through forward AD of their node, the rest
+    # through the hand-written rules under test
+    assert len(generic) == 2 and any("conv_reflect" in g for g in generic), generic
+    assert rel_err(record.logits.detach(), logits.detach()) <= 1e-12
+    assert j_ref.norm() > 1e-6
+    assert rel_err(j_tape, j_ref) <= 1e-10, rel_err(j_tape, j_ref)
 
 
 class TypeCast(nn.Module):
@@ -41,3 +84,62 @@ def test_a_dtype_conversion_by_type_keeps_its_tangent():
     assert tape.describe()["generic"] == 0
     assert j_ref.norm() > 1e-6
     assert rel_err(j_tape, j_ref) <= 1e-10, rel_err(j_tape, j_ref)
+
+
+class SigmoidOut(nn.Module):
+    """Logits from an activation whose rule reads its own output: the output node is among the
+    primals the tangent pass frees after their last reader, and must not be freed."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.sigmoid(self.fc(x))
+
+
+def test_logits_read_by_their_own_rule_keep_their_tangent():
+    torch.manual_seed(0)
+    model = SigmoidOut().to(DT).train()
+    x = torch.randn(5, 4, dtype=DT, generator=torch.Generator().manual_seed(2))
+    *_, j_tape, j_ref = tape_vs_native(model, x)
+    assert j_tape is not None and j_ref.norm() > 1e-6
+    assert rel_err(j_tape, j_ref) <= 1e-10, rel_err(j_tape, j_ref)
+
+
+@pytest.mark.parametrize("where", ["logits", "J"])
+def test_a_nan_error_at_the_first_use_is_no_agreement(monkeypatch, where):
+    """``err <= tol`` is False for NaN (a graph whose logits or J came out NaN): the graph is
+    given up, as for any other difference; ``err > tol`` would have trusted it."""
+    import metapl.mpl.jvp as jvp_module
+
+    teacher, student, x_l, y_l, x_u = make_problem("mlp", dtype=DT)
+    mpl = _sgd_mpl(teacher, student, jvp="auto")
+    errors = iter([float("nan"), 0.0] if where == "logits" else [0.0, float("nan")])
+    monkeypatch.setattr(jvp_module, "relative_error", lambda a, b: next(errors))
+    with pytest.warns(UserWarning, match="uses forward-mode AD"):
+        mpl.step(x_l, y_l, x_u)
+    assert mpl.last_jvp_path == "forward_ad"
+    what = "logits differ" if where == "logits" else "tangent pass differs"
+    assert what in mpl.jvp_fallback_reason and "nan" in mpl.jvp_fallback_reason
+
+
+class TangentFree(RichNet):
+    """The module's logits depend on its parameters; fx's graph, the same logits, detached
+    (``isinstance`` is False on a proxy): the tape says J is None (no tangent), forward AD says
+    otherwise. Only the first-use comparison of J can tell."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = super().forward(x)
+        if not isinstance(out, Tensor):
+            out = out.detach()
+        return out
+
+
+def test_a_graph_without_a_tangent_is_not_trusted_when_forward_ad_has_one():
+    with pytest.warns(UserWarning, match="tangent pass differs"):
+        auto, _, paths = _run_steps(TangentFree, "adamw", "auto", steps=2)
+    ref, _, _ = _run_steps(TangentFree, "adamw", "forward_ad", steps=2)
+    assert paths == ["forward_ad"] * 2
+    assert any(p.grad is not None and p.grad.abs().max() > 0 for p in ref.teacher.parameters())
+    _assert_same_state(auto, ref, tol=0.0)
