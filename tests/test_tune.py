@@ -287,7 +287,10 @@ def test_pruned_trial_stops_at_the_evaluation_that_pruned_it(tmp_path, monkeypat
         (["--preset", "no-such-preset"], "unknown preset 'no-such-preset'"),
         (["--trials", "0"], "--trials must be >= 1"),
         (["--storage", "study.db"], "is not a database URL: use sqlite:///"),
-        (["--storage", "sqlite:////no/such/folder/s.db"], "folder /no/such/folder does not exist"),
+        (
+            ["--storage", "sqlite:////no/such/folder/s.db"],
+            "folder /no/such/folder does not exist; create it first (mkdir -p /no/such/folder)",
+        ),
         (["--set", "student_rl=1"], "unknown config key 'student_rl'"),
         (["--set", "tune_per_class=0"], "digits has no tuning split by default: reserve one with"),
         (["--preset", "svhn-1k-uda-mpl", "--set", "tune_per_class=0"], "svhn-1k has no tuning"),

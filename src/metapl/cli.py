@@ -242,7 +242,8 @@ EXAMPLES = {
     "reduced": "metapl reduced --dataset digits --seeds 0-4 --out runs/reduced",
     "bench": "metapl bench --device cpu --json bench_cpu.json",
     "tune": (
-        "metapl tune --preset digits-uda-mpl --set tune_per_class=5 --steps 300 --trials 16 \\\n"
+        "mkdir -p runs/tune\n"
+        "  metapl tune --preset digits-uda-mpl --set tune_per_class=5 --steps 300 --trials 16 \\\n"
         "      --storage sqlite:///runs/tune/digits.db --out runs/tune/digits"
     ),
     "predict": "metapl predict --run runs/digits --top 3 my_images/",

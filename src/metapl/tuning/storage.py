@@ -96,7 +96,11 @@ def open_storage(url: str):
                 "give a file, e.g. sqlite:///tune.db"
             )
         if not Path(database).parent.is_dir():
-            raise ConfigError(f"--storage {shown}: folder {Path(database).parent} does not exist")
+            folder = Path(database).parent
+            raise ConfigError(
+                f"--storage {shown}: folder {folder} does not exist; create it first "
+                f"(mkdir -p {folder})"
+            )
         engine_kwargs["connect_args"] = {"timeout": SQLITE_TIMEOUT_S}
         lock = lambda: _file_lock(Path(database + ".lock"))  # noqa: E731
     for attempt in range(3):
