@@ -207,6 +207,19 @@ def test_train_says_when_fine_tuning_steps_followed_the_steps_asked_for(tmp_path
     assert capsys.readouterr().out.split("\n")[0].endswith("after 2 steps")
 
 
+def test_train_names_the_tuning_split_when_it_scored_the_run(tmp_path, capsys):
+    """`--set tuning=true` scores the run on the tuning split (results.json's "accuracy"), and the
+    summary line called that number "test accuracy"."""
+    split = ["--set", "tune_per_class=2"]
+    assert (
+        train_cli("digits-supervised", tmp_path / "run", *tiny(2), *split, "--set", "tuning=true")
+        == 0
+    )
+    assert capsys.readouterr().out.startswith("digits-supervised: tuning-split accuracy ")
+    assert train_cli("digits-supervised", tmp_path / "final", *tiny(2), *split) == 0
+    assert capsys.readouterr().out.startswith("digits-supervised: test accuracy ")
+
+
 def test_the_tune_hint_to_train_best_toml_keeps_the_data_dir(tmp_path, capsys, monkeypatch):
     """`metapl tune --preset cifar10-4k-uda-mpl --data-dir D` printed `metapl train --preset
     OUT/best.toml --out RUN`, which stops with "needs --data-dir"."""

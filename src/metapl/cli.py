@@ -140,7 +140,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
     row = summary["results"][0]
     parts = []
     if row.get("accuracy") is not None:
-        parts.append(f"test accuracy {100 * row['accuracy']:.2f}%")
+        scored_on = "tuning-split" if cfg.tuning else "test"  # tuning=true scores the tuning split
+        parts.append(f"{scored_on} accuracy {100 * row['accuracy']:.2f}%")
     parts = parts or ["no test set to evaluate (see results.json)"]
     # `--steps 10` on a preset that fine-tunes ran 10 + finetune_steps steps: say so
     finetune = f" and {cfg.finetune_steps} fine-tuning steps" if cfg.finetune_steps else ""
