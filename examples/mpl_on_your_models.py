@@ -14,7 +14,7 @@ holding the same examples along the first dimension; nothing else changes.
 prediction on a noisy view of each unlabeled image is pulled towards its prediction on the clean
 image (UDA's shape; metapl's own UDA is :class:`metapl.methods.uda.UDALoss`).
 
-    python examples/mpl_on_your_models.py [--steps 1000] [--seed 0] [--consistency]
+    python examples/mpl_on_your_models.py [--steps 1000] [--seed 0] [--unlabeled-batch 128] [--consistency]
 
 28 s on 2 CPU cores with the defaults. It shows the API; it is not a tuned experiment, and its accuracies move from step to step and
 from seed to seed (metapl's tuned digits runs are `metapl digits` and `metapl reduced`, with their

@@ -309,7 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--preset", required=True, help="a name from `metapl presets`, or a .toml file")
     p.add_argument("--out", required=True, help="run folder (created; reused to resume)")
-    p.add_argument("--data-dir", help="folder with the dataset files (not needed for digits)")
+    p.add_argument(
+        "--data-dir",
+        help="folder with the dataset files, or your own data's .npz file (not needed for digits)",
+    )
     p.add_argument(
         "--steps",
         type=int,
@@ -357,8 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
             "class, the rest unlabeled. Trains supervised, UDA and UDA+MPL (or any of Table 1's "
             "rows, --methods) with the digits-* presets and fits LabelSpreading on the same split; "
             "prints each +MPL row against its baseline seed by seed; writes DIR/results.json, "
-            "DIR/figure9.png (training accuracy on the labeled data) and one run folder per "
-            "method and seed."
+            "DIR/figure9.png (training accuracy on the labeled data, its series in figure9.json; "
+            "when supervised and uda_mpl both run) and one run folder per method and seed."
         ),
     )
     p.add_argument("--labels-per-class", type=int, default=5, help="K (default: 5)")
@@ -387,9 +390,10 @@ def build_parser() -> argparse.ArgumentParser:
         "reduced",
         help="Section 4.2 on CPU: supervised, NoisyStudent and ReducedMPL students on digits",
         description=(
-            "Trains a large teacher on the labeled digits, then per seed: a supervised student, a "
+            "Per seed: trains a large teacher on the labeled digits, then a supervised student, a "
             "NoisyStudent and a ReducedMPL student (the reduced MLP teacher calibrates the large "
-            "teacher's precomputed distributions). Writes DIR/results.json and DIR/figure10.png. "
+            "teacher's precomputed distributions). Writes DIR/results.json, DIR/figure10.png "
+            "(when reduced_mpl runs) and one run folder per stage and seed. "
             "For CIFAR-10/SVHN/ImageNet, use the *-full-* presets of `metapl train`."
         ),
     )
@@ -424,10 +428,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="time and measure each kind of step (supervised, UDA, first-order, exact, ...)",
         description=(
             "Median milliseconds (after warm-up) and peak GPU memory of: the student's supervised "
-            "step, the teacher's UDA step, the first-order and the exact UDA+MPL steps, the same "
-            "exact step by double backward, and a whole training step with per-image "
-            "RandAugment and data loading. Synthetic CIFAR-shaped data; labeled batch B, "
-            "unlabeled 7B."
+            "step, the teacher's UDA step, the first-order and the exact UDA+MPL steps (the exact "
+            "one twice: J by the tangent tape, as training runs use, and by forward-mode AD, the "
+            "library's default), the same exact step by double backward, and a whole training "
+            "step with per-image RandAugment and data loading; then the exact gradient against "
+            "float64 (cosine). Synthetic CIFAR-shaped data; labeled batch B, unlabeled 7B."
         ),
     )
     p.add_argument(

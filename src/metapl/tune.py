@@ -42,7 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="both",
         help="student (supervised), teacher (MPL, student fixed), or both in turn (default)",
     )
-    parser.add_argument("--data-dir", help="folder with the dataset files (not needed for digits)")
+    parser.add_argument(
+        "--data-dir",
+        help="folder with the dataset files, or your own data's .npz file (not needed for digits)",
+    )
     parser.add_argument("--steps", type=int, help="training steps of every trial (a short budget)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: auto")
     parser.add_argument(
