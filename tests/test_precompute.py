@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -476,3 +477,61 @@ def test_reader_fingerprint_sees_file_names_but_not_the_dataset_folder(images):
     renamed = list(here.paths)
     renamed[10] = "/data/imagenet/train/n1/other.JPEG"
     assert fingerprint_images(PathReader(images, renamed)) != fingerprint_images(here)
+    moved_class = list(here.paths)
+    moved_class[10] = here.paths[10].replace("/n1/", "/n2/")  # same file name, another class
+    assert fingerprint_images(PathReader(images, moved_class)) != fingerprint_images(here)
+
+
+def test_a_full_hash_reads_every_block(images, monkeypatch):
+    """Arrays are hashed block by block (bounding the copy): a change in the last block counts."""
+    import metapl.reduced.precompute as precompute_mod
+
+    monkeypatch.setattr(precompute_mod, "_HASH_CHUNK_BYTES", images[:1].nbytes * 7)
+    changed = images.copy()
+    changed[-1, 0, 0, 0] ^= 1
+    assert fingerprint_images(changed) != fingerprint_images(images)
+
+
+def test_killed_after_the_sidecar_before_the_npy_a_rerun_starts_cleanly(
+    model, images, tmp_path, monkeypatch
+):
+    """A sidecar claiming 0 rows without its ``.npy`` (killed between the two) is a fresh start,
+    not an unreadable file."""
+    path = tmp_path / "teacher.npy"
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np.lib.format, "open_memmap", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _run(model, images, path)
+    monkeypatch.undo()
+    assert sidecar_path(path).exists() and not path.exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = _run(model, images, path)
+    np.testing.assert_allclose(out.sum(1), 1.0, atol=1e-5)
+
+
+class _FirstColumns(nn.Module):
+    """The wrapped model's first ``k`` logits (``k`` is no tensor: the fingerprint cannot see it)."""
+
+    def __init__(self, inner: nn.Module, k: int):
+        super().__init__()
+        self.inner, self.k = inner, k
+
+    def forward(self, x):
+        return self.inner(x)[:, : self.k]
+
+
+def test_a_resume_whose_model_returns_another_class_count_is_refused(model, images, tmp_path):
+    """One class would broadcast into every column of the file: refused, nothing written."""
+    path = tmp_path / "teacher.npy"
+    wrapped = Interruptible(_FirstColumns(model, C), fail_after=2)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        _run(wrapped, images, path)
+    before = path.read_bytes()
+    wrapped.fail_after, wrapped.inner.k = None, 1
+    with pytest.raises(ConfigError, match=f"returned 1 classes, .* holds {C}"):
+        _run(wrapped, images, path)
+    assert path.read_bytes() == before
