@@ -4,8 +4,12 @@
 - rules for options no other test's student uses: exact (erf) GELU as a module and a function, a
   dilated conv, a conv with reflect padding (not the zero padding the conv rule assumes), ``F.pad``
   in reflect mode and with a non-zero fill value (the tangent of a constant fill is 0), a constant
-  minus a tangent, BatchNorm without running statistics in eval mode (batch statistics), and a
-  tensor attribute with a tangent (``.mT``);
+  minus a tangent, BatchNorm without running statistics in eval mode (batch statistics), a
+  tensor attribute with a tangent (``.mT``), and BatchNorm without gamma and beta in train mode;
+- BatchNorm's tangent of a bf16 input, computed in float32 as BatchNorm computes (held to forward
+  AD of ``F.batch_norm`` in float64);
+- the generic rule of a layer that updates its buffers in train mode (InstanceNorm with running
+  statistics) runs on copies of them: the buffers end as the native pass leaves them;
 - a conversion by ``x.type(dtype)`` (a bug: the tape treated every ``.type`` call as ``x.type()``,
   the type's name, and dropped the tangent);
 - logits that their own rule reads (a final sigmoid): the tangent pass must not free them;
@@ -17,10 +21,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwad
 import torch.nn.functional as F
 from mpl_helpers import make_problem, rel_err
 from test_tangent_replay import RichNet, _assert_same_state, _run_steps, _sgd_mpl, tape_vs_native
 from torch import Tensor, nn
+
+from metapl.mpl import tangent_ops
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -143,3 +150,79 @@ def test_a_graph_without_a_tangent_is_not_trusted_when_forward_ad_has_one():
     assert paths == ["forward_ad"] * 2
     assert any(p.grad is not None and p.grad.abs().max() > 0 for p in ref.teacher.parameters())
     _assert_same_state(auto, ref, tol=0.0)
+
+
+class NoAffineBatchNorm(nn.Module):
+    """BatchNorm without gamma and beta in train mode: no parameter tangent of its own, so the
+    tangent is the dx half alone (the fused pass over x gives xhat, not a tangent)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4, affine=False)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(torch.relu(self.bn(self.conv(x))).mean(dim=(2, 3)))
+
+
+def test_batchnorm_without_affine_parameters_is_forward_ad():
+    """Adding BatchNorm's xhat to the tangent put J 8% off here: the first-use check would refuse
+    the graph in float32, but not under bf16 autocast's loose bar."""
+    torch.manual_seed(0)
+    model = NoAffineBatchNorm().to(DT).train()
+    x = torch.randn(5, 3, 6, 6, dtype=DT, generator=torch.Generator().manual_seed(2))
+    *_, j_tape, j_ref = tape_vs_native(model, x)
+    assert j_ref.norm() > 1e-6
+    assert rel_err(j_tape, j_ref) <= 1e-10, rel_err(j_tape, j_ref)
+
+
+@pytest.mark.parametrize("batch_stats", [True, False], ids=["batch", "running"])
+def test_batchnorm_tangent_of_a_bf16_input_is_computed_in_float32(batch_stats):
+    """As BatchNorm itself does: held to forward AD of ``F.batch_norm`` on the same values in
+    float64, the float32 tangent is within 1e-6 (computed in bf16 it was 4e-3 off)."""
+    g = torch.Generator().manual_seed(0)
+    x, dx = (torch.randn(6, 4, 3, 3, generator=g).bfloat16() for _ in range(2))
+    gamma, dgamma, dbeta = 1 + 0.3 * torch.randn(4, generator=g), *torch.randn(2, 4, generator=g)
+    rm, rv = 0.3 * torch.randn(4, generator=g), 0.5 + torch.rand(4, generator=g)
+    got = tangent_ops.bn_tangent(x, dx, gamma, dgamma, dbeta, batch_stats, rm, rv, 1e-5)
+    with fwad.dual_level():
+        y = F.batch_norm(
+            fwad.make_dual(x.double(), dx.double()),
+            None if batch_stats else rm.double(),
+            None if batch_stats else rv.double(),
+            fwad.make_dual(gamma.double(), dgamma.double()),
+            fwad.make_dual(torch.zeros(4, dtype=DT), dbeta.double()),
+            training=batch_stats,
+            eps=1e-5,
+        )
+        ref = fwad.unpack_dual(y).tangent
+    assert got.dtype == torch.float32
+    assert rel_err(got.double(), ref) <= 1e-6, rel_err(got.double(), ref)
+
+
+class RunningInstanceNorm(nn.Module):
+    """A layer without a rule that updates its buffers in train mode: its forward-AD rule runs it
+    again, on copies of them."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.norm = nn.InstanceNorm2d(4, affine=True, track_running_stats=True)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(torch.tanh(self.norm(self.conv(x))).mean(dim=(2, 3)))
+
+
+def test_the_generic_rule_leaves_a_layers_buffers_as_the_native_pass_does():
+    """The tangent pass must not update the running statistics a second time (on the live buffers
+    they moved twice as far as the native forward moved them)."""
+    torch.manual_seed(0)
+    model = RunningInstanceNorm().to(DT).train()
+    x = torch.randn(5, 3, 6, 6, dtype=DT, generator=torch.Generator().manual_seed(2))
+    tape, _, _, native, j_tape, j_ref = tape_vs_native(model, x)
+    assert any("InstanceNorm2d" in g for g in tape.describe()["generic_ops"])
+    assert rel_err(j_tape, j_ref) <= 1e-10, rel_err(j_tape, j_ref)
+    for (name, b), ref in zip(model.named_buffers(), native.buffers()):
+        assert torch.equal(b, ref), name
