@@ -662,7 +662,9 @@ def test_digits_command_writes_results_and_figure9(tmp_path, capsys):
         assert values["steps"][0] == 4 and 0.0 <= values["accuracy"][0] <= 1.0
     for method in ("supervised", "uda_mpl"):
         assert (out / method / "seed0" / "checkpoint.pt").exists()
-    assert "label_spreading" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "label_spreading" in printed
+    assert f"wrote {out}/results.json, figure9.png, figure9.json;" in printed
 
     bad = tmp_path / "bad"
     assert main(["digits", "--seeds", "0", "--out", str(bad), "--methods", "uda,nope"]) == 2

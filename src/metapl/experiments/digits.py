@@ -230,6 +230,6 @@ def run_digits(cfg: DigitsConfig, out: Path, show_progress: bool = True) -> dict
         summary,
     )
     report.print_paired_differences(paired)
-    figure = ", figure9.png" if {"supervised", "uda_mpl"} <= set(cfg.methods) else ""
+    figure = ", figure9.png, figure9.json" if {"supervised", "uda_mpl"} <= set(cfg.methods) else ""
     print(f"wrote {out}/results.json{figure}; each run's folder in {out}/METHOD/seedN")
     return payload
