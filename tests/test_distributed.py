@@ -191,3 +191,14 @@ def test_torchrun_process_group_leaves_a_callers_group_alone(tmp_path, monkeypat
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def test_torchrun_process_group_does_nothing_in_a_single_process(monkeypatch):
+    """Without torchrun (WORLD_SIZE unset, or 1) no group is joined: there is nothing to join."""
+    for world_size in (None, "1"):
+        if world_size is None:
+            monkeypatch.delenv("WORLD_SIZE", raising=False)
+        else:
+            monkeypatch.setenv("WORLD_SIZE", world_size)
+        with torchrun_process_group(torch.device("cpu")):
+            assert not dist.is_initialized()
