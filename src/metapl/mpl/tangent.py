@@ -533,7 +533,9 @@ class TangentTape:
             return None
         needs = [x] + [k for k in (w, rm, rv) if isinstance(k, fx.Node)]
         getters = [ops.late(k) for k in (w, rm, rv)]
-        batch_stats = bool(training) or (rm is None and rv is None)
+        # Eval mode without running statistics never reaches the rule: F.batch_norm raises
+        # ("running_mean must be defined in evaluation mode") in the update pass itself.
+        batch_stats = bool(training)
 
         def rule(val, tan, theta, tw):
             gamma, mean, var = (g(val) for g in getters)
