@@ -301,8 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Train a preset. Running the same command with the same --out resumes from "
             "DIR/checkpoint.pt. DIR receives config.json (the resolved configuration), "
-            "metrics.csv, tb/ (TensorBoard), checkpoint.pt, results.json and curves.png (losses, "
-            "accuracies and learning rates over steps). Model selection never "
+            "metrics.csv, tb/ (TensorBoard), checkpoint.pt (and checkpoint.prev.pt, the one "
+            "before it), results.json, curves.png (losses, accuracies and learning rates over "
+            "steps) and, for a dataset with class names, classes.json. Model selection never "
             "uses the test set: the reported model is the last one."
         ),
         epilog=f"config keys for --set: {keys}",
