@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from metapl.losses import batch_mean, hard_cross_entropy, soft_cross_entropy
 from metapl.mpl.inputs import Input, ModelInput, joint_forward, model_input
-from metapl.mpl.replay import buffer_copies
+from metapl.mpl.replay import buffer_copies, differentiable_attention
 from metapl.mpl.update_rules import optimizer_params, reference_update
 
 
@@ -61,26 +61,27 @@ def double_backward_teacher_gradient(
     # A frozen parameter (requires_grad off, still in the optimizer) gets no gradient, so the real
     # optimizer leaves it where it is.
     theta_t = {n: p.detach().requires_grad_(p.requires_grad) for n, p in zip(names, params)}
-    # The later passes see the buffers as the update pass on x_u left them, as in the step (a
-    # forward that updates a buffer it reads, e.g. a step counter, sees it one step further).
-    buffers = buffer_copies(student)
-    s_u = _run(student, {**buffers, **theta_t}, x_u)
+    with differentiable_attention():  # as in the step: fused attention has no 2nd derivative
+        # The later passes see the buffers as the update pass on x_u left them, as in the step (a
+        # forward that updates a buffer it reads, e.g. a step counter, sees it one step further).
+        buffers = buffer_copies(student)
+        s_u = _run(student, {**buffers, **theta_t}, x_u)
 
-    def after_update() -> dict[str, Tensor]:
-        return {n: b.detach().clone() for n, b in buffers.items()}
+        def after_update() -> dict[str, Tensor]:
+            return {n: b.detach().clone() for n, b in buffers.items()}
 
-    loss = batch_mean(soft_cross_entropy(s_u, targets), batch_dim)
-    if student_labeled_weight > 0:
-        s_l0 = _run(student, {**after_update(), **theta_t}, x_l)
-        loss = loss + student_labeled_weight * batch_mean(
-            hard_cross_entropy(s_l0, y_labeled), batch_dim
-        )
-    trainable = [p for p in theta_t.values() if p.requires_grad]
-    found = iter(torch.autograd.grad(loss, trainable, create_graph=True, allow_unused=True))
-    grads = [next(found) if p.requires_grad else None for p in theta_t.values()]
-    theta_next = reference_update(student_optimizer, grads)
-    s_l = _run(student, {**after_update(), **dict(zip(names, theta_next))}, x_l)
-    risk = batch_mean(hard_cross_entropy(s_l, y_labeled), batch_dim)
+        loss = batch_mean(soft_cross_entropy(s_u, targets), batch_dim)
+        if student_labeled_weight > 0:
+            s_l0 = _run(student, {**after_update(), **theta_t}, x_l)
+            loss = loss + student_labeled_weight * batch_mean(
+                hard_cross_entropy(s_l0, y_labeled), batch_dim
+            )
+        trainable = [p for p in theta_t.values() if p.requires_grad]
+        found = iter(torch.autograd.grad(loss, trainable, create_graph=True, allow_unused=True))
+        grads = [next(found) if p.requires_grad else None for p in theta_t.values()]
+        theta_next = reference_update(student_optimizer, grads)
+        s_l = _run(student, {**after_update(), **dict(zip(names, theta_next))}, x_l)
+        risk = batch_mean(hard_cross_entropy(s_l, y_labeled), batch_dim)
     out = torch.autograd.grad(risk, list(t_params.values()), allow_unused=True)
     return [torch.zeros_like(p) if g is None else g for p, g in zip(t_params.values(), out)]
 

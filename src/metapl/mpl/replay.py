@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 class RngState:
@@ -97,3 +98,18 @@ def tf32_disabled(device: torch.device) -> Iterator[None]:
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
+def differentiable_attention() -> contextlib.AbstractContextManager:
+    """Run the block with ``F.scaled_dot_product_attention`` in its math kernel (matmuls and a
+    softmax), whatever backend torch would pick.
+
+    Why: the fused kernels (flash attention, on a CPU as on a GPU, and the memory-efficient one)
+    have a backward but neither forward-mode AD nor a second derivative, so a transformer student
+    (``nn.TransformerEncoderLayer``, ``nn.MultiheadAttention`` without attention weights) failed
+    both exact estimators. The math kernel is the same function, up to rounding, and every student
+    pass of an exact step runs in it, so that J and the update come from one function (with
+    attention dropout, the same kernel draws the same mask). The cost is the math kernel's speed and
+    memory for the student's attention in those passes; the teacher's passes keep torch's choice.
+    """
+    return sdpa_kernel(SDPBackend.MATH)

@@ -62,6 +62,7 @@ from metapl.mpl.replay import (
     RestorePoint,
     RngState,
     buffer_copies,
+    differentiable_attention,
     module_device,
     replayed_rng,
     tf32_disabled,
@@ -71,6 +72,7 @@ from metapl.mpl.student_checks import (
     SPARSE_GRADIENTS,
     check_forward_ad,
     check_replayable,
+    check_second_derivatives,
     check_student_takes,
     check_student_update,
 )
@@ -335,10 +337,11 @@ class MetaPseudoLabels:
         targets = F.softmax(logits.unlabeled / self.temperature, dim=-1)
 
         if self.estimator == "exact":
-            with self._student_precision():
+            with self._student_precision(), differentiable_attention():
                 mpl_term, metrics = self._exact_student_step(x_l, y_l, x_u, targets)
         elif self.estimator == "double_backward":
-            mpl_term, metrics = self._double_backward_student_step(x_l, y_l, x_u, targets)
+            with differentiable_attention():
+                mpl_term, metrics = self._double_backward_student_step(x_l, y_l, x_u, targets)
         else:
             mpl_term, metrics = self._first_order_student_step(x_l, y_l, x_u, logits.unlabeled)
 
@@ -699,6 +702,8 @@ class MetaPseudoLabels:
             theta_next = reference_update(self.student_optimizer, grads)  # reads the state first
             theta = dict(zip(self._student_names, theta_next))
             labeled_after = self._labeled_loss(x_l, y_l, theta)
+            if self._restore is not None:  # the first step, new batch sizes (see _restore_point)
+                check_second_derivatives(labeled_after, targets)
         for p, g in zip(params, grads):
             p.grad = None if g is None else g.detach()
         self.student_optimizer.step()

@@ -210,6 +210,30 @@ def check_forward_ad(
             raise error from None
 
 
+def check_second_derivatives(labeled_after: Tensor, targets: Tensor) -> None:
+    """For the double-backward step, before the student's real step: R(theta_{t+1}) can be
+    differentiated back to the teacher's targets, through the student's backward; else a
+    :class:`ConfigError` naming the operation without a second derivative (``torch.cdist``, a
+    fused kernel).
+
+    The teacher's backward is the first pass that needs the student's second derivatives, and it
+    came after the student's optimizer step: torch's "the derivative for '_cdist_backward' is not
+    implemented" left the student moved and the teacher not. The trial is that backward without
+    the teacher's part (``retain_graph``: the graph is used again); it runs on the first step and on
+    new batch sizes only (one more backward through the second-order graph).
+    """
+    try:
+        torch.autograd.grad(labeled_after.sum(), targets, retain_graph=True, allow_unused=True)
+    except (NotImplementedError, RuntimeError) as err:
+        if "derivative for" not in str(err) or "not implemented" not in str(err):
+            raise
+        raise ConfigError(
+            "the student's forward uses an operation without a second derivative "
+            f"({_first_line(err)}); estimator='double_backward' cannot differentiate through its "
+            "update: use estimator='exact' (forward-mode AD) or 'first_order'"
+        ) from None
+
+
 def check_student_takes(
     student: nn.Module,
     inputs: Sequence[tuple[str, ModelInput, bool]],

@@ -1,0 +1,256 @@
+"""A transformer student (``nn.TransformerEncoderLayer``, with a padding mask) takes every exact
+path, and a student without second derivatives is refused by double backward before it moves.
+
+torch runs ``F.scaled_dot_product_attention`` in a fused kernel (flash attention, on a CPU too),
+which has a backward but neither forward-mode AD nor a second derivative: the exact step refused
+such a student (pointing at double backward) and double backward failed inside the teacher's
+backward, after the student's optimizer had stepped. The step now runs the student's passes in
+the math kernel (metapl.mpl.replay.differentiable_attention). Checked as in test_exact_gradient.py:
+float64, two steps, against the double-backward oracle and central finite differences of the REAL
+optimizer step (mpl_helpers: torch alone, in the kernel torch picks).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from mpl_helpers import (
+    N_CLASSES,
+    STUDENT_OPTIMIZERS,
+    central_differences,
+    flat,
+    mpl_objective,
+    rel_err,
+    student_after_real_step,
+)
+from torch import Tensor, nn
+from torch.func import functional_call
+
+import metapl.mpl.step as step_module
+from metapl import MetaPseudoLabels
+from metapl.errors import ConfigError
+from metapl.mpl import double_backward_teacher_gradient
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
+DT = torch.float64
+FEATURES, WIDTH, LENGTH = 5, 8, 6
+N_L, N_U = 5, 7
+
+
+class AttentionClassifier(nn.Module):
+    """Linear embedding of each position, one transformer encoder layer (2 heads) that skips the
+    padded positions, mean over the kept positions, Linear to the classes."""
+
+    def __init__(self, dropout: float = 0.0):
+        super().__init__()
+        self.embed = nn.Linear(FEATURES, WIDTH)
+        self.encoder = nn.TransformerEncoderLayer(WIDTH, 2, 16, dropout=dropout, batch_first=True)
+        self.head = nn.Linear(WIDTH, N_CLASSES)
+
+    def forward(self, x: Tensor, padded: Tensor) -> Tensor:
+        h = self.encoder(self.embed(x), src_key_padding_mask=padded)
+        kept = (~padded).unsqueeze(-1).to(h.dtype)
+        return self.head((h * kept).sum(1) / kept.sum(1))
+
+
+def _sequences(g: torch.Generator, n: int) -> tuple[Tensor, Tensor]:
+    x = torch.randn(n, LENGTH, FEATURES, generator=g, dtype=DT)
+    padded = torch.rand(n, LENGTH, generator=g) < 0.3
+    padded[:, 0] = False  # every sequence keeps a position
+    return x, padded
+
+
+def _problem(seed: int, dropout: float = 0.0):
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    teacher = AttentionClassifier(dropout).to(DT).train()
+    student = AttentionClassifier(dropout).to(DT).train()
+    x_l = _sequences(g, N_L)
+    y_l = torch.randint(0, N_CLASSES, (N_L,), generator=g)
+    x_u = _sequences(g, N_U)
+    return teacher, student, x_l, y_l, x_u
+
+
+def test_torch_runs_this_student_in_a_kernel_without_forward_ad():
+    """The premise: without the step's choice of kernel, forward-mode AD fails on this student
+    (if a torch release adds the derivatives, this test says the workaround may go)."""
+    _, student, _, _, x_u = _problem(0)
+    _assert_no_forward_ad(student, x_u)
+
+
+def _assert_no_forward_ad(student: nn.Module, x: tuple[Tensor, Tensor]) -> None:
+    params = {n: p.detach() for n, p in student.named_parameters()}
+    zeros = {n: torch.zeros_like(p) for n, p in params.items()}
+    with pytest.raises(NotImplementedError, match="forward AD with _scaled_dot_product_flash"):
+        torch.func.jvp(lambda p: functional_call(student, p, x), (params,), (zeros,))
+
+
+@pytest.mark.parametrize("jvp", ["forward_ad", "tape"])
+def test_exact_gradient_of_a_transformer_student(jvp):
+    """Two steps of an Adam student; before each, the oracle, finite differences of the real step
+    and the student's real optimizer step at the same point."""
+    factory = STUDENT_OPTIMIZERS["adam"]
+    teacher, student, x_l, y_l, x_u = _problem(1)
+    s_opt = factory(student.parameters())
+    mpl = MetaPseudoLabels(
+        teacher,
+        student,
+        torch.optim.SGD(teacher.parameters(), lr=0.05, momentum=0.5),
+        s_opt,
+        supervised_weight=0.0,
+        jvp=jvp,
+    )
+    gen = torch.Generator().manual_seed(11)
+    for step in range(2):
+        seed = 1234 + step
+        torch.manual_seed(seed)
+        oracle = flat(double_backward_teacher_gradient(teacher, student, s_opt, x_l, y_l, x_u))
+        t_params = {n: p.detach().clone() for n, p in teacher.named_parameters()}
+        expected_student = student_after_real_step(
+            teacher, t_params, student, s_opt, factory, x_l, y_l, x_u, seed=seed
+        )
+
+        def R(shift, t_params=t_params, seed=seed):
+            params = {n: p + shift[n] for n, p in t_params.items()}
+            return mpl_objective(teacher, params, student, s_opt, factory, x_l, y_l, x_u, seed=seed)
+
+        directions = [
+            {n: torch.randn(p.shape, generator=gen, dtype=DT) for n, p in t_params.items()}
+            for _ in range(3)
+        ]
+        fd = central_differences(R, directions, 1e-6)
+
+        torch.manual_seed(seed)
+        mpl.step(x_l, y_l, x_u)
+        exact = flat(p.grad for p in teacher.parameters())
+        analytic = torch.stack([exact @ flat(d.values()) for d in directions])
+
+        assert exact.norm() > 1e-6, "the MPL gradient must not be trivially zero here"
+        assert rel_err(exact, oracle) <= 1e-10, (step, rel_err(exact, oracle))
+        assert rel_err(analytic, fd) <= 1e-6, (step, analytic, fd)
+        assert mpl.last_jvp_path == jvp, mpl.jvp_fallback_reason
+        assert (
+            rel_err(
+                flat(student.parameters()).detach(),
+                flat(expected_student.parameters()).detach(),
+            )
+            <= 1e-12
+        )
+
+
+def _steps(estimator: str, dropout: float, steps: int = 3, **options):
+    teacher, student, x_l, y_l, x_u = _problem(2, dropout)
+    mpl = MetaPseudoLabels(
+        teacher,
+        student,
+        torch.optim.SGD(teacher.parameters(), lr=0.05, momentum=0.9, nesterov=True),
+        torch.optim.AdamW(student.parameters(), lr=0.01, eps=1e-3, weight_decay=0.1),
+        estimator=estimator,
+        **options,
+    )
+    torch.manual_seed(5)
+    for _ in range(steps):
+        mpl.step(x_l, y_l, x_u)
+    return teacher, student
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2], ids=["no-dropout", "attention-dropout"])
+def test_the_double_backward_step_equals_the_exact_step(dropout):
+    """Side by side from the same weights and seed, three steps: the same models. With dropout
+    inside the attention, both draw the same masks (the same kernel in every student pass)."""
+    t_exact, s_exact = _steps("exact", dropout, jvp="forward_ad")
+    t_db, s_db = _steps("double_backward", dropout)
+    t_ref, _ = _steps("exact", 0.0 if dropout else 0.2, jvp="forward_ad")
+    for a, b in ((t_exact, t_db), (s_exact, s_db)):
+        assert rel_err(flat(a.parameters()).detach(), flat(b.parameters()).detach()) < 1e-10
+    # the comparison can fail: the other dropout setting trains another teacher
+    assert rel_err(flat(t_exact.parameters()).detach(), flat(t_ref.parameters()).detach()) > 1e-6
+
+
+def test_the_students_kernel_choice_is_given_back():
+    """The math kernel is switched on around the student's passes only: after the step, torch
+    picks its own kernel again."""
+    teacher, student, x_l, y_l, x_u = _problem(3)
+    mpl = MetaPseudoLabels(
+        teacher,
+        student,
+        torch.optim.SGD(teacher.parameters(), lr=0.1),
+        torch.optim.SGD(student.parameters(), lr=0.1),
+    )
+    mpl.step(x_l, y_l, x_u)
+    _assert_no_forward_ad(student, x_u)
+
+
+# ----------------------------------------------------------------------------- no 2nd derivative
+
+
+class DistanceNet(nn.Module):
+    """Features compared by torch.cdist, which has neither a second derivative nor forward AD."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 6)
+        self.bn = nn.BatchNorm1d(6)
+        self.prototypes = nn.Parameter(torch.randn(N_CLASSES, 6))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return -torch.cdist(torch.tanh(self.bn(self.fc(x))), self.prototypes)
+
+
+def _distance_problem():
+    torch.manual_seed(0)
+    teacher, student = DistanceNet().to(DT), DistanceNet().to(DT)
+    s_opt = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9)
+    mpl = MetaPseudoLabels(
+        teacher,
+        student,
+        torch.optim.SGD(teacher.parameters(), lr=0.1),
+        s_opt,
+        estimator="double_backward",
+    )
+    x_l, x_u = torch.randn(5, 4, dtype=DT), torch.randn(7, 4, dtype=DT)
+    return mpl, x_l, torch.tensor([0, 1, 2, 0, 1]), x_u
+
+
+def _everything(mpl: MetaPseudoLabels) -> list[Tensor]:
+    tensors = [
+        t.detach().clone() for m in (mpl.teacher, mpl.student) for t in m.state_dict().values()
+    ]
+    return [*tensors, torch.get_rng_state()]
+
+
+def test_double_backward_refuses_a_student_without_second_derivatives_before_it_moves():
+    mpl, x_l, y_l, x_u = _distance_problem()
+    before = _everything(mpl)
+    with pytest.raises(
+        ConfigError, match=r"without a second derivative.*_cdist_backward.*first_order"
+    ):
+        mpl.step(x_l, y_l, x_u)
+    after = _everything(mpl)
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    assert not mpl.student_optimizer.state and not mpl.teacher_optimizer.state
+    assert all(p.grad is None for p in mpl.teacher.parameters())
+
+
+def test_the_second_derivative_trial_runs_when_a_restore_point_does(monkeypatch):
+    """On the first step and on a new batch size; not in the steady state (it is one more
+    backward through the second-order graph)."""
+    calls = []
+
+    def counted(labeled_after, targets):
+        calls.append(len(targets))
+
+    monkeypatch.setattr(step_module, "check_second_derivatives", counted)
+    teacher, student, x_l, y_l, x_u = _problem(4)
+    mpl = MetaPseudoLabels(
+        teacher,
+        student,
+        torch.optim.SGD(teacher.parameters(), lr=0.1),
+        torch.optim.SGD(student.parameters(), lr=0.1),
+        estimator="double_backward",
+    )
+    fewer = tuple(t[:6] for t in x_u)
+    for x in (x_u, x_u, fewer, fewer, x_u):
+        mpl.step(x_l, y_l, x)
+    assert calls == [N_U, 6]
