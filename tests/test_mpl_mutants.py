@@ -222,8 +222,8 @@ def test_tracing_draws_no_random_numbers_of_the_step():
 
 class TangentMistraced(RichNet):
     """The same logits as the traced graph, another derivative: the module detaches one of two
-    paths (``isinstance`` is False on fx's proxies, so the graph keeps both). Only the first-use
-    comparison of the tangent pass with forward AD can tell."""
+    paths (``isinstance`` is False on fx's proxies, so the graph keeps both). The first use's
+    comparison of the traced graph's backward with the module's tells, before that of J."""
 
     def forward(self, x: Tensor) -> Tensor:
         h = F.relu(self.bn1(self.conv1(x)))
@@ -234,12 +234,12 @@ class TangentMistraced(RichNet):
 
 
 def test_a_graph_with_another_derivative_trains_on_forward_ad_from_its_first_step():
-    with pytest.warns(UserWarning, match="tangent pass differs"):
+    with pytest.warns(UserWarning, match="backward differs"):
         auto, _, paths = _run_steps(TangentMistraced, "adamw", "auto", steps=2)
     ref, _, _ = _run_steps(TangentMistraced, "adamw", "forward_ad", steps=2)
     assert paths == ["forward_ad"] * 2
     _assert_same_state(auto, ref, tol=0.0)  # the first step too: J is forward AD's, not the tape's
-    with pytest.raises(ConfigError, match="tangent pass differs"):
+    with pytest.raises(ConfigError, match="backward differs"):
         _run_steps(TangentMistraced, "adamw", "tape", steps=1)
 
 

@@ -24,7 +24,14 @@ import torch
 import torch.autograd.forward_ad as fwad
 import torch.nn.functional as F
 from mpl_helpers import make_problem, rel_err
-from test_tangent_replay import RichNet, _assert_same_state, _run_steps, _sgd_mpl, tape_vs_native
+from test_tangent_replay import (
+    FIRST_USE_REASONS,
+    RichNet,
+    _assert_same_state,
+    _run_steps,
+    _sgd_mpl,
+    tape_vs_native,
+)
 from torch import Tensor, nn
 
 from metapl.mpl import tangent_ops
@@ -114,7 +121,7 @@ def test_logits_read_by_their_own_rule_keep_their_tangent():
     assert rel_err(j_tape, j_ref) <= 1e-10, rel_err(j_tape, j_ref)
 
 
-@pytest.mark.parametrize("where", ["logits", "J"])
+@pytest.mark.parametrize("where", ["logits", "backward", "J"])
 def test_a_nan_error_at_the_first_use_is_no_agreement(monkeypatch, where):
     """``err <= tol`` is False for NaN (a graph whose logits or J came out NaN): the graph is
     given up, as for any other difference; ``err > tol`` would have trusted it."""
@@ -122,19 +129,22 @@ def test_a_nan_error_at_the_first_use_is_no_agreement(monkeypatch, where):
 
     teacher, student, x_l, y_l, x_u = make_problem("mlp", dtype=DT)
     mpl = _sgd_mpl(teacher, student, jvp="auto")
-    errors = iter([float("nan"), 0.0] if where == "logits" else [0.0, float("nan")])
+    nan = float("nan")
+    errors = iter(
+        {"logits": [nan, 0.0, 0.0], "backward": [0.0, nan, 0.0]}.get(where, [0.0, 0.0, nan])
+    )
     monkeypatch.setattr(jvp_module, "relative_error", lambda a, b: next(errors))
     with pytest.warns(UserWarning, match="uses forward-mode AD"):
         mpl.step(x_l, y_l, x_u)
     assert mpl.last_jvp_path == "forward_ad"
-    what = "logits differ" if where == "logits" else "tangent pass differs"
-    assert what in mpl.jvp_fallback_reason and "nan" in mpl.jvp_fallback_reason
+    assert FIRST_USE_REASONS[where] in mpl.jvp_fallback_reason and "nan" in mpl.jvp_fallback_reason
 
 
 class TangentFree(RichNet):
     """The module's logits depend on its parameters; fx's graph, the same logits, detached
     (``isinstance`` is False on a proxy): the tape says J is None (no tangent), forward AD says
-    otherwise. Only the first-use comparison of J can tell."""
+    otherwise; the traced graph's backward reaches no parameter, the module's does. The first
+    use's comparison of the backward tells (before that of J)."""
 
     def forward(self, x: Tensor) -> Tensor:
         out = super().forward(x)
@@ -144,11 +154,31 @@ class TangentFree(RichNet):
 
 
 def test_a_graph_without_a_tangent_is_not_trusted_when_forward_ad_has_one():
-    with pytest.warns(UserWarning, match="tangent pass differs"):
+    with pytest.warns(UserWarning, match="backward differs"):
         auto, _, paths = _run_steps(TangentFree, "adamw", "auto", steps=2)
     ref, _, _ = _run_steps(TangentFree, "adamw", "forward_ad", steps=2)
     assert paths == ["forward_ad"] * 2
     assert any(p.grad is not None and p.grad.abs().max() > 0 for p in ref.teacher.parameters())
+    _assert_same_state(auto, ref, tol=0.0)
+
+
+def test_a_wrong_tangent_pass_on_a_right_graph_is_not_trusted(monkeypatch):
+    """The traced graph is the module (same logits, same backward) but its tangent pass is off by
+    10%: only the first use's comparison of J with forward AD can tell."""
+    from metapl.mpl.tangent import TangentTape
+
+    real = TangentTape.tangent
+
+    def off(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        return None if out is None else 1.1 * out
+
+    monkeypatch.setattr(TangentTape, "tangent", off)
+    with pytest.warns(UserWarning, match="tangent pass differs"):
+        auto, _, paths = _run_steps(RichNet, "adamw", "auto", steps=2)
+    monkeypatch.setattr(TangentTape, "tangent", real)
+    ref, _, _ = _run_steps(RichNet, "adamw", "forward_ad", steps=2)
+    assert paths == ["forward_ad"] * 2
     _assert_same_state(auto, ref, tol=0.0)
 
 

@@ -30,8 +30,8 @@ from torch.func import functional_call
 from metapl import MetaPseudoLabels
 from metapl.errors import ConfigError
 from metapl.models import create_model
-from metapl.mpl.jvp import MAX_TAPES, tolerance
-from metapl.mpl.tangent import TangentTape, TapeUnsupportedError
+from metapl.mpl.jvp import MAX_TAPES
+from metapl.mpl.tangent import TangentTape, TapeUnsupportedError, tolerance
 from metapl.mpl.tangent_ops import ones_with_layout
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -496,11 +496,11 @@ def test_the_tape_checks_tolerance_by_dtype_and_tf32(dtype, strict, with_tf32):
     assert tolerance(dtype, tf32=True) == with_tf32
 
 
-@pytest.mark.parametrize("where", ["logits", "J"])
+@pytest.mark.parametrize("where", ["logits", "backward", "J"])
 def test_the_tape_check_judges_a_float32_student_by_the_updates_tf32_flag(monkeypatch, where):
     """TF32 runs only on CUDA, so the step's TF32 flag is set by hand (``_tf32_on``) and the
     tape's error made up: one between the float32 and the TF32 tolerance, at the first record's
-    logits or at J. With TF32 off the graph is given up (forward AD, with the reason); with TF32
+    logits, its backward or at J. With TF32 off the graph is given up (forward AD, with the reason); with TF32
     on the same error is trusted and J comes from the tape. Fails if the call site did not pass
     the update pass's flag, or if TF32 had float32's tolerance."""
     import metapl.mpl.jvp as jvp_module
@@ -511,9 +511,12 @@ def test_the_tape_check_judges_a_float32_student_by_the_updates_tf32_flag(monkey
         teacher, student, x_l, y_l, x_u = make_problem("mlp", dtype=torch.float32)
         mpl = _sgd_mpl(teacher, student, jvp="auto")
         monkeypatch.setattr(MetaPseudoLabels, "_tf32_on", lambda self, on=tf32: on)
-        # relative_error in jvp.py is called twice at a graph's first step: the first record's
-        # logits against the module's, then J against forward AD's
-        errors = iter([err, 0.0] if where == "logits" else [0.0, err])
+        # relative_error in jvp.py is called three times at a graph's first step: the first
+        # record's logits against the module's, its backward against the module's, then J
+        # against forward AD's
+        errors = iter(
+            {"logits": [err, 0.0, 0.0], "backward": [0.0, err, 0.0]}.get(where, [0.0, 0.0, err])
+        )
         monkeypatch.setattr(jvp_module, "relative_error", lambda a, b, errors=errors: next(errors))
         if tf32:
             mpl.step(x_l, y_l, x_u)
@@ -522,8 +525,16 @@ def test_the_tape_check_judges_a_float32_student_by_the_updates_tf32_flag(monkey
         with pytest.warns(UserWarning, match="uses forward-mode AD"):
             mpl.step(x_l, y_l, x_u)
         assert mpl.last_jvp_path == "forward_ad"
-        what = "logits differ" if where == "logits" else "tangent pass differs"
+        what = FIRST_USE_REASONS[where]
         assert what in mpl.jvp_fallback_reason and f"{err:.2e}" in mpl.jvp_fallback_reason
+
+
+# What the step says when a graph's first use differs from the module and forward AD, by where.
+FIRST_USE_REASONS = {
+    "logits": "logits differ",
+    "backward": "backward differs",
+    "J": "tangent pass differs",
+}
 
 
 def test_the_library_default_is_forward_ad():

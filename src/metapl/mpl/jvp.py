@@ -10,7 +10,8 @@ precision). Two paths give the same value:
 
 :class:`JvpPaths` keeps one step object's traced graphs (one per :func:`module_signature`: modes,
 modules, attributes) and decides when to trust one: its first record is compared with the module's
-own logits, its first J (for each input structure) with forward AD's. A graph that fails or differs
+own logits and its backward with the module's (the record pass trains the student), its first J
+(for each input structure) with forward AD's. A graph that fails or differs
 is given up for forward AD (``jvp="auto"``, with a warning once) or is a ConfigError
 (``jvp="tape"``).
 """
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -45,23 +46,10 @@ from metapl.mpl.tangent import (
     TapeUnsupportedError,
     module_signature,
     relative_error,
+    tolerance,
 )
 
 MAX_TAPES = 8  # traced students kept per step object (one per set of modes/attributes seen)
-
-
-def tolerance(dtype: torch.dtype, tf32: bool) -> float:
-    """How far the tape's first record and J may be from the module's forward and forward AD
-    (relative, in norm) before the step stops trusting the traced graph. Both compute the same
-    function in another order. Measured on CPU (WRN-28-2, EfficientNet-B0, digits CNN): the logits
-    agree bit for bit; J agrees to ~1e-15 in float64, ~1e-6 in float32, and only to 0.6-3.3e-2
-    under bf16 autocast, where each is 6-120% away from float64 J anyway. A graph that computes
-    something else is off by O(1), which the loose low-precision bar still catches."""
-    if dtype == torch.float64:
-        return 1e-8
-    if dtype == torch.float32 and not tf32:
-        return 1e-3
-    return 0.25
 
 
 @dataclass
@@ -182,7 +170,61 @@ class JvpPaths:
                 tape,
             )
             return None
+        try:
+            err = self._backward_difference(tape, update)
+        except Exception as e:  # noqa: BLE001  (as above)
+            self._give_up(f"the traced student's backward fails ({type(e).__name__}: {e})", tape)
+            return None
+        if not err <= tolerance(s_logits.dtype, update.tf32):
+            self._give_up(
+                "the traced student's backward differs from the module's (relative error "
+                f"{err:.2e}: a custom autograd.Function or checkpoint that fx traced through?)",
+                tape,
+            )
+            return None
         return record
+
+    def _backward_difference(self, tape: TangentTape, update: UpdatePass) -> float:
+        """How far the traced graph's backward is from the module's: the gradient of <u, logits>
+        for a random u, both on the update pass's random numbers and buffers.
+
+        The record pass *is* the student's update pass, so its backward trains the student. fx
+        traces through a custom ``autograd.Function`` (and ``torch.utils.checkpoint``) into the
+        operations of its forward, so the graph's backward is autograd's derivative of those, not
+        the Function's own: a straight-through estimator's identity became round's zero, and a
+        reentrant checkpoint that gives its layers no gradient gave them one (the student trained
+        another way than without the tape, the teacher's gradient 14% off at the second step).
+        Equal logits and J cannot see it: only a backward can.
+        """
+        trainable = [p for p in self.params if p.requires_grad]
+
+        def gradient(forward: Callable[[dict[str, Tensor]], Tensor]) -> Tensor:
+            with replayed_rng(update.rng), update.autocast():
+                logits = upcast(forward({n: b.clone() for n, b in update.buffers.items()}))
+            own = torch.Generator().manual_seed(
+                0
+            )  # the same u for both, the global stream untouched
+            u = torch.randn(logits.shape, generator=own, dtype=torch.float64).to(logits)
+            grads: Sequence[Tensor | None] = [None] * len(trainable)
+            if logits.requires_grad:  # (a graph that detaches its logits reaches nothing)
+                grads = torch.autograd.grad((logits * u).sum(), trainable, allow_unused=True)
+            return torch.cat(
+                [
+                    (torch.zeros_like(p) if g is None else g).reshape(-1)
+                    for p, g in zip(trainable, grads)
+                ]
+            )
+
+        x_u = update.x_u
+        native = gradient(lambda b: as_logits(x_u.functional_call(self.student, b), "student"))
+        traced = gradient(
+            lambda b: (
+                tape.record(
+                    x_u.args, x_u.kwargs, buffers={n: b[n] for n in tape.buffer_names() if n in b}
+                ).logits
+            )
+        )
+        return relative_error(traced, native)
 
     def forward_ad(
         self, theta_t: list[Tensor], tangents: dict[str, Tensor], update: UpdatePass
@@ -201,7 +243,7 @@ class JvpPaths:
                 out = update.x_u.functional_call(self.student, {**update.buffers, **weights})
             except NotImplementedError as e:
                 # An op PyTorch cannot push a tangent through (spectral_norm's normalize, ops
-                # with out=): check_forward_ad finds it before the first step; one that only a
+                # with out=): check_derivatives finds it before the first step; one that only a
                 # later step's forward takes ends here.
                 error = forward_ad_error(e)
                 if error is None:

@@ -70,7 +70,7 @@ from metapl.mpl.replay import (
 from metapl.mpl.setup_checks import check_models_and_optimizers, check_owned, check_unshared
 from metapl.mpl.student_checks import (
     SPARSE_GRADIENTS,
-    check_forward_ad,
+    check_derivatives,
     check_replayable,
     check_second_derivatives,
     check_student_takes,
@@ -596,9 +596,16 @@ class MetaPseudoLabels:
     ) -> tuple[Tensor, dict[str, Tensor]]:
         device = module_device(self.student)
         params = self._student_params
-        if not self._replay_checked:
-            check_replayable(self.student, x_u, self._autocast(device), self.autocast_dtype)
-            check_forward_ad(self.student, x_u, self._autocast(device))
+        if not self._replay_checked:  # the first step: it has a restore point for the refusals
+            with self._undone_on_error():
+                check_replayable(self.student, x_u, self._autocast(device), self.autocast_dtype)
+                check_derivatives(
+                    self.student,
+                    x_u,
+                    lambda: self._autocast(device),
+                    self._tf32_on(),
+                    self._average,
+                )
             self._replay_checked = True
         theta_t = [p.detach().clone() for p in params]
         update_rng = RngState(device)

@@ -8,7 +8,7 @@ numbers replayed. Two kinds of student break that silently, so the step refuses 
 - a forward that draws random numbers the step cannot replay (:func:`check_replayable`).
 
 And some fail loudly, but only after the student has moved: a forward with an operation that
-forward-mode AD cannot push a tangent through (:func:`check_forward_ad` finds it first), and a
+forward-mode AD cannot push a tangent through (:func:`check_derivatives` finds it first), and a
 batch the student cannot take (of a dtype or device, of one example under BatchNorm) or on which
 its logits are not one row per example (:func:`check_student_takes`).
 
@@ -30,7 +30,7 @@ from metapl.losses import upcast
 from metapl.mpl.batch_checks import as_logits, check_rows
 from metapl.mpl.inputs import ModelInput
 from metapl.mpl.replay import RngState, buffer_copies, module_device, replayed_rng
-from metapl.mpl.tangent import relative_error
+from metapl.mpl.tangent import relative_error, tolerance
 
 
 def update_hook(model: nn.Module, optimizer: torch.optim.Optimizer, params) -> str | None:
@@ -178,36 +178,79 @@ def forward_ad_error(err: NotImplementedError) -> ConfigError | None:
     )
 
 
-def check_forward_ad(
-    student: nn.Module, x_u: ModelInput, autocast: contextlib.AbstractContextManager
+def check_derivatives(
+    student: nn.Module,
+    x_u: ModelInput,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+    tf32: bool,
+    average: Callable[[list[Tensor]], None],
 ) -> None:
-    """Before the first exact step: one forward of ``student`` on dual parameters (zero
-    tangents), else a :class:`ConfigError` for an op without forward-mode AD (spectral_norm's
-    normalize, embedding_bag, ops of a torch.compile'd module).
+    """Before the first exact step: the student has a forward-mode derivative, and its backward
+    is that derivative's adjoint, <u, J t> = <B^T u, t> for a random direction t of its parameters
+    and u of its logits on x_u; else a :class:`ConfigError`.
 
-    Every path of the exact step computes its first J by forward AD (the tangent tape's first J
-    is checked against it), after the student's optimizer has stepped: the error came with the
-    student moved and the teacher not. Like :func:`check_replayable`, the pass runs on copies of
-    the buffers and gives back the random numbers it draws, so training is unchanged.
+    - **Forward AD.** An op without it (spectral_norm's normalize, embedding_bag, ops of a
+      torch.compile'd module) failed after the student's optimizer had stepped: every path of
+      the exact step computes its first J by forward AD (the tangent tape's first J is checked
+      against it), and the error came with the student moved and the teacher not.
+    - **Adjoint.** The step takes the student's update from its backward and J from forward
+      mode, and the teacher's gradient is exact only if the two are one derivative. They are not
+      for a custom ``autograd.Function`` whose backward is not its forward's derivative (gradient
+      scaling or reversal, a straight-through estimator whose jvp is the true derivative, a
+      wrong hand-written backward): the teacher's gradient was 8% off, silently.
+
+    Both passes run under the step's ``autocast`` (so the tolerance is the tape check's for the
+    logits' dtype), on copies of the buffers and the same random numbers, which they give back;
+    t and u come from a generator of their own (the same on every process). A parameter the
+    backward does not reach gets no tangent, as in the step, where v has none for it either. With
+    data parallelism the sums are ``average``d first: a layer that reduces over processes
+    (``sync_batchnorm``) is an adjoint pair over the whole batch, not per process.
     """
-    with (
-        torch.no_grad(),
-        fwad.dual_level(),
-        replayed_rng(RngState(module_device(student))),
-        autocast,
-    ):
-        weights = {
-            name: fwad.make_dual(p.detach(), torch.zeros_like(p))
-            for name, p in student.named_parameters()
-            if p.requires_grad
-        }
+    trainable = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
+    if not trainable:
+        return
+    rng, own = RngState(module_device(student)), torch.Generator().manual_seed(0)
+
+    def logits_of(weights: dict[str, Tensor]) -> Tensor:
+        with replayed_rng(rng), autocast():
+            out = x_u.functional_call(student, {**buffer_copies(student), **weights})
+        return as_logits(out, "student")
+
+    logits = logits_of(dict(trainable))
+    u = torch.randn(logits.shape, generator=own, dtype=torch.float64).to(logits.device)
+    grads = torch.autograd.grad(
+        (upcast(logits) * u.to(upcast(logits).dtype)).sum(),
+        [p for _, p in trainable],
+        allow_unused=True,
+    )
+    reached = [(n, p, g) for (n, p), g in zip(trainable, grads) if g is not None]
+    t = [torch.randn(p.shape, generator=own, dtype=torch.float64).to(p) for _, p, _ in reached]
+    with torch.no_grad(), fwad.dual_level():
+        duals = {n: fwad.make_dual(p.detach(), ti) for (n, p, _), ti in zip(reached, t)}
         try:
-            x_u.functional_call(student, {**buffer_copies(student), **weights})
+            jt = fwad.unpack_dual(logits_of(duals)).tangent
         except NotImplementedError as e:
             error = forward_ad_error(e)
             if error is None:
                 raise
             raise error from None
+    zero = torch.zeros((), dtype=torch.float64, device=logits.device)
+    backward = [(g.double() * ti.double()).sum() for (_, _, g), ti in zip(reached, t)]
+    forward = zero if jt is None else (jt.double() * u).sum()
+    sums = torch.stack([forward, sum(backward, zero), sum((b.abs() for b in backward), zero)])
+    average([sums])
+    forward_sum, backward_sum, scale = sums.tolist()
+    err = abs(forward_sum - backward_sum) / scale if scale > 0 else abs(forward_sum)
+    if not err <= tolerance(logits.dtype, tf32):
+        raise ConfigError(
+            "the student's backward is not the adjoint of its forward-mode derivative "
+            f"(<u, J t> and <B^T u, t> differ by {err:.2e}, relative): a custom "
+            "autograd.Function whose backward is not its forward's derivative (gradient scaling "
+            "or reversal, a straight-through estimator, a wrong hand-written backward) makes J "
+            "differentiate another function than the student's update, and R's gradient "
+            "(taken by that backward) is not R's: use estimator='first_order', which reads R's "
+            "values only"
+        )
 
 
 def check_second_derivatives(labeled_after: Tensor, targets: Tensor) -> None:
@@ -221,6 +264,11 @@ def check_second_derivatives(labeled_after: Tensor, targets: Tensor) -> None:
     implemented" left the student moved and the teacher not. The trial is that backward without
     the teacher's part (``retain_graph``: the graph is used again); it runs on the first step and on
     new batch sizes only (one more backward through the second-order graph).
+
+    Why a trial, not dR/dq computed here and carried to the teacher after the step: a student
+    that uses ``torch.utils.checkpoint`` recomputes its labeled pass in that backward with the
+    module's parameters of the moment, which are theta_{t+1} only after the real step (dR/dq taken
+    before it was 0.4% off finite differences). The trial's values are not used.
     """
     try:
         torch.autograd.grad(labeled_after.sum(), targets, retain_graph=True, allow_unused=True)

@@ -33,8 +33,11 @@ models fx cannot trace (data-dependent Python control flow), in-place operations
 random operations other than dropout and tangent-free sources, modules with hooks or
 parametrizations (fx does not run hooks of inner modules). Python-side state that fx bakes into the
 graph at trace time (``self.training`` of inner modules, ...) is handled by keying the tape on the
-modules' modes (:func:`module_signature`); the step also compares the first record and the first
-tangent of each tape against the module itself and forward AD, and falls back on any difference.
+modules' modes (:func:`module_signature`); the step also compares the first record (its logits and
+its backward) and the first tangent of each tape against the module itself and forward AD, and
+falls back on any difference. fx traces through a custom ``autograd.Function`` (and
+``torch.utils.checkpoint``) into its forward's operations, losing its own backward: the
+comparison of the backward is what catches that.
 fx records ``x += y`` as an out-of-place add: equal to the module unless another reference to x's
 old value is read later (then the first-use comparison sees the difference).
 
@@ -787,6 +790,10 @@ class TangentTape:
             saved = tuple(saved)
         return TapeRecord(logits, saved, metas)
 
+    def buffer_names(self) -> list[str]:
+        """The names of the buffers the traced graph uses (the student's names for them)."""
+        return [n for n, _ in self._gm.named_buffers()]
+
     def buffer_copies(self) -> dict[str, Tensor]:
         """Copies of the buffers the traced graph uses (for :meth:`record`'s ``buffers``)."""
         return {n: b.detach().clone() for n, b in self._gm.named_buffers()}
@@ -900,6 +907,20 @@ def relative_error(a: Tensor, b: Tensor) -> float:
     return num / den
 
 
+def tolerance(dtype: torch.dtype, tf32: bool) -> float:
+    """How far the tape's first record and J may be from the module's forward and forward AD
+    (relative, in norm) before the step stops trusting the traced graph. Both compute the same
+    function in another order. Measured on CPU (WRN-28-2, EfficientNet-B0, digits CNN): the logits
+    agree bit for bit; J agrees to ~1e-15 in float64, ~1e-6 in float32, and only to 0.6-3.3e-2
+    under bf16 autocast, where each is 6-120% away from float64 J anyway. A graph that computes
+    something else is off by O(1), which the loose low-precision bar still catches."""
+    if dtype == torch.float64:
+        return 1e-8
+    if dtype == torch.float32 and not tf32:
+        return 1e-3
+    return 0.25
+
+
 __all__: Sequence[str] = (
     "JVP_MODES",
     "TangentTape",
@@ -907,4 +928,5 @@ __all__: Sequence[str] = (
     "TapeUnsupportedError",
     "module_signature",
     "relative_error",
+    "tolerance",
 )

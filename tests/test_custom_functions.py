@@ -1,0 +1,235 @@
+"""Students whose backward is not autograd's derivative of their forward: a custom
+``torch.autograd.Function`` and ``torch.utils.checkpoint``.
+
+The exact step takes the student's update from its backward and J from forward mode; the tangent
+tape's record pass *is* the update pass, run as an fx graph. Each of these students broke one of
+them silently before:
+
+- a Function whose backward is not the derivative its jvp gives (gradient scaling): the teacher's
+  gradient was 8% off. Now a ConfigError before anything moves (the adjoint check of
+  metapl.mpl.student_checks.check_derivatives) that names the first-order estimator: no
+  estimator built on autograd is exact for it, since R's gradient at theta_{t+1} comes from the
+  same backward (double backward is 4% off finite differences).
+- a Function whose backward and jvp agree on a surrogate derivative (a straight-through
+  estimator), and a reentrant checkpoint that gives its layers no gradient: fx traces through
+  both into the forward's operations, so the tape's update pass trained the student another way
+  (the teacher's gradient 14% off at the second step). Now the first use compares the traced
+  graph's backward with the module's and falls back to forward AD.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from mpl_helpers import (
+    N_CLASSES,
+    central_differences,
+    flat,
+    mpl_objective,
+    rel_err,
+)
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from metapl import MetaPseudoLabels
+from metapl.errors import ConfigError
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
+DT = torch.float64
+
+
+class ScaledGradient(torch.autograd.Function):
+    """Identity forward and jvp; the backward scales the gradient (as a gradient-reversal layer
+    does with -1)."""
+
+    @staticmethod
+    def forward(x: Tensor) -> Tensor:
+        return x.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return 0.3 * grad
+
+    @staticmethod
+    def jvp(ctx, tangent: Tensor) -> Tensor:
+        return tangent
+
+
+class StraightThrough(torch.autograd.Function):
+    """A wiggly forward whose backward and jvp both pass the derivative straight through (1):
+    one surrogate derivative, used consistently."""
+
+    @staticmethod
+    def forward(x: Tensor) -> Tensor:
+        return x + 0.2 * torch.sin(3 * x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad
+
+    @staticmethod
+    def jvp(ctx, tangent: Tensor) -> Tensor:
+        return tangent
+
+
+class Net(nn.Module):
+    """Linear -> tanh -> ``middle`` -> dropout -> Linear; ``middle`` is a Function's apply, or
+    "checkpoint" / "reentrant" for the first layers under torch.utils.checkpoint, or None."""
+
+    def __init__(self, middle):
+        super().__init__()
+        self.middle = middle
+        self.body = nn.Sequential(nn.Linear(4, 8), nn.Tanh())
+        self.drop = nn.Dropout(0.2)
+        self.head = nn.Linear(8, N_CLASSES)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.middle in ("checkpoint", "reentrant"):
+            h = checkpoint(self.body, x, use_reentrant=self.middle == "reentrant")
+        elif self.middle is None:
+            h = self.body(x)
+        else:
+            h = self.middle.apply(self.body(x))
+        return self.head(self.drop(h))
+
+
+def _factory(params):
+    return torch.optim.SGD(params, lr=0.5, momentum=0.9)
+
+
+def _problem(middle, seed: int = 0):
+    """A plain teacher (the finite differences see its true gradient) and a ``middle`` student."""
+    torch.manual_seed(seed)
+    teacher, student = Net(None).to(DT), Net(middle).to(DT)
+    g = torch.Generator().manual_seed(seed)
+    x_l, x_u = torch.randn(6, 4, generator=g, dtype=DT), torch.randn(9, 4, generator=g, dtype=DT)
+    y_l = torch.randint(0, N_CLASSES, (6,), generator=g)
+    return teacher, student, x_l, y_l, x_u
+
+
+def _mpl(teacher, student, **options) -> MetaPseudoLabels:
+    return MetaPseudoLabels(
+        teacher,
+        student,
+        torch.optim.SGD(teacher.parameters(), lr=0.1),
+        _factory(student.parameters()),
+        supervised_weight=0.0,
+        **options,
+    )
+
+
+def _steps(middle, steps: int = 2, **options):
+    teacher, student, x_l, y_l, x_u = _problem(middle)
+    mpl = _mpl(teacher, student, **options)
+    paths = []
+    for i in range(steps):
+        torch.manual_seed(100 + i)
+        mpl.step(x_l, y_l, x_u)
+        paths.append(mpl.last_jvp_path)
+    return mpl, paths
+
+
+def _state(mpl: MetaPseudoLabels) -> Tensor:
+    return flat([*mpl.teacher.state_dict().values(), *mpl.student.state_dict().values()])
+
+
+def _fd_check(middle, **options) -> None:
+    """One step: the teacher's gradient against central differences of R through the REAL
+    optimizer step (mpl_helpers), along 3 random directions, to 1e-6."""
+    teacher, student, x_l, y_l, x_u = _problem(middle, seed=1)
+    mpl = _mpl(teacher, student, **options)
+    t_params = {n: p.detach().clone() for n, p in teacher.named_parameters()}
+    s_opt = mpl.student_optimizer
+    gen = torch.Generator().manual_seed(3)
+    directions = [
+        {n: torch.randn(p.shape, generator=gen, dtype=DT) for n, p in t_params.items()}
+        for _ in range(3)
+    ]
+
+    def R(shift):
+        params = {n: p + shift[n] for n, p in t_params.items()}
+        return mpl_objective(teacher, params, student, s_opt, _factory, x_l, y_l, x_u, seed=7)
+
+    fd = central_differences(R, directions, 1e-6)
+    torch.manual_seed(7)
+    mpl.step(x_l, y_l, x_u)
+    exact = flat(p.grad for p in teacher.parameters())
+    analytic = torch.stack([exact @ flat(d.values()) for d in directions])
+    assert exact.norm() > 1e-6
+    assert rel_err(analytic, fd) <= 1e-6, (analytic, fd)
+
+
+# ----------------------------------------------------------------------------- wrong adjoint
+
+
+@pytest.mark.parametrize("jvp", ["forward_ad", "auto"])
+def test_a_backward_that_is_not_the_adjoint_is_refused_before_anything_moves(jvp):
+    teacher, student, x_l, y_l, x_u = _problem(ScaledGradient)
+    mpl = _mpl(teacher, student, jvp=jvp)
+    before = (_state(mpl), torch.get_rng_state())
+    with pytest.raises(ConfigError, match=r"not the adjoint.*estimator='first_order'"):
+        mpl.step(x_l, y_l, x_u)
+    assert torch.equal(_state(mpl), before[0]) and torch.equal(torch.get_rng_state(), before[1])
+    assert not mpl.student_optimizer.state and not mpl.teacher_optimizer.state
+
+
+def test_the_first_order_estimator_trains_a_scaled_gradient_student():
+    mpl, _ = _steps(ScaledGradient, estimator="first_order")
+    assert mpl.step_count == 2 and torch.isfinite(_state(mpl)).all()
+
+
+def test_the_adjoint_check_passes_a_consistent_surrogate_derivative():
+    """Backward and jvp agree (straight through): the exact step equals double backward, which
+    differentiates the same backward; both take the surrogate as the student's derivative."""
+    exact, _ = _steps(StraightThrough, jvp="forward_ad")
+    db, _ = _steps(StraightThrough, estimator="double_backward")
+    assert rel_err(_state(exact), _state(db)) <= 1e-12
+
+
+# ----------------------------------------------------------------------------- traced through
+
+
+@pytest.mark.parametrize("middle", [StraightThrough, "reentrant"], ids=["function", "reentrant"])
+def test_a_graph_that_traced_through_another_backward_never_trains(middle):
+    """jvp="auto" gives the graph up at its first use and trains as forward AD does, bit for bit
+    (before, the second step's update came from the traced graph); jvp="tape" refuses."""
+    with pytest.warns(UserWarning, match="backward differs"):
+        auto, paths = _steps(middle, jvp="auto")
+    ref, _ = _steps(middle, jvp="forward_ad")
+    assert paths == ["forward_ad"] * 2 and "backward differs" in auto.jvp_fallback_reason
+    assert torch.equal(_state(auto), _state(ref))
+    with pytest.raises(ConfigError, match="backward differs"):
+        _steps(middle, steps=1, jvp="tape")
+
+
+def test_a_reentrant_checkpoint_without_input_gradients_leaves_its_layers_alone():
+    """torch's reentrant checkpoint gives the layers inside no gradient when its input needs none
+    (torch warns): the student's own optimizer leaves them, and so does the exact step."""
+    teacher, student, x_l, y_l, x_u = _problem("reentrant")
+    body = copy.deepcopy(student.body.state_dict())
+    mpl = _mpl(teacher, student, jvp="forward_ad")
+    with pytest.warns(UserWarning, match="requires_grad"):
+        mpl.step(x_l, y_l, x_u)
+    assert all(torch.equal(v, body[k]) for k, v in student.body.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"jvp": "forward_ad"}, {"jvp": "tape"}, {"estimator": "double_backward"}],
+    ids=["forward_ad", "tape", "double_backward"],
+)
+def test_a_checkpointed_student_gets_the_exact_gradient(options):
+    """Non-reentrant checkpoint recomputes the layers in the backward, with the module's
+    parameters of that moment: each exact path matches finite differences of the real step."""
+    _fd_check("checkpoint", **options)
