@@ -318,3 +318,48 @@ def mpl_objective(*args, **kwargs) -> float:
     x_l, y_l = given["x_l"], given["y_l"]
     with torch.no_grad():
         return float(F.cross_entropy(run_on(s2, x_l, cloned_buffers(s2)), y_l))
+
+
+class FiniteDifferenceProbe:
+    """Central differences of R(theta_{t+1}(Psi)) (:func:`mpl_objective`, the REAL optimizer
+    step) at the teacher's current parameters, along ``n`` random directions drawn from ``gen``;
+    taken before the step under test moves anything. :meth:`check` then compares the teacher's
+    gradient (its ``.grad`` after the step) along the same directions, to a relative 1e-6.
+
+    ``objective_args`` are :func:`mpl_objective`'s after ``teacher_params`` (the student, its
+    optimizer, the optimizer's factory, the batches), ``objective_kwargs`` its keywords (seed,
+    temperature, student_labeled_weight)."""
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        *objective_args,
+        gen: torch.Generator,
+        n: int = 3,
+        eps: float = 1e-6,
+        **objective_kwargs,
+    ):
+        self.teacher = teacher
+        t_params = {name: p.detach().clone() for name, p in teacher.named_parameters()}
+
+        def objective(shift: dict[str, Tensor]) -> float:
+            params = {name: p + shift[name] for name, p in t_params.items()}
+            return mpl_objective(teacher, params, *objective_args, **objective_kwargs)
+
+        self.directions = [
+            {
+                name: torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device)
+                for name, p in t_params.items()
+            }
+            for _ in range(n)
+        ]
+        self.fd = central_differences(objective, self.directions, eps)
+
+    def along(self) -> Tensor:
+        """The teacher's ``.grad`` along each direction."""
+        grad = flat(p.grad for p in self.teacher.parameters())
+        return torch.stack([grad @ flat(d.values()) for d in self.directions])
+
+    def check(self, what: object = None) -> None:
+        analytic = self.along()
+        assert rel_err(analytic, self.fd) <= 1e-6, (what, analytic, self.fd)

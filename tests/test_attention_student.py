@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from exact_checks import checked_exact_step
 from mpl_helpers import (
     N_CLASSES,
     STUDENT_OPTIMIZERS,
-    central_differences,
     flat,
-    mpl_objective,
     rel_err,
-    student_after_real_step,
 )
 from torch import Tensor, nn
 from torch.func import functional_call
@@ -29,7 +27,6 @@ from torch.func import functional_call
 import metapl.mpl.step as step_module
 from metapl import MetaPseudoLabels
 from metapl.errors import ConfigError
-from metapl.mpl import double_backward_teacher_gradient
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -72,6 +69,11 @@ def _problem(seed: int, dropout: float = 0.0):
     return teacher, student, x_l, y_l, x_u
 
 
+def _sgd_mpl(teacher: nn.Module, student: nn.Module, **options) -> MetaPseudoLabels:
+    t_opt, s_opt = (torch.optim.SGD(m.parameters(), lr=0.1) for m in (teacher, student))
+    return MetaPseudoLabels(teacher, student, t_opt, s_opt, **options)
+
+
 def test_torch_runs_this_student_in_a_kernel_without_forward_ad():
     """The premise: without the step's choice of kernel, forward-mode AD fails on this student
     (if a torch release adds the derivatives, this test says the workaround may go)."""
@@ -103,40 +105,8 @@ def test_exact_gradient_of_a_transformer_student(jvp):
     )
     gen = torch.Generator().manual_seed(11)
     for step in range(2):
-        seed = 1234 + step
-        torch.manual_seed(seed)
-        oracle = flat(double_backward_teacher_gradient(teacher, student, s_opt, x_l, y_l, x_u))
-        t_params = {n: p.detach().clone() for n, p in teacher.named_parameters()}
-        expected_student = student_after_real_step(
-            teacher, t_params, student, s_opt, factory, x_l, y_l, x_u, seed=seed
-        )
-
-        def R(shift, t_params=t_params, seed=seed):
-            params = {n: p + shift[n] for n, p in t_params.items()}
-            return mpl_objective(teacher, params, student, s_opt, factory, x_l, y_l, x_u, seed=seed)
-
-        directions = [
-            {n: torch.randn(p.shape, generator=gen, dtype=DT) for n, p in t_params.items()}
-            for _ in range(3)
-        ]
-        fd = central_differences(R, directions, 1e-6)
-
-        torch.manual_seed(seed)
-        mpl.step(x_l, y_l, x_u)
-        exact = flat(p.grad for p in teacher.parameters())
-        analytic = torch.stack([exact @ flat(d.values()) for d in directions])
-
-        assert exact.norm() > 1e-6, "the MPL gradient must not be trivially zero here"
-        assert rel_err(exact, oracle) <= 1e-10, (step, rel_err(exact, oracle))
-        assert rel_err(analytic, fd) <= 1e-6, (step, analytic, fd)
+        checked_exact_step(mpl, factory, x_l, y_l, x_u, seed=1234 + step, gen=gen)
         assert mpl.last_jvp_path == jvp, mpl.jvp_fallback_reason
-        assert (
-            rel_err(
-                flat(student.parameters()).detach(),
-                flat(expected_student.parameters()).detach(),
-            )
-            <= 1e-12
-        )
 
 
 def _steps(estimator: str, dropout: float, steps: int = 3, **options):
@@ -172,13 +142,7 @@ def test_the_students_kernel_choice_is_given_back():
     """The math kernel is switched on around the student's passes only: after the step, torch
     picks its own kernel again."""
     teacher, student, x_l, y_l, x_u = _problem(3)
-    mpl = MetaPseudoLabels(
-        teacher,
-        student,
-        torch.optim.SGD(teacher.parameters(), lr=0.1),
-        torch.optim.SGD(student.parameters(), lr=0.1),
-    )
-    mpl.step(x_l, y_l, x_u)
+    _sgd_mpl(teacher, student).step(x_l, y_l, x_u)
     _assert_no_forward_ad(student, x_u)
 
 
@@ -243,13 +207,7 @@ def test_the_second_derivative_trial_runs_when_a_restore_point_does(monkeypatch)
 
     monkeypatch.setattr(step_module, "check_second_derivatives", counted)
     teacher, student, x_l, y_l, x_u = _problem(4)
-    mpl = MetaPseudoLabels(
-        teacher,
-        student,
-        torch.optim.SGD(teacher.parameters(), lr=0.1),
-        torch.optim.SGD(student.parameters(), lr=0.1),
-        estimator="double_backward",
-    )
+    mpl = _sgd_mpl(teacher, student, estimator="double_backward")
     fewer = tuple(t[:6] for t in x_u)
     for x in (x_u, x_u, fewer, fewer, x_u):
         mpl.step(x_l, y_l, x)
