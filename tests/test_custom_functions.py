@@ -23,6 +23,7 @@ import copy
 
 import pytest
 import torch
+from exact_checks import checked_exact_step
 from mpl_helpers import (
     N_CLASSES,
     FiniteDifferenceProbe,
@@ -228,3 +229,67 @@ def test_a_checkpointed_student_gets_the_exact_gradient(options):
     """Non-reentrant checkpoint recomputes the layers in the backward, with the module's
     parameters of that moment: each exact path matches finite differences of the real step."""
     _fd_check("checkpoint", **options)
+
+
+# ----------------------------------------------------------------------------- embeddings
+
+
+class Tokens(nn.Module):
+    """Embedding of token ids (with ``options``), mean over the positions, Linear."""
+
+    def __init__(self, **options):
+        super().__init__()
+        self.emb = nn.Embedding(20, 6, **options)
+        self.fc = nn.Linear(6, N_CLASSES)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.fc(self.emb(ids).mean(1))
+
+
+@pytest.mark.parametrize("jvp", ["forward_ad", "auto"])
+def test_a_padding_row_is_no_reason_to_refuse(jvp):
+    """padding_idx: the backward never moves the padding row, forward AD differentiates it. The
+    adjoint check took a random direction there and refused an exact student (7.8e-2); its
+    directions are now a gradient's, as w is. Padding in the very first batch."""
+    torch.manual_seed(0)
+    teacher, student = Tokens().to(DT), Tokens(padding_idx=0).to(DT)
+    g = torch.Generator().manual_seed(1)
+    x_l, x_u = torch.randint(0, 20, (6, 7), generator=g), torch.randint(0, 20, (8, 7), generator=g)
+    x_l[:, 0], x_u[:, :2] = 0, 0
+    y_l = torch.randint(0, N_CLASSES, (6,), generator=g)
+
+    def factory(params):
+        return torch.optim.SGD(params, lr=0.5, momentum=0.9, weight_decay=0.1)
+
+    mpl = MetaPseudoLabels(
+        teacher,
+        student,
+        torch.optim.SGD(teacher.parameters(), lr=0.1),
+        factory(student.parameters()),
+        supervised_weight=0.0,
+        jvp=jvp,
+    )
+    gen = torch.Generator().manual_seed(2)
+    for step in range(2):
+        checked_exact_step(mpl, factory, x_l, y_l, x_u, seed=40 + step, gen=gen)
+
+
+@pytest.mark.parametrize("estimator", ["exact", "double_backward"])
+@pytest.mark.parametrize(
+    "option", [{"max_norm": 1.0}, {"scale_grad_by_freq": True}], ids=["max_norm", "freq"]
+)
+def test_embedding_options_no_exact_estimator_follows_are_refused(estimator, option):
+    """max_norm renormalizes the weight in place inside the forward (the student 32-117% away from
+    a plain step after one); scale_grad_by_freq's backward is not its forward's derivative (double
+    backward 1e-3 off finite differences). Refused at construction, naming the option; the
+    first-order estimator takes both."""
+    name = next(iter(option))
+
+    def make(estimator):
+        teacher, student = Tokens(), Tokens(**option)
+        t_opt, s_opt = (torch.optim.SGD(m.parameters(), lr=0.1) for m in (teacher, student))
+        return MetaPseudoLabels(teacher, student, t_opt, s_opt, estimator=estimator)
+
+    with pytest.raises(ConfigError, match=rf"'emb' is an nn.Embedding with {name}.*first_order"):
+        make(estimator)
+    make("first_order")

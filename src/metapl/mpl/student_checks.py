@@ -75,6 +75,20 @@ EMBEDDING_BAG = (
     "estimators run), or use estimator='first_order'"
 )
 
+EMBEDDING_MAX_NORM = (
+    "the student's module {!r} is an nn.Embedding with max_norm: its forward renormalizes rows "
+    "of its weight in place, which autograd does not see and every extra pass of an exact step "
+    "repeats; drop max_norm and renormalize after each step (torch.embedding_renorm_ on the "
+    "weight under torch.no_grad()), or use estimator='first_order' (its labeled passes "
+    "renormalize the rows x_labeled reads, as any forward does)"
+)
+EMBEDDING_FREQ = (
+    "the student's module {!r} is an nn.Embedding with scale_grad_by_freq: its backward divides "
+    "a row's gradient by the row's count in the batch, which is not its forward's derivative, "
+    "so neither exact estimator gets R's gradient; drop the option or use "
+    "estimator='first_order'"
+)
+
 
 def embedding_problem(student: nn.Module, estimator: str) -> str | None:
     """Why the exact ``estimator`` cannot differentiate the student's embeddings, or None.
@@ -87,11 +101,24 @@ def embedding_problem(student: nn.Module, estimator: str) -> str | None:
     a dense embedding and central finite differences of the real step (1e-10, float64;
     tests/test_step_usage.py); the optimizers that take sparse gradients (SGD) are checked by
     metapl.mpl.update_rules.check_optimizer.
+
+    Two options of nn.Embedding stop both: ``max_norm`` (its forward renormalizes the rows it
+    reads in the weight itself, in place, where autograd does not see it, and each extra pass of
+    the step renormalized the real weights once more: the student 32-117% away from a plain
+    training step after one, the teacher's gradient 5e-4 to 3.5e-3 off finite differences) and
+    ``scale_grad_by_freq`` (its backward is not its forward's derivative, so R's gradient is not
+    R's: double backward 1e-3 off finite differences).
     """
     for name, m in student.named_modules():
         if isinstance(m, nn.EmbeddingBag):
             return EMBEDDING_BAG.format(name)
-        if isinstance(m, nn.Embedding) and m.sparse and estimator == "exact":
+        if not isinstance(m, nn.Embedding):
+            continue
+        if m.max_norm is not None:
+            return EMBEDDING_MAX_NORM.format(name)
+        if m.scale_grad_by_freq:
+            return EMBEDDING_FREQ.format(name)
+        if m.sparse and estimator == "exact":
             return SPARSE_GRADIENTS.format(f"its module {name!r} has sparse=True")
     return None
 
@@ -187,7 +214,8 @@ def check_derivatives(
 ) -> None:
     """Before the first exact step: the student has a forward-mode derivative, and its backward
     is that derivative's adjoint, <u, J t> = <B^T u, t> for a random direction t of its parameters
-    and u of its logits on x_u; else a :class:`ConfigError`.
+    and u of its logits on x_u; else a :class:`ConfigError`. (t is a gradient's direction,
+    scaled element by element, as the step's w is.)
 
     - **Forward AD.** An op without it (spectral_norm's normalize, embedding_bag, ops of a
       torch.compile'd module) failed after the student's optimizer had stepped: every path of
@@ -202,7 +230,9 @@ def check_derivatives(
     Both passes run under the step's ``autocast`` (so the tolerance is the tape check's for the
     logits' dtype), on copies of the buffers and the same random numbers, which they give back;
     t and u come from a generator of their own (the same on every process). A parameter the
-    backward does not reach gets no tangent, as in the step, where v has none for it either. With
+    backward does not reach gets no tangent, as in the step, where v has none for it either; nor
+    does an element no gradient reaches (``nn.Embedding``'s padding row: forward AD differentiates
+    it, the backward never moves it, and a random t there refused an exact student). With
     data parallelism the sums are ``average``d first: a layer that reduces over processes
     (``sync_batchnorm``) is an adjoint pair over the whole batch, not per process.
     """
@@ -216,17 +246,33 @@ def check_derivatives(
             out = x_u.functional_call(student, {**buffer_copies(student), **weights})
         return as_logits(out, "student")
 
-    logits = logits_of(dict(trainable))
-    u = torch.randn(logits.shape, generator=own, dtype=torch.float64).to(logits.device)
-    grads = torch.autograd.grad(
-        (upcast(logits) * u.to(upcast(logits).dtype)).sum(),
-        [p for _, p in trainable],
-        allow_unused=True,
-    )
-    reached = [(n, p, g) for (n, p), g in zip(trainable, grads) if g is not None]
-    t = [torch.randn(p.shape, generator=own, dtype=torch.float64).to(p) for _, p, _ in reached]
+    native = logits_of(dict(trainable))
+    logits = upcast(native)
+
+    def backward(retain: bool) -> tuple[Tensor, Sequence[Tensor | None]]:
+        u = torch.randn(logits.shape, generator=own, dtype=torch.float64).to(logits)
+        grads = torch.autograd.grad(
+            (logits * u).sum(), [p for _, p in trainable], retain_graph=retain, allow_unused=True
+        )
+        return u, grads
+
+    # t in the range of the backward, as w is (w = factors * v, v a gradient): a direction no
+    # gradient ever takes (nn.Embedding's padding row) is none the step uses either.
+    _, directions = backward(retain=True)
+    u, grads = backward(retain=False)
+    if any(g is not None and g.layout != torch.strided for g in grads):  # F.embedding(sparse=True)
+        raise ConfigError(SPARSE_GRADIENTS.format("a sparse gradient from the student's backward"))
+    reached = [
+        (n, p, g, d)
+        for (n, p), g, d in zip(trainable, grads, directions)
+        if g is not None and d is not None  # (both or neither: one graph)
+    ]
+    t = [
+        d * torch.empty(p.shape, dtype=torch.float64).uniform_(0.5, 1.5, generator=own).to(p)
+        for _, p, _, d in reached
+    ]
     with torch.no_grad(), fwad.dual_level():
-        duals = {n: fwad.make_dual(p.detach(), ti) for (n, p, _), ti in zip(reached, t)}
+        duals = {n: fwad.make_dual(p.detach(), ti) for (n, p, _, _), ti in zip(reached, t)}
         try:
             jt = fwad.unpack_dual(logits_of(duals)).tangent
         except NotImplementedError as e:
@@ -235,13 +281,13 @@ def check_derivatives(
                 raise
             raise error from None
     zero = torch.zeros((), dtype=torch.float64, device=logits.device)
-    backward = [(g.double() * ti.double()).sum() for (_, _, g), ti in zip(reached, t)]
-    forward = zero if jt is None else (jt.double() * u).sum()
-    sums = torch.stack([forward, sum(backward, zero), sum((b.abs() for b in backward), zero)])
+    back = [(g.double() * ti.double()).sum() for (_, _, g, _), ti in zip(reached, t)]
+    forward = zero if jt is None else (jt.double() * u.double()).sum()
+    sums = torch.stack([forward, sum(back, zero), sum((b.abs() for b in back), zero)])
     average([sums])
     forward_sum, backward_sum, scale = sums.tolist()
     err = abs(forward_sum - backward_sum) / scale if scale > 0 else abs(forward_sum)
-    if not err <= tolerance(logits.dtype, tf32):
+    if not err <= tolerance(native.dtype, tf32):
         raise ConfigError(
             "the student's backward is not the adjoint of its forward-mode derivative "
             f"(<u, J t> and <B^T u, t> differ by {err:.2e}, relative): a custom "
