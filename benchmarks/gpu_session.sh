@@ -60,7 +60,7 @@ step bench_bf16 120 python3 -m metapl bench --quiet --device $dev --precision bf
   "${bench_size[@]}" --json "$results/bench_${gpu}_bf16.json"
 step oracle 100 env METAPL_TEST_DEVICE=$dev python3 -m pytest -q -p no:cacheprovider \
   tests/test_exact_gradient.py tests/test_double_backward_step.py tests/test_sync_batchnorm.py \
-  tests/test_multi_input.py tests/test_step_late_errors.py
+  tests/test_multi_input.py tests/test_step_late_errors.py tests/test_attention_student.py
 step train_throughput 90 python3 benchmarks/train_throughput.py --device $dev --precision bf16 \
   --steps $steps --warmup $((steps < 20 ? 1 : 20)) --json "$results/train_throughput_${gpu}_bf16.json" \
   "${train_size[@]}"

@@ -212,3 +212,49 @@ def test_the_second_derivative_trial_runs_when_a_restore_point_does(monkeypatch)
     for x in (x_u, x_u, fewer, fewer, x_u):
         mpl.step(x_l, y_l, x)
     assert calls == [N_U, 6]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_float32_transformer_student_on_cuda_gets_double_backwards_gradient():
+    """On CUDA torch runs float32 attention in a fused kernel (memory-efficient attention, with a
+    head size of 8): the exact step, J by forward AD and by the tape, agrees with double backward
+    over two steps (TF32 off: both in true float32)."""
+    matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        states = {}
+        for name, options in (
+            ("forward_ad", {"jvp": "forward_ad"}),
+            ("tape", {"jvp": "auto"}),
+            ("double_backward", {"estimator": "double_backward"}),
+        ):
+            torch.manual_seed(0)
+            teacher, student = (
+                nn.Sequential(
+                    nn.TransformerEncoder(
+                        nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True), 1
+                    ),
+                    nn.Flatten(),
+                    nn.Linear(16 * 8, N_CLASSES),
+                ).cuda()
+                for _ in range(2)
+            )
+            g = torch.Generator().manual_seed(1)
+            x_l, x_u = (torch.randn(n, 8, 16, generator=g).cuda() for n in (8, 24))
+            y_l = torch.randint(0, N_CLASSES, (8,), generator=g).cuda()
+            mpl = MetaPseudoLabels(
+                teacher,
+                student,
+                torch.optim.SGD(teacher.parameters(), lr=0.1),
+                torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9),
+                supervised_weight=0.0,
+                **options,
+            )
+            for step in range(2):
+                torch.manual_seed(10 + step)
+                mpl.step(x_l, y_l, x_u)
+            states[name] = flat(p.grad for p in teacher.parameters()).double()
+        for name in ("forward_ad", "tape"):
+            assert rel_err(states[name], states["double_backward"]) <= 1e-3, name
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
