@@ -798,6 +798,33 @@ def test_a_teacher_extra_loss_that_is_not_a_scalar_is_refused_with_everything_gi
 
 
 @pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_an_extra_loss_that_raises_on_the_first_step_gives_everything_back(estimator):
+    """Not a refusal of metapl's: the caller's loss fails (an IndexError from an extra input it
+    expected and was not given). Only metapl's own errors gave the restore point back, so the
+    teacher's running statistics and the random stream stayed moved."""
+    teacher, student, x_l, y_l, x_u = make_problem("conv")
+    mpl = _mpl(
+        teacher, student, estimator=estimator, teacher_extra_loss=lambda lg: lg.extra[1].mean()
+    )
+    _refused_before_anything_moves(mpl, (x_l, y_l, x_u), IndexError, "out of range")
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "students"])
+def test_a_parameter_added_to_the_teachers_optimizer_later_is_checked(shared):
+    """add_param_group on the teacher's optimizer after construction: a parameter both models
+    share (the teacher's step moved the student's function unseen) or one of the student's alone
+    (never moved) is refused at the next step, as at construction."""
+    teacher, student, x_l, y_l, x_u = make_problem("mlp")
+    mpl = _mpl(teacher, student)
+    student.shared = teacher.shared = nn.Linear(2, 2).to(DT)  # in neither optimizer: fine
+    _warm(mpl, (x_l, y_l, x_u))
+    extra = student.shared.weight if shared else next(student.parameters())
+    mpl.teacher_optimizer.add_param_group({"params": [extra]})
+    match = "share the parameter" if shared else "teacher_optimizer must optimize the teacher's own"
+    _refused_before_anything_moves(mpl, (x_l, y_l, x_u), ConfigError, match)
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
 def test_the_student_is_tried_only_on_batches_it_has_not_taken(estimator):
     """The trial forward of check_student_takes is not a cost of every step: with batches of a
     fixed size and dtype the student runs as often in every step after the first. The exact step

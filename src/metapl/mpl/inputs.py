@@ -13,8 +13,10 @@ could neither check nor concatenate; flattening it into the tuple or dict costs 
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -58,7 +60,7 @@ class ModelInput:
 
     def functional_call(self, module: nn.Module, state: dict[str, Tensor]) -> object:
         """``module`` run with ``state`` (parameter and buffer name -> tensor) in place of its own."""
-        return functional_call(module, state, self.args, self.kwargs)
+        return restoring_functional_call(module, state, self.args, self.kwargs)
 
     def with_leaves(self, leaves: Sequence[Tensor], batch_shape: tuple[int, ...]) -> ModelInput:
         """The same call structure holding ``leaves`` (in :attr:`leaves` order)."""
@@ -66,6 +68,41 @@ class ModelInput:
         return ModelInput(
             tuple(leaves[:n]), dict(zip(self.kwargs, leaves[n:])), self.names, batch_shape
         )
+
+
+# Per root module: its submodules registered under more than one name (computed once).
+_ALIASED: weakref.WeakKeyDictionary[nn.Module, tuple[nn.Module, ...]] = weakref.WeakKeyDictionary()
+
+
+def restoring_functional_call(
+    module: nn.Module, state: dict[str, Tensor], args: tuple, kwargs: dict
+) -> Any:
+    """``torch.func.functional_call``, and afterwards the module's own parameters and buffers
+    back in every submodule, also where torch leaves them out.
+
+    Why: a submodule registered under two names (``nn.ModuleList([block, block])``, ALBERT-style
+    sharing) kept the state's plain tensors after the call (torch 2.13): the student's forward
+    no longer used the parameters its optimizer updates, so the shared block stopped training
+    and the teacher's gradient was 13% off. Which submodules are aliased is found once per
+    module (a module's structure is fixed by then); the others cost nothing.
+    """
+    aliased = _ALIASED.get(module)
+    if aliased is None:
+        seen: dict[int, int] = {}
+        for _, sub in module.named_modules(remove_duplicate=False):
+            seen[id(sub)] = seen.get(id(sub), 0) + 1
+        aliased = tuple(m for m in module.modules() if seen[id(m)] > 1)
+        _ALIASED[module] = aliased
+    if not aliased:
+        return functional_call(module, state, args, kwargs)
+    own: list[tuple[dict[str, Any], dict[str, Any]]] = [
+        (d, dict(d)) for m in aliased for d in (m._parameters, m._buffers)
+    ]
+    try:
+        return functional_call(module, state, args, kwargs)
+    finally:
+        for current, saved in own:
+            current.update(saved)
 
 
 def model_input(name: str, x: object, batch_dim: int) -> ModelInput:

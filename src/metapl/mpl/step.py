@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metapl.errors import ConfigError, MetaplError
+from metapl.errors import ConfigError
 from metapl.losses import (
     batch_mean,
     hard_cross_entropy,
@@ -236,6 +236,8 @@ class MetaPseudoLabels:
         self._jvp_paths = JvpPaths(student, jvp)
         self._student_params: list[Tensor] = []
         self._follow_student_optimizer()
+        self._teacher_param_ids: list[int] = []
+        self._follow_teacher_optimizer()
         self._check_student_update()  # fail now, not at the first step
         self._optimizers_checked: dict[str, object] = {}  # see _check_optimizers
         self._inputs_taken: set = set()  # see metapl.mpl.student_checks.check_student_takes
@@ -294,6 +296,7 @@ class MetaPseudoLabels:
         teacher_x_unlabeled: Input | None,
     ) -> dict[str, Tensor]:
         self._follow_student_optimizer()
+        self._follow_teacher_optimizer()
         self._check_student_update()
         bd = self.batch_dim
         x_l = model_input("x_labeled", x_labeled, bd)
@@ -413,6 +416,18 @@ class MetaPseudoLabels:
         self._student_names = [name_of[id(p)] for p in params]
         self._jvp_paths.set_trainable(params, self._student_names)  # drops the traced graphs
 
+    def _follow_teacher_optimizer(self) -> None:
+        """What the teacher's optimizer trains, checked again when it changes (``add_param_group``
+        after construction): a parameter the models share moved the student's function where
+        the step's gradient cannot see it, and one of the student's alone was never moved."""
+        params = [p for _, p in optimizer_params(self.teacher_optimizer)]
+        ids = [id(p) for p in params]
+        if ids == self._teacher_param_ids:
+            return
+        check_owned("teacher", self.teacher, params)
+        check_unshared(self.teacher, self.student, (self.teacher_optimizer, self.student_optimizer))
+        self._teacher_param_ids = ids
+
     def _check_student_update(self) -> None:
         """What the student's update must be for the step to be what it claims (every step:
         ``requires_grad`` and hooks can change after construction):
@@ -463,10 +478,12 @@ class MetaPseudoLabels:
     @contextlib.contextmanager
     def _undone_on_error(self):
         """Give back this step's :class:`RestorePoint` (if it has one) on a refusal from the
-        block: the block must run before any parameter or optimizer state moves."""
+        block, or any other error (the caller's extra loss or a model's forward failing: an
+        IndexError in ``teacher_extra_loss`` left the teacher's BatchNorm statistics moved): the
+        block must run before any parameter or optimizer state moves."""
         try:
             yield
-        except MetaplError:
+        except Exception:
             if self._restore is not None:
                 self._restore.restore()
             raise

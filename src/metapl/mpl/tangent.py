@@ -59,9 +59,9 @@ import torch.autograd.forward_ad as fwad
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from metapl.mpl import tangent_ops as ops
+from metapl.mpl.inputs import restoring_functional_call
 from metapl.mpl.replay import RngState
 from metapl.sync_batchnorm import GlobalBatchNorm
 
@@ -714,7 +714,7 @@ class TangentTape:
                     state.update({n: b.detach().clone() for n, b in module.named_buffers()})
                 for (name, p), t in zip(params, param_tangents):
                     state[name] = ops.make_dual(theta.get(id(p), p.detach()), t)
-                out = functional_call(module, state, tuple(args), dict(kwargs))
+                out = restoring_functional_call(module, state, tuple(args), dict(kwargs))
             return ops.unpack_tangent(out)
 
         return generic_rule
@@ -777,7 +777,7 @@ class TangentTape:
         if buffers is None:
             logits, saved, metas = self._gm(*args, **kwargs)
         else:
-            logits, saved, metas = functional_call(self._gm, buffers, args, kwargs)
+            logits, saved, metas = restoring_functional_call(self._gm, buffers, args, kwargs)
         if self._check_keys:
             # A saved value that shares memory with a trainable parameter (a view of a weight)
             # would change under optimizer.step(): keep a copy of what this pass saw.
