@@ -213,9 +213,9 @@ def check_derivatives(
     average: Callable[[list[Tensor]], None],
 ) -> None:
     """Before the first exact step: the student has a forward-mode derivative, and its backward
-    is that derivative's adjoint, <u, J t> = <B^T u, t> for a random direction t of its parameters
-    and u of its logits on x_u; else a :class:`ConfigError`. (t is a gradient's direction,
-    scaled element by element, as the step's w is.)
+    is that derivative's adjoint, <u, J t> = <B^T u, t> for a random u of its logits on x_u and t
+    the gradient of another random cotangent, scaled element by element (as the step's w is);
+    else a :class:`ConfigError`.
 
     - **Forward AD.** An op without it (spectral_norm's normalize, embedding_bag, ops of a
       torch.compile'd module) failed after the student's optimizer had stepped: every path of
@@ -233,8 +233,9 @@ def check_derivatives(
     backward does not reach gets no tangent, as in the step, where v has none for it either; nor
     does an element no gradient reaches (``nn.Embedding``'s padding row: forward AD differentiates
     it, the backward never moves it, and a random t there refused an exact student). With
-    data parallelism the sums are ``average``d first: a layer that reduces over processes
-    (``sync_batchnorm``) is an adjoint pair over the whole batch, not per process.
+    data parallelism t and the sums are ``average``d: a layer that reduces over processes
+    (``sync_batchnorm``) is an adjoint pair over the whole batch, not per process, and the
+    parameters' tangent must be one on every process, as they are one.
     """
     trainable = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
     if not trainable:
@@ -259,6 +260,7 @@ def check_derivatives(
     # t in the range of the backward, as w is (w = factors * v, v a gradient): a direction no
     # gradient ever takes (nn.Embedding's padding row) is none the step uses either.
     _, directions = backward(retain=True)
+    average([d for d in directions if d is not None])
     u, grads = backward(retain=False)
     if any(g is not None and g.layout != torch.strided for g in grads):  # F.embedding(sparse=True)
         raise ConfigError(SPARSE_GRADIENTS.format("a sparse gradient from the student's backward"))
