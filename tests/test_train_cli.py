@@ -599,6 +599,8 @@ def test_uda_mpl_presets_have_table3_values(dataset):
     assert cfg.method == "uda_mpl" and cfg.dataset == dataset and cfg.momentum == 0.9
     assert {key: getattr(cfg, key) for key in TABLE3[dataset]} == TABLE3[dataset]
     assert cfg.model == ("resnet50" if dataset == "imagenet-10pct" else "wrn28_2")
+    # not in Table 3: UDA's own confidence thresholds (Xie et al. 2019), 0.5 on ImageNet
+    assert cfg.uda_threshold == (0.5 if dataset == "imagenet-10pct" else 0.8)
 
 
 def test_preset_from_a_toml_file(tmp_path, capsys):
