@@ -30,27 +30,26 @@ Table 1 does. For hyper-parameter search use :meth:`SSLSplit.tuning_view`, which
 evaluates on the tuning examples.
 
 The full-dataset splits of Section 4.2 (Table 2). The paper *reserves* 4,000 CIFAR-10 images, 7,300
-SVHN images and 40 of 1,024 ImageNet shards for hyper-parameter tuning and labels the rest. Here
-``x_labeled`` is the rest **followed by** the reserved examples (so, as everywhere, the tuning examples
-are its last ``len(y_tune)`` entries and :meth:`SSLSplit.tuning_view` holds them out); final runs train
-on all of them, exactly as for the Section 4.1 splits.
+SVHN images and 40 of 1,024 ImageNet shards for hyper-parameter tuning and labels the rest ("This
+leaves about 45,000 labeled examples for CIFAR-10"). So here ``x_labeled`` is the rest alone, in
+final runs too (``tune_in_labeled=False``; :meth:`SSLSplit.tuning_view` keeps it whole), and the
+reserved examples are ``x_tune``.
 
 - ``cifar10-full``: tuning = the first ``num_tune`` (4,000) training images; labeled = training images
-  ``num_tune .. 49,999`` in file order, then the tuning ones; test = test_batch. Unlabeled = the images
+  ``num_tune .. 49,999`` in file order; test = test_batch. Unlabeled = the images
   of ``unlabeled_dir`` (:func:`metapl.data.folder.unlabeled_folder`, resized to 32) when given, else the
   46,000 non-tuning training images. The paper's unlabeled set is 80M TinyImages, filtered to the
   top-K (K = 50,000) per class by the pre-trained teacher; TinyImages has been withdrawn and may not be
   redistributed, so that set cannot be reproduced. The same top-K selection
   (:mod:`metapl.train.large_teacher`) applies to whatever folder is given.
 - ``svhn-full``: tuning = the first ``num_tune`` (7,300) images of train_32x32.mat; labeled = the other
-  65,957 in file order, then the tuning ones; test = test_32x32.mat. Unlabeled = extra_32x32.mat
+  65,957 in file order; test = test_32x32.mat. Unlabeled = extra_32x32.mat
   (531,131 images; the split needs it), or the images of ``unlabeled_dir`` (resized to 32) instead when
   given.
 - ``imagenet-full``: with the training files in (class, file name) order and ``p =
   RandomState(seed).permutation(N)`` (seed 0, the rule of the 10% split), tuning = the first
   ``round(N * 40 / 1024)`` positions of ``p`` (:func:`labeled_fraction_indices` with ``fraction = 40/1024``,
-  i.e. "40 shards"); labeled = the remaining positions of ``p`` in permutation order, then the tuning
-  ones; test = val. Unlabeled = the images of ``unlabeled_dir`` (a YFCC100M subset in the paper) at the
+  i.e. "40 shards"); labeled = the remaining positions of ``p`` in permutation order; test = val. Unlabeled = the images of ``unlabeled_dir`` (a YFCC100M subset in the paper) at the
   split's ``resolution`` and ``crop_fraction`` when given, else the non-tuning training images.
 
 The default unlabeled sets (no ``unlabeled_dir``) leave the tuning images out, so that a tuning run
@@ -102,7 +101,8 @@ IMAGENET_TUNE_FRACTION = 40 / 1024  # Section 4.2: "40 data shards of ImageNet" 
 class SSLSplit:
     """Labeled, unlabeled, tuning and test data of one benchmark; labels int64 in ``0..num_classes-1``.
 
-    The tuning examples are the last ``len(y_tune)`` entries of the labeled set.
+    The tuning examples are the last ``len(y_tune)`` entries of the labeled set, unless
+    ``tune_in_labeled`` is False (Section 4.2's full splits: the paper reserves them).
     """
 
     x_labeled: Images
@@ -119,6 +119,10 @@ class SSLSplit:
     # Where the tuning images sit in x_unlabeled, when the unlabeled set holds them (cifar10-4k and
     # ImageNet-%: unlabeled = all training images, as in the paper). tuning_view drops them.
     tune_in_unlabeled: np.ndarray | None = None
+    # Whether x_labeled ends with the tuning examples: final runs of Section 4.1 train on all the
+    # labeled examples, as Table 1 does; Section 4.2 reserves them ("This leaves about 45,000
+    # labeled examples for CIFAR-10"), so the full splits hold them out of x_labeled.
+    tune_in_labeled: bool = True
 
     def tuning_view(self) -> SSLSplit:
         """The split for hyper-parameter search: labeled minus tuning examples, tested on those,
@@ -127,7 +131,7 @@ class SSLSplit:
             raise ConfigError(
                 f"{self.name} has no tuning split (the paper reuses CIFAR-10's values)"
             )
-        keep = np.arange(len(self.y_labeled) - len(self.y_tune))
+        keep = np.arange(len(self.y_labeled) - (len(self.y_tune) if self.tune_in_labeled else 0))
         x_unlabeled = self.x_unlabeled
         if self.tune_in_unlabeled is not None:
             rest = np.ones(len(x_unlabeled), dtype=bool)
@@ -298,11 +302,6 @@ def _check_num_tune(name: str, num_tune: int) -> None:
         raise ConfigError(f"{name}: num_tune must be at least 0, got {num_tune}")
 
 
-def _reserve_first(n: int, num_tune: int) -> np.ndarray:
-    """Row order of a full split's labeled set: rows ``num_tune .. n-1``, then the reserved ``0 .. num_tune-1``."""
-    return np.concatenate([np.arange(num_tune, n), np.arange(num_tune)])
-
-
 def _full_split(
     name: str,
     train: tuple[np.ndarray, np.ndarray],
@@ -311,23 +310,21 @@ def _full_split(
     x_unlabeled: Images | None,
     num_classes: int,
 ) -> SSLSplit:
-    """A full split of the images and labels ``train``: all labeled, the first ``num_tune``
-    reserved for tuning (:func:`_reserve_first`); unlabeled = ``x_unlabeled``, or the non-tuning
-    images when None."""
+    """A full split of the images and labels ``train``: the first ``num_tune`` reserved for
+    tuning, the rest labeled; unlabeled = ``x_unlabeled``, or the labeled (non-tuning) images when
+    None."""
     x_train, y_train = train
-    n = len(y_train)
-    order = _reserve_first(n, num_tune)
-    x_labeled, y_labeled = x_train[order], y_train[order]
     return SSLSplit(
-        x_labeled=x_labeled,
-        y_labeled=y_labeled,
-        x_unlabeled=x_labeled[: n - num_tune] if x_unlabeled is None else x_unlabeled,
-        x_tune=x_labeled[n - num_tune :],
-        y_tune=y_labeled[n - num_tune :],
+        x_labeled=x_train[num_tune:],
+        y_labeled=y_train[num_tune:],
+        x_unlabeled=x_train[num_tune:] if x_unlabeled is None else x_unlabeled,
+        x_tune=x_train[:num_tune],
+        y_tune=y_train[:num_tune],
         x_test=test[0],
         y_test=test[1],
         num_classes=num_classes,
         name=name,
+        tune_in_labeled=False,
     )
 
 
@@ -396,18 +393,20 @@ def imagenet_full(
     n = len(train)
     n_tune = round(n * tune_fraction)  # as labeled_fraction_indices(n, tune_fraction, seed)
     _need(name, Path(data_dir) / "train", n, n_tune + 1, "images", "tune_fraction")
-    order = np.roll(np.random.RandomState(seed).permutation(n), -n_tune)  # rest, then tuning
-    x_labeled = train.images.subset(order)
+    order = np.random.RandomState(seed).permutation(n)
+    tune, rest = order[:n_tune], order[n_tune:]
+    x_labeled = train.images.subset(rest)
     return SSLSplit(
         x_labeled=x_labeled,
-        y_labeled=train.labels[order],
-        x_unlabeled=x_labeled.subset(np.arange(n - n_tune)) if x_unlabeled is None else x_unlabeled,
-        x_tune=x_labeled.subset(np.arange(n - n_tune, n)),
-        y_tune=train.labels[order[n - n_tune :]],
+        y_labeled=train.labels[rest],
+        x_unlabeled=x_labeled if x_unlabeled is None else x_unlabeled,
+        x_tune=train.images.subset(tune),
+        y_tune=train.labels[tune],
         x_test=val.images,
         y_test=val.labels,
         num_classes=train.num_classes,
         name=name,
+        tune_in_labeled=False,
     )
 
 
