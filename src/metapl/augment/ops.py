@@ -6,7 +6,9 @@ translate, and the four enhancements) use its sign, the others use ``|level|``. 
 identity for every op that has a magnitude (so "magnitude" reads as "strength"; the TF reference maps
 some ops the other way round, e.g. Solarize and Posterize at level 0 there are the strongest).
 
-Magnitude ranges at level 10 (those of the RandAugment / UDA code):
+Magnitude ranges at level 10: those of the RandAugment and AutoAugment papers, with translation
+scaled from UDA's 10 px on a 32 px image. (UDA's code differs: integer magnitudes 1-9, Posterize
+4 -> 1 bits, Invert and Cutout among its ops, translation in absolute pixels.)
   Rotate          +-30 degrees                     ShearX, ShearY   +-0.3
   TranslateX, -Y  +-10/32 of the width / height    Solarize         threshold 256 -> 0 (all inverted)
   Posterize       8 -> 4 bits                      Color, Contrast, Brightness, Sharpness:

@@ -1,7 +1,8 @@
 """Optimizer parameter groups that put weight decay on conv and linear weights only.
 
-Appendix C: weight decay applies to the kernels, not to BatchNorm's scale/shift or to biases
-(decaying BN's scale fights the normalization, and biases have no capacity to regularize).
+Weight decay applies to the kernels, not to BatchNorm's scale/shift or to biases, as UDA's and
+EfficientNet's code do (the paper does not say): decaying BN's scale fights the normalization, and
+biases have no capacity to regularize.
 """
 
 from __future__ import annotations

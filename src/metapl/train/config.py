@@ -108,7 +108,7 @@ class TrainConfig:
     steps: int = 1_000_000
     warmup_steps: int = 2_000
     batch_size: int = 128  # labeled batch (teacher and student alike, Table 3)
-    unlabeled_ratio: int = 7  # unlabeled batch = ratio x batch_size (as in UDA)
+    unlabeled_ratio: int = 7  # unlabeled batch = ratio x batch_size (UDA's code's ratio)
 
     # -- optimization (Nesterov 0.9 for both models)
     student_lr: float = 0.3
