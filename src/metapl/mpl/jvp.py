@@ -191,7 +191,7 @@ class JvpPaths:
         The record pass *is* the student's update pass, so its backward trains the student. fx
         traces through a custom ``autograd.Function`` (and ``torch.utils.checkpoint``) into the
         operations of its forward, so the graph's backward is autograd's derivative of those, not
-        the Function's own: a straight-through estimator's identity became round's zero, and a
+        the Function's own: a straight-through estimator's identity became its forward's derivative, and a
         reentrant checkpoint that gives its layers no gradient gave them one (the student trained
         another way than without the tape, the teacher's gradient 14% off at the second step).
         Equal logits and J cannot see it: only a backward can.
@@ -201,9 +201,7 @@ class JvpPaths:
         def gradient(forward: Callable[[dict[str, Tensor]], Tensor]) -> Tensor:
             with replayed_rng(update.rng), update.autocast():
                 logits = upcast(forward({n: b.clone() for n, b in update.buffers.items()}))
-            own = torch.Generator().manual_seed(
-                0
-            )  # the same u for both, the global stream untouched
+            own = torch.Generator().manual_seed(0)  # one u for both; the global stream untouched
             u = torch.randn(logits.shape, generator=own, dtype=torch.float64).to(logits)
             grads: Sequence[Tensor | None] = [None] * len(trainable)
             if logits.requires_grad:  # (a graph that detaches its logits reaches nothing)

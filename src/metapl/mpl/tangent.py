@@ -908,8 +908,9 @@ def relative_error(a: Tensor, b: Tensor) -> float:
 
 
 def tolerance(dtype: torch.dtype, tf32: bool) -> float:
-    """How far the tape's first record and J may be from the module's forward and forward AD
-    (relative, in norm) before the step stops trusting the traced graph. Both compute the same
+    """How far two computations of one derivative may be apart (relative) before the step calls
+    them different: the tape's first record, backward and J against the module's forward, backward
+    and forward AD, and the two sides of the student's adjoint check. Both compute the same
     function in another order. Measured on CPU (WRN-28-2, EfficientNet-B0, digits CNN): the logits
     agree bit for bit; J agrees to ~1e-15 in float64, ~1e-6 in float32, and only to 0.6-3.3e-2
     under bf16 autocast, where each is 6-120% away from float64 J anyway. A graph that computes
