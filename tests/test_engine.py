@@ -463,7 +463,7 @@ def test_cifar10_full_reduced_mpl_pipeline_on_tiny_files(tmp_path, cifar_full_ro
     assert (record["method"], record["dataset"]) == ("reduced_mpl", "cifar10-full")
     probs_l = np.load(student_run / "large_teacher_labeled.npy")
     probs_u = np.load(student_run / "large_teacher_unlabeled.npy")
-    assert probs_l.shape == (4100, 10)  # labeled = 100 + the 4,000 reserved for tuning
+    assert probs_l.shape == (100, 10)  # labeled = the 100 left after reserving 4,000 for tuning
     assert probs_u.shape == (100, 10)  # no unlabeled folder: the non-tuning training images
     ckpt = load_checkpoint(student_run / "checkpoint.pt")
     assert ckpt["config"]["student_optimizer"] == "rmsprop"

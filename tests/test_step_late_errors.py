@@ -797,6 +797,21 @@ def test_a_teacher_extra_loss_that_is_not_a_scalar_is_refused_with_everything_gi
     )
 
 
+@pytest.mark.parametrize("who", ["student", "teacher"])
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_a_submodule_replaced_after_construction_is_checked(estimator, who):
+    """``model.fc = nn.Linear(...)`` between steps, the optimizer left as it was: it holds the old
+    layer's parameters, which the model no longer uses (both exact estimators' teacher gradient
+    1.7-5.3x off, silently). Refused at the next step, as at construction."""
+    teacher, student, x_l, y_l, x_u = make_problem("mlp")
+    mpl = _mpl(teacher, student, estimator=estimator)
+    _warm(mpl, (x_l, y_l, x_u))
+    model = student if who == "student" else teacher
+    model.fc2 = nn.Linear(model.fc2.in_features, model.fc2.out_features).to(DT)
+    match = f"{who}_optimizer must optimize the {who}'s own parameters"
+    _refused_before_anything_moves(mpl, (x_l, y_l, x_u), ConfigError, match)
+
+
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 def test_an_extra_loss_that_raises_on_the_first_step_gives_everything_back(estimator):
     """Not a refusal of metapl's: the caller's loss fails (an IndexError from an extra input it

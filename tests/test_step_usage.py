@@ -699,7 +699,8 @@ def test_a_student_with_an_embedding_bag_is_refused_by_the_exact_estimators(esti
     x_l, y_l, x_u = token_batches()
     tokens = _Tokens().to(DT)
     mpl = _mpl(teacher, tokens, torch.optim.SGD(tokens.parameters(), lr=0.2), estimator=estimator)
-    tokens.emb = student.emb  # an EmbeddingBag put in after construction
+    tokens.emb = student.emb  # an EmbeddingBag put in after construction, and trained
+    mpl.student_optimizer.param_groups[0]["params"] = list(tokens.parameters())
     before = _models_and_rng(teacher, tokens)
     with pytest.raises(ConfigError, match=message):
         mpl.step(x_l, y_l, x_u)

@@ -210,6 +210,55 @@ def _run_steps(model_fn, opt_name: str, jvp: str, steps: int = 3, **kwargs):
     return mpl, metrics, paths
 
 
+class BakedNet(RichNet):
+    """RichNet, scaled by a private float, mixed by a tuple, shifted by a plain tensor attribute
+    and a buffer read by attribute: values fx bakes into the traced graph."""
+
+    def __init__(self):
+        super().__init__()
+        self._scale = 1.0
+        self.mix = (1.0, 0.5)
+        self.shift = torch.zeros(3, dtype=DT)
+        self.register_buffer("mu", torch.zeros(3))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = super().forward(x) * self._scale
+        return self.mix[0] * out + self.mix[1] * (out + self.shift + self.mu)
+
+
+BAKED_CHANGES = {
+    "private": lambda m: setattr(m, "_scale", 1.5),
+    # (each changes the logits beyond a shift shared by all classes, which softmax ignores)
+    "tuple": lambda m: setattr(m, "mix", (0.5, 2.0)),
+    "tensor": lambda m: setattr(m, "shift", torch.tensor([0.3, -0.2, 0.1], dtype=DT)),
+    "buffer": lambda m: setattr(m, "mu", torch.tensor([0.2, 0.0, -0.3], dtype=DT)),  # a new one
+    "conv": lambda m: (setattr(m.conv1, "padding", (2, 2)), setattr(m.conv1, "dilation", (2, 2))),
+}
+
+
+@pytest.mark.parametrize("change", sorted(BAKED_CHANGES))
+def test_a_value_the_graph_baked_in_changed_between_steps_gets_a_new_graph(change):
+    """The tape's key held public scalars only: a private scale, a tuple, a tensor attribute, a
+    replaced buffer or a conv's padding changed after the first step, and the student kept
+    training on the old graph, silently (the teacher's gradient 0.1-2x off finite differences,
+    or a raw error after the student moved). Now a new graph: the tape's steps equal forward
+    AD's, and J still comes from the tape."""
+    runs = {}
+    for jvp in ("auto", "forward_ad"):
+        teacher, student, x_l, y_l, x_u = _problem(BakedNet)
+        mpl = _sgd_mpl(teacher, student, jvp=jvp, supervised_weight=0.0)
+        paths = []
+        for step in range(3):
+            if step == 1:
+                BAKED_CHANGES[change](student)
+            torch.manual_seed(100 + step)
+            mpl.step(x_l, y_l, x_u + 0.1 * step)
+            paths.append(mpl.last_jvp_path)
+        runs[jvp] = mpl, paths
+    assert runs["auto"][1] == ["tape"] * 3, runs["auto"][0].jvp_fallback_reason
+    _assert_same_state(runs["auto"][0], runs["forward_ad"][0], tol=1e-10)
+
+
 def _close(a: Tensor, b: Tensor, tol: float) -> bool:
     """||a - b|| <= tol ||b|| (two zero tensors are close; tol = 0 means equal)."""
     a, b = a.detach().double(), b.detach().double()

@@ -19,6 +19,7 @@ is given up for forward AD (``jvp="auto"``, with a warning once) or is a ConfigE
 from __future__ import annotations
 
 import contextlib
+import io
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -158,7 +159,13 @@ class JvpPaths:
         graph that computes something else (Python state fx baked in) never trains the student."""
         x_u = update.x_u
         try:
-            with replayed_rng(update.rng), torch.no_grad(), update.autocast():
+            # (quiet: fx prints the generated code's traceback to stderr when a graph fails)
+            with (
+                replayed_rng(update.rng),
+                torch.no_grad(),
+                update.autocast(),
+                contextlib.redirect_stderr(io.StringIO()),
+            ):
                 record = tape.record(x_u.args, x_u.kwargs, buffers=tape.buffer_copies())
         except Exception as e:  # noqa: BLE001  (any failure means: not this graph)
             self._give_up(f"the traced student fails ({type(e).__name__}: {e})", tape)

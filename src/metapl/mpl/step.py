@@ -235,6 +235,7 @@ class MetaPseudoLabels:
         # How the exact step gets J (jvp), with the traced students and last_jvp_path: jvp.py
         self._jvp_paths = JvpPaths(student, jvp)
         self._student_params: list[Tensor] = []
+        self._student_ids: list[int] = []  # the optimizer's and the module's, see below
         self._follow_student_optimizer()
         self._teacher_param_ids: list[int] = []
         self._follow_teacher_optimizer()
@@ -407,21 +408,26 @@ class MetaPseudoLabels:
         the optimizer's parameters change (``add_param_group`` after construction), since w and
         the Appendix-B factors must cover exactly what the optimizer updates."""
         params = [p for _, p in optimizer_params(self.student_optimizer)]
-        if [id(p) for p in params] == [id(p) for p in self._student_params]:
+        # The module's own, too: a submodule replaced (student.fc = nn.Linear(...)) left the
+        # optimizer on the old one's parameters, and both exact estimators silently wrong.
+        ids = [id(p) for p in params] + [-1] + [id(p) for p in self.student.parameters()]
+        if ids == self._student_ids:
             return
         check_owned("student", self.student, params)
         check_unshared(self.teacher, self.student, (self.teacher_optimizer, self.student_optimizer))
         name_of = {id(p): n for n, p in self.student.named_parameters()}
         self._student_params = params
+        self._student_ids = ids
         self._student_names = [name_of[id(p)] for p in params]
         self._jvp_paths.set_trainable(params, self._student_names)  # drops the traced graphs
 
     def _follow_teacher_optimizer(self) -> None:
-        """What the teacher's optimizer trains, checked again when it changes (``add_param_group``
-        after construction): a parameter the models share moved the student's function where
-        the step's gradient cannot see it, and one of the student's alone was never moved."""
+        """What the teacher's optimizer trains, checked again when it or the teacher's parameters
+        change (``add_param_group``, a replaced submodule): a parameter the models share moved
+        the student's function where the step's gradient cannot see it, and one of the student's
+        alone was never moved."""
         params = [p for _, p in optimizer_params(self.teacher_optimizer)]
-        ids = [id(p) for p in params]
+        ids = [id(p) for p in params] + [-1] + [id(p) for p in self.teacher.parameters()]
         if ids == self._teacher_param_ids:
             return
         check_owned("teacher", self.teacher, params)
