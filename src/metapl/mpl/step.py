@@ -235,10 +235,9 @@ class MetaPseudoLabels:
         # How the exact step gets J (jvp), with the traced students and last_jvp_path: jvp.py
         self._jvp_paths = JvpPaths(student, jvp)
         self._student_params: list[Tensor] = []
-        self._student_ids: list[int] = []  # the optimizer's and the module's, see below
+        self._holdings: dict[str, list[int]] = {}  # see _check_holdings
         self._follow_student_optimizer()
-        self._teacher_param_ids: list[int] = []
-        self._follow_teacher_optimizer()
+        self._check_holdings("teacher")
         self._check_student_update()  # fail now, not at the first step
         self._optimizers_checked: dict[str, object] = {}  # see _check_optimizers
         self._inputs_taken: set = set()  # see metapl.mpl.student_checks.check_student_takes
@@ -297,7 +296,7 @@ class MetaPseudoLabels:
         teacher_x_unlabeled: Input | None,
     ) -> dict[str, Tensor]:
         self._follow_student_optimizer()
-        self._follow_teacher_optimizer()
+        self._check_holdings("teacher")
         self._check_student_update()
         bd = self.batch_dim
         x_l = model_input("x_labeled", x_labeled, bd)
@@ -407,32 +406,34 @@ class MetaPseudoLabels:
         """The student's trainable parameters, named, in its optimizer's order: read again when
         the optimizer's parameters change (``add_param_group`` after construction), since w and
         the Appendix-B factors must cover exactly what the optimizer updates."""
-        params = [p for _, p in optimizer_params(self.student_optimizer)]
-        # The module's own, too: a submodule replaced (student.fc = nn.Linear(...)) left the
-        # optimizer on the old one's parameters, and both exact estimators silently wrong.
-        ids = [id(p) for p in params] + [-1] + [id(p) for p in self.student.parameters()]
-        if ids == self._student_ids:
+        params = self._check_holdings("student")
+        if params is None:
             return
-        check_owned("student", self.student, params)
-        check_unshared(self.teacher, self.student, (self.teacher_optimizer, self.student_optimizer))
         name_of = {id(p): n for n, p in self.student.named_parameters()}
         self._student_params = params
-        self._student_ids = ids
         self._student_names = [name_of[id(p)] for p in params]
         self._jvp_paths.set_trainable(params, self._student_names)  # drops the traced graphs
 
-    def _follow_teacher_optimizer(self) -> None:
-        """What the teacher's optimizer trains, checked again when it or the teacher's parameters
-        change (``add_param_group``, a replaced submodule): a parameter the models share moved
-        the student's function where the step's gradient cannot see it, and one of the student's
-        alone was never moved."""
-        params = [p for _, p in optimizer_params(self.teacher_optimizer)]
-        ids = [id(p) for p in params] + [-1] + [id(p) for p in self.teacher.parameters()]
-        if ids == self._teacher_param_ids:
-            return
-        check_owned("teacher", self.teacher, params)
+    def _check_holdings(self, who: str) -> list[Tensor] | None:
+        """The parameters ``who``'s optimizer trains, checked again (the model's own, none shared
+        with the other model) when they or the model's parameters changed since the last step,
+        else None. The model's, too: a submodule replaced (``student.fc = nn.Linear(...)``) left
+        the optimizer on the old one's parameters, and both exact estimators silently wrong; a
+        parameter added to the teacher's optimizer that the models share moved the student's
+        function where the step's gradient cannot see it."""
+        model, optimizer = (
+            (self.student, self.student_optimizer)
+            if who == "student"
+            else (self.teacher, self.teacher_optimizer)
+        )
+        params = [p for _, p in optimizer_params(optimizer)]
+        ids = [id(p) for p in params] + [-1] + [id(p) for p in model.parameters()]
+        if ids == self._holdings.get(who):
+            return None
+        check_owned(who, model, params)
         check_unshared(self.teacher, self.student, (self.teacher_optimizer, self.student_optimizer))
-        self._teacher_param_ids = ids
+        self._holdings[who] = ids
+        return params
 
     def _check_student_update(self) -> None:
         """What the student's update must be for the step to be what it claims (every step:
