@@ -469,8 +469,9 @@ class MetaPseudoLabels:
         [2 * batch, C], or squeezes a batch of one to [C]): by then their BatchNorm statistics and
         the random stream have moved. They are saved when such an error can come: on the first
         step, for batches of sizes no step has passed with yet (a last, smaller batch), and for a
-        label beyond the classes of the last step. Not every step: on a GPU, saving the random
-        state is a host sync. (Batch sizes, not whole shapes: a model's rows per example do not
+        label beyond the classes of the last step. Not every step: it copies every buffer of both
+        models, a kernel launch each on a GPU (about a hundred for WRN-28-2). (Batch sizes, not
+        whole shapes: a model's rows per example do not
         depend on a sequence's length, and variable lengths would save every step.)
         """
         shapes = tuple((x.structure, x.batch_shape) for x in inputs)
@@ -773,6 +774,8 @@ class MetaPseudoLabels:
         if self.baseline_decay is not None:
             if self.baseline is None:
                 self.baseline = torch.zeros_like(reward)
+            # (a resumed baseline comes from a checkpoint loaded on the CPU)
+            self.baseline = self.baseline.to(reward.device)
             advantage = reward - self.baseline
             self.baseline = self.baseline_decay * self.baseline + (1 - self.baseline_decay) * reward
         # REINFORCE over the batch of labels: log q(y_hat) = sum_i log q(y_hat_i | x_i), a *sum*

@@ -137,7 +137,13 @@ class AdamRule:
         beta1, beta2 = (float(b) for b in group["betas"])
         if group["weight_decay"] != 0 and not group.get("decoupled_weight_decay", False):
             grad = grad + group["weight_decay"] * param
-        step = float(state["step"]) + 1.0 if "step" in state else 1.0
+        step: float | Tensor = 1.0
+        if "step" in state:
+            count = state["step"]
+            # capturable and fused Adam keep it on the GPU: float() of it was a host sync per
+            # parameter, every step; torch computes their bias corrections in its dtype too
+            on_device = isinstance(count, Tensor) and count.device.type != "cpu"
+            step = count + 1.0 if on_device else float(count) + 1.0
         exp_avg = state.get("exp_avg", torch.zeros_like(param))
         exp_avg_sq = state.get("exp_avg_sq", torch.zeros_like(param))
         exp_avg = exp_avg + (1.0 - beta1) * (grad - exp_avg)

@@ -124,7 +124,9 @@ class BatchSource:
         gen = torch.Generator().manual_seed(stream_seed(self.cfg.seed, "augment", step))
         idx = self.labeled.at(step)
         x_l = self._images(self.split.x_labeled, idx)
-        y_l = torch.from_numpy(self.split.y_labeled[idx]).to(self.device)
+        # non_blocking: no wait for the GPU's queued work (from pageable memory the copy is
+        # staged at once, so the temporary may go)
+        y_l = torch.from_numpy(self.split.y_labeled[idx]).to(self.device, non_blocking=True)
         batch = Batch(self.weak(x_l, generator=gen), y_l, step=step)
         if "labeled_strong" in wanted:
             batch.x_labeled_strong = self.strong(self.weak(x_l, generator=gen), generator=gen)
@@ -133,8 +135,12 @@ class BatchSource:
             x_u = self._images(self.split.x_unlabeled, idx_u)
             if self.teacher_probs is not None:
                 probs_l, probs_u = self.teacher_probs
-                batch.t_labeled = torch.from_numpy(np.asarray(probs_l[idx])).to(self.device)
-                batch.t_unlabeled = torch.from_numpy(np.asarray(probs_u[idx_u])).to(self.device)
+                batch.t_labeled = torch.from_numpy(np.asarray(probs_l[idx])).to(
+                    self.device, non_blocking=True
+                )
+                batch.t_unlabeled = torch.from_numpy(np.asarray(probs_u[idx_u])).to(
+                    self.device, non_blocking=True
+                )
             if "unlabeled_weak" in wanted:
                 batch.x_unlabeled_weak = self.weak(x_u, generator=gen)
             if "unlabeled_strong" in wanted:
