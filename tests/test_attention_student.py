@@ -27,6 +27,7 @@ from torch.func import functional_call
 import metapl.mpl.step as step_module
 from metapl import MetaPseudoLabels
 from metapl.errors import ConfigError
+from metapl.mpl.student_checks import check_second_derivatives
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -212,6 +213,48 @@ def test_the_second_derivative_trial_runs_when_a_restore_point_does(monkeypatch)
     for x in (x_u, x_u, fewer, fewer, x_u):
         mpl.step(x_l, y_l, x)
     assert calls == [N_U, 6]
+
+
+class _Raises(torch.autograd.Function):
+    """Identity whose backward raises ``error``."""
+
+    @staticmethod
+    def forward(x: Tensor, error: Exception) -> Tensor:
+        return x.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.error = inputs[1]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        raise ctx.error
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        RuntimeError("the derivative for 'op' is missing"),
+        RuntimeError("this case is not implemented"),
+        NotImplementedError("the other case is not implemented"),
+        ValueError("the derivative for 'op' is not implemented"),
+    ],
+    ids=["derivative-only", "not-implemented-only", "not-implemented-error", "value-error"],
+)
+def test_the_second_derivative_trial_names_only_a_missing_derivative(error):
+    """Torch's "the derivative for '...' is not implemented" (a RuntimeError or a
+    NotImplementedError) becomes the ConfigError naming the estimators; any other error of the
+    trial, even one that says half of it, comes as it is (a ConfigError would send the user to
+    another estimator for a bug of the student's own)."""
+    targets = torch.randn(3, N_CLASSES, dtype=DT, requires_grad=True)
+    with pytest.raises(type(error), match=str(error)):
+        check_second_derivatives(_Raises.apply(targets * 2, error), targets)
+    missing = NotImplementedError("the derivative for 'op' is not implemented")
+    with pytest.raises(ConfigError, match=r"without a second derivative \(the derivative for"):
+        check_second_derivatives(_Raises.apply(targets * 2, missing), targets)
+    missing = RuntimeError("the derivative for 'op' is not implemented")
+    with pytest.raises(ConfigError, match="without a second derivative"):
+        check_second_derivatives(_Raises.apply(targets * 2, missing), targets)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -20,6 +20,7 @@ them silently before:
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -33,6 +34,7 @@ from mpl_helpers import (
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+import metapl.mpl.student_checks as checks
 from metapl import MetaPseudoLabels
 from metapl.errors import ConfigError
 
@@ -193,6 +195,71 @@ def test_the_adjoint_check_passes_a_consistent_surrogate_derivative():
     assert rel_err(_state(exact), _state(db)) <= 1e-12
 
 
+class PairSum(torch.autograd.Function):
+    """A weight stored as pairs, used as their sum: the backward is right (each of a pair gets the
+    gradient), the jvp is not (twice the first's tangent). The two agree on every gradient
+    direction (its pairs are equal), and only there."""
+
+    @staticmethod
+    def forward(p: Tensor) -> Tensor:
+        return p.sum(-1)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return torch.stack([grad, grad], -1)
+
+    @staticmethod
+    def jvp(ctx, tangent: Tensor) -> Tensor:
+        return 2 * tangent[..., 0]
+
+
+class Pairs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pairs = nn.Parameter(torch.randn(N_CLASSES, 4, 2, dtype=DT))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x @ PairSum.apply(self.pairs).T
+
+
+def test_the_adjoint_check_scales_its_gradient_direction():
+    """J is taken along w, a gradient scaled element by element (Appendix B's factors), not along
+    a gradient: a jvp wrong only off the gradients' directions is refused. (With t a plain
+    gradient, as in a check without the scaling, both sides agreed and the step ran.)"""
+    teacher, _, x_l, y_l, x_u = _problem(None)
+    mpl = _mpl(teacher, Pairs(), jvp="forward_ad")
+    with pytest.raises(ConfigError, match="not the adjoint"):
+        mpl.step(x_l, y_l, x_u)
+
+
+def test_the_adjoint_check_holds_its_error_to_the_dtypes_tolerance(monkeypatch):
+    """The error is compared with the tolerance of the logits' dtype as it is: a check that let
+    errors a few times the tolerance through would pass a backward that many times wrong. Measured
+    once (the tolerance at -1: always refused), then held to half and twice its value."""
+    seen = []
+
+    def first_step(bar: float):
+        def tolerance(dtype, tf32):
+            seen.append((dtype, tf32))
+            return bar
+
+        monkeypatch.setattr(checks, "tolerance", tolerance)
+        teacher, student, x_l, y_l, x_u = _problem(ScaledGradient)
+        _mpl(teacher, student, jvp="forward_ad").step(x_l, y_l, x_u)
+
+    with pytest.raises(ConfigError, match="not the adjoint") as refused:
+        first_step(-1.0)
+    err = float(re.search(r"differ by (\S+), relative", str(refused.value)).group(1))
+    assert seen == [(DT, False)] and err > 0
+    with pytest.raises(ConfigError, match="not the adjoint"):
+        first_step(err / 2)
+    first_step(2 * err)
+
+
 # ----------------------------------------------------------------------------- traced through
 
 
@@ -325,7 +392,8 @@ def test_a_student_that_reuses_a_block_keeps_training_it(options):
     """torch.func.functional_call left the block's plain state tensors in place of its Parameters
     (a module registered under two names): the block stopped training, the teacher's gradient was
     13% off. Two steps checked against finite differences of the real step; the block's weight is
-    still the optimizer's Parameter and moved."""
+    still the optimizer's Parameter and moved, its BatchNorm statistics
+    still the block's own buffer."""
     torch.manual_seed(0)
     teacher, student = Net(None).to(DT), SharedBlocks().to(DT)
     g = torch.Generator().manual_seed(1)
@@ -334,6 +402,7 @@ def test_a_student_that_reuses_a_block_keeps_training_it(options):
     mpl = _mpl(teacher, student, **options)
     weight = student.blocks[0][0].weight
     before = weight.detach().clone()
+    stats = student.blocks[0][1].running_mean
     gen = torch.Generator().manual_seed(3)
     for step in range(2):
         probe = FiniteDifferenceProbe(
@@ -344,3 +413,4 @@ def test_a_student_that_reuses_a_block_keeps_training_it(options):
         probe.check(step)
     assert student.blocks[1][0].weight is weight and isinstance(weight, nn.Parameter)
     assert not torch.equal(weight.detach(), before)
+    assert student.blocks[1][1].running_mean is stats

@@ -390,6 +390,19 @@ def test_the_tape_is_checked_for_each_way_of_calling_the_student():
         strict.step(ids_only[0], y_l, ids_only[1])
 
 
+def test_a_traced_graph_that_fails_prints_nothing(capsys):
+    """fx prints the generated code's traceback to stderr when a traced graph fails: the step
+    gives the graph up with a warning (its reason), and stderr stays the user's."""
+    teacher, student, x_l, y_l, x_u, _ = _problem(8, model=OptionalMask)
+    mpl = _auto_mpl(teacher, student)
+    mpl.step(x_l, y_l, x_u)
+    capsys.readouterr()
+    with pytest.warns(UserWarning, match="the traced student fails"):
+        mpl.step(x_l[:1], y_l, x_u[:1])
+    assert mpl.last_jvp_path == "forward_ad"
+    assert capsys.readouterr().err == ""
+
+
 class TwoOptional(TokenClassifier):
     """Two optional keyword inputs that weigh the positions: ``mask`` (default 1) and ``weight``
     (default None: not applied). fx traces ``isinstance(weight, Tensor)`` as False (a proxy is no

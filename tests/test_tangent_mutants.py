@@ -28,6 +28,7 @@ from test_tangent_replay import (
     FIRST_USE_REASONS,
     RichNet,
     _assert_same_state,
+    _problem,
     _run_steps,
     _sgd_mpl,
     tape_vs_native,
@@ -180,6 +181,40 @@ def test_a_wrong_tangent_pass_on_a_right_graph_is_not_trusted(monkeypatch):
     ref, _, _ = _run_steps(RichNet, "adamw", "forward_ad", steps=2)
     assert paths == ["forward_ad"] * 2
     _assert_same_state(auto, ref, tol=0.0)
+
+
+def test_a_graph_whose_backward_fails_is_not_trusted(monkeypatch):
+    """The traced graph records (without grad) but its backward fails: the first use gives the
+    graph up for forward AD, as for any other failure of it, instead of the step failing."""
+    from metapl.mpl.tangent import TangentTape
+
+    real = TangentTape.record
+
+    def no_backward(self, *args, **kwargs):
+        if torch.is_grad_enabled():
+            raise RuntimeError("no backward here")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(TangentTape, "record", no_backward)
+    with pytest.warns(UserWarning, match="backward fails.*RuntimeError: no backward here"):
+        auto, _, paths = _run_steps(RichNet, "adamw", "auto", steps=2)
+    monkeypatch.setattr(TangentTape, "record", real)
+    ref, _, _ = _run_steps(RichNet, "adamw", "forward_ad", steps=2)
+    assert paths == ["forward_ad"] * 2
+    _assert_same_state(auto, ref, tol=0.0)
+
+
+def test_a_frozen_parameter_keeps_the_graph():
+    """A parameter frozen after construction (still in the optimizer) gets no gradient: the first
+    use's comparison of backwards leaves it out, as the step does, instead of failing on it and
+    giving a good graph up."""
+    teacher, student, x_l, y_l, x_u = _problem(RichNet)
+    mpl = _sgd_mpl(teacher, student, jvp="tape")
+    next(student.parameters()).requires_grad_(False)
+    for step in range(2):
+        torch.manual_seed(step)
+        mpl.step(x_l, y_l, x_u)
+        assert mpl.last_jvp_path == "tape"
 
 
 class NoAffineBatchNorm(nn.Module):
