@@ -211,8 +211,8 @@ def _run_steps(model_fn, opt_name: str, jvp: str, steps: int = 3, **kwargs):
 
 
 class BakedNet(RichNet):
-    """RichNet, scaled by a private float, mixed by a tuple, shifted by a plain tensor attribute
-    and a buffer read by attribute: values fx bakes into the traced graph."""
+    """RichNet, scaled by a private float and a list, mixed by a tuple, shifted by a plain tensor
+    attribute and a buffer read by attribute: values fx bakes into the traced graph."""
 
     def __init__(self):
         super().__init__()
@@ -220,9 +220,10 @@ class BakedNet(RichNet):
         self.mix = (1.0, 0.5)
         self.shift = torch.zeros(3, dtype=DT)
         self.register_buffer("mu", torch.zeros(3))
+        self.weights = [1.0, 1.0]  # a list: the key must hash it, and see it change in place
 
     def forward(self, x: Tensor) -> Tensor:
-        out = super().forward(x) * self._scale
+        out = super().forward(x) * self._scale * self.weights[0] * self.weights[1]
         return self.mix[0] * out + self.mix[1] * (out + self.shift + self.mu)
 
 
@@ -233,6 +234,7 @@ BAKED_CHANGES = {
     "tensor": lambda m: setattr(m, "shift", torch.tensor([0.3, -0.2, 0.1], dtype=DT)),
     "buffer": lambda m: setattr(m, "mu", torch.tensor([0.2, 0.0, -0.3], dtype=DT)),  # a new one
     "conv": lambda m: (setattr(m.conv1, "padding", (2, 2)), setattr(m.conv1, "dilation", (2, 2))),
+    "list": lambda m: m.weights.__setitem__(1, 2.0),  # changed in place
 }
 
 

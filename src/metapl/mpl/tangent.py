@@ -133,8 +133,9 @@ def module_signature(module: nn.Module) -> tuple[tuple | None, str | None]:
             return None, f"{type(m).__name__} has backward pre hooks"
         # Values fx may bake into the graph: scalars, tuples or lists of them (a conv's padding:
         # its rule reads it at trace time), tensors by identity; private attributes too.
+        # (lists as tuples: hashable, and a copy, so that a change in place is seen)
         values = tuple(
-            (k, v)
+            (k, tuple(v) if type(v) is list else v)
             for k, v in m.__dict__.items()
             if type(v) in _SCALAR_TYPES
             or (type(v) in _SEQUENCES and all(type(e) in _SCALAR_TYPES for e in v))
