@@ -163,6 +163,21 @@ def test_a_graph_without_a_tangent_is_not_trusted_when_forward_ad_has_one():
     _assert_same_state(auto, ref, tol=0.0)
 
 
+def _trains_as_forward_ad_with(monkeypatch, method: str, replacement, warning: str) -> None:
+    """With TangentTape's ``method`` replaced, jvp="auto" warns ``warning``, gives the graph up at
+    its first use and trains as forward AD does, bit for bit, from the first step."""
+    from metapl.mpl.tangent import TangentTape
+
+    real = getattr(TangentTape, method)
+    monkeypatch.setattr(TangentTape, method, replacement)
+    with pytest.warns(UserWarning, match=warning):
+        auto, _, paths = _run_steps(RichNet, "adamw", "auto", steps=2)
+    monkeypatch.setattr(TangentTape, method, real)
+    ref, _, _ = _run_steps(RichNet, "adamw", "forward_ad", steps=2)
+    assert paths == ["forward_ad"] * 2
+    _assert_same_state(auto, ref, tol=0.0)
+
+
 def test_a_wrong_tangent_pass_on_a_right_graph_is_not_trusted(monkeypatch):
     """The traced graph is the module (same logits, same backward) but its tangent pass is off by
     10%: only the first use's comparison of J with forward AD can tell."""
@@ -174,13 +189,7 @@ def test_a_wrong_tangent_pass_on_a_right_graph_is_not_trusted(monkeypatch):
         out = real(self, *args, **kwargs)
         return None if out is None else 1.1 * out
 
-    monkeypatch.setattr(TangentTape, "tangent", off)
-    with pytest.warns(UserWarning, match="tangent pass differs"):
-        auto, _, paths = _run_steps(RichNet, "adamw", "auto", steps=2)
-    monkeypatch.setattr(TangentTape, "tangent", real)
-    ref, _, _ = _run_steps(RichNet, "adamw", "forward_ad", steps=2)
-    assert paths == ["forward_ad"] * 2
-    _assert_same_state(auto, ref, tol=0.0)
+    _trains_as_forward_ad_with(monkeypatch, "tangent", off, "tangent pass differs")
 
 
 def test_a_graph_whose_backward_fails_is_not_trusted(monkeypatch):
@@ -195,13 +204,9 @@ def test_a_graph_whose_backward_fails_is_not_trusted(monkeypatch):
             raise RuntimeError("no backward here")
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(TangentTape, "record", no_backward)
-    with pytest.warns(UserWarning, match="backward fails.*RuntimeError: no backward here"):
-        auto, _, paths = _run_steps(RichNet, "adamw", "auto", steps=2)
-    monkeypatch.setattr(TangentTape, "record", real)
-    ref, _, _ = _run_steps(RichNet, "adamw", "forward_ad", steps=2)
-    assert paths == ["forward_ad"] * 2
-    _assert_same_state(auto, ref, tol=0.0)
+    _trains_as_forward_ad_with(
+        monkeypatch, "record", no_backward, "backward fails.*RuntimeError: no backward here"
+    )
 
 
 def test_a_frozen_parameter_keeps_the_graph():
