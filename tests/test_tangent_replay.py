@@ -238,6 +238,19 @@ BAKED_CHANGES = {
 }
 
 
+def test_the_traced_graph_is_kept_across_steps():
+    """Traced once: a step that checked the optimizers' holdings and found nothing changed must
+    not drop the graph (tracing again every step would cost a trace and a first-use check each)."""
+    teacher, student, x_l, y_l, x_u = _problem(RichNet)
+    mpl = _sgd_mpl(teacher, student, jvp="tape")
+    tapes = []
+    for step in range(3):
+        torch.manual_seed(step)
+        mpl.step(x_l, y_l, x_u)
+        tapes.append(next(iter(mpl._tapes.values())))
+    assert tapes[0] is tapes[1] is tapes[2] and len(mpl._tapes) == 1
+
+
 @pytest.mark.parametrize("change", sorted(BAKED_CHANGES))
 def test_a_value_the_graph_baked_in_changed_between_steps_gets_a_new_graph(change):
     """The tape's key held public scalars only: a private scale, a tuple, a tensor attribute, a
