@@ -129,9 +129,7 @@ class TrainConfig:
     # -- UDA (Table 3) and MPL
     uda_factor: float = 1.0
     uda_temperature: float = 0.8
-    uda_threshold: float = (
-        0.8  # confidence mask on the weak view; not in the paper: UDA's CIFAR value
-    )
+    uda_threshold: float = 0.8  # weak view's confidence mask; not in the paper: UDA's CIFAR value
     uda_warmup_steps: int = 5_000  # linear ramp of the UDA factor; not given in the paper
     mpl_temperature: float = 1.0  # student targets = softmax(teacher logits / T)
     # weight of the MPL signal in the teacher's loss (the paper's 1; the UDA factor weights UDA)
