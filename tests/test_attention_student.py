@@ -24,10 +24,9 @@ from mpl_helpers import (
 from torch import Tensor, nn
 from torch.func import functional_call
 
-import metapl.mpl.step as step_module
 from metapl import MetaPseudoLabels
 from metapl.errors import ConfigError
-from metapl.mpl.student_checks import check_second_derivatives
+from metapl.mpl.student_checks import grad_to_targets
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -198,23 +197,6 @@ def test_double_backward_refuses_a_student_without_second_derivatives_before_it_
     assert all(p.grad is None for p in mpl.teacher.parameters())
 
 
-def test_the_second_derivative_trial_runs_when_a_restore_point_does(monkeypatch):
-    """On the first step and on a new batch size; not in the steady state (it is one more
-    backward through the second-order graph)."""
-    calls = []
-
-    def counted(labeled_after, targets):
-        calls.append(len(targets))
-
-    monkeypatch.setattr(step_module, "check_second_derivatives", counted)
-    teacher, student, x_l, y_l, x_u = _problem(4)
-    mpl = _sgd_mpl(teacher, student, estimator="double_backward")
-    fewer = tuple(t[:6] for t in x_u)
-    for x in (x_u, x_u, fewer, fewer, x_u):
-        mpl.step(x_l, y_l, x)
-    assert calls == [N_U, 6]
-
-
 class _Raises(torch.autograd.Function):
     """Identity whose backward raises ``error``."""
 
@@ -241,20 +223,20 @@ class _Raises(torch.autograd.Function):
     ],
     ids=["derivative-only", "not-implemented-only", "not-implemented-error", "value-error"],
 )
-def test_the_second_derivative_trial_names_only_a_missing_derivative(error):
+def test_a_missing_second_derivative_is_named_and_nothing_else(error):
     """Torch's "the derivative for '...' is not implemented" (a RuntimeError or a
-    NotImplementedError) becomes the ConfigError naming the estimators; any other error of the
-    trial, even one that says half of it, comes as it is (a ConfigError would send the user to
+    NotImplementedError) becomes the ConfigError naming the estimators; any other error of that
+    backward, even one that says half of it, comes as it is (a ConfigError would send the user to
     another estimator for a bug of the student's own)."""
     targets = torch.randn(3, N_CLASSES, dtype=DT, requires_grad=True)
     with pytest.raises(type(error), match=str(error)):
-        check_second_derivatives(_Raises.apply(targets * 2, error), targets)
+        grad_to_targets(_Raises.apply(targets * 2, error).sum(), targets)
     missing = NotImplementedError("the derivative for 'op' is not implemented")
     with pytest.raises(ConfigError, match=r"without a second derivative \(the derivative for"):
-        check_second_derivatives(_Raises.apply(targets * 2, missing), targets)
+        grad_to_targets(_Raises.apply(targets * 2, missing).sum(), targets)
     missing = RuntimeError("the derivative for 'op' is not implemented")
     with pytest.raises(ConfigError, match="without a second derivative"):
-        check_second_derivatives(_Raises.apply(targets * 2, missing), targets)
+        grad_to_targets(_Raises.apply(targets * 2, missing).sum(), targets)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

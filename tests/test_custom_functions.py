@@ -88,17 +88,22 @@ class StraightThrough(torch.autograd.Function):
 
 class Net(nn.Module):
     """Linear -> tanh -> ``middle`` -> dropout -> Linear; ``middle`` is a Function's apply, or
-    "checkpoint" / "reentrant" for the first layers under torch.utils.checkpoint, or None."""
+    "checkpoint" / "reentrant" for the first layers under torch.utils.checkpoint, or None;
+    "checkpoint_bn" checkpoints Linear -> BatchNorm -> tanh -> Linear -> tanh."""
 
     def __init__(self, middle):
         super().__init__()
         self.middle = middle
         self.body = nn.Sequential(nn.Linear(4, 8), nn.Tanh())
+        if middle == "checkpoint_bn":
+            self.body = nn.Sequential(
+                nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh()
+            )
         self.drop = nn.Dropout(0.2)
         self.head = nn.Linear(8, N_CLASSES)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.middle in ("checkpoint", "reentrant"):
+        if self.middle in ("checkpoint", "checkpoint_bn", "reentrant"):
             h = checkpoint(self.body, x, use_reentrant=self.middle == "reentrant")
         elif self.middle is None:
             h = self.body(x)
@@ -318,10 +323,43 @@ def test_a_reentrant_checkpoint_without_input_gradients_leaves_its_layers_alone(
     [{"jvp": "forward_ad"}, {"jvp": "tape"}, {"estimator": "double_backward"}],
     ids=["forward_ad", "tape", "double_backward"],
 )
-def test_a_checkpointed_student_gets_the_exact_gradient(options):
+@pytest.mark.parametrize("middle", ["checkpoint", "checkpoint_bn"])
+def test_a_checkpointed_student_gets_the_exact_gradient(options, middle):
     """Non-reentrant checkpoint recomputes the layers in the backward, with the module's
-    parameters of that moment: each exact path matches finite differences of the real step."""
-    _fd_check("checkpoint", **options)
+    parameters of that moment: each exact path matches finite differences of the real step.
+    (With two layers and BatchNorm inside, double backward's graph held the student's own
+    parameters, which its optimizer writes in place: torch's "modified by an inplace operation"
+    after the student had stepped.)"""
+    _fd_check(middle, **options)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"jvp": "forward_ad"}, {"jvp": "auto"}, {"estimator": "double_backward"}],
+    ids=["forward_ad", "auto", "double_backward"],
+)
+def test_a_checkpointed_students_labeled_pass_leaves_its_running_statistics(options):
+    """The labeled passes run on copies of the buffers; a checkpoint recomputes them in their
+    backward, which updated the real running statistics with the labeled batch's. Now only the
+    update pass moves them, as the student's own forward and backward on x_u do (twice: torch's
+    checkpoint updates them again when it recomputes)."""
+    teacher, student, x_l, y_l, x_u = _problem("checkpoint_bn")
+    own = copy.deepcopy(student)
+    own(x_u).sum().backward()
+    _mpl(teacher, student, **options).step(x_l, y_l, x_u)
+    bn, expected = student.body[1], own.body[1]
+    assert int(bn.num_batches_tracked) == 2
+    assert torch.allclose(bn.running_mean, expected.running_mean, rtol=0, atol=1e-12)
+    assert torch.allclose(bn.running_var, expected.running_var, rtol=0, atol=1e-12)
+
+
+def test_the_oracle_follows_a_checkpointed_student():
+    """The double-backward oracle recomputes the checkpointed layers in its backwards with the
+    tensors it ran them with (before: the module's own parameters, theta_t where theta_{t+1}
+    belongs); the step's student and running statistics are its own optimizer's step's."""
+    teacher, student, x_l, y_l, x_u = _problem("checkpoint_bn", seed=1)
+    mpl = _mpl(teacher, student, jvp="forward_ad")
+    checked_exact_step(mpl, _factory, x_l, y_l, x_u, seed=7, gen=torch.Generator().manual_seed(3))
 
 
 # ----------------------------------------------------------------------------- embeddings

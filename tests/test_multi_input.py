@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from metapl import MetaPseudoLabels, TeacherLogits
 from metapl.errors import ConfigError, DataError
 from metapl.mpl import TangentTape, double_backward_teacher_gradient
+from metapl.mpl.inputs import holding
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -527,3 +528,20 @@ def test_a_labeled_batch_of_one_the_student_cannot_take_is_refused_before_it_mov
     with pytest.raises(ConfigError, match="cannot take a labeled batch of one example"):
         mpl.step(one, y_l[:1], x_u)
     assert torch.equal(flat(student.state_dict().values()), before)
+
+
+def test_holding_swaps_each_tensor_where_it_lives_and_gives_the_modules_own_back():
+    """metapl.mpl.inputs.holding (a checkpoint's recompute sees what the pass ran with): a block
+    registered under two names is swapped once, under both names; an error in the block still
+    gives back the module's own Parameters and buffers."""
+    block = nn.Linear(2, 2)
+    net = nn.Sequential(block, block, nn.BatchNorm1d(2))
+    weight, mean = block.weight, net[2].running_mean
+    state = {"0.weight": torch.zeros(2, 2), "2.running_mean": torch.ones(2)}
+    with pytest.raises(ValueError, match="inside"), holding(net, state):
+        assert net[1].weight is state["0.weight"] and net[2].running_mean is state["2.running_mean"]
+        assert net[0].bias is block.bias
+        raise ValueError("inside")
+    assert net[0].weight is weight and net[1].weight is weight and net[2].running_mean is mean
+    assert isinstance(net[0].weight, nn.Parameter)
+    assert [n for n, _ in net.named_parameters()] == ["0.weight", "0.bias", "2.weight", "2.bias"]

@@ -13,8 +13,9 @@ could neither check nor concatenate; flattening it into the tuple or dict costs 
 
 from __future__ import annotations
 
+import contextlib
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,6 +104,36 @@ def restoring_functional_call(
     finally:
         for current, saved in own:
             current.update(saved)
+
+
+@contextlib.contextmanager
+def holding(module: nn.Module, state: dict[str, Tensor]) -> Iterator[None]:
+    """``module`` with ``state``'s tensors (parameter and buffer name -> tensor) in place of its
+    own while the block runs (a backward, say), its own back afterwards.
+
+    Why: ``torch.utils.checkpoint`` (non-reentrant) recomputes its layers in the backward, with
+    the module's attributes of that moment. After a functional call those are the module's own
+    parameters, not the ones the pass ran with: the double-backward step's second-order graph
+    then held the student's parameters themselves, which its optimizer writes in place (torch's
+    "modified by an inplace operation" after the student had stepped), and a pass on copies of
+    the buffers updated the real running statistics in its backward. Each tensor is swapped in
+    the submodule that owns it, so a submodule registered under two names is swapped once.
+    """
+    swapped: list[tuple[dict[str, Any], str, Any]] = []
+    try:
+        for name, tensor in state.items():
+            owner_name, _, leaf = name.rpartition(".")
+            owner = module.get_submodule(owner_name)
+            # (a plain tensor in _parameters, as torch's own functional_call puts there)
+            table: dict[str, Any] = (
+                owner._parameters if leaf in owner._parameters else owner._buffers
+            )
+            swapped.append((table, leaf, table[leaf]))
+            table[leaf] = tensor
+        yield
+    finally:
+        for table, leaf, own in reversed(swapped):
+            table[leaf] = own
 
 
 def model_input(name: str, x: object, batch_dim: int) -> ModelInput:

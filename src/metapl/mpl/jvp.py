@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from metapl.errors import ConfigError
 from metapl.losses import upcast
 from metapl.mpl.batch_checks import as_logits
-from metapl.mpl.inputs import ModelInput
+from metapl.mpl.inputs import ModelInput, holding
 from metapl.mpl.replay import (
     RngState,
     buffer_copies,
@@ -206,13 +206,15 @@ class JvpPaths:
         trainable = [p for p in self.params if p.requires_grad]
 
         def gradient(forward: Callable[[dict[str, Tensor]], Tensor]) -> Tensor:
+            buffers = {n: b.clone() for n, b in update.buffers.items()}
             with replayed_rng(update.rng), update.autocast():
-                logits = upcast(forward({n: b.clone() for n, b in update.buffers.items()}))
+                logits = upcast(forward(buffers))
             own = torch.Generator().manual_seed(0)  # one u for both; the global stream untouched
             u = torch.randn(logits.shape, generator=own, dtype=torch.float64).to(logits)
             grads: Sequence[Tensor | None] = [None] * len(trainable)
             if logits.requires_grad:  # (a graph that detaches its logits reaches nothing)
-                grads = torch.autograd.grad((logits * u).sum(), trainable, allow_unused=True)
+                with holding(self.student, buffers):  # a checkpoint's recompute: on the copies
+                    grads = torch.autograd.grad((logits * u).sum(), trainable, allow_unused=True)
             return torch.cat(
                 [
                     (torch.zeros_like(p) if g is None else g).reshape(-1)

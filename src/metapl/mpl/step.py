@@ -56,7 +56,7 @@ from metapl.mpl.batch_checks import (
     check_values,
     teacher_view,
 )
-from metapl.mpl.inputs import Input, ModelInput, joint_forward, model_input
+from metapl.mpl.inputs import Input, ModelInput, holding, joint_forward, model_input
 from metapl.mpl.jvp import JvpPaths, UpdatePass
 from metapl.mpl.replay import (
     RestorePoint,
@@ -72,9 +72,9 @@ from metapl.mpl.student_checks import (
     SPARSE_GRADIENTS,
     check_derivatives,
     check_replayable,
-    check_second_derivatives,
     check_student_takes,
     check_student_update,
+    grad_to_targets,
 )
 from metapl.mpl.tangent import JVP_MODES, TangentTape, TapeRecord
 from metapl.mpl.update_rules import (
@@ -594,7 +594,7 @@ class MetaPseudoLabels:
             if self.student_labeled_weight > 0:
                 # A pass of its own, after the x_u pass (whose random numbers J replays), with its
                 # own batch statistics; the x_u pass alone updates the running statistics.
-                labeled_loss = self._labeled_loss(*labeled).sum()
+                labeled_loss = self._labeled_loss(*labeled, self._labeled_state()).sum()
                 loss = loss + self.student_labeled_weight * labeled_loss
                 losses["student_labeled"] = labeled_loss.detach()
         self.student_optimizer.zero_grad(set_to_none=True)
@@ -603,13 +603,14 @@ class MetaPseudoLabels:
         self._average(grads)  # before the optimizer (and the factors) read g
         return losses, grads, out
 
-    def _labeled_loss(
-        self, x_l: ModelInput, y_l: Tensor, weights: dict[str, Tensor] | None = None
-    ) -> Tensor:
-        """The student's per-member labeled CE without touching its running statistics, with its
-        own parameters or ``weights`` (name -> tensor) in their place."""
+    def _labeled_state(self, weights: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """The state of a labeled pass: copies of the student's buffers, so that its running
+        statistics stay as they are, and its own parameters or ``weights`` (name -> tensor)."""
+        return {**buffer_copies(self.student), **(weights or {})}
+
+    def _labeled_loss(self, x_l: ModelInput, y_l: Tensor, state: dict[str, Tensor]) -> Tensor:
+        """The student's per-member labeled CE with ``state`` (:meth:`_labeled_state`)."""
         with self._autocast(module_device(self.student)):
-            state = {**buffer_copies(self.student), **(weights or {})}
             s_logits = as_logits(x_l.functional_call(self.student, state), "student")
         check_rows(s_logits, x_l, "student", "x_labeled", self.batch_dim)
         return member_mean(hard_cross_entropy(upcast(s_logits), y_l), self.batch_dim)
@@ -660,8 +661,10 @@ class MetaPseudoLabels:
         self.student_optimizer.step()
 
         # v = grad of R at theta_{t+1}; w = (dU/dg)^T v (diagonal).
-        labeled_after = self._labeled_loss(x_l, y_l)
-        v = self._grad_of_trainable(labeled_after.sum(), params)
+        labeled_state = self._labeled_state()
+        labeled_after = self._labeled_loss(x_l, y_l, labeled_state)
+        with holding(self.student, labeled_state):  # a checkpoint's recompute: on the copies too
+            v = self._grad_of_trainable(labeled_after.sum(), params)
         self._average(v)
         tangents = {
             name: (f * vi).to(p.dtype)
@@ -701,48 +704,50 @@ class MetaPseudoLabels:
         """The exact gradient by a second-order graph (docs/design.md §1's oracle, as a step).
 
         g is kept as a function of the teacher's targets (``create_graph``), theta_{t+1} = U(g)
-        through a differentiable copy of the optimizer's rule, and the MPL term is R(theta_{t+1})
-        itself: the teacher's backward then runs through the student's backward. Random numbers
-        are drawn in the same order as the exact step (update pass, then the labeled pass), so
-        both see the same dropout masks and give the same teacher update.
+        through a differentiable copy of the optimizer's rule, and dR(theta_{t+1})/d targets is
+        taken through the student's backward, before the student's real step (an operation
+        without a second derivative fails with nothing moved). The MPL term is R with that
+        gradient on the targets. Random numbers are drawn in the same order as the exact step
+        (update pass, then the labeled pass), so both see the same dropout masks and give the
+        same teacher update.
         """
         device = module_device(self.student)
         params = self._student_params
-        # The graph must outlive optimizer.step(), which writes the parameters in place: it is
-        # built on copies of theta_t (the module's own buffers, so running statistics update once).
+        # The graph is built on copies of theta_t, which nothing writes in place (optimizer.step()
+        # writes the parameters), with the module's own buffers (running statistics update once).
         # A frozen parameter (requires_grad off, still in the optimizer) stays a constant: the
         # real step does not move it (it moved in this graph: 2% off the real teacher gradient).
         theta_t = [p.detach().clone().requires_grad_(p.requires_grad) for p in params]
+        unlabeled_state = dict(zip(self._student_names, theta_t))
         with self._autocast(device):
-            s_logits = as_logits(
-                x_u.functional_call(self.student, dict(zip(self._student_names, theta_t))),
-                "student",
-            )
+            s_logits = as_logits(x_u.functional_call(self.student, unlabeled_state), "student")
         # Nothing moves but the forwards' buffers and random numbers until the real step below:
-        # what the logits' checks refuse (on x_u, on x_l) comes with those given back. Hence
-        # R(theta_{t+1}) before the real step (which draws no random numbers).
+        # what the checks refuse (on x_u, on x_l, a missing second derivative) comes with those
+        # given back. Hence R(theta_{t+1}) and its gradient before the real step (which draws no
+        # random numbers).
         with self._undone_on_error():
             check_same_classes(s_logits, targets)
             unlabeled = batch_mean(soft_cross_entropy(upcast(s_logits), targets), self.batch_dim)
             student_loss, losses = unlabeled, {"student_unlabeled": unlabeled.detach()}
             if self.student_labeled_weight > 0:  # as _student_update: own pass, buffers untouched
-                theta = dict(zip(self._student_names, theta_t))
-                labeled_loss = self._labeled_loss(x_l, y_l, theta).sum()
+                state = self._labeled_state(unlabeled_state)
+                labeled_loss = self._labeled_loss(x_l, y_l, state).sum()
                 student_loss = student_loss + self.student_labeled_weight * labeled_loss
                 losses["student_labeled"] = labeled_loss.detach()
-            grads = self._grad_of_trainable(student_loss, theta_t, create_graph=True)
+            # (holding: a checkpoint recomputes the x_u pass here, and must see theta_t)
+            with holding(self.student, unlabeled_state):
+                grads = self._grad_of_trainable(student_loss, theta_t, create_graph=True)
             theta_next = reference_update(self.student_optimizer, grads)  # reads the state first
-            theta = dict(zip(self._student_names, theta_next))
-            labeled_after = self._labeled_loss(x_l, y_l, theta)
-            if self._restore is not None:  # the first step, new batch sizes (see _restore_point)
-                check_second_derivatives(labeled_after, targets)
+            after_state = self._labeled_state(dict(zip(self._student_names, theta_next)))
+            labeled_after = self._labeled_loss(x_l, y_l, after_state).sum()
+            with holding(self.student, after_state):
+                grad_targets = grad_to_targets(labeled_after, targets)
         for p, g in zip(params, grads):
             p.grad = None if g is None else g.detach()
         self.student_optimizer.step()
-        return labeled_after.sum(), {
-            **losses,
-            "student_labeled_after": labeled_after.detach().sum(),
-        }
+        # R's value, and R's gradient in the teacher's parameters through the targets.
+        mpl_term = labeled_after.detach() + (grad_targets * (targets - targets.detach())).sum()
+        return mpl_term, {**losses, "student_labeled_after": labeled_after.detach()}
 
     def _first_order_student_step(
         self, x_l: ModelInput, y_l: Tensor, x_u: ModelInput, teacher_logits_u: Tensor
@@ -761,13 +766,13 @@ class MetaPseudoLabels:
         sampled = torch.distributions.Categorical(probs=probs, validate_args=False).sample()
         labeled_rng = RngState(device)
         with torch.no_grad(), self._undone_on_error():
-            before = self._labeled_loss(x_l, y_l)
+            before = self._labeled_loss(x_l, y_l, self._labeled_state())
         losses, _, _ = self._student_update(
             x_u, F.one_hot(sampled, probs.shape[-1]).to(probs.dtype), (x_l, y_l)
         )
         self.student_optimizer.step()
         with torch.no_grad(), replayed_rng(labeled_rng):
-            after = self._labeled_loss(x_l, y_l)
+            after = self._labeled_loss(x_l, y_l, self._labeled_state())
         self._average([before, after])  # R over the whole (all processes') labeled batch
         reward = before - after  # old minus new: positive when the update helped
         advantage = reward

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from metapl.errors import ConfigError, DataError
 from metapl.losses import upcast
 from metapl.mpl.batch_checks import as_logits, check_rows
-from metapl.mpl.inputs import ModelInput
+from metapl.mpl.inputs import ModelInput, holding
 from metapl.mpl.replay import RngState, buffer_copies, module_device, replayed_rng
 from metapl.mpl.tangent import relative_error, tolerance
 
@@ -242,19 +242,24 @@ def check_derivatives(
         return
     rng, own = RngState(module_device(student)), torch.Generator().manual_seed(0)
 
-    def logits_of(weights: dict[str, Tensor]) -> Tensor:
+    def logits_of(state: dict[str, Tensor]) -> Tensor:
         with replayed_rng(rng), autocast():
-            out = x_u.functional_call(student, {**buffer_copies(student), **weights})
+            out = x_u.functional_call(student, state)
         return as_logits(out, "student")
 
-    native = logits_of(dict(trainable))
+    state = {**buffer_copies(student), **dict(trainable)}
+    native = logits_of(state)
     logits = upcast(native)
 
     def backward(retain: bool) -> tuple[Tensor, Sequence[Tensor | None]]:
         u = torch.randn(logits.shape, generator=own, dtype=torch.float64).to(logits)
-        grads = torch.autograd.grad(
-            (logits * u).sum(), [p for _, p in trainable], retain_graph=retain, allow_unused=True
-        )
+        with holding(student, state):  # a checkpoint's recompute: on the copies too
+            grads = torch.autograd.grad(
+                (logits * u).sum(),
+                [p for _, p in trainable],
+                retain_graph=retain,
+                allow_unused=True,
+            )
         return u, grads
 
     # t in the range of the backward, as w is (w = factors * v, v a gradient): a direction no
@@ -276,7 +281,7 @@ def check_derivatives(
     with torch.no_grad(), fwad.dual_level():
         duals = {n: fwad.make_dual(p.detach(), ti) for (n, p, _, _), ti in zip(reached, t)}
         try:
-            jt = fwad.unpack_dual(logits_of(duals)).tangent
+            jt = fwad.unpack_dual(logits_of({**buffer_copies(student), **duals})).tangent
         except NotImplementedError as e:
             error = forward_ad_error(e)
             if error is None:
@@ -301,25 +306,19 @@ def check_derivatives(
         )
 
 
-def check_second_derivatives(labeled_after: Tensor, targets: Tensor) -> None:
-    """For the double-backward step, before the student's real step: R(theta_{t+1}) can be
-    differentiated back to the teacher's targets, through the student's backward; else a
-    :class:`ConfigError` naming the operation without a second derivative (``torch.cdist``, a
-    fused kernel).
+def grad_to_targets(labeled_after: Tensor, targets: Tensor) -> Tensor:
+    """dR(theta_{t+1}) / d targets, through the student's backward, for the double-backward step
+    before the student's real step; a :class:`ConfigError` naming the operation without a second
+    derivative (``torch.cdist``, a fused kernel) if there is one.
 
-    The teacher's backward is the first pass that needs the student's second derivatives, and it
-    came after the student's optimizer step: torch's "the derivative for '_cdist_backward' is not
-    implemented" left the student moved and the teacher not. The trial is that backward without
-    the teacher's part (``retain_graph``: the graph is used again); it runs on the first step and on
-    new batch sizes only (one more backward through the second-order graph).
-
-    Why a trial, not dR/dq computed here and carried to the teacher after the step: a student
-    that uses ``torch.utils.checkpoint`` recomputes its labeled pass in that backward with the
-    module's parameters of the moment, which are theta_{t+1} only after the real step (dR/dq taken
-    before it was 0.4% off finite differences). The trial's values are not used.
+    Taken before the real step so that such an operation fails with nothing moved: when the
+    teacher's backward ran through the second-order graph after the student's step, torch's "the
+    derivative for '_cdist_backward' is not implemented" left the student moved and the teacher
+    not. The caller runs it with the student :func:`~metapl.mpl.inputs.holding` the labeled
+    pass's state (a checkpointed student recomputes that pass in this backward).
     """
     try:
-        torch.autograd.grad(labeled_after.sum(), targets, retain_graph=True, allow_unused=True)
+        (grad,) = torch.autograd.grad(labeled_after, targets, allow_unused=True)
     except (NotImplementedError, RuntimeError) as err:
         if "derivative for" not in str(err) or "not implemented" not in str(err):
             raise
@@ -328,6 +327,7 @@ def check_second_derivatives(labeled_after: Tensor, targets: Tensor) -> None:
             f"({_first_line(err)}); estimator='double_backward' cannot differentiate through its "
             "update: use estimator='exact' (forward-mode AD) or 'first_order'"
         ) from None
+    return torch.zeros_like(targets) if grad is None else grad
 
 
 def check_student_takes(
