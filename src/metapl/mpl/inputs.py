@@ -113,11 +113,11 @@ def holding(module: nn.Module, state: dict[str, Tensor]) -> Iterator[None]:
 
     Why: ``torch.utils.checkpoint`` (non-reentrant) recomputes its layers in the backward, with
     the module's attributes of that moment. After a functional call those are the module's own
-    parameters, not the ones the pass ran with: the double-backward step's second-order graph
-    then held the student's parameters themselves, which its optimizer writes in place (torch's
-    "modified by an inplace operation" after the student had stepped), and a pass on copies of
-    the buffers updated the real running statistics in its backward. Each tensor is swapped in
-    the submodule that owns it, so a submodule registered under two names is swapped once.
+    parameters and buffers, not the ones the pass ran with: the double-backward step's labeled
+    pass at theta_{t+1} was recomputed at the student's own parameters (the oracle's gradient
+    0.5% off), and a pass on copies of the buffers updated the real running statistics in its
+    backward. Each tensor is swapped in the submodule that owns it, so a submodule registered
+    under two names is swapped once.
     """
     swapped: list[tuple[dict[str, Any], str, Any]] = []
     try:

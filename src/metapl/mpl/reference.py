@@ -65,8 +65,7 @@ def double_backward_teacher_gradient(
         # The later passes see the buffers as the update pass on x_u left them, as in the step (a
         # forward that updates a buffer it reads, e.g. a step counter, sees it one step further).
         buffers = buffer_copies(student)
-        u_state = {**buffers, **theta_t}
-        s_u = _run(student, u_state, x_u)
+        s_u = _run(student, {**buffers, **theta_t}, x_u)
 
         def after_update() -> dict[str, Tensor]:
             return {n: b.detach().clone() for n, b in buffers.items()}
@@ -78,16 +77,15 @@ def double_backward_teacher_gradient(
                 hard_cross_entropy(s_l0, y_labeled), batch_dim
             )
         trainable = [p for p in theta_t.values() if p.requires_grad]
-        # (holding: a checkpointed model recomputes its layers in the backward, with the tensors
-        # it holds then; both backwards run through the x_u pass and the teacher's)
-        with holding(student, u_state):
-            found = iter(torch.autograd.grad(loss, trainable, create_graph=True, allow_unused=True))
+        found = iter(torch.autograd.grad(loss, trainable, create_graph=True, allow_unused=True))
         grads = [next(found) if p.requires_grad else None for p in theta_t.values()]
         theta_next = reference_update(student_optimizer, grads)
         l_state = {**after_update(), **dict(zip(names, theta_next))}
         s_l = _run(student, l_state, x_l)
         risk = batch_mean(hard_cross_entropy(s_l, y_labeled), batch_dim)
-    with holding(student, l_state), holding(teacher, t_state):
+    # (holding: a checkpointed student recomputes its layers in this backward, with the tensors
+    # it holds then; its labeled pass ran with theta_{t+1})
+    with holding(student, l_state):
         out = torch.autograd.grad(risk, list(t_params.values()), allow_unused=True)
     return [torch.zeros_like(p) if g is None else g for p, g in zip(t_params.values(), out)]
 

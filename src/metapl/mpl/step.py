@@ -734,9 +734,7 @@ class MetaPseudoLabels:
                 labeled_loss = self._labeled_loss(x_l, y_l, state).sum()
                 student_loss = student_loss + self.student_labeled_weight * labeled_loss
                 losses["student_labeled"] = labeled_loss.detach()
-            # (holding: a checkpoint recomputes the x_u pass here, and must see theta_t)
-            with holding(self.student, unlabeled_state):
-                grads = self._grad_of_trainable(student_loss, theta_t, create_graph=True)
+            grads = self._grad_of_trainable(student_loss, theta_t, create_graph=True)
             theta_next = reference_update(self.student_optimizer, grads)  # reads the state first
             after_state = self._labeled_state(dict(zip(self._student_names, theta_next)))
             labeled_after = self._labeled_loss(x_l, y_l, after_state).sum()
