@@ -338,15 +338,20 @@ def test_a_checkpointed_student_gets_the_exact_gradient(options, middle):
     [{"jvp": "forward_ad"}, {"jvp": "auto"}, {"estimator": "double_backward"}],
     ids=["forward_ad", "auto", "double_backward"],
 )
-def test_a_checkpointed_students_labeled_pass_leaves_its_running_statistics(options):
+@pytest.mark.parametrize("labeled_weight", [0.0, 1.0])
+def test_a_checkpointed_students_labeled_pass_leaves_its_running_statistics(
+    options, labeled_weight
+):
     """The labeled passes run on copies of the buffers; a checkpoint recomputes them in their
     backward, which updated the real running statistics with the labeled batch's. Now only the
     update pass moves them, as the student's own forward and backward on x_u do (twice: torch's
-    checkpoint updates them again when it recomputes)."""
+    checkpoint updates them again when it recomputes). With ``student_labeled_weight`` the
+    student's own labeled loss is a pass on copies too, with a backward of its own."""
     teacher, student, x_l, y_l, x_u = _problem("checkpoint_bn")
     own = copy.deepcopy(student)
     own(x_u).sum().backward()
-    _mpl(teacher, student, **options).step(x_l, y_l, x_u)
+    mpl = _mpl(teacher, student, student_labeled_weight=labeled_weight, **options)
+    mpl.step(x_l, y_l, x_u)
     bn, expected = student.body[1], own.body[1]
     assert int(bn.num_batches_tracked) == 2
     assert torch.allclose(bn.running_mean, expected.running_mean, rtol=0, atol=1e-12)

@@ -590,15 +590,18 @@ class MetaPseudoLabels:
         with self._undone_on_error():
             check_same_classes(s_logits, targets)
             unlabeled = batch_mean(soft_cross_entropy(upcast(s_logits), targets), self.batch_dim)
-            loss, losses = unlabeled, {"student_unlabeled": unlabeled.detach()}
+            losses = {"student_unlabeled": unlabeled.detach()}
             if self.student_labeled_weight > 0:
                 # A pass of its own, after the x_u pass (whose random numbers J replays), with its
                 # own batch statistics; the x_u pass alone updates the running statistics.
-                labeled_loss = self._labeled_loss(*labeled, self._labeled_state()).sum()
-                loss = loss + self.student_labeled_weight * labeled_loss
+                labeled_state = self._labeled_state()
+                labeled_loss = self._labeled_loss(*labeled, labeled_state).sum()
                 losses["student_labeled"] = labeled_loss.detach()
         self.student_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if self.student_labeled_weight > 0:  # its own backward: a checkpoint's recompute must
+            with holding(self.student, labeled_state):  # see the copies of the buffers too
+                (self.student_labeled_weight * labeled_loss).backward()
+        unlabeled.backward()
         grads = [p.grad for p in self._student_params]
         self._average(grads)  # before the optimizer (and the factors) read g
         return losses, grads, out
@@ -728,13 +731,17 @@ class MetaPseudoLabels:
         with self._undone_on_error():
             check_same_classes(s_logits, targets)
             unlabeled = batch_mean(soft_cross_entropy(upcast(s_logits), targets), self.batch_dim)
-            student_loss, losses = unlabeled, {"student_unlabeled": unlabeled.detach()}
-            if self.student_labeled_weight > 0:  # as _student_update: own pass, buffers untouched
+            losses = {"student_unlabeled": unlabeled.detach()}
+            grads = self._grad_of_trainable(unlabeled, theta_t, create_graph=True)
+            if self.student_labeled_weight > 0:  # as _student_update: own pass and backward
                 state = self._labeled_state(unlabeled_state)
                 labeled_loss = self._labeled_loss(x_l, y_l, state).sum()
-                student_loss = student_loss + self.student_labeled_weight * labeled_loss
                 losses["student_labeled"] = labeled_loss.detach()
-            grads = self._grad_of_trainable(student_loss, theta_t, create_graph=True)
+                with holding(self.student, state):
+                    labeled_grads = self._grad_of_trainable(
+                        self.student_labeled_weight * labeled_loss, theta_t, create_graph=True
+                    )
+                grads = [_added(g, h) for g, h in zip(grads, labeled_grads)]
             theta_next = reference_update(self.student_optimizer, grads)  # reads the state first
             after_state = self._labeled_state(dict(zip(self._student_names, theta_next)))
             labeled_after = self._labeled_loss(x_l, y_l, after_state).sum()
@@ -796,3 +803,8 @@ class MetaPseudoLabels:
             "student_labeled_after": after.sum(),
             "advantage": advantage.detach().sum(),
         }
+
+
+def _added(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    """a + b, where None (no gradient) is 0."""
+    return b if a is None else a if b is None else a + b
