@@ -711,6 +711,52 @@ def test_a_student_with_an_embedding_bag_is_refused_by_the_exact_estimators(esti
         _mpl(teacher, student, s_opt, estimator="first_order").step(x_l, y_l, x_u)
 
 
+class _FunctionalBags(nn.Module):
+    """embedding_bag called as a function: no module to refuse at construction."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(20, 6))
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.fc(torch.tanh(F.embedding_bag(ids, self.table, mode="mean")))
+
+
+@pytest.mark.parametrize("estimator", ["exact", "double_backward"])
+def test_a_functional_embedding_bag_is_sent_to_first_order_by_both_exact_estimators(estimator):
+    """Found at the first step, before anything moves. Each estimator's message named the other
+    (exact: "use double_backward"; double_backward: "use exact"), and neither goes through it."""
+    torch.manual_seed(0)
+    teacher, student = _Bags().to(DT), _FunctionalBags().to(DT)
+    mpl = _mpl(teacher, student, torch.optim.SGD(student.parameters(), lr=0.2), estimator=estimator)
+    x_l, y_l, x_u = token_batches()
+    before = _models_and_rng(teacher, student)
+    with pytest.raises(ConfigError, match=r"embedding_bag.*or use estimator='first_order'$") as e:
+        mpl.step(x_l, y_l, x_u)
+    assert "double_backward'" not in str(e.value) and "estimator='exact'" not in str(e.value)
+    assert all(torch.equal(a, b) for a, b in zip(before, _models_and_rng(teacher, student)))
+
+
+@pytest.mark.parametrize("estimator", ["exact", "double_backward"])
+@pytest.mark.parametrize("how", ["torch.compile", "module.compile", "submodule"])
+def test_a_compiled_student_is_refused_by_the_exact_estimators(estimator, how):
+    """A torch.compile'd student failed both with torch's own RuntimeError (donated buffers,
+    no double backward through aot_autograd; forward AD through inductor's out= kernels). Refused
+    at construction (nothing is compiled by then: torch.compile is lazy); first_order takes it."""
+    teacher, student = _Tokens(), _Tokens()
+    if how == "torch.compile":
+        student, name = torch.compile(student), ""
+    elif how == "module.compile":
+        student.compile()
+        name = ""
+    else:
+        student.fc, name = torch.compile(student.fc), "fc"
+    with pytest.raises(ConfigError, match=rf"^the student's module '{name}' is torch.compile'd: "):
+        _mpl(teacher, student, estimator=estimator)
+    _mpl(teacher, student, estimator="first_order")
+
+
 @pytest.mark.parametrize("momentum, nesterov", [(0.0, False), (0.9, False), (0.9, True)])
 def test_double_backward_takes_a_sparse_embedding_exactly(momentum, nesterov):
     """nn.Embedding(sparse=True) was refused by both exact estimators. Double backward

@@ -90,6 +90,26 @@ EMBEDDING_FREQ = (
 )
 
 
+COMPILED = (
+    "the student's module {!r} is torch.compile'd: its compiled backward can be neither run "
+    "twice on one graph (torch's donated buffers) nor differentiated again, and forward-mode AD "
+    "does not go through inductor's kernels, so no exact estimator takes it (torch's own "
+    "RuntimeError came instead); pass the student uncompiled (compiling the teacher is fine), or "
+    "use estimator='first_order'"
+)
+
+
+def compiled_module(student: nn.Module) -> str | None:
+    """The name of the student's first torch.compile'd module (``torch.compile(module)``, whose
+    wrapper holds the original as ``_orig_mod``, or ``module.compile()``), or None."""
+    for name, m in student.named_modules():
+        if isinstance(getattr(m, "_orig_mod", None), nn.Module):
+            return name
+        if getattr(m, "_compiled_call_impl", None) is not None:
+            return name
+    return None
+
+
 def embedding_problem(student: nn.Module, estimator: str) -> str | None:
     """Why the exact ``estimator`` cannot differentiate the student's embeddings, or None.
 
@@ -140,6 +160,9 @@ def check_student_update(
             "nothing to learn"
         )
     if estimator != "first_order":
+        compiled = compiled_module(student)
+        if compiled is not None:
+            raise ConfigError(COMPILED.format(compiled))
         problem = embedding_problem(student, estimator)
         if problem is not None:
             raise ConfigError(problem)
@@ -190,8 +213,12 @@ def check_replayable(
 
 FORWARD_AD_HELP = (
     "the exact step cannot compute J with it: use estimator='double_backward' (the same "
-    "gradient, slower) or 'first_order' (a torch.compile'd student runs such ops: pass the module "
-    "uncompiled)"
+    "gradient, slower, if the operation has a second derivative) or 'first_order'"
+)
+EMBEDDING_BAG_HELP = (
+    "embedding_bag has neither forward-mode AD nor a second derivative in torch, so no exact "
+    "estimator goes through it: compute the bags with F.embedding and a sum / mean / max over "
+    "their positions (the same function), or use estimator='first_order'"
 )
 
 
@@ -199,9 +226,10 @@ def forward_ad_error(err: NotImplementedError) -> ConfigError | None:
     """The ConfigError for torch's "no forward AD for this op" error, or None for another one."""
     if "forward AD" not in str(err):
         return None
+    advice = EMBEDDING_BAG_HELP if "embedding_bag" in str(err) else FORWARD_AD_HELP
     return ConfigError(
         "the student's forward uses an operation without forward-mode AD "
-        f"({(str(err).splitlines() or [type(err).__name__])[0]}); {FORWARD_AD_HELP}"
+        f"({_first_line(err)}); {advice}"
     )
 
 
@@ -322,10 +350,15 @@ def grad_to_targets(labeled_after: Tensor, targets: Tensor) -> Tensor:
     except (NotImplementedError, RuntimeError) as err:
         if "derivative for" not in str(err) or "not implemented" not in str(err):
             raise
+        advice = (
+            EMBEDDING_BAG_HELP
+            if "embedding_bag" in str(err)
+            else "estimator='double_backward' cannot differentiate through its update: use "
+            "estimator='exact' (forward-mode AD, if the operation has it) or 'first_order'"
+        )
         raise ConfigError(
             "the student's forward uses an operation without a second derivative "
-            f"({_first_line(err)}); estimator='double_backward' cannot differentiate through its "
-            "update: use estimator='exact' (forward-mode AD) or 'first_order'"
+            f"({_first_line(err)}); {advice}"
         ) from None
     return torch.zeros_like(targets) if grad is None else grad
 
