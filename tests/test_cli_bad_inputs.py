@@ -44,6 +44,10 @@ def files(folder) -> dict:
         (["--set", "mpl_weight=inf"], "mpl_weight must be a finite number, got inf"),
         (["--set", "student_lr=inf"], "student_lr must be a finite number, got inf"),
         (["--seed", "-1"], "seed must be >= 0, got -1"),
+        # OverflowError (float infinity to integer) as a traceback
+        (["--set", "steps=1e400"], "steps expects an integer, got '1e400'"),
+        # trained 2 steps without a word
+        (["--set", "steps=2.5e0", "--set", "warmup_steps=0"], "steps expects an integer"),
         (["--set", "model=mlp"], "model mlp cannot take this data's images (1 channel, 8x8)"),
         (["--set", "model=small_cnn"], "model small_cnn cannot take this data's images"),
     ],

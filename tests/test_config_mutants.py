@@ -75,7 +75,15 @@ def test_values_are_coerced_to_the_field_types():
     assert cfg.batch_size == 64 and type(cfg.batch_size) is int
     for text, value in [("yes", True), ("on", True), ("1", True), ("off", False), ("no", False)]:
         assert apply_overrides(TrainConfig(), {"flip": text}).flip is value
-    for bad in ({"batch_size": 64.5}, {"student_lr": True}, {"flip": "maybe"}):
+    bad_values = (
+        {"batch_size": 64.5},
+        {"student_lr": True},
+        {"flip": "maybe"},
+        {"steps": "2.5e0"},  # was cut to 2 without a word
+        {"steps": "1e400"},  # was OverflowError
+        {"steps": "-inf"},
+    )
+    for bad in bad_values:
         with pytest.raises(ConfigError):
             apply_overrides(TrainConfig(), bad)
 

@@ -384,7 +384,12 @@ def _coerce(key: str, value: Any) -> Any:
                 return False
             raise ConfigError(f"{key} expects true or false, got {value!r}")
         try:
-            return kind(float(text)) if kind is int and "e" in text.lower() else kind(text)
+            if kind is int and "e" in text.lower():  # 1e6: a whole number in float notation
+                number = float(text)
+                if not number.is_integer():  # 2.5e0 (or 1e400, inf) is no step count
+                    raise ValueError(text)
+                return int(number)
+            return kind(text)
         except ValueError:
             raise ConfigError(f"{key} expects {_kind_name(kind)}, got {value!r}") from None
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
