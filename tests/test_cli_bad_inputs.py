@@ -43,7 +43,9 @@ def files(folder) -> dict:
         (["--set", "teacher_hidden=0"], "teacher_hidden must be >= 1, got 0"),
         (["--set", "mpl_weight=inf"], "mpl_weight must be a finite number, got inf"),
         (["--set", "student_lr=inf"], "student_lr must be a finite number, got inf"),
-        (["--seed", "-1"], "seed must be >= 0, got -1"),
+        (["--seed", "-1"], "seed must be in 0..4294967295, got -1"),
+        # numpy's and scikit-learn's limit: the digits split raised sklearn's error as a traceback
+        (["--seed", "4294967296"], "seed must be in 0..4294967295, got 4294967296"),
         # OverflowError (float infinity to integer) as a traceback
         (["--set", "steps=1e400"], "steps expects an integer, got '1e400'"),
         # trained 2 steps without a word

@@ -84,6 +84,8 @@ METHOD_KEYS: dict[str, tuple[tuple[str, ...], str]] = {
 }
 # Datasets whose images come at a fixed size (image_size is read by the others only).
 FIXED_SIZE_PREFIXES = ("digits", "cifar10", "svhn")
+# The largest seed numpy's RandomState and scikit-learn's random_state take (2**32 - 1).
+MAX_SEED = 2**32 - 1
 
 
 @dataclass
@@ -249,8 +251,8 @@ class TrainConfig:
         for name in ("student_dropout", "teacher_dropout", "label_smoothing", "ema_decay"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        if self.seed < 0:  # numpy and scikit-learn take seeds in 0..2**32-1
-            raise ConfigError(f"seed must be >= 0, got {self.seed}")
+        if not 0 <= self.seed <= MAX_SEED:  # numpy and scikit-learn take seeds in 0..2**32-1
+            raise ConfigError(f"seed must be in 0..{MAX_SEED}, got {self.seed}")
         for name in ("pad", "cutout", "randaugment_ops", "unlabeled_per_class"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
