@@ -26,6 +26,25 @@ def test_seed_lists_and_ranges():
 
 
 @pytest.mark.parametrize(
+    "text, message",
+    [
+        # the digits split raised scikit-learn's random_state error as a traceback
+        ("4294967296", "seeds must be in 0..4294967295"),
+        ("0,4294967290-4294967296", "seeds must be in 0..4294967295"),
+        # was "counts down; write it -3-0", advice that fails in turn
+        ("0--3", "seeds must be in 0..4294967295"),
+        # a MemoryError traceback while the list of numbers was built
+        ("0-4294967295", "more than 10,000 seeds"),
+        ("0-9999,10000", "more than 10,000 seeds"),
+    ],
+)
+def test_seeds_out_of_numpys_range_or_too_many_are_one_line(text, message):
+    with pytest.raises(ConfigError, match=f"--seeds '{text}': {message}"):
+        cli.parse_seeds(text)
+    assert len(cli.parse_seeds("0-9999")) == 10_000
+
+
+@pytest.mark.parametrize(
     "argv, message",
     [
         # one seed, one step: a missing check costs a second, not a whole run

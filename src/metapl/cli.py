@@ -24,26 +24,36 @@ from metapl.report import (
     release_output_folders,
 )
 
+# The most seeds one command takes: each is a training run (digits: minutes), and a range such as
+# 0-4294967295 would otherwise fill the memory with its numbers before any check.
+MAX_SEEDS = 10_000
+
 
 def parse_seeds(text: str) -> list[int]:
-    """'0-9' -> 0..9, '1,3,5' -> [1, 3, 5], '0-2,7' -> [0, 1, 2, 7]."""
+    """'0-9' -> 0..9, '1,3,5' -> [1, 3, 5], '0-2,7' -> [0, 1, 2, 7]; each seed in 0..MAX_SEED
+    (numpy's and scikit-learn's limit), at most :data:`MAX_SEEDS` of them."""
+    from metapl.train.config import MAX_SEED
+
     seeds: list[int] = []
     try:
         for part in (p.strip() for p in text.split(",")):
-            if "-" in part:
-                lo, hi = (int(v) for v in part.split("-", 1))
-                if hi < lo:
-                    raise ConfigError(
-                        f"--seeds {text!r}: the range {part} counts down; write it {hi}-{lo}"
-                    )
-                seeds.extend(range(lo, hi + 1))
-            else:
-                seeds.append(int(part))
+            lo, hi = (int(v) for v in part.split("-", 1)) if "-" in part else (int(part),) * 2
+            if min(lo, hi) < 0 or max(lo, hi) > MAX_SEED:
+                raise ConfigError(f"--seeds {text!r}: seeds must be in 0..{MAX_SEED}")
+            if hi < lo:
+                raise ConfigError(
+                    f"--seeds {text!r}: the range {part} counts down; write it {hi}-{lo}"
+                )
+            if len(seeds) + hi - lo + 1 > MAX_SEEDS:
+                raise ConfigError(
+                    f"--seeds {text!r}: more than {MAX_SEEDS:,} seeds; run fewer per command"
+                )
+            seeds.extend(range(lo, hi + 1))
     except ValueError:
         raise ConfigError(
             f"--seeds {text!r}: expected a range like 0-9 or a list like 0,3,7"
         ) from None
-    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+    if not seeds or len(set(seeds)) != len(seeds):
         raise ConfigError(f"--seeds {text!r}: expected distinct non-negative integers")
     return seeds
 
