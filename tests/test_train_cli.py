@@ -303,6 +303,20 @@ def test_other_configuration_in_existing_run_folder_is_refused(tmp_path, capsys)
     assert load_checkpoint(out / "checkpoint.pt")["step"] == 6
 
 
+def test_fewer_steps_than_the_checkpoint_reached_are_refused(tmp_path, capsys):
+    """`--steps 4` on a run at step 6 rewrote results.json and config.json as a 4-step run of the
+    6-step model, replacing the true results."""
+    out = tmp_path / "run"
+    assert train_cli("digits-uda", out, *tiny(6)) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    capsys.readouterr()
+    assert train_cli("digits-uda", out, *tiny(4)) == 2
+    err = one_error_line(capsys.readouterr().err)
+    assert "is at step 6, past the 4 steps this run asks for; give --steps 6 or more" in err, err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert train_cli("digits-uda", out, *tiny(6)) == 0  # the same length again: a rerun
+
+
 def _as_written_before_memory_format_existed(ckpt_path: Path) -> None:
     ckpt = load_checkpoint(ckpt_path)
     del ckpt["config"]["memory_format"]

@@ -341,6 +341,19 @@ def _load_run_state(run: Run, saved: dict, ckpt_path: Path) -> None:
         ) from None
 
 
+def _check_not_past_the_end(cfg: TrainConfig, step: int, ckpt_path: Path) -> None:
+    """A checkpoint beyond this run's last step (a shorter ``--steps`` than the run it resumes) is a
+    ConfigError: the loop would not run, and results.json would report that model, trained ``step``
+    steps, as one of ``cfg.steps``, replacing the run's true results."""
+    total = cfg.steps + cfg.finetune_steps
+    if step > total:
+        raise ConfigError(
+            f"{ckpt_path} is at step {step}, past the {total} steps this run asks for; give "
+            f"--steps {step - cfg.finetune_steps} or more to continue that run, or choose another "
+            "--out"
+        )
+
+
 def _data_parallel(train_fn):
     """Under torchrun (WORLD_SIZE > 1) run ``train_fn`` in torchrun's process group (nccl on CUDA,
     gloo on CPU), destroyed on the way out, errors included."""
@@ -374,6 +387,7 @@ def train(cfg: TrainConfig, out_dir: Path | str, show_progress: bool = True, on_
         # Options added since the checkpoint was written count as their defaults (the old behaviour).
         defaults = TrainConfig().to_dict()
         check_resumable(saved, fingerprint, ckpt_path, config=cfg.to_dict(), defaults=defaults)
+        _check_not_past_the_end(cfg, int(saved["step"]), ckpt_path)
     teacher_probs = None
     if cfg.uses_large_teacher:  # ReducedMPL / NoisyStudent: precompute, select, free the teacher
         assert cfg.large_teacher  # validate() refuses a large-teacher method without one
