@@ -119,7 +119,15 @@ def _in_range(path: Path, key: str, y: np.ndarray, num_classes: int) -> np.ndarr
 def _class_names(path: Path, arrays: dict[str, np.ndarray], y_labeled: np.ndarray) -> list[str]:
     names = arrays.get("class_names")
     if names is None:
-        return [str(c) for c in range(max(1, int(y_labeled.max()) + 1))]
+        largest = int(y_labeled.max())
+        if largest >= len(y_labeled):  # K = largest + 1 classes cannot each have a labeled image
+            first = int(np.argmax(y_labeled))
+            raise data_error(
+                f"{path}: y_labeled[{first}] is {largest}, but there are only {len(y_labeled)} "
+                f"labeled images, so classes 0..{largest} cannot each have one: labels are class "
+                "indices 0..K-1; renumber them, or give class_names"
+            )
+        return [str(c) for c in range(max(1, largest + 1))]
     if names.ndim != 1 or names.dtype.kind not in "US" or len(set(names.tolist())) != len(names):
         raise data_error(
             f"{path}: class_names has shape {names.shape} and dtype {names.dtype}, expected "
