@@ -344,6 +344,29 @@ def test_predict_json_of_an_unfinished_run_and_top_above_the_class_count(
     assert len(saved["predictions"][0]["top"]) == 10
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["predict", "--run", "{run}", "{images}", "--json", "{folder}/p.json"],
+        ["export", "--run", "{run}", "--format", "torchscript", "--output", "{folder}/m.pt"],
+        ["export", "--run", "{folder}", "--format", "torchscript"],  # beside a read-only run
+    ],
+)
+def test_an_output_file_in_a_folder_it_cannot_write_is_one_line(
+    capsys, monkeypatch, run_dir, image_dir, tmp_path, argv
+):
+    """Was a PermissionError (or a read-only file system's OSError) traceback once the images were
+    classified or the model traced. os.access is what tells: chmod alone does not stop root."""
+    import os
+
+    folder = copy_run(run_dir, tmp_path)
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != folder and access(p, mode))
+    values = {"run": str(run_dir), "images": str(image_dir), "folder": str(folder)}
+    err = fails(capsys, *(a.format(**values) for a in argv))
+    assert f"folder {folder} is not writable" in err, err
+
+
 def test_predict_json_into_a_folder_is_one_line(capsys, run_dir, image_dir, tmp_path):
     err = fails(capsys, "predict", "--run", str(run_dir), str(image_dir), "--json", str(tmp_path))
     assert f"--json {tmp_path} is a folder; give a file name" in err

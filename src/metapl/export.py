@@ -19,6 +19,7 @@ renamed onto it (``os.replace``), so a crash or an error never leaves half a mod
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -134,6 +135,12 @@ def run(args: argparse.Namespace) -> None:
         if output.resolve().parent.exists():
             raise ConfigError(f"--output {output}: {output.parent} is a file, not a folder")
         raise ConfigError(f"--output {output}: folder {output.parent} does not exist")
+    # checked now, not after the model is traced (a run folder shared read-only, say)
+    folder = output.resolve().parent
+    if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"--output {output}: folder {output.parent} is not writable; choose another --output"
+        )
     if args.format == "onnx" and (missing := _missing_onnx_packages()):
         raise ConfigError(
             f"ONNX export needs {' and '.join(missing)}: pip install 'metapl[onnx]' "

@@ -16,6 +16,7 @@ full precision. Images are read in batches, so a folder of any size fits in memo
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -113,6 +114,9 @@ def _check_output(path: str | None, option: str) -> None:
         if target.resolve().parent.exists():
             raise ConfigError(f"{option} {target}: {target.parent} is a file, not a folder")
         raise ConfigError(f"{option} {target}: folder {target.parent} does not exist")
+    # checked now: the file is written after every image is classified
+    if not os.access(target.resolve().parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option} {target}: folder {target.parent} is not writable")
 
 
 def run(args: argparse.Namespace) -> None:
