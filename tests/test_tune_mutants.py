@@ -8,7 +8,9 @@ Trials run with test_tune's fake ``train`` (no training), so the whole file take
 from __future__ import annotations
 
 import math
+import os
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import optuna
@@ -208,6 +210,18 @@ def test_an_in_memory_database_is_refused(tmp_path):
     for url in ("sqlite://", "sqlite:///:memory:"):
         with pytest.raises(ConfigError, match="in-memory database is not shared between"):
             Tuner(options(tmp_path, storage=url))
+
+
+def test_a_database_in_a_folder_it_cannot_write_is_refused(tmp_path, monkeypatch):
+    """Was an OSError traceback from the lock file beside it (a read-only file system, another
+    user's folder). os.access is what tells: chmod alone does not stop root."""
+    from metapl.tuning import storage
+
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != tmp_path and access(p, mode))
+    with pytest.raises(ConfigError, match=f"folder {tmp_path} is not writable"):
+        storage.open_storage(f"sqlite:///{tmp_path}/study.db")
+    assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize(

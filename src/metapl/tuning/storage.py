@@ -19,6 +19,7 @@ waits for stage 1's running trials before fixing the student's values.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 import warnings
 from collections.abc import Callable
@@ -95,11 +96,17 @@ def open_storage(url: str):
                 f"--storage {shown}: an in-memory database is not shared between processes; "
                 "give a file, e.g. sqlite:///tune.db"
             )
-        if not Path(database).parent.is_dir():
-            folder = Path(database).parent
+        folder = Path(database).parent
+        if not folder.is_dir():
             raise ConfigError(
                 f"--storage {shown}: folder {folder} does not exist; create it first "
                 f"(mkdir -p {folder})"
+            )
+        # SQLite writes its lock, journal and WAL files beside the database, even to read it
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise ConfigError(
+                f"--storage {shown}: folder {folder} is not writable; put the database in a "
+                "folder you can write"
             )
         engine_kwargs["connect_args"] = {"timeout": SQLITE_TIMEOUT_S}
         lock = lambda: _file_lock(Path(database + ".lock"))  # noqa: E731
