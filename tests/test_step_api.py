@@ -101,6 +101,15 @@ def test_bad_labels_raise_data_error_before_the_student_moves(labels):
         {"baseline_decay": -0.1},
         {"label_smoothing": 1.0},
         {"student_labeled_weight": -0.5},
+        # each passed silently: NaN and Inf weights gave a NaN teacher loss at the first step, a
+        # negative one trained the teacher away from its labels or from the student's progress
+        {"student_labeled_weight": math.inf},
+        {"supervised_weight": math.nan},
+        {"supervised_weight": -1.0},
+        {"mpl_weight": math.nan},
+        {"mpl_weight": -1.0},
+        {"mpl_weight": math.inf},
+        {"temperature": math.inf},  # uniform targets whatever the teacher's logits
         {"autocast_dtype": "bf16"},  # a string: torch's TypeError came from inside the step
         {"autocast_dtype": torch.float32},  # CPU autocast warned and ran in float32
     ],

@@ -31,6 +31,7 @@ tangent tape, are :class:`metapl.mpl.jvp.JvpPaths`.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import overload
@@ -195,12 +196,20 @@ class MetaPseudoLabels:
             raise ConfigError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
         if jvp not in JVP_MODES:
             raise ConfigError(f"jvp must be one of {JVP_MODES}, got {jvp!r}")
-        if not temperature > 0:
-            raise ConfigError(f"temperature must be > 0, got {temperature}")
+        if not 0 < temperature < math.inf:  # inf: uniform targets, whatever the teacher says
+            raise ConfigError(f"temperature must be a finite number > 0, got {temperature}")
         if baseline_decay is not None and not 0.0 <= baseline_decay < 1.0:
             raise ConfigError(f"baseline_decay must be in [0, 1) or None, got {baseline_decay}")
-        if not student_labeled_weight >= 0.0:
-            raise ConfigError(f"student_labeled_weight must be >= 0, got {student_labeled_weight}")
+        # A NaN or Inf weight gave a NaN teacher loss at the first step; a negative one trains the
+        # teacher away from its labels or from what helps the student, without a word.
+        weights = {
+            "supervised_weight": supervised_weight,
+            "mpl_weight": mpl_weight,
+            "student_labeled_weight": student_labeled_weight,
+        }
+        for name, weight in weights.items():
+            if not 0.0 <= weight < math.inf:
+                raise ConfigError(f"{name} must be a finite number >= 0, got {weight}")
         if autocast_dtype not in (None, torch.bfloat16, torch.float16):
             raise ConfigError(
                 f"autocast_dtype must be None, torch.bfloat16 or torch.float16, got {autocast_dtype!r}"
