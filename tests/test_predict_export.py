@@ -398,6 +398,8 @@ def test_export_by_default_beside_the_run_with_its_class_names_and_state(capsys,
     [
         ({"config.json": "not json"}, "config.json is not a readable metapl config"),
         ({"config.json": '{"steps": "many"}'}, "config.json is not a readable metapl config"),
+        # was an AttributeError traceback ('list' object has no attribute 'items')
+        ({"config.json": "[1, 2]"}, "config.json is not a readable metapl config (it holds"),
         ({"classes.json": "[0, 1, 2, 3, 4, 5, 6, 7, 8, 9]"}, "must hold a JSON list of class"),
         (
             {"classes.json": json.dumps(list("abcdefghijk"))},

@@ -133,7 +133,10 @@ def _num_classes(model_name: str, weights: dict, name: str) -> int:
 
 def _read_config(path: Path, name: str) -> TrainConfig:
     try:
-        return apply_overrides(TrainConfig(), json.loads(path.read_text()))
+        saved = json.loads(path.read_text())
+        if not isinstance(saved, dict):  # apply_overrides would fail on .items()
+            raise TypeError(f"it holds a JSON {type(saved).__name__}, not an object of keys")
+        return apply_overrides(TrainConfig(), saved)
     except (OSError, ValueError, TypeError, MetaplError) as exc:
         raise ConfigError(f"{name}: {path} is not a readable metapl config ({exc})") from None
 
