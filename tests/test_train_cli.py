@@ -303,6 +303,24 @@ def test_other_configuration_in_existing_run_folder_is_refused(tmp_path, capsys)
     assert load_checkpoint(out / "checkpoint.pt")["step"] == 6
 
 
+def test_results_of_another_configuration_without_a_checkpoint_are_kept(tmp_path, capsys):
+    """A finished run whose checkpoints were deleted (to save space): another configuration
+    trained into its folder replaced its results.json and metrics.csv without a word, and added
+    its TensorBoard events to the old ones."""
+    out = tmp_path / "run"
+    assert train_cli("digits-uda", out, *tiny(4)) == 0
+    for checkpoint in out.glob("checkpoint*.pt"):
+        checkpoint.unlink()
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert train_cli("digits-uda", out, *tiny(4), "--set", "student_lr=0.123") == 2
+    err = one_error_line(capsys.readouterr().err)
+    assert "holds train results of another configuration (student_lr=" in err, err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    # the same configuration (cadence aside) starts over and reproduces them: allowed
+    assert train_cli("digits-uda", out, *tiny(4, log_every=1)) == 0
+
+
 def test_fewer_steps_than_the_checkpoint_reached_are_refused(tmp_path, capsys):
     """`--steps 4` on a run at step 6 rewrote results.json and config.json as a 4-step run of the
     6-step model, replacing the true results."""

@@ -27,7 +27,7 @@ from metapl.methods.build import autocast_dtype, build_method
 from metapl.methods.supervised import SupervisedMethod
 from metapl.models import param_groups_for_weight_decay
 from metapl.progress import progress_bar
-from metapl.report import write_json_atomic
+from metapl.report import check_replaceable, write_json_atomic
 from metapl.sync_batchnorm import convert_global_batchnorm
 from metapl.train.checkpoint import (
     FORMAT_VERSION,
@@ -341,6 +341,11 @@ def _load_run_state(run: Run, saved: dict, ckpt_path: Path) -> None:
         ) from None
 
 
+# Config keys that do not change a run's results: where it ran, how often it logged, evaluated
+# and saved, and the preset's name (its values are compared).
+_NOT_IN_RESULTS = ("device", "log_every", "eval_every", "checkpoint_every", "preset")
+
+
 def _check_not_past_the_end(cfg: TrainConfig, step: int, ckpt_path: Path) -> None:
     """A checkpoint beyond this run's last step (a shorter ``--steps`` than the run it resumes) is a
     ConfigError: the loop would not run, and results.json would report that model, trained ``step``
@@ -388,6 +393,11 @@ def train(cfg: TrainConfig, out_dir: Path | str, show_progress: bool = True, on_
         defaults = TrainConfig().to_dict()
         check_resumable(saved, fingerprint, ckpt_path, config=cfg.to_dict(), defaults=defaults)
         _check_not_past_the_end(cfg, int(saved["step"]), ckpt_path)
+    elif dp.is_main:
+        # No checkpoint, so the run starts over: the results.json of a run of another
+        # configuration there (its checkpoints deleted to save space, say) would be replaced, and
+        # its metrics.csv, without a word.
+        check_replaceable(out_dir, "train", cfg.to_dict(), ignore=_NOT_IN_RESULTS)
     teacher_probs = None
     if cfg.uses_large_teacher:  # ReducedMPL / NoisyStudent: precompute, select, free the teacher
         assert cfg.large_teacher  # validate() refuses a large-teacher method without one
