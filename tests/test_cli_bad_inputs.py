@@ -236,3 +236,20 @@ def test_set_mistakes_read_well(tmp_path, capsys, option, message):
     )
     assert one_error_line(capsys.readouterr().err).endswith(f"error: {message}\n")
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--set", "seed=3", "--seed", "4"], "--seed and --set seed=... both set seed"),
+        (["--set", "steps=3"], "--steps and --set steps=... both set steps"),
+    ],
+)
+def test_a_key_set_by_its_option_and_by_set_is_refused(tmp_path, capsys, options, message):
+    """The --set value was dropped without a word, whatever the order: --seed and --steps won.
+    (Two --set of one key keep the last, an override of a shared list of options.)"""
+    out = tmp_path / "r"
+    argv = ["train", "--preset", "digits-uda", "--out", str(out), "--quiet", "--steps", "2"]
+    assert main([*argv, *options]) == 2
+    assert message in one_error_line(capsys.readouterr().err)
+    assert not out.exists()

@@ -130,6 +130,9 @@ def _train_config(args: argparse.Namespace):
     for key in ("data_dir", "steps", "checkpoint_every", "device", "seed"):
         value = getattr(args, key, None)
         if value is not None:
+            if key in overrides:  # --set steps=100 --steps 2 trained 2 steps without a word
+                option = f"--{key.replace('_', '-')}"
+                raise ConfigError(f"{option} and --set {key}=... both set {key}; give one of them")
             overrides[key] = value
     explicit = [*overrides]  # --set keys and options: each must matter to this run
     earlier = _saved_config(Path(args.out)).get("warmup_steps")
