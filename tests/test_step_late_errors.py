@@ -90,6 +90,9 @@ _DTYPE_CASES = {
     # the teacher's forward ran (its running statistics moved), then the student's failed
     "x_unlabeled float32": ((None, _f32), "x_unlabeled"),
     "both float16": ((lambda x: x.half(), lambda x: x.half()), "x_labeled"),
+    # uint8 pixels passed as they are: a raw torch error from the teacher's forward ("mat1 and
+    # mat2 must have the same dtype"), with no word of which batch or what to do
+    "both uint8": ((lambda x: x.to(torch.uint8), lambda x: x.to(torch.uint8)), "x_labeled"),
 }
 
 
@@ -107,6 +110,8 @@ def test_an_input_dtype_the_student_cannot_take_is_a_data_error_before_anything_
         mpl, (x_l, y_l, x_u), DataError, f"the student cannot take {what} of dtype"
     )
     assert "torch.float64" in message  # the student's own dtype, to cast the batch to
+    if "uint8" in case:
+        assert "(uint8 images: x.to(torch.float64) / 255)" in message, message
 
 
 def test_the_students_input_dtype_is_checked_when_the_teacher_sees_its_own_view():

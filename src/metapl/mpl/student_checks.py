@@ -382,7 +382,9 @@ def check_student_takes(
     silently cut to the labels' rows came with the student moved. So a batch is tried first, by a
     forward on copies of the buffers with torch's random numbers given back, when it is new in a
     way that may fail: of another dtype or device than the student's first floating parameter
-    (one of those costs nothing: bf16 under autocast, a student that casts its input itself), of
+    (one of those costs nothing: bf16 under autocast, a student that casts its input itself; an
+    integer batch is tried once per dtype, so uint8 images for a float model are named here, not
+    in a raw error from the teacher's forward, and token ids for an embedding pass), of
     one example in training mode, or, for the inputs ``(what, x, every_size)`` with
     ``every_size``, of a number of examples not tried yet. What passed is remembered in
     ``passed``. (Not every new size of every batch: a student that draws random numbers of its
@@ -404,7 +406,7 @@ def check_student_takes(
         dtypes = {
             (what, t.dtype, t.device, param.dtype, param.device)
             for t in x.leaves
-            if t.device != param.device or (t.is_floating_point() and t.dtype != param.dtype)
+            if t.device != param.device or t.dtype != param.dtype
         }
         size = (what, x.batch_shape, student.training)
         new = (dtypes | ({size} if every_size or x.size == 1 else set())) - passed
@@ -417,10 +419,12 @@ def check_student_takes(
             if not dtypes & new:
                 raise
             _, dtype, device, *_ = min(dtypes & new, key=str)
+            fix = "cast the batch to the student's dtype and device"
+            if not (dtype.is_floating_point or dtype.is_complex):
+                fix += f" (uint8 images: x.to({param.dtype}) / 255)"
             raise DataError(
                 f"the student cannot take {what} of dtype {dtype} on {device} (its parameters "
-                f"are {param.dtype} on {param.device}): {_first_line(err)}; cast the batch to the "
-                "student's dtype and device"
+                f"are {param.dtype} on {param.device}): {_first_line(err)}; {fix}"
             ) from None
         except ValueError as err:
             if x.size != 1 or not student.training:
