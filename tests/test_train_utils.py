@@ -320,6 +320,18 @@ def test_corrupt_checkpoint_names_the_file_and_the_previous_one(tmp_path: Path, 
         load_checkpoint(path)
 
 
+def test_a_torch_save_of_a_model_is_named_as_such_without_torchs_advice(tmp_path: Path):
+    """torch's weights-only error came through: terminal escape codes in the one line, and advice
+    to load the file with weights_only=False (which runs the code a pickle holds)."""
+    path = tmp_path / "checkpoint.pt"
+    torch.save(torch.nn.Linear(2, 2), path)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    message = str(info.value)
+    assert "it holds Python objects, not only tensors: a torch.save of a model" in message
+    assert "\x1b" not in message and "weights_only" not in message, message
+
+
 def test_missing_checkpoint_and_missing_keys(tmp_path: Path):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "nope.pt")

@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import json
 import os
+import pickle
 import random
 import shlex
 import shutil
@@ -148,7 +149,15 @@ def _read(path: Path, map_location: Any) -> dict:
     """Load and validate; raise ``ValueError`` with a short reason on any defect."""
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:  # torch raises RuntimeError, UnpicklingError, EOFError, ...
+    except pickle.UnpicklingError as error:
+        if not str(error).startswith("Weights only load failed"):
+            raise ValueError(_first_line(error)) from error
+        # torch's own text invites loading it with weights_only=False, i.e. running its code
+        raise ValueError(
+            "it holds Python objects, not only tensors: a torch.save of a model or optimizer, "
+            "not a checkpoint metapl wrote"
+        ) from error
+    except Exception as error:  # torch raises RuntimeError, EOFError, ...
         raise ValueError(_first_line(error)) from error
     if not isinstance(state, dict):
         raise ValueError(f"it holds a {type(state).__name__}, not a dict")
