@@ -253,3 +253,12 @@ def test_a_key_set_by_its_option_and_by_set_is_refused(tmp_path, capsys, options
     assert main([*argv, *options]) == 2
     assert message in one_error_line(capsys.readouterr().err)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_an_empty_out_is_refused(tmp_path, capsys, monkeypatch, command):
+    """`--out ""` (an unset $VAR) trained into the current folder and said "wrote /results.json"."""
+    monkeypatch.chdir(tmp_path)
+    assert main([*COMMANDS[command], "--out", "", "--quiet"]) == 2
+    assert "error: --out is empty; give a folder name" in one_error_line(capsys.readouterr().err)
+    assert not list(tmp_path.iterdir())

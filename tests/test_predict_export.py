@@ -302,6 +302,9 @@ def test_corrupt_checkpoint(capsys, run_dir, image_dir, tmp_path):
             "folder",
         ),
         (["export", "--run", "{run}", "--format", "torchscript", "--output", "{tmp}"], "folder"),
+        # an empty name: export wrote the default file, predict called it "--json . is a folder"
+        (["export", "--run", "{run}", "--format", "torchscript", "--output", ""], "is empty"),
+        (["predict", "--run", "{run}", "{images}", "--json", " "], "--json is empty"),
     ],
 )
 def test_mistakes_are_one_line(capsys, run_dir, image_dir, tmp_path, argv, message):

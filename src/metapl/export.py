@@ -128,6 +128,8 @@ def run(args: argparse.Namespace) -> None:
 
     if args.format not in FORMATS:
         raise ConfigError(f"--format {args.format!r}: expected one of {', '.join(FORMATS)}")
+    if args.output is not None and not args.output.strip():  # not the default: a name left out
+        raise ConfigError("--output is empty; give a file name, or leave --output out")
     output = Path(args.output) if args.output else Path(args.run) / FORMATS[args.format]
     if output.is_dir():
         raise ConfigError(f"--output {output} is a folder; give a file name")

@@ -107,6 +107,8 @@ def _check_output(path: str | None, option: str) -> None:
 
     if path is None:
         return
+    if not path.strip():  # Path("") is the current folder
+        raise ConfigError(f"{option} is empty; give a file name")
     target = Path(path)
     if target.is_dir():
         raise ConfigError(f"{option} {target} is a folder; give a file name")

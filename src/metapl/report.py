@@ -16,6 +16,8 @@ def output_folder(path: Path | str, option: str = "--out", command: str | None =
     in its place would otherwise surface as a traceback when the first result is written, after
     the work is done). With ``command``: a folder holding another command's results is refused,
     since this command would overwrite its results.json."""
+    if not str(path).strip():  # Path("") is the current folder: an unset $VAR wrote into it
+        raise ConfigError(f"{option} is empty; give a folder name")
     path = Path(path)
     for existing in (path, *path.parents):
         if existing.exists():
