@@ -305,6 +305,8 @@ def test_corrupt_checkpoint(capsys, run_dir, image_dir, tmp_path):
         # an empty name: export wrote the default file, predict called it "--json . is a folder"
         (["export", "--run", "{run}", "--format", "torchscript", "--output", ""], "is empty"),
         (["predict", "--run", "{run}", "{images}", "--json", " "], "--json is empty"),
+        # classified every image under the current folder
+        (["predict", "--run", "{run}", "{images}", ""], "an IMAGE argument is empty"),
     ],
 )
 def test_mistakes_are_one_line(capsys, run_dir, image_dir, tmp_path, argv, message):

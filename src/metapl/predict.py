@@ -60,6 +60,8 @@ def image_paths(arguments: list[str]) -> list[str]:
 
     paths: list[str] = []
     for argument in arguments:
+        if not argument.strip():  # Path("") is the current folder: every image under it
+            raise DataError("an IMAGE argument is empty; give image files or folders")
         path = Path(argument)
         if path.is_dir():
             found = list_images(path)
