@@ -112,6 +112,9 @@ def test_bad_labels_raise_data_error_before_the_student_moves(labels):
         {"temperature": math.inf},  # uniform targets whatever the teacher's logits
         {"autocast_dtype": "bf16"},  # a string: torch's TypeError came from inside the step
         {"autocast_dtype": torch.float32},  # CPU autocast warned and ran in float32
+        # every step said x_labeled's examples () and y_labeled (N,) disagree
+        {"batch_dim": -1},
+        {"batch_dim": 1.0},
     ],
     ids=lambda k: "-".join(f"{a}={b}" for a, b in k.items()),
 )
@@ -143,6 +146,14 @@ def _bad_batches():
         "no labeled examples": ((x_l[:0], y_l[:0], x_u), "x_labeled has no examples"),
         "NaN in x_unlabeled": ((x_l, y_l, nan_u), "x_unlabeled holds NaN or Inf"),
     }
+
+
+def test_a_batch_dim_past_the_inputs_dimensions_is_named_as_such():
+    """batch_dim=2 on [N, F] batches was reported as "x_labeled has no examples"."""
+    teacher, student, x_l, y_l, x_u = make_problem("mlp")
+    mpl = _mpl(teacher, student, batch_dim=2)
+    with pytest.raises(DataError, match=r"x_labeled has shape \(\d+, \d+\), with no dimension 2"):
+        mpl.step(x_l, y_l, x_u)
 
 
 @pytest.mark.parametrize("case", list(_bad_batches()))

@@ -168,7 +168,14 @@ def model_input(name: str, x: object, batch_dim: int) -> ModelInput:
     n = batch_dim + 1
     for leaf_name, leaf in zip(names, leaves):
         if leaf.dim() < n:
-            raise DataError(f"{leaf_name} has no examples (shape {tuple(leaf.shape)})")
+            if leaf.dim() == 0 or batch_dim == 0:
+                raise DataError(f"{leaf_name} has no examples (shape {tuple(leaf.shape)})")
+            # it has examples, along another dimension than batch_dim: "no examples" misled
+            raise DataError(
+                f"{leaf_name} has shape {tuple(leaf.shape)}, with no dimension {batch_dim} to hold "
+                f"its examples (batch_dim={batch_dim}): give it {n} dimensions or more, or set "
+                "batch_dim to the dimension of the examples"
+            )
     batch_shape = tuple(leaves[0].shape[:n])
     for leaf_name, leaf in zip(names[1:], leaves[1:]):
         if tuple(leaf.shape[:n]) != batch_shape:

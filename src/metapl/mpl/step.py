@@ -216,6 +216,12 @@ class MetaPseudoLabels:
             )
         if not 0.0 <= label_smoothing < 1.0:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        # -1 (numpy's "last axis") made every batch "disagree" with its labels' shape ()
+        if isinstance(batch_dim, bool) or not isinstance(batch_dim, int) or batch_dim < 0:
+            raise ConfigError(
+                f"batch_dim must be an integer >= 0 (the dimension of the examples; the ones "
+                f"before it index ensemble members), got {batch_dim!r}"
+            )
         check_models_and_optimizers(
             teacher, student, teacher_optimizer, student_optimizer, estimator, grad_sync
         )
