@@ -108,3 +108,13 @@ def test_output_folder_refuses_a_folder_it_cannot_write(tmp_path, monkeypatch):
     assert denied == [(os.fspath(tmp_path), os.W_OK | os.X_OK)]
     monkeypatch.undo()
     assert output_folder(target) == target and not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("name", ["results.json", "checkpoint.pt"])
+def test_output_folder_refuses_a_folder_where_a_result_file_goes(tmp_path, name):
+    """A folder named results.json in --out was a traceback when the results were written, after
+    the whole run; now refused before any work."""
+    (tmp_path / "run" / name).mkdir(parents=True)
+    with pytest.raises(ConfigError, match=f"{name} is a folder, where metapl writes a file"):
+        output_folder(tmp_path / "run", command="train")
+    assert output_folder(tmp_path / "other") == tmp_path / "other"

@@ -10,6 +10,9 @@ from pathlib import Path
 from metapl.atomic import write_json_atomically
 from metapl.errors import ConfigError
 
+# The files a command writes into its --out (a folder of one of these names is refused up front).
+RUN_FILES = ("results.json", "config.json", "checkpoint.pt", "metrics.csv")
+
 
 def output_folder(path: Path | str, option: str = "--out", command: str | None = None) -> Path:
     """``path`` as a folder a command can create or reuse, checked before any work starts (a file
@@ -27,6 +30,14 @@ def output_folder(path: Path | str, option: str = "--out", command: str | None =
         raise ConfigError(f"{option} {path} {where}, not a folder; choose another {option}")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"{option} {path}: {existing} is not writable; choose another {option}")
+    # (a folder where a result file goes failed as a traceback when the file was written: after
+    # the whole run)
+    blocked = next((path / n for n in RUN_FILES if (path / n).is_dir()), None)
+    if blocked is not None:
+        raise ConfigError(
+            f"{option} {path}: {blocked} is a folder, where metapl writes a file; move it or "
+            f"choose another {option}"
+        )
     owner = results_owner(path / "results.json")
     if command is not None and owner is not None and owner != command:
         raise ConfigError(
