@@ -410,14 +410,30 @@ def test_export_by_default_beside_the_run_with_its_class_names_and_state(capsys,
             {"classes.json": json.dumps(list("abcdefghijk"))},
             "names 11 classes, but the model has 10",
         ),
-        ({"model": "digits_cnn_large"}, "checkpoint.pt does not fit digits_cnn_large"),
+        # config.json and checkpoint.pt of two runs (a checkpoint copied in, a config edited):
+        # the same architecture was used under the wrong name, another was "does not fit"
+        (
+            {"config": {"seed": 5}},
+            "checkpoint.pt was written by a run with a different configuration (seed: 2 -> 5); "
+            "it and",
+        ),
+        ({"config": {"model": "digits_cnn_large"}}, "configuration (model: 'digits_cnn' -> "),
+        # a checkpoint without the fingerprint (hand-made): the architecture check still holds
+        (
+            {"config": {"model": "digits_cnn_large"}, "fingerprint": None},
+            "checkpoint.pt does not fit digits_cnn_large",
+        ),
     ],
 )
 def test_a_damaged_run_folder_is_one_line(capsys, run_dir, image_dir, tmp_path, damage, message):
     run = copy_run(run_dir, tmp_path)
-    if "model" in damage:  # the config names another architecture than the checkpoint holds
+    if "config" in damage:
         config = json.loads((run / "config.json").read_text())
-        (run / "config.json").write_text(json.dumps({**config, "model": damage["model"]}))
+        (run / "config.json").write_text(json.dumps({**config, **damage["config"]}))
+        if "fingerprint" in damage:
+            state = torch.load(run / "checkpoint.pt", weights_only=True)
+            del state["config_fingerprint"]
+            torch.save(state, run / "checkpoint.pt")
     else:
         for name, text in damage.items():
             (run / name).write_text(text)

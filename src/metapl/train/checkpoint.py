@@ -342,8 +342,10 @@ def check_resumable(
     config: dict | None = None,
     ignore: Iterable[str] = DEFAULT_IGNORE,
     defaults: Mapping | None = None,
+    advice: str = "use a new --out or the same options",
 ) -> None:
-    """Raise :class:`CheckpointError` unless ``ckpt`` was written by a run with this configuration.
+    """Raise :class:`CheckpointError` unless ``ckpt`` was written by a run with this configuration
+    (the message ends with ``advice``).
 
     Compares ``ckpt[FINGERPRINT_KEY]`` with ``fingerprint``. When both ``config`` and
     ``ckpt[CONFIG_KEY]`` are available, the message lists the differing options (dotted names)
@@ -372,6 +374,5 @@ def check_resumable(
                 details = _describe_difference(ckpt[CONFIG_KEY], config, ignore)
         details = details or f"fingerprint {str(saved)[:12]} != {fingerprint[:12]}"
     raise CheckpointError(
-        f"{path} was written by a run with a different configuration ({details}); "
-        "use a new --out or the same options"
+        f"{path} was written by a run with a different configuration ({details}); {advice}"
     )

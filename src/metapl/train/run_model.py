@@ -21,7 +21,13 @@ from torch import Tensor, nn
 
 from metapl.errors import CheckpointError, ConfigError, DataError, MetaplError
 from metapl.models import create_model
-from metapl.train.checkpoint import FORMAT_VERSION, load_checkpoint
+from metapl.train.checkpoint import (
+    FINGERPRINT_KEY,
+    FORMAT_VERSION,
+    check_resumable,
+    config_fingerprint,
+    load_checkpoint,
+)
 from metapl.train.config import TrainConfig, apply_overrides
 
 CLASSES_FILE = "classes.json"
@@ -168,6 +174,18 @@ def load_run_model(
         )
     cfg = _read_config(config_path, name)
     state = load_checkpoint(ckpt_path, format_version=FORMAT_VERSION)
+    # A checkpoint.pt copied in from another run (or a config.json edited) of the same model was
+    # used with this run's name and class names, or reported as "stopped at step N". (One
+    # without a fingerprint, made by hand, is held to its architecture only, below.)
+    if FINGERPRINT_KEY in state:
+        check_resumable(
+            state,
+            config_fingerprint(cfg.to_dict()),
+            ckpt_path,
+            config=cfg.to_dict(),
+            defaults=TrainConfig().to_dict(),
+            advice=f"it and {config_path} come from different runs: put back {name}'s own files",
+        )
     step, total = int(state["step"]), cfg.steps + cfg.finetune_steps
     if step < total and not allow_unfinished:
         raise CheckpointError(
