@@ -320,6 +320,54 @@ def test_corrupt_checkpoint_names_the_file_and_the_previous_one(tmp_path: Path, 
         load_checkpoint(path)
 
 
+def _flip_a_bit_of_the_weights(path: Path) -> None:
+    """One bit of the largest record's data (the tensor's bytes) flipped, as a disk or copy can."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        record = max(archive.infolist(), key=lambda r: r.file_size)
+    data = bytearray(path.read_bytes())
+    # the record's bytes follow its 30-byte local header, its name and its extra field (whose
+    # lengths end the header; torch pads the extra field to align the data)
+    at = record.header_offset
+    name_len, extra_len = (
+        int.from_bytes(data[at + 26 : at + 28], "little"),
+        int.from_bytes(data[at + 28 : at + 30], "little"),
+    )
+    data[at + 30 + name_len + extra_len + record.file_size // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def test_a_flipped_bit_in_a_checkpoint_is_a_corrupt_checkpoint(tmp_path: Path):
+    """torch.load does not check the archive's CRC-32s: a flipped bit in a weight loaded as another
+    weight, and `metapl train` resumed from it without a word (and rotated it into .prev.pt)."""
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, _state(1))
+    save_checkpoint(path, {**_state(2), "student": {"w": torch.arange(4096.0)}})
+    _flip_a_bit_of_the_weights(path)
+    assert torch.load(path, weights_only=True)["step"] == 2  # torch itself reads it
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    message = str(info.value)
+    assert "\n" not in message and "corrupt" in message and "does not match its checksum" in message
+    assert f"mv {prev_path(path)} {path}" in message  # the previous one is intact
+
+    # Checksums are written even when this process turned them off for torch.save.
+    torch.serialization.set_crc32_options(False)
+    try:
+        save_checkpoint(path, _state(3))
+    finally:
+        torch.serialization.set_crc32_options(True)
+    assert load_checkpoint(path)["step"] == 3
+    # A file saved without checksums (every CRC 0) cannot be checked, and still loads.
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save(_state(4), path)
+    finally:
+        torch.serialization.set_crc32_options(True)
+    assert load_checkpoint(path)["step"] == 4
+
+
 def test_a_torch_save_of_a_model_is_named_as_such_without_torchs_advice(tmp_path: Path):
     """torch's weights-only error came through: terminal escape codes in the one line, and advice
     to load the file with weights_only=False (which runs the code a pickle holds)."""

@@ -8,9 +8,12 @@ checkpoint it replaces is first hard-linked (or, where links are unsupported, co
 one too: a ``kill -9`` at any point leaves at worst a stray ``.<name>.*.tmp`` file, which the next
 save removes and loading never reads.
 
-Loading uses ``torch.load(weights_only=True)``: a checkpoint holds only tensors and plain containers
-(model, optimizer and scheduler state dicts, RNG states as uint8 tensors, a JSON-like config), so
-nothing in it needs arbitrary unpickling, and a tampered or foreign file cannot run code.
+Loading first checks the CRC-32 of every record of the file (torch.save's zip archive holds them,
+but torch.load does not read them: a flipped bit in a weight loaded as another weight, and the run
+resumed from it without a word), then uses ``torch.load(weights_only=True)``: a checkpoint holds
+only tensors and plain containers (model, optimizer and scheduler state dicts, RNG states as uint8
+tensors, a JSON-like config), so nothing in it needs arbitrary unpickling, and a tampered or
+foreign file cannot run code.
 :func:`save_checkpoint` checks that rule before writing, so breaking it fails at the first save
 (naming the offending key) instead of at resume time.
 """
@@ -26,6 +29,7 @@ import pickle
 import random
 import shlex
 import shutil
+import zipfile
 from collections.abc import Iterable, Mapping
 from enum import Enum
 from pathlib import Path
@@ -111,6 +115,17 @@ def _keep_previous(path: Path) -> None:
     move_into_place(tmp, prev)
 
 
+def _save_with_checksums(state: dict, path: Path) -> None:
+    """``torch.save`` with the CRC-32 of every record, which :func:`_check_records` verifies, even
+    if this process turned them off (``torch.serialization.set_crc32_options(False)``)."""
+    was = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(True)
+    try:
+        torch.save(state, path)
+    finally:
+        torch.serialization.set_crc32_options(was)
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
     """Write ``state`` to ``path`` atomically, keeping the checkpoint it replaces as ``.prev.pt``.
 
@@ -128,7 +143,7 @@ def save_checkpoint(path: Path, state: dict) -> None:
         for stale in path.parent.glob(f"{prefix}*.tmp"):
             stale.unlink(missing_ok=True)
 
-    tmp = temp_file_beside(path, lambda t: torch.save(state, t))
+    tmp = temp_file_beside(path, lambda t: _save_with_checksums(state, t))
     try:
         if path.exists():
             _keep_previous(path)
@@ -145,8 +160,32 @@ def _first_line(error: BaseException, limit: int = 120) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
+def _check_records(path: Path) -> None:
+    """``ValueError`` when a record of the zip archive ``torch.save`` wrote does not match its
+    CRC-32 (the file changed after it was written: a disk or a copy damaged it). A file that is no
+    zip archive is left to ``torch.load`` to describe; one written without checksums (every CRC 0:
+    ``set_crc32_options(False)``) cannot be checked."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            records = archive.infolist()
+            if not any(record.CRC for record in records):
+                return
+            damaged = archive.testzip()
+    except zipfile.BadZipFile:
+        return
+    except Exception as error:  # a damaged header: an unknown compression method, a bad offset
+        raise ValueError(f"its archive is damaged ({_first_line(error)})") from error
+    if damaged is not None:
+        record = damaged.split("/", 1)[-1]  # without the archive's folder (the temporary name)
+        raise ValueError(
+            f"its record {record} does not match its checksum: the file changed after it was "
+            "written"
+        )
+
+
 def _read(path: Path, map_location: Any) -> dict:
     """Load and validate; raise ``ValueError`` with a short reason on any defect."""
+    _check_records(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
