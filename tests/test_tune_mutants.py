@@ -194,6 +194,31 @@ def test_a_new_studys_config_is_recorded_last():
     assert order[-1] == "config" and sorted(order) == sorted(attrs)
 
 
+def test_a_study_whose_creator_died_before_its_records_is_created_again(
+    tmp_path, monkeypatch, capsys
+):
+    """`metapl tune` killed between creating a study and recording its settings left a study
+    without "config": every rerun waited, then refused the study's name for good ("use another
+    --study name", which loses stage 1's trials too)."""
+    monkeypatch.setattr(studies, "ATTRS_WAIT_S", 0.1)
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'study.db'}")
+    dead = optuna.create_study(study_name="s", storage=storage)  # the killed creator's
+    dead.set_user_attr("searched", ["student_lr"])  # "config" never came
+    attrs = {"config": {"steps": 6}, "searched": ["student_lr", "weight_decay"]}
+    study = studies.join_study(optuna, storage, "s", lambda: attrs, None, None)
+    assert study.user_attrs == attrs
+    assert [s.study_name for s in optuna.get_all_study_summaries(storage)] == ["s"]
+    assert "creating it again" in capsys.readouterr().out
+
+    # A study without metapl's records but with trials (or other attributes) is not one a
+    # creator of ours left: refused, and kept.
+    other = optuna.create_study(study_name="o", storage=storage)
+    other.add_trial(optuna.trial.create_trial(value=0.5))
+    with pytest.raises(ConfigError, match="study o has no metapl records"):
+        studies.join_study(optuna, storage, "o", lambda: attrs, None, None)
+    assert len(optuna.load_study(study_name="o", storage=storage).trials) == 1
+
+
 def test_best_toml_header_names_each_stages_best_trial_and_accuracy(tmp_path):
     tuner = Tuner(options(tmp_path, stage="both", trials=2))
     tuner.train = fake_train([])

@@ -26,38 +26,72 @@ def comparable(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in sorted(config.items()) if k not in MACHINE_KEYS}
 
 
+# What a creator records in a new study (Stage.attrs), "config" last.
+RECORDS = frozenset(
+    ("config", "searched", "student_values", "student_trial", "student_accuracy", "student_study")
+)
+
+
 def join_study(optuna, storage, name: str, make_attrs: Callable[[], dict], sampler, pruner):
     """Load study ``name``, or create it with the user attributes ``make_attrs()`` (only called
-    when this process may be the creator). Returns the study once its attributes are visible."""
-    try:
-        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
-    except KeyError:
-        attrs = make_attrs()
+    when this process may be the creator). Returns the study once its attributes are visible.
+
+    A study left without its records by a creator that died between creating it and recording
+    them (``kill -9``; no trial can have run in it) is deleted and created again: otherwise every
+    later run waited for them and then refused the study's name for good."""
+    while True:
         try:
-            study = optuna.create_study(
-                study_name=name,
-                storage=storage,
-                direction="maximize",
-                sampler=sampler,
-                pruner=pruner,
-            )
-        except optuna.exceptions.DuplicatedStudyError:  # another process created it just now
             study = optuna.load_study(
                 study_name=name, storage=storage, sampler=sampler, pruner=pruner
             )
-        else:
+        except KeyError:
+            attrs = make_attrs()
+            try:
+                study = optuna.create_study(
+                    study_name=name,
+                    storage=storage,
+                    direction="maximize",
+                    sampler=sampler,
+                    pruner=pruner,
+                )
+            except optuna.exceptions.DuplicatedStudyError:  # another process created it just now
+                continue  # join it
             for key, value in sorted(attrs.items(), key=lambda kv: kv[0] == "config"):
                 study.set_user_attr(key, value)  # "config" last: the others wait for it
             return study
+        try:
+            if _records_written(study):
+                return study
+            _delete_abandoned(storage, study)
+        except KeyError:  # deleted meanwhile, by a process that found it abandoned too: join again
+            continue
+
+
+def _records_written(study) -> bool:
+    """Whether the study's creator recorded "config" (waiting up to ``ATTRS_WAIT_S`` for it)."""
     deadline = time.monotonic() + ATTRS_WAIT_S
     while "config" not in study.user_attrs:  # its creator is writing them
         if time.monotonic() > deadline:
-            raise ConfigError(
-                f"study {name} has no metapl records (created by something else, or its creator "
-                "died at once): use another --study name"
-            )
+            return False
         time.sleep(POLL_S / 4)
-    return study
+    return True
+
+
+def _delete_abandoned(storage, study) -> None:
+    """Delete a study without "config" that a dead creator left (no trial, at most some of the
+    records); one with trials or other attributes is someone else's: a ConfigError."""
+    if study.get_trials(deepcopy=False) or not set(study.user_attrs) <= RECORDS:
+        raise ConfigError(
+            f"study {study.study_name} has no metapl records (created by something else): use "
+            "another --study name"
+        )
+    print(
+        f"study {study.study_name}: its creator stopped before recording its settings (no trial "
+        "ran in it); creating it again",
+        flush=True,
+    )
+    # By the id this process saw: never a study another process has created again since.
+    storage.delete_study(study._study_id)
 
 
 def check_same_config(study, config: dict[str, Any], searched: list[str]) -> None:
