@@ -201,6 +201,23 @@ def test_workers_of_a_killed_metapl_digits_exit_too(tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)  # the workers too, should they still run
 
 
+def _killed(job: int) -> int:
+    os.kill(os.getpid(), signal.SIGKILL)
+    return job
+
+
+def test_a_worker_killed_mid_run_is_one_line_saying_that_a_rerun_resumes():
+    """`kill -9` of a worker (or the OOM killer) was the executor's BrokenProcessPool traceback."""
+    from metapl.errors import MetaplError
+    from metapl.experiments.workers import map_runs, worker_pool
+
+    with pytest.raises(MetaplError) as info, worker_pool(1) as pool:
+        map_runs(pool, _killed, [0], "digits runs", False)
+    message = str(info.value)
+    assert "\n" not in message and "worker process died during the digits runs" in message
+    assert "run the same command again to resume" in message
+
+
 def test_the_command_line_starts_without_torch_and_the_library_still_has_it():
     """Importing torch takes seconds: while it loads, a Ctrl-C was a traceback (it happened in
     `import metapl`, before main's handler), and `metapl --help` waited for it."""

@@ -20,7 +20,10 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
+
+from metapl.errors import MetaplError
 
 ORPHAN_CHECK_SECONDS = 1.0
 
@@ -76,7 +79,11 @@ def map_runs(
     show_progress: bool,
 ) -> list[dict]:
     """``run`` over ``jobs`` in the workers of ``pool``, with a progress bar counting the finished
-    runs; their records, in the order of ``jobs``."""
+    runs; their records, in the order of ``jobs``.
+
+    A worker that dies (``kill -9``, the OOM killer) breaks the pool, which ends the other
+    workers: a one-line :class:`MetaplError`, not the executor's traceback, since the runs resume
+    from their checkpoints when the command runs again."""
     from metapl.progress import progress_bar
 
     bar = progress_bar(
@@ -86,7 +93,13 @@ def map_runs(
         desc=desc,
         unit="run",
     )
-    return list(bar)
+    try:
+        return list(bar)
+    except BrokenProcessPool:
+        raise MetaplError(
+            f"a worker process died during the {desc} (killed, or out of memory?); run the same "
+            "command again to resume every run from its last checkpoint"
+        ) from None
 
 
 def run_record(record: dict, method: str, seed: int) -> dict:
