@@ -178,6 +178,23 @@ def test_resume_after_interrupt_between_checkpoints_is_exact(tmp_path, monkeypat
     assert _rows(out / "metrics.csv") == _rows(tmp_path / "ref" / "metrics.csv")
 
 
+def test_temporary_files_that_killed_writes_left_are_cleared_when_the_run_resumes(tmp_path):
+    """A kill -9 while curves.png, metrics.csv (rewritten at every resume), config.json or
+    results.json was written left its hidden temporary file; they piled up over resumes, and only
+    the checkpoint's were ever removed."""
+    out = tmp_path / "run"
+    out.mkdir()
+    stale = [out / f".{name}.k1ll3d.tmp" for name in ("curves.png", "metrics.csv", "config.json")]
+    stale.append(out / ".results.json.x.tmp")
+    others = [out / ".notes.txt.x.tmp", out / "curves.png.tmp"]  # not metapl's temporary files
+    for path in stale + others:
+        path.write_bytes(b"half a file")
+    cfg = _digits_config(method="supervised", steps=2, checkpoint_every=2, uda_warmup_steps=2)
+    engine.train(cfg, out, show_progress=False)
+    assert [p.name for p in stale if p.exists()] == []
+    assert all(p.exists() for p in others)
+
+
 # --- non-finite weights never reach a checkpoint ------------------------------------------------
 
 

@@ -26,6 +26,15 @@ def temp_prefix(path: Path) -> str:
     return f".{path.name}."
 
 
+def remove_leftovers(path: Path) -> None:
+    """Delete the temporary files that writers of ``path`` killed midway left beside it (a
+    ``kill -9`` between creating one and renaming it). Only where no other process writes ``path``
+    at the same time: its temporary file would go too."""
+    path = Path(path)
+    for stale in path.parent.glob(f"{temp_prefix(path)}*.tmp"):
+        stale.unlink(missing_ok=True)
+
+
 def _default_mode() -> int:
     umask = os.umask(0)  # the only portable way to read it
     os.umask(umask)

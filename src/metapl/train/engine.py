@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from metapl.atomic import remove_leftovers
 from metapl.data.splits import SSLSplit, load_split
 from metapl.distributed import DataParallel, torchrun_process_group, torchrun_world
 from metapl.errors import CheckpointError, ConfigError
@@ -341,6 +342,27 @@ def _load_run_state(run: Run, saved: dict, ckpt_path: Path) -> None:
         ) from None
 
 
+# The files of a run folder that are written whole (metapl.atomic), besides the checkpoints (whose
+# save clears its own leftovers): curves.png, and the large teacher's distributions' sidecars.
+_WHOLE_FILES = (
+    "config.json",
+    "classes.json",
+    "metrics.csv",
+    "results.json",
+    "figure10.json",
+    "curves.png",
+    "large_teacher_labeled.json",
+    "large_teacher_unlabeled.json",
+)
+
+
+def _clear_leftovers(out_dir: Path) -> None:
+    """Delete the temporary files of those that a run killed while writing one left (they piled up
+    in the folder, a run's metrics.csv in size each, over interrupted runs and resumes)."""
+    for name in _WHOLE_FILES:
+        remove_leftovers(out_dir / name)
+
+
 # Config keys that do not change a run's results: where it ran, how often it logged, evaluated
 # and saved, and the preset's name (its values are compared).
 _NOT_IN_RESULTS = ("device", "log_every", "eval_every", "checkpoint_every", "preset")
@@ -404,6 +426,7 @@ def train(cfg: TrainConfig, out_dir: Path | str, show_progress: bool = True, on_
         load_large_teacher(Path(cfg.large_teacher), split.num_classes, device)  # fail early
         if dp.is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
+            _clear_leftovers(out_dir)
             prepared = prepare_large_teacher_data(cfg, split, out_dir, device, show_progress)
         dp.wait_for_main()  # rank 0 wrote the files; the others read them, finished (no writes)
         if not dp.is_main:
@@ -418,6 +441,7 @@ def train(cfg: TrainConfig, out_dir: Path | str, show_progress: bool = True, on_
     )
     if dp.is_main:  # here and below: the other ranks write nothing
         out_dir.mkdir(parents=True, exist_ok=True)
+        _clear_leftovers(out_dir)
         write_json_atomic(out_dir / "config.json", cfg.to_dict())
     if split.class_names is not None and dp.is_main:  # label i's name, for `metapl predict`
         write_json_atomic(out_dir / "classes.json", list(split.class_names))
