@@ -309,16 +309,21 @@ def test_corrupt_checkpoint(capsys, run_dir, image_dir, tmp_path):
         (["predict", "--run", "{run}", "{images}", ""], "an IMAGE argument is empty"),
     ],
 )
-def test_mistakes_are_one_line(capsys, run_dir, image_dir, tmp_path, argv, message):
+def test_mistakes_are_one_line(capsys, monkeypatch, run_dir, image_dir, tmp_path, argv, message):
+    """Nothing is written into the run, nor into the current folder (an empty name is that folder:
+    a test run from the repository's root once left a predictions file named " " there)."""
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "readme.txt").write_text("no images here")
     (tmp_path / "bad.png").write_bytes(b"\x89PNG truncated")
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
     values = {"tmp": str(tmp_path), "run": str(run_dir), "images": str(image_dir)}
     before = sorted(p.name for p in run_dir.iterdir())
     err = fails(capsys, *(a.format(**values) for a in argv))
     assert message in err
     assert sorted(p.name for p in run_dir.iterdir()) == before  # nothing written into the run
     assert not (tmp_path / "no").exists()
+    assert not list((tmp_path / "cwd").iterdir())
 
 
 # --- the audit's additions: what a wrong change left passing above ------------------------------
