@@ -279,7 +279,7 @@ def test_large_teacher_data_keeps_the_top_k_per_class_with_their_own_rows(tmp_pa
     """The student's unlabeled images are the large teacher's top K per class (grouped by class),
     and row i of the returned distributions is the teacher's softmax on image i of the returned
     split, for the kept unlabeled images as for the labeled ones."""
-    from metapl.train.checkpoint import save_checkpoint
+    from metapl.train.checkpoint import config_fingerprint, save_checkpoint
     from metapl.train.large_teacher import prepare_large_teacher_data
     from metapl.train.presets import load_preset
 
@@ -289,7 +289,9 @@ def test_large_teacher_data_keeps_the_top_k_per_class_with_their_own_rows(tmp_pa
     (teacher_dir / "config.json").write_text(json.dumps(teacher_cfg.to_dict()))
     large = engine.Run(teacher_cfg, engine.load_data(teacher_cfg), torch.device("cpu"))
     large.step = 1  # as if trained: a finished run of the 1 step its config asks for
-    save_checkpoint(teacher_dir / "checkpoint.pt", large.state_dict("fingerprint"))
+    # (its config's own fingerprint: load_run_model refuses a checkpoint of another configuration)
+    fingerprint = config_fingerprint(teacher_cfg.to_dict())
+    save_checkpoint(teacher_dir / "checkpoint.pt", large.state_dict(fingerprint))
     teacher = large.method.models["student"].eval()
     cfg = apply_overrides(
         load_preset("digits-reduced-reduced-mpl"),
