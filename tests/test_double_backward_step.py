@@ -10,7 +10,8 @@ import copy
 
 import pytest
 import torch
-from mpl_helpers import STUDENT_OPTIMIZERS, make_problem, rel_err
+from mpl_helpers import MLP, N_CLASSES, STUDENT_OPTIMIZERS, make_problem, rel_err
+from torch import Tensor, nn
 
 from metapl import MetaPseudoLabels
 from metapl.errors import ConfigError
@@ -53,6 +54,68 @@ def test_double_backward_step_equals_exact_step(opt_name, kind, labeled):
     for a, b in zip(m_exact, m_db):
         assert torch.allclose(a["student_labeled_after"], b["student_labeled_after"], rtol=1e-10)
         assert ("student_labeled" in a) == ("student_labeled" in b) == (labeled > 0)
+
+
+class _PassDependent(nn.Module):
+    """An MLP, then ``a`` for a batch of ``a_rows`` examples and ``b`` for one of ``b_rows`` (a
+    stand-in for a stochastic-depth block one pass skipped): the parameters of ``a`` and ``b`` get
+    a gradient from one of the student's two losses (unlabeled, labeled) only, or none."""
+
+    def __init__(self, a_rows: int, b_rows: int):
+        super().__init__()
+        self.body = MLP()
+        self.a, self.b = nn.Linear(N_CLASSES, N_CLASSES), nn.Linear(N_CLASSES, N_CLASSES)
+        self.a_rows, self.b_rows = a_rows, b_rows
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.body(x)
+        if x.shape[0] == self.a_rows:
+            h = self.a(h)
+        if x.shape[0] == self.b_rows:
+            h = self.b(h)
+        return h
+
+
+@pytest.mark.parametrize(
+    "rows, body_frozen",
+    [((6, None), False), ((8, None), False), ((8, 6), True)],
+    ids=["a-labeled-only", "a-unlabeled-only", "passes-share-nothing"],
+)
+def test_parameters_reached_by_one_of_the_students_losses_step_as_in_the_exact_step(
+    rows, body_frozen
+):
+    """A parameter that only the labeled pass (6 examples) or only the x_u pass (8) reaches has
+    a gradient from one of the student's losses and None from the other: the double-backward
+    step must step it on the one it has, as the exact step does (a sum that took None for the
+    total dropped it).
+    With ``body`` frozen, the x_u pass (through ``a``) and the labeled passes (through ``b``)
+    share no parameter: R(theta_{t+1}) does not depend on the targets, and its gradient in them
+    is 0 (None was a TypeError). float64, the two estimators side by side."""
+    steps = {}
+    for estimator in ("exact", "double_backward"):
+        teacher, _, x_l, y_l, x_u = make_problem("mlp", seed=5)
+        torch.manual_seed(3)
+        student = _PassDependent(*rows).to(torch.float64)
+        if body_frozen:
+            student.body.requires_grad_(False)
+        mpl = MetaPseudoLabels(
+            teacher,
+            student,
+            torch.optim.SGD(teacher.parameters(), lr=0.05),
+            torch.optim.SGD([p for p in student.parameters() if p.requires_grad], lr=0.3),
+            estimator=estimator,
+            student_labeled_weight=0.5,
+        )
+        torch.manual_seed(11)
+        for s in range(2):
+            mpl.step(x_l, y_l, x_u + 0.1 * s)
+        steps[estimator] = teacher, student
+    (t_exact, s_exact), (t_db, s_db) = steps.values()
+    assert rel_err(flat(s_exact.parameters()), flat(s_db.parameters())) < 1e-10
+    assert rel_err(flat(t_exact.parameters()), flat(t_db.parameters())) < 1e-10
+    torch.manual_seed(3)
+    fresh = _PassDependent(*rows).to(torch.float64)
+    assert not torch.equal(s_db.a.weight, fresh.a.weight)  # the layer one loss reaches moved
 
 
 def test_double_backward_step_moves_the_teacher_differently_without_the_mpl_term():

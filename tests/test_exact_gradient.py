@@ -168,8 +168,13 @@ def _check_two_steps(
     return oracle_nans
 
 
+@pytest.mark.parametrize("estimator", ["exact", "double_backward", "first_order"])
 @pytest.mark.parametrize("kind", ["mlp", "conv"])
-def test_batchnorm_running_statistics_are_updated_exactly_once(kind):
+def test_batchnorm_running_statistics_are_updated_exactly_once(kind, estimator):
+    """By the student's update pass on x_u alone, whatever the estimator: its labeled passes
+    (first_order's R before and after the update, the exact estimators' R(theta_{t+1})) run on
+    copies of the buffers. (A first_order R-before pass on the module's own buffers, under
+    no_grad, went unseen: only the exact estimator was checked.)"""
     teacher, student, x_l, y_l, x_u = make_problem(kind, seed=5)
     # put non-default running statistics in, so that "updated once" differs from "reset"
     with torch.no_grad():
@@ -177,7 +182,7 @@ def test_batchnorm_running_statistics_are_updated_exactly_once(kind):
         teacher(torch.randn(x_u.shape, dtype=x_u.dtype, device=x_u.device))
     s_opt = torch.optim.Adam(student.parameters(), lr=0.01)
     t_opt = torch.optim.SGD(teacher.parameters(), lr=0.05)
-    mpl = MetaPseudoLabels(teacher, student, t_opt, s_opt, temperature=1.5)
+    mpl = MetaPseudoLabels(teacher, student, t_opt, s_opt, temperature=1.5, estimator=estimator)
     for step in range(2):
         ref_s, ref_t = copy.deepcopy(student), copy.deepcopy(teacher)
         torch.manual_seed(step)

@@ -26,6 +26,7 @@ from torch.func import functional_call
 
 from metapl import MetaPseudoLabels, TeacherLogits
 from metapl.errors import ConfigError, DataError, MetaplError
+from metapl.mpl.inputs import model_input
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -115,6 +116,7 @@ def test_bad_labels_raise_data_error_before_the_student_moves(labels):
         # every step said x_labeled's examples () and y_labeled (N,) disagree
         {"batch_dim": -1},
         {"batch_dim": 1.0},
+        {"batch_dim": True},  # an int to isinstance, and no dimension number
     ],
     ids=lambda k: "-".join(f"{a}={b}" for a, b in k.items()),
 )
@@ -154,6 +156,17 @@ def test_a_batch_dim_past_the_inputs_dimensions_is_named_as_such():
     mpl = _mpl(teacher, student, batch_dim=2)
     with pytest.raises(DataError, match=r"x_labeled has shape \(\d+, \d+\), with no dimension 2"):
         mpl.step(x_l, y_l, x_u)
+
+
+def test_a_scalar_batch_has_no_examples_whatever_the_batch_dim():
+    """Only a tensor with dimensions, none of them batch_dim, is told its examples lie along
+    another dimension; a 0-dim one has no examples at all (a check of batch_dim alone told it it
+    had shape () "with no dimension 1 to hold its examples")."""
+    for batch_dim in (0, 1):
+        with pytest.raises(DataError, match=r"^x_unlabeled has no examples \(shape \(\)\)$"):
+            model_input("x_unlabeled", torch.tensor(1.0), batch_dim)
+    with pytest.raises(DataError, match=r"^x_unlabeled has shape \(3,\), with no dimension 1"):
+        model_input("x_unlabeled", torch.ones(3), 1)
 
 
 @pytest.mark.parametrize("case", list(_bad_batches()))
@@ -488,8 +501,10 @@ def test_teacher_extra_loss_sees_extra_logits_and_adds_its_gradient():
 # ----------------------------------------------------------------------------- metrics and state
 
 
-@pytest.mark.parametrize("estimator", ["exact", "first_order"])
+@pytest.mark.parametrize("estimator", ["exact", "double_backward", "first_order"])
 def test_metrics_are_detached_scalars_with_the_right_values(estimator):
+    """The exact estimators' R(theta_{t+1}) and teacher loss; double backward's MPL term is R
+    itself (its value; its gradient comes through the targets), not a surrogate of value 0."""
     teacher, student, x_l, y_l, x_u = make_problem("mlp", seed=9)
     seed = 5
     mpl = _mpl(teacher, student, estimator=estimator)
@@ -511,7 +526,9 @@ def test_metrics_are_detached_scalars_with_the_right_values(estimator):
         assert not value.requires_grad and value.grad_fn is None, name
         assert torch.isfinite(value), name
 
-    if estimator == "exact":
+    if estimator == "double_backward":
+        assert torch.equal(metrics["teacher_mpl"], metrics["student_labeled_after"])
+    if estimator != "first_order":
         # R(theta_{t+1}) on the dropout mask of the step's labeled forward: after the same seed,
         # draw as the step does (teacher forward, student forward on x_u), then evaluate.
         torch.manual_seed(seed)
