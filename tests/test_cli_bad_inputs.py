@@ -243,6 +243,11 @@ def test_set_mistakes_read_well(tmp_path, capsys, option, message):
     [
         (["--set", "seed=3", "--seed", "4"], "--seed and --set seed=... both set seed"),
         (["--set", "steps=3"], "--steps and --set steps=... both set steps"),
+        # the option's name as it is typed (--checkpoint-every, not --checkpoint_every)
+        (
+            ["--set", "checkpoint_every=5", "--checkpoint-every", "4"],
+            "--checkpoint-every and --set checkpoint_every=... both set checkpoint_every",
+        ),
     ],
 )
 def test_a_key_set_by_its_option_and_by_set_is_refused(tmp_path, capsys, options, message):

@@ -33,6 +33,8 @@ def test_seed_lists_and_ranges():
         ("0,4294967290-4294967296", "seeds must be in 0..4294967295"),
         # was "counts down; write it -3-0", advice that fails in turn
         ("0--3", "seeds must be in 0..4294967295"),
+        # a range that counts down from past the limit: was "counts down; write it 0-4294967296"
+        ("4294967296-0", "seeds must be in 0..4294967295"),
         # a MemoryError traceback while the list of numbers was built
         ("0-4294967295", "more than 10,000 seeds"),
         ("0-9999,10000", "more than 10,000 seeds"),
@@ -42,6 +44,7 @@ def test_seeds_out_of_numpys_range_or_too_many_are_one_line(text, message):
     with pytest.raises(ConfigError, match=f"--seeds '{text}': {message}"):
         cli.parse_seeds(text)
     assert len(cli.parse_seeds("0-9999")) == 10_000
+    assert cli.parse_seeds("4294967295") == [4294967295]  # the limit itself is a seed
 
 
 @pytest.mark.parametrize(

@@ -52,6 +52,7 @@ def _cfg(**overrides) -> TrainConfig:
         ({"uda_threshold": 1.5}, "uda_threshold must be in [0, 1]"),  # would mask everything
         ({"uda_threshold": -0.1}, "uda_threshold must be in [0, 1]"),
         ({"warmup_steps": 101}, "must not exceed steps"),
+        ({"seed": 2**32}, "seed must be in 0..4294967295"),
     ],
 )
 def test_validate_rejects(overrides, message):
@@ -66,6 +67,9 @@ def test_validate_accepts_the_boundaries():
     _cfg(method="reduced_mpl", large_teacher="runs/big").validate()
     _cfg(uda_threshold=0.0, uda_factor=0.0, weight_decay=0.0).validate()
     _cfg(uda_threshold=1.0, method="uda_mpl", student_labeled_weight=1.0).validate()
+    # numpy's and scikit-learn's largest seed is a seed (a bound off by one went unseen)
+    _cfg(seed=0).validate()
+    _cfg(seed=2**32 - 1).validate()
 
 
 def test_values_are_coerced_to_the_field_types():

@@ -332,6 +332,11 @@ def _edit(**changes):
             _edit(class_names=None, y_labeled=np.array([0, 1, 2, 0, 1, 2_000_000])),
             "y_labeled[5] is 2000000, but there are only 6 labeled images",
         ),
+        # at the bound, 7 classes for 6 images (off by one it was "class 3 has no labeled image")
+        (
+            _edit(class_names=None, y_labeled=np.array([0, 1, 2, 0, 1, 6])),
+            "y_labeled[5] is 6, but there are only 6 labeled images",
+        ),
         (_edit(class_names=np.array(["a", "a", "b"])), "expected distinct strings"),
         (_edit(x_labeled=np.zeros((6, 8, 8, 3), np.float32)), "x_labeled has dtype float32"),
         (_edit(x_unlabeled=np.zeros((5, 8, 8, 2), np.uint8)), "x_unlabeled has shape (5, 8, 8, 2)"),
