@@ -24,7 +24,7 @@ from metapl.data.arrays import to_tensor_nchw
 from metapl.data.digits import digits_split
 from metapl.errors import CheckpointError
 from metapl.predict import read_images
-from metapl.train.checkpoint import load_checkpoint
+from metapl.train.checkpoint import config_fingerprint, load_checkpoint, save_checkpoint
 from metapl.train.config import TrainConfig
 from metapl.train.data import evaluate, model_input
 from metapl.train.large_teacher import load_large_teacher
@@ -304,9 +304,11 @@ def test_corrupt_checkpoint(capsys, run_dir, image_dir, tmp_path):
         (["export", "--run", "{run}", "--format", "torchscript", "--output", "{tmp}"], "folder"),
         # an empty name: export wrote the default file, predict called it "--json . is a folder"
         (["export", "--run", "{run}", "--format", "torchscript", "--output", ""], "is empty"),
+        (["export", "--run", "{run}", "--format", "torchscript", "--output", " "], "is empty"),
         (["predict", "--run", "{run}", "{images}", "--json", " "], "--json is empty"),
         # classified every image under the current folder
         (["predict", "--run", "{run}", "{images}", ""], "an IMAGE argument is empty"),
+        (["predict", "--run", "{run}", "{images}", " "], "an IMAGE argument is empty"),
     ],
 )
 def test_mistakes_are_one_line(capsys, monkeypatch, run_dir, image_dir, tmp_path, argv, message):
@@ -362,16 +364,23 @@ def test_predict_json_of_an_unfinished_run_and_top_above_the_class_count(
         ["export", "--run", "{folder}", "--format", "torchscript"],  # beside a read-only run
     ],
 )
+@pytest.mark.parametrize("denied", ["write", "search"])
 def test_an_output_file_in_a_folder_it_cannot_write_is_one_line(
-    capsys, monkeypatch, run_dir, image_dir, tmp_path, argv
+    capsys, monkeypatch, run_dir, image_dir, tmp_path, argv, denied
 ):
     """Was a PermissionError (or a read-only file system's OSError) traceback once the images were
-    classified or the model traced. os.access is what tells: chmod alone does not stop root."""
+    classified or the model traced. os.access is what tells: chmod alone does not stop root. A
+    folder that may be written but not searched (mode 0o666: no x) takes no new file either."""
     import os
 
     folder = copy_run(run_dir, tmp_path)
     access = os.access
-    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != folder and access(p, mode))
+    bits = os.X_OK if denied == "search" else os.W_OK | os.X_OK
+
+    def allowed(p, mode):
+        return not (Path(p) == folder and mode & bits) and access(p, mode)
+
+    monkeypatch.setattr(os, "access", allowed)
     values = {"run": str(run_dir), "images": str(image_dir), "folder": str(folder)}
     err = fails(capsys, *(a.format(**values) for a in argv))
     assert f"folder {folder} is not writable" in err, err
@@ -443,6 +452,24 @@ def test_a_damaged_run_folder_is_one_line(capsys, run_dir, image_dir, tmp_path, 
         for name, text in damage.items():
             (run / name).write_text(text)
     assert message in fails(capsys, "predict", "--run", str(run), str(image_dir))
+
+
+def test_a_run_from_before_a_new_option_is_its_own_checkpoints_run(
+    capsys, run_dir, image_dir, tmp_path
+):
+    """A run trained before memory_format existed: neither its config.json nor its checkpoint has
+    the option, and the checkpoint's fingerprint is of the config without it. The option's
+    default is the old behaviour, so checkpoint and config.json are one run's, and it predicts as
+    before (the fingerprint compared without the defaults called them two runs')."""
+    run = copy_run(run_dir, tmp_path)
+    config = json.loads((run / "config.json").read_text())
+    del config["memory_format"]
+    (run / "config.json").write_text(json.dumps(config))
+    ckpt = load_checkpoint(run / "checkpoint.pt")
+    del ckpt["config"]["memory_format"]
+    ckpt["config_fingerprint"] = config_fingerprint(ckpt["config"])
+    save_checkpoint(run / "checkpoint.pt", ckpt)
+    assert predict(capsys, run, str(image_dir)) == predict(capsys, run_dir, str(image_dir))
 
 
 def test_input_spec_follows_the_readers_not_image_size():

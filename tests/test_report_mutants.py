@@ -110,7 +110,7 @@ def test_output_folder_refuses_a_folder_it_cannot_write(tmp_path, monkeypatch):
     assert output_folder(target) == target and not (tmp_path / "new").exists()
 
 
-@pytest.mark.parametrize("name", ["results.json", "checkpoint.pt"])
+@pytest.mark.parametrize("name", ["results.json", "config.json", "checkpoint.pt", "metrics.csv"])
 def test_output_folder_refuses_a_folder_where_a_result_file_goes(tmp_path, name):
     """A folder named results.json in --out was a traceback when the results were written, after
     the whole run; now refused before any work."""
@@ -118,3 +118,14 @@ def test_output_folder_refuses_a_folder_where_a_result_file_goes(tmp_path, name)
     with pytest.raises(ConfigError, match=f"{name} is a folder, where metapl writes a file"):
         output_folder(tmp_path / "run", command="train")
     assert output_folder(tmp_path / "other") == tmp_path / "other"
+
+
+@pytest.mark.parametrize("name", ["", " ", "\t"])
+def test_output_folder_refuses_an_empty_name(tmp_path, monkeypatch, name):
+    """An unset $VAR, with or without spaces around it: Path("") is the current folder, and
+    Path(" ") a folder named " " in it (only "" was refused by the tests, a check without the
+    strip went unseen)."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="^--res is empty; give a folder name$"):
+        output_folder(name, option="--res", command="train")
+    assert not list(tmp_path.iterdir())

@@ -237,13 +237,20 @@ def test_an_in_memory_database_is_refused(tmp_path):
             Tuner(options(tmp_path, storage=url))
 
 
-def test_a_database_in_a_folder_it_cannot_write_is_refused(tmp_path, monkeypatch):
+@pytest.mark.parametrize("denied", ["write", "search"])
+def test_a_database_in_a_folder_it_cannot_write_is_refused(tmp_path, monkeypatch, denied):
     """Was an OSError traceback from the lock file beside it (a read-only file system, another
-    user's folder). os.access is what tells: chmod alone does not stop root."""
+    user's folder). os.access is what tells: chmod alone does not stop root. A folder that may be
+    written but not searched (mode 0o666: no x) takes no new file either."""
     from metapl.tuning import storage
 
     access = os.access
-    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != tmp_path and access(p, mode))
+    bits = os.X_OK if denied == "search" else os.W_OK | os.X_OK
+
+    def allowed(p, mode):
+        return not (Path(p) == tmp_path and mode & bits) and access(p, mode)
+
+    monkeypatch.setattr(os, "access", allowed)
     with pytest.raises(ConfigError, match=f"folder {tmp_path} is not writable"):
         storage.open_storage(f"sqlite:///{tmp_path}/study.db")
     assert not list(tmp_path.iterdir())
