@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -190,6 +191,20 @@ def test_a_resumed_run_counts_its_progress_from_the_checkpoint(tmp_path, capsys)
     assert {3, 5} <= counts <= {3, 4, 5}
     (record,) = summary["results"]
     assert "accuracy_before_finetune" not in record
+
+
+def test_a_run_resumed_past_its_end_counts_the_fine_tuning_steps(run, tmp_path):
+    """The run's checkpoint is at step 6: 4 steps and 2 of fine-tuning. The same configuration
+    again is a rerun, not past the end (a bound of --steps alone refused it); --steps 3 is, and the
+    advice is the --steps that continues the run (the fine-tuning steps come on top of it)."""
+    out, *_ = run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    with pytest.raises(ConfigError, match=r"is at step 6, past the 5 steps .* give --steps 4 or"):
+        engine.train(_config(steps=STEPS - 1), copy, show_progress=False)
+    (before,) = json.loads((out / "results.json").read_text())["results"]
+    (rerun,) = engine.train(_config(), copy, show_progress=False)["results"]
+    assert rerun["accuracy"] == before["accuracy"]
 
 
 def test_run_state_round_trips_the_ema_and_the_bookkeeping():

@@ -303,7 +303,9 @@ def test_other_configuration_in_existing_run_folder_is_refused(tmp_path, capsys)
     assert load_checkpoint(out / "checkpoint.pt")["step"] == 6
 
 
-def test_results_of_another_configuration_without_a_checkpoint_are_kept(tmp_path, capsys):
+def test_results_of_another_configuration_without_a_checkpoint_are_kept(
+    tmp_path, capsys, monkeypatch
+):
     """A finished run whose checkpoints were deleted (to save space): another configuration
     trained into its folder replaced its results.json and metrics.csv without a word, and added
     its TensorBoard events to the old ones."""
@@ -317,8 +319,13 @@ def test_results_of_another_configuration_without_a_checkpoint_are_kept(tmp_path
     err = one_error_line(capsys.readouterr().err)
     assert "holds train results of another configuration (student_lr=" in err, err
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
-    # the same configuration (cadence aside) starts over and reproduces them: allowed
-    assert train_cli("digits-uda", out, *tiny(4, log_every=1)) == 0
+    # the same configuration starts over and reproduces them: allowed, whatever the cadence of
+    # logs, evaluations and checkpoints and the device's name (auto, a CPU here; each but
+    # log_every went unchecked)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    again = tiny(4, log_every=1, eval_every=2, checkpoint_every=4)
+    assert train_cli("digits-uda", out, *["auto" if a == "cpu" else a for a in again]) == 0
+    assert json.loads((out / "config.json").read_text())["device"] == "auto"
 
 
 def test_fewer_steps_than_the_checkpoint_reached_are_refused(tmp_path, capsys):
