@@ -120,10 +120,13 @@ def holding(module: nn.Module, state: dict[str, Tensor]) -> Iterator[None]:
     under two names is swapped once.
     """
     swapped: list[tuple[dict[str, Any], str, Any]] = []
+    owners: dict[str, nn.Module] = {}  # (a BatchNorm's buffers share one owner: one lookup)
     try:
         for name, tensor in state.items():
             owner_name, _, leaf = name.rpartition(".")
-            owner = module.get_submodule(owner_name)
+            owner = owners.get(owner_name)
+            if owner is None:
+                owner = owners[owner_name] = module.get_submodule(owner_name)
             # (a plain tensor in _parameters, as torch's own functional_call puts there)
             table: dict[str, Any] = (
                 owner._parameters if leaf in owner._parameters else owner._buffers
