@@ -15,8 +15,9 @@ DESCRIPTION = (
     "student's values fixed to stage student's best. Each trial trains with tuning=true (labeled "
     "minus the tuning split, scored on the tuning split; never the test set) in "
     "OUT/trials/<study>/<number>/; a median pruner stops trials that trail. Several processes or "
-    "machines share a study through --storage. OUT/best.toml is the best configuration as a "
-    "preset: metapl train --preset OUT/best.toml."
+    "machines share a study through --storage. A trial stopped by Ctrl-C or kill -9 resumes from "
+    "its last checkpoint when the command runs again. OUT/best.toml is the best configuration as "
+    "a preset: metapl train --preset OUT/best.toml."
 )
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import re
 import shutil
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from typing import Any
 from metapl.errors import ConfigError, NonFiniteLossError
 from metapl.train.config import TrainConfig, apply_overrides
 from metapl.train.presets import load_preset
-from metapl.tuning import bestfile, space, studies
+from metapl.tuning import bestfile, retry, space, studies
 from metapl.tuning.storage import import_optuna, open_storage
 
 STARTUP_TRIALS = 5  # the pruner and TPE's model both start after this many trials
@@ -124,15 +123,23 @@ class Stage:
         values = space.sample(trial, self.stage, self.base, self.tuner.fixed)
         cfg = space.trial_config(self.tuner.trial_base, self.stage, self.student_values, values)
         run_dir = opts.out / "trials" / self.name / str(trial.number)
-        if run_dir.exists():  # numbers never repeat within a storage: left by an earlier one
+        record = retry.frozen(trial)
+        stopped = retry.stopped_trial(optuna, record)  # this trial continues one that was stopped
+        resumed = stopped is not None and retry.take_over_folder(stopped, run_dir)
+        if not resumed and run_dir.exists():  # numbers never repeat in a storage: an earlier one's
             shutil.rmtree(run_dir)
+        if stopped is not None:
+            how = "from its checkpoint" if resumed else "from the start (no checkpoint of it here)"
+            print(f"{self.name} trial {trial.number}: resumes trial {stopped} {how}", flush=True)
         # where to find the run folder when several machines share the study
         trial.set_user_attr("run_dir", str(run_dir.resolve()))
-        trial.set_user_attr("host", socket.gethostname())
+        retry.record_process(trial)
+        reported = set(record.intermediate_values)  # the stopped trial's, carried over
 
         def on_eval(step: int, accuracies: dict[str, float]) -> None:
             accuracy = accuracies["test_accuracy"]  # the tuning split, in a tuning run
-            trial.report(accuracy, step)
+            if step not in reported:  # a resumed run evaluates again after its checkpoint
+                trial.report(accuracy, step)
             if trial.should_prune():
                 print(
                     f"{self.name} trial {trial.number}: pruned at step {step} "
@@ -149,8 +156,15 @@ class Stage:
             return 0.0
         except KeyboardInterrupt:
             # Ctrl-C: Optuna records the trial as failed and logs it with a traceback; the command
-            # line says "interrupted" in one line instead.
+            # line says "interrupted" in one line instead. A copy of the trial waits in the study,
+            # to resume from the trial's last checkpoint.
             optuna.logging.set_verbosity(optuna.logging.ERROR)
+            retry.queue_interrupted(optuna, trial)
+            print(
+                f"{self.name} trial {trial.number}: interrupted; the same command resumes it "
+                "from its last checkpoint",
+                flush=True,
+            )
             raise
         record = summary["results"][0]
         if not record["dataset"].endswith("-tune"):
@@ -179,6 +193,7 @@ class Stage:
         if self.stage == "teacher":  # the creator's student values, whoever created the study
             self._adopt(study.user_attrs)
         studies.check_same_config(study, self.base.to_dict(), self.searched)
+        retry.fail_stopped_trials(optuna, study)  # copies of them run first, resumed
         study.optimize(self.objective, n_trials=self.tuner.opts.trials)
         return study
 
@@ -227,7 +242,9 @@ class Tuner:
             picks.append(("student", *(a[k] for k in keys)))
         best = studies.best_trial(last)
         picks.append((stage, last.study_name, best.number, best.value, best.params))
-        finished = sum(t.state.is_finished() for t in last.get_trials(deepcopy=False))
+        # completed or pruned: a stopped trial (failed) and the copy that resumed it count once
+        counted = (self.optuna.trial.TrialState.COMPLETE, self.optuna.trial.TrialState.PRUNED)
+        finished = len(last.get_trials(deepcopy=False, states=counted))
         header = [
             f"metapl tune: the best configuration found for preset {self.opts.preset}",
             "(Appendix C.1, incremental: the student's values first, then the teacher's)",

@@ -12,8 +12,9 @@
   start that races on table creation is retried.
 
 Heartbeats (every ``HEARTBEAT_S``) let a trial whose process died (``kill -9``, a lost machine) be
-marked failed after ``GRACE_S`` instead of staying "running" forever; that matters because stage 2
-waits for stage 1's running trials before fixing the student's values.
+marked failed after ``GRACE_S`` instead of staying "running" forever (and resumed: see
+:mod:`~metapl.tuning.retry`); that matters because stage 2 waits for stage 1's running trials
+before fixing the student's values.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from metapl.errors import ConfigError
+from metapl.tuning.retry import retry_callback
 
 SQLITE_TIMEOUT_S = 120
 HEARTBEAT_S = 30
@@ -118,6 +120,7 @@ def open_storage(url: str):
                     engine_kwargs=engine_kwargs,
                     heartbeat_interval=HEARTBEAT_S,
                     grace_period=GRACE_S,
+                    heartbeat_stale_trial_callback=retry_callback(optuna),
                 )
                 if sqlite:
                     sqlalchemy.event.listen(storage.engine, "connect", _sqlite_pragmas)

@@ -15,6 +15,7 @@ from typing import Any
 
 from metapl.errors import ConfigError
 from metapl.train.config import TrainConfig
+from metapl.tuning.retry import fail_stopped_trials
 
 POLL_S = 1.0
 ATTRS_WAIT_S = 60.0
@@ -114,10 +115,10 @@ def check_same_config(study, config: dict[str, Any], searched: list[str]) -> Non
 
 def wait_for_running(optuna, study) -> None:
     """Wait until no trial of ``study`` runs (other processes still in stage 1). Trials of dead
-    processes stop counting after the heartbeat grace period."""
+    processes stop counting after the heartbeat grace period (on this host, at once)."""
     told = False
     while True:
-        optuna.storages.fail_stale_trials(study)
+        fail_stopped_trials(optuna, study)
         running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
         if not running:
             return

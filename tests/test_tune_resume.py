@@ -1,0 +1,177 @@
+"""`metapl tune` resumes a trial that was stopped (Ctrl-C, kill -9) from its checkpoint.
+
+The trials are the few digits-CNN steps of tests/test_tune.py; the kill is a real SIGKILL of a real
+`metapl tune` process.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+
+from metapl.cli import main
+from metapl.train import engine
+from metapl.train.checkpoint import load_checkpoint
+from metapl.tuning import retry
+from metapl.tuning.runner import Tuner
+from tests.test_tune import options, tiny_args
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
+State = optuna.trial.TrialState
+
+
+def _student(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(run_dir / "checkpoint.pt")["student"]
+
+
+def test_an_interrupted_trial_resumes_from_its_checkpoint_with_the_weights_of_an_unbroken_run(
+    tmp_path, capsys
+):
+    opts = options(tmp_path, runtime={"steps": 12, "device": "cpu"})
+    calls = []  # (trial folder, whether it held a checkpoint when train started)
+
+    def train_interrupted_at_step_9(cfg, run_dir, show_progress, on_eval):
+        calls.append((run_dir, (run_dir / "checkpoint.pt").exists()))
+
+        def stop_at_9(step, accuracies):
+            if step == 9:  # after the checkpoint at step 6 (checkpoint_every=6)
+                raise KeyboardInterrupt
+            on_eval(step, accuracies)
+
+        return engine.train(cfg, run_dir, show_progress, on_eval=stop_at_9)
+
+    tuner = Tuner(opts)
+    tuner.train = train_interrupted_at_step_9
+    with pytest.raises(KeyboardInterrupt):
+        tuner.run()
+    assert "t-student trial 0: interrupted; the same command resumes it" in capsys.readouterr().out
+
+    configs = []
+
+    def train(cfg, run_dir, show_progress, on_eval):
+        calls.append((run_dir, (run_dir / "checkpoint.pt").exists()))
+        configs.append(cfg)
+        return engine.train(cfg, run_dir, show_progress, on_eval=on_eval)
+
+    tuner = Tuner(opts)  # the same command again, --trials 1
+    tuner.train = train
+    tuner.run()
+    assert "t-student trial 1: resumes trial 0 from its checkpoint" in capsys.readouterr().out
+
+    trials_dir = opts.out / "trials" / "t-student"
+    assert calls == [(trials_dir / "0", False), (trials_dir / "1", True)]
+    assert not (trials_dir / "0").exists()  # moved: one folder per trial that finished
+    study = optuna.load_study(study_name="t-student", storage=opts.storage)
+    stopped, resumed = study.trials
+    assert [stopped.state, resumed.state] == [State.FAIL, State.COMPLETE]
+    assert resumed.params == stopped.params
+    # the pruner sees steps 3 and 6 as the stopped trial reported them, then 9 and 12
+    assert sorted(resumed.intermediate_values) == [3, 6, 9, 12]
+    assert all(resumed.intermediate_values[s] == stopped.intermediate_values[s] for s in (3, 6))
+    assert resumed.user_attrs["run_dir"] == str((trials_dir / "1").resolve())
+
+    (cfg,) = configs
+    unbroken = engine.train(cfg, tmp_path / "unbroken", False)
+    assert resumed.value == unbroken["results"][0]["accuracy"]
+    resumed_weights, unbroken_weights = _student(trials_dir / "1"), _student(tmp_path / "unbroken")
+    assert all(torch.equal(resumed_weights[k], unbroken_weights[k]) for k in unbroken_weights)
+
+
+def test_a_copy_without_its_stopped_trials_checkpoint_starts_over(tmp_path, capsys):
+    """Another machine's trial (its folder is not here), or one stopped before its first
+    checkpoint: the copy trains the same values from the start."""
+    opts = options(tmp_path, runtime={"steps": 6, "device": "cpu"})
+    tuner = Tuner(opts)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    tuner.train = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        tuner.run()
+    Tuner(opts).run()
+    assert "t-student trial 1: resumes trial 0 from the start" in capsys.readouterr().out
+    study = optuna.load_study(study_name="t-student", storage=opts.storage)
+    assert [t.state for t in study.trials] == [State.FAIL, State.COMPLETE]
+    assert study.trials[1].params == study.trials[0].params
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+@pytest.mark.parametrize(
+    "record, failed",
+    [
+        (lambda n: {"host": socket.gethostname(), "pid": _dead_pid(), "trial": n}, True),
+        (lambda n: {"host": socket.gethostname(), "pid": os.getppid(), "trial": n}, False),
+        (lambda n: {"host": socket.gethostname(), "pid": os.getpid(), "trial": n}, False),
+        (lambda n: {"host": "another-host", "pid": _dead_pid(), "trial": n}, False),
+        # a copy's record, inherited from the trial it resumes: not its own process
+        (lambda n: {"host": socket.gethostname(), "pid": _dead_pid(), "trial": n + 1}, False),
+    ],
+    ids=["dead-here", "alive", "this-process", "other-host", "inherited"],
+)
+def test_only_a_trial_whose_own_process_is_gone_from_this_host_is_failed_at_once(record, failed):
+    study = optuna.create_study(direction="maximize")
+    trial = study.ask()
+    trial.suggest_float("x", 0.0, 1.0)
+    trial.set_user_attr("process", record(trial.number))
+    retry.fail_stopped_trials(optuna, study)
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    if failed:  # and a copy of it waits, with the same values, to be resumed
+        assert states == [State.FAIL, State.WAITING]
+        copy = study.trials[1]
+        assert copy.params == study.trials[0].params and retry.stopped_trial(optuna, copy) == 0
+    else:
+        assert states == [State.RUNNING]
+
+
+def test_a_trial_killed_with_sigkill_resumes_when_the_command_runs_again(tmp_path, capsys):
+    args = ["tune", "--preset", "digits-uda-mpl", "--trials", "1", "--stage", "student"]
+    args += tiny_args(tmp_path)
+    args[args.index("--steps") + 1] = "120"  # still running at its first checkpoints
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    killed = tmp_path / "out" / "trials" / "t-student" / "0"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "metapl.cli", *args], env=env, stdout=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:
+            if (killed / "checkpoint.pt").exists():
+                break
+            time.sleep(0.01)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the trial ended before it was killed"
+    step = int(load_checkpoint(killed / "checkpoint.pt")["step"])
+    assert 0 < step < 120
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.load_study(study_name="t-student", storage=storage)
+    assert [t.state for t in study.trials] == [State.RUNNING]  # its heartbeat is not stale yet
+
+    assert main(args) == 0  # at once: its process is gone from this host
+    assert "t-student trial 1: resumes trial 0 from its checkpoint" in capsys.readouterr().out
+    study = optuna.load_study(study_name="t-student", storage=storage)
+    assert [t.state for t in study.trials] == [State.FAIL, State.COMPLETE]
+    assert study.trials[1].params == study.trials[0].params
+    resumed = tmp_path / "out" / "trials" / "t-student" / "1"
+    assert int(load_checkpoint(resumed / "checkpoint.pt")["step"]) == 120
+    assert not killed.exists()
+    # the metrics of the steps before the kill came along with the folder
+    rows = (resumed / "metrics.csv").read_text().splitlines()
+    assert rows[1].split(",")[0] == "3"
