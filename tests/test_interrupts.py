@@ -103,7 +103,7 @@ def test_result_files_are_written_through_metapl_atomic():
     assert offenders == []
 
 
-def test_ctrl_c_in_tune_is_one_line_and_fails_the_trial(tmp_path, monkeypatch, capfd):
+def test_ctrl_c_in_tune_is_one_line_and_queues_the_trial_to_resume(tmp_path, monkeypatch, capfd):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
@@ -124,9 +124,13 @@ def test_ctrl_c_in_tune_is_one_line_and_fails_the_trial(tmp_path, monkeypatch, c
         optuna_logger.removeHandler(handler)
     out, err = capfd.readouterr()
     assert err == "metapl tune: interrupted\n"
+    assert out == (
+        "t-student trial 0: interrupted; the same command resumes it from its last checkpoint\n"
+    )
     assert [r.getMessage() for r in logged] == []  # no "Trial 0 failed ..." and its traceback
     trials = optuna.load_study(study_name="t-student", storage=storage).trials
-    assert [t.state for t in trials] == [optuna.trial.TrialState.FAIL]
+    State = optuna.trial.TrialState
+    assert [t.state for t in trials] == [State.FAIL, State.WAITING]  # its copy, to resume
 
 
 def _digits_with_two_running_workers(out: Path) -> tuple[subprocess.Popen, list[str]]:
