@@ -17,6 +17,7 @@ import numpy as np
 import optuna
 import pytest
 import torch
+from postgres_server import postgres_url
 
 import metapl.data.digits as digits_module
 import metapl.train.engine as engine
@@ -62,8 +63,9 @@ def options(tmp_path: Path, **changes) -> TuneOptions:
     return TuneOptions(**{**values, **changes})
 
 
-def tiny_args(tmp_path: Path) -> list[str]:
-    args = ["--storage", f"sqlite:///{tmp_path / 'study.db'}", "--out", str(tmp_path / "out")]
+def tiny_args(tmp_path: Path, storage: str | None = None) -> list[str]:
+    storage = storage or f"sqlite:///{tmp_path / 'study.db'}"
+    args = ["--storage", storage, "--out", str(tmp_path / "out")]
     args += ["--steps", "6", "--device", "cpu", "--quiet", "--study", "t"]
     for key, value in TINY.items():
         args += ["--set", f"{key}={value}"]
@@ -337,10 +339,21 @@ def test_a_study_refuses_trials_of_other_settings(tmp_path):
 # --- two processes, one SQLite study --------------------------------------------------------------
 
 
-def test_two_processes_share_one_sqlite_study(tmp_path):
+@pytest.fixture(params=["sqlite", "postgresql"])
+def storage_url(request, tmp_path):
+    """One machine's storage, and the one machines share (a throwaway local server)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'study.db'}"
+    else:
+        with postgres_url() as url:
+            yield url
+
+
+def test_two_processes_share_one_study(tmp_path, storage_url):
+    """Both start at once on a new database: they race to create its tables and the studies."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     args = ["tune", "--preset", "digits-uda-mpl", "--trials", "1", "--stage", "both"]
-    args += tiny_args(tmp_path)
+    args += tiny_args(tmp_path, storage_url)
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "metapl.cli", *args],
@@ -353,9 +366,8 @@ def test_two_processes_share_one_sqlite_study(tmp_path):
     ]
     outputs = [p.communicate(timeout=120)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
-    storage = f"sqlite:///{tmp_path / 'study.db'}"
-    student = optuna.load_study(study_name="t-student", storage=storage)
-    teacher = optuna.load_study(study_name="t-teacher", storage=storage)
+    student = optuna.load_study(study_name="t-student", storage=storage_url)
+    teacher = optuna.load_study(study_name="t-teacher", storage=storage_url)
     for study in (student, teacher):  # the sum of both processes' trials, all finished
         assert sorted(t.number for t in study.trials) == [0, 1]
         assert all(t.state.is_finished() for t in study.trials)

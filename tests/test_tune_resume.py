@@ -17,13 +17,13 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
+from test_tune import options, tiny_args
 
 from metapl.cli import main
 from metapl.train import engine
 from metapl.train.checkpoint import load_checkpoint
 from metapl.tuning import retry
 from metapl.tuning.runner import Tuner
-from tests.test_tune import options, tiny_args
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
