@@ -11,6 +11,8 @@ oracle in float64 (double backward, forward AD, a hand-made copy of the step, ha
   step's random numbers (a draw fx made while tracing put J on other numbers than the update
   pass's);
 - students with forward-pre, backward or backward-pre hooks keep their own forward (hooks run);
+- the adjoint check's scale is the sum of its per-parameter terms' sizes: a float32 student whose
+  terms cancel is exact and not refused;
 - :mod:`metapl.mpl.numerics`: its gradient is the exact MPL gradient at the given temperature, and
   the agreement metrics are what they say;
 - the first-order estimator: labels are sampled from softmax(logits / T), and its REINFORCE term
@@ -19,6 +21,7 @@ oracle in float64 (double backward, forward AD, a hand-made copy of the step, ha
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -39,7 +42,9 @@ from torch import Tensor, nn
 from metapl import MetaPseudoLabels
 from metapl.errors import ConfigError
 from metapl.mpl import double_backward_teacher_gradient
+from metapl.mpl.inputs import model_input
 from metapl.mpl.numerics import agreement_with_float64, mpl_teacher_gradient
+from metapl.mpl.student_checks import check_derivatives
 from metapl.mpl.tangent import TangentTape
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -303,6 +308,64 @@ def test_a_students_hooks_run_in_the_step(kind):
         mpl.step(x_l, y_l, x_u)
         assert calls, kind
         assert mpl.last_jvp_path == "forward_ad" and "hooks" in mpl.jvp_fallback_reason
+
+
+# ----------------------------------------------------------------------------- adjoint check
+
+
+class TwoBranches(nn.Module):
+    """Logits from two linear maps of other features, the first scaled by ``scale``: the adjoint
+    check's backward side is a sum of one term per parameter, <B^T u, t> over that parameter,
+    and the first term grows as ``scale`` squared while the second stays."""
+
+    def __init__(self, scale: float = 1.0):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.a = nn.Parameter(torch.randn(3, 3, generator=g))
+        self.b = nn.Parameter(torch.randn(3, 3, generator=g))
+        self.scale = scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.scale * (x[:, :3] @ self.a) + torch.tanh(x[:, 3:]) @ self.b
+
+
+def _adjoint_sums(scale: float, x: Tensor) -> list[float]:
+    """The check's [<u, J t>, sum of the terms, sum of their sizes] for a float32 TwoBranches
+    (what it hands ``average``), after it passed (a refusal raises)."""
+    seen: list[list[float]] = []
+
+    def average(tensors):
+        seen.append(tensors[0].tolist())
+
+    check_derivatives(
+        TwoBranches(scale), model_input("x_u", x, 0), contextlib.nullcontext, False, average
+    )
+    return seen[-1]
+
+
+def test_the_adjoint_check_scales_by_its_terms_sizes_not_their_sum():
+    """The terms have either sign: here the two parameters' terms cancel (the first branch's
+    scale is chosen so, from two probes of the check), and their sum is float32 rounding, as far
+    from 0 as <u, J t> is from it. A check relative to that sum (``abs(sum(back))`` as its scale)
+    would refuse this exact student (an error of 4.9e-1 here, float32's bar being 1e-3); relative
+    to the sum of the terms' sizes the error is float32's 2e-8. (The other way round cannot
+    happen: the sum is never larger than the sizes, so that scale could only refuse more.)"""
+    x = torch.randn(8, 6, generator=torch.Generator().manual_seed(0))
+    _, s1, _ = _adjoint_sums(1.0, x)
+    _, s2, _ = _adjoint_sums(2.0, x)
+    first = (s2 - s1) / 3  # s(scale) = scale**2 * first + second
+    second = s1 - first
+    assert first * second < 0, "the premise: terms of opposite signs"
+    scale = (-second / first) ** 0.5
+    forward, back, size = _adjoint_sums(scale, x)
+    assert abs(back) <= 1e-5 * size  # they cancel
+    assert abs(forward - back) <= 1e-6 * size
+    # the exact step takes this student
+    teacher = nn.Linear(6, 3)
+    student = TwoBranches(scale)
+    mpl = _sgd_mpl(teacher, student, supervised_weight=0.0)
+    mpl.step(x[:4], torch.tensor([0, 1, 2, 0]), x)
+    assert mpl.step_count == 1
 
 
 # ----------------------------------------------------------------------------- numerics
