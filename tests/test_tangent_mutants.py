@@ -13,6 +13,10 @@
 - a conversion by ``x.type(dtype)`` (a bug: the tape treated every ``.type`` call as ``x.type()``,
   the type's name, and dropped the tangent);
 - logits that their own rule reads (a final sigmoid): the tangent pass must not free them;
+- a layer registered twice inside a module that fx keeps whole (ALBERT-style sharing in
+  ``nn.TransformerEncoder``): the generic rule and the record pass on copies of the buffers give
+  the student its own parameters and buffers back (torch's ``functional_call`` left its tensors
+  in one of the two places);
 - the first-use checks of a traced graph: a NaN error (logits or J) is no agreement, and a graph
   whose logits have no tangent at all while the module's do is not trusted.
 """
@@ -23,6 +27,7 @@ import pytest
 import torch
 import torch.autograd.forward_ad as fwad
 import torch.nn.functional as F
+from exact_checks import checked_exact_step
 from mpl_helpers import make_problem, rel_err
 from test_tangent_replay import (
     FIRST_USE_REASONS,
@@ -35,6 +40,7 @@ from test_tangent_replay import (
 )
 from torch import Tensor, nn
 
+from metapl import MetaPseudoLabels
 from metapl.mpl import tangent_ops
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -296,3 +302,109 @@ def test_the_generic_rule_leaves_a_layers_buffers_as_the_native_pass_does():
     assert rel_err(j_tape, j_ref) <= 1e-10, rel_err(j_tape, j_ref)
     for (name, b), ref in zip(model.named_buffers(), native.buffers()):
         assert torch.equal(b, ref), name
+
+
+class SequenceBatchNorm(nn.Module):
+    """BatchNorm over the features of ``[N, L, E]`` sequences (a transformer's norm as PatchTST
+    has it): a layer with running statistics."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.bn(x.transpose(1, 2)).transpose(1, 2)
+
+
+class SharedLayerEncoder(nn.Module):
+    """An ``nn.TransformerEncoder`` whose two layers are one layer (``layers.0`` and ``layers.1``,
+    ALBERT-style sharing), with BatchNorm for its norms, between a Linear embedding and a Linear
+    head. fx keeps the encoder whole (a torch.nn module) and the tape has no rule for it: the
+    tangent pass differentiates it by forward AD of the module (the generic rule), and the record
+    module holds it, its aliased layer and the layer's buffers."""
+
+    def __init__(self, features: int = 3, width: int = 4):
+        super().__init__()
+        self.embed = nn.Linear(features, width)
+        layer = nn.TransformerEncoderLayer(width, 2, 6, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.encoder.layers = nn.ModuleList([layer, layer])
+        layer.norm1, layer.norm2 = SequenceBatchNorm(width), SequenceBatchNorm(width)
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.encoder(self.embed(x)).mean(1))
+
+
+def _shared_layer_problem():
+    g = torch.Generator().manual_seed(1)
+    torch.manual_seed(0)
+    # (a plain teacher: the student's biases before a BatchNorm have a gradient of 0, all noise)
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(5 * 3, 3)).to(DT)
+    student = SharedLayerEncoder().to(DT).train()
+    x_l, x_u = (
+        torch.randn(4, 5, 3, generator=g, dtype=DT),
+        torch.randn(6, 5, 3, generator=g, dtype=DT),
+    )
+    y_l = torch.randint(0, 3, (4,), generator=g)
+    return teacher, student, x_l, y_l, x_u
+
+
+def _sgd(params):
+    return torch.optim.SGD(params, lr=0.1, momentum=0.5)
+
+
+def _shared_layer_mpl(teacher, student) -> MetaPseudoLabels:
+    return MetaPseudoLabels(
+        teacher,
+        student,
+        torch.optim.SGD(teacher.parameters(), lr=0.1),
+        _sgd(student.parameters()),
+        supervised_weight=0.0,
+        jvp="tape",
+    )
+
+
+def test_the_generic_rule_gives_a_shared_layer_its_parameters_back():
+    """The generic rule runs the encoder on theta_t's dual tensors. Plain
+    torch.func.functional_call puts the shared layer's Parameters back under one of its two names
+    only: the layer would keep theta_t's plain tensors, which the student's optimizer does not
+    update (the next step refuses: "student_optimizer must optimize the student's own
+    parameters"; had it run, the student would train on a frozen layer). Two steps on the tape,
+    each against the double-backward oracle, finite differences of the real step and the
+    student's real step; the layer's weight is still the optimizer's Parameter under both names."""
+    teacher, student, x_l, y_l, x_u = _shared_layer_problem()
+    mpl = _shared_layer_mpl(teacher, student)
+    layer = student.encoder.layers[0]
+    weight = layer.linear1.weight
+    gen = torch.Generator().manual_seed(3)
+    for step in range(2):
+        checked_exact_step(mpl, _sgd, x_l, y_l, x_u, seed=10 + step, gen=gen)
+        assert mpl.last_jvp_path == "tape", mpl.jvp_fallback_reason
+    tape = next(iter(mpl._tapes.values()))
+    assert tape.describe()["generic_ops"] == ["encoder (TransformerEncoder)"]
+    assert isinstance(weight, nn.Parameter)
+    assert student.encoder.layers[1].linear1.weight is weight is layer.linear1.weight
+
+
+def test_the_record_pass_on_copies_gives_a_shared_layer_its_buffers_back():
+    """The first use of a graph records it on copies of the buffers. Plain
+    torch.func.functional_call would leave the copies in the shared layer's BatchNorm (it puts the
+    buffers back under one of the layer's two names only): the student's running statistics
+    would be other tensors after each step (their values happen to be right: the last copy left
+    there is updated as the real pass updates the statistics), and since a graph's key holds the
+    buffers' identities, every step would trace the student again and check it anew. One graph
+    serves every step, and the statistics stay the layer's own tensors, updated by the update
+    passes alone (twice per step: the layer runs twice)."""
+    teacher, student, x_l, y_l, x_u = _shared_layer_problem()
+    mpl = _shared_layer_mpl(teacher, student)
+    stats = student.encoder.layers[0].norm1.bn.running_mean
+    tapes = []
+    for step in range(3):
+        torch.manual_seed(step)
+        mpl.step(x_l, y_l, x_u)
+        assert mpl.last_jvp_path == "tape", mpl.jvp_fallback_reason
+        tapes.append(next(iter(mpl._tapes.values())))
+    assert len(mpl._tapes) == 1 and tapes[0] is tapes[1] is tapes[2]
+    assert student.encoder.layers[1].norm1.bn.running_mean is stats
+    assert int(student.encoder.layers[0].norm1.bn.num_batches_tracked) == 3 * 2
