@@ -11,6 +11,7 @@ check must skip them.
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -369,7 +370,8 @@ def test_the_tape_is_checked_for_each_way_of_calling_the_student():
     """fx traces every argument of the forward, also one a call leaves at its default. A tuple
     and then a dict of the same tensors run the same graph (each checked once); leaving the mask
     out runs the traced graph without the value it multiplies by: that call structure falls back
-    to forward AD (``jvp="auto"``), with the reason, and the gradient stays exact."""
+    to forward AD (``jvp="auto"``), with the reason, and the gradient stays exact. The ways of
+    calling it that passed their checks keep the graph (it was given up for every way before)."""
     teacher, student, x_l, y_l, x_u, _ = _problem(8, model=OptionalMask)
     mpl = _auto_mpl(teacher, student)
     as_dict = [{"ids": ids, "mask": mask} for ids, mask in (x_l, x_u)]
@@ -383,6 +385,24 @@ def test_the_tape_is_checked_for_each_way_of_calling_the_student():
     _falls_back_to_forward_ad_exactly(
         mpl, ids_only[0], y_l, ids_only[1], "the traced student fails"
     )
+    assert "the traced student fails" in str(mpl.jvp_fallback_reason)
+    (tape,) = mpl._tapes.values()
+    assert len(tape.failed) == 1 and len(tape.checked) == 2  # ids alone; tuple and dict
+
+    mpl.step(x_l, y_l, x_u)  # the tuple again: the graph, exact
+    assert mpl.last_jvp_path == "tape" and mpl.jvp_fallback_reason is None
+    torch.manual_seed(3)
+    oracle = double_backward_teacher_gradient(
+        mpl.teacher, mpl.student, mpl.student_optimizer, x_l, y_l, x_u
+    )
+    torch.manual_seed(3)
+    mpl.step(x_l, y_l, x_u)
+    assert mpl.last_jvp_path == "tape"
+    _assert_teacher_gradient_is(mpl.teacher, oracle)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once, at its first use
+        mpl.step(ids_only[0], y_l, ids_only[1])
+    assert mpl.last_jvp_path == "forward_ad"
     assert "the traced student fails" in str(mpl.jvp_fallback_reason)
 
     t2, s2 = _problem(8, model=OptionalMask)[:2]

@@ -492,7 +492,8 @@ def test_a_graph_that_computes_something_else_is_caught_at_its_first_step():
     assert [str(w.message) for w in warned if "metapl" in str(w.message)] == [
         f"metapl: the exact step uses forward-mode AD: {auto.jvp_fallback_reason}"
     ]
-    assert list(auto._tapes.values()) == [auto.jvp_fallback_reason]
+    (tape,) = auto._tapes.values()  # given up for the one way the student is called
+    assert list(tape.failed.values()) == [auto.jvp_fallback_reason]
     _assert_same_state(auto, ref, tol=0.0)
     with pytest.raises(ConfigError, match="logits differ"):
         _run_steps(Mistraced, "adamw", "tape", steps=1)

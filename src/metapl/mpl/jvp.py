@@ -11,9 +11,9 @@ precision). Two paths give the same value:
 :class:`JvpPaths` keeps one step object's traced graphs (one per :func:`module_signature`: modes,
 modules, attributes) and decides when to trust one: its first record is compared with the module's
 own logits and its backward with the module's (the record pass trains the student), its first J
-(for each input structure) with forward AD's. A graph that fails or differs
-is given up for forward AD (``jvp="auto"``, with a warning once) or is a ConfigError
-(``jvp="tape"``).
+with forward AD's, each once per input structure (way of calling the student). A graph that fails
+or differs is given up for forward AD for that structure (``jvp="auto"``, with a warning once; a
+random operation without a tangent gives it up for all) or is a ConfigError (``jvp="tape"``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import io
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -89,8 +89,9 @@ class JvpPaths:
         self.params, self.names = params, names
         self.tapes.clear()  # traced with the old set of trainable parameters
 
-    def tape(self) -> TangentTape | None:
-        """The traced student for its current modes, or None (forward AD) when it has none."""
+    def tape(self, structure: Hashable | None = None) -> TangentTape | None:
+        """The traced student for its current modes, or None (forward AD) when it has none or
+        has failed for the call ``structure`` (:attr:`ModelInput.structure`) before."""
         if self.mode == "forward_ad":
             return None
         key, why = module_signature(self.student)
@@ -103,9 +104,12 @@ class JvpPaths:
                     self.tapes.pop(next(iter(self.tapes)))
                 self.tapes[key] = entry
             if isinstance(entry, TangentTape):
-                self.fallback_reason = None
-                return entry
-            why = entry
+                why = entry.failed.get(structure)
+                if why is None:
+                    self.fallback_reason = None
+                    return entry
+            else:
+                why = entry
         self._give_up(why)
         return None
 
@@ -137,9 +141,16 @@ class JvpPaths:
             entry = f"its forward updates the buffer {changed[0]!r} outside fx's graph"
         return entry
 
-    def _give_up(self, why: str, tape: TangentTape | None = None) -> None:
-        """Forward AD from now on for this traced graph (``jvp="tape"``: a ConfigError)."""
-        if tape is not None:
+    def _give_up(
+        self, why: str, tape: TangentTape | None = None, structure: Hashable | None = None
+    ) -> None:
+        """Forward AD from now on for this traced graph, or only for its calls of ``structure``
+        (``jvp="tape"``: a ConfigError). A graph that fails one way of calling it (an argument
+        left out that the forward tests for None) may serve the others: each is checked on its
+        own first use anyway."""
+        if tape is not None and structure is not None:
+            tape.failed[structure] = why
+        elif tape is not None:
             self.tapes[tape.key] = why
         self.fallback_reason = why
         if self.mode == "tape":
@@ -158,6 +169,7 @@ class JvpPaths:
         graph on the same random numbers (no grad, copies of the buffers) and compare, so that a
         graph that computes something else (Python state fx baked in) never trains the student."""
         x_u = update.x_u
+        structure = x_u.structure
         try:
             # (quiet: fx prints the generated code's traceback to stderr when a graph fails)
             with (
@@ -168,25 +180,29 @@ class JvpPaths:
             ):
                 record = tape.record(x_u.args, x_u.kwargs, buffers=tape.buffer_copies())
         except Exception as e:  # noqa: BLE001  (any failure means: not this graph)
-            self._give_up(f"the traced student fails ({type(e).__name__}: {e})", tape)
+            self._give_up(f"the traced student fails ({type(e).__name__}: {e})", tape, structure)
             return None
         err = relative_error(record.logits, s_logits)
         if not err <= tolerance(s_logits.dtype, update.tf32):
             self._give_up(
                 f"the traced student's logits differ from the module's (relative error {err:.2e})",
                 tape,
+                structure,
             )
             return None
         try:
             err = self._backward_difference(tape, update)
         except Exception as e:  # noqa: BLE001  (as above)
-            self._give_up(f"the traced student's backward fails ({type(e).__name__}: {e})", tape)
+            self._give_up(
+                f"the traced student's backward fails ({type(e).__name__}: {e})", tape, structure
+            )
             return None
         if not err <= tolerance(s_logits.dtype, update.tf32):
             self._give_up(
                 "the traced student's backward differs from the module's (relative error "
                 f"{err:.2e}: a custom autograd.Function or checkpoint that fx traced through?)",
                 tape,
+                structure,
             )
             return None
         return record
@@ -285,13 +301,13 @@ class JvpPaths:
                         dual = fwad.make_dual(record.logits.detach(), d_logits)
                         log_p = F.log_softmax(upcast(dual), dim=-1)
                         jvp = fwad.unpack_dual(log_p).tangent
-        except TapeUnsupportedError as e:  # a generic op drew random numbers
+        except TapeUnsupportedError as e:  # a generic op drew random numbers: the whole graph
             self._give_up(str(e), tape)
             return self.forward_ad(theta_t, tangents, update)
         except Exception as e:  # noqa: BLE001
             if structure in tape.checked:
                 raise
-            self._give_up(f"the tangent pass fails ({type(e).__name__}: {e})", tape)
+            self._give_up(f"the tangent pass fails ({type(e).__name__}: {e})", tape, structure)
             return self.forward_ad(theta_t, tangents, update)
         if structure not in tape.checked:  # first use: J as forward AD's, or not this graph
             ref = self.forward_ad(theta_t, tangents, update)
@@ -299,7 +315,7 @@ class JvpPaths:
             err = relative_error(zero if jvp is None else jvp, zero if ref is None else ref)
             if not err <= tolerance(record.logits.dtype, update.tf32):
                 reason = f"the tangent pass differs from forward-mode AD (relative error {err:.2e})"
-                self._give_up(reason, tape)
+                self._give_up(reason, tape, structure)
                 return ref
             tape.checked.add(structure)
         self.last_path = "tape"

@@ -653,7 +653,8 @@ class MetaPseudoLabels:
             self._replay_checked = True
         theta_t = [p.detach().clone() for p in params]
         update_rng = RngState(device)
-        tape = self._jvp_paths.tape()  # (tracing a new graph runs the forward: before the copies)
+        # (tracing a new graph runs the forward: before the copies)
+        tape = self._jvp_paths.tape(x_u.structure)
         # What J must replay of the update pass, with the buffers as the pass finds them: J must
         # differentiate that pass's function, and a buffer the forward both updates and reads (a
         # step counter, an EMA a layer normalizes with) is one step further after it (the

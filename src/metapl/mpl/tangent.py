@@ -262,6 +262,9 @@ class TangentTape:
         # tangent match the module's: fx traced every argument of the forward as a proxy, also one
         # that a call leaves at its default, so each way of calling the graph is checked once.
         self.checked: set[Hashable] = set()
+        # The call structures it failed for (first use: a record, its backward or J not the
+        # module's), and why: those calls use forward AD, the others the graph.
+        self.failed: dict[Hashable, str] = {}
         self.num_nodes = len(nodes)
 
     # ------------------------------------------------------------------ building
