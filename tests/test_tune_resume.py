@@ -175,3 +175,94 @@ def test_a_trial_killed_with_sigkill_resumes_when_the_command_runs_again(tmp_pat
     # the metrics of the steps before the kill came along with the folder
     rows = (resumed / "metrics.csv").read_text().splitlines()
     assert rows[1].split(",")[0] == "3"
+
+
+# --- which stops queue a copy ------------------------------------------------------------------
+
+
+def _stop_next(study, how: str) -> None:
+    """Start the study's next trial (its waiting copy, if any) and stop it: "int" as Ctrl-C does
+    (the copy queued, then Optuna marks the trial failed), "kill" as a rerun on this host finds
+    its process gone."""
+    trial = study.ask()
+    trial.suggest_float("x", 0.0, 1.0)
+    if how == "int":
+        retry.queue_interrupted(optuna, trial)
+        study.tell(trial, state=State.FAIL)
+    else:
+        pid = _dead_pid()
+        trial.set_user_attr(
+            "process", {"host": socket.gethostname(), "pid": pid, "trial": trial.number}
+        )
+        retry.fail_stopped_trials(optuna, study)
+
+
+@pytest.mark.parametrize(
+    "stops, copied",
+    [
+        (["kill", "kill"], True),
+        (["kill", "kill", "kill"], False),  # killed three times: not tried again
+        (["int", "int", "int", "int"], True),
+        (["int", "int", "kill"], True),
+        (["kill", "int", "kill", "kill"], False),
+        (["int", "kill", "int", "kill"], True),
+    ],
+    ids=lambda stops: "-".join(stops) if isinstance(stops, list) else str(stops),
+)
+def test_a_trial_is_retried_until_it_was_killed_three_times_however_often_ctrl_c_stopped_it(
+    stops, copied
+):
+    """Would break: MAX_RETRIES another number (the OOM killer's trial retried forever, or given up
+    early), or a Ctrl-C counted as a kill (two Ctrl-Cs and one kill -9 lost the trial, though the
+    docs say an interrupt does not count)."""
+    study = optuna.create_study(direction="maximize")
+    for how in stops:
+        _stop_next(study, how)
+    trials = study.get_trials(deepcopy=False)
+    assert [t.state for t in trials[: len(stops)]] == [State.FAIL] * len(stops)
+    waiting = trials[len(stops) :]
+    assert len(waiting) == int(copied)
+    if copied:
+        assert waiting[0].state == State.WAITING
+        assert retry.stopped_trial(optuna, waiting[0]) == len(stops) - 1
+
+
+def test_a_process_killed_after_it_queued_its_ctrl_c_copy_gets_no_second_copy():
+    """Ctrl-C queues the copy before Optuna marks the trial failed; a kill -9 in between (Ctrl-C,
+    then kill) left a running trial whose process is gone. Would break: the rerun queued a second
+    copy of it, trained the same values twice."""
+    study = optuna.create_study(direction="maximize")
+    trial = study.ask()
+    trial.suggest_float("x", 0.0, 1.0)
+    trial.set_user_attr(
+        "process", {"host": socket.gethostname(), "pid": _dead_pid(), "trial": trial.number}
+    )
+    retry.queue_interrupted(optuna, trial)  # ... and the process is killed here
+    retry.fail_stopped_trials(optuna, study)  # the rerun
+    assert [t.state for t in study.get_trials(deepcopy=False)] == [State.FAIL, State.WAITING]
+
+
+def test_a_second_ctrl_c_while_the_first_ones_copy_is_queued_does_not_lose_the_copy(monkeypatch):
+    """Would break: Ctrl-C pressed twice raised a KeyboardInterrupt inside the queuing, and the
+    trial was marked failed without a copy (its checkpoint never resumed)."""
+    study = optuna.create_study(direction="maximize")
+    trial = study.ask()
+    trial.suggest_float("x", 0.0, 1.0)
+    add_trial = optuna.study.Study.add_trial
+
+    def pressed_again(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # the signal is handled (or not) by now
+        return add_trial(self, *args, **kwargs)
+
+    monkeypatch.setattr(optuna.study.Study, "add_trial", pressed_again)
+    # Python's own handler, as in a terminal (a shell's background job starts with SIGINT ignored)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        retry.queue_interrupted(optuna, trial)
+    except KeyboardInterrupt:
+        pytest.fail("the second Ctrl-C stopped the queuing of the copy")
+    finally:
+        handler = signal.signal(signal.SIGINT, previous)
+    assert [t.state for t in study.get_trials(deepcopy=False)] == [State.RUNNING, State.WAITING]
+    assert handler is signal.default_int_handler  # restored

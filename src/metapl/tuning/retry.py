@@ -18,26 +18,47 @@ A trial is found stopped in three ways:
   the same host name only; a reused id only delays this until the heartbeat goes stale.
 
 Marking a trial failed is a compare-and-set in the storage, so exactly one process queues its copy.
+A Ctrl-C queues the copy before Optuna marks the trial failed, so a process killed in between leaves
+a running trial with a copy already: no second copy is queued for it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import shutil
+import signal
 import socket
+import threading
 from pathlib import Path
 
 # Copies of one trial after it was killed (not interrupted) this many times: a trial the OOM killer
 # stops every time is not tried forever.
 MAX_RETRIES = 2
+# A system attribute of a copy: the numbers of the trials of its chain that Ctrl-C stopped (they do
+# not count against MAX_RETRIES; Optuna's retry history counts every stop).
+INTERRUPTED = "metapl:interrupted"
 
 
-def retry_callback(optuna, max_retry: int | None = MAX_RETRIES):
-    """The copy-queuing callback, with the stopped trial's pruner reports carried over."""
-    return optuna.storages.RetryHeartbeatStaleTrialCallback(
-        max_retry=max_retry, inherit_intermediate_values=True
-    )
+def retry_callback(optuna):
+    """The copy-queuing callback for the trials Optuna finds stale."""
+    return lambda study, trial: queue_copy(optuna, study, trial)
+
+
+def queue_copy(optuna, study, trial, interrupted: bool = False) -> None:
+    """Queue a waiting copy of the stopped ``trial`` (a FrozenTrial of its own: this changes it),
+    with its pruner reports; none when it has one already, or when ``trial`` is a kill (not
+    ``interrupted``) past ``MAX_RETRIES`` kills of its chain."""
+    if any(stopped_trial(optuna, t) == trial.number for t in study.get_trials(deepcopy=False)):
+        return
+    stops = trial.system_attrs.get(INTERRUPTED, [])
+    if interrupted:
+        trial.system_attrs[INTERRUPTED] = [*stops, trial.number]
+    optuna.storages.RetryHeartbeatStaleTrialCallback(
+        max_retry=None if interrupted else MAX_RETRIES + len(stops),
+        inherit_intermediate_values=True,
+    )(study, trial)
 
 
 def record_process(trial) -> None:
@@ -56,10 +77,25 @@ def frozen(trial):
     return record
 
 
+@contextlib.contextmanager
+def _interrupts_ignored():
+    """Ctrl-C ignored in the block (a second press while the first one's copy is queued: the
+    command stops anyway, and the copy is not lost). Signal handlers are the main thread's."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def queue_interrupted(optuna, trial) -> None:
     """Ctrl-C in ``trial``: queue its copy now (Optuna marks the trial failed as the interrupt
     passes). A user's interrupt does not count against ``MAX_RETRIES``."""
-    retry_callback(optuna, max_retry=None)(trial.study, copy.deepcopy(frozen(trial)))
+    with _interrupts_ignored():
+        queue_copy(optuna, trial.study, copy.deepcopy(frozen(trial)), interrupted=True)
 
 
 def _process_gone(pid: int) -> bool:
@@ -94,7 +130,7 @@ def fail_stopped_trials(optuna, study) -> None:
         except optuna.exceptions.UpdateFinishedTrialError:  # another process was first
             continue
         if won:
-            retry_callback(optuna)(study, copy.deepcopy(trial))
+            queue_copy(optuna, study, copy.deepcopy(trial))
 
 
 def stopped_trial(optuna, record) -> int | None:
