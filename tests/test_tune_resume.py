@@ -266,3 +266,104 @@ def test_a_second_ctrl_c_while_the_first_ones_copy_is_queued_does_not_lose_the_c
         handler = signal.signal(signal.SIGINT, previous)
     assert [t.state for t in study.get_trials(deepcopy=False)] == [State.RUNNING, State.WAITING]
     assert handler is signal.default_int_handler  # restored
+
+
+# --- Ctrl-C and kills anywhere in a trial --------------------------------------------------------
+
+
+def _train_saving_a_checkpoint(calls, stop_at_the_end=False):
+    """A fake train that records (folder, whether it held a checkpoint) and writes one."""
+
+    def train(cfg, run_dir, show_progress, on_eval):
+        calls.append((run_dir.name, (run_dir / "checkpoint.pt").exists()))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "checkpoint.pt").write_bytes(b"")
+        if stop_at_the_end:
+            raise KeyboardInterrupt
+        on_eval(cfg.steps, {"test_accuracy": 0.5})
+        return {"results": [{"accuracy": 0.5, "dataset": "digits-5pc-3tune-seed0-tune"}]}
+
+    return train
+
+
+def test_ctrl_c_before_the_training_of_a_copy_starts_still_queues_the_next_copy(
+    tmp_path, capsys, monkeypatch
+):
+    """Ctrl-C right after the copy moved the stopped trial's folder to its own number (before
+    `train`). Would break: the KeyboardInterrupt passed the objective's handler, Optuna printed a
+    traceback and marked the copy failed without a copy of its own: the checkpoint was lost."""
+    opts = options(tmp_path)
+    calls: list = []
+    tuner = Tuner(opts)
+    tuner.train = _train_saving_a_checkpoint(calls, stop_at_the_end=True)
+    with pytest.raises(KeyboardInterrupt):
+        tuner.run()
+
+    take_over_folder = retry.take_over_folder
+
+    def interrupted_after_the_move(*args):
+        take_over_folder(*args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(retry, "take_over_folder", interrupted_after_the_move)
+    with pytest.raises(KeyboardInterrupt):
+        Tuner(opts).run()
+    assert "t-student trial 1: interrupted; the same command resumes it" in capsys.readouterr().out
+    monkeypatch.undo()
+
+    tuner = Tuner(opts)
+    tuner.train = _train_saving_a_checkpoint(calls)
+    tuner.run()
+    assert "t-student trial 2: resumes trial 1 from its checkpoint" in capsys.readouterr().out
+    assert calls == [("0", False), ("2", True)]
+    study = optuna.load_study(study_name="t-student", storage=opts.storage)
+    assert [t.state for t in study.trials] == [State.FAIL, State.FAIL, State.COMPLETE]
+    assert study.trials[2].params == study.trials[0].params
+
+
+def test_a_copy_records_its_own_process_before_it_takes_over_the_folder(tmp_path, monkeypatch):
+    """Would break: a copy killed after it moved the folder, before it recorded its process, kept
+    the record it inherited (another trial's), so a rerun on this host took it for running and it
+    stayed "running" until its heartbeat was 2 minutes old."""
+    opts = options(tmp_path)
+    tuner = Tuner(opts)
+    tuner.train = _train_saving_a_checkpoint([], stop_at_the_end=True)
+    with pytest.raises(KeyboardInterrupt):
+        tuner.run()
+    seen = []
+    take_over_folder = retry.take_over_folder
+
+    def recorded_then(*args):
+        study = optuna.load_study(study_name="t-student", storage=opts.storage)
+        (running,) = study.get_trials(deepcopy=False, states=(State.RUNNING,))
+        seen.append((running.number, running.user_attrs["process"]))
+        return take_over_folder(*args)
+
+    monkeypatch.setattr(retry, "take_over_folder", recorded_then)
+    tuner = Tuner(opts)
+    tuner.train = _train_saving_a_checkpoint([])
+    tuner.run()
+    ((number, process),) = seen
+    assert number == 1 and process["trial"] == 1 and process["pid"] == os.getpid()
+
+
+def test_a_copy_resumes_the_folder_of_an_earlier_trial_of_its_chain_when_the_last_never_took_it(
+    tmp_path,
+):
+    """Trial 1 (a copy of 0) was killed before it moved folder 0 to its own number; its copy, 2,
+    resumes folder 0 (the same configuration). Would break: copy 2 looked for folder 1 only and
+    started over, leaving 0's checkpoint behind."""
+    trials_dir = tmp_path / "trials"
+    (trials_dir / "0").mkdir(parents=True)
+    (trials_dir / "0" / "checkpoint.pt").write_bytes(b"0")
+    assert retry.take_over_folder([0, 1], trials_dir / "2")
+    assert (trials_dir / "2" / "checkpoint.pt").read_bytes() == b"0"
+    assert not (trials_dir / "0").exists()
+    # the last of the chain's folders first
+    for number in (0, 1):
+        (trials_dir / str(number)).mkdir()
+        (trials_dir / str(number) / "checkpoint.pt").write_bytes(str(number).encode())
+    assert retry.take_over_folder([0, 1], trials_dir / "3")
+    assert (trials_dir / "3" / "checkpoint.pt").read_bytes() == b"1"
+    assert (trials_dir / "0").exists()
+    assert not retry.take_over_folder([5], trials_dir / "6")  # nothing of it here

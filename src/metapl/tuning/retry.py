@@ -133,20 +133,30 @@ def fail_stopped_trials(optuna, study) -> None:
             queue_copy(optuna, study, copy.deepcopy(trial))
 
 
+def stopped_trials(optuna, record) -> list[int]:
+    """The numbers of the stopped trials that the trial of ``record`` (a FrozenTrial) continues,
+    first to last: the trial it is a copy of is the last; [] when it is no copy."""
+    return list(optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history(record))
+
+
 def stopped_trial(optuna, record) -> int | None:
     """The number of the stopped trial that the trial of ``record`` (a FrozenTrial) is a copy of,
     or None. (``retried_trial_number`` names the first of a chain of copies; we want the last.)"""
-    history = optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history(record)
+    history = stopped_trials(optuna, record)
     return history[-1] if history else None
 
 
-def take_over_folder(stopped: int, run_dir: Path) -> bool:
-    """Move the stopped trial's folder (a sibling of ``run_dir``) to ``run_dir`` if it holds a
-    checkpoint, so that ``train`` resumes it. Returns whether it did."""
-    old = run_dir.parent / str(stopped)
-    if not (old / "checkpoint.pt").is_file():
-        return False
-    if run_dir.exists():  # numbers never repeat within a storage: left by an earlier one
-        shutil.rmtree(run_dir)
-    os.replace(old, run_dir)
-    return True
+def take_over_folder(stopped: list[int], run_dir: Path) -> bool:
+    """Move the folder (a sibling of ``run_dir``) of the last of the ``stopped`` trials that holds
+    a checkpoint to ``run_dir``, so that ``train`` resumes it. Returns whether it did.
+
+    Usually the last trial's: an earlier one's when the last was stopped before it took the
+    folder over (all trained the same configuration, so any checkpoint of theirs resumes it)."""
+    for number in reversed(stopped):
+        old = run_dir.parent / str(number)
+        if (old / "checkpoint.pt").is_file():
+            if run_dir.exists():  # numbers never repeat within a storage: left by an earlier one
+                shutil.rmtree(run_dir)
+            os.replace(old, run_dir)
+            return True
+    return False

@@ -119,21 +119,39 @@ class Stage:
         return {"config": config, "searched": self.searched, **self.student}
 
     def objective(self, trial) -> float:
+        optuna = self.tuner.optuna
+        try:
+            return self._trial(trial)
+        except KeyboardInterrupt:
+            # Ctrl-C, wherever it lands in the trial: Optuna records the trial as failed and logs it
+            # with a traceback; the command line says "interrupted" in one line instead. A copy of
+            # the trial waits in the study, to resume from the trial's last checkpoint.
+            retry.queue_interrupted(optuna, trial)  # first: it ignores a second Ctrl-C
+            optuna.logging.set_verbosity(optuna.logging.ERROR)
+            print(
+                f"{self.name} trial {trial.number}: interrupted; the same command resumes it "
+                "from its last checkpoint",
+                flush=True,
+            )
+            raise
+
+    def _trial(self, trial) -> float:
         optuna, opts = self.tuner.optuna, self.tuner.opts
+        # first: from here on, a rerun on this host finds at once that this trial's process is gone
+        retry.record_process(trial)
         values = space.sample(trial, self.stage, self.base, self.tuner.fixed)
         cfg = space.trial_config(self.tuner.trial_base, self.stage, self.student_values, values)
         run_dir = opts.out / "trials" / self.name / str(trial.number)
         record = retry.frozen(trial)
-        stopped = retry.stopped_trial(optuna, record)  # this trial continues one that was stopped
-        resumed = stopped is not None and retry.take_over_folder(stopped, run_dir)
+        chain = retry.stopped_trials(optuna, record)  # this trial continues these, stopped
+        resumed = retry.take_over_folder(chain, run_dir)
         if not resumed and run_dir.exists():  # numbers never repeat in a storage: an earlier one's
             shutil.rmtree(run_dir)
-        if stopped is not None:
+        if chain:
             how = "from its checkpoint" if resumed else "from the start (no checkpoint of it here)"
-            print(f"{self.name} trial {trial.number}: resumes trial {stopped} {how}", flush=True)
+            print(f"{self.name} trial {trial.number}: resumes trial {chain[-1]} {how}", flush=True)
         # where to find the run folder when several machines share the study
         trial.set_user_attr("run_dir", str(run_dir.resolve()))
-        retry.record_process(trial)
         reported = set(record.intermediate_values)  # the stopped trial's, carried over
 
         def on_eval(step: int, accuracies: dict[str, float]) -> None:
@@ -154,18 +172,6 @@ class Stage:
             trial.set_user_attr("diverged", str(err))
             print(f"{self.name} trial {trial.number}: diverged ({_short(values)})", flush=True)
             return 0.0
-        except KeyboardInterrupt:
-            # Ctrl-C: Optuna records the trial as failed and logs it with a traceback; the command
-            # line says "interrupted" in one line instead. A copy of the trial waits in the study,
-            # to resume from the trial's last checkpoint.
-            optuna.logging.set_verbosity(optuna.logging.ERROR)
-            retry.queue_interrupted(optuna, trial)
-            print(
-                f"{self.name} trial {trial.number}: interrupted; the same command resumes it "
-                "from its last checkpoint",
-                flush=True,
-            )
-            raise
         record = summary["results"][0]
         if not record["dataset"].endswith("-tune"):
             raise RuntimeError(f"trial {trial.number} did not run on the tuning split")
