@@ -6,12 +6,14 @@ The trials are the few digits-CNN steps of tests/test_tune.py; the kill is a rea
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import optuna
@@ -22,7 +24,8 @@ from test_tune import options, tiny_args
 from metapl.cli import main
 from metapl.train import engine
 from metapl.train.checkpoint import load_checkpoint
-from metapl.tuning import retry
+from metapl.tuning import retry, studies
+from metapl.tuning import storage as storage_module
 from metapl.tuning.runner import Tuner
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -206,6 +209,7 @@ def _stop_next(study, how: str) -> None:
         (["int", "int", "kill"], True),
         (["kill", "int", "kill", "kill"], False),
         (["int", "kill", "int", "kill"], True),
+        (["kill", "kill", "int"], True),  # killed twice: a Ctrl-C then still gets its copy
     ],
     ids=lambda stops: "-".join(stops) if isinstance(stops, list) else str(stops),
 )
@@ -213,13 +217,17 @@ def test_a_trial_is_retried_until_it_was_killed_three_times_however_often_ctrl_c
     stops, copied
 ):
     """Would break: MAX_RETRIES another number (the OOM killer's trial retried forever, or given up
-    early), or a Ctrl-C counted as a kill (two Ctrl-Cs and one kill -9 lost the trial, though the
-    docs say an interrupt does not count)."""
+    early), a Ctrl-C counted as a kill (two Ctrl-Cs and one kill -9 lost the trial, though the
+    docs say an interrupt does not count), or the stopped trial's own record changed as its copy
+    was queued."""
     study = optuna.create_study(direction="maximize")
     for how in stops:
         _stop_next(study, how)
     trials = study.get_trials(deepcopy=False)
     assert [t.state for t in trials[: len(stops)]] == [State.FAIL] * len(stops)
+    # each stopped trial a copy of the one before, its own record unchanged by queuing its copy
+    chains = [retry.stopped_trials(optuna, t) for t in trials[: len(stops)]]
+    assert chains == [list(range(n)) for n in range(len(stops))]
     waiting = trials[len(stops) :]
     assert len(waiting) == int(copied)
     if copied:
@@ -367,3 +375,158 @@ def test_a_copy_resumes_the_folder_of_an_earlier_trial_of_its_chain_when_the_las
     assert (trials_dir / "3" / "checkpoint.pt").read_bytes() == b"1"
     assert (trials_dir / "0").exists()
     assert not retry.take_over_folder([5], trials_dir / "6")  # nothing of it here
+
+
+# --- what the other tests left unchecked (each a change that passed them) ------------------------
+
+
+def test_a_trial_running_in_another_users_process_is_left_to_its_heartbeat(monkeypatch):
+    """Would break: a process id that exists but is not ours (signal 0 refused) was taken for
+    gone, and the trial of a live process was failed and its folder taken over."""
+    study = optuna.create_study(direction="maximize")
+    trial = study.ask()
+    trial.set_user_attr(
+        "process", {"host": socket.gethostname(), "pid": 12345, "trial": trial.number}
+    )
+
+    def refused(pid, sig):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "kill", refused)
+    retry.fail_stopped_trials(optuna, study)
+    assert [t.state for t in study.get_trials(deepcopy=False)] == [State.RUNNING]
+
+
+def test_only_the_process_that_marks_a_stopped_trial_failed_queues_its_copy(monkeypatch):
+    """Would break: a process that lost the compare-and-set (another one marked the trial failed
+    first) queued a second copy."""
+    study = optuna.create_study(direction="maximize")
+    trial = study.ask()
+    trial.set_user_attr(
+        "process", {"host": socket.gethostname(), "pid": _dead_pid(), "trial": trial.number}
+    )
+    monkeypatch.setattr(study._storage, "set_trial_state_values", lambda *a, **k: False)
+    retry.fail_stopped_trials(optuna, study)
+    assert [t.state for t in study.get_trials(deepcopy=False)] == [State.RUNNING]
+
+
+def test_a_trial_whose_heartbeat_went_stale_is_failed_and_copied_from_any_host(
+    tmp_path, monkeypatch
+):
+    """A trial of another host (or a process that is alive but stalled) is found through its
+    Optuna heartbeat. Would break: fail_stopped_trials left stale trials to Optuna's next trial
+    (and stage 2 waited on them), or the storage failed them without queuing a copy."""
+    monkeypatch.setattr(storage_module, "GRACE_S", 1)
+    monkeypatch.setattr(storage_module, "HEARTBEAT_S", 1)
+    study = optuna.create_study(
+        storage=storage_module.open_storage(f"sqlite:///{tmp_path / 'stale.db'}"),
+        direction="maximize",
+    )
+    trial = study.ask()
+    trial.suggest_float("x", 0.0, 1.0)
+    trial.set_user_attr("process", {"host": "another-host", "pid": 1, "trial": trial.number})
+    study._storage.record_heartbeat(trial._trial_id)
+    deadline = time.monotonic() + 10  # the database's clock counts whole seconds
+    while study.get_trials(deepcopy=False)[0].state == State.RUNNING:
+        assert time.monotonic() < deadline, "the stale trial was never failed"
+        time.sleep(0.2)
+        retry.fail_stopped_trials(optuna, study)
+    stopped, *copies = study.get_trials(deepcopy=False)
+    assert stopped.state == State.FAIL
+    assert [c.state for c in copies] == [State.WAITING]
+    assert copies[0].params == stopped.params and retry.stopped_trial(optuna, copies[0]) == 0
+
+
+def test_stage_two_does_not_wait_for_a_trial_whose_process_is_gone_from_this_host(monkeypatch):
+    """Would break: wait_for_running only knew Optuna's heartbeat, so `--stage teacher` right
+    after a kill -9 in stage 1 waited 2 minutes for the dead trial."""
+    study = optuna.create_study(direction="maximize")
+    trial = study.ask()
+    trial.set_user_attr(
+        "process", {"host": socket.gethostname(), "pid": _dead_pid(), "trial": trial.number}
+    )
+
+    def no_waiting(seconds):
+        raise AssertionError("waited for a trial whose process is gone")
+
+    monkeypatch.setattr(studies.time, "sleep", no_waiting)
+    studies.wait_for_running(optuna, study)
+    assert [t.state for t in study.get_trials(deepcopy=False)] == [State.FAIL, State.WAITING]
+
+
+def test_a_resumed_run_does_not_report_again_the_steps_its_stopped_trial_reported(tmp_path, capsys):
+    """Killed after the evaluation at step 6 but before a checkpoint there, the run resumes from
+    step 3 and evaluates step 6 again. Would break: that step was reported again, and Optuna
+    printed "UserWarning: The reported value is ignored ..." on the command line."""
+    opts = options(tmp_path)
+
+    def stopped_after_step_6(cfg, run_dir, show_progress, on_eval):
+        on_eval(3, {"test_accuracy": 0.3})
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "checkpoint.pt").write_bytes(b"")  # at step 3
+        on_eval(6, {"test_accuracy": 0.6})
+        raise KeyboardInterrupt
+
+    def resumed_from_step_3(cfg, run_dir, show_progress, on_eval):
+        on_eval(6, {"test_accuracy": 0.6})
+        on_eval(9, {"test_accuracy": 0.9})
+        return {"results": [{"accuracy": 0.9, "dataset": "digits-5pc-3tune-seed0-tune"}]}
+
+    tuner = Tuner(opts)
+    tuner.train = stopped_after_step_6
+    with pytest.raises(KeyboardInterrupt):
+        tuner.run()
+    tuner = Tuner(opts)
+    tuner.train = resumed_from_step_3
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tuner.run()
+    assert not [str(w.message) for w in caught if "already reported" in str(w.message)]
+    resumed = optuna.load_study(study_name="t-student", storage=opts.storage).trials[1]
+    assert resumed.intermediate_values == {3: 0.3, 6: 0.6, 9: 0.9}
+
+
+def test_best_toml_counts_a_stopped_trial_and_the_copy_that_resumed_it_once(tmp_path):
+    """The header's "N trials ... finished" counts completed and pruned trials. Would break:
+    counting the stopped (failed) trial too, or leaving the pruned ones out."""
+    opts = options(tmp_path)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    tuner = Tuner(opts)
+    tuner.train = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        tuner.run()
+    outcomes = iter(["pruned", "complete"])
+
+    def pruned_then_complete(cfg, run_dir, show_progress, on_eval):
+        if next(outcomes) == "pruned":
+            raise optuna.TrialPruned()
+        on_eval(cfg.steps, {"test_accuracy": 0.5})
+        return {"results": [{"accuracy": 0.5, "dataset": "digits-5pc-3tune-seed0-tune"}]}
+
+    tuner = Tuner(dataclasses.replace(opts, trials=2))
+    tuner.train = pruned_then_complete
+    path = tuner.run()
+    study = optuna.load_study(study_name="t-student", storage=opts.storage)
+    assert [t.state for t in study.trials] == [State.FAIL, State.PRUNED, State.COMPLETE]
+    assert "(2 trials of t-student finished when this was written)" in path.read_text()
+
+
+def test_a_copy_takes_over_only_a_folder_with_a_checkpoint_and_replaces_what_is_in_its_own(
+    tmp_path,
+):
+    """Would break: a stopped trial's folder without a checkpoint (stopped before its first one)
+    was moved and reported as resumed "from its checkpoint"; or a leftover folder at the copy's
+    own number made the move fail."""
+    trials_dir = tmp_path / "trials"
+    (trials_dir / "0").mkdir(parents=True)
+    (trials_dir / "0" / "metrics.csv").write_text("step,name,value\n")
+    assert not retry.take_over_folder([0], trials_dir / "1")
+    assert (trials_dir / "0").exists() and not (trials_dir / "1").exists()
+    (trials_dir / "0" / "checkpoint.pt").write_bytes(b"0")
+    (trials_dir / "1").mkdir()
+    (trials_dir / "1" / "leftover").write_text("from an earlier study of this name")
+    assert retry.take_over_folder([0], trials_dir / "1")
+    assert sorted(p.name for p in (trials_dir / "1").iterdir()) == ["checkpoint.pt", "metrics.csv"]
