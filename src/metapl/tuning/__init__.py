@@ -3,6 +3,7 @@
 - :mod:`~metapl.tuning.space`: the student's and the teacher's search spaces, and trial configs;
 - :mod:`~metapl.tuning.storage`: the SQLite / PostgreSQL storage that processes share;
 - :mod:`~metapl.tuning.studies`: joining a shared study, handing stage 1's best to stage 2;
+- :mod:`~metapl.tuning.retry`: resuming a trial that Ctrl-C or ``kill -9`` stopped;
 - :mod:`~metapl.tuning.runner`: the objective, the stages, and ``OUT/best.toml``;
 - :mod:`~metapl.tuning.bestfile`: the TOML writer.
 
