@@ -24,7 +24,7 @@ from test_tune import options, tiny_args
 from metapl.cli import main
 from metapl.train import engine
 from metapl.train.checkpoint import load_checkpoint
-from metapl.tuning import retry, studies
+from metapl.tuning import retry, space, studies
 from metapl.tuning import storage as storage_module
 from metapl.tuning.runner import Tuner
 
@@ -90,13 +90,63 @@ def test_an_interrupted_trial_resumes_from_its_checkpoint_with_the_weights_of_an
     assert all(torch.equal(resumed_weights[k], unbroken_weights[k]) for k in unbroken_weights)
 
 
+def _take_over(trial_id: int, storage: str) -> None:
+    """What another process does to a trial whose heartbeat went stale: mark it failed and queue
+    its copy (the storage's callback)."""
+    study = optuna.load_study(study_name="t-student", storage=storage)
+    study._storage.set_trial_state_values(trial_id, state=State.FAIL)
+    (record,) = (t for t in study.get_trials() if t._trial_id == trial_id)
+    retry.queue_copy(optuna, study, record)
+
+
+@pytest.mark.parametrize("when", ["at step 9", "after training"])
+def test_a_process_whose_trial_was_taken_over_lets_go_of_it_and_goes_on(tmp_path, capsys, when):
+    """A process paused past the heartbeat's grace period (or cut off from the storage) finds its
+    trial marked stopped, with a copy queued, when it wakes. Would break: Optuna's "Cannot tell a
+    FAIL trial" ended the command with a traceback, or the process trained the trial on (its
+    folder is the copy's once the copy starts) instead of running the copy."""
+    opts = options(tmp_path, trials=2, runtime={"steps": 12, "device": "cpu"})
+    calls = []
+
+    def train(cfg, run_dir, show_progress, on_eval):
+        calls.append((run_dir.name, (run_dir / "checkpoint.pt").exists()))
+        trial_id = optuna.load_study(study_name="t-student", storage=opts.storage).trials[-1]
+
+        def taken_over_at_9(step, accuracies):
+            if step == 9 and run_dir.name == "0" and when == "at step 9":
+                _take_over(trial_id._trial_id, opts.storage)
+            on_eval(step, accuracies)
+
+        summary = engine.train(cfg, run_dir, show_progress, on_eval=taken_over_at_9)
+        if run_dir.name == "0" and when == "after training":
+            _take_over(trial_id._trial_id, opts.storage)
+        return summary
+
+    tuner = Tuner(opts)
+    tuner.train = train
+    tuner.run()
+    captured = capsys.readouterr()
+    assert "t-student trial 0: marked stopped by another process" in captured.out
+    assert "t-student trial 1: resumes trial 0 from its checkpoint" in captured.out
+    assert "Traceback" not in captured.err and "Cannot tell" not in captured.err
+    assert calls == [("0", False), ("1", True)]
+    study = optuna.load_study(study_name="t-student", storage=opts.storage)
+    assert [t.state for t in study.trials] == [State.FAIL, State.COMPLETE]
+    reported = sorted(study.trials[1].intermediate_values)
+    assert reported == [3, 6, 9, 12]  # at step 9 not reported by the trial taken over
+    assert 9 not in study.trials[0].intermediate_values or when == "after training"
+
+
 def test_a_copy_without_its_stopped_trials_checkpoint_starts_over(tmp_path, capsys):
     """Another machine's trial (its folder is not here), or one stopped before its first
-    checkpoint: the copy trains the same values from the start."""
+    checkpoint: the copy trains the same values from the start. Would break (the last assert):
+    the stopped trial's partial folder stayed beside the copy's."""
     opts = options(tmp_path, runtime={"steps": 6, "device": "cpu"})
     tuner = Tuner(opts)
 
-    def interrupted(*args, **kwargs):
+    def interrupted(cfg, run_dir, *args, **kwargs):
+        run_dir.mkdir(parents=True)
+        (run_dir / "config.json").write_text("{}")  # as train writes it before the first step
         raise KeyboardInterrupt
 
     tuner.train = interrupted
@@ -107,6 +157,31 @@ def test_a_copy_without_its_stopped_trials_checkpoint_starts_over(tmp_path, caps
     study = optuna.load_study(study_name="t-student", storage=opts.storage)
     assert [t.state for t in study.trials] == [State.FAIL, State.COMPLETE]
     assert study.trials[1].params == study.trials[0].params
+    assert sorted(p.name for p in (opts.out / "trials" / "t-student").iterdir()) == ["1"]
+
+
+def test_a_copy_of_a_trial_stopped_before_it_chose_its_values_says_it_takes_new_ones(
+    tmp_path, capsys, monkeypatch
+):
+    """Ctrl-C before the trial's values were sampled: its copy has none to inherit. Would break:
+    the copy said it "resumes trial 0 from the start" (the same values), yet sampled new ones."""
+    opts = options(tmp_path)
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(space, "sample", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        Tuner(opts).run()
+    monkeypatch.undo()
+    tuner = Tuner(opts)
+    tuner.train = _train_saving_a_checkpoint([])
+    tuner.run()
+    out = capsys.readouterr().out
+    assert "t-student trial 1: replaces trial 0, stopped before it chose its values" in out
+    assert "resumes trial" not in out
+    study = optuna.load_study(study_name="t-student", storage=opts.storage)
+    assert study.trials[0].params == {} and study.trials[1].params != {}
 
 
 def _dead_pid() -> int:
@@ -435,6 +510,29 @@ def test_a_trial_whose_heartbeat_went_stale_is_failed_and_copied_from_any_host(
     assert stopped.state == State.FAIL
     assert [c.state for c in copies] == [State.WAITING]
     assert copies[0].params == stopped.params and retry.stopped_trial(optuna, copies[0]) == 0
+
+
+def test_a_trial_killed_before_its_first_heartbeat_is_failed_and_copied(tmp_path, monkeypatch):
+    """A process killed between Optuna creating its trial and the trial's first heartbeat leaves
+    a running trial that records nothing. Would break: Optuna never finds a trial without a
+    heartbeat stale, so it stayed running forever (and stage 2 waited for it); or the heartbeat
+    given to it was given again on every call, which kept it alive just the same."""
+    monkeypatch.setattr(storage_module, "GRACE_S", 1)
+    monkeypatch.setattr(storage_module, "HEARTBEAT_S", 1)
+    study = optuna.create_study(
+        storage=storage_module.open_storage(f"sqlite:///{tmp_path / 'silent.db'}"),
+        direction="maximize",
+    )
+    for number in (0, 1):  # the trial, then its copy (which inherits the trial's attributes)
+        study.ask()  # no heartbeat, no process record: its process died right here
+        deadline = time.monotonic() + 10  # the database's clock counts whole seconds
+        while study.get_trials(deepcopy=False)[number].state == State.RUNNING:
+            assert time.monotonic() < deadline, f"the silent trial {number} was never failed"
+            retry.fail_stopped_trials(optuna, study)
+            time.sleep(0.2)
+        trials = study.get_trials(deepcopy=False)
+        assert [t.state for t in trials] == [State.FAIL] * (number + 1) + [State.WAITING]
+        assert retry.stopped_trial(optuna, trials[-1]) == number
 
 
 def test_stage_two_does_not_wait_for_a_trial_whose_process_is_gone_from_this_host(monkeypatch):

@@ -16,6 +16,13 @@ A trial is found stopped in three ways:
 - **It ran on this host and its process is gone** (a rerun right after ``kill -9``): marked failed at
   once by :func:`fail_stopped_trials` instead of after the grace period. Process ids are compared on
   the same host name only; a reused id only delays this until the heartbeat goes stale.
+- **It never recorded anything** (killed in the moment between Optuna creating it and its first
+  heartbeat): Optuna never finds a trial without a heartbeat stale, so it would stay "running"
+  forever (and stage 2 would wait for it). :func:`fail_stopped_trials` records one heartbeat for
+  such a trial, once; from then on the heartbeat finds it like any other.
+
+A process that was only paused (or cut off from the storage) past the grace period finds its trial
+taken over when it wakes (:func:`taken_over`), lets go of it and goes on with its next trial.
 
 Marking a trial failed is a compare-and-set in the storage, so exactly one process queues its copy.
 A Ctrl-C queues the copy before Optuna marks the trial failed, so a process killed in between leaves
@@ -39,6 +46,9 @@ MAX_RETRIES = 2
 # A system attribute of a copy: the numbers of the trials of its chain that Ctrl-C stopped (they do
 # not count against MAX_RETRIES; Optuna's retry history counts every stop).
 INTERRUPTED = "metapl:interrupted"
+# A system attribute: the number of the trial for which fail_stopped_trials recorded a heartbeat
+# (a number, not a flag: a copy inherits its stopped trial's system attributes).
+HEARTBEAT_GIVEN = "metapl:heartbeat_given"
 
 
 def retry_callback(optuna):
@@ -68,6 +78,20 @@ def record_process(trial) -> None:
     host = socket.gethostname()
     trial.set_user_attr("host", host)
     trial.set_user_attr("process", {"host": host, "pid": os.getpid(), "trial": trial.number})
+
+
+def taken_over(optuna, trial) -> bool:
+    """Whether another process marked this process's running ``trial`` finished: its heartbeat went
+    stale while this process was paused (SIGSTOP, a suspended machine) or cut off from the storage,
+    and a copy of it was queued, to resume its folder."""
+    return frozen(trial).state != optuna.trial.TrialState.RUNNING
+
+
+def check_still_ours(optuna, trial) -> None:
+    """Raise if ``trial`` was :func:`taken_over`: its training must stop (its folder may be the
+    copy's by now), and Optuna could record nothing of it anyway."""
+    if taken_over(optuna, trial):
+        raise optuna.exceptions.UpdateFinishedTrialError(f"trial {trial.number} was taken over")
 
 
 def frozen(trial):
@@ -108,6 +132,23 @@ def _process_gone(pid: int) -> bool:
     return False
 
 
+def _give_heartbeat(optuna, storage, trial) -> None:
+    """One heartbeat for a running ``trial`` that has recorded no process of its own, so that
+    Optuna finds it stale if it never records one itself. Once per trial: recorded again on every
+    call, it would keep a dead trial alive. Harmless for a live trial, whose own heartbeat thread
+    overwrites it within ``HEARTBEAT_S``."""
+    # a study's storage is Optuna's cache around the RDBStorage, which passes heartbeats through
+    if getattr(storage, "get_heartbeat_interval", lambda: None)() is None:
+        return  # no heartbeats in this storage (in-memory studies of the tests)
+    if trial.system_attrs.get(HEARTBEAT_GIVEN) == trial.number:
+        return
+    storage.record_heartbeat(trial._trial_id)
+    try:
+        storage.set_trial_system_attr(trial._trial_id, HEARTBEAT_GIVEN, trial.number)
+    except optuna.exceptions.UpdateFinishedTrialError:  # it finished meanwhile
+        pass
+
+
 def fail_stopped_trials(optuna, study) -> None:
     """Mark failed (and queue copies of) the running trials of ``study`` whose heartbeat is stale,
     and those that ran on this host in a process that is gone."""
@@ -117,7 +158,10 @@ def fail_stopped_trials(optuna, study) -> None:
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         process = trial.user_attrs.get("process")
         if not isinstance(process, dict) or process.get("trial") != trial.number:
-            continue  # not recorded yet (or a copy's inherited record): left to the heartbeat
+            # not recorded yet (or a copy's inherited record): left to the heartbeat, which a
+            # trial killed before its first one lacks
+            _give_heartbeat(optuna, storage, trial)
+            continue
         pid = process.get("pid")
         if process.get("host") != host or not isinstance(pid, int) or pid == os.getpid():
             continue
@@ -144,6 +188,14 @@ def stopped_trial(optuna, record) -> int | None:
     or None. (``retried_trial_number`` names the first of a chain of copies; we want the last.)"""
     history = stopped_trials(optuna, record)
     return history[-1] if history else None
+
+
+def remove_stopped_folders(stopped: list[int], run_dir: Path) -> None:
+    """Remove the folders (siblings of ``run_dir``) of the ``stopped`` trials still here after
+    :func:`take_over_folder`: a trial stopped before its first checkpoint left nothing to resume,
+    and an earlier checkpoint of the chain is behind the one taken over; either is clutter."""
+    for number in stopped:
+        shutil.rmtree(run_dir.parent / str(number), ignore_errors=True)
 
 
 def take_over_folder(stopped: list[int], run_dir: Path) -> bool:

@@ -21,7 +21,7 @@ from metapl.errors import ConfigError, NonFiniteLossError
 from metapl.train.config import TrainConfig, apply_overrides
 from metapl.train.presets import load_preset
 from metapl.tuning import bestfile, retry, space, studies
-from metapl.tuning.storage import import_optuna, open_storage
+from metapl.tuning.storage import GRACE_S, import_optuna, open_storage
 
 STARTUP_TRIALS = 5  # the pruner and TPE's model both start after this many trials
 
@@ -98,6 +98,9 @@ class Stage:
         self.student: dict[str, Any] = {}
         self.base = space.stage_base(tuner.trial_base, stage, {})
         self.searched = [r.key for r in space.searched(stage, self.base, tuner.fixed)]
+        # trials this process started in the current optimize, and the one it gave up (objective)
+        self.started: int = 0
+        self.lost: int | None = None
         if not self.searched:
             raise ConfigError(f"stage {stage}: --set fixes every searched key; nothing to tune")
 
@@ -120,8 +123,25 @@ class Stage:
 
     def objective(self, trial) -> float:
         optuna = self.tuner.optuna
+        self.started += 1
         try:
             return self._trial(trial)
+        except Exception as err:
+            if isinstance(err, optuna.TrialPruned) or not retry.taken_over(optuna, trial):
+                raise
+            # Another process marked this trial failed while this one was paused or cut off (its
+            # heartbeat went stale) and queued a copy, which resumes the trial's folder: this
+            # process lets go of the trial (Optuna, unable to record it, raises from optimize; see
+            # run) and goes on with its next one.
+            self.lost = trial.number
+            optuna.logging.set_verbosity(optuna.logging.ERROR)  # not Optuna's traceback of it
+            print(
+                f"{self.name} trial {trial.number}: marked stopped by another process (no "
+                f"heartbeat from here for over {GRACE_S} s: this process was paused, suspended or "
+                "cut off from the storage); its copy resumes it from its last checkpoint",
+                flush=True,
+            )
+            raise
         except KeyboardInterrupt:
             # Ctrl-C, wherever it lands in the trial: Optuna records the trial as failed and logs it
             # with a traceback; the command line says "interrupted" in one line instead. A copy of
@@ -139,15 +159,22 @@ class Stage:
         optuna, opts = self.tuner.optuna, self.tuner.opts
         # first: from here on, a rerun on this host finds at once that this trial's process is gone
         retry.record_process(trial)
+        record = retry.frozen(trial)  # before sampling: a copy's values are set, a new trial's not
         values = space.sample(trial, self.stage, self.base, self.tuner.fixed)
         cfg = space.trial_config(self.tuner.trial_base, self.stage, self.student_values, values)
         run_dir = opts.out / "trials" / self.name / str(trial.number)
-        record = retry.frozen(trial)
         chain = retry.stopped_trials(optuna, record)  # this trial continues these, stopped
         resumed = retry.take_over_folder(chain, run_dir)
+        retry.remove_stopped_folders(chain, run_dir)
         if not resumed and run_dir.exists():  # numbers never repeat in a storage: an earlier one's
             shutil.rmtree(run_dir)
-        if chain:
+        if chain and not record.params:  # stopped before it chose its values: nothing to resume
+            print(
+                f"{self.name} trial {trial.number}: replaces trial {chain[-1]}, stopped before it "
+                "chose its values (new values)",
+                flush=True,
+            )
+        elif chain:
             how = "from its checkpoint" if resumed else "from the start (no checkpoint of it here)"
             print(f"{self.name} trial {trial.number}: resumes trial {chain[-1]} {how}", flush=True)
         # where to find the run folder when several machines share the study
@@ -157,6 +184,7 @@ class Stage:
         def on_eval(step: int, accuracies: dict[str, float]) -> None:
             accuracy = accuracies["test_accuracy"]  # the tuning split, in a tuning run
             if step not in reported:  # a resumed run evaluates again after its checkpoint
+                # raises UpdateFinishedTrialError for a trial taken over (see objective)
                 trial.report(accuracy, step)
             if trial.should_prune():
                 print(
@@ -172,6 +200,7 @@ class Stage:
             trial.set_user_attr("diverged", str(err))
             print(f"{self.name} trial {trial.number}: diverged ({_short(values)})", flush=True)
             return 0.0
+        retry.check_still_ours(optuna, trial)  # Optuna cannot record a trial taken over
         record = summary["results"][0]
         if not record["dataset"].endswith("-tune"):
             raise RuntimeError(f"trial {trial.number} did not run on the tuning split")
@@ -200,7 +229,18 @@ class Stage:
             self._adopt(study.user_attrs)
         studies.check_same_config(study, self.base.to_dict(), self.searched)
         retry.fail_stopped_trials(optuna, study)  # copies of them run first, resumed
-        study.optimize(self.objective, n_trials=self.tuner.opts.trials)
+        remaining = self.tuner.opts.trials
+        while remaining > 0:
+            self.started, self.lost = 0, None
+            try:
+                study.optimize(self.objective, n_trials=remaining)
+                return study
+            except Exception:
+                if self.lost is None:
+                    raise
+                # Optuna's "Cannot tell a FAIL trial" for the trial given up (objective): go on
+                optuna.logging.set_verbosity(optuna.logging.WARNING)
+            remaining -= self.started
         return study
 
 
