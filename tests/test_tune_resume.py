@@ -126,7 +126,7 @@ def test_a_process_whose_trial_was_taken_over_lets_go_of_it_and_goes_on(tmp_path
     tuner.train = train
     tuner.run()
     captured = capsys.readouterr()
-    assert "t-student trial 0: marked stopped by another process" in captured.out
+    assert "t-student trial 0: taken over by another process" in captured.out
     assert "t-student trial 1: resumes trial 0 from its checkpoint" in captured.out
     assert "Traceback" not in captured.err and "Cannot tell" not in captured.err
     assert calls == [("0", False), ("1", True)]

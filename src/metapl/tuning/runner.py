@@ -136,9 +136,9 @@ class Stage:
             self.lost = trial.number
             optuna.logging.set_verbosity(optuna.logging.ERROR)  # not Optuna's traceback of it
             print(
-                f"{self.name} trial {trial.number}: marked stopped by another process (no "
-                f"heartbeat from here for over {GRACE_S} s: this process was paused, suspended or "
-                "cut off from the storage); its copy resumes it from its last checkpoint",
+                f"{self.name} trial {trial.number}: taken over by another process (no heartbeat "
+                f"from this process for over {GRACE_S} s: it was paused, suspended or cut off from "
+                "the storage); this process leaves the trial to its copy",
                 flush=True,
             )
             raise
