@@ -1,6 +1,6 @@
 """How close the exact teacher gradient under a precision policy is to a float64 CPU reference.
 
-The precision policy of the exact step (README "Precision", under "The library step"): forward
+The precision policy of the exact step (docs/library.md, "Precision"): forward
 passes may run under bf16 autocast; losses, targets, the Appendix-B factors and the tangent w stay
 float32; on CUDA the student's exact passes run with TF32 off
 (:func:`metapl.mpl.replay.tf32_disabled`). This module
