@@ -158,6 +158,13 @@ def test_reduced_set_reaches_only_its_stage(tmp_path):
         (["--methods", ","], "at least one"),
         (["--methods", "reduced_mpl", "--set", "noisy_student:steps=3"], "does not train here"),
         (["--set", "student_labeled_weight=1"], "stage large_teacher: student_labeled_weight"),
+        # the command wires each seed's students to the large teacher it trains for that seed
+        # (--steps 2: without the check the large teacher trained first, then a student failed)
+        (["--steps", "2", "--set", "large_teacher=elsewhere"], "trains each seed's large teacher"),
+        (
+            ["--steps", "2", "--set", "reduced_mpl:large_teacher=elsewhere"],
+            "trains each seed's large teacher",
+        ),
     ],
 )
 def test_reduced_bad_options_stop_before_any_work(tmp_path, capsys, argv, message):

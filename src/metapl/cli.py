@@ -430,8 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
         help=(
             "override a preset key for every stage, or for one with a STAGE: prefix from "
             "large_teacher, supervised, noisy_student, reduced_mpl (e.g. --set "
-            "reduced_mpl:teacher_lr=0.001); the keys of `metapl train --set` but seed (--seeds); "
-            "repeatable"
+            "reduced_mpl:teacher_lr=0.001); the keys of `metapl train --set` but seed (--seeds) "
+            "and large_teacher (each seed's students get the one trained here); repeatable"
         ),
     )
     _add_experiment_options(p)

@@ -64,6 +64,16 @@ class ReducedConfig:
         stages = ("large_teacher", *self.students)
         for target, keys in self.overrides.items():
             check_command_keys(keys, {"seed": "--seeds"})
+            # Each seed's students read the large teacher this command trains for that seed; a
+            # --set large_teacher went into every stage's config (the large teacher's too, which
+            # then refused the next correct command into --out) and failed only after training.
+            if "large_teacher" in {key.strip() for key in keys}:
+                raise ConfigError(
+                    "--set large_teacher=...: `metapl reduced` trains each seed's large teacher "
+                    "and gives it to that seed's students; to use a large teacher of your own, "
+                    "train a student with `metapl train --preset digits-reduced-reduced-mpl "
+                    "--set large_teacher=RUN_DIR` (or -noisy-student)"
+                )
             if target != "*" and target not in STAGES:
                 raise ConfigError(
                     f"--set {target}:...: {target!r} is not a stage of `metapl reduced`; "
