@@ -396,6 +396,11 @@ def test_a_run_folder_from_before_a_new_option_resumes_at_its_default(tmp_path, 
             ["--preset", "digits-uda-mpl", "--set", "student_labeled_weight=-1"],
             "student_labeled_weight must be >= 0",
         ),
+        # it said "(the paper reuses CIFAR-10's values)", SVHN's reason, not digits' remedy
+        (
+            ["--preset", "digits-uda", "--set", "tuning=true"],
+            "digits has no tuning split by default: reserve one with --set tune_per_class=N",
+        ),
     ],
 )
 def test_bad_options_exit_2_with_one_line_and_write_nothing(tmp_path, capsys, args, message):

@@ -129,7 +129,8 @@ class SSLSplit:
         and unlabeled minus them too, so a tuning run never sees its evaluation images."""
         if len(self.y_tune) == 0:
             raise ConfigError(
-                f"{self.name} has no tuning split (the paper reuses CIFAR-10's values)"
+                f"{self.name} has no tuning split: none of its labeled examples is held out "
+                "for tuning"
             )
         keep = np.arange(len(self.y_labeled) - (len(self.y_tune) if self.tune_in_labeled else 0))
         x_unlabeled = self.x_unlabeled

@@ -60,8 +60,25 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def check_tuning_split(cfg: TrainConfig) -> None:
+    """A dataset that never has a tuning split, for ``tuning=true`` (``metapl tune``'s trials, or
+    ``metapl train --set tuning=true``): what to do instead, before any data is read."""
+    if cfg.dataset == "digits" and cfg.tune_per_class == 0:
+        raise ConfigError(
+            "digits has no tuning split by default: reserve one with --set tune_per_class=N "
+            "(N more labeled images per class, e.g. 5)"
+        )
+    if cfg.dataset == "svhn-1k":
+        raise ConfigError(
+            "svhn-1k has no tuning split (the paper tunes on CIFAR-10 and reuses its values, "
+            "App. C.1): tune a cifar10-4k preset instead"
+        )
+
+
 def load_data(cfg: TrainConfig) -> SSLSplit:
     """The dataset split of ``cfg`` (the tuning view when ``cfg.tuning``)."""
+    if cfg.tuning:  # what to do instead, which the split itself cannot say (digits: --set)
+        check_tuning_split(cfg)
     if cfg.dataset == "digits":
         from metapl.data.digits import digits_split
 

@@ -63,20 +63,6 @@ def label_budget_note(cfg: TrainConfig) -> str | None:
     )
 
 
-def check_tuning_split(cfg: TrainConfig) -> None:
-    """Fail before any trial when the dataset has no tuning split, saying what to do instead."""
-    if cfg.dataset == "digits" and cfg.tune_per_class == 0:
-        raise ConfigError(
-            "digits has no tuning split by default: reserve one with --set tune_per_class=N "
-            "(N more labeled images per class, e.g. 5)"
-        )
-    if cfg.dataset == "svhn-1k":
-        raise ConfigError(
-            "svhn-1k has no tuning split (the paper tunes on CIFAR-10 and reuses its values, "
-            "App. C.1): tune a cifar10-4k preset instead"
-        )
-
-
 def study_name(opts: TuneOptions) -> str:
     name = opts.study or Path(opts.preset).stem
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
@@ -262,9 +248,9 @@ class Tuner:
         self.trial_base = apply_overrides(self.final_base, opts.runtime).validate()
         self.final_base.check_keys_apply(opts.overrides)  # a --set the preset's method ignores
         self.fixed = set(opts.overrides)
-        check_tuning_split(self.trial_base)
-        # A missing or malformed dataset fails here, as one line, not inside a trial (where
-        # Optuna would log it with a traceback and keep a failed trial in the study).
+        # A dataset without a tuning split, or a missing or malformed one, fails here, as one
+        # line, not inside a trial (where Optuna would log it with a traceback and keep a failed
+        # trial in the study).
         load_data(dataclasses.replace(self.trial_base, tuning=True))
         self.stages = ["student", "teacher"] if opts.stage == "both" else [opts.stage]
         for stage in self.stages:  # a non-MPL preset for stage teacher fails here
