@@ -396,6 +396,12 @@ def test_a_run_folder_from_before_a_new_option_resumes_at_its_default(tmp_path, 
             ["--preset", "digits-uda-mpl", "--set", "student_labeled_weight=-1"],
             "student_labeled_weight must be >= 0",
         ),
+        # the value given, as every other choice's message says it (adamw: the library step
+        # takes it, training runs do not)
+        (
+            ["--preset", "digits-uda", "--set", "student_optimizer=adamw"],
+            "student_optimizer must be one of sgd, rmsprop, adam, got 'adamw'",
+        ),
         # it said "(the paper reuses CIFAR-10's values)", SVHN's reason, not digits' remedy
         (
             ["--preset", "digits-uda", "--set", "tuning=true"],

@@ -200,7 +200,9 @@ class TrainConfig:
             raise ConfigError(f"precision must be fp32 or bf16, got {self.precision!r}")
         for name in ("student_optimizer", "teacher_optimizer"):
             if getattr(self, name) not in OPTIMIZERS:
-                raise ConfigError(f"{name} must be one of {', '.join(OPTIMIZERS)}")
+                raise ConfigError(
+                    f"{name} must be one of {', '.join(OPTIMIZERS)}, got {getattr(self, name)!r}"
+                )
         if self.method in LARGE_TEACHER_METHODS and not self.large_teacher:
             raise ConfigError(
                 f"method {self.method} learns from a large teacher: set large_teacher to the run "
