@@ -727,6 +727,15 @@ def test_digits_command_writes_results_and_figure9(tmp_path, capsys):
     assert not bad.exists()
 
 
+def test_digits_with_label_spreading_alone_names_no_run_folders(tmp_path, capsys):
+    """It printed "each run's folder in OUT/METHOD/seedN", but LabelSpreading writes none."""
+    out = tmp_path / "digits"
+    args = ["digits", "--seeds", "0", "--methods", "label_spreading", "--out", str(out)]
+    assert main([*args, "--quiet"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"wrote {out}/results.json"
+    assert sorted(p.name for p in out.iterdir()) == ["results.json"]
+
+
 def test_a_digits_rerun_replaces_only_results_of_the_same_configuration(tmp_path, capsys):
     """A rerun into the same --out with other seeds silently replaced the earlier results.json."""
     out = tmp_path / "digits"

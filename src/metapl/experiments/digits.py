@@ -231,5 +231,8 @@ def run_digits(cfg: DigitsConfig, out: Path, show_progress: bool = True) -> dict
     )
     report.print_paired_differences(paired)
     figure = ", figure9.png, figure9.json" if {"supervised", "uda_mpl"} <= set(cfg.methods) else ""
-    print(f"wrote {out}/results.json{figure}; each run's folder in {out}/METHOD/seedN")
+    # LabelSpreading alone trains no run: pointing at run folders would send the user looking
+    trained = any(m in ENGINE_METHODS for m in cfg.methods)
+    folders = f"; each run's folder in {out}/METHOD/seedN" if trained else ""
+    print(f"wrote {out}/results.json{figure}{folders}")
     return payload
