@@ -676,7 +676,15 @@ def test_preset_from_a_toml_file(tmp_path, capsys):
     unknown = tmp_path / "unknown.toml"
     unknown.write_text("stpes = 10\n")
     assert train_cli(str(unknown), tmp_path / "bad_run", "--quiet") == 2
-    assert "unknown config key 'stpes'" in one_error_line(capsys.readouterr().err)
+    assert f"preset file {unknown}: unknown config key 'stpes'" in one_error_line(
+        capsys.readouterr().err
+    )
+    # a bad value names the file too: it read like a mistake in --set
+    unknown.write_text('student_lr = "fast"\n')
+    assert train_cli(str(unknown), tmp_path / "bad_run", "--quiet") == 2
+    assert f"preset file {unknown}: student_lr expects a number" in one_error_line(
+        capsys.readouterr().err
+    )
     assert train_cli(str(tmp_path / "absent.toml"), tmp_path / "bad_run", "--quiet") == 2
     assert "absent.toml does not exist" in one_error_line(capsys.readouterr().err)
     assert not (tmp_path / "bad_run").exists()

@@ -111,6 +111,13 @@ def load_preset(name: str) -> TrainConfig:
             overrides = tomllib.loads(path.read_text())
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
             raise ConfigError(f"preset file {name} is not valid TOML: {err}") from None
+        # A bad key or value (a hand-edited best.toml, say) names the file: without it,
+        # "student_lr expects a number" read like a mistake in --set.
+        try:
+            cfg = apply_overrides(TrainConfig(), overrides)
+        except ConfigError as err:
+            raise ConfigError(f"preset file {name}: {err}") from None
+        return apply_overrides(cfg, {"preset": name})
     else:
         hint = did_you_mean(name, table)
         raise ConfigError(f"unknown preset {name!r}{hint}; `metapl presets` lists them")
