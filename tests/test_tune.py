@@ -303,6 +303,8 @@ def test_pruned_trial_stops_at_the_evaluation_that_pruned_it(tmp_path, monkeypat
             ["--preset", "digits-uda", "--stage", "student", "--set", "teacher_lr=0.1"],
             "teacher_lr applies to the +MPL methods only",
         ),
+        # digits reads no --data-dir: the printed `metapl train` command refused it
+        (["--data-dir", "elsewhere"], "data_dir does not apply to dataset digits"),
         # the dataset is read before any trial (Optuna logged it with a traceback inside trial 0)
         (
             ["--preset", "cifar10-4k-uda", "--data-dir", "nowhere", "--set", "tune_per_class=0"],
@@ -315,6 +317,22 @@ def test_errors_are_one_line(tmp_path, capsys, extra, message):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("metapl tune: error: ") and message in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_best_toml_that_could_not_train_fails_before_any_trial(tmp_path, capsys):
+    """`--set steps=6 --steps 6`: the trials' warm-up is cut to fit their --steps, best.toml keeps
+    the preset's 100 warm-up steps and the 6 of --set; that failed when best.toml was written,
+    after every trial had run."""
+    args = ["tune", "--preset", "digits-uda-mpl", "--trials", "1", "--stage", "student"]
+    args += ["--storage", f"sqlite:///{tmp_path / 'study.db'}", "--out", str(tmp_path / "out")]
+    args += ["--steps", "6", "--set", "steps=6", "--set", "tune_per_class=3", "--quiet"]
+    assert main(args) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "metapl tune: error: best.toml would hold the preset and --set, without --steps (the "
+        "trials' alone): warmup_steps (100) must not exceed steps (6); lower it with --set "
+        "warmup_steps=N"
+    )
     assert not (tmp_path / "out").exists()
 
 

@@ -247,6 +247,19 @@ class Tuner:
         self.final_base = apply_overrides(load_preset(opts.preset), opts.overrides)
         self.trial_base = apply_overrides(self.final_base, opts.runtime).validate()
         self.final_base.check_keys_apply(opts.overrides)  # a --set the preset's method ignores
+        # and a --data-dir it ignores (digits): best.toml's printed command passed it on, and
+        # `metapl train` refused it
+        self.trial_base.check_keys_apply(key for key in opts.runtime if key == "data_dir")
+        # best.toml must be a valid preset too: `--set steps=N` with the trials' --steps
+        # (whose warm-up cut best.toml leaves out) failed only when it was written, after
+        # every trial had run
+        try:
+            self.final_base.validate()
+        except ConfigError as err:
+            raise ConfigError(
+                f"best.toml would hold the preset and --set, without --steps (the trials' "
+                f"alone): {err}"
+            ) from None
         self.fixed = set(opts.overrides)
         # A dataset without a tuning split, or a missing or malformed one, fails here, as one
         # line, not inside a trial (where Optuna would log it with a traceback and keep a failed
