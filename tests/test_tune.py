@@ -303,6 +303,8 @@ def test_pruned_trial_stops_at_the_evaluation_that_pruned_it(tmp_path, monkeypat
             ["--preset", "digits-uda", "--stage", "student", "--set", "teacher_lr=0.1"],
             "teacher_lr applies to the +MPL methods only",
         ),
+        # ignored by every trial (tuning=true) and left out of best.toml, without a word
+        (["--set", "tuning=false"], "every trial trains with tuning=true"),
         # digits reads no --data-dir: the printed `metapl train` command refused it
         (["--data-dir", "elsewhere"], "data_dir does not apply to dataset digits"),
         # the dataset is read before any trial (Optuna logged it with a traceback inside trial 0)

@@ -243,6 +243,12 @@ class Tuner:
         if opts.stage not in ("student", "teacher", "both"):
             raise ConfigError(f"--stage must be student, teacher or both, got {opts.stage!r}")
         self.name = study_name(opts)
+        if "tuning" in opts.overrides:  # it was ignored by every trial and left out of best.toml
+            raise ConfigError(
+                "--set tuning=...: every trial trains with tuning=true (scored on the tuning "
+                "split), and best.toml leaves it out (its run trains on all labeled data); do not "
+                "set it"
+            )
         # best.toml's base: the preset and --set, without the trials' runtime options
         self.final_base = apply_overrides(load_preset(opts.preset), opts.overrides)
         self.trial_base = apply_overrides(self.final_base, opts.runtime).validate()
