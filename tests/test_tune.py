@@ -338,6 +338,20 @@ def test_a_best_toml_that_could_not_train_fails_before_any_trial(tmp_path, capsy
     assert not (tmp_path / "out").exists()
 
 
+def test_device_cuda_without_one_fails_before_any_trial(tmp_path, capsys, monkeypatch):
+    """It failed inside trial 0: Optuna's traceback, a failed trial kept in the study, then the
+    line."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = ["tune", "--preset", "digits-uda-mpl", "--trials", "1", *tiny_args(tmp_path)]
+    assert main([*args, "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err
+        == "metapl tune: error: --device cuda was asked for, but PyTorch sees no CUDA device here\n"
+    )
+    assert not (tmp_path / "out").exists() and not (tmp_path / "study.db").exists()
+
+
 def test_missing_optuna_says_how_to_install(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "optuna", None)  # import optuna raises ImportError
     assert main(["tune", "--preset", "digits-uda-mpl", "--trials", "1", *tiny_args(tmp_path)]) == 2

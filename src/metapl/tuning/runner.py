@@ -235,7 +235,7 @@ class Tuner:
     stages and writes best.toml."""
 
     def __init__(self, opts: TuneOptions):
-        from metapl.train.engine import load_data, train
+        from metapl.train.engine import load_data, resolve_device, train
 
         self.opts, self.train = opts, train
         if opts.trials < 1:
@@ -271,6 +271,7 @@ class Tuner:
         # line, not inside a trial (where Optuna would log it with a traceback and keep a failed
         # trial in the study).
         load_data(dataclasses.replace(self.trial_base, tuning=True))
+        resolve_device(self.trial_base.device)  # --device cuda without one failed in trial 0 too
         self.stages = ["student", "teacher"] if opts.stage == "both" else [opts.stage]
         for stage in self.stages:  # a non-MPL preset for stage teacher fails here
             space.trial_config(self.trial_base, stage, {}, {})
