@@ -123,6 +123,32 @@ def test_unfinished_large_teacher_is_refused(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_large_teacher_of_other_images_is_refused_before_any_write(tmp_path, capsys):
+    """A finished large teacher trained on RGB images, given to a student on the grayscale
+    digits: the precompute failed with torch's traceback."""
+    rng = np.random.RandomState(0)
+    arrays = tmp_path / "rgb.npz"
+    np.savez(
+        arrays,
+        x_labeled=rng.randint(0, 256, (20, 8, 8, 3), dtype=np.uint8),
+        y_labeled=np.arange(20) % 10,
+        x_unlabeled=rng.randint(0, 256, (10, 8, 8, 3), dtype=np.uint8),
+    )
+    teacher = tmp_path / "teacher"
+    tiny = ["--steps", "1", "--device", "cpu", "--quiet"]
+    for key_value in ("model=small_cnn", "image_size=8", "pad=1", "batch_size=4"):
+        tiny += ["--set", key_value]
+    args = ["train", "--preset", "folder-supervised", "--data-dir", str(arrays)]
+    assert main([*args, "--out", str(teacher), *tiny]) == 0
+    capsys.readouterr()
+    out = tmp_path / "student"
+    args = ["train", "--preset", "digits-reduced-noisy-student", "--out", str(out)]
+    assert main([*args, "--set", f"large_teacher={teacher}", "--steps", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"large_teacher={teacher} cannot take this run's images (1 channel, 8x8)" in err
+    assert not out.exists()
+
+
 def test_reduced_other_datasets_point_to_presets(tmp_path, capsys):
     assert main(["reduced", "--dataset", "cifar10", "--out", str(tmp_path / "x")]) == 2
     assert "full-large-teacher" in capsys.readouterr().err

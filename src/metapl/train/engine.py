@@ -44,7 +44,7 @@ from metapl.train.config import TrainConfig
 from metapl.train.data import BatchSource, evaluate, model_input, stream_seed
 from metapl.train.ema import EMA
 from metapl.train.guards import check_finite, check_finite_weights, to_floats
-from metapl.train.large_teacher import load_large_teacher, prepare_large_teacher_data
+from metapl.train.large_teacher import check_large_teacher, prepare_large_teacher_data
 from metapl.train.metrics_log import MetricsLogger
 from metapl.train.schedule import make_scheduler
 
@@ -440,7 +440,7 @@ def train(cfg: TrainConfig, out_dir: Path | str, show_progress: bool = True, on_
     teacher_probs = None
     if cfg.uses_large_teacher:  # ReducedMPL / NoisyStudent: precompute, select, free the teacher
         assert cfg.large_teacher  # validate() refuses a large-teacher method without one
-        load_large_teacher(Path(cfg.large_teacher), split.num_classes, device)  # fail early
+        check_large_teacher(Path(cfg.large_teacher), split, device)  # fail early
         if dp.is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
             _clear_leftovers(out_dir)

@@ -19,7 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from metapl.data.arrays import to_tensor_nchw
 from metapl.data.splits import SSLSplit
+from metapl.errors import ConfigError
 from metapl.reduced.precompute import precompute_distributions
 from metapl.reduced.select import top_k_per_class
 from metapl.train.config import TrainConfig
@@ -32,6 +34,26 @@ def load_large_teacher(run_dir: Path, num_classes: int, device: torch.device) ->
     return load_run_model(
         run_dir, device, num_classes=num_classes, name=f"large_teacher={run_dir}"
     ).model
+
+
+def check_large_teacher(run_dir: Path, split: SSLSplit, device: torch.device) -> None:
+    """Before anything is written: the large teacher loads (see :func:`load_large_teacher`) and
+    takes this run's images, in one forward on two labeled images, as the precompute feeds them.
+    A teacher trained on other images (RGB for the grayscale digits) failed inside the precompute
+    with torch's traceback."""
+    teacher = load_large_teacher(run_dir, split.num_classes, device)
+    images = np.asarray(split.x_labeled[np.arange(min(2, len(split.y_labeled)))])
+    try:
+        with torch.no_grad():
+            teacher(to_tensor_nchw(images).to(device))
+    except (RuntimeError, ValueError, TypeError) as exc:
+        _, h, w, c = images.shape
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(
+            f"large_teacher={run_dir} cannot take this run's images ({c} channel"
+            f"{'s' if c != 1 else ''}, {h}x{w}): {first}; give the run folder of a large teacher "
+            "trained on this dataset"
+        ) from None
 
 
 def prepare_large_teacher_data(
