@@ -34,6 +34,8 @@ def files(folder) -> dict:
     [
         (["--set", "pad=8"], "pad 8 is too large for this dataset's 8-pixel images"),
         (["--set", "pad=-1"], "pad must be >= 0, got -1"),
+        # trained on strong views that were all gray (a preset's cutout after --set image_size)
+        (["--set", "cutout=8"], "cutout 8 is not smaller than this dataset's 8-pixel images"),
         (["--set", "cutout=-1"], "cutout must be >= 0, got -1"),
         (["--set", "randaugment_ops=-1"], "randaugment_ops must be >= 0, got -1"),
         (["--set", "randaugment_magnitude=-5"], "randaugment_magnitude must be >= 0"),
@@ -63,6 +65,12 @@ def test_bad_training_options_exit_2_before_anything_is_written(tmp_path, capsys
     err = one_error_line(capsys.readouterr().err)
     assert err.startswith("metapl train: error: ") and message in err, err
     assert not out.exists()
+
+
+def test_a_cutout_as_large_as_the_images_is_fine_for_a_method_without_strong_views(tmp_path):
+    """Supervised learning on the weak view never cuts out: its preset's cutout is not read."""
+    out = tmp_path / "run"
+    assert train_cli("digits-supervised", out, *tiny(2), "--set", "cutout=16", "--quiet") == 0
 
 
 def test_a_model_error_names_how_to_choose_another(tmp_path, capsys):

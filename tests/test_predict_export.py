@@ -208,8 +208,8 @@ def test_class_names_from_classes_json(capsys, run_dir, image_dir, tmp_path):
 
 def test_torchscript_export_matches_the_model(capsys, run_dir, digits, tmp_path):
     out = tmp_path / "digits.pt"
-    assert (
-        main(["export", "--run", str(run_dir), "--format", "torchscript", "--output", str(out)])
+    assert (  # the format's name in any case: "TorchScript" was refused
+        main(["export", "--run", str(run_dir), "--format", "TorchScript", "--output", str(out)])
         == 0
     )
     printed = capsys.readouterr().out
@@ -305,6 +305,15 @@ def test_corrupt_checkpoint(capsys, run_dir, image_dir, tmp_path):
         # an empty name: export wrote the default file, predict called it "--json . is a folder"
         (["export", "--run", "{run}", "--format", "torchscript", "--output", ""], "is empty"),
         (["export", "--run", "{run}", "--format", "torchscript", "--output", " "], "is empty"),
+        # a TorchScript file named .onnx (and the other way round) was written without a word
+        (
+            ["export", "--run", "{run}", "--format", "torchscript", "--output", "{tmp}/m.onnx"],
+            "names an onnx file, but --format is torchscript",
+        ),
+        (
+            ["export", "--run", "{run}", "--format", "ONNX", "--output", "{tmp}/m.PT"],
+            "names a torchscript file, but --format is onnx",
+        ),
         (["predict", "--run", "{run}", "{images}", "--json", " "], "--json is empty"),
         # classified every image under the current folder
         (["predict", "--run", "{run}", "{images}", ""], "an IMAGE argument is empty"),

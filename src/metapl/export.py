@@ -33,6 +33,7 @@ DESCRIPTION = (
     "TorchScript: torch.jit.load(FILE). ONNX needs `pip install onnx onnxscript`."
 )
 FORMATS = {"torchscript": "model.torchscript.pt", "onnx": "model.onnx"}
+TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".ts", ".torchscript")
 ONNX_PACKAGES = ("onnx", "onnxscript")  # what torch.onnx.export needs beyond torch
 
 
@@ -126,6 +127,7 @@ def run(args: argparse.Namespace) -> None:
     from metapl.errors import ConfigError
     from metapl.train.run_model import Classifier, class_names, load_run_model
 
+    args.format = args.format.lower()  # --format ONNX, TorchScript: the same formats
     if args.format not in FORMATS:
         raise ConfigError(f"--format {args.format!r}: expected one of {', '.join(FORMATS)}")
     if args.output is not None and not args.output.strip():  # not the default: a name left out
@@ -133,6 +135,16 @@ def run(args: argparse.Namespace) -> None:
     output = Path(args.output) if args.output else Path(args.run) / FORMATS[args.format]
     if output.is_dir():
         raise ConfigError(f"--output {output} is a folder; give a file name")
+    # A name that says the other format: a TorchScript file named .onnx was written without a word
+    suffix = output.suffix.lower()
+    other = (
+        "onnx" if suffix == ".onnx" else "torchscript" if suffix in TORCHSCRIPT_SUFFIXES else None
+    )
+    if other is not None and other != args.format:
+        raise ConfigError(
+            f"--output {output} names a{'n' if other == 'onnx' else ''} {other} file, but --format "
+            f"is {args.format}: use --format {other}, or a name like {FORMATS[args.format]}"
+        )
     if args.output and not output.resolve().parent.is_dir():
         if output.resolve().parent.exists():
             raise ConfigError(f"--output {output}: {output.parent} is a file, not a folder")

@@ -108,6 +108,14 @@ class BatchSource:
                 f"pad {cfg.pad} is too large for this dataset's {smallest}-pixel images (reflect "
                 f"padding needs pad < {smallest}); lower it with --set pad=N"
             )
+        # A cutout square as large as the images leaves most of each strong view gray (all of it
+        # from twice the side): a preset's cutout kept after --set image_size, say.
+        if cfg.cutout >= smallest and any(view.endswith("_strong") for view in self.views):
+            raise ConfigError(
+                f"cutout {cfg.cutout} is not smaller than this dataset's {smallest}-pixel images "
+                "(the strong views would be mostly gray); lower it with --set cutout=N (the "
+                "presets use half the side)"
+            )
         self.weak = WeakAugment(pad=cfg.pad, flip_prob=0.5 if cfg.flip else 0.0)
         self.strong = StrongAugment(
             num_ops=cfg.randaugment_ops, max_magnitude=cfg.randaugment_magnitude, cutout=cfg.cutout
