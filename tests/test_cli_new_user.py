@@ -138,6 +138,19 @@ def test_a_mistyped_option_is_one_line_naming_the_command(tmp_path, capsys, argv
     assert err.endswith(f"; see `{prog} --help`\n")
 
 
+@pytest.mark.parametrize(
+    "argv, hint",
+    [
+        (["trian", "--preset", "digits-uda"], "(did you mean train?); see `metapl --help`"),
+        (["bench", "--device", "cdua", "--json", "x"], "(did you mean cuda?); see `metapl bench"),
+        (["twomoons", "--estimator", "exakt"], "(did you mean exact?); see `metapl twomoons"),
+    ],
+)
+def test_a_mistyped_command_or_choice_names_the_closest_one(capsys, argv, hint):
+    """As a mistyped option does: `metapl trian` listed the commands without saying which."""
+    assert hint in _error(argv, capsys)
+
+
 def test_seeds_counting_down_say_so():
     with pytest.raises(ConfigError, match="the range 5-1 counts down; write it 1-5"):
         parse_seeds("5-1")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -70,6 +71,11 @@ class _Parser(argparse.ArgumentParser):
     option unknown to a subcommand, without the subcommand's name (see :func:`parse`)."""
 
     def error(self, message: str) -> NoReturn:
+        # a mistyped command or choice ("metapl trian") names the closest one, as options do
+        choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)$", message)
+        if choice:
+            given, listed = choice.groups()
+            message += did_you_mean(given, [c.strip(" '") for c in listed.split(",")])
         self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
 
 
