@@ -148,6 +148,29 @@ def test_experiments_refuse_a_set_of_what_their_own_options_set(tmp_path, capsys
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    "command, message",
+    [
+        (["digits", "--set", "uda_mpl:model=mlp"], "choose a model for them with --set uda_mpl:"),
+        (["digits", "--set", "model=wrn28_2"], "model wrn28_2 cannot take this data's images"),
+        (
+            ["reduced", "--set", "reduced_mpl:model=wrn28_2"],
+            "stage reduced_mpl: model wrn28_2 cannot take this data's images (1 channel, 8x8)",
+        ),
+    ],
+)
+def test_experiments_refuse_a_model_that_cannot_take_digits_before_any_run(
+    tmp_path, capsys, command, message
+):
+    """It was one line too, but only once that run started: in `metapl reduced`, after every
+    large teacher had trained (and in `metapl digits`, after the other methods' runs)."""
+    out = tmp_path / "out"
+    assert main([*command, "--seeds", "0", "--steps", "2", "--out", str(out), "--quiet"]) == 2
+    err = one_error_line(capsys.readouterr().err)
+    assert message in err
+    assert not out.exists()
+
+
 def test_bench_checks_json_and_model_before_timing(tmp_path, capsys):
     folder = tmp_path / "folder"
     folder.mkdir()

@@ -98,6 +98,13 @@ class ReducedConfig:
             reasons = [c.ignored_key(key) for c in configs.values()]
             if all(reasons):
                 raise ConfigError(f"--set {key}: {reasons[0]}")
+        from metapl.train.engine import check_config_models
+
+        for method, stage_cfg in configs.items():  # a model that cannot take digits' images
+            try:
+                check_config_models(stage_cfg, 10, f"--set {method}:model=NAME")
+            except ConfigError as err:
+                raise ConfigError(f"stage {method}: {err}") from None
         return self
 
 

@@ -317,10 +317,28 @@ def check_models_fit(run: Run, option: str = "--set model=NAME") -> None:
     this dataset's images (another channel count, too small an image, a model that is not for
     images) is a :class:`ConfigError` here, before anything is written, instead of a traceback at
     the first step. ``option``: how the user chooses the model, for the message."""
-    cfg, split = run.cfg, run.split
-    images = np.asarray(split.x_labeled[:2])
-    x = model_input(images, run.device, channels_last=cfg.channels_last(run.device))
-    for name, model in run.method.models.items():
+    images = np.asarray(run.split.x_labeled[:2])
+    _check_models_take(run.method.models, run.cfg, images, run.device, option)
+
+
+def check_config_models(cfg: TrainConfig, num_classes: int, option: str) -> None:
+    """:func:`check_models_fit` for a run that has not started: its models, built on the CPU, on
+    two blank images of the shape its dataset delivers (:func:`input_spec`). ``metapl digits`` and
+    ``metapl reduced`` check every run so, before any of them trains (a model that did not fit
+    failed only when its run started: in ``reduced``, after every large teacher had trained)."""
+    from metapl.train.run_model import input_spec
+
+    spec = input_spec(cfg)
+    images = np.zeros((2, spec.resolution, spec.resolution, spec.channels), np.uint8)
+    cpu = torch.device("cpu")
+    with torch.random.fork_rng(devices=[]):  # the models' initialization draws from torch's RNG
+        method = build_method(cfg, num_classes, cpu)
+    _check_models_take(method.models, cfg, images, cpu, option)
+
+
+def _check_models_take(models: dict, cfg: TrainConfig, images, device, option: str) -> None:
+    x = model_input(images, device, channels_last=cfg.channels_last(device))
+    for name, model in models.items():
         if name == "teacher" and cfg.method == "reduced_mpl":
             continue  # the reduced teacher reads the large teacher's distributions, not images
         was_training = model.training
