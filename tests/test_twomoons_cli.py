@@ -153,3 +153,34 @@ def test_first_order_estimator_samples_hard_labels_with_a_baseline(monkeypatch):
     for estimator in ("exact", "first_order"):
         run(TwoMoonsConfig(seeds=[0], steps=2, methods=("supervised", "mpl"), estimator=estimator))
     assert seen == [("exact", None), ("first_order", 0.99)]
+
+
+def test_the_progress_bar_counts_each_methods_steps_by_their_cost(monkeypatch):
+    """The bar's ETA weighs an MPL step as several supervised ones. Would break: a bar of plain
+    steps (it showed 3 s left as MPL began, with 18 s to go), or a total that the updates do not
+    reach (the bar ended below 100%) or overshoot."""
+    from metapl.experiments import twomoons
+
+    bars = []
+
+    class Recorder:
+        def __init__(self, total, **kwargs):
+            self.total, self.updates, self.method = total, [], None
+            bars.append(self)
+
+        def set_postfix_str(self, method):
+            self.method = method
+
+        def update(self, n):
+            self.updates.append((self.method, n))
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(twomoons, "progress_bar", Recorder)
+    run(TwoMoonsConfig(seeds=[0], steps=3), show_progress=True)
+    (bar,) = bars
+    assert sum(n for _, n in bar.updates) == bar.total
+    costs = {method: {n for m, n in bar.updates if m == method} for method, _ in bar.updates}
+    assert costs == {m: {twomoons.STEP_COST[m]} for m in twomoons.METHODS}
+    assert twomoons.STEP_COST["mpl"] >= 3 * twomoons.STEP_COST["supervised"]

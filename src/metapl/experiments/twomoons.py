@@ -206,26 +206,44 @@ def accuracy(model: StackedMLP, x: Tensor, y: Tensor) -> Tensor:
     return acc
 
 
+# Time per step relative to supervised learning's, for the progress bar's ETA (10 stacked seeds on
+# 2 CPU cores, session 17: supervised 3.4 s, pseudo label 4.7-5.7 s, MPL 19.4 s for 2,000 steps).
+STEP_COST = {"supervised": 2, "pseudo_label_hard": 3, "pseudo_label_soft": 3, "mpl": 11}
+
+
 def run(cfg: TwoMoonsConfig, show_progress: bool = False) -> dict:
     """Train every method on every seed; return records, cosine series and the trained models."""
     torch.manual_seed(min(cfg.seeds))
     gen = torch.Generator().manual_seed(min(cfg.seeds))
     data = stack_data(cfg.seeds, cfg.noise)
     models, cosines = {}, {}
+    # The bar counts work, not steps: an MPL step costs about 5 supervised ones, so a bar of steps
+    # showed 3 s left as MPL began, with 18 s to go. Its count is hidden (units of work mean
+    # nothing to a reader); the percentage and the ETA remain.
     bar = progress_bar(
-        total=cfg.steps * len(cfg.methods), disable=not show_progress, unit="step", desc="twomoons"
+        total=cfg.steps * sum(STEP_COST[m] for m in cfg.methods),
+        disable=not show_progress,
+        desc="twomoons",
+        bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]",
     )
-    tick = lambda: bar.update()  # noqa: E731
-    bar.set_postfix_str("supervised")
-    models["supervised"], cosines["supervised"] = train_supervised(cfg, data, gen, tick)
+
+    def ticks(method: str):
+        bar.set_postfix_str(method)
+        return lambda: bar.update(STEP_COST[method])
+
+    models["supervised"], cosines["supervised"] = train_supervised(
+        cfg, data, gen, ticks("supervised")
+    )
     for soft in (False, True):
         name = "pseudo_label_soft" if soft else "pseudo_label_hard"
         if name in cfg.methods:
-            bar.set_postfix_str(name)
-            models[name] = train_pseudo_label(cfg, data, models["supervised"], soft, gen, tick)
+            models[name] = train_pseudo_label(
+                cfg, data, models["supervised"], soft, gen, ticks(name)
+            )
     if "mpl" in cfg.methods:
-        bar.set_postfix_str("mpl")
-        models["mpl"], models["mpl_teacher"], cosines["mpl"] = train_mpl(cfg, data, gen, tick)
+        models["mpl"], models["mpl_teacher"], cosines["mpl"] = train_mpl(
+            cfg, data, gen, ticks("mpl")
+        )
     bar.close()
     records = []
     for method in (m for m in METHODS if m in models):
