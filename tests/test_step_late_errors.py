@@ -287,6 +287,26 @@ def test_the_students_own_error_on_a_new_labeled_size_comes_as_it_is(error):
     _refused_before_anything_moves(mpl, (x_l[:5], y_l[:5], x_u), error, "^the student's own error$")
 
 
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("steps_before", [0, 1], ids=["first step", "a new size"])
+def test_the_students_own_error_on_the_unlabeled_batch_gives_everything_back(
+    estimator, steps_before
+):
+    """docs/library.md: on a step with a restore point (the first, a batch size no step has
+    passed with) an error of the caller's own code gives the buffers and the random stream back.
+    The student's forward on x_unlabeled ran outside it: its error came with the teacher's
+    running statistics and the random stream moved (double_backward and first_order on the
+    first step, every estimator on a new size; the exact first step's replay check ran it
+    first)."""
+    teacher, student, x_l, y_l, x_u = make_problem("mlp")
+    mpl = _mpl(teacher, _FailsOn(student, RuntimeError, (len(x_l), len(x_u))), estimator=estimator)
+    _warm(mpl, (x_l, y_l, x_u), steps=steps_before)
+    mpl.student.sizes = (len(x_l),)  # x_unlabeled fails from now on
+    _refused_before_anything_moves(
+        mpl, (x_l, y_l, x_u[:5] if steps_before else x_u), RuntimeError, "^the student's own"
+    )
+
+
 def test_a_refusal_never_puts_back_an_earlier_steps_state():
     """A step's RestorePoint is its own: a later step whose batches have passed before saves
     none, and its refusal (here the extra loss's, after the teacher's forward) must not put back

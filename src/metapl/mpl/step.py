@@ -593,16 +593,16 @@ class MetaPseudoLabels:
         when ``student_labeled_weight`` > 0; leaves the gradients in .grad. Returns the losses
         (metrics), the gradients and the x_u logits, or with a ``tape`` its record of the x_u
         pass (the same computation, keeping what the tangent pass needs)."""
-        with self._autocast(module_device(self.student)):
-            out: Tensor | TapeRecord
-            if tape is None:
-                out = s_logits = as_logits(x_u.call(self.student), "student")
-            else:
-                out = tape.record(x_u.args, x_u.kwargs)
-                s_logits = out.logits
-        # What the logits' checks refuse here, before the backward, comes with what the forwards
-        # moved given back.
+        # What fails here, before the backward (the student's own forward, what the logits'
+        # checks refuse), comes with what the forwards moved given back.
         with self._undone_on_error():
+            with self._autocast(module_device(self.student)):
+                out: Tensor | TapeRecord
+                if tape is None:
+                    out = s_logits = as_logits(x_u.call(self.student), "student")
+                else:
+                    out = tape.record(x_u.args, x_u.kwargs)
+                    s_logits = out.logits
             check_same_classes(s_logits, targets)
             unlabeled = batch_mean(soft_cross_entropy(upcast(s_logits), targets), self.batch_dim)
             losses = {"student_unlabeled": unlabeled.detach()}
@@ -738,13 +738,13 @@ class MetaPseudoLabels:
         # real step does not move it (it moved in this graph: 2% off the real teacher gradient).
         theta_t = [p.detach().clone().requires_grad_(p.requires_grad) for p in params]
         unlabeled_state = dict(zip(self._student_names, theta_t))
-        with self._autocast(device):
-            s_logits = as_logits(x_u.functional_call(self.student, unlabeled_state), "student")
         # Nothing moves but the forwards' buffers and random numbers until the real step below:
-        # what the checks refuse (on x_u, on x_l, a missing second derivative) comes with those
-        # given back. Hence R(theta_{t+1}) and its gradient before the real step (which draws no
-        # random numbers).
+        # what fails (the student's forward) or the checks refuse (on x_u, on x_l, a missing
+        # second derivative) comes with those given back. Hence R(theta_{t+1}) and its gradient
+        # before the real step (which draws no random numbers).
         with self._undone_on_error():
+            with self._autocast(device):
+                s_logits = as_logits(x_u.functional_call(self.student, unlabeled_state), "student")
             check_same_classes(s_logits, targets)
             unlabeled = batch_mean(soft_cross_entropy(upcast(s_logits), targets), self.batch_dim)
             losses = {"student_unlabeled": unlabeled.detach()}
