@@ -24,6 +24,10 @@ from mpl_helpers import (
 )
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.optim.optimizer import (
+    register_optimizer_step_post_hook,
+    register_optimizer_step_pre_hook,
+)
 
 import metapl.mpl.step
 from metapl import MetaPseudoLabels
@@ -206,6 +210,28 @@ def test_hooks_that_change_the_students_update_are_config_errors(on_models, on_m
     if on_mpl is not None:
         on_mpl(first_order)
     first_order.step(x_l, y_l, x_u)
+
+
+@pytest.mark.parametrize("estimator", ["exact", "double_backward"])
+def test_a_global_optimizer_step_pre_hook_is_refused_and_a_post_hook_is_not(estimator):
+    """docs/library.md: a global step pre-hook runs before every optimizer's step, the student's
+    too (gradient clipping there is invisible to the exact gradient): a ConfigError at
+    construction. Global post-hooks are not checked (torch.profiler may install one): the step
+    runs, and the hook with it."""
+    teacher, student, x_l, y_l, x_u = make_problem("mlp", seed=3)
+    handle = register_optimizer_step_pre_hook(lambda *a: None)
+    try:
+        with pytest.raises(ConfigError, match="global optimizer step pre-hook"):
+            _mpl(teacher, student, estimator=estimator)
+    finally:
+        handle.remove()
+    calls = []
+    handle = register_optimizer_step_post_hook(lambda *a: calls.append(1))
+    try:
+        _mpl(teacher, student, estimator=estimator).step(x_l, y_l, x_u)
+    finally:
+        handle.remove()
+    assert len(calls) == 2  # the student's step and the teacher's
 
 
 # ----------------------------------------------------------------------------- buffers
