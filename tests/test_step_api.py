@@ -547,6 +547,49 @@ def test_metrics_are_detached_scalars_with_the_right_values(estimator):
         )
 
 
+@pytest.mark.parametrize("estimator", ["exact", "double_backward", "first_order"])
+def test_teacher_loss_is_the_weighted_sum_of_its_terms(estimator):
+    """docs/library.md's metrics: teacher_loss = supervised_weight * teacher_supervised +
+    mpl_weight * teacher_mpl (+ teacher_extra), with weights other than 1 (a metric that summed
+    the unweighted terms would pass the test above)."""
+    teacher, student, x_l, y_l, x_u = make_problem("mlp", seed=9)
+    mpl = _mpl(
+        teacher,
+        student,
+        estimator=estimator,
+        supervised_weight=0.7,
+        mpl_weight=2.5,
+        teacher_extra_loss=lambda logits: 0.1 * logits.unlabeled.square().mean(),
+    )
+    m = mpl.step(x_l, y_l, x_u)
+    weighted = 0.7 * m["teacher_supervised"] + 2.5 * m["teacher_mpl"] + m["teacher_extra"]
+    torch.testing.assert_close(m["teacher_loss"], weighted, rtol=1e-12, atol=0)
+
+
+def test_the_exact_mpl_term_of_plain_sgd_is_the_change_in_r_to_first_order():
+    """docs/library.md: the exact estimator's teacher_mpl is the surrogate <g(Psi), w>, not R;
+    for plain SGD it is, to first order in the learning rate, R(theta_{t+1}) - R(theta_t): the
+    difference shrinks as lr^2 while the change shrinks as lr. (No dropout: R before and after on
+    one function.)"""
+    errors = []
+    for lr in (1e-2, 1e-3):
+        teacher, student, x_l, y_l, x_u = make_problem("mlp", seed=2)
+        student.drop.p = 0.0
+        with torch.no_grad():
+            before = F.cross_entropy(functional_call(student, cloned_buffers(student), (x_l,)), y_l)
+        mpl = MetaPseudoLabels(
+            teacher,
+            student,
+            torch.optim.SGD(teacher.parameters(), lr=0.1),
+            torch.optim.SGD(student.parameters(), lr=lr),
+        )
+        m = mpl.step(x_l, y_l, x_u)
+        change = m["student_labeled_after"] - before
+        assert abs(float(change)) > lr * 1e-3  # the step changed R
+        errors.append(float((m["teacher_mpl"] - change).abs() / change.abs()))
+    assert errors[0] < 0.01 and errors[1] < errors[0] / 5
+
+
 def test_student_labeled_weight_adds_the_labels_to_the_students_own_step():
     """With ``student_labeled_weight=w`` the student moves exactly as its optimizer moves it on
     CE(targets, student(x_u)) + w * CE(y_l, student(x_l)), the labeled pass drawn after the x_u
