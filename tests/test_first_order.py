@@ -68,15 +68,16 @@ def test_one_draw_is_advantage_times_teacher_cross_entropy_gradient():
     with torch.no_grad():
         after = F.cross_entropy(functional_call(s_copy, cloned_buffers(s_copy), (x_l,)), y_l)
     advantage = before - after
-    expected = torch.autograd.grad(
-        advantage * F.cross_entropy(logits_u / temperature, y_hat, reduction="sum"), t_params
-    )
+    term = advantage * F.cross_entropy(logits_u / temperature, y_hat, reduction="sum")
+    expected = torch.autograd.grad(term, t_params)
 
     torch.manual_seed(seed)
     metrics = mpl.step(x_l, y_l, x_u)
     torch.testing.assert_close(metrics["student_labeled_before"], before, rtol=1e-12, atol=0)
     torch.testing.assert_close(metrics["student_labeled_after"], after, rtol=1e-12, atol=0)
     torch.testing.assert_close(metrics["advantage"], advantage, rtol=1e-12, atol=0)
+    # the metric teacher_mpl is the REINFORCE term's value (docs/library.md's metrics)
+    torch.testing.assert_close(metrics["teacher_mpl"], term.detach(), rtol=1e-12, atol=0)
     assert abs(float(advantage)) > 1e-6
     for p, e in zip(teacher.parameters(), expected):
         torch.testing.assert_close(p.grad, e, rtol=1e-10, atol=1e-14)

@@ -6,10 +6,14 @@ path only in dtype; the gradient itself is checked against double backward elsew
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
 
+import metapl.mpl.step as step_module
+from metapl import MetaPseudoLabels
 from metapl.models import create_model
 from metapl.mpl.numerics import agreement_with_float64, mpl_teacher_gradient
 from metapl.mpl.replay import tf32_disabled
@@ -76,6 +80,46 @@ def test_tf32_is_off_inside_the_exact_passes_and_restored_after():
             assert torch.backends.cudnn.allow_tf32  # nothing to do on the CPU
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
+@pytest.mark.parametrize("allow_tf32", [False, True])
+def test_the_student_passes_of_the_exact_step_run_without_tf32_and_the_teachers_keep_it(
+    monkeypatch, allow_tf32
+):
+    """docs/library.md's precision: the exact step's student passes (g, v, J) run inside
+    tf32_disabled (a no-op on the CPU, so it is replaced by a recorder here), the teacher's own
+    passes outside it, and allow_tf32=True leaves TF32 as it is for both."""
+    inside = [False]
+
+    @contextlib.contextmanager
+    def recorded(device):
+        inside[0] = True
+        try:
+            yield
+        finally:
+            inside[0] = False
+
+    monkeypatch.setattr(step_module, "tf32_disabled", recorded)
+    torch.manual_seed(0)
+    teacher, student = (nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)) for _ in "ts")
+    seen: dict[str, list[bool]] = {"teacher": [], "student": []}
+    for name, model in (("teacher", teacher), ("student", student)):
+        model.register_forward_pre_hook(lambda m, a, name=name: seen[name].append(inside[0]))
+    mpl = MetaPseudoLabels(
+        teacher,
+        student,
+        torch.optim.SGD(teacher.parameters(), lr=0.1),
+        torch.optim.SGD(student.parameters(), lr=0.1),
+        allow_tf32=allow_tf32,
+    )
+    x_l, y_l, x_u = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1]), torch.randn(7, 4)
+    mpl.step(x_l, y_l, x_u)  # (its first-use trials of the student's inputs run before)
+    seen["teacher"].clear()
+    seen["student"].clear()
+    mpl.step(x_l, y_l, x_u)
+    assert seen["teacher"] == [False]
+    assert len(seen["student"]) >= 3  # the update pass, the labeled pass, J's forward
+    assert seen["student"] == [not allow_tf32] * len(seen["student"])
 
 
 def test_every_random_mask_is_off_in_both_copies_stochastic_depth_included():

@@ -590,6 +590,39 @@ def test_the_exact_mpl_term_of_plain_sgd_is_the_change_in_r_to_first_order():
     assert errors[0] < 0.01 and errors[1] < errors[0] / 5
 
 
+@pytest.mark.parametrize("estimator", ["exact", "double_backward", "first_order"])
+def test_the_step_zeroes_both_optimizers_gradients_itself(estimator):
+    """README: step() zeroes both optimizers' gradients: gradients left in .grad before it (a
+    caller's own backward) change neither model's update."""
+    steps = []
+    for leftover in (False, True):
+        teacher, student, x_l, y_l, x_u = make_problem("mlp", seed=3)
+        mpl = _mpl(teacher, student, estimator=estimator)
+        if leftover:
+            for p in (*teacher.parameters(), *student.parameters()):
+                p.grad = torch.randn_like(p)
+        torch.manual_seed(0)
+        mpl.step(x_l, y_l, x_u)
+        steps.append(flat([*teacher.parameters(), *student.parameters()]).detach())
+    assert torch.equal(steps[0], steps[1])
+
+
+@pytest.mark.parametrize("estimator", ["exact", "double_backward", "first_order"])
+def test_each_model_runs_in_the_mode_it_was_left_in(estimator):
+    """README: step() runs each model in the mode the caller left it in, as a plain training
+    step does: models left in eval mode stay there, their BatchNorm statistics do not move (eval
+    mode reads them), and both still train."""
+    teacher, student, x_l, y_l, x_u = make_problem("mlp", seed=3)
+    teacher.eval(), student.eval()
+    buffers = [b.clone() for m in (teacher, student) for b in m.buffers()]
+    before = [flat(m.parameters()).detach().clone() for m in (teacher, student)]
+    _mpl(teacher, student, estimator=estimator).step(x_l, y_l, x_u)
+    assert not teacher.training and not student.training
+    assert all(torch.equal(a, b) for a, b in zip(buffers, [*teacher.buffers(), *student.buffers()]))
+    for model, params in zip((teacher, student), before):
+        assert not torch.equal(flat(model.parameters()), params)
+
+
 def test_student_labeled_weight_adds_the_labels_to_the_students_own_step():
     """With ``student_labeled_weight=w`` the student moves exactly as its optimizer moves it on
     CE(targets, student(x_u)) + w * CE(y_l, student(x_l)), the labeled pass drawn after the x_u

@@ -9,6 +9,7 @@ whatever the user's modules, hooks and optimizer really do.
 from __future__ import annotations
 
 import copy
+import random
 
 import numpy as np
 import pytest
@@ -416,7 +417,17 @@ class _NumpyDropout(nn.Module):
         return x * torch.from_numpy(self.random.rand(*x.shape) > 0.5).to(x.dtype) * 2
 
 
-@pytest.mark.parametrize("dropout", [_OwnGeneratorDropout, _NumpyDropout])
+class _PythonRandomDropout(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.random = random.Random(5)
+
+    def forward(self, x):
+        mask = torch.tensor([self.random.random() > 0.5 for _ in range(x.numel())])
+        return x * mask.reshape(x.shape).to(x.dtype) * 2
+
+
+@pytest.mark.parametrize("dropout", [_OwnGeneratorDropout, _NumpyDropout, _PythonRandomDropout])
 def test_random_numbers_the_step_cannot_replay_are_a_config_error(dropout):
     """J would come from another dropout mask than the update pass's (the teacher's gradient was
     20-26% off the double-backward oracle, silently); double backward needs no replay."""
