@@ -138,6 +138,26 @@ def test_the_double_backward_step_equals_the_exact_step(dropout):
     assert rel_err(flat(t_exact.parameters()).detach(), flat(t_ref.parameters()).detach()) > 1e-6
 
 
+@pytest.mark.parametrize("estimator", ["exact", "double_backward"])
+def test_only_the_students_passes_run_in_the_math_kernel(estimator):
+    """docs/library.md's attention: every student pass of an exact step runs with the fused
+    kernels off (one function for J and the update); the teacher's passes keep torch's choice
+    (the fused kernels stay allowed there)."""
+    teacher, student, x_l, y_l, x_u = _problem(4)
+    fused = {"teacher": [], "student": []}
+    for name, model in (("teacher", teacher), ("student", student)):
+        model.register_forward_pre_hook(
+            lambda m, a, name=name: fused[name].append(torch.backends.cuda.flash_sdp_enabled())
+        )
+    mpl = _sgd_mpl(teacher, student, estimator=estimator)
+    mpl.step(x_l, y_l, x_u)  # (its first-use trials of the student's inputs run before)
+    fused["teacher"].clear()
+    fused["student"].clear()
+    mpl.step(x_l, y_l, x_u)
+    assert fused["teacher"] == [True]
+    assert len(fused["student"]) >= 2 and not any(fused["student"])
+
+
 def test_the_students_kernel_choice_is_given_back():
     """The math kernel is switched on around the student's passes only: after the step, torch
     picks its own kernel again."""

@@ -214,18 +214,22 @@ def test_hooks_that_change_the_students_update_are_config_errors(on_models, on_m
 
 
 @pytest.mark.parametrize("estimator", ["exact", "double_backward"])
-def test_a_global_optimizer_step_pre_hook_is_refused_and_a_post_hook_is_not(estimator):
+def test_global_pre_and_backward_hooks_are_refused_and_a_global_post_hook_is_not(estimator):
     """docs/library.md: a global step pre-hook runs before every optimizer's step, the student's
-    too (gradient clipping there is invisible to the exact gradient): a ConfigError at
-    construction. Global post-hooks are not checked (torch.profiler may install one): the step
+    too (gradient clipping there is invisible to the exact gradient), and a global module
+    backward hook in every backward: a ConfigError at construction. Global post-hooks are not checked (torch.profiler may install one): the step
     runs, and the hook with it."""
     teacher, student, x_l, y_l, x_u = make_problem("mlp", seed=3)
-    handle = register_optimizer_step_pre_hook(lambda *a: None)
-    try:
-        with pytest.raises(ConfigError, match="global optimizer step pre-hook"):
-            _mpl(teacher, student, estimator=estimator)
-    finally:
-        handle.remove()
+    for register, name in (
+        (register_optimizer_step_pre_hook, "global optimizer step pre-hook"),
+        (nn.modules.module.register_module_full_backward_hook, "global module backward hook"),
+    ):
+        handle = register(lambda *a: None)
+        try:
+            with pytest.raises(ConfigError, match=name):
+                _mpl(teacher, student, estimator=estimator)
+        finally:
+            handle.remove()
     calls = []
     handle = register_optimizer_step_post_hook(lambda *a: calls.append(1))
     try:
