@@ -237,6 +237,28 @@ def test_bad_values_leave_models_and_random_stream_as_they_were(case, steps_befo
     assert mpl.step_count == steps_before
 
 
+def test_check_inputs_false_skips_the_value_checks_and_their_host_sync(monkeypatch):
+    """README: check_inputs=False turns off the value checks of every step (finite inputs,
+    labels in range), which cost a host sync: a NaN batch is then not refused, and the check is
+    never called."""
+    import metapl.mpl.step as step_module
+
+    teacher, student, x_l, y_l, x_u = make_problem("mlp")
+    nan_u = x_u.clone()
+    nan_u[0, 0] = math.nan
+    with pytest.raises(DataError, match="x_unlabeled holds NaN"):
+        _mpl(teacher, student).step(x_l, y_l, nan_u)
+
+    def no_sync(*args):
+        raise AssertionError("check_values ran")
+
+    mpl = _mpl(teacher, student, check_inputs=False)
+    mpl.step(x_l, y_l, x_u)  # (the first step's replay check would see the NaN: another error)
+    monkeypatch.setattr(step_module, "check_values", no_sync)
+    metrics = mpl.step(x_l, y_l, nan_u)
+    assert not torch.isfinite(metrics["teacher_loss"])
+
+
 def test_the_models_buffers_are_saved_only_when_a_step_may_be_refused_after_their_forwards(
     monkeypatch,
 ):
