@@ -131,6 +131,17 @@ def test_the_students_input_dtype_is_checked_when_the_teacher_sees_its_own_view(
     )
 
 
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_a_teacher_view_of_a_dtype_the_teacher_cannot_take_fails_in_its_forward(estimator):
+    """docs/library.md: the teacher's input dtype is not checked (it is the caller's model and
+    view); a mismatch is torch's own error from the teacher's forward, before the student moves
+    (and on the first step with what that forward moved given back)."""
+    teacher, student, x_l, y_l, x_u = make_problem("mlp")
+    mpl = _mpl(teacher, student, estimator=estimator)
+    views = {"teacher_x_labeled": x_l.float(), "teacher_x_unlabeled": x_u.float()}
+    _refused_before_anything_moves(mpl, (x_l, y_l, x_u), RuntimeError, "dtype", **views)
+
+
 class _Casting(nn.Module):
     """A student that casts its input to its own dtype: any floating input works."""
 
