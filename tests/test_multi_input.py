@@ -319,15 +319,24 @@ def test_leaves_of_one_dimension_hold_one_value_per_example():
 
 @pytest.mark.parametrize(
     "lengths, extra, calls",
-    [((5, 5), None, [N_L + N_U]), ((4, 6), None, [N_L, N_U]), ((5, 5), "dict", [N_L, N_U, 2])],
-    ids=["one-forward", "other-lengths", "extra-of-another-kind"],
+    [
+        ((5, 5), None, [N_L + N_U]),
+        ((4, 6), None, [N_L, N_U]),
+        ((5, 5), "dict", [N_L, N_U, 2]),
+        ((5, 5), "tuple", [N_L + N_U + 2]),
+    ],
+    ids=["one-forward", "other-lengths", "extra-of-another-kind", "extra-in-the-one-forward"],
 )
 def test_the_teacher_runs_one_forward_when_the_inputs_line_up(lengths, extra, calls):
     """Concatenated leaf by leaf when every leaf's shape agrees but for the examples (BatchNorm
     sees all of them together), one forward per input otherwise."""
     teacher, student, x_l, y_l, x_u, _ = _problem(6, lengths=lengths)
     ids, mask = x_u
-    extras = [] if extra is None else [{"ids": ids[:2], "mask": mask[:2]}]
+    extras = {
+        None: [],
+        "dict": [{"ids": ids[:2], "mask": mask[:2]}],
+        "tuple": [(ids[:2], mask[:2])],
+    }[extra]
     seen: list[int] = []  # the examples of each teacher forward (a dict arrives as keywords)
     teacher.register_forward_pre_hook(
         lambda m, args, kwargs: seen.append(len((*args, *kwargs.values())[0])), with_kwargs=True
