@@ -46,7 +46,9 @@ def _mpl(teacher, student, **kwargs) -> MetaPseudoLabels:
 # ----------------------------------------------------------------------------- precision
 
 
-def test_bf16_autocast_teacher_gradient_is_close_to_float64_exact():
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_autocast_teacher_gradient_is_close_to_float64_exact(autocast_dtype):
+    """bf16, and float16 (accepted too, without loss scaling: docs/library.md's precision)."""
     teacher64, student64, x_l, y_l, x_u = make_problem("conv", seed=2)
     for m in (teacher64, student64):
         m.drop.p = 0.0  # dropout masks of different dtypes need not line up; the rest must
@@ -58,16 +60,16 @@ def test_bf16_autocast_teacher_gradient_is_close_to_float64_exact():
     grads = {}
     for name, t, s, dtype, autocast in (
         ("f64", teacher64, student64, DT, None),
-        ("bf16", teacher32, student32, torch.float32, torch.bfloat16),
+        ("autocast", teacher32, student32, torch.float32, autocast_dtype),
     ):
         mpl = _mpl(t, s, supervised_weight=0.0, autocast_dtype=autocast, temperature=1.5)
         metrics = mpl.step(x_l.to(dtype), y_l, x_u.to(dtype))
         grads[name] = flat(p.grad for p in t.parameters()).double()
         assert all(torch.isfinite(v) for v in metrics.values())
-    assert conv_dtypes and all(d == torch.bfloat16 for d in conv_dtypes)  # autocast was on
+    assert conv_dtypes and all(d == autocast_dtype for d in conv_dtypes)  # autocast was on
     assert metrics["teacher_loss"].dtype == torch.float32  # losses are not in bf16
     assert grads["f64"].norm() > 1e-4
-    assert cosine(grads["bf16"], grads["f64"]) >= 0.99
+    assert cosine(grads["autocast"], grads["f64"]) >= 0.99
 
 
 # ----------------------------------------------------------------------------- user errors
