@@ -261,6 +261,21 @@ def test_check_inputs_false_skips_the_value_checks_and_their_host_sync(monkeypat
     assert not torch.isfinite(metrics["teacher_loss"])
 
 
+def test_a_nan_batch_on_the_first_exact_step_without_value_checks_is_named_as_such():
+    """The first exact step compares two of the student's forwards; with check_inputs=False a NaN
+    in x_unlabeled reached that comparison, which blamed the student: a ConfigError saying it
+    "draws random numbers elsewhere". Nothing moves (a restore point covers the first step)."""
+    teacher, student, x_l, y_l, x_u = make_problem("mlp")
+    nan_u = x_u.clone()
+    nan_u[0, 0] = math.nan
+    mpl = _mpl(teacher, student, check_inputs=False)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    with pytest.raises(DataError, match="x_unlabeled holds NaN or Inf values: the first exact"):
+        mpl.step(x_l, y_l, nan_u)
+    assert all(torch.equal(v, before[k]) for k, v in student.state_dict().items())
+    mpl.step(x_l, y_l, x_u)  # and the next step, on finite values, runs
+
+
 def test_the_models_buffers_are_saved_only_when_a_step_may_be_refused_after_their_forwards(
     monkeypatch,
 ):

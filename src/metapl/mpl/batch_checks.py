@@ -105,6 +105,18 @@ def check_values(y_l: Tensor, batches: Sequence[ModelInput]) -> tuple[int, int]:
     return low, high
 
 
+def check_finite_for_student_checks(x: ModelInput) -> None:
+    """The first exact step compares two of the student's forwards on ``x`` (and its derivatives):
+    on NaN or Inf inputs, which ``check_inputs=False`` lets through, the comparison fails and
+    blamed the student ("it draws random numbers elsewhere"). One host sync, on that step only."""
+    for name, leaf in zip(x.names, x.leaves):
+        if leaf.is_floating_point() and not bool(torch.isfinite(leaf).all()):
+            raise DataError(
+                f"{name} holds NaN or Inf values: the first exact step checks the student on "
+                "it, which needs finite values (check_inputs=False does not skip that check)"
+            )
+
+
 def check_rows(logits: Tensor, x: ModelInput, who: str, what: str, batch_dim: int) -> Tensor:
     """``logits``, the ``who``'s output on ``x``, if it holds one row of class logits per example
     of ``x`` ([..., batch, C]); else a ConfigError naming the expected and the actual shape. A

@@ -50,6 +50,7 @@ from metapl.losses import (
 )
 from metapl.mpl.batch_checks import (
     as_logits,
+    check_finite_for_student_checks,
     check_label_range,
     check_rows,
     check_same_classes,
@@ -642,6 +643,7 @@ class MetaPseudoLabels:
         params = self._student_params
         if not self._replay_checked:  # the first step: it has a restore point for the refusals
             with self._undone_on_error():
+                check_finite_for_student_checks(x_u)
                 check_replayable(self.student, x_u, self._autocast(device), self.autocast_dtype)
                 check_derivatives(
                     self.student,
