@@ -129,6 +129,7 @@ def test_a_checkpoint_without_optimizer_state_is_exit_2(tmp_path, capsys):
 @pytest.mark.parametrize(
     "command, message",
     [
+        # a set of what the command's own options set
         (["digits", "--set", "seed=5"], "--set seed=...: --seeds sets seed for every run"),
         (["digits", "--set", "uda:seed=5"], "use --seeds"),
         (
@@ -136,21 +137,7 @@ def test_a_checkpoint_without_optimizer_state_is_exit_2(tmp_path, capsys):
             "--labels-per-class sets labels_per_class for every run",
         ),
         (["reduced", "--set", "large_teacher:seed=3"], "--seeds sets seed for every run"),
-    ],
-)
-def test_experiments_refuse_a_set_of_what_their_own_options_set(tmp_path, capsys, command, message):
-    """`metapl digits --seeds 0-4 --set seed=5` trained every run as seed 5 and reported them as
-    seeds 0-4, with LabelSpreading on another split."""
-    out = tmp_path / "out"
-    assert main([*command, "--seeds", "0", "--steps", "2", "--out", str(out), "--quiet"]) == 2
-    err = one_error_line(capsys.readouterr().err)
-    assert message in err
-    assert not out.exists()
-
-
-@pytest.mark.parametrize(
-    "command, message",
-    [
+        # a model that cannot take digits' images
         (["digits", "--set", "uda_mpl:model=mlp"], "choose a model for them with --set uda_mpl:"),
         (["digits", "--set", "model=wrn28_2"], "model wrn28_2 cannot take this data's images"),
         (
@@ -159,11 +146,10 @@ def test_experiments_refuse_a_set_of_what_their_own_options_set(tmp_path, capsys
         ),
     ],
 )
-def test_experiments_refuse_a_model_that_cannot_take_digits_before_any_run(
-    tmp_path, capsys, command, message
-):
-    """It was one line too, but only once that run started: in `metapl reduced`, after every
-    large teacher had trained (and in `metapl digits`, after the other methods' runs)."""
+def test_experiments_refuse_bad_options_before_any_run(tmp_path, capsys, command, message):
+    """`metapl digits --seeds 0-4 --set seed=5` trained every run as seed 5 and reported them as
+    seeds 0-4, with LabelSpreading on another split. A model that did not fit was one line too,
+    but only once its run started: in `metapl reduced`, after every large teacher had trained."""
     out = tmp_path / "out"
     assert main([*command, "--seeds", "0", "--steps", "2", "--out", str(out), "--quiet"]) == 2
     err = one_error_line(capsys.readouterr().err)
