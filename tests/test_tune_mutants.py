@@ -340,3 +340,136 @@ def test_opening_a_storage_while_another_process_creates_its_tables_is_retried(
     monkeypatch.setattr(storage.time, "sleep", naps.append)
     url = f"sqlite:///{tmp_path / 'study.db'}"
     assert isinstance(storage.open_storage(url), real) and naps == [1.0, 2.0]
+
+
+# --- the audit of docs/tuning.md: claims no test above held -------------------------------------
+
+
+def test_the_sampler_is_tpe_with_the_constant_liar_and_five_random_trials(tmp_path, monkeypatch):
+    """docs/tuning.md: "TPE, with the constant-liar option so that parallel workers do not sample
+    the same points. The first 5 trials are random." Would break: another sampler, or TPE without
+    constant_liar (workers running at once sample one point), or another startup count."""
+    made = []
+    real = optuna.samplers.TPESampler
+
+    def tpe(**kwargs):
+        made.append(kwargs)
+        return real(**kwargs)
+
+    monkeypatch.setattr(optuna.samplers, "TPESampler", tpe)
+    tuner = Tuner(options(tmp_path, stage="both"))
+    tuner.train = fake_train([])
+    tuner.run()
+    # one per stage (stage 2 also loads the student's study, with Optuna's default, to read it)
+    assert [k for k in made if k] == [{"n_startup_trials": 5, "constant_liar": True}] * 2
+
+
+def test_teacher_trials_keep_the_presets_fine_tuning_unless_set_to_zero(tmp_path):
+    """The student stage trains without fine-tuning; the teacher stage's trials keep the preset's
+    finetune_steps (300 in digits-uda-mpl), and so does best.toml; `--set finetune_steps=0` leaves
+    them out of both. Would break: stage_base dropping fine-tuning for the teacher too."""
+    overrides = {k: v for k, v in TINY.items() if k != "finetune_steps"}
+    for fixed, want in ((None, 300), ("0", 0)):
+        calls = []
+        extra = {} if fixed is None else {"finetune_steps": fixed}
+        folder = tmp_path / str(want)
+        folder.mkdir()
+        tuner = Tuner(options(folder, stage="both", overrides={**overrides, **extra}))
+        tuner.train = fake_train(calls)
+        path = tuner.run()
+        assert [c.finetune_steps for c in calls] == [0, want]  # student trial, teacher trial
+        assert load_preset(str(path)).finetune_steps == want
+
+
+def test_the_printed_command_and_best_tomls_header_pass_the_trials_data_dir(tmp_path):
+    """best.toml leaves --data-dir out; the command `metapl tune` prints (and writes into the
+    header) passes the trials' one on. Would break: a hint that fails with "dataset not found"."""
+    from metapl.tuning.runner import train_command
+
+    out = tmp_path / "out"
+    with_dir = options(tmp_path, runtime={"steps": 6, "data_dir": "/data/cifar"})
+    assert train_command(with_dir) == (
+        f"metapl train --preset {out / 'best.toml'} --data-dir /data/cifar --out RUN"
+    )
+    assert (
+        train_command(options(tmp_path)) == f"metapl train --preset {out / 'best.toml'} --out RUN"
+    )
+
+
+def test_each_trial_records_its_host_and_folder(tmp_path):
+    """docs/tuning.md: "The study records each trial's folder and host as trial attributes" (the
+    way to find a trial's run folder when machines share a study)."""
+    import socket
+
+    tuner = Tuner(options(tmp_path, trials=2))
+    tuner.train = fake_train([])
+    tuner.run()
+    study = optuna.load_study(study_name="t-student", storage=tuner.opts.storage)
+    for trial in study.trials:
+        assert trial.user_attrs["host"] == socket.gethostname()
+        assert trial.user_attrs["run_dir"] == str(
+            (tmp_path / "out" / "trials" / "t-student" / str(trial.number)).resolve()
+        )
+
+
+def test_every_process_rewrites_best_toml_from_the_studys_best_at_its_end(tmp_path):
+    """Two processes in turn on one study: the second one's best.toml holds the best trial of
+    both, the first one's included. Would break: best.toml from this process's trials only."""
+    first = Tuner(options(tmp_path, overrides={**TINY, "weight_decay": "0.001"}))
+    first.train = fake_train([])
+    path = first.run()
+    best_first = optuna.load_study(study_name="t-student", storage=first.opts.storage).best_trial
+
+    def worse(cfg, out_dir, show_progress=True, on_eval=None):
+        return {"results": [{"accuracy": 0.0, "dataset": "digits-5pc-3tune-seed0-tune"}]}
+
+    second = Tuner(options(tmp_path, overrides={**TINY, "weight_decay": "0.001"}))
+    second.train = worse
+    path.write_text("stale")
+    assert second.run() == path
+    assert load_preset(str(path)).student_lr == best_first.params["student_lr"]
+    assert "(2 trials of t-student finished when this was written)" in path.read_text()
+
+
+def test_a_sqlite_storage_waits_for_the_lock_and_logs_ahead_and_keeps_its_lock_file(
+    tmp_path, monkeypatch
+):
+    """docs/tuning.md's SQLite section: a 120 s lock wait (not Python's 5 s), WAL with
+    synchronous=NORMAL, and PATH.db.lock left after the run on purpose."""
+    from metapl.tuning import storage
+
+    made = []
+    real = optuna.storages.RDBStorage
+
+    def recording(*args, **kwargs):
+        made.append(kwargs["engine_kwargs"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", recording)
+    db = tmp_path / "study.db"
+    opened = storage.open_storage(f"sqlite:///{db}")
+    assert made == [{"connect_args": {"timeout": 120}}]
+    with opened.engine.connect() as connection:
+        read = lambda pragma: connection.exec_driver_sql(f"PRAGMA {pragma}").scalar()  # noqa: E731
+        assert read("journal_mode") == "wal"
+        assert read("synchronous") == 1  # NORMAL
+    opened.engine.dispose()
+    assert (tmp_path / "study.db.lock").exists()
+
+
+def test_a_missing_database_driver_is_one_line_without_the_password(monkeypatch):
+    """docs/tuning.md: a missing driver is one of the one-line errors, and "Passwords are never
+    printed" (the message shows the URL with *** for the password)."""
+    from metapl.tuning import storage
+
+    monkeypatch.setitem(sys.modules, "psycopg2", None)  # import psycopg2 raises ImportError
+    url = "postgresql+psycopg2://me:s3cret@db-host/metapl"
+    with pytest.raises(ConfigError) as raised:
+        storage.open_storage(url)
+    message = str(raised.value)
+    assert "s3cret" not in message and "me:***@db-host" in message
+    assert "the database driver is not installed" in message and "pip install" in message
+    assert "\n" not in message
+    with pytest.raises(ConfigError) as raised:  # and a database it cannot open
+        storage.open_storage("postgresql+nosuchdriver://me:s3cret@db-host/metapl")
+    assert "s3cret" not in str(raised.value) and "cannot open the database" in str(raised.value)
