@@ -537,3 +537,82 @@ def test_onnx_metadata_values_are_json_where_not_text(capsys, run_dir, monkeypat
     assert json.loads(props["finished"]) is True
     assert props["output"] == "probabilities: float32 [N, 10] (softmax)"
     assert out.read_bytes() == b"onnx"
+
+
+# --- the audit of docs/predict-export.md: claims no test above held ----------------------------
+
+
+def _edit_config(run: Path, **changes) -> None:
+    """Change the run's config.json and its checkpoint's config alike (fingerprint included), so
+    the two are still one run's."""
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, **changes}))
+    ckpt = load_checkpoint(run / "checkpoint.pt")
+    ckpt["config"] = {**ckpt["config"], **changes}
+    ckpt["config_fingerprint"] = config_fingerprint(ckpt["config"])
+    save_checkpoint(run / "checkpoint.pt", ckpt)
+
+
+def test_a_run_is_finished_at_steps_plus_finetune_steps(capsys, run_dir, image_dir, tmp_path):
+    """docs/predict-export.md: finished means the checkpoint reached `steps + finetune_steps`.
+    Would break: a run stopped during fine-tuning taken for finished (steps alone)."""
+    run = copy_run(run_dir, tmp_path)
+    _edit_config(run, finetune_steps=1)  # 8 of 8 + 1 steps
+    err = fails(capsys, "predict", "--run", str(run), str(image_dir))
+    assert "stopped at step 8 of 9" in err
+    _edit_config(run, steps=7, finetune_steps=1)  # 8 of 7 + 1: finished
+    assert len(predict(capsys, run, str(image_dir))) == 5
+
+
+def test_predictions_of_a_bf16_run_are_float32(capsys, run_dir, image_dir, tmp_path):
+    """docs/predict-export.md: "Predictions use float32 even for runs trained with
+    precision=bf16". Would break: predict running the model under the run's autocast."""
+    run = copy_run(run_dir, tmp_path)
+    _edit_config(run, precision="bf16")
+    assert load_run_model(run).config.precision == "bf16"
+    paths = [str(image_dir / f"d{i}.png") for i in range(5)]
+    json_bf16, json_fp32 = tmp_path / "bf16.json", tmp_path / "fp32.json"
+    predict(capsys, run, *paths, "--top", "10", "--json", str(json_bf16))
+    predict(capsys, run_dir, *paths, "--top", "10", "--json", str(json_fp32))
+    assert (
+        json.loads(json_bf16.read_text())["predictions"]
+        == (json.loads(json_fp32.read_text())["predictions"])
+    )
+
+
+def test_a_non_square_image_is_resized_by_its_shorter_side_then_centre_cropped(tmp_path, run_dir):
+    """docs/predict-export.md: the shorter side is resized (bicubic) to the run's resolution, then
+    the centre square is cropped. A 24x16 image becomes 12x8, of which columns 2..9 are kept.
+    Would break: a squash to 8x8, another filter, or a crop off the centre."""
+    pixels = np.random.RandomState(0).randint(0, 256, (16, 24), dtype=np.uint8)  # H 16, W 24
+    path = tmp_path / "wide.png"
+    Image.fromarray(pixels, "L").save(path)
+    resized = Image.fromarray(pixels, "L").convert("RGB").resize((12, 8), Image.Resampling.BICUBIC)
+    expected = np.asarray(resized.crop((2, 0, 10, 8)).convert("L"))[None, :, :, None]
+    got = read_images([str(path)], load_run_model(run_dir).spec)
+    assert got.shape == (1, 8, 8, 1) and np.array_equal(got, expected)
+
+
+def test_onnx_export_by_default_beside_the_run(capsys, run_dir, monkeypatch, tmp_path):
+    """Without --output, --format onnx writes RUN/model.onnx. Runs without the ONNX packages (as
+    test_onnx_metadata_values_are_json_where_not_text)."""
+
+    def fake_export(*args, **kwargs):
+        save = lambda path, external_data: Path(path).write_bytes(b"onnx")  # noqa: E731
+        return SimpleNamespace(model=SimpleNamespace(metadata_props={}), save=save)
+
+    monkeypatch.setattr(export_command, "ONNX_PACKAGES", ())
+    monkeypatch.setattr(torch.onnx, "export", fake_export)
+    run = copy_run(run_dir, tmp_path)
+    assert main(["export", "--run", str(run), "--format", "onnx"]) == 0
+    assert f"wrote {run / 'model.onnx'} (onnx)" in capsys.readouterr().out
+    assert (run / "model.onnx").read_bytes() == b"onnx"
+
+
+@pytest.mark.parametrize("name", ["m.pt", "m.pth", "m.ts", "m.torchscript"])
+def test_every_torchscript_name_is_refused_for_onnx(capsys, run_dir, tmp_path, name):
+    """docs/predict-export.md lists `.pt`, `.pth`, `.ts` and `.torchscript` as names that say
+    TorchScript: each is refused with --format onnx, before anything is written."""
+    out = tmp_path / name
+    err = fails(capsys, "export", "--run", str(run_dir), "--format", "onnx", "--output", str(out))
+    assert "names a torchscript file, but --format is onnx" in err and not out.exists()
