@@ -202,3 +202,31 @@ def test_torchrun_process_group_does_nothing_in_a_single_process(monkeypatch):
             monkeypatch.setenv("WORLD_SIZE", world_size)
         with torchrun_process_group(torch.device("cpu")):
             assert not dist.is_initialized()
+
+
+def test_torchrun_process_group_is_gloo_on_cpu_and_destroyed_at_the_end_and_after_an_error(
+    tmp_path, monkeypatch
+):
+    """docs/multi-gpu.md: with WORLD_SIZE > 1 a CPU process joins torchrun's group with gloo, and
+    the group is destroyed at the end, also after an error (a rank that failed kept it up). The
+    join is made a group of one through a file store (torchrun's env:// would wait for rank 1)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    joined, real_init = [], dist.init_process_group
+
+    def init_alone(backend):
+        joined.append(backend)
+        store = f"file://{tmp_path / f'init{len(joined)}'}"
+        real_init(backend, init_method=store, rank=0, world_size=1)
+
+    monkeypatch.setattr(dist, "init_process_group", init_alone)
+    try:
+        with torchrun_process_group(torch.device("cpu")):
+            assert dist.is_initialized() and dist.get_backend() == "gloo"
+        assert not dist.is_initialized()
+        with pytest.raises(ValueError, match="a failing run"):
+            with torchrun_process_group(torch.device("cpu")):
+                raise ValueError("a failing run")
+        assert not dist.is_initialized() and joined == ["gloo", "gloo"]
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
