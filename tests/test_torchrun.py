@@ -289,3 +289,21 @@ def test_batch_source_shards_concatenate_to_the_single_process_batch():
         parts = [getattr(s, field) for s in shards]
         assert len(parts[0]) == len(getattr(whole, field)) // 3
         assert torch.equal(torch.cat(parts), getattr(whole, field)), field
+
+
+def test_only_rank_0_prints_the_final_summary(tmp_path, monkeypatch, capsys):
+    """docs/multi-gpu.md: "Rank 0 alone prints the final summary line" (each rank returns rank 0's
+    summary; N copies of it were N lines of one run). The training is replaced by its summary."""
+    import metapl.train.engine as engine
+
+    summary = {"results": [{"accuracy": 0.5}]}
+    monkeypatch.setattr(engine, "train", lambda cfg, out, show_progress=True: summary)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    printed = {}
+    for rank in ("1", "0"):
+        monkeypatch.setenv("RANK", rank)
+        out = tmp_path / f"rank{rank}"
+        assert main(["train", "--preset", "digits-supervised", "--out", str(out), "--quiet"]) == 0
+        printed[rank] = capsys.readouterr().out
+    assert printed["1"] == ""
+    assert "digits-supervised: test accuracy 50.00% after 1500 steps" in printed["0"]
