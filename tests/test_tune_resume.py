@@ -628,3 +628,24 @@ def test_a_copy_takes_over_only_a_folder_with_a_checkpoint_and_replaces_what_is_
     (trials_dir / "1" / "leftover").write_text("from an earlier study of this name")
     assert retry.take_over_folder([0], trials_dir / "1")
     assert sorted(p.name for p in (trials_dir / "1").iterdir()) == ["checkpoint.pt", "metrics.csv"]
+
+
+def test_stage_two_waits_for_a_running_trial_of_a_live_process(monkeypatch, capsys):
+    """docs/tuning.md: the process that creates NAME-teacher "first waits until no trial of
+    NAME-student is running". Would break: stage 2 fixing the student's values while another
+    worker's stage-1 trial (perhaps the best) still runs."""
+    study = optuna.create_study(direction="maximize")
+    trial = study.ask()
+    trial.set_user_attr(
+        "process", {"host": socket.gethostname(), "pid": os.getpid(), "trial": trial.number}
+    )
+    naps = []
+
+    def the_other_worker_finishes(seconds):
+        naps.append(seconds)
+        study.tell(trial, 0.5)
+
+    monkeypatch.setattr(studies.time, "sleep", the_other_worker_finishes)
+    studies.wait_for_running(optuna, study)
+    assert len(naps) == 1 and [t.state for t in study.trials] == [State.COMPLETE]
+    assert "waiting for 1 running trial(s) of" in capsys.readouterr().out
