@@ -401,6 +401,34 @@ def test_cifar_split_first_n_and_last_tune(
         np.testing.assert_array_equal(view.x_unlabeled, x_train[rest])
 
 
+def test_the_paper_splits_are_the_defaults(tmp_path: Path) -> None:
+    """README's data table: CIFAR-10 labels the first 4,000 training images and tunes on the last
+    400 of them (a tuning run trains on the other 3,600 and sees none of the 400 among the
+    unlabeled images); SVHN labels the first 1,000. The other tests pass their sizes, so a changed
+    default would have gone unnoticed."""
+    from fake_datasets import write_cifar10, write_svhn
+
+    root = write_cifar10(tmp_path / "cifar", per_batch=802, test=10)  # 4,010 training images
+    x_train, y_train = cifar.load_cifar10(root)
+    split = splits.load_split("cifar10-4k", root)
+    np.testing.assert_array_equal(split.x_labeled, x_train[:4000])
+    np.testing.assert_array_equal(split.y_tune, y_train[3600:4000])
+    np.testing.assert_array_equal(split.x_unlabeled, x_train)
+    view = split.tuning_view()
+    np.testing.assert_array_equal(view.x_labeled, x_train[:3600])
+    np.testing.assert_array_equal(view.x_test, x_train[3600:4000])
+    np.testing.assert_array_equal(
+        view.x_unlabeled, np.concatenate([x_train[:3600], x_train[4000:]])
+    )
+
+    root = write_svhn(tmp_path / "svhn", train=1003, test=5)
+    x_train, _ = svhn.load_svhn(root)
+    split = splits.load_split("svhn-1k", root)
+    np.testing.assert_array_equal(split.x_labeled, x_train[:1000])
+    np.testing.assert_array_equal(split.x_unlabeled, x_train)
+    assert len(split.y_tune) == 0
+
+
 def test_cifar_split_paper_sizes_need_the_full_dataset(cifar_dir: Path) -> None:
     message = raises_naming("cifar-10-batches-py", splits.load_split, "cifar10-4k", cifar_dir)
     assert "only 100" in message and "4000" in message
