@@ -128,6 +128,45 @@ def test_lazy_decoding_gives_the_same_split_with_file_order(folder):
     assert isinstance(mixed.x_unlabeled, FolderImages)
 
 
+def test_resizing_keeps_the_aspect_ratio_and_the_centre_and_ignores_exif_orientation(tmp_path):
+    """docs/own-data.md's resizing rule: the shorter side is resized (bicubic) to image_size and
+    the centre square kept, so a wide and a tall picture are cropped, not squashed; an EXIF
+    orientation tag is not applied (pixels as stored). The other tests compare readers with
+    decode_image, so a change to the rule itself passed them."""
+    wide = np.random.RandomState(0).randint(0, 256, (12, 30, 3), dtype=np.uint8)
+    for name, pixels in (("wide", wide), ("tall", wide.transpose(1, 0, 2))):
+        Image.fromarray(pixels).save(tmp_path / f"{name}.png")
+        h, w = pixels.shape[:2]
+        size = (20, 8) if w > h else (8, 20)  # shorter side 12 -> 8, the longer 30 -> 20
+        resized = np.asarray(Image.fromarray(pixels).resize(size, Image.Resampling.BICUBIC))
+        centre = resized[6:14] if h > w else resized[:, 6:14]
+        assert np.array_equal(decode_image(tmp_path / f"{name}.png", SIZE), centre), name
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees to display": a phone's portrait photo
+    Image.fromarray(wide).save(tmp_path / "tagged.png", exif=exif)
+    with Image.open(tmp_path / "tagged.png") as image:
+        assert image.getexif()[0x0112] == 6
+    assert np.array_equal(
+        decode_image(tmp_path / "tagged.png", SIZE), decode_image(tmp_path / "wide.png", SIZE)
+    )
+
+
+def test_labeled_images_at_any_depth_and_eager_decoding_up_to_2_gib(tmp_path):
+    """docs/own-data.md: a class folder's images count at any depth inside it, and the sets are
+    decoded up front while they fit in 2 GiB together (the tests pass their own budgets)."""
+    import inspect
+
+    root = make_folder(tmp_path / "data")
+    deep = root / "labeled" / "dog" / "more" / "deeper" / "z.png"
+    save(deep, 50)
+    split = folder_split(root, SIZE, max_eager_bytes=0)
+    row = split.x_labeled.paths.index(str(deep))
+    assert split.class_names[split.y_labeled[row]] == "dog" and len(split.y_labeled) == 25
+    budget = inspect.signature(folder_split).parameters["max_eager_bytes"].default
+    assert budget == 2 * 1024**3
+
+
 def test_tuning_mask_rule():
     labels = np.array([0] * 25 + [1] * 9 + [2] + [3] * 2)
     mask = tuning_mask(labels)
