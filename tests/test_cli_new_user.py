@@ -79,6 +79,57 @@ def test_a_second_command_into_a_running_commands_out_is_refused_before_any_work
     assert "model mlp cannot take" in one_error_line(capsys.readouterr().err)
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["train", "--preset", "digits-supervised", "--steps", "200", "--quiet"],
+        ["twomoons", "--seeds", "0", "--steps", "2", "--quiet"],
+        ["digits", "--seeds", "0", "--steps", "2", "--methods", "supervised", "--quiet"],
+        ["reduced", "--seeds", "0", "--steps", "2", "--methods", "supervised", "--quiet"],
+    ],
+    ids=lambda c: c[0],
+)
+def test_each_command_that_holds_its_out_is_refused_one_that_is_held(tmp_path, capsys, command):
+    """README: train, twomoons, digits and reduced hold their --out while they run, and a second
+    command into it is refused before any work. The test above holds the folder with train and
+    tries train and twomoons only; here the folder is held as a running command holds it (a flock
+    on the folder), and each of the four must refuse it."""
+    import fcntl
+
+    out = tmp_path / "run"
+    out.mkdir()
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert main([*command, "--out", str(out)]) == 2
+        err = one_error_line(capsys.readouterr().err)
+        assert f"--out {out} is in use by another metapl command that is still running" in err
+        assert list(out.iterdir()) == []
+    finally:
+        os.close(fd)
+
+
+def test_tune_processes_share_their_out(tmp_path, capsys, monkeypatch):
+    """README: `metapl tune` processes share their --out on purpose (several workers of one
+    study): a held folder does not stop a tune."""
+    import fcntl
+
+    import metapl.tuning
+
+    out = tmp_path / "tune"
+    out.mkdir()
+    monkeypatch.setattr(metapl.tuning, "tune", lambda opts: opts.out / "best.toml")
+    args = ["tune", "--preset", "digits-uda", "--trials", "1", "--out", str(out)]
+    args += ["--storage", f"sqlite:///{tmp_path / 's.db'}"]
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert main(args) == 0
+    finally:
+        os.close(fd)
+    assert capsys.readouterr().out.startswith(f"wrote {out / 'best.toml'}")
+
+
 def test_a_command_that_fails_before_writing_leaves_no_folder(tmp_path, capsys):
     """The folder is created when the command claims it; a mistake found later removes it again,
     with the parents it created, and leaves a folder that already existed."""
