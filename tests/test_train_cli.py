@@ -570,6 +570,48 @@ def test_dataset_errors_exit_2_naming_the_file(tmp_path, capsys, preset, make):
     assert not out.exists()
 
 
+def test_a_broken_jpeg_stops_the_run_where_it_is_read_and_a_rerun_resumes(
+    tmp_path, capsys, monkeypatch
+):
+    """README's one exception to "before anything is written": ImageNet's JPEGs are decoded when
+    first used, so a broken one stops the run there (one line naming it, exit 2), after
+    config.json and metrics.csv exist; with the file replaced, the same command resumes from the
+    last checkpoint and ends as an uninterrupted run. Here a test image breaks the evaluation at
+    step 3, after the checkpoint of step 2."""
+    from fake_datasets import write_imagenet
+
+    data = write_imagenet(tmp_path / "imagenet", {"n01": 10, "n02": 10}, {"n01": 2, "n02": 2})
+    broken = data / "val" / "n02" / "n02_0001.JPEG"
+    good = broken.read_bytes()
+    broken.write_bytes(good[: len(good) // 3])
+    args = ["--data-dir", str(data), *tiny(4, log_every=1, eval_every=3), "--set", "pad=1"]
+    for key_value in ("model=small_cnn", "image_size=8", "eval_batch_size=8", "batch_size=4"):
+        args += ["--set", key_value]
+    out = tmp_path / "run"
+    assert train_cli("imagenet-full-supervised", out, *args) == 2
+    err = one_error_line(capsys.readouterr().err)
+    assert f"{broken} is not a readable image" in err
+    assert (out / "config.json").exists() and (out / "metrics.csv").exists()
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 2
+    assert not (out / "results.json").exists()
+
+    broken.write_bytes(good)
+    from metapl.train import engine
+
+    taken = []
+    advance = engine.Run.advance
+    monkeypatch.setattr(
+        engine.Run, "advance", lambda run, source: taken.append(run.step) or advance(run, source)
+    )
+    assert train_cli("imagenet-full-supervised", out, *args) == 0
+    assert taken == [2, 3]  # from the checkpoint of step 2, not from the start
+    assert train_cli("imagenet-full-supervised", tmp_path / "unbroken", *args) == 0
+    got, want = (load_checkpoint(p / "checkpoint.pt") for p in (out, tmp_path / "unbroken"))
+    assert got["step"] == want["step"] == 4
+    assert all(torch.equal(got["student"][k], v) for k, v in want["student"].items())
+    assert read_rows(out / "metrics.csv") == read_rows(tmp_path / "unbroken" / "metrics.csv")
+
+
 def test_dataset_preset_without_data_dir(tmp_path, capsys):
     assert train_cli("svhn-1k-uda", tmp_path / "run", "--quiet") == 2
     assert "needs --data-dir" in one_error_line(capsys.readouterr().err)
