@@ -8,6 +8,7 @@ command's options), never on the resolved values: every preset still trains as i
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 
@@ -85,6 +86,24 @@ def test_data_dir_option_on_digits_is_refused(tmp_path, capsys):
     args = ["train", "--preset", "digits-uda", "--out", str(tmp_path / "run"), "--quiet"]
     assert main([*args, "--data-dir", str(tmp_path)]) == 2
     assert "data_dir does not apply to dataset digits" in capsys.readouterr().err
+
+
+def test_keys_in_a_preset_file_are_not_checked_as_set_keys_are(tmp_path, capsys):
+    """README: keys inside a preset file are not checked this way (a dataset's presets share Table
+    3's column). A preset file of your own, or a best.toml, may carry the teacher's learning rate
+    for a supervised run, and trains; the same key given with --set is refused."""
+    preset = tmp_path / "mine.toml"
+    preset.write_text(
+        'dataset = "digits"\nmodel = "digits_cnn"\nmethod = "supervised"\nteacher_lr = 0.1\n'
+        "uda_factor = 2.0\nimage_size = 8\npad = 1\nflip = false\nwarmup_steps = 1\n"
+        "batch_size = 10\n"
+    )
+    args = ["train", "--preset", str(preset), "--steps", "2", "--device", "cpu", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "run")]) == 0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["teacher_lr"] == 0.1
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "set"), "--set", "teacher_lr=0.2"]) == 2
+    assert "teacher_lr applies to the +MPL methods only" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
