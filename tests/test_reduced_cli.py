@@ -54,6 +54,39 @@ def test_students_never_hold_the_large_teacher(reduced_run):
     )
 
 
+def test_the_large_teacher_is_freed_before_the_student_is_built(reduced_run, tmp_path, monkeypatch):
+    """README: the student run drops the large teacher before the student exists; the two are
+    never in memory together (the point of ReducedMPL). Every large teacher loaded is gone when
+    the run builds its models."""
+    import gc
+    import weakref
+
+    from metapl.train import large_teacher
+
+    loaded = []
+    load = large_teacher.load_large_teacher
+    monkeypatch.setattr(
+        large_teacher,
+        "load_large_teacher",
+        lambda *args: loaded.append(weakref.ref(model := load(*args))) or model,
+    )
+    alive_at_build = []
+
+    class Run(engine.Run):
+        def __init__(self, *args, **kwargs):
+            gc.collect()  # only cycles would keep one; the run itself must hold no reference
+            alive_at_build.append(sum(ref() is not None for ref in loaded))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "Run", Run)
+    teacher = reduced_run / "large_teacher" / "seed0"
+    args = ["train", "--preset", "digits-reduced-reduced-mpl", "--out", str(tmp_path / "s")]
+    args += ["--set", f"large_teacher={teacher}", "--steps", "2", "--quiet"]
+    assert main([*args, "--set", "finetune_steps=0", "--set", "warmup_steps=1"]) == 0
+    assert len(loaded) == 2  # the check of its images, then the precompute
+    assert alive_at_build == [0]
+
+
 def test_top_k_selection_keeps_k_per_class(reduced_run):
     probs = np.load(reduced_run / "reduced_mpl" / "seed0" / "large_teacher_unlabeled.npy")
     assert len(probs) > KEEP * 10  # the pool is larger than what is kept
