@@ -793,9 +793,16 @@ def test_a_digits_rerun_replaces_only_results_of_the_same_configuration(tmp_path
     args += ["--out", str(out), "--quiet"]
     assert main([*args, "--seeds", "0"]) == 0
     earlier = json.loads((out / "results.json").read_text())
-    # the same command again reuses the finished runs: the same results
+    run = out / "supervised" / "seed0"
+    written = (run / "checkpoint.pt").stat().st_mtime_ns, (run / "metrics.csv").read_bytes()
+    # the same command again reuses the finished runs (trains no step, writes no checkpoint): the
+    # same results
     assert main([*args, "--seeds", "0"]) == 0
     assert json.loads((out / "results.json").read_text())["results"] == earlier["results"]
+    assert (
+        (run / "checkpoint.pt").stat().st_mtime_ns,
+        (run / "metrics.csv").read_bytes(),
+    ) == written
     capsys.readouterr()
     assert main([*args, "--seeds", "1"]) == 2
     err = one_error_line(capsys.readouterr().err)
