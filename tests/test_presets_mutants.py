@@ -92,3 +92,4 @@ def test_the_folder_preset_is_cifar10s_column_scaled_as_docs_own_data_says():
     assert (cfg.steps, cfg.warmup_steps, cfg.uda_warmup_steps) == (50_000, 100, 250)
     assert (cfg.eval_every, cfg.checkpoint_every) == (1_000, 1_000)
     assert cifar.uda_warmup_steps == 5_000  # README: UDA's warm-up, our choice
+    assert load_preset("digits-uda-mpl").uda_warmup_steps == 200  # and digits' own
