@@ -513,9 +513,12 @@ def test_bad_inputs_are_a_data_error_before_anything_moves(case):
 
 
 def test_integer_leaves_are_not_checked_for_finite_values():
-    """Only floating leaves can hold NaN: token ids pass, and check_inputs stays one host sync."""
+    """Only floating leaves can hold NaN: token ids pass, and check_inputs stays one host sync.
+    (On a step after the first: the first exact step also checks x_unlabeled's floating leaves
+    before it compares the student's forwards on them.)"""
     teacher, student, x_l, y_l, x_u, _ = _problem(9, kind="dict")
     mpl = _sgd_mpl(teacher, student)
+    mpl.step(x_l, y_l, x_u)
     checked: list[Tensor] = []
     original = torch.isfinite
     try:

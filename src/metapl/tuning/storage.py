@@ -110,7 +110,7 @@ def open_storage(url: str):
                 f"--storage {shown}: folder {folder} is not writable; put the database in a "
                 "folder you can write"
             )
-        engine_kwargs["connect_args"] = {"timeout": 5}
+        engine_kwargs["connect_args"] = {"timeout": SQLITE_TIMEOUT_S}
         lock = lambda: _file_lock(Path(database + ".lock"))  # noqa: E731
     for attempt in range(3):
         try:
