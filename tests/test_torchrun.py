@@ -14,6 +14,7 @@ import csv
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +33,7 @@ pytestmark = pytest.mark.usefixtures("single_torch_thread")
 MODEL = "flat_mlp_float64"
 REPORT_ENV = "METAPL_TORCHRUN_TEST_REPORT"  # folder for the workers' reports
 OUT_ENV = "METAPL_TORCHRUN_TEST_OUT"  # the run folder whose writes are recorded
+KILL_ENV = "METAPL_TORCHRUN_TEST_KILL_AT"  # rank 0 SIGKILLs itself as it draws this step's batch
 
 
 def register_test_model() -> None:
@@ -102,6 +104,8 @@ def worker_setup() -> None:
     original_batch = data.BatchSource.batch
 
     def batch(self, step, views=None):
+        if rank == 0 and os.environ.get(KILL_ENV) == str(step):
+            os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer would: no cleanup at all
         b = original_batch(self, step, views)
         unlabeled = b.x_unlabeled_strong if b.x_unlabeled_strong is not None else b.x_labeled[:0]
         report["batches"].append([step, len(b.x_labeled), len(b.y_labeled), len(unlabeled)])
@@ -146,8 +150,11 @@ def options(steps: int, *extra: str) -> list[str]:
     return args + list(extra)
 
 
-def torchrun(tmp_path: Path, preset: str, out: Path, args: list[str]) -> dict[int, dict]:
-    """Run the command on 2 gloo processes; returns each rank's report."""
+def torchrun(
+    tmp_path: Path, preset: str, out: Path, args: list[str], kill_at: int | None = None
+) -> dict[int, dict]:
+    """Run the command on 2 gloo processes; returns each rank's report. With ``kill_at``, rank 0
+    is killed as it draws that step's batch: the command must fail, and no report is read."""
     site, report = tmp_path / "site", tmp_path / "report"
     site.mkdir(exist_ok=True)
     report.mkdir(exist_ok=True)
@@ -159,9 +166,14 @@ def torchrun(tmp_path: Path, preset: str, out: Path, args: list[str]) -> dict[in
         "OMP_NUM_THREADS": "1",
         REPORT_ENV: str(report),
         OUT_ENV: str(out),
+        KILL_ENV: "" if kill_at is None else str(kill_at),
     }
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     command += ["--standalone", "-m", "metapl", "train", "--preset", preset, "--out", str(out)]
+    if kill_at is not None:
+        done = subprocess.run(command + args, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode != 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return {}
     for attempt in (1, 2):
         done = subprocess.run(command + args, env=env, capture_output=True, text=True, timeout=120)
         # Rarely (once in the suite's many runs so far) a gloo process aborts in C++ at exit, after
@@ -243,6 +255,33 @@ def test_two_processes_train_like_one_on_the_whole_batch(tmp_path, preset, steps
     for name in ("config.json", "metrics.csv", "checkpoint.pt", "results.json", "tb"):
         assert name in written
     assert json.loads((two / "results.json").read_text())["results"][0]["steps"] == steps
+
+
+def test_a_two_process_run_killed_and_rerun_ends_with_the_weights_of_an_unbroken_one(tmp_path):
+    """docs/multi-gpu.md: a torchrun run killed (kill -9 of one rank: torchrun stops the other)
+    and started again with the same command resumes from its last checkpoint and ends with
+    exactly the weights of an uninterrupted run with the same number of processes (until now
+    tested in one process only)."""
+    register_test_model()
+    preset = "digits-uda-mpl"
+    args = for_preset(preset, options(4))  # checkpoints at steps 2 and 4
+    unbroken, broken = tmp_path / "unbroken", tmp_path / "broken"
+    torchrun(tmp_path, preset, unbroken, args)
+    torchrun(tmp_path, preset, broken, args, kill_at=3)  # after step 3's checkpoint-less update
+    assert load_checkpoint(broken / "checkpoint.pt")["step"] == 2
+    reports = torchrun(tmp_path, preset, broken, args)
+    for rank in (0, 1):  # resumed, not started over: only steps 3 and 4 were trained
+        assert [b[0] for b in reports[rank]["batches"]] == [2, 3]
+    got, want = (
+        load_checkpoint(broken / "checkpoint.pt"),
+        load_checkpoint(unbroken / "checkpoint.pt"),
+    )
+    assert got["step"] == want["step"] == 4
+    for name in ("student", "teacher"):
+        assert got[name].keys() == want[name].keys()
+        for key, value in want[name].items():
+            assert torch.equal(got[name][key], value), (name, key)
+    assert read_metrics(broken / "metrics.csv") == read_metrics(unbroken / "metrics.csv")
 
 
 def test_batch_size_must_divide_among_the_processes(tmp_path, monkeypatch, capsys):
