@@ -35,6 +35,7 @@ from metapl.train.checkpoint import load_checkpoint  # noqa: E402
 CASES = {
     "uda-mpl": ("digits-uda-mpl", 2, ["--set", "finetune_steps=1"]),
     "supervised": ("digits-supervised", 3, []),
+    "uda": ("digits-uda", 3, []),
     "uda-mpl-sync-batchnorm": ("digits-uda-mpl", 2, ["--set", "finetune_steps=1", *SYNC_BN]),
 }
 

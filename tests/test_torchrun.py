@@ -207,11 +207,13 @@ SYNC_BN = ["--set", "model=flat_bn_mlp_float64", "--set", "sync_batchnorm=true"]
         # UDA+MPL (exact teacher gradient), then one fine-tuning step of the student
         ("digits-uda-mpl", 2, ["--set", "finetune_steps=1"]),
         ("digits-supervised", 3, []),
+        # UDA alone: its consistency loss's mean over both views and ranks (untested before)
+        ("digits-uda", 3, []),
         # both models with BatchNorm over the global batch (metapl.sync_batchnorm); the single
         # process has plain BatchNorm (sync_batchnorm does nothing there)
         ("digits-uda-mpl", 2, ["--set", "finetune_steps=1", *SYNC_BN]),
     ],
-    ids=["uda-mpl", "supervised", "uda-mpl-sync-batchnorm"],
+    ids=["uda-mpl", "supervised", "uda", "uda-mpl-sync-batchnorm"],
 )
 def test_two_processes_train_like_one_on_the_whole_batch(tmp_path, preset, steps, extra):
     register_test_model()
@@ -245,7 +247,7 @@ def test_two_processes_train_like_one_on_the_whole_batch(tmp_path, preset, steps
         assert metrics_two[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
 
     # Each rank trained on half of every batch: 5 of the 10 labeled, 10 of the 20 unlabeled images.
-    unlabeled = 10 if preset.endswith("mpl") else 0
+    unlabeled = 0 if preset == "digits-supervised" else 10
     for rank in (0, 1):
         expected = [[s, 5, 5, unlabeled if s < steps else 0] for s in range(3)]
         assert reports[rank]["batches"] == expected
