@@ -6,6 +6,8 @@ while the run is still going, and which panel of curves.png each series lands in
 from __future__ import annotations
 
 import csv
+import threading
+import time
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -56,6 +58,29 @@ def test_rows_are_on_disk_before_close(tmp_path: Path) -> None:
         assert _rows(tmp_path / "metrics.csv")[1:] == [["7", "loss", "1.5"]]
     finally:
         log.close()
+
+
+def test_a_moved_run_folder_stops_tensorboard_in_one_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``metapl tune`` moves a paused trial's folder to its copy. TensorBoard's writer thread opens
+    its event file by path on each write, so logging after the move killed that thread with a
+    FileNotFoundError traceback, and ``close`` raised it again. Now one warning, and the rows go on
+    to the CSV's open file (which moved with the folder)."""
+    died: list[BaseException | None] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: died.append(args.exc_value))
+    log = MetricsLogger(tmp_path / "trial-3")
+    log.log(1, {"loss": 0.5})
+    time.sleep(0.3)  # the writer thread writes step 1 by the old path
+    (tmp_path / "trial-3").rename(tmp_path / "trial-4")
+    with pytest.warns(UserWarning, match=r"trial-3.tb was moved or deleted"):
+        log.log(2, {"loss": 0.25})
+    log.log(3, {"loss": 0.125})
+    log.close()  # raised the thread's FileNotFoundError before
+    time.sleep(0.3)
+    assert died == []
+    assert [r[0] for r in _rows(tmp_path / "trial-4" / "metrics.csv")[1:]] == ["1", "2", "3"]
+    assert not (tmp_path / "trial-3").exists()  # nothing recreated at the old path
 
 
 def test_curves_put_each_series_in_its_panel_with_accuracy_in_percent(

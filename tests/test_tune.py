@@ -31,6 +31,7 @@ from metapl.train.data import evaluate
 from metapl.train.presets import load_preset
 from metapl.tuning import TuneOptions, bestfile, space
 from metapl.tuning.runner import Tuner
+from metapl.tuning.storage import open_storage
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -319,6 +320,20 @@ def test_errors_are_one_line(tmp_path, capsys, extra, message):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("metapl tune: error: ") and message in err, err
+    assert not (tmp_path / "out").exists()
+    # --stage teacher left a new database with empty tables (and its .lock) behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_stage_teacher_in_a_database_without_stage_one_names_it(tmp_path, capsys):
+    """The database exists (another study in it) but holds no student study of this name."""
+    args = ["tune", "--preset", "digits-uda-mpl", "--trials", "1", *tiny_args(tmp_path)]
+    open_storage(f"sqlite:///{tmp_path / 'study.db'}")
+    assert main([*args, "--stage", "teacher"]) == 2
+    assert capsys.readouterr().err == (
+        "metapl tune: error: stage teacher fixes the student's values to the best trial of study "
+        "t-student, which this storage does not have: run --stage student first, or --stage both\n"
+    )
     assert not (tmp_path / "out").exists()
 
 

@@ -127,6 +127,7 @@ def test_a_process_whose_trial_was_taken_over_lets_go_of_it_and_goes_on(tmp_path
     tuner.run()
     captured = capsys.readouterr()
     assert "t-student trial 0: taken over by another process" in captured.out
+    assert "leaves the trial to its copy, trial 1\n" in captured.out
     assert "t-student trial 1: resumes trial 0 from its checkpoint" in captured.out
     assert "Traceback" not in captured.err and "Cannot tell" not in captured.err
     assert calls == [("0", False), ("1", True)]
@@ -135,6 +136,65 @@ def test_a_process_whose_trial_was_taken_over_lets_go_of_it_and_goes_on(tmp_path
     reported = sorted(study.trials[1].intermediate_values)
     assert reported == [3, 6, 9, 12]  # at step 9 not reported by the trial taken over
     assert 9 not in study.trials[0].intermediate_values or when == "after training"
+
+
+def test_a_process_whose_trial_was_taken_over_without_a_copy_says_so(tmp_path, capsys, monkeypatch):
+    """The trial's last allowed stop: no copy is queued (MAX_RETRIES is 0 here, so its first stop
+    is its last). Would break: the process said it left the trial "to its copy", which does not
+    exist, and the trial's values were never trained to the end."""
+    monkeypatch.setattr(retry, "MAX_RETRIES", 0)
+    opts = options(tmp_path, trials=2, runtime={"steps": 6, "device": "cpu"})
+
+    def train(cfg, run_dir, show_progress, on_eval):
+        trial = optuna.load_study(study_name="t-student", storage=opts.storage).trials[-1]
+
+        def taken_over_at_3(step, accuracies):
+            if step == 3 and run_dir.name == "0":
+                _take_over(trial._trial_id, opts.storage)
+            on_eval(step, accuracies)
+
+        return engine.train(cfg, run_dir, show_progress, on_eval=taken_over_at_3)
+
+    tuner = Tuner(opts)
+    tuner.train = train
+    tuner.run()
+    out = capsys.readouterr().out
+    assert "trial 0: taken over by another process" in out
+    assert "no copy of it was queued (a trial killed 1 times is not tried again)" in out
+    assert "to its copy" not in out and "resumes trial 0" not in out
+    study = optuna.load_study(study_name="t-student", storage=opts.storage)
+    assert [t.state for t in study.trials] == [State.FAIL, State.COMPLETE]
+    assert retry.stopped_trial(optuna, study.trials[1]) is None  # a new trial, not a copy
+
+
+def test_a_process_left_without_a_finished_trial_while_a_copy_runs_elsewhere_exits_cleanly(
+    tmp_path, capsys
+):
+    """Its only trial was taken over, and another process now runs the copy. Would break (seen
+    with a real SIGSTOP): the process ended with "no trial finished (all were pruned or failed);
+    run more trials" and exit code 2, though the copy was running and would finish."""
+    opts = options(tmp_path, trials=1, runtime={"steps": 6, "device": "cpu"})
+
+    def train(cfg, run_dir, show_progress, on_eval):
+        study = optuna.load_study(study_name="t-student", storage=opts.storage)
+
+        def taken_over_at_3(step, accuracies):
+            if step == 3:
+                _take_over(study.trials[-1]._trial_id, opts.storage)
+                copy = study.get_trials(deepcopy=False)[-1]  # the copy, waiting ...
+                study._storage.set_trial_state_values(copy._trial_id, state=State.RUNNING)
+            on_eval(step, accuracies)  # ... and now started by "another process"
+
+        return engine.train(cfg, run_dir, show_progress, on_eval=taken_over_at_3)
+
+    tuner = Tuner(opts)
+    tuner.train = train
+    assert tuner.run() is None
+    assert capsys.readouterr().out.endswith(
+        "best.toml not written yet: no trial of t-student has finished, and 1 still run in other "
+        "processes (each process writes best.toml to its --out when its trials end)\n"
+    )
+    assert not (opts.out / "best.toml").exists()
 
 
 def test_a_copy_without_its_stopped_trials_checkpoint_starts_over(tmp_path, capsys):

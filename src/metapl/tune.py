@@ -90,6 +90,8 @@ def run(args: argparse.Namespace) -> None:
         show_progress=not args.quiet,
     )
     path = tune(opts)
+    if path is None:  # no trial finished yet; others run elsewhere (the tuner said so)
+        return
     print(f"wrote {path}: {train_command(opts)}")
     # The label budget is the preset's and --set's: no trial tunes it.
     note = label_budget_note(apply_overrides(load_preset(args.preset), overrides))

@@ -8,6 +8,12 @@ Values are written with ``repr(float)``, which reads back to the same float.
 On resume, rows logged after the checkpoint (step > ``resume_step``) are dropped, so a run killed
 between logging and checkpointing does not record those steps twice; TensorBoard gets the same rule
 through ``purge_step``.
+
+A run's folder can move while the run writes: ``metapl tune`` hands a trial whose process was paused
+past its heartbeat to a copy, which moves the folder to its own number. TensorBoard's writer thread
+opens its event file by path on every write, so it would die with a FileNotFoundError traceback
+from its own thread when the paused process wakes; the logger checks the folder before each write
+and stops TensorBoard logging in one warning instead.
 """
 
 from __future__ import annotations
@@ -93,7 +99,21 @@ class MetricsLogger:
         self._file = self.csv_path.open("a", newline="")
         self._csv = csv.writer(self._file)
         purge_step = None if resume_step is None else resume_step + 1
-        self._tb = _summary_writer(self.out_dir / TB_DIR, purge_step) if tensorboard else None
+        self._tb_dir = self.out_dir / TB_DIR
+        self._tb = _summary_writer(self._tb_dir, purge_step) if tensorboard else None
+
+    def _tensorboard_folder_gone(self) -> bool:
+        """Whether the TensorBoard folder has disappeared (moved or deleted while the run writes):
+        the writer is then dropped without a close, which would write by the old path again."""
+        if self._tb is None or self._tb_dir.is_dir():
+            return False
+        self._tb = None
+        warnings.warn(
+            f"{self._tb_dir} was moved or deleted while the run wrote to it; TensorBoard logging "
+            "stops for the rest of this run",
+            stacklevel=3,
+        )
+        return True
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         """Record ``metrics`` (name -> number) at ``step``; rows are sorted by name."""
@@ -103,7 +123,7 @@ class MetricsLogger:
         self._csv.writerows((step, name, repr(value)) for name, value in values.items())
         # Flushed (not fsync'ed) every call: a crash loses little, and steps stay cheap.
         self._file.flush()
-        if self._tb is not None:
+        if self._tb is not None and not self._tensorboard_folder_gone():
             for name, value in values.items():
                 self._tb.add_scalar(name, value, step)
 
@@ -111,9 +131,9 @@ class MetricsLogger:
         """Flush and close the CSV and the TensorBoard writer; calling it twice is harmless."""
         if not self._file.closed:
             self._file.close()
-        if self._tb is not None:
+        if self._tb is not None and not self._tensorboard_folder_gone():
             self._tb.close()
-            self._tb = None
+        self._tb = None
 
     def __enter__(self) -> MetricsLogger:
         return self

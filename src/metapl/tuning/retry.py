@@ -190,6 +190,15 @@ def stopped_trial(optuna, record) -> int | None:
     return history[-1] if history else None
 
 
+def copy_of(optuna, trial) -> int | None:
+    """The number of the copy queued for the stopped ``trial``, or None: a trial killed more than
+    ``MAX_RETRIES`` times gets none."""
+    for other in trial.study.get_trials(deepcopy=False):
+        if stopped_trial(optuna, other) == trial.number:
+            return other.number
+    return None
+
+
 def remove_stopped_folders(stopped: list[int], run_dir: Path) -> None:
     """Remove the folders (siblings of ``run_dir``) of the ``stopped`` trials still here after
     :func:`take_over_folder`: a trial stopped before its first checkpoint left nothing to resume,

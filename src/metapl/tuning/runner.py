@@ -21,7 +21,7 @@ from metapl.errors import ConfigError, NonFiniteLossError
 from metapl.train.config import TrainConfig, apply_overrides
 from metapl.train.presets import load_preset
 from metapl.tuning import bestfile, retry, space, studies
-from metapl.tuning.storage import GRACE_S, import_optuna, open_storage
+from metapl.tuning.storage import GRACE_S, import_optuna, new_sqlite_file, open_storage
 
 STARTUP_TRIALS = 5  # the pruner and TPE's model both start after this many trials
 
@@ -121,10 +121,18 @@ class Stage:
             # run) and goes on with its next one.
             self.lost = trial.number
             optuna.logging.set_verbosity(optuna.logging.ERROR)  # not Optuna's traceback of it
+            copy_number = retry.copy_of(optuna, trial)
+            if copy_number is None:
+                then = (
+                    f"no copy of it was queued (a trial killed {retry.MAX_RETRIES + 1} times is "
+                    "not tried again)"
+                )
+            else:
+                then = f"this process leaves the trial to its copy, trial {copy_number}"
             print(
                 f"{self.name} trial {trial.number}: taken over by another process (no heartbeat "
                 f"from this process for over {GRACE_S} s: it was paused, suspended or cut off from "
-                "the storage); this process leaves the trial to its copy",
+                f"the storage); {then}",
                 flush=True,
             )
             raise
@@ -276,17 +284,36 @@ class Tuner:
         for stage in self.stages:  # a non-MPL preset for stage teacher fails here
             space.trial_config(self.trial_base, stage, {}, {})
         self.optuna = import_optuna()
+        new_database = new_sqlite_file(opts.storage)
+        if self.stages == ["teacher"] and new_database is not None:
+            # refused before opening it, which would leave a new database with empty tables
+            raise studies.missing_student_study(
+                f"{self.name}-student", f"is not in {new_database} (no such file)"
+            )
         self.storage = open_storage(opts.storage)
 
-    def run(self) -> Path:
+    def run(self) -> Path | None:
         done = {stage: Stage(self, stage).run() for stage in self.stages}
         return self.write_best(done)
 
-    def write_best(self, done: dict) -> Path:
+    def write_best(self, done: dict) -> Path | None:
         """best.toml from the last stage run: stage 2's best trial plus the student values its
-        study fixed, or stage 1's best trial alone."""
+        study fixed, or stage 1's best trial alone. None, with a line saying why, when no trial
+        has finished yet but others run in other processes (each writes best.toml as it ends):
+        this process's trials were pruned, or taken over by a copy that still runs."""
         stage = "teacher" if "teacher" in done else "student"
         last = done[stage]
+        State = self.optuna.trial.TrialState
+        retry.fail_stopped_trials(self.optuna, last)  # a dead process's trial is not "running"
+        running = last.get_trials(deepcopy=False, states=(State.RUNNING,))
+        if running and not last.get_trials(deepcopy=False, states=(State.COMPLETE,)):
+            print(
+                f"best.toml not written yet: no trial of {last.study_name} has finished, and "
+                f"{len(running)} still run in other processes (each process writes best.toml to "
+                "its --out when its trials end)",
+                flush=True,
+            )
+            return None
         picks = []  # (stage, study, trial, accuracy, values)
         if stage == "teacher":
             a = last.user_attrs
@@ -295,7 +322,7 @@ class Tuner:
         best = studies.best_trial(last)
         picks.append((stage, last.study_name, best.number, best.value, best.params))
         # completed or pruned: a stopped trial (failed) and the copy that resumed it count once
-        counted = (self.optuna.trial.TrialState.COMPLETE, self.optuna.trial.TrialState.PRUNED)
+        counted = (State.COMPLETE, State.PRUNED)
         finished = len(last.get_trials(deepcopy=False, states=counted))
         header = [
             f"metapl tune: the best configuration found for preset {self.opts.preset}",
@@ -325,6 +352,6 @@ class Tuner:
         return path
 
 
-def tune(opts: TuneOptions) -> Path:
-    """Run ``opts``; returns the path of best.toml."""
+def tune(opts: TuneOptions) -> Path | None:
+    """Run ``opts``; returns the path of best.toml (None: not written, see Tuner.write_best)."""
     return Tuner(opts).run()

@@ -75,6 +75,23 @@ def _sqlite_pragmas(connection, _record) -> None:
     cursor.close()
 
 
+def new_sqlite_file(url: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URL when it does not exist yet (opening the storage
+    would create it, with empty tables), else None (another backend, or a URL open_storage
+    refuses in its own words)."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+    except Exception:  # noqa: BLE001 - open_storage says what is wrong with it
+        return None
+    database = parsed.database or ""
+    if parsed.get_backend_name() != "sqlite" or database in ("", ":memory:"):
+        return None
+    path = Path(database)
+    return None if path.exists() else path
+
+
 def open_storage(url: str):
     """An Optuna ``RDBStorage`` for ``url``; every problem with the URL is a one-line ConfigError."""
     optuna = import_optuna()

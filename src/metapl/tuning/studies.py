@@ -132,15 +132,20 @@ def wait_for_running(optuna, study) -> None:
         time.sleep(POLL_S)
 
 
+def missing_student_study(name: str, why: str) -> ConfigError:
+    """Stage teacher without stage 1's study: ``why`` says how it is missing."""
+    return ConfigError(
+        f"stage teacher fixes the student's values to the best trial of study {name}, which "
+        f"{why}: run --stage student first, or --stage both"
+    )
+
+
 def student_result(optuna, storage, name: str) -> dict[str, Any]:
     """Stage 1's best trial: the student values that stage 2 fixes, and where they came from."""
     try:
         study = optuna.load_study(study_name=name, storage=storage)
     except KeyError:
-        raise ConfigError(
-            f"stage teacher fixes the student's values to the best trial of study {name}, which "
-            "this storage does not have: run --stage student first, or --stage both"
-        ) from None
+        raise missing_student_study(name, "this storage does not have") from None
     wait_for_running(optuna, study)
     best = best_trial(study)
     return {
