@@ -193,6 +193,45 @@ def test_the_first_order_estimator_trains_a_scaled_gradient_student():
     assert mpl.step_count == 2 and torch.isfinite(_state(mpl)).all()
 
 
+class _StopGradient(nn.Module):
+    """``middle`` scales the hidden layer by its own norm, held constant by ``torch.no_grad()``
+    (``"no_grad"``) or by ``.detach()``: a stop-gradient."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.body, self.head = nn.Linear(4, 8), nn.Linear(8, N_CLASSES)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.body(x))
+        if self.how == "no_grad":
+            with torch.no_grad():
+                scale = h.norm(dim=1, keepdim=True) + 1
+        else:
+            scale = h.detach().norm(dim=1, keepdim=True) + 1
+        return self.head(h / scale)
+
+
+def test_a_no_grad_block_on_the_parameters_is_named_and_detach_is_exact():
+    """Forward-mode AD goes through a ``torch.no_grad()`` block, the backward does not: the
+    adjoint check refused such a student with a message about custom autograd Functions that
+    named 'first_order', though double backward takes it and ``.detach()`` makes it exact. Now
+    the message names the block's operations and both ways out."""
+    teacher, _, x_l, y_l, x_u = _problem(None)
+    mpl = _mpl(teacher, _StopGradient("no_grad").to(DT))
+    with pytest.raises(ConfigError, match=r"torch.no_grad\(\) block: norm, add\).*\.detach\(\)"):
+        mpl.step(x_l, y_l, x_u)
+    states = []
+    for how, estimator in (("detach", "exact"), ("no_grad", "double_backward")):
+        torch.manual_seed(0)
+        mpl = _mpl(Net(None).to(DT), _StopGradient(how).to(DT), estimator=estimator)
+        for i in range(2):
+            torch.manual_seed(100 + i)
+            mpl.step(x_l, y_l, x_u)
+        states.append(_state(mpl))
+    assert rel_err(states[0], states[1]) <= 1e-12
+
+
 def test_the_adjoint_check_passes_a_consistent_surrogate_derivative():
     """Backward and jvp agree (straight through): the exact step equals double backward, which
     differentiates the same backward; both take the surrogate as the student's derivative."""

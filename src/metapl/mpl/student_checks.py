@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.autograd.forward_ad as fwad
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from metapl.errors import ConfigError, DataError
 from metapl.losses import upcast
@@ -323,6 +324,18 @@ def check_derivatives(
     forward_sum, backward_sum, scale = sums.tolist()
     err = abs(forward_sum - backward_sum) / scale if scale > 0 else abs(forward_sum)
     if not err <= tolerance(native.dtype, tf32):
+        # (a refusal: one more forward on copies of the buffers costs no step)
+        untracked = ops_without_grad(logits_of, buffer_copies(student), reached, t)
+        if untracked:
+            # Not a custom Function: the same refusal blamed one, named 'first_order' and sent
+            # the user away from double backward, which takes this student.
+            raise ConfigError(
+                "the student's forward computes with gradients off (a torch.no_grad() block: "
+                f"{', '.join(untracked)}) on values that depend on its parameters: its backward "
+                "takes them as constants, forward-mode AD does not, so J would differentiate "
+                "another function than the student's update. Use .detach() there (the same "
+                "values, constants for both), or estimator='double_backward'"
+            )
         raise ConfigError(
             "the student's backward is not the adjoint of its forward-mode derivative "
             f"(<u, J t> and <B^T u, t> differ by {err:.2e}, relative): a custom "
@@ -332,6 +345,44 @@ def check_derivatives(
             "(taken by that backward) is not R's: use estimator='first_order', which reads R's "
             "values only"
         )
+
+
+class _GradOffWatch(TorchFunctionMode):
+    """Names the operations that run with gradients off on a tensor carrying a forward-mode
+    tangent. A custom Function's forward runs with gradients off too, but on plain tensors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if not torch.is_grad_enabled() and any(
+            isinstance(a, Tensor) and fwad.unpack_dual(a).tangent is not None
+            for a in (*args, *kwargs.values())
+        ):
+            name = getattr(func, "__name__", str(func))
+            if name not in self.names:
+                self.names.append(name)
+        return func(*args, **kwargs)
+
+
+def ops_without_grad(
+    logits_of: Callable[[dict[str, Tensor]], Tensor],
+    buffers: dict[str, Tensor],
+    reached: Sequence[tuple[str, Tensor, Tensor, Tensor]],
+    t: Sequence[Tensor],
+) -> list[str]:
+    """The operations the student's forward runs inside ``torch.no_grad()`` on values that
+    depend on its parameters (a stop-gradient, an EMA buffer updated from the activations and
+    read later), at most 5. Forward-mode AD goes through such a block, the backward does not:
+    :func:`check_derivatives` failed on them with a message about custom Functions."""
+    watch = _GradOffWatch()
+    with torch.enable_grad(), fwad.dual_level():
+        duals = {n: fwad.make_dual(p.detach(), ti) for (n, p, _, _), ti in zip(reached, t)}
+        with watch:
+            logits_of({**buffers, **duals})
+    return watch.names[:5]
 
 
 def grad_to_targets(labeled_after: Tensor, targets: Tensor) -> Tensor:
