@@ -530,6 +530,27 @@ def test_integer_leaves_are_not_checked_for_finite_values():
     assert checked[0] is x_l["mask"] and checked[1] is x_u["mask"]
 
 
+@pytest.mark.parametrize("estimator", ["exact", "first_order", "double_backward"])
+def test_a_batch_computed_with_gradients_on_is_taken_as_data(estimator):
+    """The step differentiates parameters, never inputs. A mask computed by a module with
+    gradients on failed with torch's "backward through the graph a second time" after the
+    student had moved (exact, first_order), and every estimator sent gradients into the
+    module's parameters. Now its values are taken as they are: the same step as on the values
+    alone, and the module untouched."""
+    states, masks = [], nn.Linear(5, 5).to(TEST_DEVICE, DT)
+    for graph in (True, False):
+        teacher, student, x_l, y_l, (ids, mask), _ = _problem(9)
+        with torch.set_grad_enabled(graph):
+            x_u = (ids, torch.sigmoid(masks(mask)) + 0.1)
+        mpl = _sgd_mpl(teacher, student, estimator=estimator, supervised_weight=0.0)
+        for step in range(2):
+            torch.manual_seed(step)
+            mpl.step(x_l, y_l, x_u)
+        states.append(flat([*teacher.state_dict().values(), *student.state_dict().values()]))
+    assert torch.equal(states[0], states[1])
+    assert masks.weight.grad is None
+
+
 @pytest.mark.parametrize("which", ["teacher_x_labeled", "teacher_x_unlabeled"])
 def test_a_teacher_view_of_other_examples_is_a_data_error(which):
     teacher, student, x_l, y_l, x_u, _ = _problem(10)
