@@ -798,6 +798,25 @@ def test_a_compiled_student_is_refused_by_the_exact_estimators(estimator, how):
     _mpl(teacher, student, estimator="first_order")
 
 
+@pytest.mark.parametrize(
+    "wrap, what",
+    [(nn.DataParallel, "an nn.DataParallel"), (torch.jit.script, "a torch.jit.ScriptModule")],
+    ids=["DataParallel", "jit.script"],
+)
+def test_a_student_functional_call_refuses_is_a_config_error_at_construction(wrap, what):
+    """Every estimator runs passes of the student through torch.func.functional_call, which
+    refuses an nn.DataParallel or a ScriptModule at the root: the first step failed with torch's
+    "The stateless API can't be used with ..." RuntimeError. Inside another module both run."""
+    for estimator in ("exact", "double_backward", "first_order"):
+        with pytest.raises(ConfigError, match=rf"^the student is {what}, which torch.func"):
+            _mpl(_Tokens(), wrap(_Tokens()), estimator=estimator)
+    teacher, student = _Tokens(), nn.Sequential(wrap(_Tokens()))
+    mpl = _mpl(teacher, student)
+    x = torch.randint(0, 20, (4, 7))
+    mpl.step(x, torch.tensor([0, 1, 2, 0]), x)
+    assert mpl.step_count == 1
+
+
 @pytest.mark.parametrize("momentum, nesterov", [(0.0, False), (0.9, False), (0.9, True)])
 def test_double_backward_takes_a_sparse_embedding_exactly(momentum, nesterov):
     """nn.Embedding(sparse=True) was refused by both exact estimators. Double backward

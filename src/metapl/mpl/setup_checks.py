@@ -39,6 +39,13 @@ def check_models_and_optimizers(
         )
     if teacher is student:
         raise ConfigError("teacher and student must be two modules (two sets of weights)")
+    wrapper = functional_call_refusal(student)
+    if wrapper is not None:
+        raise ConfigError(
+            f"the student is {wrapper}, which torch.func.functional_call refuses: every "
+            "estimator runs passes of the student through it (on copies of its buffers, at "
+            f"theta_{{t+1}}); {STATELESS_HELP[wrapper]}"
+        )
     check_unshared(teacher, student, (teacher_optimizer, student_optimizer))
     for name, model, optimizer in (
         ("student", student, student_optimizer),
@@ -55,6 +62,26 @@ def check_models_and_optimizers(
             f"teacher_optimizer: {type(teacher_optimizer).__name__}.step() needs a closure (it "
             "re-evaluates the loss); MPL takes one plain step of the teacher's optimizer"
         )
+
+
+# What to do instead, per wrapper functional_call refuses (for the student's error message).
+STATELESS_HELP = {
+    "an nn.DataParallel": "pass the module it wraps (student.module), or see docs/multi-gpu.md "
+    "for data parallelism (grad_sync)",
+    "a torch.jit.ScriptModule": "pass the module unscripted (a scripted submodule is fine)",
+}
+
+
+def functional_call_refusal(student: nn.Module) -> str | None:
+    """What the student is if torch's ``functional_call`` refuses it at its root, or None. The
+    first step failed with torch's RuntimeError ("The stateless API can't be used with
+    nn.DataParallel module", "... with Jitted modules"), with every estimator; torch checks the
+    root module only, so such a submodule is fine."""
+    if isinstance(student, nn.DataParallel):
+        return "an nn.DataParallel"
+    if isinstance(student, torch.jit.ScriptModule):
+        return "a torch.jit.ScriptModule"
+    return None
 
 
 def needs_closure(optimizer: torch.optim.Optimizer) -> bool:
