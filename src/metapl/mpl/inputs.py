@@ -186,11 +186,11 @@ def model_input(name: str, x: object, batch_dim: int) -> ModelInput:
                 f"{leaf_name} has shape[:{n}] {tuple(leaf.shape[:n])}, {names[0]} {batch_shape}: "
                 f"every tensor of {name} must hold the same examples along batch_dim {batch_dim}"
             )
-    # Detached where it needs it (a view, no copy): the step differentiates parameters, never inputs. A batch
-    # computed with gradients on (an augmentation with parameters) failed with torch's "backward
-    # through the graph a second time" after the student had moved (exact, first_order: the
-    # student's backward freed the graph the teacher's then met), and every estimator sent its
-    # losses' gradients into that graph's parameters.
+    # Detached where it needs it (a view, no copy): the step differentiates parameters, never
+    # inputs. A batch computed with gradients on (an augmentation with parameters) failed with
+    # torch's "backward through the graph a second time" after the student had moved (exact,
+    # first_order: the student's backward freed the graph the teacher's then met), and every
+    # estimator sent its losses' gradients into that graph's parameters.
     args = tuple(_data(leaf) for leaf in args)
     kwargs = {key: _data(leaf) for key, leaf in kwargs.items()}
     return ModelInput(args, kwargs, names, batch_shape)
