@@ -1,12 +1,14 @@
 """Data parallelism: one MPL step on 2 gloo processes, each with half of every batch, equals one
-single-process step on the whole batch (models without BatchNorm or dropout, float64); and the
-DataParallel helpers of training runs. One spawn of 2 processes serves every test here.
+single-process step on the whole batch (models without BatchNorm or dropout, float64); so do a few
+steps of every training method through the training engine's own objects; and the DataParallel
+helpers of training runs. One spawn of 2 processes serves every test here.
 (`torchrun -m metapl train` end to end: tests/test_torchrun.py.)"""
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from test_torchrun import MODEL, register_test_model
 from torch import nn
 
 from metapl import MetaPseudoLabels
@@ -17,6 +19,10 @@ from metapl.distributed import (
     torchrun_world,
 )
 from metapl.errors import ConfigError
+from metapl.train.config import LARGE_TEACHER_METHODS, METHODS, apply_overrides
+from metapl.train.data import BatchSource
+from metapl.train.engine import Run, load_data
+from metapl.train.presets import load_preset
 
 OPTIMIZERS = {
     "sgd_nesterov": lambda p: torch.optim.SGD(p, lr=0.2, momentum=0.9, nesterov=True),
@@ -61,6 +67,55 @@ def _train(opt_name: str, rank: int = 0, world: int = 1, grad_sync=None):
     return teacher, student
 
 
+def _method_config(method: str):
+    """``method``'s digits preset (Table 1's rows, or Table 2's students) shrunk to a few steps of
+    the float64 MLP of tests/test_torchrun.py: 2 steps of the method, then (every method here) 1
+    step of fine-tuning the student; labeled batch 10, unlabeled 20."""
+    family = "digits-reduced" if method in LARGE_TEACHER_METHODS else "digits"
+    cfg = load_preset(f"{family}-{method.replace('_', '-')}")
+    assert cfg.method == method
+    settings = {
+        "model": MODEL,
+        "student_dropout": 0,
+        "teacher_dropout": 0,
+        "batch_size": 10,
+        "unlabeled_ratio": 2,
+        "steps": 2,
+        "finetune_steps": 1,
+        "warmup_steps": 1,
+        "uda_warmup_steps": 2,
+        "uda_threshold": 0.0,  # UDA's consistency loss on every image from the start
+        "large_teacher": "unread",  # the distributions are made up below, not precomputed
+    }
+    return apply_overrides(cfg, {k: v for k, v in settings.items() if cfg.ignored_key(k) is None})
+
+
+def _train_method(method: str, rank: int = 0, world: int = 1) -> dict:
+    """What ``metapl train`` does on each rank (metapl.train.engine.train), without files: its Run
+    and its BatchSource with this rank's shard; returns the final weights and the logged metrics
+    (the mean over ranks). Large-teacher methods get made-up teacher distributions."""
+    register_test_model()
+    cfg = _method_config(method)
+    device = torch.device("cpu")
+    split = load_data(cfg)
+    probs = None
+    if cfg.uses_large_teacher:
+        g = torch.Generator().manual_seed(2)
+        sizes = (len(split.y_labeled), len(split.x_unlabeled))
+        probs = tuple(
+            torch.randn(n, split.num_classes, generator=g).softmax(-1).numpy() for n in sizes
+        )
+    run = Run(cfg, split, device, DataParallel())
+    source = BatchSource(split, cfg, run.method.views, device, probs, shard=(rank, world))
+    metrics = []
+    while run.step < run.total_steps:
+        metrics.append({k: float(v) for k, v in run.dp.mean_metrics(run.advance(source)).items()})
+    return {
+        "models": {name: model.state_dict() for name, model in run.method.models.items()},
+        "metrics": metrics,
+    }
+
+
 def _data_parallel_helpers(rank: int) -> dict:
     """What the training engine shares between ranks besides gradients (metapl.train.engine)."""
     dp = DataParallel()
@@ -94,6 +149,7 @@ def _data_parallel_helpers(rank: int) -> dict:
 
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)  # tiny models, 2 processes: torch's thread pools only contend
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         # Every optimizer in one spawn: starting processes is the slow part of this file.
@@ -102,6 +158,10 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             if rank == 0:
                 state = {"teacher": teacher.state_dict(), "student": student.state_dict()}
                 torch.save(state, f"{out_dir}/{opt_name}.pt")
+        for method in METHODS:
+            trained = _train_method(method, rank, world)
+            if rank == 0:
+                torch.save(trained, f"{out_dir}/method_{method}.pt")
         torch.save(_data_parallel_helpers(rank), f"{out_dir}/helpers{rank}.pt")
         # Leave together, as metapl.distributed.torchrun_process_group does: a rank tearing down its gloo
         # connections while the peer still reads from them aborts the peer ("terminate called
@@ -137,6 +197,37 @@ def test_without_averaging_the_shards_disagree(tmp_path):
     teacher, _ = _train("adam", rank=0, world=2, grad_sync=None)
     whole, _ = _train("adam")
     assert not torch.allclose(teacher[0].weight, whole[0].weight, rtol=1e-6)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_on_two_processes_trains_like_one_process_on_the_whole_batch(
+    two_process_results, method
+):
+    """docs/multi-gpu.md, "What is averaged": every method's optimizer steps (and the fine-tuning
+    step after them) read the gradients' mean over the ranks, so 2 steps and a fine-tuning step on 2
+    processes, each with its half of every batch, end with the weights of 1 process on the whole
+    batches; the logged metrics (means over the ranks) are the whole batches' too. tests/
+    test_torchrun.py runs some of the methods end to end; this covers every one (label smoothing,
+    RandAugment, NoisyStudent and the +MPL rows included) in one spawn."""
+    got = torch.load(two_process_results / f"method_{method}.pt")
+    want = _train_method(method)
+    cfg = _method_config(method)
+    before = Run(cfg, load_data(cfg), torch.device("cpu")).method.models  # the initial weights
+    assert got["models"].keys() == want["models"].keys() == before.keys()
+    for name, state in want["models"].items():
+        moved = False
+        for key, value in state.items():
+            # float64 except the reduced teacher (float32: an MLP on the distributions)
+            tol = {"rtol": 1e-10, "atol": 1e-12} if value.dtype == torch.float64 else {}
+            torch.testing.assert_close(got["models"][name][key], value, **tol)
+            moved |= not torch.equal(value, before[name].state_dict()[key])
+        assert moved, name  # the test is not vacuous: this model learned
+    assert len(got["metrics"]) == len(want["metrics"]) == 3
+    rel = 1e-6 if method == "reduced_mpl" else 1e-9  # its teacher computes in float32
+    for got_step, want_step in zip(got["metrics"], want["metrics"]):
+        assert got_step.keys() == want_step.keys()
+        for key, value in want_step.items():
+            assert got_step[key] == pytest.approx(value, rel=rel, abs=1e-12), key
 
 
 def test_data_parallel_helpers_share_rank_0s_weights_and_mean_metrics(two_process_results):
