@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import json
 import warnings
 
@@ -98,6 +99,27 @@ def test_interrupted_precompute_resumes_to_the_same_file(model, images, tmp_path
     wrapped.calls = 0
     again = _run(wrapped, images, path)  # finished: returned without running the model
     assert wrapped.calls == 0 and np.array_equal(again, reference)
+
+
+def test_a_finished_file_is_read_again_without_opening_it_for_writing(
+    model, images, tmp_path, monkeypatch
+):
+    """A finished file, asked for again (a resumed run; under torchrun every rank but 0 reads the
+    files rank 0 wrote, and docs/multi-gpu.md says they write nothing), is opened for reading only:
+    it was mapped read-write ("r+") before, which a read-only file or folder refuses."""
+    path = tmp_path / "t.npy"
+    first = np.array(_run(model, images, path))
+    opened, real_open = [], builtins.open
+
+    def recording_open(file, mode="r", *args, **kwargs):
+        opened.append((str(file), mode))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", recording_open)
+    again = _run(model, images, path)
+    np.testing.assert_array_equal(np.asarray(again), first)
+    assert (str(path), "rb") in opened  # the file was read (this hook sees numpy's opens)
+    assert [(f, m) for f, m in opened if set(m) & set("wax+")] == []
 
 
 def test_stale_file_names_what_changed(model, images, tmp_path):

@@ -192,7 +192,8 @@ def _differences(recorded: dict, expected: dict) -> list[str]:
 
 
 def _resume_point(out_path: Path, expected: dict) -> tuple[np.memmap | None, int]:
-    """The open ``.npy`` (or None: create it) and the first row still to compute."""
+    """The open ``.npy`` (or None: create it) and the first row still to compute; the ``.npy`` is
+    writable only when rows are left to compute."""
     if not sidecar_path(out_path).exists():
         if out_path.exists():
             raise data_error(
@@ -218,8 +219,12 @@ def _resume_point(out_path: Path, expected: dict) -> tuple[np.memmap | None, int
         shape = (recorded["num_images"], recorded["num_classes"])
         if probs.shape != shape or probs.dtype != np.float32:
             raise ValueError(f"shape {probs.shape} {probs.dtype}, expected {shape} float32")
-        del probs
-        probs = np.load(out_path, mmap_mode="r+")
+        if recorded["completed_rows"] < recorded["num_images"]:  # rows left to write
+            del probs
+            probs = np.load(out_path, mmap_mode="r+")
+        # A finished file stays read-only: under torchrun the other ranks read rank 0's files
+        # (docs/multi-gpu.md: they write nothing), and a file that is not ours to write may be
+        # read-only.
     except Exception as exc:  # missing, truncated, foreign: its rows are lost either way
         warnings.warn(
             f"{out_path} is unreadable ({describe(exc)}); starting over from row 0", stacklevel=3
