@@ -31,7 +31,8 @@ from test_torchrun import SYNC_BN, options, read_metrics, register_test_model, t
 from metapl.cli import main as metapl  # noqa: E402
 from metapl.train.checkpoint import load_checkpoint  # noqa: E402
 
-# the parametrization of test_two_processes_train_like_one_on_the_whole_batch
+# the parametrization of test_two_processes_train_like_one_on_the_whole_batch (its first four
+# cases; the NoisyStudent case needs a large-teacher run first)
 CASES = {
     "uda-mpl": ("digits-uda-mpl", 2, ["--set", "finetune_steps=1"]),
     "supervised": ("digits-supervised", 3, []),

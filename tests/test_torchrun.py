@@ -199,6 +199,19 @@ def read_metrics(path: Path) -> dict[tuple[int, str], float]:
 
 
 SYNC_BN = ["--set", "model=flat_bn_mlp_float64", "--set", "sync_batchnorm=true"]
+LARGE_TEACHER = "large_teacher=<the large_teacher fixture's run>"
+
+
+@pytest.fixture(scope="module")
+def large_teacher(tmp_path_factory) -> Path:
+    """A finished large-teacher run of the float64 MLP (one step), for NoisyStudent."""
+    register_test_model()
+    out = tmp_path_factory.mktemp("large_teacher")
+    preset = "digits-reduced-large-teacher"
+    assert (
+        main(["train", "--preset", preset, "--out", str(out), *for_preset(preset, options(1))]) == 0
+    )
+    return out
 
 
 @pytest.mark.parametrize(
@@ -212,11 +225,22 @@ SYNC_BN = ["--set", "model=flat_bn_mlp_float64", "--set", "sync_batchnorm=true"]
         # both models with BatchNorm over the global batch (metapl.sync_batchnorm); the single
         # process has plain BatchNorm (sync_batchnorm does nothing there)
         ("digits-uda-mpl", 2, ["--set", "finetune_steps=1", *SYNC_BN]),
+        # NoisyStudent: rank 0 precomputes the large teacher's distributions, the other rank reads
+        # them, each takes its slice of them; label smoothing in its step and the fine-tuning step
+        (
+            "digits-reduced-noisy-student",
+            2,
+            ["--set", "finetune_steps=1", "--set", "label_smoothing=0.1", "--set", LARGE_TEACHER],
+        ),
     ],
-    ids=["uda-mpl", "supervised", "uda", "uda-mpl-sync-batchnorm"],
+    ids=["uda-mpl", "supervised", "uda", "uda-mpl-sync-batchnorm", "noisy-student"],
 )
-def test_two_processes_train_like_one_on_the_whole_batch(tmp_path, preset, steps, extra):
+def test_two_processes_train_like_one_on_the_whole_batch(request, tmp_path, preset, steps, extra):
     register_test_model()
+    from_large_teacher = LARGE_TEACHER in extra
+    if from_large_teacher:
+        run = request.getfixturevalue("large_teacher")
+        extra = [f"large_teacher={run}" if e == LARGE_TEACHER else e for e in extra]
     args = for_preset(preset, options(steps, *extra))
     two, one = tmp_path / "two", tmp_path / "one"
     reports = torchrun(tmp_path, preset, two, args)
@@ -256,6 +280,8 @@ def test_two_processes_train_like_one_on_the_whole_batch(tmp_path, preset, steps
     written = " ".join(reports[0]["writes"])
     for name in ("config.json", "metrics.csv", "checkpoint.pt", "results.json", "tb"):
         assert name in written
+    if from_large_teacher:  # rank 0 precomputed them (rank 1 waited and read them)
+        assert "large_teacher_unlabeled.npy" in written and "large_teacher_labeled.npy" in written
     assert json.loads((two / "results.json").read_text())["results"][0]["steps"] == steps
 
 
