@@ -2,15 +2,18 @@
 
 The model is a float64 MLP on the flattened 8x8 digits, registered by this file, without BatchNorm
 or dropout: with those, 2 processes and 1 differ by design (per-process batch statistics and masks).
-The torchrun workers get the model, and a record of what each rank writes and trains on, through a
-``sitecustomize`` module put on their PYTHONPATH, so the command under test stays exactly
-``python -m torch.distributed.run ... -m metapl train``.
+The torchrun workers get the model, and a record of what each rank writes, trains on and draws at
+random, through a ``sitecustomize`` module put on their PYTHONPATH, so the command under test stays
+exactly ``python -m torch.distributed.run ... -m metapl train``. A variant of the MLP with dropout
+serves the test of each rank's own random draws.
 """
 
 from __future__ import annotations
 
 import atexit
 import csv
+import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -34,6 +37,10 @@ MODEL = "flat_mlp_float64"
 REPORT_ENV = "METAPL_TORCHRUN_TEST_REPORT"  # folder for the workers' reports
 OUT_ENV = "METAPL_TORCHRUN_TEST_OUT"  # the run folder whose writes are recorded
 KILL_ENV = "METAPL_TORCHRUN_TEST_KILL_AT"  # rank 0 SIGKILLs itself as it draws this step's batch
+# What a torchrun worker drew at random, in order, for its report: ["step", s] as it draws step s's
+# batch, ["dropout", mask] per training-mode forward of _RecordedDropout (where it zeroed), and
+# ["sampled", labels, state] per Categorical sample (the global generator's state it sampled from).
+DRAWS: list[list] = []
 
 
 def register_test_model() -> None:
@@ -60,8 +67,21 @@ def register_test_model() -> None:
         net.double()
         return nn.Sequential(_ToFloat64(), net)
 
+    def flat_dropout_mlp_float64(num_classes: int, dropout: float = 0.0) -> nn.Module:
+        """With dropout, whose masks the torchrun workers report (each rank's own draws)."""
+        net = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(64, 16),
+            nn.Tanh(),
+            _RecordedDropout(dropout),
+            nn.Linear(16, num_classes),
+        )
+        net.double()
+        return nn.Sequential(_ToFloat64(), net)
+
     register_model(flat_mlp_float64)
     register_model(flat_bn_mlp_float64)
+    register_model(flat_dropout_mlp_float64)
 
 
 class _ToFloat64(nn.Module):
@@ -69,15 +89,31 @@ class _ToFloat64(nn.Module):
         return x.double()
 
 
+class _RecordedDropout(nn.Dropout):
+    def forward(self, x):
+        out = super().forward(x)
+        if self.training and self.p > 0:
+            DRAWS.append(["dropout", (out == 0).flatten().tolist()])
+        return out
+
+
+def batch_tensors(batch) -> dict[str, list]:
+    """A batch's tensors (images, labels, distributions) as lists, by field name."""
+    fields = ((f.name, getattr(batch, f.name)) for f in dataclasses.fields(batch))
+    return {name: value.tolist() for name, value in fields if isinstance(value, torch.Tensor)}
+
+
 def worker_setup() -> None:
     """Run by each torchrun worker at startup (see the module docstring): register the model and
     record every write under the run folder and the size of every batch this rank trains on."""
     register_test_model()
+    from torch.distributions import Categorical
+
     from metapl.train import data
 
     rank = int(os.environ["RANK"])
     out = os.path.abspath(os.environ[OUT_ENV])
-    report = {"writes": [], "batches": []}
+    report = {"writes": [], "batches": [], "images": [], "draws": DRAWS}
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
     path_events = ("os.mkdir", "os.rename", "os.link", "os.remove", "os.rmdir", "os.truncate")
 
@@ -106,12 +142,23 @@ def worker_setup() -> None:
     def batch(self, step, views=None):
         if rank == 0 and os.environ.get(KILL_ENV) == str(step):
             os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer would: no cleanup at all
+        DRAWS.append(["step", step])  # before the step's draws (the batch's own are seeded apart)
         b = original_batch(self, step, views)
         unlabeled = b.x_unlabeled_strong if b.x_unlabeled_strong is not None else b.x_labeled[:0]
         report["batches"].append([step, len(b.x_labeled), len(b.y_labeled), len(unlabeled)])
+        report["images"].append([step, batch_tensors(b)])
         return b
 
     data.BatchSource.batch = batch
+    original_sample = Categorical.sample
+
+    def sample(self, sample_shape=torch.Size()):  # noqa: B008 (torch's own default)
+        state = hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest()
+        drawn = original_sample(self, sample_shape)
+        DRAWS.append(["sampled", drawn.flatten().tolist(), state])
+        return drawn
+
+    Categorical.sample = sample
 
     def dump():
         text = json.dumps(report)  # before the hook could see this file: it is not under `out`
@@ -127,8 +174,9 @@ if "RANK" in os.environ and os.environ.get("{env}"):  # torchrun's workers, not 
 """
 
 
-def options(steps: int, *extra: str) -> list[str]:
-    """A few steps of a tiny float64 MLP on digits: labeled batch 10, unlabeled 20."""
+def options(steps: int, *extra: str, **changes) -> list[str]:
+    """A few steps of a tiny float64 MLP on digits: labeled batch 10, unlabeled 20; ``changes``
+    replace those settings."""
     settings = {
         "model": MODEL,
         "student_dropout": 0,
@@ -143,6 +191,7 @@ def options(steps: int, *extra: str) -> list[str]:
         "eval_every": 2,
         "checkpoint_every": 2,
         "eval_batch_size": 256,
+        **changes,
     }
     args = ["--steps", str(steps), "--device", "cpu", "--quiet"]
     for key, value in settings.items():
@@ -310,6 +359,95 @@ def test_a_two_process_run_killed_and_rerun_ends_with_the_weights_of_an_unbroken
         for key, value in want[name].items():
             assert torch.equal(got[name][key], value), (name, key)
     assert read_metrics(broken / "metrics.csv") == read_metrics(unbroken / "metrics.csv")
+
+
+def _draws_by_step(report: dict) -> dict[int, dict[str, list]]:
+    """A worker's report of its random draws: step -> {"dropout": masks, "sampled": [labels,
+    generator state], ...} in the order drawn."""
+    out: dict[int, dict[str, list]] = {}
+    for kind, *values in report["draws"]:
+        if kind == "step":
+            out[values[0]] = {"dropout": [], "sampled": []}
+        else:
+            out[max(out)][kind].append(values)
+    return out
+
+
+def test_each_rank_draws_its_own_dropout_and_labels_from_the_same_global_batch_reproducibly(
+    tmp_path, monkeypatch
+):
+    """docs/multi-gpu.md on the randomness of N processes, here on RandAugment+MPL with dropout 0.5
+    in both models and the first-order estimator's sampled labels (3 steps, 2 processes):
+
+    * "Each rank draws and augments the whole global batch exactly as a single process would
+      (seeded by (seed, step)), then keeps its slice": the ranks' slices (strong views included)
+      differ and concatenate to the batch a 1-process run trains on;
+    * "Dropout and the first-order estimator's sampled labels. Each rank draws its own, seeded by
+      (seed, step, rank)": the ranks' dropout masks differ, and so does the generator state each
+      samples its labels from (with one stream for all, every slice would get the same masks:
+      correlated noise that no 1-process run on the whole batch has); a step's differ from the
+      step before's;
+    * and so the same command run twice draws the same and ends with the same weights and metrics.
+    """
+    from metapl.train import data
+
+    register_test_model()
+    preset = "digits-randaugment-mpl"
+    dropout = {"model": "flat_dropout_mlp_float64", "student_dropout": 0.5, "teacher_dropout": 0.5}
+    args = for_preset(preset, options(3, "--set", "mpl_estimator=first_order", **dropout))
+    first, second, one = tmp_path / "first", tmp_path / "second", tmp_path / "one"
+    reports = [torchrun(tmp_path, preset, out, args) for out in (first, second)]
+
+    single: dict[int, dict[str, list]] = {}  # the batches of one process
+    original_batch = data.BatchSource.batch
+
+    def recorded_batch(self, step, views=None):
+        b = original_batch(self, step, views)
+        single[step] = batch_tensors(b)
+        return b
+
+    monkeypatch.setattr(data.BatchSource, "batch", recorded_batch)
+    assert main(["train", "--preset", preset, "--out", str(one), *args]) == 0
+    assert sorted(single) == [0, 1, 2]
+    for report in reports:
+        slices = [dict(report[rank]["images"]) for rank in (0, 1)]
+        assert all(sorted(s) == [0, 1, 2] for s in slices)
+        for step, whole in single.items():
+            assert sorted(whole) == [
+                "x_labeled",
+                "x_labeled_strong",
+                "x_unlabeled_strong",
+                "y_labeled",
+            ]
+            for name, value in whole.items():
+                halves = [slices[rank][step][name] for rank in (0, 1)]
+                assert len(halves[0]) == len(halves[1]) == len(value) // 2
+                assert halves[0] != halves[1], (step, name)
+                assert halves[0] + halves[1] == value, (step, name)
+
+    draws = [[_draws_by_step(report[rank]) for rank in (0, 1)] for report in reports]
+    assert draws[0] == draws[1]  # the same command draws the same
+    rank0, rank1 = draws[0]
+    assert sorted(rank0) == sorted(rank1) == [0, 1, 2]
+    for step in (0, 1, 2):
+        for rank in (rank0, rank1):  # both models dropped out; the student learned sampled labels
+            assert len(rank[step]["dropout"]) >= 2 and len(rank[step]["sampled"]) == 1
+        assert rank0[step]["dropout"] != rank1[step]["dropout"], step
+        assert rank0[step]["sampled"][0][1] != rank1[step]["sampled"][0][1], step
+    # Steps 1 and 2: step 0 also holds the MPL step's trial forwards of the student on each new
+    # batch size (metapl.mpl.student_checks.check_student_takes, whose draws are undone).
+    for rank in (rank0, rank1):
+        assert len(rank[1]["dropout"]) == len(rank[2]["dropout"])
+        assert rank[1]["dropout"] != rank[2]["dropout"]
+        assert rank[1]["sampled"][0][1] != rank[2]["sampled"][0][1]
+
+    got, want = load_checkpoint(second / "checkpoint.pt"), load_checkpoint(first / "checkpoint.pt")
+    assert got["step"] == want["step"] == 3
+    for name in ("student", "teacher"):
+        assert got[name].keys() == want[name].keys()
+        for key, value in want[name].items():
+            assert torch.equal(got[name][key], value), (name, key)
+    assert read_metrics(second / "metrics.csv") == read_metrics(first / "metrics.csv")
 
 
 def test_batch_size_must_divide_among_the_processes(tmp_path, monkeypatch, capsys):
