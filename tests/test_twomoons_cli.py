@@ -72,6 +72,46 @@ def test_bad_seeds_exit_2_with_one_line(tmp_path, seeds):
     assert not (tmp_path / "o").exists()
 
 
+def test_the_number_of_threads_changes_no_result(monkeypatch):
+    """`--threads` defaults to 1 (2 threads ran 3.6x slower beside other work); the help and the
+    code's comment say 1 and 2 threads give the same results to the bit. Would break: a reduction
+    split by thread count (then the choice of threads would move the published numbers)."""
+    cfg = TwoMoonsConfig(seeds=list(range(10)), steps=40)
+    results = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            res = run(cfg)
+            results.append((res["records"], res["cosines"]))
+    finally:
+        torch.set_num_threads(before)
+    (records_1, cosines_1), (records_2, cosines_2) = results
+    assert records_1 == records_2
+    for method in cosines_1:
+        assert torch.equal(cosines_1[method], cosines_2[method])
+
+
+@pytest.mark.parametrize("given, used", [([], 1), (["--threads", "2"], 2)])
+def test_threads_option_is_used_for_the_run_and_given_back(tmp_path, monkeypatch, given, used):
+    seen = []
+    monkeypatch.setattr(
+        "metapl.experiments.twomoons.run",
+        lambda cfg, show_progress: seen.append(torch.get_num_threads()) or run(cfg),
+    )
+    before = torch.get_num_threads()
+    args = ["twomoons", "--seeds", "0", "--steps", "2", "--out", str(tmp_path / "o"), "--quiet"]
+    assert main([*args, *given]) == 0
+    assert seen == [used] and torch.get_num_threads() == before
+
+
+def test_threads_below_one_is_an_error(tmp_path, capsys):
+    args = ["twomoons", "--threads", "0", "--out", str(tmp_path / "o"), "--quiet"]
+    assert main(args) == 2
+    assert capsys.readouterr().err == "metapl twomoons: error: --threads must be >= 1, got 0\n"
+    assert not (tmp_path / "o").exists()
+
+
 def test_labeled_points_are_three_per_class_and_deterministic():
     a, b = make_twomoons(3), make_twomoons(3)
     assert np.array_equal(a.labeled, b.labeled)

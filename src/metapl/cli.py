@@ -92,21 +92,34 @@ class _Formatter(argparse.HelpFormatter):
 def _cmd_twomoons(args: argparse.Namespace) -> None:
     from dataclasses import asdict
 
+    import torch
+
     from metapl.experiments.twomoons import TwoMoonsConfig, run, save, summarize
 
     if args.steps is not None and args.steps < 1:
         raise ConfigError("--steps must be >= 1")
     if not 0.0 <= args.noise <= 1.0:
         raise ConfigError(f"--noise must be in [0, 1], got {args.noise}")
+    if args.threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {args.threads}")
     out = output_folder(args.out, command="twomoons")
     cfg = TwoMoonsConfig(seeds=parse_seeds(args.seeds), noise=args.noise, estimator=args.estimator)
     if args.steps is not None:
         cfg.steps = args.steps
     check_replaceable(out, "TwoMoons", asdict(cfg))
-    start = time.perf_counter()
-    result = run(cfg, show_progress=not args.quiet)
-    save(result, cfg, out)
-    elapsed = time.perf_counter() - start
+    # One thread by default: more threads barely help operations this small, and when other
+    # processes share the cores, threads that wait for each other at every operation lose their
+    # turns (measured: 2 threads 3.6x slower than 1 beside two busy processes on 2 cores). With
+    # 1 and 2 threads the results are the same, to the bit (tested).
+    threads_before = torch.get_num_threads()  # given back: main() is also called in-process
+    torch.set_num_threads(args.threads)
+    try:
+        start = time.perf_counter()
+        result = run(cfg, show_progress=not args.quiet)
+        save(result, cfg, out)
+        elapsed = time.perf_counter() - start
+    finally:
+        torch.set_num_threads(threads_before)
     print(
         f"TwoMoons, noise {cfg.noise}, {len(cfg.seeds)} seeds ({args.seeds}), MPL's teacher "
         f"gradient {cfg.estimator.replace('_', '-')}, accuracy on all 2,000 points:"
@@ -306,6 +319,16 @@ def build_parser() -> argparse.ArgumentParser:
         help=(
             "MPL's teacher gradient: exact (Section 3, the default) or first_order (the paper's "
             "practical REINFORCE estimator on sampled hard labels, with a moving-average baseline)"
+        ),
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help=(
+            "PyTorch CPU threads (default: 1; the stacked models' small operations gain about 15%% "
+            "from a second thread on 2 idle cores, and run 3.6x slower with it when other work "
+            "shares the cores; benchmarks/results/twomoons_cpu.json)"
         ),
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
