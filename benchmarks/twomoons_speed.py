@@ -1,9 +1,10 @@
 """Wall-clock time of the whole `metapl twomoons --seeds 0-9` (all methods), as a user runs it.
 
 Runs the real command in a fresh process `--repeats` times for each number of PyTorch threads in
-`--threads`, on an idle machine and beside each number of busy processes in `--load` (pure-Python
-loops, one core each: other work sharing the cores), and saves the times with the machine's
-description: python benchmarks/twomoons_speed.py --json benchmarks/results/twomoons_cpu.json
+`--threads` ("auto": the command's default, which counts the cores other work leaves idle), on an
+idle machine and beside each number of busy processes in `--load` (pure-Python loops, one core
+each: other work sharing the cores), and saves the times with the machine's description:
+python benchmarks/twomoons_speed.py --json benchmarks/results/twomoons_cpu.json
 
 The runs alternate (every setting once per round) so that a change in the machine's own load hits
 all settings alike.
@@ -28,13 +29,23 @@ def _ints(text: str) -> list[int]:
     return [int(part) for part in text.split(",")]
 
 
-def time_command(seeds: str, threads: int, load: int) -> float:
+def _threads(text: str) -> list[str]:
+    """Thread counts as given ("auto" or a number), checked."""
+    parts = text.split(",")
+    for part in parts:
+        if part != "auto" and not (part.isdigit() and int(part) >= 1):
+            raise ValueError(part)
+    return parts
+
+
+def time_command(seeds: str, threads: str, load: int) -> float:
     """Seconds of one `metapl twomoons` run with ``threads`` beside ``load`` busy processes."""
     busy = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) for _ in range(load)]
     try:
         with tempfile.TemporaryDirectory() as out:
             cmd = [sys.executable, "-m", "metapl", "twomoons", "--seeds", seeds, "--out", out]
-            cmd += ["--threads", str(threads), "--quiet"]
+            cmd += [] if threads == "auto" else ["--threads", threads]
+            cmd += ["--quiet"]
             start = time.perf_counter()
             subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
             return time.perf_counter() - start
@@ -48,11 +59,13 @@ def main() -> None:
     ap = parser_with_json(__doc__)
     ap.add_argument("--seeds", default="0-9")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=_ints, default=[1, 2], help="e.g. 1,2 (default)")
+    ap.add_argument(
+        "--threads", type=_threads, default=["1", "2", "auto"], help="e.g. 1,2,auto (default)"
+    )
     ap.add_argument("--load", type=_ints, default=[0, 2], help="busy processes, e.g. 0,2 (default)")
     args = ap.parse_args()
     settings = [(threads, load) for load in args.load for threads in args.threads]
-    times: dict[tuple[int, int], list[float]] = {setting: [] for setting in settings}
+    times: dict[tuple[str, int], list[float]] = {setting: [] for setting in settings}
     for _ in range(args.repeats):
         for threads, load in settings:
             times[threads, load].append(time_command(args.seeds, threads, load))
@@ -60,7 +73,8 @@ def main() -> None:
     results = [
         {
             "name": f"twomoons_seeds_{args.seeds}_all_methods_threads{threads}_load{load}",
-            "command": f"metapl twomoons --seeds {args.seeds} --threads {threads}",
+            "command": f"metapl twomoons --seeds {args.seeds}"
+            + ("" if threads == "auto" else f" --threads {threads}"),
             "threads": threads,
             "busy_processes": load,
             "seconds_median": statistics.median(times[threads, load]),

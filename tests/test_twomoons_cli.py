@@ -1,6 +1,7 @@
 """End-to-end: `metapl twomoons` writes what it promises, and rejects bad input cleanly."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -10,8 +11,9 @@ import torch
 
 from metapl.cli import main
 from metapl.data.twomoons import make_twomoons
+from metapl.experiments import twomoons
 from metapl.experiments.stacked import StackedMLP
-from metapl.experiments.twomoons import TwoMoonsConfig, run
+from metapl.experiments.twomoons import TwoMoonsConfig, idle_cores_threads, run
 
 
 def test_twomoons_writes_results_and_figures(tmp_path, capsys):
@@ -73,9 +75,9 @@ def test_bad_seeds_exit_2_with_one_line(tmp_path, seeds):
 
 
 def test_the_number_of_threads_changes_no_result(monkeypatch):
-    """`--threads` defaults to 1 (2 threads ran 3.6x slower beside other work); the help and the
-    code's comment say 1 and 2 threads give the same results to the bit. Would break: a reduction
-    split by thread count (then the choice of threads would move the published numbers)."""
+    """The thread count follows the machine's load (idle_cores_threads); the help says the results
+    are the same, and they are, to the bit. Would break: a reduction split by thread count (then a
+    busy machine would move the published numbers)."""
     cfg = TwoMoonsConfig(seeds=list(range(10)), steps=40)
     results = []
     before = torch.get_num_threads()
@@ -92,17 +94,62 @@ def test_the_number_of_threads_changes_no_result(monkeypatch):
         assert torch.equal(cosines_1[method], cosines_2[method])
 
 
-@pytest.mark.parametrize("given, used", [([], 1), (["--threads", "2"], 2)])
+@pytest.mark.parametrize("given, used", [([], 3), (["--threads", "2"], 2)])
 def test_threads_option_is_used_for_the_run_and_given_back(tmp_path, monkeypatch, given, used):
+    """Without --threads, the idle cores' count (3 here); the process's own setting afterwards."""
     seen = []
     monkeypatch.setattr(
         "metapl.experiments.twomoons.run",
         lambda cfg, show_progress: seen.append(torch.get_num_threads()) or run(cfg),
     )
+    monkeypatch.setattr("metapl.experiments.twomoons.idle_cores_threads", lambda: 3)
     before = torch.get_num_threads()
     args = ["twomoons", "--seeds", "0", "--steps", "2", "--out", str(tmp_path / "o"), "--quiet"]
     assert main([*args, *given]) == 0
     assert seen == [used] and torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize(
+    "torch_default, load, threads",
+    [(2, 0.0, 2), (2, 2.4, 2), (2, 2.6, 1), (2, 5.0, 1), (1, 0.0, 1), (8, 0.0, 4), (8, 1.2, 3)],
+)
+def test_threads_by_default_are_the_cores_other_work_leaves_idle(
+    monkeypatch, torch_default, load, threads
+):
+    """4 cores for this process, PyTorch's default and the cores other work keeps busy vary. Would
+    break: a busy machine given PyTorch's threads (3x slower on 2 cores beside 2 busy
+    processes), or an idle one given 1 (1.45x slower)."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(twomoons, "_busy_cores", lambda: load)
+    before = torch.get_num_threads()
+    torch.set_num_threads(torch_default)
+    try:
+        assert idle_cores_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_busy_cores_are_read_from_proc_stat_now(monkeypatch, tmp_path):
+    """/proc/stat's first line twice: 2 cores, of 1,000 ticks 250 idle and 50 iowait, so 1.4
+    cores busy; without it, the load average. Would break: iowait counted as busy, the whole
+    machine's ticks taken for one core, or the load average (a minute behind) read first."""
+    lines = iter(["cpu 100 0 100 100 0 0 0 0 0 0\n", "cpu 500 0 400 350 50 0 0 0 0 0\n"])
+    real_open = open
+
+    def fake_open(path, *args, **kwargs):
+        if path == "/proc/stat":
+            stat = tmp_path / "stat"
+            stat.write_text(next(lines, ""))
+            if not stat.read_text():  # read twice: now as if there were no /proc/stat
+                raise FileNotFoundError(path)
+            return real_open(stat, *args, **kwargs)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", fake_open)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 0.0, 0.0))
+    assert twomoons._busy_cores(window_s=0.0) == pytest.approx(2 * (1 - 300 / 1000))
+    assert twomoons._busy_cores(window_s=0.0) == 9.0  # the file read fails: the load average
 
 
 def test_threads_below_one_is_an_error(tmp_path, capsys):

@@ -94,25 +94,29 @@ def _cmd_twomoons(args: argparse.Namespace) -> None:
 
     import torch
 
-    from metapl.experiments.twomoons import TwoMoonsConfig, run, save, summarize
+    from metapl.experiments.twomoons import (
+        TwoMoonsConfig,
+        idle_cores_threads,
+        run,
+        save,
+        summarize,
+    )
 
     if args.steps is not None and args.steps < 1:
         raise ConfigError("--steps must be >= 1")
     if not 0.0 <= args.noise <= 1.0:
         raise ConfigError(f"--noise must be in [0, 1], got {args.noise}")
-    if args.threads < 1:
+    if args.threads is not None and args.threads < 1:
         raise ConfigError(f"--threads must be >= 1, got {args.threads}")
     out = output_folder(args.out, command="twomoons")
     cfg = TwoMoonsConfig(seeds=parse_seeds(args.seeds), noise=args.noise, estimator=args.estimator)
     if args.steps is not None:
         cfg.steps = args.steps
     check_replaceable(out, "TwoMoons", asdict(cfg))
-    # One thread by default: more threads barely help operations this small, and when other
-    # processes share the cores, threads that wait for each other at every operation lose their
-    # turns (measured: 2 threads 3.6x slower than 1 beside two busy processes on 2 cores). With
-    # 1 and 2 threads the results are the same, to the bit (tested).
+    # Threads that other work would take turns from slow every operation down (idle_cores_threads)
     threads_before = torch.get_num_threads()  # given back: main() is also called in-process
-    torch.set_num_threads(args.threads)
+    threads = args.threads or idle_cores_threads()
+    torch.set_num_threads(threads)
     try:
         start = time.perf_counter()
         result = run(cfg, show_progress=not args.quiet)
@@ -128,7 +132,10 @@ def _cmd_twomoons(args: argparse.Namespace) -> None:
         print(f"  {method:<18} {100 * mean:6.2f} +- {100 * std:5.2f} %  (n={n})")
     baselines = ("supervised", "pseudo_label_hard", "pseudo_label_soft")
     print_paired_differences(paired_differences(result["records"], [("mpl", b) for b in baselines]))
-    print(f"wrote {args.out}/results.json, twomoons.png, grad_cosine.png in {elapsed:.1f} s")
+    print(
+        f"wrote {args.out}/results.json, twomoons.png, grad_cosine.png in {elapsed:.1f} s "
+        f"({threads} thread{'s' if threads > 1 else ''})"
+    )
 
 
 def _saved_config(out: Path) -> dict:
@@ -324,11 +331,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--threads",
         type=int,
-        default=1,
+        default=None,
         help=(
-            "PyTorch CPU threads (default: 1; the stacked models' small operations gain about 15%% "
-            "from a second thread on 2 idle cores, and run 3.6x slower with it when other work "
-            "shares the cores; benchmarks/results/twomoons_cpu.json)"
+            "PyTorch CPU threads (default: PyTorch's, but no more than the cores other work "
+            "leaves idle by the load average: on 2 cores a second thread runs this 1.45x faster "
+            "when they are idle, and 3x slower beside two busy processes; the results are the "
+            "same)"
         ),
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
