@@ -117,8 +117,8 @@ def test_threads_by_default_are_the_cores_other_work_leaves_idle(
     monkeypatch, torch_default, load, threads
 ):
     """4 cores for this process, PyTorch's default and the cores other work keeps busy vary. Would
-    break: a busy machine given PyTorch's threads (3x slower on 2 cores beside 2 busy
-    processes), or an idle one given 1 (1.45x slower)."""
+    break: a busy machine given PyTorch's threads (on 2 cores beside 2 busy processes, 181 s
+    instead of 69 s), or an idle one given 1 (39 s instead of 30-34 s)."""
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
     monkeypatch.setattr(twomoons, "_busy_cores", lambda: load)
     before = torch.get_num_threads()

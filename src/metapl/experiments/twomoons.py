@@ -1,8 +1,8 @@
 """Figure 1 and Figure 8 on TwoMoons: supervised, pseudo label (hard, soft) and MPL.
 
 Every method trains all seeds at once (one :class:`StackedMLP` member per seed) so that
-``metapl twomoons --seeds 0-9`` takes about half a minute on 2 CPU cores (25-37 s, docs/results.md,
-CPU step timings). MPL here is Section 3's method alone:
+``metapl twomoons --seeds 0-9`` takes about half a minute on 2 idle CPU cores (docs/results.md,
+TwoMoons: Speed). MPL here is Section 3's method alone:
 the student learns only the teacher's soft targets on the unlabeled points; the teacher gets the MPL
 signal (exact gradient) plus the supervised signal on the 6 labeled points. No consistency loss.
 """
@@ -58,9 +58,10 @@ def idle_cores_threads() -> int:
     leaves idle (the cores this process may use minus :func:`_busy_cores`), and at least 1.
 
     The stacked models' operations are small, so their threads wait for each other at every one,
-    and a thread that loses its turn to another process holds up the rest. On 2 idle cores, 2
-    threads ran ``metapl twomoons --seeds 0-9`` in 30 s and 1 thread in 43 s; beside 2 busy
-    processes, 2 threads took 192 s and 1 thread 63 s (``benchmarks/results/twomoons_cpu.json``).
+    and a thread that loses its turn to another process holds up the rest. ``metapl twomoons
+    --seeds 0-9`` on 2 idle cores: 2 threads 30-34 s, 1 thread 39 s; beside 2 busy processes: 2
+    threads 181 s, 1 thread 69 s; this default 30 s and 67 s (medians of 2 runs,
+    ``benchmarks/results/twomoons_cpu.json``).
     The results do not depend on the number of threads (tested)."""
     try:
         cores = len(os.sched_getaffinity(0))
