@@ -1,7 +1,6 @@
 """End-to-end: `metapl twomoons` writes what it promises, and rejects bad input cleanly."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -11,9 +10,8 @@ import torch
 
 from metapl.cli import main
 from metapl.data.twomoons import make_twomoons
-from metapl.experiments import twomoons
 from metapl.experiments.stacked import StackedMLP
-from metapl.experiments.twomoons import TwoMoonsConfig, idle_cores_threads, run
+from metapl.experiments.twomoons import TwoMoonsConfig, run
 
 
 def test_twomoons_writes_results_and_figures(tmp_path, capsys):
@@ -92,71 +90,6 @@ def test_the_number_of_threads_changes_no_result(monkeypatch):
     assert records_1 == records_2
     for method in cosines_1:
         assert torch.equal(cosines_1[method], cosines_2[method])
-
-
-@pytest.mark.parametrize("given, used", [([], 3), (["--threads", "2"], 2)])
-def test_threads_option_is_used_for_the_run_and_given_back(tmp_path, monkeypatch, given, used):
-    """Without --threads, the idle cores' count (3 here); the process's own setting afterwards."""
-    seen = []
-    monkeypatch.setattr(
-        "metapl.experiments.twomoons.run",
-        lambda cfg, show_progress: seen.append(torch.get_num_threads()) or run(cfg),
-    )
-    monkeypatch.setattr("metapl.experiments.twomoons.idle_cores_threads", lambda: 3)
-    before = torch.get_num_threads()
-    args = ["twomoons", "--seeds", "0", "--steps", "2", "--out", str(tmp_path / "o"), "--quiet"]
-    assert main([*args, *given]) == 0
-    assert seen == [used] and torch.get_num_threads() == before
-
-
-@pytest.mark.parametrize(
-    "torch_default, load, threads",
-    [(2, 0.0, 2), (2, 2.4, 2), (2, 2.6, 1), (2, 5.0, 1), (1, 0.0, 1), (8, 0.0, 4), (8, 1.2, 3)],
-)
-def test_threads_by_default_are_the_cores_other_work_leaves_idle(
-    monkeypatch, torch_default, load, threads
-):
-    """4 cores for this process, PyTorch's default and the cores other work keeps busy vary. Would
-    break: a busy machine given PyTorch's threads (on 2 cores beside 2 busy processes, 181 s
-    instead of 69 s), or an idle one given 1 (39 s instead of 30-34 s)."""
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
-    monkeypatch.setattr(twomoons, "_busy_cores", lambda: load)
-    before = torch.get_num_threads()
-    torch.set_num_threads(torch_default)
-    try:
-        assert idle_cores_threads() == threads
-    finally:
-        torch.set_num_threads(before)
-
-
-def test_busy_cores_are_read_from_proc_stat_now(monkeypatch, tmp_path):
-    """/proc/stat's first line twice: 2 cores, of 1,000 ticks 250 idle and 50 iowait, so 1.4
-    cores busy; without it, the load average. Would break: iowait counted as busy, the whole
-    machine's ticks taken for one core, or the load average (a minute behind) read first."""
-    lines = iter(["cpu 100 0 100 100 0 0 0 0 0 0\n", "cpu 500 0 400 350 50 0 0 0 0 0\n"])
-    real_open = open
-
-    def fake_open(path, *args, **kwargs):
-        if path == "/proc/stat":
-            stat = tmp_path / "stat"
-            stat.write_text(next(lines, ""))
-            if not stat.read_text():  # read twice: now as if there were no /proc/stat
-                raise FileNotFoundError(path)
-            return real_open(stat, *args, **kwargs)
-        return real_open(path, *args, **kwargs)
-
-    monkeypatch.setattr("builtins.open", fake_open)
-    monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 0.0, 0.0))
-    assert twomoons._busy_cores(window_s=0.0) == pytest.approx(2 * (1 - 300 / 1000))
-    assert twomoons._busy_cores(window_s=0.0) == 9.0  # the file read fails: the load average
-
-
-def test_threads_below_one_is_an_error(tmp_path, capsys):
-    args = ["twomoons", "--threads", "0", "--out", str(tmp_path / "o"), "--quiet"]
-    assert main(args) == 2
-    assert capsys.readouterr().err == "metapl twomoons: error: --threads must be >= 1, got 0\n"
-    assert not (tmp_path / "o").exists()
 
 
 def test_labeled_points_are_three_per_class_and_deterministic():

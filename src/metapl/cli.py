@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn
 
+from metapl import cpu_threads
 from metapl.errors import ConfigError, MetaplError, did_you_mean
 from metapl.progress import close_bars
 from metapl.report import (
@@ -92,38 +93,26 @@ class _Formatter(argparse.HelpFormatter):
 def _cmd_twomoons(args: argparse.Namespace) -> None:
     from dataclasses import asdict
 
-    import torch
-
-    from metapl.experiments.twomoons import (
-        TwoMoonsConfig,
-        idle_cores_threads,
-        run,
-        save,
-        summarize,
-    )
+    from metapl.experiments.twomoons import TwoMoonsConfig, run, save, summarize
 
     if args.steps is not None and args.steps < 1:
         raise ConfigError("--steps must be >= 1")
     if not 0.0 <= args.noise <= 1.0:
         raise ConfigError(f"--noise must be in [0, 1], got {args.noise}")
-    if args.threads is not None and args.threads < 1:
+    if args.threads is not None and args.threads < 1:  # before the output folder is made
         raise ConfigError(f"--threads must be >= 1, got {args.threads}")
     out = output_folder(args.out, command="twomoons")
     cfg = TwoMoonsConfig(seeds=parse_seeds(args.seeds), noise=args.noise, estimator=args.estimator)
     if args.steps is not None:
         cfg.steps = args.steps
     check_replaceable(out, "TwoMoons", asdict(cfg))
-    # Threads that other work would take turns from slow every operation down (idle_cores_threads)
-    threads_before = torch.get_num_threads()  # given back: main() is also called in-process
-    threads = args.threads or idle_cores_threads()
-    torch.set_num_threads(threads)
-    try:
+    with cpu_threads.cpu_threads(
+        args.threads, follows_load=True
+    ) as threads:  # see metapl.cpu_threads
         start = time.perf_counter()
         result = run(cfg, show_progress=not args.quiet)
         save(result, cfg, out)
         elapsed = time.perf_counter() - start
-    finally:
-        torch.set_num_threads(threads_before)
     print(
         f"TwoMoons, noise {cfg.noise}, {len(cfg.seeds)} seeds ({args.seeds}), MPL's teacher "
         f"gradient {cfg.estimator.replace('_', '-')}, accuracy on all 2,000 points:"
@@ -173,7 +162,11 @@ def _cmd_train(args: argparse.Namespace) -> None:
     cfg = _train_config(args)
     from metapl.distributed import torchrun_world
 
-    summary = train(cfg, output_folder(args.out, command="train"), show_progress=not args.quiet)
+    if args.threads is not None and args.threads < 1:  # before the output folder is made
+        raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+    out = output_folder(args.out, command="train")
+    with cpu_threads.cpu_threads(args.threads, follows_load=False):  # see metapl.cpu_threads
+        summary = train(cfg, out, show_progress=not args.quiet)
     if torchrun_world()[0] != 0:
         return  # under torchrun, rank 0 speaks for the run
     row = summary["results"][0]
@@ -328,16 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
             "practical REINFORCE estimator on sampled hard labels, with a moving-average baseline)"
         ),
     )
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help=(
-            "PyTorch CPU threads (default: PyTorch's, but no more than the cores other work "
-            "leaves idle. On 2 idle cores 2 threads took 30-34 s and 1 thread 39 s; beside two "
-            "busy processes, 181 s and 69 s. The results are the same)"
-        ),
-    )
+    cpu_threads.add_threads_option(p, follows_load=True)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_twomoons)
 
@@ -376,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint-every", type=int, help="steps between checkpoints (default: the preset's)"
     )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: auto")
+    cpu_threads.add_threads_option(p, follows_load=False)
     p.add_argument(
         "--seed", type=int, help="seed of the run (and of the digits split; default: the preset's)"
     )

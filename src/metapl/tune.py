@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 
+from metapl import cpu_threads
+
 HELP = "hyper-parameter search on the tuning split (Appendix C.1), with Optuna"
 DESCRIPTION = (
     "Incremental tuning as in Appendix C.1. Stage student tunes the supervised student (student "
@@ -49,6 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--steps", type=int, help="training steps of every trial (a short budget)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: auto")
+    cpu_threads.add_threads_option(parser, follows_load=False)
     parser.add_argument(
         "--set",
         action="append",
@@ -70,6 +73,8 @@ def run(args: argparse.Namespace) -> None:
 
     if args.steps is not None and args.steps < 1:
         raise ConfigError(f"--steps must be >= 1, got {args.steps}")
+    if args.threads is not None and args.threads < 1:  # before the output folder is made
+        raise ConfigError(f"--threads must be >= 1, got {args.threads}")
     runtime = {
         key: getattr(args, key)
         for key in ("steps", "device", "data_dir")
@@ -89,7 +94,8 @@ def run(args: argparse.Namespace) -> None:
         prune=not args.no_prune,
         show_progress=not args.quiet,
     )
-    path = tune(opts)
+    with cpu_threads.cpu_threads(args.threads, follows_load=False):  # see metapl.cpu_threads
+        path = tune(opts)
     if path is None:  # no trial finished yet; others run elsewhere (the tuner said so)
         return
     print(f"wrote {path}: {train_command(opts)}")

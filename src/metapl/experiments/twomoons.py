@@ -9,8 +9,6 @@ signal (exact gradient) plus the supervised signal on the 6 labeled points. No c
 
 from __future__ import annotations
 
-import os
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,46 +26,6 @@ from metapl.progress import progress_bar
 from metapl.report import write_json_atomic
 
 METHODS = ("supervised", "pseudo_label_hard", "pseudo_label_soft", "mpl")
-
-
-def _busy_cores(window_s: float = 0.3) -> float:
-    """How many of the machine's cores other work keeps busy now: from ``/proc/stat`` over
-    ``window_s`` (Linux), else the 1-minute load average, which lags a minute behind (a command
-    that just ended, such as the README's ``pip install``, still counts there), else 0."""
-
-    def cpu_times() -> list[int]:
-        with open("/proc/stat") as stat:
-            return [int(v) for v in stat.readline().split()[1:]]
-
-    try:
-        before = cpu_times()
-        time.sleep(window_s)
-        delta = [b - a for a, b in zip(before, cpu_times())]
-        idle = delta[3] + delta[4]  # idle and iowait
-        return (os.cpu_count() or 1) * (1.0 - idle / max(1, sum(delta)))
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):  # Windows
-        return 0.0
-
-
-def idle_cores_threads() -> int:
-    """PyTorch threads for a run: PyTorch's default, but no more than the cores that other work
-    leaves idle (the cores this process may use minus :func:`_busy_cores`), and at least 1.
-
-    The stacked models' operations are small, so their threads wait for each other at every one,
-    and a thread that loses its turn to another process holds up the rest. ``metapl twomoons
-    --seeds 0-9`` on 2 idle cores: 2 threads 30-34 s, 1 thread 39 s; beside 2 busy processes: 2
-    threads 181 s, 1 thread 69 s; this default 30 s and 67 s (medians of 2 runs,
-    ``benchmarks/results/twomoons_cpu.json``).
-    The results do not depend on the number of threads (tested)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(torch.get_num_threads(), round(cores - _busy_cores())))
 
 
 @dataclass
