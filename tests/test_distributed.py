@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_torchrun import MODEL, register_test_model
+from test_torchrun import TINY_RUN, register_test_model
 from torch import nn
 
 from metapl import MetaPseudoLabels
@@ -75,16 +75,9 @@ def _method_config(method: str):
     cfg = load_preset(f"{family}-{method.replace('_', '-')}")
     assert cfg.method == method
     settings = {
-        "model": MODEL,
-        "student_dropout": 0,
-        "teacher_dropout": 0,
-        "batch_size": 10,
-        "unlabeled_ratio": 2,
+        **TINY_RUN,
         "steps": 2,
         "finetune_steps": 1,
-        "warmup_steps": 1,
-        "uda_warmup_steps": 2,
-        "uda_threshold": 0.0,  # UDA's consistency loss on every image from the start
         "large_teacher": "unread",  # the distributions are made up below, not precomputed
     }
     return apply_overrides(cfg, {k: v for k, v in settings.items() if cfg.ignored_key(k) is None})

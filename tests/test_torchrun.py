@@ -174,18 +174,24 @@ if "RANK" in os.environ and os.environ.get("{env}"):  # torchrun's workers, not 
 """
 
 
+# The tiny float64 MLP on digits of these tests (and tests/test_distributed.py): labeled batch 10,
+# unlabeled 20, no dropout, UDA active from the start (no confident predictions yet).
+TINY_RUN = {
+    "model": MODEL,
+    "student_dropout": 0,
+    "teacher_dropout": 0,
+    "batch_size": 10,
+    "unlabeled_ratio": 2,
+    "warmup_steps": 1,
+    "uda_warmup_steps": 2,
+    "uda_threshold": 0.0,
+}
+
+
 def options(steps: int, *extra: str, **changes) -> list[str]:
-    """A few steps of a tiny float64 MLP on digits: labeled batch 10, unlabeled 20; ``changes``
-    replace those settings."""
+    """A few steps of :data:`TINY_RUN`, without fine-tuning; ``changes`` replace those settings."""
     settings = {
-        "model": MODEL,
-        "student_dropout": 0,
-        "teacher_dropout": 0,
-        "batch_size": 10,
-        "unlabeled_ratio": 2,
-        "warmup_steps": 1,
-        "uda_warmup_steps": 2,
-        "uda_threshold": 0.0,  # UDA active from the start (no confident predictions yet)
+        **TINY_RUN,
         "finetune_steps": 0,
         "log_every": 1,
         "eval_every": 2,
