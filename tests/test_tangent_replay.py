@@ -519,7 +519,8 @@ def test_a_generic_op_that_draws_random_numbers_is_refused():
     ref, _, _ = _run_steps(RandomInsideGeneric, "sgd_nesterov", "forward_ad", steps=2)
     assert paths == ["forward_ad"] * 2
     _assert_same_state(auto, ref, tol=1e-12)
-    with pytest.raises(ConfigError, match="draws random numbers"):
+    # the candidates, as such: the pass cannot tell which of them drew
+    with pytest.raises(ConfigError, match=r"draws random numbers \(one of: .*scaled_dot_product"):
         _run_steps(RandomInsideGeneric, "sgd_nesterov", "tape", steps=1)
 
 

@@ -861,9 +861,12 @@ class TangentTape:
                     tan.pop(k, None)
         if rng is not None and not _same_rng(rng, RngState(rng.device)):
             rng.restore()  # as if the pass had drawn nothing
+            # The pass only shows that the random stream moved, not which operation moved it:
+            # every operation without a rule is named, as a candidate.
             raise TapeUnsupportedError(
-                "an operation without a tangent rule draws random numbers: "
+                "an operation without a tangent rule draws random numbers (one of: "
                 + ", ".join(self.generic_ops)
+                + ")"
             )
         return tan.get(self._out)
 
