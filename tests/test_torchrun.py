@@ -355,16 +355,21 @@ def test_a_two_process_run_killed_and_rerun_ends_with_the_weights_of_an_unbroken
     reports = torchrun(tmp_path, preset, broken, args)
     for rank in (0, 1):  # resumed, not started over: only steps 3 and 4 were trained
         assert [b[0] for b in reports[rank]["batches"]] == [2, 3]
+    assert_same_run(broken, unbroken, step=4)
+
+
+def assert_same_run(got_dir: Path, want_dir: Path, step: int) -> None:
+    """Both run folders end at ``step`` with bit-equal weights and the same metrics."""
     got, want = (
-        load_checkpoint(broken / "checkpoint.pt"),
-        load_checkpoint(unbroken / "checkpoint.pt"),
+        load_checkpoint(got_dir / "checkpoint.pt"),
+        load_checkpoint(want_dir / "checkpoint.pt"),
     )
-    assert got["step"] == want["step"] == 4
+    assert got["step"] == want["step"] == step
     for name in ("student", "teacher"):
         assert got[name].keys() == want[name].keys()
         for key, value in want[name].items():
             assert torch.equal(got[name][key], value), (name, key)
-    assert read_metrics(broken / "metrics.csv") == read_metrics(unbroken / "metrics.csv")
+    assert read_metrics(got_dir / "metrics.csv") == read_metrics(want_dir / "metrics.csv")
 
 
 def _draws_by_step(report: dict) -> dict[int, dict[str, list]]:
@@ -447,13 +452,7 @@ def test_each_rank_draws_its_own_dropout_and_labels_from_the_same_global_batch_r
         assert rank[1]["dropout"] != rank[2]["dropout"]
         assert rank[1]["sampled"][0][1] != rank[2]["sampled"][0][1]
 
-    got, want = load_checkpoint(second / "checkpoint.pt"), load_checkpoint(first / "checkpoint.pt")
-    assert got["step"] == want["step"] == 3
-    for name in ("student", "teacher"):
-        assert got[name].keys() == want[name].keys()
-        for key, value in want[name].items():
-            assert torch.equal(got[name][key], value), (name, key)
-    assert read_metrics(second / "metrics.csv") == read_metrics(first / "metrics.csv")
+    assert_same_run(second, first, step=3)
 
 
 def test_batch_size_must_divide_among_the_processes(tmp_path, monkeypatch, capsys):

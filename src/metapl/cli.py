@@ -99,8 +99,7 @@ def _cmd_twomoons(args: argparse.Namespace) -> None:
         raise ConfigError("--steps must be >= 1")
     if not 0.0 <= args.noise <= 1.0:
         raise ConfigError(f"--noise must be in [0, 1], got {args.noise}")
-    if args.threads is not None and args.threads < 1:  # before the output folder is made
-        raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+    cpu_threads.check_requested(args.threads)  # before the output folder is made
     out = output_folder(args.out, command="twomoons")
     cfg = TwoMoonsConfig(seeds=parse_seeds(args.seeds), noise=args.noise, estimator=args.estimator)
     if args.steps is not None:
@@ -162,8 +161,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
     cfg = _train_config(args)
     from metapl.distributed import torchrun_world
 
-    if args.threads is not None and args.threads < 1:  # before the output folder is made
-        raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+    cpu_threads.check_requested(args.threads)  # before the output folder is made
     out = output_folder(args.out, command="train")
     with cpu_threads.cpu_threads(args.threads, follows_load=False):  # see metapl.cpu_threads
         summary = train(cfg, out, show_progress=not args.quiet)

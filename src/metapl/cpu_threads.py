@@ -89,6 +89,14 @@ def idle_cores_threads() -> int:
     return max(1, min(torch.get_num_threads(), round(cores - busy_cores())))
 
 
+def check_requested(requested: int | None) -> None:
+    """``--threads`` must be >= 1 (commands check it before they make their output folder)."""
+    if requested is not None and requested < 1:
+        from metapl.errors import ConfigError
+
+        raise ConfigError(f"--threads must be >= 1, got {requested}")
+
+
 @contextlib.contextmanager
 def cpu_threads(requested: int | None, follows_load: bool) -> Iterator[int]:
     """PyTorch's CPU threads set to ``requested`` inside the block (None: :func:`idle_cores_threads`
@@ -96,10 +104,7 @@ def cpu_threads(requested: int | None, follows_load: bool) -> Iterator[int]:
     inside test processes)."""
     import torch
 
-    if requested is not None and requested < 1:
-        from metapl.errors import ConfigError
-
-        raise ConfigError(f"--threads must be >= 1, got {requested}")
+    check_requested(requested)
     threads = requested or (idle_cores_threads() if follows_load else torch.get_num_threads())
     before = torch.get_num_threads()
     torch.set_num_threads(threads)

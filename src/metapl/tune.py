@@ -73,8 +73,7 @@ def run(args: argparse.Namespace) -> None:
 
     if args.steps is not None and args.steps < 1:
         raise ConfigError(f"--steps must be >= 1, got {args.steps}")
-    if args.threads is not None and args.threads < 1:  # before the output folder is made
-        raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+    cpu_threads.check_requested(args.threads)  # before the output folder is made
     runtime = {
         key: getattr(args, key)
         for key in ("steps", "device", "data_dir")
