@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from exact_checks import checked_exact_step
 from mpl_helpers import (
     N_CLASSES,
@@ -169,22 +170,41 @@ def test_the_students_kernel_choice_is_given_back():
 # ----------------------------------------------------------------------------- no 2nd derivative
 
 
-class DistanceNet(nn.Module):
-    """Features compared by torch.cdist, which has neither a second derivative nor forward AD."""
+class KeywordScorer(nn.Module):
+    """A keyword-spotting classifier: class c's logit is the CTC log-likelihood of its keyword (a
+    label sequence) over frames computed from x. torch's CTC loss has no second derivative
+    (torch.cdist, used here before, has one since torch 2.14)."""
+
+    KEYWORDS = ((1, 2), (2, 1), (1, 1))  # one per class; symbol 0 is CTC's blank
+    FRAMES, SYMBOLS = 5, 3
 
     def __init__(self):
         super().__init__()
-        self.fc = nn.Linear(4, 6)
-        self.bn = nn.BatchNorm1d(6)
-        self.prototypes = nn.Parameter(torch.randn(N_CLASSES, 6))
+        self.fc = nn.Linear(4, 8)
+        self.bn = nn.BatchNorm1d(8)
+        self.frames = nn.Linear(8, self.FRAMES * self.SYMBOLS)
 
     def forward(self, x: Tensor) -> Tensor:
-        return -torch.cdist(torch.tanh(self.bn(self.fc(x))), self.prototypes)
+        n = x.shape[0]
+        h = self.frames(torch.tanh(self.bn(self.fc(x))))
+        log_probs = h.view(n, self.FRAMES, self.SYMBOLS).transpose(0, 1).log_softmax(-1)
+        frames = torch.full((n,), self.FRAMES, dtype=torch.long)
+        scores = [
+            -F.ctc_loss(
+                log_probs,
+                torch.tensor(keyword).expand(n, -1),
+                frames,
+                torch.full((n,), len(keyword), dtype=torch.long),
+                reduction="none",
+            )
+            for keyword in self.KEYWORDS
+        ]
+        return torch.stack(scores, dim=1)
 
 
 def _distance_problem():
     torch.manual_seed(0)
-    teacher, student = DistanceNet().to(DT), DistanceNet().to(DT)
+    teacher, student = KeywordScorer().to(DT), KeywordScorer().to(DT)
     s_opt = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9)
     mpl = MetaPseudoLabels(
         teacher,
@@ -208,7 +228,7 @@ def test_double_backward_refuses_a_student_without_second_derivatives_before_it_
     mpl, x_l, y_l, x_u = _distance_problem()
     before = _everything(mpl)
     with pytest.raises(
-        ConfigError, match=r"without a second derivative.*_cdist_backward.*first_order"
+        ConfigError, match=r"without a second derivative.*_ctc_loss_backward.*first_order"
     ):
         mpl.step(x_l, y_l, x_u)
     after = _everything(mpl)

@@ -32,6 +32,7 @@ from mpl_helpers import (
     rel_err,
 )
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 import metapl.mpl.student_checks as checks
@@ -328,6 +329,82 @@ def test_a_float32_student_is_held_to_float32s_tolerance(middle):
         mpl.step(x_l, y_l, x_u)
     err = float(re.search(r"differ by (\S+), relative", str(refused.value)).group(1))
     assert tolerance(torch.float32, False) < err < tolerance(torch.bfloat16, False)
+
+
+# ----------------------------------------------------------------------------- half-differentiable
+
+
+class OnceDifferentiableSquare(torch.autograd.Function):
+    """x * x with a jvp, and a backward marked ``@once_differentiable`` (as compiled extensions'
+    often are): one derivative each way, no second derivative."""
+
+    @staticmethod
+    def forward(x: Tensor) -> Tensor:
+        return x * x
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[0])
+        ctx.save_for_forward(inputs[0])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        return 2 * x * grad
+
+    @staticmethod
+    def jvp(ctx, tangent: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        return 2 * x * tangent
+
+
+class SquareWithoutJvp(torch.autograd.Function):
+    """x * x with a backward (twice differentiable) and no jvp."""
+
+    @staticmethod
+    def forward(x: Tensor) -> Tensor:
+        return x * x
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        return 2 * x * grad
+
+
+def test_double_backward_refuses_a_once_differentiable_backward_before_anything_moves():
+    """autograd.grad(R, targets) runs only the nodes on a path to the targets, and the error node
+    of a @once_differentiable backward has no inputs: double backward passed it by and gave a
+    teacher gradient 25% off (relative), without a word. Now a ConfigError that names the
+    Function; the exact step (forward AD for J, the backward once) is exact for it: finite
+    differences agree."""
+    teacher, student, x_l, y_l, x_u = _problem(OnceDifferentiableSquare)
+    mpl = _mpl(teacher, student, estimator="double_backward")
+    before = (_state(mpl), torch.get_rng_state())
+    with pytest.raises(
+        ConfigError, match=r"@once_differentiable \(OnceDifferentiableSquare\).*'exact'"
+    ):
+        mpl.step(x_l, y_l, x_u)
+    assert torch.equal(_state(mpl), before[0]) and torch.equal(torch.get_rng_state(), before[1])
+    assert not mpl.student_optimizer.state and not mpl.teacher_optimizer.state
+    _fd_check(OnceDifferentiableSquare, jvp="forward_ad")
+
+
+@pytest.mark.parametrize("jvp", ["forward_ad", "auto"])
+def test_a_function_without_jvp_is_named_before_anything_moves(jvp):
+    """torch's "You must implement the jvp function" came through raw: the check for ops
+    without forward AD looked for "forward AD", torch's message says "forward mode AD"."""
+    teacher, student, x_l, y_l, x_u = _problem(SquareWithoutJvp)
+    mpl = _mpl(teacher, student, jvp=jvp)
+    before = _state(mpl)
+    with pytest.raises(ConfigError, match=r"autograd.Function without forward-mode AD.*jvp"):
+        mpl.step(x_l, y_l, x_u)
+    assert torch.equal(_state(mpl), before) and not mpl.student_optimizer.state
+    _steps(SquareWithoutJvp, estimator="double_backward")  # the estimator the message names
 
 
 # ----------------------------------------------------------------------------- traced through

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+import re
 
 import pytest
 import torch
@@ -26,6 +27,7 @@ from torch.func import functional_call
 
 from metapl import MetaPseudoLabels, TeacherLogits
 from metapl.errors import ConfigError, DataError, MetaplError
+from metapl.mpl.batch_checks import as_logits
 from metapl.mpl.inputs import model_input
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -354,6 +356,28 @@ def test_models_must_return_logits_of_the_same_classes(who):
     fewer = MLP(classes=N_CLASSES - 1).to(TEST_DEVICE, DT)
     with pytest.raises(ConfigError, match="both must predict the same classes"):
         _mpl(teacher, fewer).step(x_l, y_l, x_u)
+
+
+class _HasLogits:
+    def __init__(self, logits):
+        self.logits = logits
+
+
+@pytest.mark.parametrize(
+    "out, hint",
+    [
+        ({"logits": torch.zeros(2, 3)}, "model(x)['logits']"),
+        ({"scores": torch.zeros(2, 3)}, "the logits from model(x)'s dict"),
+        ((torch.zeros(2, 3), torch.zeros(())), "model(x)[0]"),
+        ([torch.zeros(2, 3)], "model(x)[0]"),
+        (_HasLogits(torch.zeros(2, 3)), "model(x).logits"),
+        (3.0, "returns the logits from model(x)"),
+    ],
+)
+def test_a_model_that_returns_no_tensor_is_told_how_to_pick_its_logits(out, hint):
+    # the example wrapper fits the output: a tuple has no ['logits'], an object no [0]
+    with pytest.raises(ConfigError, match=re.escape(hint)):
+        as_logits(out, "student")
 
 
 def test_optimizers_and_models_that_cannot_be_an_mpl_pair():

@@ -81,9 +81,10 @@ def _save_torchscript(classifier, example, info: dict, path: Path) -> None:
 
     extra = {"metapl.json": json.dumps(info, indent=1)}
     with warnings.catch_warnings():
-        # TorchScript is deprecated upstream (torch 2.13 warns on every call) but still what
+        # TorchScript is deprecated upstream (torch 2.13 warns on every call with a
+        # DeprecationWarning, 2.14 with a FutureWarning, which Python shows) but still what
         # torch.jit.load and libtorch (C++) read; the warning is not the user's to act on.
-        warnings.filterwarnings("ignore", message=r"`torch\.jit\.", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.")
         traced = _trace(classifier, example)
         replace_atomically(path, lambda tmp: torch.jit.save(traced, str(tmp), _extra_files=extra))
 

@@ -26,9 +26,22 @@ def as_logits(out, who: str) -> Tensor:
     if not isinstance(out, Tensor):
         raise ConfigError(
             f"the {who} must return a tensor of logits [..., num_classes], got a "
-            f"{type(out).__name__}; wrap it (e.g. lambda x: model(x)['logits']) in an nn.Module"
+            f"{type(out).__name__}; wrap it in an nn.Module whose forward returns "
+            f"{_logits_of(out)}"
         )
     return out
+
+
+def _logits_of(out) -> str:
+    """How to pick the logits out of ``out``, for the error's example: the wrapper it names has
+    to fit what the model returns (a tuple has no ['logits'])."""
+    if isinstance(out, dict):  # also Hugging Face's ModelOutput, an OrderedDict
+        return "model(x)['logits']" if "logits" in out else "the logits from model(x)'s dict"
+    if isinstance(out, tuple | list):
+        return "model(x)[0] (or whichever element holds the logits)"
+    if isinstance(getattr(out, "logits", None), Tensor):
+        return "model(x).logits"
+    return "the logits from model(x)"
 
 
 def check_same_classes(student_logits: Tensor, targets: Tensor) -> None:

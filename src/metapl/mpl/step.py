@@ -74,6 +74,7 @@ from metapl.mpl.student_checks import (
     SPARSE_GRADIENTS,
     check_derivatives,
     check_replayable,
+    check_second_derivatives,
     check_student_takes,
     check_student_update,
     grad_to_targets,
@@ -760,6 +761,8 @@ class MetaPseudoLabels:
                         self.student_labeled_weight * labeled_loss, theta_t, create_graph=True
                     )
                 grads = [_added(g, h) for g, h in zip(grads, labeled_grads)]
+            if self._restore is not None:  # first use of these shapes: a graph walk, not per step
+                check_second_derivatives(grads, s_logits)
             theta_next = reference_update(self.student_optimizer, grads)  # reads the state first
             after_state = self._labeled_state(dict(zip(self._student_names, theta_next)))
             labeled_after = self._labeled_loss(x_l, y_l, after_state).sum()

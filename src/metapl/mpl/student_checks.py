@@ -19,7 +19,7 @@ learn and one whose embeddings an exact estimator cannot differentiate (:func:`e
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.autograd.forward_ad as fwad
@@ -223,8 +223,19 @@ EMBEDDING_BAG_HELP = (
 )
 
 
+CUSTOM_JVP_HELP = (
+    "give the Function a jvp staticmethod (with setup_context, so forward AD can run it), or "
+    "use estimator='double_backward' (if its backward is differentiable) or 'first_order'"
+)
+
+
 def forward_ad_error(err: NotImplementedError) -> ConfigError | None:
     """The ConfigError for torch's "no forward AD for this op" error, or None for another one."""
+    if "implement the jvp function" in str(err):  # a custom autograd.Function without jvp
+        return ConfigError(
+            "the student's forward uses a custom autograd.Function without forward-mode AD "
+            f"({_first_line(err)}); {CUSTOM_JVP_HELP}"
+        )
     if "forward AD" not in str(err):
         return None
     advice = EMBEDDING_BAG_HELP if "embedding_bag" in str(err) else FORWARD_AD_HELP
@@ -385,10 +396,66 @@ def ops_without_grad(
     return watch.names[:5]
 
 
+ONCE_DIFFERENTIABLE = (
+    "the student's forward uses a custom autograd.Function whose backward is marked "
+    "@once_differentiable{}: its gradient has no derivative, so estimator='double_backward' "
+    "cannot differentiate through the student's update (torch's autograd.grad would skip that "
+    "part of R's gradient without a word); use estimator='exact' (it needs the Function's jvp) "
+    "or 'first_order'"
+)
+
+
+def check_second_derivatives(grads: Sequence[Tensor | None], logits: Tensor) -> None:
+    """For the double-backward step: the student's gradient, built with ``create_graph``, has a
+    graph all the way down; else a :class:`ConfigError`.
+
+    A custom ``autograd.Function`` whose backward is ``@once_differentiable`` returns its gradient
+    from an error node *without inputs*: ``.backward()`` would raise at it, but
+    ``autograd.grad(R, targets)`` only runs the nodes on a path to the targets, so it passed that
+    branch by and the teacher's MPL gradient came out wrong, silently (25% off, relative, on a
+    small net). The graph of ``grads`` is walked for such a node; ``logits``' graph names the Function.
+    """
+    if not _has_node(grads, "torch::autograd::Error"):
+        return
+    names = sorted(_once_differentiable_functions(logits))
+    raise ConfigError(ONCE_DIFFERENTIABLE.format(f" ({', '.join(names)})" if names else ""))
+
+
+def _graph(roots: Iterable) -> Iterator:
+    """The autograd nodes reachable from ``roots`` (nodes), each once."""
+    seen: set = set()
+    stack = [r for r in roots if r is not None]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        yield node
+        stack.extend(n for n, _ in node.next_functions if n is not None)
+
+
+def _has_node(tensors: Sequence[Tensor | None], name: str) -> bool:
+    roots = [t.grad_fn for t in tensors if t is not None]
+    return any(node.name() == name for node in _graph(roots))
+
+
+def _once_differentiable_functions(logits: Tensor) -> set[str]:
+    """The custom Functions in ``logits``' graph whose backward is once_differentiable's wrapper
+    (functools.wraps keeps the backward's name, not its code)."""
+    names = set()
+    for node in _graph([logits.grad_fn]):
+        cls = getattr(node, "_forward_cls", None)
+        code = getattr(getattr(cls, "backward", None), "__code__", None)
+        if code is not None and code.co_name == "wrapper" and "autograd" in code.co_filename:
+            names.add(cls.__name__)
+    return names
+
+
 def grad_to_targets(labeled_after: Tensor, targets: Tensor) -> Tensor:
     """dR(theta_{t+1}) / d targets, through the student's backward, for the double-backward step
     before the student's real step; a :class:`ConfigError` naming the operation without a second
-    derivative (``torch.cdist``, a fused kernel) if there is one.
+    derivative (torch's CTC loss, ``torch.cdist`` before torch 2.14, a fused kernel) if there is
+    one.
 
     Taken before the real step so that such an operation fails with nothing moved: when the
     teacher's backward ran through the second-order graph after the student's step, torch's "the
