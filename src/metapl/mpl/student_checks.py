@@ -413,7 +413,8 @@ def check_second_derivatives(grads: Sequence[Tensor | None], logits: Tensor) -> 
     from an error node *without inputs*: ``.backward()`` would raise at it, but
     ``autograd.grad(R, targets)`` only runs the nodes on a path to the targets, so it passed that
     branch by and the teacher's MPL gradient came out wrong, silently (25% off, relative, on a
-    small net). The graph of ``grads`` is walked for such a node; ``logits``' graph names the Function.
+    small net). The graph of ``grads`` is walked for such a node; ``logits``' graph names the
+    Function.
     """
     if not _has_node(grads, "torch::autograd::Error"):
         return
