@@ -394,6 +394,45 @@ def test_double_backward_refuses_a_once_differentiable_backward_before_anything_
     _fd_check(OnceDifferentiableSquare, jvp="forward_ad")
 
 
+class NumpySquare(torch.autograd.Function):
+    """x * x with a jvp, and a backward computed in numpy, as in torch's tutorial on extensions:
+    the gradient it returns is right and holds no graph (no error node either)."""
+
+    @staticmethod
+    def forward(x: Tensor) -> Tensor:
+        return torch.from_numpy(x.detach().numpy() ** 2)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[0])
+        ctx.save_for_forward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        return torch.from_numpy(2 * x.detach().numpy() * grad.detach().numpy())
+
+    @staticmethod
+    def jvp(ctx, tangent: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        return 2 * x * tangent
+
+
+def test_double_backward_refuses_a_backward_off_the_graph_before_anything_moves():
+    """A backward computed off the graph (numpy here; .detach() or torch.no_grad() inside it the
+    same) gives double backward a gradient with no derivative and no error node: torch took that
+    part of R's gradient as 0, and the teacher's gradient was 8% off finite differences, silently.
+    Now a ConfigError; the exact step is exact for it (finite differences agree)."""
+    teacher, student, x_l, y_l, x_u = _problem(NumpySquare)
+    mpl = _mpl(teacher, student, estimator="double_backward")
+    before = (_state(mpl), torch.get_rng_state())
+    with pytest.raises(ConfigError, match=r"does not link to the incoming gradient.*'exact'"):
+        mpl.step(x_l, y_l, x_u)
+    assert torch.equal(_state(mpl), before[0]) and torch.equal(torch.get_rng_state(), before[1])
+    assert not mpl.student_optimizer.state and not mpl.teacher_optimizer.state
+    _fd_check(NumpySquare, jvp="forward_ad")
+
+
 @pytest.mark.parametrize("jvp", ["forward_ad", "auto"])
 def test_a_function_without_jvp_is_named_before_anything_moves(jvp):
     """torch's "You must implement the jvp function" came through raw: the check for ops

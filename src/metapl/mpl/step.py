@@ -73,13 +73,15 @@ from metapl.mpl.setup_checks import check_models_and_optimizers, check_owned, ch
 from metapl.mpl.student_checks import (
     SPARSE_GRADIENTS,
     check_derivatives,
+    check_double_backward_student,
+    check_gradient_derivative,
     check_replayable,
     check_second_derivatives,
     check_student_takes,
     check_student_update,
     grad_to_targets,
 )
-from metapl.mpl.tangent import JVP_MODES, TangentTape, TapeRecord
+from metapl.mpl.tangent import JVP_MODES, TangentTape, TapeRecord, tolerance
 from metapl.mpl.update_rules import (
     check_optimizer,
     optimizer_params,
@@ -762,7 +764,18 @@ class MetaPseudoLabels:
                     )
                 grads = [_added(g, h) for g, h in zip(grads, labeled_grads)]
             if self._restore is not None:  # first use of these shapes: a graph walk, not per step
+                check_double_backward_student(self.student, params, theta_t, s_logits)
                 check_second_derivatives(grads, s_logits)
+                with holding(self.student, {**buffer_copies(self.student), **unlabeled_state}):
+                    check_gradient_derivative(  # (a checkpoint's recompute: on copies of buffers)
+                        grads,
+                        theta_t,
+                        targets,
+                        lambda d: batch_mean(
+                            soft_cross_entropy(upcast(s_logits), d), self.batch_dim
+                        ),
+                        tolerance(s_logits.dtype, _tf32_allowed(device)),
+                    )
             theta_next = reference_update(self.student_optimizer, grads)  # reads the state first
             after_state = self._labeled_state(dict(zip(self._student_names, theta_next)))
             labeled_after = self._labeled_loss(x_l, y_l, after_state).sum()
@@ -824,6 +837,12 @@ class MetaPseudoLabels:
             "student_labeled_after": after.sum(),
             "advantage": advantage.detach().sum(),
         }
+
+
+def _tf32_allowed(device: torch.device) -> bool:
+    """Whether the double-backward step's passes may use TF32 (it keeps torch's settings)."""
+    cuda = torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32
+    return device.type == "cuda" and cuda
 
 
 def _added(a: Tensor | None, b: Tensor | None) -> Tensor | None:

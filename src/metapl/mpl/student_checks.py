@@ -193,13 +193,22 @@ def check_replayable(
     """
     rng = RngState(module_device(student))
     outs = []
+    named = list(student.named_parameters())
+    # On copies of the parameters too: a forward that writes them (F.embedding's max_norm) is
+    # refused below with the student's own as they were.
+    copies = parameter_copies(student)
     with torch.no_grad(), autocast:
         for _ in range(2):
             with replayed_rng(rng):
-                out = x_u.functional_call(student, buffer_copies(student))
+                out = x_u.functional_call(student, {**buffer_copies(student), **copies})
             if not isinstance(out, Tensor):
                 return  # not logits: the step's own check says so
             outs.append(upcast(out))
+    written = written_parameter(
+        [n for n, _ in named], [p for _, p in named], [copies[n] for n, _ in named]
+    )
+    if written is not None:  # (the student 2e-4 from its real step, R's gradient 1e-3 off)
+        raise ConfigError(WRITES_PARAMETERS.format(written))
     err = relative_error(outs[1], outs[0])
     # not bit for bit: cuDNN may pick other kernels; another dropout mask is off by O(0.1-1)
     if not err <= (0.05 if autocast_dtype is not None else 1e-3):
@@ -347,6 +356,16 @@ def check_derivatives(
                 "another function than the student's update. Use .detach() there (the same "
                 "values, constants for both), or estimator='double_backward'"
             )
+        # A parameter the forward reads through a reference of its own: forward AD's duals,
+        # swapped in, never reach it. (The message blamed a custom Function.)
+        copies = {n: p.detach().requires_grad_() for n, p, _, _ in reached}
+        outside = parameter_outside_call(student, logits_of({**buffer_copies(student), **copies}))
+        if outside is not None:
+            raise ConfigError(
+                OUTSIDE_CALL.format(
+                    outside, "the exact step's J", "J has no tangent for it, as if it were frozen"
+                )
+            )
         raise ConfigError(
             "the student's backward is not the adjoint of its forward-mode derivative "
             f"(<u, J t> and <B^T u, t> differ by {err:.2e}, relative): a custom "
@@ -447,9 +466,146 @@ def _once_differentiable_functions(logits: Tensor) -> set[str]:
     for node in _graph([logits.grad_fn]):
         cls = getattr(node, "_forward_cls", None)
         code = getattr(getattr(cls, "backward", None), "__code__", None)
-        if code is not None and code.co_name == "wrapper" and "autograd" in code.co_filename:
+        if (
+            cls is not None
+            and code is not None
+            and code.co_name == "wrapper"
+            and "autograd" in code.co_filename
+        ):
             names.add(cls.__name__)
     return names
+
+
+DETACHED_BACKWARD = (
+    "the student's backward returns a gradient that its graph does not link to the incoming "
+    "gradient (autograd's derivative of g in the teacher's targets and g's own change differ by "
+    "{err:.2e}, relative): a custom autograd.Function whose backward computes off the graph "
+    "(numpy, .detach(), torch.no_grad()) gives a gradient that is right but holds no derivative, "
+    "so estimator='double_backward' cannot differentiate through the student's update (torch "
+    "takes that part of R's gradient as 0, without a word); use estimator='exact' (it needs the "
+    "Function's jvp) or 'first_order'"
+)
+
+
+def check_gradient_derivative(
+    grads: Sequence[Tensor | None],
+    theta: Sequence[Tensor],
+    targets: Tensor,
+    loss_of: Callable[[Tensor], Tensor],
+    tol: float,
+) -> None:
+    """For the double-backward step: autograd's derivative of the student's gradient g (built with
+    ``create_graph`` on ``theta``) in the teacher's ``targets`` is g's own; else a
+    :class:`ConfigError`.
+
+    The student's loss on x_u is linear in its targets (``loss_of(q)``, a soft cross-entropy), so
+    g is too, and g's change along a direction d of the targets is the gradient of ``loss_of(d)``
+    (a first-order backward, which any backward gives right). Double backward takes it from g's
+    graph instead, and a custom Function whose backward computes off the graph (numpy, as in
+    torch's tutorial on extensions; ``.detach()`` or ``torch.no_grad()`` in its backward) returns a
+    gradient with no graph, or less of one, without an error node for
+    :func:`check_second_derivatives` to find: torch takes its derivative as 0, and the teacher's
+    gradient was 6-8% off finite differences, silently (a gradient with no graph at all failed
+    with torch's "element 0 of tensors does not require grad"). Compared along one random d and
+    random weights r of g's entries (a generator of their own): <d, dg/dq^T r> = <grad loss_of(d), r>.
+    """
+    own = torch.Generator().manual_seed(0)
+    d = torch.randn(targets.shape, generator=own, dtype=torch.float64).to(targets)
+    reached = [(g, p) for g, p in zip(grads, theta) if g is not None]
+    r = [torch.randn(g.shape, generator=own, dtype=torch.float64).to(g) for g, _ in reached]
+    along = torch.autograd.grad(
+        loss_of(d), [p for _, p in reached], retain_graph=True, allow_unused=True
+    )
+    terms = [(a.double() * ri.double()).sum() for a, ri in zip(along, r) if a is not None]
+    expected = float(sum(terms, torch.zeros((), dtype=torch.float64)))
+    scale = float(sum((t.abs() for t in terms), torch.zeros((), dtype=torch.float64)))
+    linked = [(g * ri).sum() for (g, _), ri in zip(reached, r) if g.requires_grad]
+    got = 0.0
+    if linked:
+        total = torch.stack(linked).sum()
+        with second_derivatives_named():  # (an operation without one is named as it was)
+            (h,) = torch.autograd.grad(total, targets, retain_graph=True, allow_unused=True)
+        got = 0.0 if h is None else float((h.double() * d.double()).sum())
+    err = abs(got - expected) / scale if scale > 0 else abs(got)
+    if not err <= tol:
+        raise ConfigError(DETACHED_BACKWARD.format(err=err))
+
+
+OUTSIDE_CALL = (
+    "the student's forward reads its parameter {!r} other than as its module's attribute (a "
+    "tensor kept in a list, a dict or a closure when the module was built): the step's passes "
+    "that run the student on other weights (torch.func.functional_call: {}) never reach it, so "
+    "{}. Read the parameter from its module in the forward (self.<module>.weight), or use "
+    "estimator='first_order'"
+)
+
+
+def parameter_outside_call(student: nn.Module, logits: Tensor) -> str | None:
+    """The name of a student parameter that ``logits``, computed by a functional call on other
+    tensors than the student's own parameters, still reached, or None.
+
+    A forward that reads a parameter through a reference it kept (``self.held = [self.fc.weight]``,
+    a lambda over it) reads the module's own tensor whatever functional_call swaps in, so that
+    parameter is a constant of every such pass: double backward's differentiable update of
+    theta_t left it out (the student stepped another way than its optimizer alone, the teacher's
+    gradient 22% off, silently), and the exact step's J has no tangent for it.
+    """
+    own = {id(p): name for name, p in student.named_parameters()}
+    for node in _graph([logits.grad_fn]):
+        variable = getattr(node, "variable", None)  # an AccumulateGrad node's leaf
+        if variable is not None and id(variable) in own:
+            return own[id(variable)]
+    return None
+
+
+WRITES_PARAMETERS = (
+    "the student's forward writes its parameter {!r} in place (F.embedding with max_norm "
+    "renormalizes the rows it reads; a constraint applied as weight.data.clamp_(...)): autograd "
+    "does not see the write, and every extra pass of an exact step (on other weights, at "
+    "theta_{{t+1}}) writes again, so the student steps another way than its optimizer alone and "
+    "the teacher's gradient is not R's. Apply the constraint after each step (under "
+    "torch.no_grad()), or use estimator='first_order'"
+)
+
+
+def parameter_copies(student: nn.Module) -> dict[str, Tensor]:
+    """Detached copies of the student's parameters, by name, for a trial forward."""
+    return {n: p.detach().clone() for n, p in student.named_parameters()}
+
+
+def written_parameter(
+    names: Sequence[str], params: Sequence[Tensor], ran_on: Sequence[Tensor]
+) -> str | None:
+    """The name of the first parameter whose copy in ``ran_on`` (what a forward ran on, in place
+    of ``params``) the forward changed, or None."""
+    for name, p, copy in zip(names, params, ran_on):
+        if not torch.equal(copy.detach(), p.detach()):
+            return name
+    return None
+
+
+def check_double_backward_student(
+    student: nn.Module, params: Sequence[Tensor], theta: Sequence[Tensor], logits: Tensor
+) -> None:
+    """For the double-backward step's first use: its forward on ``theta`` (copies of the
+    student's ``params``, which gave ``logits``) reached none of the student's own parameters
+    (:func:`parameter_outside_call`) and wrote none of the copies (F.embedding's max_norm, which
+    left the student 2e-4 away from its real step and the teacher's gradient 1e-3 off finite
+    differences, silently; the construction's check sees only an nn.Embedding's max_norm); else
+    a :class:`ConfigError`."""
+    name_of = {id(p): n for n, p in student.named_parameters()}
+    written = written_parameter([name_of[id(p)] for p in params], params, theta)
+    if written is not None:
+        raise ConfigError(WRITES_PARAMETERS.format(written))
+    outside = parameter_outside_call(student, logits)
+    if outside is not None:
+        raise ConfigError(
+            OUTSIDE_CALL.format(
+                outside,
+                "the double-backward step's differentiable update starts from copies of theta_t",
+                "that parameter's part of the student's gradient is left out of its update",
+            )
+        )
 
 
 def grad_to_targets(labeled_after: Tensor, targets: Tensor) -> Tensor:
@@ -464,8 +620,17 @@ def grad_to_targets(labeled_after: Tensor, targets: Tensor) -> Tensor:
     not. The caller runs it with the student :func:`~metapl.mpl.inputs.holding` the labeled
     pass's state (a checkpointed student recomputes that pass in this backward).
     """
-    try:
+    with second_derivatives_named():
         (grad,) = torch.autograd.grad(labeled_after, targets, allow_unused=True)
+    return torch.zeros_like(targets) if grad is None else grad
+
+
+@contextlib.contextmanager
+def second_derivatives_named() -> Iterator[None]:
+    """Torch's "the derivative for ... is not implemented" from the block (a backward through a
+    student's gradient) as a :class:`ConfigError` that names the operation and the way out."""
+    try:
+        yield
     except (NotImplementedError, RuntimeError) as err:
         if "derivative for" not in str(err) or "not implemented" not in str(err):
             raise
@@ -479,7 +644,6 @@ def grad_to_targets(labeled_after: Tensor, targets: Tensor) -> Tensor:
             "the student's forward uses an operation without a second derivative "
             f"({_first_line(err)}); {advice}"
         ) from None
-    return torch.zeros_like(targets) if grad is None else grad
 
 
 def check_student_takes(
@@ -531,9 +695,12 @@ def check_student_takes(
         new = (dtypes | ({size} if every_size or x.size == 1 else set())) - passed
         if not new:
             continue
+        # (copies of the parameters too: a forward that writes them, F.embedding's max_norm,
+        # moved the student's weights in a trial; check_replayable refuses it)
+        state = {**buffer_copies(student), **parameter_copies(student)}
         try:
             with torch.no_grad(), replayed_rng(RngState(module_device(student))), autocast():
-                out = x.functional_call(student, buffer_copies(student))
+                out = x.functional_call(student, state)
         except (RuntimeError, TypeError) as err:
             if not dtypes & new:
                 raise
