@@ -27,7 +27,7 @@ from torch.func import functional_call
 
 from metapl import MetaPseudoLabels
 from metapl.errors import ConfigError
-from metapl.mpl.student_checks import grad_to_targets
+from metapl.mpl.double_backward_checks import grad_to_targets
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 

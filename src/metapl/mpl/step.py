@@ -58,6 +58,12 @@ from metapl.mpl.batch_checks import (
     check_values,
     teacher_view,
 )
+from metapl.mpl.double_backward_checks import (
+    check_double_backward_student,
+    check_gradient_derivative,
+    check_second_derivatives,
+    grad_to_targets,
+)
 from metapl.mpl.inputs import Input, ModelInput, holding, joint_forward, model_input
 from metapl.mpl.jvp import JvpPaths, UpdatePass
 from metapl.mpl.replay import (
@@ -73,13 +79,9 @@ from metapl.mpl.setup_checks import check_models_and_optimizers, check_owned, ch
 from metapl.mpl.student_checks import (
     SPARSE_GRADIENTS,
     check_derivatives,
-    check_double_backward_student,
-    check_gradient_derivative,
     check_replayable,
-    check_second_derivatives,
     check_student_takes,
     check_student_update,
-    grad_to_targets,
 )
 from metapl.mpl.tangent import JVP_MODES, TangentTape, TapeRecord, tolerance
 from metapl.mpl.update_rules import (
