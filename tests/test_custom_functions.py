@@ -334,31 +334,6 @@ def test_a_float32_student_is_held_to_float32s_tolerance(middle):
 # ----------------------------------------------------------------------------- half-differentiable
 
 
-class OnceDifferentiableSquare(torch.autograd.Function):
-    """x * x with a jvp, and a backward marked ``@once_differentiable`` (as compiled extensions'
-    often are): one derivative each way, no second derivative."""
-
-    @staticmethod
-    def forward(x: Tensor) -> Tensor:
-        return x * x
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        ctx.save_for_backward(inputs[0])
-        ctx.save_for_forward(inputs[0])
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: Tensor) -> Tensor:
-        (x,) = ctx.saved_tensors
-        return 2 * x * grad
-
-    @staticmethod
-    def jvp(ctx, tangent: Tensor) -> Tensor:
-        (x,) = ctx.saved_tensors
-        return 2 * x * tangent
-
-
 class SquareWithoutJvp(torch.autograd.Function):
     """x * x with a backward (twice differentiable) and no jvp."""
 
@@ -374,6 +349,25 @@ class SquareWithoutJvp(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> Tensor:
         (x,) = ctx.saved_tensors
         return 2 * x * grad
+
+
+class OnceDifferentiableSquare(SquareWithoutJvp):
+    """x * x with a jvp, and a backward marked ``@once_differentiable`` (as compiled extensions'
+    often are): one derivative each way, no second derivative."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[0])
+        ctx.save_for_forward(inputs[0])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return SquareWithoutJvp.backward(ctx, grad)
+
+    @staticmethod
+    def jvp(ctx, tangent: Tensor) -> Tensor:
+        return SquareWithoutJvp.backward(ctx, tangent)  # 2 x t: the same diagonal derivative
 
 
 def test_double_backward_refuses_a_once_differentiable_backward_before_anything_moves():
