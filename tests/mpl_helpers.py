@@ -287,11 +287,13 @@ def student_after_real_step(
     seed: int,
     temperature: float = 1.0,
     student_labeled_weight: float = 0.0,
+    student_max_grad_norm: float | None = None,
 ) -> nn.Module:
     """A copy of the student after one REAL step of a copy of its optimizer on the teacher's soft
     targets (the teacher's parameters set to ``teacher_params``), plus ``student_labeled_weight``
-    times its CE on the labeled batch. Random numbers are drawn in MetaPseudoLabels.step's order,
-    from ``seed``."""
+    times its CE on the labeled batch; with ``student_max_grad_norm``, its gradient clipped by
+    ``torch.nn.utils.clip_grad_norm_`` before the step. Random numbers are drawn in
+    MetaPseudoLabels.step's order, from ``seed``."""
     s2 = copy.deepcopy(student)
     trainable = [p for p in s2.parameters() if p.requires_grad]
     opt2 = fresh_optimizer_like(factory, trainable, student_optimizer)
@@ -305,6 +307,8 @@ def student_after_real_step(
         labeled = F.cross_entropy(run_on(s2, x_l, cloned_buffers(s2)), y_l)
         loss = loss + student_labeled_weight * labeled
     loss.backward()
+    if student_max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(trainable, student_max_grad_norm)
     opt2.step()
     return s2
 
@@ -328,7 +332,7 @@ class FiniteDifferenceProbe:
 
     ``objective_args`` are :func:`mpl_objective`'s after ``teacher_params`` (the student, its
     optimizer, the optimizer's factory, the batches), ``objective_kwargs`` its keywords (seed,
-    temperature, student_labeled_weight)."""
+    temperature, student_labeled_weight, student_max_grad_norm)."""
 
     def __init__(
         self,

@@ -342,11 +342,17 @@ def test_fewer_steps_than_the_checkpoint_reached_are_refused(tmp_path, capsys):
     assert train_cli("digits-uda", out, *tiny(6)) == 0  # the same length again: a rerun
 
 
-def _as_written_before_memory_format_existed(ckpt_path: Path) -> None:
+def _as_written_before(ckpt_path: Path, *keys: str) -> None:
+    """Make the checkpoint look written by a metapl without the config ``keys``."""
     ckpt = load_checkpoint(ckpt_path)
-    del ckpt["config"]["memory_format"]
+    for key in keys:
+        del ckpt["config"][key]
     ckpt["config_fingerprint"] = config_fingerprint(ckpt["config"])
     save_checkpoint(ckpt_path, ckpt)
+
+
+def _as_written_before_memory_format_existed(ckpt_path: Path) -> None:
+    _as_written_before(ckpt_path, "memory_format")
 
 
 def test_a_run_folder_from_before_a_new_option_resumes_at_its_default(tmp_path, capsys):
@@ -367,6 +373,28 @@ def test_a_run_folder_from_before_a_new_option_resumes_at_its_default(tmp_path, 
     err = one_error_line(capsys.readouterr().err)
     assert "different configuration" in err and "memory_format" in err
     assert load_checkpoint(out / "checkpoint.pt")["step"] == 6
+
+
+def test_gradient_clipping_keys_train_and_are_part_of_the_configuration(tmp_path, capsys):
+    """student_grad_clip / teacher_grad_clip (0, off, in every preset): a UDA+MPL run takes both;
+    another max norm is another configuration; a run folder from before the keys resumes at 0."""
+
+    def clip(student: str, teacher: str) -> tuple[str, ...]:
+        return ("--set", f"student_grad_clip={student}", "--set", f"teacher_grad_clip={teacher}")
+
+    out, old = tmp_path / "run", tmp_path / "old"
+    assert train_cli("digits-uda-mpl", out, *tiny(3), *clip("1.0", "2.0")) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert (config["student_grad_clip"], config["teacher_grad_clip"]) == (1.0, 2.0)
+    capsys.readouterr()
+    assert train_cli("digits-uda-mpl", out, *tiny(4), *clip("1.0", "3.0")) == 2
+    err = one_error_line(capsys.readouterr().err)
+    assert "different configuration" in err and "teacher_grad_clip: 2.0 -> 3.0" in err
+
+    assert train_cli("digits-uda-mpl", old, *tiny(2)) == 0
+    _as_written_before(old / "checkpoint.pt", "student_grad_clip", "teacher_grad_clip")
+    assert train_cli("digits-uda-mpl", old, *tiny(3)) == 0
+    assert load_checkpoint(old / "checkpoint.pt")["step"] == 3
 
 
 # --- 5. bad options ---------------------------------------------------------------------------
@@ -395,6 +423,14 @@ def test_a_run_folder_from_before_a_new_option_resumes_at_its_default(tmp_path, 
         (
             ["--preset", "digits-uda-mpl", "--set", "student_labeled_weight=-1"],
             "student_labeled_weight must be >= 0",
+        ),
+        (
+            ["--preset", "digits-uda", "--set", "student_grad_clip=-1"],
+            "student_grad_clip must be >= 0",
+        ),
+        (
+            ["--preset", "digits-uda", "--set", "teacher_grad_clip=1"],
+            "teacher_grad_clip applies to the +MPL methods only",
         ),
         # the value given, as every other choice's message says it (adamw: the library step
         # takes it, training runs do not)

@@ -63,11 +63,20 @@ def average_gradients(grad_sync, model: nn.Module) -> None:
         grad_sync.mean_([p.grad for p in model.parameters() if p.grad is not None])
 
 
-def optimize(loss: Tensor, model: nn.Module, optimizer: torch.optim.Optimizer, grad_sync) -> None:
-    """One optimizer step of ``model`` on ``loss``, with gradients averaged over the processes."""
+def optimize(
+    loss: Tensor,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    grad_sync,
+    max_grad_norm: float | None = None,
+) -> None:
+    """One optimizer step of ``model`` on ``loss``, with gradients averaged over the processes,
+    then clipped to ``max_grad_norm`` (None: not clipped), as MetaPseudoLabels clips."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     average_gradients(grad_sync, model)
+    if max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
     optimizer.step()
 
 

@@ -53,6 +53,7 @@ def build_method(cfg: TrainConfig, num_classes: int, device: torch.device, grad_
     ``grad_sync`` (data parallelism, :class:`metapl.distributed.GradientAverager`): every optimizer
     step of the method then reads gradients averaged across processes."""
     amp = autocast_dtype(cfg)
+    student_clip = cfg.student_grad_clip or None  # 0 = off
     student = _model(cfg, num_classes, cfg.student_dropout, device)
     student_opt = make_optimizer(
         cfg.student_optimizer, student, cfg.student_lr, cfg.weight_decay, cfg
@@ -65,6 +66,7 @@ def build_method(cfg: TrainConfig, num_classes: int, device: torch.device, grad_
             labeled_view="labeled_strong" if cfg.method == "randaugment" else "labeled_weak",
             autocast_dtype=amp,
             grad_sync=grad_sync,
+            max_grad_norm=student_clip,
         )
     if cfg.method == "uda":
         return UDAMethod(
@@ -74,6 +76,7 @@ def build_method(cfg: TrainConfig, num_classes: int, device: torch.device, grad_
             label_smoothing=cfg.label_smoothing,
             autocast_dtype=amp,
             grad_sync=grad_sync,
+            max_grad_norm=student_clip,
         )
     if cfg.method == "noisy_student":
         return NoisyStudentMethod(
@@ -82,6 +85,7 @@ def build_method(cfg: TrainConfig, num_classes: int, device: torch.device, grad_
             label_smoothing=cfg.label_smoothing,
             autocast_dtype=amp,
             grad_sync=grad_sync,
+            max_grad_norm=student_clip,
         )
     if cfg.method == "reduced_mpl":
         teacher = create_model(
@@ -114,4 +118,6 @@ def build_method(cfg: TrainConfig, num_classes: int, device: torch.device, grad_
         autocast_dtype=amp,
         check_inputs=False,  # labels were checked when the dataset was read
         grad_sync=grad_sync,  # g, v and the teacher's gradient (metapl.distributed)
+        student_max_grad_norm=student_clip,
+        teacher_max_grad_norm=cfg.teacher_grad_clip or None,
     )

@@ -21,6 +21,7 @@ class SupervisedMethod(StatelessStep):
         labeled_view: str = "labeled_weak",
         autocast_dtype: torch.dtype | None = None,
         grad_sync=None,
+        max_grad_norm: float | None = None,
     ):
         self.models = {"student": model}
         self.optimizers = {"student": optimizer}
@@ -29,6 +30,7 @@ class SupervisedMethod(StatelessStep):
         self.views = () if labeled_view == "labeled_weak" else (labeled_view,)
         self.autocast_dtype = autocast_dtype
         self.grad_sync = grad_sync  # data parallelism: averages gradients across processes
+        self.max_grad_norm = max_grad_norm  # clip_grad_norm_ before the step (None: off)
 
     def step(self, batch: Batch) -> dict[str, Tensor]:
         model, opt = self.models["student"], self.optimizers["student"]
@@ -36,5 +38,5 @@ class SupervisedMethod(StatelessStep):
         with autocast(x.device, self.autocast_dtype):
             logits = model(x)
         loss = batch_mean(hard_cross_entropy(upcast(logits), batch.y_labeled, self.label_smoothing))
-        optimize(loss, model, opt, self.grad_sync)
+        optimize(loss, model, opt, self.grad_sync, self.max_grad_norm)
         return {"student_loss": loss.detach()}

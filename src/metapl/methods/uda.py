@@ -55,6 +55,7 @@ class UDAMethod(StatelessStep):
         label_smoothing: float = 0.0,
         autocast_dtype: torch.dtype | None = None,
         grad_sync=None,
+        max_grad_norm: float | None = None,
     ):
         self.models = {"student": model}
         self.optimizers = {"student": optimizer}
@@ -62,6 +63,7 @@ class UDAMethod(StatelessStep):
         self.label_smoothing = label_smoothing
         self.autocast_dtype = autocast_dtype
         self.grad_sync = grad_sync  # data parallelism: averages gradients across processes
+        self.max_grad_norm = max_grad_norm  # clip_grad_norm_ before the step (None: off)
 
     def step(self, batch: Batch) -> dict[str, Tensor]:
         model, opt = self.models["student"], self.optimizers["student"]
@@ -78,7 +80,7 @@ class UDAMethod(StatelessStep):
         )
         consistency = self.uda(weak, strong, batch.step)
         loss = supervised + consistency
-        optimize(loss, model, opt, self.grad_sync)
+        optimize(loss, model, opt, self.grad_sync, self.max_grad_norm)
         return {
             "student_loss": loss.detach(),
             "student_supervised": supervised.detach(),

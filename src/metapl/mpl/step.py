@@ -58,6 +58,7 @@ from metapl.mpl.batch_checks import (
     check_values,
     teacher_view,
 )
+from metapl.mpl.clipping import NormClip, check_max_norm, clip_
 from metapl.mpl.double_backward_checks import (
     check_double_backward_student,
     check_gradient_derivative,
@@ -173,6 +174,14 @@ class MetaPseudoLabels:
             hook on its optimizer), which are refused by default. For hooks that only observe
             (gradient logging): one that changes a gradient or the update makes the teacher's
             gradient wrong, silently (5-46% in the tests' examples).
+        student_max_grad_norm, teacher_max_grad_norm: clip that model's gradient before its
+            optimizer's step exactly as ``torch.nn.utils.clip_grad_norm_`` does (L2 norm over the
+            gradients of the parameters its optimizer updates, after ``grad_sync``'s average);
+            ``None``, the default (and the paper's), does not clip. The student's clipped
+            gradient is what its optimizer and the Appendix-B factors see, and the exact
+            estimators differentiate through the clip (:mod:`metapl.mpl.clipping`), so the
+            teacher's gradient stays exact. With ``batch_dim`` > 0 (stacked ensemble members) a
+            ConfigError: one norm over all members would couple independent models.
     """
 
     def __init__(
@@ -197,6 +206,8 @@ class MetaPseudoLabels:
         allow_tf32: bool = False,
         jvp: str = "forward_ad",
         allow_student_hooks: bool = False,
+        student_max_grad_norm: float | None = None,
+        teacher_max_grad_norm: float | None = None,
     ):
         if estimator not in ESTIMATORS:
             raise ConfigError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
@@ -228,6 +239,8 @@ class MetaPseudoLabels:
                 f"batch_dim must be an integer >= 0 (the dimension of the examples; the ones "
                 f"before it index ensemble members), got {batch_dim!r}"
             )
+        check_max_norm("student_max_grad_norm", student_max_grad_norm, student, batch_dim)
+        check_max_norm("teacher_max_grad_norm", teacher_max_grad_norm, teacher, batch_dim)
         check_models_and_optimizers(
             teacher, student, teacher_optimizer, student_optimizer, estimator, grad_sync
         )
@@ -246,6 +259,8 @@ class MetaPseudoLabels:
         self.check_inputs = check_inputs
         self.grad_sync = grad_sync
         self.allow_tf32 = allow_tf32
+        self.student_max_grad_norm = student_max_grad_norm
+        self.teacher_max_grad_norm = teacher_max_grad_norm
         self.step_count = 0
         self._num_classes: int | None = None  # of the teacher's logits, at the last step
         self._shapes_checked: set[tuple] = set()  # see _restore_point
@@ -377,6 +392,8 @@ class MetaPseudoLabels:
         self.teacher_optimizer.zero_grad(set_to_none=True)
         teacher_loss.backward()
         self._average([p.grad for p in self.teacher.parameters()])
+        teacher_grads = [p.grad for _, p in optimizer_params(self.teacher_optimizer)]
+        clip_(teacher_grads, self.teacher_max_grad_norm)  # the same on every process: averaged
         self.teacher_optimizer.step()
         self.step_count += 1
         self._shapes_checked.add(shapes)
@@ -683,19 +700,26 @@ class MetaPseudoLabels:
             losses, grads, record = self._student_update(x_u, targets.detach(), (x_l, y_l), tape)
         if any(g is not None and g.layout != torch.strided for g in grads):
             raise ConfigError(SPARSE_GRADIENTS.format("a sparse gradient from the update pass"))
+        clip = clip_(grads, self.student_max_grad_norm)  # the factors are the clipped g's
         factors = update_factors(self.student_optimizer, params, grads)
         self.student_optimizer.step()
 
-        # v = grad of R at theta_{t+1}; w = (dU/dg)^T v (diagonal).
+        # v = grad of R at theta_{t+1}; w = (dU/dg)^T v (diagonal), times clip's Jacobian.
         labeled_state = self._labeled_state()
         labeled_after = self._labeled_loss(x_l, y_l, labeled_state)
         with holding(self.student, labeled_state):  # a checkpoint's recompute: on the copies too
             v = self._grad_of_trainable(labeled_after.sum(), params)
         self._average(v)
+        w = [
+            None if vi is None or (isinstance(f, float) and f == 0.0) else f * vi
+            for f, vi in zip(factors, v)
+        ]
+        if clip is not None:  # v and g are averaged already: <g, f v> is the same on every process
+            w = clip.jacobian_times(grads, w)
         tangents = {
-            name: (f * vi).to(p.dtype)
-            for name, p, f, vi in zip(self._student_names, theta_t, factors, v)
-            if vi is not None and not (isinstance(f, float) and f == 0.0)
+            name: wi.to(p.dtype)
+            for name, p, wi in zip(self._student_names, theta_t, w)
+            if wi is not None
         }
 
         # J = d/de log p_{theta_t + e w}(x_u): the same function as the update pass.
@@ -778,6 +802,8 @@ class MetaPseudoLabels:
                         ),
                         tolerance(s_logits.dtype, _tf32_allowed(device)),
                     )
+            if self.student_max_grad_norm is not None:  # differentiably, as the real step's
+                grads = NormClip.of(grads, self.student_max_grad_norm).apply(grads)
             theta_next = reference_update(self.student_optimizer, grads)  # reads the state first
             after_state = self._labeled_state(dict(zip(self._student_names, theta_next)))
             labeled_after = self._labeled_loss(x_l, y_l, after_state).sum()
@@ -808,9 +834,10 @@ class MetaPseudoLabels:
         labeled_rng = RngState(device)
         with torch.no_grad(), self._undone_on_error():
             before = self._labeled_loss(x_l, y_l, self._labeled_state())
-        losses, _, _ = self._student_update(
+        losses, grads, _ = self._student_update(
             x_u, F.one_hot(sampled, probs.shape[-1]).to(probs.dtype), (x_l, y_l)
         )
+        clip_(grads, self.student_max_grad_norm)  # R_new is after the step the student takes
         self.student_optimizer.step()
         with torch.no_grad(), replayed_rng(labeled_rng):
             after = self._labeled_loss(x_l, y_l, self._labeled_state())

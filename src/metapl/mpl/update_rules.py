@@ -420,7 +420,7 @@ def _check_parameters(who: str, optimizer: torch.optim.Optimizer, model: torch.n
     _check_sparse_gradients(who, optimizer, model, name_of)
 
 
-def _sparse_embeddings(model: torch.nn.Module) -> dict[int, str]:
+def sparse_embeddings(model: torch.nn.Module) -> dict[int, str]:
     """id(weight) -> module name of the embeddings with sparse=True (sparse gradients)."""
     return {
         id(m.weight): name
@@ -435,7 +435,7 @@ def _check_sparse_gradients(
     """What ``optimizer.step()`` refuses of sparse gradients (embeddings with sparse=True), and of
     dense ones (SparseAdam)."""
     cls = type(optimizer)
-    sparse = _sparse_embeddings(model)
+    sparse = sparse_embeddings(model)
     if cls is torch.optim.SparseAdam:
         dense = next((p for _, p in optimizer_params(optimizer) if id(p) not in sparse), None)
         if dense is not None:

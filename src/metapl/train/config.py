@@ -64,6 +64,7 @@ METHOD_KEYS: dict[str, tuple[tuple[str, ...], str]] = {
             "mpl_estimator",
             "mpl_jvp",
             "student_labeled_weight",
+            "teacher_grad_clip",
         ),
         (MPL_METHODS, "the +MPL methods"),
     ),
@@ -151,6 +152,13 @@ class TrainConfig:
     student_optimizer: str = "sgd"
     teacher_optimizer: str = "sgd"
     teacher_weight_decay: float = -1.0  # < 0: the same as weight_decay
+    # -- gradient clipping (not in the paper): each step's gradient clipped to this L2 norm as
+    #    torch.nn.utils.clip_grad_norm_ clips it, after the data-parallel average and before the
+    #    optimizer's step; 0 = off. The student's in every method (not in fine-tuning, which keeps
+    #    its own recipe), the +MPL teacher's with teacher_grad_clip. The teacher's MPL gradient
+    #    stays exact through the student's clipped step (metapl.mpl.clipping).
+    student_grad_clip: float = 0.0
+    teacher_grad_clip: float = 0.0
 
     # -- ReducedMPL and NoisyStudent (Section 4.2): a finished run folder whose student is the
     #    large teacher, the unlabeled images kept per class by its confidence (0 = all), and the
@@ -213,7 +221,15 @@ class TrainConfig:
         for name in ("student_lr", "teacher_lr", "mpl_temperature", "uda_temperature"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("mpl_weight", "student_labeled_weight", "uda_factor", "weight_decay"):
+        nonnegative = (
+            "mpl_weight",
+            "student_labeled_weight",
+            "uda_factor",
+            "weight_decay",
+            "student_grad_clip",
+            "teacher_grad_clip",
+        )
+        for name in nonnegative:
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.uda_threshold <= 1.0:  # above 1 would mask every example silently
