@@ -30,7 +30,11 @@ OPTIMIZERS = {
     "rmsprop": lambda p: torch.optim.RMSprop(p, lr=0.01, alpha=0.9, eps=1e-3, momentum=0.9),
     # the student also learns the labels (student_labeled_weight): its g averages both terms
     "adam_student_labeled": lambda p: torch.optim.Adam(p, lr=0.01),
+    # both gradients clipped (norms 0.17-0.61, max 0.01): the norm and the exact step's <g, f v>
+    # are taken on the averaged gradients, the same on every process
+    "sgd_nesterov_clipped": lambda p: torch.optim.SGD(p, lr=0.2, momentum=0.9, nesterov=True),
 }
+CLIPPED = 0.01
 
 
 def _problem():
@@ -54,6 +58,8 @@ def _train(opt_name: str, rank: int = 0, world: int = 1, grad_sync=None):
         temperature=0.8,
         grad_sync=grad_sync,
         student_labeled_weight=0.7 if opt_name.endswith("_student_labeled") else 0.0,
+        student_max_grad_norm=CLIPPED if opt_name.endswith("_clipped") else None,
+        teacher_max_grad_norm=CLIPPED if opt_name.endswith("_clipped") else None,
     )
     for step in range(2):
         # a different batch each step, sharded by rank
