@@ -99,26 +99,20 @@ def test_clipped_exact_gradient_equals_double_backward_and_finite_differences(op
     _checked_steps(*make_problem("mlp", seed=3), opt_name, max_norm)
 
 
-def test_clipped_exact_gradient_of_a_conv_student_with_its_own_labeled_loss():
+@pytest.mark.parametrize("jvp", ["forward_ad", "auto"])  # auto: the tangent tape's J
+def test_clipped_exact_gradient_of_a_conv_student_with_its_own_labeled_loss(jvp):
     teacher, student, x_l, y_l, x_u = make_problem("conv", seed=2)
     for max_norm in (ACTIVE, INACTIVE):
-        exact, oracle = (
-            _mpl(
-                teacher,
-                student,
-                "sgd_nesterov_foreach",
-                est,
-                student_max_grad_norm=max_norm,
-                student_labeled_weight=0.5,
-            )  # fmt: skip
-            for est in ("exact", "double_backward")
-        )
+        options = {"student_max_grad_norm": max_norm, "student_labeled_weight": 0.5}
+        exact = _mpl(teacher, student, "sgd_nesterov_foreach", jvp=jvp, **options)
+        oracle = _mpl(teacher, student, "sgd_nesterov_foreach", "double_backward", **options)
         for step in range(2):
             for mpl in (exact, oracle):
                 torch.manual_seed(step)
                 mpl.step(x_l, y_l, x_u + 0.1 * step)
             assert rel_err(_grad(exact.teacher), _grad(oracle.teacher)) <= 1e-10
             assert rel_err(_params(exact.student), _params(oracle.student)) <= 1e-10
+            assert exact.last_jvp_path == ("tape" if jvp == "auto" else "forward_ad")
 
 
 class _UnlabeledOnly(nn.Module):
