@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from metapl.errors import ConfigError
 from metapl.losses import upcast
 from metapl.mpl.batch_checks import as_logits
+from metapl.mpl.dual import dual_level
 from metapl.mpl.inputs import ModelInput, holding
 from metapl.mpl.replay import (
     RngState,
@@ -257,7 +258,7 @@ class JvpPaths:
         update pass started from. This pass may update them: every path of a step runs it at most
         once. Sets ``last_path``."""
         self.last_path = "forward_ad"
-        with fwad.dual_level(), replayed_rng(update.rng), update.autocast():
+        with dual_level(), replayed_rng(update.rng), update.autocast():
             weights = {
                 n: fwad.make_dual(p, tangents[n]) if n in tangents else p
                 for n, p in zip(self.names, theta_t)
@@ -297,7 +298,7 @@ class JvpPaths:
                 d_logits = tape.tangent(record, theta, tw, release=True)
                 jvp = None
                 if d_logits is not None:  # d log_softmax(z) from dz, as forward AD does it
-                    with fwad.dual_level():
+                    with dual_level():
                         dual = fwad.make_dual(record.logits.detach(), d_logits)
                         log_p = F.log_softmax(upcast(dual), dim=-1)
                         jvp = fwad.unpack_dual(log_p).tangent

@@ -32,6 +32,7 @@ from torch.overrides import TorchFunctionMode
 from metapl.errors import ConfigError, DataError
 from metapl.losses import upcast
 from metapl.mpl.batch_checks import as_logits, check_rows
+from metapl.mpl.dual import dual_level
 from metapl.mpl.inputs import ModelInput, holding
 from metapl.mpl.replay import RngState, buffer_copies, module_device, replayed_rng
 from metapl.mpl.tangent import relative_error, tolerance
@@ -330,7 +331,7 @@ def check_derivatives(
         d * torch.empty(p.shape, dtype=torch.float64).uniform_(0.5, 1.5, generator=own).to(p)
         for _, p, _, d in reached
     ]
-    with torch.no_grad(), fwad.dual_level():
+    with torch.no_grad(), dual_level():
         duals = {n: fwad.make_dual(p.detach(), ti) for (n, p, _, _), ti in zip(reached, t)}
         try:
             jt = fwad.unpack_dual(logits_of({**buffer_copies(student), **duals})).tangent
@@ -411,7 +412,7 @@ def ops_without_grad(
     read later), at most 5. Forward-mode AD goes through such a block, the backward does not:
     :func:`check_derivatives` failed on them with a message about custom Functions."""
     watch = _GradOffWatch()
-    with torch.enable_grad(), fwad.dual_level():
+    with torch.enable_grad(), dual_level():
         duals = {n: fwad.make_dual(p.detach(), ti) for (n, p, _, _), ti in zip(reached, t)}
         with watch:
             logits_of({**buffers, **duals})

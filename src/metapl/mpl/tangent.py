@@ -55,12 +55,12 @@ from dataclasses import dataclass
 from typing import cast
 
 import torch
-import torch.autograd.forward_ad as fwad
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metapl.mpl import tangent_ops as ops
+from metapl.mpl.dual import dual_level
 from metapl.mpl.inputs import restoring_functional_call
 from metapl.mpl.replay import RngState
 from metapl.sync_batchnorm import GlobalBatchNorm
@@ -843,7 +843,7 @@ class TangentTape:
             val[node] = fetch()
         metas = record.metas
         rng = RngState(_device_of(record.logits)) if self._has_generic else None
-        with fwad.dual_level() if self._has_generic else _nullcontext():
+        with dual_level() if self._has_generic else _nullcontext():
             for step in self._steps:
                 t = step.rule(val, tan, theta, tangents)
                 if isinstance(t, Tensor):
