@@ -392,8 +392,9 @@ class MetaPseudoLabels:
         self.teacher_optimizer.zero_grad(set_to_none=True)
         teacher_loss.backward()
         self._average([p.grad for p in self.teacher.parameters()])
-        teacher_grads = [p.grad for _, p in optimizer_params(self.teacher_optimizer)]
-        clip_(teacher_grads, self.teacher_max_grad_norm)  # the same on every process: averaged
+        if self.teacher_max_grad_norm is not None:  # the same on every process: averaged
+            teacher_grads = [p.grad for _, p in optimizer_params(self.teacher_optimizer)]
+            clip_(teacher_grads, self.teacher_max_grad_norm)
         self.teacher_optimizer.step()
         self.step_count += 1
         self._shapes_checked.add(shapes)
