@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 
 def pytest_configure(config):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # pytest -n N runs N worker processes side by side: one intra-op thread each, so that
+        # they share the cores instead of oversubscribing them.
+        torch.set_num_threads(1)
     # torch's forward-mode AD loads its JVP decompositions through torch.jit.script once, which
     # warns in recent torch; nothing to act on from here.
     config.addinivalue_line(

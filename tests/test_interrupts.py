@@ -239,6 +239,35 @@ def test_the_command_line_starts_without_torch_and_the_library_still_has_it():
         metapl.nope  # noqa: B018
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["twomoons", "--seeds", "x"],
+        ["twomoons", "--noise", "2"],
+        ["digits", "--seeds", "9-3"],
+        ["reduced", "--seeds", "1,1"],
+        ["train", "--preset", "nope"],
+        ["train", "--preset", "digits-uda", "--set", "nope=1"],
+    ],
+    ids=["twomoons-seeds", "twomoons-noise", "digits", "reduced", "train-preset", "train-key"],
+)
+def test_a_mistyped_option_is_reported_before_torch_loads(tmp_path, argv):
+    """A typo's one-line error came after torch's import (4-6 s on a CI machine): the options are
+    checked first. Would break: a command that imports its experiment or the training engine
+    before it reads its options."""
+    out = tmp_path / "out"
+    code = (
+        "import sys; from metapl.cli import main; code = main(sys.argv[1:]);"
+        "assert 'torch' not in sys.modules, 'torch was imported'; sys.exit(code)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    command = [sys.executable, "-c", code, *argv, "--out", str(out)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1 and f"metapl {argv[0]}: error:" in done.stderr
+    assert not out.exists()
+
+
 def test_ctrl_c_while_the_options_are_read_is_one_line(monkeypatch, capsys):
     import metapl.cli
 

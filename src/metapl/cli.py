@@ -93,15 +93,19 @@ class _Formatter(argparse.HelpFormatter):
 def _cmd_twomoons(args: argparse.Namespace) -> None:
     from dataclasses import asdict
 
-    from metapl.experiments.twomoons import TwoMoonsConfig, run, save, summarize
-
+    # The options are checked before the experiment's imports (torch, scikit-learn: seconds), so
+    # that a mistyped one is reported at once.
+    seeds = parse_seeds(args.seeds)
     if args.steps is not None and args.steps < 1:
         raise ConfigError("--steps must be >= 1")
     if not 0.0 <= args.noise <= 1.0:
         raise ConfigError(f"--noise must be in [0, 1], got {args.noise}")
     cpu_threads.check_requested(args.threads)  # before the output folder is made
     out = output_folder(args.out, command="twomoons")
-    cfg = TwoMoonsConfig(seeds=parse_seeds(args.seeds), noise=args.noise, estimator=args.estimator)
+
+    from metapl.experiments.twomoons import TwoMoonsConfig, run, save, summarize
+
+    cfg = TwoMoonsConfig(seeds=seeds, noise=args.noise, estimator=args.estimator)
     if args.steps is not None:
         cfg.steps = args.steps
     check_replaceable(out, "TwoMoons", asdict(cfg))
@@ -156,13 +160,13 @@ def _train_config(args: argparse.Namespace):
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
-    from metapl.train.engine import train
-
-    cfg = _train_config(args)
-    from metapl.distributed import torchrun_world
-
+    cfg = _train_config(args)  # before the engine's imports (torch: seconds), to fail fast
     cpu_threads.check_requested(args.threads)  # before the output folder is made
     out = output_folder(args.out, command="train")
+
+    from metapl.distributed import torchrun_world
+    from metapl.train.engine import train
+
     with cpu_threads.cpu_threads(args.threads, follows_load=False):  # see metapl.cpu_threads
         summary = train(cfg, out, show_progress=not args.quiet)
     if torchrun_world()[0] != 0:
