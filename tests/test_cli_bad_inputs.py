@@ -176,6 +176,16 @@ def test_bench_checks_json_and_model_before_timing(tmp_path, capsys):
     assert a_file.read_text() == "keep me" and not any(folder.iterdir())
 
 
+@pytest.mark.parametrize("model", ["no_such_model", "mlp"])
+def test_bench_names_a_bad_model_before_its_progress_bar(capsys, model):
+    """Without --quiet, `metapl bench --model mlp` drew its progress bar, then the error: two lines
+    on stderr for a mistake in the input, which the README says is one."""
+    quick = ["bench", "--device", "cpu", "--batch-size", "1", "--repeats", "1", "--model", model]
+    assert main(quick) == 2
+    err = one_error_line(capsys.readouterr().err)
+    assert err.startswith("metapl bench: error: ") and model in err, err
+
+
 @pytest.mark.parametrize("command", ["predict", "export"])
 def test_an_output_inside_a_file_says_so(tmp_path, capsys, command):
     run = tmp_path / "run"

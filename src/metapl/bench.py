@@ -219,6 +219,10 @@ def run_bench(
         source = BatchSource(split, cfg, run.method.views, dev)
         return run, source, source.batch(0)
 
+    # The first kind is built before the progress bar: a --model that is unknown or cannot take the
+    # images is then the one line of a mistake in the input, not a line after a bar.
+    supervised = config("supervised", batch_size=n_u)
+    first_kind = method_and_batch(supervised)
     # GPU: each kind is timed as soon as it is built, alone in memory but for the exact run (peak
     # memory is per kind); CPU: all are built first and timed in interleaved rounds.
     benches: list[tuple[str, Callable[[], object] | dict, dict]] = []
@@ -238,13 +242,13 @@ def run_bench(
         else:
             benches.append((name, fn, meta))
 
-    def bench(name: str, cfg: TrainConfig, **meta) -> tuple:
-        run, source, batch = method_and_batch(cfg)
+    def bench(name: str, cfg: TrainConfig, built: tuple | None = None, **meta) -> tuple:
+        run, source, batch = built or method_and_batch(cfg)
         add(name, lambda: run.method.step(batch), meta)
         return run, source, batch
 
-    # 1. the student's supervised update alone, on the unlabeled-sized batch
-    bench("student_supervised_step", config("supervised", batch_size=n_u), images=n_u)
+    # 1. the student's supervised update alone, on the unlabeled-sized batch (built above)
+    bench("student_supervised_step", supervised, first_kind, images=n_u)
     # 2. the teacher's UDA step: labeled + two unlabeled views
     bench("teacher_uda_step", config("uda"), images=n_l + 2 * n_u)
     # 3-4. UDA+MPL, first-order and exact
