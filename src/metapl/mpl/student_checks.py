@@ -66,9 +66,12 @@ def update_hook(model: nn.Module, optimizer: torch.optim.Optimizer, params) -> s
     return None
 
 
+# double_backward is named first: it is exact for a sparse student (docs/library.md), and the
+# message used to offer only the first-order estimator.
 SPARSE_GRADIENTS = (
-    "the student's gradients are sparse ({}): the exact teacher gradient needs dense ones; use "
-    "sparse=False or estimator='first_order'"
+    "the student's gradients are sparse ({}): the exact estimator's J needs dense ones (forward "
+    "AD takes no sparse tangent); use sparse=False, estimator='double_backward' (the same exact "
+    "gradient, through the sparse one) or estimator='first_order'"
 )
 
 
