@@ -113,6 +113,18 @@ def test_folder_split_reads_classes_labels_pixels_and_tuning(folder):
     assert len(view.y_labeled) == 21 and view.y_test.tolist() == [1, 1, 2]
 
 
+def test_a_16_bit_grayscale_png_decodes_as_its_8_bit_picture(tmp_path):
+    """A 16-bit grayscale PNG opens in mode "I;16", whose convert("RGB") clips every value above
+    255: the file decoded as a white square, silently. It gets the pixels of its 8-bit picture."""
+    gray = np.random.RandomState(0).randint(0, 256, (11, 9)).astype(np.uint16)
+    Image.fromarray(gray * 257).save(tmp_path / "deep.png")  # 0..255 -> 0..65535
+    Image.fromarray(gray.astype(np.uint8)).save(tmp_path / "gray.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    got = decode_image(tmp_path / "deep.png", SIZE)
+    assert np.array_equal(got, decode_image(tmp_path / "gray.png", SIZE))
+    assert got.min() < 255
+
+
 def test_lazy_decoding_gives_the_same_split_with_file_order(folder):
     eager = folder_split(folder, SIZE)
     lazy = folder_split(folder, SIZE, max_eager_bytes=0)

@@ -31,13 +31,26 @@ _EXPECTED = (
 )
 
 
+# The modes a 16-bit grayscale PNG opens in ("I" in older Pillow). Their convert("RGB") clips every
+# value above 255 instead of scaling it, so such a file decoded as a white square, silently.
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def _eight_bit(image: Image.Image) -> Image.Image:
+    """``image`` with 16-bit grayscale scaled to 8 bits (v / 257, rounded: 257 v -> v)."""
+    if image.mode not in SIXTEEN_BIT_MODES:
+        return image
+    values = np.asarray(image, dtype=np.float64)
+    return Image.fromarray(np.clip(np.round(values / 257), 0, 255).astype(np.uint8))  # "L"
+
+
 def decode_image(path: str | Path, resolution: int = 224, crop_fraction: float = 1.0) -> np.ndarray:
     """One image file -> uint8 ``[resolution, resolution, 3]``; DataError naming the file if unreadable."""
     side = max(resolution, round(resolution / crop_fraction))
     try:
         with Image.open(path) as image:
             # convert() forces the full decode, so a truncated file fails here, not later.
-            rgb = image.convert("RGB")
+            rgb = _eight_bit(image).convert("RGB")
     except Exception as exc:  # PIL raises OSError, UnidentifiedImageError, SyntaxError, ...
         raise data_error(
             f"{path} is not a readable image ({describe(exc)}): expected a JPEG of {_EXPECTED}; "
