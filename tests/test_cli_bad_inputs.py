@@ -186,6 +186,27 @@ def test_bench_names_a_bad_model_before_its_progress_bar(capsys, model):
     assert err.startswith("metapl bench: error: ") and model in err, err
 
 
+@pytest.mark.parametrize("command", ["train", "tune"])
+def test_a_mistake_after_a_warmup_cut_is_still_one_line(tmp_path, capsys, command):
+    """--steps below the preset's warm-up prints a note, but a mistake in the same command (here
+    --out naming a file) is the one line on stderr: the note came first, before the check."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me")
+    args = [command, "--preset", "digits-uda-mpl", "--steps", "2", "--out", str(a_file)]
+    if command == "tune":
+        args += ["--trials", "1", "--storage", f"sqlite:///{tmp_path / 'study.db'}"]
+        args += ["--set", "tune_per_class=2"]
+    assert main(args) == 2
+    err = one_error_line(capsys.readouterr().err)
+    assert "is a file" in err and "warmup_steps lowered" not in err, err
+    assert a_file.read_text() == "keep me"
+    # and without the mistake the note is there
+    good = [a if a != str(a_file) else str(tmp_path / "out") for a in args]
+    if command == "train":
+        assert main([*good, "--quiet", "--set", "finetune_steps=0"]) == 0
+        assert "warmup_steps lowered from" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("command", ["predict", "export"])
 def test_an_output_inside_a_file_says_so(tmp_path, capsys, command):
     run = tmp_path / "run"

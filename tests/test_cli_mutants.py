@@ -84,7 +84,7 @@ def test_train_options_reach_the_config(tmp_path):
         "7",
     ]
     argv += ["--seed", "4", "--device", "cpu", "--data-dir", "d", "--steps", "300"]
-    cfg = cli._train_config(cli.build_parser().parse_args(argv))
+    cfg, _ = cli._train_config(cli.build_parser().parse_args(argv))
     assert (cfg.checkpoint_every, cfg.seed, cfg.device, cfg.data_dir, cfg.steps) == (
         7,
         4,
@@ -175,11 +175,15 @@ def test_cpu_bench_defaults_to_a_small_batch_and_its_bar_counts_every_round(monk
     bars, configs = [], []
     monkeypatch.setattr(bench, "progress_bar", lambda **kwargs: bars.append(kwargs) or Bar())
 
-    def first_run(cfg, *args):
-        configs.append(cfg)
-        raise Built
+    real_run = engine.Run
 
-    monkeypatch.setattr(engine, "Run", first_run)
+    def first_runs(cfg, *args):  # the first kind is built before the bar, the second after it
+        configs.append(cfg)
+        if len(configs) == 2:
+            raise Built
+        return real_run(cfg, *args)
+
+    monkeypatch.setattr(engine, "Run", first_runs)
     with pytest.raises(Built):
         bench.run_bench(device="cpu", repeats=3, warmup=2, show_progress=False)
     assert [b["total"] for b in bars] == [5]

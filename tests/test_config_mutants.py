@@ -100,11 +100,11 @@ def test_set_options_split_at_the_first_equals_sign():
 
 def test_steps_cut_the_warmup_only_when_shorter(capsys):
     preset = _cfg(warmup_steps=50)
-    assert warmup_cut_to(50, preset, {}, "train") == {}
-    assert capsys.readouterr().err == ""
-    assert warmup_cut_to(20, preset, {}, "train") == {"warmup_steps": 20}
-    assert "lowered from 50 to 20" in capsys.readouterr().err
-    assert warmup_cut_to(20, preset, {"warmup_steps": "30"}, "train") == {}  # the user's own
+    assert warmup_cut_to(50, preset, {}, "train") == ({}, None)
+    cut, note = warmup_cut_to(20, preset, {}, "train")
+    assert cut == {"warmup_steps": 20} and "lowered from 50 to 20" in note
+    assert warmup_cut_to(20, preset, {"warmup_steps": "30"}, "train") == ({}, None)  # the user's
+    assert capsys.readouterr().err == ""  # the command prints the note once its inputs are checked
 
 
 def test_memory_format_auto_is_channels_last_on_cuda_only():

@@ -468,6 +468,19 @@ def test_batch_size_must_divide_among_the_processes(tmp_path, monkeypatch, capsy
     assert not out.exists()
 
 
+def test_double_backward_under_torchrun_names_the_set_key_to_use(tmp_path, monkeypatch, capsys):
+    """The library's error said estimator='exact', a keyword a command-line user never types."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    out = tmp_path / "run"
+    args = options(1, "--set", "mpl_estimator=double_backward")
+    assert main(["train", "--preset", "digits-uda-mpl", "--out", str(out), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--set mpl_estimator=exact" in err, err
+    assert not out.exists()
+
+
 def test_sync_batchnorm_in_one_process_changes_nothing(tmp_path):
     """In one process sync_batchnorm=true is accepted on CPU, with the exact MPL step, and trains
     exactly as without it."""

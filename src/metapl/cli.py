@@ -140,6 +140,7 @@ def _saved_config(out: Path) -> dict:
 
 
 def _train_config(args: argparse.Namespace):
+    """The run's configuration, and the note to print once the inputs are checked (or None)."""
     from metapl.train.config import apply_overrides, parse_set_options, warmup_cut_to
     from metapl.train.presets import load_preset
 
@@ -155,14 +156,17 @@ def _train_config(args: argparse.Namespace):
     explicit = [*overrides]  # --set keys and options: each must matter to this run
     earlier = _saved_config(Path(args.out)).get("warmup_steps")
     earlier_warmup = earlier if isinstance(earlier, int) else None
-    overrides.update(warmup_cut_to(args.steps, cfg, overrides, "train", earlier_warmup))
-    return apply_overrides(cfg, overrides).validate().check_keys_apply(explicit)
+    cut, note = warmup_cut_to(args.steps, cfg, overrides, "train", earlier_warmup)
+    overrides.update(cut)
+    return apply_overrides(cfg, overrides).validate().check_keys_apply(explicit), note
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
-    cfg = _train_config(args)  # before the engine's imports (torch: seconds), to fail fast
+    cfg, note = _train_config(args)  # before the engine's imports (torch: seconds), to fail fast
     cpu_threads.check_requested(args.threads)  # before the output folder is made
     out = output_folder(args.out, command="train")
+    if note is not None:
+        print(note, file=sys.stderr)
 
     from metapl.distributed import torchrun_world
     from metapl.train.engine import train

@@ -6,6 +6,7 @@ The options live here, next to the command; the work is in :mod:`metapl.tuning`.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from metapl import cpu_threads
 
@@ -80,7 +81,8 @@ def run(args: argparse.Namespace) -> None:
         if getattr(args, key) is not None
     }
     overrides = parse_set_options(args.set or [])
-    runtime.update(warmup_cut_to(args.steps, load_preset(args.preset), overrides, "tune"))
+    cut, note = warmup_cut_to(args.steps, load_preset(args.preset), overrides, "tune")
+    runtime.update(cut)
     opts = TuneOptions(
         preset=args.preset,
         trials=args.trials,
@@ -93,6 +95,8 @@ def run(args: argparse.Namespace) -> None:
         prune=not args.no_prune,
         show_progress=not args.quiet,
     )
+    if note is not None:  # after the checks above: a mistake stays one line
+        print(note, file=sys.stderr)
     with cpu_threads.cpu_threads(args.threads, follows_load=False):  # see metapl.cpu_threads
         path = tune(opts)
     if path is None:  # no trial finished yet; others run elsewhere (the tuner said so)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -444,28 +443,25 @@ def warmup_cut_to(
     overrides: dict,
     command: str,
     earlier_warmup: int | None = None,
-) -> dict:
-    """``{"warmup_steps": steps}`` when ``--steps`` shortens a run below the preset's LR warm-up
-    (with a note on stderr), else ``{}``. A quick run of a preset should not need a second option;
-    an explicit ``--set warmup_steps=N`` is the user's, and is still checked against the steps.
+) -> tuple[dict, str | None]:
+    """``({"warmup_steps": steps}, note)`` when ``--steps`` shortens a run below the preset's LR
+    warm-up, else ``({}, None)``. A quick run of a preset should not need a second option; an
+    explicit ``--set warmup_steps=N`` is the user's, and is still checked against the steps. The
+    command prints the note on stderr once its inputs are checked: a mistake is then one line.
 
     ``earlier_warmup``: the warm-up of the run being resumed. One that was lowered to fit its
     ``--steps`` is kept when a longer ``--steps`` extends that run: a new cut (or none) would be
     another configuration, refused as such, with a message naming warmup_steps, not --steps."""
     if steps is None or steps < 1 or "warmup_steps" in overrides:
-        return {}
+        return {}, None
     warmup = apply_overrides(preset, overrides).warmup_steps
     if earlier_warmup is not None and earlier_warmup < warmup and earlier_warmup <= steps:
-        print(
+        note = (
             f"metapl {command}: note: warmup_steps {earlier_warmup}, as in the run being resumed "
-            f"(lowered from {warmup} to fit its --steps)",
-            file=sys.stderr,
+            f"(lowered from {warmup} to fit its --steps)"
         )
-        return {"warmup_steps": earlier_warmup}
+        return {"warmup_steps": earlier_warmup}, note
     if warmup <= steps:
-        return {}
-    print(
-        f"metapl {command}: note: warmup_steps lowered from {warmup} to {steps} to fit --steps {steps}",
-        file=sys.stderr,
-    )
-    return {"warmup_steps": steps}
+        return {}, None
+    note = f"metapl {command}: note: warmup_steps lowered from {warmup} to {steps} to fit --steps {steps}"
+    return {"warmup_steps": steps}, note

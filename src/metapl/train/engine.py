@@ -287,6 +287,11 @@ def _check_data_parallel(cfg: TrainConfig, world_size: int) -> None:
             f"batch_size {cfg.batch_size} is not divisible by the {world_size} processes, which "
             "each train on an equal slice of every batch; choose another --set batch_size=N"
         )
+    if cfg.uses_mpl and cfg.mpl_estimator == "double_backward":  # the library's error names its
+        raise ConfigError(  # keyword argument, not the --set key a command-line user sets
+            "mpl_estimator=double_backward runs in one process only (an all-reduce is not "
+            "differentiable); --set mpl_estimator=exact gives the same gradient"
+        )
 
 
 class _NoMetrics:
