@@ -45,6 +45,10 @@ def files(folder) -> dict:
         (["--set", "teacher_hidden=0"], "teacher_hidden must be >= 1, got 0"),
         (["--set", "mpl_weight=inf"], "mpl_weight must be a finite number, got inf"),
         (["--set", "student_lr=inf"], "student_lr must be a finite number, got inf"),
+        # a RuntimeError traceback in the optimizer's first step (beyond float32), and an
+        # out-of-memory one once the data was read
+        (["--set", "student_lr=1e300"], "student_lr must be at most 3.403e+38 in size"),
+        (["--set", "batch_size=1e15"], "batch_size must be at most 1,048,576"),
         (["--seed", "-1"], "seed must be in 0..4294967295, got -1"),
         # numpy's and scikit-learn's limit: the digits split raised sklearn's error as a traceback
         (["--seed", "4294967296"], "seed must be in 0..4294967295, got 4294967296"),
@@ -167,12 +171,14 @@ def test_bench_checks_json_and_model_before_timing(tmp_path, capsys):
         (["--json", str(folder)], f"--json {folder} is a folder; give a file name"),
         (["--json", str(a_file / "b.json")], f"{a_file} is a file, not a folder"),
         (["--model", "mlp"], "model mlp cannot take this data's images (3 channels, 32x32)"),
+        # an out-of-memory traceback (76 PiB of images)
+        (["--batch-size", "1000000000000"], "--batch-size must be at most 149,796"),
     ]
     for args, message in cases:
         assert main([*quick, "--model", "small_cnn", *args]) == 2
         err = one_error_line(capsys.readouterr().err)
         assert err.startswith("metapl bench: error: ") and message in err, err
-        assert "--model NAME" in err or "--json" in args
+        assert "--model NAME" in err or args[0] != "--model"
     assert a_file.read_text() == "keep me" and not any(folder.iterdir())
 
 

@@ -53,6 +53,15 @@ def _cfg(**overrides) -> TrainConfig:
         ({"uda_threshold": -0.1}, "uda_threshold must be in [0, 1]"),
         ({"warmup_steps": 101}, "must not exceed steps"),
         ({"seed": 2**32}, "seed must be in 0..4294967295"),
+        # sizes of a typo (1e15): out-of-memory tracebacks once the data was read, or a kill
+        ({"batch_size": 2**20 + 1}, "batch_size must be at most 1,048,576, got 1,048,577"),
+        ({"unlabeled_ratio": 2**20}, "the unlabeled batch (batch_size x unlabeled_ratio = 128 x"),
+        ({"image_size": 4097}, "image_size must be at most 4,096"),
+        ({"teacher_hidden": 10**15}, "teacher_hidden must be at most 8,192"),
+        # beyond float32: a RuntimeError traceback inside the optimizer's first step
+        ({"student_lr": 1e300}, "student_lr must be at most 3.403e+38 in size (float32's"),
+        ({"weight_decay": 1e39}, "weight_decay must be at most 3.403e+38 in size"),
+        ({"finetune_lr": 3.5e38}, "finetune_lr must be at most 3.403e+38 in size"),
     ],
 )
 def test_validate_rejects(overrides, message):
@@ -70,6 +79,9 @@ def test_validate_accepts_the_boundaries():
     # numpy's and scikit-learn's largest seed is a seed (a bound off by one went unseen)
     _cfg(seed=0).validate()
     _cfg(seed=2**32 - 1).validate()
+    _cfg(batch_size=2**20, unlabeled_ratio=1, image_size=4096, teacher_hidden=8192).validate()
+    _cfg(method="supervised", batch_size=2**20, unlabeled_ratio=7).validate()  # reads no ratio
+    _cfg(student_lr=3.4e38).validate()
 
 
 def test_values_are_coerced_to_the_field_types():
@@ -82,6 +94,8 @@ def test_values_are_coerced_to_the_field_types():
     bad_values = (
         {"batch_size": 64.5},
         {"student_lr": True},
+        {"steps": True},  # a preset's `steps = true` trained 1 step, saved as "steps": true
+        {"seed": False},
         {"flip": "maybe"},
         {"steps": "2.5e0"},  # was cut to 2 without a word
         {"steps": "1e400"},  # was OverflowError

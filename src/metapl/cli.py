@@ -228,9 +228,15 @@ def _cmd_reduced(args: argparse.Namespace) -> None:
 
 def _cmd_bench(args: argparse.Namespace) -> None:
     from metapl.bench import run_bench
+    from metapl.train.config import MAX_BATCH
 
     if args.batch_size is not None and args.batch_size < 1:
         raise ConfigError("--batch-size must be >= 1")
+    if args.batch_size is not None and 7 * args.batch_size > MAX_BATCH:  # unlabeled batch: 7B
+        raise ConfigError(  # 1e12 was an out-of-memory traceback
+            f"--batch-size must be at most {MAX_BATCH // 7:,} (the unlabeled batch is 7 x "
+            f"--batch-size, at most {MAX_BATCH:,} images), got {args.batch_size:,}"
+        )
     if args.repeats < 1:
         raise ConfigError("--repeats must be >= 1")
     run_bench(

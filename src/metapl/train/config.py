@@ -86,6 +86,16 @@ METHOD_KEYS: dict[str, tuple[tuple[str, ...], str]] = {
 FIXED_SIZE_PREFIXES = ("digits", "cifar10", "svhn")
 # The largest seed numpy's RandomState and scikit-learn's random_state take (2**32 - 1).
 MAX_SEED = 2**32 - 1
+# Sizes far beyond any run (a typo such as 1e15): they failed as out-of-memory tracebacks once the
+# data was read, or got the process killed. A batch (labeled, or unlabeled: batch_size x
+# unlabeled_ratio) of at most MAX_BATCH images, images of at most MAX_IMAGE_SIZE pixels a side (the
+# presets: 8 to 600), a reduced teacher at most MAX_TEACHER_HIDDEN wide (the paper: 128 and 512).
+MAX_BATCH = 2**20
+MAX_IMAGE_SIZE = 4096
+MAX_TEACHER_HIDDEN = 8192
+# The largest float32: training computes in float32, and a larger learning rate or weight decay
+# failed inside the optimizer's step as a traceback ("cannot be converted to type float").
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 @dataclass
@@ -279,6 +289,19 @@ class TrainConfig:
             )
         if self.teacher_hidden < 1:
             raise ConfigError(f"teacher_hidden must be >= 1, got {self.teacher_hidden}")
+        for name, limit in (
+            ("batch_size", MAX_BATCH),
+            ("image_size", MAX_IMAGE_SIZE),
+            ("teacher_hidden", MAX_TEACHER_HIDDEN),
+        ):
+            if getattr(self, name) > limit:
+                raise ConfigError(f"{name} must be at most {limit:,}, got {getattr(self, name):,}")
+        if self.method in UNLABELED_METHODS and self.batch_size * self.unlabeled_ratio > MAX_BATCH:
+            raise ConfigError(
+                f"the unlabeled batch (batch_size x unlabeled_ratio = {self.batch_size:,} x "
+                f"{self.unlabeled_ratio:,}) must be at most {MAX_BATCH:,} images; lower "
+                "unlabeled_ratio"
+            )
         if not 0.0 <= self.momentum < 1.0:
             raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
         if self.tune_per_class < 0 or (self.tune_per_class and self.dataset != "digits"):
@@ -303,6 +326,11 @@ class TrainConfig:
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"{f.name} must be a finite number, got {value}")
+            if isinstance(value, float) and abs(value) > FLOAT32_MAX:
+                raise ConfigError(
+                    f"{f.name} must be at most {FLOAT32_MAX:.4g} in size (float32's largest: "
+                    f"training computes in float32), got {value}"
+                )
         return self
 
     def ignored_key(self, key: str) -> str | None:
@@ -411,6 +439,8 @@ def _coerce(key: str, value: Any) -> Any:
             return kind(text)
         except ValueError:
             raise ConfigError(f"{key} expects {_kind_name(kind)}, got {value!r}") from None
+    if kind is int and isinstance(value, bool):  # a TOML `steps = true` trained 1 step
+        raise ConfigError(f"{key} expects {_kind_name(kind)}, got {value!r}")
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if kind is int and isinstance(value, float) and value.is_integer():
