@@ -101,3 +101,9 @@ def test_threads_below_one_is_an_error_before_anything_is_written(tmp_path, caps
     err = capsys.readouterr().err
     assert err == f"metapl {command}: error: --threads must be >= 1, got 0\n"
     assert list(tmp_path.iterdir()) == []
+    # --threads 100000 was a segmentation fault (exit 139) when the thread pools started
+    assert main([*args, "--threads", "100000"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"metapl {command}: error: --threads must be at most 1024, got 100,000")
+    assert err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []

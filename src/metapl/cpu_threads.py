@@ -89,12 +89,25 @@ def idle_cores_threads() -> int:
     return max(1, min(torch.get_num_threads(), round(cores - busy_cores())))
 
 
-def check_requested(requested: int | None) -> None:
-    """``--threads`` must be >= 1 (commands check it before they make their output folder)."""
-    if requested is not None and requested < 1:
-        from metapl.errors import ConfigError
+# The most --threads a command takes: more threads than cores only wait for each other, and
+# --threads 100000 killed the process with a segmentation fault (its thread pools could not start).
+MAX_THREADS = 1024
 
+
+def check_requested(requested: int | None) -> None:
+    """``--threads`` must be in 1..:data:`MAX_THREADS` (commands check it before they make their
+    output folder)."""
+    from metapl.errors import ConfigError
+
+    if requested is not None and requested < 1:
         raise ConfigError(f"--threads must be >= 1, got {requested}")
+    if requested is not None and requested > MAX_THREADS:
+        cores = os.cpu_count() or 1
+        raise ConfigError(
+            f"--threads must be at most {MAX_THREADS}, got {requested:,}; this machine has "
+            f"{cores} core{'s' if cores > 1 else ''}, and more threads than cores only wait for "
+            "each other"
+        )
 
 
 @contextlib.contextmanager
