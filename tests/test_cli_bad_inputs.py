@@ -144,6 +144,15 @@ def test_a_checkpoint_without_optimizer_state_is_exit_2(tmp_path, capsys):
         # a model that cannot take digits' images
         (["digits", "--set", "uda_mpl:model=mlp"], "choose a model for them with --set uda_mpl:"),
         (["digits", "--set", "model=wrn28_2"], "model wrn28_2 cannot take this data's images"),
+        # ignored without a word: a method that --methods does not run, or no trained method
+        (
+            ["digits", "--methods", "supervised", "--set", "uda:steps=3"],
+            "--set uda:...: method uda does not train here (--methods supervised)",
+        ),
+        (
+            ["digits", "--methods", "label_spreading", "--set", "student_lr=0.1"],
+            "no method of --methods label_spreading trains a model",
+        ),
         (
             ["reduced", "--set", "reduced_mpl:model=wrn28_2"],
             "stage reduced_mpl: model wrn28_2 cannot take this data's images (1 channel, 8x8)",

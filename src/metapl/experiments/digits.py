@@ -66,6 +66,17 @@ class DigitsConfig:
                     f"--set {target}:...: {target!r} is not a trained digits method; "
                     f"choose from {', '.join(ENGINE_METHODS)}"
                 )
+            # would be ignored without a word (as `metapl reduced` refuses a stage it skips)
+            if target != "*" and target not in self.methods:
+                raise ConfigError(
+                    f"--set {target}:...: method {target} does not train here (--methods "
+                    f"{','.join(self.methods)})"
+                )
+            if target == "*" and not set(self.methods) & set(ENGINE_METHODS):
+                raise ConfigError(
+                    f"--set {next(iter(keys))}=...: no method of --methods "
+                    f"{','.join(self.methods)} trains a model; --set applies to the trained ones"
+                )
             check_command_keys(keys, COMMAND_KEYS)
         # Resolve every engine method's config now, so that an unknown key or a bad value stops
         # the command before any worker starts.
