@@ -276,6 +276,15 @@ def test_a_folder_holding_another_commands_results_is_refused(tmp_path, capsys, 
     assert files(tmp_path) == before
 
 
+def test_a_folder_where_a_figure_goes_is_refused_before_the_run(tmp_path, capsys):
+    """`metapl twomoons` wrote results.json, then failed with a traceback on twomoons.png."""
+    (tmp_path / "twomoons.png").mkdir()
+    assert main([*COMMANDS["twomoons"], "--out", str(tmp_path), "--quiet"]) == 2
+    err = one_error_line(capsys.readouterr().err)
+    assert f"{tmp_path / 'twomoons.png'} is a folder, where metapl writes a file" in err
+    assert [p.name for p in tmp_path.iterdir()] == ["twomoons.png"]
+
+
 @pytest.mark.parametrize("command", ["train", "twomoons"])
 def test_results_name_the_command_that_wrote_them_and_a_rerun_may_overwrite(tmp_path, command):
     for _ in range(2):  # the second run finds its own command's results: not refused

@@ -110,7 +110,22 @@ def test_output_folder_refuses_a_folder_it_cannot_write(tmp_path, monkeypatch):
     assert output_folder(target) == target and not (tmp_path / "new").exists()
 
 
-@pytest.mark.parametrize("name", ["results.json", "config.json", "checkpoint.pt", "metrics.csv"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "results.json",
+        "config.json",
+        "checkpoint.pt",
+        "metrics.csv",
+        # the figures were written after results.json: a traceback with the results replaced
+        "twomoons.png",
+        "grad_cosine.png",
+        "figure9.png",
+        "figure10.json",
+        "curves.png",
+        "classes.json",
+    ],
+)
 def test_output_folder_refuses_a_folder_where_a_result_file_goes(tmp_path, name):
     """A folder named results.json in --out was a traceback when the results were written, after
     the whole run; now refused before any work."""

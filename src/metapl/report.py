@@ -10,8 +10,23 @@ from pathlib import Path
 from metapl.atomic import write_json_atomically
 from metapl.errors import ConfigError
 
-# The files a command writes into its --out (a folder of one of these names is refused up front).
-RUN_FILES = ("results.json", "config.json", "checkpoint.pt", "metrics.csv")
+# The files a command writes into its --out (a folder of one of these names is refused up front:
+# a figure's folder failed as a traceback after the run, with results.json already replaced).
+RUN_FILES = (
+    "results.json",
+    "config.json",
+    "checkpoint.pt",
+    "checkpoint.prev.pt",
+    "metrics.csv",
+    "classes.json",
+    "curves.png",
+    "twomoons.png",
+    "grad_cosine.png",
+    "figure9.png",
+    "figure9.json",
+    "figure10.png",
+    "figure10.json",
+)
 
 
 def output_folder(path: Path | str, option: str = "--out", command: str | None = None) -> Path:
