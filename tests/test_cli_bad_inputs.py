@@ -285,6 +285,23 @@ def test_a_folder_where_a_figure_goes_is_refused_before_the_run(tmp_path, capsys
     assert [p.name for p in tmp_path.iterdir()] == ["twomoons.png"]
 
 
+@pytest.mark.parametrize(
+    "command, name, message",
+    [
+        # TensorBoard's folder: a traceback after config.json and metrics.csv were written
+        ("train", "tb", "tb is a file, where metapl writes a folder"),
+        # a method's run folders: a traceback from inside the worker process
+        ("digits", "supervised", "supervised/seed0 is inside"),
+    ],
+)
+def test_a_file_where_a_run_writes_a_folder_is_one_line(tmp_path, capsys, command, name, message):
+    (tmp_path / name).write_text("keep me")
+    assert main([*COMMANDS[command], "--out", str(tmp_path), "--quiet"]) == 2
+    err = one_error_line(capsys.readouterr().err)
+    assert message in err and "choose another --out" in err, err
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+
+
 @pytest.mark.parametrize("command", ["train", "twomoons"])
 def test_results_name_the_command_that_wrote_them_and_a_rerun_may_overwrite(tmp_path, command):
     for _ in range(2):  # the second run finds its own command's results: not refused

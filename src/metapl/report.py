@@ -27,6 +27,9 @@ RUN_FILES = (
     "figure10.png",
     "figure10.json",
 )
+# ... and the folders (`metapl train`'s TensorBoard logs): a file of the name failed as a traceback
+# after config.json and metrics.csv were written.
+RUN_FOLDERS = ("tb",)
 
 
 def output_folder(path: Path | str, option: str = "--out", command: str | None = None) -> Path:
@@ -51,6 +54,12 @@ def output_folder(path: Path | str, option: str = "--out", command: str | None =
     if blocked is not None:
         raise ConfigError(
             f"{option} {path}: {blocked} is a folder, where metapl writes a file; move it or "
+            f"choose another {option}"
+        )
+    blocked = next((path / n for n in RUN_FOLDERS if (path / n).is_file()), None)
+    if blocked is not None:
+        raise ConfigError(
+            f"{option} {path}: {blocked} is a file, where metapl writes a folder; move it or "
             f"choose another {option}"
         )
     owner = results_owner(path / "results.json")

@@ -28,7 +28,7 @@ from metapl.methods.build import autocast_dtype, build_method
 from metapl.methods.supervised import SupervisedMethod
 from metapl.models import param_groups_for_weight_decay
 from metapl.progress import progress_bar
-from metapl.report import check_replaceable, write_json_atomic
+from metapl.report import check_replaceable, output_folder, write_json_atomic
 from metapl.sync_batchnorm import convert_global_batchnorm
 from metapl.train.checkpoint import (
     FORMAT_VERSION,
@@ -442,7 +442,9 @@ def train(cfg: TrainConfig, out_dir: Path | str, show_progress: bool = True, on_
     ``on_eval(step, accuracies)``, if given, sees each evaluation; an exception it raises stops the
     run (``metapl tune`` reports to its pruner this way)."""
     cfg.validate()
-    out_dir = Path(out_dir)
+    # a file in its place (or in a result file's or folder's): a traceback once the first file was
+    # written (`metapl digits` and `reduced` train into run folders of their own under --out)
+    out_dir = output_folder(out_dir)
     dp = DataParallel()  # this process's share under torchrun; rank 0 of 1 otherwise
     device = resolve_device(cfg.device)
     split = load_data(cfg)  # bad data fails here, before anything is written
