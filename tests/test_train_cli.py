@@ -504,6 +504,26 @@ def test_short_steps_cut_the_presets_warmup_with_a_note(tmp_path, capsys):
     assert max(step for step, *_ in read_rows(out / "metrics.csv")) == 5
 
 
+@pytest.mark.parametrize("damage", ["{not json", "[]", '{"warmup_steps": true}', None])
+def test_a_damaged_config_json_takes_the_warmup_from_the_checkpoint(tmp_path, capsys, damage):
+    """config.json hand-edited (or deleted) before a longer --steps: the warm-up the first --steps
+    had cut was cut again, to the new --steps, and the resume was refused as "a different
+    configuration (warmup_steps: 3 -> 5); use a new --out or the same options" though the options
+    were the same. The checkpoint records the run's configuration too."""
+    out = tmp_path / "run"
+    args = ("--device", "cpu", "--quiet")
+    assert train_cli("digits-supervised", out, "--steps", "3", *args) == 0
+    if damage is None:
+        (out / "config.json").unlink()
+    else:
+        (out / "config.json").write_text(damage)
+    capsys.readouterr()
+    assert train_cli("digits-supervised", out, "--steps", "5", *args) == 0
+    assert "warmup_steps 3, as in the run being resumed" in capsys.readouterr().err
+    config = json.loads((out / "config.json").read_text())  # written whole again
+    assert config["steps"] == 5 and config["warmup_steps"] == 3
+
+
 def test_bad_preset_through_a_real_process(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.run(

@@ -139,6 +139,24 @@ def _saved_config(out: Path) -> dict:
     return saved if isinstance(saved, dict) else {}
 
 
+def _earlier_warmup(out: Path) -> int | None:
+    """The warm-up of the run being resumed in ``out``: its config.json's, or, when that file is
+    missing or damaged (hand-edited), its checkpoint's record. Without the checkpoint's, a warm-up
+    that an earlier --steps had cut was cut again to the new --steps, and the resume was refused as
+    "a different configuration (warmup_steps: 2 -> 4); use ... the same options" though the
+    options were the same."""
+    earlier = _saved_config(out).get("warmup_steps")
+    if (out / "checkpoint.pt").is_file() and (type(earlier) is not int or earlier < 0):
+        from metapl.train.checkpoint import CONFIG_KEY, load_checkpoint
+
+        try:  # a damaged checkpoint is the engine's to report, with its advice
+            recorded = load_checkpoint(out / "checkpoint.pt").get(CONFIG_KEY)
+        except MetaplError:
+            recorded = None
+        earlier = recorded.get("warmup_steps") if isinstance(recorded, dict) else None
+    return earlier if type(earlier) is int and earlier >= 0 else None
+
+
 def _train_config(args: argparse.Namespace):
     """The run's configuration, and the note to print once the inputs are checked (or None)."""
     from metapl.train.config import apply_overrides, parse_set_options, warmup_cut_to
@@ -154,8 +172,7 @@ def _train_config(args: argparse.Namespace):
                 raise ConfigError(f"{option} and --set {key}=... both set {key}; give one of them")
             overrides[key] = value
     explicit = [*overrides]  # --set keys and options: each must matter to this run
-    earlier = _saved_config(Path(args.out)).get("warmup_steps")
-    earlier_warmup = earlier if isinstance(earlier, int) else None
+    earlier_warmup = _earlier_warmup(Path(args.out))
     cut, note = warmup_cut_to(args.steps, cfg, overrides, "train", earlier_warmup)
     overrides.update(cut)
     return apply_overrides(cfg, overrides).validate().check_keys_apply(explicit), note
