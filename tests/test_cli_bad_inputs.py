@@ -12,6 +12,7 @@ bench --json`` naming a folder).
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -356,3 +357,15 @@ def test_an_empty_out_is_refused(tmp_path, capsys, monkeypatch, command):
     assert main([*COMMANDS[command], "--out", "", "--quiet"]) == 2
     assert "error: --out is empty; give a folder name" in one_error_line(capsys.readouterr().err)
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+@pytest.mark.parametrize("command", ["twomoons", "train"])
+def test_an_out_that_cannot_be_created_is_one_line(capsys, command):
+    """/proc takes no new folders even from root, for whom the up-front os.access check passes:
+    mkdir's FileNotFoundError was a traceback."""
+    out = "/proc/metapl-no-such-folder/run"
+    args = ["--seeds", "0"] if command == "twomoons" else ["--preset", "digits-supervised"]
+    assert main([command, *args, "--out", out, "--quiet"]) == 2
+    err = one_error_line(capsys.readouterr().err)
+    assert f"--out {out}: cannot create it" in err, err

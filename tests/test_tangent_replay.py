@@ -410,6 +410,34 @@ def test_bf16_autocast_step_uses_the_tape_and_agrees_with_forward_ad():
     assert F.cosine_similarity(a, b, dim=0) > 0.99
 
 
+def test_a_nan_step_gives_no_verdict_on_the_tape():
+    """A first step whose J is NaN in forward AD too (targets of temperature 1e-320: inf / inf)
+    warned "the tangent pass differs from forward-mode AD (relative error nan)" and gave the tape
+    up for good. Now the NaN goes to the caller (a training run's guard names the loss), and the
+    next finite step checks the tape and uses it."""
+    teacher, student, x_l, y_l, x_u = _problem(RichNet)
+    mpl = MetaPseudoLabels(
+        teacher,
+        student,
+        torch.optim.SGD(teacher.parameters(), lr=0.0),
+        torch.optim.SGD(student.parameters(), lr=0.1),
+        temperature=1e-320,
+        jvp="auto",
+    )
+    saved = copy.deepcopy(teacher.state_dict()), copy.deepcopy(student.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        mpl.step(x_l, y_l, x_u)
+        assert mpl.last_jvp_path == "forward_ad"
+        assert not all(bool(torch.isfinite(p.grad).all()) for p in teacher.parameters())
+        teacher.load_state_dict(saved[0])  # the NaN step wrote NaN into the student (plain SGD
+        student.load_state_dict(saved[1])  # keeps no state to restore)
+        mpl.temperature = 1.0
+        mpl.step(x_l, y_l, x_u)
+        assert mpl.last_jvp_path == "tape"
+        assert all(bool(torch.isfinite(p.grad).all()) for p in teacher.parameters())
+
+
 # ----------------------------------------------------------------------------- fallbacks
 
 

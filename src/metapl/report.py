@@ -93,7 +93,12 @@ def _claim(path: Path, option: str) -> None:
     if torchrun_world()[0] != 0:
         return
     created = [p for p in (path, *path.parents) if not p.exists()]
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # /proc/x, a read-only mount: root passes os.access, mkdir still fails
+        raise ConfigError(
+            f"{option} {path}: cannot create it ({e.strerror}); choose another {option}"
+        ) from None
     fd = os.open(path, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
