@@ -183,7 +183,10 @@ def test_bench_checks_json_and_model_before_timing(tmp_path, capsys):
         (["--model", "mlp"], "model mlp cannot take this data's images (3 channels, 32x32)"),
         # an out-of-memory traceback (76 PiB of images)
         (["--batch-size", "1000000000000"], "--batch-size must be at most 149,796"),
+        (["--json", ""], "--json is empty; give a file name"),  # said "--json . is a folder"
     ]
+    if Path("/proc/self").is_dir():  # root passes os.access there: the write failed at the end
+        cases.append((["--json", "/proc/x.json"], "--json /proc/x.json: cannot write in /proc"))
     for args, message in cases:
         assert main([*quick, "--model", "small_cnn", *args]) == 2
         err = one_error_line(capsys.readouterr().err)

@@ -9,6 +9,7 @@ hidden and non-image files) and a tiny .npz are read and checked pixel for pixel
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -123,6 +124,21 @@ def test_a_16_bit_grayscale_png_decodes_as_its_8_bit_picture(tmp_path):
     got = decode_image(tmp_path / "deep.png", SIZE)
     assert np.array_equal(got, decode_image(tmp_path / "gray.png", SIZE))
     assert got.min() < 255
+
+
+def test_a_large_photo_decodes_without_pillows_bomb_warning(tmp_path, monkeypatch):
+    """Pillow warns on every image above MAX_IMAGE_PIXELS (89 megapixels; 2 lines on stderr each)
+    and refuses those above twice that. A large photo of the user's own decodes quietly; a
+    decompression bomb is still a DataError naming the file. Pillow's limit is lowered here."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50)
+    Image.new("RGB", (9, 9), (10, 20, 30)).save(tmp_path / "large.png")  # 81 pixels: warns
+    Image.new("RGB", (11, 11)).save(tmp_path / "bomb.png")  # 121 > 2 * 50: refused
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = decode_image(tmp_path / "large.png", SIZE)
+    assert got.shape == (SIZE, SIZE, 3) and got[0, 0].tolist() == [10, 20, 30]
+    with pytest.raises(DataError, match="bomb.png is not a readable image"):
+        decode_image(tmp_path / "bomb.png", SIZE)
 
 
 def test_lazy_decoding_gives_the_same_split_with_file_order(folder):

@@ -15,6 +15,7 @@ import gc
 import os
 import platform
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -158,8 +159,11 @@ def _ratios(results: list[dict]) -> dict[str, float]:
     return out
 
 
-def _check_json_path(path: Path) -> None:
+def _check_json_path(text: str | os.PathLike) -> None:
     """``--json``: a file name whose folder exists or can be created (missing folders are made)."""
+    if not str(text).strip():  # Path("") is the current folder
+        raise ConfigError("--json is empty; give a file name")
+    path = Path(text)
     if path.is_dir():
         raise ConfigError(f"--json {path} is a folder; give a file name")
     for existing in path.parents:
@@ -168,6 +172,12 @@ def _check_json_path(path: Path) -> None:
                 raise ConfigError(f"--json {path}: {existing} is a file, not a folder")
             if not os.access(existing, os.W_OK | os.X_OK):
                 raise ConfigError(f"--json {path}: {existing} is not writable")
+            try:  # root passes os.access where nothing can be created (/proc, a read-only mount)
+                tempfile.TemporaryDirectory(dir=existing).cleanup()
+            except OSError as e:
+                raise ConfigError(
+                    f"--json {path}: cannot write in {existing} ({e.strerror}); choose another --json"
+                ) from None
             return
 
 
@@ -188,7 +198,7 @@ def run_bench(
     from metapl.train.engine import Run, check_models_fit, resolve_device
 
     if json_path is not None:  # checked now, not after minutes of timing
-        _check_json_path(Path(json_path))
+        _check_json_path(json_path)
     dev = resolve_device(device)
     on_gpu = dev.type == "cuda"
     batch_size = batch_size or (128 if on_gpu else 4)

@@ -15,6 +15,7 @@ An item is decoded when it is indexed: RGB, shorter side resized (bicubic) to
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -48,9 +49,13 @@ def decode_image(path: str | Path, resolution: int = 224, crop_fraction: float =
     """One image file -> uint8 ``[resolution, resolution, 3]``; DataError naming the file if unreadable."""
     side = max(resolution, round(resolution / crop_fraction))
     try:
-        with Image.open(path) as image:
-            # convert() forces the full decode, so a truncated file fails here, not later.
-            rgb = _eight_bit(image).convert("RGB")
+        # Pillow warns (2 lines on stderr, per image) between 89 and 179 megapixels: a large photo
+        # of the user's own is no attack. Beyond that its DecompressionBombError stays an error.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                # convert() forces the full decode, so a truncated file fails here, not later.
+                rgb = _eight_bit(image).convert("RGB")
     except Exception as exc:  # PIL raises OSError, UnidentifiedImageError, SyntaxError, ...
         raise data_error(
             f"{path} is not a readable image ({describe(exc)}): expected a JPEG of {_EXPECTED}; "
