@@ -296,11 +296,18 @@ def test_a_folder_where_a_figure_goes_is_refused_before_the_run(tmp_path, capsys
         ("train", "tb", "tb is a file, where metapl writes a folder"),
         # a method's run folders: a traceback from inside the worker process
         ("digits", "supervised", "supervised/seed0 is inside"),
+        # a later run's folder: found after the earlier runs had trained (uda runs first)
+        ("digits-two", "supervised", "supervised/seed0 is inside"),
+        # a student's folder: found after the large teacher had trained
+        ("reduced", "supervised", "supervised/seed0 is inside"),
     ],
 )
 def test_a_file_where_a_run_writes_a_folder_is_one_line(tmp_path, capsys, command, name, message):
     (tmp_path / name).write_text("keep me")
-    assert main([*COMMANDS[command], "--out", str(tmp_path), "--quiet"]) == 2
+    argv = COMMANDS[command.removesuffix("-two")]
+    if command == "digits-two":
+        argv = [*argv[:4], "supervised,uda", *argv[5:]]
+    assert main([*argv, "--out", str(tmp_path), "--quiet"]) == 2
     err = one_error_line(capsys.readouterr().err)
     assert message in err and "choose another --out" in err, err
     assert [p.name for p in tmp_path.iterdir()] == [name]

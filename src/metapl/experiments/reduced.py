@@ -22,6 +22,7 @@ from metapl.experiments.digits import check_command_keys, summarize
 from metapl.experiments.workers import map_runs, run_record, worker_pool
 from metapl.report import (
     check_replaceable,
+    output_folder,
     paired_differences,
     print_accuracy_table,
     print_paired_differences,
@@ -150,6 +151,9 @@ def run_reduced(cfg: ReducedConfig, out: Path, show_progress: bool = True) -> di
     cfg.validate()
     # A rerun with other seeds (or steps, students...) would replace the earlier results.json.
     check_replaceable(out, "reduced", asdict(cfg), ignore=("workers",))
+    for name in ("large_teacher", *cfg.students):  # every run's folder now, not after others ran
+        for seed in cfg.seeds:
+            output_folder(out / name / f"seed{seed}")
     out.mkdir(parents=True, exist_ok=True)
     workers = min(cfg.workers or os.cpu_count() or 1, len(cfg.seeds) * len(cfg.students))
     with worker_pool(workers) as pool:
