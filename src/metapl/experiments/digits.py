@@ -216,10 +216,9 @@ def run_digits(cfg: DigitsConfig, out: Path, show_progress: bool = True) -> dict
     cfg.validate()
     # A rerun with other seeds (or steps, methods...) would replace the earlier results.json.
     report.check_replaceable(out, "digits", asdict(cfg), ignore=("workers",))
-    for method in cfg.methods:  # every run's folder now, not after other runs trained
-        if method != "label_spreading":
-            for seed in cfg.seeds:
-                report.output_folder(out / method / f"seed{seed}")
+    for method in set(cfg.methods) & set(ENGINE_METHODS):  # every run's folder now, not after
+        for seed in cfg.seeds:  # other runs trained (LabelSpreading writes none)
+            report.output_folder(out / method / f"seed{seed}")
     out.mkdir(parents=True, exist_ok=True)
     # Slowest first, so the workers finish together.
     order = ("uda_mpl", "randaugment_mpl", "supervised_mpl", "uda", "randaugment")
