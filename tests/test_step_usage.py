@@ -656,18 +656,34 @@ def test_a_shared_parameter_added_to_the_students_optimizer_later_is_refused_bef
 
 
 def test_a_frozen_parameter_the_models_share_is_allowed():
-    """Shared and in neither optimizer: a constant for both models, nothing to refuse."""
-    teacher, student, x_l, y_l, x_u = make_problem("mlp", seed=6)
-    teacher.fc1.weight.requires_grad_(False)
-    student.fc1.weight = teacher.fc1.weight
-    trainable = [p for p in student.parameters() if p.requires_grad]
-    mpl = MetaPseudoLabels(
-        teacher,
-        student,
-        torch.optim.SGD([p for p in teacher.parameters() if p.requires_grad], lr=0.1),
-        torch.optim.SGD(trainable, lr=0.2, momentum=0.9),
-    )
-    mpl.step(x_l, y_l, x_u)
+    """Shared and in neither optimizer: a constant for both models, nothing to refuse. It stays as
+    it was, and both models move as the double-backward oracle moves them."""
+    problem = make_problem("mlp", seed=6, dtype=torch.float64)
+    after = {}
+    for estimator in ("exact", "double_backward"):
+        teacher, student, x_l, y_l, x_u = copy.deepcopy(problem)
+        torch.manual_seed(0)  # the same dropout masks in both runs
+        teacher.fc1.weight.requires_grad_(False)
+        student.fc1.weight = teacher.fc1.weight
+        shared = teacher.fc1.weight.detach().clone()
+        trainable = [p for p in student.parameters() if p.requires_grad]
+        mpl = MetaPseudoLabels(
+            teacher,
+            student,
+            torch.optim.SGD([p for p in teacher.parameters() if p.requires_grad], lr=0.1),
+            torch.optim.SGD(trainable, lr=0.2, momentum=0.9),
+            estimator=estimator,
+        )
+        for _ in range(2):
+            mpl.step(x_l, y_l, x_u)
+        assert torch.equal(teacher.fc1.weight, shared)
+        after[estimator] = [
+            p.detach().clone() for p in (*teacher.parameters(), *student.parameters())
+        ]
+    moved = [p for p in problem[0].parameters()] + [p for p in problem[1].parameters()]
+    assert any(not torch.equal(a, b) for a, b in zip(after["exact"], moved))
+    for a, b in zip(after["exact"], after["double_backward"]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
 class _Tokens(nn.Module):
