@@ -379,3 +379,22 @@ def test_an_out_that_cannot_be_created_is_one_line(capsys, command):
     assert main([command, *args, "--out", out, "--quiet"]) == 2
     err = one_error_line(capsys.readouterr().err)
     assert f"--out {out}: cannot create it" in err, err
+
+
+@pytest.mark.parametrize("command", ["train", "tune", "digits", "reduced"])
+def test_set_preset_is_refused(tmp_path, capsys, command):
+    """`--set preset=foo` trained the --preset run (or digits' own presets) under the name foo:
+    config.json, the progress bar and the summary line named a preset that never trained."""
+    out = tmp_path / "out"
+    argv = {
+        "train": ["train", "--preset", "digits-supervised", "--steps", "2"],
+        "tune": ["tune", "--preset", "digits-supervised", "--steps", "2", "--trials", "1"],
+        "digits": COMMANDS["digits"],
+        "reduced": COMMANDS["reduced"],
+    }[command]
+    if command == "tune":
+        argv += ["--storage", f"sqlite:///{tmp_path / 'study.db'}", "--set", "tune_per_class=2"]
+    assert main([*argv, "--out", str(out), "--quiet", "--set", "preset=foo"]) == 2
+    err = one_error_line(capsys.readouterr().err)
+    assert "preset only records the preset a run came from" in err and "--preset" in err, err
+    assert [p.name for p in tmp_path.iterdir()] == []

@@ -356,7 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from metapl.train.config import TrainConfig
 
-    keys = ", ".join(TrainConfig.__dataclass_fields__)
+    # preset is set by --preset, not --set (TrainConfig.ignored_key)
+    keys = ", ".join(k for k in TrainConfig.__dataclass_fields__ if k != "preset")
     p = sub.add_parser(
         "train",
         help="train one preset (Table 1 and Table 2 rows, digits) with resumable checkpoints",

@@ -6,7 +6,6 @@ The options live here, next to the command; the work is in :mod:`metapl.tuning`.
 from __future__ import annotations
 
 import argparse
-import sys
 
 from metapl import cpu_threads
 
@@ -94,9 +93,8 @@ def run(args: argparse.Namespace) -> None:
         runtime=runtime,
         prune=not args.no_prune,
         show_progress=not args.quiet,
+        note=note,  # the tuner prints it after its checks: a mistake stays one line
     )
-    if note is not None:  # after the checks above: a mistake stays one line
-        print(note, file=sys.stderr)
     with cpu_threads.cpu_threads(args.threads, follows_load=False):  # see metapl.cpu_threads
         path = tune(opts)
     if path is None:  # no trial finished yet; others run elsewhere (the tuner said so)

@@ -201,7 +201,7 @@ class TrainConfig:
     # process)
     sync_batchnorm: bool = False
 
-    # -- where the preset came from (informational)
+    # -- where the preset came from (informational: load_preset sets it, --set refuses it)
     preset: str | None = field(default=None)
 
     def validate(self) -> TrainConfig:
@@ -335,6 +335,13 @@ class TrainConfig:
 
     def ignored_key(self, key: str) -> str | None:
         """Why this run would not read config key ``key`` (a one-line error), or None if it does."""
+        if key == "preset":
+            # Only a record of the run's preset (config.json, progress bar, summary line): a --set
+            # renamed the run and trained the --preset one, as if the named preset had trained.
+            return (
+                "preset only records the preset a run came from and changes nothing; choose the "
+                "preset with --preset (train, tune): do not set it"
+            )
         if key in METHOD_KEYS:
             methods, who = METHOD_KEYS[key]
             if self.method not in methods:

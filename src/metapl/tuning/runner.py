@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,9 @@ class TuneOptions:
     runtime: dict[str, Any] = field(default_factory=dict)
     prune: bool = True
     show_progress: bool = True
+    # printed on stderr once the options are checked (the --steps warm-up cut): printed before,
+    # it made a mistake in --set two lines
+    note: str | None = None
 
 
 def train_command(opts: TuneOptions) -> str:
@@ -291,6 +295,8 @@ class Tuner:
                 f"{self.name}-student", f"is not in {new_database} (no such file)"
             )
         self.storage = open_storage(opts.storage)
+        if opts.note is not None:
+            print(opts.note, file=sys.stderr)
 
     def run(self) -> Path | None:
         done = {stage: Stage(self, stage).run() for stage in self.stages}
