@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -323,6 +324,44 @@ def test_errors_are_one_line(tmp_path, capsys, extra, message):
     assert not (tmp_path / "out").exists()
     # --stage teacher left a new database with empty tables (and its .lock) behind
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("content", ["garbage", "foreign", "garbage, lock there"])
+def test_a_study_file_that_is_not_one_is_one_line_and_left_as_it_was(tmp_path, capsys, content):
+    """Garbage bytes failed in one line but left study.db.lock behind; another program's SQLite
+    database got Optuna's tables added to it, then failed with Optuna's traceback."""
+    db = tmp_path / "study.db"
+    if content == "foreign":
+        connection = sqlite3.connect(db)
+        connection.execute("CREATE TABLE studies (name TEXT)")  # one of Optuna's table names
+        connection.commit()
+        connection.close()
+    else:
+        db.write_bytes(bytes(range(256)) * 8)
+    if content.endswith("lock there"):  # another process's lock file is not ours to remove
+        (tmp_path / "study.db.lock").touch()
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    args = ["tune", "--preset", "digits-uda-mpl", "--trials", "1", *tiny_args(tmp_path)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("metapl tune: error: --storage "), err
+    reason = (
+        "holds tables of another program (studies)" if content == "foreign" else "not a database"
+    )
+    assert reason in err, err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_a_study_of_another_schema_version_is_a_config_error(tmp_path):
+    """Optuna's RuntimeError ("no longer compatible with the table schema") came through raw."""
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    open_storage(url).engine.dispose()
+    connection = sqlite3.connect(tmp_path / "study.db")
+    connection.execute("UPDATE alembic_version SET version_num = 'v99.from.the.future'")
+    connection.commit()
+    connection.close()
+    with pytest.raises(ConfigError, match="cannot open the database .*table schema"):
+        open_storage(url)
 
 
 def test_stage_teacher_in_a_database_without_stage_one_names_it(tmp_path, capsys):

@@ -92,10 +92,38 @@ def new_sqlite_file(url: str) -> Path | None:
     return None if path.exists() else path
 
 
+def _check_study_file(path: Path, shown: str) -> None:
+    """A one-line ConfigError unless SQLite file ``path`` is missing, empty or holds Optuna's
+    tables: garbage bytes, or another program's database, which Optuna would add its tables to
+    before failing with a traceback. Runs under the lock of the first start's table creation:
+    outside it, a worker could find another's tables half made (sqlite3 commits each CREATE
+    TABLE on its own) and take them for another program's."""
+    import sqlite3
+
+    if not path.is_file():
+        return
+    # read-write, though it only reads: a read-only connection to a WAL database leaves its -wal
+    # and -shm files behind, which the last read-write connection removes as it closes
+    connection = sqlite3.connect(path, timeout=SQLITE_TIMEOUT_S)
+    try:
+        rows = connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+    except sqlite3.DatabaseError as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(f"--storage {shown}: cannot open the database ({reason})") from None
+    finally:
+        connection.close()
+    names = sorted(row[0] for row in rows)
+    if names and "version_info" not in names:
+        listed = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        raise ConfigError(
+            f"--storage {shown}: {path} holds tables of another program ({listed}), not an "
+            "Optuna study; give another file (a new one is created)"
+        )
+
+
 def open_storage(url: str):
     """An Optuna ``RDBStorage`` for ``url``; every problem with the URL is a one-line ConfigError."""
     optuna = import_optuna()
-    import sqlalchemy.event
     import sqlalchemy.exc
     from sqlalchemy.engine import make_url
 
@@ -107,6 +135,8 @@ def open_storage(url: str):
     engine_kwargs: dict = {}
     # a factory: each attempt enters a fresh one
     lock: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    made_lock: Path | None = None  # the lock file this call creates
+    study_file: Path | None = None  # SQLite's, checked under the lock
     sqlite = parsed.get_backend_name() == "sqlite"
     if sqlite:
         database = parsed.database or ""
@@ -127,11 +157,37 @@ def open_storage(url: str):
                 f"--storage {shown}: folder {folder} is not writable; put the database in a "
                 "folder you can write"
             )
+        study_file = Path(database)
         engine_kwargs["connect_args"] = {"timeout": SQLITE_TIMEOUT_S}
-        lock = lambda: _file_lock(Path(database + ".lock"))  # noqa: E731
+        lock_path = Path(database + ".lock")
+        lock = lambda: _file_lock(lock_path)  # noqa: E731
+        made_lock = None if lock_path.exists() else lock_path
+    try:
+        return _open_rdb(optuna, url, shown, engine_kwargs, lock, study_file)
+    except ConfigError:
+        # A file that is not a study (garbage bytes, another program's database, a study of
+        # another Optuna schema) is left without the lock file made for it: an error leaves
+        # nothing new behind. One that was there before stays (others may be locking it). A
+        # worker that made it too, at the same moment, may then lock a file of its own: the
+        # racing table creation is retried (_open_rdb).
+        if made_lock is not None:
+            made_lock.unlink(missing_ok=True)
+        raise
+
+
+def _open_rdb(
+    optuna, url: str, shown: str, engine_kwargs: dict, lock: Callable, study_file: Path | None
+):
+    """open_storage's ``RDBStorage``, with SQLite's ``study_file`` checked under the lock; a first
+    start that races on table creation is retried."""
+    import sqlalchemy.event
+    import sqlalchemy.exc
+
     for attempt in range(3):
         try:
             with lock():
+                if study_file is not None:
+                    _check_study_file(study_file, shown)
                 storage = optuna.storages.RDBStorage(
                     url,
                     engine_kwargs=engine_kwargs,
@@ -139,7 +195,7 @@ def open_storage(url: str):
                     grace_period=GRACE_S,
                     heartbeat_stale_trial_callback=retry_callback(optuna),
                 )
-                if sqlite:
+                if study_file is not None:  # SQLite
                     sqlalchemy.event.listen(storage.engine, "connect", _sqlite_pragmas)
                     storage.engine.dispose()  # connections made before the listener go
                 return storage
@@ -149,7 +205,11 @@ def open_storage(url: str):
                 "for postgresql:// URLs: pip install 'psycopg[binary]' (or psycopg2-binary with "
                 "postgresql+psycopg2://)"
             ) from None
-        except sqlalchemy.exc.SQLAlchemyError as err:
+        except (
+            sqlalchemy.exc.SQLAlchemyError,
+            optuna.exceptions.StorageInternalError,
+            RuntimeError,  # Optuna's "no longer compatible with the table schema"
+        ) as err:
             racing = "already exists" in str(err) or "duplicate" in str(err).lower()
             if racing and attempt < 2:  # another process is creating the tables right now
                 time.sleep(1.0 + attempt)
