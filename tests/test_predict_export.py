@@ -284,6 +284,23 @@ def test_unfinished_run_is_refused_unless_allowed(capsys, run_dir, image_dir, tm
     assert len(captured.out.splitlines()) == 5 and "unfinished (step 8 of 100)" in captured.err
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["predict", "--run", "{tmp}/nowhere", "{tmp}/missing.png", "--top", "0"],
+        ["predict", "--run", "{tmp}/nowhere", "{images}", "--json", "{tmp}/no/p.json"],
+        ["export", "--run", "{tmp}/nowhere", "--format", "savedmodel"],
+        ["export", "--run", "{tmp}/nowhere", "--format", "onnx", "--output", "{tmp}/no/m.onnx"],
+    ],
+)
+def test_a_missing_run_folder_is_reported_before_the_other_mistakes(capsys, tmp_path, argv):
+    """A mistyped --run is the basic mistake: predict named the missing image (or --top, --json)
+    first, so fixing that led to a second error about the run."""
+    values = {"tmp": str(tmp_path), "images": str(tmp_path)}
+    err = fails(capsys, *(a.format(**values) for a in argv))
+    assert f"run folder {tmp_path / 'nowhere'} does not exist" in err, err
+
+
 def test_corrupt_checkpoint(capsys, run_dir, image_dir, tmp_path):
     run = copy_run(run_dir, tmp_path)
     (run / "checkpoint.pt").write_bytes(b"not a checkpoint")

@@ -126,8 +126,9 @@ def run(args: argparse.Namespace) -> None:
     import torch
 
     from metapl.errors import ConfigError
-    from metapl.train.run_model import Classifier, class_names, load_run_model
+    from metapl.train.run_model import Classifier, check_run_folder, class_names, load_run_model
 
+    check_run_folder(args.run)  # the most basic mistake first, as in `metapl predict`
     args.format = args.format.lower()  # --format ONNX, TorchScript: the same formats
     if args.format not in FORMATS:
         raise ConfigError(f"--format {args.format!r}: expected one of {', '.join(FORMATS)}")

@@ -131,8 +131,9 @@ def run(args: argparse.Namespace) -> None:
     from metapl.report import write_json_atomic
     from metapl.train.data import model_input
     from metapl.train.engine import resolve_device
-    from metapl.train.run_model import Classifier, class_names, load_run_model
+    from metapl.train.run_model import Classifier, check_run_folder, class_names, load_run_model
 
+    check_run_folder(args.run)  # the most basic mistake first: a mistyped --run
     if args.top < 1:
         raise ConfigError(f"--top must be >= 1, got {args.top}")
     _check_output(args.json, "--json")

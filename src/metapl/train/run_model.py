@@ -147,6 +147,20 @@ def _read_config(path: Path, name: str) -> TrainConfig:
         raise ConfigError(f"{name}: {path} is not a readable metapl config ({exc})") from None
 
 
+def check_run_folder(run_dir: Path | str, name: str | None = None) -> None:
+    """A ConfigError unless ``run_dir`` holds a run's config.json and checkpoint.pt: the cheap
+    part of :func:`load_run_model`'s checks, for commands to run before their other inputs (a
+    mistyped --run is the more basic mistake)."""
+    run_dir = Path(run_dir)
+    name = name or f"run folder {run_dir}"
+    if not (run_dir / "config.json").is_file() or not (run_dir / "checkpoint.pt").is_file():
+        what = "does not exist" if not run_dir.exists() else "is not a `metapl train` run folder"
+        raise ConfigError(
+            f"{name} {what} (a run folder holds config.json and checkpoint.pt): give the --out "
+            "folder of a `metapl train` run, trained first"
+        )
+
+
 def load_run_model(
     run_dir: Path | str,
     device: torch.device | str = "cpu",
@@ -165,13 +179,8 @@ def load_run_model(
     """
     run_dir = Path(run_dir)
     name = name or f"run folder {run_dir}"
+    check_run_folder(run_dir, name)
     config_path, ckpt_path = run_dir / "config.json", run_dir / "checkpoint.pt"
-    if not config_path.is_file() or not ckpt_path.is_file():
-        what = "does not exist" if not run_dir.exists() else "is not a `metapl train` run folder"
-        raise ConfigError(
-            f"{name} {what} (a run folder holds config.json and checkpoint.pt): give the --out "
-            "folder of a `metapl train` run, trained first"
-        )
     cfg = _read_config(config_path, name)
     state = load_checkpoint(ckpt_path, format_version=FORMAT_VERSION)
     # A checkpoint.pt copied in from another run (or a config.json edited) of the same model was
