@@ -94,6 +94,13 @@ def test_bad_labels_raise_data_error_before_the_student_moves(labels):
     assert mpl.step_count == 0
 
 
+class _NoWorldSize:
+    """A grad_sync without world_size, which the first-order step reads."""
+
+    def mean_(self, tensors) -> None:
+        pass
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
@@ -121,6 +128,21 @@ def test_bad_labels_raise_data_error_before_the_student_moves(labels):
         {"batch_dim": -1},
         {"batch_dim": 1.0},
         {"batch_dim": True},  # an int to isinstance, and no dimension number
+        # not numbers: Python's "'<' not supported between instances of 'int' and 'str'"
+        {"temperature": "2"},
+        {"mpl_weight": None},
+        {"label_smoothing": "0.1"},
+        {"supervised_weight": 1j},
+        # read by the first-order estimator only: ignored without a word by the others
+        {"baseline_decay": 0.9},
+        # failed at the first step ("'int' object is not callable", "no attribute 'mean_'")
+        {"teacher_extra_loss": 3},
+        {"grad_sync": object()},
+        {"grad_sync": _NoWorldSize()},
+        # a truthy string: allow_student_hooks="false" let hooks change the update, silently
+        {"allow_student_hooks": "false"},
+        {"check_inputs": "no"},
+        {"allow_tf32": 1},
     ],
     ids=lambda k: "-".join(f"{a}={b}" for a, b in k.items()),
 )
@@ -817,3 +839,33 @@ def test_the_readme_names_each_options_default_as_the_constructor_has_it():
     signature = inspect.signature(MetaPseudoLabels.__init__).parameters
     defaults = {k: p.default for k, p in signature.items() if p.kind is p.KEYWORD_ONLY}
     assert named == defaults
+
+
+# ----------------------------------------------------------------------------- more bad inputs
+# Found by an adversarial pass over the constructor's and step()'s arguments: each was a raw
+# Python or torch error from inside the step (some after the student had moved) or a silently
+# different step.
+
+
+@pytest.mark.parametrize(
+    "who, bad",
+    [
+        ("student", None),
+        ("teacher", lambda x: x),
+        ("student_optimizer", None),
+        ("teacher_optimizer", "sgd"),
+    ],
+)
+def test_models_and_optimizers_of_the_wrong_type_are_config_errors(who, bad):
+    """An AttributeError from deep in the construction ('NoneType' object has no attribute
+    'parameters' / 'param_groups'), or an UnsupportedOptimizerError calling a string "str"."""
+    teacher, student, *_ = make_problem("mlp")
+    args = {
+        "teacher": teacher,
+        "student": student,
+        "teacher_optimizer": torch.optim.SGD(teacher.parameters(), lr=0.1),
+        "student_optimizer": torch.optim.SGD(student.parameters(), lr=0.1),
+    }
+    args[who] = bad
+    with pytest.raises(ConfigError, match=f"^(the )?{who} must be "):
+        MetaPseudoLabels(*args.values())

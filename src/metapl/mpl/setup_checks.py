@@ -19,6 +19,27 @@ from metapl.errors import ConfigError
 from metapl.mpl.update_rules import optimizer_params, rule_for
 
 
+def check_grad_sync(grad_sync: object, estimator: str) -> None:
+    """``grad_sync`` is None or has what the step calls: ``mean_(tensors)`` and an integer
+    ``world_size`` (a wrong object failed inside the first step, as an AttributeError)."""
+    if grad_sync is None:
+        return
+    if estimator == "double_backward":
+        raise ConfigError(
+            "estimator='double_backward' runs in one process only (an all-reduce is not "
+            "differentiable); use estimator='exact', which gives the same gradient"
+        )
+    world_size = getattr(grad_sync, "world_size", None)
+    if not callable(getattr(grad_sync, "mean_", None)) or not (
+        isinstance(world_size, int) and not isinstance(world_size, bool) and world_size >= 1
+    ):
+        raise ConfigError(
+            "grad_sync must have a method mean_(tensors), averaging them in place across "
+            "processes, and an integer world_size >= 1 (metapl.distributed.GradientAverager); "
+            f"got {type(grad_sync).__name__}"
+        )
+
+
 def check_models_and_optimizers(
     teacher: nn.Module,
     student: nn.Module,
@@ -30,13 +51,20 @@ def check_models_and_optimizers(
     """At construction, in this order: a student optimizer whose update rule the exact estimators
     know, one process for double backward, two models with their own trained parameters, each
     optimizer over its own model, and plain ``step()`` calls."""
+    for name, model in (("teacher", teacher), ("student", student)):
+        if not isinstance(model, nn.Module):  # an AttributeError from deep inside, before
+            raise ConfigError(f"the {name} must be an nn.Module, got {type(model).__name__}")
+    for name, optimizer in (
+        ("teacher_optimizer", teacher_optimizer),
+        ("student_optimizer", student_optimizer),
+    ):
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise ConfigError(
+                f"{name} must be a torch.optim.Optimizer over the {name.split('_')[0]}'s "
+                f"parameters, got {type(optimizer).__name__}"
+            )
     if estimator in ("exact", "double_backward"):
         rule_for(student_optimizer)  # fail now, not at the first step
-    if estimator == "double_backward" and grad_sync is not None:
-        raise ConfigError(
-            "estimator='double_backward' runs in one process only (an all-reduce is not "
-            "differentiable); use estimator='exact', which gives the same gradient"
-        )
     if teacher is student:
         raise ConfigError("teacher and student must be two modules (two sets of weights)")
     wrapper = functional_call_refusal(student)

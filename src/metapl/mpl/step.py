@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import overload
@@ -76,7 +77,12 @@ from metapl.mpl.replay import (
     replayed_rng,
     tf32_disabled,
 )
-from metapl.mpl.setup_checks import check_models_and_optimizers, check_owned, check_unshared
+from metapl.mpl.setup_checks import (
+    check_grad_sync,
+    check_models_and_optimizers,
+    check_owned,
+    check_unshared,
+)
 from metapl.mpl.student_checks import (
     SPARSE_GRADIENTS,
     check_derivatives,
@@ -93,6 +99,13 @@ from metapl.mpl.update_rules import (
 )
 
 ESTIMATORS = ("exact", "first_order", "double_backward")
+
+
+def _is_real(value: object) -> bool:
+    """A real number: a Python or numpy scalar, or a one-element real tensor."""
+    if isinstance(value, Tensor):
+        return value.numel() == 1 and not value.is_complex()
+    return isinstance(value, numbers.Real)
 
 
 @dataclass
@@ -213,10 +226,44 @@ class MetaPseudoLabels:
             raise ConfigError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
         if jvp not in JVP_MODES:
             raise ConfigError(f"jvp must be one of {JVP_MODES}, got {jvp!r}")
+        # not a number (a string from a config file, None): the comparisons below raised
+        # Python's "'<' not supported between instances of 'int' and 'str'"
+        given = {
+            "temperature": temperature,
+            "supervised_weight": supervised_weight,
+            "label_smoothing": label_smoothing,
+            "mpl_weight": mpl_weight,
+            "student_labeled_weight": student_labeled_weight,
+        }
+        if baseline_decay is not None:
+            given["baseline_decay"] = baseline_decay
+        for name, value in given.items():
+            if not _is_real(value):
+                raise ConfigError(f"{name} must be a number, got {value!r}")
+        flags = {
+            "check_inputs": check_inputs,
+            "allow_tf32": allow_tf32,
+            "allow_student_hooks": allow_student_hooks,
+        }
+        for name, flag in flags.items():  # allow_student_hooks="false" was true, silently
+            if not isinstance(flag, bool):
+                raise ConfigError(f"{name} must be True or False, got {flag!r}")
         if not 0 < temperature < math.inf:  # inf: uniform targets, whatever the teacher says
             raise ConfigError(f"temperature must be a finite number > 0, got {temperature}")
         if baseline_decay is not None and not 0.0 <= baseline_decay < 1.0:
             raise ConfigError(f"baseline_decay must be in [0, 1) or None, got {baseline_decay}")
+        if baseline_decay is not None and estimator != "first_order":  # read by nothing else
+            raise ConfigError(
+                f"baseline_decay applies to estimator='first_order' only; estimator {estimator!r} "
+                "has no baseline: leave it None"
+            )
+        if teacher_extra_loss is not None and not callable(teacher_extra_loss):
+            # failed at the first step as "'int' object is not callable"
+            raise ConfigError(
+                "teacher_extra_loss must be a function of the teacher's logits (TeacherLogits) "
+                f"returning a scalar tensor, or None; got {type(teacher_extra_loss).__name__}"
+            )
+        check_grad_sync(grad_sync, estimator)
         # A NaN or Inf weight gave a NaN teacher loss at the first step; a negative one trains the
         # teacher away from its labels or from what helps the student, without a word.
         weights = {
