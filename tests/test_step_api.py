@@ -239,6 +239,11 @@ def _bad_values():
     }
 
 
+def _any_extra_loss(logits: TeacherLogits) -> Tensor:
+    """0, from the teacher's logits: extra inputs need an extra loss, with or without them."""
+    return sum((x.sum() for x in logits.extra), logits.unlabeled.sum()) * 0
+
+
 @pytest.mark.parametrize("steps_before", [0, 1], ids=["first step", "after a step"])
 @pytest.mark.parametrize("case", list(_bad_values()))
 def test_bad_values_leave_models_and_random_stream_as_they_were(case, steps_before):
@@ -248,7 +253,7 @@ def test_bad_values_leave_models_and_random_stream_as_they_were(case, steps_befo
     classes, with its buffers and the random numbers put back."""
     changes, message = _bad_values()[case]
     teacher, student, x_l, y_l, x_u = make_problem("mlp")
-    mpl = _mpl(teacher, student)
+    mpl = _mpl(teacher, student, teacher_extra_loss=_any_extra_loss)
     for _ in range(steps_before):
         mpl.step(x_l, y_l, x_u)
     state = [copy.deepcopy(m.state_dict()) for m in (teacher, student)]
@@ -869,3 +874,102 @@ def test_models_and_optimizers_of_the_wrong_type_are_config_errors(who, bad):
     args[who] = bad
     with pytest.raises(ConfigError, match=f"^(the )?{who} must be "):
         MetaPseudoLabels(*args.values())
+
+
+@pytest.mark.parametrize(
+    "extras, error, message",
+    [
+        # a tensor was taken row by row: each row a batch of its own (here BatchNorm's raw error)
+        (
+            "tensor",
+            DataError,
+            "teacher_extra_inputs must be a list or tuple of batches, got a Tensor",
+        ),
+        (
+            "none",
+            DataError,
+            "teacher_extra_inputs must be a list or tuple of batches, got a NoneType",
+        ),
+        # without an extra loss their logits went nowhere, but they joined the teacher's batch
+        ("list", ConfigError, "no teacher_extra_loss reads their logits"),
+    ],
+)
+def test_teacher_extra_inputs_that_cannot_be_used_fail_before_anything_moves(
+    extras, error, message
+):
+    teacher, student, x_l, y_l, x_u = make_problem("mlp")
+    mpl = _mpl(teacher, student)
+    given = {"tensor": x_u, "none": None, "list": [x_u]}[extras]
+    state = [copy.deepcopy(m.state_dict()) for m in (teacher, student)]
+    with pytest.raises(error, match=re.escape(message)):
+        mpl.step(x_l, y_l, x_u, teacher_extra_inputs=given)
+    for model, before in zip((teacher, student), state):
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert mpl.step_count == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.complex128, torch.int64])
+def test_an_extra_loss_that_is_not_real_floating_fails_before_the_student_moves(dtype):
+    """A complex loss failed in the teacher's backward ("grad can be implicitly created only for
+    real scalar outputs"), after the student had stepped."""
+    teacher, student, x_l, y_l, x_u = make_problem("mlp")
+    mpl = _mpl(teacher, student, teacher_extra_loss=lambda lg: lg.extra[0].sum().to(dtype))
+    before = flat(student.parameters()).clone()
+    with pytest.raises(ConfigError, match=f"real floating-point tensor, got {dtype}"):
+        mpl.step(x_l, y_l, x_u, teacher_extra_inputs=[x_u])
+    assert torch.equal(flat(student.parameters()), before)
+    assert not mpl.student_optimizer.state
+
+
+class _Cast(nn.Module):
+    def __init__(self, model: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.model, self.dtype = model, dtype
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x).to(self.dtype)
+
+
+@pytest.mark.parametrize("who", ["teacher", "student"])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.complex128])
+def test_logits_that_are_not_floating_point_fail_before_the_student_moves(who, dtype):
+    """Integer logits from the teacher (an argmax, say) gave float targets once divided by the
+    temperature: the student stepped on them, then the teacher's CE failed in log_softmax.
+    Complex ones failed in torch's softmax or the student's backward."""
+    teacher, student, x_l, y_l, x_u = make_problem("mlp")
+    if who == "teacher":
+        teacher = _Cast(teacher, dtype)
+    else:
+        student = _Cast(student, dtype)
+    mpl = _mpl(teacher, student)
+    before = flat(student.parameters()).clone()
+    with pytest.raises(ConfigError, match=f"the {who} must return floating-point logits"):
+        mpl.step(x_l, y_l, x_u)
+    assert torch.equal(flat(student.parameters()), before)
+    assert not mpl.student_optimizer.state
+
+
+@pytest.mark.parametrize("layout", ["sparse_coo", "nested"])
+def test_a_sparse_or_nested_batch_is_a_data_error(layout):
+    """torch's NotImplementedError ('aten::ne.Scalar' ... 'SparseCPU' backend) came from the value
+    checks; without them, from the teacher's joint forward."""
+    teacher, student, x_l, y_l, x_u = make_problem("mlp")
+    mpl = _mpl(teacher, student)
+    if layout == "nested":
+        bad = torch.nested.nested_tensor(list(x_u), layout=torch.jagged)
+    else:
+        bad = x_u.to_sparse()
+    with pytest.raises(DataError, match=f"^x_unlabeled is a {layout} tensor: the step takes dense"):
+        mpl.step(x_l, y_l, bad)
+    assert mpl.step_count == 0
+
+
+def test_a_student_with_nan_weights_is_named_as_such_on_the_first_exact_step():
+    """Its NaN logits failed the replay check's comparison, which blamed random numbers drawn
+    outside torch's generator."""
+    teacher, student, x_l, y_l, x_u = make_problem("mlp")
+    with torch.no_grad():
+        next(student.parameters())[0, 0] = math.nan  # a run that diverged
+    mpl = _mpl(teacher, student)
+    with pytest.raises(ConfigError, match="^the student's logits on x_unlabeled hold NaN or Inf"):
+        mpl.step(x_l, y_l, x_u)

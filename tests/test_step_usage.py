@@ -298,11 +298,14 @@ def test_a_teacher_extra_loss_that_is_not_a_scalar_fails_before_the_student_move
     assert torch.equal(flat(student.parameters()), before)
 
 
-@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8])
+@pytest.mark.parametrize(
+    "dtype", [torch.int32, torch.int16, torch.uint8, torch.int8, torch.uint16, torch.uint64]
+)
 @pytest.mark.parametrize("check_inputs", [True, False])
 def test_labels_of_any_integer_dtype_give_the_same_step(dtype, check_inputs):
     """int16 and uint8 labels passed the checks, then failed in the loss's gather after the
-    student had moved."""
+    student had moved; int8 (and uint16 to uint64) were refused as "not integer class
+    indices"."""
     grads = []
     for labels_dtype in (torch.int64, dtype):
         teacher, student, x_l, y_l, x_u = make_problem("mlp", seed=5)

@@ -29,6 +29,11 @@ def as_logits(out, who: str) -> Tensor:
             f"{type(out).__name__}; wrap it in an nn.Module whose forward returns "
             f"{_logits_of(out)}"
         )
+    if not out.is_floating_point():  # integer logits failed in the teacher's CE after the
+        raise ConfigError(  # student had stepped; complex ones in torch's softmax
+            f"the {who} must return floating-point logits [..., num_classes], got a tensor of "
+            f"{out.dtype}"
+        )
     return out
 
 
@@ -63,7 +68,8 @@ def check_shapes(x_l: ModelInput, y_l: Tensor, x_u: ModelInput, batch_dim: int) 
     """Shape and dtype mistakes that would otherwise pass silently (no host sync)."""
     if not isinstance(y_l, Tensor):
         raise DataError(f"y_labeled must be a tensor, got {type(y_l).__name__}")
-    if y_l.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+    # any integer dtype (the step takes them as int64); int8 was refused as "not integer"
+    if y_l.is_floating_point() or y_l.is_complex() or y_l.dtype == torch.bool:
         raise DataError(f"y_labeled must be integer class indices, got dtype {y_l.dtype}")
     bd = batch_dim
     if x_l.batch_shape != tuple(y_l.shape):

@@ -168,6 +168,14 @@ def model_input(name: str, x: object, batch_dim: int) -> ModelInput:
             )
         if not isinstance(leaf, Tensor):
             raise DataError(f"{leaf_name} must be a tensor, got {type(leaf).__name__}")
+        if leaf.layout != torch.strided or leaf.is_nested:
+            # the value checks, the joint teacher forward and the student's passes take dense
+            # tensors only: torch's NotImplementedError came through from one of them
+            layout = "nested" if leaf.is_nested else str(leaf.layout).removeprefix("torch.")
+            raise DataError(
+                f"{leaf_name} is a {layout} tensor: the step takes dense tensors; pass "
+                f"{leaf_name}.to_dense() (or a padded tensor)"
+            )
     n = batch_dim + 1
     for leaf_name, leaf in zip(names, leaves):
         if leaf.dim() < n:

@@ -33,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import overload
 
@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metapl.errors import ConfigError
+from metapl.errors import ConfigError, DataError
 from metapl.losses import (
     batch_mean,
     hard_cross_entropy,
@@ -388,10 +388,23 @@ class MetaPseudoLabels:
         check_shapes(x_l, y_labeled, x_u, bd)
         t_l = teacher_view("teacher_x_labeled", teacher_x_labeled, x_l, bd)
         t_u = teacher_view("teacher_x_unlabeled", teacher_x_unlabeled, x_u, bd)
+        if teacher_extra_inputs is None or isinstance(teacher_extra_inputs, Tensor | Mapping | str):
+            # a tensor was taken row by row, each row a batch of its own
+            raise DataError(
+                "teacher_extra_inputs must be a list or tuple of batches, got a "
+                f"{type(teacher_extra_inputs).__name__}: pass one batch x as [x]"
+            )
         extras = [
             model_input(f"teacher_extra_inputs[{i}]", x, bd)
             for i, x in enumerate(teacher_extra_inputs)
         ]
+        if extras and self.teacher_extra_loss is None:
+            # their logits went nowhere, but their examples joined the teacher's batch (its
+            # BatchNorm statistics, so its targets) without a word
+            raise ConfigError(
+                "teacher_extra_inputs are given, but no teacher_extra_loss reads their logits: "
+                "pass teacher_extra_loss to MetaPseudoLabels, or leave the extra inputs out"
+            )
         # Every new size of x_l is tried for the exact step, which meets x_l only after the
         # student's step (the others before it: first_order's R_old, double_backward's
         # differentiable theta_{t+1}); the trial is invisible to the replayable student it needs.
@@ -459,8 +472,26 @@ class MetaPseudoLabels:
         return {"step_count": self.step_count, "baseline": self.baseline}
 
     def load_state_dict(self, state: dict) -> None:
-        self.step_count = int(state["step_count"])
-        self.baseline = state["baseline"]
+        """Restores :meth:`state_dict`'s output; a state of another shape is a ConfigError with
+        nothing changed (a missing key set the counter and then raised a KeyError; a baseline that
+        is not a tensor failed in the next first-order step, after the student had moved)."""
+        if not isinstance(state, Mapping) or {"step_count", "baseline"} - set(state):
+            raise ConfigError(
+                "MetaPseudoLabels.load_state_dict needs a dict with keys step_count and baseline "
+                "(from state_dict())"
+            )
+        count, baseline = state["step_count"], state["baseline"]
+        if isinstance(count, Tensor) and count.numel() == 1 and not count.is_floating_point():
+            count = int(count)
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            raise ConfigError(f"state_dict's step_count must be an integer >= 0, got {count!r}")
+        if baseline is not None and not (
+            isinstance(baseline, Tensor) and baseline.is_floating_point()
+        ):
+            raise ConfigError(
+                f"state_dict's baseline must be None or a floating-point tensor, got {baseline!r}"
+            )
+        self.step_count, self.baseline = count, baseline
 
     @property
     def jvp(self) -> str:
@@ -592,6 +623,10 @@ class MetaPseudoLabels:
             raise ConfigError(
                 f"teacher_extra_loss must return a scalar (0-d) tensor, got {shape}: "
                 "reduce it (e.g. .mean()) in the loss"
+            )
+        if not extra.is_floating_point():  # a complex one failed in the teacher's backward,
+            raise ConfigError(  # after the student had moved
+                f"teacher_extra_loss must return a real floating-point tensor, got {extra.dtype}"
             )
         return extra
 

@@ -216,6 +216,12 @@ def check_replayable(
     )
     if written is not None:  # (the student 2e-4 from its real step, R's gradient 1e-3 off)
         raise ConfigError(WRITES_PARAMETERS.format(written))
+    if not bool(torch.isfinite(outs[0]).all()):  # its inputs are finite (checked before):
+        raise ConfigError(  # the comparison below blamed random numbers drawn elsewhere
+            "the student's logits on x_unlabeled hold NaN or Inf, though its inputs are finite: "
+            "its parameters or buffers may hold NaN or Inf (a run that diverged?), or its forward "
+            "overflows; the exact step needs finite logits"
+        )
     err = relative_error(outs[1], outs[0])
     # not bit for bit: cuDNN may pick other kernels; another dropout mask is off by O(0.1-1)
     if not err <= (0.05 if autocast_dtype is not None else 1e-3):
@@ -483,7 +489,9 @@ def written_parameter(
     """The name of the first parameter whose copy in ``ran_on`` (what a forward ran on, in place
     of ``params``) the forward changed, or None."""
     for name, p, copy in zip(names, params, ran_on):
-        if not torch.equal(copy.detach(), p.detach()):
+        a, b = copy.detach(), p.detach()
+        # a NaN is not equal to itself: a diverged weight read as one the forward had written
+        if not torch.equal(a, b) and not torch.allclose(a, b, rtol=0, atol=0, equal_nan=True):
             return name
     return None
 
