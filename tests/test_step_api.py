@@ -973,3 +973,37 @@ def test_a_student_with_nan_weights_is_named_as_such_on_the_first_exact_step():
     mpl = _mpl(teacher, student)
     with pytest.raises(ConfigError, match="^the student's logits on x_unlabeled hold NaN or Inf"):
         mpl.step(x_l, y_l, x_u)
+
+
+@pytest.mark.parametrize(
+    "state",
+    [
+        {},
+        None,
+        {"step_count": 5},  # set the counter, then raised a KeyError
+        {"step_count": "abc", "baseline": None},
+        {"step_count": -1, "baseline": None},
+        {"step_count": 1.5, "baseline": None},
+        # failed in the next first-order step, after the student had moved
+        {"step_count": 1, "baseline": 0.5},
+        {"step_count": 1, "baseline": "x"},
+    ],
+    ids=repr,
+)
+def test_load_state_dict_refuses_a_state_it_cannot_use_and_changes_nothing(state):
+    teacher, student, x_l, y_l, x_u = make_problem("mlp")
+    mpl = MetaPseudoLabels(
+        teacher,
+        student,
+        torch.optim.SGD(teacher.parameters(), lr=0.1),
+        torch.optim.SGD(student.parameters(), lr=0.3),
+        estimator="first_order",
+        baseline_decay=0.5,
+    )
+    mpl.step(x_l, y_l, x_u)
+    before = mpl.state_dict()
+    with pytest.raises(ConfigError, match="state_dict"):
+        mpl.load_state_dict(state)
+    assert mpl.step_count == before["step_count"] and mpl.baseline is before["baseline"]
+    mpl.load_state_dict({"step_count": torch.tensor(4), "baseline": None})  # a saved int tensor
+    assert mpl.step_count == 4
