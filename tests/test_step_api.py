@@ -1007,3 +1007,43 @@ def test_load_state_dict_refuses_a_state_it_cannot_use_and_changes_nothing(state
     assert mpl.step_count == before["step_count"] and mpl.baseline is before["baseline"]
     mpl.load_state_dict({"step_count": torch.tensor(4), "baseline": None})  # a saved int tensor
     assert mpl.step_count == 4
+
+
+@pytest.mark.parametrize(
+    "change, error, message",
+    [
+        ({"y_labeled": [0, 1, 2]}, DataError, "y_labeled must be a tensor, got list"),
+        ({"y_labeled": "few"}, DataError, "disagree"),  # a gradient from 3 of 6 examples
+        ({"y_labeled": "float"}, DataError, "integer class indices"),
+        ({"y_labeled": "high"}, DataError, "out of range"),  # torch's gather error
+        ({"x_unlabeled": "empty"}, DataError, "x_unlabeled has no examples"),
+        ({"temperature": -1.0}, ConfigError, "temperature must be a finite number > 0"),
+        ({"student_optimizer": "teacher's"}, ConfigError, "the student's own parameters"),
+    ],
+)
+def test_the_oracle_takes_its_inputs_with_the_steps_checks(change, error, message):
+    """double_backward_teacher_gradient (docs/library.md, the oracle) returned a gradient without
+    a word for labels too few, a negative temperature or an empty batch, and raised raw errors
+    for the others (a KeyError for an optimizer over other parameters)."""
+    from metapl.mpl import double_backward_teacher_gradient
+
+    teacher, student, x_l, y_l, x_u = make_problem("mlp")
+    args = {
+        "teacher": teacher,
+        "student": student,
+        "student_optimizer": torch.optim.SGD(student.parameters(), lr=0.1),
+        "x_labeled": x_l,
+        "y_labeled": y_l,
+        "x_unlabeled": x_u,
+    }
+    named = {
+        "few": y_l[:3],
+        "float": y_l.double(),
+        "high": y_l + N_CLASSES,
+        "empty": x_u[:0],
+        "teacher's": torch.optim.SGD(teacher.parameters(), lr=0.1),
+    }
+    temperature = change.pop("temperature", 1.0)
+    args.update({k: named.get(v, v) if isinstance(v, str) else v for k, v in change.items()})
+    with pytest.raises(error, match=message):
+        double_backward_teacher_gradient(*args.values(), temperature=temperature)

@@ -13,13 +13,19 @@ the models' parameters, not their buffers, not the optimizer's state.
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from metapl.errors import ConfigError
 from metapl.losses import batch_mean, hard_cross_entropy, soft_cross_entropy
+from metapl.mpl.batch_checks import check_label_range, check_shapes, check_values, teacher_view
 from metapl.mpl.inputs import Input, ModelInput, holding, joint_forward, model_input
 from metapl.mpl.replay import buffer_copies, differentiable_attention
+from metapl.mpl.setup_checks import check_owned
 from metapl.mpl.update_rules import optimizer_params, reference_update
 
 
@@ -37,26 +43,32 @@ def double_backward_teacher_gradient(
     teacher_x_unlabeled: Input | None = None,
     student_labeled_weight: float = 0.0,
 ) -> list[Tensor]:
-    """grad_Psi R(theta_{t+1}) for each teacher parameter (the MPL signal alone)."""
-    y_labeled = y_labeled.long()  # class indices of any integer dtype, as the step takes them
+    """grad_Psi R(theta_{t+1}) for each teacher parameter (the MPL signal alone).
+
+    Its inputs get the step's checks: labels too few, out of range or of a float dtype, an empty
+    batch, a negative temperature or an optimizer over other parameters gave a gradient without a
+    word, or a raw error (``'list' object has no attribute 'long'``, a KeyError)."""
+    if not (isinstance(temperature, numbers.Real) and 0 < temperature < math.inf):
+        raise ConfigError(f"temperature must be a finite number > 0, got {temperature!r}")
     x_l = model_input("x_labeled", x_labeled, batch_dim)
     x_u = model_input("x_unlabeled", x_unlabeled, batch_dim)
-    t_l = x_l
-    if teacher_x_labeled is not None:
-        t_l = model_input("teacher_x_labeled", teacher_x_labeled, batch_dim)
-    t_u = x_u
-    if teacher_x_unlabeled is not None:
-        t_u = model_input("teacher_x_unlabeled", teacher_x_unlabeled, batch_dim)
+    check_shapes(x_l, y_labeled, x_u, batch_dim)
+    t_l = teacher_view("teacher_x_labeled", teacher_x_labeled, x_l, batch_dim)
+    t_u = teacher_view("teacher_x_unlabeled", teacher_x_unlabeled, x_u, batch_dim)
+    params = [p for _, p in optimizer_params(student_optimizer)]
+    check_owned("student", student, params)
+    y_labeled = y_labeled.long()  # class indices of any integer dtype, as the step takes them
+    label_range = check_values(y_labeled, (x_l, x_u, t_l, t_u))
 
     t_params = dict(teacher.named_parameters())
     t_state = {**buffer_copies(teacher), **t_params}
     _, logits_u = joint_forward(
         lambda x, _: _run(teacher, t_state, x), [("labeled", t_l), ("unlabeled", t_u)], batch_dim
     )
+    check_label_range(*label_range, logits_u.shape[-1])
     targets = F.softmax(logits_u / temperature, dim=-1)
 
     name_of = {id(p): n for n, p in student.named_parameters()}
-    params = [p for _, p in optimizer_params(student_optimizer)]
     names = [name_of[id(p)] for p in params]
     # A frozen parameter (requires_grad off, still in the optimizer) gets no gradient, so the real
     # optimizer leaves it where it is.
