@@ -6,11 +6,14 @@ decay on BN/biases, the teacher's own weight decay)."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
 from test_engine import Recorder, _views
 
+from metapl.errors import ConfigError, DataError
 from metapl.methods import Batch, MPLMethod, SupervisedMethod, UDALoss, UDAMethod
 from metapl.methods.build import build_method, make_optimizer
 from metapl.methods.noisy_student import NoisyStudentMethod
@@ -52,6 +55,29 @@ def test_uda_mask_keeps_an_example_exactly_at_the_threshold():
     q = F.softmax(weak[0], -1)
     kl = (q * (q.log() - F.log_softmax(strong[0], -1))).sum()
     assert loss.item() == pytest.approx(kl.item() / 2, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"temperature": 0.0}, "temperature must be a finite number > 0"),  # a NaN loss
+        ({"threshold": 1.5}, "threshold must be in [0, 1]"),  # masked every example
+        ({"factor": -1.0}, "factor must be a finite number >= 0"),
+        ({"factor": float("nan")}, "factor must be a finite number >= 0"),
+        ({"warmup_steps": 2.5}, "warmup_steps must be an integer"),
+    ],
+)
+def test_uda_loss_built_by_hand_refuses_what_the_config_refuses(kwargs, message):
+    """TrainConfig checks its uda_* keys; a UDALoss built by hand (the library's own UDA, named in
+    examples/mpl_on_your_models.py) took these without a word."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        UDALoss(**kwargs)
+
+
+def test_uda_views_of_other_examples_are_a_data_error():
+    """torch's "The size of tensor a (8) must match the size of tensor b (6)" came through."""
+    with pytest.raises(DataError, match=r"shapes \(8, 3\) and \(6, 3\): give both views"):
+        UDALoss()(torch.zeros(8, 3), torch.zeros(6, 3), step=0)
 
 
 def test_uda_loss_defaults_are_the_cifar10_column_of_table3():

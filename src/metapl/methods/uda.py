@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from metapl.errors import ConfigError, DataError
 from metapl.losses import batch_mean, hard_cross_entropy, upcast
 from metapl.methods.base import Batch, StatelessStep, autocast, optimize, pick_view
 
@@ -26,12 +28,32 @@ class UDALoss:
     threshold: float = 0.8
     warmup_steps: int = 0
 
+    def __post_init__(self) -> None:
+        # (TrainConfig checks its uda_* keys; built by hand, a temperature of 0 gave a NaN loss
+        # and a threshold above 1 masked every example, without a word)
+        if not 0.0 <= self.factor < math.inf:
+            raise ConfigError(f"UDALoss factor must be a finite number >= 0, got {self.factor}")
+        if not 0.0 < self.temperature < math.inf:
+            raise ConfigError(
+                f"UDALoss temperature must be a finite number > 0, got {self.temperature}"
+            )
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ConfigError(f"UDALoss threshold must be in [0, 1], got {self.threshold}")
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int):
+            raise ConfigError(f"UDALoss warmup_steps must be an integer, got {self.warmup_steps!r}")
+
     def weight(self, step: int) -> float:
         if self.warmup_steps <= 0:
             return self.factor
         return self.factor * min(1.0, (step + 1) / self.warmup_steps)
 
     def __call__(self, logits_weak: Tensor, logits_strong: Tensor, step: int) -> Tensor:
+        if logits_weak.shape != logits_strong.shape:  # torch's broadcasting error, before
+            raise DataError(
+                f"UDA pairs the weak and the strong view example by example, but their logits "
+                f"have shapes {tuple(logits_weak.shape)} and {tuple(logits_strong.shape)}: give "
+                "both views the same examples"
+            )
         with torch.no_grad():
             weak = upcast(logits_weak)
             mask = (F.softmax(weak, -1).amax(-1) >= self.threshold).to(weak.dtype)
