@@ -339,8 +339,21 @@ def test_another_temperature_is_another_file(model, images, tmp_path):
         ({"completed_rows": -1}, "inconsistent row counts"),
         ({"num_classes": 0}, "inconsistent row counts"),
         ({"num_images": float(N)}, "inconsistent row counts"),
+        # found by a mutation audit: an older version, no images, and a bool (an int subclass)
+        ({"format_version": 0}, "has format version 0, this metapl reads 1"),
+        ({"num_images": 0, "completed_rows": 0}, "inconsistent row counts"),
+        ({"completed_rows": True}, "inconsistent row counts"),
     ],
-    ids=["version", "rows-past-the-end", "negative-rows", "no-classes", "float-count"],
+    ids=[
+        "version",
+        "rows-past-the-end",
+        "negative-rows",
+        "no-classes",
+        "float-count",
+        "older-version",
+        "no-images",
+        "bool-count",
+    ],
 )
 def test_a_bad_sidecar_is_refused_with_a_reason(model, images, tmp_path, changes, message):
     """A sidecar of another format version, or whose counts cannot describe the file, is a

@@ -29,3 +29,11 @@ def test_a_non_finite_probability_names_its_first_row_and_its_own_class():
     bad[1, 2], bad[3, 2] = np.nan, np.inf
     with pytest.raises(DataError, match=r"not finite \(row 1, class 2\)"):
         top_k_assignments(bad, 1, block_bytes=1)
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.uint8, np.bool_])
+def test_probabilities_that_are_not_floats_are_refused(dtype):
+    """Integer or boolean "probabilities" (labels or counts passed by mistake) are a DataError,
+    not ranked as if they were a teacher's confidences."""
+    with pytest.raises(DataError, match="must be a float"):
+        top_k_assignments((PROBS * 10).astype(dtype), 1)
