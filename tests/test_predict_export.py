@@ -639,3 +639,35 @@ def test_every_torchscript_name_is_refused_for_onnx(capsys, run_dir, tmp_path, n
     out = tmp_path / name
     err = fails(capsys, "export", "--run", str(run_dir), "--format", "onnx", "--output", str(out))
     assert "names a torchscript file, but --format is onnx" in err and not out.exists()
+
+
+# --- a mutation audit of predict.py and export.py: what a wrong change still left passing -------
+
+
+def test_onnx_export_quiets_torch_onnx_only_while_it_exports(
+    capsys, run_dir, monkeypatch, tmp_path
+):
+    """The torch.onnx logger is raised to ERROR during the export (a warning per unregistered
+    torchvision op) and given its own level back afterwards: the user's logging configuration is
+    not changed for the rest of the program."""
+    import logging
+
+    logger = logging.getLogger("torch.onnx")
+    seen = []
+
+    def fake_export(*args, **kwargs):
+        seen.append(logger.level)
+        save = lambda path, external_data: Path(path).write_bytes(b"onnx")  # noqa: E731
+        return SimpleNamespace(model=SimpleNamespace(metadata_props={}), save=save)
+
+    monkeypatch.setattr(export_command, "ONNX_PACKAGES", ())
+    monkeypatch.setattr(torch.onnx, "export", fake_export)
+    before = logger.level
+    logger.setLevel(logging.INFO)  # a level of the user's own
+    try:
+        out = tmp_path / "m.onnx"
+        argv = ["export", "--run", str(run_dir), "--format", "onnx", "--output", str(out)]
+        assert main(argv) == 0
+        assert seen == [logging.ERROR] and logger.level == logging.INFO
+    finally:
+        logger.setLevel(before)
