@@ -316,7 +316,9 @@ def _no_unlabeled(root: Path) -> tuple[Path, str]:
 def _no_unlabeled_folder(root: Path) -> tuple[Path, str]:
     save(root / "labeled" / "cat" / "a.png", 1)
     save(root / "labeled" / "dog" / "a.png", 2)
-    return root / "unlabeled", "unlabeled is missing"
+    # the layout's own message: the unlabeled-folder reader's says to check the unlabeled_dir
+    # option, which a folder dataset does not have (a mutation audit found the two alike)
+    return root / "unlabeled", "unlabeled is missing: put the unlabeled images there"
 
 
 def _unreadable(root: Path) -> tuple[Path, str]:
@@ -407,6 +409,8 @@ def _edit(**changes):
         (_edit(class_names=np.array(["a", "a", "b"])), "expected distinct strings"),
         (_edit(x_labeled=np.zeros((6, 8, 8, 3), np.float32)), "x_labeled has dtype float32"),
         (_edit(x_unlabeled=np.zeros((5, 8, 8, 2), np.uint8)), "x_unlabeled has shape (5, 8, 8, 2)"),
+        # RGBA: not silently passed on as 4 channels, nor its alpha dropped (a mutation audit)
+        (_edit(x_unlabeled=np.zeros((5, 8, 8, 4), np.uint8)), "x_unlabeled has shape (5, 8, 8, 4)"),
         (_edit(x_unlabeled=np.zeros((0, 8, 8, 3), np.uint8)), "with N >= 1"),
     ],
 )
@@ -446,6 +450,8 @@ def test_malformed_npz_is_one_line_naming_the_file(tmp_path, kind):
         assert f"{path} is not a .npz file (not a zip archive" in message
     else:
         assert f"{path} is not a readable .npz" in message
+    if kind == "npy":  # says what the file holds, not numpy's complaint about it
+        assert "it holds one unnamed array of shape (3,)" in message
 
 
 # --- end to end ---------------------------------------------------------------------------------
