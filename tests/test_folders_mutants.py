@@ -186,3 +186,45 @@ def test_npz_non_square_images_with_matching_height_are_resized(tmp_path: Path) 
     assert x_labeled.shape == (4, 8, 8, 3)
     expected = fit(Image.fromarray(np.repeat(x[0][..., None], 3, axis=-1)), 8)
     np.testing.assert_array_equal(x_labeled[0], expected)
+
+
+# --- a second audit (metapl.data.imagenet): what test_readers.py and the tests above let through
+
+
+def test_lazy_images_crop_fraction_just_above_one_is_refused() -> None:
+    """crop_fraction is in (0, 1]: 1.001 would resize the shorter side *below* the resolution."""
+    with pytest.raises(ConfigError, match="crop_fraction in"):
+        LazyImages([], 8, crop_fraction=1.001)
+    assert LazyImages([], 8, crop_fraction=1.0).crop_fraction == 1.0
+
+
+def test_lazy_images_empty_selection_is_an_empty_batch(tmp_path: Path) -> None:
+    """No indices (an empty slice or integer array) give a [0, H, W, 3] uint8 batch, as an array
+    would, not a numpy error from stacking nothing."""
+    images = LazyImages([str(_target(tmp_path / "t.png"))], 8)
+    for index in (np.array([], dtype=np.int64), slice(1, 1), []):
+        empty = images[index]
+        assert empty.shape == (0, 8, 8, 3) and empty.dtype == np.uint8
+
+
+def test_imagenet_hidden_class_folder_is_no_class(tmp_path: Path) -> None:
+    """A hidden folder in train/ (``.ipynb_checkpoints``, say) holding an image is not a class:
+    the class list, and so every label, is the visible folders'."""
+    write_imagenet(tmp_path, {"n01": 1, "n02": 1}, {"n01": 1})
+    hidden = tmp_path / "train" / ".ipynb_checkpoints"
+    hidden.mkdir()
+    Image.new("RGB", (6, 4)).save(hidden / "x.JPEG", format="JPEG")
+    train, _ = load_imagenet(tmp_path)
+    assert train.classes == ["n01", "n02"] and train.labels.tolist() == [0, 1]
+
+
+def test_imagenet_folder_named_like_an_image_is_not_one(tmp_path: Path) -> None:
+    """Only files are images: a sub-folder called ``extra.JPEG`` in a class folder is skipped (it
+    would be an example that fails to decode, mid-training)."""
+    write_imagenet(tmp_path, {"n01": 1, "n02": 1}, {"n01": 1})
+    (tmp_path / "train" / "n01" / "extra.JPEG").mkdir()
+    train, _ = load_imagenet(tmp_path)
+    assert len(train) == 2 and [Path(p).name for p in train.paths] == [
+        "n01_0000.JPEG",
+        "n02_0000.JPEG",
+    ]
