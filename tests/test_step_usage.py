@@ -217,12 +217,13 @@ def test_hooks_that_change_the_students_update_are_config_errors(on_models, on_m
 def test_global_pre_and_backward_hooks_are_refused_and_a_global_post_hook_is_not(estimator):
     """docs/library.md: a global step pre-hook runs before every optimizer's step, the student's
     too (gradient clipping there is invisible to the exact gradient), and a global module
-    backward hook in every backward: a ConfigError at construction. Global post-hooks are not checked (torch.profiler may install one): the step
+    backward hook or pre-hook in every backward: a ConfigError at construction. Global post-hooks are not checked (torch.profiler may install one): the step
     runs, and the hook with it."""
     teacher, student, x_l, y_l, x_u = make_problem("mlp", seed=3)
     for register, name in (
         (register_optimizer_step_pre_hook, "global optimizer step pre-hook"),
         (nn.modules.module.register_module_full_backward_hook, "global module backward hook"),
+        (nn.modules.module.register_module_full_backward_pre_hook, "global module backward hook"),
     ):
         handle = register(lambda *a: None)
         try:
