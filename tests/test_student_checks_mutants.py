@@ -5,7 +5,8 @@ mutants survived the rest of the suite:
   and leaves every other NotImplementedError alone (a student's own came out as a message about
   forward-mode AD);
 - :func:`check_derivatives` takes a student whose gradient is exactly 0 (both sides of its
-  adjoint check 0, nothing to scale them by) instead of dividing by zero.
+  adjoint check 0, nothing to scale them by) instead of dividing by zero;
+- :func:`check_student_takes` names labels on another kind of device than the student's.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from mpl_helpers import make_problem
 from torch import Tensor, nn
 
 from metapl import MetaPseudoLabels
-from metapl.errors import ConfigError
+from metapl.errors import ConfigError, DataError
 from metapl.mpl.student_checks import forward_ad_error
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -73,3 +75,20 @@ def test_a_student_whose_gradient_is_exactly_zero_passes_the_adjoint_check_and_s
     mpl.step(x_l, y_l, x_u)
     for p, e in zip(teacher.parameters(), expected):
         torch.testing.assert_close(p.grad, e, rtol=1e-12, atol=0)
+
+
+def test_labels_on_another_kind_of_device_than_the_student_are_a_data_error():
+    """The student meets y_labeled only after its step (its labeled loss at theta_{t+1}): labels
+    on another kind of device are named before anything moves. Without a second device: meta."""
+    teacher, student, x_l, y_l, x_u = make_problem("mlp")
+    mpl = MetaPseudoLabels(
+        teacher,
+        student,
+        torch.optim.SGD(teacher.parameters(), lr=0.1),
+        torch.optim.SGD(student.parameters(), lr=0.1),
+    )
+    before = [p.detach().clone() for m in (teacher, student) for p in m.parameters()]
+    with pytest.raises(DataError, match="y_labeled is on meta and the student on cpu"):
+        mpl.step(x_l, y_l.to("meta"), x_u)
+    after = [p.detach() for m in (teacher, student) for p in m.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(after, before))
