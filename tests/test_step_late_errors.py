@@ -1013,3 +1013,23 @@ def test_a_batch_on_another_device_than_the_student_is_a_data_error(which):
     batch[which] = batch[which].cpu()
     match = "y_labeled is on cpu" if which == "y_labeled" else f"cannot take {which} .* on cpu"
     _refused_before_anything_moves(mpl, tuple(batch.values()), DataError, match)
+
+
+# ----------------------------------------------------------------------------- models that cannot learn
+
+
+@pytest.mark.parametrize("estimator", ["exact", "first_order", "double_backward"])
+@pytest.mark.parametrize("who", ["teacher", "student"])
+def test_a_model_whose_logits_no_trained_parameter_reaches_is_refused(who, estimator):
+    """Every layer its forward uses frozen, its one trained parameter unused: torch's "element 0
+    of tensors does not require grad" from a backward, for a teacher after the student had moved.
+    Now a ConfigError naming the model, with BatchNorm statistics and random numbers given back."""
+    teacher, student, x_l, y_l, x_u = make_problem("conv")
+    model = teacher if who == "teacher" else student
+    model.requires_grad_(False)
+    model.unused = nn.Parameter(torch.zeros(3, dtype=torch.float64, device=x_l.device))
+    mpl = _mpl(teacher, student, estimator=estimator)
+    message = _refused_before_anything_moves(
+        mpl, (x_l, y_l, x_u), ConfigError, f"the {who}'s logits depend on no parameter"
+    )
+    assert "unfreeze" in message

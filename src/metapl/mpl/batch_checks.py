@@ -7,7 +7,7 @@ views of the batches (:func:`teacher_view`), the values, with one host sync for 
 (:func:`check_values`), and once the teacher's forward has run, its logits (:func:`check_rows`)
 and the labels' range against its classes (:func:`check_label_range`). :func:`as_logits`,
 :func:`check_rows` and :func:`check_same_classes` check what either model returns wherever it is
-called.
+called, and :func:`check_learns` that the logits of a training pass can carry a gradient.
 """
 
 from __future__ import annotations
@@ -35,6 +35,21 @@ def as_logits(out, who: str) -> Tensor:
             f"{out.dtype}"
         )
     return out
+
+
+def check_learns(logits: Tensor, who: str) -> None:
+    """The ``who``'s logits of a training pass depend on a parameter that takes a gradient.
+
+    A model whose every layer its forward uses is frozen (its trained parameters, if any, unused)
+    cannot learn. Without this check its step failed inside torch's backward ("element 0 of
+    tensors does not require grad"), for a teacher after the student had already moved."""
+    if not logits.requires_grad:
+        raise ConfigError(
+            f"the {who}'s logits depend on no parameter that requires a gradient (the layers its "
+            f"forward uses are frozen, and its trained parameters, if any, are unused), so the "
+            f"{who} cannot learn: unfreeze what it should train, or pass a {who} whose forward "
+            "uses its trained parameters"
+        )
 
 
 def _logits_of(out) -> str:

@@ -53,6 +53,7 @@ from metapl.mpl.batch_checks import (
     as_logits,
     check_finite_for_student_checks,
     check_label_range,
+    check_learns,
     check_rows,
     check_same_classes,
     check_shapes,
@@ -426,6 +427,7 @@ class MetaPseudoLabels:
         shapes = self._restore_point(label_range, (t_l, t_u, *extras, x_u))
         with self._undone_on_error():
             logits = self._teacher_forward(t_l, y_l, t_u, extras)
+            check_learns(logits.unlabeled, "teacher")
             if label_range is not None:
                 check_label_range(*label_range, logits.labeled.shape[-1])
                 self._num_classes = logits.labeled.shape[-1]
@@ -710,6 +712,7 @@ class MetaPseudoLabels:
                     out = tape.record(x_u.args, x_u.kwargs)
                     s_logits = out.logits
             check_same_classes(s_logits, targets)
+            check_learns(s_logits, "student")
             unlabeled = batch_mean(soft_cross_entropy(upcast(s_logits), targets), self.batch_dim)
             losses = {"student_unlabeled": unlabeled.detach()}
             if self.student_labeled_weight > 0:
@@ -860,6 +863,7 @@ class MetaPseudoLabels:
             with self._autocast(device):
                 s_logits = as_logits(x_u.functional_call(self.student, unlabeled_state), "student")
             check_same_classes(s_logits, targets)
+            check_learns(s_logits, "student")
             unlabeled = batch_mean(soft_cross_entropy(upcast(s_logits), targets), self.batch_dim)
             losses = {"student_unlabeled": unlabeled.detach()}
             grads = self._grad_of_trainable(unlabeled, theta_t, create_graph=True)

@@ -31,7 +31,7 @@ from torch.overrides import TorchFunctionMode
 
 from metapl.errors import ConfigError, DataError
 from metapl.losses import upcast
-from metapl.mpl.batch_checks import as_logits, check_rows
+from metapl.mpl.batch_checks import as_logits, check_learns, check_rows
 from metapl.mpl.dual import dual_level
 from metapl.mpl.inputs import ModelInput, holding
 from metapl.mpl.replay import RngState, buffer_copies, module_device, replayed_rng
@@ -311,6 +311,7 @@ def check_derivatives(
 
     state = {**buffer_copies(student), **dict(trainable)}
     native = logits_of(state)
+    check_learns(native, "student")  # (torch's "does not require grad" from the backward below)
     logits = upcast(native)
 
     def backward(retain: bool) -> tuple[Tensor, Sequence[Tensor | None]]:
