@@ -138,9 +138,10 @@ def _mpl(teacher, student, **options) -> MetaPseudoLabels:
     )
 
 
-def _steps(middle, steps: int = 2, **options):
-    teacher, student, x_l, y_l, x_u = _problem(middle)
-    mpl = _mpl(teacher, student, **options)
+def _steps(middle, steps: int = 2, student: nn.Module | None = None, **options):
+    """``steps`` MPL steps of ``_problem(middle)``'s models (or its teacher and ``student``)."""
+    teacher, built, x_l, y_l, x_u = _problem(middle)
+    mpl = _mpl(teacher, built if student is None else student, **options)
     paths = []
     for i in range(steps):
         torch.manual_seed(100 + i)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_custom_functions import DT, Net, StraightThrough, _mpl, _problem, _state
+from test_custom_functions import DT, Net, StraightThrough, _state, _steps
 from torch import Tensor
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -25,16 +25,8 @@ class CenteredNet(Net):
 
 
 def _centered_steps(jvp: str, steps: int = 2):
-    teacher, _, x_l, y_l, x_u = _problem(None)
     torch.manual_seed(1)
-    student = CenteredNet(StraightThrough).to(DT)
-    mpl = _mpl(teacher, student, jvp=jvp)
-    paths = []
-    for i in range(steps):
-        torch.manual_seed(100 + i)
-        mpl.step(x_l, y_l, x_u)
-        paths.append(mpl.last_jvp_path)
-    return mpl, paths
+    return _steps(None, steps, student=CenteredNet(StraightThrough).to(DT), jvp=jvp)
 
 
 def test_a_graph_with_another_backward_is_seen_where_the_logits_sum_to_a_constant():
