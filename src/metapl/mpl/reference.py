@@ -13,19 +13,15 @@ the models' parameters, not their buffers, not the optimizer's state.
 
 from __future__ import annotations
 
-import math
-import numbers
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metapl.errors import ConfigError
 from metapl.losses import batch_mean, hard_cross_entropy, soft_cross_entropy
 from metapl.mpl.batch_checks import check_label_range, check_shapes, check_values, teacher_view
 from metapl.mpl.inputs import Input, ModelInput, holding, joint_forward, model_input
 from metapl.mpl.replay import buffer_copies, differentiable_attention
-from metapl.mpl.setup_checks import check_owned
+from metapl.mpl.setup_checks import check_owned, check_temperature
 from metapl.mpl.update_rules import optimizer_params, reference_update
 
 
@@ -48,8 +44,7 @@ def double_backward_teacher_gradient(
     Its inputs get the step's checks: labels too few, out of range or of a float dtype, an empty
     batch, a negative temperature or an optimizer over other parameters gave a gradient without a
     word, or a raw error (``'list' object has no attribute 'long'``, a KeyError)."""
-    if not (isinstance(temperature, numbers.Real) and 0 < temperature < math.inf):
-        raise ConfigError(f"temperature must be a finite number > 0, got {temperature!r}")
+    check_temperature(temperature)
     x_l = model_input("x_labeled", x_labeled, batch_dim)
     x_u = model_input("x_unlabeled", x_unlabeled, batch_dim)
     check_shapes(x_l, y_labeled, x_u, batch_dim)

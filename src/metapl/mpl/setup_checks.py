@@ -10,6 +10,8 @@ parameters, a ``step()`` without a closure. The parameter checks (:func:`check_o
 from __future__ import annotations
 
 import inspect
+import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -17,6 +19,20 @@ from torch import Tensor, nn
 
 from metapl.errors import ConfigError
 from metapl.mpl.update_rules import optimizer_params, rule_for
+
+
+def is_real(value: object) -> bool:
+    """A real number: a Python or numpy scalar, or a one-element real tensor."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() == 1 and not value.is_complex()
+    return isinstance(value, numbers.Real)
+
+
+def check_temperature(temperature: float) -> None:
+    """The targets' temperature, for the step and its double-backward oracle alike: a finite
+    number > 0 (inf gives uniform targets, whatever the teacher says)."""
+    if not (is_real(temperature) and 0 < temperature < math.inf):
+        raise ConfigError(f"temperature must be a finite number > 0, got {temperature!r}")
 
 
 def check_grad_sync(grad_sync: object, estimator: str) -> None:

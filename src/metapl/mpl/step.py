@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import overload
@@ -82,7 +81,9 @@ from metapl.mpl.setup_checks import (
     check_grad_sync,
     check_models_and_optimizers,
     check_owned,
+    check_temperature,
     check_unshared,
+    is_real,
 )
 from metapl.mpl.student_checks import (
     SPARSE_GRADIENTS,
@@ -100,13 +101,6 @@ from metapl.mpl.update_rules import (
 )
 
 ESTIMATORS = ("exact", "first_order", "double_backward")
-
-
-def _is_real(value: object) -> bool:
-    """A real number: a Python or numpy scalar, or a one-element real tensor."""
-    if isinstance(value, Tensor):
-        return value.numel() == 1 and not value.is_complex()
-    return isinstance(value, numbers.Real)
 
 
 @dataclass
@@ -239,7 +233,7 @@ class MetaPseudoLabels:
         if baseline_decay is not None:
             given["baseline_decay"] = baseline_decay
         for name, value in given.items():
-            if not _is_real(value):
+            if not is_real(value):
                 raise ConfigError(f"{name} must be a number, got {value!r}")
         flags = {
             "check_inputs": check_inputs,
@@ -249,8 +243,7 @@ class MetaPseudoLabels:
         for name, flag in flags.items():  # allow_student_hooks="false" was true, silently
             if not isinstance(flag, bool):
                 raise ConfigError(f"{name} must be True or False, got {flag!r}")
-        if not 0 < temperature < math.inf:  # inf: uniform targets, whatever the teacher says
-            raise ConfigError(f"temperature must be a finite number > 0, got {temperature}")
+        check_temperature(temperature)
         if baseline_decay is not None and not 0.0 <= baseline_decay < 1.0:
             raise ConfigError(f"baseline_decay must be in [0, 1) or None, got {baseline_decay}")
         if baseline_decay is not None and estimator != "first_order":  # read by nothing else
