@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -235,6 +236,21 @@ def test_an_in_memory_database_is_refused(tmp_path):
     for url in ("sqlite://", "sqlite:///:memory:"):
         with pytest.raises(ConfigError, match="in-memory database is not shared between"):
             Tuner(options(tmp_path, storage=url))
+
+
+def test_a_storage_error_shows_the_url_as_typed(tmp_path):
+    """SQLAlchemy's rendering of the URL percent-encodes its path: the message named
+    `sqlite:///%3Amemory%3A` and a folder `%C3%BCbung` the user never typed. A password stays
+    hidden."""
+    from metapl.tuning import storage
+
+    for url in ("sqlite:///:memory:", f"sqlite:///{tmp_path}/übung/study.db"):
+        with pytest.raises(ConfigError, match=f"^--storage {re.escape(url)}: ") as info:
+            storage.open_storage(url)
+        assert "%" not in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        storage.open_storage("postgresql://user:secret@localhost:1/db")
+    assert "secret" not in str(info.value) and "user:***@localhost" in str(info.value)
 
 
 @pytest.mark.parametrize("denied", ["write", "search"])

@@ -131,7 +131,10 @@ def open_storage(url: str):
         parsed = make_url(url)
     except (sqlalchemy.exc.ArgumentError, ValueError):
         raise ConfigError(f"--storage {url!r} is not a database URL: {URL_HINT}") from None
-    shown = parsed.render_as_string(hide_password=True)
+    # The URL as typed, unless it holds a password: SQLAlchemy's rendering percent-encodes the path,
+    # so `sqlite:///:memory:` read `sqlite:///%3Amemory%3A` in the error, and any non-ASCII folder
+    # was garbled the same way.
+    shown = url if parsed.password is None else parsed.render_as_string(hide_password=True)
     engine_kwargs: dict = {}
     # a factory: each attempt enters a fresh one
     lock: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
