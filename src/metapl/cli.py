@@ -279,7 +279,7 @@ def _add_experiment_options(p: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help=(
-            "override the presets' steps; warm-up and fine-tuning shrink with them (fine-tuning "
+            "override the presets' steps (a warm-up longer than that is cut to fit; fine-tuning "
             "keeps its share, e.g. 300 of 1,500 steps); --set steps=N changes steps alone"
         ),
     )
