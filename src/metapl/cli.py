@@ -327,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "twomoons",
-        help="Figure 1 and 8: supervised, pseudo label and MPL on TwoMoons (CPU, seconds)",
+        help="Figures 1 and 8: supervised, pseudo label and MPL on TwoMoons (CPU, seconds)",
         description=(
             "TwoMoons from scikit-learn: 1,000 + 1,000 points, 3 + 3 labeled. Trains supervised, "
             "pseudo label (hard and soft) and MPL for every seed (seeds batched into one model), "
