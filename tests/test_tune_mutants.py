@@ -232,6 +232,13 @@ def test_best_toml_header_names_each_stages_best_trial_and_accuracy(tmp_path):
     assert "# (2 trials of t-teacher finished when this was written)\n" in text
 
 
+def test_best_toml_header_counts_one_trial_in_the_singular(tmp_path):
+    """It read "(1 trials of t-student ...)"."""
+    tuner = Tuner(options(tmp_path))
+    tuner.train = fake_train([])
+    assert "# (1 trial of t-student finished when this was written)\n" in tuner.run().read_text()
+
+
 def test_an_in_memory_database_is_refused(tmp_path):
     for url in ("sqlite://", "sqlite:///:memory:"):
         with pytest.raises(ConfigError, match="in-memory database is not shared between"):

@@ -343,7 +343,8 @@ class Tuner:
             for key, value in params.items():
                 values[key], tuned[key] = value, f"stage {stage}: {name} trial {number}"
         header += [
-            f"({finished} trials of {last.study_name} finished when this was written)",
+            f"({finished} trial{'s' * (finished != 1)} of {last.study_name} finished when this "
+            "was written)",
             f"trials ran {self.trial_base.steps} steps on the tuning split; this file keeps the "
             f"preset's {self.final_base.steps} steps and trains on all labeled data",
             f"trial run folders: {self.opts.out / 'trials'}",
