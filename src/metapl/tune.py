@@ -49,7 +49,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--data-dir",
         help="folder with the dataset files, or your own data's .npz file (not needed for digits)",
     )
-    parser.add_argument("--steps", type=int, help="training steps of every trial (a short budget)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        help="training steps of every trial, a short budget (default: the preset's)",
+    )
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: auto")
     cpu_threads.add_threads_option(parser, follows_load=False)
     parser.add_argument(
