@@ -226,6 +226,41 @@ def test_a_mistake_after_a_warmup_cut_is_still_one_line(tmp_path, capsys, comman
         assert "warmup_steps lowered from" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "preset, args, message",
+    [
+        ("digits-uda-mpl", ["--set", "model=no_such_model"], "unknown model 'no_such_model'"),
+        ("digits-uda-mpl", ["--set", "model=mlp"], "model mlp cannot take this data's images"),
+        ("cifar10-4k-uda", ["--data-dir", "{missing}"], "--data-dir {missing} does not exist"),
+        ("cifar10-4k-uda", [], "cifar10-4k needs --data-dir"),
+    ],
+)
+def test_a_data_or_model_mistake_after_a_warmup_cut_is_one_line(
+    tmp_path, capsys, preset, args, message
+):
+    """The engine finds these (the data, the models, the checkpoint), after `metapl train` had
+    printed its note on the warm-up that --steps cut: two lines on stderr, the first no error."""
+    missing = tmp_path / "no_such_folder"
+    args = [a.format(missing=missing) for a in args]
+    out = tmp_path / "run"
+    assert main(["train", "--preset", preset, "--steps", "2", "--out", str(out), *args]) == 2
+    err = one_error_line(capsys.readouterr().err)
+    assert message.format(missing=missing) in err and "warmup_steps" not in err, err
+    assert not out.exists()
+
+
+def test_a_resume_refused_after_a_warmup_cut_is_one_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    quick = ["--device", "cpu", "--quiet", "--set", "finetune_steps=0"]
+    assert train_cli("digits-supervised", out, "--steps", "2", *quick) == 0
+    capsys.readouterr()
+    before = files(out)
+    assert train_cli("digits-supervised", out, "--steps", "3", "--seed", "7", *quick) == 2
+    err = one_error_line(capsys.readouterr().err)
+    assert "different configuration (seed: 0 -> 7)" in err and "warmup_steps" not in err, err
+    assert files(out) == before
+
+
 @pytest.mark.parametrize("command", ["predict", "export"])
 def test_an_output_inside_a_file_says_so(tmp_path, capsys, command):
     run = tmp_path / "run"

@@ -520,7 +520,7 @@ def test_only_rank_0_prints_the_final_summary(tmp_path, monkeypatch, capsys):
     import metapl.train.engine as engine
 
     summary = {"results": [{"accuracy": 0.5}]}
-    monkeypatch.setattr(engine, "train", lambda cfg, out, show_progress=True: summary)
+    monkeypatch.setattr(engine, "train", lambda cfg, out, show_progress=True, note=None: summary)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     printed = {}
     for rank in ("1", "0"):

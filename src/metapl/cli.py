@@ -182,14 +182,14 @@ def _cmd_train(args: argparse.Namespace) -> None:
     cfg, note = _train_config(args)  # before the engine's imports (torch: seconds), to fail fast
     cpu_threads.check_requested(args.threads)  # before the output folder is made
     out = output_folder(args.out, command="train")
-    if note is not None:
-        print(note, file=sys.stderr)
 
     from metapl.distributed import torchrun_world
     from metapl.train.engine import train
 
     with cpu_threads.cpu_threads(args.threads, follows_load=False):  # see metapl.cpu_threads
-        summary = train(cfg, out, show_progress=not args.quiet)
+        # the note is printed by train() once the data, checkpoint and models are checked: a
+        # missing dataset with a --steps that cut the warm-up was the note and the error
+        summary = train(cfg, out, show_progress=not args.quiet, note=note)
     if torchrun_world()[0] != 0:
         return  # under torchrun, rank 0 speaks for the run
     row = summary["results"][0]

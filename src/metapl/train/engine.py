@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -421,6 +422,12 @@ def _check_not_past_the_end(cfg: TrainConfig, step: int, ckpt_path: Path) -> Non
         )
 
 
+def _print_note(note: str | None) -> None:
+    """``train``'s ``note`` on stderr, if there is one."""
+    if note is not None:
+        print(note, file=sys.stderr)
+
+
 def _data_parallel(train_fn):
     """Under torchrun (WORLD_SIZE > 1) run ``train_fn`` in torchrun's process group (nccl on CUDA,
     gloo on CPU), destroyed on the way out, errors included."""
@@ -436,11 +443,20 @@ def _data_parallel(train_fn):
 
 
 @_data_parallel
-def train(cfg: TrainConfig, out_dir: Path | str, show_progress: bool = True, on_eval=None) -> dict:
+def train(
+    cfg: TrainConfig,
+    out_dir: Path | str,
+    show_progress: bool = True,
+    on_eval=None,
+    note: str | None = None,
+) -> dict:
     """Train (or resume) the run in ``out_dir``; returns the summary also written to results.json.
 
     ``on_eval(step, accuracies)``, if given, sees each evaluation; an exception it raises stops the
-    run (``metapl tune`` reports to its pruner this way)."""
+    run (``metapl tune`` reports to its pruner this way). ``note``, if given, is a line for stderr
+    (`metapl train`'s note on its options), printed once the data, checkpoint and models are
+    checked, before the first write: a mistake found in them is then one line, not the note and
+    the error."""
     cfg.validate()
     # a file in its place (or in a result file's or folder's): a traceback once the first file was
     # written (`metapl digits` and `reduced` train into run folders of their own under --out)
@@ -467,6 +483,8 @@ def train(cfg: TrainConfig, out_dir: Path | str, show_progress: bool = True, on_
         assert cfg.large_teacher  # validate() refuses a large-teacher method without one
         check_large_teacher(Path(cfg.large_teacher), split, device)  # fail early
         if dp.is_main:
+            _print_note(note)
+            note = None  # printed once
             out_dir.mkdir(parents=True, exist_ok=True)
             _clear_leftovers(out_dir)
             prepared = prepare_large_teacher_data(cfg, split, out_dir, device, show_progress)
@@ -482,6 +500,7 @@ def train(cfg: TrainConfig, out_dir: Path | str, show_progress: bool = True, on_
         split, cfg, run.method.views, device, teacher_probs, shard=(dp.rank, dp.world_size)
     )
     if dp.is_main:  # here and below: the other ranks write nothing
+        _print_note(note)
         out_dir.mkdir(parents=True, exist_ok=True)
         _clear_leftovers(out_dir)
         write_json_atomic(out_dir / "config.json", cfg.to_dict())
