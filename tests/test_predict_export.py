@@ -423,6 +423,32 @@ def test_predict_json_into_a_folder_is_one_line(capsys, run_dir, image_dir, tmp_
     assert f"--json {tmp_path} is a folder; give a file name" in err
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["predict", "--run", "{run}", "{images}", "--json", "{run}/checkpoint.pt"],
+        ["predict", "--run", "{run}", "{images}", "--json", "{run}/results.json"],
+        ["predict", "--run", "{run}", "{images}", "--json", "{run}/../copy/config.json"],
+        ["export", "--run", "{run}", "--format", "torchscript", "--output", "{run}/checkpoint.pt"],
+        ["export", "--run", "{run}", "--format", "onnx", "--output", "{run}/tb/m.onnx"],
+    ],
+)
+def test_an_output_file_that_is_one_of_the_runs_files_is_refused(
+    capsys, run_dir, image_dir, tmp_path, argv
+):
+    """`metapl predict --json RUN/checkpoint.pt` replaced the run's checkpoint with its predictions
+    (and `metapl export --output RUN/checkpoint.pt` with the exported model), exit code 0: the run
+    could then neither be resumed nor used by predict and export again."""
+    run = copy_run(run_dir, tmp_path)
+    before = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    argv = [a.format(run=run, images=image_dir) for a in argv]
+    err = fails(capsys, *argv)
+    assert f"{argv[-1]} would replace a file that `metapl train` wrote in the run folder" in err
+    assert {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()} == before
+    # a file of another name beside them is an output like any other
+    assert main([*argv[:-1], str(run / "out.onnx" if "onnx" in argv else run / "out.json")]) == 0
+
+
 def test_export_by_default_beside_the_run_with_its_class_names_and_state(capsys, run_dir, tmp_path):
     """Without --output the file is RUN/model.torchscript.pt; its metadata carries the names of
     classes.json and says the run is unfinished, which a warning on stderr repeats."""

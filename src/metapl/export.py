@@ -126,7 +126,13 @@ def run(args: argparse.Namespace) -> None:
     import torch
 
     from metapl.errors import ConfigError
-    from metapl.train.run_model import Classifier, check_run_folder, class_names, load_run_model
+    from metapl.train.run_model import (
+        Classifier,
+        check_not_a_run_file,
+        check_run_folder,
+        class_names,
+        load_run_model,
+    )
 
     check_run_folder(args.run)  # the most basic mistake first, as in `metapl predict`
     args.format = args.format.lower()  # --format ONNX, TorchScript: the same formats
@@ -137,6 +143,7 @@ def run(args: argparse.Namespace) -> None:
     output = Path(args.output) if args.output else Path(args.run) / FORMATS[args.format]
     if output.is_dir():
         raise ConfigError(f"--output {output} is a folder; give a file name")
+    check_not_a_run_file(output, args.run, "--output")
     # A name that says the other format: a TorchScript file named .onnx was written without a word
     suffix = output.suffix.lower()
     other = (

@@ -131,12 +131,20 @@ def run(args: argparse.Namespace) -> None:
     from metapl.report import write_json_atomic
     from metapl.train.data import model_input
     from metapl.train.engine import resolve_device
-    from metapl.train.run_model import Classifier, check_run_folder, class_names, load_run_model
+    from metapl.train.run_model import (
+        Classifier,
+        check_not_a_run_file,
+        check_run_folder,
+        class_names,
+        load_run_model,
+    )
 
     check_run_folder(args.run)  # the most basic mistake first: a mistyped --run
     if args.top < 1:
         raise ConfigError(f"--top must be >= 1, got {args.top}")
     _check_output(args.json, "--json")
+    if args.json:
+        check_not_a_run_file(args.json, args.run, "--json")
     paths = image_paths(args.images)  # cheap checks first: a missing file fails before the model
     device = resolve_device(args.device)
     loaded = load_run_model(

@@ -161,6 +161,38 @@ def check_run_folder(run_dir: Path | str, name: str | None = None) -> None:
         )
 
 
+# What `metapl train` writes in a run folder (metapl.train.engine and metapl.train.large_teacher,
+# whose files start with large_teacher_; tb/ holds TensorBoard's), which an output file of `metapl
+# predict` or `metapl export` must not replace.
+RUN_FILES = frozenset(
+    {
+        "checkpoint.pt",
+        "checkpoint.prev.pt",
+        "config.json",
+        CLASSES_FILE,
+        "metrics.csv",
+        "results.json",
+        "figure10.json",
+        "curves.png",
+    }
+)
+
+
+def check_not_a_run_file(output: Path | str, run_dir: Path | str, option: str) -> None:
+    """A ConfigError when ``output`` names a file of the run in ``run_dir`` (one of
+    :data:`RUN_FILES`, a large teacher's file or anything in tb/): `metapl predict --json
+    RUN/checkpoint.pt` replaced the run's checkpoint with its predictions, and `metapl export
+    --output RUN/checkpoint.pt` with the exported model."""
+    target, run = Path(output).resolve(), Path(run_dir).resolve()
+    name = target.name
+    in_tb = run / "tb" in target.parents
+    if in_tb or (target.parent == run and (name in RUN_FILES or name.startswith("large_teacher_"))):
+        raise ConfigError(
+            f"{option} {output} would replace a file that `metapl train` wrote in the run folder "
+            f"{run_dir}; give another file name"
+        )
+
+
 def load_run_model(
     run_dir: Path | str,
     device: torch.device | str = "cpu",
