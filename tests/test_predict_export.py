@@ -308,6 +308,33 @@ def test_corrupt_checkpoint(capsys, run_dir, image_dir, tmp_path):
     assert "corrupt" in fails(capsys, "export", "--run", str(run), "--format", "torchscript")
 
 
+def test_an_exported_model_in_the_checkpoints_place_says_so(
+    capsys, run_dir, image_dir, tmp_path, recwarn
+):
+    """A TorchScript file as checkpoint.pt (an export copied over it): torch.load printed its
+    UserWarning ('received a zip file that looks like a TorchScript archive') on stderr above the
+    error, which gave torch's advice cut off mid-sentence ('In PyTorch 2.6, we changed the d...')."""
+    run = copy_run(run_dir, tmp_path)
+    model = tmp_path / "model.torchscript.pt"
+    assert (
+        main(["export", "--run", str(run), "--format", "torchscript", "--output", str(model)]) == 0
+    )
+    shutil.copyfile(model, run / "checkpoint.pt")
+    capsys.readouterr()
+    recwarn.clear()
+    for argv in (["predict", "--run", str(run), str(image_dir)], ["train", "--out", str(run)]):
+        if argv[0] == "train":
+            argv += ["--preset", "digits-supervised", "--steps", "8", "--device", "cpu"]
+            argv += ["--seed", str(SEED), "--quiet"]
+            argv += [f"--set={key}={value}" for key, value in TINY.items()]
+        err = fails(capsys, *argv)
+        assert (
+            "(it is a TorchScript model, such as `metapl export` writes, not a checkpoint)" in err
+        )
+        assert f"mv {run / 'checkpoint.prev.pt'} {run / 'checkpoint.pt'}" in err, err
+    assert not [w for w in recwarn if "TorchScript" in str(w.message)]
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

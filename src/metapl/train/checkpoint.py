@@ -183,9 +183,24 @@ def _check_records(path: Path) -> None:
         )
 
 
+def _is_torchscript(path: Path) -> bool:
+    """Whether ``path`` is a TorchScript archive (torch.jit.save; `metapl export --format
+    torchscript` writes one): its records include constants.pkl, as torch's own test has it.
+    torch.load then printed a UserWarning before failing, and its error was cut off mid-sentence."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.split("/", 1)[-1] == "constants.pkl" for name in archive.namelist())
+    except Exception:  # not a zip archive, or a damaged one: torch.load describes it
+        return False
+
+
 def _read(path: Path, map_location: Any) -> dict:
     """Load and validate; raise ``ValueError`` with a short reason on any defect."""
     _check_records(path)
+    if _is_torchscript(path):
+        raise ValueError(
+            "it is a TorchScript model, such as `metapl export` writes, not a checkpoint"
+        )
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
