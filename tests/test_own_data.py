@@ -321,6 +321,27 @@ def _no_unlabeled_folder(root: Path) -> tuple[Path, str]:
     return root / "unlabeled", "unlabeled is missing: put the unlabeled images there"
 
 
+# A file where the layout has a folder: labeled/ and unlabeled/ were "missing" though they were
+# there, and test/ "cannot be listed (NotADirectoryError: [Errno 20] Not a directory: ...)".
+def _labeled_file(root: Path) -> tuple[Path, str]:
+    save(root / "unlabeled" / "b.png", 2)
+    (root / "labeled").write_text("not a folder")
+    return root / "labeled", "labeled is not a folder: expected"
+
+
+def _unlabeled_file(root: Path) -> tuple[Path, str]:
+    save(root / "labeled" / "cat" / "a.png", 1)
+    save(root / "labeled" / "dog" / "a.png", 2)
+    (root / "unlabeled").write_text("not a folder")
+    return root / "unlabeled", "unlabeled is not a folder: replace it with a folder"
+
+
+def _test_file(root: Path) -> tuple[Path, str]:
+    make_folder(root, test=False)
+    (root / "test").write_text("not a folder")
+    return root / "test", "test is not a folder: put the test images in test/<class>/"
+
+
 def _unreadable(root: Path) -> tuple[Path, str]:
     make_folder(root)
     bad = root / "labeled" / "dog" / "img1.png"
@@ -345,6 +366,9 @@ def _unknown_test_class(root: Path) -> tuple[Path, str]:
         _loose_test_image,
         _no_unlabeled,
         _no_unlabeled_folder,
+        _labeled_file,
+        _unlabeled_file,
+        _test_file,
         _unreadable,
         _unknown_test_class,
     ],

@@ -178,10 +178,13 @@ def _class_files(folder: Path, classes: list[str], role: str) -> tuple[list[str]
 
 
 def _classes(labeled: Path) -> list[str]:
-    if not labeled.is_dir():
-        raise data_error(
-            f"{labeled} is missing: expected {LAYOUT}; create it with one folder per class"
+    if not labeled.is_dir():  # a file of that name was "missing" too, though it was there
+        what, advice = (
+            ("is not a folder", "replace it with a folder that holds")
+            if labeled.exists()
+            else ("is missing", "create it with")
         )
+        raise data_error(f"{labeled} {what}: expected {LAYOUT}; {advice} one folder per class")
     _check_no_loose_images(labeled)
     classes = _subfolders(labeled)
     if len(classes) < 2:
@@ -207,8 +210,11 @@ def folder_split(
     paths, labels = _class_files(root / "labeled", classes, "labeled")
     unlabeled = root / "unlabeled"
     if not unlabeled.is_dir():
+        what = (
+            "is not a folder: replace it with a folder and" if unlabeled.exists() else "is missing:"
+        )
         raise data_error(
-            f"{unlabeled} is missing: put the unlabeled images there (any depth); expected {LAYOUT}"
+            f"{unlabeled} {what} put the unlabeled images there (any depth); expected {LAYOUT}"
         )
     unlabeled_files = list_images(unlabeled)
     if not unlabeled_files:
@@ -219,6 +225,11 @@ def folder_split(
     test_paths: list[str] = []
     test_labels: list[int] = []
     if (root / "test").exists():
+        if not (root / "test").is_dir():  # was "cannot be listed (NotADirectoryError: ...)"
+            raise data_error(
+                f"{root / 'test'} is not a folder: put the test images in test/<class>/ as in "
+                "labeled/, or remove it to train without a test set"
+            )
         if not _subfolders(root / "test"):
             raise data_error(
                 f"{root / 'test'} has no class folders: put the test images in test/<class>/ as "
