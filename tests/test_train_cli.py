@@ -785,6 +785,11 @@ def test_preset_from_a_toml_file(tmp_path, capsys):
     )
     assert train_cli(str(tmp_path / "absent.toml"), tmp_path / "bad_run", "--quiet") == 2
     assert "absent.toml does not exist" in one_error_line(capsys.readouterr().err)
+    # a folder named like a preset file was one that "does not exist" too
+    (tmp_path / "folder.toml").mkdir()
+    assert train_cli(str(tmp_path / "folder.toml"), tmp_path / "bad_run", "--quiet") == 2
+    err = one_error_line(capsys.readouterr().err)
+    assert "folder.toml is a folder, not a .toml file" in err, err
     assert not (tmp_path / "bad_run").exists()
 
 

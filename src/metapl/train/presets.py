@@ -105,8 +105,9 @@ def load_preset(name: str) -> TrainConfig:
         overrides = table[name]
     elif name.endswith(".toml") or Path(name).is_file():
         path = Path(name)
-        if not path.is_file():
-            raise ConfigError(f"preset file {name} does not exist")
+        if not path.is_file():  # a folder of that name was one that "does not exist"
+            what = "is a folder, not a .toml file" if path.is_dir() else "does not exist"
+            raise ConfigError(f"preset file {name} {what}")
         try:
             overrides = tomllib.loads(path.read_text())
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
