@@ -160,6 +160,12 @@ def test_a_stages_own_set_wins_over_every_stages():
     assert reduced._stage_config("reduced_mpl", 0, cfg, Path(".")).teacher_lr == 0.2
     cfg = digits.DigitsConfig(overrides={"*": overrides["*"], "uda_mpl": overrides["reduced_mpl"]})
     assert digits._method_config("uda_mpl", 0, cfg).teacher_lr == 0.2
+    # whatever the order on the command line (--help: "a METHOD: key beats a plain one, else the
+    # last of a key wins")
+    items = ["uda_mpl:teacher_lr=0.2", "teacher_lr=0.3", "teacher_lr=0.1"]
+    cfg = digits.DigitsConfig(overrides=digits.parse_method_overrides(items))
+    assert digits._method_config("uda_mpl", 0, cfg).teacher_lr == 0.2
+    assert digits._method_config("uda", 0, cfg).teacher_lr == 0.1
 
 
 def test_twomoons_results_file_averages_the_cosines_over_seeds(monkeypatch, tmp_path):

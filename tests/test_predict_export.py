@@ -476,6 +476,17 @@ def test_an_output_file_that_is_one_of_the_runs_files_is_refused(
     assert main([*argv[:-1], str(run / "out.onnx" if "onnx" in argv else run / "out.json")]) == 0
 
 
+def test_predict_json_naming_one_of_its_images_is_refused(capsys, run_dir, image_dir, tmp_path):
+    """`metapl predict --json IMAGE IMAGE` replaced the image with its own prediction, exit 0."""
+    images = shutil.copytree(image_dir, tmp_path / "images")  # the fixture's stay whole if it fails
+    image = sorted(images.rglob("*.png"))[0]
+    before = image.read_bytes()
+    for given in (images, image):  # the image inside a folder argument, or named itself
+        err = fails(capsys, "predict", "--run", str(run_dir), str(given), "--json", str(image))
+        assert f"--json {image} is one of the images to classify; give another name" in err, err
+    assert image.read_bytes() == before
+
+
 def test_export_by_default_beside_the_run_with_its_class_names_and_state(capsys, run_dir, tmp_path):
     """Without --output the file is RUN/model.torchscript.pt; its metadata carries the names of
     classes.json and says the run is unfinished, which a warning on stderr repeats."""

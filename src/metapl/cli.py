@@ -398,7 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--set",
         action="append",
         metavar="KEY=VALUE",
-        help="override any config key (repeatable); unknown keys are errors",
+        help="override any config key (repeatable: the last of a key wins); unknown keys are "
+        "errors",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
@@ -445,7 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
         help=(
             "override a preset key for every trained method, or for one with a METHOD: prefix "
             "(e.g. --set uda_mpl:teacher_lr=0.1); the keys of `metapl train --set` but seed and "
-            "labels_per_class (--seeds, --labels-per-class); repeatable"
+            "labels_per_class (--seeds, --labels-per-class); repeatable: a METHOD: key beats a "
+            "plain one, else the last of a key wins"
         ),
     )
     _add_experiment_options(p)
@@ -482,7 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
             "override a preset key for every stage, or for one with a STAGE: prefix from "
             "large_teacher, supervised, noisy_student, reduced_mpl (e.g. --set "
             "reduced_mpl:teacher_lr=0.001); the keys of `metapl train --set` but seed (--seeds) "
-            "and large_teacher (each seed's students get the one trained here); repeatable"
+            "and large_teacher (each seed's students get the one trained here); repeatable: a "
+            "STAGE: key beats a plain one, else the last of a key wins"
         ),
     )
     _add_experiment_options(p)

@@ -146,6 +146,9 @@ def run(args: argparse.Namespace) -> None:
     if args.json:
         check_not_a_run_file(args.json, args.run, "--json")
     paths = image_paths(args.images)  # cheap checks first: a missing file fails before the model
+    if args.json and Path(args.json).resolve() in {Path(p).resolve() for p in paths}:
+        # the predictions would replace the very image they are about
+        raise ConfigError(f"--json {args.json} is one of the images to classify; give another name")
     device = resolve_device(args.device)
     loaded = load_run_model(
         args.run,

@@ -60,7 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--set",
         action="append",
         metavar="KEY=VALUE",
-        help="a config key for every trial, kept in best.toml and not searched (repeatable); "
+        help="a config key for every trial, kept in best.toml and not searched (repeatable: the "
+        "last of a key wins); "
         "digits needs --set tune_per_class=N",
     )
     parser.add_argument("--no-prune", action="store_true", help="run every trial to the end")
