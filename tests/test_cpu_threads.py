@@ -79,7 +79,7 @@ def test_train_keeps_pytorchs_threads_unless_told(tmp_path, monkeypatch, given, 
     monkeypatch.setattr(cpu_threads, "idle_cores_threads", lambda: 99)  # never asked
     monkeypatch.setattr(
         "metapl.train.engine.train",
-        lambda cfg, out, show_progress: (
+        lambda cfg, out, show_progress, note=None: (
             seen.append(torch.get_num_threads()) or {"results": [{"accuracy": 0.5}]}
         ),
     )
