@@ -61,8 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         metavar="KEY=VALUE",
         help="a config key for every trial, kept in best.toml and not searched (repeatable: the "
-        "last of a key wins); "
-        "digits needs --set tune_per_class=N",
+        "last of a key wins); digits needs --set tune_per_class=N",
     )
     parser.add_argument("--no-prune", action="store_true", help="run every trial to the end")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
