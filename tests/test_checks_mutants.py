@@ -16,10 +16,13 @@
   or Python's raw error);
 - :func:`~metapl.mpl.setup_checks.check_grad_sync` wants a callable ``mean_`` and an integer
   ``world_size`` of at least 1, a bool not being one;
+- :func:`~metapl.mpl.setup_checks.check_unshared` names the shared parameter an optimizer
+  trains, not a frozen one the models also share; a wrong optimizer's error names the model it
+  should be over;
 - :func:`~metapl.mpl.setup_checks.needs_closure` refuses a ``step(closure)`` without a default
   only: an optimizer whose ``step()`` takes no closure at all is a plain step;
 - :class:`metapl.distributed.GradientAverager` says that it needs a process group (torch's own
-  error from ``get_world_size`` did not);
+  error from ``get_world_size`` did not), and averages over the group it is given;
 - :class:`metapl.distributed.DataParallel`'s rank 1 is not the main rank, its ``wait_for_main``
   is a barrier on a group without the default timeout, its ``mean_metrics`` of no metrics is
   no metrics (no all-reduce of an empty stack), and
@@ -36,7 +39,7 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
-from mpl_helpers import make_problem
+from mpl_helpers import MLP, make_problem
 from torch import Tensor, nn
 
 from metapl import MetaPseudoLabels
@@ -354,3 +357,54 @@ def test_the_mean_of_no_metrics_is_no_metrics_without_an_all_reduce(monkeypatch)
 
     monkeypatch.setattr(dist, "all_reduce", all_reduce)
     assert DataParallel().mean_metrics({}) == {}
+
+
+def test_the_shared_parameter_named_is_the_one_an_optimizer_trains():
+    """The models share fc1 (frozen: in neither optimizer, which is fine) and fc2 (trained):
+    the error must name fc2's weight, the parameter to fix, not fc1's, which comes first."""
+    torch.manual_seed(0)
+    teacher, student = MLP(), MLP()
+    student.fc1, student.fc2 = teacher.fc1, teacher.fc2
+    frozen = {id(p) for p in teacher.fc1.parameters()}
+    with pytest.raises(ConfigError, match="share the parameter 'fc2.weight', which an optimizer"):
+        MetaPseudoLabels(
+            teacher,
+            student,
+            torch.optim.SGD([p for p in teacher.parameters() if id(p) not in frozen], lr=0.1),
+            torch.optim.SGD([p for p in student.parameters() if id(p) not in frozen], lr=0.1),
+        )
+
+
+@pytest.mark.parametrize("who", ["teacher", "student"])
+def test_an_optimizer_of_the_wrong_type_is_told_whose_parameters_it_should_be_over(who):
+    teacher, student = _linear_pair()
+    optimizers = {
+        "teacher": torch.optim.SGD(teacher.parameters(), lr=0.1),
+        "student": torch.optim.SGD(student.parameters(), lr=0.1),
+        who: None,
+    }
+    with pytest.raises(
+        ConfigError,
+        match=f"^{who}_optimizer must be a torch.optim.Optimizer over the {who}'s parameters, "
+        "got NoneType",
+    ):
+        MetaPseudoLabels(teacher, student, optimizers["teacher"], optimizers["student"])
+
+
+def test_a_gradient_averager_over_a_subgroup_averages_over_that_group(monkeypatch):
+    """GradientAverager(group) all-reduces in its group and divides by that group's size, not the
+    whole world's (4 processes faked here, the group of 2 for the average)."""
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 4 if group is None else 2)
+    reduced = []
+
+    def all_reduce(tensor, op=None, group=None):
+        reduced.append(group)
+        tensor.mul_(2)  # the sum over two processes holding the same values
+
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    averager = GradientAverager(group="half")
+    grads = [torch.tensor([1.0, 3.0]), None, torch.tensor([[5.0]])]
+    averager.mean_(grads)
+    assert averager.world_size == 2 and reduced == ["half"]
+    assert grads[0].tolist() == [1.0, 3.0] and grads[1] is None and grads[2].tolist() == [[5.0]]
