@@ -140,6 +140,8 @@ def _option_id(value: object) -> str:
         {"supervised_weight": 1j},
         # read by the first-order estimator only: ignored without a word by the others
         {"baseline_decay": 0.9},
+        {"jvp": "tape", "estimator": "first_order"},
+        {"jvp": "auto", "estimator": "double_backward"},
         # failed at the first step ("'int' object is not callable", "no attribute 'mean_'")
         {"teacher_extra_loss": 3},
         {"grad_sync": object()},

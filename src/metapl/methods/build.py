@@ -114,7 +114,8 @@ def build_method(cfg: TrainConfig, num_classes: int, device: torch.device, grad_
         student_labeled_weight=cfg.student_labeled_weight,
         label_smoothing=cfg.label_smoothing,
         estimator=cfg.mpl_estimator,
-        jvp=cfg.mpl_jvp,
+        # the config refuses mpl_jvp given with another estimator; its default "auto" is dropped
+        jvp=cfg.mpl_jvp if cfg.mpl_estimator == "exact" else "forward_ad",
         autocast_dtype=amp,
         check_inputs=False,  # labels were checked when the dataset was read
         grad_sync=grad_sync,  # g, v and the teacher's gradient (metapl.distributed)

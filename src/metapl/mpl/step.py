@@ -176,7 +176,8 @@ class MetaPseudoLabels:
             fx tracing runs the student's ``forward`` once on proxies, so Python side effects in
             a user's ``forward`` (appending to a list, counters) would see proxies, and the traced
             graph would skip them. The engine opts in with ``"auto"`` for the registry's models
-            (config key ``mpl_jvp``).
+            (config key ``mpl_jvp``). Other estimators compute no J: a ``jvp`` other than the
+            default is then a ConfigError.
         allow_student_hooks: let the exact estimators run with hooks that can change the
             student's update (a gradient hook on its parameters, a module backward hook, a step
             hook on its optimizer), which are refused by default. For hooks that only observe
@@ -250,6 +251,11 @@ class MetaPseudoLabels:
             raise ConfigError(
                 f"baseline_decay applies to estimator='first_order' only; estimator {estimator!r} "
                 "has no baseline: leave it None"
+            )
+        if jvp != "forward_ad" and estimator != "exact":  # read by nothing else
+            raise ConfigError(
+                f"jvp applies to estimator='exact' only; estimator {estimator!r} computes no "
+                "JVP: leave jvp at its default"
             )
         if teacher_extra_loss is not None and not callable(teacher_extra_loss):
             # failed at the first step as "'int' object is not callable"
