@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -737,3 +739,24 @@ def test_onnx_export_quiets_torch_onnx_only_while_it_exports(
         assert seen == [logging.ERROR] and logger.level == logging.INFO
     finally:
         logger.setLevel(before)
+
+
+def test_reading_a_checkpoints_class_count_initialises_no_model():
+    """The loader finds the classifier's size by building the model on the meta device. Random
+    init there computes nothing, and torch's meta ``normal_`` imported torch._dynamo: 1.2-1.7 s,
+    half of `metapl predict`'s start on a small run. The init is skipped, so no registry model
+    imports it (a fresh process: this one may have imported it already)."""
+    code = (
+        "import sys\n"
+        "from metapl.models import create_model, list_models\n"
+        "from metapl.train.run_model import _num_classes\n"
+        "for name in list_models():\n"
+        "    # reduced_teacher is never a run's model; efficientnet_b1-b7 are b0's code, wider\n"
+        "    if name == 'reduced_teacher' or name[:-1] == 'efficientnet_b' and name[-1] != '0':\n"
+        "        continue\n"
+        "    weights = create_model(name, 7).state_dict()\n"
+        "    assert _num_classes(name, weights, name) == 7, name\n"
+        "assert 'torch._dynamo' not in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
