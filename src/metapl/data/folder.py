@@ -9,7 +9,7 @@ Rules:
 - Files: every regular file (or link to one) whose name ends in ``.png``, ``.jpg`` or ``.jpeg`` in
   any letter case, in ``path`` or any folder below it. Names starting with ``.`` (hidden files and
   folders, macOS ``._*`` resource forks) are skipped; linked folders are followed, each real folder
-  once, so a link cycle cannot loop.
+  once (under the name a walk in sorted name order meets first), so a link cycle cannot loop.
 - Order: the files' paths relative to ``path``, with ``/`` separators, sorted as Python strings, so
   the order (and every index into it, e.g. a top-K selection) is the same on every machine.
 - Decoding: on access, with :func:`metapl.data.imagenet.decode_image`: any PIL mode (grayscale,
@@ -106,7 +106,9 @@ def list_images(path: Path | str) -> list[str]:
         seen.add((info.st_dev, info.st_ino))
         try:
             with os.scandir(folder) as it:
-                entries = list(it)
+                # by name, not the file system's order: a folder reached by two names (a link)
+                # is listed under the one walked first, so every machine picks the same one
+                entries = sorted(it, key=lambda e: e.name, reverse=True)  # pop() takes the first
         except OSError as exc:
             raise data_error(f"{folder} cannot be listed ({describe(exc)})") from None
         for entry in entries:
