@@ -1,4 +1,4 @@
-"""The weak augmentation of the SSL literature: random horizontal flip, then pad-and-crop.
+"""The weak augmentation of the SSL literature: random horizontal flip and pad-and-crop.
 
 Both are done per image and at once for the whole batch: the flip and the crop offset of each image
 only decide *which* padded pixel lands where, so one gather with per-image row and column indices
@@ -25,8 +25,10 @@ def flip_and_crop(
     padding_mode: str = "reflect",
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Flip each image left-right with probability ``flip_prob``, pad it by ``pad`` pixels on every
-    side and crop a random window of the original size back out (offsets uniform in [0, 2*pad]).
+    """Pad each image by ``pad`` pixels on every side, crop a random window of the original size
+    back out (offsets uniform in [0, 2*pad]) and flip that window left-right with probability
+    ``flip_prob``. (Flipping first, the literature's order, gives the same distribution: a flip
+    maps the column offset dx to 2*pad - dx; for a given seed the images differ.)
 
     ``padding_mode="constant"`` pads with 0.5 gray. Reflect padding needs ``pad`` smaller than the
     image's height and width (PyTorch's rule).
