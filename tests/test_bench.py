@@ -48,6 +48,8 @@ def test_bench_writes_every_step_kind(tmp_path, capsys, layout, channels_last):
         assert any(part in n for n in names), part
     assert all(r["ms"] > 0 and len(r["ms_all"]) == 2 for r in payload["results"])
     assert (payload["setup"]["batch_labeled"], payload["setup"]["batch_unlabeled"]) == (2, 14)
+    # what the JSON says was timed: 3 warm-up rounds (the default), then the 2 asked for
+    assert (payload["setup"]["warmup"], payload["setup"]["repeats"]) == (3, 2)
     assert (payload["setup"]["memory_format"], payload["setup"]["channels_last"]) == (
         layout,
         channels_last,
