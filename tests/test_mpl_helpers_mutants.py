@@ -26,31 +26,36 @@ from metapl.mpl.inputs import holding, joint_forward, model_input, restoring_fun
 # ----------------------------------------------------------------------------- reference (oracle)
 
 
+def _check_the_oracle_by_finite_differences(teacher, student, optimizer, batches, seed, **kwargs):
+    """The oracle's teacher gradient, put in ``.grad``, against central finite differences of R
+    through the real optimizer step (FiniteDifferenceProbe), with the step's options ``kwargs``."""
+    factory = STUDENT_OPTIMIZERS[optimizer]
+    s_opt = factory(student.parameters())
+    gen = torch.Generator().manual_seed(0)
+    probe = FiniteDifferenceProbe(
+        teacher, student, s_opt, factory, *batches, gen=gen, seed=seed, **kwargs
+    )
+    torch.manual_seed(seed)
+    grads = double_backward_teacher_gradient(teacher, student, s_opt, *batches, **kwargs)
+    for p, g in zip(teacher.parameters(), grads):
+        p.grad = g
+    probe.check("oracle")
+
+
 def test_the_oracle_on_its_own_matches_finite_differences_of_the_real_step():
     """The double-backward oracle that the step's tests trust, checked directly against central
     finite differences of R through the REAL optimizer step (not only through the step it
     checks), with a temperature and the student's own labeled loss."""
     teacher, student, x_l, y_l, x_u = make_problem("mlp", seed=3)
-    factory = STUDENT_OPTIMIZERS["sgd_momentum"]
-    s_opt = factory(student.parameters())
-    kwargs = dict(temperature=0.7, student_labeled_weight=0.5)
-    probe = FiniteDifferenceProbe(
+    _check_the_oracle_by_finite_differences(
         teacher,
         student,
-        s_opt,
-        factory,
-        x_l,
-        y_l,
-        x_u,
-        gen=torch.Generator().manual_seed(0),
+        "sgd_momentum",
+        (x_l, y_l, x_u),
         seed=11,
-        **kwargs,
+        temperature=0.7,
+        student_labeled_weight=0.5,
     )
-    torch.manual_seed(11)
-    grads = double_backward_teacher_gradient(teacher, student, s_opt, x_l, y_l, x_u, **kwargs)
-    for p, g in zip(teacher.parameters(), grads):
-        p.grad = g
-    probe.check("oracle")
 
 
 def test_the_oracle_modifies_nothing():
@@ -99,27 +104,9 @@ def test_the_oracles_passes_after_the_update_see_the_buffers_as_the_update_pass_
     teacher, _, x_l, y_l, x_u = make_problem("mlp", seed=4)
     torch.manual_seed(4)
     student = _CountingStudent().double().train()
-    factory = STUDENT_OPTIMIZERS["sgd"]
-    s_opt = factory(student.parameters())
-    probe = FiniteDifferenceProbe(
-        teacher,
-        student,
-        s_opt,
-        factory,
-        x_l,
-        y_l,
-        x_u,
-        gen=torch.Generator().manual_seed(0),
-        seed=5,
-        student_labeled_weight=0.5,
+    _check_the_oracle_by_finite_differences(
+        teacher, student, "sgd", (x_l, y_l, x_u), seed=5, student_labeled_weight=0.5
     )
-    torch.manual_seed(5)
-    grads = double_backward_teacher_gradient(
-        teacher, student, s_opt, x_l, y_l, x_u, student_labeled_weight=0.5
-    )
-    for p, g in zip(teacher.parameters(), grads):
-        p.grad = g
-    probe.check("oracle")
     assert float(student.count) == 0.0  # nothing of the student's own was touched
 
 
