@@ -1,0 +1,184 @@
+"""Gaps a mutation audit of `metapl digits` and `metapl reduced` (metapl.experiments.digits and
+.reduced) found: which runs and figures each command makes, what its results.json pairs and
+summarizes, and how its options reach each run's config. Training is replaced by stand-ins that
+return fixed accuracies."""
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from metapl.errors import ConfigError
+from metapl.experiments import digits, figure9, figure10, reduced
+
+
+def _fake_runs(monkeypatch, module, accuracy):
+    """``module``'s runs replaced by records of ``accuracy(method, seed)``, in the jobs' order
+    (the signature of :func:`metapl.experiments.workers.map_runs`)."""
+
+    def map_runs(pool, run, jobs, desc, show_progress):
+        return [{"method": m, "seed": s, "accuracy": accuracy(m, s)} for m, s, *_ in jobs]
+
+    monkeypatch.setattr(module, "map_runs", map_runs)
+
+
+def _fake_train(monkeypatch, calls, results):
+    """The engine's ``train`` (same signature) recording (config, run folder) per call."""
+    from metapl.train import engine
+
+    def train(cfg, out_dir, show_progress=True):
+        calls.append((cfg, Path(out_dir)))
+        return {"results": results}
+
+    monkeypatch.setattr(engine, "train", train)
+
+
+def _in_worker(fn, *args):
+    threads = torch.get_num_threads()
+    try:  # a worker's run sets one thread for its process
+        return fn(*args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_digits_pairs_uda_mpl_with_label_spreading_too():
+    """The reference row is compared seed by seed like every other method."""
+    records = [
+        {"method": m, "seed": s, "accuracy": a + 0.01 * s}
+        for m, a in (("uda_mpl", 0.9), ("label_spreading", 0.8))
+        for s in range(3)
+    ]
+    paired = digits.paired_differences(records)
+    assert set(paired) == {"uda_mpl - label_spreading"}
+    assert paired["uda_mpl - label_spreading"]["mean"] == pytest.approx(0.1)
+
+
+def test_digits_labels_per_class_may_be_100():
+    digits.DigitsConfig(labels_per_class=100, methods=("label_spreading",)).validate()
+    with pytest.raises(ConfigError, match="between 1 and 100"):
+        digits.DigitsConfig(labels_per_class=101, methods=("label_spreading",)).validate()
+
+
+def test_digits_set_with_an_empty_method_name_is_refused():
+    with pytest.raises(ConfigError, match="expected key=value or METHOD:key=value"):
+        digits.parse_method_overrides([":steps=3"])
+
+
+def test_the_device_option_reaches_every_run():
+    """The presets say device=auto: a --device cpu run would otherwise take a GPU."""
+    assert digits._method_config("uda", 0, digits.DigitsConfig(device="cpu")).device == "cpu"
+    cfg = reduced.ReducedConfig(device="cpu")
+    assert reduced._stage_config("supervised", 0, cfg, Path(".")).device == "cpu"
+
+
+def test_reduced_labels_per_class_reaches_every_stage():
+    cfg = reduced.ReducedConfig(labels_per_class=3)
+    for stage in reduced.STAGES:
+        assert reduced._stage_config(stage, 0, cfg, Path(".")).labels_per_class == 3
+
+
+def test_reduced_other_datasets_are_refused():
+    for dataset in ("svhn", "imagenet", "cifar10"):
+        with pytest.raises(ConfigError, match="only digits runs end to end"):
+            reduced.ReducedConfig(dataset=dataset).validate()
+
+
+def test_each_seeds_students_read_that_seeds_large_teacher(tmp_path):
+    cfg = reduced.ReducedConfig(seeds=[3, 4])
+    got = reduced._stage_config("noisy_student", 4, cfg, tmp_path).large_teacher
+    assert got == str(tmp_path / "large_teacher" / "seed4")
+
+
+def test_a_reduced_run_trains_its_seed_into_its_folder(monkeypatch, tmp_path):
+    calls: list = []
+    _fake_train(monkeypatch, calls, [{"accuracy": 0.7, "steps": 5}])
+    record = _in_worker(
+        reduced._run, ("reduced_mpl", 4, reduced.ReducedConfig(seeds=[3, 4]), str(tmp_path))
+    )
+    [(cfg, folder)] = calls
+    assert cfg.seed == 4 and folder == tmp_path / "reduced_mpl" / "seed4"
+    assert record == {"method": "reduced_mpl", "seed": 4, "accuracy": 0.7, "steps": 5}
+
+
+def test_label_spreading_learns_from_the_labeled_images_only(monkeypatch):
+    """The unlabeled images are marked unlabeled (-1), not given a class: on two clusters with one
+    labeled image each, every test image is classified by its own cluster's label."""
+    from metapl.data import digits as digits_data
+
+    rng = np.random.default_rng(0)
+
+    def images(value, n):  # 8x8 images near one grey level
+        return np.clip(value + rng.integers(-5, 6, (n, 8, 8)), 0, 255).astype(np.uint8)
+
+    def digits_split(seed, labels_per_class, tune_per_class=0):
+        assert (seed, labels_per_class) == (3, 1)
+        return SimpleNamespace(
+            x_labeled=np.concatenate([images(20, 1), images(230, 1)]),
+            y_labeled=np.array([0, 1]),
+            x_unlabeled=np.concatenate([images(20, 20), images(230, 20)]),
+            x_test=np.concatenate([images(20, 5), images(230, 5)]),
+            y_test=np.array([0] * 5 + [1] * 5),
+        )
+
+    monkeypatch.setattr(digits_data, "digits_split", digits_split)
+    assert digits.label_spreading_accuracy(3, 1) == 1.0
+
+
+def test_figure9_and_its_line_only_with_both_of_its_runs(monkeypatch, tmp_path, capsys):
+    _fake_runs(monkeypatch, digits, lambda m, s: 0.5)
+    figures = []
+    monkeypatch.setattr(figure9, "plot_figure9", lambda out, seed, path: figures.append(seed))
+    cfg = digits.DigitsConfig(seeds=[0], methods=("uda_mpl",), workers=1)
+    digits.run_digits(cfg, tmp_path, show_progress=False)
+    assert figures == []
+    assert "figure9.png" not in capsys.readouterr().out
+
+
+def test_figure10_and_its_line_only_with_a_reduced_mpl_student(monkeypatch, tmp_path, capsys):
+    _fake_runs(monkeypatch, reduced, lambda m, s: 0.5)
+    figures = []
+    monkeypatch.setattr(figure10, "plot_figure10", lambda series, path: figures.append(series))
+    cfg = reduced.ReducedConfig(seeds=[0], students=("supervised",), workers=1)
+    reduced.run_reduced(cfg, tmp_path, show_progress=False)
+    assert figures == []
+    assert "figure10.png" not in capsys.readouterr().out
+
+
+def test_a_rerun_with_other_workers_replaces_the_results(monkeypatch, tmp_path, capsys):
+    """The number of worker processes does not change the results: not another configuration."""
+    _fake_runs(monkeypatch, digits, lambda m, s: 0.5)
+    _fake_runs(monkeypatch, reduced, lambda m, s: 0.5)
+    monkeypatch.setattr(figure10, "plot_figure10", lambda series, path: None)
+    for workers in (1, 2):
+        cfg = digits.DigitsConfig(seeds=[0], methods=("label_spreading",), workers=workers)
+        digits.run_digits(cfg, tmp_path / "digits", show_progress=False)
+        cfg_r = reduced.ReducedConfig(seeds=[0], workers=workers)
+        reduced.run_reduced(cfg_r, tmp_path / "reduced", show_progress=False)
+    capsys.readouterr()
+
+
+def test_label_spreading_alone_minds_no_run_folder(monkeypatch, tmp_path, capsys):
+    """LabelSpreading writes no run folder: a file of that name in --out is no obstacle."""
+    _fake_runs(monkeypatch, digits, lambda m, s: 0.5)
+    (tmp_path / "label_spreading").write_text("keep me")
+    cfg = digits.DigitsConfig(seeds=[0], methods=("label_spreading",), workers=1)
+    digits.run_digits(cfg, tmp_path, show_progress=False)
+    assert (tmp_path / "label_spreading").read_text() == "keep me"
+    capsys.readouterr()
+
+
+def test_a_file_where_a_large_teacher_trains_is_refused_before_any_run(monkeypatch, tmp_path):
+    """Checked with the students' folders, before the other seeds' large teachers train."""
+    runs: list = []
+
+    def map_runs(pool, run, jobs, desc, show_progress):
+        runs.append(desc)
+        return []
+
+    monkeypatch.setattr(reduced, "map_runs", map_runs)
+    (tmp_path / "large_teacher").write_text("keep me")
+    with pytest.raises(ConfigError, match="large_teacher/seed0 is inside"):
+        reduced.run_reduced(reduced.ReducedConfig(seeds=[0, 1], workers=1), tmp_path)
+    assert runs == []
