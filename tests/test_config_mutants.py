@@ -12,7 +12,9 @@ from metapl.errors import ConfigError
 from metapl.train.config import (
     TrainConfig,
     apply_overrides,
+    joined_notes,
     parse_set_options,
+    uda_warmup_note,
     warmup_cut_to,
 )
 
@@ -119,6 +121,27 @@ def test_steps_cut_the_warmup_only_when_shorter(capsys):
     assert cut == {"warmup_steps": 20} and "lowered from 50 to 20" in note
     assert warmup_cut_to(20, preset, {"warmup_steps": "30"}, "train") == ({}, None)  # the user's
     assert capsys.readouterr().err == ""  # the command prints the note once its inputs are checked
+
+
+def test_a_uda_ramp_longer_than_the_run_is_noted_not_cut():
+    """The UDA factor ramps linearly; at the last step (index steps - 1) it is steps / warm-up."""
+    cfg = _cfg(method="uda_mpl", steps=300, warmup_steps=10, uda_warmup_steps=5000)
+    note = uda_warmup_note(cfg, "train")
+    assert note == (
+        "metapl train: note: uda_warmup_steps 5000 is longer than the run's 300 steps: the UDA "
+        "factor reaches 6% of uda_factor; --set uda_warmup_steps=N to shorten the ramp"
+    )
+    assert uda_warmup_note(_cfg(method="uda", steps=300, uda_warmup_steps=300), "t") is None
+    assert uda_warmup_note(_cfg(method="mpl", steps=3, uda_warmup_steps=5000), "t") is None
+    assert "tune: note: uda_warmup_steps 4 is longer than the run's 3 steps" in uda_warmup_note(
+        _cfg(method="uda", steps=3, warmup_steps=3, uda_warmup_steps=4), "tune"
+    )
+
+
+def test_joined_notes_keep_the_given_ones_in_order():
+    assert joined_notes(None, None) is None
+    assert joined_notes("a", None, "b") == "a\nb"
+    assert joined_notes(None, "b") == "b"
 
 
 def test_memory_format_auto_is_channels_last_on_cuda_only():

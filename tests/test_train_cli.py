@@ -504,6 +504,20 @@ def test_short_steps_cut_the_presets_warmup_with_a_note(tmp_path, capsys):
     assert max(step for step, *_ in read_rows(out / "metrics.csv")) == 5
 
 
+def test_short_steps_note_a_uda_ramp_that_outlasts_the_run(tmp_path, capsys):
+    """digits-uda ramps the UDA factor over 200 steps: --steps 4 trained with 2% of it at the
+    last step without a word. The note says so; the ramp is kept, as the config records."""
+    quick = ["--steps", "4", "--device", "cpu", "--quiet", "--set", "eval_every=2"]
+    assert train_cli("digits-uda", tmp_path / "run", *quick) == 0
+    err = capsys.readouterr().err
+    assert "warmup_steps lowered from 100 to 4 to fit --steps 4" in err
+    assert "uda_warmup_steps 200 is longer than the run's 4 steps: the UDA factor reaches 2%" in err
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["uda_warmup_steps"] == 200
+    ramp = ["--set", "uda_warmup_steps=4"]
+    assert train_cli("digits-uda", tmp_path / "ramped", *quick, *ramp) == 0
+    assert "uda_warmup" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("damage", ["{not json", "[]", '{"warmup_steps": true}', None])
 def test_a_damaged_config_json_takes_the_warmup_from_the_checkpoint(tmp_path, capsys, damage):
     """config.json hand-edited (or deleted) before a longer --steps: the warm-up the first --steps

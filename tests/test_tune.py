@@ -480,7 +480,9 @@ def test_tune_steps_below_the_warmup_cut_it_like_train(tmp_path, capsys):
     args += ["--steps", "4", "--device", "cpu", "--quiet", "--set", "tune_per_class=2"]
     args += ["--set", "eval_every=2", "--set", "batch_size=10"]
     assert main(args) == 0
-    assert "warmup_steps lowered from 100 to 4 to fit --steps 4" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "warmup_steps lowered from 100 to 4 to fit --steps 4" in err
+    assert "tune: note: uda_warmup_steps 200 is longer than the run's 4 steps" in err
     (trial,) = (tmp_path / "out" / "trials" / "digits-uda-student").iterdir()
     assert json.loads((trial / "config.json").read_text())["warmup_steps"] == 4
     assert "warmup_steps = 100" in (tmp_path / "out" / "best.toml").read_text()

@@ -159,7 +159,13 @@ def _earlier_warmup(out: Path) -> int | None:
 
 def _train_config(args: argparse.Namespace):
     """The run's configuration, and the note to print once the inputs are checked (or None)."""
-    from metapl.train.config import apply_overrides, parse_set_options, warmup_cut_to
+    from metapl.train.config import (
+        apply_overrides,
+        joined_notes,
+        parse_set_options,
+        uda_warmup_note,
+        warmup_cut_to,
+    )
     from metapl.train.presets import load_preset
 
     cfg = load_preset(args.preset)
@@ -175,7 +181,8 @@ def _train_config(args: argparse.Namespace):
     earlier_warmup = _earlier_warmup(Path(args.out))
     cut, note = warmup_cut_to(args.steps, cfg, overrides, "train", earlier_warmup)
     overrides.update(cut)
-    return apply_overrides(cfg, overrides).validate().check_keys_apply(explicit), note
+    cfg = apply_overrides(cfg, overrides).validate().check_keys_apply(explicit)
+    return cfg, joined_notes(note, uda_warmup_note(cfg, "train"))
 
 
 def _cmd_train(args: argparse.Namespace) -> None:

@@ -70,7 +70,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     from metapl.errors import ConfigError
     from metapl.report import output_folder
-    from metapl.train.config import apply_overrides, parse_set_options, warmup_cut_to
+    from metapl.train.config import (
+        apply_overrides,
+        joined_notes,
+        parse_set_options,
+        uda_warmup_note,
+        warmup_cut_to,
+    )
     from metapl.train.presets import load_preset
     from metapl.tuning import TuneOptions, tune
     from metapl.tuning.runner import label_budget_note, train_command
@@ -86,6 +92,8 @@ def run(args: argparse.Namespace) -> None:
     overrides = parse_set_options(args.set or [])
     cut, note = warmup_cut_to(args.steps, load_preset(args.preset), overrides, "tune")
     runtime.update(cut)
+    trial_base = apply_overrides(load_preset(args.preset), {**overrides, **runtime})
+    note = joined_notes(note, uda_warmup_note(trial_base, "tune"))
     opts = TuneOptions(
         preset=args.preset,
         trials=args.trials,

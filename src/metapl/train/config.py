@@ -502,3 +502,24 @@ def warmup_cut_to(
         return {}, None
     note = f"metapl {command}: note: warmup_steps lowered from {warmup} to {steps} to fit --steps {steps}"
     return {"warmup_steps": steps}, note
+
+
+def uda_warmup_note(cfg: TrainConfig, command: str) -> str | None:
+    """A note when the UDA factor's linear ramp outlasts the run, else None. `--steps 300` on a
+    preset with the 5,000-step ramp trains with 6% of its consistency loss at the last step; that
+    should not pass without a word. Unlike the LR warm-up it is not cut: a ramp that ends after the
+    run is a valid schedule, and shortening it would change the method's loss."""
+    if cfg.method not in UDA_METHODS or cfg.uda_warmup_steps <= cfg.steps:
+        return None
+    reached = cfg.steps / cfg.uda_warmup_steps  # UDALoss.weight at the last step, over uda_factor
+    return (
+        f"metapl {command}: note: uda_warmup_steps {cfg.uda_warmup_steps} is longer than the "
+        f"run's {cfg.steps} steps: the UDA factor reaches {reached:.0%} of uda_factor; "
+        "--set uda_warmup_steps=N to shorten the ramp"
+    )
+
+
+def joined_notes(*notes: str | None) -> str | None:
+    """The given notes, one per line, or None if there are none."""
+    given = [note for note in notes if note is not None]
+    return "\n".join(given) if given else None
