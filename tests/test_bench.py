@@ -16,8 +16,17 @@ def bench_tiny_cnn(num_classes: int, dropout: float = 0.0) -> nn.Module:
     return DigitsCNN(num_classes, width=4, dropout=dropout, in_chans=3)
 
 
-if "bench_tiny_cnn" not in list_models():
-    register_model(bench_tiny_cnn)
+def bench_hooked_cnn(num_classes: int, dropout: float = 0.0) -> nn.Module:
+    """The tiny CNN with a forward hook on an inner layer: fx runs no inner hook, so the exact
+    step cannot trace it for the tangent tape and computes J by forward-mode AD."""
+    model = bench_tiny_cnn(num_classes, dropout)
+    next(model.children()).register_forward_hook(lambda module, args, out: None)
+    return model
+
+
+for _model in (bench_tiny_cnn, bench_hooked_cnn):
+    if _model.__name__ not in list_models():
+        register_model(_model)
 
 
 @pytest.mark.parametrize("layout, channels_last", [("auto", False), ("channels_last", True)])
@@ -66,6 +75,16 @@ def test_bench_writes_every_step_kind(tmp_path, capsys, layout, channels_last):
     assert "exact_over_first_order_peak_memory" not in ratios  # no peak memory on a CPU
     printed = capsys.readouterr().out
     assert "exact_mpl_step" in printed and "exact_over_double_backward" in printed
+
+
+def test_bench_records_the_jvp_path_the_exact_step_took(tmp_path):
+    """The exact row's "jvp" is what the step did, not what it usually does: a student the
+    tangent tape cannot trace says "forward_ad"."""
+    out = tmp_path / "bench.json"
+    args = ["bench", "--device", "cpu", "--batch-size", "1", "--repeats", "1", "--quiet"]
+    assert main([*args, "--model", "bench_hooked_cnn", "--json", str(out)]) == 0
+    jvp = {r["name"]: r.get("jvp") for r in json.loads(out.read_text())["results"]}
+    assert jvp["exact_mpl_step"] == "forward_ad"
 
 
 def test_bench_rejects_a_bad_batch_size(tmp_path, capsys):
