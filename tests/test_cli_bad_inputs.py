@@ -142,6 +142,13 @@ def test_a_checkpoint_without_optimizer_state_is_exit_2(tmp_path, capsys):
             "--labels-per-class sets labels_per_class for every run",
         ),
         (["reduced", "--set", "large_teacher:seed=3"], "--seeds sets seed for every run"),
+        # trained UDA in every method's (stage's) folder and reported it as that method
+        (["digits", "--set", "method=uda"], "--set method=...: --methods sets method"),
+        (["digits", "--set", "supervised:method=uda"], "use --methods"),
+        (["reduced", "--set", "supervised:method=uda"], "--methods sets method"),
+        # trained on another dataset and reported it as digits (or a model's channel error)
+        (["digits", "--set", "dataset=npz"], "`metapl digits` trains on scikit-learn's digits"),
+        (["reduced", "--set", "dataset=npz"], "--dataset sets dataset for every run"),
         # a model that cannot take digits' images
         (["digits", "--set", "uda_mpl:model=mlp"], "choose a model for them with --set uda_mpl:"),
         (["digits", "--set", "model=wrn28_2"], "model wrn28_2 cannot take this data's images"),

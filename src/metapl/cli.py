@@ -452,9 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="[METHOD:]KEY=VALUE",
         help=(
             "override a preset key for every trained method, or for one with a METHOD: prefix "
-            "(e.g. --set uda_mpl:teacher_lr=0.1); the keys of `metapl train --set` but seed and "
-            "labels_per_class (--seeds, --labels-per-class); repeatable: a METHOD: key beats a "
-            "plain one, else the last of a key wins"
+            "(e.g. --set uda_mpl:teacher_lr=0.1); the keys of `metapl train --set` but seed, "
+            "labels_per_class and method (--seeds, --labels-per-class, --methods) and dataset; "
+            "repeatable: a METHOD: key beats a plain one, else the last of a key wins"
         ),
     )
     _add_experiment_options(p)
@@ -490,8 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=(
             "override a preset key for every stage, or for one with a STAGE: prefix from "
             "large_teacher, supervised, noisy_student, reduced_mpl (e.g. --set "
-            "reduced_mpl:teacher_lr=0.001); the keys of `metapl train --set` but seed (--seeds) "
-            "and large_teacher (each seed's students get the one trained here); repeatable: a "
+            "reduced_mpl:teacher_lr=0.001); the keys of `metapl train --set` but seed, method and "
+            "dataset (--seeds, --methods, --dataset) and large_teacher (each seed's students get "
+            "the one trained here); repeatable: a "
             "STAGE: key beats a plain one, else the last of a key wins"
         ),
     )

@@ -78,6 +78,13 @@ class DigitsConfig:
                     f"{','.join(self.methods)} trains a model; --set applies to the trained ones"
                 )
             check_command_keys(keys, COMMAND_KEYS)
+            # Every run, LabelSpreading and the report are on scikit-learn's digits: another
+            # dataset was trained and reported as digits (or failed with a model's channel error).
+            if "dataset" in {key.strip() for key in keys}:
+                raise ConfigError(
+                    "--set dataset=...: `metapl digits` trains on scikit-learn's digits only; for "
+                    "other data use `metapl train --preset NAME --data-dir D`"
+                )
         # Resolve every engine method's config now, so that an unknown key or a bad value stops
         # the command before any worker starts.
         configs = {m: _method_config(m, 0, self) for m in self.methods if m in ENGINE_METHODS}
@@ -100,7 +107,12 @@ class DigitsConfig:
 
 # Keys that a command's own options set for every run: a --set would change the trained runs but
 # not what the command reports them as (run folders, seed-by-seed pairs, LabelSpreading's split).
-COMMAND_KEYS = {"seed": "--seeds", "labels_per_class": "--labels-per-class"}
+# `--set method=uda` trained UDA in every method's folder and reported it as each method.
+COMMAND_KEYS = {
+    "seed": "--seeds",
+    "labels_per_class": "--labels-per-class",
+    "method": "--methods",
+}
 
 
 def check_command_keys(keys, command_keys: dict[str, str]) -> None:

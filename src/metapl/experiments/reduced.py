@@ -64,7 +64,10 @@ class ReducedConfig:
             )
         stages = ("large_teacher", *self.students)
         for target, keys in self.overrides.items():
-            check_command_keys(keys, {"seed": "--seeds"})
+            # (`--set method=uda` trained UDA as each stage and reported it under the stage's name)
+            check_command_keys(
+                keys, {"seed": "--seeds", "method": "--methods", "dataset": "--dataset"}
+            )
             # Each seed's students read the large teacher this command trains for that seed; a
             # --set large_teacher went into every stage's config (the large teacher's too, which
             # then refused the next correct command into --out) and failed only after training.
