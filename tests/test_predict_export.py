@@ -480,6 +480,55 @@ def test_an_output_file_that_is_one_of_the_runs_files_is_refused(
     assert main([*argv[:-1], str(run / "out.onnx" if "onnx" in argv else run / "out.json")]) == 0
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["predict", "--run", "{run}", "{images}", "--json", "{other}/results.json"],
+        ["export", "--run", "{run}", "--format", "torchscript", "--output", "{other}/results.json"],
+        [
+            "export",
+            "--run",
+            "{run}",
+            "--format",
+            "torchscript",
+            "--output",
+            "{other}/checkpoint.pt",
+        ],
+        ["predict", "--run", "{run}", "{images}", "--json", "{experiment}/results.json"],
+        [
+            "export",
+            "--run",
+            "{run}",
+            "--format",
+            "torchscript",
+            "--output",
+            "{experiment}/twomoons.png",
+        ],
+    ],
+)
+def test_an_output_file_that_another_command_wrote_is_refused(
+    capsys, run_dir, image_dir, tmp_path, argv
+):
+    """`metapl predict --run A --json B/results.json` replaced run B's results with A's predictions
+    (and `metapl export --output B/results.json` with a TorchScript zip), exit code 0: the guard
+    knew only the files of --run's own folder. The folder of another command's results is refused
+    the same way."""
+    other = copy_run(run_dir, tmp_path)  # another finished run
+    experiment = tmp_path / "experiment"
+    experiment.mkdir()
+    (experiment / "results.json").write_text(json.dumps({"command": "twomoons", "config": {}}))
+    argv = [
+        a.format(run=run_dir, images=image_dir, other=other, experiment=experiment) for a in argv
+    ]
+    before = {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+    err = fails(capsys, *argv)
+    owner = "train" if str(other) in argv[-1] else "twomoons"
+    assert f"{argv[-1]} would replace a file that `metapl {owner}` wrote in" in err, err
+    assert {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()} == before
+    # another name in that folder is an output like any other
+    assert main([*argv[:-1], str(Path(argv[-1]).parent / "out.pt")]) == 0
+
+
 def test_predict_json_naming_one_of_its_images_is_refused(capsys, run_dir, image_dir, tmp_path):
     """`metapl predict --json IMAGE IMAGE` replaced the image with its own prediction, exit 0."""
     images = shutil.copytree(image_dir, tmp_path / "images")  # the fixture's stay whole if it fails

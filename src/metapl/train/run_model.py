@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from metapl import report
 from metapl.errors import CheckpointError, ConfigError, DataError, MetaplError
 from metapl.models import create_model
 from metapl.train.checkpoint import (
@@ -196,7 +197,8 @@ def check_not_a_run_file(output: Path | str, run_dir: Path | str, option: str) -
     """A ConfigError when ``output`` names a file of the run in ``run_dir`` (one of
     :data:`RUN_FILES`, a large teacher's file or anything in tb/): `metapl predict --json
     RUN/checkpoint.pt` replaced the run's checkpoint with its predictions, and `metapl export
-    --output RUN/checkpoint.pt` with the exported model."""
+    --output RUN/checkpoint.pt` with the exported model. A result file of another run folder, or
+    of a folder holding another command's results.json, is refused too."""
     target, run = Path(output).resolve(), Path(run_dir).resolve()
     name = target.name
     in_tb = run / "tb" in target.parents
@@ -205,6 +207,18 @@ def check_not_a_run_file(output: Path | str, run_dir: Path | str, option: str) -
             f"{option} {output} would replace a file that `metapl train` wrote in the run folder "
             f"{run_dir}; give another file name"
         )
+    # The same for the results of another run or command: `--json OTHER_RUN/results.json` replaced
+    # that run's results with these predictions (and --output, with the exported model).
+    folder = target.parent
+    if name in RUN_FILES or name in report.RUN_FILES or name.startswith("large_teacher_"):
+        owner = report.results_owner(folder / "results.json")
+        if owner is None and (folder / "config.json").is_file():
+            owner = "train" if (folder / "checkpoint.pt").is_file() else None
+        if owner is not None:
+            raise ConfigError(
+                f"{option} {output} would replace a file that `metapl {owner}` wrote in "
+                f"{Path(output).parent}; give another file name"
+            )
 
 
 def load_run_model(
