@@ -183,8 +183,13 @@ def test_bench_checks_json_and_model_before_timing(tmp_path, capsys):
     folder.mkdir()
     a_file = tmp_path / "a_file"
     a_file.write_text("keep me")
+    # another command's results: `--json RUN/results.json` replaced them with the timings, exit 0
+    results = tmp_path / "run" / "results.json"
+    results.parent.mkdir()
+    results.write_text('{"command": "train", "results": {}}')
     quick = ["bench", "--device", "cpu", "--batch-size", "1", "--repeats", "1", "--quiet"]
     cases = [
+        (["--json", str(results)], f"--json {results} would replace a file that `metapl train`"),
         (["--json", str(folder)], f"--json {folder} is a folder; give a file name"),
         (["--json", str(a_file / "b.json")], f"{a_file} is a file, not a folder"),
         (["--model", "mlp"], "model mlp cannot take this data's images (3 channels, 32x32)"),
@@ -200,6 +205,7 @@ def test_bench_checks_json_and_model_before_timing(tmp_path, capsys):
         assert err.startswith("metapl bench: error: ") and message in err, err
         assert "--model NAME" in err or args[0] != "--model"
     assert a_file.read_text() == "keep me" and not any(folder.iterdir())
+    assert results.read_text() == '{"command": "train", "results": {}}'
 
 
 @pytest.mark.parametrize("model", ["no_such_model", "mlp"])

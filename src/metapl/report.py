@@ -136,6 +136,30 @@ def results_owner(path: Path) -> str | None:
     return owner if isinstance(owner, str) else None
 
 
+def check_not_a_result(output: Path | str, option: str) -> None:
+    """A ConfigError when the file ``output`` is one that a metapl command wrote (a name of
+    :data:`RUN_FILES` or a large teacher's file, in a folder holding a command's results.json or a
+    `metapl train` run's config.json and checkpoint.pt): `metapl predict --json OTHER_RUN/results.json`
+    replaced that run's results with its predictions, `metapl export --output` with the exported
+    model and `metapl bench --json` with its timings, exit code 0."""
+    target = Path(output).resolve()
+    if target.name not in RUN_FILES and not target.name.startswith("large_teacher_"):
+        return
+    folder = target.parent
+    owner = results_owner(folder / "results.json")
+    if (
+        owner is None
+        and (folder / "config.json").is_file()
+        and (folder / "checkpoint.pt").is_file()
+    ):
+        owner = "train"  # a run stopped before its first results.json
+    if owner is not None:
+        raise ConfigError(
+            f"{option} {output} would replace a file that `metapl {owner}` wrote in "
+            f"{Path(output).parent}; give another file name"
+        )
+
+
 def check_replaceable(out: Path, name: str, config: dict, ignore: Iterable[str] = ()) -> None:
     """A run into ``out`` replaces its results.json: refused when that holds the results of another
     configuration of this command (other seeds, steps, methods...), which it would lose. The same

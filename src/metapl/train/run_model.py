@@ -207,18 +207,8 @@ def check_not_a_run_file(output: Path | str, run_dir: Path | str, option: str) -
             f"{option} {output} would replace a file that `metapl train` wrote in the run folder "
             f"{run_dir}; give another file name"
         )
-    # The same for the results of another run or command: `--json OTHER_RUN/results.json` replaced
-    # that run's results with these predictions (and --output, with the exported model).
-    folder = target.parent
-    if name in RUN_FILES or name in report.RUN_FILES or name.startswith("large_teacher_"):
-        owner = report.results_owner(folder / "results.json")
-        if owner is None and (folder / "config.json").is_file():
-            owner = "train" if (folder / "checkpoint.pt").is_file() else None
-        if owner is not None:
-            raise ConfigError(
-                f"{option} {output} would replace a file that `metapl {owner}` wrote in "
-                f"{Path(output).parent}; give another file name"
-            )
+    # ... and the results of another run or command (report.check_not_a_result)
+    report.check_not_a_result(output, option)
 
 
 def load_run_model(
