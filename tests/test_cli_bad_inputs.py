@@ -12,6 +12,7 @@ bench --json`` naming a folder).
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -326,6 +327,29 @@ def test_a_folder_holding_another_commands_results_is_refused(tmp_path, capsys, 
     err = one_error_line(capsys.readouterr().err)
     assert f"holds the results of `metapl {other}`" in err and "choose another --out" in err
     assert files(tmp_path) == before
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory) -> Path:
+    """A `metapl train` run folder without results.json, as a run stopped before its end has."""
+    run = tmp_path_factory.mktemp("stopped") / "run"
+    assert main([*COMMANDS["train"], "--out", str(run), "--quiet"]) == 0
+    (run / "results.json").unlink()
+    return run
+
+
+@pytest.mark.parametrize("command", ["twomoons", "digits", "reduced"])
+def test_a_train_run_stopped_before_its_results_is_refused(tmp_path, capsys, stopped_run, command):
+    """A `metapl train` run stopped (Ctrl-C) before its first results.json: `metapl twomoons --out
+    RUN` wrote its own results.json there, and the run could then not be resumed ("holds the
+    results of `metapl twomoons`")."""
+    run = shutil.copytree(stopped_run, tmp_path / "run")
+    before = files(run)
+    capsys.readouterr()
+    assert main([*COMMANDS[command], "--out", str(run), "--quiet"]) == 2
+    err = one_error_line(capsys.readouterr().err)
+    assert "holds the results of `metapl train`" in err and "choose another --out" in err, err
+    assert files(run) == before
 
 
 def test_a_folder_where_a_figure_goes_is_refused_before_the_run(tmp_path, capsys):

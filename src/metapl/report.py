@@ -62,7 +62,7 @@ def output_folder(path: Path | str, option: str = "--out", command: str | None =
             f"{option} {path}: {blocked} is a file, where metapl writes a folder; move it or "
             f"choose another {option}"
         )
-    owner = results_owner(path / "results.json")
+    owner = folder_owner(path)
     if command is not None and owner is not None and owner != command:
         raise ConfigError(
             f"{option} {path} holds the results of `metapl {owner}`, which `metapl {command}` "
@@ -136,6 +136,20 @@ def results_owner(path: Path) -> str | None:
     return owner if isinstance(owner, str) else None
 
 
+def folder_owner(folder: Path) -> str | None:
+    """The command whose results ``folder`` holds: its results.json's, or ``"train"`` for a
+    `metapl train` run stopped before its first results.json (config.json and checkpoint.pt), which
+    `metapl twomoons --out RUN` filled with its own results: the run could then not be resumed."""
+    owner = results_owner(folder / "results.json")
+    if (
+        owner is None
+        and (folder / "config.json").is_file()
+        and (folder / "checkpoint.pt").is_file()
+    ):
+        owner = "train"
+    return owner
+
+
 def check_not_a_result(output: Path | str, option: str) -> None:
     """A ConfigError when the file ``output`` is one that a metapl command wrote (a name of
     :data:`RUN_FILES` or a large teacher's file, in a folder holding a command's results.json or a
@@ -145,14 +159,7 @@ def check_not_a_result(output: Path | str, option: str) -> None:
     target = Path(output).resolve()
     if target.name not in RUN_FILES and not target.name.startswith("large_teacher_"):
         return
-    folder = target.parent
-    owner = results_owner(folder / "results.json")
-    if (
-        owner is None
-        and (folder / "config.json").is_file()
-        and (folder / "checkpoint.pt").is_file()
-    ):
-        owner = "train"  # a run stopped before its first results.json
+    owner = folder_owner(target.parent)
     if owner is not None:
         raise ConfigError(
             f"{option} {output} would replace a file that `metapl {owner}` wrote in "
