@@ -431,6 +431,8 @@ def _edit(**changes):
             "y_labeled[5] is 6, but there are only 6 labeled images",
         ),
         (_edit(class_names=np.array(["a", "a", "b"])), "expected distinct strings"),
+        (_edit(class_names=np.array(["a", "", "b"])), "class_names[1] is ''; give each class"),
+        (_edit(class_names=np.array(["a", "b", "c\nd"])), "class_names[2] is 'c\\nd'; give"),
         (_edit(x_labeled=np.zeros((6, 8, 8, 3), np.float32)), "x_labeled has dtype float32"),
         (_edit(x_unlabeled=np.zeros((5, 8, 8, 2), np.uint8)), "x_unlabeled has shape (5, 8, 8, 2)"),
         # RGBA: not silently passed on as 4 channels, nor its alpha dropped (a mutation audit)

@@ -133,7 +133,16 @@ def _class_names(path: Path, arrays: dict[str, np.ndarray], y_labeled: np.ndarra
             f"{path}: class_names has shape {names.shape} and dtype {names.dtype}, expected "
             "distinct strings [K], e.g. numpy.array(['cat', 'dog'])"
         )
-    return [n.decode() if isinstance(n, bytes) else str(n) for n in names.tolist()]
+    decoded = [n.decode() if isinstance(n, bytes) else str(n) for n in names.tolist()]
+    # `metapl predict` prints one line per image, with its class's name: an empty name printed
+    # nothing, and a newline in one split that image's line in two
+    for k, name in enumerate(decoded):
+        if not name.strip() or not name.isprintable():
+            raise data_error(
+                f"{path}: class_names[{k}] is {name!r}; give each class a name that is not "
+                "empty and has no newline or other control character"
+            )
+    return decoded
 
 
 def load_arrays(path: Path) -> dict[str, np.ndarray]:
