@@ -498,7 +498,9 @@ def test_short_steps_cut_the_presets_warmup_with_a_note(tmp_path, capsys):
     # "a different configuration (warmup_steps: 3 -> 5)".
     capsys.readouterr()
     assert train_cli("digits-supervised", out, "--steps", "5", "--device", "cpu", "--quiet") == 0
-    assert "warmup_steps 3, as in the run being resumed" in capsys.readouterr().err
+    assert "warmup_steps 3, as in the run being resumed (the preset's is 100)" in (
+        capsys.readouterr().err
+    )
     config = json.loads((out / "config.json").read_text())
     assert config["steps"] == 5 and config["warmup_steps"] == 3
     assert max(step for step, *_ in read_rows(out / "metrics.csv")) == 5
@@ -516,6 +518,23 @@ def test_short_steps_note_a_uda_ramp_that_outlasts_the_run(tmp_path, capsys):
     ramp = ["--set", "uda_warmup_steps=4"]
     assert train_cli("digits-uda", tmp_path / "ramped", *quick, *ramp) == 0
     assert "uda_warmup" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("set_warmup", [0, 2])
+def test_a_warmup_set_by_the_first_command_is_kept_when_steps_extend_it(
+    tmp_path, capsys, set_warmup
+):
+    """A run trained with --set warmup_steps=N and a --steps below the preset's warm-up, extended
+    by a longer --steps without the --set: N is the run's warm-up, 0 included (not cut to the new
+    --steps, which was refused as another configuration)."""
+    out, quick = tmp_path / "run", ("--device", "cpu", "--quiet")
+    first = ("--set", f"warmup_steps={set_warmup}")
+    assert train_cli("digits-supervised", out, "--steps", "3", *first, *quick) == 0
+    capsys.readouterr()
+    assert train_cli("digits-supervised", out, "--steps", "5", *quick) == 0
+    assert f"warmup_steps {set_warmup}, as in the run being resumed" in capsys.readouterr().err
+    config = json.loads((out / "config.json").read_text())
+    assert config["steps"] == 5 and config["warmup_steps"] == set_warmup
 
 
 @pytest.mark.parametrize("damage", ["{not json", "[]", '{"warmup_steps": true}', None])

@@ -495,7 +495,7 @@ def warmup_cut_to(
     if earlier_warmup is not None and earlier_warmup < warmup and earlier_warmup <= steps:
         note = (
             f"metapl {command}: note: warmup_steps {earlier_warmup}, as in the run being resumed "
-            f"(lowered from {warmup} to fit its --steps)"
+            f"(the preset's is {warmup})"  # lowered by its --steps, or set by its --set
         )
         return {"warmup_steps": earlier_warmup}, note
     if warmup <= steps:
