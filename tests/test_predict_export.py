@@ -480,30 +480,17 @@ def test_an_output_file_that_is_one_of_the_runs_files_is_refused(
     assert main([*argv[:-1], str(run / "out.onnx" if "onnx" in argv else run / "out.json")]) == 0
 
 
+EXPORT_TORCHSCRIPT = ["export", "--run", "{run}", "--format", "torchscript", "--output"]
+
+
 @pytest.mark.parametrize(
     "argv",
     [
         ["predict", "--run", "{run}", "{images}", "--json", "{other}/results.json"],
-        ["export", "--run", "{run}", "--format", "torchscript", "--output", "{other}/results.json"],
-        [
-            "export",
-            "--run",
-            "{run}",
-            "--format",
-            "torchscript",
-            "--output",
-            "{other}/checkpoint.pt",
-        ],
+        [*EXPORT_TORCHSCRIPT, "{other}/results.json"],
+        [*EXPORT_TORCHSCRIPT, "{other}/checkpoint.pt"],
         ["predict", "--run", "{run}", "{images}", "--json", "{experiment}/results.json"],
-        [
-            "export",
-            "--run",
-            "{run}",
-            "--format",
-            "torchscript",
-            "--output",
-            "{experiment}/twomoons.png",
-        ],
+        [*EXPORT_TORCHSCRIPT, "{experiment}/twomoons.png"],
     ],
 )
 def test_an_output_file_that_another_command_wrote_is_refused(
