@@ -382,6 +382,18 @@ def test_folder_errors_are_one_line_naming_the_path(tmp_path, make):
     assert str(path) in message and phrase in message
 
 
+@pytest.mark.parametrize("name", ["a\tb", "a\nb"])
+def test_a_class_folder_named_with_a_control_character_is_one_line(tmp_path, name):
+    """The class names are what `metapl predict` prints, tab-separated, one line per image: a
+    folder "a<TAB>b" was trained as a class and broke those lines (the .npz reader refuses it)."""
+    root = make_folder(tmp_path / "data")
+    save(root / "labeled" / name / "x.png", 3)
+    with pytest.raises(DataError) as exc:
+        folder_split(root, SIZE)
+    message = one_line(exc)
+    assert repr(str(root / "labeled" / name)) in message and "control character" in message
+
+
 def test_unreadable_image_in_a_lazy_set_fails_when_read_naming_it(tmp_path):
     root = make_folder(tmp_path / "data")
     bad = root / "unlabeled" / "u3.PNG"

@@ -192,6 +192,14 @@ def _classes(labeled: Path) -> list[str]:
         raise data_error(
             f"{labeled} has {found}: a classifier needs at least 2 classes; expected {LAYOUT}"
         )
+    # The folder names are the class names `metapl predict` prints, one tab-separated line per
+    # image: a tab or newline in one broke that line (the .npz reader refuses them too)
+    for name in classes:
+        if not name.isprintable():
+            raise data_error(
+                f"{labeled / name!r} is a class folder whose name has a tab, newline or other "
+                "control character; rename it (its name is the class name predict prints)"
+            )
     return classes
 
 
