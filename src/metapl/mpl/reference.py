@@ -21,7 +21,7 @@ from metapl.losses import batch_mean, hard_cross_entropy, soft_cross_entropy
 from metapl.mpl.batch_checks import check_label_range, check_shapes, check_values, teacher_view
 from metapl.mpl.inputs import Input, ModelInput, holding, joint_forward, model_input
 from metapl.mpl.replay import buffer_copies, differentiable_attention
-from metapl.mpl.setup_checks import check_owned, check_temperature
+from metapl.mpl.setup_checks import check_listed_once, check_owned, check_temperature
 from metapl.mpl.update_rules import optimizer_params, reference_update
 
 
@@ -52,6 +52,7 @@ def double_backward_teacher_gradient(
     t_u = teacher_view("teacher_x_unlabeled", teacher_x_unlabeled, x_u, batch_dim)
     params = [p for _, p in optimizer_params(student_optimizer)]
     check_owned("student", student, params)
+    check_listed_once(student, params)  # a parameter listed twice is updated twice by torch
     y_labeled = y_labeled.long()  # class indices of any integer dtype, as the step takes them
     label_range = check_values(y_labeled, (x_l, x_u, t_l, t_u))
 

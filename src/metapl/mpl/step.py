@@ -79,6 +79,7 @@ from metapl.mpl.replay import (
 )
 from metapl.mpl.setup_checks import (
     check_grad_sync,
+    check_listed_once,
     check_models_and_optimizers,
     check_owned,
     check_temperature,
@@ -549,6 +550,8 @@ class MetaPseudoLabels:
         if ids == self._holdings.get(who):
             return None
         check_owned(who, model, params)
+        if who == "student" and self.estimator != "first_order":  # the first-order step reads no
+            check_listed_once(model, params)  # update rule: torch's double update is its own
         check_unshared(self.teacher, self.student, (self.teacher_optimizer, self.student_optimizer))
         self._holdings[who] = ids
         return params

@@ -1,0 +1,81 @@
+"""Edge cases of the library step found by an audit of realistic usage (optimizer param groups,
+parameters listed in odd ways): each was silently wrong before; what it did is in the test's
+docstring."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from mpl_helpers import make_problem
+from torch import nn
+
+from metapl import MetaPseudoLabels
+from metapl.errors import ConfigError
+from metapl.mpl import double_backward_teacher_gradient
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
+O = torch.optim
+
+
+def _listed_twice(student: nn.Module, kind: str) -> O.Optimizer:
+    """The student's optimizer with its first parameter listed twice in one group (torch warns,
+    and its step() then updates that parameter twice)."""
+    params = list(student.parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's "duplicate parameters" UserWarning
+        if kind == "sgd":
+            return O.SGD(params + [params[0]], lr=0.2, momentum=0.9)
+        return O.Adam(params + [params[0]], lr=0.01, eps=1e-3)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+@pytest.mark.parametrize("estimator", ["exact", "double_backward"])
+def test_a_parameter_listed_twice_in_the_students_optimizer_is_a_config_error(estimator, kind):
+    """torch steps a parameter listed twice twice; the exact estimators read one update per
+    parameter. Before, the student moved as its optimizer moves it but the teacher's gradient
+    was silently wrong (9x off finite differences along a direction with SGD, 46% with Adam),
+    and so was the oracle's."""
+    teacher, student, x_l, y_l, x_u = make_problem("mlp")
+    s_opt = _listed_twice(student, kind)
+    t_opt = O.SGD(teacher.parameters(), lr=0.1)
+    with pytest.raises(ConfigError, match="lists the parameter 'fc1.weight' twice"):
+        MetaPseudoLabels(teacher, student, t_opt, s_opt, estimator=estimator)
+    with pytest.raises(ConfigError, match="twice"):
+        double_backward_teacher_gradient(teacher, student, s_opt, x_l, y_l, x_u)
+
+
+@pytest.mark.parametrize("group", [0, 1])
+def test_a_parameter_listed_twice_after_construction_fails_before_anything_moves(group):
+    """Appended between steps to its own group or to another (torch checks neither at step(),
+    and steps it with both groups' hyperparameters): refused at the next step, with both
+    models and the student's optimizer state as they were."""
+    teacher, student, x_l, y_l, x_u = make_problem("mlp")
+    *most, last = student.parameters()
+    s_opt = O.SGD([{"params": most}, {"params": [last], "lr": 0.1}], lr=0.2, momentum=0.9)
+    mpl = MetaPseudoLabels(teacher, student, O.SGD(teacher.parameters(), lr=0.1), s_opt)
+    mpl.step(x_l, y_l, x_u)
+
+    def everything() -> list[torch.Tensor]:
+        momenta = [s_opt.state[p]["momentum_buffer"] for p in student.parameters()]
+        return [*teacher.state_dict().values(), *student.state_dict().values(), *momenta]
+
+    before = copy.deepcopy(everything())
+    s_opt.param_groups[group]["params"].append(student.fc2.weight)
+    with pytest.raises(ConfigError, match="lists the parameter 'fc2.weight' twice"):
+        mpl.step(x_l, y_l, x_u)
+    assert all(torch.equal(a, b) for a, b in zip(before, everything(), strict=True))
+
+
+def test_the_first_order_estimator_takes_a_parameter_listed_twice():
+    """It reads no update rule: the student's step is torch's, double update included."""
+    teacher, student, x_l, y_l, x_u = make_problem("mlp")
+    s_opt = _listed_twice(student, "sgd")
+    mpl = MetaPseudoLabels(
+        teacher, student, O.SGD(teacher.parameters(), lr=0.1), s_opt, estimator="first_order"
+    )
+    mpl.step(x_l, y_l, x_u)
+    assert mpl.step_count == 1
