@@ -145,3 +145,16 @@ def test_the_tape_follows_a_config_value_a_module_holds(holder):
             torch.testing.assert_close(p.grad, expected, rtol=1e-10, atol=1e-14)
         for p, expected in zip(student.parameters(), copied.parameters(), strict=True):
             torch.testing.assert_close(p, expected, rtol=1e-12, atol=1e-14)
+
+
+def test_the_oracle_refuses_an_optimizer_state_that_torch_cannot_step():
+    """AMSGrad switched on after the first step: torch's Adam.step() fails (no
+    ``max_exp_avg_sq``), and the step refuses it. The oracle took the missing state as zeros
+    and returned a gradient without a word."""
+    teacher, student, x_l, y_l, x_u = make_problem("mlp")
+    s_opt = O.Adam(student.parameters(), lr=0.01)
+    mpl = MetaPseudoLabels(teacher, student, O.SGD(teacher.parameters(), lr=0.1), s_opt)
+    mpl.step(x_l, y_l, x_u)
+    s_opt.param_groups[0]["amsgrad"] = True
+    with pytest.raises(ConfigError, match="max_exp_avg_sq"):
+        double_backward_teacher_gradient(teacher, student, s_opt, x_l, y_l, x_u)

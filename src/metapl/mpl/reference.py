@@ -22,7 +22,7 @@ from metapl.mpl.batch_checks import check_label_range, check_shapes, check_value
 from metapl.mpl.inputs import Input, ModelInput, holding, joint_forward, model_input
 from metapl.mpl.replay import buffer_copies, differentiable_attention
 from metapl.mpl.setup_checks import check_listed_once, check_owned, check_temperature
-from metapl.mpl.update_rules import optimizer_params, reference_update
+from metapl.mpl.update_rules import check_optimizer, optimizer_params, reference_update
 
 
 def double_backward_teacher_gradient(
@@ -42,8 +42,9 @@ def double_backward_teacher_gradient(
     """grad_Psi R(theta_{t+1}) for each teacher parameter (the MPL signal alone).
 
     Its inputs get the step's checks: labels too few, out of range or of a float dtype, an empty
-    batch, a negative temperature or an optimizer over other parameters gave a gradient without a
-    word, or a raw error (``'list' object has no attribute 'long'``, a KeyError)."""
+    batch, a negative temperature, an optimizer over other parameters or with a state its step()
+    cannot run with gave a gradient without a word, or a raw error (``'list' object has no
+    attribute 'long'``, a KeyError)."""
     check_temperature(temperature)
     x_l = model_input("x_labeled", x_labeled, batch_dim)
     x_u = model_input("x_unlabeled", x_unlabeled, batch_dim)
@@ -53,6 +54,9 @@ def double_backward_teacher_gradient(
     params = [p for _, p in optimizer_params(student_optimizer)]
     check_owned("student", student, params)
     check_listed_once(student, params)  # a parameter listed twice is updated twice by torch
+    # A state torch's step() cannot run with (amsgrad switched on after the first step, say): the
+    # oracle took the missing state as zeros and gave a gradient without a word.
+    check_optimizer("student", student_optimizer, student)
     y_labeled = y_labeled.long()  # class indices of any integer dtype, as the step takes them
     label_range = check_values(y_labeled, (x_l, x_u, t_l, t_u))
 
