@@ -13,7 +13,7 @@ from mpl_helpers import make_problem
 from torch import nn
 
 from metapl import MetaPseudoLabels
-from metapl.errors import ConfigError
+from metapl.errors import ConfigError, UnsupportedOptimizerError
 from metapl.mpl import double_backward_teacher_gradient
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -158,3 +158,31 @@ def test_the_oracle_refuses_an_optimizer_state_that_torch_cannot_step():
     s_opt.param_groups[0]["amsgrad"] = True
     with pytest.raises(ConfigError, match="max_exp_avg_sq"):
         double_backward_teacher_gradient(teacher, student, s_opt, x_l, y_l, x_u)
+
+
+@pytest.mark.parametrize("estimator", ["exact", "first_order"])
+def test_an_optimizer_replaced_after_construction_gets_the_construction_checks(estimator):
+    """``mpl.student_optimizer = ...`` between steps, with one the estimator cannot step (NAdam
+    for the exact step, LBFGS's closure for the first-order one). Before, the exact step raised
+    its UnsupportedOptimizerError mid-step, after both models' BatchNorm statistics had moved,
+    and the first-order one a TypeError from LBFGS.step() after that."""
+    teacher, student, x_l, y_l, x_u = make_problem("mlp")
+    mpl = MetaPseudoLabels(
+        teacher,
+        student,
+        O.SGD(teacher.parameters(), lr=0.1),
+        O.SGD(student.parameters(), lr=0.2),
+        estimator=estimator,
+    )
+    mpl.step(x_l, y_l, x_u)
+    if estimator == "exact":
+        mpl.student_optimizer = O.NAdam(student.parameters())
+        refusal: type[Exception] = UnsupportedOptimizerError
+    else:
+        mpl.student_optimizer = O.LBFGS(student.parameters())
+        refusal = ConfigError
+    before = copy.deepcopy([*teacher.state_dict().values(), *student.state_dict().values()])
+    with pytest.raises(refusal):
+        mpl.step(x_l, y_l, x_u)
+    after = [*teacher.state_dict().values(), *student.state_dict().values()]
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))

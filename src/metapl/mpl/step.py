@@ -293,6 +293,7 @@ class MetaPseudoLabels:
             teacher, student, teacher_optimizer, student_optimizer, estimator, grad_sync
         )
         self.teacher, self.student = teacher, student
+        self._objects_checked = (teacher, student, teacher_optimizer, student_optimizer)
         self.teacher_optimizer, self.student_optimizer = teacher_optimizer, student_optimizer
         self.temperature = temperature
         self.supervised_weight = supervised_weight
@@ -379,6 +380,7 @@ class MetaPseudoLabels:
         teacher_x_labeled: Input | None,
         teacher_x_unlabeled: Input | None,
     ) -> dict[str, Tensor]:
+        self._check_replaced()
         self._follow_student_optimizer()
         self._check_holdings("teacher")
         self._check_student_update()
@@ -520,6 +522,16 @@ class MetaPseudoLabels:
         return self._jvp_paths.tapes
 
     # ------------------------------------------------------------------ before anything moves
+
+    def _check_replaced(self) -> None:
+        """The construction's checks again for a model or optimizer set on the step object after
+        it (``mpl.student_optimizer = NAdam(...)``): an optimizer of a class without an update
+        rule failed mid-step, after both models' forwards had moved their running statistics."""
+        objects = (self.teacher, self.student, self.teacher_optimizer, self.student_optimizer)
+        if all(a is b for a, b in zip(objects, self._objects_checked, strict=True)):
+            return
+        check_models_and_optimizers(*objects, self.estimator, self.grad_sync)
+        self._objects_checked = objects
 
     def _follow_student_optimizer(self) -> None:
         """The student's trainable parameters, named, in its optimizer's order: read again when
