@@ -88,6 +88,16 @@ class _Config:
         self.scale = 1.0
 
 
+class _Tanh:
+    """A callable (not a module) with a field a schedule changes: ``k * tanh(x)``."""
+
+    def __init__(self) -> None:
+        self.k = 1.0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.k * torch.tanh(x)
+
+
 class _ConfiguredStudent(nn.Module):
     """Reads a scale from a config object or a dict it holds: fx bakes the value in."""
 
@@ -96,11 +106,13 @@ class _ConfiguredStudent(nn.Module):
         self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(6, 3)
         self.holder = holder
         self.cfg = _Config() if holder == "object" else {"scale": 1.0}
-        self.act = torch.tanh
+        self.act = _Tanh() if holder == "callable" else torch.tanh
 
     def set_scale(self, scale: float) -> None:
         if self.holder == "function":  # an activation swapped by attribute
             self.act = torch.tanh if scale == 1.0 else torch.sigmoid
+        elif isinstance(self.act, _Tanh):  # a field of a callable object, in place
+            self.act.k = scale
         elif isinstance(self.cfg, dict):
             self.cfg["scale"] = scale
         else:
@@ -111,10 +123,10 @@ class _ConfiguredStudent(nn.Module):
         return self.fc2(self.act(self.fc1(x)) * scale)
 
 
-@pytest.mark.parametrize("holder", ["object", "dict", "function"])
+@pytest.mark.parametrize("holder", ["object", "dict", "function", "callable"])
 def test_the_tape_follows_a_config_value_a_module_holds(holder):
     """jvp="auto" with a forward that reads ``self.cfg.scale`` (or ``self.cfg["scale"]``), or
-    calls ``self.act``, changed between steps. Before, the graph traced at the first step kept
+    calls ``self.act`` (or a field of it), changed between steps. Before, the graph traced at the first step kept
     the old scale or function: the student's step was 0.7-3% off its own optimizer's, the
     teacher's gradient 9-92% off double backward, silently."""
     torch.manual_seed(0)

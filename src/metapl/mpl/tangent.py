@@ -130,11 +130,11 @@ def _held(m: nn.Module) -> tuple:
       (its step 0.7% off its own optimizer's, the teacher's gradient 9-14% off);
     - the functions it calls by attribute (``self.act = torch.tanh``, a replaced ``forward``),
       call targets of the graph: a swapped activation kept the old one (the student's step 3%
-      off, the teacher's gradient 92% off).
+      off, the teacher's gradient 92% off); and the scalars of a callable object's own.
 
     Values from outside the modules (a global) are beyond any key: the README's ``jvp`` says so."""
     return tuple(
-        (k, _identity(v) if callable(v) else _held_values(v))
+        (k, _identity(v) if callable(v) else None, _held_values(v))  # a callable object's own too
         for k, v in m.__dict__.items()
         if k not in _MODULE_INTERNALS and not (_bakeable(v) or isinstance(v, Tensor))
     )
