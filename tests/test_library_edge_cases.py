@@ -198,3 +198,22 @@ def test_an_optimizer_replaced_after_construction_gets_the_construction_checks(e
         mpl.step(x_l, y_l, x_u)
     after = [*teacher.state_dict().values(), *student.state_dict().values()]
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+@pytest.mark.parametrize(
+    ("estimator", "mode"), [("exact", "tapee"), ("exact", None), ("first_order", "tape")]
+)
+def test_the_jvp_setter_has_the_constructions_checks(estimator, mode):
+    """``mpl.jvp = ...``: a typo or None ran as "auto", and a tape asked of the first-order
+    estimator (which computes no J) was taken without a word; the constructor refuses both."""
+    teacher, student, _, _, _ = make_problem("mlp")
+    mpl = MetaPseudoLabels(
+        teacher,
+        student,
+        O.SGD(teacher.parameters(), lr=0.1),
+        O.SGD(student.parameters(), lr=0.2),
+        estimator=estimator,
+    )
+    with pytest.raises(ConfigError, match="jvp"):
+        mpl.jvp = mode
+    assert mpl.jvp == "forward_ad"

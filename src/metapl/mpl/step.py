@@ -221,8 +221,7 @@ class MetaPseudoLabels:
     ):
         if estimator not in ESTIMATORS:
             raise ConfigError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-        if jvp not in JVP_MODES:
-            raise ConfigError(f"jvp must be one of {JVP_MODES}, got {jvp!r}")
+        _check_jvp(jvp, estimator)
         # not a number (a string from a config file, None): the comparisons below raised
         # Python's "'<' not supported between instances of 'int' and 'str'"
         given = {
@@ -252,11 +251,6 @@ class MetaPseudoLabels:
             raise ConfigError(
                 f"baseline_decay applies to estimator='first_order' only; estimator {estimator!r} "
                 "has no baseline: leave it None"
-            )
-        if jvp != "forward_ad" and estimator != "exact":  # read by nothing else
-            raise ConfigError(
-                f"jvp applies to estimator='exact' only; estimator {estimator!r} computes no "
-                "JVP: leave jvp at its default"
             )
         if teacher_extra_loss is not None and not callable(teacher_extra_loss):
             # failed at the first step as "'int' object is not callable"
@@ -504,6 +498,8 @@ class MetaPseudoLabels:
 
     @jvp.setter
     def jvp(self, mode: str) -> None:
+        # the construction's checks: a typo ("tapee") or None ran as "auto", silently
+        _check_jvp(mode, self.estimator)
         self._jvp_paths.mode = mode
 
     @property
@@ -967,6 +963,18 @@ class MetaPseudoLabels:
             "student_labeled_after": after.sum(),
             "advantage": advantage.detach().sum(),
         }
+
+
+def _check_jvp(jvp: object, estimator: str) -> None:
+    """``jvp`` is one of :data:`JVP_MODES`, and the default with another estimator than the
+    exact one (which alone reads it); else a ConfigError."""
+    if jvp not in JVP_MODES:
+        raise ConfigError(f"jvp must be one of {JVP_MODES}, got {jvp!r}")
+    if jvp != "forward_ad" and estimator != "exact":  # read by nothing else
+        raise ConfigError(
+            f"jvp applies to estimator='exact' only; estimator {estimator!r} computes no "
+            "JVP: leave jvp at its default"
+        )
 
 
 def _tf32_allowed(device: torch.device) -> bool:
