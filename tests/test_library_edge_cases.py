@@ -217,3 +217,29 @@ def test_the_jvp_setter_has_the_constructions_checks(estimator, mode):
     with pytest.raises(ConfigError, match="jvp"):
         mpl.jvp = mode
     assert mpl.jvp == "forward_ad"
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("temperature", 0.0, "temperature must be a finite number > 0"),
+        ("mpl_weight", float("nan"), "mpl_weight must be a finite number >= 0"),
+        ("estimator", "exakt", "estimator must be one of"),
+    ],
+)
+def test_an_option_set_after_construction_gets_the_constructions_checks(name, value, message):
+    """``mpl.temperature = 0`` gave NaN parameters, a NaN ``mpl_weight`` too, and
+    ``mpl.estimator = "exakt"`` ran the first-order step, silently. A valid value set later (an
+    MPL weight warm-up) keeps working."""
+    teacher, student, x_l, y_l, x_u = make_problem("mlp")
+    mpl = MetaPseudoLabels(
+        teacher, student, O.SGD(teacher.parameters(), lr=0.1), O.SGD(student.parameters(), lr=0.2)
+    )
+    mpl.mpl_weight = 0.5
+    mpl.step(x_l, y_l, x_u)
+    setattr(mpl, name, value)
+    before = copy.deepcopy([*teacher.state_dict().values(), *student.state_dict().values()])
+    with pytest.raises(ConfigError, match=message):
+        mpl.step(x_l, y_l, x_u)
+    after = [*teacher.state_dict().values(), *student.state_dict().values()]
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))

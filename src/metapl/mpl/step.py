@@ -219,75 +219,13 @@ class MetaPseudoLabels:
         student_max_grad_norm: float | None = None,
         teacher_max_grad_norm: float | None = None,
     ):
-        if estimator not in ESTIMATORS:
-            raise ConfigError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-        _check_jvp(jvp, estimator)
-        # not a number (a string from a config file, None): the comparisons below raised
-        # Python's "'<' not supported between instances of 'int' and 'str'"
-        given = {
-            "temperature": temperature,
-            "supervised_weight": supervised_weight,
-            "label_smoothing": label_smoothing,
-            "mpl_weight": mpl_weight,
-            "student_labeled_weight": student_labeled_weight,
-        }
-        if baseline_decay is not None:
-            given["baseline_decay"] = baseline_decay
-        for name, value in given.items():
-            if not is_real(value):
-                raise ConfigError(f"{name} must be a number, got {value!r}")
-        flags = {
-            "check_inputs": check_inputs,
-            "allow_tf32": allow_tf32,
-            "allow_student_hooks": allow_student_hooks,
-        }
-        for name, flag in flags.items():  # allow_student_hooks="false" was true, silently
-            if not isinstance(flag, bool):
-                raise ConfigError(f"{name} must be True or False, got {flag!r}")
-        check_temperature(temperature)
-        if baseline_decay is not None and not 0.0 <= baseline_decay < 1.0:
-            raise ConfigError(f"baseline_decay must be in [0, 1) or None, got {baseline_decay}")
-        if baseline_decay is not None and estimator != "first_order":  # read by nothing else
-            raise ConfigError(
-                f"baseline_decay applies to estimator='first_order' only; estimator {estimator!r} "
-                "has no baseline: leave it None"
-            )
-        if teacher_extra_loss is not None and not callable(teacher_extra_loss):
-            # failed at the first step as "'int' object is not callable"
-            raise ConfigError(
-                "teacher_extra_loss must be a function of the teacher's logits (TeacherLogits) "
-                f"returning a scalar tensor, or None; got {type(teacher_extra_loss).__name__}"
-            )
-        check_grad_sync(grad_sync, estimator)
-        # A NaN or Inf weight gave a NaN teacher loss at the first step; a negative one trains the
-        # teacher away from its labels or from what helps the student, without a word.
-        weights = {
-            "supervised_weight": supervised_weight,
-            "mpl_weight": mpl_weight,
-            "student_labeled_weight": student_labeled_weight,
-        }
-        for name, weight in weights.items():
-            if not 0.0 <= weight < math.inf:
-                raise ConfigError(f"{name} must be a finite number >= 0, got {weight}")
-        if autocast_dtype not in (None, torch.bfloat16, torch.float16):
-            raise ConfigError(
-                f"autocast_dtype must be None, torch.bfloat16 or torch.float16, got {autocast_dtype!r}"
-            )
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ConfigError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-        # -1 (numpy's "last axis") made every batch "disagree" with its labels' shape ()
-        if isinstance(batch_dim, bool) or not isinstance(batch_dim, int) or batch_dim < 0:
-            raise ConfigError(
-                f"batch_dim must be an integer >= 0 (the dimension of the examples; the ones "
-                f"before it index ensemble members), got {batch_dim!r}"
-            )
-        check_max_norm("student_max_grad_norm", student_max_grad_norm, student, batch_dim)
-        check_max_norm("teacher_max_grad_norm", teacher_max_grad_norm, teacher, batch_dim)
+        options = {name: value for name, value in locals().items() if name in _OPTIONS}
+        _check_options(teacher, student, options)
         check_models_and_optimizers(
             teacher, student, teacher_optimizer, student_optimizer, estimator, grad_sync
         )
         self.teacher, self.student = teacher, student
-        self._objects_checked = (teacher, student, teacher_optimizer, student_optimizer)
+        self._objects_checked: tuple = (teacher, student, teacher_optimizer, student_optimizer)
         self.teacher_optimizer, self.student_optimizer = teacher_optimizer, student_optimizer
         self.temperature = temperature
         self.supervised_weight = supervised_weight
@@ -304,6 +242,7 @@ class MetaPseudoLabels:
         self.allow_tf32 = allow_tf32
         self.student_max_grad_norm = student_max_grad_norm
         self.teacher_max_grad_norm = teacher_max_grad_norm
+        self._options_checked = options  # see _check_set_options
         self.step_count = 0
         self._num_classes: int | None = None  # of the teacher's logits, at the last step
         self._shapes_checked: set[tuple] = set()  # see _restore_point
@@ -374,6 +313,7 @@ class MetaPseudoLabels:
         teacher_x_labeled: Input | None,
         teacher_x_unlabeled: Input | None,
     ) -> dict[str, Tensor]:
+        self._check_set_options()
         self._check_replaced()
         self._follow_student_optimizer()
         self._check_holdings("teacher")
@@ -518,6 +458,18 @@ class MetaPseudoLabels:
         return self._jvp_paths.tapes
 
     # ------------------------------------------------------------------ before anything moves
+
+    def _check_set_options(self) -> None:
+        """The constructor's checks of the options again when one was set on the object since
+        (``mpl.mpl_weight = ...`` for a warm-up is fine; ``mpl.temperature = 0`` is not)."""
+        options = {name: getattr(self, name) for name in _OPTIONS}
+        checked = self._options_checked
+        if all(options[n] is checked[n] or options[n] == checked[n] for n in _OPTIONS):
+            return
+        _check_options(self.teacher, self.student, options)
+        self._options_checked = options
+        # the models' and optimizers' checks depend on the estimator: run them again
+        self._objects_checked = (None, None, None, None)
 
     def _check_replaced(self) -> None:
         """The construction's checks again for a model or optimizer set on the step object after
@@ -963,6 +915,117 @@ class MetaPseudoLabels:
             "student_labeled_after": after.sum(),
             "advantage": advantage.detach().sum(),
         }
+
+
+# The options :func:`_check_options` checks, in its order (each an attribute of the object).
+_OPTIONS = (
+    "estimator",
+    "jvp",
+    "temperature",
+    "supervised_weight",
+    "label_smoothing",
+    "mpl_weight",
+    "student_labeled_weight",
+    "baseline_decay",
+    "check_inputs",
+    "allow_tf32",
+    "allow_student_hooks",
+    "teacher_extra_loss",
+    "grad_sync",
+    "autocast_dtype",
+    "batch_dim",
+    "student_max_grad_norm",
+    "teacher_max_grad_norm",
+)
+
+
+def _check_options(teacher: nn.Module, student: nn.Module, options: dict) -> None:
+    """The options of :class:`MetaPseudoLabels` (by keyword, as its constructor takes them), at
+    construction and again at a step after one was set on the object: ``mpl.temperature = 0``
+    gave NaN parameters, ``mpl.estimator = "exakt"`` ran the first-order step, silently."""
+    (
+        estimator,
+        jvp,
+        temperature,
+        supervised_weight,
+        label_smoothing,
+        mpl_weight,
+        student_labeled_weight,
+        baseline_decay,
+        check_inputs,
+        allow_tf32,
+        allow_student_hooks,
+        teacher_extra_loss,
+        grad_sync,
+        autocast_dtype,
+        batch_dim,
+        student_max_grad_norm,
+        teacher_max_grad_norm,
+    ) = (options[name] for name in _OPTIONS)
+    if estimator not in ESTIMATORS:
+        raise ConfigError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    _check_jvp(jvp, estimator)
+    # not a number (a string from a config file, None): the comparisons below raised
+    # Python's "'<' not supported between instances of 'int' and 'str'"
+    given = {
+        "temperature": temperature,
+        "supervised_weight": supervised_weight,
+        "label_smoothing": label_smoothing,
+        "mpl_weight": mpl_weight,
+        "student_labeled_weight": student_labeled_weight,
+    }
+    if baseline_decay is not None:
+        given["baseline_decay"] = baseline_decay
+    for name, value in given.items():
+        if not is_real(value):
+            raise ConfigError(f"{name} must be a number, got {value!r}")
+    flags = {
+        "check_inputs": check_inputs,
+        "allow_tf32": allow_tf32,
+        "allow_student_hooks": allow_student_hooks,
+    }
+    for name, flag in flags.items():  # allow_student_hooks="false" was true, silently
+        if not isinstance(flag, bool):
+            raise ConfigError(f"{name} must be True or False, got {flag!r}")
+    check_temperature(temperature)
+    if baseline_decay is not None and not 0.0 <= baseline_decay < 1.0:
+        raise ConfigError(f"baseline_decay must be in [0, 1) or None, got {baseline_decay}")
+    if baseline_decay is not None and estimator != "first_order":  # read by nothing else
+        raise ConfigError(
+            f"baseline_decay applies to estimator='first_order' only; estimator {estimator!r} "
+            "has no baseline: leave it None"
+        )
+    if teacher_extra_loss is not None and not callable(teacher_extra_loss):
+        # failed at the first step as "'int' object is not callable"
+        raise ConfigError(
+            "teacher_extra_loss must be a function of the teacher's logits (TeacherLogits) "
+            f"returning a scalar tensor, or None; got {type(teacher_extra_loss).__name__}"
+        )
+    check_grad_sync(grad_sync, estimator)
+    # A NaN or Inf weight gave a NaN teacher loss at the first step; a negative one trains the
+    # teacher away from its labels or from what helps the student, without a word.
+    weights = {
+        "supervised_weight": supervised_weight,
+        "mpl_weight": mpl_weight,
+        "student_labeled_weight": student_labeled_weight,
+    }
+    for name, weight in weights.items():
+        if not 0.0 <= weight < math.inf:
+            raise ConfigError(f"{name} must be a finite number >= 0, got {weight}")
+    if autocast_dtype not in (None, torch.bfloat16, torch.float16):
+        raise ConfigError(
+            f"autocast_dtype must be None, torch.bfloat16 or torch.float16, got {autocast_dtype!r}"
+        )
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ConfigError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    # -1 (numpy's "last axis") made every batch "disagree" with its labels' shape ()
+    if isinstance(batch_dim, bool) or not isinstance(batch_dim, int) or batch_dim < 0:
+        raise ConfigError(
+            f"batch_dim must be an integer >= 0 (the dimension of the examples; the ones "
+            f"before it index ensemble members), got {batch_dim!r}"
+        )
+    check_max_norm("student_max_grad_norm", student_max_grad_norm, student, batch_dim)
+    check_max_norm("teacher_max_grad_norm", teacher_max_grad_norm, teacher, batch_dim)
 
 
 def _check_jvp(jvp: object, estimator: str) -> None:
