@@ -21,6 +21,12 @@ pytestmark = pytest.mark.usefixtures("single_torch_thread")
 O = torch.optim
 
 
+def _sgd_mpl(teacher: nn.Module, student: nn.Module, **options) -> MetaPseudoLabels:
+    """Both models with plain SGD (teacher lr 0.1, student 0.2)."""
+    t_opt, s_opt = O.SGD(teacher.parameters(), lr=0.1), O.SGD(student.parameters(), lr=0.2)
+    return MetaPseudoLabels(teacher, student, t_opt, s_opt, **options)
+
+
 def _listed_twice(student: nn.Module, kind: str) -> O.Optimizer:
     """The student's optimizer with its first parameter listed twice in one group (torch warns,
     and its step() then updates that parameter twice)."""
@@ -179,13 +185,7 @@ def test_an_optimizer_replaced_after_construction_gets_the_construction_checks(e
     its UnsupportedOptimizerError mid-step, after both models' BatchNorm statistics had moved,
     and the first-order one a TypeError from LBFGS.step() after that."""
     teacher, student, x_l, y_l, x_u = make_problem("mlp")
-    mpl = MetaPseudoLabels(
-        teacher,
-        student,
-        O.SGD(teacher.parameters(), lr=0.1),
-        O.SGD(student.parameters(), lr=0.2),
-        estimator=estimator,
-    )
+    mpl = _sgd_mpl(teacher, student, estimator=estimator)
     mpl.step(x_l, y_l, x_u)
     if estimator == "exact":
         mpl.student_optimizer = O.NAdam(student.parameters())
@@ -207,13 +207,7 @@ def test_the_jvp_setter_has_the_constructions_checks(estimator, mode):
     """``mpl.jvp = ...``: a typo or None ran as "auto", and a tape asked of the first-order
     estimator (which computes no J) was taken without a word; the constructor refuses both."""
     teacher, student, _, _, _ = make_problem("mlp")
-    mpl = MetaPseudoLabels(
-        teacher,
-        student,
-        O.SGD(teacher.parameters(), lr=0.1),
-        O.SGD(student.parameters(), lr=0.2),
-        estimator=estimator,
-    )
+    mpl = _sgd_mpl(teacher, student, estimator=estimator)
     with pytest.raises(ConfigError, match="jvp"):
         mpl.jvp = mode
     assert mpl.jvp == "forward_ad"
@@ -232,9 +226,7 @@ def test_an_option_set_after_construction_gets_the_constructions_checks(name, va
     ``mpl.estimator = "exakt"`` ran the first-order step, silently. A valid value set later (an
     MPL weight warm-up) keeps working."""
     teacher, student, x_l, y_l, x_u = make_problem("mlp")
-    mpl = MetaPseudoLabels(
-        teacher, student, O.SGD(teacher.parameters(), lr=0.1), O.SGD(student.parameters(), lr=0.2)
-    )
+    mpl = _sgd_mpl(teacher, student)
     mpl.mpl_weight = 0.5
     mpl.step(x_l, y_l, x_u)
     setattr(mpl, name, value)
