@@ -189,8 +189,12 @@ NUMBERS = ["temperature", "supervised_weight", "label_smoothing", "mpl_weight"]
 @pytest.mark.parametrize("name", NUMBERS + ["student_labeled_weight"])
 @pytest.mark.parametrize(
     "value",
-    [lambda: torch.tensor([0.5, 0.5]), lambda: torch.tensor(0.5 + 0j)],
-    ids=["two elements", "complex"],
+    [
+        lambda: torch.tensor([0.5, 0.5]),
+        lambda: torch.tensor(0.5 + 0j),
+        lambda: torch.tensor(True),
+    ],
+    ids=["two elements", "complex", "bool"],
 )
 def test_a_tensor_that_is_not_one_real_number_is_not_a_number(name, value):
     """A one-element real tensor is a number (a learning-rate schedule's output, say); two
@@ -200,6 +204,14 @@ def test_a_tensor_that_is_not_one_real_number_is_not_a_number(name, value):
     teacher, student = _linear_pair()
     with pytest.raises(ConfigError, match=f"^{name} must be a number, got tensor"):
         _mpl(teacher, student, **{name: value()})
+
+
+@pytest.mark.parametrize("name", NUMBERS + ["student_labeled_weight"])
+def test_a_bool_is_not_a_number(name):
+    """``temperature=True`` ran as temperature 1 (bool is an int in Python), without a word."""
+    teacher, student = _linear_pair()
+    with pytest.raises(ConfigError, match=f"^{name} must be a number, got True"):
+        _mpl(teacher, student, **{name: True})
 
 
 def test_a_one_element_tensor_is_a_number():

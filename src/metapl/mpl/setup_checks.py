@@ -22,10 +22,11 @@ from metapl.mpl.update_rules import optimizer_params, rule_for
 
 
 def is_real(value: object) -> bool:
-    """A real number: a Python or numpy scalar, or a one-element real tensor."""
+    """A real number: a Python or numpy scalar, or a one-element real tensor; not a bool
+    (``temperature=True`` ran as 1, and a flag in a weight's place is a mistake)."""
     if isinstance(value, torch.Tensor):
-        return value.numel() == 1 and not value.is_complex()
-    return isinstance(value, numbers.Real)
+        return value.numel() == 1 and not value.is_complex() and value.dtype != torch.bool
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def check_temperature(temperature: float) -> None:
