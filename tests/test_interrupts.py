@@ -112,7 +112,7 @@ def test_ctrl_c_in_tune_is_one_line_and_queues_the_trial_to_resume(tmp_path, mon
     args = ["tune", "--preset", "digits-uda-mpl", "--trials", "1", "--storage", storage]
     args += ["--out", str(tmp_path / "out"), "--steps", "6", "--device", "cpu", "--quiet"]
     args += ["--study", "t", "--stage", "student", "--set", "tune_per_class=3"]
-    args += ["--set", "warmup_steps=2"]
+    args += ["--set", "warmup_steps=2", "--set", "uda_warmup_steps=2"]  # no notes on stderr
     logged = []
     handler = logging.Handler()
     handler.emit = logged.append  # what Optuna prints, whatever stream its own handler holds
