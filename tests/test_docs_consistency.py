@@ -147,6 +147,14 @@ def test_every_option_of_a_command_line_is_the_commands(doc):
     assert not bad, "\n".join(bad)
 
 
+def test_every_subcommand_has_a_row_in_the_readmes_command_table():
+    """A command added without a word in the README (`metapl compare` was the last one)."""
+    readme = (ROOT / "README.md").read_text().splitlines()
+    rows = [line for line in readme if line.startswith("| `metapl ")]
+    missing = [name for name in _subcommands() if not any(f"`metapl {name}" in r for r in rows)]
+    assert not missing, f"README's command table has no row for: {missing}"
+
+
 def _resolves(dotted: str) -> bool:
     parts = dotted.split(".")
     for cut in range(len(parts), 0, -1):

@@ -39,6 +39,7 @@ from metapl.cli import main
 from metapl.errors import CheckpointError, ConfigError, DataError
 from metapl.models import create_model
 from metapl.predict import read_images
+from metapl.report import check_output_file
 from metapl.train.checkpoint import FORMAT_VERSION, save_checkpoint
 from metapl.train.config import TrainConfig, apply_overrides
 from metapl.train.large_teacher import load_large_teacher
@@ -79,9 +80,9 @@ def test_an_output_under_a_file_says_the_file_is_no_folder(tmp_path):
     parent = tmp_path / "notes.txt"
     parent.write_text("a file")
     with pytest.raises(ConfigError, match=f"--json {parent}/p.json: {parent} is a file, not a"):
-        predict_command._check_output(str(parent / "p.json"), "--json")
+        check_output_file(str(parent / "p.json"), "--json")
     with pytest.raises(ConfigError, match=f"folder {tmp_path}/no does not exist"):
-        predict_command._check_output(str(tmp_path / "no" / "p.json"), "--json")
+        check_output_file(str(tmp_path / "no" / "p.json"), "--json")
 
 
 def test_an_export_under_a_file_says_the_file_is_no_folder(capsys, tmp_path):

@@ -317,6 +317,7 @@ EXAMPLES = {
     ),
     "predict": "metapl predict --run runs/digits --top 3 my_images/",
     "export": "metapl export --run runs/digits --format onnx",
+    "compare": "metapl compare runs/uda-seed*/ runs/uda-mpl-seed*/ --plot compare.png",
 }
 
 
@@ -540,9 +541,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Commands whose options live next to their code: each module has add_arguments(parser)
     # and run(args); importing them is cheap (heavy imports happen inside run).
-    from metapl import export, predict, tune
+    from metapl import compare, export, predict, tune
 
-    for name, module in (("tune", tune), ("predict", predict), ("export", export)):
+    commands = (("tune", tune), ("predict", predict), ("export", export), ("compare", compare))
+    for name, module in commands:
         p = sub.add_parser(name, help=module.HELP, description=module.DESCRIPTION)
         module.add_arguments(p)
         p.set_defaults(func=module.run)

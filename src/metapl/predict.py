@@ -16,7 +16,6 @@ full precision. Images are read in batches, so a folder of any size fits in memo
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -104,31 +103,12 @@ def read_images(paths: list[str], spec):
     return out
 
 
-def _check_output(path: str | None, option: str) -> None:
-    from metapl.errors import ConfigError
-
-    if path is None:
-        return
-    if not path.strip():  # Path("") is the current folder
-        raise ConfigError(f"{option} is empty; give a file name")
-    target = Path(path)
-    if target.is_dir():
-        raise ConfigError(f"{option} {target} is a folder; give a file name")
-    if not target.resolve().parent.is_dir():
-        if target.resolve().parent.exists():
-            raise ConfigError(f"{option} {target}: {target.parent} is a file, not a folder")
-        raise ConfigError(f"{option} {target}: folder {target.parent} does not exist")
-    # checked now: the file is written after every image is classified
-    if not os.access(target.resolve().parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"{option} {target}: folder {target.parent} is not writable")
-
-
 def run(args: argparse.Namespace) -> None:
     import torch
 
     from metapl.errors import ConfigError
     from metapl.progress import progress_bar
-    from metapl.report import write_json_atomic
+    from metapl.report import check_output_file, write_json_atomic
     from metapl.train.data import model_input
     from metapl.train.engine import resolve_device
     from metapl.train.run_model import (
@@ -142,7 +122,7 @@ def run(args: argparse.Namespace) -> None:
     check_run_folder(args.run)  # the most basic mistake first: a mistyped --run
     if args.top < 1:
         raise ConfigError(f"--top must be >= 1, got {args.top}")
-    _check_output(args.json, "--json")
+    check_output_file(args.json, "--json")
     if args.json:
         check_not_a_run_file(args.json, args.run, "--json")
     paths = image_paths(args.images)  # cheap checks first: a missing file fails before the model

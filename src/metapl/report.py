@@ -191,6 +191,24 @@ def check_replaceable(out: Path, name: str, config: dict, ignore: Iterable[str] 
     )
 
 
+def check_output_file(path: str | None, option: str) -> None:
+    """``option``'s file can be written: not empty, not a folder, in a writable folder that exists
+    (checked before the work, not when its result is ready); None (not given) passes."""
+    if path is None:
+        return
+    if not path.strip():  # Path("") is the current folder
+        raise ConfigError(f"{option} is empty; give a file name")
+    target = Path(path)
+    if target.is_dir():
+        raise ConfigError(f"{option} {target} is a folder; give a file name")
+    if not target.resolve().parent.is_dir():
+        if target.resolve().parent.exists():
+            raise ConfigError(f"{option} {target}: {target.parent} is a file, not a folder")
+        raise ConfigError(f"{option} {target}: folder {target.parent} does not exist")
+    if not os.access(target.resolve().parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option} {target}: folder {target.parent} is not writable")
+
+
 def write_json_atomic(path: Path, payload: dict | list) -> None:
     """``payload`` as JSON with sorted keys, whole or not at all (:mod:`metapl.atomic`): a reader
     (or a crash) never sees half a file, and an earlier result survives until the new one is
@@ -198,12 +216,28 @@ def write_json_atomic(path: Path, payload: dict | list) -> None:
     write_json_atomically(Path(path), payload, sort_keys=True)
 
 
+def format_seeds(seeds: Iterable[int]) -> str:
+    """``[0, 1, 2, 3, 7]`` -> ``"0-3, 7"``."""
+    spans: list[list[int]] = []
+    for s in sorted(seeds):
+        if spans and s == spans[-1][1] + 1:
+            spans[-1][1] = s
+        else:
+            spans.append([s, s])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+
+
 def print_accuracy_table(title: str, summary: dict[str, dict]) -> None:
-    """``summary``: name -> {"mean", "std", "n"} with accuracies in [0, 1]."""
+    """``summary``: name -> {"mean", "std", "n"} with accuracies in [0, 1], and optionally the
+    "seeds" they are over."""
     print(title)
     width = max((len(name) for name in summary), default=0)
     for name, s in summary.items():
-        print(f"  {name:<{width}}  {100 * s['mean']:6.2f} +- {100 * s['std']:5.2f} %  (n={s['n']})")
+        seeds = f", seeds {format_seeds(s['seeds'])}" if "seeds" in s else ""
+        print(
+            f"  {name:<{width}}  {100 * s['mean']:6.2f} +- {100 * s['std']:5.2f} %  "
+            f"(n={s['n']}{seeds})"
+        )
 
 
 def paired_differences(records: list[dict], pairs: list[tuple[str, str]]) -> dict[str, dict]:

@@ -1,0 +1,289 @@
+"""`metapl compare`: groups of records over seeds, their mean ± std, paired differences against a
+baseline, and one-line errors for what it cannot read. Most cases write small results.json files in
+the formats the commands write; one reads a real `metapl train` run, so that a change in what a run
+records breaks this file too."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_train_cli import one_error_line
+
+from metapl.cli import main
+from metapl.report import format_seeds
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
+TRAIN_CONFIG = {
+    "preset": "digits-uda-mpl",
+    "method": "uda_mpl",
+    "dataset": "digits",
+    "labels_per_class": 5,
+    "tune_per_class": 0,
+    "tuning": False,
+    "steps": 100,
+    "mpl_weight": 1.0,
+    "data_dir": None,
+    "device": "cpu",
+    "eval_every": 50,
+    "seed": 0,
+}
+
+
+def train_run(folder: Path, seed: int, accuracy: float | None, **config) -> Path:
+    """A finished `metapl train` run's results.json (the parts compare reads), as engine writes it:
+    the record's dataset is the split's name, which holds the seed."""
+    cfg = {**TRAIN_CONFIG, **config, "seed": seed}
+    record = {
+        "method": cfg["method"],
+        "seed": seed,
+        "dataset": f"{cfg['dataset']}-5pc-seed{seed}",
+        "accuracy": accuracy,
+        "tune_accuracy": 0.5,
+        "student_labeled_accuracy": 1.0,
+    }
+    folder.mkdir(parents=True)
+    payload = {"command": "train", "config": cfg, "results": [record], "seconds_this_session": 1.0}
+    (folder / "results.json").write_text(json.dumps(payload))
+    return folder
+
+
+def experiment(folder: Path, accuracies: dict[str, list[float]], noise: float = 0.1) -> Path:
+    """A `metapl twomoons` results.json: several methods' records over seeds 0..n-1."""
+    records = [
+        {"method": m, "seed": s, "accuracy": a, "noise": noise}
+        for m, accs in accuracies.items()
+        for s, a in enumerate(accs)
+    ]
+    n = len(next(iter(accuracies.values())))
+    config = {"seeds": list(range(n)), "noise": noise, "steps": 50, "methods": list(accuracies)}
+    folder.mkdir(parents=True)
+    payload = {"command": "twomoons", "config": config, "results": records, "summary": {}}
+    (folder / "results.json").write_text(json.dumps(payload))
+    return folder
+
+
+def compare(capsys, *argv) -> tuple[int, str, str]:
+    code = main(["compare", *map(str, argv)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_runs_of_one_configuration_are_one_group_with_mean_std_and_a_paired_difference(
+    tmp_path, capsys
+):
+    """Seeds in separate folders form one group, also where they differ in what does not change a
+    result (the data's folder, the device, how often they evaluate); the paired difference is the
+    mean of the per-seed differences, with their sample s.e. and wins/ties/losses."""
+    base = {0: 0.80, 1: 0.90, 2: 0.70}
+    other = {0: 0.85, 1: 0.90, 2: 0.60}
+    runs = [
+        train_run(tmp_path / f"uda{s}", s, a, preset="digits-uda", method="uda", device=d)
+        for (s, a), d in zip(base.items(), ("cpu", "cuda", "auto"))
+    ]
+    runs += [
+        train_run(tmp_path / f"mpl{s}", s, a, data_dir=f"/data{s}", eval_every=10 * (s + 1))
+        for s, a in other.items()
+    ]
+    code, out, err = compare(capsys, *runs, "--json", tmp_path / "c.json")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0] == "accuracy, mean +- std over seeds:"
+    assert lines[1].split() == ["digits-uda", "80.00", "+-", "8.16", "%", "(n=3,", "seeds", "0-2)"]
+    assert lines[2].split()[:4] == ["digits-uda-mpl", "78.33", "+-", "13.12"]
+    assert lines[3] == "paired differences against digits-uda, seed by seed:"
+    d = np.array([other[s] - base[s] for s in range(3)])
+    se = d.std(ddof=1) / math.sqrt(3)
+    assert (
+        f"{100 * d.mean():+6.2f} points paired (s.e. {100 * se:.2f}; 1 wins, 1 ties, 1 losses"
+        in (lines[4])
+    )
+    assert lines[4].lstrip().startswith("digits-uda-mpl - digits-uda")
+    saved = json.loads((tmp_path / "c.json").read_text())
+    assert saved["command"] == "compare" and saved["baseline"] == "digits-uda"
+    groups = {g["name"]: g for g in saved["groups"]}
+    assert groups["digits-uda"]["values"] == [0.80, 0.90, 0.70]
+    assert groups["digits-uda"]["seeds"] == [0, 1, 2]
+    assert groups["digits-uda-mpl"]["runs"] == sorted(str(r / "results.json") for r in runs[3:])
+    assert groups["digits-uda-mpl"]["std"] == pytest.approx(float(np.std(list(other.values()))))
+    pair = saved["paired"]["digits-uda-mpl - digits-uda"]
+    assert pair["mean"] == pytest.approx(d.mean()) and pair["standard_error"] == pytest.approx(se)
+    assert pair["wins_ties_losses"] == [1, 1, 1] and pair["n"] == 3
+
+
+def test_a_setting_that_changes_the_result_splits_a_group_and_names_it(tmp_path, capsys):
+    """An ablation (mpl_weight=0) of the same preset is another group; both names say the setting
+    in which they differ, and nothing else."""
+    runs = [train_run(tmp_path / f"a{s}", s, 0.9) for s in (0, 1)]
+    runs += [train_run(tmp_path / f"b{s}", s, 0.8, mpl_weight=0.0) for s in (0, 1)]
+    code, out, err = compare(capsys, *runs)
+    assert code == 0, err
+    names = [line.split("  ")[1].strip() for line in out.splitlines()[1:3]]
+    assert names == ["digits-uda-mpl (mpl_weight=1.0)", "digits-uda-mpl (mpl_weight=0.0)"]
+    assert "digits-uda-mpl (mpl_weight=0.0) - digits-uda-mpl (mpl_weight=1.0)" in out
+    assert "-10.00 points paired" in out
+
+
+def test_an_experiment_folder_gives_a_group_per_method_and_baseline_picks_the_reference(
+    tmp_path, capsys
+):
+    run = experiment(tmp_path / "tm", {"supervised": [0.8, 0.7, 0.9], "mpl": [0.9, 0.7, 0.95]})
+    code, out, err = compare(capsys, run, "--baseline", "mpl")
+    assert code == 0, err
+    assert "paired differences against mpl, seed by seed:" in out
+    assert "supervised - mpl   -5.00 points paired" in out
+    assert "0 wins, 1 ties, 2 losses over 3 seeds" in out
+    code, out, err = compare(capsys, run, "--baseline", "MPL")
+    assert code == 2 and out == ""
+    assert one_error_line(err) == (
+        "metapl compare: error: --baseline 'MPL' is none of the groups: supervised; mpl\n"
+    )
+
+
+def test_groups_on_other_data_or_too_few_common_seeds_are_not_paired_and_say_why(tmp_path, capsys):
+    a = experiment(tmp_path / "a", {"supervised": [0.8, 0.7]})
+    b = experiment(tmp_path / "b", {"supervised": [0.6, 0.5]}, noise=0.05)
+    one = train_run(tmp_path / "one", 0, 0.9)
+    two = train_run(tmp_path / "two", 0, 0.9, preset="digits-uda", method="uda")
+    code, out, err = compare(capsys, a, b, one, two, "--json", tmp_path / "c.json")
+    assert code == 0, err
+    assert "  supervised (noise=0.05): not paired: other data (noise 0.05, not 0.1)" in out
+    # the train runs: dataset digits against the experiment's none, and a single seed
+    assert "  digits-uda-mpl: not paired: other data (dataset digits, not null" in out
+    saved = json.loads((tmp_path / "c.json").read_text())
+    assert saved["paired"] == {}
+    assert set(saved["not_paired"]) == {"supervised (noise=0.05)", "digits-uda-mpl", "digits-uda"}
+    code, out, err = compare(capsys, one, two)
+    assert code == 0, err
+    assert (
+        "digits-uda: not paired: only one seed in common with digits-uda-mpl; 2 are needed" in out
+    )
+
+
+def test_the_records_of_a_real_train_run_are_read(tmp_path, capsys):
+    """What `metapl train` writes, not a copy of it: seed, method, preset and accuracy."""
+    out = tmp_path / "run"
+    argv = ["train", "--preset", "digits-supervised", "--steps", "2", "--seed", "3", "--quiet"]
+    assert main([*argv, "--out", str(out)]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    accuracy = json.loads((out / "results.json").read_text())["results"][0]["accuracy"]
+    code, text, err = compare(capsys, out / "results.json")
+    assert code == 0, err
+    assert text.splitlines()[1].split() == [
+        "digits-supervised",
+        f"{100 * accuracy:.2f}",
+        "+-",
+        "0.00",
+        "%",
+        "(n=1,",
+        "seeds",
+        "3)",
+    ]
+
+
+def test_early_twomoons_files_that_hold_only_the_records_are_read(tmp_path, capsys):
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps([{"method": "mpl", "seed": s, "accuracy": 0.5} for s in (4, 5, 7)]))
+    code, out, err = compare(capsys, path)
+    assert code == 0, err
+    assert out.splitlines()[1].split()[-3:] == ["seeds", "4-5,", "7)"]
+
+
+def test_the_plot_is_a_png_and_the_json_and_plot_must_differ(tmp_path, capsys):
+    run = experiment(tmp_path / "tm", {"supervised": [0.8, 0.7], "mpl": [0.9, 0.7]})
+    code, _, err = compare(capsys, run, "--plot", tmp_path / "c.png")
+    assert code == 0, err
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    code, out, err = compare(capsys, run, "--json", tmp_path / "x", "--plot", tmp_path / "x")
+    assert code == 2 and out == "" and not (tmp_path / "x").exists()
+    assert "--json and --plot are both" in one_error_line(err)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda d: d / "nope", "{d}/nope does not exist: give a finished run's folder or its"),
+        (lambda d: d, "{d} holds no results.json (a finished metapl run writes it into its --out)"),
+        (
+            lambda d: (d / "checkpoint.pt").write_bytes(b"x") and d,
+            "{d} holds no results.json: the run has not finished (its command, run again, resumes",
+        ),
+        (
+            lambda d: (d / "results.json").write_text('{"results": [') and d,
+            "{d}/results.json: cannot read it (not valid JSON); a metapl results.json is JSON",
+        ),
+        (  # `metapl bench --json`: results without a method and a seed
+            lambda d: (
+                (d / "b.json").write_text('{"machine": {}, "results": [{"name": "exact"}]}')
+                and d / "b.json"
+            ),
+            "{d}/b.json holds no records of a method and a seed: compare reads the results.json",
+        ),
+        (  # a seed that is not an integer
+            lambda d: (
+                (d / "r.json").write_text('[{"method": "mpl", "seed": true}]') and d / "r.json"
+            ),
+            "{d}/r.json holds no records of a method and a seed",
+        ),
+    ],
+    ids=["missing", "empty-folder", "unfinished-run", "broken-json", "bench-file", "bool-seed"],
+)
+def test_what_compare_cannot_read_is_one_line_naming_it(tmp_path, capsys, make, message):
+    run = make(tmp_path)
+    code, out, err = compare(capsys, run)
+    assert code == 2 and out == ""
+    assert one_error_line(err).startswith("metapl compare: error: " + message.format(d=tmp_path)), (
+        err
+    )
+
+
+def test_a_run_given_twice_is_refused_naming_both_files(tmp_path, capsys):
+    run = train_run(tmp_path / "r", 0, 0.9)
+    copy = train_run(tmp_path / "copy", 0, 0.9, device="cuda")
+    code, out, err = compare(capsys, run, copy)
+    assert code == 2 and out == ""
+    assert one_error_line(err) == (
+        f"metapl compare: error: {run}/results.json and {copy}/results.json both hold seed 0 of "
+        "digits-uda-mpl under the same configuration: give each run once\n"
+    )
+
+
+def test_a_missing_or_invalid_metric_names_the_accuracies_the_runs_hold(tmp_path, capsys):
+    no_test = train_run(tmp_path / "own", 0, None)
+    code, out, err = compare(capsys, no_test)
+    assert code == 2 and out == ""
+    assert one_error_line(err) == (
+        f"metapl compare: error: {no_test}/results.json: the uda_mpl record of seed 0 has no "
+        "accuracy (no test set: its accuracies: student_labeled_accuracy, tune_accuracy); choose "
+        "one with --metric\n"
+    )
+    code, out, err = compare(capsys, no_test, "--metric", "tune_accuracy")
+    assert code == 0, err
+    assert out.splitlines()[1].split()[1] == "50.00"
+    code, out, err = compare(capsys, no_test, "--metric", "seconds")
+    assert code == 2 and "--metric seconds: compare reads accuracies" in one_error_line(err)
+    odd = train_run(tmp_path / "odd", 0, 97.5)  # a percentage where a fraction belongs
+    code, out, err = compare(capsys, odd)
+    assert code == 2
+    assert "accuracy 97.5 of uda_mpl seed 0 is not an accuracy in [0, 1]" in one_error_line(err)
+
+
+def test_outputs_are_checked_before_reading_and_never_replace_a_runs_results(tmp_path, capsys):
+    run = train_run(tmp_path / "r", 0, 0.9)
+    before = (run / "results.json").read_text()
+    code, out, err = compare(capsys, run, "--json", run / "results.json")
+    assert code == 2 and out == ""
+    assert "would replace a file that `metapl train` wrote" in one_error_line(err)
+    assert (run / "results.json").read_text() == before
+    code, out, err = compare(capsys, tmp_path / "missing", "--plot", tmp_path / "no" / "c.png")
+    assert code == 2  # the output's folder is reported first, before any run is read
+    assert f"--plot {tmp_path}/no/c.png: folder {tmp_path}/no does not exist" in one_error_line(err)
+
+
+def test_format_seeds_joins_consecutive_seeds():
+    assert format_seeds([7, 0, 1, 2, 3, 9, 10]) == "0-3, 7, 9-10"
+    assert format_seeds([5]) == "5"
