@@ -128,12 +128,34 @@ def test_a_setting_that_changes_the_result_splits_a_group_and_names_it(tmp_path,
     assert "-10.00 points paired" in out
 
 
+def test_group_names_differ_when_only_the_method_or_the_command_does(tmp_path, capsys):
+    """`--set method=...` on a preset: the name says the method. Two commands' files of the same
+    configuration (an early results.json without a command, say): the name says the command."""
+    runs = [train_run(tmp_path / f"a{s}", s, 0.9, method="uda") for s in (0, 1)]
+    runs += [train_run(tmp_path / f"b{s}", s, 0.8) for s in (0, 1)]
+    old = experiment(tmp_path / "old", {"mpl": [0.5, 0.6]})
+    new = experiment(tmp_path / "new", {"mpl": [0.5, 0.6]})
+    payload = json.loads((old / "results.json").read_text())
+    del payload["command"]
+    (old / "results.json").write_text(json.dumps(payload))
+    code, out, err = compare(capsys, *runs, new, old, "--json", tmp_path / "c.json")
+    assert code == 0, err
+    names = [g["name"] for g in json.loads((tmp_path / "c.json").read_text())["groups"]]
+    assert names == [
+        "digits-uda-mpl (method=uda)",
+        "digits-uda-mpl (method=uda_mpl)",
+        "mpl [twomoons]",
+        "mpl [no command]",
+    ]
+
+
 def test_an_experiment_folder_gives_a_group_per_method_and_baseline_picks_the_reference(
     tmp_path, capsys
 ):
     run = experiment(tmp_path / "tm", {"supervised": [0.8, 0.7, 0.9], "mpl": [0.9, 0.7, 0.95]})
-    code, out, err = compare(capsys, run, "--baseline", "mpl")
+    code, out, err = compare(capsys, run, "--baseline", "mpl", "--json", tmp_path / "c.json")
     assert code == 0, err
+    assert json.loads((tmp_path / "c.json").read_text())["baseline"] == "mpl"
     assert "paired differences against mpl, seed by seed:" in out
     assert "supervised - mpl   -5.00 points paired" in out
     assert "0 wins, 1 ties, 2 losses over 3 seeds" in out

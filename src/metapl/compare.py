@@ -249,7 +249,7 @@ def _name(groups: list[Group]) -> None:
     for base in dict.fromkeys(g.base_name for g in groups):
         same = [g for g in groups if g.base_name == base]
         shown = [{**g.settings, **g.data} for g in same]
-        keys = sorted({k for s in shown for k in s} - {"method", "preset"})
+        keys = sorted({k for s in shown for k in s})  # a preset's method changed by --set too
         differ = [k for k in keys if len({json.dumps(s.get(k), default=str) for s in shown}) > 1]
         for g, s in zip(same, shown):
             told = ", ".join(f"{k}={_shown(s.get(k))}" for k in differ)
