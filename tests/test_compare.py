@@ -186,6 +186,20 @@ def test_groups_on_other_data_or_too_few_common_seeds_are_not_paired_and_say_why
     )
 
 
+def test_your_own_datas_folder_is_which_data_it_is(tmp_path, capsys):
+    """Where CIFAR-10 lies does not matter; where your own images lie says which they are: two
+    folders are two groups, not paired."""
+    own = {"preset": "folder-uda-mpl", "dataset": "folder"}
+    runs = [train_run(tmp_path / f"a{s}", s, 0.9, **own, data_dir="cats") for s in (0, 1)]
+    runs += [train_run(tmp_path / f"b{s}", s, 0.8, **own, data_dir="dogs") for s in (0, 1)]
+    code, out, err = compare(capsys, *runs)
+    assert code == 0, err
+    assert out.splitlines()[1].split()[:2] == ["folder-uda-mpl", "(data_dir=cats)"]
+    assert (
+        "  folder-uda-mpl (data_dir=dogs): not paired: other data (data_dir dogs, not cats)" in out
+    )
+
+
 def test_the_records_of_a_real_train_run_are_read(tmp_path, capsys):
     """What `metapl train` writes, not a copy of it: seed, method, preset and accuracy."""
     out = tmp_path / "run"

@@ -10,8 +10,8 @@ of a Table 1 row and its baseline over five seeds each::
 
 Each RUN is a run folder (its results.json) or a results.json itself. Its records are grouped: the
 records of one method under one configuration are a group whatever folder they come from, where the
-configuration leaves out the seed and :data:`NOT_RESULTS` (where the data lies, the device, how
-often a run logs). A group is named by its preset (`metapl train` runs) or its method, followed by
+configuration leaves out the seed and :data:`NOT_RESULTS` (where the data lies, unless it is
+your own, the device, how often a run logs). A group is named by its preset (`metapl train` runs) or its method, followed by
 the settings that tell it apart from the other groups of that name. The first group (or the one
 ``--baseline`` names) is the baseline: every other group is paired with it, seed by seed, when both
 ran on the same data (:data:`DATA_KEYS`) and share two seeds or more.
@@ -65,6 +65,9 @@ DATA_KEYS = (
     "unlabeled_per_class",
     "noise",
 )
+# Your own data (`metapl train --preset folder-*`): where its images lie is which images they are,
+# so its data_dir counts, as a setting and as data.
+OWN_DATA = frozenset({"folder", "npz"})
 
 
 @dataclass
@@ -228,6 +231,8 @@ def collect(runs: Iterable[str], metric: str) -> list[Group]:
             settings["method"] = record["method"]
             # the config's first: a train record's dataset is its split's name, seed included
             data = {k: config[k] if k in config else record.get(k) for k in DATA_KEYS}
+            if config.get("dataset") in OWN_DATA:
+                settings["data_dir"] = data["data_dir"] = config.get("data_dir")
             key = (command, json.dumps([settings, data], sort_keys=True, default=str))
             group = groups.setdefault(key, Group(command, settings, data))
             seed = record["seed"]
@@ -285,10 +290,10 @@ def paired(groups: list[Group], base: Group) -> tuple[dict[str, dict], dict[str,
     for g in groups:
         if g is base:
             continue
-        other_data = [k for k in DATA_KEYS if g.data[k] != base.data[k]]
+        other_data = [k for k in (*DATA_KEYS, "data_dir") if g.data.get(k) != base.data.get(k)]
         if other_data:
             told = ", ".join(
-                f"{k} {_shown(g.data[k])}, not {_shown(base.data[k])}" for k in other_data
+                f"{k} {_shown(g.data.get(k))}, not {_shown(base.data.get(k))}" for k in other_data
             )
             not_paired[g.name] = f"other data ({told})"
             continue
