@@ -6,8 +6,9 @@ uniformly from [0, max_magnitude] with a random sign; then cut out one gray squa
 libraries (kornia's RandAugment) pick one policy per batch, so all images of a batch get the same
 ops; per-image policies are what makes the augmented views of an unlabeled batch diverse.
 
-Cost: per layer the batch is sorted into one group per op (one argsort plus one bincount, whose
-counts are the only host sync), and each op runs once, on its own group only. Every image thus goes
+Cost: per layer the batch is sorted into one group per op (one argsort plus one bincount, on the
+generator's device: with the CPU generator of training runs the group sizes are known without a
+host sync, for images on a GPU too), and each op runs once, on its own group only. Every image thus goes
 through at most ``num_ops`` ops (each applied with probability ``op_prob``): the work is O(N * num_ops) with at most ``num_ops * len(ops)``
 kernel groups, instead of O(N * len(ops)) for computing every op on every image and selecting.
 """
@@ -39,18 +40,22 @@ def rand_augment(
     check_images(images)
     n = images.shape[0]
     device = images.device
+    # The policy is drawn, and the batch sorted into its groups, where the generator lives (the
+    # CPU in training runs): the group sizes are then read on the host without waiting for the
+    # GPU, and only the order and levels travel to the images (as rng's draws do, non_blocking).
+    draw_device = rng.draw_device(generator, device)
     fns = [OPS[name] for name in ops]
     skip = len(fns)  # group index of images that skip this layer
     out = images
     for _ in range(num_ops):
-        choice = rng.randint(len(fns), n, device, generator)
-        applied = rng.bernoulli(op_prob, n, device, generator)
-        magnitude = rng.uniform(n, device, generator) * max_magnitude
-        sign = torch.where(rng.bernoulli(0.5, n, device, generator), -1.0, 1.0)
-        level = magnitude * sign
+        choice = rng.randint(len(fns), n, draw_device, generator)
+        applied = rng.bernoulli(op_prob, n, draw_device, generator)
+        magnitude = rng.uniform(n, draw_device, generator) * max_magnitude
+        sign = torch.where(rng.bernoulli(0.5, n, draw_device, generator), -1.0, 1.0)
+        level = (magnitude * sign).to(device, non_blocking=True)
         choice = torch.where(applied, choice, torch.full_like(choice, skip))
 
-        order = torch.argsort(choice, stable=True)
+        order = torch.argsort(choice, stable=True).to(device, non_blocking=True)
         counts = torch.bincount(choice, minlength=skip + 1).tolist()
         result = out.clone()
         for fn, idx in zip(fns, order.split(counts)):

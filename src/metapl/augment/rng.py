@@ -14,13 +14,14 @@ import torch
 from torch import Tensor
 
 
-def _draw_device(generator: torch.Generator | None, device: torch.device) -> torch.device:
+def draw_device(generator: torch.Generator | None, device: torch.device) -> torch.device:
+    """Where ``generator`` draws: its own device, or ``device`` without one."""
     return generator.device if generator is not None else device
 
 
 def uniform(n: int, device: torch.device, generator: torch.Generator | None = None) -> Tensor:
     """``n`` float32 draws from U[0, 1), returned on ``device``."""
-    draw = torch.rand(n, generator=generator, device=_draw_device(generator, device))
+    draw = torch.rand(n, generator=generator, device=draw_device(generator, device))
     return draw.to(device, non_blocking=True)
 
 
@@ -28,10 +29,8 @@ def randint(
     high: int, n: int, device: torch.device, generator: torch.Generator | None = None
 ) -> Tensor:
     """``n`` int64 draws uniform in ``[0, high)``, returned on ``device``."""
-    draw_device = _draw_device(generator, device)
-    return torch.randint(high, (n,), generator=generator, device=draw_device).to(
-        device, non_blocking=True
-    )
+    draw = torch.randint(high, (n,), generator=generator, device=draw_device(generator, device))
+    return draw.to(device, non_blocking=True)
 
 
 def bernoulli(
