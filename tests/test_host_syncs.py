@@ -1,7 +1,8 @@
 """No host syncs inside a training step (issue 5's lever), checked without a GPU.
 
-A host sync (``.item()``, ``.tolist()``, ``bool(t)``, a boolean mask's index, ``nonzero``...) on a
-tensor that lives on the GPU makes the CPU wait for all the work queued there, so it cannot prepare
+A host sync (``.item()``, ``.tolist()``, ``bool(t)``, a boolean mask's index, ``nonzero``..., or
+``torch.tensor(numbers, device=gpu)``, a blocking copy from the host) on a tensor that lives on the
+GPU makes the CPU wait for all the work queued there, so it cannot prepare
 the next kernels while the GPU runs: the step is then as slow as the CPU's launches and the GPU's
 work added up. Two checks, each of which would fail if such a read came back:
 
@@ -9,8 +10,9 @@ work added up. Two checks, each of which would fail if such a read came back:
   generator of training runs: any read of an image-side value fails there. (RandAugment used to
   read its per-op group sizes from the images' device: a sync per layer and view, every step.)
 - A whole training step (batch, augmentation, the method's step, schedulers, EMA) runs on the CPU
-  under a function mode that records every call that reads values on the host. What may remain is
-  host-side on a GPU too, each for the reason :data:`HOST_SIDE` gives.
+  under a function mode that records every call that reads values on the host or makes a tensor
+  from Python numbers on a device. What may remain is host-side on a GPU too, each for the reason
+  :data:`HOST_SIDE` gives.
 """
 
 from __future__ import annotations
@@ -50,6 +52,9 @@ READS = frozenset(
         "__array__",
     }
 )
+# Tensors made from Python numbers on a given device: on a GPU, a copy from the host that waits
+# for the GPU's queued work (RandAugment's geometric ops made two per call, every step).
+HOST_COPIES = frozenset({"tensor", "as_tensor", "new_tensor"})
 # (call, file) pairs that read tensors which stay on the CPU in a GPU run.
 HOST_SIDE = {
     # the epoch's permutation, drawn by a CPU generator: indices, not data
@@ -75,7 +80,8 @@ class HostReads(TorchFunctionMode):
         index = args[1] if name in ("__getitem__", "__setitem__") and len(args) > 1 else None
         parts = index if isinstance(index, tuple) else (index,)
         mask = any(isinstance(p, torch.Tensor) and p.dtype == torch.bool for p in parts)
-        if name in READS or mask:
+        copy = name in HOST_COPIES and (kwargs or {}).get("device") is not None
+        if name in READS or mask or copy:
             frames = [
                 f.filename.replace("\\", "/")
                 for f in traceback.extract_stack()[:-1]
@@ -84,7 +90,8 @@ class HostReads(TorchFunctionMode):
             where = frames[-1] if frames else "?"
             for root in ("/src/", "/site-packages/"):
                 where = where.split(root)[-1]
-            self.seen[("boolean mask index" if mask else name, where)] += 1
+            kind = "boolean mask index" if mask else f"{name} on a device" if copy else name
+            self.seen[(kind, where)] += 1
         return func(*args, **(kwargs or {}))
 
 
@@ -104,7 +111,12 @@ def test_the_host_read_check_sees_a_read_in_a_step():
         loss = torch.ones(3).sum()
         loss.item()
         torch.zeros(4)[torch.tensor([True, False, True, False])]
-    assert reads.seen == {("item", "?"): 1, ("boolean mask index", "?"): 1}
+        torch.tensor([1.0, 2.0], device=loss.device)
+    assert reads.seen == {
+        ("item", "?"): 1,
+        ("boolean mask index", "?"): 1,
+        ("tensor on a device", "?"): 1,
+    }
 
 
 @pytest.mark.parametrize(

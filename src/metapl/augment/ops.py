@@ -23,6 +23,7 @@ work on the uint8 grid like PIL.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -42,6 +43,15 @@ FILL = 0.5
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL's convert("L")
 
 
+@functools.lru_cache(maxsize=64)
+def _constant(values: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``torch.tensor(values)`` on ``device``, made once per (values, dtype, device): made from
+    Python numbers, a tensor on a GPU is a copy from the host that waits for all the work queued
+    there (a host sync), which every RandAugment op that needs one did, at every call. The ops
+    never write into it."""
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
 def _per_image(v: Tensor, x: Tensor) -> Tensor:
     """A per-image scalar ``[n]`` shaped to broadcast over ``[n, C, H, W]``."""
     return v.to(x.dtype).view(-1, 1, 1, 1)
@@ -50,7 +60,7 @@ def _per_image(v: Tensor, x: Tensor) -> Tensor:
 def _grayscale(x: Tensor) -> Tensor:
     """``[n, 1, H, W]`` luma; the image itself for one channel, the channel mean for others."""
     if x.shape[1] == 3:
-        w = torch.tensor(GRAY_WEIGHTS, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        w = _constant(GRAY_WEIGHTS, x.dtype, x.device).view(1, 3, 1, 1)
         return (x * w).sum(dim=1, keepdim=True)
     return x.mean(dim=1, keepdim=True)
 
@@ -152,7 +162,7 @@ def sharpness(x: Tensor, level: Tensor) -> Tensor:
     n, c, h, w = x.shape
     if h < 3 or w < 3:
         return x
-    kernel = torch.tensor(_SMOOTH, dtype=x.dtype, device=x.device) / 13.0
+    kernel = _constant(_SMOOTH, x.dtype, x.device) / 13.0
     kernel = kernel.expand(c, 1, 3, 3)
     smooth = x.clone()
     smooth[:, :, 1:-1, 1:-1] = F.conv2d(x, kernel, groups=c)
@@ -171,7 +181,7 @@ def _affine(x: Tensor, matrix: Tensor, shift: Tensor) -> Tensor:
     diag(W/2, H/2); that keeps rotations rigid on non-square images.
     """
     n, c, h, w = x.shape
-    half = torch.tensor([w / 2.0, h / 2.0], dtype=matrix.dtype, device=x.device)
+    half = _constant((w / 2.0, h / 2.0), matrix.dtype, x.device)
     theta_lin = matrix * half[None, None, :] / half[None, :, None]
     theta = torch.cat([theta_lin, (shift / half)[:, :, None]], dim=2).to(x.dtype)
     grid = F.affine_grid(theta, [n, c, h, w], align_corners=False)
@@ -179,7 +189,7 @@ def _affine(x: Tensor, matrix: Tensor, shift: Tensor) -> Tensor:
     # Output pixels whose source lies outside the image become gray. The source pixel index is
     # computed as grid_sample does (unnormalize, round half to even); should a rounding tie ever
     # differ from the kernel's, "border" padding makes that pixel an edge copy, never black.
-    size = torch.tensor([w, h], dtype=grid.dtype, device=x.device)
+    size = _constant((float(w), float(h)), grid.dtype, x.device)
     src = torch.round(((grid + 1.0) * size - 1.0) / 2.0)
     inside = ((src >= 0) & (src <= size - 1)).all(dim=-1)  # [n, H, W]
     return torch.where(inside[:, None], out, torch.full_like(out, FILL))
