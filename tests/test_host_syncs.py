@@ -161,3 +161,35 @@ def test_a_training_step_reads_nothing_of_the_device_on_the_host(preset, overrid
     unexpected = {k: n for k, n in reads.seen.items() if k not in HOST_SIDE}
     assert not unexpected, unexpected
     assert ("numpy", "metapl/train/data.py") in reads.seen  # the mode saw the step's reads
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="a GPU's own check (torch's sync debug mode)"
+)
+@pytest.mark.parametrize("overrides", [{}, {"mpl_estimator": "first_order", "ema_decay": 0.99}])
+def test_on_a_gpu_steady_training_steps_make_no_synchronizing_call(overrides):
+    """On CUDA, torch itself reports each synchronizing call (``set_sync_debug_mode``); the
+    copies of the batch and of the augmentation's draws (metapl.transfer) are not among them."""
+    import warnings
+
+    device = torch.device("cuda")
+    settings = {"steps": 6, "warmup_steps": 2, "uda_warmup_steps": 2, "device": "cuda"}
+    cfg = apply_overrides(load_preset("digits-uda-mpl"), {**settings, **overrides}).validate()
+    split = load_data(cfg)
+    run = Run(cfg, split, device, DataParallel())
+    source = BatchSource(split, cfg, run.method.views, device, None, shard=(0, 1))
+    for _ in range(3):
+        run.advance(source)
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(3):
+                run.advance(source)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [
+        f"{w.filename}:{w.lineno}: {w.message}" for w in caught if "synchron" in str(w.message)
+    ]
+    assert not syncs, "\n".join(syncs)

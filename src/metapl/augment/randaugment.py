@@ -23,6 +23,7 @@ from metapl.augment.checks import check_images
 from metapl.augment.cutout import cutout
 from metapl.augment.ops import OPS, RANDAUGMENT_OPS, identity
 from metapl.errors import ConfigError
+from metapl.transfer import to_device
 
 
 def rand_augment(
@@ -52,10 +53,10 @@ def rand_augment(
         applied = rng.bernoulli(op_prob, n, draw_device, generator)
         magnitude = rng.uniform(n, draw_device, generator) * max_magnitude
         sign = torch.where(rng.bernoulli(0.5, n, draw_device, generator), -1.0, 1.0)
-        level = (magnitude * sign).to(device, non_blocking=True)
+        level = to_device(magnitude * sign, device)
         choice = torch.where(applied, choice, torch.full_like(choice, skip))
 
-        order = torch.argsort(choice, stable=True).to(device, non_blocking=True)
+        order = to_device(torch.argsort(choice, stable=True), device)
         counts = torch.bincount(choice, minlength=skip + 1).tolist()
         result = out.clone()
         for fn, idx in zip(fns, order.split(counts)):

@@ -20,6 +20,7 @@ from metapl.data.splits import SSLSplit
 from metapl.errors import ConfigError
 from metapl.methods.base import Batch
 from metapl.train.config import TrainConfig
+from metapl.transfer import to_device
 
 
 def stream_seed(*parts: int | str) -> int:
@@ -39,7 +40,7 @@ def model_input(
     ``[0, 1]`` by :func:`~metapl.data.arrays.to_tensor_nchw` and nothing else (no mean/std
     normalization), so predictions on image files match the run's reported accuracy.
     """
-    x = to_tensor_nchw(images).to(device, non_blocking=True)
+    x = to_device(to_tensor_nchw(images), device)
     if channels_last is None:
         channels_last = device.type == "cuda"
     if channels_last:
@@ -132,9 +133,8 @@ class BatchSource:
         gen = torch.Generator().manual_seed(stream_seed(self.cfg.seed, "augment", step))
         idx = self.labeled.at(step)
         x_l = self._images(self.split.x_labeled, idx)
-        # non_blocking: no wait for the GPU's queued work (from pageable memory the copy is
-        # staged at once, so the temporary may go)
-        y_l = torch.from_numpy(self.split.y_labeled[idx]).to(self.device, non_blocking=True)
+        # no wait for the GPU's queued work (metapl.transfer)
+        y_l = to_device(torch.from_numpy(self.split.y_labeled[idx]), self.device)
         batch = Batch(self.weak(x_l, generator=gen), y_l, step=step)
         if "labeled_strong" in wanted:
             batch.x_labeled_strong = self.strong(self.weak(x_l, generator=gen), generator=gen)
@@ -143,11 +143,9 @@ class BatchSource:
             x_u = self._images(self.split.x_unlabeled, idx_u)
             if self.teacher_probs is not None:
                 probs_l, probs_u = self.teacher_probs
-                batch.t_labeled = torch.from_numpy(np.asarray(probs_l[idx])).to(
-                    self.device, non_blocking=True
-                )
-                batch.t_unlabeled = torch.from_numpy(np.asarray(probs_u[idx_u])).to(
-                    self.device, non_blocking=True
+                batch.t_labeled = to_device(torch.from_numpy(np.asarray(probs_l[idx])), self.device)
+                batch.t_unlabeled = to_device(
+                    torch.from_numpy(np.asarray(probs_u[idx_u])), self.device
                 )
             if "unlabeled_weak" in wanted:
                 batch.x_unlabeled_weak = self.weak(x_u, generator=gen)
@@ -190,6 +188,7 @@ def evaluate(model, images, labels: np.ndarray, cfg: TrainConfig, device, amp=No
         x = model_input(images[idx], device, cfg.channels_last(device))
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             pred = model(x).argmax(-1)
-        correct += (pred == torch.from_numpy(labels[idx]).to(device)).sum()
+        # one host sync in all, at the end: the labels' copies do not wait for the GPU either
+        correct += (pred == to_device(torch.from_numpy(labels[idx]), device)).sum()
     model.train(was_training)
     return float(correct) / len(labels)
