@@ -323,3 +323,103 @@ def test_outputs_are_checked_before_reading_and_never_replace_a_runs_results(tmp
 def test_format_seeds_joins_consecutive_seeds():
     assert format_seeds([7, 0, 1, 2, 3, 9, 10]) == "0-3, 7, 9-10"
     assert format_seeds([5]) == "5"
+
+
+def test_groups_that_read_the_same_still_get_names_of_their_own(tmp_path, capsys):
+    """A run by an older metapl whose config lacks a key that newer runs record as null: two groups
+    (the configurations differ), so two names. Under one name the table kept one of them and the
+    paired difference was the group minus itself: +0.00, all ties."""
+    new = [
+        train_run(tmp_path / f"new{s}", s, a, large_teacher=None) for s, a in ((0, 0.9), (1, 0.8))
+    ]
+    old = [train_run(tmp_path / f"old{s}", s, a) for s, a in ((0, 0.5), (1, 0.4))]
+    code, out, err = compare(capsys, *new, *old, "--json", tmp_path / "c.json")
+    assert code == 0, err
+    names = [g["name"] for g in json.loads((tmp_path / "c.json").read_text())["groups"]]
+    assert len(set(names)) == 2, names
+    assert [line.split()[-7] for line in out.splitlines()[1:3]] == ["85.00", "45.00"]
+    assert "-40.00 points paired" in out
+    # the string "1" and the number 1 (a hand-edited config): numbered
+    text = [
+        train_run(tmp_path / f"t{s}", s, 0.7, mpl_weight="1.0", large_teacher=None) for s in (0, 1)
+    ]
+    code, out, err = compare(capsys, *new[:1], *text, *new[1:], "--json", tmp_path / "c.json")
+    assert code == 0, err
+    names = [g["name"] for g in json.loads((tmp_path / "c.json").read_text())["groups"]]
+    assert names == [f"digits-uda-mpl (mpl_weight=1.0) [train] #{i}" for i in (1, 2)]
+
+
+@pytest.mark.parametrize("output", ["--json", "--plot"])
+def test_an_output_that_is_one_of_the_inputs_is_refused(tmp_path, capsys, output):
+    """A results.json copied under another name, or the folder of a results.json written before
+    metapl recorded its command (results/digits/k5): the comparison replaced the run's results."""
+    copy = tmp_path / "seed0.json"
+    copy.write_text((train_run(tmp_path / "r", 0, 0.9) / "results.json").read_text())
+    old = experiment(tmp_path / "old", {"mpl": [0.5, 0.6]})
+    payload = json.loads((old / "results.json").read_text())
+    del payload["command"]
+    (old / "results.json").write_text(json.dumps(payload))
+    for run, target in ((copy, copy), (old, old / "results.json"), (old, old / "twomoons.png")):
+        before = run.read_text() if run.is_file() else (old / "results.json").read_text()
+        code, out, err = compare(capsys, run, output, target)
+        assert code == 2 and out == "", (target, out)
+        assert f"{output} {target} would replace" in one_error_line(err)
+        assert (run if run.is_file() else old / "results.json").read_text() == before
+        assert not (old / "twomoons.png").exists()
+
+
+def test_a_reduced_experiments_list_of_students_is_left_aside(tmp_path, capsys):
+    """`metapl reduced --methods reduced_mpl` and a run of every student: one configuration of
+    reduced_mpl, as `metapl digits --methods` is (each record names its own method)."""
+    folders = []
+    for name, students, seeds in (
+        ("all", ["supervised", "noisy_student", "reduced_mpl"], [0, 1]),
+        ("one", ["reduced_mpl"], [2, 3]),
+    ):
+        config = {
+            "dataset": "digits",
+            "seeds": seeds,
+            "steps": None,
+            "labels_per_class": None,
+            "device": "cpu",
+            "workers": 0,
+            "students": students,
+            "overrides": {},
+        }
+        records = [
+            {"method": m, "seed": s, "accuracy": 0.9}
+            for m in ("large_teacher", *students)
+            for s in seeds
+        ]
+        folder = tmp_path / name
+        folder.mkdir()
+        payload = {"command": "reduced", "config": config, "results": records}
+        (folder / "results.json").write_text(json.dumps(payload))
+        folders.append(folder)
+    code, out, err = compare(capsys, *folders, "--json", tmp_path / "c.json")
+    assert code == 0, err
+    groups = {
+        g["name"]: g["seeds"] for g in json.loads((tmp_path / "c.json").read_text())["groups"]
+    }
+    assert groups["large_teacher"] == groups["reduced_mpl"] == [0, 1, 2, 3], groups
+
+
+def test_a_metric_that_only_some_methods_record_compares_those(tmp_path, capsys):
+    """`metapl reduced`/`digits` record accuracy_before_finetune for the fine-tuned methods only:
+    --metric accuracy_before_finetune compares those and says which were left out (it failed on
+    the first record without it, naming accuracy_before_finetune among its file's accuracies)."""
+    records = [
+        {"method": m, "seed": s, "accuracy": 0.9, **({"accuracy_before_finetune": b} if b else {})}
+        for m, b in (("large_teacher", None), ("noisy_student", 0.8), ("reduced_mpl", 0.85))
+        for s in (0, 1)
+    ]
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"command": "reduced", "config": {}, "results": records}))
+    code, out, err = compare(capsys, path, "--metric", "accuracy_before_finetune")
+    assert code == 0, err
+    assert out.splitlines()[1].split()[:2] == ["noisy_student", "80.00"]
+    assert "reduced_mpl - noisy_student   +5.00 points paired" in out
+    assert "left out (no accuracy_before_finetune): large_teacher" in out
+    code, out, err = compare(capsys, path, "--metric", "tune_accuracy")  # none has it: an error
+    assert code == 2
+    assert "has no tune_accuracy (its accuracies: accuracy, accuracy_before_finetune)" in err

@@ -38,12 +38,14 @@ DESCRIPTION = (
 )
 
 # Settings that do not change what a run measures: runs that differ only in these (and the seed)
-# are one group. An experiment's list of methods is left aside too: each record names its own.
+# are one group. An experiment's list of methods is left aside too: each record names its own
+# (`metapl reduced` calls its list students).
 NOT_RESULTS = frozenset(
     {
         "seed",
         "seeds",
         "methods",
+        "students",
         "data_dir",
         "device",
         "workers",
@@ -218,15 +220,25 @@ def _is_number(v: object) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def collect(runs: Iterable[str], metric: str) -> list[Group]:
-    """The runs' records grouped (in the order of their first appearance) and named."""
+def collect(runs: Iterable[str], metric: str) -> tuple[list[Group], dict[str, list[int]]]:
+    """The runs' records grouped (in the order of their first appearance) and named; and the
+    records left out as they do not record ``metric`` (preset or method -> seeds): `metapl digits`
+    and `reduced` record accuracy_before_finetune for their fine-tuned methods only. A DataError
+    if no record has it."""
     from metapl.errors import DataError
 
     groups: dict[tuple, Group] = {}
+    left_out: dict[str, list[int]] = {}
+    first_left_out = None
     for run in runs:
         path = results_file(run)
         command, config, records = read_results(path)
         for record in records:
+            if metric not in record:
+                name = str(config.get("preset") or record["method"])
+                left_out[name] = sorted({*left_out.get(name, []), record["seed"]})
+                first_left_out = first_left_out or (record, metric, path, records)
+                continue
             settings = {k: v for k, v in config.items() if k not in NOT_RESULTS}
             settings["method"] = record["method"]
             # the config's first: a train record's dataset is its split's name, seed included
@@ -243,9 +255,11 @@ def collect(runs: Iterable[str], metric: str) -> list[Group]:
                 )
             group.values[seed] = _metric(record, metric, path, records)
             group.sources[seed] = path
+    if not groups and first_left_out is not None:
+        _metric(*first_left_out)  # raises: no record has it
     named = list(groups.values())
     _name(named)
-    return named
+    return named, left_out
 
 
 def _name(groups: list[Group]) -> None:
@@ -255,14 +269,25 @@ def _name(groups: list[Group]) -> None:
         same = [g for g in groups if g.base_name == base]
         shown = [{**g.settings, **g.data} for g in same]
         keys = sorted({k for s in shown for k in s})  # a preset's method changed by --set too
-        differ = [k for k in keys if len({json.dumps(s.get(k), default=str) for s in shown}) > 1]
+        # a key a file lacks (written by an older metapl) differs from one it records as null
+        differ = [
+            k
+            for k in keys
+            if len({json.dumps(s[k], default=str) if k in s else "" for s in shown}) > 1
+        ]
         for g, s in zip(same, shown):
-            told = ", ".join(f"{k}={_shown(s.get(k))}" for k in differ)
+            told = ", ".join(f"{k}={_shown(s[k]) if k in s else 'unset'}" for k in differ)
             g.name = f"{base} ({told})" if told else base
     names = [g.name for g in groups]
     for g in groups:
         if names.count(g.name) > 1:
             g.name = f"{g.name} [{g.command or 'no command'}]"
+    # names that still read the same (the string "1" and the number 1, say): numbered, since the
+    # table and the paired differences go by name
+    names = [g.name for g in groups]
+    for i, g in enumerate(groups):
+        if names.count(g.name) > 1:
+            g.name = f"{g.name} #{names[: i + 1].count(g.name)}"
 
 
 def _shown(value: object) -> str:
@@ -337,11 +362,39 @@ def _plot(groups: list[dict], metric: str, path: Path) -> None:
         plt.close(fig)
 
 
+def _check_not_an_input(output: str, option: str, inputs: list[Path]) -> None:
+    """A ConfigError when ``output`` is one of the compared results files, or a run file beside
+    one in its run's folder: check_not_a_result knows a run's folder by the command its
+    results.json names, which files written before metapl recorded it (results/digits/k5) and
+    results.json files copied under another name do not."""
+    from metapl.errors import ConfigError
+    from metapl.report import RUN_FILES
+
+    target = Path(output).resolve()
+    for path in inputs:
+        path = path.resolve()
+        if target == path:
+            raise ConfigError(
+                f"{option} {output} would replace {path}, one of the runs compared; give another "
+                "file name"
+            )
+        if (
+            path.name == "results.json"
+            and target.parent == path.parent
+            and target.name in RUN_FILES
+        ):
+            raise ConfigError(
+                f"{option} {output} would replace a file of the run in {path.parent}, one of the "
+                "runs compared; give another file name"
+            )
+
+
 def run(args: argparse.Namespace) -> None:
     from metapl.errors import ConfigError
     from metapl.report import (
         check_not_a_result,
         check_output_file,
+        format_seeds,
         print_accuracy_table,
         print_paired_differences,
         write_json_atomic,
@@ -359,7 +412,11 @@ def run(args: argparse.Namespace) -> None:
             check_not_a_result(output, option)
     if args.json and args.plot and Path(args.json).resolve() == Path(args.plot).resolve():
         raise ConfigError(f"--json and --plot are both {args.json}; give two file names")
-    groups = collect(args.runs, args.metric)
+    inputs = [results_file(run) for run in args.runs]  # the files, none read yet
+    for output, option in outputs:
+        if output is not None:
+            _check_not_an_input(output, option, inputs)
+    groups, left_out = collect(args.runs, args.metric)
     summaries = [g.summary() for g in groups]
     base = baseline(groups, args.baseline)
     differences, not_paired = paired(groups, base)
@@ -373,6 +430,11 @@ def run(args: argparse.Namespace) -> None:
         print_paired_differences(differences)
         for name, why in not_paired.items():
             print(f"  {name}: not paired: {why}")
+    if left_out:
+        told = "; ".join(
+            f"{name} (seeds {format_seeds(seeds)})" for name, seeds in left_out.items()
+        )
+        print(f"left out (no {args.metric}): {told}")
     if args.json:
         payload = {
             "command": "compare",
@@ -381,6 +443,7 @@ def run(args: argparse.Namespace) -> None:
             "groups": summaries,
             "paired": differences,
             "not_paired": not_paired,
+            "left_out": left_out,
         }
         write_json_atomic(Path(args.json), payload)
     if args.plot:
