@@ -284,7 +284,8 @@ def test_a_run_given_twice_is_refused_naming_both_files(tmp_path, capsys):
     assert code == 2 and out == ""
     assert one_error_line(err) == (
         f"metapl compare: error: {run}/results.json and {copy}/results.json both hold seed 0 of "
-        "digits-uda-mpl under the same configuration: give each run once\n"
+        "digits-uda-mpl under the same configuration (one run given twice, or a rerun): a group takes "
+        "one result per seed; give each run once, and compare a rerun on its own\n"
     )
 
 

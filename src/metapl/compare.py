@@ -251,7 +251,8 @@ def collect(runs: Iterable[str], metric: str) -> tuple[list[Group], dict[str, li
             if seed in group.sources:
                 raise DataError(
                     f"{group.sources[seed]} and {path} both hold seed {seed} of {group.base_name} "
-                    "under the same configuration: give each run once"
+                    "under the same configuration (one run given twice, or a rerun): a group takes one "
+                    "result per seed; give each run once, and compare a rerun on its own"
                 )
             group.values[seed] = _metric(record, metric, path, records)
             group.sources[seed] = path
