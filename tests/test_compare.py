@@ -175,7 +175,10 @@ def test_groups_on_other_data_or_too_few_common_seeds_are_not_paired_and_say_why
     assert code == 0, err
     assert "  supervised (noise=0.05): not paired: other data (noise 0.05, not 0.1)" in out
     # the train runs: dataset digits against the experiment's none, and a single seed
-    assert "  digits-uda-mpl: not paired: other data (dataset digits, not null" in out
+    assert (
+        "  digits-uda-mpl: not paired: data not recorded alike (dataset digits, not unrecorded"
+        in out
+    )
     saved = json.loads((tmp_path / "c.json").read_text())
     assert saved["paired"] == {}
     assert set(saved["not_paired"]) == {"supervised (noise=0.05)", "digits-uda-mpl", "digits-uda"}

@@ -67,6 +67,9 @@ DATA_KEYS = (
     "unlabeled_per_class",
     "noise",
 )
+# A data key neither the file's config nor the record holds (`metapl digits` records no dataset):
+# not the same as a recorded None, and not known to differ either.
+UNRECORDED = "unrecorded"
 # Your own data (`metapl train --preset folder-*`): where its images lie is which images they are,
 # so its data_dir counts, as a setting and as data.
 OWN_DATA = frozenset({"folder", "npz"})
@@ -242,7 +245,7 @@ def collect(runs: Iterable[str], metric: str) -> tuple[list[Group], dict[str, li
             settings = {k: v for k, v in config.items() if k not in NOT_RESULTS}
             settings["method"] = record["method"]
             # the config's first: a train record's dataset is its split's name, seed included
-            data = {k: config[k] if k in config else record.get(k) for k in DATA_KEYS}
+            data = {k: config[k] if k in config else record.get(k, UNRECORDED) for k in DATA_KEYS}
             if config.get("dataset") in OWN_DATA:
                 settings["data_dir"] = data["data_dir"] = config.get("data_dir")
             key = (command, json.dumps([settings, data], sort_keys=True, default=str))
@@ -321,7 +324,9 @@ def paired(groups: list[Group], base: Group) -> tuple[dict[str, dict], dict[str,
             told = ", ".join(
                 f"{k} {_shown(g.data.get(k))}, not {_shown(base.data.get(k))}" for k in other_data
             )
-            not_paired[g.name] = f"other data ({told})"
+            unknown = any(UNRECORDED in (g.data.get(k), base.data.get(k)) for k in other_data)
+            what = "data not recorded alike" if unknown else "other data"
+            not_paired[g.name] = f"{what} ({told})"
             continue
         common = sorted(set(g.values) & set(base.values))
         if len(common) < 2:
