@@ -22,8 +22,8 @@ graph through a differentiable copy of the optimizer's step): it is the yardstic
 and an end-to-end oracle for the exact step.
 
 ``MetaPseudoLabels._step`` runs a step top to bottom: the checks that must pass before anything
-moves (setup_checks.py at construction; batch_checks.py, student_checks.py and update_rules.py
-every step), the teacher's forward, one estimator's student step (which steps the student's
+moves (options.py and setup_checks.py at construction, and options.py again after an option is
+set on the object; batch_checks.py, student_checks.py and update_rules.py every step), the teacher's forward, one estimator's student step (which steps the student's
 optimizer), then the teacher's loss, backward and optimizer step. J's two paths, forward AD and the
 tangent tape, are :class:`metapl.mpl.jvp.JvpPaths`.
 """
@@ -31,7 +31,6 @@ tangent tape, are :class:`metapl.mpl.jvp.JvpPaths`.
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import overload
@@ -59,7 +58,7 @@ from metapl.mpl.batch_checks import (
     check_values,
     teacher_view,
 )
-from metapl.mpl.clipping import NormClip, check_max_norm, clip_
+from metapl.mpl.clipping import NormClip, clip_
 from metapl.mpl.double_backward_checks import (
     check_double_backward_student,
     check_gradient_derivative,
@@ -68,6 +67,7 @@ from metapl.mpl.double_backward_checks import (
 )
 from metapl.mpl.inputs import Input, ModelInput, holding, joint_forward, model_input
 from metapl.mpl.jvp import JvpPaths, UpdatePass
+from metapl.mpl.options import OPTIONS, check_jvp, check_options
 from metapl.mpl.replay import (
     RestorePoint,
     RngState,
@@ -78,13 +78,10 @@ from metapl.mpl.replay import (
     tf32_disabled,
 )
 from metapl.mpl.setup_checks import (
-    check_grad_sync,
     check_listed_once,
     check_models_and_optimizers,
     check_owned,
-    check_temperature,
     check_unshared,
-    is_real,
 )
 from metapl.mpl.student_checks import (
     SPARSE_GRADIENTS,
@@ -93,15 +90,13 @@ from metapl.mpl.student_checks import (
     check_student_takes,
     check_student_update,
 )
-from metapl.mpl.tangent import JVP_MODES, TangentTape, TapeRecord, tolerance
+from metapl.mpl.tangent import TangentTape, TapeRecord, tolerance
 from metapl.mpl.update_rules import (
     check_optimizer,
     optimizer_params,
     reference_update,
     update_factors,
 )
-
-ESTIMATORS = ("exact", "first_order", "double_backward")
 
 
 @dataclass
@@ -219,8 +214,8 @@ class MetaPseudoLabels:
         student_max_grad_norm: float | None = None,
         teacher_max_grad_norm: float | None = None,
     ):
-        options = {name: value for name, value in locals().items() if name in _OPTIONS}
-        _check_options(teacher, student, options)
+        options = {name: value for name, value in locals().items() if name in OPTIONS}
+        check_options(teacher, student, options)
         check_models_and_optimizers(
             teacher, student, teacher_optimizer, student_optimizer, estimator, grad_sync
         )
@@ -439,7 +434,7 @@ class MetaPseudoLabels:
     @jvp.setter
     def jvp(self, mode: str) -> None:
         # the construction's checks: a typo ("tapee") or None ran as "auto", silently
-        _check_jvp(mode, self.estimator)
+        check_jvp(mode, self.estimator)
         self._jvp_paths.mode = mode
 
     @property
@@ -462,11 +457,11 @@ class MetaPseudoLabels:
     def _check_set_options(self) -> None:
         """The constructor's checks of the options again when one was set on the object since
         (``mpl.mpl_weight = ...`` for a warm-up is fine; ``mpl.temperature = 0`` is not)."""
-        options = {name: getattr(self, name) for name in _OPTIONS}
+        options = {name: getattr(self, name) for name in OPTIONS}
         checked = self._options_checked
-        if all(options[n] is checked[n] or options[n] == checked[n] for n in _OPTIONS):
+        if all(options[n] is checked[n] or options[n] == checked[n] for n in OPTIONS):
             return
-        _check_options(self.teacher, self.student, options)
+        check_options(self.teacher, self.student, options)
         self._options_checked = options
         # the models' and optimizers' checks depend on the estimator: run them again
         self._objects_checked = (None, None, None, None)
@@ -915,129 +910,6 @@ class MetaPseudoLabels:
             "student_labeled_after": after.sum(),
             "advantage": advantage.detach().sum(),
         }
-
-
-# The options :func:`_check_options` checks, in its order (each an attribute of the object).
-_OPTIONS = (
-    "estimator",
-    "jvp",
-    "temperature",
-    "supervised_weight",
-    "label_smoothing",
-    "mpl_weight",
-    "student_labeled_weight",
-    "baseline_decay",
-    "check_inputs",
-    "allow_tf32",
-    "allow_student_hooks",
-    "teacher_extra_loss",
-    "grad_sync",
-    "autocast_dtype",
-    "batch_dim",
-    "student_max_grad_norm",
-    "teacher_max_grad_norm",
-)
-
-
-def _check_options(teacher: nn.Module, student: nn.Module, options: dict) -> None:
-    """The options of :class:`MetaPseudoLabels` (by keyword, as its constructor takes them), at
-    construction and again at a step after one was set on the object: ``mpl.temperature = 0``
-    gave NaN parameters, ``mpl.estimator = "exakt"`` ran the first-order step, silently."""
-    (
-        estimator,
-        jvp,
-        temperature,
-        supervised_weight,
-        label_smoothing,
-        mpl_weight,
-        student_labeled_weight,
-        baseline_decay,
-        check_inputs,
-        allow_tf32,
-        allow_student_hooks,
-        teacher_extra_loss,
-        grad_sync,
-        autocast_dtype,
-        batch_dim,
-        student_max_grad_norm,
-        teacher_max_grad_norm,
-    ) = (options[name] for name in _OPTIONS)
-    if estimator not in ESTIMATORS:
-        raise ConfigError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-    _check_jvp(jvp, estimator)
-    # not a number (a string from a config file, None): the comparisons below raised
-    # Python's "'<' not supported between instances of 'int' and 'str'"
-    given = {
-        "temperature": temperature,
-        "supervised_weight": supervised_weight,
-        "label_smoothing": label_smoothing,
-        "mpl_weight": mpl_weight,
-        "student_labeled_weight": student_labeled_weight,
-    }
-    if baseline_decay is not None:
-        given["baseline_decay"] = baseline_decay
-    for name, value in given.items():
-        if not is_real(value):
-            raise ConfigError(f"{name} must be a number, got {value!r}")
-    flags = {
-        "check_inputs": check_inputs,
-        "allow_tf32": allow_tf32,
-        "allow_student_hooks": allow_student_hooks,
-    }
-    for name, flag in flags.items():  # allow_student_hooks="false" was true, silently
-        if not isinstance(flag, bool):
-            raise ConfigError(f"{name} must be True or False, got {flag!r}")
-    check_temperature(temperature)
-    if baseline_decay is not None and not 0.0 <= baseline_decay < 1.0:
-        raise ConfigError(f"baseline_decay must be in [0, 1) or None, got {baseline_decay}")
-    if baseline_decay is not None and estimator != "first_order":  # read by nothing else
-        raise ConfigError(
-            f"baseline_decay applies to estimator='first_order' only; estimator {estimator!r} "
-            "has no baseline: leave it None"
-        )
-    if teacher_extra_loss is not None and not callable(teacher_extra_loss):
-        # failed at the first step as "'int' object is not callable"
-        raise ConfigError(
-            "teacher_extra_loss must be a function of the teacher's logits (TeacherLogits) "
-            f"returning a scalar tensor, or None; got {type(teacher_extra_loss).__name__}"
-        )
-    check_grad_sync(grad_sync, estimator)
-    # A NaN or Inf weight gave a NaN teacher loss at the first step; a negative one trains the
-    # teacher away from its labels or from what helps the student, without a word.
-    weights = {
-        "supervised_weight": supervised_weight,
-        "mpl_weight": mpl_weight,
-        "student_labeled_weight": student_labeled_weight,
-    }
-    for name, weight in weights.items():
-        if not 0.0 <= weight < math.inf:
-            raise ConfigError(f"{name} must be a finite number >= 0, got {weight}")
-    if autocast_dtype not in (None, torch.bfloat16, torch.float16):
-        raise ConfigError(
-            f"autocast_dtype must be None, torch.bfloat16 or torch.float16, got {autocast_dtype!r}"
-        )
-    if not 0.0 <= label_smoothing < 1.0:
-        raise ConfigError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-    # -1 (numpy's "last axis") made every batch "disagree" with its labels' shape ()
-    if isinstance(batch_dim, bool) or not isinstance(batch_dim, int) or batch_dim < 0:
-        raise ConfigError(
-            f"batch_dim must be an integer >= 0 (the dimension of the examples; the ones "
-            f"before it index ensemble members), got {batch_dim!r}"
-        )
-    check_max_norm("student_max_grad_norm", student_max_grad_norm, student, batch_dim)
-    check_max_norm("teacher_max_grad_norm", teacher_max_grad_norm, teacher, batch_dim)
-
-
-def _check_jvp(jvp: object, estimator: str) -> None:
-    """``jvp`` is one of :data:`JVP_MODES`, and the default with another estimator than the
-    exact one (which alone reads it); else a ConfigError."""
-    if jvp not in JVP_MODES:
-        raise ConfigError(f"jvp must be one of {JVP_MODES}, got {jvp!r}")
-    if jvp != "forward_ad" and estimator != "exact":  # read by nothing else
-        raise ConfigError(
-            f"jvp applies to estimator='exact' only; estimator {estimator!r} computes no "
-            "JVP: leave jvp at its default"
-        )
 
 
 def _tf32_allowed(device: torch.device) -> bool:
