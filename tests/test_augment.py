@@ -412,3 +412,18 @@ def test_cutout_center_is_uniform_over_the_whole_image():
     left, right = gray[:, :, 0].any(1).float().mean(), gray[:, :, -1].any(1).float().mean()
     assert abs(top - 9 / 32) < 0.04 and abs(bottom - 8 / 32) < 0.04
     assert abs(left - 9 / 40) < 0.04 and abs(right - 8 / 40) < 0.04
+
+
+@pytest.mark.parametrize("name", ["Color", "Contrast", "Sharpness", "Rotate"])
+def test_ops_differentiate_after_a_call_under_inference_mode(name):
+    """The ops' constant tensors are made once and kept: one first made under
+    torch.inference_mode() must not make a later differentiable call fail ("Inference tensors
+    cannot be saved for backward")."""
+    O._constant.cache_clear()
+    x = torch.rand(2, 3, 8, 8)
+    level = torch.full((2,), 5.0)
+    with torch.inference_mode():
+        OPS[name](x, level)
+    y = x.clone().requires_grad_()
+    OPS[name](y, level).sum().backward()
+    assert y.grad is not None and y.grad.shape == y.shape

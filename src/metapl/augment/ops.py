@@ -48,8 +48,10 @@ def _constant(values: tuple, dtype: torch.dtype, device: torch.device) -> Tensor
     """``torch.tensor(values)`` on ``device``, made once per (values, dtype, device): made from
     Python numbers, a tensor on a GPU is a copy from the host that waits for all the work queued
     there (a host sync), which every RandAugment op that needs one did, at every call. The ops
-    never write into it."""
-    return torch.tensor(values, dtype=dtype, device=device)
+    never write into it. Made outside inference mode: the tensor outlives the call, and a tensor
+    made under ``torch.inference_mode()`` cannot be saved for backward by a later call."""
+    with torch.inference_mode(False):
+        return torch.tensor(values, dtype=dtype, device=device)
 
 
 def _per_image(v: Tensor, x: Tensor) -> Tensor:
