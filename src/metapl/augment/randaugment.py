@@ -8,9 +8,10 @@ ops; per-image policies are what makes the augmented views of an unlabeled batch
 
 Cost: per layer the batch is sorted into one group per op (one argsort plus one bincount, on the
 generator's device: with the CPU generator of training runs the group sizes are known without a
-host sync, for images on a GPU too), and each op runs once, on its own group only. Every image thus goes
-through at most ``num_ops`` ops (each applied with probability ``op_prob``): the work is O(N * num_ops) with at most ``num_ops * len(ops)``
-kernel groups, instead of O(N * len(ops)) for computing every op on every image and selecting.
+host sync, for images on a GPU too), and each op runs once, on its own group only. Every image
+thus goes through at most ``num_ops`` ops (each applied with probability ``op_prob``): the work is
+O(N * num_ops) with at most ``num_ops * len(ops)`` kernel groups, instead of O(N * len(ops)) for
+computing every op on every image and selecting.
 """
 
 from __future__ import annotations

@@ -23,9 +23,10 @@ and an end-to-end oracle for the exact step.
 
 ``MetaPseudoLabels._step`` runs a step top to bottom: the checks that must pass before anything
 moves (options.py and setup_checks.py at construction, and options.py again after an option is
-set on the object; batch_checks.py, student_checks.py and update_rules.py every step), the teacher's forward, one estimator's student step (which steps the student's
-optimizer), then the teacher's loss, backward and optimizer step. J's two paths, forward AD and the
-tangent tape, are :class:`metapl.mpl.jvp.JvpPaths`.
+set on the object; batch_checks.py, student_checks.py and update_rules.py every step), the
+teacher's forward, one estimator's student step (which steps the student's optimizer), then the
+teacher's loss, backward and optimizer step. J's two paths, forward AD and the tangent tape, are
+:class:`metapl.mpl.jvp.JvpPaths`.
 """
 
 from __future__ import annotations

@@ -15,9 +15,10 @@ them a moment earlier, and autograd kept most of them for its backward anyway. S
    order, with hand-written rules for the common operations (conv, linear, BatchNorm, ReLU family,
    SiLU, sigmoid, GELU, + - * /, matmul, reductions, reshapes, pooling, cat, dropout;
    :mod:`metapl.mpl.tangent_rules`) that read the saved primals and theta_t (the clones the step
-   keeps: the optimizer has already moved the parameters in place). A conv costs two convolutions (dx with W, x with dW) instead of forward
-   AD's three; BatchNorm is two of its own fused kernels. Any other operation is differentiated
-   on its own by forward AD from its saved inputs (exact; it recomputes only that node's primal).
+   keeps: the optimizer has already moved the parameters in place). A conv costs two
+   convolutions (dx with W, x with dW) instead of forward AD's three; BatchNorm is two of its own
+   fused kernels. Any other operation is differentiated on its own by forward AD from its saved
+   inputs (exact; it recomputes only that node's primal).
 
 Why a transformed graph rather than an ``fx.Interpreter``: the record pass is the student's training
 forward, run every step, so it should cost what ``student(x)`` costs; generated code has no
