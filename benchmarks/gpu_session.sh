@@ -18,7 +18,8 @@
 #   2. issue 2: the exact-gradient oracle tests in float64 on CUDA (METAPL_TEST_DEVICE=cuda), and
 #      GlobalBatchNorm (sync_batchnorm) on CUDA tensors: 2 gloo processes sharing the one GPU;
 #      multi-tensor inputs, and the optimizer and input checks (capturable=True on CUDA included);
-#      steady training steps on CUDA under torch's sync debug mode (no synchronizing call)
+#      steady training steps on CUDA under torch's sync debug mode (no synchronizing call), and
+#      the batch's copies to the GPU from pinned memory
 #   3. issue 3 item 10: 300 real UDA+MPL training steps at Table 3's batch sizes (steps/s, memory)
 #   4. issue 5: `metapl bench` in fp32 (TF32 policy, numerics)
 #   5. benchmarks/goals.py: issue 5's bars against the bench files, met or not
@@ -66,7 +67,7 @@ step bench_bf16 120 python3 -m metapl bench --quiet --device $dev --precision bf
 step oracle 100 env METAPL_TEST_DEVICE=$dev python3 -m pytest -q -p no:cacheprovider \
   tests/test_exact_gradient.py tests/test_double_backward_step.py tests/test_sync_batchnorm.py \
   tests/test_multi_input.py tests/test_step_late_errors.py tests/test_attention_student.py \
-  tests/test_host_syncs.py
+  tests/test_host_syncs.py tests/test_transfer.py
 step train_throughput 90 python3 benchmarks/train_throughput.py --device $dev --precision bf16 \
   --steps $steps --warmup $((steps < 20 ? 1 : 20)) --json "$results/train_throughput_${gpu}_bf16.json" \
   "${train_size[@]}"
