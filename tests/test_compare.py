@@ -252,6 +252,11 @@ def test_the_plot_is_a_png_and_the_json_and_plot_must_differ(tmp_path, capsys):
             "{d} holds no results.json: the run has not finished (its command, run again, resumes",
         ),
         (
+            lambda d: (d / "best.toml").write_text("") == 0 and d,
+            "{d} holds no results.json: a `metapl tune` study's folder; its trials are run folders: "
+            "{d}/trials/*/*",
+        ),
+        (
             lambda d: (d / "results.json").write_text('{"results": [') and d,
             "{d}/results.json: cannot read it (not valid JSON); a metapl results.json is JSON",
         ),
@@ -269,7 +274,15 @@ def test_the_plot_is_a_png_and_the_json_and_plot_must_differ(tmp_path, capsys):
             "{d}/r.json holds no records of a method and a seed",
         ),
     ],
-    ids=["missing", "empty-folder", "unfinished-run", "broken-json", "bench-file", "bool-seed"],
+    ids=[
+        "missing",
+        "empty-folder",
+        "unfinished-run",
+        "tune-study",
+        "broken-json",
+        "bench-file",
+        "bool-seed",
+    ],
 )
 def test_what_compare_cannot_read_is_one_line_naming_it(tmp_path, capsys, make, message):
     run = make(tmp_path)

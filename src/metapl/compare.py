@@ -142,12 +142,12 @@ def results_file(run: str) -> Path:
         raise DataError(f"{run} does not exist: give a finished run's folder or its results.json")
     if path.is_dir():
         if not (path / "results.json").is_file():
-            unfinished = (path / "checkpoint.pt").is_file()
-            hint = (
-                ": the run has not finished (its command, run again, resumes it)"
-                if unfinished
-                else " (a finished metapl run writes it into its --out)"
-            )
+            if (path / "checkpoint.pt").is_file():
+                hint = ": the run has not finished (its command, run again, resumes it)"
+            elif (path / "trials").is_dir() or (path / "best.toml").is_file():
+                hint = f": a `metapl tune` study's folder; its trials are run folders: {path}/trials/*/*"
+            else:
+                hint = " (a finished metapl run writes it into its --out)"
             raise DataError(f"{run} holds no results.json{hint}")
         path = path / "results.json"
     return path
