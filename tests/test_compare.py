@@ -166,6 +166,27 @@ def test_an_experiment_folder_gives_a_group_per_method_and_baseline_picks_the_re
     )
 
 
+def test_only_keeps_the_methods_or_presets_named(tmp_path, capsys):
+    """--only picks rows of an experiment by method and train runs by preset, so that a folder's
+    other methods neither print nor clash with another folder's."""
+    run = experiment(tmp_path / "tm", {"supervised": [0.8, 0.7], "mpl": [0.9, 0.7], "x": [0, 0]})
+    rerun = experiment(tmp_path / "tm2", {"supervised": [0.8, 0.7]})  # clashes unless left out
+    trains = [train_run(tmp_path / f"t{s}", s, 0.9) for s in (0, 1)]
+    code, out, err = compare(capsys, run, rerun, *trains, "--only", "mpl,digits-uda-mpl")
+    assert code == 0, err
+    names = [line.split("  ")[1].strip() for line in out.splitlines()[1:3]]
+    assert names == ["mpl", "digits-uda-mpl"]
+    assert "supervised" not in out and "x " not in out
+    code, out, err = compare(capsys, run, "--only", "mpl,MPL")
+    assert code == 2 and out == ""
+    assert one_error_line(err) == (
+        "metapl compare: error: --only MPL: none of the runs has it; they have: mpl, supervised, "
+        "x\n"
+    )
+    code, out, err = compare(capsys, run, "--only", ",")
+    assert code == 2 and "--only is empty" in one_error_line(err)
+
+
 def test_groups_on_other_data_or_too_few_common_seeds_are_not_paired_and_say_why(tmp_path, capsys):
     a = experiment(tmp_path / "a", {"supervised": [0.8, 0.7]})
     b = experiment(tmp_path / "b", {"supervised": [0.6, 0.5]}, noise=0.05)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -121,6 +121,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the records' accuracy to compare (default: accuracy, on the test set; others: "
         "tune_accuracy, accuracy_before_finetune, teacher_test_accuracy, ... where the runs "
         "recorded them)",
+    )
+    parser.add_argument(
+        "--only",
+        metavar="NAMES",
+        help="keep only these methods or presets, comma-separated (e.g. uda,uda_mpl)",
     )
     parser.add_argument(
         "--baseline",
@@ -223,20 +228,28 @@ def _is_number(v: object) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def collect(runs: Iterable[str], metric: str) -> tuple[list[Group], dict[str, list[int]]]:
+def collect(
+    runs: Iterable[str], metric: str, only: Collection[str] | None = None
+) -> tuple[list[Group], dict[str, list[int]]]:
     """The runs' records grouped (in the order of their first appearance) and named; and the
     records left out as they do not record ``metric`` (preset or method -> seeds): `metapl digits`
     and `reduced` record accuracy_before_finetune for their fine-tuned methods only. A DataError
-    if no record has it."""
-    from metapl.errors import DataError
+    if no record has it. ``only``: the methods or presets to keep (``--only``), None for all; a
+    name none of the runs has is a ConfigError."""
+    from metapl.errors import ConfigError, DataError
 
     groups: dict[tuple, Group] = {}
     left_out: dict[str, list[int]] = {}
     first_left_out = None
+    seen: set[str] = set()
     for run in runs:
         path = results_file(run)
         command, config, records = read_results(path)
         for record in records:
+            names = {record["method"], str(config.get("preset"))}
+            seen |= names
+            if only is not None and not names & set(only):
+                continue
             if metric not in record:
                 name = str(config.get("preset") or record["method"])
                 left_out[name] = sorted({*left_out.get(name, []), record["seed"]})
@@ -259,6 +272,10 @@ def collect(runs: Iterable[str], metric: str) -> tuple[list[Group], dict[str, li
                 )
             group.values[seed] = _metric(record, metric, path, records)
             group.sources[seed] = path
+    missing = sorted(set(only or ()) - seen)
+    if missing:
+        have = ", ".join(sorted(seen - {"None"}))
+        raise ConfigError(f"--only {missing[0]}: none of the runs has it; they have: {have}")
     if not groups and first_left_out is not None:
         _metric(*first_left_out)  # raises: no record has it
     named = list(groups.values())
@@ -422,7 +439,10 @@ def run(args: argparse.Namespace) -> None:
     for output, option in outputs:
         if output is not None:
             _check_not_an_input(output, option, inputs)
-    groups, left_out = collect(args.runs, args.metric)
+    only = [n for n in args.only.split(",") if n] if args.only is not None else None
+    if only is not None and not only:
+        raise ConfigError("--only is empty; give methods or presets, comma-separated")
+    groups, left_out = collect(args.runs, args.metric, only)
     summaries = [g.summary() for g in groups]
     base = baseline(groups, args.baseline)
     differences, not_paired = paired(groups, base)
