@@ -255,20 +255,15 @@ def collect(
                 left_out[name] = sorted({*left_out.get(name, []), record["seed"]})
                 first_left_out = first_left_out or (record, metric, path, records)
                 continue
-            settings = {k: v for k, v in config.items() if k not in NOT_RESULTS}
-            settings["method"] = record["method"]
-            # the config's first: a train record's dataset is its split's name, seed included
-            data = {k: config[k] if k in config else record.get(k, UNRECORDED) for k in DATA_KEYS}
-            if config.get("dataset") in OWN_DATA:
-                settings["data_dir"] = data["data_dir"] = config.get("data_dir")
+            settings, data = _settings_and_data(config, record)
             key = (command, json.dumps([settings, data], sort_keys=True, default=str))
             group = groups.setdefault(key, Group(command, settings, data))
             seed = record["seed"]
             if seed in group.sources:
                 raise DataError(
                     f"{group.sources[seed]} and {path} both hold seed {seed} of {group.base_name} "
-                    "under the same configuration (one run given twice, or a rerun): a group takes one "
-                    "result per seed; give each run once, and compare a rerun on its own"
+                    "under the same configuration (one run given twice, or a rerun): a group "
+                    "takes one result per seed; give each run once, and compare a rerun on its own"
                 )
             group.values[seed] = _metric(record, metric, path, records)
             group.sources[seed] = path
@@ -281,6 +276,18 @@ def collect(
     named = list(groups.values())
     _name(named)
     return named, left_out
+
+
+def _settings_and_data(config: dict, record: dict) -> tuple[dict, dict]:
+    """What defines a record's group (its file's config but :data:`NOT_RESULTS`, and its method),
+    and what its seeds' examples are (:data:`DATA_KEYS`)."""
+    settings = {k: v for k, v in config.items() if k not in NOT_RESULTS}
+    settings["method"] = record["method"]
+    # the config's first: a train record's dataset is its split's name, seed included
+    data = {k: config[k] if k in config else record.get(k, UNRECORDED) for k in DATA_KEYS}
+    if config.get("dataset") in OWN_DATA:
+        settings["data_dir"] = data["data_dir"] = config.get("data_dir")
+    return settings, data
 
 
 def _name(groups: list[Group]) -> None:
