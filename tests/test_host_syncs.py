@@ -95,6 +95,16 @@ class HostReads(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+def _short_run(preset: str, overrides: dict, device: torch.device):
+    """(config, Run, BatchSource) of a 6-step run of ``preset`` on ``device``, as engine.train
+    builds them."""
+    settings = {"steps": 6, "warmup_steps": 2, "uda_warmup_steps": 2, "device": device.type}
+    cfg = apply_overrides(load_preset(preset), {**settings, **overrides}).validate()
+    split = load_data(cfg)
+    run = Run(cfg, split, device, DataParallel())
+    return cfg, run, BatchSource(split, cfg, run.method.views, device, None, shard=(0, 1))
+
+
 def test_augmentations_read_no_value_of_the_images_device():
     images = torch.rand(32, 3, 16, 16, device="meta")
     generator = torch.Generator().manual_seed(0)
@@ -141,11 +151,7 @@ def test_the_host_read_check_sees_a_read_in_a_step():
 def test_a_training_step_reads_nothing_of_the_device_on_the_host(preset, overrides):
     """Steady-state steps (the first ones run once-only checks, which may read values): every
     host read is one of HOST_SIDE, none of a loss, a gradient or an image."""
-    settings = {"steps": 6, "warmup_steps": 2, "uda_warmup_steps": 2, "device": "cpu"}
-    cfg = apply_overrides(load_preset(preset), {**settings, **overrides}).validate()
-    split = load_data(cfg)
-    run = Run(cfg, split, torch.device("cpu"), DataParallel())
-    source = BatchSource(split, cfg, run.method.views, torch.device("cpu"), None, shard=(0, 1))
+    cfg, run, source = _short_run(preset, overrides, torch.device("cpu"))
     for _ in range(3):
         run.advance(source)
     reads = HostReads()
@@ -172,12 +178,7 @@ def test_on_a_gpu_steady_training_steps_make_no_synchronizing_call(overrides):
     copies of the batch and of the augmentation's draws (metapl.transfer) are not among them."""
     import warnings
 
-    device = torch.device("cuda")
-    settings = {"steps": 6, "warmup_steps": 2, "uda_warmup_steps": 2, "device": "cuda"}
-    cfg = apply_overrides(load_preset("digits-uda-mpl"), {**settings, **overrides}).validate()
-    split = load_data(cfg)
-    run = Run(cfg, split, device, DataParallel())
-    source = BatchSource(split, cfg, run.method.views, device, None, shard=(0, 1))
+    _, run, source = _short_run("digits-uda-mpl", overrides, torch.device("cuda"))
     for _ in range(3):
         run.advance(source)
     torch.cuda.synchronize()

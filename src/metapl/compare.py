@@ -246,7 +246,7 @@ def collect(
         path = results_file(run)
         command, config, records = read_results(path)
         for record in records:
-            names = {record["method"], str(config.get("preset"))}
+            names = {record["method"], *([str(config["preset"])] if config.get("preset") else [])}
             seen |= names
             if only is not None and not names & set(only):
                 continue
@@ -269,7 +269,7 @@ def collect(
             group.sources[seed] = path
     missing = sorted(set(only or ()) - seen)
     if missing:
-        have = ", ".join(sorted(seen - {"None"}))
+        have = ", ".join(sorted(seen))
         raise ConfigError(f"--only {missing[0]}: none of the runs has it; they have: {have}")
     if not groups and first_left_out is not None:
         _metric(*first_left_out)  # raises: no record has it
