@@ -18,10 +18,11 @@ from metapl.distributed import (
     torchrun_process_group,
     torchrun_world,
 )
-from metapl.errors import ConfigError
+from metapl.errors import ConfigError, NonFiniteLossError
 from metapl.train.config import LARGE_TEACHER_METHODS, METHODS, apply_overrides
 from metapl.train.data import BatchSource
 from metapl.train.engine import Run, load_data
+from metapl.train.guards import NonFiniteWatch
 from metapl.train.presets import load_preset
 
 OPTIMIZERS = {
@@ -136,8 +137,19 @@ def _data_parallel_helpers(rank: int) -> dict:
     # a parameter without a gradient (None) is skipped, the others still averaged in place
     grads = [torch.full((2,), float(rank)), None, torch.full((3,), 10.0 * rank)]
     GradientAverager().mean_(grads)
+    # the engine's NaN/Inf watch: rank 1's loss goes bad at its 2nd step, rank 0's at its 3rd
+    watch = NonFiniteWatch(10)
+    for i in range(3):
+        watch.observe({"loss": torch.tensor(float("nan") if i >= 2 - rank else 1.0)})
+    try:
+        watch.check({}, 13, dp.earliest)
+        stopped = None
+    except NonFiniteLossError as err:
+        stopped = str(err)
     return {
         "rank": dp.rank,
+        "earliest": dp.earliest([5 * rank, 7 - rank]),
+        "stopped": stopped,
         "state": model.state_dict(),
         "metrics": {k: float(v) for k, v in metrics.items()},
         "object": dp.broadcast_object(f"from rank {rank}"),
@@ -237,6 +249,13 @@ def test_data_parallel_helpers_share_rank_0s_weights_and_mean_metrics(two_proces
     assert float(results[0]["state"]["1.running_mean"][0]) == 1.0
     assert results[0]["metrics"] == results[1]["metrics"] == {"loss": 0.5, "lr": 0.5}
     assert results[0]["object"] == results[1]["object"] == "from rank 0"
+
+
+def test_every_rank_stops_at_the_earliest_non_finite_step_of_any_rank(two_process_results):
+    results = [torch.load(two_process_results / f"helpers{r}.pt") for r in (0, 1)]
+    assert results[0]["earliest"] == results[1]["earliest"] == [0, 6]
+    assert results[0]["stopped"] == results[1]["stopped"]
+    assert results[0]["stopped"].startswith("step 12: loss was not finite (found at step 13,")
 
 
 def test_data_parallel_syncs_buffers_only_pairs_metrics_by_name_and_skips_none_grads(

@@ -133,8 +133,9 @@ def test_the_reported_accuracy_is_the_emas_the_teachers_is_only_recorded(run):
 # --- NaN metrics stop the run at the first step that logs or checkpoints them --------------------
 
 
-def _poison_metric_at(monkeypatch, step: int) -> None:
-    """From step ``step`` (1-based) on, the method reports a NaN metric; the weights stay finite."""
+def _poison_metric_at(monkeypatch, step: int, last: int | None = None, value=float("nan")) -> None:
+    """From step ``step`` (1-based) on, to ``last`` if given, the method reports a NaN (or
+    ``value``) metric; the weights stay finite."""
     real = engine.build_method
 
     def build(*args, **kwargs):
@@ -143,8 +144,8 @@ def _poison_metric_at(monkeypatch, step: int) -> None:
 
         def poisoned(batch):
             metrics = step_fn(batch)
-            if batch.step + 1 >= step:
-                metrics = {**metrics, "student_loss": torch.tensor(float("nan"))}
+            if step <= batch.step + 1 <= (last or batch.step + 1):
+                metrics = {**metrics, "student_loss": torch.tensor(value)}
             return metrics
 
         method.step = poisoned
@@ -168,12 +169,48 @@ def test_a_nan_metric_stops_at_the_first_checkpoint_or_log_step(
     )
     _poison_metric_at(monkeypatch, 2)
     stop = min(checkpoint_every, log_every)
-    with pytest.raises(NonFiniteLossError, match=f"^step {stop}: student_loss is nan"):
+    found = "is nan" if stop == 2 else r"was not finite \(found at step 3, where it is nan\)"
+    with pytest.raises(NonFiniteLossError, match=f"^step 2: student_loss {found}; the run stopped"):
         engine.train(cfg, tmp_path / "run", show_progress=False)
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
     assert not any(
         name == "student_loss" for _, name, _ in read_rows(tmp_path / "run" / "metrics.csv")
     )
+
+
+def test_a_loss_that_was_nan_between_two_logs_stops_the_run_naming_its_step(tmp_path, monkeypatch):
+    """Inf at step 3 only, finite again at step 4 where the run logs, checkpoints and evaluates:
+    every step's losses are watched, so the run stops there, names step 3 and writes nothing of
+    step 4 (checking only the logged step's values let it run to the end)."""
+    cfg = apply_overrides(
+        _digits_config(),
+        {"method": "supervised", "steps": 6, "eval_every": 4, "log_every": 4}
+        | {"checkpoint_every": 4},
+    )
+    _poison_metric_at(monkeypatch, 3, last=3, value=float("inf"))
+    with pytest.raises(
+        NonFiniteLossError,
+        match=r"^step 3: student_loss was not finite \(found at step 4, where it is finite again\)",
+    ):
+        engine.train(cfg, tmp_path / "run", show_progress=False)
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    assert not (tmp_path / "run" / "results.json").exists()
+    assert not read_rows(tmp_path / "run" / "metrics.csv")  # neither its losses nor accuracies
+
+
+def test_a_nan_at_an_evaluation_step_stops_before_the_evaluation(tmp_path, monkeypatch):
+    """An evaluation step that neither logs nor checkpoints checks the losses too: accuracies of
+    a NaN step reach neither metrics.csv nor a tuning study's callback."""
+    cfg = apply_overrides(
+        _digits_config(),
+        {"method": "supervised", "steps": 6, "eval_every": 2, "log_every": 100}
+        | {"checkpoint_every": 100},
+    )
+    _poison_metric_at(monkeypatch, 2)
+    seen = []
+    with pytest.raises(NonFiniteLossError, match=r"^step 2: student_loss is nan; "):
+        engine.train(cfg, tmp_path / "run", show_progress=False, on_eval=lambda *a: seen.append(a))
+    assert seen == [] and not read_rows(tmp_path / "run" / "metrics.csv")
 
 
 # --- resume: the progress bar, and what a checkpoint carries besides the models -----------------

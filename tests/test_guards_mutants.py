@@ -7,14 +7,15 @@ import math
 
 import pytest
 import torch
+from test_nonfinite_watch import check_once
 
 from metapl.errors import NonFiniteLossError
-from metapl.train.guards import check_finite, to_floats
+from metapl.train.guards import to_floats
 
 
 def test_one_bad_plain_number_among_good_ones_stops_the_run():
     with pytest.raises(NonFiniteLossError, match="step 2: b_lr is nan"):
-        check_finite({"a_acc": 0.5, "b_lr": math.nan, "loss": torch.tensor(1.0)}, step=2)
+        check_once({"a_acc": 0.5, "b_lr": math.nan, "loss": torch.tensor(1.0)}, step=2)
 
 
 def test_each_tensor_of_a_group_keeps_its_own_value():

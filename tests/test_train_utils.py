@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_nonfinite_watch import check_once
 from torch import nn
 
 from metapl.errors import CheckpointError, ConfigError, NonFiniteLossError
@@ -28,7 +29,7 @@ from metapl.train.checkpoint import (
     save_checkpoint,
 )
 from metapl.train.ema import EMA
-from metapl.train.guards import check_finite, to_floats
+from metapl.train.guards import to_floats
 from metapl.train.metrics_log import MetricsLogger
 from metapl.train.schedule import make_scheduler, warmup_cosine
 
@@ -643,17 +644,17 @@ def test_metrics_logger_without_tensorboard_warns_once(tmp_path: Path, monkeypat
 
 def test_check_finite_and_to_floats():
     metrics = {"b_loss": torch.tensor(1.5), "a_acc": 0.25, "c": torch.tensor(2, dtype=torch.int64)}
-    check_finite(metrics, step=3)
+    check_once(metrics, step=3)
     floats = to_floats(metrics)
     assert floats == {"b_loss": 1.5, "a_acc": 0.25, "c": 2.0}
     assert list(floats) == list(metrics) and all(type(v) is float for v in floats.values())
 
     bad = {"z_loss": torch.tensor(math.nan), "teacher_loss": torch.tensor(math.nan), "ok": 1.0}
     with pytest.raises(NonFiniteLossError, match=r"^step 1234: teacher_loss is nan; the run stop"):
-        check_finite(bad, step=1234)
+        check_once(bad, step=1234)
     with pytest.raises(NonFiniteLossError, match="step 5: a is inf"):
-        check_finite({"a": math.inf, "b": torch.tensor(1.0)}, step=5)
+        check_once({"a": math.inf, "b": torch.tensor(1.0)}, step=5)
     with pytest.raises(NonFiniteLossError, match="grads contains -inf"):
-        check_finite({"grads": torch.tensor([1.0, -math.inf]), "x": torch.tensor(0.0)}, step=1)
+        check_once({"grads": torch.tensor([1.0, -math.inf]), "x": torch.tensor(0.0)}, step=1)
     with pytest.raises(ValueError, match="not a scalar"):
         to_floats({"v": torch.ones(2)})

@@ -134,6 +134,14 @@ class DataParallel:
         flat.div_(self.world_size)
         return dict(zip(names, flat.unbind()))
 
+    def earliest(self, values: list[int]) -> list[int]:
+        """The element-wise minimum of ``values`` over ranks (each rank passing as many)."""
+        if not self.enabled or not values:
+            return values
+        flat = torch.tensor(values, dtype=torch.int64, device=self._device())
+        dist.all_reduce(flat, op=dist.ReduceOp.MIN)
+        return flat.tolist()
+
     @torch.no_grad()
     def broadcast_(self, modules: Iterable[nn.Module]) -> None:
         """Copy rank 0's parameters and buffers into every rank's modules."""

@@ -44,7 +44,7 @@ from metapl.train.checkpoint import (
 from metapl.train.config import TrainConfig
 from metapl.train.data import BatchSource, evaluate, model_input, stream_seed
 from metapl.train.ema import EMA
-from metapl.train.guards import check_finite, check_finite_weights, to_floats
+from metapl.train.guards import NonFiniteWatch, check_finite_weights, to_floats
 from metapl.train.large_teacher import check_large_teacher, prepare_large_teacher_data
 from metapl.train.metrics_log import MetricsLogger
 from metapl.train.schedule import make_scheduler
@@ -519,16 +519,18 @@ def train(
             desc=cfg.preset or cfg.method,
             dynamic_ncols=True,
         )
+        watch = NonFiniteWatch(run.step)  # every step's losses, read at the checks below
         while run.step < run.total_steps:
             metrics = run.advance(source)
+            watch.observe(metrics)
             bar.update()
             last = run.step == run.total_steps
             if run.step % cfg.log_every == 0 or run.step % cfg.checkpoint_every == 0 or last:
                 # The mean over ranks: each loss is the whole global batch's (a batch mean of equal
-                # slices), and every rank takes the same NaN/Inf decision below.
+                # slices).
                 metrics = dp.mean_metrics(metrics)
             if run.step % cfg.log_every == 0 or last:
-                check_finite(metrics, run.step)
+                watch.check(metrics, run.step, dp.earliest)  # all ranks decide alike
                 values = {**to_floats(metrics), **run.learning_rates()}
                 logger.log(run.step, values)
                 # refresh=False: shown at the next redraw (a log file gets one every 30 s)
@@ -536,8 +538,11 @@ def train(
                 bar.set_postfix(losses, refresh=False)
             if watched is not None:
                 watched.maybe_record(run.step)
+            evaluating = run.step % cfg.eval_every == 0 or last or run.step == cfg.steps
+            if evaluating:  # no accuracy of NaN weights reaches the log or a tuning study
+                watch.check(metrics, run.step, dp.earliest)
             # Rank 0 evaluates; the others wait for it in the next step's first all-reduce.
-            if dp.is_main and (run.step % cfg.eval_every == 0 or last or run.step == cfg.steps):
+            if dp.is_main and evaluating:
                 accuracies = _accuracies(run, amp)
                 logger.log(run.step, accuracies)
                 if on_eval is not None:
@@ -545,7 +550,7 @@ def train(
                 if run.step == cfg.steps and run.finetune is not None:
                     run.before_finetune = accuracies
             if run.step % cfg.checkpoint_every == 0 or last:
-                check_finite(metrics, run.step)  # never write a NaN checkpoint
+                watch.check(metrics, run.step, dp.earliest)  # never write a NaN checkpoint
                 # BatchNorm running statistics are rank-local: every rank takes rank 0's, so each
                 # holds exactly the state saved (and a resumed run continues from it).
                 dp.broadcast_buffers_(_weights(run).values())

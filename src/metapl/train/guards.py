@@ -1,15 +1,17 @@
 """Stop on NaN/Inf losses and weights before they reach a checkpoint, and turn metric tensors into
 floats.
 
-:func:`check_finite` and :func:`to_floats` cost one host-device synchronisation for the whole
-metrics dict instead of one per ``.item()`` (:func:`check_finite_weights` one per model): on a GPU
-each sync stalls the pipeline, and a step logs a dozen values.
+:class:`NonFiniteWatch` checks every step's metrics on their device, without a sync, and reads
+what it saw with one host-device synchronisation at the steps that log, evaluate or checkpoint;
+:func:`to_floats` reads the whole metrics dict with one sync instead of one per ``.item()``
+(:func:`check_finite_weights` one per model): on a GPU each sync stalls the pipeline, and a step
+logs a dozen values.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
@@ -26,34 +28,100 @@ def _describe(value: torch.Tensor | float) -> str:
     return ("is " if len(values) == 1 else "contains ") + " and ".join(kinds)
 
 
-def check_finite(metrics: Mapping[str, torch.Tensor | float], step: int) -> None:
-    """Raise :class:`NonFiniteLossError` naming the first (by sorted name) non-finite metric.
+# "Never": the offset a metric holds while it has been finite at every step observed.
+_NEVER = torch.iinfo(torch.int64).max
 
-    Tensors may have any shape (every element must be finite); plain numbers are checked on the host.
+
+class NonFiniteWatch:
+    """Every step's metrics checked for NaN/Inf where they live; read at log and checkpoint steps.
+
+    Why: reading the losses on the host every step would make a GPU wait every step (see
+    docs/design.md, "No host syncs inside a training step"), while checking only the steps that
+    log would miss a loss that was NaN in between and, when the NaN spread to the weights, name a
+    later step than the one that went wrong. :meth:`observe` keeps, on the metrics' device, the
+    first step since the last check at which each metric was not finite (a few small kernels, no
+    read); :meth:`check` reads that with one sync and raises :class:`NonFiniteLossError` naming the
+    metric and its first bad step. With several processes the earliest step over all ranks is taken,
+    so every rank stops at the same check with the same message.
     """
-    tensors = [v for v in metrics.values() if isinstance(v, torch.Tensor)]
-    floats_ok = all(math.isfinite(v) for v in metrics.values() if not isinstance(v, torch.Tensor))
-    tensors_ok = True
-    if tensors:
-        device = tensors[0].device
-        # Per-tensor checks stay on the device; one stack + .item() is the only sync.
-        flags = torch.stack([torch.isfinite(t.detach()).all().to(device) for t in tensors])
-        tensors_ok = bool(flags.all().item())
-    if floats_ok and tensors_ok:
-        return
-    for name in sorted(metrics):
-        value = metrics[name]
-        finite = (
-            bool(torch.isfinite(value.detach()).all())
-            if isinstance(value, torch.Tensor)
-            else math.isfinite(value)
+
+    def __init__(self, step: int):
+        self._start(step)
+
+    def _start(self, step: int) -> None:
+        self._since = step  # the run's step at the last check; observations count from it
+        self._observed = 0
+        # (metric names, first bad observation per name as int64 on the metrics' device); a new
+        # segment starts when the names change (fine-tuning's metrics follow the method's).
+        self._segments: list[tuple[tuple[str, ...], torch.Tensor]] = []
+        self._plain: dict[str, int] = {}  # metrics that are Python numbers: checked on the host
+
+    def observe(self, metrics: Mapping[str, torch.Tensor | float]) -> None:
+        """Record which of this step's metrics are not finite, without reading any tensor."""
+        self._observed += 1
+        tensors = {k: v for k, v in sorted(metrics.items()) if isinstance(v, torch.Tensor)}
+        for name, value in metrics.items():
+            if not isinstance(value, torch.Tensor):
+                first = self._plain.get(name, _NEVER)
+                self._plain[name] = first if math.isfinite(value) else min(first, self._observed)
+        if not tensors:
+            return
+        names = tuple(tensors)
+        device = next(iter(tensors.values())).device
+        if not self._segments or self._segments[-1][0] != names:
+            never = torch.full((len(names),), _NEVER, dtype=torch.int64, device=device)
+            self._segments.append((names, never))
+        firsts = self._segments[-1][1]
+        finite = torch.stack(
+            [torch.isfinite(t.detach()).all().to(device) for t in tensors.values()]
         )
-        if not finite:
-            raise NonFiniteLossError(
-                f"step {step}: {name} {_describe(value)}; the run stopped before writing a "
-                "checkpoint. Lower the learning rate or check the inputs for NaN/Inf, then start "
-                "again (the same options would fail the same way)"
+        # A Python number in masked_fill_ is a kernel argument, not a copy from the host.
+        firsts.masked_fill_(~finite & (firsts == _NEVER), self._observed)
+
+    def check(
+        self,
+        metrics: Mapping[str, torch.Tensor | float],
+        step: int,
+        earliest_over_ranks: Callable[[list[int]], list[int]] | None = None,
+    ) -> None:
+        """Raise :class:`NonFiniteLossError` if a metric observed since the last check was not
+        finite; ``metrics`` are this step's (to say what the metric is now). Then start afresh.
+
+        ``earliest_over_ranks`` (element-wise minimum over processes, every rank calling it at the
+        same steps with the same names) makes the decision and the message the same on every rank.
+        """
+        names = [n for seg_names, _ in self._segments for n in seg_names] + list(self._plain)
+        # A sync per segment: one, or two across the start of fine-tuning.
+        firsts = [v for _, seg_firsts in self._segments for v in seg_firsts.tolist()]
+        firsts += list(self._plain.values())
+        if earliest_over_ranks is not None:
+            firsts = earliest_over_ranks(firsts)
+        since = self._since
+        self._start(step)
+        bad = sorted((offset, name) for name, offset in zip(names, firsts) if offset != _NEVER)
+        if not bad:
+            return
+        offset, name = bad[0]
+        now = metrics.get(name)
+        if since + offset == step and now is not None:
+            what = f"step {step}: {name} {_describe(now)}"
+        else:
+            state = "is finite again" if now is None or _is_finite(now) else _describe(now)
+            what = (
+                f"step {since + offset}: {name} was not finite (found at step {step}, where it "
+                f"{state})"
             )
+        raise NonFiniteLossError(
+            f"{what}; the run stopped before writing a checkpoint. Lower the learning rate or "
+            "check the inputs for NaN/Inf, then start again (the same options would fail the same "
+            "way)"
+        )
+
+
+def _is_finite(value: torch.Tensor | float) -> bool:
+    if isinstance(value, torch.Tensor):
+        return bool(torch.isfinite(value.detach()).all())
+    return math.isfinite(value)
 
 
 def check_finite_weights(models: Mapping[str, nn.Module], step: int) -> None:
