@@ -72,9 +72,16 @@ class NonFiniteWatch:
             never = torch.full((len(names),), _NEVER, dtype=torch.int64, device=device)
             self._segments.append((names, never))
         firsts = self._segments[-1][1]
-        finite = torch.stack(
-            [torch.isfinite(t.detach()).all().to(device) for t in tensors.values()]
-        )
+        values = list(tensors.values())
+        with torch.no_grad():
+            if all(
+                t.dim() == 0 and (t.dtype, t.device) == (values[0].dtype, device) for t in values
+            ):
+                # The usual case, one stack: a few microseconds, where one check per loss took
+                # ten times as long on a CPU (a sizeable share of the digits CNN's small steps).
+                finite = torch.isfinite(torch.stack(values).to(device))
+            else:
+                finite = torch.stack([torch.isfinite(t).all().to(device) for t in values])
         # A Python number in masked_fill_ is a kernel argument, not a copy from the host.
         firsts.masked_fill_(~finite & (firsts == _NEVER), self._observed)
 
