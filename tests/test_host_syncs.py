@@ -29,6 +29,7 @@ from metapl.distributed import DataParallel
 from metapl.train.config import apply_overrides
 from metapl.train.data import BatchSource
 from metapl.train.engine import Run, load_data
+from metapl.train.guards import NonFiniteWatch
 from metapl.train.presets import load_preset
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -152,21 +153,23 @@ def test_a_training_step_reads_nothing_of_the_device_on_the_host(preset, overrid
     """Steady-state steps (the first ones run once-only checks, which may read values): every
     host read is one of HOST_SIDE, none of a loss, a gradient or an image."""
     cfg, run, source = _short_run(preset, overrides, torch.device("cpu"))
+    watch = NonFiniteWatch(0)  # the engine's NaN/Inf check of every step's losses
     for _ in range(3):
-        run.advance(source)
+        watch.observe(run.advance(source))
     reads = HostReads()
     with reads:
         for _ in range(3):
-            run.advance(source)
+            watch.observe(run.advance(source))
     if cfg.finetune_steps:
-        run.advance(source)  # the first fine-tuning step
+        watch.observe(run.advance(source))  # the first fine-tuning step
         with reads:
             for _ in range(2):
-                run.advance(source)
+                watch.observe(run.advance(source))
     assert run.step == (9 if cfg.finetune_steps else 6)
     unexpected = {k: n for k, n in reads.seen.items() if k not in HOST_SIDE}
     assert not unexpected, unexpected
     assert ("numpy", "metapl/train/data.py") in reads.seen  # the mode saw the step's reads
+    watch.check({}, run.step)  # and every loss was finite
 
 
 @pytest.mark.skipif(
@@ -179,15 +182,16 @@ def test_on_a_gpu_steady_training_steps_make_no_synchronizing_call(overrides):
     import warnings
 
     _, run, source = _short_run("digits-uda-mpl", overrides, torch.device("cuda"))
+    watch = NonFiniteWatch(0)  # the engine's NaN/Inf check of every step's losses
     for _ in range(3):
-        run.advance(source)
+        watch.observe(run.advance(source))
     torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
             for _ in range(3):
-                run.advance(source)
+                watch.observe(run.advance(source))
         finally:
             torch.cuda.set_sync_debug_mode("default")
     syncs = [
