@@ -50,3 +50,46 @@ def test_on_a_gpu_a_copy_from_the_host_reads_pinned_memory():
     assert source.is_pinned() and kwargs.get("non_blocking") is True
     assert out.device.type == "cuda" and torch.equal(out.cpu(), t)
     assert not to_device(t, "cpu").is_pinned()  # nothing is pinned for the CPU
+
+
+class _FakeCopies(TorchFunctionMode):
+    """Stands in for a GPU on a machine without one: records each ``pin_memory`` (the source's
+    device) and ``Tensor.to`` (the source's device, the target, non_blocking) and makes neither."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.pin_memory:
+            self.calls.append(("pin_memory", args[0].device.type))
+            return args[0]
+        if func is torch.Tensor.to:
+            target = torch.device(args[1]).type
+            self.calls.append(("to", args[0].device.type, target, kwargs.get("non_blocking")))
+            return args[0]
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "source, target, calls",
+    [
+        # from the host to a GPU: pinned, then asynchronous
+        ("cpu", "cuda", [("pin_memory", "cpu"), ("to", "cpu", "cuda", True)]),
+        ("cpu", torch.device("cuda", 0), [("pin_memory", "cpu"), ("to", "cpu", "cuda", True)]),
+        # from another device to a GPU: nothing to pin, and no wait either
+        ("meta", "cuda", [("to", "meta", "cuda", True)]),
+        # pinned memory is a CUDA host allocation: not for other devices
+        ("cpu", "meta", [("to", "cpu", "meta", True)]),
+        # into host memory: complete when it returns
+        ("meta", "cpu", [("to", "meta", "cpu", False)]),
+        ("cpu", "cpu", [("to", "cpu", "cpu", False)]),
+    ],
+)
+def test_which_copies_read_pinned_memory_and_which_block(source, target, calls):
+    """The GPU test above, on any machine: the copies to_device asks for, made by none."""
+    copies = _FakeCopies()
+    with copies:
+        to_device(torch.zeros(3, device=source), target)
+    assert copies.calls == calls
