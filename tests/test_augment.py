@@ -427,3 +427,42 @@ def test_ops_differentiate_after_a_call_under_inference_mode(name):
     y = x.clone().requires_grad_()
     OPS[name](y, level).sum().backward()
     assert y.grad is not None and y.grad.shape == y.shape
+
+
+@pytest.mark.parametrize("name", list(OPS))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_every_op_keeps_the_images_dtype(name, dtype):
+    """The ops' cached constants are made per dtype: a smoothing kernel kept in float32 fails
+    conv2d on float64 or float16 images."""
+    x = images((3, 3, 9, 12)).to(dtype)
+    y = OPS[name](x, torch.tensor([-7.0, 4.0, 10.0]))
+    assert y.dtype == dtype and y.shape == x.shape
+
+
+def test_float64_luma_uses_float64_weights():
+    x = images((2, 3, 5, 5)).double()
+    weights = torch.tensor(O.GRAY_WEIGHTS, dtype=torch.float64).view(1, 3, 1, 1)
+    assert torch.equal(O._grayscale(x), (x * weights).sum(dim=1, keepdim=True))
+
+
+@pytest.mark.parametrize("name", list(OPS))
+def test_ops_give_the_same_result_when_called_again(name):
+    """The ops' constant tensors are cached and shared by every call: none may be changed in
+    place (a second call would then see another kernel, weights or image size)."""
+    O._constant.cache_clear()
+    x = images((2, 3, 9, 12))
+    level = torch.tensor([-6.0, 9.0])
+    first = OPS[name](x, level)
+    assert torch.equal(OPS[name](x, level), first)
+    assert torch.equal(OPS[name](x.double(), level), OPS[name](x.double(), level))
+
+
+def test_constants_are_cached_per_values_dtype_and_device():
+    O._constant.cache_clear()
+    a = O._constant((1.0, 2.5), torch.float32, torch.device("cpu"))
+    assert O._constant((1.0, 2.5), torch.float32, torch.device("cpu")) is a
+    b = O._constant((1.0, 2.5), torch.float64, torch.device("cpu"))
+    assert b.dtype == torch.float64 and a.dtype == torch.float32
+    assert torch.equal(b, torch.tensor([1.0, 2.5], dtype=torch.float64))
+    assert torch.equal(O._constant((2.5, 1.0), torch.float32, torch.device("cpu")), a.flip(0))
+    assert not a.requires_grad and not a.is_inference()
