@@ -221,3 +221,40 @@ def test_option_checks_and_their_boundaries():
         assert torch.equal(StrongAugment(cutout=0, **kw)(x, gen()), x)
     y = StrongAugment(max_magnitude=0.0, cutout=0, ops=("Rotate", "Brightness"))(x, gen())
     assert torch.equal(y, x)
+
+
+class _IndexDevices(torch.overrides.TorchFunctionMode):
+    """Records (indexed tensor's device, index's device) of every tensor-indexed get and set."""
+
+    def __init__(self):
+        super().__init__()
+        self.pairs: set[tuple[str, str]] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (torch.Tensor.__getitem__, torch.Tensor.__setitem__):
+            if isinstance(args[1], torch.Tensor):
+                self.pairs.add((args[0].device.type, args[1].device.type))
+        return func(*args, **(kwargs or {}))
+
+
+def test_rand_augment_indexes_the_images_with_indices_on_their_device():
+    """The policy is drawn and sorted where the generator lives (the CPU), and its order and
+    levels then copied to the images' device: indexing a GPU batch by CPU indices would copy them
+    from pageable memory, with a wait for the GPU, at each op. Seen on the meta device."""
+    x = torch.rand(16, 3, 8, 8, device="meta")
+    with _IndexDevices() as seen:
+        out = rand_augment(x, num_ops=2, op_prob=1.0, generator=gen())
+    assert out.device.type == "meta"
+    assert seen.pairs == {("meta", "meta")}
+
+
+def test_images_on_another_device_use_the_generators_draws():
+    """A CPU generator draws the policy for images on any device (a run's generator is kept in its
+    checkpoint): drawing on the images' device instead would leave it unread, so the next batch
+    would repeat this one's policy. Seen on the meta device: the generator moves on as for CPU
+    images."""
+    on_cpu, elsewhere = gen(4), gen(4)
+    StrongAugment(cutout=4)(images((6, 3, 8, 8)), on_cpu)
+    StrongAugment(cutout=4)(torch.rand(6, 3, 8, 8, device="meta"), elsewhere)
+    assert not torch.equal(on_cpu.get_state(), gen(4).get_state())
+    assert torch.equal(elsewhere.get_state(), on_cpu.get_state())
