@@ -150,3 +150,39 @@ def test_evaluate_scores_every_image_in_eval_mode_and_restores_the_mode():
     assert acc == pytest.approx(6 / 7)
     assert model.training
     assert np.isnan(evaluate(model, images[:0], labels[:0], _cfg(), CPU))
+
+
+def test_every_copy_to_the_device_goes_through_transfer_to_device(monkeypatch):
+    """Images, labels and teacher distributions reach the device by metapl.transfer.to_device
+    (from pinned memory, without a wait for the GPU's queued work): a plain ``.to(device)`` is a
+    host sync per copy on a GPU, which no CPU test sees otherwise."""
+    import metapl.train.data as data
+    from metapl.transfer import to_device
+
+    copied: list[tuple[torch.dtype, tuple[int, ...]]] = []
+
+    def recording(t, device):
+        copied.append((t.dtype, tuple(t.shape)))
+        return to_device(t, device)
+
+    monkeypatch.setattr(data, "to_device", recording)
+    source = BatchSource(_split(), _cfg(), ("unlabeled_weak",), CPU, (_probs(10, 0), _probs(30, 1)))
+    source.batch(0)
+    assert sorted(copied, key=str) == sorted(
+        [
+            (torch.float32, (4, 1, 4, 4)),  # labeled images
+            (torch.int64, (4,)),  # their labels
+            (torch.float32, (4, C)),  # the teacher's distributions on them
+            (torch.float32, (8, 1, 4, 4)),  # unlabeled images
+            (torch.float32, (8, C)),  # and on those
+        ],
+        key=str,
+    )
+    copied.clear()
+    evaluate(_CountsAndMode(), _indexed_images(5), np.arange(5) % C, _cfg(eval_batch_size=3), CPU)
+    assert copied == [
+        (torch.float32, (3, 1, 4, 4)),
+        (torch.int64, (3,)),
+        (torch.float32, (2, 1, 4, 4)),
+        (torch.int64, (2,)),
+    ]
