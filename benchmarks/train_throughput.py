@@ -40,6 +40,7 @@ def measure(preset: str, device: str, precision: str, steps: int, warmup: int, s
     n_unlabeled = cfg.batch_size * cfg.unlabeled_ratio
     split = synthetic_cifar_split(max(4 * n_unlabeled, 1024), np.random.RandomState(0))
     run = Run(cfg, split, dev)
+    compiled = run.compile_models() if cfg.compile else []  # --set compile=true, as train does
     source = BatchSource(split, cfg, run.method.views, dev)
     for _ in range(warmup):
         run.advance(source)
@@ -59,6 +60,7 @@ def measure(preset: str, device: str, precision: str, steps: int, warmup: int, s
         "model": cfg.model,
         "estimator": cfg.mpl_estimator,
         "precision": precision,
+        "compiled": compiled,  # the models torch.compile'd (--set compile=true)
         "batch_labeled": cfg.batch_size,
         "batch_unlabeled": n_unlabeled,
         "steps_timed": steps,

@@ -200,6 +200,12 @@ class TrainConfig:
     # each process's shard (metapl.sync_batchnorm: any device, exact MPL included; no effect in one
     # process)
     sync_batchnorm: bool = False
+    # torch.compile (inductor) of the models whose step differentiates them by ordinary backward
+    # only: the teacher always, the student unless MPL's exact estimators differentiate through its
+    # update (they refuse a compiled student, docs/library.md). Off by default: compiling takes a
+    # minute or more at the first steps, changes float summation order and dropout's random
+    # stream, and on a 2-core CPU made the digits CNN's step no faster (docs/results.md)
+    compile: bool = False
 
     # -- where the preset came from (informational: load_preset sets it, --set refuses it)
     preset: str | None = field(default=None)

@@ -143,6 +143,20 @@ class Run:
         self.figure10: dict[str, list] = {}  # ReducedMPL: quarter -> teacher distributions
         self.step = 0
 
+    def compile_models(self) -> list[str]:
+        """``torch.compile`` the models whose step allows it (``compile=true``), in place
+        (``Module.compile``: the state dict keeps its names, so checkpoints, ``predict`` and
+        ``export`` are unchanged); the names compiled. The EMA copy, made uncompiled, stays so."""
+        # A fresh compiler state, as in a new process (metapl digits' and tune's runs share one):
+        # after another run's shapes, torch compiles shape-generic kernels, which may round
+        # differently, so a run's numbers would depend on what ran before it in its process.
+        torch.compiler.reset()
+        exact_student = self.cfg.uses_mpl and self.cfg.mpl_estimator != "first_order"
+        names = [n for n in self.method.models if not (n == "student" and exact_student)]
+        for name in names:
+            self.method.models[name].compile()
+        return names
+
     @property
     def total_steps(self) -> int:
         return self.cfg.steps + self.cfg.finetune_steps
@@ -507,6 +521,14 @@ def train(
     if split.class_names is not None and dp.is_main:  # label i's name, for `metapl predict`
         write_json_atomic(out_dir / "classes.json", list(split.class_names))
     dp.broadcast_(_weights(run).values())  # and, to be safe, starts from rank 0's weights
+    if cfg.compile:  # after check_models_fit's forward, which would compile for 2 images
+        compiled = run.compile_models()
+        if dp.is_main and show_progress:
+            print(
+                f"metapl train: note: compile=true: the first steps compile {', '.join(compiled)} "
+                "(torch.compile); they take longer than the others",
+                file=sys.stderr,
+            )
     watched = _Figure10(run, teacher_probs) if cfg.method == "reduced_mpl" and dp.is_main else None
     amp = autocast_dtype(cfg)
     start_time = time.perf_counter()

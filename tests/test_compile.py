@@ -1,0 +1,81 @@
+"""``--set compile=true``: torch.compile of the models whose step allows it (issue 5's lever).
+
+What must hold: compiling changes no math (the weights after a few steps match an eager run's up
+to float summation order), a compiled run resumes from its checkpoint to exactly the weights of an
+uninterrupted one, and the student of an exact MPL step stays uncompiled (the exact estimators
+refuse a compiled student). Each compile of the digits CNN takes seconds, so the runs are few.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_engine import _digits_config
+
+from metapl.distributed import DataParallel
+from metapl.train import engine
+from metapl.train.checkpoint import load_checkpoint
+from metapl.train.config import apply_overrides
+from metapl.train.engine import Run, load_data
+
+# No dropout: compiled dropout draws from inductor's own random stream, so only without it can a
+# compiled run be compared with an eager one.
+_SETTINGS = {"steps": 4, "checkpoint_every": 2, "eval_every": 100}
+_SETTINGS |= {"student_dropout": 0.0, "teacher_dropout": 0.0, "finetune_steps": 0}
+
+
+def _compiled(model: torch.nn.Module) -> bool:
+    return getattr(model, "_compiled_call_impl", None) is not None
+
+
+def _weights(run_dir) -> dict[str, torch.Tensor]:
+    ckpt = load_checkpoint(run_dir / "checkpoint.pt")
+    return {f"{m}.{k}": v for m in ("teacher", "student") for k, v in ckpt[m].items()}
+
+
+@pytest.mark.parametrize(
+    "method, estimator, compiled",
+    [
+        ("uda_mpl", "exact", ["teacher"]),
+        ("uda_mpl", "first_order", ["teacher", "student"]),
+        ("uda", "exact", ["student"]),  # UDA trains the student alone
+    ],
+)
+def test_the_models_compiled_are_those_whose_step_allows_it(method, estimator, compiled):
+    cfg = apply_overrides(_digits_config(), {"method": method, "mpl_estimator": estimator})
+    run = Run(cfg, load_data(cfg), torch.device("cpu"), DataParallel())
+    assert run.compile_models() == compiled
+    assert [n for n, m in run.method.models.items() if _compiled(m)] == compiled
+
+
+def test_a_compiled_run_matches_an_eager_one_and_resumes_exactly(tmp_path, capsys, monkeypatch):
+    """UDA+MPL with the exact step: the teacher compiled, the student not."""
+    eager_cfg = apply_overrides(_digits_config(), _SETTINGS)
+    cfg = apply_overrides(eager_cfg, {"compile": True})
+    engine.train(eager_cfg, tmp_path / "eager", show_progress=False)
+    engine.train(cfg, tmp_path / "whole", show_progress=True)
+    assert (
+        "compile=true: the first steps compile teacher (torch.compile)" in capsys.readouterr().err
+    )
+    real_batch = engine.BatchSource.batch
+
+    def interrupted_batch(self, step, views=None):
+        if step == 3:  # the last checkpoint at step 2
+            raise KeyboardInterrupt
+        return real_batch(self, step, views)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(engine.BatchSource, "batch", interrupted_batch)
+        with pytest.raises(KeyboardInterrupt):
+            engine.train(cfg, tmp_path / "resumed", show_progress=False)
+    assert load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")["step"] == 2
+    engine.train(cfg, tmp_path / "resumed", show_progress=False)  # from its step-2 checkpoint
+    whole, resumed, eager = (_weights(tmp_path / d) for d in ("whole", "resumed", "eager"))
+    for name, value in whole.items():
+        torch.testing.assert_close(resumed[name], value, rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(eager[name], value, rtol=1e-4, atol=1e-5, msg=name)
+    # and the comparison can fail: the runs moved the weights (a compiled teacher that did not
+    # train would leave it at its initialization)
+    start = Run(cfg, load_data(cfg), torch.device("cpu"), DataParallel()).method.models
+    moved = whole["teacher.conv1.weight"] - start["teacher"].state_dict()["conv1.weight"]
+    assert float(moved.abs().max()) > 1e-3
