@@ -77,11 +77,11 @@ step bench_fp32 90 python3 -m metapl bench --quiet --device $dev --precision fp3
   "${bench_size[@]}" --json "$results/bench_${gpu}_fp32.json"
 step goals 10 python3 benchmarks/goals.py "$results"  # issue 5's bars, met or not, into session.log
 rm -rf /tmp/metapl_torchrun_run  # a fresh run, not a resumed one
-step torchrun 30 python3 -m torch.distributed.run --nproc_per_node 1 -m metapl train \
+step torchrun 40 python3 -m torch.distributed.run --nproc_per_node 1 -m metapl train \
   --preset digits-uda-mpl --device $dev --steps 20 --set warmup_steps=5 --set eval_every=10 \
-  --out /tmp/metapl_torchrun_run \
+  --set finetune_steps=0 --out /tmp/metapl_torchrun_run \
   --quiet
-step train_throughput_compile 90 python3 benchmarks/train_throughput.py --device $dev \
+step train_throughput_compile 80 python3 benchmarks/train_throughput.py --device $dev \
   --precision bf16 --steps $((steps < 20 ? steps : 100)) --warmup $((steps < 20 ? 1 : 10)) \
   --json "$results/train_throughput_${gpu}_bf16_compile.json" "${train_size[@]}" --set compile=true
 exit $status
