@@ -48,6 +48,17 @@ def test_the_models_compiled_are_those_whose_step_allows_it(method, estimator, c
     assert [n for n, m in run.method.models.items() if _compiled(m)] == compiled
 
 
+def test_compiling_starts_from_a_fresh_compiler_state(monkeypatch):
+    """A run's compiled kernels must not depend on what an earlier run of the same process (metapl
+    digits, tune) compiled: compile_models resets the compiler state."""
+    cfg = apply_overrides(_digits_config(), {"method": "uda_mpl", "mpl_estimator": "first_order"})
+    run = Run(cfg, load_data(cfg), torch.device("cpu"), DataParallel())
+    resets: list[str] = []
+    monkeypatch.setattr(torch.compiler, "reset", lambda: resets.append("reset"))
+    assert run.compile_models() == ["teacher", "student"]
+    assert resets == ["reset"]
+
+
 def test_a_compiled_run_matches_an_eager_one_and_resumes_exactly(tmp_path, capsys, monkeypatch):
     """UDA+MPL with the exact step: the teacher compiled, the student not."""
     eager_cfg = apply_overrides(_digits_config(), _SETTINGS)

@@ -18,6 +18,7 @@ import torch
 from test_engine import _digits_config
 from test_train_cli import read_rows
 
+from metapl.distributed import DataParallel
 from metapl.errors import ConfigError, NonFiniteLossError
 from metapl.train import engine
 from metapl.train.checkpoint import load_checkpoint
@@ -211,6 +212,37 @@ def test_a_nan_at_an_evaluation_step_stops_before_the_evaluation(tmp_path, monke
     with pytest.raises(NonFiniteLossError, match=r"^step 2: student_loss is nan; "):
         engine.train(cfg, tmp_path / "run", show_progress=False, on_eval=lambda *a: seen.append(a))
     assert seen == [] and not read_rows(tmp_path / "run" / "metrics.csv")
+
+
+def test_a_resumed_run_names_the_bad_step_counted_from_its_checkpoint(tmp_path, monkeypatch):
+    """3 steps, then the same run continued to 6 with an inf loss at step 5 only: the step named
+    is the run's (5), not one counted from the start of this session (2)."""
+    cfg = {"method": "supervised", "eval_every": 100, "log_every": 100, "finetune_steps": 0}
+    cfg = apply_overrides(_digits_config(), cfg | {"checkpoint_every": 3})
+    engine.train(apply_overrides(cfg, {"steps": 3}), tmp_path / "run", show_progress=False)
+    _poison_metric_at(monkeypatch, 5, last=5, value=float("inf"))
+    with pytest.raises(
+        NonFiniteLossError,
+        match=r"^step 5: student_loss was not finite \(found at step 6, where it is finite again\)",
+    ):
+        engine.train(apply_overrides(cfg, {"steps": 6}), tmp_path / "run", show_progress=False)
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 3  # not overwritten
+
+
+@pytest.mark.parametrize("every", ["log_every", "eval_every", "checkpoint_every"])
+def test_another_ranks_bad_step_stops_this_rank_at_the_same_check(tmp_path, monkeypatch, every):
+    """Every check goes through DataParallel.earliest (the element-wise minimum over ranks): here
+    another rank saw every metric go bad at step 1, so this rank, all finite, stops at its first
+    log, evaluation or checkpoint step too (a rank that decided alone would go on to step 3 and
+    wait for the others forever)."""
+    cadence = {"log_every": 100, "eval_every": 100, "checkpoint_every": 100} | {every: 2}
+    cfg = apply_overrides(_digits_config(), {"method": "supervised", "steps": 6} | cadence)
+    monkeypatch.setattr(DataParallel, "earliest", lambda self, values: [min(v, 1) for v in values])
+    with pytest.raises(
+        NonFiniteLossError, match=r"^step 1: \w+ was not finite \(found at step 2, where it is"
+    ):
+        engine.train(cfg, tmp_path / "run", show_progress=False)
+    assert not read_rows(tmp_path / "run" / "metrics.csv")
 
 
 # --- resume: the progress bar, and what a checkpoint carries besides the models -----------------

@@ -130,3 +130,23 @@ def test_observing_reads_nothing_on_the_host():
     assert not reads.seen, reads.seen
     with pytest.raises(NonFiniteLossError, match="^step 1: loss was not finite"):
         watch.check(metrics, 3)
+
+
+def test_a_new_set_of_names_is_watched_under_its_own_names():
+    """After the names change (pre-training's losses, then fine-tuning's), a bad metric of the new
+    set is named as itself, not as the metric that held its place in the previous set."""
+    watch = _observed(
+        100,
+        {"student_loss": torch.tensor(1.0), "teacher_loss": torch.tensor(1.0)},
+        {"finetune_loss": torch.tensor(NAN)},  # step 102
+    )
+    with pytest.raises(NonFiniteLossError, match=r"^step 102: finetune_loss is nan;"):
+        watch.check({"finetune_loss": torch.tensor(NAN)}, 102)
+
+
+def test_a_plain_number_bad_at_several_steps_is_named_at_its_first():
+    watch = _observed(10, {"lr": 0.1}, {"lr": NAN}, {"lr": INF}, {"lr": NAN})  # first at step 12
+    with pytest.raises(
+        NonFiniteLossError, match=r"^step 12: lr was not finite \(found at step 14, where it is nan"
+    ):
+        watch.check({"lr": NAN}, 14)
