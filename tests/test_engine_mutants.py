@@ -245,6 +245,21 @@ def test_another_ranks_bad_step_stops_this_rank_at_the_same_check(tmp_path, monk
     assert not read_rows(tmp_path / "run" / "metrics.csv")
 
 
+def test_at_an_evaluation_step_the_message_reads_the_losses_averaged_over_ranks(
+    tmp_path, monkeypatch
+):
+    """Another rank's loss is NaN at step 2, an evaluation step that neither logs nor
+    checkpoints: this rank's message reads the mean over ranks (NaN), as the other rank's does,
+    not its own finite value ("... where it is finite again")."""
+    cadence = {"log_every": 100, "eval_every": 2, "checkpoint_every": 100}
+    cfg = apply_overrides(_digits_config(), {"method": "supervised", "steps": 6} | cadence)
+    nan = torch.tensor(float("nan"))
+    monkeypatch.setattr(DataParallel, "mean_metrics", lambda self, m: dict.fromkeys(m, nan))
+    monkeypatch.setattr(DataParallel, "earliest", lambda self, values: [min(v, 2) for v in values])
+    with pytest.raises(NonFiniteLossError, match=r"^step 2: \w+ is nan; the run stopped"):
+        engine.train(cfg, tmp_path / "run", show_progress=False)
+
+
 # --- resume: the progress bar, and what a checkpoint carries besides the models -----------------
 
 

@@ -547,9 +547,10 @@ def train(
             watch.observe(metrics)
             bar.update()
             last = run.step == run.total_steps
-            if run.step % cfg.log_every == 0 or run.step % cfg.checkpoint_every == 0 or last:
+            evaluating = run.step % cfg.eval_every == 0 or last or run.step == cfg.steps
+            if evaluating or run.step % cfg.log_every == 0 or run.step % cfg.checkpoint_every == 0:
                 # The mean over ranks: each loss is the whole global batch's (a batch mean of equal
-                # slices).
+                # slices), and what a NaN/Inf message says of it now is the same on every rank.
                 metrics = dp.mean_metrics(metrics)
             if run.step % cfg.log_every == 0 or last:
                 watch.check(metrics, run.step, dp.earliest)  # all ranks decide alike
@@ -560,7 +561,6 @@ def train(
                 bar.set_postfix(losses, refresh=False)
             if watched is not None:
                 watched.maybe_record(run.step)
-            evaluating = run.step % cfg.eval_every == 0 or last or run.step == cfg.steps
             if evaluating:  # no accuracy of NaN weights reaches the log or a tuning study
                 watch.check(metrics, run.step, dp.earliest)
             # Rank 0 evaluates; the others wait for it in the next step's first all-reduce.
