@@ -363,20 +363,26 @@ def test_format_seeds_joins_consecutive_seeds():
     assert format_seeds([5]) == "5"
 
 
-def test_groups_that_read_the_same_still_get_names_of_their_own(tmp_path, capsys):
-    """A run by an older metapl whose config lacks a key that newer runs record as null: two groups
-    (the configurations differ), so two names. Under one name the table kept one of them and the
-    paired difference was the group minus itself: +0.00, all ties."""
-    new = [
-        train_run(tmp_path / f"new{s}", s, a, large_teacher=None) for s, a in ((0, 0.9), (1, 0.8))
-    ]
-    old = [train_run(tmp_path / f"old{s}", s, a) for s, a in ((0, 0.5), (1, 0.4))]
-    code, out, err = compare(capsys, *new, *old, "--json", tmp_path / "c.json")
+def test_a_train_option_an_older_run_lacks_counts_as_its_default(tmp_path, capsys):
+    """A run by an older metapl, whose config lacks an option added since (compile, session 27),
+    ran with that option's default, as its resume assumes: it joins the newer runs that record
+    the default, and stays apart from those that set another value (named by it)."""
+    new = [train_run(tmp_path / f"new{s}", s, 0.9, compile=False) for s in (0, 1)]
+    old = [train_run(tmp_path / f"old{s}", s, 0.5) for s in (2, 3)]
+    compiled = [train_run(tmp_path / f"c{s}", s, 0.7, compile=True) for s in (0, 1)]
+    code, out, err = compare(capsys, *new, *old, *compiled, "--json", tmp_path / "c.json")
     assert code == 0, err
-    names = [g["name"] for g in json.loads((tmp_path / "c.json").read_text())["groups"]]
-    assert len(set(names)) == 2, names
-    assert [line.split()[-7] for line in out.splitlines()[1:3]] == ["85.00", "45.00"]
-    assert "-40.00 points paired" in out
+    groups = json.loads((tmp_path / "c.json").read_text())["groups"]
+    assert [(g["name"], sorted(g["seeds"])) for g in groups] == [
+        ("digits-uda-mpl (compile=false)", [0, 1, 2, 3]),
+        ("digits-uda-mpl (compile=true)", [0, 1]),
+    ]
+
+
+def test_groups_that_read_the_same_still_get_names_of_their_own(tmp_path, capsys):
+    """Two configurations that print alike get names of their own: under one name the table kept
+    one of them and the paired difference was the group minus itself (+0.00, all ties)."""
+    new = [train_run(tmp_path / f"new{s}", s, 0.9) for s in (0, 1)]
     # the string "1" and the number 1 (a hand-edited config): numbered
     text = [
         train_run(tmp_path / f"t{s}", s, 0.7, mpl_weight="1.0", large_teacher=None) for s in (0, 1)

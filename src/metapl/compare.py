@@ -20,6 +20,7 @@ ran on the same data (:data:`DATA_KEYS`) and share two seeds or more.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 from collections.abc import Collection, Iterable
@@ -245,6 +246,10 @@ def collect(
     for run in runs:
         path = results_file(run)
         command, config, records = read_results(path)
+        if command == "train":
+            # An option added since the run was written counts as its default, the behaviour the
+            # run had (as when it resumes): a key the file lacks does not split its group.
+            config = {**_train_defaults(), **config}
         for record in records:
             names = {record["method"], *([str(config["preset"])] if config.get("preset") else [])}
             seen |= names
@@ -278,6 +283,13 @@ def collect(
     return named, left_out
 
 
+@functools.cache
+def _train_defaults() -> dict:
+    from metapl.train.config import TrainConfig
+
+    return TrainConfig().to_dict()
+
+
 def _settings_and_data(config: dict, record: dict) -> tuple[dict, dict]:
     """What defines a record's group (its file's config but :data:`NOT_RESULTS`, and its method),
     and what its seeds' examples are (:data:`DATA_KEYS`)."""
@@ -297,7 +309,7 @@ def _name(groups: list[Group]) -> None:
         same = [g for g in groups if g.base_name == base]
         shown = [{**g.settings, **g.data} for g in same]
         keys = sorted({k for s in shown for k in s})  # a preset's method changed by --set too
-        # a key a file lacks (written by an older metapl) differs from one it records as null
+        # a key a file lacks (an experiment command's, by an older metapl) differs from a null one
         differ = [
             k
             for k in keys
