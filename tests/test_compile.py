@@ -11,7 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 from test_engine import _digits_config
+from test_train_cli import one_error_line
 
+from metapl.cli import main
 from metapl.distributed import DataParallel
 from metapl.train import engine
 from metapl.train.checkpoint import load_checkpoint
@@ -90,3 +92,31 @@ def test_a_compiled_run_matches_an_eager_one_and_resumes_exactly(tmp_path, capsy
     start = Run(cfg, load_data(cfg), torch.device("cpu"), DataParallel()).method.models
     moved = whole["teacher.conv1.weight"] - start["teacher"].state_dict()["conv1.weight"]
     assert float(moved.abs().max()) > 1e-3
+
+
+def test_a_machine_where_compile_cannot_work_is_one_line_before_anything_is_written(
+    tmp_path, capsys, monkeypatch
+):
+    """No C++ compiler (CPU) or no triton (GPU): inductor failed at the first step, with a
+    traceback, after config.json and metrics.csv were written."""
+
+    def no_backend(fn, *args, **kwargs):
+        def compiled(*a, **k):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore detail")
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", no_backend)
+    out = tmp_path / "run"
+    code = main(
+        ["train", "--preset", "digits-uda-mpl", "--out", str(out), "--steps", "2"]
+        + ["--set", "compile=true", "--quiet"]
+    )
+    err = one_error_line(capsys.readouterr().err)
+    assert code == 2
+    assert err == (
+        "metapl train: error: compile=true: torch.compile does not work on this machine "
+        "(InvalidCxxCompiler: No working C++ compiler found); install what it names, or run "
+        "without --set compile=true\n"
+    )
+    assert not out.exists()

@@ -331,6 +331,21 @@ def _summary(exc: Exception) -> str:
     return " ".join(lines[:2]) if lines[0].endswith(":") and len(lines) > 1 else lines[0]
 
 
+def check_compile_works(device: torch.device) -> None:
+    """``compile=true`` needs a working torch.compile backend here (on a CPU a C++ compiler, on a
+    GPU triton): a :class:`ConfigError` before anything is written, instead of a traceback at the
+    first step. Compiles one tiny function (a second or two)."""
+    try:
+        torch.compile(lambda x: x * 2 + 1)(torch.ones(2, device=device))
+    except Exception as exc:  # whatever the backend raises: the message says what failed
+        raise ConfigError(
+            f"compile=true: torch.compile does not work on this machine ({_summary(exc)}); "
+            "install what it names, or run without --set compile=true"
+        ) from None
+    finally:
+        torch.compiler.reset()
+
+
 def check_models_fit(run: Run, option: str = "--set model=NAME") -> None:
     """One forward pass of each model that sees images, on two labeled images, in eval mode and
     without gradients (no randomness drawn, no BatchNorm statistics moved). A model that cannot take
@@ -508,6 +523,8 @@ def train(
         split, teacher_probs = prepared
     run = Run(cfg, split, device, dp)  # a bad model or schedule fails here, before any write
     check_models_fit(run)  # and so does a model that cannot take this data's images
+    if cfg.compile:
+        check_compile_works(device)  # and a machine where torch.compile cannot work
     if saved is not None:  # every rank reads the same checkpoint; one that does not fit fails here
         _load_run_state(run, saved, ckpt_path)
     source = BatchSource(  # bad augmentation options fail here, before any write too
