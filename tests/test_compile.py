@@ -120,3 +120,28 @@ def test_a_machine_where_compile_cannot_work_is_one_line_before_anything_is_writ
         "without --set compile=true\n"
     )
     assert not out.exists()
+
+
+def test_a_compiled_student_resumes_exactly(tmp_path, monkeypatch):
+    """first_order compiles the student too, which sees two batch shapes a step (unlabeled, then
+    labeled): with torch's automatic dynamic shapes the second shape recompiled shape-generic
+    kernels that later steps used for both, while a resumed run's first step used the static ones
+    again, so its weights differed from an uninterrupted run's by rounding."""
+    settings = _SETTINGS | {"steps": 2, "checkpoint_every": 1, "mpl_estimator": "first_order"}
+    cfg = apply_overrides(_digits_config(), settings | {"compile": True})
+    engine.train(cfg, tmp_path / "whole", show_progress=False)
+    real_batch = engine.BatchSource.batch
+
+    def interrupted_batch(self, step, views=None):
+        if step == 1:  # after the step-1 checkpoint
+            raise KeyboardInterrupt
+        return real_batch(self, step, views)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(engine.BatchSource, "batch", interrupted_batch)
+        with pytest.raises(KeyboardInterrupt):
+            engine.train(cfg, tmp_path / "resumed", show_progress=False)
+    engine.train(cfg, tmp_path / "resumed", show_progress=False)
+    whole, resumed = _weights(tmp_path / "whole"), _weights(tmp_path / "resumed")
+    for name, value in whole.items():
+        torch.testing.assert_close(resumed[name], value, rtol=0, atol=0, msg=name)

@@ -481,6 +481,16 @@ def test_double_backward_under_torchrun_names_the_set_key_to_use(tmp_path, monke
     assert not out.exists()
 
 
+def test_double_backward_in_one_process_is_not_refused(tmp_path):
+    """The torchrun refusal fired without torchrun too: metapl train refused every
+    mpl_estimator=double_backward run."""
+    register_test_model()
+    out = tmp_path / "run"
+    args = options(1, "--set", "mpl_estimator=double_backward")
+    assert main(["train", "--preset", "digits-uda-mpl", "--out", str(out), *args]) == 0
+    assert (out / "results.json").exists()
+
+
 def test_sync_batchnorm_in_one_process_changes_nothing(tmp_path):
     """In one process sync_batchnorm=true is accepted on CPU, with the exact MPL step, and trains
     exactly as without it."""

@@ -154,7 +154,11 @@ class Run:
         exact_student = self.cfg.uses_mpl and self.cfg.mpl_estimator != "first_order"
         names = [n for n in self.method.models if not (n == "student" and exact_student)]
         for name in names:
-            self.method.models[name].compile()
+            # dynamic=False: a static graph per input shape. With torch's automatic dynamic
+            # shapes a model's second batch shape (a first_order student sees two a step)
+            # recompiled a shape-generic graph that later steps used for both, while a resumed
+            # run's first step used the static one again, so it did not resume exactly.
+            self.method.models[name].compile(dynamic=False)
         return names
 
     @property
@@ -302,8 +306,9 @@ def _check_data_parallel(cfg: TrainConfig, world_size: int) -> None:
             f"batch_size {cfg.batch_size} is not divisible by the {world_size} processes, which "
             "each train on an equal slice of every batch; choose another --set batch_size=N"
         )
-    if cfg.uses_mpl and cfg.mpl_estimator == "double_backward":  # the library's error names its
-        raise ConfigError(  # keyword argument, not the --set key a command-line user sets
+    if world_size > 1 and cfg.uses_mpl and cfg.mpl_estimator == "double_backward":  # the
+        # library's error names its keyword argument, not the --set key a command-line user sets
+        raise ConfigError(
             "mpl_estimator=double_backward runs in one process only (an all-reduce is not "
             "differentiable); --set mpl_estimator=exact gives the same gradient"
         )
