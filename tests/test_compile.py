@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch._dynamo.config as dynamo_config
 from test_engine import _digits_config
 from test_train_cli import one_error_line
 
@@ -57,8 +58,11 @@ def test_compiling_starts_from_a_fresh_compiler_state(monkeypatch):
     run = Run(cfg, load_data(cfg), torch.device("cpu"), DataParallel())
     resets: list[str] = []
     monkeypatch.setattr(torch.compiler, "reset", lambda: resets.append("reset"))
+    monkeypatch.setattr(dynamo_config, "recompile_limit", 8)  # torch's default
     assert run.compile_models() == ["teacher", "student"]
     assert resets == ["reset"]
+    # every evaluation set's shapes compile too: no shape runs eagerly past torch's limit of 8
+    assert dynamo_config.recompile_limit == 64
 
 
 def test_a_compiled_run_matches_an_eager_one_and_resumes_exactly(tmp_path, capsys, monkeypatch):

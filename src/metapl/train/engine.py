@@ -151,6 +151,13 @@ class Run:
         # after another run's shapes, torch compiles shape-generic kernels, which may round
         # differently, so a run's numbers would depend on what ran before it in its process.
         torch.compiler.reset()
+        # Static graphs (below) recompile per input shape: training's batches, each evaluation
+        # set's last partial batch, fine-tuning's, for teacher and student alike when they share
+        # a class. Past torch's limit of 8 per function new shapes run eagerly, so which shapes
+        # ran compiled would depend on the run's history (a resumed run's is shorter).
+        import torch._dynamo.config as dynamo_config
+
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
         exact_student = self.cfg.uses_mpl and self.cfg.mpl_estimator != "first_order"
         names = [n for n in self.method.models if not (n == "student" and exact_student)]
         for name in names:
