@@ -36,6 +36,24 @@ def _weights(run_dir) -> dict[str, torch.Tensor]:
     return {f"{m}.{k}": v for m in ("teacher", "student") for k, v in ckpt[m].items()}
 
 
+def _interrupted_then_resumed(cfg, out, monkeypatch, at_step: int, checkpointed: int) -> None:
+    """``cfg`` trained into ``out``, interrupted as its batch of (0-based) ``at_step`` is drawn,
+    then the same run again: it resumes from its last checkpoint, of step ``checkpointed``."""
+    real_batch = engine.BatchSource.batch
+
+    def interrupted_batch(self, step, views=None):
+        if step == at_step:
+            raise KeyboardInterrupt
+        return real_batch(self, step, views)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(engine.BatchSource, "batch", interrupted_batch)
+        with pytest.raises(KeyboardInterrupt):
+            engine.train(cfg, out, show_progress=False)
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == checkpointed
+    engine.train(cfg, out, show_progress=False)
+
+
 @pytest.mark.parametrize(
     "method, estimator, compiled",
     [
@@ -74,19 +92,7 @@ def test_a_compiled_run_matches_an_eager_one_and_resumes_exactly(tmp_path, capsy
     assert (
         "compile=true: the first steps compile teacher (torch.compile)" in capsys.readouterr().err
     )
-    real_batch = engine.BatchSource.batch
-
-    def interrupted_batch(self, step, views=None):
-        if step == 3:  # the last checkpoint at step 2
-            raise KeyboardInterrupt
-        return real_batch(self, step, views)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(engine.BatchSource, "batch", interrupted_batch)
-        with pytest.raises(KeyboardInterrupt):
-            engine.train(cfg, tmp_path / "resumed", show_progress=False)
-    assert load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")["step"] == 2
-    engine.train(cfg, tmp_path / "resumed", show_progress=False)  # from its step-2 checkpoint
+    _interrupted_then_resumed(cfg, tmp_path / "resumed", monkeypatch, at_step=3, checkpointed=2)
     whole, resumed, eager = (_weights(tmp_path / d) for d in ("whole", "resumed", "eager"))
     for name, value in whole.items():
         torch.testing.assert_close(resumed[name], value, rtol=0, atol=0, msg=name)
@@ -134,18 +140,7 @@ def test_a_compiled_student_resumes_exactly(tmp_path, monkeypatch):
     settings = _SETTINGS | {"steps": 2, "checkpoint_every": 1, "mpl_estimator": "first_order"}
     cfg = apply_overrides(_digits_config(), settings | {"compile": True})
     engine.train(cfg, tmp_path / "whole", show_progress=False)
-    real_batch = engine.BatchSource.batch
-
-    def interrupted_batch(self, step, views=None):
-        if step == 1:  # after the step-1 checkpoint
-            raise KeyboardInterrupt
-        return real_batch(self, step, views)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(engine.BatchSource, "batch", interrupted_batch)
-        with pytest.raises(KeyboardInterrupt):
-            engine.train(cfg, tmp_path / "resumed", show_progress=False)
-    engine.train(cfg, tmp_path / "resumed", show_progress=False)
+    _interrupted_then_resumed(cfg, tmp_path / "resumed", monkeypatch, at_step=1, checkpointed=1)
     whole, resumed = _weights(tmp_path / "whole"), _weights(tmp_path / "resumed")
     for name, value in whole.items():
         torch.testing.assert_close(resumed[name], value, rtol=0, atol=0, msg=name)
