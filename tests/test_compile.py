@@ -76,11 +76,12 @@ def test_compiling_starts_from_a_fresh_compiler_state(monkeypatch):
     run = Run(cfg, load_data(cfg), torch.device("cpu"), DataParallel())
     resets: list[str] = []
     monkeypatch.setattr(torch.compiler, "reset", lambda: resets.append("reset"))
-    monkeypatch.setattr(dynamo_config, "recompile_limit", 8)  # torch's default
-    assert run.compile_models() == ["teacher", "student"]
+    # torch's own patch (monkeypatch's undo deleted the config entry, breaking later compiles)
+    with dynamo_config.patch(recompile_limit=8):  # torch's default
+        assert run.compile_models() == ["teacher", "student"]
+        # every evaluation set's shapes compile too: no shape runs eagerly past torch's limit of 8
+        assert dynamo_config.recompile_limit == 64
     assert resets == ["reset"]
-    # every evaluation set's shapes compile too: no shape runs eagerly past torch's limit of 8
-    assert dynamo_config.recompile_limit == 64
 
 
 def test_a_compiled_run_matches_an_eager_one_and_resumes_exactly(tmp_path, capsys, monkeypatch):
