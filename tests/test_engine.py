@@ -137,8 +137,10 @@ def _rows(path):
 @pytest.mark.parametrize(
     "overrides",
     [
-        {"ema_decay": 0.9},
-        {"mpl_estimator": "first_order", "student_dropout": 0.0},
+        # resumed inside the MPL phase, then 2 fine-tuning steps: the preset's 300 (which ran here
+        # twice before, 95% of this test's time) test nothing more
+        {"ema_decay": 0.9, "finetune_steps": 2},
+        {"mpl_estimator": "first_order", "student_dropout": 0.0, "finetune_steps": 2},
         # 8 MPL steps then 6 fine-tuning steps: interrupted inside the fine-tuning phase
         {"steps": 8, "uda_warmup_steps": 8, "finetune_steps": 6},
     ],
@@ -189,7 +191,9 @@ def test_temporary_files_that_killed_writes_left_are_cleared_when_the_run_resume
     others = [out / ".notes.txt.x.tmp", out / "curves.png.tmp"]  # not metapl's temporary files
     for path in stale + others:
         path.write_bytes(b"half a file")
-    cfg = _digits_config(method="supervised", steps=2, checkpoint_every=2, uda_warmup_steps=2)
+    cfg = _digits_config(
+        method="supervised", steps=2, checkpoint_every=2, uda_warmup_steps=2, finetune_steps=0
+    )
     engine.train(cfg, out, show_progress=False)
     assert [p.name for p in stale if p.exists()] == []
     assert all(p.exists() for p in others)
