@@ -361,6 +361,8 @@ def test_outputs_are_checked_before_reading_and_never_replace_a_runs_results(tmp
 def test_format_seeds_joins_consecutive_seeds():
     assert format_seeds([7, 0, 1, 2, 3, 9, 10]) == "0-3, 7, 9-10"
     assert format_seeds([5]) == "5"
+    assert format_seeds([-3, -2, -1, 0, 4]) == "-3 to 0, 4"  # not "-3-0"
+    assert format_seeds([-5, -4, 2, 3]) == "-5 to -4, 2-3"
 
 
 def test_a_train_option_an_older_run_lacks_counts_as_its_default(tmp_path, capsys):

@@ -217,14 +217,15 @@ def write_json_atomic(path: Path, payload: dict | list) -> None:
 
 
 def format_seeds(seeds: Iterable[int]) -> str:
-    """``[0, 1, 2, 3, 7]`` -> ``"0-3, 7"``."""
+    """``[0, 1, 2, 3, 7]`` -> ``"0-3, 7"``; a span with a negative end is written ``"-3 to -2"``
+    (a hand-edited results.json's seeds; "-3--2" read as a typo)."""
     spans: list[list[int]] = []
     for s in sorted(seeds):
         if spans and s == spans[-1][1] + 1:
             spans[-1][1] = s
         else:
             spans.append([s, s])
-    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+    return ", ".join(str(a) if a == b else f"{a} to {b}" if a < 0 else f"{a}-{b}" for a, b in spans)
 
 
 def print_accuracy_table(title: str, summary: dict[str, dict]) -> None:
