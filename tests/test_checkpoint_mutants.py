@@ -100,7 +100,11 @@ def _no_hard_links(*args, **kwargs):
 
 
 def _killed_half_written(what, dst, *args, **kwargs):
-    Path(dst).write_bytes(b"half a file")
+    if hasattr(dst, "write"):  # torch.save writes checkpoints through a Python file
+        dst.write(b"half a file")
+        dst.flush()
+    else:
+        Path(dst).write_bytes(b"half a file")
     raise KeyboardInterrupt
 
 

@@ -8,6 +8,7 @@ user mistake is one line on stderr with exit code 2, with nothing half-written.
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 import subprocess
@@ -260,13 +261,20 @@ def test_a_failed_export_leaves_the_old_file(capsys, run_dir, monkeypatch, tmp_p
     out = tmp_path / "model.pt"
     out.write_bytes(b"previous export")
 
-    def broken_save(module, path, **kwargs):
-        Path(path).write_bytes(b"half a model")
-        raise OSError("disk full")
+    def broken_save(module, f, **kwargs):  # a full disk, midway (torch.save wraps the OSError)
+        f.write(b"half a model")
+        try:
+            f.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as exc:
+            raise RuntimeError("[enforce fail at inline_container.cc] unexpected pos") from exc
 
     monkeypatch.setattr(torch.jit, "save", broken_save)
-    with pytest.raises(OSError, match="disk full"):
-        main(["export", "--run", str(run_dir), "--format", "torchscript", "--output", str(out)])
+    err = fails(
+        capsys, "export", "--run", str(run_dir), "--format", "torchscript", "--output", str(out)
+    )
+    assert f"could not write {out}: No space left on device" in err, err
+    assert "the model.pt there before is unchanged" in err
     assert out.read_bytes() == b"previous export" and list(tmp_path.iterdir()) == [out]
 
 

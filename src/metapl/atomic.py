@@ -14,11 +14,15 @@ umask), not the ``0600`` of ``tempfile.mkstemp``, so a run folder reads the same
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+from metapl.errors import WriteError
 
 
 def temp_prefix(path: Path) -> str:
@@ -50,20 +54,69 @@ def fsync_file(path: Path) -> None:
         os.close(fd)
 
 
+def _os_error_in(exc: BaseException) -> OSError | None:
+    """The OSError that ``exc`` is, or that the RuntimeError ``exc`` was raised while handling:
+    torch.save turns a failed write of its file object into a RuntimeError of its own, raised
+    during the OSError. Anything else (a Ctrl-C during an OSError, say) is not a failed write."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OSError):
+            return current
+        if not isinstance(current, RuntimeError):
+            return None
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def write_error(path: Path, exc: BaseException, kept: str | None = None) -> WriteError | None:
+    """One line for a write of ``path`` that failed with ``exc``, or None if no OSError caused it
+    (a bug, which keeps its traceback). ``kept`` says what survives; by default what holds for a
+    file written whole (:func:`temp_file_beside`)."""
+    os_error = _os_error_in(exc)
+    if os_error is None:
+        return None
+    if isinstance(os_error, WriteError):
+        return os_error
+    reason = os_error.strerror or str(os_error) or type(os_error).__name__
+    message = f"could not write {path}: {reason}"
+    if os_error.errno in (errno.ENOSPC, errno.EDQUOT):
+        try:
+            free = shutil.disk_usage(path.parent).free / 2**20
+            message += f" ({free:,.1f} MiB free there)"
+        except OSError:
+            pass
+    if kept is None:
+        kept = "nothing half-written is left"
+        if path.exists():
+            kept += f", and the {path.name} there before is unchanged"
+    message += f"; {kept}"
+    error = WriteError(message)
+    error.errno = os_error.errno
+    return error
+
+
 def temp_file_beside(path: Path, fill: Callable[[Path], object]) -> Path:
     """A temporary file in ``path``'s folder, filled by ``fill(tmp)``, on disk, with ordinary
     permissions; deleted if ``fill`` (or anything here) fails; what ``fill`` returns is ignored.
-    The caller renames it."""
+    The caller renames it. A failure of the file system (a full disk, say) is a
+    :class:`~metapl.errors.WriteError` naming ``path``."""
     path = Path(path)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path), suffix=".tmp")
-    os.close(fd)
-    tmp = Path(name)
+    tmp: Path | None = None
     try:
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path), suffix=".tmp")
+        os.close(fd)
+        tmp = Path(name)
         fill(tmp)
         fsync_file(tmp)
         os.chmod(tmp, _default_mode())
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as exc:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        failure = write_error(path, exc)
+        if failure is not None:
+            raise failure from exc
         raise
     return tmp
 
@@ -77,8 +130,11 @@ def move_into_place(tmp: Path, path: Path) -> None:
     """Rename the finished temporary file ``tmp`` onto ``path``; delete it if that fails."""
     try:
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        failure = write_error(path, exc)
+        if failure is not None:
+            raise failure from exc
         raise
 
 

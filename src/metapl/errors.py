@@ -38,5 +38,11 @@ class UnsupportedOptimizerError(MetaplError):
     """The student's optimizer has no exact update-rule factor (Appendix B) in metapl."""
 
 
+class WriteError(MetaplError, OSError):
+    """A result file could not be written: a full disk, a quota, an I/O error. Nothing half-written
+    is left, and the file there before, if any, is unchanged. Also an ``OSError`` (with the
+    ``errno`` of the failure), so that code which handles a failed write as one still does."""
+
+
 class NonFiniteLossError(MetaplError):
     """A loss became NaN or Inf; training stops rather than write a poisoned checkpoint."""

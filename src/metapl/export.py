@@ -77,7 +77,6 @@ def _save_torchscript(classifier, example, info: dict, path: Path) -> None:
     import json
     import warnings
 
-    import torch
 
     extra = {"metapl.json": json.dumps(info, indent=1)}
     with warnings.catch_warnings():
@@ -86,7 +85,16 @@ def _save_torchscript(classifier, example, info: dict, path: Path) -> None:
         # torch.jit.load and libtorch (C++) read; the warning is not the user's to act on.
         warnings.filterwarnings("ignore", message=r"`torch\.jit\.")
         traced = _trace(classifier, example)
-        replace_atomically(path, lambda tmp: torch.jit.save(traced, str(tmp), _extra_files=extra))
+        replace_atomically(path, lambda tmp: _jit_save(traced, tmp, extra))
+
+
+def _jit_save(traced, path: Path, extra: dict) -> None:
+    """Through a Python file: a failed write (a full disk) then raises its OSError, under torch's
+    RuntimeError; given a path, torch's C++ writer names no cause."""
+    import torch
+
+    with open(path, "wb") as f:
+        torch.jit.save(traced, f, _extra_files=extra)
 
 
 def _save_onnx(classifier, example, info: dict, path: Path) -> None:

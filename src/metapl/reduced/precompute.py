@@ -23,8 +23,10 @@ being read against the wrong model or images:
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -33,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from metapl.atomic import fsync_file, write_json_atomically
+from metapl.atomic import fsync_file, write_error, write_json_atomically
 from metapl.data.arrays import data_error, describe, to_tensor_nchw
 from metapl.errors import ConfigError
 from metapl.progress import progress_bar
@@ -241,8 +243,31 @@ def _create(out_path: Path, meta: dict, num_classes: int) -> np.memmap:
     probs = np.lib.format.open_memmap(
         out_path, mode="w+", dtype=np.float32, shape=(meta["num_images"], num_classes)
     )
-    fsync_file(out_path)  # the header, written outside the mapped region
+    try:
+        _reserve_disk_space(out_path)
+        fsync_file(out_path)  # the header, written outside the mapped region
+    except OSError as exc:
+        del probs  # unmapped before the file goes
+        out_path.unlink(missing_ok=True)
+        sidecar_path(out_path).unlink(missing_ok=True)
+        raise write_error(out_path, exc) or exc from exc
     return probs
+
+
+def _reserve_disk_space(path: Path) -> None:
+    """Give the (sparse) ``.npy`` its disk blocks now. A write through a memory map to a full
+    disk is a SIGBUS that kills the process without a word; reserved, the full disk is an OSError
+    here, before any row is computed."""
+    if not hasattr(os, "posix_fallocate"):  # macOS, Windows: left sparse
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system without it
+            raise
+    finally:
+        os.close(fd)
 
 
 def _batch_probs(

@@ -121,7 +121,10 @@ def _save_with_checksums(state: dict, path: Path) -> None:
     was = torch.serialization.get_crc32_options()
     torch.serialization.set_crc32_options(True)
     try:
-        torch.save(state, path)
+        # Through a Python file: a failed write (a full disk) then raises its OSError, under
+        # torch's RuntimeError. Given a path, torch's C++ writer says only "unexpected pos".
+        with open(path, "wb") as f:
+            torch.save(state, f)
     finally:
         torch.serialization.set_crc32_options(was)
 

@@ -24,7 +24,7 @@ import torch
 from metapl.atomic import remove_leftovers
 from metapl.data.splits import SSLSplit, load_split
 from metapl.distributed import DataParallel, torchrun_process_group, torchrun_world
-from metapl.errors import CheckpointError, ConfigError
+from metapl.errors import CheckpointError, ConfigError, WriteError
 from metapl.methods.build import autocast_dtype, build_method
 from metapl.methods.supervised import SupervisedMethod
 from metapl.models import param_groups_for_weight_decay
@@ -478,7 +478,14 @@ def _data_parallel(train_fn):
         device = resolve_device(cfg.validate().device)
         _check_data_parallel(cfg, torchrun_world()[1])
         with torchrun_process_group(device):
-            return train_fn(cfg, *args, **kwargs)
+            try:
+                return train_fn(cfg, *args, **kwargs)
+            except WriteError as err:  # a full disk, say: what to do once it is fixed
+                advised = WriteError(
+                    f"{err}; run the same command again to resume from the last checkpoint"
+                )
+                advised.errno = err.errno
+                raise advised from err
 
     return wrapper
 

@@ -18,13 +18,14 @@ and stops TensorBoard logging in one warning instead.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import warnings
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from metapl.atomic import replace_atomically
+from metapl.atomic import replace_atomically, write_error
 
 HEADER = ("step", "name", "value")
 CSV_NAME = "metrics.csv"
@@ -120,20 +121,27 @@ class MetricsLogger:
         if self._file.closed:
             raise ValueError("MetricsLogger.log after close")
         values = {name: float(value) for name, value in sorted(metrics.items())}
-        self._csv.writerows((step, name, repr(value)) for name, value in values.items())
-        # Flushed (not fsync'ed) every call: a crash loses little, and steps stay cheap.
-        self._file.flush()
+        with _failed_write_named(self.csv_path, _CSV_KEPT):
+            self._csv.writerows((step, name, repr(value)) for name, value in values.items())
+            # Flushed (not fsync'ed) every call: a crash loses little, and steps stay cheap.
+            self._file.flush()
         if self._tb is not None and not self._tensorboard_folder_gone():
-            for name, value in values.items():
-                self._tb.add_scalar(name, value, step)
+            with _failed_write_named(self._tb_dir, _TB_KEPT):
+                for name, value in values.items():
+                    self._tb.add_scalar(name, value, step)
 
     def close(self) -> None:
         """Flush and close the CSV and the TensorBoard writer; calling it twice is harmless."""
-        if not self._file.closed:
-            self._file.close()
-        if self._tb is not None and not self._tensorboard_folder_gone():
-            self._tb.close()
-        self._tb = None
+        try:
+            if not self._file.closed:
+                with _failed_write_named(self.csv_path, _CSV_KEPT):
+                    self._file.close()  # closed even when its last flush fails
+        finally:  # and TensorBoard's writer thread ends even then
+            if self._tb is not None and not self._tensorboard_folder_gone():
+                tb, self._tb = self._tb, None  # not closed twice when this fails
+                with _failed_write_named(self._tb_dir, _TB_KEPT):
+                    tb.close()
+            self._tb = None
 
     def __enter__(self) -> MetricsLogger:
         return self
@@ -144,4 +152,27 @@ class MetricsLogger:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.close()
+        if exc is None:
+            self.close()
+            return
+        # The run already failed (a full disk, say): that error is the one to report, not the
+        # same disk's refusal of the last rows.
+        with contextlib.suppress(Exception):
+            self.close()
+
+
+_CSV_KEPT = "the rows logged before are kept (a half row at its end is dropped on resume)"
+_TB_KEPT = "the TensorBoard events logged before are kept"
+
+
+@contextlib.contextmanager
+def _failed_write_named(path: Path, kept: str):
+    """A failed write (a full disk) as one line naming the file, not the traceback of a flush, or
+    of TensorBoard's writer thread (whose error its next call raises)."""
+    try:
+        yield
+    except Exception as exc:
+        failure = write_error(path, exc, kept)
+        if failure is None:
+            raise
+        raise failure from exc
