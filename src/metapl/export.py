@@ -77,7 +77,6 @@ def _save_torchscript(classifier, example, info: dict, path: Path) -> None:
     import json
     import warnings
 
-
     extra = {"metapl.json": json.dumps(info, indent=1)}
     with warnings.catch_warnings():
         # TorchScript is deprecated upstream (torch 2.13 warns on every call with a
