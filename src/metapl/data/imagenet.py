@@ -66,7 +66,9 @@ def decode_image(path: str | Path, resolution: int = 224, crop_fraction: float =
     size = (max(side, round(width * scale)), max(side, round(height * scale)))
     rgb = rgb.resize(size, Image.Resampling.BICUBIC)
     left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
-    rgb = rgb.crop((left, top, left + resolution, top + resolution))
+    with warnings.catch_warnings():  # Pillow 12's crop() checks its box against the limit too
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        rgb = rgb.crop((left, top, left + resolution, top + resolution))
     return np.asarray(rgb, dtype=np.uint8)
 
 
