@@ -267,7 +267,8 @@ def test_checkpoint_save_is_atomic_under_a_crash(tmp_path: Path, monkeypatch):
     real_save = torch.save
 
     def crashing_save(obj, f, *args, **kwargs):
-        Path(f).write_bytes(b"half a checkpoint")  # garbage in the temporary file, then the "kill"
+        f.write(b"half a checkpoint")  # garbage in the temporary file, then the "kill"
+        f.flush()
         raise KeyboardInterrupt
 
     monkeypatch.setattr(ckpt_mod.torch, "save", crashing_save)
