@@ -175,6 +175,37 @@ def test_a_full_disk_under_tensorboard_is_one_error_naming_its_folder(tmp_path):
     logger.close()  # twice: harmless
 
 
+_TENSORBOARD_CHILD = """
+import sys
+from metapl.errors import WriteError
+from metapl.train.metrics_log import MetricsLogger
+try:
+    MetricsLogger(sys.argv[1])
+except WriteError as err:
+    print(err, file=sys.stderr)
+"""
+
+
+@pytest.mark.skipif(not hasattr(resource, "RLIMIT_FSIZE"), reason="POSIX file-size limits")
+def test_tensorboard_refused_its_first_event_is_one_line_not_two_tracebacks(tmp_path):
+    """SummaryWriter writes its first event as it opens: refused (a full disk, here a limit that
+    lets metrics.csv's 17-byte header through, not the event), it raised a bare OSError (a
+    traceback, exit 1), and TensorBoard's writer thread printed a traceback of its own first."""
+    pytest.importorskip("torch.utils.tensorboard")
+    done = subprocess.run(
+        [sys.executable, "-c", _TENSORBOARD_CHILD, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=_file_size_limit(30),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and "Exception in thread" not in done.stderr, done.stderr
+    assert done.stderr == (
+        f"could not write {tmp_path / 'tb'}: File too large; no TensorBoard events are written\n"
+    )
+
+
 def test_the_error_that_stopped_a_run_is_not_replaced_by_the_loggers_own(tmp_path):
     """Leaving the logger's block on an error: closing it on the same full disk fails too, and
     that second error used to replace the first (the one that says what happened)."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import threading
 import warnings
 from pathlib import Path
 from types import TracebackType
@@ -47,7 +48,29 @@ def _summary_writer(log_dir: Path, purge_step: int | None) -> Any | None:
                 stacklevel=3,
             )
         return None
-    return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+    _quiet_tensorboard_thread()
+    # The writer writes its first event (the file version) as it opens: a full disk fails here.
+    with _failed_write_named(log_dir, "no TensorBoard events are written"):
+        return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+
+
+def _quiet_tensorboard_thread() -> None:
+    """Keep a failed write of TensorBoard's writer thread (a full disk) from printing its own
+    traceback: the thread stores the error, and the writer's next call in this thread raises it
+    again, which :func:`_failed_write_named` makes one line. Installed once per process; every
+    other thread's exception still goes to the hook there before."""
+    before = threading.excepthook
+    if getattr(before, "_metapl_quiet_tensorboard", False):
+        return
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        writer_thread = type(args.thread).__module__.startswith("tensorboard.")
+        if writer_thread and isinstance(args.exc_value, OSError):
+            return
+        before(args)
+
+    hook._metapl_quiet_tensorboard = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
 
 
 def _rows_up_to(csv_path: Path, last_step: int) -> list[tuple[int, str, str]]:
