@@ -241,6 +241,23 @@ def test_precomputed_distributions_reserve_their_disk_space_first(tmp_path, monk
     assert probs.shape == (20, 4) and np.allclose(probs.sum(1), 1, atol=1e-5)
 
 
+def test_precomputed_distributions_refused_their_header_leave_nothing(tmp_path, monkeypatch):
+    """numpy writes the .npy's header before mapping it: a full disk there was a bare OSError (a
+    traceback) that left the header-only file and its sidecar behind."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(8 * 8 * 3, 4))
+    images = np.random.RandomState(0).randint(0, 256, size=(20, 8, 8, 3), dtype=np.uint8)
+    out = tmp_path / "probs.npy"
+
+    def open_memmap(filename, **kwargs):
+        Path(filename).write_bytes(b"\x93NUMPY" + b" " * 120)  # the header, then the disk is full
+        raise FULL
+
+    monkeypatch.setattr(np.lib.format, "open_memmap", open_memmap)
+    with pytest.raises(WriteError, match=r"could not write .*probs.npy: No space left on device"):
+        precompute.precompute_distributions(model, images, out, progress=False)
+    assert list(tmp_path.iterdir()) == []  # neither the .npy nor its sidecar
+
+
 def test_a_file_system_without_fallocate_keeps_the_file_sparse(tmp_path, monkeypatch):
     def unsupported(fd, offset, length):
         raise OSError(errno.EOPNOTSUPP, "Operation not supported")

@@ -240,10 +240,13 @@ def _create(out_path: Path, meta: dict, num_classes: int) -> np.memmap:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     meta.update(num_classes=num_classes, completed_rows=0)
     write_json_atomically(sidecar_path(out_path), meta)
-    probs = np.lib.format.open_memmap(
-        out_path, mode="w+", dtype=np.float32, shape=(meta["num_images"], num_classes)
-    )
+    probs = None
     try:
+        # Inside: numpy writes the header (and the last byte) before it maps the file, and a full
+        # disk refuses those too; the header alone was left behind, under a bare OSError.
+        probs = np.lib.format.open_memmap(
+            out_path, mode="w+", dtype=np.float32, shape=(meta["num_images"], num_classes)
+        )
         _reserve_disk_space(out_path)
         fsync_file(out_path)  # the header, written outside the mapped region
     except OSError as exc:
