@@ -22,6 +22,7 @@ import torch
 from test_tune import options, tiny_args
 
 from metapl.cli import main
+from metapl.errors import WriteError
 from metapl.train import engine
 from metapl.train.checkpoint import load_checkpoint
 from metapl.tuning import retry, space, studies
@@ -35,6 +36,42 @@ State = optuna.trial.TrialState
 
 def _student(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint(run_dir / "checkpoint.pt")["student"]
+
+
+def test_a_trial_stopped_by_a_full_disk_resumes_from_its_checkpoint(tmp_path, capsys):
+    """A failed write ends the command with one line saying to run it again, which resumes from
+    the last checkpoint; Optuna marked the trial failed, so the rerun began a new trial from step
+    0 instead (and Optuna logged the error with a traceback first)."""
+    opts = options(tmp_path, runtime={"steps": 12, "device": "cpu"})
+    calls = []
+
+    def train_on_a_disk_full_at_step_9(cfg, run_dir, show_progress, on_eval):
+        calls.append((run_dir, (run_dir / "checkpoint.pt").exists()))
+
+        def full_at_9(step, accuracies):
+            if step == 9:  # after the checkpoint at step 6 (checkpoint_every=6)
+                raise WriteError(f"could not write {run_dir / 'checkpoint.pt'}: disk full")
+            on_eval(step, accuracies)
+
+        return engine.train(cfg, run_dir, show_progress, on_eval=full_at_9)
+
+    tuner = Tuner(opts)
+    tuner.train = train_on_a_disk_full_at_step_9
+    with pytest.raises(WriteError):
+        tuner.run()
+    assert (
+        "t-student trial 0: stopped by a failed write; the same command resumes it from its last "
+        "checkpoint" in capsys.readouterr().out
+    )
+    tuner = Tuner(opts)  # the same command again, the disk cleared
+    tuner.train = lambda cfg, run_dir, show_progress, on_eval: (
+        calls.append((run_dir, (run_dir / "checkpoint.pt").exists()))
+        or engine.train(cfg, run_dir, show_progress, on_eval=on_eval)
+    )
+    tuner.run()
+    assert "t-student trial 1: resumes trial 0 from its checkpoint" in capsys.readouterr().out
+    trials_dir = opts.out / "trials" / "t-student"
+    assert calls == [(trials_dir / "0", False), (trials_dir / "1", True)]
 
 
 def test_an_interrupted_trial_resumes_from_its_checkpoint_with_the_weights_of_an_unbroken_run(

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from metapl.errors import ConfigError, NonFiniteLossError
+from metapl.errors import ConfigError, NonFiniteLossError, WriteError
 from metapl.train.config import TrainConfig, apply_overrides
 from metapl.train.presets import load_preset
 from metapl.tuning import bestfile, retry, space, studies
@@ -116,6 +116,20 @@ class Stage:
         self.started += 1
         try:
             return self._trial(trial)
+        except WriteError:
+            # A full disk, say: the command stops with the one line that names the file and says
+            # to run it again, which resumes the trial only if a copy of it waits in the study
+            # (Optuna marks the trial failed); and Optuna logged the error with a traceback.
+            optuna.logging.set_verbosity(optuna.logging.ERROR)
+            try:
+                retry.queue_interrupted(optuna, trial)
+                then = "the same command resumes it from its last checkpoint"
+            except Exception:  # noqa: BLE001 - the storage on the same full disk: the write's error says it
+                then = "no copy of it could be queued in the study"
+            print(
+                f"{self.name} trial {trial.number}: stopped by a failed write; {then}", flush=True
+            )
+            raise
         except Exception as err:
             if isinstance(err, optuna.TrialPruned) or not retry.taken_over(optuna, trial):
                 raise
