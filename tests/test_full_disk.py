@@ -317,3 +317,51 @@ def test_train_on_a_disk_that_refuses_its_checkpoint_says_so_and_resumes_later(t
 
     assert main([*args, "--steps", "4"]) == 0  # with room again: resumed, and finished
     assert load_checkpoint(out / "checkpoint.pt")["step"] == 4
+
+
+# --- the run's folder deleted or moved while the run writes ----------------------------------------
+
+
+def test_a_run_whose_folder_is_deleted_stops_before_its_next_checkpoint(tmp_path):
+    """Deleted mid-run, the folder was made again by the next checkpoint save; the run ended with a
+    checkpoint and results.json but no metrics.csv, in a FileNotFoundError traceback from the plot
+    of the curves."""
+    import shutil
+
+    from metapl.train import engine
+    from metapl.train.config import TrainConfig
+    from metapl.train.presets import load_preset
+
+    cfg = load_preset("digits-supervised")
+    cfg = TrainConfig(
+        **{
+            **cfg.to_dict(),
+            "steps": 4,
+            "finetune_steps": 0,
+            "warmup_steps": 1,
+            "eval_every": 2,
+            "checkpoint_every": 4,
+            "device": "cpu",
+        }
+    )
+    out = tmp_path / "run"
+
+    def delete_folder(step, accuracies):
+        if step == 2:
+            shutil.rmtree(out)
+
+    with pytest.raises(MetaplError, match=r"run folder .*run was moved or deleted while the run"):
+        engine.train(cfg, out, False, on_eval=delete_folder)
+    assert not out.exists()
+
+
+def test_the_metrics_log_notices_its_folder_moved(tmp_path):
+    logger = MetricsLogger(tmp_path / "run", tensorboard=False)
+    logger.log(1, {"loss": 0.5})
+    logger.check_folder()  # still there
+    (tmp_path / "run").rename(tmp_path / "moved")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.csv").write_text("step,name,value\n")  # another run's
+    with pytest.raises(MetaplError, match="moved or deleted"):
+        logger.check_folder()
+    logger.close()

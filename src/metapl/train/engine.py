@@ -333,6 +333,9 @@ class _NoMetrics:
     def log(self, step: int, metrics: dict) -> None:
         pass
 
+    def check_folder(self) -> None:
+        pass
+
 
 def _summary(exc: Exception) -> str:
     """An exception's message on one line: its first line, and the next one too when the first
@@ -615,6 +618,7 @@ def train(
                 # A finite loss can still come with an update that overflowed the weights.
                 check_finite_weights(_weights(run), run.step)
                 if dp.is_main:
+                    logger.check_folder()  # not a checkpoint in a folder made again
                     save_checkpoint(ckpt_path, run.state_dict(fingerprint))
         bar.close()
         final = _accuracies(run, amp) if dp.is_main else None

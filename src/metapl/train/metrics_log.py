@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import os
 import threading
 import warnings
 from pathlib import Path
@@ -27,6 +28,7 @@ from types import TracebackType
 from typing import Any
 
 from metapl.atomic import replace_atomically, write_error
+from metapl.errors import MetaplError
 
 HEADER = ("step", "name", "value")
 CSV_NAME = "metrics.csv"
@@ -138,6 +140,22 @@ class MetricsLogger:
             stacklevel=3,
         )
         return True
+
+    def check_folder(self) -> None:
+        """A :class:`~metapl.errors.MetaplError` if the run's folder was deleted or moved while
+        the run wrote to it (its ``metrics.csv`` is no longer the file this logger appends to).
+        Checked before each checkpoint: saving one made the folder again, and the run ended with
+        a checkpoint and results.json but no metrics.csv, in the traceback of the plot that read
+        it."""
+        try:
+            same = os.path.samestat(os.fstat(self._file.fileno()), os.stat(self.csv_path))
+        except OSError:  # gone
+            same = False
+        if not same:
+            raise MetaplError(
+                f"the run folder {self.out_dir} was moved or deleted while the run wrote to it "
+                f"({CSV_NAME} is not the file the run writes); nothing more is written there"
+            )
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         """Record ``metrics`` (name -> number) at ``step``; rows are sorted by name."""
