@@ -87,6 +87,33 @@ def test_bench_records_the_jvp_path_the_exact_step_took(tmp_path):
     assert jvp["exact_mpl_step"] == "forward_ad"
 
 
+def test_a_full_disk_after_the_timings_says_the_file_holds_this_runs_timings(
+    tmp_path, capsys, monkeypatch
+):
+    """The timings are saved before the numerics check; a full disk refusing the second write
+    said "the bench.json there before is unchanged", as if an earlier run's file survived."""
+    import errno
+
+    from metapl.atomic import write_error
+
+    out = tmp_path / "bench.json"
+    writes = []
+
+    def write(path, payload):
+        writes.append(path)
+        if len(writes) == 2:
+            raise write_error(path, OSError(errno.ENOSPC, "No space left on device"))
+        real(path, payload)
+
+    real = bench.write_json_atomic
+    monkeypatch.setattr(bench, "write_json_atomic", write)
+    args = ["bench", "--device", "cpu", "--batch-size", "1", "--repeats", "1", "--quiet"]
+    assert main([*args, "--model", "bench_tiny_cnn", "--json", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "there before is unchanged (this run's timings" in err, err
+    assert json.loads(out.read_text())["numerics"] is None
+
+
 def test_bench_rejects_a_bad_batch_size(tmp_path, capsys):
     assert main(["bench", "--device", "cpu", "--batch-size", "0"]) == 2
     assert "--batch-size" in capsys.readouterr().err

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from metapl.errors import ConfigError
+from metapl.errors import ConfigError, WriteError
 from metapl.progress import progress_bar
 from metapl.report import check_not_a_result, write_json_atomic
 
@@ -317,5 +317,10 @@ def run_bench(
     # the same weights and the same batch (at most 64 + 448 images: the reference runs on the CPU).
     payload["numerics"] = _numerics(exact_run, exact_batch, dev, precision, progress)
     if json_path is not None:
-        write_json_atomic(Path(json_path), payload)
+        try:
+            write_json_atomic(Path(json_path), payload)
+        except WriteError as err:  # "the file there before" is this run's, not an earlier one
+            failure = WriteError(f"{err} (this run's timings, saved before the numerics check)")
+            failure.errno = err.errno
+            raise failure from err
     return payload
