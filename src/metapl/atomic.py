@@ -8,7 +8,9 @@ survives until its successor is complete. ``metrics.csv`` then grows by appended
 row is dropped on resume: :mod:`metapl.train.metrics_log`), and a precomputed distributions ``.npy``
 is filled in place under its own resume rule (:mod:`metapl.reduced.precompute`).
 Temporary names are ``.<name>.<random>.tmp`` in the same folder (a rename across file systems would
-not be atomic). The file gets the permissions of a plain ``open(path, "w")`` (``0666`` less the
+not be atomic). A write the file system refuses (a full disk, a quota, a file-size limit) is a
+:class:`~metapl.errors.WriteError`: one line naming the file, with nothing half-written left.
+The file gets the permissions of a plain ``open(path, "w")`` (``0666`` less the
 umask), not the ``0600`` of ``tempfile.mkstemp``, so a run folder reads the same for everyone.
 """
 
