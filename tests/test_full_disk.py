@@ -365,3 +365,24 @@ def test_the_metrics_log_notices_its_folder_moved(tmp_path):
     with pytest.raises(MetaplError, match="moved or deleted"):
         logger.check_folder()
     logger.close()
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_is_not_told_it_resumes(
+    tmp_path, monkeypatch, capsys
+):
+    """The advice named a last checkpoint to resume from when none had been written."""
+    import metapl.train.engine as engine
+
+    def full(path, payload):
+        raise write_error(Path(path), FULL)
+
+    monkeypatch.setattr(engine, "write_json_atomic", full)  # config.json, the first file written
+    out = tmp_path / "run"
+    args = ["train", "--preset", "digits-supervised", "--out", str(out), "--steps", "2"]
+    assert main([*args, "--quiet", "--set", "finetune_steps=0", "--set", "warmup_steps=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "could not write" in err and "config.json" in err, err
+    assert err.endswith(
+        "; run the same command again (no checkpoint was written yet: the run starts over)\n"
+    )
+    assert not (out / "checkpoint.pt").exists()

@@ -477,16 +477,18 @@ def _data_parallel(train_fn):
     gloo on CPU), destroyed on the way out, errors included."""
 
     @functools.wraps(train_fn)
-    def wrapper(cfg: TrainConfig, *args, **kwargs):
+    def wrapper(cfg: TrainConfig, out_dir: Path | str, *args, **kwargs):
         device = resolve_device(cfg.validate().device)
         _check_data_parallel(cfg, torchrun_world()[1])
         with torchrun_process_group(device):
             try:
-                return train_fn(cfg, *args, **kwargs)
+                return train_fn(cfg, out_dir, *args, **kwargs)
             except WriteError as err:  # a full disk, say: what to do once it is fixed
-                advised = WriteError(
-                    f"{err}; run the same command again to resume from the last checkpoint"
-                )
+                if (Path(out_dir) / "checkpoint.pt").exists():
+                    then = "to resume from the last checkpoint"
+                else:
+                    then = "(no checkpoint was written yet: the run starts over)"
+                advised = WriteError(f"{err}; run the same command again {then}")
                 advised.errno = err.errno
                 raise advised from err
 
