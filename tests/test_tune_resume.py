@@ -38,25 +38,31 @@ def _student(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint(run_dir / "checkpoint.pt")["student"]
 
 
+def _train_stopped_at_step_9(calls: list, stop):
+    """Tuner.train that records (trial folder, whether it held a checkpoint) in ``calls`` and
+    raises ``stop()`` at step 9's evaluation, after the checkpoint at step 6."""
+
+    def train(cfg, run_dir, show_progress, on_eval):
+        calls.append((run_dir, (run_dir / "checkpoint.pt").exists()))
+
+        def stop_at_9(step, accuracies):
+            if step == 9:  # checkpoint_every=6
+                raise stop()
+            on_eval(step, accuracies)
+
+        return engine.train(cfg, run_dir, show_progress, on_eval=stop_at_9)
+
+    return train
+
+
 def test_a_trial_stopped_by_a_full_disk_resumes_from_its_checkpoint(tmp_path, capsys):
     """A failed write ends the command with one line saying to run it again, which resumes from
     the last checkpoint; Optuna marked the trial failed, so the rerun began a new trial from step
     0 instead (and Optuna logged the error with a traceback first)."""
     opts = options(tmp_path, runtime={"steps": 12, "device": "cpu"})
     calls = []
-
-    def train_on_a_disk_full_at_step_9(cfg, run_dir, show_progress, on_eval):
-        calls.append((run_dir, (run_dir / "checkpoint.pt").exists()))
-
-        def full_at_9(step, accuracies):
-            if step == 9:  # after the checkpoint at step 6 (checkpoint_every=6)
-                raise WriteError(f"could not write {run_dir / 'checkpoint.pt'}: disk full")
-            on_eval(step, accuracies)
-
-        return engine.train(cfg, run_dir, show_progress, on_eval=full_at_9)
-
     tuner = Tuner(opts)
-    tuner.train = train_on_a_disk_full_at_step_9
+    tuner.train = _train_stopped_at_step_9(calls, lambda: WriteError("could not write: disk full"))
     with pytest.raises(WriteError):
         tuner.run()
     assert (
@@ -79,19 +85,8 @@ def test_an_interrupted_trial_resumes_from_its_checkpoint_with_the_weights_of_an
 ):
     opts = options(tmp_path, runtime={"steps": 12, "device": "cpu"})
     calls = []  # (trial folder, whether it held a checkpoint when train started)
-
-    def train_interrupted_at_step_9(cfg, run_dir, show_progress, on_eval):
-        calls.append((run_dir, (run_dir / "checkpoint.pt").exists()))
-
-        def stop_at_9(step, accuracies):
-            if step == 9:  # after the checkpoint at step 6 (checkpoint_every=6)
-                raise KeyboardInterrupt
-            on_eval(step, accuracies)
-
-        return engine.train(cfg, run_dir, show_progress, on_eval=stop_at_9)
-
     tuner = Tuner(opts)
-    tuner.train = train_interrupted_at_step_9
+    tuner.train = _train_stopped_at_step_9(calls, KeyboardInterrupt)
     with pytest.raises(KeyboardInterrupt):
         tuner.run()
     assert "t-student trial 0: interrupted; the same command resumes it" in capsys.readouterr().out
