@@ -189,3 +189,33 @@ def test_the_machine_names_its_cpu_and_its_bf16_instructions(monkeypatch, tmp_pa
     monkeypatch.setattr(bench, "open", no_cpuinfo, raising=False)
     monkeypatch.setattr(bench.platform, "processor", lambda: "arm")
     assert cpu_description() == {"cpu": "arm", "cpu_bf16_flags": []}
+
+
+def test_a_full_disk_after_the_timings_is_still_an_os_error_with_its_errno(tmp_path, monkeypatch):
+    """Called from Python, bench's reworded WriteError keeps the errno, so code that handles a
+    full disk as an OSError (``err.errno == errno.ENOSPC``) still does."""
+    import errno
+
+    from metapl.atomic import write_error
+
+    out = tmp_path / "bench.json"
+    writes = []
+
+    def write(path, payload):
+        writes.append(path)
+        if len(writes) == 2:
+            raise write_error(path, OSError(errno.ENOSPC, "No space left on device"))
+        real(path, payload)
+
+    real = bench.write_json_atomic
+    monkeypatch.setattr(bench, "write_json_atomic", write)
+    with pytest.raises(OSError, match="this run's timings") as caught:
+        bench.run_bench(
+            model="bench_tiny_cnn",
+            batch_size=1,
+            repeats=1,
+            json_path=out,
+            progress=lambda line: None,
+            show_progress=False,
+        )
+    assert caught.value.errno == errno.ENOSPC

@@ -386,3 +386,145 @@ def test_a_run_that_failed_before_its_first_checkpoint_is_not_told_it_resumes(
         "; run the same command again (no checkpoint was written yet: the run starts over)\n"
     )
     assert not (out / "checkpoint.pt").exists()
+
+
+# --- found by the mutation audit of the failed-write code -----------------------------------------
+
+
+def test_a_failed_write_without_an_errno_is_still_one_line(tmp_path):
+    """Some writers raise a bare OSError with a message and no errno (TensorBoard's "Writer is
+    closed"); it is a failed write all the same, not a traceback."""
+    error = write_error(tmp_path / "tb", OSError("Writer is closed"), kept="kept")
+    assert str(error) == f"could not write {tmp_path / 'tb'}: Writer is closed; kept"
+
+
+def test_a_full_quota_reports_the_free_space_as_a_full_disk_does(tmp_path):
+    quota = write_error(tmp_path / "r.json", OSError(errno.EDQUOT, "Disk quota exceeded"))
+    assert quota is not None and quota.errno == errno.EDQUOT
+    assert "Disk quota exceeded (" in str(quota) and "MiB free there)" in str(quota)
+
+
+def test_a_write_error_met_again_on_its_way_out_is_not_named_twice(tmp_path):
+    """A fill that itself writes a file (and fails) raises a WriteError naming that file; the outer
+    write passes it on as it is, not as 'could not write A: could not write B: ...'."""
+    inner = write_error(tmp_path / "inner.json", FULL)
+
+    def fill(tmp: Path) -> None:
+        raise inner
+
+    with pytest.raises(WriteError) as caught:
+        replace_atomically(tmp_path / "outer.json", fill)
+    assert caught.value is inner and str(caught.value).count("could not write") == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_rename_refused_names_the_file_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    """The finished file's rename can fail too (a full disk growing the folder, a quota): one line
+    naming the file, the one there before unchanged, and no .tmp beside it."""
+    path = tmp_path / "results.json"
+    path.write_text("earlier")
+
+    def refused(src, dst):
+        raise FULL
+
+    monkeypatch.setattr(os, "replace", refused)
+    with pytest.raises(WriteError, match=r"could not write .*results.json: No space left") as e:
+        replace_atomically(path, lambda tmp: tmp.write_text("new"))
+    assert e.value.errno == errno.ENOSPC and isinstance(e.value.__cause__, OSError)
+    assert _files(tmp_path) == {"results.json": b"earlier"}
+
+
+def test_a_failed_write_keeps_the_os_error_it_came_from(tmp_path):
+    """The OSError is the WriteError's cause (``raise ... from``): a traceback, or code that looks
+    at it, sees the file system's own error, not 'during handling of the above, another'."""
+
+    def full(tmp: Path) -> None:
+        raise FULL
+
+    with pytest.raises(WriteError) as caught:
+        replace_atomically(tmp_path / "r.json", full)
+    assert caught.value.__cause__ is FULL
+
+
+def test_other_threads_failed_writes_still_print_their_traceback(tmp_path, monkeypatch):
+    """Only TensorBoard's writer thread is kept quiet (its error comes back from the writer's next
+    call); an OSError in any other thread still reaches the hook that was there before, once."""
+    pytest.importorskip("torch.utils.tensorboard")
+    import threading
+
+    seen = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: seen.append(args.exc_value))
+    MetricsLogger(tmp_path / "a").close()
+    MetricsLogger(tmp_path / "b").close()  # a second logger: not a second hook around the first
+    hook = threading.excepthook
+
+    def fails():
+        raise FULL
+
+    thread = threading.Thread(target=fails)
+    thread.start()
+    thread.join()
+    assert seen == [FULL]
+    MetricsLogger(tmp_path / "c").close()
+    assert threading.excepthook is hook
+
+
+def test_leaving_the_loggers_block_normally_on_a_full_disk_is_the_error(tmp_path):
+    """With no error before it, the last rows refused on the way out are the error to report, not
+    dropped in silence."""
+    with pytest.raises(WriteError, match="metrics.csv"):  # noqa: PT012
+        with MetricsLogger(tmp_path, tensorboard=False) as logger:
+            logger._file = _FullFile(logger._file)
+
+
+def test_a_file_system_refusing_fallocates_arguments_keeps_the_file_sparse(tmp_path, monkeypatch):
+    """Some file systems answer EINVAL, not EOPNOTSUPP, when they cannot reserve blocks."""
+
+    def unsupported(fd, offset, length):
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(os, "posix_fallocate", unsupported, raising=False)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(8 * 8 * 3, 4))
+    images = np.zeros((5, 8, 8, 3), dtype=np.uint8)
+    probs = precompute.precompute_distributions(model, images, tmp_path / "p.npy", progress=False)
+    assert probs.shape == (5, 4)
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="Linux's list of open files")
+def test_reserving_the_disk_space_leaves_no_file_open(tmp_path, monkeypatch):
+    """The file opened to reserve its blocks is closed, refused or not: a long tuning run
+    precomputes again and again."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(8 * 8 * 3, 4))
+    images = np.zeros((5, 8, 8, 3), dtype=np.uint8)
+
+    def open_files() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    before = open_files()
+    probs = precompute.precompute_distributions(model, images, tmp_path / "p.npy", progress=False)
+    del probs
+    assert open_files() == before
+
+    def full(fd, offset, length):
+        raise FULL
+
+    monkeypatch.setattr(os, "posix_fallocate", full, raising=False)
+    with pytest.raises(WriteError):
+        precompute.precompute_distributions(model, images, tmp_path / "q.npy", progress=False)
+    assert open_files() == before
+
+
+def test_trains_failed_write_is_still_an_os_error_with_its_errno(tmp_path, monkeypatch):
+    """Called from Python, train's advised WriteError keeps the errno, so code that handles a full
+    disk as an OSError (``err.errno == errno.ENOSPC``) still does."""
+    import metapl.train.engine as engine
+    from metapl.train.presets import load_preset
+
+    def full(path, payload):
+        raise write_error(Path(path), FULL)
+
+    monkeypatch.setattr(engine, "write_json_atomic", full)
+    cfg = load_preset("digits-supervised")
+    with pytest.raises(OSError, match="run the same command again") as caught:
+        engine.train(cfg, tmp_path / "run", show_progress=False)
+    assert isinstance(caught.value, WriteError) and caught.value.errno == errno.ENOSPC
