@@ -348,7 +348,11 @@ def test_a_run_whose_folder_is_deleted_stops_before_its_next_checkpoint(tmp_path
 
     def delete_folder(step, accuracies):
         if step == 2:
-            shutil.rmtree(out)
+            # Moved away first, then deleted: TensorBoard's writer thread may be writing under tb/
+            # right now, and an rmtree in place could meet its new file ("Directory not empty").
+            gone = tmp_path / "gone"
+            out.rename(gone)
+            shutil.rmtree(gone)
 
     with pytest.raises(MetaplError, match=r"run folder .*run was moved or deleted while the run"):
         engine.train(cfg, out, False, on_eval=delete_folder)
