@@ -87,17 +87,14 @@ def test_bench_records_the_jvp_path_the_exact_step_took(tmp_path):
     assert jvp["exact_mpl_step"] == "forward_ad"
 
 
-def test_a_full_disk_after_the_timings_says_the_file_holds_this_runs_timings(
-    tmp_path, capsys, monkeypatch
-):
-    """The timings are saved before the numerics check; a full disk refusing the second write
-    said "the bench.json there before is unchanged", as if an earlier run's file survived."""
+def _second_json_write_finds_the_disk_full(monkeypatch) -> None:
+    """bench writes its JSON twice: the timings, then with the numerics check. The second write
+    fails as on a full disk."""
     import errno
 
     from metapl.atomic import write_error
 
-    out = tmp_path / "bench.json"
-    writes = []
+    real, writes = bench.write_json_atomic, []
 
     def write(path, payload):
         writes.append(path)
@@ -105,8 +102,16 @@ def test_a_full_disk_after_the_timings_says_the_file_holds_this_runs_timings(
             raise write_error(path, OSError(errno.ENOSPC, "No space left on device"))
         real(path, payload)
 
-    real = bench.write_json_atomic
     monkeypatch.setattr(bench, "write_json_atomic", write)
+
+
+def test_a_full_disk_after_the_timings_says_the_file_holds_this_runs_timings(
+    tmp_path, capsys, monkeypatch
+):
+    """The timings are saved before the numerics check; a full disk refusing the second write
+    said "the bench.json there before is unchanged", as if an earlier run's file survived."""
+    out = tmp_path / "bench.json"
+    _second_json_write_finds_the_disk_full(monkeypatch)
     args = ["bench", "--device", "cpu", "--batch-size", "1", "--repeats", "1", "--quiet"]
     assert main([*args, "--model", "bench_tiny_cnn", "--json", str(out)]) == 2
     err = capsys.readouterr().err
@@ -194,21 +199,8 @@ def test_the_machine_names_its_cpu_and_its_bf16_instructions(monkeypatch, tmp_pa
 def test_a_full_disk_after_the_timings_is_still_an_os_error_with_its_errno(tmp_path, monkeypatch):
     """Called from Python, bench's reworded WriteError keeps the errno, so code that handles a
     full disk as an OSError (``err.errno == errno.ENOSPC``) still does."""
-    import errno
-
-    from metapl.atomic import write_error
-
     out = tmp_path / "bench.json"
-    writes = []
-
-    def write(path, payload):
-        writes.append(path)
-        if len(writes) == 2:
-            raise write_error(path, OSError(errno.ENOSPC, "No space left on device"))
-        real(path, payload)
-
-    real = bench.write_json_atomic
-    monkeypatch.setattr(bench, "write_json_atomic", write)
+    _second_json_write_finds_the_disk_full(monkeypatch)
     with pytest.raises(OSError, match="this run's timings") as caught:
         bench.run_bench(
             model="bench_tiny_cnn",
@@ -218,4 +210,6 @@ def test_a_full_disk_after_the_timings_is_still_an_os_error_with_its_errno(tmp_p
             progress=lambda line: None,
             show_progress=False,
         )
+    import errno
+
     assert caught.value.errno == errno.ENOSPC
