@@ -16,6 +16,7 @@ umask), not the ``0600`` of ``tempfile.mkstemp``, so a run folder reads the same
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -99,6 +100,19 @@ def write_error(path: Path, exc: BaseException, kept: str | None = None) -> Writ
     return error
 
 
+@contextlib.contextmanager
+def failed_write_named(path: Path, kept: str | None = None):
+    """Inside, a failed write is re-raised as :func:`write_error`'s one line naming ``path``;
+    any other exception passes unchanged."""
+    try:
+        yield
+    except BaseException as exc:
+        failure = write_error(path, exc, kept)
+        if failure is None or failure is exc:
+            raise
+        raise failure from exc
+
+
 def temp_file_beside(path: Path, fill: Callable[[Path], object]) -> Path:
     """A temporary file in ``path``'s folder, filled by ``fill(tmp)``, on disk, with ordinary
     permissions; deleted if ``fill`` (or anything here) fails; what ``fill`` returns is ignored.
@@ -106,20 +120,19 @@ def temp_file_beside(path: Path, fill: Callable[[Path], object]) -> Path:
     :class:`~metapl.errors.WriteError` naming ``path``."""
     path = Path(path)
     tmp: Path | None = None
-    try:
-        fd, name = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path), suffix=".tmp")
-        os.close(fd)
-        tmp = Path(name)
-        fill(tmp)
-        fsync_file(tmp)
-        os.chmod(tmp, _default_mode())
-    except BaseException as exc:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
-        failure = write_error(path, exc)
-        if failure is not None:
-            raise failure from exc
-        raise
+    with failed_write_named(path):
+        try:
+            fd, name = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path), suffix=".tmp")
+            os.close(fd)
+            tmp = Path(name)
+            fill(tmp)
+            fsync_file(tmp)
+            os.chmod(tmp, _default_mode())
+        except BaseException:
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
+            raise
+    assert tmp is not None
     return tmp
 
 
@@ -130,14 +143,12 @@ def replace_atomically(path: Path, fill: Callable[[Path], object]) -> None:
 
 def move_into_place(tmp: Path, path: Path) -> None:
     """Rename the finished temporary file ``tmp`` onto ``path``; delete it if that fails."""
-    try:
-        os.replace(tmp, path)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        failure = write_error(path, exc)
-        if failure is not None:
-            raise failure from exc
-        raise
+    with failed_write_named(path):
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 def write_text_atomically(path: Path, text: str) -> None:

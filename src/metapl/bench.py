@@ -320,7 +320,5 @@ def run_bench(
         try:
             write_json_atomic(Path(json_path), payload)
         except WriteError as err:  # "the file there before" is this run's, not an earlier one
-            failure = WriteError(f"{err} (this run's timings, saved before the numerics check)")
-            failure.errno = err.errno
-            raise failure from err
+            raise err.advised(" (this run's timings, saved before the numerics check)") from err
     return payload

@@ -43,6 +43,12 @@ class WriteError(MetaplError, OSError):
     is left, and the file there before, if any, is unchanged. Also an ``OSError`` (with the
     ``errno`` of the failure), so that code which handles a failed write as one still does."""
 
+    def advised(self, advice: str) -> WriteError:
+        """This error with ``advice`` (what to do next) appended, its errno kept."""
+        error = WriteError(f"{self}{advice}")
+        error.errno = self.errno
+        return error
+
 
 class NonFiniteLossError(MetaplError):
     """A loss became NaN or Inf; training stops rather than write a poisoned checkpoint."""

@@ -488,9 +488,7 @@ def _data_parallel(train_fn):
                     then = "to resume from the last checkpoint"
                 else:
                     then = "(no checkpoint was written yet: the run starts over)"
-                advised = WriteError(f"{err}; run the same command again {then}")
-                advised.errno = err.errno
-                raise advised from err
+                raise err.advised(f"; run the same command again {then}") from err
 
     return wrapper
 

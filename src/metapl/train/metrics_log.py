@@ -27,7 +27,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from metapl.atomic import replace_atomically, write_error
+from metapl.atomic import failed_write_named, replace_atomically
 from metapl.errors import MetaplError
 
 HEADER = ("step", "name", "value")
@@ -52,14 +52,14 @@ def _summary_writer(log_dir: Path, purge_step: int | None) -> Any | None:
         return None
     _quiet_tensorboard_thread()
     # The writer writes its first event (the file version) as it opens: a full disk fails here.
-    with _failed_write_named(log_dir, "no TensorBoard events are written"):
+    with failed_write_named(log_dir, "no TensorBoard events are written"):
         return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
 
 def _quiet_tensorboard_thread() -> None:
     """Keep a failed write of TensorBoard's writer thread (a full disk) from printing its own
     traceback: the thread stores the error, and the writer's next call in this thread raises it
-    again, which :func:`_failed_write_named` makes one line. Installed once per process; every
+    again, which :func:`metapl.atomic.failed_write_named` makes one line. Installed once per process; every
     other thread's exception still goes to the hook there before."""
     before = threading.excepthook
     if getattr(before, "_metapl_quiet_tensorboard", False):
@@ -162,12 +162,12 @@ class MetricsLogger:
         if self._file.closed:
             raise ValueError("MetricsLogger.log after close")
         values = {name: float(value) for name, value in sorted(metrics.items())}
-        with _failed_write_named(self.csv_path, _CSV_KEPT):
+        with failed_write_named(self.csv_path, _CSV_KEPT):
             self._csv.writerows((step, name, repr(value)) for name, value in values.items())
             # Flushed (not fsync'ed) every call: a crash loses little, and steps stay cheap.
             self._file.flush()
         if self._tb is not None and not self._tensorboard_folder_gone():
-            with _failed_write_named(self._tb_dir, _TB_KEPT):
+            with failed_write_named(self._tb_dir, _TB_KEPT):
                 for name, value in values.items():
                     self._tb.add_scalar(name, value, step)
 
@@ -175,12 +175,12 @@ class MetricsLogger:
         """Flush and close the CSV and the TensorBoard writer; calling it twice is harmless."""
         try:
             if not self._file.closed:
-                with _failed_write_named(self.csv_path, _CSV_KEPT):
+                with failed_write_named(self.csv_path, _CSV_KEPT):
                     self._file.close()  # closed even when its last flush fails
         finally:  # and TensorBoard's writer thread ends even then
             if self._tb is not None and not self._tensorboard_folder_gone():
                 tb, self._tb = self._tb, None  # not closed twice when this fails
-                with _failed_write_named(self._tb_dir, _TB_KEPT):
+                with failed_write_named(self._tb_dir, _TB_KEPT):
                     tb.close()
             self._tb = None
 
@@ -204,16 +204,3 @@ class MetricsLogger:
 
 _CSV_KEPT = "the rows logged before are kept (a half row at its end is dropped on resume)"
 _TB_KEPT = "the TensorBoard events logged before are kept"
-
-
-@contextlib.contextmanager
-def _failed_write_named(path: Path, kept: str):
-    """A failed write (a full disk) as one line naming the file, not the traceback of a flush, or
-    of TensorBoard's writer thread (whose error its next call raises)."""
-    try:
-        yield
-    except Exception as exc:
-        failure = write_error(path, exc, kept)
-        if failure is None:
-            raise
-        raise failure from exc
