@@ -29,6 +29,11 @@ def test_tensorboard_resume_replaces_steps_after_the_checkpoint_only(tmp_path: P
     with MetricsLogger(tmp_path) as log:
         for step, loss in ((1, 0.5), (2, 0.25), (3, 0.125)):
             log.log(step, {"loss": loss})
+    # TensorBoard reads event files in name order: time in whole seconds, then host, pid and a
+    # per-process writer count. In the same second, writer 10 sorts before writer 9 (as text) and
+    # its purge came first, which failed this test depending on the tests run before it in the
+    # process. A resumed run is a later second, so the resume here starts in one too.
+    time.sleep(1.001 - time.time() % 1)
     with MetricsLogger(tmp_path, resume_step=2) as log:
         log.log(3, {"loss": 0.1})
     tb = EventAccumulator(str(tmp_path / "tb"))
