@@ -37,6 +37,8 @@ MODEL = "flat_mlp_float64"
 REPORT_ENV = "METAPL_TORCHRUN_TEST_REPORT"  # folder for the workers' reports
 OUT_ENV = "METAPL_TORCHRUN_TEST_OUT"  # the run folder whose writes are recorded
 KILL_ENV = "METAPL_TORCHRUN_TEST_KILL_AT"  # rank 0 SIGKILLs itself as it draws this step's batch
+# "RANK:STEP": that rank sends itself SIGTERM as it draws that step's batch (the other rank does not)
+SIGTERM_ENV = "METAPL_TORCHRUN_TEST_SIGTERM_AT"
 # What a torchrun worker drew at random, in order, for its report: ["step", s] as it draws step s's
 # batch, ["dropout", mask] per training-mode forward of _RecordedDropout (where it zeroed), and
 # ["sampled", labels, state] per Categorical sample (the global generator's state it sampled from).
@@ -142,6 +144,8 @@ def worker_setup() -> None:
     def batch(self, step, views=None):
         if rank == 0 and os.environ.get(KILL_ENV) == str(step):
             os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer would: no cleanup at all
+        if os.environ.get(SIGTERM_ENV) == f"{rank}:{step}":
+            os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler would, to this rank alone
         DRAWS.append(["step", step])  # before the step's draws (the batch's own are seeded apart)
         b = original_batch(self, step, views)
         unlabeled = b.x_unlabeled_strong if b.x_unlabeled_strong is not None else b.x_labeled[:0]
@@ -206,10 +210,17 @@ def options(steps: int, *extra: str, **changes) -> list[str]:
 
 
 def torchrun(
-    tmp_path: Path, preset: str, out: Path, args: list[str], kill_at: int | None = None
+    tmp_path: Path,
+    preset: str,
+    out: Path,
+    args: list[str],
+    kill_at: int | None = None,
+    sigterm_at: str = "",
 ) -> dict[int, dict]:
     """Run the command on 2 gloo processes; returns each rank's report. With ``kill_at``, rank 0
-    is killed as it draws that step's batch: the command must fail, and no report is read."""
+    is killed as it draws that step's batch; with ``sigterm_at`` ("RANK:STEP", see SIGTERM_ENV)
+    that rank gets SIGTERM: the command must fail, and what it printed is returned as
+    ``{"stderr": ...}`` instead of the reports."""
     site, report = tmp_path / "site", tmp_path / "report"
     site.mkdir(exist_ok=True)
     report.mkdir(exist_ok=True)
@@ -222,13 +233,14 @@ def torchrun(
         REPORT_ENV: str(report),
         OUT_ENV: str(out),
         KILL_ENV: "" if kill_at is None else str(kill_at),
+        SIGTERM_ENV: sigterm_at,
     }
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     command += ["--standalone", "-m", "metapl", "train", "--preset", preset, "--out", str(out)]
-    if kill_at is not None:
+    if kill_at is not None or sigterm_at:
         done = subprocess.run(command + args, env=env, capture_output=True, text=True, timeout=120)
         assert done.returncode != 0, done.stdout[-3000:] + done.stderr[-3000:]
-        return {}
+        return {"stderr": done.stderr}  # type: ignore[dict-item]
     for attempt in (1, 2):
         done = subprocess.run(command + args, env=env, capture_output=True, text=True, timeout=120)
         # Rarely (once in the suite's many runs so far) a gloo process aborts in C++ at exit, after
@@ -356,6 +368,25 @@ def test_a_two_process_run_killed_and_rerun_ends_with_the_weights_of_an_unbroken
     for rank in (0, 1):  # resumed, not started over: only steps 3 and 4 were trained
         assert [b[0] for b in reports[rank]["batches"]] == [2, 3]
     assert_same_run(broken, unbroken, step=4)
+
+
+def test_a_sigterm_to_one_rank_stops_both_at_the_next_logged_step_with_a_checkpoint(tmp_path):
+    """metapl.train.stopping under torchrun: the ranks agree on the step at which to stop (the
+    next logged one: they ask each other only there), rank 0 saves it, and the rerun resumes
+    there and ends with the weights of an uninterrupted run."""
+    register_test_model()
+    preset = "digits-uda-mpl"
+    # no checkpoint before the last step but the stop's; ranks agree at steps 2, 4 and 6
+    args = for_preset(preset, options(6, log_every=2, checkpoint_every=100, eval_every=100))
+    unbroken, broken = tmp_path / "unbroken", tmp_path / "broken"
+    torchrun(tmp_path, preset, unbroken, args)
+    stopped = torchrun(tmp_path, preset, broken, args, sigterm_at="1:2")  # inside step 3
+    assert "metapl train: stopped by SIGTERM at step 4 of 6, after saving" in stopped["stderr"]
+    assert load_checkpoint(broken / "checkpoint.pt")["step"] == 4
+    reports = torchrun(tmp_path, preset, broken, args)
+    for rank in (0, 1):  # resumed at step 4, on both ranks
+        assert [b[0] for b in reports[rank]["batches"]] == [4, 5]
+    assert_same_run(broken, unbroken, step=6)
 
 
 def assert_same_run(got_dir: Path, want_dir: Path, step: int) -> None:

@@ -25,6 +25,7 @@ from metapl.report import (
     print_paired_differences,
     release_output_folders,
 )
+from metapl.train.stopping import Stopped
 
 # The most seeds one command takes: each is a training run (digits: minutes), and a range such as
 # 0-4294967295 would otherwise fill the memory with its numbers before any check.
@@ -579,6 +580,10 @@ def main(argv: list[str] | None = None) -> int:
         close_bars()
         print(f"metapl {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except Stopped as stop:  # SIGTERM during training: saved, then stopped (before Ctrl-C's)
+        close_bars()
+        print(f"metapl {args.command}: {stop}", file=sys.stderr)
+        return stop.exit_code
     except KeyboardInterrupt:
         close_bars()
         print(f"metapl {args.command}: interrupted", file=sys.stderr)

@@ -142,6 +142,14 @@ class DataParallel:
         dist.all_reduce(flat, op=dist.ReduceOp.MIN)
         return flat.tolist()
 
+    def any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on any rank (every rank calling this at the same step)."""
+        if not self.enabled:
+            return flag
+        flat = torch.tensor([int(flag)], dtype=torch.int64, device=self._device())
+        dist.all_reduce(flat, op=dist.ReduceOp.MAX)
+        return bool(flat.item())
+
     @torch.no_grad()
     def broadcast_(self, modules: Iterable[nn.Module]) -> None:
         """Copy rank 0's parameters and buffers into every rank's modules."""

@@ -53,7 +53,7 @@ def _worker_context() -> multiprocessing.context.BaseContext | None:
 @contextlib.contextmanager
 def worker_pool(max_workers: int) -> Iterator[ProcessPoolExecutor]:
     """A process pool whose workers ignore Ctrl-C and exit when the main process dies; a
-    KeyboardInterrupt in the block cancels the queued runs and terminates the running ones, then
+    KeyboardInterrupt in the block cancels the queued runs and kills the running ones, then
     propagates."""
     pool = ProcessPoolExecutor(
         max_workers=max_workers, mp_context=_worker_context(), initializer=_start_worker
@@ -65,7 +65,9 @@ def worker_pool(max_workers: int) -> Iterator[ProcessPoolExecutor]:
         pool.shutdown(wait=False, cancel_futures=True)
         for process in processes:
             if process.is_alive():
-                process.terminate()
+                # SIGKILL, not SIGTERM: a run that gets SIGTERM would first finish its step and
+                # save a checkpoint (metapl.train.stopping); Ctrl-C stops at once
+                process.kill()
         raise
     finally:
         pool.shutdown(wait=True)

@@ -48,6 +48,16 @@ from metapl.train.guards import NonFiniteWatch, check_finite_weights, to_floats
 from metapl.train.large_teacher import check_large_teacher, prepare_large_teacher_data
 from metapl.train.metrics_log import MetricsLogger
 from metapl.train.schedule import make_scheduler
+from metapl.train.stopping import STOP_SIGNALS, Stopped, StopSignals
+
+
+def _stop_now(signals: StopSignals, dp: DataParallel, step: int, cfg: TrainConfig) -> bool:
+    """Whether a stop signal came: to this process, or under torchrun to any rank. The ranks must
+    stop at the same step, so they ask each other only at logged steps, where they synchronize
+    anyway (every ``log_every`` steps, not at every step)."""
+    if not dp.enabled:
+        return signals.signum is not None
+    return step % cfg.log_every == 0 and dp.any_rank(signals.signum is not None)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -571,7 +581,11 @@ def train(
     watched = _Figure10(run, teacher_probs) if cfg.method == "reduced_mpl" and dp.is_main else None
     amp = autocast_dtype(cfg)
     start_time = time.perf_counter()
-    with MetricsLogger(out_dir, resume_step=run.step) if dp.is_main else _NoMetrics() as logger:
+    # SIGTERM, SIGUSR1: a checkpoint of the step, then stop (metapl.train.stopping)
+    with (
+        MetricsLogger(out_dir, resume_step=run.step) if dp.is_main else _NoMetrics() as logger,
+        StopSignals() as signals,
+    ):
         bar = progress_bar(
             total=run.total_steps,
             initial=run.step,
@@ -586,8 +600,10 @@ def train(
             watch.observe(metrics)
             bar.update()
             last = run.step == run.total_steps
+            stopping = _stop_now(signals, dp, run.step, cfg) and not last
+            checkpointing = run.step % cfg.checkpoint_every == 0 or last or stopping
             evaluating = run.step % cfg.eval_every == 0 or last or run.step == cfg.steps
-            if evaluating or run.step % cfg.log_every == 0 or run.step % cfg.checkpoint_every == 0:
+            if evaluating or run.step % cfg.log_every == 0 or checkpointing:
                 # The mean over ranks: each loss is the whole global batch's (a batch mean of equal
                 # slices), and what a NaN/Inf message says of it now is the same on every rank.
                 metrics = dp.mean_metrics(metrics)
@@ -610,7 +626,7 @@ def train(
                     on_eval(run.step, accuracies)
                 if run.step == cfg.steps and run.finetune is not None:
                     run.before_finetune = accuracies
-            if run.step % cfg.checkpoint_every == 0 or last:
+            if checkpointing:
                 watch.check(metrics, run.step, dp.earliest)  # never write a NaN checkpoint
                 # BatchNorm running statistics are rank-local: every rank takes rank 0's, so each
                 # holds exactly the state saved (and a resumed run continues from it).
@@ -620,6 +636,12 @@ def train(
                 if dp.is_main:
                     logger.check_folder()  # not a checkpoint in a folder made again
                     save_checkpoint(ckpt_path, run.state_dict(fingerprint))
+            if stopping:
+                # torchrun ends every rank as soon as one exits: none does before the checkpoint
+                dp.wait_for_main()
+                bar.close()
+                # (a rank that had no signal of its own names the one schedulers send)
+                raise Stopped(signals.signum or STOP_SIGNALS[0], run.step, run.total_steps)
         bar.close()
         final = _accuracies(run, amp) if dp.is_main else None
     # Every rank returns rank 0's summary.

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import shutil
+import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any
 from metapl.errors import ConfigError, NonFiniteLossError, WriteError
 from metapl.train.config import TrainConfig, apply_overrides
 from metapl.train.presets import load_preset
+from metapl.train.stopping import Stopped
 from metapl.tuning import bestfile, retry, space, studies
 from metapl.tuning.storage import GRACE_S, import_optuna, new_sqlite_file, open_storage
 
@@ -154,15 +156,20 @@ class Stage:
                 flush=True,
             )
             raise
-        except KeyboardInterrupt:
-            # Ctrl-C, wherever it lands in the trial: Optuna records the trial as failed and logs it
+        except KeyboardInterrupt as stop:
+            # Ctrl-C, wherever it lands in the trial, or a SIGTERM that stopped its training at a
+            # checkpoint (metapl.train.stopping): Optuna records the trial as failed and logs it
             # with a traceback; the command line says "interrupted" in one line instead. A copy of
             # the trial waits in the study, to resume from the trial's last checkpoint.
             retry.queue_interrupted(optuna, trial)  # first: it ignores a second Ctrl-C
             optuna.logging.set_verbosity(optuna.logging.ERROR)
+            if isinstance(stop, Stopped):
+                how = f"stopped by {signal.Signals(stop.signum).name} at step {stop.step}"
+            else:
+                how = "interrupted"
             print(
-                f"{self.name} trial {trial.number}: interrupted; the same command resumes it "
-                "from its last checkpoint",
+                f"{self.name} trial {trial.number}: {how}; the same command resumes it from its "
+                "last checkpoint",
                 flush=True,
             )
             raise
