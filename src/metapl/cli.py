@@ -372,7 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="train one preset (Table 1 and Table 2 rows, digits) with resumable checkpoints",
         description=(
             "Train a preset. Running the same command with the same --out resumes from "
-            "DIR/checkpoint.pt. DIR receives config.json (the resolved configuration), "
+            "DIR/checkpoint.pt; SIGTERM or SIGUSR1 (a scheduler's time limit) saves a checkpoint "
+            "of the step in progress first, then stops (exit code 128 + the signal). DIR "
+            "receives config.json (the resolved configuration), "
             "metrics.csv, tb/ (TensorBoard), checkpoint.pt (and checkpoint.prev.pt, the one "
             "before it), results.json, curves.png (losses, accuracies and learning rates over "
             "steps) and, for a dataset with class names, classes.json. Model selection never "
