@@ -23,6 +23,7 @@ from metapl.cli import main
 from metapl.experiments.figure9 import plot_figure9
 from metapl.experiments.figure10 import plot_figure10
 from metapl.experiments.twomoons_plots import plot_gradient_cosine
+from metapl.train.checkpoint import load_checkpoint
 from metapl.train.config import TrainConfig
 from metapl.tuning import bestfile
 
@@ -133,11 +134,12 @@ def test_ctrl_c_in_tune_is_one_line_and_queues_the_trial_to_resume(tmp_path, mon
     assert [t.state for t in trials] == [State.FAIL, State.WAITING]  # its copy, to resume
 
 
-def _digits_with_two_running_workers(out: Path) -> tuple[subprocess.Popen, list[str]]:
-    """`metapl digits` in its own process group, returned once both of its runs are training,
-    with its worker processes' ids."""
+def _digits_with_two_running_workers(out: Path, *extra: str) -> tuple[subprocess.Popen, list[str]]:
+    """`metapl digits` (with ``extra`` options) in its own process group, returned once both of
+    its runs are training, with its worker processes' ids."""
     cmd = [sys.executable, "-m", "metapl", "digits", "--seeds", "0-1", "--methods", "supervised"]
     cmd += ["--steps", "100000", "--set", "eval_every=100000", "--out", str(out), "--quiet"]
+    cmd += extra
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     proc = subprocess.Popen(
         cmd,
@@ -186,6 +188,41 @@ def test_ctrl_c_ends_metapl_digits_and_its_workers_at_once(tmp_path):
     assert err.decode() == "metapl digits: interrupted\n"
     time.sleep(0.5)
     assert [w for w in workers if _running(w)] == []
+    assert not (out / "results.json").exists()
+
+
+def test_sigterm_to_metapl_digits_lets_each_running_run_save_its_step_first(tmp_path):
+    """SIGTERM to the main process alone (`kill PID`, a scheduler): it passes the signal on to its
+    workers, whose runs each save a checkpoint of the step in progress (metapl.train.stopping),
+    waits for them, and exits with one line and code 143. Before, the main process died at once
+    and its orphaned workers a second later, each losing every step since its last checkpoint."""
+    out = tmp_path / "out"
+    # no regular checkpoint before step 100000: any checkpoint is the stop's
+    extra = ("--set", "checkpoint_every=100000", "--set", "log_every=1")
+    proc, workers = _digits_with_two_running_workers(out, *extra)
+    try:
+        assert len(workers) == 2
+        # both in their training loops (before it, a signal ends a run that has nothing to save)
+        logs = [out / "supervised" / f"seed{s}" / "metrics.csv" for s in (0, 1)]
+        deadline = time.monotonic() + 60
+        while not all(p.exists() and p.read_text().count("\n") > 1 for p in logs):
+            assert time.monotonic() < deadline, "the runs did not log a step"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert err.decode() == (
+        "metapl digits: stopped by SIGTERM; each run in progress saved a checkpoint of its step "
+        "first: run the same command again to resume every run\n"
+    )
+    assert proc.returncode == 143
+    assert [w for w in workers if _running(w)] == []
+    for seed in (0, 1):
+        saved = load_checkpoint(out / "supervised" / f"seed{seed}" / "checkpoint.pt")
+        assert 0 < saved["step"] < 100000
     assert not (out / "results.json").exists()
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import pickle
 import signal
 import threading
 
@@ -22,7 +23,7 @@ from metapl.cli import main
 from metapl.train.checkpoint import load_checkpoint
 from metapl.train.config import apply_overrides
 from metapl.train.presets import load_preset
-from metapl.train.stopping import Stopped, StopSignals
+from metapl.train.stopping import Stopped, StopSignals, TrainingStopped
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -87,7 +88,7 @@ def test_a_signalled_run_saves_its_step_stops_and_resumes_exactly(
     ref_dir, ref_summary = reference
     out = tmp_path / "run"
     _signal_at(monkeypatch, 5, signum)
-    with pytest.raises(Stopped) as stopped:
+    with pytest.raises(TrainingStopped) as stopped:
         engine.train(_config(), out, show_progress=False)
     monkeypatch.undo()
     assert (stopped.value.signum, stopped.value.step, stopped.value.total_steps) == (signum, 6, 9)
@@ -137,7 +138,7 @@ def test_more_signals_while_stopping_neither_kill_the_run_nor_rename_its_stop(
 
     monkeypatch.setattr(engine, "save_checkpoint", save_signalled_again)
     _signal_at(monkeypatch, 5, signal.SIGUSR1, signal.SIGTERM)
-    with pytest.raises(Stopped) as stopped:
+    with pytest.raises(TrainingStopped) as stopped:
         engine.train(_config(), tmp_path, show_progress=False)
     assert stopped.value.signum == signal.SIGUSR1
     assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 6
@@ -156,7 +157,7 @@ def test_ctrl_c_still_stops_at_once_without_a_checkpoint_of_its_step(tmp_path, m
     _signal_at(monkeypatch, 5, signal.SIGINT)
     with pytest.raises(KeyboardInterrupt) as interrupted:
         engine.train(_config(), tmp_path, show_progress=False)
-    assert not isinstance(interrupted.value, Stopped)
+    assert not isinstance(interrupted.value, TrainingStopped)
     assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 4  # the last regular one
 
 
@@ -219,3 +220,14 @@ def test_a_signalled_tuning_trial_waits_in_the_study_to_resume(tmp_path, monkeyp
     assert [t.state for t in trials] == [State.FAIL, State.WAITING]
     trial_run = tmp_path / "out" / "trials" / "t-student" / "0"
     assert load_checkpoint(trial_run / "checkpoint.pt")["step"] == 2
+
+
+def test_a_stop_survives_pickling_as_a_worker_process_sends_it():
+    """`metapl digits` workers send their run's stop to the main process pickled: an exception
+    whose __init__ does not take its message back broke the pool's result thread (the command
+    printed its line and then hung)."""
+    stop = pickle.loads(pickle.dumps(TrainingStopped(signal.SIGUSR1, 3, 9)))
+    assert (type(stop), stop.signum, stop.step, stop.total_steps) == (TrainingStopped, 10, 3, 9)
+    assert str(stop).startswith("stopped by SIGUSR1 at step 3 of 9")
+    stop = pickle.loads(pickle.dumps(Stopped(signal.SIGTERM, "; more")))
+    assert (str(stop), stop.exit_code) == ("stopped by SIGTERM; more", 143)

@@ -7,6 +7,10 @@ code, and the pool can then wait forever for workers that wait for work, or prin
 So workers ignore SIGINT: the main process alone gets the KeyboardInterrupt, and ends the workers
 instead of waiting for their runs to finish. Nothing is lost that a rerun needs: every run resumes
 from its last checkpoint, and every file is written whole or not at all (:mod:`metapl.atomic`).
+
+SIGTERM (a scheduler's time limit) is gentler: the main process passes it on to the workers, whose
+runs each save a checkpoint of the step in progress (:mod:`metapl.train.stopping`), and waits for
+them to exit.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from metapl.errors import MetaplError
+from metapl.train.stopping import STOP_SIGNALS, Stopped, StopSignals
 
 ORPHAN_CHECK_SECONDS = 1.0
 
@@ -37,6 +42,9 @@ def _exit_when_orphaned(parent: int) -> None:
 
 def _start_worker() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # not the main process's handler (forked with it): a run's own takes SIGTERM (stopping.py)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_DFL)
     # the main process (see _worker_context), read once at start
     threading.Thread(target=_exit_when_orphaned, args=(os.getppid(),), daemon=True).start()
 
@@ -50,27 +58,44 @@ def _worker_context() -> multiprocessing.context.BaseContext | None:
     return multiprocessing.get_context("fork") if sys.platform == "linux" else None
 
 
+def _runs_stopped(signum: int) -> Stopped:
+    return Stopped(
+        signum,
+        "; each run in progress saved a checkpoint of its step first: run the same command again "
+        "to resume every run",
+    )
+
+
 @contextlib.contextmanager
 def worker_pool(max_workers: int) -> Iterator[ProcessPoolExecutor]:
-    """A process pool whose workers ignore Ctrl-C and exit when the main process dies; a
-    KeyboardInterrupt in the block cancels the queued runs and kills the running ones, then
-    propagates."""
-    pool = ProcessPoolExecutor(
-        max_workers=max_workers, mp_context=_worker_context(), initializer=_start_worker
-    )
-    try:
-        yield pool
-    except KeyboardInterrupt:
-        processes = list((pool._processes or {}).values())  # Python 3.14: pool.terminate_workers()
-        pool.shutdown(wait=False, cancel_futures=True)
-        for process in processes:
-            if process.is_alive():
-                # SIGKILL, not SIGTERM: a run that gets SIGTERM would first finish its step and
-                # save a checkpoint (metapl.train.stopping); Ctrl-C stops at once
-                process.kill()
-        raise
-    finally:
-        pool.shutdown(wait=True)
+    """A process pool whose workers ignore Ctrl-C and exit when the main process dies.
+
+    In the block, a KeyboardInterrupt (Ctrl-C) cancels the queued runs and kills the running ones,
+    then propagates. SIGTERM or SIGUSR1 to the main process (a scheduler's time limit) cancels the
+    queued runs too, but passes the signal on to the workers: each running run finishes its step
+    and saves a checkpoint of it (metapl.train.stopping); once the workers have exited, a
+    :class:`Stopped` propagates."""
+    with StopSignals(raising=_runs_stopped):
+        pool = ProcessPoolExecutor(
+            max_workers=max_workers, mp_context=_worker_context(), initializer=_start_worker
+        )
+        try:
+            yield pool
+        except KeyboardInterrupt as stop:
+            processes = list((pool._processes or {}).values())  # 3.14: pool.terminate_workers()
+            pool.shutdown(wait=False, cancel_futures=True)
+            for process in processes:
+                if not process.is_alive() or process.pid is None:
+                    continue
+                if isinstance(stop, Stopped):
+                    os.kill(process.pid, stop.signum)  # pool.shutdown below waits for them
+                else:
+                    # SIGKILL, not SIGTERM: a run that gets SIGTERM would first finish its step
+                    # and save a checkpoint; Ctrl-C stops at once
+                    process.kill()
+            raise
+        finally:
+            pool.shutdown(wait=True)
 
 
 def map_runs(

@@ -48,7 +48,7 @@ from metapl.train.guards import NonFiniteWatch, check_finite_weights, to_floats
 from metapl.train.large_teacher import check_large_teacher, prepare_large_teacher_data
 from metapl.train.metrics_log import MetricsLogger
 from metapl.train.schedule import make_scheduler
-from metapl.train.stopping import STOP_SIGNALS, Stopped, StopSignals
+from metapl.train.stopping import STOP_SIGNALS, StopSignals, TrainingStopped
 
 
 def _stop_now(signals: StopSignals, dp: DataParallel, step: int, cfg: TrainConfig) -> bool:
@@ -641,7 +641,7 @@ def train(
                 dp.wait_for_main()
                 bar.close()
                 # (a rank that had no signal of its own names the one schedulers send)
-                raise Stopped(signals.signum or STOP_SIGNALS[0], run.step, run.total_steps)
+                raise TrainingStopped(signals.signum or STOP_SIGNALS[0], run.step, run.total_steps)
         bar.close()
         final = _accuracies(run, amp) if dp.is_main else None
     # Every rank returns rank 0's summary.

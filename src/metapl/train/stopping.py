@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable
 from types import FrameType
 
 # getattr: SIGUSR1 is POSIX-only
@@ -24,24 +25,41 @@ STOP_SIGNALS = tuple(s for s in (signal.SIGTERM, getattr(signal, "SIGUSR1", None
 
 
 class Stopped(KeyboardInterrupt):
-    """Training stopped at a step boundary on a signal, with a checkpoint of that step saved.
+    """A command stopped on a signal, after saving what a rerun resumes from.
 
     A KeyboardInterrupt (not an Exception), so that what handles Ctrl-C handles it too: ``metapl
     tune`` queues the trial to resume, a ``except Exception`` in a user's code does not swallow it.
     """
 
-    def __init__(self, signum: int, step: int, total_steps: int):
-        self.signum, self.step, self.total_steps = signum, step, total_steps
-        super().__init__(
-            f"stopped by {signal.Signals(signum).name} at step {step} of {total_steps}, after "
-            "saving a checkpoint of that step; run the same command again to resume from it"
-        )
+    def __init__(self, signum: int, detail: str):
+        self.signum, self.detail = signum, detail
+        super().__init__(f"stopped by {signal.Signals(signum).name}{detail}")
+
+    def __reduce__(self):
+        # A worker process's stop reaches the main process pickled; an exception is rebuilt from
+        # its args (here the message), which this __init__ does not take.
+        return type(self), (self.signum, self.detail)
 
     @property
     def exit_code(self) -> int:
         """128 + the signal's number: what a shell reports for a process the signal ended, so
         that a scheduler sees the job as ended by it, not as finished."""
         return 128 + self.signum
+
+
+class TrainingStopped(Stopped):
+    """Training stopped at a step boundary, with a checkpoint of that step saved."""
+
+    def __init__(self, signum: int, step: int, total_steps: int):
+        self.step, self.total_steps = step, total_steps
+        super().__init__(
+            signum,
+            f" at step {step} of {total_steps}, after saving a checkpoint of that step; run the "
+            "same command again to resume from it",
+        )
+
+    def __reduce__(self):
+        return type(self), (self.signum, self.step, self.total_steps)
 
 
 class StopSignals:
@@ -52,8 +70,12 @@ class StopSignals:
     outside the main thread, where Python cannot set handlers: the process then ends as before.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, raising: Callable[[int], BaseException] | None = None) -> None:
+        """``raising``: for the process that waits on worker processes (metapl.experiments.workers)
+        the first signal raises ``raising(signum)`` in the main thread, as Ctrl-C raises
+        KeyboardInterrupt; later ones are only recorded."""
         self.signum: int | None = None
+        self.raising = raising
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> StopSignals:
@@ -66,6 +88,8 @@ class StopSignals:
     def _record(self, signum: int, frame: FrameType | None) -> None:
         if self.signum is None:  # the first names the stop
             self.signum = signum
+            if self.raising is not None:
+                raise self.raising(signum)
 
     def __exit__(self, *exc) -> None:
         for signum, previous in self._previous.items():

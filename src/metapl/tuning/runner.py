@@ -22,7 +22,7 @@ from typing import Any
 from metapl.errors import ConfigError, NonFiniteLossError, WriteError
 from metapl.train.config import TrainConfig, apply_overrides
 from metapl.train.presets import load_preset
-from metapl.train.stopping import Stopped
+from metapl.train.stopping import TrainingStopped
 from metapl.tuning import bestfile, retry, space, studies
 from metapl.tuning.storage import GRACE_S, import_optuna, new_sqlite_file, open_storage
 
@@ -163,7 +163,7 @@ class Stage:
             # the trial waits in the study, to resume from the trial's last checkpoint.
             retry.queue_interrupted(optuna, trial)  # first: it ignores a second Ctrl-C
             optuna.logging.set_verbosity(optuna.logging.ERROR)
-            if isinstance(stop, Stopped):
+            if isinstance(stop, TrainingStopped):
                 how = f"stopped by {signal.Signals(stop.signum).name} at step {stop.step}"
             else:
                 how = "interrupted"
