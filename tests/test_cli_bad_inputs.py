@@ -352,6 +352,30 @@ def test_a_train_run_stopped_before_its_results_is_refused(tmp_path, capsys, sto
     assert files(run) == before
 
 
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_folder_with_the_users_own_files_of_a_result_name_is_refused(tmp_path, capsys, command):
+    """`metapl train --out myproject` replaced the project's own config.json and metrics.csv (and
+    any command a results.json that was not metapl's) with its own, exit code 0."""
+    (tmp_path / "config.json").write_text('{"name": "my app", "port": 80}')
+    (tmp_path / "results.json").write_text('{"score": 1}')
+    before = files(tmp_path)
+    assert main([*COMMANDS[command], "--out", str(tmp_path), "--quiet"]) == 2
+    err = one_error_line(capsys.readouterr().err)
+    assert "holds results.json, config.json, which metapl did not write" in err, err
+    assert "move them or choose another --out" in err, err
+    assert files(tmp_path) == before
+
+
+def test_a_train_run_stopped_before_its_first_checkpoint_still_resumes(tmp_path, capsys):
+    """Its config.json is metapl's: the rerun starts it over instead of refusing the folder."""
+    out = tmp_path / "run"
+    assert main([*COMMANDS["train"], "--out", str(out), "--quiet"]) == 0
+    for name in ("results.json", "checkpoint.pt", "checkpoint.prev.pt"):
+        (out / name).unlink(missing_ok=True)
+    assert main([*COMMANDS["train"], "--out", str(out), "--quiet"]) == 0, capsys.readouterr().err
+    assert (out / "results.json").is_file()
+
+
 def test_a_folder_where_a_figure_goes_is_refused_before_the_run(tmp_path, capsys):
     """`metapl twomoons` wrote results.json, then failed with a traceback on twomoons.png."""
     (tmp_path / "twomoons.png").mkdir()

@@ -68,6 +68,15 @@ def output_folder(path: Path | str, option: str = "--out", command: str | None =
             f"{option} {path} holds the results of `metapl {owner}`, which `metapl {command}` "
             f"would overwrite; choose another {option}"
         )
+    if command is not None and owner is None and not _older_run(path):
+        # A folder of the user's own (a project with its config.json, say) lost those files to
+        # the run's without a word.
+        foreign = [n for n in RUN_FILES if (path / n).is_file()]
+        if foreign:
+            raise ConfigError(
+                f"{option} {path} holds {', '.join(foreign)}, which metapl did not write and "
+                f"`metapl {command}` would overwrite; move them or choose another {option}"
+            )
     if command is not None:
         _claim(path, option)
     return path
@@ -148,6 +157,24 @@ def folder_owner(folder: Path) -> str | None:
     ):
         owner = "train"
     return owner
+
+
+def _older_run(folder: Path) -> bool:
+    """Whether ``folder`` holds metapl's files that :func:`folder_owner` does not name the command
+    of: the results.json of a metapl from before it recorded its command (its records alone, or
+    under "results"), or the config.json of a `metapl train` run stopped before its first
+    checkpoint (which a rerun resumes)."""
+    try:
+        results = json.loads((folder / "results.json").read_text())
+    except (OSError, ValueError):
+        results = None
+    if isinstance(results, list) or (isinstance(results, dict) and "results" in results):
+        return True
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and {"preset", "method"} <= config.keys()
 
 
 def check_not_a_result(output: Path | str, option: str) -> None:
