@@ -494,3 +494,25 @@ def test_set_preset_is_refused(tmp_path, capsys, command):
     err = one_error_line(capsys.readouterr().err)
     assert "preset only records the preset a run came from" in err and "--preset" in err, err
     assert [p.name for p in tmp_path.iterdir()] == []
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["twomoons", "--seeds", "0", "--steps", "2", "--quiet", "--out"],
+        ["train", "--preset", "digits-supervised", "--quiet", "--out"],
+        ["bench", "--quiet", "--json"],
+        ["compare"],
+        ["export", "--format", "onnx", "--run"],
+        ["predict", "image.png", "--run"],
+    ],
+    ids=lambda a: a[0],
+)
+def test_a_name_too_long_for_the_file_system_is_one_line(tmp_path, capsys, args):
+    """A 300-byte folder or file name was a traceback (OSError: File name too long) from the first
+    check of the path, in every command."""
+    name = tmp_path / ("n" * 300)
+    assert main([*args, str(name)]) == 2
+    err = one_error_line(capsys.readouterr().err)
+    assert "the name is too long for the file system" in err and "choose a shorter path" in err
+    assert list(tmp_path.iterdir()) == []

@@ -7,6 +7,7 @@ other exception is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import re
@@ -595,6 +596,19 @@ def main(argv: list[str] | None = None) -> int:
         # stdout at devnull so that Python's own flush at exit does not raise again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by the signal
+    except OSError as err:
+        # A path the user gave with a name over the file system's limit (255 bytes a component,
+        # 4096 in all): every check of a path (exists, is_dir) raised it, a traceback in each
+        # command. Any other OSError is still a bug, with its traceback.
+        if err.errno != errno.ENAMETOOLONG:
+            raise
+        close_bars()
+        print(
+            f"metapl {args.command}: error: {err.filename}: the name is too long for the file "
+            "system (at most 255 bytes a folder or file name); choose a shorter path",
+            file=sys.stderr,
+        )
+        return 2
     finally:
         release_output_folders()
     return 0
