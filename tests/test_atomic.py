@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from metapl.atomic import replace_atomically, write_json_atomically
+from metapl.atomic import remove_leftovers, replace_atomically, temp_prefix, write_json_atomically
 from metapl.report import write_json_atomic
 from metapl.train.checkpoint import save_checkpoint
 from metapl.train.curves import plot_curves
@@ -59,3 +59,15 @@ def test_every_run_file_gets_the_mode_of_a_plain_open(tmp_path, umask_027):
     names = ["checkpoint.pt", "checkpoint.prev.pt", "metrics.csv", "curves.png", "results.json"]
     for name in names:
         assert mode(tmp_path / name) == umask_027, name
+
+
+@pytest.mark.parametrize("name", ["f" * 250 + ".json", "é" * 125 + ".pt"], ids=["ascii", "utf8"])
+def test_a_file_name_near_the_limit_is_written(tmp_path, name):
+    """A name of 242 to 255 bytes (`metapl bench --json` or `metapl export --output`) was "could not
+    write ...: File name too long" after the work: its temporary file's name was 14 bytes longer."""
+    target = tmp_path / name
+    write_json_atomically(target, {"a": 1})
+    assert target.read_text() == '{\n "a": 1\n}'
+    (tmp_path / f"{temp_prefix(target)}killed.tmp").write_text("")  # a killed writer's leftover
+    remove_leftovers(target)
+    assert [p.name for p in tmp_path.iterdir()] == [name]

@@ -27,10 +27,17 @@ from pathlib import Path
 
 from metapl.errors import WriteError
 
+# The most bytes of a file's name that its temporary files' names repeat: with the dots, the 8
+# random characters and ".tmp" they stay within the usual 255-byte limit of a name. A name of 242
+# to 255 bytes (`metapl bench --json` with a long one, say) failed as "File name too long" when
+# its result was written, after the work.
+_NAME_IN_TEMP = 255 - len("..") - 8 - len(".tmp")
+
 
 def temp_prefix(path: Path) -> str:
     """The prefix of ``path``'s temporary files (a killed writer's leftovers can be found by it)."""
-    return f".{path.name}."
+    name = os.fsdecode(os.fsencode(path.name)[:_NAME_IN_TEMP])
+    return f".{name}."
 
 
 def remove_leftovers(path: Path) -> None:
