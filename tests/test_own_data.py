@@ -9,6 +9,7 @@ hidden and non-image files) and a tiny .npz are read and checked pixel for pixel
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 from pathlib import Path
 
@@ -553,3 +554,19 @@ def test_cli_without_a_test_set_reports_no_test_accuracy(tmp_path, capsys):
     assert json.loads((out / "classes.json").read_text()) == ["ant", "bee", "cow"]
     logged = (out / "metrics.csv").read_text()
     assert "tune_accuracy" in logged and "test_accuracy" not in logged
+
+
+@pytest.mark.parametrize("inside", ["labeled/run", "unlabeled/run", "unlabeled", "test/run"])
+def test_a_run_folder_inside_the_images_it_reads_is_refused(folder, tmp_path, capsys, inside):
+    """--out DIR/labeled/run failed as "DIR/labeled/run is an empty class folder ... delete the
+    folder" about the folder metapl had just made; --out DIR/unlabeled/run ran, and read its own
+    curves.png as an unlabeled image when it resumed."""
+    data = tmp_path / "data"
+    shutil.copytree(folder, data)
+    before = sorted(data.rglob("*"))
+    out = data / inside
+    args = ["train", "--preset", "folder-uda", "--data-dir", str(data), "--out", str(out)]
+    assert main([*args, "--steps", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"is inside {data / inside.split('/')[0]}, whose images" in err
+    assert sorted(data.rglob("*")) == before
