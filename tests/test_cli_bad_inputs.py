@@ -516,3 +516,18 @@ def test_a_name_too_long_for_the_file_system_is_one_line(tmp_path, capsys, args)
     err = one_error_line(capsys.readouterr().err)
     assert "the name is too long for the file system" in err and "choose a shorter path" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_out_starting_with_a_tilde_the_shell_left_is_refused(tmp_path, capsys, monkeypatch):
+    """`--out=~/runs/a` (bash leaves that ~ alone) made a folder named ~ in the current folder and
+    ran into it, exit code 0; a ~ folder the user made is still used."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert main([*COMMANDS["twomoons"], "--out=~/runs/a", "--quiet"]) == 2
+    err = one_error_line(capsys.readouterr().err)
+    assert "starts with a ~ that the shell did not expand" in err
+    assert f"write --out {tmp_path / 'home' / 'runs' / 'a'}" in err
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "~").mkdir()
+    assert main([*COMMANDS["twomoons"], "--out=~/runs/a", "--quiet"]) == 0
+    assert (tmp_path / "~" / "runs" / "a" / "results.json").is_file()

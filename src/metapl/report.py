@@ -40,6 +40,14 @@ def output_folder(path: Path | str, option: str = "--out", command: str | None =
     if not str(path).strip():  # Path("") is the current folder: an unset $VAR wrote into it
         raise ConfigError(f"{option} is empty; give a folder name")
     path = Path(path)
+    # The shell expands ~ only unquoted at the start of a word: `--out=~/runs/a` (or '~/runs/a')
+    # made a folder named ~ in the current folder, and the run went there without a word.
+    if path.parts[0].startswith("~") and not Path(path.parts[0]).exists():
+        raise ConfigError(
+            f"{option} {path} starts with a ~ that the shell did not expand (it does so only "
+            f"unquoted, at the start of a word, not after {option}=); write "
+            f"{option} {os.path.expanduser(path)} or choose another {option}"
+        )
     for existing in (path, *path.parents):
         if existing.exists():
             break
