@@ -7,6 +7,7 @@ Trials run with test_tune's fake ``train`` (no training), so the whole file take
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -417,6 +418,22 @@ def test_the_printed_command_and_best_tomls_header_pass_the_trials_data_dir(tmp_
     assert (
         train_command(options(tmp_path)) == f"metapl train --preset {out / 'best.toml'} --out RUN"
     )
+
+
+def test_the_printed_command_quotes_paths_with_spaces(tmp_path):
+    """`metapl tune --out "runs/my tune"` printed `metapl train --preset runs/my tune/best.toml`,
+    which, pasted, split the path in two; it is quoted as a shell reads it."""
+    import shlex
+
+    from metapl.tuning.runner import train_command
+
+    out = tmp_path / "my tune ü"
+    opts = options(tmp_path, runtime={"data_dir": "/data/my cifar"})
+    opts = dataclasses.replace(opts, out=out)
+    assert shlex.split(train_command(opts)) == [
+        "metapl", "train", "--preset", str(out / "best.toml"), "--data-dir", "/data/my cifar",
+        "--out", "RUN",
+    ]  # fmt: skip
 
 
 def test_each_trial_records_its_host_and_folder(tmp_path):

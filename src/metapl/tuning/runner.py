@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import shlex
 import shutil
 import signal
 import sys
@@ -50,10 +51,12 @@ class TuneOptions:
 
 def train_command(opts: TuneOptions) -> str:
     """The command that trains ``OUT/best.toml``, with the trials' ``--data-dir``: best.toml leaves
-    it out (another machine's data may be elsewhere), and without it the hint failed."""
+    it out (another machine's data may be elsewhere), and without it the hint failed. The paths are
+    quoted as a shell needs them: `--out "runs/my tune"` printed a command that, pasted, split the
+    path in two."""
     data_dir = opts.runtime.get("data_dir")
-    data = f" --data-dir {data_dir}" if data_dir is not None else ""
-    return f"metapl train --preset {opts.out / 'best.toml'}{data} --out RUN"
+    data = f" --data-dir {shlex.quote(str(data_dir))}" if data_dir is not None else ""
+    return f"metapl train --preset {shlex.quote(str(opts.out / 'best.toml'))}{data} --out RUN"
 
 
 def label_budget_note(cfg: TrainConfig) -> str | None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import time
 import warnings
 from collections.abc import Callable
@@ -152,7 +153,7 @@ def open_storage(url: str):
         if not folder.is_dir():
             raise ConfigError(
                 f"--storage {shown}: folder {folder} does not exist; create it first "
-                f"(mkdir -p {folder})"
+                f"(mkdir -p {shlex.quote(str(folder))})"  # quoted, to paste as it is
             )
         # SQLite writes its lock, journal and WAL files beside the database, even to read it
         if not os.access(folder, os.W_OK | os.X_OK):
