@@ -531,3 +531,26 @@ def test_an_out_starting_with_a_tilde_the_shell_left_is_refused(tmp_path, capsys
     (tmp_path / "~").mkdir()
     assert main([*COMMANDS["twomoons"], "--out=~/runs/a", "--quiet"]) == 0
     assert (tmp_path / "~" / "runs" / "a" / "results.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            [*COMMANDS["twomoons"], "--quiet", "--out"],
+            "is a link to {target}, which does not exist; create that folder",
+        ),
+        (["compare", "run", "--json"], "is a link to {target}, whose folder does not exist"),
+    ],
+    ids=["--out", "--json"],
+)
+def test_a_dangling_link_is_named_as_one(tmp_path, capsys, monkeypatch, args, message):
+    """A link to a missing folder said "--out link: cannot create it (File exists)", and a link
+    whose target's folder is missing "--json link: folder . does not exist"."""
+    monkeypatch.chdir(tmp_path)
+    target = tmp_path / "gone" / "x"
+    Path("link").symlink_to(target)
+    assert main([*args, "link"]) == 2
+    err = one_error_line(capsys.readouterr().err)
+    assert message.format(target=target) in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link"]

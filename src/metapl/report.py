@@ -48,6 +48,11 @@ def output_folder(path: Path | str, option: str = "--out", command: str | None =
             f"unquoted, at the start of a word, not after {option}=); write "
             f"{option} {os.path.expanduser(path)} or choose another {option}"
         )
+    if path.is_symlink() and not path.exists():  # was "cannot create it (File exists)"
+        raise ConfigError(
+            f"{option} {path} is a link to {os.readlink(path)}, which does not exist; create that "
+            f"folder or choose another {option}"
+        )
     for existing in (path, *path.parents):
         if existing.exists():
             break
@@ -236,6 +241,13 @@ def check_output_file(path: str | None, option: str) -> None:
     target = Path(path)
     if target.is_dir():
         raise ConfigError(f"{option} {target} is a folder; give a file name")
+    if (
+        target.is_symlink() and not target.resolve().parent.is_dir()
+    ):  # was "folder . does not exist"
+        raise ConfigError(
+            f"{option} {target} is a link to {os.readlink(target)}, whose folder does not exist; "
+            "create it or give another file name"
+        )
     if not target.resolve().parent.is_dir():
         if target.resolve().parent.exists():
             raise ConfigError(f"{option} {target}: {target.parent} is a file, not a folder")
