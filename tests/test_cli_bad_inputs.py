@@ -554,3 +554,21 @@ def test_a_dangling_link_is_named_as_one(tmp_path, capsys, monkeypatch, args, me
     err = one_error_line(capsys.readouterr().err)
     assert message.format(target=target) in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link"]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["bench", "--quiet", "--json"],
+        ["compare", "run", "--plot"],
+    ],
+    ids=lambda a: a[0],
+)
+def test_an_output_file_named_as_a_folder_is_refused(tmp_path, capsys, monkeypatch, args):
+    """`--json results/` (meant as a folder to create) wrote a file named `results`, as Path drops
+    the slash."""
+    monkeypatch.chdir(tmp_path)
+    assert main([*args, "results/"]) == 2
+    err = one_error_line(capsys.readouterr().err)
+    assert "results/ ends with a /, as a folder's name does" in err, err
+    assert list(tmp_path.iterdir()) == []

@@ -375,6 +375,9 @@ def test_an_exported_model_in_the_checkpoints_place_says_so(
             "names a torchscript file, but --format is onnx",
         ),
         (["predict", "--run", "{run}", "{images}", "--json", " "], "--json is empty"),
+        # a folder's name, meant as one to create: a file of that name was written
+        (["predict", "--run", "{run}", "{images}", "--json", "new/"], "ends with a /"),
+        (["export", "--run", "{run}", "--format", "onnx", "--output", "new/"], "ends with a /"),
         # classified every image under the current folder
         (["predict", "--run", "{run}", "{images}", ""], "an IMAGE argument is empty"),
         (["predict", "--run", "{run}", "{images}", " "], "an IMAGE argument is empty"),

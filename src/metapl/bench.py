@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from metapl.errors import ConfigError, WriteError
 from metapl.progress import progress_bar
-from metapl.report import check_not_a_result, write_json_atomic
+from metapl.report import check_not_a_folder_name, check_not_a_result, write_json_atomic
 
 # CPU instructions for bf16 arithmetic: bf16's speed on a CPU depends on them, so a CPU bf16 result
 # says little about another CPU unless the JSON names which of these the measuring one had.
@@ -166,6 +166,7 @@ def _check_json_path(text: str | os.PathLike) -> None:
     path = Path(text)
     if path.is_dir():
         raise ConfigError(f"--json {path} is a folder; give a file name")
+    check_not_a_folder_name(text, "--json")
     check_not_a_result(path, "--json")  # a run's results.json, say, replaced by these timings
     for existing in path.parents:
         if existing.exists():

@@ -133,6 +133,7 @@ def run(args: argparse.Namespace) -> None:
     import torch
 
     from metapl.errors import ConfigError
+    from metapl.report import check_not_a_folder_name
     from metapl.train.run_model import (
         Classifier,
         check_not_a_run_file,
@@ -150,6 +151,8 @@ def run(args: argparse.Namespace) -> None:
     output = Path(args.output) if args.output else Path(args.run) / FORMATS[args.format]
     if output.is_dir():
         raise ConfigError(f"--output {output} is a folder; give a file name")
+    if args.output:
+        check_not_a_folder_name(args.output, "--output")
     check_not_a_run_file(output, args.run, "--output")
     # A name that says the other format: a TorchScript file named .onnx was written without a word
     suffix = output.suffix.lower()

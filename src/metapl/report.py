@@ -231,6 +231,16 @@ def check_replaceable(out: Path, name: str, config: dict, ignore: Iterable[str] 
     )
 
 
+def check_not_a_folder_name(text: str | os.PathLike, option: str) -> None:
+    """A ConfigError when the file name ``text`` ends with a slash: ``--output models/`` (meant as
+    a folder that does not exist yet) wrote a file named ``models``, as Path drops the slash."""
+    if str(text).endswith(("/", os.sep)):
+        raise ConfigError(
+            f"{option} {text} ends with a /, as a folder's name does, but there is no such "
+            "folder; give a file name"
+        )
+
+
 def check_output_file(path: str | None, option: str) -> None:
     """``option``'s file can be written: not empty, not a folder, in a writable folder that exists
     (checked before the work, not when its result is ready); None (not given) passes."""
@@ -241,6 +251,7 @@ def check_output_file(path: str | None, option: str) -> None:
     target = Path(path)
     if target.is_dir():
         raise ConfigError(f"{option} {target} is a folder; give a file name")
+    check_not_a_folder_name(path, option)
     if (
         target.is_symlink() and not target.resolve().parent.is_dir()
     ):  # was "folder . does not exist"
