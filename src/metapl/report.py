@@ -252,9 +252,8 @@ def check_output_file(path: str | None, option: str) -> None:
     if target.is_dir():
         raise ConfigError(f"{option} {target} is a folder; give a file name")
     check_not_a_folder_name(path, option)
-    if (
-        target.is_symlink() and not target.resolve().parent.is_dir()
-    ):  # was "folder . does not exist"
+    # A dangling link: the message named the folder of the link ("folder . does not exist")
+    if target.is_symlink() and not target.resolve().parent.is_dir():
         raise ConfigError(
             f"{option} {target} is a link to {os.readlink(target)}, whose folder does not exist; "
             "create it or give another file name"
