@@ -9,7 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from metapl.atomic import remove_leftovers, replace_atomically, temp_prefix, write_json_atomically
+from metapl.atomic import (
+    remove_leftovers,
+    replace_atomically,
+    temp_prefix,
+    write_json_atomically,
+    write_text_atomically,
+)
 from metapl.report import write_json_atomic
 from metapl.train.checkpoint import save_checkpoint
 from metapl.train.curves import plot_curves
@@ -71,3 +77,24 @@ def test_a_file_name_near_the_limit_is_written(tmp_path, name):
     (tmp_path / f"{temp_prefix(target)}killed.tmp").write_text("")  # a killed writer's leftover
     remove_leftovers(target)
     assert [p.name for p in tmp_path.iterdir()] == [name]
+
+
+def test_a_link_is_written_through_and_stays_a_link(tmp_path):
+    """`--json results.json` where results.json is a link to a shared file: the shared file gets
+    the result. Before, the rename replaced the link itself with a plain file, and the file it
+    pointed to kept its old content."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    target = shared / "timings.json"
+    target.write_text("old")
+    link = tmp_path / "timings.json"
+    link.symlink_to(target)
+    write_text_atomically(link, "new")
+    assert link.is_symlink() and target.read_text() == "new"
+    # a link to a file not there yet (its folder is): the file is made there
+    dangling = tmp_path / "later.json"
+    dangling.symlink_to(shared / "later.json")
+    write_text_atomically(dangling, "first")
+    assert dangling.is_symlink() and (shared / "later.json").read_text() == "first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["later.json", "shared", "timings.json"]
+    assert sorted(p.name for p in shared.iterdir()) == ["later.json", "timings.json"]

@@ -44,7 +44,7 @@ def remove_leftovers(path: Path) -> None:
     """Delete the temporary files that writers of ``path`` killed midway left beside it (a
     ``kill -9`` between creating one and renaming it). Only where no other process writes ``path``
     at the same time: its temporary file would go too."""
-    path = Path(path)
+    path = _through_links(path)  # where temp_file_beside puts them
     for stale in path.parent.glob(f"{temp_prefix(path)}*.tmp"):
         stale.unlink(missing_ok=True)
 
@@ -120,16 +120,28 @@ def failed_write_named(path: Path, kept: str | None = None):
         raise failure from exc
 
 
-def temp_file_beside(path: Path, fill: Callable[[Path], object]) -> Path:
-    """A temporary file in ``path``'s folder, filled by ``fill(tmp)``, on disk, with ordinary
-    permissions; deleted if ``fill`` (or anything here) fails; what ``fill`` returns is ignored.
-    The caller renames it. A failure of the file system (a full disk, say) is a
-    :class:`~metapl.errors.WriteError` naming ``path``."""
+def _through_links(path: Path) -> Path:
+    """The file that writing ``path`` should replace: a symbolic link's target (a link's own
+    name would otherwise be renamed over, leaving a plain file where the user's link was and the
+    file it points to unchanged), or ``path`` itself."""
     path = Path(path)
+    return path.resolve() if path.is_symlink() else path
+
+
+def temp_file_beside(path: Path, fill: Callable[[Path], object]) -> Path:
+    """A temporary file in ``path``'s folder (the folder of the file a link ``path`` points to),
+    filled by ``fill(tmp)``, on disk, with ordinary permissions; deleted if ``fill`` (or anything
+    here) fails; what ``fill`` returns is ignored. The caller renames it (:func:`move_into_place`).
+    A failure of the file system (a full disk, say) is a :class:`~metapl.errors.WriteError`
+    naming ``path``."""
+    path = Path(path)
+    target = _through_links(path)  # the temporary file must be on the target's file system
     tmp: Path | None = None
     with failed_write_named(path):
         try:
-            fd, name = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path), suffix=".tmp")
+            fd, name = tempfile.mkstemp(
+                dir=target.parent, prefix=temp_prefix(target), suffix=".tmp"
+            )
             os.close(fd)
             tmp = Path(name)
             fill(tmp)
@@ -149,10 +161,11 @@ def replace_atomically(path: Path, fill: Callable[[Path], object]) -> None:
 
 
 def move_into_place(tmp: Path, path: Path) -> None:
-    """Rename the finished temporary file ``tmp`` onto ``path``; delete it if that fails."""
+    """Rename the finished temporary file ``tmp`` onto ``path`` (onto the file a link ``path``
+    points to, the link kept); delete it if that fails."""
     with failed_write_named(path):
         try:
-            os.replace(tmp, path)
+            os.replace(tmp, _through_links(path))
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
