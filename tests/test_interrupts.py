@@ -169,6 +169,19 @@ def _running(pid: str) -> bool:
     return state not in ("Z", "X")
 
 
+def _signal_and_wait(proc: subprocess.Popen, signum: int, timeout: float) -> str:
+    """Send ``signum`` to the command's main process alone and wait for it to exit; its stderr.
+    Its process group is killed if it has not exited within ``timeout`` seconds."""
+    try:
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return err.decode()
+
+
 def test_ctrl_c_ends_metapl_digits_and_its_workers_at_once(tmp_path):
     """SIGINT to the command (Ctrl-C, or `kill -INT` of the main process alone): the running runs
     stop now, without waiting for them to finish, and the command exits with one line. Before, the
@@ -176,16 +189,10 @@ def test_ctrl_c_ends_metapl_digits_and_its_workers_at_once(tmp_path):
     forever on workers that waited for work."""
     out = tmp_path / "out"
     proc, workers = _digits_with_two_running_workers(out)
-    try:
-        assert len(workers) == 2
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    assert len(workers) == 2
+    err = _signal_and_wait(proc, signal.SIGINT, timeout=30)
     assert proc.returncode == 130
-    assert err.decode() == "metapl digits: interrupted\n"
+    assert err == "metapl digits: interrupted\n"
     time.sleep(0.5)
     assert [w for w in workers if _running(w)] == []
     assert not (out / "results.json").exists()
@@ -200,21 +207,17 @@ def test_sigterm_to_metapl_digits_lets_each_running_run_save_its_step_first(tmp_
     # no regular checkpoint before step 100000: any checkpoint is the stop's
     extra = ("--set", "checkpoint_every=100000", "--set", "log_every=1")
     proc, workers = _digits_with_two_running_workers(out, *extra)
-    try:
-        assert len(workers) == 2
-        # both in their training loops (before it, a signal ends a run that has nothing to save)
-        logs = [out / "supervised" / f"seed{s}" / "metrics.csv" for s in (0, 1)]
-        deadline = time.monotonic() + 60
-        while not all(p.exists() and p.read_text().count("\n") > 1 for p in logs):
-            assert time.monotonic() < deadline, "the runs did not log a step"
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
+    assert len(workers) == 2
+    # both in their training loops (before it, a signal ends a run that has nothing to save)
+    logs = [out / "supervised" / f"seed{s}" / "metrics.csv" for s in (0, 1)]
+    deadline = time.monotonic() + 60
+    while not all(p.exists() and p.read_text().count("\n") > 1 for p in logs):
+        if time.monotonic() > deadline:
             os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert err.decode() == (
+            raise AssertionError("the runs did not log a step")
+        time.sleep(0.1)
+    err = _signal_and_wait(proc, signal.SIGTERM, timeout=60)
+    assert err == (
         "metapl digits: stopped by SIGTERM; each run in progress saved a checkpoint of its step "
         "first: run the same command again to resume every run\n"
     )
