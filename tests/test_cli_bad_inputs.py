@@ -528,6 +528,12 @@ def test_an_out_starting_with_a_tilde_the_shell_left_is_refused(tmp_path, capsys
     assert "starts with a ~ that the shell did not expand" in err
     assert f"write --out {tmp_path / 'home' / 'runs' / 'a'}" in err
     assert list(tmp_path.iterdir()) == []
+    # ~name of a user unknown here: no advice to write the same path again
+    assert main([*COMMANDS["twomoons"], "--out=~nosuchuser29/a", "--quiet"]) == 2
+    err = one_error_line(capsys.readouterr().err)
+    assert "did not expand" in err and "give the full path" in err
+    assert "write --out" not in err
+    assert list(tmp_path.iterdir()) == []
     (tmp_path / "~").mkdir()
     assert main([*COMMANDS["twomoons"], "--out=~/runs/a", "--quiet"]) == 0
     assert (tmp_path / "~" / "runs" / "a" / "results.json").is_file()

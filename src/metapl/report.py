@@ -43,10 +43,12 @@ def output_folder(path: Path | str, option: str = "--out", command: str | None =
     # The shell expands ~ only unquoted at the start of a word: `--out=~/runs/a` (or '~/runs/a')
     # made a folder named ~ in the current folder, and the run went there without a word.
     if path.parts[0].startswith("~") and not Path(path.parts[0]).exists():
+        expanded = os.path.expanduser(path)  # unchanged for ~name of a user not known here
+        instead = f"write {option} {expanded}" if expanded != str(path) else "give the full path"
         raise ConfigError(
             f"{option} {path} starts with a ~ that the shell did not expand (it does so only "
-            f"unquoted, at the start of a word, not after {option}=); write "
-            f"{option} {os.path.expanduser(path)} or choose another {option}"
+            f"unquoted, at the start of a word, not after {option}=); {instead} or choose "
+            f"another {option}"
         )
     if path.is_symlink() and not path.exists():  # was "cannot create it (File exists)"
         raise ConfigError(
