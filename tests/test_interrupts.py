@@ -229,6 +229,34 @@ def test_sigterm_to_metapl_digits_lets_each_running_run_save_its_step_first(tmp_
     assert not (out / "results.json").exists()
 
 
+def _stopped_slowly(folder: Path) -> dict:
+    """A run that signals the main process, as a scheduler would, and once the main process passes
+    the signal on takes a while to save its step."""
+    from metapl.train.stopping import Stopped, StopSignals
+
+    with StopSignals() as signals:
+        time.sleep(0.5)  # the pool's manager thread fills its queue meanwhile
+        os.kill(os.getppid(), signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while signals.signum is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+    time.sleep(1)
+    (folder / "saved").touch()
+    raise Stopped(signals.signum or signal.SIGTERM, "")
+
+
+def test_a_stopped_pool_returns_once_its_runs_are_saved(tmp_path):
+    """Before, the main process's Stopped left the pool at once: `metapl digits` printed that each
+    run had saved its step while the runs were still saving (the interpreter's exit then waited for
+    them), and a program calling the pool went on before them."""
+    from metapl.experiments.workers import map_runs, worker_pool
+    from metapl.train.stopping import Stopped
+
+    with pytest.raises(Stopped), worker_pool(1) as pool:
+        map_runs(pool, _stopped_slowly, [tmp_path], "digits runs", False)
+    assert (tmp_path / "saved").exists()
+
+
 def test_workers_of_a_killed_metapl_digits_exit_too(tmp_path):
     """`kill -9` of the main process alone (or the OOM killer): its workers must not train on
     unseen, writing into the run folders that a rerun of the command then uses too."""

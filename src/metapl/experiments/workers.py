@@ -83,6 +83,10 @@ def worker_pool(max_workers: int) -> Iterator[ProcessPoolExecutor]:
             yield pool
         except KeyboardInterrupt as stop:
             processes = list((pool._processes or {}).values())  # 3.14: pool.terminate_workers()
+            # shutdown(wait=False) forgets the thread that waits for the workers: the finally's
+            # shutdown(wait=True) then returns at once, before the stopped runs are saved (typeshed
+            # has the thread's type wrong)
+            manager: threading.Thread | None = pool._executor_manager_thread  # type: ignore
             pool.shutdown(wait=False, cancel_futures=True)
             for process in processes:
                 if not process.is_alive() or process.pid is None:
@@ -93,6 +97,8 @@ def worker_pool(max_workers: int) -> Iterator[ProcessPoolExecutor]:
                     # SIGKILL, not SIGTERM: a run that gets SIGTERM would first finish its step
                     # and save a checkpoint; Ctrl-C stops at once
                     process.kill()
+            if isinstance(stop, Stopped) and manager is not None:
+                manager.join()
             raise
         finally:
             pool.shutdown(wait=True)
