@@ -235,7 +235,6 @@ def _stopped_slowly(folder: Path) -> dict:
     from metapl.train.stopping import Stopped, StopSignals
 
     with StopSignals() as signals:
-        time.sleep(0.5)  # the pool's manager thread fills its queue meanwhile
         os.kill(os.getppid(), signal.SIGTERM)
         deadline = time.monotonic() + 30
         while signals.signum is None and time.monotonic() < deadline:
@@ -255,6 +254,38 @@ def test_a_stopped_pool_returns_once_its_runs_are_saved(tmp_path):
     with pytest.raises(Stopped), worker_pool(1) as pool:
         map_runs(pool, _stopped_slowly, [tmp_path], "digits runs", False)
     assert (tmp_path / "saved").exists()
+
+
+def _started_then_stopped(job: tuple[Path, int]) -> dict:
+    """A run that notes that it started; the first signals the main process, as a scheduler
+    would, and stops once the main process passes the signal on."""
+    from metapl.train.stopping import Stopped, StopSignals
+
+    folder, number = job
+    (folder / f"started{number}").touch()
+    if number == 0:
+        time.sleep(1)  # the pool's manager thread fills its queue meanwhile
+        with StopSignals() as signals:
+            os.kill(os.getppid(), signal.SIGTERM)
+            deadline = time.monotonic() + 30
+            while signals.signum is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+        raise Stopped(signals.signum or signal.SIGTERM, "")
+    return {}
+
+
+def test_no_queued_run_starts_once_the_pool_is_stopped(tmp_path):
+    """The pool hands one run more than it has workers to its queue, where cancelling does not
+    reach it: the worker whose run stopped started that run, which no signal stopped, and the
+    command waited for it to finish (a scheduler's grace period is 30 s)."""
+    from metapl.experiments.workers import map_runs, worker_pool
+    from metapl.train.stopping import Stopped
+
+    jobs = [(tmp_path, number) for number in range(3)]
+    with pytest.raises(Stopped) as stopped, worker_pool(1) as pool:
+        map_runs(pool, _started_then_stopped, jobs, "digits runs", False)
+    assert stopped.value.signum == signal.SIGTERM
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["started0"]
 
 
 def test_workers_of_a_killed_metapl_digits_exit_too(tmp_path):

@@ -16,6 +16,7 @@ them to exit.
 from __future__ import annotations
 
 import contextlib
+import functools
 import multiprocessing
 import os
 import signal
@@ -32,6 +33,10 @@ from metapl.train.stopping import STOP_SIGNALS, Stopped, StopSignals
 
 ORPHAN_CHECK_SECONDS = 1.0
 
+# In a worker: the number of the signal that stopped the pool (0 until then), shared with the main
+# process (worker_pool)
+_stopped_by: Any = None
+
 
 def _exit_when_orphaned(parent: int) -> None:
     """A dead parent's children are adopted by another process: the parent id changes."""
@@ -40,7 +45,9 @@ def _exit_when_orphaned(parent: int) -> None:
     os._exit(1)  # no cleanup to do: every file is written whole or not at all
 
 
-def _start_worker() -> None:
+def _start_worker(stopped_by: Any) -> None:
+    global _stopped_by
+    _stopped_by = stopped_by
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # not the main process's handler (forked with it): a run's own takes SIGTERM (stopping.py)
     for signum in STOP_SIGNALS:
@@ -56,6 +63,15 @@ def _worker_context() -> multiprocessing.context.BaseContext | None:
     on training into the folders a rerun uses. Elsewhere, the platform's default (spawn), whose
     workers are the main process's children too."""
     return multiprocessing.get_context("fork") if sys.platform == "linux" else None
+
+
+def _unless_stopped(run: Callable[[Any], dict], job: Any) -> dict:
+    """``run(job)``, unless the pool was stopped: runs already handed to the pool's queue (one more
+    than there are workers) are not cancelled, and a worker whose run stopped would start the next
+    one, which no signal stops: the main process would wait for it to finish."""
+    if _stopped_by is not None and _stopped_by.value:
+        raise Stopped(_stopped_by.value, "")
+    return run(job)
 
 
 def _runs_stopped(signum: int) -> Stopped:
@@ -75,13 +91,20 @@ def worker_pool(max_workers: int) -> Iterator[ProcessPoolExecutor]:
     queued runs too, but passes the signal on to the workers: each running run finishes its step
     and saves a checkpoint of it (metapl.train.stopping); once the workers have exited, a
     :class:`Stopped` propagates."""
+    context = _worker_context() or multiprocessing.get_context()
+    stopped_by = context.Value("i", 0)
     with StopSignals(raising=_runs_stopped):
         pool = ProcessPoolExecutor(
-            max_workers=max_workers, mp_context=_worker_context(), initializer=_start_worker
+            max_workers=max_workers,
+            mp_context=context,
+            initializer=_start_worker,
+            initargs=(stopped_by,),
         )
         try:
             yield pool
         except KeyboardInterrupt as stop:
+            if isinstance(stop, Stopped):  # before the workers' runs stop (_unless_stopped)
+                stopped_by.value = stop.signum
             processes = list((pool._processes or {}).values())  # 3.14: pool.terminate_workers()
             # shutdown(wait=False) forgets the thread that waits for the workers: the finally's
             # shutdown(wait=True) then returns at once, before the stopped runs are saved (typeshed
@@ -120,7 +143,7 @@ def map_runs(
     from metapl.progress import progress_bar
 
     bar = progress_bar(
-        iterable=pool.map(run, jobs),
+        iterable=pool.map(functools.partial(_unless_stopped, run), jobs),
         total=len(jobs),
         disable=not show_progress,
         desc=desc,
