@@ -26,16 +26,24 @@ MMAP_THRESHOLD = 32 << 20
 TRIM_THRESHOLD = 2 * MMAP_THRESHOLD  # the ratio glibc's adaptive rule keeps
 
 
-def keep_freed_memory() -> bool:
-    """Fix glibc's mmap and trim thresholds (see the module); whether it could."""
+def glibc() -> ctypes.CDLL | None:
+    """The C library this process runs on, if it is glibc (with a mallopt that works)."""
     if not sys.platform.startswith("linux"):
-        return False
+        return None
     try:
-        libc = ctypes.CDLL(None)  # the C library this process already runs on
+        libc = ctypes.CDLL(None)
     except OSError:
-        return False
+        return None
     # musl has a mallopt that does nothing; gnu_get_libc_version is glibc's alone
     if not hasattr(libc, "gnu_get_libc_version") or not hasattr(libc, "mallopt"):
+        return None
+    return libc
+
+
+def keep_freed_memory() -> bool:
+    """Fix glibc's mmap and trim thresholds (see the module); whether it could."""
+    libc = glibc()
+    if libc is None:
         return False
     mmap_set = libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
     trim_set = libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
