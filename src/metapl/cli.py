@@ -628,8 +628,10 @@ def main(argv: list[str] | None = None) -> int:
         if err.errno != errno.ENAMETOOLONG:
             raise
         close_bars()
+        name = os.fsdecode(err.filename or "")
+        shown = name if len(name) <= 120 else f"{name[:100]}...({len(name)} characters)"
         print(
-            f"metapl {args.command}: error: {err.filename}: the name is too long for the file "
+            f"metapl {args.command}: error: {shown}: the name is too long for the file "
             "system (at most 255 bytes a folder or file name); choose a shorter path",
             file=sys.stderr,
         )
