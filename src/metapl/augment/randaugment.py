@@ -21,7 +21,7 @@ from torch import Tensor
 
 from metapl.augment import rng
 from metapl.augment.checks import check_images
-from metapl.augment.cutout import cutout
+from metapl.augment.cutout import _cutout
 from metapl.augment.ops import OPS, RANDAUGMENT_OPS, identity
 from metapl.errors import ConfigError
 from metapl.transfer import to_device
@@ -59,13 +59,26 @@ def rand_augment(
 
         order = to_device(torch.argsort(choice, stable=True), device)
         counts = torch.bincount(choice, minlength=skip + 1).tolist()
-        result = out.clone()
+        # One copy of the batch for all layers: the groups of a layer are disjoint and each op
+        # reads its group (``out[idx]`` is a gathered copy) before its result is written back, so
+        # writing into ``out`` in place gives what a fresh copy per layer gave. Only the caller's
+        # ``images`` must not be written to.
+        if out is images:
+            out = images.clone()
         for fn, idx in zip(fns, order.split(counts)):
             if idx.numel() == 0 or fn is identity:
                 continue
-            result[idx] = fn(out[idx], level[idx]).to(out.dtype)
-        out = result
+            out[idx] = fn(out[idx], level[idx]).to(out.dtype)
     return out
+
+
+def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
+    """The strides of a contiguous tensor of ``shape``, as cutout's output has them (also in
+    dimensions of size 1, where ``is_contiguous`` accepts other strides)."""
+    strides = [1] * len(shape)
+    for i in range(len(shape) - 2, -1, -1):
+        strides[i] = strides[i + 1] * max(shape[i + 1], 1)
+    return tuple(strides)
 
 
 class StrongAugment:
@@ -108,7 +121,10 @@ class StrongAugment:
             images, self.ops, self.num_ops, self.max_magnitude, self.op_prob, generator
         )
         if self.cutout:
-            out = cutout(out, self.cutout, generator)
+            # RandAugment's output is a copy of its own (when it made any layer): cutout may write
+            # into it, saving a copy of the batch, where it has cutout's contiguous layout.
+            in_place = out is not images and out.stride() == _contiguous_strides(out.shape)
+            out = _cutout(out, self.cutout, generator, in_place=in_place)
         return out
 
     def __repr__(self) -> str:
