@@ -1,14 +1,16 @@
-"""StrongAugment, rand_augment and cutout against the implementations they replaced (kept below as
-the reference): a fresh copy of the batch per RandAugment layer, and cutout as a masked fill of the
-whole batch through a broadcast mask. The faster versions must give the same bits, in the same
+"""StrongAugment, rand_augment, cutout and the geometric ops against the implementations they
+replaced (kept below as the reference): a fresh copy of the batch per RandAugment layer, cutout as
+a masked fill of the whole batch through a broadcast mask, and the geometric ops' out-of-image test
+as a reduction and a select against a gray batch. The faster versions must give the same bits, in the same
 layout, draw the same random numbers and leave the generator in the same state."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from metapl.augment import OPS, RANDAUGMENT_OPS, StrongAugment, cutout, rand_augment, rng
+from metapl.augment import OPS, RANDAUGMENT_OPS, StrongAugment, cutout, ops, rand_augment, rng
 from metapl.augment.cutout import cutout_size
 from metapl.augment.ops import identity
 
@@ -54,6 +56,19 @@ def reference_cutout(images, size, generator):
     in_cols = (xs >= left) & (xs < left + side)
     mask = (in_rows[:, :, None] & in_cols[:, None, :])[:, None]
     return images.masked_fill(mask, 0.5)
+
+
+def reference_affine(x, matrix, shift):
+    n, c, h, w = x.shape
+    half = torch.tensor((w / 2.0, h / 2.0), dtype=matrix.dtype)
+    theta_lin = matrix * half[None, None, :] / half[None, :, None]
+    theta = torch.cat([theta_lin, (shift / half)[:, :, None]], dim=2).to(x.dtype)
+    grid = F.affine_grid(theta, [n, c, h, w], align_corners=False)
+    out = F.grid_sample(x, grid, mode="nearest", padding_mode="border", align_corners=False)
+    size = torch.tensor((float(w), float(h)), dtype=grid.dtype)
+    src = torch.round(((grid + 1.0) * size - 1.0) / 2.0)
+    inside = ((src >= 0) & (src <= size - 1)).all(dim=-1)
+    return torch.where(inside[:, None], out, torch.full_like(out, 0.5))
 
 
 def reference_strong(images, aug, generator):
@@ -146,3 +161,22 @@ def test_cutout_same_bits_and_leaves_input_alone(shape, dtype, layout, size):
         g_new, g_old = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
         assert_same(cutout(x, size, g_new), reference_cutout(x, size, g_old), g_new, g_old)
     assert torch.equal(x, before)
+
+
+GEOMETRIC = ["Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY"]
+
+
+@pytest.mark.parametrize("shape", [s for s in SHAPES if s[0] > 0 and s[2] > 1])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_geometric_ops_same_bits(shape, dtype, layout, monkeypatch):
+    """Levels up to +-40 (beyond the 0..10 scale), so that much of each image is uncovered."""
+    x = batch(shape, dtype, 4, layout)
+    level = torch.linspace(-40.0, 40.0, shape[0])
+    for name in GEOMETRIC:
+        new = OPS[name](x, level)
+        with monkeypatch.context() as patch:
+            patch.setattr(ops, "_affine", reference_affine)
+            old = OPS[name](x, level)
+        gen = torch.Generator()
+        assert_same(new, old, gen, gen)

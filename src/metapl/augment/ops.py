@@ -192,9 +192,13 @@ def _affine(x: Tensor, matrix: Tensor, shift: Tensor) -> Tensor:
     # computed as grid_sample does (unnormalize, round half to even); should a rounding tie ever
     # differ from the kernel's, "border" padding makes that pixel an edge copy, never black.
     size = _constant((float(w), float(h)), grid.dtype, x.device)
+    last = _constant((float(w - 1), float(h - 1)), grid.dtype, x.device)  # size - 1, exactly
     src = torch.round(((grid + 1.0) * size - 1.0) / 2.0)
-    inside = ((src >= 0) & (src <= size - 1)).all(dim=-1)  # [n, H, W]
-    return torch.where(inside[:, None], out, torch.full_like(out, FILL))
+    ok = (src >= 0) & (src <= last)  # [n, H, W, 2]
+    # x and y both inside, with one & of the two halves rather than a reduction over the last
+    # dimension; the gray is a scalar, so no gray batch is allocated for the select.
+    inside = ok[..., 0] & ok[..., 1]  # [n, H, W]
+    return torch.where(inside[:, None], out, FILL)
 
 
 def _eye(n: int, x: Tensor) -> Tensor:
