@@ -224,7 +224,8 @@ def test_option_checks_and_their_boundaries():
 
 
 class _IndexDevices(torch.overrides.TorchFunctionMode):
-    """Records (indexed tensor's device, index's device) of every tensor-indexed get and set."""
+    """Records (indexed tensor's device, index's device) of every tensor-indexed get and set,
+    by indexing or by index_select / index_copy_ along a dimension."""
 
     def __init__(self):
         super().__init__()
@@ -234,6 +235,8 @@ class _IndexDevices(torch.overrides.TorchFunctionMode):
         if func in (torch.Tensor.__getitem__, torch.Tensor.__setitem__):
             if isinstance(args[1], torch.Tensor):
                 self.pairs.add((args[0].device.type, args[1].device.type))
+        if func in (torch.Tensor.index_select, torch.Tensor.index_copy_):
+            self.pairs.add((args[0].device.type, args[2].device.type))
         return func(*args, **(kwargs or {}))
 
 

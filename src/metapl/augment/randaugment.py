@@ -65,11 +65,27 @@ def rand_augment(
         # ``images`` must not be written to.
         if out is images:
             out = images.clone()
-        for fn, idx in zip(fns, order.split(counts)):
-            if idx.numel() == 0 or fn is identity:
-                continue
-            out[idx] = fn(out[idx], level[idx]).to(out.dtype)
+        _apply_groups(out, fns, order, counts, level)
     return out
+
+
+def _apply_groups(out: Tensor, fns: list, order: Tensor, counts: list[int], level: Tensor) -> None:
+    """Run each op on its group of ``out`` (``order`` split by ``counts``, the skip group last)
+    and write its results back into ``out``.
+
+    ``index_copy_`` does what ``out[idx] = ...`` did (a copy along the batch dimension; the
+    indices of a group are distinct) and ``index_select`` what ``out[idx]`` did, without Python's
+    indexing machinery, whose overhead per call is much of the cost on small images. But
+    ``index_select`` returns a contiguous group where ``out[idx]`` keeps a channels_last batch's
+    layout, and the ops' reductions (Contrast's mean, Sharpness's convolution) round differently
+    in another layout: so a batch not in the contiguous layout is still gathered by indexing."""
+    contiguous = out.stride() == _contiguous_strides(out.shape)
+    for fn, idx in zip(fns, order.split(counts)):
+        if idx.numel() == 0 or fn is identity:
+            continue
+        group = out.index_select(0, idx) if contiguous else out[idx]
+        result = fn(group, level.index_select(0, idx))
+        out.index_copy_(0, idx, result.to(out.dtype))
 
 
 def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
