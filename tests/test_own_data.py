@@ -556,16 +556,22 @@ def test_cli_without_a_test_set_reports_no_test_accuracy(tmp_path, capsys):
     assert "tune_accuracy" in logged and "test_accuracy" not in logged
 
 
+@pytest.mark.parametrize("command", ["train", "tune"])
 @pytest.mark.parametrize("inside", ["labeled/run", "unlabeled/run", "unlabeled", "test/run"])
-def test_a_run_folder_inside_the_images_it_reads_is_refused(folder, tmp_path, capsys, inside):
+def test_a_run_folder_inside_the_images_it_reads_is_refused(
+    folder, tmp_path, capsys, inside, command
+):
     """--out DIR/labeled/run failed as "DIR/labeled/run is an empty class folder ... delete the
     folder" about the folder metapl had just made; --out DIR/unlabeled/run ran, and read its own
-    curves.png as an unlabeled image when it resumed."""
+    curves.png as an unlabeled image when it resumed. `metapl tune` puts its trials' run folders
+    under --out, so it is refused there too."""
     data = tmp_path / "data"
     shutil.copytree(folder, data)
     before = sorted(data.rglob("*"))
     out = data / inside
-    args = ["train", "--preset", "folder-uda", "--data-dir", str(data), "--out", str(out)]
+    args = [command, "--preset", "folder-uda", "--data-dir", str(data), "--out", str(out)]
+    if command == "tune":
+        args += ["--trials", "1", "--storage", f"sqlite:///{tmp_path / 'study.db'}"]
     assert main([*args, "--steps", "1", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"is inside {data / inside.split('/')[0]}, whose images" in err

@@ -21,6 +21,7 @@ from metapl.errors import ConfigError, MetaplError, did_you_mean
 from metapl.malloc import keep_freed_memory
 from metapl.progress import close_bars
 from metapl.report import (
+    check_out_not_in_data,
     check_replaceable,
     output_folder,
     paired_differences,
@@ -188,30 +189,10 @@ def _train_config(args: argparse.Namespace):
     return cfg, joined_notes(note, uda_warmup_note(cfg, "train"))
 
 
-def _check_out_not_in_images(out: str, cfg) -> None:
-    """A ConfigError when the run folder ``out`` is inside a folder of images the run reads: in
-    DIR/labeled it was a class of its own ("labeled/run is an empty class folder ... delete the
-    folder", a folder metapl had just made), and in DIR/unlabeled the run read its own curves.png
-    as an unlabeled image when it resumed."""
-    read = (
-        [Path(cfg.data_dir) / sub for sub in ("labeled", "unlabeled", "test")]
-        if cfg.data_dir
-        else []
-    )
-    read += [Path(cfg.unlabeled_dir)] if cfg.unlabeled_dir else []
-    target = Path(out).resolve()
-    for folder in read:
-        if folder.is_dir() and target.is_relative_to(folder.resolve()):
-            raise ConfigError(
-                f"--out {out} is inside {folder}, whose images the run reads: its own files would "
-                "be read as images; choose an --out outside the data"
-            )
-
-
 def _cmd_train(args: argparse.Namespace) -> None:
     cfg, note = _train_config(args)  # before the engine's imports (torch: seconds), to fail fast
     cpu_threads.check_requested(args.threads)  # before the output folder is made
-    _check_out_not_in_images(args.out, cfg)
+    check_out_not_in_data(args.out, cfg)
     out = output_folder(args.out, command="train")
 
     from metapl.distributed import torchrun_world

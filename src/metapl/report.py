@@ -233,6 +233,26 @@ def check_replaceable(out: Path, name: str, config: dict, ignore: Iterable[str] 
     )
 
 
+def check_out_not_in_data(out: str, cfg) -> None:
+    """A ConfigError when the run folder ``out`` (of train, or of tune's trials) is inside a folder
+    of images the run reads (``cfg``: a TrainConfig): in DIR/labeled it was a class of its own
+    ("labeled/run is an empty class folder ... delete the folder", a folder metapl had just made),
+    and in DIR/unlabeled the run read its own curves.png as an unlabeled image when it resumed."""
+    read = (
+        [Path(cfg.data_dir) / sub for sub in ("labeled", "unlabeled", "test")]
+        if cfg.data_dir
+        else []
+    )
+    read += [Path(cfg.unlabeled_dir)] if cfg.unlabeled_dir else []
+    target = Path(out).resolve()
+    for folder in read:
+        if folder.is_dir() and target.is_relative_to(folder.resolve()):
+            raise ConfigError(
+                f"--out {out} is inside {folder}, whose images the run reads: its own files would "
+                "be read as images; choose an --out outside the data"
+            )
+
+
 def check_not_a_folder_name(text: str | os.PathLike, option: str) -> None:
     """A ConfigError when the file name ``text`` ends with a slash: ``--output models/`` (meant as
     a folder that does not exist yet) wrote a file named ``models``, as Path drops the slash."""

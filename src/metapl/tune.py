@@ -69,7 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from metapl.errors import ConfigError
-    from metapl.report import output_folder
+    from metapl.report import check_out_not_in_data, output_folder
     from metapl.train.config import (
         apply_overrides,
         joined_notes,
@@ -94,6 +94,7 @@ def run(args: argparse.Namespace) -> None:
     runtime.update(cut)
     trial_base = apply_overrides(load_preset(args.preset), {**overrides, **runtime})
     note = joined_notes(note, uda_warmup_note(trial_base, "tune"))
+    check_out_not_in_data(args.out, trial_base)  # the trials' run folders are under --out
     opts = TuneOptions(
         preset=args.preset,
         trials=args.trials,
