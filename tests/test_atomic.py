@@ -98,3 +98,26 @@ def test_a_link_is_written_through_and_stays_a_link(tmp_path):
     assert dangling.is_symlink() and (shared / "later.json").read_text() == "first"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["later.json", "shared", "timings.json"]
     assert sorted(p.name for p in shared.iterdir()) == ["later.json", "timings.json"]
+
+
+def test_a_links_temporary_files_lie_beside_the_file_it_points_to(tmp_path):
+    """Writing through a link makes its temporary file in the target's folder, named after the
+    target (a rename works only within one file system), and remove_leftovers(link) finds a killed
+    writer's leftovers there."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    target = shared / "real.json"
+    link = tmp_path / "alias.json"
+    link.symlink_to(target)
+    made: list[Path] = []
+
+    def fill(tmp: Path) -> None:
+        made.append(tmp)
+        tmp.write_text("x")
+
+    replace_atomically(link, fill)
+    assert made[0].parent == shared and made[0].name.startswith(temp_prefix(target))
+    assert target.read_text() == "x" and link.is_symlink()
+    (shared / f"{temp_prefix(target)}killed.tmp").write_text("")
+    remove_leftovers(link)
+    assert sorted(p.name for p in shared.iterdir()) == ["real.json"]

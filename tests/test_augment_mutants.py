@@ -261,3 +261,13 @@ def test_images_on_another_device_use_the_generators_draws():
     StrongAugment(cutout=4)(torch.rand(6, 3, 8, 8, device="meta"), elsewhere)
     assert not torch.equal(on_cpu.get_state(), gen(4).get_state())
     assert torch.equal(elsewhere.get_state(), on_cpu.get_state())
+
+
+def test_strong_augment_without_ops_leaves_the_callers_batch_alone():
+    """num_ops=0: RandAugment returns the caller's batch itself, so cutout must copy it, not write
+    its gray square into the caller's images."""
+    x = images((4, 3, 16, 16))
+    before = x.clone()
+    out = StrongAugment(num_ops=0, cutout=8)(x, gen(1))
+    assert torch.equal(x, before)
+    assert out is not x and (out == 0.5).any()

@@ -366,6 +366,32 @@ def test_a_folder_with_the_users_own_files_of_a_result_name_is_refused(tmp_path,
     assert files(tmp_path) == before
 
 
+@pytest.mark.parametrize(
+    "results",
+    [[{"method": "uda", "seed": 0}], {"results": [{"method": "uda", "seed": 0}]}],
+    ids=["records", "under-results"],
+)
+def test_an_older_metapls_results_are_not_taken_for_the_users(tmp_path, results):
+    """A results.json of a metapl from before it recorded its command (its records alone, or
+    under "results") is metapl's: the folder is not refused as holding the user's own files."""
+    from metapl.report import output_folder, release_output_folders
+
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    try:
+        assert output_folder(tmp_path, command="twomoons") == tmp_path
+    finally:
+        release_output_folders()
+
+
+def test_a_results_json_that_is_not_json_is_the_users(tmp_path, capsys):
+    """A results.json metapl cannot read is not metapl's: refused in one line, not a traceback."""
+    (tmp_path / "results.json").write_text("score: 1\n")
+    assert main([*COMMANDS["twomoons"], "--out", str(tmp_path), "--quiet"]) == 2
+    err = one_error_line(capsys.readouterr().err)
+    assert "holds results.json, which metapl did not write" in err, err
+    assert (tmp_path / "results.json").read_text() == "score: 1\n"
+
+
 def test_a_train_run_stopped_before_its_first_checkpoint_still_resumes(tmp_path, capsys):
     """Its config.json is metapl's: the rerun starts it over instead of refusing the folder."""
     out = tmp_path / "run"
@@ -516,6 +542,7 @@ def test_a_name_too_long_for_the_file_system_is_one_line(tmp_path, capsys, args)
     err = one_error_line(capsys.readouterr().err)
     assert "the name is too long for the file system" in err and "choose a shorter path" in err
     assert len(err) < 400  # the 300-byte name is cut short, its length said
+    assert f": error: {str(name)[:100]}..." in err, err  # the name the system refused
     assert list(tmp_path.iterdir()) == []
 
 

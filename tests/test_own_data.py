@@ -23,7 +23,8 @@ from metapl.data.imagenet import decode_image
 from metapl.data.own import folder_split, npz_split, tuning_mask
 from metapl.data.own_npz import fit
 from metapl.data.splits import load_split
-from metapl.errors import DataError
+from metapl.errors import ConfigError, DataError
+from metapl.report import check_out_not_in_data
 from metapl.train.presets import load_preset, preset_table
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -576,3 +577,27 @@ def test_a_run_folder_inside_the_images_it_reads_is_refused(
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"is inside {data / inside.split('/')[0]}, whose images" in err
     assert sorted(data.rglob("*")) == before
+
+
+def test_a_run_folder_in_the_unlabeled_dir_or_a_linked_data_dir_is_refused(tmp_path, monkeypatch):
+    """The unlabeled_dir is read as images too; and a --data-dir given through a link is the same
+    folder as its target (the --out is compared with both resolved)."""
+    from types import SimpleNamespace
+
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    cfg = SimpleNamespace(data_dir=None, unlabeled_dir=str(extra))
+    with pytest.raises(ConfigError, match=f"is inside {extra}, whose images the run reads"):
+        check_out_not_in_data(str(extra / "run"), cfg)
+    check_out_not_in_data(str(tmp_path / "run"), cfg)  # beside it: fine
+    monkeypatch.chdir(tmp_path)  # a relative --out
+    with pytest.raises(ConfigError, match="whose images the run reads"):
+        check_out_not_in_data("extra/run", cfg)
+    data = tmp_path / "data"
+    (data / "labeled").mkdir(parents=True)
+    link = tmp_path / "data-link"
+    link.symlink_to(data)
+    cfg = SimpleNamespace(data_dir=str(link), unlabeled_dir=None)
+    with pytest.raises(ConfigError, match="whose images the run reads"):
+        check_out_not_in_data(str(data / "labeled" / "run"), cfg)
+    check_out_not_in_data(str(data / "run"), cfg)  # beside the image folders: fine

@@ -436,6 +436,20 @@ def test_the_printed_command_quotes_paths_with_spaces(tmp_path):
     ]  # fmt: skip
 
 
+def test_the_mkdir_hint_for_a_missing_storage_folder_quotes_it(tmp_path):
+    """`--storage "sqlite:///runs/my study/s.db"` with the folder missing: the `mkdir -p` hint is
+    pasteable, the path quoted as a shell reads it."""
+    import shlex
+
+    from metapl.tuning.storage import open_storage
+
+    folder = tmp_path / "my study"
+    with pytest.raises(ConfigError) as info:
+        open_storage(f"sqlite:///{folder}/s.db")
+    hint = str(info.value).rsplit("(", 1)[1].rstrip(")")
+    assert shlex.split(hint) == ["mkdir", "-p", str(folder)]
+
+
 def test_each_trial_records_its_host_and_folder(tmp_path):
     """docs/tuning.md: "The study records each trial's folder and host as trial attributes" (the
     way to find a trial's run folder when machines share a study)."""
