@@ -601,3 +601,16 @@ def test_a_run_folder_in_the_unlabeled_dir_or_a_linked_data_dir_is_refused(tmp_p
     with pytest.raises(ConfigError, match="whose images the run reads"):
         check_out_not_in_data(str(data / "labeled" / "run"), cfg)
     check_out_not_in_data(str(data / "run"), cfg)  # beside the image folders: fine
+
+
+def test_a_run_folder_where_an_image_folder_would_be_is_refused(tmp_path):
+    """--out DIR/test/run for a dataset without a test folder made DIR/test: the resumed run was
+    then refused ("inside DIR/test") and every later run read the run's files as its test set."""
+    from types import SimpleNamespace
+
+    data = tmp_path / "data"
+    (data / "labeled").mkdir(parents=True)
+    cfg = SimpleNamespace(data_dir=str(data), unlabeled_dir=None)
+    with pytest.raises(ConfigError, match=f"is inside {data / 'test'}, whose images"):
+        check_out_not_in_data(str(data / "test" / "run"), cfg)
+    assert sorted(p.name for p in data.iterdir()) == ["labeled"]

@@ -246,7 +246,9 @@ def check_out_not_in_data(out: str, cfg) -> None:
     read += [Path(cfg.unlabeled_dir)] if cfg.unlabeled_dir else []
     target = Path(out).resolve()
     for folder in read:
-        if folder.is_dir() and target.is_relative_to(folder.resolve()):
+        # also a folder not there yet: the run would make it (DIR/test/run made DIR/test, and
+        # the next run, or this one resumed, read it as the test set or refused the --out)
+        if target.is_relative_to(folder.resolve()):
             raise ConfigError(
                 f"--out {out} is inside {folder}, whose images the run reads: its own files would "
                 "be read as images; choose an --out outside the data"
