@@ -233,12 +233,14 @@ def test_precompute_claims_rows_only_after_they_are_flushed(tmp_path, monkeypatc
 def test_every_training_option_but_length_cadence_and_device_guards_a_resume():
     """A run folder resumes only under the same options: changing any option of a run (the seed,
     a learning rate, the model...) changes the fingerprint; only its length, the logging,
-    evaluation and checkpoint cadence and the device may change."""
+    evaluation and checkpoint cadence, the device and how image files are decoded (threads, a
+    step ahead: the same batches either way) may change."""
     from metapl.train.checkpoint import config_fingerprint
     from metapl.train.config import TrainConfig
 
     config = TrainConfig().to_dict()
     may_change = {"steps", "checkpoint_every", "eval_every", "log_every", "device"}
+    may_change |= {"data_threads", "data_prefetch"}
     fingerprint = config_fingerprint(config)
     for key in config:
         changed = config_fingerprint({**config, key: ["another value"]}) != fingerprint

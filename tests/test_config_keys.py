@@ -63,6 +63,8 @@ from metapl.train.presets import load_preset, preset_table
             "unlabeled_dir does not apply to dataset digits",
         ),
         ("digits-uda", ["data_dir=somewhere"], "data_dir does not apply to dataset digits"),
+        ("digits-uda", ["data_threads=2"], "data_threads applies to image files decoded as"),
+        ("digits-uda", ["data_prefetch=false"], "data_prefetch applies to image files decoded"),
         (
             "digits-reduced-supervised",  # RMSprop student, no fine-tuning: no SGD anywhere
             ["momentum=0.5"],

@@ -78,29 +78,38 @@ def image_paths(arguments: list[str]) -> list[str]:
 
 
 def read_images(paths: list[str], spec):
-    """uint8 ``[N, R, R, C]`` pixels of ``paths`` as the run's data was decoded; DataError naming
-    an unreadable file."""
+    """uint8 ``[N, R, R, C]`` pixels of ``paths`` as the run's data was decoded, on
+    metapl.data.decoding's threads; DataError naming the first unreadable file in order."""
     import numpy as np
     from PIL import Image
 
+    from metapl.data import decoding
     from metapl.data.arrays import describe
-    from metapl.data.imagenet import decode_image
+    from metapl.data.imagenet import LazyImages, decode_image
     from metapl.errors import DataError
 
-    out = np.empty((len(paths), spec.resolution, spec.resolution, spec.channels), np.uint8)
-    for i, path in enumerate(paths):
-        try:
-            rgb = decode_image(path, spec.resolution)
-        except DataError as exc:
-            cause = exc.__context__  # decode_image raises "from None", keeping PIL's error here
-            detail = describe(cause) if cause is not None else "unreadable"
-            raise DataError(
-                f"{path} is not a readable image ({detail}); expected a PNG or JPEG file"
-            ) from None
-        if spec.channels == 1:  # PIL's luma: exact on gray RGB, so grayscale files round-trip
-            rgb = np.asarray(Image.fromarray(rgb).convert("L"))[..., None]
-        out[i] = rgb
-    return out
+    class Files(LazyImages):
+        """The files as the run's images: its resolution, and gray for a 1-channel run."""
+
+        @property
+        def shape(self) -> tuple[int, int, int, int]:
+            return (len(self.paths), spec.resolution, spec.resolution, spec.channels)
+
+        def __getitem__(self, index):
+            path = self.paths[index]
+            try:
+                rgb = decode_image(path, spec.resolution)
+            except DataError as exc:
+                cause = exc.__context__  # decode_image raises "from None", keeping PIL's error
+                detail = describe(cause) if cause is not None else "unreadable"
+                raise DataError(
+                    f"{path} is not a readable image ({detail}); expected a PNG or JPEG file"
+                ) from None
+            if spec.channels == 1:  # PIL's luma: exact on gray RGB, so grayscale files round-trip
+                rgb = np.asarray(Image.fromarray(rgb).convert("L"))[..., None]
+            return rgb
+
+    return decoding.decode(Files(paths, spec.resolution), np.arange(len(paths)))
 
 
 def run(args: argparse.Namespace) -> None:

@@ -14,7 +14,9 @@ An item is decoded when it is indexed: RGB, shorter side resized (bicubic) to
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -45,17 +47,33 @@ def _eight_bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.round(values / 257), 0, 255).astype(np.uint8))  # "L"
 
 
+# The warning filters are one list for the whole process, and catch_warnings() puts back the list
+# it found when it began: two threads inside it at once (metapl.data.decoding decodes on several)
+# could leave the other's filter in place, or drop it. So only one thread at a time is inside, for
+# the short calls that can warn (reading the header, cropping), never for the decoding itself.
+_QUIET_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _no_bomb_warning():
+    """Pillow warns (2 lines on stderr, per image) between 89 and 179 megapixels: a large photo of
+    the user's own is no attack. Beyond that its DecompressionBombError stays an error."""
+    with _QUIET_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        yield
+
+
 def decode_image(path: str | Path, resolution: int = 224, crop_fraction: float = 1.0) -> np.ndarray:
-    """One image file -> uint8 ``[resolution, resolution, 3]``; DataError naming the file if unreadable."""
+    """One image file -> uint8 ``[resolution, resolution, 3]``; DataError naming the file if unreadable.
+
+    Safe to call from several threads at once (the decoding, most of the time, runs in parallel)."""
     side = max(resolution, round(resolution / crop_fraction))
     try:
-        # Pillow warns (2 lines on stderr, per image) between 89 and 179 megapixels: a large photo
-        # of the user's own is no attack. Beyond that its DecompressionBombError stays an error.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                # convert() forces the full decode, so a truncated file fails here, not later.
-                rgb = _eight_bit(image).convert("RGB")
+        with _no_bomb_warning():
+            image = Image.open(path)  # reads the header only; the size check is here
+        with image:
+            # convert() forces the full decode, so a truncated file fails here, not later.
+            rgb = _eight_bit(image).convert("RGB")
     except Exception as exc:  # PIL raises OSError, UnidentifiedImageError, SyntaxError, ...
         raise data_error(
             f"{path} is not a readable image ({describe(exc)}): expected a JPEG of {_EXPECTED}; "
@@ -66,8 +84,7 @@ def decode_image(path: str | Path, resolution: int = 224, crop_fraction: float =
     size = (max(side, round(width * scale)), max(side, round(height * scale)))
     rgb = rgb.resize(size, Image.Resampling.BICUBIC)
     left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
-    with warnings.catch_warnings():  # Pillow 12's crop() checks its box against the limit too
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+    with _no_bomb_warning():  # Pillow 12's crop() checks its box against the limit too
         rgb = rgb.crop((left, top, left + resolution, top + resolution))
     return np.asarray(rgb, dtype=np.uint8)
 
@@ -101,10 +118,10 @@ class LazyImages:
             return decode_image(self.paths[index], self.resolution, self.crop_fraction)
         if isinstance(index, slice):
             index = range(len(self.paths))[index]
-        batch = [self[int(i)] for i in np.asarray(index).reshape(-1)]
-        if not batch:
-            return np.zeros((0, self.resolution, self.resolution, 3), np.uint8)
-        return np.stack(batch)
+        from metapl.data.decoding import decode
+
+        # self[int(i)] for each row, on the decoding threads (a subclass's one-image branch too)
+        return decode(self, np.asarray(index).reshape(-1))
 
     def subset(self, indices: Sequence[int] | np.ndarray) -> LazyImages:
         """The images at ``indices``, in that order (no decoding)."""

@@ -53,8 +53,17 @@ FINGERPRINT_KEY = "config_fingerprint"
 CONFIG_KEY = "config"
 """Where the engine may store the resolved config dict; used only to explain a mismatch."""
 
-DEFAULT_IGNORE = ("steps", "checkpoint_every", "eval_every", "log_every", "device")
-"""Config keys that may change between a run and its resume (length, cadence, hardware)."""
+DEFAULT_IGNORE = (
+    "steps",
+    "checkpoint_every",
+    "eval_every",
+    "log_every",
+    "device",
+    "data_threads",
+    "data_prefetch",
+)
+"""Config keys that may change between a run and its resume (length, cadence, hardware, how the
+image files are read)."""
 
 # Exactly these types unpickle under weights_only=True (checked with `type(x) in`, not isinstance,
 # because subclasses such as numpy.float64 or an IntEnum would not).

@@ -190,6 +190,12 @@ class TrainConfig:
     log_every: int = 100
     checkpoint_every: int = 5_000
     eval_batch_size: int = 512
+    # image files decoded on demand (ImageNet, folders of your own too large to decode at the
+    # start): threads that decode them (0 = one per core; metapl.data.decoding), and whether the
+    # next step's files decode while this step trains (it holds one more step's images in memory).
+    # Neither changes the batches, so neither changes a run's results.
+    data_threads: int = 0
+    data_prefetch: bool = True
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "fp32"  # fp32 | bf16 (autocast on the forward passes)
     # memory layout of image models and batches: "auto" = channels_last on CUDA (2-3x with bf16 on
@@ -289,6 +295,12 @@ class TrainConfig:
         for name in ("pad", "cutout", "randaugment_ops", "unlabeled_per_class"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        from metapl.data.decoding import MAX_THREADS
+
+        if not 0 <= self.data_threads <= MAX_THREADS:
+            raise ConfigError(
+                f"data_threads must be in 0..{MAX_THREADS} (0: one per core), got {self.data_threads}"
+            )
         if not self.randaugment_magnitude >= 0:
             raise ConfigError(
                 f"randaugment_magnitude must be >= 0, got {self.randaugment_magnitude}"
@@ -373,6 +385,11 @@ class TrainConfig:
             )
         if key in ("data_dir", "unlabeled_dir") and self.dataset == "digits":
             return f"{key} does not apply to dataset digits (scikit-learn ships it): do not set it"
+        if key in ("data_threads", "data_prefetch") and not self.reads_image_files:
+            return (
+                f"{key} applies to image files decoded as they are read (imagenet-*, folder, an "
+                f"unlabeled_dir); {self.dataset}'s images are arrays in memory: do not set it"
+            )
         if key == "image_size" and self.dataset.startswith(FIXED_SIZE_PREFIXES):
             return (
                 f"image_size applies to imagenet-*, folder and npz only; {self.dataset}'s images "
@@ -397,6 +414,16 @@ class TrainConfig:
         if self.finetune_steps > 0:
             out.append("finetune")
         return out
+
+    @property
+    def reads_image_files(self) -> bool:
+        """Whether images come from files decoded as they are read (metapl.data.decoding): ImageNet,
+        a folder of your own, an unlabeled_dir; the others' images are arrays in memory."""
+        return (
+            self.dataset.startswith("imagenet")
+            or self.dataset == "folder"
+            or self.unlabeled_dir is not None
+        )
 
     @property
     def uses_mpl(self) -> bool:

@@ -16,6 +16,8 @@ from torch import Tensor
 
 from metapl.augment import StrongAugment, WeakAugment
 from metapl.data.arrays import to_tensor_nchw
+from metapl.data.decoding import PendingImages, submit
+from metapl.data.imagenet import LazyImages
 from metapl.data.splits import SSLSplit
 from metapl.errors import ConfigError
 from metapl.methods.base import Batch
@@ -121,26 +123,62 @@ class BatchSource:
         self.strong = StrongAugment(
             num_ops=cfg.randaugment_ops, max_magnitude=cfg.randaugment_magnitude, cutout=cfg.cutout
         )
+        # Lazily decoded image files (ImageNet, large folders of your own) are decoded a step
+        # ahead, on metapl.data.decoding's threads: "labeled" / "unlabeled" -> (step, images being
+        # decoded). In-memory arrays need no such thing.
+        self._ahead: dict[str, tuple[int, PendingImages]] = {}
 
-    def _images(self, source, indices: np.ndarray) -> Tensor:
+    def _images(self, role: str, source, indices: np.ndarray, step: int) -> Tensor:
+        ahead = self._ahead.pop(role, None)
+        if ahead is not None and ahead[0] == step and np.array_equal(ahead[1].indices, indices):
+            images = ahead[1].result()  # an unreadable file raises here, at the step that reads it
+        else:
+            if ahead is not None:  # decoded for a step that did not come (a resume, a jump)
+                ahead[1].cancel()
+            images = source[indices]
         # Contiguous for augmentation (its ops return contiguous images whatever they get); the
         # finished views are put in the models' layout by _to_model_layout.
-        return model_input(source[indices], self.device, channels_last=False)
+        return model_input(images, self.device, channels_last=False)
+
+    def _decode_ahead(self, step: int) -> None:
+        """Start decoding the lazily decoded images of ``step`` (the next one) in the background.
+        Its indices are taken here, in the calling thread: EpochIndices caches one epoch's order
+        and is not safe to share between threads."""
+        if not self.cfg.data_prefetch or step >= self.cfg.steps + self.cfg.finetune_steps:
+            return
+        roles = [("labeled", self.split.x_labeled, self.labeled)]
+        # fine-tuning's steps (from cfg.steps on) read the labeled images only (Run.advance)
+        if self.views & {"unlabeled_weak", "unlabeled_strong"} and step < self.cfg.steps:
+            roles.append(("unlabeled", self.split.x_unlabeled, self.unlabeled))
+        for role, source, order in roles:
+            if isinstance(source, LazyImages) and role not in self._ahead:
+                self._ahead[role] = (step, submit(source, order.at(step)))
+
+    def close(self) -> None:
+        """Drop the images being decoded ahead (the run ends, or stops)."""
+        for _, pending in self._ahead.values():
+            pending.cancel()
+        self._ahead.clear()
 
     def batch(self, step: int, views: tuple[str, ...] | None = None) -> Batch:
         """The batch of ``step`` with ``views`` (default: the views given at construction)."""
         wanted = self.views if views is None else set(views)
         gen = torch.Generator().manual_seed(stream_seed(self.cfg.seed, "augment", step))
         idx = self.labeled.at(step)
-        x_l = self._images(self.split.x_labeled, idx)
+        x_l = self._images("labeled", self.split.x_labeled, idx, step)
+        unlabeled = None
+        if wanted & {"unlabeled_weak", "unlabeled_strong"}:
+            idx_u = self.unlabeled.at(step)
+            unlabeled = idx_u, self._images("unlabeled", self.split.x_unlabeled, idx_u, step)
+        # the next step's files decode while this step augments and trains
+        self._decode_ahead(step + 1)
         # no wait for the GPU's queued work (metapl.transfer)
         y_l = to_device(torch.from_numpy(self.split.y_labeled[idx]), self.device)
         batch = Batch(self.weak(x_l, generator=gen), y_l, step=step)
         if "labeled_strong" in wanted:
             batch.x_labeled_strong = self.strong(self.weak(x_l, generator=gen), generator=gen)
-        if wanted & {"unlabeled_weak", "unlabeled_strong"}:
-            idx_u = self.unlabeled.at(step)
-            x_u = self._images(self.split.x_unlabeled, idx_u)
+        if unlabeled is not None:
+            idx_u, x_u = unlabeled
             if self.teacher_probs is not None:
                 probs_l, probs_u = self.teacher_probs
                 batch.t_labeled = to_device(torch.from_numpy(np.asarray(probs_l[idx])), self.device)

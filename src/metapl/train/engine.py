@@ -12,6 +12,7 @@ the processes, and rank 0 alone evaluates and writes files (see :class:`DataPara
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import shlex
 import sys
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 
 from metapl.atomic import remove_leftovers
+from metapl.data import decoding
 from metapl.data.splits import SSLSplit, load_split
 from metapl.distributed import DataParallel, torchrun_process_group, torchrun_world
 from metapl.errors import CheckpointError, ConfigError, WriteError
@@ -460,7 +462,15 @@ def _clear_leftovers(out_dir: Path) -> None:
 
 # Config keys that do not change a run's results: where it ran, how often it logged, evaluated
 # and saved, and the preset's name (its values are compared).
-_NOT_IN_RESULTS = ("device", "log_every", "eval_every", "checkpoint_every", "preset")
+_NOT_IN_RESULTS = (
+    "device",
+    "log_every",
+    "eval_every",
+    "checkpoint_every",
+    "preset",
+    "data_threads",
+    "data_prefetch",
+)
 
 
 def _check_not_past_the_end(cfg: TrainConfig, step: int, ckpt_path: Path) -> None:
@@ -524,6 +534,7 @@ def train(
     out_dir = output_folder(out_dir)
     dp = DataParallel()  # this process's share under torchrun; rank 0 of 1 otherwise
     device = resolve_device(cfg.device)
+    decoding.set_threads(cfg.data_threads)  # also for the image files load_data decodes now
     split = load_data(cfg)  # bad data fails here, before anything is written
     fingerprint = config_fingerprint(cfg.to_dict())
     ckpt_path = out_dir / "checkpoint.pt"
@@ -585,6 +596,7 @@ def train(
     with (
         MetricsLogger(out_dir, resume_step=run.step) if dp.is_main else _NoMetrics() as logger,
         StopSignals() as signals,
+        contextlib.closing(source),  # the next step's images, if decoding, are dropped at the end
     ):
         bar = progress_bar(
             total=run.total_steps,

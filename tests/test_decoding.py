@@ -1,0 +1,322 @@
+"""Image files decoded on threads and a step ahead (metapl.data.decoding, BatchSource): the same
+bytes as one image at a time, errors at the step that reads the file, nothing left running."""
+
+from __future__ import annotations
+
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from metapl.cli import main
+from metapl.data import decoding, splits
+from metapl.data.own import folder_split
+from metapl.errors import ConfigError, DataError
+from metapl.train.config import TrainConfig, apply_overrides
+from metapl.train.data import BatchSource
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
+SIZE = 8
+
+
+def write_images(folder: Path, n: int, seed: int = 0) -> list[str]:
+    """``n`` small PNG/JPEG files of varied sizes, named so that name order is row order."""
+    rng = np.random.RandomState(seed)
+    paths = []
+    for i in range(n):
+        pixels = rng.randint(0, 256, (9 + i % 5, 10 + i % 3, 3), dtype=np.uint8)
+        path = folder / f"img{i:03d}.{'png' if i % 2 else 'jpg'}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(path)
+        paths.append(str(path))
+    return paths
+
+
+def make_data(root: Path, unlabeled: int = 40) -> Path:
+    """A folder of your own (docs/own-data.md): 2 classes x 6 labeled, ``unlabeled`` unlabeled."""
+    for cls in ("a", "b"):
+        write_images(root / "labeled" / cls, 6, seed=ord(cls))
+        write_images(root / "test" / cls, 1, seed=ord(cls) + 1)
+    write_images(root / "unlabeled", unlabeled, seed=7)
+    return root
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_data(tmp_path_factory.mktemp("decoding") / "data")
+
+
+@pytest.fixture
+def threads():
+    """Restores the process's decoding thread count after a test sets it."""
+    yield decoding.set_threads
+    decoding.set_threads(0)
+
+
+def lazy_split(root: Path):
+    split = folder_split(root, SIZE, max_eager_bytes=0)
+    assert isinstance(split.x_unlabeled, decoding_types()), "the test needs lazily decoded images"
+    return split
+
+
+def decoding_types():
+    from metapl.data.imagenet import LazyImages
+
+    return LazyImages
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 7])
+def test_a_batch_decoded_on_threads_is_the_one_by_one_decoding_in_order(data, threads, count):
+    threads(count)
+    images = lazy_split(data).x_unlabeled
+    one_by_one = [images[i] for i in range(len(images))]
+    for rows in ([], [5], [3, 1, 3], list(range(len(images)))[::-1], list(range(37))):
+        got = images[np.asarray(rows, dtype=np.int64)]
+        assert got.dtype == np.uint8 and got.shape == (len(rows), SIZE, SIZE, 3)
+        want = np.stack([one_by_one[r] for r in rows]) if rows else got[:0]
+        assert np.array_equal(got, want), rows
+    assert decoding.threads() == count
+    assert decoding._executor()._max_workers == count
+
+
+def test_the_default_is_one_thread_per_usable_core_shared_by_torchruns_processes(
+    threads, monkeypatch
+):
+    threads(0)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert decoding.threads() == decoding.usable_cores() >= 1
+    monkeypatch.setattr(decoding, "usable_cores", lambda: 16)
+    for processes, each in (("1", 16), ("3", 5), ("4", 4), ("32", 1), ("", 16), ("x", 16)):
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", processes)
+        assert decoding.threads() == each, processes
+    threads(6)  # a count set is every process's
+    assert decoding.threads() == 6
+
+
+@pytest.mark.parametrize("bad", [-1, decoding.MAX_THREADS + 1])
+def test_a_thread_count_out_of_range_is_a_config_error(bad):
+    with pytest.raises(ConfigError, match=f"data_threads must be in 0..1024.*got {bad}"):
+        decoding.set_threads(bad)
+    with pytest.raises(ConfigError, match=f"data_threads must be in 0..1024.*got {bad}"):
+        apply_overrides(TrainConfig(), {"data_threads": bad}).validate()
+
+
+def test_the_first_unreadable_file_in_row_order_is_the_one_named(tmp_path, threads):
+    """Rows in tasks of several on 4 threads: a later task's bad file, read first, is not the one
+    reported; the earliest row's is (as a loop over the rows would)."""
+    threads(4)
+    root = make_data(tmp_path / "data", unlabeled=60)
+    images = lazy_split(root).x_unlabeled
+    early, late = Path(images.paths[41]), Path(images.paths[3])
+    early.write_bytes(b"not an image")
+    late.write_bytes(b"not an image either")
+    rows = np.r_[40:60, 0:40]  # row 1 is file 41, row 23 is file 3
+    with pytest.raises(DataError) as exc:
+        images[rows]
+    assert str(early) in str(exc.value) and str(late) not in str(exc.value)
+
+
+def test_decoding_on_threads_keeps_the_bomb_warning_quiet_and_the_filters_as_they_were(
+    tmp_path, threads, monkeypatch
+):
+    """imagenet.decode_image silences Pillow's warning for large photos with catch_warnings, which
+    is not safe in two threads at once (each puts back the filter list it found). Threads that
+    decode many such files leave the process's filters as they were, and none warns."""
+    threads(4)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 80)  # 9x10 .. 13x12 pixels: all warn
+    images = lazy_split(make_data(tmp_path / "data", unlabeled=64)).x_unlabeled
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a warning in a thread would be that file's DataError
+        before = list(warnings.filters)
+        for _ in range(5):
+            images[np.arange(len(images))]
+        assert warnings.filters == before
+
+
+def batches(split, cfg: TrainConfig, steps, **views) -> list[dict]:
+    source = BatchSource(split, cfg, ("unlabeled_weak", "unlabeled_strong"), torch.device("cpu"))
+    try:
+        out = []
+        for step in steps:
+            batch = source.batch(step, **views)
+            out.append({k: v.clone() for k, v in vars(batch).items() if torch.is_tensor(v)})
+        return out
+    finally:
+        source.close()
+
+
+def config(**extra) -> TrainConfig:
+    base = {"dataset": "folder", "method": "uda", "batch_size": 4, "image_size": SIZE, "pad": 2}
+    base.update(cutout=4, steps=6, warmup_steps=0, **extra)
+    return apply_overrides(TrainConfig(), base).validate()
+
+
+def test_batches_decoded_a_step_ahead_have_the_same_bytes(data, threads, monkeypatch):
+    """Consecutive steps, then a jump back and forward (a resume): with and without decoding
+    ahead, with 1 and 3 threads, every tensor of every batch is the same; and ahead of time it
+    did decode the next step's labeled and unlabeled images (each once)."""
+    split = lazy_split(data)
+    steps = [0, 1, 2, 3, 1, 4, 5]
+    threads(1)
+    want = batches(split, config(data_prefetch=False), steps)
+    submitted = []
+    real_submit = decoding.submit
+
+    def spy(images, indices):
+        submitted.append(len(indices))
+        return real_submit(images, indices)
+
+    decoded_now = []
+    real_decode = decoding.decode
+
+    def spy_now(images, indices):
+        decoded_now.append(len(indices))
+        return real_decode(images, indices)
+
+    monkeypatch.setattr("metapl.train.data.submit", spy)
+    monkeypatch.setattr(decoding, "decode", spy_now)
+    threads(3)
+    got = batches(split, config(), steps)
+    for step, (a, b) in enumerate(zip(want, got)):
+        assert a.keys() == b.keys() and len(a) >= 4
+        for key in a:
+            assert torch.equal(a[key], b[key]), (step, key)
+    # after steps 0, 1, 2, 3, 1, 4 the next step's 4 labeled and 28 unlabeled; none after the
+    # last step (5 of 6)
+    assert submitted == [4, 28] * 6
+    # and the steps decoded ahead were used: only the first step and the two jumps (back to
+    # step 1, then on to step 4) decoded their images when asked
+    assert decoded_now == [4, 28] * 3
+
+
+def test_no_decoding_ahead_past_the_last_step_or_of_unlabeled_images_in_fine_tuning(
+    data, monkeypatch
+):
+    split = lazy_split(data)
+    submitted: list[tuple[int, int]] = []
+    monkeypatch.setattr(
+        "metapl.train.data.submit",
+        lambda images, indices: submitted.append((len(indices), len(images))) or _Done(),
+    )
+    source = BatchSource(split, config(finetune_steps=2), ("unlabeled_weak",), torch.device("cpu"))
+    source._decode_ahead(5)  # the last MPL step: both
+    source._ahead.clear()
+    source._decode_ahead(6)  # fine-tuning: labeled only
+    source._ahead.clear()
+    source._decode_ahead(8)  # past the end (6 + 2 steps): nothing
+    n_l, n_u = len(split.x_labeled), len(split.x_unlabeled)
+    assert submitted == [(4, n_l), (28, n_u), (4, n_l)]
+
+
+class _Done:
+    def cancel(self) -> None:
+        pass
+
+
+def test_an_unreadable_file_fails_the_step_that_reads_it_not_the_one_before(tmp_path, threads):
+    """Step 1's batch is decoded during step 0; its bad file is step 1's error, as before."""
+    threads(2)
+    root = make_data(tmp_path / "data")
+    split = lazy_split(root)
+    cfg = config()
+    source = BatchSource(split, cfg, ("unlabeled_weak",), torch.device("cpu"))
+    step0, step1 = set(source.unlabeled.at(0)), source.unlabeled.at(1)
+    bad = next(int(i) for i in step1 if int(i) not in step0)
+    Path(split.x_unlabeled.paths[bad]).write_bytes(b"broken")
+    try:
+        source.batch(0)  # and step 1's images start decoding
+        assert "unlabeled" in source._ahead
+        with pytest.raises(DataError, match=split.x_unlabeled.paths[bad]):
+            source.batch(1)
+    finally:
+        source.close()
+
+
+def test_close_drops_the_images_being_decoded_ahead(tmp_path, threads, monkeypatch):
+    """A run that ends or stops leaves no decoding behind: the tasks not started are cancelled
+    (here the one thread is held inside the first task until close() has run)."""
+    threads(1)
+    split = lazy_split(make_data(tmp_path / "data", unlabeled=200))
+    source = BatchSource(split, config(batch_size=8), ("unlabeled_weak",), torch.device("cpu"))
+    source.batch(0)
+    release = threading.Event()
+    real = type(split.x_unlabeled).__getitem__
+
+    def held(self, index):
+        release.wait(10)
+        return real(self, index)
+
+    monkeypatch.setattr(type(split.x_unlabeled), "__getitem__", held)
+    source._ahead.clear()
+    source._decode_ahead(1)
+    tasks = [task for _, pending in source._ahead.values() for task in pending._tasks]
+    assert len(tasks) > 2
+    source.close()
+    release.set()
+    assert source._ahead == {}
+    assert sum(task.cancelled() for task in tasks) >= len(tasks) - 1  # all but the one running
+    deadline = time.monotonic() + 10
+    while not all(task.done() for task in tasks) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert all(task.done() for task in tasks)
+
+
+def test_training_on_lazily_decoded_files_ends_with_the_same_weights(
+    data, tmp_path, monkeypatch, capsys
+):
+    """`metapl train` on a folder too large to decode at the start: decoding ahead on 3 threads
+    ends with the weights and metrics of decoding one image at a time when each step needs it."""
+
+    def lazy(data_dir, resolution=32):
+        return folder_split(data_dir, resolution, max_eager_bytes=0)
+
+    monkeypatch.setitem(splits.SPLITS, "folder", lazy)
+    runs = {}
+
+    def train(out: Path, steps: int, *extra: str) -> None:
+        args = ["train", "--preset", "folder-uda-mpl", "--data-dir", str(data), "--out", str(out)]
+        args += ["--steps", str(steps), "--device", "cpu", "--quiet"]
+        for item in (f"image_size={SIZE}", "batch_size=4", "unlabeled_ratio=2", "cutout=4"):
+            args += ["--set", item]
+        for item in (*extra, "pad=2", "model=small_cnn", "finetune_steps=2"):
+            args += ["--set", item]
+        assert main(args) == 0, capsys.readouterr().err
+
+    for name, extra in (("ahead", ["data_threads=3"]), ("plain", ["data_prefetch=false"])):
+        train(tmp_path / name, 4, *extra)
+        runs[name] = torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)
+        runs[name + " metrics"] = (tmp_path / name / "metrics.csv").read_text()
+    # neither key guards a resume: the plain run goes on, decoding ahead on 2 threads
+    train(tmp_path / "plain", 5, "data_threads=2")
+    assert torch.load(tmp_path / "plain" / "checkpoint.pt", weights_only=True)["step"] == 7
+    decoding.set_threads(0)
+    for model in ("student", "teacher"):
+        for key, value in runs["ahead"][model].items():
+            assert torch.equal(value, runs["plain"][model][key]), (model, key)
+    assert runs["ahead metrics"] == runs["plain metrics"]
+
+
+@pytest.mark.parametrize(
+    ("dataset", "extra", "reads"),
+    [
+        ("imagenet-10pct", {}, True),
+        ("imagenet-full", {}, True),
+        ("folder", {}, True),
+        ("cifar10-full", {"unlabeled_dir": "pictures"}, True),
+        ("cifar10-4k", {}, False),
+        ("svhn-1k", {}, False),
+        ("npz", {}, False),
+        ("digits", {}, False),
+    ],
+)
+def test_the_decoding_keys_apply_to_image_files_only(dataset, extra, reads):
+    cfg = TrainConfig(dataset=dataset, **extra)
+    assert cfg.reads_image_files is reads
+    for key in ("data_threads", "data_prefetch"):
+        assert (cfg.ignored_key(key) is None) is reads
