@@ -3,6 +3,7 @@ bytes as one image at a time, errors at the step that reads the file, nothing le
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import warnings
@@ -14,7 +15,8 @@ import torch
 from PIL import Image
 
 from metapl.cli import main
-from metapl.data import decoding, splits
+from metapl.data import decoding, imagenet, splits
+from metapl.data.folder import FolderImages
 from metapl.data.own import folder_split
 from metapl.errors import ConfigError, DataError
 from metapl.train.config import TrainConfig, apply_overrides
@@ -239,32 +241,34 @@ def test_an_unreadable_file_fails_the_step_that_reads_it_not_the_one_before(tmp_
 
 
 def test_close_drops_the_images_being_decoded_ahead(tmp_path, threads, monkeypatch):
-    """A run that ends or stops leaves no decoding behind: the tasks not started are cancelled
-    (here the one thread is held inside the first task until close() has run)."""
+    """A run that ends or stops leaves no decoding behind: the tasks not started are cancelled,
+    and close() returns once the running one is done (here the one thread is held inside its
+    task for 0.3 s)."""
     threads(1)
     split = lazy_split(make_data(tmp_path / "data", unlabeled=200))
     source = BatchSource(split, config(batch_size=8), ("unlabeled_weak",), torch.device("cpu"))
     source.batch(0)
+    source.close()  # step 1's, decoded ahead
     release = threading.Event()
-    real = type(split.x_unlabeled).__getitem__
+    real = FolderImages.__getitem__  # the labeled and the unlabeled images' (OwnImages)
 
     def held(self, index):
         release.wait(10)
         return real(self, index)
 
-    monkeypatch.setattr(type(split.x_unlabeled), "__getitem__", held)
-    source._ahead.clear()
+    monkeypatch.setattr(FolderImages, "__getitem__", held)
     source._decode_ahead(1)
     tasks = [task for _, pending in source._ahead.values() for task in pending._tasks]
     assert len(tasks) > 2
-    source.close()
-    release.set()
-    assert source._ahead == {}
-    assert sum(task.cancelled() for task in tasks) >= len(tasks) - 1  # all but the one running
     deadline = time.monotonic() + 10
-    while not all(task.done() for task in tasks) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    while not tasks[0].running() and time.monotonic() < deadline:  # the thread has taken it
+        time.sleep(0.005)
+    threading.Timer(0.3, release.set).start()
+    started = time.monotonic()
+    source.close()
+    assert source._ahead == {} and release.is_set() and time.monotonic() - started >= 0.25
     assert all(task.done() for task in tasks)
+    assert sum(task.cancelled() for task in tasks) == len(tasks) - 1  # all but the one running
 
 
 def test_training_on_lazily_decoded_files_ends_with_the_same_weights(
@@ -320,3 +324,43 @@ def test_the_decoding_keys_apply_to_image_files_only(dataset, extra, reads):
     assert cfg.reads_image_files is reads
     for key in ("data_threads", "data_prefetch"):
         assert (cfg.ignored_key(key) is None) is reads
+
+
+def _decode_in_child(images, queue) -> None:
+    queue.put(images[np.arange(len(images))].sum())
+
+
+@pytest.mark.skipif(not hasattr(os, "register_at_fork"), reason="fork is POSIX-only")
+def test_a_forked_child_decodes_with_a_pool_of_its_own(data, threads):
+    """`metapl digits` forks its workers: a child inherits the parent's pool object but not its
+    threads, and the warning lock as some thread held it. It decodes all the same."""
+    import multiprocessing
+
+    threads(2)
+    images = lazy_split(data).x_unlabeled
+    want = images[np.arange(len(images))].sum()  # the parent's pool is running now
+    held = threading.Event()
+    release = threading.Event()
+
+    def hold_the_lock():
+        with imagenet._QUIET_LOCK:
+            held.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold_the_lock)
+    holder.start()
+    held.wait(10)
+    try:
+        context = multiprocessing.get_context("fork")
+        queue = context.Queue()
+        child = context.Process(target=_decode_in_child, args=(images, queue))
+        child.start()
+        child.join(30)
+        hung = child.is_alive()
+        if hung:
+            child.kill()
+        assert not hung and child.exitcode == 0, "the child hung or failed"
+        assert queue.get(timeout=5) == want
+    finally:
+        release.set()
+        holder.join()

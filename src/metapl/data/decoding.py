@@ -20,7 +20,7 @@ import math
 import os
 import threading
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -39,6 +39,18 @@ _lock = threading.Lock()
 _requested = 0  # 0: one thread per usable core
 _pool: ThreadPoolExecutor | None = None
 _pool_threads = 0
+
+
+def _forget_pool_in_child() -> None:
+    """A forked child (`metapl digits`' workers) inherits the pool object but none of its threads:
+    work given to it would wait forever. The child makes its own pool when it first decodes, and
+    a fresh lock, in case another thread held this one at the fork."""
+    global _pool, _pool_threads, _lock
+    _pool, _pool_threads, _lock = None, 0, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_forget_pool_in_child)
 
 
 def usable_cores() -> int:
@@ -118,10 +130,14 @@ class PendingImages:
             self.cancel()  # after an error (or Ctrl-C here): the rest is not needed
         return self._out
 
-    def cancel(self) -> None:
-        """Drop the tasks not yet started (a running one finishes its few images)."""
+    def cancel(self, wait_for_running: bool = True) -> None:
+        """Drop the tasks not yet started and wait for the running ones (a few images each), so
+        that nothing of this batch still runs when it returns (unless ``wait_for_running`` is
+        False: cancel several first, then wait for each)."""
         for task in self._tasks:
             task.cancel()
+        if wait_for_running:
+            wait(self._tasks)
 
 
 def decode(images: LazyImages, indices: Sequence[int] | np.ndarray) -> np.ndarray:

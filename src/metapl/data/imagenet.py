@@ -54,6 +54,15 @@ def _eight_bit(image: Image.Image) -> Image.Image:
 _QUIET_LOCK = threading.Lock()
 
 
+def _new_lock_in_child() -> None:  # a thread of the parent may have held it at the fork
+    global _QUIET_LOCK
+    _QUIET_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_new_lock_in_child)
+
+
 @contextlib.contextmanager
 def _no_bomb_warning():
     """Pillow warns (2 lines on stderr, per image) between 89 and 179 megapixels: a large photo of

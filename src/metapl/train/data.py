@@ -155,7 +155,9 @@ class BatchSource:
                 self._ahead[role] = (step, submit(source, order.at(step)))
 
     def close(self) -> None:
-        """Drop the images being decoded ahead (the run ends, or stops)."""
+        """Drop the images being decoded ahead (the run ends, or stops); returns once none is."""
+        for _, pending in self._ahead.values():  # all dropped before waiting for any
+            pending.cancel(wait_for_running=False)
         for _, pending in self._ahead.values():
             pending.cancel()
         self._ahead.clear()
