@@ -79,6 +79,55 @@ def test_a_second_command_into_a_running_commands_out_is_refused_before_any_work
     assert "model mlp cannot take" in one_error_line(capsys.readouterr().err)
 
 
+@pytest.mark.parametrize("command", ["digits", "reduced"])
+def test_digits_and_reduced_hold_their_run_folders_while_they_run(
+    tmp_path, capsys, monkeypatch, command
+):
+    """`metapl train --out` one of the run folders of a running `metapl digits` or `reduced`
+    (OUT/METHOD/seedN) is refused, as for their --out; they let go of them when they end, so the
+    same call in the same process (the library's) holds them again."""
+    import metapl.experiments.digits as digits
+    import metapl.experiments.reduced as reduced
+
+    out = tmp_path / "out"
+    run = out / ("supervised" if command == "digits" else "large_teacher") / "seed3"
+    seen = []
+
+    def instead_of_training(cfg, where, show_progress):
+        args = ["train", "--preset", "digits-supervised", "--steps", "2", "--quiet"]
+        seen.append(main([*args, "--out", str(run)]))
+        seen.append(one_error_line(capsys.readouterr().err))
+        return {}
+
+    module = digits if command == "digits" else reduced
+    monkeypatch.setattr(module, "_train_and_report", instead_of_training)
+    if command == "digits":
+        config = digits.DigitsConfig(seeds=[3], methods=("supervised",))
+    else:
+        config = reduced.ReducedConfig(seeds=[3], students=("supervised",))
+    runner = digits.run_digits if command == "digits" else reduced.run_reduced
+    for _ in range(2):
+        runner(config, out, show_progress=False)
+        assert seen[0] == 2 and f"--out {run} is in use by another metapl command" in seen[1]
+        seen.clear()
+    # and free afterwards (train gets past the hold; only the run folder made here is left)
+    args = ["train", "--preset", "digits-supervised", "--steps", "2", "--quiet"]
+    assert main([*args, "--out", str(run), "--set", "model=mlp"]) == 2
+    assert "model mlp cannot take" in one_error_line(capsys.readouterr().err)
+
+
+def test_a_digits_run_folder_holding_files_metapl_did_not_write_is_refused(tmp_path, capsys):
+    """As for --out: a project's config.json inside OUT/METHOD/seedN was overwritten by the run."""
+    run = tmp_path / "out" / "supervised" / "seed0"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text('{"mine": true}')
+    args = ["digits", "--seeds", "0", "--steps", "2", "--methods", "supervised", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "out")]) == 2
+    err = one_error_line(capsys.readouterr().err)
+    assert "config.json, which metapl did not write" in err
+    assert (run / "config.json").read_text() == '{"mine": true}'
+
+
 @pytest.mark.parametrize(
     "command",
     [

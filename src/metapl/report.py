@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from metapl.atomic import write_json_atomically
@@ -135,11 +136,12 @@ def _claim(path: Path, option: str) -> None:
     _claimed.append((fd, created))
 
 
-def release_output_folders() -> None:
-    """Unlock the folders this process claimed. One it created that is still empty (the command
-    failed before writing) is removed, with its empty parents, so a mistake leaves nothing behind;
-    removed before unlocking, so no other command can have claimed it in between."""
-    while _claimed:
+def release_output_folders(keep: int = 0) -> None:
+    """Unlock the folders this process claimed (all but the first ``keep``). One it created that
+    is still empty (the command failed before writing) is removed, with its empty parents, so a
+    mistake leaves nothing behind; removed before unlocking, so no other command can have claimed
+    it in between."""
+    while len(_claimed) > keep:
         fd, created = _claimed.pop()
         for folder in created:
             try:
@@ -147,6 +149,22 @@ def release_output_folders() -> None:
             except OSError:  # not empty (or gone): keep it and its parents
                 break
         os.close(fd)
+
+
+@contextlib.contextmanager
+def holding_run_folders(folders: Iterable[Path]) -> Iterator[None]:
+    """Check and hold the run folders of `metapl digits` or `reduced` (each one a `metapl train`
+    run's) while the block runs, as ``metapl train --out`` holds its own: a `metapl train` started
+    on one of them meanwhile is refused instead of writing into a run in progress. Released at the
+    end of the block, so that a second call in the same process (the library's) can hold them
+    again."""
+    held_before = len(_claimed)
+    try:
+        for folder in folders:
+            output_folder(folder, command="train")
+        yield
+    finally:
+        release_output_folders(keep=held_before)
 
 
 def results_owner(path: Path) -> str | None:

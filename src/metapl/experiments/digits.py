@@ -223,14 +223,19 @@ def paired_differences(records: list[dict]) -> dict[str, dict]:
 
 
 def run_digits(cfg: DigitsConfig, out: Path, show_progress: bool = True) -> dict:
-    from metapl.experiments.figure9 import plot_figure9
-
     cfg.validate()
     # A rerun with other seeds (or steps, methods...) would replace the earlier results.json.
     report.check_replaceable(out, "digits", asdict(cfg), ignore=("workers",))
-    for method in set(cfg.methods) & set(ENGINE_METHODS):  # every run's folder now, not after
-        for seed in cfg.seeds:  # other runs trained (LabelSpreading writes none)
-            report.output_folder(out / method / f"seed{seed}")
+    # every run's folder checked (and held) now, not after other runs trained (LabelSpreading
+    # writes none)
+    runs = [out / m / f"seed{s}" for m in cfg.methods if m in ENGINE_METHODS for s in cfg.seeds]
+    with report.holding_run_folders(runs):
+        return _train_and_report(cfg, out, show_progress)
+
+
+def _train_and_report(cfg: DigitsConfig, out: Path, show_progress: bool) -> dict:
+    from metapl.experiments.figure9 import plot_figure9
+
     out.mkdir(parents=True, exist_ok=True)
     # Slowest first, so the workers finish together.
     order = ("uda_mpl", "randaugment_mpl", "supervised_mpl", "uda", "randaugment")

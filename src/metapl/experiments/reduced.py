@@ -22,7 +22,7 @@ from metapl.experiments.digits import check_command_keys, summarize
 from metapl.experiments.workers import map_runs, run_record, worker_pool
 from metapl.report import (
     check_replaceable,
-    output_folder,
+    holding_run_folders,
     paired_differences,
     print_accuracy_table,
     print_paired_differences,
@@ -147,16 +147,24 @@ def _run(job: tuple[str, int, ReducedConfig, str]) -> dict:
 
 
 def run_reduced(cfg: ReducedConfig, out: Path, show_progress: bool = True) -> dict:
+    cfg.validate()
+    # A rerun with other seeds (or steps, students...) would replace the earlier results.json.
+    check_replaceable(out, "reduced", asdict(cfg), ignore=("workers",))
+    # every run's folder checked (and held) now, not after others ran
+    runs = [
+        out / name / f"seed{seed}"
+        for name in ("large_teacher", *cfg.students)
+        for seed in cfg.seeds
+    ]
+    with holding_run_folders(runs):
+        return _train_and_report(cfg, out, show_progress)
+
+
+def _train_and_report(cfg: ReducedConfig, out: Path, show_progress: bool) -> dict:
     import os
 
     from metapl.experiments.figure10 import plot_figure10
 
-    cfg.validate()
-    # A rerun with other seeds (or steps, students...) would replace the earlier results.json.
-    check_replaceable(out, "reduced", asdict(cfg), ignore=("workers",))
-    for name in ("large_teacher", *cfg.students):  # every run's folder now, not after others ran
-        for seed in cfg.seeds:
-            output_folder(out / name / f"seed{seed}")
     out.mkdir(parents=True, exist_ok=True)
     workers = min(cfg.workers or os.cpu_count() or 1, len(cfg.seeds) * len(cfg.students))
     with worker_pool(workers) as pool:
