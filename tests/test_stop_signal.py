@@ -153,6 +153,67 @@ def test_a_signal_in_the_last_step_lets_the_run_finish(tmp_path, monkeypatch, re
     _assert_same_weights(tmp_path, ref_dir)
 
 
+@pytest.mark.parametrize("where", ["load_data", "Run", "check_models_fit"])
+def test_a_signal_before_the_steps_stops_at_once_with_one_line(
+    tmp_path, monkeypatch, capsys, where
+):
+    """Before the training steps (loading data and checkpoint, building the models; with a large
+    teacher, precomputing its outputs) there is nothing to save: the run stopped at once, without
+    a word (the default handler). Now it says so, exits with 128 + the signal, and the same
+    command then runs as if nothing had happened."""
+    real = getattr(engine, where)
+
+    def signalled(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("the signal did not stop it")
+
+    monkeypatch.setattr(engine, where, signalled)
+    out = tmp_path / "run"
+    args = ["train", "--preset", "digits-uda-mpl", "--out", str(out), "--quiet"]
+    args += ["--steps", str(STEPS)]
+    for key, value in TINY.items():
+        if key != "steps":
+            args += ["--set", f"{key}={value}"]
+    assert main(args) == 143
+    assert capsys.readouterr().err == (
+        "metapl train: stopped by SIGTERM before its training steps began, with nothing to "
+        "save; run the same command again to start (or resume) the run\n"
+    )
+    assert not (out / "checkpoint.pt").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    monkeypatch.setattr(engine, where, real)
+    assert main(args) == 0
+
+
+def test_a_signal_after_the_steps_stops_at_once_and_the_rerun_writes_the_results(
+    tmp_path, monkeypatch, reference
+):
+    """After the last step's checkpoint (the final evaluation, results.json, the plots), a
+    signal stopped the run at once without a word; now with what to do: the rerun, from that
+    checkpoint, writes the results of an unbroken run."""
+    ref_dir, ref_summary = reference
+    real = engine._accuracies
+    calls = []
+
+    def signalled(run, amp):
+        calls.append(run.step)
+        if calls.count(STEPS) == 2:  # the final evaluation, after the last step's own
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return real(run, amp)
+
+    monkeypatch.setattr(engine, "_accuracies", signalled)
+    with pytest.raises(Stopped) as stopped:
+        engine.train(_config(), tmp_path, show_progress=False)
+    assert not isinstance(stopped.value, TrainingStopped) and stopped.value.signum == signal.SIGUSR1
+    assert "after its last step's checkpoint, before its results were written" in str(stopped.value)
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == STEPS
+    assert not (tmp_path / "results.json").exists()
+    monkeypatch.undo()
+    summary = engine.train(_config(), tmp_path, show_progress=False)
+    assert summary["results"] == ref_summary["results"]
+    _assert_same_weights(tmp_path, ref_dir)
+
+
 def test_ctrl_c_still_stops_at_once_without_a_checkpoint_of_its_step(tmp_path, monkeypatch):
     _signal_at(monkeypatch, 5, signal.SIGINT)
     with pytest.raises(KeyboardInterrupt) as interrupted:
@@ -220,6 +281,29 @@ def test_a_signalled_tuning_trial_waits_in_the_study_to_resume(tmp_path, monkeyp
     assert [t.state for t in trials] == [State.FAIL, State.WAITING]
     trial_run = tmp_path / "out" / "trials" / "t-student" / "0"
     assert load_checkpoint(trial_run / "checkpoint.pt")["step"] == 2
+
+
+def test_a_tuning_trial_signalled_before_its_steps_says_which_signal(tmp_path, monkeypatch, capfd):
+    def signalled(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("the signal did not stop it")
+
+    monkeypatch.setattr(engine, "check_models_fit", signalled)
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    args = ["tune", "--preset", "digits-uda-mpl", "--trials", "1", "--storage", storage]
+    args += ["--out", str(tmp_path / "out"), "--steps", "6", "--device", "cpu", "--quiet"]
+    args += ["--study", "t", "--stage", "student", "--set", "tune_per_class=3"]
+    args += ["--set", "warmup_steps=2", "--set", "uda_warmup_steps=2"]
+    assert main(args) == 143
+    out, err = capfd.readouterr()
+    assert out == (
+        "t-student trial 0: stopped by SIGTERM; the same command resumes it from its last "
+        "checkpoint\n"
+    )
+    assert err.startswith("metapl tune: stopped by SIGTERM before its training steps began")
+    trials = optuna.load_study(study_name="t-student", storage=storage).trials
+    State = optuna.trial.TrialState
+    assert [t.state for t in trials] == [State.FAIL, State.WAITING]
 
 
 def test_a_stop_survives_pickling_as_a_worker_process_sends_it():

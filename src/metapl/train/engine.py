@@ -50,7 +50,7 @@ from metapl.train.guards import NonFiniteWatch, check_finite_weights, to_floats
 from metapl.train.large_teacher import check_large_teacher, prepare_large_teacher_data
 from metapl.train.metrics_log import MetricsLogger
 from metapl.train.schedule import make_scheduler
-from metapl.train.stopping import STOP_SIGNALS, StopSignals, TrainingStopped
+from metapl.train.stopping import STOP_SIGNALS, Stopped, StopSignals, TrainingStopped
 
 
 def _stop_now(signals: StopSignals, dp: DataParallel, step: int, cfg: TrainConfig) -> bool:
@@ -527,7 +527,41 @@ def train(
     run (``metapl tune`` reports to its pruner this way). ``note``, if given, is a line for stderr
     (`metapl train`'s note on its options), printed once the data, checkpoint and models are
     checked, before the first write: a mistake found in them is then one line, not the note and
-    the error."""
+    the error.
+
+    SIGTERM or SIGUSR1 (a scheduler's time limit) during the training steps ends the step, saves
+    a checkpoint of it and raises :class:`~metapl.train.stopping.TrainingStopped`; before the steps
+    (loading, precomputing a large teacher's outputs) or after them (the final evaluation, the
+    results), where there is nothing to save, it raises :class:`~metapl.train.stopping.Stopped` at
+    once, as Ctrl-C raises KeyboardInterrupt."""
+    with StopSignals(raising=_stopped_before_training) as signals:
+        return _train(cfg, out_dir, show_progress, on_eval, note, signals)
+
+
+def _stopped_before_training(signum: int) -> Stopped:
+    return Stopped(
+        signum,
+        " before its training steps began, with nothing to save; run the same command again to "
+        "start (or resume) the run",
+    )
+
+
+def _stopped_after_training(signum: int) -> Stopped:
+    return Stopped(
+        signum,
+        " after its last step's checkpoint, before its results were written; run the same "
+        "command again to write them",
+    )
+
+
+def _train(
+    cfg: TrainConfig,
+    out_dir: Path | str,
+    show_progress: bool,
+    on_eval,
+    note: str | None,
+    signals: StopSignals,
+) -> dict:
     cfg.validate()
     # a file in its place (or in a result file's or folder's): a traceback once the first file was
     # written (`metapl digits` and `reduced` train into run folders of their own under --out)
@@ -592,12 +626,12 @@ def train(
     watched = _Figure10(run, teacher_probs) if cfg.method == "reduced_mpl" and dp.is_main else None
     amp = autocast_dtype(cfg)
     start_time = time.perf_counter()
-    # SIGTERM, SIGUSR1: a checkpoint of the step, then stop (metapl.train.stopping)
     with (
         MetricsLogger(out_dir, resume_step=run.step) if dp.is_main else _NoMetrics() as logger,
-        StopSignals() as signals,
         contextlib.closing(source),  # the next step's images, if decoding, are dropped at the end
     ):
+        # SIGTERM, SIGUSR1 from here: a checkpoint of the step, then stop (metapl.train.stopping)
+        signals.raising = None
         bar = progress_bar(
             total=run.total_steps,
             initial=run.step,
@@ -655,6 +689,9 @@ def train(
                 # (a rank that had no signal of its own names the one schedulers send)
                 raise TrainingStopped(signals.signum or STOP_SIGNALS[0], run.step, run.total_steps)
         bar.close()
+        # nothing left to save: a signal now stops at once (unless one came in the last step,
+        # which then goes on to write its results)
+        signals.raising = _stopped_after_training
         final = _accuracies(run, amp) if dp.is_main else None
     # Every rank returns rank 0's summary.
     final, run.before_finetune = dp.broadcast_object((final, run.before_finetune))

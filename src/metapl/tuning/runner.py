@@ -23,7 +23,7 @@ from typing import Any
 from metapl.errors import ConfigError, NonFiniteLossError, WriteError
 from metapl.train.config import TrainConfig, apply_overrides
 from metapl.train.presets import load_preset
-from metapl.train.stopping import TrainingStopped
+from metapl.train.stopping import Stopped, TrainingStopped
 from metapl.tuning import bestfile, retry, space, studies
 from metapl.tuning.storage import GRACE_S, import_optuna, new_sqlite_file, open_storage
 
@@ -168,6 +168,8 @@ class Stage:
             optuna.logging.set_verbosity(optuna.logging.ERROR)
             if isinstance(stop, TrainingStopped):
                 how = f"stopped by {signal.Signals(stop.signum).name} at step {stop.step}"
+            elif isinstance(stop, Stopped):  # before or after its steps: nothing to save
+                how = f"stopped by {signal.Signals(stop.signum).name}"
             else:
                 how = "interrupted"
             print(
