@@ -197,6 +197,70 @@ def test_batches_decoded_a_step_ahead_have_the_same_bytes(data, threads, monkeyp
     assert decoded_now == [4, 28] * 3
 
 
+@pytest.mark.parametrize("ahead", [True, False], ids=["ahead", "not-ahead"])
+@pytest.mark.parametrize("world", [2, 4])
+def test_under_torchrun_each_rank_decodes_its_own_slice_and_gets_the_same_batch(
+    data, threads, monkeypatch, world, ahead
+):
+    """Each rank decodes only its slice's files (the others' rows are zeros) and augments the
+    whole batch: the slices concatenate to the one-process batch to the byte, since every
+    augmentation works image by image; and together the ranks decode each file once (counted
+    without decoding ahead, whose background work the count would race)."""
+    threads(2)
+    split = lazy_split(data)
+    views = ("labeled_strong", "unlabeled_weak", "unlabeled_strong")
+    decoded = []
+    real_getitem = FolderImages.__getitem__  # the labeled and the unlabeled images'
+
+    def counting(self, index):
+        if isinstance(index, (int, np.integer)):
+            decoded.append(index)
+        return real_getitem(self, index)
+
+    monkeypatch.setattr(FolderImages, "__getitem__", counting)
+    cpu = torch.device("cpu")
+    whole = BatchSource(split, config(batch_size=8, data_prefetch=False), views, cpu)
+    cfg = config(batch_size=8, data_prefetch=ahead)
+    ranks = [BatchSource(split, cfg, views, cpu, shard=(r, world)) for r in range(world)]
+    try:
+        for step in range(4):
+            want = vars(whole.batch(step))
+            decoded.clear()
+            got = [vars(rank.batch(step)) for rank in ranks]
+            if not ahead:
+                assert len(decoded) == 8 + 56, step
+            for key, value in want.items():
+                if torch.is_tensor(value):
+                    assert torch.equal(torch.cat([g[key] for g in got]), value), (step, key)
+    finally:
+        for source in (whole, *ranks):
+            source.close()
+
+
+def test_every_augmentation_works_image_by_image():
+    """What decoding a rank's slice only relies on: the weak and strong views of an image do not
+    depend on the other images of the batch (zeros in their place), over many draws of the ops."""
+    from metapl.augment import StrongAugment, WeakAugment
+
+    for seed in range(60):
+        gen = torch.Generator().manual_seed(seed)
+        x = torch.rand(12, 3, 16, 16, generator=gen)
+        if seed % 2:
+            x = (x * 255).round() / 255  # on the 8-bit grid, as decoded images are
+        rows = slice(4 * (seed % 3), 4 * (seed % 3) + 4)
+        alone = torch.zeros_like(x)
+        alone[rows] = x[rows]
+        views = []
+        for batch in (x, alone):
+            gen = torch.Generator().manual_seed(1000 + seed)
+            weak = WeakAugment(pad=2, flip_prob=0.5)(batch, generator=gen)
+            views.append(
+                (weak, StrongAugment(num_ops=3, max_magnitude=10, cutout=8)(weak, generator=gen))
+            )
+        for full, own in zip(*views):
+            assert torch.equal(full[rows], own[rows]), seed
+
+
 def test_no_decoding_ahead_past_the_last_step_or_of_unlabeled_images_in_fine_tuning(
     data, monkeypatch
 ):

@@ -94,8 +94,8 @@ class BatchSource:
         contiguous slice of the global batch (``cfg.batch_size`` labeled, ``batch_size *
         unlabeled_ratio`` unlabeled; batch_size divisible by world_size). The global batch is drawn
         and augmented exactly as in one process and then sliced, so the ranks' slices concatenate
-        to the single-process batch. The price: each rank loads and augments the whole global
-        batch (cheap for 32x32 images on a GPU, W times the JPEG decoding on ImageNet)."""
+        to the single-process batch. The price: each rank augments the whole global batch (cheap
+        on a GPU); of image files (ImageNet) it decodes its own slice only."""
         self.split, self.cfg, self.views, self.device = split, cfg, set(views), device
         self.teacher_probs = teacher_probs
         self.rank, self.world_size = shard
@@ -128,14 +128,35 @@ class BatchSource:
         # decoded). In-memory arrays need no such thing.
         self._ahead: dict[str, tuple[int, PendingImages]] = {}
 
+    def _my_rows(self, n: int) -> slice:
+        """This rank's rows of a global batch of ``n`` (all of them in one process)."""
+        if self.world_size == 1:
+            return slice(None)
+        share = n // self.world_size
+        return slice(self.rank * share, (self.rank + 1) * share)
+
+    def _to_decode(self, source, indices: np.ndarray) -> np.ndarray:
+        """The rows of ``indices`` whose files this process decodes: under torchrun its own slice
+        only. Every augmentation works image by image (tests/test_decoding.py checks it), so the
+        other ranks' rows, zeros here, change nothing in this rank's slice, which _slice keeps;
+        decoding them all made each of N ranks decode N times its share."""
+        if isinstance(source, LazyImages):
+            return indices[self._my_rows(len(indices))]
+        return indices
+
     def _images(self, role: str, source, indices: np.ndarray, step: int) -> Tensor:
+        mine = self._to_decode(source, indices)
         ahead = self._ahead.pop(role, None)
-        if ahead is not None and ahead[0] == step and np.array_equal(ahead[1].indices, indices):
+        if ahead is not None and ahead[0] == step and np.array_equal(ahead[1].indices, mine):
             images = ahead[1].result()  # an unreadable file raises here, at the step that reads it
         else:
             if ahead is not None:  # decoded for a step that did not come (a resume, a jump)
                 ahead[1].cancel()
-            images = source[indices]
+            images = source[mine]
+        if len(mine) < len(indices):  # the other ranks' rows: zeros, dropped by _slice
+            full = np.zeros((len(indices), *images.shape[1:]), images.dtype)
+            full[self._my_rows(len(indices))] = images
+            images = full
         # Contiguous for augmentation (its ops return contiguous images whatever they get); the
         # finished views are put in the models' layout by _to_model_layout.
         return model_input(images, self.device, channels_last=False)
@@ -152,7 +173,7 @@ class BatchSource:
             roles.append(("unlabeled", self.split.x_unlabeled, self.unlabeled))
         for role, source, order in roles:
             if isinstance(source, LazyImages) and role not in self._ahead:
-                self._ahead[role] = (step, submit(source, order.at(step)))
+                self._ahead[role] = (step, submit(source, self._to_decode(source, order.at(step))))
 
     def close(self) -> None:
         """Drop the images being decoded ahead (the run ends, or stops); returns once none is."""
