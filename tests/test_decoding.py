@@ -428,3 +428,43 @@ def test_a_forked_child_decodes_with_a_pool_of_its_own(data, threads):
     finally:
         release.set()
         holder.join()
+
+
+def test_an_evaluation_decodes_each_file_once_for_all_its_models(data, threads, monkeypatch):
+    """ImageNet's test and labeled sets are evaluated with two models each (EMA or student, and
+    the teacher): one pass over the files, each batch decoded while the models classify the one
+    before; the accuracies are each model's own, and the models' train/eval modes come back."""
+    from metapl.models import create_model
+    from metapl.train.data import evaluate, evaluate_models
+
+    threads(2)
+    images = lazy_split(data).x_unlabeled
+    labels = np.arange(len(images)) % 3
+    torch.manual_seed(0)
+    models = {"a": create_model("small_cnn", 3), "b": create_model("small_cnn", 3)}
+    models["b"].eval()
+    cfg = config(eval_batch_size=7)
+    arrays = images[np.arange(len(images))]
+    want = {
+        name: evaluate(model, arrays, labels, cfg, torch.device("cpu"))
+        for name, model in models.items()
+    }
+    assert len(set(want.values())) == 2  # the two models differ
+    decoded, submitted = [], []
+    real_getitem, real_submit = FolderImages.__getitem__, decoding.submit
+
+    def counting(self, index):
+        decoded.append(index)
+        return real_getitem(self, index)
+
+    def spy(images, indices):
+        submitted.append(len(indices))
+        return real_submit(images, indices)
+
+    monkeypatch.setattr(FolderImages, "__getitem__", counting)
+    monkeypatch.setattr("metapl.train.data.submit", spy)
+    got = evaluate_models(models, images, labels, cfg, torch.device("cpu"))
+    assert got == want
+    assert sorted(decoded) == list(range(len(images)))  # each file once
+    assert submitted == [7] * (len(images) // 7) + [len(images) % 7] * bool(len(images) % 7)
+    assert models["a"].training and not models["b"].training

@@ -23,7 +23,7 @@ from metapl.errors import ConfigError, NonFiniteLossError
 from metapl.train import engine
 from metapl.train.checkpoint import load_checkpoint
 from metapl.train.config import apply_overrides
-from metapl.train.data import evaluate
+from metapl.train.data import evaluate_models
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -44,14 +44,15 @@ def run(tmp_path_factory, single_torch_thread):
     out = tmp_path_factory.mktemp("engine_mutants") / "run"
     evaluations = []
 
-    def spy(model, images, labels, *args, **kwargs):
-        accuracy = evaluate(model, images, labels, *args, **kwargs)
-        weights = {k: v.clone() for k, v in model.state_dict().items()}
-        evaluations.append((images, weights, accuracy))
-        return accuracy
+    def spy(models, images, labels, *args, **kwargs):
+        accuracies = evaluate_models(models, images, labels, *args, **kwargs)
+        for name, model in models.items():
+            weights = {k: v.clone() for k, v in model.state_dict().items()}
+            evaluations.append((images, weights, accuracies[name]))
+        return accuracies
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(engine, "evaluate", spy)
+        mp.setattr(engine, "evaluate_models", spy)
         summary = engine.train(_config(), out, show_progress=False)
     return out, summary, evaluations
 

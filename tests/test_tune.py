@@ -28,7 +28,7 @@ from metapl.errors import ConfigError, NonFiniteLossError
 from metapl.models import create_model
 from metapl.train.checkpoint import load_checkpoint
 from metapl.train.config import apply_overrides
-from metapl.train.data import evaluate
+from metapl.train.data import evaluate, evaluate_models
 from metapl.train.presets import load_preset
 from metapl.tuning import TuneOptions, bestfile, space
 from metapl.tuning.runner import Tuner
@@ -239,12 +239,12 @@ def test_trials_evaluate_on_the_tuning_split_only(tmp_path, monkeypatch):
         splits.append(digits_split(*args))
         return splits[-1]
 
-    def spy_evaluate(model, images, *args, **kwargs):
+    def spy_evaluate(models, images, *args, **kwargs):
         evaluated.append(images)
-        return evaluate(model, images, *args, **kwargs)
+        return evaluate_models(models, images, *args, **kwargs)
 
     monkeypatch.setattr(digits_module, "digits_split", spy_split)
-    monkeypatch.setattr(engine, "evaluate", spy_evaluate)
+    monkeypatch.setattr(engine, "evaluate_models", spy_evaluate)
     opts = options(tmp_path, trials=1)
     Tuner(opts).run()
     first_check, split = splits  # read once before any trial (to fail early), then by the trial

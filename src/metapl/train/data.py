@@ -236,20 +236,51 @@ class BatchSource:
         return batch
 
 
-@torch.no_grad()
 def evaluate(model, images, labels: np.ndarray, cfg: TrainConfig, device, amp=None) -> float:
     """Top-1 accuracy in eval mode (no augmentation), in batches."""
+    return evaluate_models({"model": model}, images, labels, cfg, device, amp)["model"]
+
+
+@torch.no_grad()
+def evaluate_models(
+    models: dict[str, torch.nn.Module],
+    images,
+    labels: np.ndarray,
+    cfg: TrainConfig,
+    device,
+    amp=None,
+) -> dict[str, float]:
+    """Top-1 accuracy of each model in eval mode (no augmentation), in one pass over the images:
+    image files (ImageNet's) are decoded once for all the models, the next batch while the models
+    classify this one."""
     if len(labels) == 0:
-        return float("nan")
-    was_training = model.training
-    model.eval()
-    correct = torch.zeros((), dtype=torch.long, device=device)
-    for start in range(0, len(labels), cfg.eval_batch_size):
-        idx = np.arange(start, min(start + cfg.eval_batch_size, len(labels)))
-        x = model_input(images[idx], device, cfg.channels_last(device))
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            pred = model(x).argmax(-1)
-        # one host sync in all, at the end: the labels' copies do not wait for the GPU either
-        correct += (pred == to_device(torch.from_numpy(labels[idx]), device)).sum()
-    model.train(was_training)
-    return float(correct) / len(labels)
+        return dict.fromkeys(models, float("nan"))
+    was_training = {name: model.training for name, model in models.items()}
+    for model in models.values():
+        model.eval()
+    correct = {name: torch.zeros((), dtype=torch.long, device=device) for name in models}
+    batches = [
+        np.arange(start, min(start + cfg.eval_batch_size, len(labels)))
+        for start in range(0, len(labels), cfg.eval_batch_size)
+    ]
+    ahead = submit(images, batches[0]) if isinstance(images, LazyImages) else None
+    try:
+        for i, idx in enumerate(batches):
+            if ahead is not None:
+                pixels = ahead.result()
+                ahead = submit(images, batches[i + 1]) if i + 1 < len(batches) else None
+            else:
+                pixels = images[idx]
+            x = model_input(pixels, device, cfg.channels_last(device))
+            # one host sync in all, at the end: the labels' copies do not wait for the GPU either
+            y = to_device(torch.from_numpy(labels[idx]), device)
+            for name, model in models.items():
+                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                    pred = model(x).argmax(-1)
+                correct[name] += (pred == y).sum()
+    finally:
+        if ahead is not None:  # an error, or Ctrl-C: the next batch is not needed
+            ahead.cancel()
+        for name, model in models.items():
+            model.train(was_training[name])
+    return {name: float(count) / len(labels) for name, count in correct.items()}

@@ -44,7 +44,7 @@ from metapl.train.checkpoint import (
     save_checkpoint,
 )
 from metapl.train.config import TrainConfig
-from metapl.train.data import BatchSource, evaluate, model_input, stream_seed
+from metapl.train.data import BatchSource, evaluate_models, model_input, stream_seed
 from metapl.train.ema import EMA
 from metapl.train.guards import NonFiniteWatch, check_finite_weights, to_floats
 from metapl.train.large_teacher import check_large_teacher, prepare_large_teacher_data
@@ -304,18 +304,33 @@ def _accuracies(run: Run, amp) -> dict[str, float]:
     """Held-out accuracy (tuning split and test) and accuracy on the labeled training data of the
     student and, for MPL, the teacher (Figure 9)."""
     s, cfg, dev = run.split, run.cfg, run.device
-    out = {}
+    # which models each set evaluates, in the order the accuracies are logged; each set is one
+    # pass over its images (decoded once for all its models, where they are files)
+    on_tune, on_test, on_labeled = {}, {}, {}
+    order = []
     if len(s.y_tune):
-        out["tune_accuracy"] = evaluate(run.eval_model, s.x_tune, s.y_tune, cfg, dev, amp)
+        on_tune["tune_accuracy"] = run.eval_model
+        order.append("tune_accuracy")
     if len(s.y_test):  # your own data may come without a test set: then no test accuracy
-        out["test_accuracy"] = evaluate(run.eval_model, s.x_test, s.y_test, cfg, dev, amp)
+        on_test["test_accuracy"] = run.eval_model
+        order.append("test_accuracy")
     for name, model in run.method.models.items():
         if name == "teacher" and cfg.method == "reduced_mpl":
             continue  # the reduced teacher reads distributions, not images
-        out[f"{name}_labeled_accuracy"] = evaluate(model, s.x_labeled, s.y_labeled, cfg, dev, amp)
+        on_labeled[f"{name}_labeled_accuracy"] = model
+        order.append(f"{name}_labeled_accuracy")
         if name == "teacher" and len(s.y_test):  # to understand MPL, never to pick a model
-            out["teacher_test_accuracy"] = evaluate(model, s.x_test, s.y_test, cfg, dev, amp)
-    return out
+            on_test["teacher_test_accuracy"] = model
+            order.append("teacher_test_accuracy")
+    found = {}
+    for models, images, labels in (
+        (on_tune, s.x_tune, s.y_tune),
+        (on_test, s.x_test, s.y_test),
+        (on_labeled, s.x_labeled, s.y_labeled),
+    ):
+        if models:
+            found.update(evaluate_models(models, images, labels, cfg, dev, amp))
+    return {key: found[key] for key in order}
 
 
 def _check_data_parallel(cfg: TrainConfig, world_size: int) -> None:
