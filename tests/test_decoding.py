@@ -14,8 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
+from metapl import warning_filters
 from metapl.cli import main
-from metapl.data import decoding, imagenet, splits
+from metapl.data import decoding, splits
 from metapl.data.folder import FolderImages
 from metapl.data.own import folder_split
 from metapl.errors import ConfigError, DataError
@@ -407,7 +408,7 @@ def test_a_forked_child_decodes_with_a_pool_of_its_own(data, threads):
     release = threading.Event()
 
     def hold_the_lock():
-        with imagenet._QUIET_LOCK:
+        with warning_filters._LOCK:
             held.set()
             release.wait(10)
 
@@ -468,3 +469,23 @@ def test_an_evaluation_decodes_each_file_once_for_all_its_models(data, threads, 
     assert sorted(decoded) == list(range(len(images)))  # each file once
     assert submitted == [7] * (len(images) // 7) + [len(images) % 7] * bool(len(images) % 7)
     assert models["a"].training and not models["b"].training
+
+
+def test_the_main_threads_own_filter_waits_for_the_decoding_threads(threads):
+    """The first exact MPL step sets a filter of its own (mpl.dual: torch's TorchScript warning)
+    while the next step's files decode: it takes the same lock as the decoding threads' filter,
+    so neither puts back a list without the other's filter, or with it for good."""
+    from metapl.mpl import dual
+
+    finished = threading.Event()
+
+    def load():
+        dual._load_jvp_decompositions.__wrapped__()
+        finished.set()
+
+    with warning_filters._LOCK:
+        thread = threading.Thread(target=load)
+        thread.start()
+        assert not finished.wait(0.3)  # waits for the lock
+    assert finished.wait(10)
+    thread.join()

@@ -14,10 +14,7 @@ An item is decoded when it is indexed: RGB, shorter side resized (bicubic) to
 
 from __future__ import annotations
 
-import contextlib
 import os
-import threading
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,6 +23,7 @@ from PIL import Image
 
 from metapl.data.arrays import data_error, describe
 from metapl.errors import ConfigError
+from metapl.warning_filters import ignoring
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
 _EXPECTED = (
@@ -47,29 +45,11 @@ def _eight_bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.round(values / 257), 0, 255).astype(np.uint8))  # "L"
 
 
-# The warning filters are one list for the whole process, and catch_warnings() puts back the list
-# it found when it began: two threads inside it at once (metapl.data.decoding decodes on several)
-# could leave the other's filter in place, or drop it. So only one thread at a time is inside, for
-# the short calls that can warn (reading the header, cropping), never for the decoding itself.
-_QUIET_LOCK = threading.Lock()
-
-
-def _new_lock_in_child() -> None:  # a thread of the parent may have held it at the fork
-    global _QUIET_LOCK
-    _QUIET_LOCK = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):  # POSIX
-    os.register_at_fork(after_in_child=_new_lock_in_child)
-
-
-@contextlib.contextmanager
 def _no_bomb_warning():
     """Pillow warns (2 lines on stderr, per image) between 89 and 179 megapixels: a large photo of
-    the user's own is no attack. Beyond that its DecompressionBombError stays an error."""
-    with _QUIET_LOCK, warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        yield
+    the user's own is no attack. Beyond that its DecompressionBombError stays an error. Only the
+    short calls that can warn are in the block (metapl.warning_filters), never the decoding."""
+    return ignoring(category=Image.DecompressionBombWarning)
 
 
 def decode_image(path: str | Path, resolution: int = 224, crop_fraction: float = 1.0) -> np.ndarray:

@@ -13,10 +13,11 @@ makes that first dual tensor itself, with the warning filtered by its message on
 from __future__ import annotations
 
 import functools
-import warnings
 
 import torch
 import torch.autograd.forward_ad as fwad
+
+from metapl.warning_filters import ignoring
 
 # "`torch.jit.script` is deprecated. Please switch to ..." (any category: 2.13 DeprecationWarning,
 # 2.14 FutureWarning)
@@ -26,8 +27,8 @@ TORCHSCRIPT_DEPRECATED = r"`torch\.jit\.\w+` is deprecated"
 @functools.cache
 def _load_jvp_decompositions() -> None:
     """Makes one dual tensor, so that torch loads its JVP decompositions here, once per process."""
-    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
-        warnings.filterwarnings("ignore", message=TORCHSCRIPT_DEPRECATED)
+    # (metapl.warning_filters: image files may be decoding on other threads meanwhile)
+    with ignoring(message=TORCHSCRIPT_DEPRECATED), torch.inference_mode(False), torch.no_grad():
         with fwad.dual_level():
             fwad.make_dual(torch.zeros(()), torch.zeros(()))
 
