@@ -121,6 +121,36 @@ def test_the_loaded_model_is_the_reported_one(run_dir):
     assert (loaded.spec.resolution, loaded.spec.channels) == (8, 1)
 
 
+def test_batches_decode_ahead_and_an_unreadable_file_fails_at_its_batch(
+    image_dir, run_dir, tmp_path, capsys, monkeypatch
+):
+    """Each batch's files decode while the model classifies the batch before; the batches before
+    an unreadable file are printed, and the error names the first such file in order."""
+    import metapl.predict as predict_module
+    from metapl.data import decoding
+
+    monkeypatch.setattr(predict_module, "BATCH", 2)
+    submitted = []
+    real_submit = decoding.submit
+
+    def spy(images, indices):
+        submitted.append(list(indices))
+        return real_submit(images, indices)
+
+    monkeypatch.setattr(decoding, "submit", spy)
+    good = [str(image_dir / f"d{i}.png") for i in range(5)]
+    rows = predict(capsys, run_dir, *good)
+    assert [r[0] for r in rows] == good and submitted == [[0, 1], [2, 3], [4]]
+    bad, worse = tmp_path / "bad.png", tmp_path / "worse.png"
+    bad.write_bytes(b"no png")
+    worse.write_bytes(b"no png either")
+    paths = [*good[:3], str(bad), str(worse)]
+    assert main(["predict", "--run", str(run_dir), "--device", "cpu", *paths]) == 2
+    captured = capsys.readouterr()
+    assert [line.split("\t")[0] for line in captured.out.splitlines()] == good[:2]
+    assert f"{bad} is not a readable image" in captured.err and str(worse) not in captured.err
+
+
 def test_files_decode_to_the_evaluated_pixels(image_dir, digits, run_dir):
     paths = [str(image_dir / f"d{i}.png") for i in range(5)]
     assert np.array_equal(read_images(paths, load_run_model(run_dir).spec), digits[:5])

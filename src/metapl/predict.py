@@ -77,25 +77,25 @@ def image_paths(arguments: list[str]) -> list[str]:
     return paths
 
 
-def read_images(paths: list[str], spec):
-    """uint8 ``[N, R, R, C]`` pixels of ``paths`` as the run's data was decoded, on
-    metapl.data.decoding's threads; DataError naming the first unreadable file in order."""
+def image_files(paths: list[str], spec):
+    """``paths`` as a :class:`~metapl.data.imagenet.LazyImages` that decodes each file as the
+    run's data was decoded (its resolution; gray for a 1-channel run), with a DataError naming an
+    unreadable file."""
     import numpy as np
     from PIL import Image
 
-    from metapl.data import decoding
     from metapl.data.arrays import describe
     from metapl.data.imagenet import LazyImages, decode_image
     from metapl.errors import DataError
 
     class Files(LazyImages):
-        """The files as the run's images: its resolution, and gray for a 1-channel run."""
-
         @property
         def shape(self) -> tuple[int, int, int, int]:
             return (len(self.paths), spec.resolution, spec.resolution, spec.channels)
 
         def __getitem__(self, index):
+            if not isinstance(index, (int, np.integer)):
+                return super().__getitem__(index)  # rows on the decoding threads, in order
             path = self.paths[index]
             try:
                 rgb = decode_image(path, spec.resolution)
@@ -109,12 +109,21 @@ def read_images(paths: list[str], spec):
                 rgb = np.asarray(Image.fromarray(rgb).convert("L"))[..., None]
             return rgb
 
-    return decoding.decode(Files(paths, spec.resolution), np.arange(len(paths)))
+    return Files(paths, spec.resolution)
+
+
+def read_images(paths: list[str], spec):
+    """uint8 ``[N, R, R, C]`` pixels of ``paths`` as the run's data was decoded, on
+    metapl.data.decoding's threads; DataError naming the first unreadable file in order."""
+    import numpy as np
+
+    return image_files(paths, spec)[np.arange(len(paths))]
 
 
 def run(args: argparse.Namespace) -> None:
     import torch
 
+    from metapl.data import decoding
     from metapl.errors import ConfigError
     from metapl.progress import progress_bar
     from metapl.report import check_output_file, write_json_atomic
@@ -164,20 +173,31 @@ def run(args: argparse.Namespace) -> None:
         disable=_bar_disabled(len(paths)),
         dynamic_ncols=True,
     )
-    for start in range(0, len(paths), BATCH):
-        batch = paths[start : start + BATCH]
-        pixels = read_images(batch, loaded.spec)
-        with torch.no_grad():
-            probs = classifier.probabilities(model_input(pixels, device)).cpu()
-        values, indices = probs.topk(top, dim=-1)
-        lines = []
-        for path, p, k in zip(batch, values.tolist(), indices.tolist()):
-            cells = [f"{names[c]}\t{q:.4f}" for c, q in zip(k, p)]
-            lines.append("\t".join([path, *cells]))
-            top_k = [{"class": names[c], "index": c, "probability": q} for c, q in zip(k, p)]
-            records.append({"image": path, "top": top_k})
-        bar.write("\n".join(lines), file=sys.stdout)
-        bar.update(len(batch))
+    files = image_files(paths, loaded.spec)
+    starts = range(0, len(paths), BATCH)
+    # each batch's files decode while the model classifies the batch before
+    ahead = decoding.submit(files, range(0, min(BATCH, len(paths))))
+    try:
+        for start in starts:
+            batch = paths[start : start + BATCH]
+            pixels = ahead.result()  # the first unreadable file raises here, at its batch
+            if start + BATCH < len(paths):
+                ahead = decoding.submit(
+                    files, range(start + BATCH, min(start + 2 * BATCH, len(paths)))
+                )
+            with torch.no_grad():
+                probs = classifier.probabilities(model_input(pixels, device)).cpu()
+            values, indices = probs.topk(top, dim=-1)
+            lines = []
+            for path, p, k in zip(batch, values.tolist(), indices.tolist()):
+                cells = [f"{names[c]}\t{q:.4f}" for c, q in zip(k, p)]
+                lines.append("\t".join([path, *cells]))
+                top_k = [{"class": names[c], "index": c, "probability": q} for c, q in zip(k, p)]
+                records.append({"image": path, "top": top_k})
+            bar.write("\n".join(lines), file=sys.stdout)
+            bar.update(len(batch))
+    finally:
+        ahead.cancel()  # an error or Ctrl-C: the batch being decoded is not needed
     bar.close()
     if args.json:
         payload = {
