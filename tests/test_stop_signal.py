@@ -61,6 +61,16 @@ def _signal_at(monkeypatch, step: int, *signums: int) -> None:
     monkeypatch.setattr(engine.BatchSource, "batch", batch)
 
 
+def _train_args(out) -> list[str]:
+    """`metapl train` of the tiny configuration into ``out``."""
+    args = ["train", "--preset", "digits-uda-mpl", "--out", str(out), "--quiet"]
+    args += ["--steps", str(STEPS)]
+    for key, value in TINY.items():
+        if key != "steps":
+            args += ["--set", f"{key}={value}"]
+    return args
+
+
 def _rows(path):
     with path.open(newline="") as f:
         return list(csv.reader(f))
@@ -111,12 +121,7 @@ def test_the_command_line_says_so_in_one_line_and_exits_with_128_plus_the_signal
     tmp_path, monkeypatch, capsys
 ):
     _signal_at(monkeypatch, 2, signal.SIGTERM)
-    args = ["train", "--preset", "digits-uda-mpl", "--out", str(tmp_path), "--quiet"]
-    args += ["--steps", str(STEPS)]
-    for key, value in TINY.items():
-        if key != "steps":
-            args += ["--set", f"{key}={value}"]
-    assert main(args) == 143
+    assert main(_train_args(tmp_path)) == 143
     assert capsys.readouterr().err == (
         "metapl train: stopped by SIGTERM at step 3 of 9, after saving a checkpoint of that step; "
         "run the same command again to resume from it\n"
@@ -169,11 +174,7 @@ def test_a_signal_before_the_steps_stops_at_once_with_one_line(
 
     monkeypatch.setattr(engine, where, signalled)
     out = tmp_path / "run"
-    args = ["train", "--preset", "digits-uda-mpl", "--out", str(out), "--quiet"]
-    args += ["--steps", str(STEPS)]
-    for key, value in TINY.items():
-        if key != "steps":
-            args += ["--set", f"{key}={value}"]
+    args = _train_args(out)
     assert main(args) == 143
     assert capsys.readouterr().err == (
         "metapl train: stopped by SIGTERM before its training steps began, with nothing to "
