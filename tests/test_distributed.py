@@ -184,9 +184,21 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def two_process_results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("two_processes")
-    mp.spawn(_worker, args=(2, str(out / "init"), str(out)), nprocs=2, join=True)
-    return out
+    for attempt in (1, 2):
+        out = tmp_path_factory.mktemp("two_processes")
+        try:
+            mp.spawn(_worker, args=(2, str(out / "init"), str(out)), nprocs=2, join=True)
+            return out
+        except mp.ProcessExitedException as exc:
+            # Rarely a gloo process aborts in C++ as it tears down, after the barrier that follows
+            # every result ("terminate called without an active exception", SIGABRT: gloo's
+            # teardown, docs/multi-gpu.md; once more in session 30's CI run). Not what these
+            # tests check: spawned once more from scratch, as tests/test_torchrun.py does; any
+            # other failure, or a second one, fails them.
+            written = all((out / f"helpers{rank}.pt").exists() for rank in (0, 1))
+            if attempt == 2 or exc.signal_name != "SIGABRT" or not written:
+                raise
+    raise AssertionError("unreachable")
 
 
 @pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
