@@ -141,9 +141,8 @@ class PendingImages:
 
 
 def decode(images: LazyImages, indices: Sequence[int] | np.ndarray) -> np.ndarray:
-    """``images[indices]`` decoded on the pool, in order; the calling thread waits."""
-    if len(indices) == 0:
-        return np.zeros((0, *images.shape[1:]), np.uint8)
+    """``images[indices]`` decoded on the pool, in order; the calling thread waits (no rows: an
+    empty ``[0, H, W, C]`` array, from no tasks)."""
     return PendingImages(images, indices).result()
 
 
