@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from test_augment import gen, images
 
 from metapl.augment import (
@@ -118,6 +119,26 @@ def test_contrast_of_other_channel_counts_uses_the_mean_of_all_channels():
 def test_sharpness_leaves_images_smaller_than_its_kernel_alone():
     x = images((3, 3, 2, 5))
     assert torch.equal(O.sharpness(x, torch.full((3,), 10.0)), x)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_sharpness_of_an_image_is_the_same_to_the_bit_in_any_batch(channels):
+    """Under torchrun each rank sharpens its share of the global batch's images, which must come
+    out as in one process (a 1-channel convolution rounded by batch size); and the smoothing is
+    PIL's SMOOTH kernel (8 neighbors 1, center 5, / 13) inside the border, none on it."""
+    x = (images((20, channels, 9, 7)) * 255).round() / 255
+    level = torch.linspace(-10, 10, 20)
+    whole = O.sharpness(x, level)
+    for rows in (slice(0, 1), slice(3, 13), slice(19, 20)):
+        assert torch.equal(O.sharpness(x[rows], level[rows]), whole[rows])
+    kernel = torch.tensor([[1.0, 1, 1], [1, 5, 1], [1, 1, 1]], dtype=torch.float64) / 13
+    smooth = x.double().clone()
+    smooth[:, :, 1:-1, 1:-1] = F.conv2d(
+        x.double(), kernel.expand(channels, 1, 3, 3), groups=channels
+    )
+    factor = (1 + 0.9 * level / 10).view(-1, 1, 1, 1).double()
+    want = (smooth + factor * (x.double() - smooth)).clamp(0, 1)
+    torch.testing.assert_close(whole.double(), want, rtol=0, atol=1e-6)
 
 
 # --- RandAugment and StrongAugment against references -------------------------------------------

@@ -200,13 +200,12 @@ def test_batches_decoded_a_step_ahead_have_the_same_bytes(data, threads, monkeyp
 
 @pytest.mark.parametrize("ahead", [True, False], ids=["ahead", "not-ahead"])
 @pytest.mark.parametrize("world", [2, 4])
-def test_under_torchrun_each_rank_decodes_its_own_slice_and_gets_the_same_batch(
+def test_under_torchrun_each_rank_decodes_and_augments_its_own_slice_and_gets_the_same_batch(
     data, threads, monkeypatch, world, ahead
 ):
-    """Each rank decodes only its slice's files (the others' rows are zeros) and augments the
-    whole batch: the slices concatenate to the one-process batch to the byte, since every
-    augmentation works image by image; and together the ranks decode each file once (counted
-    without decoding ahead, whose background work the count would race)."""
+    """Each rank decodes and augments only its slice's images: the slices concatenate to the
+    one-process batch to the byte; together the ranks decode each file once (counted without
+    decoding ahead, whose background work the count would race) and augment each image once."""
     threads(2)
     split = lazy_split(data)
     views = ("labeled_strong", "unlabeled_weak", "unlabeled_strong")
@@ -223,13 +222,32 @@ def test_under_torchrun_each_rank_decodes_its_own_slice_and_gets_the_same_batch(
     whole = BatchSource(split, config(batch_size=8, data_prefetch=False), views, cpu)
     cfg = config(batch_size=8, data_prefetch=ahead)
     ranks = [BatchSource(split, cfg, views, cpu, shard=(r, world)) for r in range(world)]
+    augmented: dict[str, list[int]] = {"whole": [], "ranks": []}  # images per augmentation call
+
+    def counting(augment, who):
+        def call(images, generator=None, share=None):
+            augmented[who].append(len(images))
+            return augment(images, generator, share)
+
+        return call
+
+    whole.weak, whole.strong = counting(whole.weak, "whole"), counting(whole.strong, "whole")
+    for rank in ranks:
+        rank.weak, rank.strong = counting(rank.weak, "ranks"), counting(rank.strong, "ranks")
     try:
         for step in range(4):
+            augmented["whole"].clear(), augmented["ranks"].clear()
             want = vars(whole.batch(step))
             decoded.clear()
             got = [vars(rank.batch(step)) for rank in ranks]
             if not ahead:
                 assert len(decoded) == 8 + 56, step
+            # of the labeled and the unlabeled images: the weak view, and the strong view made
+            # from another weak one
+            assert sum(augmented["whole"]) == 3 * 8 + 3 * 56
+            assert sorted(augmented["ranks"]) == sorted(
+                n // world for n in augmented["whole"] * world
+            )
             for key, value in want.items():
                 if torch.is_tensor(value):
                     assert torch.equal(torch.cat([g[key] for g in got]), value), (step, key)
@@ -238,28 +256,43 @@ def test_under_torchrun_each_rank_decodes_its_own_slice_and_gets_the_same_batch(
             source.close()
 
 
-def test_every_augmentation_works_image_by_image():
-    """What decoding a rank's slice only relies on: the weak and strong views of an image do not
-    depend on the other images of the batch (zeros in their place), over many draws of the ops."""
+@pytest.mark.parametrize("channels", [1, 3])
+def test_a_share_augmented_with_the_whole_batchs_draws_is_those_rows_of_the_whole_batch(channels):
+    """What each rank augmenting only its share relies on: the weak and strong views of rows
+    a..b, augmented alone with the draws of the whole batch (metapl.augment.rng.Share), are rows
+    a..b of the whole batch's views to the bit, over many draws of the ops. 1-channel images
+    (digits) are where a convolution's sharpness rounded by batch size; and the generator ends
+    where the whole batch's left it, so later draws agree too."""
     from metapl.augment import StrongAugment, WeakAugment
+    from metapl.augment.rng import Share
 
+    weak, strong = WeakAugment(pad=2, flip_prob=0.5), StrongAugment(3, 10, cutout=8)
     for seed in range(60):
         gen = torch.Generator().manual_seed(seed)
-        x = torch.rand(12, 3, 16, 16, generator=gen)
+        x = torch.rand(12, channels, 16, 16, generator=gen)
         if seed % 2:
             x = (x * 255).round() / 255  # on the 8-bit grid, as decoded images are
-        rows = slice(4 * (seed % 3), 4 * (seed % 3) + 4)
-        alone = torch.zeros_like(x)
-        alone[rows] = x[rows]
-        views = []
-        for batch in (x, alone):
+        start, size = (0, 4, 6)[seed % 3], (4, 2, 6)[seed % 3]
+        rows = slice(start, start + size)
+        views, ends = [], []
+        for images, share in ((x, None), (x[rows], Share(start=start, total=12))):
             gen = torch.Generator().manual_seed(1000 + seed)
-            weak = WeakAugment(pad=2, flip_prob=0.5)(batch, generator=gen)
-            views.append(
-                (weak, StrongAugment(num_ops=3, max_magnitude=10, cutout=8)(weak, generator=gen))
-            )
-        for full, own in zip(*views):
-            assert torch.equal(full[rows], own[rows]), seed
+            w = weak(images, gen, share)
+            views.append((w, strong(w, gen, share)))
+            ends.append(torch.rand(3, generator=gen))
+        (whole_weak, whole_strong), (own_weak, own_strong) = views
+        assert own_weak.shape[0] == size
+        assert torch.equal(whole_weak[rows], own_weak), seed
+        assert torch.equal(whole_strong[rows], own_strong), seed
+        assert torch.equal(*ends), seed
+
+
+def test_a_share_outside_its_batch_is_an_error():
+    from metapl.augment import WeakAugment
+    from metapl.augment.rng import Share
+
+    with pytest.raises(ValueError, match=r"rows 6\.\.10 are not in a batch of 8"):
+        WeakAugment()(torch.rand(4, 3, 16, 16), share=Share(start=6, total=8))
 
 
 def test_no_decoding_ahead_past_the_last_step_or_of_unlabeled_images_in_fine_tuning(

@@ -55,7 +55,9 @@ def test_the_numbers_depend_on_the_generator_not_on_where_the_images_are():
 
 def test_probability_zero_is_never_true_even_for_a_draw_of_zero(monkeypatch):
     """torch.rand can return exactly 0.0: flip_prob 0 must still never flip, and 1 always does."""
-    monkeypatch.setattr(rng, "uniform", lambda n, device, generator=None: torch.zeros(n))
+    monkeypatch.setattr(
+        rng, "uniform", lambda n, device, generator=None, share=None: torch.zeros(n)
+    )
     assert not rng.bernoulli(0.0, 4, torch.device("cpu")).any()
     assert rng.bernoulli(1.0, 4, torch.device("cpu")).all()
     x = images((4, 3, 8, 8))

@@ -31,15 +31,20 @@ def cutout(images: Tensor, size: int | float, generator: torch.Generator | None 
 
 
 def _cutout(
-    images: Tensor, size: int | float, generator: torch.Generator | None, in_place: bool
+    images: Tensor,
+    size: int | float,
+    generator: torch.Generator | None,
+    in_place: bool,
+    share: rng.Share | None = None,
 ) -> Tensor:
     """:func:`cutout`, written into ``images`` itself when ``in_place`` (which must then be a
-    contiguous batch the caller owns: StrongAugment's fresh RandAugment output)."""
+    contiguous batch the caller owns: StrongAugment's fresh RandAugment output); ``share`` as in
+    :func:`metapl.augment.rand_augment`."""
     n, c, h, w = images.shape
     side = cutout_size(size, h, w)
     device = images.device
-    cy = rng.randint(h, n, device, generator)
-    cx = rng.randint(w, n, device, generator)
+    cy = rng.randint(h, n, device, generator, share)
+    cx = rng.randint(w, n, device, generator, share)
     if side <= 0:
         return images
     out = images if in_place else images.clone(memory_format=torch.contiguous_format)

@@ -156,18 +156,27 @@ def brightness(x: Tensor, level: Tensor) -> Tensor:
     return _blend(torch.zeros_like(x), x, _enhance_factor(level))
 
 
-_SMOOTH = ((1.0, 1.0, 1.0), (1.0, 5.0, 1.0), (1.0, 1.0, 1.0))  # PIL's SMOOTH kernel, / 13
-
-
 def sharpness(x: Tensor, level: Tensor) -> Tensor:
-    """Blend with PIL's smoothed image (border pixels unsmoothed): factor > 1 sharpens."""
-    n, c, h, w = x.shape
+    """Blend with PIL's smoothed image (its SMOOTH kernel: the 8 neighbors 1, the center 5, / 13;
+    border pixels unsmoothed): factor > 1 sharpens.
+
+    The smoothing is 9 shifted slices summed in a fixed order, not a convolution: a convolution's
+    rounding depends on the batch it is given (on CPU, a 1-channel batch of 10 and the same
+    images in a batch of 20 differed by 6e-8), and under torchrun each rank augments only its share
+    of the global batch, which must come out as in one process. Elementwise sums round the same
+    whatever the batch; they were also faster than ``conv2d`` on CPU (0.29 vs 0.53 ms for 60
+    images of 32x32x3, a throwaway timing)."""
+    h, w = x.shape[-2:]
     if h < 3 or w < 3:
         return x
-    kernel = _constant(_SMOOTH, x.dtype, x.device) / 13.0
-    kernel = kernel.expand(c, 1, 3, 3)
+    interior = x[..., 1:-1, 1:-1]
+    total = interior * 5.0
+    for dy in range(3):
+        for dx in range(3):
+            if (dy, dx) != (1, 1):
+                total = total + x[..., dy : dy + h - 2, dx : dx + w - 2]
     smooth = x.clone()
-    smooth[:, :, 1:-1, 1:-1] = F.conv2d(x, kernel, groups=c)
+    smooth[..., 1:-1, 1:-1] = total / 13.0
     return _blend(smooth, x, _enhance_factor(level))
 
 

@@ -34,10 +34,14 @@ def rand_augment(
     max_magnitude: float = 10.0,
     op_prob: float = 0.5,
     generator: torch.Generator | None = None,
+    share: rng.Share | None = None,
 ) -> Tensor:
     """Apply ``num_ops`` randomly chosen ops to each image independently (no cutout).
 
     Draw order (fixed, for reproducibility): per layer, op index, apply flag, magnitude, sign.
+    ``share``: ``images`` are these rows of a larger batch (a rank's share under torchrun); the
+    policies are drawn for the whole batch and these rows' applied, so each image gets the view
+    it gets in the whole batch (:class:`metapl.augment.rng.Share`).
     """
     check_images(images)
     n = images.shape[0]
@@ -50,10 +54,10 @@ def rand_augment(
     skip = len(fns)  # group index of images that skip this layer
     out = images
     for _ in range(num_ops):
-        choice = rng.randint(len(fns), n, draw_device, generator)
-        applied = rng.bernoulli(op_prob, n, draw_device, generator)
-        magnitude = rng.uniform(n, draw_device, generator) * max_magnitude
-        sign = torch.where(rng.bernoulli(0.5, n, draw_device, generator), -1.0, 1.0)
+        choice = rng.randint(len(fns), n, draw_device, generator, share)
+        applied = rng.bernoulli(op_prob, n, draw_device, generator, share)
+        magnitude = rng.uniform(n, draw_device, generator, share) * max_magnitude
+        sign = torch.where(rng.bernoulli(0.5, n, draw_device, generator, share), -1.0, 1.0)
         level = to_device(magnitude * sign, device)
         choice = torch.where(applied, choice, torch.full_like(choice, skip))
 
@@ -132,15 +136,20 @@ class StrongAugment:
         self.ops = tuple(ops)
 
     @torch.no_grad()
-    def __call__(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def __call__(
+        self,
+        images: Tensor,
+        generator: torch.Generator | None = None,
+        share: rng.Share | None = None,
+    ) -> Tensor:
         out = rand_augment(
-            images, self.ops, self.num_ops, self.max_magnitude, self.op_prob, generator
+            images, self.ops, self.num_ops, self.max_magnitude, self.op_prob, generator, share
         )
         if self.cutout:
             # RandAugment's output is a copy of its own (when it made any layer): cutout may write
             # into it, saving a copy of the batch, where it has cutout's contiguous layout.
             in_place = out is not images and out.stride() == _contiguous_strides(out.shape)
-            out = _cutout(out, self.cutout, generator, in_place=in_place)
+            out = _cutout(out, self.cutout, generator, in_place=in_place, share=share)
         return out
 
     def __repr__(self) -> str:

@@ -25,6 +25,7 @@ def flip_and_crop(
     flip_prob: float = 0.5,
     padding_mode: str = "reflect",
     generator: torch.Generator | None = None,
+    share: rng.Share | None = None,
 ) -> Tensor:
     """Pad each image by ``pad`` pixels on every side, crop a random window of the original size
     back out (offsets uniform in [0, 2*pad]) and flip that window left-right with probability
@@ -33,14 +34,17 @@ def flip_and_crop(
 
     ``padding_mode="constant"`` pads with 0.5 gray. Reflect padding needs ``pad`` smaller than the
     image's height and width (PyTorch's rule).
+
+    ``share``: ``images`` are these rows of a larger batch (a rank's share under torchrun), and get
+    the views that batch's rows get (:class:`metapl.augment.rng.Share`).
     """
     check_images(images)
     n, c, h, w = images.shape
     device = images.device
     # Draw order is fixed (flip, dy, dx) so a seeded generator always gives the same batch.
-    flip = rng.bernoulli(flip_prob, n, device, generator)
-    dy = rng.randint(2 * pad + 1, n, device, generator)
-    dx = rng.randint(2 * pad + 1, n, device, generator)
+    flip = rng.bernoulli(flip_prob, n, device, generator, share)
+    dy = rng.randint(2 * pad + 1, n, device, generator, share)
+    dx = rng.randint(2 * pad + 1, n, device, generator, share)
     if padding_mode == "reflect" and pad > 0 and pad >= min(h, w):
         raise ValueError(f"reflect padding of {pad} px needs images larger than {h}x{w}")
 
@@ -105,8 +109,13 @@ class WeakAugment:
         self.padding_mode = padding_mode
 
     @torch.no_grad()
-    def __call__(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        return flip_and_crop(images, self.pad, self.flip_prob, self.padding_mode, generator)
+    def __call__(
+        self,
+        images: Tensor,
+        generator: torch.Generator | None = None,
+        share: rng.Share | None = None,
+    ) -> Tensor:
+        return flip_and_crop(images, self.pad, self.flip_prob, self.padding_mode, generator, share)
 
     def __repr__(self) -> str:
         return (

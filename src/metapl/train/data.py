@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from metapl.augment import StrongAugment, WeakAugment
+from metapl.augment.rng import Share
 from metapl.data.arrays import to_tensor_nchw
 from metapl.data.decoding import PendingImages, submit
 from metapl.data.imagenet import LazyImages
@@ -92,10 +93,9 @@ class BatchSource:
 
         ``shard=(rank, world_size)`` (data parallelism): every tensor of the batch is rank's
         contiguous slice of the global batch (``cfg.batch_size`` labeled, ``batch_size *
-        unlabeled_ratio`` unlabeled; batch_size divisible by world_size). The global batch is drawn
-        and augmented exactly as in one process and then sliced, so the ranks' slices concatenate
-        to the single-process batch. The price: each rank augments the whole global batch (cheap
-        on a GPU); of image files (ImageNet) it decodes its own slice only."""
+        unlabeled_ratio`` unlabeled; batch_size divisible by world_size). Each rank reads,
+        decodes and augments its own slice only, with the random draws of the whole batch, so
+        the ranks' slices concatenate to the single-process batch."""
         self.split, self.cfg, self.views, self.device = split, cfg, set(views), device
         self.teacher_probs = teacher_probs
         self.rank, self.world_size = shard
@@ -135,28 +135,23 @@ class BatchSource:
         share = n // self.world_size
         return slice(self.rank * share, (self.rank + 1) * share)
 
-    def _to_decode(self, source, indices: np.ndarray) -> np.ndarray:
-        """The rows of ``indices`` whose files this process decodes: under torchrun its own slice
-        only. Every augmentation works image by image (tests/test_decoding.py checks it), so the
-        other ranks' rows, zeros here, change nothing in this rank's slice, which _slice keeps;
-        decoding them all made each of N ranks decode N times its share."""
-        if isinstance(source, LazyImages):
-            return indices[self._my_rows(len(indices))]
-        return indices
+    def _share(self, n: int) -> Share | None:
+        """This rank's rows of a global batch of ``n`` for the augmentations, which draw for the
+        whole batch and keep these rows' draws (None in one process: the whole batch)."""
+        if self.world_size == 1:
+            return None
+        return Share(start=self.rank * (n // self.world_size), total=n)
 
     def _images(self, role: str, source, indices: np.ndarray, step: int) -> Tensor:
-        mine = self._to_decode(source, indices)
+        """The images of ``indices`` (this rank's rows), from the look-ahead where it decoded
+        them."""
         ahead = self._ahead.pop(role, None)
-        if ahead is not None and ahead[0] == step and np.array_equal(ahead[1].indices, mine):
+        if ahead is not None and ahead[0] == step and np.array_equal(ahead[1].indices, indices):
             images = ahead[1].result()  # an unreadable file raises here, at the step that reads it
         else:
             if ahead is not None:  # decoded for a step that did not come (a resume, a jump)
                 ahead[1].cancel()
-            images = source[mine]
-        if len(mine) < len(indices):  # the other ranks' rows: zeros, dropped by _slice
-            full = np.zeros((len(indices), *images.shape[1:]), images.dtype)
-            full[self._my_rows(len(indices))] = images
-            images = full
+            images = source[indices]
         # Contiguous for augmentation (its ops return contiguous images whatever they get); the
         # finished views are put in the models' layout by _to_model_layout.
         return model_input(images, self.device, channels_last=False)
@@ -173,7 +168,8 @@ class BatchSource:
             roles.append(("unlabeled", self.split.x_unlabeled, self.unlabeled))
         for role, source, order in roles:
             if isinstance(source, LazyImages) and role not in self._ahead:
-                self._ahead[role] = (step, submit(source, self._to_decode(source, order.at(step))))
+                indices = order.at(step)
+                self._ahead[role] = (step, submit(source, indices[self._my_rows(len(indices))]))
 
     def close(self) -> None:
         """Drop the images being decoded ahead (the run ends, or stops); returns once none is."""
@@ -187,19 +183,23 @@ class BatchSource:
         """The batch of ``step`` with ``views`` (default: the views given at construction)."""
         wanted = self.views if views is None else set(views)
         gen = torch.Generator().manual_seed(stream_seed(self.cfg.seed, "augment", step))
+        # Under torchrun: this rank's rows of the global batch, which it alone reads, decodes and
+        # augments (with the whole batch's random draws: metapl.augment.rng.Share).
         idx = self.labeled.at(step)
+        share_l, idx = self._share(len(idx)), idx[self._my_rows(len(idx))]
         x_l = self._images("labeled", self.split.x_labeled, idx, step)
         unlabeled = None
         if wanted & {"unlabeled_weak", "unlabeled_strong"}:
             idx_u = self.unlabeled.at(step)
+            share_u, idx_u = self._share(len(idx_u)), idx_u[self._my_rows(len(idx_u))]
             unlabeled = idx_u, self._images("unlabeled", self.split.x_unlabeled, idx_u, step)
         # the next step's files decode while this step augments and trains
         self._decode_ahead(step + 1)
         # no wait for the GPU's queued work (metapl.transfer)
         y_l = to_device(torch.from_numpy(self.split.y_labeled[idx]), self.device)
-        batch = Batch(self.weak(x_l, generator=gen), y_l, step=step)
+        batch = Batch(self.weak(x_l, gen, share_l), y_l, step=step)
         if "labeled_strong" in wanted:
-            batch.x_labeled_strong = self.strong(self.weak(x_l, generator=gen), generator=gen)
+            batch.x_labeled_strong = self.strong(self.weak(x_l, gen, share_l), gen, share_l)
         if unlabeled is not None:
             idx_u, x_u = unlabeled
             if self.teacher_probs is not None:
@@ -209,10 +209,10 @@ class BatchSource:
                     torch.from_numpy(np.asarray(probs_u[idx_u])), self.device
                 )
             if "unlabeled_weak" in wanted:
-                batch.x_unlabeled_weak = self.weak(x_u, generator=gen)
+                batch.x_unlabeled_weak = self.weak(x_u, gen, share_u)
             if "unlabeled_strong" in wanted:
-                batch.x_unlabeled_strong = self.strong(self.weak(x_u, generator=gen), generator=gen)
-        return self._slice(self._to_model_layout(batch))
+                batch.x_unlabeled_strong = self.strong(self.weak(x_u, gen, share_u), gen, share_u)
+        return self._to_model_layout(batch)
 
     def _to_model_layout(self, batch: Batch) -> Batch:
         """Image views in the models' memory format (channels_last on CUDA by default), so the
@@ -222,17 +222,6 @@ class BatchSource:
                 value = getattr(batch, f.name)
                 if isinstance(value, Tensor) and value.dim() == 4:
                     setattr(batch, f.name, value.contiguous(memory_format=torch.channels_last))
-        return batch
-
-    def _slice(self, batch: Batch) -> Batch:
-        """This rank's contiguous rows of every tensor (labeled and unlabeled alike)."""
-        if self.world_size == 1:
-            return batch
-        for f in dataclasses.fields(batch):
-            value = getattr(batch, f.name)
-            if isinstance(value, Tensor):
-                n = len(value) // self.world_size
-                setattr(batch, f.name, value[self.rank * n : (self.rank + 1) * n])
         return batch
 
 
