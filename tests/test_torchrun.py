@@ -20,6 +20,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,9 @@ OUT_ENV = "METAPL_TORCHRUN_TEST_OUT"  # the run folder whose writes are recorded
 KILL_ENV = "METAPL_TORCHRUN_TEST_KILL_AT"  # rank 0 SIGKILLs itself as it draws this step's batch
 # "RANK:STEP": that rank sends itself SIGTERM as it draws that step's batch (the other rank does not)
 SIGTERM_ENV = "METAPL_TORCHRUN_TEST_SIGTERM_AT"
+# A folder: each rank, as it starts loading the data (before its training steps), writes
+# rank{r}.ready there and waits (up to a minute) for the test to signal the launcher
+HOLD_ENV = "METAPL_TORCHRUN_TEST_HOLD_IN"
 # What a torchrun worker drew at random, in order, for its report: ["step", s] as it draws step s's
 # batch, ["dropout", mask] per training-mode forward of _RecordedDropout (where it zeroed), and
 # ["sampled", labels, state] per Categorical sample (the global generator's state it sampled from).
@@ -154,6 +158,18 @@ def worker_setup() -> None:
         return b
 
     data.BatchSource.batch = batch
+    hold = os.environ.get(HOLD_ENV)
+    if hold:
+        from metapl.train import engine
+
+        original_load_data = engine.load_data
+
+        def load_data(cfg):
+            Path(hold, f"rank{rank}.ready").write_text("")
+            time.sleep(60)  # a signal's handler raises here
+            return original_load_data(cfg)
+
+        engine.load_data = load_data
     original_sample = Categorical.sample
 
     def sample(self, sample_shape=torch.Size()):  # noqa: B008 (torch's own default)
@@ -209,6 +225,29 @@ def options(steps: int, *extra: str, **changes) -> list[str]:
     return args + list(extra)
 
 
+def torchrun_command(
+    tmp_path: Path, preset: str, out: Path, args: list[str], **env: str
+) -> tuple[list[str], dict[str, str], Path]:
+    """The command that trains on 2 gloo processes under torchrun, its environment (with ``env``)
+    and the folder of the ranks' reports."""
+    site, report = tmp_path / "site", tmp_path / "report"
+    site.mkdir(exist_ok=True)
+    report.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(SITECUSTOMIZE.format(env=REPORT_ENV))
+    tests = Path(__file__).resolve().parent
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(site), str(tests), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+        REPORT_ENV: str(report),
+        OUT_ENV: str(out),
+        **env,
+    }
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    command += ["--standalone", "-m", "metapl", "train", "--preset", preset, "--out", str(out)]
+    return command + args, env, report
+
+
 def torchrun(
     tmp_path: Path,
     preset: str,
@@ -221,22 +260,10 @@ def torchrun(
     is killed as it draws that step's batch; with ``sigterm_at`` ("RANK:STEP", see SIGTERM_ENV)
     that rank gets SIGTERM: the command must fail, and what it printed is returned as
     ``{"stderr": ...}`` instead of the reports."""
-    site, report = tmp_path / "site", tmp_path / "report"
-    site.mkdir(exist_ok=True)
-    report.mkdir(exist_ok=True)
-    (site / "sitecustomize.py").write_text(SITECUSTOMIZE.format(env=REPORT_ENV))
-    tests = Path(__file__).resolve().parent
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(site), str(tests), os.environ.get("PYTHONPATH", "")]),
-        "OMP_NUM_THREADS": "1",
-        REPORT_ENV: str(report),
-        OUT_ENV: str(out),
-        KILL_ENV: "" if kill_at is None else str(kill_at),
-        SIGTERM_ENV: sigterm_at,
-    }
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    command += ["--standalone", "-m", "metapl", "train", "--preset", preset, "--out", str(out)]
+    kill = "" if kill_at is None else str(kill_at)
+    command, env, report = torchrun_command(
+        tmp_path, preset, out, [], **{KILL_ENV: kill, SIGTERM_ENV: sigterm_at}
+    )
     if kill_at is not None or sigterm_at:
         done = subprocess.run(command + args, env=env, capture_output=True, text=True, timeout=120)
         assert done.returncode != 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -387,6 +414,41 @@ def test_a_sigterm_to_one_rank_stops_both_at_the_next_logged_step_with_a_checkpo
     for rank in (0, 1):  # resumed at step 4, on both ranks
         assert [b[0] for b in reports[rank]["batches"]] == [4, 5]
     assert_same_run(broken, unbroken, step=6)
+
+
+def test_a_sigterm_to_the_launcher_before_training_stops_every_rank_at_once_writing_nothing(
+    tmp_path,
+):
+    """A scheduler's SIGTERM to torchrun itself while the ranks still load their data: torchrun
+    passes it on to both, and each stops at once with metapl's one line (before session 30 a
+    rank was killed without a word, or a short run went on to finish), writing nothing."""
+    register_test_model()
+    preset, out, hold = "digits-uda-mpl", tmp_path / "run", tmp_path / "hold"
+    hold.mkdir()
+    command, env, report = torchrun_command(
+        tmp_path, preset, out, for_preset(preset, options(4)), **{HOLD_ENV: str(hold)}
+    )
+    launcher = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 90
+        while len(list(hold.glob("rank*.ready"))) < 2:  # both ranks are loading their data
+            assert launcher.poll() is None and time.monotonic() < deadline, launcher.poll()
+            time.sleep(0.1)
+        launcher.send_signal(signal.SIGTERM)
+        _, stderr = launcher.communicate(timeout=60)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.communicate()
+    assert launcher.returncode != 0
+    line = "metapl train: stopped by SIGTERM before its training steps began, with nothing to save"
+    assert stderr.count(line) == 2, stderr[-3000:]
+    for r in (0, 1):  # no step drawn, no file written (rank 0 held the run folder: made, removed)
+        got = json.loads((report / f"rank{r}.json").read_text())
+        assert got["batches"] == [] and {w.split()[1] for w in got["writes"]} <= {str(out)}, got
+    assert not out.exists()
 
 
 def assert_same_run(got_dir: Path, want_dir: Path, step: int) -> None:
