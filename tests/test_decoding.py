@@ -504,6 +504,49 @@ def test_an_evaluation_decodes_each_file_once_for_all_its_models(data, threads, 
     assert models["a"].training and not models["b"].training
 
 
+@pytest.mark.parametrize("world", [2, 3, 40])
+def test_under_torchrun_each_rank_evaluates_and_decodes_its_share_and_the_counts_add_up(
+    data, threads, monkeypatch, world
+):
+    """shard=(rank, world): each rank decodes and classifies only its rows (contiguous; a rank may
+    get none, with more ranks than images), and the summed counts give the whole set's
+    accuracies."""
+    from metapl.models import create_model
+    from metapl.train.data import evaluate_models
+
+    threads(2)
+    images = lazy_split(data).x_unlabeled
+    labels = np.arange(len(images)) % 3
+    torch.manual_seed(0)
+    models = {"a": create_model("small_cnn", 3), "b": create_model("small_cnn", 3)}
+    cfg, cpu = config(eval_batch_size=5), torch.device("cpu")
+    want = evaluate_models(models, images, labels, cfg, cpu)
+    decoded: list[list[int]] = []
+    real_getitem = FolderImages.__getitem__
+
+    def counting(self, index):
+        decoded[-1].append(int(index))
+        return real_getitem(self, index)
+
+    monkeypatch.setattr(FolderImages, "__getitem__", counting)
+    received = []  # each rank's counts, as the all-reduce receives them
+
+    def all_reduce(counts):
+        received.append(counts.clone())
+        return counts
+
+    for rank in range(world):
+        decoded.append([])
+        evaluate_models(models, images, labels, cfg, cpu, None, (rank, world), all_reduce)
+    shares = [sorted(d) for d in decoded]
+    assert sorted(i for share in shares for i in share) == list(range(len(images)))
+    assert all(share == list(range(share[0], share[0] + len(share))) for share in shares if share)
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1
+    assert len(received) == world  # every rank takes part in the all-reduce, with rows or not
+    summed = sum(received)
+    assert {k: int(v) / len(labels) for k, v in zip(models, summed.tolist())} == want
+
+
 def test_the_main_threads_own_filter_waits_for_the_decoding_threads(threads):
     """The first exact MPL step sets a filter of its own (mpl.dual: torch's TorchScript warning)
     while the next step's files decode: it takes the same lock as the decoding threads' filter,

@@ -152,7 +152,7 @@ def _data_parallel_helpers(rank: int) -> dict:
         "stopped": stopped,
         "state": model.state_dict(),
         "metrics": {k: float(v) for k, v in metrics.items()},
-        "object": dp.broadcast_object(f"from rank {rank}"),
+        "summed": dp.sum_(torch.tensor([rank + 1, 10 * rank])).tolist(),
         "bn": bn.state_dict(),
         "shuffled": {k: float(v) for k, v in shuffled.items()},
         "grads": [None if g is None else g.tolist() for g in grads],
@@ -260,7 +260,8 @@ def test_data_parallel_helpers_share_rank_0s_weights_and_mean_metrics(two_proces
         torch.testing.assert_close(results[1]["state"][key], value, rtol=0, atol=0)
     assert float(results[0]["state"]["1.running_mean"][0]) == 1.0
     assert results[0]["metrics"] == results[1]["metrics"] == {"loss": 0.5, "lr": 0.5}
-    assert results[0]["object"] == results[1]["object"] == "from rank 0"
+    # evaluations' counts of correct predictions, summed over ranks (in place, on every rank)
+    assert results[0]["summed"] == results[1]["summed"] == [3, 10]
 
 
 def test_every_rank_stops_at_the_earliest_non_finite_step_of_any_rank(two_process_results):

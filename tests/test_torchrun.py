@@ -119,7 +119,7 @@ def worker_setup() -> None:
 
     rank = int(os.environ["RANK"])
     out = os.path.abspath(os.environ[OUT_ENV])
-    report = {"writes": [], "batches": [], "images": [], "draws": DRAWS}
+    report = {"writes": [], "batches": [], "images": [], "draws": DRAWS, "evaluated": []}
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
     path_events = ("os.mkdir", "os.rename", "os.link", "os.remove", "os.rmdir", "os.truncate")
 
@@ -158,10 +158,18 @@ def worker_setup() -> None:
         return b
 
     data.BatchSource.batch = batch
+    from metapl.train import engine
+
+    original_evaluate = engine.evaluate_models
+
+    def evaluate_models(models, images, labels, *args, **kwargs):
+        shard = list(args[3])  # (rank, world_size), after cfg, device and amp
+        report["evaluated"].append([sorted(models), len(labels), shard])
+        return original_evaluate(models, images, labels, *args, **kwargs)
+
+    engine.evaluate_models = evaluate_models
     hold = os.environ.get(HOLD_ENV)
     if hold:
-        from metapl.train import engine
-
         original_load_data = engine.load_data
 
         def load_data(cfg):
@@ -414,6 +422,31 @@ def test_a_sigterm_to_one_rank_stops_both_at_the_next_logged_step_with_a_checkpo
     for rank in (0, 1):  # resumed at step 4, on both ranks
         assert [b[0] for b in reports[rank]["batches"]] == [4, 5]
     assert_same_run(broken, unbroken, step=6)
+
+
+def test_each_rank_evaluates_its_share_of_the_images_with_rank_0s_batchnorm_statistics(tmp_path):
+    """Evaluations are split between the ranks, their counts summed: the accuracies logged at the
+    last step are those of rank 0's models (its checkpoint of that step) evaluated whole in one
+    process, though without sync_batchnorm each rank trained its own running statistics (rank 0's
+    are broadcast first); and each rank classified its half of every set."""
+    from metapl.distributed import DataParallel
+    from metapl.train import engine
+    from metapl.train.config import TrainConfig, apply_overrides
+
+    register_test_model()
+    preset, out = "digits-uda-mpl", tmp_path / "run"
+    args = for_preset(preset, options(3, "--set", "model=flat_bn_mlp_float64"))
+    reports = torchrun(tmp_path, preset, out, args)
+    cfg = apply_overrides(TrainConfig(), json.loads((out / "config.json").read_text()))
+    run = engine.Run(cfg, engine.load_data(cfg), torch.device("cpu"), DataParallel())
+    engine._load_run_state(run, load_checkpoint(out / "checkpoint.pt"), out / "checkpoint.pt")
+    want = engine._accuracies(run, None, DataParallel())
+    logged = read_metrics(out / "metrics.csv")
+    assert len(want) >= 3 and {k: logged[(3, k)] for k in want} == want
+    # each rank classified its own share of every set (sets of 10-497 images here)
+    for r in (0, 1):
+        shares = {tuple(names): (n, shard) for names, n, shard in reports[r]["evaluated"]}
+        assert shares and all(shard == [r, 2] for _, shard in shares.values()), shares
 
 
 def test_a_sigterm_to_the_launcher_before_training_stops_every_rank_at_once_writing_nothing(

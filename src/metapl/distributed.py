@@ -99,8 +99,11 @@ class DataParallel:
     * logged metrics: the mean over ranks (:meth:`mean_metrics`), so each batch-mean loss is the
       loss of the whole global batch and every rank takes the same NaN/Inf decision;
     * parameters and buffers: broadcast from rank 0 at the start (:meth:`broadcast_`); BatchNorm
-      running statistics stay rank-local between checkpoints and are broadcast from rank 0 at each
-      checkpoint (:meth:`broadcast_buffers_`), so every rank then holds the state rank 0 saved.
+      running statistics stay rank-local between checkpoints and evaluations and are broadcast
+      from rank 0 at each (:meth:`broadcast_buffers_`), so every rank then holds the state rank 0
+      saved, and evaluates the models rank 0 has;
+    * evaluations: each rank classifies its share of the held-out images and the counts of
+      correct predictions are summed (:meth:`sum_`).
     """
 
     def __init__(self) -> None:
@@ -113,7 +116,7 @@ class DataParallel:
 
     @property
     def is_main(self) -> bool:
-        """Rank 0: the only one that writes files, evaluates and shows progress."""
+        """Rank 0: the only one that writes files and shows progress."""
         return self.rank == 0
 
     def mean_metrics(self, metrics: dict) -> dict:
@@ -133,6 +136,12 @@ class DataParallel:
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         flat.div_(self.world_size)
         return dict(zip(names, flat.unbind()))
+
+    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor``, summed over ranks in place (every rank calling this at the same point)."""
+        if self.enabled:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
 
     def earliest(self, values: list[int]) -> list[int]:
         """The element-wise minimum of ``values`` over ranks (each rank passing as many)."""
@@ -163,14 +172,6 @@ class DataParallel:
         for module in modules:
             for t in module.buffers():
                 self._broadcast(t)
-
-    def broadcast_object(self, obj):
-        """Rank 0's ``obj`` (any picklable value) on every rank."""
-        if not self.enabled:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
 
     def wait_for_main(self) -> None:
         """A barrier without the default group's timeout (10-30 min), for rank 0's long one-off

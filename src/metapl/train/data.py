@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -238,21 +239,31 @@ def evaluate_models(
     cfg: TrainConfig,
     device,
     amp=None,
+    shard: tuple[int, int] = (0, 1),
+    sum_over_ranks: Callable[[Tensor], Tensor] | None = None,
 ) -> dict[str, float]:
     """Top-1 accuracy of each model in eval mode (no augmentation), in one pass over the images:
     image files (ImageNet's) are decoded once for all the models, the next batch while the models
-    classify this one."""
+    classify this one.
+
+    ``shard=(rank, world_size)`` (torchrun): this process reads and classifies only its share of
+    the images (contiguous rows; the shares cover them all), and ``sum_over_ranks`` (an
+    all-reduce, which every rank must call) adds up the ranks' counts of correct predictions. The
+    models must be the same on every rank, buffers included."""
     if len(labels) == 0:
         return dict.fromkeys(models, float("nan"))
     was_training = {name: model.training for name, model in models.items()}
     for model in models.values():
         model.eval()
-    correct = {name: torch.zeros((), dtype=torch.long, device=device) for name in models}
+    correct = torch.zeros(len(models), dtype=torch.long, device=device)
+    rank, world_size = shard
+    mine = np.array_split(np.arange(len(labels)), world_size)[rank]
     batches = [
-        np.arange(start, min(start + cfg.eval_batch_size, len(labels)))
-        for start in range(0, len(labels), cfg.eval_batch_size)
+        mine[start : start + cfg.eval_batch_size]
+        for start in range(0, len(mine), cfg.eval_batch_size)
     ]
-    ahead = submit(images, batches[0]) if isinstance(images, LazyImages) else None
+    lazy = isinstance(images, LazyImages) and batches
+    ahead = submit(images, batches[0]) if lazy else None
     try:
         for i, idx in enumerate(batches):
             if ahead is not None:
@@ -263,13 +274,15 @@ def evaluate_models(
             x = model_input(pixels, device, cfg.channels_last(device))
             # one host sync in all, at the end: the labels' copies do not wait for the GPU either
             y = to_device(torch.from_numpy(labels[idx]), device)
-            for name, model in models.items():
+            for m, model in enumerate(models.values()):
                 with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                     pred = model(x).argmax(-1)
-                correct[name] += (pred == y).sum()
+                correct[m] += (pred == y).sum()
     finally:
         if ahead is not None:  # an error, or Ctrl-C: the next batch is not needed
             ahead.cancel()
         for name, model in models.items():
             model.train(was_training[name])
-    return {name: float(count) / len(labels) for name, count in correct.items()}
+    if sum_over_ranks is not None:
+        correct = sum_over_ranks(correct)
+    return {name: int(count) / len(labels) for name, count in zip(models, correct.tolist())}

@@ -300,9 +300,11 @@ def _weights(run: Run) -> dict[str, torch.nn.Module]:
     return models
 
 
-def _accuracies(run: Run, amp) -> dict[str, float]:
+def _accuracies(run: Run, amp, dp: DataParallel) -> dict[str, float]:
     """Held-out accuracy (tuning split and test) and accuracy on the labeled training data of the
-    student and, for MPL, the teacher (Figure 9)."""
+    student and, for MPL, the teacher (Figure 9). Under torchrun every rank calls this at the
+    same step and classifies its share of each set; their models are the same (rank 0's BatchNorm
+    statistics broadcast first)."""
     s, cfg, dev = run.split, run.cfg, run.device
     # which models each set evaluates, in the order the accuracies are logged; each set is one
     # pass over its images (decoded once for all its models, where they are files)
@@ -329,7 +331,11 @@ def _accuracies(run: Run, amp) -> dict[str, float]:
         (on_labeled, s.x_labeled, s.y_labeled),
     ):
         if models:
-            found.update(evaluate_models(models, images, labels, cfg, dev, amp))
+            found.update(
+                evaluate_models(
+                    models, images, labels, cfg, dev, amp, (dp.rank, dp.world_size), dp.sum_
+                )
+            )
     return {key: found[key] for key in order}
 
 
@@ -679,12 +685,16 @@ def _train(
                 watched.maybe_record(run.step)
             if evaluating:  # no accuracy of NaN weights reaches the log or a tuning study
                 watch.check(metrics, run.step, dp.earliest)
-            # Rank 0 evaluates; the others wait for it in the next step's first all-reduce.
-            if dp.is_main and evaluating:
-                accuracies = _accuracies(run, amp)
-                logger.log(run.step, accuracies)
-                if on_eval is not None:
-                    on_eval(run.step, accuracies)
+            if evaluating:
+                # Every rank classifies its share of the images, with rank 0's BatchNorm
+                # statistics (rank-local since the last checkpoint or evaluation; training never
+                # reads them, so this changes no weight); rank 0 logs and reports.
+                dp.broadcast_buffers_(_weights(run).values())
+                accuracies = _accuracies(run, amp, dp)
+                if dp.is_main:
+                    logger.log(run.step, accuracies)
+                    if on_eval is not None:
+                        on_eval(run.step, accuracies)
                 if run.step == cfg.steps and run.finetune is not None:
                     run.before_finetune = accuracies
             if checkpointing:
@@ -707,9 +717,9 @@ def _train(
         # nothing left to save: a signal now stops at once (unless one came in the last step,
         # which then goes on to write its results)
         signals.raising = _stopped_after_training
-        final = _accuracies(run, amp) if dp.is_main else None
-    # Every rank returns rank 0's summary.
-    final, run.before_finetune = dp.broadcast_object((final, run.before_finetune))
+        dp.broadcast_buffers_(_weights(run).values())
+        final = _accuracies(run, amp, dp)
+    # Every rank returns the same summary: the accuracies are the ranks' counts summed.
     record = {
         "method": cfg.method,
         "seed": cfg.seed,
