@@ -209,7 +209,9 @@ def _cmd_train(args: argparse.Namespace) -> None:
     if row.get("accuracy") is not None:
         scored_on = "tuning-split" if cfg.tuning else "test"  # tuning=true scores the tuning split
         parts.append(f"{scored_on} accuracy {100 * row['accuracy']:.2f}%")
-    parts = parts or ["no test set to evaluate (see results.json)"]
+    # without a test set no accuracy is a held-out one: --set tuning=true holds the tuning split
+    # out of training and tests on it
+    parts = parts or ["no test set to evaluate (--set tuning=true tests on the tuning split)"]
     # `--steps 10` on a preset that fine-tunes ran 10 + finetune_steps steps: say so
     finetune = f" and {cfg.finetune_steps} fine-tuning steps" if cfg.finetune_steps else ""
     print(f"{cfg.preset}: {', '.join(parts)} after {cfg.steps} steps{finetune}")

@@ -310,7 +310,10 @@ def _accuracies(run: Run, amp, dp: DataParallel) -> dict[str, float]:
     # pass over its images (decoded once for all its models, where they are files)
     on_tune, on_test, on_labeled = {}, {}, {}
     order = []
-    if len(s.y_tune):
+    # Only a tuning split the run did not train on: final runs of most datasets train on theirs
+    # (the last labeled images; a run with tuning=true holds them out, as its test set), where the
+    # accuracy would be on training images yet read as a held-out one (metapl compare).
+    if len(s.y_tune) and not s.tune_in_labeled:
         on_tune["tune_accuracy"] = run.eval_model
         order.append("tune_accuracy")
     if len(s.y_test):  # your own data may come without a test set: then no test accuracy
