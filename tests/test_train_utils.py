@@ -382,6 +382,19 @@ def test_a_torch_save_of_a_model_is_named_as_such_without_torchs_advice(tmp_path
     assert "\x1b" not in message and "weights_only" not in message, message
 
 
+def test_bytes_that_are_no_pickle_are_not_named_a_torch_save_of_a_model(tmp_path: Path):
+    """torch's weights-only error says "Weights only load failed" of any bytes it cannot read
+    (found by session 31's docs audit: `echo garbage > checkpoint.pt` was "a torch.save of a
+    model or optimizer")."""
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(b"garbage\n")
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    message = str(info.value)
+    assert "it is not a file torch.save wrote: unsupported operand" in message, message
+    assert "Python objects" not in message and "\n" not in message and "weights_only" not in message
+
+
 def test_missing_checkpoint_and_missing_keys(tmp_path: Path):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "nope.pt")

@@ -216,12 +216,21 @@ def _read(path: Path, map_location: Any) -> dict:
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        if not str(error).startswith("Weights only load failed"):
+        text = str(error)
+        if not text.startswith("Weights only load failed"):
             raise ValueError(_first_line(error)) from error
-        # torch's own text invites loading it with weights_only=False, i.e. running its code
+        # torch's own text invites loading it with weights_only=False, i.e. running its code;
+        # and it says the same of bytes that are no pickle at all, which only its unpickler's
+        # own reason (after "WeightsUnpickler error:") tells apart
+        reason = text.split("WeightsUnpickler error:", 1)[-1].strip().split("\n", 1)[0]
+        if "Unsupported global" in reason:
+            raise ValueError(
+                "it holds Python objects, not only tensors: a torch.save of a model or "
+                "optimizer, not a checkpoint metapl wrote"
+            ) from error
+        reason = reason.rstrip(".")
         raise ValueError(
-            "it holds Python objects, not only tensors: a torch.save of a model or optimizer, "
-            "not a checkpoint metapl wrote"
+            f"it is not a file torch.save wrote: {reason[:1].lower()}{reason[1:]}"
         ) from error
     except Exception as error:  # torch raises RuntimeError, EOFError, ...
         raise ValueError(_first_line(error)) from error
