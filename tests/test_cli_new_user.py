@@ -227,6 +227,20 @@ def test_an_error_during_a_run_is_the_last_line_and_not_glued_to_the_bar(tmp_pat
             "metapl train: error: argument --device: invalid choice: 'gpu'",
         ),
         (["twomons", "--out", "x"], "metapl: error: argument COMMAND: invalid choice: 'twomons'"),
+        # a mistyped required option: argparse said only that --preset was missing
+        (
+            ["train", "--prest", "digits-uda", "--out", "x"],
+            "metapl train: error: unrecognized arguments: --prest (did you mean --preset?)",
+        ),
+        (
+            ["tune", "--preset", "digits-uda", "--trials", "2", "--storage=x", "--ot", "x"],
+            "metapl tune: error: unrecognized arguments: --ot (did you mean --out?)",
+        ),
+        # a missing option, with nothing mistyped (a negative number is a value, not an option)
+        (
+            ["train", "--out", "x", "--steps", "-5"],
+            "metapl train: error: the following arguments are required: --preset",
+        ),
     ],
 )
 def test_a_mistyped_option_is_one_line_naming_the_command(tmp_path, capsys, argv, expected):
@@ -236,6 +250,13 @@ def test_a_mistyped_option_is_one_line_naming_the_command(tmp_path, capsys, argv
     assert err.startswith(expected), err
     prog = expected.split(": error:")[0]
     assert err.endswith(f"; see `{prog} --help`\n")
+
+
+def test_a_config_key_in_other_case_names_the_key(tmp_path, capsys):
+    argv = ["train", "--preset", "digits-uda", "--out", str(tmp_path / "r")]
+    assert main([*argv, "--set", "TEACHER_LR=0.1"]) == 2
+    err = one_error_line(capsys.readouterr().err)
+    assert "unknown config key 'TEACHER_LR' (did you mean teacher_lr" in err, err
 
 
 @pytest.mark.parametrize(

@@ -81,7 +81,37 @@ class _Parser(argparse.ArgumentParser):
         if choice:
             given, listed = choice.groups()
             message += did_you_mean(given, [c.strip(" '") for c in listed.split(",")])
+        if message.startswith("the following arguments are required"):
+            # argparse finds a missing option before an unknown one: `--prest NAME` was only
+            # "--preset is required", the typo unnamed
+            unknown = self._unknown_options()
+            if unknown:
+                hints = [did_you_mean(u, self._option_string_actions) for u in unknown]
+                message = f"unrecognized arguments: {' '.join(unknown)}{''.join(hints)}"
         self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+    def _unknown_options(self) -> list[str]:
+        """The options given to this (sub)command that it does not have, in :data:`_ARGV`."""
+        argv, command = list(_ARGV), self.prog.split()[-1]
+        if command in argv:  # the top-level options before it are not this command's
+            argv = argv[argv.index(command) + 1 :]
+        if "--" in argv:
+            argv = argv[: argv.index("--")]
+        names = [a.split("=", 1)[0] for a in argv if a.startswith("-") and not _is_number(a)]
+        return [n for n in names if n not in self._option_string_actions]
+
+
+# The command line being parsed (parse() sets it), for _Parser.error's unknown options.
+_ARGV: list[str] = []
+
+
+def _is_number(text: str) -> bool:
+    """Whether ``text`` is a number (``-5``, ``-1e-3``): a value, though it starts with a dash."""
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 class _Formatter(argparse.HelpFormatter):
@@ -567,6 +597,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     """``parser.parse_args(argv)``, but an option that the command does not know is reported by
     that command's parser, with the closest option it has."""
+    _ARGV[:] = sys.argv[1:] if argv is None else argv
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         known = args.parser._option_string_actions  # argparse has no public list of them

@@ -13,9 +13,12 @@ from collections.abc import Iterable
 
 def did_you_mean(word: str, choices: Iterable[str], n: int = 1) -> str:
     """' (did you mean X?)' naming the (up to ``n``) choices closest to a mistyped ``word`` in
-    spelling, or '' when none is close."""
-    close = difflib.get_close_matches(word, list(choices), n=n)
-    return f" (did you mean {', '.join(close)}?)" if close else ""
+    spelling, case aside (``TEACHER_LR`` names ``teacher_lr``), or '' when none is close."""
+    by_lower: dict[str, str] = {}
+    for choice in choices:
+        by_lower.setdefault(choice.lower(), choice)
+    close = difflib.get_close_matches(word.lower(), list(by_lower), n=n)
+    return f" (did you mean {', '.join(by_lower[c] for c in close)}?)" if close else ""
 
 
 class MetaplError(Exception):
