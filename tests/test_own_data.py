@@ -394,6 +394,7 @@ def test_a_class_folder_named_with_a_control_character_is_one_line(tmp_path, nam
         folder_split(root, SIZE)
     message = one_line(exc)
     assert repr(str(root / "labeled" / name)) in message and "control character" in message
+    assert "PosixPath" not in message  # the path as the other messages print one, quoted
 
 
 def test_unreadable_image_in_a_lazy_set_fails_when_read_naming_it(tmp_path):

@@ -191,7 +191,7 @@ def _classes(labeled: Path) -> list[str]:
     for name in classes:
         if not name.isprintable():
             raise data_error(
-                f"{labeled / name!r} is a class folder whose name has a tab, newline or other "
+                f"{str(labeled / name)!r} is a class folder whose name has a tab, newline or other "
                 "control character; rename it (its name is the class name predict prints)"
             )
     return classes
