@@ -381,6 +381,48 @@ def test_a_train_option_an_older_run_lacks_counts_as_its_default(tmp_path, capsy
     ]
 
 
+def _experiment_run(folder: Path, command: str, config: dict, records: list[dict]) -> Path:
+    folder.mkdir(parents=True)
+    payload = {"command": command, "config": config, "results": records, "summary": {}}
+    (folder / "results.json").write_text(json.dumps(payload))
+    return folder
+
+
+def test_an_experiments_option_left_to_its_presets_is_the_value_its_runs_recorded(tmp_path, capsys):
+    """`metapl digits` and `reduced` record an option left to the presets as null in their config,
+    and what each run resolved in its record: a run that writes the default out is the same group
+    (it was "steps=null" against "steps=1500", and "not paired: other data (labels_per_class 30,
+    not null)"); LabelSpreading, which trains no network, has no steps; another value still
+    splits."""
+    config = {"labels_per_class": 5, "methods": ["uda", "label_spreading"], "overrides": {}}
+
+    def digits(name: str, steps: int | None, resolved: int, seeds: range) -> Path:
+        records = []
+        for seed in seeds:
+            records.append({"method": "uda", "seed": seed, "accuracy": 0.9, "steps": resolved})
+            records.append({"method": "label_spreading", "seed": seed, "accuracy": 0.8})
+        return _experiment_run(tmp_path / name, "digits", {**config, "steps": steps}, records)
+
+    runs = [digits("d", None, 1500, range(2)), digits("e", 1500, 1500, range(2, 4))]
+    runs.append(digits("f", 700, 700, range(4, 6)))
+    for name, labels_per_class, seeds in (("r", None, range(2)), ("s", 30, range(2, 4))):
+        records = [
+            {"method": "reduced_mpl", "seed": seed, "accuracy": 0.9, "labels_per_class": 30}
+            for seed in seeds
+        ]
+        cfg = {"dataset": "digits", "labels_per_class": labels_per_class, "steps": None}
+        runs.append(_experiment_run(tmp_path / name, "reduced", cfg, records))
+    code, out, err = compare(capsys, *runs, "--json", tmp_path / "c.json")
+    assert code == 0, err
+    groups = json.loads((tmp_path / "c.json").read_text())["groups"]
+    assert [(g["name"], sorted(g["seeds"])) for g in groups] == [
+        ("uda (steps=1500)", [0, 1, 2, 3]),
+        ("label_spreading", [0, 1, 2, 3, 4, 5]),
+        ("uda (steps=700)", [4, 5]),
+        ("reduced_mpl", [0, 1, 2, 3]),
+    ]
+
+
 def test_groups_that_read_the_same_still_get_names_of_their_own(tmp_path, capsys):
     """Two configurations that print alike get names of their own: under one name the table kept
     one of them and the paired difference was the group minus itself (+0.00, all ties)."""

@@ -99,7 +99,14 @@ def test_a_reduced_run_trains_its_seed_into_its_folder(monkeypatch, tmp_path):
     )
     [(cfg, folder)] = calls
     assert cfg.seed == 4 and folder == tmp_path / "reduced_mpl" / "seed4"
-    assert record == {"method": "reduced_mpl", "seed": 4, "accuracy": 0.7, "steps": 5}
+    # and the label budget it had, the preset's here (the file's config says null: metapl compare)
+    assert record == {
+        "method": "reduced_mpl",
+        "seed": 4,
+        "accuracy": 0.7,
+        "steps": 5,
+        "labels_per_class": 30,
+    }
 
 
 def test_label_spreading_learns_from_the_labeled_images_only(monkeypatch):

@@ -260,7 +260,7 @@ def collect(
                 left_out[name] = sorted({*left_out.get(name, []), record["seed"]})
                 first_left_out = first_left_out or (record, metric, path, records)
                 continue
-            settings, data = _settings_and_data(config, record)
+            settings, data = _settings_and_data(_as_run(command, config, record), record)
             key = (command, json.dumps([settings, data], sort_keys=True, default=str))
             group = groups.setdefault(key, Group(command, settings, data))
             seed = record["seed"]
@@ -281,6 +281,27 @@ def collect(
     named = list(groups.values())
     _name(named)
     return named, left_out
+
+
+# Experiment commands whose options left to the presets are recorded as null in the file's config,
+# and resolved, run by run, in its records.
+EXPERIMENTS = frozenset({"digits", "reduced"})
+
+
+def _as_run(command: str, config: dict, record: dict) -> dict:
+    """``config`` as ``record``'s run had it: for :data:`EXPERIMENTS`, an option left to the
+    presets (null) is the value the run resolved, which its record holds (`--labels-per-class 30`
+    is `metapl reduced`'s default, and a run that says so is in the same group); and ``steps`` is
+    each run's own, none for LabelSpreading, which trains no network. Files written before the
+    records held them keep their nulls."""
+    if command not in EXPERIMENTS:
+        return config
+    resolved = {k: record.get(k, v) if v is None else v for k, v in config.items()}
+    if "steps" in record:
+        resolved["steps"] = record["steps"]
+    elif record.get("method") == "label_spreading":
+        resolved.pop("steps", None)
+    return resolved
 
 
 @functools.cache

@@ -143,7 +143,12 @@ def _run(job: tuple[str, int, ReducedConfig, str]) -> dict:
 
     run_cfg = _stage_config(method, seed, cfg, Path(out))
     summary = train(run_cfg, Path(out) / method / f"seed{seed}", show_progress=False)
-    return run_record(summary["results"][0], method, seed)
+    # the label budget the run had, --labels-per-class or the preset's (the file's config holds
+    # null for the latter), so that `metapl compare` sees that both are one setting
+    return {
+        **run_record(summary["results"][0], method, seed),
+        "labels_per_class": run_cfg.labels_per_class,
+    }
 
 
 def run_reduced(cfg: ReducedConfig, out: Path, show_progress: bool = True) -> dict:
