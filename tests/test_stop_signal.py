@@ -196,11 +196,11 @@ def test_a_signal_after_the_steps_stops_at_once_and_the_rerun_writes_the_results
     real = engine._accuracies
     calls = []
 
-    def signalled(run, amp):
+    def signalled(run, amp, dp):
         calls.append(run.step)
         if calls.count(STEPS) == 2:  # the final evaluation, after the last step's own
             os.kill(os.getpid(), signal.SIGUSR1)
-        return real(run, amp)
+        return real(run, amp, dp)
 
     monkeypatch.setattr(engine, "_accuracies", signalled)
     with pytest.raises(Stopped) as stopped:
