@@ -241,6 +241,11 @@ def test_an_error_during_a_run_is_the_last_line_and_not_glued_to_the_bar(tmp_pat
             ["train", "--out", "x", "--steps", "-5"],
             "metapl train: error: the following arguments are required: --preset",
         ),
+        # nor is an option abbreviated as argparse allows it (`--pre` is --preset)
+        (
+            ["train", "--pre", "digits-uda"],
+            "metapl train: error: the following arguments are required: --out",
+        ),
     ],
 )
 def test_a_mistyped_option_is_one_line_naming_the_command(tmp_path, capsys, argv, expected):

@@ -98,7 +98,17 @@ class _Parser(argparse.ArgumentParser):
         if "--" in argv:
             argv = argv[: argv.index("--")]
         names = [a.split("=", 1)[0] for a in argv if a.startswith("-") and not _is_number(a)]
-        return [n for n in names if n not in self._option_string_actions]
+        return [n for n in names if not self._known_option(n)]
+
+    def _known_option(self, name: str) -> bool:
+        """An option of this parser, or (as argparse reads it) a long option's unique prefix:
+        `--pre NAME` is `--preset NAME`."""
+        options = self._option_string_actions
+        if name in options:
+            return True
+        if not (self.allow_abbrev and name.startswith("--")):
+            return False
+        return len([o for o in options if o.startswith(name)]) == 1
 
 
 # The command line being parsed (parse() sets it), for _Parser.error's unknown options.

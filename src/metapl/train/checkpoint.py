@@ -221,9 +221,11 @@ def _read(path: Path, map_location: Any) -> dict:
             raise ValueError(_first_line(error)) from error
         # torch's own text invites loading it with weights_only=False, i.e. running its code;
         # and it says the same of bytes that are no pickle at all, which only its unpickler's
-        # own reason (after "WeightsUnpickler error:") tells apart
-        reason = text.split("WeightsUnpickler error:", 1)[-1].strip().split("\n", 1)[0]
-        if "Unsupported global" in reason:
+        # own reason (after "WeightsUnpickler error:") tells apart: any reason about a global
+        # (a class or function the pickle names, "GLOBAL os.getcwd" say) is a pickle of objects
+        marker = "WeightsUnpickler error:"
+        reason = text.split(marker, 1)[-1].strip().split("\n", 1)[0]
+        if marker not in text or "global" in reason.lower():
             raise ValueError(
                 "it holds Python objects, not only tensors: a torch.save of a model or "
                 "optimizer, not a checkpoint metapl wrote"
@@ -231,6 +233,11 @@ def _read(path: Path, map_location: Any) -> dict:
         reason = reason.rstrip(".")
         raise ValueError(
             f"it is not a file torch.save wrote: {reason[:1].lower()}{reason[1:]}"
+        ) from error
+    except KeyError as error:  # torch's reader of old files met bytes that are no pickle
+        # (b"hello": its message was only the key, "101")
+        raise ValueError(
+            f"it is not a file torch.save wrote: torch's reader failed on key {error}"
         ) from error
     except Exception as error:  # torch raises RuntimeError, EOFError, ...
         raise ValueError(_first_line(error)) from error
