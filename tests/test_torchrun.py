@@ -650,6 +650,31 @@ def test_batch_source_shards_concatenate_to_the_single_process_batch():
         assert torch.equal(torch.cat(parts), getattr(whole, field)), field
 
 
+@pytest.mark.parametrize(
+    "argv, hint",
+    [
+        (["tune", "--preset", "digits-uda-mpl", "--trials", "1"], "once per GPU, with the same"),
+        (["digits", "--seeds", "0", "--out"], "start it as one process"),
+        (["presets"], "start it as one process"),
+    ],
+)
+def test_a_command_other_than_train_refuses_torchrun_before_it_writes(
+    tmp_path, monkeypatch, capsys, argv, hint
+):
+    """Only `metapl train` trains data-parallel: `torchrun -m metapl tune` ran every trial in
+    every process and then hung; `digits` raced for its run folders."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    argv = [*argv, str(tmp_path / "out")] if argv[-1] == "--out" else argv
+    if argv[0] == "tune":
+        argv += ["--storage", f"sqlite:///{tmp_path / 'study.db'}", "--out", str(tmp_path / "out")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"metapl {argv[0]}: error: runs under torchrun with 2 processes, but only" in err
+    assert hint in err and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []  # no study, no run folder
+
+
 def test_only_rank_0_prints_the_final_summary(tmp_path, monkeypatch, capsys):
     """docs/multi-gpu.md: "Rank 0 alone prints the final summary line" (each rank returns rank 0's
     summary; N copies of it were N lines of one run). The training is replaced by its summary."""

@@ -616,6 +616,25 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.N
     return args
 
 
+def _check_not_under_torchrun(command: str) -> None:
+    """Only `metapl train` trains data-parallel. Any other command started by torchrun ran whole
+    in every process: `metapl tune` hung after its trials (its runs formed no process group
+    together), `digits` and `reduced` raced for their run folders."""
+    from metapl.distributed import torchrun_world
+
+    world_size = torchrun_world()[1]
+    if command != "train" and world_size > 1:
+        hint = (
+            "start it once per GPU, with the same --storage (docs/tuning.md)"
+            if command == "tune"
+            else "start it as one process"
+        )
+        raise ConfigError(
+            f"runs under torchrun with {world_size} processes, but only `metapl train` trains "
+            f"data-parallel; {hint}"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     # Before any tensor: a step's freed activations are reused, not faulted in again (1-3 ms of
     # a digits step); the forked worker processes of `metapl digits` and `reduced` inherit it.
@@ -626,6 +645,7 @@ def main(argv: list[str] | None = None) -> int:
         print("metapl: interrupted", file=sys.stderr)
         return 130
     try:
+        _check_not_under_torchrun(args.command)
         args.func(args)
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
     except MetaplError as err:
