@@ -620,9 +620,12 @@ def _check_not_under_torchrun(command: str) -> None:
     """Only `metapl train` trains data-parallel. Any other command started by torchrun ran whole
     in every process: `metapl tune` hung after its trials (its runs formed no process group
     together), `digits` and `reduced` raced for their run folders."""
-    from metapl.distributed import torchrun_world
-
-    world_size = torchrun_world()[1]
+    # torchrun's environment read here, not by metapl.distributed, whose torch import would come
+    # before the options' checks (seconds; tests/test_interrupts.py)
+    try:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:  # `metapl train` names it; the other commands do not read it
+        return
     if command != "train" and world_size > 1:
         hint = (
             "start it once per GPU, with the same --storage (docs/tuning.md)"
