@@ -129,19 +129,15 @@ class BatchSource:
         # decoded). In-memory arrays need no such thing.
         self._ahead: dict[str, tuple[int, PendingImages]] = {}
 
-    def _my_rows(self, n: int) -> slice:
-        """This rank's rows of a global batch of ``n`` (all of them in one process)."""
+    def _mine(self, indices: np.ndarray) -> tuple[np.ndarray, Share | None]:
+        """This rank's rows of a global batch's ``indices`` (all of them in one process), and
+        where they sit in it for the augmentations, which draw for the whole batch and keep these
+        rows' draws (None in one process: the whole batch)."""
         if self.world_size == 1:
-            return slice(None)
-        share = n // self.world_size
-        return slice(self.rank * share, (self.rank + 1) * share)
-
-    def _share(self, n: int) -> Share | None:
-        """This rank's rows of a global batch of ``n`` for the augmentations, which draw for the
-        whole batch and keep these rows' draws (None in one process: the whole batch)."""
-        if self.world_size == 1:
-            return None
-        return Share(start=self.rank * (n // self.world_size), total=n)
+            return indices, None
+        share = len(indices) // self.world_size
+        start = self.rank * share
+        return indices[start : start + share], Share(start=start, total=len(indices))
 
     def _images(self, role: str, source, indices: np.ndarray, step: int) -> Tensor:
         """The images of ``indices`` (this rank's rows), from the look-ahead where it decoded
@@ -169,8 +165,7 @@ class BatchSource:
             roles.append(("unlabeled", self.split.x_unlabeled, self.unlabeled))
         for role, source, order in roles:
             if isinstance(source, LazyImages) and role not in self._ahead:
-                indices = order.at(step)
-                self._ahead[role] = (step, submit(source, indices[self._my_rows(len(indices))]))
+                self._ahead[role] = (step, submit(source, self._mine(order.at(step))[0]))
 
     def close(self) -> None:
         """Drop the images being decoded ahead (the run ends, or stops); returns once none is."""
@@ -186,13 +181,11 @@ class BatchSource:
         gen = torch.Generator().manual_seed(stream_seed(self.cfg.seed, "augment", step))
         # Under torchrun: this rank's rows of the global batch, which it alone reads, decodes and
         # augments (with the whole batch's random draws: metapl.augment.rng.Share).
-        idx = self.labeled.at(step)
-        share_l, idx = self._share(len(idx)), idx[self._my_rows(len(idx))]
+        idx, share_l = self._mine(self.labeled.at(step))
         x_l = self._images("labeled", self.split.x_labeled, idx, step)
         unlabeled = None
         if wanted & {"unlabeled_weak", "unlabeled_strong"}:
-            idx_u = self.unlabeled.at(step)
-            share_u, idx_u = self._share(len(idx_u)), idx_u[self._my_rows(len(idx_u))]
+            idx_u, share_u = self._mine(self.unlabeled.at(step))
             unlabeled = idx_u, self._images("unlabeled", self.split.x_unlabeled, idx_u, step)
         # the next step's files decode while this step augments and trains
         self._decode_ahead(step + 1)

@@ -303,8 +303,10 @@ def _weights(run: Run) -> dict[str, torch.nn.Module]:
 def _accuracies(run: Run, amp, dp: DataParallel) -> dict[str, float]:
     """Held-out accuracy (tuning split and test) and accuracy on the labeled training data of the
     student and, for MPL, the teacher (Figure 9). Under torchrun every rank calls this at the
-    same step and classifies its share of each set; their models are the same (rank 0's BatchNorm
-    statistics broadcast first)."""
+    same step and classifies its share of each set, with rank 0's BatchNorm statistics (rank-local
+    since the last checkpoint or evaluation; training never reads them, so this changes no
+    weight), so every rank evaluates the same models."""
+    dp.broadcast_buffers_(_weights(run).values())
     s, cfg, dev = run.split, run.cfg, run.device
     # which models each set evaluates, in the order the accuracies are logged; each set is one
     # pass over its images (decoded once for all its models, where they are files)
@@ -688,11 +690,7 @@ def _train(
                 watched.maybe_record(run.step)
             if evaluating:  # no accuracy of NaN weights reaches the log or a tuning study
                 watch.check(metrics, run.step, dp.earliest)
-            if evaluating:
-                # Every rank classifies its share of the images, with rank 0's BatchNorm
-                # statistics (rank-local since the last checkpoint or evaluation; training never
-                # reads them, so this changes no weight); rank 0 logs and reports.
-                dp.broadcast_buffers_(_weights(run).values())
+            if evaluating:  # every rank classifies its share; rank 0 logs and reports
                 accuracies = _accuracies(run, amp, dp)
                 if dp.is_main:
                     logger.log(run.step, accuracies)
@@ -720,7 +718,6 @@ def _train(
         # nothing left to save: a signal now stops at once (unless one came in the last step,
         # which then goes on to write its results)
         signals.raising = _stopped_after_training
-        dp.broadcast_buffers_(_weights(run).values())
         final = _accuracies(run, amp, dp)
     # Every rank returns the same summary: the accuracies are the ranks' counts summed.
     record = {
