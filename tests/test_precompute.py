@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import builtins
+import collections
+import itertools
 import json
+import threading
 import warnings
+from threading import BrokenBarrierError
 
 import numpy as np
 import pytest
@@ -13,7 +17,9 @@ from torch import nn
 
 from metapl.data.arrays import to_tensor_nchw
 from metapl.errors import ConfigError, DataError
+from metapl.reduced import precompute
 from metapl.reduced.precompute import (
+    Ranks,
     fingerprint_images,
     fingerprint_model,
     load_distributions,
@@ -570,3 +576,162 @@ def test_a_resume_whose_model_returns_another_class_count_is_refused(model, imag
     with pytest.raises(ConfigError, match=f"returned 1 classes, .* holds {C}"):
         _run(wrapped, images, path)
     assert path.read_bytes() == before
+
+
+# --------------------------------------------------------------------------------------------------
+# Several processes precompute one file (torchrun): simulated here by threads, one per rank
+
+
+class ThreadRanks:
+    """``world_size`` ranks as threads of this process. Each collective is a meeting of its own
+    (its own boxes, as messages would be); a rank that raises stops the others at their next
+    meeting that it does not reach (torchrun stops them), not at one it has reached."""
+
+    def __init__(self, world_size: int):
+        self.world_size = world_size
+        self.changed = threading.Condition()
+        self.arrived: collections.Counter = collections.Counter()
+        self.boxes: collections.defaultdict = collections.defaultdict(lambda: [None] * world_size)
+        self.failed = False
+
+    def _meet(self, meeting: int) -> None:
+        with self.changed:
+            self.arrived[meeting] += 1
+            self.changed.notify_all()
+            everyone = lambda: self.arrived[meeting] == self.world_size  # noqa: E731
+            self.changed.wait_for(lambda: everyone() or self.failed, timeout=60)
+            if not everyone():
+                raise BrokenBarrierError
+
+    def of(self, rank: int) -> Ranks:
+        calls = itertools.count()  # the same sequence of meetings on every rank
+
+        def gather(obj):
+            meeting = next(calls)
+            self.boxes[meeting][rank] = obj
+            self._meet(meeting)
+            return list(self.boxes[meeting]) if rank == 0 else None
+
+        def broadcast(obj):
+            meeting = next(calls)
+            if rank == 0:
+                self.boxes[meeting][0] = obj
+            self._meet(meeting)
+            return self.boxes[meeting][0]
+
+        return Ranks(rank, self.world_size, gather, broadcast, lambda: self._meet(next(calls)))
+
+    def run(self, fn) -> list:
+        """``fn(ranks, rank)`` on every rank at once; each rank's result or exception."""
+        results: list = [None] * self.world_size
+
+        def target(rank):
+            try:
+                results[rank] = fn(self.of(rank), rank)
+            except BaseException as exc:  # noqa: BLE001 (handed to the test)
+                results[rank] = exc
+                with self.changed:
+                    self.failed = True
+                    self.changed.notify_all()
+
+        threads = [
+            threading.Thread(target=target, args=(r,), name=f"rank{r}")
+            for r in range(self.world_size)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return results
+
+
+def _ranks_run(world_size, models, images, path, **kwargs) -> list:
+    """Every rank's result of precompute_distributions on ``world_size`` thread ranks, each rank
+    with its own model (``models[rank]``)."""
+    kwargs = {"batch_size": 5, "chunk_size": 10, "progress": False, **kwargs}
+    return ThreadRanks(world_size).run(
+        lambda ranks, rank: precompute_distributions(
+            models[rank], images, path, ranks=ranks, **kwargs
+        )
+    )
+
+
+@pytest.mark.parametrize(
+    "world_size, sizes",
+    [
+        # rounds of 2 chunks (20 rows, 4 batches): 2 batches each, then the last 10 rows 1 each
+        (2, [[5] * 5, [5] * 5]),
+        # rounds of 30 rows: 2 batches each; then rows 30..49, 4 batches: 2, 1 and 1
+        (3, [[5] * 4, [5] * 3, [5] * 3]),
+        # more ranks than a round's batches: the last rank has none in the second round
+        (8, [[5, 5], [5, 5]] + [[5]] * 6),
+    ],
+)
+def test_ranks_together_write_the_file_one_process_writes(
+    model, images, tmp_path, monkeypatch, world_size, sizes
+):
+    """Each rank classifies its own contiguous share of every round (whole batches of the global
+    grid); rank 0 alone writes, and the file and its sidecar are byte for byte one process's."""
+    reference = tmp_path / "one.npy"
+    _run(Interruptible(model), images, reference)  # the wrapper's names: the same fingerprint
+    writers = []
+    real_write = precompute.write_json_atomically
+
+    def recording_write(path, payload):
+        writers.append(threading.current_thread().name)
+        return real_write(path, payload)
+
+    monkeypatch.setattr(precompute, "write_json_atomically", recording_write)
+    models = [Interruptible(model) for _ in range(world_size)]
+    path = tmp_path / "ranks.npy"
+    results = _ranks_run(world_size, models, images, path)
+    for result in results:
+        assert isinstance(result, np.memmap), result
+        assert np.array_equal(result, np.load(reference))
+    assert path.read_bytes() == reference.read_bytes()
+    assert json.loads(sidecar_path(path).read_text()) == json.loads(
+        sidecar_path(reference).read_text()
+    )
+    assert [m.sizes for m in models] == sizes
+    assert set(writers) == {"rank0"}
+
+
+def test_ranks_resume_what_one_process_left_and_the_other_way_round(model, images, tmp_path):
+    """The resume rule does not care how many processes wrote the rows before: 2 ranks finish
+    a file 1 process was interrupted in, and 1 process finishes one 2 ranks were."""
+    reference = np.array(_run(model, images, tmp_path / "one.npy"))
+
+    path = tmp_path / "from_one.npy"
+    with pytest.raises(RuntimeError, match="interrupted"):
+        _run(Interruptible(model, fail_after=4), images, path)  # rows 0..19 done
+    models = [Interruptible(model) for _ in range(2)]
+    results = _ranks_run(2, models, images, path)
+    assert all(np.array_equal(r, reference) for r in results)
+    assert [m.sizes for m in models] == [[5, 5, 5], [5, 5, 5]]  # rows 20..49 only
+
+    path = tmp_path / "from_two.npy"
+    # rank 1 fails in its third batch, the first of the second round: the first round (rows
+    # 0..19) is on disk and claimed; rank 0's second-round rows are not
+    models = [Interruptible(model), Interruptible(model, fail_after=2)]
+    results = _ranks_run(2, models, images, path)
+    assert isinstance(results[1], RuntimeError) and isinstance(results[0], BrokenBarrierError)
+    assert json.loads(sidecar_path(path).read_text())["completed_rows"] == 20
+    again = Interruptible(model)
+    assert np.array_equal(_run(again, images, path), reference)
+    assert again.sizes == [5] * 6
+
+
+def test_every_rank_refuses_a_stale_file_and_none_recomputes_a_finished_one(
+    model, images, tmp_path
+):
+    path = tmp_path / "teacher.npy"
+    reference = np.array(_run(Interruptible(model), images, path))
+    other = nn.Sequential(nn.Flatten(), nn.Linear(64, C))
+    results = _ranks_run(2, [other, other], images, path)
+    for result in results:  # every rank says why, not only rank 0
+        assert isinstance(result, DataError) and "belongs to another model" in str(result)
+
+    models = [Interruptible(model) for _ in range(2)]
+    results = _ranks_run(2, models, images, path)
+    assert all(np.array_equal(r, reference) for r in results)
+    assert [m.calls for m in models] == [0, 0]

@@ -119,7 +119,14 @@ def worker_setup() -> None:
 
     rank = int(os.environ["RANK"])
     out = os.path.abspath(os.environ[OUT_ENV])
-    report = {"writes": [], "batches": [], "images": [], "draws": DRAWS, "evaluated": []}
+    report = {
+        "writes": [],
+        "batches": [],
+        "images": [],
+        "draws": DRAWS,
+        "evaluated": [],
+        "precomputed": [],
+    }
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
     path_events = ("os.mkdir", "os.rename", "os.link", "os.remove", "os.rmdir", "os.truncate")
 
@@ -168,6 +175,15 @@ def worker_setup() -> None:
         return original_evaluate(models, images, labels, *args, **kwargs)
 
     engine.evaluate_models = evaluate_models
+    from metapl.reduced import precompute
+
+    original_batch_probs = precompute._batch_probs
+
+    def batch_probs(model, images, rows, *args):
+        report["precomputed"].append([len(images), rows.start, rows.stop])
+        return original_batch_probs(model, images, rows, *args)
+
+    precompute._batch_probs = batch_probs
     hold = os.environ.get(HOLD_ENV)
     if hold:
         original_load_data = engine.load_data
@@ -327,12 +343,14 @@ def large_teacher(tmp_path_factory) -> Path:
         # both models with BatchNorm over the global batch (metapl.sync_batchnorm); the single
         # process has plain BatchNorm (sync_batchnorm does nothing there)
         ("digits-uda-mpl", 2, ["--set", "finetune_steps=1", *SYNC_BN]),
-        # NoisyStudent: rank 0 precomputes the large teacher's distributions, the other rank reads
-        # them, each takes its slice of them; label smoothing in its step and the fine-tuning step
+        # NoisyStudent: the ranks share the precompute of the large teacher's distributions
+        # (batches of 16: each rank has some), rank 0 writes them, each rank takes its slice of
+        # them; label smoothing in its step and the fine-tuning step
         (
             "digits-reduced-noisy-student",
             2,
-            ["--set", "finetune_steps=1", "--set", "label_smoothing=0.1", "--set", LARGE_TEACHER],
+            ["--set", "finetune_steps=1", "--set", "label_smoothing=0.1", "--set", LARGE_TEACHER]
+            + ["--set", "eval_batch_size=16"],
         ),
     ],
     ids=["uda-mpl", "supervised", "uda", "uda-mpl-sync-batchnorm", "noisy-student"],
@@ -382,8 +400,13 @@ def test_two_processes_train_like_one_on_the_whole_batch(request, tmp_path, pres
     written = " ".join(reports[0]["writes"])
     for name in ("config.json", "metrics.csv", "checkpoint.pt", "results.json", "tb"):
         assert name in written
-    if from_large_teacher:  # rank 0 precomputed them (rank 1 waited and read them)
+    if from_large_teacher:  # rank 0 wrote them; each rank classified its share of the images
         assert "large_teacher_unlabeled.npy" in written and "large_teacher_labeled.npy" in written
+        shares = [reports[rank]["precomputed"] for rank in (0, 1)]
+        assert all(shares)
+        for n in {total for total, _, _ in shares[0] + shares[1]}:  # the labeled, the unlabeled
+            rows = sorted((a, b) for share in shares for total, a, b in share if total == n)
+            assert [a for a, _ in rows] == [0] + [b for _, b in rows[:-1]] and rows[-1][1] == n
     assert json.loads((two / "results.json").read_text())["results"][0]["steps"] == steps
 
 

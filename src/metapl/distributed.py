@@ -23,6 +23,7 @@ import contextlib
 import os
 from collections.abc import Iterable, Sequence
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -174,13 +175,36 @@ class DataParallel:
                 self._broadcast(t)
 
     def wait_for_main(self) -> None:
-        """A barrier without the default group's timeout (10-30 min), for rank 0's long one-off
-        work such as precomputing the large teacher's distributions."""
+        """A barrier without the default group's timeout (10-30 min), for long one-off work such
+        as rank 0's checks of the run folder or the ranks' shares of a precompute."""
+        if self.enabled:
+            dist.barrier(group=self._patient_group())
+
+    def gather_to_main(self, obj: Any) -> list | None:
+        """Every rank's ``obj`` (picklable), in rank order, on rank 0; None on the other ranks.
+        Over gloo on the host, without the default group's timeout: rank 0 may be writing the
+        previous round of a precompute while the others classify theirs."""
         if not self.enabled:
-            return
+            return [obj]
+        gathered: list | None = [None] * self.world_size if self.is_main else None
+        dist.gather_object(obj, gathered, dst=0, group=self._patient_group())
+        return gathered
+
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` (picklable) on every rank."""
+        if not self.enabled:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, group=self._patient_group())
+        return box[0]
+
+    def _patient_group(self) -> dist.ProcessGroup:
+        """A gloo group with a week's timeout; made at its first use, which every rank reaches at
+        the same point (each calls the same collectives in the same order)."""
         if self._wait_group is None:
             self._wait_group = dist.new_group(backend="gloo", timeout=timedelta(days=7))
-        dist.barrier(group=self._wait_group)
+        assert self._wait_group is not None  # new_group returns None only outside the group
+        return self._wait_group
 
     def _broadcast(self, tensor: torch.Tensor) -> None:
         if self.enabled:

@@ -23,11 +23,13 @@ being read against the wrong model or images:
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import json
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -193,9 +195,10 @@ def _differences(recorded: dict, expected: dict) -> list[str]:
 # Precompute
 
 
-def _resume_point(out_path: Path, expected: dict) -> tuple[np.memmap | None, int]:
-    """The open ``.npy`` (or None: create it) and the first row still to compute; the ``.npy`` is
-    writable only when rows are left to compute."""
+def _recorded_rows(out_path: Path, expected: dict) -> int | None:
+    """The rows the sidecar of ``out_path`` claims done (None: no sidecar, start a new file).
+    Refuses a file that is not ours, or ours for another model, data or temperature; reads only,
+    so under torchrun every rank checks (and reports) the same thing."""
     if not sidecar_path(out_path).exists():
         if out_path.exists():
             raise data_error(
@@ -203,7 +206,7 @@ def _resume_point(out_path: Path, expected: dict) -> tuple[np.memmap | None, int
                 "written by precompute_distributions (or its sidecar was deleted); delete it or "
                 "choose another output path"
             )
-        return None, 0
+        return None
     recorded = _read_sidecar(out_path)
     changed = _differences(recorded, expected)
     if changed:
@@ -213,15 +216,22 @@ def _resume_point(out_path: Path, expected: dict) -> tuple[np.memmap | None, int
             f"{sidecar_path(out_path).name}, or choose another output path"
         )
     expected["num_classes"] = recorded["num_classes"]
-    if recorded["completed_rows"] == 0:
-        return None, 0  # nothing claimed: (re)create the .npy
+    return recorded["completed_rows"]
+
+
+def _resume_point(out_path: Path, expected: dict) -> tuple[np.memmap | None, int]:
+    """The open ``.npy`` (or None: create it) and the first row still to compute; the ``.npy`` is
+    writable only when rows are left to compute."""
+    done = _recorded_rows(out_path, expected)
+    if not done:
+        return None, 0  # no file, or nothing claimed: (re)create the .npy
     try:
         # Checked read-only first: numpy's "r+" mode silently zero-extends a truncated file.
         probs = np.load(out_path, mmap_mode="r")
-        shape = (recorded["num_images"], recorded["num_classes"])
+        shape = (expected["num_images"], expected["num_classes"])
         if probs.shape != shape or probs.dtype != np.float32:
             raise ValueError(f"shape {probs.shape} {probs.dtype}, expected {shape} float32")
-        if recorded["completed_rows"] < recorded["num_images"]:  # rows left to write
+        if done < expected["num_images"]:  # rows left to write
             del probs
             probs = np.load(out_path, mmap_mode="r+")
         # A finished file stays read-only: under torchrun the other ranks read rank 0's files
@@ -232,7 +242,7 @@ def _resume_point(out_path: Path, expected: dict) -> tuple[np.memmap | None, int
             f"{out_path} is unreadable ({describe(exc)}); starting over from row 0", stacklevel=3
         )
         return None, 0
-    return probs, recorded["completed_rows"]
+    return probs, done
 
 
 def _create(out_path: Path, meta: dict, num_classes: int) -> np.memmap:
@@ -300,6 +310,39 @@ def _batch_probs(
     return probs.cpu().numpy()
 
 
+@dataclasses.dataclass(frozen=True)
+class Ranks:
+    """The processes that precompute one file together (torchrun, docs/multi-gpu.md). Each round
+    of rows is split into whole batches of the global grid, each rank classifies its contiguous
+    share, and rank 0 alone writes them: the file and its resume rule are those of one process,
+    and so are its bytes (the model sees the same batches)."""
+
+    rank: int
+    world_size: int
+    gather: Callable[[Any], list | None]
+    """Every rank's object, in rank order, on rank 0; None on the others."""
+    broadcast: Callable[[Any], Any]
+    """Rank 0's object, on every rank."""
+    barrier: Callable[[], None]
+    """Waits for every rank (without a timeout shorter than a long precompute)."""
+
+
+ONE_PROCESS = Ranks(0, 1, gather=lambda obj: [obj], broadcast=lambda obj: obj, barrier=lambda: None)
+
+
+def _batches(rows: range, batch_size: int) -> list[range]:
+    """``rows`` cut on the global grid ``[i * batch_size, (i + 1) * batch_size)``."""
+    cuts = [rows.start, *range((rows.start // batch_size + 1) * batch_size, rows.stop, batch_size)]
+    return [range(a, b) for a, b in zip(cuts, [*cuts[1:], rows.stop])]
+
+
+def _share(batches: list[range], rank: int, world_size: int) -> list[range]:
+    """Rank ``rank``'s contiguous share of a round's batches (the first ranks take one more)."""
+    size, extra = divmod(len(batches), world_size)
+    first = rank * size + min(rank, extra)
+    return batches[first : first + size + (rank < extra)]
+
+
 def precompute_distributions(
     model: nn.Module,
     images: Any,
@@ -311,15 +354,18 @@ def precompute_distributions(
     chunk_size: int | None = None,
     progress: bool = True,
     autocast_dtype: torch.dtype | None = None,
+    ranks: Ranks = ONE_PROCESS,
 ) -> np.memmap:
     """Write ``softmax(model(x) / temperature)`` for every image to ``out_path``; resume if partial.
 
     ``images``: anything that indexes with an integer array into uint8 NHWC batches (a numpy array
     or :class:`metapl.data.imagenet.LazyImages`). ``model`` must already be on ``device``; it runs
     in eval mode under ``torch.inference_mode`` and its train/eval mode is restored afterwards.
-    ``chunk_size`` (rounded up to whole batches; default 32 batches) is how many rows are written
-    between flushes, i.e. the most work an interruption loses. See the module docstring for the
-    resume rule. Returns the finished file as a read-only memmap (via :func:`load_distributions`).
+    ``chunk_size`` (rounded up to whole batches; default 32 batches) is how many rows each process
+    classifies between flushes, i.e. the most work an interruption loses. See the module docstring
+    for the resume rule. ``ranks``: the processes that share the work (every one calls this with
+    the same arguments); one by default. Returns the finished file as a read-only memmap (via
+    :func:`load_distributions`).
     """
     if batch_size < 1 or (chunk_size is not None and chunk_size < 1):
         raise ConfigError(f"batch_size and chunk_size must be >= 1, got {batch_size}, {chunk_size}")
@@ -339,9 +385,14 @@ def precompute_distributions(
         "temperature": float(temperature),
         "completed_rows": 0,
     }
-    probs, done = _resume_point(out_path, meta)
     fingerprints = {k: meta[k] for k in ("model_fingerprint", "data_fingerprint")}
-    if probs is not None and done == n:
+    writer = ranks.rank == 0
+    # Every rank refuses a foreign or stale file, and has, before rank 0 opens it.
+    claimed = _recorded_rows(out_path, dict(meta))
+    ranks.barrier()
+    probs, done = _resume_point(out_path, meta) if writer else (None, claimed or 0)
+    done = ranks.broadcast(done)  # rank 0's reading rules (an unreadable file starts over)
+    if done == n:
         del probs
         return load_distributions(out_path, **fingerprints)
 
@@ -350,7 +401,7 @@ def precompute_distributions(
     bar = progress_bar(
         total=n,
         initial=done,
-        disable=not progress,
+        disable=not (progress and writer),
         unit="img",
         desc=f"precompute {out_path.name}",
         dynamic_ncols=True,
@@ -359,32 +410,48 @@ def precompute_distributions(
         with torch.inference_mode():
             start = done
             while start < n:
-                # Chunk and batch ends lie on global grids, whatever row a resume starts from.
-                end = min((start // chunk + 1) * chunk, n)
-                row = start
-                while row < end:
-                    rows = range(row, min((row // batch_size + 1) * batch_size, end))
+                # A round is world_size chunks; its end lies on the chunk grid, and its batches on
+                # the batch grid, whatever row a resume starts from.
+                stop = min((start // chunk + ranks.world_size) * chunk, n)
+                mine = _share(
+                    _batches(range(start, stop), batch_size), ranks.rank, ranks.world_size
+                )
+                rows_out = []
+                for rows in mine:
                     out = _batch_probs(model, images, rows, device, temperature, autocast_dtype)
-                    if probs is None:
-                        probs = _create(out_path, meta, out.shape[1])
-                    elif out.shape[1] != probs.shape[1]:
-                        raise ConfigError(
-                            f"the model returned {out.shape[1]} classes, {out_path} holds "
-                            f"{probs.shape[1]}"
-                        )
-                    probs[rows.start : rows.stop] = out
+                    rows_out.append(out)
                     bar.update(len(rows))
-                    row = rows.stop
-                assert probs is not None  # the chunk's first batch created it, if resuming did not
-                probs.flush()  # rows on disk first, then the sidecar may claim them
-                meta["completed_rows"] = end
-                write_json_atomically(sidecar_path(out_path), meta)
-                start = end
+                share = (mine[0].start, np.concatenate(rows_out)) if mine else None
+                parts = ranks.gather(share)
+                if parts is not None:  # rank 0: the round's rows to disk, then the sidecar
+                    probs = _write_round(out_path, meta, probs, [p for p in parts if p is not None])
+                    probs.flush()  # rows on disk first, then the sidecar may claim them
+                    meta["completed_rows"] = stop
+                    write_json_atomically(sidecar_path(out_path), meta)
+                    bar.update(stop - start - sum(len(r) for r in mine))  # the other ranks' rows
+                start = stop
     finally:
         model.train(was_training)
         bar.close()
     del probs  # close the writable mapping before handing out a read-only one
+    ranks.barrier()  # rank 0 has written the last sidecar before the others read it
     return load_distributions(out_path, **fingerprints)
+
+
+def _write_round(
+    out_path: Path, meta: dict, probs: np.memmap | None, parts: list[tuple[int, np.ndarray]]
+) -> np.memmap:
+    """The ranks' rows of one round written into the file, created now if no round was before."""
+    for first, rows in parts:
+        if probs is None:
+            probs = _create(out_path, meta, rows.shape[1])
+        elif rows.shape[1] != probs.shape[1]:
+            raise ConfigError(
+                f"the model returned {rows.shape[1]} classes, {out_path} holds {probs.shape[1]}"
+            )
+        probs[first : first + len(rows)] = rows
+    assert probs is not None  # every round has rows
+    return probs
 
 
 # --------------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from metapl.methods.build import autocast_dtype, build_method
 from metapl.methods.supervised import SupervisedMethod
 from metapl.models import param_groups_for_weight_decay
 from metapl.progress import progress_bar
+from metapl.reduced.precompute import Ranks
 from metapl.report import check_replaceable, output_folder, write_json_atomic
 from metapl.sync_batchnorm import convert_global_batchnorm
 from metapl.train.checkpoint import (
@@ -619,11 +620,14 @@ def _train(
             note = None  # printed once
             out_dir.mkdir(parents=True, exist_ok=True)
             _clear_leftovers(out_dir)
-            prepared = prepare_large_teacher_data(cfg, split, out_dir, device, show_progress)
-        dp.wait_for_main()  # rank 0 wrote the files; the others read them, finished (no writes)
-        if not dp.is_main:
-            prepared = prepare_large_teacher_data(cfg, split, out_dir, device, False)
-        split, teacher_probs = prepared
+        dp.wait_for_main()  # the folder is there before any rank looks for the files in it
+        # Every rank classifies its share of the images; rank 0 writes the files.
+        ranks = Ranks(
+            dp.rank, dp.world_size, dp.gather_to_main, dp.broadcast_object, dp.wait_for_main
+        )
+        split, teacher_probs = prepare_large_teacher_data(
+            cfg, split, out_dir, device, show_progress and dp.is_main, ranks
+        )
     run = Run(cfg, split, device, dp)  # a bad model or schedule fails here, before any write
     check_models_fit(run)  # and so does a model that cannot take this data's images
     if cfg.compile:

@@ -22,7 +22,7 @@ import torch
 from metapl.data.arrays import to_tensor_nchw
 from metapl.data.splits import SSLSplit
 from metapl.errors import ConfigError
-from metapl.reduced.precompute import precompute_distributions
+from metapl.reduced.precompute import ONE_PROCESS, Ranks, precompute_distributions
 from metapl.reduced.select import top_k_per_class
 from metapl.train.config import TrainConfig
 from metapl.train.run_model import load_run_model
@@ -57,10 +57,16 @@ def check_large_teacher(run_dir: Path, split: SSLSplit, device: torch.device) ->
 
 
 def prepare_large_teacher_data(
-    cfg: TrainConfig, split: SSLSplit, out_dir: Path, device: torch.device, progress: bool = False
+    cfg: TrainConfig,
+    split: SSLSplit,
+    out_dir: Path,
+    device: torch.device,
+    progress: bool = False,
+    ranks: Ranks = ONE_PROCESS,
 ) -> tuple[SSLSplit, tuple[np.ndarray, np.ndarray]]:
     """The split with the selected unlabeled images, and the large teacher's distributions of the
-    labeled and of the selected unlabeled images (row-aligned)."""
+    labeled and of the selected unlabeled images (row-aligned). Under torchrun every rank calls
+    this: each classifies its share of the images and rank 0 writes the files (``ranks``)."""
     assert cfg.large_teacher  # validate() refuses a large-teacher method without one
     teacher = load_large_teacher(Path(cfg.large_teacher), split.num_classes, device)
     probs = []
@@ -74,6 +80,7 @@ def prepare_large_teacher_data(
                 batch_size=cfg.eval_batch_size,
                 device=device,
                 progress=progress,
+                ranks=ranks,
             )
         )
     del teacher  # never in memory with the student
