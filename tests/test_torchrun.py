@@ -43,6 +43,9 @@ SIGTERM_ENV = "METAPL_TORCHRUN_TEST_SIGTERM_AT"
 # A folder: each rank, as it starts loading the data (before its training steps), writes
 # rank{r}.ready there and waits (up to a minute) for the test to signal the launcher
 HOLD_ENV = "METAPL_TORCHRUN_TEST_HOLD_IN"
+# Set: rank 1 trains into the --out folder's name + "-rank1", as if on a machine whose disk is not
+# rank 0's (the same path, another folder)
+OWN_FOLDER_ENV = "METAPL_TORCHRUN_TEST_OWN_FOLDER"
 # What a torchrun worker drew at random, in order, for its report: ["step", s] as it draws step s's
 # batch, ["dropout", mask] per training-mode forward of _RecordedDropout (where it zeroed), and
 # ["sampled", labels, state] per Categorical sample (the global generator's state it sampled from).
@@ -184,6 +187,13 @@ def worker_setup() -> None:
         return original_batch_probs(model, images, rows, *args)
 
     precompute._batch_probs = batch_probs
+    if os.environ.get(OWN_FOLDER_ENV) and rank == 1:
+        original_output_folder = engine.output_folder
+
+        def output_folder(path, *args, **kwargs):
+            return original_output_folder(f"{path}-rank1", *args, **kwargs)
+
+        engine.output_folder = output_folder
     hold = os.environ.get(HOLD_ENV)
     if hold:
         original_load_data = engine.load_data
@@ -505,6 +515,41 @@ def test_a_sigterm_to_the_launcher_before_training_stops_every_rank_at_once_writ
         got = json.loads((report / f"rank{r}.json").read_text())
         assert got["batches"] == [] and {w.split()[1] for w in got["writes"]} <= {str(out)}, got
     assert not out.exists()
+
+
+def test_ranks_that_see_different_run_folders_stop_before_training_and_say_so(tmp_path):
+    """torchrun on several machines with --out on each machine's own disk: rank 0 writes the
+    checkpoints and the large teacher's files that every rank reads. A fresh run stops on every
+    rank before its first step and leaves no folder; a resume, where rank 0 sees the checkpoint
+    and rank 1 does not, stops before either loads it (before, rank 1 started over while rank 0
+    resumed, each waiting in collectives the other never made)."""
+    register_test_model()
+    preset, out = "digits-uda-mpl", tmp_path / "run"
+    args = for_preset(preset, options(2))
+    command, env, report = torchrun_command(tmp_path, preset, out, args, **{OWN_FOLDER_ENV: "1"})
+
+    def fails() -> str:
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode != 0
+        for r in (0, 1):  # no step drawn
+            assert json.loads((report / f"rank{r}.json").read_text())["batches"] == []
+        return done.stderr
+
+    stderr = fails()
+    for r, (here, there) in enumerate([("sees", "does not"), ("does not see", "does")]):
+        line = (
+            f"the ranks see different run folders: rank {r} {here} the file rank 0 made in {out}"
+            f"{'-rank1' if r else ''} and another rank {there}; every rank must see the same "
+            "--out folder (on several machines, put it on a file system they share)"
+        )
+        assert line in stderr, stderr[-3000:]
+    assert not out.exists() and not Path(f"{out}-rank1").exists()
+
+    assert main(["train", "--preset", preset, "--out", str(out), *args]) == 0  # rank 0's disk
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    stderr = fails()
+    assert f"rank 0 sees {out / 'checkpoint.pt'} is there and another rank does not" in stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
 
 
 def assert_same_run(got_dir: Path, want_dir: Path, step: int) -> None:

@@ -17,6 +17,7 @@ import functools
 import shlex
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -485,6 +486,52 @@ def _clear_leftovers(out_dir: Path) -> None:
     in the folder, a run's metrics.csv in size each, over interrupted runs and resumes)."""
     for name in _WHOLE_FILES:
         remove_leftovers(out_dir / name)
+    for token in out_dir.glob(f"{_RANKS_TOKEN}*"):  # a torchrun run killed in its folder check
+        token.unlink(missing_ok=True)
+
+
+_RANKS_TOKEN = ".metapl-seen-by-every-rank-"
+
+
+def _open_run_folder(out_dir: Path, dp: DataParallel, note: str | None) -> None:
+    """Rank 0 prints ``note``, makes the run folder and clears its leftovers. Under torchrun every
+    rank then checks that it sees a file rank 0 made there: they share one folder (rank 0 writes
+    the checkpoints and the large teacher's files that every rank reads), not one per machine."""
+    existed = out_dir.is_dir()
+    token = None
+    if dp.is_main:
+        _print_note(note)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _clear_leftovers(out_dir)
+        if dp.enabled:
+            token = out_dir / f"{_RANKS_TOKEN}{uuid.uuid4().hex}"
+            token.touch()
+    if not dp.enabled:
+        return
+    name = dp.broadcast_object(None if token is None else token.name)
+    try:
+        _check_ranks_agree(dp, (out_dir / name).is_file(), f"the file rank 0 made in {out_dir}")
+    except ConfigError:
+        if token is not None and not existed:
+            token.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # left if anything else is in it
+                out_dir.rmdir()  # nothing of the run was written: leave no empty folder
+        raise
+    finally:  # every rank has looked: the all-reduces in the check wait for all of them
+        if token is not None:
+            token.unlink(missing_ok=True)
+
+
+def _check_ranks_agree(dp: DataParallel, seen: bool, what: str) -> None:
+    """Under torchrun, a ConfigError on every rank unless all ranks or none see ``what``."""
+    if not dp.enabled or not (dp.any_rank(seen) and dp.any_rank(not seen)):
+        return
+    here, there = ("sees", "does not") if seen else ("does not see", "does")
+    raise ConfigError(
+        f"the ranks see different run folders: rank {dp.rank} {here} {what} and another rank "
+        f"{there}; every rank must see the same --out folder (on several machines, put it on a "
+        "file system they share)"
+    )
 
 
 # Config keys that do not change a run's results: where it ran, how often it logged, evaluated
@@ -600,7 +647,11 @@ def _train(
     fingerprint = config_fingerprint(cfg.to_dict())
     ckpt_path = out_dir / "checkpoint.pt"
     saved = None
-    if ckpt_path.exists():
+    resuming = ckpt_path.exists()
+    # A rank that saw no checkpoint would start over while the others resume: each would wait in
+    # collectives the others never make (run folders on disks of their own machines).
+    _check_ranks_agree(dp, resuming, f"{ckpt_path} is there")
+    if resuming:
         saved = load_checkpoint(ckpt_path, format_version=FORMAT_VERSION)
         # Options added since the checkpoint was written count as their defaults (the old behaviour).
         defaults = TrainConfig().to_dict()
@@ -612,15 +663,12 @@ def _train(
         # its metrics.csv, without a word.
         check_replaceable(out_dir, "train", cfg.to_dict(), ignore=_NOT_IN_RESULTS)
     teacher_probs = None
+    opened = False  # the run folder (made by rank 0, seen by every rank)
     if cfg.uses_large_teacher:  # ReducedMPL / NoisyStudent: precompute, select, free the teacher
         assert cfg.large_teacher  # validate() refuses a large-teacher method without one
         check_large_teacher(Path(cfg.large_teacher), split, device)  # fail early
-        if dp.is_main:
-            _print_note(note)
-            note = None  # printed once
-            out_dir.mkdir(parents=True, exist_ok=True)
-            _clear_leftovers(out_dir)
-        dp.wait_for_main()  # the folder is there before any rank looks for the files in it
+        _open_run_folder(out_dir, dp, note)  # before any rank looks for the files in it
+        opened = True
         # Every rank classifies its share of the images; rank 0 writes the files.
         ranks = Ranks(
             dp.rank, dp.world_size, dp.gather_to_main, dp.broadcast_object, dp.wait_for_main
@@ -637,10 +685,9 @@ def _train(
     source = BatchSource(  # bad augmentation options fail here, before any write too
         split, cfg, run.method.views, device, teacher_probs, shard=(dp.rank, dp.world_size)
     )
+    if not opened:
+        _open_run_folder(out_dir, dp, note)
     if dp.is_main:  # here and below: the other ranks write nothing
-        _print_note(note)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        _clear_leftovers(out_dir)
         write_json_atomic(out_dir / "config.json", cfg.to_dict())
     if split.class_names is not None and dp.is_main:  # label i's name, for `metapl predict`
         write_json_atomic(out_dir / "classes.json", list(split.class_names))
