@@ -46,6 +46,8 @@ HOLD_ENV = "METAPL_TORCHRUN_TEST_HOLD_IN"
 # Set: rank 1 trains into the --out folder's name + "-rank1", as if on a machine whose disk is not
 # rank 0's (the same path, another folder)
 OWN_FOLDER_ENV = "METAPL_TORCHRUN_TEST_OWN_FOLDER"
+# Set: rank 1's unlabeled set lacks its last image (a copy of the dataset not quite rank 0's)
+OTHER_DATA_ENV = "METAPL_TORCHRUN_TEST_OTHER_DATA"
 # What a torchrun worker drew at random, in order, for its report: ["step", s] as it draws step s's
 # batch, ["dropout", mask] per training-mode forward of _RecordedDropout (where it zeroed), and
 # ["sampled", labels, state] per Categorical sample (the global generator's state it sampled from).
@@ -194,6 +196,14 @@ def worker_setup() -> None:
             return original_output_folder(f"{path}-rank1", *args, **kwargs)
 
         engine.output_folder = output_folder
+    if os.environ.get(OTHER_DATA_ENV) and rank == 1:
+        loaded = engine.load_data
+
+        def load_other_data(cfg):
+            split = loaded(cfg)
+            return dataclasses.replace(split, x_unlabeled=split.x_unlabeled[:-1])
+
+        engine.load_data = load_other_data
     hold = os.environ.get(HOLD_ENV)
     if hold:
         original_load_data = engine.load_data
@@ -550,6 +560,32 @@ def test_ranks_that_see_different_run_folders_stop_before_training_and_say_so(tm
     stderr = fails()
     assert f"rank 0 sees {out / 'checkpoint.pt'} is there and another rank does not" in stderr
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+def test_ranks_that_loaded_different_data_stop_before_training_and_say_so(tmp_path):
+    """Each rank indexes its slice of every batch into the images it loaded itself: a rank with
+    another copy of the dataset (one image short here) would train on other images than those
+    meant, or fail mid-run. Every rank stops before its first step, naming what it loaded, and
+    nothing is written."""
+    register_test_model()
+    preset, out = "digits-uda-mpl", tmp_path / "run"
+    args = for_preset(preset, options(2))
+    command, env, report = torchrun_command(tmp_path, preset, out, args, **{OTHER_DATA_ENV: "1"})
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    n_l, n_u, n_t = 50, 1250, 497  # digits, 5 labeled per class; 1,797 images in all
+    for line in (
+        f"the ranks loaded different data: rank 0 loaded rank 0's ({n_l} labeled, {n_u} "
+        f"unlabeled and {n_t} test images) and another rank other data; every rank must read the "
+        "same dataset (on several machines, identical copies)",
+        f"the ranks loaded different data: rank 1 loaded {n_l} labeled, {n_u - 1} unlabeled and "
+        f"{n_t} test images, which differ from rank 0's; every rank must read the same dataset",
+    ):
+        assert line in done.stderr, done.stderr[-3000:]
+    for r in (0, 1):  # (rank 0 held the run folder: made, removed)
+        got = json.loads((report / f"rank{r}.json").read_text())
+        assert got["batches"] == [] and {w.split()[1] for w in got["writes"]} <= {str(out)}, got
+    assert not out.exists()
 
 
 def assert_same_run(got_dir: Path, want_dir: Path, step: int) -> None:

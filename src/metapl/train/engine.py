@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import shlex
 import sys
 import time
@@ -32,7 +33,7 @@ from metapl.methods.build import autocast_dtype, build_method
 from metapl.methods.supervised import SupervisedMethod
 from metapl.models import param_groups_for_weight_decay
 from metapl.progress import progress_bar
-from metapl.reduced.precompute import Ranks
+from metapl.reduced.precompute import Ranks, fingerprint_images
 from metapl.report import check_replaceable, output_folder, write_json_atomic
 from metapl.sync_batchnorm import convert_global_batchnorm
 from metapl.train.checkpoint import (
@@ -522,6 +523,62 @@ def _open_run_folder(out_dir: Path, dp: DataParallel, note: str | None) -> None:
             token.unlink(missing_ok=True)
 
 
+def _check_same_data(dp: DataParallel, split: SSLSplit) -> None:
+    """Under torchrun, a ConfigError on every rank unless every rank loaded rank 0's data: each
+    trains on its slice of batches indexed into the images it loaded, so another copy of the
+    dataset (a file more or less, other labels) would train on other images than the ones meant,
+    or fail mid-run with an index out of range."""
+    if not dp.enabled:
+        return
+    mine = _split_fingerprint(split)
+    same = mine == dp.broadcast_object(mine)
+    if not dp.any_rank(not same):
+        return
+    sizes = (
+        f"{len(split.y_labeled)} labeled, {len(split.x_unlabeled)} unlabeled and "
+        f"{len(split.y_test)} test images"
+    )
+    which = (
+        f"rank {dp.rank} loaded {sizes}, which differ from rank 0's"
+        if not same
+        else f"rank {dp.rank} loaded rank 0's ({sizes}) and another rank other data"
+    )
+    raise ConfigError(
+        f"the ranks loaded different data: {which}; every rank must read the same dataset (on "
+        "several machines, identical copies)"
+    )
+
+
+def _split_fingerprint(split: SSLSplit) -> str:
+    """sha256 identifying a split: its labels, its images (each set by
+    :func:`~metapl.reduced.precompute.fingerprint_images`: hashed in full up to 512 MB, else by
+    sampled rows and file names), the tuning rows and the class names."""
+    digest = hashlib.sha256(b"metapl-split-v1\n")
+    for images, labels in (
+        (split.x_labeled, split.y_labeled),
+        (split.x_unlabeled, None),
+        (split.x_tune, split.y_tune),
+        (split.x_test, split.y_test),
+    ):
+        digest.update(fingerprint_images(images).encode())
+        if labels is not None:
+            digest.update(f"|{labels.shape}|{labels.dtype}|".encode())
+            digest.update(np.ascontiguousarray(labels).tobytes())
+    rows = split.tune_in_unlabeled
+    digest.update(
+        repr(
+            (
+                split.num_classes,
+                split.name,
+                split.class_names,
+                split.tune_in_labeled,
+                None if rows is None else np.asarray(rows).tolist(),
+            )
+        ).encode()
+    )
+    return digest.hexdigest()
+
+
 def _check_ranks_agree(dp: DataParallel, seen: bool, what: str) -> None:
     """Under torchrun, a ConfigError on every rank unless all ranks or none see ``what``."""
     if not dp.enabled or not (dp.any_rank(seen) and dp.any_rank(not seen)):
@@ -651,6 +708,7 @@ def _train(
     # A rank that saw no checkpoint would start over while the others resume: each would wait in
     # collectives the others never make (run folders on disks of their own machines).
     _check_ranks_agree(dp, resuming, f"{ckpt_path} is there")
+    _check_same_data(dp, split)  # node-local copies of a dataset, one only partly copied, say
     if resuming:
         saved = load_checkpoint(ckpt_path, format_version=FORMAT_VERSION)
         # Options added since the checkpoint was written count as their defaults (the old behaviour).
