@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import shlex
 import sys
 import time
@@ -33,7 +32,7 @@ from metapl.methods.build import autocast_dtype, build_method
 from metapl.methods.supervised import SupervisedMethod
 from metapl.models import param_groups_for_weight_decay
 from metapl.progress import progress_bar
-from metapl.reduced.precompute import Ranks, fingerprint_images
+from metapl.reduced.precompute import Ranks
 from metapl.report import check_replaceable, output_folder, write_json_atomic
 from metapl.sync_batchnorm import convert_global_batchnorm
 from metapl.train.checkpoint import (
@@ -52,6 +51,7 @@ from metapl.train.ema import EMA
 from metapl.train.guards import NonFiniteWatch, check_finite_weights, to_floats
 from metapl.train.large_teacher import check_large_teacher, prepare_large_teacher_data
 from metapl.train.metrics_log import MetricsLogger
+from metapl.train.rank_checks import check_ranks_agree, check_same_data
 from metapl.train.schedule import make_scheduler
 from metapl.train.stopping import STOP_SIGNALS, Stopped, StopSignals, TrainingStopped
 
@@ -511,7 +511,7 @@ def _open_run_folder(out_dir: Path, dp: DataParallel, note: str | None) -> None:
         return
     name = dp.broadcast_object(None if token is None else token.name)
     try:
-        _check_ranks_agree(dp, (out_dir / name).is_file(), f"the file rank 0 made in {out_dir}")
+        check_ranks_agree(dp, (out_dir / name).is_file(), f"the file rank 0 made in {out_dir}")
     except ConfigError:
         if token is not None and not existed:
             token.unlink(missing_ok=True)
@@ -521,74 +521,6 @@ def _open_run_folder(out_dir: Path, dp: DataParallel, note: str | None) -> None:
     finally:  # every rank has looked: the all-reduces in the check wait for all of them
         if token is not None:
             token.unlink(missing_ok=True)
-
-
-def _check_same_data(dp: DataParallel, split: SSLSplit) -> None:
-    """Under torchrun, a ConfigError on every rank unless every rank loaded rank 0's data: each
-    trains on its slice of batches indexed into the images it loaded, so another copy of the
-    dataset (a file more or less, other labels) would train on other images than the ones meant,
-    or fail mid-run with an index out of range."""
-    if not dp.enabled:
-        return
-    mine = _split_fingerprint(split)
-    same = mine == dp.broadcast_object(mine)
-    if not dp.any_rank(not same):
-        return
-    sizes = (
-        f"{len(split.y_labeled)} labeled, {len(split.x_unlabeled)} unlabeled and "
-        f"{len(split.y_test)} test images"
-    )
-    which = (
-        f"rank {dp.rank} loaded {sizes}, which differ from rank 0's"
-        if not same
-        else f"rank {dp.rank} loaded rank 0's ({sizes}) and another rank other data"
-    )
-    raise ConfigError(
-        f"the ranks loaded different data: {which}; every rank must read the same dataset (on "
-        "several machines, identical copies)"
-    )
-
-
-def _split_fingerprint(split: SSLSplit) -> str:
-    """sha256 identifying a split: its labels, its images (each set by
-    :func:`~metapl.reduced.precompute.fingerprint_images`: hashed in full up to 512 MB, else by
-    sampled rows and file names), the tuning rows and the class names."""
-    digest = hashlib.sha256(b"metapl-split-v1\n")
-    for images, labels in (
-        (split.x_labeled, split.y_labeled),
-        (split.x_unlabeled, None),
-        (split.x_tune, split.y_tune),
-        (split.x_test, split.y_test),
-    ):
-        digest.update(fingerprint_images(images).encode())
-        if labels is not None:
-            digest.update(f"|{labels.shape}|{labels.dtype}|".encode())
-            digest.update(np.ascontiguousarray(labels).tobytes())
-    rows = split.tune_in_unlabeled
-    digest.update(
-        repr(
-            (
-                split.num_classes,
-                split.name,
-                split.class_names,
-                split.tune_in_labeled,
-                None if rows is None else np.asarray(rows).tolist(),
-            )
-        ).encode()
-    )
-    return digest.hexdigest()
-
-
-def _check_ranks_agree(dp: DataParallel, seen: bool, what: str) -> None:
-    """Under torchrun, a ConfigError on every rank unless all ranks or none see ``what``."""
-    if not dp.enabled or not (dp.any_rank(seen) and dp.any_rank(not seen)):
-        return
-    here, there = ("sees", "does not") if seen else ("does not see", "does")
-    raise ConfigError(
-        f"the ranks see different run folders: rank {dp.rank} {here} {what} and another rank "
-        f"{there}; every rank must see the same --out folder (on several machines, put it on a "
-        "file system they share)"
-    )
 
 
 # Config keys that do not change a run's results: where it ran, how often it logged, evaluated
@@ -707,8 +639,8 @@ def _train(
     resuming = ckpt_path.exists()
     # A rank that saw no checkpoint would start over while the others resume: each would wait in
     # collectives the others never make (run folders on disks of their own machines).
-    _check_ranks_agree(dp, resuming, f"{ckpt_path} is there")
-    _check_same_data(dp, split)  # node-local copies of a dataset, one only partly copied, say
+    check_ranks_agree(dp, resuming, f"{ckpt_path} is there")
+    check_same_data(dp, split)  # node-local copies of a dataset, one only partly copied, say
     if resuming:
         saved = load_checkpoint(ckpt_path, format_version=FORMAT_VERSION)
         # Options added since the checkpoint was written count as their defaults (the old behaviour).
