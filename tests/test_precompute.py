@@ -735,3 +735,41 @@ def test_every_rank_refuses_a_stale_file_and_none_recomputes_a_finished_one(
     results = _ranks_run(2, models, images, path)
     assert all(np.array_equal(r, reference) for r in results)
     assert [m.calls for m in models] == [0, 0]
+
+
+def test_ranks_start_over_where_rank_0_finds_the_file_unreadable(model, images, tmp_path):
+    """Rank 0 alone reads the file and every rank starts where it says: with a sidecar claiming
+    20 rows and a truncated ``.npy``, rank 0 starts over from row 0, and so must rank 1 (starting
+    at row 20 it would work on other rounds, and the sidecar would claim rows never computed)."""
+    reference = np.array(_run(model, images, tmp_path / "one.npy"))
+    path = tmp_path / "teacher.npy"
+    with pytest.raises(RuntimeError, match="interrupted"):
+        _run(Interruptible(model, fail_after=4), images, path)  # rows 0..19 claimed
+    with path.open("r+b") as f:
+        f.truncate(path.stat().st_size - 100)
+    models = [Interruptible(model) for _ in range(2)]
+    with pytest.warns(UserWarning, match="starting over from row 0"):
+        results = _ranks_run(2, models, images, path)
+    assert all(np.array_equal(r, reference) for r in results), results
+    assert sum(sum(m.sizes) for m in models) == N  # every row computed once
+
+
+def test_rows_the_ranks_did_not_send_are_never_claimed(model, images, tmp_path):
+    """The round's shares must cover exactly the rows the sidecar will claim: a gap (ranks that
+    disagreed on where the round starts) writes nothing."""
+    path = tmp_path / "teacher.npy"
+    meta = {"num_images": N, "completed_rows": 0}
+    rows = np.full((10, C), 0.2, np.float32)
+    with pytest.raises(RuntimeError, match=r"do not cover rows 0\.\.29 .* nothing of them"):
+        precompute._write_round(path, meta, None, [(0, rows), (20, rows)], range(0, 30))
+    with pytest.raises(RuntimeError, match="do not cover"):
+        precompute._write_round(path, meta, None, [(0, rows), (10, rows)], range(0, 30))
+    assert not path.exists() and not sidecar_path(path).exists()
+
+
+def test_a_model_whose_class_count_changes_within_a_share_is_refused(images, tmp_path):
+    calls = itertools.count()
+    flaky = Returns(lambda x: torch.zeros(len(x), C if next(calls) == 0 else C - 1))
+    with pytest.raises(ConfigError, match=f"returned {C - 1} classes for images 5..9, {C} before"):
+        _run(flaky, images, tmp_path / "teacher.npy")
+    assert not (tmp_path / "teacher.npy").exists()

@@ -189,6 +189,10 @@ def worker_setup() -> None:
         return original_batch_probs(model, images, rows, *args)
 
     precompute._batch_probs = batch_probs
+    if os.environ.get(OWN_FOLDER_ENV):
+        from metapl.train import rank_checks
+
+        rank_checks.PATIENCE_S = 0.5  # a rank that does not see a file looks again this long
     if os.environ.get(OWN_FOLDER_ENV) and rank == 1:
         original_output_folder = engine.output_folder
 
@@ -428,6 +432,8 @@ def test_two_processes_train_like_one_on_the_whole_batch(request, tmp_path, pres
             rows = sorted((a, b) for share in shares for total, a, b in share if total == n)
             assert [a for a, _ in rows] == [0] + [b for _, b in rows[:-1]] and rows[-1][1] == n
     assert json.loads((two / "results.json").read_text())["results"][0]["steps"] == steps
+    # the file by which the ranks checked that they share the folder is gone
+    assert not list(two.glob(".metapl-*"))
 
 
 def test_a_two_process_run_killed_and_rerun_ends_with_the_weights_of_an_unbroken_one(tmp_path):
@@ -527,22 +533,30 @@ def test_a_sigterm_to_the_launcher_before_training_stops_every_rank_at_once_writ
     assert not out.exists()
 
 
-def test_ranks_that_see_different_run_folders_stop_before_training_and_say_so(tmp_path):
+@pytest.mark.parametrize("preset", ["digits-uda-mpl", "digits-reduced-noisy-student"])
+def test_ranks_that_see_different_run_folders_stop_before_training_and_say_so(
+    request, tmp_path, preset
+):
     """torchrun on several machines with --out on each machine's own disk: rank 0 writes the
     checkpoints and the large teacher's files that every rank reads. A fresh run stops on every
-    rank before its first step and leaves no folder; a resume, where rank 0 sees the checkpoint
-    and rank 1 does not, stops before either loads it (before, rank 1 started over while rank 0
-    resumed, each waiting in collectives the other never made)."""
+    rank before its first step (and before the large teacher's precompute) and leaves no folder;
+    a resume, where rank 0 sees the checkpoint and rank 1 does not, stops before either loads it
+    (before, rank 1 started over while rank 0 resumed, each waiting in collectives the other never
+    made)."""
     register_test_model()
-    preset, out = "digits-uda-mpl", tmp_path / "run"
-    args = for_preset(preset, options(2))
+    out = tmp_path / "run"
+    extra = []
+    if preset == "digits-reduced-noisy-student":
+        extra = ["--set", f"large_teacher={request.getfixturevalue('large_teacher')}"]
+    args = for_preset(preset, options(2, *extra))
     command, env, report = torchrun_command(tmp_path, preset, out, args, **{OWN_FOLDER_ENV: "1"})
 
     def fails() -> str:
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
         assert done.returncode != 0
-        for r in (0, 1):  # no step drawn
-            assert json.loads((report / f"rank{r}.json").read_text())["batches"] == []
+        for r in (0, 1):  # no step drawn, no image classified for the large teacher's files
+            got = json.loads((report / f"rank{r}.json").read_text())
+            assert got["batches"] == [] and got["precomputed"] == []
         return done.stderr
 
     stderr = fails()

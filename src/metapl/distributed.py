@@ -160,6 +160,10 @@ class DataParallel:
         dist.all_reduce(flat, op=dist.ReduceOp.MAX)
         return bool(flat.item())
 
+    def all_ranks(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on every rank (every rank calling this at the same point)."""
+        return not self.any_rank(not flag)
+
     @torch.no_grad()
     def broadcast_(self, modules: Iterable[nn.Module]) -> None:
         """Copy rank 0's parameters and buffers into every rank's modules."""

@@ -39,7 +39,7 @@ from torch import nn
 
 from metapl.atomic import fsync_file, write_error, write_json_atomically
 from metapl.data.arrays import data_error, describe, to_tensor_nchw
-from metapl.errors import ConfigError
+from metapl.errors import ConfigError, DataError
 from metapl.progress import progress_bar
 
 FORMAT_VERSION = 1
@@ -197,8 +197,7 @@ def _differences(recorded: dict, expected: dict) -> list[str]:
 
 def _recorded_rows(out_path: Path, expected: dict) -> int | None:
     """The rows the sidecar of ``out_path`` claims done (None: no sidecar, start a new file).
-    Refuses a file that is not ours, or ours for another model, data or temperature; reads only,
-    so under torchrun every rank checks (and reports) the same thing."""
+    Refuses a file that is not ours, or ours for another model, data or temperature."""
     if not sidecar_path(out_path).exists():
         if out_path.exists():
             raise data_error(
@@ -270,7 +269,8 @@ def _create(out_path: Path, meta: dict, num_classes: int) -> np.memmap:
 def _reserve_disk_space(path: Path) -> None:
     """Give the (sparse) ``.npy`` its disk blocks now. A write through a memory map to a full
     disk is a SIGBUS that kills the process without a word; reserved, the full disk is an OSError
-    here, before any row is computed."""
+    here, before any row is written (after the first round is computed: the model's output gives
+    the number of classes)."""
     if not hasattr(os, "posix_fallocate"):  # macOS, Windows: left sparse
         return
     fd = os.open(path, os.O_RDWR)
@@ -387,11 +387,18 @@ def precompute_distributions(
     }
     fingerprints = {k: meta[k] for k in ("model_fingerprint", "data_fingerprint")}
     writer = ranks.rank == 0
-    # Every rank refuses a foreign or stale file, and has, before rank 0 opens it.
-    claimed = _recorded_rows(out_path, dict(meta))
-    ranks.barrier()
-    probs, done = _resume_point(out_path, meta) if writer else (None, claimed or 0)
-    done = ranks.broadcast(done)  # rank 0's reading rules (an unreadable file starts over)
+    # Rank 0 alone reads the file before it is finished: another machine's rank that looked for
+    # it before it existed might not see it afterwards for a while (a network file system's cache
+    # of missing names). Every rank raises rank 0's error, if any (a foreign or stale file).
+    probs, done, refused = None, 0, None
+    if writer:
+        try:
+            probs, done = _resume_point(out_path, meta)
+        except DataError as exc:
+            refused = str(exc)
+    done, refused = ranks.broadcast((done, refused))
+    if refused is not None:
+        raise DataError(refused)
     if done == n:
         del probs
         return load_distributions(out_path, **fingerprints)
@@ -416,15 +423,21 @@ def precompute_distributions(
                 mine = _share(
                     _batches(range(start, stop), batch_size), ranks.rank, ranks.world_size
                 )
-                rows_out = []
+                rows_out: list[np.ndarray] = []
                 for rows in mine:
                     out = _batch_probs(model, images, rows, device, temperature, autocast_dtype)
+                    if rows_out and out.shape[1] != rows_out[0].shape[1]:
+                        raise ConfigError(
+                            f"the model returned {out.shape[1]} classes for images "
+                            f"{rows.start}..{rows.stop - 1}, {rows_out[0].shape[1]} before"
+                        )
                     rows_out.append(out)
                     bar.update(len(rows))
                 share = (mine[0].start, np.concatenate(rows_out)) if mine else None
                 parts = ranks.gather(share)
                 if parts is not None:  # rank 0: the round's rows to disk, then the sidecar
-                    probs = _write_round(out_path, meta, probs, [p for p in parts if p is not None])
+                    shares = [p for p in parts if p is not None]
+                    probs = _write_round(out_path, meta, probs, shares, range(start, stop))
                     probs.flush()  # rows on disk first, then the sidecar may claim them
                     meta["completed_rows"] = stop
                     write_json_atomically(sidecar_path(out_path), meta)
@@ -434,14 +447,28 @@ def precompute_distributions(
         model.train(was_training)
         bar.close()
     del probs  # close the writable mapping before handing out a read-only one
-    ranks.barrier()  # rank 0 has written the last sidecar before the others read it
+    ranks.barrier()  # rank 0 has written the last sidecar before the others read the file
     return load_distributions(out_path, **fingerprints)
 
 
 def _write_round(
-    out_path: Path, meta: dict, probs: np.memmap | None, parts: list[tuple[int, np.ndarray]]
+    out_path: Path,
+    meta: dict,
+    probs: np.memmap | None,
+    parts: list[tuple[int, np.ndarray]],
+    expected: range,
 ) -> np.memmap:
-    """The ranks' rows of one round written into the file, created now if no round was before."""
+    """The ranks' rows of one round written into the file, created now if no round was before.
+    The sidecar will claim ``expected``: the shares must cover exactly those rows, or nothing is
+    written (ranks that disagreed on the round would otherwise leave unwritten rows claimed)."""
+    covered = [(first, first + len(rows)) for first, rows in parts]
+    if [a for a, _ in covered] != [expected.start, *(b for _, b in covered[:-1])] or (
+        covered[-1][1] != expected.stop
+    ):
+        raise RuntimeError(
+            f"the ranks' shares {covered} do not cover rows {expected.start}..{expected.stop - 1} "
+            f"of {out_path}; nothing of them was written"
+        )
     for first, rows in parts:
         if probs is None:
             probs = _create(out_path, meta, rows.shape[1])

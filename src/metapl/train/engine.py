@@ -51,7 +51,7 @@ from metapl.train.ema import EMA
 from metapl.train.guards import NonFiniteWatch, check_finite_weights, to_floats
 from metapl.train.large_teacher import check_large_teacher, prepare_large_teacher_data
 from metapl.train.metrics_log import MetricsLogger
-from metapl.train.rank_checks import check_ranks_agree, check_same_data
+from metapl.train.rank_checks import check_ranks_see, check_same_data
 from metapl.train.schedule import make_scheduler
 from metapl.train.stopping import STOP_SIGNALS, Stopped, StopSignals, TrainingStopped
 
@@ -495,32 +495,32 @@ _RANKS_TOKEN = ".metapl-seen-by-every-rank-"
 
 
 def _open_run_folder(out_dir: Path, dp: DataParallel, note: str | None) -> None:
-    """Rank 0 prints ``note``, makes the run folder and clears its leftovers. Under torchrun every
-    rank then checks that it sees a file rank 0 made there: they share one folder (rank 0 writes
+    """Rank 0 makes the run folder, clears its leftovers and prints ``note``. Under torchrun every
+    rank first checks that it sees a file rank 0 made there: they share one folder (rank 0 writes
     the checkpoints and the large teacher's files that every rank reads), not one per machine."""
     existed = out_dir.is_dir()
     token = None
     if dp.is_main:
-        _print_note(note)
         out_dir.mkdir(parents=True, exist_ok=True)
         _clear_leftovers(out_dir)
         if dp.enabled:
             token = out_dir / f"{_RANKS_TOKEN}{uuid.uuid4().hex}"
             token.touch()
-    if not dp.enabled:
-        return
-    name = dp.broadcast_object(None if token is None else token.name)
-    try:
-        check_ranks_agree(dp, (out_dir / name).is_file(), f"the file rank 0 made in {out_dir}")
-    except ConfigError:
-        if token is not None and not existed:
-            token.unlink(missing_ok=True)
-            with contextlib.suppress(OSError):  # left if anything else is in it
-                out_dir.rmdir()  # nothing of the run was written: leave no empty folder
-        raise
-    finally:  # every rank has looked: the all-reduces in the check wait for all of them
-        if token is not None:
-            token.unlink(missing_ok=True)
+    if dp.enabled:
+        name = dp.broadcast_object(None if token is None else token.name)
+        try:
+            check_ranks_see(dp, out_dir / name, f"the file rank 0 made in {out_dir}")
+        except ConfigError:
+            if token is not None and not existed:
+                token.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):  # left if anything else is in it
+                    out_dir.rmdir()  # nothing of the run was written: leave no empty folder
+            raise
+        finally:  # every rank has looked: the all-reduces in the check wait for all of them
+            if token is not None:
+                token.unlink(missing_ok=True)
+    if dp.is_main:
+        _print_note(note)  # after the checks: a mistake found in them is one line
 
 
 # Config keys that do not change a run's results: where it ran, how often it logged, evaluated
@@ -636,10 +636,9 @@ def _train(
     fingerprint = config_fingerprint(cfg.to_dict())
     ckpt_path = out_dir / "checkpoint.pt"
     saved = None
-    resuming = ckpt_path.exists()
     # A rank that saw no checkpoint would start over while the others resume: each would wait in
     # collectives the others never make (run folders on disks of their own machines).
-    check_ranks_agree(dp, resuming, f"{ckpt_path} is there")
+    resuming = check_ranks_see(dp, ckpt_path, f"{ckpt_path} is there")
     check_same_data(dp, split)  # node-local copies of a dataset, one only partly copied, say
     if resuming:
         saved = load_checkpoint(ckpt_path, format_version=FORMAT_VERSION)
@@ -647,10 +646,10 @@ def _train(
         defaults = TrainConfig().to_dict()
         check_resumable(saved, fingerprint, ckpt_path, config=cfg.to_dict(), defaults=defaults)
         _check_not_past_the_end(cfg, int(saved["step"]), ckpt_path)
-    elif dp.is_main:
+    else:
         # No checkpoint, so the run starts over: the results.json of a run of another
         # configuration there (its checkpoints deleted to save space, say) would be replaced, and
-        # its metrics.csv, without a word.
+        # its metrics.csv, without a word. (Every rank reads it: each says why the run stops.)
         check_replaceable(out_dir, "train", cfg.to_dict(), ignore=_NOT_IN_RESULTS)
     teacher_probs = None
     opened = False  # the run folder (made by rank 0, seen by every rank)

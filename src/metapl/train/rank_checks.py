@@ -9,6 +9,9 @@ rank (docs/multi-gpu.md "Start-up").
 from __future__ import annotations
 
 import hashlib
+import os
+import time
+from pathlib import Path
 
 import numpy as np
 
@@ -45,9 +48,10 @@ def check_same_data(dp: DataParallel, split: SSLSplit) -> None:
 
 
 def _split_fingerprint(split: SSLSplit) -> str:
-    """sha256 identifying a split: its labels, its images (each set by
-    :func:`~metapl.reduced.precompute.fingerprint_images`: hashed in full up to 512 MB, else by
-    sampled rows and file names), the tuning rows and the class names."""
+    """sha256 identifying a split: its labels, its images, the tuning rows and the class names.
+    Images in memory count by :func:`~metapl.reduced.precompute.fingerprint_images` (hashed in
+    full up to 512 MB, else sampled rows); image files by their names (class folder and file),
+    not their decoded pixels, which another machine's decoder may round differently."""
     digest = hashlib.sha256(b"metapl-split-v1\n")
     for images, labels in (
         (split.x_labeled, split.y_labeled),
@@ -55,7 +59,7 @@ def _split_fingerprint(split: SSLSplit) -> str:
         (split.x_tune, split.y_tune),
         (split.x_test, split.y_test),
     ):
-        digest.update(fingerprint_images(images).encode())
+        digest.update(_images_identity(images).encode())
         if labels is not None:
             digest.update(f"|{labels.shape}|{labels.dtype}|".encode())
             digest.update(np.ascontiguousarray(labels).tobytes())
@@ -74,13 +78,67 @@ def _split_fingerprint(split: SSLSplit) -> str:
     return digest.hexdigest()
 
 
-def check_ranks_agree(dp: DataParallel, seen: bool, what: str) -> None:
-    """Under torchrun, a ConfigError on every rank unless all ranks or none see ``what``."""
-    if not dp.enabled or not (dp.any_rank(seen) and dp.any_rank(not seen)):
-        return
+PATIENCE_S = 60.0
+"""How long a rank that does not see a file another rank sees looks again before it reports it."""
+
+
+def _images_identity(images) -> str:
+    paths = getattr(images, "paths", None)
+    if not isinstance(paths, list):
+        return fingerprint_images(images)
+    shape = tuple(getattr(images, "shape", (len(paths),)))
+    names = "\n".join("/".join(Path(p).parts[-2:]) for p in paths)
+    return hashlib.sha256(f"files|{shape}\n{names}".encode()).hexdigest()
+
+
+def check_ranks_see(dp: DataParallel, path: Path, what: str) -> bool:
+    """Whether ``path`` is there; under torchrun, a ConfigError on every rank unless all ranks see
+    it or none does. A rank that does not see it while another does looks again for
+    :data:`PATIENCE_S` seconds, listing each folder on the way: a network file system's client may
+    answer a lookup from its cache of names it found missing (NFS: for 30-60 s by default), which
+    listing the folder refreshes."""
+    seen = path.exists()
+    if not dp.enabled or not _disagree(dp, seen):
+        return seen
+    if not seen:
+        seen = _listed_within(path, PATIENCE_S)
+    if not _disagree(dp, seen):
+        return seen
     here, there = ("sees", "does not") if seen else ("does not see", "does")
     raise ConfigError(
         f"the ranks see different run folders: rank {dp.rank} {here} {what} and another rank "
         f"{there}; every rank must see the same --out folder (on several machines, put it on a "
         "file system they share)"
     )
+
+
+def _disagree(dp: DataParallel, flag: bool) -> bool:
+    # the same answer on every rank, so every rank makes the same collectives after it
+    return dp.any_rank(flag) and not dp.all_ranks(flag)
+
+
+def _listed_within(path: Path, patience: float) -> bool:
+    """Whether ``path`` shows in its folders' listings within ``patience`` seconds."""
+    deadline = time.monotonic() + patience
+    while not _listed(path):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(min(1.0, patience))
+    return True
+
+
+def _listed(path: Path) -> bool:
+    """Whether each component of ``path`` shows in its parent folder's listing (a folder that may
+    not be listed is asked by a lookup)."""
+    parts = Path(os.path.abspath(path)).parts
+    for depth in range(1, len(parts)):  # from the root down
+        folder, name = Path(*parts[:depth]), parts[depth]
+        try:
+            if name not in os.listdir(folder):
+                return False
+        except PermissionError:
+            if not (folder / name).exists():
+                return False
+        except OSError:
+            return False
+    return True

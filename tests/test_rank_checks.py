@@ -1,0 +1,119 @@
+"""metapl.train.rank_checks without processes: a rank's view of the run folder and of its data,
+against a stand-in for the other ranks (tests/test_torchrun.py runs the checks on 2 processes)."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+import numpy as np
+import pytest
+
+from metapl.data.splits import SSLSplit
+from metapl.errors import ConfigError
+from metapl.train import rank_checks
+from metapl.train.rank_checks import check_ranks_see, check_same_data
+
+
+@dataclasses.dataclass
+class OtherRankSees:
+    """This process as rank 1 of 2, whose other rank (rank 0) sees the file (``sees``) and has
+    the data fingerprint ``fingerprint``."""
+
+    sees: bool = True
+    fingerprint: str = ""
+    rank: int = 1
+    world_size: int = 2
+    enabled: bool = True
+
+    def any_rank(self, flag: bool) -> bool:
+        return flag or self.sees
+
+    def all_ranks(self, flag: bool) -> bool:
+        return flag and self.sees
+
+    def broadcast_object(self, obj):
+        return self.fingerprint
+
+
+@pytest.fixture
+def patience(monkeypatch):
+    monkeypatch.setattr(rank_checks, "PATIENCE_S", 1.0)
+
+
+def test_a_file_the_other_rank_sees_is_looked_for_again_until_it_shows(tmp_path, patience):
+    """A network file system's client may trust its cache of missing names for a while after
+    rank 0 made the file: the rank lists the folders again until it shows, and agrees."""
+    path = tmp_path / "made" / "by_rank_0"
+    threading.Timer(0.3, lambda: (path.parent.mkdir(), path.touch())).start()
+    assert check_ranks_see(OtherRankSees(), path, "it") is True
+
+
+def test_a_file_that_never_shows_stops_the_run_naming_what_differs(tmp_path, patience):
+    with pytest.raises(ConfigError) as err:
+        check_ranks_see(OtherRankSees(), tmp_path / "elsewhere", "the file rank 0 made in F")
+    assert str(err.value) == (
+        "the ranks see different run folders: rank 1 does not see the file rank 0 made in F and "
+        "another rank does; every rank must see the same --out folder (on several machines, put "
+        "it on a file system they share)"
+    )
+
+
+def test_ranks_that_agree_pass_at_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(rank_checks, "PATIENCE_S", 1000.0)  # no waiting when they agree
+    (tmp_path / "f").touch()
+    assert check_ranks_see(OtherRankSees(sees=True), tmp_path / "f", "it") is True
+    assert check_ranks_see(OtherRankSees(sees=False), tmp_path / "g", "it") is False
+    with pytest.raises(ConfigError, match="rank 1 sees it and another rank does not"):
+        check_ranks_see(OtherRankSees(sees=False), tmp_path / "f", "it")
+
+
+def _split(unlabeled: int = 6, label: int = 0) -> SSLSplit:
+    x = np.zeros((4 + unlabeled, 2, 2, 1), np.uint8)
+    y = np.array([label, 1, 0, 1])
+    return SSLSplit(x[:4], y, x[4:], x[:0], y[:0], x[:2], y[:2], 2, "tiny")
+
+
+@pytest.mark.parametrize(
+    "other", [_split(unlabeled=5), _split(label=1)], ids=["one-image-short", "another-label"]
+)
+def test_a_rank_with_other_data_stops_the_run_naming_what_it_loaded(other):
+    rank0 = OtherRankSees(fingerprint=rank_checks._split_fingerprint(_split()), sees=False)
+    check_same_data(rank0, _split())  # the same: nothing to say
+    with pytest.raises(ConfigError) as err:
+        check_same_data(rank0, other)
+    n_u = len(other.x_unlabeled)
+    assert str(err.value) == (
+        f"the ranks loaded different data: rank 1 loaded 4 labeled, {n_u} unlabeled and 2 test "
+        "images, which differ from rank 0's; every rank must read the same dataset (on several "
+        "machines, identical copies)"
+    )
+
+
+class FilesOnly:
+    """An image-file reader that must not be decoded (another machine's decoder may round the
+    pixels differently): the check goes by the files' names."""
+
+    def __init__(self, paths: list[str]):
+        self.paths = paths
+        self.shape = (len(paths), 8, 8, 1)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        raise AssertionError("decoded")
+
+
+def test_image_files_count_by_their_names_not_by_their_folder_or_pixels():
+    def split(root: str, names: list[str]) -> SSLSplit:
+        y = np.array([0, 1])
+        files = FilesOnly([f"{root}/{n}" for n in names])
+        return SSLSplit(files, y, files, files, y[:0], files, y, 2, "files")
+
+    here = split("/data/a", ["cat/1.jpg", "dog/2.jpg"])
+    moved = split("/mnt/copy", ["cat/1.jpg", "dog/2.jpg"])
+    renamed = split("/data/a", ["cat/1.jpg", "dog/3.jpg"])
+    fingerprint = rank_checks._split_fingerprint
+    assert fingerprint(here) == fingerprint(moved)
+    assert fingerprint(here) != fingerprint(renamed)
