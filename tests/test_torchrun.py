@@ -454,6 +454,33 @@ def test_a_two_process_run_killed_and_rerun_ends_with_the_weights_of_an_unbroken
     assert_same_run(broken, unbroken, step=4)
 
 
+def test_a_two_process_run_resumes_in_one_process_like_a_one_process_run(tmp_path):
+    """The number of processes may change between resumes (a cluster that gives fewer GPUs
+    after a preemption): the step's random draws depend on the seed and the step, and the global
+    batch stays the same. A 2-process run killed after its step-2 checkpoint, then finished by
+    one process, ends with a 1-process run's weights (float64, no BatchNorm or dropout)."""
+    register_test_model()
+    preset = "digits-uda-mpl"
+    args = for_preset(preset, options(4))  # checkpoints at steps 2 and 4
+    one, broken = tmp_path / "one", tmp_path / "broken"
+    assert main(["train", "--preset", preset, "--out", str(one), *args]) == 0
+    torchrun(tmp_path, preset, broken, args, kill_at=3)
+    assert load_checkpoint(broken / "checkpoint.pt")["step"] == 2
+    assert main(["train", "--preset", preset, "--out", str(broken), *args]) == 0
+    got, want = load_checkpoint(broken / "checkpoint.pt"), load_checkpoint(one / "checkpoint.pt")
+    assert got["step"] == want["step"] == 4
+    for name in ("student", "teacher"):
+        for key, value in want[name].items():
+            torch.testing.assert_close(got[name][key], value, rtol=1e-10, atol=1e-12)
+    metrics_got, metrics_want = (
+        read_metrics(broken / "metrics.csv"),
+        read_metrics(one / "metrics.csv"),
+    )
+    assert metrics_got.keys() == metrics_want.keys()
+    for key, value in metrics_want.items():
+        assert metrics_got[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+
+
 def test_a_sigterm_to_one_rank_stops_both_at_the_next_logged_step_with_a_checkpoint(tmp_path):
     """metapl.train.stopping under torchrun: the ranks agree on the step at which to stop (the
     next logged one: they ask each other only there), rank 0 saves it, and the rerun resumes
