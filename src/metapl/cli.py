@@ -424,7 +424,10 @@ def build_parser() -> argparse.ArgumentParser:
             "metrics.csv, tb/ (TensorBoard), checkpoint.pt (and checkpoint.prev.pt, the one "
             "before it), results.json, curves.png (losses, accuracies and learning rates over "
             "steps) and, for a dataset with class names, classes.json. Model selection never "
-            "uses the test set: the reported model is the last one."
+            "uses the test set: the reported model is the last one. On several GPUs, start "
+            "the same command under torchrun, one process per GPU (`torchrun --nproc_per_node "
+            "N -m metapl train ...`; docs/multi-gpu.md): every rank trains on its slice of each "
+            "batch and rank 0 writes DIR."
         ),
         epilog=f"config keys for --set: {keys}",
     )
