@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,6 +26,10 @@ class OtherRankSees:
     rank: int = 1
     world_size: int = 2
     enabled: bool = True
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
 
     def any_rank(self, flag: bool) -> bool:
         return flag or self.sees
@@ -47,6 +52,28 @@ def test_a_file_the_other_rank_sees_is_looked_for_again_until_it_shows(tmp_path,
     path = tmp_path / "made" / "by_rank_0"
     threading.Timer(0.3, lambda: (path.parent.mkdir(), path.touch())).start()
     assert check_ranks_see(OtherRankSees(), path, "it") is True
+
+
+def test_each_look_again_lists_every_folder_on_the_way_first(tmp_path, monkeypatch, patience):
+    """The listing is what makes a network file system's client ask its server again; the answer
+    is still the lookup's, so a path through a link and ``..`` (which a listing cannot follow)
+    counts as there."""
+    (tmp_path / "sub" / "inner").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "sub" / "inner")
+    path = tmp_path / "link" / ".." / "made"  # tmp_path/sub/made, through the link
+    walk = [str(p) for p in reversed(Path(rank_checks.os.path.abspath(path)).parents)]
+    listed = []
+    real_listdir = rank_checks.os.listdir
+
+    def listdir(folder):
+        listed.append(str(folder))
+        if len(listed) == len(walk) + 1:  # the second walk: the file shows after the first look
+            (tmp_path / "sub" / "made").touch()
+        return real_listdir(folder)
+
+    monkeypatch.setattr(rank_checks.os, "listdir", listdir)
+    assert check_ranks_see(OtherRankSees(), path, "it") is True
+    assert listed == walk + walk  # from the root down to the file's own folder, before each look
 
 
 def test_a_file_that_never_shows_stops_the_run_naming_what_differs(tmp_path, patience):
@@ -117,3 +144,48 @@ def test_image_files_count_by_their_names_not_by_their_folder_or_pixels():
     fingerprint = rank_checks._split_fingerprint
     assert fingerprint(here) == fingerprint(moved)
     assert fingerprint(here) != fingerprint(renamed)
+
+
+def test_image_files_count_by_their_paths_below_the_dataset_folder():
+    """A reader with a ``root`` (your own image folders, whose unlabeled images may lie at any
+    depth) counts its files by their paths below it: b/x/1.png is not a/x/1.png."""
+
+    def files(root: str, names: list[str]) -> FilesOnly:
+        reader = FilesOnly([f"{root}/{n}" for n in names])
+        reader.root = root
+        return reader
+
+    identity = rank_checks._images_identity
+    here = files("/data/own", ["a/x/1.png", "b/y/2.png"])
+    assert identity(here) == identity(files("/mnt/copy", ["a/x/1.png", "b/y/2.png"]))
+    assert identity(here) != identity(files("/data/own", ["b/x/1.png", "b/y/2.png"]))
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_check_of_rank_0_alone_stops_every_rank(rank):
+    """check_replaceable reads the folder rank 0 writes: rank 0 alone runs it and every rank
+    raises its refusal, so each says why the run stops."""
+    said = []
+
+    class Ranks(OtherRankSees):
+        def broadcast_object(self, obj):
+            return "--out D holds train results of another configuration" if obj is None else obj
+
+    def check():
+        said.append(rank)
+        raise ConfigError("--out D holds train results of another configuration")
+
+    with pytest.raises(ConfigError, match="holds train results of another configuration"):
+        rank_checks.on_rank_0(Ranks(rank=rank), check)
+    assert said == ([0] if rank == 0 else [])
+
+
+def test_a_check_of_rank_0_alone_in_one_process_raises_its_own_error():
+    class Alone(OtherRankSees):
+        def broadcast_object(self, obj):
+            raise AssertionError("no collective in one process")
+
+    one = Alone(rank=0, world_size=1, enabled=False)
+    with pytest.raises(ConfigError, match="^nope$"):
+        rank_checks.on_rank_0(one, lambda: (_ for _ in ()).throw(ConfigError("nope")))
+    rank_checks.on_rank_0(one, lambda: None)

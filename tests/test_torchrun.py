@@ -603,6 +603,26 @@ def test_ranks_that_see_different_run_folders_stop_before_training_and_say_so(
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
 
 
+def test_every_rank_says_why_rank_0_will_not_replace_the_results_in_its_folder(tmp_path):
+    """--out holds another configuration's results.json and no checkpoint: rank 0 refuses to
+    replace them, and every rank says so (before, rank 1 went on until torchrun stopped it)."""
+    register_test_model()
+    preset, out = "digits-uda-mpl", tmp_path / "run"
+    args = for_preset(preset, options(2))
+    assert main(["train", "--preset", preset, "--out", str(out), *args]) == 0
+    for name in ("checkpoint.pt", "checkpoint.prev.pt"):
+        (out / name).unlink(missing_ok=True)
+    before = (out / "results.json").read_bytes()
+    command, env, report = torchrun_command(tmp_path, preset, out, for_preset(preset, options(3)))
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    line = f"--out {out} holds train results of another configuration (steps=2)"
+    assert done.stderr.count(line) == 2, done.stderr[-3000:]
+    for r in (0, 1):
+        assert json.loads((report / f"rank{r}.json").read_text())["batches"] == []
+    assert (out / "results.json").read_bytes() == before
+
+
 def test_ranks_that_loaded_different_data_stop_before_training_and_say_so(tmp_path):
     """Each rank indexes its slice of every batch into the images it loaded itself: a rank with
     another copy of the dataset (one image short here) would train on other images than those

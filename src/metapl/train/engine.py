@@ -51,7 +51,7 @@ from metapl.train.ema import EMA
 from metapl.train.guards import NonFiniteWatch, check_finite_weights, to_floats
 from metapl.train.large_teacher import check_large_teacher, prepare_large_teacher_data
 from metapl.train.metrics_log import MetricsLogger
-from metapl.train.rank_checks import check_ranks_see, check_same_data
+from metapl.train.rank_checks import check_ranks_see, check_same_data, on_rank_0
 from metapl.train.schedule import make_scheduler
 from metapl.train.stopping import STOP_SIGNALS, Stopped, StopSignals, TrainingStopped
 
@@ -649,8 +649,11 @@ def _train(
     else:
         # No checkpoint, so the run starts over: the results.json of a run of another
         # configuration there (its checkpoints deleted to save space, say) would be replaced, and
-        # its metrics.csv, without a word. (Every rank reads it: each says why the run stops.)
-        check_replaceable(out_dir, "train", cfg.to_dict(), ignore=_NOT_IN_RESULTS)
+        # its metrics.csv, without a word.
+        on_rank_0(
+            dp,
+            lambda: check_replaceable(out_dir, "train", cfg.to_dict(), ignore=_NOT_IN_RESULTS),
+        )
     teacher_probs = None
     opened = False  # the run folder (made by rank 0, seen by every rank)
     if cfg.uses_large_teacher:  # ReducedMPL / NoisyStudent: precompute, select, free the teacher

@@ -8,9 +8,11 @@ rank (docs/multi-gpu.md "Start-up").
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -78,25 +80,38 @@ def _split_fingerprint(split: SSLSplit) -> str:
     return digest.hexdigest()
 
 
-PATIENCE_S = 60.0
-"""How long a rank that does not see a file another rank sees looks again before it reports it."""
+PATIENCE_S = 90.0
+"""How long a rank that does not see a file another rank sees looks again before it reports it
+(NFS clients trust their cache of missing names for up to 60 s by default)."""
 
 
 def _images_identity(images) -> str:
+    """Images in memory by their pixels; image files by their paths below the dataset's folder
+    (``root``, where the reader has one; else the class folder and the file name)."""
     paths = getattr(images, "paths", None)
     if not isinstance(paths, list):
         return fingerprint_images(images)
     shape = tuple(getattr(images, "shape", (len(paths),)))
-    names = "\n".join("/".join(Path(p).parts[-2:]) for p in paths)
+    root = getattr(images, "root", None)
+    names = "\n".join(_below(Path(p), root) for p in paths)
     return hashlib.sha256(f"files|{shape}\n{names}".encode()).hexdigest()
+
+
+def _below(path: Path, root) -> str:
+    if root is not None:
+        try:
+            return path.relative_to(root).as_posix()
+        except ValueError:
+            pass
+    return "/".join(path.parts[-2:])
 
 
 def check_ranks_see(dp: DataParallel, path: Path, what: str) -> bool:
     """Whether ``path`` is there; under torchrun, a ConfigError on every rank unless all ranks see
     it or none does. A rank that does not see it while another does looks again for
-    :data:`PATIENCE_S` seconds, listing each folder on the way: a network file system's client may
-    answer a lookup from its cache of names it found missing (NFS: for 30-60 s by default), which
-    listing the folder refreshes."""
+    :data:`PATIENCE_S` seconds, listing each folder on the way first: a network file system's
+    client may answer a lookup from its cache of names it found missing (NFS: for 30-60 s by
+    default), which listing the folder refreshes."""
     seen = path.exists()
     if not dp.enabled or not _disagree(dp, seen):
         return seen
@@ -118,27 +133,36 @@ def _disagree(dp: DataParallel, flag: bool) -> bool:
 
 
 def _listed_within(path: Path, patience: float) -> bool:
-    """Whether ``path`` shows in its folders' listings within ``patience`` seconds."""
+    """Whether ``path`` is there within ``patience`` seconds, each folder on the way listed
+    before each look (a listing makes a network file system's client ask the server again)."""
     deadline = time.monotonic() + patience
-    while not _listed(path):
+    while True:
+        _list_folders_to(path)
+        if path.exists():
+            return True
         if time.monotonic() >= deadline:
             return False
         time.sleep(min(1.0, patience))
-    return True
 
 
-def _listed(path: Path) -> bool:
-    """Whether each component of ``path`` shows in its parent folder's listing (a folder that may
-    not be listed is asked by a lookup)."""
+def _list_folders_to(path: Path) -> None:
+    """List each folder from the root down to ``path``'s own."""
     parts = Path(os.path.abspath(path)).parts
-    for depth in range(1, len(parts)):  # from the root down
-        folder, name = Path(*parts[:depth]), parts[depth]
+    for depth in range(1, len(parts)):
+        with contextlib.suppress(OSError):  # no read permission (a lookup may still pass), gone
+            os.listdir(Path(*parts[:depth]))
+
+
+def on_rank_0(dp: DataParallel, check: Callable[[], None]) -> None:
+    """Run ``check`` (of what rank 0 will write over) on rank 0 alone; under torchrun its
+    ConfigError is raised on every rank, so each says why the run stops."""
+    refused = None
+    if dp.is_main:
         try:
-            if name not in os.listdir(folder):
-                return False
-        except PermissionError:
-            if not (folder / name).exists():
-                return False
-        except OSError:
-            return False
-    return True
+            check()
+        except ConfigError as exc:
+            if not dp.enabled:
+                raise
+            refused = str(exc)
+    if dp.enabled and (refused := dp.broadcast_object(refused)) is not None:
+        raise ConfigError(refused)
