@@ -714,7 +714,10 @@ def test_ranks_resume_what_one_process_left_and_the_other_way_round(model, image
     # 0..19) is on disk and claimed; rank 0's second-round rows are not
     models = [Interruptible(model), Interruptible(model, fail_after=2)]
     results = _ranks_run(2, models, images, path)
-    assert isinstance(results[1], RuntimeError) and isinstance(results[0], BrokenBarrierError)
+    assert str(results[1]) == "interrupted"  # rank 1's own error; rank 0 hears of it
+    assert str(results[0]) == (
+        f"rank 1 stopped the precompute of {path} with RuntimeError: interrupted"
+    )
     assert json.loads(sidecar_path(path).read_text())["completed_rows"] == 20
     again = Interruptible(model)
     assert np.array_equal(_run(again, images, path), reference)
@@ -773,3 +776,29 @@ def test_a_model_whose_class_count_changes_within_a_share_is_refused(images, tmp
     with pytest.raises(ConfigError, match=f"returned {C - 1} classes for images 5..9, {C} before"):
         _run(flaky, images, tmp_path / "teacher.npy")
     assert not (tmp_path / "teacher.npy").exists()
+
+
+def test_a_failure_on_one_rank_stops_every_rank_with_it(images, tmp_path, monkeypatch):
+    """A rank whose model gives NaN (a user's mistake: DataError) still meets the others in the
+    round, so every rank raises that one-line error instead of waiting for the next round; so
+    does every rank when rank 0 cannot write (a full disk). The rounds before stay claimed."""
+    path = tmp_path / "teacher.npy"
+    calls = itertools.count()
+    nan_later = Returns(
+        lambda x: torch.full((len(x), C), float("nan") if next(calls) >= 2 else 0.0)
+    )
+    fine = Returns(lambda x: torch.zeros(len(x), C))
+    results = _ranks_run(2, [fine, nan_later], images, path)  # rank 1's 3rd batch: round 2
+    for result in results:
+        assert isinstance(result, DataError), result
+        assert str(result).startswith("the model gave non-finite probabilities for images 30..34")
+    assert json.loads(sidecar_path(path).read_text())["completed_rows"] == 20
+
+    def full_disk(*args):
+        raise precompute.WriteError("cannot write teacher.npy: No space left on device")
+
+    monkeypatch.setattr(precompute, "_write_round", full_disk)
+    results = _ranks_run(2, [fine, fine], images, tmp_path / "other.npy")
+    for result in results:
+        assert isinstance(result, precompute.WriteError), result
+        assert str(result) == "cannot write teacher.npy: No space left on device"

@@ -39,7 +39,7 @@ from torch import nn
 
 from metapl.atomic import fsync_file, write_error, write_json_atomically
 from metapl.data.arrays import data_error, describe, to_tensor_nchw
-from metapl.errors import ConfigError, DataError
+from metapl.errors import ConfigError, DataError, MetaplError, WriteError
 from metapl.progress import progress_bar
 
 FORMAT_VERSION = 1
@@ -423,25 +423,37 @@ def precompute_distributions(
                 mine = _share(
                     _batches(range(start, stop), batch_size), ranks.rank, ranks.world_size
                 )
-                rows_out: list[np.ndarray] = []
-                for rows in mine:
-                    out = _batch_probs(model, images, rows, device, temperature, autocast_dtype)
-                    if rows_out and out.shape[1] != rows_out[0].shape[1]:
-                        raise ConfigError(
-                            f"the model returned {out.shape[1]} classes for images "
-                            f"{rows.start}..{rows.stop - 1}, {rows_out[0].shape[1]} before"
-                        )
-                    rows_out.append(out)
-                    bar.update(len(rows))
-                share = (mine[0].start, np.concatenate(rows_out)) if mine else None
+                # A rank that fails still meets the others in the round's gather and verdict, so
+                # that every rank stops with the failure, not waiting in the next round's gather.
+                own_error = None
+                share: tuple[int, np.ndarray] | _Failure | None
+                try:
+                    share = _classify(model, images, mine, device, temperature, autocast_dtype, bar)
+                except Exception as exc:
+                    if ranks.world_size == 1:
+                        raise
+                    own_error, share = exc, _Failure.of(ranks.rank, exc)
                 parts = ranks.gather(share)
+                verdict = None
                 if parts is not None:  # rank 0: the round's rows to disk, then the sidecar
-                    shares = [p for p in parts if p is not None]
-                    probs = _write_round(out_path, meta, probs, shares, range(start, stop))
-                    probs.flush()  # rows on disk first, then the sidecar may claim them
-                    meta["completed_rows"] = stop
-                    write_json_atomically(sidecar_path(out_path), meta)
-                    bar.update(stop - start - sum(len(r) for r in mine))  # the other ranks' rows
+                    verdict = next((p for p in parts if isinstance(p, _Failure)), None)
+                    if verdict is None:
+                        try:
+                            shares = [p for p in parts if p is not None]
+                            probs = _write_round(out_path, meta, probs, shares, range(start, stop))
+                            probs.flush()  # rows on disk first, then the sidecar may claim them
+                            meta["completed_rows"] = stop
+                            write_json_atomically(sidecar_path(out_path), meta)
+                            bar.update(stop - start - sum(len(r) for r in mine))  # the others'
+                        except Exception as exc:
+                            if ranks.world_size == 1:
+                                raise
+                            own_error, verdict = exc, _Failure.of(0, exc)
+                verdict = ranks.broadcast(verdict)
+                if own_error is not None:
+                    raise own_error  # this rank's own, with its traceback
+                if verdict is not None:
+                    raise verdict.error(out_path)
                 start = stop
     finally:
         model.train(was_training)
@@ -449,6 +461,53 @@ def precompute_distributions(
     del probs  # close the writable mapping before handing out a read-only one
     ranks.barrier()  # rank 0 has written the last sidecar before the others read the file
     return load_distributions(out_path, **fingerprints)
+
+
+def _classify(
+    model: nn.Module,
+    images: Any,
+    mine: list[range],
+    device: torch.device,
+    temperature: float,
+    autocast_dtype: torch.dtype | None,
+    bar,
+) -> tuple[int, np.ndarray] | None:
+    """This rank's share of a round: its first row and its rows' distributions (None: no rows)."""
+    rows_out: list[np.ndarray] = []
+    for rows in mine:
+        out = _batch_probs(model, images, rows, device, temperature, autocast_dtype)
+        if rows_out and out.shape[1] != rows_out[0].shape[1]:
+            raise ConfigError(
+                f"the model returned {out.shape[1]} classes for images "
+                f"{rows.start}..{rows.stop - 1}, {rows_out[0].shape[1]} before"
+            )
+        rows_out.append(out)
+        bar.update(len(rows))
+    return (mine[0].start, np.concatenate(rows_out)) if mine else None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Failure:
+    """What stopped one rank in a round (its model's output, rank 0's write), sent to every rank."""
+
+    rank: int
+    kind: str
+    message: str
+    user_error: bool  # a MetaplError: the same one-line error on every rank
+
+    @classmethod
+    def of(cls, rank: int, exc: Exception) -> _Failure:
+        return cls(rank, type(exc).__name__, str(exc), isinstance(exc, MetaplError))
+
+    def error(self, out_path: Path) -> Exception:
+        """The error the other ranks raise."""
+        if self.user_error:
+            known = {c.__name__: c for c in (ConfigError, DataError, WriteError)}
+            return known.get(self.kind, MetaplError)(self.message)
+        return RuntimeError(
+            f"rank {self.rank} stopped the precompute of {out_path} with {self.kind}: "
+            f"{self.message}"
+        )
 
 
 def _write_round(
