@@ -79,7 +79,7 @@ def worker(rank: int, world: int, n: int, folder: str, port: int, result: dict) 
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(minutes=10))
     try:
         dp = DataParallel()
-        ranks = Ranks(dp.rank, world, dp.gather_to_main, dp.broadcast_object, dp.wait_for_main)
+        ranks = Ranks(dp.rank, world, dp.gather_to_main, dp.broadcast_object)
         model, x = teacher(), images(n)
         dp.wait_for_main()
         wall, in_model = timed_call(model, x, Path(folder) / "ranks.npy", ranks)

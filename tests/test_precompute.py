@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import builtins
 import collections
+import errno
 import itertools
 import json
 import threading
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 from metapl.data.arrays import to_tensor_nchw
-from metapl.errors import ConfigError, DataError
+from metapl.errors import ConfigError, DataError, WriteError
 from metapl.reduced import precompute
 from metapl.reduced.precompute import (
     Ranks,
@@ -619,7 +620,7 @@ class ThreadRanks:
             self._meet(meeting)
             return self.boxes[meeting][0]
 
-        return Ranks(rank, self.world_size, gather, broadcast, lambda: self._meet(next(calls)))
+        return Ranks(rank, self.world_size, gather, broadcast)
 
     def run(self, fn) -> list:
         """``fn(ranks, rank)`` on every rank at once; each rank's result or exception."""
@@ -778,27 +779,70 @@ def test_a_model_whose_class_count_changes_within_a_share_is_refused(images, tmp
     assert not (tmp_path / "teacher.npy").exists()
 
 
-def test_a_failure_on_one_rank_stops_every_rank_with_it(images, tmp_path, monkeypatch):
-    """A rank whose model gives NaN (a user's mistake: DataError) still meets the others in the
-    round, so every rank raises that one-line error instead of waiting for the next round; so
-    does every rank when rank 0 cannot write (a full disk). The rounds before stay claimed."""
-    path = tmp_path / "teacher.npy"
+def _nan_from_the_third_batch():
     calls = itertools.count()
-    nan_later = Returns(
-        lambda x: torch.full((len(x), C), float("nan") if next(calls) >= 2 else 0.0)
-    )
+    return lambda x: torch.full((len(x), C), float("nan") if next(calls) >= 2 else 0.0)
+
+
+def test_a_failure_on_one_rank_stops_every_rank_with_it(images, tmp_path, monkeypatch):
+    """A rank whose model gives NaN (a user's mistake: DataError) still meets the others at the
+    round's verdict, so every rank raises that one-line error instead of waiting for the next
+    round; rank 0 too when it is the one. The rounds before stay claimed."""
     fine = Returns(lambda x: torch.zeros(len(x), C))
-    results = _ranks_run(2, [fine, nan_later], images, path)  # rank 1's 3rd batch: round 2
-    for result in results:
-        assert isinstance(result, DataError), result
-        assert str(result).startswith("the model gave non-finite probabilities for images 30..34")
-    assert json.loads(sidecar_path(path).read_text())["completed_rows"] == 20
+    for failing in (1, 0):
+        nan_later = Returns(_nan_from_the_third_batch())
+        models = [fine, fine]
+        models[failing] = nan_later
+        path = tmp_path / f"failing{failing}.npy"
+        results = _ranks_run(2, models, images, path)  # its 3rd batch: in round 2
+        first = 30 if failing else 20
+        for result in results:
+            assert isinstance(result, DataError), result
+            assert str(result).startswith(
+                f"the model gave non-finite probabilities for images {first}"
+            )
+        assert json.loads(sidecar_path(path).read_text())["completed_rows"] == 20
 
-    def full_disk(*args):
-        raise precompute.WriteError("cannot write teacher.npy: No space left on device")
 
-    monkeypatch.setattr(precompute, "_write_round", full_disk)
-    results = _ranks_run(2, [fine, fine], images, tmp_path / "other.npy")
+@pytest.mark.parametrize("failing_write", [1, 3], ids=["a-middle-round", "the-last-round"])
+def test_a_write_that_fails_on_rank_0_stops_every_rank_with_its_errno(
+    images, tmp_path, monkeypatch, failing_write
+):
+    """Rank 0 writes a round after the round's verdict (the others go on to classify the next);
+    a failed write is the next round's verdict, or the last one after the rounds. Every rank
+    raises the WriteError, with its errno (a full disk), and the round is not claimed."""
+    fine = Returns(lambda x: torch.zeros(len(x), C))
+    writes = itertools.count(1)
+    real = precompute._write_round
+
+    def full_disk_at(*args):
+        if next(writes) == failing_write:
+            error = WriteError("cannot write teacher.npy: No space left on device")
+            error.errno = errno.ENOSPC
+            raise error
+        return real(*args)
+
+    monkeypatch.setattr(precompute, "_write_round", full_disk_at)
+    path = tmp_path / "teacher.npy"
+    results = _ranks_run(2, [fine, fine], images, path)  # rounds of rows 0-19, 20-39, 40-49
     for result in results:
-        assert isinstance(result, precompute.WriteError), result
+        assert isinstance(result, WriteError), result
         assert str(result) == "cannot write teacher.npy: No space left on device"
+        assert result.errno == errno.ENOSPC
+    claimed = (
+        json.loads(sidecar_path(path).read_text())["completed_rows"] if failing_write > 1 else 0
+    )
+    assert claimed == 20 * (failing_write - 1)
+
+
+def test_an_interrupt_on_one_rank_is_not_taken_for_a_failure_to_share(images, tmp_path):
+    """Ctrl-C (or metapl's Stopped, a KeyboardInterrupt) on one rank stops that rank at once; it
+    is not sent to the others as a failure (torchrun stops them)."""
+
+    def interrupted(x):
+        raise KeyboardInterrupt
+
+    fine = Returns(lambda x: torch.zeros(len(x), C))
+    results = _ranks_run(2, [fine, Returns(interrupted)], images, tmp_path / "teacher.npy")
+    assert isinstance(results[1], KeyboardInterrupt)
+    assert isinstance(results[0], BrokenBarrierError)  # waiting for rank 1 at the gather

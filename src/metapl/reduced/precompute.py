@@ -39,7 +39,7 @@ from torch import nn
 
 from metapl.atomic import fsync_file, write_error, write_json_atomically
 from metapl.data.arrays import data_error, describe, to_tensor_nchw
-from metapl.errors import ConfigError, DataError, MetaplError, WriteError
+from metapl.errors import ConfigError, DataError, MetaplError
 from metapl.progress import progress_bar
 
 FORMAT_VERSION = 1
@@ -323,11 +323,9 @@ class Ranks:
     """Every rank's object, in rank order, on rank 0; None on the others."""
     broadcast: Callable[[Any], Any]
     """Rank 0's object, on every rank."""
-    barrier: Callable[[], None]
-    """Waits for every rank (without a timeout shorter than a long precompute)."""
 
 
-ONE_PROCESS = Ranks(0, 1, gather=lambda obj: [obj], broadcast=lambda obj: obj, barrier=lambda: None)
+ONE_PROCESS = Ranks(0, 1, gather=lambda obj: [obj], broadcast=lambda obj: obj)
 
 
 def _batches(rows: range, batch_size: int) -> list[range]:
@@ -415,6 +413,12 @@ def precompute_distributions(
     )
     try:
         with torch.inference_mode():
+            # A rank that fails still meets the others at the round's gather and verdict, so that
+            # every rank stops with the failure, not waiting at the next round's gather. Rank 0
+            # writes a round after its verdict (the others classify the next one meanwhile); a
+            # failed write is the next verdict, or the last one's after the loop.
+            own_error: Exception | None = None
+            failed_write: _Failure | None = None
             start = done
             while start < n:
                 # A round is world_size chunks; its end lies on the chunk grid, and its batches on
@@ -423,44 +427,61 @@ def precompute_distributions(
                 mine = _share(
                     _batches(range(start, stop), batch_size), ranks.rank, ranks.world_size
                 )
-                # A rank that fails still meets the others in the round's gather and verdict, so
-                # that every rank stops with the failure, not waiting in the next round's gather.
-                own_error = None
-                share: tuple[int, np.ndarray] | _Failure | None
-                try:
-                    share = _classify(model, images, mine, device, temperature, autocast_dtype, bar)
-                except Exception as exc:
-                    if ranks.world_size == 1:
-                        raise
-                    own_error, share = exc, _Failure.of(ranks.rank, exc)
-                parts = ranks.gather(share)
-                verdict = None
-                if parts is not None:  # rank 0: the round's rows to disk, then the sidecar
+                share: tuple[int, np.ndarray] | _Failure | None = None
+                if own_error is None:
+                    try:
+                        share = _classify(
+                            model, images, mine, device, temperature, autocast_dtype, bar
+                        )
+                    except Exception as exc:
+                        if ranks.world_size == 1:
+                            raise
+                        own_error, share = exc, _Failure.of(ranks.rank, exc)
+                parts = _meet(ranks.gather, share, own_error)
+                verdict = failed_write
+                if parts is not None and verdict is None:
                     verdict = next((p for p in parts if isinstance(p, _Failure)), None)
-                    if verdict is None:
-                        try:
-                            shares = [p for p in parts if p is not None]
-                            probs = _write_round(out_path, meta, probs, shares, range(start, stop))
-                            probs.flush()  # rows on disk first, then the sidecar may claim them
-                            meta["completed_rows"] = stop
-                            write_json_atomically(sidecar_path(out_path), meta)
-                            bar.update(stop - start - sum(len(r) for r in mine))  # the others'
-                        except Exception as exc:
-                            if ranks.world_size == 1:
-                                raise
-                            own_error, verdict = exc, _Failure.of(0, exc)
-                verdict = ranks.broadcast(verdict)
-                if own_error is not None:
-                    raise own_error  # this rank's own, with its traceback
-                if verdict is not None:
-                    raise verdict.error(out_path)
+                _stop_on(own_error, _meet(ranks.broadcast, verdict, own_error), out_path)
+                if parts is not None:  # rank 0: the round's rows to disk, then the sidecar
+                    try:
+                        shares = [p for p in parts if p is not None]
+                        probs = _write_round(out_path, meta, probs, shares, range(start, stop))
+                        probs.flush()  # rows on disk first, then the sidecar may claim them
+                        meta["completed_rows"] = stop
+                        write_json_atomically(sidecar_path(out_path), meta)
+                        bar.update(stop - start - sum(len(r) for r in mine))  # the others' rows
+                    except Exception as exc:
+                        if ranks.world_size == 1:
+                            raise
+                        own_error, failed_write = exc, _Failure.of(0, exc)
                 start = stop
+            # The last verdict: rank 0's write of the last round; after it, the file is finished
+            # for every rank to read.
+            _stop_on(own_error, _meet(ranks.broadcast, failed_write, own_error), out_path)
     finally:
         model.train(was_training)
         bar.close()
     del probs  # close the writable mapping before handing out a read-only one
-    ranks.barrier()  # rank 0 has written the last sidecar before the others read the file
     return load_distributions(out_path, **fingerprints)
+
+
+def _meet(collective: Callable[[Any], Any], obj: Any, own_error: Exception | None) -> Any:
+    """``collective(obj)``; where it fails (a peer gone), this rank's own error, if any, is what
+    it reports."""
+    try:
+        return collective(obj)
+    except Exception:
+        if own_error is not None:
+            raise own_error from None
+        raise
+
+
+def _stop_on(own_error: Exception | None, verdict: _Failure | None, out_path: Path) -> None:
+    """Raise this rank's own error (with its traceback), else the failure the verdict tells of."""
+    if own_error is not None:
+        raise own_error
+    if verdict is not None:
+        raise verdict.error(out_path)
 
 
 def _classify(
@@ -493,21 +514,37 @@ class _Failure:
     rank: int
     kind: str
     message: str
-    user_error: bool  # a MetaplError: the same one-line error on every rank
+    user_error: bool  # a MetaplError: the other ranks raise the same one-line error
+    errno: int | None  # a WriteError's (an OSError's): the disk was full, say
 
     @classmethod
     def of(cls, rank: int, exc: Exception) -> _Failure:
-        return cls(rank, type(exc).__name__, str(exc), isinstance(exc, MetaplError))
+        user_error = isinstance(exc, MetaplError)
+        return cls(rank, type(exc).__name__, str(exc), user_error, getattr(exc, "errno", None))
 
     def error(self, out_path: Path) -> Exception:
         """The error the other ranks raise."""
-        if self.user_error:
-            known = {c.__name__: c for c in (ConfigError, DataError, WriteError)}
-            return known.get(self.kind, MetaplError)(self.message)
-        return RuntimeError(
-            f"rank {self.rank} stopped the precompute of {out_path} with {self.kind}: "
-            f"{self.message}"
-        )
+        if not self.user_error:
+            return RuntimeError(
+                f"rank {self.rank} stopped the precompute of {out_path} with {self.kind}: "
+                f"{self.message}"
+            )
+        kinds = {c.__name__: c for c in _subclasses(MetaplError)}
+        try:
+            error = kinds.get(self.kind, MetaplError)(self.message)
+        except TypeError:  # a constructor of its own
+            error = MetaplError(self.message)
+        if self.errno is not None:
+            error.errno = self.errno  # type: ignore[attr-defined]
+        return error
+
+
+def _subclasses(cls: type) -> list[type]:
+    found = [cls]
+    subclasses: list[type] = cls.__subclasses__()
+    for sub in subclasses:
+        found += _subclasses(sub)
+    return found
 
 
 def _write_round(

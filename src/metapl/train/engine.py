@@ -662,9 +662,7 @@ def _train(
         _open_run_folder(out_dir, dp, note)  # before any rank looks for the files in it
         opened = True
         # Every rank classifies its share of the images; rank 0 writes the files.
-        ranks = Ranks(
-            dp.rank, dp.world_size, dp.gather_to_main, dp.broadcast_object, dp.wait_for_main
-        )
+        ranks = Ranks(dp.rank, dp.world_size, dp.gather_to_main, dp.broadcast_object)
         split, teacher_probs = prepare_large_teacher_data(
             cfg, split, out_dir, device, show_progress and dp.is_main, ranks
         )
