@@ -352,3 +352,26 @@ def test_torchrun_process_group_is_gloo_on_cpu_and_destroyed_at_the_end_and_afte
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def test_object_collectives_go_through_the_patient_gloo_group(monkeypatch):
+    """gather_to_main and broadcast_object wait on rank 0's long work (a precompute round's
+    write): the gloo group with a week's timeout, not the default group's 10-30 minutes (NCCL
+    on GPUs, where objects would also cross the GPU)."""
+    dp = DataParallel.__new__(DataParallel)
+    dp.rank, dp.world_size, dp.enabled = 0, 2, True
+    dp._wait_group = patient = object()
+    seen = []
+
+    def gather_object(obj, gathered, dst, group):
+        seen.append(("gather", group, dst))
+        gathered[:] = [obj, "rank 1's"]
+
+    def broadcast_object_list(box, src, group):
+        seen.append(("broadcast", group, src))
+
+    monkeypatch.setattr(dist, "gather_object", gather_object)
+    monkeypatch.setattr(dist, "broadcast_object_list", broadcast_object_list)
+    assert dp.gather_to_main("rank 0's") == ["rank 0's", "rank 1's"]
+    assert dp.broadcast_object(7) == 7
+    assert seen == [("gather", patient, 0), ("broadcast", patient, 0)]

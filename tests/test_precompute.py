@@ -846,3 +846,43 @@ def test_an_interrupt_on_one_rank_is_not_taken_for_a_failure_to_share(images, tm
     results = _ranks_run(2, [fine, Returns(interrupted)], images, tmp_path / "teacher.npy")
     assert isinstance(results[1], KeyboardInterrupt)
     assert isinstance(results[0], BrokenBarrierError)  # waiting for rank 1 at the gather
+
+
+def test_batches_lie_on_the_global_grid_wherever_a_round_starts():
+    """A resume with another batch_size can start a round off the grid: its first batch is cut
+    short, so the rest are the batches an uninterrupted run feeds the model."""
+    assert precompute._batches(range(20, 40), 8) == [range(20, 24), range(24, 32), range(32, 40)]
+    assert precompute._batches(range(16, 21), 8) == [range(16, 21)]
+
+
+def test_only_rank_0_reads_the_unfinished_file(model, images, tmp_path, monkeypatch):
+    """The other ranks do not open the file (a machine whose cache says it is missing, and no
+    writable mapping on a rank that writes nothing): rank 0 tells them where to start."""
+    path = tmp_path / "teacher.npy"
+    with pytest.raises(RuntimeError, match="interrupted"):
+        _run(Interruptible(model, fail_after=4), images, path)
+    readers, real = [], precompute._resume_point
+
+    def recording(*args):
+        readers.append(threading.current_thread().name)
+        return real(*args)
+
+    monkeypatch.setattr(precompute, "_resume_point", recording)
+    models = [Interruptible(model) for _ in range(3)]
+    _ranks_run(3, models, images, path)
+    assert readers == ["rank0"]
+
+
+def test_a_rank_whose_peer_is_gone_reports_its_own_failure(images, tmp_path):
+    """Where a collective fails after this rank's own failure (the peer died of it too, say),
+    the rank reports its own error, not the collective's."""
+
+    def gone(obj):
+        raise RuntimeError("Connection closed by peer")
+
+    ranks = Ranks(1, 2, gather=gone, broadcast=lambda obj: (0, None))
+    nan_model = Returns(lambda x: torch.full((len(x), C), float("nan")))
+    with pytest.raises(DataError, match="non-finite probabilities"):
+        _run(nan_model, images, tmp_path / "teacher.npy", ranks=ranks)
+    with pytest.raises(RuntimeError, match="Connection closed"):  # no failure of its own
+        _run(Returns(lambda x: torch.zeros(len(x), C)), images, tmp_path / "t.npy", ranks=ranks)

@@ -189,3 +189,65 @@ def test_a_check_of_rank_0_alone_in_one_process_raises_its_own_error():
     with pytest.raises(ConfigError, match="^nope$"):
         rank_checks.on_rank_0(one, lambda: (_ for _ in ()).throw(ConfigError("nope")))
     rank_checks.on_rank_0(one, lambda: None)
+
+
+def test_the_data_fingerprint_sees_every_field_a_rank_trains_by():
+    fingerprint = rank_checks._split_fingerprint
+    split = _split()
+    for other in (
+        dataclasses.replace(split, class_names=("zero", "one")),
+        dataclasses.replace(split, num_classes=3),
+        dataclasses.replace(split, tune_in_unlabeled=np.array([5])),
+        dataclasses.replace(split, tune_in_labeled=False),
+        dataclasses.replace(split, name="other"),
+    ):
+        assert fingerprint(other) != fingerprint(split), other
+
+    def files(names: list[str], shape=(2, 8, 8, 1)) -> FilesOnly:
+        reader = FilesOnly([f"/data/{n}" for n in names])
+        reader.shape = shape
+        return reader
+
+    identity = rank_checks._images_identity
+    cats = files(["cat/1.jpg", "dog/2.jpg"])
+    assert identity(cats) != identity(files(["dog/1.jpg", "dog/2.jpg"]))  # the class folder
+    assert identity(cats) != identity(files(["cat/1.jpg", "dog/2.jpg"], (2, 16, 16, 3)))
+
+
+def test_a_rank_waits_longer_than_nfs_trusts_a_missing_name():
+    assert rank_checks.PATIENCE_S > 60  # NFS's acdirmax default
+
+
+def test_a_failed_check_removes_the_folder_rank_0_made_and_keeps_one_that_was_there(
+    tmp_path, monkeypatch
+):
+    """A library caller of train() (not the command line, which also tidies up) is left no empty
+    folder by a failed folder check, and keeps a folder of its own."""
+    from metapl.train import engine
+
+    def differ(dp, path, what):
+        assert path.is_file()  # the token rank 0 made
+        raise ConfigError("the ranks see different run folders")
+
+    monkeypatch.setattr(engine, "check_ranks_see", differ)
+
+    class Rank0(OtherRankSees):
+        def broadcast_object(self, obj):
+            return obj
+
+    made, mine = tmp_path / "made", tmp_path / "mine"
+    mine.mkdir()
+    for folder in (made, mine):
+        with pytest.raises(ConfigError):
+            engine._open_run_folder(folder, Rank0(rank=0), note=None)
+    assert not made.exists()
+    assert mine.is_dir() and list(mine.iterdir()) == []
+
+
+def test_a_token_left_by_a_killed_run_is_cleared(tmp_path):
+    from metapl.train import engine
+
+    (tmp_path / f"{engine._RANKS_TOKEN}0123").touch()
+    (tmp_path / "keep.txt").touch()
+    engine._clear_leftovers(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
