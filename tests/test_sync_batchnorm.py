@@ -144,17 +144,29 @@ def _worker(rank: int, store: str, out: str) -> None:
             results["eval_y"] = m(d["x"]).detach()
         results = {k: v.cpu() for k, v in results.items()}
         results.update(mpl_results(WORLD, rank, global_bn=True, device=TEST_DEVICE))
+        torch.save(results, Path(out) / f"rank{rank}.pt")  # before the teardown (below)
         dist.barrier()
     finally:
         dist.destroy_process_group()
-    torch.save(results, Path(out) / f"rank{rank}.pt")
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict[str, torch.Tensor]]:
-    tmp = tmp_path_factory.mktemp("sync_bn")
-    mp.spawn(_worker, args=(str(tmp / "store"), str(tmp)), nprocs=WORLD, join=True)
-    return [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
+    for attempt in (1, 2):
+        tmp = tmp_path_factory.mktemp("sync_bn")
+        try:
+            mp.spawn(_worker, args=(str(tmp / "store"), str(tmp)), nprocs=WORLD, join=True)
+            return [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
+        except mp.ProcessExitedException as exc:
+            # Rarely a gloo process aborts in C++ as it tears down, after every rank wrote its
+            # results ("terminate called without an active exception", SIGABRT: gloo's
+            # teardown, docs/multi-gpu.md; session 32's CI run). Not what these tests check:
+            # spawned once more from scratch, as tests/test_distributed.py does; any other
+            # failure, or a second one, fails them.
+            written = all((tmp / f"rank{r}.pt").exists() for r in range(WORLD))
+            if attempt == 2 or exc.signal_name != "SIGABRT" or not written:
+                raise
+    raise AssertionError("unreachable")
 
 
 def test_two_processes_normalize_like_batchnorm_on_the_whole_batch(ranks):
