@@ -575,7 +575,8 @@ def test_ranks_that_see_different_run_folders_stop_before_training_and_say_so(
     extra = []
     if preset == "digits-reduced-noisy-student":
         extra = ["--set", f"large_teacher={request.getfixturevalue('large_teacher')}"]
-    args = for_preset(preset, options(2, *extra))
+    # UDA+MPL with a UDA ramp longer than the run: `metapl train` notes it once the checks pass
+    args = for_preset(preset, options(2, *extra, uda_warmup_steps=5))
     command, env, report = torchrun_command(tmp_path, preset, out, args, **{OWN_FOLDER_ENV: "1"})
 
     def fails() -> str:
@@ -594,6 +595,7 @@ def test_ranks_that_see_different_run_folders_stop_before_training_and_say_so(
             "--out folder (on several machines, put it on a file system they share)"
         )
         assert line in stderr, stderr[-3000:]
+    assert "note:" not in stderr  # the mistake is the one line: no note before it
     assert not out.exists() and not Path(f"{out}-rank1").exists()
 
     assert main(["train", "--preset", preset, "--out", str(out), *args]) == 0  # rank 0's disk
