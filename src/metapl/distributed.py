@@ -179,8 +179,8 @@ class DataParallel:
                 self._broadcast(t)
 
     def wait_for_main(self) -> None:
-        """A barrier without the default group's timeout (10-30 min), for long one-off work such
-        as rank 0's checks of the run folder or the ranks' shares of a precompute."""
+        """A barrier without the default group's timeout (10-30 min), for rank 0's long one-off
+        work such as saving the checkpoint a stopped run resumes from."""
         if self.enabled:
             dist.barrier(group=self._patient_group())
 

@@ -195,9 +195,9 @@ def _differences(recorded: dict, expected: dict) -> list[str]:
 # Precompute
 
 
-def _recorded_rows(out_path: Path, expected: dict) -> int | None:
-    """The rows the sidecar of ``out_path`` claims done (None: no sidecar, start a new file).
-    Refuses a file that is not ours, or ours for another model, data or temperature."""
+def _resume_point(out_path: Path, expected: dict) -> tuple[np.memmap | None, int]:
+    """The open ``.npy`` (or None: create it) and the first row still to compute; the ``.npy`` is
+    writable only when rows are left to compute."""
     if not sidecar_path(out_path).exists():
         if out_path.exists():
             raise data_error(
@@ -205,7 +205,7 @@ def _recorded_rows(out_path: Path, expected: dict) -> int | None:
                 "written by precompute_distributions (or its sidecar was deleted); delete it or "
                 "choose another output path"
             )
-        return None
+        return None, 0
     recorded = _read_sidecar(out_path)
     changed = _differences(recorded, expected)
     if changed:
@@ -215,22 +215,15 @@ def _recorded_rows(out_path: Path, expected: dict) -> int | None:
             f"{sidecar_path(out_path).name}, or choose another output path"
         )
     expected["num_classes"] = recorded["num_classes"]
-    return recorded["completed_rows"]
-
-
-def _resume_point(out_path: Path, expected: dict) -> tuple[np.memmap | None, int]:
-    """The open ``.npy`` (or None: create it) and the first row still to compute; the ``.npy`` is
-    writable only when rows are left to compute."""
-    done = _recorded_rows(out_path, expected)
-    if not done:
-        return None, 0  # no file, or nothing claimed: (re)create the .npy
+    if recorded["completed_rows"] == 0:
+        return None, 0  # nothing claimed: (re)create the .npy
     try:
         # Checked read-only first: numpy's "r+" mode silently zero-extends a truncated file.
         probs = np.load(out_path, mmap_mode="r")
-        shape = (expected["num_images"], expected["num_classes"])
+        shape = (recorded["num_images"], recorded["num_classes"])
         if probs.shape != shape or probs.dtype != np.float32:
             raise ValueError(f"shape {probs.shape} {probs.dtype}, expected {shape} float32")
-        if done < expected["num_images"]:  # rows left to write
+        if recorded["completed_rows"] < recorded["num_images"]:  # rows left to write
             del probs
             probs = np.load(out_path, mmap_mode="r+")
         # A finished file stays read-only: under torchrun the other ranks read rank 0's files
@@ -241,7 +234,7 @@ def _resume_point(out_path: Path, expected: dict) -> tuple[np.memmap | None, int
             f"{out_path} is unreadable ({describe(exc)}); starting over from row 0", stacklevel=3
         )
         return None, 0
-    return probs, done
+    return probs, recorded["completed_rows"]
 
 
 def _create(out_path: Path, meta: dict, num_classes: int) -> np.memmap:

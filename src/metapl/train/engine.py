@@ -508,17 +508,16 @@ def _open_run_folder(out_dir: Path, dp: DataParallel, note: str | None) -> None:
             token.touch()
     if dp.enabled:
         name = dp.broadcast_object(None if token is None else token.name)
+        shared = False
         try:
             check_ranks_see(dp, out_dir / name, f"the file rank 0 made in {out_dir}")
-        except ConfigError:
-            if token is not None and not existed:
-                token.unlink(missing_ok=True)
-                with contextlib.suppress(OSError):  # left if anything else is in it
-                    out_dir.rmdir()  # nothing of the run was written: leave no empty folder
-            raise
+            shared = True
         finally:  # every rank has looked: the all-reduces in the check wait for all of them
             if token is not None:
                 token.unlink(missing_ok=True)
+                if not shared and not existed:  # nothing of the run was written: no empty folder
+                    with contextlib.suppress(OSError):  # left if anything else is in it
+                        out_dir.rmdir()
     if dp.is_main:
         _print_note(note)  # after the checks: a mistake found in them is one line
 

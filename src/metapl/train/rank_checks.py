@@ -52,7 +52,7 @@ def check_same_data(dp: DataParallel, split: SSLSplit) -> None:
 def _split_fingerprint(split: SSLSplit) -> str:
     """sha256 identifying a split: its labels, its images, the tuning rows and the class names.
     Images in memory count by :func:`~metapl.reduced.precompute.fingerprint_images` (hashed in
-    full up to 512 MB, else sampled rows); image files by their names (class folder and file),
+    full up to 512 MB, else sampled rows); image files by their paths (:func:`_images_identity`),
     not their decoded pixels, which another machine's decoder may round differently."""
     digest = hashlib.sha256(b"metapl-split-v1\n")
     for images, labels in (
