@@ -161,36 +161,6 @@ def test_image_files_count_by_their_paths_below_the_dataset_folder():
     assert identity(here) != identity(files("/data/own", ["b/x/1.png", "b/y/2.png"]))
 
 
-@pytest.mark.parametrize("rank", [0, 1])
-def test_a_check_of_rank_0_alone_stops_every_rank(rank):
-    """check_replaceable reads the folder rank 0 writes: rank 0 alone runs it and every rank
-    raises its refusal, so each says why the run stops."""
-    said = []
-
-    class Ranks(OtherRankSees):
-        def broadcast_object(self, obj):
-            return "--out D holds train results of another configuration" if obj is None else obj
-
-    def check():
-        said.append(rank)
-        raise ConfigError("--out D holds train results of another configuration")
-
-    with pytest.raises(ConfigError, match="holds train results of another configuration"):
-        rank_checks.on_rank_0(Ranks(rank=rank), check)
-    assert said == ([0] if rank == 0 else [])
-
-
-def test_a_check_of_rank_0_alone_in_one_process_raises_its_own_error():
-    class Alone(OtherRankSees):
-        def broadcast_object(self, obj):
-            raise AssertionError("no collective in one process")
-
-    one = Alone(rank=0, world_size=1, enabled=False)
-    with pytest.raises(ConfigError, match="^nope$"):
-        rank_checks.on_rank_0(one, lambda: (_ for _ in ()).throw(ConfigError("nope")))
-    rank_checks.on_rank_0(one, lambda: None)
-
-
 def test_the_data_fingerprint_sees_every_field_a_rank_trains_by():
     fingerprint = rank_checks._split_fingerprint
     split = _split()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import atexit
 import csv
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -28,6 +29,7 @@ import torch
 from cli_helpers import for_preset
 from torch import nn
 
+from metapl.atomic import write_error
 from metapl.cli import main
 from metapl.models.registry import list_models, register_model
 from metapl.train.checkpoint import load_checkpoint
@@ -48,6 +50,9 @@ HOLD_ENV = "METAPL_TORCHRUN_TEST_HOLD_IN"
 OWN_FOLDER_ENV = "METAPL_TORCHRUN_TEST_OWN_FOLDER"
 # Set: rank 1's unlabeled set lacks its last image (a copy of the dataset not quite rank 0's)
 OTHER_DATA_ENV = "METAPL_TORCHRUN_TEST_OTHER_DATA"
+# "save:STEP" or "log:STEP": rank 0's checkpoint or metrics log of that step fails as on a full
+# disk; "report:STEP": reporting that step's evaluation raises on rank 0, as a user's on_eval may
+FAIL_ENV = "METAPL_TORCHRUN_TEST_FAIL"
 # What a torchrun worker drew at random, in order, for its report: ["step", s] as it draws step s's
 # batch, ["dropout", mask] per training-mode forward of _RecordedDropout (where it zeroed), and
 # ["sampled", labels, state] per Categorical sample (the global generator's state it sampled from).
@@ -208,6 +213,37 @@ def worker_setup() -> None:
             return dataclasses.replace(split, x_unlabeled=split.x_unlabeled[:-1])
 
         engine.load_data = load_other_data
+    fail = os.environ.get(FAIL_ENV)
+    if fail and rank == 0:
+        what, at = fail.split(":")
+        if what == "save":
+            original_save = engine.save_checkpoint
+
+            def save_checkpoint(path, state):
+                if state["step"] == int(at):
+                    raise write_error(path, OSError(errno.ENOSPC, "No space left on device"))
+                return original_save(path, state)
+
+            engine.save_checkpoint = save_checkpoint
+        elif what == "log":
+            original_log = engine.MetricsLogger.log
+
+            def log(self, step, values):
+                if step == int(at):
+                    csv_path = Path(os.environ[OUT_ENV], "metrics.csv")
+                    raise write_error(csv_path, OSError(errno.ENOSPC, "No space left on device"))
+                return original_log(self, step, values)
+
+            engine.MetricsLogger.log = log
+        else:
+            original_report = engine._report
+
+            def report_evaluation(logger, on_eval, step, accuracies):
+                if step == int(at):
+                    raise ValueError(f"on_eval refused step {step}")
+                return original_report(logger, on_eval, step, accuracies)
+
+            engine._report = report_evaluation
     hold = os.environ.get(HOLD_ENV)
     if hold:
         original_load_data = engine.load_data
@@ -623,6 +659,38 @@ def test_every_rank_says_why_rank_0_will_not_replace_the_results_in_its_folder(t
     for r in (0, 1):
         assert json.loads((report / f"rank{r}.json").read_text())["batches"] == []
     assert (out / "results.json").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "fail", ["save:2", "log:2", "report:2"], ids=["checkpoint", "metrics-log", "on_eval"]
+)
+def test_a_failure_of_rank_0s_own_work_mid_run_stops_every_rank_there_saying_why(tmp_path, fail):
+    """Rank 0 alone writes checkpoints and logs and reports evaluations (a library user's
+    on_eval): when that fails (here at step 2: a full disk, or on_eval raising), every rank stops
+    at that step, each saying why. Before, rank 1 went on to step 3 and waited in its collectives
+    until torchrun ended it, printing nothing of why."""
+    register_test_model()
+    preset, out = "digits-uda-mpl", tmp_path / "run"
+    args = for_preset(preset, options(4))
+    command, env, report = torchrun_command(tmp_path, preset, out, args, **{FAIL_ENV: fail})
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    if fail.startswith(("save", "log")):
+        written = "checkpoint.pt" if fail.startswith("save") else "metrics.csv"
+        line = f"could not write {out / written}: No space left on device ("
+        advice = "; run the same command again (no checkpoint was written yet: the run starts over)"
+        assert done.stderr.count(line) == 2 and done.stderr.count(advice) == 2, done.stderr[-3000:]
+        assert not (out / "checkpoint.pt").exists()
+    else:
+        assert "ValueError: on_eval refused step 2" in done.stderr, done.stderr[-3000:]
+        line = (
+            "RuntimeError: rank 0 stopped the run at step 2 with ValueError: on_eval refused step 2"
+        )
+        assert line in done.stderr, done.stderr[-3000:]
+    # each rank exited by itself (its report is written at exit), after the same steps
+    reports = [json.loads((report / f"rank{r}.json").read_text()) for r in (0, 1)]
+    steps = [[batch[0] for batch in got["batches"]] for got in reports]
+    assert steps[0] == steps[1] and len(steps[1]) == 2, steps
 
 
 def test_ranks_that_loaded_different_data_stop_before_training_and_say_so(tmp_path):

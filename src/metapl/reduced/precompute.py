@@ -39,8 +39,9 @@ from torch import nn
 
 from metapl.atomic import fsync_file, write_error, write_json_atomically
 from metapl.data.arrays import data_error, describe, to_tensor_nchw
-from metapl.errors import ConfigError, DataError, MetaplError
+from metapl.errors import ConfigError, DataError
 from metapl.progress import progress_bar
+from metapl.rank_failure import RankFailure, meet
 
 FORMAT_VERSION = 1
 """Version of the ``.npy`` + sidecar layout; a file of another version is refused."""
@@ -411,7 +412,7 @@ def precompute_distributions(
             # writes a round after its verdict (the others classify the next one meanwhile); a
             # failed write is the next verdict, or the last one's after the loop.
             own_error: Exception | None = None
-            failed_write: _Failure | None = None
+            failed_write: RankFailure | None = None
             start = done
             while start < n:
                 # A round is world_size chunks; its end lies on the chunk grid, and its batches on
@@ -420,7 +421,7 @@ def precompute_distributions(
                 mine = _share(
                     _batches(range(start, stop), batch_size), ranks.rank, ranks.world_size
                 )
-                share: tuple[int, np.ndarray] | _Failure | None = None
+                share: tuple[int, np.ndarray] | RankFailure | None = None
                 if own_error is None:
                     try:
                         share = _classify(
@@ -429,12 +430,12 @@ def precompute_distributions(
                     except Exception as exc:
                         if ranks.world_size == 1:
                             raise
-                        own_error, share = exc, _Failure.of(ranks.rank, exc)
-                parts = _meet(ranks.gather, share, own_error)
+                        own_error, share = exc, RankFailure.of(ranks.rank, exc)
+                parts = meet(ranks.gather, share, own_error)
                 verdict = failed_write
                 if parts is not None and verdict is None:
-                    verdict = next((p for p in parts if isinstance(p, _Failure)), None)
-                _stop_on(own_error, _meet(ranks.broadcast, verdict, own_error), out_path)
+                    verdict = next((p for p in parts if isinstance(p, RankFailure)), None)
+                _stop_on(own_error, meet(ranks.broadcast, verdict, own_error), out_path)
                 if parts is not None:  # rank 0: the round's rows to disk, then the sidecar
                     try:
                         shares = [p for p in parts if p is not None]
@@ -446,11 +447,11 @@ def precompute_distributions(
                     except Exception as exc:
                         if ranks.world_size == 1:
                             raise
-                        own_error, failed_write = exc, _Failure.of(0, exc)
+                        own_error, failed_write = exc, RankFailure.of(0, exc)
                 start = stop
             # The last verdict: rank 0's write of the last round; after it, the file is finished
             # for every rank to read.
-            _stop_on(own_error, _meet(ranks.broadcast, failed_write, own_error), out_path)
+            _stop_on(own_error, meet(ranks.broadcast, failed_write, own_error), out_path)
     finally:
         model.train(was_training)
         bar.close()
@@ -458,23 +459,12 @@ def precompute_distributions(
     return load_distributions(out_path, **fingerprints)
 
 
-def _meet(collective: Callable[[Any], Any], obj: Any, own_error: Exception | None) -> Any:
-    """``collective(obj)``; where it fails (a peer gone), this rank's own error, if any, is what
-    it reports."""
-    try:
-        return collective(obj)
-    except Exception:
-        if own_error is not None:
-            raise own_error from None
-        raise
-
-
-def _stop_on(own_error: Exception | None, verdict: _Failure | None, out_path: Path) -> None:
+def _stop_on(own_error: Exception | None, verdict: RankFailure | None, out_path: Path) -> None:
     """Raise this rank's own error (with its traceback), else the failure the verdict tells of."""
     if own_error is not None:
         raise own_error
     if verdict is not None:
-        raise verdict.error(out_path)
+        raise verdict.error(f"the precompute of {out_path}")
 
 
 def _classify(
@@ -498,46 +488,6 @@ def _classify(
         rows_out.append(out)
         bar.update(len(rows))
     return (mine[0].start, np.concatenate(rows_out)) if mine else None
-
-
-@dataclasses.dataclass(frozen=True)
-class _Failure:
-    """What stopped one rank in a round (its model's output, rank 0's write), sent to every rank."""
-
-    rank: int
-    kind: str
-    message: str
-    user_error: bool  # a MetaplError: the other ranks raise the same one-line error
-    errno: int | None  # a WriteError's (an OSError's): the disk was full, say
-
-    @classmethod
-    def of(cls, rank: int, exc: Exception) -> _Failure:
-        user_error = isinstance(exc, MetaplError)
-        return cls(rank, type(exc).__name__, str(exc), user_error, getattr(exc, "errno", None))
-
-    def error(self, out_path: Path) -> Exception:
-        """The error the other ranks raise."""
-        if not self.user_error:
-            return RuntimeError(
-                f"rank {self.rank} stopped the precompute of {out_path} with {self.kind}: "
-                f"{self.message}"
-            )
-        kinds = {c.__name__: c for c in _subclasses(MetaplError)}
-        try:
-            error = kinds.get(self.kind, MetaplError)(self.message)
-        except TypeError:  # a constructor of its own
-            error = MetaplError(self.message)
-        if self.errno is not None:
-            error.errno = self.errno  # type: ignore[attr-defined]
-        return error
-
-
-def _subclasses(cls: type) -> list[type]:
-    found = [cls]
-    subclasses: list[type] = cls.__subclasses__()
-    for sub in subclasses:
-        found += _subclasses(sub)
-    return found
 
 
 def _write_round(

@@ -32,6 +32,7 @@ from metapl.methods.build import autocast_dtype, build_method
 from metapl.methods.supervised import SupervisedMethod
 from metapl.models import param_groups_for_weight_decay
 from metapl.progress import progress_bar
+from metapl.rank_failure import on_rank_0
 from metapl.reduced.precompute import Ranks
 from metapl.report import check_replaceable, output_folder, write_json_atomic
 from metapl.sync_batchnorm import convert_global_batchnorm
@@ -51,7 +52,7 @@ from metapl.train.ema import EMA
 from metapl.train.guards import NonFiniteWatch, check_finite_weights, to_floats
 from metapl.train.large_teacher import check_large_teacher, prepare_large_teacher_data
 from metapl.train.metrics_log import MetricsLogger
-from metapl.train.rank_checks import check_ranks_see, check_same_data, on_rank_0
+from metapl.train.rank_checks import check_ranks_see, check_same_data
 from metapl.train.schedule import make_scheduler
 from metapl.train.stopping import STOP_SIGNALS, Stopped, StopSignals, TrainingStopped
 
@@ -600,6 +601,20 @@ def train(
         return _train(cfg, out_dir, show_progress, on_eval, note, signals)
 
 
+def _report(
+    logger: MetricsLogger | _NoMetrics, on_eval, step: int, accuracies: dict[str, float]
+) -> None:
+    """An evaluation's accuracies to the log, then to the caller's ``on_eval``."""
+    logger.log(step, accuracies)
+    if on_eval is not None:
+        on_eval(step, accuracies)
+
+
+def _save(logger: MetricsLogger | _NoMetrics, ckpt_path: Path, run: Run, fingerprint: str) -> None:
+    logger.check_folder()  # not a checkpoint in a folder made again
+    save_checkpoint(ckpt_path, run.state_dict(fingerprint))
+
+
 def _stopped_before_training(signum: int) -> Stopped:
     return Stopped(
         signum,
@@ -652,6 +667,7 @@ def _train(
         on_rank_0(
             dp,
             lambda: check_replaceable(out_dir, "train", cfg.to_dict(), ignore=_NOT_IN_RESULTS),
+            "the run before its first step",
         )
     teacher_probs = None
     opened = False  # the run folder (made by rank 0, seen by every rank)
@@ -719,10 +735,14 @@ def _train(
                 # The mean over ranks: each loss is the whole global batch's (a batch mean of equal
                 # slices), and what a NaN/Inf message says of it now is the same on every rank.
                 metrics = dp.mean_metrics(metrics)
+            # Rank 0 alone writes (logs, checkpoints) and reports to on_eval; whatever stops it
+            # there (a full disk, on_eval's exception) stops every rank with it, instead of leaving
+            # the others in their next step's collectives until torchrun ends them.
+            at_step = f"the run at step {run.step}"
             if run.step % cfg.log_every == 0 or last:
                 watch.check(metrics, run.step, dp.earliest)  # all ranks decide alike
                 values = {**to_floats(metrics), **run.learning_rates()}
-                logger.log(run.step, values)
+                on_rank_0(dp, functools.partial(logger.log, run.step, values), at_step)
                 # refresh=False: shown at the next redraw (a log file gets one every 30 s)
                 losses = {k: f"{v:.3g}" for k, v in values.items() if "loss" in k}
                 bar.set_postfix(losses, refresh=False)
@@ -732,10 +752,8 @@ def _train(
                 watch.check(metrics, run.step, dp.earliest)
             if evaluating:  # every rank classifies its share; rank 0 logs and reports
                 accuracies = _accuracies(run, amp, dp)
-                if dp.is_main:
-                    logger.log(run.step, accuracies)
-                    if on_eval is not None:
-                        on_eval(run.step, accuracies)
+                report = functools.partial(_report, logger, on_eval, run.step, accuracies)
+                on_rank_0(dp, report, at_step)
                 if run.step == cfg.steps and run.finetune is not None:
                     run.before_finetune = accuracies
             if checkpointing:
@@ -745,9 +763,9 @@ def _train(
                 dp.broadcast_buffers_(_weights(run).values())
                 # A finite loss can still come with an update that overflowed the weights.
                 check_finite_weights(_weights(run), run.step)
-                if dp.is_main:
-                    logger.check_folder()  # not a checkpoint in a folder made again
-                    save_checkpoint(ckpt_path, run.state_dict(fingerprint))
+                on_rank_0(
+                    dp, functools.partial(_save, logger, ckpt_path, run, fingerprint), at_step
+                )
             if stopping:
                 # torchrun ends every rank as soon as one exits: none does before the checkpoint
                 dp.wait_for_main()

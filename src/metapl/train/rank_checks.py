@@ -12,7 +12,6 @@ import contextlib
 import hashlib
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -151,18 +150,3 @@ def _list_folders_to(path: Path) -> None:
     for depth in range(1, len(parts)):
         with contextlib.suppress(OSError):  # no read permission (a lookup may still pass), gone
             os.listdir(Path(*parts[:depth]))
-
-
-def on_rank_0(dp: DataParallel, check: Callable[[], None]) -> None:
-    """Run ``check`` (of what rank 0 will write over) on rank 0 alone; under torchrun its
-    ConfigError is raised on every rank, so each says why the run stops."""
-    refused = None
-    if dp.is_main:
-        try:
-            check()
-        except ConfigError as exc:
-            if not dp.enabled:
-                raise
-            refused = str(exc)
-    if dp.enabled and (refused := dp.broadcast_object(refused)) is not None:
-        raise ConfigError(refused)
