@@ -36,6 +36,12 @@ from metapl.train.presets import load_preset, preset_table
             ["mpl_estimator=first_order", "mpl_jvp=tape"],
             "mpl_jvp applies to mpl_estimator=exact only",
         ),
+        ("digits-uda", ["mpl_baseline_decay=0.9"], "mpl_baseline_decay applies to the +MPL"),
+        (
+            "digits-uda-mpl",
+            ["mpl_baseline_decay=0.9"],
+            "mpl_baseline_decay applies to mpl_estimator=first_order only; mpl_estimator exact",
+        ),
         ("digits-uda-mpl", ["teacher_hidden=64"], "teacher_hidden applies to the reduced teacher"),
         ("digits-supervised", ["uda_factor=2"], "uda_factor applies to the UDA methods only"),
         ("digits-supervised-mpl", ["uda_temperature=1.2"], "uda_temperature applies to the UDA"),
@@ -121,6 +127,7 @@ def test_keys_in_a_preset_file_are_not_checked_as_set_keys_are(tmp_path, capsys)
         ("digits-reduced-noisy-student", "momentum", "0.5"),  # its fine-tuning is SGD
         ("digits-reduced-supervised", "student_optimizer", "sgd"),
         ("digits-uda-mpl", "mpl_jvp", "forward_ad"),
+        ("digits-uda-mpl", "mpl_estimator", "first_order"),
     ],
 )
 def test_a_set_key_the_run_reads_is_accepted(preset, key, value):

@@ -37,6 +37,8 @@ def _cfg(**overrides) -> TrainConfig:
         ({"finetune_steps": -1}, "finetune_steps must be >= 0"),
         ({"tune_per_class": 2}, "only digits reads it"),  # the default dataset is cifar10-4k
         ({"mpl_estimator": "second_order"}, "mpl_estimator must be exact"),
+        ({"mpl_baseline_decay": 1.0}, "mpl_baseline_decay must be < 1"),
+        ({"mpl_baseline_decay": math.nan}, "mpl_baseline_decay must be < 1"),
         ({"student_optimizer": "adagrad"}, "student_optimizer must be one of"),
         ({"teacher_optimizer": "lamb"}, "teacher_optimizer must be one of"),
         ({"method": "reduced_mpl"}, "learns from a large teacher"),

@@ -138,14 +138,24 @@ def _rows(path):
         # twice before, 95% of this test's time) test nothing more
         {"ema_decay": 0.9, "finetune_steps": 2},
         {"mpl_estimator": "first_order", "student_dropout": 0.0, "finetune_steps": 2},
+        # the moving-average baseline of the reward is in the checkpoint, and resumes
+        {
+            "mpl_estimator": "first_order",
+            "mpl_baseline_decay": 0.5,
+            "student_dropout": 0.0,
+            "finetune_steps": 2,
+        },
         # 8 MPL steps then 6 fine-tuning steps: interrupted inside the fine-tuning phase
         {"steps": 8, "uda_warmup_steps": 8, "finetune_steps": 6},
     ],
-    ids=["exact+ema", "first_order", "finetune"],
+    ids=["exact+ema", "first_order", "first_order+baseline", "finetune"],
 )
 def test_resume_after_interrupt_between_checkpoints_is_exact(tmp_path, monkeypatch, overrides):
     cfg = _digits_config(**overrides)
     reference = engine.train(cfg, tmp_path / "ref", show_progress=False)
+    baseline = load_checkpoint(tmp_path / "ref" / "checkpoint.pt")["method"]["mpl"]["baseline"]
+    if cfg.mpl_estimator == "first_order":  # --set mpl_baseline_decay reaches the step
+        assert (baseline is None) == (cfg.mpl_baseline_decay < 0)
 
     real_batch = engine.BatchSource.batch
 

@@ -62,6 +62,7 @@ METHOD_KEYS: dict[str, tuple[tuple[str, ...], str]] = {
             "mpl_weight",
             "mpl_estimator",
             "mpl_jvp",
+            "mpl_baseline_decay",
             "student_labeled_weight",
             "teacher_grad_clip",
         ),
@@ -151,6 +152,12 @@ class TrainConfig:
     # through the teacher's MPL signal (and fine-tuning, finetune_steps)
     student_labeled_weight: float = 0.0
     mpl_estimator: str = "exact"
+    # mpl_estimator=first_order only: decay of the moving-average baseline subtracted from the
+    # reward h = R_old - R_new, started at 0 (MetaPseudoLabels' baseline_decay); < 0 = none. The
+    # first-order term is a sum over the unlabeled batch (its expectation is the exact gradient's
+    # size); with the presets' teacher_lr it needs mpl_weight ~ 1 / unlabeled batch, a batch mean
+    # as in public code (docs/results.md, "The first-order estimator in training runs").
+    mpl_baseline_decay: float = -1.0
     # how the exact step gets the student's JVP (metapl.mpl.step): "auto" = from the update pass's
     # saved activations when the model allows (tangent tape), else forward-mode AD; "tape";
     # "forward_ad" (recomputes the forward). The same J either way.
@@ -266,6 +273,11 @@ class TrainConfig:
                 "memory_format must be auto, channels_last or contiguous, "
                 f"got {self.memory_format!r}"
             )
+        if not self.mpl_baseline_decay < 1.0:  # NaN too; any negative value means none
+            raise ConfigError(
+                "mpl_baseline_decay must be < 1 (in [0, 1) for a moving-average baseline of the "
+                f"first-order reward, < 0 for none), got {self.mpl_baseline_decay}"
+            )
         if self.mpl_jvp not in ("auto", "tape", "forward_ad"):
             raise ConfigError(f"mpl_jvp must be auto, tape or forward_ad, got {self.mpl_jvp!r}")
         if self.mpl_estimator not in ("exact", "first_order", "double_backward"):
@@ -371,6 +383,11 @@ class TrainConfig:
             return (
                 f"mpl_jvp applies to mpl_estimator=exact only; mpl_estimator "
                 f"{self.mpl_estimator} does not use it: do not set it"
+            )
+        if key == "mpl_baseline_decay" and self.uses_mpl and self.mpl_estimator != "first_order":
+            return (
+                f"mpl_baseline_decay applies to mpl_estimator=first_order only; mpl_estimator "
+                f"{self.mpl_estimator} has no baseline: do not set it"
             )
         if key == "finetune_lr" and self.finetune_steps == 0:
             return "finetune_lr applies only with finetune_steps > 0: set finetune_steps too"
