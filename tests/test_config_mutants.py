@@ -12,6 +12,7 @@ from metapl.errors import ConfigError
 from metapl.train.config import (
     TrainConfig,
     apply_overrides,
+    first_order_note,
     joined_notes,
     parse_set_options,
     uda_warmup_note,
@@ -123,6 +124,23 @@ def test_steps_cut_the_warmup_only_when_shorter(capsys):
     assert cut == {"warmup_steps": 20} and "lowered from 50 to 20" in note
     assert warmup_cut_to(20, preset, {"warmup_steps": "30"}, "train") == ({}, None)  # the user's
     assert capsys.readouterr().err == ""  # the command prints the note once its inputs are checked
+
+
+def test_the_first_order_estimator_at_a_weight_the_user_did_not_choose_is_noted():
+    """Its REINFORCE term sums over the unlabeled batch (here 16 x 7 = 112 images): at the
+    presets' mpl_weight that wrecked digits UDA+MPL's teacher. A weight the user set, the exact
+    estimator or a method without MPL: no note."""
+    cfg = _cfg(method="uda_mpl", mpl_estimator="first_order", batch_size=16, unlabeled_ratio=7)
+    note = first_order_note(cfg, "train", ["mpl_estimator"])
+    assert note == (
+        "metapl train: note: mpl_estimator=first_order sums its REINFORCE term over the 112 "
+        "unlabeled images of a batch; at mpl_weight=1 that wrecked the teacher of digits UDA+MPL "
+        "(docs/results.md); --set mpl_weight=0.00893 makes it a batch mean, as public "
+        "implementations have it, and mpl_baseline_decay=0.99 subtracts a baseline"
+    )
+    assert first_order_note(cfg, "train", ["mpl_estimator", "mpl_weight"]) is None
+    assert first_order_note(_cfg(method="uda_mpl"), "train", []) is None
+    assert first_order_note(_cfg(method="uda", mpl_estimator="first_order"), "train", []) is None
 
 
 def test_a_uda_ramp_longer_than_the_run_is_noted_not_cut():

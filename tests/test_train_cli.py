@@ -520,6 +520,17 @@ def test_short_steps_note_a_uda_ramp_that_outlasts_the_run(tmp_path, capsys):
     assert "uda_warmup" not in capsys.readouterr().err
 
 
+def test_the_first_order_estimator_is_noted_unless_its_weight_is_set(tmp_path, capsys):
+    quick = ["--steps", "1", "--device", "cpu", "--quiet", "--set", "finetune_steps=0"]
+    first_order = [*quick, "--set", "mpl_estimator=first_order"]
+    assert train_cli("digits-uda-mpl", tmp_path / "run", *first_order) == 0
+    err = capsys.readouterr().err
+    assert "note: mpl_estimator=first_order sums its REINFORCE term over the 200 unlabeled" in err
+    weighted = [*first_order, "--set", "mpl_weight=0.005"]
+    assert train_cli("digits-uda-mpl", tmp_path / "weighted", *weighted) == 0
+    assert "mpl_estimator=first_order" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("set_warmup", [0, 2])
 def test_a_warmup_set_by_the_first_command_is_kept_when_steps_extend_it(
     tmp_path, capsys, set_warmup

@@ -205,6 +205,7 @@ def _train_config(args: argparse.Namespace):
     """The run's configuration, and the note to print once the inputs are checked (or None)."""
     from metapl.train.config import (
         apply_overrides,
+        first_order_note,
         joined_notes,
         parse_set_options,
         uda_warmup_note,
@@ -226,7 +227,8 @@ def _train_config(args: argparse.Namespace):
     cut, note = warmup_cut_to(args.steps, cfg, overrides, "train", earlier_warmup)
     overrides.update(cut)
     cfg = apply_overrides(cfg, overrides).validate().check_keys_apply(explicit)
-    return cfg, joined_notes(note, uda_warmup_note(cfg, "train"))
+    notes = (uda_warmup_note(cfg, "train"), first_order_note(cfg, "train", explicit))
+    return cfg, joined_notes(note, *notes)
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
