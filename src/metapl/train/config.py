@@ -155,8 +155,9 @@ class TrainConfig:
     # mpl_estimator=first_order only: decay of the moving-average baseline subtracted from the
     # reward h = R_old - R_new, started at 0 (MetaPseudoLabels' baseline_decay); < 0 = none. The
     # first-order term is a sum over the unlabeled batch (its expectation is the exact gradient's
-    # size); with the presets' teacher_lr it needs mpl_weight ~ 1 / unlabeled batch, a batch mean
-    # as in public code (docs/results.md, "The first-order estimator in training runs").
+    # size); at the presets' mpl_weight and teacher_lr it wrecked digits UDA+MPL's teacher, and 1
+    # or 10 / the unlabeled batch (1 is a batch mean, as in public code) suited the digits rows
+    # (docs/results.md, "The first-order estimator in training runs").
     mpl_baseline_decay: float = -1.0
     # how the exact step gets the student's JVP (metapl.mpl.step): "auto" = from the update pass's
     # saved activations when the model allows (tangent tape), else forward-mode AD; "tape";
