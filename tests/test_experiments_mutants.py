@@ -88,6 +88,28 @@ def test_digits_results_are_sorted_and_paired_seed_by_seed(tmp_path, monkeypatch
     capsys.readouterr()
 
 
+def test_digits_notes_the_first_order_estimator_at_a_weight_not_set(tmp_path, monkeypatch, capsys):
+    """As `metapl train` does (once for the +MPL rows that share the note); a weight set for the
+    method, or for every method, silences it."""
+    _fake_runs(monkeypatch, digits, lambda m, s: 0.5)
+    first_order = {"mpl_estimator": "first_order"}
+    methods = ("uda_mpl", "supervised_mpl", "uda")
+    cfg = digits.DigitsConfig(seeds=[0], methods=methods, workers=1, overrides={"*": first_order})
+    digits.run_digits(cfg, tmp_path / "a", show_progress=False)
+    err = capsys.readouterr().err
+    line = "metapl digits: note: mpl_estimator=first_order sums its REINFORCE term over the 200 "
+    assert err.count(line) == 1, err
+    silent = (
+        {"uda_mpl": {**first_order, "mpl_weight": "0.005"}},
+        {"*": {**first_order, "mpl_weight": "0.005"}},
+        {"uda_mpl": {"mpl_estimator": "exact"}},
+    )
+    for i, overrides in enumerate(silent):
+        cfg = digits.DigitsConfig(seeds=[0], methods=("uda_mpl",), workers=1, overrides=overrides)
+        digits.run_digits(cfg, tmp_path / str(i), show_progress=False)
+        assert "note" not in capsys.readouterr().err
+
+
 def test_reduced_results_are_paired_as_reduced_mpl_minus_the_others(tmp_path, monkeypatch, capsys):
     from metapl.experiments import figure10, reduced
 

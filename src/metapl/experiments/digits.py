@@ -9,6 +9,7 @@ nets on 8x8 images use a core better as separate processes than as intra-op thre
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -103,6 +104,20 @@ class DigitsConfig:
         for method, method_cfg in configs.items():  # a model that cannot take digits' images
             check_config_models(method_cfg, 10, f"--set {method}:model=NAME")
         return self
+
+    def notes(self) -> list[str]:
+        """What `metapl train` would note of the trained methods' configs (the first-order
+        estimator at a weight the user did not set), once each."""
+        from metapl.train.config import first_order_note
+
+        notes = []
+        for method in self.methods:
+            if method in ENGINE_METHODS:
+                explicit = {*self.overrides.get(method, {}), *self.overrides.get("*", {})}
+                note = first_order_note(_method_config(method, 0, self), "digits", explicit)
+                if note is not None and note not in notes:
+                    notes.append(note)
+        return notes
 
 
 # Keys that a command's own options set for every run: a --set would change the trained runs but
@@ -229,6 +244,8 @@ def run_digits(cfg: DigitsConfig, out: Path, show_progress: bool = True) -> dict
     # every run's folder checked (and held) now, not after other runs trained (LabelSpreading
     # writes none)
     runs = [out / m / f"seed{s}" for m in cfg.methods if m in ENGINE_METHODS for s in cfg.seeds]
+    for note in cfg.notes():  # after the checks: a mistake found in them is one line
+        print(note, file=sys.stderr)
     with report.holding_run_folders(runs):
         return _train_and_report(cfg, out, show_progress)
 
