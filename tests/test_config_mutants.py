@@ -139,6 +139,9 @@ def test_the_first_order_estimator_at_a_weight_the_user_did_not_choose_is_noted(
         "implementations have it, and mpl_baseline_decay=0.99 subtracts a baseline"
     )
     assert first_order_note(cfg, "train", ["mpl_estimator", "mpl_weight"]) is None
+    # a weight a preset file chose: the note's "at mpl_weight=1" would not be true
+    chosen = _cfg(method="uda_mpl", mpl_estimator="first_order", mpl_weight=0.005)
+    assert first_order_note(chosen, "train", ["mpl_estimator"]) is None
     assert first_order_note(_cfg(method="uda_mpl"), "train", []) is None
     assert first_order_note(_cfg(method="uda", mpl_estimator="first_order"), "train", []) is None
 

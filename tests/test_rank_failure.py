@@ -44,7 +44,7 @@ def _run_on_two_ranks(*works) -> tuple[list, list]:
     return ThreadRanks(2).run(each_rank), ran
 
 
-def _raise(exc: Exception):
+def _raise(exc: BaseException):
     def work():
         raise exc
 
@@ -91,6 +91,16 @@ def test_an_exception_of_rank_0s_work_stops_every_rank_saying_why(raised, kind, 
     assert type(results[1]) is kind and str(results[1]) == line
     assert getattr(results[1], "errno", None) == errno_
     assert ran == [0, 0]  # the third work ran nowhere
+
+
+def test_an_interrupt_in_rank_0s_work_reaches_the_others_too():
+    """Ctrl-C or a signal's exception on rank 0: the others would otherwise wait in the broadcast
+    (a gloo group with a week's timeout) until rank 0's process group was torn down."""
+    interrupt = KeyboardInterrupt()
+    results, _ = _run_on_two_ranks(_raise(interrupt))
+    assert results[0] is interrupt
+    assert type(results[1]) is RuntimeError
+    assert str(results[1]) == f"rank 0 stopped {WHERE} with KeyboardInterrupt: "
 
 
 def test_in_one_process_the_work_raises_as_it_is_without_a_collective():

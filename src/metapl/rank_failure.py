@@ -31,7 +31,7 @@ class RankFailure:
     errno: int | None  # a WriteError's (an OSError's): the disk was full, say
 
     @classmethod
-    def of(cls, rank: int, exc: Exception) -> RankFailure:
+    def of(cls, rank: int, exc: BaseException) -> RankFailure:
         user_error = isinstance(exc, MetaplError)
         return cls(rank, type(exc).__name__, str(exc), user_error, getattr(exc, "errno", None))
 
@@ -60,7 +60,7 @@ def _subclasses(cls: type) -> list[type]:
     return found
 
 
-def meet(collective: Callable[[Any], Any], obj: Any, own_error: Exception | None) -> Any:
+def meet(collective: Callable[[Any], Any], obj: Any, own_error: BaseException | None) -> Any:
     """``collective(obj)``; where it fails (a peer gone), this rank's own error, if any, is what
     it reports."""
     try:
@@ -74,17 +74,19 @@ def meet(collective: Callable[[Any], Any], obj: Any, own_error: Exception | None
 def on_rank_0(dp: DataParallel, work: Callable[[], object], where: str) -> None:
     """Do ``work`` (a write, a check of what rank 0 would write over, a caller's hook) on rank 0
     alone. Under torchrun, whatever it raises there is raised on every rank: rank 0 raises its own
-    exception, the others :meth:`RankFailure.error` with ``where``. Every rank calls this at the
-    same point, since it is a collective under torchrun."""
+    exception, the others :meth:`RankFailure.error` with ``where``. Ctrl-C and signals too: the
+    others would otherwise wait in this broadcast, whose gloo group has a week's timeout, until
+    rank 0's process group was torn down. Every rank calls this at the same point, since it is a
+    collective under torchrun."""
     if not dp.enabled:
         work()
         return
-    own_error: Exception | None = None
+    own_error: BaseException | None = None
     failure = None
     if dp.is_main:
         try:
             work()
-        except Exception as exc:
+        except BaseException as exc:
             own_error, failure = exc, RankFailure.of(dp.rank, exc)
     verdict = meet(dp.broadcast_object, failure, own_error)
     if own_error is not None:

@@ -114,8 +114,13 @@ def build_method(cfg: TrainConfig, num_classes: int, device: torch.device, grad_
         student_labeled_weight=cfg.student_labeled_weight,
         label_smoothing=cfg.label_smoothing,
         estimator=cfg.mpl_estimator,
-        # (the library's baseline_decay: None = no baseline; it refuses one for other estimators)
-        baseline_decay=cfg.mpl_baseline_decay if cfg.mpl_baseline_decay >= 0 else None,
+        # the library's baseline_decay (None = no baseline); --set refuses it with another
+        # estimator, and a preset file's value is dropped there, as mpl_jvp's
+        baseline_decay=(
+            cfg.mpl_baseline_decay
+            if cfg.mpl_estimator == "first_order" and cfg.mpl_baseline_decay >= 0
+            else None
+        ),
         # the config refuses mpl_jvp given with another estimator; its default "auto" is dropped
         jvp=cfg.mpl_jvp if cfg.mpl_estimator == "exact" else "forward_ad",
         autocast_dtype=amp,

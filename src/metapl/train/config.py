@@ -571,16 +571,19 @@ def uda_warmup_note(cfg: TrainConfig, command: str) -> str | None:
 
 
 def first_order_note(cfg: TrainConfig, command: str, explicit: Iterable[str]) -> str | None:
-    """A note when an +MPL run takes the first-order estimator at an mpl_weight it did not choose.
-    Its REINFORCE term sums over the unlabeled batch, the exact gradient's size in expectation, and
-    at the presets' weight and teacher_lr its noise wrecked the teacher (docs/results.md); public
-    implementations take a batch mean, which is mpl_weight = 1 / the unlabeled batch."""
+    """A note when an +MPL run takes the first-order estimator at the presets' mpl_weight of 1
+    without choosing it (--set). Its REINFORCE term sums over the unlabeled batch, the exact
+    gradient's size in expectation, and at that weight and the presets' teacher_lr its noise
+    wrecked the teacher (docs/results.md); public implementations take a batch mean, which is
+    mpl_weight = 1 / the unlabeled batch. A preset file's other weight is a choice too."""
     if not cfg.uses_mpl or cfg.mpl_estimator != "first_order" or "mpl_weight" in explicit:
+        return None
+    if cfg.mpl_weight != 1.0:
         return None
     unlabeled = cfg.batch_size * cfg.unlabeled_ratio
     return (
         f"metapl {command}: note: mpl_estimator=first_order sums its REINFORCE term over the "
-        f"{unlabeled} unlabeled images of a batch; at mpl_weight={cfg.mpl_weight:g} that wrecked "
+        f"{unlabeled} unlabeled images of a batch; at mpl_weight=1 that wrecked "
         f"the teacher of digits UDA+MPL (docs/results.md); --set mpl_weight={1 / unlabeled:.3g} "
         "makes it a batch mean, as public implementations have it, and mpl_baseline_decay=0.99 "
         "subtracts a baseline"
