@@ -88,7 +88,12 @@ def on_rank_0(dp: DataParallel, work: Callable[[], object], where: str) -> None:
             work()
         except BaseException as exc:
             own_error, failure = exc, RankFailure.of(dp.rank, exc)
-    verdict = meet(dp.broadcast_object, failure, own_error)
+    stop_on(own_error, meet(dp.broadcast_object, failure, own_error), where)
+
+
+def stop_on(own_error: BaseException | None, verdict: RankFailure | None, where: str) -> None:
+    """After the ranks met: raise this rank's own error (with its traceback), else the failure
+    the verdict tells of (another rank's), else nothing."""
     if own_error is not None:
         raise own_error
     if verdict is not None:

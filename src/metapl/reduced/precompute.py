@@ -41,7 +41,7 @@ from metapl.atomic import fsync_file, write_error, write_json_atomically
 from metapl.data.arrays import data_error, describe, to_tensor_nchw
 from metapl.errors import ConfigError, DataError
 from metapl.progress import progress_bar
-from metapl.rank_failure import RankFailure, meet
+from metapl.rank_failure import RankFailure, meet, stop_on
 
 FORMAT_VERSION = 1
 """Version of the ``.npy`` + sidecar layout; a file of another version is refused."""
@@ -413,6 +413,7 @@ def precompute_distributions(
             # failed write is the next verdict, or the last one's after the loop.
             own_error: Exception | None = None
             failed_write: RankFailure | None = None
+            where = f"the precompute of {out_path}"  # in another rank's error
             start = done
             while start < n:
                 # A round is world_size chunks; its end lies on the chunk grid, and its batches on
@@ -435,7 +436,7 @@ def precompute_distributions(
                 verdict = failed_write
                 if parts is not None and verdict is None:
                     verdict = next((p for p in parts if isinstance(p, RankFailure)), None)
-                _stop_on(own_error, meet(ranks.broadcast, verdict, own_error), out_path)
+                stop_on(own_error, meet(ranks.broadcast, verdict, own_error), where)
                 if parts is not None:  # rank 0: the round's rows to disk, then the sidecar
                     try:
                         shares = [p for p in parts if p is not None]
@@ -451,20 +452,12 @@ def precompute_distributions(
                 start = stop
             # The last verdict: rank 0's write of the last round; after it, the file is finished
             # for every rank to read.
-            _stop_on(own_error, meet(ranks.broadcast, failed_write, own_error), out_path)
+            stop_on(own_error, meet(ranks.broadcast, failed_write, own_error), where)
     finally:
         model.train(was_training)
         bar.close()
     del probs  # close the writable mapping before handing out a read-only one
     return load_distributions(out_path, **fingerprints)
-
-
-def _stop_on(own_error: Exception | None, verdict: RankFailure | None, out_path: Path) -> None:
-    """Raise this rank's own error (with its traceback), else the failure the verdict tells of."""
-    if own_error is not None:
-        raise own_error
-    if verdict is not None:
-        raise verdict.error(f"the precompute of {out_path}")
 
 
 def _classify(
