@@ -3,6 +3,8 @@
 summarizes, and how its options reach each run's config. Training is replaced by stand-ins that
 return fixed accuracies."""
 
+import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -189,3 +191,38 @@ def test_a_file_where_a_large_teacher_trains_is_refused_before_any_run(monkeypat
     with pytest.raises(ConfigError, match="large_teacher/seed0 is inside"):
         reduced.run_reduced(reduced.ReducedConfig(seeds=[0, 1], workers=1), tmp_path)
     assert runs == []
+
+
+@pytest.mark.parametrize("command", ["digits", "reduced"])
+def test_results_of_an_older_metapl_are_rerun_at_a_new_keys_default(
+    monkeypatch, tmp_path, capsys, command
+):
+    """A results.json written before a config key existed (here the key is dropped from it): the
+    same command was refused as "another configuration (KEY=None)". The key counts as its default,
+    the old behaviour; another value of it is still another configuration."""
+    _fake_runs(monkeypatch, digits, lambda m, s: 0.5)
+    _fake_runs(monkeypatch, reduced, lambda m, s: 0.5)
+    monkeypatch.setattr(figure10, "plot_figure10", lambda series, path: None)
+    if command == "digits":
+        run, key, other = digits.run_digits, "labels_per_class", 6
+
+        def config(**changed):
+            return digits.DigitsConfig(seeds=[0], methods=("label_spreading",), **changed)
+    else:
+        run, key, other = reduced.run_reduced, "students", ("supervised",)
+
+        def config(**changed):
+            return reduced.ReducedConfig(seeds=[0], **changed)
+
+    run(config(), tmp_path, show_progress=False)
+    path = tmp_path / "results.json"
+    results = json.loads(path.read_text())
+    default = results["config"].pop(key)
+    path.write_text(json.dumps(results))
+    older = path.read_text()
+    with pytest.raises(ConfigError, match=re.escape(f"another configuration ({key}={default})")):
+        run(config(**{key: other}), tmp_path, show_progress=False)
+    assert path.read_text() == older
+    run(config(), tmp_path, show_progress=False)
+    assert json.loads(path.read_text())["config"][key] == default
+    capsys.readouterr()

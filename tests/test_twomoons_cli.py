@@ -51,6 +51,23 @@ def test_a_rerun_replaces_only_results_of_the_same_configuration(tmp_path, capsy
     assert (out / "results.json").read_text() == earlier
 
 
+def test_results_of_an_older_metapl_are_rerun_at_a_new_options_default(tmp_path, capsys):
+    """A results.json from before an option existed (--estimator, here dropped from it): the same
+    command was refused as "another configuration (estimator=None)"."""
+    out = tmp_path / "tm"
+    args = ["twomoons", "--steps", "5", "--seeds", "0", "--out", str(out), "--quiet"]
+    assert main(args) == 0
+    path = out / "results.json"
+    results = json.loads(path.read_text())
+    assert results["config"].pop("estimator") == "exact"
+    path.write_text(json.dumps(results))
+    capsys.readouterr()
+    assert main([*args, "--estimator", "first_order"]) == 2  # another value: refused
+    assert "another configuration (estimator=exact)" in capsys.readouterr().err
+    assert main(args) == 0
+    assert json.loads(path.read_text())["config"]["estimator"] == "exact"
+
+
 @pytest.mark.parametrize("seeds", ["9-3", "x", "1,1"])
 def test_bad_seeds_exit_2_with_one_line(tmp_path, seeds):
     proc = subprocess.run(

@@ -152,7 +152,7 @@ def _cmd_twomoons(args: argparse.Namespace) -> None:
     cfg = TwoMoonsConfig(seeds=seeds, noise=args.noise, estimator=args.estimator)
     if args.steps is not None:
         cfg.steps = args.steps
-    check_replaceable(out, "TwoMoons", asdict(cfg))
+    check_replaceable(out, "TwoMoons", asdict(cfg), defaults=asdict(TwoMoonsConfig()))
     with cpu_threads.cpu_threads(
         args.threads, follows_load=True
     ) as threads:  # see metapl.cpu_threads

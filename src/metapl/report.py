@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 from metapl.atomic import write_json_atomically
@@ -227,12 +227,23 @@ def check_not_a_result(output: Path | str, option: str) -> None:
         )
 
 
-def check_replaceable(out: Path, name: str, config: dict, ignore: Iterable[str] = ()) -> None:
+def check_replaceable(
+    out: Path,
+    name: str,
+    config: dict,
+    ignore: Iterable[str] = (),
+    defaults: Mapping | None = None,
+) -> None:
     """A run into ``out`` replaces its results.json: refused when that holds the results of another
     configuration of this command (other seeds, steps, methods...), which it would lose. The same
     configuration again (a rerun, or one resumed after an interruption) may replace them: it
     reproduces them. ``name`` says whose results they are in the message; keys in ``ignore`` do
-    not change the results (the number of worker processes, say)."""
+    not change the results (the number of worker processes, say).
+
+    ``defaults``: the configuration's default values. An option that the earlier results.json
+    lacks, because a later metapl added it, counts as its default (the old behaviour), as
+    :func:`metapl.train.checkpoint.check_resumable` counts it: the same command after an upgrade of
+    metapl was refused as "another configuration (mpl_baseline_decay=None)"."""
     path = out / "results.json"
     try:
         earlier = json.loads(path.read_text()).get("config")
@@ -241,6 +252,10 @@ def check_replaceable(out: Path, name: str, config: dict, ignore: Iterable[str] 
     if not isinstance(earlier, dict):
         return
     now = json.loads(json.dumps(config))  # as saved: tuples are lists
+    added = {
+        k: v for k, v in json.loads(json.dumps(dict(defaults or {}))).items() if k not in earlier
+    }
+    earlier = {**added, **earlier}
     changed = sorted(k for k in now if k not in ignore and earlier.get(k) != now[k])
     if not changed:
         return

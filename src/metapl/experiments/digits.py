@@ -240,7 +240,9 @@ def paired_differences(records: list[dict]) -> dict[str, dict]:
 def run_digits(cfg: DigitsConfig, out: Path, show_progress: bool = True) -> dict:
     cfg.validate()
     # A rerun with other seeds (or steps, methods...) would replace the earlier results.json.
-    report.check_replaceable(out, "digits", asdict(cfg), ignore=("workers",))
+    report.check_replaceable(
+        out, "digits", asdict(cfg), ignore=("workers",), defaults=asdict(DigitsConfig())
+    )
     # every run's folder checked (and held) now, not after other runs trained (LabelSpreading
     # writes none)
     runs = [out / m / f"seed{s}" for m in cfg.methods if m in ENGINE_METHODS for s in cfg.seeds]

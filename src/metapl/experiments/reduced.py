@@ -154,7 +154,9 @@ def _run(job: tuple[str, int, ReducedConfig, str]) -> dict:
 def run_reduced(cfg: ReducedConfig, out: Path, show_progress: bool = True) -> dict:
     cfg.validate()
     # A rerun with other seeds (or steps, students...) would replace the earlier results.json.
-    check_replaceable(out, "reduced", asdict(cfg), ignore=("workers",))
+    check_replaceable(
+        out, "reduced", asdict(cfg), ignore=("workers",), defaults=asdict(ReducedConfig())
+    )
     # every run's folder checked (and held) now, not after others ran
     runs = [
         out / name / f"seed{seed}"

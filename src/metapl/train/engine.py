@@ -649,6 +649,9 @@ def _train(
     split = load_data(cfg)  # bad data fails here, before anything is written
     fingerprint = config_fingerprint(cfg.to_dict())
     ckpt_path = out_dir / "checkpoint.pt"
+    # Options added since a checkpoint or results.json was written count as their defaults (the
+    # old behaviour): a run folder survives an upgrade of metapl.
+    defaults = TrainConfig().to_dict()
     saved = None
     # A rank that saw no checkpoint would start over while the others resume: each would wait in
     # collectives the others never make (run folders on disks of their own machines).
@@ -656,8 +659,6 @@ def _train(
     check_same_data(dp, split)  # node-local copies of a dataset, one only partly copied, say
     if resuming:
         saved = load_checkpoint(ckpt_path, format_version=FORMAT_VERSION)
-        # Options added since the checkpoint was written count as their defaults (the old behaviour).
-        defaults = TrainConfig().to_dict()
         check_resumable(saved, fingerprint, ckpt_path, config=cfg.to_dict(), defaults=defaults)
         _check_not_past_the_end(cfg, int(saved["step"]), ckpt_path)
     else:
@@ -666,7 +667,9 @@ def _train(
         # its metrics.csv, without a word.
         on_rank_0(
             dp,
-            lambda: check_replaceable(out_dir, "train", cfg.to_dict(), ignore=_NOT_IN_RESULTS),
+            lambda: check_replaceable(
+                out_dir, "train", cfg.to_dict(), ignore=_NOT_IN_RESULTS, defaults=defaults
+            ),
             "the run before its first step",
         )
     teacher_probs = None
