@@ -110,6 +110,23 @@ def test_digits_notes_the_first_order_estimator_at_a_weight_not_set(tmp_path, mo
         assert "note" not in capsys.readouterr().err
 
 
+def test_reduced_notes_the_first_order_estimator_at_a_weight_not_set(tmp_path, monkeypatch, capsys):
+    """As `metapl train` does, for the ReducedMPL student (the one stage with an MPL step)."""
+    from metapl.experiments import figure10, reduced
+
+    _fake_runs(monkeypatch, reduced, lambda m, s: 0.5)
+    monkeypatch.setattr(figure10, "plot_figure10", lambda series, path: None)
+    first_order = {"mpl_estimator": "first_order"}
+    cfg = reduced.ReducedConfig(seeds=[0], workers=1, overrides={"reduced_mpl": first_order})
+    reduced.run_reduced(cfg, tmp_path / "a", show_progress=False)
+    line = "metapl reduced: note: mpl_estimator=first_order sums its REINFORCE term over the 192 "
+    assert capsys.readouterr().err.count(line) == 1
+    for i, overrides in enumerate(({"*": {**first_order, "mpl_weight": "0.005"}}, {})):
+        cfg = reduced.ReducedConfig(seeds=[0], workers=1, overrides=overrides)
+        reduced.run_reduced(cfg, tmp_path / str(i), show_progress=False)
+        assert "note" not in capsys.readouterr().err
+
+
 def test_reduced_results_are_paired_as_reduced_mpl_minus_the_others(tmp_path, monkeypatch, capsys):
     from metapl.experiments import figure10, reduced
 

@@ -486,3 +486,19 @@ def test_tune_steps_below_the_warmup_cut_it_like_train(tmp_path, capsys):
     (trial,) = (tmp_path / "out" / "trials" / "digits-uda-student").iterdir()
     assert json.loads((trial / "config.json").read_text())["warmup_steps"] == 4
     assert "warmup_steps = 100" in (tmp_path / "out" / "best.toml").read_text()
+
+
+def test_tune_notes_the_first_order_estimator_at_a_weight_not_set(tmp_path, monkeypatch):
+    """As `metapl train` does: every trial would take the first-order estimator at the preset's
+    mpl_weight of 1, which wrecked the teacher of digits UDA+MPL; a weight set silences it."""
+    import metapl.tuning
+
+    notes = []
+    monkeypatch.setattr(metapl.tuning, "tune", lambda opts: notes.append(opts.note))
+    args = ["tune", "--preset", "digits-uda-mpl", "--stage", "teacher", "--trials", "1"]
+    args += tiny_args(tmp_path)
+    args += ["--set", "mpl_estimator=first_order"]
+    assert main(args) == 0
+    assert main([*args, "--set", "mpl_weight=0.05"]) == 0
+    first_order_line = "metapl tune: note: mpl_estimator=first_order sums its REINFORCE term"
+    assert first_order_line in notes[0] and notes[1] is None

@@ -72,6 +72,7 @@ def run(args: argparse.Namespace) -> None:
     from metapl.report import check_out_not_in_data, output_folder
     from metapl.train.config import (
         apply_overrides,
+        first_order_note,
         joined_notes,
         parse_set_options,
         uda_warmup_note,
@@ -93,7 +94,9 @@ def run(args: argparse.Namespace) -> None:
     cut, note = warmup_cut_to(args.steps, load_preset(args.preset), overrides, "tune")
     runtime.update(cut)
     trial_base = apply_overrides(load_preset(args.preset), {**overrides, **runtime})
-    note = joined_notes(note, uda_warmup_note(trial_base, "tune"))
+    note = joined_notes(
+        note, uda_warmup_note(trial_base, "tune"), first_order_note(trial_base, "tune", overrides)
+    )
     check_out_not_in_data(args.out, trial_base)  # the trials' run folders are under --out
     opts = TuneOptions(
         preset=args.preset,

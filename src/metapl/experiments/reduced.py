@@ -14,6 +14,7 @@ Writes ``results.json`` (records with "method", "seed", "accuracy") and ``figure
 
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -111,6 +112,18 @@ class ReducedConfig:
                 raise ConfigError(f"stage {method}: {err}") from None
         return self
 
+    def notes(self) -> list[str]:
+        """What `metapl train` would note of the ReducedMPL student's config (the first-order
+        estimator at a weight the user did not set); the other stages take no MPL step."""
+        from metapl.train.config import first_order_note
+
+        if "reduced_mpl" not in self.students:
+            return []
+        explicit = {*self.overrides.get("reduced_mpl", {}), *self.overrides.get("*", {})}
+        stage = _stage_config("reduced_mpl", 0, self, Path("."))
+        note = first_order_note(stage, "reduced", explicit)
+        return [] if note is None else [note]
+
 
 def _stage_config(method: str, seed: int, cfg: ReducedConfig, out: Path):
     """One (stage, seed) run's training config: the digits-reduced-* preset, the seed and the
@@ -163,6 +176,8 @@ def run_reduced(cfg: ReducedConfig, out: Path, show_progress: bool = True) -> di
         for name in ("large_teacher", *cfg.students)
         for seed in cfg.seeds
     ]
+    for note in cfg.notes():  # after the checks: a mistake found in them is one line
+        print(note, file=sys.stderr)
     with holding_run_folders(runs):
         return _train_and_report(cfg, out, show_progress)
 
