@@ -235,6 +235,15 @@ def worker_setup() -> None:
                 return original_log(self, step, values)
 
             engine.MetricsLogger.log = log
+        elif what == "json":  # the write of the file named ``at`` (config.json, results.json)
+            original_write = engine.write_json_atomic
+
+            def write_json_atomic(path, obj):
+                if Path(path).name == at:
+                    raise write_error(path, OSError(errno.ENOSPC, "No space left on device"))
+                return original_write(path, obj)
+
+            engine.write_json_atomic = write_json_atomic
         else:
             original_report = engine._report
 
@@ -691,6 +700,27 @@ def test_a_failure_of_rank_0s_own_work_mid_run_stops_every_rank_there_saying_why
     reports = [json.loads((report / f"rank{r}.json").read_text()) for r in (0, 1)]
     steps = [[batch[0] for batch in got["batches"]] for got in reports]
     assert steps[0] == steps[1] and len(steps[1]) == 2, steps
+
+
+@pytest.mark.parametrize("name", ["config.json", "results.json"])
+def test_a_failed_write_of_rank_0s_run_files_stops_every_rank_saying_why(tmp_path, name):
+    """Rank 0 alone writes config.json before the first step and results.json after the last:
+    when that failed, rank 1 went on to its first step's collectives (config.json) or printed the
+    run's accuracy and exited 0 (results.json), saying nothing of the failure."""
+    register_test_model()
+    preset, out = "digits-uda-mpl", tmp_path / "run"
+    args = for_preset(preset, options(2))
+    env_fail = {FAIL_ENV: f"json:{name}"}
+    command, env, report = torchrun_command(tmp_path, preset, out, args, **env_fail)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    line = f"could not write {out / name}: No space left on device ("
+    assert done.stderr.count(line) == 2, done.stderr[-3000:]
+    assert "test accuracy" not in done.stdout + done.stderr
+    reports = [json.loads((report / f"rank{r}.json").read_text()) for r in (0, 1)]
+    steps = [[batch[0] for batch in got["batches"]] for got in reports]
+    assert steps[0] == steps[1] and len(steps[1]) == (0 if name == "config.json" else 2), steps
+    assert not (out / "results.json").exists()
 
 
 def test_ranks_that_loaded_different_data_stop_before_training_and_say_so(tmp_path):

@@ -493,6 +493,7 @@ def _clear_leftovers(out_dir: Path) -> None:
 
 
 _RANKS_TOKEN = ".metapl-seen-by-every-rank-"
+_BEFORE_THE_FIRST_STEP = "the run before its first step"  # where a rank-0 failure stopped it
 
 
 def _open_run_folder(out_dir: Path, dp: DataParallel, note: str | None) -> None:
@@ -501,12 +502,16 @@ def _open_run_folder(out_dir: Path, dp: DataParallel, note: str | None) -> None:
     the checkpoints and the large teacher's files that every rank reads), not one per machine."""
     existed = out_dir.is_dir()
     token = None
-    if dp.is_main:
+
+    def make_folder() -> None:
+        nonlocal token
         out_dir.mkdir(parents=True, exist_ok=True)
         _clear_leftovers(out_dir)
         if dp.enabled:
             token = out_dir / f"{_RANKS_TOKEN}{uuid.uuid4().hex}"
             token.touch()
+
+    on_rank_0(dp, make_folder, _BEFORE_THE_FIRST_STEP)
     if dp.enabled:
         name = dp.broadcast_object(None if token is None else token.name)
         shared = False
@@ -670,7 +675,7 @@ def _train(
             lambda: check_replaceable(
                 out_dir, "train", cfg.to_dict(), ignore=_NOT_IN_RESULTS, defaults=defaults
             ),
-            "the run before its first step",
+            _BEFORE_THE_FIRST_STEP,
         )
     teacher_probs = None
     opened = False  # the run folder (made by rank 0, seen by every rank)
@@ -695,10 +700,8 @@ def _train(
     )
     if not opened:
         _open_run_folder(out_dir, dp, note)
-    if dp.is_main:  # here and below: the other ranks write nothing
-        write_json_atomic(out_dir / "config.json", cfg.to_dict())
-    if split.class_names is not None and dp.is_main:  # label i's name, for `metapl predict`
-        write_json_atomic(out_dir / "classes.json", list(split.class_names))
+    # here and below: the other ranks write nothing
+    on_rank_0(dp, functools.partial(_write_run_files, out_dir, cfg, split), _BEFORE_THE_FIRST_STEP)
     dp.broadcast_(_weights(run).values())  # and, to be safe, starts from rank 0's weights
     if cfg.compile:  # after check_models_fit's forward, which would compile for 2 images
         compiled = run.compile_models()
@@ -798,11 +801,25 @@ def _train(
         "results": [record],
         "seconds_this_session": time.perf_counter() - start_time,
     }
+    written = functools.partial(_write_results, out_dir, cfg, summary, watched)
+    on_rank_0(dp, written, "the run after its last step")
+    return summary
+
+
+def _write_run_files(out_dir: Path, cfg: TrainConfig, split: SSLSplit) -> None:
+    """The run's config.json, and classes.json (label i's name, for `metapl predict`)."""
+    write_json_atomic(out_dir / "config.json", cfg.to_dict())
+    if split.class_names is not None:
+        write_json_atomic(out_dir / "classes.json", list(split.class_names))
+
+
+def _write_results(
+    out_dir: Path, cfg: TrainConfig, summary: dict, watched: _Figure10 | None
+) -> None:
+    """A finished run's results.json and curves.png (and figure10.json for ReducedMPL)."""
     if watched is not None:
         write_json_atomic(out_dir / "figure10.json", watched.series())
-    if dp.is_main:
-        write_json_atomic(out_dir / "results.json", summary)
-        from metapl.train.curves import plot_curves  # matplotlib: only once a run is done
+    write_json_atomic(out_dir / "results.json", summary)
+    from metapl.train.curves import plot_curves  # matplotlib: only once a run is done
 
-        plot_curves(out_dir, f"{cfg.preset or cfg.method} (seed {cfg.seed})")
-    return summary
+    plot_curves(out_dir, f"{cfg.preset or cfg.method} (seed {cfg.seed})")
