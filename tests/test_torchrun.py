@@ -244,15 +244,18 @@ def worker_setup() -> None:
                 return original_write(path, obj)
 
             engine.write_json_atomic = write_json_atomic
-        else:
-            original_report = engine._report
+        else:  # a library user's on_eval, as `metapl.train.engine.train(..., on_eval=)` takes it
+            original_train = engine.train
 
-            def report_evaluation(logger, on_eval, step, accuracies):
+            def on_eval(step, accuracies):
+                assert "test_accuracy" in accuracies  # the run's evaluation reached it
                 if step == int(at):
                     raise ValueError(f"on_eval refused step {step}")
-                return original_report(logger, on_eval, step, accuracies)
 
-            engine._report = report_evaluation
+            def train(cfg, out_dir, show_progress=True, on_eval=on_eval, note=None):
+                return original_train(cfg, out_dir, show_progress, on_eval, note)
+
+            engine.train = train
     hold = os.environ.get(HOLD_ENV)
     if hold:
         original_load_data = engine.load_data
@@ -671,7 +674,7 @@ def test_every_rank_says_why_rank_0_will_not_replace_the_results_in_its_folder(t
 
 
 @pytest.mark.parametrize(
-    "fail", ["save:2", "log:2", "report:2"], ids=["checkpoint", "metrics-log", "on_eval"]
+    "fail", ["save:2", "log:2", "on_eval:2"], ids=["checkpoint", "metrics-log", "on_eval"]
 )
 def test_a_failure_of_rank_0s_own_work_mid_run_stops_every_rank_there_saying_why(tmp_path, fail):
     """Rank 0 alone writes checkpoints and logs and reports evaluations (a library user's
