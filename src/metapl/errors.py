@@ -21,6 +21,17 @@ def did_you_mean(word: str, choices: Iterable[str], n: int = 1) -> str:
     return f" (did you mean {', '.join(by_lower[c] for c in close)}?)" if close else ""
 
 
+def first_line(exc: BaseException, limit: int | None = None) -> str:
+    """An exception's message on one line, for a one-line error that quotes it: its first line,
+    and the next one too when the first only announces it (load_state_dict's "Error(s) in loading
+    state_dict for X:"); its class name when it has no message; cut to ``limit`` characters."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    line = " ".join(lines[:2]) if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+    return line if limit is None or len(line) <= limit else line[: limit - 3] + "..."
+
+
 class MetaplError(Exception):
     """A mistake in the user's input: configuration, data, checkpoint or API use."""
 

@@ -99,7 +99,7 @@ class DigitsConfig:
                     reasons = [c.ignored_key(key) for c in configs.values()]
                     if all(reasons):
                         raise ConfigError(f"--set {key}: {reasons[0]}")
-        from metapl.train.engine import check_config_models
+        from metapl.train.model_checks import check_config_models
 
         for method, method_cfg in configs.items():  # a model that cannot take digits' images
             check_config_models(method_cfg, 10, f"--set {method}:model=NAME")

@@ -103,7 +103,7 @@ class ReducedConfig:
             reasons = [c.ignored_key(key) for c in configs.values()]
             if all(reasons):
                 raise ConfigError(f"--set {key}: {reasons[0]}")
-        from metapl.train.engine import check_config_models
+        from metapl.train.model_checks import check_config_models
 
         for method, stage_cfg in configs.items():  # a model that cannot take digits' images
             try:

@@ -22,13 +22,12 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from metapl.errors import ConfigError
+from metapl.errors import ConfigError, first_line
 from metapl.mpl.student_checks import (
     EMBEDDING_BAG_HELP,
     OUTSIDE_CALL,
     WRITES_PARAMETERS,
     autograd_nodes,
-    first_line,
     parameter_outside_call,
     written_parameter,
 )

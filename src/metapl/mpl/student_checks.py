@@ -29,7 +29,7 @@ import torch.autograd.forward_ad as fwad
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from metapl.errors import ConfigError, DataError
+from metapl.errors import ConfigError, DataError, first_line
 from metapl.losses import upcast
 from metapl.mpl.batch_checks import as_logits, check_learns, check_rows
 from metapl.mpl.dual import dual_level
@@ -574,7 +574,3 @@ def check_student_takes(
             ) from None
         check_rows(as_logits(out, "student"), x, "student", what, batch_dim)
         passed |= new
-
-
-def first_line(err: Exception) -> str:
-    return (str(err).splitlines() or [type(err).__name__])[0]

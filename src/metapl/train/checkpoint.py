@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from metapl.atomic import move_into_place, temp_file_beside, temp_prefix
-from metapl.errors import CheckpointError
+from metapl.errors import CheckpointError, first_line
 
 REQUIRED_KEYS = ("format_version", "step")
 # The layout of a training run's checkpoint.pt (the engine writes it; train, predict and export
@@ -166,12 +166,6 @@ def save_checkpoint(path: Path, state: dict) -> None:
     _fsync_dir(path.parent)
 
 
-def _first_line(error: BaseException, limit: int = 120) -> str:
-    text = str(error).strip().splitlines()
-    line = text[0].strip() if text else type(error).__name__
-    return line if len(line) <= limit else line[: limit - 3] + "..."
-
-
 def _check_records(path: Path) -> None:
     """``ValueError`` when a record of the zip archive ``torch.save`` wrote does not match its
     CRC-32 (the file changed after it was written: a disk or a copy damaged it). A file that is no
@@ -186,7 +180,7 @@ def _check_records(path: Path) -> None:
     except zipfile.BadZipFile:
         return
     except Exception as error:  # a damaged header: an unknown compression method, a bad offset
-        raise ValueError(f"its archive is damaged ({_first_line(error)})") from error
+        raise ValueError(f"its archive is damaged ({first_line(error, limit=120)})") from error
     if damaged is not None:
         record = damaged.split("/", 1)[-1]  # without the archive's folder (the temporary name)
         raise ValueError(
@@ -218,7 +212,7 @@ def _read(path: Path, map_location: Any) -> dict:
     except pickle.UnpicklingError as error:
         text = str(error)
         if not text.startswith("Weights only load failed"):
-            raise ValueError(_first_line(error)) from error
+            raise ValueError(first_line(error, limit=120)) from error
         # torch's own text invites loading it with weights_only=False, i.e. running its code;
         # and it says the same of bytes that are no pickle at all, which only its unpickler's
         # own reason (after "WeightsUnpickler error:") tells apart: any reason about a global
@@ -240,7 +234,7 @@ def _read(path: Path, map_location: Any) -> dict:
             f"it is not a file torch.save wrote: torch's reader failed on key {error}"
         ) from error
     except Exception as error:  # torch raises RuntimeError, EOFError, ...
-        raise ValueError(_first_line(error)) from error
+        raise ValueError(first_line(error, limit=120)) from error
     if not isinstance(state, dict):
         raise ValueError(f"it holds a {type(state).__name__}, not a dict")
     missing = [key for key in REQUIRED_KEYS if key not in state]

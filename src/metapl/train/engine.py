@@ -27,7 +27,7 @@ from metapl.atomic import remove_leftovers
 from metapl.data import decoding
 from metapl.data.splits import SSLSplit, load_split
 from metapl.distributed import DataParallel, torchrun_process_group, torchrun_world
-from metapl.errors import CheckpointError, ConfigError, WriteError
+from metapl.errors import CheckpointError, ConfigError, WriteError, first_line
 from metapl.methods.build import autocast_dtype, build_method
 from metapl.methods.supervised import SupervisedMethod
 from metapl.models import param_groups_for_weight_decay
@@ -47,11 +47,12 @@ from metapl.train.checkpoint import (
     save_checkpoint,
 )
 from metapl.train.config import TrainConfig
-from metapl.train.data import BatchSource, evaluate_models, model_input, stream_seed
+from metapl.train.data import BatchSource, evaluate_models, stream_seed
 from metapl.train.ema import EMA
 from metapl.train.guards import NonFiniteWatch, check_finite_weights, to_floats
 from metapl.train.large_teacher import check_large_teacher, prepare_large_teacher_data
 from metapl.train.metrics_log import MetricsLogger
+from metapl.train.model_checks import check_compile_works, check_models_fit
 from metapl.train.rank_checks import check_ranks_see, check_same_data
 from metapl.train.schedule import make_scheduler
 from metapl.train.stopping import STOP_SIGNALS, Stopped, StopSignals, TrainingStopped
@@ -379,83 +380,13 @@ class _NoMetrics:
         pass
 
 
-def _summary(exc: Exception) -> str:
-    """An exception's message on one line: its first line, and the next one too when the first
-    only announces it (load_state_dict's "Error(s) in loading state_dict for X:")."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    if not lines:
-        return type(exc).__name__
-    return " ".join(lines[:2]) if lines[0].endswith(":") and len(lines) > 1 else lines[0]
-
-
-def check_compile_works(device: torch.device) -> None:
-    """``compile=true`` needs a working torch.compile backend here (on a CPU a C++ compiler, on a
-    GPU triton): a :class:`ConfigError` before anything is written, instead of a traceback at the
-    first step. Compiles one tiny function (a second or two)."""
-    try:
-        torch.compile(lambda x: x * 2 + 1)(torch.ones(2, device=device))
-    except Exception as exc:  # whatever the backend raises: the message says what failed
-        raise ConfigError(
-            f"compile=true: torch.compile does not work on this machine ({_summary(exc)}); "
-            "install what it names, or run without --set compile=true"
-        ) from None
-    finally:
-        torch.compiler.reset()
-
-
-def check_models_fit(run: Run, option: str = "--set model=NAME") -> None:
-    """One forward pass of each model that sees images, on two labeled images, in eval mode and
-    without gradients (no randomness drawn, no BatchNorm statistics moved). A model that cannot take
-    this dataset's images (another channel count, too small an image, a model that is not for
-    images) is a :class:`ConfigError` here, before anything is written, instead of a traceback at
-    the first step. ``option``: how the user chooses the model, for the message."""
-    images = np.asarray(run.split.x_labeled[:2])
-    _check_models_take(run.method.models, run.cfg, images, run.device, option)
-
-
-def check_config_models(cfg: TrainConfig, num_classes: int, option: str) -> None:
-    """:func:`check_models_fit` for a run that has not started: its models, built on the CPU, on
-    two blank images of the shape its dataset delivers (:func:`input_spec`). ``metapl digits`` and
-    ``metapl reduced`` check every run so, before any of them trains (a model that did not fit
-    failed only when its run started: in ``reduced``, after every large teacher had trained)."""
-    from metapl.train.run_model import input_spec
-
-    spec = input_spec(cfg)
-    images = np.zeros((2, spec.resolution, spec.resolution, spec.channels), np.uint8)
-    cpu = torch.device("cpu")
-    with torch.random.fork_rng(devices=[]):  # the models' initialization draws from torch's RNG
-        method = build_method(cfg, num_classes, cpu)
-    _check_models_take(method.models, cfg, images, cpu, option)
-
-
-def _check_models_take(models: dict, cfg: TrainConfig, images, device, option: str) -> None:
-    x = model_input(images, device, channels_last=cfg.channels_last(device))
-    for name, model in models.items():
-        if name == "teacher" and cfg.method == "reduced_mpl":
-            continue  # the reduced teacher reads the large teacher's distributions, not images
-        was_training = model.training
-        try:
-            with torch.no_grad():
-                model.eval()(x)
-        except (RuntimeError, ValueError, TypeError) as exc:
-            detail = _summary(exc)
-            _, h, w, c = images.shape
-            raise ConfigError(
-                f"model {cfg.model} cannot take this data's images ({c} channel"
-                f"{'s' if c != 1 else ''}, {h}x{w}): {detail}; choose a model for them with "
-                f"{option}"
-            ) from None
-        finally:
-            model.train(was_training)
-
-
 def _load_run_state(run: Run, saved: dict, ckpt_path: Path) -> None:
     """``run.load_state_dict(saved)``; a checkpoint whose contents do not fit the run (it passed the
     configuration check, so it was damaged or written by another version) is a CheckpointError."""
     try:
         run.load_state_dict(saved)
     except (KeyError, IndexError, RuntimeError, TypeError, ValueError) as exc:
-        detail = f"it lacks {exc}" if isinstance(exc, KeyError) else _summary(exc)
+        detail = f"it lacks {exc}" if isinstance(exc, KeyError) else first_line(exc)
         prev = prev_path(ckpt_path)
         hint = (
             f"to resume from the previous checkpoint instead run: mv {shlex.quote(str(prev))} "
