@@ -75,7 +75,7 @@ def step_rows(repeats: int, warmup: int) -> list[dict]:
     from metapl.bench import synthetic_cifar_split
     from metapl.train.config import TrainConfig, apply_overrides
     from metapl.train.data import BatchSource
-    from metapl.train.engine import Run
+    from metapl.train.run import Run
 
     split = synthetic_cifar_split(1024, np.random.RandomState(0))
     device = torch.device("cpu")

@@ -28,8 +28,9 @@ from machine import save  # noqa: E402
 from metapl.bench import synthetic_cifar_split  # noqa: E402
 from metapl.train.config import apply_overrides, parse_set_options  # noqa: E402
 from metapl.train.data import BatchSource  # noqa: E402
-from metapl.train.engine import Run, resolve_device  # noqa: E402
+from metapl.train.engine import resolve_device  # noqa: E402
 from metapl.train.presets import load_preset  # noqa: E402
+from metapl.train.run import Run  # noqa: E402
 
 
 def measure(preset: str, device: str, precision: str, steps: int, warmup: int, sets: list[str]):

@@ -15,7 +15,7 @@ from metapl import bench, cli
 from metapl.cli import main
 from metapl.errors import ConfigError
 from metapl.mpl import numerics
-from metapl.train import engine
+from metapl.train import run as live_run
 
 
 def test_seed_lists_and_ranges():
@@ -175,7 +175,7 @@ def test_cpu_bench_defaults_to_a_small_batch_and_its_bar_counts_every_round(monk
     bars, configs = [], []
     monkeypatch.setattr(bench, "progress_bar", lambda **kwargs: bars.append(kwargs) or Bar())
 
-    real_run = engine.Run
+    real_run = live_run.Run
 
     def first_runs(cfg, *args):  # the first kind is built before the bar, the second after it
         configs.append(cfg)
@@ -183,7 +183,7 @@ def test_cpu_bench_defaults_to_a_small_batch_and_its_bar_counts_every_round(monk
             raise Built
         return real_run(cfg, *args)
 
-    monkeypatch.setattr(engine, "Run", first_runs)
+    monkeypatch.setattr(live_run, "Run", first_runs)  # where bench takes it from
     with pytest.raises(Built):
         bench.run_bench(device="cpu", repeats=3, warmup=2, show_progress=False)
     assert [b["total"] for b in bars] == [5]

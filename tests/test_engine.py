@@ -29,6 +29,7 @@ from metapl.methods.build import build_method
 from metapl.models import list_models, register_model
 from metapl.models.small import DigitsCNN
 from metapl.train import engine
+from metapl.train import run as live_run
 from metapl.train.checkpoint import load_checkpoint
 from metapl.train.config import apply_overrides
 from metapl.train.guards import check_finite_weights
@@ -211,7 +212,7 @@ def test_temporary_files_that_killed_writes_left_are_cleared_when_the_run_resume
 
 def test_finite_loss_with_overflowed_weights_stops_before_the_checkpoint(tmp_path, monkeypatch):
     cfg = apply_overrides(_digits_config(), {"method": "supervised", "log_every": 1})
-    real_step = engine.build_method
+    real_step = live_run.build_method
 
     def build(*args, **kwargs):
         method = real_step(*args, **kwargs)
@@ -226,7 +227,7 @@ def test_finite_loss_with_overflowed_weights_stops_before_the_checkpoint(tmp_pat
         method.step = poisoned_step
         return method
 
-    monkeypatch.setattr(engine, "build_method", build)
+    monkeypatch.setattr(live_run, "build_method", build)  # where Run builds it
     with pytest.raises(
         NonFiniteLossError, match=r"step 8: student weight bn2.running_var contains inf"
     ):

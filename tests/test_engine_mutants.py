@@ -21,9 +21,11 @@ from test_train_cli import read_rows
 from metapl.distributed import DataParallel
 from metapl.errors import ConfigError, NonFiniteLossError
 from metapl.train import engine
+from metapl.train import run as live_run
 from metapl.train.checkpoint import load_checkpoint
 from metapl.train.config import apply_overrides
 from metapl.train.data import evaluate_models
+from metapl.train.run import Figure10Series
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -142,7 +144,7 @@ def test_the_reported_accuracy_is_the_emas_the_teachers_is_only_recorded(run):
 def _poison_metric_at(monkeypatch, step: int, last: int | None = None, value=float("nan")) -> None:
     """From step ``step`` (1-based) on, to ``last`` if given, the method reports a NaN (or
     ``value``) metric; the weights stay finite."""
-    real = engine.build_method
+    real = live_run.build_method
 
     def build(*args, **kwargs):
         method = real(*args, **kwargs)
@@ -157,7 +159,7 @@ def _poison_metric_at(monkeypatch, step: int, last: int | None = None, value=flo
         method.step = poisoned
         return method
 
-    monkeypatch.setattr(engine, "build_method", build)
+    monkeypatch.setattr(live_run, "build_method", build)  # where Run builds it
 
 
 @pytest.mark.parametrize(
@@ -362,7 +364,7 @@ def test_figure10_records_the_teacher_in_eval_mode_at_each_quarter_at_its_temper
     run = SimpleNamespace(
         cfg=cfg, method=SimpleNamespace(models={"teacher": teacher}), device="cpu", figure10={}
     )
-    watched = engine._Figure10(run, (None, probs_u))
+    watched = Figure10Series(run, (None, probs_u))
     # six images evenly spaced over the selection, the first and the last included
     rows = [0, 2, 4, 6, 8, 10]
     assert np.array_equal(watched.large, probs_u[rows])

@@ -197,8 +197,9 @@ def run_bench(
 ) -> dict:
     from metapl.train.config import TrainConfig, apply_overrides
     from metapl.train.data import BatchSource
-    from metapl.train.engine import Run, resolve_device
+    from metapl.train.engine import resolve_device
     from metapl.train.model_checks import check_models_fit
+    from metapl.train.run import Run
 
     if json_path is not None:  # checked now, not after minutes of timing
         _check_json_path(json_path)

@@ -20,7 +20,7 @@ from metapl.train.config import TrainConfig
 from metapl.train.data import model_input
 
 if TYPE_CHECKING:
-    from metapl.train.engine import Run
+    from metapl.train.run import Run
 
 
 def check_compile_works(device: torch.device) -> None:
