@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -198,15 +199,26 @@ def test_bench_checks_json_and_model_before_timing(tmp_path, capsys):
         (["--batch-size", "1000000000000"], "--batch-size must be at most 149,796"),
         (["--json", ""], "--json is empty; give a file name"),  # said "--json . is a folder"
     ]
+    # `metapl tune`'s best.toml (beside its trials/) and a study's SQLite storage: replaced too
+    best = tmp_path / "tune" / "best.toml"
+    (best.parent / "trials").mkdir(parents=True)
+    best.write_text("method = 'supervised'\n")
+    study = tmp_path / "study.db"
+    sqlite3.connect(study).execute("create table t (x)").connection.close()
+    cases += [
+        (["--json", str(best)], f"--json {best} would replace a file that `metapl tune` wrote"),
+        (["--json", str(study)], f"--json {study} would replace an SQLite database"),
+    ]
     if Path("/proc/self").is_dir():  # root passes os.access there: the write failed at the end
         cases.append((["--json", "/proc/x.json"], "--json /proc/x.json: cannot write in /proc"))
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     for args, message in cases:
         assert main([*quick, "--model", "small_cnn", *args]) == 2
         err = one_error_line(capsys.readouterr().err)
         assert err.startswith("metapl bench: error: ") and message in err, err
         assert "--model NAME" in err or args[0] != "--model"
     assert a_file.read_text() == "keep me" and not any(folder.iterdir())
-    assert results.read_text() == '{"command": "train", "results": {}}'
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
 @pytest.mark.parametrize("model", ["no_such_model", "mlp"])

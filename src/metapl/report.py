@@ -31,6 +31,7 @@ RUN_FILES = (
 # ... and the folders (`metapl train`'s TensorBoard logs): a file of the name failed as a traceback
 # after config.json and metrics.csv were written.
 RUN_FOLDERS = ("tb",)
+TUNE_RESULT = "best.toml"  # `metapl tune`'s result in its --out, beside trials/
 
 
 def output_folder(path: Path | str, option: str = "--out", command: str | None = None) -> Path:
@@ -215,16 +216,33 @@ def check_not_a_result(output: Path | str, option: str) -> None:
     :data:`RUN_FILES` or a large teacher's file, in a folder holding a command's results.json or a
     `metapl train` run's config.json and checkpoint.pt): `metapl predict --json OTHER_RUN/results.json`
     replaced that run's results with its predictions, `metapl export --output` with the exported
-    model and `metapl bench --json` with its timings, exit code 0."""
+    model and `metapl bench --json` with its timings, exit code 0. So is `metapl tune`'s best.toml
+    (in a folder with its trials/) and an SQLite database, as a study's storage is."""
     target = Path(output).resolve()
-    if target.name not in RUN_FILES and not target.name.startswith("large_teacher_"):
+    if _is_sqlite_database(target):  # an Optuna study's storage (`metapl tune --storage`), say
+        raise ConfigError(
+            f"{option} {output} would replace an SQLite database (a tuning study's storage?); "
+            "give another file name"
+        )
+    if target.name == TUNE_RESULT and (target.parent / "trials").is_dir():
+        owner: str | None = "tune"  # its OUT/best.toml, beside the trials' folders
+    elif target.name not in RUN_FILES and not target.name.startswith("large_teacher_"):
         return
-    owner = folder_owner(target.parent)
+    else:
+        owner = folder_owner(target.parent)
     if owner is not None:
         raise ConfigError(
             f"{option} {output} would replace a file that `metapl {owner}` wrote in "
             f"{Path(output).parent}; give another file name"
         )
+
+
+def _is_sqlite_database(path: Path) -> bool:
+    try:
+        with path.open("rb") as f:
+            return f.read(16) == b"SQLite format 3\x00"
+    except OSError:  # none there yet, or not readable: nothing of ours to lose
+        return False
 
 
 def check_replaceable(
