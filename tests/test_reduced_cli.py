@@ -291,3 +291,22 @@ def test_reduced_teacher_starts_as_identity():
     assert sum(isinstance(m, torch.nn.Linear) for m in teacher.modules()) == 5  # 5-layer MLP
     p = torch.softmax(torch.randn(7, 10), -1)
     assert torch.allclose(torch.softmax(teacher(p), -1), p, atol=1e-6)
+
+
+def test_the_same_out_by_another_name_resumes_its_runs(tmp_path, monkeypatch, capsys):
+    """Each student's large teacher is named after --out: `--out rd`, then `--out $PWD/rd` (or
+    `--out sub/rd` from the folder above) refused the finished students' checkpoints as "a
+    different configuration (large_teacher: 'rd/...' -> '/.../rd/...')", an option never set."""
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    args = ["reduced", "--seeds", "0", "--steps", "2", "--methods", "reduced_mpl", "--quiet"]
+    args += ["--set", "finetune_steps=0", "--set", "eval_every=2"]
+    assert main([*args, "--out", "rd"]) == 0
+    student = tmp_path / "sub" / "rd" / "reduced_mpl" / "seed0"
+    assert load_checkpoint(student / "checkpoint.pt")["config"]["large_teacher"] == str(
+        tmp_path / "sub" / "rd" / "large_teacher" / "seed0"
+    )
+    assert main([*args, "--out", str(tmp_path / "sub" / "rd")]) == 0
+    monkeypatch.chdir(tmp_path)
+    assert main([*args, "--out", "sub/rd"]) == 0
+    capsys.readouterr()

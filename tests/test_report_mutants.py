@@ -10,6 +10,7 @@ import pytest
 
 from metapl.errors import ConfigError
 from metapl.report import (
+    check_replaceable,
     output_folder,
     paired_differences,
     print_accuracy_table,
@@ -144,3 +145,21 @@ def test_output_folder_refuses_an_empty_name(tmp_path, monkeypatch, name):
     with pytest.raises(ConfigError, match="^--res is empty; give a folder name$"):
         output_folder(name, option="--res", command="train")
     assert not list(tmp_path.iterdir())
+
+
+def test_check_replaceable_counts_two_names_of_one_folder_as_the_same(tmp_path, monkeypatch):
+    """Results of `--set data_dir=d` are those of `--set data_dir=$PWD/d` (a path key), not of
+    another folder, nor of the same name for a key not said to be a path."""
+    monkeypatch.chdir(tmp_path)
+    for folder in ("d", "e"):
+        (tmp_path / folder).mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    earlier = {"command": "train", "config": {"data_dir": "d", "note": "d"}}
+    (out / "results.json").write_text(json.dumps(earlier))
+    same = {"data_dir": str(tmp_path / "d"), "note": "d"}
+    check_replaceable(out, "train", same, paths=["data_dir"])
+    with pytest.raises(ConfigError, match="another configuration"):
+        check_replaceable(out, "train", same)  # not a path key: compared as written
+    with pytest.raises(ConfigError, match="another configuration"):
+        check_replaceable(out, "train", {**same, "data_dir": "e"}, paths=["data_dir"])

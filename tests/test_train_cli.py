@@ -823,6 +823,26 @@ def test_uda_mpl_presets_have_table3_values(dataset):
     assert cfg.uda_threshold == (0.5 if dataset == "imagenet-10pct" else 0.8)
 
 
+def test_a_preset_file_by_another_name_is_the_same_run(tmp_path, monkeypatch, capsys):
+    """`--preset p/x.toml`, resumed as `--preset ./p/x.toml` (or by its absolute path), was "a
+    different configuration (preset: 'p/x.toml' -> './p/x.toml')". Another file is still
+    another configuration, even with the same settings."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "p").mkdir()
+    settings = 'dataset = "digits"\nmodel = "digits_cnn"\nmethod = "supervised"\nimage_size = 8\n'
+    (tmp_path / "p" / "x.toml").write_text(settings)
+    (tmp_path / "p" / "y.toml").write_text(settings)
+    quick = ["--steps", "2", "--device", "cpu", "--quiet", "--set", "batch_size=10"]
+    assert main(["train", "--preset", "p/x.toml", "--out", "run", *quick]) == 0
+    for name in ("./p/x.toml", str(tmp_path / "p" / "x.toml")):
+        assert main(["train", "--preset", name, "--out", "run", *quick[:1], "3", *quick[2:]]) == 0
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 3
+    capsys.readouterr()
+    assert main(["train", "--preset", "p/y.toml", "--out", "run", "--steps", "4", *quick[2:]]) == 2
+    err = one_error_line(capsys.readouterr().err)
+    assert "different configuration (preset: './p/x.toml' -> 'p/y.toml')" in err, err
+
+
 def test_preset_from_a_toml_file(tmp_path, capsys):
     preset = tmp_path / "mine.toml"
     preset.write_text(

@@ -245,12 +245,37 @@ def _is_sqlite_database(path: Path) -> bool:
         return False
 
 
+def same_file(a: object, b: object) -> bool:
+    """Whether the config values ``a`` and ``b`` are equal, or are two names of one existing file
+    or folder (``rd/large_teacher`` and ``/home/me/rd/large_teacher``, ``p/x.toml`` and
+    ``./p/x.toml``; relative names from the current folder)."""
+    if a == b:
+        return True
+    if not isinstance(a, str) or not isinstance(b, str) or not a or not b:
+        return False
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):  # one is not there (or not a path): not the same file
+        return False
+
+
+def as_the_same_files(earlier: Mapping, now: Mapping, keys: Iterable[str]) -> dict:
+    """``earlier`` with the value of each of ``keys`` (options that name a file or folder) that
+    names the same file as ``now``'s replaced by ``now``'s: a run folder given by another name
+    (absolute now, relative then) is the same run."""
+    return {
+        **earlier,
+        **{k: now[k] for k in keys if k in earlier and k in now and same_file(earlier[k], now[k])},
+    }
+
+
 def check_replaceable(
     out: Path,
     name: str,
     config: dict,
     ignore: Iterable[str] = (),
     defaults: Mapping | None = None,
+    paths: Iterable[str] = (),
 ) -> None:
     """A run into ``out`` replaces its results.json: refused when that holds the results of another
     configuration of this command (other seeds, steps, methods...), which it would lose. The same
@@ -261,7 +286,8 @@ def check_replaceable(
     ``defaults``: the configuration's default values. An option that the earlier results.json
     lacks, because a later metapl added it, counts as its default (the old behaviour), as
     :func:`metapl.train.checkpoint.check_resumable` counts it: the same command after an upgrade of
-    metapl was refused as "another configuration (mpl_baseline_decay=None)"."""
+    metapl was refused as "another configuration (mpl_baseline_decay=None)". ``paths``: keys whose
+    values name files or folders, the same when they name the same one."""
     path = out / "results.json"
     try:
         earlier = json.loads(path.read_text()).get("config")
@@ -273,7 +299,7 @@ def check_replaceable(
     added = {
         k: v for k, v in json.loads(json.dumps(dict(defaults or {}))).items() if k not in earlier
     }
-    earlier = {**added, **earlier}
+    earlier = as_the_same_files({**added, **earlier}, now, paths)
     changed = sorted(k for k in now if k not in ignore and earlier.get(k) != now[k])
     if not changed:
         return

@@ -40,6 +40,7 @@ import torch
 
 from metapl.atomic import move_into_place, temp_file_beside, temp_prefix
 from metapl.errors import CheckpointError, first_line
+from metapl.report import as_the_same_files
 
 REQUIRED_KEYS = ("format_version", "step")
 # The layout of a training run's checkpoint.pt (the engine writes it; train, predict and export
@@ -418,6 +419,7 @@ def check_resumable(
     config: dict | None = None,
     ignore: Iterable[str] = DEFAULT_IGNORE,
     defaults: Mapping | None = None,
+    paths: Iterable[str] = (),
     advice: str = "use a new --out or the same options",
 ) -> None:
     """Raise :class:`CheckpointError` unless ``ckpt`` was written by a run with this configuration
@@ -430,16 +432,23 @@ def check_resumable(
     ``defaults``: top-level options a checkpoint's config may lack because a later version added
     them, with the value that keeps the old behaviour. A checkpoint that lacks such an option
     resumes if the run sets it to that value (a run folder survives an upgrade of metapl).
+
+    ``paths``: top-level options that name a file or folder (needs ``config``). Where the
+    checkpoint's value and this run's name the same one (``rd/x`` then, ``/home/me/rd/x`` now: the
+    same command from another folder, or with an absolute ``--out``), they count as equal.
     """
     saved = ckpt.get(FINGERPRINT_KEY)
     if saved == fingerprint:
         return
     old_config = ckpt.get(CONFIG_KEY)
-    if defaults and isinstance(old_config, Mapping):
-        added = {k: v for k, v in defaults.items() if k not in old_config}
-        if added:
-            ckpt = {**ckpt, CONFIG_KEY: {**added, **old_config}}
-            if config_fingerprint(ckpt[CONFIG_KEY], ignore) == fingerprint:
+    if (defaults or paths) and isinstance(old_config, Mapping):
+        added = {k: v for k, v in (defaults or {}).items() if k not in old_config}
+        merged = {**added, **old_config}
+        if config is not None:
+            merged = as_the_same_files(merged, config, paths)
+        if merged != old_config:
+            ckpt = {**ckpt, CONFIG_KEY: merged}
+            if config_fingerprint(merged, ignore) == fingerprint:
                 return
     if saved is None:
         details = "it records no configuration fingerprint"

@@ -40,7 +40,7 @@ from metapl.train.checkpoint import (
     prev_path,
     save_checkpoint,
 )
-from metapl.train.config import TrainConfig
+from metapl.train.config import PATH_KEYS, TrainConfig
 from metapl.train.data import BatchSource, evaluate_models
 from metapl.train.guards import NonFiniteWatch, check_finite_weights, to_floats
 from metapl.train.large_teacher import check_large_teacher, prepare_large_teacher_data
@@ -403,7 +403,9 @@ def _train(
     check_same_data(dp, split)  # node-local copies of a dataset, one only partly copied, say
     if resuming:
         saved = load_checkpoint(ckpt_path, format_version=FORMAT_VERSION)
-        check_resumable(saved, fingerprint, ckpt_path, config=cfg.to_dict(), defaults=defaults)
+        check_resumable(
+            saved, fingerprint, ckpt_path, config=cfg.to_dict(), defaults=defaults, paths=PATH_KEYS
+        )
         _check_not_past_the_end(cfg, int(saved["step"]), ckpt_path)
     else:
         # No checkpoint, so the run starts over: the results.json of a run of another
@@ -412,7 +414,12 @@ def _train(
         on_rank_0(
             dp,
             lambda: check_replaceable(
-                out_dir, "train", cfg.to_dict(), ignore=_NOT_IN_RESULTS, defaults=defaults
+                out_dir,
+                "train",
+                cfg.to_dict(),
+                ignore=_NOT_IN_RESULTS,
+                defaults=defaults,
+                paths=PATH_KEYS,
             ),
             _BEFORE_THE_FIRST_STEP,
         )
