@@ -226,3 +226,19 @@ def test_results_of_an_older_metapl_are_rerun_at_a_new_keys_default(
     run(config(), tmp_path, show_progress=False)
     assert json.loads(path.read_text())["config"][key] == default
     capsys.readouterr()
+
+
+def test_a_set_of_steps_without_steps_is_the_runs_length():
+    """Only --steps together with --set steps=... is refused (two lengths): without --steps, a
+    --set steps is the one length the runs take."""
+    digits.DigitsConfig(seeds=[0], overrides={"*": {"steps": "400"}}).validate()
+    reduced.ReducedConfig(seeds=[0], overrides={"supervised": {"steps": "400"}}).validate()
+    assert (
+        reduced._stage_config(
+            "supervised",
+            0,
+            reduced.ReducedConfig(seeds=[0], overrides={"supervised": {"steps": "400"}}),
+            Path("."),
+        ).steps
+        == 3
+    )

@@ -78,7 +78,7 @@ class DigitsConfig:
                     f"--set {next(iter(keys))}=...: no method of --methods "
                     f"{','.join(self.methods)} trains a model; --set applies to the trained ones"
                 )
-            check_command_keys(keys, COMMAND_KEYS)
+            check_command_keys(keys, COMMAND_KEYS | (STEPS_KEY if self.steps is not None else {}))
             # Every run, LabelSpreading and the report are on scikit-learn's digits: another
             # dataset was trained and reported as digits (or failed with a model's channel error).
             if "dataset" in {key.strip() for key in keys}:
@@ -127,7 +127,11 @@ COMMAND_KEYS = {
     "seed": "--seeds",
     "labels_per_class": "--labels-per-class",
     "method": "--methods",
+    "device": "--device",
 }
+# ... and with --steps, steps: `--steps 2 --set steps=3` trained 3 steps with the warm-up cut to
+# fit 2, and results.json said 2.
+STEPS_KEY = {"steps": "--steps"}
 
 
 def check_command_keys(keys, command_keys: dict[str, str]) -> None:

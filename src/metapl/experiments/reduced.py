@@ -66,9 +66,18 @@ class ReducedConfig:
         stages = ("large_teacher", *self.students)
         for target, keys in self.overrides.items():
             # (`--set method=uda` trained UDA as each stage and reported it under the stage's name)
-            check_command_keys(
-                keys, {"seed": "--seeds", "method": "--methods", "dataset": "--dataset"}
-            )
+            # (and --set steps=3 with --steps 2: 3 steps trained, 2 reported; --device alike)
+            command_keys = {
+                "seed": "--seeds",
+                "method": "--methods",
+                "dataset": "--dataset",
+                "device": "--device",
+            }
+            if self.steps is not None:
+                command_keys["steps"] = "--steps"
+            if self.labels_per_class is not None:
+                command_keys["labels_per_class"] = "--labels-per-class"
+            check_command_keys(keys, command_keys)
             # Each seed's students read the large teacher this command trains for that seed; a
             # --set large_teacher went into every stage's config (the large teacher's too, which
             # then refused the next correct command into --out) and failed only after training.
