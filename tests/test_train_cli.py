@@ -370,6 +370,23 @@ def test_fewer_steps_than_the_checkpoint_reached_are_refused(tmp_path, capsys):
     assert train_cli("digits-uda", out, *tiny(6)) == 0  # the same length again: a rerun
 
 
+def test_fewer_steps_than_a_run_whose_warmup_was_cut_says_so(tmp_path, capsys):
+    """`--steps 4` cut the preset's warm-up to 4; `--steps 2` on that run cut it to 2 and was
+    refused as "a different configuration (warmup_steps: 4 -> 2)", an option never set."""
+    out = tmp_path / "run"
+    args = ["train", "--preset", "digits-supervised", "--out", str(out), "--quiet"]
+    args += ["--device", "cpu", "--set", "batch_size=10"]
+    assert main([*args, "--steps", "4"]) == 0
+    capsys.readouterr()
+    assert main([*args, "--steps", "2"]) == 2
+    err = one_error_line(capsys.readouterr().err)
+    assert "is at step 4, past the 2 steps this run asks for; give --steps 4 or more" in err, err
+    # another difference besides is still named as such
+    assert main([*args, "--steps", "2", "--set", "student_lr=0.5"]) == 2
+    err = one_error_line(capsys.readouterr().err)
+    assert "different configuration" in err and "student_lr" in err, err
+
+
 def _as_written_before(ckpt_path: Path, *keys: str) -> None:
     """Make the checkpoint look written by a metapl without the config ``keys``."""
     ckpt = load_checkpoint(ckpt_path)

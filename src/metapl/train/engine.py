@@ -13,6 +13,7 @@ the processes, and rank 0 alone evaluates and writes files (see :class:`DataPara
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import shlex
 import sys
@@ -293,6 +294,31 @@ def _check_not_past_the_end(cfg: TrainConfig, step: int, ckpt_path: Path) -> Non
         )
 
 
+def _check_shorter_than_the_run(
+    cfg: TrainConfig, saved: dict, ckpt_path: Path, defaults: dict
+) -> None:
+    """:func:`_check_not_past_the_end` first when the warm-up is all that differs: `--steps 4`
+    cut the preset's warm-up to 4, `--steps 2` then cut it to 2, and the resume was refused as "a
+    different configuration (warmup_steps: 4 -> 2)", an option never set, not as too short."""
+    recorded = saved.get("config")
+    then = recorded.get("warmup_steps") if isinstance(recorded, dict) else None
+    if type(then) is not int or then == cfg.warmup_steps:
+        return
+    as_then = dataclasses.replace(cfg, warmup_steps=then).to_dict()
+    try:
+        check_resumable(
+            saved,
+            config_fingerprint(as_then),
+            ckpt_path,
+            config=as_then,
+            defaults=defaults,
+            paths=PATH_KEYS,
+        )
+    except CheckpointError:
+        return  # another configuration besides: check_resumable says so
+    _check_not_past_the_end(cfg, int(saved["step"]), ckpt_path)
+
+
 def _print_note(note: str | None) -> None:
     """``train``'s ``note`` on stderr, if there is one."""
     if note is not None:
@@ -403,6 +429,7 @@ def _train(
     check_same_data(dp, split)  # node-local copies of a dataset, one only partly copied, say
     if resuming:
         saved = load_checkpoint(ckpt_path, format_version=FORMAT_VERSION)
+        _check_shorter_than_the_run(cfg, saved, ckpt_path, defaults)
         check_resumable(
             saved, fingerprint, ckpt_path, config=cfg.to_dict(), defaults=defaults, paths=PATH_KEYS
         )
