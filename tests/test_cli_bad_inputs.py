@@ -404,13 +404,18 @@ def test_an_older_metapls_results_are_not_taken_for_the_users(tmp_path, results)
         release_output_folders()
 
 
-def test_a_results_json_that_is_not_json_is_the_users(tmp_path, capsys):
-    """A results.json metapl cannot read is not metapl's: refused in one line, not a traceback."""
-    (tmp_path / "results.json").write_text("score: 1\n")
+@pytest.mark.parametrize("text", ["score: 1\n", '{"command": "twomoons", "config": {'])
+def test_a_results_json_that_is_not_json_is_refused_saying_so(tmp_path, capsys, text):
+    """A results.json metapl cannot read (another program's, or metapl's own cut short): refused
+    in one line, not a traceback. A damaged one of metapl's, beside its twomoons.png, was called
+    a file "which metapl did not write", with the figures."""
+    (tmp_path / "results.json").write_text(text)
+    (tmp_path / "twomoons.png").write_bytes(b"\x89PNG")
     assert main([*COMMANDS["twomoons"], "--out", str(tmp_path), "--quiet"]) == 2
     err = one_error_line(capsys.readouterr().err)
-    assert "holds results.json, which metapl did not write" in err, err
-    assert (tmp_path / "results.json").read_text() == "score: 1\n"
+    assert f"--out {tmp_path}: its results.json is not valid JSON (another program's" in err, err
+    assert "move it or choose another --out" in err and "twomoons.png" not in err, err
+    assert (tmp_path / "results.json").read_text() == text
 
 
 def test_a_train_run_stopped_before_its_first_checkpoint_still_resumes(tmp_path, capsys):

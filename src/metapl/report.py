@@ -89,6 +89,13 @@ def output_folder(path: Path | str, option: str = "--out", command: str | None =
         # A folder of the user's own (a project with its config.json, say) lost those files to
         # the run's without a word.
         foreign = [n for n in RUN_FILES if (path / n).is_file()]
+        if "results.json" in foreign and not _is_json(path / "results.json"):
+            # (a damaged one was called a file "which metapl did not write", beside metapl's own)
+            raise ConfigError(
+                f"{option} {path}: its results.json is not valid JSON (another program's file, or "
+                f"one of metapl's damaged or cut short), which `metapl {command}` would overwrite; "
+                f"move it or choose another {option}"
+            )
         if foreign:
             raise ConfigError(
                 f"{option} {path} holds {', '.join(foreign)}, which metapl did not write and "
@@ -235,6 +242,14 @@ def check_not_a_result(output: Path | str, option: str) -> None:
             f"{option} {output} would replace a file that `metapl {owner}` wrote in "
             f"{Path(output).parent}; give another file name"
         )
+
+
+def _is_json(path: Path) -> bool:
+    try:
+        json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def _is_sqlite_database(path: Path) -> bool:
