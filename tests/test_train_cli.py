@@ -797,6 +797,39 @@ TABLE3 = {  # uda-mpl presets: Table 3 of the paper, a row per dataset in TABLE3
 }
 
 
+@pytest.mark.parametrize(
+    "name", ["digits-uda-mpl", "cifar10-4k-uda-mpl", "digits-reduced-reduced-mpl"]
+)
+def test_presets_name_prints_a_preset_file_that_reads_back_as_the_preset(tmp_path, capsys, name):
+    """`metapl presets NAME > my.toml`: the one way to start a preset file of your own from a
+    built-in one (a copy of a built-in dataset file holds every row's [methods.*] tables)."""
+    assert main(["presets", name]) == 0
+    path = tmp_path / "mine.toml"
+    path.write_text(capsys.readouterr().out)
+    differ = {
+        k: v
+        for k, v in load_preset(str(path)).to_dict().items()
+        if load_preset(name).to_dict()[k] != v
+    }
+    assert differ == {"preset": str(path)}
+    assert main(["presets", "digits-uda-mlp"]) == 2
+    assert (
+        "unknown preset 'digits-uda-mlp' (did you mean digits-uda-mpl?)" in capsys.readouterr().err
+    )
+
+
+def test_a_copy_of_a_built_in_dataset_file_is_refused_pointing_to_presets_name(tmp_path, capsys):
+    """Its [methods.*] tables were "unknown config key 'methods' (did you mean method?)"."""
+    from importlib import resources
+
+    copy = tmp_path / "my.toml"
+    copy.write_text((resources.files("metapl") / "presets" / "digits.toml").read_text())
+    assert main(["train", "--preset", str(copy), "--out", str(tmp_path / "run")]) == 2
+    err = one_error_line(capsys.readouterr().err)
+    assert f"preset file {copy}: [methods.*] tables belong to metapl's own dataset files" in err
+    assert f"`metapl presets NAME > {copy}` writes the built-in preset NAME as one" in err
+
+
 def test_presets_lists_every_table1_row_and_digits(capsys):
     assert main(["presets"]) == 0
     lines = capsys.readouterr().out.splitlines()

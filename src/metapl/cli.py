@@ -264,8 +264,18 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 
 def _cmd_presets(args: argparse.Namespace) -> None:
-    from metapl.train.presets import describe, preset_table
+    from metapl.train.presets import describe, load_preset, preset_table
 
+    if args.name is not None:  # one preset as a file of its own, to save and edit
+        from metapl.tuning.bestfile import render
+
+        cfg = load_preset(args.name)  # an unknown name: one line, with the closest names
+        header = [
+            f"metapl's preset {args.name}, every key;",
+            "`metapl train --preset THIS_FILE.toml` reads it",
+        ]
+        print(render(cfg, header, {}), end="")
+        return
     for name, overrides in preset_table().items():
         print(f"{name:<32} {describe(overrides)}")
 
@@ -355,7 +365,7 @@ EXAMPLES = {
         "metapl train --preset digits-uda-mpl --out runs/digits\n"
         "  metapl train --preset cifar10-4k-uda-mpl --data-dir D --out RUN --set precision=bf16"
     ),
-    "presets": "metapl presets",
+    "presets": "metapl presets\n  metapl presets digits-uda-mpl > my_preset.toml",
     "digits": "metapl digits --labels-per-class 5 --seeds 0-4 --out runs/digits_k5",
     "reduced": "metapl reduced --dataset digits --seeds 0-4 --out runs/reduced",
     "bench": "metapl bench --device cpu --json bench_cpu.json",
@@ -473,8 +483,16 @@ def build_parser() -> argparse.ArgumentParser:
             "Lists every preset `metapl train --preset` and `metapl tune --preset` take, with its "
             "method, model, steps, batch size and learning rates: Table 1's rows x Table 3's "
             "columns (cifar10-4k, svhn-1k, imagenet-10pct, and imagenet-{20,40,80}pct for Figure "
-            "7), Table 2's (*-full-*), digits and your own images (folder-*)."
+            "7), Table 2's (*-full-*), digits and your own images (folder-*). With a NAME, prints "
+            "that preset as a preset file (every key): save it, edit it, and give its path to "
+            "--preset."
         ),
+    )
+    p.add_argument(
+        "name",
+        nargs="?",
+        metavar="NAME",
+        help="print this preset as a TOML preset file instead of the list",
     )
     p.set_defaults(func=_cmd_presets)
 

@@ -112,6 +112,12 @@ def load_preset(name: str) -> TrainConfig:
             overrides = tomllib.loads(path.read_text())
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
             raise ConfigError(f"preset file {name} is not valid TOML: {err}") from None
+        if isinstance(overrides.get("methods"), dict):  # a copy of a built-in dataset file
+            raise ConfigError(
+                f"preset file {name}: [methods.*] tables belong to metapl's own dataset files, "
+                "which hold a preset per method; a preset file holds one run's keys: "
+                f"`metapl presets NAME > {name}` writes the built-in preset NAME as one"
+            )
         # A bad key or value (a hand-edited best.toml, say) names the file: without it,
         # "student_lr expects a number" read like a mistake in --set.
         try:

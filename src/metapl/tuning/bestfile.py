@@ -43,8 +43,9 @@ def render(cfg: TrainConfig, header: list[str], tuned: dict[str, str]) -> str:
     then every other key of ``cfg`` that has a value."""
     lines = [f"# {line}" if line else "#" for line in header]
     values = {k: v for k, v in cfg.to_dict().items() if k not in LEFT_OUT and v is not None}
-    lines += ["", "# -- tuned"]
-    lines += [f"{key} = {toml_value(values[key])}  # {note}" for key, note in tuned.items()]
+    if tuned:  # (none: `metapl presets NAME`, a built-in preset as a file)
+        lines += ["", "# -- tuned"]
+        lines += [f"{key} = {toml_value(values[key])}  # {note}" for key, note in tuned.items()]
     lines += ["", "# -- the preset's values (and --set)"]
     lines += [f"{k} = {toml_value(v)}" for k, v in values.items() if k not in tuned]
     return "\n".join(lines) + "\n"
