@@ -29,6 +29,7 @@ from metapl.report import (
     release_output_folders,
 )
 from metapl.train.stopping import Stopped
+from metapl.warning_lines import one_line_warnings
 
 # The most seeds one command takes: each is a training run (digits: minutes), and a range such as
 # 0-4294967295 would otherwise fill the memory with its numbers before any check.
@@ -672,7 +673,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     try:
         _check_not_under_torchrun(args.command)
-        args.func(args)
+        with one_line_warnings(args.command):  # as its errors: metapl's own, one line each
+            args.func(args)
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
     except MetaplError as err:
         close_bars()
