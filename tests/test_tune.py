@@ -502,3 +502,13 @@ def test_tune_notes_the_first_order_estimator_at_a_weight_not_set(tmp_path, monk
     assert main([*args, "--set", "mpl_weight=0.05"]) == 0
     first_order_line = "metapl tune: note: mpl_estimator=first_order sums its REINFORCE term"
     assert first_order_line in notes[0] and notes[1] is None
+
+
+def test_a_folder_where_best_toml_goes_is_refused_before_any_trial(tmp_path, capsys):
+    """Its write failed after every trial had run ("could not write ...: Is a directory")."""
+    (tmp_path / "out" / "best.toml").mkdir(parents=True)
+    args = ["tune", "--preset", "digits-uda-mpl", "--stage", "student", "--trials", "1"]
+    assert main([*args, *tiny_args(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "best.toml is a folder, where metapl tune writes" in err, err
+    assert not (tmp_path / "out" / "trials").exists()

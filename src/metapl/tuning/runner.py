@@ -304,6 +304,14 @@ class Tuner:
                 f"best.toml would hold the preset and --set, without --steps (the trials' "
                 f"alone): {err}"
             ) from None
+        best = Path(opts.out) / "best.toml"
+        if (
+            best.is_dir()
+        ):  # its write failed after every trial: "could not write ...: Is a directory"
+            raise ConfigError(
+                f"--out {opts.out}: {best} is a folder, where metapl tune writes its result; move "
+                "it or choose another --out"
+            )
         self.fixed = set(opts.overrides)
         # A dataset without a tuning split, or a missing or malformed one, fails here, as one
         # line, not inside a trial (where Optuna would log it with a traceback and keep a failed
