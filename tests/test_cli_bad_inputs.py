@@ -146,7 +146,7 @@ def test_a_checkpoint_without_optimizer_state_is_exit_2(tmp_path, capsys):
         (["reduced", "--set", "large_teacher:seed=3"], "--seeds sets seed for every run"),
         # --steps 2 with --set steps=3 trained 3 steps (the warm-up cut to 2) and reported 2
         (["digits", "--set", "steps=3"], "--set steps=...: --steps sets steps for every run"),
-        (["reduced", "--set", "supervised:steps=3"], "--steps sets steps for every run"),
+        (["reduced", "--set", "steps=3"], "--steps sets steps for every run"),
         (["digits", "--set", "device=cpu"], "--device sets device for every run"),
         (["reduced", "--set", "device=cpu"], "--device sets device for every run"),
         (

@@ -416,6 +416,11 @@ def test_missing_checkpoint_and_missing_keys(tmp_path: Path):
     torch.save([1, 2], tmp_path / "c.pt")
     with pytest.raises(CheckpointError, match="not a dict"):
         load_checkpoint(tmp_path / "c.pt")
+    # a step that is no count of steps (hand-edited): a resume went on from step -5
+    for step in (-5, 2.5, "3"):
+        torch.save({**_state(1), "step": step}, tmp_path / "c.pt")
+        with pytest.raises(CheckpointError, match=f"its step is {step!r}, not a count of steps"):
+            load_checkpoint(tmp_path / "c.pt")
     save_checkpoint(tmp_path / "v.pt", _state(1))
     with pytest.raises(CheckpointError, match="format version"):
         load_checkpoint(tmp_path / "v.pt", format_version=2)

@@ -66,16 +66,17 @@ class ReducedConfig:
         stages = ("large_teacher", *self.students)
         for target, keys in self.overrides.items():
             # (`--set method=uda` trained UDA as each stage and reported it under the stage's name)
-            # (and --set steps=3 with --steps 2: 3 steps trained, 2 reported; --device alike)
+            # (and --set steps=3 with --steps 2 for every stage: 3 steps trained, 2 in results'
+            # config; --device alike; `--set supervised:steps=3` is that stage's own length)
             command_keys = {
                 "seed": "--seeds",
                 "method": "--methods",
                 "dataset": "--dataset",
                 "device": "--device",
             }
-            if self.steps is not None:
+            if self.steps is not None and target == "*":
                 command_keys["steps"] = "--steps"
-            if self.labels_per_class is not None:
+            if self.labels_per_class is not None and target == "*":
                 command_keys["labels_per_class"] = "--labels-per-class"
             check_command_keys(keys, command_keys)
             # Each seed's students read the large teacher this command trains for that seed; a

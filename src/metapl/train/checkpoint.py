@@ -241,6 +241,9 @@ def _read(path: Path, map_location: Any) -> dict:
     missing = [key for key in REQUIRED_KEYS if key not in state]
     if missing:
         raise ValueError(f"it lacks {', '.join(missing)}")
+    # a count of steps taken (a hand-edited -5 resumed, and predict said "stopped at step -5")
+    if "step" in state and (type(state["step"]) is not int or state["step"] < 0):
+        raise ValueError(f"its step is {state['step']!r}, not a count of steps taken")
     return state
 
 
