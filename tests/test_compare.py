@@ -344,6 +344,10 @@ def test_a_missing_or_invalid_metric_names_the_accuracies_the_runs_hold(tmp_path
     code, out, err = compare(capsys, odd)
     assert code == 2
     assert "accuracy 97.5 of uda_mpl seed 0 is not an accuracy in [0, 1]" in one_error_line(err)
+    text = train_run(tmp_path / "text", 0, "0.9")  # there, but a string: was "has no accuracy"
+    code, out, err = compare(capsys, text)
+    assert code == 2
+    assert "accuracy of uda_mpl seed 0 is '0.9', not a number" in one_error_line(err)
 
 
 def test_outputs_are_checked_before_reading_and_never_replace_a_runs_results(tmp_path, capsys):

@@ -213,6 +213,11 @@ def _metric(record: dict, metric: str, path: Path, records: list[dict]) -> float
             else ""
         )
         choices = ", ".join(have) if have else "none"
+        if value is not None:  # there, but a string or a list (a hand-edited file)
+            raise DataError(
+                f"{path}: {metric} of {record['method']} seed {record['seed']} is {value!r}, not "
+                "a number (an accuracy in [0, 1])"
+            )
         raise DataError(
             f"{path}: the {record['method']} record of seed {record['seed']} has no {metric} "
             f"({why}its accuracies: {choices}); choose one with --metric"
