@@ -515,3 +515,38 @@ def test_a_metric_that_only_some_methods_record_compares_those(tmp_path, capsys)
     code, out, err = compare(capsys, path, "--metric", "tune_accuracy")  # none has it: an error
     assert code == 2
     assert "has no tune_accuracy (its accuracies: accuracy, accuracy_before_finetune)" in err
+
+
+def test_a_digits_experiments_runs_pair_with_train_runs_on_the_same_split(tmp_path, capsys):
+    """`metapl digits` records the label budget only: its runs were "not paired: data not recorded
+    alike (dataset digits, not unrecorded)" with `metapl train` runs of the same presets on the
+    same splits. Their data is now what each run's training config had; another label budget is
+    still other data."""
+    from dataclasses import asdict
+
+    from metapl.experiments.digits import DigitsConfig
+
+    def digits_run(folder: Path, labels_per_class: int) -> Path:
+        cfg = DigitsConfig(seeds=[0, 1], labels_per_class=labels_per_class)
+        config = json.loads(json.dumps(asdict(cfg)))
+        del config["workers"]  # a file of an older metapl: the option counts as its default
+        records = [
+            {"method": m, "seed": s, "accuracy": 0.5 + 0.1 * s, "labels_per_class": 5}
+            for m in ("supervised", "label_spreading")
+            for s in (0, 1)
+        ]
+        folder.mkdir()
+        payload = {"command": "digits", "config": config, "results": records}
+        (folder / "results.json").write_text(json.dumps(payload))
+        return folder
+
+    digits = digits_run(tmp_path / "digits", 5)
+    trains = [train_run(tmp_path / f"t{s}", s, 0.7 + 0.1 * s) for s in (0, 1)]
+    code, out, err = compare(capsys, digits, *trains, "--baseline", "digits-uda-mpl")
+    assert code == 0, err
+    assert "not paired" not in out, out
+    assert "supervised - digits-uda-mpl" in out and "label_spreading - digits-uda-mpl" in out
+    other = digits_run(tmp_path / "k10", 10)
+    code, out, err = compare(capsys, other, *trains, "--baseline", "digits-uda-mpl")
+    assert code == 0, err
+    assert "supervised: not paired: other data (labels_per_class 10, not 5)" in out, out

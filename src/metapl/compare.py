@@ -266,6 +266,7 @@ def collect(
                 first_left_out = first_left_out or (record, metric, path, records)
                 continue
             settings, data = _settings_and_data(_as_run(command, config, record), record)
+            data.update(_experiment_data(command, config, record, data))
             key = (command, json.dumps([settings, data], sort_keys=True, default=str))
             group = groups.setdefault(key, Group(command, settings, data))
             seed = record["seed"]
@@ -307,6 +308,38 @@ def _as_run(command: str, config: dict, record: dict) -> dict:
     elif record.get("method") == "label_spreading":
         resolved.pop("steps", None)
     return resolved
+
+
+def _experiment_data(command: str, config: dict, record: dict, data: dict) -> dict:
+    """The data keys ``data`` has unrecorded for a run of `metapl digits` or `reduced`, as the
+    run's own training config had them (resolved from the file's config, the presets and its
+    --set): their files record the label budget only, so a digits run was "not paired: data not
+    recorded alike (dataset digits, not unrecorded)" with a `metapl train` run on the same split.
+    Nothing when it cannot be resolved (a file of another metapl with other options)."""
+    unrecorded = [k for k, v in data.items() if v == UNRECORDED]
+    if not unrecorded:
+        return {}
+    from metapl.errors import MetaplError
+    from metapl.experiments import digits, reduced
+
+    if not command:  # a file of a metapl from before the files named their command
+        # (results/digits/k5): known by its options, so that it still pairs with newer runs
+        shapes = (
+            ("digits", digits.DigitsConfig, "methods"),
+            ("reduced", reduced.ReducedConfig, "students"),
+        )
+        for name, options, its_own in shapes:
+            if its_own in config and config.keys() <= options.__dataclass_fields__.keys():
+                command = name
+                break
+    if command not in EXPERIMENTS:
+        return {}
+    run_config_of = digits.run_config_of if command == "digits" else reduced.run_config_of
+    try:
+        run = run_config_of(record["method"], record["seed"], config).to_dict()
+    except (MetaplError, TypeError, ValueError, KeyError):
+        return {}
+    return {k: run[k] for k in unrecorded if k in run}
 
 
 @functools.cache

@@ -184,6 +184,22 @@ def _method_config(method: str, seed: int, cfg: DigitsConfig):
     return apply_overrides(preset, overrides).validate()
 
 
+def run_config_of(method: str, seed: int, saved: dict):
+    """The training config of the (method, seed) run of a results.json whose config is ``saved``
+    (`metapl compare` reads what data the run had); LabelSpreading's is the digits preset's on the
+    same split, which it reads. Options ``saved`` lacks (an older metapl's file) are the
+    defaults."""
+    from metapl.train.config import apply_overrides
+    from metapl.train.presets import load_preset
+
+    known = {k: v for k, v in saved.items() if k in DigitsConfig.__dataclass_fields__}
+    cfg = DigitsConfig(**known)
+    if method == "label_spreading":
+        split = {"seed": seed, "labels_per_class": cfg.labels_per_class}
+        return apply_overrides(load_preset("digits-supervised"), split)
+    return _method_config(method, seed, cfg)
+
+
 def label_spreading_accuracy(seed: int, labels_per_class: int) -> float:
     """scikit-learn's LabelSpreading (kNN kernel) on the same split, pixels scaled to [0, 1]."""
     from sklearn.semi_supervised import LabelSpreading

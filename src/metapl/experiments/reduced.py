@@ -159,6 +159,13 @@ def _stage_config(method: str, seed: int, cfg: ReducedConfig, out: Path):
     return apply_overrides(preset, overrides).validate()
 
 
+def run_config_of(method: str, seed: int, saved: dict):
+    """The training config of the (stage, seed) run of a results.json whose config is ``saved``
+    (`metapl compare` reads what data the run had). Options ``saved`` lacks are the defaults."""
+    known = {k: v for k, v in saved.items() if k in ReducedConfig.__dataclass_fields__}
+    return _stage_config(method, seed, ReducedConfig(**known), Path("."))
+
+
 def _run(job: tuple[str, int, ReducedConfig, str]) -> dict:
     method, seed, cfg, out = job
     import torch
