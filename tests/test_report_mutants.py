@@ -163,3 +163,20 @@ def test_check_replaceable_counts_two_names_of_one_folder_as_the_same(tmp_path, 
         check_replaceable(out, "train", same)  # not a path key: compared as written
     with pytest.raises(ConfigError, match="another configuration"):
         check_replaceable(out, "train", {**same, "data_dir": "e"}, paths=["data_dir"])
+
+
+def test_an_output_that_is_a_pipe_is_not_read_to_see_whether_it_is_a_database(tmp_path):
+    """The check for an SQLite database read the head of whatever the output named: on a named
+    pipe (or /dev/stdout on a terminal) the read blocked, and the command hung in silence."""
+    import subprocess
+    import sys
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    done = subprocess.run(
+        [sys.executable, "-m", "metapl", "compare", str(tmp_path / "nope"), "--json", str(fifo)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2 and "does not exist" in done.stderr, done.stderr

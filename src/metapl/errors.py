@@ -32,6 +32,10 @@ def first_line(exc: BaseException, limit: int | None = None) -> str:
     return line if limit is None or len(line) <= limit else line[: limit - 3] + "..."
 
 
+class MetaplWarning(UserWarning):
+    """A warning metapl raises itself (the commands show it as one line: metapl.warning_lines)."""
+
+
 class MetaplError(Exception):
     """A mistake in the user's input: configuration, data, checkpoint or API use."""
 

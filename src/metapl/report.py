@@ -253,6 +253,8 @@ def _is_json(path: Path) -> bool:
 
 
 def _is_sqlite_database(path: Path) -> bool:
+    if not path.is_file():  # a pipe or a terminal (/dev/stdout) would block the read
+        return False
     try:
         with path.open("rb") as f:
             return f.read(16) == b"SQLite format 3\x00"

@@ -30,7 +30,7 @@ import torch.autograd.forward_ad as fwad
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metapl.errors import ConfigError
+from metapl.errors import ConfigError, MetaplWarning
 from metapl.losses import upcast
 from metapl.mpl.batch_checks import as_logits
 from metapl.mpl.dual import dual_level
@@ -162,7 +162,9 @@ class JvpPaths:
             )
         if tape is not None:  # a surprise after tracing succeeded: say so once
             # stacklevel 4: past first_record or from_tape and the exact step, to its caller
-            warnings.warn(f"metapl: the exact step uses forward-mode AD: {why}", stacklevel=4)
+            warnings.warn(
+                f"metapl: the exact step uses forward-mode AD: {why}", MetaplWarning, stacklevel=4
+            )
 
     def first_record(
         self, tape: TangentTape, s_logits: Tensor, update: UpdatePass

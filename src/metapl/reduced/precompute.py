@@ -39,7 +39,7 @@ from torch import nn
 
 from metapl.atomic import fsync_file, write_error, write_json_atomically
 from metapl.data.arrays import data_error, describe, to_tensor_nchw
-from metapl.errors import ConfigError, DataError
+from metapl.errors import ConfigError, DataError, MetaplWarning
 from metapl.progress import progress_bar
 from metapl.rank_failure import RankFailure, meet, stop_on
 
@@ -232,7 +232,9 @@ def _resume_point(out_path: Path, expected: dict) -> tuple[np.memmap | None, int
         # read-only.
     except Exception as exc:  # missing, truncated, foreign: its rows are lost either way
         warnings.warn(
-            f"{out_path} is unreadable ({describe(exc)}); starting over from row 0", stacklevel=3
+            f"{out_path} is unreadable ({describe(exc)}); starting over from row 0",
+            MetaplWarning,
+            stacklevel=3,
         )
         return None, 0
     return probs, recorded["completed_rows"]

@@ -28,7 +28,7 @@ from types import TracebackType
 from typing import Any
 
 from metapl.atomic import failed_write_named, replace_atomically
-from metapl.errors import MetaplError
+from metapl.errors import MetaplError, MetaplWarning
 
 HEADER = ("step", "name", "value")
 CSV_NAME = "metrics.csv"
@@ -47,6 +47,7 @@ def _summary_writer(log_dir: Path, purge_step: int | None) -> Any | None:
             _tb_warning_given = True
             warnings.warn(
                 f"TensorBoard is unavailable ({error}); metrics go to {CSV_NAME} only",
+                MetaplWarning,
                 stacklevel=3,
             )
         return None
@@ -137,6 +138,7 @@ class MetricsLogger:
         warnings.warn(
             f"{self._tb_dir} was moved or deleted while the run wrote to it; TensorBoard logging "
             "stops for the rest of this run",
+            MetaplWarning,
             stacklevel=3,
         )
         return True
