@@ -296,17 +296,19 @@ def test_reduced_teacher_starts_as_identity():
 def test_the_same_out_by_another_name_resumes_its_runs(tmp_path, monkeypatch, capsys):
     """Each student's large teacher is named after --out: `--out rd`, then `--out $PWD/rd` (or
     `--out sub/rd` from the folder above) refused the finished students' checkpoints as "a
-    different configuration (large_teacher: 'rd/...' -> '/.../rd/...')", an option never set."""
+    different configuration (large_teacher: 'rd/...' -> '/.../rd/...')", an option never set.
+    A project folder moved elsewhere, with --out given as before, resumes too."""
     (tmp_path / "sub").mkdir()
     monkeypatch.chdir(tmp_path / "sub")
     args = ["reduced", "--seeds", "0", "--steps", "2", "--methods", "reduced_mpl", "--quiet"]
     args += ["--set", "finetune_steps=0", "--set", "eval_every=2"]
     assert main([*args, "--out", "rd"]) == 0
-    student = tmp_path / "sub" / "rd" / "reduced_mpl" / "seed0"
-    assert load_checkpoint(student / "checkpoint.pt")["config"]["large_teacher"] == str(
-        tmp_path / "sub" / "rd" / "large_teacher" / "seed0"
-    )
+    student = tmp_path / "sub" / "rd" / "reduced_mpl" / "seed0" / "checkpoint.pt"
+    assert load_checkpoint(student)["config"]["large_teacher"] == "rd/large_teacher/seed0"
     assert main([*args, "--out", str(tmp_path / "sub" / "rd")]) == 0
     monkeypatch.chdir(tmp_path)
     assert main([*args, "--out", "sub/rd"]) == 0
+    (tmp_path / "sub").rename(tmp_path / "moved")
+    monkeypatch.chdir(tmp_path / "moved")
+    assert main([*args, "--out", "rd"]) == 0
     capsys.readouterr()

@@ -180,3 +180,22 @@ def test_an_output_that_is_a_pipe_is_not_read_to_see_whether_it_is_a_database(tm
         timeout=60,
     )
     assert done.returncode == 2 and "does not exist" in done.stderr, done.stderr
+
+
+def test_same_file_is_one_existing_file_or_a_relative_name_the_other_ends_with(
+    tmp_path, monkeypatch
+):
+    from metapl.report import same_file
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "x.toml").write_text("")
+    assert same_file("p/x.toml", "./p/x.toml") and same_file("p/x.toml", str(tmp_path / "p/x.toml"))
+    # a relative name recorded from another folder: the same --out from the folder above
+    assert same_file("rd/large_teacher/seed0", "/elsewhere/sub/rd/large_teacher/seed0")
+    assert same_file("/elsewhere/sub/rd/large_teacher/seed0", "rd/large_teacher/seed0")
+    assert not same_file("rd/large_teacher/seed0", "/elsewhere/rd/large_teacher/seed1")
+    assert not same_file("rd/large_teacher/seed0", "/elsewhere/xrd/large_teacher/seed0")
+    assert not same_file("../rd", "/a/rd") and not same_file(".", "/a/b")
+    assert not same_file("p/x.toml", "p/y.toml") and not same_file(None, "p/x.toml")
+    assert same_file(None, None) and not same_file(1, "1")

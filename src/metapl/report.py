@@ -263,17 +263,30 @@ def _is_sqlite_database(path: Path) -> bool:
 
 
 def same_file(a: object, b: object) -> bool:
-    """Whether the config values ``a`` and ``b`` are equal, or are two names of one existing file
-    or folder (``rd/large_teacher`` and ``/home/me/rd/large_teacher``, ``p/x.toml`` and
-    ``./p/x.toml``; relative names from the current folder)."""
+    """Whether the config values ``a`` and ``b`` are equal, or are two names of one file or folder:
+    both name the same existing one from the current folder (``p/x.toml`` and ``./p/x.toml``), or
+    one is a relative name that the other's full path ends with (``rd/large_teacher/seed0`` then,
+    ``/home/me/sub/rd/large_teacher/seed0`` now: the same --out given from the folder above). The
+    second accepts no more than equal names did: ``rd/...`` again, from another folder."""
     if a == b:
         return True
     if not isinstance(a, str) or not isinstance(b, str) or not a or not b:
         return False
+    if _ends_with(a, b) or _ends_with(b, a):
+        return True
     try:
         return os.path.samefile(a, b)
     except (OSError, ValueError):  # one is not there (or not a path): not the same file
         return False
+
+
+def _ends_with(path: str, tail: str) -> bool:
+    """Whether the relative name ``tail`` is the end of ``path`` made absolute."""
+    ends = Path(os.path.normpath(tail)).parts
+    if Path(tail).is_absolute() or ".." in ends or ends == (".",):
+        return False
+    whole = Path(os.path.normpath(os.path.abspath(path))).parts
+    return len(whole) > len(ends) and whole[-len(ends) :] == ends
 
 
 def as_the_same_files(earlier: Mapping, now: Mapping, keys: Iterable[str]) -> dict:

@@ -151,9 +151,9 @@ def _stage_config(method: str, seed: int, cfg: ReducedConfig, out: Path):
     if cfg.labels_per_class is not None:
         overrides["labels_per_class"] = cfg.labels_per_class
     if method != "large_teacher":
-        # absolute: the same --out given from another folder (or as $PWD/rd) is the same run;
-        # relative, its students' checkpoints refused to resume, naming an option never set
-        overrides["large_teacher"] = str((out / "large_teacher" / f"seed{seed}").absolute())
+        # as --out was given: relative, a moved or copied --out still resumes (and the same one
+        # by another name, $PWD/rd or sub/rd from the folder above: report.same_file)
+        overrides["large_teacher"] = str(out / "large_teacher" / f"seed{seed}")
     overrides.update(cfg.overrides.get("*", {}))
     overrides.update(cfg.overrides.get(method, {}))
     return apply_overrides(preset, overrides).validate()

@@ -99,9 +99,9 @@ MAX_TEACHER_HIDDEN = 8192
 FLOAT32_MAX = 3.4028234663852886e38
 
 # The options that name a file or folder: two names of one (relative then, absolute now) are the
-# same run when it resumes or is rerun (metapl.train.checkpoint.check_resumable). `metapl reduced`
-# names each student's large teacher after --out, so `--out rd` then `--out $PWD/rd` was refused
-# as "a different configuration (large_teacher: ...)", an option the user never set.
+# same run when it resumes or is rerun (metapl.report.same_file). `metapl reduced` names each
+# student's large teacher after --out, so `--out rd` then `--out $PWD/rd` was refused as "a
+# different configuration (large_teacher: ...)", an option the user never set.
 PATH_KEYS = ("data_dir", "large_teacher", "unlabeled_dir", "preset")
 
 
