@@ -145,13 +145,11 @@ def test_a_checkpoint_without_optimizer_state_is_exit_2(tmp_path, capsys):
         ),
         (["reduced", "--set", "large_teacher:seed=3"], "--seeds sets seed for every run"),
         # --steps 2 with --set steps=3 trained 3 steps (the warm-up cut to 2) and reported 2
-        (["digits", "--set", "steps=3"], "--set steps=...: --steps sets steps for every run"),
-        (["reduced", "--set", "steps=3"], "--steps sets steps for every run"),
-        (["digits", "--set", "device=cpu"], "--device sets device for every run"),
-        (["reduced", "--set", "device=cpu"], "--device sets device for every run"),
+        (["digits", "--set", "steps=3"], "--steps and --set steps=... both set steps; give one"),
+        (["reduced", "--set", "steps=3"], "--steps and --set steps=... both set steps"),
         (
             ["reduced", "--labels-per-class", "5", "--set", "labels_per_class=4"],
-            "--labels-per-class sets labels_per_class for every run",
+            "--labels-per-class and --set labels_per_class=... both set labels_per_class",
         ),
         # trained UDA in every method's (stage's) folder and reported it as that method
         (["digits", "--set", "method=uda"], "--set method=...: --methods sets method"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -78,8 +79,9 @@ class DigitsConfig:
                     f"--set {next(iter(keys))}=...: no method of --methods "
                     f"{','.join(self.methods)} trains a model; --set applies to the trained ones"
                 )
-            both = STEPS_KEY if self.steps is not None and target == "*" else {}
-            check_command_keys(keys, COMMAND_KEYS | both)
+            check_command_keys(keys, COMMAND_KEYS)
+            if target == "*":
+                check_not_both(keys, {"steps": ("--steps", self.steps)})
             # Every run, LabelSpreading and the report are on scikit-learn's digits: another
             # dataset was trained and reported as digits (or failed with a model's channel error).
             if "dataset" in {key.strip() for key in keys}:
@@ -128,12 +130,7 @@ COMMAND_KEYS = {
     "seed": "--seeds",
     "labels_per_class": "--labels-per-class",
     "method": "--methods",
-    "device": "--device",
 }
-# ... and with --steps, steps for every method: `--steps 2 --set steps=3` trained 3 steps with the
-# warm-up cut to fit 2, and results.json's config said 2 (`--set uda_mpl:steps=2` makes one
-# method's runs shorter, as its records say).
-STEPS_KEY = {"steps": "--steps"}
 
 
 def check_command_keys(keys, command_keys: dict[str, str]) -> None:
@@ -144,6 +141,19 @@ def check_command_keys(keys, command_keys: dict[str, str]) -> None:
             option = command_keys[key.strip()]
             raise ConfigError(
                 f"--set {key.strip()}=...: {option} sets {key.strip()} for every run; use {option}"
+            )
+
+
+def check_not_both(keys, options: Mapping[str, tuple[str, object]]) -> None:
+    """A ConfigError for a ``--set`` (for every run) of a key whose command option
+    ``options[key] = (option, value)`` was given too: `--steps 2 --set steps=3` trained 3 steps
+    with the warm-up cut to fit 2, and results.json's config said 2. (``--set uda_mpl:steps=2``
+    is one method's own length, which its records say.)"""
+    for key in keys:
+        option, value = options.get(key.strip(), (None, None))
+        if value is not None:
+            raise ConfigError(
+                f"{option} and --set {key.strip()}=... both set {key.strip()}; give one of them"
             )
 
 

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from metapl.errors import ConfigError
-from metapl.experiments.digits import check_command_keys, summarize
+from metapl.experiments.digits import check_command_keys, check_not_both, summarize
 from metapl.experiments.workers import map_runs, run_record, worker_pool
 from metapl.report import (
     check_replaceable,
@@ -66,19 +66,15 @@ class ReducedConfig:
         stages = ("large_teacher", *self.students)
         for target, keys in self.overrides.items():
             # (`--set method=uda` trained UDA as each stage and reported it under the stage's name)
-            # (and --set steps=3 with --steps 2 for every stage: 3 steps trained, 2 in results'
-            # config; --device alike; `--set supervised:steps=3` is that stage's own length)
-            command_keys = {
-                "seed": "--seeds",
-                "method": "--methods",
-                "dataset": "--dataset",
-                "device": "--device",
-            }
-            if self.steps is not None and target == "*":
-                command_keys["steps"] = "--steps"
-            if self.labels_per_class is not None and target == "*":
-                command_keys["labels_per_class"] = "--labels-per-class"
-            check_command_keys(keys, command_keys)
+            check_command_keys(
+                keys, {"seed": "--seeds", "method": "--methods", "dataset": "--dataset"}
+            )
+            if target == "*":
+                both = {
+                    "steps": ("--steps", self.steps),
+                    "labels_per_class": ("--labels-per-class", self.labels_per_class),
+                }
+                check_not_both(keys, both)
             # Each seed's students read the large teacher this command trains for that seed; a
             # --set large_teacher went into every stage's config (the large teacher's too, which
             # then refused the next correct command into --out) and failed only after training.
