@@ -235,6 +235,13 @@ def worker_setup() -> None:
                 return original_log(self, step, values)
 
             engine.MetricsLogger.log = log
+        elif what == "open":  # the metrics log's opening (metrics.csv, tb/) before step 1
+
+            def init(self, out_dir, *args, **kwargs):
+                csv_path = Path(out_dir, "metrics.csv")
+                raise write_error(csv_path, OSError(errno.ENOSPC, "No space left on device"))
+
+            engine.MetricsLogger.__init__ = init
         elif what == "json":  # the write of the file named ``at`` (config.json, results.json)
             original_write = engine.write_json_atomic
 
@@ -705,15 +712,15 @@ def test_a_failure_of_rank_0s_own_work_mid_run_stops_every_rank_there_saying_why
     assert steps[0] == steps[1] and len(steps[1]) == 2, steps
 
 
-@pytest.mark.parametrize("name", ["config.json", "results.json"])
+@pytest.mark.parametrize("name", ["config.json", "metrics.csv", "results.json"])
 def test_a_failed_write_of_rank_0s_run_files_stops_every_rank_saying_why(tmp_path, name):
-    """Rank 0 alone writes config.json before the first step and results.json after the last:
-    when that failed, rank 1 went on to its first step's collectives (config.json) or printed the
-    run's accuracy and exited 0 (results.json), saying nothing of the failure."""
+    """Rank 0 alone writes config.json and opens metrics.csv before the first step and writes
+    results.json after the last: when that failed, rank 1 went on to its first step's collectives
+    or printed the run's accuracy and exited 0 (results.json), saying nothing of the failure."""
     register_test_model()
     preset, out = "digits-uda-mpl", tmp_path / "run"
     args = for_preset(preset, options(2))
-    env_fail = {FAIL_ENV: f"json:{name}"}
+    env_fail = {FAIL_ENV: "open:0" if name == "metrics.csv" else f"json:{name}"}
     command, env, report = torchrun_command(tmp_path, preset, out, args, **env_fail)
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
@@ -722,7 +729,7 @@ def test_a_failed_write_of_rank_0s_run_files_stops_every_rank_saying_why(tmp_pat
     assert "test accuracy" not in done.stdout + done.stderr
     reports = [json.loads((report / f"rank{r}.json").read_text()) for r in (0, 1)]
     steps = [[batch[0] for batch in got["batches"]] for got in reports]
-    assert steps[0] == steps[1] and len(steps[1]) == (0 if name == "config.json" else 2), steps
+    assert steps[0] == steps[1] and len(steps[1]) == (2 if name == "results.json" else 0), steps
     assert not (out / "results.json").exists()
 
 

@@ -489,8 +489,16 @@ def _train(
     )
     amp = autocast_dtype(cfg)
     start_time = time.perf_counter()
+    # Rank 0 opens metrics.csv and tb/ (reading the rows a resumed run keeps): a full disk or a
+    # damaged file there stops every rank, as any of its writes does.
+    log_of_rank_0: list[MetricsLogger] = []
+
+    def open_log() -> None:
+        log_of_rank_0.append(MetricsLogger(out_dir, resume_step=run.step))
+
+    on_rank_0(dp, open_log, _BEFORE_THE_FIRST_STEP)
     with (
-        MetricsLogger(out_dir, resume_step=run.step) if dp.is_main else _NoMetrics() as logger,
+        log_of_rank_0[0] if log_of_rank_0 else _NoMetrics() as logger,
         contextlib.closing(source),  # the next step's images, if decoding, are dropped at the end
     ):
         # SIGTERM, SIGUSR1 from here: a checkpoint of the step, then stop (metapl.train.stopping)
