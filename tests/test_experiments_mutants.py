@@ -258,3 +258,19 @@ def test_twomoons_hard_pseudo_labels_are_the_hard_ones(monkeypatch):
     methods = ("supervised", "pseudo_label_hard")
     twomoons.run(twomoons.TwoMoonsConfig(seeds=[0], steps=1, hidden=4, methods=methods))
     assert calls == [False]
+
+
+@pytest.mark.parametrize("command", ["digits", "reduced"])
+def test_a_run_folder_refused_is_one_line_without_the_first_order_note(tmp_path, capsys, command):
+    """The note was printed before the run folders were checked: a file where a run's folder goes
+    gave the note and the error."""
+    from metapl.cli import main
+
+    method = "uda_mpl" if command == "digits" else "reduced_mpl"
+    (tmp_path / method).mkdir()
+    (tmp_path / method / "seed0").write_text("in the way")
+    args = [command, "--seeds", "0", "--steps", "2", "--methods", method, "--quiet"]
+    args += ["--set", f"{method}:mpl_estimator=first_order", "--out", str(tmp_path)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a file" in err and "note" not in err, err

@@ -278,9 +278,9 @@ def run_digits(cfg: DigitsConfig, out: Path, show_progress: bool = True) -> dict
     # every run's folder checked (and held) now, not after other runs trained (LabelSpreading
     # writes none)
     runs = [out / m / f"seed{s}" for m in cfg.methods if m in ENGINE_METHODS for s in cfg.seeds]
-    for note in cfg.notes():  # after the checks: a mistake found in them is one line
-        print(note, file=sys.stderr)
     with report.holding_run_folders(runs):
+        for note in cfg.notes():  # after the checks: a mistake found in them is one line
+            print(note, file=sys.stderr)
         return _train_and_report(cfg, out, show_progress)
 
 

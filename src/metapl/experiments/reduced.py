@@ -191,9 +191,9 @@ def run_reduced(cfg: ReducedConfig, out: Path, show_progress: bool = True) -> di
         for name in ("large_teacher", *cfg.students)
         for seed in cfg.seeds
     ]
-    for note in cfg.notes():  # after the checks: a mistake found in them is one line
-        print(note, file=sys.stderr)
     with holding_run_folders(runs):
+        for note in cfg.notes():  # after the checks: a mistake found in them is one line
+            print(note, file=sys.stderr)
         return _train_and_report(cfg, out, show_progress)
 
 
