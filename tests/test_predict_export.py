@@ -610,7 +610,7 @@ def test_export_by_default_beside_the_run_with_its_class_names_and_state(capsys,
             {"classes.json": json.dumps([*"abcdefghi", "c"])},
             "classes.json: class 9's name 'c' is a name given twice; give each class a distinct",
         ),
-        ({"classes.json": json.dumps([*"abcdefghi", " "])}, "class 9's name ' ' is empty"),
+        ({"classes.json": json.dumps([*"abcdefghi", ""])}, "class 9's name '' is empty"),
         # config.json and checkpoint.pt of two runs (a checkpoint copied in, a config edited):
         # the same architecture was used under the wrong name, another was "does not fit"
         (

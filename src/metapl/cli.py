@@ -272,8 +272,8 @@ def _cmd_presets(args: argparse.Namespace) -> None:
 
         cfg = load_preset(args.name)  # an unknown name: one line, with the closest names
         header = [
-            f"metapl's preset {args.name}, every key;",
-            "`metapl train --preset THIS_FILE.toml` reads it",
+            f"the preset {args.name}: every key but the machine's (device, data_dir);",
+            "`metapl train --preset THIS_FILE.toml --data-dir D` reads it",
         ]
         print(render(cfg, header, {}), end="")
         return

@@ -23,6 +23,7 @@ import argparse
 import functools
 import json
 import math
+import reprlib
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -215,8 +216,8 @@ def _metric(record: dict, metric: str, path: Path, records: list[dict]) -> float
         choices = ", ".join(have) if have else "none"
         if value is not None:  # there, but a string or a list (a hand-edited file)
             raise DataError(
-                f"{path}: {metric} of {record['method']} seed {record['seed']} is {value!r}, not "
-                "a number (an accuracy in [0, 1])"
+                f"{path}: {metric} of {record['method']} seed {record['seed']} is "
+                f"{reprlib.repr(value)}, not a number (an accuracy in [0, 1])"
             )
         raise DataError(
             f"{path}: the {record['method']} record of seed {record['seed']} has no {metric} "

@@ -287,11 +287,14 @@ def class_names(run_dir: Path | str, num_classes: int) -> list[str]:
     # As the data readers require of the names they take (hand-edited here): predict prints one
     # tab-separated line per image, which a tab or newline in a name broke, and two classes of
     # one name could not be told apart.
+    seen: set[str] = set()
     for k, name in enumerate(names):
-        if not name.strip() or not name.isprintable() or name in names[:k]:
-            why = "a name given twice" if name in names[:k] else "empty or with a control character"
+        # (a blank name, " ", is a class folder's name the folder reader takes: allowed)
+        if not name or not name.isprintable() or name in seen:
+            why = "a name given twice" if name in seen else "empty or with a control character"
             raise DataError(
                 f"{path}: class {k}'s name {name!r} is {why}; give each class a distinct, "
                 "printable name (or put back the run's own classes.json)"
             )
+        seen.add(name)
     return names

@@ -305,9 +305,8 @@ class Tuner:
                 f"alone): {err}"
             ) from None
         best = Path(opts.out) / "best.toml"
-        if (
-            best.is_dir()
-        ):  # its write failed after every trial: "could not write ...: Is a directory"
+        # (its write failed after every trial had run: "could not write ...: Is a directory")
+        if best.is_dir():
             raise ConfigError(
                 f"--out {opts.out}: {best} is a folder, where metapl tune writes its result; move "
                 "it or choose another --out"
