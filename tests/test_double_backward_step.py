@@ -95,7 +95,7 @@ def test_parameters_reached_by_one_of_the_students_losses_step_as_in_the_exact_s
     for estimator in ("exact", "double_backward"):
         teacher, _, x_l, y_l, x_u = make_problem("mlp", seed=5)
         torch.manual_seed(3)
-        student = _PassDependent(*rows).to(torch.float64)
+        student = _PassDependent(*rows).to(x_l.device, torch.float64)
         if body_frozen:
             student.body.requires_grad_(False)
         mpl = MetaPseudoLabels(
@@ -114,7 +114,7 @@ def test_parameters_reached_by_one_of_the_students_losses_step_as_in_the_exact_s
     assert rel_err(flat(s_exact.parameters()), flat(s_db.parameters())) < 1e-10
     assert rel_err(flat(t_exact.parameters()), flat(t_db.parameters())) < 1e-10
     torch.manual_seed(3)
-    fresh = _PassDependent(*rows).to(torch.float64)
+    fresh = _PassDependent(*rows).to(s_db.a.weight.device, torch.float64)
     assert not torch.equal(s_db.a.weight, fresh.a.weight)  # the layer one loss reaches moved
 
 

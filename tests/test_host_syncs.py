@@ -194,7 +194,10 @@ def test_on_a_gpu_steady_training_steps_make_no_synchronizing_call(overrides):
                 watch.observe(run.advance(source))
         finally:
             torch.cuda.set_sync_debug_mode("default")
+    # (torch's notice, once per process, that the mode itself is a prototype is no sync)
     syncs = [
-        f"{w.filename}:{w.lineno}: {w.message}" for w in caught if "synchron" in str(w.message)
+        f"{w.filename}:{w.lineno}: {w.message}"
+        for w in caught
+        if "synchron" in str(w.message) and "is a prototype feature" not in str(w.message)
     ]
     assert not syncs, "\n".join(syncs)

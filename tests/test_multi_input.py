@@ -239,14 +239,14 @@ def test_batch_dim_1_ensemble_of_two_input_models_with_an_extra_teacher_input():
     update they get alone, the extra teacher input (a pair too) included."""
     E = 3
     g = torch.Generator().manual_seed(0)
-    teacher, student = StackedBag(E, g), StackedBag(E, g)
+    teacher, student = StackedBag(E, g).to(TEST_DEVICE), StackedBag(E, g).to(TEST_DEVICE)
 
     def batch(n: int, length: int) -> tuple[Tensor, Tensor]:
         ids, mask = _tokens(g, E * n, length)
         return ids.reshape(E, n, length), mask.reshape(E, n, length)
 
     x_l, x_u, x_e = batch(N_L, 5), batch(N_U, 5), batch(4, 3)
-    y_l = torch.randint(0, N_CLASSES, (E, N_L), generator=g)
+    y_l = torch.randint(0, N_CLASSES, (E, N_L), generator=g).to(TEST_DEVICE)
 
     def extra_loss(logits: TeacherLogits) -> Tensor:
         return 0.1 * logits.extra[0].pow(2).mean(dim=(-2, -1)).sum()

@@ -250,7 +250,8 @@ def test_a_student_that_squeezes_a_labeled_batch_of_one(estimator):
     them after the student's step."""
     teacher, _, x_l, y_l, x_u = make_problem("mlp")
     torch.manual_seed(1)
-    student = nn.Sequential(nn.Linear(x_l.shape[1], 8), nn.Tanh(), nn.Linear(8, 3)).to(DT)
+    student = nn.Sequential(nn.Linear(x_l.shape[1], 8), nn.Tanh(), nn.Linear(8, 3))
+    student = student.to(x_l.device, DT)
     mpl = _mpl(teacher, _Rows(student, "classes", right=(len(x_u),)), estimator=estimator)
     _refused_before_anything_moves(
         mpl,
@@ -326,13 +327,15 @@ def test_a_refusal_never_puts_back_an_earlier_steps_state():
     teacher, student, x_l, y_l, x_u = make_problem("mlp")
     losses = [lambda lg: lg.unlabeled.mean()]
     mpl = _mpl(teacher, student, teacher_extra_loss=lambda lg: losses[-1](lg))
-    first = copy.deepcopy(teacher.bn.running_mean), torch.get_rng_state()
+    # the dropout masks' stream: the CPU's, or the GPU's (METAPL_TEST_DEVICE=cuda)
+    stream = torch.cuda.get_rng_state if x_l.is_cuda else torch.get_rng_state
+    first = copy.deepcopy(teacher.bn.running_mean), stream()
     _warm(mpl, (x_l, y_l, x_u), steps=2)
     losses.append(lambda lg: lg.unlabeled.sum(-1))
     with pytest.raises(ConfigError, match="teacher_extra_loss must return a scalar"):
         mpl.step(x_l, y_l, x_u)
     assert not torch.equal(teacher.bn.running_mean, first[0])
-    assert not torch.equal(torch.get_rng_state(), first[1])
+    assert not torch.equal(stream(), first[1])
 
 
 # ----------------------------------------------------------------------------- optimizer flags
@@ -763,6 +766,7 @@ def test_teacher_logits_not_one_row_per_example_in_separate_forwards(estimator):
     logits are checked, and the teacher's running statistics are given back."""
     teacher, student, x_l, y_l, _ = make_problem("conv")
     x_u = torch.randn(3, 3, 7, 7, dtype=DT, generator=torch.Generator().manual_seed(1))
+    x_u = x_u.to(x_l.device)
     mpl = _mpl(_Rows(teacher, "twice"), student, estimator=estimator)
     _refused_before_anything_moves(
         mpl,
@@ -971,7 +975,7 @@ def test_a_teacher_optimizer_metapl_does_not_know_trains_and_gets_the_checks_of_
 def test_a_student_of_other_dtype_than_the_teacher_with_each_its_own_inputs():
     """A float32 student of a float64 teacher (its own teacher_x_* views) runs: no refusal."""
     teacher, _, x_l, y_l, x_u = make_problem("mlp")
-    student = MLP().float().train()
+    student = MLP().to(x_l.device).float().train()
     mpl = _mpl(teacher, student)
     for _ in range(2):
         mpl.step(x_l.float(), y_l, x_u.float(), teacher_x_labeled=x_l, teacher_x_unlabeled=x_u)

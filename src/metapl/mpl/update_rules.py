@@ -141,9 +141,14 @@ class AdamRule:
         if "step" in state:
             count = state["step"]
             # capturable and fused Adam keep it on the GPU: float() of it was a host sync per
-            # parameter, every step; torch computes their bias corrections in its dtype too
+            # parameter, every step. Capturable Adam computes its bias corrections in the count's
+            # dtype (float32); the fused CUDA kernel in double (pow of the double betas), as the
+            # CPU's do: in float32 the exact gradient of a float64 student was 1e-8 off on an H200.
             on_device = isinstance(count, Tensor) and count.device.type != "cpu"
-            step = count + 1.0 if on_device else float(count) + 1.0
+            if on_device and group.get("fused"):
+                step = count.to(torch.float64) + 1.0
+            else:
+                step = count + 1.0 if on_device else float(count) + 1.0
         exp_avg = state.get("exp_avg", torch.zeros_like(param))
         exp_avg_sq = state.get("exp_avg_sq", torch.zeros_like(param))
         exp_avg = exp_avg + (1.0 - beta1) * (grad - exp_avg)
