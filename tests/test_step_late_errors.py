@@ -338,6 +338,55 @@ def test_a_refusal_never_puts_back_an_earlier_steps_state():
     assert not torch.equal(stream(), first[1])
 
 
+class _Masked(nn.Module):
+    """The model's logits with class 0 masked out (-inf): a legitimate teacher."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.model(x)
+        return torch.cat([torch.full_like(out[:, :1], float("-inf")), out[:, 1:]], dim=1)
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("where", ["weight", "extra_loss"])
+def test_a_teacher_of_nan_weights_or_extra_loss_is_refused_on_the_first_step(estimator, where):
+    """A NaN weight in the teacher (or a NaN extra loss) made every parameter of the student NaN
+    at the first step, without a word; the student's own logits were already checked so."""
+    teacher, student, x_l, y_l, x_u = make_problem("mlp")
+    kwargs = {}
+    if where == "weight":
+        with torch.no_grad():
+            teacher.fc2.weight[0, 0] = float("nan")
+        match = "^the teacher's logits hold NaN or Inf, though the inputs are finite"
+    else:
+        kwargs["teacher_extra_loss"] = lambda lg: lg.unlabeled.sum() * float("nan")
+        match = "^teacher_extra_loss is NaN or Inf"
+    mpl = _mpl(teacher, student, estimator=estimator, **kwargs)
+    if where == "extra_loss":
+        _refused_before_anything_moves(mpl, (x_l, y_l, x_u), ConfigError, match)
+        return
+    before = copy.deepcopy((teacher.state_dict(), student.state_dict()))
+    with pytest.raises(ConfigError, match=match):
+        mpl.step(x_l, y_l, x_u)
+    for was, now in zip(before, (teacher.state_dict(), student.state_dict()), strict=True):
+        for name in was:  # (the NaN weight is NaN still: equal_nan)
+            assert torch.equal(was[name].isnan(), now[name].isnan()), name
+            assert torch.equal(was[name].nan_to_num(), now[name].nan_to_num()), name
+    assert not mpl.student_optimizer.state and mpl.step_count == 0
+
+
+def test_a_teacher_that_masks_a_class_with_minus_inf_trains():
+    """-inf logits for a class ruled out are a teacher's own choice: targets give it 0."""
+    teacher, student, x_l, y_l, x_u = make_problem("mlp")
+    mpl = _mpl(_Masked(teacher), student, supervised_weight=0.0)
+    _warm(mpl, (x_l, (y_l % 2) + 1, x_u), steps=2)
+    assert torch.isfinite(flat(student.parameters())).all()
+    assert torch.isfinite(flat(teacher.parameters())).all()
+
+
 # ----------------------------------------------------------------------------- optimizer flags
 
 

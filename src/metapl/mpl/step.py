@@ -367,6 +367,8 @@ class MetaPseudoLabels:
             # the student moves, so that a loss of the wrong kind fails with the models as they
             # were (the teacher's forward given back).
             extra = self._teacher_extra(logits)
+            if self.step_count == 0 and self.check_inputs:  # one host sync, on the first step
+                _check_teacher_finite(logits, extra)
         targets = F.softmax(logits.unlabeled / self.temperature, dim=-1)
 
         if self.estimator == "exact":
@@ -911,6 +913,24 @@ class MetaPseudoLabels:
             "student_labeled_after": after.sum(),
             "advantage": advantage.detach().sum(),
         }
+
+
+def _check_teacher_finite(logits: TeacherLogits, extra: Tensor | None) -> None:
+    """A ConfigError when the teacher's logits (its inputs finite: checked before) hold NaN or
+    +Inf, or its extra loss is not finite. A teacher with a NaN weight made every parameter of the
+    student NaN at the first step, silently (the student's own logits are checked on its first
+    exact step). -Inf logits pass: a class masked out has probability 0 in the targets."""
+    parts = [logits.labeled, logits.unlabeled]
+    sound = [~(torch.isnan(t) | torch.isposinf(t)).any() for t in (p.detach() for p in parts)]
+    if extra is not None:
+        sound.append(torch.isfinite(extra.detach()).all())
+    ok = torch.stack(sound)
+    if not bool(ok.all()):
+        what = "teacher_extra_loss is" if bool(ok[:2].all()) else "the teacher's logits hold"
+        raise ConfigError(
+            f"{what} NaN or Inf, though the inputs are finite: the teacher's parameters or "
+            "buffers may hold NaN or Inf (a run that diverged?), or its forward overflows"
+        )
 
 
 def _tf32_allowed(device: torch.device) -> bool:
