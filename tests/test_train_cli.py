@@ -370,6 +370,23 @@ def test_fewer_steps_than_the_checkpoint_reached_are_refused(tmp_path, capsys):
     assert train_cli("digits-uda", out, *tiny(6)) == 0  # the same length again: a rerun
 
 
+def test_a_longer_steps_on_a_run_in_its_fine_tuning_is_refused(tmp_path, capsys):
+    """A finished run of a fine-tuning preset, again with a longer --steps: it went on fine-tuning
+    (its schedule ended at a learning rate of 0), no MPL step ran, and results.json called it a
+    run of the longer --steps."""
+    out = tmp_path / "run"
+    finetune = ("--set", "finetune_steps=2")
+    assert train_cli("digits-uda-mpl", out, *tiny(2), *finetune) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    capsys.readouterr()
+    assert train_cli("digits-uda-mpl", out, *tiny(3), *finetune) == 2
+    err = one_error_line(capsys.readouterr().err)
+    assert "is at step 4, in the fine-tuning that followed its 2 steps: a longer --steps (3)" in err
+    assert "give --steps 2 to finish it, or train the longer run into another --out" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert train_cli("digits-uda-mpl", out, *tiny(2), *finetune) == 0  # the same run: fine
+
+
 def test_fewer_steps_than_a_run_whose_warmup_was_cut_says_so(tmp_path, capsys):
     """`--steps 4` cut the preset's warm-up to 4; `--steps 2` on that run cut it to 2 and was
     refused as "a different configuration (warmup_steps: 4 -> 2)", an option never set."""

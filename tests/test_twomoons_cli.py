@@ -205,7 +205,8 @@ def test_the_progress_bar_counts_each_methods_steps_by_their_cost(monkeypatch):
             self.total, self.updates, self.method = total, [], None
             bars.append(self)
 
-        def set_postfix_str(self, method):
+        def set_postfix_str(self, method, refresh=True):
+            assert not refresh  # a redraw per method filled a log file (stderr redirected)
             self.method = method
 
         def update(self, n):

@@ -347,7 +347,8 @@ def _add_experiment_options(p: argparse.ArgumentParser) -> None:
         default=None,
         help=(
             "override the presets' steps (a warm-up longer than that is cut to fit; fine-tuning "
-            "keeps its share, e.g. 300 of 1,500 steps); --set steps=N changes steps alone"
+            "after them keeps its share, e.g. 300 after 1,500 steps); --set steps=N changes "
+            "steps alone"
         ),
     )
     p.add_argument(

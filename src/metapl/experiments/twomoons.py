@@ -228,7 +228,8 @@ def run(cfg: TwoMoonsConfig, show_progress: bool = False) -> dict:
     )
 
     def ticks(method: str):
-        bar.set_postfix_str(method)
+        # shown at the next redraw (every 30 s when stderr is a log file), not redrawn now
+        bar.set_postfix_str(method, refresh=False)
         return lambda: bar.update(STEP_COST[method])
 
     models["supervised"], cosines["supervised"] = train_supervised(

@@ -294,6 +294,21 @@ def _check_not_past_the_end(cfg: TrainConfig, step: int, ckpt_path: Path) -> Non
         )
 
 
+def _check_main_phase_not_over(cfg: TrainConfig, saved: dict, ckpt_path: Path) -> None:
+    """A longer --steps continues a run, but not one whose fine-tuning phase began: that run went on
+    fine-tuning (at a learning rate its schedule had ended at 0), its main phase untouched, and
+    results.json called it a run of the longer --steps."""
+    recorded = saved.get("config")
+    then = recorded.get("steps") if isinstance(recorded, dict) else None
+    step = int(saved["step"])
+    if type(then) is int and then < cfg.steps and cfg.finetune_steps > 0 and step > then:
+        raise ConfigError(
+            f"{ckpt_path} is at step {step}, in the fine-tuning that followed its {then} steps: "
+            f"a longer --steps ({cfg.steps}) cannot go back to its main phase; give --steps "
+            f"{then} to finish it, or train the longer run into another --out"
+        )
+
+
 def _check_shorter_than_the_run(
     cfg: TrainConfig, saved: dict, ckpt_path: Path, defaults: dict
 ) -> None:
@@ -434,6 +449,7 @@ def _train(
             saved, fingerprint, ckpt_path, config=cfg.to_dict(), defaults=defaults, paths=PATH_KEYS
         )
         _check_not_past_the_end(cfg, int(saved["step"]), ckpt_path)
+        _check_main_phase_not_over(cfg, saved, ckpt_path)
     else:
         # No checkpoint, so the run starts over: the results.json of a run of another
         # configuration there (its checkpoints deleted to save space, say) would be replaced, and
