@@ -995,6 +995,10 @@ def test_a_student_with_nan_weights_is_named_as_such_on_the_first_exact_step():
         # failed in the next first-order step, after the student had moved
         {"step_count": 1, "baseline": 0.5},
         {"step_count": 1, "baseline": "x"},
+        # taken: a NaN baseline made the teacher NaN at the next step, and another key was
+        # ignored (a typo, or another object's state)
+        {"step_count": 1, "baseline": torch.tensor(float("nan"))},
+        {"step_count": 1, "baseline": None, "baselines": torch.tensor(0.5)},
     ],
     ids=repr,
 )

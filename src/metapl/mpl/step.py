@@ -411,10 +411,10 @@ class MetaPseudoLabels:
         """Restores :meth:`state_dict`'s output; a state of another shape is a ConfigError with
         nothing changed (a missing key set the counter and then raised a KeyError; a baseline that
         is not a tensor failed in the next first-order step, after the student had moved)."""
-        if not isinstance(state, Mapping) or {"step_count", "baseline"} - set(state):
-            raise ConfigError(
-                "MetaPseudoLabels.load_state_dict needs a dict with keys step_count and baseline "
-                "(from state_dict())"
+        if not isinstance(state, Mapping) or set(state) != {"step_count", "baseline"}:
+            raise ConfigError(  # (another key, a typo of one or another object's, was ignored)
+                "MetaPseudoLabels.load_state_dict needs a dict with keys step_count and baseline, "
+                "no others (from state_dict())"
             )
         count, baseline = state["step_count"], state["baseline"]
         if isinstance(count, Tensor) and count.numel() == 1 and not count.is_floating_point():
@@ -427,6 +427,9 @@ class MetaPseudoLabels:
             raise ConfigError(
                 f"state_dict's baseline must be None or a floating-point tensor, got {baseline!r}"
             )
+        if baseline is not None and not bool(torch.isfinite(baseline).all()):
+            # (a NaN baseline made the teacher NaN at the next first-order step, silently)
+            raise ConfigError(f"state_dict's baseline must be finite, got {baseline!r}")
         self.step_count, self.baseline = count, baseline
 
     @property
