@@ -289,14 +289,17 @@ def _ends_with(path: str, tail: str) -> bool:
     return len(whole) > len(ends) and whole[-len(ends) :] == ends
 
 
-def as_the_same_files(earlier: Mapping, now: Mapping, keys: Iterable[str]) -> dict:
-    """``earlier`` with the value of each of ``keys`` (options that name a file or folder) that
-    names the same file as ``now``'s replaced by ``now``'s: a run folder given by another name
-    (absolute now, relative then) is the same run."""
-    return {
-        **earlier,
-        **{k: now[k] for k in keys if k in earlier and k in now and same_file(earlier[k], now[k])},
-    }
+def earlier_config_as_now(
+    earlier: Mapping, now: Mapping, defaults: Mapping | None = None, paths: Iterable[str] = ()
+) -> dict:
+    """An earlier run's recorded config, read as this metapl and this run would write it: each
+    option of ``defaults`` it lacks (a later metapl added it) at its default, the old behaviour;
+    and each of ``paths`` (options that name a file or folder) that names the same file as
+    ``now``'s at ``now``'s value (a run folder given by another name is the same run). Used alike
+    for a checkpoint that resumes and a results.json that a rerun replaces."""
+    merged = {**{k: v for k, v in (defaults or {}).items() if k not in earlier}, **earlier}
+    same = [k for k in paths if k in merged and k in now and same_file(merged[k], now[k])]
+    return {**merged, **{k: now[k] for k in same}}
 
 
 def check_replaceable(
@@ -326,10 +329,8 @@ def check_replaceable(
     if not isinstance(earlier, dict):
         return
     now = json.loads(json.dumps(config))  # as saved: tuples are lists
-    added = {
-        k: v for k, v in json.loads(json.dumps(dict(defaults or {}))).items() if k not in earlier
-    }
-    earlier = as_the_same_files({**added, **earlier}, now, paths)
+    saved_defaults = json.loads(json.dumps(dict(defaults or {})))
+    earlier = earlier_config_as_now(earlier, now, saved_defaults, paths)
     changed = sorted(k for k in now if k not in ignore and earlier.get(k) != now[k])
     if not changed:
         return

@@ -40,7 +40,7 @@ import torch
 
 from metapl.atomic import move_into_place, temp_file_beside, temp_prefix
 from metapl.errors import CheckpointError, first_line
-from metapl.report import as_the_same_files
+from metapl.report import earlier_config_as_now
 
 REQUIRED_KEYS = ("format_version", "step")
 # The layout of a training run's checkpoint.pt (the engine writes it; train, predict and export
@@ -445,10 +445,7 @@ def check_resumable(
         return
     old_config = ckpt.get(CONFIG_KEY)
     if (defaults or paths) and isinstance(old_config, Mapping):
-        added = {k: v for k, v in (defaults or {}).items() if k not in old_config}
-        merged = {**added, **old_config}
-        if config is not None:
-            merged = as_the_same_files(merged, config, paths)
+        merged = earlier_config_as_now(old_config, config or {}, defaults, paths)
         if merged != old_config:
             ckpt = {**ckpt, CONFIG_KEY: merged}
             if config_fingerprint(merged, ignore) == fingerprint:

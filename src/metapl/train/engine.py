@@ -281,26 +281,22 @@ _NOT_IN_RESULTS = (
 )
 
 
-def _check_not_past_the_end(cfg: TrainConfig, step: int, ckpt_path: Path) -> None:
-    """A checkpoint beyond this run's last step (a shorter ``--steps`` than the run it resumes) is a
-    ConfigError: the loop would not run, and results.json would report that model, trained ``step``
-    steps, as one of ``cfg.steps``, replacing the run's true results."""
-    total = cfg.steps + cfg.finetune_steps
+def _check_steps_fit_the_run(cfg: TrainConfig, saved: dict, ckpt_path: Path) -> None:
+    """A ConfigError when this run's --steps cannot continue the checkpoint ``saved``:
+    - one past this run's last step (a shorter ``--steps``): the loop would not run, and
+      results.json would report that model, trained further, as one of ``cfg.steps``;
+    - a longer ``--steps`` on a run whose fine-tuning began: it went on fine-tuning (at a
+      learning rate its schedule had ended at 0), its main phase untouched, and results.json
+      called it a run of the longer --steps."""
+    step, total = int(saved["step"]), cfg.steps + cfg.finetune_steps
     if step > total:
         raise ConfigError(
             f"{ckpt_path} is at step {step}, past the {total} steps this run asks for; give "
             f"--steps {step - cfg.finetune_steps} or more to continue that run, or choose another "
             "--out"
         )
-
-
-def _check_main_phase_not_over(cfg: TrainConfig, saved: dict, ckpt_path: Path) -> None:
-    """A longer --steps continues a run, but not one whose fine-tuning phase began: that run went on
-    fine-tuning (at a learning rate its schedule had ended at 0), its main phase untouched, and
-    results.json called it a run of the longer --steps."""
     recorded = saved.get("config")
     then = recorded.get("steps") if isinstance(recorded, dict) else None
-    step = int(saved["step"])
     if type(then) is int and then < cfg.steps and cfg.finetune_steps > 0 and step > then:
         raise ConfigError(
             f"{ckpt_path} is at step {step}, in the fine-tuning that followed its {then} steps: "
@@ -312,7 +308,7 @@ def _check_main_phase_not_over(cfg: TrainConfig, saved: dict, ckpt_path: Path) -
 def _check_shorter_than_the_run(
     cfg: TrainConfig, saved: dict, ckpt_path: Path, defaults: dict
 ) -> None:
-    """:func:`_check_not_past_the_end` first when the warm-up is all that differs: `--steps 4`
+    """:func:`_check_steps_fit_the_run` first when the warm-up is all that differs: `--steps 4`
     cut the preset's warm-up to 4, `--steps 2` then cut it to 2, and the resume was refused as "a
     different configuration (warmup_steps: 4 -> 2)", an option never set, not as too short."""
     recorded = saved.get("config")
@@ -331,7 +327,7 @@ def _check_shorter_than_the_run(
         )
     except CheckpointError:
         return  # another configuration besides: check_resumable says so
-    _check_not_past_the_end(cfg, int(saved["step"]), ckpt_path)
+    _check_steps_fit_the_run(cfg, saved, ckpt_path)
 
 
 def _print_note(note: str | None) -> None:
@@ -448,8 +444,7 @@ def _train(
         check_resumable(
             saved, fingerprint, ckpt_path, config=cfg.to_dict(), defaults=defaults, paths=PATH_KEYS
         )
-        _check_not_past_the_end(cfg, int(saved["step"]), ckpt_path)
-        _check_main_phase_not_over(cfg, saved, ckpt_path)
+        _check_steps_fit_the_run(cfg, saved, ckpt_path)
     else:
         # No checkpoint, so the run starts over: the results.json of a run of another
         # configuration there (its checkpoints deleted to save space, say) would be replaced, and
