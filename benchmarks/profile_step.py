@@ -1,0 +1,310 @@
+"""Where one MPL step's time and memory go: per phase, per kernel, GPU busy vs idle (issue 5).
+
+For each estimator (first-order, exact) at Table 3's batch (WRN-28-2, labeled 128, unlabeled 896,
+two teacher views) on CIFAR-shaped random images, as `metapl bench` builds them:
+
+- the step's median milliseconds (CUDA events) after warm-up;
+- each phase's device time and its memory (allocated before and after, and the peak inside it):
+  teacher forward, student update (forward+backward), student optimizer step, the labeled pass
+  and its gradient v, the tangent pass J, the teacher's backward and optimizer step;
+- the kernels that take the most device time (torch.profiler), and how much of the step's wall time
+  the device is busy (the rest is the host launching work, or waiting on it);
+- the whole training step's data part alone (``BatchSource.batch``: per-image RandAugment, views).
+
+Writes one JSON (and a profiler table per estimator, as text) to ``--out``. On the H200:
+
+    python benchmarks/profile_step.py --device cuda --precision bf16 --out $OUT
+
+A CPU smoke run: ``--device cpu --precision fp32 --batch-size 2 --model small_cnn --repeats 2``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+sys.path.insert(0, str(Path(__file__).parent))
+from machine import save  # noqa: E402
+
+from metapl.bench import synthetic_cifar_split  # noqa: E402
+from metapl.mpl.jvp import JvpPaths  # noqa: E402
+from metapl.mpl.step import MetaPseudoLabels  # noqa: E402
+from metapl.train.config import TrainConfig, apply_overrides  # noqa: E402
+from metapl.train.data import BatchSource  # noqa: E402
+from metapl.train.run import Run  # noqa: E402
+
+PHASES: list[dict] = []  # filled by the wrappers while `recording` is on
+recording = False
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _mib(n: int) -> float:
+    return n / 2**20
+
+
+def phase(name: str, dev: torch.device):
+    """A wrapper factory: the wrapped call runs in a profiler range named ``name`` and, while
+    ``recording``, its device time and memory are logged (a synchronization on each side: the
+    per-phase numbers are for shares, the step's own time is measured without them)."""
+
+    def wrap(fn):
+        def wrapped(*args, **kwargs):
+            if not recording or dev.type != "cuda":
+                with record_function(name):
+                    return fn(*args, **kwargs)
+            torch.cuda.synchronize(dev)
+            before = torch.cuda.memory_allocated(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            with record_function(name):
+                out = fn(*args, **kwargs)
+            end.record()
+            torch.cuda.synchronize(dev)
+            PHASES.append(
+                {
+                    "phase": name,
+                    "ms": start.elapsed_time(end),
+                    "mib_before": _mib(before),
+                    "mib_after": _mib(torch.cuda.memory_allocated(dev)),
+                    "mib_peak_inside": _mib(torch.cuda.max_memory_allocated(dev)),
+                }
+            )
+            return out
+
+        return wrapped
+
+    return wrap
+
+
+def instrument(dev: torch.device) -> None:
+    """Wraps the step's phases (methods of MetaPseudoLabels and JvpPaths, Tensor.backward)."""
+    M = MetaPseudoLabels
+    M._teacher_forward = phase("teacher_forward", dev)(M._teacher_forward)
+    M._student_update = phase("student_update", dev)(M._student_update)
+    M._labeled_loss = phase("labeled_forward", dev)(M._labeled_loss)
+    M._grad_of_trainable = staticmethod(phase("labeled_grad_v", dev)(M._grad_of_trainable))
+    JvpPaths.from_tape = phase("tangent_pass", dev)(JvpPaths.from_tape)
+    JvpPaths.forward_ad = phase("forward_ad_jvp", dev)(JvpPaths.forward_ad)
+    torch.Tensor.backward = phase("backward", dev)(torch.Tensor.backward)
+
+
+def wrap_optimizers(run: Run, dev: torch.device) -> None:
+    mpl = run.method.mpl
+    mpl.student_optimizer.step = phase("student_optimizer", dev)(mpl.student_optimizer.step)
+    mpl.teacher_optimizer.step = phase("teacher_optimizer", dev)(mpl.teacher_optimizer.step)
+
+
+def build(args, estimator: str, dev: torch.device):
+    base = {
+        "dataset": "cifar10-4k",
+        "model": args.model,
+        "method": "uda_mpl",
+        "mpl_estimator": estimator,
+        "device": dev.type,
+        "batch_size": args.batch_size,
+        "precision": args.precision,
+        "steps": 10_000,
+        "warmup_steps": 10,
+    }
+    cfg = apply_overrides(TrainConfig(), base).validate()
+    torch.manual_seed(0)
+    split = synthetic_cifar_split(max(28 * args.batch_size, 1024), np.random.RandomState(0))
+    run = Run(cfg, split, dev)
+    source = BatchSource(split, cfg, run.method.views, dev)
+    return run, source
+
+
+def timed(fn, dev: torch.device, repeats: int) -> list[float]:
+    out = []
+    for _ in range(repeats):
+        _sync(dev)
+        t0 = time.perf_counter()
+        fn()
+        _sync(dev)
+        out.append(1000 * (time.perf_counter() - t0))
+    return out
+
+
+def busy_fraction(prof, wall_ms: float, steps: int) -> dict:
+    """Device time of all kernels (and copies) against the steps' wall time."""
+    kernel_us = 0.0
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            kernel_us += e.device_time if hasattr(e, "device_time") else e.cuda_time
+    return {
+        "device_ms_per_step": kernel_us / 1000 / steps,
+        "wall_ms_per_step": wall_ms,
+        "busy": kernel_us / 1000 / steps / wall_ms,
+    }
+
+
+def bn_tangent_own_dtype(x, dx, gamma, dgamma, dbeta, batch_stats, running_mean, running_var, eps):
+    """Experiment: tangent_ops.bn_tangent with x and dx kept in their own dtype (bf16 under
+    autocast): BatchNorm's CUDA kernels take bf16 activations with float32 parameters and
+    statistics, and accumulate in float32, so the float32 copies of x and dx may be unneeded."""
+    from metapl.mpl.tangent_ops import aten, plus
+
+    if dx is None and dgamma is None and dbeta is None:
+        return None
+    shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
+
+    def f(t):
+        return None if t is None else t.float()
+
+    rm, rv = (None, None) if batch_stats else (f(running_mean), f(running_var))
+    if dgamma is not None or batch_stats:
+        affine, mean, rstd = aten.native_batch_norm(
+            x, f(dgamma), f(dbeta), rm, rv, batch_stats, 0.0, eps
+        )
+        out = affine if dgamma is not None else None
+    else:
+        out, mean, rstd = (
+            None,
+            x.new_empty(0, dtype=torch.float32),
+            x.new_empty(0, dtype=torch.float32),
+        )
+    if dgamma is None and dbeta is not None:
+        out = f(dbeta).reshape(shape)
+    if dx is not None:
+        d_in = aten.native_batch_norm_backward(
+            dx.to(x.dtype), x, f(gamma), rm, rv, mean, rstd, batch_stats, eps, [True, False, False]
+        )[0]
+        out = plus(out, d_in)
+    return out
+
+
+def profile_estimator(args, estimator: str, dev: torch.device, out: Path, label: str = "") -> dict:
+    global recording
+    label = label or estimator
+    run, source = build(args, estimator, dev)
+    wrap_optimizers(run, dev)
+    batch = source.batch(0)
+    step = lambda: run.method.step(batch)  # noqa: E731
+    for _ in range(args.warmup):
+        step()
+    _sync(dev)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    ms = timed(step, dev, args.repeats)
+    peak = _mib(torch.cuda.max_memory_allocated(dev)) if dev.type == "cuda" else None
+    # phases: one step, synchronized around each phase
+    PHASES.clear()
+    recording = True
+    step()
+    recording = False
+    phases = list(PHASES)
+    # the profiler over a few steps
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    n_prof = 3
+    with profile(activities=activities) as prof:
+        _sync(dev)
+        t0 = time.perf_counter()
+        for _ in range(n_prof):
+            step()
+        _sync(dev)
+        wall = 1000 * (time.perf_counter() - t0) / n_prof
+    sort = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=45, max_name_column_width=60)
+    by_host = prof.key_averages().table(sort_by="cpu_time_total", row_limit=30)
+    (out / f"profile_{label}.txt").write_text(f"{table}\n\nby host time:\n{by_host}")
+    busy = busy_fraction(prof, wall, n_prof) if dev.type == "cuda" else None
+    print(f"\n== {label}: median {statistics.median(ms):.1f} ms, peak {peak} MiB, busy {busy}")
+    for p in phases:
+        print(
+            f"  {p['phase']:<20} {p['ms']:8.2f} ms  alloc {p['mib_before']:8.0f} -> "
+            f"{p['mib_after']:8.0f} MiB, peak inside {p['mib_peak_inside']:8.0f}"
+        )
+    print(table[:1200])
+    result = {
+        "estimator": estimator,
+        "label": label,
+        "ms": statistics.median(ms),
+        "ms_all": ms,
+        "peak_mib": peak,
+        "phases": phases,
+        "busy": busy,
+        "jvp": getattr(run.method.mpl._jvp_paths, "last_path", None),
+    }
+    # the data part of a training step alone
+    i = iter(range(1, 10**9))
+    data_ms = timed(lambda: source.batch(next(i)), dev, max(5, args.repeats // 2))
+    result["data_ms"] = statistics.median(data_ms)
+    # the engine's whole training step (data, step, schedules), no sync inside, as train runs it
+    n_adv = max(5, args.repeats)
+    for _ in range(2):
+        run.advance(source)
+    _sync(dev)
+    t0 = time.perf_counter()
+    for _ in range(n_adv):
+        run.advance(source)
+    _sync(dev)
+    result["advance_ms"] = 1000 * (time.perf_counter() - t0) / n_adv
+    print(f"  engine step (Run.advance) {result['advance_ms']:.1f} ms")
+    print(f"  data (BatchSource.batch) {result['data_ms']:.1f} ms")
+    if estimator == "exact" and args.numerics:
+        from metapl.bench import _numerics
+
+        result["numerics"] = _numerics(run, batch, dev, args.precision, print)
+    return result  # (the models are freed with this frame; main empties the cache)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--device", default="cuda", choices=("cpu", "cuda"))
+    p.add_argument("--precision", default="bf16", choices=("fp32", "bf16"))
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--model", default="wrn28_2")
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--estimators", default="first_order,exact")
+    p.add_argument(
+        "--variants",
+        default="bn_own_dtype,compile_tangent",
+        help="experiments after the estimators",
+    )
+    p.add_argument("--numerics", action="store_true", help="exact runs: cosine with float64")
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args()
+    dev = torch.device(args.device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    instrument(dev)
+    results = []
+    for estimator in args.estimators.split(","):
+        results.append(profile_estimator(args, estimator, dev, args.out))
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    if "bn_own_dtype" in args.variants.split(","):
+        from metapl.mpl import tangent_ops
+
+        kept = tangent_ops.bn_tangent
+        tangent_ops.bn_tangent = bn_tangent_own_dtype
+        results.append(profile_estimator(args, "exact", dev, args.out, "exact_bn_own_dtype"))
+        tangent_ops.bn_tangent = kept
+    if "compile_tangent" in args.variants.split(","):
+        from metapl.mpl.tangent import TangentTape
+
+        TangentTape.tangent = torch.compile(TangentTape.tangent)
+        try:
+            results.append(profile_estimator(args, "exact", dev, args.out, "exact_compile_tangent"))
+        except Exception as e:  # noqa: BLE001 (an experiment: its failure is a finding)
+            print(f"compile_tangent failed: {type(e).__name__}: {str(e)[:2000]}")
+    setup = vars(args) | {"out": str(args.out)}
+    save(args.out / "profile_step.json", {"setup": setup, "results": results})
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        main()
