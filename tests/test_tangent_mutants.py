@@ -254,9 +254,12 @@ def test_batchnorm_without_affine_parameters_is_forward_ad():
 
 
 @pytest.mark.parametrize("batch_stats", [True, False], ids=["batch", "running"])
-def test_batchnorm_tangent_of_a_bf16_input_is_computed_in_float32(batch_stats):
-    """As BatchNorm itself does: held to forward AD of ``F.batch_norm`` on the same values in
-    float64, the float32 tangent is within 1e-6 (computed in bf16 it was 4e-3 off)."""
+def test_batchnorm_tangent_of_a_bf16_input_stays_bf16_within_its_rounding(batch_stats):
+    """As autocast's BatchNorm runs: bf16 activations, float32 statistics and parameters (no
+    float32 copies of x and dx: 3 ms of the H200's tangent pass). Held to forward AD of
+    ``F.batch_norm`` on the same values in float64, the bf16 tangent is within twice the error of
+    that reference's own rounding to bf16 (measured 1.4x; statistics in bf16, or a term left out,
+    are far beyond)."""
     g = torch.Generator().manual_seed(0)
     x, dx = (torch.randn(6, 4, 3, 3, generator=g).bfloat16() for _ in range(2))
     gamma, dgamma, dbeta = 1 + 0.3 * torch.randn(4, generator=g), *torch.randn(2, 4, generator=g)
@@ -273,8 +276,9 @@ def test_batchnorm_tangent_of_a_bf16_input_is_computed_in_float32(batch_stats):
             eps=1e-5,
         )
         ref = fwad.unpack_dual(y).tangent
-    assert got.dtype == torch.float32
-    assert rel_err(got.double(), ref) <= 1e-6, rel_err(got.double(), ref)
+    assert got.dtype == torch.bfloat16
+    rounding = rel_err(ref.bfloat16().double(), ref)
+    assert rel_err(got.double(), ref) <= 2 * rounding, (rel_err(got.double(), ref), rounding)
 
 
 class RunningInstanceNorm(nn.Module):

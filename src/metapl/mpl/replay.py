@@ -45,8 +45,23 @@ def replayed_rng(state: RngState) -> Iterator[None]:
 def buffer_copies(module: nn.Module) -> dict[str, torch.Tensor]:
     """Copies of the module's buffers for ``functional_call``: a pass that runs on them leaves the
     real running statistics as they were (and never bumps the version of a tensor that an earlier
-    pass saved for its backward)."""
-    return {name: b.detach().clone() for name, b in module.named_buffers()}
+    pass saved for its backward).
+
+    One foreach clone for all of them (strides and dtypes kept): the exact step copies a WRN's 75
+    BatchNorm buffers three times a step, and 225 separate clones were ~225 kernel launches of
+    host time on a GPU whose step is bound by the host."""
+    named = [(name, b.detach()) for name, b in module.named_buffers()]
+    copies = clones([b for _, b in named])
+    return dict(zip((name for name, _ in named), copies))
+
+
+def clones(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``[t.clone() for t in tensors]`` (strides and dtypes kept), as one foreach op where torch
+    has it (a private op; fewer kernel launches: see :func:`buffer_copies`)."""
+    clone_all = getattr(torch, "_foreach_clone", None)
+    if clone_all is None or not tensors:
+        return [t.clone() for t in tensors]
+    return list(clone_all(tensors))
 
 
 def restore_buffers(module: nn.Module, saved: dict[str, torch.Tensor]) -> None:

@@ -73,6 +73,7 @@ from metapl.mpl.replay import (
     RestorePoint,
     RngState,
     buffer_copies,
+    clones,
     differentiable_attention,
     module_device,
     replayed_rng,
@@ -724,7 +725,6 @@ class MetaPseudoLabels:
                     self._average,
                 )
             self._replay_checked = True
-        theta_t = [p.detach().clone() for p in params]
         update_rng = RngState(device)
         # (tracing a new graph runs the forward: before the copies)
         tape = self._jvp_paths.tape(x_u.structure)
@@ -751,6 +751,9 @@ class MetaPseudoLabels:
             raise ConfigError(SPARSE_GRADIENTS.format("a sparse gradient from the update pass"))
         clip = clip_(grads, self.student_max_grad_norm)  # the factors are the clipped g's
         factors = update_factors(self.student_optimizer, params, grads)
+        # theta_t, for J after the step moves the parameters in place: copied only now, so that
+        # the copy is not held through the update pass's backward, where the step's memory peaks.
+        theta_t = clones([p.detach() for p in params])
         self.student_optimizer.step()
 
         # v = grad of R at theta_{t+1}; w = (dU/dg)^T v (diagonal), times clip's Jacobian.

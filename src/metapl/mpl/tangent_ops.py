@@ -297,31 +297,35 @@ def bn_tangent(x, dx, gamma, dgamma, dbeta, batch_stats, running_mean, running_v
     Both halves are BatchNorm's own fused kernels: ``native_batch_norm(x, dgamma, dbeta)`` is
     dgamma * xhat + dbeta and returns mu and rstd (one pass over x, where a ``var_mean`` over NCHW
     was 3x slower on CPU), and the dx half is BatchNorm's *backward* applied to dx (the train-mode
-    Jacobian in x is symmetric). Low-precision inputs are handled in float32, as BatchNorm does."""
+    Jacobian in x is symmetric). Low-precision activations (bf16, fp16) stay in their dtype, with
+    the parameters and statistics in float32, as autocast's BatchNorm runs them: the kernels
+    accumulate in float32 either way, and float32 copies of x and dx cost two passes over each
+    (on the H200, WRN-28-2 at 896 images in bf16: the tangent pass took 15.8 ms with the copies,
+    12.8 without, and the teacher gradient's cosine with float64 went from 0.9998 to 0.99998)."""
     if dx is None and dgamma is None and dbeta is None:
         return None
     shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
-    xf = x.float() if x.dtype in LOW_PRECISION else x
+    stat_dtype = torch.float32 if x.dtype in LOW_PRECISION else x.dtype
 
     def f(t):
-        return None if t is None else t.to(xf.dtype)
+        return None if t is None else t.to(stat_dtype)
 
     rm, rv = (None, None) if batch_stats else (f(running_mean), f(running_var))
     if dgamma is not None or batch_stats:
         affine, mean, rstd = aten.native_batch_norm(
-            xf, f(dgamma), f(dbeta), rm, rv, batch_stats, 0.0, eps
+            x, f(dgamma), f(dbeta), rm, rv, batch_stats, 0.0, eps
         )
         out = affine if dgamma is not None else None
     else:  # running statistics, no dgamma: no pass over x is needed
         # Empty (not None) saved statistics, as native_batch_norm returns in eval mode: CUDA's
         # backward asserts they are defined (and reads the running statistics when empty).
-        out, mean, rstd = None, xf.new_empty(0), xf.new_empty(0)
+        out, mean, rstd = None, x.new_empty(0, dtype=stat_dtype), x.new_empty(0, dtype=stat_dtype)
     if dgamma is None and dbeta is not None:
         out = f(dbeta).reshape(shape)
     if dx is not None:
         mask = [True, False, False]
         d_in = aten.native_batch_norm_backward(
-            dx.to(xf.dtype), xf, f(gamma), rm, rv, mean, rstd, batch_stats, eps, mask
+            dx.to(x.dtype), x, f(gamma), rm, rv, mean, rstd, batch_stats, eps, mask
         )[0]
         out = plus(out, d_in)
     return out
