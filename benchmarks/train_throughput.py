@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from machine import save  # noqa: E402
 
 from metapl.bench import synthetic_cifar_split  # noqa: E402
+from metapl.train.batches_ahead import batches_for  # noqa: E402
 from metapl.train.config import apply_overrides, parse_set_options  # noqa: E402
 from metapl.train.data import BatchSource  # noqa: E402
 from metapl.train.engine import resolve_device  # noqa: E402
@@ -42,7 +43,8 @@ def measure(preset: str, device: str, precision: str, steps: int, warmup: int, s
     split = synthetic_cifar_split(max(4 * n_unlabeled, 1024), np.random.RandomState(0))
     run = Run(cfg, split, dev)
     compiled = run.compile_models() if cfg.compile else []  # --set compile=true, as train does
-    source = BatchSource(split, cfg, run.method.views, dev)
+    # as `metapl train` draws them: on a GPU, made a step ahead on a background thread
+    source = batches_for(BatchSource(split, cfg, run.method.views, dev), dev, run.total_steps - 1)
     for _ in range(warmup):
         run.advance(source)
     if dev.type == "cuda":
@@ -54,6 +56,7 @@ def measure(preset: str, device: str, precision: str, steps: int, warmup: int, s
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     seconds = time.perf_counter() - start
+    source.close()
     losses = {k: float(v) for k, v in metrics.items() if "loss" in k and torch.is_tensor(v)}
     return {
         "preset": preset,

@@ -195,6 +195,7 @@ def run_bench(
     progress: Callable[[str], None] = print,
     show_progress: bool = True,
 ) -> dict:
+    from metapl.train.batches_ahead import batches_for
     from metapl.train.config import TrainConfig, apply_overrides
     from metapl.train.data import BatchSource
     from metapl.train.engine import resolve_device
@@ -272,9 +273,13 @@ def run_bench(
     bench("exact_mpl_step_forward_ad", config("uda_mpl", mpl_jvp="forward_ad"), jvp="forward_ad")
     # 5. the same exact UDA+MPL step with the teacher's MPL gradient by double backward
     bench("double_backward_mpl_step", config("uda_mpl", mpl_estimator="double_backward"))
-    # 6. a whole training step: per-image RandAugment + data loading + the exact UDA+MPL step
+    # 6. a whole training step as `metapl train` takes it: per-image RandAugment + data loading +
+    # the exact UDA+MPL step; on a GPU the next step's batch is made on a background thread
+    batches = batches_for(source, dev, last_step=10**9)
     step = iter(range(1, 10**9))
-    add("train_step_exact_uda_mpl", lambda: exact_run.method.step(source.batch(next(step))), {})
+    add("train_step_exact_uda_mpl", lambda: exact_run.method.step(batches.batch(next(step))), {})
+    if batches is not source:
+        batches.close()
 
     assert len(benches) == kinds, "update `kinds` (the progress bar's length)"
     # add() stored each kind's timing on the GPU, the function to time on the CPU

@@ -33,6 +33,7 @@ from metapl.progress import progress_bar
 from metapl.rank_failure import on_rank_0
 from metapl.reduced.precompute import Ranks
 from metapl.report import check_replaceable, output_folder, write_json_atomic
+from metapl.train.batches_ahead import batches_for
 from metapl.train.checkpoint import (
     FORMAT_VERSION,
     check_resumable,
@@ -482,6 +483,8 @@ def _train(
     source = BatchSource(  # bad augmentation options fail here, before any write too
         split, cfg, run.method.views, device, teacher_probs, shard=(dp.rank, dp.world_size)
     )
+    # On a GPU, the next step's batch is made on a background thread while this one trains.
+    batches = batches_for(source, device, last_step=run.total_steps - 1)
     if not opened:
         _open_run_folder(out_dir, dp, note)
     # here and below: the other ranks write nothing
@@ -510,7 +513,7 @@ def _train(
     on_rank_0(dp, open_log, _BEFORE_THE_FIRST_STEP)
     with (
         log_of_rank_0[0] if log_of_rank_0 else _NoMetrics() as logger,
-        contextlib.closing(source),  # the next step's images, if decoding, are dropped at the end
+        contextlib.closing(batches),  # the next step's batch or images are dropped at the end
     ):
         # SIGTERM, SIGUSR1 from here: a checkpoint of the step, then stop (metapl.train.stopping)
         signals.raising = None
@@ -524,7 +527,7 @@ def _train(
         )
         watch = NonFiniteWatch(run.step)  # every step's losses, read at the checks below
         while run.step < run.total_steps:
-            metrics = run.advance(source)
+            metrics = run.advance(batches)
             watch.observe(metrics)
             bar.update()
             last = run.step == run.total_steps

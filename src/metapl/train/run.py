@@ -14,6 +14,7 @@ from metapl.methods.build import autocast_dtype, build_method
 from metapl.methods.supervised import SupervisedMethod
 from metapl.models import param_groups_for_weight_decay
 from metapl.sync_batchnorm import convert_global_batchnorm
+from metapl.train.batches_ahead import BatchesAhead
 from metapl.train.checkpoint import FORMAT_VERSION, capture_rng, restore_rng
 from metapl.train.config import TrainConfig
 from metapl.train.data import BatchSource, stream_seed
@@ -97,7 +98,7 @@ class Run:
     def total_steps(self) -> int:
         return self.cfg.steps + self.cfg.finetune_steps
 
-    def advance(self, batch_source: BatchSource) -> dict:
+    def advance(self, batch_source: BatchSource | BatchesAhead) -> dict:
         """One step of the current phase (MPL or baseline, then fine-tuning)."""
         # Dropout and sampling; with several processes each draws its own (independent masks for
         # the slices, as under DistributedDataParallel).
