@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Everything the open issues ask of a GPU, in one command. A session is lent 15 minutes of device
 # time in all (the machine's start, 1-2 minutes, included) and one command may run 10 minutes, so
-# this is ONE call of at most ~9.5 minutes: every step has its own time limit (the sum is 570 s) and
-# the steps run in the order of what matters most, so a step that hangs or fails costs its own
-# limit and nothing after it. Run from the repository root on the GPU machine; results land in
+# this is ONE call: every step has its own time limit (the sum is 660 s, the steps usually take
+# about 60% of theirs) and the steps run in the order of what matters most, so a step that hangs or
+# fails costs its own limit and nothing after it, and a call given less time (the device tool's
+# timeout_s) loses the last steps first: what they wrote before is kept. Run from the repository root on the GPU machine; results land in
 # $OUT (the device tool brings them back) or in the folder given:
 #
 #   bash benchmarks/gpu_session.sh [RESULTS_DIR]          # default: $OUT, else benchmarks/results/gpu
@@ -21,11 +22,14 @@
 #      steady training steps on CUDA under torch's sync debug mode (no synchronizing call), and
 #      the batch's copies to the GPU from pinned memory
 #   3. issue 3 item 10: 300 real UDA+MPL training steps at Table 3's batch sizes (steps/s, memory)
-#   4. issue 5: `metapl bench` in fp32 (TF32 policy, numerics)
-#   5. benchmarks/goals.py: issue 5's bars against the bench files, met or not
-#   6. issue 5 item 4: torchrun on the GPU, one process, 20 digits UDA+MPL steps (with one process
+#   4. issue 5 item 4: torchrun on the GPU, one process, 20 digits UDA+MPL steps (with one process
 #      no process group forms: NCCL itself needs a machine with 2 or more GPUs)
-#   7. issue 5's torch.compile lever: step 3 again, 100 steps, with --set compile=true (the teacher
+#   5. issue 5: benchmarks/profile_step.py: where the first-order and exact steps' time and memory
+#      go (per phase, top kernels, the engine's step with and without the batch made ahead, what
+#      holds device memory between steps)
+#   6. benchmarks/goals.py: issue 5's bars against the bench files, met or not
+#   7. issue 5: `metapl bench` in fp32 (TF32 policy, numerics)
+#   8. issue 5's torch.compile lever: step 3 again, 100 steps, with --set compile=true (the teacher
 #      compiled; the exact step's student cannot be); the first 10 steps, compiling, are not timed
 #
 # SMOKE=1 checks the script itself on a CPU in a few minutes (tiny batches, few steps);
@@ -33,11 +37,12 @@
 set -uo pipefail
 results=${1:-${OUT:-benchmarks/results/gpu}}
 mkdir -p "$results"
-dev=cuda bench_size=() train_size=() steps=300 gpu=h200
+dev=cuda bench_size=() train_size=() profile_size=() steps=300 gpu=h200
 preflight=(--precision bf16 --batch-size 8)
 if [ "${SMOKE:-0}" = 1 ]; then
   dev=cpu bench_size=(--batch-size 2 --repeats 2 --model small_cnn) steps=2 gpu=smoke
   train_size=(--set batch_size=2 --set model=small_cnn)
+  profile_size=(--precision fp32 --batch-size 2 --model small_cnn --repeats 2)
   # a CPU without bf16 instructions emulates bf16 (4 min for this step in session 19, where the
   # bf16 bench below still runs bf16 at batch 2 in its longer limit)
   preflight=(--precision fp32 --batch-size 2)
@@ -73,14 +78,16 @@ step oracle 100 env METAPL_TEST_DEVICE=$dev python3 -m pytest -q -p no:cacheprov
 step train_throughput 90 python3 benchmarks/train_throughput.py --device $dev --precision bf16 \
   --steps $steps --warmup $((steps < 20 ? 1 : 20)) --json "$results/train_throughput_${gpu}_bf16.json" \
   "${train_size[@]}"
-step bench_fp32 90 python3 -m metapl bench --quiet --device $dev --precision fp32 \
-  "${bench_size[@]}" --json "$results/bench_${gpu}_fp32.json"
-step goals 10 python3 benchmarks/goals.py "$results"  # issue 5's bars, met or not, into session.log
 rm -rf /tmp/metapl_torchrun_run  # a fresh run, not a resumed one
 step torchrun 40 python3 -m torch.distributed.run --nproc_per_node 1 -m metapl train \
   --preset digits-uda-mpl --device $dev --steps 20 --set warmup_steps=5 --set eval_every=10 \
   --set finetune_steps=0 --out /tmp/metapl_torchrun_run \
   --quiet
+step profile 90 python3 benchmarks/profile_step.py --device $dev --precision bf16 \
+  --variants none --memory-origins --out "$results" "${profile_size[@]}"
+step goals 10 python3 benchmarks/goals.py "$results"  # issue 5's bars, met or not, into session.log
+step bench_fp32 90 python3 -m metapl bench --quiet --device $dev --precision fp32 \
+  "${bench_size[@]}" --json "$results/bench_${gpu}_fp32.json"
 step train_throughput_compile 80 python3 benchmarks/train_throughput.py --device $dev \
   --precision bf16 --steps $((steps < 20 ? steps : 100)) --warmup $((steps < 20 ? 1 : 10)) \
   --json "$results/train_throughput_${gpu}_bf16_compile.json" "${train_size[@]}" --set compile=true

@@ -34,6 +34,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 sys.path.insert(0, str(Path(__file__).parent))
 from machine import save  # noqa: E402
 
+from metapl.atomic import write_text_atomically  # noqa: E402
 from metapl.bench import synthetic_cifar_split  # noqa: E402
 from metapl.mpl.jvp import JvpPaths  # noqa: E402
 from metapl.mpl.step import MetaPseudoLabels  # noqa: E402
@@ -220,7 +221,7 @@ def profile_estimator(args, estimator: str, dev: torch.device, out: Path, label:
     sort = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=sort, row_limit=45, max_name_column_width=60)
     by_host = prof.key_averages().table(sort_by="cpu_time_total", row_limit=30)
-    (out / f"profile_{label}.txt").write_text(f"{table}\n\nby host time:\n{by_host}")
+    write_text_atomically(out / f"profile_{label}.txt", f"{table}\n\nby host time:\n{by_host}")
     busy = busy_fraction(prof, wall, n_prof) if dev.type == "cuda" else None
     print(f"\n== {label}: median {statistics.median(ms):.1f} ms, peak {peak} MiB, busy {busy}")
     for p in phases:
@@ -269,6 +270,41 @@ def profile_estimator(args, estimator: str, dev: torch.device, out: Path, label:
     return result  # (the models are freed with this frame; main empties the cache)
 
 
+def memory_origins(args, estimator: str, dev: torch.device) -> list[dict]:
+    """The device memory held *between* steps (after a few), block by block, with the code that
+    allocated each block (torch's memory history): what an estimator keeps beyond the models,
+    their optimizers' state and the batch."""
+    torch.cuda.memory._record_memory_history(stacks="python", max_entries=200_000)
+    try:
+        run, source = build(args, estimator, dev)
+        batch = source.batch(0)
+        for _ in range(3):
+            run.method.step(batch)
+        _sync(dev)
+        snapshot = torch.cuda.memory._snapshot()
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    held: dict[tuple, dict] = {}
+    for segment in snapshot["segments"]:
+        for block in segment["blocks"]:
+            if block["state"] != "active_allocated" or block["size"] < 2**20:
+                continue
+            frames = [
+                f"{f['filename'].rsplit('/', 2)[-1]}:{f['line']} {f['name']}"
+                for f in block.get("frames", [])
+                if f["filename"].endswith(".py")
+            ][:4]
+            key = tuple(frames)
+            entry = held.setdefault(key, {"frames": frames, "blocks": 0, "mib": 0.0})
+            entry["blocks"] += 1
+            entry["mib"] += _mib(block["size"])
+    rows = sorted(held.values(), key=lambda e: -e["mib"])
+    print(f"\n== {estimator}: device memory held between steps, blocks of 1 MiB or more")
+    for e in rows[:15]:
+        print(f"  {e['mib']:8.1f} MiB in {e['blocks']:3d} blocks: {' <- '.join(e['frames'])}")
+    return rows[:30]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--device", default="cuda", choices=("cpu", "cuda"))
@@ -284,6 +320,9 @@ def main() -> None:
         help="experiments after the estimators",
     )
     p.add_argument("--numerics", action="store_true", help="exact runs: cosine with float64")
+    p.add_argument(
+        "--memory-origins", action="store_true", help="CUDA: what holds memory between steps"
+    )
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     dev = torch.device(args.device)
@@ -309,8 +348,11 @@ def main() -> None:
             results.append(profile_estimator(args, "exact", dev, args.out, "exact_compile_tangent"))
         except Exception as e:  # noqa: BLE001 (an experiment: its failure is a finding)
             print(f"compile_tangent failed: {type(e).__name__}: {str(e)[:2000]}")
+    held = {}
+    if dev.type == "cuda" and args.memory_origins:
+        held = {e: memory_origins(args, e, dev) for e in args.estimators.split(",")}
     setup = vars(args) | {"out": str(args.out)}
-    save(args.out / "profile_step.json", {"setup": setup, "results": results})
+    save(args.out / "profile_step.json", {"setup": setup, "results": results, "held": held})
 
 
 if __name__ == "__main__":
