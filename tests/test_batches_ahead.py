@@ -17,6 +17,10 @@ from metapl.train.batches_ahead import BatchesAhead, batches_for
 
 
 def _digits_source():
+    return _digits_source_on("cpu")
+
+
+def _digits_source_on(device: str):
     from metapl.data.digits import digits_split
     from metapl.train.config import apply_overrides
     from metapl.train.data import BatchSource
@@ -24,7 +28,7 @@ def _digits_source():
 
     cfg = apply_overrides(load_preset("digits-uda-mpl"), {"batch_size": 6, "unlabeled_ratio": 3})
     views = ("labeled_strong", "unlabeled_weak", "unlabeled_strong")
-    return lambda: BatchSource(digits_split(0, 5), cfg, views, torch.device("cpu"))
+    return lambda: BatchSource(digits_split(0, 5), cfg, views, torch.device(device))
 
 
 def _assert_same(a: Batch, b: Batch) -> None:
@@ -138,3 +142,19 @@ def test_metapl_train_with_batches_made_ahead_trains_exactly_as_without(tmp_path
     assert made_ahead == [4]  # 3 steps + 2 of fine-tuning: the last is step 4
     for key, value in weights["source"].items():
         assert torch.equal(weights["ahead"][key], value), key
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the worker's own CUDA stream")
+def test_on_a_gpu_the_batches_made_on_the_workers_stream_are_the_sources():
+    make = _digits_source_on("cuda")
+    ahead = BatchesAhead(make(), "cuda", last_step=9)
+    reference = make()
+    try:
+        for step in range(3):
+            got = ahead.batch(step)
+            # the step's stream reads it: its values once the worker's kernels are done
+            doubled = got.x_unlabeled_strong * 2
+            _assert_same(got, reference.batch(step))
+            assert torch.equal(doubled, reference.batch(step).x_unlabeled_strong * 2)
+    finally:
+        ahead.close()

@@ -176,12 +176,19 @@ def test_a_training_step_reads_nothing_of_the_device_on_the_host(preset, overrid
     not torch.cuda.is_available(), reason="a GPU's own check (torch's sync debug mode)"
 )
 @pytest.mark.parametrize("overrides", [{}, {"mpl_estimator": "first_order", "ema_decay": 0.99}])
-def test_on_a_gpu_steady_training_steps_make_no_synchronizing_call(overrides):
+@pytest.mark.parametrize("ahead", [False, True], ids=["in_the_loop", "batches_ahead"])
+def test_on_a_gpu_steady_training_steps_make_no_synchronizing_call(overrides, ahead):
     """On CUDA, torch itself reports each synchronizing call (``set_sync_debug_mode``); the
-    copies of the batch and of the augmentation's draws (metapl.transfer) are not among them."""
+    copies of the batch and of the augmentation's draws (metapl.transfer) are not among them,
+    nor the hand-over of a batch made on BatchesAhead's thread and stream (as `metapl train`
+    draws them on a GPU)."""
     import warnings
 
+    from metapl.train.batches_ahead import BatchesAhead
+
     _, run, source = _short_run("digits-uda-mpl", overrides, torch.device("cuda"))
+    if ahead:
+        source = BatchesAhead(source, "cuda", last_step=10**6)
     watch = NonFiniteWatch(0)  # the engine's NaN/Inf check of every step's losses
     for _ in range(3):
         watch.observe(run.advance(source))
@@ -201,3 +208,4 @@ def test_on_a_gpu_steady_training_steps_make_no_synchronizing_call(overrides):
         if "synchron" in str(w.message) and "is a prototype feature" not in str(w.message)
     ]
     assert not syncs, "\n".join(syncs)
+    source.close()

@@ -298,13 +298,11 @@ class TangentRules:
         return rule, ([x_node] if x else []) + ([node] if y else [])
 
     def _leaky(self, node: fx.Node, x: fx.Node, slope: float):
-        if slope > 0:  # the output has the input's sign: read it (the next conv keeps it anyway)
-            return self._unary_rule(
-                node,
-                x,
-                lambda dx, xv, yv: ops.aten.leaky_relu_backward(dx, yv, slope, True),
-                y=True,
-            )
+        """Reads the input, as autograd's own backward of leaky_relu does: autograd keeps it until
+        the update pass's backward, where the step's memory peaks, so the tape's reference costs
+        nothing there. Reading the output instead kept one more activation wherever no
+        convolution saves it (WRN's last leaky_relu, before the pooling: 14 MiB at Table 3's
+        batch in bf16, which put the exact step's peak above the first-order step's)."""
         return self._unary_rule(
             node, x, lambda dx, xv, yv: ops.aten.leaky_relu_backward(dx, xv, slope, False), x=True
         )
