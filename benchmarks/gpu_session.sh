@@ -29,8 +29,11 @@
 #      holds device memory between steps)
 #   6. benchmarks/goals.py: issue 5's bars against the bench files, met or not
 #   7. issue 5: `metapl bench` in fp32 (TF32 policy, numerics)
-#   8. issue 5's torch.compile lever: step 3 again, 100 steps, with --set compile=true (the teacher
-#      compiled; the exact step's student cannot be); the first 10 steps, compiling, are not timed
+#   8. issue 5's torch.compile and CUDA-graph levers: step 3 again, 100 steps, with --set
+#      compile=true in torch.compile's reduce-overhead mode (CUDA graphs; the teacher compiled,
+#      the exact step's student cannot be); the first 10 steps, compiling, are not timed
+#
+# SKIP="NAME ..." leaves those steps out (a session with less device time left).
 #
 # SMOKE=1 checks the script itself on a CPU in a few minutes (tiny batches, few steps);
 # its numbers mean nothing.
@@ -52,6 +55,7 @@ status=0
 # At most 8 files come back from a device call: one log (session.log) and the JSON results.
 step() {  # NAME SECONDS COMMAND...: run under a time limit, append to session.log, go on
   local name=$1 limit=$2; shift 2
+  case " ${SKIP:-} " in *" $name "*) echo "== $name: skipped (SKIP)" | tee -a "$results/session.log"; return;; esac
   echo "== $name (limit ${limit} s): $*" | tee -a "$results/session.log"
   local t0=$SECONDS
   timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$results/session.log"
@@ -74,7 +78,7 @@ step bench_bf16 120 python3 -m metapl bench --quiet --device $dev --precision bf
 step oracle 100 env METAPL_TEST_DEVICE=$dev python3 -m pytest -q -p no:cacheprovider \
   tests/test_exact_gradient.py tests/test_double_backward_step.py tests/test_sync_batchnorm.py \
   tests/test_multi_input.py tests/test_step_late_errors.py tests/test_attention_student.py \
-  tests/test_host_syncs.py tests/test_transfer.py
+  tests/test_host_syncs.py tests/test_transfer.py tests/test_batches_ahead.py
 step train_throughput 90 python3 benchmarks/train_throughput.py --device $dev --precision bf16 \
   --steps $steps --warmup $((steps < 20 ? 1 : 20)) --json "$results/train_throughput_${gpu}_bf16.json" \
   "${train_size[@]}"
@@ -90,5 +94,6 @@ step bench_fp32 90 python3 -m metapl bench --quiet --device $dev --precision fp3
   "${bench_size[@]}" --json "$results/bench_${gpu}_fp32.json"
 step train_throughput_compile 80 python3 benchmarks/train_throughput.py --device $dev \
   --precision bf16 --steps $((steps < 20 ? steps : 100)) --warmup $((steps < 20 ? 1 : 10)) \
-  --json "$results/train_throughput_${gpu}_bf16_compile.json" "${train_size[@]}" --set compile=true
+  --json "$results/train_throughput_${gpu}_bf16_compile.json" "${train_size[@]}" --set compile=true \
+  --compile-mode reduce-overhead
 exit $status
