@@ -42,11 +42,11 @@ comparison of the backward is what catches that.
 fx records ``x += y`` as an out-of-place add: equal to the module unless another reference to x's
 old value is read later (then the first-use comparison sees the difference).
 
-Memory: the saved primals are tensors autograd keeps for the update pass's backward anyway (each
-rule reads what autograd's own backward of that operation saves: leaky_relu's input, not its
-output; a test holds the registry's models to it), so the tape adds nothing to the step's peak,
-in that backward. They live on until the tangent pass (through the labeled pass that computes v),
-and the tangent pass frees each one after its last reader.
+Memory: the saved primals are tensors autograd keeps for the update pass's backward anyway (a test
+holds the registry's models to it), and where a rule may read either of two (leaky_relu's input or
+output), it reads the one another rule keeps (the output, where a convolution reads it). They live
+on until the tangent pass (through the labeled pass that computes v), and the tangent pass frees
+each one after its last reader.
 """
 
 from __future__ import annotations
