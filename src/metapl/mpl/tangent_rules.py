@@ -322,7 +322,7 @@ class TangentRules:
             if user.op == "call_module" and user.args and user.args[0] is node:
                 m = self._modules[user.target]
                 if isinstance(m, (*ops.CONV_MODULES, nn.Linear)):
-                    if id(m.weight) in self._trainable_ids:
+                    if id(cast(nn.Linear, m).weight) in self._trainable_ids:
                         return True
             if user.op == "call_function" and user.target in (*ops.CONV_FUNCTIONS, F.linear):
                 a = ops.bind(
