@@ -95,5 +95,5 @@ step bench_fp32 90 python3 -m metapl bench --quiet --device $dev --precision fp3
 step train_throughput_compile 80 python3 benchmarks/train_throughput.py --device $dev \
   --precision bf16 --steps $((steps < 20 ? steps : 100)) --warmup $((steps < 20 ? 1 : 10)) \
   --json "$results/train_throughput_${gpu}_bf16_compile.json" "${train_size[@]}" --set compile=true \
-  --compile-mode reduce-overhead
+  --set compile_mode=reduce-overhead
 exit $status

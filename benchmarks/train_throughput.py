@@ -34,15 +34,7 @@ from metapl.train.presets import load_preset  # noqa: E402
 from metapl.train.run import Run  # noqa: E402
 
 
-def measure(
-    preset: str,
-    device: str,
-    precision: str,
-    steps: int,
-    warmup: int,
-    sets: list[str],
-    compile_mode: str | None = None,
-):
+def measure(preset: str, device: str, precision: str, steps: int, warmup: int, sets: list[str]):
     dev = resolve_device(device)
     overrides = {"device": dev.type, "precision": precision, **parse_set_options(sets)}
     cfg = apply_overrides(load_preset(preset), overrides).validate()
@@ -50,8 +42,7 @@ def measure(
     n_unlabeled = cfg.batch_size * cfg.unlabeled_ratio
     split = synthetic_cifar_split(max(4 * n_unlabeled, 1024), np.random.RandomState(0))
     run = Run(cfg, split, dev)
-    # --set compile=true, as train does (--compile-mode: another torch.compile mode, to try it)
-    compiled = run.compile_models(compile_mode) if cfg.compile else []
+    compiled = run.compile_models() if cfg.compile else []  # --set compile=true, as train does
     # as `metapl train` draws them: on a GPU, made a step ahead on a background thread
     source = batches_for(BatchSource(split, cfg, run.method.views, dev), dev, run.total_steps - 1)
     for _ in range(warmup):
@@ -74,7 +65,7 @@ def measure(
         "estimator": cfg.mpl_estimator,
         "precision": precision,
         "compiled": compiled,  # the models torch.compile'd (--set compile=true)
-        "compile_mode": compile_mode,
+        "compile_mode": cfg.compile_mode if cfg.compile else None,
         "batch_labeled": cfg.batch_size,
         "batch_unlabeled": n_unlabeled,
         "steps_timed": steps,
@@ -96,20 +87,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=20, help="untimed steps first (default 20)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--json", type=Path, help="write {machine, results: [...]} here")
-    p.add_argument(
-        "--compile-mode",
-        help="with --set compile=true: torch.compile's mode (e.g. reduce-overhead: CUDA graphs)",
-    )
     args = p.parse_args()
-    row = measure(
-        args.preset,
-        args.device,
-        args.precision,
-        args.steps,
-        args.warmup,
-        args.set,
-        args.compile_mode,
-    )
+    row = measure(args.preset, args.device, args.precision, args.steps, args.warmup, args.set)
     print(json.dumps(row, indent=1))
     if args.json:
         save(args.json, {"results": [row]}, sort_keys=True)

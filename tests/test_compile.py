@@ -145,3 +145,39 @@ def test_a_compiled_student_resumes_exactly(tmp_path, monkeypatch):
     whole, resumed = _weights(tmp_path / "whole"), _weights(tmp_path / "resumed")
     for name, value in whole.items():
         torch.testing.assert_close(resumed[name], value, rtol=0, atol=0, msg=name)
+
+
+def test_compile_mode_reaches_torch_compile(monkeypatch):
+    """compile_mode=reduce-overhead (CUDA graphs: the H200's training step 73.5 -> 65.0 ms) is
+    torch.compile's mode for every model compiled; the default is torch's default."""
+    modes: list[tuple[str, object]] = []
+
+    def record(self, *args, **kwargs):
+        modes.append((type(self).__name__, kwargs.get("mode")))
+
+    monkeypatch.setattr(torch.nn.Module, "compile", record)
+    for mode in ("default", "reduce-overhead"):
+        modes.clear()
+        cfg = apply_overrides(
+            _digits_config(),
+            {"method": "uda_mpl", "mpl_estimator": "first_order", "compile_mode": mode},
+        )
+        run = Run(cfg, load_data(cfg), torch.device("cpu"), DataParallel())
+        assert run.compile_models() == ["teacher", "student"]
+        assert [m for _, m in modes] == [mode, mode]
+
+
+@pytest.mark.parametrize(
+    "sets, message",
+    [
+        (["compile_mode=reduce-overhead"], "compile_mode applies only with compile=true"),
+        (["compile=true", "compile_mode=fast"], "compile_mode must be one of default, reduce-"),
+    ],
+)
+def test_a_compile_mode_without_compile_or_unknown_is_one_line(tmp_path, capsys, sets, message):
+    args = ["train", "--preset", "digits-uda-mpl", "--out", str(tmp_path / "r"), "--steps", "2"]
+    for s in sets:
+        args += ["--set", s]
+    assert main(args) == 2
+    assert message in one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "r").exists()

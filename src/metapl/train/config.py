@@ -32,6 +32,8 @@ METHODS = (
 # Methods that learn from a large teacher's precomputed distributions (Section 4.2, Table 2).
 LARGE_TEACHER_METHODS = ("noisy_student", "reduced_mpl")
 OPTIMIZERS = ("sgd", "rmsprop", "adam")
+# torch.compile's modes (compile_mode, with compile=true)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 _DEFAULT_LABELS_PER_CLASS = 5
 MPL_METHODS = tuple(m for m in METHODS if m.endswith("_mpl"))
 UDA_METHODS = ("uda", "uda_mpl")
@@ -226,6 +228,11 @@ class TrainConfig:
     # minute or more at the first steps, changes float summation order and dropout's random
     # stream, and on a 2-core CPU made the digits CNN's step no faster (docs/results.md)
     compile: bool = False
+    # torch.compile's mode with compile=true: "reduce-overhead" adds CUDA graphs on a GPU, where a
+    # step is bound by the host's kernel launches (the H200's UDA+MPL training step: 73.5 ms
+    # uncompiled, 85.1 compiled in the default mode, 65.0 in reduce-overhead mode, the teacher
+    # compiled; docs/results.md); on a CPU the modes compile alike
+    compile_mode: str = "default"
 
     # -- where the preset came from (informational: load_preset sets it, --set refuses it)
     preset: str | None = field(default=None)
@@ -241,6 +248,10 @@ class TrainConfig:
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"precision must be fp32 or bf16, got {self.precision!r}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ConfigError(
+                f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}"
+            )
         for name in ("student_optimizer", "teacher_optimizer"):
             if getattr(self, name) not in OPTIMIZERS:
                 raise ConfigError(
@@ -398,6 +409,8 @@ class TrainConfig:
             )
         if key == "finetune_lr" and self.finetune_steps == 0:
             return "finetune_lr applies only with finetune_steps > 0: set finetune_steps too"
+        if key == "compile_mode" and not self.compile:
+            return "compile_mode applies only with compile=true: set compile=true too"
         if key == "momentum" and not self.sgd_optimizers:
             return (
                 "momentum applies to the sgd optimizers only (student_optimizer, the +MPL "

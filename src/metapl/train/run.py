@@ -69,12 +69,11 @@ class Run:
         self.figure10: dict[str, list] = {}  # ReducedMPL: quarter -> teacher distributions
         self.step = 0
 
-    def compile_models(self, mode: str | None = None) -> list[str]:
+    def compile_models(self) -> list[str]:
         """``torch.compile`` the models whose step allows it (``compile=true``), in place
         (``Module.compile``: the state dict keeps its names, so checkpoints, ``predict`` and
-        ``export`` are unchanged); the names compiled. The EMA copy, made uncompiled, stays so.
-        ``mode``: torch.compile's (benchmarks/train_throughput.py tries "reduce-overhead", CUDA
-        graphs, on a GPU); None is its default."""
+        ``export`` are unchanged), in ``compile_mode``; the names compiled. The EMA copy, made
+        uncompiled, stays so."""
         # A fresh compiler state, as in a new process (metapl digits' and tune's runs share one):
         # after another run's shapes, torch compiles shape-generic kernels, which may round
         # differently, so a run's numbers would depend on what ran before it in its process.
@@ -93,7 +92,7 @@ class Run:
             # shapes a model's second batch shape (a first_order student sees two a step)
             # recompiled a shape-generic graph that later steps used for both, while a resumed
             # run's first step used the static one again, so it did not resume exactly.
-            self.method.models[name].compile(dynamic=False, mode=mode)
+            self.method.models[name].compile(dynamic=False, mode=self.cfg.compile_mode)
         return names
 
     @property
