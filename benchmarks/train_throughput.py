@@ -44,7 +44,8 @@ def measure(preset: str, device: str, precision: str, steps: int, warmup: int, s
     run = Run(cfg, split, dev)
     compiled = run.compile_models() if cfg.compile else []  # --set compile=true, as train does
     # as `metapl train` draws them: on a GPU, made a step ahead on a background thread
-    source = batches_for(BatchSource(split, cfg, run.method.views, dev), dev, run.total_steps - 1)
+    source = BatchSource(split, cfg, run.method.views, dev)
+    source = batches_for(source, dev, run.total_steps - 1, run.views_at)
     for _ in range(warmup):
         run.advance(source)
     if dev.type == "cuda":

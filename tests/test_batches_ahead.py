@@ -5,6 +5,7 @@ engine uses it on GPUs only (batches_for)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 
@@ -107,6 +108,23 @@ def test_the_cpu_draws_from_the_source_itself():
     assert batches_for(source, "cpu", last_step=3) is source  # type: ignore[arg-type]
 
 
+class _Counted:
+    """A BatchSource that records the (step, views) of every batch it makes."""
+
+    made: list = []
+
+    def __init__(self, source):
+        self.source = source
+        _Counted.made = []
+
+    def batch(self, step, views=None):
+        _Counted.made.append((step, views))
+        return self.source.batch(step, views)
+
+    def close(self):
+        self.source.close()
+
+
 def test_metapl_train_with_batches_made_ahead_trains_exactly_as_without(tmp_path, monkeypatch):
     """The engine's loop with BatchesAhead (as on a GPU, here forced on the CPU), through
     fine-tuning's switch of views: the same weights as drawing from the source itself."""
@@ -128,9 +146,9 @@ def test_metapl_train_with_batches_made_ahead_trains_exactly_as_without(tmp_path
         args += ["--set", f"{key}={value}"]
     made_ahead: list[int] = []
 
-    def ahead(source, device, last_step):
+    def ahead(source, device, last_step, views_at):
         made_ahead.append(last_step)
-        return BatchesAhead(source, device, last_step)
+        return BatchesAhead(_Counted(source), device, last_step, views_at)
 
     weights = {}
     for name in ("source", "ahead"):
@@ -140,6 +158,8 @@ def test_metapl_train_with_batches_made_ahead_trains_exactly_as_without(tmp_path
         assert main(["train", "--preset", "digits-uda-mpl", "--out", str(out), *args]) == 0
         weights[name] = load_checkpoint(out / "checkpoint.pt")["student"]
     assert made_ahead == [4]  # 3 steps + 2 of fine-tuning: the last is step 4
+    # each batch made once: step 3's with fine-tuning's views, none dropped at the switch
+    assert _Counted.made == [(0, None), (1, None), (2, None), (3, ()), (4, ())]
     for key, value in weights["source"].items():
         assert torch.equal(weights["ahead"][key], value), key
 
@@ -158,3 +178,50 @@ def test_on_a_gpu_the_batches_made_on_the_workers_stream_are_the_sources():
             assert torch.equal(doubled, reference.batch(step).x_unlabeled_strong * 2)
     finally:
         ahead.close()
+
+
+def test_the_views_of_the_next_step_are_asked_for_not_guessed():
+    """At the switch to fine-tuning (views_at), the batch made ahead has fine-tuning's views: none
+    is made for nothing (with ImageNet's files, a whole unlabeled batch decoded in vain)."""
+    source = _Recording()
+    ahead = BatchesAhead(
+        source,  # type: ignore[arg-type]
+        "cpu",
+        last_step=3,
+        views_at=lambda step: None if step < 2 else (),
+    )
+    got = [ahead.batch(s, None if s < 2 else ()).step for s in range(4)]
+    ahead.close()
+    assert got == [0, 1, 2, 3]
+    assert source.made == [(0, None), (1, None), (2, ()), (3, ())]
+
+
+def test_on_a_gpu_the_worker_makes_the_ranks_device_its_own(monkeypatch):
+    """Under torchrun rank r's batches are made on cuda:r. A new thread's current device is
+    cuda:0, and leaving the worker's stream context made it current there: a CUDA context on GPU 0
+    for every rank. The worker sets its device first (CUDA replaced by stand-ins here)."""
+    set_on: list[tuple[int, object]] = []
+
+    class Stream:
+        def __init__(self, device=None):
+            self.device = torch.device(device)
+
+        def wait_event(self, event):
+            pass
+
+    class Event:
+        def record(self, stream=None):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream(device))
+    monkeypatch.setattr(
+        torch.cuda, "set_device", lambda d: set_on.append((threading.get_ident(), d))
+    )
+    source = _Recording()
+    ahead = BatchesAhead(source, "cuda:1", last_step=1)  # type: ignore[arg-type]
+    assert ahead.batch(0).step == 0 and ahead.batch(1).step == 1
+    ahead.close()
+    assert set_on == [(next(iter(source.threads)), torch.device("cuda:1"))]

@@ -6,8 +6,9 @@
   in reflect mode and with a non-zero fill value (the tangent of a constant fill is 0), a constant
   minus a tangent, BatchNorm without running statistics in eval mode (batch statistics), a
   tensor attribute with a tangent (``.mT``), and BatchNorm without gamma and beta in train mode;
-- BatchNorm's tangent of a bf16 input, computed in float32 as BatchNorm computes (held to forward
-  AD of ``F.batch_norm`` in float64);
+- BatchNorm's tangent of a bf16 input, in bf16 with float32 statistics as autocast's BatchNorm
+  computes (held to forward AD of ``F.batch_norm`` in float64, within bf16's rounding), with and
+  without tangents of its affine parameters;
 - the generic rule of a layer that updates its buffers in train mode (InstanceNorm with running
   statistics) runs on copies of them: the buffers end as the native pass leaves them;
 - a conversion by ``x.type(dtype)`` (a bug: the tape treated every ``.type`` call as ``x.type()``,
@@ -254,17 +255,33 @@ def test_batchnorm_without_affine_parameters_is_forward_ad():
 
 
 @pytest.mark.parametrize("batch_stats", [True, False], ids=["batch", "running"])
-def test_batchnorm_tangent_of_a_bf16_input_stays_bf16_within_its_rounding(batch_stats):
+@pytest.mark.parametrize("affine_tangents", [True, False], ids=["affine_moves", "affine_frozen"])
+def test_batchnorm_tangent_of_a_bf16_input_stays_bf16_within_its_rounding(
+    batch_stats, affine_tangents
+):
     """As autocast's BatchNorm runs: bf16 activations, float32 statistics and parameters (no
     float32 copies of x and dx: 3 ms of the H200's tangent pass). Held to forward AD of
     ``F.batch_norm`` on the same values in float64, the bf16 tangent is within twice the error of
     that reference's own rounding to bf16 (measured 1.4x; statistics in bf16, or a term left out,
-    are far beyond)."""
+    are far beyond). With a frozen affine (no tangent of gamma or beta) on a CPU, the statistics
+    came out in bf16 and the backward refused the float32 gamma."""
     g = torch.Generator().manual_seed(0)
     x, dx = (torch.randn(6, 4, 3, 3, generator=g).bfloat16() for _ in range(2))
     gamma, dgamma, dbeta = 1 + 0.3 * torch.randn(4, generator=g), *torch.randn(2, 4, generator=g)
+    if not affine_tangents:
+        dgamma = dbeta = torch.zeros(4)  # the reference's; the rule gets None
     rm, rv = 0.3 * torch.randn(4, generator=g), 0.5 + torch.rand(4, generator=g)
-    got = tangent_ops.bn_tangent(x, dx, gamma, dgamma, dbeta, batch_stats, rm, rv, 1e-5)
+    got = tangent_ops.bn_tangent(
+        x,
+        dx,
+        gamma,
+        dgamma if affine_tangents else None,
+        dbeta if affine_tangents else None,
+        batch_stats,
+        rm,
+        rv,
+        1e-5,
+    )
     with fwad.dual_level():
         y = F.batch_norm(
             fwad.make_dual(x.double(), dx.double()),

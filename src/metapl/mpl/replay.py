@@ -45,23 +45,30 @@ def replayed_rng(state: RngState) -> Iterator[None]:
 def buffer_copies(module: nn.Module) -> dict[str, torch.Tensor]:
     """Copies of the module's buffers for ``functional_call``: a pass that runs on them leaves the
     real running statistics as they were (and never bumps the version of a tensor that an earlier
-    pass saved for its backward).
-
-    One foreach clone for all of them (strides and dtypes kept): the exact step copies a WRN's 75
-    BatchNorm buffers three times a step, and 225 separate clones were ~225 kernel launches of
-    host time on a GPU whose step is bound by the host."""
+    pass saved for its backward). By :func:`clones`: the exact step copies a WRN's 75 BatchNorm
+    buffers three times a step."""
     named = [(name, b.detach()) for name, b in module.named_buffers()]
     copies = clones([b for _, b in named])
     return dict(zip((name for name, _ in named), copies))
 
 
 def clones(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """``[t.clone() for t in tensors]`` (strides and dtypes kept), as one foreach op where torch
-    has it (a private op; fewer kernel launches: see :func:`buffer_copies`)."""
+    """``[t.clone() for t in tensors]`` (strides and dtypes kept), one foreach clone per device and
+    dtype where torch has it (a private op): on a GPU bound by the host's kernel launches, a
+    copy of each of a WRN's 50 float32 BatchNorm statistics was a launch of its own, and
+    ``_foreach_clone`` takes its one-launch path only for tensors of one device and dtype (its
+    25 int64 counters made it fall back to one clone per tensor)."""
     clone_all = getattr(torch, "_foreach_clone", None)
     if clone_all is None or not tensors:
         return [t.clone() for t in tensors]
-    return list(clone_all(tensors))
+    groups: dict[tuple, list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.device, t.dtype), []).append(i)
+    out: list[torch.Tensor] = list(tensors)
+    for members in groups.values():
+        for i, copy in zip(members, clone_all([tensors[i] for i in members])):
+            out[i] = copy
+    return out
 
 
 def restore_buffers(module: nn.Module, saved: dict[str, torch.Tensor]) -> None:

@@ -312,8 +312,13 @@ def bn_tangent(x, dx, gamma, dgamma, dbeta, batch_stats, running_mean, running_v
 
     rm, rv = (None, None) if batch_stats else (f(running_mean), f(running_var))
     if dgamma is not None or batch_stats:
+        weight = f(dgamma)
+        if weight is None and stat_dtype != x.dtype:
+            # A float32 parameter, or a CPU's kernel computes bf16 statistics (and the backward
+            # then refuses a float32 gamma): zeros, whose output is not used.
+            weight = x.new_zeros(x.shape[1], dtype=stat_dtype)
         affine, mean, rstd = aten.native_batch_norm(
-            x, f(dgamma), f(dbeta), rm, rv, batch_stats, 0.0, eps
+            x, weight, f(dbeta), rm, rv, batch_stats, 0.0, eps
         )
         out = affine if dgamma is not None else None
     else:  # running statistics, no dgamma: no pass over x is needed

@@ -14,6 +14,12 @@ the batches, and every result, are the same with or without the thread. The work
 source: every call of it goes through the one worker thread, in step order (the source's epoch
 cache and its decoding look-ahead are not safe to share between threads).
 
+One process-wide setting the two threads share: the exact step turns TF32 off around its student
+passes (``tf32_disabled``) while the worker augments. No augmentation kernel is a cuDNN
+convolution, and the one matmul (``affine_grid``'s) runs in TF32 only if a user turned matmul
+TF32 on for the process; then a geometric op's grid could round differently from one run to the
+next.
+
 On CUDA the worker issues its kernels on a stream of its own; the step's stream waits on an event
 recorded after the batch's last kernel, and each tensor of the batch is marked as used on the
 step's stream (``record_stream``) so that the caching allocator does not give its memory to the
@@ -24,6 +30,7 @@ step's own threads use every core), so :func:`batches_for` returns the source it
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -35,19 +42,40 @@ from metapl.train.data import Batch, BatchSource
 class BatchesAhead:
     """:meth:`BatchSource.batch` of step s+1 made while step s trains; the same batches, in order.
 
-    A request for another step or other views than the one made ahead (a resume, the switch to
-    fine-tuning's views) waits for the batch being made, drops it, and makes the one asked for.
+    A request for another step or other views than the one made ahead (a resume elsewhere, or
+    fine-tuning's views without ``views_at``) waits for the batch being made, drops it, and makes
+    the one asked for.
     An error of the worker (an unreadable image file, say) is raised by the request for that
     step, as :class:`BatchSource` raises it.
     """
 
-    def __init__(self, source: BatchSource, device: torch.device | str, last_step: int):
-        """``last_step``: the run's last step (nothing is made ahead past it)."""
+    def __init__(
+        self,
+        source: BatchSource,
+        device: torch.device | str,
+        last_step: int,
+        views_at: Callable[[int], tuple[str, ...] | None] | None = None,
+    ):
+        """``last_step``: the run's last step (nothing is made ahead past it). ``views_at(step)``:
+        the views the loop will ask for at ``step`` (fine-tuning's from its first step on);
+        without it, the views of the step before."""
         self.source = source
         self.device = torch.device(device)
         self.last_step = last_step
-        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="metapl-batches")
+        self.views_at = views_at
+        self._stream = None
+        initializer: tuple = ()
+        if self.device.type == "cuda":
+            self._stream = torch.cuda.Stream(self.device)
+            # The worker's own current device: a new thread's is cuda:0, and leaving the stream's
+            # context would make it current there, opening a CUDA context on GPU 0 for every
+            # torchrun rank (as torch's DataLoader pin-memory thread, set it first).
+            initializer = (torch.cuda.set_device, (self._stream.device,))
+        self._worker = ThreadPoolExecutor(
+            max_workers=1,
+            thread_name_prefix="metapl-batches",
+            **dict(zip(("initializer", "initargs"), initializer)),
+        )
         self._ahead: tuple[tuple[int, tuple[str, ...] | None], Future] | None = None
 
     def batch(self, step: int, views: tuple[str, ...] | None = None) -> Batch:
@@ -61,7 +89,9 @@ class BatchesAhead:
                 ahead[1].exception()
             batch, ready = self._worker.submit(self._make, *key).result()
         if step + 1 <= self.last_step:
-            self._ahead = ((step + 1, key[1]), self._worker.submit(self._make, step + 1, key[1]))
+            views_next = key[1] if self.views_at is None else self.views_at(step + 1)
+            following = (step + 1, None if views_next is None else tuple(views_next))
+            self._ahead = (following, self._worker.submit(self._make, *following))
         return self._handed_over(batch, ready)
 
     def _make(self, step: int, views: tuple[str, ...] | None) -> tuple[Batch, object]:
@@ -98,9 +128,14 @@ class BatchesAhead:
         self.source.close()
 
 
-def batches_for(source: BatchSource, device: torch.device | str, last_step: int):
+def batches_for(
+    source: BatchSource,
+    device: torch.device | str,
+    last_step: int,
+    views_at: Callable[[int], tuple[str, ...] | None] | None = None,
+):
     """What a training loop should draw its batches from: the source itself on a CPU, batches
     made a step ahead on a background thread (:class:`BatchesAhead`) on a GPU."""
     if torch.device(device).type != "cuda":
         return source
-    return BatchesAhead(source, device, last_step)
+    return BatchesAhead(source, device, last_step, views_at)

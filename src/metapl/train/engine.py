@@ -484,7 +484,7 @@ def _train(
         split, cfg, run.method.views, device, teacher_probs, shard=(dp.rank, dp.world_size)
     )
     # On a GPU, the next step's batch is made on a background thread while this one trains.
-    batches = batches_for(source, device, last_step=run.total_steps - 1)
+    batches = batches_for(source, device, run.total_steps - 1, run.views_at)
     if not opened:
         _open_run_folder(out_dir, dp, note)
     # here and below: the other ranks write nothing

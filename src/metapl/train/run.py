@@ -99,19 +99,25 @@ class Run:
     def total_steps(self) -> int:
         return self.cfg.steps + self.cfg.finetune_steps
 
+    def views_at(self, step: int) -> tuple[str, ...] | None:
+        """The views of ``step``'s batch: the method's (None: the source's own) during the main
+        phase, the labeled images alone during fine-tuning."""
+        return None if step < self.cfg.steps else ()
+
     def advance(self, batch_source: BatchSource | BatchesAhead) -> dict:
         """One step of the current phase (MPL or baseline, then fine-tuning)."""
         # Dropout and sampling; with several processes each draws its own (independent masks for
         # the slices, as under DistributedDataParallel).
         rank = ("rank", self.dp.rank) if self.dp.enabled else ()
         torch.manual_seed(stream_seed(self.cfg.seed, "step", self.step, *rank))
+        batch = batch_source.batch(self.step, self.views_at(self.step))
         if self.step < self.cfg.steps:
-            metrics = self.method.step(batch_source.batch(self.step))
+            metrics = self.method.step(batch)
             schedulers = list(self.schedulers.values())
         else:
             # steps past cfg.steps exist only when finetune_steps > 0, which made both
             assert self.finetune is not None and self.finetune_scheduler is not None
-            metrics = self.finetune.step(batch_source.batch(self.step, views=()))
+            metrics = self.finetune.step(batch)
             metrics = {f"finetune_{k}": v for k, v in metrics.items()}
             schedulers = [self.finetune_scheduler]
         for sched in schedulers:
