@@ -47,8 +47,9 @@ def buffer_copies(module: nn.Module) -> dict[str, torch.Tensor]:
     real running statistics as they were (and never bumps the version of a tensor that an earlier
     pass saved for its backward). By :func:`clones`: the exact step copies a WRN's 75 BatchNorm
     buffers three times a step."""
-    named = [(name, b.detach()) for name, b in module.named_buffers()]
-    copies = clones([b for _, b in named])
+    named = list(module.named_buffers())
+    with torch.no_grad():  # copies without a graph (no detach of each: a dispatch apiece)
+        copies = clones([b for _, b in named])
     return dict(zip((name for name, _ in named), copies))
 
 

@@ -97,6 +97,7 @@ from metapl.mpl.update_rules import (
     check_optimizer,
     optimizer_params,
     reference_update,
+    times_factors,
     update_factors,
 )
 
@@ -753,7 +754,8 @@ class MetaPseudoLabels:
         factors = update_factors(self.student_optimizer, params, grads)
         # theta_t, for J after the step moves the parameters in place: copied only now, so that
         # the copy is not held through the update pass's backward, where the step's memory peaks.
-        theta_t = clones([p.detach() for p in params])
+        with torch.no_grad():  # (copies without a graph, no detach of each)
+            theta_t = clones(list(params))
         self.student_optimizer.step()
 
         # v = grad of R at theta_{t+1}; w = (dU/dg)^T v (diagonal), times clip's Jacobian.
@@ -762,10 +764,7 @@ class MetaPseudoLabels:
         with holding(self.student, labeled_state):  # a checkpoint's recompute: on the copies too
             v = self._grad_of_trainable(labeled_after.sum(), params)
         self._average(v)
-        w = [
-            None if vi is None or (isinstance(f, float) and f == 0.0) else f * vi
-            for f, vi in zip(factors, v)
-        ]
+        w = times_factors(factors, v)
         if clip is not None:  # v and g are averaged already: <g, f v> is the same on every process
             w = clip.jacobian_times(grads, w)
         tangents = {

@@ -227,14 +227,41 @@ def update_factors(
     rule = rule_for(optimizer)
     group_of = {id(p): g for g, p in optimizer_params(optimizer)}
     factors: list[Factor] = []
+    # No graph is recorded here, so the rules read the tensors themselves (a detach of each
+    # parameter and gradient was two dispatches per parameter of a host-bound GPU step)
     with torch.no_grad():
         for p, g in zip(params, grads):
             group = group_of.get(id(p))
             if g is None or group is None:
                 factors.append(0.0)
                 continue
-            factors.append(rule.factor(group, optimizer.state.get(p, {}), p.detach(), g.detach()))
+            factors.append(rule.factor(group, optimizer.state.get(p, {}), p, g))
     return factors
+
+
+def times_factors(factors: Sequence[Factor], v: Sequence[Tensor | None]) -> list[Tensor | None]:
+    """``w_i = f_i * v_i`` (dU/dg^T v, the factors diagonal), None where ``v_i`` is None or
+    ``f_i`` the number 0. Two foreach multiplications, by numbers and by tensors: one per
+    parameter were a hundred kernel launches of a host-bound GPU step."""
+    w: list[Tensor | None] = [None] * len(v)
+    numbers: list[tuple[int, Tensor, float]] = []
+    tensors: list[tuple[int, Tensor, Tensor]] = []
+    for i, (f, vi) in enumerate(zip(factors, v)):
+        if vi is None:
+            continue
+        if isinstance(f, Tensor):
+            tensors.append((i, vi, f))
+        elif f != 0.0:
+            numbers.append((i, vi, f))
+    if numbers:
+        products = torch._foreach_mul([vi for _, vi, _ in numbers], [f for _, _, f in numbers])
+        for (i, _, _), product in zip(numbers, products):
+            w[i] = product
+    if tensors:
+        products = torch._foreach_mul([vi for _, vi, _ in tensors], [f for _, _, f in tensors])
+        for (i, _, _), product in zip(tensors, products):
+            w[i] = product
+    return w
 
 
 def reference_update(
