@@ -64,17 +64,18 @@ class BatchesAhead:
         self.last_step = last_step
         self.views_at = views_at
         self._stream = None
-        initializer: tuple = ()
+        worker_start: dict = {}
         if self.device.type == "cuda":
             self._stream = torch.cuda.Stream(self.device)
             # The worker's own current device: a new thread's is cuda:0, and leaving the stream's
             # context would make it current there, opening a CUDA context on GPU 0 for every
             # torchrun rank (as torch's DataLoader pin-memory thread, set it first).
-            initializer = (torch.cuda.set_device, (self._stream.device,))
+            worker_start = {
+                "initializer": torch.cuda.set_device,
+                "initargs": (self._stream.device,),
+            }
         self._worker = ThreadPoolExecutor(
-            max_workers=1,
-            thread_name_prefix="metapl-batches",
-            **dict(zip(("initializer", "initargs"), initializer)),
+            max_workers=1, thread_name_prefix="metapl-batches", **worker_start
         )
         self._ahead: tuple[tuple[int, tuple[str, ...] | None], Future] | None = None
 
