@@ -58,7 +58,9 @@ def clones(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     dtype where torch has it (a private op): on a GPU bound by the host's kernel launches, a
     copy of each of a WRN's 50 float32 BatchNorm statistics was a launch of its own, and
     ``_foreach_clone`` takes its one-launch path only for tensors of one device and dtype (its
-    25 int64 counters made it fall back to one clone per tensor)."""
+    25 int64 counters made it fall back to one clone per tensor). Under ``torch.no_grad()`` the
+    copies carry no graph; a dual tensor's forward-mode tangent would carry over (detach dropped
+    it): the step copies real buffers and parameters only."""
     clone_all = getattr(torch, "_foreach_clone", None)
     if clone_all is None or not tensors:
         return [t.clone() for t in tensors]

@@ -228,7 +228,8 @@ def update_factors(
     group_of = {id(p): g for g, p in optimizer_params(optimizer)}
     factors: list[Factor] = []
     # No graph is recorded here, so the rules read the tensors themselves (a detach of each
-    # parameter and gradient was two dispatches per parameter of a host-bound GPU step)
+    # parameter and gradient was two dispatches per parameter of a host-bound GPU step). no_grad
+    # does not drop forward-mode tangents as detach did: not for dual tensors.
     with torch.no_grad():
         for p, g in zip(params, grads):
             group = group_of.get(id(p))
