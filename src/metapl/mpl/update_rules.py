@@ -21,6 +21,7 @@ from __future__ import annotations
 import operator
 from collections.abc import Iterator, Sequence
 from itertools import chain
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -245,23 +246,17 @@ def times_factors(factors: Sequence[Factor], v: Sequence[Tensor | None]) -> list
     ``f_i`` the number 0. Two foreach multiplications, by numbers and by tensors: one per
     parameter were a hundred kernel launches of a host-bound GPU step."""
     w: list[Tensor | None] = [None] * len(v)
-    numbers: list[tuple[int, Tensor, float]] = []
-    tensors: list[tuple[int, Tensor, Tensor]] = []
+    by_number: list[tuple[int, Tensor, Factor]] = []
+    by_tensor: list[tuple[int, Tensor, Factor]] = []
     for i, (f, vi) in enumerate(zip(factors, v)):
-        if vi is None:
-            continue
-        if isinstance(f, Tensor):
-            tensors.append((i, vi, f))
-        elif f != 0.0:
-            numbers.append((i, vi, f))
-    if numbers:
-        products = torch._foreach_mul([vi for _, vi, _ in numbers], [f for _, _, f in numbers])
-        for (i, _, _), product in zip(numbers, products):
-            w[i] = product
-    if tensors:
-        products = torch._foreach_mul([vi for _, vi, _ in tensors], [f for _, _, f in tensors])
-        for (i, _, _), product in zip(tensors, products):
-            w[i] = product
+        if vi is not None and (isinstance(f, Tensor) or f != 0.0):
+            (by_tensor if isinstance(f, Tensor) else by_number).append((i, vi, f))
+    for group in (by_number, by_tensor):
+        if group:
+            scales = cast("list", [f for _, _, f in group])  # numbers or tensors, not mixed
+            products = torch._foreach_mul([vi for _, vi, _ in group], scales)
+            for (i, _, _), product in zip(group, products):
+                w[i] = product
     return w
 
 
