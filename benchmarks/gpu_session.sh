@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Everything the open issues ask of a GPU, in one command. A session is lent 15 minutes of device
 # time in all (the machine's start, 1-2 minutes, included) and one command may run 10 minutes, so
-# this is ONE call: every step has its own time limit (the sum is 660 s, the steps usually take
-# about 60% of theirs) and the steps run in the order of what matters most, so a step that hangs or
+# this is ONE call: every step has its own time limit (the sum is 900 s, over one call's 600: a
+# session leaves out with SKIP what it does not need; the steps usually take about 60% of their
+# limits) and the steps run in the order of what matters most, so a step that hangs or
 # fails costs its own limit and nothing after it, and a call given less time (the device tool's
 # timeout_s) loses the last steps first: what they wrote before is kept. Run from the repository root on the GPU machine; results land in
 # $OUT (the device tool brings them back) or in the folder given:
@@ -21,7 +22,8 @@
 #      multi-tensor inputs, and the optimizer and input checks (capturable=True on CUDA included);
 #      steady training steps on CUDA under torch's sync debug mode (no synchronizing call), and
 #      the batch's copies to the GPU from pinned memory
-#   3. issue 3 item 10: 300 real UDA+MPL training steps at Table 3's batch sizes (steps/s, memory)
+#   3. issue 3 item 10: 300 real UDA+MPL training steps at Table 3's batch sizes (steps/s, memory),
+#      then again with the exact step's labeled pass in a CUDA graph (mpl_labeled_cuda_graph)
 #   4. issue 5 item 4: torchrun on the GPU, one process, 20 digits UDA+MPL steps (with one process
 #      no process group forms: NCCL itself needs a machine with 2 or more GPUs)
 #   5. issue 5: benchmarks/profile_step.py: where the first-order and exact steps' time and memory
@@ -31,7 +33,10 @@
 #   7. issue 5: `metapl bench` in fp32 (TF32 policy, numerics)
 #   8. issue 5's torch.compile and CUDA-graph levers: step 3 again, 100 steps, with --set
 #      compile=true in torch.compile's reduce-overhead mode (CUDA graphs; the teacher compiled,
-#      the exact step's student cannot be); the first 10 steps, compiling, are not timed
+#      the exact step's student cannot be) and the labeled pass in a CUDA graph; the first 10
+#      steps, compiling, are not timed
+#   9. both CUDA-graph levers in a whole `metapl train` (digits UDA+MPL, 20 steps with evaluations
+#      and checkpoints, then resumed to 30)
 #
 # SKIP="NAME ..." leaves those steps out (a session with less device time left).
 #
@@ -42,6 +47,7 @@ results=${1:-${OUT:-benchmarks/results/gpu}}
 mkdir -p "$results"
 dev=cuda bench_size=() train_size=() profile_size=() steps=300 gpu=h200
 preflight=(--precision bf16 --batch-size 8)
+graph=(--set mpl_labeled_cuda_graph=true)  # CUDA graphs: left out of the CPU smoke run
 if [ "${SMOKE:-0}" = 1 ]; then
   dev=cpu bench_size=(--batch-size 2 --repeats 2 --model small_cnn) steps=2 gpu=smoke
   train_size=(--set batch_size=2 --set model=small_cnn)
@@ -49,6 +55,7 @@ if [ "${SMOKE:-0}" = 1 ]; then
   # a CPU without bf16 instructions emulates bf16 (4 min for this step in session 19, where the
   # bf16 bench below still runs bf16 at batch 2 in its longer limit)
   preflight=(--precision fp32 --batch-size 2)
+  graph=()
 fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 status=0
@@ -78,10 +85,14 @@ step bench_bf16 120 python3 -m metapl bench --quiet --device $dev --precision bf
 step oracle 100 env METAPL_TEST_DEVICE=$dev python3 -m pytest -q -p no:cacheprovider \
   tests/test_exact_gradient.py tests/test_double_backward_step.py tests/test_sync_batchnorm.py \
   tests/test_multi_input.py tests/test_step_late_errors.py tests/test_attention_student.py \
-  tests/test_host_syncs.py tests/test_transfer.py tests/test_batches_ahead.py
+  tests/test_host_syncs.py tests/test_transfer.py tests/test_batches_ahead.py \
+  tests/test_labeled_graph.py
 step train_throughput 90 python3 benchmarks/train_throughput.py --device $dev --precision bf16 \
   --steps $steps --warmup $((steps < 20 ? 1 : 20)) --json "$results/train_throughput_${gpu}_bf16.json" \
   "${train_size[@]}"
+step train_throughput_graph 60 python3 benchmarks/train_throughput.py --device $dev \
+  --precision bf16 --steps $steps --warmup $((steps < 20 ? 1 : 20)) \
+  --json "$results/train_throughput_${gpu}_bf16_labeled_graph.json" "${train_size[@]}" "${graph[@]}"
 rm -rf /tmp/metapl_torchrun_run  # a fresh run, not a resumed one
 step torchrun 40 python3 -m torch.distributed.run --nproc_per_node 1 -m metapl train \
   --preset digits-uda-mpl --device $dev --steps 20 --set warmup_steps=5 --set eval_every=10 \
@@ -94,6 +105,15 @@ step bench_fp32 90 python3 -m metapl bench --quiet --device $dev --precision fp3
   "${bench_size[@]}" --json "$results/bench_${gpu}_fp32.json"
 step train_throughput_compile 80 python3 benchmarks/train_throughput.py --device $dev \
   --precision bf16 --steps $((steps < 20 ? steps : 100)) --warmup $((steps < 20 ? 1 : 10)) \
-  --json "$results/train_throughput_${gpu}_bf16_compile.json" "${train_size[@]}" --set compile=true \
-  --set compile_mode=reduce-overhead
+  --json "$results/train_throughput_${gpu}_bf16_compile_graph.json" "${train_size[@]}" --set compile=true \
+  --set compile_mode=reduce-overhead "${graph[@]}"
+# the CUDA-graph levers in a whole `metapl train`: evaluations (eval mode and back), checkpoints,
+# and a resumed run (its models loaded in place, where the graphs read them)
+rm -rf /tmp/metapl_graph_run
+graph_sets=("${graph[@]}" --set compile=true --set compile_mode=reduce-overhead
+  --set warmup_steps=5 --set eval_every=10 --set finetune_steps=0)
+step train_graph 90 bash -c 'python3 -m metapl train --preset digits-uda-mpl --device "$0" \
+  --steps 20 --out /tmp/metapl_graph_run --quiet "${@}" && python3 -m metapl train \
+  --preset digits-uda-mpl --device "$0" --steps 30 --out /tmp/metapl_graph_run --quiet "${@}"' \
+  $dev "${graph_sets[@]}"
 exit $status

@@ -67,6 +67,9 @@ def measure(preset: str, device: str, precision: str, steps: int, warmup: int, s
         "precision": precision,
         "compiled": compiled,  # the models torch.compile'd (--set compile=true)
         "compile_mode": cfg.compile_mode if cfg.compile else None,
+        # the exact step's labeled pass in a CUDA graph: asked for, and what the last step ran
+        "labeled_cuda_graph": cfg.mpl_labeled_cuda_graph,
+        "labeled_path": getattr(getattr(run.method, "mpl", None), "last_labeled_path", None),
         "batch_labeled": cfg.batch_size,
         "batch_unlabeled": n_unlabeled,
         "steps_timed": steps,
@@ -75,6 +78,10 @@ def measure(preset: str, device: str, precision: str, steps: int, warmup: int, s
         "steps_per_s": steps / seconds,
         "ms_per_step": 1000 * seconds / steps,
         "peak_mib": torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None,
+        # held from the driver: a CUDA graph's memory between replays counts here only
+        "peak_reserved_mib": (
+            torch.cuda.max_memory_reserved(dev) / 2**20 if dev.type == "cuda" else None
+        ),
         "final_losses": losses,
     }
 

@@ -213,3 +213,28 @@ def test_a_full_disk_after_the_timings_is_still_an_os_error_with_its_errno(tmp_p
     import errno
 
     assert caught.value.errno == errno.ENOSPC
+
+
+def test_goals_judge_the_labeled_graph_step_by_its_time_and_the_memory_it_holds():
+    goals = _load_goals().goals
+    payload = _gpu_payload(exact=60.0, first=47.0)
+    for r in payload["results"]:
+        r["peak_reserved_mib"] = 8000.0
+    graphed = {"name": "exact_mpl_step_labeled_graph", "ms": 54.0, "peak_mib": 7000.0}
+    payload["results"].append({**graphed, "peak_reserved_mib": 8100.0})
+    rows = {g: (m, ok) for g, m, _, ok in goals(payload, on_gpu=True)}
+    assert rows["exact / first-order"] == ("1.28x", False)  # the eager step's rows stay
+    assert rows["exact / first-order, labeled pass in a CUDA graph"] == ("1.15x", True)
+    assert rows["exact step, labeled pass in a CUDA graph"] == ("54.0 ms", True)
+    # what the graph holds between replays is reserved, not allocated: judged by that
+    held = rows["peak memory held (reserved), labeled graph vs first-order"]
+    assert held == ("8100 / 8000 MiB", False)
+    slow = _gpu_payload(exact=60.0, first=47.0)
+    slow["results"].append({**graphed, "ms": 57.0})
+    rows = {g: ok for g, _, _, ok in goals(slow, on_gpu=True)}
+    assert not rows["exact / first-order, labeled pass in a CUDA graph"]
+    assert not rows["exact step, labeled pass in a CUDA graph"]
+    assert not any(g.startswith("peak memory held") for g in rows)  # no reserved figures
+    cpu = _gpu_payload()
+    cpu["results"].append(graphed)
+    assert not any("CUDA graph" in g for g, _, _, _ in goals(cpu, on_gpu=False))

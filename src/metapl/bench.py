@@ -83,8 +83,18 @@ def _time(fn: Callable[[], object], device: torch.device, warmup: int, repeats: 
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(1000 * (time.perf_counter() - start))
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    return {"ms": statistics.median(times), "ms_all": times, "peak_mib": peak}
+    peak = reserved = None
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+        # held from the driver, freed blocks included: a CUDA graph's memory between its replays
+        # (its private pool) counts here, not in the allocated peak
+        reserved = torch.cuda.max_memory_reserved(device) / 2**20
+    return {
+        "ms": statistics.median(times),
+        "ms_all": times,
+        "peak_mib": peak,
+        "peak_reserved_mib": reserved,
+    }
 
 
 def _time_interleaved(
@@ -105,7 +115,10 @@ def _time_interleaved(
             fn()
             out.append(1000 * (time.perf_counter() - start))
         bar.update()
-    return [{"ms": statistics.median(t), "ms_all": t, "peak_mib": None} for t in times]
+    return [
+        {"ms": statistics.median(t), "ms_all": t, "peak_mib": None, "peak_reserved_mib": None}
+        for t in times
+    ]
 
 
 def synthetic_cifar_split(n: int, rng: np.random.RandomState):
@@ -153,6 +166,9 @@ def _ratios(results: list[dict]) -> dict[str, float]:
         "exact_over_double_backward": ms["exact_mpl_step"] / ms["double_backward_mpl_step"],
         "forward_ad_over_tape": ms["exact_mpl_step_forward_ad"] / ms["exact_mpl_step"],
     }
+    if "exact_mpl_step_labeled_graph" in ms:  # (a GPU's)
+        graphed = ms["exact_mpl_step_labeled_graph"]
+        out["labeled_graph_over_first_order"] = graphed / ms["first_order_mpl_step"]
     peaks = row["exact_mpl_step"]["peak_mib"], row["first_order_mpl_step"]["peak_mib"]
     if None not in peaks:
         out["exact_over_first_order_peak_memory"] = peaks[0] / peaks[1]
@@ -241,7 +257,7 @@ def run_bench(
     # GPU: each kind is timed as soon as it is built, alone in memory but for the exact run (peak
     # memory is per kind); CPU: all are built first and timed in interleaved rounds.
     benches: list[tuple[str, Callable[[], object] | dict, dict]] = []
-    kinds = 7
+    kinds = 8 if on_gpu else 7  # (the labeled pass in a CUDA graph: on a GPU only)
     bar = progress_bar(
         total=kinds if on_gpu else warmup + repeats,
         unit="kind" if on_gpu else "round",
@@ -269,6 +285,14 @@ def run_bench(
     # 3-4. UDA+MPL, first-order and exact
     bench("first_order_mpl_step", config("uda_mpl", mpl_estimator="first_order"))
     exact_run, source, exact_batch = bench("exact_mpl_step", config("uda_mpl"))
+    if on_gpu:  # the same step with its labeled pass replayed from a CUDA graph (host launches)
+        graphed, _, _ = bench(
+            "exact_mpl_step_labeled_graph",
+            config("uda_mpl", mpl_labeled_cuda_graph=True),
+            labeled_cuda_graph=True,
+        )
+        graphed_path = graphed.method.mpl.last_labeled_path
+        del graphed  # (its graph's memory, before the next kind is built)
     # the same step with J by forward-mode AD (a second student forward): what the tape saves
     bench("exact_mpl_step_forward_ad", config("uda_mpl", mpl_jvp="forward_ad"), jvp="forward_ad")
     # 5. the same exact UDA+MPL step with the teacher's MPL gradient by double backward
@@ -297,6 +321,9 @@ def run_bench(
         progress(f"{name:<34} {timing['ms']:9.2f} ms   peak {peak}")
     row = next(r for r in results if r["name"] == "exact_mpl_step")
     row["jvp"] = exact_run.method.mpl.last_jvp_path  # "tape" unless the student cannot
+    if on_gpu:  # "graph" unless the capture failed (a warning said why)
+        graph_row = next(r for r in results if r["name"] == "exact_mpl_step_labeled_graph")
+        graph_row["labeled_path"] = graphed_path
     ratios = _ratios(results)
     progress("  ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
     payload = {

@@ -123,6 +123,7 @@ def build_method(cfg: TrainConfig, num_classes: int, device: torch.device, grad_
         ),
         # the config refuses mpl_jvp given with another estimator; its default "auto" is dropped
         jvp=cfg.mpl_jvp if cfg.mpl_estimator == "exact" else "forward_ad",
+        labeled_cuda_graph=cfg.mpl_labeled_cuda_graph and cfg.mpl_estimator == "exact",
         autocast_dtype=amp,
         check_inputs=False,  # labels were checked when the dataset was read
         grad_sync=grad_sync,  # g, v and the teacher's gradient (metapl.distributed)

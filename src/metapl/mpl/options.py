@@ -38,6 +38,7 @@ OPTIONS = (
     "batch_dim",
     "student_max_grad_norm",
     "teacher_max_grad_norm",
+    "labeled_cuda_graph",
 )
 
 
@@ -63,6 +64,7 @@ def check_options(teacher: nn.Module, student: nn.Module, options: dict) -> None
         batch_dim,
         student_max_grad_norm,
         teacher_max_grad_norm,
+        labeled_cuda_graph,
     ) = (options[name] for name in OPTIONS)
     if estimator not in ESTIMATORS:
         raise ConfigError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
@@ -85,11 +87,17 @@ def check_options(teacher: nn.Module, student: nn.Module, options: dict) -> None
         "check_inputs": check_inputs,
         "allow_tf32": allow_tf32,
         "allow_student_hooks": allow_student_hooks,
+        "labeled_cuda_graph": labeled_cuda_graph,
     }
     for name, flag in flags.items():  # allow_student_hooks="false" was true, silently
         if not isinstance(flag, bool):
             raise ConfigError(f"{name} must be True or False, got {flag!r}")
     check_temperature(temperature)
+    if labeled_cuda_graph and estimator != "exact":  # read by nothing else
+        raise ConfigError(
+            f"labeled_cuda_graph applies to estimator='exact' only (its labeled pass at "
+            f"theta_{{t+1}}); estimator {estimator!r} has none to capture: leave it False"
+        )
     if baseline_decay is not None and not 0.0 <= baseline_decay < 1.0:
         raise ConfigError(f"baseline_decay must be in [0, 1) or None, got {baseline_decay}")
     if baseline_decay is not None and estimator != "first_order":  # read by nothing else

@@ -68,6 +68,12 @@ from metapl.mpl.double_backward_checks import (
 )
 from metapl.mpl.inputs import Input, ModelInput, holding, joint_forward, model_input
 from metapl.mpl.jvp import JvpPaths, UpdatePass
+from metapl.mpl.labeled_graph import (
+    LabeledGraph,
+    LabeledResult,
+    check_cuda_student,
+    pass_key,
+)
 from metapl.mpl.options import OPTIONS, check_jvp, check_options
 from metapl.mpl.replay import (
     RestorePoint,
@@ -190,6 +196,13 @@ class MetaPseudoLabels:
             estimators differentiate through the clip (:mod:`metapl.mpl.clipping`), so the
             teacher's gradient stays exact. With ``batch_dim`` > 0 (stacked ensemble members) a
             ConfigError: one norm over all members would couple independent models.
+        labeled_cuda_graph: exact estimator on a CUDA student: replay its labeled pass at
+            theta_{t+1} (forward on the labeled batch and v = grad R) from a CUDA graph, captured
+            at the second step of each batch shape (:mod:`metapl.mpl.labeled_graph`). The same
+            function, launched once instead of some 350 times: on an H200 the exact step is bound
+            by the host's launches. Costs the pass's memory, held by the graph between steps; a
+            student that cannot be captured (a host sync in its forward) runs eagerly, with a
+            warning. ``last_labeled_path`` says which the last step took.
     """
 
     def __init__(
@@ -216,6 +229,7 @@ class MetaPseudoLabels:
         allow_student_hooks: bool = False,
         student_max_grad_norm: float | None = None,
         teacher_max_grad_norm: float | None = None,
+        labeled_cuda_graph: bool = False,
     ):
         options = {name: value for name, value in locals().items() if name in OPTIONS}
         check_options(teacher, student, options)
@@ -240,6 +254,8 @@ class MetaPseudoLabels:
         self.allow_tf32 = allow_tf32
         self.student_max_grad_norm = student_max_grad_norm
         self.teacher_max_grad_norm = teacher_max_grad_norm
+        self.labeled_cuda_graph = labeled_cuda_graph
+        self._labeled_graph = LabeledGraph()  # used only with labeled_cuda_graph
         self._options_checked = options  # see _check_set_options
         self.step_count = 0
         self._num_classes: int | None = None  # of the teacher's logits, at the last step
@@ -312,6 +328,8 @@ class MetaPseudoLabels:
         teacher_x_unlabeled: Input | None,
     ) -> dict[str, Tensor]:
         self._check_set_options()
+        if self.labeled_cuda_graph:
+            check_cuda_student(self.student)
         self._check_replaced()
         self._follow_student_optimizer()
         self._check_holdings("teacher")
@@ -759,10 +777,7 @@ class MetaPseudoLabels:
         self.student_optimizer.step()
 
         # v = grad of R at theta_{t+1}; w = (dU/dg)^T v (diagonal), times clip's Jacobian.
-        labeled_state = self._labeled_state()
-        labeled_after = self._labeled_loss(x_l, y_l, labeled_state)
-        with holding(self.student, labeled_state):  # a checkpoint's recompute: on the copies too
-            v = self._grad_of_trainable(labeled_after.sum(), params)
+        labeled_after, v = self._labeled_gradient(x_l, y_l)
         self._average(v)
         w = times_factors(factors, v)
         if clip is not None:  # v and g are averaged already: <g, f v> is the same on every process
@@ -784,6 +799,28 @@ class MetaPseudoLabels:
         # <g(Psi), w> with J constant: its gradient in Psi is exactly grad_Psi R(theta_{t+1}).
         mpl_term = batch_mean(-(targets * jvp.detach()).sum(dim=-1), self.batch_dim)
         return mpl_term, {**losses, "student_labeled_after": labeled_after.detach().sum()}
+
+    def _labeled_gradient(self, x_l: ModelInput, y_l: Tensor) -> LabeledResult:
+        """The student's per-member labeled loss at its parameters (theta_{t+1} in the exact
+        step) and v, its gradient; from a CUDA graph with ``labeled_cuda_graph``."""
+        params = self._student_params
+
+        def labeled_pass(x: ModelInput, y: Tensor) -> LabeledResult:
+            state = self._labeled_state()
+            loss = self._labeled_loss(x, y, state)
+            with holding(self.student, state):  # a checkpoint's recompute: on the copies too
+                return loss, self._grad_of_trainable(loss.sum(), params)
+
+        if not self.labeled_cuda_graph:
+            return labeled_pass(x_l, y_l)
+        key = pass_key(self.student, params, x_l, y_l, self.autocast_dtype)
+        return self._labeled_graph(labeled_pass, key, x_l, y_l)
+
+    @property
+    def last_labeled_path(self) -> str | None:
+        """How the last exact step ran its labeled pass: "graph", "eager" (the first step of a
+        batch shape, or a pass that could not be captured), or None without labeled_cuda_graph."""
+        return self._labeled_graph.last_path if self.labeled_cuda_graph else None
 
     @staticmethod
     def _grad_of_trainable(

@@ -64,6 +64,7 @@ METHOD_KEYS: dict[str, tuple[tuple[str, ...], str]] = {
             "mpl_weight",
             "mpl_estimator",
             "mpl_jvp",
+            "mpl_labeled_cuda_graph",
             "mpl_baseline_decay",
             "student_labeled_weight",
             "teacher_grad_clip",
@@ -171,6 +172,9 @@ class TrainConfig:
     # saved activations when the model allows (tangent tape), else forward-mode AD; "tape";
     # "forward_ad" (recomputes the forward). The same J either way.
     mpl_jvp: str = "auto"
+    # exact estimator on a GPU: replay the labeled pass at theta_{t+1} (v) from a CUDA graph, one
+    # launch instead of ~350 (metapl.mpl.labeled_graph); it holds that pass's memory between steps
+    mpl_labeled_cuda_graph: bool = False
 
     # -- optimizers: "sgd" = Nesterov (Section 4.1); "rmsprop" = EfficientNet's recipe (decay 0.9,
     #    momentum 0.9, eps 1e-3; App. C.2); "adam" = betas 0.9/0.999, eps 1e-7 (the reduced teacher)
@@ -402,6 +406,13 @@ class TrainConfig:
                 f"mpl_jvp applies to mpl_estimator=exact only; mpl_estimator "
                 f"{self.mpl_estimator} does not use it: do not set it"
             )
+        if key == "mpl_labeled_cuda_graph" and self.uses_mpl and self.mpl_estimator != "exact":
+            return (
+                f"mpl_labeled_cuda_graph applies to mpl_estimator=exact only; mpl_estimator "
+                f"{self.mpl_estimator} does not use it: do not set it"
+            )
+        if key == "mpl_labeled_cuda_graph" and self.device == "cpu":
+            return "mpl_labeled_cuda_graph needs device=cuda (CUDA graphs): do not set it"
         if key == "mpl_baseline_decay" and self.uses_mpl and self.mpl_estimator != "first_order":
             return (
                 f"mpl_baseline_decay applies to mpl_estimator=first_order only; mpl_estimator "
