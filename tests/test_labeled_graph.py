@@ -13,6 +13,7 @@ import warnings
 
 import pytest
 import torch
+from mpl_helpers import make_problem
 from torch import nn
 
 from metapl.errors import ConfigError
@@ -25,7 +26,6 @@ from metapl.mpl.labeled_graph import (
     pass_key,
 )
 from metapl.mpl.step import MetaPseudoLabels
-from tests.mpl_helpers import make_problem
 
 
 class _ReplayByRunning:
@@ -294,3 +294,55 @@ def test_the_config_key_is_refused_where_nothing_reads_it_and_reaches_the_step()
         assert cfg.check_keys_apply([key]).mpl_labeled_cuda_graph is flag
         method = build_method(cfg, 10, torch.device("cpu"))
         assert method.mpl.labeled_cuda_graph is flag
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs")
+def test_on_a_gpu_a_student_that_cannot_be_captured_trains_eagerly_as_without_the_graph():
+    """A host sync in the student's forward fails the capture. The steps go on eagerly, dropout
+    included: a failed capture left the CUDA generator marked as capturing (torch 2.11), and every
+    later dropout failed, unless the step gives the generator a clean state back."""
+
+    class Syncing(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = nn.Linear(6, 16)
+            self.drop = nn.Dropout(0.3)
+            self.fc2 = nn.Linear(16, 4)
+
+        def forward(self, x):
+            if float(x.abs().max()) > 1e6:  # a host sync: not capturable
+                x = x.clamp(-1e6, 1e6)
+            return self.fc2(self.drop(torch.relu(self.fc1(x))))
+
+    torch.manual_seed(0)
+    teacher, student = Syncing().cuda(), Syncing().cuda()
+    models = {name: (copy.deepcopy(teacher), copy.deepcopy(student)) for name in ("eager", "graph")}
+    steps = {
+        "eager": _mpl(*models["eager"]),
+        "graph": _mpl(*models["graph"], labeled_cuda_graph=True),
+    }
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    batches = [
+        (
+            torch.randn(8, 6, device="cuda", generator=gen),
+            torch.randint(0, 4, (8,), device="cuda", generator=gen),
+            torch.randn(16, 6, device="cuda", generator=gen),
+        )
+        for _ in range(4)
+    ]
+    for name in ("eager", "graph"):
+        torch.manual_seed(2)
+        torch.cuda.manual_seed(2)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for batch in batches:
+                steps[name].step(*batch)
+        if name == "graph":
+            assert [str(w.message) for w in caught if "labeled_cuda_graph" in str(w.message)]
+            assert steps["graph"].last_labeled_path == "eager"
+    (t_e, s_e), (t_g, s_g) = models["eager"], models["graph"]
+    for a, b in zip(
+        [*t_e.state_dict().values(), *s_e.state_dict().values()],
+        [*t_g.state_dict().values(), *s_g.state_dict().values()],
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

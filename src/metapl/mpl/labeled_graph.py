@@ -55,6 +55,21 @@ def check_cuda_student(student: nn.Module) -> None:
         )
 
 
+def leaf_aliases(module: nn.Module) -> dict[str, Tensor]:
+    """Each parameter of ``module`` as a new leaf on the same memory (name -> tensor): what the
+    labeled pass runs with and differentiates when it is captured.
+
+    Why: a parameter's AccumulateGrad node (autograd's end of its graph) lives as long as a graph
+    that used it, and remembers the stream it was made on. The update pass's, made on the default
+    stream and kept alive by the step's tape, made the backward inside the capture (on the
+    capture's own stream) wait on the default stream, which invalidated the capture (H200,
+    session 36). An alias gets its own node, on the stream the pass runs on, and reads the
+    parameter's memory, which the optimizer updates in place: a replay sees theta_{t+1}."""
+    return {
+        name: p.detach().requires_grad_(p.requires_grad) for name, p in module.named_parameters()
+    }
+
+
 def _tensor_key(t: Tensor) -> tuple:
     return (tuple(t.shape), t.stride(), t.dtype, t.device, t.requires_grad)
 
@@ -110,6 +125,9 @@ def capture(run: LabeledPass, x_l: ModelInput, y_l: Tensor, pool) -> CapturedPas
     own_x = x_l.with_leaves(inputs, x_l.batch_shape)
     device = labels.device
     rng = RngState(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    generator = torch.cuda.default_generators[index]
+    clean = generator.clone_state()  # a copy of its state that no capture has touched
     try:
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
@@ -132,6 +150,11 @@ def capture(run: LabeledPass, x_l: ModelInput, y_l: Tensor, pool) -> CapturedPas
             torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"),
         ):
             result = run(own_x, labels)
+    except BaseException:
+        # A failed capture leaves the generator's state marked as capturing (torch 2.11): every
+        # later dropout failed "Offset increment outside graph capture encountered unexpectedly".
+        generator.graphsafe_set_state(clean)
+        raise
     finally:
         rng.restore()
     return CapturedPass(graph, inputs, labels, result)

@@ -72,6 +72,7 @@ from metapl.mpl.labeled_graph import (
     LabeledGraph,
     LabeledResult,
     check_cuda_student,
+    leaf_aliases,
     pass_key,
 )
 from metapl.mpl.options import OPTIONS, check_jvp, check_options
@@ -806,10 +807,14 @@ class MetaPseudoLabels:
         params = self._student_params
 
         def labeled_pass(x: ModelInput, y: Tensor) -> LabeledResult:
-            state = self._labeled_state()
+            weights, wrt = None, params
+            if self.labeled_cuda_graph:
+                weights = leaf_aliases(self.student)
+                wrt = [weights[name] for name in self._student_names]
+            state = self._labeled_state(weights)
             loss = self._labeled_loss(x, y, state)
             with holding(self.student, state):  # a checkpoint's recompute: on the copies too
-                return loss, self._grad_of_trainable(loss.sum(), params)
+                return loss, self._grad_of_trainable(loss.sum(), wrt)
 
         if not self.labeled_cuda_graph:
             return labeled_pass(x_l, y_l)

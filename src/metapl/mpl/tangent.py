@@ -304,6 +304,7 @@ class TangentTape:
             for i, (node, rule, _, generic) in enumerate(steps)
         ]
         self._dropouts = rules.dropouts  # dropout nodes on the tangent's path -> their input
+        self._bn_stats = rules.bn_stats  # BatchNorm nodes whose statistics the record keeps
         self._has_generic = any(s.generic for s in self._steps)
         self._gm = self._record_module(gm, nodes, meta_nodes)
         # The call structures (ModelInput.structure) for which the step has seen a record and a
@@ -412,6 +413,8 @@ class TangentTape:
                 aux[("mask", node)] = graph.call_function(operator.getitem, (pair, 1))
             else:
                 env[node] = graph.node_copy(node, env.__getitem__)
+            if node in self._bn_stats:
+                aux[("bn_stats", node)] = graph.call_function(ops.saved_bn_stats, (env[node],))
             if node in wanted_meta:
                 meta_of[node] = graph.call_function(ops.meta, (env[node],))
         saved = tuple(aux[k] if isinstance(k, tuple) else env[k] for k in self._saved_keys)

@@ -30,13 +30,16 @@ class TangentRules:
     """Builds the rules of one traced graph: ``modules`` are its modules by name, ``active`` the
     nodes that carry a tangent, ``trainable_ids`` the ids of the parameters that may carry one.
     After the rules are built, ``dropouts`` maps each dropout node on the tangent's path to its
-    input (the record pass draws its mask as a separate output)."""
+    input (the record pass draws its mask as a separate output), and ``bn_stats`` holds the
+    BatchNorm nodes whose batch statistics the record pass keeps."""
 
     def __init__(self, modules: dict, active: set[fx.Node], trainable_ids: set[int]):
         self._modules = modules  # name -> nn.Module (a dict: fx types node.target wider than str)
         self._active = active
         self._trainable_ids = trainable_ids
         self.dropouts: dict[fx.Node, tuple] = {}
+        # BatchNorm modules' nodes whose statistics the record pass keeps (ops.saved_bn_stats)
+        self.bn_stats: set[fx.Node] = set()
 
     def rule(self, node: fx.Node) -> tuple[Rule, list, bool]:
         """(rule, primal keys it reads, whether it is the generic forward-AD rule)."""
@@ -68,6 +71,8 @@ class TangentRules:
             return self._param_affine_rule(node, m, x, F.linear, (), (-1,))
         if kind in ops.BN_MODULES:
             w, b = m.weight, m.bias
+            stats = ("bn_stats", node)  # what the record pass saved of its statistics
+            self.bn_stats.add(node)
 
             def bn_rule(val, tan, theta, tw):
                 batch_stats = m.training or (m.running_mean is None and m.running_var is None)
@@ -76,10 +81,10 @@ class TangentRules:
                     val[x], tan.get(x), gamma,
                     None if w is None else tw.get(id(w)),
                     None if b is None else tw.get(id(b)),
-                    batch_stats, m.running_mean, m.running_var, m.eps,
+                    batch_stats, m.running_mean, m.running_var, m.eps, val.get(stats),
                 )  # fmt: skip
 
-            return bn_rule, [x]
+            return bn_rule, [x, stats]
         if not x_active:
             return None
         if kind is nn.ReLU:
