@@ -170,15 +170,20 @@ class JvpPaths:
         self, tape: TangentTape, s_logits: Tensor, update: UpdatePass
     ) -> TapeRecord | None:
         """The first use of a traced graph: the module itself has just run the update pass; run the
-        graph on the same random numbers (no grad, copies of the buffers) and compare, so that a
-        graph that computes something else (Python state fx baked in) never trains the student."""
+        graph on the same random numbers (copies of the buffers) and compare, so that a graph that
+        computes something else (Python state fx baked in) never trains the student.
+
+        With autograd on, as the later steps' records: BatchNorm's forward then saves its batch
+        statistics, which the tangent pass reads (:func:`metapl.mpl.tangent_ops.saved_bn_stats`);
+        without them it computes them again, equal up to rounding only, and a run resumed from a
+        checkpoint (its first step a first use) was no longer bit for bit the uninterrupted one."""
         x_u = update.x_u
         structure = x_u.structure
         try:
             # (quiet: fx prints the generated code's traceback to stderr when a graph fails)
             with (
                 replayed_rng(update.rng),
-                torch.no_grad(),
+                torch.enable_grad(),
                 update.autocast(),
                 contextlib.redirect_stderr(io.StringIO()),
             ):
