@@ -387,10 +387,23 @@ def test_a_key_that_changes_every_step_keeps_the_last_graphs_only():
     assert kept == slopes[-MAX_TAPES:]
 
 
-def test_bf16_autocast_step_uses_the_tape_and_agrees_with_forward_ad():
+@pytest.mark.parametrize("frozen_bn", [False, True])
+def test_bf16_autocast_step_uses_the_tape_and_agrees_with_forward_ad(frozen_bn):
+    """With the student's BatchNorm affine frozen too: its forward-AD output (bf16) came with a
+    float32 tangent, which the next convolution refused in the step's first check."""
+
     def run(jvp):
         teacher, student, x_l, y_l, x_u = _problem(RichNet)
         teacher, student = teacher.float(), student.float()
+        frozen = [
+            p
+            for m in student.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and frozen_bn
+            for p in m.parameters()
+        ]
+        assert bool(frozen) == frozen_bn
+        for p in frozen:
+            p.requires_grad_(False)
         mpl = MetaPseudoLabels(
             teacher,
             student,

@@ -12,10 +12,14 @@ makes that first dual tensor itself, with the warning filtered by its message on
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 
 import torch
 import torch.autograd.forward_ad as fwad
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from metapl.warning_filters import ignoring
 
@@ -33,8 +37,31 @@ def _load_jvp_decompositions() -> None:
             fwad.make_dual(torch.zeros(()), torch.zeros(()))
 
 
-def dual_level() -> fwad.dual_level:
+class _BatchNormTangentsInTheirDtype(TorchFunctionMode):
+    """BatchNorm's output tangent in its primal's dtype.
+
+    Why: under autocast in bf16 (or fp16), a BatchNorm whose weight carries no tangent (a frozen
+    affine, or ``affine=False``) returns a bf16 output with a float32 tangent (torch 2.13's
+    forward-AD formula), and the next convolution refused the pair: "Input type
+    (torch.FloatTensor) and weight type (CPUBFloat16Type) should be the same". The exact step's
+    first check (:func:`metapl.mpl.student_checks.check_derivatives`) failed on such a student
+    in bf16 on the CPU. A tangent is the derivative of its primal, so it takes the primal's dtype,
+    as every other layer's does."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is F.batch_norm and isinstance(out, torch.Tensor):
+            primal, tangent = fwad.unpack_dual(out)
+            if tangent is not None and tangent.dtype != primal.dtype:
+                return fwad.make_dual(primal, tangent.to(primal.dtype))
+        return out
+
+
+@contextlib.contextmanager
+def dual_level() -> Iterator[None]:
     """``torch.autograd.forward_ad.dual_level()``, after torch's JVP decompositions are loaded
-    without their TorchScript warning (see the module's docstring)."""
+    without their TorchScript warning (see the module's docstring), with BatchNorm's tangents in
+    their primals' dtype (:class:`_BatchNormTangentsInTheirDtype`)."""
     _load_jvp_decompositions()
-    return fwad.dual_level()
+    with fwad.dual_level(), _BatchNormTangentsInTheirDtype():
+        yield
