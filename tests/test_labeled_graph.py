@@ -187,12 +187,11 @@ def test_the_steps_with_the_labeled_pass_replayed_are_the_steps_without(monkeypa
     teacher, student, x_l, y_l, x_u = make_problem("conv")
     for m in (teacher, student):  # the stand-in's replay draws its own dropout masks
         m.drop.p = 0.0
-    models = {name: (copy.deepcopy(teacher), copy.deepcopy(student)) for name in ("eager", "graph")}
     graphs: list = []
     monkeypatch.setattr(step_module, "check_cuda_student", lambda student: None)
     steps = {
-        "eager": _mpl(*models["eager"]),
-        "graph": _mpl(*models["graph"], labeled_cuda_graph=True),
+        "eager": _mpl(copy.deepcopy(teacher), copy.deepcopy(student)),
+        "graph": _mpl(copy.deepcopy(teacher), copy.deepcopy(student), labeled_cuda_graph=True),
     }
     steps["graph"]._labeled_graph = LabeledGraph(recording_capture(graphs))
     paths = []
@@ -203,12 +202,7 @@ def test_the_steps_with_the_labeled_pass_replayed_are_the_steps_without(monkeypa
         paths.append(steps["graph"].last_labeled_path)
     assert paths == ["eager", "graph", "graph"] and len(graphs) == 1
     assert steps["eager"].last_labeled_path is None
-    for (t_e, s_e), (t_g, s_g) in [(models["eager"], models["graph"])]:
-        for a, b in zip(
-            [*t_e.state_dict().values(), *s_e.state_dict().values()],
-            [*t_g.state_dict().values(), *s_g.state_dict().values()],
-        ):
-            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    _assert_same_models(steps["eager"], steps["graph"], rtol=1e-12, atol=1e-12)
 
 
 def test_labeled_cuda_graph_is_refused_with_another_estimator_and_on_a_cpu_student():
@@ -224,6 +218,47 @@ def test_labeled_cuda_graph_is_refused_with_another_estimator_and_on_a_cpu_stude
     with pytest.raises(ConfigError, match="needs the student on a CUDA device"):
         mpl.step(x_l, y_l, x_u)
     assert torch.equal(teacher.bn.running_mean, running)  # refused before the teacher's forward
+
+
+def _eager_and_graphed(teacher, student, batches) -> tuple[dict, list[str]]:
+    """The same exact steps from copies of the models and the same seeds, eagerly and with
+    labeled_cuda_graph; the steps (by name) and the graphed run's warnings. The two runs' models
+    are compared by :func:`_assert_same_models`."""
+    runs = {
+        "eager": _mpl(copy.deepcopy(teacher), copy.deepcopy(student)),
+        "graph": _mpl(copy.deepcopy(teacher), copy.deepcopy(student), labeled_cuda_graph=True),
+    }
+    messages: list[str] = []
+    for name, mpl in runs.items():
+        torch.manual_seed(2)
+        torch.cuda.manual_seed(2)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for batch in batches:
+                mpl.step(*batch)
+        if name == "graph":
+            messages = [str(w.message) for w in caught if "labeled_cuda_graph" in str(w.message)]
+    return runs, messages
+
+
+def _assert_same_models(a: MetaPseudoLabels, b: MetaPseudoLabels, rtol: float, atol: float):
+    for x, y in zip(
+        [*a.teacher.state_dict().values(), *a.student.state_dict().values()],
+        [*b.teacher.state_dict().values(), *b.student.state_dict().values()],
+    ):
+        torch.testing.assert_close(x, y, rtol=rtol, atol=atol)
+
+
+def _cuda_batches(n_labeled: int, n_unlabeled: int, shape: tuple, classes: int, steps: int):
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    return [
+        (
+            torch.randn(n_labeled, *shape, device="cuda", generator=gen),
+            torch.randint(0, classes, (n_labeled,), device="cuda", generator=gen),
+            torch.randn(n_unlabeled, *shape, device="cuda", generator=gen),
+        )
+        for _ in range(steps)
+    ]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs")
@@ -245,33 +280,10 @@ def test_on_a_gpu_the_replayed_labeled_pass_gives_the_eager_steps(dropout):
             return self.fc(self.drop(torch.relu(self.bn(self.conv(x))).mean(dim=(2, 3))))
 
     torch.manual_seed(0)
-    teacher, student = Net().cuda(), Net().cuda()
-    models = {name: (copy.deepcopy(teacher), copy.deepcopy(student)) for name in ("eager", "graph")}
-    steps = {
-        "eager": _mpl(*models["eager"]),
-        "graph": _mpl(*models["graph"], labeled_cuda_graph=True),
-    }
-    gen = torch.Generator(device="cuda").manual_seed(1)
-    batches = [
-        (
-            torch.randn(16, 3, 8, 8, device="cuda", generator=gen),
-            torch.randint(0, 5, (16,), device="cuda", generator=gen),
-            torch.randn(32, 3, 8, 8, device="cuda", generator=gen),
-        )
-        for _ in range(5)
-    ]
-    for name in ("eager", "graph"):
-        torch.manual_seed(2)
-        torch.cuda.manual_seed(2)
-        for batch in batches:
-            steps[name].step(*batch)
-    assert steps["graph"].last_labeled_path == "graph"
-    (t_e, s_e), (t_g, s_g) = models["eager"], models["graph"]
-    for a, b in zip(
-        [*t_e.state_dict().values(), *s_e.state_dict().values()],
-        [*t_g.state_dict().values(), *s_g.state_dict().values()],
-    ):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    batches = _cuda_batches(16, 32, (3, 8, 8), 5, steps=5)
+    runs, messages = _eager_and_graphed(Net().cuda(), Net().cuda(), batches)
+    assert runs["graph"].last_labeled_path == "graph" and not messages
+    _assert_same_models(runs["eager"], runs["graph"], rtol=1e-5, atol=1e-6)
 
 
 def test_the_config_key_is_refused_where_nothing_reads_it_and_reaches_the_step():
@@ -315,34 +327,8 @@ def test_on_a_gpu_a_student_that_cannot_be_captured_trains_eagerly_as_without_th
             return self.fc2(self.drop(torch.relu(self.fc1(x))))
 
     torch.manual_seed(0)
-    teacher, student = Syncing().cuda(), Syncing().cuda()
-    models = {name: (copy.deepcopy(teacher), copy.deepcopy(student)) for name in ("eager", "graph")}
-    steps = {
-        "eager": _mpl(*models["eager"]),
-        "graph": _mpl(*models["graph"], labeled_cuda_graph=True),
-    }
-    gen = torch.Generator(device="cuda").manual_seed(1)
-    batches = [
-        (
-            torch.randn(8, 6, device="cuda", generator=gen),
-            torch.randint(0, 4, (8,), device="cuda", generator=gen),
-            torch.randn(16, 6, device="cuda", generator=gen),
-        )
-        for _ in range(4)
-    ]
-    for name in ("eager", "graph"):
-        torch.manual_seed(2)
-        torch.cuda.manual_seed(2)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            for batch in batches:
-                steps[name].step(*batch)
-        if name == "graph":
-            assert [str(w.message) for w in caught if "labeled_cuda_graph" in str(w.message)]
-            assert steps["graph"].last_labeled_path == "eager"
-    (t_e, s_e), (t_g, s_g) = models["eager"], models["graph"]
-    for a, b in zip(
-        [*t_e.state_dict().values(), *s_e.state_dict().values()],
-        [*t_g.state_dict().values(), *s_g.state_dict().values()],
-    ):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    batches = _cuda_batches(8, 16, (6,), 4, steps=4)
+    runs, messages = _eager_and_graphed(Syncing().cuda(), Syncing().cuda(), batches)
+    assert len(messages) == 1 and "could not be captured" in messages[0]
+    assert runs["graph"].last_labeled_path == "eager"
+    _assert_same_models(runs["eager"], runs["graph"], rtol=1e-5, atol=1e-6)
