@@ -235,3 +235,45 @@ def test_an_option_set_after_construction_gets_the_constructions_checks(name, va
         mpl.step(x_l, y_l, x_u)
     after = [*teacher.state_dict().values(), *student.state_dict().values()]
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+@pytest.mark.parametrize("which", ["x_labeled", "y_labeled", "x_unlabeled", "teacher_x_unlabeled"])
+@pytest.mark.parametrize("estimator", ["exact", "first_order"])
+def test_a_batch_made_under_inference_mode_is_a_data_error_before_anything_moves(which, estimator):
+    """Autograd cannot save an inference tensor for a backward: the step failed inside a model's
+    forward with torch's "Inference tensors cannot be saved for backward"."""
+    from metapl.errors import DataError
+
+    teacher, student, x_l, y_l, x_u = make_problem("conv")
+    mpl = _sgd_mpl(teacher, student, estimator=estimator)
+    batch = {"x_labeled": x_l, "y_labeled": y_l, "x_unlabeled": x_u, "teacher_x_unlabeled": x_u}
+    with torch.inference_mode():
+        batch[which] = batch[which].clone()
+    before = copy.deepcopy((teacher.state_dict(), student.state_dict()))
+    with pytest.raises(DataError, match=f"^{which} was made under torch.inference_mode()"):
+        mpl.step(**batch)
+    for saved, model in zip(before, (teacher, student)):
+        for key, value in model.state_dict().items():
+            assert torch.equal(value, saved[key]), key
+
+
+def test_models_on_two_devices_are_a_config_error_before_anything_moves():
+    """torch's "Expected all tensors to be on the same device" came from the loss between the two
+    models' outputs; the meta device stands in for a second device (no GPU needed)."""
+    teacher, student, x_l, y_l, x_u = make_problem("conv")
+    mpl = _sgd_mpl(teacher.to("meta"), student)
+    before = copy.deepcopy(student.state_dict())
+    with pytest.raises(
+        ConfigError, match=f"^the teacher is on meta and the student on {x_l.device}"
+    ):
+        mpl.step(x_l, y_l, x_u)
+    for key, value in student.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    # a model spread over two devices (model parallel) is left to its own forward
+    teacher, student, x_l, y_l, x_u = make_problem("conv")
+    student.fc.to("meta")
+    mpl = _sgd_mpl(teacher, student)
+    try:
+        mpl.step(x_l, y_l, x_u)
+    except Exception as err:  # noqa: BLE001  (whatever torch says of meta tensors)
+        assert "the teacher is on" not in str(err)

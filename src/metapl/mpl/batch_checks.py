@@ -15,10 +15,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from metapl.errors import ConfigError, DataError
-from metapl.mpl.inputs import Input, ModelInput, model_input
+from metapl.mpl.inputs import Input, ModelInput, check_not_inference, model_input
 
 
 def as_logits(out, who: str) -> Tensor:
@@ -86,6 +86,7 @@ def check_shapes(x_l: ModelInput, y_l: Tensor, x_u: ModelInput, batch_dim: int) 
     # any integer dtype (the step takes them as int64); int8 was refused as "not integer"
     if y_l.is_floating_point() or y_l.is_complex() or y_l.dtype == torch.bool:
         raise DataError(f"y_labeled must be integer class indices, got dtype {y_l.dtype}")
+    check_not_inference("y_labeled", y_l)
     bd = batch_dim
     if x_l.batch_shape != tuple(y_l.shape):
         raise DataError(
@@ -96,6 +97,26 @@ def check_shapes(x_l: ModelInput, y_l: Tensor, x_u: ModelInput, batch_dim: int) 
     for what, x in (("x_labeled", x_l), ("x_unlabeled", x_u)):
         if x.size == 0:
             raise DataError(f"{what} has no examples (shape[:{bd + 1}] {x.batch_shape})")
+
+
+def _device_of(model: nn.Module) -> torch.device | None:
+    """The device of all the model's parameters, or None (none, or spread over several)."""
+    devices = {p.device for p in model.parameters()}
+    return devices.pop() if len(devices) == 1 else None
+
+
+def check_devices(teacher: nn.Module, student: nn.Module) -> None:
+    """The two models on one device: the student learns from the teacher's targets, and torch's
+    "Expected all tensors to be on the same device" came from the loss between them. A model
+    whose parameters are spread over devices (model parallel) is left to its own forward; the
+    batches are checked where the student is tried on them (``check_student_takes``: a student
+    may move its input itself)."""
+    t_dev, s_dev = _device_of(teacher), _device_of(student)
+    if t_dev is not None and s_dev is not None and t_dev != s_dev:
+        raise ConfigError(
+            f"the teacher is on {t_dev} and the student on {s_dev}: the student learns from the "
+            f"teacher's targets, so both must be on one device (teacher.to({str(s_dev)!r}))"
+        )
 
 
 def teacher_view(what: str, teacher_x: Input | None, x: ModelInput, batch_dim: int) -> ModelInput:

@@ -139,6 +139,18 @@ def holding(module: nn.Module, state: dict[str, Tensor]) -> Iterator[None]:
             table[leaf] = own
 
 
+def check_not_inference(name: str, tensor: Tensor) -> None:
+    """A DataError for a tensor made under ``torch.inference_mode()``: autograd cannot save it
+    for a backward, and the step failed inside a model's forward with torch's "Inference tensors
+    cannot be saved for backward"."""
+    if tensor.is_inference():
+        raise DataError(
+            f"{name} was made under torch.inference_mode(), and autograd cannot save such a "
+            f"tensor for the step's backward: make the batch outside inference mode (or pass "
+            f"{name}.clone() taken outside it)"
+        )
+
+
 def model_input(name: str, x: object, batch_dim: int) -> ModelInput:
     """``x`` (a tensor, a tuple or list of tensors, a dict of str -> tensor) as a
     :class:`ModelInput`, or a :class:`DataError` naming the part of ``x`` that is wrong."""
@@ -168,6 +180,7 @@ def model_input(name: str, x: object, batch_dim: int) -> ModelInput:
             )
         if not isinstance(leaf, Tensor):
             raise DataError(f"{leaf_name} must be a tensor, got {type(leaf).__name__}")
+        check_not_inference(leaf_name, leaf)
         if leaf.layout != torch.strided or leaf.is_nested:
             # the value checks, the joint teacher forward and the student's passes take dense
             # tensors only: torch's NotImplementedError came through from one of them

@@ -50,6 +50,7 @@ from metapl.losses import (
 )
 from metapl.mpl.batch_checks import (
     as_logits,
+    check_devices,
     check_finite_for_student_checks,
     check_label_range,
     check_learns,
@@ -359,6 +360,7 @@ class MetaPseudoLabels:
                 "teacher_extra_inputs are given, but no teacher_extra_loss reads their logits: "
                 "pass teacher_extra_loss to MetaPseudoLabels, or leave the extra inputs out"
             )
+        check_devices(self.teacher, self.student)
         # Every new size of x_l is tried for the exact step, which meets x_l only after the
         # student's step (the others before it: first_order's R_old, double_backward's
         # differentiable theta_{t+1}); the trial is invisible to the replayable student it needs.
