@@ -793,6 +793,29 @@ def test_state_dict_round_trips_step_count_and_baseline():
     assert exact.state_dict() == {"step_count": 7, "baseline": None}
 
 
+def test_a_loaded_baseline_of_another_shape_is_refused_before_anything_moves():
+    """A baseline from another run (one per member of a 3-model ensemble, say) broadcast
+    against this run's one reward: every advantage came from the wrong baseline."""
+    teacher, student, x_l, y_l, x_u = make_problem("mlp", seed=10)
+    mpl = MetaPseudoLabels(
+        teacher,
+        student,
+        torch.optim.SGD(teacher.parameters(), lr=0.1),
+        torch.optim.SGD(student.parameters(), lr=0.3),
+        estimator="first_order",
+        baseline_decay=0.5,
+    )
+    mpl.load_state_dict({"step_count": 5, "baseline": torch.zeros(3, dtype=x_l.dtype)})
+    before = copy.deepcopy((teacher.state_dict(), student.state_dict()))
+    with pytest.raises(ConfigError, match=r"baseline has shape \(3,\), this batch's reward \(\)"):
+        mpl.step(x_l, y_l, x_u)
+    for saved, model in zip(before, (teacher, student)):
+        for key, value in model.state_dict().items():
+            assert torch.equal(value, saved[key]), key
+    mpl.load_state_dict({"step_count": 5, "baseline": torch.tensor(0.25, dtype=x_l.dtype)})
+    assert "advantage" in mpl.step(x_l, y_l, x_u)
+
+
 def test_teacher_logits_carry_the_step_count():
     teacher, student, x_l, y_l, x_u = make_problem("conv", seed=1)
     steps = []

@@ -119,6 +119,21 @@ def check_devices(teacher: nn.Module, student: nn.Module) -> None:
         )
 
 
+def check_baseline_shape(baseline: Tensor, x_l: ModelInput) -> None:
+    """The first-order baseline holds one value per ensemble member of this batch (``()``
+    without an ensemble): one loaded from another run's state (:meth:`load_state_dict`) was
+    broadcast against the reward, every member's advantage from the wrong baseline, or failed
+    after the student had stepped."""
+    members = x_l.batch_shape[:-1]
+    if tuple(baseline.shape) != members:
+        raise ConfigError(
+            f"the first-order baseline has shape {tuple(baseline.shape)}, this batch's reward "
+            f"{members} (one per ensemble member): was the state_dict loaded from another run? "
+            "Load a matching one, or load_state_dict({'step_count': n, 'baseline': None}) to "
+            "start the baseline again"
+        )
+
+
 def teacher_view(what: str, teacher_x: Input | None, x: ModelInput, batch_dim: int) -> ModelInput:
     """What the teacher sees of the batch ``x``: ``teacher_x``, or ``x`` itself when None.
     It must hold the same examples as the student's: its logits pair with y_labeled and the

@@ -50,6 +50,7 @@ from metapl.losses import (
 )
 from metapl.mpl.batch_checks import (
     as_logits,
+    check_baseline_shape,
     check_devices,
     check_finite_for_student_checks,
     check_label_range,
@@ -341,6 +342,8 @@ class MetaPseudoLabels:
         x_u = model_input("x_unlabeled", x_unlabeled, bd)
         self._check_optimizers()
         check_shapes(x_l, y_labeled, x_u, bd)
+        if self.baseline is not None and self.baseline_decay is not None:
+            check_baseline_shape(self.baseline, x_l)
         t_l = teacher_view("teacher_x_labeled", teacher_x_labeled, x_l, bd)
         t_u = teacher_view("teacher_x_unlabeled", teacher_x_unlabeled, x_u, bd)
         if teacher_extra_inputs is None or isinstance(teacher_extra_inputs, Tensor | Mapping | str):
