@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything the open issues ask of a GPU, in one command. A session is lent 15 minutes of device
 # time in all (the machine's start, 1-2 minutes, included) and one command may run 10 minutes, so
-# this is ONE call: every step has its own time limit (the sum is 900 s, over one call's 600: a
+# this is ONE call: every step has its own time limit (the sum is 930 s, over one call's 600: a
 # session leaves out with SKIP what it does not need; the steps usually take about 60% of their
 # limits) and the steps run in the order of what matters most, so a step that hangs or
 # fails costs its own limit and nothing after it, and a call given less time (the device tool's
@@ -28,7 +28,8 @@
 #      no process group forms: NCCL itself needs a machine with 2 or more GPUs)
 #   5. issue 5: benchmarks/profile_step.py: where the first-order and exact steps' time and memory
 #      go (per phase, top kernels, the engine's step with and without the batch made ahead, what
-#      holds device memory between steps)
+#      holds device memory between steps), and the exact step again with BatchNorm's tangent
+#      computing its statistics again (what reading the update pass's saves)
 #   6. benchmarks/goals.py: issue 5's bars against the bench files, met or not
 #   7. issue 5: `metapl bench` in fp32 (TF32 policy, numerics)
 #   8. issue 5's torch.compile and CUDA-graph levers: step 3 again, 100 steps, with --set
@@ -98,8 +99,8 @@ step torchrun 40 python3 -m torch.distributed.run --nproc_per_node 1 -m metapl t
   --preset digits-uda-mpl --device $dev --steps 20 --set warmup_steps=5 --set eval_every=10 \
   --set finetune_steps=0 --out /tmp/metapl_torchrun_run \
   --quiet
-step profile 90 python3 benchmarks/profile_step.py --device $dev --precision bf16 \
-  --variants none --memory-origins --out "$results" "${profile_size[@]}"
+step profile 120 python3 benchmarks/profile_step.py --device $dev --precision bf16 \
+  --variants recompute_bn_stats --memory-origins --out "$results" "${profile_size[@]}"
 step goals 10 python3 benchmarks/goals.py "$results"  # issue 5's bars, met or not, into session.log
 step bench_fp32 90 python3 -m metapl bench --quiet --device $dev --precision fp32 \
   "${bench_size[@]}" --json "$results/bench_${gpu}_fp32.json"

@@ -14,7 +14,10 @@ two teacher views) on CIFAR-shaped random images, as `metapl bench` builds them:
 - with ``--memory-origins`` (CUDA): the blocks of device memory held between steps, with the code
   that allocated them;
 - with ``--variants compile_tangent``: the exact step with its tangent pass torch.compile'd (tried
-  in session 35: slower, 108.9 ms a step).
+  in session 35: slower, 108.9 ms a step);
+- with ``--variants recompute_bn_stats``: the exact step with BatchNorm's tangent computing the
+  batch statistics again, as before session 36, instead of reading the update pass's (what the
+  saved statistics save, in the same process).
 
 Writes one JSON (and a profiler table per estimator, as text) to ``--out``. On the H200:
 
@@ -291,6 +294,12 @@ def memory_origins(args, estimator: str, dev: torch.device) -> list[dict]:
     return rows[:30]
 
 
+def no_saved_bn_stats(out) -> None:
+    """The ``recompute_bn_stats`` variant's stand-in for ``tangent_ops.saved_bn_stats`` (a named
+    function: the record graph's code cannot call a lambda)."""
+    return None
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--device", default="cuda", choices=("cpu", "cuda"))
@@ -303,7 +312,8 @@ def main() -> None:
     p.add_argument(
         "--variants",
         default="none",
-        help="experiments after the estimators: compile_tangent (or none)",
+        help="experiments after the estimators, comma-separated: compile_tangent, "
+        "recompute_bn_stats (or none)",
     )
     p.add_argument("--numerics", action="store_true", help="exact runs: cosine with float64")
     p.add_argument(
@@ -319,6 +329,16 @@ def main() -> None:
         results.append(profile_estimator(args, estimator, dev, args.out))
         if dev.type == "cuda":
             torch.cuda.empty_cache()
+    if "recompute_bn_stats" in args.variants.split(","):
+        from metapl.mpl import tangent_ops
+
+        saved = tangent_ops.saved_bn_stats
+        # (read when the record graph is built: this run's tape is built after the patch)
+        tangent_ops.saved_bn_stats = no_saved_bn_stats
+        try:
+            results.append(profile_estimator(args, "exact", dev, args.out, "exact_recompute_bn"))
+        finally:
+            tangent_ops.saved_bn_stats = saved
     if "compile_tangent" in args.variants.split(","):
         from metapl.mpl.tangent import TangentTape
 
