@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything the open issues ask of a GPU, in one command. A session is lent 15 minutes of device
 # time in all (the machine's start, 1-2 minutes, included) and one command may run 10 minutes, so
-# this is ONE call: every step has its own time limit (the sum is 930 s, over one call's 600: a
+# this is ONE call: every step has its own time limit (the sum is 900 s, over one call's 600: a
 # session leaves out with SKIP what it does not need; the steps usually take about 60% of their
 # limits) and the steps run in the order of what matters most, so a step that hangs or
 # fails costs its own limit and nothing after it, and a call given less time (the device tool's
@@ -30,13 +30,15 @@
 #      go (per phase, top kernels, the engine's step with and without the batch made ahead, what
 #      holds device memory between steps), and the exact step again with BatchNorm's tangent
 #      computing its statistics again (what reading the update pass's saves)
-#   6. benchmarks/goals.py: issue 5's bars against the bench files, met or not
-#   7. issue 5: `metapl bench` in fp32 (TF32 policy, numerics)
-#   8. issue 5's torch.compile and CUDA-graph levers: step 3 again, 100 steps, with --set
+#   6. benchmarks/bn_kernels.py: BatchNorm's kernels at WRN-28-2's shapes, by memory format and
+#      dtype (session 36 found them half the exact step's device time)
+#   7. benchmarks/goals.py: issue 5's bars against the bench files, met or not
+#   8. issue 5: `metapl bench` in fp32 (TF32 policy, numerics)
+#   9. issue 5's torch.compile and CUDA-graph levers: step 3 again, 100 steps, with --set
 #      compile=true in torch.compile's reduce-overhead mode (CUDA graphs; the teacher compiled,
 #      the exact step's student cannot be) and the labeled pass in a CUDA graph; the first 10
 #      steps, compiling, are not timed
-#   9. both CUDA-graph levers in a whole `metapl train` (digits UDA+MPL, 20 steps with evaluations
+#  10. both CUDA-graph levers in a whole `metapl train` (digits UDA+MPL, 20 steps with evaluations
 #      and checkpoints, then resumed to 30)
 #
 # SKIP="NAME ..." leaves those steps out (a session with less device time left).
@@ -60,7 +62,8 @@ if [ "${SMOKE:-0}" = 1 ]; then
 fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 status=0
-# At most 8 files come back from a device call: one log (session.log) and the JSON results.
+# At most 8 files come back from a device call: one log (session.log) and the JSON results (and
+# the profile step's tables); a call that runs every step writes more: leave some out with SKIP.
 step() {  # NAME SECONDS COMMAND...: run under a time limit, append to session.log, go on
   local name=$1 limit=$2; shift 2
   case " ${SKIP:-} " in *" $name "*) echo "== $name: skipped (SKIP)" | tee -a "$results/session.log"; return;; esac
@@ -101,6 +104,8 @@ step torchrun 40 python3 -m torch.distributed.run --nproc_per_node 1 -m metapl t
   --quiet
 step profile 120 python3 benchmarks/profile_step.py --device $dev --precision bf16 \
   --variants recompute_bn_stats --memory-origins --out "$results" "${profile_size[@]}"
+step bn_kernels 60 python3 benchmarks/bn_kernels.py --device $dev --json "$results/bn_kernels_${gpu}.json" \
+  $([ "$dev" = cpu ] && echo --scale 0.01 --repeats 2)
 step goals 10 python3 benchmarks/goals.py "$results"  # issue 5's bars, met or not, into session.log
 step bench_fp32 90 python3 -m metapl bench --quiet --device $dev --precision fp32 \
   "${bench_size[@]}" --json "$results/bench_${gpu}_fp32.json"
