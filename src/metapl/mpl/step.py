@@ -202,10 +202,11 @@ class MetaPseudoLabels:
         labeled_cuda_graph: exact estimator on a CUDA student: replay its labeled pass at
             theta_{t+1} (forward on the labeled batch and v = grad R) from a CUDA graph, captured
             at the second step of each batch shape (:mod:`metapl.mpl.labeled_graph`). The same
-            function, launched once instead of some 350 times: on an H200 the exact step is bound
-            by the host's launches. Costs the pass's memory, held by the graph between steps; a
-            student that cannot be captured (a host sync in its forward) runs eagerly, with a
-            warning. ``last_labeled_path`` says which the last step took.
+            function, launched once instead of some 350 times. It pays where the host holds the
+            step up: an H200's training step 66.1 -> 59.8 ms, the step alone unchanged. It costs
+            the pass's memory, held by the graph between steps. A student that cannot be captured
+            (a host sync in its forward) runs eagerly, with a warning. ``last_labeled_path`` says
+            which the last step took.
     """
 
     def __init__(
