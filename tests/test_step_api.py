@@ -745,18 +745,22 @@ def test_student_labeled_weight_adds_the_labels_to_the_students_own_step():
     torch.testing.assert_close(metrics["student_unlabeled"], unlabeled.detach(), rtol=1e-12, atol=0)
 
 
+def _first_order_with_baseline(teacher: nn.Module, student: nn.Module) -> MetaPseudoLabels:
+    """A first-order step with a moving-average baseline (the state_dict's baseline)."""
+    return MetaPseudoLabels(
+        teacher,
+        student,
+        torch.optim.SGD(teacher.parameters(), lr=0.1),
+        torch.optim.SGD(student.parameters(), lr=0.3),
+        estimator="first_order",
+        baseline_decay=0.5,
+    )
+
+
 def test_state_dict_round_trips_step_count_and_baseline():
     teacher, student, x_l, y_l, x_u = make_problem("mlp", seed=10)
 
-    def build(t, s):
-        return MetaPseudoLabels(
-            t,
-            s,
-            torch.optim.SGD(t.parameters(), lr=0.1),
-            torch.optim.SGD(s.parameters(), lr=0.3),
-            estimator="first_order",
-            baseline_decay=0.5,
-        )
+    build = _first_order_with_baseline
 
     mpl = build(teacher, student)
     for i in range(3):
@@ -797,14 +801,7 @@ def test_a_loaded_baseline_of_another_shape_is_refused_before_anything_moves():
     """A baseline from another run (one per member of a 3-model ensemble, say) broadcast
     against this run's one reward: every advantage came from the wrong baseline."""
     teacher, student, x_l, y_l, x_u = make_problem("mlp", seed=10)
-    mpl = MetaPseudoLabels(
-        teacher,
-        student,
-        torch.optim.SGD(teacher.parameters(), lr=0.1),
-        torch.optim.SGD(student.parameters(), lr=0.3),
-        estimator="first_order",
-        baseline_decay=0.5,
-    )
+    mpl = _first_order_with_baseline(teacher, student)
     mpl.load_state_dict({"step_count": 5, "baseline": torch.zeros(3, dtype=x_l.dtype)})
     before = copy.deepcopy((teacher.state_dict(), student.state_dict()))
     with pytest.raises(ConfigError, match=r"baseline has shape \(3,\), this batch's reward \(\)"):
@@ -1027,14 +1024,7 @@ def test_a_student_with_nan_weights_is_named_as_such_on_the_first_exact_step():
 )
 def test_load_state_dict_refuses_a_state_it_cannot_use_and_changes_nothing(state):
     teacher, student, x_l, y_l, x_u = make_problem("mlp")
-    mpl = MetaPseudoLabels(
-        teacher,
-        student,
-        torch.optim.SGD(teacher.parameters(), lr=0.1),
-        torch.optim.SGD(student.parameters(), lr=0.3),
-        estimator="first_order",
-        baseline_decay=0.5,
-    )
+    mpl = _first_order_with_baseline(teacher, student)
     mpl.step(x_l, y_l, x_u)
     before = mpl.state_dict()
     with pytest.raises(ConfigError, match="state_dict"):
