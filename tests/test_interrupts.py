@@ -396,3 +396,39 @@ def test_workers_are_the_main_processs_children_whatever_pythons_default_start_m
             assert pool.submit(_parent_pid).result(timeout=60) == os.getpid()
     finally:
         multiprocessing.set_start_method(before, force=True)
+
+
+def _hold_the_bar_lock_and_die(_: object) -> dict:
+    """A worker killed while it writes a progress bar (holding tqdm's write lock)."""
+    from tqdm import tqdm
+
+    tqdm.get_lock().acquire()
+    os.kill(os.getpid(), signal.SIGKILL)
+    return {}
+
+
+def test_a_worker_killed_while_writing_a_bar_leaves_the_main_processs_bars_working():
+    """tqdm's default write lock holds a multiprocessing lock that a fork shares: a worker killed
+    holding it (Ctrl-C kills the running workers) kept it locked, and the main process's next
+    progress bar waited forever (a CI run of the tests hung in a later test's bar)."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    from tqdm import tqdm
+
+    from metapl.experiments.workers import worker_pool
+
+    main_lock = tqdm.get_lock()  # made before the fork, as in a command that shows a bar
+    with pytest.raises(BrokenProcessPool), worker_pool(1) as pool:
+        pool.submit(_hold_the_bar_lock_and_die, None).result(timeout=60)
+    held = []
+    for lock in getattr(main_lock, "locks", [main_lock]):
+        if lock.acquire(timeout=5):
+            lock.release()
+        else:
+            held.append(lock)
+    if held:  # new locks, so that the tests after this one in this process can show bars
+        from tqdm.std import TqdmDefaultWriteLock
+
+        TqdmDefaultWriteLock.mp_lock = multiprocessing.RLock()
+        tqdm.set_lock(TqdmDefaultWriteLock())
+    assert not held, "a lock of the main process's progress bars is held by a dead worker"

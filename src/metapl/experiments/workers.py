@@ -28,6 +28,8 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
+from tqdm import tqdm
+
 from metapl.errors import MetaplError
 from metapl.train.stopping import STOP_SIGNALS, Stopped, StopSignals
 
@@ -54,6 +56,11 @@ def _start_worker(stopped_by: Any) -> None:
         signal.signal(signum, signal.SIG_DFL)
     # the main process (see _worker_context), read once at start
     threading.Thread(target=_exit_when_orphaned, args=(os.getppid(),), daemon=True).start()
+    # A lock of its own for the worker's progress bars. tqdm's default one holds a multiprocessing
+    # lock that the fork shares with the main process: a worker killed while it wrote (Ctrl-C
+    # kills the running ones) kept it locked, and the main process's next bar waited forever (a
+    # test run hung in session 36's CI check).
+    tqdm.set_lock(threading.RLock())
 
 
 def _worker_context() -> multiprocessing.context.BaseContext | None:
