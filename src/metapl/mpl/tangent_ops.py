@@ -327,8 +327,6 @@ def bn_tangent(
     pass over x instead of two), and without dgamma no pass over x is needed for them."""
     if dx is None and dgamma is None and dbeta is None:
         return None
-    if batch_stats and saved is not None:
-        return _bn_tangent_saved(x, dx, gamma, dgamma, dbeta, saved, eps)
     shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
     stat_dtype = torch.float32 if x.dtype in LOW_PRECISION else x.dtype
 
@@ -336,7 +334,15 @@ def bn_tangent(
         return None if t is None else t.to(stat_dtype)
 
     rm, rv = (None, None) if batch_stats else (f(running_mean), f(running_var))
-    if dgamma is not None or batch_stats:
+    if batch_stats and saved is not None:
+        mean, rstd = f(saved[0]), f(saved[1])
+        out = None
+        if dgamma is not None:
+            # dgamma * (x - mean) * rstd + dbeta: eval mode's kernel, given the variance whose
+            # 1 / sqrt(var + eps) is rstd
+            var = rstd.pow(-2).sub_(eps)
+            out = aten.native_batch_norm(x, f(dgamma), f(dbeta), mean, var, False, 0.0, eps)[0]
+    elif dgamma is not None or batch_stats:
         weight = f(dgamma)
         if weight is None and stat_dtype != x.dtype:
             # A float32 parameter, or a CPU's kernel computes bf16 statistics (and the backward
@@ -357,29 +363,5 @@ def bn_tangent(
         d_in = aten.native_batch_norm_backward(
             dx.to(x.dtype), x, f(gamma), rm, rv, mean, rstd, batch_stats, eps, mask
         )[0]
-        out = plus(out, d_in)
-    return out
-
-
-def _bn_tangent_saved(x, dx, gamma, dgamma, dbeta, saved, eps):
-    """:func:`bn_tangent` with batch statistics that the update pass saved (``saved``)."""
-    mean, rstd = saved
-    stat_dtype = mean.dtype
-    out = None
-    if dgamma is not None:
-        # dgamma * (x - mean) * rstd + dbeta: eval mode's kernel, given the variance whose
-        # 1 / sqrt(var + eps) is rstd
-        var = rstd.pow(-2).sub_(eps)
-        out = aten.native_batch_norm(
-            x, dgamma.to(stat_dtype), None if dbeta is None else dbeta.to(stat_dtype),
-            mean, var, False, 0.0, eps,
-        )[0]  # fmt: skip
-    elif dbeta is not None:
-        out = dbeta.to(stat_dtype).reshape((1, x.shape[1]) + (1,) * (x.dim() - 2))
-    if dx is not None:
-        d_in = aten.native_batch_norm_backward(
-            dx.to(x.dtype), x, None if gamma is None else gamma.to(stat_dtype), None, None,
-            mean, rstd, True, eps, [True, False, False],
-        )[0]  # fmt: skip
         out = plus(out, d_in)
     return out
