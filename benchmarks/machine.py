@@ -12,7 +12,9 @@ from pathlib import Path
 import torch
 
 from metapl.atomic import write_json_atomically
-from metapl.bench import cpu_description
+from metapl.bench import cpu_description, source_digest
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def describe() -> dict:
@@ -25,13 +27,27 @@ def describe() -> dict:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        # the code measured, also where git_commit is not it (uncommitted changes)
+        "metapl_source_sha256": source_digest(),
     }
     try:
         info["git_commit"] = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.strip()
+        # changes to the code not in that commit: then only the source digest names it
+        info["git_uncommitted_changes"] = bool(
+            subprocess.run(
+                ["git", "-C", str(REPO), "status", "--porcelain", "--", "src", "benchmarks"],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
+        )
     except (OSError, subprocess.CalledProcessError):
-        info["git_commit"] = None
+        info["git_commit"] = info["git_uncommitted_changes"] = None
     return info
 
 

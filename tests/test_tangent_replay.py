@@ -32,7 +32,7 @@ from metapl.errors import ConfigError
 from metapl.models import create_model
 from metapl.mpl.jvp import MAX_TAPES
 from metapl.mpl.tangent import TangentTape, TapeUnsupportedError, tolerance
-from metapl.mpl.tangent_ops import ones_with_layout
+from metapl.mpl.tangent_ops import PackedSigns, ones_with_layout
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -817,14 +817,20 @@ def test_the_tape_keeps_nothing_autograd_does_not_keep_for_the_backward(name):
     assert saved
     extra = [t.shape for t in saved if t.untyped_storage().data_ptr() not in kept_by_autograd]
     assert extra == []
+    # beyond autograd's: an activation's signs, 1 bit an element, where the tape keeps neither
+    # its input nor its output
+    for signs in (v for v in record.saved if isinstance(v, PackedSigns)):
+        assert signs.bits.dtype == torch.uint8
+        assert signs.bits.numel() == -(-signs.shape.numel() // 8)
 
 
 def test_the_tape_keeps_one_of_leaky_relus_input_and_output_where_a_convolution_reads_it():
     """Reading leaky_relu's input everywhere kept both it and its output (which the next
     convolution's rule keeps) through the tangent pass: on the H200 the exact step's peak rose
     330 MiB above the first-order step's. Where a convolution reads the output, the tape reads
-    the output; where nothing keeps it (WRN's last activation, before the pooling), the input,
-    which autograd keeps anyway."""
+    the output; where nothing keeps either (WRN's last activation, before the pooling), neither:
+    the input's signs, packed (the input, kept into the update pass's backward after autograd
+    freed it, put the exact step's peak 14 MiB above the first-order step's)."""
     model = create_model("wrn28_2", 10).to(DT).train()
     tape = TangentTape(model, list(model.parameters()))
     saved = set(tape._saved_keys)
@@ -835,6 +841,57 @@ def test_the_tape_keeps_one_of_leaky_relus_input_and_output_where_a_convolution_
     for node in leaky:
         x = node.args[0]
         if node in conv_fed:
-            assert node in saved and x not in saved, node
+            assert node in saved and x not in saved and ("signs", x) not in saved, node
         else:  # the last one
-            assert x in saved and node not in saved, node
+            assert x not in saved and node not in saved and ("signs", x) in saved, node
+
+
+class Activations(nn.Module):
+    """Each way to write a ReLU or leaky ReLU, with its input and output read by other layers or
+    not: ``kept`` says which the tape should read (input, output, or the input's packed signs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 1)
+        self.relu = nn.ReLU()
+        self.leaky = nn.LeakyReLU(0.1)
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x):
+        h = self.conv(x)
+        a = self.relu(h)  # output read by the BatchNorm: the output
+        b = self.bn(a)
+        c = F.leaky_relu(b, 0.2)  # input also read by conv2 (through b): the input
+        d = self.conv2(b) + c
+        e = d.relu()  # read by the pooling only: signs
+        f = torch.relu(d) + F.relu(d) + self.leaky(d) + F.leaky_relu(d, -0.3)  # signs (all four)
+        return self.fc((e + f).mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_activations_read_what_another_rule_keeps_else_packed_signs_exactly(channels_last):
+    """The packed signs give forward AD's J (to float64 rounding) in either memory layout, for
+    each spelling of the activations, where neither input nor output is kept by another rule."""
+    torch.manual_seed(0)
+    model = with_random_bn(Activations()).to(DT).train()
+    x = torch.randn(3, 3, 6, 6, dtype=DT, generator=torch.Generator().manual_seed(2))
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.to(memory_format=torch.channels_last)
+    tape, record, logits, native, j_tape, j_ref = tape_vs_native(model, x)
+    assert j_ref.norm() > 1e-6
+    assert rel_err(j_tape, j_ref) <= 1e-10, rel_err(j_tape, j_ref)
+    saved = set(tape._saved_keys)
+    acts = {s.node.name: s.node for s in tape._steps if s.node.name != "x"}
+    relu, leaky = acts["relu"], acts["leaky_relu"]
+    assert relu in saved and relu.args[0] not in saved  # the BatchNorm keeps the output
+    assert leaky.args[0] in saved and leaky not in saved  # conv2 keeps the input
+    # the five activations of d read one packing of its signs, and neither d nor their outputs
+    d = acts["add"]
+    assert [k for k in saved if isinstance(k, tuple) and k[0] == "signs"] == [("signs", d)]
+    readers = list(d.users)
+    assert len(readers) == 5 and not saved & {d, *readers}
+    (packed,) = [v for v in record.saved if isinstance(v, PackedSigns)]
+    assert packed.unpack().shape == (3, 4, 6, 6) and packed.bits.numel() == 3 * 4 * 6 * 6 // 8

@@ -2,7 +2,8 @@
 
 Times the median of ``repeats`` runs after ``warmup`` runs (CUDA: synchronized around each run, one
 kind after another, and records peak memory with ``max_memory_allocated`` per kind; CPU: the kinds
-in interleaved rounds, so that load changes on a shared machine hit all alike; no peak memory). The
+in interleaved rounds, so that load changes on a shared machine hit all alike, then each kind's
+peak of live tensor memory, built afresh under :class:`metapl.live_memory.LiveTensorMemory`). The
 setup follows docs/design.md §3: labeled batch B, unlabeled 7B, the teacher seeing two unlabeled
 views (UDA). JSON: ``{"machine": ..., "results": [{"name", "ms", "peak_mib", ...}], "numerics":
 {"cosine", ...}}``; "numerics" compares the exact teacher gradient under the precision policy on the
@@ -12,6 +13,7 @@ device with a float64 CPU reference on the same weights and batch.
 from __future__ import annotations
 
 import gc
+import hashlib
 import os
 import platform
 import statistics
@@ -26,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from metapl.errors import ConfigError, WriteError
+from metapl.live_memory import LiveTensorMemory
 from metapl.progress import progress_bar
 from metapl.report import check_not_a_folder_name, check_not_a_result, write_json_atomic
 
@@ -52,8 +55,21 @@ def cpu_description() -> dict:
     return {"cpu": model, "cpu_bf16_flags": [f for f in BF16_CPU_FLAGS if f in flags]}
 
 
+def source_digest() -> str:
+    """SHA-256 (first 16 hex digits) of the installed metapl package's Python files, path and bytes,
+    in path order: names the code a result was measured with where a commit cannot (a copy of a
+    working tree with uncommitted changes, as the GPU machine gets, reports its last commit)."""
+    root = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
 def _machine(device: torch.device) -> dict:
     info = {
+        "metapl_source_sha256": source_digest(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -103,7 +119,7 @@ def _time_interleaved(
     """CPU: every function once per round, round after round, so that a change in the machine's
     load (other processes, frequency) hits all of them alike and their ratios stay fair; timed
     one after another, separate runs of the same command drift by up to 10% on a shared machine.
-    No peak memory on a CPU."""
+    Peak memory comes after, from :func:`_cpu_peak_mib` (its dispatch mode would slow these)."""
     for _ in range(warmup):
         for fn in fns:
             fn()
@@ -119,6 +135,20 @@ def _time_interleaved(
         {"ms": statistics.median(t), "ms_all": t, "peak_mib": None, "peak_reserved_mib": None}
         for t in times
     ]
+
+
+def _cpu_peak_mib(make_step: Callable[[], Callable[[], object]], warmup: int) -> float:
+    """CPU: the peak of live tensor memory in one step of a kind, counting its models, optimizer
+    state and data (built inside the count, as they are on the GPU's device), after ``warmup``
+    steps (the first steps' checks and traces, and optimizer state made at the first step)."""
+    gc.collect()  # an earlier kind's run: freed before this one's storages are counted
+    with LiveTensorMemory("cpu") as live:
+        step = make_step()
+        for _ in range(warmup):
+            step()
+        live.reset_peak()
+        step()
+        return live.peak_mib
 
 
 def synthetic_cifar_split(n: int, rng: np.random.RandomState):
@@ -211,7 +241,7 @@ def run_bench(
     progress: Callable[[str], None] = print,
     show_progress: bool = True,
 ) -> dict:
-    from metapl.train.batches_ahead import batches_for
+    from metapl.train.batches_ahead import BatchesAhead, batches_for
     from metapl.train.config import TrainConfig, apply_overrides
     from metapl.train.data import BatchSource
     from metapl.train.engine import resolve_device
@@ -255,11 +285,14 @@ def run_bench(
     supervised = config("supervised", batch_size=n_u)
     first_kind = method_and_batch(supervised)
     # GPU: each kind is timed as soon as it is built, alone in memory but for the exact run (peak
-    # memory is per kind); CPU: all are built first and timed in interleaved rounds.
+    # memory is per kind); CPU: all are built first and timed in interleaved rounds, then each is
+    # built again, alone, for its peak memory (``makers``).
     benches: list[tuple[str, Callable[[], object] | dict, dict]] = []
+    makers: dict[str, Callable[[], Callable[[], object]]] = {}
     kinds = 8 if on_gpu else 7  # (the labeled pass in a CUDA graph: on a GPU only)
     bar = progress_bar(
-        total=kinds if on_gpu else warmup + repeats,
+        # CPU: a kind's peak memory (a few steps) counts as one more round
+        total=kinds if on_gpu else warmup + repeats + kinds,
         unit="kind" if on_gpu else "round",
         desc="metapl bench",
         disable=not show_progress,
@@ -273,10 +306,15 @@ def run_bench(
         else:
             benches.append((name, fn, meta))
 
+    def stepper(built: tuple) -> Callable[[], object]:
+        run, _, batch = built
+        return lambda: run.method.step(batch)
+
     def bench(name: str, cfg: TrainConfig, built: tuple | None = None, **meta) -> tuple:
-        run, source, batch = built or method_and_batch(cfg)
-        add(name, lambda: run.method.step(batch), meta)
-        return run, source, batch
+        built = built or method_and_batch(cfg)
+        add(name, stepper(built), meta)
+        makers[name] = lambda: stepper(method_and_batch(cfg))
+        return built
 
     # 1. the student's supervised update alone, on the unlabeled-sized batch (built above)
     bench("student_supervised_step", supervised, first_kind, images=n_u)
@@ -297,13 +335,23 @@ def run_bench(
     bench("exact_mpl_step_forward_ad", config("uda_mpl", mpl_jvp="forward_ad"), jvp="forward_ad")
     # 5. the same exact UDA+MPL step with the teacher's MPL gradient by double backward
     bench("double_backward_mpl_step", config("uda_mpl", mpl_estimator="double_backward"))
+
+    def training_steps(run: Run, source: BatchSource) -> Callable[[], object]:
+        batches = batches_for(source, dev, last_step=10**9)
+        if batches is not source:  # a worker thread (GPU), stopped at the end
+            closing.append(batches)
+        steps = iter(range(1, 10**9))
+        return lambda: run.method.step(batches.batch(next(steps)))
+
+    def fresh_training_steps() -> Callable[[], object]:
+        run, source, _ = method_and_batch(config("uda_mpl"))
+        return training_steps(run, source)
+
+    closing: list[BatchesAhead] = []
     # 6. a whole training step as `metapl train` takes it: per-image RandAugment + data loading +
     # the exact UDA+MPL step; on a GPU the next step's batch is made on a background thread
-    batches = batches_for(source, dev, last_step=10**9)
-    step = iter(range(1, 10**9))
-    add("train_step_exact_uda_mpl", lambda: exact_run.method.step(batches.batch(next(step))), {})
-    if batches is not source:
-        batches.close()
+    add("train_step_exact_uda_mpl", training_steps(exact_run, source), {})
+    makers["train_step_exact_uda_mpl"] = fresh_training_steps
 
     assert len(benches) == kinds, "update `kinds` (the progress bar's length)"
     # add() stored each kind's timing on the GPU, the function to time on the CPU
@@ -313,6 +361,12 @@ def run_bench(
         bar.set_postfix_str(f"{len(benches)} kinds of step per round")
         fns = cast(list[Callable[[], object]], [fn for _, fn, _ in benches])
         timings = _time_interleaved(fns, warmup, repeats, bar)
+        bar.set_postfix_str("peak memory, one kind at a time")
+        for (name, _, _), timing in zip(benches, timings):
+            timing["peak_mib"] = _cpu_peak_mib(makers[name], warmup=2)
+            bar.update()
+    for batches in closing:
+        batches.close()
     bar.close()
     results = []
     for (name, _, meta), timing in zip(benches, timings):
@@ -338,6 +392,11 @@ def run_bench(
             "repeats": repeats,
             "warmup": warmup,
             "timing": "one kind after another" if on_gpu else "interleaved rounds",
+            # what "peak_mib" counts: the caching allocator's peak, or live tensor storages only
+            # (no operator's scratch space: a lower bound), each kind built alone
+            "peak_memory": "torch.cuda.max_memory_allocated"
+            if on_gpu
+            else "live tensor storages (metapl.live_memory), one step after 2",
         },
         "results": results,
         "ratios": ratios,

@@ -578,7 +578,9 @@ def build_parser() -> argparse.ArgumentParser:
         "bench",
         help="time and measure each kind of step (supervised, UDA, first-order, exact, ...)",
         description=(
-            "Median milliseconds (after warm-up) and peak GPU memory of: the student's supervised "
+            "Median milliseconds (after warm-up) and peak memory (GPU: the allocator's peak; CPU: "
+            "the live tensors', counted in a step of each kind built again) of: the student's "
+            "supervised "
             "step, the teacher's UDA step, the first-order and the exact UDA+MPL steps (the exact "
             "one twice: J by the tangent tape, as training runs use, and by forward-mode AD, the "
             "library's default), the same exact step by double backward, and a whole training "

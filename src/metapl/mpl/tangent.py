@@ -43,10 +43,12 @@ fx records ``x += y`` as an out-of-place add: equal to the module unless another
 old value is read later (then the first-use comparison sees the difference).
 
 Memory: the saved primals are tensors autograd keeps for the update pass's backward anyway (a test
-holds the registry's models to it), and where a rule may read either of two (leaky_relu's input or
-output), it reads the one another rule keeps (the output, where a convolution reads it). They live
-on until the tangent pass (through the labeled pass that computes v), and the tangent pass frees
-each one after its last reader.
+holds the registry's models to it). A ReLU or leaky ReLU reads whichever of its input and output
+another rule keeps (the output, where a convolution reads it), and where none does (WRN's last
+activation, before the pooling), the input's signs, packed 8 to a byte: autograd frees that input
+early in the update pass's backward, where the exact step's memory peaks, and the tape would not.
+They live on until the tangent pass (through the labeled pass that computes v), and the tangent
+pass frees each one after its last reader.
 """
 
 from __future__ import annotations
@@ -305,6 +307,7 @@ class TangentTape:
         ]
         self._dropouts = rules.dropouts  # dropout nodes on the tangent's path -> their input
         self._bn_stats = rules.bn_stats  # BatchNorm nodes whose statistics the record keeps
+        self._signs = rules.signs  # activations' inputs whose signs the record keeps, packed
         self._has_generic = any(s.generic for s in self._steps)
         self._gm = self._record_module(gm, nodes, meta_nodes)
         # The call structures (ModelInput.structure) for which the step has seen a record and a
@@ -415,6 +418,10 @@ class TangentTape:
                 env[node] = graph.node_copy(node, env.__getitem__)
             if node in self._bn_stats:
                 aux[("bn_stats", node)] = graph.call_function(ops.saved_bn_stats, (env[node],))
+            # packed as soon as the input exists: before the activation's output, so that the
+            # packing's temporaries do not add to the activation's memory
+            if node in self._signs:
+                aux[("signs", node)] = graph.call_function(ops.PackedSigns, (env[node],))
             if node in wanted_meta:
                 meta_of[node] = graph.call_function(ops.meta, (env[node],))
         saved = tuple(aux[k] if isinstance(k, tuple) else env[k] for k in self._saved_keys)

@@ -31,7 +31,8 @@ class TangentRules:
     nodes that carry a tangent, ``trainable_ids`` the ids of the parameters that may carry one.
     After the rules are built, ``dropouts`` maps each dropout node on the tangent's path to its
     input (the record pass draws its mask as a separate output), and ``bn_stats`` holds the
-    BatchNorm nodes whose batch statistics the record pass keeps."""
+    BatchNorm nodes whose batch statistics the record pass keeps, ``signs`` the inputs of ReLU-family
+    nodes whose signs it keeps (:class:`~metapl.mpl.tangent_ops.PackedSigns`)."""
 
     def __init__(self, modules: dict, active: set[fx.Node], trainable_ids: set[int]):
         self._modules = modules  # name -> nn.Module (a dict: fx types node.target wider than str)
@@ -40,6 +41,8 @@ class TangentRules:
         self.dropouts: dict[fx.Node, tuple] = {}
         # BatchNorm modules' nodes whose statistics the record pass keeps (ops.saved_bn_stats)
         self.bn_stats: set[fx.Node] = set()
+        # activations' inputs whose signs the record pass keeps, packed (one for all readers)
+        self.signs: set[fx.Node] = set()
 
     def rule(self, node: fx.Node) -> tuple[Rule, list, bool]:
         """(rule, primal keys it reads, whether it is the generic forward-AD rule)."""
@@ -88,9 +91,9 @@ class TangentRules:
         if not x_active:
             return None
         if kind is nn.ReLU:
-            return self._unary_rule(node, x, ops.relu_t, y=True)
+            return self._sign_rule(node, x, 0.0)
         if kind is nn.LeakyReLU:
-            return self._leaky(node, x, cast(nn.LeakyReLU, m).negative_slope)
+            return self._sign_rule(node, x, cast(nn.LeakyReLU, m).negative_slope)
         if kind is nn.SiLU:
             return self._unary_rule(node, x, ops.silu_t, x=True)
         if kind is nn.Sigmoid:
@@ -142,7 +145,9 @@ class TangentRules:
             return self._functional_bn_rule(a)
         if t in (F.relu, torch.relu):
             a = ops.bind(ops.sig_act if t is F.relu else ops.sig_unary, node)
-            return self._unary_bound(node, a, ops.relu_t, y=True)
+            if a is None or a.get("inplace") is True or not isinstance(a["input"], fx.Node):
+                return None
+            return self._sign_rule(node, a["input"], 0.0)
         if t is F.leaky_relu:
             a = ops.bind(ops.sig_leaky, node)
             if (
@@ -151,7 +156,7 @@ class TangentRules:
                 or ops.nodes_in(a["negative_slope"])
             ):
                 return None
-            return self._leaky(node, a["input"], a["negative_slope"])
+            return self._sign_rule(node, a["input"], a["negative_slope"])
         if t is F.silu:
             return self._unary_bound(node, ops.bind(ops.sig_act, node), ops.silu_t, x=True)
         if t in (torch.sigmoid, F.sigmoid):
@@ -194,7 +199,10 @@ class TangentRules:
     def _method_rule(self, node: fx.Node):
         name = node.target
         if name == "relu":
-            return self._unary_bound(node, ops.bind(ops.sig_unary, node), ops.relu_t, y=True)
+            a = ops.bind(ops.sig_unary, node)
+            if a is None or not isinstance(a["input"], fx.Node):
+                return None
+            return self._sign_rule(node, a["input"], 0.0)
         if name == "sigmoid":
             return self._unary_bound(node, ops.bind(ops.sig_unary, node), ops.sigmoid_t, y=True)
         if name in ops.ADD_METHODS:
@@ -302,38 +310,65 @@ class TangentRules:
 
         return rule, ([x_node] if x else []) + ([node] if y else [])
 
-    def _leaky(self, node: fx.Node, x: fx.Node, slope: float):
-        """Reads whichever of input and output the tape keeps anyway: the output where a
-        convolution or linear layer reads it (its rule keeps its input), else the input, which
-        autograd keeps for leaky_relu's own backward. Reading the input everywhere kept both
-        through the tangent pass (330 MiB over the first-order peak at Table 3's batch on the
-        H200); reading the output everywhere kept WRN's last activation (before the pooling,
-        which saves nothing) beyond autograd's, into the update pass's backward."""
-        if slope > 0 and self._input_kept_by_a_user(node):  # the output has the input's sign
+    def _sign_rule(self, node: fx.Node, x: fx.Node, slope: float):
+        """ReLU (``slope`` 0) and leaky ReLU: their tangent needs only where the input is > 0.
+        Reads the output where another rule keeps it (a convolution's or linear layer's input),
+        else the input where another rule keeps that, else keeps the input's signs packed
+        (1 bit an element, :class:`~metapl.mpl.tangent_ops.PackedSigns`).
+
+        Why not the input or output anyway: the tape keeps what it reads through the update
+        pass's backward, which is where the exact step's memory peaks, and autograd frees an
+        activation's input once the activation's backward has run. Reading the input everywhere
+        kept both it and the output through the tangent pass (330 MiB over the first-order peak
+        at Table 3's batch on the H200); reading WRN's last activation (before the pooling,
+        which keeps nothing) kept 14 MiB into the backward's peak."""
+        if slope >= 0 and self._kept_by_a_rule(node):  # the output has the input's sign
+            if slope == 0:
+                return self._unary_rule(node, x, ops.relu_t, y=True)
             return self._unary_rule(
                 node,
                 x,
                 lambda dx, xv, yv: ops.aten.leaky_relu_backward(dx, yv, slope, True),
                 y=True,
             )
-        return self._unary_rule(
-            node, x, lambda dx, xv, yv: ops.aten.leaky_relu_backward(dx, xv, slope, False), x=True
-        )
+        if self._kept_by_a_rule(x):
+            return self._unary_rule(
+                node,
+                x,
+                lambda dx, xv, yv: ops.aten.leaky_relu_backward(dx, xv, slope, False),
+                x=True,
+            )
+        key = ("signs", x)
+        self.signs.add(x)
+        fn = ops.sign_t(slope)
 
-    def _input_kept_by_a_user(self, node: fx.Node) -> bool:
-        """Whether a convolution or linear layer with a trainable weight takes ``node`` as its
-        input: its tangent rule keeps that input (for ``fn(x, dW)``)."""
+        def sign_rule(val, tan, theta, tw):
+            dx = tan.get(x)
+            return None if dx is None else fn(dx, val[key])
+
+        return sign_rule, [key]
+
+    def _kept_by_a_rule(self, node: fx.Node) -> bool:
+        """Whether a rule of one of ``node``'s users keeps it: a convolution or linear layer with a
+        trainable weight (for ``fn(x, dW)``), or a BatchNorm (module or function) on the
+        tangent's path, whose rule reads its input."""
         for user in node.users:
             if user.op == "call_module" and user.args and user.args[0] is node:
                 m = self._modules[user.target]
                 if isinstance(m, (*ops.CONV_MODULES, nn.Linear)):
                     if id(cast(nn.Linear, m).weight) in self._trainable_ids:
                         return True
+                elif isinstance(m, ops.BN_MODULES) and user in self._active:
+                    return True
             if user.op == "call_function" and user.target in (*ops.CONV_FUNCTIONS, F.linear):
                 a = ops.bind(
                     ops.sig_conv if user.target in ops.CONV_FUNCTIONS else ops.sig_linear, user
                 )
                 if a is not None and a["input"] is node and a["weight"] in self._active:
+                    return True
+            if user.op == "call_function" and user.target is F.batch_norm and user in self._active:
+                a = ops.bind(ops.sig_bn, user)
+                if a is not None and a["input"] is node:
                     return True
         return False
 
