@@ -867,7 +867,8 @@ class Activations(nn.Module):
         d = self.conv2(b) + c
         e = d.relu()  # read by the pooling only: signs
         f = torch.relu(d) + F.relu(d) + self.leaky(d) + F.leaky_relu(d, -0.3)  # signs (all four)
-        return self.fc((e + f).mean(dim=(2, 3)))
+        g = F.max_pool2d(F.relu(h), 3, 1, 1)  # the max pool's (generic) rule keeps the output
+        return self.fc((e + f + g).mean(dim=(2, 3)))
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -887,6 +888,8 @@ def test_activations_read_what_another_rule_keeps_else_packed_signs_exactly(chan
     acts = {s.node.name: s.node for s in tape._steps if s.node.name != "x"}
     relu, leaky = acts["relu"], acts["leaky_relu"]
     assert relu in saved and relu.args[0] not in saved  # the BatchNorm keeps the output
+    (pooled,) = [n for n in acts.values() if n.target is F.relu and n.args[0] is relu.args[0]]
+    assert pooled in saved  # so does the max pool
     assert leaky.args[0] in saved and leaky not in saved  # conv2 keeps the input
     # the five activations of d read one packing of its signs, and neither d nor their outputs
     d = acts["add"]

@@ -274,6 +274,7 @@ class TangentTape:
             if generic:
                 self.generic_ops.append(_describe(node, self._modules))
             steps.append((node, rule, needs, generic))
+        rules.choose_sign_sources()  # (in place: the needs of those rules' steps)
 
         needed: dict = {}  # ordered set of primal keys the rules read
         for _, _, needs, _ in steps:

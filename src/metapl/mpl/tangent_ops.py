@@ -266,17 +266,19 @@ def relu_t(dx, xv, yv):
     return aten.threshold_backward(dx, yv, 0)
 
 
-def sign_t(slope: float):
-    """ReLU (slope 0) or leaky ReLU's tangent from :class:`PackedSigns` of its input: dx where the
-    input is > 0, else slope * dx (the backward kernels' rule, which test the same > 0)."""
-
-    def sign_t(dx, signs: PackedSigns):
-        positive = signs.unpack()
+def sign_t(dx: Tensor, slope: float, kept, is_output: bool) -> Tensor:
+    """ReLU (``slope`` 0) or leaky ReLU's tangent, dx where the input is > 0 and slope * dx
+    elsewhere, from what the tape kept: the output (slope >= 0: it has the input's sign) or the
+    input, read by the backward kernels themselves, or the input's :class:`PackedSigns`, which
+    apply the kernels' own test (> 0)."""
+    if isinstance(kept, PackedSigns):
+        positive = kept.unpack()
         if slope == 0:
             return dx.masked_fill(~positive, 0)
         return torch.where(positive, dx, dx * slope)
-
-    return sign_t
+    if slope == 0:
+        return aten.threshold_backward(dx, kept, 0)
+    return aten.leaky_relu_backward(dx, kept, slope, is_output)
 
 
 def silu_t(dx, xv, yv):

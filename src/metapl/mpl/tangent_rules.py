@@ -43,6 +43,9 @@ class TangentRules:
         self.bn_stats: set[fx.Node] = set()
         # activations' inputs whose signs the record pass keeps, packed (one for all readers)
         self.signs: set[fx.Node] = set()
+        # each ReLU-family rule: (node, input, slope, its needs: the one key it reads)
+        self._sign_sources: list[tuple[fx.Node, fx.Node, float, list]] = []
+        self._needs: list[list] = []  # every rule's needs, for choose_sign_sources
 
     def rule(self, node: fx.Node) -> tuple[Rule, list, bool]:
         """(rule, primal keys it reads, whether it is the generic forward-AD rule)."""
@@ -54,8 +57,11 @@ class TangentRules:
         elif node.op == "call_method":
             made = self._method_rule(node)
         if made is not None:
+            self._needs.append(made[1])
             return (*made, False)
-        return self._generic_rule(node), [n for n in node.all_input_nodes if n is not None], True
+        needs = [n for n in node.all_input_nodes if n is not None]
+        self._needs.append(needs)
+        return self._generic_rule(node), needs, True
 
     def _module_rule(self, node: fx.Node, m: nn.Module):
         if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
@@ -312,65 +318,40 @@ class TangentRules:
 
     def _sign_rule(self, node: fx.Node, x: fx.Node, slope: float):
         """ReLU (``slope`` 0) and leaky ReLU: their tangent needs only where the input is > 0.
-        Reads the output where another rule keeps it (a convolution's or linear layer's input),
-        else the input where another rule keeps that, else keeps the input's signs packed
-        (1 bit an element, :class:`~metapl.mpl.tangent_ops.PackedSigns`).
-
-        Why not the input or output anyway: the tape keeps what it reads through the update
-        pass's backward, which is where the exact step's memory peaks, and autograd frees an
-        activation's input once the activation's backward has run. Reading the input everywhere
-        kept both it and the output through the tangent pass (330 MiB over the first-order peak
-        at Table 3's batch on the H200); reading WRN's last activation (before the pooling,
-        which keeps nothing) kept 14 MiB into the backward's peak."""
-        if slope >= 0 and self._kept_by_a_rule(node):  # the output has the input's sign
-            if slope == 0:
-                return self._unary_rule(node, x, ops.relu_t, y=True)
-            return self._unary_rule(
-                node,
-                x,
-                lambda dx, xv, yv: ops.aten.leaky_relu_backward(dx, yv, slope, True),
-                y=True,
-            )
-        if self._kept_by_a_rule(x):
-            return self._unary_rule(
-                node,
-                x,
-                lambda dx, xv, yv: ops.aten.leaky_relu_backward(dx, xv, slope, False),
-                x=True,
-            )
-        key = ("signs", x)
-        self.signs.add(x)
-        fn = ops.sign_t(slope)
+        What the rule reads is chosen once every rule is built (:meth:`choose_sign_sources`);
+        until then it needs the input's packed signs."""
+        source = [("signs", x)]  # the rule's needs: the one key it reads, chosen later
 
         def sign_rule(val, tan, theta, tw):
             dx = tan.get(x)
-            return None if dx is None else fn(dx, val[key])
+            if dx is None:
+                return None
+            return ops.sign_t(dx, slope, val[source[0]], source[0] is node)
 
-        return sign_rule, [key]
+        self._sign_sources.append((node, x, slope, source))
+        return sign_rule, source
 
-    def _kept_by_a_rule(self, node: fx.Node) -> bool:
-        """Whether a rule of one of ``node``'s users keeps it: a convolution or linear layer with a
-        trainable weight (for ``fn(x, dW)``), or a BatchNorm (module or function) on the
-        tangent's path, whose rule reads its input."""
-        for user in node.users:
-            if user.op == "call_module" and user.args and user.args[0] is node:
-                m = self._modules[user.target]
-                if isinstance(m, (*ops.CONV_MODULES, nn.Linear)):
-                    if id(cast(nn.Linear, m).weight) in self._trainable_ids:
-                        return True
-                elif isinstance(m, ops.BN_MODULES) and user in self._active:
-                    return True
-            if user.op == "call_function" and user.target in (*ops.CONV_FUNCTIONS, F.linear):
-                a = ops.bind(
-                    ops.sig_conv if user.target in ops.CONV_FUNCTIONS else ops.sig_linear, user
-                )
-                if a is not None and a["input"] is node and a["weight"] in self._active:
-                    return True
-            if user.op == "call_function" and user.target is F.batch_norm and user in self._active:
-                a = ops.bind(ops.sig_bn, user)
-                if a is not None and a["input"] is node:
-                    return True
-        return False
+    def choose_sign_sources(self) -> None:
+        """For each ReLU-family rule: its output where another rule keeps that (and the slope is
+        not negative: then the output has the input's sign), else its input where another rule
+        keeps that, else the input's signs, packed 8 to a byte
+        (:class:`~metapl.mpl.tangent_ops.PackedSigns`); fills :attr:`signs`.
+
+        Why not the input or the output anyway: the tape keeps what it reads through the update
+        pass's backward, where the exact step's memory peaks, and autograd frees an activation's
+        input once the activation's backward has run. Reading the input everywhere kept both it
+        and the output through the tangent pass (330 MiB over the first-order peak at Table 3's
+        batch on the H200); reading WRN's last activation (before the pooling, which keeps
+        nothing) put the peak 14 MiB above the first-order step's."""
+        readers = {id(source) for _, _, _, source in self._sign_sources}
+        kept = {k for needs in self._needs if id(needs) not in readers for k in needs}
+        for node, x, slope, source in self._sign_sources:
+            if slope >= 0 and node in kept:
+                source[0] = node
+            elif x in kept:
+                source[0] = x
+            else:
+                self.signs.add(x)
 
     def _add_rule(self, a: dict, sign: int):
         x, other, alpha = a["input"], a["other"], a["alpha"]

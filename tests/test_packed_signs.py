@@ -1,0 +1,57 @@
+"""PackedSigns keeps x > 0 at 1 bit an element, and sign_t's tangent from it is the backward
+kernels' to the bit."""
+
+import pytest
+import torch
+
+from metapl.mpl.tangent_ops import PackedSigns, sign_t
+
+aten = torch.ops.aten
+
+
+def _with_zeros(shape, seed=0) -> torch.Tensor:
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    x[x.abs() < 0.2] = 0  # exact zeros: not > 0
+    return x
+
+
+@pytest.mark.parametrize(
+    "shape, layout",
+    [
+        ((3, 5, 7, 9), "contiguous"),
+        ((3, 5, 7, 9), "channels_last"),
+        ((2, 1, 4, 4), "channels_last"),  # one channel: strides that tie
+        ((13,), "contiguous"),  # not a multiple of 8
+        ((), "contiguous"),
+        ((8, 6), "strided"),  # every other column: not dense
+    ],
+)
+def test_unpack_gives_x_above_zero_in_xs_shape_and_layout(shape, layout):
+    x = _with_zeros(shape)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    elif layout == "strided":
+        x = _with_zeros((8, 12))[:, ::2]
+    signs = PackedSigns(x)
+    positive = signs.unpack()
+    assert positive.dtype == torch.bool and positive.shape == x.shape
+    assert torch.equal(positive, x > 0)
+    assert signs.bits.dtype == torch.uint8 and signs.bits.numel() == -(-x.numel() // 8)
+    if layout == "channels_last":  # read in memory order: unpacked in the same layout
+        assert positive.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("slope", [0.0, 0.2, -0.3])
+def test_the_tangent_from_any_kept_value_is_the_backward_kernels(dtype, slope):
+    x = _with_zeros((4, 3, 5, 5), seed=1).to(dtype)
+    y = torch.nn.functional.leaky_relu(x, slope) if slope else torch.relu(x)
+    dx = torch.randn(x.shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+    if slope == 0:
+        want = aten.threshold_backward(dx, y, 0)
+    else:
+        want = aten.leaky_relu_backward(dx, x, slope, False)
+    assert torch.equal(sign_t(dx, slope, PackedSigns(x), False), want)
+    assert torch.equal(sign_t(dx, slope, x, False), want)
+    if slope >= 0:  # the output has the input's sign
+        assert torch.equal(sign_t(dx, slope, y, True), want)
