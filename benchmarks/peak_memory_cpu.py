@@ -60,7 +60,9 @@ def backward_starts(live: LiveTensorMemory, marks: list[float]):
         torch.Tensor.backward = real  # type: ignore[method-assign]
 
 
-def measure(estimator: str, batch: int, precision: str, memory_format: str) -> dict:
+def measure(variant: str, batch: int, precision: str, memory_format: str) -> dict:
+    """``variant``: an mpl_estimator, "+forward_ad" after "exact" for J by forward-mode AD."""
+    estimator, _, jvp = variant.partition("+")
     cfg = apply_overrides(
         TrainConfig(),
         {
@@ -74,6 +76,7 @@ def measure(estimator: str, batch: int, precision: str, memory_format: str) -> d
             "steps": 10_000,
             "warmup_steps": 10,
             "mpl_estimator": estimator,
+            **({"mpl_jvp": jvp} if jvp else {}),
         },
     ).validate()
     torch.manual_seed(0)
@@ -88,9 +91,11 @@ def measure(estimator: str, batch: int, precision: str, memory_format: str) -> d
         live.reset_peak()
         with backward_starts(live, marks):
             run.method.step(x)
+        run_jvp = run.method.mpl.last_jvp_path if estimator == "exact" else None
         del run, x
     return {
         "estimator": estimator,
+        "jvp": run_jvp,
         "batch_labeled": batch,
         "batch_unlabeled": 7 * batch,
         "peak_mib": live.peak_mib,
@@ -104,7 +109,9 @@ def main() -> None:
     parser = parser_with_json(__doc__)
     parser.add_argument("--batch-sizes", default="8,32", help="labeled batches B, comma-separated")
     parser.add_argument(
-        "--estimators", default="first_order,exact", help="comma-separated mpl_estimator values"
+        "--estimators",
+        default="first_order,exact",
+        help="comma-separated mpl_estimator values; exact+forward_ad: J by forward-mode AD",
     )
     parser.add_argument("--precision", default="bf16", choices=("fp32", "bf16"))
     parser.add_argument(
@@ -116,7 +123,7 @@ def main() -> None:
         for estimator in args.estimators.split(","):
             row = measure(estimator, batch, args.precision, args.memory_format)
             print(
-                f"B={batch:<4} {estimator:<16} peak {row['peak_mib']:9.2f} MiB   at the update "
+                f"B={batch:<4} {estimator:<18} peak {row['peak_mib']:9.2f} MiB   at the update "
                 f"backward {row['at_update_backward_mib']:9.2f}   +{row['above_update_backward_mib']:.2f}"
                 f"   peak op {row['peak_op']}",
                 flush=True,
