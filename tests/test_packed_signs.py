@@ -55,3 +55,50 @@ def test_the_tangent_from_any_kept_value_is_the_backward_kernels(dtype, slope):
     assert torch.equal(sign_t(dx, slope, x, False), want)
     if slope >= 0:  # the output has the input's sign
         assert torch.equal(sign_t(dx, slope, y, True), want)
+
+
+def _three_exact_steps(autocast_dtype) -> list[torch.Tensor]:
+    from metapl import MetaPseudoLabels
+    from metapl.models import create_model
+
+    torch.manual_seed(0)
+    teacher, student = (create_model("small_cnn", 10, dropout=0.2) for _ in range(2))
+    mpl = MetaPseudoLabels(
+        teacher,
+        student,
+        torch.optim.SGD(teacher.parameters(), lr=0.05, momentum=0.9),
+        torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9, nesterov=True),
+        jvp="tape",
+        autocast_dtype=autocast_dtype,
+    )
+    g = torch.Generator().manual_seed(1)
+    x_l, x_u = torch.randn(4, 3, 8, 8, generator=g), torch.randn(12, 3, 8, 8, generator=g)
+    y_l = torch.randint(0, 10, (4,), generator=g)
+    for _ in range(3):
+        mpl.step(x_l, y_l, x_u)
+    assert mpl.last_jvp_path == "tape"
+    return [p.detach().clone() for p in (*teacher.parameters(), *student.parameters())]
+
+
+@pytest.mark.parametrize("autocast_dtype", [None, torch.bfloat16])
+def test_training_with_packed_signs_is_training_with_the_input_to_the_bit(
+    autocast_dtype, monkeypatch
+):
+    """small_cnn's last ReLU (before the pooling) keeps packed signs; reading its input instead
+    (the rule before) trains both models to the same bits, in float32 and under bf16 autocast."""
+    from metapl.mpl import tangent_rules
+
+    with_signs = _three_exact_steps(autocast_dtype)
+    choose = tangent_rules.TangentRules.choose_sign_sources
+
+    def read_the_input(self):
+        choose(self)
+        assert self.signs  # (the case under test: signs were chosen somewhere)
+        for _, x, _, source in self._sign_sources:
+            if source[0] == ("signs", x):
+                source[0] = x
+        self.signs.clear()
+
+    monkeypatch.setattr(tangent_rules.TangentRules, "choose_sign_sources", read_the_input)
+    with_input = _three_exact_steps(autocast_dtype)
+    assert all(torch.equal(a, b) for a, b in zip(with_signs, with_input))
