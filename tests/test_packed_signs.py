@@ -1,8 +1,9 @@
 """PackedSigns keeps x > 0 at 1 bit an element, and sign_t's tangent from it is the backward
-kernels' to the bit."""
+kernels' to the bit (on the GPU too: METAPL_TEST_DEVICE=cuda, as gpu_session.sh runs it)."""
 
 import pytest
 import torch
+from mpl_helpers import TEST_DEVICE
 
 from metapl.mpl.tangent_ops import PackedSigns, sign_t
 
@@ -12,7 +13,7 @@ aten = torch.ops.aten
 def _with_zeros(shape, seed=0) -> torch.Tensor:
     x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
     x[x.abs() < 0.2] = 0  # exact zeros: not > 0
-    return x
+    return x.to(TEST_DEVICE)
 
 
 @pytest.mark.parametrize(
@@ -46,7 +47,7 @@ def test_unpack_gives_x_above_zero_in_xs_shape_and_layout(shape, layout):
 def test_the_tangent_from_any_kept_value_is_the_backward_kernels(dtype, slope):
     x = _with_zeros((4, 3, 5, 5), seed=1).to(dtype)
     y = torch.nn.functional.leaky_relu(x, slope) if slope else torch.relu(x)
-    dx = torch.randn(x.shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+    dx = torch.randn(x.shape, generator=torch.Generator().manual_seed(2)).to(TEST_DEVICE, dtype)
     if slope == 0:
         want = aten.threshold_backward(dx, y, 0)
     else:
@@ -62,7 +63,9 @@ def _three_exact_steps(autocast_dtype) -> list[torch.Tensor]:
     from metapl.models import create_model
 
     torch.manual_seed(0)
-    teacher, student = (create_model("small_cnn", 10, dropout=0.2) for _ in range(2))
+    teacher, student = (
+        create_model("small_cnn", 10, dropout=0.2).to(TEST_DEVICE) for _ in range(2)
+    )
     mpl = MetaPseudoLabels(
         teacher,
         student,
@@ -74,6 +77,7 @@ def _three_exact_steps(autocast_dtype) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     x_l, x_u = torch.randn(4, 3, 8, 8, generator=g), torch.randn(12, 3, 8, 8, generator=g)
     y_l = torch.randint(0, 10, (4,), generator=g)
+    x_l, x_u, y_l = x_l.to(TEST_DEVICE), x_u.to(TEST_DEVICE), y_l.to(TEST_DEVICE)
     for _ in range(3):
         mpl.step(x_l, y_l, x_u)
     assert mpl.last_jvp_path == "tape"
