@@ -261,11 +261,6 @@ def meta(value) -> tuple[torch.Size, torch.dtype] | None:
 # ----------------------------------------------------------------------------- tangent helpers
 
 
-# Elementwise activations (dx, input, output) -> tangent: the backward kernels, applied to dx.
-def relu_t(dx, xv, yv):
-    return aten.threshold_backward(dx, yv, 0)
-
-
 def sign_t(dx: Tensor, slope: float, kept, is_output: bool) -> Tensor:
     """ReLU (``slope`` 0) or leaky ReLU's tangent, dx where the input is > 0 and slope * dx
     elsewhere, from what the tape kept: the output (slope >= 0: it has the input's sign) or the
@@ -281,6 +276,7 @@ def sign_t(dx: Tensor, slope: float, kept, is_output: bool) -> Tensor:
     return aten.leaky_relu_backward(dx, kept, slope, is_output)
 
 
+# Elementwise activations (dx, input, output) -> tangent: the backward kernels, applied to dx.
 def silu_t(dx, xv, yv):
     return aten.silu_backward(dx, xv)
 
