@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from torch import nn
 
 from metapl import bench
@@ -250,3 +251,24 @@ def test_goals_judge_the_labeled_graph_step_by_its_time_and_the_memory_it_holds(
     cpu = _gpu_payload()
     cpu["results"].append(graphed)
     assert not any("CUDA graph" in g for g, _, _, _ in goals(cpu, on_gpu=False))
+
+
+def test_the_source_digest_names_the_code_by_its_files_paths_and_bytes(tmp_path):
+    """The bench JSON's metapl_source_sha256: equal for equal code, different when a file's bytes
+    or its path differ; other files than Python's do not count."""
+    from metapl.bench import source_digest
+
+    def tree(name: str, files: dict[str, str]):
+        root = tmp_path / name
+        for rel, text in files.items():
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_text(text)
+        return root
+
+    base = {"a.py": "x = 1\n", "mpl/b.py": "y = 2\n"}
+    digest = source_digest(tree("same", base))
+    assert len(digest) == 16 and digest == source_digest(tree("again", base))
+    assert source_digest(tree("notes", {**base, "README.md": "words"})) == digest
+    assert source_digest(tree("edited", {**base, "a.py": "x = 2\n"})) != digest
+    assert source_digest(tree("moved", {"a.py": "x = 1\n", "b.py": "y = 2\n"})) != digest
+    assert "metapl_source_sha256" in bench._machine(torch.device("cpu"))

@@ -55,11 +55,12 @@ def cpu_description() -> dict:
     return {"cpu": model, "cpu_bf16_flags": [f for f in BF16_CPU_FLAGS if f in flags]}
 
 
-def source_digest() -> str:
-    """SHA-256 (first 16 hex digits) of the installed metapl package's Python files, path and bytes,
-    in path order: names the code a result was measured with where a commit cannot (a copy of a
-    working tree with uncommitted changes, as the GPU machine gets, reports its last commit)."""
-    root = Path(__file__).resolve().parent
+def source_digest(root: Path | None = None) -> str:
+    """SHA-256 (first 16 hex digits) of the Python files under ``root`` (the installed metapl
+    package by default), path and bytes, in path order: names the code a result was measured with
+    where a commit cannot (a copy of a working tree with uncommitted changes, as the GPU machine
+    gets, reports its last commit)."""
+    root = root or Path(__file__).resolve().parent
     digest = hashlib.sha256()
     for path in sorted(root.rglob("*.py")):
         digest.update(path.relative_to(root).as_posix().encode() + b"\0")
