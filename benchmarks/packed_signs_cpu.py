@@ -29,10 +29,10 @@ from metapl.mpl import tangent_rules  # noqa: E402
 CHOOSE = tangent_rules.TangentRules.choose_sign_sources
 
 
-def read_the_input(self) -> None:
+def read_the_input(self, all_needs: list[list]) -> None:
     """The rule before session 37: the activation's input where no other rule keeps input or
     output."""
-    CHOOSE(self)
+    CHOOSE(self, all_needs)
     for _, x, _, source in self._sign_sources:
         if source[0] == ("signs", x):
             source[0] = x

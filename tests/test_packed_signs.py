@@ -95,8 +95,8 @@ def test_training_with_packed_signs_is_training_with_the_input_to_the_bit(
     with_signs = _three_exact_steps(autocast_dtype)
     choose = tangent_rules.TangentRules.choose_sign_sources
 
-    def read_the_input(self):
-        choose(self)
+    def read_the_input(self, all_needs):
+        choose(self, all_needs)
         assert self.signs  # (the case under test: signs were chosen somewhere)
         for _, x, _, source in self._sign_sources:
             if source[0] == ("signs", x):

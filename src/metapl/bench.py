@@ -314,7 +314,8 @@ def run_bench(
     def bench(name: str, cfg: TrainConfig, built: tuple | None = None, **meta) -> tuple:
         built = built or method_and_batch(cfg)
         add(name, stepper(built), meta)
-        makers[name] = lambda: stepper(method_and_batch(cfg))
+        if not on_gpu:
+            makers[name] = lambda: stepper(method_and_batch(cfg))
         return built
 
     # 1. the student's supervised update alone, on the unlabeled-sized batch (built above)
@@ -352,7 +353,8 @@ def run_bench(
     # 6. a whole training step as `metapl train` takes it: per-image RandAugment + data loading +
     # the exact UDA+MPL step; on a GPU the next step's batch is made on a background thread
     add("train_step_exact_uda_mpl", training_steps(exact_run, source), {})
-    makers["train_step_exact_uda_mpl"] = fresh_training_steps
+    if not on_gpu:
+        makers["train_step_exact_uda_mpl"] = fresh_training_steps
 
     assert len(benches) == kinds, "update `kinds` (the progress bar's length)"
     # add() stored each kind's timing on the GPU, the function to time on the CPU

@@ -274,7 +274,8 @@ class TangentTape:
             if generic:
                 self.generic_ops.append(_describe(node, self._modules))
             steps.append((node, rule, needs, generic))
-        rules.choose_sign_sources()  # (in place: the needs of those rules' steps)
+        # (in place: the needs of those rules' steps)
+        rules.choose_sign_sources([needs for _, _, needs, _ in steps])
 
         needed: dict = {}  # ordered set of primal keys the rules read
         for _, _, needs, _ in steps:

@@ -45,7 +45,6 @@ class TangentRules:
         self.signs: set[fx.Node] = set()
         # each ReLU-family rule: (node, input, slope, its needs: the one key it reads)
         self._sign_sources: list[tuple[fx.Node, fx.Node, float, list]] = []
-        self._needs: list[list] = []  # every rule's needs, for choose_sign_sources
 
     def rule(self, node: fx.Node) -> tuple[Rule, list, bool]:
         """(rule, primal keys it reads, whether it is the generic forward-AD rule)."""
@@ -57,11 +56,8 @@ class TangentRules:
         elif node.op == "call_method":
             made = self._method_rule(node)
         if made is not None:
-            self._needs.append(made[1])
             return (*made, False)
-        needs = [n for n in node.all_input_nodes if n is not None]
-        self._needs.append(needs)
-        return self._generic_rule(node), needs, True
+        return self._generic_rule(node), [n for n in node.all_input_nodes if n is not None], True
 
     def _module_rule(self, node: fx.Node, m: nn.Module):
         if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
@@ -331,8 +327,8 @@ class TangentRules:
         self._sign_sources.append((node, x, slope, source))
         return sign_rule, source
 
-    def choose_sign_sources(self) -> None:
-        """For each ReLU-family rule: its output where another rule keeps that (and the slope is
+    def choose_sign_sources(self, all_needs: list[list]) -> None:
+        """Given every rule's needs (``all_needs``), for each ReLU-family rule: its output where another rule keeps that (and the slope is
         not negative: then the output has the input's sign), else its input where another rule
         keeps that, else the input's signs, packed 8 to a byte
         (:class:`~metapl.mpl.tangent_ops.PackedSigns`); fills :attr:`signs`.
@@ -344,7 +340,7 @@ class TangentRules:
         batch on the H200); reading WRN's last activation (before the pooling, which keeps
         nothing) put the peak 14 MiB above the first-order step's."""
         readers = {id(source) for _, _, _, source in self._sign_sources}
-        kept = {k for needs in self._needs if id(needs) not in readers for k in needs}
+        kept = {k for needs in all_needs if id(needs) not in readers for k in needs}
         for node, x, slope, source in self._sign_sources:
             if slope >= 0 and node in kept:
                 source[0] = node
