@@ -90,7 +90,7 @@ step oracle 100 env METAPL_TEST_DEVICE=$dev python3 -m pytest -q -p no:cacheprov
   tests/test_exact_gradient.py tests/test_double_backward_step.py tests/test_sync_batchnorm.py \
   tests/test_multi_input.py tests/test_step_late_errors.py tests/test_attention_student.py \
   tests/test_host_syncs.py tests/test_transfer.py tests/test_batches_ahead.py \
-  tests/test_labeled_graph.py tests/test_packed_signs.py
+  tests/test_labeled_graph.py tests/test_packed_signs.py tests/test_augment_grid.py
 step train_throughput 90 python3 benchmarks/train_throughput.py --device $dev --precision bf16 \
   --steps $steps --warmup $((steps < 20 ? 1 : 20)) --json "$results/train_throughput_${gpu}_bf16.json" \
   "${train_size[@]}"

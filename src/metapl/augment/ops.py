@@ -194,8 +194,8 @@ def _affine(x: Tensor, matrix: Tensor, shift: Tensor) -> Tensor:
     n, c, h, w = x.shape
     half = _constant((w / 2.0, h / 2.0), matrix.dtype, x.device)
     theta_lin = matrix * half[None, None, :] / half[None, :, None]
-    theta = torch.cat([theta_lin, (shift / half)[:, :, None]], dim=2).to(x.dtype)
-    grid = F.affine_grid(theta, [n, c, h, w], align_corners=False)
+    theta = torch.cat([theta_lin, (shift / half)[:, :, None]], dim=2)
+    grid = F.affine_grid(theta.to(_grid_dtype(x)), [n, c, h, w], align_corners=False).to(x.dtype)
     out = F.grid_sample(x, grid, mode="nearest", padding_mode="border", align_corners=False)
     # Output pixels whose source lies outside the image become gray. The source pixel index is
     # computed as grid_sample does (unnormalize, round half to even); should a rounding tie ever
@@ -208,6 +208,21 @@ def _affine(x: Tensor, matrix: Tensor, shift: Tensor) -> Tensor:
     # dimension; the gray is a scalar, so no gray batch is allocated for the select.
     inside = ok[..., 0] & ok[..., 1]  # [n, H, W]
     return torch.where(inside[:, None], out, FILL)
+
+
+def _grid_dtype(x: Tensor) -> torch.dtype:
+    """The dtype ``affine_grid`` computes a geometric op's sampling grid in: float64 on a GPU,
+    the images' own dtype elsewhere.
+
+    Why: ``affine_grid`` is a matmul, and on a GPU a float32 matmul runs in TF32 when the
+    process-wide ``torch.backends.cuda.matmul.allow_tf32`` is on. The exact MPL step turns it off
+    around its student passes while the batch-ahead thread (:mod:`metapl.train.batches_ahead`)
+    augments the next batch, so with a user's TF32 on, a grid's rounding, and so which pixel a
+    nearest-neighbour sample picks, would depend on the two threads' timing. No flag touches a
+    float64 matmul; its grid rounded once to the images' dtype is the same in every run. On the
+    CPU nothing toggles a flag mid-run, and the grid stays as it was (the published CPU results
+    are reproduced to the bit)."""
+    return torch.float64 if x.device.type == "cuda" else x.dtype
 
 
 def _eye(n: int, x: Tensor) -> Tensor:

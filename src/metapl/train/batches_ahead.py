@@ -16,9 +16,9 @@ cache and its decoding look-ahead are not safe to share between threads).
 
 One process-wide setting the two threads share: the exact step turns TF32 off around its student
 passes (``tf32_disabled``) while the worker augments. No augmentation kernel is a cuDNN
-convolution, and the one matmul (``affine_grid``'s) runs in TF32 only if a user turned matmul
-TF32 on for the process; then a geometric op's grid could round differently from one run to the
-next.
+convolution, and the one matmul (``affine_grid``'s, in the geometric ops) is float64 on a GPU,
+which no TF32 flag touches (:func:`metapl.augment.ops._grid_dtype`), so the batches do not depend
+on the threads' timing.
 
 On CUDA the worker issues its kernels on a stream of its own; the step's stream waits on an event
 recorded after the batch's last kernel, and each tensor of the batch is marked as used on the
