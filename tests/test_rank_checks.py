@@ -12,7 +12,7 @@ import pytest
 
 from metapl.data.splits import SSLSplit
 from metapl.errors import ConfigError
-from metapl.train import rank_checks
+from metapl.train import data_identity, rank_checks
 from metapl.train.rank_checks import check_ranks_see, check_same_data
 
 
@@ -105,7 +105,7 @@ def _split(unlabeled: int = 6, label: int = 0) -> SSLSplit:
     "other", [_split(unlabeled=5), _split(label=1)], ids=["one-image-short", "another-label"]
 )
 def test_a_rank_with_other_data_stops_the_run_naming_what_it_loaded(other):
-    rank0 = OtherRankSees(fingerprint=rank_checks._split_fingerprint(_split()), sees=False)
+    rank0 = OtherRankSees(fingerprint=data_identity.split_fingerprint(_split()), sees=False)
     check_same_data(rank0, _split())  # the same: nothing to say
     with pytest.raises(ConfigError) as err:
         check_same_data(rank0, other)
@@ -141,7 +141,7 @@ def test_image_files_count_by_their_names_not_by_their_folder_or_pixels():
     here = split("/data/a", ["cat/1.jpg", "dog/2.jpg"])
     moved = split("/mnt/copy", ["cat/1.jpg", "dog/2.jpg"])
     renamed = split("/data/a", ["cat/1.jpg", "dog/3.jpg"])
-    fingerprint = rank_checks._split_fingerprint
+    fingerprint = data_identity.split_fingerprint
     assert fingerprint(here) == fingerprint(moved)
     assert fingerprint(here) != fingerprint(renamed)
 
@@ -155,14 +155,14 @@ def test_image_files_count_by_their_paths_below_the_dataset_folder():
         reader.root = root
         return reader
 
-    identity = rank_checks._images_identity
+    identity = data_identity._images_identity
     here = files("/data/own", ["a/x/1.png", "b/y/2.png"])
     assert identity(here) == identity(files("/mnt/copy", ["a/x/1.png", "b/y/2.png"]))
     assert identity(here) != identity(files("/data/own", ["b/x/1.png", "b/y/2.png"]))
 
 
 def test_the_data_fingerprint_sees_every_field_a_rank_trains_by():
-    fingerprint = rank_checks._split_fingerprint
+    fingerprint = data_identity.split_fingerprint
     split = _split()
     for other in (
         dataclasses.replace(split, class_names=("zero", "one")),
@@ -178,7 +178,7 @@ def test_the_data_fingerprint_sees_every_field_a_rank_trains_by():
         reader.shape = shape
         return reader
 
-    identity = rank_checks._images_identity
+    identity = data_identity._images_identity
     cats = files(["cat/1.jpg", "dog/2.jpg"])
     assert identity(cats) != identity(files(["dog/1.jpg", "dog/2.jpg"]))  # the class folder
     assert identity(cats) != identity(files(["cat/1.jpg", "dog/2.jpg"], (2, 16, 16, 3)))

@@ -774,6 +774,44 @@ def test_a_broken_jpeg_stops_the_run_where_it_is_read_and_a_rerun_resumes(
     assert read_rows(out / "metrics.csv") == read_rows(tmp_path / "unbroken" / "metrics.csv")
 
 
+def test_a_run_resumes_only_on_the_data_it_started_with(tmp_path, capsys):
+    """The split is a function of the files: one deleted between a stop and the resume would move
+    images between labeled and unlabeled halfway through. The resume is refused (one line, exit
+    2, the checkpoint and the rows as they were); with the file back it resumes; a checkpoint from
+    before metapl recorded its data resumes as before."""
+    from fake_datasets import write_imagenet
+
+    data = write_imagenet(tmp_path / "imagenet", {"n01": 10, "n02": 10}, {"n01": 2, "n02": 2})
+    args = ["--data-dir", str(data), *tiny(2, log_every=1, eval_every=2), "--set", "pad=1"]
+    for key_value in ("model=small_cnn", "image_size=8", "eval_batch_size=8", "batch_size=4"):
+        args += ["--set", key_value]
+    longer = [*args, "--steps", "4"]
+    out = tmp_path / "run"
+    assert train_cli("imagenet-full-supervised", out, *args) == 0
+    capsys.readouterr()
+    saved = (out / "checkpoint.pt").read_bytes()
+    rows = read_rows(out / "metrics.csv")
+    gone = data / "train" / "n01" / sorted(os.listdir(data / "train" / "n01"))[0]
+    kept = gone.read_bytes()
+    gone.unlink()
+    assert train_cli("imagenet-full-supervised", out, *longer) == 2
+    err = one_error_line(capsys.readouterr().err)
+    assert "was written by a run on other data than this run loaded" in err
+    assert "(then 19 labeled, 19 unlabeled and 4 test images, now 18 labeled, " in err
+    assert (out / "checkpoint.pt").read_bytes() == saved
+    assert read_rows(out / "metrics.csv") == rows
+
+    gone.write_bytes(kept)
+    assert train_cli("imagenet-full-supervised", out, *longer) == 0
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 4
+    ckpt = load_checkpoint(out / "checkpoint.pt")
+    assert ckpt["data"]["labeled"] == 19 and len(ckpt["data"]["fingerprint"]) == 64
+    del ckpt["data"]  # as a checkpoint of an earlier metapl: nothing to compare
+    save_checkpoint(out / "checkpoint.pt", ckpt)
+    gone.unlink()
+    assert train_cli("imagenet-full-supervised", out, *[*args, "--steps", "5"]) == 0
+
+
 def test_dataset_preset_without_data_dir(tmp_path, capsys):
     assert train_cli("svhn-1k-uda", tmp_path / "run", "--quiet") == 2
     assert "needs --data-dir" in one_error_line(capsys.readouterr().err)

@@ -66,7 +66,8 @@ def decode_image(path: str | Path, resolution: int = 224, crop_fraction: float =
     except Exception as exc:  # PIL raises OSError, UnidentifiedImageError, SyntaxError, ...
         raise data_error(
             f"{path} is not a readable image ({describe(exc)}): expected a JPEG of {_EXPECTED}; "
-            "re-extract it or delete it"
+            "re-extract it, or delete it and start the run again in another --out (a run resumes "
+            "only on the files it started with)"
         ) from None
     width, height = rgb.size
     scale = side / min(width, height)

@@ -44,6 +44,7 @@ from metapl.train.checkpoint import (
 )
 from metapl.train.config import PATH_KEYS, TrainConfig
 from metapl.train.data import BatchSource, evaluate_models
+from metapl.train.data_identity import DATA_KEY, check_same_data_as_checkpoint, data_record
 from metapl.train.guards import NonFiniteWatch, check_finite_weights, to_floats
 from metapl.train.large_teacher import check_large_teacher, prepare_large_teacher_data
 from metapl.train.metrics_log import MetricsLogger
@@ -392,9 +393,11 @@ def _report(
         on_eval(step, accuracies)
 
 
-def _save(logger: MetricsLogger | _NoMetrics, ckpt_path: Path, run: Run, fingerprint: str) -> None:
+def _save(
+    logger: MetricsLogger | _NoMetrics, ckpt_path: Path, run: Run, fingerprint: str, data: dict
+) -> None:
     logger.check_folder()  # not a checkpoint in a folder made again
-    save_checkpoint(ckpt_path, run.state_dict(fingerprint))
+    save_checkpoint(ckpt_path, {**run.state_dict(fingerprint), DATA_KEY: data})
 
 
 def _stopped_before_training(signum: int) -> Stopped:
@@ -430,6 +433,7 @@ def _train(
     decoding.set_threads(cfg.data_threads)  # also for the image files load_data decodes now
     split = load_data(cfg)  # bad data fails here, before anything is written
     fingerprint = config_fingerprint(cfg.to_dict())
+    data = data_record(split)  # the data as loaded (a large teacher's selection comes later)
     ckpt_path = out_dir / "checkpoint.pt"
     # Options added since a checkpoint or results.json was written count as their defaults (the
     # old behaviour): a run folder survives an upgrade of metapl.
@@ -446,6 +450,7 @@ def _train(
             saved, fingerprint, ckpt_path, config=cfg.to_dict(), defaults=defaults, paths=PATH_KEYS
         )
         _check_steps_fit_the_run(cfg, saved, ckpt_path)
+        check_same_data_as_checkpoint(saved, data, ckpt_path)
     else:
         # No checkpoint, so the run starts over: the results.json of a run of another
         # configuration there (its checkpoints deleted to save space, say) would be replaced, and
@@ -567,7 +572,7 @@ def _train(
                 # A finite loss can still come with an update that overflowed the weights.
                 check_finite_weights(_weights(run), run.step)
                 on_rank_0(
-                    dp, functools.partial(_save, logger, ckpt_path, run, fingerprint), at_step
+                    dp, functools.partial(_save, logger, ckpt_path, run, fingerprint, data), at_step
                 )
             if stopping:
                 # torchrun ends every rank as soon as one exits: none does before the checkpoint

@@ -9,17 +9,14 @@ rank (docs/multi-gpu.md "Start-up").
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import time
 from pathlib import Path
 
-import numpy as np
-
 from metapl.data.splits import SSLSplit
 from metapl.distributed import DataParallel
 from metapl.errors import ConfigError
-from metapl.reduced.precompute import fingerprint_images
+from metapl.train.data_identity import split_fingerprint
 
 
 def check_same_data(dp: DataParallel, split: SSLSplit) -> None:
@@ -29,7 +26,7 @@ def check_same_data(dp: DataParallel, split: SSLSplit) -> None:
     or fail mid-run with an index out of range."""
     if not dp.enabled:
         return
-    mine = _split_fingerprint(split)
+    mine = split_fingerprint(split)
     same = mine == dp.broadcast_object(mine)
     if not dp.any_rank(not same):
         return
@@ -48,61 +45,9 @@ def check_same_data(dp: DataParallel, split: SSLSplit) -> None:
     )
 
 
-def _split_fingerprint(split: SSLSplit) -> str:
-    """sha256 identifying a split: its labels, its images, the tuning rows and the class names.
-    Images in memory count by :func:`~metapl.reduced.precompute.fingerprint_images` (hashed in
-    full up to 512 MB, else sampled rows); image files by their paths (:func:`_images_identity`),
-    not their decoded pixels, which another machine's decoder may round differently."""
-    digest = hashlib.sha256(b"metapl-split-v1\n")
-    for images, labels in (
-        (split.x_labeled, split.y_labeled),
-        (split.x_unlabeled, None),
-        (split.x_tune, split.y_tune),
-        (split.x_test, split.y_test),
-    ):
-        digest.update(_images_identity(images).encode())
-        if labels is not None:
-            digest.update(f"|{labels.shape}|{labels.dtype}|".encode())
-            digest.update(np.ascontiguousarray(labels).tobytes())
-    rows = split.tune_in_unlabeled
-    digest.update(
-        repr(
-            (
-                split.num_classes,
-                split.name,
-                split.class_names,
-                split.tune_in_labeled,
-                None if rows is None else np.asarray(rows).tolist(),
-            )
-        ).encode()
-    )
-    return digest.hexdigest()
-
-
 PATIENCE_S = 90.0
 """How long a rank that does not see a file another rank sees looks again before it reports it
 (NFS clients trust their cache of missing names for up to 60 s by default)."""
-
-
-def _images_identity(images) -> str:
-    """Images in memory by their pixels; image files by their paths below the dataset's folder
-    (``root``, where the reader has one; else the class folder and the file name)."""
-    paths = getattr(images, "paths", None)
-    if not isinstance(paths, list):
-        return fingerprint_images(images)
-    shape = tuple(getattr(images, "shape", (len(paths),)))
-    root = getattr(images, "root", None)
-    names = "\n".join(_below(Path(p), root) for p in paths)
-    return hashlib.sha256(f"files|{shape}\n{names}".encode()).hexdigest()
-
-
-def _below(path: Path, root) -> str:
-    if root is not None:
-        try:
-            return path.relative_to(root).as_posix()
-        except ValueError:
-            pass
-    return "/".join(path.parts[-2:])
 
 
 def check_ranks_see(dp: DataParallel, path: Path, what: str) -> bool:
