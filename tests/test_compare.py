@@ -550,3 +550,38 @@ def test_a_digits_experiments_runs_pair_with_train_runs_on_the_same_split(tmp_pa
     code, out, err = compare(capsys, other, *trains, "--baseline", "digits-uda-mpl")
     assert code == 0, err
     assert "supervised: not paired: other data (labels_per_class 10, not 5)" in out, out
+
+
+def test_an_experiments_set_of_how_often_it_logs_or_saves_is_left_aside(tmp_path, capsys):
+    """`metapl digits --set checkpoint_every=100` measures what the same command without it does:
+    one group per method. A --set that changes the result still splits its method's group."""
+    folders = []
+    for name, overrides, seeds in (
+        ("saves", {"*": {"checkpoint_every": "100", "finetune_steps": "0"}}, [0, 1]),
+        ("plain", {"*": {"finetune_steps": "0"}}, [2, 3]),
+        ("logs", {"*": {"finetune_steps": "0"}, "uda_mpl": {"log_every": "5"}}, [4]),
+        (
+            "other",
+            {"*": {"finetune_steps": "0", "eval_every": "9"}, "uda_mpl": {"mpl_weight": "2"}},
+            [5],
+        ),
+    ):
+        config = {"seeds": seeds, "labels_per_class": 5, "device": "cpu", "overrides": overrides}
+        records = [
+            {"method": m, "seed": s, "accuracy": 0.9}
+            for m in ("supervised", "uda_mpl")
+            for s in seeds
+        ]
+        folder = tmp_path / name
+        folder.mkdir()
+        payload = {"command": "digits", "config": config, "results": records}
+        (folder / "results.json").write_text(json.dumps(payload))
+        folders.append(folder)
+    code, out, err = compare(capsys, *folders, "--json", tmp_path / "c.json")
+    assert code == 0, err
+    groups = {
+        g["name"]: g["seeds"] for g in json.loads((tmp_path / "c.json").read_text())["groups"]
+    }
+    assert groups["supervised"] == [0, 1, 2, 3, 4, 5], groups
+    assert groups['uda_mpl (overrides={"finetune_steps":"0"})'] == [0, 1, 2, 3, 4], groups
+    assert groups['uda_mpl (overrides={"finetune_steps":"0","mpl_weight":"2"})'] == [5], groups

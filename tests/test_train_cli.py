@@ -812,6 +812,45 @@ def test_a_run_resumes_only_on_the_data_it_started_with(tmp_path, capsys):
     assert train_cli("imagenet-full-supervised", out, *[*args, "--steps", "5"]) == 0
 
 
+def test_ctrl_c_names_the_step_a_rerun_resumes_from_and_the_rerun_says_it_resumes(
+    tmp_path, capsys, monkeypatch
+):
+    """Ctrl-C stops at once (no checkpoint of the step in progress): its line names the step and
+    the last checkpoint's, or that there is none yet; the rerun says where it resumes."""
+    from metapl.train import engine
+
+    advance = engine.Run.advance
+
+    def interrupted_at(stop: int):
+        def step(run, source):
+            if run.step == stop:
+                raise KeyboardInterrupt
+            return advance(run, source)
+
+        return step
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(engine.Run, "advance", interrupted_at(1))
+    assert train_cli("digits-supervised", out, *tiny(8)) == 130
+    assert capsys.readouterr().err == (
+        "metapl train: interrupted after step 1 of 8, before its first checkpoint; the same "
+        "command starts it again\n"
+    )
+    monkeypatch.setattr(engine.Run, "advance", interrupted_at(5))
+    assert train_cli("digits-supervised", out, *tiny(8)) == 130
+    assert capsys.readouterr().err == (
+        "metapl train: interrupted after step 5 of 8, its last checkpoint is of step 4; the "
+        "same command resumes from it (SIGTERM, unlike Ctrl-C, saves the step in progress "
+        "first)\n"
+    )
+    monkeypatch.setattr(engine.Run, "advance", advance)
+    shown = [a for a in tiny(8) if a != "--quiet"]
+    assert train_cli("digits-supervised", out, *shown) == 0
+    err = capsys.readouterr().err
+    assert f"metapl train: resuming {out} from its checkpoint of step 4 of 8\n" in err
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 8
+
+
 def test_dataset_preset_without_data_dir(tmp_path, capsys):
     assert train_cli("svhn-1k-uda", tmp_path / "run", "--quiet") == 2
     assert "needs --data-dir" in one_error_line(capsys.readouterr().err)

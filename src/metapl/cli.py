@@ -28,7 +28,7 @@ from metapl.report import (
     print_paired_differences,
     release_output_folders,
 )
-from metapl.train.stopping import Stopped
+from metapl.train.stopping import Interrupted, Stopped
 from metapl.warning_lines import one_line_warnings
 
 # The most seeds one command takes: each is a training run (digits: minutes), and a range such as
@@ -433,7 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Train a preset. Running the same command with the same --out resumes from "
             "DIR/checkpoint.pt; SIGTERM or SIGUSR1 (a scheduler's time limit) saves a checkpoint "
-            "of the step in progress first, then stops (exit code 128 + the signal). DIR "
+            "of the step in progress first, then stops (exit code 128 + the signal); Ctrl-C "
+            "stops at once, and the rerun resumes from the last checkpoint (every "
+            "--checkpoint-every steps). DIR "
             "receives config.json (the resolved configuration), "
             "metrics.csv, tb/ (TensorBoard), checkpoint.pt (and checkpoint.prev.pt, the one "
             "before it), results.json, curves.png (losses, accuracies and learning rates over "
@@ -687,9 +689,10 @@ def main(argv: list[str] | None = None) -> int:
         close_bars()
         print(f"metapl {args.command}: {stop}", file=sys.stderr)
         return stop.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:  # Ctrl-C; in training's steps, where a rerun resumes
         close_bars()
-        print(f"metapl {args.command}: interrupted", file=sys.stderr)
+        said = str(stop) if isinstance(stop, Interrupted) else "interrupted"
+        print(f"metapl {args.command}: {said}", file=sys.stderr)
         return 130
     except BrokenPipeError:
         # The reader went away (`metapl presets | head`): stop quietly, as Unix tools do. Point

@@ -354,12 +354,28 @@ def _settings_and_data(config: dict, record: dict) -> tuple[dict, dict]:
     """What defines a record's group (its file's config but :data:`NOT_RESULTS`, and its method),
     and what its seeds' examples are (:data:`DATA_KEYS`)."""
     settings = {k: v for k, v in config.items() if k not in NOT_RESULTS}
+    if isinstance(config.get("overrides"), dict):  # digits' and reduced's --set, method by method
+        settings["overrides"] = _results_overrides(config["overrides"], record["method"])
     settings["method"] = record["method"]
     # the config's first: a train record's dataset is its split's name, seed included
     data = {k: config[k] if k in config else record.get(k, UNRECORDED) for k in DATA_KEYS}
     if config.get("dataset") in OWN_DATA:
         settings["data_dir"] = data["data_dir"] = config.get("data_dir")
     return settings, data
+
+
+def _results_overrides(overrides: dict, method: str) -> dict:
+    """What of an experiment's ``--set`` (``{"*" or a method: {key: value}}``) reached the runs of
+    ``method``, but :data:`NOT_RESULTS`: `metapl digits --set checkpoint_every=100` measures what
+    the same command without it does, and `--set uda_mpl:mpl_weight=2` leaves its supervised runs
+    as they were."""
+    reached = {}
+    for target in ("*", method):
+        keys = overrides.get(target, {})
+        if not isinstance(keys, dict):  # (a file of another shape: kept whole, as before)
+            return overrides
+        reached.update({k: v for k, v in keys.items() if k not in NOT_RESULTS})
+    return reached
 
 
 def _name(groups: list[Group]) -> None:

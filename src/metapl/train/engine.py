@@ -51,7 +51,13 @@ from metapl.train.metrics_log import MetricsLogger
 from metapl.train.model_checks import check_compile_works, check_models_fit
 from metapl.train.rank_checks import check_ranks_see, check_same_data
 from metapl.train.run import Figure10Series, Run
-from metapl.train.stopping import STOP_SIGNALS, Stopped, StopSignals, TrainingStopped
+from metapl.train.stopping import (
+    STOP_SIGNALS,
+    Interrupted,
+    Stopped,
+    StopSignals,
+    TrainingStopped,
+)
 
 
 def _stop_now(signals: StopSignals, dp: DataParallel, step: int, cfg: TrainConfig) -> bool:
@@ -400,6 +406,18 @@ def _save(
     save_checkpoint(ckpt_path, {**run.state_dict(fingerprint), DATA_KEY: data})
 
 
+@contextlib.contextmanager
+def _naming_the_checkpoint(run: Run, checkpointed: list[int | None]):
+    """Ctrl-C in the block (a KeyboardInterrupt, not a signal's :class:`Stopped`) becomes
+    :class:`Interrupted`, whose line names the run's step and its last checkpoint's."""
+    try:
+        yield
+    except KeyboardInterrupt as stop:
+        if isinstance(stop, Stopped):
+            raise
+        raise Interrupted(run.step, run.total_steps, checkpointed[0]) from None
+
+
 def _stopped_before_training(signum: int) -> Stopped:
     return Stopped(
         signum,
@@ -485,6 +503,12 @@ def _train(
         check_compile_works(device)  # and a machine where torch.compile cannot work
     if saved is not None:  # every rank reads the same checkpoint; one that does not fit fails here
         _load_run_state(run, saved, ckpt_path)
+        if show_progress and dp.is_main:  # else only the bar's start would tell
+            print(
+                f"metapl train: resuming {out_dir} from its checkpoint of step {run.step} of "
+                f"{run.total_steps}",
+                file=sys.stderr,
+            )
     source = BatchSource(  # bad augmentation options fail here, before any write too
         split, cfg, run.method.views, device, teacher_probs, shard=(dp.rank, dp.world_size)
     )
@@ -516,7 +540,9 @@ def _train(
         log_of_rank_0.append(MetricsLogger(out_dir, resume_step=run.step))
 
     on_rank_0(dp, open_log, _BEFORE_THE_FIRST_STEP)
+    checkpointed = [run.step if saved is not None else None]  # the step a rerun resumes from
     with (
+        _naming_the_checkpoint(run, checkpointed),  # Ctrl-C's line says where a rerun resumes
         log_of_rank_0[0] if log_of_rank_0 else _NoMetrics() as logger,
         contextlib.closing(batches),  # the next step's batch or images are dropped at the end
     ):
@@ -574,6 +600,7 @@ def _train(
                 on_rank_0(
                     dp, functools.partial(_save, logger, ckpt_path, run, fingerprint, data), at_step
                 )
+                checkpointed[0] = run.step
             if stopping:
                 # torchrun ends every rank as soon as one exits: none does before the checkpoint
                 dp.wait_for_main()

@@ -62,6 +62,26 @@ class TrainingStopped(Stopped):
         return type(self), (self.signum, self.step, self.total_steps)
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during the training steps: the run stops at once, without a checkpoint of the step in
+    progress (the module's docstring says why); the message says which step the same command
+    resumes from, which "interrupted" alone left to guess."""
+
+    def __init__(self, step: int, total_steps: int, checkpointed: int | None):
+        self.step, self.total_steps, self.checkpointed = step, total_steps, checkpointed
+        if checkpointed is None:
+            then = "before its first checkpoint; the same command starts it again"
+        else:
+            then = (
+                f"its last checkpoint is of step {checkpointed}; the same command resumes from "
+                "it (SIGTERM, unlike Ctrl-C, saves the step in progress first)"
+            )
+        super().__init__(f"interrupted after step {step} of {total_steps}, {then}")
+
+    def __reduce__(self):
+        return type(self), (self.step, self.total_steps, self.checkpointed)
+
+
 class StopSignals:
     """While in the block, SIGTERM and SIGUSR1 set :attr:`signum` instead of ending the process.
 
