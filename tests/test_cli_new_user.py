@@ -224,7 +224,8 @@ def test_an_error_during_a_run_is_the_last_line_and_not_glued_to_the_bar(tmp_pat
         ),
         (
             ["train", "--preset", "digits-uda", "--out", "x", "--device", "gpu"],
-            "metapl train: error: argument --device: invalid choice: 'gpu'",
+            "metapl train: error: argument --device: invalid choice: 'gpu' (choose from 'auto', "
+            "'cpu', 'cuda') (did you mean cuda?)",  # by meaning: cpu is closer in spelling
         ),
         (["twomons", "--out", "x"], "metapl: error: argument COMMAND: invalid choice: 'twomons'"),
         # a mistyped required option: argparse said only that --preset was missing

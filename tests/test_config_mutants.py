@@ -44,6 +44,7 @@ def _cfg(**overrides) -> TrainConfig:
         ({"teacher_optimizer": "lamb"}, "teacher_optimizer must be one of"),
         ({"method": "reduced_mpl"}, "learns from a large teacher"),
         ({"device": "tpu"}, "device must be auto, cpu or cuda"),
+        ({"device": "gpu"}, "got 'gpu' (did you mean cuda?)"),
         ({"precision": "fp16"}, "precision must be fp32 or bf16"),
         ({"dataset": "mnist"}, "dataset 'mnist' is not one of"),
         ({"mpl_weight": math.nan}, "mpl_weight must be >= 0"),

@@ -85,6 +85,12 @@ def test_reduced_other_datasets_are_refused():
     for dataset in ("svhn", "imagenet", "cifar10"):
         with pytest.raises(ConfigError, match="only digits runs end to end"):
             reduced.ReducedConfig(dataset=dataset).validate()
+    with pytest.raises(ConfigError, match=r"^unknown --dataset 'digit' \(did you mean digits\?\)$"):
+        reduced.ReducedConfig(dataset="digit").validate()
+    with pytest.raises(
+        ConfigError, match=r"choose from large_teacher, .* \(did you mean reduced_mpl\?\)$"
+    ):
+        reduced.ReducedConfig(overrides={"reducedmpl": {"steps": "3"}}).validate()
 
 
 def test_each_seeds_students_read_that_seeds_large_teacher(tmp_path):

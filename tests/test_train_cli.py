@@ -1207,6 +1207,7 @@ def test_digits_set_overrides_every_method_or_one(tmp_path, capsys):
         ("stpes=3", "unknown config key 'stpes'"),
         ("uda:steps", "expected key=value or METHOD:key=value"),
         ("label_spreading:steps=3", "'label_spreading' is not a trained digits method"),
+        ("udampl:steps=3", "randaugment_mpl, uda, uda_mpl (did you mean uda_mpl?)"),
         ("uda:steps=many", "steps expects an integer"),
     ]:
         bad = tmp_path / "bad"

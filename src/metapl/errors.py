@@ -10,13 +10,20 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
+ALIASES = {"gpu": "cuda"}
+"""Words users type for a choice whose spelling is far from them (``--device gpu``)."""
+
 
 def did_you_mean(word: str, choices: Iterable[str], n: int = 1) -> str:
     """' (did you mean X?)' naming the (up to ``n``) choices closest to a mistyped ``word`` in
-    spelling, case aside (``TEACHER_LR`` names ``teacher_lr``), or '' when none is close."""
+    spelling, case aside (``TEACHER_LR`` names ``teacher_lr``), or its meaning (:data:`ALIASES`:
+    ``gpu`` names ``cuda``, not the closer ``cpu``), or '' when none is close."""
     by_lower: dict[str, str] = {}
     for choice in choices:
         by_lower.setdefault(choice.lower(), choice)
+    meant = ALIASES.get(word.lower())
+    if meant in by_lower:
+        return f" (did you mean {by_lower[meant]}?)"
     close = difflib.get_close_matches(word.lower(), list(by_lower), n=n)
     return f" (did you mean {', '.join(by_lower[c] for c in close)}?)" if close else ""
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from metapl import report
-from metapl.errors import ConfigError
+from metapl.errors import ConfigError, did_you_mean
 from metapl.experiments.workers import map_runs, run_record, worker_pool
 from metapl.report import print_accuracy_table, write_json_atomic
 
@@ -66,7 +66,7 @@ class DigitsConfig:
             if target != "*" and target not in ENGINE_METHODS:
                 raise ConfigError(
                     f"--set {target}:...: {target!r} is not a trained digits method; "
-                    f"choose from {', '.join(ENGINE_METHODS)}"
+                    f"choose from {', '.join(ENGINE_METHODS)}{did_you_mean(target, ENGINE_METHODS)}"
                 )
             # would be ignored without a word (as `metapl reduced` refuses a stage it skips)
             if target != "*" and target not in self.methods:

@@ -18,7 +18,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from metapl.errors import ConfigError
+from metapl.errors import ConfigError, did_you_mean
 from metapl.experiments.digits import check_command_keys, check_not_both, summarize
 from metapl.experiments.workers import map_runs, run_record, worker_pool
 from metapl.report import (
@@ -49,6 +49,8 @@ class ReducedConfig:
     overrides: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def validate(self) -> ReducedConfig:
+        if self.dataset != "digits" and did_you_mean(self.dataset, ["digits"]):
+            raise ConfigError(f"unknown --dataset {self.dataset!r} (did you mean digits?)")
         if self.dataset != "digits":
             raise ConfigError(
                 f"`metapl reduced --dataset {self.dataset}`: only digits runs end to end here; for "
@@ -88,7 +90,7 @@ class ReducedConfig:
             if target != "*" and target not in STAGES:
                 raise ConfigError(
                     f"--set {target}:...: {target!r} is not a stage of `metapl reduced`; "
-                    f"choose from {', '.join(STAGES)}"
+                    f"choose from {', '.join(STAGES)}{did_you_mean(target, STAGES)}"
                 )
             if target != "*" and target not in stages:  # would be ignored without a word
                 raise ConfigError(

@@ -249,7 +249,10 @@ class TrainConfig:
         if self.dataset not in DATASETS:
             raise ConfigError(f"dataset {self.dataset!r} is not one of {', '.join(DATASETS)}")
         if self.device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
+            raise ConfigError(
+                f"device must be auto, cpu or cuda, got {self.device!r}"
+                + did_you_mean(self.device, ("auto", "cpu", "cuda"))
+            )
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"precision must be fp32 or bf16, got {self.precision!r}")
         if self.compile_mode not in COMPILE_MODES:
