@@ -427,7 +427,13 @@ def _edit(**changes):
         (_edit(y_labeled=None), "misses key 'y_labeled'"),
         (_edit(y_tests=np.array([0])), "unexpected key 'y_tests'"),
         (_edit(y_test=None), "only one of x_test and y_test"),
-        (_edit(y_labeled=np.array([0, 1, 2, 0, 1, -1])), "y_labeled[5] is -1, outside 0..2"),
+        (_edit(y_labeled=np.array([0, 1, 2, 0, 1, -1])), "y_labeled[5] is -1, a negative label"),
+        # without class_names too, where K = max + 1 made the range "0..0" for all negative labels
+        (
+            _edit(class_names=None, y_labeled=-np.ones(6, int)),
+            "y_labeled[0] is -1, a negative label: labels are class indices 0..K-1",
+        ),
+        (_edit(y_test=np.array([0, -2])), "y_test[1] is -2, a negative label"),
         (_edit(y_labeled=np.array([0, 1, 3, 0, 1, 2])), "y_labeled[2] is 3, outside 0..2"),
         (_edit(y_test=np.array([3, 0])), "y_test[0] is 3, outside 0..2"),
         (_edit(y_labeled=np.zeros((6, 1), int)), "y_labeled has shape (6, 1)"),
@@ -435,6 +441,12 @@ def _edit(**changes):
         (_edit(y_labeled=np.array([0.0, 1, 2, 0, 1, 2])), "dtype float64"),
         (_edit(y_labeled=np.array([0, 1, 0, 0, 1, 0])), "class 2 has no labeled image"),
         (_edit(class_names=None, y_labeled=np.zeros(6, int)), "there is one class"),
+        # a stray large label, not a missing class, is what is wrong: named as what made K
+        (
+            _edit(class_names=None, y_labeled=np.array([0, 1, 2, 0, 5, 2])),
+            "class 3 has no labeled image, but y_labeled must use every class 0..K-1 with K >= 2 "
+            "(K = 6: the largest label + 1, y_labeled[4] = 5)",
+        ),
         # Labels as IDs: the class names 0..max were listed first (10**9: out of memory, no error)
         (
             _edit(class_names=None, y_labeled=np.array([0, 1, 2, 0, 1, 2_000_000])),

@@ -106,7 +106,14 @@ def _labels(path: Path, key: str, y: np.ndarray, n: int) -> np.ndarray:
 
 
 def _in_range(path: Path, key: str, y: np.ndarray, num_classes: int) -> np.ndarray:
-    bad = (y < 0) | (y >= num_classes)
+    negative = np.flatnonzero(y < 0)
+    if len(negative):  # before the range: with no class_names, K came from these very labels
+        first = int(negative[0])
+        raise data_error(
+            f"{path}: {key}[{first}] is {int(y[first])}, a negative label: labels are class "
+            "indices 0..K-1"
+        )
+    bad = y >= num_classes
     if bad.any():
         first = int(np.flatnonzero(bad)[0])
         raise data_error(
@@ -185,9 +192,13 @@ def read_npz(path: Path, resolution: int) -> tuple:
     absent = sorted(set(range(len(names))) - set(y_labeled.tolist()))
     if absent or len(names) < 2:
         problem = f"class {absent[0]} has no labeled image" if absent else "there is one class"
+        k = f"K = {len(names)}"
+        if "class_names" not in arrays:  # a stray large label made K, not the user's classes
+            largest = int(np.argmax(y_labeled))
+            k += f": the largest label + 1, y_labeled[{largest}] = {int(y_labeled[largest])}"
         raise data_error(
             f"{path}: {problem}, but y_labeled must use every class 0..K-1 with K >= 2 "
-            f"(K = {len(names)}); renumber the labels or fix class_names"
+            f"({k}); renumber the labels or fix class_names"
         )
     x_unlabeled = _images(path, "x_unlabeled", arrays["x_unlabeled"], resolution)
     if "x_test" in arrays:
