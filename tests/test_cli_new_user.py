@@ -393,3 +393,14 @@ def test_digits_and_reduced_say_what_they_wrote(tmp_path, capsys, command):
     last = capsys.readouterr().out.splitlines()[-1]
     assert last == f"wrote {out}/results.json; each run's folder in {out}/METHOD/seedN"
     assert (out / "supervised" / "seed0" / "results.json").exists()
+
+
+def test_version_is_the_installed_packages(capsys):
+    """`metapl --version`: the version pyproject.toml gave the installed package (one number to
+    bump, and a test that fails when the two drift apart)."""
+    import importlib.metadata
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out == f"metapl {importlib.metadata.version('metapl')}\n"

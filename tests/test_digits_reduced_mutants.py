@@ -61,6 +61,8 @@ def test_digits_labels_per_class_may_be_100():
     digits.DigitsConfig(labels_per_class=100, methods=("label_spreading",)).validate()
     with pytest.raises(ConfigError, match="between 1 and 100"):
         digits.DigitsConfig(labels_per_class=101, methods=("label_spreading",)).validate()
+    with pytest.raises(ConfigError, match=r"label_spreading \(did you mean uda_mpl\?\)$"):
+        digits.DigitsConfig(methods=("udampl",)).validate()
 
 
 def test_digits_set_with_an_empty_method_name_is_refused():
@@ -85,6 +87,14 @@ def test_reduced_other_datasets_are_refused():
     for dataset in ("svhn", "imagenet", "cifar10"):
         with pytest.raises(ConfigError, match="only digits runs end to end"):
             reduced.ReducedConfig(dataset=dataset).validate()
+    for k in (0, 101):
+        with pytest.raises(
+            ConfigError, match=rf"^--labels-per-class must be between 1 and 100, got {k}$"
+        ):
+            reduced.ReducedConfig(labels_per_class=k).validate()
+    reduced.ReducedConfig(labels_per_class=100).validate()
+    with pytest.raises(ConfigError, match=r"reduced_mpl \(did you mean noisy_student\?\)$"):
+        reduced.ReducedConfig(students=("noisystudent",)).validate()
     with pytest.raises(ConfigError, match=r"^unknown --dataset 'digit' \(did you mean digits\?\)$"):
         reduced.ReducedConfig(dataset="digit").validate()
     with pytest.raises(

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn
 
-from metapl import cpu_threads
+from metapl import __version__, cpu_threads
 from metapl.errors import ConfigError, MetaplError, did_you_mean
 from metapl.malloc import keep_freed_memory
 from metapl.progress import close_bars
@@ -392,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="`metapl COMMAND --help` explains a command: its options, defaults and an example.",
         formatter_class=_Formatter,
     )
+    parser.add_argument("--version", action="version", version=f"metapl {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser(

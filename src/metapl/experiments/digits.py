@@ -57,6 +57,7 @@ class DigitsConfig:
         if unknown:
             raise ConfigError(
                 f"unknown digits method {unknown[0]!r}; choose from {', '.join(METHODS)}"
+                + did_you_mean(unknown[0], METHODS)
             )
         if not 1 <= self.labels_per_class <= 100:
             raise ConfigError(

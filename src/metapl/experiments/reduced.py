@@ -58,10 +58,16 @@ class ReducedConfig:
                 "then the -supervised/-noisy-student/-reduced-mpl presets with "
                 "--set large_teacher=RUN_DIR"
             )
+        if self.labels_per_class is not None and not 1 <= self.labels_per_class <= 100:
+            # as `metapl digits` says it, by the option's name (the split named its config key)
+            raise ConfigError(
+                f"--labels-per-class must be between 1 and 100, got {self.labels_per_class}"
+            )
         unknown = [m for m in self.students if m not in STUDENTS]
         if unknown or not self.students:
             raise ConfigError(
                 f"--methods: unknown student {unknown[0]!r}; choose from {', '.join(STUDENTS)}"
+                + did_you_mean(unknown[0], STUDENTS)
                 if unknown
                 else f"--methods: name at least one of {', '.join(STUDENTS)}"
             )
