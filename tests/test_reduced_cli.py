@@ -54,7 +54,9 @@ def test_students_never_hold_the_large_teacher(reduced_run):
     )
 
 
-def test_the_large_teacher_is_freed_before_the_student_is_built(reduced_run, tmp_path, monkeypatch):
+def test_the_large_teacher_is_freed_before_the_student_is_built(
+    reduced_run, tmp_path, monkeypatch, capsys
+):
     """README: the student run drops the large teacher before the student exists; the two are
     never in memory together (the point of ReducedMPL). Every large teacher loaded is gone when
     the run builds its models."""
@@ -85,6 +87,15 @@ def test_the_large_teacher_is_freed_before_the_student_is_built(reduced_run, tmp
     assert main([*args, "--set", "finetune_steps=0", "--set", "warmup_steps=1"]) == 0
     assert len(loaded) == 2  # the check of its images, then the precompute
     assert alive_at_build == [0]
+    # the last line names the files a ReducedMPL run adds too
+    assert (
+        capsys.readouterr()
+        .out.splitlines()[-1]
+        .endswith(
+            "checkpoint.pt, figure10.json, large_teacher_labeled.npy, large_teacher_labeled.json, "
+            "large_teacher_unlabeled.npy, large_teacher_unlabeled.json"
+        )
+    )
 
 
 def test_top_k_selection_keeps_k_per_class(reduced_run):

@@ -258,10 +258,18 @@ def _cmd_train(args: argparse.Namespace) -> None:
     # `--steps 10` on a preset that fine-tunes ran 10 + finetune_steps steps: say so
     finetune = f" and {cfg.finetune_steps} fine-tuning steps" if cfg.finetune_steps else ""
     print(f"{cfg.preset}: {', '.join(parts)} after {cfg.steps} steps{finetune}")
-    written = "results.json, curves.png, metrics.csv, tb/, config.json, checkpoint.pt"
-    if (Path(args.out) / "classes.json").is_file():  # a dataset with class names (own data)
-        written += ", classes.json"
-    print(f"wrote {args.out}/{written}")
+    written = ["results.json", "curves.png", "metrics.csv", "tb/", "config.json", "checkpoint.pt"]
+    # a dataset with class names (own data); ReducedMPL's Figure 10 series and a large teacher's
+    # precomputed distributions (with their sidecars)
+    written += [name for name in _SOMETIMES_WRITTEN if (Path(args.out) / name).is_file()]
+    print(f"wrote {args.out}/{', '.join(written)}")
+
+
+_SOMETIMES_WRITTEN = (
+    "classes.json",
+    "figure10.json",
+    *(f"large_teacher_{s}.{e}" for s in ("labeled", "unlabeled") for e in ("npy", "json")),
+)
 
 
 def _cmd_presets(args: argparse.Namespace) -> None:
