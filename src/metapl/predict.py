@@ -24,7 +24,8 @@ DESCRIPTION = (
     "Classify image files with the model a `metapl train` run reports (its EMA if it kept one, "
     "else its student). Each image is resized and centre-cropped to the run's resolution "
     "(grayscale 8x8 for digits) and scaled to [0, 1] exactly as the run's evaluation did. A "
-    "folder argument means every PNG/JPEG under it, sorted. Prints one tab-separated line per "
+    "file argument may be any image Pillow reads (PNG, JPEG, BMP, ...); a folder argument means "
+    "every PNG/JPEG under it, sorted. Prints one tab-separated line per "
     "image: path, then --top K pairs of class and probability, most likely first. Class names come "
     "from RUN/classes.json when the run has one, else class indices."
 )
@@ -38,7 +39,9 @@ def _bar_disabled(n_images: int) -> bool | None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `metapl predict`."""
-    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
+    parser.add_argument(
+        "images", nargs="+", metavar="IMAGE", help="image files, or folders of PNG/JPEG files"
+    )
     parser.add_argument("--run", required=True, help="the --out folder of a `metapl train` run")
     parser.add_argument("--top", type=int, default=1, help="classes shown per image (default: 1)")
     parser.add_argument(
