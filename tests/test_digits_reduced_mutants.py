@@ -258,3 +258,21 @@ def test_a_set_of_steps_without_steps_is_the_runs_length():
         ).steps
         == 400
     )
+
+
+def test_a_reduced_rerun_says_which_share_of_its_runs_resumes(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(reduced, "_train_and_report", lambda cfg, out, show_progress: {})
+    cfg = reduced.ReducedConfig(seeds=[0, 1], students=("reduced_mpl",))
+    reduced.run_reduced(cfg, tmp_path / "rd")
+    assert "resuming" not in capsys.readouterr().err  # nothing there yet
+    run = tmp_path / "rd" / "large_teacher" / "seed1"
+    run.mkdir(parents=True)
+    for name in ("checkpoint.pt", "config.json"):  # a `metapl train` run's, stopped
+        (run / name).write_bytes(b"{}")
+    reduced.run_reduced(cfg, tmp_path / "rd")
+    assert capsys.readouterr().err == (
+        f"metapl reduced: resuming in {tmp_path / 'rd'}: 1 of its 4 training runs have a "
+        "checkpoint there, and continue from it\n"
+    )
+    reduced.run_reduced(cfg, tmp_path / "rd", show_progress=False)  # --quiet
+    assert capsys.readouterr().err == ""

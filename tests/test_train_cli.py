@@ -1093,8 +1093,12 @@ def test_a_digits_rerun_replaces_only_results_of_the_same_configuration(tmp_path
     run = out / "supervised" / "seed0"
     written = (run / "checkpoint.pt").stat().st_mtime_ns, (run / "metrics.csv").read_bytes()
     # the same command again reuses the finished runs (trains no step, writes no checkpoint): the
-    # same results
-    assert main([*args, "--seeds", "0"]) == 0
+    # same results; without --quiet it says so first
+    capsys.readouterr()
+    assert main([*[a for a in args if a != "--quiet"], "--seeds", "0"]) == 0
+    assert capsys.readouterr().err.startswith(
+        f"metapl digits: resuming in {out}: 1 of its 1 training runs have a checkpoint there"
+    )
     assert json.loads((out / "results.json").read_text())["results"] == earlier["results"]
     assert (
         (run / "checkpoint.pt").stat().st_mtime_ns,

@@ -175,6 +175,19 @@ def holding_run_folders(folders: Iterable[Path]) -> Iterator[None]:
         release_output_folders(keep=held_before)
 
 
+def resuming_note(command: str, out: Path, folders: list[Path]) -> str | None:
+    """The line `metapl digits` or `reduced` prints when some of its run ``folders`` hold a
+    checkpoint (a rerun after Ctrl-C or a crash): which share of the work resumes, where the run
+    counter alone left it to guess; None when none does."""
+    resumed = sum((folder / "checkpoint.pt").is_file() for folder in folders)
+    if not resumed:
+        return None
+    return (
+        f"metapl {command}: resuming in {out}: {resumed} of its {len(folders)} training runs "
+        "have a checkpoint there, and continue from it"
+    )
+
+
 def results_owner(path: Path) -> str | None:
     """The command that wrote the results file ``path`` (its ``"command"``), or None: no file, a
     file from before metapl recorded it, or one that is not metapl's JSON."""

@@ -282,6 +282,9 @@ def run_digits(cfg: DigitsConfig, out: Path, show_progress: bool = True) -> dict
     with report.holding_run_folders(runs):
         for note in cfg.notes():  # after the checks: a mistake found in them is one line
             print(note, file=sys.stderr)
+        resuming = report.resuming_note("digits", out, runs)
+        if resuming is not None and show_progress:
+            print(resuming, file=sys.stderr)
         return _train_and_report(cfg, out, show_progress)
 
 

@@ -27,6 +27,7 @@ from metapl.report import (
     paired_differences,
     print_accuracy_table,
     print_paired_differences,
+    resuming_note,
     write_json_atomic,
 )
 
@@ -202,6 +203,9 @@ def run_reduced(cfg: ReducedConfig, out: Path, show_progress: bool = True) -> di
     with holding_run_folders(runs):
         for note in cfg.notes():  # after the checks: a mistake found in them is one line
             print(note, file=sys.stderr)
+        resuming = resuming_note("reduced", out, runs)
+        if resuming is not None and show_progress:
+            print(resuming, file=sys.stderr)
         return _train_and_report(cfg, out, show_progress)
 
 
