@@ -118,6 +118,31 @@ def test_parameters_reached_by_one_of_the_students_losses_step_as_in_the_exact_s
     assert not torch.equal(s_db.a.weight, fresh.a.weight)  # the layer one loss reaches moved
 
 
+def test_a_student_whose_optimizer_trains_only_its_head_steps_as_in_the_exact_step():
+    """The other parameters still require grad, but no optimizer holds them: the double-backward
+    step's functional call leaves them in place, read as the module's own, which the check of a
+    forward reading parameters outside the call took for one (a refusal, naming '0.weight')."""
+    steps = {}
+    for estimator in ("exact", "double_backward"):
+        teacher, _, x_l, y_l, x_u = make_problem("mlp", seed=5)
+        torch.manual_seed(3)
+        student = MLP().to(x_l.device, torch.float64)
+        mpl = MetaPseudoLabels(
+            teacher,
+            student,
+            torch.optim.SGD(teacher.parameters(), lr=0.05),
+            torch.optim.SGD(student.fc2.parameters(), lr=0.3),
+            estimator=estimator,
+        )
+        torch.manual_seed(11)
+        for s in range(2):
+            mpl.step(x_l, y_l, x_u + 0.1 * s)
+        steps[estimator] = teacher, student
+    (t_exact, s_exact), (t_db, s_db) = steps.values()
+    assert rel_err(flat(s_exact.parameters()), flat(s_db.parameters())) < 1e-10
+    assert rel_err(flat(t_exact.parameters()), flat(t_db.parameters())) < 1e-10
+
+
 def test_double_backward_step_moves_the_teacher_differently_without_the_mpl_term():
     """Guard against a vacuous comparison: the MPL term changes the teacher's update."""
     t_db, _, _ = _run("double_backward", "sgd_nesterov", "mlp", steps=1)

@@ -148,7 +148,7 @@ def check_double_backward_student(
     written = written_parameter([name_of[id(p)] for p in params], params, theta)
     if written is not None:
         raise ConfigError(WRITES_PARAMETERS.format(written))
-    outside = parameter_outside_call(student, logits)
+    outside = parameter_outside_call(student, logits, params)
     if outside is not None:
         raise ConfigError(
             OUTSIDE_CALL.format(

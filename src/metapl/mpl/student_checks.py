@@ -373,7 +373,11 @@ def check_derivatives(
         # A parameter the forward reads through a reference of its own: forward AD's duals,
         # swapped in, never reach it. (The message blamed a custom Function.)
         copies = {n: p.detach().requires_grad_() for n, p, _, _ in reached}
-        outside = parameter_outside_call(student, logits_of({**buffer_copies(student), **copies}))
+        outside = parameter_outside_call(
+            student,
+            logits_of({**buffer_copies(student), **copies}),
+            [p for _, p, _, _ in reached],
+        )
         if outside is not None:
             raise ConfigError(
                 OUTSIDE_CALL.format(
@@ -451,9 +455,12 @@ OUTSIDE_CALL = (
 )
 
 
-def parameter_outside_call(student: nn.Module, logits: Tensor) -> str | None:
-    """The name of a student parameter that ``logits``, computed by a functional call on other
-    tensors than the student's own parameters, still reached, or None.
+def parameter_outside_call(
+    student: nn.Module, logits: Tensor, swapped: Sequence[Tensor]
+) -> str | None:
+    """The name of a student parameter among ``swapped`` that ``logits``, computed by a functional
+    call with other tensors in place of ``swapped``, still reached, or None. (A parameter the call
+    left in place, one no optimizer trains, is read as the module's own, rightly.)
 
     A forward that reads a parameter through a reference it kept (``self.held = [self.fc.weight]``,
     a lambda over it) reads the module's own tensor whatever functional_call swaps in, so that
@@ -461,7 +468,8 @@ def parameter_outside_call(student: nn.Module, logits: Tensor) -> str | None:
     theta_t left it out (the student stepped another way than its optimizer alone, the teacher's
     gradient 22% off, silently), and the exact step's J has no tangent for it.
     """
-    own = {id(p): name for name, p in student.named_parameters()}
+    kept = {id(p) for p in swapped}
+    own = {id(p): name for name, p in student.named_parameters() if id(p) in kept}
     for node in autograd_nodes([logits.grad_fn]):
         variable = getattr(node, "variable", None)  # an AccumulateGrad node's leaf
         if variable is not None and id(variable) in own:
