@@ -674,9 +674,11 @@ def test_a_shared_parameter_added_to_the_students_optimizer_later_is_refused_bef
     assert torch.equal(flat(student.parameters()), before)
 
 
-def test_a_frozen_parameter_the_models_share_is_allowed():
-    """Shared and in neither optimizer: a constant for both models, nothing to refuse. It stays as
-    it was, and both models move as the double-backward oracle moves them."""
+@pytest.mark.parametrize("held", [False, True], ids=["in_neither_optimizer", "in_both"])
+def test_a_frozen_parameter_the_models_share_is_allowed(held):
+    """Shared and frozen (requires_grad off): a constant for both models, nothing to refuse, also
+    when both optimizers were made from their model's parameters(), as usual. It stays as it was,
+    and both models move as the double-backward oracle moves them."""
     problem = make_problem("mlp", seed=6, dtype=torch.float64)
     after = {}
     for estimator in ("exact", "double_backward"):
@@ -685,11 +687,11 @@ def test_a_frozen_parameter_the_models_share_is_allowed():
         teacher.fc1.weight.requires_grad_(False)
         student.fc1.weight = teacher.fc1.weight
         shared = teacher.fc1.weight.detach().clone()
-        trainable = [p for p in student.parameters() if p.requires_grad]
+        trainable = [p for p in student.parameters() if held or p.requires_grad]
         mpl = MetaPseudoLabels(
             teacher,
             student,
-            torch.optim.SGD([p for p in teacher.parameters() if p.requires_grad], lr=0.1),
+            torch.optim.SGD([p for p in teacher.parameters() if held or p.requires_grad], lr=0.1),
             torch.optim.SGD(trainable, lr=0.2, momentum=0.9),
             estimator=estimator,
         )
@@ -703,6 +705,20 @@ def test_a_frozen_parameter_the_models_share_is_allowed():
     assert any(not torch.equal(a, b) for a, b in zip(after["exact"], moved))
     for a, b in zip(after["exact"], after["double_backward"]):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_a_shared_parameter_both_optimizers_hold_unfrozen_later_is_refused_before_it_moves():
+    teacher, student, x_l, y_l, x_u = make_problem("mlp", seed=6)
+    teacher.fc1.weight.requires_grad_(False)
+    student.fc1.weight = teacher.fc1.weight
+    t_opt = torch.optim.SGD(teacher.parameters(), lr=0.1)
+    mpl = MetaPseudoLabels(teacher, student, t_opt, torch.optim.SGD(student.parameters(), lr=0.1))
+    mpl.step(x_l, y_l, x_u)
+    teacher.fc1.weight.requires_grad_(True)
+    before = flat(student.parameters()).clone()
+    with pytest.raises(ConfigError, match="share the parameter 'fc1.weight', which an optimizer"):
+        mpl.step(x_l, y_l, x_u)
+    assert torch.equal(flat(student.parameters()), before)
 
 
 class _Tokens(nn.Module):

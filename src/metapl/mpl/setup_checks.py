@@ -141,15 +141,18 @@ def check_unshared(
     """No parameter of both models may be trained by an optimizer. The student's optimizer would
     move the teacher's weight, or the teacher's would move the student's function: the step's
     gradient sees neither (the double-backward step was 20x off the real objective, the
-    teacher's backward failed after the student moved)."""
+    teacher's backward failed after the student moved). A frozen parameter (``requires_grad``
+    off: no gradient, so no optimizer moves it) may be shared and held: a frozen backbone of
+    both, with each optimizer made from its model's ``parameters()``. The step checks again when
+    a flag changes."""
     shared = {id(p) for p in teacher.parameters()} & {id(p) for p in student.parameters()}
-    trained = {id(p) for opt in optimizers for _, p in optimizer_params(opt)}
+    trained = {id(p) for opt in optimizers for _, p in optimizer_params(opt) if p.requires_grad}
     if shared & trained:
         name = next(n for n, p in student.named_parameters() if id(p) in shared & trained)
         raise ConfigError(
             f"the teacher and the student share the parameter {name!r}, which an optimizer "
             "trains: MPL needs two sets of weights; give each model its own copy (a frozen "
-            "shared parameter that neither optimizer holds is fine)"
+            "shared parameter, requires_grad off, is fine)"
         )
 
 

@@ -271,7 +271,7 @@ class MetaPseudoLabels:
         # How the exact step gets J (jvp), with the traced students and last_jvp_path: jvp.py
         self._jvp_paths = JvpPaths(student, jvp)
         self._student_params: list[Tensor] = []
-        self._holdings: dict[str, list[int]] = {}  # see _check_holdings
+        self._holdings: dict[str, list[tuple[int, bool]]] = {}  # see _check_holdings
         self._follow_student_optimizer()
         self._check_holdings("teacher")
         self._check_student_update()  # fail now, not at the first step
@@ -534,7 +534,9 @@ class MetaPseudoLabels:
             else (self.teacher, self.teacher_optimizer)
         )
         params = [p for _, p in optimizer_params(optimizer)]
-        ids = [id(p) for p in params] + [-1] + [id(p) for p in model.parameters()]
+        # (with the flags: a shared frozen parameter unfrozen later is one an optimizer trains)
+        ids = [(id(p), p.requires_grad) for p in params] + [(-1, False)]
+        ids += [(id(p), p.requires_grad) for p in model.parameters()]
         if ids == self._holdings.get(who):
             return None
         check_owned(who, model, params)
