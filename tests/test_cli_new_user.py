@@ -404,3 +404,9 @@ def test_version_is_the_installed_packages(capsys):
         main(["--version"])
     assert done.value.code == 0
     assert capsys.readouterr().out == f"metapl {importlib.metadata.version('metapl')}\n"
+
+
+def test_the_lazy_library_names_are_listed_for_tab_completion():
+    import metapl
+
+    assert {"MetaPseudoLabels", "TeacherLogits", "MetaplError", "__version__"} <= set(dir(metapl))

@@ -13,6 +13,11 @@ __version__ = "0.1.0"
 __all__ = ["MetaPseudoLabels", "MetaplError", "TeacherLogits", "__version__"]
 
 
+def __dir__() -> list[str]:
+    """The lazy names too, for tab completion (IPython, Jupyter)."""
+    return sorted({*globals(), *__all__})
+
+
 def __getattr__(name: str):
     """The library's classes load torch on first use, not at `import metapl`: the command line
     then answers `--help` and option mistakes at once (importing torch takes seconds), and a

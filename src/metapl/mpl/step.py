@@ -135,9 +135,12 @@ class MetaPseudoLabels:
     Args:
         teacher, student: any ``nn.Module`` mapping inputs to logits ``[..., C]``; an input may be
             several tensors (see :meth:`step`).
-        teacher_optimizer: any ``torch.optim`` optimizer over the teacher's parameters.
+        teacher_optimizer: a ``torch.optim`` optimizer over the teacher's parameters whose
+            ``step()`` needs no closure (not LBFGS) and that is not ``differentiable=True``.
         student_optimizer: SGD, RMSprop, Adam or AdamW (their Appendix-B factors are exact);
             any optimizer whose ``step()`` needs no closure works with ``estimator="first_order"``.
+            The two models share no parameter an optimizer trains (a frozen one,
+            ``requires_grad`` off, they may).
         temperature: targets are ``softmax(teacher_logits / temperature)``.
         supervised_weight: weight of the teacher's CE on the labeled batch (Figure 4); 0 = pure MPL.
         label_smoothing: smoothing of that supervised CE (Table 3: 0.1 on ImageNet).
