@@ -50,9 +50,10 @@ class ReducedConfig:
     overrides: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def validate(self) -> ReducedConfig:
-        if self.dataset != "digits" and did_you_mean(self.dataset, ["digits"]):
-            raise ConfigError(f"unknown --dataset {self.dataset!r} (did you mean digits?)")
         if self.dataset != "digits":
+            typo = did_you_mean(self.dataset, ["digits"])  # `--dataset digit`
+            if typo:
+                raise ConfigError(f"unknown --dataset {self.dataset!r}{typo}")
             raise ConfigError(
                 f"`metapl reduced --dataset {self.dataset}`: only digits runs end to end here; for "
                 "CIFAR-10/SVHN/ImageNet use `metapl train --preset <dataset>-full-large-teacher`, "
