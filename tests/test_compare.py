@@ -73,6 +73,22 @@ def compare(capsys, *argv) -> tuple[int, str, str]:
     return code, out, err
 
 
+def command_run(folder: Path, command: str, config: dict, methods, seeds) -> Path:
+    """A `metapl digits`/`reduced` results.json: ``methods`` x ``seeds`` records of 0.9."""
+    records = [{"method": m, "seed": s, "accuracy": 0.9} for m in methods for s in seeds]
+    folder.mkdir()
+    payload = {"command": command, "config": config, "results": records}
+    (folder / "results.json").write_text(json.dumps(payload))
+    return folder
+
+
+def group_seeds(capsys, tmp_path: Path, folders) -> dict:
+    """`metapl compare` of ``folders``: each group's name -> its seeds."""
+    code, out, err = compare(capsys, *folders, "--json", tmp_path / "c.json")
+    assert code == 0, err
+    return {g["name"]: g["seeds"] for g in json.loads((tmp_path / "c.json").read_text())["groups"]}
+
+
 def test_runs_of_one_configuration_are_one_group_with_mean_std_and_a_paired_difference(
     tmp_path, capsys
 ):
@@ -478,21 +494,9 @@ def test_a_reduced_experiments_list_of_students_is_left_aside(tmp_path, capsys):
             "students": students,
             "overrides": {},
         }
-        records = [
-            {"method": m, "seed": s, "accuracy": 0.9}
-            for m in ("large_teacher", *students)
-            for s in seeds
-        ]
-        folder = tmp_path / name
-        folder.mkdir()
-        payload = {"command": "reduced", "config": config, "results": records}
-        (folder / "results.json").write_text(json.dumps(payload))
-        folders.append(folder)
-    code, out, err = compare(capsys, *folders, "--json", tmp_path / "c.json")
-    assert code == 0, err
-    groups = {
-        g["name"]: g["seeds"] for g in json.loads((tmp_path / "c.json").read_text())["groups"]
-    }
+        methods = ("large_teacher", *students)
+        folders.append(command_run(tmp_path / name, "reduced", config, methods, seeds))
+    groups = group_seeds(capsys, tmp_path, folders)
     assert groups["large_teacher"] == groups["reduced_mpl"] == [0, 1, 2, 3], groups
 
 
@@ -567,21 +571,9 @@ def test_an_experiments_set_of_how_often_it_logs_or_saves_is_left_aside(tmp_path
         ),
     ):
         config = {"seeds": seeds, "labels_per_class": 5, "device": "cpu", "overrides": overrides}
-        records = [
-            {"method": m, "seed": s, "accuracy": 0.9}
-            for m in ("supervised", "uda_mpl")
-            for s in seeds
-        ]
-        folder = tmp_path / name
-        folder.mkdir()
-        payload = {"command": "digits", "config": config, "results": records}
-        (folder / "results.json").write_text(json.dumps(payload))
-        folders.append(folder)
-    code, out, err = compare(capsys, *folders, "--json", tmp_path / "c.json")
-    assert code == 0, err
-    groups = {
-        g["name"]: g["seeds"] for g in json.loads((tmp_path / "c.json").read_text())["groups"]
-    }
+        methods = ("supervised", "uda_mpl")
+        folders.append(command_run(tmp_path / name, "digits", config, methods, seeds))
+    groups = group_seeds(capsys, tmp_path, folders)
     assert groups["supervised"] == [0, 1, 2, 3, 4, 5], groups
     assert groups['uda_mpl (overrides={"finetune_steps":"0"})'] == [0, 1, 2, 3, 4], groups
     assert groups['uda_mpl (overrides={"finetune_steps":"0","mpl_weight":"2"})'] == [5], groups

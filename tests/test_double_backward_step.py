@@ -40,6 +40,33 @@ def _run(estimator: str, opt_name: str, kind: str, steps: int = 3, labeled: floa
     return teacher, student, metrics
 
 
+def _side_by_side(make_student, trained, **options) -> nn.Module:
+    """The exact and double-backward steps from the same weights, seed and batches (float64, two
+    steps of SGD on the parameters ``trained(student)`` gives): both models end the same. Returns
+    the double-backward step's student."""
+    steps = {}
+    for estimator in ("exact", "double_backward"):
+        teacher, _, x_l, y_l, x_u = make_problem("mlp", seed=5)
+        torch.manual_seed(3)
+        student = make_student().to(x_l.device, torch.float64)
+        mpl = MetaPseudoLabels(
+            teacher,
+            student,
+            torch.optim.SGD(teacher.parameters(), lr=0.05),
+            torch.optim.SGD(trained(student), lr=0.3),
+            estimator=estimator,
+            **options,
+        )
+        torch.manual_seed(11)
+        for s in range(2):
+            mpl.step(x_l, y_l, x_u + 0.1 * s)
+        steps[estimator] = teacher, student
+    (t_exact, s_exact), (t_db, s_db) = steps.values()
+    assert rel_err(flat(s_exact.parameters()), flat(s_db.parameters())) < 1e-10
+    assert rel_err(flat(t_exact.parameters()), flat(t_db.parameters())) < 1e-10
+    return s_db
+
+
 @pytest.mark.parametrize("opt_name", ["sgd_nesterov", "rmsprop_momentum", "adamw"])
 @pytest.mark.parametrize("kind", ["mlp", "conv"])
 @pytest.mark.parametrize("labeled", [0.0, 0.5], ids=["paper", "student_labeled"])
@@ -91,28 +118,17 @@ def test_parameters_reached_by_one_of_the_students_losses_step_as_in_the_exact_s
     With ``body`` frozen, the x_u pass (through ``a``) and the labeled passes (through ``b``)
     share no parameter: R(theta_{t+1}) does not depend on the targets, and its gradient in them
     is 0 (None was a TypeError). float64, the two estimators side by side."""
-    steps = {}
-    for estimator in ("exact", "double_backward"):
-        teacher, _, x_l, y_l, x_u = make_problem("mlp", seed=5)
-        torch.manual_seed(3)
-        student = _PassDependent(*rows).to(x_l.device, torch.float64)
-        if body_frozen:
-            student.body.requires_grad_(False)
-        mpl = MetaPseudoLabels(
-            teacher,
-            student,
-            torch.optim.SGD(teacher.parameters(), lr=0.05),
-            torch.optim.SGD([p for p in student.parameters() if p.requires_grad], lr=0.3),
-            estimator=estimator,
-            student_labeled_weight=0.5,
-        )
-        torch.manual_seed(11)
-        for s in range(2):
-            mpl.step(x_l, y_l, x_u + 0.1 * s)
-        steps[estimator] = teacher, student
-    (t_exact, s_exact), (t_db, s_db) = steps.values()
-    assert rel_err(flat(s_exact.parameters()), flat(s_db.parameters())) < 1e-10
-    assert rel_err(flat(t_exact.parameters()), flat(t_db.parameters())) < 1e-10
+
+    def student() -> nn.Module:
+        model = _PassDependent(*rows)
+        model.body.requires_grad_(not body_frozen)
+        return model
+
+    s_db = _side_by_side(
+        student,
+        lambda model: [p for p in model.parameters() if p.requires_grad],
+        student_labeled_weight=0.5,
+    )
     torch.manual_seed(3)
     fresh = _PassDependent(*rows).to(s_db.a.weight.device, torch.float64)
     assert not torch.equal(s_db.a.weight, fresh.a.weight)  # the layer one loss reaches moved
@@ -122,25 +138,7 @@ def test_a_student_whose_optimizer_trains_only_its_head_steps_as_in_the_exact_st
     """The other parameters still require grad, but no optimizer holds them: the double-backward
     step's functional call leaves them in place, read as the module's own, which the check of a
     forward reading parameters outside the call took for one (a refusal, naming '0.weight')."""
-    steps = {}
-    for estimator in ("exact", "double_backward"):
-        teacher, _, x_l, y_l, x_u = make_problem("mlp", seed=5)
-        torch.manual_seed(3)
-        student = MLP().to(x_l.device, torch.float64)
-        mpl = MetaPseudoLabels(
-            teacher,
-            student,
-            torch.optim.SGD(teacher.parameters(), lr=0.05),
-            torch.optim.SGD(student.fc2.parameters(), lr=0.3),
-            estimator=estimator,
-        )
-        torch.manual_seed(11)
-        for s in range(2):
-            mpl.step(x_l, y_l, x_u + 0.1 * s)
-        steps[estimator] = teacher, student
-    (t_exact, s_exact), (t_db, s_db) = steps.values()
-    assert rel_err(flat(s_exact.parameters()), flat(s_db.parameters())) < 1e-10
-    assert rel_err(flat(t_exact.parameters()), flat(t_db.parameters())) < 1e-10
+    _side_by_side(MLP, lambda model: model.fc2.parameters())
 
 
 def test_double_backward_step_moves_the_teacher_differently_without_the_mpl_term():
