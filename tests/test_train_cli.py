@@ -816,7 +816,8 @@ def test_ctrl_c_names_the_step_a_rerun_resumes_from_and_the_rerun_says_it_resume
     tmp_path, capsys, monkeypatch
 ):
     """Ctrl-C stops at once (no checkpoint of the step in progress): its line names the step and
-    the last checkpoint's, or that there is none yet; the rerun says where it resumes."""
+    the last checkpoint's, or that there is none yet; the rerun says where it resumes, or that it
+    starts over (a run folder without a checkpoint)."""
     from metapl.train import engine
 
     advance = engine.Run.advance
@@ -830,6 +831,7 @@ def test_ctrl_c_names_the_step_a_rerun_resumes_from_and_the_rerun_says_it_resume
         return step
 
     out = tmp_path / "run"
+    shown = [a for a in tiny(8) if a != "--quiet"]
     monkeypatch.setattr(engine.Run, "advance", interrupted_at(1))
     assert train_cli("digits-supervised", out, *tiny(8)) == 130
     assert capsys.readouterr().err == (
@@ -837,14 +839,18 @@ def test_ctrl_c_names_the_step_a_rerun_resumes_from_and_the_rerun_says_it_resume
         "command starts it again\n"
     )
     monkeypatch.setattr(engine.Run, "advance", interrupted_at(5))
-    assert train_cli("digits-supervised", out, *tiny(8)) == 130
-    assert capsys.readouterr().err == (
+    assert train_cli("digits-supervised", out, *shown) == 130
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"metapl train: starting {out} over from step 0: it holds no checkpoint (they are saved "
+        "every 2 steps)\n"
+    )
+    assert err.endswith(
         "metapl train: interrupted after step 5 of 8, its last checkpoint is of step 4; the "
         "same command resumes from it (SIGTERM, unlike Ctrl-C, saves the step in progress "
         "first)\n"
     )
     monkeypatch.setattr(engine.Run, "advance", advance)
-    shown = [a for a in tiny(8) if a != "--quiet"]
     assert train_cli("digits-supervised", out, *shown) == 0
     err = capsys.readouterr().err
     assert f"metapl train: resuming {out} from its checkpoint of step 4 of 8\n" in err

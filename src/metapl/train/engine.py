@@ -509,6 +509,13 @@ def _train(
                 f"{run.total_steps}",
                 file=sys.stderr,
             )
+    elif show_progress and dp.is_main and (out_dir / "config.json").is_file():
+        # a run of this configuration stopped before its first checkpoint (kill -9, a crash)
+        print(
+            f"metapl train: starting {out_dir} over from step 0: it holds no checkpoint (they "
+            f"are saved every {cfg.checkpoint_every} steps)",
+            file=sys.stderr,
+        )
     source = BatchSource(  # bad augmentation options fail here, before any write too
         split, cfg, run.method.views, device, teacher_probs, shard=(dp.rank, dp.world_size)
     )
