@@ -298,6 +298,23 @@ def test_check_inputs_false_skips_the_value_checks_and_their_host_sync(monkeypat
     assert not torch.isfinite(metrics["teacher_loss"])
 
 
+
+@pytest.mark.parametrize("estimator", ["exact", "first_order", "double_backward"])
+def test_with_check_inputs_false_a_label_beyond_the_classes_fails_before_the_student_moves(
+    estimator,
+):
+    """The opt-out's cost is torch's own error, not a student moved and a teacher not: the
+    teacher's supervised loss, which reads every label, comes before the student's step."""
+    teacher, student, x_l, y_l, x_u = make_problem("mlp")
+    mpl = _mpl(teacher, student, check_inputs=False, estimator=estimator)
+    mpl.step(x_l, y_l, x_u)
+    before = [p.detach().clone() for p in (*student.parameters(), *teacher.parameters())]
+    with pytest.raises((RuntimeError, IndexError)):
+        mpl.step(x_l, y_l + 100, x_u)
+    after = (*student.parameters(), *teacher.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
 def test_a_nan_batch_on_the_first_exact_step_without_value_checks_is_named_as_such():
     """The first exact step compares two of the student's forwards; with check_inputs=False a NaN
     in x_unlabeled reached that comparison, which blamed the student: a ConfigError saying it

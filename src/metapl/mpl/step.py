@@ -399,6 +399,11 @@ class MetaPseudoLabels:
             extra = self._teacher_extra(logits)
             if self.step_count == 0 and self.check_inputs:  # one host sync, on the first step
                 _check_teacher_finite(logits, extra)
+            # Also before the student moves: with check_inputs=False a label beyond the classes
+            # fails here, in the gather (on a CPU), instead of after the student's step.
+            supervised = batch_mean(
+                hard_cross_entropy(logits.labeled, y_l, self.label_smoothing), bd
+            )
         targets = F.softmax(logits.unlabeled / self.temperature, dim=-1)
 
         if self.estimator == "exact":
@@ -410,7 +415,6 @@ class MetaPseudoLabels:
         else:
             mpl_term, metrics = self._first_order_student_step(x_l, y_l, x_u, logits.unlabeled)
 
-        supervised = batch_mean(hard_cross_entropy(logits.labeled, y_l, self.label_smoothing), bd)
         teacher_loss = self.supervised_weight * supervised + self.mpl_weight * mpl_term
         if extra is not None:
             teacher_loss = teacher_loss + extra
