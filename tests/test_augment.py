@@ -67,7 +67,7 @@ def test_rejects_non_float_and_bad_options():
         WeakAugment()(torch.zeros(2, 3, 8, 8, dtype=torch.uint8))
     with pytest.raises(ConfigError, match="Rotate"):
         StrongAugment(ops=("Rotate", "Warp"))
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="^pad must be >= 0, got -1"):
         WeakAugment(pad=-1)
 
 
@@ -384,7 +384,8 @@ def test_rand_augment_layers_compose(num_ops, inverted):
     ids=["op_prob_high", "op_prob_low", "cutout", "max_magnitude", "num_ops", "no_ops"],
 )  # fmt: skip
 def test_strong_rejects_bad_options(kwargs):
-    with pytest.raises(ConfigError):
+    (name,) = kwargs
+    with pytest.raises(ConfigError, match="needs at least one op" if name == "ops" else f"^{name}"):
         StrongAugment(**kwargs)
 
 

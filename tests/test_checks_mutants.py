@@ -215,9 +215,20 @@ def test_a_bool_is_not_a_number(name):
 
 
 def test_a_one_element_tensor_is_a_number():
+    """Taken as its value: the step moves both models as the same floats do."""
+    after = []
+    given = (torch.tensor([0.7]), torch.tensor(0.5))  # (float32: 0.7 is 0.69999998807...)
+    for temperature, weight in (given, (given[0].item(), given[1].item())):
+        teacher, student = _linear_pair()
+        metrics = _mpl(teacher, student, temperature=temperature, mpl_weight=weight).step(
+            *_batches()
+        )
+        after.append((_weights(teacher, student), metrics["teacher_loss"]))
+    (tensors, loss_t), (floats, loss_f) = after
+    assert all(torch.equal(a, b) for a, b in zip(tensors, floats)) and torch.equal(loss_t, loss_f)
     teacher, student = _linear_pair()
-    mpl = _mpl(teacher, student, temperature=torch.tensor([0.7]), mpl_weight=torch.tensor(0.5))
-    mpl.step(*_batches())
+    other = _mpl(teacher, student, temperature=1.5, mpl_weight=0.5).step(*_batches())
+    assert not torch.equal(other["teacher_loss"], loss_f)  # the temperature does matter here
 
 
 def test_the_oracle_refuses_a_temperature_that_is_not_a_number():
@@ -254,8 +265,13 @@ def test_a_grad_sync_without_a_callable_mean_or_a_world_size_of_at_least_1_is_re
 
 
 def test_a_grad_sync_with_a_callable_mean_and_world_size_1_is_taken():
+    """Taken and used: the step averages its gradients through ``mean_`` and moves the models."""
     teacher, student = _linear_pair()
-    _mpl(teacher, student, grad_sync=_Sync(lambda tensors: None, 1)).step(*_batches())
+    before = _weights(teacher, student)
+    calls = []
+    _mpl(teacher, student, grad_sync=_Sync(calls.append, 1)).step(*_batches())
+    assert calls and all(isinstance(t, Tensor) for tensors in calls for t in tensors)
+    assert not any(torch.equal(a, b) for a, b in zip(before, _weights(teacher, student)))
 
 
 class _StepWithoutClosure(torch.optim.SGD):

@@ -181,6 +181,9 @@ def test_a_rerun_with_other_workers_replaces_the_results(monkeypatch, tmp_path, 
         digits.run_digits(cfg, tmp_path / "digits", show_progress=False)
         cfg_r = reduced.ReducedConfig(seeds=[0], workers=workers)
         reduced.run_reduced(cfg_r, tmp_path / "reduced", show_progress=False)
+        for folder in ("digits", "reduced"):  # the rerun's file, not the first one kept
+            written = json.loads((tmp_path / folder / "results.json").read_text())
+            assert written["config"]["workers"] == workers, folder
     capsys.readouterr()
 
 

@@ -202,9 +202,9 @@ def test_cifar10_full_sizes_checked(cifar_root: Path) -> None:
         ("cifar-10-batches-py", "only 50", "4001"), splits.cifar10_full, cifar_root
     )
     assert "num_tune" in message
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="^cifar10-full: num_tune must be at least 0, got -1"):
         splits.cifar10_full(cifar_root, num_tune=-1)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="split 'cifar10-full' has no option 'num_labeled'"):
         splits.load_split("cifar10-full", cifar_root, num_labeled=10)
     raises_naming(("missing",), splits.cifar10_full, cifar_root, num_tune=4, unlabeled_dir="/nope")
 
@@ -312,7 +312,7 @@ def test_imagenet_full_with_unlabeled_folder(imagenet_root: Path, unlabeled_dir:
 
 def test_imagenet_full_options_checked(imagenet_root: Path) -> None:
     for bad in (-0.1, 1.0):
-        with pytest.raises(ConfigError):
+        with pytest.raises(ConfigError, match=rf"tune_fraction must be in \[0, 1\), got {bad}"):
             splits.imagenet_full(imagenet_root, tune_fraction=bad)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="split 'imagenet-full' has no option 'num_tune'"):
         splits.load_split("imagenet-full", imagenet_root, num_tune=3)

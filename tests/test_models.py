@@ -40,7 +40,7 @@ def test_unknown_model_is_config_error_listing_known():
 def test_unknown_option_is_config_error():
     with pytest.raises(ConfigError, match="dropout"):
         create_model("digits_cnn", 10, drop_out=0.1)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="^num_classes must be >= 1, got 0"):
         create_model("mlp", 0)
 
 

@@ -152,7 +152,7 @@ def test_stale_file_names_what_changed(model, images, tmp_path):
         load_distributions(path, model=model, images=images)
     with pytest.raises(DataError, match="the model and the data changed"):
         load_distributions(path, model=model, images=other_images)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="pass model or model_fingerprint .*, not both"):
         load_distributions(path, model=model, model_fingerprint="x")
 
 
@@ -266,11 +266,11 @@ def test_top_k_ties_match_a_full_sort(tmp_path):
 
 
 def test_top_k_rejects_bad_input():
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=r"^k \(images kept per class\) must be .*, got 0"):
         top_k_per_class(PROBS, 0)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="^balance must be one of none, duplicate"):
         top_k_per_class(PROBS, 1, balance="upsample")
-    with pytest.raises(DataError):
+    with pytest.raises(DataError, match=r"must be a float \[N, C\] array, got float32 \(5,\)"):
         top_k_per_class(PROBS[:, 0], 1)
     bad = PROBS.copy()
     bad[3, 1] = np.nan

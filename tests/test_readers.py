@@ -435,11 +435,15 @@ def test_cifar_split_paper_sizes_need_the_full_dataset(cifar_dir: Path) -> None:
 
 
 def test_split_size_options_are_checked(cifar_dir: Path) -> None:
-    with pytest.raises(ConfigError):
+    with pytest.raises(
+        ConfigError, match=r"^cifar10-4k: num_tune must be in 0\.\.num_labeled-1, got 10 of 10"
+    ):
         splits.cifar10_4k(cifar_dir, num_labeled=10, num_tune=10)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="unknown split 'cifar10-40'; choose one of cifar10-4k"):
         splits.load_split("cifar10-40", cifar_dir)
-    with pytest.raises(ConfigError):
+    with pytest.raises(
+        ConfigError, match="split 'svhn-1k' has no option 'num_tune'; it takes num_lab"
+    ):
         splits.load_split("svhn-1k", cifar_dir, num_tune=3)
 
 
@@ -450,7 +454,7 @@ def test_svhn_split(svhn_dir: Path, num_labeled: int) -> None:
     np.testing.assert_array_equal(split.x_labeled, x_train[:num_labeled])
     np.testing.assert_array_equal(split.y_labeled, y_train[:num_labeled])
     assert len(split.x_unlabeled) == 50 and len(split.y_tune) == 0 and len(split.y_test) == 20
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="^svhn-1k has no tuning split"):
         split.tuning_view()
     extra = splits.svhn_1k(svhn_dir, num_labeled=num_labeled, include_extra=True)
     assert extra.x_unlabeled.shape == (80, 32, 32, 3)
@@ -469,7 +473,7 @@ def test_labeled_fraction_indices_rule() -> None:
     assert len(np.unique(first)) == 100
     assert not np.array_equal(first, splits.labeled_fraction_indices(n, seed=1))
     assert len(splits.labeled_fraction_indices(1_281_167)) == 127_616  # ~ the paper's 102 shards
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=r"^fraction must be in \(0, 1\], got 0\.0"):
         splits.labeled_fraction_indices(n, fraction=0.0)
 
 

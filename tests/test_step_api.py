@@ -298,7 +298,6 @@ def test_check_inputs_false_skips_the_value_checks_and_their_host_sync(monkeypat
     assert not torch.isfinite(metrics["teacher_loss"])
 
 
-
 @pytest.mark.parametrize("estimator", ["exact", "first_order", "double_backward"])
 def test_with_check_inputs_false_a_label_beyond_the_classes_fails_before_the_student_moves(
     estimator,

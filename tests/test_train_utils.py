@@ -52,9 +52,9 @@ def test_warmup_cosine_shape():
 def test_warmup_cosine_without_warmup_and_bad_lengths():
     assert warmup_cosine(0, 10, 0) == 1.0
     assert warmup_cosine(10, 10, 0) == 0.0
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=r"between 0 and the number of steps \(10\), got 11"):
         warmup_cosine(0, 10, 11)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="^steps must be at least 1, got 0"):
         warmup_cosine(0, 0, 0)
 
 

@@ -272,8 +272,10 @@ def test_an_empty_file_is_taken_for_a_new_study_database(tmp_path):
     opened = storage.open_storage(f"sqlite:///{db}")
     try:
         optuna.create_study(study_name="s", storage=opened)
+        assert optuna.get_all_study_names(opened) == ["s"]
     finally:
         opened.engine.dispose()
+    assert db.stat().st_size > 0  # Optuna's tables, in the file that was empty
 
 
 def test_a_file_of_another_program_names_its_first_three_tables(tmp_path):
