@@ -460,7 +460,7 @@ def _train(
     # A rank that saw no checkpoint would start over while the others resume: each would wait in
     # collectives the others never make (run folders on disks of their own machines).
     resuming = check_ranks_see(dp, ckpt_path, f"{ckpt_path} is there")
-    check_same_data(dp, split)  # node-local copies of a dataset, one only partly copied, say
+    check_same_data(dp, split, data["fingerprint"])  # node-local copies, one partly copied
     if resuming:
         saved = load_checkpoint(ckpt_path, format_version=FORMAT_VERSION)
         _check_shorter_than_the_run(cfg, saved, ckpt_path, defaults)
