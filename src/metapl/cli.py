@@ -258,18 +258,14 @@ def _cmd_train(args: argparse.Namespace) -> None:
     # `--steps 10` on a preset that fine-tunes ran 10 + finetune_steps steps: say so
     finetune = f" and {cfg.finetune_steps} fine-tuning steps" if cfg.finetune_steps else ""
     print(f"{cfg.preset}: {', '.join(parts)} after {cfg.steps} steps{finetune}")
+    from metapl.train.large_teacher import written_files
+
+    out = Path(args.out)
     written = ["results.json", "curves.png", "metrics.csv", "tb/", "config.json", "checkpoint.pt"]
-    # a dataset with class names (own data); ReducedMPL's Figure 10 series and a large teacher's
-    # precomputed distributions (with their sidecars)
-    written += [name for name in _SOMETIMES_WRITTEN if (Path(args.out) / name).is_file()]
+    # a dataset with class names (own data), ReducedMPL's Figure 10 series
+    written += [name for name in ("classes.json", "figure10.json") if (out / name).is_file()]
+    written += [path.name for path in written_files(out)]  # a large teacher's distributions
     print(f"wrote {args.out}/{', '.join(written)}")
-
-
-_SOMETIMES_WRITTEN = (
-    "classes.json",
-    "figure10.json",
-    *(f"large_teacher_{s}.{e}" for s in ("labeled", "unlabeled") for e in ("npy", "json")),
-)
 
 
 def _cmd_presets(args: argparse.Namespace) -> None:

@@ -22,7 +22,12 @@ import torch
 from metapl.data.arrays import to_tensor_nchw
 from metapl.data.splits import SSLSplit
 from metapl.errors import ConfigError
-from metapl.reduced.precompute import ONE_PROCESS, Ranks, precompute_distributions
+from metapl.reduced.precompute import (
+    ONE_PROCESS,
+    Ranks,
+    precompute_distributions,
+    sidecar_path,
+)
 from metapl.reduced.select import top_k_per_class
 from metapl.train.config import TrainConfig
 from metapl.train.run_model import load_run_model
@@ -56,6 +61,18 @@ def check_large_teacher(run_dir: Path, split: SSLSplit, device: torch.device) ->
         ) from None
 
 
+def distributions_file(out_dir: Path, images: str) -> Path:
+    """Where a student run keeps the large teacher's distributions of its ``images`` ("labeled"
+    or "unlabeled"); its sidecar is :func:`~metapl.reduced.precompute.sidecar_path` of it."""
+    return out_dir / f"large_teacher_{images}.npy"
+
+
+def written_files(out_dir: Path) -> list[Path]:
+    """The large teacher's files a student run wrote in ``out_dir``, each with its sidecar."""
+    files = [distributions_file(out_dir, images) for images in ("labeled", "unlabeled")]
+    return [f for path in files for f in (path, sidecar_path(path)) if f.is_file()]
+
+
 def prepare_large_teacher_data(
     cfg: TrainConfig,
     split: SSLSplit,
@@ -71,7 +88,7 @@ def prepare_large_teacher_data(
     teacher = load_large_teacher(Path(cfg.large_teacher), split.num_classes, device)
     probs = []
     for name, images in (("labeled", split.x_labeled), ("unlabeled", split.x_unlabeled)):
-        path = out_dir / f"large_teacher_{name}.npy"
+        path = distributions_file(out_dir, name)
         probs.append(
             precompute_distributions(
                 teacher,
