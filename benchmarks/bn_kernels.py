@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import save  # noqa: E402
+from machine import device_or_exit, save  # noqa: E402
 
 aten = torch.ops.aten
 
@@ -121,7 +121,7 @@ def main() -> None:
     p.add_argument("--scale", type=float, default=1.0, help="batch sizes times this (smoke runs)")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
-    device = torch.device(args.device)
+    device = device_or_exit(args.device, __file__)
     rows = []
     for images in (896, 1920):  # the student's unlabeled batch, the teacher's UDA batch
         rows += measure(device, images, args.repeats, args.scale)

@@ -1,7 +1,10 @@
-"""Issue 5's goals, checked against the JSON files of `metapl bench` (and train_throughput.py).
+"""Issue 5's goals, checked against the JSON files of `metapl bench` and train_throughput.py.
 
-Reads a folder (e.g. what `bash benchmarks/gpu_session.sh` left in $OUT) and prints one markdown
-row per goal: the measured value, the bar, met or not. Nothing is judged by eye or by memory:
+Reads files or folders (e.g. what `bash benchmarks/gpu_session.sh` left in $OUT: its bench_*.json
+and train_throughput*.json) and prints one markdown row per goal: the measured value, the bar, met
+or not. A bench file is judged on every goal; a train_throughput file, on real training's whole
+step (<= 60 ms, >= 2.5x the peer) for each configuration it ran. Nothing is judged by eye or by
+memory:
 python benchmarks/goals.py FILE_OR_DIR ...   (e.g. benchmarks/results, or $OUT after gpu_session.sh)
 The GPU bars are docs/design.md §3's (H200, WRN-28-2, labeled 128 / unlabeled 896, bf16); the
 public peer's ~150 ms per step is its own loop, measured there, not here.
@@ -88,22 +91,77 @@ def goals(bench: dict, on_gpu: bool) -> list[tuple[str, str, str, bool]]:
     return [(g, m, b, ok) for (g, m, b), ok in zip(out, met)]
 
 
+def throughput_goals(payload: dict) -> list[tuple[str, str, str, bool]]:
+    """(goal, measured, bar, met) for each run of one train_throughput.py payload: real training's
+    whole step, whose options (the labeled pass in a CUDA graph, a compiled teacher) the goal
+    names, since the README quotes them with it."""
+    out = []
+    for run in payload["results"]:
+        options = []
+        if run.get("labeled_cuda_graph"):
+            options.append("labeled pass in a CUDA graph")
+        if run.get("compiled"):
+            mode = run.get("compile_mode") or "default"
+            options.append(f"{' and '.join(run['compiled'])} compiled ({mode})")
+        how = f", {'; '.join(options)}" if options else ", eager"
+        ms = run["ms_per_step"]
+        out += [
+            (
+                f"real training step ({run['estimator']}{how})",
+                f"{ms:.1f} ms",
+                "<= 60 ms",
+                ms <= 60.0,
+            ),
+            (
+                f"throughput vs the public peer ({run['estimator']}{how})",
+                f"{PEER_MS / ms:.2f}x",
+                ">= 2.5x",
+                PEER_MS / ms >= 2.5,
+            ),
+        ]
+    return out
+
+
+def _files(paths: list[Path]) -> list[Path]:
+    """The files named, and each folder's bench_*.json and train_throughput*.json."""
+    found: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found += sorted(path.glob("bench_*.json")) + sorted(path.glob("train_throughput*.json"))
+        else:
+            found.append(path)
+    return found
+
+
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
-        "paths", nargs="+", type=Path, help="bench JSON files, or folders of bench_*.json"
+        "paths",
+        nargs="+",
+        type=Path,
+        help="JSON files, or folders of bench_*.json and train_throughput*.json",
     )
     args = p.parse_args()
-    files = [f for p in args.paths for f in (sorted(p.glob("bench_*.json")) if p.is_dir() else [p])]
+    files = _files(args.paths)
     if not files:
-        raise SystemExit(f"goals.py: no bench_*.json in {', '.join(map(str, args.paths))}")
+        raise SystemExit(
+            f"goals.py: no bench_*.json or train_throughput*.json in "
+            f"{', '.join(map(str, args.paths))}"
+        )
     for path in files:
-        bench = json.loads(path.read_text())
-        on_gpu = bench["machine"].get("device", "").startswith("cuda")
-        where = bench["machine"].get("gpu", bench["machine"]["device"])
-        print(f"{path.name} ({where}, {bench['setup']['precision']})\n")
+        payload = json.loads(path.read_text())
+        machine = payload["machine"]
+        if "setup" in payload:  # metapl bench
+            on_gpu = machine.get("device", "").startswith("cuda")
+            where = machine.get("gpu", machine["device"])
+            print(f"{path.name} ({where}, {payload['setup']['precision']})\n")
+            rows = goals(payload, on_gpu)
+        else:  # train_throughput.py
+            precisions = sorted({run["precision"] for run in payload["results"]})
+            print(f"{path.name} ({machine.get('cuda') or 'cpu'}, {', '.join(precisions)})\n")
+            rows = throughput_goals(payload)
         print("| goal | measured | bar | met |\n| --- | --- | --- | --- |")
-        for goal, measured, bar, ok in goals(bench, on_gpu):
+        for goal, measured, bar, ok in rows:
             print(f"| {goal} | {measured} | {bar} | {'yes' if ok else 'no'} |")
         print()
 

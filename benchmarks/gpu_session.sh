@@ -32,7 +32,7 @@
 #      computing its statistics again (what reading the update pass's saves)
 #   6. benchmarks/bn_kernels.py: BatchNorm's kernels at WRN-28-2's shapes, by memory format and
 #      dtype (session 36 found them half the exact step's device time)
-#   7. benchmarks/goals.py: issue 5's bars against the bench files, met or not
+#   7. benchmarks/goals.py: issue 5's bars against the bench and train_throughput files, met or not
 #   8. issue 5: `metapl bench` in fp32 (TF32 policy, numerics)
 #   9. issue 5's torch.compile and CUDA-graph levers: step 3 again, 100 steps, with --set
 #      compile=true in torch.compile's reduce-overhead mode (CUDA graphs; the teacher compiled,

@@ -7,6 +7,7 @@ import argparse
 import os
 import platform
 import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -49,6 +50,25 @@ def describe() -> dict:
     except (OSError, subprocess.CalledProcessError):
         info["git_commit"] = info["git_uncommitted_changes"] = None
     return info
+
+
+def device_or_exit(name: str, script: str) -> torch.device:
+    """The device ``name`` (a ``--device`` value), or exit 2 with one line when it asks for CUDA and
+    PyTorch sees none: torch's own "Torch not compiled with CUDA enabled" came as a traceback from
+    the script's first tensor (or model) on the device."""
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        fail(
+            script,
+            f"--device {name} was asked for, but PyTorch sees no CUDA device here: "
+            "run it on a GPU machine, or pass --device cpu",
+        )
+    return torch.device(name)
+
+
+def fail(script: str, message: str) -> None:
+    """``script: message`` on stderr and exit 2, the command line's code for a mistake in the input."""
+    print(f"{Path(script).name}: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def parser_with_json(doc: str) -> argparse.ArgumentParser:

@@ -40,7 +40,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import save  # noqa: E402
+from machine import device_or_exit, save  # noqa: E402
 
 from metapl.atomic import write_text_atomically  # noqa: E402
 from metapl.bench import synthetic_cifar_split  # noqa: E402
@@ -321,7 +321,7 @@ def main() -> None:
     )
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
-    dev = torch.device(args.device)
+    dev = device_or_exit(args.device, __file__)
     args.out.mkdir(parents=True, exist_ok=True)
     instrument(dev)
     results = []

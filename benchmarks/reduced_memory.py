@@ -77,21 +77,25 @@ def measure(config: str, device: str, batch: int, steps: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=2)
-    ap.add_argument("--json")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    ap.add_argument(
+        "--batch", type=int, default=32, help="labeled batch; the unlabeled one is 3x (default: 32)"
+    )
+    ap.add_argument("--steps", type=int, default=2, help="training steps measured (default: 2)")
+    ap.add_argument("--json", help="write {machine, device, results: [...]} here")
     ap.add_argument("--one", choices=CONFIGS, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:  # child process: one configuration
         print(json.dumps(measure(args.one, args.device, args.batch, args.steps)))
         return
-    from machine import save
+    from machine import device_or_exit, fail, save
+
+    device_or_exit(args.device, __file__)
 
     rows = []
     for config in CONFIGS:
-        out = subprocess.run(
+        child = subprocess.run(
             [
                 sys.executable,
                 __file__,
@@ -104,10 +108,13 @@ def main() -> None:
                 "--steps",
                 str(args.steps),
             ],
-            check=True,
             capture_output=True,
             text=True,
-        ).stdout
+        )
+        if child.returncode != 0:  # the child's own last line, not CalledProcessError's
+            lines = child.stderr.strip().splitlines() or ["(nothing on stderr)"]
+            fail(__file__, f"{config} failed (exit {child.returncode}): {lines[-1]}")
+        out = child.stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
         print(f"{config:<26} {rows[-1]['peak_mib']:9.1f} MiB")
     sup = rows[0]["peak_mib"]

@@ -23,9 +23,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import save  # noqa: E402
+from machine import fail, save  # noqa: E402
 
 from metapl.bench import synthetic_cifar_split  # noqa: E402
+from metapl.errors import MetaplError  # noqa: E402
 from metapl.train.batches_ahead import batches_for  # noqa: E402
 from metapl.train.config import apply_overrides, parse_set_options  # noqa: E402
 from metapl.train.data import BatchSource  # noqa: E402
@@ -96,7 +97,10 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--json", type=Path, help="write {machine, results: [...]} here")
     args = p.parse_args()
-    row = measure(args.preset, args.device, args.precision, args.steps, args.warmup, args.set)
+    try:
+        row = measure(args.preset, args.device, args.precision, args.steps, args.warmup, args.set)
+    except MetaplError as e:  # no CUDA device, an unknown --set key, ...: one line, as metapl's
+        fail(__file__, str(e))
     print(json.dumps(row, indent=1))
     if args.json:
         save(args.json, {"results": [row]}, sort_keys=True)

@@ -1,0 +1,65 @@
+"""The benchmark scripts on a machine without the device they are told to use: one line and exit
+2, as metapl's own commands, not torch's traceback from the first tensor put on the device (an
+audit of benchmarks/ found four scripts that crashed so, and one that hid its child's error)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+
+
+def _run(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize(
+    "script, args",
+    [
+        ("bn_kernels.py", ["--repeats", "1", "--scale", "0.01"]),  # its default device is cuda
+        ("profile_step.py", ["--model", "small_cnn", "--repeats", "1", "--out", "OUT"]),
+        ("reduced_memory.py", ["--device", "cuda", "--steps", "1"]),
+    ],
+)
+def test_a_script_told_to_use_cuda_without_one_says_so_in_one_line(script, args, tmp_path):
+    args = [str(tmp_path / "out") if a == "OUT" else a for a in args]
+    done = _run(script, *args)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == (
+        f"{script}: --device cuda was asked for, but PyTorch sees no CUDA device here: "
+        "run it on a GPU machine, or pass --device cpu"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_throughput_gives_metaps_own_error_in_one_line():
+    done = _run("train_throughput.py", "--steps", "1", "--warmup", "0")  # default: cuda
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == (
+        "train_throughput.py: --device cuda was asked for, but PyTorch sees no CUDA device here"
+    )
+
+
+def test_reduced_memory_names_the_configuration_that_failed_and_its_own_last_line(tmp_path):
+    """Each configuration runs in a child process; its error was lost behind
+    CalledProcessError's "returned non-zero exit status 1"."""
+    out = tmp_path / "memory.json"
+    done = _run("reduced_memory.py", "--batch", "0", "--steps", "1", "--json", str(out))
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == (
+        "reduced_memory.py: reduced_mpl failed (exit 1): "
+        "metapl.errors.DataError: x_labeled has no examples (shape[:1] (0,))"
+    )
+    assert not out.exists()
