@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import parser_with_json, save  # noqa: E402
+from machine import parser_with_json, positive_int, save  # noqa: E402
 
 # name: (batch shape, cutout side of StrongAugment)
 CASES = {
@@ -74,8 +74,20 @@ def run_source(path: str, calls: int) -> dict[str, float]:
 def main() -> None:
     ap = parser_with_json(__doc__)
     ap.add_argument("--src", action="append", required=True, help="NAME=PATH of a metapl src")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--calls", type=int, default=60)
+    ap.add_argument(
+        "--rounds",
+        type=positive_int,
+        default=3,
+        help="rounds, each running every --src once in turn; a case's time is their median "
+        "(default: 3)",
+    )
+    ap.add_argument(
+        "--calls",
+        type=int,
+        default=60,
+        help="timed calls per case and augmentation in each round, after 3 warm-up calls; "
+        "the round keeps their median (default: 60)",
+    )
     args = ap.parse_args()
     sources = dict(s.split("=", 1) for s in args.src)
     rounds: dict[str, list[dict[str, float]]] = {name: [] for name in sources}

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import device_or_exit, save  # noqa: E402
+from machine import device_or_exit, positive_int, save  # noqa: E402
 
 aten = torch.ops.aten
 
@@ -116,10 +116,20 @@ def _row(kind, fn, device, repeats, n, channels, size, layers, x, fmt) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--device", default="cuda", choices=("cpu", "cuda"))
-    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument(
+        "--device",
+        default="cuda",
+        choices=("cpu", "cuda"),
+        help="where the kernels run; cuda times with CUDA events (default: cuda)",
+    )
+    p.add_argument(
+        "--repeats",
+        type=positive_int,
+        default=20,
+        help="timed calls of each pass, after 3 warm-up calls; the median is kept (default: 20)",
+    )
     p.add_argument("--scale", type=float, default=1.0, help="batch sizes times this (smoke runs)")
-    p.add_argument("--json", type=Path)
+    p.add_argument("--json", type=Path, help="where to write the results (default: none)")
     args = p.parse_args()
     device = device_or_exit(args.device, __file__)
     rows = []

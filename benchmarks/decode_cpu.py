@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import parser_with_json, save  # noqa: E402
+from machine import parser_with_json, positive_int, save  # noqa: E402
 
 from metapl.data import decoding  # noqa: E402
 from metapl.data.own import folder_split  # noqa: E402
@@ -112,7 +112,13 @@ def time_steps(split, steps: int, rounds: int, gpu_ms: float) -> list[dict]:
 def main() -> None:
     ap = parser_with_json(__doc__)
     ap.add_argument("--images", type=int, default=256, help="unlabeled JPEGs written")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument(
+        "--rounds",
+        type=positive_int,
+        default=3,
+        help="rounds, each timing every thread count and every way once; the median over "
+        "rounds is kept (default: 3)",
+    )
     ap.add_argument("--steps", type=int, default=8, help="timed steps per way and round")
     ap.add_argument(
         "--gpu-ms",

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import parser_with_json, save  # noqa: E402
+from machine import parser_with_json, positive_int, save  # noqa: E402
 from step_cpu import small_convnet  # noqa: E402
 
 from metapl import MetaPseudoLabels  # noqa: E402
@@ -126,9 +126,21 @@ def step_rows(name: str, repeats: int, warmup: int) -> list[tuple[str, list[floa
 
 def main() -> None:
     ap = parser_with_json(__doc__)
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--models", nargs="+", default=["wrn28_2", "small_convnet"])
+    ap.add_argument(
+        "--repeats",
+        type=positive_int,
+        default=7,
+        help="timed rounds, each calling every variant once; the median is kept, at least 5 "
+        "(default: 7)",
+    )
+    ap.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default: 2)")
+    ap.add_argument(
+        "--models",
+        nargs="+",
+        default=["wrn28_2", "small_convnet"],
+        choices=("wrn28_2", "small_convnet"),
+        help="students: wrn28_2 and/or small_convnet (default: wrn28_2 small_convnet)",
+    )
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = ap.parse_args()
     if args.repeats < 5:

@@ -65,6 +65,18 @@ def device_or_exit(name: str, script: str) -> torch.device:
     return torch.device(name)
 
 
+def positive_int(text: str) -> int:
+    """argparse type of a count of timed runs: 0 or fewer was a ``statistics.median`` error on an
+    empty list after the whole setup."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def fail(script: str, message: str) -> None:
     """``script: message`` on stderr and exit 2, the command line's code for a mistake in the input."""
     print(f"{Path(script).name}: {message}", file=sys.stderr)

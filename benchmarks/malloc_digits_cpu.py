@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import parser_with_json, save  # noqa: E402
+from machine import parser_with_json, positive_int, save  # noqa: E402
 
 # `metapl` with keep_freed_memory replaced by a no-op when the first argument is "off"
 LAUNCH = """
@@ -53,9 +53,16 @@ def one_run(setting: str, args: list[str]) -> dict:
 
 def main() -> None:
     ap = parser_with_json(__doc__)
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=500)
-    ap.add_argument("--seeds", default="0-1")
+    ap.add_argument(
+        "--rounds",
+        type=positive_int,
+        default=2,
+        help="rounds, each running the command with the setting off, then on (default: 2)",
+    )
+    ap.add_argument(
+        "--steps", type=int, default=500, help="--steps of metapl digits (default: 500)"
+    )
+    ap.add_argument("--seeds", default="0-1", help="--seeds of metapl digits (default: 0-1)")
     args = ap.parse_args()
     command = ["digits", "--seeds", args.seeds, "--steps", str(args.steps)]
     runs = []

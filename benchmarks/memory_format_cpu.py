@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from jvp_cpu import timed  # noqa: E402
-from machine import save  # noqa: E402
+from machine import positive_int, save  # noqa: E402
 
 from metapl.models import create_model  # noqa: E402
 
@@ -110,9 +110,14 @@ def step_rows(repeats: int, warmup: int) -> list[dict]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--repeats", type=int, default=9)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--json", type=Path)
+    p.add_argument(
+        "--repeats",
+        type=positive_int,
+        default=9,
+        help="timed rounds, each calling every variant once; the median is kept (default: 9)",
+    )
+    p.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default: 2)")
+    p.add_argument("--json", type=Path, help="where to write the results (default: none)")
     args = p.parse_args()
     payload = {
         "setup": {"repeats": args.repeats, "warmup": args.warmup, "pass": "forward+backward"},

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import parser_with_json, save  # noqa: E402
+from machine import parser_with_json, positive_int, save  # noqa: E402
 
 from metapl import MetaPseudoLabels  # noqa: E402
 from metapl.models import create_model  # noqa: E402
@@ -58,8 +58,19 @@ def make_step(models, batch, choose):
 
 def main() -> None:
     parser = parser_with_json(__doc__)
-    parser.add_argument("--labeled", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument(
+        "--labeled",
+        type=int,
+        default=8,
+        help="labeled batch; the unlabeled one is 7x (default: 8)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=positive_int,
+        default=10,
+        help="timed rounds, each one step of both variants, after 2 warm-up rounds; the "
+        "median is kept (default: 10)",
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     models = [

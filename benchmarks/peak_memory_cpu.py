@@ -113,9 +113,17 @@ def main() -> None:
         default="first_order,exact",
         help="comma-separated mpl_estimator values; exact+forward_ad: J by forward-mode AD",
     )
-    parser.add_argument("--precision", default="bf16", choices=("fp32", "bf16"))
     parser.add_argument(
-        "--memory-format", default="channels_last", choices=("channels_last", "contiguous")
+        "--precision",
+        default="bf16",
+        choices=("fp32", "bf16"),
+        help="the config key precision: bf16 autocast or fp32 (default: bf16)",
+    )
+    parser.add_argument(
+        "--memory-format",
+        default="channels_last",
+        choices=("channels_last", "contiguous"),
+        help="the config key memory_format (default: channels_last)",
     )
     args = parser.parse_args()
     rows = []

@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import parser_with_json, save  # noqa: E402
+from machine import parser_with_json, positive_int, save  # noqa: E402
 
 from metapl.distributed import DataParallel  # noqa: E402
 from metapl.models.registry import create_model  # noqa: E402
@@ -100,8 +100,15 @@ def processes(world: int, n: int, folder: str, port: int) -> dict:
 
 def main() -> None:
     ap = parser_with_json(__doc__)
-    ap.add_argument("--images", type=int, default=4096)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument(
+        "--images", type=int, default=4096, help="random images classified (default: 4096)"
+    )
+    ap.add_argument(
+        "--rounds",
+        type=positive_int,
+        default=3,
+        help="rounds, each running every setting once; the median over rounds is kept (default: 3)",
+    )
     ap.add_argument("--world", type=int, default=2, help="processes that share the precompute")
     args = ap.parse_args()
     model, x = teacher(), images(args.images)

@@ -21,7 +21,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import parser_with_json, save  # noqa: E402
+from machine import parser_with_json, positive_int, save  # noqa: E402
 
 
 def metapl(*args: str) -> float:
@@ -33,7 +33,12 @@ def metapl(*args: str) -> float:
 
 def main() -> None:
     ap = parser_with_json(__doc__)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument(
+        "--repeats",
+        type=positive_int,
+        default=5,
+        help="runs of each command, alternating; the median is kept (default: 5)",
+    )
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         run, out = Path(tmp) / "run", Path(tmp) / "model.pt"

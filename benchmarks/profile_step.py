@@ -40,7 +40,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import device_or_exit, save  # noqa: E402
+from machine import device_or_exit, positive_int, save  # noqa: E402
 
 from metapl.atomic import write_text_atomically  # noqa: E402
 from metapl.bench import synthetic_cifar_split  # noqa: E402
@@ -302,13 +302,44 @@ def no_saved_bn_stats(out) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--device", default="cuda", choices=("cpu", "cuda"))
-    p.add_argument("--precision", default="bf16", choices=("fp32", "bf16"))
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--model", default="wrn28_2")
-    p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--estimators", default="first_order,exact")
+    p.add_argument(
+        "--device",
+        default="cuda",
+        choices=("cpu", "cuda"),
+        help="where the step runs (default: cuda)",
+    )
+    p.add_argument(
+        "--precision",
+        default="bf16",
+        choices=("fp32", "bf16"),
+        help="the config key precision: bf16 autocast or fp32 (default: bf16)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=128,
+        help="labeled batch; the unlabeled one is 7x (default: 128)",
+    )
+    p.add_argument(
+        "--model",
+        default="wrn28_2",
+        help="registry model of teacher and student, e.g. small_cnn (default: wrn28_2)",
+    )
+    p.add_argument(
+        "--repeats",
+        type=positive_int,
+        default=20,
+        help="N: timed steps per estimator; data part max(5, N/2), engine step max(5, N) "
+        "(default: 20)",
+    )
+    p.add_argument(
+        "--warmup", type=int, default=5, help="untimed steps before the timed ones (default: 5)"
+    )
+    p.add_argument(
+        "--estimators",
+        default="first_order,exact",
+        help="comma-separated mpl_estimator values (default: first_order,exact)",
+    )
     p.add_argument(
         "--variants",
         default="none",
@@ -319,7 +350,12 @@ def main() -> None:
     p.add_argument(
         "--memory-origins", action="store_true", help="CUDA: what holds memory between steps"
     )
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="folder for profile_step.json and the profiler tables (created if missing)",
+    )
     args = p.parse_args()
     dev = device_or_exit(args.device, __file__)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import parser_with_json, save  # noqa: E402
+from machine import parser_with_json, positive_int, save  # noqa: E402
 
 from metapl.data.splits import SSLSplit  # noqa: E402
 from metapl.train.data import BatchSource  # noqa: E402
@@ -74,7 +74,12 @@ def time_worlds(split: SSLSplit, steps: int, rounds: int) -> list[dict]:
 
 def main() -> None:
     ap = parser_with_json(__doc__)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument(
+        "--rounds",
+        type=positive_int,
+        default=3,
+        help="rounds, each timing every world in turn; the median over rounds is kept (default: 3)",
+    )
     ap.add_argument("--steps", type=int, default=10, help="timed batches per world and round")
     args = ap.parse_args()
     split = random_split(labeled=4000, unlabeled=4096)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import parser_with_json, save  # noqa: E402
+from machine import parser_with_json, positive_int, save  # noqa: E402
 
 from metapl import MetaPseudoLabels  # noqa: E402
 from metapl.mpl import double_backward_teacher_gradient  # noqa: E402
@@ -54,7 +54,12 @@ def timed(fn, repeats: int, warmup: int = 3) -> list[float]:
 
 def main() -> None:
     ap = parser_with_json(__doc__)
-    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument(
+        "--repeats",
+        type=positive_int,
+        default=20,
+        help="timed calls of each step, after 3 warm-up calls; the median is kept (default: 20)",
+    )
     args = ap.parse_args()
     torch.manual_seed(0)
     x_l, y_l = torch.randn(32, 3, 16, 16), torch.randint(0, 10, (32,))

@@ -89,12 +89,32 @@ def measure(preset: str, device: str, precision: str, steps: int, warmup: int, s
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--preset", default="cifar10-4k-uda-mpl")
-    p.add_argument("--device", default="cuda", choices=("cpu", "cuda", "auto"))
-    p.add_argument("--precision", default="bf16", choices=("fp32", "bf16"))
-    p.add_argument("--steps", type=int, default=300, help="timed steps (default 300)")
-    p.add_argument("--warmup", type=int, default=20, help="untimed steps first (default 20)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument(
+        "--preset",
+        default="cifar10-4k-uda-mpl",
+        help="a built-in preset or a TOML file of config keys (default: cifar10-4k-uda-mpl)",
+    )
+    p.add_argument(
+        "--device",
+        default="cuda",
+        choices=("cpu", "cuda", "auto"),
+        help="auto: cuda where PyTorch sees one, else cpu (default: cuda)",
+    )
+    p.add_argument(
+        "--precision",
+        default="bf16",
+        choices=("fp32", "bf16"),
+        help="the config key precision: bf16 autocast or fp32 (default: bf16)",
+    )
+    p.add_argument("--steps", type=int, default=300, help="timed steps (default: 300)")
+    p.add_argument("--warmup", type=int, default=20, help="untimed steps first (default: 20)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, as metapl train's --set; repeatable (default: none)",
+    )
     p.add_argument("--json", type=Path, help="write {machine, results: [...]} here")
     args = p.parse_args()
     try:

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import parser_with_json, save  # noqa: E402
+from machine import parser_with_json, positive_int, save  # noqa: E402
 
 BUSY_LOOP = "while True: pass"
 
@@ -57,12 +57,28 @@ def time_command(seeds: str, threads: str, load: int) -> float:
 
 def main() -> None:
     ap = parser_with_json(__doc__)
-    ap.add_argument("--seeds", default="0-9")
-    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument(
-        "--threads", type=_threads, default=["1", "2", "auto"], help="e.g. 1,2,auto (default)"
+        "--seeds", default="0-9", help="--seeds of metapl twomoons, e.g. 0,3,7 (default: 0-9)"
     )
-    ap.add_argument("--load", type=_ints, default=[0, 2], help="busy processes, e.g. 0,2 (default)")
+    ap.add_argument(
+        "--repeats",
+        type=positive_int,
+        default=3,
+        help="rounds, each running every --threads and --load setting once; the median is "
+        "kept (default: 3)",
+    )
+    ap.add_argument(
+        "--threads",
+        type=_threads,
+        default=["1", "2", "auto"],
+        help="torch thread counts to compare, comma-separated (default: 1,2,auto)",
+    )
+    ap.add_argument(
+        "--load",
+        type=_ints,
+        default=[0, 2],
+        help="busy processes beside it, comma-separated counts (default: 0,2)",
+    )
     args = ap.parse_args()
     settings = [(threads, load) for load in args.load for threads in args.threads]
     times: dict[tuple[str, int], list[float]] = {setting: [] for setting in settings}

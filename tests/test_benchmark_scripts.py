@@ -63,3 +63,21 @@ def test_reduced_memory_names_the_configuration_that_failed_and_its_own_last_lin
         "metapl.errors.DataError: x_labeled has no examples (shape[:1] (0,))"
     )
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "script, args, message",
+    [
+        ("step_cpu.py", ["--repeats", "0"], "argument --repeats: must be at least 1, got 0"),
+        ("augment_cpu.py", ["--rounds", "-2"], "argument --rounds: must be at least 1, got -2"),
+        ("jvp_cpu.py", ["--models", "resnet50"], "argument --models: invalid choice: 'resnet50'"),
+    ],
+)
+def test_a_count_or_model_the_script_cannot_use_is_a_usage_error(script, args, message, tmp_path):
+    """--repeats 0 ended, after the whole setup, in statistics.median's error on an empty list;
+    jvp_cpu.py ran small_convnet for any model name but wrn28_2 and saved it under that name."""
+    out = tmp_path / "out.json"
+    done = _run(script, "--json", str(out), *args)
+    assert done.returncode == 2
+    assert message in done.stderr.strip().splitlines()[-1]
+    assert not out.exists()
