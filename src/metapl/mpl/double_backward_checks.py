@@ -113,9 +113,11 @@ def check_gradient_derivative(
     with torch's "element 0 of tensors does not require grad"). Compared along one random d and
     random weights r of g's entries (a generator of their own): <d, dg/dq^T r> = <grad loss_of(d), r>.
     """
+    reached = [(g, p) for g, p in zip(grads, theta) if g is not None]
+    if not reached:  # the optimizer trains nothing the forward uses: g is 0, and so is dg/dq
+        return  # (torch's grad() refused the empty list: "`inputs` ... cannot be empty")
     own = torch.Generator().manual_seed(0)
     d = torch.randn(targets.shape, generator=own, dtype=torch.float64).to(targets)
-    reached = [(g, p) for g, p in zip(grads, theta) if g is not None]
     r = [torch.randn(g.shape, generator=own, dtype=torch.float64).to(g) for g, _ in reached]
     along = torch.autograd.grad(
         loss_of(d), [p for _, p in reached], retain_graph=True, allow_unused=True

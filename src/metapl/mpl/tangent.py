@@ -132,14 +132,23 @@ def _held(m: nn.Module) -> tuple:
       (its step 0.7% off its own optimizer's, the teacher's gradient 9-14% off);
     - the functions it calls by attribute (``self.act = torch.tanh``, a replaced ``forward``),
       call targets of the graph: a swapped activation kept the old one (the student's step 3%
-      off, the teacher's gradient 92% off); and the scalars of a callable object's own.
+      off, the teacher's gradient 92% off); and the scalars of a callable object's own, or of a
+      bound method's object (``self.act = scaler.apply`` bakes ``scaler.k``: a changed k kept the
+      old graph, its logits the old k's).
 
     Values from outside the modules (a global) are beyond any key: the README's ``jvp`` says so."""
     return tuple(
-        (k, _identity(v) if callable(v) else None, _held_values(v))  # a callable object's own too
+        # a callable object's own scalars too; a bound method's: its object's
+        (k, _identity(v) if callable(v) else None, _held_values(_owner(v)))
         for k, v in m.__dict__.items()
         if k not in _MODULE_INTERNALS and not (_bakeable(v) or isinstance(v, Tensor))
     )
+
+
+def _owner(v: object) -> object:
+    """The object whose attributes a held value reads: a bound method's ``__self__``, else the
+    value itself."""
+    return v.__self__ if inspect.ismethod(v) else v
 
 
 def _identity(fn: object) -> object:
