@@ -412,7 +412,7 @@ def test_an_operation_without_forward_ad_met_at_a_later_step_says_the_student_mo
     takes only from a later step on (here a custom Function without jvp) escapes the first
     step's checks and fails in J's forward-AD pass, after the student's optimizer stepped. It is
     a ConfigError that names the Function and says so ("This step has moved the student, not the
-    teacher"): the teacher's parameters and optimizer state are as they were, the student's
+    teacher's parameters": its BatchNorm statistics may have moved): the teacher's parameters and optimizer state are as they were, the student's
     parameters are not (documented: there is no cheap way back)."""
     mpl, x_l, y_l, x_u = _switched_problem()
     mpl.step(x_l, y_l, x_u)
@@ -421,7 +421,7 @@ def test_an_operation_without_forward_ad_met_at_a_later_step_says_the_student_mo
     with pytest.raises(
         ConfigError,
         match=r"custom autograd\.Function without forward-mode AD.*"
-        r"This step has moved the student, not the teacher$",
+        r"This step has moved the student, not the teacher's parameters$",
     ):
         mpl.step(x_l, y_l, x_u)
     after = _snapshot(mpl)

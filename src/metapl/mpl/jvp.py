@@ -281,7 +281,7 @@ class JvpPaths:
                 if error is None:
                     raise
                 raise ConfigError(
-                    f"{error} This step has moved the student, not the teacher"
+                    f"{error} This step has moved the student, not the teacher's parameters"
                 ) from None
             log_p = F.log_softmax(upcast(as_logits(out, "student")), dim=-1)
             return fwad.unpack_dual(log_p).tangent
