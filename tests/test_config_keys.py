@@ -161,6 +161,20 @@ def test_labels_per_class_on_another_dataset_is_refused():
         cfg.validate()
 
 
+def test_unlabeled_dir_on_a_split_without_one_is_refused_naming_the_splits_that_take_it():
+    """svhn-1k's loader refused it later, naming its own loader options (num_labeled,
+    include_extra), which no config key sets."""
+    cfg = apply_overrides(load_preset("svhn-1k-uda"), {"unlabeled_dir": "/data/unlabeled"})
+    with pytest.raises(
+        ConfigError,
+        match="^unlabeled_dir applies to cifar10-full, svhn-full, imagenet-full only; svhn-1k "
+        "takes its unlabeled images from its own split: do not set it$",
+    ):
+        cfg.check_keys_apply(["unlabeled_dir"])
+    full = apply_overrides(load_preset("svhn-1k-uda"), {"dataset": "svhn-full"})
+    assert full.ignored_key("unlabeled_dir") is None
+
+
 def test_digits_command_refuses_a_key_for_a_method_that_ignores_it():
     with pytest.raises(ConfigError, match="teacher_lr applies to the \\+MPL methods"):
         DigitsConfig(overrides={"uda": {"teacher_lr": "0.1"}}).validate()

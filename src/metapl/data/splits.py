@@ -424,6 +424,12 @@ SPLITS: dict[str, Callable[..., SSLSplit]] = {
 # Splits whose data_dir may also be a single file (a .npz of your own data); their readers say
 # what they expect. The others read a folder, and a file in its place is refused up front.
 READS_A_FILE = frozenset({"folder", "npz"})
+# The splits whose unlabeled images may come from a folder of their own (``unlabeled_dir``).
+TAKES_UNLABELED_DIR = tuple(
+    name
+    for name, loader in SPLITS.items()
+    if "unlabeled_dir" in inspect.signature(loader).parameters
+)
 # Every config `dataset`: the splits read from a folder, and scikit-learn's digits, which ships with
 # scikit-learn and is split per seed (metapl.data.digits).
 DATASETS = (*SPLITS, "digits")

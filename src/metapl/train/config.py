@@ -436,6 +436,15 @@ class TrainConfig:
             )
         if key in ("data_dir", "unlabeled_dir") and self.dataset == "digits":
             return f"{key} does not apply to dataset digits (scikit-learn ships it): do not set it"
+        if key == "unlabeled_dir" and self.dataset != "digits":
+            from metapl.data.splits import TAKES_UNLABELED_DIR
+
+            if self.dataset not in TAKES_UNLABELED_DIR:
+                # (the split's loader refused it later, naming loader options no key sets)
+                return (
+                    f"unlabeled_dir applies to {', '.join(TAKES_UNLABELED_DIR)} only; "
+                    f"{self.dataset} takes its unlabeled images from its own split: do not set it"
+                )
         if key in ("data_threads", "data_prefetch") and not self.reads_image_files:
             return (
                 f"{key} applies to image files decoded as they are read (imagenet-*, folder, an "
