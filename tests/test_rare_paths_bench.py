@@ -22,9 +22,9 @@ def rows(**ms_and_peaks) -> list[dict]:
 
 def test_a_gpus_ratios_include_the_labeled_graph_step_and_peak_memory():
     """On a GPU the JSON has the exact step with its labeled pass in a CUDA graph: its time over
-    first-order's is one of the ratios (bench.py 201-202), beside the peak-memory ratio that only
-    a measured peak gives. Would break: the ratio missing from the JSON, or taken against the
-    wrong row."""
+    first-order's is one of the ratios (`bench._ratios`, when a labeled-graph row is there), beside
+    the peak-memory ratio that only a measured peak gives. Would break: the ratio missing from the
+    JSON, or taken against the wrong row."""
     results = rows(
         exact_mpl_step=(60.0, 7200.0),
         first_order_mpl_step=(48.0, 6000.0),
@@ -57,9 +57,9 @@ def test_a_json_in_a_folder_the_user_may_not_write_is_refused_before_timing(
     tmp_path, capsys, monkeypatch
 ):
     """--json into a folder without write permission: one line naming the folder, exit 2, before
-    minutes of timing (bench.py 223). Root writes anywhere, so os.access is made to answer for
-    that folder as it does for another user. Would break: the whole benchmark run, then a
-    PermissionError traceback."""
+    minutes of timing (`bench._check_json_path`'s os.access check). Root writes anywhere, so
+    os.access is made to answer for that folder as it does for another user. Would break: the whole
+    benchmark run, then a PermissionError traceback."""
     locked = tmp_path / "locked"
     locked.mkdir()
     real_access = os.access

@@ -40,8 +40,8 @@ def a_state() -> dict:
 
 def test_a_folder_that_cannot_be_opened_for_its_fsync_does_not_fail_the_save(tmp_path, monkeypatch):
     """Where a folder cannot be opened (Windows: os.open of a directory fails), the rename's fsync
-    is skipped and the checkpoint is still saved whole (checkpoint.py 103-104). Would break: every
-    save failing there, after the file was in place."""
+    is skipped and the checkpoint is still saved whole (`_fsync_dir` returns where os.open fails).
+    Would break: every save failing there, after the file was in place."""
     real_open = os.open
 
     def no_folders(path, flags, *args, **kwargs):
@@ -58,8 +58,8 @@ def test_a_folder_that_cannot_be_opened_for_its_fsync_does_not_fail_the_save(tmp
 
 def test_a_folder_whose_fsync_fails_does_not_fail_the_save(tmp_path, monkeypatch):
     """Some file systems refuse fsync on a folder (EINVAL): the checkpoint, already renamed into
-    place, is kept, and the save succeeds (checkpoint.py 107-108). Would break: a save reported
-    failed (and a run stopped) though its file was complete."""
+    place, is kept, and the save succeeds (`_fsync_dir` lets the fsync's OSError pass). Would break:
+    a save reported failed (and a run stopped) though its file was complete."""
     real_fsync = os.fsync
     refused = []
 
@@ -80,7 +80,8 @@ def test_a_folder_whose_fsync_fails_does_not_fail_the_save(tmp_path, monkeypatch
 def test_a_damaged_zip_header_is_one_line_naming_the_damage(tmp_path):
     """A record whose compression method is unknown (a damaged central directory): zipfile raises
     NotImplementedError, not BadZipFile; it is a CheckpointError saying the archive is damaged
-    (checkpoint.py 183-184). Would break: a NotImplementedError traceback."""
+    (`checkpoint._check_records`, on any error but BadZipFile). Would break: a NotImplementedError
+    traceback."""
     path = tmp_path / "checkpoint.pt"
     save_checkpoint(path, a_state())
     data = bytearray(path.read_bytes())
@@ -99,7 +100,7 @@ def test_a_damaged_zip_header_is_one_line_naming_the_damage(tmp_path):
 def test_an_unpickling_error_in_other_words_than_torchs_is_its_first_line(tmp_path, monkeypatch):
     """torch 2.x words every weights-only failure "Weights only load failed..."; an
     UnpicklingError worded otherwise (another torch version) is reported by its first line
-    (checkpoint.py 216; torch.load patched to raise it). Would break: taken for a pickle of
+    (`checkpoint._read`; torch.load patched to raise it). Would break: taken for a pickle of
     Python objects, or the whole multi-line text in the one-line error."""
     path = tmp_path / "checkpoint.pt"
     save_checkpoint(path, a_state())
@@ -118,8 +119,8 @@ def test_an_unpickling_error_in_other_words_than_torchs_is_its_first_line(tmp_pa
 
 
 def test_sets_and_torch_values_have_a_stable_fingerprint():
-    """A set in a config hashes as its sorted items, whatever its order (checkpoint.py 366), and
-    a torch.device or dtype as its text (368): the resume check compares fingerprints across
+    """A set in a config hashes as its sorted items, whatever its order, and a torch.device or dtype
+    as its text (both in `checkpoint._json_default`): the resume check compares fingerprints across
     processes, where set order and object identity differ. Would break: a resume refused as "a
     different configuration", or a TypeError."""
     letters = "hgfedcba"  # a set's order follows the string hashes, which differ per process
@@ -136,8 +137,8 @@ def test_sets_and_torch_values_have_a_stable_fingerprint():
 @pytest.mark.parametrize("checkpointed", [None, 6])
 def test_an_interrupt_crosses_a_process_boundary_whole(checkpointed):
     """Interrupted is rebuilt from its fields when pickled (a worker's error reaching the main
-    process, stopping.py 82): same step, total, last checkpoint and message. Would break: a
-    TypeError on unpickling (its __init__ takes three arguments, not the message)."""
+    process, `Interrupted.__reduce__`): same step, total, last checkpoint and message. Would break:
+    a TypeError on unpickling (its __init__ takes three arguments, not the message)."""
     stop = Interrupted(7, 10, checkpointed)
     again = pickle.loads(pickle.dumps(stop))
     assert type(again) is Interrupted
@@ -147,7 +148,8 @@ def test_an_interrupt_crosses_a_process_boundary_whole(checkpointed):
 
 def test_the_metrics_log_refuses_a_row_after_close(tmp_path):
     """A log after close is a bug of the caller, and says so, leaving metrics.csv as it was
-    (metrics_log.py 165). Would break: an "I/O operation on closed file" from deep inside csv."""
+    (`MetricsLogger.log`'s check of a closed file). Would break: an "I/O operation on closed file"
+    from deep inside csv."""
     with MetricsLogger(tmp_path, tensorboard=False) as log:
         log.log(1, {"loss": 0.5})
     before = (tmp_path / "metrics.csv").read_bytes()
@@ -159,9 +161,9 @@ def test_the_metrics_log_refuses_a_row_after_close(tmp_path):
 
 
 def test_a_value_that_is_finite_after_all_is_described_as_not_finite():
-    """_describe names the kinds of non-finite values; called on a value that holds none (a
-    flag raised for a value since overwritten), it still says something true (guards.py 27).
-    Would break: an empty description, "is " with nothing after it."""
+    """_describe names the kinds of non-finite values; called on a value that holds none (a flag
+    raised for a value since overwritten), it still says something true (`guards._describe`
+    says "is not finite"). Would break: an empty description, "is " with nothing after it."""
     assert guards._describe(torch.tensor([1.0, 2.0])) == "is not finite"
     assert guards._describe(3.0) == "is not finite"
     assert guards._describe(torch.tensor(float("nan"))) == "is nan"
@@ -171,9 +173,9 @@ def test_a_value_that_is_finite_after_all_is_described_as_not_finite():
 
 
 def test_a_data_parallel_shard_needs_a_batch_size_its_world_divides():
-    """Each rank draws its contiguous slice of every batch: a batch of 10 over 3 ranks cannot be
-    cut evenly, a ValueError naming both (data.py 104). Would break: ranks training on slices of
-    unequal sizes, or a rank dropping examples."""
+    """Each rank draws its contiguous slice of every batch: a batch of 10 over 3 ranks cannot be cut
+    evenly, a ValueError naming both (`BatchSource`'s batch_size check). Would break: ranks training
+    on slices of unequal sizes, or a rank dropping examples."""
     cfg = TrainConfig(method="supervised", batch_size=10)
     split = digits_split(0, 5)
     with pytest.raises(ValueError, match=r"^batch_size 10 is not divisible by 3$"):
@@ -187,5 +189,5 @@ def test_a_data_parallel_shard_needs_a_batch_size_its_world_divides():
 
 def test_checkpoint_module_keeps_its_fsync_helper():
     """The save path calls _fsync_dir on the folder (the rename's durability): a missing folder
-    is no error either (checkpoint.py 103-104, the same branch, without patching)."""
+    is no error either (`_fsync_dir`'s os.open failure, the same branch, without patching)."""
     assert checkpoint._fsync_dir(Path("/nonexistent-metapl-folder")) is None

@@ -59,13 +59,13 @@ def image_dir(tmp_path_factory) -> Path:
     return folder
 
 
-# --- the option parser (cli.py 100, 111) ---------------------------------------------------------
+# --- the option parser (`_Parser`'s unknown options) ---------------------------------------------
 
 
 def test_what_follows_a_double_dash_is_no_option_of_the_command(capsys):
     """`--` ends the options: a missing --preset beside a mistyped option names the typo, and not
-    the values after `--`, which are no options at all (cli.py 100: the argv cut at `--`). Would
-    break: "unrecognized arguments: --prest --after"."""
+    the values after `--`, which are no options at all (`_Parser._unknown_options`: the argv cut at
+    `--`). Would break: "unrecognized arguments: --prest --after"."""
     err = parse_error(capsys, ["train", "--prest", "x", "--", "--after"])
     assert err == (
         "metapl train: error: unrecognized arguments: --prest (did you mean --preset?); "
@@ -75,13 +75,14 @@ def test_what_follows_a_double_dash_is_no_option_of_the_command(capsys):
 
 def test_an_unknown_short_option_is_named_when_a_required_option_is_missing(capsys):
     """A short option (`-x`) is never a prefix of a long one: unknown, it is named, instead of
-    argparse's "the following arguments are required: --preset" that hides the typo (cli.py 111).
-    Would break: a short option taken as known."""
+    argparse's "the following arguments are required: --preset" that hides the typo
+    (`_Parser._known_option`: only a `--` name may be a prefix). Would break: a short option taken
+    as known."""
     err = parse_error(capsys, ["train", "-x", "--out", "unused"])
     assert err == "metapl train: error: unrecognized arguments: -x; see `metapl train --help`\n"
 
 
-# --- resume with config.json gone and a damaged checkpoint (cli.py 199-200) ----------------------
+# --- resume with config.json gone and a damaged checkpoint (`cli._earlier_warmup`) ---------------
 
 
 def test_a_damaged_checkpoint_without_config_json_is_the_engines_one_line_with_its_advice(
@@ -111,15 +112,15 @@ def test_a_damaged_checkpoint_without_config_json_is_the_engines_one_line_with_i
     assert files(out) == before
 
 
-# --- torchrun's environment and other OS errors (cli.py 661-662, 712) ----------------------------
+# --- torchrun's environment and other OS errors (`_check_not_under_torchrun`, `main`) ------------
 
 
 def test_a_non_integer_world_size_does_not_stop_a_command_that_does_not_read_it(
     monkeypatch, capsys
 ):
     """WORLD_SIZE=two is torchrun's business: `metapl train` names it (metapl.distributed), the
-    other commands do not read it and run (cli.py 661-662). Would break: a ValueError traceback
-    from `metapl presets`."""
+    other commands do not read it and run (`_check_not_under_torchrun` lets a WORLD_SIZE that is no
+    number pass). Would break: a ValueError traceback from `metapl presets`."""
     monkeypatch.setenv("WORLD_SIZE", "two")
     assert main(["presets"]) == 0
     out, err = capsys.readouterr()
@@ -128,8 +129,8 @@ def test_a_non_integer_world_size_does_not_stop_a_command_that_does_not_read_it(
 
 def test_an_os_error_other_than_a_too_long_name_keeps_its_traceback(monkeypatch, capsys):
     """Only ENAMETOOLONG is a mistake in the input (one line, exit 2); any other OSError is a bug
-    and propagates with its traceback (cli.py 712). Would break: a permission error reported as
-    "the name is too long for the file system"."""
+    and propagates with its traceback (`cli.main` re-raises it). Would break: a permission error
+    reported as "the name is too long for the file system"."""
 
     def denied(args):
         raise PermissionError(errno.EACCES, "Permission denied", "/some/file")
@@ -140,13 +141,14 @@ def test_an_os_error_other_than_a_too_long_name_keeps_its_traceback(monkeypatch,
     assert "too long" not in capsys.readouterr().err
 
 
-# --- keys --set may give (config.py 434, 464) ----------------------------------------------------
+# --- keys --set may give (`TrainConfig.ignored_key`, `TrainConfig.sgd_optimizers`) ---------------
 
 
 def test_labels_per_class_at_its_default_is_still_refused_for_another_dataset(tmp_path, capsys):
-    """`--set labels_per_class=5` (the default, which validate() lets pass) on cifar10-4k sets a
-    key the run would ignore: refused by the keys check, one line, nothing written (config.py
-    434). Would break: the run trained on the split's own labeled set without a word."""
+    """`--set labels_per_class=5` (the default, which validate() lets pass) on cifar10-4k sets a key
+    the run would ignore: refused by the keys check, one line, nothing written
+    (`TrainConfig.ignored_key`). Would break: the run trained on the split's own labeled set without
+    a word."""
     out = tmp_path / "run"
     argv = ["train", "--preset", "cifar10-4k-uda-mpl", "--out", str(out)]
     assert main([*argv, "--set", "labels_per_class=5"]) == 2
@@ -159,9 +161,10 @@ def test_labels_per_class_at_its_default_is_still_refused_for_another_dataset(tm
 
 
 def test_momentum_applies_when_only_the_mpl_teacher_uses_sgd():
-    """An Adam student with an SGD teacher (+MPL, no fine-tuning): momentum is read by the
-    teacher's optimizer, so `--set momentum` is accepted (config.py 464); without MPL or with an
-    Adam teacher it is refused. Would break: momentum refused for a run that reads it."""
+    """An Adam student with an SGD teacher (+MPL, no fine-tuning): momentum is read by the teacher's
+    optimizer, so `--set momentum` is accepted (`TrainConfig.sgd_optimizers` lists the teacher's);
+    without MPL or with an Adam teacher it is refused. Would break: momentum refused for a run that
+    reads it."""
     base = {"student_optimizer": "adam", "finetune_steps": 0, "momentum": 0.5}
     cfg = apply_overrides(load_preset("digits-uda-mpl"), base).validate()
     assert cfg.uses_mpl and cfg.sgd_optimizers == ["teacher"]
@@ -175,7 +178,7 @@ def test_momentum_applies_when_only_the_mpl_teacher_uses_sgd():
     assert no_mpl.sgd_optimizers == []
 
 
-# --- `metapl compare` on files of older or other shapes (compare.py 322, 334-335, 341-342, 376) --
+# --- `metapl compare` on old or other-shaped files (`_experiment_data`, `_results_overrides`) ----
 
 
 def digits_file(folder: Path, config: dict, methods, command: str | None = "digits") -> Path:
@@ -206,9 +209,10 @@ OLD_DIGITS_CONFIG = {  # the config of results/digits/k5/results.json
 
 
 def test_a_digits_file_that_does_not_name_its_command_still_pairs_with_train_runs(tmp_path, capsys):
-    """results/digits/k5 was written before the files named their command: known by its options
-    as `metapl digits`' (compare.py 334-335), its runs' data is resolved and they pair with
-    `metapl train` runs on the same splits. Would break: "not paired: data not recorded alike"."""
+    """results/digits/k5 was written before the files named their command: known by its options as
+    `metapl digits`' (`compare._experiment_data`, by the options its config holds), its runs' data
+    is resolved and they pair with `metapl train` runs on the same splits. Would break: "not paired:
+    data not recorded alike"."""
     old = digits_file(tmp_path / "old", OLD_DIGITS_CONFIG, ("supervised", "label_spreading"), None)
     trains = [train_run(tmp_path / f"t{s}", s, 0.7 + 0.1 * s) for s in (0, 1)]
     code, out, err = compare(capsys, old, *trains, "--baseline", "digits-uda-mpl")
@@ -220,8 +224,9 @@ def test_a_digits_file_that_does_not_name_its_command_still_pairs_with_train_run
 
 def test_a_digits_record_whose_config_cannot_be_resolved_is_compared_unpaired(tmp_path, capsys):
     """A record of a method this metapl does not know (a file of another version): its training
-    config cannot be resolved, so its data stays unrecorded (compare.py 341-342); compare still
-    reports it, as not paired, and says why. Would break: a traceback or exit 2."""
+    config cannot be resolved, so its data stays unrecorded (`compare._experiment_data`, where
+    run_config_of fails); compare still reports it, as not paired, and says why. Would break: a
+    traceback or exit 2."""
     odd = digits_file(tmp_path / "odd", {**OLD_DIGITS_CONFIG, "methods": ["mystery"]}, ["mystery"])
     trains = [train_run(tmp_path / f"t{s}", s, 0.7 + 0.1 * s) for s in (0, 1)]
     code, out, err = compare(capsys, odd, *trains, "--baseline", "digits-uda-mpl")
@@ -231,8 +236,8 @@ def test_a_digits_record_whose_config_cannot_be_resolved_is_compared_unpaired(tm
 
 
 def test_an_experiments_set_of_another_shape_is_kept_whole_as_a_setting(tmp_path, capsys):
-    """`overrides` whose per-method entry is no dict (a file of another shape) is kept whole as
-    the group's setting (compare.py 376), not taken apart. Would break: an AttributeError
+    """`overrides` whose per-method entry is no dict (a file of another shape) is kept whole as the
+    group's setting (`compare._results_overrides`), not taken apart. Would break: an AttributeError
     traceback ('str' object has no attribute 'items')."""
     config = {**OLD_DIGITS_CONFIG, "methods": ["supervised"], "overrides": {"*": "steps=3"}}
     odd = digits_file(tmp_path / "odd", config, ["supervised"])
@@ -244,9 +249,9 @@ def test_an_experiments_set_of_another_shape_is_kept_whole_as_a_setting(tmp_path
 
 
 def test_a_record_whose_data_is_all_recorded_is_not_resolved_again(monkeypatch):
-    """When the file records every data key, nothing is resolved (compare.py 322): the
-    experiment's own config is not even built. Would break: digits' run_config_of called (and its
-    answer preferred over what the file recorded)."""
+    """When the file records every data key, nothing is resolved (`compare._experiment_data` returns
+    at once): the experiment's own config is not even built. Would break: digits' run_config_of
+    called (and its answer preferred over what the file recorded)."""
     from metapl import compare as compare_module
     from metapl.experiments import digits
 
@@ -259,13 +264,14 @@ def test_a_record_whose_data_is_all_recorded_is_not_resolved_again(monkeypatch):
     assert compare_module._experiment_data("digits", {"seeds": [0]}, record, data) == {}
 
 
-# --- report.py 274-275, 343 ----------------------------------------------------------------------
+# --- report.py's `_is_sqlite_database` and `check_replaceable` -----------------------------------
 
 
 def test_a_file_that_cannot_be_read_is_not_taken_for_a_database(tmp_path, monkeypatch):
-    """An output file that exists but cannot be opened (another user's, say; root reads
-    everything, so the refusal is simulated) holds nothing of a study's: --json may name it
-    (report.py 274-275). Would break: the OSError's traceback from the check."""
+    """An output file that exists but cannot be opened (another user's, say; root reads everything,
+    so the refusal is simulated) holds nothing of a study's: --json may name it
+    (`report._is_sqlite_database` answers no on an OSError). Would break: the OSError's traceback
+    from the check."""
     target = tmp_path / "timings.json"
     target.write_text("{}")
     real_open = Path.open
@@ -282,8 +288,8 @@ def test_a_file_that_cannot_be_read_is_not_taken_for_a_database(tmp_path, monkey
 
 def test_earlier_results_whose_config_is_not_an_object_are_not_compared(tmp_path):
     """A results.json whose "config" is a list (not a file of ours, or hand-edited) has no earlier
-    configuration to protect: the check lets the run go on (report.py 343). Would break: an
-    AttributeError traceback ('list' object has no attribute 'get'), or a refusal."""
+    configuration to protect: the check lets the run go on (`report.check_replaceable`). Would
+    break: an AttributeError traceback ('list' object has no attribute 'get'), or a refusal."""
     (tmp_path / "results.json").write_text(json.dumps({"config": [1, 2], "results": []}))
     report.check_replaceable(tmp_path, "TwoMoons", {"seeds": [0], "noise": 0.1})
     # an object of another configuration is still refused
@@ -292,12 +298,12 @@ def test_earlier_results_whose_config_is_not_an_object_are_not_compared(tmp_path
         report.check_replaceable(tmp_path, "TwoMoons", {"seeds": [0], "noise": 0.1})
 
 
-# --- `metapl predict` on a damaged run folder (run_model.py 151, 281-282) ------------------------
+# --- `metapl predict` on a damaged run folder (run_model.py's `class_names`, `_num_classes`) -----
 
 
 def test_a_classes_json_that_is_not_json_is_one_line(finished_run, image_dir, tmp_path, capsys):
-    """classes.json holding text that is no JSON: one line naming the file and the parser's
-    reason, exit 2 (run_model.py 281-282). Would break: a JSONDecodeError traceback."""
+    """classes.json holding text that is no JSON: one line naming the file and the parser's reason,
+    exit 2 (`run_model.class_names`). Would break: a JSONDecodeError traceback."""
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)
     (run / "classes.json").write_text("not json")
@@ -315,8 +321,8 @@ def test_a_checkpoint_whose_classifier_tensors_disagree_on_the_class_count_is_on
     finished_run, image_dir, tmp_path, capsys
 ):
     """The classifier's weight says 10 classes and its bias 7 (a hand-edited checkpoint): no class
-    count fits, one line (run_model.py 151). Would break: the first tensor's count taken, and a
-    size-mismatch traceback or a model of the wrong width."""
+    count fits, one line (`run_model._num_classes`). Would break: the first tensor's count taken,
+    and a size-mismatch traceback or a model of the wrong width."""
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)
     state = load_checkpoint(run / "checkpoint.pt")
@@ -332,13 +338,13 @@ def test_a_checkpoint_whose_classifier_tensors_disagree_on_the_class_count_is_on
         run_model._num_classes("digits_cnn", state["student"], "x")
 
 
-# --- the engine (engine.py 79, 113, 194) ---------------------------------------------------------
+# --- the engine (`resolve_device`, `load_data`, `_NoMetrics`) ------------------------------------
 
 
 def test_under_torchrun_each_process_takes_the_gpu_of_its_local_rank(monkeypatch):
-    """`--device cuda` under torchrun: process LOCAL_RANK=1 of 2 trains on cuda:1 (engine.py 79;
-    CUDA's presence simulated: a torch.device needs no GPU). Would break: every process on
-    cuda:0."""
+    """`--device cuda` under torchrun: process LOCAL_RANK=1 of 2 trains on cuda:1
+    (`engine.resolve_device`; CUDA's presence simulated: a torch.device needs no GPU). Would break:
+    every process on cuda:0."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -352,8 +358,8 @@ def test_under_torchrun_each_process_takes_the_gpu_of_its_local_rank(monkeypatch
 
 
 def test_the_unlabeled_dir_reaches_the_datasets_reader(tmp_path):
-    """imagenet-full with an unlabeled_dir reads its unlabeled images from that folder, at the
-    run's image_size (engine.py 113); without it, the unlabeled set is the training images. Would
+    """imagenet-full with an unlabeled_dir reads its unlabeled images from that folder, at the run's
+    image_size (`engine.load_data`); without it, the unlabeled set is the training images. Would
     break: the option dropped, and the run's own unlabeled images silently not used."""
     data = write_imagenet(tmp_path / "imagenet", {"n01": 3, "n02": 2}, {"n01": 1, "n02": 1})
     unlabeled = tmp_path / "unlabeled"
@@ -376,7 +382,8 @@ def test_the_unlabeled_dir_reaches_the_datasets_reader(tmp_path):
 
 def test_the_metrics_log_of_the_other_ranks_writes_nothing(tmp_path, monkeypatch):
     """Ranks other than 0 log through _NoMetrics: logging and the folder check do nothing
-    (engine.py 194). Would break: a rank other than 0 writing (or failing on) the run folder."""
+    (engine.py's `_NoMetrics`). Would break: a rank other than 0 writing (or failing on) the run
+    folder."""
     monkeypatch.chdir(tmp_path)
     with engine._NoMetrics() as metrics:
         assert metrics.log(1, {"loss": 0.5}) is None

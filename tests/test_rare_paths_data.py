@@ -47,8 +47,8 @@ def write_batch(path: Path, batch: dict) -> None:
 
 
 def test_a_cifar_batch_with_ragged_labels_is_one_line(tmp_path):
-    """Labels that numpy cannot make an array of (a ragged list) count as no labels: one line
-    naming the file and the counts (cifar.py 122-123). Would break: numpy's ValueError about an
+    """Labels that numpy cannot make an array of (a ragged list) count as no labels: one line naming
+    the file and the counts (`cifar.read_batch`). Would break: numpy's ValueError about an
     "inhomogeneous shape" as a traceback."""
     path = tmp_path / "data_batch_1"
     rows = np.zeros((2, 3072), dtype=np.uint8)
@@ -60,7 +60,7 @@ def test_a_cifar_batch_with_ragged_labels_is_one_line(tmp_path):
 
 def test_an_unlabeled_subfolder_that_cannot_be_listed_is_one_line(tmp_path, monkeypatch):
     """A subfolder of the unlabeled folder that cannot be listed: one line naming it and why
-    (folder.py 112-113). Would break: a PermissionError traceback midway through the walk."""
+    (`folder.list_images`). Would break: a PermissionError traceback midway through the walk."""
     root = tmp_path / "unlabeled"
     (root / "locked").mkdir(parents=True)
     Image.new("RGB", (4, 4)).save(root / "a.png")
@@ -75,9 +75,9 @@ def test_an_unlabeled_subfolder_that_cannot_be_listed_is_one_line(tmp_path, monk
 
 
 def test_a_test_folder_of_your_own_data_that_cannot_be_listed_is_one_line(tmp_path, monkeypatch):
-    """Your own data's test/ folder that cannot be listed: one line naming it and why (own.py
-    137-138). Would break: a PermissionError traceback after the labeled and unlabeled images were
-    listed."""
+    """Your own data's test/ folder that cannot be listed: one line naming it and why
+    (`own._subfolders`). Would break: a PermissionError traceback after the labeled and unlabeled
+    images were listed."""
     root = tmp_path / "data"
     for sub in ("labeled/cat", "labeled/dog", "unlabeled", "test/cat"):
         (root / sub).mkdir(parents=True)
@@ -91,9 +91,9 @@ def test_a_test_folder_of_your_own_data_that_cannot_be_listed_is_one_line(tmp_pa
 
 
 def test_svhn_variables_are_listed_from_the_file_read_when_whosmat_fails(tmp_path, monkeypatch):
-    """A .mat without X: the error lists the file's variables (scipy's whosmat); should whosmat
-    fail on the file just read, the variables loadmat kept are listed instead (svhn.py 52-53).
-    Would break: whosmat's exception as a traceback in place of the one line."""
+    """A .mat without X: the error lists the file's variables (scipy's whosmat); should whosmat fail
+    on the file just read, the variables loadmat kept are listed instead (`svhn.read_mat`). Would
+    break: whosmat's exception as a traceback in place of the one line."""
     path = tmp_path / "train_32x32.mat"
     scipy.io.savemat(path, {"images": np.zeros((2, 2), np.uint8), "y": np.ones((2, 1), np.uint8)})
     with pytest.raises(DataError, match=r"has variables \['images', 'y'\], not 'X' and 'y'"):
@@ -122,9 +122,10 @@ def images() -> np.ndarray:
 
 
 def test_a_sidecar_that_is_not_json_is_one_line_and_nothing_is_overwritten(model, images, tmp_path):
-    """A precomputed-distributions sidecar that is no JSON (truncated by a crash, hand-edited):
-    one line saying how to redo it, when loading and when resuming; neither file is touched
-    (precompute.py 161-162). Would break: a JSONDecodeError traceback, or the .npy rewritten."""
+    """A precomputed-distributions sidecar that is no JSON (truncated by a crash, hand-edited): one
+    line saying how to redo it, when loading and when resuming; neither file is touched
+    (`precompute._read_sidecar`). Would break: a JSONDecodeError traceback, or the .npy
+    rewritten."""
     path = tmp_path / "teacher.npy"
     precompute_distributions(model, images, path, batch_size=4, progress=False)
     side = sidecar_path(path)
@@ -143,8 +144,8 @@ def test_a_sidecar_that_is_not_json_is_one_line_and_nothing_is_overwritten(model
 
 @pytest.mark.parametrize("text", ["[]", '{"format_version": 1}'], ids=["a-list", "keys-missing"])
 def test_a_sidecar_without_its_keys_is_one_line(model, images, tmp_path, text):
-    """A sidecar that is JSON but not an object of the expected keys: one line listing the keys
-    it must hold (precompute.py 164). Would break: a KeyError or TypeError traceback."""
+    """A sidecar that is JSON but not an object of the expected keys: one line listing the keys it
+    must hold (`precompute._read_sidecar`). Would break: a KeyError or TypeError traceback."""
     path = tmp_path / "teacher.npy"
     precompute_distributions(model, images, path, batch_size=4, progress=False)
     side = sidecar_path(path)
@@ -161,8 +162,8 @@ def test_a_sidecar_without_its_keys_is_one_line(model, images, tmp_path, text):
 def test_without_posix_fallocate_the_distributions_are_written_all_the_same(
     model, images, tmp_path, monkeypatch
 ):
-    """macOS and Windows have no posix_fallocate: the .npy stays sparse and the rows are written
-    as everywhere (precompute.py 271). Would break: an AttributeError there."""
+    """macOS and Windows have no posix_fallocate: the .npy stays sparse and the rows are written as
+    everywhere (`precompute._reserve_disk_space`). Would break: an AttributeError there."""
     monkeypatch.delattr(os, "posix_fallocate")
     path = tmp_path / "teacher.npy"
     out = precompute_distributions(model, images, path, batch_size=4, progress=False)
@@ -175,9 +176,9 @@ def test_without_posix_fallocate_the_distributions_are_written_all_the_same(
 
 
 def test_without_sched_getaffinity_every_core_counts(monkeypatch):
-    """Off Linux there is no sched_getaffinity: the usable cores are os.cpu_count() (decoding.py
-    59-60), and CPU runs take threads from them less the busy ones (cpu_threads.py 87-88). Would
-    break: an AttributeError on macOS and Windows."""
+    """Off Linux there is no sched_getaffinity: the usable cores are os.cpu_count()
+    (`decoding.usable_cores`), and CPU runs take threads from them less the busy ones
+    (`cpu_threads.idle_cores_threads`). Would break: an AttributeError on macOS and Windows."""
     from metapl import cpu_threads
 
     monkeypatch.delattr(os, "sched_getaffinity")
@@ -191,10 +192,10 @@ def test_without_sched_getaffinity_every_core_counts(monkeypatch):
 
 
 def test_a_forked_child_forgets_its_parents_decoding_pool(monkeypatch):
-    """After a fork the child holds the parent's pool object without its threads: it drops it
-    and takes a fresh lock, to make its own pool at its first decode (decoding.py 49, run by
-    os.register_at_fork in the child; called directly here). Would break: a forked worker's first
-    decode waiting forever on threads that are not there, or on a lock held at the fork."""
+    """After a fork the child holds the parent's pool object without its threads: it drops it and
+    takes a fresh lock, to make its own pool at its first decode (`decoding._forget_pool_in_child`,
+    run by os.register_at_fork in the child; called directly here). Would break: a forked worker's
+    first decode waiting forever on threads that are not there, or on a lock held at the fork."""
     held = threading.Lock()
     held.acquire()  # as if a thread of the parent held it at the fork
     monkeypatch.setattr(decoding, "_pool", object())

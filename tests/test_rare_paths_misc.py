@@ -50,7 +50,8 @@ State = optuna.trial.TrialState
 
 def test_a_wide_resnet_depth_must_be_6n_plus_4():
     """WRN-depth-k has (depth - 4) / 6 blocks per group: another depth is a ValueError naming it
-    (wrn.py 57). Would break: WRN-27-2 built silently as WRN-22-2 (the division rounded down)."""
+    (`WideResNet.__init__`). Would break: WRN-27-2 built silently as WRN-22-2 (the division rounded
+    down)."""
     with pytest.raises(ValueError, match=r"^WideResNet depth must be 6n \+ 4, got 27$"):
         WideResNet(10, depth=27)
     model = WideResNet(10, depth=10, widen_factor=1)
@@ -60,7 +61,7 @@ def test_a_wide_resnet_depth_must_be_6n_plus_4():
 
 def test_conv_net_initialisation_zeroes_a_convolutions_bias():
     """init_conv_net: He fan-out kernels and, for a convolution that has one, a zero bias
-    (layers.py 37). Would break: a bias left at PyTorch's random uniform init."""
+    (`layers.init_conv_net`). Would break: a bias left at PyTorch's random uniform init."""
     torch.manual_seed(0)
     conv = nn.Conv2d(16, 32, 3, bias=True)
     nn.init.ones_(conv.bias)
@@ -72,9 +73,10 @@ def test_conv_net_initialisation_zeroes_a_convolutions_bias():
 
 
 def test_a_methods_forward_runs_in_the_autocast_dtype_and_its_loss_in_float32():
-    """With autocast_dtype=bf16 the model's forward runs under torch.autocast (base.py 47): its
-    logits are bf16 (CPU autocast), the loss upcast to float32. Without it, float32 throughout.
-    Would break: `--set precision=bf16` training in float32 without a word."""
+    """With autocast_dtype=bf16 the model's forward runs under torch.autocast
+    (`methods.base.autocast`): its logits are bf16 (CPU autocast), the loss upcast to float32.
+    Without it, float32 throughout. Would break: `--set precision=bf16` training in float32 without
+    a word."""
     seen = []
     for dtype in (torch.bfloat16, None):
         torch.manual_seed(0)
@@ -92,8 +94,8 @@ def test_a_methods_forward_runs_in_the_autocast_dtype_and_its_loss_in_float32():
 
 
 def test_strong_augment_repr_names_every_setting_and_rebuilds_it():
-    """repr(StrongAugment(...)) lists every setting (randaugment.py 156), so that a logged policy
-    can be rebuilt from it. Would break: a default repr with a memory address."""
+    """repr(StrongAugment(...)) lists every setting (`StrongAugment.__repr__`), so that a logged
+    policy can be rebuilt from it. Would break: a default repr with a memory address."""
     policy = StrongAugment(num_ops=3, max_magnitude=7, cutout=0.25, op_prob=0.8, ops=["Rotate"])
     text = repr(policy)
     assert text == (
@@ -104,8 +106,8 @@ def test_strong_augment_repr_names_every_setting_and_rebuilds_it():
 
 def test_a_value_without_a_toml_form_is_a_type_error():
     """best.toml holds bools, numbers, strings and lists of them; any other value is a TypeError
-    naming it (bestfile.py 38), a bug to fix, not a file that `--preset` cannot read. Would break:
-    None or a dict written as Python's repr."""
+    naming it (`bestfile.toml_value`), a bug to fix, not a file that `--preset` cannot read. Would
+    break: None or a dict written as Python's repr."""
     assert toml_value([1, "a", True, 0.5]) == '[1, "a", true, 0.5]'
     for value in (None, {"a": 1}):
         with pytest.raises(TypeError, match=rf"^no TOML form for {value!r}$"):
@@ -117,8 +119,8 @@ def test_a_value_without_a_toml_form_is_a_type_error():
 
 def test_a_forked_child_gets_a_new_warning_filter_lock(monkeypatch):
     """A thread of the parent may hold the lock at the fork: the child takes a fresh one
-    (warning_filters.py 24, an after-fork hook; called directly here). Would break: the child's
-    first `ignoring` block waiting forever."""
+    (`warning_filters._new_lock_in_child`, an after-fork hook; called directly here). Would break:
+    the child's first `ignoring` block waiting forever."""
     held = threading.Lock()
     held.acquire()
     monkeypatch.setattr(warning_filters, "_LOCK", held)
@@ -129,8 +131,8 @@ def test_a_forked_child_gets_a_new_warning_filter_lock(monkeypatch):
 
 
 def test_a_full_disk_whose_folder_is_gone_is_named_without_the_free_space(tmp_path):
-    """A full disk's message adds the free space of the file's folder; when that cannot be read
-    (the folder is gone) the message goes without it (atomic.py 98-99). Would break: the
+    """A full disk's message adds the free space of the file's folder; when that cannot be read (the
+    folder is gone) the message goes without it (`atomic.write_error`). Would break: the
     FileNotFoundError of disk_usage in place of the write's one line."""
     full = OSError(errno.ENOSPC, "No space left on device")
     gone = tmp_path / "gone" / "results.json"
@@ -148,8 +150,8 @@ def test_a_full_disk_whose_folder_is_gone_is_named_without_the_free_space(tmp_pa
 
 def test_global_batchnorm_wants_a_batch_dimension():
     """An input of one dimension has no channel axis: a ValueError naming its dimensions
-    (sync_batchnorm.py 76), as BatchNorm raises. Would break: a 1-D input normalised as a batch
-    of scalars."""
+    (`GlobalBatchNorm._check_input_dim`), as BatchNorm raises. Would break: a 1-D input normalised
+    as a batch of scalars."""
     layer = GlobalBatchNorm(3)
     with pytest.raises(ValueError, match=r"^expected an input of at least 2 dimensions, got 1$"):
         layer(torch.randn(3))
@@ -159,10 +161,10 @@ def test_momentum_none_without_a_counter_leaves_running_statistics_as_batchnorm_
     monkeypatch,
 ):
     """momentum=None averages over the counted batches; without a counter (num_batches_tracked
-    removed) there is nothing to average with, and BatchNorm leaves the running statistics as
-    they are: so does GlobalBatchNorm over two processes (sync_batchnorm.py 114; the second
-    process simulated as in test_sync_batchnorm_mutants). Would break: a TypeError (lerp by None),
-    or statistics replaced by the last batch's."""
+    removed) there is nothing to average with, and BatchNorm leaves the running statistics as they
+    are: so does GlobalBatchNorm over two processes (`GlobalBatchNorm._update_running_stats`; the
+    second process simulated as in test_sync_batchnorm_mutants). Would break: a TypeError (lerp by
+    None), or statistics replaced by the last batch's."""
     ref = nn.BatchNorm1d(3, momentum=None).double()
     twin = convert_global_batchnorm(nn.Sequential(nn.BatchNorm1d(3, momentum=None).double()))[0]
     ref.num_batches_tracked = None
@@ -182,9 +184,9 @@ def test_momentum_none_without_a_counter_leaves_running_statistics_as_batchnorm_
 
 
 def test_gradient_averaging_in_one_process_or_of_no_gradients_communicates_nothing(monkeypatch):
-    """A world of one, or a call with only absent gradients, returns at once without an
-    all-reduce (distributed.py 47). Would break: a collective call in a single process (torch.cat
-    of an empty list raises, too)."""
+    """A world of one, or a call with only absent gradients, returns at once without an all-reduce
+    (`GradientAverager.mean_`). Would break: a collective call in a single process (torch.cat of an
+    empty list raises, too)."""
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     sizes = iter([1, 2])
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: next(sizes))
@@ -200,8 +202,9 @@ def test_gradient_averaging_in_one_process_or_of_no_gradients_communicates_nothi
 
 
 def test_a_single_process_answers_its_own_flag():
-    """Without a process group, "is it true on any rank" and "on all ranks" are this process's
-    flag (distributed.py 158). Would break: a collective call outside a process group."""
+    """Without a process group, "is it true on any rank" and "on all ranks" are this process's flag
+    (`DataParallel.any_rank`, when not enabled). Would break: a collective call outside a process
+    group."""
     dp = DataParallel()
     assert not dp.enabled
     assert dp.any_rank(True) is True and dp.any_rank(False) is False
@@ -212,10 +215,10 @@ def test_a_single_process_answers_its_own_flag():
 
 
 def test_a_failed_write_whose_copy_cannot_be_queued_says_so(tmp_path, capsys, monkeypatch):
-    """A failed write (full disk) stops the trial; when the study's storage, on the same full
-    disk, cannot take the trial's copy either, the line says no copy was queued (runner.py
-    132-133) instead of promising a resume, and the write's error propagates. Would break: the
-    storage's error in place of the write's, or "the same command resumes it"."""
+    """A failed write (full disk) stops the trial; when the study's storage, on the same full disk,
+    cannot take the trial's copy either, the line says no copy was queued (`Stage.objective`, when
+    queue_interrupted fails) instead of promising a resume, and the write's error propagates. Would
+    break: the storage's error in place of the write's, or "the same command resumes it"."""
 
     def disk_full(*args, **kwargs):
         raise WriteError("could not write metrics.csv: No space left on device")
@@ -237,8 +240,8 @@ def test_a_failed_write_whose_copy_cannot_be_queued_says_so(tmp_path, capsys, mo
 
 
 def test_a_heartbeat_for_a_trial_that_finished_meanwhile_is_no_error():
-    """The trial given a heartbeat finishes before its mark is recorded: Optuna refuses the
-    update, and that is no error (retry.py 148-149). Would break: fail_stopped_trials raising
+    """The trial given a heartbeat finishes before its mark is recorded: Optuna refuses the update,
+    and that is no error (`retry._give_heartbeat`). Would break: fail_stopped_trials raising
     UpdateFinishedTrialError, and `metapl tune` stopping on another process's finished trial."""
     study = optuna.create_study(direction="maximize")
     study.ask()
@@ -264,7 +267,7 @@ def test_a_heartbeat_for_a_trial_that_finished_meanwhile_is_no_error():
 @pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 def test_a_stopped_trial_another_process_marked_first_is_left_to_it(monkeypatch):
     """Two processes find the same dead trial; the one whose update Optuna refuses (the trial
-    already finished) queues no copy and goes on (retry.py 174-175). Would break:
+    already finished) queues no copy and goes on (`retry.fail_stopped_trials`). Would break:
     UpdateFinishedTrialError stopping `metapl tune`, or a second copy of the trial."""
     study = optuna.create_study(direction="maximize")
     trial = study.ask()
@@ -285,8 +288,8 @@ def test_a_stopped_trial_another_process_marked_first_is_left_to_it(monkeypatch)
 
 def test_a_worker_runs_its_job_unless_the_pool_was_stopped(monkeypatch):
     """A worker takes a queued run only while the pool is not stopped; once it is, the run is not
-    started and the stop is raised with its signal (workers.py 79-81). Would break: a queued run
-    started after SIGTERM, which no signal then stops."""
+    started and the stop is raised with its signal (`workers._unless_stopped`). Would break: a
+    queued run started after SIGTERM, which no signal then stops."""
     stopped_by = multiprocessing.Value("i", 0)
     monkeypatch.setattr(workers, "_stopped_by", stopped_by)
     ran = []
@@ -298,8 +301,9 @@ def test_a_worker_runs_its_job_unless_the_pool_was_stopped(monkeypatch):
 
 
 def test_an_orphaned_worker_exits(monkeypatch):
-    """A worker polls its parent's id; when the parent dies (the id changes) it exits with code 1
-    at once (workers.py 45-47). Would break: workers of a killed `metapl digits` training on."""
+    """A worker polls its parent's id; when the parent dies (the id changes) it exits with code 1 at
+    once (`workers._exit_when_orphaned`). Would break: workers of a killed `metapl digits` training
+    on."""
     parents = iter([100, 100, 1])
     sleeps = []
 
@@ -321,11 +325,11 @@ def test_an_orphaned_worker_exits(monkeypatch):
 def test_a_worker_starts_ignoring_ctrl_c_with_default_stop_signals_and_its_own_bar_lock(
     monkeypatch,
 ):
-    """A pool worker's start (workers.py 52-63, run in each forked worker; called here, the
-    signal handlers restored after): Ctrl-C ignored (the main process alone handles it), SIGTERM
-    and SIGUSR1 back to their defaults (a run's own handler takes them), an orphan watch on the
-    parent's id, and a progress-bar lock of its own. Would break: each of these, as its docstring
-    says (a hung pool, workers outliving the main process, a bar lock held by a killed worker)."""
+    """A pool worker's start (`workers._start_worker`, run in each forked worker; called here, the
+    signal handlers restored after): Ctrl-C ignored (the main process alone handles it), SIGTERM and
+    SIGUSR1 back to their defaults (a run's own handler takes them), an orphan watch on the parent's
+    id, and a progress-bar lock of its own. Would break: each of these, as its docstring says (a
+    hung pool, workers outliving the main process, a bar lock held by a killed worker)."""
     signums = (signal.SIGINT, *STOP_SIGNALS)
     before = {s: signal.getsignal(s) for s in signums}
     threads, locks = [], []
@@ -360,10 +364,10 @@ def _die(_: object) -> None:
 
 
 def test_a_stop_skips_a_worker_that_is_already_gone():
-    """SIGTERM reaches the pool after a worker died (the OOM killer): the signal is passed on to
-    the live workers only (workers.py 123), and the Stopped propagates. Would break: os.kill of a
-    reaped process id, a ProcessLookupError in place of the stop (or a signal to whatever process
-    reuses the id)."""
+    """SIGTERM reaches the pool after a worker died (the OOM killer): the signal is passed on to the
+    live workers only (`workers.worker_pool` skips the dead ones), and the Stopped propagates. Would
+    break: os.kill of a reaped process id, a ProcessLookupError in place of the stop (or a signal to
+    whatever process reuses the id)."""
     with pytest.raises(Stopped) as info, workers.worker_pool(1) as pool:
         with pytest.raises(BrokenProcessPool):
             pool.submit(_die, None).result(timeout=60)

@@ -1,14 +1,15 @@
 """Behaviours of the library step that no other test reached (found by a coverage run of tests/):
-each test names the lines it holds and asserts what they do, against an independent oracle
+each test names the code it holds and asserts what it does, against an independent oracle
 (double backward, finite differences of the real step) or an exact message.
 
-Lines left out on purpose (no test can reach them on a CPU, or at all):
+Code left out on purpose (no test can reach it on a CPU, or at all):
 
-- ``replay.py`` 30 (``torch.cuda.set_rng_state``), ``labeled_graph.py`` 124-161 and 201 (CUDA
-  graphs) and ``update_rules.py`` 150 (fused Adam's step count on a CUDA device) run on CUDA only.
-- ``replay.py`` 105 (``module_device`` of a module without parameters) cannot be reached from the
-  step, whose two models always hold a parameter their optimizer trains; the unit test below
-  holds what it does for a direct caller of :class:`RestorePoint`.
+- ``RngState.restore``'s ``torch.cuda.set_rng_state`` (replay.py), ``labeled_graph.capture`` and the
+  graph pool of ``LabeledGraph._try_capture`` (CUDA graphs) and, in ``AdamRule._moments``
+  (update_rules.py), fused Adam's step count on a CUDA device run on CUDA only.
+- ``replay.module_device`` of a module without parameters cannot be reached from the step, whose two
+  models always hold a parameter their optimizer trains; the unit test below holds what it does for
+  a direct caller of :class:`RestorePoint`.
 """
 
 from __future__ import annotations
@@ -79,10 +80,10 @@ def _teacher_grad(mpl: MetaPseudoLabels) -> Tensor:
 
 
 def test_jvp_set_on_the_step_object_switches_the_path_and_keeps_the_gradient_exact():
-    """step.py 478 (the ``jvp`` setter's assignment): ``mpl.jvp = "auto"`` after construction
-    makes the next exact step take J from the tangent tape, ``mpl.jvp = "forward_ad"`` takes it
-    back; at every step the teacher's gradient is double backward's (1e-10) and finite
-    differences' of the real step (1e-6). A typo is refused and leaves the mode as it was."""
+    """The ``jvp`` setter of ``MetaPseudoLabels``: ``mpl.jvp = "auto"`` after construction makes the
+    next exact step take J from the tangent tape, ``mpl.jvp = "forward_ad"`` takes it back; at every
+    step the teacher's gradient is double backward's (1e-10) and finite differences' of the real
+    step (1e-6). A typo is refused and leaves the mode as it was."""
     teacher, student, x_l, y_l, x_u = make_problem("mlp", seed=4)
     mpl = _sgd_mpl(teacher, student, supervised_weight=0.0)
     gen = torch.Generator().manual_seed(0)
@@ -113,11 +114,12 @@ class _FunctionalEmbedding(nn.Module):
 
 
 def test_a_sparse_gradient_met_after_the_first_step_is_refused_before_the_student_steps():
-    """step.py 786: the first exact step's checks refuse a sparse gradient (check_derivatives);
-    one that appears only at a later step (the forward switched to ``sparse=True``) is met in
-    the update pass. It is a ConfigError naming double backward as the way out, raised before
-    the student's optimizer steps: both models' parameters and both optimizers' states are as
-    they were (forward AD takes no sparse tangent, so the step could not have gone on)."""
+    """The first exact step's checks refuse a sparse gradient (check_derivatives); one that appears
+    only at a later step (the forward switched to ``sparse=True``) is met in the update pass
+    (``MetaPseudoLabels._exact_student_step``). It is a ConfigError naming double backward as the
+    way out, raised before the student's optimizer steps: both models' parameters and both
+    optimizers' states are as they were (forward AD takes no sparse tangent, so the step could not
+    have gone on)."""
     torch.manual_seed(0)
     teacher, student = _FunctionalEmbedding(), _FunctionalEmbedding()
     g = torch.Generator().manual_seed(1)
@@ -153,11 +155,11 @@ class _LabeledOnly(nn.Module):
 
 
 def test_clipping_with_parameters_the_update_does_not_reach_gives_the_exact_gradient():
-    """clipping.py 105-106 (``jacobian_times`` where a gradient is None): with clipping active,
-    parameters that the update on x_u does not reach take no part in the norm and get no tangent
-    (their factor is 0), while R still depends on them. The exact step's teacher gradient equals
-    double backward's (1e-10) and central differences of R through the real clipped step (1e-6),
-    and the student moves as torch's clip_grad_norm_ + SGD move a copy of it."""
+    """``NormClip.jacobian_times`` where a gradient is None: with clipping active, parameters that
+    the update on x_u does not reach take no part in the norm and get no tangent (their factor is
+    0), while R still depends on them. The exact step's teacher gradient equals double backward's
+    (1e-10) and central differences of R through the real clipped step (1e-6), and the student moves
+    as torch's clip_grad_norm_ + SGD move a copy of it."""
     teacher, _, x_l, y_l, x_u = make_problem("mlp", seed=3)
     torch.manual_seed(1)
     student = _LabeledOnly(len(x_l)).to(DT)
@@ -205,15 +207,15 @@ class _UnusedTrained(MLP):
 
 @pytest.mark.parametrize("estimator", ["exact", "double_backward"])
 def test_a_student_whose_optimizer_trains_nothing_its_forward_uses(estimator):
-    """clipping.py 71 (``NormClip.of`` of no gradient at all) and 105-106: a student whose
-    trained parameters get no gradient from its update cannot move, so R does not depend on the
-    teacher: the exact gradient of the MPL term is 0, as the double-backward oracle
-    (``double_backward_teacher_gradient``) says. With clipping on, both exact estimators give
+    """``NormClip.of`` of no gradient at all, and ``NormClip.jacobian_times`` where a gradient is
+    None: a student whose trained parameters get no gradient from its update cannot move, so R does
+    not depend on the teacher: the exact gradient of the MPL term is 0, as the double-backward
+    oracle (``double_backward_teacher_gradient``) says. With clipping on, both exact estimators give
     that 0 and leave the student as it was.
 
     Bug found: ``estimator="double_backward"`` failed on its first step with torch's
     "`inputs` argument to `grad()` cannot be empty." (from its check of the gradient's
-    derivative, which had no gradient to check); fixed in step.py."""
+    derivative, which had no gradient to check); fixed in double_backward_checks.py."""
     teacher, base, x_l, y_l, x_u = make_problem("mlp", seed=5)
     student = _UnusedTrained().to(DT)
     student.load_state_dict(base.state_dict(), strict=False)
@@ -247,8 +249,8 @@ def test_a_student_whose_optimizer_trains_nothing_its_forward_uses(estimator):
 def test_capturable_is_refused_on_the_cpu_without_torchs_list_of_capturable_devices(
     monkeypatch,
 ):
-    """update_rules.py 333-334: a torch without ``_get_capturable_supported_devices`` gets
-    torch 2.13's list (cuda, xpu, hpu), which the refusal of ``capturable=True`` on a CPU
+    """``update_rules._capturable_devices``: a torch without ``_get_capturable_supported_devices``
+    gets torch 2.13's list (cuda, xpu, hpu), which the refusal of ``capturable=True`` on a CPU
     parameter names; the check still refuses it at construction."""
     import torch.optim.optimizer as optimizer_module
 
@@ -280,11 +282,11 @@ class _MaskedMLP(MLP):
 
 
 def test_a_student_that_returns_no_tensor_on_the_unlabeled_batch_only_is_told_so():
-    """student_checks.py 212: the exact step tries the student on x_labeled first (a tensor of
-    logits there); on x_unlabeled, called another way, it returns a tuple. The first replay
-    check leaves that to the step's own check of logits, which names it (not an AttributeError
-    from comparing the two forwards), with both models and torch's random stream as they
-    were."""
+    """``student_checks.check_replayable`` on a forward that returns no tensor: the exact step tries
+    the student on x_labeled first (a tensor of logits there); on x_unlabeled, called another way,
+    it returns a tuple. The first replay check leaves that to the step's own check of logits, which
+    names it (not an AttributeError from comparing the two forwards), with both models and torch's
+    random stream as they were."""
     teacher, student, x_l, y_l, x_u = make_problem("mlp", seed=1)
     t, s = _MaskedMLP().to(DT), _MaskedMLP(pair=True).to(DT)
     t.load_state_dict(teacher.state_dict())
@@ -299,12 +301,12 @@ def test_a_student_that_returns_no_tensor_on_the_unlabeled_batch_only_is_told_so
 
 
 def test_a_student_frozen_during_its_first_step_is_refused_with_nothing_moved():
-    """student_checks.py 304 (``check_derivatives`` with no trainable parameter): the student's
-    trainable parameters are checked before the teacher's forward; one frozen after that (here
-    by ``teacher_extra_loss``, run between the two) leaves the first step's adjoint check
-    nothing to check, and the update pass refuses the student that cannot learn: a ConfigError,
-    with both models and torch's random stream given back. (The guard is redundant: without it,
-    the check's own ``check_learns`` gives the same refusal; this holds the behaviour.)"""
+    """``student_checks.check_derivatives`` with no trainable parameter: the student's trainable
+    parameters are checked before the teacher's forward; one frozen after that (here by
+    ``teacher_extra_loss``, run between the two) leaves the first step's adjoint check nothing to
+    check, and the update pass refuses the student that cannot learn: a ConfigError, with both
+    models and torch's random stream given back. (The guard is redundant: without it, the check's
+    own ``check_learns`` gives the same refusal; this holds the behaviour.)"""
     teacher, student, x_l, y_l, x_u = make_problem("mlp", seed=2)
 
     def extra(logits) -> Tensor:
@@ -358,9 +360,10 @@ def _switched_problem() -> tuple[MetaPseudoLabels, Tensor, Tensor, Tensor]:
 
 
 def test_an_error_of_the_students_own_in_the_first_adjoint_check_comes_as_it_is():
-    """student_checks.py 351: a NotImplementedError that is not torch's "no forward AD" (the
-    student's own) is not turned into a ConfigError about forward AD: it comes as raised, from
-    the first step's checks, with both models and torch's random stream given back."""
+    """``student_checks.check_derivatives`` re-raising: a NotImplementedError that is not torch's
+    "no forward AD" (the student's own) is not turned into a ConfigError about forward AD: it comes
+    as raised, from the first step's checks, with both models and torch's random stream given
+    back."""
     mpl, x_l, y_l, x_u = _switched_problem()
     mpl.student.mode = "own"
     before, rng = _snapshot(mpl), torch.get_rng_state()
@@ -383,11 +386,11 @@ class _Complex(nn.Module):
 
 
 def test_a_student_without_floating_point_parameters_is_not_tried_and_trains_first_order():
-    """student_checks.py 539: ``check_student_takes`` compares each batch's dtype and device with
-    the student's first floating-point parameter; a student of complex parameters has none (the
-    exact estimators refuse it at construction), so nothing is tried or remembered, and the
-    first-order step runs: its R_old and R_new are the student's labeled cross-entropy before
-    and after its step, computed here independently."""
+    """``student_checks.check_student_takes`` compares each batch's dtype and device with the
+    student's first floating-point parameter; a student of complex parameters has none (the exact
+    estimators refuse it at construction), so nothing is tried or remembered, and the first-order
+    step runs: its R_old and R_new are the student's labeled cross-entropy before and after its
+    step, computed here independently."""
     teacher, _, x_l, y_l, x_u = make_problem("mlp", seed=7)
     torch.manual_seed(0)
     student = _Complex()
@@ -408,12 +411,13 @@ def test_a_student_without_floating_point_parameters_is_not_tried_and_trains_fir
 
 
 def test_an_operation_without_forward_ad_met_at_a_later_step_says_the_student_moved():
-    """jvp.py 276-281 and 283: an operation without forward-mode AD that the student's forward
-    takes only from a later step on (here a custom Function without jvp) escapes the first
-    step's checks and fails in J's forward-AD pass, after the student's optimizer stepped. It is
-    a ConfigError that names the Function and says so ("This step has moved the student, not the
-    teacher's parameters": its BatchNorm statistics may have moved): the teacher's parameters and optimizer state are as they were, the student's
-    parameters are not (documented: there is no cheap way back)."""
+    """``JvpPaths.forward_ad``'s ConfigError: an operation without forward-mode AD that the
+    student's forward takes only from a later step on (here a custom Function without jvp) escapes
+    the first step's checks and fails in J's forward-AD pass, after the student's optimizer stepped.
+    It is a ConfigError that names the Function and says so ("This step has moved the student, not
+    the teacher's parameters": its BatchNorm statistics may have moved): the teacher's parameters
+    and optimizer state are as they were, the student's parameters are not (documented: there is no
+    cheap way back)."""
     mpl, x_l, y_l, x_u = _switched_problem()
     mpl.step(x_l, y_l, x_u)
     mpl.student.mode = "function"
@@ -432,10 +436,10 @@ def test_an_operation_without_forward_ad_met_at_a_later_step_says_the_student_mo
 
 
 def test_an_error_of_the_students_own_in_a_later_forward_ad_pass_comes_as_it_is():
-    """jvp.py 282: at a later step, a NotImplementedError of the student's own in J's forward-AD
-    pass is not turned into the "no forward AD" ConfigError: it comes as raised (after the
-    student's step, like any error of its forward there), and the teacher's parameters are
-    untouched."""
+    """``JvpPaths.forward_ad`` re-raising: at a later step, a NotImplementedError of the student's
+    own in J's forward-AD pass is not turned into the "no forward AD" ConfigError: it comes as
+    raised (after the student's step, like any error of its forward there), and the teacher's
+    parameters are untouched."""
     mpl, x_l, y_l, x_u = _switched_problem()
     mpl.step(x_l, y_l, x_u)
     mpl.student.mode = "own"
@@ -448,11 +452,11 @@ def test_an_error_of_the_students_own_in_a_later_forward_ad_pass_comes_as_it_is(
 
 
 def test_a_tangent_pass_that_fails_at_its_first_use_falls_back_to_forward_ad(monkeypatch):
-    """jvp.py 319-320: any error of the tangent pass (here injected: a RuntimeError from
-    ``TangentTape.tangent``) at the first use of a traced graph for an input structure gives
-    that structure up: with ``jvp="auto"`` J comes from forward AD, with a MetaplWarning and
-    ``jvp_fallback_reason`` naming the error, and the teacher's gradient is still double
-    backward's and finite differences'; the next step does not try the tape again. With
+    """``JvpPaths.from_tape`` on a failed tangent pass: any error of the tangent pass (here
+    injected: a RuntimeError from ``TangentTape.tangent``) at the first use of a traced graph for an
+    input structure gives that structure up: with ``jvp="auto"`` J comes from forward AD, with a
+    MetaplWarning and ``jvp_fallback_reason`` naming the error, and the teacher's gradient is still
+    double backward's and finite differences'; the next step does not try the tape again. With
     ``jvp="tape"`` it is a ConfigError that names it."""
 
     def fails(self, *args, **kwargs):
@@ -483,8 +487,8 @@ def test_a_tangent_pass_that_fails_at_its_first_use_falls_back_to_forward_ad(mon
 
 
 def test_a_restore_point_over_a_module_without_parameters_gives_back_its_buffers_and_the_cpu_stream():
-    """replay.py 105, by a direct caller (the step's own models always hold a parameter): a
-    module without parameters is taken to be on the CPU, so a RestorePoint over a BatchNorm
+    """``replay.module_device``, by a direct caller (the step's own models always hold a parameter):
+    a module without parameters is taken to be on the CPU, so a RestorePoint over a BatchNorm
     without affine parameters gives back its running statistics and the CPU random stream."""
     bn = nn.BatchNorm1d(4, affine=False)
     assert module_device(bn) == torch.device("cpu")
