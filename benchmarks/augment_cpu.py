@@ -83,7 +83,7 @@ def main() -> None:
     )
     ap.add_argument(
         "--calls",
-        type=int,
+        type=positive_int,
         default=60,
         help="timed calls per case and augmentation in each round, after 3 warm-up calls; "
         "the round keeps their median (default: 60)",

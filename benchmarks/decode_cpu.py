@@ -119,7 +119,9 @@ def main() -> None:
         help="rounds, each timing every thread count and every way once; the median over "
         "rounds is kept (default: 3)",
     )
-    ap.add_argument("--steps", type=int, default=8, help="timed steps per way and round")
+    ap.add_argument(
+        "--steps", type=positive_int, default=8, help="timed steps per way and round (default: 8)"
+    )
     ap.add_argument(
         "--gpu-ms",
         type=float,

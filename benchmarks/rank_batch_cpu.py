@@ -80,7 +80,12 @@ def main() -> None:
         default=3,
         help="rounds, each timing every world in turn; the median over rounds is kept (default: 3)",
     )
-    ap.add_argument("--steps", type=int, default=10, help="timed batches per world and round")
+    ap.add_argument(
+        "--steps",
+        type=positive_int,
+        default=10,
+        help="timed batches per world and round (default: 10)",
+    )
     args = ap.parse_args()
     split = random_split(labeled=4000, unlabeled=4096)
     results = time_worlds(split, args.steps, args.rounds)

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+from machine import device_or_exit, fail, positive_int, save  # noqa: E402
 
 CONFIGS = ("supervised_student", "reduced_mpl", "full_mpl_large_teacher")
 
@@ -82,15 +83,15 @@ def main() -> None:
     ap.add_argument(
         "--batch", type=int, default=32, help="labeled batch; the unlabeled one is 3x (default: 32)"
     )
-    ap.add_argument("--steps", type=int, default=2, help="training steps measured (default: 2)")
+    ap.add_argument(
+        "--steps", type=positive_int, default=2, help="training steps measured (default: 2)"
+    )
     ap.add_argument("--json", help="write {machine, device, results: [...]} here")
     ap.add_argument("--one", choices=CONFIGS, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:  # child process: one configuration
         print(json.dumps(measure(args.one, args.device, args.batch, args.steps)))
         return
-    from machine import device_or_exit, fail, save
-
     device_or_exit(args.device, __file__)
 
     rows = []

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import fail, save  # noqa: E402
+from machine import fail, positive_int, save  # noqa: E402
 
 from metapl.bench import synthetic_cifar_split  # noqa: E402
 from metapl.errors import MetaplError  # noqa: E402
@@ -106,7 +106,7 @@ def main() -> None:
         choices=("fp32", "bf16"),
         help="the config key precision: bf16 autocast or fp32 (default: bf16)",
     )
-    p.add_argument("--steps", type=int, default=300, help="timed steps (default: 300)")
+    p.add_argument("--steps", type=positive_int, default=300, help="timed steps (default: 300)")
     p.add_argument("--warmup", type=int, default=20, help="untimed steps first (default: 20)")
     p.add_argument(
         "--set",

@@ -319,6 +319,8 @@ def test_goals_reads_a_folders_bench_and_throughput_files(tmp_path, capsys, monk
     throughput = {"machine": {"cuda": "H200"}, "results": [_throughput_run(59.8, graph=True)]}
     (tmp_path / "train_throughput_h200.json").write_text(json.dumps(throughput))
     (tmp_path / "notes.json").write_text("{}")  # neither kind: not read
+    on_cpu = {"machine": {"cuda": None}, "results": [_throughput_run(900.0)]}
+    (tmp_path / "train_throughput_cpu.json").write_text(json.dumps(on_cpu))
     monkeypatch.setattr("sys.argv", ["goals.py", str(tmp_path)])
     module.main()
     out = capsys.readouterr().out
@@ -329,3 +331,7 @@ def test_goals_reads_a_folders_bench_and_throughput_files(tmp_path, capsys, monk
         in out
     )
     assert "notes.json" not in out
+    cpu_part = out.split("train_throughput_cpu.json (cpu, bf16)")[1].split("train_throughput_h200")[
+        0
+    ]
+    assert cpu_part.strip() == "not judged: measured on a CPU, and the bars are the H200's"

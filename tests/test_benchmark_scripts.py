@@ -13,7 +13,7 @@ import torch
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 
 
 def _run(script: str, *args: str) -> subprocess.CompletedProcess:
@@ -25,6 +25,7 @@ def _run(script: str, *args: str) -> subprocess.CompletedProcess:
     )
 
 
+@needs_no_cuda
 @pytest.mark.parametrize(
     "script, args",
     [
@@ -44,7 +45,8 @@ def test_a_script_told_to_use_cuda_without_one_says_so_in_one_line(script, args,
     assert not (tmp_path / "out").exists()
 
 
-def test_train_throughput_gives_metaps_own_error_in_one_line():
+@needs_no_cuda
+def test_train_throughput_gives_metapls_own_error_in_one_line():
     done = _run("train_throughput.py", "--steps", "1", "--warmup", "0")  # default: cuda
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip() == (

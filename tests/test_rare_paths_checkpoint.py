@@ -21,7 +21,7 @@ import torch
 
 from metapl.data.digits import digits_split
 from metapl.errors import CheckpointError
-from metapl.train import checkpoint, guards
+from metapl.train import guards
 from metapl.train.checkpoint import (
     REQUIRED_KEYS,
     config_fingerprint,
@@ -185,9 +185,3 @@ def test_a_data_parallel_shard_needs_a_batch_size_its_world_divides():
     sliced = [h.batch(0) for h in halves]
     assert [len(b.y_labeled) for b in sliced] == [5, 5]
     assert torch.equal(torch.cat([b.y_labeled for b in sliced]), whole.y_labeled)
-
-
-def test_checkpoint_module_keeps_its_fsync_helper():
-    """The save path calls _fsync_dir on the folder (the rename's durability): a missing folder
-    is no error either (`_fsync_dir`'s os.open failure, the same branch, without patching)."""
-    assert checkpoint._fsync_dir(Path("/nonexistent-metapl-folder")) is None

@@ -275,11 +275,15 @@ def test_a_stopped_trial_another_process_marked_first_is_left_to_it(monkeypatch)
         "process", {"host": socket.gethostname(), "pid": _dead_pid(), "trial": trial.number}
     )
 
+    calls = []
+
     def first(*args, **kwargs):
+        calls.append(args)
         raise optuna.exceptions.UpdateFinishedTrialError("another process was first")
 
     monkeypatch.setattr(study._storage, "set_trial_state_values", first)
     retry.fail_stopped_trials(optuna, study)
+    assert len(calls) == 1  # the dead trial was found and its update tried (and refused)
     assert [t.state for t in study.get_trials(deepcopy=False)] == [State.RUNNING]
 
 
