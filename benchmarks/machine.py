@@ -53,16 +53,17 @@ def describe() -> dict:
 
 
 def device_or_exit(name: str, script: str) -> torch.device:
-    """The device ``name`` (a ``--device`` value), or exit 2 with one line when it asks for CUDA and
-    PyTorch sees none: torch's own "Torch not compiled with CUDA enabled" came as a traceback from
-    the script's first tensor (or model) on the device."""
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        fail(
-            script,
-            f"--device {name} was asked for, but PyTorch sees no CUDA device here: "
-            "run it on a GPU machine, or pass --device cpu",
-        )
-    return torch.device(name)
+    """The device ``name`` (a ``--device`` value) as `metapl train` resolves it, or exit 2 with its
+    one line: torch's own "Torch not compiled with CUDA enabled" came as a traceback from the
+    script's first tensor (or model) on the device."""
+    from metapl.errors import MetaplError
+    from metapl.train.engine import resolve_device
+
+    try:
+        return resolve_device(name)
+    except MetaplError as e:
+        fail(script, str(e))
+        raise  # (fail exits)
 
 
 def positive_int(text: str) -> int:

@@ -39,8 +39,7 @@ def test_a_script_told_to_use_cuda_without_one_says_so_in_one_line(script, args,
     done = _run(script, *args)
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip() == (
-        f"{script}: --device cuda was asked for, but PyTorch sees no CUDA device here: "
-        "run it on a GPU machine, or pass --device cpu"
+        f"{script}: --device cuda was asked for, but PyTorch sees no CUDA device here"
     )
     assert not (tmp_path / "out").exists()
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import matplotlib.figure
 import optuna
 import pytest
+from conftest import held_bar_locks
 
 import metapl.train.engine as engine
 from metapl.cli import main
@@ -417,18 +418,8 @@ def test_a_worker_killed_while_writing_a_bar_leaves_the_main_processs_bars_worki
 
     from metapl.experiments.workers import worker_pool
 
-    main_lock = tqdm.get_lock()  # made before the fork, as in a command that shows a bar
+    tqdm.get_lock()  # made before the fork, as in a command that shows a bar
     with pytest.raises(BrokenProcessPool), worker_pool(1) as pool:
         pool.submit(_hold_the_bar_lock_and_die, None).result(timeout=60)
-    held = []
-    for lock in getattr(main_lock, "locks", [main_lock]):
-        if lock.acquire(timeout=5):
-            lock.release()
-        else:
-            held.append(lock)
-    if held:  # new locks, so that the tests after this one in this process can show bars
-        from tqdm.std import TqdmDefaultWriteLock
-
-        TqdmDefaultWriteLock.mp_lock = multiprocessing.RLock()
-        tqdm.set_lock(TqdmDefaultWriteLock())
-    assert not held, "a lock of the main process's progress bars is held by a dead worker"
+    # (held locks are replaced after the test by conftest, so that later tests can show bars)
+    assert held_bar_locks(wait=5) == [], "the main process's bar locks are held by a dead worker"

@@ -72,6 +72,14 @@ def _moved(before: dict[str, Tensor], after: dict[str, Tensor]) -> list[str]:
     return [k for k in after if not torch.equal(before[k], after[k])]
 
 
+def _assert_unmoved(mpl: MetaPseudoLabels, before: tuple, rng: Tensor) -> None:
+    """Neither model moved since ``before`` (a :func:`_snapshot`), and torch's CPU random stream
+    is ``rng`` again."""
+    after = _snapshot(mpl)
+    assert all(not _moved(b, a) for b, a in zip(before[:2], after[:2]))
+    assert torch.equal(rng, torch.get_rng_state())
+
+
 def _teacher_grad(mpl: MetaPseudoLabels) -> Tensor:
     return flat(torch.zeros_like(p) if p.grad is None else p.grad for p in mpl.teacher.parameters())
 
@@ -295,9 +303,7 @@ def test_a_student_that_returns_no_tensor_on_the_unlabeled_batch_only_is_told_so
     before, rng = _snapshot(mpl), torch.get_rng_state()
     with pytest.raises(ConfigError, match="the student must return a tensor of logits.*tuple"):
         mpl.step(x_l, y_l, (x_u, torch.ones_like(x_u)))
-    after = _snapshot(mpl)
-    assert all(not _moved(b, a) for b, a in zip(before[:2], after[:2]))
-    assert torch.equal(rng, torch.get_rng_state())
+    _assert_unmoved(mpl, before, rng)
 
 
 def test_a_student_frozen_during_its_first_step_is_refused_with_nothing_moved():
@@ -317,9 +323,7 @@ def test_a_student_frozen_during_its_first_step_is_refused_with_nothing_moved():
     before, rng = _snapshot(mpl), torch.get_rng_state()
     with pytest.raises(ConfigError, match="the student's logits depend on no parameter"):
         mpl.step(x_l, y_l, x_u)
-    after = _snapshot(mpl)
-    assert all(not _moved(b, a) for b, a in zip(before[:2], after[:2]))
-    assert torch.equal(rng, torch.get_rng_state())
+    _assert_unmoved(mpl, before, rng)
 
 
 class _NoTangent(torch.autograd.Function):
@@ -369,9 +373,7 @@ def test_an_error_of_the_students_own_in_the_first_adjoint_check_comes_as_it_is(
     before, rng = _snapshot(mpl), torch.get_rng_state()
     with pytest.raises(NotImplementedError, match="^my layer takes no dual numbers$"):
         mpl.step(x_l, y_l, x_u)
-    after = _snapshot(mpl)
-    assert all(not _moved(b, a) for b, a in zip(before[:2], after[:2]))
-    assert torch.equal(rng, torch.get_rng_state())
+    _assert_unmoved(mpl, before, rng)
 
 
 class _Complex(nn.Module):
