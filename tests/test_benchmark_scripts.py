@@ -4,6 +4,7 @@ audit of benchmarks/ found four scripts that crashed so, and one that hid its ch
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -82,3 +83,21 @@ def test_a_count_or_model_the_script_cannot_use_is_a_usage_error(script, args, m
     assert done.returncode == 2
     assert message in done.stderr.strip().splitlines()[-1]
     assert not out.exists()
+
+
+def test_the_concatenated_tangent_convolution_is_the_two_convolutions_sum(tmp_path):
+    """benchmarks/tangent_conv_concat_cpu.py times conv(cat(dx, x), cat(W, dW)) against
+    conv(dx, W) + conv(x, dW): its numbers mean something only if both give the tangent, for
+    every convolution of WRN-28-2 past the stem (the 1x1 shortcuts and strided ones included)."""
+    out = tmp_path / "concat.json"
+    done = _run(
+        "tangent_conv_concat_cpu.py",
+        *("--images", "2", "--repeats", "1", "--warmup", "0", "--json", str(out)),
+    )
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(out.read_text())["results"]
+    fp32 = [r for r in rows if r["precision"] == "fp32"]
+    assert len(fp32) == 27  # 24 3x3 convolutions in the blocks and 3 shortcuts
+    assert {tuple(r["weight"][2:]) for r in fp32} == {(3, 3), (1, 1)}
+    assert max(r["max_error_one"] for r in fp32) < 1e-5
+    assert max(r["max_error_one"] for r in rows if r["precision"] == "bf16") < 5e-2
