@@ -4,7 +4,8 @@ For each estimator (first-order, exact) at Table 3's batch (WRN-28-2, labeled 12
 two teacher views) on CIFAR-shaped random images, as `metapl bench` builds them:
 
 - the step's median milliseconds (CUDA events) after warm-up;
-- each phase's device time and its memory (allocated before and after, and the peak inside it):
+- each phase's device time and its memory (allocated before and after, and the peak inside it;
+  on a CPU its wall time only):
   teacher forward, student update (forward+backward), student optimizer step, the labeled pass
   and its gradient v, the tangent pass J, the teacher's backward and optimizer step;
 - the kernels that take the most device time (torch.profiler), and how much of the step's wall time
@@ -52,6 +53,7 @@ from metapl.train.data import BatchSource  # noqa: E402
 from metapl.train.run import Run  # noqa: E402
 
 PHASES: list[dict] = []  # filled by the wrappers while `recording` is on
+MIB_KEYS = ("mib_before", "mib_after", "mib_peak_inside")  # None on a CPU
 PHASE_NAMES = {
     "teacher_forward",
     "student_update",
@@ -82,9 +84,16 @@ def phase(name: str, dev: torch.device):
 
     def wrap(fn):
         def wrapped(*args, **kwargs):
-            if not recording or dev.type != "cuda":
+            if not recording:
                 with record_function(name):
                     return fn(*args, **kwargs)
+            if dev.type != "cuda":  # wall time only: the CPU's allocator counts nothing
+                start_s = time.perf_counter()
+                with record_function(name):
+                    out = fn(*args, **kwargs)
+                ms = 1000 * (time.perf_counter() - start_s)
+                PHASES.append({"phase": name, "ms": ms} | dict.fromkeys(MIB_KEYS))
+                return out
             torch.cuda.synchronize(dev)
             before = torch.cuda.memory_allocated(dev)
             torch.cuda.reset_peak_memory_stats(dev)
@@ -124,8 +133,13 @@ def instrument(dev: torch.device) -> None:
 
 def wrap_optimizers(run: Run, dev: torch.device) -> None:
     mpl = run.method.mpl
-    mpl.student_optimizer.step = phase("student_optimizer", dev)(mpl.student_optimizer.step)
-    mpl.teacher_optimizer.step = phase("teacher_optimizer", dev)(mpl.teacher_optimizer.step)
+    for name in ("student_optimizer", "teacher_optimizer"):
+        optimizer = getattr(mpl, name)
+        wrapped = phase(name, dev)(optimizer.step)
+        # the learning-rate schedulers' mark on the step they wrapped: without it every
+        # scheduler step warns that optimizer.step() "has been overridden"
+        wrapped._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+        optimizer.step = wrapped
 
 
 def build(args, estimator: str, dev: torch.device):
@@ -214,10 +228,13 @@ def profile_estimator(args, estimator: str, dev: torch.device, out: Path, label:
     busy = busy_fraction(prof, wall, n_prof) if dev.type == "cuda" else None
     print(f"\n== {label}: median {statistics.median(ms):.1f} ms, peak {peak} MiB, busy {busy}")
     for p in phases:
-        print(
-            f"  {p['phase']:<20} {p['ms']:8.2f} ms  alloc {p['mib_before']:8.0f} -> "
-            f"{p['mib_after']:8.0f} MiB, peak inside {p['mib_peak_inside']:8.0f}"
-        )
+        memory = ""
+        if p["mib_before"] is not None:
+            memory = (
+                f"  alloc {p['mib_before']:8.0f} -> {p['mib_after']:8.0f} MiB, "
+                f"peak inside {p['mib_peak_inside']:8.0f}"
+            )
+        print(f"  {p['phase']:<20} {p['ms']:8.2f} ms{memory}")
     print(table[:1200])
     result = {
         "estimator": estimator,
