@@ -3,7 +3,7 @@
 For each estimator (first-order, exact) at Table 3's batch (WRN-28-2, labeled 128, unlabeled 896,
 two teacher views) on CIFAR-shaped random images, as `metapl bench` builds them:
 
-- the step's median milliseconds (CUDA events) after warm-up;
+- the step's median milliseconds after warm-up (CUDA events on a GPU, wall time on a CPU);
 - each phase's device time and its memory (allocated before and after, and the peak inside it;
   on a CPU its wall time only):
   teacher forward, student update (forward+backward), student optimizer step, the labeled pass
@@ -53,7 +53,6 @@ from metapl.train.data import BatchSource  # noqa: E402
 from metapl.train.run import Run  # noqa: E402
 
 PHASES: list[dict] = []  # filled by the wrappers while `recording` is on
-MIB_KEYS = ("mib_before", "mib_after", "mib_peak_inside")  # None on a CPU
 PHASE_NAMES = {
     "teacher_forward",
     "student_update",
@@ -92,7 +91,8 @@ def phase(name: str, dev: torch.device):
                 with record_function(name):
                     out = fn(*args, **kwargs)
                 ms = 1000 * (time.perf_counter() - start_s)
-                PHASES.append({"phase": name, "ms": ms} | dict.fromkeys(MIB_KEYS))
+                memory = {"mib_before": None, "mib_after": None, "mib_peak_inside": None}
+                PHASES.append({"phase": name, "ms": ms, **memory})
                 return out
             torch.cuda.synchronize(dev)
             before = torch.cuda.memory_allocated(dev)

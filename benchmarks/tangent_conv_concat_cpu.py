@@ -4,9 +4,10 @@ The tangent tape computes a convolution's tangent as ``conv(dx, W) + conv(x, dW)
 (`metapl.mpl.tangent_ops.affine_tangent`). The same sum is one convolution over the channels
 concatenated, ``conv(cat(dx, x), cat(W, dW))``: the same multiply-adds, one kernel call instead of
 two and an add, at the cost of copying ``x`` and ``dx`` into one tensor. This times both, round by
-round, for every convolution of WRN-28-2 at `metapl bench`'s CPU unlabeled batch (28 images, the
-input shapes read off the model by hooks), in channels_last, bf16 and fp32, and checks that the two
-give the same tangent (against float64). Median of ``--repeats`` after warm-up:
+round, for every convolution of WRN-28-2 past the stem at `metapl bench`'s CPU unlabeled batch (28
+images, the input shapes read off the model by hooks), in channels_last, bf16 and fp32, and checks
+that the two give the tangent (against forward-mode AD in float64). Median of ``--repeats`` after warm-up, the
+two taking turns at going first:
 
     python benchmarks/tangent_conv_concat_cpu.py --json benchmarks/results/tangent_conv_concat_cpu.json
 """
@@ -30,9 +31,9 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def conv_inputs(model: torch.nn.Module, images: int) -> list[tuple[torch.nn.Conv2d, torch.Size]]:
-    """Every Conv2d of ``model`` with the shape of its input on a batch of ``images``, but the
-    stem: its input, the images, has no tangent, so its tangent is one convolution already."""
-    batch = torch.rand(images, 3, 32, 32)
+    """Every Conv2d of WRN-28-2 ``model`` with the shape of its input on a batch of ``images``,
+    but the stem: its input, the images, has no tangent, so its tangent is one convolution
+    already."""
     seen: list[tuple[torch.nn.Conv2d, torch.Size]] = []
     hooks = [
         m.register_forward_pre_hook(lambda m, args: seen.append((m, args[0].shape)))
@@ -40,10 +41,10 @@ def conv_inputs(model: torch.nn.Module, images: int) -> list[tuple[torch.nn.Conv
         if isinstance(m, torch.nn.Conv2d)
     ]
     with torch.no_grad():
-        model(batch)
+        model(torch.rand(images, 3, 32, 32))
     for h in hooks:
         h.remove()
-    return [(conv, shape) for conv, shape in seen if shape != batch.shape]
+    return [(conv, shape) for conv, shape in seen if conv is not model.stem]
 
 
 def two_and_one(conv: torch.nn.Conv2d, x, dx, w, dw):
@@ -59,38 +60,41 @@ def two_and_one(conv: torch.nn.Conv2d, x, dx, w, dw):
     return two, one
 
 
+def reference(conv: torch.nn.Conv2d, x, dx, w, dw) -> torch.Tensor:
+    """The convolution's tangent by forward-mode AD, in float64: the oracle both forms meet."""
+    args = (None, conv.stride, conv.padding, conv.dilation, conv.groups)
+    return torch.func.jvp(lambda x, w: F.conv2d(x, w, *args), (x, w), (dx, dw))[1]
+
+
 def measure(images: int, repeats: int, warmup: int) -> list[dict]:
     torch.manual_seed(0)
     model = create_model("wrn28_2", 10).train()
+    layers = conv_inputs(model, images)
     rows = []
     for name, dtype in DTYPES.items():
-        for i, (conv, shape) in enumerate(conv_inputs(model, images)):
-            if conv.groups != 1:
-                raise SystemExit("tangent_conv_concat_cpu.py: a grouped convolution is not timed")
+        for i, (conv, shape) in enumerate(layers):
             made = [
                 torch.randn(shape, dtype=torch.float64),
                 torch.randn(shape, dtype=torch.float64),
-            ]
-            made += [
                 conv.weight.detach().double(),
                 torch.randn_like(conv.weight, dtype=torch.float64),
             ]
-            exact = two_and_one(conv, *made)[0]()
+            exact = reference(conv, *made)
+            scale = exact.abs().max().item()
             cast = [t.to(dtype).contiguous(memory_format=torch.channels_last) for t in made]
             two, one = two_and_one(conv, *cast)
-            scale = exact.abs().max().item()
+            kinds = [("two", two), ("one", one)]
             with torch.no_grad():
                 for _ in range(warmup):
                     two(), one()
                 times: dict[str, list[float]] = {"two": [], "one": []}
-                for _ in range(repeats):
-                    for kind, fn in (("two", two), ("one", one)):
+                for r in range(repeats):
+                    for kind, fn in kinds if r % 2 == 0 else kinds[::-1]:  # neither always first
                         start = time.perf_counter()
                         fn()
                         times[kind].append(1000 * (time.perf_counter() - start))
                 error = {
-                    kind: ((fn().double() - exact).abs().max().item() / scale)
-                    for kind, fn in (("two", two), ("one", one))
+                    kind: (fn().double() - exact).abs().max().item() / scale for kind, fn in kinds
                 }
             row = {
                 "precision": name,
