@@ -34,13 +34,16 @@ from metapl.mpl.tangent import TangentTape  # noqa: E402
 
 def timed(fns: dict, repeats: int, warmup: int) -> list[tuple[str, list[float]]]:
     """Milliseconds per call of each function, interleaved round by round (on a shared machine a
-    load change then hits every variant alike instead of one block of repeats)."""
+    load change then hits every variant alike instead of one block of repeats), the order rotated
+    by one each round so that no variant always runs first (after another's caches)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     out: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    order = list(fns.items())
+    for r in range(repeats):
+        shift = r % len(order)
+        for name, fn in order[shift:] + order[:shift]:
             start = time.perf_counter()
             fn()
             out[name].append(1000 * (time.perf_counter() - start))

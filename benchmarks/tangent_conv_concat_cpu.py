@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
+from jvp_cpu import timed  # noqa: E402
 from machine import parser_with_json, positive_int, save  # noqa: E402
 
 from metapl.models import create_model  # noqa: E402
@@ -47,9 +47,14 @@ def conv_inputs(model: torch.nn.Module, images: int) -> list[tuple[torch.nn.Conv
     return [(conv, shape) for conv, shape in seen if conv is not model.stem]
 
 
+def conv_args(conv: torch.nn.Conv2d) -> tuple:
+    """F.conv2d's arguments after input and weight: no bias, the layer's geometry."""
+    return (None, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
 def two_and_one(conv: torch.nn.Conv2d, x, dx, w, dw):
     """The tangent as two convolutions and an add, and as one over concatenated channels."""
-    args = (None, conv.stride, conv.padding, conv.dilation, conv.groups)
+    args = conv_args(conv)
 
     def two():
         return F.conv2d(dx, w, *args) + F.conv2d(x, dw, *args)
@@ -62,7 +67,7 @@ def two_and_one(conv: torch.nn.Conv2d, x, dx, w, dw):
 
 def reference(conv: torch.nn.Conv2d, x, dx, w, dw) -> torch.Tensor:
     """The convolution's tangent by forward-mode AD, in float64: the oracle both forms meet."""
-    args = (None, conv.stride, conv.padding, conv.dilation, conv.groups)
+    args = conv_args(conv)
     return torch.func.jvp(lambda x, w: F.conv2d(x, w, *args), (x, w), (dx, dw))[1]
 
 
@@ -83,18 +88,11 @@ def measure(images: int, repeats: int, warmup: int) -> list[dict]:
             scale = exact.abs().max().item()
             cast = [t.to(dtype).contiguous(memory_format=torch.channels_last) for t in made]
             two, one = two_and_one(conv, *cast)
-            kinds = [("two", two), ("one", one)]
+            kinds = {"two": two, "one": one}
             with torch.no_grad():
-                for _ in range(warmup):
-                    two(), one()
-                times: dict[str, list[float]] = {"two": [], "one": []}
-                for r in range(repeats):
-                    for kind, fn in kinds if r % 2 == 0 else kinds[::-1]:  # neither always first
-                        start = time.perf_counter()
-                        fn()
-                        times[kind].append(1000 * (time.perf_counter() - start))
+                times = dict(timed(kinds, repeats, warmup))
                 error = {
-                    kind: (fn().double() - exact).abs().max().item() / scale for kind, fn in kinds
+                    k: (fn().double() - exact).abs().max().item() / scale for k, fn in kinds.items()
                 }
             row = {
                 "precision": name,
