@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything the open issues ask of a GPU, in one command. A session is lent 15 minutes of device
 # time in all (the machine's start, 1-2 minutes, included) and one command may run 10 minutes, so
-# this is ONE call: every step has its own time limit (the sum is 900 s, over one call's 600: a
+# this is ONE call: every step has its own time limit (the sum is 1,140 s, over one call's 600: a
 # session leaves out with SKIP what it does not need; the steps usually take about 60% of their
 # limits) and the steps run in the order of what matters most, so a step that hangs or
 # fails costs its own limit and nothing after it, and a call given less time (the device tool's
@@ -32,6 +32,8 @@
 #      computing its statistics again (what reading the update pass's saves)
 #   6. benchmarks/bn_kernels.py: BatchNorm's kernels at WRN-28-2's shapes, by memory format and
 #      dtype (session 36 found them half the exact step's device time)
+#   6b. issue 5: `metapl bench` in bf16 with --set compile=true (the teacher and the exact step's
+#      update pass on the tangent tape compiled)
 #   7. benchmarks/goals.py: issue 5's bars against the bench and train_throughput files, met or not
 #   8. issue 5: `metapl bench` in fp32 (TF32 policy, numerics)
 #   9. issue 5's torch.compile and CUDA-graph levers: step 3 again, 100 steps, with --set
@@ -106,6 +108,10 @@ step profile 120 python3 benchmarks/profile_step.py --device $dev --precision bf
   --variants recompute_bn_stats --memory-origins --out "$results" "${profile_size[@]}"
 step bn_kernels 60 python3 benchmarks/bn_kernels.py --device $dev --json "$results/bn_kernels_${gpu}.json" \
   $([ "$dev" = cpu ] && echo --scale 0.01 --repeats 2)
+# the same bench with every step compiled where it can be (the exact step: its teacher and its
+# student's update pass on the tangent tape; session 41), before goals.py reads the folder
+step bench_compile 240 python3 -m metapl bench --quiet --device $dev --precision bf16 \
+  "${bench_size[@]}" --set compile=true --json "$results/bench_${gpu}_bf16_compile.json"
 step goals 10 python3 benchmarks/goals.py "$results"  # issue 5's bars, met or not, into session.log
 step bench_fp32 90 python3 -m metapl bench --quiet --device $dev --precision fp32 \
   "${bench_size[@]}" --json "$results/bench_${gpu}_fp32.json"

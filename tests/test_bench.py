@@ -335,3 +335,73 @@ def test_goals_reads_a_folders_bench_and_throughput_files(tmp_path, capsys, monk
         0
     ]
     assert cpu_part.strip() == "not judged: measured on a CPU, and the bars are the H200's"
+
+
+@pytest.mark.parametrize(
+    "item, message",
+    [
+        ("model=wrn28_2", "--set model=...: metapl bench sets model with --model; use that"),
+        ("mpl_estimator=exact", "sets mpl_estimator for each kind of step it times"),
+        ("steps=3", "one step on the bench's synthetic batch does not read steps"),
+        ("nonsense=1", "unknown config key 'nonsense'"),
+        ("compile_mode=reduce-overhead", "no kind of step reads it (compile_mode applies only"),
+        ("compile", "expected key=value"),
+    ],
+)
+def test_bench_set_refuses_a_key_no_step_reads_in_one_line(tmp_path, capsys, item, message):
+    out = tmp_path / "bench.json"
+    args = ["bench", "--device", "cpu", "--model", "bench_tiny_cnn", "--quiet"]
+    assert main([*args, "--set", item, "--json", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+    assert not out.exists()
+
+
+def test_bench_set_reaches_the_kinds_of_step_that_read_it(tmp_path, monkeypatch):
+    """--set compile=true compiles every kind's models as `metapl train` would (here recorded,
+    not compiled: the compiled code itself is test_compile's) and leaves CPU peak memory
+    uncounted; a key for one estimator reaches that kind alone."""
+    from metapl.train import model_checks
+    from metapl.train.run import Run
+
+    compiled: list[tuple[str, str]] = []
+    monkeypatch.setattr(model_checks, "check_compile_works", lambda device: None)
+    monkeypatch.setattr(
+        Run,
+        "compile_models",
+        lambda self: compiled.append((self.cfg.method, self.cfg.mpl_estimator)) or [],
+    )
+    out = tmp_path / "bench.json"
+    args = ["bench", "--device", "cpu", "--batch-size", "1", "--repeats", "1", "--quiet"]
+    sets = ["compile=true", "mpl_baseline_decay=0.9", "mpl_temperature=0.5"]
+    args += [x for s in sets for x in ("--set", s)]
+    assert main([*args, "--model", "bench_tiny_cnn", "--json", str(out)]) == 0
+    payload = json.loads(out.read_text())
+    setup = payload["setup"]
+    assert setup["overrides"] == {
+        "compile": "true",
+        "mpl_baseline_decay": "0.9",
+        "mpl_temperature": "0.5",
+    }
+    mpl_kinds = [
+        "first_order_mpl_step",
+        "exact_mpl_step",
+        "exact_mpl_step_forward_ad",
+        "double_backward_mpl_step",
+    ]
+    assert setup["overrides_read_by"] == {
+        "compile": ["student_supervised_step", "teacher_uda_step", *mpl_kinds],
+        "mpl_baseline_decay": ["first_order_mpl_step"],
+        "mpl_temperature": mpl_kinds,
+    }
+    assert compiled == [
+        ("supervised", "exact"),
+        ("uda", "exact"),
+        ("uda_mpl", "first_order"),
+        ("uda_mpl", "exact"),
+        ("uda_mpl", "exact"),
+        ("uda_mpl", "double_backward"),
+    ]
+    assert setup["peak_memory"].startswith("not counted: compiled code")
+    assert all(r["peak_mib"] is None for r in payload["results"])
+    assert "exact_over_first_order_peak_memory" not in payload["ratios"]

@@ -73,6 +73,7 @@ def test_reduced_memory_names_the_configuration_that_failed_and_its_own_last_lin
         ("step_cpu.py", ["--repeats", "0"], "argument --repeats: must be at least 1, got 0"),
         ("augment_cpu.py", ["--rounds", "-2"], "argument --rounds: must be at least 1, got -2"),
         ("jvp_cpu.py", ["--models", "resnet50"], "argument --models: invalid choice: 'resnet50'"),
+        ("compile_cpu.py", ["--variants", "exact,fast"], "unknown variant 'fast'; choose from"),
     ],
 )
 def test_a_count_or_model_the_script_cannot_use_is_a_usage_error(script, args, message, tmp_path):

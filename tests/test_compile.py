@@ -54,19 +54,30 @@ def _interrupted_then_resumed(cfg, out, monkeypatch, at_step: int, checkpointed:
     engine.train(cfg, out, show_progress=False)
 
 
+_TAPE = "student (its update pass on the tangent tape)"
+
+
 @pytest.mark.parametrize(
-    "method, estimator, compiled",
+    "method, estimator, jvp, compiled",
     [
-        ("uda_mpl", "exact", ["teacher"]),
-        ("uda_mpl", "first_order", ["teacher", "student"]),
-        ("uda", "exact", ["student"]),  # UDA trains the student alone
+        # the exact step's student module stays eager; its update pass on the tape compiles
+        ("uda_mpl", "exact", "auto", ["teacher", _TAPE]),
+        ("uda_mpl", "exact", "forward_ad", ["teacher"]),  # no tape: dual tensors do not compile
+        ("uda_mpl", "double_backward", "auto", ["teacher"]),
+        ("uda_mpl", "first_order", "auto", ["teacher", "student"]),
+        ("uda", "exact", "auto", ["student"]),  # UDA trains the student alone
     ],
 )
-def test_the_models_compiled_are_those_whose_step_allows_it(method, estimator, compiled):
-    cfg = apply_overrides(_digits_config(), {"method": method, "mpl_estimator": estimator})
+def test_the_models_compiled_are_those_whose_step_allows_it(method, estimator, jvp, compiled):
+    sets = {"method": method, "mpl_estimator": estimator, "mpl_jvp": jvp}
+    cfg = apply_overrides(_digits_config(), sets)
     run = Run(cfg, load_data(cfg), torch.device("cpu"), DataParallel())
     assert run.compile_models() == compiled
-    assert [n for n, m in run.method.models.items() if _compiled(m)] == compiled
+    modules = [n for n in compiled if n != _TAPE]
+    assert [n for n, m in run.method.models.items() if _compiled(m)] == modules
+    if method == "uda_mpl" and estimator != "first_order":
+        tape_mode = run.method.mpl._jvp_paths.compile_mode
+        assert tape_mode == ("default" if _TAPE in compiled else None)
 
 
 def test_compiling_starts_from_a_fresh_compiler_state(monkeypatch):
@@ -85,13 +96,17 @@ def test_compiling_starts_from_a_fresh_compiler_state(monkeypatch):
 
 
 def test_a_compiled_run_matches_an_eager_one_and_resumes_exactly(tmp_path, capsys, monkeypatch):
-    """UDA+MPL with the exact step: the teacher compiled, the student not."""
+    """UDA+MPL with the exact step: the teacher compiled, and the student's update pass on the
+    tangent tape. The resumed run's first step is a first use of its tape: checked beside the
+    pass, which runs compiled as in the uninterrupted run (run by the module instead, it
+    differed by rounding)."""
     eager_cfg = apply_overrides(_digits_config(), _SETTINGS)
     cfg = apply_overrides(eager_cfg, {"compile": True})
     engine.train(eager_cfg, tmp_path / "eager", show_progress=False)
     engine.train(cfg, tmp_path / "whole", show_progress=True)
     assert (
-        "compile=true: the first steps compile teacher (torch.compile)" in capsys.readouterr().err
+        f"compile=true: the first steps compile teacher, {_TAPE} (torch.compile)"
+        in capsys.readouterr().err
     )
     _interrupted_then_resumed(cfg, tmp_path / "resumed", monkeypatch, at_step=3, checkpointed=2)
     whole, resumed, eager = (_weights(tmp_path / d) for d in ("whole", "resumed", "eager"))

@@ -32,6 +32,45 @@ from metapl.live_memory import LiveTensorMemory
 from metapl.progress import progress_bar
 from metapl.report import check_not_a_folder_name, check_not_a_result, write_json_atomic
 
+# Config keys `metapl bench --set` refuses, and why: the bench sets them itself (with its own
+# options, or for each kind of step it times), or one step on its synthetic batch never reads them
+# (the data, the run's length, its evaluations and checkpoints): a --set of one would change
+# nothing and say nothing.
+BENCH_OPTION_KEYS = {
+    "model": "--model",
+    "device": "--device",
+    "batch_size": "--batch-size",
+    "precision": "--precision",
+    "memory_format": "--memory-format",
+}
+BENCH_KIND_KEYS = ("method", "mpl_estimator", "mpl_jvp", "mpl_labeled_cuda_graph")
+BENCH_UNREAD_KEYS = (
+    "dataset", "data_dir", "seed", "tuning", "labels_per_class", "tune_per_class",
+    "unlabeled_ratio", "unlabeled_dir", "unlabeled_per_class", "image_size", "large_teacher",
+    "steps", "warmup_steps", "finetune_steps", "finetune_lr", "eval_every", "eval_batch_size",
+    "log_every", "checkpoint_every", "sync_batchnorm", "preset",
+)  # fmt: skip
+
+
+def check_bench_overrides(overrides: dict[str, str]) -> None:
+    """Refuse ``--set`` keys the bench sets itself or never reads (one line each, named)."""
+    for key in overrides:
+        if key in BENCH_OPTION_KEYS:
+            raise ConfigError(
+                f"--set {key}=...: metapl bench sets {key} with {BENCH_OPTION_KEYS[key]}; use that"
+            )
+        if key in BENCH_KIND_KEYS:
+            raise ConfigError(
+                f"--set {key}=...: metapl bench sets {key} for each kind of step it times "
+                "(it times them all): do not set it"
+            )
+        if key in BENCH_UNREAD_KEYS:
+            raise ConfigError(
+                f"--set {key}=...: one step on the bench's synthetic batch does not read {key}: "
+                "do not set it"
+            )
+
+
 # CPU instructions for bf16 arithmetic: bf16's speed on a CPU depends on them, so a CPU bf16 result
 # says little about another CPU unless the JSON names which of these the measuring one had.
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16", "amx_tile")
@@ -206,6 +245,11 @@ def _ratios(results: list[dict]) -> dict[str, float]:
     return out
 
 
+def _reads(cfg: Any, key: str) -> bool:
+    """Whether a kind's configuration reads ``--set`` key ``key``."""
+    return cfg.ignored_key(key) is None
+
+
 def _check_json_path(text: str | os.PathLike) -> None:
     """``--json``: a file name whose folder exists or can be created (missing folders are made)."""
     if not str(text).strip():  # Path("") is the current folder
@@ -241,14 +285,19 @@ def run_bench(
     json_path: Path | None = None,
     progress: Callable[[str], None] = print,
     show_progress: bool = True,
+    overrides: dict[str, str] | None = None,
 ) -> dict:
+    """Times every kind of step (module docstring); ``overrides``: config keys (``--set``) for
+    every kind of step that reads them, e.g. ``{"compile": "true"}``."""
     from metapl.train.batches_ahead import BatchesAhead, batches_for
     from metapl.train.config import TrainConfig, apply_overrides
     from metapl.train.data import BatchSource
     from metapl.train.engine import resolve_device
-    from metapl.train.model_checks import check_models_fit
+    from metapl.train.model_checks import check_compile_works, check_models_fit
     from metapl.train.run import Run
 
+    user = dict(overrides or {})
+    check_bench_overrides(user)
     if json_path is not None:  # checked now, not after minutes of timing
         _check_json_path(json_path)
     dev = resolve_device(device)
@@ -258,7 +307,12 @@ def run_bench(
     rng = np.random.RandomState(0)
     n_l, n_u = batch_size, 7 * batch_size
 
+    applied: set[str] = set()  # the --set keys some kind of step reads
+    why_not: dict[str, str] = {}  # why the exact step does not read one
+
     def config(method: str, **extra) -> TrainConfig:
+        """A kind's configuration, with the --set keys it reads (a key for the teacher alone,
+        or for the first-order step's baseline, leaves the others as they are)."""
         base = {
             "dataset": "cifar10-4k",
             "model": model,
@@ -271,19 +325,50 @@ def run_bench(
             "warmup_steps": 10,
             **extra,
         }
-        return apply_overrides(TrainConfig(), base).validate()
+        full = apply_overrides(TrainConfig(), {**base, **user}).validate()
+        reads = {k: v for k, v in user.items() if full.ignored_key(k) is None}
+        applied.update(reads)
+        for key in user.keys() - reads.keys():
+            why_not.setdefault(key, cast(str, full.ignored_key(key)))
+        return apply_overrides(TrainConfig(), {**base, **reads}).validate()
+
+    # Every kind's configuration, before anything is built: a --set key that none reads, or a
+    # bad value, is the one line of a mistake in the input, not an error after minutes.
+    kind_configs = {
+        "student_supervised_step": config("supervised", batch_size=n_u),
+        "teacher_uda_step": config("uda"),
+        "first_order_mpl_step": config("uda_mpl", mpl_estimator="first_order"),
+        "exact_mpl_step": config("uda_mpl"),
+        "exact_mpl_step_forward_ad": config("uda_mpl", mpl_jvp="forward_ad"),
+        "double_backward_mpl_step": config("uda_mpl", mpl_estimator="double_backward"),
+    }
+    if on_gpu:  # (CUDA graphs)
+        labeled_graph = config("uda_mpl", mpl_labeled_cuda_graph=True)
+        kind_configs["exact_mpl_step_labeled_graph"] = labeled_graph
+    unread = sorted(user.keys() - applied)
+    if unread:
+        key = unread[0]
+        raise ConfigError(f"--set {key}=...: no kind of step reads it ({why_not[key]})")
+    compiled = kind_configs["exact_mpl_step"].compile
+    if compiled:  # a missing C++ compiler: one line now, not a traceback at the first step
+        check_compile_works(dev)
+    # Compiled code allocates its buffers outside the dispatcher where LiveTensorMemory counts
+    # them: a CPU count would leave them out, so there is none.
+    count_peaks = not on_gpu and not compiled
 
     split = synthetic_cifar_split(max(4 * n_u, 1024), rng)
 
     def method_and_batch(cfg: TrainConfig):
         run = Run(cfg, split, dev)
         check_models_fit(run, option="--model NAME (an image model: 3 channels, 32x32)")
+        if cfg.compile:  # the models whose step allows it, as `metapl train` compiles them
+            run.compile_models()
         source = BatchSource(split, cfg, run.method.views, dev)
         return run, source, source.batch(0)
 
     # The first kind is built before the progress bar: a --model that is unknown or cannot take the
     # images is then the one line of a mistake in the input, not a line after a bar.
-    supervised = config("supervised", batch_size=n_u)
+    supervised = kind_configs["student_supervised_step"]
     first_kind = method_and_batch(supervised)
     # GPU: each kind is timed as soon as it is built, alone in memory but for the exact run (peak
     # memory is per kind); CPU: all are built first and timed in interleaved rounds, then each is
@@ -293,7 +378,7 @@ def run_bench(
     kinds = 8 if on_gpu else 7  # (the labeled pass in a CUDA graph: on a GPU only)
     bar = progress_bar(
         # CPU: a kind's peak memory (a few steps) counts as one more round
-        total=kinds if on_gpu else warmup + repeats + kinds,
+        total=kinds if on_gpu else warmup + repeats + (kinds if count_peaks else 0),
         unit="kind" if on_gpu else "round",
         desc="metapl bench",
         disable=not show_progress,
@@ -314,29 +399,29 @@ def run_bench(
     def bench(name: str, cfg: TrainConfig, built: tuple | None = None, **meta) -> tuple:
         built = built or method_and_batch(cfg)
         add(name, stepper(built), meta)
-        if not on_gpu:
+        if count_peaks:
             makers[name] = lambda: stepper(method_and_batch(cfg))
         return built
 
     # 1. the student's supervised update alone, on the unlabeled-sized batch (built above)
     bench("student_supervised_step", supervised, first_kind, images=n_u)
     # 2. the teacher's UDA step: labeled + two unlabeled views
-    bench("teacher_uda_step", config("uda"), images=n_l + 2 * n_u)
+    bench("teacher_uda_step", kind_configs["teacher_uda_step"], images=n_l + 2 * n_u)
     # 3-4. UDA+MPL, first-order and exact
-    bench("first_order_mpl_step", config("uda_mpl", mpl_estimator="first_order"))
-    exact_run, source, exact_batch = bench("exact_mpl_step", config("uda_mpl"))
+    bench("first_order_mpl_step", kind_configs["first_order_mpl_step"])
+    exact_run, source, exact_batch = bench("exact_mpl_step", kind_configs["exact_mpl_step"])
     if on_gpu:  # the same step with its labeled pass replayed from a CUDA graph (host launches)
         graphed, _, _ = bench(
             "exact_mpl_step_labeled_graph",
-            config("uda_mpl", mpl_labeled_cuda_graph=True),
+            kind_configs["exact_mpl_step_labeled_graph"],
             labeled_cuda_graph=True,
         )
         graphed_path = graphed.method.mpl.last_labeled_path
         del graphed  # (its graph's memory, before the next kind is built)
     # the same step with J by forward-mode AD (a second student forward): what the tape saves
-    bench("exact_mpl_step_forward_ad", config("uda_mpl", mpl_jvp="forward_ad"), jvp="forward_ad")
+    bench("exact_mpl_step_forward_ad", kind_configs["exact_mpl_step_forward_ad"], jvp="forward_ad")
     # 5. the same exact UDA+MPL step with the teacher's MPL gradient by double backward
-    bench("double_backward_mpl_step", config("uda_mpl", mpl_estimator="double_backward"))
+    bench("double_backward_mpl_step", kind_configs["double_backward_mpl_step"])
 
     def training_steps(run: Run, source: BatchSource) -> Callable[[], object]:
         batches = batches_for(source, dev, last_step=10**9)
@@ -346,14 +431,14 @@ def run_bench(
         return lambda: run.method.step(batches.batch(next(steps)))
 
     def fresh_training_steps() -> Callable[[], object]:
-        run, source, _ = method_and_batch(config("uda_mpl"))
+        run, source, _ = method_and_batch(kind_configs["exact_mpl_step"])
         return training_steps(run, source)
 
     closing: list[BatchesAhead] = []
     # 6. a whole training step as `metapl train` takes it: per-image RandAugment + data loading +
     # the exact UDA+MPL step; on a GPU the next step's batch is made on a background thread
     add("train_step_exact_uda_mpl", training_steps(exact_run, source), {})
-    if not on_gpu:
+    if count_peaks:
         makers["train_step_exact_uda_mpl"] = fresh_training_steps
 
     assert len(benches) == kinds, "update `kinds` (the progress bar's length)"
@@ -364,10 +449,11 @@ def run_bench(
         bar.set_postfix_str(f"{len(benches)} kinds of step per round")
         fns = cast(list[Callable[[], object]], [fn for _, fn, _ in benches])
         timings = _time_interleaved(fns, warmup, repeats, bar)
-        bar.set_postfix_str("peak memory, one kind at a time")
-        for (name, _, _), timing in zip(benches, timings):
-            timing["peak_mib"] = _cpu_peak_mib(makers[name], warmup=2)
-            bar.update()
+        if count_peaks:
+            bar.set_postfix_str("peak memory, one kind at a time")
+            for (name, _, _), timing in zip(benches, timings):
+                timing["peak_mib"] = _cpu_peak_mib(makers[name], warmup=2)
+                bar.update()
     for batches in closing:
         batches.close()
     bar.close()
@@ -391,7 +477,12 @@ def run_bench(
             "batch_unlabeled": n_u,
             "precision": precision,
             "memory_format": memory_format,
-            "channels_last": config("supervised").channels_last(dev),
+            "channels_last": supervised.channels_last(dev),
+            # --set keys, as given, and which kinds of step read them
+            "overrides": user,
+            "overrides_read_by": {
+                key: [name for name, c in kind_configs.items() if _reads(c, key)] for key in user
+            },
             "repeats": repeats,
             "warmup": warmup,
             "timing": "one kind after another" if on_gpu else "interleaved rounds",
@@ -399,7 +490,9 @@ def run_bench(
             # (no operator's scratch space: a lower bound), each kind built alone
             "peak_memory": "torch.cuda.max_memory_allocated"
             if on_gpu
-            else "live tensor storages (metapl.live_memory), one step after 2",
+            else "live tensor storages (metapl.live_memory), one step after 2"
+            if count_peaks
+            else "not counted: compiled code allocates where metapl.live_memory does not see",
         },
         "results": results,
         "ratios": ratios,

@@ -316,7 +316,7 @@ def _cmd_reduced(args: argparse.Namespace) -> None:
 
 def _cmd_bench(args: argparse.Namespace) -> None:
     from metapl.bench import run_bench
-    from metapl.train.config import MAX_BATCH
+    from metapl.train.config import MAX_BATCH, parse_set_options
 
     if args.batch_size is not None and args.batch_size < 1:
         raise ConfigError("--batch-size must be >= 1")
@@ -336,6 +336,7 @@ def _cmd_bench(args: argparse.Namespace) -> None:
         repeats=args.repeats,
         json_path=args.json,
         show_progress=not args.quiet,
+        overrides=parse_set_options(args.set or []),
     )
     if args.json:
         print(f"wrote {args.json}")
@@ -619,6 +620,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="timed runs, the median reported (default: 20; WRN-28-2 on 2 CPU cores: ~3 min)",
     )
     p.add_argument("--json", help="write the results here")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help=(
+            "a config key of `metapl train --set` for every kind of step that reads it "
+            "(repeatable), e.g. --set compile=true: the models whose step allows it compiled, "
+            "as `metapl train` compiles them (CPU peak memory is then not counted); not the "
+            "keys the bench sets itself (model, device, batch_size, precision, memory_format, "
+            "method, mpl_estimator, mpl_jvp, mpl_labeled_cuda_graph) or the data's and the "
+            "run's length"
+        ),
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_bench)
 

@@ -83,6 +83,8 @@ class JvpPaths:
         self.names: list[str] = []
         # Traced students by module_signature (modes, modules, parameters), or why not.
         self.tapes: dict[tuple, TangentTape | str] = {}
+        # torch.compile's mode for the tapes' record passes (TangentTape.compile), or None: eager
+        self.compile_mode: str | None = None
         self.last_path: str | None = None
         self.fallback_reason: str | None = None
 
@@ -130,6 +132,8 @@ class JvpPaths:
         try:
             with replayed_rng(RngState(module_device(self.student))):
                 entry = TangentTape(self.student, self.params)
+            if self.compile_mode is not None:  # (compiles at its first record)
+                entry.compile(self.compile_mode)
         except TapeUnsupportedError as e:
             entry = str(e)
         finally:
@@ -191,30 +195,76 @@ class JvpPaths:
         except Exception as e:  # noqa: BLE001  (any failure means: not this graph)
             self._give_up(f"the traced student fails ({type(e).__name__}: {e})", tape, structure)
             return None
-        err = relative_error(record.logits, s_logits)
-        if not err <= tolerance(s_logits.dtype, update.tf32):
+        return record if self._agrees(tape, record.logits, s_logits, update) else None
+
+    def check_compiled(self, tape: TangentTape, update: UpdatePass) -> bool:
+        """The first use of a compiled tape (:meth:`TangentTape.compile`) for a way of calling
+        it, before the update pass: the module and the eager graph run beside the pass, on its
+        random numbers and copies of its buffers, and are compared as :meth:`first_record`
+        compares them; the update pass itself then runs compiled from its first step (False,
+        having given the graph up: the module runs it). Not the module's pass at a first use,
+        as with an eager tape: a run resumed from a checkpoint starts with a first use, and only
+        so is it bit for bit the uninterrupted run."""
+        x_u = update.x_u
+
+        def beside(forward: Callable[[dict[str, Tensor]], Tensor]) -> Tensor:
+            buffers = {n: b.clone() for n, b in update.buffers.items()}
+            with (
+                replayed_rng(update.rng),
+                torch.no_grad(),
+                update.autocast(),
+                contextlib.redirect_stderr(io.StringIO()),  # (as first_record)
+            ):
+                return forward(buffers)
+
+        native = beside(lambda b: as_logits(x_u.functional_call(self.student, b), "student"))
+        try:
+            traced = beside(
+                lambda b: (
+                    tape.record(
+                        x_u.args,
+                        x_u.kwargs,
+                        buffers={n: b[n] for n in tape.buffer_names() if n in b},
+                    ).logits
+                )
+            )
+        except Exception as e:  # noqa: BLE001  (as first_record)
+            self._give_up(
+                f"the traced student fails ({type(e).__name__}: {e})", tape, x_u.structure
+            )
+            return False
+        return self._agrees(tape, traced, native, update)
+
+    def _agrees(
+        self, tape: TangentTape, traced: Tensor, native: Tensor, update: UpdatePass
+    ) -> bool:
+        """Whether the graph's logits (``traced``) are the module's (``native``) and its backward
+        is the module's, up to :func:`tolerance`; else it gives the graph up for this call."""
+        structure = update.x_u.structure
+        err = relative_error(traced, native)
+        if not err <= tolerance(native.dtype, update.tf32):
             self._give_up(
                 f"the traced student's logits differ from the module's (relative error {err:.2e})",
                 tape,
                 structure,
             )
-            return None
+            return False
         try:
             err = self._backward_difference(tape, update)
-        except Exception as e:  # noqa: BLE001  (as above)
+        except Exception as e:  # noqa: BLE001  (as first_record)
             self._give_up(
                 f"the traced student's backward fails ({type(e).__name__}: {e})", tape, structure
             )
-            return None
-        if not err <= tolerance(s_logits.dtype, update.tf32):
+            return False
+        if not err <= tolerance(native.dtype, update.tf32):
             self._give_up(
                 "the traced student's backward differs from the module's (relative error "
                 f"{err:.2e}: a custom autograd.Function or checkpoint that fx traced through?)",
                 tape,
                 structure,
             )
-            return None
-        return record
+            return False
+        return True
 
     def _backward_difference(self, tape: TangentTape, update: UpdatePass) -> float:
         """How far the traced graph's backward is from the module's: the gradient of <u, logits>

@@ -110,6 +110,14 @@ from metapl.mpl.update_rules import (
     update_factors,
 )
 
+# torch.compile's modes -> the tape's (compile_student_tape): the same without CUDA graphs
+TAPE_COMPILE_MODES = {
+    "default": "default",
+    "reduce-overhead": "default",
+    "max-autotune": "max-autotune-no-cudagraphs",
+    "max-autotune-no-cudagraphs": "max-autotune-no-cudagraphs",
+}
+
 
 @dataclass
 class TeacherLogits:
@@ -487,6 +495,32 @@ class MetaPseudoLabels:
         """Why J did not come from the tangent tape (None when it did, or was not asked to)."""
         return self._jvp_paths.fallback_reason
 
+    def compile_student_tape(self, mode: str = "default") -> None:
+        """``torch.compile`` the exact step's update pass where J comes from the tangent tape
+        (``jvp`` "tape" or "auto"): the student's forward and backward on x_u run as compiled code
+        (:meth:`metapl.mpl.tangent.TangentTape.compile`), the tangent pass and the labeled pass
+        stay eager. The student module itself cannot be compiled for an exact estimator (a
+        ConfigError), the tape's graph can. ``mode`` is torch.compile's, without CUDA graphs:
+        ``"reduce-overhead"`` compiles as ``"default"`` and ``"max-autotune"`` as
+        ``"max-autotune-no-cudagraphs"``, because a CUDA graph's next replay would overwrite
+        the activations the tape keeps for the tangent pass. Its dropout draws eager
+        PyTorch's random numbers, so a step is the eager one up to rounding."""
+        if self.estimator != "exact":
+            raise ConfigError(
+                f"compile_student_tape: estimator {self.estimator!r} has no tangent tape "
+                "(the exact estimator's): compile the student itself instead"
+            )
+        if mode not in TAPE_COMPILE_MODES:
+            raise ConfigError(
+                f"compile_student_tape: mode must be one of {', '.join(TAPE_COMPILE_MODES)}, "
+                f"got {mode!r}"
+            )
+        paths = self._jvp_paths
+        paths.compile_mode = TAPE_COMPILE_MODES[mode]
+        for entry in paths.tapes.values():
+            if isinstance(entry, TangentTape):
+                entry.compile(paths.compile_mode)
+
     @property
     def _tapes(self) -> dict[tuple, TangentTape | str]:
         """The traced students by module signature, or why not (read by tests)."""
@@ -775,7 +809,11 @@ class MetaPseudoLabels:
             self._tf32_on(),
         )
         record = None
-        if tape is None or x_u.structure not in tape.checked:
+        if tape is not None and tape.compiled and x_u.structure not in tape.checked:
+            # a compiled graph's first use: checked beside the pass, which then runs it
+            if not self._jvp_paths.check_compiled(tape, update):
+                tape = None
+        if tape is None or (x_u.structure not in tape.checked and not tape.compiled):
             losses, grads, s_logits = self._student_update(x_u, targets.detach(), (x_l, y_l))
             if tape is not None:  # first use of this graph with x_u's structure: record, compare
                 record = self._jvp_paths.first_record(tape, s_logits, update)

@@ -321,6 +321,9 @@ class TangentTape:
         self._signs = rules.signs  # activations' inputs whose signs the record keeps, packed
         self._has_generic = any(s.generic for s in self._steps)
         self._gm = self._record_module(gm, nodes, meta_nodes)
+        # torch.compile'd record pass (:meth:`compile`), built from the same traced graph
+        self._compiled: Callable | None = None
+        self._build_compilable = lambda: self._record_module(gm, nodes, meta_nodes, compiled=True)
         # The call structures (ModelInput.structure) for which the step has seen a record and a
         # tangent match the module's: fx traced every argument of the forward as a proxy, also one
         # that a call leaves at its default, so each way of calling the graph is checked once.
@@ -396,10 +399,19 @@ class TangentTape:
 
     # ------------------------------------------------------------------ the record module
 
-    def _record_module(self, gm: fx.GraphModule, nodes, meta_nodes) -> fx.GraphModule:
+    def _record_module(
+        self, gm: fx.GraphModule, nodes, meta_nodes, compiled: bool = False
+    ) -> fx.GraphModule:
         """A copy of the traced graph that returns ``(logits, saved primals, metas)``: dropout
         nodes on the tangent's path become (output, mask) pairs; a shape/dtype probe follows each
-        node that can carry a tangent (right after it, so no value outlives its last reader)."""
+        node that can carry a tangent (right after it, so no value outlives its last reader).
+
+        ``compiled``: the graph torch.compile gets (:meth:`compile`). BatchNorm's saved statistics
+        are then None (they live on an autograd node, which dynamo cannot read: a graph break at
+        each BatchNorm made the pass 2.5x slower than eager; the tangent computes them again),
+        and the saved primals are detached: autograd otherwise gives each output of a compiled
+        graph a gradient in its backward, zeros for all of them (an eager pass's outputs without
+        a gradient cost nothing), which made it slower than eager too."""
         graph = fx.Graph()
         env: dict[fx.Node, fx.Node] = {}
         aux: dict = {}
@@ -428,7 +440,9 @@ class TangentTape:
             else:
                 env[node] = graph.node_copy(node, env.__getitem__)
             if node in self._bn_stats:
-                aux[("bn_stats", node)] = graph.call_function(ops.saved_bn_stats, (env[node],))
+                aux[("bn_stats", node)] = (
+                    None if compiled else graph.call_function(ops.saved_bn_stats, (env[node],))
+                )
             # packed as soon as the input exists: before the activation's output, so that the
             # packing's temporaries do not add to the activation's memory
             if node in self._signs:
@@ -436,6 +450,10 @@ class TangentTape:
             if node in wanted_meta:
                 meta_of[node] = graph.call_function(ops.meta, (env[node],))
         saved = tuple(aux[k] if isinstance(k, tuple) else env[k] for k in self._saved_keys)
+        if compiled:
+            saved = tuple(
+                v if v is None else graph.call_function(ops.detached, (v,)) for v in saved
+            )
         metas = tuple(meta_of[n] for n in meta_nodes)
         graph.output((env[self._out], saved, metas))
         return fx.GraphModule(gm, graph)
@@ -456,7 +474,8 @@ class TangentTape:
         args = args if isinstance(args, tuple) else (args,)
         kwargs = kwargs or {}
         if buffers is None:
-            logits, saved, metas = self._gm(*args, **kwargs)
+            run = self._gm if self._compiled is None else self._compiled
+            logits, saved, metas = run(*args, **kwargs)
         else:
             logits, saved, metas = restoring_functional_call(self._gm, buffers, args, kwargs)
         if self._check_keys:
@@ -470,6 +489,25 @@ class TangentTape:
                     saved[i] = v.detach().clone()
             saved = tuple(saved)
         return TapeRecord(logits, saved, metas)
+
+    def compile(self, mode: str = "default") -> None:
+        """Run the record pass (the student's update pass: forward, and autograd's backward) as
+        ``torch.compile`` code from now on, in ``mode``: the student of an exact step cannot be
+        compiled itself (its compiled backward has neither forward-mode AD nor a second
+        derivative), but the tape's pass needs neither. A side pass on other buffers
+        (``record(buffers=...)``: the first use's comparisons) stays eager: a compiled one would
+        recompile for each new set of buffers. The compiled pass differs from the eager one by
+        rounding; its dropout draws eager PyTorch's random numbers."""
+        # fallback_random: dropout draws eager PyTorch's random numbers (inductor's own stream
+        # otherwise), so that the pass is the function forward AD replays and the first use's
+        # comparison of J holds; options replace the mode (torch takes one or the other).
+        options = {**torch._inductor.list_mode_options(mode), "fallback_random": True}
+        self._compiled = torch.compile(self._build_compilable(), dynamic=False, options=options)
+
+    @property
+    def compiled(self) -> bool:
+        """Whether :meth:`record` runs compiled code (:meth:`compile`)."""
+        return self._compiled is not None
 
     def buffer_names(self) -> list[str]:
         """The names of the buffers the traced graph uses (the student's names for them)."""

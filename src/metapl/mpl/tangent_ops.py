@@ -200,6 +200,12 @@ def record_dropout_module(
     return dropout_pair(x, module.p, module.training, DROPOUT_MODULES[type(module)])
 
 
+def detached(value):
+    """A tensor without its autograd history (anything else as it is): what a compiled record
+    pass returns of its saved primals (:meth:`metapl.mpl.tangent.TangentTape.compile`)."""
+    return value.detach() if isinstance(value, Tensor) else value
+
+
 def saved_bn_stats(out) -> tuple[Tensor, Tensor] | None:
     """The batch mean and 1/std a BatchNorm's forward in train mode saved for its backward, read
     from ``out``'s autograd node in the record pass (None where that is not torch's own kernel

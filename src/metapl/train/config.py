@@ -228,9 +228,11 @@ class TrainConfig:
     sync_batchnorm: bool = False
     # torch.compile (inductor) of the models whose step differentiates them by ordinary backward
     # only: the teacher always, the student unless MPL's exact estimators differentiate through its
-    # update (they refuse a compiled student, docs/library.md). Off by default: compiling takes a
-    # minute or more at the first steps, changes float summation order and dropout's random
-    # stream, and on a 2-core CPU made the digits CNN's step no faster (docs/results.md)
+    # update (they refuse a compiled student, docs/library.md); the exact step's update pass on the
+    # tangent tape compiles instead (MetaPseudoLabels.compile_student_tape). Off by default:
+    # compiling takes a minute or more at the first steps, changes float summation order and
+    # dropout's random stream, and on a 2-core CPU made the digits CNN's step no faster
+    # (docs/results.md)
     compile: bool = False
     # torch.compile's mode with compile=true: "reduce-overhead" adds CUDA graphs on a GPU, where a
     # step is bound by the host's kernel launches (the H200's UDA+MPL training step: 73.5 ms

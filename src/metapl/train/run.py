@@ -11,6 +11,7 @@ import torch
 from metapl.data.splits import SSLSplit
 from metapl.distributed import DataParallel
 from metapl.methods.build import autocast_dtype, build_method
+from metapl.methods.mpl import MPLMethod
 from metapl.methods.supervised import SupervisedMethod
 from metapl.models import param_groups_for_weight_decay
 from metapl.sync_batchnorm import convert_global_batchnorm
@@ -93,6 +94,12 @@ class Run:
             # recompiled a shape-generic graph that later steps used for both, while a resumed
             # run's first step used the static one again, so it did not resume exactly.
             self.method.models[name].compile(dynamic=False, mode=self.cfg.compile_mode)
+        tape = self.cfg.mpl_estimator == "exact" and self.cfg.mpl_jvp != "forward_ad"
+        if exact_student and tape and isinstance(self.method, MPLMethod):
+            # The exact step's student cannot be compiled, but its update pass on the tangent
+            # tape can (J from the tape; forward AD's dual tensors do not compile).
+            self.method.mpl.compile_student_tape(self.cfg.compile_mode)
+            names.append("student (its update pass on the tangent tape)")
         return names
 
     @property
