@@ -308,7 +308,7 @@ def run_bench(
     n_l, n_u = batch_size, 7 * batch_size
 
     applied: set[str] = set()  # the --set keys some kind of step reads
-    why_not: dict[str, str] = {}  # why the exact step does not read one
+    why_not: dict[str, str] = {}  # why a kind does not read one (the first kind that does not)
 
     def config(method: str, **extra) -> TrainConfig:
         """A kind's configuration, with the --set keys it reads (a key for the teacher alone,
@@ -343,8 +343,9 @@ def run_bench(
         "double_backward_mpl_step": config("uda_mpl", mpl_estimator="double_backward"),
     }
     if on_gpu:  # (CUDA graphs)
-        labeled_graph = config("uda_mpl", mpl_labeled_cuda_graph=True)
-        kind_configs["exact_mpl_step_labeled_graph"] = labeled_graph
+        kind_configs["exact_mpl_step_labeled_graph"] = config(
+            "uda_mpl", mpl_labeled_cuda_graph=True
+        )
     unread = sorted(user.keys() - applied)
     if unread:
         key = unread[0]
