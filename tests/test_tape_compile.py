@@ -138,10 +138,15 @@ def test_the_tapes_compile_mode_is_torchs_without_cuda_graphs(monkeypatch, mode,
     [
         ("first_order", "default", "estimator 'first_order' has no tangent tape"),
         ("exact", "fast", "mode must be one of default, reduce-overhead, max-autotune"),
+        ("forward_ad", "default", "jvp='forward_ad' computes J without the tangent tape"),
     ],
 )
 def test_compile_student_tape_refuses_what_it_cannot_do(estimator, mode, message):
     teacher, student = _models()
-    mpl = _step(teacher, student, estimator)
+    if estimator == "forward_ad":  # the exact estimator, J by forward AD
+        mpl = _step(teacher, student)
+        mpl.jvp = "forward_ad"
+    else:
+        mpl = _step(teacher, student, estimator)
     with pytest.raises(ConfigError, match=message):
         mpl.compile_student_tape(mode)

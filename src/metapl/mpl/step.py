@@ -510,6 +510,11 @@ class MetaPseudoLabels:
                 f"compile_student_tape: estimator {self.estimator!r} has no tangent tape "
                 "(the exact estimator's): compile the student itself instead"
             )
+        if self.jvp == "forward_ad":  # (it would compile nothing, silently)
+            raise ConfigError(
+                "compile_student_tape: jvp='forward_ad' computes J without the tangent tape: "
+                "pass jvp='auto' or jvp='tape' to MetaPseudoLabels"
+            )
         if mode not in TAPE_COMPILE_MODES:
             raise ConfigError(
                 f"compile_student_tape: mode must be one of {', '.join(TAPE_COMPILE_MODES)}, "
