@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from jvp_cpu import timed  # noqa: E402
 from machine import parser_with_json, positive_int, save  # noqa: E402
 
-from metapl.bench import synthetic_cifar_split  # noqa: E402
+from metapl.bench import step_settings, synthetic_cifar_split  # noqa: E402
 from metapl.train.config import TrainConfig, apply_overrides  # noqa: E402
 from metapl.train.data import BatchSource  # noqa: E402
 from metapl.train.run import Run  # noqa: E402
@@ -47,21 +47,8 @@ VARIANTS = {
 
 def build(estimator: str, compiled: str, batch: int, precision: str, memory_format: str, split):
     """One step of the variant, as a function (its models built from seed 0, as every variant's)."""
-    cfg = apply_overrides(
-        TrainConfig(),
-        {
-            "dataset": "cifar10-4k",
-            "model": "wrn28_2",
-            "method": "uda_mpl",
-            "device": "cpu",
-            "batch_size": batch,
-            "precision": precision,
-            "memory_format": memory_format,
-            "steps": 10_000,
-            "warmup_steps": 10,
-            "mpl_estimator": estimator,
-        },
-    ).validate()
+    settings = step_settings("uda_mpl", "wrn28_2", "cpu", batch, precision, memory_format)
+    cfg = apply_overrides(TrainConfig(), {**settings, "mpl_estimator": estimator}).validate()
     torch.manual_seed(0)
     run = Run(cfg, split, torch.device("cpu"))
     if compiled == "all":

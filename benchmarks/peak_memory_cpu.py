@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from machine import parser_with_json, save  # noqa: E402
 
-from metapl.bench import synthetic_cifar_split  # noqa: E402
+from metapl.bench import step_settings, synthetic_cifar_split  # noqa: E402
 from metapl.live_memory import LiveTensorMemory  # noqa: E402
 from metapl.train.config import TrainConfig, apply_overrides  # noqa: E402
 from metapl.train.data import BatchSource  # noqa: E402
@@ -63,22 +63,11 @@ def backward_starts(live: LiveTensorMemory, marks: list[float]):
 def measure(variant: str, batch: int, precision: str, memory_format: str) -> dict:
     """``variant``: an mpl_estimator, "+forward_ad" after "exact" for J by forward-mode AD."""
     estimator, _, jvp = variant.partition("+")
-    cfg = apply_overrides(
-        TrainConfig(),
-        {
-            "dataset": "cifar10-4k",
-            "model": "wrn28_2",
-            "method": "uda_mpl",
-            "device": "cpu",
-            "batch_size": batch,
-            "precision": precision,
-            "memory_format": memory_format,
-            "steps": 10_000,
-            "warmup_steps": 10,
-            "mpl_estimator": estimator,
-            **({"mpl_jvp": jvp} if jvp else {}),
-        },
-    ).validate()
+    settings = step_settings("uda_mpl", "wrn28_2", "cpu", batch, precision, memory_format)
+    settings["mpl_estimator"] = estimator
+    if jvp:
+        settings["mpl_jvp"] = jvp
+    cfg = apply_overrides(TrainConfig(), settings).validate()
     torch.manual_seed(0)
     split = synthetic_cifar_split(max(28 * batch, 1024), np.random.RandomState(0))
     gc.collect()

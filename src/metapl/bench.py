@@ -191,6 +191,30 @@ def _cpu_peak_mib(make_step: Callable[[], Callable[[], object]], warmup: int) ->
         return live.peak_mib
 
 
+def step_settings(
+    method: str,
+    model: str,
+    device: str,
+    batch_size: int,
+    precision: str,
+    memory_format: str,
+) -> dict[str, object]:
+    """The config keys of one kind of step as `metapl bench` builds it (on
+    :func:`synthetic_cifar_split`'s CIFAR-shaped data; a run long enough that its learning rate
+    is past the warm-up and far from 0), for ``apply_overrides(TrainConfig(), ...)``."""
+    return {
+        "dataset": "cifar10-4k",
+        "model": model,
+        "method": method,
+        "device": device,
+        "batch_size": batch_size,
+        "precision": precision,
+        "memory_format": memory_format,
+        "steps": 10_000,
+        "warmup_steps": 10,
+    }
+
+
 def synthetic_cifar_split(n: int, rng: np.random.RandomState):
     """CIFAR-shaped random data (uint8 NHWC images, as the readers return them): ``n`` labeled
     images that are also the unlabeled set, and 64 test images. For timing, not for accuracy."""
@@ -313,18 +337,8 @@ def run_bench(
     def config(method: str, **extra) -> TrainConfig:
         """A kind's configuration, with the --set keys it reads (a key for the teacher alone,
         or for the first-order step's baseline, leaves the others as they are)."""
-        base = {
-            "dataset": "cifar10-4k",
-            "model": model,
-            "method": method,
-            "device": dev.type,
-            "batch_size": batch_size,
-            "precision": precision,
-            "memory_format": memory_format,
-            "steps": 10_000,
-            "warmup_steps": 10,
-            **extra,
-        }
+        settings = step_settings(method, model, dev.type, batch_size, precision, memory_format)
+        base = {**settings, **extra}  # (the supervised step's batch_size among them)
         full = apply_overrides(TrainConfig(), {**base, **user}).validate()
         reads = {k: v for k, v in user.items() if full.ignored_key(k) is None}
         applied.update(reads)
