@@ -154,7 +154,9 @@ def main() -> None:
         if "setup" in payload:  # metapl bench
             on_gpu = machine.get("device", "").startswith("cuda")
             where = machine.get("gpu", machine["device"])
-            print(f"{path.name} ({where}, {payload['setup']['precision']})\n")
+            # the --set keys (compile=true, ...): the goals hold for that configuration
+            sets = [f"--set {k}={v}" for k, v in payload["setup"].get("overrides", {}).items()]
+            print(f"{path.name} ({', '.join([where, payload['setup']['precision'], *sets])})\n")
             rows = goals(payload, on_gpu)
         else:  # train_throughput.py
             precisions = sorted({run["precision"] for run in payload["results"]})

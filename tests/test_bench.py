@@ -316,6 +316,9 @@ def test_goals_judge_real_trainings_step_by_each_configuration_it_ran():
 def test_goals_reads_a_folders_bench_and_throughput_files(tmp_path, capsys, monkeypatch):
     module = _load_goals()
     (tmp_path / "bench_h200.json").write_text(json.dumps(_gpu_payload()))
+    compiled = _gpu_payload()
+    compiled["setup"]["overrides"] = {"compile": "true"}  # (metapl bench --set compile=true)
+    (tmp_path / "bench_h200_compile.json").write_text(json.dumps(compiled))
     throughput = {"machine": {"cuda": "H200"}, "results": [_throughput_run(59.8, graph=True)]}
     (tmp_path / "train_throughput_h200.json").write_text(json.dumps(throughput))
     (tmp_path / "notes.json").write_text("{}")  # neither kind: not read
@@ -325,6 +328,7 @@ def test_goals_reads_a_folders_bench_and_throughput_files(tmp_path, capsys, monk
     module.main()
     out = capsys.readouterr().out
     assert "bench_h200.json (H200, bf16)" in out
+    assert "bench_h200_compile.json (H200, bf16, --set compile=true)" in out
     assert "train_throughput_h200.json (H200, bf16)" in out
     assert (
         "| real training step (exact, labeled pass in a CUDA graph) | 59.8 ms | <= 60 ms | yes |"
