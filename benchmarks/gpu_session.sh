@@ -109,7 +109,8 @@ step profile 120 python3 benchmarks/profile_step.py --device $dev --precision bf
 step bn_kernels 60 python3 benchmarks/bn_kernels.py --device $dev --json "$results/bn_kernels_${gpu}.json" \
   $([ "$dev" = cpu ] && echo --scale 0.01 --repeats 2)
 # the same bench with every step compiled where it can be (the exact step: its teacher and its
-# student's update pass on the tangent tape; session 41), before goals.py reads the folder
+# student's update pass on the tangent tape; session 41), before goals.py reads the folder. With
+# it the limits before goals sum to 870 s, over one call's 600: a full run needs SKIP
 step bench_compile 240 python3 -m metapl bench --quiet --device $dev --precision bf16 \
   "${bench_size[@]}" --set compile=true --json "$results/bench_${gpu}_bf16_compile.json"
 step goals 10 python3 benchmarks/goals.py "$results"  # issue 5's bars, met or not, into session.log

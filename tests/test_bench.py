@@ -346,7 +346,8 @@ def test_goals_reads_a_folders_bench_and_throughput_files(tmp_path, capsys, monk
     [
         ("model=wrn28_2", "--set model=...: metapl bench sets model with --model; use that"),
         ("mpl_estimator=exact", "sets mpl_estimator for each kind of step it times"),
-        ("steps=3", "one step on the bench's synthetic batch does not read steps"),
+        ("steps=3", "what a step of the bench costs does not depend on steps"),
+        ("ema_decay=0.99", "does not depend on ema_decay"),  # (the bench's steps update no EMA)
         ("nonsense=1", "unknown config key 'nonsense'"),
         ("compile_mode=reduce-overhead", "no kind of step reads it (compile_mode applies only"),
         ("compile", "expected key=value"),
@@ -361,7 +362,7 @@ def test_bench_set_refuses_a_key_no_step_reads_in_one_line(tmp_path, capsys, ite
     assert not out.exists()
 
 
-def test_bench_set_reaches_the_kinds_of_step_that_read_it(tmp_path, monkeypatch):
+def test_bench_set_reaches_the_kinds_of_step_that_read_it(tmp_path, monkeypatch, capsys):
     """--set compile=true compiles every kind's models as `metapl train` would (here recorded,
     not compiled: the compiled code itself is test_compile's) and leaves CPU peak memory
     uncounted; a key for one estimator reaches that kind alone."""
@@ -376,7 +377,7 @@ def test_bench_set_reaches_the_kinds_of_step_that_read_it(tmp_path, monkeypatch)
         lambda self: compiled.append((self.cfg.method, self.cfg.mpl_estimator)) or [],
     )
     out = tmp_path / "bench.json"
-    args = ["bench", "--device", "cpu", "--batch-size", "1", "--repeats", "1", "--quiet"]
+    args = ["bench", "--device", "cpu", "--batch-size", "1", "--repeats", "1"]
     sets = ["compile=true", "mpl_baseline_decay=0.9", "mpl_temperature=0.5"]
     args += [x for s in sets for x in ("--set", s)]
     assert main([*args, "--model", "bench_tiny_cnn", "--json", str(out)]) == 0
@@ -407,5 +408,6 @@ def test_bench_set_reaches_the_kinds_of_step_that_read_it(tmp_path, monkeypatch)
         ("uda_mpl", "double_backward"),
     ]
     assert setup["peak_memory"].startswith("not counted: compiled code")
+    assert "peak memory not counted: compiled code" in capsys.readouterr().out
     assert all(r["peak_mib"] is None for r in payload["results"])
     assert "exact_over_first_order_peak_memory" not in payload["ratios"]

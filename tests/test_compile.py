@@ -16,6 +16,7 @@ from test_train_cli import one_error_line
 
 from metapl.cli import main
 from metapl.distributed import DataParallel
+from metapl.mpl.tangent import TangentTape
 from metapl.train import engine
 from metapl.train.checkpoint import load_checkpoint
 from metapl.train.config import apply_overrides
@@ -34,6 +35,20 @@ def _compiled(model: torch.nn.Module) -> bool:
 def _weights(run_dir) -> dict[str, torch.Tensor]:
     ckpt = load_checkpoint(run_dir / "checkpoint.pt")
     return {f"{m}.{k}": v for m in ("teacher", "student") for k, v in ckpt[m].items()}
+
+
+def _counting_compiled_records(monkeypatch) -> list[int]:
+    """Counts the tape's record passes that run compiled code (the update pass: no buffers)."""
+    calls: list[int] = []
+    real = TangentTape.record
+
+    def record(self, *args, **kwargs):
+        if self.compiled and kwargs.get("buffers") is None:
+            calls.append(1)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(TangentTape, "record", record)
+    return calls
 
 
 def _interrupted_then_resumed(cfg, out, monkeypatch, at_step: int, checkpointed: int) -> None:
@@ -103,7 +118,10 @@ def test_a_compiled_run_matches_an_eager_one_and_resumes_exactly(tmp_path, capsy
     eager_cfg = apply_overrides(_digits_config(), _SETTINGS)
     cfg = apply_overrides(eager_cfg, {"compile": True})
     engine.train(eager_cfg, tmp_path / "eager", show_progress=False)
+    compiled_passes = _counting_compiled_records(monkeypatch)
     engine.train(cfg, tmp_path / "whole", show_progress=True)
+    # every update pass of the 4 steps ran the compiled graph (a fallback would run none)
+    assert len(compiled_passes) == _SETTINGS["steps"]
     assert (
         f"compile=true: the first steps compile teacher, {_TAPE} (torch.compile)"
         in capsys.readouterr().err
@@ -180,6 +198,20 @@ def test_compile_mode_reaches_torch_compile(monkeypatch):
         run = Run(cfg, load_data(cfg), torch.device("cpu"), DataParallel())
         assert run.compile_models() == ["teacher", "student"]
         assert [m for _, m in modes] == [mode, mode]
+
+
+def test_the_tape_compiles_without_cuda_graphs_and_says_so(monkeypatch):
+    """compile_mode=reduce-overhead: the teacher gets CUDA graphs, the tape's update pass torch's
+    default mode (a graph's next replay would overwrite the activations the tape keeps), and the
+    engine's note names that mode."""
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *args, **kwargs: None)
+    cfg = apply_overrides(_digits_config(), {"compile": True, "compile_mode": "reduce-overhead"})
+    run = Run(cfg, load_data(cfg), torch.device("cpu"), DataParallel())
+    assert run.compile_models() == [
+        "teacher",
+        "student (its update pass on the tangent tape, default)",
+    ]
+    assert run.method.mpl._jvp_paths.compile_mode == "default"
 
 
 @pytest.mark.parametrize(

@@ -59,7 +59,12 @@ def _batches(n: int):
 
 
 def _weights(mpl: MetaPseudoLabels) -> list[torch.Tensor]:
-    return [p.detach().clone() for m in (mpl.teacher, mpl.student) for p in m.parameters()]
+    """Both models' parameters and buffers (BatchNorm's running statistics, its step count)."""
+    return [
+        t.detach().clone().double()
+        for m in (mpl.teacher, mpl.student)
+        for t in [*m.parameters(), *m.buffers()]
+    ]
 
 
 def _counting_records(mpl: MetaPseudoLabels) -> list[int]:
@@ -104,6 +109,58 @@ def test_a_compiled_tape_steps_as_the_eager_tape_and_double_backward_with_dropou
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
             # (and the comparison can fail: three steps moved every weight)
             assert float((want - first).abs().max()) > 1e-6
+
+
+def _replace_compiled(mpl: MetaPseudoLabels, fn) -> TangentTape:
+    (tape,) = [t for t in mpl._tapes.values() if isinstance(t, TangentTape)]
+    real = tape._compiled
+    tape._compiled = lambda *a, **k: fn(real, *a, **k)
+    return tape
+
+
+def _scaled_logits(real, *args, **kwargs):
+    logits, saved, metas = real(*args, **kwargs)
+    return logits * 3, saved, metas
+
+
+def _inductor_fails(real, *args, **kwargs):
+    raise RuntimeError("BackendCompilerFailed: inductor raised\nmore detail")
+
+
+@pytest.mark.parametrize(
+    "fault, why",
+    [
+        (_scaled_logits, "its logits differ from the module's (relative error"),
+        (_inductor_fails, "it fails (RuntimeError: BackendCompilerFailed: inductor raised)"),
+    ],
+)
+def test_a_compiled_pass_that_fails_or_differs_at_its_first_use_runs_eagerly(fault, why):
+    """The compiled code itself is held to the module's logits at its first use (before its
+    backward): one that differs, or fails to compile, is set aside with a warning, what its
+    forward moved is given back, and the eager graph trains as it would have alone."""
+    teacher, student = _models()
+    batches = _batches(2)
+    runs = {}
+    for name in ("eager", "faulty"):
+        mpl = _step(teacher, student, compiled=name == "faulty")
+        tape = _replace_compiled(mpl, fault) if name == "faulty" else None
+        torch.manual_seed(5)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", MetaplWarning)
+            for batch in batches:
+                mpl.step(*batch)
+                assert mpl.last_jvp_path == "tape", mpl.jvp_fallback_reason
+        said = [str(w.message) for w in caught if issubclass(w.category, MetaplWarning)]
+        if tape is not None:
+            (message,) = said
+            assert message.startswith("metapl: the student's compiled update pass is not used: ")
+            assert why in message and message.endswith("; it runs eagerly")
+            assert not tape.compiled  # the later steps run the eager graph
+        else:
+            assert said == []
+        runs[name] = _weights(mpl)
+    for got, want in zip(runs["faulty"], runs["eager"]):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(

@@ -33,9 +33,10 @@ from metapl.progress import progress_bar
 from metapl.report import check_not_a_folder_name, check_not_a_result, write_json_atomic
 
 # Config keys `metapl bench --set` refuses, and why: the bench sets them itself (with its own
-# options, or for each kind of step it times), or one step on its synthetic batch never reads them
-# (the data, the run's length, its evaluations and checkpoints): a --set of one would change
-# nothing and say nothing.
+# options, or for each kind of step it times), or what a step costs does not depend on them (the
+# data and the seed, the run's length and schedule, its evaluations, checkpoints and EMA copy,
+# which the bench's steps never update): a --set of one would change nothing it measures, and
+# say nothing.
 BENCH_OPTION_KEYS = {
     "model": "--model",
     "device": "--device",
@@ -48,7 +49,7 @@ BENCH_UNREAD_KEYS = (
     "dataset", "data_dir", "seed", "tuning", "labels_per_class", "tune_per_class",
     "unlabeled_ratio", "unlabeled_dir", "unlabeled_per_class", "image_size", "large_teacher",
     "steps", "warmup_steps", "finetune_steps", "finetune_lr", "eval_every", "eval_batch_size",
-    "log_every", "checkpoint_every", "sync_batchnorm", "preset",
+    "log_every", "checkpoint_every", "sync_batchnorm", "preset", "ema_decay",
 )  # fmt: skip
 
 
@@ -66,8 +67,8 @@ def check_bench_overrides(overrides: dict[str, str]) -> None:
             )
         if key in BENCH_UNREAD_KEYS:
             raise ConfigError(
-                f"--set {key}=...: one step on the bench's synthetic batch does not read {key}: "
-                "do not set it"
+                f"--set {key}=...: what a step of the bench costs does not depend on {key} (the "
+                "data, seed, run length, evaluations, checkpoints or EMA): do not set it"
             )
 
 
@@ -200,8 +201,9 @@ def step_settings(
     memory_format: str,
 ) -> dict[str, object]:
     """The config keys of one kind of step as `metapl bench` builds it (on
-    :func:`synthetic_cifar_split`'s CIFAR-shaped data; a run long enough that its learning rate
-    is past the warm-up and far from 0), for ``apply_overrides(TrainConfig(), ...)``."""
+    :func:`synthetic_cifar_split`'s CIFAR-shaped data; a long run with a short warm-up, whose
+    schedule the bench never steps: the learning rate stays at its first, non-zero value), for
+    ``apply_overrides(TrainConfig(), ...)``."""
     return {
         "dataset": "cifar10-4k",
         "model": model,
@@ -482,6 +484,8 @@ def run_bench(
     if on_gpu:  # "graph" unless the capture failed (a warning said why)
         graph_row = next(r for r in results if r["name"] == "exact_mpl_step_labeled_graph")
         graph_row["labeled_path"] = graphed_path
+    if not on_gpu and not count_peaks:
+        progress("peak memory not counted: compiled code allocates where the count does not see")
     ratios = _ratios(results)
     progress("  ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
     payload = {

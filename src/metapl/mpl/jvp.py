@@ -197,14 +197,15 @@ class JvpPaths:
             return None
         return record if self._agrees(tape, record.logits, s_logits, update) else None
 
-    def check_compiled(self, tape: TangentTape, update: UpdatePass) -> bool:
+    def check_compiled(self, tape: TangentTape, update: UpdatePass) -> Tensor | None:
         """The first use of a compiled tape (:meth:`TangentTape.compile`) for a way of calling
         it, before the update pass: the module and the eager graph run beside the pass, on its
         random numbers and copies of its buffers, and are compared as :meth:`first_record`
-        compares them; the update pass itself then runs compiled from its first step (False,
-        having given the graph up: the module runs it). Not the module's pass at a first use,
-        as with an eager tape: a run resumed from a checkpoint starts with a first use, and only
-        so is it bit for bit the uninterrupted run."""
+        compares them. Returns the module's logits, which the compiled pass must then give
+        (``compiled_logits_differ``), or None, having given the graph up (the module runs the
+        pass). The update pass runs compiled from its first step, not as the module's pass as with
+        an eager tape: a run resumed from a checkpoint starts with a first use, and only so is it
+        bit for bit the uninterrupted run."""
         x_u = update.x_u
 
         def beside(forward: Callable[[dict[str, Tensor]], Tensor]) -> Tensor:
@@ -232,8 +233,17 @@ class JvpPaths:
             self._give_up(
                 f"the traced student fails ({type(e).__name__}: {e})", tape, x_u.structure
             )
-            return False
-        return self._agrees(tape, traced, native, update)
+            return None
+        return native if self._agrees(tape, traced, native, update) else None
+
+    @staticmethod
+    def compiled_logits_differ(logits: Tensor, native: Tensor, update: UpdatePass) -> str | None:
+        """Why the compiled pass's logits are not the module's (``native``, from
+        :meth:`check_compiled` on the same random numbers and buffers), or None."""
+        err = relative_error(logits, native)
+        if err <= tolerance(native.dtype, update.tf32):
+            return None
+        return f"its logits differ from the module's (relative error {err:.2e})"
 
     def _agrees(
         self, tape: TangentTape, traced: Tensor, native: Tensor, update: UpdatePass

@@ -32,6 +32,7 @@ teacher's loss, backward and optimizer step. J's two paths, forward AD and the t
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import overload
@@ -40,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metapl.errors import ConfigError, DataError
+from metapl.errors import ConfigError, DataError, MetaplWarning, first_line
 from metapl.losses import (
     batch_mean,
     hard_cross_entropy,
@@ -86,6 +87,7 @@ from metapl.mpl.replay import (
     differentiable_attention,
     module_device,
     replayed_rng,
+    restore_buffers,
     tf32_disabled,
 )
 from metapl.mpl.setup_checks import (
@@ -101,7 +103,7 @@ from metapl.mpl.student_checks import (
     check_student_takes,
     check_student_update,
 )
-from metapl.mpl.tangent import TangentTape, TapeRecord, tolerance
+from metapl.mpl.tangent import CompiledGraphRefused, TangentTape, TapeRecord, tolerance
 from metapl.mpl.update_rules import (
     check_optimizer,
     optimizer_params,
@@ -504,7 +506,10 @@ class MetaPseudoLabels:
         ``"reduce-overhead"`` compiles as ``"default"`` and ``"max-autotune"`` as
         ``"max-autotune-no-cudagraphs"``, because a CUDA graph's next replay would overwrite
         the activations the tape keeps for the tangent pass. Its dropout draws eager
-        PyTorch's random numbers, so a step is the eager one up to rounding."""
+        PyTorch's random numbers, so a step is the eager one up to rounding. At a graph's first
+        use the eager graph is checked against the module beside the pass, and the compiled
+        pass's logits against the module's before its backward: one that differs or fails to
+        compile runs eagerly from then on, with a MetaplWarning."""
         if self.estimator != "exact":
             raise ConfigError(
                 f"compile_student_tape: estimator {self.estimator!r} has no tangent tape "
@@ -648,6 +653,8 @@ class MetaPseudoLabels:
         block must run before any parameter or optimizer state moves."""
         try:
             yield
+        except CompiledGraphRefused:
+            raise  # (the exact step undoes the student's pass alone, and goes on)
         except Exception:
             if self._restore is not None:
                 self._restore.restore()
@@ -726,6 +733,8 @@ class MetaPseudoLabels:
         targets: Tensor,
         labeled: tuple[ModelInput, Tensor],
         tape: TangentTape,
+        native: Tensor | None = None,
+        update: UpdatePass | None = None,
     ) -> tuple[dict[str, Tensor], list[Tensor | None], TapeRecord]: ...
 
     def _student_update(
@@ -734,11 +743,16 @@ class MetaPseudoLabels:
         targets: Tensor,
         labeled: tuple[ModelInput, Tensor],
         tape: TangentTape | None = None,
+        native: Tensor | None = None,
+        update: UpdatePass | None = None,
     ) -> tuple[dict[str, Tensor], list[Tensor | None], Tensor | TapeRecord]:
         """Forward+backward of the student on (x_u, targets), plus its labeled CE on ``labeled``
         when ``student_labeled_weight`` > 0; leaves the gradients in .grad. Returns the losses
         (metrics), the gradients and the x_u logits, or with a ``tape`` its record of the x_u
-        pass (the same computation, keeping what the tangent pass needs)."""
+        pass (the same computation, keeping what the tangent pass needs). ``native``: the first
+        use of a compiled tape, whose logits must be these (the module's, on ``update``'s random
+        numbers and buffers); else, or where the compiled pass fails, CompiledGraphRefused
+        before anything but the forward has moved."""
         # What fails here, before the backward (the student's own forward, what the logits'
         # checks refuse), comes with what the forwards moved given back.
         with self._undone_on_error():
@@ -746,8 +760,12 @@ class MetaPseudoLabels:
                 out: Tensor | TapeRecord
                 if tape is None:
                     out = s_logits = as_logits(x_u.call(self.student), "student")
-                else:
+                elif native is None:
                     out = tape.record(x_u.args, x_u.kwargs)
+                    s_logits = out.logits
+                else:
+                    assert update is not None  # (given with native)
+                    out = _first_compiled_record(tape, x_u, native, update)
                     s_logits = out.logits
             check_same_classes(s_logits, targets)
             check_learns(s_logits, "student")
@@ -813,17 +831,34 @@ class MetaPseudoLabels:
             lambda: self._autocast(device),
             self._tf32_on(),
         )
-        record = None
+        record = native = None
         if tape is not None and tape.compiled and x_u.structure not in tape.checked:
             # a compiled graph's first use: checked beside the pass, which then runs it
-            if not self._jvp_paths.check_compiled(tape, update):
-                tape = None
+            native = self._jvp_paths.check_compiled(tape, update)
+            tape = None if native is None else tape
+        if tape is not None and native is not None:
+            try:
+                losses, grads, record = self._student_update(
+                    x_u, targets.detach(), (x_l, y_l), tape, native, update
+                )
+            except CompiledGraphRefused as refused:
+                # before the backward: only the pass's forward moved the student's buffers and
+                # the random stream; the graph stays, eager (its first use below)
+                restore_buffers(self.student, update.buffers)
+                update.rng.restore()
+                tape.uncompile()
+                warnings.warn(
+                    f"metapl: the student's compiled update pass is not used: {refused}; it "
+                    "runs eagerly",
+                    MetaplWarning,
+                    stacklevel=3,
+                )
         if tape is None or (x_u.structure not in tape.checked and not tape.compiled):
             losses, grads, s_logits = self._student_update(x_u, targets.detach(), (x_l, y_l))
             if tape is not None:  # first use of this graph with x_u's structure: record, compare
                 record = self._jvp_paths.first_record(tape, s_logits, update)
                 tape = None if record is None else tape
-        else:
+        elif native is None:  # a graph's later steps, compiled or not
             losses, grads, record = self._student_update(x_u, targets.detach(), (x_l, y_l), tape)
         if any(g is not None and g.layout != torch.strided for g in grads):
             raise ConfigError(SPARSE_GRADIENTS.format("a sparse gradient from the update pass"))
@@ -1018,6 +1053,20 @@ class MetaPseudoLabels:
             "student_labeled_after": after.sum(),
             "advantage": advantage.detach().sum(),
         }
+
+
+def _first_compiled_record(
+    tape: TangentTape, x_u: ModelInput, native: Tensor, update: UpdatePass
+) -> TapeRecord:
+    """The first pass of a compiled tape (its compile included), held to the module's logits."""
+    try:
+        record = tape.record(x_u.args, x_u.kwargs)
+    except Exception as e:  # noqa: BLE001  (dynamo, inductor or a kernel: the eager graph serves)
+        raise CompiledGraphRefused(f"it fails ({type(e).__name__}: {first_line(e)})") from e
+    why = JvpPaths.compiled_logits_differ(record.logits, native, update)
+    if why is not None:
+        raise CompiledGraphRefused(why)
+    return record
 
 
 def _check_teacher_finite(logits: TeacherLogits, extra: Tensor | None) -> None:

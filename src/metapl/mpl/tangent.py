@@ -77,6 +77,12 @@ class TapeUnsupportedError(Exception):
     """The student cannot use the tangent tape; the message says why."""
 
 
+class CompiledGraphRefused(Exception):
+    """A compiled record pass failed, or differed from the module, at its first use; the message
+    says how. The step undoes what the pass moved and runs it eagerly
+    (:meth:`TangentTape.uncompile`)."""
+
+
 # ----------------------------------------------------------------------------- the tape
 
 
@@ -504,6 +510,10 @@ class TangentTape:
         options = {**torch._inductor.list_mode_options(mode), "fallback_random": True}
         self._compiled = torch.compile(self._build_compilable(), dynamic=False, options=options)
 
+    def uncompile(self) -> None:
+        """Run the record pass eagerly again (a compiled one failed or differed)."""
+        self._compiled = None
+
     @property
     def compiled(self) -> bool:
         """Whether :meth:`record` runs compiled code (:meth:`compile`)."""
@@ -645,6 +655,7 @@ __all__: Sequence[str] = (
     "TangentTape",
     "TapeRecord",
     "TapeUnsupportedError",
+    "CompiledGraphRefused",
     "module_signature",
     "relative_error",
     "tolerance",

@@ -14,6 +14,7 @@ from metapl.methods.build import autocast_dtype, build_method
 from metapl.methods.mpl import MPLMethod
 from metapl.methods.supervised import SupervisedMethod
 from metapl.models import param_groups_for_weight_decay
+from metapl.mpl.step import TAPE_COMPILE_MODES
 from metapl.sync_batchnorm import convert_global_batchnorm
 from metapl.train.batches_ahead import BatchesAhead
 from metapl.train.checkpoint import FORMAT_VERSION, capture_rng, restore_rng
@@ -99,7 +100,11 @@ class Run:
             # The exact step's student cannot be compiled, but its update pass on the tangent
             # tape can (J from the tape; forward AD's dual tensors do not compile).
             self.method.mpl.compile_student_tape(self.cfg.compile_mode)
-            names.append("student (its update pass on the tangent tape)")
+            mode = TAPE_COMPILE_MODES[self.cfg.compile_mode]  # (no CUDA graphs for the tape)
+            alike = mode == self.cfg.compile_mode
+            names.append(
+                f"student (its update pass on the tangent tape{'' if alike else ', ' + mode})"
+            )
         return names
 
     @property
